@@ -1,0 +1,101 @@
+"""Featurize and score cost per record, per detector, at several batch sizes.
+
+    python benchmarks/bench_scoring.py [--records 4000] [--json benchmarks/results/scoring.json]
+
+Trains one small model per detector on generated access lines (tests/generate.py),
+then times ``Featurizer.transform`` and the ONNX graph separately, in this process,
+one thread. Prints a table and writes JSON with the machine described.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+import warnings
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import onnxruntime  # noqa: E402
+
+from sidecar.features import load_spec  # noqa: E402
+from sidecar.model import Model, run_graph  # noqa: E402
+from sidecar.training.detectors import DETECTORS  # noqa: E402
+from sidecar.training.train import TrainOptions, save_model, train  # noqa: E402
+from tests.generate import shop_lines  # noqa: E402
+
+BATCHES = (1, 100, 1000, 10000)
+
+
+def machine() -> dict:
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+            "numpy": np.__version__, "onnxruntime": onnxruntime.__version__}
+
+
+def median_seconds(function, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def bench_model(model: Model, lines: list[str]) -> list[dict]:
+    rows = []
+    for size in BATCHES:
+        batch_lines = (lines * (size // len(lines) + 1))[:size]
+        repeats = max(3, min(200, 20000 // size))
+        featurize = median_seconds(lambda: model.featurizer.transform(batch_lines), repeats)
+        features = model.featurizer.transform(batch_lines)
+        score = median_seconds(lambda: run_graph(model.session, features), repeats)
+        rows.append({"batch": size, "featurize_us_per_record": round(featurize / size * 1e6, 2),
+                     "score_us_per_record": round(score / size * 1e6, 2),
+                     "total_us_per_record": round((featurize + score) / size * 1e6, 2)})
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--records", type=int, default=4000, help="training records per model")
+    parser.add_argument("--detectors", default=",".join(DETECTORS))
+    parser.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "scoring.json"))
+    parser.add_argument("--workdir", default="/tmp/logscore-bench")
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+
+    training, scoring = shop_lines(args.records, seed=0), shop_lines(10000, seed=1)
+    results = {"machine": machine(), "detectors": {}}
+    print(f"machine: {results['machine']}")
+    print(f"{'detector':18} {'batch':>6} {'featurize µs':>13} {'score µs':>9} {'total µs':>9}  (per record)")
+    for kind in args.detectors.split(","):
+        proto, _ = train(training, TrainOptions(spec=load_spec(None, "access"), detectors=[kind], folds=2))
+        path = Path(args.workdir) / f"{kind}.onnx"
+        save_model(proto, path)
+        rows = bench_model(Model.load(path), scoring)
+        results["detectors"][kind] = {"model_bytes": path.stat().st_size, "batches": rows}
+        for row in rows:
+            print(f"{kind:18} {row['batch']:>6} {row['featurize_us_per_record']:>13} "
+                  f"{row['score_us_per_record']:>9} {row['total_us_per_record']:>9}")
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Install what logscore needs on Debian 12 (idempotent): system packages, then a
+# virtualenv in .venv with logscore and its test/train extras.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+sudo_if_needed() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
+
+missing=()
+python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
+command -v openssl >/dev/null || missing+=(openssl)
+if [ "${LOGSCORE_WITH_RUBY:-1}" = 1 ]; then
+  # The Fluentd plugin's tests run on Debian's Ruby packages.
+  for package in ruby ruby-grpc ruby-google-protobuf ruby-msgpack ruby-test-unit; do
+    dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")
+  done
+fi
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "[setup] installing Debian packages: ${missing[*]}"
+  sudo_if_needed apt-get update -qq
+  sudo_if_needed env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+if [ ! -x .venv/bin/python ]; then
+  echo "[setup] creating .venv"
+  python3 -m venv .venv
+fi
+.venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip
+.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test]"
+echo "[setup] ready: .venv/bin/logscore"

@@ -1,0 +1,135 @@
+"""The one-file model artifact: an ONNX model whose metadata describes itself.
+
+``metadata_props`` holds two entries:
+  logscore.metadata      JSON: format version, featurizer spec, detectors,
+                         calibration and threshold, training summary
+  logscore.content_hash  sha256 over the serialized graph and the metadata JSON
+
+Loading reads these straight from the protobuf wire format (a few lines, no
+``onnx`` package needed) so a file is checked before onnxruntime sees it, and
+nothing in a model file is ever executed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import ModelLoadError
+
+FORMAT_VERSION = 1
+METADATA_KEY = "logscore.metadata"
+HASH_KEY = "logscore.content_hash"
+
+_GRAPH_FIELD = 7  # ModelProto.graph
+_METADATA_FIELD = 14  # ModelProto.metadata_props (StringStringEntryProto: key=1, value=2)
+
+
+def content_hash(graph_bytes: bytes, metadata_json: str) -> str:
+    digest = hashlib.sha256(graph_bytes)
+    digest.update(metadata_json.encode("utf-8"))
+    return digest.hexdigest()
+
+
+@dataclass
+class Artifact:
+    path: str
+    model_bytes: bytes
+    metadata: dict
+    content_hash: str
+
+    @property
+    def version(self) -> str:
+        """Short content hash: two files with the same version score identically."""
+        return self.content_hash[:12]
+
+
+class _WireError(ValueError):
+    pass
+
+
+def _varint(data: bytes, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        if pos >= len(data) or shift > 63:
+            raise _WireError(f"truncated varint at byte {pos}")
+        byte = data[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            return result, pos
+
+
+def _fields(data: bytes):
+    """Yield (field number, wire type, value) of one protobuf message; raises _WireError."""
+    pos = 0
+    while pos < len(data):
+        tag, pos = _varint(data, pos)
+        number, wire_type = tag >> 3, tag & 7
+        if number == 0:
+            raise _WireError(f"field number 0 at byte {pos}")
+        if wire_type == 0:
+            value, pos = _varint(data, pos)
+        elif wire_type == 1:
+            value, pos = data[pos: pos + 8], pos + 8
+        elif wire_type == 2:
+            length, pos = _varint(data, pos)
+            value, pos = data[pos: pos + length], pos + length
+        elif wire_type == 5:
+            value, pos = data[pos: pos + 4], pos + 4
+        else:
+            raise _WireError(f"unsupported wire type {wire_type} at byte {pos}")
+        if pos > len(data):
+            raise _WireError("message ends in the middle of a field")
+        yield number, wire_type, value
+
+
+def _scan_model(data: bytes) -> tuple[bytes, dict[str, str]]:
+    graph = b""
+    props: dict[str, str] = {}
+    for number, wire_type, value in _fields(data):
+        if number == _GRAPH_FIELD and wire_type == 2:
+            graph = value
+        elif number == _METADATA_FIELD and wire_type == 2:
+            entry = {n: v for n, w, v in _fields(value) if w == 2}
+            props[entry.get(1, b"").decode("utf-8", "replace")] = entry.get(2, b"").decode("utf-8", "replace")
+    return graph, props
+
+
+def read_artifact(path: str | Path) -> Artifact:
+    """Read and verify a model file; every failure is a ModelLoadError naming the file."""
+    path = str(path)
+    try:
+        data = Path(path).read_bytes()
+    except OSError as error:
+        raise ModelLoadError(f"{path}: cannot read model file: {error.strerror or error}") from None
+    try:
+        graph, props = _scan_model(data)
+    except _WireError as error:
+        raise ModelLoadError(f"{path}: not a valid ONNX file (truncated or corrupt: {error}); "
+                             "re-copy or re-export it") from None
+    if not graph:
+        raise ModelLoadError(f"{path}: not a valid ONNX file (no graph); re-copy or re-export it")
+    if METADATA_KEY not in props:
+        raise ModelLoadError(f"{path}: an ONNX model, but not a logscore model (no {METADATA_KEY} "
+                             "metadata); make one with `logscore train`")
+    metadata_json = props[METADATA_KEY]
+    try:
+        metadata = json.loads(metadata_json)
+    except ValueError as error:
+        raise ModelLoadError(f"{path}: logscore metadata is not valid JSON ({error}); re-export it") from None
+    version = metadata.get("format_version") if isinstance(metadata, dict) else None
+    if not isinstance(version, int):
+        raise ModelLoadError(f"{path}: logscore metadata has no format_version; re-export it")
+    if version > FORMAT_VERSION:
+        raise ModelLoadError(f"{path}: made by a newer logscore (artifact format {version}; this "
+                             f"logscore reads up to {FORMAT_VERSION}); upgrade logscore")
+    expected = props.get(HASH_KEY, "")
+    actual = content_hash(graph, metadata_json)
+    if expected != actual:
+        raise ModelLoadError(f"{path}: content hash mismatch (stored {expected[:12] or 'none'}, "
+                             f"computed {actual[:12]}): the file was changed after export; re-export it")
+    return Artifact(path, data, metadata, actual)

@@ -1,0 +1,206 @@
+"""``logscore``: the one command-line entry point.
+
+    logscore train    learn normal traffic from log files, export one ONNX model
+    logscore score    score log lines offline with a model (JSON lines out)
+    logscore inspect  show what a model file holds
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from itertools import islice
+from typing import Iterator, Optional, Sequence
+
+from .errors import LogscoreError
+from .inputs import read_json_records, read_lines
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "run"):
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return args.run(args) or 0
+    except LogscoreError as error:
+        print(f"logscore {args.command}: error: {error}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:  # e.g. `logscore score ... | head`
+        return 0
+    except KeyboardInterrupt:
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="logscore", description="Anomaly scores for log records.")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    train = commands.add_parser("train", help="learn normal traffic and export one ONNX model",
+                                description="Learn normal traffic from log files (normal records only) "
+                                "and export a self-describing ONNX model.")
+    train.add_argument("--input", "-i", nargs="+", required=True, metavar="FILE",
+                       help="log files (plain or gzip); '-' reads stdin")
+    train.add_argument("--format", "-f", default="access", choices=["access", "syslog", "jsonl", "plain"],
+                       help="how to parse lines (default: access = Apache/nginx combined/common)")
+    train.add_argument("--config", "-c", metavar="FILE",
+                       help="converter config (YAML/JSON) naming fields and converters; "
+                       "default: the built-in one for --format (see docs/converters.md)")
+    train.add_argument("--detectors", "-d", default="rarity",
+                       help="comma-separated detectors: rarity, isolation_forest, pca, autoencoder, som, "
+                       "lof; several make an ensemble (default: rarity)")
+    train.add_argument("--max-records", type=int, default=200_000,
+                       help="train on a uniform sample of at most this many records (default 200000)")
+    train.add_argument("--target-fpr", type=float, default=0.001,
+                       help="fraction of normal records allowed above the threshold (default 0.001)")
+    train.add_argument("--threshold-rule", choices=["fpr", "sigma"], default="fpr",
+                       help="fpr: from --target-fpr; sigma: mean + k·σ of calibrated scores")
+    train.add_argument("--sigma", type=float, default=3.0, help="k for --threshold-rule sigma (default 3)")
+    train.add_argument("--folds", type=int, default=5, help="cross-fitting folds for calibration (default 5)")
+    train.add_argument("--support", type=float,
+                       help="a feature seen in this many records counts as fully normal "
+                       "(default: max(5, 0.05%% of records))")
+    train.add_argument("--name", help="model name (default: the output file's stem)")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--out", "-o", required=True, metavar="FILE.onnx", help="where to write the model")
+    train.set_defaults(run=run_train)
+
+    score = commands.add_parser("score", help="score log lines offline (JSON lines out)",
+                                description="Score log lines with a model; one JSON object per line out.")
+    score.add_argument("--model", "-m", required=True, metavar="FILE.onnx")
+    score.add_argument("inputs", nargs="*", default=["-"], metavar="FILE",
+                       help="log files (plain or gzip); default stdin")
+    score.add_argument("--json-records", action="store_true",
+                       help="each input line is a JSON field map (as a shipper sends), not a raw line")
+    score.add_argument("--explain", type=int, default=0, metavar="K",
+                       help="name the K features that made each record unusual")
+    score.add_argument("--only-anomalies", action="store_true", help="print only records over the threshold")
+    score.add_argument("--batch", type=int, default=1000, help="records per batch (default 1000)")
+    score.set_defaults(run=run_score)
+
+    inspect = commands.add_parser("inspect", help="show a model's metadata",
+                                  description="Show what a model file holds: featurizer, detectors, "
+                                  "calibration, training summary.")
+    inspect.add_argument("model", metavar="FILE.onnx")
+    inspect.add_argument("--json", action="store_true", help="the full metadata as JSON")
+    inspect.set_defaults(run=run_inspect)
+    return parser
+
+
+class ProgressPrinter:
+    """Progress on stderr, at most twice a second, so long training is never silent."""
+
+    def __init__(self):
+        self.last = 0.0
+
+    def __call__(self, stage: str, done: int, total: Optional[int], unit: str = "records") -> None:
+        now = time.monotonic()
+        if now - self.last < 0.5 and (total is None or done < total):
+            return
+        self.last = now
+        amount = f"{done}/{total}" if total else f"{done}"
+        print(f"[train] {stage}: {amount} {unit}", file=sys.stderr, flush=True)
+
+
+def run_train(args) -> int:
+    from pathlib import Path
+
+    try:
+        from .features import load_spec
+        from .training.train import TrainOptions, save_model, train
+    except ImportError as error:
+        print(f"logscore train: error: {error.name} is missing; install the training extra: "
+              "pip install 'logscore[train]'", file=sys.stderr)
+        return 1
+    options = TrainOptions(
+        spec=load_spec(args.config, args.format),
+        detectors=[d.strip() for d in args.detectors.split(",") if d.strip()],
+        target_fpr=args.target_fpr, threshold_rule=args.threshold_rule, sigma=args.sigma,
+        folds=args.folds, max_records=args.max_records, support=args.support, seed=args.seed,
+        name=args.name or Path(args.out).stem, inputs=args.input)
+    model, metadata = train(read_lines(args.input), options, ProgressPrinter())
+    save_model(model, args.out)
+    print_training_summary(args.out, metadata)
+    return 0
+
+
+def print_training_summary(path: str, metadata: dict) -> None:
+    training, calibration = metadata["training"], metadata["calibration"]
+    print(f"wrote {path}")
+    print(f"  records: {training['records_read']} read, {training['records_used']} used, "
+          f"{training['unparsed_records']} unparsed")
+    print(f"  features: {training['distinct_features']} distinct keys, dense width {training['dense_width']}")
+    print(f"  detectors: {', '.join(d['kind'] for d in metadata['detectors'])}")
+    print(f"  fit time: {training['fit_seconds']} s")
+    print(f"  calibrated score quantiles (out-of-fold): {training['calibrated_score_quantiles']}")
+    print(f"  threshold: {calibration['threshold']:.4f} ({calibration['rule']}); expected alerts per "
+          f"10,000 normal records: {calibration['expected_alerts_per_10k']}")
+
+
+def batched(items, size: int) -> Iterator[list]:
+    iterator = iter(items)
+    while chunk := list(islice(iterator, size)):
+        yield chunk
+
+
+def run_score(args) -> int:
+    from .model import Model
+
+    model = Model.load(args.model)
+    records = read_json_records(args.inputs) if args.json_records else read_lines(args.inputs)
+    out = sys.stdout
+    line_number = 0
+    for chunk in batched(records, max(1, args.batch)):
+        result = model.score(chunk, explain=args.explain)
+        for i in range(len(chunk)):
+            line_number += 1
+            if args.only_anomalies and not result.is_anomaly[i]:
+                continue
+            out.write(json.dumps(score_json(model, result, i, line_number)) + "\n")
+    out.flush()
+    return 0
+
+
+def score_json(model, result, i: int, line_number: int) -> dict:
+    entry = {"line": line_number, "score": round(float(result.scores[i]), 6),
+             "is_anomaly": bool(result.is_anomaly[i]), "model": model.name, "version": model.version}
+    if result.unparsed[i]:
+        entry["unparsed"] = True
+    if result.truncated[i]:
+        entry["truncated"] = True
+    if result.explanations is not None:
+        entry["explanation"] = result.explanations[i]
+    return entry
+
+
+def run_inspect(args) -> int:
+    from .artifact import read_artifact
+
+    artifact = read_artifact(args.model)
+    meta = artifact.metadata
+    if args.json:
+        print(json.dumps({"path": artifact.path, "version": artifact.version,
+                          "content_hash": artifact.content_hash, "metadata": meta}, indent=2))
+        return 0
+    training, calibration = meta.get("training", {}), meta.get("calibration", {})
+    print(f"{artifact.path}")
+    print(f"  name: {meta.get('name')}   version: {artifact.version}   format: {meta.get('format_version')}")
+    print(f"  log format: {meta['featurizer']['format']}")
+    for field in meta["featurizer"]["fields"]:
+        kinds = ", ".join(c["kind"] for c in field["converters"])
+        print(f"    field {field['field']}: {kinds}")
+    print(f"  detectors: {', '.join(d['kind'] for d in meta.get('detectors', []))}")
+    print(f"  threshold: {calibration.get('threshold')} (rule {calibration.get('rule')}, target FPR "
+          f"{calibration.get('target_fpr')}, expected alerts per 10k normal: "
+          f"{calibration.get('expected_alerts_per_10k')})")
+    print(f"  trained: {training.get('date')} on {training.get('records_used')} records from "
+          f"{', '.join(training.get('inputs', [])) or 'stdin'}; {training.get('distinct_features')} "
+          "distinct features")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,428 @@
+"""Field converters: each turns one field's values into hashed features.
+
+Configured per field, as data (YAML/JSON), like Jubatus's converter:
+
+    fields:
+      - field: url
+        converters: [{kind: url}, {kind: ngrams, n: [3, 3], decode: true}]
+
+Choose a converter by its ``kind`` in CONVERTERS. A converter that learns from
+the training data (``url`` learns which parameters take only a few values)
+returns that state from ``learned()``; it is stored in the model artifact and
+passed back as options when the model is loaded.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator, Optional, Sequence
+from urllib.parse import unquote_plus
+
+import numpy as np
+
+from ..errors import ConfigError
+from .batch import WEIGHTINGS, FeatureSink, term_weights, text_key, text_seed
+
+Values = Sequence[Optional[str]]
+MISSING = "(missing)"
+CACHE_SIZE = 50_000  # distinct values remembered per converter; cleared when full
+
+_EMPTY_KEYS = np.zeros(0, dtype=np.int64)
+_EMPTY_WEIGHTS = np.zeros(0, dtype=np.float32)
+
+
+@dataclass(frozen=True)
+class ValueFeatures:
+    """The features of one distinct field value; cached, so each value is featurized once."""
+
+    keys: np.ndarray  # int64
+    weights: np.ndarray  # float32, converter weight included
+    describe: Callable[[int], str]  # index into keys -> readable name
+
+
+def emit(sink: FeatureSink, ids: np.ndarray, entries: Sequence[ValueFeatures]) -> None:
+    """Expand the features of distinct values to every record holding them (vectorized)."""
+    lengths = np.fromiter((len(e.keys) for e in entries), dtype=np.int64, count=len(entries))
+    offsets = np.zeros(len(entries) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    all_keys = np.concatenate([e.keys for e in entries]) if entries else _EMPTY_KEYS
+    all_weights = np.concatenate([e.weights for e in entries]) if entries else _EMPTY_WEIGHTS
+    per_record = lengths[ids]
+    total = int(per_record.sum())
+    rows = np.repeat(np.arange(len(ids), dtype=np.int64), per_record)
+    record_starts = np.cumsum(per_record) - per_record
+    index = np.repeat(offsets[ids] - record_starts, per_record) + np.arange(total, dtype=np.int64)
+
+    def describe(i: int, row: int) -> str:
+        value_id = int(ids[row])
+        return entries[value_id].describe(int(index[i] - offsets[value_id]))
+
+    sink.add_keys(rows, all_keys[index], all_weights[index], describe)
+
+
+class Converter:
+    """Base class. ``weight`` scales every feature this converter emits."""
+
+    kind = ""
+    options: dict[str, object] = {}
+
+    def __init__(self, field: str, weight: float = 1.0, weighting: str = "binary", **options):
+        unknown = set(options) - set(self.options)
+        if unknown:
+            raise ConfigError(
+                f"converter {self.kind!r} on field {field!r}: unknown option(s) "
+                f"{', '.join(sorted(unknown))}; known: {', '.join(sorted(self.options)) or 'none'}")
+        if weighting not in WEIGHTINGS:
+            raise ConfigError(f"converter {self.kind!r} on field {field!r}: weighting must be one of "
+                              f"{', '.join(WEIGHTINGS)}, not {weighting!r}")
+        self.field = field
+        self.weight = float(weight)
+        self.weighting = weighting
+        self.config = {**self.options, **options}
+        self.seed = text_seed(field, self.kind)
+        self.label = f"{field} {self.kind}"
+        self._cache: dict[Optional[str], ValueFeatures] = {}
+
+    def spec(self) -> dict:
+        return {"kind": self.kind, "weight": self.weight, "weighting": self.weighting,
+                **self.config, **self.learned()}
+
+    def fit(self, values: Values) -> None:
+        """Learn from training values; most converters learn nothing."""
+
+    def learned(self) -> dict:
+        return {}
+
+    def transform(self, values: Values, sink: FeatureSink) -> None:
+        distinct: dict[Optional[str], int] = {}
+        ids = np.fromiter((distinct.setdefault(v, len(distinct)) for v in values), dtype=np.int64,
+                          count=len(values))
+        emit(sink, ids, self._featurize_distinct(list(distinct)))
+
+    def _featurize_distinct(self, values: list[Optional[str]]) -> list[ValueFeatures]:
+        """Features of each distinct value, from the cache where possible."""
+        found = [self._cache.get(v) for v in values]
+        missing = [v for v, entry in zip(values, found) if entry is None]
+        if missing:
+            if len(self._cache) + len(missing) > CACHE_SIZE:
+                self._cache.clear()  # bounded memory; a busy cache refills from the next batches
+            computed = iter(self.featurize(missing))
+            for i, entry in enumerate(found):
+                if entry is None:
+                    found[i] = self._cache[values[i]] = next(computed)
+        return found
+
+    def forget(self) -> None:
+        """Drop cached features (after fit changes what a value's features are)."""
+        self._cache.clear()
+
+    def featurize(self, values: Sequence[Optional[str]]) -> list[ValueFeatures]:
+        """Features of distinct values; the default hashes the texts ``features`` yields."""
+        return [self._hash_texts((MISSING,) if v is None else self.features(v)) for v in values]
+
+    def _hash_texts(self, texts: Iterable[str]) -> ValueFeatures:
+        counts = Counter(texts)
+        names = list(counts)
+        keys = np.fromiter((text_key(self.seed, t) for t in names), dtype=np.int64, count=len(names))
+        weights = term_weights(np.fromiter(counts.values(), dtype=np.float32, count=len(names)),
+                               self.weighting) * np.float32(self.weight)
+        return ValueFeatures(keys, weights.astype(np.float32), lambda j: f"{self.label}: {names[j]}")
+
+    def features(self, value: str) -> Iterable[str]:
+        raise NotImplementedError
+
+
+_ASCII_SHAPE = str.maketrans(
+    {**{c: "a" for c in "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"},
+     **{c: "9" for c in "0123456789"}})
+_RUNS = re.compile(r"(.)\1+", re.DOTALL)
+_MAX_SHAPE = 48
+
+
+def value_shape(value: str) -> str:
+    """Character classes with runs collapsed: ``"abc123"`` → ``"a9"``, ``"1' OR 1=1"`` → ``"9' a 9=9"``."""
+    return _RUNS.sub(r"\1", value.translate(_ASCII_SHAPE))[:_MAX_SHAPE]
+
+
+_ID_SEGMENT = re.compile(
+    r"\d+|[0-9a-fA-F]{8,}|[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+
+
+def mask_segment(segment: str) -> str:
+    return "{id}" if _ID_SEGMENT.fullmatch(segment) else segment
+
+
+def percent_decode(text: str, max_rounds: int) -> tuple[str, int]:
+    """Decode repeatedly (double encoding hides attacks) at most max_rounds times."""
+    rounds = 0
+    while rounds < max_rounds and ("%" in text or "+" in text):
+        decoded = unquote_plus(text, errors="replace")
+        if decoded == text:
+            break
+        text, rounds = decoded, rounds + 1
+    return text, rounds
+
+
+def length_bucket(length: int) -> int:
+    return length.bit_length()
+
+
+class UrlConverter(Converter):
+    """Structure of a request URL (or a form body, with ``part: query``).
+
+    Per path template (numeric/hex ids masked): the parameter names and their
+    set; per parameter: value shape, length bucket, and the value itself when
+    training saw only a few distinct values (an enumeration).
+    """
+
+    kind = "url"
+    options = {"part": "full", "decode_rounds": 3, "max_enum_values": 8, "min_enum_support": 5,
+               "enumerated": []}
+
+    def __init__(self, field: str, **options):
+        super().__init__(field, **options)
+        if self.config["part"] not in ("full", "query"):
+            raise ConfigError(f"url converter on {field!r}: part must be 'full' or 'query'")
+        self.enumerated = frozenset(self.config["enumerated"])
+
+    def learned(self) -> dict:
+        return {"enumerated": sorted(self.enumerated)}
+
+    def fit(self, values: Values) -> None:
+        seen: dict[str, set[str]] = defaultdict(set)
+        uses: dict[str, int] = defaultdict(int)
+        for value in values:
+            if value is None:
+                continue
+            template, params, _ = self._split(value)
+            for name, param_value in params:
+                slot = f"{template}?{name}"
+                uses[slot] += 1
+                if len(seen[slot]) <= self.config["max_enum_values"]:
+                    seen[slot].add(param_value)
+        self.enumerated = frozenset(
+            slot for slot, values_seen in seen.items()
+            if len(values_seen) <= self.config["max_enum_values"]
+            and uses[slot] >= self.config["min_enum_support"] * len(values_seen))
+
+    def _split(self, value: str) -> tuple[str, list[tuple[str, str]], list[str]]:
+        flags = []
+        if self.config["part"] == "query":
+            path, query = "", value
+        else:
+            path, _, query = value.partition("?")
+            if "://" in path[:12]:
+                path = "/" + path.split("://", 1)[1].partition("/")[2]
+            path, rounds = percent_decode(path, self.config["decode_rounds"])
+            if rounds > 1:
+                flags.append("path encoded more than once")
+        template = "/".join(mask_segment(s) for s in path.split("/"))
+        params = []
+        for pair in filter(None, re.split(r"[&;]", query)):
+            name, has_value, raw_value = pair.partition("=")
+            decoded, rounds = percent_decode(raw_value, self.config["decode_rounds"])
+            if rounds > 1:
+                flags.append(f"value encoded more than once: {name}")
+            if not has_value:
+                flags.append(f"parameter without '=': {value_shape(name)}")
+            params.append((percent_decode(name, 1)[0][:64], decoded))
+        return template, params, flags
+
+    def features(self, value: str) -> Iterator[str]:
+        # Most telling first: explanations keep this order among equally rare features.
+        template, params, flags = self._split(value)
+        yield from flags
+        for name, param_value in params:
+            slot = f"{template}?{name}"
+            shape = value_shape(param_value)
+            yield f"shape {name}={shape}"
+            yield f"shape {slot}={shape}"
+            if slot in self.enumerated:
+                yield f"value {slot}={param_value[:64]}"
+            yield f"length {slot}={length_bucket(len(param_value))}"
+            yield f"parameter {slot}"
+        if self.config["part"] == "full":
+            yield f"path {template}"
+            for segment in dict.fromkeys(template.split("/")):
+                yield f"segment {segment}"
+        yield f"parameters {template}?{'&'.join(sorted({name for name, _ in params}))}"
+
+
+# One pass masks the variable parts of a message: UUIDs, IPs, hex, numbers.
+_VARIABLE = re.compile(
+    r"(?P<uuid>\b[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}\b)"
+    r"|(?P<ip>\b\d{1,3}(?:\.\d{1,3}){3}(?::\d+)?\b)"
+    r"|(?P<hex>\b0x[0-9a-fA-F]+\b|\b(?=[0-9a-fA-F]*\d)[0-9a-fA-F]{8,}\b)"
+    r"|(?P<num>[-+]?\d+(?:[.:,]\d+)*)")
+_TOKEN = re.compile(r"<\w+>|[^\W\d][\w.\-]*|[^\w\s]")
+
+
+def mask_variables(text: str) -> str:
+    return _VARIABLE.sub(lambda m: f"<{m.lastgroup}>", text)
+
+
+class TokensConverter(Converter):
+    """Words after masking variable parts, plus the whole masked line as a template."""
+
+    kind = "tokens"
+    options = {"template": True, "lowercase": False, "max_chars": 2048}
+
+    def features(self, value: str) -> Iterator[str]:
+        masked = mask_variables(value[: self.config["max_chars"]])
+        if self.config["lowercase"]:
+            masked = masked.lower()
+        for token in _TOKEN.findall(masked):
+            yield f"token {token}"
+        if self.config["template"]:
+            yield f"template {' '.join(masked.split())[:256]}"
+
+
+class CategoricalConverter(Converter):
+    """The value itself; ``transform: status_class`` keeps only the first digit (``4xx``)."""
+
+    kind = "categorical"
+    options = {"transform": "none"}
+
+    def features(self, value: str) -> Iterator[str]:
+        if self.config["transform"] == "status_class" and value[:1].isdigit():
+            yield f"{value[0]}xx"
+        else:
+            yield value[:128]
+
+
+class NumericConverter(Converter):
+    """A log-scaled dense column, plus its magnitude (log2 bucket) as a feature."""
+
+    kind = "numeric"
+
+    def features(self, value: str) -> Iterator[str]:
+        number = parse_number(value)
+        yield "not a number" if number is None else f"magnitude {int(number).bit_length()}"
+
+    def transform(self, values: Values, sink: FeatureSink) -> None:
+        super().transform(values, sink)
+        numbers = [parse_number(v) if v is not None else None for v in values]
+        sink.add_numeric(np.array([math.log1p(x) if x is not None else 0.0 for x in numbers]))
+
+
+def parse_number(value: str) -> Optional[float]:
+    try:
+        number = float(value)
+    except ValueError:
+        return None
+    return max(number, 0.0) if math.isfinite(number) else None
+
+
+class NgramConverter(Converter):
+    """Character n-grams, hashed over the whole batch at once with numpy.
+
+    The value is framed by start/end bytes so prefixes and suffixes are
+    features too. ``decode`` percent-decodes first (for URLs); ``shape`` takes
+    n-grams of the character-class shape instead (``/blog/x?id=1'--`` →
+    ``/a/a?a=9'-``), which generalizes across paths: a new page has familiar
+    shapes, an injected payload does not.
+    """
+
+    kind = "ngrams"
+    options = {"n": [3, 3], "decode": False, "shape": False, "lowercase": False, "max_bytes": 1024}
+    _PRIME = np.uint64(0x100000001B3)
+    _SENTINEL = np.uint64(1 << 63)
+
+    def __init__(self, field: str, **options):
+        super().__init__(field, **options)
+        low, high = self.config["n"]
+        if not 1 <= low <= high <= 8:
+            raise ConfigError(f"ngrams on {field!r}: n must be [min, max] with 1 <= min <= max <= 8")
+        self.sizes = range(int(low), int(high) + 1)
+
+    def _encode(self, value: Optional[str]) -> bytes:
+        if value is None:
+            return b"\x02\x00\x03"
+        if self.config["decode"]:
+            value = percent_decode(value, 3)[0]
+        if self.config["lowercase"]:
+            value = value.lower()
+        if self.config["shape"]:
+            value = _RUNS.sub(r"\1", value.translate(_ASCII_SHAPE))
+        return b"\x02" + value.encode("utf-8", "surrogatepass")[: self.config["max_bytes"]] + b"\x03"
+
+    def _windows(self, encoded: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
+        """Keys of every window, [N, positions]; windows past a value's end hold the sentinel."""
+        lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
+        width = int(lengths.max(initial=1))
+        matrix = np.zeros((len(encoded), width), dtype=np.uint64)
+        matrix[np.arange(width) < lengths[:, None]] = np.frombuffer(b"".join(encoded), dtype=np.uint8)
+        blocks = []
+        for n in self.sizes:
+            positions = width - n + 1
+            if positions <= 0:
+                continue
+            hashed = np.full((len(encoded), positions), np.uint64(self.seed * 8 + n), dtype=np.uint64)
+            for offset in range(n):
+                hashed = hashed * self._PRIME + matrix[:, offset: offset + positions]
+            hashed ^= hashed >> np.uint64(29)
+            hashed *= np.uint64(0xBF58476D1CE4E5B9)
+            keys = hashed >> np.uint64(32)
+            keys[np.arange(positions) + n > lengths[:, None]] = self._SENTINEL
+            blocks.append(keys)
+        if not blocks:
+            return np.full((len(encoded), 0), self._SENTINEL, dtype=np.uint64), lengths
+        return np.concatenate(blocks, axis=1), lengths
+
+    def featurize(self, values: Sequence[Optional[str]]) -> list[ValueFeatures]:
+        windows, _ = self._windows([self._encode(v) for v in values])
+        windows.sort(axis=1)
+        is_new = np.ones(windows.shape, dtype=bool)
+        is_new[:, 1:] = windows[:, 1:] != windows[:, :-1]
+        keep = is_new & (windows != self._SENTINEL)
+        rows, cols = np.nonzero(keep)
+        counts = self._run_lengths(rows, cols, (windows != self._SENTINEL).sum(axis=1))
+        keys = windows[rows, cols].astype(np.int64)
+        weights = (term_weights(counts, self.weighting) * np.float32(self.weight)).astype(np.float32)
+        bounds = np.searchsorted(rows, np.arange(len(values) + 1))
+        return [ValueFeatures(keys[a:b], weights[a:b],
+                              lambda j, value=value, k=keys[a:b]: self.describe(value, int(k[j])))
+                for value, a, b in zip(values, bounds[:-1], bounds[1:])]
+
+    @staticmethod
+    def _run_lengths(rows: np.ndarray, cols: np.ndarray, valid_per_row: np.ndarray) -> np.ndarray:
+        """How often each kept key occurs in its row: distance to the next distinct key."""
+        ends = np.empty_like(cols)
+        ends[:-1] = cols[1:]
+        last_of_row = np.ones(len(rows), dtype=bool)
+        last_of_row[:-1] = rows[1:] != rows[:-1]
+        ends[last_of_row] = valid_per_row[rows[last_of_row]]
+        return (ends - cols).astype(np.float32)
+
+    def describe(self, value: Optional[str], key: int) -> str:
+        encoded = self._encode(value)
+        windows, _ = self._windows([encoded])
+        offset = 0
+        for n in self.sizes:
+            positions = max(len(encoded) - n + 1, 0)
+            hits = np.nonzero(windows[0, offset: offset + positions] == key)[0]
+            if len(hits):
+                start = int(hits[0])
+                text = encoded[start: start + n].decode("utf-8", "replace")
+                text = text.replace("\x02", "^").replace("\x03", "$")
+                return f"{self.field} {'shape ' if self.config['shape'] else ''}{n}-gram {text!r}"
+            offset += positions
+        return f"{self.field} n-gram #{key}"
+
+
+CONVERTERS: dict[str, type[Converter]] = {
+    cls.kind: cls
+    for cls in (UrlConverter, TokensConverter, CategoricalConverter, NumericConverter, NgramConverter)
+}
+
+
+def make_converter(field: str, spec: dict) -> Converter:
+    options = dict(spec)
+    kind = options.pop("kind", None)
+    if kind not in CONVERTERS:
+        raise ConfigError(f"field {field!r}: unknown converter kind {kind!r}; "
+                          f"use one of: {', '.join(sorted(CONVERTERS))}")
+    return CONVERTERS[kind](field, **options)

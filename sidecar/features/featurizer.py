@@ -1,0 +1,143 @@
+"""The featurizer: one implementation for training and serving.
+
+A spec (stored whole in every model artifact) names the log format, the
+fields, and the converters of each field. ``transform`` is vectorized per
+converter over the whole batch.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Optional, Sequence
+
+from ..errors import ConfigError
+from ..records import RecordNormalizer, to_text
+from .batch import FeatureBatch, FeatureSink
+from .converters import Converter, make_converter
+
+DEFAULT_SPECS: dict[str, dict] = {
+    "access": {
+        "format": "access",
+        "fields": [
+            {"field": "url", "converters": [
+                {"kind": "url"},
+                {"kind": "ngrams", "n": [2, 4], "decode": True, "shape": True},
+                {"kind": "ngrams", "n": [3, 3], "decode": True, "weight": 0.2}]},
+            {"field": "method", "converters": [{"kind": "categorical"}]},
+            {"field": "protocol", "converters": [{"kind": "categorical"}]},
+            {"field": "status", "converters": [{"kind": "categorical", "transform": "status_class"}]},
+            {"field": "bytes", "converters": [{"kind": "numeric", "weight": 0.25}]},
+            {"field": "user_agent", "converters": [{"kind": "tokens", "template": False, "weight": 0.5}]},
+        ],
+    },
+    "syslog": {
+        "format": "syslog",
+        "fields": [
+            {"field": "app", "converters": [{"kind": "categorical"}]},
+            {"field": "message", "converters": [{"kind": "tokens"}]},
+        ],
+    },
+    "jsonl": {
+        "format": "jsonl",
+        "fields": [
+            {"field": "level", "converters": [{"kind": "categorical"}]},
+            {"field": "message", "converters": [{"kind": "tokens"}]},
+        ],
+    },
+    "plain": {
+        "format": "plain",
+        "fields": [{"field": "message", "converters": [{"kind": "tokens"}]}],
+    },
+}
+
+DEFAULT_DENSE_DIMS = 128
+DEFAULT_MAX_FIELD_CHARS = 8192
+
+
+def load_spec(path: Optional[str], log_format: str) -> dict:
+    """A converter config file (YAML or JSON), or the default spec of the format."""
+    if path is None:
+        if log_format not in DEFAULT_SPECS:
+            raise ConfigError(f"unknown log format {log_format!r}; use one of: "
+                              f"{', '.join(sorted(DEFAULT_SPECS))}")
+        return copy.deepcopy(DEFAULT_SPECS[log_format])
+    text = Path(path).read_text(encoding="utf-8")
+    try:
+        if path.endswith(".json"):
+            spec = json.loads(text)
+        else:
+            import yaml  # only the train command reads YAML
+
+            spec = yaml.safe_load(text)
+    except Exception as error:
+        raise ConfigError(f"{path}: not valid {'JSON' if path.endswith('.json') else 'YAML'}: {error}") from None
+    if not isinstance(spec, dict) or not isinstance(spec.get("fields"), list):
+        raise ConfigError(f"{path}: expected a mapping with a 'fields' list "
+                          "(see docs/converters.md)")
+    spec.setdefault("format", log_format)
+    return spec
+
+
+class Featurizer:
+    def __init__(self, spec: dict):
+        self.log_format = spec.get("format", "plain")
+        self.dense_dims = int(spec.get("dense_dims", DEFAULT_DENSE_DIMS))
+        self.max_field_chars = int(spec.get("max_field_chars", DEFAULT_MAX_FIELD_CHARS))
+        self.converters: list[Converter] = []
+        for entry in spec.get("fields", []):
+            if not isinstance(entry, dict) or "field" not in entry:
+                raise ConfigError(f"each entry of 'fields' needs a 'field' name; got {entry!r}")
+            for converter_spec in entry.get("converters", []):
+                self.converters.append(make_converter(str(entry["field"]), converter_spec))
+        if not self.converters:
+            raise ConfigError("the featurizer spec has no converters; name at least one field")
+        self.fields = list(dict.fromkeys(c.field for c in self.converters))
+        self.normalizer = RecordNormalizer(self.log_format, self.fields)
+
+    def spec(self) -> dict:
+        fields = [{"field": name, "converters": [c.spec() for c in self.converters if c.field == name]}
+                  for name in self.fields]
+        return {"format": self.log_format, "dense_dims": self.dense_dims,
+                "max_field_chars": self.max_field_chars, "fields": fields}
+
+    @property
+    def numeric_columns(self) -> int:
+        return sum(1 for c in self.converters if c.kind == "numeric")
+
+    @property
+    def width(self) -> int:
+        return self.dense_dims + self.numeric_columns
+
+    def field_values(self, records: Sequence[object]) -> tuple[dict[str, list], list[bool], list[bool]]:
+        """Each wanted field as a column of text (None where absent), cut to max_field_chars."""
+        batch = self.normalizer.normalize(records)
+        truncated = [False] * len(records)
+        limit = self.max_field_chars
+        values: dict[str, list] = {}
+        for name in self.fields:
+            column = [fields.get(name) for fields in batch.fields]
+            column = [v if v is None or v.__class__ is str else to_text(v) for v in column]
+            if any(v is not None and len(v) > limit for v in column):
+                for row, value in enumerate(column):
+                    if value is not None and len(value) > limit:
+                        column[row] = value[:limit]
+                        truncated[row] = True
+            values[name] = column
+        return values, batch.parsed, truncated
+
+    def fit(self, records: Sequence[object]) -> None:
+        values, _, _ = self.field_values(records)
+        for converter in self.converters:
+            converter.fit(values[converter.field])
+            converter.forget()
+
+    def transform(self, records: Sequence[object]) -> FeatureBatch:
+        values, parsed, truncated = self.field_values(records)
+        sink = FeatureSink(len(records), self.dense_dims)
+        sink.truncated[:] = truncated
+        sink.unparsed[:] = [not ok for ok in parsed]
+        for converter in self.converters:
+            converter.transform(values[converter.field], sink)
+        return sink.build()

@@ -1,0 +1,114 @@
+"""A loaded model: featurize a batch, run the ONNX graph, threshold, explain.
+
+This is the one scoring path. Every surface (CLI, gRPC, HTTP, forward) calls
+``Model.score``; training calls ``run_graph`` on the same featurizer output.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import onnxruntime as ort
+
+from .artifact import Artifact, read_artifact
+from .errors import ModelLoadError
+from .features import FeatureBatch, Featurizer
+
+
+def make_session(model_bytes: bytes, threads: int = 1) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    # NOTE: on 2 cores a second intra-op thread gains nothing below batch 16 and
+    # takes the core the server needs (see docs/performance.md).
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+
+
+def graph_inputs(batch: FeatureBatch) -> dict[str, np.ndarray]:
+    return {"keys": batch.keys, "key_weights": batch.weights, "rows": batch.rows, "dense": batch.dense}
+
+
+def run_graph(session: ort.InferenceSession, batch: FeatureBatch) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(score [N], raw_scores [N, M], key_surprise [nnz])."""
+    score, raw, surprise = session.run(["score", "raw_scores", "key_surprise"], graph_inputs(batch))
+    return score, raw, surprise
+
+
+@dataclass
+class Scored:
+    """Scores of one batch, in input order."""
+
+    scores: np.ndarray  # float32 [N] in [0, 1]
+    is_anomaly: np.ndarray  # bool [N]
+    raw_scores: np.ndarray  # float32 [N, detectors]
+    truncated: np.ndarray  # bool [N]
+    unparsed: np.ndarray  # bool [N]
+    explanations: Optional[list[list[str]]] = field(default=None)
+
+
+class Model:
+    """One artifact, ready to score. Thread-safe: onnxruntime sessions are."""
+
+    def __init__(self, artifact: Artifact, threads: int = 1):
+        self.artifact = artifact
+        meta = artifact.metadata
+        try:
+            self.featurizer = Featurizer(meta["featurizer"])
+            self.threshold = float(meta["calibration"]["threshold"])
+            self.detectors = [d["kind"] for d in meta["detectors"]]
+            self._support = float(meta["rarity"]["support"])
+        except Exception as error:  # any malformed metadata is the file's fault
+            raise ModelLoadError(f"{artifact.path}: logscore metadata is incomplete or invalid "
+                                 f"({type(error).__name__}: {error}); re-export it") from None
+        self.name = str(meta.get("name") or Path(artifact.path).stem)
+        try:
+            self.session = make_session(artifact.model_bytes, threads)
+        except Exception as error:
+            raise ModelLoadError(f"{artifact.path}: onnxruntime cannot load the graph: {error}") from None
+
+    @classmethod
+    def load(cls, path: str | Path, threads: int = 1) -> "Model":
+        return cls(read_artifact(path), threads)
+
+    @property
+    def version(self) -> str:
+        return self.artifact.version
+
+    @property
+    def metadata(self) -> dict:
+        return self.artifact.metadata
+
+    def score(self, records: Sequence[object], explain: int = 0,
+              threshold: Optional[float] = None) -> Scored:
+        """Score records (field maps or raw lines); ``explain`` = features to name per record."""
+        batch = self.featurizer.transform(records)
+        score, raw, surprise = run_graph(self.session, batch)
+        cut = self.threshold if threshold is None else threshold
+        result = Scored(score, score >= cut, raw, batch.truncated, batch.unparsed)
+        if explain > 0:
+            result.explanations = self._explain(batch, surprise, explain)
+        return result
+
+    def _explain(self, batch: FeatureBatch, surprise: np.ndarray, top: int) -> list[list[str]]:
+        """The features that made each record unusual, most unusual first."""
+        contribution = batch.weights * surprise
+        order = np.lexsort((-contribution, batch.rows))
+        explanations: list[list[str]] = [[] for _ in range(batch.size)]
+        for index in order:
+            row = int(batch.rows[index])
+            if len(explanations[row]) >= top or contribution[index] <= 0:
+                continue
+            explanations[row].append(f"{batch.name(int(index))} ({self._describe_rarity(surprise[index])})")
+        return explanations
+
+    def _describe_rarity(self, surprise: float) -> str:
+        if surprise >= 1.0:
+            return "never seen in training"
+        # Inverse of surprise = 1 - log1p(count) / log1p(support); see training.rarity.
+        count = math.expm1((1.0 - float(surprise)) * math.log1p(self._support))
+        return f"rare: in about {max(1, round(count))} training records"

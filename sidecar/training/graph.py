@@ -1,0 +1,112 @@
+"""Building the one ONNX graph of a model.
+
+Inputs (the featurizer's output, see sidecar.features.batch):
+  keys [nnz] int64, key_weights [nnz] float32, rows [nnz] int64, dense [N, D] float32
+Outputs:
+  score [N]          calibrated score in [0, 1]: fraction of held-out normal records scoring lower
+  raw_scores [N, M]  each detector's raw score (higher = more anomalous)
+  key_surprise [nnz] how unusual each key was in training (0 common .. 1 never seen)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+OPSET = 18
+ML_OPSET = 3  # onnxruntime refuses ai.onnx.ml 4 for tree ensembles
+
+INPUTS = {
+    "keys": (TensorProto.INT64, ["nnz"]),
+    "key_weights": (TensorProto.FLOAT, ["nnz"]),
+    "rows": (TensorProto.INT64, ["nnz"]),
+    "dense": (TensorProto.FLOAT, ["N", "D"]),
+}
+
+
+class GraphBuilder:
+    """Appends nodes with unique tensor names; detectors add their own subgraphs."""
+
+    def __init__(self, dense_width: int):
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[onnx.TensorProto] = []
+        self.dense_width = dense_width
+        self._count = 0
+
+    def name(self, hint: str) -> str:
+        self._count += 1
+        return f"{hint}_{self._count}"
+
+    def const(self, value, hint: str = "c", dtype=np.float32) -> str:
+        name = self.name(hint)
+        self.initializers.append(numpy_helper.from_array(np.asarray(value, dtype=dtype), name))
+        return name
+
+    def op(self, op_type: str, inputs: list[str], hint: str = "", domain: str = "", **attrs) -> str:
+        output = self.name(hint or op_type.lower())
+        self.nodes.append(helper.make_node(op_type, inputs, [output], domain=domain, **attrs))
+        return output
+
+    def ops(self, op_type: str, inputs: list[str], outputs: int, **attrs) -> list[str]:
+        names = [self.name(op_type.lower()) for _ in range(outputs)]
+        self.nodes.append(helper.make_node(op_type, inputs, names, **attrs))
+        return names
+
+    # Shared pieces -------------------------------------------------------
+    def batch_size(self) -> str:
+        shape = self.op("Shape", ["dense"])
+        return self.op("Gather", [shape, self.const([0], dtype=np.int64)], axis=0)
+
+    def row_sum(self, per_key: str) -> str:
+        """Sum a per-key tensor into one value per record (CSR rows → [N])."""
+        zeros = self.op("ConstantOfShape", [self.batch_size()],
+                        value=helper.make_tensor("zero", TensorProto.FLOAT, [1], [0.0]))
+        return self.op("ScatterElements", [zeros, "rows", per_key], reduction="add", axis=0)
+
+    def standardize(self, mean: np.ndarray, scale: np.ndarray) -> str:
+        centered = self.op("Sub", ["dense", self.const(mean[None, :])])
+        return self.op("Div", [centered, self.const(scale[None, :])])
+
+    def squared_norm(self, x: str) -> str:
+        """Row-wise sum of squares, [N, D] → [N]."""
+        squared = self.op("Mul", [x, x])
+        return self.op("ReduceSum", [squared, self.const([1], dtype=np.int64)], keepdims=0)
+
+    def squared_distances(self, x: str, points: np.ndarray) -> str:
+        """[N, D] x [P, D] points → [N, P] squared euclidean distances, clipped at 0."""
+        x_norm = self.op("Unsqueeze", [self.squared_norm(x), self.const([1], dtype=np.int64)])
+        cross = self.op("MatMul", [x, self.const(points.T.astype(np.float32))])
+        cross2 = self.op("Mul", [cross, self.const(-2.0)])
+        point_norm = self.const((points.astype(np.float64) ** 2).sum(axis=1)[None, :])
+        total = self.op("Add", [self.op("Add", [x_norm, cross2]), point_norm])
+        return self.op("Max", [total, self.const(0.0)])
+
+    def ecdf(self, x: str, knots: np.ndarray, levels: np.ndarray) -> str:
+        """Empirical CDF: levels[i] where i = number of knots strictly below x.
+
+        ``knots`` sorted ascending [M]; ``levels`` [M + 1] with levels[0] = 0.
+        """
+        below = self.op("Less", [self.const(knots[None, :]), self.op("Unsqueeze", [x, self.const([1], dtype=np.int64)])])
+        count = self.op("ReduceSum", [self.op("Cast", [below], to=TensorProto.FLOAT),
+                                      self.const([1], dtype=np.int64)], keepdims=0)
+        index = self.op("Cast", [count], to=TensorProto.INT64)
+        return self.op("Gather", [self.const(levels), index], axis=0)
+
+    def finish(self, outputs: dict[str, str], metadata: dict[str, str]) -> onnx.ModelProto:
+        for public, internal in outputs.items():
+            self.nodes.append(helper.make_node("Identity", [internal], [public]))
+        graph = helper.make_graph(
+            self.nodes, "logscore",
+            [helper.make_tensor_value_info(name, dtype, shape) for name, (dtype, shape) in INPUTS.items()],
+            [helper.make_tensor_value_info("score", TensorProto.FLOAT, ["N"]),
+             helper.make_tensor_value_info("raw_scores", TensorProto.FLOAT, ["N", "M"]),
+             helper.make_tensor_value_info("key_surprise", TensorProto.FLOAT, ["nnz"])],
+            initializer=self.initializers)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET),
+                                                        helper.make_opsetid("ai.onnx.ml", ML_OPSET)],
+                                  producer_name="logscore")
+        model.ir_version = 9  # readable by onnxruntime >= 1.16
+        helper.set_model_props(model, metadata)
+        onnx.checker.check_model(model)
+        return model

@@ -1,0 +1,101 @@
+"""Each detector's ONNX graph against its scikit-learn/numpy reference, on generated data."""
+
+import numpy as np
+import pytest
+
+from sidecar.features import FeatureBatch
+from sidecar.model import make_session, run_graph
+from sidecar.training.detectors import DETECTORS, Features, RarityTable
+from sidecar.training.train import apply_ecdf, assemble_graph, calibrate, ecdf_table
+
+
+def generated_batch(rng, records: int, width: int = 12) -> FeatureBatch:
+    centers = rng.normal(0, 3, size=(3, width))
+    dense = (centers[rng.integers(0, 3, records)] + rng.normal(0, 1, (records, width))).astype(np.float32)
+    per_row = rng.integers(1, 15, records)
+    rows = np.repeat(np.arange(records), per_row)
+    keys = rng.zipf(1.5, len(rows)).astype(np.int64) % 5000
+    weights = rng.choice([0.5, 1.0, 2.0], len(rows)).astype(np.float32)
+    return FeatureBatch(rows, keys, weights, dense, np.zeros(records, bool), np.zeros(records, bool))
+
+
+@pytest.fixture(scope="module")
+def data():
+    rng = np.random.default_rng(7)
+    train, test = generated_batch(rng, 1500), generated_batch(rng, 400)
+    table = RarityTable(train.keys, train.size)
+    return Features(train, table), Features(test, table)
+
+
+pytestmark = pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
+
+SMALL = {"isolation_forest": {"n_estimators": 30}, "autoencoder": {"hidden": 8, "max_iter": 30},
+         "som": {"grid": 4, "epochs": 4}, "lof": {"n_neighbors": 10, "max_reference": 500}}
+
+
+@pytest.mark.parametrize("kind", sorted(DETECTORS))
+def test_onnx_raw_score_equals_reference(kind, data):
+    train, test = data
+    detector = DETECTORS[kind](seed=0, **SMALL.get(kind, {}))
+    detector.fit(train)
+    graph = assemble_graph(train.dense.shape[1], train.table, [detector])
+    _, raw, surprise = run_graph(make_session(graph.SerializeToString()), test.batch)
+    expected = detector.reference(test)
+    assert raw.shape == (test.batch.size, 1)
+    assert np.ptp(expected) > 0, "generated data must give varied scores"
+    np.testing.assert_allclose(raw[:, 0], expected, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(surprise, train.table.lookup(test.batch.keys), atol=1e-6)
+
+
+def test_outliers_score_higher_for_every_detector(data):
+    train, _ = data
+    rng = np.random.default_rng(3)
+    far = generated_batch(rng, 50)
+    far.dense += 25.0
+    far.keys += 100_000  # never seen
+    near = generated_batch(rng, 50)
+    for kind in sorted(DETECTORS):
+        detector = DETECTORS[kind](seed=0, **SMALL.get(kind, {}))
+        detector.fit(train)
+        far_scores = detector.reference(Features(far, train.table))
+        near_scores = detector.reference(Features(near, train.table))
+        assert np.median(far_scores) > np.percentile(near_scores, 90), kind
+
+
+def test_rarity_surprise_is_one_for_unseen_and_zero_for_common():
+    table = RarityTable(np.array([1] * 100 + [2] * 3 + [3]), records=100, support=10)
+    surprise = table.lookup(np.array([1, 2, 3, 4]))
+    assert surprise[0] == 0.0 and surprise[3] == 1.0
+    assert 0 < surprise[2] < 1 and surprise[1] < surprise[2]
+
+
+def test_ecdf_is_fraction_strictly_lower():
+    values = np.array([0, 0, 0, 1, 2, 2, 3], dtype=np.float32)
+    knots, levels = ecdf_table(values)
+    got = apply_ecdf(np.array([-1, 0, 0.5, 1, 2, 3, 4], dtype=np.float32), knots, levels)
+    np.testing.assert_allclose(got, [0, 0, 3 / 7, 3 / 7, 4 / 7, 6 / 7, 1], atol=1e-6)
+
+
+def test_ecdf_with_many_values_keeps_the_tail_exact():
+    values = np.random.default_rng(0).normal(size=50_000).astype(np.float32)
+    knots, levels = ecdf_table(values, max_knots=512, exact_tail=100)
+    assert len(knots) <= 512
+    top = np.sort(values)[-100:]
+    exact = np.array([(values < v).mean() for v in top])
+    np.testing.assert_allclose(apply_ecdf(top, knots, levels), exact, atol=1e-6)
+
+
+def test_graph_calibration_matches_numpy_for_an_ensemble(data):
+    train, test = data
+    detectors = [DETECTORS[k](seed=0, **SMALL.get(k, {})) for k in ("rarity", "pca")]
+    for detector in detectors:
+        detector.fit(train)
+    uncalibrated = assemble_graph(train.dense.shape[1], train.table, detectors)
+    _, raw, _ = run_graph(make_session(uncalibrated.SerializeToString()), test.batch)
+    calibration, expected = calibrate(raw)  # as training does: from the graph's own raw scores
+    graph = assemble_graph(train.dense.shape[1], train.table, detectors, calibration, None)
+    score, graph_raw, _ = run_graph(make_session(graph.SerializeToString()), test.batch)
+    np.testing.assert_array_equal(graph_raw, raw)
+    np.testing.assert_allclose(score, expected, atol=1e-6)
+    assert score.min() == 0.0 and 0.99 <= score.max() <= 1.0
+    assert len(np.unique(score)) > 100

@@ -1,0 +1,137 @@
+"""A trained model end to end: calibration, attacks, explanations, artifact checks."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from sidecar.artifact import FORMAT_VERSION, METADATA_KEY, read_artifact
+from sidecar.errors import ModelLoadError
+from sidecar.model import Model
+
+from .generate import attack_lines, shop_lines
+
+
+@pytest.fixture(scope="module")
+def shop_model(shop_model_path):
+    return Model.load(shop_model_path)
+
+
+def test_scores_are_bounded_and_false_positive_rate_near_target(shop_model):
+    fresh = shop_lines(20_000, seed=99)
+    result = shop_model.score(fresh)
+    assert result.scores.dtype == np.float32
+    assert np.all((result.scores >= 0) & (result.scores <= 1))
+    target = shop_model.metadata["calibration"]["target_fpr"]
+    flagged = result.is_anomaly.mean()
+    assert target / 2 <= flagged <= target * 2, f"flagged {flagged:.4f}, target {target}"
+
+
+def test_attacks_in_shop_traffic_are_flagged(shop_model):
+    attacks = attack_lines(shop_lines(500, seed=5), 400)
+    result = shop_model.score([line for _, line in attacks])
+    for family in sorted({f for f, _ in attacks}):
+        hits = [flag for (f, _), flag in zip(attacks, result.is_anomaly) if f == family]
+        assert np.mean(hits) >= 0.9, f"{family}: {np.mean(hits):.2f}"
+
+
+def test_explanations_name_the_unusual_parts(shop_model):
+    line = shop_lines(1, seed=11)[0].replace("HTTP/1.1", "HTTP/1.1", 1)
+    attacked = line.split('"')[0] + '"GET /products/12?id=1%27%20OR%201%3D1-- HTTP/1.1" 200 10 "-" "x"'
+    result = shop_model.score([attacked], explain=5)
+    explanation = result.explanations[0]
+    assert 1 <= len(explanation) <= 5
+    assert any("shape id=9' a 9=9-" in e and "never seen" in e for e in explanation), explanation
+    normal = shop_model.score(shop_lines(5, seed=12), explain=5)
+    assert all(len(e) <= 5 for e in normal.explanations)
+
+
+def test_threshold_can_be_overridden_per_call(shop_model):
+    lines = shop_lines(200, seed=13)
+    assert shop_model.score(lines, threshold=0.0).is_anomaly.all()
+    assert not shop_model.score(lines, threshold=1.01).is_anomaly.any()
+
+
+def test_field_maps_and_raw_lines_score_the_same(shop_model):
+    lines = shop_lines(30, seed=14)
+    field_maps = []
+    for line in lines:
+        fields, _ = shop_model.featurizer.normalizer.parse(line)
+        field_maps.append(fields)
+    np.testing.assert_array_equal(shop_model.score(lines).scores, shop_model.score(field_maps).scores)
+
+
+def test_metadata_describes_the_model(shop_model):
+    meta = shop_model.metadata
+    assert meta["format_version"] == FORMAT_VERSION
+    assert meta["training"]["records_used"] == 4000
+    assert [d["kind"] for d in meta["detectors"]] == ["rarity"]
+    assert len(shop_model.version) == 12
+
+
+# --- refusing bad files -------------------------------------------------------
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ModelLoadError, match="missing.onnx: cannot read"):
+        Model.load(tmp_path / "missing.onnx")
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "empty", "flip_byte"])
+def test_corrupt_files_are_refused_naming_the_file(shop_model_path, tmp_path, damage):
+    data = shop_model_path.read_bytes()
+    broken = {
+        "truncate": data[: len(data) // 2],
+        "garbage": b"\x00\xff" * 100,
+        "empty": b"",
+        "flip_byte": data[:-200] + bytes([data[-200] ^ 0x55]) + data[-199:],
+    }[damage]
+    path = tmp_path / f"{damage}.onnx"
+    path.write_bytes(broken)
+    with pytest.raises(ModelLoadError, match=f"{damage}.onnx: ") as error:
+        Model.load(path)
+    assert "re-" in str(error.value)  # says what to do
+
+
+def test_foreign_onnx_model_is_refused(tmp_path):
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    path = tmp_path / "foreign.onnx"
+    path.write_bytes(helper.make_model(graph).SerializeToString())
+    with pytest.raises(ModelLoadError, match="foreign.onnx: an ONNX model, but not a logscore model"):
+        Model.load(path)
+
+
+def rewrite_metadata(source, target, change):
+    import onnx
+
+    model = onnx.load(str(source))
+    for prop in model.metadata_props:
+        if prop.key == METADATA_KEY:
+            meta = json.loads(prop.value)
+            change(meta)
+            prop.value = json.dumps(meta, sort_keys=True)
+    onnx.save(model, str(target))
+
+
+def test_newer_format_is_refused(shop_model_path, tmp_path):
+    path = tmp_path / "newer.onnx"
+    rewrite_metadata(shop_model_path, path, lambda m: m.update(format_version=FORMAT_VERSION + 1))
+    with pytest.raises(ModelLoadError, match="newer.onnx: made by a newer logscore"):
+        Model.load(path)
+
+
+def test_edited_metadata_fails_the_content_hash(shop_model_path, tmp_path):
+    path = tmp_path / "edited.onnx"
+    rewrite_metadata(shop_model_path, path, lambda m: m["calibration"].update(threshold=0.5))
+    with pytest.raises(ModelLoadError, match="edited.onnx: content hash mismatch"):
+        Model.load(path)
+
+
+def test_a_copy_loads_with_the_same_version(shop_model_path, tmp_path):
+    copy = tmp_path / "copy.onnx"
+    shutil.copy(shop_model_path, copy)
+    assert read_artifact(copy).version == read_artifact(shop_model_path).version

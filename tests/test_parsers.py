@@ -1,0 +1,67 @@
+import pytest
+
+from sidecar.errors import ConfigError
+from sidecar.parsers import get_parser, parse_access, parse_jsonl, parse_syslog
+from sidecar.records import RecordNormalizer
+
+
+def test_combined_access_line_gives_every_field():
+    fields, ok = parse_access('203.0.113.7 - bob [10/Oct/2025:13:55:36 +0000] "GET /a/b?x=1&y=2 HTTP/1.1" '
+                              '404 512 "https://ref.example/" "curl/8.0"')
+    assert ok
+    assert fields == {"remote_addr": "203.0.113.7", "user": "bob", "time": "10/Oct/2025:13:55:36 +0000",
+                      "request": "GET /a/b?x=1&y=2 HTTP/1.1", "method": "GET", "url": "/a/b?x=1&y=2",
+                      "protocol": "HTTP/1.1", "status": "404", "bytes": "512",
+                      "referer": "https://ref.example/", "user_agent": "curl/8.0"}
+
+
+def test_common_format_and_dashes():
+    fields, ok = parse_access('10.0.0.1 - - [10/Oct/2025:13:55:36 +0000] "POST /login HTTP/1.0" 302 -')
+    assert ok and fields["method"] == "POST" and fields["bytes"] == "" and fields["user"] == ""
+    assert "referer" not in fields
+
+
+def test_garbage_request_is_kept_as_url():
+    fields, ok = parse_access(r'10.0.0.1 - - [10/Oct/2025:13:55:36 +0000] "\x16\x03\x01\x00" 400 0 "-" "-"')
+    assert ok and fields["url"] == r"\x16\x03\x01\x00" and "method" not in fields
+
+
+@pytest.mark.parametrize("line", ["", "not a log line", "\x00\xff" * 10, "x" * 100_000])
+def test_unparseable_line_is_marked_not_raised(line):
+    for name in ("access", "syslog"):
+        fields, ok = get_parser(name)(line)
+        assert not ok and fields == {"message": line}
+
+
+def test_syslog_3164_and_5424():
+    fields, ok = parse_syslog("<34>Oct 11 22:14:15 mymachine su[230]: 'su root' failed for lonvick")
+    assert ok and (fields["host"], fields["app"], fields["pid"]) == ("mymachine", "su", "230")
+    assert fields["message"] == "'su root' failed for lonvick"
+    fields, ok = parse_syslog('<165>1 2003-10-11T22:14:15.003Z host.example evntslog - ID47 '
+                              '[exampleSDID@32473 iut="3"] An application event')
+    assert ok and fields["app"] == "evntslog" and fields["message"] == "An application event"
+    assert "pid" not in fields  # "-" means absent
+
+
+def test_jsonl_flattens_and_rejects_non_objects():
+    assert parse_jsonl('{"a": {"b": 1}, "c": "x"}') == ({"a.b": 1, "c": "x"}, True)
+    assert parse_jsonl("[1, 2]") == ({"message": "[1, 2]"}, False)
+    assert parse_jsonl("{broken") == ({"message": "{broken"}, False)
+
+
+def test_unknown_format_names_the_choices():
+    with pytest.raises(ConfigError, match="access, jsonl, plain, syslog"):
+        get_parser("xml")
+
+
+def test_field_maps_from_other_shippers_use_aliases_and_raw_lines():
+    normalizer = RecordNormalizer("access", ["url", "method", "status"])
+    fluentd_apache2 = {"host": "1.2.3.4", "method": "GET", "path": "/x?a=1", "code": 200}
+    logstash_ecs = {"url": {"original": "/y"}, "http": {"request": {"method": "POST"},
+                                                         "response": {"status_code": 201}}}
+    raw_in_message = {"message": '1.2.3.4 - - [10/Oct/2025:13:55:36 +0000] "GET /z HTTP/1.1" 200 1',
+                      "tag": "web"}
+    batch = normalizer.normalize([fluentd_apache2, logstash_ecs, raw_in_message])
+    assert [f["url"] for f in batch.fields] == ["/x?a=1", "/y", "/z"]
+    assert [f["method"] for f in batch.fields] == ["GET", "POST", "GET"]
+    assert batch.fields[2]["tag"] == "web"
