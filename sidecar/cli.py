@@ -3,6 +3,8 @@
     logscore train    learn normal traffic from log files, export one ONNX model
     logscore score    score log lines offline with a model (JSON lines out)
     logscore inspect  show what a model file holds
+    logscore serve    run the sidecar (gRPC + HTTP) on a directory of models
+    logscore client   send log lines to a running sidecar and print the scores
 """
 
 from __future__ import annotations
@@ -87,7 +89,84 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("model", metavar="FILE.onnx")
     inspect.add_argument("--json", action="store_true", help="the full metadata as JSON")
     inspect.set_defaults(run=run_inspect)
+
+    serve = commands.add_parser("serve", help="run the sidecar",
+                                description="Serve the models of a directory over gRPC (Unix socket and/or "
+                                "TCP) and HTTP. Settings: flags > LOGSCORE_* environment > --config YAML > "
+                                "defaults (docs/operations.md).")
+    serve.add_argument("--config", metavar="FILE.yaml", help="settings file")
+    add_settings_flags(serve)
+    serve.set_defaults(run=run_serve)
+
+    client = commands.add_parser("client", help="score lines through a running sidecar",
+                                 description="Send log lines (or JSON field maps) to a sidecar over gRPC "
+                                 "and print one JSON object per line.")
+    client.add_argument("inputs", nargs="*", default=["-"], metavar="FILE")
+    client.add_argument("--socket", default="/tmp/logscore.sock", help="sidecar Unix socket")
+    client.add_argument("--tcp", help="host:port instead of the socket")
+    client.add_argument("--model", default="", help="model name (default: the sidecar routes)")
+    client.add_argument("--tag", default="", help="tag for the sidecar's tag routes")
+    client.add_argument("--json-records", action="store_true", help="input lines are JSON field maps")
+    client.add_argument("--explain", type=int, default=0, metavar="K")
+    client.add_argument("--batch", type=int, default=1000)
+    client.add_argument("--timeout", type=float, default=10.0, help="seconds per call")
+    client.set_defaults(run=run_client)
     return parser
+
+
+def add_settings_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per Settings field; unset flags fall through to env, file and defaults."""
+    from dataclasses import fields
+
+    from .settings import Settings
+
+    for spec in fields(Settings):
+        flag = "--" + spec.name.replace("_", "-")
+        parser.add_argument(flag, dest=f"setting_{spec.name}", default=None, metavar="VALUE",
+                            help=spec.metadata.get("help", ""))
+
+
+def run_serve(args) -> int:
+    from .serve import main as serve_main
+    from .settings import Settings
+
+    flags = {k[len("setting_"):]: v for k, v in vars(args).items() if k.startswith("setting_")}
+    return serve_main(Settings.load(args.config, flags))
+
+
+def run_client(args) -> int:
+    import grpc
+
+    from .generated.logscore.v1 import scorer_pb2 as pb
+    from .generated.logscore.v1 import scorer_pb2_grpc as pb_grpc
+
+    target = args.tcp or f"unix:{args.socket}"
+    records = read_json_records(args.inputs) if args.json_records else read_lines(args.inputs)
+    line_number = 0
+    with grpc.insecure_channel(target) as channel:
+        stub = pb_grpc.ScorerStub(channel)
+        for chunk in batched(records, max(1, args.batch)):
+            request = pb.ScoreRequest(model=args.model, tag=args.tag, explain=args.explain)
+            if args.json_records:
+                for record in chunk:
+                    fields = record if isinstance(record, dict) else {"message": record}
+                    request.structured.records.add(fields={k: str(v) for k, v in fields.items()})
+            else:
+                request.lines.lines.extend(line.encode("utf-8") for line in chunk)
+            try:
+                response = stub.Score(request, timeout=args.timeout)
+            except grpc.RpcError as error:
+                print(f"logscore client: {target}: {error.code().name}: {error.details()}", file=sys.stderr)
+                return 1
+            for i in range(len(chunk)):
+                line_number += 1
+                model = response.models[response.model_index[i]]
+                entry = {"line": line_number, "score": round(response.scores[i], 6),
+                         "is_anomaly": response.is_anomaly[i], "model": model.name, "version": model.version}
+                if response.explanations:
+                    entry["explanation"] = list(response.explanations[i].features)
+                print(json.dumps(entry))
+    return 0
 
 
 class ProgressPrinter:

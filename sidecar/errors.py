@@ -15,3 +15,27 @@ class ConfigError(LogscoreError):
 
 class InputError(LogscoreError):
     """Training or scoring input cannot be read."""
+
+
+class InvalidRequest(LogscoreError):
+    """A request is malformed (bad msgpack, missing records, too many records)."""
+
+
+class ModelNotFound(LogscoreError):
+    """The request names (or routes to) a model that is not loaded."""
+
+
+class Overloaded(LogscoreError):
+    """The sidecar's queue is full; the caller should retry later."""
+
+
+class DeadlineExceeded(LogscoreError):
+    """The caller's deadline passed before its records were scored."""
+
+
+class Unauthenticated(LogscoreError):
+    """A bearer token is required and the call did not present the right one."""
+
+
+class ShuttingDown(LogscoreError):
+    """The sidecar is draining for shutdown and takes no new work."""

@@ -50,6 +50,14 @@ class Scored:
     unparsed: np.ndarray  # bool [N]
     explanations: Optional[list[list[str]]] = field(default=None)
 
+    def slice(self, start: int, stop: int, explain: int) -> "Scored":
+        """Records start..stop, with at most ``explain`` features named each."""
+        explanations = None
+        if explain and self.explanations is not None:
+            explanations = [e[:explain] for e in self.explanations[start:stop]]
+        return Scored(self.scores[start:stop], self.is_anomaly[start:stop], self.raw_scores[start:stop],
+                      self.truncated[start:stop], self.unparsed[start:stop], explanations)
+
 
 class Model:
     """One artifact, ready to score. Thread-safe: onnxruntime sessions are."""

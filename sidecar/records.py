@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
+from .errors import InvalidRequest
 from .parsers import FIELD_ALIASES, Fields, flatten, get_parser
 
 RAW_LINE_KEYS = ("message", "log")
@@ -69,3 +70,32 @@ class RecordNormalizer:
                     return {**parsed_fields, **fields}, True
                 break
         return fields, True
+
+
+def decode_event_stream(data: bytes) -> list[dict]:
+    """Records of a Fluentd event stream: msgpack ``[time, record]`` arrays back to back.
+
+    Raises InvalidRequest naming the entry that is not ``[time, record]`` or
+    where the bytes stop making sense.
+    """
+    import msgpack
+
+    unpacker = msgpack.Unpacker(raw=False, unicode_errors="replace", strict_map_key=False,
+                                max_buffer_size=max(len(data), 1024))
+    unpacker.feed(data)
+    records: list[dict] = []
+    consumed = 0  # NOTE: tell() after the loop counts a partial last entry too
+    try:
+        for entry in unpacker:
+            consumed = unpacker.tell()
+            if not (isinstance(entry, (list, tuple)) and len(entry) == 2 and isinstance(entry[1], dict)):
+                raise InvalidRequest(f"event_stream entry {len(records)}: expected [time, record], "
+                                     f"got {type(entry).__name__}")
+            records.append(entry[1])
+    except (ValueError, msgpack.UnpackException) as error:
+        raise InvalidRequest(f"event_stream: invalid msgpack at entry {len(records)}: "
+                             f"{type(error).__name__} {error}".rstrip()) from None
+    if consumed != len(data):
+        raise InvalidRequest(f"event_stream: truncated after entry {len(records)} "
+                             f"({len(data) - consumed} bytes left over)")
+    return records

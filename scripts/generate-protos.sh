@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Regenerate the committed gRPC stubs from proto/ (tests check they are current).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=sidecar/generated
+python=${PYTHON:-.venv/bin/python}
+mkdir -p "$out/logscore/v1"
+"$python" -m grpc_tools.protoc -Iproto --python_out="$out" --pyi_out="$out" --grpc_python_out="$out" \
+  logscore/v1/scorer.proto
+# NOTE: protoc writes absolute imports ("from logscore.v1 import ..."); ours live in a package.
+sed -i 's/^from logscore\.v1 import scorer_pb2/from . import scorer_pb2/' "$out/logscore/v1/scorer_pb2_grpc.py"
+touch "$out/__init__.py" "$out/logscore/__init__.py" "$out/logscore/v1/__init__.py"

@@ -1,0 +1,122 @@
+"""Adaptive batching: concurrent requests for one model share one model call.
+
+While a batch is being scored, new requests queue up; when it finishes, the
+worker takes everything queued (up to ``max_batch_records``) as the next batch.
+So an idle sidecar answers a lone record at once, and a busy one scores large
+batches (one ONNX call per batch instead of per request), with no fixed delay.
+Scoring runs in a thread pool: the event loop keeps serving I/O meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+from .errors import DeadlineExceeded, Overloaded
+from .model import Model, Scored
+
+log = logging.getLogger("logscore.batching")
+
+
+@dataclass
+class Job:
+    records: Sequence[object]
+    explain: int
+    deadline: Optional[float]  # time.monotonic()
+    future: asyncio.Future
+
+
+class Batcher:
+    def __init__(self, model: Model, executor: Executor, max_batch_records: int,
+                 max_queued_records: int, max_wait_s: float = 0.0, observe=None):
+        self.model = model
+        self.executor = executor
+        self.max_batch_records = max_batch_records
+        self.max_queued_records = max_queued_records
+        self.max_wait_s = max_wait_s
+        self.observe = observe or (lambda model, records, seconds: None)
+        self._queue: deque[Job] = deque()
+        self._queued_records = 0
+        self._wakeup = asyncio.Event()
+        self._worker: Optional[asyncio.Task] = None
+        self._closing = False
+
+    @property
+    def queued_records(self) -> int:
+        return self._queued_records
+
+    async def score(self, records: Sequence[object], explain: int, deadline: Optional[float]) -> Scored:
+        if self._queued_records + len(records) > self.max_queued_records and self._queue:
+            raise Overloaded(f"model {self.model.name!r} has {self._queued_records} records queued "
+                             f"(limit {self.max_queued_records}); retry later or raise max_queued_records")
+        future = asyncio.get_running_loop().create_future()
+        self._queue.append(Job(records, explain, deadline, future))
+        self._queued_records += len(records)
+        if self._worker is None:
+            self._worker = asyncio.create_task(self._run(), name=f"batcher:{self.model.name}")
+        self._wakeup.set()
+        return await future
+
+    async def close(self) -> None:
+        """Finish what is queued, then stop."""
+        self._closing = True
+        self._wakeup.set()
+        if self._worker is not None:
+            await self._worker
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            while self._queue:
+                if self.max_wait_s > 0 and self._queued_records < self.max_batch_records:
+                    await asyncio.sleep(self.max_wait_s)
+                jobs = self._take()
+                if jobs:
+                    await self._score(loop, jobs)
+            if self._closing:
+                return
+
+    def _take(self) -> list[Job]:
+        """Queued jobs up to max_batch_records (always at least one); expired ones fail now."""
+        jobs: list[Job] = []
+        taken = 0
+        now = time.monotonic()
+        while self._queue and (not jobs or taken + len(self._queue[0].records) <= self.max_batch_records):
+            job = self._queue.popleft()
+            self._queued_records -= len(job.records)
+            if job.future.done():  # the caller went away (cancelled)
+                continue
+            if job.deadline is not None and now >= job.deadline:
+                job.future.set_exception(DeadlineExceeded("deadline passed while queued; "
+                                                          "raise the caller's timeout or add capacity"))
+                continue
+            jobs.append(job)
+            taken += len(job.records)
+        return jobs
+
+    async def _score(self, loop, jobs: list[Job]) -> None:
+        records = [r for job in jobs for r in job.records] if len(jobs) > 1 else list(jobs[0].records)
+        explain = max(job.explain for job in jobs)
+        started = time.perf_counter()
+        try:
+            result = await loop.run_in_executor(self.executor, self.model.score, records, explain)
+        except Exception as error:  # a bug in scoring: every waiting caller hears of it
+            log.exception("scoring failed", extra={"model": self.model.name, "records": len(records)})
+            for job in jobs:
+                if not job.future.done():
+                    job.future.set_exception(error)
+            return
+        self.observe(self.model, len(records), time.perf_counter() - started)
+        start = 0
+        for job in jobs:
+            stop = start + len(job.records)
+            if not job.future.done():
+                job.future.set_result(result.slice(start, stop, job.explain))
+            start = stop

@@ -1,0 +1,151 @@
+"""Loaded models, routing, and hot reload with validation and atomic swap.
+
+Routing is data: an explicit model name wins; else the first tag glob that
+matches; else the default model. Per entity, a record whose ``entity_field``
+holds V is scored by ``<model>@V`` when such a model is loaded (per-host models).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import os
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from .errors import ModelLoadError, ModelNotFound
+from .model import Model
+
+log = logging.getLogger("logscore.registry")
+
+# Scored after loading, before a model may serve: it must not fail on odd input.
+PROBE_RECORDS = ["", "probe line", "\ufffd\x00", {"message": "probe"}]
+
+
+@dataclass(frozen=True)
+class FileState:
+    mtime_ns: int
+    size: int
+
+
+@dataclass
+class Snapshot:
+    """An immutable view of the loaded models; replaced whole on reload."""
+
+    models: dict[str, Model] = field(default_factory=dict)
+    files: dict[str, FileState] = field(default_factory=dict)  # path -> state when loaded or rejected
+    errors: dict[str, str] = field(default_factory=dict)  # path -> why it was rejected
+
+
+class ModelRegistry:
+    def __init__(self, models_dir: str, default_model: Optional[str] = None,
+                 tag_routes: Optional[dict] = None, entity_field: Optional[str] = None,
+                 on_change=None):
+        self.models_dir = Path(models_dir)
+        self.default_model = default_model
+        self.tag_routes = list((tag_routes or {}).items())
+        self.entity_field = entity_field
+        self.snapshot = Snapshot()
+        self._reload_lock = threading.Lock()
+        self._on_change = on_change or (lambda event, name, detail: None)
+
+    # --- loading ---------------------------------------------------------------
+    def reload(self) -> bool:
+        """Load new and changed files, drop removed ones; returns whether anything changed.
+
+        A file that fails to load or to score the probe is reported and leaves
+        the model it would replace serving.
+        """
+        with self._reload_lock:
+            old = self.snapshot
+            current = self._scan()
+            if current == old.files:
+                return False
+            models = dict(old.models)
+            errors = {p: e for p, e in old.errors.items() if p in current}
+            by_path = {m.artifact.path: name for name, m in old.models.items()}
+            for path in set(old.files) - set(current):
+                name = by_path.get(path)
+                if name is not None and models.get(name) is old.models[name]:
+                    del models[name]
+                    self._on_change("unloaded", name, path)
+                errors.pop(path, None)
+            for path, state in current.items():
+                if old.files.get(path) == state:
+                    continue
+                name = Path(path).stem
+                try:
+                    model = Model.load(path)
+                    model.name = name  # the file name routes, whatever name the model was trained with
+                    model.score(PROBE_RECORDS, explain=1)
+                except ModelLoadError as error:
+                    errors[path] = str(error)
+                    self._on_change("rejected", name, str(error))
+                    continue
+                except Exception as error:  # the probe failed: a broken graph or featurizer
+                    errors[path] = f"{path}: failed the probe batch: {type(error).__name__}: {error}"
+                    self._on_change("rejected", name, errors[path])
+                    continue
+                errors.pop(path, None)
+                models[name] = model
+                self._on_change("loaded", name, f"{path} version {model.version}")
+            self.snapshot = Snapshot(models, current, errors)  # the atomic swap
+            return True
+
+    def _scan(self) -> dict[str, FileState]:
+        states = {}
+        try:
+            entries = list(os.scandir(self.models_dir))
+        except OSError as error:
+            log.error("cannot list models directory", extra={"dir": str(self.models_dir), "error": str(error)})
+            return dict(self.snapshot.files)
+        for entry in entries:
+            if entry.name.endswith(".onnx") and not entry.name.startswith(".") and entry.is_file():
+                stat = entry.stat()
+                states[entry.path] = FileState(stat.st_mtime_ns, stat.st_size)
+        return states
+
+    # --- routing ---------------------------------------------------------------
+    def resolve(self, name: str = "", tag: str = "") -> Model:
+        """The model for a request (before per-entity routing)."""
+        models = self.snapshot.models
+        if name:
+            model = models.get(name)
+            if model is None:
+                raise ModelNotFound(f"model {name!r} is not loaded; loaded: {self._names(models)}")
+            return model
+        if tag:
+            for pattern, target in self.tag_routes:
+                if fnmatch.fnmatchcase(tag, pattern):
+                    model = models.get(target)
+                    if model is None:
+                        raise ModelNotFound(f"tag {tag!r} routes to model {target!r}, which is not loaded; "
+                                            f"loaded: {self._names(models)}")
+                    return model
+        return self.default(models)
+
+    def default(self, models: dict[str, Model]) -> Model:
+        if self.default_model:
+            model = models.get(self.default_model)
+            if model is None:
+                raise ModelNotFound(f"default model {self.default_model!r} is not loaded; "
+                                    f"loaded: {self._names(models)}")
+            return model
+        if "apache-access" in models:
+            return models["apache-access"]
+        global_models = [m for n, m in models.items() if "@" not in n]
+        if len(global_models) == 1:
+            return global_models[0]
+        raise ModelNotFound("no model named in the request and no default model: set default_model or "
+                            f"name one of: {self._names(models)}")
+
+    def for_entity(self, model: Model, value: object) -> Model:
+        """``<model>@<value>`` when loaded, else the model itself."""
+        entity_model = self.snapshot.models.get(f"{model.name}@{value}")
+        return entity_model if entity_model is not None else model
+
+    @staticmethod
+    def _names(models: dict) -> str:
+        return ", ".join(sorted(models)) or "(none)"

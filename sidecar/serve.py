@@ -1,0 +1,205 @@
+"""`logscore serve`: the sidecar process.
+
+Loads every model of the models directory, serves gRPC on a Unix socket and/or
+TCP (TLS, mutual TLS, bearer token), HTTP for metrics/health/JSON scoring,
+reloads models on change or SIGHUP, and drains on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import ssl
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from .errors import ConfigError
+from .generated.logscore.v1 import scorer_pb2
+from .metrics import Metrics
+from .registry import ModelRegistry
+from .scoring import ScoringService
+from .servers.grpc import SERVICE_NAME, ScorerServicer, TokenInterceptor
+from .servers.http import HttpServer, SidecarHttp
+from .settings import Settings
+
+log = logging.getLogger("logscore.serve")
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message and any extra fields."""
+
+    RESERVED = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + "Z",
+                 "level": record.levelname.lower(), "logger": record.name, "message": record.getMessage()}
+        entry.update({k: v for k, v in vars(record).items() if k not in self.RESERVED})
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+def configure_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+def split_host_port(address: str, what: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"{what}: {address!r} is not host:port")
+    return host.strip("[]"), int(port)
+
+
+class Sidecar:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.metrics = Metrics()
+        self.registry = ModelRegistry(settings.models_dir, settings.default_model, settings.tag_routes,
+                                      settings.entity_field, self._model_event)
+        self.service = ScoringService(self.registry, settings, self.metrics)
+        self.health = health.aio.HealthServicer()
+        self.grpc_server: Optional[grpc.aio.Server] = None
+        self.http_server: Optional[HttpServer] = None
+        self.stopping = asyncio.Event()
+        self.reload_requested = asyncio.Event()
+        self.bound: dict[str, str] = {}
+
+    def _model_event(self, event: str, name: str, detail: str) -> None:
+        if event == "rejected":
+            log.error("model file rejected; the previous version (if any) keeps serving",
+                      extra={"model": name, "error": detail})
+            self.metrics.model_rejections.labels(name).inc()
+        else:
+            log.info(f"model {event}", extra={"model": name, "detail": detail})
+
+    async def start(self) -> None:
+        s = self.settings
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, self.registry.reload)
+        if not self.registry.snapshot.models:
+            problems = "; ".join(self.registry.snapshot.errors.values()) or "no .onnx files"
+            raise ConfigError(f"no model could be loaded from {s.models_dir}: {problems}")
+        self.metrics.set_models(self.registry.snapshot.models)
+        await self._start_grpc()
+        if s.http:
+            host, port = split_host_port(s.http, "--http")
+            self.http_server = HttpServer(SidecarHttp(self.service, s.token()).routes(), s.max_message_bytes)
+            await self.http_server.start(host, port, ssl=self._http_ssl())
+            self.bound["http"] = f"{host}:{self.http_server.port}"
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("serving", extra={"listeners": self.bound, "models": sorted(self.registry.snapshot.models)})
+
+    async def _start_grpc(self) -> None:
+        s = self.settings
+        token = s.token()
+        options = [("grpc.max_receive_message_length", s.max_message_bytes),
+                   ("grpc.max_send_message_length", s.max_message_bytes),
+                   ("grpc.so_reuseport", 0)]
+        interceptors = [TokenInterceptor(token)] if token else []
+        server = grpc.aio.server(options=options, interceptors=interceptors)
+        server.add_generic_rpc_handlers((ScorerServicer(self.service).handler(),))
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            [scorer_pb2.DESCRIPTOR.services_by_name["Scorer"].full_name, health.SERVICE_NAME,
+             reflection.SERVICE_NAME], server)
+        if s.socket:
+            Path(s.socket).parent.mkdir(parents=True, exist_ok=True)
+            if os.path.exists(s.socket):
+                os.unlink(s.socket)  # a stale socket from a previous run
+            server.add_insecure_port(f"unix:{s.socket}")
+        if s.tcp:
+            if s.tls_cert:
+                credentials = grpc.ssl_server_credentials(
+                    [(Path(s.tls_key).read_bytes(), Path(s.tls_cert).read_bytes())],
+                    root_certificates=Path(s.tls_client_ca).read_bytes() if s.tls_client_ca else None,
+                    require_client_auth=bool(s.tls_client_ca))
+                port = server.add_secure_port(s.tcp, credentials)
+            else:
+                port = server.add_insecure_port(s.tcp)
+            self.bound["grpc_tcp"] = f"{s.tcp.rpartition(':')[0]}:{port}"
+        await server.start()
+        if s.socket:
+            os.chmod(s.socket, int(s.socket_mode, 8))
+            self.bound["grpc_unix"] = s.socket
+        self.grpc_server = server
+
+    def _http_ssl(self) -> Optional[ssl.SSLContext]:
+        s = self.settings
+        if not s.tls_cert:
+            return None
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(s.tls_cert, s.tls_key)
+        if s.tls_client_ca:
+            context.load_verify_locations(s.tls_client_ca)
+            context.verify_mode = ssl.CERT_REQUIRED
+        return context
+
+    async def watch_models(self) -> None:
+        """Reload on SIGHUP, and every reload_interval_s when set."""
+        loop = asyncio.get_running_loop()
+        interval = self.settings.reload_interval_s or None
+        while not self.stopping.is_set():
+            try:
+                await asyncio.wait_for(self.reload_requested.wait(), interval)
+            except asyncio.TimeoutError:
+                pass
+            self.reload_requested.clear()
+            if self.stopping.is_set():
+                return
+            changed = await loop.run_in_executor(None, self.registry.reload)
+            if changed:
+                self.metrics.set_models(self.registry.snapshot.models)
+                await self.service.prune()
+
+    async def stop(self) -> None:
+        """Drain: health says NOT_SERVING, new calls are refused, in-flight ones finish."""
+        log.info("shutting down", extra={"grace_s": self.settings.shutdown_grace_s})
+        await self.health.enter_graceful_shutdown()
+        self.service.accepting = False
+        if self.grpc_server is not None:
+            await self.grpc_server.stop(self.settings.shutdown_grace_s)
+        if self.http_server is not None:
+            await self.http_server.stop()
+        await self.service.close()
+        if self.settings.socket and os.path.exists(self.settings.socket):
+            os.unlink(self.settings.socket)
+        log.info("stopped")
+
+
+async def run(settings: Settings) -> int:
+    sidecar = Sidecar(settings)
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, sidecar.stopping.set)
+    loop.add_signal_handler(signal.SIGINT, sidecar.stopping.set)
+    loop.add_signal_handler(signal.SIGHUP, sidecar.reload_requested.set)
+    await sidecar.start()
+    watcher = asyncio.create_task(sidecar.watch_models())
+    await sidecar.stopping.wait()
+    sidecar.reload_requested.set()
+    await sidecar.stop()
+    await watcher
+    return 0
+
+
+def main(settings: Settings) -> int:
+    configure_logging(settings.log_level)
+    try:
+        return asyncio.run(run(settings))
+    except ConfigError as error:
+        log.error(str(error))
+        print(f"logscore serve: error: {error}", file=sys.stderr)
+        return 1

@@ -1,0 +1,1 @@
+"""Protocol surfaces: each decodes, calls the one scoring core, encodes."""

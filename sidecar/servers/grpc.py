@@ -1,0 +1,156 @@
+"""The gRPC surface: decode ScoreRequest, call the scoring core, encode ScoreResponse."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+from typing import Optional
+
+import grpc
+from google.protobuf.message import DecodeError
+
+from ..errors import (DeadlineExceeded, InvalidRequest, LogscoreError, ModelNotFound, Overloaded, ShuttingDown,
+                      Unauthenticated)
+from ..generated.logscore.v1 import scorer_pb2 as pb
+from ..records import decode_event_stream
+from ..scoring import ScoreCall, ScoreOutcome, ScoringService
+
+log = logging.getLogger("logscore.grpc")
+
+# One mapping table from our errors to status codes (HTTP has its twin).
+STATUS_CODES: dict[type, grpc.StatusCode] = {
+    InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
+    ModelNotFound: grpc.StatusCode.NOT_FOUND,
+    Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    ShuttingDown: grpc.StatusCode.UNAVAILABLE,
+}
+SERVICE_NAME = "logscore.v1.Scorer"
+
+
+def parse_request(data: bytes) -> pb.ScoreRequest:
+    try:
+        return pb.ScoreRequest.FromString(data)
+    except DecodeError as error:
+        raise InvalidRequest(f"malformed ScoreRequest protobuf ({error}); build it from "
+                             "proto/logscore/v1/scorer.proto") from None
+
+
+def decode_request(request: pb.ScoreRequest, deadline: Optional[float]) -> ScoreCall:
+    kind = request.WhichOneof("records")
+    if kind == "structured":
+        records: list = [dict(r.fields) for r in request.structured.records]
+    elif kind == "lines":
+        records = [line.decode("utf-8", "replace") for line in request.lines.lines]
+    elif kind == "event_stream":
+        records = decode_event_stream(request.event_stream)
+    else:
+        raise InvalidRequest("the request has no records: set one of structured, lines or event_stream")
+    return ScoreCall(records, request.model, request.tag, request.explain, deadline, "grpc")
+
+
+def encode_response(outcome: ScoreOutcome, request_id: str) -> pb.ScoreResponse:
+    response = pb.ScoreResponse(request_id=request_id)
+    response.scores.extend(outcome.scores.tolist())
+    response.is_anomaly.extend(outcome.is_anomaly.tolist())
+    response.model_index.extend(outcome.model_index.tolist())
+    for model in outcome.models:
+        response.models.add(name=model.name, version=model.version)
+    if outcome.explanations is not None:
+        for features in outcome.explanations:
+            response.explanations.add(features=features)
+    for index, field, description in outcome.notes:
+        response.notes.add(index=index, field=field, description=description)
+    return response
+
+
+class ScorerServicer:
+    """The Scorer service. Requests arrive as bytes and are parsed here, so that a
+    malformed protobuf is answered INVALID_ARGUMENT (grpc's own decoding says UNKNOWN)."""
+
+    def __init__(self, service: ScoringService):
+        self.service = service
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        respond = pb.ScoreResponse.SerializeToString
+        return grpc.method_handlers_generic_handler(SERVICE_NAME, {
+            "Score": grpc.unary_unary_rpc_method_handler(self.Score, response_serializer=respond),
+            "ScoreStream": grpc.stream_stream_rpc_method_handler(self.ScoreStream, response_serializer=respond),
+            "ListModels": grpc.unary_unary_rpc_method_handler(
+                self.ListModels, request_deserializer=pb.ListModelsRequest.FromString,
+                response_serializer=pb.ListModelsResponse.SerializeToString),
+        })
+
+    async def Score(self, data: bytes, context):
+        return await self._score(data, context)
+
+    async def ScoreStream(self, request_iterator, context):
+        async for data in request_iterator:
+            yield await self._score(data, context)
+
+    async def ListModels(self, request, context):
+        response = pb.ListModelsResponse()
+        for name, model in sorted(self.service.registry.snapshot.models.items()):
+            response.models.add(name=name, version=model.version, log_format=model.featurizer.log_format,
+                                threshold=model.threshold, detectors=model.detectors, path=model.artifact.path)
+        return response
+
+    async def _score(self, data: bytes, context) -> pb.ScoreResponse:
+        started = time.perf_counter()
+        metrics = self.service.metrics
+        try:
+            request = parse_request(data)
+            remaining = context.time_remaining()
+            deadline = time.monotonic() + remaining if remaining is not None else None
+            outcome = await self.service.score(decode_request(request, deadline))
+            return encode_response(outcome, request.request_id)
+        except LogscoreError as error:
+            code = STATUS_CODES.get(type(error), grpc.StatusCode.INVALID_ARGUMENT)
+            metrics.errors.labels(type(error).__name__, "grpc").inc()
+            await context.abort(code, str(error))
+        except Exception:
+            metrics.errors.labels("internal", "grpc").inc()
+            log.exception("internal error while scoring")
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error in the sidecar (logged)")
+        finally:
+            metrics.request_seconds.labels("grpc").observe(time.perf_counter() - started)
+
+
+DENIED = "missing or wrong bearer token: send metadata 'authorization: Bearer <token>'"
+
+
+class TokenInterceptor(grpc.aio.ServerInterceptor):
+    """Every call but health checks must carry ``authorization: Bearer <token>``."""
+
+    def __init__(self, token: str):
+        self._expected = f"Bearer {token}".encode()
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None or details.method.startswith("/grpc.health.v1.Health/"):
+            return handler
+        presented = dict(details.invocation_metadata or ()).get("authorization", "")
+        if hmac.compare_digest(str(presented).encode(), self._expected):
+            return handler
+        return _denying(handler)
+
+
+def _denying(handler):
+    """A handler of the same shape as ``handler`` that answers UNAUTHENTICATED."""
+    async def deny(request, context):
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, DENIED)
+
+    async def deny_streaming(request, context):
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, DENIED)
+        yield  # unreachable; makes this an async generator
+
+    codec = {"request_deserializer": handler.request_deserializer,
+             "response_serializer": handler.response_serializer}
+    if handler.response_streaming:
+        make = (grpc.stream_stream_rpc_method_handler if handler.request_streaming
+                else grpc.unary_stream_rpc_method_handler)
+        return make(deny_streaming, **codec)
+    make = grpc.stream_unary_rpc_method_handler if handler.request_streaming else grpc.unary_unary_rpc_method_handler
+    return make(deny, **codec)

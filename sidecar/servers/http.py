@@ -1,0 +1,325 @@
+"""A small HTTP/1.1 server (asyncio streams, keep-alive) and the sidecar's HTTP surface.
+
+Routes:
+  POST /v1/score     score one JSON event, an array of events, or {"records": [...]}
+  GET  /v1/models    the loaded models
+  GET  /openapi.json the OpenAPI document of these routes
+  GET  /metrics      Prometheus metrics
+  GET  /healthz      the process is up
+  GET  /readyz       at least one model is loaded and the sidecar takes work
+
+Only what the sidecar needs: Content-Length or chunked bodies, keep-alive,
+bounded header and body sizes, an idle timeout. Every error is a JSON body
+``{"error": "..."}`` with a 4xx/5xx status; the connection survives 4xx
+answers whenever the request was read whole.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Awaitable, Callable, Optional
+from urllib.parse import parse_qs, urlsplit
+
+from ..errors import (DeadlineExceeded, InvalidRequest, LogscoreError, ModelNotFound, Overloaded, ShuttingDown,
+                      Unauthenticated)
+from ..scoring import ScoreCall, ScoreOutcome, ScoringService
+
+log = logging.getLogger("logscore.http")
+
+STATUS_CODES: dict[type, int] = {  # the twin of servers.grpc.STATUS_CODES
+    InvalidRequest: 400,
+    Unauthenticated: 401,
+    ModelNotFound: 404,
+    Overloaded: 429,
+    DeadlineExceeded: 504,
+    ShuttingDown: 503,
+}
+REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 405: "Method Not Allowed",
+           408: "Request Timeout", 411: "Length Required", 413: "Payload Too Large",
+           415: "Unsupported Media Type", 429: "Too Many Requests", 431: "Request Header Fields Too Large",
+           500: "Internal Server Error", 503: "Service Unavailable", 504: "Gateway Timeout"}
+MAX_HEADER_BYTES = 32 * 1024
+IDLE_TIMEOUT_S = 75.0
+OPENAPI_PATH = Path(__file__).resolve().parents[2] / "docs" / "openapi.json"
+
+
+@dataclass
+class Request:
+    method: str
+    path: str
+    query: dict[str, str]
+    headers: dict[str, str]
+    body: bytes = b""
+
+
+@dataclass
+class Response:
+    status: int
+    body: bytes
+    content_type: str = "application/json"
+    headers: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def json(cls, value, status: int = 200) -> "Response":
+        return cls(status, json.dumps(value, separators=(",", ":")).encode())
+
+    @classmethod
+    def error(cls, status: int, message: str) -> "Response":
+        return cls.json({"error": message}, status)
+
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+class HttpError(Exception):
+    def __init__(self, status: int, message: str, close: bool = False):
+        super().__init__(message)
+        self.status, self.close = status, close
+
+
+class HttpServer:
+    def __init__(self, routes: dict[tuple[str, str], Handler], max_body_bytes: int):
+        self.routes = routes
+        self.max_body_bytes = max_body_bytes
+        self._server: Optional[asyncio.base_events.Server] = None
+        self._connections: set[asyncio.Task] = set()
+
+    async def start(self, host: str, port: int, ssl=None) -> None:
+        self._server = await asyncio.start_server(self._connection, host, port, ssl=ssl,
+                                                  limit=MAX_HEADER_BYTES)
+
+    @property
+    def port(self) -> int:
+        return self._server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            for task in list(self._connections):
+                task.cancel()
+            await self._server.wait_closed()
+
+    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        self._connections.add(task)
+        try:
+            while True:
+                try:
+                    request = await asyncio.wait_for(self._read_request(reader), IDLE_TIMEOUT_S)
+                except HttpError as error:
+                    await self._write(writer, Response.error(error.status, str(error)), keep_alive=False)
+                    return
+                except (asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError):
+                    return
+                if request is None:
+                    return
+                response = await self._dispatch(request)
+                keep_alive = request.headers.get("connection", "").lower() != "close"
+                await self._write(writer, response, keep_alive)
+                if not keep_alive:
+                    return
+        except asyncio.CancelledError:
+            pass
+        finally:
+            self._connections.discard(task)
+            writer.close()
+
+    async def _read_request(self, reader: asyncio.StreamReader) -> Optional[Request]:
+        try:
+            line = await reader.readline()
+        except (asyncio.LimitOverrunError, ValueError):
+            raise HttpError(431, "request line too long", close=True) from None
+        if not line:
+            return None
+        parts = line.decode("latin-1").strip().split(" ")
+        if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
+            raise HttpError(400, "malformed request line; expected 'METHOD /path HTTP/1.1'", close=True)
+        method, target, _ = parts
+        headers: dict[str, str] = {}
+        size = 0
+        while True:
+            try:
+                header = await reader.readline()
+            except (asyncio.LimitOverrunError, ValueError):
+                raise HttpError(431, "header line too long", close=True) from None
+            size += len(header)
+            if size > MAX_HEADER_BYTES:
+                raise HttpError(431, f"headers exceed {MAX_HEADER_BYTES} bytes", close=True)
+            if header in (b"\r\n", b"\n", b""):
+                break
+            name, _, value = header.decode("latin-1").partition(":")
+            headers[name.strip().lower()] = value.strip()
+        body = await self._read_body(reader, headers)
+        url = urlsplit(target)
+        query = {k: v[-1] for k, v in parse_qs(url.query).items()}
+        return Request(method.upper(), url.path, query, headers, body)
+
+    async def _read_body(self, reader: asyncio.StreamReader, headers: dict[str, str]) -> bytes:
+        if headers.get("transfer-encoding", "").lower() == "chunked":
+            chunks, total = [], 0
+            while True:
+                size_line = await reader.readline()
+                try:
+                    size = int(size_line.split(b";")[0].strip() or b"x", 16)
+                except ValueError:
+                    raise HttpError(400, "malformed chunked body", close=True) from None
+                if size == 0:
+                    while (await reader.readline()) not in (b"\r\n", b"\n", b""):
+                        pass
+                    return b"".join(chunks)
+                total += size
+                if total > self.max_body_bytes:
+                    raise HttpError(413, f"body exceeds {self.max_body_bytes} bytes; send smaller batches",
+                                    close=True)
+                chunks.append(await reader.readexactly(size))
+                await reader.readline()
+        length_text = headers.get("content-length", "0")
+        if not length_text.isdigit():
+            raise HttpError(400, "invalid Content-Length", close=True)
+        length = int(length_text)
+        if length > self.max_body_bytes:
+            raise HttpError(413, f"body of {length} bytes exceeds {self.max_body_bytes}; send smaller batches",
+                            close=True)
+        return await reader.readexactly(length) if length else b""
+
+    async def _dispatch(self, request: Request) -> Response:
+        handler = self.routes.get((request.method, request.path))
+        if handler is None:
+            allowed = sorted(m for m, p in self.routes if p == request.path)
+            if allowed:
+                response = Response.error(405, f"{request.method} not allowed on {request.path}; use "
+                                          f"{', '.join(allowed)}")
+                response.headers["Allow"] = ", ".join(allowed)
+                return response
+            known = ", ".join(sorted({p for _, p in self.routes}))
+            return Response.error(404, f"no such path {request.path}; known: {known}")
+        try:
+            return await handler(request)
+        except Exception:
+            log.exception("internal error in HTTP handler", extra={"path": request.path})
+            return Response.error(500, "internal error in the sidecar (logged)")
+
+    @staticmethod
+    async def _write(writer: asyncio.StreamWriter, response: Response, keep_alive: bool) -> None:
+        head = [f"HTTP/1.1 {response.status} {REASONS.get(response.status, 'Status')}",
+                f"Content-Type: {response.content_type}", f"Content-Length: {len(response.body)}",
+                f"Connection: {'keep-alive' if keep_alive else 'close'}"]
+        head += [f"{k}: {v}" for k, v in response.headers.items()]
+        writer.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + response.body)
+        try:
+            await writer.drain()
+        except ConnectionError:
+            pass
+
+
+# --- the sidecar's HTTP surface ---------------------------------------------------
+
+def decode_events(body: bytes, content_type: str) -> tuple[list, bool]:
+    """(records, single): one JSON object, an array of them, or {"records": [...]}."""
+    if content_type and "json" not in content_type.split(";")[0]:
+        raise HttpError(415, f"Content-Type {content_type!r} is not JSON; send application/json")
+    try:
+        value = json.loads(body.decode("utf-8", "replace")) if body else None
+    except ValueError as error:
+        raise HttpError(400, f"body is not valid JSON: {error}") from None
+    if isinstance(value, dict) and isinstance(value.get("records"), list):
+        return _check_events(value["records"]), False
+    if isinstance(value, dict):
+        return [value], True
+    if isinstance(value, list):
+        return _check_events(value), False
+    raise HttpError(400, "body must be a JSON object (one event), an array of events, or {\"records\": [...]}")
+
+
+def _check_events(events: list) -> list:
+    for i, event in enumerate(events):
+        if not isinstance(event, (dict, str)):
+            raise HttpError(400, f"records[{i}] must be an object (an event) or a string (a raw line), "
+                            f"not {type(event).__name__}")
+    return events
+
+
+def encode_result(outcome: ScoreOutcome, i: int) -> dict:
+    model = outcome.models[int(outcome.model_index[i])]
+    result = {"anomaly_score": round(float(outcome.scores[i]), 6), "is_anomaly": bool(outcome.is_anomaly[i]),
+              "model": model.name, "model_version": model.version}
+    if outcome.explanations is not None:
+        result["explanation"] = outcome.explanations[i]
+    return result
+
+
+class SidecarHttp:
+    """Routes of the sidecar's HTTP port; scoring goes through the same core as gRPC."""
+
+    def __init__(self, service: ScoringService, token: Optional[str]):
+        self.service = service
+        self.token = token
+
+    def routes(self) -> dict[tuple[str, str], Handler]:
+        return {("POST", "/v1/score"): self.score, ("GET", "/v1/models"): self.models,
+                ("GET", "/openapi.json"): self.openapi, ("GET", "/metrics"): self.metrics,
+                ("GET", "/healthz"): self.healthz, ("GET", "/readyz"): self.readyz}
+
+    def _authorize(self, request: Request) -> None:
+        if self.token is not None and request.headers.get("authorization") != f"Bearer {self.token}":
+            raise Unauthenticated("missing or wrong bearer token: send 'Authorization: Bearer <token>'")
+
+    async def score(self, request: Request) -> Response:
+        started = time.perf_counter()
+        metrics = self.service.metrics
+        try:
+            self._authorize(request)
+            records, single = decode_events(request.body, request.headers.get("content-type", ""))
+            explain = request.query.get("explain", "0")
+            if not explain.isdigit():
+                raise InvalidRequest(f"explain={explain!r}: give a whole number of features")
+            timeout_ms = request.query.get("timeout_ms")
+            deadline = time.monotonic() + float(timeout_ms) / 1000 if timeout_ms else None
+            call = ScoreCall(records, request.query.get("model", ""), request.query.get("tag", ""),
+                             int(explain), deadline, "http")
+            outcome = await self.service.score(call)
+            if single:
+                return Response.json(encode_result(outcome, 0))
+            notes = [{"index": i, "field": f, "description": d} for i, f, d in outcome.notes]
+            return Response.json({"results": [encode_result(outcome, i) for i in range(len(records))],
+                                  "notes": notes})
+        except HttpError as error:
+            metrics.errors.labels(f"http_{error.status}", "http").inc()
+            return Response.error(error.status, str(error))
+        except LogscoreError as error:
+            metrics.errors.labels(type(error).__name__, "http").inc()
+            return Response.error(STATUS_CODES.get(type(error), 400), str(error))
+        finally:
+            metrics.request_seconds.labels("http").observe(time.perf_counter() - started)
+
+    async def models(self, request: Request) -> Response:
+        try:
+            self._authorize(request)
+        except Unauthenticated as error:
+            return Response.error(401, str(error))
+        return Response.json({"models": [
+            {"name": name, "version": m.version, "log_format": m.featurizer.log_format,
+             "threshold": m.threshold, "detectors": m.detectors}
+            for name, m in sorted(self.service.registry.snapshot.models.items())]})
+
+    async def openapi(self, request: Request) -> Response:
+        return Response(200, OPENAPI_PATH.read_bytes())
+
+    async def metrics(self, request: Request) -> Response:
+        self.service.metrics.queued.set(self.service.queued_records())
+        return Response(200, self.service.metrics.render(), "text/plain; version=0.0.4; charset=utf-8")
+
+    async def healthz(self, request: Request) -> Response:
+        return Response.json({"status": "ok"})
+
+    async def readyz(self, request: Request) -> Response:
+        snapshot = self.service.registry.snapshot
+        ready = bool(snapshot.models) and self.service.accepting
+        body = {"ready": ready, "models": {n: m.version for n, m in sorted(snapshot.models.items())},
+                "rejected_files": snapshot.errors}
+        return Response.json(body, 200 if ready else 503)

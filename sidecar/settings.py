@@ -1,0 +1,127 @@
+"""One settings object for `logscore serve`: flags > LOGSCORE_* environment > YAML file > defaults.
+
+Each field's docstring-like help (the ``help`` metadata) is what `logscore serve --help`
+prints and what docs/operations.md lists.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+from .errors import ConfigError
+
+ENV_PREFIX = "LOGSCORE_"
+DEFAULT_MODELS_DIR = str(Path(__file__).resolve().parents[1] / "models")
+
+
+def setting(default: Any, help: str, **extra) -> Any:
+    factory = extra.pop("factory", None)
+    if factory is not None:
+        return field(default_factory=factory, metadata={"help": help, **extra})
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass
+class Settings:
+    models_dir: str = setting(DEFAULT_MODELS_DIR, "directory of .onnx models to load and watch")
+    socket: Optional[str] = setting("/tmp/logscore.sock", "Unix socket path for gRPC; empty to disable")
+    socket_mode: str = setting("0660", "file mode of the Unix socket (octal)")
+    tcp: Optional[str] = setting(None, "host:port for gRPC over TCP (e.g. 127.0.0.1:50051); off by default")
+    http: Optional[str] = setting("127.0.0.1:9095", "host:port for HTTP: /metrics, /healthz, /readyz; empty to disable")
+    tls_cert: Optional[str] = setting(None, "PEM certificate for TLS on the TCP and HTTP listeners")
+    tls_key: Optional[str] = setting(None, "PEM private key for --tls-cert")
+    tls_client_ca: Optional[str] = setting(None, "PEM CA bundle: require client certificates signed by it (mutual TLS)")
+    token_file: Optional[str] = setting(None, "file holding a bearer token that every call must present")
+    default_model: Optional[str] = setting(None, "model for requests naming none and matching no tag route "
+                                           "(default: apache-access if loaded, else the only model)")
+    tag_routes: dict = setting(None, "tag glob -> model name, first match wins (YAML mapping; "
+                               "env/flag: 'web.*=apache-access,sys.*=syslog')", factory=dict)
+    entity_field: Optional[str] = setting(None, "record field selecting per-entity models "
+                                          "'<model>@<value>' (e.g. host)")
+    max_batch_records: int = setting(4096, "most records scored in one model call")
+    max_wait_ms: float = setting(0.0, "extra wait to fill a batch when the model is idle (0: none; "
+                                 "requests arriving while a batch runs are coalesced anyway)")
+    max_queued_records: int = setting(200_000, "records waiting per model before RESOURCE_EXHAUSTED")
+    max_records_per_request: int = setting(20_000, "records in one request before INVALID_ARGUMENT")
+    max_record_bytes: int = setting(65_536, "a longer raw line or field is truncated and flagged")
+    max_message_bytes: int = setting(64 * 1024 * 1024, "largest gRPC message accepted")
+    reload_interval_s: float = setting(2.0, "how often the models directory is checked for changes (0: "
+                                       "only on SIGHUP)")
+    shutdown_grace_s: float = setting(10.0, "on SIGTERM, time given to in-flight calls")
+    log_level: str = setting("info", "debug, info, warning or error")
+
+    @classmethod
+    def load(cls, file: Optional[str] = None, flags: Optional[Mapping[str, Any]] = None,
+             environ: Optional[Mapping[str, str]] = None) -> "Settings":
+        values: dict[str, Any] = {}
+        if file:
+            values.update(_read_yaml(file))
+        environ = os.environ if environ is None else environ
+        for spec in fields(cls):
+            name = ENV_PREFIX + spec.name.upper()
+            if name in environ:
+                values[spec.name] = environ[name]
+        values.update({k: v for k, v in (flags or {}).items() if v is not None})
+        unknown = set(values) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ConfigError(f"unknown setting(s): {', '.join(sorted(unknown))}")
+        settings = cls()
+        for spec in fields(cls):
+            if spec.name in values:
+                setattr(settings, spec.name, _coerce(spec, values[spec.name]))
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        if not Path(self.models_dir).is_dir():
+            raise ConfigError(f"models directory {self.models_dir!r} does not exist; set --models-dir")
+        if not (self.socket or self.tcp):
+            raise ConfigError("no gRPC listener: set --socket and/or --tcp")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ConfigError("--tls-cert and --tls-key go together")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ConfigError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
+        for name in ("tls_cert", "tls_key", "tls_client_ca", "token_file"):
+            path = getattr(self, name)
+            if path and not Path(path).is_file():
+                raise ConfigError(f"{name.replace('_', '-')}: {path!r} is not a readable file")
+        for name in ("max_batch_records", "max_queued_records", "max_records_per_request", "max_record_bytes"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1")
+
+    def token(self) -> Optional[str]:
+        return Path(self.token_file).read_text().strip() if self.token_file else None
+
+
+def _read_yaml(path: str) -> dict:
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as error:
+        raise ConfigError(f"settings file {path}: {error}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"settings file {path}: expected a mapping of setting: value")
+    return {k.replace("-", "_"): v for k, v in data.items()}
+
+
+def _coerce(spec, value: Any) -> Any:
+    kind = spec.type if isinstance(spec.type, str) else getattr(spec.type, "__name__", "")
+    try:
+        if "dict" in kind:
+            if isinstance(value, str):
+                pairs = [item.split("=", 1) for item in value.split(",") if item.strip()]
+                return {k.strip(): v.strip() for k, v in pairs}
+            return dict(value)
+        if "int" in kind:
+            return int(value)
+        if "float" in kind:
+            return float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"setting {spec.name}: {value!r} is not a valid {kind}") from None
+    if value == "" and "Optional" in kind:
+        return None
+    return str(value) if value is not None else None

@@ -1,0 +1,150 @@
+"""Start the real `logscore serve` process for tests, and talk to it over real sockets."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Optional
+
+import grpc
+
+from sidecar.generated.logscore.v1 import scorer_pb2 as pb
+from sidecar.generated.logscore.v1 import scorer_pb2_grpc as pb_grpc
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class SidecarProcess:
+    """``logscore serve`` in a subprocess; ``stop()`` sends SIGTERM and waits."""
+
+    def __init__(self, models_dir: Path, workdir: Path, ca_file: Optional[Path] = None,
+                 client_cert: Optional[tuple[Path, Path]] = None, **settings):
+        self.workdir = workdir
+        self.ca_file = ca_file  # set when the sidecar serves TLS: HTTP is then HTTPS too
+        self.client_cert = client_cert  # (certificate, key) when it asks for client certificates
+        self.socket = str(workdir / "logscore.sock")
+        self.http_port = free_port()
+        self.settings = {"models_dir": str(models_dir), "socket": self.socket,
+                         "http": f"127.0.0.1:{self.http_port}", "reload_interval_s": "0.2", **settings}
+        self.log_path = workdir / "sidecar.log"
+        self.process: Optional[subprocess.Popen] = None
+
+    def start(self, timeout: float = 30.0) -> "SidecarProcess":
+        args = [sys.executable, "-m", "sidecar", "serve"]
+        for name, value in self.settings.items():
+            args += [f"--{name.replace('_', '-')}", str(value)]
+        self._log = open(self.log_path, "ab")
+        self.process = subprocess.Popen(args, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"sidecar exited with {self.process.returncode}:\n{self.log()}")
+            try:
+                if self.http_get("/readyz")[0] == 200:
+                    return self
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError(f"sidecar not ready after {timeout}s:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, timeout: float = 20.0) -> int:
+        if self.process is None or self.process.poll() is not None:
+            return self.process.returncode if self.process else 0
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout)
+        finally:
+            if self.process.poll() is None:
+                self.process.kill()
+            self._log.close()
+
+    def signal(self, signum: int) -> None:
+        self.process.send_signal(signum)
+
+    # --- clients ----------------------------------------------------------------
+    def channel(self) -> grpc.Channel:
+        return grpc.insecure_channel(f"unix:{self.socket}")
+
+    def stub(self, channel: Optional[grpc.Channel] = None) -> pb_grpc.ScorerStub:
+        return pb_grpc.ScorerStub(channel or self.channel())
+
+    def http_get(self, path: str) -> tuple[int, bytes]:
+        return http_request(self.http_port, "GET", path, ca_file=self.ca_file, client_cert=self.client_cert)
+
+    def http_post(self, path: str, body, content_type: str = "application/json",
+                  headers: Optional[dict] = None) -> tuple[int, dict]:
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        status, raw = http_request(self.http_port, "POST", path, data,
+                                   {"Content-Type": content_type, **(headers or {})}, self.ca_file,
+                                   self.client_cert)
+        return status, json.loads(raw)
+
+    def wait_for(self, condition, timeout: float = 10.0, what: str = "condition"):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            value = condition()
+            if value:
+                return value
+            time.sleep(0.05)
+        raise AssertionError(f"timed out waiting for {what}; sidecar log:\n{self.log()[-3000:]}")
+
+    def model_versions(self) -> dict[str, str]:
+        response = self.stub().ListModels(pb.ListModelsRequest(), timeout=5)
+        return {m.name: m.version for m in response.models}
+
+
+def http_request(port: int, method: str, path: str, body: Optional[bytes] = None,
+                 headers: Optional[dict] = None, ca_file: Optional[Path] = None,
+                 client_cert: Optional[tuple[Path, Path]] = None) -> tuple[int, bytes]:
+    scheme = "https" if ca_file else "http"
+    request = urllib.request.Request(f"{scheme}://localhost:{port}{path}", data=body, method=method,
+                                     headers=headers or {})
+    handlers = [urllib.request.ProxyHandler({})]  # loopback only
+    if ca_file:
+        context = ssl.create_default_context(cafile=str(ca_file))
+        if client_cert:
+            context.load_cert_chain(str(client_cert[0]), str(client_cert[1]))
+        handlers.append(urllib.request.HTTPSHandler(context=context))
+    opener = urllib.request.build_opener(*handlers)
+    try:
+        with opener.open(request, timeout=10) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+
+
+def make_certificates(directory: Path) -> dict[str, Path]:
+    """A CA, a server certificate for localhost/127.0.0.1 and a client certificate (openssl)."""
+    directory.mkdir(parents=True, exist_ok=True)
+
+    def run(*args):
+        subprocess.run(["openssl", *args], cwd=directory, check=True, capture_output=True)
+
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
+        "-subj", "/CN=logscore test CA")
+    for name, extension in (("server", "subjectAltName=DNS:localhost,IP:127.0.0.1"),
+                            ("client", "extendedKeyUsage=clientAuth")):
+        run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
+            "-subj", f"/CN={name}")
+        (directory / f"{name}.ext").write_text(extension + "\n")
+        run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+            "-out", f"{name}.pem", "-days", "2", "-extfile", f"{name}.ext")
+    return {name: directory / name for name in
+            ("ca.pem", "server.pem", "server.key", "client.pem", "client.key")}
+

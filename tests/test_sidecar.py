@@ -1,0 +1,374 @@
+"""Integration tests: the real `logscore serve` process over a Unix socket, TCP+TLS and HTTP."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import grpc
+import msgpack
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from sidecar.generated.logscore.v1 import scorer_pb2 as pb
+from sidecar.generated.logscore.v1 import scorer_pb2_grpc as pb_grpc
+from sidecar.parsers import parse_access
+
+from .generate import attack_lines, shop_lines
+from .sidecar_process import ROOT, SidecarProcess, free_port, make_certificates
+
+DEFAULT_MODEL = ROOT / "models" / "apache-access.onnx"
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("sidecar")
+
+
+@pytest.fixture(scope="module")
+def models_dir(workdir, shop_model_path):
+    directory = workdir / "models"
+    directory.mkdir()
+    shutil.copy(DEFAULT_MODEL, directory / "apache-access.onnx")
+    shutil.copy(shop_model_path, directory / "shop.onnx")
+    # A per-host model: the default model's file under the name shop@web1.
+    shutil.copy(DEFAULT_MODEL, directory / "shop@web1.onnx")
+    return directory
+
+
+@pytest.fixture(scope="module")
+def certificates(workdir):
+    return make_certificates(workdir / "tls")
+
+
+@pytest.fixture(scope="module")
+def sidecar(models_dir, workdir, certificates):
+    process = SidecarProcess(
+        models_dir, workdir, ca_file=certificates["ca.pem"], tcp=f"127.0.0.1:{free_port()}", tls_cert=certificates["server.pem"],
+        tls_key=certificates["server.key"], default_model="shop", tag_routes="apache.*=apache-access",
+        entity_field="host")
+    process.start()
+    yield process
+    assert process.stop() == 0, process.log()
+
+
+def tls_channel(sidecar, certificates, client_cert: bool = False) -> grpc.Channel:
+    kwargs = {"root_certificates": certificates["ca.pem"].read_bytes()}
+    if client_cert:
+        kwargs.update(private_key=certificates["client.key"].read_bytes(),
+                      certificate_chain=certificates["client.pem"].read_bytes())
+    return grpc.secure_channel(sidecar.settings["tcp"], grpc.ssl_channel_credentials(**kwargs),
+                               options=[("grpc.enable_http_proxy", 0)])
+
+
+def offline_scores(model_path, lines, workdir) -> list[dict]:
+    source = workdir / "offline.log"
+    source.write_text("\n".join(lines) + "\n")
+    output = subprocess.run([sys.executable, "-m", "sidecar", "score", "--model", str(model_path), str(source)],
+                            cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    return [json.loads(line) for line in output.splitlines()]
+
+
+def event_stream(records: list[dict]) -> bytes:
+    event_time = msgpack.ExtType(0, (1700000000).to_bytes(4, "big") + (0).to_bytes(4, "big"))
+    return b"".join(msgpack.packb([event_time, record]) for record in records)
+
+
+# --- scoring equals offline, for every encoding and transport -------------------------
+
+@pytest.fixture(scope="module")
+def mixed_lines():
+    normal = shop_lines(150, seed=40)
+    return normal + [line for _, line in attack_lines(normal, 50, seed=41)]
+
+
+@pytest.mark.parametrize("transport", ["unix", "tls"])
+@pytest.mark.parametrize("encoding", ["lines", "structured", "event_stream"])
+def test_scores_equal_offline_scoring(sidecar, certificates, models_dir, workdir, mixed_lines, transport,
+                                      encoding):
+    expected = offline_scores(models_dir / "shop.onnx", mixed_lines, workdir)
+    fields = [parse_access(line)[0] for line in mixed_lines]
+    request = pb.ScoreRequest(model="shop", request_id="r1")
+    if encoding == "lines":
+        request.lines.lines.extend(line.encode() for line in mixed_lines)
+    elif encoding == "structured":
+        for record in fields:
+            request.structured.records.add(fields=record)
+    else:
+        request.event_stream = event_stream(fields)
+    channel = sidecar.channel() if transport == "unix" else tls_channel(sidecar, certificates)
+    response = pb_grpc.ScorerStub(channel).Score(request, timeout=10)
+    assert response.request_id == "r1"
+    assert [m.name for m in response.models] == ["shop"]
+    assert [round(s, 6) for s in response.scores] == [e["score"] for e in expected]
+    assert list(response.is_anomaly) == [e["is_anomaly"] for e in expected]
+    assert sum(response.is_anomaly) >= 45  # the attacks stand out
+
+
+def test_tls_without_trusting_the_ca_fails(sidecar):
+    channel = grpc.secure_channel(sidecar.settings["tcp"], grpc.ssl_channel_credentials(),
+                                  options=[("grpc.enable_http_proxy", 0)])
+    with pytest.raises(grpc.RpcError) as error:
+        pb_grpc.ScorerStub(channel).ListModels(pb.ListModelsRequest(), timeout=5)
+    assert error.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_stream_answers_each_request_in_order(sidecar):
+    lines = shop_lines(5, seed=42)
+
+    def requests():
+        for i, line in enumerate(lines):
+            yield pb.ScoreRequest(model="shop", request_id=str(i), lines=pb.RawLines(lines=[line.encode()]))
+
+    responses = list(sidecar.stub().ScoreStream(requests(), timeout=10))
+    assert [r.request_id for r in responses] == ["0", "1", "2", "3", "4"]
+    unary = sidecar.stub().Score(pb.ScoreRequest(model="shop", lines=pb.RawLines(lines=[l.encode() for l in lines])))
+    assert [r.scores[0] for r in responses] == list(unary.scores)
+
+
+def test_explanations_come_back(sidecar):
+    line = shop_lines(1, seed=43)[0].replace("GET /", "GET /search?q=%3Cscript%3Ealert(1)%3C/script%3E&x=/", 1)
+    response = sidecar.stub().Score(pb.ScoreRequest(model="shop", explain=3, lines=pb.RawLines(lines=[line.encode()])))
+    assert response.is_anomaly[0]
+    assert len(response.explanations[0].features) == 3
+    assert any("never seen" in f for f in response.explanations[0].features)
+
+
+# --- routing -------------------------------------------------------------------------
+
+def score_one(sidecar, record: dict, **request) -> pb.ScoreResponse:
+    message = pb.ScoreRequest(**request)
+    message.structured.records.add(fields=record)
+    return sidecar.stub().Score(message, timeout=5)
+
+
+def test_routing_by_name_tag_default_and_entity(sidecar):
+    record = parse_access(shop_lines(1, seed=44)[0])[0]
+    assert score_one(sidecar, record, model="apache-access").models[0].name == "apache-access"
+    assert score_one(sidecar, record, tag="apache.access").models[0].name == "apache-access"
+    assert score_one(sidecar, record, tag="other").models[0].name == "shop"  # default model
+    assert score_one(sidecar, {**record, "host": "web1"}).models[0].name == "shop@web1"
+    assert score_one(sidecar, {**record, "host": "web2"}).models[0].name == "shop"  # fallback
+
+
+def test_one_request_split_across_entity_models(sidecar):
+    lines = shop_lines(4, seed=45)
+    request = pb.ScoreRequest()
+    for i, line in enumerate(lines):
+        request.structured.records.add(fields={**parse_access(line)[0], "host": "web1" if i % 2 else "web2"})
+    response = sidecar.stub().Score(request, timeout=5)
+    names = [response.models[i].name for i in response.model_index]
+    assert names == ["shop", "shop@web1", "shop", "shop@web1"]
+
+
+def test_unknown_model_is_not_found_and_names_loaded_ones(sidecar):
+    with pytest.raises(grpc.RpcError) as error:
+        score_one(sidecar, {"url": "/"}, model="nope")
+    assert error.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "apache-access" in error.value.details() and "shop" in error.value.details()
+
+
+# --- bad input ---------------------------------------------------------------------------
+
+def expect_status(call, code: grpc.StatusCode, text: str):
+    with pytest.raises(grpc.RpcError) as error:
+        call()
+    assert error.value.code() == code, error.value.details()
+    assert text in error.value.details()
+
+
+def test_bad_input_gets_documented_statuses_and_the_server_keeps_serving(sidecar):
+    stub = sidecar.stub()
+    raw = sidecar.channel().unary_unary("/logscore.v1.Scorer/Score")
+    expect_status(lambda: raw(b"\xff\xff\xff\x0f garbage", timeout=5), grpc.StatusCode.INVALID_ARGUMENT,
+                  "malformed ScoreRequest protobuf")
+    expect_status(lambda: stub.Score(pb.ScoreRequest(model="shop", event_stream=b"\xc1\x00"), timeout=5),
+                  grpc.StatusCode.INVALID_ARGUMENT, "event_stream: invalid msgpack")
+    truncated = event_stream([{"url": "/a"}, {"url": "/b"}])[:-3]
+    expect_status(lambda: stub.Score(pb.ScoreRequest(model="shop", event_stream=truncated), timeout=5),
+                  grpc.StatusCode.INVALID_ARGUMENT, "truncated after entry 1")
+    expect_status(lambda: stub.Score(pb.ScoreRequest(model="shop"), timeout=5),
+                  grpc.StatusCode.INVALID_ARGUMENT, "no records")
+    too_many = pb.ScoreRequest(model="shop", lines=pb.RawLines(lines=[b"x"] * 20_001))
+    expect_status(lambda: stub.Score(too_many, timeout=10), grpc.StatusCode.INVALID_ARGUMENT, "limit is 20000")
+    # Invalid UTF-8 and oversized records are scored, with notes.
+    response = stub.Score(pb.ScoreRequest(model="shop", lines=pb.RawLines(lines=[b"\xff\xfe\xfd", b"a" * 70_000])),
+                          timeout=5)
+    assert len(response.scores) == 2
+    assert any(n.index == 1 and "truncated to 65536" in n.description for n in response.notes)
+    assert any(n.index == 0 and "did not parse as access" in n.description for n in response.notes)
+    assert len(stub.Score(pb.ScoreRequest(model="shop", lines=pb.RawLines(lines=[b"ok"])), timeout=5).scores) == 1
+
+
+def test_message_over_the_size_limit(models_dir, tmp_path):
+    process = SidecarProcess(models_dir, tmp_path, max_message_bytes=10_000).start()
+    try:
+        big = pb.ScoreRequest(model="shop", lines=pb.RawLines(lines=[b"x" * 20_000]))
+        expect_status(lambda: process.stub().Score(big, timeout=5), grpc.StatusCode.RESOURCE_EXHAUSTED, "")
+        assert process.stub().Score(pb.ScoreRequest(model="shop", lines=pb.RawLines(lines=[b"x"])), timeout=5)
+    finally:
+        process.stop()
+
+
+def test_expired_deadline_and_overload(models_dir, tmp_path):
+    process = SidecarProcess(models_dir, tmp_path, max_queued_records=25_000).start()
+    try:
+        stub = process.stub()
+        heavy = pb.ScoreRequest(model="shop", lines=pb.RawLines(
+            lines=[line.encode() for line in shop_lines(20_000, seed=46)]))
+        futures = [stub.Score.future(heavy, timeout=60) for _ in range(3)]
+        time.sleep(0.3)  # the first runs, the second waits, the third finds the queue full
+        late = stub.Score.future(pb.ScoreRequest(model="shop", lines=pb.RawLines(lines=[b"x"])), timeout=0.05)
+        outcomes = []
+        for future in futures + [late]:
+            try:
+                future.result()
+                outcomes.append("OK")
+            except grpc.RpcError as error:
+                outcomes.append(error.code().name)
+        assert "RESOURCE_EXHAUSTED" in outcomes[:3] and outcomes[0] == "OK"
+        assert outcomes[3] == "DEADLINE_EXCEEDED"
+        assert len(stub.Score(pb.ScoreRequest(model="shop", lines=pb.RawLines(lines=[b"x"])), timeout=10).scores) == 1
+    finally:
+        process.stop()
+
+
+# --- health, reflection, metrics, HTTP ---------------------------------------------------
+
+def test_health_reflection_and_metrics(sidecar):
+    health = health_pb2_grpc.HealthStub(sidecar.channel())
+    for service in ("", "logscore.v1.Scorer"):
+        reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    reflection = reflection_pb2_grpc.ServerReflectionStub(sidecar.channel())
+    answers = reflection.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]),
+                                              timeout=5)
+    services = {s.name for answer in answers for s in answer.list_services_response.service}
+    assert {"logscore.v1.Scorer", "grpc.health.v1.Health"} <= services
+    score_one(sidecar, {"url": "/metrics-probe"}, model="shop")
+    status, body = sidecar.http_get("/metrics")
+    text = body.decode()
+    assert status == 200
+    assert 'logscore_records_scored_total{model="shop",surface="grpc"}' in text
+    assert 'logscore_score_bucket{le="+Inf",model="shop"}' in text
+    assert "logscore_model_loaded{" in text and "logscore_batch_records_bucket" in text
+    assert sidecar.http_get("/healthz")[0] == 200
+    status, body = sidecar.http_get("/readyz")
+    assert status == 200 and set(json.loads(body)["models"]) == {"apache-access", "shop", "shop@web1"}
+
+
+# --- hot reload ---------------------------------------------------------------------------
+
+def test_hot_reload_adds_rejects_and_keeps_serving(tmp_path, shop_model_path):
+    models = tmp_path / "models"
+    models.mkdir()
+    shutil.copy(shop_model_path, models / "shop.onnx")
+    process = SidecarProcess(models, tmp_path).start()
+    try:
+        shop_version = process.model_versions()["shop"]
+        # A new model appears and serves.
+        shutil.copy(DEFAULT_MODEL, models / ".incoming.tmp")
+        (models / ".incoming.tmp").rename(models / "apache-access.onnx")
+        process.wait_for(lambda: "apache-access" in process.model_versions(), what="new model")
+        assert score_one(process, {"url": "/"}, model="apache-access").models[0].name == "apache-access"
+        # A corrupt replacement is rejected; the old version keeps serving.
+        (models / "shop.onnx").write_bytes(b"\x08\x07 definitely not onnx")
+        process.wait_for(lambda: "shop.onnx" in json.loads(process.http_get("/readyz")[1])["rejected_files"]
+                         .__str__(), what="rejection")
+        assert process.model_versions()["shop"] == shop_version
+        assert score_one(process, {"url": "/"}, model="shop").models[0].version == shop_version
+        assert "model file rejected" in process.log()
+        # Fixed again: served again (the registry noticed the change).
+        shutil.copy(shop_model_path, models / "shop.onnx")
+        process.wait_for(lambda: not json.loads(process.http_get("/readyz")[1])["rejected_files"],
+                         what="recovery")
+        # Removed: unloaded.
+        (models / "apache-access.onnx").unlink()
+        process.wait_for(lambda: "apache-access" not in process.model_versions(), what="unload")
+    finally:
+        assert process.stop() == 0
+
+
+def test_sighup_reloads_and_in_flight_calls_finish_on_their_model(tmp_path, shop_model_path):
+    models = tmp_path / "models"
+    models.mkdir()
+    shutil.copy(shop_model_path, models / "shop.onnx")
+    process = SidecarProcess(models, tmp_path, reload_interval_s=0).start()
+    try:
+        old_version = process.model_versions()["shop"]
+        heavy = pb.ScoreRequest(model="shop", lines=pb.RawLines(
+            lines=[line.encode() for line in shop_lines(20_000, seed=47)]))
+        in_flight = process.stub().Score.future(heavy, timeout=60)
+        time.sleep(0.1)
+        shutil.copy(DEFAULT_MODEL, models / "shop.onnx")  # same name, other content
+        process.signal(signal.SIGHUP)
+        process.wait_for(lambda: process.model_versions()["shop"] != old_version, what="swap")
+        response = in_flight.result()
+        assert len(response.scores) == 20_000 and response.models[0].version == old_version
+        assert score_one(process, {"url": "/"}, model="shop").models[0].version != old_version
+    finally:
+        assert process.stop() == 0
+
+
+# --- shutdown and auth ------------------------------------------------------------------------
+
+def test_sigterm_drains_in_flight_calls(tmp_path, shop_model_path):
+    models = tmp_path / "models"
+    models.mkdir()
+    shutil.copy(shop_model_path, models / "shop.onnx")
+    process = SidecarProcess(models, tmp_path).start()
+    heavy = pb.ScoreRequest(model="shop", lines=pb.RawLines(
+        lines=[line.encode() for line in shop_lines(20_000, seed=48)]))
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(r=process.stub().Score(heavy, timeout=60)))
+    thread.start()
+    time.sleep(0.3)
+    assert process.stop() == 0
+    thread.join(30)
+    assert len(result["r"].scores) == 20_000
+    assert not (tmp_path / "logscore.sock").exists()
+
+
+def test_token_and_mutual_tls(tmp_path, shop_model_path, certificates):
+    models = tmp_path / "models"
+    models.mkdir()
+    shutil.copy(shop_model_path, models / "shop.onnx")
+    (tmp_path / "token").write_text("s3cret\n")
+    process = SidecarProcess(models, tmp_path, ca_file=certificates["ca.pem"], token_file=tmp_path / "token",
+                             client_cert=(certificates["client.pem"], certificates["client.key"]),
+                             tcp=f"127.0.0.1:{free_port()}",
+                             tls_cert=certificates["server.pem"], tls_key=certificates["server.key"],
+                             tls_client_ca=certificates["ca.pem"]).start()
+    try:
+        request = pb.ScoreRequest(model="shop", lines=pb.RawLines(lines=[b"x"]))
+        expect_status(lambda: process.stub().Score(request, timeout=5), grpc.StatusCode.UNAUTHENTICATED,
+                      "bearer token")
+        ok = process.stub().Score(request, timeout=5, metadata=[("authorization", "Bearer s3cret")])
+        assert len(ok.scores) == 1
+        health = health_pb2_grpc.HealthStub(process.channel())  # health needs no token
+        assert health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == health_pb2.HealthCheckResponse.SERVING
+        with pytest.raises(grpc.RpcError):  # mutual TLS: no client certificate, no call
+            pb_grpc.ScorerStub(tls_channel(process, certificates)).Score(
+                request, timeout=5, metadata=[("authorization", "Bearer s3cret")])
+        mutual = pb_grpc.ScorerStub(tls_channel(process, certificates, client_cert=True))
+        assert len(mutual.Score(request, timeout=5, metadata=[("authorization", "Bearer s3cret")]).scores) == 1
+        assert process.http_post("/v1/score", {"url": "/"})[0] == 401
+    finally:
+        process.stop()
+
+
+def test_startup_with_no_loadable_model_fails_clearly(tmp_path):
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "broken.onnx").write_bytes(b"nope")
+    result = subprocess.run([sys.executable, "-m", "sidecar", "serve", "--models-dir", str(models),
+                             "--socket", str(tmp_path / "s.sock"), "--http", ""],
+                            cwd=ROOT, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1
+    assert "no model could be loaded" in result.stderr and "broken.onnx" in result.stderr
