@@ -5,6 +5,10 @@ worker takes everything queued (up to ``max_batch_records``) as the next batch.
 So an idle sidecar answers a lone record at once, and a busy one scores large
 batches (one ONNX call per batch instead of per request), with no fixed delay.
 Scoring runs in a thread pool: the event loop keeps serving I/O meanwhile.
+
+NOTE: one exception. A request of at most ``inline_max_records`` records that
+finds the model idle is scored on the event loop itself: that takes ~0.1 ms,
+less than handing it to a thread and back (measured in docs/performance.md).
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ class Job:
 
 class Batcher:
     def __init__(self, model: Model, executor: Executor, max_batch_records: int,
-                 max_queued_records: int, max_wait_s: float = 0.0, observe=None):
+                 max_queued_records: int, max_wait_s: float = 0.0, observe=None, inline_max_records: int = 8):
         self.model = model
         self.executor = executor
         self.max_batch_records = max_batch_records
@@ -45,12 +49,19 @@ class Batcher:
         self._wakeup = asyncio.Event()
         self._worker: Optional[asyncio.Task] = None
         self._closing = False
+        self._busy = False  # a batch is being scored
+        self.inline_max_records = inline_max_records
 
     @property
     def queued_records(self) -> int:
         return self._queued_records
 
     async def score(self, records: Sequence[object], explain: int, deadline: Optional[float]) -> Scored:
+        if not self._busy and not self._queue and len(records) <= self.inline_max_records:
+            started = time.perf_counter()
+            result = self.model.score(records, explain)
+            self.observe(self.model, len(records), time.perf_counter() - started)
+            return result
         if self._queued_records + len(records) > self.max_queued_records and self._queue:
             raise Overloaded(f"model {self.model.name!r} has {self._queued_records} records queued "
                              f"(limit {self.max_queued_records}); retry later or raise max_queued_records")
@@ -105,6 +116,7 @@ class Batcher:
         records = [r for job in jobs for r in job.records] if len(jobs) > 1 else list(jobs[0].records)
         explain = max(job.explain for job in jobs)
         started = time.perf_counter()
+        self._busy = True
         try:
             result = await loop.run_in_executor(self.executor, self.model.score, records, explain)
         except Exception as error:  # a bug in scoring: every waiting caller hears of it
@@ -113,6 +125,8 @@ class Batcher:
                 if not job.future.done():
                     job.future.set_exception(error)
             return
+        finally:
+            self._busy = False
         self.observe(self.model, len(records), time.perf_counter() - started)
         start = 0
         for job in jobs:

@@ -64,17 +64,28 @@ class Metrics:
         self.model_rejections = Counter("logscore_model_load_errors", "Model files rejected on (re)load",
                                         ["file"], registry=r)
         self.queued = Gauge("logscore_queued_records", "Records waiting to be scored", registry=r)
+        self._children: dict = {}
+
+    def child(self, metric, *labels):
+        """metric.labels(*labels), remembered: the lookup costs more than the update."""
+        key = (id(metric), labels)
+        bound = self._children.get(key)
+        if bound is None:
+            bound = self._children[key] = metric.labels(*labels)
+        return bound
 
     def observe_batch(self, model, records: int, seconds: float) -> None:
-        self.batch_records.labels(model.name).observe(records)
-        self.batch_seconds.labels(model.name).observe(seconds)
+        self.child(self.batch_records, model.name).observe(records)
+        self.child(self.batch_seconds, model.name).observe(seconds)
 
     def observe_outcome(self, outcome, surface: str) -> None:
         for position, model in enumerate(outcome.models):
             mine = outcome.model_index == position if len(outcome.models) > 1 else slice(None)
             scores = outcome.scores[mine]
-            self.records.labels(model.name, surface).inc(len(scores))
-            self.anomalies.labels(model.name).inc(int(outcome.is_anomaly[mine].sum()))
+            self.child(self.records, model.name, surface).inc(len(scores))
+            anomalies = int(outcome.is_anomaly[mine].sum())
+            if anomalies:
+                self.child(self.anomalies, model.name).inc(anomalies)
             self.scores.observe(model.name, scores)
 
     def set_models(self, models: dict) -> None:

@@ -70,6 +70,8 @@ class Model:
             self.threshold = float(meta["calibration"]["threshold"])
             self.detectors = [d["kind"] for d in meta["detectors"]]
             self._support = float(meta["rarity"]["support"])
+            # Models of rarity alone never read the dense block: skip building it.
+            self.needs_dense = bool(meta.get("needs_dense", True))
         except Exception as error:  # any malformed metadata is the file's fault
             raise ModelLoadError(f"{artifact.path}: logscore metadata is incomplete or invalid "
                                  f"({type(error).__name__}: {error}); re-export it") from None
@@ -94,7 +96,7 @@ class Model:
     def score(self, records: Sequence[object], explain: int = 0,
               threshold: Optional[float] = None) -> Scored:
         """Score records (field maps or raw lines); ``explain`` = features to name per record."""
-        batch = self.featurizer.transform(records)
+        batch = self.featurizer.transform(records, dense=self.needs_dense)
         score, raw, surprise = run_graph(self.session, batch)
         cut = self.threshold if threshold is None else threshold
         result = Scored(score, score >= cut, raw, batch.truncated, batch.unparsed)

@@ -26,6 +26,11 @@ _ACCESS = re.compile(
     rf'"(?P<request>{_QUOTED})" (?P<status>\d{{3}}|-) (?P<bytes>\d+|-)'
     rf'(?: "(?P<referer>{_QUOTED})" "(?P<user_agent>{_QUOTED})")?'
 )
+# The common case in one match: a well-formed request line, combined or common format.
+_ACCESS_FAST = re.compile(
+    rf'(\S+) \S+ (\S+) \[([^\]]*)\] "([A-Z]+) ([^ "\\]+) (HTTP/[\d.]+)" (\d{{3}}) (\d+|-)'
+    rf'(?: "({_QUOTED})" "({_QUOTED})")?'
+)
 # Second chance for logs that do not escape quotes inside the request (some
 # nginx formats, hand-made lines): the request runs to the last '" status bytes'.
 _ACCESS_LENIENT = re.compile(
@@ -55,10 +60,20 @@ def parse_plain(line: str) -> tuple[Fields, bool]:
 
 
 def parse_access(line: str) -> tuple[Fields, bool]:
+    fast = _ACCESS_FAST.match(line)
+    if fast is not None:
+        addr, user, time, method, url, protocol, status, size, referer, agent = fast.groups()
+        fields: Fields = {"remote_addr": addr, "user": "" if user == "-" else user, "time": time,
+                          "request": f"{method} {url} {protocol}", "method": method, "url": url,
+                          "protocol": protocol, "status": status, "bytes": "" if size == "-" else size}
+        if referer is not None:
+            fields["referer"] = "" if referer == "-" else referer
+            fields["user_agent"] = agent
+        return fields, True
     match = _ACCESS.match(line) or _ACCESS_LENIENT.match(line)
     if match is None:
         return _unparsed(line)
-    fields: Fields = {k: v for k, v in match.groupdict().items() if v is not None and k != "ident"}
+    fields = {k: v for k, v in match.groupdict().items() if v is not None and k != "ident"}
     request = _REQUEST.match(match["request"])
     if request is not None:
         fields.update({k: v for k, v in request.groupdict().items() if v is not None})

@@ -63,10 +63,12 @@ class ScoringService:
         records, notes = self._limit_sizes(call.records)
         model = self.registry.resolve(call.model, call.tag)
         groups = self._group_by_entity(model, records)
-        results = await asyncio.gather(*(
-            self._batcher(m).score([records[i] for i in idx] if len(groups) > 1 else records,
-                                   call.explain, call.deadline)
-            for m, idx in groups.items()))
+        if len(groups) == 1:
+            results = [await self._batcher(model).score(records, call.explain, call.deadline)]
+        else:
+            results = await asyncio.gather(*(
+                self._batcher(m).score([records[i] for i in idx], call.explain, call.deadline)
+                for m, idx in groups.items()))
         outcome = self._assemble(count, groups, results, call.explain > 0, notes)
         self.metrics.observe_outcome(outcome, call.surface)
         return outcome
@@ -100,7 +102,7 @@ class ScoringService:
             s = self.settings
             batcher = self._batchers[model] = Batcher(
                 model, self.executor, s.max_batch_records, s.max_queued_records, s.max_wait_ms / 1000.0,
-                self.metrics.observe_batch)
+                self.metrics.observe_batch, s.inline_max_records)
         return batcher
 
     @staticmethod

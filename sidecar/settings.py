@@ -44,6 +44,8 @@ class Settings:
     max_batch_records: int = setting(4096, "most records scored in one model call")
     max_wait_ms: float = setting(0.0, "extra wait to fill a batch when the model is idle (0: none; "
                                  "requests arriving while a batch runs are coalesced anyway)")
+    inline_max_records: int = setting(8, "a request of at most this many records that finds its model idle "
+                                      "is scored on the event loop (faster than a thread hand-off); 0: never")
     max_queued_records: int = setting(200_000, "records waiting per model before RESOURCE_EXHAUSTED")
     max_records_per_request: int = setting(20_000, "records in one request before INVALID_ARGUMENT")
     max_record_bytes: int = setting(65_536, "a longer raw line or field is truncated and flagged")

@@ -9,8 +9,8 @@ that need vectors (IsolationForest, PCA, autoencoder, SOM, LOF).
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass, field
-from typing import Callable
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -24,13 +24,25 @@ def text_key(seed: int, text: str) -> int:
     return zlib.crc32(text.encode("utf-8", "surrogatepass"), seed)
 
 
-@dataclass
-class Segment:
-    """A run of the flat key arrays written by one converter, for naming keys."""
+@dataclass(frozen=True)
+class ValueFeatures:
+    """The features of one distinct field value; cached, so each value is featurized once."""
 
-    start: int
-    stop: int
-    describe: Callable[[int, int], str]  # (flat index, row) -> readable feature name
+    keys: np.ndarray  # int64
+    weights: np.ndarray  # float32, converter weight included
+    describe: Callable[[int], str]  # index into keys -> readable name
+
+
+@dataclass
+class KeyOrigins:
+    """Where each key of a batch came from, to name it in explanations."""
+
+    entries: list[ValueFeatures]
+    entry_of_key: np.ndarray  # int64 [nnz]
+    position: np.ndarray  # int64 [nnz]: index within its entry's keys
+
+    def name(self, index: int) -> str:
+        return self.entries[int(self.entry_of_key[index])].describe(int(self.position[index]))
 
 
 @dataclass
@@ -41,57 +53,70 @@ class FeatureBatch:
     dense: np.ndarray  # float32 [N, dense_dims + numeric columns]
     truncated: np.ndarray  # bool [N]: a field was cut to max_field_chars
     unparsed: np.ndarray  # bool [N]: the raw line did not match the log format
-    segments: list[Segment] = field(default_factory=list)
+    origins: Optional[KeyOrigins] = None
 
     @property
     def size(self) -> int:
         return self.dense.shape[0]
 
     def name(self, index: int) -> str:
-        for segment in self.segments:
-            if segment.start <= index < segment.stop:
-                return segment.describe(index, int(self.rows[index]))
-        raise IndexError(index)
+        return self.origins.name(index)
 
 
 class FeatureSink:
-    """Collects what each converter emits and assembles a FeatureBatch."""
+    """Collects what each converter emits and assembles a FeatureBatch.
+
+    Converters hand in the features of their distinct values and, per record,
+    which distinct value it holds; ``build`` expands all converters at once
+    with a handful of numpy operations, whatever the number of converters.
+    """
 
     def __init__(self, size: int, dense_dims: int):
         self.size = size
         self.dense_dims = dense_dims
-        self._rows: list[np.ndarray] = []
-        self._keys: list[np.ndarray] = []
-        self._weights: list[np.ndarray] = []
+        self._entries: list[ValueFeatures] = []
+        self._entry_ids: list[np.ndarray] = []  # per converter: [N] index into _entries
         self._numeric: list[np.ndarray] = []
-        self._segments: list[Segment] = []
-        self._nnz = 0
         self.truncated = np.zeros(size, dtype=bool)
         self.unparsed = np.zeros(size, dtype=bool)
 
-    def add_keys(self, rows: np.ndarray, keys: np.ndarray, weights: np.ndarray,
-                 describe: Callable[[int, int], str]) -> None:
-        start = self._nnz
-        self._nnz += len(keys)
-        self._rows.append(rows.astype(np.int64, copy=False))
-        self._keys.append(keys.astype(np.int64, copy=False))
-        self._weights.append(weights.astype(np.float32, copy=False))
-        self._segments.append(Segment(start, self._nnz, lambda i, row, s=start: describe(i - s, row)))
+    def add_values(self, ids: np.ndarray, entries: list[ValueFeatures]) -> None:
+        """``ids[r]``: which of ``entries`` (one per distinct value) record r holds."""
+        self._entry_ids.append(ids + len(self._entries))
+        self._entries.extend(entries)
 
     def add_numeric(self, column: np.ndarray) -> None:
         self._numeric.append(column.astype(np.float32, copy=False))
 
-    def build(self) -> FeatureBatch:
-        empty_i = np.zeros(0, dtype=np.int64)
-        rows = np.concatenate(self._rows) if self._rows else empty_i
-        keys = np.concatenate(self._keys) if self._keys else empty_i
-        weights = np.concatenate(self._weights) if self._weights else np.zeros(0, np.float32)
-        hashed = np.bincount(rows * self.dense_dims + keys % self.dense_dims, weights=weights,
-                             minlength=self.size * self.dense_dims)
-        hashed = np.log1p(hashed.reshape(self.size, self.dense_dims)).astype(np.float32)
-        dense = np.column_stack([hashed, *self._numeric]) if self._numeric else hashed
-        return FeatureBatch(rows, keys, weights, np.ascontiguousarray(dense, dtype=np.float32),
-                            self.truncated, self.unparsed, self._segments)
+    def build(self, dense: bool = True) -> FeatureBatch:
+        """The batch; ``dense=False`` (no vector detector in the model) skips the dense block."""
+        entries = self._entries
+        lengths = np.fromiter((len(e.keys) for e in entries), dtype=np.int64, count=len(entries))
+        offsets = np.zeros(len(entries) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        all_keys = np.concatenate([e.keys for e in entries]) if entries else np.zeros(0, np.int64)
+        all_weights = np.concatenate([e.weights for e in entries]) if entries else np.zeros(0, np.float32)
+        # Record-major order: record 0's keys of every converter, then record 1's, ...
+        held = (np.column_stack(self._entry_ids).ravel() if self._entry_ids
+                else np.zeros(0, dtype=np.int64))
+        run_lengths = lengths[held]
+        total = int(run_lengths.sum())
+        converters = len(self._entry_ids)
+        rows = np.repeat(np.repeat(np.arange(self.size, dtype=np.int64), converters), run_lengths)
+        run_starts = np.cumsum(run_lengths) - run_lengths
+        entry_of_key = np.repeat(held, run_lengths)
+        position = np.arange(total, dtype=np.int64) - np.repeat(run_starts, run_lengths)
+        index = offsets[entry_of_key] + position
+        keys, weights = all_keys[index], all_weights[index]
+        if dense:
+            hashed = np.bincount(rows * self.dense_dims + keys % self.dense_dims, weights=weights,
+                                 minlength=self.size * self.dense_dims)
+            hashed = np.log1p(hashed.reshape(self.size, self.dense_dims)).astype(np.float32)
+            block = np.column_stack([hashed, *self._numeric]) if self._numeric else hashed
+        else:
+            block = np.zeros((self.size, 0), dtype=np.float32)
+        return FeatureBatch(rows, keys, weights, np.ascontiguousarray(block, dtype=np.float32),
+                            self.truncated, self.unparsed, KeyOrigins(entries, entry_of_key, position))
 
 
 WEIGHTINGS = ("binary", "tf", "log_tf")

@@ -17,51 +17,17 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter, defaultdict
-from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Optional, Sequence
+from typing import Iterable, Iterator, Optional, Sequence
 from urllib.parse import unquote_plus
 
 import numpy as np
 
 from ..errors import ConfigError
-from .batch import WEIGHTINGS, FeatureSink, term_weights, text_key, text_seed
+from .batch import WEIGHTINGS, FeatureSink, ValueFeatures, term_weights, text_key, text_seed
 
 Values = Sequence[Optional[str]]
 MISSING = "(missing)"
 CACHE_SIZE = 50_000  # distinct values remembered per converter; cleared when full
-
-_EMPTY_KEYS = np.zeros(0, dtype=np.int64)
-_EMPTY_WEIGHTS = np.zeros(0, dtype=np.float32)
-
-
-@dataclass(frozen=True)
-class ValueFeatures:
-    """The features of one distinct field value; cached, so each value is featurized once."""
-
-    keys: np.ndarray  # int64
-    weights: np.ndarray  # float32, converter weight included
-    describe: Callable[[int], str]  # index into keys -> readable name
-
-
-def emit(sink: FeatureSink, ids: np.ndarray, entries: Sequence[ValueFeatures]) -> None:
-    """Expand the features of distinct values to every record holding them (vectorized)."""
-    lengths = np.fromiter((len(e.keys) for e in entries), dtype=np.int64, count=len(entries))
-    offsets = np.zeros(len(entries) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    all_keys = np.concatenate([e.keys for e in entries]) if entries else _EMPTY_KEYS
-    all_weights = np.concatenate([e.weights for e in entries]) if entries else _EMPTY_WEIGHTS
-    per_record = lengths[ids]
-    total = int(per_record.sum())
-    rows = np.repeat(np.arange(len(ids), dtype=np.int64), per_record)
-    record_starts = np.cumsum(per_record) - per_record
-    index = np.repeat(offsets[ids] - record_starts, per_record) + np.arange(total, dtype=np.int64)
-
-    def describe(i: int, row: int) -> str:
-        value_id = int(ids[row])
-        return entries[value_id].describe(int(index[i] - offsets[value_id]))
-
-    sink.add_keys(rows, all_keys[index], all_weights[index], describe)
-
 
 class Converter:
     """Base class. ``weight`` scales every feature this converter emits."""
@@ -96,11 +62,10 @@ class Converter:
     def learned(self) -> dict:
         return {}
 
-    def transform(self, values: Values, sink: FeatureSink) -> None:
-        distinct: dict[Optional[str], int] = {}
-        ids = np.fromiter((distinct.setdefault(v, len(distinct)) for v in values), dtype=np.int64,
-                          count=len(values))
-        emit(sink, ids, self._featurize_distinct(list(distinct)))
+    def transform(self, ids: np.ndarray, distinct: list[Optional[str]], values: Values,
+                  sink: FeatureSink) -> None:
+        """Record r holds ``distinct[ids[r]]`` (= ``values[r]``)."""
+        sink.add_values(ids, self._featurize_distinct(distinct))
 
     def _featurize_distinct(self, values: list[Optional[str]]) -> list[ValueFeatures]:
         """Features of each distinct value, from the cache where possible."""
@@ -302,8 +267,8 @@ class NumericConverter(Converter):
         number = parse_number(value)
         yield "not a number" if number is None else f"magnitude {int(number).bit_length()}"
 
-    def transform(self, values: Values, sink: FeatureSink) -> None:
-        super().transform(values, sink)
+    def transform(self, ids, distinct, values: Values, sink: FeatureSink) -> None:
+        super().transform(ids, distinct, values, sink)
         numbers = [parse_number(v) if v is not None else None for v in values]
         sink.add_numeric(np.array([math.log1p(x) if x is not None else 0.0 for x in numbers]))
 

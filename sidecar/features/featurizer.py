@@ -12,6 +12,8 @@ import json
 from pathlib import Path
 from typing import Optional, Sequence
 
+import numpy as np
+
 from ..errors import ConfigError
 from ..records import RecordNormalizer, to_text
 from .batch import FeatureBatch, FeatureSink
@@ -133,11 +135,19 @@ class Featurizer:
             converter.fit(values[converter.field])
             converter.forget()
 
-    def transform(self, records: Sequence[object]) -> FeatureBatch:
+    def transform(self, records: Sequence[object], dense: bool = True) -> FeatureBatch:
         values, parsed, truncated = self.field_values(records)
         sink = FeatureSink(len(records), self.dense_dims)
         sink.truncated[:] = truncated
         sink.unparsed[:] = [not ok for ok in parsed]
+        distinct_by_field = {}
+        for name, column in values.items():
+            # Each field's distinct values are found once and shared by its converters.
+            index: dict = {}
+            ids = np.fromiter((index.setdefault(v, len(index)) for v in column), dtype=np.int64,
+                              count=len(column))
+            distinct_by_field[name] = (ids, list(index))
         for converter in self.converters:
-            converter.transform(values[converter.field], sink)
-        return sink.build()
+            ids, distinct = distinct_by_field[converter.field]
+            converter.transform(ids, distinct, values[converter.field], sink)
+        return sink.build(dense)

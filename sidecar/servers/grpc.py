@@ -115,7 +115,7 @@ class ScorerServicer:
             log.exception("internal error while scoring")
             await context.abort(grpc.StatusCode.INTERNAL, "internal error in the sidecar (logged)")
         finally:
-            metrics.request_seconds.labels("grpc").observe(time.perf_counter() - started)
+            metrics.child(metrics.request_seconds, "grpc").observe(time.perf_counter() - started)
 
 
 DENIED = "missing or wrong bearer token: send metadata 'authorization: Bearer <token>'"

@@ -295,7 +295,7 @@ class SidecarHttp:
             metrics.errors.labels(type(error).__name__, "http").inc()
             return Response.error(STATUS_CODES.get(type(error), 400), str(error))
         finally:
-            metrics.request_seconds.labels("http").observe(time.perf_counter() - started)
+            metrics.child(metrics.request_seconds, "http").observe(time.perf_counter() - started)
 
     async def models(self, request: Request) -> Response:
         try:

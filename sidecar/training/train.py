@@ -233,6 +233,7 @@ def train(records: Iterable[object], options: TrainOptions,
         "logscore_version": __version__,
         "featurizer": final.featurizer.spec(),
         "detectors": [d.describe() for d in final.detectors],
+        "needs_dense": any(d.uses_dense for d in final.detectors),
         "rarity": {"support": final.table.support, "distinct_keys": int(len(final.table.keys))},
         "calibration": {
             "method": f"empirical CDF of out-of-fold scores ({options.folds}-fold cross-fitting)",

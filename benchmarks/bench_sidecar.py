@@ -1,0 +1,165 @@
+"""End-to-end throughput and latency of the sidecar, from client processes.
+
+    python benchmarks/bench_sidecar.py [--quick] [--json benchmarks/results/sidecar.json]
+
+Starts `logscore serve` on the default model (Unix socket and TCP), then from
+separate client processes measures:
+  - throughput in records/s for batch sizes 1 to 10,000 over the socket and TCP,
+    one call in flight and 4 in flight (4 client processes);
+  - single-record round trips (unary and bidirectional stream): p50 / p99;
+  - the sidecar's resident memory (VmRSS, VmHWM) at the end.
+Records are access lines made by tests/generate.py. The machine is printed with
+the figures: compare ratios across machines, not absolute numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+
+from benchmarks.bench_scoring import machine  # noqa: E402
+from tests.generate import blog_lines  # noqa: E402
+from tests.sidecar_process import SidecarProcess, free_port  # noqa: E402
+
+
+def make_request(lines: list[bytes]):
+    from sidecar.generated.logscore.v1 import scorer_pb2 as pb
+
+    request = pb.ScoreRequest()
+    request.lines.lines.extend(lines)
+    return request
+
+
+def client_throughput(target: str, batch: int, seconds: float, lines: list[bytes], out) -> None:
+    import grpc
+
+    from sidecar.generated.logscore.v1 import scorer_pb2_grpc as pb_grpc
+
+    stub = pb_grpc.ScorerStub(grpc.insecure_channel(target, options=[("grpc.enable_http_proxy", 0)]))
+    request = make_request(lines[:batch])
+    stub.Score(request, timeout=30)  # warm up
+    records, latencies = 0, []
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        started = time.perf_counter()
+        stub.Score(request, timeout=30)
+        latencies.append(time.perf_counter() - started)
+        records += batch
+    out.put((records, latencies))
+
+
+def throughput(target: str, batch: int, clients: int, seconds: float, lines: list[bytes]) -> dict:
+    queue = multiprocessing.Queue()
+    workers = [multiprocessing.Process(target=client_throughput, args=(target, batch, seconds, lines, queue))
+               for _ in range(clients)]
+    started = time.perf_counter()
+    for worker in workers:
+        worker.start()
+    results = [queue.get(timeout=seconds + 120) for _ in workers]
+    for worker in workers:
+        worker.join()
+    elapsed = time.perf_counter() - started
+    records = sum(r for r, _ in results)
+    latencies = np.concatenate([lat for _, lat in results]) * 1000
+    return {"batch": batch, "clients": clients, "records_per_s": round(records / min(elapsed, seconds + 1)),
+            "call_p50_ms": round(float(np.percentile(latencies, 50)), 3),
+            "call_p99_ms": round(float(np.percentile(latencies, 99)), 3)}
+
+
+def single_record_latency(target: str, calls: int, lines: list[bytes]) -> dict:
+    import grpc
+
+    from sidecar.generated.logscore.v1 import scorer_pb2_grpc as pb_grpc
+
+    stub = pb_grpc.ScorerStub(grpc.insecure_channel(target, options=[("grpc.enable_http_proxy", 0)]))
+    requests = [make_request([line]) for line in lines[:calls]]
+    for request in requests[:200]:
+        stub.Score(request, timeout=5)
+    unary = []
+    for request in requests:
+        started = time.perf_counter()
+        stub.Score(request, timeout=5)
+        unary.append(time.perf_counter() - started)
+
+    import queue
+    import threading
+
+    outgoing: queue.Queue = queue.Queue()
+    stream_times = []
+
+    def feed():
+        while True:
+            item = outgoing.get()
+            if item is None:
+                return
+            yield item
+
+    responses = stub.ScoreStream(feed())
+    lock = threading.Lock()
+    for request in requests:
+        started = time.perf_counter()
+        outgoing.put(request)
+        next(responses)
+        with lock:
+            stream_times.append(time.perf_counter() - started)
+    outgoing.put(None)
+    to_ms = lambda values, q: round(float(np.percentile(np.array(values) * 1000, q)), 3)  # noqa: E731
+    return {"calls": len(requests), "unary_p50_ms": to_ms(unary, 50), "unary_p99_ms": to_ms(unary, 99),
+            "stream_p50_ms": to_ms(stream_times[50:], 50), "stream_p99_ms": to_ms(stream_times[50:], 99)}
+
+
+def memory(pid: int) -> dict:
+    status = Path(f"/proc/{pid}/status").read_text().splitlines()
+    values = {line.split(":")[0]: line.split(":")[1].strip() for line in status if ":" in line}
+    return {"rss": values.get("VmRSS"), "peak_rss": values.get("VmHWM")}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="short runs (a smoke test of the benchmark)")
+    parser.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "sidecar.json"))
+    args = parser.parse_args()
+    seconds = 1.0 if args.quick else 4.0
+    lines = [line.encode() for line in blog_lines(10_000, seed=9)]
+    workdir = Path(tempfile.mkdtemp(prefix="logscore-bench-"))
+    tcp = f"127.0.0.1:{free_port()}"
+    sidecar = SidecarProcess(ROOT / "models", workdir, tcp=tcp, reload_interval_s=0).start()
+    results = {"machine": machine(), "throughput": [], "latency": {}}
+    print(f"machine: {results['machine']}")
+    try:
+        targets = {"unix": f"unix:{sidecar.socket}", "tcp": tcp}
+        batches = (1, 10, 100, 1000, 10000)
+        for transport, target in targets.items():
+            for batch in batches:
+                for clients in (1, 4):
+                    row = {"transport": transport, **throughput(target, batch, clients, seconds, lines)}
+                    results["throughput"].append(row)
+                    print(f"{transport:5} batch {batch:>6} clients {clients}: {row['records_per_s']:>9} records/s"
+                          f"   call p50 {row['call_p50_ms']} ms  p99 {row['call_p99_ms']} ms", flush=True)
+        for transport, target in targets.items():
+            row = single_record_latency(target, 500 if args.quick else 3000, lines)
+            results["latency"][transport] = row
+            print(f"{transport:5} single record: unary p50 {row['unary_p50_ms']} ms p99 {row['unary_p99_ms']} ms;"
+                  f" stream p50 {row['stream_p50_ms']} ms p99 {row['stream_p99_ms']} ms")
+        results["memory"] = memory(sidecar.process.pid)
+        print(f"sidecar memory: {results['memory']}")
+    finally:
+        sidecar.stop()
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,22 @@
+"""The committed gRPC stubs are what scripts/generate-protos.sh makes from proto/."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+COMMITTED = ROOT / "sidecar" / "generated"
+
+
+def test_python_stubs_are_current(tmp_path):
+    pytest.importorskip("grpc_tools", reason="grpcio-tools (the test extra) regenerates the stubs")
+    result = subprocess.run(["bash", "scripts/generate-protos.sh", str(tmp_path)], cwd=ROOT,
+                            capture_output=True, text=True, env={"PYTHON": sys.executable, "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 0, result.stderr
+    generated = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*.py*"))
+    assert generated, "nothing generated"
+    for relative in generated:
+        assert (tmp_path / relative).read_text() == (COMMITTED / relative).read_text(), (
+            f"{relative} is stale: run scripts/generate-protos.sh and commit the result")
