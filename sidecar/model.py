@@ -19,6 +19,9 @@ from .errors import ModelLoadError
 from .features import FeatureBatch, Featurizer
 
 
+SCORE_CHUNK = 2048  # records featurized and run at once
+
+
 def make_session(model_bytes: bytes, threads: int = 1) -> ort.InferenceSession:
     options = ort.SessionOptions()
     # NOTE: on 2 cores a second intra-op thread gains nothing below batch 16 and
@@ -96,6 +99,13 @@ class Model:
     def score(self, records: Sequence[object], explain: int = 0,
               threshold: Optional[float] = None) -> Scored:
         """Score records (field maps or raw lines); ``explain`` = features to name per record."""
+        if len(records) > SCORE_CHUNK:
+            # Bounded working memory for big batches; same scores as one call.
+            parts = [self.score(records[i: i + SCORE_CHUNK], explain, threshold)
+                     for i in range(0, len(records), SCORE_CHUNK)]
+            return Scored(*(np.concatenate([getattr(p, name) for p in parts]) for name in
+                            ("scores", "is_anomaly", "raw_scores", "truncated", "unparsed")),
+                          [e for p in parts for e in p.explanations] if explain > 0 else None)
         batch = self.featurizer.transform(records, dense=self.needs_dense)
         score, raw, surprise = run_graph(self.session, batch)
         cut = self.threshold if threshold is None else threshold
