@@ -11,7 +11,8 @@ python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
 command -v openssl >/dev/null || missing+=(openssl)
 if [ "${LOGSCORE_WITH_RUBY:-1}" = 1 ]; then
   # The Fluentd plugin's tests run on Debian's Ruby packages.
-  for package in ruby ruby-grpc ruby-google-protobuf ruby-msgpack ruby-test-unit; do
+  for package in ruby ruby-grpc ruby-google-protobuf ruby-msgpack ruby-test-unit ruby-treetop \
+                 protobuf-compiler protobuf-compiler-grpc; do
     dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")
   done
 fi

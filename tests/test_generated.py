@@ -20,3 +20,20 @@ def test_python_stubs_are_current(tmp_path):
     for relative in generated:
         assert (tmp_path / relative).read_text() == (COMMITTED / relative).read_text(), (
             f"{relative} is stale: run scripts/generate-protos.sh and commit the result")
+
+
+def test_ruby_stubs_are_current(tmp_path):
+    import shutil
+
+    if not (shutil.which("protoc") and shutil.which("grpc_ruby_plugin")):
+        pytest.skip("Debian's protobuf-compiler and protobuf-compiler-grpc regenerate the Ruby stubs")
+    result = subprocess.run(["bash", "scripts/generate-protos.sh", str(tmp_path / "py")], cwd=ROOT,
+                            capture_output=True, text=True,
+                            env={"PYTHON": sys.executable, "PATH": "/usr/bin:/bin", "RUBY_OUT": str(tmp_path / "rb")})
+    assert result.returncode == 0, result.stderr
+    committed = ROOT / "fluentd-plugin" / "lib"
+    generated = sorted(p.relative_to(tmp_path / "rb") for p in (tmp_path / "rb").rglob("*.rb"))
+    assert len(generated) == 2
+    for relative in generated:
+        assert (tmp_path / "rb" / relative).read_text() == (committed / relative).read_text(), (
+            f"{relative} is stale: run scripts/generate-protos.sh and commit the result")

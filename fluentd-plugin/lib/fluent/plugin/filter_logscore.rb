@@ -1,0 +1,121 @@
+# frozen_string_literal: true
+
+require 'fluent/plugin/filter'
+require 'logscore/stream_scorer'
+
+module Fluent
+  module Plugin
+    # Adds an anomaly score from the logscore sidecar to every record:
+    # one gRPC call per event stream, a deadline on each call, and records
+    # passed through marked unscored whenever scoring fails.
+    class LogscoreFilter < Filter
+      Fluent::Plugin.register_filter('logscore', self)
+
+      helpers :event_emitter
+
+      desc 'Sidecar address: unix:///path/to.sock (default) or host:port'
+      config_param :endpoint, :string, default: 'unix:///tmp/logscore.sock'
+      desc 'Model name; empty lets the sidecar route by tag and entity'
+      config_param :model, :string, default: ''
+      desc 'Score this field as a raw log line; unset scores the whole record (its fields)'
+      config_param :message_key, :string, default: nil
+      desc 'Field receiving the score in [0, 1]'
+      config_param :score_key, :string, default: 'anomaly_score'
+      desc 'Field receiving true/false: score over the model threshold'
+      config_param :flag_key, :string, default: 'is_anomaly'
+      desc 'Field receiving the model name (unset: not added)'
+      config_param :model_key, :string, default: nil
+      desc 'Field receiving the features that made the record unusual (unset: not asked for)'
+      config_param :explanation_key, :string, default: nil
+      desc 'How many features to name in explanation_key'
+      config_param :explain, :integer, default: 3
+      desc 'Field set to true on records that could not be scored'
+      config_param :unscored_key, :string, default: 'anomaly_unscored'
+      desc 'Deadline of one call to the sidecar, in seconds'
+      config_param :timeout, :time, default: 0.05
+      desc 'On failure: pass (records continue, marked unscored) or error (records go to @ERROR)'
+      config_param :on_error, :enum, list: %i[pass error], default: :pass
+      desc 'Consecutive failures that pause calls (circuit breaker)'
+      config_param :failure_threshold, :integer, default: 3
+      desc 'First pause after failure_threshold failures, doubling while the sidecar stays down'
+      config_param :retry_interval, :time, default: 1.0
+      desc 'Longest pause between attempts'
+      config_param :max_retry_interval, :time, default: 30.0
+      desc 'Bearer token the sidecar requires'
+      config_param :token, :string, default: nil, secret: true
+      desc 'CA certificate (PEM) to verify a TLS sidecar'
+      config_param :tls_ca_path, :string, default: nil
+      desc 'Client certificate (PEM) for mutual TLS'
+      config_param :tls_cert_path, :string, default: nil
+      desc 'Client private key (PEM) for mutual TLS'
+      config_param :tls_key_path, :string, default: nil
+
+      def configure(conf)
+        super
+        raise Fluent::ConfigError, 'timeout must be positive' unless @timeout.positive?
+        if @tls_cert_path.nil? != @tls_key_path.nil?
+          raise Fluent::ConfigError, 'tls_cert_path and tls_key_path go together'
+        end
+        if @tls_cert_path && @tls_ca_path.nil?
+          raise Fluent::ConfigError, 'tls_cert_path needs tls_ca_path (mutual TLS is TLS first)'
+        end
+        if [@tls_ca_path, @tls_cert_path, @tls_key_path].any? { |p| p && !File.readable?(p) }
+          raise Fluent::ConfigError, 'a tls_*_path file is not readable'
+        end
+        if @endpoint.start_with?('unix:') && (@tls_ca_path || @token)
+          log.info('logscore: TLS/token over a Unix socket: the socket file mode already limits access')
+        end
+      end
+
+      def start
+        super
+        client = Logscore::Client.new(
+          endpoint: @endpoint, timeout: @timeout, model: @model, explain: @explanation_key ? @explain : 0,
+          token: @token, tls_ca: @tls_ca_path, tls_cert: @tls_cert_path, tls_key: @tls_key_path,
+          failure_threshold: @failure_threshold, retry_interval: @retry_interval,
+          max_retry_interval: @max_retry_interval
+        )
+        keys = Logscore::StreamScorer::Keys.new(score: @score_key, flag: @flag_key, model: @model_key,
+                                                explanation: @explanation_key, unscored: @unscored_key)
+        @scorer = Logscore::StreamScorer.new(client: client, keys: keys, message_key: @message_key,
+                                             on_error: @on_error, log: log)
+      end
+
+      def multi_workers_ready?
+        true
+      end
+
+      def filter_stream(tag, es)
+        entries = []
+        es.each { |time, record| entries << [time, record] }
+        packed = @message_key ? nil : packed_stream(es)
+        result = MultiEventStream.new
+        passed = @scorer.score(tag, entries, msgpack: packed) do |time, record, error|
+          router.emit_error_event(tag, time, record, error)
+        end
+        passed.each { |time, record| result.add(time, record) }
+        result
+      end
+
+      # Counters for monitor_agent (/api/plugins.json merges the 'filter' hash into
+      # this plugin's entry): logscore_scored, logscore_unscored, logscore_calls,
+      # logscore_failures, logscore_skipped_circuit_open, logscore_circuit_open.
+      def statistics
+        stats = super
+        client = @scorer&.client
+        counters = (client ? client.stats : {}).to_h { |name, value| ["logscore_#{name}", value] }
+        counters['logscore_circuit_open'] = client ? client.circuit_open? : false
+        stats['filter'] = (stats['filter'] || {}).merge(counters)
+        stats
+      end
+
+      private
+
+      # The stream's msgpack bytes as Fluentd holds them (no re-encoding for a
+      # chunk read from a buffer); other streams are packed once.
+      def packed_stream(es)
+        es.respond_to?(:to_msgpack_stream) ? es.to_msgpack_stream : nil
+      end
+    end
+  end
+end

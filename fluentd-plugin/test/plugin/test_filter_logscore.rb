@@ -1,0 +1,148 @@
+# frozen_string_literal: true
+
+require_relative '../fluentd_helper'
+
+# The filter inside Fluentd: through Fluent::Test::Driver::Filter, and end to end
+# with a real fluentd process (in_tail -> logscore -> out_file).
+class LogscoreFilterTest < Test::Unit::TestCase
+  include Fluent::Test::Helpers if FLUENTD_AVAILABLE
+
+  class << self
+    def startup
+      return unless FLUENTD_AVAILABLE
+
+      @dir = Dir.mktmpdir('logscore-fluentd')
+      @sidecar = SidecarProcess.new(@dir).start
+    end
+
+    def shutdown
+      @sidecar&.stop
+      FileUtils.rm_rf(@dir) if @dir
+    end
+
+    attr_reader :sidecar, :dir
+  end
+
+  setup do
+    omit(FLUENTD_MISSING) unless FLUENTD_AVAILABLE
+    Fluent::Test.setup
+  end
+
+  def create_driver(conf)
+    Fluent::Test::Driver::Filter.new(Fluent::Plugin::LogscoreFilter).configure(conf)
+  end
+
+  def base_conf(extra = '')
+    "endpoint unix://#{self.class.sidecar.socket}\ntimeout 2s\n#{extra}"
+  end
+
+  sub_test_case 'configure' do
+    data('defaults' => ['', { score_key: 'anomaly_score', flag_key: 'is_anomaly', on_error: :pass }],
+         'renamed keys' => ["score_key s\nflag_key f\non_error error", { score_key: 's', flag_key: 'f',
+                                                                           on_error: :error }])
+    test 'parameters' do |(conf, expected)|
+      d = create_driver(base_conf(conf))
+      expected.each { |name, value| assert_equal value, d.instance.public_send(name) }
+    end
+
+    data('cert without key' => "tls_cert_path /etc/hostname\ntls_ca_path /etc/hostname",
+         'cert without ca' => "tls_cert_path /etc/hostname\ntls_key_path /etc/hostname",
+         'unreadable ca' => 'tls_ca_path /nonexistent/ca.pem',
+         'bad on_error' => 'on_error drop')
+    test 'bad combinations are configuration errors' do |conf|
+      assert_raise(Fluent::ConfigError) { create_driver(base_conf(conf)) }
+    end
+  end
+
+  test 'one call scores the whole stream; records keep their fields' do
+    d = create_driver(base_conf("model_key model\nexplanation_key why\nexplain 2"))
+    time = event_time
+    stream = Fluent::MultiEventStream.new
+    AccessLines::PATHS.each { |path| stream.add(time, AccessLines.fields(path)) }
+    stream.add(time, AccessLines.fields('/reset.css?q=%3Cscript%3Ealert(1)%3C/script%3E'))
+    d.run(default_tag: 'web.access') { d.feed(stream) }
+    records = d.filtered_records
+    assert_equal AccessLines::PATHS.size + 1, records.size
+    assert(records.all? { |r| r['anomaly_score'].between?(0, 1) && r['model'] == 'apache-access' })
+    assert_equal [false] * AccessLines::PATHS.size + [true], records.map { |r| r['is_anomaly'] }
+    assert_equal '/reset.css?q=%3Cscript%3Ealert(1)%3C/script%3E', records.last['path']
+    assert_equal 2, records.last['why'].size
+    assert_equal 1, d.instance.statistics['filter']['logscore_calls']
+  end
+
+  test 'raw lines under message_key' do
+    d = create_driver(base_conf('message_key log'))
+    d.run(default_tag: 'web') { d.feed(event_time, { 'log' => AccessLines.attack }) }
+    assert_equal true, d.filtered_records.first['is_anomaly']
+  end
+
+  test 'sidecar down: records pass through marked, none lost' do
+    d = create_driver("endpoint unix://#{self.class.dir}/absent.sock\ntimeout 50ms")
+    d.run(default_tag: 'web') { 100.times { |i| d.feed(event_time, { 'n' => i }) } }
+    assert_equal (0...100).to_a, d.filtered_records.map { |r| r['n'] }
+    assert(d.filtered_records.all? { |r| r['anomaly_unscored'] == true })
+    assert_equal 100, d.instance.statistics['filter']['logscore_unscored']
+  end
+
+  test 'on_error error routes unscored records to @ERROR' do
+    d = create_driver("endpoint unix://#{self.class.dir}/absent.sock\ntimeout 50ms\non_error error")
+    d.run(default_tag: 'web') { d.feed(event_time, { 'n' => 1 }) }
+    assert_equal [], d.filtered_records
+    assert_equal 1, d.error_events.size
+  end
+
+  test 'end to end: real fluentd tails a log, every line comes out once with a score' do
+    work = Dir.mktmpdir('logscore-e2e', self.class.dir)
+    lines = AccessLines.normal(300) + [AccessLines.attack] * 5
+    File.write(File.join(work, 'access.log'), lines.join("\n") + "\n")
+    File.write(File.join(work, 'fluent.conf'), <<~CONF)
+      <source>
+        @type tail
+        path #{work}/access.log
+        pos_file #{work}/access.pos
+        read_from_head true
+        tag web.access
+        <parse>
+          @type apache2
+        </parse>
+      </source>
+      <filter web.**>
+        @type logscore
+        endpoint unix://#{self.class.sidecar.socket}
+        timeout 2s
+      </filter>
+      <match web.**>
+        @type file
+        path #{work}/out/scored
+        append true
+        <format>
+          @type json
+        </format>
+        <buffer>
+          flush_mode interval
+          flush_interval 0.5s
+        </buffer>
+      </match>
+    CONF
+    log = File.join(work, 'fluentd.log')
+    pid = Process.spawn({ 'RUBYLIB' => FLUENTD_RUBYLIB }, RbConfig.ruby, File.join(FLUENTD_SOURCE, 'bin', 'fluentd'),
+                        '-c', File.join(work, 'fluent.conf'), '-o', log, '--no-supervisor')
+    out = []
+    deadline = Time.now + 60
+    until out.size >= lines.size || Time.now > deadline
+      sleep 0.5
+      files = Dir[File.join(work, 'out', 'scored*')].select { |f| File.file?(f) }
+      out = files.flat_map { |f| File.readlines(f) }.map { |l| JSON.parse(l) }
+    end
+    assert_equal lines.size, out.size, File.exist?(log) ? File.read(log)[-3000..] : 'no fluentd log'
+    assert(out.all? { |r| r['anomaly_score'].is_a?(Float) && !r.key?('anomaly_unscored') })
+    assert_equal 5, out.count { |r| r['is_anomaly'] }
+    sent = lines.map { |line| [line.split(' ').first, line[/"GET (\S+)/, 1]] }.sort
+    assert_equal sent, out.map { |r| [r['host'], r['path']] }.sort  # each line exactly once
+  ensure
+    if pid
+      Process.kill('TERM', pid)
+      Process.wait(pid)
+    end
+  end
+end

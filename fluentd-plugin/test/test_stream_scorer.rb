@@ -1,0 +1,185 @@
+# frozen_string_literal: true
+
+require_relative 'helper'
+
+# The plugin's scoring logic against the real sidecar process (no Fluentd needed).
+class StreamScorerTest < Test::Unit::TestCase
+  KEYS = Logscore::StreamScorer::Keys.new(score: 'anomaly_score', flag: 'is_anomaly', model: 'anomaly_model',
+                                          explanation: 'anomaly_explanation', unscored: 'anomaly_unscored')
+
+  class << self
+    def startup
+      @dir = Dir.mktmpdir('logscore-ruby')
+      @sidecar = SidecarProcess.new(@dir).start
+    end
+
+    def shutdown
+      @sidecar&.stop
+      FileUtils.rm_rf(@dir)
+    end
+
+    attr_reader :sidecar, :dir
+  end
+
+  def scorer(endpoint: "unix://#{self.class.sidecar.socket}", timeout: 2.0, message_key: nil, on_error: :pass,
+             explain: 0, **client_options)
+    client = Logscore::Client.new(endpoint: endpoint, timeout: timeout, explain: explain, **client_options)
+    Logscore::StreamScorer.new(client: client, keys: KEYS, message_key: message_key, on_error: on_error)
+  end
+
+  def entries(records)
+    records.each_with_index.map { |record, i| [1_700_000_000 + i, record] }
+  end
+
+  test 'raw lines get a score, a flag and the model name; the attack stands out' do
+    records = AccessLines.normal(20).map { |line| { 'message' => line } } << { 'message' => AccessLines.attack }
+    out = scorer(message_key: 'message').score('web.access', entries(records))
+    assert_equal 21, out.size
+    out.each do |_, record|
+      assert_kind_of Float, record['anomaly_score']
+      assert record['anomaly_score'].between?(0.0, 1.0)
+      assert_equal 'apache-access', record['anomaly_model']
+      assert_nil record['anomaly_unscored']
+    end
+    assert_equal [false] * 20 + [true], out.map { |_, r| r['is_anomaly'] }
+  end
+
+  test 'whole records travel as msgpack and score like their raw lines' do
+    paths = ['/favicon.ico', '/robots.txt', '/style2.css?id=%3Cscript%3Ealert(1)%3C/script%3E']
+    by_fields = scorer.score('web', entries(paths.map { |p| AccessLines.fields(p) }))
+    by_lines = scorer(message_key: 'message').score('web', entries(paths.map { |p| { 'message' => AccessLines.line(p) } }))
+    assert_equal by_lines.map { |_, r| r['anomaly_score'] }, by_fields.map { |_, r| r['anomaly_score'] }
+    assert_equal [false, false, true], by_fields.map { |_, r| r['is_anomaly'] }
+  end
+
+  test 'pre-packed msgpack bytes are sent as they are' do
+    list = entries([AccessLines.fields('/favicon.ico'), AccessLines.fields('/?id=..%2f..%2fetc%2fpasswd')])
+    packed = list.map(&:to_msgpack).join
+    out = scorer.score('web', list, msgpack: packed)
+    assert_equal [false, true], out.map { |_, r| r['is_anomaly'] }
+  end
+
+  test 'explanations name what was unusual' do
+    out = scorer(message_key: 'message', explain: 2).score('web', entries([{ 'message' => AccessLines.attack }]))
+    explanation = out[0][1]['anomaly_explanation']
+    assert_equal 2, explanation.size
+    assert_match(/never seen in training/, explanation.join)
+  end
+
+  test 'a 10,000-record chunk is scored in one call' do
+    records = AccessLines.normal(10_000).map { |line| { 'message' => line } }
+    s = scorer(message_key: 'message', timeout: 30)
+    out = s.score('web', entries(records))
+    assert_equal 10_000, out.count { |_, r| r.key?('anomaly_score') }
+    assert_equal 1, s.client.stats[:calls]
+  end
+
+  test 'sidecar down: every record passes at once, marked unscored, then calls pause' do
+    s = scorer(endpoint: "unix://#{self.class.dir}/nobody-here.sock", timeout: 0.05, message_key: 'message',
+               failure_threshold: 2, retry_interval: 60)
+    chunk = AccessLines.normal(50).map { |line| { 'message' => line } }
+    started = Process.clock_gettime(Process::CLOCK_MONOTONIC)
+    3.times do
+      out = s.score('web', entries(chunk.map(&:dup)))
+      assert_equal 50, out.size
+      assert(out.all? { |_, r| r['anomaly_unscored'] == true && !r.key?('anomaly_score') })
+    end
+    elapsed = Process.clock_gettime(Process::CLOCK_MONOTONIC) - started
+    assert_operator elapsed, :<, 2.0, 'a down sidecar must not stall the pipeline'
+    assert_equal 2, s.client.stats[:failures]
+    assert_equal 1, s.client.stats[:skipped_circuit_open]
+    assert s.client.circuit_open?
+  end
+
+  test 'on_error error hands unscored records to the error handler instead' do
+    s = scorer(endpoint: "unix://#{self.class.dir}/nobody-here.sock", timeout: 0.05, on_error: :error)
+    failed = []
+    out = s.score('web', entries([{ 'a' => 1 }, { 'a' => 2 }])) { |time, record, error| failed << [time, record, error] }
+    assert_equal [], out
+    assert_equal [1, 2], failed.map { |_, r, _| r['a'] }
+    assert_equal 'unavailable', failed[0][2].reason
+  end
+
+  test 'reconnects after the sidecar restarts' do
+    dir = Dir.mktmpdir('logscore-restart')
+    sidecar = SidecarProcess.new(dir).start
+    s = scorer(endpoint: "unix://#{sidecar.socket}", timeout: 1.0, message_key: 'message', failure_threshold: 1,
+               retry_interval: 0.2, max_retry_interval: 0.2)
+    chunk = -> { entries(AccessLines.normal(5).map { |line| { 'message' => line } }) }
+    assert(s.score('web', chunk.call).all? { |_, r| r.key?('anomaly_score') })
+    sidecar.stop
+    assert(s.score('web', chunk.call).all? { |_, r| r['anomaly_unscored'] })
+    sidecar.start
+    deadline = Time.now + 15
+    out = nil
+    loop do
+      sleep 0.25
+      out = s.score('web', chunk.call)
+      break if out.all? { |_, r| r.key?('anomaly_score') } || Time.now > deadline
+    end
+    assert(out.all? { |_, r| r.key?('anomaly_score') }, 'scoring resumes once the sidecar is back')
+  ensure
+    sidecar&.stop
+    FileUtils.rm_rf(dir)
+  end
+end
+
+# Failures only a fake server can stage: a slow answer and a malformed one.
+class MisbehavingSidecarTest < Test::Unit::TestCase
+  class FakeScorer < Logscore::V1::Scorer::Service
+    def initialize(behaviour)
+      super()
+      @behaviour = behaviour
+    end
+
+    def score(request, _call)
+      sleep 0.5 if @behaviour == :slow
+      count = request.lines.lines.size
+      count -= 1 if @behaviour == :short
+      Logscore::V1::ScoreResponse.new(scores: [0.5] * count, is_anomaly: [false] * count,
+                                      model_index: [0] * count, models: [{ name: 'fake', version: 'x' }])
+    end
+  end
+
+  def with_fake(behaviour)
+    server = GRPC::RpcServer.new
+    port = server.add_http2_port('127.0.0.1:0', :this_port_is_insecure)
+    server.handle(FakeScorer.new(behaviour))
+    thread = Thread.new { server.run }
+    server.wait_till_running(5)
+    yield "127.0.0.1:#{port}"
+  ensure
+    server.stop
+    thread.join
+  end
+
+  def score_with(endpoint, timeout)
+    client = Logscore::Client.new(endpoint: endpoint, timeout: timeout)
+    scorer = Logscore::StreamScorer.new(client: client, keys: StreamScorerTest::KEYS, message_key: 'm')
+    [scorer.score('t', [[1, { 'm' => 'a' }], [2, { 'm' => 'b' }]]), client]
+  end
+
+  test 'a slow sidecar hits the deadline and records pass marked' do
+    with_fake(:slow) do |endpoint|
+      started = Process.clock_gettime(Process::CLOCK_MONOTONIC)
+      out, client = score_with(endpoint, 0.1)
+      assert_operator Process.clock_gettime(Process::CLOCK_MONOTONIC) - started, :<, 0.45
+      assert(out.all? { |_, r| r['anomaly_unscored'] })
+      assert_equal 1, client.stats[:failures]
+    end
+  end
+
+  test 'a response with the wrong number of scores is not trusted' do
+    with_fake(:short) do |endpoint|
+      out, = score_with(endpoint, 2.0)
+      assert(out.all? { |_, r| r['anomaly_unscored'] && !r.key?('anomaly_score') })
+    end
+  end
+
+  test 'endpoint forms' do
+    assert_equal 'unix:/run/x.sock', Logscore::Client.target('unix:///run/x.sock')
+    assert_equal 'unix:/run/x.sock', Logscore::Client.target('/run/x.sock')
+    assert_equal 'unix:/run/x.sock', Logscore::Client.target('unix:/run/x.sock')
+    assert_equal 'localhost:50051', Logscore::Client.target('localhost:50051')
+  end
+end
