@@ -139,7 +139,7 @@ FIELD_ALIASES: dict[str, dict[str, tuple[str, ...]]] = {
     "syslog": {
         "message": ("msg", "log"),
         "app": ("ident", "program", "appname", "process.name"),
-        "host": ("hostname", "host.name"),
+        "host": ("hostname", "host.name", "logsource"),
     },
     "jsonl": {},
     "plain": {"message": ("log", "msg", "event.original")},

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -230,18 +231,31 @@ def decode_events(body: bytes, content_type: str) -> tuple[list, bool]:
     if isinstance(value, dict) and isinstance(value.get("records"), list):
         return _check_events(value["records"]), False
     if isinstance(value, dict):
-        return [value], True
+        return _check_events([value]), True
     if isinstance(value, list):
         return _check_events(value), False
     raise HttpError(400, "body must be a JSON object (one event), an array of events, or {\"records\": [...]}")
 
 
+# Logstash's sprintf leaves "%{[field]}" in place when the event lacks the field.
+_UNRESOLVED = re.compile(r"%\{[^}]*\}")
+
+
 def _check_events(events: list) -> list:
     for i, event in enumerate(events):
-        if not isinstance(event, (dict, str)):
+        if isinstance(event, dict):
+            events[i] = _without_unresolved(event)
+        elif not isinstance(event, str):
             raise HttpError(400, f"records[{i}] must be an object (an event) or a string (a raw line), "
                             f"not {type(event).__name__}")
     return events
+
+
+def _without_unresolved(event: dict) -> dict:
+    """Fields holding an unresolved Logstash reference are absent, not values."""
+    if not any(isinstance(v, str) and _UNRESOLVED.fullmatch(v) for v in event.values()):
+        return event
+    return {k: v for k, v in event.items() if not (isinstance(v, str) and _UNRESOLVED.fullmatch(v))}
 
 
 def encode_result(outcome: ScoreOutcome, i: int) -> dict:

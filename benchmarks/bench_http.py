@@ -1,0 +1,93 @@
+"""The HTTP/JSON surface as Logstash uses it: one-event requests over keep-alive, and batches.
+
+    python benchmarks/bench_http.py [--quick] [--json benchmarks/results/http.json]
+
+Starts `logscore serve` on the default model and sends, over one keep-alive
+connection per client process, what Logstash's http filter sends. Prints events/s
+and per-request p50/p99 with the machine described; writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import multiprocessing
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+
+from benchmarks.bench_scoring import machine  # noqa: E402
+from tests.generate import blog_lines  # noqa: E402
+from tests.sidecar_process import SidecarProcess  # noqa: E402
+
+
+def client(port: int, batch: int, seconds: float, out) -> None:
+    lines = blog_lines(5000, seed=11)
+    if batch == 1:
+        bodies = [json.dumps({"message": line}) for line in lines[:200]]
+    else:
+        bodies = [json.dumps({"records": [{"message": line} for line in lines[i: i + batch]]})
+                  for i in range(0, len(lines) - batch + 1, batch)]
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    headers = {"content-type": "application/json", "Connection": "Keep-Alive"}
+    latencies, events, i = [], 0, 0
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        started = time.perf_counter()
+        conn.request("POST", "/v1/score?model=apache-access", bodies[i % len(bodies)], headers)
+        response = conn.getresponse()
+        response.read()
+        assert response.status == 200
+        latencies.append(time.perf_counter() - started)
+        events += batch
+        i += 1
+    out.put((events, latencies))
+
+
+def run(port: int, batch: int, clients: int, seconds: float) -> dict:
+    queue = multiprocessing.Queue()
+    workers = [multiprocessing.Process(target=client, args=(port, batch, seconds, queue)) for _ in range(clients)]
+    for worker in workers:
+        worker.start()
+    results = [queue.get(timeout=seconds + 60) for _ in workers]
+    for worker in workers:
+        worker.join()
+    latencies = np.concatenate([lat for _, lat in results]) * 1000
+    return {"batch": batch, "clients": clients, "events_per_s": round(sum(e for e, _ in results) / seconds),
+            "request_p50_ms": round(float(np.percentile(latencies, 50)), 3),
+            "request_p99_ms": round(float(np.percentile(latencies, 99)), 3)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "http.json"))
+    args = parser.parse_args()
+    seconds = 1.0 if args.quick else 4.0
+    sidecar = SidecarProcess(ROOT / "models", Path(tempfile.mkdtemp(prefix="logscore-http-")),
+                             reload_interval_s=0).start()
+    results = {"machine": machine(), "runs": []}
+    print(f"machine: {results['machine']}")
+    try:
+        for batch, clients in ((1, 1), (1, 4), (100, 1), (1000, 1), (1000, 4)):
+            row = run(sidecar.http_port, batch, clients, seconds)
+            results["runs"].append(row)
+            print(f"batch {batch:>5} clients {clients}: {row['events_per_s']:>8} events/s   "
+                  f"request p50 {row['request_p50_ms']} ms  p99 {row['request_p99_ms']} ms", flush=True)
+    finally:
+        sidecar.stop()
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,262 @@
+"""Logstash: the shipped pipeline configs, and the HTTP/JSON surface exactly as Logstash's http filter uses it."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import random
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from sidecar.features import DEFAULT_SPECS, load_spec
+from sidecar.parsers import FIELD_ALIASES
+from sidecar.records import RAW_LINE_KEYS
+from sidecar.training.train import TrainOptions, save_model, train
+
+from .generate import attack_lines, blog_lines, syslog_lines
+from .sidecar_process import ROOT, SidecarProcess
+
+CONFIGS = sorted((ROOT / "logstash-config").glob("*.conf"))
+MODEL_FORMATS = {"apache-access": "access", "syslog": "syslog", "app": "jsonl"}
+GRAMMAR = os.environ.get("LOGSTASH_LSCL_GRAMMAR", "")
+
+
+# --- reading the configs -----------------------------------------------------------
+
+def block(text: str, opener: str) -> str:
+    """The text inside the first `opener {` ... matching `}`."""
+    start = re.search(rf"(?m)^\s*{re.escape(opener)}\s*\{{", text)
+    assert start, f"no {opener} block"
+    depth, i = 1, start.end()
+    while depth:
+        depth += {"{": 1, "}": -1}.get(text[i], 0)
+        i += 1
+    return text[start.end(): i - 1]
+
+
+def setting(body: str, name: str) -> str:
+    match = re.search(rf'(?m)^\s*{name}\s*=>\s*("[^"]*"|\[[^\]]*\]|\S+)', body)
+    assert match, f"{name} not set"
+    return match.group(1)
+
+
+def http_filter(path: Path) -> dict:
+    text = path.read_text()
+    body = block(block(text, "filter"), "http")
+    hash_body = block(body, "body =>")
+    return {
+        "url": setting(body, "url").strip('"'),
+        "verb": setting(body, "verb").strip('"'),
+        "body_format": setting(body, "body_format").strip('"'),
+        "target_body": setting(body, "target_body").strip('"'),
+        "tags": json.loads(setting(body, "tag_on_request_failure")),
+        "body": dict(re.findall(r'"([^"]+)"\s*=>\s*"([^"]*)"', hash_body)),
+        "timeouts": {name: float(setting(body, name)) for name in
+                     ("connect_timeout", "request_timeout", "socket_timeout")},
+        "text": text,
+    }
+
+
+def plugin_blocks_without_id(text: str) -> list[str]:
+    """Plugin blocks (not sections, conditionals or hashes) that lack `id =>`."""
+    missing = []
+    for match in re.finditer(r"(?m)^\s*([a-z_]+)\s*\{", text):
+        name = match.group(1)
+        if name in ("input", "filter", "output", "if", "else"):
+            continue
+        depth, i = 1, match.end()
+        while depth:
+            depth += {"{": 1, "}": -1}.get(text[i], 0)
+            i += 1
+        inner = text[match.end(): i - 1]
+        if not re.search(r"(?m)^\s*id\s*=>", inner):
+            missing.append(name)
+    return missing
+
+
+def test_configs_are_shipped():
+    assert {p.name for p in CONFIGS} >= {"apache-access.conf", "syslog.conf", "jsonl.conf"}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_config_syntax_with_logstash_grammar(path):
+    if not (GRAMMAR and Path(GRAMMAR).is_file()):
+        pytest.skip("set LOGSTASH_LSCL_GRAMMAR to Logstash's logstash-core/lib/logstash/compiler/lscl/"
+                    "lscl_grammar.rb (it runs on Debian's ruby-treetop) to check syntax")
+    if not shutil.which("ruby"):
+        pytest.skip("ruby is needed to run Logstash's grammar")
+    result = subprocess.run(["ruby", str(ROOT / "tests" / "logstash" / "lscl_check.rb"), GRAMMAR, str(path)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_config_structure_matches_the_sidecar_api(path):
+    config = http_filter(path)
+    assert config["url"].startswith("http://127.0.0.1:9095/v1/score?")
+    query = dict(pair.split("=") for pair in config["url"].split("?", 1)[1].split("&"))
+    assert query["model"] in MODEL_FORMATS and int(query["timeout_ms"]) <= 1000
+    assert config["verb"] == "POST" and config["body_format"] == "json"
+    assert config["target_body"] == "[logscore]"
+    assert "_httprequestfailure" in config["tags"] and "_logscore_unscored" in config["tags"]
+    assert all(0 < t <= 2 for t in config["timeouts"].values()), "a down sidecar must not hold events long"
+    assert re.search(r"automatic_retries\s*=>\s*0", config["text"])
+    # Conditionals read the flag where target_body puts it.
+    assert "[logscore][is_anomaly]" in config["text"]
+    # Every field sent is one the model reads (directly, by alias, or as a raw line).
+    log_format = MODEL_FORMATS[query["model"]]
+    wanted = {f["field"] for f in DEFAULT_SPECS[log_format]["fields"]}
+    known = wanted | {a for names in FIELD_ALIASES[log_format].values() for a in names} | set(RAW_LINE_KEYS)
+    assert set(config["body"]) <= known | {"logsource"}, config["body"]
+    for field, reference in config["body"].items():
+        assert re.fullmatch(r"%\{\[[\w.@\]\[]+\]\}", reference), reference
+    assert plugin_blocks_without_id(config["text"]) == []
+
+
+def test_configs_are_documented():
+    readme = (ROOT / "logstash-config" / "README.md").read_text()
+    for path in CONFIGS:
+        assert path.name in readme
+    assert "_logscore_unscored" in readme and "target_body" in readme
+
+
+# --- the HTTP surface as the http filter uses it -----------------------------------------
+
+def sprintf(template: str, event: dict) -> str:
+    """Logstash's event.sprintf for %{[a][b]} references; unresolved ones stay as they are."""
+    def resolve(match):
+        value = event
+        for part in re.findall(r"\[([^\]]+)\]", match.group(1)):
+            if not isinstance(value, dict) or part not in value:
+                return match.group(0)
+            value = value[part]
+        return str(value)
+    return re.sub(r"%\{([^}]+)\}", resolve, template)
+
+
+def filter_request(conn: http.client.HTTPConnection, config: dict, event: dict) -> tuple[int, dict, dict]:
+    """What logstash-filter-http sends for `event`, and the event after it merged the answer."""
+    body = json.dumps({k: sprintf(v, event) for k, v in config["body"].items()})
+    path = config["url"].split("127.0.0.1:9095", 1)[1]
+    conn.request(config["verb"], path, body, headers={
+        "content-type": "application/json", "Connection": "Keep-Alive", "User-Agent": "Manticore 0.9.1",
+        "Accept-Encoding": "gzip,deflate"})
+    response = conn.getresponse()
+    raw = response.read()
+    headers = {k.lower(): v for k, v in response.getheaders()}
+    merged = dict(event)
+    if 200 <= response.status < 300 and headers["content-type"].split(";")[0] == "application/json":
+        merged["logscore"] = json.loads(raw)
+    else:
+        merged.setdefault("tags", []).extend(config["tags"])
+    return response.status, headers, merged
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("logstash-models")
+    shutil.copy(ROOT / "models" / "apache-access.onnx", directory)
+    rng = random.Random(3)
+    app_lines = [json.dumps({"level": rng.choice(["info", "info", "debug"]),
+                             "message": f"request {rng.randint(1, 999)} served in {rng.randint(1, 90)} ms"})
+                 for _ in range(1500)]
+    for name, log_format, lines in (("syslog", "syslog", syslog_lines(1500)), ("app", "jsonl", app_lines)):
+        model, _ = train(lines, TrainOptions(spec=load_spec(None, log_format), name=name, folds=2))
+        save_model(model, directory / f"{name}.onnx")
+    return directory
+
+
+@pytest.fixture(scope="module")
+def sidecar(models, tmp_path_factory):
+    process = SidecarProcess(models, tmp_path_factory.mktemp("logstash"), max_message_bytes=200_000).start()
+    yield process
+    assert process.stop() == 0
+
+
+def connection(sidecar) -> http.client.HTTPConnection:
+    return http.client.HTTPConnection("127.0.0.1", sidecar.http_port, timeout=10)
+
+
+def test_access_pipeline_requests_merge_scores_over_one_keep_alive_connection(sidecar):
+    config = http_filter(ROOT / "logstash-config" / "apache-access.conf")
+    normal = blog_lines(30, seed=8)
+    attacks = [line for _, line in attack_lines(normal, 4, seed=9)]
+    conn = connection(sidecar)
+    results, sockets = [], set()
+    for line in normal + attacks:
+        status, headers, event = filter_request(conn, config, {"message": line, "host": {"name": "web1"}})
+        assert status == 200 and headers["connection"] == "keep-alive"
+        results.append(event)
+        sockets.add(id(conn.sock))
+    assert len(sockets) == 1, "the connection was not reused"
+    for event in results:
+        assert set(event["logscore"]) == {"anomaly_score", "is_anomaly", "model", "model_version"}
+        assert event["logscore"]["model"] == "apache-access"
+    assert [e["logscore"]["is_anomaly"] for e in results] == [False] * 30 + [True] * 4
+
+
+def test_syslog_pipeline_with_a_missing_field(sidecar):
+    config = http_filter(ROOT / "logstash-config" / "syslog.conf")
+    conn = connection(sidecar)
+    status, _, event = filter_request(conn, config, {"message": "Accepted publickey for bob from 10.0.0.1 port 2222 ssh2",
+                                                     "program": "sshd", "logsource": "host1"})
+    assert status == 200 and not event["logscore"]["is_anomaly"]
+    # No [program]: Logstash sends the literal "%{[program]}"; the sidecar treats it as absent.
+    status, _, unusual = filter_request(conn, config, {"message": "kernel panic: not syncing: VFS unable to mount root"})
+    assert status == 200 and unusual["logscore"]["is_anomaly"]
+
+
+def test_jsonl_pipeline(sidecar):
+    config = http_filter(ROOT / "logstash-config" / "jsonl.conf")
+    conn = connection(sidecar)
+    _, _, normal = filter_request(conn, config, {"level": "info", "message": "request 12 served in 40 ms"})
+    _, _, odd = filter_request(conn, config, {"level": "fatal", "message": "OutOfMemoryError in worker pool"})
+    assert not normal["logscore"]["is_anomaly"] and odd["logscore"]["is_anomaly"]
+
+
+def test_batches_answer_in_order_with_notes(sidecar):
+    lines = blog_lines(5, seed=10)
+    for body in (lines, {"records": [{"message": line} for line in lines] + ["\udcff not access"]}):
+        status, answer = sidecar.http_post("/v1/score?model=apache-access&explain=2", body)
+        assert status == 200
+        assert len(answer["results"]) == len(body if isinstance(body, list) else body["records"])
+        assert all("explanation" in r for r in answer["results"])
+    assert answer["notes"] and answer["notes"][0]["index"] == 5
+
+
+@pytest.mark.parametrize("request_args, status, text", [
+    (("POST", "/v1/score", b"{not json", "application/json"), 400, "not valid JSON"),
+    (("POST", "/v1/score", b'{"message": "x"}', "text/plain"), 415, "not JSON"),
+    (("POST", "/v1/score?model=nope", b'{"message": "x"}', "application/json"), 404, "not loaded"),
+    (("POST", "/v1/score?explain=lots", b'{"message": "x"}', "application/json"), 400, "explain"),
+    (("POST", "/v1/score", b"[1, 2]", "application/json"), 400, "records[0]"),
+    (("GET", "/v1/score", None, "application/json"), 405, "not allowed"),
+    (("POST", "/nowhere", b"{}", "application/json"), 404, "no such path"),
+    (("POST", "/v1/score", b"[" + b'"x",' * 60_000 + b'"x"]', "application/json"), 413, "exceeds"),
+])
+def test_bad_requests_get_a_json_error_and_the_server_keeps_serving(sidecar, request_args, status, text):
+    method, path, body, content_type = request_args
+    conn = connection(sidecar)
+    conn.request(method, path, body, headers={"content-type": content_type})
+    response = conn.getresponse()
+    answer = json.loads(response.read())
+    assert response.status == status and text in answer["error"], answer
+    assert response.getheader("content-type") == "application/json"
+    again = connection(sidecar)
+    again.request("POST", "/v1/score", json.dumps({"message": "ok"}), headers={"content-type": "application/json"})
+    assert again.getresponse().status == 200
+
+
+def test_openapi_document_is_served_and_describes_the_routes(sidecar):
+    status, body = sidecar.http_get("/openapi.json")
+    document = json.loads(body)
+    assert status == 200 and document["openapi"].startswith("3.")
+    assert {"/v1/score", "/v1/models", "/healthz", "/readyz", "/metrics"} <= set(document["paths"])
+    assert document == json.loads((ROOT / "docs" / "openapi.json").read_text())
+    status, body = sidecar.http_get("/v1/models")
+    assert {m["name"] for m in json.loads(body)["models"]} == {"apache-access", "syslog", "app"}
