@@ -27,6 +27,7 @@ from .generated.logscore.v1 import scorer_pb2
 from .metrics import Metrics
 from .registry import ModelRegistry
 from .scoring import ScoringService
+from .servers.forward import ForwardServer, NextHop
 from .servers.grpc import SERVICE_NAME, ScorerServicer, TokenInterceptor
 from .servers.http import HttpServer, SidecarHttp
 from .settings import Settings
@@ -96,6 +97,7 @@ class Sidecar:
         self.health = health.aio.HealthServicer()
         self.grpc_server: Optional[grpc.aio.Server] = None
         self.http_server: Optional[HttpServer] = None
+        self.forward_server: Optional[ForwardServer] = None
         self.stopping = asyncio.Event()
         self.reload_requested = asyncio.Event()
         self.bound: dict[str, str] = {}
@@ -122,6 +124,13 @@ class Sidecar:
             self.http_server = HttpServer(SidecarHttp(self.service, s.token()).routes(), s.max_message_bytes)
             await self.http_server.start(host, port, ssl=self._http_ssl())
             self.bound["http"] = f"{host}:{self.http_server.port}"
+        if s.forward:
+            host, port = split_host_port(s.forward, "--forward")
+            split_host_port(s.forward_to, "--forward-to")
+            self.forward_server = ForwardServer(self.service, NextHop(s.forward_to, s.forward_ack_timeout_s),
+                                                s.max_message_bytes)
+            await self.forward_server.start(host, port)
+            self.bound["forward"] = f"{host}:{self.forward_server.port}"
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info("serving", extra={"listeners": self.bound, "models": sorted(self.registry.snapshot.models)})
@@ -195,6 +204,8 @@ class Sidecar:
         self.service.accepting = False
         if self.grpc_server is not None:
             await self.grpc_server.stop(self.settings.shutdown_grace_s)
+        if self.forward_server is not None:
+            await self.forward_server.stop()
         if self.http_server is not None:
             await self.http_server.stop()
         await self.service.close()

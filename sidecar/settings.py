@@ -31,6 +31,11 @@ class Settings:
     socket_mode: str = setting("0660", "file mode of the Unix socket (octal)")
     tcp: Optional[str] = setting(None, "host:port for gRPC over TCP (e.g. 127.0.0.1:50051); off by default")
     http: Optional[str] = setting("127.0.0.1:9095", "host:port for HTTP: /metrics, /healthz, /readyz; empty to disable")
+    forward: Optional[str] = setting(None, "host:port to receive the Fluentd forward protocol (Fluent Bit, "
+                                     "Docker's fluentd driver); needs --forward-to")
+    forward_to: Optional[str] = setting(None, "host:port of the next forward receiver; scored records go "
+                                        "there and senders are acked only after it acked")
+    forward_ack_timeout_s: float = setting(10.0, "how long to wait for the next hop's ack")
     tls_cert: Optional[str] = setting(None, "PEM certificate for TLS on the TCP and HTTP listeners")
     tls_key: Optional[str] = setting(None, "PEM private key for --tls-cert")
     tls_client_ca: Optional[str] = setting(None, "PEM CA bundle: require client certificates signed by it (mutual TLS)")
@@ -82,6 +87,8 @@ class Settings:
             raise ConfigError(f"models directory {self.models_dir!r} does not exist; set --models-dir")
         if not (self.socket or self.tcp):
             raise ConfigError("no gRPC listener: set --socket and/or --tcp")
+        if bool(self.forward) != bool(self.forward_to):
+            raise ConfigError("--forward (receive) and --forward-to (next hop) go together")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ConfigError("--tls-cert and --tls-key go together")
         if self.tls_client_ca and not self.tls_cert:

@@ -16,17 +16,19 @@ PYTHON = ENV.fetch('LOGSCORE_PYTHON', File.join(ROOT, '.venv', 'bin', 'python'))
 class SidecarProcess
   attr_reader :socket, :http_port
 
-  def initialize(dir, models_dir: File.join(ROOT, 'models'))
+  def initialize(dir, models_dir: File.join(ROOT, 'models'), **settings)
     @dir = dir
     @models_dir = models_dir
+    @settings = settings
     @socket = File.join(dir, 'logscore.sock')
     @http_port = free_port
   end
 
   def start
     log = File.open(File.join(@dir, 'sidecar.log'), 'a')
+    flags = @settings.flat_map { |name, value| ["--#{name.to_s.tr('_', '-')}", value.to_s] }
     @pid = Process.spawn(PYTHON, '-m', 'sidecar', 'serve', '--models-dir', @models_dir, '--socket', @socket,
-                         '--http', "127.0.0.1:#{@http_port}", '--reload-interval-s', '0',
+                         '--http', "127.0.0.1:#{@http_port}", '--reload-interval-s', '0', *flags,
                          chdir: ROOT, out: log, err: log)
     deadline = Time.now + 30
     until ready?
@@ -54,6 +56,10 @@ class SidecarProcess
   private
 
   def free_port
+    self.class.free_port
+  end
+
+  def self.free_port
     server = TCPServer.new('127.0.0.1', 0)
     server.addr[1]
   ensure

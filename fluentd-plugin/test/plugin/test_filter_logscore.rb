@@ -145,4 +145,77 @@ class LogscoreFilterTest < Test::Unit::TestCase
       Process.wait(pid)
     end
   end
+
+  test 'forward mode: fluentd out_forward -> sidecar -> fluentd in_forward, every record scored once' do
+    work = Dir.mktmpdir('logscore-forward', self.class.dir)
+    receiver_port, sidecar_port = Array.new(2) { SidecarProcess.free_port }
+    lines = AccessLines.normal(100) + [AccessLines.attack]
+    File.write(File.join(work, 'access.log'), lines.join("\n") + "\n")
+    File.write(File.join(work, 'receiver.conf'), <<~CONF)
+      <source>
+        @type forward
+        bind 127.0.0.1
+        port #{receiver_port}
+      </source>
+      <match web.**>
+        @type file
+        path #{work}/received/out
+        <format>
+          @type json
+        </format>
+        <buffer>
+          flush_mode interval
+          flush_interval 0.5s
+        </buffer>
+      </match>
+    CONF
+    File.write(File.join(work, 'sender.conf'), <<~CONF)
+      <source>
+        @type tail
+        path #{work}/access.log
+        pos_file #{work}/access.pos
+        read_from_head true
+        tag web.access
+        <parse>
+          @type none
+        </parse>
+      </source>
+      <match web.**>
+        @type forward
+        require_ack_response true
+        ack_response_timeout 10s
+        compress gzip
+        <server>
+          host 127.0.0.1
+          port #{sidecar_port}
+        </server>
+        <buffer>
+          flush_interval 0.5s
+          retry_wait 0.5s
+        </buffer>
+      </match>
+    CONF
+    sidecar = SidecarProcess.new(work, forward: "127.0.0.1:#{sidecar_port}",
+                                       forward_to: "127.0.0.1:#{receiver_port}").start
+    pids = %w[receiver sender].map do |name|
+      Process.spawn({ 'RUBYLIB' => FLUENTD_RUBYLIB }, RbConfig.ruby, File.join(FLUENTD_SOURCE, 'bin', 'fluentd'),
+                    '-c', File.join(work, "#{name}.conf"), '-o', File.join(work, "#{name}.log"), '--no-supervisor')
+    end
+    out = []
+    deadline = Time.now + 60
+    until out.size >= lines.size || Time.now > deadline
+      sleep 0.5
+      out = Dir[File.join(work, 'received', 'out*')].select { |f| File.file?(f) }
+                                                     .flat_map { |f| File.readlines(f) }.map { |l| JSON.parse(l) }
+    end
+    assert_equal lines.sort, out.map { |r| r['message'] }.sort, File.read(File.join(work, 'sender.log'))[-2000..]
+    assert(out.all? { |r| r['anomaly_score'].is_a?(Float) })
+    assert_equal 1, out.count { |r| r['is_anomaly'] }
+  ensure
+    pids&.each do |pid|
+      Process.kill('TERM', pid)
+      Process.wait(pid)
+    end
+    sidecar&.stop
+  end
 end
