@@ -1,0 +1,92 @@
+# frozen_string_literal: true
+
+# The real sidecar process and generated access lines, for tests and benchmarks.
+$LOAD_PATH.unshift(File.expand_path('../lib', __dir__))
+require 'fileutils'
+require 'json'
+require 'net/http'
+require 'socket'
+require 'tmpdir'
+require 'logscore/stream_scorer'
+
+ROOT = File.expand_path('../..', __dir__)
+PYTHON = ENV.fetch('LOGSCORE_PYTHON', File.join(ROOT, '.venv', 'bin', 'python'))
+
+# The real `logscore serve` process on a Unix socket in a temporary directory.
+class SidecarProcess
+  attr_reader :socket, :http_port
+
+  def initialize(dir, models_dir: File.join(ROOT, 'models'), **settings)
+    @dir = dir
+    @models_dir = models_dir
+    @settings = settings
+    @socket = File.join(dir, 'logscore.sock')
+    @http_port = free_port
+  end
+
+  def start
+    log = File.open(File.join(@dir, 'sidecar.log'), 'a')
+    flags = @settings.flat_map { |name, value| ["--#{name.to_s.tr('_', '-')}", value.to_s] }
+    @pid = Process.spawn(PYTHON, '-m', 'sidecar', 'serve', '--models-dir', @models_dir, '--socket', @socket,
+                         '--http', "127.0.0.1:#{@http_port}", '--reload-interval-s', '0', *flags,
+                         chdir: ROOT, out: log, err: log)
+    deadline = Time.now + 30
+    until ready?
+      raise "sidecar did not start:\n#{File.read(File.join(@dir, 'sidecar.log'))}" if Time.now > deadline
+
+      sleep 0.05
+    end
+    self
+  end
+
+  def stop
+    return unless @pid
+
+    Process.kill('TERM', @pid)
+    Process.wait(@pid)
+    @pid = nil
+  end
+
+  def ready?
+    Net::HTTP.get_response(URI("http://127.0.0.1:#{@http_port}/readyz")).code == '200'
+  rescue SystemCallError, IOError
+    false
+  end
+
+  private
+
+  def free_port
+    self.class.free_port
+  end
+
+  def self.free_port
+    server = TCPServer.new('127.0.0.1', 0)
+    server.addr[1]
+  ensure
+    server&.close
+  end
+end
+
+module AccessLines
+  AGENT = 'Mozilla/5.0 (X11; Ubuntu; Linux x86_64; rv:27.0) Gecko/20100101 Firefox/27.0'
+  PATHS = ['/favicon.ico', '/style2.css', '/reset.css', '/images/jordan-80.png', '/robots.txt',
+           '/blog/tags/puppet?flav=rss20', '/projects/xdotool/', '/'].freeze
+
+  def self.line(path, ip: '10.0.0.7')
+    %(#{ip} - - [17/May/2015:10:05:03 +0000] "GET #{path} HTTP/1.1" 200 3456 "http://semicomplete.com/" "#{AGENT}")
+  end
+
+  def self.normal(count)
+    Array.new(count) { |i| line(PATHS[i % PATHS.size], ip: "10.0.#{i % 250}.#{i % 200 + 1}") }
+  end
+
+  def self.attack
+    line('/style2.css?id=1%27%20UNION%20SELECT%20password%20FROM%20users--')
+  end
+
+  # Fields as Fluentd's apache2 parser names them.
+  def self.fields(path)
+    { 'host' => '10.0.0.7', 'user' => '-', 'method' => 'GET', 'path' => path, 'code' => 200, 'size' => 3456,
+      'referer' => 'http://semicomplete.com/', 'agent' => AGENT }
+  end
+end
