@@ -37,3 +37,13 @@ def test_ruby_stubs_are_current(tmp_path):
     for relative in generated:
         assert (tmp_path / "rb" / relative).read_text() == (committed / relative).read_text(), (
             f"{relative} is stale: run scripts/generate-protos.sh and commit the result")
+
+
+def test_operations_guide_lists_every_setting():
+    from dataclasses import fields
+
+    from sidecar.settings import Settings
+
+    guide = (ROOT / "docs" / "operations.md").read_text()
+    missing = [f.name for f in fields(Settings) if f"`--{f.name.replace('_', '-')}`" not in guide]
+    assert missing == [], f"docs/operations.md lacks settings: {missing}"
