@@ -3,6 +3,7 @@
     logscore train    learn normal traffic from log files, export one ONNX model
     logscore score    score log lines offline with a model (JSON lines out)
     logscore inspect  show what a model file holds
+    logscore evaluate measure a model on labeled data (ROC-AUC, TPR at low FPR, F1, per type)
     logscore serve    run the sidecar (gRPC + HTTP) on a directory of models
     logscore client   send log lines to a running sidecar and print the scores
 """
@@ -89,6 +90,33 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("model", metavar="FILE.onnx")
     inspect.add_argument("--json", action="store_true", help="the full metadata as JSON")
     inspect.set_defaults(run=run_inspect)
+
+    evaluate = commands.add_parser(
+        "evaluate", help="measure a model on labeled data",
+        description="Score labeled records and report ROC-AUC, PR-AUC, TPR at FPR 1 %% and 0.1 %%, "
+        "precision/recall/F1 at the model's threshold and at the best one, confusion counts and recall "
+        "per attack type; optionally per session, as JSON and PNG plots.")
+    evaluate.add_argument("--model", "-m", required=True, metavar="FILE.onnx")
+    evaluate.add_argument("--normal", nargs="+", default=[], metavar="FILE", help="files of normal lines")
+    evaluate.add_argument("--anomalous", nargs="+", default=[], metavar="FILE", help="files of anomalous lines")
+    evaluate.add_argument("--labeled", metavar="FILE", help="CSV or JSON lines with a label column; the other "
+                          "columns are the record's fields")
+    evaluate.add_argument("--label-column", default="label")
+    evaluate.add_argument("--anomalous-values", default="anomalous,anomaly,1,true,attack",
+                          help="label values that mean anomalous (case-insensitive; comma-separated)")
+    evaluate.add_argument("--type-column", help="column naming the attack type, for recall per type")
+    evaluate.add_argument("--where", action="append", default=[], metavar="COLUMN=VALUE",
+                          help="keep only rows where COLUMN equals VALUE (e.g. split=test)")
+    evaluate.add_argument("--session-key", metavar="REGEX",
+                          help="evaluate per session: records grouped by this regex's match (e.g. 'blk_-?\\d+'); "
+                          "a session scores its most anomalous record")
+    evaluate.add_argument("--session-labels", metavar="FILE.csv",
+                          help="CSV of session id, label (else a session is anomalous if any record is)")
+    evaluate.add_argument("--report", metavar="FILE.json", help="write the report as JSON")
+    evaluate.add_argument("--plots", metavar="PREFIX", help="write PREFIX_histogram.png and PREFIX_roc.png "
+                          "(needs matplotlib)")
+    evaluate.add_argument("--batch", type=int, default=2048)
+    evaluate.set_defaults(run=run_evaluate)
 
     serve = commands.add_parser("serve", help="run the sidecar",
                                 description="Serve the models of a directory over gRPC (Unix socket and/or "
@@ -253,6 +281,93 @@ def score_json(model, result, i: int, line_number: int) -> dict:
     if result.explanations is not None:
         entry["explanation"] = result.explanations[i]
     return entry
+
+
+def read_labeled(args) -> tuple[list, list[int], Optional[list[str]]]:
+    """Records, labels (1 anomalous) and attack types from the evaluate command's inputs."""
+    import csv
+
+    from .errors import InputError
+
+    records: list = []
+    labels: list[int] = []
+    types: Optional[list[str]] = [] if args.type_column else None
+    for paths, label in ((args.normal, 0), (args.anomalous, 1)):
+        for line in read_lines(paths):
+            records.append(line)
+            labels.append(label)
+            if types is not None:
+                types.append("anomalous" if label else "")
+    if args.labeled:
+        anomalous = {v.strip().lower() for v in args.anomalous_values.split(",")}
+        filters = [item.split("=", 1) for item in args.where]
+        if args.labeled.endswith(".csv"):
+            csv.field_size_limit(16 * 1024 * 1024)
+            rows = csv.DictReader(line + "\n" for line in read_lines([args.labeled]))
+        else:
+            rows = (r for r in read_json_records([args.labeled]) if isinstance(r, dict))
+        for row in rows:
+            if any(str(row.get(column)) != value for column, value in filters):
+                continue
+            if args.label_column not in row:
+                raise InputError(f"{args.labeled}: no column {args.label_column!r}; use --label-column")
+            label = int(str(row.pop(args.label_column)).strip().lower() in anomalous)
+            kind = str(row.pop(args.type_column, "") or "") if args.type_column else None
+            records.append({k: v for k, v in row.items() if v not in (None, "")})
+            labels.append(label)
+            if types is not None:
+                types.append(kind if label else "")
+    if not records:
+        raise InputError("no records: give --normal/--anomalous files or --labeled FILE")
+    if len(set(labels)) < 2:
+        raise InputError("the data has one class only; evaluation needs normal and anomalous records")
+    return records, labels, types
+
+
+def run_evaluate(args) -> int:
+    import numpy as np
+
+    from .evaluation import Evaluation, group_sessions, plot
+    from .model import Model
+
+    model = Model.load(args.model)
+    records, labels, types = read_labeled(args)
+    progress = ProgressPrinter()
+    scores = []
+    for start in range(0, len(records), args.batch):
+        scores.append(model.score(records[start: start + args.batch]).scores)
+        progress("scoring", min(start + args.batch, len(records)), len(records))
+    score_array, label_array = np.concatenate(scores).astype(np.float64), np.asarray(labels)
+    report = {"model": model.name, "version": model.version}
+    if args.session_key:
+        texts = [r if isinstance(r, str) else json.dumps(r) for r in records]
+        session_labels = None
+        if args.session_labels:
+            session_labels = {}
+            anomalous = {v.strip().lower() for v in args.anomalous_values.split(",")}
+            for line in list(read_lines([args.session_labels]))[1:]:
+                session, _, value = line.partition(",")
+                session_labels[session.strip()] = int(value.split(",")[0].strip().lower() in anomalous)
+        ids, score_array, label_array = group_sessions(texts, score_array, label_array, args.session_key,
+                                                       session_labels)
+        types = None
+        report["unit"] = "session"
+    else:
+        report["unit"] = "record"
+    report.update(Evaluation(label_array, score_array, model.threshold, types).report())
+    if args.plots:
+        try:
+            report["plots"] = plot(label_array, score_array, args.plots, model.name)
+        except ImportError:
+            print("logscore evaluate: matplotlib is not installed; no plots (pip install matplotlib)",
+                  file=sys.stderr)
+    text = json.dumps(report, indent=2)
+    if args.report:
+        from pathlib import Path
+
+        Path(args.report).write_text(text + "\n")
+    print(text)
+    return 0
 
 
 def run_inspect(args) -> int:

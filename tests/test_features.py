@@ -51,8 +51,12 @@ def test_url_structure_features():
     assert "value /cart/add?qty=3" in features  # qty is an enumeration
     assert not any(f.startswith("value /cart/add?item") for f in features)
     assert "shape x=' a 9=9" in features  # decoded twice
+    assert {"character x='", "character x==", "character x= "} <= features
     assert "value encoded more than once: x" in features
     assert "path /products/{id}/reviews" in set(converter.features("/products/981/reviews"))
+    long_value = set(converter.features("/p?address=Calle+Mayor+12%2C+4%C2%BA+B"))
+    assert not any(f.startswith("shape address") for f in long_value)  # too specific to recur
+    assert "character address=," in long_value
 
 
 def test_url_converter_learns_enumerations():

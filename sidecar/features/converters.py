@@ -116,6 +116,9 @@ _ID_SEGMENT = re.compile(
     r"\d+|[0-9a-fA-F]{8,}|[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 
 
+MAX_EXACT_SHAPE = 12  # longer value shapes are described by their characters only
+
+
 def mask_segment(segment: str) -> str:
     return "{id}" if _ID_SEGMENT.fullmatch(segment) else segment
 
@@ -203,8 +206,13 @@ class UrlConverter(Converter):
         for name, param_value in params:
             slot = f"{template}?{name}"
             shape = value_shape(param_value)
-            yield f"shape {name}={shape}"
-            yield f"shape {slot}={shape}"
+            # Characters this parameter never held ("'" in an id, "<" in a name) are the
+            # strongest signal; a long value's exact shape is too specific to be seen twice.
+            if len(shape) <= MAX_EXACT_SHAPE:
+                yield f"shape {name}={shape}"
+                yield f"shape {slot}={shape}"
+            for symbol in dict.fromkeys(shape):
+                yield f"character {name}={symbol}"
             if slot in self.enumerated:
                 yield f"value {slot}={param_value[:64]}"
             yield f"length {slot}={length_bucket(len(param_value))}"

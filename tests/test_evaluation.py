@@ -1,0 +1,95 @@
+"""Metrics on data with known answers, and `logscore evaluate` end to end."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from sidecar.evaluation import (Evaluation, average_precision, best_f1, confusion, group_sessions, roc_auc,
+                                tpr_at_fpr)
+
+from .generate import ATTACKS, attack_lines, shop_lines
+from .sidecar_process import ROOT
+
+
+def test_perfectly_separable_sets():
+    labels = np.array([0] * 50 + [1] * 50)
+    scores = np.concatenate([np.linspace(0, 0.4, 50), np.linspace(0.6, 1, 50)])
+    assert roc_auc(labels, scores) == 1.0
+    assert average_precision(labels, scores) == 1.0
+    assert tpr_at_fpr(labels, scores, 0.01) == (1.0, 0.6)
+
+
+def test_identical_sets_are_near_chance():
+    rng = np.random.default_rng(0)
+    scores = rng.normal(size=20_000)
+    labels = rng.integers(0, 2, size=20_000)
+    assert abs(roc_auc(labels, scores) - 0.5) < 0.02
+    assert roc_auc(labels, np.zeros(20_000)) == 0.5  # all tied
+
+
+def test_small_known_example():
+    labels, scores = np.array([0, 0, 1, 1]), np.array([0.1, 0.4, 0.35, 0.8])
+    assert roc_auc(labels, scores) == 0.75
+    assert average_precision(labels, scores) == pytest.approx((1 + 2 / 3) / 2)
+    assert tpr_at_fpr(labels, scores, 0.0) == (0.5, 0.8)
+    assert tpr_at_fpr(labels, scores, 0.5) == (1.0, 0.35)
+    assert confusion(labels, scores >= 0.35) == {"tp": 2, "fp": 1, "tn": 1, "fn": 0, "precision": 0.6667,
+                                                 "recall": 1.0, "f1": 0.8, "fpr": 0.5}
+    assert best_f1(labels, scores)["threshold"] == 0.35
+
+
+def test_recall_by_type():
+    evaluation = Evaluation(np.array([1, 1, 1, 0]), np.array([0.9, 0.1, 0.95, 0.2]), 0.5,
+                            ["sqli", "xss", "sqli", ""])
+    assert evaluation.recall_by_type() == {"sqli": {"recall": 1.0, "count": 2}, "xss": {"recall": 0.0, "count": 1}}
+
+
+def test_sessions_take_their_most_anomalous_record():
+    texts = ["a blk_1 x", "b blk_2", "c blk_1", "no key", "d blk_3"]
+    ids, scores, labels = group_sessions(texts, np.array([0.2, 0.1, 0.9, 1.0, 0.3]), np.array([0, 0, 1, 1, 0]),
+                                         r"blk_\d+")
+    assert ids == ["blk_1", "blk_2", "blk_3"]
+    assert scores.tolist() == [0.9, 0.1, 0.3] and labels.tolist() == [1, 0, 0]
+    _, _, overridden = group_sessions(texts, np.zeros(5), np.zeros(5), r"blk_\d+", {"blk_2": 1})
+    assert overridden.tolist() == [0, 1, 0]
+
+
+def evaluate(*args) -> dict:
+    result = subprocess.run([sys.executable, "-m", "sidecar", "evaluate", *map(str, args)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_evaluate_command_on_files_and_labeled_jsonl(tmp_path, shop_model_path):
+    normal = shop_lines(2000, seed=60)
+    attacks = attack_lines(shop_lines(300, seed=61), 200, seed=62)
+    (tmp_path / "normal.log").write_text("\n".join(normal) + "\n")
+    (tmp_path / "attacks.log").write_text("\n".join(line for _, line in attacks) + "\n")
+    report = evaluate("--model", shop_model_path, "--normal", tmp_path / "normal.log",
+                      "--anomalous", tmp_path / "attacks.log", "--report", tmp_path / "r.json")
+    assert report["records"] == 2200 and report["anomalous"] == 200
+    assert report["roc_auc"] > 0.98 and report["tpr_at_fpr_1pct"] > 0.9
+    assert json.loads((tmp_path / "r.json").read_text()) == report
+    rows = [{"message": line, "label": "normal", "split": "test"} for line in normal[:500]]
+    rows += [{"message": line, "label": "anomalous", "kind": kind, "split": "test"} for kind, line in attacks]
+    rows += [{"message": "ignored", "label": "anomalous", "split": "train"}]
+    (tmp_path / "labeled.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    typed = evaluate("--model", shop_model_path, "--labeled", tmp_path / "labeled.jsonl", "--type-column", "kind",
+                     "--where", "split=test")
+    assert typed["records"] == 700
+    assert set(typed["recall_by_type"]) == set(ATTACKS)
+
+
+def test_evaluate_sessions(tmp_path, shop_model_path):
+    normal = shop_lines(400, seed=63)
+    lines = [f"{line} session=s{i % 40}" for i, line in enumerate(normal)]
+    attacks = [f"{line} session=x{i % 10}" for i, (_, line) in enumerate(attack_lines(normal, 30, seed=64))]
+    (tmp_path / "n.log").write_text("\n".join(lines) + "\n")
+    (tmp_path / "a.log").write_text("\n".join(attacks) + "\n")
+    report = evaluate("--model", shop_model_path, "--normal", tmp_path / "n.log", "--anomalous", tmp_path / "a.log",
+                      "--session-key", r"session=\w+")
+    assert report["unit"] == "session" and report["records"] == 50 and report["anomalous"] == 10
