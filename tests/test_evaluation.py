@@ -70,8 +70,11 @@ def test_evaluate_command_on_files_and_labeled_jsonl(tmp_path, shop_model_path):
     (tmp_path / "normal.log").write_text("\n".join(normal) + "\n")
     (tmp_path / "attacks.log").write_text("\n".join(line for _, line in attacks) + "\n")
     report = evaluate("--model", shop_model_path, "--normal", tmp_path / "normal.log",
-                      "--anomalous", tmp_path / "attacks.log", "--report", tmp_path / "r.json")
+                      "--anomalous", tmp_path / "attacks.log", "--report", tmp_path / "r.json",
+                      "--plots", tmp_path / "shop")
     assert report["records"] == 2200 and report["anomalous"] == 200
+    for png in report["plots"]:
+        assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     assert report["roc_auc"] > 0.98 and report["tpr_at_fpr_1pct"] > 0.9
     assert json.loads((tmp_path / "r.json").read_text()) == report
     rows = [{"message": line, "label": "normal", "split": "test"} for line in normal[:500]]
