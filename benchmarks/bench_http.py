@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
-from benchmarks.bench_scoring import machine  # noqa: E402
+from benchmarks.common import machine, write_results  # noqa: E402
 from tests.generate import blog_lines  # noqa: E402
 from tests.sidecar_process import SidecarProcess  # noqa: E402
 
@@ -83,9 +83,7 @@ def main() -> int:
                   f"request p50 {row['request_p50_ms']} ms  p99 {row['request_p99_ms']} ms", flush=True)
     finally:
         sidecar.stop()
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {args.json}")
+    write_results(args.json, results)
     return 0
 
 

@@ -10,9 +10,6 @@ one thread. Prints a table and writes JSON with the machine described.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import sys
 import time
 import warnings
@@ -22,8 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
-import onnxruntime  # noqa: E402
 
+from benchmarks.common import machine, write_results  # noqa: E402
 from sidecar.features import load_spec  # noqa: E402
 from sidecar.model import Model, run_graph  # noqa: E402
 from sidecar.training.detectors import DETECTORS  # noqa: E402
@@ -31,19 +28,6 @@ from sidecar.training.train import TrainOptions, save_model, train  # noqa: E402
 from tests.generate import shop_lines  # noqa: E402
 
 BATCHES = (1, 100, 1000, 10000)
-
-
-def machine() -> dict:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
-            "numpy": np.__version__, "onnxruntime": onnxruntime.__version__}
 
 
 def median_seconds(function, repeats: int) -> float:
@@ -91,9 +75,7 @@ def main() -> int:
         for row in rows:
             print(f"{kind:18} {row['batch']:>6} {row['featurize_us_per_record']:>13} "
                   f"{row['score_us_per_record']:>9} {row['total_us_per_record']:>9}")
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {args.json}")
+    write_results(args.json, results)
     return 0
 
 

@@ -15,7 +15,6 @@ the figures: compare ratios across machines, not absolute numbers.
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing
 import sys
 import tempfile
@@ -27,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
-from benchmarks.bench_scoring import machine  # noqa: E402
+from benchmarks.common import machine, write_results  # noqa: E402
 from tests.generate import blog_lines  # noqa: E402
 from tests.sidecar_process import SidecarProcess, free_port  # noqa: E402
 
@@ -155,9 +154,7 @@ def main() -> int:
         print(f"sidecar memory: {results['memory']}")
     finally:
         sidecar.stop()
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {args.json}")
+    write_results(args.json, results)
     return 0
 
 

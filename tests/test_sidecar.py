@@ -265,10 +265,17 @@ def test_health_reflection_and_metrics(sidecar):
 
 # --- hot reload ---------------------------------------------------------------------------
 
-def test_hot_reload_adds_rejects_and_keeps_serving(tmp_path, shop_model_path):
+@pytest.fixture()
+def shop_only(tmp_path, shop_model_path):
+    """A models directory holding the shop model alone."""
     models = tmp_path / "models"
     models.mkdir()
     shutil.copy(shop_model_path, models / "shop.onnx")
+    return models
+
+
+def test_hot_reload_adds_rejects_and_keeps_serving(tmp_path, shop_model_path, shop_only):
+    models = shop_only
     process = SidecarProcess(models, tmp_path).start()
     try:
         shop_version = process.model_versions()["shop"]
@@ -295,10 +302,8 @@ def test_hot_reload_adds_rejects_and_keeps_serving(tmp_path, shop_model_path):
         assert process.stop() == 0
 
 
-def test_sighup_reloads_and_in_flight_calls_finish_on_their_model(tmp_path, shop_model_path):
-    models = tmp_path / "models"
-    models.mkdir()
-    shutil.copy(shop_model_path, models / "shop.onnx")
+def test_sighup_reloads_and_in_flight_calls_finish_on_their_model(tmp_path, shop_only):
+    models = shop_only
     process = SidecarProcess(models, tmp_path, reload_interval_s=0).start()
     try:
         old_version = process.model_versions()["shop"]
@@ -318,11 +323,8 @@ def test_sighup_reloads_and_in_flight_calls_finish_on_their_model(tmp_path, shop
 
 # --- shutdown and auth ------------------------------------------------------------------------
 
-def test_sigterm_drains_in_flight_calls(tmp_path, shop_model_path):
-    models = tmp_path / "models"
-    models.mkdir()
-    shutil.copy(shop_model_path, models / "shop.onnx")
-    process = SidecarProcess(models, tmp_path).start()
+def test_sigterm_drains_in_flight_calls(tmp_path, shop_only):
+    process = SidecarProcess(shop_only, tmp_path).start()
     heavy = pb.ScoreRequest(model="shop", lines=pb.RawLines(
         lines=[line.encode() for line in shop_lines(20_000, seed=48)]))
     result = {}
@@ -335,12 +337,9 @@ def test_sigterm_drains_in_flight_calls(tmp_path, shop_model_path):
     assert not (tmp_path / "logscore.sock").exists()
 
 
-def test_token_and_mutual_tls(tmp_path, shop_model_path, certificates):
-    models = tmp_path / "models"
-    models.mkdir()
-    shutil.copy(shop_model_path, models / "shop.onnx")
+def test_token_and_mutual_tls(tmp_path, shop_only, certificates):
     (tmp_path / "token").write_text("s3cret\n")
-    process = SidecarProcess(models, tmp_path, ca_file=certificates["ca.pem"], token_file=tmp_path / "token",
+    process = SidecarProcess(shop_only, tmp_path, ca_file=certificates["ca.pem"], token_file=tmp_path / "token",
                              client_cert=(certificates["client.pem"], certificates["client.key"]),
                              tcp=f"127.0.0.1:{free_port()}",
                              tls_cert=certificates["server.pem"], tls_key=certificates["server.key"],

@@ -25,14 +25,28 @@ class SidecarProcess
   end
 
   def start
+    spawn
+    wait_until('ready') { ready? }
+  end
+
+  # For a sidecar without plain HTTP (e.g. TLS): ready once its Unix socket exists.
+  def start_grpc
+    spawn
+    wait_until('socket') { File.socket?(@socket) }
+  end
+
+  def spawn
     log = File.open(File.join(@dir, 'sidecar.log'), 'a')
-    flags = @settings.flat_map { |name, value| ["--#{name.to_s.tr('_', '-')}", value.to_s] }
+    settings = { http: "127.0.0.1:#{@http_port}", reload_interval_s: 0 }.merge(@settings)
+    flags = settings.flat_map { |name, value| ["--#{name.to_s.tr('_', '-')}", value.to_s] }
     @pid = Process.spawn(PYTHON, '-m', 'sidecar', 'serve', '--models-dir', @models_dir, '--socket', @socket,
-                         '--http', "127.0.0.1:#{@http_port}", '--reload-interval-s', '0', *flags,
-                         chdir: ROOT, out: log, err: log)
+                         *flags, chdir: ROOT, out: log, err: log)
+  end
+
+  def wait_until(what)
     deadline = Time.now + 30
-    until ready?
-      raise "sidecar did not start:\n#{File.read(File.join(@dir, 'sidecar.log'))}" if Time.now > deadline
+    until yield
+      raise "sidecar not #{what}:\n#{File.read(File.join(@dir, 'sidecar.log'))}" if Time.now > deadline
 
       sleep 0.05
     end

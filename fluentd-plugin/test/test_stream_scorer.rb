@@ -100,6 +100,35 @@ class StreamScorerTest < Test::Unit::TestCase
     assert_equal 'unavailable', failed[0][2].reason
   end
 
+  test 'TLS with a bearer token' do
+    dir = Dir.mktmpdir('logscore-tls')
+    Dir.chdir(dir) do
+      openssl = ->(*args) { system('openssl', *args, out: File::NULL, err: File::NULL) || raise("openssl #{args.first}") }
+      openssl.call('req', '-x509', '-newkey', 'rsa:2048', '-nodes', '-keyout', 'ca.key', '-out', 'ca.pem',
+                   '-days', '2', '-subj', '/CN=test CA')
+      openssl.call('req', '-newkey', 'rsa:2048', '-nodes', '-keyout', 'server.key', '-out', 'server.csr',
+                   '-subj', '/CN=localhost')
+      File.write('ext', "subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+      openssl.call('x509', '-req', '-in', 'server.csr', '-CA', 'ca.pem', '-CAkey', 'ca.key', '-CAcreateserial',
+                   '-out', 'server.pem', '-days', '2', '-extfile', 'ext')
+      File.write('token', "t0ken\n")
+    end
+    port = SidecarProcess.free_port
+    sidecar = SidecarProcess.new(dir, tcp: "127.0.0.1:#{port}", tls_cert: "#{dir}/server.pem",
+                                      tls_key: "#{dir}/server.key", token_file: "#{dir}/token", http: '').start_grpc
+    entries = -> { [[1, { 'message' => AccessLines.attack }]] }
+    ok = scorer(endpoint: "localhost:#{port}", message_key: 'message', tls_ca: "#{dir}/ca.pem", token: 't0ken')
+    assert_equal true, ok.score('web', entries.call)[0][1]['is_anomaly']
+    refused = scorer(endpoint: "localhost:#{port}", message_key: 'message', tls_ca: "#{dir}/ca.pem")
+    failed = []
+    refused.score('web', entries.call) { |_, _, error| failed << error }
+    assert_equal [], failed # on_error pass: no handler called
+    assert_equal 1, refused.client.stats[:failures]
+  ensure
+    sidecar&.stop
+    FileUtils.rm_rf(dir)
+  end
+
   test 'reconnects after the sidecar restarts' do
     dir = Dir.mktmpdir('logscore-restart')
     sidecar = SidecarProcess.new(dir).start

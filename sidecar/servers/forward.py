@@ -32,6 +32,7 @@ import msgpack
 
 from ..errors import LogscoreError
 from ..scoring import ScoreCall, ScoringService
+from .streams import StreamServer
 
 log = logging.getLogger("logscore.forward")
 
@@ -136,52 +137,30 @@ class NextHop:
             self._close()
 
 
-class ForwardServer:
+class ForwardServer(StreamServer):
     def __init__(self, service: ScoringService, next_hop: NextHop, max_message_bytes: int):
+        super().__init__()
         self.service = service
         self.next_hop = next_hop
         self.max_message_bytes = max_message_bytes
-        self._server: Optional[asyncio.base_events.Server] = None
-        self._connections: set[asyncio.Task] = set()
-
-    async def start(self, host: str, port: int, ssl=None) -> None:
-        self._server = await asyncio.start_server(self._connection, host, port, ssl=ssl)
-
-    @property
-    def port(self) -> int:
-        return self._server.sockets[0].getsockname()[1]
 
     async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            for task in list(self._connections):
-                task.cancel()
-            await self._server.wait_closed()
+        await super().stop()
         await self.next_hop.close()
 
-    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        self._connections.add(task)
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         unpacker = msgpack.Unpacker(raw=False, unicode_errors=EXACT, strict_map_key=False,
                                     max_buffer_size=self.max_message_bytes)
-        peer = writer.get_extra_info("peername")
         try:
-            while True:
-                data = await reader.read(256 * 1024)
-                if not data:
-                    return
+            while data := await reader.read(256 * 1024):
                 unpacker.feed(data)
                 for message in unpacker:
                     await self._handle(message, writer)
         except (ForwardProtocolError, ValueError, msgpack.UnpackException, OSError) as error:
             # Not forward protocol (or a broken gzip chunk): close; an acking sender resends.
-            log.warning("forward connection closed", extra={"peer": str(peer), "error": str(error)})
+            log.warning("forward connection closed",
+                        extra={"peer": str(writer.get_extra_info("peername")), "error": str(error)})
             self.service.metrics.child(self.service.metrics.errors, "forward_protocol", "forward").inc()
-        except asyncio.CancelledError:
-            pass
-        finally:
-            self._connections.discard(task)
-            writer.close()
 
     async def _handle(self, raw, writer: asyncio.StreamWriter) -> None:
         message = decode_message(raw)

@@ -29,6 +29,7 @@ from urllib.parse import parse_qs, urlsplit
 from ..errors import (DeadlineExceeded, InvalidRequest, LogscoreError, ModelNotFound, Overloaded, ShuttingDown,
                       Unauthenticated)
 from ..scoring import ScoreCall, ScoreOutcome, ScoringService
+from .streams import StreamServer
 
 log = logging.getLogger("logscore.http")
 
@@ -83,52 +84,30 @@ class HttpError(Exception):
         self.status, self.close = status, close
 
 
-class HttpServer:
+class HttpServer(StreamServer):
+    read_limit = MAX_HEADER_BYTES
+
     def __init__(self, routes: dict[tuple[str, str], Handler], max_body_bytes: int):
+        super().__init__()
         self.routes = routes
         self.max_body_bytes = max_body_bytes
-        self._server: Optional[asyncio.base_events.Server] = None
-        self._connections: set[asyncio.Task] = set()
 
-    async def start(self, host: str, port: int, ssl=None) -> None:
-        self._server = await asyncio.start_server(self._connection, host, port, ssl=ssl,
-                                                  limit=MAX_HEADER_BYTES)
-
-    @property
-    def port(self) -> int:
-        return self._server.sockets[0].getsockname()[1]
-
-    async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            for task in list(self._connections):
-                task.cancel()
-            await self._server.wait_closed()
-
-    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        self._connections.add(task)
-        try:
-            while True:
-                try:
-                    request = await asyncio.wait_for(self._read_request(reader), IDLE_TIMEOUT_S)
-                except HttpError as error:
-                    await self._write(writer, Response.error(error.status, str(error)), keep_alive=False)
-                    return
-                except (asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError):
-                    return
-                if request is None:
-                    return
-                response = await self._dispatch(request)
-                keep_alive = request.headers.get("connection", "").lower() != "close"
-                await self._write(writer, response, keep_alive)
-                if not keep_alive:
-                    return
-        except asyncio.CancelledError:
-            pass
-        finally:
-            self._connections.discard(task)
-            writer.close()
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            try:
+                request = await asyncio.wait_for(self._read_request(reader), IDLE_TIMEOUT_S)
+            except HttpError as error:
+                await self._write(writer, Response.error(error.status, str(error)), keep_alive=False)
+                return
+            except (asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError):
+                return
+            if request is None:
+                return
+            response = await self._dispatch(request)
+            keep_alive = request.headers.get("connection", "").lower() != "close"
+            await self._write(writer, response, keep_alive)
+            if not keep_alive:
+                return
 
     async def _read_request(self, reader: asyncio.StreamReader) -> Optional[Request]:
         try:

@@ -32,6 +32,22 @@ class LogscoreFilterTest < Test::Unit::TestCase
     Fluent::Test::Driver::Filter.new(Fluent::Plugin::LogscoreFilter).configure(conf)
   end
 
+  # in_tail reading work/access.log from the start, tagged web.access.
+  def tail_source(work, parser)
+    <<~CONF
+      <source>
+        @type tail
+        path #{work}/access.log
+        pos_file #{work}/access.pos
+        read_from_head true
+        tag web.access
+        <parse>
+          @type #{parser}
+        </parse>
+      </source>
+    CONF
+  end
+
   def base_conf(extra = '')
     "endpoint unix://#{self.class.sidecar.socket}\ntimeout 2s\n#{extra}"
   end
@@ -96,16 +112,7 @@ class LogscoreFilterTest < Test::Unit::TestCase
     lines = AccessLines.normal(300) + [AccessLines.attack] * 5
     File.write(File.join(work, 'access.log'), lines.join("\n") + "\n")
     File.write(File.join(work, 'fluent.conf'), <<~CONF)
-      <source>
-        @type tail
-        path #{work}/access.log
-        pos_file #{work}/access.pos
-        read_from_head true
-        tag web.access
-        <parse>
-          @type apache2
-        </parse>
-      </source>
+      #{tail_source(work, 'apache2')}
       <filter web.**>
         @type logscore
         endpoint unix://#{self.class.sidecar.socket}
@@ -170,16 +177,7 @@ class LogscoreFilterTest < Test::Unit::TestCase
       </match>
     CONF
     File.write(File.join(work, 'sender.conf'), <<~CONF)
-      <source>
-        @type tail
-        path #{work}/access.log
-        pos_file #{work}/access.pos
-        read_from_head true
-        tag web.access
-        <parse>
-          @type none
-        </parse>
-      </source>
+      #{tail_source(work, 'none')}
       <match web.**>
         @type forward
         require_ack_response true

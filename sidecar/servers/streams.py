@@ -1,0 +1,44 @@
+"""A TCP server base for the surfaces written on asyncio streams (HTTP, forward)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Optional
+
+
+class StreamServer:
+    """Serves each connection with ``serve(reader, writer)``; ``stop`` ends them all."""
+
+    read_limit = 64 * 1024  # longest line StreamReader.readline accepts
+
+    def __init__(self):
+        self._server: Optional[asyncio.base_events.Server] = None
+        self._connections: set[asyncio.Task] = set()
+
+    async def start(self, host: str, port: int, ssl=None) -> None:
+        self._server = await asyncio.start_server(self._connection, host, port, ssl=ssl, limit=self.read_limit)
+
+    @property
+    def port(self) -> int:
+        return self._server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            for task in list(self._connections):
+                task.cancel()
+            await self._server.wait_closed()
+
+    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        self._connections.add(task)
+        try:
+            await self.serve(reader, writer)
+        except asyncio.CancelledError:
+            pass
+        finally:
+            self._connections.discard(task)
+            writer.close()
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        raise NotImplementedError
