@@ -40,8 +40,9 @@ CSIC_SPEC = {
         {"field": "method", "converters": [{"kind": "categorical", "weight": 3}]},
     ],
 }
-# HDFS lines: masked tokens and the line template.
-HDFS_SPEC = {"format": "plain", "fields": [{"field": "message", "converters": [{"kind": "tokens"}]}]}
+# Sessions (one record per block): event n-grams in order, first/last event, length.
+SESSION_SPEC = {"format": "jsonl", "fields": [{"field": "events", "converters": [
+    {"kind": "sequence", "n": [1, 2], "separator": "\n"}]}]}
 
 
 def progress(stage, done, total, unit="records"):
@@ -79,32 +80,79 @@ def csic(data: Path, workdir: Path, detectors: list[str]) -> dict:
     return {"labels": labels, "scores": scores, "threshold": model.threshold}
 
 
+def sessions(training: list[list[str]], test: list[list[str]], labels: list[int], name: str, workdir: Path,
+             detectors: list[str]) -> dict:
+    def record(events):
+        return {"events": "\n".join(events)}
+
+    model = fit([record(e) for e in training], SESSION_SPEC, name, workdir, detectors=detectors, target_fpr=0.01)
+    return {"labels": np.array(labels, dtype=bool), "scores": score_all(model, [record(e) for e in test]),
+            "threshold": model.threshold, "unit": "session"}
+
+
+def hdfs_sessions(data: Path, workdir: Path, detectors: list[str]) -> dict:
+    """DeepLog's sessions: fit on 80 % of hdfs_train, test on the other 20 % + hdfs_test_abnormal."""
+    folder = data / "hdfs_sessions_deeplog"
+    read = lambda name: [line.split() for line in (folder / name).read_text().splitlines() if line.strip()]  # noqa: E731
+    normal, abnormal = read("hdfs_train"), read("hdfs_test_abnormal")
+    order = np.random.default_rng(0).permutation(len(normal))
+    cut = int(len(normal) * 0.8)
+    training = [normal[i] for i in order[:cut]]
+    test = [normal[i] for i in order[cut:]] + abnormal
+    labels = [0] * (len(normal) - cut) + [1] * len(abnormal)
+    return sessions(training, test, labels, "hdfs-sessions-" + "-".join(detectors), workdir, detectors)
+
+
+def hdfs_100k(data: Path, workdir: Path, detectors: list[str]) -> dict:
+    """Blocks of HDFS_100k as template sequences, deeploglizer's split; fit on normal train blocks."""
+    folder = data / "hdfs_100k_block_labels"
+    split = {row["BlockId"]: row["deeploglizer_split"]
+             for row in csv.DictReader(open(folder / "hdfs_100k_block_labels.csv"))}
+    blocks = [json.loads(line) for line in open(folder / "hdfs_100k_block_template_sequences.jsonl")]
+    training = [b["templates"] for b in blocks if split.get(b["BlockId"]) == "train" and b["label"] == 0]
+    test = [b for b in blocks if split.get(b["BlockId"]) == "test"]
+    return sessions(training, [b["templates"] for b in test], [b["label"] for b in test],
+                    "hdfs-100k-" + "-".join(detectors), workdir, detectors)
+
+
 def hdfs_20k(data: Path, workdir: Path, detectors: list[str]) -> dict:
+    """Raw HDFS lines grouped by block: each block's sequence of line templates (numbers, ids and
+    IPs masked by the product's own masking). Fit on the normal blocks that start in the first
+    half of the file; test on the blocks that start in the second half."""
+    from sidecar.features.converters import mask_variables
+
     folder = data / "hdfs_20k_labeled"
     lines = (folder / "HDFS_20000.log").read_text(errors="replace").splitlines()
-    labels = [row["Label"] == "Anomaly" for row in csv.DictReader(open(folder / "HDFS_20000.line_labels.csv"))]
-    blocks = [re.findall(r"blk_-?\d+", line) for line in lines]
-    # Fit on the lines of normal blocks in the first half; evaluate blocks of the second half.
+    line_labels = [row["Label"] == "Anomaly" for row in csv.DictReader(open(folder / "HDFS_20000.line_labels.csv"))]
+    events: dict[str, list[str]] = {}
+    first_line: dict[str, int] = {}
+    anomalous: dict[str, bool] = {}
+    for number, (line, label) in enumerate(zip(lines, line_labels)):
+        template = mask_variables(re.sub(r"blk_-?\d+", "<blk>", line.split(" ", 3)[-1]))
+        for block in set(re.findall(r"blk_-?\d+", line)):
+            events.setdefault(block, []).append(template)
+            first_line.setdefault(block, number)
+            anomalous[block] = anomalous.get(block, False) or label
     half = len(lines) // 2
-    training = [{"message": line} for line, label in zip(lines[:half], labels[:half]) if not label]
-    model = fit(training, HDFS_SPEC, "hdfs-" + "-".join(detectors), workdir, detectors=detectors, target_fpr=0.01)
-    test_lines = lines[half:]
-    scores = score_all(model, [{"message": line} for line in test_lines])
-    first_half_blocks = {b for found in blocks[:half] for b in found}
-    keep = [i for i, found in enumerate(blocks[half:]) if found and found[0] not in first_half_blocks]
-    ids, session_scores, session_labels = group_sessions(
-        [test_lines[i] for i in keep], scores[keep], np.array(labels[half:])[keep], r"blk_-?\d+")
-    return {"labels": session_labels.astype(bool), "scores": session_scores, "threshold": model.threshold,
-            "unit": "block"}
+    training = [events[b] for b in events if first_line[b] < half and not anomalous[b]]
+    test_blocks = [b for b in events if first_line[b] >= half]
+    return sessions(training, [events[b] for b in test_blocks], [int(anomalous[b]) for b in test_blocks],
+                    "hdfs-20k-" + "-".join(detectors), workdir, detectors)
 
 
 EVALUATIONS = {
     "csic": ("CSIC 2010 HTTP requests (fit: 36,000 normal train; test: 36,000 normal + 25,065 attacks)", csic),
-    "hdfs_20k": ("HDFS first 20,000 lines, per block (fit: normal blocks' lines of the first half; "
+    "hdfs_sessions": ("HDFS DeepLog sessions (fit: 80 % of hdfs_train; test: the other 20 % + 16,838 "
+                      "abnormal)", hdfs_sessions),
+    "hdfs_100k": ("HDFS 100k blocks, deeploglizer split (fit: normal train blocks; test: 1,531 normal + 57 "
+                  "anomalous)", hdfs_100k),
+    "hdfs_20k": ("HDFS first 20,000 raw lines grouped by block (fit: normal blocks of the first half; "
                  "test: blocks starting in the second half)", hdfs_20k),
 }
 DETECTOR_SETS = {"csic": [["rarity"], ["isolation_forest"], ["rarity", "isolation_forest"]],
-                 "hdfs_20k": [["rarity"], ["pca"]]}
+                 "hdfs_sessions": [["rarity"], ["pca"], ["rarity", "pca"]],
+                 "hdfs_100k": [["rarity"], ["pca"]],
+                 "hdfs_20k": [["rarity"]]}
 
 
 def table(results: list[dict]) -> str:

@@ -122,3 +122,21 @@ def test_spec_round_trips_with_learned_state():
     again = Featurizer(featurizer.spec())
     assert again.spec() == featurizer.spec()
     assert keys_by_row(again.transform(lines[:20])) == keys_by_row(featurizer.transform(lines[:20]))
+
+
+def test_sequence_features_keep_order_and_ends():
+    from sidecar.features.converters import SequenceConverter
+
+    features = list(SequenceConverter("events", n=[1, 2]).features("22 5 5 11"))
+    assert features == ["1-gram 22", "1-gram 5", "1-gram 5", "1-gram 11", "2-gram 22 5", "2-gram 5 5",
+                        "2-gram 5 11", "first 22", "last 11", "length 3"]
+    templates = SequenceConverter("events", n=[2, 2], separator="\n").features("Receiving block <*>\nDeleting <*>")
+    assert "2-gram Receiving block <*> Deleting <*>" in list(templates)
+
+
+def test_sequence_counts_reach_the_weights():
+    spec = {"format": "jsonl", "fields": [{"field": "events", "converters": [
+        {"kind": "sequence", "n": [1, 1], "weighting": "tf"}]}]}
+    batch = Featurizer(spec).transform([{"events": "a b a a"}])
+    weights = {batch.name(i): float(batch.weights[i]) for i in range(len(batch.keys))}
+    assert weights["events sequence: 1-gram a"] == 3 and weights["events sequence: 1-gram b"] == 1

@@ -253,6 +253,27 @@ class TokensConverter(Converter):
             yield f"template {' '.join(masked.split())[:256]}"
 
 
+class SequenceConverter(Converter):
+    """A session as a sequence of events ("22 5 5 11 9" or template ids): the events,
+    their n-grams in order (an unseen transition is what DeepLog-style detectors catch),
+    the first and last event, and the length. Use ``weighting: log_tf`` to let vector
+    detectors see the counts (a missing replication step is a count anomaly)."""
+
+    kind = "sequence"
+    options = {"n": [1, 3], "separator": None, "max_events": 2048}
+
+    def features(self, value: str) -> Iterator[str]:
+        events = value.split(self.config["separator"])[: self.config["max_events"]]
+        low, high = self.config["n"]
+        for n in range(int(low), int(high) + 1):
+            for i in range(len(events) - n + 1):
+                yield f"{n}-gram {' '.join(events[i: i + n])}"
+        if events:
+            yield f"first {events[0]}"
+            yield f"last {events[-1]}"
+        yield f"length {length_bucket(len(events))}"
+
+
 class CategoricalConverter(Converter):
     """The value itself; ``transform: status_class`` keeps only the first digit (``4xx``)."""
 
@@ -388,7 +409,8 @@ class NgramConverter(Converter):
 
 CONVERTERS: dict[str, type[Converter]] = {
     cls.kind: cls
-    for cls in (UrlConverter, TokensConverter, CategoricalConverter, NumericConverter, NgramConverter)
+    for cls in (UrlConverter, TokensConverter, SequenceConverter, CategoricalConverter, NumericConverter,
+                NgramConverter)
 }
 
 
