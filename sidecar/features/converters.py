@@ -293,13 +293,21 @@ class NumericConverter(Converter):
     kind = "numeric"
 
     def features(self, value: str) -> Iterator[str]:
-        number = parse_number(value)
-        yield "not a number" if number is None else f"magnitude {int(number).bit_length()}"
+        yield value  # the bucket label made by transform
 
     def transform(self, ids, distinct, values: Values, sink: FeatureSink) -> None:
-        super().transform(ids, distinct, values, sink)
+        # NOTE: numbers rarely repeat but their buckets do: featurize (and cache) by bucket.
         numbers = [parse_number(v) if v is not None else None for v in values]
+        labels = [MISSING if v is None else "not a number" if x is None else f"magnitude {int(x).bit_length()}"
+                  for v, x in zip(values, numbers)]
+        index: dict[str, int] = {}
+        label_ids = np.fromiter((index.setdefault(label, len(index)) for label in labels), dtype=np.int64,
+                                count=len(labels))
+        sink.add_values(label_ids, self._featurize_distinct(list(index)))
         sink.add_numeric(np.array([math.log1p(x) if x is not None else 0.0 for x in numbers]))
+
+    def featurize(self, values: Sequence[Optional[str]]) -> list[ValueFeatures]:
+        return [self._hash_texts((v,)) for v in values]
 
 
 def parse_number(value: str) -> Optional[float]:
