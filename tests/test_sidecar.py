@@ -128,7 +128,7 @@ def test_stream_answers_each_request_in_order(sidecar):
 
     responses = list(sidecar.stub().ScoreStream(requests(), timeout=10))
     assert [r.request_id for r in responses] == ["0", "1", "2", "3", "4"]
-    unary = sidecar.stub().Score(pb.ScoreRequest(model="shop", lines=pb.RawLines(lines=[l.encode() for l in lines])))
+    unary = sidecar.stub().Score(pb.ScoreRequest(model="shop", lines=pb.RawLines(lines=[line.encode() for line in lines])))
     assert [r.scores[0] for r in responses] == list(unary.scores)
 
 
