@@ -48,8 +48,13 @@ def progress(stage, done, total, unit="records"):
     print(f"  {stage}: {done}/{total or '?'} {unit}", file=sys.stderr, flush=True)
 
 
+SCORING_TIMES: list[float] = []  # µs per record of the last score_all calls (reported with the results)
+
+
 def score_all(model: Model, records: list, batch: int = 4096) -> np.ndarray:
+    started = time.perf_counter()
     scores = [model.score(records[i: i + batch]).scores for i in range(0, len(records), batch)]
+    SCORING_TIMES.append((time.perf_counter() - started) / max(len(records), 1) * 1e6)
     return np.concatenate(scores).astype(np.float64)
 
 
@@ -77,15 +82,20 @@ def csic(data: Path, workdir: Path, detectors: list[str]) -> dict:
     return {"labels": labels, "scores": scores, "threshold": model.threshold}
 
 
-def csic_jubatus_baseline(data: Path, workdir: Path, detectors: list[str]) -> dict:
-    """Baseline: Jubatus-style LOF over binary char bigrams of method, URL and body."""
-    from benchmarks.baselines import jubatus_style_lof
+def csic_baseline(data: Path, workdir: Path, detectors: list[str]) -> dict:
+    """A prior-art method (benchmarks/baselines.py) on the request text: method, URL and body."""
+    from benchmarks import baselines
 
+    method = {"jubatus-style LOF on char bigrams": baselines.jubatus_style_lof,
+              "AICoE Word2Vec + SOM": baselines.aicoe_w2v_som,
+              "LAD fork LOF + autoencoder on Word2Vec": baselines.lad_lof_autoencoder}[detectors[0]]
     rows = _csic_rows(data)
     text = lambda r: " ".join(r[k] for k in ("method", "url", "body") if r.get(k))  # noqa: E731
     test = [r for r in rows if r["split"] == "test"]
-    scores, threshold = jubatus_style_lof([text(r) for r in rows if r["split"] == "train"], [text(r) for r in test])
-    return {"labels": np.array([r["label"] == "anomalous" for r in test]), "scores": scores, "threshold": threshold}
+    started = time.perf_counter()
+    scores, threshold = method([text(r) for r in rows if r["split"] == "train"], [text(r) for r in test])
+    return {"labels": np.array([r["label"] == "anomalous" for r in test]), "scores": scores, "threshold": threshold,
+            "fit_and_score_us_per_test_record": round((time.perf_counter() - started) / len(test) * 1e6, 1)}
 
 
 def _csic_rows(data: Path) -> list[dict]:
@@ -171,7 +181,7 @@ def bgl_2k(data: Path, workdir: Path, detectors: list[str]) -> dict:
 
 EVALUATIONS = {
     "csic": ("CSIC 2010 HTTP requests (fit: 36,000 normal train; test: 36,000 normal + 25,065 attacks)", csic),
-    "csic_baseline": ("CSIC 2010, baseline (benchmarks/baselines.py, not the product)", csic_jubatus_baseline),
+    "csic_baseline": ("CSIC 2010, baselines (benchmarks/baselines.py, not the product)", csic_baseline),
     "hdfs_sessions": ("HDFS DeepLog sessions (fit: 80 % of hdfs_train; test: the other 20 % + 16,838 "
                       "abnormal)", hdfs_sessions),
     "hdfs_100k": ("HDFS 100k blocks, deeploglizer split (fit: normal train blocks; test: 1,531 normal + 57 "
@@ -182,7 +192,8 @@ EVALUATIONS = {
                bgl_2k),
 }
 DETECTOR_SETS = {"csic": [["rarity"], ["isolation_forest"], ["rarity", "isolation_forest"]],
-                 "csic_baseline": [["jubatus-style LOF on char bigrams"]],
+                 "csic_baseline": [["jubatus-style LOF on char bigrams"], ["AICoE Word2Vec + SOM"],
+                                   ["LAD fork LOF + autoencoder on Word2Vec"]],
                  "hdfs_sessions": [["rarity"], ["pca"], ["rarity", "pca"]],
                  "hdfs_100k": [["rarity"], ["pca"]],
                  "hdfs_20k": [["rarity"]],
@@ -190,12 +201,16 @@ DETECTOR_SETS = {"csic": [["rarity"], ["isolation_forest"], ["rarity", "isolatio
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| data | detectors | unit | ROC-AUC | PR-AUC | TPR @ FPR 1 % | TPR @ FPR 0.1 % | F1 (model threshold) | F1 (best) |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| data | detectors | unit | ROC-AUC | PR-AUC | TPR @ FPR 1 % | TPR @ FPR 0.1 % | "
+             "F1 (model threshold) | F1 (best) | µs/record |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
+        speed = r.get("score_us_per_record", "")
+        if "fit_and_score_us_per_test_record" in r:
+            speed = f"{r['fit_and_score_us_per_test_record']} (fit + score)"
         lines.append(f"| {r['data']} | {', '.join(r['detectors'])} | {r['unit']} | {r['roc_auc']} | {r['pr_auc']} | "
                      f"{r['tpr_at_fpr_1pct']} | {r['tpr_at_fpr_0.1pct']} | {r['at_model_threshold']['f1']} | "
-                     f"{r['at_best_f1']['f1']} |")
+                     f"{r['at_best_f1']['f1']} | {speed} |")
     return "\n".join(lines)
 
 
@@ -220,8 +235,10 @@ def main() -> int:
                 plot(outcome["labels"], outcome["scores"], str(prefix), f"{name} {'+'.join(detectors)}")
             except ImportError:
                 print("  (no matplotlib: no plots)", file=sys.stderr)
+            speed = ({"score_us_per_record": round(SCORING_TIMES.pop(), 1)} if SCORING_TIMES else
+                     {k: v for k, v in outcome.items() if k.endswith("_us_per_test_record")})
             results.append({"data": name, "title": title, "detectors": detectors,
-                            "unit": outcome.get("unit", "record"), **report})
+                            "unit": outcome.get("unit", "record"), **report, **speed})
             print(json.dumps({k: results[-1][k] for k in ("roc_auc", "pr_auc", "tpr_at_fpr_1pct")}), file=sys.stderr)
     out = ROOT / "benchmarks" / "results" / "accuracy.json"
     if args.only and out.exists():  # keep the other datasets' earlier results, in the usual order
