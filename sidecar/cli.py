@@ -52,6 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", "-c", metavar="FILE",
                        help="converter config (YAML/JSON) naming fields and converters; "
                        "default: the built-in one for --format (see docs/converters.md)")
+    train.add_argument("--session-key", metavar="REGEX",
+                       help="learn sessions: records sharing this regex's match (e.g. 'blk_-?\\d+') form one "
+                       "sequence of events; the sidecar then scores each record as its session so far")
+    train.add_argument("--session-field", default="message",
+                       help="field holding the text of field-map records, for --session-key (default message)")
     train.add_argument("--detectors", "-d", default="rarity",
                        help="comma-separated detectors: rarity, isolation_forest, pca, autoencoder, som, "
                        "lof; several make an ensemble (default: rarity)")
@@ -217,13 +222,19 @@ def run_train(args) -> int:
 
     try:
         from .features import load_spec
+        from .features.featurizer import SESSION_FIELDS
         from .training.train import TrainOptions, save_model, train
     except ImportError as error:
         print(f"logscore train: error: {error.name} is missing; install the training extra: "
               "pip install 'logscore[train]'", file=sys.stderr)
         return 1
+    spec = load_spec(args.config, args.format)
+    if args.session_key:
+        if not args.config:
+            spec = {"format": args.format, "fields": SESSION_FIELDS}
+        spec["sessions"] = {"key": args.session_key, "field": args.session_field}
     options = TrainOptions(
-        spec=load_spec(args.config, args.format),
+        spec=spec,
         detectors=[d.strip() for d in args.detectors.split(",") if d.strip()],
         target_fpr=args.target_fpr, threshold_rule=args.threshold_rule, sigma=args.sigma,
         folds=args.folds, max_records=args.max_records, support=args.support, seed=args.seed,

@@ -17,6 +17,7 @@ import onnxruntime as ort
 from .artifact import Artifact, read_artifact
 from .errors import ModelLoadError
 from .features import FeatureBatch, Featurizer
+from .sessions import SessionTracker
 
 
 SCORE_CHUNK = 2048  # records featurized and run at once
@@ -75,6 +76,8 @@ class Model:
             self._support = float(meta["rarity"]["support"])
             # Models of rarity alone never read the dense block: skip building it.
             self.needs_dense = bool(meta.get("needs_dense", True))
+            sessions = self.featurizer.sessions
+            self.sessions = SessionTracker(sessions) if sessions is not None else None
         except Exception as error:  # any malformed metadata is the file's fault
             raise ModelLoadError(f"{artifact.path}: logscore metadata is incomplete or invalid "
                                  f"({type(error).__name__}: {error}); re-export it") from None
@@ -106,6 +109,8 @@ class Model:
             return Scored(*(np.concatenate([getattr(p, name) for p in parts]) for name in
                             ("scores", "is_anomaly", "raw_scores", "truncated", "unparsed")),
                           [e for p in parts for e in p.explanations] if explain > 0 else None)
+        if self.sessions is not None:
+            records = self.sessions.track(records)  # each record scored as its session so far
         batch = self.featurizer.transform(records, dense=self.needs_dense)
         score, raw, surprise = run_graph(self.session, batch)
         cut = self.threshold if threshold is None else threshold

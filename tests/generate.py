@@ -156,3 +156,27 @@ def blog_lines(count: int, seed: int = 0) -> list[str]:
                      f'{rng.randint(0, 59):02d} +0000] "GET {url} HTTP/1.1" 200 {rng.randint(300, 200000)} '
                      f'"http://semicomplete.com/" "{rng.choice(BLOG_AGENTS)}"')
     return lines
+
+
+def session_lines(sessions: int, seed: int = 0, broken: float = 0.0) -> tuple[list[str], set[str]]:
+    """Interleaved lines of file-transfer sessions keyed by ``xfer-<n>``; a ``broken`` fraction
+    skips the checksum step and ends in an error. Returns (lines, ids of broken sessions)."""
+    rng = random.Random(seed)
+    pending = []
+    broken_ids = set()
+    for number in range(sessions):
+        key = f"xfer-{seed}-{number}"
+        steps = [f"open {key} from 10.0.{rng.randint(0, 255)}.{rng.randint(1, 254)}"]
+        steps += [f"write {key} chunk {i} size {rng.randint(100, 9000)}" for i in range(rng.randint(1, 4))]
+        if rng.random() < broken:
+            broken_ids.add(key)
+            steps += [f"error {key} connection reset after {rng.randint(1, 90)} s"]
+        else:
+            steps += [f"checksum {key} ok", f"close {key} after {rng.randint(1, 90)} s"]
+        pending.append(steps)
+    lines = []
+    while pending:  # interleave the sessions, keeping each one's order
+        steps = pending[rng.randrange(len(pending))]
+        lines.append(steps.pop(0))
+        pending = [p for p in pending if p]
+    return lines, broken_ids

@@ -23,6 +23,7 @@ from urllib.parse import unquote_plus
 import numpy as np
 
 from ..errors import ConfigError
+from ..masking import mask_variables
 from .batch import WEIGHTINGS, FeatureSink, ValueFeatures, term_weights, text_key, text_seed
 
 Values = Sequence[Optional[str]]
@@ -224,17 +225,7 @@ class UrlConverter(Converter):
         yield f"parameters {template}?{'&'.join(sorted({name for name, _ in params}))}"
 
 
-# One pass masks the variable parts of a message: UUIDs, IPs, hex, numbers.
-_VARIABLE = re.compile(
-    r"(?P<uuid>\b[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}\b)"
-    r"|(?P<ip>\b\d{1,3}(?:\.\d{1,3}){3}(?::\d+)?\b)"
-    r"|(?P<hex>\b0x[0-9a-fA-F]+\b|\b(?=[0-9a-fA-F]*\d)[0-9a-fA-F]{8,}\b)"
-    r"|(?P<num>[-+]?\d+(?:[.:,]\d+)*)")
 _TOKEN = re.compile(r"<\w+>|[^\W\d][\w.\-]*|[^\w\s]")
-
-
-def mask_variables(text: str) -> str:
-    return _VARIABLE.sub(lambda m: f"<{m.lastgroup}>", text)
 
 
 class TokensConverter(Converter):

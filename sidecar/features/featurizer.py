@@ -16,6 +16,7 @@ import numpy as np
 
 from ..errors import ConfigError
 from ..records import RecordNormalizer, to_text
+from ..sessions import SessionSpec
 from .batch import FeatureBatch, FeatureSink
 from .converters import Converter, make_converter
 
@@ -54,6 +55,9 @@ DEFAULT_SPECS: dict[str, dict] = {
         "fields": [{"field": "message", "converters": [{"kind": "tokens"}]}],
     },
 }
+
+# A session model reads one field: its session's events in order (see sidecar/sessions.py).
+SESSION_FIELDS = [{"field": "events", "converters": [{"kind": "sequence", "n": [1, 2], "separator": "\n"}]}]
 
 DEFAULT_DENSE_DIMS = 128
 DEFAULT_MAX_FIELD_CHARS = 8192
@@ -98,12 +102,16 @@ class Featurizer:
             raise ConfigError("the featurizer spec has no converters; name at least one field")
         self.fields = list(dict.fromkeys(c.field for c in self.converters))
         self.normalizer = RecordNormalizer(self.log_format, self.fields)
+        self.sessions = SessionSpec.from_dict(spec["sessions"]) if spec.get("sessions") else None
 
     def spec(self) -> dict:
         fields = [{"field": name, "converters": [c.spec() for c in self.converters if c.field == name]}
                   for name in self.fields]
-        return {"format": self.log_format, "dense_dims": self.dense_dims,
+        spec = {"format": self.log_format, "dense_dims": self.dense_dims,
                 "max_field_chars": self.max_field_chars, "fields": fields}
+        if self.sessions is not None:
+            spec["sessions"] = self.sessions.as_dict()
+        return spec
 
     @property
     def numeric_columns(self) -> int:

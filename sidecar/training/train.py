@@ -27,6 +27,7 @@ from ..artifact import FORMAT_VERSION, HASH_KEY, METADATA_KEY, content_hash
 from ..errors import ConfigError, InputError
 from ..features import FeatureBatch, Featurizer
 from ..model import make_session, run_graph
+from ..sessions import SessionSpec, SessionTracker
 from .detectors import DETECTORS, Detector, Features, RarityTable
 from .graph import GraphBuilder
 
@@ -216,6 +217,10 @@ def train(records: Iterable[object], options: TrainOptions,
     """Fit on all records, calibrate on out-of-fold scores; returns (onnx.ModelProto, metadata)."""
     options.validate()
     started = time.perf_counter()
+    if options.spec.get("sessions"):
+        # A session model learns what the sidecar will see: each record as its session so far,
+        # built by the same tracker (sidecar/sessions.py), so unfinished sessions are normal.
+        records = SessionTracker(SessionSpec.from_dict(options.spec["sessions"])).track(list(records))
     sample, read = reservoir_sample(records, options.max_records, options.seed, progress)
     if len(sample) < 10 * options.folds:
         raise InputError(f"only {len(sample)} records to train on; give at least {10 * options.folds} "
