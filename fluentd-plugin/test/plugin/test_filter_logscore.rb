@@ -48,6 +48,40 @@ class LogscoreFilterTest < Test::Unit::TestCase
     CONF
   end
 
+  # out_file writing JSON lines under path, flushed every half second.
+  def file_output(path)
+    <<~CONF
+      <match web.**>
+        @type file
+        path #{path}
+        <format>
+          @type json
+        </format>
+        <buffer>
+          flush_mode interval
+          flush_interval 0.5s
+        </buffer>
+      </match>
+    CONF
+  end
+
+  def spawn_fluentd(work, name)
+    Process.spawn({ 'RUBYLIB' => FLUENTD_RUBYLIB }, RbConfig.ruby, File.join(FLUENTD_SOURCE, 'bin', 'fluentd'),
+                  '-c', File.join(work, "#{name}.conf"), '-o', File.join(work, "#{name}.log"), '--no-supervisor')
+  end
+
+  # The JSON records out_file wrote under dir, once there are at least `count` (or after 60 s).
+  def wait_for_records(dir, count)
+    records = []
+    deadline = Time.now + 60
+    until records.size >= count || Time.now > deadline
+      sleep 0.5
+      files = Dir[File.join(dir, '*')].select { |f| File.file?(f) }
+      records = files.flat_map { |f| File.readlines(f) }.map { |l| JSON.parse(l) }
+    end
+    records
+  end
+
   def base_conf(extra = '')
     "endpoint unix://#{self.class.sidecar.socket}\ntimeout 2s\n#{extra}"
   end
@@ -111,37 +145,18 @@ class LogscoreFilterTest < Test::Unit::TestCase
     work = Dir.mktmpdir('logscore-e2e', self.class.dir)
     lines = AccessLines.normal(300) + [AccessLines.attack] * 5
     File.write(File.join(work, 'access.log'), lines.join("\n") + "\n")
-    File.write(File.join(work, 'fluent.conf'), <<~CONF)
+    File.write(File.join(work, 'tail.conf'), <<~CONF)
       #{tail_source(work, 'apache2')}
       <filter web.**>
         @type logscore
         endpoint unix://#{self.class.sidecar.socket}
         timeout 2s
       </filter>
-      <match web.**>
-        @type file
-        path #{work}/out/scored
-        append true
-        <format>
-          @type json
-        </format>
-        <buffer>
-          flush_mode interval
-          flush_interval 0.5s
-        </buffer>
-      </match>
+      #{file_output("#{work}/out/scored")}
     CONF
-    log = File.join(work, 'fluentd.log')
-    pid = Process.spawn({ 'RUBYLIB' => FLUENTD_RUBYLIB }, RbConfig.ruby, File.join(FLUENTD_SOURCE, 'bin', 'fluentd'),
-                        '-c', File.join(work, 'fluent.conf'), '-o', log, '--no-supervisor')
-    out = []
-    deadline = Time.now + 60
-    until out.size >= lines.size || Time.now > deadline
-      sleep 0.5
-      files = Dir[File.join(work, 'out', 'scored*')].select { |f| File.file?(f) }
-      out = files.flat_map { |f| File.readlines(f) }.map { |l| JSON.parse(l) }
-    end
-    assert_equal lines.size, out.size, File.exist?(log) ? File.read(log)[-3000..] : 'no fluentd log'
+    pid = spawn_fluentd(work, 'tail')
+    out = wait_for_records(File.join(work, 'out'), lines.size)
+    assert_equal lines.size, out.size, File.exist?("#{work}/tail.log") ? File.read("#{work}/tail.log")[-3000..] : ''
     assert(out.all? { |r| r['anomaly_score'].is_a?(Float) && !r.key?('anomaly_unscored') })
     assert_equal 5, out.count { |r| r['is_anomaly'] }
     sent = lines.map { |line| [line.split(' ').first, line[/"GET (\S+)/, 1]] }.sort
@@ -164,17 +179,7 @@ class LogscoreFilterTest < Test::Unit::TestCase
         bind 127.0.0.1
         port #{receiver_port}
       </source>
-      <match web.**>
-        @type file
-        path #{work}/received/out
-        <format>
-          @type json
-        </format>
-        <buffer>
-          flush_mode interval
-          flush_interval 0.5s
-        </buffer>
-      </match>
+      #{file_output("#{work}/received/out")}
     CONF
     File.write(File.join(work, 'sender.conf'), <<~CONF)
       #{tail_source(work, 'none')}
@@ -195,17 +200,8 @@ class LogscoreFilterTest < Test::Unit::TestCase
     CONF
     sidecar = SidecarProcess.new(work, forward: "127.0.0.1:#{sidecar_port}",
                                        forward_to: "127.0.0.1:#{receiver_port}").start
-    pids = %w[receiver sender].map do |name|
-      Process.spawn({ 'RUBYLIB' => FLUENTD_RUBYLIB }, RbConfig.ruby, File.join(FLUENTD_SOURCE, 'bin', 'fluentd'),
-                    '-c', File.join(work, "#{name}.conf"), '-o', File.join(work, "#{name}.log"), '--no-supervisor')
-    end
-    out = []
-    deadline = Time.now + 60
-    until out.size >= lines.size || Time.now > deadline
-      sleep 0.5
-      out = Dir[File.join(work, 'received', 'out*')].select { |f| File.file?(f) }
-                                                     .flat_map { |f| File.readlines(f) }.map { |l| JSON.parse(l) }
-    end
+    pids = %w[receiver sender].map { |name| spawn_fluentd(work, name) }
+    out = wait_for_records(File.join(work, 'received'), lines.size)
     assert_equal lines.sort, out.map { |r| r['message'] }.sort, File.read(File.join(work, 'sender.log'))[-2000..]
     assert(out.all? { |r| r['anomaly_score'].is_a?(Float) })
     assert_equal 1, out.count { |r| r['is_anomaly'] }
