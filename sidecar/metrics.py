@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import threading
 
 import numpy as np
@@ -25,6 +26,13 @@ class ScoreHistogram:
         self._sums: dict[str, float] = {}
 
     def observe(self, model: str, scores: np.ndarray) -> None:
+        if len(scores) <= 8:  # a few records: plain Python is faster than numpy's call overhead
+            with self._lock:
+                counts = self._counts.setdefault(model, np.zeros(len(SCORE_BUCKETS) + 1, dtype=np.int64))
+                for value in scores.tolist():
+                    counts[bisect.bisect_left(SCORE_BUCKETS, value)] += 1
+                    self._sums[model] = self._sums.get(model, 0.0) + value
+            return
         positions = np.searchsorted(SCORE_BUCKETS, scores, side="left")
         counts = np.bincount(positions, minlength=len(SCORE_BUCKETS) + 1)
         with self._lock:

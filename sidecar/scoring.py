@@ -41,6 +41,17 @@ class ScoreOutcome:
     notes: list[tuple[int, str, str]] = field(default_factory=list)  # (record, field, description)
 
 
+def record_notes(model: Model, result, positions: Sequence[int]) -> list[tuple[int, str, str]]:
+    """Notes for truncated and unparsed records; ``positions`` maps the result's rows to the request's."""
+    if not (result.truncated.any() or result.unparsed.any()):
+        return []
+    notes = [(int(positions[i]), "record", "a field was truncated for scoring")
+             for i in np.flatnonzero(result.truncated)]
+    notes += [(int(positions[i]), "record", f"did not parse as {model.featurizer.log_format}; "
+               "scored with its fields missing") for i in np.flatnonzero(result.unparsed)]
+    return notes
+
+
 class ScoringService:
     def __init__(self, registry: ModelRegistry, settings: Settings, metrics: Metrics):
         self.registry = registry
@@ -88,7 +99,7 @@ class ScoringService:
     def _group_by_entity(self, model: Model, records: Sequence[object]) -> dict[Model, list[int]]:
         entity = self.registry.entity_field
         if not entity or not any(n.startswith(model.name + "@") for n in self.registry.snapshot.models):
-            return {model: list(range(len(records)))}
+            return {model: range(len(records))}
         groups: dict[Model, list[int]] = {}
         for i, record in enumerate(records):
             value = record.get(entity) if isinstance(record, dict) else None
@@ -107,25 +118,26 @@ class ScoringService:
 
     @staticmethod
     def _assemble(count, groups, results, explained: bool, notes: list) -> ScoreOutcome:
+        models = list(groups)
+        for model, result in zip(models, results):
+            notes.extend(record_notes(model, result, groups[model]))
+        notes.sort()
+        if len(groups) == 1:  # the usual case: one model scored every record, in order
+            result = results[0]
+            return ScoreOutcome(result.scores, result.is_anomaly, np.zeros(count, dtype=np.uint32), models,
+                                result.explanations if explained else None, notes)
         scores = np.zeros(count, dtype=np.float32)
         flags = np.zeros(count, dtype=bool)
         model_index = np.zeros(count, dtype=np.uint32)
         explanations: Optional[list] = [[] for _ in range(count)] if explained else None
-        models = list(groups)
         for position, (model, result) in enumerate(zip(models, results)):
             idx = np.asarray(groups[model])
             scores[idx] = result.scores
             flags[idx] = result.is_anomaly
             model_index[idx] = position
-            for local in np.nonzero(result.truncated)[0]:
-                notes.append((int(idx[local]), "record", "a field was truncated for scoring"))
-            for local in np.nonzero(result.unparsed)[0]:
-                notes.append((int(idx[local]), "record", f"did not parse as {model.featurizer.log_format}; "
-                              "scored with its fields missing"))
             if explanations is not None:
                 for local, i in enumerate(idx.tolist()):
                     explanations[i] = result.explanations[local]
-        notes.sort()
         return ScoreOutcome(scores, flags, model_index, models, explanations, notes)
 
     async def prune(self) -> None:

@@ -45,6 +45,21 @@ class KeyOrigins:
         return self.entries[int(self.entry_of_key[index])].describe(int(self.position[index]))
 
 
+class SingleRecordOrigins:
+    """KeyOrigins of a one-record batch, worked out only when a key is named."""
+
+    def __init__(self, entries: list[ValueFeatures], held: list[int]):
+        self.entries, self.held = entries, held
+
+    def name(self, index: int) -> str:
+        for entry_id in self.held:
+            size = len(self.entries[entry_id].keys)
+            if index < size:
+                return self.entries[entry_id].describe(index)
+            index -= size
+        raise IndexError(index)
+
+
 @dataclass
 class FeatureBatch:
     rows: np.ndarray  # int64 [nnz]: record index of each key
@@ -53,7 +68,7 @@ class FeatureBatch:
     dense: np.ndarray  # float32 [N, dense_dims + numeric columns]
     truncated: np.ndarray  # bool [N]: a field was cut to max_field_chars
     unparsed: np.ndarray  # bool [N]: the raw line did not match the log format
-    origins: Optional[KeyOrigins] = None
+    origins: Optional[KeyOrigins | SingleRecordOrigins] = None
 
     @property
     def size(self) -> int:
@@ -85,11 +100,22 @@ class FeatureSink:
         self._entry_ids.append(ids + len(self._entries))
         self._entries.extend(entries)
 
+    def _build_one(self) -> FeatureBatch:
+        """One record (the latency-bound case): its entries are simply concatenated."""
+        held = [int(ids[0]) for ids in self._entry_ids]
+        parts = [self._entries[h] for h in held]
+        keys = np.concatenate([e.keys for e in parts]) if parts else np.zeros(0, np.int64)
+        weights = np.concatenate([e.weights for e in parts]) if parts else np.zeros(0, np.float32)
+        return FeatureBatch(np.zeros(len(keys), dtype=np.int64), keys, weights, np.zeros((1, 0), np.float32),
+                            self.truncated, self.unparsed, SingleRecordOrigins(self._entries, held))
+
     def add_numeric(self, column: np.ndarray) -> None:
         self._numeric.append(column.astype(np.float32, copy=False))
 
     def build(self, dense: bool = True) -> FeatureBatch:
         """The batch; ``dense=False`` (no vector detector in the model) skips the dense block."""
+        if self.size == 1 and not dense:
+            return self._build_one()
         entries = self._entries
         lengths = np.fromiter((len(e.keys) for e in entries), dtype=np.int64, count=len(entries))
         offsets = np.zeros(len(entries) + 1, dtype=np.int64)
