@@ -117,6 +117,49 @@ def single_record_latency(target: str, calls: int, lines: list[bytes]) -> dict:
             "stream_p50_ms": to_ms(stream_times[50:], 50), "stream_p99_ms": to_ms(stream_times[50:], 99)}
 
 
+def noop_server(address: str) -> None:
+    """A gRPC server answering ScoreStream with a fixed response: the floor any sidecar pays."""
+    import asyncio
+
+    import grpc
+
+    from sidecar.generated.logscore.v1 import scorer_pb2 as pb
+
+    answer = pb.ScoreResponse(scores=[0.5], is_anomaly=[False], model_index=[0]).SerializeToString()
+
+    async def stream(requests, context):
+        async for _ in requests:
+            yield answer
+
+    async def unary(request, context):
+        return answer
+
+    async def serve():
+        server = grpc.aio.server()
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+            "logscore.v1.Scorer", {"ScoreStream": grpc.stream_stream_rpc_method_handler(stream),
+                                   "Score": grpc.unary_unary_rpc_method_handler(unary)}),))
+        server.add_insecure_port(address)
+        await server.start()
+        await server.wait_for_termination()
+
+    asyncio.run(serve())
+
+
+def noop_floor(workdir: Path, calls: int, lines: list[bytes]) -> dict:
+    """Single-record round trips against the no-op server, same client code."""
+    address = f"unix:{workdir / 'noop.sock'}"
+    server = multiprocessing.Process(target=noop_server, args=(address,), daemon=True)
+    server.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not (workdir / "noop.sock").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return single_record_latency(address, calls, lines)
+    finally:
+        server.terminate()
+
+
 def memory(pid: int) -> dict:
     status = Path(f"/proc/{pid}/status").read_text().splitlines()
     values = {line.split(":")[0]: line.split(":")[1].strip() for line in status if ":" in line}
@@ -150,6 +193,10 @@ def main() -> int:
             results["latency"][transport] = row
             print(f"{transport:5} single record: unary p50 {row['unary_p50_ms']} ms p99 {row['unary_p99_ms']} ms;"
                   f" stream p50 {row['stream_p50_ms']} ms p99 {row['stream_p99_ms']} ms")
+        floor = noop_floor(workdir, 500 if args.quick else 3000, lines)
+        results["latency"]["noop_grpc_floor_unix"] = floor
+        print(f"no-op gRPC server (the floor, same client): unary p50 {floor['unary_p50_ms']} ms; "
+              f"stream p50 {floor['stream_p50_ms']} ms p99 {floor['stream_p99_ms']} ms")
         results["memory"] = memory(sidecar.process.pid)
         print(f"sidecar memory: {results['memory']}")
     finally:
