@@ -145,10 +145,17 @@ class LogscoreFilterTest < Test::Unit::TestCase
     work = Dir.mktmpdir('logscore-e2e', self.class.dir)
     lines = AccessLines.normal(300) + [AccessLines.attack] * 5
     File.write(File.join(work, 'access.log'), lines.join("\n") + "\n")
+    monitor_port = SidecarProcess.free_port
     File.write(File.join(work, 'tail.conf'), <<~CONF)
+      <source>
+        @type monitor_agent
+        bind 127.0.0.1
+        port #{monitor_port}
+      </source>
       #{tail_source(work, 'apache2')}
       <filter web.**>
         @type logscore
+        @id logscore
         endpoint unix://#{self.class.sidecar.socket}
         timeout 2s
       </filter>
@@ -156,6 +163,10 @@ class LogscoreFilterTest < Test::Unit::TestCase
     CONF
     pid = spawn_fluentd(work, 'tail')
     out = wait_for_records(File.join(work, 'out'), lines.size)
+    plugins = JSON.parse(Net::HTTP.get(URI("http://127.0.0.1:#{monitor_port}/api/plugins.json")))['plugins']
+    counters = plugins.find { |p| p['plugin_id'] == 'logscore' }
+    assert_equal lines.size, counters['logscore_scored'], counters.inspect
+    assert_equal false, counters['logscore_circuit_open']
     assert_equal lines.size, out.size, File.exist?("#{work}/tail.log") ? File.read("#{work}/tail.log")[-3000..] : ''
     assert(out.all? { |r| r['anomaly_score'].is_a?(Float) && !r.key?('anomaly_unscored') })
     assert_equal 5, out.count { |r| r['is_anomaly'] }
