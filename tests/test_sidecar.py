@@ -241,6 +241,13 @@ def test_expired_deadline_and_overload(models_dir, tmp_path):
 
 # --- health, reflection, metrics, HTTP ---------------------------------------------------
 
+def test_unix_socket_file_mode(sidecar):
+    import os
+    import stat
+
+    assert stat.S_IMODE(os.stat(sidecar.socket).st_mode) == 0o660
+
+
 def test_health_reflection_and_metrics(sidecar):
     health = health_pb2_grpc.HealthStub(sidecar.channel())
     for service in ("", "logscore.v1.Scorer"):

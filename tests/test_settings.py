@@ -1,0 +1,51 @@
+"""One settings object: flags > LOGSCORE_* environment > YAML file > defaults."""
+
+import pytest
+
+from sidecar.errors import ConfigError
+from sidecar.settings import Settings
+
+
+@pytest.fixture()
+def models(tmp_path):
+    directory = tmp_path / "models"
+    directory.mkdir()
+    return str(directory)
+
+
+def test_precedence_flags_over_environment_over_file_over_defaults(tmp_path, models):
+    config = tmp_path / "settings.yaml"
+    config.write_text(f"models-dir: {models}\nmax_batch_records: 100\nmax_wait_ms: 2\n"
+                      "tag_routes:\n  'web.*': apache-access\n")
+    environ = {"LOGSCORE_MAX_BATCH_RECORDS": "200", "LOGSCORE_HTTP": "", "LOGSCORE_ENTITY_FIELD": "host"}
+    settings = Settings.load(str(config), {"max_batch_records": "300", "tcp": None}, environ)
+    assert settings.max_batch_records == 300  # flag
+    assert settings.entity_field == "host" and settings.http is None  # environment ("" = off)
+    assert settings.max_wait_ms == 2.0 and settings.tag_routes == {"web.*": "apache-access"}  # file
+    assert settings.max_queued_records == 200_000 and settings.socket == "/tmp/logscore.sock"  # defaults
+
+
+def test_tag_routes_from_a_flag(models):
+    settings = Settings.load(None, {"models_dir": models, "tag_routes": "web.*=apache-access, sys.*=syslog"}, {})
+    assert settings.tag_routes == {"web.*": "apache-access", "sys.*": "syslog"}
+
+
+@pytest.mark.parametrize("flags, message", [
+    ({"max_batch_records": "many"}, "not a valid int"),
+    ({"max_batch_records": "0"}, "at least 1"),
+    ({"socket": "", "tcp": None}, "no gRPC listener"),
+    ({"tls_cert": "/etc/hostname"}, "go together"),
+    ({"token_file": "/nonexistent/token"}, "not a readable file"),
+    ({"forward": "127.0.0.1:24224"}, "go together"),
+    ({"models_dir": "/nonexistent/models"}, "does not exist"),
+])
+def test_bad_settings_are_clear_errors(models, flags, message):
+    with pytest.raises(ConfigError, match=message):
+        Settings.load(None, {"models_dir": models, **flags}, {})
+
+
+def test_unknown_setting_in_a_file(tmp_path, models):
+    config = tmp_path / "s.yaml"
+    config.write_text(f"models_dir: {models}\nbatch_size: 5\n")
+    with pytest.raises(ConfigError, match="unknown setting.*batch_size"):
+        Settings.load(str(config), {}, {})
