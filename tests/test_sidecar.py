@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -242,9 +244,6 @@ def test_expired_deadline_and_overload(models_dir, tmp_path):
 # --- health, reflection, metrics, HTTP ---------------------------------------------------
 
 def test_unix_socket_file_mode(sidecar):
-    import os
-    import stat
-
     assert stat.S_IMODE(os.stat(sidecar.socket).st_mode) == 0o660
 
 
