@@ -1,0 +1,60 @@
+"""The logscore command: what users see, including its errors."""
+
+import gzip
+import json
+import subprocess
+import sys
+
+from .generate import attack_lines, shop_lines
+from .sidecar_process import ROOT, SidecarProcess
+
+
+def logscore(*args, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "sidecar", *map(str, args)], cwd=ROOT, capture_output=True,
+                          text=True, input=stdin, timeout=300)
+
+
+def test_train_from_gzip_and_stdin_then_inspect(tmp_path):
+    lines = shop_lines(1200, seed=70)
+    with gzip.open(tmp_path / "part1.log.gz", "wt") as part:
+        part.write("\n".join(lines[:600]) + "\n")
+    out = tmp_path / "m.onnx"
+    result = logscore("train", "--input", tmp_path / "part1.log.gz", "-", "--out", out, "--max-records", 1000,
+                      "--detectors", "rarity,pca", stdin="\n".join(lines[600:]) + "\n")
+    assert result.returncode == 0, result.stderr
+    assert "1200 read, 1000 used" in result.stdout and "expected alerts per" in result.stdout
+    assert "[train] final model: fitted pca" in result.stderr  # progress
+    shown = logscore("inspect", out)
+    assert "detectors: rarity, pca" in shown.stdout and "field url: url, ngrams, ngrams" in shown.stdout
+    metadata = json.loads(logscore("inspect", out, "--json").stdout)
+    assert metadata["metadata"]["training"]["records_read"] == 1200
+    assert metadata["version"] == metadata["content_hash"][:12]
+
+
+def test_clear_errors_and_exit_codes(tmp_path):
+    missing = logscore("train", "--input", tmp_path / "nope.log", "--out", tmp_path / "m.onnx")
+    assert missing.returncode == 1 and "nope.log: no such file" in missing.stderr
+    (tmp_path / "a.log").write_text("\n".join(shop_lines(200)) + "\n")
+    bad = logscore("train", "--input", tmp_path / "a.log", "--out", tmp_path / "m.onnx", "--detectors", "magic")
+    assert bad.returncode == 1 and "unknown detector(s) magic" in bad.stderr
+    (tmp_path / "broken.onnx").write_bytes(b"\x00" * 10)
+    corrupt = logscore("score", "--model", tmp_path / "broken.onnx", tmp_path / "a.log")
+    assert corrupt.returncode == 1 and "broken.onnx: " in corrupt.stderr
+
+
+def test_client_scores_through_a_running_sidecar(tmp_path, shop_model_path):
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "shop.onnx").write_bytes(shop_model_path.read_bytes())
+    sidecar = SidecarProcess(models, tmp_path).start()
+    try:
+        lines = shop_lines(5, seed=71) + [line for _, line in attack_lines(shop_lines(5, seed=72), 1, seed=73)]
+        (tmp_path / "in.log").write_text("\n".join(lines) + "\n")
+        result = logscore("client", "--socket", sidecar.socket, "--explain", 1, tmp_path / "in.log")
+        rows = [json.loads(line) for line in result.stdout.splitlines()]
+        assert [r["is_anomaly"] for r in rows] == [False] * 5 + [True]
+        assert rows[-1]["model"] == "shop" and len(rows[-1]["explanation"]) == 1
+        down = logscore("client", "--socket", tmp_path / "absent.sock", "--timeout", 1, tmp_path / "in.log")
+        assert down.returncode == 1 and "UNAVAILABLE" in down.stderr
+    finally:
+        sidecar.stop()
