@@ -17,6 +17,7 @@ answers whenever the request was read whole.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import re
@@ -259,7 +260,8 @@ class SidecarHttp:
                 ("GET", "/healthz"): self.healthz, ("GET", "/readyz"): self.readyz}
 
     def _authorize(self, request: Request) -> None:
-        if self.token is not None and request.headers.get("authorization") != f"Bearer {self.token}":
+        presented = request.headers.get("authorization", "").encode()
+        if self.token is not None and not hmac.compare_digest(presented, f"Bearer {self.token}".encode()):
             raise Unauthenticated("missing or wrong bearer token: send 'Authorization: Bearer <token>'")
 
     async def score(self, request: Request) -> Response:
