@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import socket
 import ssl
@@ -25,6 +26,14 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def models_dir_with(workdir: Path, model: Path, name: str) -> Path:
+    """A models directory under workdir holding one model file, served as `name`."""
+    directory = workdir / "models"
+    directory.mkdir()
+    shutil.copy(model, directory / f"{name}.onnx")
+    return directory
 
 
 class SidecarProcess:

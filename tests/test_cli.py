@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 from .generate import attack_lines, shop_lines
-from .sidecar_process import ROOT, SidecarProcess
+from .sidecar_process import ROOT, SidecarProcess, models_dir_with
 
 
 def logscore(*args, stdin: str | None = None) -> subprocess.CompletedProcess:
@@ -43,10 +43,7 @@ def test_clear_errors_and_exit_codes(tmp_path):
 
 
 def test_client_scores_through_a_running_sidecar(tmp_path, shop_model_path):
-    models = tmp_path / "models"
-    models.mkdir()
-    (models / "shop.onnx").write_bytes(shop_model_path.read_bytes())
-    sidecar = SidecarProcess(models, tmp_path).start()
+    sidecar = SidecarProcess(models_dir_with(tmp_path, shop_model_path, "shop"), tmp_path).start()
     try:
         lines = shop_lines(5, seed=71) + [line for _, line in attack_lines(shop_lines(5, seed=72), 1, seed=73)]
         (tmp_path / "in.log").write_text("\n".join(lines) + "\n")

@@ -11,7 +11,7 @@ from sidecar.model import Model
 from sidecar.sessions import SessionSpec, SessionTracker
 
 from .generate import session_lines
-from .sidecar_process import ROOT, SidecarProcess
+from .sidecar_process import ROOT, SidecarProcess, models_dir_with
 
 SPEC = SessionSpec(key=r"xfer-\d+-\d+")
 
@@ -64,10 +64,7 @@ def test_broken_sessions_stand_out_where_they_break(session_model):
 
 
 def test_the_sidecar_keeps_sessions_across_requests(session_model, tmp_path):
-    models = tmp_path / "models"
-    models.mkdir()
-    (models / "transfers.onnx").write_bytes(session_model.read_bytes())
-    sidecar = SidecarProcess(models, tmp_path).start()
+    sidecar = SidecarProcess(models_dir_with(tmp_path, session_model, "transfers"), tmp_path).start()
     try:
         key = "xfer-9-9"
         answers = [sidecar.http_post("/v1/score", {"message": line})[1]

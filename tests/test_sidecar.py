@@ -23,7 +23,7 @@ from sidecar.generated.logscore.v1 import scorer_pb2_grpc as pb_grpc
 from sidecar.parsers import parse_access
 
 from .generate import attack_lines, shop_lines
-from .sidecar_process import ROOT, SidecarProcess, free_port, make_certificates
+from .sidecar_process import ROOT, SidecarProcess, free_port, make_certificates, models_dir_with
 
 DEFAULT_MODEL = ROOT / "models" / "apache-access.onnx"
 
@@ -274,10 +274,7 @@ def test_health_reflection_and_metrics(sidecar):
 @pytest.fixture()
 def shop_only(tmp_path, shop_model_path):
     """A models directory holding the shop model alone."""
-    models = tmp_path / "models"
-    models.mkdir()
-    shutil.copy(shop_model_path, models / "shop.onnx")
-    return models
+    return models_dir_with(tmp_path, shop_model_path, "shop")
 
 
 def test_hot_reload_adds_rejects_and_keeps_serving(tmp_path, shop_model_path, shop_only):
