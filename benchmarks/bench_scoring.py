@@ -1,10 +1,12 @@
-"""Featurize and score cost per record, per detector, at several batch sizes.
+"""Featurize and score cost per record, per detector and per baseline, at several batch sizes.
 
     python benchmarks/bench_scoring.py [--records 4000] [--json benchmarks/results/scoring.json]
 
 Trains one small model per detector on generated access lines (tests/generate.py),
 then times ``Featurizer.transform`` and the ONNX graph separately, in this process,
-one thread. Prints a table and writes JSON with the machine described.
+one thread. The prior art's methods (benchmarks/baselines.py, when gensim is
+installed) are fitted on the same lines and timed the same way: their vectorizing,
+then their model. Prints a table and writes JSON with the machine described.
 """
 
 from __future__ import annotations
@@ -39,18 +41,40 @@ def median_seconds(function, repeats: int) -> float:
     return float(np.median(times))
 
 
-def bench_model(model: Model, lines: list[str]) -> list[dict]:
+def bench_stages(featurize, score, lines: list[str]) -> list[dict]:
+    """Median cost of ``featurize(lines)`` and of ``score(features)`` at each batch size."""
     rows = []
     for size in BATCHES:
         batch_lines = (lines * (size // len(lines) + 1))[:size]
         repeats = max(3, min(200, 20000 // size))
-        featurize = median_seconds(lambda: model.featurizer.transform(batch_lines), repeats)
-        features = model.featurizer.transform(batch_lines)
-        score = median_seconds(lambda: run_graph(model.session, features), repeats)
-        rows.append({"batch": size, "featurize_us_per_record": round(featurize / size * 1e6, 2),
-                     "score_us_per_record": round(score / size * 1e6, 2),
-                     "total_us_per_record": round((featurize + score) / size * 1e6, 2)})
+        features = featurize(batch_lines)
+        featurize_seconds = median_seconds(lambda: featurize(batch_lines), repeats)
+        score_seconds = median_seconds(lambda: score(features), repeats)
+        rows.append({"batch": size, "featurize_us_per_record": round(featurize_seconds / size * 1e6, 2),
+                     "score_us_per_record": round(score_seconds / size * 1e6, 2),
+                     "total_us_per_record": round((featurize_seconds + score_seconds) / size * 1e6, 2)})
     return rows
+
+
+def print_rows(name: str, rows: list[dict]) -> None:
+    for row in rows:
+        print(f"{name:40} {row['batch']:>6} {row['featurize_us_per_record']:>13} "
+              f"{row['score_us_per_record']:>9} {row['total_us_per_record']:>9}")
+
+
+def bench_baselines(training: list[str], scoring: list[str]) -> dict:
+    try:
+        from benchmarks.baselines import BASELINES
+        import gensim  # noqa: F401
+    except ImportError:
+        print("(baselines skipped: pip install -e '.[baselines]' for gensim)")
+        return {}
+    results = {}
+    for name, fit in BASELINES.items():
+        baseline = fit(training)
+        results[name] = {"batches": bench_stages(baseline.featurize, baseline.score_features, scoring)}
+        print_rows(name, results[name]["batches"])
+    return results
 
 
 def main() -> int:
@@ -65,16 +89,16 @@ def main() -> int:
     training, scoring = shop_lines(args.records, seed=0), shop_lines(10000, seed=1)
     results = {"machine": machine(), "detectors": {}}
     print(f"machine: {results['machine']}")
-    print(f"{'detector':18} {'batch':>6} {'featurize µs':>13} {'score µs':>9} {'total µs':>9}  (per record)")
+    print(f"{'detector':40} {'batch':>6} {'featurize µs':>13} {'score µs':>9} {'total µs':>9}  (per record)")
     for kind in args.detectors.split(","):
         proto, _ = train(training, TrainOptions(spec=load_spec(None, "access"), detectors=[kind], folds=2))
         path = Path(args.workdir) / f"{kind}.onnx"
         save_model(proto, path)
-        rows = bench_model(Model.load(path), scoring)
+        model = Model.load(path)
+        rows = bench_stages(model.featurizer.transform, lambda features: run_graph(model.session, features), scoring)
         results["detectors"][kind] = {"model_bytes": path.stat().st_size, "batches": rows}
-        for row in rows:
-            print(f"{kind:18} {row['batch']:>6} {row['featurize_us_per_record']:>13} "
-                  f"{row['score_us_per_record']:>9} {row['total_us_per_record']:>9}")
+        print_rows(kind, rows)
+    results["baselines"] = bench_baselines(training, scoring)
     write_results(args.json, results)
     return 0
 

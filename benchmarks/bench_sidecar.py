@@ -6,7 +6,8 @@ Starts `logscore serve` on the default model (Unix socket and TCP), then from
 separate client processes measures:
   - throughput in records/s for batch sizes 1 to 10,000 over the socket and TCP,
     one call in flight and 4 in flight (4 client processes);
-  - single-record round trips (unary and bidirectional stream): p50 / p99;
+  - single-record round trips (unary and bidirectional stream): p50 / p99, and the same
+    against a no-op gRPC server doing 0, 50 and 100 µs of work per call (the stack's floor);
   - the sidecar's resident memory (VmRSS, VmHWM) at the end.
 Records are access lines made by tests/generate.py. The machine is printed with
 the figures: compare ratios across machines, not absolute numbers.
@@ -117,8 +118,9 @@ def single_record_latency(target: str, calls: int, lines: list[bytes]) -> dict:
             "stream_p50_ms": to_ms(stream_times[50:], 50), "stream_p99_ms": to_ms(stream_times[50:], 99)}
 
 
-def noop_server(address: str) -> None:
-    """A gRPC server answering ScoreStream with a fixed response: the floor any sidecar pays."""
+def noop_server(address: str, work_us: float) -> None:
+    """A gRPC server answering with a fixed response after ``work_us`` of busy Python work per
+    call: the floor any Python sidecar pays, and what each microsecond of its own work adds."""
     import asyncio
 
     import grpc
@@ -127,11 +129,18 @@ def noop_server(address: str) -> None:
 
     answer = pb.ScoreResponse(scores=[0.5], is_anomaly=[False], model_index=[0]).SerializeToString()
 
+    def work():
+        end = time.perf_counter() + work_us / 1e6
+        while time.perf_counter() < end:
+            pass
+
     async def stream(requests, context):
         async for _ in requests:
+            work()
             yield answer
 
     async def unary(request, context):
+        work()
         return answer
 
     async def serve():
@@ -146,16 +155,16 @@ def noop_server(address: str) -> None:
     asyncio.run(serve())
 
 
-def noop_floor(workdir: Path, calls: int, lines: list[bytes]) -> dict:
+def noop_floor(workdir: Path, calls: int, lines: list[bytes], work_us: float) -> dict:
     """Single-record round trips against the no-op server, same client code."""
-    address = f"unix:{workdir / 'noop.sock'}"
-    server = multiprocessing.Process(target=noop_server, args=(address,), daemon=True)
+    socket = workdir / f"noop-{work_us}.sock"
+    server = multiprocessing.Process(target=noop_server, args=(f"unix:{socket}", work_us), daemon=True)
     server.start()
     try:
         deadline = time.monotonic() + 10
-        while not (workdir / "noop.sock").exists() and time.monotonic() < deadline:
+        while not socket.exists() and time.monotonic() < deadline:
             time.sleep(0.05)
-        return single_record_latency(address, calls, lines)
+        return {"work_us": work_us, **single_record_latency(f"unix:{socket}", calls, lines)}
     finally:
         server.terminate()
 
@@ -193,10 +202,12 @@ def main() -> int:
             results["latency"][transport] = row
             print(f"{transport:5} single record: unary p50 {row['unary_p50_ms']} ms p99 {row['unary_p99_ms']} ms;"
                   f" stream p50 {row['stream_p50_ms']} ms p99 {row['stream_p99_ms']} ms")
-        floor = noop_floor(workdir, 500 if args.quick else 3000, lines)
-        results["latency"]["noop_grpc_floor_unix"] = floor
-        print(f"no-op gRPC server (the floor, same client): unary p50 {floor['unary_p50_ms']} ms; "
-              f"stream p50 {floor['stream_p50_ms']} ms p99 {floor['stream_p99_ms']} ms")
+        results["latency"]["noop_grpc_floor_unix"] = []
+        for work_us in (0, 50, 100):
+            floor = noop_floor(workdir, 500 if args.quick else 3000, lines, work_us)
+            results["latency"]["noop_grpc_floor_unix"].append(floor)
+            print(f"no-op gRPC server doing {work_us} µs of work per call (same client): unary p50 "
+                  f"{floor['unary_p50_ms']} ms; stream p50 {floor['stream_p50_ms']} ms p99 {floor['stream_p99_ms']} ms")
         results["memory"] = memory(sidecar.process.pid)
         print(f"sidecar memory: {results['memory']}")
     finally:

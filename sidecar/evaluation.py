@@ -153,6 +153,28 @@ def group_sessions(texts: Sequence[str], scores: np.ndarray, labels: np.ndarray,
     return ids, session_scores, session_truth
 
 
+def sequence_ceiling(sessions: Sequence[tuple], labels: Sequence[int],
+                     normal_sessions: Sequence[tuple]) -> dict:
+    """The best any detector that sees only a session's event sequence could do on this test set.
+
+    Identical sequences get the same score from any such detector, so the best it can do is
+    rank each distinct sequence by its share of anomalies in the test (an oracle that knows
+    the labels): its best F1 and ROC-AUC bound every real method. Also counts the anomalous
+    sessions whose sequence occurs among ``normal_sessions`` (those no method can tell apart).
+    """
+    totals: dict[tuple, int] = defaultdict(int)
+    anomalies: dict[tuple, int] = defaultdict(int)
+    for session, label in zip(sessions, labels):
+        totals[session] += 1
+        anomalies[session] += int(label)
+    truth = np.asarray(labels, dtype=bool)
+    oracle = np.array([anomalies[s] / totals[s] for s in sessions], dtype=np.float64)
+    normal = set(normal_sessions)
+    return {"best_f1": best_f1(truth, oracle)["f1"], "roc_auc": round(roc_auc(truth, oracle), 4),
+            "anomalies": int(truth.sum()),
+            "anomalies_like_a_normal_session": sum(1 for s, label in zip(sessions, truth) if label and s in normal)}
+
+
 def plot(labels: np.ndarray, scores: np.ndarray, path_prefix: str, title: str) -> list[str]:
     """Score histograms (normal vs anomalous) and the ROC curve as PNG; needs matplotlib."""
     import matplotlib

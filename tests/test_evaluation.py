@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from sidecar.evaluation import (Evaluation, average_precision, best_f1, confusion, group_sessions, roc_auc,
-                                tpr_at_fpr)
+                                sequence_ceiling, tpr_at_fpr)
 
 from .generate import ATTACKS, attack_lines, shop_lines
 from .sidecar_process import ROOT
@@ -55,6 +55,18 @@ def test_sessions_take_their_most_anomalous_record():
     assert scores.tolist() == [0.9, 0.1, 0.3] and labels.tolist() == [1, 0, 0]
     _, _, overridden = group_sessions(texts, np.zeros(5), np.zeros(5), r"blk_\d+", {"blk_2": 1})
     assert overridden.tolist() == [0, 1, 0]
+
+
+def test_sequence_ceiling_ranks_sequences_by_their_share_of_anomalies():
+    # ("a","b"): 3 normal + 1 anomalous; ("a","c"): one anomaly, seen nowhere else; ("a",): 4 normal.
+    sessions = [("a", "b")] * 4 + [("a", "c")] + [("a",)] * 4
+    labels = [0, 0, 0, 1, 1, 0, 0, 0, 0]
+    ceiling = sequence_ceiling(sessions, labels, normal_sessions=[("a", "b"), ("a",)])
+    # Best: flag ("a","c") only (precision 1, recall 1/2); adding ("a","b") costs 3 false alarms.
+    assert ceiling["best_f1"] == pytest.approx(2 / 3, abs=1e-4)
+    # ("a","c") outranks all 7 normals; the other anomaly ties with its 3 twins, beats 4 normals.
+    assert ceiling["roc_auc"] == pytest.approx((7 + 1.5 + 4) / 14, abs=1e-4)
+    assert ceiling["anomalies"] == 2 and ceiling["anomalies_like_a_normal_session"] == 1
 
 
 def evaluate(*args) -> dict:
