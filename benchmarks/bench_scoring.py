@@ -52,14 +52,15 @@ def bench_stages(featurize, score, lines: list[str]) -> list[dict]:
         score_seconds = median_seconds(lambda: score(features), repeats)
         rows.append({"batch": size, "featurize_us_per_record": round(featurize_seconds / size * 1e6, 2),
                      "score_us_per_record": round(score_seconds / size * 1e6, 2),
-                     "total_us_per_record": round((featurize_seconds + score_seconds) / size * 1e6, 2)})
+                     "total_us_per_record": round((featurize_seconds + score_seconds) / size * 1e6, 2),
+                     "records_per_s": round(size / (featurize_seconds + score_seconds))})
     return rows
 
 
 def print_rows(name: str, rows: list[dict]) -> None:
     for row in rows:
         print(f"{name:40} {row['batch']:>6} {row['featurize_us_per_record']:>13} "
-              f"{row['score_us_per_record']:>9} {row['total_us_per_record']:>9}")
+              f"{row['score_us_per_record']:>9} {row['total_us_per_record']:>9}{'':14}{row['records_per_s']:>10}")
 
 
 def bench_baselines(training: list[str], scoring: list[str]) -> dict:
@@ -89,7 +90,8 @@ def main() -> int:
     training, scoring = shop_lines(args.records, seed=0), shop_lines(10000, seed=1)
     results = {"machine": machine(), "detectors": {}}
     print(f"machine: {results['machine']}")
-    print(f"{'detector':40} {'batch':>6} {'featurize µs':>13} {'score µs':>9} {'total µs':>9}  (per record)")
+    print(f"{'detector':40} {'batch':>6} {'featurize µs':>13} {'score µs':>9} {'total µs':>9}  (per record)"
+          f" {'records/s':>10}")
     for kind in args.detectors.split(","):
         proto, _ = train(training, TrainOptions(spec=load_spec(None, "access"), detectors=[kind], folds=2))
         path = Path(args.workdir) / f"{kind}.onnx"

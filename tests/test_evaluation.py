@@ -108,3 +108,13 @@ def test_evaluate_sessions(tmp_path, shop_model_path):
     report = evaluate("--model", shop_model_path, "--normal", tmp_path / "n.log", "--anomalous", tmp_path / "a.log",
                       "--session-key", r"session=\w+")
     assert report["unit"] == "session" and report["records"] == 50 and report["anomalous"] == 10
+
+
+def test_published_accuracy_table_is_the_recorded_results():
+    """docs/accuracy.md shows what benchmarks/evaluate_all.py last wrote, not hand-edited figures."""
+    from benchmarks.evaluate_all import table
+
+    results = json.loads((ROOT / "benchmarks" / "results" / "accuracy.json").read_text())
+    published = (ROOT / "docs" / "accuracy.md").read_text()
+    between = published.split("<!-- results:start -->")[1].split("<!-- results:end -->")[0]
+    assert between.strip() == table(results), "rerun benchmarks/evaluate_all.py (it rewrites the table)"
