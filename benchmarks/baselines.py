@@ -24,9 +24,8 @@ class Baseline:
     score_features: Callable[[object], np.ndarray]
     threshold: float  # scores at or above are anomalous, as the original method decides
 
-    def score(self, texts: list[str], chunk: int = 5000) -> np.ndarray:
-        return np.concatenate([self.score_features(self.featurize(texts[i: i + chunk]))
-                               for i in range(0, len(texts), chunk)])
+    def score(self, texts: list[str]) -> np.ndarray:
+        return self.score_features(self.featurize(texts))
 
 
 def fit_jubatus_style_lof(training: list[str], neighbours: int = 10, reference: int = 5000,

@@ -50,14 +50,18 @@ def progress(stage, done, total, unit="records"):
     print(f"  {stage}: {done}/{total or '?'} {unit}", file=sys.stderr, flush=True)
 
 
-SCORING_TIMES: list[float] = []  # µs per record of the last score_all calls (reported with the results)
-
-
-def score_all(model: Model, records: list, batch: int = 4096) -> np.ndarray:
+def score_all(score, records: list, batch: int = 4096) -> dict:
+    """Scores of ``records`` through ``score`` (a batch → scores function), batch by batch, and
+    the cost per record (reported with the results)."""
     started = time.perf_counter()
-    scores = [model.score(records[i: i + batch]).scores for i in range(0, len(records), batch)]
-    SCORING_TIMES.append((time.perf_counter() - started) / max(len(records), 1) * 1e6)
-    return np.concatenate(scores).astype(np.float64)
+    scores = [score(records[i: i + batch]) for i in range(0, len(records), batch)]
+    seconds = time.perf_counter() - started
+    return {"scores": np.concatenate(scores).astype(np.float64),
+            "score_us_per_record": round(seconds / max(len(records), 1) * 1e6, 1)}
+
+
+def model_scores(model: Model):
+    return lambda records: model.score(records).scores
 
 
 def fit(records: list, spec: dict, name: str, workdir: Path, **options) -> Model:
@@ -79,9 +83,8 @@ def csic(data: Path, workdir: Path, detectors: list[str]) -> dict:
     test = [r for r in rows if r["split"] == "test"]
     model = fit(training, CSIC_SPEC, "csic-" + "-".join(detectors), workdir, detectors=detectors,
                 target_fpr=0.01, max_records=100_000)
-    labels = np.array([r["label"] == "anomalous" for r in test])
-    scores = score_all(model, [record(r) for r in test])
-    return {"labels": labels, "scores": scores, "threshold": model.threshold}
+    return {"labels": np.array([r["label"] == "anomalous" for r in test]), "threshold": model.threshold,
+            **score_all(model_scores(model), [record(r) for r in test])}
 
 
 def csic_baseline(data: Path, workdir: Path, detectors: list[str]) -> dict:
@@ -94,11 +97,8 @@ def csic_baseline(data: Path, workdir: Path, detectors: list[str]) -> dict:
     started = time.perf_counter()
     baseline = BASELINES[detectors[0]]([text(r) for r in rows if r["split"] == "train"])
     print(f"  fitted {detectors[0]} in {time.perf_counter() - started:.1f} s", file=sys.stderr)
-    started = time.perf_counter()
-    scores = baseline.score([text(r) for r in test])
-    SCORING_TIMES.append((time.perf_counter() - started) / len(test) * 1e6)
-    return {"labels": np.array([r["label"] == "anomalous" for r in test]), "scores": scores,
-            "threshold": baseline.threshold}
+    return {"labels": np.array([r["label"] == "anomalous" for r in test]), "threshold": baseline.threshold,
+            **score_all(baseline.score, [text(r) for r in test], batch=5000)}
 
 
 def _csic_rows(data: Path) -> list[dict]:
@@ -114,8 +114,8 @@ def sessions(training: list[list[str]], test: list[list[str]], labels: list[int]
         return {"events": "\n".join(events)}
 
     model = fit([record(e) for e in training], SESSION_SPEC, name, workdir, detectors=detectors, target_fpr=0.01)
-    return {"labels": np.array(labels, dtype=bool), "scores": score_all(model, [record(e) for e in test]),
-            "threshold": model.threshold, "unit": "session"}
+    return {"labels": np.array(labels, dtype=bool), "threshold": model.threshold, "unit": "session",
+            **score_all(model_scores(model), [record(e) for e in test])}
 
 
 def hdfs_sessions(data: Path, workdir: Path, detectors: list[str]) -> dict:
@@ -163,14 +163,15 @@ def hdfs_20k(data: Path, workdir: Path, detectors: list[str]) -> dict:
     test = [i for i, b in enumerate(block_of) if b and b not in training_blocks]
     spec = {"format": "plain", "fields": SESSION_FIELDS, "sessions": {"key": key}}
     model = fit(training, spec, "hdfs-20k-" + "-".join(detectors), workdir, detectors=detectors, target_fpr=0.01)
-    scores = score_all(model, [lines[i] for i in test])  # in order: the model's tracker follows each block
-    ids, block_scores, block_labels = group_sessions([lines[i] for i in test], scores,
+    # In file order: the model's session tracker follows each block.
+    scored = score_all(model_scores(model), [lines[i] for i in test])
+    ids, block_scores, block_labels = group_sessions([lines[i] for i in test], scored["scores"],
                                                      np.array([labels[i] for i in test]), key)
     events = block_events(lines, block_of, key)
     ceiling = sequence_ceiling([events[b] for b in ids], block_labels,
                                [events[b] for b in blocks if b not in anomalous_blocks])
     return {"labels": block_labels.astype(bool), "scores": block_scores, "threshold": model.threshold,
-            "unit": "block", "ceiling": ceiling}
+            "unit": "block", "ceiling": ceiling, "score_us_per_record": scored["score_us_per_record"]}
 
 
 def block_events(lines: list[str], block_of: list, key: str) -> dict[str, tuple]:
@@ -193,8 +194,8 @@ def bgl_2k(data: Path, workdir: Path, detectors: list[str]) -> dict:
     training = [m for m, label in zip(messages[:half], labels[:half]) if not label]
     model = fit(training, {"format": "plain", "fields": [{"field": "message", "converters": [{"kind": "tokens"}]}]},
                 "bgl-" + "-".join(detectors), workdir, detectors=detectors, target_fpr=0.01)
-    return {"labels": np.array(labels[half:]), "scores": score_all(model, messages[half:]),
-            "threshold": model.threshold}
+    return {"labels": np.array(labels[half:]), "threshold": model.threshold,
+            **score_all(model_scores(model), messages[half:])}
 
 
 EVALUATIONS = {
@@ -253,9 +254,7 @@ def main() -> int:
                 print("  (no matplotlib: no plots)", file=sys.stderr)
             results.append({"data": name, "title": title, "detectors": detectors,
                             "unit": outcome.get("unit", "record"), **report,
-                            "score_us_per_record": round(SCORING_TIMES.pop(), 1)})
-            if "ceiling" in outcome:
-                results[-1]["ceiling"] = outcome["ceiling"]
+                            **{k: outcome[k] for k in ("score_us_per_record", "ceiling") if k in outcome}})
             print(json.dumps({k: results[-1][k] for k in ("roc_auc", "pr_auc", "tpr_at_fpr_1pct")}), file=sys.stderr)
     out = ROOT / "benchmarks" / "results" / "accuracy.json"
     if args.only and out.exists():  # keep the other datasets' earlier results, in the usual order
