@@ -41,18 +41,20 @@ def make_request(lines: list[bytes]):
 
 
 def client_throughput(target: str, batch: int, seconds: float, lines: list[bytes], out) -> None:
+    """One client calling Score back to back, cycling through ``lines`` in batches (so the
+    sidecar sees new values at the rate the data has them, not one batch over and over)."""
     import grpc
 
     from sidecar.generated.logscore.v1 import scorer_pb2_grpc as pb_grpc
 
     stub = pb_grpc.ScorerStub(grpc.insecure_channel(target, options=[("grpc.enable_http_proxy", 0)]))
-    request = make_request(lines[:batch])
-    stub.Score(request, timeout=30)  # warm up
+    requests = [make_request(lines[i: i + batch]) for i in range(0, len(lines) - batch + 1, batch)]
+    stub.Score(requests[0], timeout=30)  # warm up
     records, latencies = 0, []
     end = time.perf_counter() + seconds
     while time.perf_counter() < end:
         started = time.perf_counter()
-        stub.Score(request, timeout=30)
+        stub.Score(requests[len(latencies) % len(requests)], timeout=30)
         latencies.append(time.perf_counter() - started)
         records += batch
     out.put((records, latencies))

@@ -1,9 +1,13 @@
+import itertools
+import random
+
 import numpy as np
 import pytest
 
 from sidecar.errors import ConfigError
 from sidecar.features import DEFAULT_SPECS, Featurizer
-from sidecar.features.converters import UrlConverter, mask_variables, percent_decode, value_shape
+from sidecar.features.converters import (NgramConverter, UrlConverter, ValueCache, mask_variables, percent_decode,
+                                         value_shape)
 
 from .generate import shop_lines, syslog_lines
 
@@ -70,6 +74,38 @@ def test_helpers():
     assert percent_decode("%2527", 3) == ("'", 2)
     assert percent_decode("%2527", 1) == ("%27", 1)
     assert mask_variables("conn from 10.1.2.3:22 id 0xdeadbeef took 1.5s") == "conn from <ip> id <hex> took <num>s"
+
+
+def test_value_shape_collapses_every_run_of_a_character():
+    rng = random.Random(0)
+    for _ in range(2000):
+        text = "".join(rng.choice("aA9z0'  //--<\n%") for _ in range(rng.randint(0, 30)))
+        classes = text.translate(str.maketrans({**{c: "a" for c in "aAz"}, **{c: "9" for c in "90"}}))
+        assert value_shape(text) == "".join(k for k, _ in itertools.groupby(classes))[:48]
+
+
+def test_value_cache_is_bounded_and_keeps_values_in_use():
+    cache = ValueCache(size=4)
+    cache.put("hot", 1)
+    for i in range(100):
+        cache.put(f"cold{i}", i)
+        assert cache.get("hot") == 1  # in steady use: moved to the newer generation each time
+        assert len(cache) <= 4
+    assert cache.get("cold0") is None  # long gone
+    assert cache.get("cold99") == 99
+
+
+def test_urls_of_one_structure_share_features_and_names():
+    converter = UrlConverter("url")
+    first, second, longer, other = converter.featurize(
+        ["/products/108?page=2", "/products/9?page=7", "/products/9?page=12", "/cart?page=2"])
+    assert first is second  # differ only where no feature looks: featurized once
+    assert longer is not first and other is not first  # a longer page number; another path
+    assert set(converter.features("/products/9?page=7")) == {first.describe(i).split(": ", 1)[1]
+                                                             for i in range(len(first.keys))}
+    shapes = NgramConverter("url", n=[2, 3], shape=True)
+    a, b, c = shapes.featurize(["/blog/a1", "/news/bb22", "/x/1"])
+    assert a is b and c is not a  # the same shape (/a/a9): the same n-grams
 
 
 def test_missing_fields_are_features_not_errors():

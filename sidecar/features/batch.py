@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional, Protocol
 
 import numpy as np
 
@@ -24,13 +24,21 @@ def text_key(seed: int, text: str) -> int:
     return zlib.crc32(text.encode("utf-8", "surrogatepass"), seed)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ValueFeatures:
     """The features of one distinct field value; cached, so each value is featurized once."""
 
     keys: np.ndarray  # int64
     weights: np.ndarray  # float32, converter weight included
-    describe: Callable[[int], str]  # index into keys -> readable name
+    converter: "Describer"  # names a key of the value, for explanations
+    value: Optional[str]
+
+    def describe(self, index: int) -> str:
+        return self.converter.describe(self.value, int(self.keys[index]))
+
+
+class Describer(Protocol):
+    def describe(self, value: Optional[str], key: int) -> str: ...
 
 
 @dataclass
