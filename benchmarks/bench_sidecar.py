@@ -5,7 +5,8 @@
 Starts `logscore serve` on the default model (Unix socket and TCP), then from
 separate client processes measures:
   - throughput in records/s for batch sizes 1 to 10,000 over the socket and TCP,
-    one call in flight and 4 in flight (4 client processes);
+    one call in flight and 4 in flight (4 client processes), on repetitive traffic
+    (few distinct values) and, over the socket, on long-tail traffic (a third new);
   - single-record round trips (unary and bidirectional stream): p50 / p99, and the same
     against a no-op gRPC server doing 0, 50 and 100 µs of work per call (the stack's floor);
   - the sidecar's resident memory (VmRSS, VmHWM) at the end.
@@ -28,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 
 from benchmarks.common import machine, write_results  # noqa: E402
-from tests.generate import blog_lines  # noqa: E402
+from tests.generate import blog_lines, shop_lines  # noqa: E402
 from tests.sidecar_process import SidecarProcess, free_port  # noqa: E402
 
 
@@ -184,6 +185,9 @@ def main() -> int:
     args = parser.parse_args()
     seconds = 1.0 if args.quick else 4.0
     lines = [line.encode() for line in blog_lines(10_000, seed=9)]
+    # Repetitive: the default model's own site, 17 request paths (every value cached after the
+    # first batch). Long tail: a shop, a third of its requests never seen before (ids, searches).
+    traffics = {"repetitive": lines, "long_tail": [line.encode() for line in shop_lines(200_000, seed=9)]}
     workdir = Path(tempfile.mkdtemp(prefix="logscore-bench-"))
     tcp = f"127.0.0.1:{free_port()}"
     sidecar = SidecarProcess(ROOT / "models", workdir, tcp=tcp, reload_interval_s=0).start()
@@ -192,13 +196,15 @@ def main() -> int:
     try:
         targets = {"unix": f"unix:{sidecar.socket}", "tcp": tcp}
         batches = (1, 10, 100, 1000, 10000)
-        for transport, target in targets.items():
-            for batch in batches:
-                for clients in (1, 4):
-                    row = {"transport": transport, **throughput(target, batch, clients, seconds, lines)}
-                    results["throughput"].append(row)
-                    print(f"{transport:5} batch {batch:>6} clients {clients}: {row['records_per_s']:>9} records/s"
-                          f"   call p50 {row['call_p50_ms']} ms  p99 {row['call_p99_ms']} ms", flush=True)
+        runs = [("repetitive", transport, batch, clients) for transport in targets for batch in batches
+                for clients in (1, 4)]
+        runs += [("long_tail", "unix", batch, clients) for batch in (100, 1000, 10000) for clients in (1, 4)]
+        for traffic, transport, batch, clients in runs:
+            row = {"traffic": traffic, "transport": transport,
+                   **throughput(targets[transport], batch, clients, seconds, traffics[traffic])}
+            results["throughput"].append(row)
+            print(f"{traffic:10} {transport:5} batch {batch:>6} clients {clients}: {row['records_per_s']:>9} "
+                  f"records/s   call p50 {row['call_p50_ms']} ms  p99 {row['call_p99_ms']} ms", flush=True)
         for transport, target in targets.items():
             row = single_record_latency(target, 500 if args.quick else 3000, lines)
             results["latency"][transport] = row

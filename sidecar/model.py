@@ -20,7 +20,7 @@ from .features import FeatureBatch, Featurizer
 from .sessions import SessionTracker
 
 
-SCORE_CHUNK = 2048  # records featurized and run at once
+SCORE_CHUNK = 512  # records featurized and run at once (bounds the working memory of big batches)
 
 
 def make_session(model_bytes: bytes, threads: int = 1) -> ort.InferenceSession:
