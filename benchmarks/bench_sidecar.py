@@ -9,7 +9,7 @@ separate client processes measures:
     (few distinct values) and, over the socket, on long-tail traffic (a third new);
   - single-record round trips (unary and bidirectional stream): p50 / p99, and the same
     against a no-op gRPC server doing 0, 50 and 100 µs of work per call (the stack's floor);
-  - the sidecar's resident memory (VmRSS, VmHWM) at the end.
+  - the sidecar's resident memory (VmRSS, VmHWM) after each run and at the end.
 Records are access lines made by tests/generate.py. The machine is printed with
 the figures: compare ratios across machines, not absolute numbers.
 """
@@ -201,10 +201,12 @@ def main() -> int:
         runs += [("long_tail", "unix", batch, clients) for batch in (100, 1000, 10000) for clients in (1, 4)]
         for traffic, transport, batch, clients in runs:
             row = {"traffic": traffic, "transport": transport,
-                   **throughput(targets[transport], batch, clients, seconds, traffics[traffic])}
+                   **throughput(targets[transport], batch, clients, seconds, traffics[traffic]),
+                   "sidecar_memory_after": memory(sidecar.process.pid)}
             results["throughput"].append(row)
             print(f"{traffic:10} {transport:5} batch {batch:>6} clients {clients}: {row['records_per_s']:>9} "
-                  f"records/s   call p50 {row['call_p50_ms']} ms  p99 {row['call_p99_ms']} ms", flush=True)
+                  f"records/s   call p50 {row['call_p50_ms']} ms  p99 {row['call_p99_ms']} ms   "
+                  f"sidecar RSS {row['sidecar_memory_after']['rss']}", flush=True)
         for transport, target in targets.items():
             row = single_record_latency(target, 500 if args.quick else 3000, lines)
             results["latency"][transport] = row
