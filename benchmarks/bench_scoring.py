@@ -73,8 +73,9 @@ def print_rows(name: str, rows: list[dict]) -> None:
 
 def bench_baselines(training: list[str], scoring: list[str]) -> dict:
     try:
-        from benchmarks.baselines import BASELINES
         import gensim  # noqa: F401
+
+        from benchmarks.baselines import BASELINES
     except ImportError:
         print("(baselines skipped: pip install -e '.[baselines]' for gensim)")
         return {}

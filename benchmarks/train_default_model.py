@@ -44,7 +44,8 @@ def inject(line: str, payload: str, rng: random.Random) -> str:
         return line
     method, _, url = line[start:end].partition(" ")
     separator = "&" if "?" in url else "?"
-    return f"{line[:start]}{method} {url}{separator}{rng.choice(['id', 'q', 'file'])}={quote(payload, safe='')}{line[end:]}"
+    parameter = rng.choice(["id", "q", "file"])
+    return f"{line[:start]}{method} {url}{separator}{parameter}={quote(payload, safe='')}{line[end:]}"
 
 
 def main() -> int:

@@ -63,6 +63,7 @@ class ValueCache:
     def clear(self) -> None:
         self._new, self._old = {}, {}
 
+
 def cached_by_key(cache: ValueCache, values: Sequence, keys: Sequence, compute) -> list[ValueFeatures]:
     """The features of each value, looked up in ``cache`` by its key; values whose key is not
     cached are computed once per key, by ``compute(values, keys)``, from one value holding it."""
