@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
-import multiprocessing
 import sys
 import tempfile
 import time
@@ -23,7 +22,7 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
-from benchmarks.common import machine, write_results  # noqa: E402
+from benchmarks.common import client_processes, machine, percentiles_ms, write_results  # noqa: E402
 from tests.generate import blog_lines  # noqa: E402
 from tests.sidecar_process import SidecarProcess  # noqa: E402
 
@@ -52,17 +51,9 @@ def client(port: int, batch: int, seconds: float, out) -> None:
 
 
 def run(port: int, batch: int, clients: int, seconds: float) -> dict:
-    queue = multiprocessing.Queue()
-    workers = [multiprocessing.Process(target=client, args=(port, batch, seconds, queue)) for _ in range(clients)]
-    for worker in workers:
-        worker.start()
-    results = [queue.get(timeout=seconds + 60) for _ in workers]
-    for worker in workers:
-        worker.join()
-    latencies = np.concatenate([lat for _, lat in results]) * 1000
+    results = client_processes(client, (port, batch, seconds), clients, timeout=seconds + 60)
     return {"batch": batch, "clients": clients, "events_per_s": round(sum(e for e, _ in results) / seconds),
-            "request_p50_ms": round(float(np.percentile(latencies, 50)), 3),
-            "request_p99_ms": round(float(np.percentile(latencies, 99)), 3)}
+            **percentiles_ms(np.concatenate([lat for _, lat in results]), "request")}
 
 
 def main() -> int:

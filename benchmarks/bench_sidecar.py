@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
-from benchmarks.common import machine, write_results  # noqa: E402
+from benchmarks.common import client_processes, machine, percentiles_ms, write_results  # noqa: E402
 from tests.generate import blog_lines, shop_lines  # noqa: E402
 from tests.sidecar_process import SidecarProcess, free_port  # noqa: E402
 
@@ -62,21 +62,12 @@ def client_throughput(target: str, batch: int, seconds: float, lines: list[bytes
 
 
 def throughput(target: str, batch: int, clients: int, seconds: float, lines: list[bytes]) -> dict:
-    queue = multiprocessing.Queue()
-    workers = [multiprocessing.Process(target=client_throughput, args=(target, batch, seconds, lines, queue))
-               for _ in range(clients)]
     started = time.perf_counter()
-    for worker in workers:
-        worker.start()
-    results = [queue.get(timeout=seconds + 120) for _ in workers]
-    for worker in workers:
-        worker.join()
+    results = client_processes(client_throughput, (target, batch, seconds, lines), clients, timeout=seconds + 120)
     elapsed = time.perf_counter() - started
     records = sum(r for r, _ in results)
-    latencies = np.concatenate([lat for _, lat in results]) * 1000
     return {"batch": batch, "clients": clients, "records_per_s": round(records / min(elapsed, seconds + 1)),
-            "call_p50_ms": round(float(np.percentile(latencies, 50)), 3),
-            "call_p99_ms": round(float(np.percentile(latencies, 99)), 3)}
+            **percentiles_ms(np.concatenate([lat for _, lat in results]), "call")}
 
 
 def single_record_latency(target: str, calls: int, lines: list[bytes]) -> dict:
@@ -116,9 +107,7 @@ def single_record_latency(target: str, calls: int, lines: list[bytes]) -> dict:
         with lock:
             stream_times.append(time.perf_counter() - started)
     outgoing.put(None)
-    to_ms = lambda values, q: round(float(np.percentile(np.array(values) * 1000, q)), 3)  # noqa: E731
-    return {"calls": len(requests), "unary_p50_ms": to_ms(unary, 50), "unary_p99_ms": to_ms(unary, 99),
-            "stream_p50_ms": to_ms(stream_times[50:], 50), "stream_p99_ms": to_ms(stream_times[50:], 99)}
+    return {"calls": len(requests), **percentiles_ms(unary, "unary"), **percentiles_ms(stream_times[50:], "stream")}
 
 
 def noop_server(address: str, work_us: float) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import platform
 from pathlib import Path
@@ -28,3 +29,21 @@ def write_results(path: str, results: dict) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {path}")
+
+
+def client_processes(client, args: tuple, clients: int, timeout: float) -> list:
+    """Run ``client(*args, queue)`` in ``clients`` processes at once; the result each put on the queue."""
+    queue = multiprocessing.Queue()
+    workers = [multiprocessing.Process(target=client, args=(*args, queue)) for _ in range(clients)]
+    for worker in workers:
+        worker.start()
+    results = [queue.get(timeout=timeout) for _ in workers]
+    for worker in workers:
+        worker.join()
+    return results
+
+
+def percentiles_ms(durations, name: str) -> dict:
+    """``{name}_p50_ms`` and ``{name}_p99_ms`` of durations given in seconds."""
+    milliseconds = np.asarray(durations, dtype=np.float64) * 1000
+    return {f"{name}_p{q}_ms": round(float(np.percentile(milliseconds, q)), 3) for q in (50, 99)}

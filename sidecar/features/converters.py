@@ -68,12 +68,12 @@ def cached_by_key(cache: ValueCache, values: Sequence, keys: Sequence, compute) 
     """The features of each value, looked up in ``cache`` by its key; values whose key is not
     cached are computed once per key, by ``compute(values, keys)``, from one value holding it."""
     found = [cache.get(key) for key in keys]
+    if all(found):  # the usual case: every value seen recently
+        return found
     todo: dict = {}  # key -> a value holding it
     for value, key, entry in zip(values, keys, found):
         if entry is None and key not in todo:
             todo[key] = value
-    if not todo:
-        return found
     computed = dict(zip(todo, compute(list(todo.values()), list(todo))))
     for key, entry in computed.items():
         cache.put(key, entry)
