@@ -108,12 +108,12 @@ def main() -> int:
         path = Path(args.workdir) / f"{kind}.onnx"
         save_model(proto, path)
         model = Model.load(path)
-        rows = bench_stages(model.featurizer.transform, lambda features: run_graph(model.session, features), scoring)
+        run = lambda features: run_graph(model.session, features)  # noqa: E731
+        rows = bench_stages(model.featurizer.transform, run, scoring)
         results["detectors"][kind] = {"model_bytes": path.stat().st_size, "batches": rows}
         print_rows(kind, rows)
         if kind == "rarity":  # the same model on repetitive traffic: every value cached
-            rows = bench_stages(model.featurizer.transform, lambda features: run_graph(model.session, features),
-                                shop_lines(200, seed=2))
+            rows = bench_stages(model.featurizer.transform, run, shop_lines(200, seed=2))
             results["rarity_repetitive_traffic"] = {"batches": rows}
             print_rows("rarity, repetitive traffic", rows)
     results["baselines"] = bench_baselines(training, scoring)
