@@ -25,10 +25,10 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 
 from benchmarks.common import machine, write_results  # noqa: E402
-from sidecar.features import load_spec  # noqa: E402
-from sidecar.model import Model, run_graph  # noqa: E402
-from sidecar.training.detectors import DETECTORS  # noqa: E402
-from sidecar.training.train import TrainOptions, save_model, train  # noqa: E402
+from logscore.features import load_spec  # noqa: E402
+from logscore.model import Model, run_graph  # noqa: E402
+from logscore.training.detectors import DETECTORS  # noqa: E402
+from logscore.training.train import TrainOptions, save_model, train  # noqa: E402
 from tests.generate import shop_lines  # noqa: E402
 
 BATCHES = (1, 100, 1000, 10000)

@@ -34,7 +34,7 @@ from tests.sidecar_process import SidecarProcess, free_port  # noqa: E402
 
 
 def make_request(lines: list[bytes]):
-    from sidecar.generated.logscore.v1 import scorer_pb2 as pb
+    from logscore.generated.logscore.v1 import scorer_pb2 as pb
 
     request = pb.ScoreRequest()
     request.lines.lines.extend(lines)
@@ -46,7 +46,7 @@ def client_throughput(target: str, batch: int, seconds: float, lines: list[bytes
     sidecar sees new values at the rate the data has them, not one batch over and over)."""
     import grpc
 
-    from sidecar.generated.logscore.v1 import scorer_pb2_grpc as pb_grpc
+    from logscore.generated.logscore.v1 import scorer_pb2_grpc as pb_grpc
 
     stub = pb_grpc.ScorerStub(grpc.insecure_channel(target, options=[("grpc.enable_http_proxy", 0)]))
     requests = [make_request(lines[i: i + batch]) for i in range(0, len(lines) - batch + 1, batch)]
@@ -73,7 +73,7 @@ def throughput(target: str, batch: int, clients: int, seconds: float, lines: lis
 def single_record_latency(target: str, calls: int, lines: list[bytes]) -> dict:
     import grpc
 
-    from sidecar.generated.logscore.v1 import scorer_pb2_grpc as pb_grpc
+    from logscore.generated.logscore.v1 import scorer_pb2_grpc as pb_grpc
 
     stub = pb_grpc.ScorerStub(grpc.insecure_channel(target, options=[("grpc.enable_http_proxy", 0)]))
     requests = [make_request([line]) for line in lines[:calls]]
@@ -117,7 +117,7 @@ def noop_server(address: str, work_us: float) -> None:
 
     import grpc
 
-    from sidecar.generated.logscore.v1 import scorer_pb2 as pb
+    from logscore.generated.logscore.v1 import scorer_pb2 as pb
 
     answer = pb.ScoreResponse(scores=[0.5], is_anomaly=[False], model_index=[0]).SerializeToString()
 

@@ -24,11 +24,11 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
-from sidecar.evaluation import Evaluation, group_sessions, plot, sequence_ceiling  # noqa: E402
-from sidecar.features.featurizer import SESSION_FIELDS  # noqa: E402
-from sidecar.model import Model  # noqa: E402
-from sidecar.sessions import SessionKeys, SessionSpec  # noqa: E402
-from sidecar.training.train import TrainOptions, save_model, train  # noqa: E402
+from logscore.evaluation import Evaluation, group_sessions, plot, sequence_ceiling  # noqa: E402
+from logscore.features.featurizer import SESSION_FIELDS  # noqa: E402
+from logscore.model import Model  # noqa: E402
+from logscore.sessions import SessionKeys, SessionSpec  # noqa: E402
+from logscore.training.train import TrainOptions, save_model, train  # noqa: E402
 
 # Requests of the CSIC 2010 shop: URL structure and the form body, both as parameters.
 # Structure alone measured best here (n-grams of the free-text values add noise: names,

@@ -23,11 +23,11 @@ from urllib.parse import quote
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sidecar.cli import ProgressPrinter  # noqa: E402
-from sidecar.features import load_spec  # noqa: E402
-from sidecar.inputs import read_lines  # noqa: E402
-from sidecar.model import Model  # noqa: E402
-from sidecar.training.train import TrainOptions, save_model, train  # noqa: E402
+from logscore.cli import ProgressPrinter  # noqa: E402
+from logscore.features import load_spec  # noqa: E402
+from logscore.inputs import read_lines  # noqa: E402
+from logscore.model import Model  # noqa: E402
+from logscore.training.train import TrainOptions, save_model, train  # noqa: E402
 
 PAYLOAD_FILES = {
     "sql_injection": "sql-injection/detect/xplatform.txt",

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Regenerate the committed gRPC stubs from proto/ (tests check they are current).
-# Usage: scripts/generate-protos.sh [OUTPUT_DIR]   (default sidecar/generated)
+# Usage: scripts/generate-protos.sh [OUTPUT_DIR]   (default sidecar/logscore/generated)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-out=${1:-sidecar/generated}
+out=${1:-sidecar/logscore/generated}
 python=${PYTHON:-.venv/bin/python}
 mkdir -p "$out/logscore/v1"
 "$python" -m grpc_tools.protoc -Iproto --python_out="$out" --pyi_out="$out" --grpc_python_out="$out" \

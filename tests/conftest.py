@@ -1,7 +1,7 @@
 import pytest
 
-from sidecar.features import load_spec
-from sidecar.training.train import TrainOptions, save_model, train
+from logscore.features import load_spec
+from logscore.training.train import TrainOptions, save_model, train
 
 from .generate import shop_lines
 

@@ -16,8 +16,8 @@ from typing import Optional
 
 import grpc
 
-from sidecar.generated.logscore.v1 import scorer_pb2 as pb
-from sidecar.generated.logscore.v1 import scorer_pb2_grpc as pb_grpc
+from logscore.generated.logscore.v1 import scorer_pb2 as pb
+from logscore.generated.logscore.v1 import scorer_pb2_grpc as pb_grpc
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,7 +52,7 @@ class SidecarProcess:
         self.process: Optional[subprocess.Popen] = None
 
     def start(self, timeout: float = 30.0) -> "SidecarProcess":
-        args = [sys.executable, "-m", "sidecar", "serve"]
+        args = [sys.executable, "-m", "logscore", "serve"]
         for name, value in self.settings.items():
             args += [f"--{name.replace('_', '-')}", str(value)]
         self._log = open(self.log_path, "ab")

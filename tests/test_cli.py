@@ -10,7 +10,7 @@ from .sidecar_process import ROOT, SidecarProcess, models_dir_with
 
 
 def logscore(*args, stdin: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "sidecar", *map(str, args)], cwd=ROOT, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "logscore", *map(str, args)], cwd=ROOT, capture_output=True,
                           text=True, input=stdin, timeout=300)
 
 

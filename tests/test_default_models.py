@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sidecar.model import Model
+from logscore.model import Model
 
 from .generate import ATTACKS, attack_lines, blog_lines
 

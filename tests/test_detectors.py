@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 
-from sidecar.features import FeatureBatch
-from sidecar.model import make_session, run_graph
-from sidecar.training.detectors import DETECTORS, Features, RarityTable
-from sidecar.training.train import apply_ecdf, assemble_graph, calibrate, ecdf_table
+from logscore.features import FeatureBatch
+from logscore.model import make_session, run_graph
+from logscore.training.detectors import DETECTORS, Features, RarityTable
+from logscore.training.train import apply_ecdf, assemble_graph, calibrate, ecdf_table
 
 
 def generated_batch(rng, records: int, width: int = 12) -> FeatureBatch:

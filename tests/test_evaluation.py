@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from sidecar.evaluation import (Evaluation, average_precision, best_f1, confusion, group_sessions, roc_auc,
+from logscore.evaluation import (Evaluation, average_precision, best_f1, confusion, group_sessions, roc_auc,
                                 sequence_ceiling, tpr_at_fpr)
 
 from .generate import ATTACKS, attack_lines, shop_lines
@@ -70,7 +70,7 @@ def test_sequence_ceiling_ranks_sequences_by_their_share_of_anomalies():
 
 
 def evaluate(*args) -> dict:
-    result = subprocess.run([sys.executable, "-m", "sidecar", "evaluate", *map(str, args)], cwd=ROOT,
+    result = subprocess.run([sys.executable, "-m", "logscore", "evaluate", *map(str, args)], cwd=ROOT,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)

@@ -4,9 +4,9 @@ import random
 import numpy as np
 import pytest
 
-from sidecar.errors import ConfigError
-from sidecar.features import DEFAULT_SPECS, Featurizer
-from sidecar.features.converters import (NgramConverter, UrlConverter, ValueCache, mask_variables, percent_decode,
+from logscore.errors import ConfigError
+from logscore.features import DEFAULT_SPECS, Featurizer
+from logscore.features.converters import (NgramConverter, UrlConverter, ValueCache, mask_variables, percent_decode,
                                          value_shape)
 
 from .generate import shop_lines, syslog_lines
@@ -161,7 +161,7 @@ def test_spec_round_trips_with_learned_state():
 
 
 def test_sequence_features_keep_order_and_ends():
-    from sidecar.features.converters import SequenceConverter
+    from logscore.features.converters import SequenceConverter
 
     features = list(SequenceConverter("events", n=[1, 2]).features("22 5 5 11"))
     assert features == ["1-gram 22", "1-gram 5", "1-gram 5", "1-gram 11", "2-gram 22 5", "2-gram 5 5",

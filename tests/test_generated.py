@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMITTED = ROOT / "sidecar" / "generated"
+COMMITTED = ROOT / "sidecar" / "logscore" / "generated"
 
 
 def test_python_stubs_are_current(tmp_path):
@@ -42,7 +42,7 @@ def test_ruby_stubs_are_current(tmp_path):
 def test_operations_guide_lists_every_setting():
     from dataclasses import fields
 
-    from sidecar.settings import Settings
+    from logscore.settings import Settings
 
     guide = (ROOT / "docs" / "operations.md").read_text()
     missing = [f.name for f in fields(Settings) if f"`--{f.name.replace('_', '-')}`" not in guide]

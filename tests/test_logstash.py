@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from sidecar.features import DEFAULT_SPECS, load_spec
-from sidecar.parsers import FIELD_ALIASES
-from sidecar.records import RAW_LINE_KEYS
-from sidecar.training.train import TrainOptions, save_model, train
+from logscore.features import DEFAULT_SPECS, load_spec
+from logscore.parsers import FIELD_ALIASES
+from logscore.records import RAW_LINE_KEYS
+from logscore.training.train import TrainOptions, save_model, train
 
 from .generate import attack_lines, blog_lines, syslog_lines
 from .sidecar_process import ROOT, SidecarProcess

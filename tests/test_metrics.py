@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from sidecar.metrics import SCORE_BUCKETS, Metrics
+from logscore.metrics import SCORE_BUCKETS, Metrics
 
 
 def histogram(metrics: Metrics) -> dict:

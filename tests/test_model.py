@@ -6,9 +6,9 @@ import shutil
 import numpy as np
 import pytest
 
-from sidecar.artifact import FORMAT_VERSION, METADATA_KEY, read_artifact
-from sidecar.errors import ModelLoadError
-from sidecar.model import Model
+from logscore.artifact import FORMAT_VERSION, METADATA_KEY, read_artifact
+from logscore.errors import ModelLoadError
+from logscore.model import Model
 
 from .generate import attack_lines, shop_lines
 

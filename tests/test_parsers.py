@@ -1,8 +1,8 @@
 import pytest
 
-from sidecar.errors import ConfigError
-from sidecar.parsers import get_parser, parse_access, parse_jsonl, parse_syslog
-from sidecar.records import RecordNormalizer
+from logscore.errors import ConfigError
+from logscore.parsers import get_parser, parse_access, parse_jsonl, parse_syslog
+from logscore.records import RecordNormalizer
 
 
 def test_combined_access_line_gives_every_field():

@@ -7,8 +7,8 @@ import sys
 import numpy as np
 import pytest
 
-from sidecar.model import Model
-from sidecar.sessions import SessionSpec, SessionTracker
+from logscore.model import Model
+from logscore.sessions import SessionSpec, SessionTracker
 
 from .generate import session_lines
 from .sidecar_process import ROOT, SidecarProcess, models_dir_with
@@ -39,7 +39,7 @@ def session_model(tmp_path_factory):
     path = tmp_path_factory.mktemp("sessions") / "transfers.onnx"
     source = path.with_suffix(".log")
     source.write_text("\n".join(lines) + "\n")
-    result = subprocess.run([sys.executable, "-m", "sidecar", "train", "--input", str(source), "--format", "plain",
+    result = subprocess.run([sys.executable, "-m", "logscore", "train", "--input", str(source), "--format", "plain",
                              "--session-key", r"xfer-\d+-\d+", "--target-fpr", "0.01", "--out", str(path)],
                             cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr

@@ -2,8 +2,8 @@
 
 import pytest
 
-from sidecar.errors import ConfigError
-from sidecar.settings import Settings
+from logscore.errors import ConfigError
+from logscore.settings import Settings
 
 
 @pytest.fixture()

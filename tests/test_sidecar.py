@@ -18,9 +18,9 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from sidecar.generated.logscore.v1 import scorer_pb2 as pb
-from sidecar.generated.logscore.v1 import scorer_pb2_grpc as pb_grpc
-from sidecar.parsers import parse_access
+from logscore.generated.logscore.v1 import scorer_pb2 as pb
+from logscore.generated.logscore.v1 import scorer_pb2_grpc as pb_grpc
+from logscore.parsers import parse_access
 
 from .generate import attack_lines, shop_lines
 from .sidecar_process import ROOT, SidecarProcess, free_port, make_certificates, models_dir_with
@@ -72,7 +72,7 @@ def tls_channel(sidecar, certificates, client_cert: bool = False) -> grpc.Channe
 def offline_scores(model_path, lines, workdir) -> list[dict]:
     source = workdir / "offline.log"
     source.write_text("\n".join(lines) + "\n")
-    output = subprocess.run([sys.executable, "-m", "sidecar", "score", "--model", str(model_path), str(source)],
+    output = subprocess.run([sys.executable, "-m", "logscore", "score", "--model", str(model_path), str(source)],
                             cwd=ROOT, capture_output=True, text=True, check=True).stdout
     return [json.loads(line) for line in output.splitlines()]
 
@@ -369,7 +369,7 @@ def test_startup_with_no_loadable_model_fails_clearly(tmp_path):
     models = tmp_path / "models"
     models.mkdir()
     (models / "broken.onnx").write_bytes(b"nope")
-    result = subprocess.run([sys.executable, "-m", "sidecar", "serve", "--models-dir", str(models),
+    result = subprocess.run([sys.executable, "-m", "logscore", "serve", "--models-dir", str(models),
                              "--socket", str(tmp_path / "s.sock"), "--http", ""],
                             cwd=ROOT, capture_output=True, text=True, timeout=30)
     assert result.returncode == 1

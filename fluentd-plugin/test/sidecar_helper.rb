@@ -39,7 +39,7 @@ class SidecarProcess
     log = File.open(File.join(@dir, 'sidecar.log'), 'a')
     settings = { http: "127.0.0.1:#{@http_port}", reload_interval_s: 0 }.merge(@settings)
     flags = settings.flat_map { |name, value| ["--#{name.to_s.tr('_', '-')}", value.to_s] }
-    @pid = Process.spawn(PYTHON, '-m', 'sidecar', 'serve', '--models-dir', @models_dir, '--socket', @socket,
+    @pid = Process.spawn(PYTHON, '-m', 'logscore', 'serve', '--models-dir', @models_dir, '--socket', @socket,
                          *flags, chdir: ROOT, out: log, err: log)
   end
 

@@ -2,7 +2,7 @@
 
 The serving path (parsers, features, artifact, model) imports only numpy,
 onnxruntime, msgpack, grpcio and protobuf. Training lives in
-``sidecar.training`` and needs the ``train`` extra (scikit-learn, onnx).
+``logscore.training`` and needs the ``train`` extra (scikit-learn, onnx).
 """
 
 __version__ = "0.1.0"

@@ -23,12 +23,12 @@ import logging
 import re
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Awaitable, Callable, Optional
 from urllib.parse import parse_qs, urlsplit
 
 from ..errors import (DeadlineExceeded, InvalidRequest, LogscoreError, ModelNotFound, Overloaded, ShuttingDown,
                       Unauthenticated)
+from ..resources import openapi_path
 from ..scoring import ScoreCall, ScoreOutcome, ScoringService
 from .streams import StreamServer
 
@@ -48,7 +48,6 @@ REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found",
            500: "Internal Server Error", 503: "Service Unavailable", 504: "Gateway Timeout"}
 MAX_HEADER_BYTES = 32 * 1024
 IDLE_TIMEOUT_S = 75.0
-OPENAPI_PATH = Path(__file__).resolve().parents[2] / "docs" / "openapi.json"
 
 
 @dataclass
@@ -303,7 +302,7 @@ class SidecarHttp:
             for name, m in sorted(self.service.registry.snapshot.models.items())]})
 
     async def openapi(self, request: Request) -> Response:
-        return Response(200, OPENAPI_PATH.read_bytes())
+        return Response(200, openapi_path().read_bytes())
 
     async def metrics(self, request: Request) -> Response:
         self.service.metrics.queued.set(self.service.queued_records())

@@ -219,7 +219,7 @@ def train(records: Iterable[object], options: TrainOptions,
     started = time.perf_counter()
     if options.spec.get("sessions"):
         # A session model learns what the sidecar will see: each record as its session so far,
-        # built by the same tracker (sidecar/sessions.py), so unfinished sessions are normal.
+        # built by the same tracker (sidecar/logscore/sessions.py), so unfinished sessions are normal.
         records = SessionTracker(SessionSpec.from_dict(options.spec["sessions"])).track(list(records))
     sample, read = reservoir_sample(records, options.max_records, options.seed, progress)
     if len(sample) < 10 * options.folds:

@@ -56,7 +56,7 @@ DEFAULT_SPECS: dict[str, dict] = {
     },
 }
 
-# A session model reads one field: its session's events in order (see sidecar/sessions.py).
+# A session model reads one field: its session's events in order (see sidecar/logscore/sessions.py).
 SESSION_FIELDS = [{"field": "events", "converters": [{"kind": "sequence", "n": [1, 2], "separator": "\n"}]}]
 
 DEFAULT_DENSE_DIMS = 128

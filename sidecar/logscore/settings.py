@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 from .errors import ConfigError
+from .resources import default_models_dir
 
 ENV_PREFIX = "LOGSCORE_"
-DEFAULT_MODELS_DIR = str(Path(__file__).resolve().parents[1] / "models")
+DEFAULT_MODELS_DIR = str(default_models_dir())
 
 
 def setting(default: Any, help: str, **extra) -> Any:
