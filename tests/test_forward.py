@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import os
 import socket
 import socketserver
 import threading
@@ -18,27 +19,37 @@ from .sidecar_process import ROOT, SidecarProcess, free_port
 
 
 class ForwardReceiver:
-    """A next hop: accepts forward messages, records them, acks chunks (like Fluentd's in_forward)."""
+    """A next hop: accepts forward messages, records entries and frames, acks chunks (as in_forward does).
 
-    def __init__(self, port: int):
+    ``ack=False`` makes it a next hop that takes chunks but never acknowledges them.
+    """
+
+    def __init__(self, port: int, ack: bool = True):
         self.port = port
-        self.records: list[tuple[str, dict]] = []
-        self.chunks: list[str] = []
+        self.ack = ack
+        self.entries: list[tuple[str, list]] = []  # (tag, [time, record]) as received
+        self.frames = 0
         self._server = None
+
+    @property
+    def records(self) -> list[tuple[str, dict]]:
+        return [(tag, entry[1]) for tag, entry in self.entries]
 
     def start(self) -> "ForwardReceiver":
         receiver = self
 
         class Handler(socketserver.BaseRequestHandler):
             def handle(self):
-                unpacker = msgpack.Unpacker(raw=False)
+                unpacker = msgpack.Unpacker(raw=False, strict_map_key=False)
                 while data := self.request.recv(65536):
                     unpacker.feed(data)
-                    for tag, packed, option in unpacker:
-                        for _, record in _entries(packed):
-                            receiver.records.append((tag, record))
-                        receiver.chunks.append(option["chunk"])
-                        self.request.sendall(msgpack.packb({"ack": option["chunk"]}))
+                    for message in unpacker:
+                        tag, payload, option = message[0], message[1], message[-1]
+                        if isinstance(payload, bytes):  # PackedForward, as the sidecar sends logs
+                            receiver.entries.extend((tag, entry) for entry in _entries(payload))
+                        receiver.frames += 1
+                        if receiver.ack:
+                            self.request.sendall(msgpack.packb({"ack": option["chunk"]}))
 
         socketserver.ThreadingTCPServer.allow_reuse_address = True
         self._server = socketserver.ThreadingTCPServer(("127.0.0.1", self.port), Handler)
@@ -52,48 +63,84 @@ class ForwardReceiver:
             self._server.server_close()
             self._server = None
 
-    def wait_for(self, count: int, timeout: float = 10.0) -> list[tuple[str, dict]]:
+    def wait_for(self, count: int, timeout: float = 20.0) -> list[tuple[str, dict]]:
         deadline = time.monotonic() + timeout
-        while len(self.records) < count and time.monotonic() < deadline:
+        while len(self.entries) < count and time.monotonic() < deadline:
             time.sleep(0.02)
         return self.records
 
 
-def _entries(packed: bytes):
-    unpacker = msgpack.Unpacker(raw=False, unicode_errors="surrogateescape")
+def _entries(packed: bytes) -> list:
+    unpacker = msgpack.Unpacker(raw=False, unicode_errors="surrogateescape", strict_map_key=False)
     unpacker.feed(packed)
     return list(unpacker)
 
 
-def event_time(seconds: int) -> msgpack.ExtType:
-    return msgpack.ExtType(0, seconds.to_bytes(4, "big") + (0).to_bytes(4, "big"))
+def event_time(seconds: int, nanoseconds: int = 0) -> msgpack.ExtType:
+    return msgpack.ExtType(0, seconds.to_bytes(4, "big") + nanoseconds.to_bytes(4, "big"))
 
 
-def send_chunk(port: int, message: list, timeout: float = 5.0, bytes_as_str: bool = False) -> dict | None:
+def packed(entries: list) -> bytes:
+    packer = msgpack.Packer(use_bin_type=True, unicode_errors="surrogateescape")
+    return b"".join(packer.pack(entry) for entry in entries)
+
+
+def send(port: int, frames: bytes, acks: int = 1, timeout: float = 10.0) -> list[dict]:
+    """Write frames on one connection; the acks that came back before it closed (or `acks` of them)."""
+    answers: list[dict] = []
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as connection:
+        connection.sendall(frames)
+        unpacker = msgpack.Unpacker(raw=False)
+        try:
+            while len(answers) < acks and (data := connection.recv(65536)):
+                unpacker.feed(data)
+                answers.extend(unpacker)
+        except (socket.timeout, ConnectionError):
+            pass
+    return answers
+
+
+def send_chunk(port: int, message: list, timeout: float = 10.0, bytes_as_str: bool = False) -> dict | None:
     """Send one forward message; return the ack (None if the connection closed without one).
 
     ``bytes_as_str`` packs bytes as msgpack str, as Fluentd's out_forward packs entries.
     """
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as connection:
-        connection.sendall(msgpack.packb(message, use_bin_type=not bytes_as_str))
-        unpacker = msgpack.Unpacker(raw=False)
-        try:
-            while data := connection.recv(65536):
-                unpacker.feed(data)
-                for answer in unpacker:
-                    return answer
-        except (socket.timeout, ConnectionError):
-            return None
-    return None
+    answers = send(port, msgpack.packb(message, use_bin_type=not bytes_as_str), 1, timeout)
+    return answers[0] if answers else None
+
+
+def send_until_acked(port: int, message: list, timeout: float = 20.0) -> dict:
+    """Resend until acknowledged, as a real sender retries."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        answer = send_chunk(port, message)
+        if answer is not None:
+            return answer
+        time.sleep(0.2)
+    raise AssertionError(f"not acknowledged within {timeout} s")
+
+
+def counter(sidecar: SidecarProcess, kind: str) -> float:
+    """logscore_errors_total for a forward error kind (0 when never counted)."""
+    prefix = f'logscore_errors_total{{kind="{kind}",surface="forward"}} '
+    for line in sidecar.http_get("/metrics")[1].decode().splitlines():
+        if line.startswith(prefix):
+            return float(line[len(prefix):])
+    return 0.0
+
+
+def start_chain(tmp_path, receiver: ForwardReceiver | None = None, **settings):
+    receiver = receiver or ForwardReceiver(free_port()).start()
+    forward_port = free_port()
+    sidecar = SidecarProcess(ROOT / "models", tmp_path, forward=f"127.0.0.1:{forward_port}",
+                             forward_to=f"127.0.0.1:{receiver.port}", **{"forward_ack_timeout_s": 2, **settings})
+    return sidecar.start(), forward_port, receiver
 
 
 @pytest.fixture()
 def chain(tmp_path):
-    receiver = ForwardReceiver(free_port()).start()
-    forward_port = free_port()
-    sidecar = SidecarProcess(ROOT / "models", tmp_path, forward=f"127.0.0.1:{forward_port}",
-                             forward_to=f"127.0.0.1:{receiver.port}", forward_ack_timeout_s=1).start()
-    yield sidecar, forward_port, receiver
+    sidecar, port, receiver = start_chain(tmp_path)
+    yield sidecar, port, receiver
     sidecar.stop()
     receiver.stop()
 
@@ -112,29 +159,91 @@ def test_fluent_logger_messages_arrive_scored(chain):
     assert all(0 <= r["anomaly_score"] <= 1 and r["anomaly_model"] == "apache-access" for _, r in records)
 
 
+# Every form of time a sender may use; each must reach the next hop exactly as sent.
+TIMES = {
+    "EventTime with nanoseconds": event_time(1_700_000_000, 123_456_789),
+    "integer": 1_700_000_001,
+    "float": 1_700_000_002.25,
+    "Fluent Bit [time, metadata]": [event_time(1_700_000_003, 5), {"otel": {"trace_id": "ab12"}}],
+    "Fluent Bit [time, {}]": [event_time(1_700_000_004, 999_999_999), {}],
+}
+
+
+def messages_in_every_mode(times: list, lines: list[str]) -> dict[str, bytes]:
+    """The same entries as Message, Forward, PackedForward and CompressedPackedForward frames."""
+    entries = [[moment, {"message": line}] for moment, line in zip(times, lines)]
+    body = packed(entries)
+
+    def frame(*parts):
+        return msgpack.packb(list(parts), use_bin_type=True)
+
+    return {
+        "Message": b"".join(frame("web", moment, record, {"chunk": uuid.uuid4().hex}) for moment, record in entries),
+        "Forward": frame("web", entries, {"chunk": uuid.uuid4().hex}),
+        "PackedForward": frame("web", body, {"size": len(entries), "chunk": uuid.uuid4().hex}),
+        "CompressedPackedForward": frame("web", gzip.compress(body),
+                                         {"size": len(entries), "compressed": "gzip", "chunk": uuid.uuid4().hex}),
+    }
+
+
+@pytest.mark.parametrize("mode", ["Message", "Forward", "PackedForward", "CompressedPackedForward"])
+def test_every_mode_keeps_each_entry_time_byte_for_byte(chain, mode):
+    sidecar, port, receiver = chain
+    times = list(TIMES.values())
+    lines = blog_lines(len(times), seed=36)
+    frames = messages_in_every_mode(times, lines)[mode]
+    expected_acks = len(times) if mode == "Message" else 1
+    assert len(send(port, frames, acks=expected_acks)) == expected_acks
+    received = receiver.wait_for(len(times))
+    assert [r["message"] for _, r in received] == lines
+    assert all("anomaly_score" in r for _, r in received)
+    for sent, (_, entry) in zip(times, receiver.entries):
+        assert msgpack.packb(entry[0]) == msgpack.packb(sent), mode
+
+
 def test_gzip_packed_forward_is_acked_after_the_next_hop(chain):
     sidecar, port, receiver = chain
     lines = blog_lines(199, seed=33)
     records = [{"log": line} for line in lines] + [{"log": "bytes that are not UTF-8: \udcff\udcfe"}]
-    packer = msgpack.Packer(use_bin_type=True, unicode_errors="surrogateescape")
-    entries = b"".join(packer.pack([event_time(1_700_000_000 + i), r]) for i, r in enumerate(records))
+    entries = packed([[event_time(1_700_000_000 + i), r] for i, r in enumerate(records)])
     chunk = uuid.uuid4().hex
     # As Fluentd's out_forward sends it: entries as a str, gzip (two members), size and chunk options.
     compressed = gzip.compress(entries[: len(entries) // 2]) + gzip.compress(entries[len(entries) // 2:])
     ack = send_chunk(port, ["docker.web", compressed, {"size": 200, "compressed": "gzip", "chunk": chunk}],
                      bytes_as_str=True)
     assert ack == {"ack": chunk}
-    assert len(receiver.records) == 200 and len(receiver.chunks) == 1  # next hop had it before our ack
+    assert len(receiver.records) == 200  # the next hop had it before our ack
     assert all("anomaly_score" in r for _, r in receiver.records)
     assert receiver.records[-1][1]["log"] == records[-1]["log"]  # every byte passed on as it came
 
 
-def test_fluent_bit_forward_mode_entries(chain):
+def test_a_chunk_of_50000_records_is_scored_whole_in_slices(chain):
     sidecar, port, receiver = chain
-    entries = [[[event_time(1_700_000_000), {}], {"log": line}] for line in blog_lines(3, seed=34)]
+    lines = blog_lines(1000, seed=37)
+    entries = [[1_700_000_000 + i, {"message": lines[i % len(lines)], "n": i}] for i in range(50_000)]
     chunk = uuid.uuid4().hex
-    assert send_chunk(port, ["fb.web", entries, {"chunk": chunk}]) == {"ack": chunk}
-    assert [r["is_anomaly"] for _, r in receiver.wait_for(3)] == [False] * 3
+    ack = send_chunk(port, ["web", packed(entries), {"size": len(entries), "chunk": chunk}], timeout=60)
+    assert ack == {"ack": chunk}
+    records = receiver.wait_for(50_000)
+    assert [r["n"] for _, r in records] == list(range(50_000))
+    assert all("anomaly_score" in r and "anomaly_unscored" not in r for _, r in records)
+    assert receiver.frames > 1  # passed on in slices, each acknowledged
+
+
+def test_message_mode_records_arriving_together_are_scored_together(chain):
+    sidecar, port, receiver = chain
+    lines = blog_lines(2000, seed=38)
+    # Fluent Bit's Message mode (a tag per record, each with its own chunk), written at once.
+    frames = b"".join(msgpack.packb([f"web.{i % 3}", event_time(1_700_000_000 + i), {"message": line},
+                                     {"chunk": f"c{i}"}]) for i, line in enumerate(lines))
+    answers = send(port, frames, acks=len(lines), timeout=30)
+    assert [a["ack"] for a in answers] == [f"c{i}" for i in range(len(lines))]
+    received = receiver.wait_for(len(lines))
+    assert [(tag, r["message"]) for tag, r in received] == [(f"web.{i % 3}", line) for i, line in enumerate(lines)]
+    metrics = sidecar.http_get("/metrics")[1].decode()
+    calls = next(float(line.split()[-1]) for line in metrics.splitlines()
+                 if line.startswith('logscore_request_seconds_count{surface="forward"}'))
+    assert calls <= 20, f"{calls} scoring calls for {len(lines)} records that arrived together"
 
 
 def test_next_hop_down_means_no_ack_and_a_resend_loses_nothing(chain):
@@ -142,20 +251,166 @@ def test_next_hop_down_means_no_ack_and_a_resend_loses_nothing(chain):
     receiver.stop()
     lines = blog_lines(20, seed=35)
     chunk = uuid.uuid4().hex
-    message = ["web", b"".join(msgpack.packb([1_700_000_000, {"message": line}]) for line in lines),
-               {"size": 20, "chunk": chunk}]
+    message = ["web", packed([[1_700_000_000, {"message": line}] for line in lines]), {"size": 20, "chunk": chunk}]
     assert send_chunk(port, message) is None  # no ack: the sender keeps the chunk and retries
     assert receiver.records == []
     receiver.start()  # the next hop comes back on the same port
-    assert send_chunk(port, message) == {"ack": chunk}
+    assert send_until_acked(port, message) == {"ack": chunk}
     assert sorted(r["message"] for _, r in receiver.wait_for(20)) == sorted(lines)
+    assert counter(sidecar, "forward_next_hop") >= 1
+    assert counter(sidecar, "forward_protocol") == 0  # a next hop's failure is not the sender's
 
 
-def test_garbage_closes_the_connection_and_the_sidecar_keeps_serving(chain):
+def test_a_sender_that_takes_no_acks_loses_nothing_while_the_next_hop_is_down(chain):
+    sidecar, port, receiver = chain
+    receiver.stop()
+    lines = blog_lines(30, seed=39)
+    frames = msgpack.packb(["web", [[1_700_000_000 + i, {"message": line}] for i, line in enumerate(lines)]])
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as connection:
+        connection.sendall(frames)  # no chunk option: the sender forgets it once written
+        time.sleep(1.5)
+    receiver.start()
+    assert sorted(r["message"] for _, r in receiver.wait_for(30)) == sorted(lines)
+
+
+def test_a_next_hop_that_never_acks_fails_fast_and_says_why(tmp_path):
+    silent = ForwardReceiver(free_port(), ack=False).start()
+    sidecar, port, _ = start_chain(tmp_path, silent, forward_ack_timeout_s=2)
+    try:
+        message = ["web", [[1_700_000_000, {"message": "x"}]], {"chunk": uuid.uuid4().hex}]
+        assert send_chunk(port, message) is None
+        started = time.monotonic()
+        assert send_chunk(port, message) is None  # the hop counts as down: refused without waiting 2 s
+        assert time.monotonic() - started < 1.5
+        assert "no ack within 2 s (forward_ack_timeout_s)" in sidecar.log()
+        assert counter(sidecar, "forward_next_hop") == 2 and counter(sidecar, "forward_protocol") == 0
+    finally:
+        sidecar.stop()
+        silent.stop()
+
+
+def test_invalid_entries_are_skipped_and_counted_the_rest_pass(chain):
+    sidecar, port, receiver = chain
+    entries = [[1_700_000_000, {"message": "good 1"}], "not an entry", [1, 2, 3], ["a string time", {"m": 1}],
+               [1_700_000_001, {"message": "good 2"}]]
+    chunk = uuid.uuid4().hex
+    assert send_chunk(port, ["web", entries, {"chunk": chunk}]) == {"ack": chunk}
+    assert [r["message"] for _, r in receiver.wait_for(2)] == ["good 1", "good 2"]
+    assert counter(sidecar, "forward_invalid_entry") == 3
+
+
+def test_non_log_signals_pass_on_untouched(chain):
+    sidecar, port, receiver = chain
+    # Fluent Bit forwards metrics as a Message-mode record holding a cmetrics blob (fluent_signal 1).
+    metrics = ["fb.metrics", event_time(1_700_000_000), {"cmetrics": b"\x01\x02"}, {"fluent_signal": 1}]
+    logs = ["fb.logs", [[event_time(1_700_000_001), {"message": "x"}]], {"fluent_signal": 0, "chunk": "c1"}]
+    send(port, msgpack.packb(metrics, use_bin_type=True) + msgpack.packb(logs, use_bin_type=True), acks=1)
+    deadline = time.monotonic() + 10
+    while receiver.frames < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert receiver.frames == 2
+
+
+@pytest.mark.parametrize("frame, reason", [
+    (b"\xc1\xc1 GET / HTTP/1.1\r\n\r\n", "not msgpack"),
+    (msgpack.packb(["web", gzip.compress(packed([[1, {"m": "x"}]]))[:-12], {"compressed": "gzip"}]),
+     "truncated gzip"),
+    (msgpack.packb(["web", b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff" + b"\xff" * 64, {"compressed": "gzip"}]),
+     "corrupt deflate"),
+    (msgpack.packb(["web", packed([[1, {"m": "x"}]])[:-2]]), "entries cut mid-entry"),
+    (msgpack.packb([1, 2, 3]), "no tag"),
+])
+def test_garbage_closes_the_connection_is_counted_and_the_sidecar_keeps_serving(chain, frame, reason):
     sidecar, port, receiver = chain
     with socket.create_connection(("127.0.0.1", port), timeout=5) as connection:
-        connection.sendall(b"\xc1\xc1 GET / HTTP/1.1\r\n\r\n")
+        connection.sendall(frame)
         assert connection.recv(100) == b""  # closed, nothing acked
     chunk = uuid.uuid4().hex
     assert send_chunk(port, ["web", [[1_700_000_000, {"message": "x"}]], {"chunk": chunk}]) == {"ack": chunk}
-    assert 'logscore_errors_total{kind="forward_protocol",surface="forward"}' in sidecar.http_get("/metrics")[1].decode()
+    assert counter(sidecar, "forward_protocol") == 1, reason
+    assert "Traceback" not in sidecar.log() and "Unhandled exception" not in sidecar.log()
+
+
+def rss_peak_mib(pid: int) -> float:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM")
+
+
+def test_a_gzip_bomb_is_refused_without_memory_growth_or_stalls(tmp_path):
+    sidecar, port, receiver = start_chain(tmp_path, max_message_bytes=8 * 1024 * 1024)
+    try:
+        before = rss_peak_mib(sidecar.process.pid)
+        # 64 MiB of valid entries, ~0.1 MiB sent: refused before a record is scored.
+        bomb = gzip.compress(packed([[1, {"m": "x"}]]) * (8 * 1024 * 1024), compresslevel=9)
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as connection:
+            connection.sendall(msgpack.packb(["web", bomb, {"compressed": "gzip", "chunk": "c"}]))
+            assert sidecar.http_get("/healthz")[0] == 200  # the event loop keeps answering
+            assert connection.recv(100) == b""
+        assert counter(sidecar, "forward_protocol") == 1
+        assert "inflates past 8388608 bytes (max_message_bytes)" in sidecar.log()
+        assert rss_peak_mib(sidecar.process.pid) - before < 64
+    finally:
+        sidecar.stop()
+        receiver.stop()
+
+
+def test_an_idle_connection_is_closed(tmp_path):
+    sidecar, port, receiver = start_chain(tmp_path, forward_idle_timeout_s=1)
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as connection:
+            started = time.monotonic()
+            assert connection.recv(100) == b""
+            assert time.monotonic() - started < 9
+        assert "forward connection idle; closed" in sidecar.log()
+    finally:
+        sidecar.stop()
+        receiver.stop()
+
+
+def test_many_senders_with_big_chunks_wait_their_turn_in_bounded_memory(tmp_path):
+    """40 connections, each with a 10,000-record chunk at once: all acked, memory bounded (backpressure)."""
+    sidecar, port, receiver = start_chain(tmp_path, forward_ack_timeout_s=30)
+    lines = blog_lines(500, seed=40)
+    results: dict[int, list] = {}
+
+    def sender(n: int) -> None:
+        entries = [[1_700_000_000 + i, {"message": lines[(n + i) % len(lines)], "sender": n, "i": i}]
+                   for i in range(10_000)]
+        message = ["web", packed(entries), {"size": len(entries), "chunk": f"chunk-{n}"}]
+        results[n] = send(port, msgpack.packb(message, use_bin_type=True), acks=1, timeout=240)
+
+    try:
+        threads = [threading.Thread(target=sender, args=(n,)) for n in range(40)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(300)
+        assert all(results[n] == [{"ack": f"chunk-{n}"}] for n in range(40))
+        received = receiver.wait_for(400_000)
+        assert len(received) == 400_000
+        assert all("anomaly_score" in r for _, r in received)
+        peak = rss_peak_mib(sidecar.process.pid)
+        print(f"sidecar RSS peak {peak:.0f} MiB")
+        assert peak < 300, f"sidecar RSS peaked at {peak:.0f} MiB"
+    finally:
+        sidecar.stop()
+        receiver.stop()
+
+
+def test_sigterm_lets_a_relay_under_way_finish(tmp_path):
+    sidecar, port, receiver = start_chain(tmp_path)
+    try:
+        lines = blog_lines(200, seed=41)
+        entries = [[1_700_000_000 + i, {"message": lines[i % 200]}] for i in range(20_000)]
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as connection:
+            connection.sendall(msgpack.packb(["web", packed(entries), {"size": 20_000, "chunk": "last"}]))
+            time.sleep(0.2)
+            os.kill(sidecar.process.pid, 15)
+            assert msgpack.unpackb(connection.recv(100)) == {"ack": "last"}
+        assert sidecar.process.wait(20) == 0
+        assert len(receiver.wait_for(20_000)) == 20_000
+    finally:
+        sidecar.stop()
+        receiver.stop()

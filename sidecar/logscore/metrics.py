@@ -71,6 +71,8 @@ class Metrics:
                                 ["model", "version", "path"], registry=r)
         self.model_rejections = Counter("logscore_model_load_errors", "Model files rejected on (re)load",
                                         ["file"], registry=r)
+        self.abandoned = Counter("logscore_abandoned_records", "Records not scored because their caller had "
+                                 "gone (cancelled, or its deadline passed)", ["model", "reason"], registry=r)
         self.queued = Gauge("logscore_queued_records", "Records waiting to be scored", registry=r)
         self._children: dict = {}
 
@@ -85,6 +87,9 @@ class Metrics:
     def observe_batch(self, model, records: int, seconds: float) -> None:
         self.child(self.batch_records, model.name).observe(records)
         self.child(self.batch_seconds, model.name).observe(seconds)
+
+    def observe_abandoned(self, model, records: int, reason: str) -> None:
+        self.child(self.abandoned, model.name, reason).inc(records)
 
     def observe_outcome(self, outcome, surface: str) -> None:
         for position, model in enumerate(outcome.models):

@@ -62,6 +62,15 @@ class Scored:
         return Scored(self.scores[start:stop], self.is_anomaly[start:stop], self.raw_scores[start:stop],
                       self.truncated[start:stop], self.unparsed[start:stop], explanations)
 
+    @staticmethod
+    def concatenate(parts: Sequence["Scored"], explained: bool) -> "Scored":
+        """Consecutive results as one, in order."""
+        if len(parts) == 1:
+            return parts[0]
+        return Scored(*(np.concatenate([getattr(p, name) for p in parts]) for name in
+                        ("scores", "is_anomaly", "raw_scores", "truncated", "unparsed")),
+                      [e for p in parts for e in p.explanations] if explained else None)
+
 
 class Model:
     """One artifact, ready to score. Thread-safe: onnxruntime sessions are."""
@@ -106,9 +115,7 @@ class Model:
             # Bounded working memory for big batches; same scores as one call.
             parts = [self.score(records[i: i + SCORE_CHUNK], explain, threshold)
                      for i in range(0, len(records), SCORE_CHUNK)]
-            return Scored(*(np.concatenate([getattr(p, name) for p in parts]) for name in
-                            ("scores", "is_anomaly", "raw_scores", "truncated", "unparsed")),
-                          [e for p in parts for e in p.explanations] if explain > 0 else None)
+            return Scored.concatenate(parts, explain > 0)
         if self.sessions is not None:
             records = self.sessions.track(records)  # each record scored as its session so far
         batch = self.featurizer.transform(records, dense=self.needs_dense)

@@ -29,6 +29,7 @@ class ScoreCall:
     explain: int = 0
     deadline: Optional[float] = None  # time.monotonic()
     surface: str = "grpc"
+    tags: Optional[Sequence[str]] = None  # a tag per record (forward Message mode); overrides ``tag``
 
 
 @dataclass
@@ -72,9 +73,9 @@ class ScoringService:
         if call.explain > 100:
             raise InvalidRequest(f"explain={call.explain}: name at most 100 features per record")
         records, notes = self._limit_sizes(call.records)
-        model = self.registry.resolve(call.model, call.tag)
-        groups = self._group_by_entity(model, records)
+        groups = self._route(call, records)
         if len(groups) == 1:
+            model = next(iter(groups))
             results = [await self._batcher(model).score(records, call.explain, call.deadline)]
         else:
             results = await asyncio.gather(*(
@@ -96,12 +97,29 @@ class ScoringService:
                     notes.append((i, "record", f"truncated to {limit} characters"))
         return records, notes
 
-    def _group_by_entity(self, model: Model, records: Sequence[object]) -> dict[Model, list[int]]:
+    def _route(self, call: ScoreCall, records: Sequence[object]) -> dict[Model, Sequence[int]]:
+        """The model of each record: by name or tag (per request, or per record), then by entity."""
+        if call.tags is None or len(set(call.tags)) == 1:
+            tag = call.tags[0] if call.tags else call.tag
+            return self._group_by_entity(self.registry.resolve(call.model, tag), records, range(len(records)))
+        by_tag: dict[str, list[int]] = {}
+        for i, tag in enumerate(call.tags):
+            by_tag.setdefault(tag, []).append(i)
+        groups: dict[Model, list[int]] = {}
+        for tag, positions in by_tag.items():
+            for model, idx in self._group_by_entity(self.registry.resolve(call.model, tag), records,
+                                                    positions).items():
+                groups.setdefault(model, []).extend(idx)
+        return {model: sorted(idx) for model, idx in groups.items()}
+
+    def _group_by_entity(self, model: Model, records: Sequence[object],
+                         positions: Sequence[int]) -> dict[Model, Sequence[int]]:
         entity = self.registry.entity_field
         if not entity or not any(n.startswith(model.name + "@") for n in self.registry.snapshot.models):
-            return {model: range(len(records))}
+            return {model: positions}
         groups: dict[Model, list[int]] = {}
-        for i, record in enumerate(records):
+        for i in positions:
+            record = records[i]
             value = record.get(entity) if isinstance(record, dict) else None
             target = self.registry.for_entity(model, value) if value is not None else model
             groups.setdefault(target, []).append(i)
@@ -113,7 +131,7 @@ class ScoringService:
             s = self.settings
             batcher = self._batchers[model] = Batcher(
                 model, self.executor, s.max_batch_records, s.max_queued_records, s.max_wait_ms / 1000.0,
-                self.metrics.observe_batch, s.inline_max_records)
+                self.metrics.observe_batch, s.inline_max_records, self.metrics.observe_abandoned)
         return batcher
 
     @staticmethod

@@ -128,7 +128,7 @@ class Sidecar:
             host, port = split_host_port(s.forward, "--forward")
             split_host_port(s.forward_to, "--forward-to")
             self.forward_server = ForwardServer(self.service, NextHop(s.forward_to, s.forward_ack_timeout_s),
-                                                s.max_message_bytes)
+                                                s.max_message_bytes, s.forward_idle_timeout_s, s.forward_when_busy)
             await self.forward_server.start(host, port)
             self.bound["forward"] = f"{host}:{self.forward_server.port}"
         for name in ("", SERVICE_NAME):
@@ -201,11 +201,11 @@ class Sidecar:
         """Drain: health says NOT_SERVING, new calls are refused, in-flight ones finish."""
         log.info("shutting down", extra={"grace_s": self.settings.shutdown_grace_s})
         await self.health.enter_graceful_shutdown()
+        if self.forward_server is not None:  # first: its relays under way still score
+            await self.forward_server.stop(self.settings.shutdown_grace_s)
         self.service.accepting = False
         if self.grpc_server is not None:
             await self.grpc_server.stop(self.settings.shutdown_grace_s)
-        if self.forward_server is not None:
-            await self.forward_server.stop()
         if self.http_server is not None:
             await self.http_server.stop()
         await self.service.close()

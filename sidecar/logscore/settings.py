@@ -36,7 +36,11 @@ class Settings:
                                      "Docker's fluentd driver); needs --forward-to")
     forward_to: Optional[str] = setting(None, "host:port of the next forward receiver; scored records go "
                                         "there and senders are acked only after it acked")
-    forward_ack_timeout_s: float = setting(10.0, "how long to wait for the next hop's ack")
+    forward_ack_timeout_s: float = setting(10.0, "how long to wait for the next hop's ack; after a failure the "
+                                           "next hop counts as down for a backoff (0.5 s doubling to 30 s)")
+    forward_idle_timeout_s: float = setting(60.0, "a forward connection that sends nothing this long is closed")
+    forward_when_busy: str = setting("wait", "when the scoring queue is full: 'wait' (hold the sender, whose "
+                                     "buffer keeps the backlog) or 'pass' (pass records on marked unscored)")
     tls_cert: Optional[str] = setting(None, "PEM certificate for TLS on the TCP and HTTP listeners")
     tls_key: Optional[str] = setting(None, "PEM private key for --tls-cert")
     tls_client_ca: Optional[str] = setting(None, "PEM CA bundle: require client certificates signed by it (mutual TLS)")
@@ -90,6 +94,8 @@ class Settings:
             raise ConfigError("no gRPC listener: set --socket and/or --tcp")
         if bool(self.forward) != bool(self.forward_to):
             raise ConfigError("--forward (receive) and --forward-to (next hop) go together")
+        if self.forward_when_busy not in ("wait", "pass"):
+            raise ConfigError(f"forward_when_busy: {self.forward_when_busy!r}; use 'wait' or 'pass'")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ConfigError("--tls-cert and --tls-key go together")
         if self.tls_client_ca and not self.tls_cert:

@@ -9,28 +9,44 @@ the sidecar's forward output at the real aggregator.
 Modes received: Message ``[tag, time, record(, option)]``, Forward
 ``[tag, [[time, record], ...](, option)]`` (Fluent Bit's ``[[time, metadata],
 record]`` entries too), PackedForward ``[tag, bytes(, option)]`` and
-CompressedPackedForward (``option.compressed == "gzip"``).
+CompressedPackedForward (``option.compressed == "gzip"``). Each entry's time
+goes on exactly as it came (integer, float, EventTime, Fluent Bit's
+``[time, metadata]`` pair). The next hop receives PackedForward.
 
-At-least-once: a chunk (``option.chunk``) is acknowledged to the sender only
-after the next hop acknowledged it; if the next hop is down the sender gets no
-ack and resends, so nothing is lost if the sidecar or the next hop restarts.
-Scoring failures never hold records: they go on marked ``anomaly_unscored``.
-Shared-key handshakes are not supported (use TLS/loopback; see docs/operations.md).
+- **At-least-once.** A sender's chunk (``option.chunk``) is acknowledged only
+  after the next hop acknowledged every record of it. If the next hop fails, the
+  sender gets no ack (its connection is closed) and resends. A sender that asks
+  for no acks cannot resend, so its records are held and retried until the next
+  hop takes them.
+- **Bounded memory, backpressure.** At most ``ACTIVE_CONNECTIONS`` connections are
+  read past their first block at a time; the others wait unread, so a backlog
+  stays in the senders' buffers. A big chunk is decoded, scored and passed on in
+  slices (PackedForward entries are decoded as they are needed; compressed
+  payloads are inflated in steps, refused past ``max_message_bytes``).
+- **Coalescing.** Messages that arrive together (Fluent Bit's Message mode sends
+  one per record) are scored in one call and passed on together.
+- Scoring failures never hold records: they go on marked ``anomaly_unscored``.
+  When the scoring queue is full the default is to wait (backpressure);
+  ``forward_when_busy: pass`` passes such records on unscored instead.
+- Entries that are not ``[time, record]`` are skipped with a warning (as Fluentd's
+  in_forward does); bytes that are not the forward protocol close the connection.
+  Shared-key handshakes are not supported (keep the port on loopback; docs/operations.md).
 """
 
 from __future__ import annotations
 
 import asyncio
-import gzip
+import itertools
 import logging
 import time
 import uuid
-from dataclasses import dataclass
-from typing import Optional
+import zlib
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator, Optional
 
 import msgpack
 
-from ..errors import LogscoreError
+from ..errors import LogscoreError, Overloaded
 from ..scoring import ScoreCall, ScoringService
 from .streams import StreamServer
 
@@ -41,152 +57,471 @@ SCORE_KEY, FLAG_KEY, MODEL_KEY, UNSCORED_KEY = "anomaly_score", "is_anomaly", "a
 # records may hold invalid UTF-8: strings are decoded with surrogateescape (and encoded
 # back the same way) so every byte reaches the next hop as it came.
 EXACT = "surrogateescape"
+READ_BYTES = 256 * 1024  # what a connection may read before it is admitted
+ACTIVE_CONNECTIONS = 2  # read, scored and relayed at once; the rest wait unread (backpressure)
+INFLATE_STEP = 1024 * 1024
+PARTIAL_MESSAGE_TIMEOUT_S = 10.0  # an admitted connection must finish the message it started
+MAX_INVALID_ENTRIES = 1000  # skipped like Fluentd's in_forward does; this many means it is not a chunk
 
 
 class ForwardProtocolError(ValueError):
     """The sender's bytes are not a forward-protocol message; the connection is closed."""
 
 
+class InvalidEntry(ValueError):
+    """One entry is not ``[time, record]``; it is skipped."""
+
+
+class NextHopError(ConnectionError):
+    """The next hop is down, refused, or did not acknowledge in time."""
+
+
+# --- decoding -------------------------------------------------------------------------
+
 @dataclass
 class Message:
     tag: str
-    entries: list  # [time, record] pairs; time kept as received (int, float or EventTime ExtType)
+    entries: Iterable  # [time, record] arrays, decoded lazily for PackedForward
     chunk: Optional[str]
+    raw: object = None  # the message as received, kept for those passed on untouched
+    is_log: bool = True  # Fluent Bit also forwards metrics and traces (option fluent_signal)
+    compressed: Optional[bytes] = None  # a gzip payload, to be checked before it is decoded
+
+    async def check_size(self, max_bytes: int) -> None:
+        """Refuse a compressed payload that inflates past max_bytes (counted off the event loop)."""
+        if self.compressed is not None:
+            await asyncio.to_thread(inflated_size, self.compressed, max_bytes)
 
 
-def decode_message(message) -> Message:
+def decode_message(message, max_bytes: int) -> Message:
     if not isinstance(message, (list, tuple)) or len(message) < 2 or not isinstance(message[0], str):
         raise ForwardProtocolError(f"expected [tag, ...], got {type(message).__name__}")
     tag, payload = message[0], message[1]
     option = message[-1] if len(message) >= 3 and isinstance(message[-1], dict) else {}
     if isinstance(payload, (bytes, str)):  # PackedForward (str when the sender packed it as str)
-        data = payload.encode("utf-8", "surrogateescape") if isinstance(payload, str) else payload
-        if option.get("compressed") == "gzip":
-            data = gzip.decompress(data)  # handles concatenated gzip members too
-        unpacker = msgpack.Unpacker(raw=False, unicode_errors=EXACT, strict_map_key=False)
-        unpacker.feed(data)
-        entries = [_entry(e) for e in unpacker]
-    elif isinstance(payload, (list, tuple)) and (not payload or isinstance(payload[0], (list, tuple))):
-        entries = [_entry(e) for e in payload]  # Forward
+        data = payload.encode("utf-8", EXACT) if isinstance(payload, str) else payload
+        entries: Iterable = packed_entries(data, option.get("compressed") == "gzip", max_bytes)
+    elif isinstance(payload, (list, tuple)) and (not payload or _is_array(payload[0])):
+        entries = payload  # Forward
     elif len(message) >= 3 and isinstance(message[2], dict):  # Message: [tag, time, record(, option)]
         option = message[3] if len(message) >= 4 and isinstance(message[3], dict) else {}
         entries = [[payload, message[2]]]
     else:
         raise ForwardProtocolError("not a Message, Forward or PackedForward message")
     chunk = option.get("chunk")
-    return Message(tag, entries, chunk if isinstance(chunk, str) else None)
+    signal = option.get("fluent_signal", 0)
+    compressed = data if isinstance(payload, (bytes, str)) and option.get("compressed") == "gzip" else None
+    return Message(tag, entries, chunk if isinstance(chunk, str) else None, message, signal in (0, None),
+                   compressed)
 
 
-def _entry(entry) -> list:
+def _is_array(value) -> bool:
+    # NOTE: msgpack's ExtType (an EventTime) is a namedtuple: not an array.
+    return isinstance(value, (list, tuple)) and not isinstance(value, msgpack.ExtType)
+
+
+def packed_entries(data: bytes, compressed: bool, max_bytes: int) -> Iterator:
+    """The entries of a PackedForward payload, decoded as they are consumed."""
+    unpacker = msgpack.Unpacker(raw=False, unicode_errors=EXACT, strict_map_key=False,
+                                max_buffer_size=max(max_bytes, 1024))
+    fed = consumed = 0  # NOTE: tell() counts the bytes of a partly decoded entry too
+    try:
+        for block in (_inflate(data, max_bytes) if compressed else (data,)):
+            unpacker.feed(block)
+            fed += len(block)
+            for entry in unpacker:
+                consumed = unpacker.tell()
+                yield entry
+    except (ValueError, msgpack.UnpackException, zlib.error) as error:
+        raise ForwardProtocolError(f"PackedForward entries are not valid msgpack/gzip: "
+                                   f"{type(error).__name__} {error}".rstrip()) from None
+    if consumed != fed:
+        raise ForwardProtocolError(f"PackedForward entries end in the middle of an entry "
+                                   f"({fed - consumed} bytes left over)")
+
+
+def inflated_size(data: bytes, max_bytes: int) -> int:
+    """How many bytes gzip data inflates to; ForwardProtocolError past max_bytes or if it is broken."""
+    try:
+        return sum(len(block) for block in _inflate(data, max_bytes))
+    except zlib.error as error:
+        raise ForwardProtocolError(f"compressed chunk is not valid gzip: {error}") from None
+
+
+def _inflate(data: bytes, max_bytes: int) -> Iterator[bytes]:
+    """Gzip members (one or several, back to back) inflated in steps, at most ``max_bytes`` in all."""
+    total = 0
+    while data:
+        inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+        pending = data
+        while pending:
+            block = inflater.decompress(pending, INFLATE_STEP)
+            total += len(block)
+            if total > max_bytes:
+                raise ForwardProtocolError(f"compressed chunk inflates past {max_bytes} bytes (max_message_bytes); "
+                                           "send smaller chunks")
+            if block:
+                yield block
+            pending = inflater.unconsumed_tail
+        if not inflater.eof:
+            raise ForwardProtocolError("compressed chunk is truncated (gzip stream ends early)")
+        data = inflater.unused_data
+
+
+def checked_entry(entry) -> list:
+    """``[time, record]`` as received (the time is never rewritten), or InvalidEntry."""
     if not (isinstance(entry, (list, tuple)) and len(entry) == 2 and isinstance(entry[1], dict)):
-        raise ForwardProtocolError("an entry is not [time, record]")
+        raise InvalidEntry(f"an entry is not [time, record] but {type(entry).__name__}")
     moment = entry[0]
-    if isinstance(moment, (list, tuple)):  # Fluent Bit: [[time, metadata], record]
-        moment = moment[0]
-    return [moment, entry[1]]
+    instant = moment[0] if _is_array(moment) and moment else moment  # Fluent Bit: [[time, metadata], record]
+    if not (isinstance(instant, (int, float, msgpack.ExtType, msgpack.Timestamp)) and not isinstance(instant, bool)):
+        raise InvalidEntry(f"an entry's time is a {type(instant).__name__}")
+    return entry if isinstance(entry, list) else list(entry)
+
+
+# --- the next hop -----------------------------------------------------------------------
+
+@dataclass
+class Frame:
+    chunk: str
+    data: bytes
+
+
+def packed_frame(tag: str, entries: list) -> Frame:
+    packer = msgpack.Packer(use_bin_type=True, unicode_errors=EXACT)
+    packed = b"".join(packer.pack(e) for e in entries)
+    chunk = uuid.uuid4().hex
+    return Frame(chunk, packer.pack([tag, packed, {"size": len(entries), "chunk": chunk}]))
+
+
+def raw_frame(message) -> Frame:
+    """A message passed on as it came, with a chunk id of our own (so the next hop acks it)."""
+    message = list(message)
+    chunk = uuid.uuid4().hex
+    if isinstance(message[-1], dict) and len(message) >= 3:
+        message[-1] = {**message[-1], "chunk": chunk}
+    else:
+        message.append({"chunk": chunk})
+    return Frame(chunk, msgpack.packb(message, use_bin_type=True, unicode_errors=EXACT))
 
 
 class NextHop:
-    """One connection to the next forward receiver; each chunk waits for its ack."""
+    """One connection to the next forward receiver; frames are pipelined, each waits for its ack.
+
+    After a failure the next hop counts as down for a backoff (0.5 s doubling to 30 s):
+    senders are refused at once instead of each waiting ``ack_timeout_s``.
+    """
+
+    MIN_BACKOFF_S, MAX_BACKOFF_S = 0.5, 30.0
 
     def __init__(self, address: str, ack_timeout_s: float = 10.0):
         host, _, port = address.rpartition(":")
+        self.address = address
         self.host, self.port = host.strip("[]"), int(port)
         self.ack_timeout_s = ack_timeout_s
         self._lock = asyncio.Lock()
-        self._reader: Optional[asyncio.StreamReader] = None
         self._writer: Optional[asyncio.StreamWriter] = None
-        self._unpacker = msgpack.Unpacker(raw=False)
+        self._reader_task: Optional[asyncio.Task] = None
+        self._pending: dict[str, asyncio.Future] = {}
+        self._backoff = self.MIN_BACKOFF_S
+        self.down_until = 0.0
+        self.last_error = ""
 
-    async def send(self, tag: str, entries: list) -> None:
-        """PackedForward with a chunk id; returns once acknowledged, raises otherwise."""
-        chunk = uuid.uuid4().hex
-        packer = msgpack.Packer(use_bin_type=True, unicode_errors=EXACT)
-        packed = b"".join(packer.pack(e) for e in entries)
-        frame = packer.pack([tag, packed, {"size": len(entries), "chunk": chunk}])
+    async def send(self, frame: Frame) -> asyncio.Future:
+        """Write one frame; the returned future completes when the next hop acked it."""
+        now = time.monotonic()
+        if now < self.down_until:
+            raise NextHopError(f"next hop {self.address} is down ({self.last_error}); next try in "
+                               f"{self.down_until - now:.1f} s")
         async with self._lock:
             try:
                 if self._writer is None:
-                    self._reader, self._writer = await asyncio.wait_for(
+                    reader, self._writer = await asyncio.wait_for(
                         asyncio.open_connection(self.host, self.port), self.ack_timeout_s)
-                    self._unpacker = msgpack.Unpacker(raw=False)
-                self._writer.write(frame)
-                await self._writer.drain()
-                await asyncio.wait_for(self._await_ack(chunk), self.ack_timeout_s)
-            except BaseException:
-                self._close()
-                raise
+                    self._reader_task = asyncio.create_task(self._read_acks(reader, self._writer))
+                acked = asyncio.get_running_loop().create_future()
+                self._pending[frame.chunk] = acked
+                self._writer.write(frame.data)
+                await asyncio.wait_for(self._writer.drain(), self.ack_timeout_s)
+                return acked
+            except (OSError, asyncio.TimeoutError) as error:
+                raise self.failed(f"cannot send: {type(error).__name__} {error}".rstrip()) from None
 
-    async def _await_ack(self, chunk: str) -> None:
-        while True:
-            for answer in self._unpacker:
-                if isinstance(answer, dict) and answer.get("ack") == chunk:
-                    return
-            data = await self._reader.read(65536)
-            if not data:
-                raise ConnectionError("next hop closed the connection before acknowledging")
-            self._unpacker.feed(data)
+    async def acknowledged(self, acks: list[asyncio.Future]) -> None:
+        """Wait for the acks of frames sent; raises NextHopError after ack_timeout_s."""
+        if not acks:
+            return
+        try:
+            await asyncio.wait_for(asyncio.gather(*acks), self.ack_timeout_s)
+        except asyncio.TimeoutError:
+            raise self.failed(f"no ack within {self.ack_timeout_s:g} s (forward_ack_timeout_s)") from None
+        except NextHopError:
+            raise
+        self._backoff = self.MIN_BACKOFF_S
 
-    def _close(self) -> None:
+    def failed(self, reason: str) -> NextHopError:
+        """Close the connection, fail every frame waiting for an ack, count the hop down for a while."""
+        self.last_error = reason
+        self.down_until = time.monotonic() + self._backoff
+        self._backoff = min(self._backoff * 2, self.MAX_BACKOFF_S)
+        error = NextHopError(f"next hop {self.address}: {reason}")
+        self._close(error)
+        return error
+
+    async def _read_acks(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        unpacker = msgpack.Unpacker(raw=False, max_buffer_size=1024 * 1024)
+        try:
+            while data := await reader.read(65536):
+                unpacker.feed(data)
+                for answer in unpacker:
+                    acked = self._pending.pop(answer.get("ack"), None) if isinstance(answer, dict) else None
+                    if acked is not None and not acked.done():
+                        acked.set_result(None)
+            reason = "closed the connection"
+        except (OSError, ValueError, msgpack.UnpackException) as error:
+            reason = f"connection failed: {type(error).__name__} {error}".rstrip()
+        if writer is self._writer:  # not a connection already replaced
+            self.failed(reason)
+
+    def _close(self, error: Exception) -> None:
         if self._writer is not None:
             self._writer.close()
-        self._reader = self._writer = None
+        if self._reader_task is not None and self._reader_task is not asyncio.current_task():
+            self._reader_task.cancel()
+        self._writer = self._reader_task = None
+        for acked in self._pending.values():
+            if not acked.done():
+                acked.set_exception(error)
+                acked.exception()  # retrieved: nobody may be waiting for it any more
+        self._pending.clear()
 
     async def close(self) -> None:
         async with self._lock:
-            self._close()
+            self._close(NextHopError(f"next hop {self.address}: the sidecar is stopping"))
+
+
+# --- the server -----------------------------------------------------------------------
+
+@dataclass
+class Position:
+    """Bytes of a connection fed to its unpacker, and how many of them made complete messages.
+
+    NOTE: Unpacker.tell() also counts the bytes of a message decoded only in part.
+    """
+
+    fed: int = 0
+    consumed: int = 0
+
+
+@dataclass
+class Relay:
+    """What one group of messages became: frames for the next hop and, once sent, their acks."""
+
+    wants_acks: bool  # every sender chunk asks for an ack: on failure the sender resends
+    sent: list[tuple[Frame, Optional[asyncio.Future]]] = field(default_factory=list)
+    skipped: int = 0  # invalid entries
+
+    def unacknowledged(self) -> list[Frame]:
+        return [frame for frame, ack in self.sent
+                if ack is None or not ack.done() or ack.cancelled() or ack.exception() is not None]
 
 
 class ForwardServer(StreamServer):
-    def __init__(self, service: ScoringService, next_hop: NextHop, max_message_bytes: int):
+    def __init__(self, service: ScoringService, next_hop: NextHop, max_message_bytes: int,
+                 idle_timeout_s: float = 60.0, when_busy: str = "wait"):
         super().__init__()
         self.service = service
         self.next_hop = next_hop
         self.max_message_bytes = max_message_bytes
+        self.idle_timeout_s = idle_timeout_s
+        self.when_busy = when_busy
+        self.slice_records = service.settings.max_batch_records
+        self._admission = asyncio.Semaphore(ACTIVE_CONNECTIONS)
+        self._relaying: set[asyncio.Task] = set()
+        self._stopping = False
 
-    async def stop(self) -> None:
+    async def stop(self, grace_s: float = 10.0) -> None:
+        """Take no new connections or messages; let relays under way finish (up to grace_s)."""
+        self._stopping = True
+        if self._server is not None:
+            self._server.close()
+        for task in self._connections - self._relaying:
+            task.cancel()  # idle, or waiting unread: the sender resends what it sent
+        if self._relaying:
+            await asyncio.wait(list(self._relaying), timeout=grace_s)
         await super().stop()
         await self.next_hop.close()
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         unpacker = msgpack.Unpacker(raw=False, unicode_errors=EXACT, strict_map_key=False,
                                     max_buffer_size=self.max_message_bytes)
+        peer = str(writer.get_extra_info("peername"))
+        position = Position()
         try:
-            while data := await reader.read(256 * 1024):
-                unpacker.feed(data)
-                for message in unpacker:
-                    await self._handle(message, writer)
-        except (ForwardProtocolError, ValueError, msgpack.UnpackException, OSError) as error:
-            # Not forward protocol (or a broken gzip chunk): close; an acking sender resends.
-            log.warning("forward connection closed",
-                        extra={"peer": str(writer.get_extra_info("peername")), "error": str(error)})
-            self.service.metrics.child(self.service.metrics.errors, "forward_protocol", "forward").inc()
+            while not self._stopping:
+                try:
+                    data = await asyncio.wait_for(reader.read(READ_BYTES), self.idle_timeout_s)
+                except asyncio.TimeoutError:
+                    log.info("forward connection idle; closed", extra={"peer": peer,
+                                                                       "idle_timeout_s": self.idle_timeout_s})
+                    return
+                if not data:
+                    return
+                async with self._admission:
+                    task = asyncio.current_task()
+                    self._relaying.add(task)
+                    try:
+                        await self._take_messages(reader, writer, unpacker, position, data)
+                    finally:
+                        self._relaying.discard(task)
+        except (ForwardProtocolError, ValueError, msgpack.UnpackException) as error:
+            self._count("forward_protocol")
+            log.warning("forward connection closed: not the forward protocol",
+                        extra={"peer": peer, "error": f"{type(error).__name__}: {error}".rstrip(": ")})
+        except NextHopError as error:
+            self._count("forward_next_hop")
+            log.warning("next hop failed; the sender was not acknowledged and will resend",
+                        extra={"peer": peer, "error": str(error)})
+        except (OSError, asyncio.TimeoutError) as error:
+            log.info("forward connection lost", extra={"peer": peer, "error": f"{type(error).__name__} {error}"})
 
-    async def _handle(self, raw, writer: asyncio.StreamWriter) -> None:
-        message = decode_message(raw)
-        if message.entries:
-            await self._score(message)
-            await self.next_hop.send(message.tag, message.entries)  # raises: no ack to the sender
-        if message.chunk is not None:
-            writer.write(msgpack.packb({"ack": message.chunk}, use_bin_type=True))
+    async def _take_messages(self, reader, writer, unpacker: msgpack.Unpacker, position: "Position",
+                             data: bytes) -> None:
+        """Relay the complete messages in the buffer; read on while one is only partly here."""
+        while True:
+            try:
+                unpacker.feed(data)
+            except msgpack.BufferFull:
+                raise ForwardProtocolError(f"a forward message exceeds {self.max_message_bytes} bytes "
+                                           "(max_message_bytes); send smaller chunks") from None
+            position.fed += len(data)
+            messages = []
+            for raw in unpacker:
+                position.consumed = unpacker.tell()
+                message = decode_message(raw, self.max_message_bytes)
+                await message.check_size(self.max_message_bytes)
+                messages.append(message)
+            if messages:
+                await self._relay(messages, writer)
+            if position.consumed == position.fed:
+                return
+            try:
+                data = await asyncio.wait_for(reader.read(READ_BYTES), PARTIAL_MESSAGE_TIMEOUT_S)
+            except asyncio.TimeoutError:
+                raise ForwardProtocolError(f"a message stayed incomplete for {PARTIAL_MESSAGE_TIMEOUT_S:g} s") \
+                    from None
+            if not data:
+                raise ForwardProtocolError("the connection closed in the middle of a message")
+
+    async def _relay(self, messages: list[Message], writer: asyncio.StreamWriter) -> None:
+        """Score and pass on a group of messages, then acknowledge the sender's chunks."""
+        relay = Relay(wants_acks=all(m.chunk is not None for m in messages))
+        for piece in self._pieces(messages, relay):
+            await asyncio.sleep(0)  # decoding a slice took the loop a while: let others run
+            if isinstance(piece, Message):
+                await self._send(relay, raw_frame(piece.raw))
+                continue
+            await self._score([entry[1] for _, entry in piece], [tag for tag, _ in piece])
+            for tag, run in itertools.groupby(piece, key=lambda item: item[0]):
+                await self._send(relay, packed_frame(tag, [entry for _, entry in run]))
+        try:
+            await self.next_hop.acknowledged([ack for _, ack in relay.sent if ack is not None])
+        except NextHopError:
+            if relay.wants_acks:
+                raise  # no ack: the sender resends
+        if relay.unacknowledged():
+            await self._retry(relay)  # a sender that takes no acks cannot resend: hold and retry
+        if relay.skipped:
+            self._count("forward_invalid_entry", relay.skipped)
+            log.warning("skipped entries that are not [time, record]", extra={"entries": relay.skipped})
+        acks = [msgpack.packb({"ack": m.chunk}, use_bin_type=True) for m in messages if m.chunk is not None]
+        if acks:
+            writer.write(b"".join(acks))
             await writer.drain()
 
-    async def _score(self, message: Message) -> None:
-        records = [record for _, record in message.entries]
-        started = time.perf_counter()
+    def _pieces(self, messages: list[Message], relay: Relay) -> Iterator:
+        """In order: slices of (tag, entry) pairs to score, and non-log messages to pass on as they are."""
+        piece: list = []
+        for message in messages:
+            if not message.is_log:
+                if piece:
+                    yield piece
+                    piece = []
+                yield message
+                continue
+            for entry in message.entries:
+                try:
+                    piece.append((message.tag, checked_entry(entry)))
+                except InvalidEntry as error:
+                    relay.skipped += 1
+                    if relay.skipped >= MAX_INVALID_ENTRIES:
+                        raise ForwardProtocolError(f"{relay.skipped} entries are not [time, record] "
+                                                   f"(the last: {error}): not forward-protocol data") from None
+                    continue
+                if len(piece) >= self.slice_records:
+                    yield piece
+                    piece = []
+        if piece:
+            yield piece
+
+    async def _send(self, relay: Relay, frame: Frame) -> None:
         try:
-            outcome = await self.service.score(ScoreCall(records, tag=message.tag, surface="forward"))
+            relay.sent.append((frame, await self.next_hop.send(frame)))
+        except NextHopError:
+            if relay.wants_acks:
+                raise
+            relay.sent.append((frame, None))  # sent again by _retry
+
+    async def _retry(self, relay: Relay) -> None:
+        """Resend the frames not yet acknowledged until the next hop takes them all."""
+        pending = relay.unacknowledged()
+        try:
+            while pending:
+                self._count("forward_next_hop")
+                log.warning("next hop failed; holding records for a sender that takes no acks",
+                            extra={"frames": len(pending), "error": self.next_hop.last_error})
+                await asyncio.sleep(max(0.05, self.next_hop.down_until - time.monotonic()))
+                retry = Relay(wants_acks=True)
+                try:
+                    for frame in pending:
+                        await self._send(retry, frame)
+                    await self.next_hop.acknowledged([ack for _, ack in retry.sent])
+                except NextHopError:
+                    pass
+                pending = retry.unacknowledged() + pending[len(retry.sent):]
+        except asyncio.CancelledError:
+            log.error("stopped while the next hop was down: records of a sender that takes no acks are lost",
+                      extra={"frames": len(pending), "error": self.next_hop.last_error})
+            raise
+
+    async def _score(self, records: list[dict], tags: list[str]) -> None:
+        """Add the score to each record in place; mark them unscored if scoring fails."""
+        started = time.perf_counter()
+        metrics = self.service.metrics
+        try:
+            while True:
+                try:
+                    outcome = await self.service.score(ScoreCall(records, surface="forward", tags=tags))
+                    break
+                except Overloaded:
+                    if self.when_busy == "pass":
+                        raise
+                    await asyncio.sleep(0.02)  # wait: the queue drains, the sender's buffer holds the rest
         except LogscoreError as error:
-            log.warning("forwarding records unscored", extra={"tag": message.tag, "records": len(records),
-                                                               "error": str(error)})
+            log.warning("forwarding records unscored", extra={"tag": tags[0], "records": len(records),
+                                                             "error": str(error)})
             for record in records:
                 record[UNSCORED_KEY] = True
             return
         finally:
-            metrics = self.service.metrics
             metrics.child(metrics.request_seconds, "forward").observe(time.perf_counter() - started)
         names = [m.name for m in outcome.models]
+        scores, flags, index = outcome.scores.tolist(), outcome.is_anomaly.tolist(), outcome.model_index.tolist()
         for i, record in enumerate(records):
-            record[SCORE_KEY] = round(float(outcome.scores[i]), 6)
-            record[FLAG_KEY] = bool(outcome.is_anomaly[i])
-            record[MODEL_KEY] = names[int(outcome.model_index[i])]
+            record[SCORE_KEY] = round(scores[i], 6)
+            record[FLAG_KEY] = flags[i]
+            record[MODEL_KEY] = names[index[i]]
+
+    def _count(self, kind: str, amount: int = 1) -> None:
+        metrics = self.service.metrics
+        metrics.child(metrics.errors, kind, "forward").inc(amount)
