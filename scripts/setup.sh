@@ -16,6 +16,13 @@ if [ "${LOGSCORE_WITH_RUBY:-1}" = 1 ]; then
     dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")
   done
 fi
+if [ "${LOGSCORE_WITH_SHIPPERS:-0}" = 1 ]; then
+  # Real Fluentd (from source) runs on these Debian gems; the Fluent Bit binary needs these libraries.
+  for package in ruby-cool.io ruby-yajl ruby-http-parser.rb ruby-sigdump ruby-tzinfo ruby-strptime \
+                 ruby-console ruby-async ruby-async-http ruby-webrick libyaml-0-2 libssl3 libsqlite3-0; do
+    dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")
+  done
+fi
 if [ ${#missing[@]} -gt 0 ]; then
   echo "[setup] installing Debian packages: ${missing[*]}"
   sudo_if_needed apt-get update -qq

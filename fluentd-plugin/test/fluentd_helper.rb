@@ -2,7 +2,8 @@
 
 # Fluentd itself is not packaged for Debian 12: these tests run it from a source tree.
 # FLUENTD_SOURCE points to a fluent/fluentd checkout (v1.19.x) and SERVERENGINE_SOURCE
-# to treasure-data/serverengine (>= 2.3.2); without them the tests are omitted.
+# to treasure-data/serverengine (>= 2.3.2); scripts/test.sh sets both when ../shared/vendor
+# holds them. Without them the tests are omitted, saying why.
 require_relative 'helper'
 
 FLUENTD_SOURCE = ENV.fetch('FLUENTD_SOURCE', '')
@@ -23,4 +24,102 @@ if FLUENTD_AVAILABLE
   require 'fluent/test/driver/filter'
   require 'fluent/test/helpers'
   require 'fluent/plugin/filter_logscore'
+end
+
+# Real fluentd processes: configs written to a work directory, spawned, stopped.
+module FluentdProcesses
+  # in_tail reading work/access.log from the start, tagged web.access.
+  def tail_source(work, parser)
+    <<~CONF
+      <source>
+        @type tail
+        path #{work}/access.log
+        pos_file #{work}/access.pos
+        read_from_head true
+        tag web.access
+        <parse>
+          @type #{parser}
+        </parse>
+      </source>
+    CONF
+  end
+
+  def forward_source(port)
+    <<~CONF
+      <source>
+        @type forward
+        bind 127.0.0.1
+        port #{port}
+      </source>
+    CONF
+  end
+
+  def monitor_source(port)
+    <<~CONF
+      <source>
+        @type monitor_agent
+        bind 127.0.0.1
+        port #{port}
+      </source>
+    CONF
+  end
+
+  # out_file writing JSON lines under path, flushed every `flush` seconds.
+  def file_output(path, flush: 0.5)
+    <<~CONF
+      <match web.**>
+        @type file
+        path #{path}
+        <format>
+          @type json
+        </format>
+        <buffer>
+          flush_mode interval
+          flush_interval #{flush}s
+        </buffer>
+      </match>
+    CONF
+  end
+
+  def spawn_fluentd(work, name, config)
+    File.write(File.join(work, "#{name}.conf"), config)
+    Process.spawn({ 'RUBYLIB' => FLUENTD_RUBYLIB }, RbConfig.ruby, File.join(FLUENTD_SOURCE, 'bin', 'fluentd'),
+                  '-c', File.join(work, "#{name}.conf"), '-o', File.join(work, "#{name}.log"), '--no-supervisor')
+  end
+
+  def stop_processes(pids)
+    pids&.compact&.each do |pid|
+      Process.kill('TERM', pid)
+      Process.wait(pid)
+    rescue Errno::ESRCH, Errno::ECHILD
+      nil
+    end
+  end
+
+  # The JSON records out_file wrote under dir, once there are at least `count` (or after `timeout` s).
+  def wait_for_records(dir, count, timeout: 60)
+    records = []
+    deadline = Time.now + timeout
+    until records.size >= count || Time.now > deadline
+      sleep 0.5
+      records = read_records(dir)
+    end
+    records
+  end
+
+  def read_records(dir)
+    files = Dir[File.join(dir, '*')].select { |f| File.file?(f) && !f.end_with?('.meta') }
+    files.flat_map { |f| File.readlines(f) }.map { |l| JSON.parse(l) }
+  end
+
+  # monitor_agent's counters of the plugin with @id `id`.
+  def plugin_counters(monitor_port, id)
+    plugins = JSON.parse(Net::HTTP.get(URI("http://127.0.0.1:#{monitor_port}/api/plugins.json")))['plugins']
+    plugins.find { |p| p['plugin_id'] == id }
+  end
+
+  def log_tail(work, name)
+    path = File.join(work, "#{name}.log")
+    File.exist?(path) ? File.read(path)[-3000..] || File.read(path) : '(no log)'
+  end
 end

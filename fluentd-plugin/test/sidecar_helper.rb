@@ -14,7 +14,7 @@ PYTHON = ENV.fetch('LOGSCORE_PYTHON', File.join(ROOT, '.venv', 'bin', 'python'))
 
 # The real `logscore serve` process on a Unix socket in a temporary directory.
 class SidecarProcess
-  attr_reader :socket, :http_port
+  attr_reader :socket, :http_port, :pid
 
   def initialize(dir, models_dir: File.join(ROOT, 'models'), **settings)
     @dir = dir

@@ -22,9 +22,14 @@ class StreamScorerTest < Test::Unit::TestCase
   end
 
   def scorer(endpoint: "unix://#{self.class.sidecar.socket}", timeout: 2.0, message_key: nil, on_error: :pass,
-             explain: 0, **client_options)
+             explain: 0, batch_records: 2000, **client_options)
     client = Logscore::Client.new(endpoint: endpoint, timeout: timeout, explain: explain, **client_options)
-    Logscore::StreamScorer.new(client: client, keys: KEYS, message_key: message_key, on_error: on_error)
+    Logscore::StreamScorer.new(client: client, keys: KEYS, message_key: message_key, on_error: on_error,
+                               batch_records: batch_records)
+  end
+
+  def now
+    Process.clock_gettime(Process::CLOCK_MONOTONIC)
   end
 
   def entries(records)
@@ -66,29 +71,55 @@ class StreamScorerTest < Test::Unit::TestCase
     assert_match(/never seen in training/, explanation.join)
   end
 
-  test 'a 10,000-record chunk is scored in one call' do
-    records = AccessLines.normal(10_000).map { |line| { 'message' => line } }
-    s = scorer(message_key: 'message', timeout: 30)
+  test 'a 10,000-record stream goes as pipelined calls of batch_records, every record scored in order' do
+    records = AccessLines.normal(10_000).each_with_index.map { |line, i| { 'message' => line, 'n' => i } }
+    s = scorer(message_key: 'message')
     out = s.score('web', entries(records))
-    assert_equal 10_000, out.count { |_, r| r.key?('anomaly_score') }
-    assert_equal 1, s.client.stats[:calls]
+    assert_equal (0...10_000).to_a, out.map { |_, r| r['n'] }
+    assert_equal 10_000, out.count { |_, r| r['anomaly_score'].is_a?(Float) }
+    assert_equal 5, s.client.stats[:calls]
+    assert_equal 10_000, s.client.stats[:scored]
   end
 
-  test 'sidecar down: every record passes at once, marked unscored, then calls pause' do
+  test 'sidecar down: every record passes at once, marked unscored; calls stop at the first failure' do
     s = scorer(endpoint: "unix://#{self.class.dir}/nobody-here.sock", timeout: 0.05, message_key: 'message',
-               failure_threshold: 2, retry_interval: 60)
+               probe_interval: 60)
     chunk = AccessLines.normal(50).map { |line| { 'message' => line } }
-    started = Process.clock_gettime(Process::CLOCK_MONOTONIC)
+    started = now
     3.times do
       out = s.score('web', entries(chunk.map(&:dup)))
       assert_equal 50, out.size
       assert(out.all? { |_, r| r['anomaly_unscored'] == true && !r.key?('anomaly_score') })
     end
-    elapsed = Process.clock_gettime(Process::CLOCK_MONOTONIC) - started
-    assert_operator elapsed, :<, 2.0, 'a down sidecar must not stall the pipeline'
-    assert_equal 2, s.client.stats[:failures]
-    assert_equal 1, s.client.stats[:skipped_circuit_open]
+    assert_operator now - started, :<, 2.0, 'a down sidecar must not stall the pipeline'
+    stats = s.client.stats
+    assert_equal [1, 2, 150], [stats[:failures], stats[:skipped_circuit_open], stats[:unscored]]
     assert s.client.circuit_open?
+  end
+
+  test 'a hung sidecar holds a stream at most the stated bound, then scoring resumes within 1 s' do
+    dir = Dir.mktmpdir('logscore-hang')
+    sidecar = SidecarProcess.new(dir).start
+    s = scorer(endpoint: "unix://#{sidecar.socket}", timeout: 0.3, timeout_per_record: 0.001,
+               message_key: 'message')
+    chunk = -> { entries(AccessLines.normal(100).map { |line| { 'message' => line } }) }
+    assert(s.score('web', chunk.call).all? { |_, r| r.key?('anomaly_score') })
+    Process.kill('STOP', sidecar.pid)
+    started = now
+    assert(s.score('web', chunk.call).all? { |_, r| r['anomaly_unscored'] })
+    assert_operator now - started, :<=, 0.3 + 0.001 * 100 + 0.2 # timeout + timeout_per_record x records
+    started = now
+    assert(s.score('web', chunk.call).all? { |_, r| r['anomaly_unscored'] })
+    assert_operator now - started, :<, 0.05, 'once the sidecar is silent, streams pass at once'
+    Process.kill('CONT', sidecar.pid)
+    continued = now
+    sleep 0.05 until s.score('web', chunk.call).all? { |_, r| r.key?('anomaly_score') } || now - continued > 5
+    assert_operator now - continued, :<=, 1.0, 'scoring resumes within 1 s of the sidecar answering'
+    assert_operator s.client.stats[:probes], :>=, 1
+  ensure
+    Process.kill('CONT', sidecar.pid) if sidecar&.pid
+    sidecar&.stop
+    FileUtils.rm_rf(dir) if dir
   end
 
   test 'on_error error hands unscored records to the error handler instead' do
@@ -132,8 +163,7 @@ class StreamScorerTest < Test::Unit::TestCase
   test 'reconnects after the sidecar restarts' do
     dir = Dir.mktmpdir('logscore-restart')
     sidecar = SidecarProcess.new(dir).start
-    s = scorer(endpoint: "unix://#{sidecar.socket}", timeout: 1.0, message_key: 'message', failure_threshold: 1,
-               retry_interval: 0.2, max_retry_interval: 0.2)
+    s = scorer(endpoint: "unix://#{sidecar.socket}", timeout: 1.0, message_key: 'message')
     chunk = -> { entries(AccessLines.normal(5).map { |line| { 'message' => line } }) }
     assert(s.score('web', chunk.call).all? { |_, r| r.key?('anomaly_score') })
     sidecar.stop
@@ -163,6 +193,9 @@ class MisbehavingSidecarTest < Test::Unit::TestCase
 
     def score(request, _call)
       sleep 0.5 if @behaviour == :slow
+      if @behaviour == :picky && request.lines.lines.any? { |line| line.include?('refuse me') }
+        raise GRPC::InvalidArgument, 'a line the fake refuses'
+      end
       count = request.lines.lines.size
       count -= 1 if @behaviour == :short
       Logscore::V1::ScoreResponse.new(scores: [0.5] * count, is_anomaly: [false] * count,
@@ -203,6 +236,30 @@ class MisbehavingSidecarTest < Test::Unit::TestCase
       out, = score_with(endpoint, 2.0)
       assert(out.all? { |_, r| r['anomaly_unscored'] && !r.key?('anomaly_score') })
     end
+  end
+
+  test 'a refused call of a pipelined stream marks only its own records; the others are scored' do
+    with_fake(:picky) do |endpoint|
+      client = Logscore::Client.new(endpoint: endpoint, timeout: 2.0)
+      scorer = Logscore::StreamScorer.new(client: client, keys: StreamScorerTest::KEYS, message_key: 'm',
+                                          batch_records: 10)
+      records = Array.new(50) { |i| [i, { 'm' => i.between?(20, 29) ? 'refuse me' : 'fine', 'n' => i }] }
+      out = scorer.score('t', records)
+      assert_equal (0...50).to_a, out.map { |_, r| r['n'] }
+      assert_equal (20..29).to_a, out.select { |_, r| r['anomaly_unscored'] }.map { |_, r| r['n'] }
+      assert_equal 40, out.count { |_, r| r.key?('anomaly_score') }
+      assert_false client.circuit_open?, 'one refusal does not stop calls'
+    end
+  end
+
+  test 'deadlines grow with the records in a call and adapt to observed speed, up to the cap' do
+    deadlines = Logscore::Deadlines.new(base: 0.5, per_record_max: 0.001)
+    assert_in_delta 0.5 + 2.0, deadlines.for(2000), 1e-9 # nothing observed yet: the cap
+    deadlines.observe(1000, 0.02) # 20 us per record
+    assert_in_delta 0.5 + 2000 * 80e-6, deadlines.for(2000), 1e-9 # 4x headroom
+    assert_in_delta 0.5 + 4000 * 80e-6, deadlines.for(2000, ahead: 2000), 1e-9
+    10.times { deadlines.observe(1000, 5.0) } # a very slow sidecar: capped
+    assert_in_delta 0.5 + 2.0, deadlines.for(2000), 1e-9
   end
 
   test 'endpoint forms' do

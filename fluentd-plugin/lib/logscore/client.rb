@@ -1,6 +1,7 @@
 # frozen_string_literal: true
 
 require 'grpc'
+require 'grpc/health/v1/health_services_pb'
 require 'logscore/v1/scorer_services_pb'
 
 module Logscore
@@ -14,41 +15,77 @@ module Logscore
     end
   end
 
-  # A gRPC client of the sidecar with a deadline on every call and a circuit
-  # breaker: after `failure_threshold` consecutive failures it stops calling for
-  # `retry_interval` seconds (doubling up to `max_retry_interval` while the
-  # sidecar stays down), so a down sidecar costs nothing per chunk.
+  # How long a call may take: a fixed part plus an allowance per record, the
+  # allowance learned from the calls that succeeded (HEADROOM times their time
+  # per record) and never more than `per_record_max`. So a slow-but-working
+  # sidecar gets the time its load needs, and a hung one is noticed after at
+  # most `base + per_record_max * records`.
+  class Deadlines
+    HEADROOM = 4.0
+    SMOOTHING = 0.2 # weight of the newest call in the running estimate
+
+    attr_reader :base, :per_record_max
+
+    def initialize(base:, per_record_max:)
+      @base = base
+      @per_record_max = per_record_max
+      @per_record = nil # seconds per record of recent calls (nil: none yet)
+      @lock = Mutex.new
+    end
+
+    # Seconds allowed for a call of `records` with `ahead` more records queued before it.
+    def for(records, ahead: 0)
+      @base + allowance * (records + ahead)
+    end
+
+    def allowance
+      estimate = @per_record
+      estimate ? [estimate * HEADROOM, @per_record_max].min : @per_record_max
+    end
+
+    def observe(records, seconds)
+      return if records < 1
+
+      per_record = seconds / records
+      @lock.synchronize do
+        @per_record = @per_record ? (1 - SMOOTHING) * @per_record + SMOOTHING * per_record : per_record
+      end
+    end
+  end
+
+  # A gRPC client of the sidecar. Every call has a deadline that fits its size
+  # (Deadlines); big streams go as several calls, `in_flight` of them at once.
+  # When the sidecar stops answering (a deadline passed, or it is unreachable)
+  # calls stop at once — records pass unscored without waiting — and a probe
+  # checks the sidecar's health every `probe_interval` until it answers, then
+  # calls resume. Other failures stop calls after `failure_threshold` in a row.
   class Client
     Result = Struct.new(:scores, :flags, :model_names, :explanations, keyword_init: true)
+    # Codes meaning the sidecar is not answering (as opposed to refusing one request).
+    SILENT = [GRPC::Core::StatusCodes::DEADLINE_EXCEEDED, GRPC::Core::StatusCodes::UNAVAILABLE].freeze
+    PROBE_TIMEOUT = 0.5
+    COUNTERS = %i[calls scored unscored failures skipped_circuit_open circuit_opened probes].freeze
 
-    attr_reader :stats
+    attr_reader :deadlines
 
-    def initialize(endpoint:, timeout:, model: '', explain: 0, token: nil, tls_ca: nil, tls_cert: nil,
-                   tls_key: nil, failure_threshold: 3, retry_interval: 1.0, max_retry_interval: 30.0,
-                   clock: -> { Process.clock_gettime(Process::CLOCK_MONOTONIC) })
-      @timeout = timeout
+    def initialize(endpoint:, timeout: 0.5, timeout_per_record: 0.0005, in_flight: 2, model: '', explain: 0,
+                   token: nil, tls_ca: nil, tls_cert: nil, tls_key: nil, failure_threshold: 3,
+                   probe_interval: 0.2, log: nil)
+      @deadlines = Deadlines.new(base: timeout, per_record_max: timeout_per_record)
+      @in_flight = in_flight
       @model = model.to_s
       @explain = explain.to_i
       @metadata = token ? { 'authorization' => "Bearer #{token}" } : {}
       @failure_threshold = failure_threshold
-      @retry_interval = retry_interval
-      @max_retry_interval = max_retry_interval
-      @clock = clock
+      @probe_interval = probe_interval
+      @log = log
+      @lock = Mutex.new
+      @stats = COUNTERS.to_h { |name| [name, 0] } # every counter reported, zero or not
       @consecutive_failures = 0
-      @open_until = nil
-      @current_interval = retry_interval
-      @stats = Hash.new(0)
-      @stub = Logscore::V1::Scorer::Stub.new(
-        self.class.target(endpoint), credentials(tls_ca, tls_cert, tls_key),
-        channel_args: {
-          # Reconnect quickly once the sidecar is back (gRPC's default backoff reaches 2 minutes).
-          'grpc.initial_reconnect_backoff_ms' => 100,
-          'grpc.max_reconnect_backoff_ms' => 2000,
-          'grpc.enable_http_proxy' => 0,
-          'grpc.max_receive_message_length' => 64 * 1024 * 1024,
-          'grpc.max_send_message_length' => 64 * 1024 * 1024,
-        }
-      )
+      @open = false
+      @probe = nil
+      @closed = false
+      connect(endpoint, credentials(tls_ca, tls_cert, tls_key))
     end
 
     # "unix:///run/x.sock", "unix:/run/x.sock", "/run/x.sock" or "host:port".
@@ -57,23 +94,69 @@ module Logscore
       path.start_with?('/') ? "unix:#{path}" : endpoint
     end
 
-    # Score a Fluentd event stream given as its msgpack bytes ([time, record] entries).
-    def score_event_stream(tag, msgpack_bytes, count)
-      call(Logscore::V1::ScoreRequest.new(model: @model, tag: tag.to_s, explain: @explain,
-                                          event_stream: msgpack_bytes), count)
+    # Requests for one batch each: the msgpack bytes of [time, record] entries, or raw lines.
+    def event_stream_request(tag, msgpack_bytes)
+      Logscore::V1::ScoreRequest.new(model: @model, tag: tag.to_s, explain: @explain, event_stream: msgpack_bytes)
     end
 
-    # Score raw lines (one per record).
-    def score_lines(tag, lines)
+    def lines_request(tag, lines)
       raw = Logscore::V1::RawLines.new(lines: lines.map { |line| line.to_s.b })
-      call(Logscore::V1::ScoreRequest.new(model: @model, tag: tag.to_s, explain: @explain, lines: raw), lines.size)
+      Logscore::V1::ScoreRequest.new(model: @model, tag: tag.to_s, explain: @explain, lines: raw)
+    end
+
+    # Score [request, record count] pairs, `in_flight` at a time; returns, in order, a
+    # Result or the ScoringFailed of each.
+    def score_all(batches)
+      return [attempt(*batches.first)] if batches.size == 1
+
+      results = Array.new(batches.size)
+      queue = Queue.new
+      batches.each_with_index { |batch, index| queue << [batch, index] }
+      queue.close
+      Array.new([@in_flight, batches.size].min) do
+        Thread.new do
+          while (item = queue.pop)
+            results[item[1]] = attempt(*item[0], ahead: item[0][1] * (@in_flight - 1))
+          end
+        end
+      end.each(&:join)
+      results
     end
 
     def circuit_open?
-      !@open_until.nil? && @clock.call < @open_until
+      @open
+    end
+
+    def stats
+      @lock.synchronize { @stats.dup }
+    end
+
+    def count(name, amount = 1)
+      @lock.synchronize { @stats[name] += amount }
+    end
+
+    def close
+      @closed = true
+      @probe&.join(PROBE_TIMEOUT + @probe_interval)
+      @channel.close
     end
 
     private
+
+    def connect(endpoint, creds)
+      @channel = GRPC::Core::Channel.new(
+        self.class.target(endpoint), {
+          # Reconnect quickly once the sidecar is back (gRPC's default backoff reaches 2 minutes).
+          'grpc.initial_reconnect_backoff_ms' => 100,
+          'grpc.max_reconnect_backoff_ms' => 1000,
+          'grpc.enable_http_proxy' => 0,
+          'grpc.max_receive_message_length' => 64 * 1024 * 1024,
+          'grpc.max_send_message_length' => 64 * 1024 * 1024
+        }, creds
+      )
+      @stub = Logscore::V1::Scorer::Stub.new(nil, nil, channel_override: @channel)
+      @health = Grpc::Health::V1::Health::Stub.new(nil, nil, channel_override: @channel)
+    end
 
     def credentials(ca, cert, key)
       return :this_channel_is_insecure unless ca || cert
@@ -82,23 +165,39 @@ module Logscore
       GRPC::Core::ChannelCredentials.new(read.call(ca), read.call(key), read.call(cert))
     end
 
-    def call(request, count)
-      if circuit_open?
-        @stats[:skipped_circuit_open] += 1
-        raise ScoringFailed.new('circuit_open', 'sidecar calls paused after repeated failures')
+    def attempt(request, count, ahead: 0)
+      call(request, count, ahead)
+    rescue ScoringFailed => e
+      e
+    rescue StandardError => e # a failure of the client itself must not lose records either
+      count(:failures)
+      ScoringFailed.new('client_error', "#{e.class}: #{e.message}")
+    end
+
+    def call(request, count, ahead)
+      if @open
+        count(:skipped_circuit_open)
+        raise ScoringFailed.new('circuit_open', 'sidecar not answering; calls resume when its health check passes')
       end
-      @stats[:calls] += 1
-      response = @stub.score(request, deadline: Time.now + @timeout, metadata: @metadata)
+      count(:calls)
+      started = Process.clock_gettime(Process::CLOCK_MONOTONIC)
+      allowed = @deadlines.for(count, ahead: ahead)
+      response = @stub.score(request, deadline: Time.now + allowed, metadata: @metadata)
       result = check(response, count)
+      @deadlines.observe(count + ahead, Process.clock_gettime(Process::CLOCK_MONOTONIC) - started)
       succeeded
       result
     rescue GRPC::BadStatus => e
-      failed(GRPC::Core::StatusCodes.constants.find { |c| GRPC::Core::StatusCodes.const_get(c) == e.code }
-                                   .to_s.downcase, e.details)
+      @deadlines.observe(count + ahead, allowed) if e.code == GRPC::Core::StatusCodes::DEADLINE_EXCEEDED
+      failed(status_name(e.code), e.details, silent: SILENT.include?(e.code))
     rescue ScoringFailed => e
       raise if e.reason == 'circuit_open'
 
-      failed(e.reason, e.message)
+      failed(e.reason, e.message, silent: false)
+    end
+
+    def status_name(code)
+      GRPC::Core::StatusCodes.constants.find { |c| GRPC::Core::StatusCodes.const_get(c) == code }.to_s.downcase
     end
 
     def check(response, count)
@@ -114,20 +213,41 @@ module Logscore
     end
 
     def succeeded
-      @consecutive_failures = 0
-      @open_until = nil
-      @current_interval = @retry_interval
+      @lock.synchronize { @consecutive_failures = 0 }
     end
 
-    def failed(reason, details)
-      @stats[:failures] += 1
-      @consecutive_failures += 1
-      if @consecutive_failures >= @failure_threshold
-        @open_until = @clock.call + @current_interval
-        @current_interval = [@current_interval * 2, @max_retry_interval].min
-        @stats[:circuit_opened] += 1
+    def failed(reason, details, silent:)
+      opening = @lock.synchronize do
+        @stats[:failures] += 1
+        @consecutive_failures += 1
+        (silent || @consecutive_failures >= @failure_threshold) && !@open && (@open = true)
       end
+      start_probe(reason) if opening
       raise ScoringFailed.new(reason, details)
+    end
+
+    # Until the sidecar's health check passes, ask it every probe_interval; then close the circuit.
+    def start_probe(reason)
+      count(:circuit_opened)
+      @log&.warn('logscore: sidecar not answering; records pass unscored until its health check passes',
+                 reason: reason)
+      @probe = Thread.new do
+        sleep @probe_interval until @closed || healthy?
+        @lock.synchronize do
+          @open = false
+          @consecutive_failures = 0
+        end
+        @log&.info('logscore: sidecar answers again; scoring resumed') unless @closed
+      end
+    end
+
+    def healthy?
+      count(:probes)
+      request = Grpc::Health::V1::HealthCheckRequest.new(service: 'logscore.v1.Scorer')
+      response = @health.check(request, deadline: Time.now + PROBE_TIMEOUT)
+      response.status == :SERVING
+    rescue GRPC::BadStatus
+      false
     end
   end
 end

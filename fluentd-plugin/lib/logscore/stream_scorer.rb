@@ -4,55 +4,76 @@ require 'msgpack'
 require 'logscore/client'
 
 module Logscore
-  # What the Fluentd filter does, without Fluentd: score a chunk of
-  # [time, record] entries in one call and add the score to every record.
-  # A failed call never loses or holds a record: each passes through marked
-  # unscored (or, with on_error: error, goes to the caller's error handler).
+  # What the Fluentd filter does, without Fluentd: score an event stream of
+  # [time, record] entries and add the score to every record. A stream of more
+  # than `batch_records` goes as several calls (the client pipelines them, each
+  # with its own deadline). A failed call never loses or holds a record: each of
+  # its records passes through marked unscored (or, with on_error: error, goes to
+  # the caller's error handler).
   class StreamScorer
     Keys = Struct.new(:score, :flag, :model, :explanation, :unscored, keyword_init: true)
 
     attr_reader :client
 
-    # message_key: nil sends the records themselves (the stream's msgpack bytes
-    # as they are); a key name sends that field as a raw line.
-    def initialize(client:, keys:, message_key: nil, on_error: :pass, log: nil)
+    # message_key: nil sends the records themselves (msgpack); a key name sends that
+    # field as a raw line.
+    def initialize(client:, keys:, message_key: nil, on_error: :pass, log: nil, batch_records: 2000)
       @client = client
       @keys = keys
       @message_key = message_key
       @on_error = on_error
       @log = log
+      @batch_records = batch_records
       @last_warning = nil
     end
 
-    # entries: [[time, record], ...]; msgpack: the same entries packed (optional,
-    # saves re-encoding when Fluentd already holds them packed).
-    # Yields (time, record, error) for records that could not be scored when
-    # on_error is :error; returns the entries to pass on.
-    def score(tag, entries, msgpack: nil)
+    # entries: [[time, record], ...]; msgpack: the same entries packed (optional: saves
+    # re-encoding a stream Fluentd already holds packed, when it is one batch).
+    # Yields (time, record, error) for records that could not be scored when on_error
+    # is :error; returns the entries to pass on.
+    def score(tag, entries, msgpack: nil, &on_unscored)
       return entries if entries.empty?
 
-      result = request(tag, entries, msgpack)
-      entries.each_with_index { |(_, record), i| annotate(record, result, i) }
-      client.stats[:scored] += entries.size
-      entries
-    rescue ScoringFailed => e
-      client.stats[:unscored] += entries.size
-      warn_throttled(e, entries.size)
-      return entries.each { |_, record| record[@keys.unscored] = true } if @on_error == :pass || !block_given?
-
-      entries.each { |time, record| yield time, record, e }
-      []
+      slices = entries.each_slice(@batch_records).to_a
+      packed = slices.size == 1 ? msgpack : nil
+      results = client.score_all(slices.map { |slice| [request(tag, slice, packed), slice.size] })
+      passed = []
+      slices.zip(results) do |slice, result|
+        if result.is_a?(ScoringFailed)
+          passed.concat(unscored(slice, result, &on_unscored))
+        else
+          slice.each_with_index { |(_, record), i| annotate(record, result, i) }
+          client.count(:scored, slice.size)
+          passed.concat(slice)
+        end
+      end
+      passed
     end
 
     private
 
-    def request(tag, entries, msgpack)
-      if @message_key
-        lines = entries.map { |_, record| record[@message_key] }
-        return client.score_lines(tag, lines)
+    def request(tag, slice, packed)
+      return client.lines_request(tag, slice.map { |_, record| record[@message_key] }) if @message_key
+
+      client.event_stream_request(tag, packed || pack(slice))
+    end
+
+    # The sidecar reads the records only: each entry goes as [seconds, record].
+    def pack(slice)
+      packer = MessagePack::Packer.new
+      slice.each do |time, record|
+        packer.write_array_header(2).write(time.to_i).write(record)
       end
-      bytes = msgpack || entries.map { |time, record| [time.to_i, record] }.map(&:to_msgpack).join
-      client.score_event_stream(tag, bytes, entries.size)
+      packer.to_s
+    end
+
+    def unscored(slice, error, &on_unscored)
+      client.count(:unscored, slice.size)
+      warn_throttled(error, slice.size)
+      return slice.each { |_, record| record[@keys.unscored] = true } if @on_error == :pass || on_unscored.nil?
+
+      slice.each { |time, record| on_unscored.call(time, record, error) }
+      []
     end
 
     def annotate(record, result, index)

@@ -31,16 +31,22 @@ module Fluent
       config_param :explain, :integer, default: 3
       desc 'Field set to true on records that could not be scored'
       config_param :unscored_key, :string, default: 'anomaly_unscored'
-      desc 'Deadline of one call to the sidecar, in seconds'
-      config_param :timeout, :time, default: 0.05
+      desc 'Fixed part of each call\'s deadline, in seconds (the deadline grows with the records in the call)'
+      config_param :timeout, :time, default: 0.5
+      desc 'Most time a call may take per record, in seconds; the allowance adapts to the sidecar\'s observed ' \
+           'speed up to this. A hung sidecar holds a stream at most timeout + timeout_per_record x batch_records ' \
+           'x calls_in_flight'
+      config_param :timeout_per_record, :float, default: 0.0005
+      desc 'Records per call: bigger event streams go as several calls'
+      config_param :batch_records, :integer, default: 2000
+      desc 'Calls of one event stream under way at once'
+      config_param :calls_in_flight, :integer, default: 2
       desc 'On failure: pass (records continue, marked unscored) or error (records go to @ERROR)'
       config_param :on_error, :enum, list: %i[pass error], default: :pass
-      desc 'Consecutive failures that pause calls (circuit breaker)'
+      desc 'Consecutive refused calls that pause calls (a sidecar that does not answer pauses them at once)'
       config_param :failure_threshold, :integer, default: 3
-      desc 'First pause after failure_threshold failures, doubling while the sidecar stays down'
-      config_param :retry_interval, :time, default: 1.0
-      desc 'Longest pause between attempts'
-      config_param :max_retry_interval, :time, default: 30.0
+      desc 'While calls are paused, how often the sidecar\'s health is checked (calls resume when it passes)'
+      config_param :probe_interval, :time, default: 0.2
       desc 'Bearer token the sidecar requires'
       config_param :token, :string, default: nil, secret: true
       desc 'CA certificate (PEM) to verify a TLS sidecar'
@@ -52,7 +58,12 @@ module Fluent
 
       def configure(conf)
         super
-        raise Fluent::ConfigError, 'timeout must be positive' unless @timeout.positive?
+        %i[timeout timeout_per_record probe_interval].each do |name|
+          raise Fluent::ConfigError, "#{name} must be positive" unless instance_variable_get("@#{name}").positive?
+        end
+        %i[batch_records calls_in_flight failure_threshold].each do |name|
+          raise Fluent::ConfigError, "#{name} must be at least 1" unless instance_variable_get("@#{name}") >= 1
+        end
         if @tls_cert_path.nil? != @tls_key_path.nil?
           raise Fluent::ConfigError, 'tls_cert_path and tls_key_path go together'
         end
@@ -70,15 +81,20 @@ module Fluent
       def start
         super
         client = Logscore::Client.new(
-          endpoint: @endpoint, timeout: @timeout, model: @model, explain: @explanation_key ? @explain : 0,
-          token: @token, tls_ca: @tls_ca_path, tls_cert: @tls_cert_path, tls_key: @tls_key_path,
-          failure_threshold: @failure_threshold, retry_interval: @retry_interval,
-          max_retry_interval: @max_retry_interval
+          endpoint: @endpoint, timeout: @timeout, timeout_per_record: @timeout_per_record,
+          in_flight: @calls_in_flight, model: @model, explain: @explanation_key ? @explain : 0, token: @token,
+          tls_ca: @tls_ca_path, tls_cert: @tls_cert_path, tls_key: @tls_key_path,
+          failure_threshold: @failure_threshold, probe_interval: @probe_interval, log: log
         )
         keys = Logscore::StreamScorer::Keys.new(score: @score_key, flag: @flag_key, model: @model_key,
                                                 explanation: @explanation_key, unscored: @unscored_key)
         @scorer = Logscore::StreamScorer.new(client: client, keys: keys, message_key: @message_key,
-                                             on_error: @on_error, log: log)
+                                             on_error: @on_error, log: log, batch_records: @batch_records)
+      end
+
+      def shutdown
+        @scorer&.client&.close
+        super
       end
 
       def multi_workers_ready?
@@ -99,12 +115,14 @@ module Fluent
 
       # Counters for monitor_agent (/api/plugins.json merges the 'filter' hash into
       # this plugin's entry): logscore_scored, logscore_unscored, logscore_calls,
-      # logscore_failures, logscore_skipped_circuit_open, logscore_circuit_open.
+      # logscore_failures, logscore_skipped_circuit_open, logscore_circuit_opened,
+      # logscore_probes, logscore_circuit_open, logscore_deadline_per_record_us.
       def statistics
         stats = super
         client = @scorer&.client
         counters = (client ? client.stats : {}).to_h { |name, value| ["logscore_#{name}", value] }
         counters['logscore_circuit_open'] = client ? client.circuit_open? : false
+        counters['logscore_deadline_per_record_us'] = client ? (client.deadlines.allowance * 1e6).round(1) : 0
         stats['filter'] = (stats['filter'] || {}).merge(counters)
         stats
       end

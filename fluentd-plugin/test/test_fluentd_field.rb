@@ -1,0 +1,167 @@
+# frozen_string_literal: true
+
+require 'msgpack'
+require_relative 'fluentd_helper'
+
+# The filter inside real fluentd processes as operators run it: default settings, a
+# loaded machine, big aggregator chunks, a sidecar that hangs and comes back.
+class FluentdFieldTest < Test::Unit::TestCase
+  include FluentdProcesses
+
+  setup do
+    omit(FLUENTD_MISSING) unless FLUENTD_AVAILABLE
+    @work = Dir.mktmpdir('logscore-field')
+    @pids = []
+  end
+
+  teardown do
+    stop_processes(@pids)
+    @sidecar&.stop
+    FileUtils.rm_rf(@work) if @work
+  end
+
+  # The filter with every setting at its default but the socket.
+  def default_filter(id = 'logscore')
+    <<~CONF
+      <filter web.**>
+        @type logscore
+        @id #{id}
+        endpoint unix://#{@sidecar.socket}
+      </filter>
+    CONF
+  end
+
+  # A process that keeps one core busy for the length of the block.
+  def with_cpu_hog
+    hog = Process.spawn(RbConfig.ruby, '-e', 'loop { }')
+    yield
+  ensure
+    Process.kill('KILL', hog)
+    Process.wait(hog)
+  end
+
+  test 'in_tail of 20,000 lines on a loaded machine, default settings: every line once, 99.9 % scored' do
+    @sidecar = SidecarProcess.new(@work).start
+    normal = AccessLines.normal(20_000)
+    lines = normal.each_with_index.map { |line, i| (i % 1000).zero? ? AccessLines.attack : line }
+    lines = lines.each_with_index.map { |line, i| line.sub('HTTP/1.1', "HTTP/1.1 #{i}") } # each line unique
+    monitor = SidecarProcess.free_port
+    File.write(File.join(@work, 'access.log'), lines.join("\n") + "\n")
+    with_cpu_hog do
+      @pids << spawn_fluentd(@work, 'tail', monitor_source(monitor) + tail_source(@work, 'none') +
+                                            default_filter + file_output("#{@work}/out/scored"))
+      @out = wait_for_records(File.join(@work, 'out'), lines.size, timeout: 180)
+    end
+    assert_equal lines.sort, @out.map { |r| r['message'] }.sort, log_tail(@work, 'tail') # each once
+    scored = @out.count { |r| r['anomaly_score'].is_a?(Float) && !r.key?('anomaly_unscored') }
+    assert_operator scored, :>=, (lines.size * 0.999).ceil, plugin_counters(monitor, 'logscore').inspect
+    attacks = @out.select { |r| r['message'].include?('UNION') }
+    assert_equal 20, attacks.size
+    assert(attacks.all? { |r| r['is_anomaly'] || r['anomaly_unscored'] })
+  end
+
+  test 'aggregator: out_forward chunks of 50,000 records -> in_forward -> filter: every record scored' do
+    @sidecar = SidecarProcess.new(@work).start
+    receiver_port = SidecarProcess.free_port
+    lines = AccessLines.normal(50_000).each_with_index.map { |line, i| "#{line} #{i}" }
+    File.write(File.join(@work, 'access.log'), lines.join("\n") + "\n")
+    monitor = SidecarProcess.free_port
+    @pids << spawn_fluentd(@work, 'aggregator', monitor_source(monitor) + forward_source(receiver_port) +
+                                                default_filter + file_output("#{@work}/out/scored"))
+    @pids << spawn_fluentd(@work, 'sender', <<~CONF)
+      #{tail_source(@work, 'none')}
+      <match web.**>
+        @type forward
+        <server>
+          host 127.0.0.1
+          port #{receiver_port}
+        </server>
+        <buffer>
+          flush_mode interval
+          flush_interval 5s
+          chunk_limit_records 50000
+          chunk_limit_size 64m
+        </buffer>
+      </match>
+    CONF
+    out = wait_for_records(File.join(@work, 'out'), lines.size, timeout: 120)
+    assert_equal lines.sort, out.map { |r| r['message'] }.sort, log_tail(@work, 'aggregator')
+    counters = plugin_counters(monitor, 'logscore')
+    assert_equal 0, counters['logscore_unscored'], counters.inspect
+    assert(out.all? { |r| r['anomaly_score'].is_a?(Float) })
+    assert_operator counters['logscore_calls'], :>=, 25 # 50,000 records went as calls of 2,000
+  end
+
+  # Forward-mode messages of `records` entries, each holding its sequence number and send time.
+  class Sender
+    attr_reader :sent
+
+    def initialize(port)
+      @socket = TCPSocket.new('127.0.0.1', port)
+      @sent = 0
+    end
+
+    def send_batch(records)
+      now = Time.now.to_f
+      entries = Array.new(records) do
+        @sent += 1
+        [now.to_i, { 'message' => AccessLines.line("/robots.txt?n=#{@sent}"), 'seq' => @sent, 'sent_at' => now }]
+      end
+      @socket.write(['web.access', entries].to_msgpack)
+    end
+
+    def close
+      @socket.close
+    end
+  end
+
+  test 'sidecar stopped 10 s (SIGSTOP): no record waits longer than the bound; scoring resumes within 1 s' do
+    @sidecar = SidecarProcess.new(@work).start
+    port = SidecarProcess.free_port
+    # Each record notes when it left the filter; out_file flushes often.
+    @pids << spawn_fluentd(@work, 'fluentd', forward_source(port) + default_filter + <<~CONF +
+      <filter web.**>
+        @type record_transformer
+        enable_ruby true
+        <record>
+          filtered_at ${Time.now.to_f}
+        </record>
+      </filter>
+    CONF
+                                                    file_output("#{@work}/out/scored", flush: 0.2))
+    sender = nil
+    deadline = Time.now + 30
+    until sender || Time.now > deadline
+      sender = begin
+        Sender.new(port)
+      rescue SystemCallError
+        sleep 0.2
+        nil
+      end
+    end
+    pace = lambda do |seconds|
+      stop = Time.now + seconds
+      while Time.now < stop
+        sender.send_batch(20)
+        sleep 0.05
+      end
+    end
+    pace.call(2)
+    Process.kill('STOP', @sidecar.pid)
+    pace.call(10)
+    Process.kill('CONT', @sidecar.pid)
+    resumed_at = Time.now.to_f
+    pace.call(4)
+    sender.close
+    out = wait_for_records(File.join(@work, 'out'), sender.sent, timeout: 60)
+
+    assert_equal (1..sender.sent).to_a, out.map { |r| r['seq'] }.sort, log_tail(@work, 'fluentd')
+    # The stated bound for a stream of 20 records: timeout + timeout_per_record x 20 = 0.51 s.
+    held = out.map { |r| r['filtered_at'] - r['sent_at'] }.max
+    assert_operator held, :<=, 0.51 + 0.5, 'a hung sidecar held records longer than the bound'
+    assert(out.any? { |r| r['anomaly_unscored'] }, 'records while stopped pass unscored')
+    late = out.select { |r| r['sent_at'] > resumed_at + 1.0 }
+    assert_not_empty late
+    assert(late.all? { |r| r['anomaly_score'].is_a?(Float) }, 'scoring resumes within 1 s of SIGCONT')
+  end
+end

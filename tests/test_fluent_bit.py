@@ -1,0 +1,227 @@
+"""Fluent Bit through the sidecar's forward mode, with the real Fluent Bit binary on both sides:
+
+    Fluent Bit (tail -> forward output) -> logscore --forward -> Fluent Bit (forward input -> file)
+
+Fluent Bit is not packaged for Debian 12: scripts/test.sh points FLUENT_BIT at the binary in
+../shared/vendor when it is there; without it these tests skip, saying why.
+"""
+
+from __future__ import annotations
+
+import calendar
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from .generate import blog_lines
+from .sidecar_process import ROOT, SidecarProcess, free_port
+
+FLUENT_BIT = Path(os.environ.get("FLUENT_BIT", ROOT.parent / "shared" / "vendor" / "fluent-bit" / "bin" / "fluent-bit"))
+pytestmark = pytest.mark.skipif(not FLUENT_BIT.is_file(), reason=(
+    f"no Fluent Bit binary at {FLUENT_BIT}: set FLUENT_BIT to a fluent-bit 5.x executable"))
+
+# Lines carry their own time (with nanoseconds), a sequence number and a kind (for a per-record tag).
+PARSERS = """
+[PARSER]
+    Name   stamped
+    Format json
+    Time_Key t
+    Time_Format %Y-%m-%dT%H:%M:%S.%LZ
+    Time_Keep On
+"""
+START = calendar.timegm((2026, 12, 1, 10, 0, 0))
+
+
+def stamp(n: int) -> tuple[int, int]:
+    """Seconds and nanoseconds of line n. NOTE: nanoseconds are multiples of 1/512 s, which
+    Fluent Bit's parser (a double for the fraction) reads exactly; others can lose 1 ns there."""
+    return START + n // 7, (n * 1_953_125 * 37) % 1_000_000_000
+
+
+def stamped_lines(count: int, first: int = 0) -> list[str]:
+    access = blog_lines(500, seed=50)
+    lines = []
+    for n in range(first, first + count):
+        seconds, nanoseconds = stamp(n)
+        moment = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{nanoseconds:09d}Z"
+        lines.append(json.dumps({"t": moment, "n": n, "kind": f"k{n % 3}", "message": access[n % len(access)]}))
+    return lines
+
+
+def expected_time(n: int, as_integer: bool = False) -> str:
+    """How Fluent Bit's file output prints the event time of line n."""
+    seconds, nanoseconds = stamp(n)
+    return f"{seconds}.{0 if as_integer else nanoseconds:09d}"
+
+
+class FluentBit:
+    """One fluent-bit process with a config written to its own directory."""
+
+    def __init__(self, workdir: Path, name: str, body: str):
+        self.dir = workdir / name
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / "parsers.conf").write_text(PARSERS)
+        service = (f"[SERVICE]\n    Flush 0.2\n    Grace 5\n    Log_Level info\n"
+                   f"    Parsers_File {self.dir / 'parsers.conf'}\n"
+                   # Retries within seconds, not the default minutes: tests restart things.
+                   f"    scheduler.base 1\n    scheduler.cap 2\n")
+        (self.dir / "fluent-bit.conf").write_text(service + body)
+        self.log = self.dir / "fluent-bit.log"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> "FluentBit":
+        with open(self.log, "ab") as log:
+            self.process = subprocess.Popen([str(FLUENT_BIT), "-c", str(self.dir / "fluent-bit.conf")],
+                                            stdout=log, stderr=subprocess.STDOUT)
+        return self
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def receiver(workdir: Path, port: int) -> FluentBit:
+    (workdir / "received").mkdir(exist_ok=True)
+    return FluentBit(workdir, "receiver", f"""
+[INPUT]
+    Name forward
+    Listen 127.0.0.1
+    Port {port}
+[OUTPUT]
+    Name file
+    Match *
+    Path {workdir / 'received'}
+    File records.txt
+""")
+
+
+def sender(workdir: Path, source: Path, port: int, options: str) -> FluentBit:
+    return FluentBit(workdir, "sender", f"""
+[INPUT]
+    Name tail
+    Path {source}
+    Read_From_Head On
+    Refresh_Interval 1
+    Parser stamped
+    Tag web.access
+[OUTPUT]
+    Name forward
+    Match *
+    Host 127.0.0.1
+    Port {port}
+    Retry_Limit no_limits
+{options}
+""")
+
+
+def received(workdir: Path) -> list[tuple[str, str, dict]]:
+    """(tag, time, record) of every line the receiver's file output wrote: 'tag: [time, {...}]'."""
+    path = workdir / "received" / "records.txt"
+    if not path.exists():
+        return []
+    out = []
+    text = path.read_text()
+    for line in text[: text.rfind("\n") + 1].splitlines():  # whole lines only: the file is being written
+        tag, _, rest = line.partition(": [")
+        moment, _, record = rest.partition(", ")
+        out.append((tag, moment, json.loads(record[:-1])))
+    return out
+
+
+def wait_for_lines(workdir: Path, count: int, timeout: float, distinct: bool = False) -> list:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        lines = received(workdir)
+        if (len({r["n"] for _, _, r in lines}) if distinct else len(lines)) >= count:
+            return lines
+        time.sleep(0.2)
+    return received(workdir)
+
+
+@pytest.fixture()
+def chain(tmp_path):
+    """A receiving Fluent Bit and the sidecar in forward mode in front of it; yields a sender factory."""
+    hop, forward = free_port(), free_port()
+    parts = {"receiver": receiver(tmp_path, hop).start()}
+    parts["sidecar"] = SidecarProcess(ROOT / "models", tmp_path, forward=f"127.0.0.1:{forward}",
+                                      forward_to=f"127.0.0.1:{hop}").start()
+    source = tmp_path / "input.log"
+
+    def start_sender(lines: list[str], options: str) -> FluentBit:
+        source.write_text("\n".join(lines) + "\n")
+        parts["sender"] = sender(tmp_path, source, forward, options).start()
+        return parts["sender"]
+
+    yield tmp_path, parts, start_sender
+    for name in ("sender", "sidecar", "receiver"):
+        if name in parts:
+            parts[name].stop()
+    assert "Traceback" not in parts["sidecar"].log()
+
+
+MODES = {
+    "acks": "    Require_ack_response true",
+    "no acks": "",
+    "send options": "    Send_options true",
+    "gzip": "    Compress gzip\n    Require_ack_response true",
+    "time as integer": "    Time_as_Integer true\n    Require_ack_response true",
+    "metadata off": "    Retain_metadata_in_forward_mode false",
+    "message mode (a tag per record)": "    Tag web.$kind\n    Require_ack_response true",
+}
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_every_record_arrives_once_with_its_time_and_a_score(chain, mode):
+    workdir, parts, start_sender = chain
+    lines = stamped_lines(2000)
+    start_sender(lines, MODES[mode])
+    out = wait_for_lines(workdir, len(lines), timeout=60)
+    assert sorted(r["n"] for _, _, r in out) == list(range(len(lines))), parts["sender"].log.read_text()[-2000:]
+    as_integer = mode == "time as integer"
+    assert all(moment == expected_time(r["n"], as_integer) for _, moment, r in out), mode
+    assert all(isinstance(r.get("anomaly_score"), float) and "anomaly_unscored" not in r for _, _, r in out)
+    expected_tags = {f"web.k{r['n'] % 3}" for _, _, r in out} if mode.startswith("message") else {"web.access"}
+    assert {tag for tag, _, _ in out} == expected_tags
+
+
+@pytest.mark.parametrize("acks", [True, False], ids=["acks", "no acks"])
+def test_next_hop_stopped_15_s_and_restarted_nothing_lost(chain, acks):
+    workdir, parts, start_sender = chain
+    first = stamped_lines(1000)
+    start_sender(first, "    Require_ack_response true" if acks else "")
+    assert len(wait_for_lines(workdir, 1000, timeout=60)) >= 1000
+    parts["receiver"].stop()
+    with open(workdir / "input.log", "a") as source:
+        source.write("\n".join(stamped_lines(1000, first=1000)) + "\n")
+    time.sleep(15)
+    parts["receiver"].start()
+    out = wait_for_lines(workdir, 2000, timeout=90, distinct=True)
+    assert {r["n"] for _, _, r in out} == set(range(2000)), parts["sender"].log.read_text()[-2000:]
+    assert all("anomaly_score" in r for _, _, r in out)
+
+
+def peak_rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as status:
+        return next(int(line.split()[1]) / 1024 for line in status if line.startswith("VmHWM:"))
+
+
+def test_a_200000_line_backlog_is_scored_whole_in_bounded_memory(chain):
+    workdir, parts, start_sender = chain
+    lines = stamped_lines(200_000)
+    start_sender(lines, "    Require_ack_response true")
+    out = wait_for_lines(workdir, len(lines), timeout=300)
+    assert {r["n"] for _, _, r in out} == set(range(len(lines)))
+    assert all("anomaly_score" in r and "anomaly_unscored" not in r for _, _, r in out)
+    peak = peak_rss_mib(parts["sidecar"].process.pid)
+    print(f"sidecar peak RSS {peak:.0f} MiB for a {len(lines)}-line backlog")
+    assert peak <= 300
