@@ -225,3 +225,11 @@ def test_a_200000_line_backlog_is_scored_whole_in_bounded_memory(chain):
     peak = peak_rss_mib(parts["sidecar"].process.pid)
     print(f"sidecar peak RSS {peak:.0f} MiB for a {len(lines)}-line backlog")
     assert peak <= 300
+
+
+def test_the_fluent_bit_example_passes_its_dry_run():
+    example = ROOT / "fluentd-plugin" / "examples" / "fluent-bit-forward.yaml"
+    result = subprocess.run([str(FLUENT_BIT), "-c", str(example), "--dry-run"], capture_output=True, text=True,
+                            timeout=30)
+    assert result.returncode == 0 and "configuration test is successful" in result.stdout + result.stderr, (
+        result.stdout + result.stderr)

@@ -1,0 +1,258 @@
+"""Real shippers with and without the scoring stage: lines/s and CPU seconds per process.
+
+    python benchmarks/bench_shippers.py [--lines 200000] [--rounds 3] [--quick] [--json PATH]
+
+Pipelines, each run with the stage and without it, paired and interleaved (with, without,
+with, ...), every run on a fresh sidecar (cold caches) and fresh shippers:
+
+- Fluentd: in_tail -> [filter logscore, default settings] -> out_file
+- Fluent Bit: tail -> forward -> [logscore --forward] -> Fluent Bit forward input -> file
+
+Throughput is lines / (time from appending the lines to the tailed file until the last one is
+in the output). CPU seconds are read from /proc for each process over that window. The load
+average is printed before and after each run: the machine is shared. Needs Fluentd and
+Fluent Bit as scripts/test.sh finds them (../shared/vendor, or FLUENTD_SOURCE /
+SERVERENGINE_SOURCE / FLUENT_BIT).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import machine, write_results  # noqa: E402
+from tests.generate import shop_lines  # noqa: E402
+from tests.sidecar_process import SidecarProcess, free_port  # noqa: E402
+
+VENDOR = ROOT.parent / "shared" / "vendor"
+FLUENTD = Path(os.environ.get("FLUENTD_SOURCE", VENDOR / "fluentd"))
+SERVERENGINE = Path(os.environ.get("SERVERENGINE_SOURCE", VENDOR / "serverengine"))
+FLUENT_BIT = Path(os.environ.get("FLUENT_BIT", VENDOR / "fluent-bit" / "bin" / "fluent-bit"))
+PLUGIN = ROOT / "fluentd-plugin"
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS  # utime + stime
+
+
+def load_average() -> float:
+    return round(os.getloadavg()[0], 2)
+
+
+def novel_share(lines: list[str]) -> float:
+    """Share of lines whose request (method, URL) did not occur earlier in the run."""
+    seen, novel = set(), 0
+    for line in lines:
+        request = line.split('"')[1]
+        novel += request not in seen
+        seen.add(request)
+    return round(novel / len(lines), 3)
+
+
+def count_lines(directory: Path) -> int:
+    return sum(p.read_bytes().count(b"\n") for p in directory.glob("*") if p.is_file() and p.suffix != ".meta")
+
+
+class Run:
+    """Processes of one pipeline run; measures from feed() until `expected` lines are out."""
+
+    def __init__(self, work: Path):
+        self.work = work
+        self.processes: dict[str, subprocess.Popen] = {}
+        self.sidecar: SidecarProcess | None = None
+
+    def spawn(self, name: str, args: list[str], env: dict | None = None) -> None:
+        log = open(self.work / f"{name}.log", "ab")
+        self.processes[name] = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT,
+                                                env={**os.environ, **(env or {})})
+
+    def wait_log(self, name: str, text: str, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if text in (self.work / f"{name}.log").read_text(errors="replace"):
+                return
+            time.sleep(0.1)
+        raise RuntimeError(f"{name} did not log {text!r}; see {self.work / (name + '.log')}")
+
+    def measure(self, source: Path, lines: list[str], output: Path, timeout: float = 600) -> dict:
+        pids = {name: p.pid for name, p in self.processes.items()}
+        if self.sidecar is not None:
+            pids["sidecar"] = self.sidecar.process.pid
+        before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+        load_before = load_average()
+        started = time.monotonic()
+        with open(source, "a") as feed:
+            feed.write("\n".join(lines) + "\n")
+        deadline = started + timeout
+        while count_lines(output) < len(lines):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"only {count_lines(output)} of {len(lines)} lines out; see {self.work}")
+            time.sleep(0.05)
+        elapsed = time.monotonic() - started
+        cpu = {name: round(cpu_seconds(pid) - before[name], 2) for name, pid in pids.items()}
+        return {"lines_per_s": round(len(lines) / elapsed), "seconds": round(elapsed, 2), "cpu_s": cpu,
+                "load_before": load_before, "load_after": load_average()}
+
+    def stop(self) -> None:
+        for process in self.processes.values():
+            process.terminate()
+        for process in self.processes.values():
+            try:
+                process.wait(20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        if self.sidecar is not None:
+            self.sidecar.stop()
+
+
+def fluentd(lines: list[str], with_stage: bool) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        run = Run(work)
+        source, output = work / "access.log", work / "out"
+        source.touch()
+        output.mkdir()
+        stage = ""
+        if with_stage:
+            run.sidecar = SidecarProcess(ROOT / "models", work).start()
+            stage = f"<filter web.**>\n  @type logscore\n  endpoint unix://{run.sidecar.socket}\n</filter>\n"
+        (work / "fluent.conf").write_text(f"""
+<source>
+  @type tail
+  path {source}
+  pos_file {work}/access.pos
+  tag web.access
+  <parse>
+    @type none
+  </parse>
+</source>
+{stage}
+<match web.**>
+  @type file
+  path {output}/scored
+  <format>
+    @type json
+  </format>
+  <buffer>
+    flush_mode interval
+    flush_interval 0.2s
+  </buffer>
+</match>
+""")
+        rubylib = ":".join(str(p) for p in (PLUGIN / "test" / "fluentd_shims", FLUENTD / "lib",
+                                            SERVERENGINE / "lib", PLUGIN / "lib"))
+        run.spawn("fluentd", ["ruby", str(FLUENTD / "bin" / "fluentd"), "-c", str(work / "fluent.conf"),
+                              "--no-supervisor"], {"RUBYLIB": rubylib})
+        try:
+            run.wait_log("fluentd", "fluentd worker is now running")
+            time.sleep(1)  # in_tail's watchers are set up just after
+            return run.measure(source, lines, output)
+        finally:
+            run.stop()
+
+
+def fluent_bit(lines: list[str], with_stage: bool) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        run = Run(work)
+        source, output = work / "access.log", work / "out"
+        source.touch()
+        output.mkdir()
+        service = "[SERVICE]\n    Flush 0.2\n    Log_Level info\n"
+        receiver_port = free_port()
+        (work / "receiver.conf").write_text(service + f"""
+[INPUT]
+    Name forward
+    Listen 127.0.0.1
+    Port {receiver_port}
+[OUTPUT]
+    Name file
+    Match *
+    Path {output}
+    File records.txt
+""")
+        target = receiver_port
+        if with_stage:
+            target = free_port()
+            run.sidecar = SidecarProcess(ROOT / "models", work, forward=f"127.0.0.1:{target}",
+                                         forward_to=f"127.0.0.1:{receiver_port}").start()
+        (work / "sender.conf").write_text(service + f"""
+[INPUT]
+    Name tail
+    Path {source}
+    Tag web.access
+[OUTPUT]
+    Name forward
+    Match *
+    Host 127.0.0.1
+    Port {target}
+    Require_ack_response true
+    Retry_Limit no_limits
+""")
+        run.spawn("receiver", [str(FLUENT_BIT), "-c", str(work / "receiver.conf")])
+        run.spawn("sender", [str(FLUENT_BIT), "-c", str(work / "sender.conf")])
+        try:
+            run.wait_log("sender", "inotify_fs_add")
+            return run.measure(source, lines, output)
+        finally:
+            run.stop()
+
+
+PIPELINES = {"fluentd": fluentd, "fluent-bit": fluent_bit}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lines", type=int, default=200_000)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="30,000 lines, 1 round")
+    parser.add_argument("--only", choices=sorted(PIPELINES))
+    parser.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "shippers.json"))
+    args = parser.parse_args()
+    if args.quick:
+        args.lines, args.rounds = 30_000, 1
+    missing = [str(p) for p in (FLUENTD / "bin" / "fluentd", FLUENT_BIT) if not p.exists()]
+    if missing:
+        print(f"bench_shippers: missing {', '.join(missing)}; see ../shared/vendor/README.md", file=sys.stderr)
+        return 2
+    lines = shop_lines(args.lines, seed=90)
+    results = {"machine": machine(), "lines": args.lines, "rounds": args.rounds, "traffic": "generated shop",
+               "novel_share": novel_share(lines), "pipelines": {}}
+    print(f"{args.lines} lines of generated shop traffic, {results['novel_share']:.0%} of requests never seen "
+          f"earlier in the run; {args.rounds} paired rounds; {machine()['cpu']}, {os.cpu_count()} cores")
+    for name, pipeline in PIPELINES.items():
+        if args.only and name != args.only:
+            continue
+        runs = {"with": [], "without": []}
+        for round_number in range(args.rounds):
+            for kind in ("with", "without"):  # paired and interleaved
+                measured = pipeline(lines, kind == "with")
+                runs[kind].append(measured)
+                print(f"  {name:10s} round {round_number + 1} {kind:7s} stage: {measured['lines_per_s']:>7,} lines/s "
+                      f"in {measured['seconds']:6.2f} s, CPU s {measured['cpu_s']}, load "
+                      f"{measured['load_before']} -> {measured['load_after']}")
+        ratios = [w["lines_per_s"] / wo["lines_per_s"] for w, wo in zip(runs["with"], runs["without"])]
+        summary = {"with_lines_per_s": statistics.median(r["lines_per_s"] for r in runs["with"]),
+                   "without_lines_per_s": statistics.median(r["lines_per_s"] for r in runs["without"]),
+                   "ratio_median": round(statistics.median(ratios), 2), "ratios": [round(r, 2) for r in ratios],
+                   "runs": runs}
+        results["pipelines"][name] = summary
+        print(f"{name}: with the stage {summary['with_lines_per_s']:,.0f} lines/s, without "
+              f"{summary['without_lines_per_s']:,.0f}; ratio {summary['ratio_median']} (per round {summary['ratios']})")
+    write_results(args.json, results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
