@@ -7,6 +7,7 @@ with, ...), every run on a fresh sidecar (cold caches) and fresh shippers:
 
 - Fluentd: in_tail -> [filter logscore, default settings] -> out_file
 - Fluent Bit: tail -> forward -> [logscore --forward] -> Fluent Bit forward input -> file
+- the same in Message mode (a Tag per record: one forward message per record)
 
 Throughput is lines / (time from appending the lines to the tailed file until the last one is
 in the output). CPU seconds are read from /proc for each process over that window. The load
@@ -18,6 +19,7 @@ SERVERENGINE_SOURCE / FLUENT_BIT).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import subprocess
@@ -162,14 +164,21 @@ def fluentd(lines: list[str], with_stage: bool) -> dict:
             run.stop()
 
 
-def fluent_bit(lines: list[str], with_stage: bool) -> dict:
+def fluent_bit(lines: list[str], with_stage: bool, message_mode: bool = False, acks: bool = True) -> dict:
+    """Forward mode; with message_mode, a Tag per record (a record accessor) makes Fluent Bit send
+    one Message-mode message per record."""
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         run = Run(work)
         source, output = work / "access.log", work / "out"
         source.touch()
         output.mkdir()
-        service = "[SERVICE]\n    Flush 0.2\n    Log_Level info\n"
+        (work / "parsers.conf").write_text("[PARSER]\n    Name json\n    Format json\n")
+        service = f"[SERVICE]\n    Flush 0.2\n    Log_Level info\n    Parsers_File {work / 'parsers.conf'}\n"
+        parse, tag, acks = "", "", "    Require_ack_response true\n" if acks else ""
+        if message_mode:
+            lines = [json.dumps({"kind": f"k{i % 3}", "log": line}) for i, line in enumerate(lines)]
+            parse, tag = "    Parser json\n", "    Tag web.$kind\n"
         receiver_port = free_port()
         (work / "receiver.conf").write_text(service + f"""
 [INPUT]
@@ -192,14 +201,13 @@ def fluent_bit(lines: list[str], with_stage: bool) -> dict:
     Name tail
     Path {source}
     Tag web.access
-[OUTPUT]
+{parse}[OUTPUT]
     Name forward
     Match *
     Host 127.0.0.1
     Port {target}
-    Require_ack_response true
-    Retry_Limit no_limits
-""")
+{acks}    Retry_Limit no_limits
+{tag}""")
         run.spawn("receiver", [str(FLUENT_BIT), "-c", str(work / "receiver.conf")])
         run.spawn("sender", [str(FLUENT_BIT), "-c", str(work / "sender.conf")])
         try:
@@ -209,7 +217,9 @@ def fluent_bit(lines: list[str], with_stage: bool) -> dict:
             run.stop()
 
 
-PIPELINES = {"fluentd": fluentd, "fluent-bit": fluent_bit}
+PIPELINES = {"fluentd": fluentd, "fluent-bit": fluent_bit,
+             "fluent-bit-message-mode": lambda lines, with_stage: fluent_bit(lines, with_stage, message_mode=True),
+             "fluent-bit-message-mode-no-acks": lambda lines, with_stage: fluent_bit(lines, with_stage, True, False)}
 
 
 def main() -> int:

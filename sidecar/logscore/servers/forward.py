@@ -36,7 +36,6 @@ goes on exactly as it came (integer, float, EventTime, Fluent Bit's
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import time
 import uuid
@@ -187,11 +186,18 @@ class Frame:
     data: bytes
 
 
-def packed_frame(tag: str, entries: list) -> Frame:
+def packed_frames(piece: list[tuple[str, list]]) -> list[Frame]:
+    """PackedForward frames of (tag, entry) pairs: one per tag, entries in their order."""
+    by_tag: dict[str, list] = {}
+    for tag, entry in piece:
+        by_tag.setdefault(tag, []).append(entry)
     packer = msgpack.Packer(use_bin_type=True, unicode_errors=EXACT)
-    packed = b"".join(packer.pack(e) for e in entries)
-    chunk = uuid.uuid4().hex
-    return Frame(chunk, packer.pack([tag, packed, {"size": len(entries), "chunk": chunk}]))
+    frames = []
+    for tag, entries in by_tag.items():
+        packed = b"".join([packer.pack(e) for e in entries])
+        chunk = uuid.uuid4().hex
+        frames.append(Frame(chunk, packer.pack([tag, packed, {"size": len(entries), "chunk": chunk}])))
+    return frames
 
 
 def raw_frame(message) -> Frame:
@@ -227,8 +233,8 @@ class NextHop:
         self.down_until = 0.0
         self.last_error = ""
 
-    async def send(self, frame: Frame) -> asyncio.Future:
-        """Write one frame; the returned future completes when the next hop acked it."""
+    async def send(self, frames: list[Frame]) -> list[asyncio.Future]:
+        """Write frames; each returned future completes when the next hop acked its frame."""
         now = time.monotonic()
         if now < self.down_until:
             raise NextHopError(f"next hop {self.address} is down ({self.last_error}); next try in "
@@ -239,11 +245,14 @@ class NextHop:
                     reader, self._writer = await asyncio.wait_for(
                         asyncio.open_connection(self.host, self.port), self.ack_timeout_s)
                     self._reader_task = asyncio.create_task(self._read_acks(reader, self._writer))
-                acked = asyncio.get_running_loop().create_future()
-                self._pending[frame.chunk] = acked
-                self._writer.write(frame.data)
-                await asyncio.wait_for(self._writer.drain(), self.ack_timeout_s)
-                return acked
+                loop = asyncio.get_running_loop()
+                acks = []
+                for frame in frames:
+                    acks.append(self._pending.setdefault(frame.chunk, loop.create_future()))
+                    self._writer.write(frame.data)
+                async with asyncio.timeout(self.ack_timeout_s):  # the next hop may stop reading
+                    await self._writer.drain()
+                return acks
             except (OSError, asyncio.TimeoutError) as error:
                 raise self.failed(f"cannot send: {type(error).__name__} {error}".rstrip()) from None
 
@@ -252,7 +261,9 @@ class NextHop:
         if not acks:
             return
         try:
-            await asyncio.wait_for(asyncio.gather(*acks), self.ack_timeout_s)
+            async with asyncio.timeout(self.ack_timeout_s):
+                for ack in acks:
+                    await ack
         except asyncio.TimeoutError:
             raise self.failed(f"no ack within {self.ack_timeout_s:g} s (forward_ack_timeout_s)") from None
         except NextHopError:
@@ -360,7 +371,8 @@ class ForwardServer(StreamServer):
         try:
             while not self._stopping:
                 try:
-                    data = await asyncio.wait_for(reader.read(READ_BYTES), self.idle_timeout_s)
+                    async with asyncio.timeout(self.idle_timeout_s):
+                        data = await reader.read(READ_BYTES)
                 except asyncio.TimeoutError:
                     log.info("forward connection idle; closed", extra={"peer": peer,
                                                                        "idle_timeout_s": self.idle_timeout_s})
@@ -406,7 +418,8 @@ class ForwardServer(StreamServer):
             if position.consumed == position.fed:
                 return
             try:
-                data = await asyncio.wait_for(reader.read(READ_BYTES), PARTIAL_MESSAGE_TIMEOUT_S)
+                async with asyncio.timeout(PARTIAL_MESSAGE_TIMEOUT_S):
+                    data = await reader.read(READ_BYTES)
             except asyncio.TimeoutError:
                 raise ForwardProtocolError(f"a message stayed incomplete for {PARTIAL_MESSAGE_TIMEOUT_S:g} s") \
                     from None
@@ -416,14 +429,14 @@ class ForwardServer(StreamServer):
     async def _relay(self, messages: list[Message], writer: asyncio.StreamWriter) -> None:
         """Score and pass on a group of messages, then acknowledge the sender's chunks."""
         relay = Relay(wants_acks=all(m.chunk is not None for m in messages))
-        for piece in self._pieces(messages, relay):
-            await asyncio.sleep(0)  # decoding a slice took the loop a while: let others run
+        for number, piece in enumerate(self._pieces(messages, relay)):
+            if number:
+                await asyncio.sleep(0)  # decoding a slice took the loop a while: let others run
             if isinstance(piece, Message):
-                await self._send(relay, raw_frame(piece.raw))
+                await self._send(relay, [raw_frame(piece.raw)])
                 continue
             await self._score([entry[1] for _, entry in piece], [tag for tag, _ in piece])
-            for tag, run in itertools.groupby(piece, key=lambda item: item[0]):
-                await self._send(relay, packed_frame(tag, [entry for _, entry in run]))
+            await self._send(relay, packed_frames(piece))
         try:
             await self.next_hop.acknowledged([ack for _, ack in relay.sent if ack is not None])
         except NextHopError:
@@ -464,13 +477,13 @@ class ForwardServer(StreamServer):
         if piece:
             yield piece
 
-    async def _send(self, relay: Relay, frame: Frame) -> None:
+    async def _send(self, relay: Relay, frames: list[Frame]) -> None:
         try:
-            relay.sent.append((frame, await self.next_hop.send(frame)))
+            relay.sent.extend(zip(frames, await self.next_hop.send(frames)))
         except NextHopError:
             if relay.wants_acks:
                 raise
-            relay.sent.append((frame, None))  # sent again by _retry
+            relay.sent.extend((frame, None) for frame in frames)  # sent again by _retry
 
     async def _retry(self, relay: Relay) -> None:
         """Resend the frames not yet acknowledged until the next hop takes them all."""
@@ -483,8 +496,7 @@ class ForwardServer(StreamServer):
                 await asyncio.sleep(max(0.05, self.next_hop.down_until - time.monotonic()))
                 retry = Relay(wants_acks=True)
                 try:
-                    for frame in pending:
-                        await self._send(retry, frame)
+                    await self._send(retry, pending)
                     await self.next_hop.acknowledged([ack for _, ack in retry.sent])
                 except NextHopError:
                     pass
