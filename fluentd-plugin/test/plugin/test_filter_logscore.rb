@@ -95,16 +95,53 @@ class LogscoreFilterTest < Test::Unit::TestCase
     assert_equal 1, d.error_events.size
   end
 
-  test 'forward mode: fluentd out_forward -> sidecar -> fluentd in_forward, every record scored once' do
+  test 'forward mode: fluentd out_forward -> sidecar -> fluentd in_forward, every record once, its time kept' do
     work = Dir.mktmpdir('logscore-forward', self.class.dir)
     receiver_port, sidecar_port = Array.new(2) { SidecarProcess.free_port }
     lines = AccessLines.normal(100) + [AccessLines.attack]
-    File.write(File.join(work, 'access.log'), lines.join("\n") + "\n")
+    # Each line carries its event time, with nanoseconds: the receiver must see exactly that time.
+    stamped = lines.each_with_index.map do |line, i|
+      { 'message' => line, 't' => format('2026-12-01T10:%<m>02d:%<s>02d.%<ns>09dZ', m: i / 60, s: i % 60,
+                                                                                   ns: (i * 10_101_013) % 1_000_000_000) }
+    end
+    File.write(File.join(work, 'access.log'), stamped.map(&:to_json).join("\n") + "\n")
     sidecar = SidecarProcess.new(work, forward: "127.0.0.1:#{sidecar_port}",
                                        forward_to: "127.0.0.1:#{receiver_port}").start
-    receiver = spawn_fluentd(work, 'receiver', forward_source(receiver_port) + file_output("#{work}/received/out"))
+    receiver = spawn_fluentd(work, 'receiver', forward_source(receiver_port) + <<~CONF)
+      <match web.**>
+        @type file
+        path #{work}/received/out
+        <inject>
+          time_key received_time
+          time_type string
+          time_format %Y-%m-%dT%H:%M:%S.%NZ
+          utc true
+        </inject>
+        <format>
+          @type json
+        </format>
+        <buffer>
+          flush_mode interval
+          flush_interval 0.5s
+        </buffer>
+      </match>
+    CONF
     sender = spawn_fluentd(work, 'sender', <<~CONF)
-      #{tail_source(work, 'none')}
+      <source>
+        @type tail
+        path #{work}/access.log
+        pos_file #{work}/access.pos
+        read_from_head true
+        tag web.access
+        <parse>
+          @type json
+          time_key t
+          keep_time_key true
+          time_type string
+          time_format %Y-%m-%dT%H:%M:%S.%NZ
+          utc true
+        </parse>
+      </source>
       <match web.**>
         @type forward
         require_ack_response true
@@ -124,6 +161,7 @@ class LogscoreFilterTest < Test::Unit::TestCase
     assert_equal lines.sort, out.map { |r| r['message'] }.sort, log_tail(work, 'sender')
     assert(out.all? { |r| r['anomaly_score'].is_a?(Float) })
     assert_equal 1, out.count { |r| r['is_anomaly'] }
+    assert_equal(out.map { |r| r['t'] }, out.map { |r| r['received_time'] }) # EventTime, nanoseconds and all
   ensure
     stop_processes([receiver, sender])
     sidecar&.stop
