@@ -101,8 +101,9 @@ class LogscoreFilterTest < Test::Unit::TestCase
     lines = AccessLines.normal(100) + [AccessLines.attack]
     # Each line carries its event time, with nanoseconds: the receiver must see exactly that time.
     stamped = lines.each_with_index.map do |line, i|
+      nanoseconds = (i * 10_101_013) % 1_000_000_000
       { 'message' => line, 't' => format('2026-12-01T10:%<m>02d:%<s>02d.%<ns>09dZ', m: i / 60, s: i % 60,
-                                                                                   ns: (i * 10_101_013) % 1_000_000_000) }
+                                                                                   ns: nanoseconds) }
     end
     File.write(File.join(work, 'access.log'), stamped.map(&:to_json).join("\n") + "\n")
     sidecar = SidecarProcess.new(work, forward: "127.0.0.1:#{sidecar_port}",
