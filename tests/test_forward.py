@@ -40,15 +40,15 @@ class ForwardReceiver:
 
         class Handler(socketserver.BaseRequestHandler):
             def handle(self):
-                unpacker = msgpack.Unpacker(raw=False, strict_map_key=False)
+                unpacker = msgpack.Unpacker(raw=False, strict_map_key=False, unicode_errors="surrogateescape")
                 while data := self.request.recv(65536):
                     unpacker.feed(data)
                     for message in unpacker:
-                        tag, payload, option = message[0], message[1], message[-1]
-                        if isinstance(payload, bytes):  # PackedForward, as the sidecar sends logs
-                            receiver.entries.extend((tag, entry) for entry in _entries(payload))
                         receiver.frames += 1
-                        if receiver.ack:
+                        option = message[-1]
+                        if isinstance(message[1], bytes) and "cmetrics" not in str(message):
+                            receiver.entries.extend((message[0], e) for e in _entries(message[1]))
+                        if receiver.ack and isinstance(option, dict) and "chunk" in option:
                             self.request.sendall(msgpack.packb({"ack": option["chunk"]}))
 
         socketserver.ThreadingTCPServer.allow_reuse_address = True
@@ -71,9 +71,13 @@ class ForwardReceiver:
 
 
 def _entries(packed: bytes) -> list:
+    """PackedForward entries; a payload that is not msgpack (a non-log signal passed on as it came) has none."""
     unpacker = msgpack.Unpacker(raw=False, unicode_errors="surrogateescape", strict_map_key=False)
     unpacker.feed(packed)
-    return list(unpacker)
+    try:
+        return list(unpacker)
+    except (ValueError, TypeError, msgpack.UnpackException):
+        return []
 
 
 def event_time(seconds: int, nanoseconds: int = 0) -> msgpack.ExtType:

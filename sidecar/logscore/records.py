@@ -92,7 +92,7 @@ def decode_event_stream(data: bytes) -> list[dict]:
                 raise InvalidRequest(f"event_stream entry {len(records)}: expected [time, record], "
                                      f"got {type(entry).__name__}")
             records.append(entry[1])
-    except (ValueError, msgpack.UnpackException) as error:
+    except (ValueError, TypeError, msgpack.UnpackException) as error:  # TypeError: a list as a map key
         raise InvalidRequest(f"event_stream: invalid msgpack at entry {len(records)}: "
                              f"{type(error).__name__} {error}".rstrip()) from None
     if consumed != len(data):

@@ -61,6 +61,7 @@ ACTIVE_CONNECTIONS = 2  # read, scored and relayed at once; the rest wait unread
 INFLATE_STEP = 1024 * 1024
 PARTIAL_MESSAGE_TIMEOUT_S = 10.0  # an admitted connection must finish the message it started
 MAX_INVALID_ENTRIES = 1000  # skipped like Fluentd's in_forward does; this many means it is not a chunk
+MAX_REFUSALS = 5  # a reachable next hop that drops held records this often refuses them: give up
 
 
 class ForwardProtocolError(ValueError):
@@ -131,7 +132,7 @@ def packed_entries(data: bytes, compressed: bool, max_bytes: int) -> Iterator:
             for entry in unpacker:
                 consumed = unpacker.tell()
                 yield entry
-    except (ValueError, msgpack.UnpackException, zlib.error) as error:
+    except (ValueError, TypeError, msgpack.UnpackException, zlib.error) as error:  # TypeError: a list as map key
         raise ForwardProtocolError(f"PackedForward entries are not valid msgpack/gzip: "
                                    f"{type(error).__name__} {error}".rstrip()) from None
     if consumed != fed:
@@ -232,6 +233,7 @@ class NextHop:
         self._backoff = self.MIN_BACKOFF_S
         self.down_until = 0.0
         self.last_error = ""
+        self.reachable = False  # the last connection attempt succeeded (a failure since was a refusal)
 
     async def send(self, frames: list[Frame]) -> list[asyncio.Future]:
         """Write frames; each returned future completes when the next hop acked its frame."""
@@ -242,8 +244,10 @@ class NextHop:
         async with self._lock:
             try:
                 if self._writer is None:
+                    self.reachable = False
                     reader, self._writer = await asyncio.wait_for(
                         asyncio.open_connection(self.host, self.port), self.ack_timeout_s)
+                    self.reachable = True
                     self._reader_task = asyncio.create_task(self._read_acks(reader, self._writer))
                 loop = asyncio.get_running_loop()
                 acks = []
@@ -386,7 +390,7 @@ class ForwardServer(StreamServer):
                         await self._take_messages(reader, writer, unpacker, position, data)
                     finally:
                         self._relaying.discard(task)
-        except (ForwardProtocolError, ValueError, msgpack.UnpackException) as error:
+        except (ForwardProtocolError, ValueError, TypeError, msgpack.UnpackException) as error:
             self._count("forward_protocol")
             log.warning("forward connection closed: not the forward protocol",
                         extra={"peer": peer, "error": f"{type(error).__name__}: {error}".rstrip(": ")})
@@ -488,9 +492,16 @@ class ForwardServer(StreamServer):
     async def _retry(self, relay: Relay) -> None:
         """Resend the frames not yet acknowledged until the next hop takes them all."""
         pending = relay.unacknowledged()
+        refusals = 0
         try:
             while pending:
                 self._count("forward_next_hop")
+                refusals = refusals + 1 if self.next_hop.reachable else 0
+                if refusals >= MAX_REFUSALS:
+                    self._count("forward_refused", len(pending))
+                    log.error("the next hop takes connections but drops these records; giving up on them",
+                              extra={"frames": len(pending), "attempts": refusals, "error": self.next_hop.last_error})
+                    return
                 log.warning("next hop failed; holding records for a sender that takes no acks",
                             extra={"frames": len(pending), "error": self.next_hop.last_error})
                 await asyncio.sleep(max(0.05, self.next_hop.down_until - time.monotonic()))
