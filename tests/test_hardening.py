@@ -353,3 +353,52 @@ def test_setup_sh_does_not_reinstall_when_nothing_changed():
     again = subprocess.run(["bash", "scripts/setup.sh"], cwd=ROOT, env={**os.environ, "LOGSCORE_WITH_RUBY": "0"},
                            capture_output=True, text=True, timeout=60)
     assert again.returncode == 0 and "[setup] up to date" in again.stdout and again.stderr == ""
+
+
+# --- memory: the shipped limits hold under the worst input the limits allow ------------------------------
+
+DEPLOY = ROOT / "docs" / "deploy"
+
+
+def shipped_memory_limit() -> int:
+    """MiB both deploy files allow (they must agree), checked to be secure by default on the way."""
+    import yaml
+
+    unit = (DEPLOY / "logscore.service").read_text()
+    unit_limit = next(int(line.split("=")[1].rstrip("M")) for line in unit.splitlines()
+                      if line.startswith("MemoryMax="))
+    assert "Environment=LOGSCORE_HTTP=127.0.0.1:" in unit
+    manifest = yaml.safe_load((DEPLOY / "kubernetes-sidecar.yaml").read_text())
+    container = next(c for c in manifest["spec"]["template"]["spec"]["containers"] if c["name"] == "logscore")
+    env = {item["name"]: item["value"] for item in container["env"]}
+    if not env.get("LOGSCORE_HTTP", "127.0.0.1:").startswith("127.0.0.1:"):
+        assert env.get("LOGSCORE_TOKEN_FILE"), "HTTP on the pod's address needs a token"
+    manifest_limit = int(container["resources"]["limits"]["memory"].rstrip("Mi"))
+    assert unit_limit == manifest_limit
+    return unit_limit * 1024 * 1024
+
+
+def test_the_shipped_memory_limit_holds_under_the_worst_input(tmp_path):
+    from .worst_inputs import flood, worst_payloads
+
+    limit = shipped_memory_limit()
+    process = SidecarProcess(ROOT / "models", tmp_path).start()  # the shipped defaults
+    try:
+        from logscore.settings import Settings
+
+        payloads = worst_payloads(Settings().max_message_bytes)
+        outcomes = flood(process, payloads)
+        peak = process.peak_rss_bytes()
+        print(f"peak RSS {peak / 2**20:.0f} MiB under the worst input (limit {limit / 2**20:.0f} MiB)")
+        assert peak < limit
+        # A call past the streams a connection may have open at once can be refused (REFUSED_STREAM).
+        refused_stream = "UNAVAILABLE: Stream removed (RST_STREAM (Received RST_STREAM with error code 7))"
+        allowed = {"OK", "RESOURCE_EXHAUSTED", "200", "429", refused_stream}
+        for name, results in outcomes.items():
+            assert set(results) <= allowed, (name, results)
+        assert "RESOURCE_EXHAUSTED" in outcomes["grpc_many_fields"] and "429" in outcomes["http_tiny_values"]
+        request = pb.ScoreRequest(lines=pb.RawLines(lines=[b"x"]))
+        assert len(process.stub().Score(request, timeout=10).scores) == 1  # and it goes on serving
+        assert '"level": "error"' not in process.log()
+    finally:
+        assert process.stop() == 0

@@ -97,7 +97,10 @@ def decode_event_stream(data: bytes, max_records: float = math.inf, ticket: Tick
 
     def charged_map(pairs: list) -> dict:
         ticket.charge_values(2 * len(pairs) + 1)
-        return dict(pairs)
+        try:
+            return dict(pairs)
+        except TypeError:  # an array or map as a key
+            raise ValueError("a map key is an array or a map") from None
 
     unpacker = msgpack.Unpacker(raw=False, unicode_errors="replace", strict_map_key=False,
                                 max_buffer_size=max(len(data), 1024), list_hook=charged_list,

@@ -36,7 +36,7 @@ from .settings import Settings, split_host_port
 
 log = logging.getLogger("logscore.serve")
 
-STREAMS_PER_CONNECTION = 8
+STREAMS_PER_CONNECTION = 4
 
 
 class JsonFormatter(logging.Formatter):
@@ -168,7 +168,7 @@ class Sidecar:
             [scorer_pb2.DESCRIPTOR.services_by_name["Scorer"].full_name, health.SERVICE_NAME,
              reflection.SERVICE_NAME], server)
         if s.socket:
-            claim_socket(s.socket)
+            claim_socket(s.socket)  # again: grpc would silently replace a socket bound since the first check
             bind_grpc(lambda: server.add_insecure_port(f"unix:{s.socket}"), "--socket", s.socket)
         if s.tcp:
             if s.tls_cert:
@@ -215,9 +215,9 @@ class Sidecar:
                 self.metrics.set_models(self.registry.snapshot.models)
                 await self.service.prune()
 
-    async def stop(self, grace_s: Optional[float] = None) -> None:
+    async def stop(self) -> None:
         """Drain: health says NOT_SERVING, new calls are refused, in-flight ones finish."""
-        grace = self.settings.shutdown_grace_s if grace_s is None else grace_s
+        grace = self.settings.shutdown_grace_s
         log.info("shutting down", extra={"grace_s": grace})
         await self.health.enter_graceful_shutdown()
         self.service.accepting = False

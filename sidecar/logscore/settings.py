@@ -56,8 +56,8 @@ class Settings:
     max_queued_records: int = setting(200_000, "records waiting per model before RESOURCE_EXHAUSTED")
     max_records_per_request: int = setting(20_000, "records in one request before INVALID_ARGUMENT")
     max_record_bytes: int = setting(65_536, "a longer raw line or field is truncated and flagged")
-    max_message_bytes: int = setting(4 * 1024 * 1024, "largest gRPC message or HTTP body accepted")
-    max_inflight_bytes: int = setting(48 * 1024 * 1024, "memory the requests being decoded, queued or scored "
+    max_message_bytes: int = setting(2 * 1024 * 1024, "largest gRPC message or HTTP body accepted")
+    max_inflight_bytes: int = setting(32 * 1024 * 1024, "memory the requests being decoded, queued or scored "
                                       "may hold, estimated from their size and number of values (all surfaces); "
                                       "past it a request is refused RESOURCE_EXHAUSTED / 429")
     reload_interval_s: float = setting(2.0, "how often the models directory is checked for changes (0: "
@@ -111,9 +111,14 @@ class Settings:
                               f"raise it to at least {self.max_message_bytes * WIRE_COPIES}")
         self._validate_listeners()
         self._validate_tls()
-        if self.token_file and not self.token():
-            raise ConfigError(f"--token-file {self.token_file}: the file is empty; write the token into it, "
-                              "or drop --token-file to run without authentication")
+        if self.token_file:
+            try:
+                token = self.token()
+            except (OSError, UnicodeError) as error:
+                raise ConfigError(f"--token-file {self.token_file}: cannot read it ({error})") from None
+            if not token:
+                raise ConfigError(f"--token-file {self.token_file}: the file is empty; write the token into it, "
+                                  "or drop --token-file to run without authentication")
 
     def _validate_listeners(self) -> None:
         """Syntax of addresses, modes and levels: wrong ones are refused before anything binds."""
