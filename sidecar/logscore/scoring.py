@@ -67,11 +67,12 @@ class ScoringService:
         # One scoring thread: on 2 cores the other core serves the protocol surfaces.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scoring")
         self._batchers: dict[Model, Batcher] = {}
-        self.accepting = True
+        self.accepting = True  # False while draining: /readyz says so; calls already received still score
+        self._closed = False
         self.admission = Admission(settings.max_inflight_bytes)
 
     async def score(self, call: ScoreCall) -> ScoreOutcome:
-        if not self.accepting:
+        if self._closed:
             raise ShuttingDown("the sidecar is shutting down; retry on another instance or later")
         count = len(call.records)
         check_record_count(count, self.settings.max_records_per_request)
@@ -157,6 +158,7 @@ class ScoringService:
 
     async def close(self) -> None:
         self.accepting = False
+        self._closed = True
         for batcher in list(self._batchers.values()):
             await batcher.close()
         self.executor.shutdown(wait=True)

@@ -221,6 +221,7 @@ class Sidecar:
         log.info("shutting down", extra={"grace_s": grace})
         await self.health.enter_graceful_shutdown()
         self.service.accepting = False
+        # The surfaces take no new calls and give those already received the grace to be answered.
         await asyncio.gather(*(server.stop(grace) for server in (self.grpc_server, self.http_server)
                                if server is not None))
         if self.forward_server is not None:
