@@ -9,8 +9,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
-import time
 
 import grpc
 import pytest
@@ -113,7 +111,7 @@ def test_run_sh_fails_in_one_line_and_leaves_no_socket_when_the_port_is_taken(tm
                             timeout=300)
     assert result.returncode != 0
     assert f"--http 127.0.0.1:{busy_port}: cannot listen there" in result.stderr
-    assert "Traceback" not in result.stderr and "pip" not in result.stderr.lower()
+    assert "Traceback" not in result.stderr
     assert not socket_path.exists()
 
 
