@@ -33,6 +33,14 @@ if [ ! -x .venv/bin/python ]; then
   echo "[setup] creating .venv"
   python3 -m venv .venv
 fi
+# pip runs only when what it installs from changed (the code itself is an editable install).
+stamp=.venv/.logscore-installed
+inputs=$(cat pyproject.toml setup.py $(find sidecar -name '*.c' -o -name '*.h' | sort) | sha256sum)
+if [ "$(cat "$stamp" 2>/dev/null)" = "$inputs" ] && .venv/bin/python -c 'import logscore' 2>/dev/null; then
+  echo "[setup] up to date: .venv/bin/logscore"
+  exit 0
+fi
 .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip
 .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test]"
+echo "$inputs" > "$stamp"
 echo "[setup] ready: .venv/bin/logscore"

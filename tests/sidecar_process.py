@@ -39,15 +39,17 @@ def models_dir_with(workdir: Path, model: Path, name: str) -> Path:
 class SidecarProcess:
     """``logscore serve`` in a subprocess; ``stop()`` sends SIGTERM and waits."""
 
-    def __init__(self, models_dir: Path, workdir: Path, ca_file: Optional[Path] = None,
-                 client_cert: Optional[tuple[Path, Path]] = None, **settings):
+    def __init__(self, models_dir: Optional[Path], workdir: Path, ca_file: Optional[Path] = None,
+                 client_cert: Optional[tuple[Path, Path]] = None, cwd: Path = ROOT, env: Optional[dict] = None,
+                 **settings):
         self.workdir = workdir
+        self.cwd, self.env = cwd, env  # where it runs and its environment (an installed copy, say)
         self.ca_file = ca_file  # set when the sidecar serves TLS: HTTP is then HTTPS too
         self.client_cert = client_cert  # (certificate, key) when it asks for client certificates
         self.socket = str(workdir / "logscore.sock")
         self.http_port = free_port()
-        self.settings = {"models_dir": str(models_dir), "socket": self.socket,
-                         "http": f"127.0.0.1:{self.http_port}", "reload_interval_s": "0.2", **settings}
+        self.settings = {"socket": self.socket, "http": f"127.0.0.1:{self.http_port}", "reload_interval_s": "0.2",
+                         **({"models_dir": str(models_dir)} if models_dir is not None else {}), **settings}
         self.log_path = workdir / "sidecar.log"
         self.process: Optional[subprocess.Popen] = None
 
@@ -56,7 +58,7 @@ class SidecarProcess:
         for name, value in self.settings.items():
             args += [f"--{name.replace('_', '-')}", str(value)]
         self._log = open(self.log_path, "ab")
-        self.process = subprocess.Popen(args, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT)
+        self.process = subprocess.Popen(args, cwd=self.cwd, env=self.env, stdout=self._log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -85,6 +87,13 @@ class SidecarProcess:
 
     def signal(self, signum: int) -> None:
         self.process.send_signal(signum)
+
+    def peak_rss_bytes(self) -> int:
+        """The process's peak resident memory so far (VmHWM)."""
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+        raise RuntimeError("no VmHWM in /proc/PID/status")
 
     # --- clients ----------------------------------------------------------------
     def channel(self) -> grpc.Channel:

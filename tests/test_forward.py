@@ -344,7 +344,7 @@ def rss_peak_mib(pid: int) -> float:
 
 
 def test_a_gzip_bomb_is_refused_without_memory_growth_or_stalls(tmp_path):
-    sidecar, port, receiver = start_chain(tmp_path, max_message_bytes=8 * 1024 * 1024)
+    sidecar, port, receiver = start_chain(tmp_path, forward_max_message_bytes=2 * 1024 * 1024)
     try:
         before = rss_peak_mib(sidecar.process.pid)
         # 64 MiB of valid entries, ~0.1 MiB sent: refused before a record is scored.
@@ -354,7 +354,7 @@ def test_a_gzip_bomb_is_refused_without_memory_growth_or_stalls(tmp_path):
             assert sidecar.http_get("/healthz")[0] == 200  # the event loop keeps answering
             assert connection.recv(100) == b""
         assert counter(sidecar, "forward_protocol") == 1
-        assert "inflates past 8388608 bytes (max_message_bytes)" in sidecar.log()
+        assert "inflates past 8388608 bytes (4 x forward_max_message_bytes)" in sidecar.log()
         assert rss_peak_mib(sidecar.process.pid) - before < 64
     finally:
         sidecar.stop()
@@ -399,6 +399,40 @@ def test_many_senders_with_big_chunks_wait_their_turn_in_bounded_memory(tmp_path
         peak = rss_peak_mib(sidecar.process.pid)
         print(f"sidecar RSS peak {peak:.0f} MiB")
         assert peak < 300, f"sidecar RSS peaked at {peak:.0f} MiB"
+    finally:
+        sidecar.stop()
+        receiver.stop()
+
+
+def test_the_biggest_messages_the_limits_allow_stay_within_the_shipped_memory(tmp_path):
+    """Three senders at once, each with a Forward-mode array at the limits (100,000 entries, ~16 MiB)."""
+    sidecar, port, receiver = start_chain(tmp_path, forward_ack_timeout_s=60)
+    lines = blog_lines(300, seed=42)
+
+    def biggest(n: int) -> bytes:
+        entries = [[1_700_000_000 + i, {"message": lines[i % 300][:120], "s": n}] for i in range(100_000)]
+        data = msgpack.packb(["web", entries, {"chunk": f"big-{n}"}], use_bin_type=True)
+        assert len(data) <= 16 * 1024 * 1024
+        return data
+
+    frames = [biggest(n) for n in range(3)]
+    answers: dict[int, list] = {}
+    threads = [threading.Thread(target=lambda n=n: answers.__setitem__(n, send(port, frames[n], 1, 240)))
+               for n in range(3)]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(300)
+        assert [answers[n] for n in range(3)] == [[{"ack": f"big-{n}"}] for n in range(3)]
+        assert len(receiver.wait_for(300_000)) == 300_000
+        peak = rss_peak_mib(sidecar.process.pid)
+        print(f"sidecar RSS peak {peak:.0f} MiB")
+        assert peak < 300, f"sidecar RSS peaked at {peak:.0f} MiB"
+        # One entry more is refused before it is decoded.
+        too_many = msgpack.packb(["web", [[1, {}]] * 100_001, {"chunk": "c"}])
+        assert send(port, too_many, 1, 30) == []
+        assert counter(sidecar, "forward_protocol") == 1
     finally:
         sidecar.stop()
         receiver.stop()

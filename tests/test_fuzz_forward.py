@@ -63,7 +63,7 @@ def forward_chain(tmp_path_factory):
     port = free_port()
     sidecar = SidecarProcess(ROOT / "models", workdir, forward=f"127.0.0.1:{port}",
                              forward_to=f"127.0.0.1:{receiver.port}", forward_idle_timeout_s=2,
-                             max_message_bytes=4 * 1024 * 1024).start()
+                             forward_max_message_bytes=4 * 1024 * 1024).start()
     yield sidecar, port
     sidecar.stop()
     receiver.stop()

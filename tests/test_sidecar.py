@@ -26,6 +26,8 @@ from .generate import attack_lines, shop_lines
 from .sidecar_process import ROOT, SidecarProcess, free_port, make_certificates, models_dir_with
 
 DEFAULT_MODEL = ROOT / "models" / "apache-access.onnx"
+# 20,000-line requests (about 4 MB) are over the default max_message_bytes.
+BIG_REQUESTS = {"max_message_bytes": 8 * 1024 * 1024, "max_inflight_bytes": 64 * 1024 * 1024}
 
 
 @pytest.fixture(scope="module")
@@ -219,7 +221,7 @@ def test_message_over_the_size_limit(models_dir, tmp_path):
 
 
 def test_expired_deadline_and_overload(models_dir, tmp_path):
-    process = SidecarProcess(models_dir, tmp_path, max_queued_records=25_000).start()
+    process = SidecarProcess(models_dir, tmp_path, max_queued_records=25_000, **BIG_REQUESTS).start()
     try:
         stub = process.stub()
         heavy = pb.ScoreRequest(model="shop", lines=pb.RawLines(
@@ -248,7 +250,7 @@ def metric_value(process: SidecarProcess, prefix: str) -> float:
 
 
 def test_work_of_a_caller_that_gave_up_is_dropped_and_counted(models_dir, tmp_path):
-    process = SidecarProcess(models_dir, tmp_path).start()
+    process = SidecarProcess(models_dir, tmp_path, **BIG_REQUESTS).start()
     try:
         heavy = pb.ScoreRequest(model="shop", lines=pb.RawLines(
             lines=[line.encode() for line in shop_lines(20_000, seed=47)]))
@@ -328,7 +330,7 @@ def test_hot_reload_adds_rejects_and_keeps_serving(tmp_path, shop_model_path, sh
 
 def test_sighup_reloads_and_in_flight_calls_finish_on_their_model(tmp_path, shop_only):
     models = shop_only
-    process = SidecarProcess(models, tmp_path, reload_interval_s=0).start()
+    process = SidecarProcess(models, tmp_path, reload_interval_s=0, **BIG_REQUESTS).start()
     try:
         old_version = process.model_versions()["shop"]
         heavy = pb.ScoreRequest(model="shop", lines=pb.RawLines(
@@ -348,7 +350,7 @@ def test_sighup_reloads_and_in_flight_calls_finish_on_their_model(tmp_path, shop
 # --- shutdown and auth ------------------------------------------------------------------------
 
 def test_sigterm_drains_in_flight_calls(tmp_path, shop_only):
-    process = SidecarProcess(shop_only, tmp_path).start()
+    process = SidecarProcess(shop_only, tmp_path, **BIG_REQUESTS).start()
     heavy = pb.ScoreRequest(model="shop", lines=pb.RawLines(
         lines=[line.encode() for line in shop_lines(20_000, seed=48)]))
     result = {}

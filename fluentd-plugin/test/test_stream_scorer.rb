@@ -22,10 +22,10 @@ class StreamScorerTest < Test::Unit::TestCase
   end
 
   def scorer(endpoint: "unix://#{self.class.sidecar.socket}", timeout: 2.0, message_key: nil, on_error: :pass,
-             explain: 0, batch_records: 2000, **client_options)
+             explain: 0, batch_records: 2000, batch_bytes: 1024 * 1024, **client_options)
     client = Logscore::Client.new(endpoint: endpoint, timeout: timeout, explain: explain, **client_options)
     Logscore::StreamScorer.new(client: client, keys: KEYS, message_key: message_key, on_error: on_error,
-                               batch_records: batch_records)
+                               batch_records: batch_records, batch_bytes: batch_bytes)
   end
 
   def now
@@ -79,6 +79,17 @@ class StreamScorerTest < Test::Unit::TestCase
     assert_equal 10_000, out.count { |_, r| r['anomaly_score'].is_a?(Float) }
     assert_equal 5, s.client.stats[:calls]
     assert_equal 10_000, s.client.stats[:scored]
+  end
+
+  test 'a stream is split by bytes too: no call exceeds batch_bytes, so none is refused for its size' do
+    big = Array.new(60) { |i| { 'message' => AccessLines.line("/robots.txt?pad=#{'x' * 10_000}#{i}"), 'n' => i } }
+    [nil, 'message'].each do |message_key|
+      s = scorer(message_key: message_key, batch_bytes: 100_000)
+      out = s.score('web', entries(big.map(&:dup)))
+      assert_equal (0...60).to_a, out.map { |_, r| r['n'] }
+      assert(out.all? { |_, r| r['anomaly_score'].is_a?(Float) }, message_key.inspect)
+      assert_include 7..8, s.client.stats[:calls] # ~10,200 bytes each: 9 records a call at most
+    end
   end
 
   test 'sidecar down: every record passes at once, marked unscored; calls stop at the first failure' do

@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser(
         "evaluate", help="measure a model on labeled data",
-        description="Score labeled records and report ROC-AUC, PR-AUC, TPR at FPR 1 %% and 0.1 %%, "
+        description="Score labeled records and report ROC-AUC, PR-AUC, TPR at FPR 1 % and 0.1 %, "
         "precision/recall/F1 at the model's threshold and at the best one, confusion counts and recall "
         "per attack type; optionally per session, as JSON and PNG plots.")
     evaluate.add_argument("--model", "-m", required=True, metavar="FILE.onnx")
@@ -143,20 +143,45 @@ def build_parser() -> argparse.ArgumentParser:
     client.add_argument("--explain", type=int, default=0, metavar="K")
     client.add_argument("--batch", type=int, default=1000)
     client.add_argument("--timeout", type=float, default=10.0, help="seconds per call")
+    client.add_argument("--token-file", metavar="FILE", help="file holding the sidecar's bearer token "
+                        "(its --token-file)")
+    client.add_argument("--tls-ca", metavar="FILE", help="PEM CA bundle to trust: TLS to --tcp")
+    client.add_argument("--tls-cert", metavar="FILE", help="PEM client certificate for mutual TLS (with --tls-key)")
+    client.add_argument("--tls-key", metavar="FILE", help="PEM private key of --tls-cert")
     client.set_defaults(run=run_client)
     return parser
 
 
 def add_settings_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per Settings field; unset flags fall through to env, file and defaults."""
-    from dataclasses import fields
+    from dataclasses import MISSING, fields
 
     from .settings import Settings
 
     for spec in fields(Settings):
         flag = "--" + spec.name.replace("_", "-")
-        parser.add_argument(flag, dest=f"setting_{spec.name}", default=None, metavar="VALUE",
-                            help=spec.metadata.get("help", ""))
+        default = spec.default if spec.default is not MISSING else None
+        text = spec.metadata.get("help", "")
+        if default not in (None, ""):
+            text += f" (default: {default})"
+        parser.add_argument(flag, dest=f"setting_{spec.name}", default=None, metavar=setting_metavar(spec.name),
+                            help=text.replace("%", "%%"))
+
+
+def setting_metavar(name: str) -> str:
+    """What a setting's flag takes, from its name (serve --help)."""
+    if name in ("tcp", "http", "forward", "forward_to"):
+        return "HOST:PORT"
+    if name == "forward_when_busy":
+        return "wait|pass"
+    by_suffix = (("_dir", "DIR"), ("_file", "FILE"), ("_cert", "FILE"), ("_key", "FILE"), ("_ca", "FILE"),
+                 ("_ms", "MS"), ("_s", "SECONDS"), ("_bytes", "BYTES"), ("_records", "N"), ("_request", "N"),
+                 ("_mode", "MODE"), ("_level", "LEVEL"), ("_model", "NAME"), ("_field", "FIELD"),
+                 ("_routes", "GLOB=MODEL,..."))
+    for suffix, metavar in by_suffix:
+        if name.endswith(suffix):
+            return metavar
+    return "PATH" if name == "socket" else "VALUE"
 
 
 def run_serve(args) -> int:
@@ -174,9 +199,10 @@ def run_client(args) -> int:
     from .generated.logscore.v1 import scorer_pb2_grpc as pb_grpc
 
     target = args.tcp or f"unix:{args.socket}"
+    channel, metadata = client_channel(args, target)
     records = read_json_records(args.inputs) if args.json_records else read_lines(args.inputs)
     line_number = 0
-    with grpc.insecure_channel(target) as channel:
+    with channel:
         stub = pb_grpc.ScorerStub(channel)
         for chunk in batched(records, max(1, args.batch)):
             request = pb.ScoreRequest(model=args.model, tag=args.tag, explain=args.explain)
@@ -187,7 +213,7 @@ def run_client(args) -> int:
             else:
                 request.lines.lines.extend(line.encode("utf-8") for line in chunk)
             try:
-                response = stub.Score(request, timeout=args.timeout)
+                response = stub.Score(request, timeout=args.timeout, metadata=metadata)
             except grpc.RpcError as error:
                 print(f"logscore client: {target}: {error.code().name}: {error.details()}", file=sys.stderr)
                 return 1
@@ -200,6 +226,38 @@ def run_client(args) -> int:
                     entry["explanation"] = list(response.explanations[i].features)
                 print(json.dumps(entry))
     return 0
+
+
+def client_channel(args, target: str):
+    """The channel and call metadata `logscore client` needs: plain, TLS or mutual TLS; a bearer token."""
+    import grpc
+    from pathlib import Path
+
+    from .errors import ConfigError
+
+    def read(path: str) -> bytes:
+        try:
+            return Path(path).read_bytes()
+        except OSError as error:
+            raise ConfigError(f"{path}: cannot read ({error.strerror})") from None
+
+    metadata = []
+    if args.token_file:
+        token = read(args.token_file).decode("utf-8", "replace").strip()
+        if not token:
+            raise ConfigError(f"--token-file {args.token_file} is empty")
+        metadata.append(("authorization", f"Bearer {token}"))
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise ConfigError("--tls-cert and --tls-key go together")
+    if not (args.tls_ca or args.tls_cert):
+        return grpc.insecure_channel(target), metadata
+    if not args.tcp:
+        raise ConfigError("TLS needs --tcp HOST:PORT (the Unix socket is never TLS)")
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=read(args.tls_ca) if args.tls_ca else None,
+        private_key=read(args.tls_key) if args.tls_key else None,
+        certificate_chain=read(args.tls_cert) if args.tls_cert else None)
+    return grpc.secure_channel(target, credentials), metadata
 
 
 class ProgressPrinter:
@@ -228,6 +286,7 @@ def run_train(args) -> int:
         print(f"logscore train: error: {error.name} is missing; install the training extra: "
               "pip install 'logscore[train]'", file=sys.stderr)
         return 1
+    check_writable(args.out, "--out")
     spec = load_spec(args.config, args.format)
     if args.session_key:
         if not args.config:
@@ -243,6 +302,26 @@ def run_train(args) -> int:
     save_model(model, args.out)
     print_training_summary(args.out, metadata)
     return 0
+
+
+def check_writable(path: str, flag: str) -> None:
+    """Fail before a long run, not after it, when its output cannot be written."""
+    import os
+    from pathlib import Path
+
+    from .errors import ConfigError
+
+    target = Path(path)
+    if target.is_dir():
+        raise ConfigError(f"{flag} {path}: is a directory; give a file name such as {target / 'model.onnx'}")
+    probe = target.with_name(f".{target.name}.check")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        os.unlink(probe)
+    except OSError as error:
+        raise ConfigError(f"{flag} {path}: cannot write there ({error.strerror or error}); choose a path in a "
+                          "directory you may write") from None
 
 
 def print_training_summary(path: str, metadata: dict) -> None:

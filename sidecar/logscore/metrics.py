@@ -67,8 +67,9 @@ class Metrics:
                                        registry=r, buckets=(.0001, .0005, .001, .005, .01, .05, .1, .5, 1))
         self.scores = ScoreHistogram()
         r.register(self.scores)
+        # NOTE: no file path label: /metrics answers without the token, paths stay behind it (ListModels).
         self.model_info = Gauge("logscore_model_loaded", "1 for each loaded model version",
-                                ["model", "version", "path"], registry=r)
+                                ["model", "version"], registry=r)
         self.model_rejections = Counter("logscore_model_load_errors", "Model files rejected on (re)load",
                                         ["file"], registry=r)
         self.abandoned = Counter("logscore_abandoned_records", "Records not scored because their caller had "
@@ -104,7 +105,7 @@ class Metrics:
     def set_models(self, models: dict) -> None:
         self.model_info.clear()
         for name, model in models.items():
-            self.model_info.labels(name, model.version, model.artifact.path).set(1)
+            self.model_info.labels(name, model.version).set(1)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -105,13 +105,16 @@ def parse_jsonl(line: str) -> tuple[Fields, bool]:
     return flatten(value), True
 
 
-def flatten(record: dict, prefix: str = "") -> Fields:
+FLATTEN_DEPTH = 8  # maps nested deeper stay whole values: field names are never that deep
+
+
+def flatten(record: dict, prefix: str = "", depth: int = FLATTEN_DEPTH) -> Fields:
     """Nested maps become dotted keys (``{"url": {"original": x}}`` → ``url.original``)."""
     flat: Fields = {}
     for key, value in record.items():
         name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(flatten(value, name + "."))
+        if isinstance(value, dict) and depth > 1:
+            flat.update(flatten(value, name + ".", depth - 1))
         else:
             flat[name] = value
     return flat

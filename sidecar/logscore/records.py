@@ -8,13 +8,19 @@ held in ``message``/``log`` parsed when the fields the model needs are absent.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
+from .admission import UNLIMITED, Ticket
 from .errors import InvalidRequest
 from .parsers import FIELD_ALIASES, Fields, flatten, get_parser
 
 RAW_LINE_KEYS = ("message", "log")
+NESTED_TOO_DEEP = "(nested too deep)"
+# One array or map of an event stream holds at most this many values: a container is
+# built whole before it is charged (admission.py), so this bounds what one may take.
+MAX_CONTAINER_VALUES = 65_536
 
 
 def to_text(value: object) -> str:
@@ -23,7 +29,10 @@ def to_text(value: object) -> str:
         return value
     if isinstance(value, (bytes, bytearray, memoryview)):
         return bytes(value).decode("utf-8", errors="replace")
-    return str(value)
+    try:
+        return str(value)
+    except RecursionError:  # a hostile value nested a thousand levels deep
+        return NESTED_TOO_DEEP
 
 
 @dataclass
@@ -72,16 +81,31 @@ class RecordNormalizer:
         return fields, True
 
 
-def decode_event_stream(data: bytes) -> list[dict]:
+def decode_event_stream(data: bytes, max_records: float = math.inf, ticket: Ticket = UNLIMITED) -> list[dict]:
     """Records of a Fluentd event stream: msgpack ``[time, record]`` arrays back to back.
 
     Raises InvalidRequest naming the entry that is not ``[time, record]`` or
-    where the bytes stop making sense.
+    where the bytes stop making sense, or past ``max_records`` entries; every
+    array and map decoded is charged to ``ticket`` as it appears, so a stream of
+    tiny values is refused (Overloaded) before it fills the memory.
     """
     import msgpack
 
+    def charged_list(values: list) -> list:
+        ticket.charge_values(len(values) + 1)
+        return values
+
+    def charged_map(pairs: list) -> dict:
+        ticket.charge_values(2 * len(pairs) + 1)
+        try:
+            return dict(pairs)
+        except TypeError:  # an array or map as a key
+            raise ValueError("a map key is an array or a map") from None
+
     unpacker = msgpack.Unpacker(raw=False, unicode_errors="replace", strict_map_key=False,
-                                max_buffer_size=max(len(data), 1024))
+                                max_buffer_size=max(len(data), 1024), list_hook=charged_list,
+                                object_pairs_hook=charged_map, max_array_len=MAX_CONTAINER_VALUES,
+                                max_map_len=MAX_CONTAINER_VALUES)
     unpacker.feed(data)
     records: list[dict] = []
     consumed = 0  # NOTE: tell() after the loop counts a partial last entry too
@@ -92,6 +116,9 @@ def decode_event_stream(data: bytes) -> list[dict]:
                 raise InvalidRequest(f"event_stream entry {len(records)}: expected [time, record], "
                                      f"got {type(entry).__name__}")
             records.append(entry[1])
+            if len(records) > max_records:
+                raise InvalidRequest(f"event_stream holds more than {max_records} records, the limit "
+                                     "(split the stream)")
     except (ValueError, TypeError, msgpack.UnpackException) as error:  # TypeError: a list as a map key
         raise InvalidRequest(f"event_stream: invalid msgpack at entry {len(records)}: "
                              f"{type(error).__name__} {error}".rstrip()) from None

@@ -13,6 +13,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from .admission import Admission
 from .batching import Batcher
 from .errors import InvalidRequest, ShuttingDown
 from .metrics import Metrics
@@ -42,6 +43,12 @@ class ScoreOutcome:
     notes: list[tuple[int, str, str]] = field(default_factory=list)  # (record, field, description)
 
 
+def check_record_count(count: int, limit: int) -> None:
+    """Surfaces call this as soon as they know a request's size, before decoding its records."""
+    if count > limit:
+        raise InvalidRequest(f"{count} records in one request; the limit is {limit} (split the batch)")
+
+
 def record_notes(model: Model, result, positions: Sequence[int]) -> list[tuple[int, str, str]]:
     """Notes for truncated and unparsed records; ``positions`` maps the result's rows to the request's."""
     if not (result.truncated.any() or result.unparsed.any()):
@@ -61,15 +68,15 @@ class ScoringService:
         # One scoring thread: on 2 cores the other core serves the protocol surfaces.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scoring")
         self._batchers: dict[Model, Batcher] = {}
-        self.accepting = True
+        self.accepting = True  # False while draining: /readyz says so; calls already received still score
+        self._closed = False
+        self.admission = Admission(settings.max_inflight_bytes)
 
     async def score(self, call: ScoreCall) -> ScoreOutcome:
-        if not self.accepting:
+        if self._closed:
             raise ShuttingDown("the sidecar is shutting down; retry on another instance or later")
         count = len(call.records)
-        if count > self.settings.max_records_per_request:
-            raise InvalidRequest(f"{count} records in one request; the limit is "
-                                 f"{self.settings.max_records_per_request} (split the batch)")
+        check_record_count(count, self.settings.max_records_per_request)
         if call.explain > 100:
             raise InvalidRequest(f"explain={call.explain}: name at most 100 features per record")
         records, notes = self._limit_sizes(call.records)
@@ -169,6 +176,7 @@ class ScoringService:
 
     async def close(self) -> None:
         self.accepting = False
+        self._closed = True
         for batcher in list(self._batchers.values()):
             await batcher.close()
         self.executor.shutdown(wait=True)

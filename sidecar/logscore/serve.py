@@ -12,7 +12,9 @@ import json
 import logging
 import os
 import signal
+import socket
 import ssl
+import stat
 import sys
 import time
 from pathlib import Path
@@ -30,9 +32,11 @@ from .scoring import ScoringService
 from .servers.forward import ForwardServer, NextHop
 from .servers.grpc import SERVICE_NAME, ScorerServicer, TokenInterceptor
 from .servers.http import HttpServer, SidecarHttp
-from .settings import Settings
+from .settings import Settings, split_host_port
 
 log = logging.getLogger("logscore.serve")
+
+STREAMS_PER_CONNECTION = 4
 
 
 class JsonFormatter(logging.Formatter):
@@ -80,13 +84,6 @@ def tune_allocator() -> None:
         pass
 
 
-def split_host_port(address: str, what: str) -> tuple[str, int]:
-    host, _, port = address.rpartition(":")
-    if not host or not port.isdigit():
-        raise ConfigError(f"{what}: {address!r} is not host:port")
-    return host.strip("[]"), int(port)
-
-
 class Sidecar:
     def __init__(self, settings: Settings):
         self.settings = settings
@@ -101,6 +98,7 @@ class Sidecar:
         self.stopping = asyncio.Event()
         self.reload_requested = asyncio.Event()
         self.bound: dict[str, str] = {}
+        self.socket_identity: Optional[tuple[int, int]] = None  # (device, inode) of the socket we made
 
     def _model_event(self, event: str, name: str, detail: str) -> None:
         if event == "rejected":
@@ -112,35 +110,57 @@ class Sidecar:
 
     async def start(self) -> None:
         s = self.settings
+        self._check_listeners()
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, self.registry.reload)
         if not self.registry.snapshot.models:
             problems = "; ".join(self.registry.snapshot.errors.values()) or "no .onnx files"
             raise ConfigError(f"no model could be loaded from {s.models_dir}: {problems}")
+        self._check_default_model()
         self.metrics.set_models(self.registry.snapshot.models)
         await self._start_grpc()
         if s.http:
             host, port = split_host_port(s.http, "--http")
-            self.http_server = HttpServer(SidecarHttp(self.service, s.token()).routes(), s.max_message_bytes)
-            await self.http_server.start(host, port, ssl=self._http_ssl())
+            self.http_server = HttpServer(SidecarHttp(self.service, s.token()).routes(), s.max_message_bytes,
+                                          self.service.admission)
+            await listening(self.http_server.start(host, port, ssl=self._http_ssl()), "--http", s.http)
             self.bound["http"] = f"{host}:{self.http_server.port}"
         if s.forward:
             host, port = split_host_port(s.forward, "--forward")
-            split_host_port(s.forward_to, "--forward-to")
             self.forward_server = ForwardServer(self.service, NextHop(s.forward_to, s.forward_ack_timeout_s),
-                                                s.max_message_bytes, s.forward_idle_timeout_s, s.forward_when_busy)
-            await self.forward_server.start(host, port)
+                                                s.forward_max_message_bytes, s.forward_idle_timeout_s,
+                                                s.forward_when_busy)
+            await listening(self.forward_server.start(host, port), "--forward", s.forward)
             self.bound["forward"] = f"{host}:{self.forward_server.port}"
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info("serving", extra={"listeners": self.bound, "models": sorted(self.registry.snapshot.models)})
+
+    def _check_listeners(self) -> None:
+        """Refuse, before loading anything, to start where another process serves."""
+        s = self.settings
+        if s.socket:
+            claim_socket(s.socket)
+        for flag, address in (("--tcp", s.tcp), ("--http", s.http), ("--forward", s.forward)):
+            if address:
+                check_port_free(address, flag)
+
+    def _check_default_model(self) -> None:
+        name = self.settings.default_model
+        models = self.registry.snapshot.models
+        if name and name not in models:
+            raise ConfigError(f"--default-model {name}: no such model in {self.settings.models_dir} "
+                              f"(loaded: {', '.join(sorted(models))}); name one of them or add {name}.onnx")
 
     async def _start_grpc(self) -> None:
         s = self.settings
         token = s.token()
         options = [("grpc.max_receive_message_length", s.max_message_bytes),
                    ("grpc.max_send_message_length", s.max_message_bytes),
-                   ("grpc.so_reuseport", 0)]
+                   ("grpc.so_reuseport", 0),
+                   # NOTE: gRPC reads every call's whole message before our admission sees it; more calls
+                   # than this on one connection wait in the client, so one shipper cannot flood memory.
+                   ("grpc.max_concurrent_streams", STREAMS_PER_CONNECTION)]
         interceptors = [TokenInterceptor(token)] if token else []
         server = grpc.aio.server(options=options, interceptors=interceptors)
         server.add_generic_rpc_handlers((ScorerServicer(self.service).handler(),))
@@ -149,25 +169,24 @@ class Sidecar:
             [scorer_pb2.DESCRIPTOR.services_by_name["Scorer"].full_name, health.SERVICE_NAME,
              reflection.SERVICE_NAME], server)
         if s.socket:
-            Path(s.socket).parent.mkdir(parents=True, exist_ok=True)
-            if os.path.exists(s.socket):
-                os.unlink(s.socket)  # a stale socket from a previous run
-            server.add_insecure_port(f"unix:{s.socket}")
+            claim_socket(s.socket)  # again: grpc would silently replace a socket bound since the first check
+            bind_grpc(lambda: server.add_insecure_port(f"unix:{s.socket}"), "--socket", s.socket)
         if s.tcp:
             if s.tls_cert:
                 credentials = grpc.ssl_server_credentials(
                     [(Path(s.tls_key).read_bytes(), Path(s.tls_cert).read_bytes())],
                     root_certificates=Path(s.tls_client_ca).read_bytes() if s.tls_client_ca else None,
                     require_client_auth=bool(s.tls_client_ca))
-                port = server.add_secure_port(s.tcp, credentials)
+                port = bind_grpc(lambda: server.add_secure_port(s.tcp, credentials), "--tcp", s.tcp)
             else:
-                port = server.add_insecure_port(s.tcp)
+                port = bind_grpc(lambda: server.add_insecure_port(s.tcp), "--tcp", s.tcp)
             self.bound["grpc_tcp"] = f"{s.tcp.rpartition(':')[0]}:{port}"
+        self.grpc_server = server
         await server.start()
         if s.socket:
             os.chmod(s.socket, int(s.socket_mode, 8))
+            self.socket_identity = file_identity(s.socket)
             self.bound["grpc_unix"] = s.socket
-        self.grpc_server = server
 
     def _http_ssl(self) -> Optional[ssl.SSLContext]:
         s = self.settings
@@ -199,19 +218,102 @@ class Sidecar:
 
     async def stop(self) -> None:
         """Drain: health says NOT_SERVING, new calls are refused, in-flight ones finish."""
-        log.info("shutting down", extra={"grace_s": self.settings.shutdown_grace_s})
+        grace = self.settings.shutdown_grace_s
+        log.info("shutting down", extra={"grace_s": grace})
         await self.health.enter_graceful_shutdown()
-        if self.forward_server is not None:  # first: its relays under way still score
-            await self.forward_server.stop(self.settings.shutdown_grace_s)
         self.service.accepting = False
-        if self.grpc_server is not None:
-            await self.grpc_server.stop(self.settings.shutdown_grace_s)
-        if self.http_server is not None:
-            await self.http_server.stop()
+        # The surfaces take no new calls and give those already received the grace to be answered;
+        # the forward port finishes the relays under way (and acknowledges them).
+        await asyncio.gather(*(server.stop(grace) for server in (self.grpc_server, self.http_server,
+                                                                 self.forward_server) if server is not None))
         await self.service.close()
-        if self.settings.socket and os.path.exists(self.settings.socket):
-            os.unlink(self.settings.socket)
+        self._remove_socket()
         log.info("stopped")
+
+    async def abandon_start(self) -> None:
+        """After a failed start: close what did start, quietly; leave no socket file behind."""
+        for server in (self.grpc_server, self.http_server, self.forward_server):
+            if server is not None:
+                await server.stop(0)
+        self.service.executor.shutdown(wait=False)
+        self._remove_socket()
+
+    def _remove_socket(self) -> None:
+        """Remove our socket file, never one another process bound there since."""
+        path = self.settings.socket
+        if path and self.socket_identity is not None and file_identity(path) == self.socket_identity:
+            os.unlink(path)
+
+
+def file_identity(path: str) -> Optional[tuple[int, int]]:
+    try:
+        status = os.lstat(path)
+    except OSError:
+        return None
+    return status.st_dev, status.st_ino
+
+
+def claim_socket(path: str) -> None:
+    """Make way for our Unix socket: remove a stale one, refuse a live one or a file that is no socket."""
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    except OSError as error:
+        raise ConfigError(f"--socket {path}: {error.strerror}; choose a --socket in a directory you may "
+                          "write") from None
+    if not stat.S_ISSOCK(mode):
+        raise ConfigError(f"--socket {path}: exists and is not a socket; move it away or choose another --socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(2.0)
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:
+        os.unlink(path)  # nobody listens: left by a run that crashed
+        return
+    except OSError as error:
+        raise ConfigError(f"--socket {path}: in use or not usable ({error.strerror or error}); stop the other "
+                          "process or choose another --socket") from None
+    finally:
+        probe.close()
+    raise ConfigError(f"--socket {path}: another process (a running logscore?) is serving on it; stop it "
+                      "first or choose another --socket")
+
+
+def listen_error(flag: str, address: str, error: OSError) -> ConfigError:
+    reason = error.strerror or str(error)
+    return ConfigError(f"{flag} {address}: cannot listen there ({reason}); stop what uses it or choose "
+                       f"another {flag}")
+
+
+def check_port_free(address: str, flag: str) -> None:
+    """Bind and release the address, so a port in use is reported before any server starts."""
+    host, port = split_host_port(address, flag)
+    if port == 0:
+        return
+    try:
+        family, kind, _, _, where = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(where)
+    except OSError as error:
+        raise listen_error(flag, address, error) from None
+
+
+async def listening(starting, flag: str, address: str) -> None:
+    try:
+        await starting
+    except OSError as error:
+        raise listen_error(flag, address, error) from None
+
+
+def bind_grpc(add_port, flag: str, address: str) -> int:
+    try:
+        return add_port()
+    except RuntimeError:  # grpc says only "Failed to bind to address"
+        raise ConfigError(f"{flag} {address}: cannot listen there (in use, or the host or directory does "
+                          f"not exist); choose another {flag}") from None
 
 
 async def run(settings: Settings) -> int:
@@ -220,7 +322,11 @@ async def run(settings: Settings) -> int:
     loop.add_signal_handler(signal.SIGTERM, sidecar.stopping.set)
     loop.add_signal_handler(signal.SIGINT, sidecar.stopping.set)
     loop.add_signal_handler(signal.SIGHUP, sidecar.reload_requested.set)
-    await sidecar.start()
+    try:
+        await sidecar.start()
+    except BaseException:
+        await sidecar.abandon_start()
+        raise
     watcher = asyncio.create_task(sidecar.watch_models())
     await sidecar.stopping.wait()
     sidecar.reload_requested.set()
@@ -234,7 +340,6 @@ def main(settings: Settings) -> int:
     tune_allocator()
     try:
         return asyncio.run(run(settings))
-    except ConfigError as error:
-        log.error(str(error))
+    except ConfigError as error:  # one line naming the setting and the fix, as for bad flags
         print(f"logscore serve: error: {error}", file=sys.stderr)
         return 1

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
+from .admission import WIRE_COPIES
 from .errors import ConfigError
 from .resources import default_models_dir
 
@@ -39,6 +40,9 @@ class Settings:
     forward_ack_timeout_s: float = setting(10.0, "how long to wait for the next hop's ack; after a failure the "
                                            "next hop counts as down for a backoff (0.5 s doubling to 30 s)")
     forward_idle_timeout_s: float = setting(60.0, "a forward connection that sends nothing this long is closed")
+    forward_max_message_bytes: int = setting(16 * 1024 * 1024, "largest forward message accepted (a sender's "
+                                             "chunk: keep its chunk_limit_size below); compressed payloads may "
+                                             "inflate to 4 times this")
     forward_when_busy: str = setting("wait", "when the scoring queue is full: 'wait' (hold the sender, whose "
                                      "buffer keeps the backlog) or 'pass' (pass records on marked unscored)")
     tls_cert: Optional[str] = setting(None, "PEM certificate for TLS on the TCP and HTTP listeners")
@@ -59,7 +63,10 @@ class Settings:
     max_queued_records: int = setting(200_000, "records waiting per model before RESOURCE_EXHAUSTED")
     max_records_per_request: int = setting(20_000, "records in one request before INVALID_ARGUMENT")
     max_record_bytes: int = setting(65_536, "a longer raw line or field is truncated and flagged")
-    max_message_bytes: int = setting(64 * 1024 * 1024, "largest gRPC message accepted")
+    max_message_bytes: int = setting(2 * 1024 * 1024, "largest gRPC message or HTTP body accepted")
+    max_inflight_bytes: int = setting(32 * 1024 * 1024, "memory the requests being decoded, queued or scored "
+                                      "may hold, estimated from their size and number of values (all surfaces); "
+                                      "past it a request is refused RESOURCE_EXHAUSTED / 429")
     reload_interval_s: float = setting(2.0, "how often the models directory is checked for changes (0: "
                                        "only on SIGHUP)")
     shutdown_grace_s: float = setting(10.0, "on SIGTERM, time given to in-flight calls")
@@ -104,12 +111,70 @@ class Settings:
             path = getattr(self, name)
             if path and not Path(path).is_file():
                 raise ConfigError(f"{name.replace('_', '-')}: {path!r} is not a readable file")
-        for name in ("max_batch_records", "max_queued_records", "max_records_per_request", "max_record_bytes"):
+        for name in ("max_batch_records", "max_queued_records", "max_records_per_request", "max_record_bytes",
+                     "forward_max_message_bytes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")
+        if self.max_message_bytes * WIRE_COPIES > self.max_inflight_bytes:
+            raise ConfigError(f"max_inflight_bytes {self.max_inflight_bytes} cannot admit a message of "
+                              f"max_message_bytes {self.max_message_bytes} ({WIRE_COPIES} copies once decoded); "
+                              f"raise it to at least {self.max_message_bytes * WIRE_COPIES}")
+        self._validate_listeners()
+        self._validate_tls()
+        if self.token_file:
+            try:
+                token = self.token()
+            except (OSError, UnicodeError) as error:
+                raise ConfigError(f"--token-file {self.token_file}: cannot read it ({error})") from None
+            if not token:
+                raise ConfigError(f"--token-file {self.token_file}: the file is empty; write the token into it, "
+                                  "or drop --token-file to run without authentication")
+
+    def _validate_listeners(self) -> None:
+        """Syntax of addresses, modes and levels: wrong ones are refused before anything binds."""
+        for name in ("tcp", "http", "forward", "forward_to"):
+            address = getattr(self, name)
+            if address:
+                split_host_port(address, "--" + name.replace("_", "-"))
+        if self.log_level.lower() not in LOG_LEVELS:
+            raise ConfigError(f"--log-level {self.log_level!r}: use one of {', '.join(LOG_LEVELS)}")
+        try:
+            mode = int(self.socket_mode, 8)
+        except ValueError:
+            mode = -1
+        if not 0 <= mode <= 0o777:
+            raise ConfigError(f"--socket-mode {self.socket_mode!r}: give an octal file mode such as 0660")
+
+    def _validate_tls(self) -> None:
+        if not self.tls_cert:
+            return
+        import ssl
+
+        try:
+            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(self.tls_cert, self.tls_key)
+        except (ssl.SSLError, OSError) as error:
+            raise ConfigError(f"--tls-cert {self.tls_cert} / --tls-key {self.tls_key}: cannot be used together "
+                              f"({getattr(error, 'reason', None) or error}); give the PEM certificate and the "
+                              "private key it was made for") from None
+        if self.tls_client_ca:
+            try:
+                ssl.create_default_context(cafile=self.tls_client_ca)
+            except (ssl.SSLError, OSError) as error:
+                raise ConfigError(f"--tls-client-ca {self.tls_client_ca}: not a PEM CA bundle ({error})") from None
 
     def token(self) -> Optional[str]:
         return Path(self.token_file).read_text().strip() if self.token_file else None
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def split_host_port(address: str, flag: str) -> tuple[str, int]:
+    """(host, port) of 'host:port'; a ConfigError naming ``flag`` otherwise."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"{flag} {address!r}: give host:port, e.g. 127.0.0.1:9095 (port 0-65535)")
+    return host.strip("[]"), int(port)
 
 
 def _read_yaml(path: str) -> dict:

@@ -17,13 +17,15 @@ module Logscore
 
     # message_key: nil sends the records themselves (msgpack); a key name sends that
     # field as a raw line.
-    def initialize(client:, keys:, message_key: nil, on_error: :pass, log: nil, batch_records: 2000)
+    def initialize(client:, keys:, message_key: nil, on_error: :pass, log: nil, batch_records: 2000,
+                   batch_bytes: 1024 * 1024)
       @client = client
       @keys = keys
       @message_key = message_key
       @on_error = on_error
       @log = log
       @batch_records = batch_records
+      @batch_bytes = batch_bytes
       @last_warning = nil
     end
 
@@ -34,11 +36,10 @@ module Logscore
     def score(tag, entries, msgpack: nil, &on_unscored)
       return entries if entries.empty?
 
-      slices = entries.each_slice(@batch_records).to_a
-      packed = slices.size == 1 ? msgpack : nil
-      results = client.score_all(slices.map { |slice| [request(tag, slice, packed), slice.size] })
+      slices = batches(entries, msgpack)
+      results = client.score_all(slices.map { |slice, packed| [request(tag, slice, packed), slice.size] })
       passed = []
-      slices.zip(results) do |slice, result|
+      slices.zip(results) do |(slice, _), result|
         if result.is_a?(ScoringFailed)
           passed.concat(unscored(slice, result, &on_unscored))
         else
@@ -52,19 +53,37 @@ module Logscore
 
     private
 
+    # [entries, packed bytes] per call: at most batch_records records and batch_bytes bytes each
+    # (a single bigger record goes alone). The stream's own bytes go as they are when they fit.
+    def batches(entries, packed)
+      return [[entries, packed]] if packed && entries.size <= @batch_records && packed.bytesize <= @batch_bytes
+
+      slices = [[[], @message_key ? nil : String.new]]
+      bytes = 0
+      entries.each do |entry|
+        item = @message_key ? nil : pack(entry)
+        size = item ? item.bytesize : entry[1][@message_key].to_s.bytesize
+        slice = slices.last
+        if !slice[0].empty? && (slice[0].size >= @batch_records || bytes + size > @batch_bytes)
+          slices << (slice = [[], @message_key ? nil : String.new])
+          bytes = 0
+        end
+        slice[0] << entry
+        slice[1] << item if item
+        bytes += size
+      end
+      slices
+    end
+
     def request(tag, slice, packed)
       return client.lines_request(tag, slice.map { |_, record| record[@message_key] }) if @message_key
 
-      client.event_stream_request(tag, packed || pack(slice))
+      client.event_stream_request(tag, packed)
     end
 
     # The sidecar reads the records only: each entry goes as [seconds, record].
-    def pack(slice)
-      packer = MessagePack::Packer.new
-      slice.each do |time, record|
-        packer.write_array_header(2).write(time.to_i).write(record)
-      end
-      packer.to_s
+    def pack(entry)
+      [entry[0].to_i, entry[1]].to_msgpack
     end
 
     def unscored(slice, error, &on_unscored)

@@ -100,7 +100,8 @@ class Converter:
         self.weighting = weighting
         self.config = {**self.options, **options}
         self.seed = text_seed(field, self.kind)
-        self.label = f"{field} {self.kind}"
+        # "url: shape ..." rather than "url url: shape ..." when the converter is named after its field
+        self.label = field if field == self.kind else f"{field} {self.kind}"
         self._cache = ValueCache()
 
     def spec(self) -> dict:

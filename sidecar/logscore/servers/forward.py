@@ -22,7 +22,7 @@ goes on exactly as it came (integer, float, EventTime, Fluent Bit's
   read past their first block at a time; the others wait unread, so a backlog
   stays in the senders' buffers. A big chunk is decoded, scored and passed on in
   slices (PackedForward entries are decoded as they are needed; compressed
-  payloads are inflated in steps, refused past ``max_message_bytes``).
+  payloads are inflated in steps, refused past ``INFLATION`` times ``forward_max_message_bytes``).
 - **Coalescing.** Messages that arrive together (Fluent Bit's Message mode sends
   one per record) are scored in one call and passed on together.
 - Scoring failures never hold records: they go on marked ``anomaly_unscored``.
@@ -62,6 +62,10 @@ INFLATE_STEP = 1024 * 1024
 PARTIAL_MESSAGE_TIMEOUT_S = 10.0  # an admitted connection must finish the message it started
 MAX_INVALID_ENTRIES = 1000  # skipped like Fluentd's in_forward does; this many means it is not a chunk
 MAX_REFUSALS = 5  # a reachable next hop that drops held records this often refuses them: give up
+INFLATION = 4  # a compressed payload may inflate to this many times forward_max_message_bytes (streamed)
+# NOTE: a Forward-mode message is decoded whole (msgpack arrays cannot be read in parts here):
+# capping its entries bounds its decoded size even when each entry is tiny.
+MAX_ARRAY_ENTRIES, MAX_MAP_ENTRIES = 100_000, 10_000
 
 
 class ForwardProtocolError(ValueError):
@@ -158,7 +162,8 @@ def _inflate(data: bytes, max_bytes: int) -> Iterator[bytes]:
             block = inflater.decompress(pending, INFLATE_STEP)
             total += len(block)
             if total > max_bytes:
-                raise ForwardProtocolError(f"compressed chunk inflates past {max_bytes} bytes (max_message_bytes); "
+                raise ForwardProtocolError(f"compressed chunk inflates past {max_bytes} bytes "
+                                           f"({INFLATION} x forward_max_message_bytes); "
                                            "send smaller chunks")
             if block:
                 yield block
@@ -352,28 +357,23 @@ class ForwardServer(StreamServer):
         self.when_busy = when_busy
         self.slice_records = service.settings.max_batch_records
         self._admission = asyncio.Semaphore(ACTIVE_CONNECTIONS)
-        self._relaying: set[asyncio.Task] = set()
-        self._stopping = False
 
     async def stop(self, grace_s: float = 10.0) -> None:
-        """Take no new connections or messages; let relays under way finish (up to grace_s)."""
-        self._stopping = True
-        if self._server is not None:
-            self._server.close()
-        for task in self._connections - self._relaying:
-            task.cancel()  # idle, or waiting unread: the sender resends what it sent
-        if self._relaying:
-            await asyncio.wait(list(self._relaying), timeout=grace_s)
-        await super().stop()
+        """Take no new connections or messages; let relays under way finish (up to grace_s).
+
+        Connections idle or waiting unread are closed: their senders resend what they sent.
+        """
+        await super().stop(grace_s)
         await self.next_hop.close()
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         unpacker = msgpack.Unpacker(raw=False, unicode_errors=EXACT, strict_map_key=False,
-                                    max_buffer_size=self.max_message_bytes)
+                                    max_buffer_size=self.max_message_bytes, max_array_len=MAX_ARRAY_ENTRIES,
+                                    max_map_len=MAX_MAP_ENTRIES)
         peer = str(writer.get_extra_info("peername"))
         position = Position()
         try:
-            while not self._stopping:
+            while not self.draining:
                 try:
                     async with asyncio.timeout(self.idle_timeout_s):
                         data = await reader.read(READ_BYTES)
@@ -385,11 +385,11 @@ class ForwardServer(StreamServer):
                     return
                 async with self._admission:
                     task = asyncio.current_task()
-                    self._relaying.add(task)
+                    self.busy.add(task)
                     try:
                         await self._take_messages(reader, writer, unpacker, position, data)
                     finally:
-                        self._relaying.discard(task)
+                        self.busy.discard(task)
         except (ForwardProtocolError, ValueError, TypeError, msgpack.UnpackException) as error:
             self._count("forward_protocol")
             log.warning("forward connection closed: not the forward protocol",
@@ -409,13 +409,13 @@ class ForwardServer(StreamServer):
                 unpacker.feed(data)
             except msgpack.BufferFull:
                 raise ForwardProtocolError(f"a forward message exceeds {self.max_message_bytes} bytes "
-                                           "(max_message_bytes); send smaller chunks") from None
+                                           "(forward_max_message_bytes); send smaller chunks") from None
             position.fed += len(data)
             messages = []
             for raw in unpacker:
                 position.consumed = unpacker.tell()
-                message = decode_message(raw, self.max_message_bytes)
-                await message.check_size(self.max_message_bytes)
+                message = decode_message(raw, INFLATION * self.max_message_bytes)
+                await message.check_size(INFLATION * self.max_message_bytes)
                 messages.append(message)
             if messages:
                 await self._relay(messages, writer)

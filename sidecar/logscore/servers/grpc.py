@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import hmac
 import logging
+import math
 import time
 from typing import Optional
 
 import grpc
 from google.protobuf.message import DecodeError
 
+from ..admission import UNLIMITED, Ticket
 from ..errors import (DeadlineExceeded, InvalidRequest, LogscoreError, ModelNotFound, Overloaded, ShuttingDown,
                       Unauthenticated)
 from ..generated.logscore.v1 import scorer_pb2 as pb
 from ..records import decode_event_stream
-from ..scoring import ScoreCall, ScoreOutcome, ScoringService
+from ..scoring import ScoreCall, ScoreOutcome, ScoringService, check_record_count
 
 log = logging.getLogger("logscore.grpc")
 
@@ -38,14 +40,22 @@ def parse_request(data: bytes) -> pb.ScoreRequest:
                              "proto/logscore/v1/scorer.proto") from None
 
 
-def decode_request(request: pb.ScoreRequest, deadline: Optional[float]) -> ScoreCall:
+def decode_request(request: pb.ScoreRequest, deadline: Optional[float], ticket: Ticket = UNLIMITED,
+                   max_records: Optional[int] = None) -> ScoreCall:
+    """The ScoreCall of a request; its count is checked and its values charged to ``ticket`` first."""
     kind = request.WhichOneof("records")
+    limit = max_records if max_records is not None else math.inf
     if kind == "structured":
-        records: list = [dict(r.fields) for r in request.structured.records]
+        structured = request.structured.records
+        check_record_count(len(structured), limit)
+        ticket.charge_values(len(structured) + 2 * sum(len(r.fields) for r in structured))
+        records: list = [dict(r.fields) for r in structured]
     elif kind == "lines":
+        check_record_count(len(request.lines.lines), limit)
+        ticket.charge_values(len(request.lines.lines))
         records = [line.decode("utf-8", "replace") for line in request.lines.lines]
     elif kind == "event_stream":
-        records = decode_event_stream(request.event_stream)
+        records = decode_event_stream(request.event_stream, limit, ticket)
     else:
         raise InvalidRequest("the request has no records: set one of structured, lines or event_stream")
     return ScoreCall(records, request.model, request.tag, request.explain, deadline, "grpc")
@@ -101,21 +111,29 @@ class ScorerServicer:
         started = time.perf_counter()
         metrics = self.service.metrics
         try:
-            request = parse_request(data)
-            remaining = context.time_remaining()
-            deadline = time.monotonic() + remaining if remaining is not None else None
-            outcome = await self.service.score(decode_request(request, deadline))
-            return encode_response(outcome, request.request_id)
+            with self.service.admission.admit(len(data)) as ticket:
+                call, request_id = self._decode(data, context, ticket)
+                outcome = await self.service.score(call)
+                return encode_response(outcome, request_id)
         except LogscoreError as error:
-            code = STATUS_CODES.get(type(error), grpc.StatusCode.INVALID_ARGUMENT)
+            failure = STATUS_CODES.get(type(error), grpc.StatusCode.INVALID_ARGUMENT), str(error)
             metrics.errors.labels(type(error).__name__, "grpc").inc()
-            await context.abort(code, str(error))
         except Exception:
+            failure = grpc.StatusCode.INTERNAL, "internal error in the sidecar (logged)"
             metrics.errors.labels("internal", "grpc").inc()
             log.exception("internal error while scoring")
-            await context.abort(grpc.StatusCode.INTERNAL, "internal error in the sidecar (logged)")
         finally:
             metrics.child(metrics.request_seconds, "grpc").observe(time.perf_counter() - started)
+        # NOTE: aborted outside the except clause, so that the exception's traceback (and with it
+        # the decoded request) is freed before this call yields to others.
+        await context.abort(*failure)
+
+    def _decode(self, data: bytes, context, ticket: Ticket) -> tuple[ScoreCall, str]:
+        request = parse_request(data)
+        remaining = context.time_remaining()
+        deadline = time.monotonic() + remaining if remaining is not None else None
+        call = decode_request(request, deadline, ticket, self.service.settings.max_records_per_request)
+        return call, request.request_id
 
 
 DENIED = "missing or wrong bearer token: send metadata 'authorization: Bearer <token>'"

@@ -20,12 +20,15 @@ import asyncio
 import hmac
 import json
 import logging
+import math
+import os
 import re
 import time
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable, Optional
 from urllib.parse import parse_qs, urlsplit
 
+from ..admission import UNLIMITED, Admission, Ticket
 from ..errors import (DeadlineExceeded, InvalidRequest, LogscoreError, ModelNotFound, Overloaded, ShuttingDown,
                       Unauthenticated)
 from ..resources import openapi_path
@@ -57,6 +60,7 @@ class Request:
     query: dict[str, str]
     headers: dict[str, str]
     body: bytes = b""
+    ticket: Ticket = field(default_factory=Ticket)  # what the request holds of the in-flight budget
 
 
 @dataclass
@@ -87,35 +91,49 @@ class HttpError(Exception):
 class HttpServer(StreamServer):
     read_limit = MAX_HEADER_BYTES
 
-    def __init__(self, routes: dict[tuple[str, str], Handler], max_body_bytes: int):
+    def __init__(self, routes: dict[tuple[str, str], Handler], max_body_bytes: int,
+                 admission: Optional[Admission] = None):
         super().__init__()
         self.routes = routes
         self.max_body_bytes = max_body_bytes
+        self.admission = admission
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while True:
-            try:
-                request = await asyncio.wait_for(self._read_request(reader), IDLE_TIMEOUT_S)
-            except HttpError as error:
-                await self._write(writer, Response.error(error.status, str(error)), keep_alive=False)
-                return
-            except (asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError):
-                return
-            if request is None:
-                return
-            response = await self._dispatch(request)
-            keep_alive = request.headers.get("connection", "").lower() != "close"
-            await self._write(writer, response, keep_alive)
-            if not keep_alive:
-                return
+        task = asyncio.current_task()
+        try:  # busy: between a request's first byte and its answer
+            while not self.draining:
+                if not await self._answer_one(reader, writer, task):
+                    return
+        finally:
+            self.busy.discard(task)
 
-    async def _read_request(self, reader: asyncio.StreamReader) -> Optional[Request]:
+    async def _answer_one(self, reader, writer, task) -> bool:
+        """Read one request and answer it; False when the connection is to close."""
+        try:
+            request = await asyncio.wait_for(self._read_request(reader, writer, task), IDLE_TIMEOUT_S)
+        except HttpError as error:
+            await self._write(writer, Response.error(error.status, str(error)), keep_alive=False)
+            return False
+        except (asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError):
+            return False
+        if request is None:
+            return False
+        with request.ticket:
+            response = await self._dispatch(request)
+            keep_alive = request.headers.get("connection", "").lower() != "close" and not self.draining
+            await self._write(writer, response, keep_alive)
+        self.busy.discard(task)
+        return keep_alive
+
+    async def _read_request(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                            task: asyncio.Task) -> Optional[Request]:
         try:
             line = await reader.readline()
         except (asyncio.LimitOverrunError, ValueError):
             raise HttpError(431, "request line too long", close=True) from None
         if not line:
             return None
+        self.busy.add(task)
         parts = line.decode("latin-1").strip().split(" ")
         if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
             raise HttpError(400, "malformed request line; expected 'METHOD /path HTTP/1.1'", close=True)
@@ -134,12 +152,33 @@ class HttpServer(StreamServer):
                 break
             name, _, value = header.decode("latin-1").partition(":")
             headers[name.strip().lower()] = value.strip()
-        body = await self._read_body(reader, headers)
+        length = self._check_length(headers)
+        ticket = Ticket(self.admission)
+        try:
+            self._charge(ticket, length)
+            body = await self._read_body(reader, writer, headers, length, ticket)
+        except BaseException as error:
+            ticket.release()
+            refused = isinstance(error, HttpError) and error.status == 429
+            if refused and headers.get("expect", "").lower() != "100-continue":
+                await discard(reader, length)  # so that the client reads the 429, not a reset connection
+            raise
         url = urlsplit(target)
         query = {k: v[-1] for k, v in parse_qs(url.query).items()}
-        return Request(method.upper(), url.path, query, headers, body)
+        return Request(method.upper(), url.path, query, headers, body, ticket)
 
-    async def _read_body(self, reader: asyncio.StreamReader, headers: dict[str, str]) -> bytes:
+    @staticmethod
+    def _charge(ticket: Ticket, nbytes: int) -> None:
+        """Charge body bytes to the in-flight budget before reading them: 429 (and close) if they do not fit."""
+        try:
+            ticket.charge_wire(nbytes)
+        except Overloaded as error:
+            raise HttpError(429, str(error), close=True) from None
+
+    async def _read_body(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                         headers: dict[str, str], length: int, ticket: Ticket) -> bytes:
+        if headers.get("expect", "").lower() == "100-continue":
+            writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # the client waits for this before sending
         if headers.get("transfer-encoding", "").lower() == "chunked":
             chunks, total = [], 0
             while True:
@@ -156,8 +195,14 @@ class HttpServer(StreamServer):
                 if total > self.max_body_bytes:
                     raise HttpError(413, f"body exceeds {self.max_body_bytes} bytes; send smaller batches",
                                     close=True)
+                self._charge(ticket, size)
                 chunks.append(await reader.readexactly(size))
                 await reader.readline()
+        return await reader.readexactly(length) if length else b""
+
+    def _check_length(self, headers: dict[str, str]) -> int:
+        if headers.get("transfer-encoding", "").lower() == "chunked":
+            return 0
         length_text = headers.get("content-length", "0")
         if not length_text.isdigit():
             raise HttpError(400, "invalid Content-Length", close=True)
@@ -165,7 +210,7 @@ class HttpServer(StreamServer):
         if length > self.max_body_bytes:
             raise HttpError(413, f"body of {length} bytes exceeds {self.max_body_bytes}; send smaller batches",
                             close=True)
-        return await reader.readexactly(length) if length else b""
+        return length
 
     async def _dispatch(self, request: Request) -> Response:
         handler = self.routes.get((request.method, request.path))
@@ -197,17 +242,29 @@ class HttpServer(StreamServer):
             pass
 
 
+async def discard(reader: asyncio.StreamReader, length: int) -> None:
+    while length > 0:
+        length -= len(await reader.readexactly(min(length, 64 * 1024)))
+
+
 # --- the sidecar's HTTP surface ---------------------------------------------------
 
-def decode_events(body: bytes, content_type: str) -> tuple[list, bool]:
+def decode_events(body: bytes, content_type: str, ticket: Ticket = UNLIMITED) -> tuple[list, bool]:
     """(records, single): one JSON object, an array of them, or {"records": [...]}."""
     if content_type and "json" not in content_type.split(";")[0]:
         raise HttpError(415, f"Content-Type {content_type!r} is not JSON; send application/json")
+    # At most one value per comma, bracket and brace: charged before json.loads builds them.
+    ticket.charge_values(body.count(b",") + body.count(b"[") + body.count(b"{"))
     try:
         value = json.loads(body.decode("utf-8", "replace")) if body else None
     except ValueError as error:
         raise HttpError(400, f"body is not valid JSON: {error}") from None
-    if isinstance(value, dict) and isinstance(value.get("records"), list):
+    except RecursionError:
+        raise HttpError(400, "body is JSON nested too deeply; send events as flat objects") from None
+    if isinstance(value, dict) and "records" in value:
+        if not isinstance(value["records"], list):
+            raise HttpError(400, f"\"records\" must be an array of events, not {type(value['records']).__name__} "
+                            "(to send one event that has a field named records, wrap it in an array)")
         return _check_events(value["records"]), False
     if isinstance(value, dict):
         return _check_events([value]), True
@@ -235,6 +292,28 @@ def _without_unresolved(event: dict) -> dict:
     if not any(isinstance(v, str) and _UNRESOLVED.fullmatch(v) for v in event.values()):
         return event
     return {k: v for k, v in event.items() if not (isinstance(v, str) and _UNRESOLVED.fullmatch(v))}
+
+
+def without_directories(errors: dict[str, str]) -> dict[str, str]:
+    """Rejected files by file name: /readyz answers without the token, so it names no directories."""
+    named = {}
+    for path, error in errors.items():
+        name = os.path.basename(path)
+        named[name] = error.replace(path, name)
+    return named
+
+
+def deadline_from(timeout_ms: Optional[str]) -> Optional[float]:
+    """The time.monotonic() deadline of the ``timeout_ms`` query parameter (None: no deadline)."""
+    if not timeout_ms:
+        return None
+    try:
+        milliseconds = float(timeout_ms)
+    except ValueError:
+        milliseconds = math.nan
+    if not 0 < milliseconds < math.inf:
+        raise InvalidRequest(f"timeout_ms={timeout_ms!r}: give a positive number of milliseconds")
+    return time.monotonic() + milliseconds / 1000
 
 
 def encode_result(outcome: ScoreOutcome, i: int) -> dict:
@@ -268,12 +347,11 @@ class SidecarHttp:
         metrics = self.service.metrics
         try:
             self._authorize(request)
-            records, single = decode_events(request.body, request.headers.get("content-type", ""))
+            records, single = decode_events(request.body, request.headers.get("content-type", ""), request.ticket)
             explain = request.query.get("explain", "0")
-            if not explain.isdigit():
+            if not (explain.isdigit() and len(explain) < 6):
                 raise InvalidRequest(f"explain={explain!r}: give a whole number of features")
-            timeout_ms = request.query.get("timeout_ms")
-            deadline = time.monotonic() + float(timeout_ms) / 1000 if timeout_ms else None
+            deadline = deadline_from(request.query.get("timeout_ms"))
             call = ScoreCall(records, request.query.get("model", ""), request.query.get("tag", ""),
                              int(explain), deadline, "http")
             outcome = await self.service.score(call)
@@ -315,5 +393,5 @@ class SidecarHttp:
         snapshot = self.service.registry.snapshot
         ready = bool(snapshot.models) and self.service.accepting
         body = {"ready": ready, "models": {n: m.version for n, m in sorted(snapshot.models.items())},
-                "rejected_files": snapshot.errors}
+                "rejected_files": without_directories(snapshot.errors)}
         return Response.json(body, 200 if ready else 503)

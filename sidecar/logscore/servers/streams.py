@@ -7,13 +7,19 @@ from typing import Optional
 
 
 class StreamServer:
-    """Serves each connection with ``serve(reader, writer)``; ``stop`` ends them all."""
+    """Serves each connection with ``serve(reader, writer)``; ``stop`` drains, then ends them all.
+
+    A connection in the middle of some work (a request being answered, a chunk being
+    relayed) is in ``busy``; ``serve`` takes no new work once ``draining`` is set.
+    """
 
     read_limit = 64 * 1024  # longest line StreamReader.readline accepts
 
     def __init__(self):
         self._server: Optional[asyncio.base_events.Server] = None
         self._connections: set[asyncio.Task] = set()
+        self.busy: set[asyncio.Task] = set()
+        self.draining = False
 
     async def start(self, host: str, port: int, ssl=None) -> None:
         self._server = await asyncio.start_server(self._connection, host, port, ssl=ssl, limit=self.read_limit)
@@ -22,12 +28,19 @@ class StreamServer:
     def port(self) -> int:
         return self._server.sockets[0].getsockname()[1]
 
-    async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            for task in list(self._connections):
-                task.cancel()
-            await self._server.wait_closed()
+    async def stop(self, grace_s: float = 0.0) -> None:
+        """Stop listening, close idle connections, give busy ones up to grace_s to finish their work."""
+        self.draining = True
+        if self._server is None:
+            return
+        self._server.close()
+        for task in self._connections - self.busy:
+            task.cancel()
+        if self.busy:
+            await asyncio.wait(set(self.busy), timeout=grace_s)
+        for task in list(self._connections):
+            task.cancel()
+        await self._server.wait_closed()
 
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()

@@ -32,6 +32,7 @@ class Features:
 class Detector:
     kind = ""
     uses_dense = True
+    progress = None  # training sets it: called (step, steps) by detectors that fit in long steps
 
     def __init__(self, seed: int = 0, **params):
         self.seed = seed
@@ -216,16 +217,21 @@ class Autoencoder(Detector):
     kind = "autoencoder"
 
     def fit(self, data: Features) -> None:
-        from sklearn.neural_network import MLPRegressor
+        import warnings
+
+        from sklearn.exceptions import ConvergenceWarning
 
         dense = data.dense
         self.params.setdefault("hidden", 32)
         self.params.setdefault("max_iter", 60)
         self.scaler = Standardizer(dense)
         x = self.scaler(dense)
-        self.model = MLPRegressor(hidden_layer_sizes=(self.params["hidden"],), activation="relu",
-                                  max_iter=self.params["max_iter"], random_state=self.seed,
-                                  early_stopping=False).fit(x, x)
+        model = epoch_reporting_mlp(self.progress, hidden_layer_sizes=(self.params["hidden"],), activation="relu",
+                                    max_iter=self.params["max_iter"], random_state=self.seed, early_stopping=False)
+        with warnings.catch_warnings():
+            # Stopping at max_iter is the plan (a fixed budget per fold), not a problem to warn about.
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            self.model = model.fit(x, x)
 
     def reference(self, data: Features) -> np.ndarray:
         x = self.scaler(data.dense)
@@ -237,6 +243,20 @@ class Autoencoder(Detector):
         hidden = g.op("Relu", [g.op("Add", [g.op("MatMul", [x, g.const(w0)]), g.const(b0)])])
         output = g.op("Add", [g.op("MatMul", [hidden, g.const(w1)]), g.const(b1)])
         return g.squared_norm(g.op("Sub", [output, x]))
+
+
+def epoch_reporting_mlp(progress, **params):
+    """An MLPRegressor that calls ``progress(epoch, max_iter)`` after each epoch (when given)."""
+    from sklearn.neural_network import MLPRegressor
+
+    class EpochReportingMLP(MLPRegressor):
+        # NOTE: MLPRegressor takes no callback; this hook of its training loop runs once per epoch.
+        def _update_no_improvement_count(self, *args, **kwargs):
+            super()._update_no_improvement_count(*args, **kwargs)
+            if progress is not None:
+                progress(self.n_iter_, self.max_iter)
+
+    return EpochReportingMLP(**params)
 
 
 # --- self-organizing map --------------------------------------------------------

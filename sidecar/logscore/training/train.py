@@ -180,6 +180,10 @@ class Fitted:
         return assemble_graph(self.featurizer.width, self.table, self.detectors, calibration, metadata)
 
 
+def detector_progress(progress: Progress, stage: str) -> Callable[[int, int], None]:
+    return lambda step, steps: progress(stage, step, steps, "epochs")
+
+
 def fit(records: Sequence[object], options: TrainOptions, progress: Progress, stage: str) -> Fitted:
     featurizer = Featurizer(options.spec)
     featurizer.fit(records)
@@ -189,6 +193,7 @@ def fit(records: Sequence[object], options: TrainOptions, progress: Progress, st
     detectors = [DETECTORS[kind](seed=options.seed, **dict(options.detector_params.get(kind, {})))
                  for kind in options.detectors]
     for done, detector in enumerate(detectors, start=1):
+        detector.progress = detector_progress(progress, f"{stage}: fitting {detector.kind}")
         detector.fit(data)
         progress(f"{stage}: fitted {detector.kind}", done, len(detectors), "detectors")
     return Fitted(featurizer, table, detectors, int(batch.unparsed.sum()))
@@ -275,5 +280,9 @@ def save_model(model, path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_bytes(model.SerializeToString())
-    os.replace(temporary, path)
+    try:
+        temporary.write_bytes(model.SerializeToString())
+        os.replace(temporary, path)
+    except OSError as error:
+        temporary.unlink(missing_ok=True)
+        raise ConfigError(f"{path}: cannot write the model ({error.strerror or error})") from None

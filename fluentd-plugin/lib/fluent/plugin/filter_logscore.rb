@@ -39,6 +39,8 @@ module Fluent
       config_param :timeout_per_record, :float, default: 0.0005
       desc 'Records per call: bigger event streams go as several calls'
       config_param :batch_records, :integer, default: 2000
+      desc 'Bytes per call (keep it under the sidecar\'s max_message_bytes, 2 MiB by default)'
+      config_param :batch_bytes, :size, default: 1024 * 1024
       desc 'Calls of one event stream under way at once'
       config_param :calls_in_flight, :integer, default: 2
       desc 'On failure: pass (records continue, marked unscored) or error (records go to @ERROR)'
@@ -61,7 +63,7 @@ module Fluent
         %i[timeout timeout_per_record probe_interval].each do |name|
           raise Fluent::ConfigError, "#{name} must be positive" unless instance_variable_get("@#{name}").positive?
         end
-        %i[batch_records calls_in_flight failure_threshold].each do |name|
+        %i[batch_records batch_bytes calls_in_flight failure_threshold].each do |name|
           raise Fluent::ConfigError, "#{name} must be at least 1" unless instance_variable_get("@#{name}") >= 1
         end
         if @tls_cert_path.nil? != @tls_key_path.nil?
@@ -89,7 +91,8 @@ module Fluent
         keys = Logscore::StreamScorer::Keys.new(score: @score_key, flag: @flag_key, model: @model_key,
                                                 explanation: @explanation_key, unscored: @unscored_key)
         @scorer = Logscore::StreamScorer.new(client: client, keys: keys, message_key: @message_key,
-                                             on_error: @on_error, log: log, batch_records: @batch_records)
+                                             on_error: @on_error, log: log, batch_records: @batch_records,
+                                             batch_bytes: @batch_bytes)
       end
 
       def shutdown

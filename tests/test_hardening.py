@@ -1,0 +1,410 @@
+"""Hostile input and operator mistakes, against the real `logscore serve` process and the real CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+
+import grpc
+import pytest
+
+from logscore.generated.logscore.v1 import scorer_pb2 as pb
+
+from .generate import shop_lines
+from .sidecar_process import ROOT, SidecarProcess, free_port, make_certificates, models_dir_with
+
+DEFAULT_MODEL = ROOT / "models" / "apache-access.onnx"
+
+
+def logscore(*args, cwd=ROOT, env=None, timeout=120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "logscore", *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture()
+def shop_models(tmp_path, shop_model_path):
+    return models_dir_with(tmp_path, shop_model_path, "shop")
+
+
+def one_line_error(result: subprocess.CompletedProcess, *expected: str) -> str:
+    """The run failed with exit 1 and one line on stderr (beside JSON log lines) holding every expected
+    text; no traceback."""
+    assert result.returncode == 1, result.stderr
+    lines = [line for line in result.stderr.strip().splitlines() if not line.startswith('{"time"')]
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    for text in expected:
+        assert text in lines[0], lines[0]
+    return lines[0]
+
+
+# --- starting: a second instance, bad settings, busy ports -----------------------------------
+
+def test_a_second_instance_on_the_same_socket_is_refused_and_a_stale_one_replaced(tmp_path, shop_models):
+    first = SidecarProcess(shop_models, tmp_path).start()
+    try:
+        second = logscore("serve", "--models-dir", shop_models, "--socket", first.socket, "--http", "")
+        one_line_error(second, "--socket", "another process", "stop it first or choose another --socket")
+        request = pb.ScoreRequest(lines=pb.RawLines(lines=[b"x"]))
+        assert len(first.stub().Score(request, timeout=5).scores) == 1  # the first still serves
+    finally:
+        assert first.stop() == 0
+    stale = tmp_path / "stale.sock"
+    with socket.socket(socket.AF_UNIX) as dead:  # bound, never listening: what a crash leaves behind
+        dead.bind(str(stale))
+    restarted = SidecarProcess(shop_models, tmp_path, socket=stale).start()
+    try:
+        assert len(restarted.stub(grpc.insecure_channel(f"unix:{stale}")).Score(request, timeout=5).scores) == 1
+    finally:
+        assert restarted.stop() == 0
+    not_a_socket = tmp_path / "notes.txt"
+    not_a_socket.write_text("keep me")
+    result = logscore("serve", "--models-dir", shop_models, "--socket", not_a_socket, "--http", "")
+    one_line_error(result, "is not a socket")
+    assert not_a_socket.read_text() == "keep me"
+
+
+@pytest.fixture()
+def busy_port():
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        yield listener.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def certificates(tmp_path_factory):
+    return make_certificates(tmp_path_factory.mktemp("tls"))
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--http", "127.0.0.1:{busy}"], ["--http 127.0.0.1:", "in use", "choose another --http"]),
+    (["--tcp", "127.0.0.1:{busy}"], ["--tcp 127.0.0.1:", "in use", "choose another --tcp"]),
+    (["--http", "localhost"], ["--http 'localhost'", "host:port"]),
+    (["--log-level", "loud"], ["--log-level 'loud'", "debug, info, warning, error"]),
+    (["--socket-mode", "rw-rw----"], ["--socket-mode", "octal"]),
+    (["--tls-cert", "{server_pem}", "--tls-key", "{client_key}", "--tcp", "127.0.0.1:0"],
+     ["--tls-cert", "--tls-key", "the private key it was made for"]),
+    (["--default-model", "nosuch"], ["--default-model nosuch", "loaded: shop"]),
+    (["--token-file", "{empty}"], ["--token-file", "empty", "drop --token-file"]),
+])
+def test_startup_mistakes_are_one_line_naming_the_flag(tmp_path, shop_models, busy_port, certificates, flags,
+                                                      expected):
+    (tmp_path / "empty").write_text("\n")
+    values = {"busy": busy_port, "empty": tmp_path / "empty",
+              **{name.replace(".", "_"): path for name, path in certificates.items()}}
+    socket_path = tmp_path / "s.sock"
+    result = logscore("serve", "--models-dir", shop_models, "--socket", socket_path,
+                      *[flag.format(**values) if "{" in flag else flag for flag in flags])
+    one_line_error(result, *expected)
+    assert not socket_path.exists()  # nothing left behind
+
+
+def test_run_sh_fails_in_one_line_and_leaves_no_socket_when_the_port_is_taken(tmp_path, busy_port):
+    socket_path = tmp_path / "run.sock"
+    env = {**os.environ, "LOGSCORE_SOCKET": str(socket_path), "LOGSCORE_HTTP": f"127.0.0.1:{busy_port}"}
+    result = subprocess.run(["bash", "scripts/run.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode != 0
+    assert f"--http 127.0.0.1:{busy_port}: cannot listen there" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not socket_path.exists()
+
+
+# --- shutdown --------------------------------------------------------------------------------------
+
+def http_bytes(port: int, body: bytes, path: str = "/v1/score", extra: str = "") -> bytes:
+    return (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n{extra}\r\n").encode() + body
+
+
+def read_response(connection: socket.socket) -> tuple[int, dict, bytes]:
+    """Status, headers and body of one HTTP response (Content-Length framed)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = connection.recv(65536)
+        if not chunk:
+            raise ConnectionError(f"closed after {data!r}")
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+    length = int(headers.get("content-length", 0))
+    while len(body) < length:
+        chunk = connection.recv(65536)
+        if not chunk:
+            raise ConnectionError("closed mid-body")
+        body += chunk
+    return int(lines[0].split()[1]), headers, body
+
+
+def scored_records(process) -> float:
+    text = process.http_get("/metrics")[1].decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("logscore_records_scored_total{"))
+
+
+def test_sigterm_answers_every_http_request_in_flight(tmp_path, shop_models):
+    process = SidecarProcess(shop_models, tmp_path).start()
+    connections = []
+    for i in range(8):
+        body = json.dumps({"records": shop_lines(4000, seed=90 + i)}).encode()
+        connection = socket.create_connection(("127.0.0.1", process.http_port), timeout=60)
+        connection.sendall(http_bytes(process.http_port, body))
+        connections.append(connection)
+    process.wait_for(lambda: scored_records(process) >= 4000, what="the first request scored")
+    process.signal(signal.SIGTERM)  # the other seven are queued or being scored
+    answers = []
+    for connection in connections:
+        with connection:
+            status, headers, raw = read_response(connection)
+            answers.append((status, len(json.loads(raw).get("results", [])) or raw[:200], headers["connection"]))
+    assert [answer[:2] for answer in answers] == [(200, 4000)] * 8
+    assert answers[-1][2] == "close"  # answered while draining
+    assert process.process.wait(30) == 0
+    with pytest.raises(OSError):  # no longer listening
+        socket.create_connection(("127.0.0.1", process.http_port), timeout=2).close()
+
+
+# --- HTTP edge cases -------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def sidecar(tmp_path_factory, shop_model_path):
+    workdir = tmp_path_factory.mktemp("hardening")
+    process = SidecarProcess(models_dir_with(workdir, shop_model_path, "shop"), workdir,
+                             max_inflight_bytes=24 * 1024 * 1024).start()
+    yield process
+    assert process.stop() == 0
+    assert "Traceback" not in process.log()
+
+
+def post(sidecar, body: bytes, path: str = "/v1/score", headers: str = "") -> tuple[int, dict]:
+    with socket.create_connection(("127.0.0.1", sidecar.http_port), timeout=30) as connection:
+        connection.sendall(http_bytes(sidecar.http_port, body, path, headers))
+        status, _, raw = read_response(connection)
+    return status, json.loads(raw)
+
+
+@pytest.mark.parametrize("path, body, status, message", [
+    ("/v1/score?timeout_ms=abc", b'{"message": "x"}', 400, "timeout_ms='abc': give a positive number"),
+    ("/v1/score?timeout_ms=-5", b'{"message": "x"}', 400, "timeout_ms='-5'"),
+    ("/v1/score", b"[" * 100_000 + b"]" * 100_000, 400, "nested too deeply"),
+    ("/v1/score", b'{"records": "x"}', 400, '"records" must be an array of events, not str'),
+    ("/v1/score", b'{"records": {"url": "/"}}', 400, "not dict"),
+])
+def test_http_edge_cases_get_a_clear_4xx(sidecar, path, body, status, message):
+    answer = post(sidecar, body, path)
+    assert answer[0] == status and message in answer[1]["error"], answer
+
+
+def test_deeply_nested_events_are_scored_not_crashing(sidecar):
+    nested = '{"a":' * 900 + '"x"' + "}" * 900
+    status, answer = post(sidecar, f'[{nested}, {{"url": {"[" * 900}"x"{"]" * 900}}}]'.encode())
+    assert status == 200 and len(answer["results"]) == 2
+    assert "Traceback" not in sidecar.log() and '"level": "error"' not in sidecar.log()
+
+
+def test_expect_100_continue_is_answered_before_the_body(sidecar):
+    body = json.dumps({"records": shop_lines(5000, seed=91)}).encode()
+    assert len(body) > 1024 * 1024
+    with socket.create_connection(("127.0.0.1", sidecar.http_port), timeout=30) as connection:
+        request = http_bytes(sidecar.http_port, body, extra="Expect: 100-continue\r\n")
+        head, body_part = request[: len(request) - len(body)], request[len(request) - len(body):]
+        connection.sendall(head)
+        connection.settimeout(2)
+        assert connection.recv(1024) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        connection.sendall(body_part)
+        connection.settimeout(30)
+        status, _, raw = read_response(connection)
+    assert status == 200 and len(json.loads(raw)["results"]) == 5000
+    with socket.create_connection(("127.0.0.1", sidecar.http_port), timeout=30) as connection:
+        connection.sendall(f"POST /v1/score HTTP/1.1\r\nContent-Length: {64 * 1024 * 1024}\r\n"
+                           "Expect: 100-continue\r\n\r\n".encode())
+        status, _, raw = read_response(connection)  # refused at once, the body never sent
+    assert status == 413 and "send smaller batches" in json.loads(raw)["error"]
+
+
+# --- admission by bytes ----------------------------------------------------------------------------
+
+def test_requests_over_the_inflight_budget_are_refused_and_the_sidecar_goes_on(sidecar):
+    tiny_values = ("[" + ",".join(['{"v":[' + ",".join(["1"] * 2000) + "]}"] * 200) + "]").encode()
+    assert len(tiny_values) < 4 * 1024 * 1024  # under max_message_bytes: refused for what it decodes into
+    status, answer = post(sidecar, tiny_values)
+    assert status == 429 and "max_inflight_bytes" in answer["error"]
+    stream = b"".join(b"\x92\x00\x81\xa1v" + b"\xdc\xff\xff" + b"\x90" * 65535 for _ in range(3))
+    with pytest.raises(grpc.RpcError) as refused:
+        sidecar.stub().Score(pb.ScoreRequest(event_stream=stream), timeout=10)
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "max_inflight_bytes" in refused.value.details()
+    assert post(sidecar, json.dumps(shop_lines(3, seed=92)).encode())[0] == 200
+
+
+# --- what the unauthenticated may see ----------------------------------------------------------------
+
+def test_metrics_and_readyz_name_no_model_paths(tmp_path, shop_models):
+    (tmp_path / "token").write_text("s3cret\n")
+    (shop_models / "broken.onnx").write_bytes(b"not onnx")
+    process = SidecarProcess(shop_models, tmp_path, token_file=tmp_path / "token").start()
+    try:
+        for path in ("/metrics", "/readyz"):
+            status, body = process.http_get(path)
+            assert status == 200 and str(shop_models) not in body.decode(), body[:2000]
+        assert "broken.onnx" in json.loads(process.http_get("/readyz")[1])["rejected_files"]
+        assert 'logscore_model_loaded{model="shop",version=' in process.http_get("/metrics")[1].decode()
+    finally:
+        assert process.stop() == 0
+
+
+# --- the client against a secured sidecar ------------------------------------------------------------
+
+def test_client_reaches_a_sidecar_with_token_and_mutual_tls(tmp_path, shop_models, certificates):
+    (tmp_path / "token").write_text("s3cret\n")
+    process = SidecarProcess(shop_models, tmp_path, token_file=tmp_path / "token", tcp=f"127.0.0.1:{free_port()}",
+                             tls_cert=certificates["server.pem"], tls_key=certificates["server.key"],
+                             tls_client_ca=certificates["ca.pem"], ca_file=certificates["ca.pem"],
+                             client_cert=(certificates["client.pem"], certificates["client.key"])).start()
+    try:
+        (tmp_path / "in.log").write_text("\n".join(shop_lines(3, seed=93)) + "\n")
+        secure = ["--tcp", process.settings["tcp"], "--tls-ca", certificates["ca.pem"]]
+        client_cert = ["--tls-cert", certificates["client.pem"], "--tls-key", certificates["client.key"]]
+        ok = logscore("client", *secure, *client_cert, "--token-file", tmp_path / "token", tmp_path / "in.log")
+        assert ok.returncode == 0, ok.stderr
+        assert [json.loads(line)["model"] for line in ok.stdout.splitlines()] == ["shop"] * 3
+        no_token = logscore("client", *secure, *client_cert, tmp_path / "in.log")
+        assert no_token.returncode == 1 and "UNAUTHENTICATED" in no_token.stderr
+        no_certificate = logscore("client", *secure, "--token-file", tmp_path / "token", "--timeout", 3,
+                                  tmp_path / "in.log")
+        assert no_certificate.returncode == 1 and "UNAVAILABLE" in no_certificate.stderr
+        over_socket = logscore("client", "--socket", process.socket, "--token-file", tmp_path / "token",
+                               tmp_path / "in.log")
+        assert over_socket.returncode == 0 and len(over_socket.stdout.splitlines()) == 3
+    finally:
+        assert process.stop() == 0
+
+
+# --- the installed package ---------------------------------------------------------------------------
+
+def test_a_non_editable_install_serves_its_default_model_and_openapi(tmp_path):
+    source = tmp_path / "source"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache", "fluentd-plugin"))
+    target = tmp_path / "site"
+    install = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                              "--disable-pip-version-check", "--target", str(target), str(source)],
+                             capture_output=True, text=True, timeout=300)
+    assert install.returncode == 0, install.stderr
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(target)}
+    process = SidecarProcess(None, tmp_path, cwd=elsewhere, env=env).start()
+    try:
+        status, body = process.http_get("/readyz")
+        assert status == 200 and json.loads(body)["models"].keys() == {"apache-access"}
+        status, body = process.http_get("/openapi.json")
+        assert status == 200 and json.loads(body) == json.loads((ROOT / "docs" / "openapi.json").read_text())
+        assert f"{target}/logscore/data/models/apache-access.onnx" in process.log()  # the installed copy
+    finally:
+        assert process.stop() == 0
+
+
+# --- training and help texts ----------------------------------------------------------------------------
+
+def test_a_bad_out_fails_before_training_and_leaves_nothing(tmp_path):
+    (tmp_path / "a.log").write_text("\n".join(shop_lines(300, seed=94)) + "\n")
+    blocked = tmp_path / "file"
+    blocked.write_text("a file where a directory should be")
+    for out in (blocked / "m.onnx", tmp_path):
+        result = logscore("train", "--input", tmp_path / "a.log", "--out", out)
+        one_line_error(result, "--out", "is a directory" if out == tmp_path else "cannot write there")
+        assert "[train]" not in result.stderr  # refused before any training work
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.log", "file"]
+
+
+def test_the_autoencoder_shows_progress_and_no_warnings(tmp_path):
+    (tmp_path / "a.log").write_text("\n".join(shop_lines(600, seed=95)) + "\n")
+    result = logscore("train", "--input", tmp_path / "a.log", "--out", tmp_path / "ae.onnx", "--folds", 2,
+                      "--detectors", "autoencoder", timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "fold 1/2: fitting autoencoder: 60/60 epochs" in result.stderr
+    assert "final model: fitting autoencoder:" in result.stderr
+    assert "Warning" not in result.stderr and "warn" not in result.stderr
+
+
+def test_help_texts_read_well():
+    evaluate = logscore("evaluate", "--help").stdout
+    assert "1 % and 0.1 %" in " ".join(evaluate.split()) and "%%" not in evaluate
+    serve = logscore("serve", "--help").stdout
+    assert "VALUE" not in serve and "--http HOST:PORT" in serve and "--max-batch-records N" in serve
+    assert "(default: 4096)" in serve and "(default: 127.0.0.1:9095)" in " ".join(serve.split())
+
+
+def test_explanations_name_a_field_once(tmp_path):
+    line = '203.0.113.5 - - [20/May/2015:10:00:00 +0000] "GET /a.css?id=1%27%20OR%201=1-- HTTP/1.1" 200 1 "-" "x"'
+    result = subprocess.run([sys.executable, "-m", "logscore", "score", "--model", str(DEFAULT_MODEL), "--explain",
+                             "3"], input=line + "\n", cwd=ROOT, capture_output=True, text=True, timeout=60)
+    explanation = json.loads(result.stdout)["explanation"]
+    assert explanation[0].startswith("url: shape ") and not any("url url" in e for e in explanation)
+
+
+def test_setup_sh_does_not_reinstall_when_nothing_changed():
+    first = subprocess.run(["bash", "scripts/setup.sh"], cwd=ROOT, env={**os.environ, "LOGSCORE_WITH_RUBY": "0"},
+                           capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr
+    again = subprocess.run(["bash", "scripts/setup.sh"], cwd=ROOT, env={**os.environ, "LOGSCORE_WITH_RUBY": "0"},
+                           capture_output=True, text=True, timeout=60)
+    assert again.returncode == 0 and "[setup] up to date" in again.stdout and again.stderr == ""
+
+
+# --- memory: the shipped limits hold under the worst input the limits allow ------------------------------
+
+DEPLOY = ROOT / "docs" / "deploy"
+
+
+def shipped_memory_limit() -> int:
+    """MiB both deploy files allow (they must agree), checked to be secure by default on the way."""
+    import yaml
+
+    unit = (DEPLOY / "logscore.service").read_text()
+    unit_limit = next(int(line.split("=")[1].rstrip("M")) for line in unit.splitlines()
+                      if line.startswith("MemoryMax="))
+    assert "Environment=LOGSCORE_HTTP=127.0.0.1:" in unit
+    manifest = yaml.safe_load((DEPLOY / "kubernetes-sidecar.yaml").read_text())
+    container = next(c for c in manifest["spec"]["template"]["spec"]["containers"] if c["name"] == "logscore")
+    env = {item["name"]: item["value"] for item in container["env"]}
+    if not env.get("LOGSCORE_HTTP", "127.0.0.1:").startswith("127.0.0.1:"):
+        assert env.get("LOGSCORE_TOKEN_FILE"), "HTTP on the pod's address needs a token"
+    manifest_limit = int(container["resources"]["limits"]["memory"].rstrip("Mi"))
+    assert unit_limit == manifest_limit
+    return unit_limit * 1024 * 1024
+
+
+def test_the_shipped_memory_limit_holds_under_the_worst_input(tmp_path):
+    from .worst_inputs import flood, worst_payloads
+
+    limit = shipped_memory_limit()
+    process = SidecarProcess(ROOT / "models", tmp_path).start()  # the shipped defaults
+    try:
+        from logscore.settings import Settings
+
+        payloads = worst_payloads(Settings().max_message_bytes)
+        outcomes = flood(process, payloads)
+        peak = process.peak_rss_bytes()
+        print(f"peak RSS {peak / 2**20:.0f} MiB under the worst input (limit {limit / 2**20:.0f} MiB)")
+        assert peak < limit
+        # A call past the streams a connection may have open at once can be refused (REFUSED_STREAM).
+        refused_stream = "UNAVAILABLE: Stream removed (RST_STREAM (Received RST_STREAM with error code 7))"
+        allowed = {"OK", "RESOURCE_EXHAUSTED", "200", "429", refused_stream}
+        for name, results in outcomes.items():
+            assert set(results) <= allowed, (name, results)
+        # Many tiny values weigh little on the wire and much once decoded: never admitted.
+        assert "OK" not in outcomes["grpc_many_fields"] + outcomes["grpc_empty_arrays"]
+        assert set(outcomes["http_tiny_values"]) == {"429"}
+        request = pb.ScoreRequest(lines=pb.RawLines(lines=[b"x"]))
+        assert len(process.stub().Score(request, timeout=10).scores) == 1  # and it goes on serving
+        assert '"level": "error"' not in process.log()
+    finally:
+        assert process.stop() == 0
