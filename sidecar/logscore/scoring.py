@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from .batching import Batcher
+from .decide import decide
 from .errors import InvalidRequest, ShuttingDown
 from .metrics import Metrics
 from .model import Model
@@ -41,22 +42,12 @@ class ScoreOutcome:
     notes: list[tuple[int, str, str]] = field(default_factory=list)  # (record, field, description)
 
 
-def record_notes(model: Model, result, positions: Sequence[int]) -> list[tuple[int, str, str]]:
-    """Notes for truncated and unparsed records; ``positions`` maps the result's rows to the request's."""
-    if not (result.truncated.any() or result.unparsed.any()):
-        return []
-    notes = [(int(positions[i]), "record", "a field was truncated for scoring")
-             for i in np.flatnonzero(result.truncated)]
-    notes += [(int(positions[i]), "record", f"did not parse as {model.featurizer.log_format}; "
-               "scored with its fields missing") for i in np.flatnonzero(result.unparsed)]
-    return notes
-
-
 class ScoringService:
-    def __init__(self, registry: ModelRegistry, settings: Settings, metrics: Metrics):
+    def __init__(self, registry: ModelRegistry, settings: Settings, metrics: Metrics, learner=None):
         self.registry = registry
         self.settings = settings
         self.metrics = metrics
+        self.learner = learner  # learning.Learner when `learn` is on: sees every record, may hold flags
         # One scoring thread: on 2 cores the other core serves the protocol surfaces.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scoring")
         self._batchers: dict[Model, Batcher] = {}
@@ -71,7 +62,7 @@ class ScoringService:
                                  f"{self.settings.max_records_per_request} (split the batch)")
         if call.explain > 100:
             raise InvalidRequest(f"explain={call.explain}: name at most 100 features per record")
-        records, notes = self._limit_sizes(call.records)
+        records = call.records
         model = self.registry.resolve(call.model, call.tag)
         groups = self._group_by_entity(model, records)
         if len(groups) == 1:
@@ -80,21 +71,14 @@ class ScoringService:
             results = await asyncio.gather(*(
                 self._batcher(m).score([records[i] for i in idx], call.explain, call.deadline)
                 for m, idx in groups.items()))
-        outcome = self._assemble(count, groups, results, call.explain > 0, notes)
+        routes = self.learner.routes(model, records) if self.learner is not None else None
+        decisions = [decide(m, result, self.learner.holds(m, [routes[i] for i in idx]) if routes else None)
+                     for (m, idx), result in zip(groups.items(), results)]
+        outcome = self._assemble(count, groups, results, decisions, call.explain > 0)
+        if routes:
+            self.learner.observe(routes, records)
         self.metrics.observe_outcome(outcome, call.surface)
         return outcome
-
-    def _limit_sizes(self, records: Sequence[object]) -> tuple[Sequence[object], list]:
-        """Cut raw lines over max_record_bytes (fields are cut by the featurizer)."""
-        limit = self.settings.max_record_bytes
-        notes = []
-        if any(isinstance(r, str) and len(r) > limit for r in records):
-            records = list(records)
-            for i, record in enumerate(records):
-                if isinstance(record, str) and len(record) > limit:
-                    records[i] = record[:limit]
-                    notes.append((i, "record", f"truncated to {limit} characters"))
-        return records, notes
 
     def _group_by_entity(self, model: Model, records: Sequence[object]) -> dict[Model, list[int]]:
         entity = self.registry.entity_field
@@ -117,23 +101,22 @@ class ScoringService:
         return batcher
 
     @staticmethod
-    def _assemble(count, groups, results, explained: bool, notes: list) -> ScoreOutcome:
+    def _assemble(count, groups, results, decisions, explained: bool) -> ScoreOutcome:
         models = list(groups)
-        for model, result in zip(models, results):
-            notes.extend(record_notes(model, result, groups[model]))
-        notes.sort()
+        notes = sorted((int(groups[model][i]), field, text) for model, decision in zip(models, decisions)
+                       for i, field, text in decision.notes)
         if len(groups) == 1:  # the usual case: one model scored every record, in order
             result = results[0]
-            return ScoreOutcome(result.scores, result.is_anomaly, np.zeros(count, dtype=np.uint32), models,
+            return ScoreOutcome(result.scores, decisions[0].is_anomaly, np.zeros(count, dtype=np.uint32), models,
                                 result.explanations if explained else None, notes)
         scores = np.zeros(count, dtype=np.float32)
         flags = np.zeros(count, dtype=bool)
         model_index = np.zeros(count, dtype=np.uint32)
         explanations: Optional[list] = [[] for _ in range(count)] if explained else None
-        for position, (model, result) in enumerate(zip(models, results)):
+        for position, (model, result, decision) in enumerate(zip(models, results, decisions)):
             idx = np.asarray(groups[model])
             scores[idx] = result.scores
-            flags[idx] = result.is_anomaly
+            flags[idx] = decision.is_anomaly
             model_index[idx] = position
             if explanations is not None:
                 for local, i in enumerate(idx.tolist()):

@@ -92,7 +92,7 @@ class Sidecar:
         self.settings = settings
         self.metrics = Metrics()
         self.registry = ModelRegistry(settings.models_dir, settings.default_model, settings.tag_routes,
-                                      settings.entity_field, self._model_event)
+                                      settings.entity_field, self._model_event, settings.max_record_bytes)
         self.service = ScoringService(self.registry, settings, self.metrics)
         self.health = health.aio.HealthServicer()
         self.grpc_server: Optional[grpc.aio.Server] = None

@@ -54,7 +54,8 @@ class Settings:
                                       "is scored on the event loop (faster than a thread hand-off); 0: never")
     max_queued_records: int = setting(200_000, "records waiting per model before RESOURCE_EXHAUSTED")
     max_records_per_request: int = setting(20_000, "records in one request before INVALID_ARGUMENT")
-    max_record_bytes: int = setting(65_536, "a longer raw line or field is truncated and flagged")
+    max_record_bytes: int = setting(65_536, "a longer raw line is cut to this many characters before it is parsed "
+                                    "and noted `truncated` (`logscore score --max-record-bytes`: the same rule)")
     max_message_bytes: int = setting(64 * 1024 * 1024, "largest gRPC message accepted")
     reload_interval_s: float = setting(2.0, "how often the models directory is checked for changes (0: "
                                        "only on SIGHUP)")
