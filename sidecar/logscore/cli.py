@@ -19,6 +19,7 @@ from typing import Iterator, Optional, Sequence
 
 from .errors import LogscoreError
 from .inputs import read_json_records, read_lines
+from .records import DEFAULT_MAX_LINE_CHARS
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -74,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--name", help="model name (default: the output file's stem)")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--out", "-o", required=True, metavar="FILE.onnx", help="where to write the model")
+    add_robustness_flags(train)
     train.set_defaults(run=run_train)
 
     score = commands.add_parser("score", help="score log lines offline (JSON lines out)",
@@ -87,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="name the K features that made each record unusual")
     score.add_argument("--only-anomalies", action="store_true", help="print only records over the threshold")
     score.add_argument("--batch", type=int, default=1000, help="records per batch (default 1000)")
+    score.add_argument("--max-record-bytes", type=int, default=DEFAULT_MAX_LINE_CHARS, metavar="N",
+                       help="cut a longer raw line before parsing, noted `truncated` (the sidecar's setting of the "
+                       f"same name; default {DEFAULT_MAX_LINE_CHARS})")
     score.set_defaults(run=run_score)
 
     inspect = commands.add_parser("inspect", help="show a model's metadata",
@@ -147,6 +152,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def add_robustness_flags(parser: argparse.ArgumentParser) -> None:
+    """Training flags of issue #11: input as field maps, contamination screening, the learner's route."""
+    parser.add_argument("--json-records", action="store_true",
+                        help="each input line is a JSON field map (as a shipper sends), not a raw line")
+    parser.add_argument("--keep-outliers", action="store_true",
+                        help="learn every record as normal; by default records that stand far above the rest "
+                        "(attacks in the training data) are set aside and listed by `logscore inspect`")
+    parser.add_argument("--learned-route", metavar="ROUTE", help=argparse.SUPPRESS)  # set by the sidecar's learner
+
+
 def add_settings_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per Settings field; unset flags fall through to env, file and defaults."""
     from dataclasses import fields
@@ -170,6 +185,8 @@ def run_serve(args) -> int:
 def run_client(args) -> int:
     import grpc
 
+    from .decide import notes_by_record
+
     from .generated.logscore.v1 import scorer_pb2 as pb
     from .generated.logscore.v1 import scorer_pb2_grpc as pb_grpc
 
@@ -191,14 +208,13 @@ def run_client(args) -> int:
             except grpc.RpcError as error:
                 print(f"logscore client: {target}: {error.code().name}: {error.details()}", file=sys.stderr)
                 return 1
+            notes = notes_by_record([(n.index, n.description) for n in response.notes], len(chunk))
             for i in range(len(chunk)):
                 line_number += 1
                 model = response.models[response.model_index[i]]
-                entry = {"line": line_number, "score": round(response.scores[i], 6),
-                         "is_anomaly": response.is_anomaly[i], "model": model.name, "version": model.version}
-                if response.explanations:
-                    entry["explanation"] = list(response.explanations[i].features)
-                print(json.dumps(entry))
+                explanation = list(response.explanations[i].features) if response.explanations else None
+                print(json.dumps(result_entry(line_number, response.scores[i], response.is_anomaly[i], model.name,
+                                              model.version, notes[i], explanation)))
     return 0
 
 
@@ -238,11 +254,17 @@ def run_train(args) -> int:
         detectors=[d.strip() for d in args.detectors.split(",") if d.strip()],
         target_fpr=args.target_fpr, threshold_rule=args.threshold_rule, sigma=args.sigma,
         folds=args.folds, max_records=args.max_records, support=args.support, seed=args.seed,
-        name=args.name or Path(args.out).stem, inputs=args.input)
-    model, metadata = train(read_lines(args.input), options, ProgressPrinter())
+        name=args.name or Path(args.out).stem, inputs=args.input, set_aside=not args.keep_outliers,
+        learned_route=args.learned_route)
+    records = read_json_records(args.input) if args.json_records else read_lines(args.input)
+    model, metadata = train(records, options, ProgressPrinter(), print_warning)
     save_model(model, args.out)
     print_training_summary(args.out, metadata)
     return 0
+
+
+def print_warning(message: str) -> None:
+    print(f"logscore train: warning: {message}", file=sys.stderr, flush=True)
 
 
 def print_training_summary(path: str, metadata: dict) -> None:
@@ -256,6 +278,24 @@ def print_training_summary(path: str, metadata: dict) -> None:
     print(f"  calibrated score quantiles (out-of-fold): {training['calibrated_score_quantiles']}")
     print(f"  threshold: {calibration['threshold']:.4f} ({calibration['rule']}); expected alerts per "
           f"10,000 normal records: {calibration['expected_alerts_per_10k']}")
+    print(f"  {describe_realized_fpr(calibration)}")
+    print(f"  {describe_set_aside(training)}")
+
+
+def describe_realized_fpr(calibration: dict) -> str:
+    held = calibration.get("held_back") or {}
+    if not held.get("records"):
+        return f"target false-positive rate {calibration.get('target_fpr')} (no held-back figure in this model)"
+    return (f"false-positive rate: target {calibration.get('target_fpr')}, realized {held['fpr']} on held-back "
+            f"folds ({held['flagged']} of {held['records']} records)")
+
+
+def describe_set_aside(training: dict) -> str:
+    aside = training.get("set_aside")
+    if aside is None:
+        return "set aside: nothing (every record learned as normal)"
+    return (f"set aside as likely attacks: {aside['records']} records ({aside['fraction']:.3%}); "
+            "`logscore inspect` lists examples")
 
 
 def batched(items, size: int) -> Iterator[list]:
@@ -265,32 +305,40 @@ def batched(items, size: int) -> Iterator[list]:
 
 
 def run_score(args) -> int:
+    from .decide import decide, notes_by_record
     from .model import Model
 
-    model = Model.load(args.model)
+    model = Model.load(args.model, max_line_chars=args.max_record_bytes)
     records = read_json_records(args.inputs) if args.json_records else read_lines(args.inputs)
     out = sys.stdout
     line_number = 0
     for chunk in batched(records, max(1, args.batch)):
         result = model.score(chunk, explain=args.explain)
+        decision = decide(model, result)
+        notes = notes_by_record([(i, text) for i, _, text in decision.notes], len(chunk))
         for i in range(len(chunk)):
             line_number += 1
-            if args.only_anomalies and not result.is_anomaly[i]:
+            if args.only_anomalies and not decision.is_anomaly[i]:
                 continue
-            out.write(json.dumps(score_json(model, result, i, line_number)) + "\n")
+            explanation = result.explanations[i] if result.explanations is not None else None
+            out.write(json.dumps(result_entry(line_number, result.scores[i], decision.is_anomaly[i], model.name,
+                                              model.version, notes[i], explanation)) + "\n")
     out.flush()
     return 0
 
 
-def score_json(model, result, i: int, line_number: int) -> dict:
-    entry = {"line": line_number, "score": round(float(result.scores[i]), 6),
-             "is_anomaly": bool(result.is_anomaly[i]), "model": model.name, "version": model.version}
-    if result.unparsed[i]:
-        entry["unparsed"] = True
-    if result.truncated[i]:
-        entry["truncated"] = True
-    if result.explanations is not None:
-        entry["explanation"] = result.explanations[i]
+def result_entry(line_number: int, score: float, is_anomaly: bool, model: str, version: str, notes: list[str],
+                 explanation: Optional[list[str]]) -> dict:
+    """One JSON line of `logscore score` and `logscore client` (the same keys either way)."""
+    from .decide import note_flags
+
+    entry = {"line": line_number, "score": round(float(score), 6), "is_anomaly": bool(is_anomaly),
+             "model": model, "version": version}
+    if notes:
+        entry.update(note_flags(notes))
+        entry["notes"] = notes
+    if explanation is not None:
+        entry["explanation"] = explanation
     return entry
 
 
@@ -404,6 +452,14 @@ def run_inspect(args) -> int:
     print(f"  trained: {training.get('date')} on {training.get('records_used')} records from "
           f"{', '.join(training.get('inputs', [])) or 'stdin'}; {training.get('distinct_features')} "
           "distinct features")
+    print(f"  {describe_realized_fpr(calibration)}")
+    print(f"  {describe_set_aside(training)}")
+    for example in (training.get("set_aside") or {}).get("examples", []):
+        print(f"    {example['record']}")
+    for warning in training.get("warnings", []):
+        print(f"  warning: {warning}")
+    if training.get("learned_route"):
+        print(f"  learned by the sidecar for route {training['learned_route']}")
     return 0
 
 
