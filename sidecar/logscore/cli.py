@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Score labeled records and report ROC-AUC, PR-AUC, TPR at FPR 1 %% and 0.1 %%, "
         "precision/recall/F1 at the model's threshold and at the best one, confusion counts and recall "
         "per attack type; optionally per session, as JSON and PNG plots.")
-    evaluate.add_argument("--model", "-m", required=True, metavar="FILE.onnx")
+    evaluate.add_argument("--model", "-m", metavar="FILE.onnx", help="the model to evaluate (or --train)")
     evaluate.add_argument("--normal", nargs="+", default=[], metavar="FILE", help="files of normal lines")
     evaluate.add_argument("--anomalous", nargs="+", default=[], metavar="FILE", help="files of anomalous lines")
     evaluate.add_argument("--labeled", metavar="FILE", help="CSV or JSON lines with a label column; the other "
@@ -126,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--plots", metavar="PREFIX", help="write PREFIX_histogram.png and PREFIX_roc.png "
                           "(needs matplotlib)")
     evaluate.add_argument("--batch", type=int, default=2048)
+    add_evaluation_training_flags(evaluate)
     evaluate.set_defaults(run=run_evaluate)
 
     serve = commands.add_parser("serve", help="run the sidecar",
@@ -386,18 +387,23 @@ def read_labeled(args) -> tuple[list, list[int], Optional[list[str]]]:
 def run_evaluate(args) -> int:
     import numpy as np
 
+    from .decide import decide
     from .evaluation import Evaluation, group_sessions, plot
-    from .model import Model
 
-    model = Model.load(args.model)
     records, labels, types = read_labeled(args)
+    model, training = evaluation_model(args, records, labels, types)
     progress = ProgressPrinter()
-    scores = []
+    scores, flags = [], []
     for start in range(0, len(records), args.batch):
-        scores.append(model.score(records[start: start + args.batch]).scores)
+        result = model.score(records[start: start + args.batch])
+        scores.append(result.scores)
+        flags.append(decide(model, result).is_anomaly)
         progress("scoring", min(start + args.batch, len(records)), len(records))
     score_array, label_array = np.concatenate(scores).astype(np.float64), np.asarray(labels)
+    flag_array = np.concatenate(flags)
     report = {"model": model.name, "version": model.version}
+    if training is not None:
+        report["training"] = training
     if args.session_key:
         texts = [r if isinstance(r, str) else json.dumps(r) for r in records]
         session_labels = None
@@ -409,11 +415,14 @@ def run_evaluate(args) -> int:
                 session_labels[session.strip()] = int(value.split(",")[0].strip().lower() in anomalous)
         ids, score_array, label_array = group_sessions(texts, score_array, label_array, args.session_key,
                                                        session_labels)
-        types = None
+        types, flag_array = None, None  # a session is flagged by its most anomalous record's score
         report["unit"] = "session"
     else:
         report["unit"] = "record"
-    report.update(Evaluation(label_array, score_array, model.threshold, types).report())
+    calibration = model.metadata.get("calibration", {})
+    report.update(Evaluation(label_array, score_array, model.threshold, types, flag_array,
+                             calibration.get("target_fpr")).report())
+    report["held_back_fpr"] = (calibration.get("held_back") or {}).get("fpr")
     if args.plots:
         try:
             report["plots"] = plot(label_array, score_array, args.plots, model.name)
@@ -427,6 +436,69 @@ def run_evaluate(args) -> int:
         Path(args.report).write_text(text + "\n")
     print(text)
     return 0
+
+
+def add_evaluation_training_flags(evaluate: argparse.ArgumentParser) -> None:
+    """`logscore evaluate --train`: train here (the `logscore train` code), optionally on data
+    contaminated with some of the anomalous records, then evaluate on the rest."""
+    group = evaluate.add_argument_group("training a model to evaluate (instead of --model)")
+    group.add_argument("--train", nargs="+", metavar="FILE", help="normal training lines (plain or gzip)")
+    group.add_argument("--format", "-f", default="access", choices=["access", "syslog", "jsonl", "plain"],
+                       help="how to parse the training lines (default: access)")
+    group.add_argument("--config", "-c", metavar="FILE", help="converter config, as for `logscore train`")
+    group.add_argument("--detectors", "-d", default="rarity", help="as for `logscore train` (default: rarity)")
+    group.add_argument("--target-fpr", type=float, default=0.001, help="as for `logscore train` (default 0.001)")
+    group.add_argument("--keep-outliers", action="store_true", help="as for `logscore train`")
+    group.add_argument("--contaminate", type=float, default=0.0, metavar="FRACTION",
+                       help="move this fraction of the anomalous records (chosen at random) into the training "
+                       "data, as attacks hide in real logs; they are left out of the evaluation")
+    group.add_argument("--seed", type=int, default=0, help="for --contaminate and training (default 0)")
+
+
+def evaluation_model(args, records: list, labels: list, types: Optional[list]):
+    """(model, training summary or None): the model given, or one trained on --train files plus the
+    --contaminate fraction of the anomalous records (removed from records, labels, types in place)."""
+    import random
+    import tempfile
+    from pathlib import Path
+
+    from .errors import ConfigError
+    from .model import Model
+
+    if bool(args.model) == bool(args.train):
+        raise ConfigError("give --model FILE.onnx, or --train FILE... to train one here")
+    if args.model:
+        if args.contaminate:
+            raise ConfigError("--contaminate mixes anomalies into training: it needs --train, not --model")
+        return Model.load(args.model), None
+    if not 0.0 <= args.contaminate < 1.0:
+        raise ConfigError(f"--contaminate must be a fraction in [0, 1), not {args.contaminate}")
+    anomalous = [i for i, label in enumerate(labels) if label]
+    moved = set(random.Random(args.seed).sample(anomalous, round(args.contaminate * len(anomalous))))
+    training_records = list(read_lines(args.train)) + [records[i] for i in sorted(moved)]
+    for store in (records, labels, types):
+        if store is not None:
+            store[:] = [value for i, value in enumerate(store) if i not in moved]
+    model_proto, metadata = train_for_evaluation(args, training_records)
+    with tempfile.TemporaryDirectory() as directory:
+        path = Path(directory) / "evaluated.onnx"
+        path.write_bytes(model_proto.SerializeToString())
+        model = Model.load(path)
+    set_aside = metadata["training"].get("set_aside") or {}
+    return model, {"records": len(training_records), "anomalous_mixed_in": len(moved),
+                   "contamination": round(len(moved) / len(training_records), 6),
+                   "set_aside": set_aside.get("records", 0), "target_fpr": args.target_fpr}
+
+
+def train_for_evaluation(args, records: list):
+    from .features import load_spec
+    from .training.train import TrainOptions, train
+
+    options = TrainOptions(spec=load_spec(args.config, args.format),
+                           detectors=[d.strip() for d in args.detectors.split(",") if d.strip()],
+                           target_fpr=args.target_fpr, seed=args.seed, name="evaluated", inputs=args.train,
+                           set_aside=not args.keep_outliers)
+    return train(records, options, ProgressPrinter(), print_warning)
 
 
 def run_inspect(args) -> int:

@@ -63,14 +63,17 @@ def signature_folds(sample: Sequence[object], rows: np.ndarray, keys: np.ndarray
     return assigned
 
 
-def cluster_mates(set_aside: np.ndarray, rows: np.ndarray, keys: np.ndarray) -> np.ndarray:
-    """Records holding a key that is held by two records or more, most of them set aside."""
+def cluster_mates(set_aside: np.ndarray, raw: np.ndarray, rows: np.ndarray, keys: np.ndarray,
+                  target_fpr: float) -> np.ndarray:
+    """Unusual records (above the reference score on some detector) holding a key that is held by
+    two records or more, most of them set aside: the rest of a cluster of similar attacks."""
     _, key_index, holders = np.unique(keys, return_inverse=True, return_counts=True)
     aside = np.bincount(key_index, weights=set_aside[rows], minlength=len(holders))
     tainted = (holders >= 2) & (aside * 2 > holders)
     mates = np.zeros(len(set_aside), dtype=bool)
     mates[rows[tainted[key_index]]] = True
-    return mates
+    reference = 1.0 - max(target_fpr, MAX_CONTAMINATION)
+    return mates & (raw >= np.quantile(raw, reference, axis=0)).any(axis=1)
 
 
 def outliers(raw: np.ndarray, target_fpr: float, factor: float) -> np.ndarray:
@@ -122,14 +125,14 @@ def example_text(record: object) -> str:
 def screen(score_out_of_fold, records: int, target_fpr: float, factor: float, max_rounds: int,
            expand=None) -> Screening:
     """``score_out_of_fold(fit_mask)`` → out-of-fold raw scores of all records from models fit
-    on the masked ones; ``expand(set_aside)`` → records to set aside with them (their cluster).
+    on the masked ones; ``expand(set_aside, raw)`` → records to set aside with them (their cluster).
     Rounds until the set-aside records stop changing."""
     set_aside = np.zeros(records, dtype=bool)
     raw = score_out_of_fold(~set_aside)
     for rounds in range(1, max_rounds + 1):
         found = outliers(raw, target_fpr, factor)
         if expand is not None and found.any():
-            found |= expand(found)
+            found |= expand(found, raw)
         if (found == set_aside).all():
             return Screening(raw, set_aside, rounds - 1)
         set_aside = found

@@ -383,7 +383,8 @@ def screen_sample(sample: Sequence[object], options: TrainOptions, support: floa
         return out_of_fold_raw_scores(sample, options, progress, folds, fit_mask, stage=stage)
 
     return folds, screen(score_out_of_fold, len(sample), options.target_fpr, options.set_aside_factor,
-                         options.screening_rounds, lambda found: cluster_mates(found, rows, keys))
+                         options.screening_rounds,
+                         lambda found, raw: cluster_mates(found, raw, rows, keys, options.target_fpr))
 
 
 def save_model(model, path: str | Path) -> None:
