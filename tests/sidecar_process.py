@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import socket
@@ -40,8 +41,9 @@ class SidecarProcess:
     """``logscore serve`` in a subprocess; ``stop()`` sends SIGTERM and waits."""
 
     def __init__(self, models_dir: Path, workdir: Path, ca_file: Optional[Path] = None,
-                 client_cert: Optional[tuple[Path, Path]] = None, **settings):
+                 client_cert: Optional[tuple[Path, Path]] = None, env: Optional[dict] = None, **settings):
         self.workdir = workdir
+        self.env = {**os.environ, **(env or {})}
         self.ca_file = ca_file  # set when the sidecar serves TLS: HTTP is then HTTPS too
         self.client_cert = client_cert  # (certificate, key) when it asks for client certificates
         self.socket = str(workdir / "logscore.sock")
@@ -56,7 +58,7 @@ class SidecarProcess:
         for name, value in self.settings.items():
             args += [f"--{name.replace('_', '-')}", str(value)]
         self._log = open(self.log_path, "ab")
-        self.process = subprocess.Popen(args, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT)
+        self.process = subprocess.Popen(args, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT, env=self.env)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

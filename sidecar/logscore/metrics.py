@@ -72,6 +72,8 @@ class Metrics:
         self.model_rejections = Counter("logscore_model_load_errors", "Model files rejected on (re)load",
                                         ["file"], registry=r)
         self.queued = Gauge("logscore_queued_records", "Records waiting to be scored", registry=r)
+        self.learning_outcomes = Counter("logscore_learning_candidates", "Models learned on arrival, by outcome: "
+                                         "swapped, kept_aside, failed", ["route", "outcome"], registry=r)
         self._children: dict = {}
 
     def child(self, metric, *labels):

@@ -91,15 +91,16 @@ class Sidecar:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.metrics = Metrics()
+        self.stopping = asyncio.Event()
+        self.reload_requested = asyncio.Event()
         self.registry = ModelRegistry(settings.models_dir, settings.default_model, settings.tag_routes,
                                       settings.entity_field, self._model_event, settings.max_record_bytes)
-        self.service = ScoringService(self.registry, settings, self.metrics)
+        self.learner = make_learner(settings, self.registry, self.reload_requested.set, self.metrics)
+        self.service = ScoringService(self.registry, settings, self.metrics, self.learner)
         self.health = health.aio.HealthServicer()
         self.grpc_server: Optional[grpc.aio.Server] = None
         self.http_server: Optional[HttpServer] = None
         self.forward_server: Optional[ForwardServer] = None
-        self.stopping = asyncio.Event()
-        self.reload_requested = asyncio.Event()
         self.bound: dict[str, str] = {}
 
     def _model_event(self, event: str, name: str, detail: str) -> None:
@@ -214,6 +215,21 @@ class Sidecar:
         log.info("stopped")
 
 
+def make_learner(settings: Settings, registry: ModelRegistry, request_reload, metrics: Metrics):
+    """The learner when `learn` is on and can run; says clearly at startup why not, never fails."""
+    if not settings.learn:
+        return None
+    from .learning import Learner, learning_unavailable
+
+    reason = learning_unavailable(settings)
+    if reason is not None:
+        log.warning(f"learning is off: {reason}", extra={"setting": "learn"})
+        return None
+    log.info("learning is on", extra={"learn_records": settings.learn_records, "learn_window": settings.learn_window,
+                                      "learn_retrain_records": settings.learn_retrain_records})
+    return Learner(settings, registry, request_reload, metrics)
+
+
 async def run(settings: Settings) -> int:
     sidecar = Sidecar(settings)
     loop = asyncio.get_running_loop()
@@ -222,7 +238,11 @@ async def run(settings: Settings) -> int:
     loop.add_signal_handler(signal.SIGHUP, sidecar.reload_requested.set)
     await sidecar.start()
     watcher = asyncio.create_task(sidecar.watch_models())
+    learning = asyncio.create_task(sidecar.learner.run()) if sidecar.learner is not None else None
     await sidecar.stopping.wait()
+    if learning is not None:
+        await sidecar.learner.stop()
+        learning.cancel()
     sidecar.reload_requested.set()
     await sidecar.stop()
     await watcher

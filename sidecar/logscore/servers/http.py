@@ -320,4 +320,6 @@ class SidecarHttp:
         ready = bool(snapshot.models) and self.service.accepting
         body = {"ready": ready, "models": {n: m.version for n, m in sorted(snapshot.models.items())},
                 "rejected_files": snapshot.errors}
+        if self.service.learner is not None:
+            body["learning"] = self.service.learner.status()
         return Response.json(body, 200 if ready else 503)
