@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import socket
@@ -43,7 +44,8 @@ class SidecarProcess:
                  client_cert: Optional[tuple[Path, Path]] = None, cwd: Path = ROOT, env: Optional[dict] = None,
                  **settings):
         self.workdir = workdir
-        self.cwd, self.env = cwd, env  # where it runs and its environment (an installed copy, say)
+        self.cwd = cwd  # where it runs (an installed copy runs from elsewhere, say)
+        self.env = {**os.environ, **(env or {})}  # the test's environment with these variables changed
         self.ca_file = ca_file  # set when the sidecar serves TLS: HTTP is then HTTPS too
         self.client_cert = client_cert  # (certificate, key) when it asks for client certificates
         self.socket = str(workdir / "logscore.sock")

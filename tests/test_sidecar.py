@@ -205,7 +205,7 @@ def test_bad_input_gets_documented_statuses_and_the_server_keeps_serving(sidecar
     response = stub.Score(pb.ScoreRequest(model="shop", lines=pb.RawLines(lines=[b"\xff\xfe\xfd", b"a" * 70_000])),
                           timeout=5)
     assert len(response.scores) == 2
-    assert any(n.index == 1 and "truncated to 65536" in n.description for n in response.notes)
+    assert any(n.index == 1 and "cut to 65536 characters" in n.description for n in response.notes)
     assert any(n.index == 0 and "did not parse as access" in n.description for n in response.notes)
     assert len(stub.Score(pb.ScoreRequest(model="shop", lines=pb.RawLines(lines=[b"ok"])), timeout=5).scores) == 1
 

@@ -19,6 +19,7 @@ from typing import Iterator, Optional, Sequence
 
 from .errors import LogscoreError
 from .inputs import read_json_records, read_lines
+from .records import DEFAULT_MAX_LINE_CHARS
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -74,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--name", help="model name (default: the output file's stem)")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--out", "-o", required=True, metavar="FILE.onnx", help="where to write the model")
+    add_robustness_flags(train)
     train.set_defaults(run=run_train)
 
     score = commands.add_parser("score", help="score log lines offline (JSON lines out)",
@@ -87,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="name the K features that made each record unusual")
     score.add_argument("--only-anomalies", action="store_true", help="print only records over the threshold")
     score.add_argument("--batch", type=int, default=1000, help="records per batch (default 1000)")
+    score.add_argument("--max-record-bytes", type=int, default=DEFAULT_MAX_LINE_CHARS, metavar="N",
+                       help="cut a longer raw line before parsing, noted `truncated` (the sidecar's setting of the "
+                       f"same name; default {DEFAULT_MAX_LINE_CHARS})")
     score.set_defaults(run=run_score)
 
     inspect = commands.add_parser("inspect", help="show a model's metadata",
@@ -101,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Score labeled records and report ROC-AUC, PR-AUC, TPR at FPR 1 % and 0.1 %, "
         "precision/recall/F1 at the model's threshold and at the best one, confusion counts and recall "
         "per attack type; optionally per session, as JSON and PNG plots.")
-    evaluate.add_argument("--model", "-m", required=True, metavar="FILE.onnx")
+    evaluate.add_argument("--model", "-m", metavar="FILE.onnx", help="the model to evaluate (or --train)")
     evaluate.add_argument("--normal", nargs="+", default=[], metavar="FILE", help="files of normal lines")
     evaluate.add_argument("--anomalous", nargs="+", default=[], metavar="FILE", help="files of anomalous lines")
     evaluate.add_argument("--labeled", metavar="FILE", help="CSV or JSON lines with a label column; the other "
@@ -121,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--plots", metavar="PREFIX", help="write PREFIX_histogram.png and PREFIX_roc.png "
                           "(needs matplotlib)")
     evaluate.add_argument("--batch", type=int, default=2048)
+    add_evaluation_training_flags(evaluate)
     evaluate.set_defaults(run=run_evaluate)
 
     serve = commands.add_parser("serve", help="run the sidecar",
@@ -141,7 +147,11 @@ def build_parser() -> argparse.ArgumentParser:
     client.add_argument("--tag", default="", help="tag for the sidecar's tag routes")
     client.add_argument("--json-records", action="store_true", help="input lines are JSON field maps")
     client.add_argument("--explain", type=int, default=0, metavar="K")
-    client.add_argument("--batch", type=int, default=1000)
+    client.add_argument("--batch", type=int, default=1000, metavar="N",
+                        help="records per call (fewer when they would pass 1 MiB: the sidecar takes 2 MiB)")
+    client.add_argument("--max-record-bytes", type=int, default=DEFAULT_MAX_LINE_CHARS, metavar="N",
+                        help="the sidecar's setting of the same name: longer lines are sent cut just past it "
+                             "(the sidecar cuts and notes them as ever); default %(default)s")
     client.add_argument("--timeout", type=float, default=10.0, help="seconds per call")
     client.add_argument("--token-file", metavar="FILE", help="file holding the sidecar's bearer token "
                         "(its --token-file)")
@@ -150,6 +160,16 @@ def build_parser() -> argparse.ArgumentParser:
     client.add_argument("--tls-key", metavar="FILE", help="PEM private key of --tls-cert")
     client.set_defaults(run=run_client)
     return parser
+
+
+def add_robustness_flags(parser: argparse.ArgumentParser) -> None:
+    """Training flags of issue #11: input as field maps, contamination screening, the learner's route."""
+    parser.add_argument("--json-records", action="store_true",
+                        help="each input line is a JSON field map (as a shipper sends), not a raw line")
+    parser.add_argument("--keep-outliers", action="store_true",
+                        help="learn every record as normal; by default records that stand far above the rest "
+                        "(attacks in the training data) are set aside and listed by `logscore inspect`")
+    parser.add_argument("--learned-route", metavar="ROUTE", help=argparse.SUPPRESS)  # set by the sidecar's learner
 
 
 def add_settings_flags(parser: argparse.ArgumentParser) -> None:
@@ -172,8 +192,10 @@ def setting_metavar(name: str) -> str:
     """What a setting's flag takes, from its name (serve --help)."""
     if name in ("tcp", "http", "forward", "forward_to"):
         return "HOST:PORT"
-    if name == "forward_when_busy":
-        return "wait|pass"
+    named = {"forward_when_busy": "wait|pass", "learn": "true|false", "learn_window": "N",
+             "learn_max_routes": "N", "learn_max_flag_ratio": "RATIO"}
+    if name in named:
+        return named[name]
     by_suffix = (("_dir", "DIR"), ("_file", "FILE"), ("_cert", "FILE"), ("_key", "FILE"), ("_ca", "FILE"),
                  ("_ms", "MS"), ("_s", "SECONDS"), ("_bytes", "BYTES"), ("_records", "N"), ("_request", "N"),
                  ("_mode", "MODE"), ("_level", "LEVEL"), ("_model", "NAME"), ("_field", "FIELD"),
@@ -195,16 +217,19 @@ def run_serve(args) -> int:
 def run_client(args) -> int:
     import grpc
 
+    from .decide import notes_by_record
+
     from .generated.logscore.v1 import scorer_pb2 as pb
     from .generated.logscore.v1 import scorer_pb2_grpc as pb_grpc
 
     target = args.tcp or f"unix:{args.socket}"
     channel, metadata = client_channel(args, target)
     records = read_json_records(args.inputs) if args.json_records else read_lines(args.inputs)
+    records = (cut_past(record, args.max_record_bytes) for record in records)
     line_number = 0
     with channel:
         stub = pb_grpc.ScorerStub(channel)
-        for chunk in batched(records, max(1, args.batch)):
+        for chunk in batched(records, max(1, args.batch), CLIENT_CALL_BYTES):
             request = pb.ScoreRequest(model=args.model, tag=args.tag, explain=args.explain)
             if args.json_records:
                 for record in chunk:
@@ -217,14 +242,13 @@ def run_client(args) -> int:
             except grpc.RpcError as error:
                 print(f"logscore client: {target}: {error.code().name}: {error.details()}", file=sys.stderr)
                 return 1
+            notes = notes_by_record([(n.index, n.description) for n in response.notes], len(chunk))
             for i in range(len(chunk)):
                 line_number += 1
                 model = response.models[response.model_index[i]]
-                entry = {"line": line_number, "score": round(response.scores[i], 6),
-                         "is_anomaly": response.is_anomaly[i], "model": model.name, "version": model.version}
-                if response.explanations:
-                    entry["explanation"] = list(response.explanations[i].features)
-                print(json.dumps(entry))
+                explanation = list(response.explanations[i].features) if response.explanations else None
+                print(json.dumps(result_entry(line_number, response.scores[i], response.is_anomaly[i], model.name,
+                                              model.version, notes[i], explanation)))
     return 0
 
 
@@ -297,8 +321,10 @@ def run_train(args) -> int:
         detectors=[d.strip() for d in args.detectors.split(",") if d.strip()],
         target_fpr=args.target_fpr, threshold_rule=args.threshold_rule, sigma=args.sigma,
         folds=args.folds, max_records=args.max_records, support=args.support, seed=args.seed,
-        name=args.name or Path(args.out).stem, inputs=args.input)
-    model, metadata = train(read_lines(args.input), options, ProgressPrinter())
+        name=args.name or Path(args.out).stem, inputs=args.input, set_aside=not args.keep_outliers,
+        learned_route=args.learned_route)
+    records = read_json_records(args.input) if args.json_records else read_lines(args.input)
+    model, metadata = train(records, options, ProgressPrinter(), print_warning)
     save_model(model, args.out)
     print_training_summary(args.out, metadata)
     return 0
@@ -322,6 +348,8 @@ def check_writable(path: str, flag: str) -> None:
     except OSError as error:
         raise ConfigError(f"{flag} {path}: cannot write there ({error.strerror or error}); choose a path in a "
                           "directory you may write") from None
+def print_warning(message: str) -> None:
+    print(f"logscore train: warning: {message}", file=sys.stderr, flush=True)
 
 
 def print_training_summary(path: str, metadata: dict) -> None:
@@ -335,41 +363,93 @@ def print_training_summary(path: str, metadata: dict) -> None:
     print(f"  calibrated score quantiles (out-of-fold): {training['calibrated_score_quantiles']}")
     print(f"  threshold: {calibration['threshold']:.4f} ({calibration['rule']}); expected alerts per "
           f"10,000 normal records: {calibration['expected_alerts_per_10k']}")
+    print(f"  {describe_realized_fpr(calibration)}")
+    print(f"  {describe_set_aside(training)}")
 
 
-def batched(items, size: int) -> Iterator[list]:
-    iterator = iter(items)
-    while chunk := list(islice(iterator, size)):
+def describe_realized_fpr(calibration: dict) -> str:
+    held = calibration.get("held_back") or {}
+    if not held.get("records"):
+        return f"target false-positive rate {calibration.get('target_fpr')} (no held-back figure in this model)"
+    return (f"false-positive rate: target {calibration.get('target_fpr')}, realized {held['fpr']} on held-back "
+            f"folds ({held['flagged']} of {held['records']} records)")
+
+
+def describe_set_aside(training: dict) -> str:
+    aside = training.get("set_aside")
+    if aside is None:
+        return "set aside: nothing (every record learned as normal)"
+    return (f"set aside as likely attacks: {aside['records']} records ({aside['fraction']:.3%}); "
+            "`logscore inspect` lists examples")
+
+
+CLIENT_CALL_BYTES = 1024 * 1024  # half the sidecar's default max_message_bytes
+
+
+def batched(items, size: int, max_chars: Optional[int] = None) -> Iterator[list]:
+    """Lists of at most ``size`` items and, when given, about ``max_chars`` characters (one item at least)."""
+    if max_chars is None:
+        iterator = iter(items)
+        while chunk := list(islice(iterator, size)):
+            yield chunk
+        return
+    chunk, chars = [], 0
+    for item in items:
+        length = len(item) if isinstance(item, str) else sum(len(str(v)) + len(k) for k, v in item.items())
+        if chunk and (len(chunk) >= size or chars + length > max_chars):
+            yield chunk
+            chunk, chars = [], 0
+        chunk.append(item)
+        chars += length
+    if chunk:
         yield chunk
 
 
+def cut_past(record, limit: int):
+    """A line (or each field) cut to limit + 1 characters: the sidecar, cutting at limit, scores it
+    exactly as it would the whole and notes it truncated; the call stays small."""
+    if isinstance(record, str):
+        return record[: limit + 1]
+    if isinstance(record, dict):
+        return {k: v[: limit + 1] if isinstance(v, str) else v for k, v in record.items()}
+    return record
+
+
 def run_score(args) -> int:
+    from .decide import decide, notes_by_record
     from .model import Model
 
-    model = Model.load(args.model)
+    model = Model.load(args.model, max_line_chars=args.max_record_bytes)
     records = read_json_records(args.inputs) if args.json_records else read_lines(args.inputs)
     out = sys.stdout
     line_number = 0
     for chunk in batched(records, max(1, args.batch)):
         result = model.score(chunk, explain=args.explain)
+        decision = decide(model, result)
+        notes = notes_by_record([(i, text) for i, _, text in decision.notes], len(chunk))
         for i in range(len(chunk)):
             line_number += 1
-            if args.only_anomalies and not result.is_anomaly[i]:
+            if args.only_anomalies and not decision.is_anomaly[i]:
                 continue
-            out.write(json.dumps(score_json(model, result, i, line_number)) + "\n")
+            explanation = result.explanations[i] if result.explanations is not None else None
+            out.write(json.dumps(result_entry(line_number, result.scores[i], decision.is_anomaly[i], model.name,
+                                              model.version, notes[i], explanation)) + "\n")
     out.flush()
     return 0
 
 
-def score_json(model, result, i: int, line_number: int) -> dict:
-    entry = {"line": line_number, "score": round(float(result.scores[i]), 6),
-             "is_anomaly": bool(result.is_anomaly[i]), "model": model.name, "version": model.version}
-    if result.unparsed[i]:
-        entry["unparsed"] = True
-    if result.truncated[i]:
-        entry["truncated"] = True
-    if result.explanations is not None:
-        entry["explanation"] = result.explanations[i]
+def result_entry(line_number: int, score: float, is_anomaly: bool, model: str, version: str, notes: list[str],
+                 explanation: Optional[list[str]]) -> dict:
+    """One JSON line of `logscore score` and `logscore client` (the same keys either way)."""
+    from .decide import note_flags
+
+    entry = {"line": line_number, "score": round(float(score), 6), "is_anomaly": bool(is_anomaly),
+             "model": model, "version": version}
+    if notes:
+        entry.update(note_flags(notes))
+        entry["notes"] = notes
+    if explanation is not None:
+        entry["explanation"] = explanation
     return entry
 
 
@@ -417,18 +497,23 @@ def read_labeled(args) -> tuple[list, list[int], Optional[list[str]]]:
 def run_evaluate(args) -> int:
     import numpy as np
 
+    from .decide import decide
     from .evaluation import Evaluation, group_sessions, plot
-    from .model import Model
 
-    model = Model.load(args.model)
     records, labels, types = read_labeled(args)
+    model, training = evaluation_model(args, records, labels, types)
     progress = ProgressPrinter()
-    scores = []
+    scores, flags = [], []
     for start in range(0, len(records), args.batch):
-        scores.append(model.score(records[start: start + args.batch]).scores)
+        result = model.score(records[start: start + args.batch])
+        scores.append(result.scores)
+        flags.append(decide(model, result).is_anomaly)
         progress("scoring", min(start + args.batch, len(records)), len(records))
     score_array, label_array = np.concatenate(scores).astype(np.float64), np.asarray(labels)
+    flag_array = np.concatenate(flags)
     report = {"model": model.name, "version": model.version}
+    if training is not None:
+        report["training"] = training
     if args.session_key:
         texts = [r if isinstance(r, str) else json.dumps(r) for r in records]
         session_labels = None
@@ -440,11 +525,14 @@ def run_evaluate(args) -> int:
                 session_labels[session.strip()] = int(value.split(",")[0].strip().lower() in anomalous)
         ids, score_array, label_array = group_sessions(texts, score_array, label_array, args.session_key,
                                                        session_labels)
-        types = None
+        types, flag_array = None, None  # a session is flagged by its most anomalous record's score
         report["unit"] = "session"
     else:
         report["unit"] = "record"
-    report.update(Evaluation(label_array, score_array, model.threshold, types).report())
+    calibration = model.metadata.get("calibration", {})
+    report.update(Evaluation(label_array, score_array, model.threshold, types, flag_array,
+                             calibration.get("target_fpr")).report())
+    report["held_back_fpr"] = (calibration.get("held_back") or {}).get("fpr")
     if args.plots:
         try:
             report["plots"] = plot(label_array, score_array, args.plots, model.name)
@@ -458,6 +546,69 @@ def run_evaluate(args) -> int:
         Path(args.report).write_text(text + "\n")
     print(text)
     return 0
+
+
+def add_evaluation_training_flags(evaluate: argparse.ArgumentParser) -> None:
+    """`logscore evaluate --train`: train here (the `logscore train` code), optionally on data
+    contaminated with some of the anomalous records, then evaluate on the rest."""
+    group = evaluate.add_argument_group("training a model to evaluate (instead of --model)")
+    group.add_argument("--train", nargs="+", metavar="FILE", help="normal training lines (plain or gzip)")
+    group.add_argument("--format", "-f", default="access", choices=["access", "syslog", "jsonl", "plain"],
+                       help="how to parse the training lines (default: access)")
+    group.add_argument("--config", "-c", metavar="FILE", help="converter config, as for `logscore train`")
+    group.add_argument("--detectors", "-d", default="rarity", help="as for `logscore train` (default: rarity)")
+    group.add_argument("--target-fpr", type=float, default=0.001, help="as for `logscore train` (default 0.001)")
+    group.add_argument("--keep-outliers", action="store_true", help="as for `logscore train`")
+    group.add_argument("--contaminate", type=float, default=0.0, metavar="FRACTION",
+                       help="move this fraction of the anomalous records (chosen at random) into the training "
+                       "data, as attacks hide in real logs; they are left out of the evaluation")
+    group.add_argument("--seed", type=int, default=0, help="for --contaminate and training (default 0)")
+
+
+def evaluation_model(args, records: list, labels: list, types: Optional[list]):
+    """(model, training summary or None): the model given, or one trained on --train files plus the
+    --contaminate fraction of the anomalous records (removed from records, labels, types in place)."""
+    import random
+    import tempfile
+    from pathlib import Path
+
+    from .errors import ConfigError
+    from .model import Model
+
+    if bool(args.model) == bool(args.train):
+        raise ConfigError("give --model FILE.onnx, or --train FILE... to train one here")
+    if args.model:
+        if args.contaminate:
+            raise ConfigError("--contaminate mixes anomalies into training: it needs --train, not --model")
+        return Model.load(args.model), None
+    if not 0.0 <= args.contaminate < 1.0:
+        raise ConfigError(f"--contaminate must be a fraction in [0, 1), not {args.contaminate}")
+    anomalous = [i for i, label in enumerate(labels) if label]
+    moved = set(random.Random(args.seed).sample(anomalous, round(args.contaminate * len(anomalous))))
+    training_records = list(read_lines(args.train)) + [records[i] for i in sorted(moved)]
+    for store in (records, labels, types):
+        if store is not None:
+            store[:] = [value for i, value in enumerate(store) if i not in moved]
+    model_proto, metadata = train_for_evaluation(args, training_records)
+    with tempfile.TemporaryDirectory() as directory:
+        path = Path(directory) / "evaluated.onnx"
+        path.write_bytes(model_proto.SerializeToString())
+        model = Model.load(path)
+    set_aside = metadata["training"].get("set_aside") or {}
+    return model, {"records": len(training_records), "anomalous_mixed_in": len(moved),
+                   "contamination": round(len(moved) / len(training_records), 6),
+                   "set_aside": set_aside.get("records", 0), "target_fpr": args.target_fpr}
+
+
+def train_for_evaluation(args, records: list):
+    from .features import load_spec
+    from .training.train import TrainOptions, train
+
+    options = TrainOptions(spec=load_spec(args.config, args.format),
+                           detectors=[d.strip() for d in args.detectors.split(",") if d.strip()],
+                           target_fpr=args.target_fpr, seed=args.seed, name="evaluated", inputs=args.train,
+                           set_aside=not args.keep_outliers)
+    return train(records, options, ProgressPrinter(), print_warning)
 
 
 def run_inspect(args) -> int:
@@ -483,6 +634,14 @@ def run_inspect(args) -> int:
     print(f"  trained: {training.get('date')} on {training.get('records_used')} records from "
           f"{', '.join(training.get('inputs', [])) or 'stdin'}; {training.get('distinct_features')} "
           "distinct features")
+    print(f"  {describe_realized_fpr(calibration)}")
+    print(f"  {describe_set_aside(training)}")
+    for example in (training.get("set_aside") or {}).get("examples", []):
+        print(f"    {example['record']}")
+    for warning in training.get("warnings", []):
+        print(f"  warning: {warning}")
+    if training.get("learned_route"):
+        print(f"  learned by the sidecar for route {training['learned_route']}")
     return 0
 
 

@@ -100,9 +100,15 @@ class Evaluation:
     scores: np.ndarray
     threshold: float
     types: Optional[Sequence[str]] = None
+    flags: Optional[np.ndarray] = None  # the decided flags (decide.py); default: scores >= threshold
+    target_fpr: Optional[float] = None  # the model's target, reported beside the realized rate
+
+    def flagged(self) -> np.ndarray:
+        return self.scores >= self.threshold if self.flags is None else np.asarray(self.flags, dtype=bool)
 
     def report(self) -> dict:
         labels, scores = self.labels.astype(bool), self.scores
+        at_threshold = confusion(labels, self.flagged())
         tpr1, threshold1 = tpr_at_fpr(labels, scores, 0.01)
         tpr01, threshold01 = tpr_at_fpr(labels, scores, 0.001)
         report = {
@@ -111,8 +117,9 @@ class Evaluation:
             "pr_auc": round(average_precision(labels, scores), 4),
             "tpr_at_fpr_1pct": round(tpr1, 4), "threshold_at_fpr_1pct": threshold1,
             "tpr_at_fpr_0.1pct": round(tpr01, 4), "threshold_at_fpr_0.1pct": threshold01,
-            "at_model_threshold": {"threshold": self.threshold,
-                                   **confusion(labels, scores >= self.threshold)},
+            "recall_at_threshold": at_threshold["recall"], "fpr_at_threshold": at_threshold["fpr"],
+            "target_fpr": self.target_fpr,
+            "at_model_threshold": {"threshold": self.threshold, **at_threshold},
             "at_best_f1": best_f1(labels, scores),
         }
         if self.types is not None:
@@ -120,7 +127,7 @@ class Evaluation:
         return report
 
     def recall_by_type(self) -> dict:
-        flagged = self.scores >= self.threshold
+        flagged = self.flagged()
         totals: dict[str, list[int]] = defaultdict(lambda: [0, 0])
         for kind, label, hit in zip(self.types, self.labels, flagged):
             if label and kind:

@@ -1,18 +1,42 @@
-"""Masking the variable parts of a message, shared by the tokens converter and sessions."""
+"""Masking the variable parts of a message, shared by the tokens converter and sessions.
+
+Two lines that differ only in an id, an address, a time or a number must mask to the
+same text: otherwise every line is a never-seen event. One left-to-right pass tries
+the rules in order at each position; a rule may start a match only where an id can
+start (not inside a word), so a number rule never eats the start of a uuid
+(``req-74d58b45-…`` is ``req-<uuid>``, not ``req<num>d<num>b…``).
+"""
 
 import re
 
-# One pass masks the variable parts of a message: file paths (two segments or more),
-# UUIDs, IPs, hex, numbers.
+# Where a token starts and ends: not next to a letter or digit. ("_" and "-" are
+# separators here: ``blk_-123``, ``instance_7f3a…``, ``req-74d5…``.)
+_START = r"(?<![0-9A-Za-z])"
+_END = r"(?![0-9A-Za-z])"
+_HEX4 = r"[0-9a-fA-F]{1,4}"
+_MONTH = "(?:Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec)"
+
 _VARIABLE = re.compile(
+    # File paths of two segments or more.
     r"(?P<path>(?<![\w/])(?:/[\w.\-]+){2,}/?)"
-    r"|(?P<uuid>\b[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}\b)"
+    rf"|(?P<uuid>{_START}[0-9a-fA-F]{{8}}-[0-9a-fA-F]{{4}}-[0-9a-fA-F]{{4}}-[0-9a-fA-F]{{4}}-[0-9a-fA-F]{{12}}{_END})"
+    # Dates and times: ISO (2017-05-16, 2017-05-16 00:00:00.008, 2017-05-16T00:00:00+02:00),
+    # Apache's 16/May/2015:06:50:30 +0000, syslog's May 16 06:50:30.
+    rf"|(?P<time>{_START}(?:\d{{4}}-\d{{2}}-\d{{2}}(?:[T ]\d{{2}}:\d{{2}}(?::\d{{2}}(?:[.,]\d+)?)?"
+    rf"(?:Z|[+-]\d{{2}}:?\d{{2}})?)?|\d{{1,2}}/{_MONTH}/\d{{4}}(?::\d{{2}}:\d{{2}}:\d{{2}})?(?: [+-]\d{{4}})?"
+    rf"|{_MONTH} +\d{{1,2}} \d{{2}}:\d{{2}}:\d{{2}}){_END})"
     r"|(?P<ip>\b\d{1,3}(?:\.\d{1,3}){3}(?::\d+)?\b)"
-    r"|(?P<hex>\b0x[0-9a-fA-F]+\b|\b(?=[0-9a-fA-F]*\d)(?=[0-9a-fA-F]*[a-fA-F])[0-9a-fA-F]{8,}\b)"
-    r"|(?P<num>[-+]?\d+(?:[.:,]\d+)*)")
+    # IPv6: eight groups, or fewer around one "::" (times like 12:30:45 have neither).
+    rf"|(?P<ip6>(?<![\w:])(?=:*[0-9a-fA-F])(?:(?:{_HEX4}:){{7}}{_HEX4}|(?:{_HEX4}(?::{_HEX4})*)?::(?:{_HEX4}(?::{_HEX4})*)?)(?![\w:]|\.\d))"
+    # Hex ids: 0x..., or 8+ hex digits holding both a digit and a letter (digits alone are a number).
+    rf"|(?P<hex>{_START}(?:0x[0-9a-fA-F]+|(?=[0-9a-fA-F]*\d)(?=[0-9a-fA-F]*[a-fA-F])[0-9a-fA-F]{{8,}}){_END})"
+    # Numbers (1e-05 too), durations' numbers (1.5s -> <num>s), times of day; a sign only where no word precedes it.
+    r"|(?P<num>(?:(?<![0-9A-Za-z])[-+])?\d+(?:[.:,]\d+)*(?:[eE][-+]?\d+)?)")
+
+_TOKEN_OF = {"ip6": "ip"}
 
 
 def mask_variables(text: str) -> str:
     """``conn from 10.1.2.3:22 id 0xdead took 1.5s`` → ``conn from <ip> id <hex> took <num>s``;
-    ``open /var/log/x.log`` → ``open <path>``."""
-    return _VARIABLE.sub(lambda m: f"<{m.lastgroup}>", text)
+    ``open /var/log/x.log`` → ``open <path>``; ``[req-74d58b45-…]`` → ``[req-<uuid>]``."""
+    return _VARIABLE.sub(lambda m: f"<{_TOKEN_OF.get(m.lastgroup, m.lastgroup)}>", text)

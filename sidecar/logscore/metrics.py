@@ -75,6 +75,8 @@ class Metrics:
         self.abandoned = Counter("logscore_abandoned_records", "Records not scored because their caller had "
                                  "gone (cancelled, or its deadline passed)", ["model", "reason"], registry=r)
         self.queued = Gauge("logscore_queued_records", "Records waiting to be scored", registry=r)
+        self.learning_outcomes = Counter("logscore_learning_candidates", "Models learned on arrival, by outcome: "
+                                         "swapped, kept_aside, failed", ["route", "outcome"], registry=r)
         self._children: dict = {}
 
     def child(self, metric, *labels):

@@ -17,6 +17,7 @@ import onnxruntime as ort
 from .artifact import Artifact, read_artifact
 from .errors import ModelLoadError
 from .features import FeatureBatch, Featurizer
+from .records import DEFAULT_MAX_LINE_CHARS
 from .sessions import SessionTracker
 
 
@@ -73,13 +74,17 @@ class Scored:
 
 
 class Model:
-    """One artifact, ready to score. Thread-safe: onnxruntime sessions are."""
+    """One artifact, ready to score. Thread-safe: onnxruntime sessions are.
 
-    def __init__(self, artifact: Artifact, threads: int = 1):
+    ``max_line_chars``: the truncation rule (raw lines longer than this are cut before
+    parsing); every surface scores with the same value (sidecar: max_record_bytes).
+    """
+
+    def __init__(self, artifact: Artifact, threads: int = 1, max_line_chars: int = DEFAULT_MAX_LINE_CHARS):
         self.artifact = artifact
         meta = artifact.metadata
         try:
-            self.featurizer = Featurizer(meta["featurizer"])
+            self.featurizer = Featurizer(meta["featurizer"], max_line_chars)
             self.threshold = float(meta["calibration"]["threshold"])
             self.detectors = [d["kind"] for d in meta["detectors"]]
             self._support = float(meta["rarity"]["support"])
@@ -97,8 +102,8 @@ class Model:
             raise ModelLoadError(f"{artifact.path}: onnxruntime cannot load the graph: {error}") from None
 
     @classmethod
-    def load(cls, path: str | Path, threads: int = 1) -> "Model":
-        return cls(read_artifact(path), threads)
+    def load(cls, path: str | Path, threads: int = 1, max_line_chars: int = DEFAULT_MAX_LINE_CHARS) -> "Model":
+        return cls(read_artifact(path), threads, max_line_chars)
 
     @property
     def version(self) -> str:

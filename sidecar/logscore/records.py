@@ -21,6 +21,9 @@ NESTED_TOO_DEEP = "(nested too deep)"
 # One array or map of an event stream holds at most this many values: a container is
 # built whole before it is charged (admission.py), so this bounds what one may take.
 MAX_CONTAINER_VALUES = 65_536
+# The one truncation rule: a raw line (a record, or one held in message/log) longer than this
+# is cut before it is parsed, wherever it is scored (sidecar: setting max_record_bytes).
+DEFAULT_MAX_LINE_CHARS = 65_536
 
 
 def to_text(value: object) -> str:
@@ -39,28 +42,38 @@ def to_text(value: object) -> str:
 class RecordBatch:
     fields: list[Fields]
     parsed: list[bool]
+    truncated: list[bool]  # a raw line was cut to max_line_chars before parsing
 
 
 class RecordNormalizer:
     """Normalizes records for one log format and the fields its featurizer reads."""
 
-    def __init__(self, log_format: str, wanted_fields: Iterable[str]):
+    def __init__(self, log_format: str, wanted_fields: Iterable[str], max_line_chars: int = DEFAULT_MAX_LINE_CHARS):
         self.log_format = log_format
         self.parse = get_parser(log_format)
         self.wanted = tuple(wanted_fields)
         self.aliases = FIELD_ALIASES.get(log_format, {})
+        self.max_line_chars = max_line_chars
 
     def normalize(self, records: Sequence[object]) -> RecordBatch:
-        fields, parsed = [], []
+        fields, parsed, truncated = [], [], []
         for record in records:
-            one, ok = self._normalize_one(record)
+            one, ok, cut = self._normalize_one(record)
             fields.append(one)
             parsed.append(ok)
-        return RecordBatch(fields, parsed)
+            truncated.append(cut)
+        return RecordBatch(fields, parsed, truncated)
 
-    def _normalize_one(self, record: object) -> tuple[Fields, bool]:
+    def _parse_line(self, raw: object) -> tuple[Fields, bool, bool]:
+        """(fields, parsed, cut): the line parsed after the truncation rule."""
+        text = to_text(raw)
+        cut = len(text) > self.max_line_chars
+        fields, ok = self.parse(text[: self.max_line_chars] if cut else text)
+        return fields, ok, cut
+
+    def _normalize_one(self, record: object) -> tuple[Fields, bool, bool]:
         if not isinstance(record, dict):
-            return self.parse(to_text(record))
+            return self._parse_line(record)
         fields = flatten(record) if any(isinstance(v, dict) for v in record.values()) else dict(record)
         for name in self.wanted:
             if name not in fields:
@@ -69,16 +82,15 @@ class RecordNormalizer:
                         fields[name] = fields[alias]
                         break
         if all(name in fields for name in self.wanted):
-            return fields, True
+            return fields, True, False
         for key in RAW_LINE_KEYS:
             raw = fields.get(key)
             if raw is not None:
-                parsed_fields, ok = self.parse(to_text(raw))
-                if ok:
-                    # Fields the shipper already extracted win over re-parsed ones.
-                    return {**parsed_fields, **fields}, True
-                break
-        return fields, True
+                parsed_fields, ok, cut = self._parse_line(raw)
+                # Fields the shipper already extracted win over re-parsed ones. A raw line that
+                # does not parse makes the record unparsed, like the same line sent alone.
+                return ({**parsed_fields, **fields} if ok else fields), ok, cut
+        return fields, True, False
 
 
 def decode_event_stream(data: bytes, max_records: float = math.inf, ticket: Ticket = UNLIMITED) -> list[dict]:

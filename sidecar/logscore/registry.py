@@ -17,6 +17,7 @@ from typing import Optional
 
 from .errors import ModelLoadError, ModelNotFound
 from .model import Model
+from .records import DEFAULT_MAX_LINE_CHARS
 
 log = logging.getLogger("logscore.registry")
 
@@ -42,8 +43,9 @@ class Snapshot:
 class ModelRegistry:
     def __init__(self, models_dir: str, default_model: Optional[str] = None,
                  tag_routes: Optional[dict] = None, entity_field: Optional[str] = None,
-                 on_change=None):
+                 on_change=None, max_line_chars: int = DEFAULT_MAX_LINE_CHARS):
         self.models_dir = Path(models_dir)
+        self.max_line_chars = max_line_chars
         self.default_model = default_model
         self.tag_routes = list((tag_routes or {}).items())
         self.entity_field = entity_field
@@ -77,7 +79,7 @@ class ModelRegistry:
                     continue
                 name = Path(path).stem
                 try:
-                    model = Model.load(path)
+                    model = Model.load(path, max_line_chars=self.max_line_chars)
                     model.name = name  # the file name routes, whatever name the model was trained with
                     model.score(PROBE_RECORDS, explain=1)
                 except ModelLoadError as error:

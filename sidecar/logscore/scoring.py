@@ -15,6 +15,7 @@ import numpy as np
 
 from .admission import Admission
 from .batching import Batcher
+from .decide import decide
 from .errors import InvalidRequest, ShuttingDown
 from .metrics import Metrics
 from .model import Model
@@ -49,22 +50,12 @@ def check_record_count(count: int, limit: int) -> None:
         raise InvalidRequest(f"{count} records in one request; the limit is {limit} (split the batch)")
 
 
-def record_notes(model: Model, result, positions: Sequence[int]) -> list[tuple[int, str, str]]:
-    """Notes for truncated and unparsed records; ``positions`` maps the result's rows to the request's."""
-    if not (result.truncated.any() or result.unparsed.any()):
-        return []
-    notes = [(int(positions[i]), "record", "a field was truncated for scoring")
-             for i in np.flatnonzero(result.truncated)]
-    notes += [(int(positions[i]), "record", f"did not parse as {model.featurizer.log_format}; "
-               "scored with its fields missing") for i in np.flatnonzero(result.unparsed)]
-    return notes
-
-
 class ScoringService:
-    def __init__(self, registry: ModelRegistry, settings: Settings, metrics: Metrics):
+    def __init__(self, registry: ModelRegistry, settings: Settings, metrics: Metrics, learner=None):
         self.registry = registry
         self.settings = settings
         self.metrics = metrics
+        self.learner = learner  # learning.Learner when `learn` is on: sees every record, may hold flags
         # One scoring thread: on 2 cores the other core serves the protocol surfaces.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scoring")
         self._batchers: dict[Model, Batcher] = {}
@@ -79,8 +70,9 @@ class ScoringService:
         check_record_count(count, self.settings.max_records_per_request)
         if call.explain > 100:
             raise InvalidRequest(f"explain={call.explain}: name at most 100 features per record")
-        records, notes = self._limit_sizes(call.records)
-        groups = self._route(call, records)
+        records = call.records
+        bases = self._bases(call)
+        groups = self._group_by_entity(bases, records)
         if len(groups) == 1:
             model = next(iter(groups))
             results = [await self._batcher(model).score(records, call.explain, call.deadline)]
@@ -88,49 +80,53 @@ class ScoringService:
             results = await asyncio.gather(*(
                 self._batcher(m).score([records[i] for i in idx], call.explain, call.deadline)
                 for m, idx in groups.items()))
-        outcome = self._assemble(count, groups, results, call.explain > 0, notes)
+        routes = self._learning_routes(bases, records) if self.learner is not None else None
+        decisions = [decide(m, result, self.learner.holds(m, [routes[i] for i in idx]) if routes else None)
+                     for (m, idx), result in zip(groups.items(), results)]
+        outcome = self._assemble(count, groups, results, decisions, call.explain > 0)
+        if routes:
+            self.learner.observe(routes, records)
         self.metrics.observe_outcome(outcome, call.surface)
         return outcome
 
-    def _limit_sizes(self, records: Sequence[object]) -> tuple[Sequence[object], list]:
-        """Cut raw lines over max_record_bytes (fields are cut by the featurizer)."""
-        limit = self.settings.max_record_bytes
-        notes = []
-        if any(isinstance(r, str) and len(r) > limit for r in records):
-            records = list(records)
-            for i, record in enumerate(records):
-                if isinstance(record, str) and len(record) > limit:
-                    records[i] = record[:limit]
-                    notes.append((i, "record", f"truncated to {limit} characters"))
-        return records, notes
-
-    def _route(self, call: ScoreCall, records: Sequence[object]) -> dict[Model, Sequence[int]]:
-        """The model of each record: by name or tag (per request, or per record), then by entity."""
+    def _bases(self, call: ScoreCall) -> dict[Model, Sequence[int]]:
+        """The model each record is routed to by name or tag (the request's, or each record's)."""
         if call.tags is None or len(set(call.tags)) == 1:
             tag = call.tags[0] if call.tags else call.tag
-            return self._group_by_entity(self.registry.resolve(call.model, tag), records, range(len(records)))
-        by_tag: dict[str, list[int]] = {}
+            return {self.registry.resolve(call.model, tag): range(len(call.records))}
+        by_tag: dict[str, Model] = {}
+        bases: dict[Model, list[int]] = {}
         for i, tag in enumerate(call.tags):
-            by_tag.setdefault(tag, []).append(i)
-        groups: dict[Model, list[int]] = {}
-        for tag, positions in by_tag.items():
-            for model, idx in self._group_by_entity(self.registry.resolve(call.model, tag), records,
-                                                    positions).items():
-                groups.setdefault(model, []).extend(idx)
-        return {model: sorted(idx) for model, idx in groups.items()}
+            model = by_tag.get(tag) or by_tag.setdefault(tag, self.registry.resolve(call.model, tag))
+            bases.setdefault(model, []).append(i)
+        return bases
 
-    def _group_by_entity(self, model: Model, records: Sequence[object],
-                         positions: Sequence[int]) -> dict[Model, Sequence[int]]:
+    def _learning_routes(self, bases: dict[Model, Sequence[int]], records: Sequence[object]) -> list:
+        """Each record's learning route (see learning.Learner.routes)."""
+        if len(bases) == 1:
+            base, = bases
+            return self.learner.routes(base, records)
+        routes: list = [None] * len(records)
+        for base, positions in bases.items():
+            for i, route in zip(positions, self.learner.routes(base, [records[i] for i in positions])):
+                routes[i] = route
+        return routes
+
+    def _group_by_entity(self, bases: dict[Model, Sequence[int]],
+                         records: Sequence[object]) -> dict[Model, Sequence[int]]:
+        """Records by the model that scores them: ``<model>@<value>`` when loaded for their entity."""
         entity = self.registry.entity_field
-        if not entity or not any(n.startswith(model.name + "@") for n in self.registry.snapshot.models):
-            return {model: positions}
+        loaded = self.registry.snapshot.models
+        if not entity or not any(n.startswith(base.name + "@") for base in bases for n in loaded):
+            return bases
         groups: dict[Model, list[int]] = {}
-        for i in positions:
-            record = records[i]
-            value = record.get(entity) if isinstance(record, dict) else None
-            target = self.registry.for_entity(model, value) if value is not None else model
-            groups.setdefault(target, []).append(i)
-        return groups
+        for base, positions in bases.items():
+            for i in positions:
+                record = records[i]
+                value = record.get(entity) if isinstance(record, dict) else None
+                target = self.registry.for_entity(base, value) if value is not None else base
+                groups.setdefault(target, []).append(i)
+        return {model: sorted(idx) for model, idx in groups.items()} if len(bases) > 1 else groups
 
     def _batcher(self, model: Model) -> Batcher:
         batcher = self._batchers.get(model)
@@ -142,23 +138,22 @@ class ScoringService:
         return batcher
 
     @staticmethod
-    def _assemble(count, groups, results, explained: bool, notes: list) -> ScoreOutcome:
+    def _assemble(count, groups, results, decisions, explained: bool) -> ScoreOutcome:
         models = list(groups)
-        for model, result in zip(models, results):
-            notes.extend(record_notes(model, result, groups[model]))
-        notes.sort()
+        notes = sorted((int(groups[model][i]), field, text) for model, decision in zip(models, decisions)
+                       for i, field, text in decision.notes)
         if len(groups) == 1:  # the usual case: one model scored every record, in order
             result = results[0]
-            return ScoreOutcome(result.scores, result.is_anomaly, np.zeros(count, dtype=np.uint32), models,
+            return ScoreOutcome(result.scores, decisions[0].is_anomaly, np.zeros(count, dtype=np.uint32), models,
                                 result.explanations if explained else None, notes)
         scores = np.zeros(count, dtype=np.float32)
         flags = np.zeros(count, dtype=bool)
         model_index = np.zeros(count, dtype=np.uint32)
         explanations: Optional[list] = [[] for _ in range(count)] if explained else None
-        for position, (model, result) in enumerate(zip(models, results)):
+        for position, (model, result, decision) in enumerate(zip(models, results, decisions)):
             idx = np.asarray(groups[model])
             scores[idx] = result.scores
-            flags[idx] = result.is_anomaly
+            flags[idx] = decision.is_anomaly
             model_index[idx] = position
             if explanations is not None:
                 for local, i in enumerate(idx.tolist()):

@@ -88,15 +88,16 @@ class Sidecar:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.metrics = Metrics()
+        self.stopping = asyncio.Event()
+        self.reload_requested = asyncio.Event()
         self.registry = ModelRegistry(settings.models_dir, settings.default_model, settings.tag_routes,
-                                      settings.entity_field, self._model_event)
-        self.service = ScoringService(self.registry, settings, self.metrics)
+                                      settings.entity_field, self._model_event, settings.max_record_bytes)
+        self.learner = make_learner(settings, self.registry, self.reload_requested.set, self.metrics)
+        self.service = ScoringService(self.registry, settings, self.metrics, self.learner)
         self.health = health.aio.HealthServicer()
         self.grpc_server: Optional[grpc.aio.Server] = None
         self.http_server: Optional[HttpServer] = None
         self.forward_server: Optional[ForwardServer] = None
-        self.stopping = asyncio.Event()
-        self.reload_requested = asyncio.Event()
         self.bound: dict[str, str] = {}
         self.socket_identity: Optional[tuple[int, int]] = None  # (device, inode) of the socket we made
 
@@ -316,6 +317,21 @@ def bind_grpc(add_port, flag: str, address: str) -> int:
                           f"not exist); choose another {flag}") from None
 
 
+def make_learner(settings: Settings, registry: ModelRegistry, request_reload, metrics: Metrics):
+    """The learner when `learn` is on and can run; says clearly at startup why not, never fails."""
+    if not settings.learn:
+        return None
+    from .learning import Learner, learning_unavailable
+
+    reason = learning_unavailable(settings)
+    if reason is not None:
+        log.warning(f"learning is off: {reason}", extra={"setting": "learn"})
+        return None
+    log.info("learning is on", extra={"learn_records": settings.learn_records, "learn_window": settings.learn_window,
+                                      "learn_retrain_records": settings.learn_retrain_records})
+    return Learner(settings, registry, request_reload, metrics)
+
+
 async def run(settings: Settings) -> int:
     sidecar = Sidecar(settings)
     loop = asyncio.get_running_loop()
@@ -328,7 +344,11 @@ async def run(settings: Settings) -> int:
         await sidecar.abandon_start()
         raise
     watcher = asyncio.create_task(sidecar.watch_models())
+    learning = asyncio.create_task(sidecar.learner.run()) if sidecar.learner is not None else None
     await sidecar.stopping.wait()
+    if learning is not None:
+        await sidecar.learner.stop()
+        learning.cancel()
     sidecar.reload_requested.set()
     await sidecar.stop()
     await watcher

@@ -62,7 +62,8 @@ class Settings:
                                       "is scored on the event loop (faster than a thread hand-off); 0: never")
     max_queued_records: int = setting(200_000, "records waiting per model before RESOURCE_EXHAUSTED")
     max_records_per_request: int = setting(20_000, "records in one request before INVALID_ARGUMENT")
-    max_record_bytes: int = setting(65_536, "a longer raw line or field is truncated and flagged")
+    max_record_bytes: int = setting(65_536, "a longer raw line is cut to this many characters before it is parsed "
+                                    "and noted `truncated` (`logscore score --max-record-bytes`: the same rule)")
     max_message_bytes: int = setting(2 * 1024 * 1024, "largest gRPC message or HTTP body accepted")
     max_inflight_bytes: int = setting(32 * 1024 * 1024, "memory the requests being decoded, queued or scored "
                                       "may hold, estimated from their size and number of values (all surfaces); "
@@ -71,6 +72,19 @@ class Settings:
                                        "only on SIGHUP)")
     shutdown_grace_s: float = setting(10.0, "on SIGTERM, time given to in-flight calls")
     log_level: str = setting("info", "debug, info, warning or error")
+    learn: bool = setting(False, "learn each route's own model from the traffic it sees (needs the train extra and "
+                          "a writable --models-dir of yours); until it is ready, records are scored but not flagged "
+                          "(note `learning`)")
+    learn_records: int = setting(5000, "records a route collects before its first learned model is trained")
+    learn_window: int = setting(10_000, "recent records kept per route for learning and retraining (memory: about "
+                                "0.3 KB per access line, 1 KB per field map)")
+    learn_retrain_records: int = setting(100_000, "retrain a learned route on its recent window after this many "
+                                         "new records (drift); 0: never")
+    learn_max_flag_ratio: float = setting(3.0, "a candidate flagging more than this many times the serving "
+                                          "model's share of recent records (or of its target FPR) is kept aside "
+                                          "and reported, not swapped")
+    learn_max_routes: int = setting(8, "routes learned at most (per-entity routes count; records of further "
+                                    "routes are neither kept nor held)")
 
     @classmethod
     def load(cls, file: Optional[str] = None, flags: Optional[Mapping[str, Any]] = None,
@@ -121,6 +135,7 @@ class Settings:
                               f"raise it to at least {self.max_message_bytes * WIRE_COPIES}")
         self._validate_listeners()
         self._validate_tls()
+        self.validate_learning()
         if self.token_file:
             try:
                 token = self.token()
@@ -162,6 +177,17 @@ class Settings:
             except (ssl.SSLError, OSError) as error:
                 raise ConfigError(f"--tls-client-ca {self.tls_client_ca}: not a PEM CA bundle ({error})") from None
 
+    def validate_learning(self) -> None:
+        if self.learn_records < 100:
+            raise ConfigError(f"learn_records must be at least 100 (a model needs some traffic), "
+                              f"not {self.learn_records}")
+        if self.learn_window < self.learn_records:
+            raise ConfigError(f"learn_window ({self.learn_window}) must hold at least learn_records "
+                              f"({self.learn_records})")
+        if self.learn_max_flag_ratio <= 1.0 or self.learn_max_routes < 1 or self.learn_retrain_records < 0:
+            raise ConfigError("learn_max_flag_ratio must be above 1, learn_max_routes at least 1 and "
+                              "learn_retrain_records at least 0")
+
     def token(self) -> Optional[str]:
         return Path(self.token_file).read_text().strip() if self.token_file else None
 
@@ -189,9 +215,22 @@ def _read_yaml(path: str) -> dict:
     return {k.replace("-", "_"): v for k, v in data.items()}
 
 
+def _boolean(name: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off", ""):
+        return False
+    raise ConfigError(f"setting {name}: {value!r} is not true or false")
+
+
 def _coerce(spec, value: Any) -> Any:
     kind = spec.type if isinstance(spec.type, str) else getattr(spec.type, "__name__", "")
     try:
+        if kind == "bool":
+            return _boolean(spec.name, value)
         if "dict" in kind:
             if isinstance(value, str):
                 pairs = [item.split("=", 1) for item in value.split(",") if item.strip()]

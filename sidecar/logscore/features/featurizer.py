@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from ..errors import ConfigError
-from ..records import RecordNormalizer, to_text
+from ..records import DEFAULT_MAX_LINE_CHARS, RecordNormalizer, to_text
 from ..sessions import SessionSpec
 from .batch import FeatureBatch, FeatureSink
 from .converters import Converter, make_converter
@@ -88,7 +88,7 @@ def load_spec(path: Optional[str], log_format: str) -> dict:
 
 
 class Featurizer:
-    def __init__(self, spec: dict):
+    def __init__(self, spec: dict, max_line_chars: int = DEFAULT_MAX_LINE_CHARS):
         self.log_format = spec.get("format", "plain")
         self.dense_dims = int(spec.get("dense_dims", DEFAULT_DENSE_DIMS))
         self.max_field_chars = int(spec.get("max_field_chars", DEFAULT_MAX_FIELD_CHARS))
@@ -101,7 +101,7 @@ class Featurizer:
         if not self.converters:
             raise ConfigError("the featurizer spec has no converters; name at least one field")
         self.fields = list(dict.fromkeys(c.field for c in self.converters))
-        self.normalizer = RecordNormalizer(self.log_format, self.fields)
+        self.normalizer = RecordNormalizer(self.log_format, self.fields, max_line_chars)
         self.sessions = SessionSpec.from_dict(spec["sessions"]) if spec.get("sessions") else None
 
     def spec(self) -> dict:
@@ -124,7 +124,7 @@ class Featurizer:
     def field_values(self, records: Sequence[object]) -> tuple[dict[str, list], list[bool], list[bool]]:
         """Each wanted field as a column of text (None where absent), cut to max_field_chars."""
         batch = self.normalizer.normalize(records)
-        truncated = [False] * len(records)
+        truncated = batch.truncated
         limit = self.max_field_chars
         values: dict[str, list] = {}
         for name in self.fields:

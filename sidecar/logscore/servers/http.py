@@ -31,6 +31,7 @@ from urllib.parse import parse_qs, urlsplit
 from ..admission import UNLIMITED, Admission, Ticket
 from ..errors import (DeadlineExceeded, InvalidRequest, LogscoreError, ModelNotFound, Overloaded, ShuttingDown,
                       Unauthenticated)
+from ..decide import notes_by_record
 from ..resources import openapi_path
 from ..scoring import ScoreCall, ScoreOutcome, ScoringService
 from .streams import StreamServer
@@ -316,10 +317,12 @@ def deadline_from(timeout_ms: Optional[str]) -> Optional[float]:
     return time.monotonic() + milliseconds / 1000
 
 
-def encode_result(outcome: ScoreOutcome, i: int) -> dict:
+def encode_result(outcome: ScoreOutcome, i: int, notes: list[str]) -> dict:
     model = outcome.models[int(outcome.model_index[i])]
     result = {"anomaly_score": round(float(outcome.scores[i]), 6), "is_anomaly": bool(outcome.is_anomaly[i]),
               "model": model.name, "model_version": model.version}
+    if notes:
+        result["notes"] = notes
     if outcome.explanations is not None:
         result["explanation"] = outcome.explanations[i]
     return result
@@ -355,10 +358,11 @@ class SidecarHttp:
             call = ScoreCall(records, request.query.get("model", ""), request.query.get("tag", ""),
                              int(explain), deadline, "http")
             outcome = await self.service.score(call)
+            by_record = notes_by_record([(i, d) for i, _, d in outcome.notes], len(records))
             if single:
-                return Response.json(encode_result(outcome, 0))
+                return Response.json(encode_result(outcome, 0, by_record[0]))
             notes = [{"index": i, "field": f, "description": d} for i, f, d in outcome.notes]
-            return Response.json({"results": [encode_result(outcome, i) for i in range(len(records))],
+            return Response.json({"results": [encode_result(outcome, i, by_record[i]) for i in range(len(records))],
                                   "notes": notes})
         except HttpError as error:
             metrics.errors.labels(f"http_{error.status}", "http").inc()
@@ -394,4 +398,6 @@ class SidecarHttp:
         ready = bool(snapshot.models) and self.service.accepting
         body = {"ready": ready, "models": {n: m.version for n, m in sorted(snapshot.models.items())},
                 "rejected_files": without_directories(snapshot.errors)}
+        if self.service.learner is not None:
+            body["learning"] = self.service.learner.status()
         return Response.json(body, 200 if ready else 503)

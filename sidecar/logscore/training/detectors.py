@@ -67,6 +67,11 @@ class Standardizer:
 
 # --- rarity --------------------------------------------------------------
 
+def default_support(records: int) -> float:
+    """Records a feature must be seen in to count as fully normal: 0.05 % of them, at least 5."""
+    return max(5.0, 0.0005 * records)
+
+
 class RarityTable:
     """Training frequency of every feature key, as surprise in [0, 1].
 
@@ -78,7 +83,7 @@ class RarityTable:
 
     def __init__(self, keys: np.ndarray, records: int, support: float | None = None):
         self.records = records
-        self.support = float(support if support is not None else max(5.0, 0.0005 * records))
+        self.support = float(support if support is not None else default_support(records))
         unique, counts = np.unique(keys, return_counts=True)
         self.keys = unique
         self.surprise = self.surprise_of(counts)

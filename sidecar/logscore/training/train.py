@@ -1,12 +1,15 @@
 """Train on normal records, calibrate on held-out ones, export one ONNX artifact.
 
-    records ─► reservoir sample ─► k folds
+    records ─► reservoir sample ─► check they parse ─► k folds (records sharing
+               rare features in one fold: robust.py)
     each fold: fit on the others (featurizer.fit ─► featurize ─► key frequencies
                + detectors.fit) ─► raw scores of the fold through the ONNX graph
                (the same onnxruntime path as serving)
-    out-of-fold raw scores ─► empirical CDF per detector (+ one over their max
-               for ensembles) ─► threshold
-    all records ─► the final fit ─► graph + calibration + metadata
+    screening: set aside the records standing far above the rest, refit, repeat
+               (robust.py: attacks in the training data are not learned as normal)
+    out-of-fold raw scores of the kept records ─► empirical CDF per detector (+ one
+               over their max for ensembles) ─► threshold; realized FPR on held-back folds
+    kept records ─► the final fit ─► graph + calibration + metadata
 """
 
 from __future__ import annotations
@@ -28,14 +31,23 @@ from ..errors import ConfigError, InputError
 from ..features import FeatureBatch, Featurizer
 from ..model import make_session, run_graph
 from ..sessions import SessionSpec, SessionTracker
-from .detectors import DETECTORS, Detector, Features, RarityTable
+from .detectors import DETECTORS, Detector, Features, RarityTable, default_support
 from .graph import GraphBuilder
+from .robust import cluster_mates, example_text, record_keys, screen, signature_folds
 
 Progress = Callable[[str, int, Optional[int], str], None]  # stage, done, total, unit
+Warn = Callable[[str], None]
+
+REFUSE_UNPARSED = 0.5  # most records do not parse: wrong --format, refuse
+WARN_UNPARSED = 0.01  # more than this do not parse: say so
 
 
 def quiet(stage: str, done: int, total: Optional[int], unit: str = "records") -> None:
     """The default progress callback: says nothing."""
+
+
+def ignore(message: str) -> None:
+    """The default warning callback: keeps the warning in the metadata only."""
 
 
 @dataclass
@@ -53,6 +65,10 @@ class TrainOptions:
     name: str = "model"
     inputs: Sequence[str] = ()
     chunk: int = 2048
+    set_aside: bool = True  # screen out records that look like attacks (robust.py)
+    set_aside_factor: float = 2.5
+    screening_rounds: int = 1  # refits without the records set aside (CSIC 2010 + 1 % attacks: a second set 3 more aside)
+    learned_route: Optional[str] = None  # set by the sidecar's learner (sidecar/logscore/learning.py)
 
     def validate(self) -> None:
         unknown = [d for d in self.detectors if d not in DETECTORS]
@@ -65,6 +81,8 @@ class TrainOptions:
             raise ConfigError(f"target false-positive rate must be between 0 and 0.5, not {self.target_fpr}")
         if self.threshold_rule not in ("fpr", "sigma"):
             raise ConfigError(f"threshold rule must be 'fpr' or 'sigma', not {self.threshold_rule!r}")
+        if self.set_aside_factor <= 1.0:
+            raise ConfigError(f"set-aside factor must be above 1, not {self.set_aside_factor}")
 
 
 def reservoir_sample(records: Iterable[object], size: int, seed: int,
@@ -199,27 +217,88 @@ def fit(records: Sequence[object], options: TrainOptions, progress: Progress, st
     return Fitted(featurizer, table, detectors, int(batch.unparsed.sum()))
 
 
-def out_of_fold_raw_scores(sample: Sequence[object], options: TrainOptions, progress: Progress) -> np.ndarray:
-    """Raw scores of every record from a model that never saw it (k-fold cross-fitting).
+def out_of_fold_raw_scores(sample: Sequence[object], options: TrainOptions, progress: Progress,
+                           folds: Optional[np.ndarray] = None, fit_mask: Optional[np.ndarray] = None,
+                           stage: str = "") -> np.ndarray:
+    """Raw scores of every record from a model that never saw it (k-fold cross-fitting);
+    the fold models are fit on the records of ``fit_mask`` only (default: all).
 
     Calibrating on all records instead of one small held-out split puts the
     threshold on a 5x larger sample: the 99.9th percentile of 10,000 records
     is estimated from 10 of them, not 2.
     """
-    folds = np.arange(len(sample)) % options.folds
+    folds = np.arange(len(sample)) % options.folds if folds is None else folds
+    fit_mask = np.ones(len(sample), dtype=bool) if fit_mask is None else fit_mask
     raw = np.zeros((len(sample), len(options.detectors)), dtype=np.float32)
     for fold in range(options.folds):
-        inside = [r for r, f in zip(sample, folds) if f != fold]
+        inside = [r for r, f, use in zip(sample, folds, fit_mask) if f != fold and use]
         outside = [r for r, f in zip(sample, folds) if f == fold]
-        fitted = fit(inside, options, progress, f"fold {fold + 1}/{options.folds}")
+        fitted = fit(inside, options, progress, f"{stage}fold {fold + 1}/{options.folds}")
         batch = featurize_all(fitted.featurizer, outside, options.chunk)
         _, raw[folds == fold], _ = run_graph(make_session(fitted.graph().SerializeToString()), batch)
     return raw
 
 
+def parse_fraction(sample: Sequence[object], options: TrainOptions, warn: Warn) -> int:
+    """The number of records that do not parse; refuses input that is mostly unparsed (a wrong
+    --format, a binary file) and warns when more than a few records do not parse."""
+    normalizer = Featurizer(options.spec).normalizer
+    parsed = normalizer.normalize(sample).parsed
+    unparsed = len(parsed) - sum(parsed)
+    if unparsed <= WARN_UNPARSED * len(sample):
+        return unparsed
+    log_format = normalizer.log_format
+    example = example_text(next(r for r, ok in zip(sample, parsed) if not ok))[:120]
+    summary = (f"{unparsed:,} of {len(sample):,} records ({unparsed / len(sample):.1%}) do not parse as {log_format} "
+               f"(e.g. {example!r})")
+    if unparsed > REFUSE_UNPARSED * len(sample):
+        raise InputError(f"{summary}: this is not {log_format} input. {suggest_format(sample, log_format)}")
+    warn(f"{summary}; they are learned with their fields missing, and records that do not parse "
+         "will not be flagged for it")
+    return unparsed
+
+
+def suggest_format(sample: Sequence[object], log_format: str) -> str:
+    """What to try instead: the format most of a few records parse as, if any."""
+    from ..parsers import PARSERS
+
+    probe = [r if isinstance(r, str) else json.dumps(r) for r in sample[:500]]
+    shares = {name: sum(parse(line)[1] for line in probe) / max(len(probe), 1)
+              for name, parse in PARSERS.items() if name not in (log_format, "plain")}
+    best = max(shares, key=shares.get) if shares else None
+    if best is not None and shares[best] >= 0.5:
+        return f"They parse as {best} ({shares[best]:.0%}): try --format {best}."
+    return ("Try --format syslog or jsonl, --format plain to read each line as text, or --config naming "
+            "your own fields (docs/converters.md); check the file is a text log.")
+
+
+def held_back_fpr(raw: np.ndarray, folds: np.ndarray, kept: np.ndarray, options: TrainOptions) -> dict:
+    """The false-positive rate realized on held-back records: each fold's kept records, scored by
+    a model fit without them, against a threshold calibrated without them (on the other folds)."""
+    flagged = records = 0
+    for fold in range(options.folds):
+        calibrating, held = kept & (folds != fold), kept & (folds == fold)
+        if not calibrating.any() or not held.any():
+            continue
+        tables, calibrated = calibrate(raw[calibrating])
+        threshold = choose_threshold(calibrated, options)
+        flagged += int((apply_calibration(raw[held], tables) >= threshold).sum())
+        records += int(held.sum())
+    return {"records": records, "flagged": flagged, "fpr": round(flagged / records, 6) if records else None}
+
+
+def apply_calibration(raw: np.ndarray, calibration: dict) -> np.ndarray:
+    """Numpy twin of the graph's calibration: per-detector ECDF, then (ensembles) the ECDF of the max."""
+    calibrated = np.column_stack([apply_ecdf(raw[:, i], c["knots"], c["levels"])
+                                  for i, c in enumerate(calibration["detectors"])])
+    if "combined" in calibration:
+        return apply_ecdf(calibrated.max(axis=1), *calibration["combined"])
+    return calibrated[:, 0]
+
+
 def train(records: Iterable[object], options: TrainOptions,
-          progress: Progress = quiet) -> tuple[object, dict]:
-    """Fit on all records, calibrate on out-of-fold scores; returns (onnx.ModelProto, metadata)."""
+          progress: Progress = quiet, warn: Warn = ignore) -> tuple[object, dict]:
+    """Fit on the kept records, calibrate on out-of-fold scores; returns (onnx.ModelProto, metadata)."""
     options.validate()
     started = time.perf_counter()
     if options.spec.get("sessions"):
@@ -231,11 +310,24 @@ def train(records: Iterable[object], options: TrainOptions,
         raise InputError(f"only {len(sample)} records to train on; give at least {10 * options.folds} "
                          "(thousands are better)")
     random.Random(options.seed).shuffle(sample)
-    raw = out_of_fold_raw_scores(sample, options, progress)
+    warnings: list[str] = []
+
+    def keep_warning(message: str) -> None:
+        warnings.append(message)
+        warn(message)
+
+    unparsed = parse_fraction(sample, options, keep_warning)
+    # Rare = seen in fewer records than a feature needs to count as normal (screening's grouping).
+    support = options.support or default_support(len(sample))
+    folds, screening = screen_sample(sample, options, support, progress)
+    kept = ~screening.set_aside
+    raw = screening.raw[kept]
     calibration, calibrated = calibrate(raw)
     threshold = choose_threshold(calibrated, options)
     flagged = float((calibrated >= threshold).mean())
-    final = fit(sample, options, progress, "final model")
+    held_back = held_back_fpr(screening.raw, folds, kept, options)
+    kept_records = [r for r, keep in zip(sample, kept) if keep]
+    final = fit(kept_records, options, progress, "final model")
 
     metadata = {
         "format_version": FORMAT_VERSION,
@@ -247,19 +339,22 @@ def train(records: Iterable[object], options: TrainOptions,
         "rarity": {"support": final.table.support, "distinct_keys": int(len(final.table.keys))},
         "calibration": {
             "method": f"empirical CDF of out-of-fold scores ({options.folds}-fold cross-fitting)",
-            "records": len(sample),
+            "records": int(kept.sum()),
             "rule": options.threshold_rule,
             "target_fpr": options.target_fpr,
             "sigma": options.sigma if options.threshold_rule == "sigma" else None,
             "threshold": threshold,
             "flagged_fraction": flagged,
             "expected_alerts_per_10k": round(flagged * 10_000, 1),
+            "held_back": held_back,
         },
         "training": {
             "inputs": [os.path.basename(i) for i in options.inputs],
             "records_read": read,
             "records_used": len(sample),
-            "unparsed_records": final.unparsed,
+            "unparsed_records": unparsed,
+            "set_aside": screening.describe(sample, options.set_aside_factor) if options.set_aside else None,
+            "warnings": warnings,
             "distinct_features": int(len(final.table.keys)),
             "dense_width": final.featurizer.width,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -272,7 +367,29 @@ def train(records: Iterable[object], options: TrainOptions,
             "seed": options.seed,
         },
     }
+    if options.learned_route:
+        metadata["training"]["learned_route"] = options.learned_route
     return final.graph(calibration, metadata), metadata
+
+
+def screen_sample(sample: Sequence[object], options: TrainOptions, support: float, progress: Progress):
+    """(folds, Screening): out-of-fold raw scores, with what looks like attacks set aside."""
+    if not options.set_aside:
+        folds = np.arange(len(sample)) % options.folds
+        raw = out_of_fold_raw_scores(sample, options, progress, folds)
+        return folds, screen(lambda _: raw, len(sample), options.target_fpr, options.set_aside_factor, 0)
+    progress("grouping similar records", 0, len(sample), "records")
+    rows, keys = record_keys(sample, options.spec, options.chunk)
+    folds = signature_folds(sample, rows, keys, options.folds, support)
+    rounds = iter(range(1, options.screening_rounds + 2))
+
+    def score_out_of_fold(fit_mask: np.ndarray) -> np.ndarray:
+        stage = f"screening round {next(rounds)}, " if not fit_mask.all() else ""
+        return out_of_fold_raw_scores(sample, options, progress, folds, fit_mask, stage=stage)
+
+    return folds, screen(score_out_of_fold, len(sample), options.target_fpr, options.set_aside_factor,
+                         options.screening_rounds,
+                         lambda found, raw: cluster_mates(found, raw, rows, keys, options.target_fpr))
 
 
 def save_model(model, path: str | Path) -> None:

@@ -1,0 +1,85 @@
+"""Decide: turn a model's scores into the decision users route on, and say why.
+
+    Model.score ─► decide ─► (is_anomaly, notes) ─► every surface
+
+The one step after scoring, on every path (the sidecar's ScoringService, `logscore score`,
+`logscore evaluate`); surfaces never decide. It applies, in order:
+
+- the threshold (already compared by ``Model.score``, which may take a per-call threshold);
+- records that did not parse: flagged when the model's training data parsed (a line its
+  parser cannot read is then itself anomalous), noted either way;
+- truncation: noted (the rule is in ``records.RecordNormalizer``: one rule everywhere);
+- learning: while a route's own model is being learned (sidecar/logscore/learning.py), its
+  records keep their score but are not flagged, and say so.
+
+Later rules (feedback suppression, windows) plug in here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+
+from .model import Model, Scored
+
+# Note descriptions start with one of these; clients turn them into flags (`unparsed: true`).
+NOTE_KINDS = {"did not parse": "unparsed", "truncated": "truncated", "learning": "learning"}
+TRUNCATED = ("truncated: a raw line was cut to {line} characters or a field to {field} characters "
+             "before scoring")
+
+
+@dataclass
+class Decision:
+    is_anomaly: np.ndarray  # bool [N]
+    notes: list[tuple[int, str, str]]  # (record index in the batch, field, description)
+
+
+def flags_unparsed(model: Model) -> bool:
+    """Whether a record that does not parse is flagged: when the training data parsed, i.e.
+    unparsed records were rarer in training than the false-positive rate the model allows."""
+    meta = model.metadata
+    training, calibration = meta.get("training", {}), meta.get("calibration", {})
+    used = training.get("records_used") or 0
+    if not used or model.featurizer.sessions is not None:
+        return False  # session models read every record's text; nothing is unparsed
+    return training.get("unparsed_records", 0) / used <= float(calibration.get("target_fpr") or 0.001)
+
+
+def decide(model: Model, scored: Scored, learning: Optional[Sequence[Optional[str]]] = None) -> Decision:
+    """The decision for one batch scored by ``model``; ``learning`` holds, per record, why its
+    flag is held (the route is still learning its model) or None."""
+    flags = scored.is_anomaly.copy()
+    notes: list[tuple[int, str, str]] = []
+    if scored.unparsed.any():
+        log_format = model.featurizer.log_format
+        if flags_unparsed(model):
+            flags |= scored.unparsed
+            text = f"did not parse as {log_format}; flagged: the model's training data parsed"
+        else:
+            text = f"did not parse as {log_format}; scored with its fields missing"
+        notes += [(int(i), "record", text) for i in np.flatnonzero(scored.unparsed)]
+    if scored.truncated.any():
+        text = TRUNCATED.format(line=model.featurizer.normalizer.max_line_chars,
+                                field=model.featurizer.max_field_chars)
+        notes += [(int(i), "record", text) for i in np.flatnonzero(scored.truncated)]
+    if learning is not None:
+        for i, why in enumerate(learning):
+            if why is not None:
+                flags[i] = False
+                notes.append((i, "record", f"learning: {why}"))
+    return Decision(flags, notes)
+
+
+def note_flags(descriptions: Sequence[str]) -> dict[str, bool]:
+    """``{"unparsed": True, ...}`` for the kinds of notes a record has (for JSON output)."""
+    return {flag: True for prefix, flag in NOTE_KINDS.items() if any(d.startswith(prefix) for d in descriptions)}
+
+
+def notes_by_record(notes: Sequence[tuple[int, str]], count: int) -> list[list[str]]:
+    """(record index, description) pairs → each record's descriptions, in order."""
+    grouped: list[list[str]] = [[] for _ in range(count)]
+    for index, description in notes:
+        grouped[index].append(description)
+    return grouped

@@ -1,0 +1,333 @@
+"""Learning on arrival: each route learns its own model from the traffic it sees.
+
+    ScoringService ─► Learner.observe(routes, records)       a bounded window of recent records per route
+                  ◄─ Learner.holds(model, routes)            decide: flag held, note `learning`
+    Learner.run() (a task of the sidecar), one route at a time:
+        a route without a model of its own has ``learn_records`` records, or a learned route has
+        ``learn_retrain_records`` new ones (drift)
+        ─► the window, but for its most recent tenth (kept for validation), goes to a file
+        ─► `logscore train` in a child process: the same code as the command, niced, one thread
+        ─► validation: candidate and serving model score the held-back recent records; a candidate
+           flagging more than ``learn_max_flag_ratio`` × max(serving model's share, target FPR) is
+           kept aside in the work directory and reported, not swapped
+        ─► os.replace into the models directory: the registry's hot reload loads, probes and swaps it
+
+A route is the name of the model a record resolves to, or ``<model>@<value>`` of the
+``entity_field`` (the per-entity models the registry already routes to). A learned model
+carries ``training.learned_route`` in its metadata; until one serves a route, the route is
+learning. Work files live in ``<models_dir>/.learning/<route>/`` (the registry ignores dot
+directories).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+from .decide import decide
+from .model import Model
+from .registry import ModelRegistry
+from .resources import default_models_dir
+from .settings import Settings
+
+log = logging.getLogger("logscore.learning")
+
+WORK_DIR = ".learning"
+HOLDOUT = 0.1  # the most recent share of a window, scored to validate a candidate
+MAX_RECORD_CHARS = 16_384  # longer records are not kept in windows (memory stays bounded)
+TRAIN_TIMEOUT_S = 3600.0
+CHECK_INTERVAL_S = 0.5
+KEPT_ASIDE = 3  # rejected candidates kept per route for review
+
+
+def learning_unavailable(settings: Settings) -> Optional[str]:
+    """Why learning cannot run with these settings, or None."""
+    for module in ("sklearn", "onnx"):
+        try:
+            missing = importlib.util.find_spec(module) is None
+        except (ImportError, ValueError):
+            missing = True
+        if missing:
+            return (f"the train extra is not installed ({module} is missing); "
+                    "install it in the sidecar's environment: pip install 'logscore[train]'")
+    directory = Path(settings.models_dir).resolve()
+    if directory == default_models_dir().resolve():
+        return ("the models directory is logscore's own (the shipped default model); learned models go to "
+                "a directory of yours: set --models-dir and copy the starting model there")
+    if not os.access(directory, os.W_OK):
+        return f"the models directory {directory} is not writable"
+    return None
+
+
+@dataclass
+class Route:
+    name: str
+    window: deque
+    seen: int = 0
+    trained_at: int = 0  # records seen when the last training started
+    training: bool = False
+    last: Optional[dict] = None  # the last training's outcome, for status and logs
+    held: int = 0  # records whose flag was held
+
+
+@dataclass
+class Candidate:
+    path: Path
+    serving_rate: float
+    candidate_rate: float
+    records: int
+    detail: dict = field(default_factory=dict)
+
+
+class Learner:
+    def __init__(self, settings: Settings, registry: ModelRegistry, request_reload: Callable[[], None],
+                 metrics=None):
+        self.settings = settings
+        self.registry = registry
+        self.request_reload = request_reload
+        self.metrics = metrics
+        self.work = Path(settings.models_dir) / WORK_DIR
+        self.routes_by_name: dict[str, Route] = {}
+        self._child: Optional[asyncio.subprocess.Process] = None
+        self._stopping = asyncio.Event()
+
+    # --- on the scoring path (cheap) ---------------------------------------------
+    def routes(self, model: Model, records: Sequence[object]) -> list[Optional[str]]:
+        """Each record's route; None for records of entities beyond learn_max_routes."""
+        entity = self.registry.entity_field
+        if not entity:
+            return [model.name] * len(records)
+        names = []
+        for record in records:
+            value = record.get(entity) if isinstance(record, dict) else None
+            names.append(self._admit(f"{model.name}@{value}" if value is not None else model.name))
+        return names
+
+    def _admit(self, name: str) -> Optional[str]:
+        if name in self.routes_by_name or len(self.routes_by_name) < self.settings.learn_max_routes:
+            return name
+        return None
+
+    def holds(self, model: Model, routes: Sequence[Optional[str]]) -> Optional[list[Optional[str]]]:
+        """Per record, why its flag is held (its route has no model of its own yet), or None."""
+        reasons: dict[Optional[str], Optional[str]] = {None: None}
+        held = []
+        for name in routes:
+            if name not in reasons:
+                reasons[name] = None if learned_for(model, name) else self._reason(name)
+            held.append(reasons[name])
+        if not any(held):
+            return None
+        for name, reason in reasons.items():
+            if reason is not None:
+                self.routes_by_name[name].held += sum(1 for n in routes if n == name)
+        return held
+
+    def _reason(self, name: str) -> str:
+        route = self._route(name)
+        if route.training:
+            return f"route {name} is training its own model on {route.trained_at} records"
+        return f"route {name} is learning its own model ({min(route.seen, self.settings.learn_records)} of " \
+               f"{self.settings.learn_records} records seen)"
+
+    def observe(self, routes: Sequence[Optional[str]], records: Sequence[object]) -> None:
+        """Keep each route's recent records (bounded); records too long or multi-line are skipped."""
+        if len(set(routes)) == 1:
+            if routes[0] is not None:
+                self._keep(self._route(routes[0]), records)
+            return
+        by_route: dict[str, list] = {}
+        for name, record in zip(routes, records):
+            if name is not None:
+                by_route.setdefault(name, []).append(record)
+        for name, kept in by_route.items():
+            self._keep(self._route(name), kept)
+
+    def _keep(self, route: Route, records: Sequence[object]) -> None:
+        route.seen += len(records)
+        route.window.extend(r for r in records if keepable(r))
+
+    def _route(self, name: str) -> Route:
+        route = self.routes_by_name.get(name)
+        if route is None:
+            route = self.routes_by_name[name] = Route(name, deque(maxlen=self.settings.learn_window))
+        return route
+
+    # --- the background task ---------------------------------------------------------
+    async def run(self) -> None:
+        """Train one route at a time, whenever one is due, until stopped."""
+        while not self._stopping.is_set():
+            route = self._due()
+            if route is None:
+                try:
+                    await asyncio.wait_for(self._stopping.wait(), CHECK_INTERVAL_S)
+                except asyncio.TimeoutError:
+                    pass
+                continue
+            try:
+                await self._learn(route)
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:  # a bug or an I/O error: report, keep serving, retry later
+                log.exception("learning failed", extra={"route": route.name})
+                self._finish(route, "failed", {"error": f"{type(error).__name__}: {error}"})
+
+    def _due(self) -> Optional[Route]:
+        s = self.settings
+        for route in self.routes_by_name.values():
+            if route.training or len(route.window) < min(s.learn_records, s.learn_window):
+                continue
+            new = route.seen - route.trained_at
+            if self._serving_learned(route.name):
+                if s.learn_retrain_records and new >= s.learn_retrain_records:
+                    return route
+            elif new >= s.learn_records:  # the first model, or a retry after a failure
+                return route
+        return None
+
+    def _serving_learned(self, name: str) -> bool:
+        model = self.registry.snapshot.models.get(name)
+        return model is not None and learned_for(model, name)
+
+    def _serving_model(self, name: str) -> Model:
+        """The model scoring the route now: its own, else the one it falls back to."""
+        models = self.registry.snapshot.models
+        if name in models:
+            return models[name]
+        return models[name.partition("@")[0]]
+
+    async def _learn(self, route: Route) -> None:
+        route.training, route.trained_at = True, route.seen
+        serving = self._serving_model(route.name)
+        records = list(route.window)
+        holdout = max(int(len(records) * HOLDOUT), 1)
+        directory = self.work / route.name
+        log.info("learning: training a candidate", extra={"route": route.name, "records": len(records) - holdout})
+        loop = asyncio.get_running_loop()
+        inputs = await loop.run_in_executor(None, write_inputs, directory, records[:-holdout], serving)
+        candidate_path = directory / "candidate.onnx"
+        error = await self._train_child(route.name, inputs, serving, candidate_path)
+        if error is not None:
+            self._finish(route, "failed", {"error": error})
+            return
+        candidate = await loop.run_in_executor(None, self._validate, candidate_path, serving, records[-holdout:])
+        limit = self.settings.learn_max_flag_ratio * max(candidate.serving_rate, target_fpr(serving))
+        detail = {"records": len(records) - holdout, "validated_on": holdout,
+                  "candidate_flagged": round(candidate.candidate_rate, 5),
+                  "serving_flagged": round(candidate.serving_rate, 5), "serving_model": serving.name}
+        if candidate.candidate_rate > limit:
+            kept = keep_aside(directory, candidate_path)
+            log.warning("learning: candidate kept aside, not swapped: it flags far more of recent traffic than "
+                        "the serving model", extra={"route": route.name, "kept_as": str(kept), **detail})
+            self._finish(route, "kept_aside", {**detail, "kept_as": str(kept)})
+            return
+        target = Path(self.settings.models_dir) / f"{route.name}.onnx"
+        await loop.run_in_executor(None, swap_in, candidate_path, target, directory)
+        log.info("learning: learned model swapped in", extra={"route": route.name, "file": str(target), **detail})
+        self._finish(route, "swapped", {**detail, "file": str(target)})
+        self.request_reload()
+
+    async def _train_child(self, name: str, inputs: dict, serving: Model, out: Path) -> Optional[str]:
+        """`logscore train` in a niced, single-threaded child process; the error text or None."""
+        command = [sys.executable, "-m", "logscore", "train", "--input", str(inputs["records"]), "--json-records",
+                   "--config", str(inputs["spec"]), "--detectors", ",".join(serving.detectors),
+                   "--target-fpr", str(target_fpr(serving)), "--name", name, "--learned-route", name,
+                   "--out", str(out)]
+        environment = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+        self._child = await asyncio.create_subprocess_exec(*command, stdout=asyncio.subprocess.PIPE,
+                                                           stderr=asyncio.subprocess.PIPE, env=environment)
+        try:
+            # NOTE: niced after it started (preexec_fn is unsafe with threads); serving keeps its core.
+            os.setpriority(os.PRIO_PROCESS, self._child.pid, 10)
+        except OSError:
+            pass
+        try:
+            _, stderr = await asyncio.wait_for(self._child.communicate(), TRAIN_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            self._child.kill()
+            await self._child.wait()
+            return f"training took longer than {TRAIN_TIMEOUT_S:.0f} s"
+        finally:
+            code, self._child = self._child.returncode, None
+        if code != 0:
+            lines = stderr.decode("utf-8", "replace").strip().splitlines()
+            return lines[-1] if lines else f"logscore train exited with {code}"
+        return None
+
+    def _validate(self, path: Path, serving: Model, recent: list) -> Candidate:
+        """Both models score the held-back recent records (fresh instances: no shared caches or sessions)."""
+        candidate = Model.load(path, max_line_chars=self.registry.max_line_chars)
+        current = Model(serving.artifact, max_line_chars=self.registry.max_line_chars)
+        rates = [float(decide(m, m.score(recent)).is_anomaly.mean()) for m in (candidate, current)]
+        return Candidate(path, serving_rate=rates[1], candidate_rate=rates[0], records=len(recent))
+
+    def _finish(self, route: Route, outcome: str, detail: dict) -> None:
+        route.training = False
+        route.last = {"outcome": outcome, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **detail}
+        if self.metrics is not None:
+            self.metrics.learning_outcomes.labels(route.name, outcome).inc()
+
+    async def stop(self) -> None:
+        self._stopping.set()
+        if self._child is not None and self._child.returncode is None:
+            self._child.kill()
+
+    def status(self) -> dict:
+        """Per route: learning, training or learned, with counts and the last outcome (for /readyz)."""
+        return {name: {"state": "training" if r.training else "learned" if self._serving_learned(name)
+                       else "learning",
+                       "records_seen": r.seen, "window": len(r.window), "flags_held": r.held, "last": r.last}
+                for name, r in sorted(self.routes_by_name.items())}
+
+
+def learned_for(model: Model, route: Optional[str]) -> bool:
+    return model.metadata.get("training", {}).get("learned_route") == route
+
+
+def target_fpr(model: Model) -> float:
+    return float(model.metadata.get("calibration", {}).get("target_fpr") or 0.001)
+
+
+def keepable(record: object) -> bool:
+    if isinstance(record, str):
+        return len(record) <= MAX_RECORD_CHARS and "\n" not in record and "\r" not in record
+    if isinstance(record, dict):
+        return sum(len(v) for v in record.values() if isinstance(v, str)) <= MAX_RECORD_CHARS
+    return False
+
+
+def write_inputs(directory: Path, records: list, serving: Model) -> dict:
+    """The training records (JSON lines: field maps as JSON, raw lines as they are) and the serving
+    model's featurizer spec, for `logscore train --json-records --config`."""
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = {"records": directory / "records.jsonl", "spec": directory / "spec.json"}
+    with open(paths["records"], "w", encoding="utf-8") as out:
+        for record in records:
+            out.write((json.dumps(record, default=str) if isinstance(record, dict) else record) + "\n")
+    paths["spec"].write_text(json.dumps(serving.featurizer.spec()), encoding="utf-8")
+    return paths
+
+
+def swap_in(candidate: Path, target: Path, directory: Path) -> None:
+    """The previous file is kept as previous.onnx in the work directory; the swap is one rename."""
+    if target.exists():
+        shutil.copy2(target, directory / "previous.onnx")
+    os.replace(candidate, target)
+
+
+def keep_aside(directory: Path, candidate: Path) -> Path:
+    kept = directory / f"kept-aside-{time.strftime('%Y%m%dT%H%M%S')}.onnx"
+    os.replace(candidate, kept)
+    for old in sorted(directory.glob("kept-aside-*.onnx"))[:-KEPT_ASIDE]:
+        old.unlink()
+    return kept

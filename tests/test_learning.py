@@ -1,0 +1,97 @@
+"""Learning on arrival (issue #11): the real sidecar learns a new site's model in a child process,
+holds flags until it is ready, swaps it in through hot reload, and keeps aside a retrained
+candidate that would flag far more of recent traffic than the model serving."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+
+from logscore.artifact import read_artifact
+from logscore.generated.logscore.v1 import scorer_pb2 as pb
+
+from .generate import attack_lines, shop_lines
+from .sidecar_process import ROOT, SidecarProcess
+
+DEFAULT_MODEL = ROOT / "models" / "apache-access.onnx"
+
+
+def score(stub, lines: list[str]):
+    """(scores, flags, notes by record) of lines sent in batches of 250."""
+    scores, flags, notes = [], [], [[] for _ in lines]
+    for start in range(0, len(lines), 250):
+        response = stub.Score(pb.ScoreRequest(lines=pb.RawLines(lines=[x.encode() for x in lines[start:start + 250]])),
+                              timeout=30)
+        scores += list(response.scores)
+        flags += list(response.is_anomaly)
+        for note in response.notes:
+            notes[start + note.index].append(note.description)
+    return np.array(scores), np.array(flags), notes
+
+
+def learning_status(sidecar) -> dict:
+    return json.loads(sidecar.http_get("/readyz")[1])["learning"]
+
+
+def test_a_new_site_is_learned_on_arrival_and_a_bad_retrain_is_kept_aside(tmp_path):
+    models = tmp_path / "models"
+    models.mkdir()
+    shutil.copy(DEFAULT_MODEL, models / "apache-access.onnx")  # a blog's model; the new site is a shop
+    sidecar = SidecarProcess(models, tmp_path, learn="true", learn_records=1000, learn_window=1000,
+                             learn_retrain_records=1800).start()
+    try:
+        stub = sidecar.stub()
+        threshold = read_artifact(models / "apache-access.onnx").metadata["calibration"]["threshold"]
+        scores, flags, notes = score(stub, shop_lines(1000, seed=100))
+        assert (scores >= threshold).mean() > 0.05  # the blog's model would flood the shop...
+        assert not flags.any()  # ...but flags are held while the route learns
+        assert all(n and n[-1].startswith("learning: route apache-access is learning") for n in notes)
+        original = sidecar.model_versions()["apache-access"]
+        sidecar.wait_for(lambda: sidecar.model_versions()["apache-access"] != original, 120, "the learned model")
+        learned = read_artifact(models / "apache-access.onnx").metadata
+        assert learned["training"]["learned_route"] == "apache-access"
+        assert learned["training"]["records_used"] == 900  # the window but its most recent tenth
+        assert (models / ".learning" / "apache-access" / "previous.onnx").exists()
+        status = learning_status(sidecar)["apache-access"]
+        assert status["state"] == "learned" and status["last"]["outcome"] == "swapped"
+        assert status["flags_held"] == 1000
+
+        fresh = shop_lines(700, seed=101)
+        attacks = [line for _, line in attack_lines(shop_lines(100, seed=102), 100, seed=103)]
+        _, flags, notes = score(stub, fresh + attacks)
+        assert flags[:700].mean() <= 0.01 and flags[700:].mean() >= 0.9
+        assert not any(n for n in notes)
+
+        # Drift retraining, guarded: a window swamped by one health check teaches a model that
+        # flags most normal traffic; it is kept aside, the learned model keeps serving.
+        learned_version = sidecar.model_versions()["apache-access"]
+        health = shop_lines(1, seed=104)[0].replace("/favicon.ico", "/health")
+        score(stub, [health] * 900 + shop_lines(100, seed=105))
+        sidecar.wait_for(lambda: (learning_status(sidecar)["apache-access"]["last"] or {}).get("outcome")
+                         == "kept_aside", 120, "the retrained candidate to be kept aside")
+        last = learning_status(sidecar)["apache-access"]["last"]
+        assert last["candidate_flagged"] > 3 * last["serving_flagged"]
+        assert sidecar.model_versions()["apache-access"] == learned_version
+        assert list((models / ".learning" / "apache-access").glob("kept-aside-*.onnx"))
+        assert "candidate kept aside, not swapped" in sidecar.log()
+    finally:
+        assert sidecar.stop() == 0
+
+
+def test_without_the_train_extra_learning_is_off_and_said_so(tmp_path):
+    hide = tmp_path / "hide"
+    hide.mkdir()
+    (hide / "sitecustomize.py").write_text("import sys\nsys.modules['sklearn'] = None  # as if not installed\n")
+    models = tmp_path / "models"
+    models.mkdir()
+    shutil.copy(DEFAULT_MODEL, models / "apache-access.onnx")
+    sidecar = SidecarProcess(models, tmp_path, learn="true", env={"PYTHONPATH": str(hide)}).start()
+    try:
+        _, flags, notes = score(sidecar.stub(), shop_lines(300, seed=106))
+        assert flags.any() and not any(n for n in notes)  # scored as usual, nothing held
+        assert "learning is off: the train extra is not installed (sklearn is missing)" in sidecar.log()
+        assert "learning" not in json.loads(sidecar.http_get("/readyz")[1])
+    finally:
+        assert sidecar.stop() == 0
