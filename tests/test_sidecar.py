@@ -236,7 +236,8 @@ def test_expired_deadline_and_overload(models_dir, tmp_path):
                 outcomes.append("OK")
             except grpc.RpcError as error:
                 outcomes.append(error.code().name)
-        assert "RESOURCE_EXHAUSTED" in outcomes[:3] and outcomes[0] == "OK"
+        # Which of the three concurrent calls reaches the queue first is up to the scheduler.
+        assert "RESOURCE_EXHAUSTED" in outcomes[:3] and "OK" in outcomes[:3]
         assert outcomes[3] == "DEADLINE_EXCEEDED"
         assert len(stub.Score(pb.ScoreRequest(model="shop", lines=pb.RawLines(lines=[b"x"])), timeout=10).scores) == 1
     finally:
