@@ -57,13 +57,6 @@ class StreamScorerTest < Test::Unit::TestCase
     assert_equal [false, false, true], by_fields.map { |_, r| r['is_anomaly'] }
   end
 
-  test 'pre-packed msgpack bytes are sent as they are' do
-    list = entries([AccessLines.fields('/favicon.ico'), AccessLines.fields('/?id=..%2f..%2fetc%2fpasswd')])
-    packed = list.map(&:to_msgpack).join
-    out = scorer.score('web', list, msgpack: packed)
-    assert_equal [false, true], out.map { |_, r| r['is_anomaly'] }
-  end
-
   test 'explanations name what was unusual' do
     out = scorer(message_key: 'message', explain: 2).score('web', entries([{ 'message' => AccessLines.attack }]))
     explanation = out[0][1]['anomaly_explanation']

@@ -107,9 +107,8 @@ module Fluent
       def filter_stream(tag, es)
         entries = []
         es.each { |time, record| entries << [time, record] }
-        packed = @message_key ? nil : packed_stream(es)
         result = MultiEventStream.new
-        passed = @scorer.score(tag, entries, msgpack: packed) do |time, record, error|
+        passed = @scorer.score(tag, entries) do |time, record, error|
           router.emit_error_event(tag, time, record, error)
         end
         passed.each { |time, record| result.add(time, record) }
@@ -128,14 +127,6 @@ module Fluent
         counters['logscore_deadline_per_record_us'] = client ? (client.deadlines.allowance * 1e6).round(1) : 0
         stats['filter'] = (stats['filter'] || {}).merge(counters)
         stats
-      end
-
-      private
-
-      # The stream's msgpack bytes as Fluentd holds them (no re-encoding for a
-      # chunk read from a buffer); other streams are packed once.
-      def packed_stream(es)
-        es.respond_to?(:to_msgpack_stream) ? es.to_msgpack_stream : nil
       end
     end
   end
