@@ -19,6 +19,7 @@ SERVERENGINE_SOURCE / FLUENT_BIT).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -118,13 +119,19 @@ class Run:
             self.sidecar.stop()
 
 
-def fluentd(lines: list[str], with_stage: bool) -> dict:
+@contextlib.contextmanager
+def workspace():
+    """A temporary directory with an empty tailed file and an output directory; the run's processes."""
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        run = Run(work)
-        source, output = work / "access.log", work / "out"
-        source.touch()
-        output.mkdir()
+        (work / "access.log").touch()
+        (work / "out").mkdir()
+        yield Run(work), work / "access.log", work / "out"
+
+
+def fluentd(lines: list[str], with_stage: bool) -> dict:
+    with workspace() as (run, source, output):
+        work = run.work
         stage = ""
         if with_stage:
             run.sidecar = SidecarProcess(ROOT / "models", work).start()
@@ -167,12 +174,8 @@ def fluentd(lines: list[str], with_stage: bool) -> dict:
 def fluent_bit(lines: list[str], with_stage: bool, message_mode: bool = False, acks: bool = True) -> dict:
     """Forward mode; with message_mode, a Tag per record (a record accessor) makes Fluent Bit send
     one Message-mode message per record."""
-    with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
-        run = Run(work)
-        source, output = work / "access.log", work / "out"
-        source.touch()
-        output.mkdir()
+    with workspace() as (run, source, output):
+        work = run.work
         (work / "parsers.conf").write_text("[PARSER]\n    Name json\n    Format json\n")
         service = f"[SERVICE]\n    Flush 0.2\n    Log_Level info\n    Parsers_File {work / 'parsers.conf'}\n"
         parse, tag, acks = "", "", "    Require_ack_response true\n" if acks else ""

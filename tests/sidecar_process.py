@@ -97,6 +97,11 @@ class SidecarProcess:
                 return int(line.split()[1]) * 1024
         raise RuntimeError("no VmHWM in /proc/PID/status")
 
+    def metric(self, prefix: str) -> float:
+        """The sum of the /metrics samples whose line starts with prefix (0 when there are none)."""
+        lines = self.http_get("/metrics")[1].decode().splitlines()
+        return sum(float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith(prefix))
+
     # --- clients ----------------------------------------------------------------
     def channel(self) -> grpc.Channel:
         return grpc.insecure_channel(f"unix:{self.socket}")

@@ -210,11 +210,6 @@ def test_next_hop_stopped_15_s_and_restarted_nothing_lost(chain, acks):
     assert all("anomaly_score" in r for _, _, r in out)
 
 
-def peak_rss_mib(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as status:
-        return next(int(line.split()[1]) / 1024 for line in status if line.startswith("VmHWM:"))
-
-
 def test_a_200000_line_backlog_is_scored_whole_in_bounded_memory(chain):
     workdir, parts, start_sender = chain
     lines = stamped_lines(200_000)
@@ -222,7 +217,7 @@ def test_a_200000_line_backlog_is_scored_whole_in_bounded_memory(chain):
     out = wait_for_lines(workdir, len(lines), timeout=300)
     assert {r["n"] for _, _, r in out} == set(range(len(lines)))
     assert all("anomaly_score" in r and "anomaly_unscored" not in r for _, _, r in out)
-    peak = peak_rss_mib(parts["sidecar"].process.pid)
+    peak = parts["sidecar"].peak_rss_bytes() / 2**20
     print(f"sidecar peak RSS {peak:.0f} MiB for a {len(lines)}-line backlog")
     assert peak <= 300
 

@@ -126,11 +126,7 @@ def send_until_acked(port: int, message: list, timeout: float = 20.0) -> dict:
 
 def counter(sidecar: SidecarProcess, kind: str) -> float:
     """logscore_errors_total for a forward error kind (0 when never counted)."""
-    prefix = f'logscore_errors_total{{kind="{kind}",surface="forward"}} '
-    for line in sidecar.http_get("/metrics")[1].decode().splitlines():
-        if line.startswith(prefix):
-            return float(line[len(prefix):])
-    return 0.0
+    return sidecar.metric(f'logscore_errors_total{{kind="{kind}",surface="forward"}} ')
 
 
 def start_chain(tmp_path, receiver: ForwardReceiver | None = None, **settings):
@@ -245,9 +241,7 @@ def test_message_mode_records_arriving_together_are_scored_together(chain):
     received = receiver.wait_for(len(lines))
     for k in range(3):  # each tag's records in their order (tags are separate streams)
         assert [r["message"] for tag, r in received if tag == f"web.{k}"] == lines[k::3]
-    metrics = sidecar.http_get("/metrics")[1].decode()
-    calls = next(float(line.split()[-1]) for line in metrics.splitlines()
-                 if line.startswith('logscore_request_seconds_count{surface="forward"}'))
+    calls = sidecar.metric('logscore_request_seconds_count{surface="forward"}')
     assert calls <= 20, f"{calls} scoring calls for {len(lines)} records that arrived together"
 
 
@@ -336,17 +330,10 @@ def test_garbage_closes_the_connection_is_counted_and_the_sidecar_keeps_serving(
     assert "Traceback" not in sidecar.log() and "Unhandled exception" not in sidecar.log()
 
 
-def rss_peak_mib(pid: int) -> float:
-    for line in open(f"/proc/{pid}/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError("no VmHWM")
-
-
 def test_a_gzip_bomb_is_refused_without_memory_growth_or_stalls(tmp_path):
     sidecar, port, receiver = start_chain(tmp_path, forward_max_message_bytes=2 * 1024 * 1024)
     try:
-        before = rss_peak_mib(sidecar.process.pid)
+        before = sidecar.peak_rss_bytes()
         # 64 MiB of valid entries, ~0.1 MiB sent: refused before a record is scored.
         bomb = gzip.compress(packed([[1, {"m": "x"}]]) * (8 * 1024 * 1024), compresslevel=9)
         with socket.create_connection(("127.0.0.1", port), timeout=30) as connection:
@@ -355,7 +342,7 @@ def test_a_gzip_bomb_is_refused_without_memory_growth_or_stalls(tmp_path):
             assert connection.recv(100) == b""
         assert counter(sidecar, "forward_protocol") == 1
         assert "inflates past 8388608 bytes (4 x forward_max_message_bytes)" in sidecar.log()
-        assert rss_peak_mib(sidecar.process.pid) - before < 64
+        assert sidecar.peak_rss_bytes() - before < 64 * 2**20
     finally:
         sidecar.stop()
         receiver.stop()
@@ -374,31 +361,41 @@ def test_an_idle_connection_is_closed(tmp_path):
         receiver.stop()
 
 
+def send_at_once(port: int, frames: list[bytes], timeout: float = 240) -> list[list[dict]]:
+    """Each frame on its own connection, all at the same time; the answers, in frame order."""
+    answers: dict[int, list] = {}
+    threads = [threading.Thread(target=lambda n=n: answers.__setitem__(n, send(port, frames[n], 1, timeout)))
+               for n in range(len(frames))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout + 60)
+    return [answers.get(n) for n in range(len(frames))]
+
+
+def assert_peak_below(sidecar: SidecarProcess, mib: float) -> None:
+    peak = sidecar.peak_rss_bytes() / 2**20
+    print(f"sidecar RSS peak {peak:.0f} MiB")
+    assert peak < mib, f"sidecar RSS peaked at {peak:.0f} MiB"
+
+
 def test_many_senders_with_big_chunks_wait_their_turn_in_bounded_memory(tmp_path):
     """40 connections, each with a 10,000-record chunk at once: all acked, memory bounded (backpressure)."""
     sidecar, port, receiver = start_chain(tmp_path, forward_ack_timeout_s=30)
     lines = blog_lines(500, seed=40)
-    results: dict[int, list] = {}
 
-    def sender(n: int) -> None:
+    def chunk(n: int) -> bytes:
         entries = [[1_700_000_000 + i, {"message": lines[(n + i) % len(lines)], "sender": n, "i": i}]
                    for i in range(10_000)]
-        message = ["web", packed(entries), {"size": len(entries), "chunk": f"chunk-{n}"}]
-        results[n] = send(port, msgpack.packb(message, use_bin_type=True), acks=1, timeout=240)
+        return msgpack.packb(["web", packed(entries), {"size": len(entries), "chunk": f"chunk-{n}"}],
+                             use_bin_type=True)
 
     try:
-        threads = [threading.Thread(target=sender, args=(n,)) for n in range(40)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(300)
-        assert all(results[n] == [{"ack": f"chunk-{n}"}] for n in range(40))
+        assert send_at_once(port, [chunk(n) for n in range(40)]) == [[{"ack": f"chunk-{n}"}] for n in range(40)]
         received = receiver.wait_for(400_000)
         assert len(received) == 400_000
         assert all("anomaly_score" in r for _, r in received)
-        peak = rss_peak_mib(sidecar.process.pid)
-        print(f"sidecar RSS peak {peak:.0f} MiB")
-        assert peak < 300, f"sidecar RSS peaked at {peak:.0f} MiB"
+        assert_peak_below(sidecar, 300)
     finally:
         sidecar.stop()
         receiver.stop()
@@ -415,20 +412,10 @@ def test_the_biggest_messages_the_limits_allow_stay_within_the_shipped_memory(tm
         assert len(data) <= 16 * 1024 * 1024
         return data
 
-    frames = [biggest(n) for n in range(3)]
-    answers: dict[int, list] = {}
-    threads = [threading.Thread(target=lambda n=n: answers.__setitem__(n, send(port, frames[n], 1, 240)))
-               for n in range(3)]
     try:
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(300)
-        assert [answers[n] for n in range(3)] == [[{"ack": f"big-{n}"}] for n in range(3)]
+        assert send_at_once(port, [biggest(n) for n in range(3)]) == [[{"ack": f"big-{n}"}] for n in range(3)]
         assert len(receiver.wait_for(300_000)) == 300_000
-        peak = rss_peak_mib(sidecar.process.pid)
-        print(f"sidecar RSS peak {peak:.0f} MiB")
-        assert peak < 300, f"sidecar RSS peaked at {peak:.0f} MiB"
+        assert_peak_below(sidecar, 300)
         # One entry more is refused before it is decoded.
         too_many = msgpack.packb(["web", [[1, {}]] * 100_001, {"chunk": "c"}])
         assert send(port, too_many, 1, 30) == []

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from .sidecar_process import ROOT, SidecarProcess, free_port
-from .test_forward import ForwardReceiver, event_time, packed, rss_peak_mib, send_chunk
+from .test_forward import ForwardReceiver, assert_peak_below, event_time, packed, send_chunk
 
 SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-2**63, 2**64 - 1), st.floats(allow_nan=True),
                     st.text(max_size=40), st.binary(max_size=40),
@@ -96,4 +96,4 @@ def test_after_fuzzing_the_sidecar_still_relays_and_logged_no_unhandled_error(fo
     assert send_chunk(port, ["web", [[1_700_000_000, {"message": "still here"}]], {"chunk": chunk}]) == {"ack": chunk}
     log = sidecar.log()
     assert "Traceback" not in log and "Unhandled exception" not in log and '"level": "error"' not in log
-    assert rss_peak_mib(sidecar.process.pid) < 300
+    assert_peak_below(sidecar, 300)

@@ -244,23 +244,17 @@ def test_expired_deadline_and_overload(models_dir, tmp_path):
         process.stop()
 
 
-def metric_value(process: SidecarProcess, prefix: str) -> float:
-    """Sum of the samples whose line starts with prefix (0 when none)."""
-    lines = process.http_get("/metrics")[1].decode().splitlines()
-    return sum(float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith(prefix))
-
-
 def test_work_of_a_caller_that_gave_up_is_dropped_and_counted(models_dir, tmp_path):
     process = SidecarProcess(models_dir, tmp_path, **BIG_REQUESTS).start()
     try:
         heavy = pb.ScoreRequest(model="shop", lines=pb.RawLines(
             lines=[line.encode() for line in shop_lines(20_000, seed=47)]))
         expect_status(lambda: process.stub().Score(heavy, timeout=0.05), grpc.StatusCode.DEADLINE_EXCEEDED, "")
-        abandoned = process.wait_for(lambda: metric_value(process, "logscore_abandoned_records_total"),
+        abandoned = process.wait_for(lambda: process.metric("logscore_abandoned_records_total"),
                                      what="abandoned records counted")
         assert abandoned == 20_000
         # Scoring stopped within a chunk or two of the caller leaving, not after 20,000 records.
-        assert metric_value(process, 'logscore_batch_records_sum{model="shop"}') < 20_000 / 2
+        assert process.metric('logscore_batch_records_sum{model="shop"}') < 20_000 / 2
     finally:
         process.stop()
 

@@ -28,8 +28,9 @@ end
 
 # Real fluentd processes: configs written to a work directory, spawned, stopped.
 module FluentdProcesses
-  # in_tail reading work/access.log from the start, tagged web.access.
-  def tail_source(work, parser)
+  # in_tail reading work/access.log from the start, tagged web.access; `parse` holds the
+  # <parse> section's lines (e.g. "@type none").
+  def tail_source(work, parse)
     <<~CONF
       <source>
         @type tail
@@ -38,7 +39,7 @@ module FluentdProcesses
         read_from_head true
         tag web.access
         <parse>
-          @type #{parser}
+          #{parse.gsub("\n", "\n    ")}
         </parse>
       </source>
     CONF

@@ -48,7 +48,7 @@ class FluentdFieldTest < Test::Unit::TestCase
     monitor = SidecarProcess.free_port
     File.write(File.join(@work, 'access.log'), lines.join("\n") + "\n")
     with_cpu_hog do
-      @pids << spawn_fluentd(@work, 'tail', monitor_source(monitor) + tail_source(@work, 'none') +
+      @pids << spawn_fluentd(@work, 'tail', monitor_source(monitor) + tail_source(@work, '@type none') +
                                             default_filter + file_output("#{@work}/out/scored"))
       @out = wait_for_records(File.join(@work, 'out'), lines.size, timeout: 180)
     end
@@ -69,7 +69,7 @@ class FluentdFieldTest < Test::Unit::TestCase
     @pids << spawn_fluentd(@work, 'aggregator', monitor_source(monitor) + forward_source(receiver_port) +
                                                 default_filter + file_output("#{@work}/out/scored"))
     @pids << spawn_fluentd(@work, 'sender', <<~CONF)
-      #{tail_source(@work, 'none')}
+      #{tail_source(@work, '@type none')}
       <match web.**>
         @type forward
         <server>

@@ -127,22 +127,10 @@ class LogscoreFilterTest < Test::Unit::TestCase
         </buffer>
       </match>
     CONF
+    json_with_time = "@type json\ntime_key t\nkeep_time_key true\ntime_type string\n" \
+                     "time_format %Y-%m-%dT%H:%M:%S.%NZ\nutc true"
     sender = spawn_fluentd(work, 'sender', <<~CONF)
-      <source>
-        @type tail
-        path #{work}/access.log
-        pos_file #{work}/access.pos
-        read_from_head true
-        tag web.access
-        <parse>
-          @type json
-          time_key t
-          keep_time_key true
-          time_type string
-          time_format %Y-%m-%dT%H:%M:%S.%NZ
-          utc true
-        </parse>
-      </source>
+      #{tail_source(work, json_with_time)}
       <match web.**>
         @type forward
         require_ack_response true
