@@ -44,12 +44,12 @@ class RecordNormalizer:
     def normalize(self, records: Sequence[object]) -> RecordBatch:
         fields, parsed = [], []
         for record in records:
-            one, ok = self._normalize_one(record)
+            one, ok = self.normalize_one(record)
             fields.append(one)
             parsed.append(ok)
         return RecordBatch(fields, parsed)
 
-    def _normalize_one(self, record: object) -> tuple[Fields, bool]:
+    def normalize_one(self, record: object) -> tuple[Fields, bool]:
         if not isinstance(record, dict):
             return self.parse(to_text(record))
         fields = flatten(record) if any(isinstance(v, dict) for v in record.values()) else dict(record)

@@ -36,6 +36,11 @@ class ValueFeatures:
     def describe(self, index: int) -> str:
         return self.converter.describe(self.value, int(self.keys[index]))
 
+    @property
+    def nbytes(self) -> int:
+        """Memory held, estimated (for the caches' bound)."""
+        return 200 + self.keys.nbytes + self.weights.nbytes
+
 
 class Describer(Protocol):
     def describe(self, value: Optional[str], key: int) -> str: ...
@@ -48,6 +53,9 @@ class KeyOrigins:
     entries: list[ValueFeatures]
     entry_of_key: np.ndarray  # int64 [nnz]
     position: np.ndarray  # int64 [nnz]: index within its entry's keys
+    # NOTE: compiled features reach their converter through a weak reference; the batch keeps
+    # the converters alive so that its keys can still be named.
+    converters: Optional[list] = None
 
     def name(self, index: int) -> str:
         return self.entries[int(self.entry_of_key[index])].describe(int(self.position[index]))
@@ -94,9 +102,11 @@ class FeatureSink:
     with a handful of numpy operations, whatever the number of converters.
     """
 
-    def __init__(self, size: int, dense_dims: int):
+    def __init__(self, size: int, dense_dims: int, native=None, converters: Optional[list] = None):
         self.size = size
         self.dense_dims = dense_dims
+        self._native = native  # the compiled featurizer (features/native.py), or None
+        self._converters = converters
         self._entries: list[ValueFeatures] = []
         self._entry_ids: list[np.ndarray] = []  # per converter: [N] index into _entries
         self._numeric: list[np.ndarray] = []
@@ -122,6 +132,13 @@ class FeatureSink:
 
     def build(self, dense: bool = True) -> FeatureBatch:
         """The batch; ``dense=False`` (no vector detector in the model) skips the dense block."""
+        if self._native is not None:
+            rows, keys, weights, entry_of_key, position = (
+                np.frombuffer(buffer, dtype=dtype) for buffer, dtype in zip(
+                    self._native.assemble(self._entry_ids, self._entries, self.size),
+                    (np.int64, np.int64, np.float32, np.int64, np.int64)))
+            return self._batch(rows, keys, weights, dense,
+                               KeyOrigins(self._entries, entry_of_key, position, self._converters))
         if self.size == 1 and not dense:
             return self._build_one()
         entries = self._entries
@@ -142,6 +159,10 @@ class FeatureSink:
         position = np.arange(total, dtype=np.int64) - np.repeat(run_starts, run_lengths)
         index = offsets[entry_of_key] + position
         keys, weights = all_keys[index], all_weights[index]
+        return self._batch(rows, keys, weights, dense, KeyOrigins(entries, entry_of_key, position))
+
+    def _batch(self, rows: np.ndarray, keys: np.ndarray, weights: np.ndarray, dense: bool,
+               origins: KeyOrigins) -> FeatureBatch:
         if dense:
             hashed = np.bincount(rows * self.dense_dims + keys % self.dense_dims, weights=weights,
                                  minlength=self.size * self.dense_dims)
@@ -150,7 +171,7 @@ class FeatureSink:
         else:
             block = np.zeros((self.size, 0), dtype=np.float32)
         return FeatureBatch(rows, keys, weights, np.ascontiguousarray(block, dtype=np.float32),
-                            self.truncated, self.unparsed, KeyOrigins(entries, entry_of_key, position))
+                            self.truncated, self.unparsed, origins)
 
 
 WEIGHTINGS = ("binary", "tf", "log_tf")
