@@ -58,7 +58,39 @@ static int bytes_byte(Bytes *b, unsigned char c) { return bytes_add(b, &c, 1); }
 
 static int bytes_str(Bytes *b, const char *s) { return bytes_add(b, s, (Py_ssize_t)strlen(s)); }
 
-static void bytes_free(Bytes *b) { PyMem_Free(b->data); b->data = NULL; b->len = b->cap = 0; }
+/* Buffers are reused across calls (a batch's buffers reach megabytes: allocating them anew
+ * each call cost page faults). NOTE: taken and given back with the GIL held, so two threads
+ * never share one, even when a Python callback lets another thread run meanwhile. */
+#define POOLED 32
+#define POOLED_MAX_BYTES (32 << 20)
+static struct { char *data; Py_ssize_t cap; } pool[POOLED];
+static int pooled;
+
+static void bytes_take(Bytes *b) {
+    if (pooled > 0) {  /* the largest: a call takes its big buffers first */
+        int best = 0;
+        for (int i = 1; i < pooled; i++) if (pool[i].cap > pool[best].cap) best = i;
+        b->data = pool[best].data;
+        b->cap = pool[best].cap;
+        pool[best] = pool[--pooled];
+    } else {
+        b->data = NULL;
+        b->cap = 0;
+    }
+    b->len = 0;
+}
+
+static void bytes_free(Bytes *b) {
+    if (b->data && pooled < POOLED && b->cap <= POOLED_MAX_BYTES) {
+        pool[pooled].data = b->data;
+        pool[pooled].cap = b->cap;
+        pooled++;
+    } else {
+        PyMem_Free(b->data);
+    }
+    b->data = NULL;
+    b->len = b->cap = 0;
+}
 
 /* Code points (a str read as UCS4). */
 typedef struct {
@@ -100,7 +132,20 @@ static int text_from_str(Text *t, PyObject *s) {
     return 0;
 }
 
-static void text_free(Text *t) { PyMem_Free(t->data); t->data = NULL; t->len = t->cap = 0; }
+static void text_take(Text *t) {
+    Bytes b;
+    bytes_take(&b);
+    t->data = (Py_UCS4 *)b.data;
+    t->cap = b.cap / (Py_ssize_t)sizeof(Py_UCS4);
+    t->len = 0;
+}
+
+static void text_free(Text *t) {
+    Bytes b = {(char *)t->data, 0, t->cap * (Py_ssize_t)sizeof(Py_UCS4)};
+    bytes_free(&b);
+    t->data = NULL;
+    t->len = t->cap = 0;
+}
 
 static PyObject *text_to_str(const Py_UCS4 *data, Py_ssize_t n) {
     return PyUnicode_FromKindAndData(PyUnicode_4BYTE_KIND, data, n);
@@ -510,6 +555,12 @@ typedef struct {
     Bytes bounds;  /* Py_ssize_t, one per value + 1 */
 } Counted;
 
+static void counted_take(Counted *c) {
+    bytes_take(&c->keys);
+    bytes_take(&c->counts);
+    bytes_take(&c->bounds);
+}
+
 static void counted_free(Counted *c) {
     bytes_free(&c->keys);
     bytes_free(&c->counts);
@@ -671,8 +722,10 @@ static PyObject *text_features(PyObject *module, PyObject *args) {
         return NULL;
     if (parse_weighting(weigher, &weighting) < 0) { PyErr_SetString(PyExc_TypeError, WEIGHER_HELP); return NULL; }
     if (check_converter_ref(converter) < 0) return NULL;
-    Counted counted = {0};
+    Counted counted;
+    counted_take(&counted);
     Counter counter = {.seed = seed};
+    bytes_take(&counter.arena);
     PyObject *result = NULL;
     if (counted_bound(&counted) < 0) goto done;
     for (Py_ssize_t i = 0; i < PyList_GET_SIZE(texts); i++) {
@@ -721,6 +774,8 @@ static int unquote_plus_once(const Text *in, Text *out, Bytes *scratch) {
             continue;
         }
         scratch->len = 0;
+        if (bytes_reserve(scratch, n - i) < 0) return -1;  /* decoding never lengthens */
+        unsigned char *bytes = (unsigned char *)scratch->data;
         int high = 0;
         while (i < n && in->data[i] < 0x80) {
             Py_UCS4 c = in->data[i];
@@ -729,10 +784,10 @@ static int unquote_plus_once(const Text *in, Text *out, Bytes *scratch) {
                 (b = hex_value(in->data[i + 2])) >= 0) {
                 unsigned char byte = (unsigned char)(a * 16 + b);
                 high |= byte >= 0x80;
-                if (bytes_byte(scratch, byte) < 0) return -1;
+                bytes[scratch->len++] = byte;
                 i += 3;
             } else {
-                if (bytes_byte(scratch, c == '+' ? ' ' : (unsigned char)c) < 0) return -1;
+                bytes[scratch->len++] = c == '+' ? ' ' : (unsigned char)c;
                 i++;
             }
         }
@@ -803,8 +858,9 @@ static PyObject *ngram_encode(PyObject *module, PyObject *args) {
     Py_ssize_t n = PyList_GET_SIZE(values);
     PyObject *out = PyList_New(n);
     if (!out) return NULL;
-    Text text = {0}, spare = {0}, shaped = {0};
-    Bytes scratch = {0}, encoded = {0};
+    Text text, spare, shaped;
+    Bytes scratch, encoded;
+    text_take(&text); text_take(&spare); text_take(&shaped); bytes_take(&scratch); bytes_take(&encoded);
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *value = PyList_GET_ITEM(values, i);
         PyObject *item;
@@ -893,8 +949,10 @@ static PyObject *ngram_features(PyObject *module, PyObject *args) {
         return NULL;
     }
     const uint64_t prime = 0x100000001B3ull, mix = 0xBF58476D1CE4E5B9ull;
-    Counted counted = {0};
-    Bytes windows = {0};
+    Counted counted;
+    counted_take(&counted);
+    Bytes windows;
+    bytes_take(&windows);
     PyObject *result = NULL;
     if (counted_bound(&counted) < 0) goto done;
     for (Py_ssize_t i = 0; i < PyList_GET_SIZE(encoded); i++) {
@@ -965,10 +1023,11 @@ static int is_id_segment(const Py_UCS4 *s, Py_ssize_t n) {
     return 1;
 }
 
-static int add_decimal(Bytes *b, long long v) {
-    char digits[32];
-    snprintf(digits, sizeof digits, "%lld", v);
-    return bytes_str(b, digits);
+static int add_decimal(Bytes *b, long long v) {  /* v >= 0 */
+    char digits[24];
+    int n = 0;
+    do { digits[sizeof digits - 1 - n++] = (char)('0' + v % 10); v /= 10; } while (v);
+    return bytes_add(b, digits + sizeof digits - n, n);
 }
 
 static int bit_length(Py_ssize_t n) {
@@ -981,6 +1040,12 @@ typedef struct {
     Text path, query, spare, piece, name, value, shape, template_;
     Bytes scratch, key, params;
 } UrlWork;
+
+static void url_work_take(UrlWork *w) {
+    text_take(&w->path); text_take(&w->query); text_take(&w->spare); text_take(&w->piece);
+    text_take(&w->name); text_take(&w->value); text_take(&w->shape); text_take(&w->template_);
+    bytes_take(&w->scratch); bytes_take(&w->key); bytes_take(&w->params);
+}
 
 static void url_work_free(UrlWork *w) {
     text_free(&w->path); text_free(&w->query); text_free(&w->spare); text_free(&w->piece);
@@ -995,8 +1060,11 @@ static Py_ssize_t find_char(const Py_UCS4 *s, Py_ssize_t from, Py_ssize_t n, Py_
 }
 
 /* UrlConverter._split + _structure of one URL, as a bytes key holding all its features
- * depend on: flags, template, per parameter its name, shape, enumerated value, length class. */
-static int url_structure(PyObject *value, int full, int rounds_allowed, PyObject *enumerated, UrlWork *w) {
+ * depend on: flags, template, per parameter its name, shape, enumerated value, length class.
+ * enumerated_templates: every "{template}" that some enumerated "{template}?{name}" starts
+ * with, so that most URLs need one set lookup, not one per parameter. */
+static int url_structure(PyObject *value, int full, int rounds_allowed, PyObject *enumerated,
+                         PyObject *enumerated_templates, UrlWork *w) {
     Text *path = &w->path, *query = &w->query;
     Bytes *key = &w->key;
     key->len = 0;
@@ -1052,6 +1120,14 @@ static int url_structure(PyObject *value, int full, int rounds_allowed, PyObject
     /* parameters: flags go to the key first, the parameters after the template */
     Bytes *params = &w->params;
     params->len = 0;
+    int maybe_enumerated = 0;
+    if (PySet_GET_SIZE(enumerated) > 0 && find_char(query->data, 0, query->len, '=') >= 0) {
+        PyObject *template_str = text_to_str(template_->data, template_->len);
+        if (!template_str) return -1;
+        maybe_enumerated = PySet_Contains(enumerated_templates, template_str);
+        Py_DECREF(template_str);
+        if (maybe_enumerated < 0) return -1;
+    }
     for (Py_ssize_t start = 0; start < query->len;) {
         Py_ssize_t end = start;
         while (end < query->len && query->data[end] != '&' && query->data[end] != ';') end++;
@@ -1080,7 +1156,7 @@ static int url_structure(PyObject *value, int full, int rounds_allowed, PyObject
             if (shape_of(w->value.data, w->value.len, &w->shape) < 0) return -1;
             if (w->shape.len > MAX_SHAPE) w->shape.len = MAX_SHAPE;
             int is_enumerated = 0;
-            if (enumerated && PySet_GET_SIZE(enumerated) > 0) {
+            if (maybe_enumerated) {
                 Text *slot = &w->spare;
                 if (text_set(slot, template_->data, template_->len) < 0 || text_push(slot, '?') < 0) return -1;
                 for (Py_ssize_t k = 0; k < w->name.len; k++) if (text_push(slot, w->name.data[k]) < 0) return -1;
@@ -1113,12 +1189,15 @@ static int url_structure(PyObject *value, int full, int rounds_allowed, PyObject
 static PyObject *url_structures(PyObject *module, PyObject *args) {
     PyObject *values, *enumerated;
     int full, rounds;
-    if (!PyArg_ParseTuple(args, "O!piO!", &PyList_Type, &values, &full, &rounds, &PyFrozenSet_Type, &enumerated))
+    PyObject *enumerated_templates;
+    if (!PyArg_ParseTuple(args, "O!piO!O!", &PyList_Type, &values, &full, &rounds, &PyFrozenSet_Type, &enumerated,
+                          &PyFrozenSet_Type, &enumerated_templates))
         return NULL;
     Py_ssize_t n = PyList_GET_SIZE(values);
     PyObject *out = PyList_New(n);
     if (!out) return NULL;
-    UrlWork work = {0};
+    UrlWork work;
+    url_work_take(&work);
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *value = PyList_GET_ITEM(values, i), *item;
         if (value == Py_None) {
@@ -1127,7 +1206,7 @@ static PyObject *url_structures(PyObject *module, PyObject *args) {
             PyErr_SetString(PyExc_TypeError, "values must be str or None");
             goto fail;
         } else {
-            if (url_structure(value, full, rounds, enumerated, &work) < 0) goto fail;
+            if (url_structure(value, full, rounds, enumerated, enumerated_templates, &work) < 0) goto fail;
             item = PyBytes_FromStringAndSize(work.key.data, work.key.len);
             if (!item) goto fail;
         }
@@ -1276,8 +1355,10 @@ static PyObject *url_features(PyObject *module, PyObject *args) {
         return NULL;
     if (parse_weighting(weigher, &weighting) < 0) { PyErr_SetString(PyExc_TypeError, WEIGHER_HELP); return NULL; }
     if (check_converter_ref(converter) < 0) return NULL;
-    Counted counted = {0};
+    Counted counted;
+    counted_take(&counted);
     Counter counter = {.seed = seed};
+    bytes_take(&counter.arena);
     Bytes slot = {0};
     Span *names = NULL;
     Py_ssize_t names_cap = 0;
@@ -1309,6 +1390,8 @@ done:
 
 /* ------------------------------------------------------------------ numeric */
 
+static PyObject *magnitude_labels[1100];  /* "magnitude {e}", made once each */
+
 /* numeric_labels(values, missing): NumericConverter.transform's labels and column:
  * (label ids int64 bytearray, distinct labels, log1p float64 bytearray). */
 static PyObject *numeric_labels(PyObject *module, PyObject *args) {
@@ -1326,9 +1409,18 @@ static PyObject *numeric_labels(PyObject *module, PyObject *args) {
         if (value == Py_None) {
             label = Py_NewRef(missing);
         } else {
-            PyObject *parsed = PyFloat_FromString(value);  /* float(value), as parse_number */
             int finite = 0;
-            if (!parsed) {
+            PyObject *parsed = NULL;
+            Py_ssize_t digits = PyUnicode_IS_ASCII(value) ? PyUnicode_GET_LENGTH(value) : 0;
+            const char *text = PyUnicode_IS_ASCII(value) ? (const char *)PyUnicode_DATA(value) : "";
+            int simple = digits > 0 && digits <= 15;  /* an integer float() reads exactly */
+            for (Py_ssize_t k = 0; k < digits && simple; k++) simple = text[k] >= '0' && text[k] <= '9';
+            if (simple) {
+                long long integer = 0;
+                for (Py_ssize_t k = 0; k < digits; k++) integer = integer * 10 + (text[k] - '0');
+                number = (double)integer;
+                finite = 1;
+            } else if (!(parsed = PyFloat_FromString(value))) {  /* float(value), as parse_number */
                 if (!PyErr_ExceptionMatches(PyExc_ValueError)) goto fail;
                 PyErr_Clear();
             } else {
@@ -1343,7 +1435,8 @@ static PyObject *numeric_labels(PyObject *module, PyObject *args) {
                 if (0.0 > number) number = 0.0;  /* max(number, 0.0) keeps -0.0 */
                 int exponent = 0;
                 if (number >= 1.0) frexp(number, &exponent);
-                label = PyUnicode_FromFormat("magnitude %d", exponent);
+                if (!magnitude_labels[exponent]) magnitude_labels[exponent] = PyUnicode_FromFormat("magnitude %d", exponent);
+                label = Py_XNewRef(magnitude_labels[exponent]);
                 number = number == 0.0 ? number : log1p(number);
             }
         }
@@ -1605,14 +1698,17 @@ fail:
 
 /* ------------------------------------------------------------------ assembly */
 
-/* assemble(held, entries, size): FeatureSink.build's expansion. held: one int64 buffer [size]
+/* assemble(held, entries, size, with_origins): FeatureSink.build's expansion. held: one int64 buffer [size]
  * per converter, indices into entries (all Features). Record-major: record 0's keys of every
  * converter in converter order, then record 1's, ... Returns bytearrays
- * (rows int64, keys int64, weights float32, entry_of_key int64, position int64). */
+ * (rows int64, keys int64, weights float32, entry_of_key int64, position int64); the last two
+ * empty unless with_origins (only explanations need them). */
 static PyObject *assemble(PyObject *module, PyObject *args) {
     PyObject *held, *entries;
     Py_ssize_t size;
-    if (!PyArg_ParseTuple(args, "O!O!n", &PyList_Type, &held, &PyList_Type, &entries, &size)) return NULL;
+    int with_origins;
+    if (!PyArg_ParseTuple(args, "O!O!np", &PyList_Type, &held, &PyList_Type, &entries, &size, &with_origins))
+        return NULL;
     Py_ssize_t converters = PyList_GET_SIZE(held), count = PyList_GET_SIZE(entries);
     for (Py_ssize_t e = 0; e < count; e++)
         if (Py_TYPE(PyList_GET_ITEM(entries, e)) != &FeaturesType) {
@@ -1635,7 +1731,7 @@ static PyObject *assemble(PyObject *module, PyObject *args) {
         }
     }
     rows = new_bytearray(total * 8); keys = new_bytearray(total * 8); weights = new_bytearray(total * 4);
-    origin = new_bytearray(total * 8); position = new_bytearray(total * 8);
+    origin = new_bytearray(with_origins ? total * 8 : 0); position = new_bytearray(with_origins ? total * 8 : 0);
     if (!rows || !keys || !weights || !origin || !position) goto done;
     int64_t *row_out = (int64_t *)PyByteArray_AS_STRING(rows), *key_out = (int64_t *)PyByteArray_AS_STRING(keys);
     float *weight_out = (float *)PyByteArray_AS_STRING(weights);
@@ -1648,11 +1744,12 @@ static PyObject *assemble(PyObject *module, PyObject *args) {
             Py_ssize_t m = Py_SIZE(f);
             memcpy(key_out + k, FEATURES_KEYS(f), m * 8);
             memcpy(weight_out + k, FEATURES_WEIGHTS(f), m * 4);
-            for (Py_ssize_t j = 0; j < m; j++) {
-                row_out[k + j] = r;
-                origin_out[k + j] = entry;
-                position_out[k + j] = j;
-            }
+            for (Py_ssize_t j = 0; j < m; j++) row_out[k + j] = r;
+            if (with_origins)
+                for (Py_ssize_t j = 0; j < m; j++) {
+                    origin_out[k + j] = entry;
+                    position_out[k + j] = j;
+                }
             k += m;
         }
     }
@@ -1671,13 +1768,13 @@ static PyMethodDef module_methods[] = {
     {"ngram_encode", ngram_encode, METH_VARARGS, "ngram_encode(values, decode, lowercase, shape, max_bytes)"},
     {"ngram_features", ngram_features, METH_VARARGS,
      "ngram_features(values, encoded, seed, low, high, weight, weigher, converter_ref)"},
-    {"url_structures", url_structures, METH_VARARGS, "url_structures(values, full, decode_rounds, enumerated)"},
+    {"url_structures", url_structures, METH_VARARGS, "url_structures(values, full, decode_rounds, enumerated, enumerated_templates)"},
     {"url_features", url_features, METH_VARARGS, "url_features(values, structures, full, seed, weight, weigher, converter_ref)"},
     {"numeric_labels", numeric_labels, METH_VARARGS, "numeric_labels(values, missing_label)"},
     {"distinct", distinct, METH_O, "distinct(column) -> (ids, values)"},
     {"access_columns", access_columns, METH_VARARGS,
      "access_columns(records, wanted, fast, limit, normalize_one, to_text)"},
-    {"assemble", assemble, METH_VARARGS, "assemble(held, entries, size)"},
+    {"assemble", assemble, METH_VARARGS, "assemble(held, entries, size, with_origins)"},
     {NULL}};
 
 static struct PyModuleDef native_module = {

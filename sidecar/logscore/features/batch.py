@@ -61,6 +61,21 @@ class KeyOrigins:
         return self.entries[int(self.entry_of_key[index])].describe(int(self.position[index]))
 
 
+class LazyOrigins:
+    """KeyOrigins of a batch the compiled featurizer built, worked out when a key is first named."""
+
+    def __init__(self, sink: "FeatureSink"):
+        self._sink = sink
+        self._origins: Optional[KeyOrigins] = None
+
+    def name(self, index: int) -> str:
+        if self._origins is None:
+            sink = self._sink
+            entry_of_key, position = sink._assemble(with_origins=True)[3:]
+            self._origins = KeyOrigins(sink._entries, entry_of_key, position, sink._converters)
+        return self._origins.name(index)
+
+
 class SingleRecordOrigins:
     """KeyOrigins of a one-record batch, worked out only when a key is named."""
 
@@ -84,7 +99,7 @@ class FeatureBatch:
     dense: np.ndarray  # float32 [N, dense_dims + numeric columns]
     truncated: np.ndarray  # bool [N]: a field was cut to max_field_chars
     unparsed: np.ndarray  # bool [N]: the raw line did not match the log format
-    origins: Optional[KeyOrigins | SingleRecordOrigins] = None
+    origins: Optional[KeyOrigins | SingleRecordOrigins | LazyOrigins] = None
 
     @property
     def size(self) -> int:
@@ -133,12 +148,8 @@ class FeatureSink:
     def build(self, dense: bool = True) -> FeatureBatch:
         """The batch; ``dense=False`` (no vector detector in the model) skips the dense block."""
         if self._native is not None:
-            rows, keys, weights, entry_of_key, position = (
-                np.frombuffer(buffer, dtype=dtype) for buffer, dtype in zip(
-                    self._native.assemble(self._entry_ids, self._entries, self.size),
-                    (np.int64, np.int64, np.float32, np.int64, np.int64)))
-            return self._batch(rows, keys, weights, dense,
-                               KeyOrigins(self._entries, entry_of_key, position, self._converters))
+            rows, keys, weights = self._assemble(with_origins=False)[:3]
+            return self._batch(rows, keys, weights, dense, LazyOrigins(self))
         if self.size == 1 and not dense:
             return self._build_one()
         entries = self._entries
@@ -160,6 +171,12 @@ class FeatureSink:
         index = offsets[entry_of_key] + position
         keys, weights = all_keys[index], all_weights[index]
         return self._batch(rows, keys, weights, dense, KeyOrigins(entries, entry_of_key, position))
+
+    def _assemble(self, with_origins: bool) -> list[np.ndarray]:
+        """The compiled expansion: rows, keys, weights (and entry_of_key, position)."""
+        return [np.frombuffer(buffer, dtype=dtype) for buffer, dtype in zip(
+            self._native.assemble(self._entry_ids, self._entries, self.size, with_origins),
+            (np.int64, np.int64, np.float32, np.int64, np.int64))]
 
     def _batch(self, rows: np.ndarray, keys: np.ndarray, weights: np.ndarray, dense: bool,
                origins: KeyOrigins) -> FeatureBatch:

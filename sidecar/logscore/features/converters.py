@@ -266,6 +266,18 @@ class UrlConverter(Converter):
             raise ConfigError(f"url converter on {field!r}: part must be 'full' or 'query'")
         self.enumerated = frozenset(self.config["enumerated"])
 
+    @property
+    def enumerated(self) -> frozenset:
+        return self._enumerated
+
+    @enumerated.setter
+    def enumerated(self, slots: frozenset) -> None:
+        self._enumerated = slots
+        # Every "{template}" some slot "{template}?{name}" may start with (templates and names
+        # can hold "?" once decoded): the compiled path checks a URL's template once.
+        self._enumerated_templates = frozenset(
+            slot[:i] for slot in slots for i, char in enumerate(slot) if char == "?")
+
     def _new_caches(self) -> None:
         super()._new_caches()
         self._by_structure = self._new_cache()
@@ -320,7 +332,7 @@ class UrlConverter(Converter):
             # The same, compiled: each structure is a bytes key holding what the tuple holds.
             full = self.config["part"] == "full"
             structures = self._native.url_structures(list(values), full, int(self.config["decode_rounds"]),
-                                                     self.enumerated)
+                                                     self.enumerated, self._enumerated_templates)
             return self._by_structure.lookup(list(values), structures, lambda todo, keys: self._native.url_features(
                 todo, keys, full, self.seed, self.weight, self._weigher, self._ref))
         structures = [self._structure(v) if v is not None else None for v in values]
