@@ -288,13 +288,14 @@ class UrlConverter(Converter):
     def fit(self, values: Values) -> None:
         seen: dict[str, set[str]] = defaultdict(set)
         uses: dict[str, int] = defaultdict(int)
-        for value in values:
+        # Each distinct URL split once (which slots are enumerations does not depend on order).
+        for value, count in Counter(values).items():
             if value is None:
                 continue
             template, params, _ = self._split(value)
             for name, param_value in params:
                 slot = f"{template}?{name}"
-                uses[slot] += 1
+                uses[slot] += count
                 if len(seen[slot]) <= self.config["max_enum_values"]:
                     seen[slot].add(param_value)
         self.enumerated = frozenset(
