@@ -711,6 +711,23 @@ static int parse_weighting(PyObject *weigher, int *weighting) {
 
 #define WEIGHER_HELP "weigher: 0 (binary), 1 (tf) or a callable float32 counts -> float32 weights"
 
+/* The checks every producer of Features makes on its weigher and converter reference. */
+static int check_producer(PyObject *weigher, PyObject *converter, int *weighting) {
+    if (parse_weighting(weigher, weighting) < 0) {
+        PyErr_SetString(PyExc_TypeError, WEIGHER_HELP);
+        return -1;
+    }
+    return check_converter_ref(converter);
+}
+
+/* Buffers for counting feature texts, from the pool; counted holds its first bound. */
+static int counting_take(Counted *counted, Counter *counter, unsigned int seed) {
+    counted_take(counted);
+    *counter = (Counter){.seed = seed};
+    bytes_take(&counter->arena);
+    return counted_bound(counted);
+}
+
 /* text_features(values, texts, seed, weight, weigher, converter): Converter._hash. */
 static PyObject *text_features(PyObject *module, PyObject *args) {
     PyObject *values, *texts, *weigher, *converter;
@@ -720,14 +737,11 @@ static PyObject *text_features(PyObject *module, PyObject *args) {
     if (!PyArg_ParseTuple(args, "O!O!IdOO", &PyList_Type, &values, &PyList_Type, &texts, &seed, &weight,
                           &weigher, &converter))
         return NULL;
-    if (parse_weighting(weigher, &weighting) < 0) { PyErr_SetString(PyExc_TypeError, WEIGHER_HELP); return NULL; }
-    if (check_converter_ref(converter) < 0) return NULL;
+    if (check_producer(weigher, converter, &weighting) < 0) return NULL;
     Counted counted;
-    counted_take(&counted);
-    Counter counter = {.seed = seed};
-    bytes_take(&counter.arena);
+    Counter counter;
     PyObject *result = NULL;
-    if (counted_bound(&counted) < 0) goto done;
+    if (counting_take(&counted, &counter, seed) < 0) goto done;
     for (Py_ssize_t i = 0; i < PyList_GET_SIZE(texts); i++) {
         PyObject *iterator = PyObject_GetIter(PyList_GET_ITEM(texts, i));
         if (!iterator) goto done;
@@ -942,8 +956,7 @@ static PyObject *ngram_features(PyObject *module, PyObject *args) {
     if (!PyArg_ParseTuple(args, "O!O!KiidOO", &PyList_Type, &values, &PyList_Type, &encoded, &seed, &low, &high,
                           &weight, &weigher, &converter))
         return NULL;
-    if (parse_weighting(weigher, &weighting) < 0) { PyErr_SetString(PyExc_TypeError, WEIGHER_HELP); return NULL; }
-    if (check_converter_ref(converter) < 0) return NULL;
+    if (check_producer(weigher, converter, &weighting) < 0) return NULL;
     if (low < 1 || high < low || high > 8 || PyList_GET_SIZE(values) != PyList_GET_SIZE(encoded)) {
         PyErr_SetString(PyExc_ValueError, "need 1 <= low <= high <= 8 and one encoding per value");
         return NULL;
@@ -1353,17 +1366,14 @@ static PyObject *url_features(PyObject *module, PyObject *args) {
     if (!PyArg_ParseTuple(args, "O!O!pIdOO", &PyList_Type, &values, &PyList_Type, &structures, &full, &seed, &weight,
                           &weigher, &converter))
         return NULL;
-    if (parse_weighting(weigher, &weighting) < 0) { PyErr_SetString(PyExc_TypeError, WEIGHER_HELP); return NULL; }
-    if (check_converter_ref(converter) < 0) return NULL;
+    if (check_producer(weigher, converter, &weighting) < 0) return NULL;
     Counted counted;
-    counted_take(&counted);
-    Counter counter = {.seed = seed};
-    bytes_take(&counter.arena);
+    Counter counter;
     Bytes slot = {0};
     Span *names = NULL;
     Py_ssize_t names_cap = 0;
     PyObject *result = NULL;
-    if (counted_bound(&counted) < 0) goto done;
+    if (counting_take(&counted, &counter, seed) < 0) goto done;
     for (Py_ssize_t i = 0; i < PyList_GET_SIZE(structures); i++) {
         PyObject *structure = PyList_GET_ITEM(structures, i);
         counter_reset(&counter);
