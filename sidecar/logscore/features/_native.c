@@ -62,9 +62,10 @@ static int bytes_str(Bytes *b, const char *s) { return bytes_add(b, s, (Py_ssize
  * each call cost page faults). NOTE: taken and given back with the GIL held, so two threads
  * never share one, even when a Python callback lets another thread run meanwhile. */
 #define POOLED 32
-#define POOLED_MAX_BYTES (32 << 20)
+#define POOLED_MAX_BYTES (16 << 20) /* kept between calls, all buffers together */
 static struct { char *data; Py_ssize_t cap; } pool[POOLED];
 static int pooled;
+static Py_ssize_t pooled_bytes;
 
 static void bytes_take(Bytes *b) {
     if (pooled > 0) {  /* the largest: a call takes its big buffers first */
@@ -72,6 +73,7 @@ static void bytes_take(Bytes *b) {
         for (int i = 1; i < pooled; i++) if (pool[i].cap > pool[best].cap) best = i;
         b->data = pool[best].data;
         b->cap = pool[best].cap;
+        pooled_bytes -= b->cap;
         pool[best] = pool[--pooled];
     } else {
         b->data = NULL;
@@ -81,9 +83,10 @@ static void bytes_take(Bytes *b) {
 }
 
 static void bytes_free(Bytes *b) {
-    if (b->data && pooled < POOLED && b->cap <= POOLED_MAX_BYTES) {
+    if (b->data && pooled < POOLED && pooled_bytes + b->cap <= POOLED_MAX_BYTES) {
         pool[pooled].data = b->data;
         pool[pooled].cap = b->cap;
+        pooled_bytes += b->cap;
         pooled++;
     } else {
         PyMem_Free(b->data);
@@ -923,27 +926,25 @@ fail:
     return NULL;
 }
 
-/* Ascending sort of 32-bit keys (held in uint64): insertion sort when short, else LSD radix
- * sort, 8 bits a pass, through `spare` (qsort's callback cost more than the hashing). */
-static void sort_keys(uint64_t *a, uint64_t *spare, Py_ssize_t n) {
-    if (n <= 48) {
-        for (Py_ssize_t i = 1; i < n; i++) {
-            uint64_t v = a[i];
-            Py_ssize_t j = i;
-            while (j > 0 && a[j - 1] > v) { a[j] = a[j - 1]; j--; }
-            a[j] = v;
-        }
-        return;
+/* Ascending sort of 32-bit keys through `spare` (as long): they are uniform hashes, so one
+ * pass on the top byte spreads them over 256 buckets of a few keys each, and an insertion
+ * sort finishes each bucket (qsort's callback, or a full radix sort, cost more than hashing). */
+static void sort_keys(uint32_t *a, uint32_t *spare, Py_ssize_t n) {
+    if (n > 32) {
+        Py_ssize_t starts[257] = {0};
+        for (Py_ssize_t i = 0; i < n; i++) starts[(a[i] >> 24) + 1]++;
+        for (int b = 0; b < 256; b++) starts[b + 1] += starts[b];
+        Py_ssize_t next[256];
+        memcpy(next, starts, sizeof next);
+        for (Py_ssize_t i = 0; i < n; i++) spare[next[a[i] >> 24]++] = a[i];
+        memcpy(a, spare, n * sizeof *a);
     }
-    uint64_t *from = a, *to = spare;
-    for (int shift = 0; shift < 32; shift += 8) {
-        Py_ssize_t counts[257] = {0};
-        for (Py_ssize_t i = 0; i < n; i++) counts[((from[i] >> shift) & 0xFF) + 1]++;
-        for (int b = 0; b < 256; b++) counts[b + 1] += counts[b];
-        for (Py_ssize_t i = 0; i < n; i++) to[counts[(from[i] >> shift) & 0xFF]++] = from[i];
-        uint64_t *t = from; from = to; to = t;
+    for (Py_ssize_t i = 1; i < n; i++) {  /* each key is at most a bucket away from its place */
+        uint32_t v = a[i];
+        Py_ssize_t j = i;
+        while (j > 0 && a[j - 1] > v) { a[j] = a[j - 1]; j--; }
+        a[j] = v;
     }
-    /* four passes: the result is back in a */
 }
 
 /* ngram_features(values, encoded, seed, low, high, weight, weigher, converter):
@@ -975,8 +976,8 @@ static PyObject *ngram_features(PyObject *module, PyObject *args) {
         Py_ssize_t length = PyBytes_GET_SIZE(item);
         windows.len = 0;
         Py_ssize_t most = (length + 1) * (high - low + 1);
-        if (bytes_reserve(&windows, most * 16) < 0) goto done;
-        uint64_t *w = (uint64_t *)windows.data;
+        if (bytes_reserve(&windows, most * 8) < 0) goto done;
+        uint32_t *w = (uint32_t *)windows.data;
         Py_ssize_t count = 0;
         for (int size = low; size <= high; size++) {
             for (Py_ssize_t start = 0; start + size <= length; start++) {
@@ -984,7 +985,7 @@ static PyObject *ngram_features(PyObject *module, PyObject *args) {
                 for (int k = 0; k < size; k++) h = h * prime + p[start + k];
                 h ^= h >> 29;
                 h *= mix;
-                w[count++] = h >> 32;
+                w[count++] = (uint32_t)(h >> 32);
             }
         }
         sort_keys(w, w + most, count);
