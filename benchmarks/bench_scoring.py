@@ -19,6 +19,7 @@ machine described.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 import warnings
@@ -161,6 +162,11 @@ def main() -> int:
         print_rows(f"long tail: {kind}", rows)
     if "prior_art" in sections:
         results["baselines"] = bench_baselines(training, scoring)
+    # Sections not run keep their figures from the last run that had them (each row has its load).
+    previous = json.loads(Path(args.json).read_text()) if Path(args.json).exists() else {}
+    for key, value in previous.items():
+        if key not in results or (not results[key] and value):
+            results[key] = value
     write_results(args.json, results)
     return 0
 

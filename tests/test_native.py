@@ -22,8 +22,11 @@ from logscore.model import Model
 
 from .generate import attack_lines, blog_lines, session_lines, shop_lines, syslog_lines
 
-pytestmark = pytest.mark.skipif(not native.built(), reason="the compiled featurizer is not built "
-                                "(pip install -e . with gcc and Python's headers; scripts/setup.sh)")
+# Skipped on a developer's machine without the extension; in CI (CI=true, after scripts/setup.sh
+# installed gcc and python3-dev) a missing extension fails these tests instead.
+pytestmark = pytest.mark.skipif(not native.built() and os.environ.get("CI") != "true",
+                                reason="the compiled featurizer is not built (pip install -e . with gcc "
+                                "and Python's headers; scripts/setup.sh)")
 
 FRAGMENTS = ["/", "?", "&", ";", "=", "+", "%", "%2", "%25", "%2527", "%20", "%3D", "%26", "%C3%A9", "%E2%82",
              "%c3", "%zz", "%%", "%F1", "://", "http://h:8080", "..", "-", ".", "_", "a", "Z", "id", "sort",

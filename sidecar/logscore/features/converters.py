@@ -105,6 +105,14 @@ class ValueCache:
         return [entry if entry is not None else computed[key] for entry, key in zip(found, keys)]
 
 
+def value_features(converter, values: Sequence[Optional[str]], keys: np.ndarray, weights: np.ndarray,
+                   bounds) -> list[ValueFeatures]:
+    """One entry per value from its slice of the batch's keys and weights. NOTE: copies, so a
+    cached entry holds its own bytes, not its whole batch's arrays (the caches' bound counts them)."""
+    return [ValueFeatures(keys[a:b].copy(), weights[a:b].copy(), converter, value)
+            for value, a, b in zip(values, bounds[:-1], bounds[1:])]
+
+
 class Converter:
     """Base class. ``weight`` scales every feature this converter emits."""
 
@@ -189,8 +197,7 @@ class Converter:
                              count=len(keys))
         weights = self._weigh(counts)
         bounds = np.cumsum([0] + [len(c) for c in counted]).tolist()
-        return [ValueFeatures(keys[a:b], weights[a:b], self, value)
-                for value, a, b in zip(values, bounds[:-1], bounds[1:])]
+        return value_features(self, values, keys, weights, bounds)
 
     def _texts(self, value: Optional[str]) -> Iterable[str]:
         return (MISSING,) if value is None else self.features(value)
@@ -547,8 +554,7 @@ class NgramConverter(Converter):
         keys = windows[rows, cols].astype(np.int64)
         weights = self._weigh(counts)
         bounds = np.searchsorted(rows, np.arange(len(values) + 1))
-        return [ValueFeatures(keys[a:b], weights[a:b], self, value)
-                for value, a, b in zip(values, bounds[:-1], bounds[1:])]
+        return value_features(self, values, keys, weights, bounds)
 
     @staticmethod
     def _run_lengths(rows: np.ndarray, cols: np.ndarray, valid_per_row: np.ndarray) -> np.ndarray:

@@ -1,8 +1,8 @@
 """Featurizing training records in bounded memory: chunk by chunk, keeping only what fitting and
 calibration need.
 
-A featurized record takes ≈ 3 KB as keys, weights and rows; fitting needs only each key's count
-of records (the rarity table: a few bytes per *distinct* key) and, when a detector reads
+A featurized record takes ≈ 3 KB as keys, weights and rows; fitting needs only how often each key
+occurs (the rarity table: a few bytes per *distinct* key) and, when a detector reads
 vectors, the dense block (4 bytes a column). Calibration needs each record's raw scores, which
 are computed chunk by chunk and the features dropped. So memory grows by ≈ 0.5 KB per record
 with a vector detector and a few bytes without (the records themselves aside).
@@ -24,8 +24,8 @@ PENDING_KEYS = 4_000_000  # per-chunk key counts held before they are merged (�
 
 
 class KeyCounter:
-    """How many records hold each key, merged now and then (merging every chunk costs O(distinct
-    keys) each time)."""
+    """How often each key occurs (as RarityTable counts a batch's keys), merged now and then
+    (merging every chunk would cost O(distinct keys) each time)."""
 
     def __init__(self):
         self._keys: list[np.ndarray] = []
@@ -49,7 +49,7 @@ class KeyCounter:
         self._pending = len(self._keys[0])
 
     def totals(self) -> tuple[np.ndarray, np.ndarray]:
-        """(distinct keys ascending, records holding each)."""
+        """(distinct keys ascending, how often each occurred)."""
         if not self._keys:
             return np.zeros(0, np.int64), np.zeros(0, np.int64)
         self._merge()
