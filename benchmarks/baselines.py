@@ -3,6 +3,9 @@
 - Jubatus anomaly as deployed with Fluentd: LOF over binary character bigrams of the request.
 - AICoE log-anomaly-detector: Word2Vec means + a 24x24 self-organizing map, mean + 3.1 sigma.
 - Its fork (LAD): LOF + autoencoder on Word2Vec means.
+- The naive pipeline a first attempt builds: HashingVectorizer char 3-grams of the URL + IsolationForest.
+
+And the floor: the least any scorer of access lines does (``HashingFloor``).
 
 Needs scikit-learn and gensim (the ``baselines`` extra). Each ``fit_*`` learns from normal texts
 and returns a ``Baseline``: ``featurize`` (texts → vectors) and ``score_features`` (vectors →
@@ -109,6 +112,76 @@ def fit_lad_lof_autoencoder(training: list[str], seed: int = 0) -> Baseline:
                 + np.searchsorted(train_ae, ae_scores) / len(train_ae)) / 2
 
     return Baseline(means, mean_rank, float(np.percentile(mean_rank(reference), 99)))
+
+
+def request_urls(lines: list[str]) -> list[str]:
+    """The URL of each access line, split out naively (the text between the first two spaces of
+    the quoted request)."""
+    urls = []
+    for line in lines:
+        request = line.split('"', 2)[1] if line.count('"') >= 2 else line
+        parts = request.split(" ")
+        urls.append(parts[1] if len(parts) > 1 else request)
+    return urls
+
+
+def fit_naive_url_isolation_forest(training: list[str], seed: int = 0) -> Baseline:
+    """HashingVectorizer (char 3-grams of the URL) + a 100-tree IsolationForest: what a first
+    attempt with scikit-learn looks like. Threshold at the 99th training percentile.
+
+    NOTE: 2^10 hashed features, handed to the forest dense: its fastest setting we found (with
+    2^18 sparse features ``score_samples`` took 6x as long), so comparisons do not flatter."""
+    from sklearn.ensemble import IsolationForest
+    from sklearn.feature_extraction.text import HashingVectorizer
+
+    vectorizer = HashingVectorizer(analyzer="char", ngram_range=(3, 3), n_features=2 ** 10, alternate_sign=False)
+    vectorize = lambda lines: vectorizer.transform(request_urls(lines)).toarray().astype(np.float32)  # noqa: E731
+    forest = IsolationForest(n_estimators=100, random_state=seed).fit(vectorize(training))
+    outlier_score = lambda vectors: -forest.score_samples(vectors)  # noqa: E731
+    return Baseline(vectorize, outlier_score, float(np.percentile(outlier_score(vectorize(training)), 99)))
+
+
+class HashingFloor:
+    """The floor: character 3-grams of each URL hashed over the whole batch with numpy, and one
+    onnxruntime call summing a weight table over them (Gather + ReduceSum). No parsing, no
+    structure, no caches, no calibration: the least a scorer of these lines does per record."""
+
+    TABLE_BITS = 20
+
+    def __init__(self, seed: int = 0):
+        import onnxruntime as ort
+        from onnx import TensorProto, helper, numpy_helper
+
+        table = np.random.default_rng(seed).random(1 << self.TABLE_BITS, dtype=np.float32)
+        table[0] = 0.0  # padding windows point here
+        graph = helper.make_graph(
+            [helper.make_node("Gather", ["table", "keys"], ["weights"], axis=0),
+             helper.make_node("ReduceSum", ["weights", "axis"], ["score"], keepdims=0)],
+            "floor", [helper.make_tensor_value_info("keys", TensorProto.INT64, [None, None])],
+            [helper.make_tensor_value_info("score", TensorProto.FLOAT, [None])],
+            [numpy_helper.from_array(table, "table"), numpy_helper.from_array(np.array([1], np.int64), "axis")])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = options.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+    def featurize(self, lines: list[str]) -> np.ndarray:
+        encoded = [url.encode("utf-8", "surrogatepass")[:1024] for url in request_urls(lines)]
+        lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
+        width = max(int(lengths.max(initial=3)), 3)
+        matrix = np.zeros((len(encoded), width), dtype=np.uint64)
+        matrix[np.arange(width) < lengths[:, None]] = np.frombuffer(b"".join(encoded), dtype=np.uint8)
+        hashed = matrix[:, :-2] * np.uint64(0x100000001B3) ** 2 + matrix[:, 1:-1] * np.uint64(0x100000001B3) \
+            + matrix[:, 2:]
+        keys = ((hashed * np.uint64(0xBF58476D1CE4E5B9)) >> np.uint64(64 - self.TABLE_BITS)).astype(np.int64)
+        keys[np.arange(width - 2) + 3 > lengths[:, None]] = 0
+        return keys
+
+    def score_features(self, keys: np.ndarray) -> np.ndarray:
+        return self.session.run(["score"], {"keys": keys})[0]
+
+    def score(self, lines: list[str]) -> np.ndarray:
+        return self.score_features(self.featurize(lines))
 
 
 BASELINES = {"jubatus-style LOF on char bigrams": fit_jubatus_style_lof,

@@ -1,31 +1,39 @@
-"""Featurize and score cost per record, per detector and per baseline, at several batch sizes.
+"""Featurize and score cost per record (CPU time, one core), at several batch sizes.
 
-    python benchmarks/bench_scoring.py [--records 4000] [--json benchmarks/results/scoring.json]
+    python benchmarks/bench_scoring.py [--sections traffic,detectors,prior_art] [--json benchmarks/results/scoring.json]
 
-Trains one small model per detector on generated access lines (tests/generate.py),
-then times ``Featurizer.transform`` and the ONNX graph separately, in this process,
-one thread, on long-tail traffic (a third of the requests new); the default detector
-also on repetitive traffic (200 lines over and over: every value cached). The prior
-art's methods (benchmarks/baselines.py, when gensim is installed) are fitted on the
-same lines and timed the same way: their vectorizing, then their model. Prints a
-table and writes JSON with the machine described.
+- **traffic**: the shipped default model (models/apache-access.onnx) on repetitive and novel
+  traffic (benchmarks/traffic.py: the real access log; the same with 99 % of request lines
+  never seen), with the compiled featurizer and with the pure-Python one, beside a naive
+  pipeline (HashingVectorizer char 3-grams of the URL + IsolationForest) and a floor (char
+  3-gram hashing of the URL over the batch + one onnxruntime Gather/ReduceSum call), all
+  measured in this run. Each row states the share of request lines never seen and the load.
+- **detectors**: one small model per detector trained on generated shop lines
+  (tests/generate.py), on long-tail traffic (a third of the requests new).
+- **prior_art**: the prior art's methods (benchmarks/baselines.py; needs gensim).
+
+Featurizing and the model are timed apart: ``featurize`` then ``score``. Writes JSON with the
+machine described.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 import warnings
 from pathlib import Path
+from typing import Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
-from benchmarks.common import machine, write_results  # noqa: E402
-from logscore.features import load_spec  # noqa: E402
+from benchmarks.common import load_average, machine, write_results  # noqa: E402
+from benchmarks.traffic import TRAFFIC, never_seen_share, real_lines, sent_digests  # noqa: E402
+from logscore.features import Featurizer, load_spec  # noqa: E402
 from logscore.model import Model, run_graph  # noqa: E402
 from logscore.training.detectors import DETECTORS  # noqa: E402
 from logscore.training.train import TrainOptions, save_model, train  # noqa: E402
@@ -34,41 +42,77 @@ from tests.generate import shop_lines  # noqa: E402
 BATCHES = (1, 100, 1000, 10000)
 
 
-def bench_stages(featurize, score, pool: list[str]) -> list[dict]:
-    """Median cost of ``featurize(batch)`` and of ``score(features)`` at each batch size, each
-    batch the next lines of ``pool`` (so caches meet new values as often as the traffic has them)."""
+def bench_stages(featurize, score, pool: list[str], batches=BATCHES, warm_up: Optional[list[str]] = None) -> list[dict]:
+    """Median CPU cost of ``featurize(batch)`` and of ``score(features)`` at each batch size, each
+    batch the next lines of ``pool`` (so caches meet new values as often as the traffic has them).
+    Each row states the share of request lines never seen before it, and the load average."""
     rows = []
     offset = 0
 
     def next_batch(size: int) -> list[str]:
         nonlocal offset
         batch = [pool[(offset + i) % len(pool)] for i in range(size)]
-        offset = (offset + size) % len(pool)
+        offset += size
         return batch
 
-    featurize(next_batch(100))  # warm up
-    for size in BATCHES:
+    featurize(warm_up or next_batch(100))
+    for size in batches:
         featurize_times, score_times = [], []
+        first = offset
         for _ in range(max(3, min(200, 20000 // size))):
             batch = next_batch(size)
-            started = time.perf_counter()
+            started = time.process_time()
             features = featurize(batch)
-            featurized = time.perf_counter()
+            featurized = time.process_time()
             score(features)
             featurize_times.append(featurized - started)
-            score_times.append(time.perf_counter() - featurized)
+            score_times.append(time.process_time() - featurized)
+        # NOTE: new means not in the warm-up and not in an earlier batch of this row
+        sent = [pool[i % len(pool)] for i in range(0, offset)]
+        novelty = never_seen_share(*sent_digests(sent))["never_seen_request_lines"]
+        novelty_here = never_seen_share(*sent_digests(sent[first:]))["never_seen_request_lines"]
         featurize_seconds, score_seconds = float(np.median(featurize_times)), float(np.median(score_times))
         rows.append({"batch": size, "featurize_us_per_record": round(featurize_seconds / size * 1e6, 2),
                      "score_us_per_record": round(score_seconds / size * 1e6, 2),
                      "total_us_per_record": round((featurize_seconds + score_seconds) / size * 1e6, 2),
-                     "records_per_s": round(size / (featurize_seconds + score_seconds))})
+                     "records_per_s": round(size / max(featurize_seconds + score_seconds, 1e-9)),
+                     "never_seen_request_lines": min(novelty, novelty_here), "load_average": load_average()})
     return rows
 
 
 def print_rows(name: str, rows: list[dict]) -> None:
     for row in rows:
-        print(f"{name:40} {row['batch']:>6} {row['featurize_us_per_record']:>13} "
-              f"{row['score_us_per_record']:>9} {row['total_us_per_record']:>9}{'':14}{row['records_per_s']:>10}")
+        print(f"{name:44} {row['batch']:>6} {row['featurize_us_per_record']:>13} "
+              f"{row['score_us_per_record']:>9} {row['total_us_per_record']:>9} {row['records_per_s']:>10}"
+              f"   never seen {row['never_seen_request_lines']:>6.1%}  load {row['load_average']}", flush=True)
+
+
+def bench_traffic() -> dict:
+    """The default model, compiled and Python featurizer, the naive pipeline and the floor, on
+    repetitive and novel traffic: the figures of issue #13's targets."""
+    from benchmarks.baselines import HashingFloor, fit_naive_url_isolation_forest
+
+    model = Model.load(ROOT / "models" / "apache-access.onnx")
+    naive, floor = fit_naive_url_isolation_forest(list(real_lines())), HashingFloor()
+    results = {}
+    for traffic in ("repetitive", "novel"):
+        pool = TRAFFIC[traffic](120_000, seed=31)
+        warm_up = TRAFFIC["repetitive"](10_000, seed=32)  # the real log once: agents, statuses cached
+        results[traffic] = {}
+        for name, featurize, score, batches in (
+                ("logscore, compiled featurizer", Featurizer(model.metadata["featurizer"], native=True).transform,
+                 lambda f: run_graph(model.session, f), BATCHES),
+                ("logscore, Python featurizer", Featurizer(model.metadata["featurizer"], native=False).transform,
+                 lambda f: run_graph(model.session, f), (1, 1000)),
+                ("naive: HashingVectorizer + IsolationForest", naive.featurize, naive.score_features, (1, 1000)),
+                ("floor: char 3-gram hashing + Gather/ReduceSum", floor.featurize, floor.score_features, (1, 1000))):
+            dense = model.needs_dense
+            transform = (lambda records, f=featurize: f(records, dense=dense)) if name.startswith("logscore") \
+                else featurize
+            rows = bench_stages(transform, score, pool, batches, warm_up if name.startswith("logscore") else None)
+            results[traffic][name] = rows
+            print_rows(f"{traffic}: {name}", rows)
+    return results
 
 
 def bench_baselines(training: list[str], scoring: list[str]) -> dict:
@@ -83,12 +127,13 @@ def bench_baselines(training: list[str], scoring: list[str]) -> dict:
     for name, fit in BASELINES.items():
         baseline = fit(training)
         results[name] = {"batches": bench_stages(baseline.featurize, baseline.score_features, scoring)}
-        print_rows(name, results[name]["batches"])
+        print_rows(f"long tail: {name}", results[name]["batches"])
     return results
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sections", default="traffic,detectors,prior_art")
     parser.add_argument("--records", type=int, default=4000, help="training records per model")
     parser.add_argument("--detectors", default=",".join(DETECTORS))
     parser.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "scoring.json"))
@@ -96,14 +141,17 @@ def main() -> int:
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
 
+    sections = args.sections.split(",")
+    results = {"machine": machine(), "load_average_at_start": load_average()}
+    print(f"machine: {results['machine']}; load average {results['load_average_at_start']}")
+    print(f"{'':44} {'batch':>6} {'featurize µs':>13} {'score µs':>9} {'total µs':>9} {'records/s':>10}  (CPU, per record)")
+    if "traffic" in sections:
+        results["traffic"] = bench_traffic()
     # Long-tail traffic: a third of the requests carry a URL not seen before (ids, search words).
     training, scoring = shop_lines(args.records, seed=0), shop_lines(200_000, seed=1)
-    results = {"machine": machine(), "traffic": "tests/generate.py shop_lines: 32 % of requests new",
-               "detectors": {}}
-    print(f"machine: {results['machine']}")
-    print(f"{'detector':40} {'batch':>6} {'featurize µs':>13} {'score µs':>9} {'total µs':>9}  (per record)"
-          f" {'records/s':>10}")
-    for kind in args.detectors.split(","):
+    results["detectors_traffic"] = "tests/generate.py shop_lines: 32 % of requests new"
+    results["detectors"] = {}
+    for kind in (args.detectors.split(",") if "detectors" in sections else []):
         proto, _ = train(training, TrainOptions(spec=load_spec(None, "access"), detectors=[kind], folds=2))
         path = Path(args.workdir) / f"{kind}.onnx"
         save_model(proto, path)
@@ -111,12 +159,14 @@ def main() -> int:
         run = lambda features: run_graph(model.session, features)  # noqa: E731
         rows = bench_stages(model.featurizer.transform, run, scoring)
         results["detectors"][kind] = {"model_bytes": path.stat().st_size, "batches": rows}
-        print_rows(kind, rows)
-        if kind == "rarity":  # the same model on repetitive traffic: every value cached
-            rows = bench_stages(model.featurizer.transform, run, shop_lines(200, seed=2))
-            results["rarity_repetitive_traffic"] = {"batches": rows}
-            print_rows("rarity, repetitive traffic", rows)
-    results["baselines"] = bench_baselines(training, scoring)
+        print_rows(f"long tail: {kind}", rows)
+    if "prior_art" in sections:
+        results["baselines"] = bench_baselines(training, scoring)
+    # Sections not run keep their figures from the last run that had them (each row has its load).
+    previous = json.loads(Path(args.json).read_text()) if Path(args.json).exists() else {}
+    for key, value in previous.items():
+        if key not in results or (not results[key] and value):
+            results[key] = value
     write_results(args.json, results)
     return 0
 

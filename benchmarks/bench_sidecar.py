@@ -1,26 +1,31 @@
-"""End-to-end throughput and latency of the sidecar, from client processes.
+"""End-to-end throughput, latency and memory of the sidecar, from client processes, beside a
+naive pipeline and a floor served the same way in the same run.
 
-    python benchmarks/bench_sidecar.py [--quick] [--json benchmarks/results/sidecar.json]
+    python benchmarks/bench_sidecar.py [--quick] [--soak 1000000] [--json benchmarks/results/sidecar.json]
 
-Starts `logscore serve` on the default model (Unix socket and TCP), then from
-separate client processes measures:
-  - throughput in records/s for batch sizes 1 to 10,000 over the socket and TCP,
-    one call in flight and 4 in flight (4 client processes), on repetitive traffic
-    (few distinct values) and, over the socket, on long-tail traffic (a third new);
-  - single-record round trips (unary and bidirectional stream): p50 / p99, and the same
-    against a no-op gRPC server doing 0, 50 and 100 µs of work per call (the stack's floor);
-  - the sidecar's resident memory (VmRSS, VmHWM) after each run and at the end.
-Records are access lines made by tests/generate.py. The machine is printed with
-the figures: compare ratios across machines, not absolute numbers.
+Starts `logscore serve` on the default model (Unix socket), and two plain grpc.aio servers
+speaking the same Score RPC: **naive** (HashingVectorizer char 3-grams of the URL +
+IsolationForest, benchmarks/baselines.py; scored in one worker thread, as the sidecar does) and
+**grpc floor** (answers every record with 0 after decoding the request: what any Python gRPC
+scorer pays). Then, from separate client processes:
+  - throughput in records/s on **repetitive** and **novel** traffic (benchmarks/traffic.py):
+    each client makes its own lines from its own seed; every run prints the share of request
+    lines never sent before (over all clients' records) and the load average;
+  - single-record round trips (unary and bidirectional stream), p50 / p99, against the sidecar
+    and against the floor server with the same client;
+  - the sidecar's memory after each run, and with ``--soak N``, while N novel records go through.
+The machine is printed with the figures: compare ratios within a run, not across machines.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import multiprocessing
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,9 +33,14 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
-from benchmarks.common import client_processes, machine, percentiles_ms, write_results  # noqa: E402
-from tests.generate import blog_lines, shop_lines  # noqa: E402
-from tests.sidecar_process import SidecarProcess, free_port  # noqa: E402
+from benchmarks.common import client_processes, load_average, machine, percentiles_ms, write_results  # noqa: E402
+from benchmarks.traffic import (TRAFFIC, csic_parameters, never_seen_share, real_lines,  # noqa: E402
+                                sent_digests)
+from tests.sidecar_process import SidecarProcess  # noqa: E402
+
+# Lines each client makes per run: enough for the run at the rates seen here (a client that
+# runs out starts over, and the never-seen share printed says so).
+LINES_PER_CLIENT_SECOND = 60_000
 
 
 def make_request(lines: list[bytes]):
@@ -41,42 +51,63 @@ def make_request(lines: list[bytes]):
     return request
 
 
-def client_throughput(target: str, batch: int, seconds: float, lines: list[bytes], out) -> None:
-    """One client calling Score back to back, cycling through ``lines`` in batches (so the
-    sidecar sees new values at the rate the data has them, not one batch over and over)."""
+def stub_for(target: str):
     import grpc
 
     from logscore.generated.logscore.v1 import scorer_pb2_grpc as pb_grpc
 
-    stub = pb_grpc.ScorerStub(grpc.insecure_channel(target, options=[("grpc.enable_http_proxy", 0)]))
-    requests = [make_request(lines[i: i + batch]) for i in range(0, len(lines) - batch + 1, batch)]
-    stub.Score(requests[0], timeout=30)  # warm up
+    options = [("grpc.enable_http_proxy", 0), ("grpc.max_receive_message_length", 64 << 20),
+               ("grpc.max_send_message_length", 64 << 20)]
+    return pb_grpc.ScorerStub(grpc.insecure_channel(target, options=options))
+
+
+def client_throughput(index: int, target: str, traffic: str, batch: int, seconds: float, seed: int,
+                      ready, out) -> None:
+    """One client: its own lines, then Score calls back to back for ``seconds``."""
+    count = max(batch * 2, int(seconds * LINES_PER_CLIENT_SECOND))
+    lines = TRAFFIC[traffic](count, seed * 100 + index)
+    requests = [make_request([line.encode() for line in lines[i: i + batch]])
+                for i in range(0, len(lines) - batch + 1, batch)]
+    stub = stub_for(target)
+    stub.Score(make_request([lines[0].encode()]), timeout=30)  # connected
+    ready.wait()
     records, latencies = 0, []
+    started = time.time()
     end = time.perf_counter() + seconds
     while time.perf_counter() < end:
-        started = time.perf_counter()
-        stub.Score(requests[len(latencies) % len(requests)], timeout=30)
-        latencies.append(time.perf_counter() - started)
+        call = time.perf_counter()
+        stub.Score(requests[len(latencies) % len(requests)], timeout=60)
+        latencies.append(time.perf_counter() - call)
         records += batch
-    out.put((records, latencies))
+    finished = time.time()
+    sent = [lines[i % (len(requests) * batch)] for i in range(records)]
+    out.put((records, latencies, started, finished, *sent_digests(sent)))
 
 
-def throughput(target: str, batch: int, clients: int, seconds: float, lines: list[bytes]) -> dict:
-    started = time.perf_counter()
-    results = client_processes(client_throughput, (target, batch, seconds, lines), clients, timeout=seconds + 120)
-    elapsed = time.perf_counter() - started
-    records = sum(r for r, _ in results)
-    return {"batch": batch, "clients": clients, "records_per_s": round(records / min(elapsed, seconds + 1)),
-            **percentiles_ms(np.concatenate([lat for _, lat in results]), "call")}
+def throughput(target: str, traffic: str, batch: int, clients: int, seconds: float, seed: int,
+               seen: dict) -> dict:
+    results = client_processes(client_throughput, (target, traffic, batch, seconds, seed), clients,
+                               timeout=seconds + 300)
+    records = sum(r[0] for r in results)
+    elapsed = max(r[3] for r in results) - min(r[2] for r in results)
+    novelty = never_seen_share(np.concatenate([r[4] for r in results]), np.concatenate([r[5] for r in results]),
+                               seen.setdefault(traffic, set()))
+    return {"traffic": traffic, "batch": batch, "clients": clients, "records_per_s": round(records / elapsed),
+            **percentiles_ms(np.concatenate([r[1] for r in results]), "call"), **novelty,
+            "load_average": load_average()}
 
 
-def single_record_latency(target: str, calls: int, lines: list[bytes]) -> dict:
-    import grpc
+def client_latency(index: int, target: str, calls: int, ready, out) -> None:
+    lines = TRAFFIC["repetitive"](calls, 77)
+    ready.wait()
+    out.put(single_record_latency(target, calls, lines))
 
-    from logscore.generated.logscore.v1 import scorer_pb2_grpc as pb_grpc
 
-    stub = pb_grpc.ScorerStub(grpc.insecure_channel(target, options=[("grpc.enable_http_proxy", 0)]))
-    requests = [make_request([line]) for line in lines[:calls]]
+def single_record_latency(target: str, calls: int, lines: list[str]) -> dict:
+    import queue
+
+    stub = stub_for(target)
+    requests = [make_request([line.encode()]) for line in lines[:calls]]
     for request in requests[:200]:
         stub.Score(request, timeout=5)
     unary = []
@@ -85,132 +116,169 @@ def single_record_latency(target: str, calls: int, lines: list[bytes]) -> dict:
         stub.Score(request, timeout=5)
         unary.append(time.perf_counter() - started)
 
-    import queue
-    import threading
-
     outgoing: queue.Queue = queue.Queue()
-    stream_times = []
 
     def feed():
-        while True:
-            item = outgoing.get()
-            if item is None:
-                return
+        while (item := outgoing.get()) is not None:
             yield item
 
     responses = stub.ScoreStream(feed())
-    lock = threading.Lock()
+    stream = []
     for request in requests:
         started = time.perf_counter()
         outgoing.put(request)
         next(responses)
-        with lock:
-            stream_times.append(time.perf_counter() - started)
+        stream.append(time.perf_counter() - started)
     outgoing.put(None)
-    return {"calls": len(requests), **percentiles_ms(unary, "unary"), **percentiles_ms(stream_times[50:], "stream")}
+    return {"calls": len(requests), **percentiles_ms(unary, "unary"), **percentiles_ms(stream[50:], "stream")}
 
 
-def noop_server(address: str, work_us: float) -> None:
-    """A gRPC server answering with a fixed response after ``work_us`` of busy Python work per
-    call: the floor any Python sidecar pays, and what each microsecond of its own work adds."""
-    import asyncio
-
+def python_server(address: str, kind: str, ready_file: str) -> None:
+    """A plain grpc.aio server answering Score (and ScoreStream) for raw lines: ``naive`` scores
+    them with the naive pipeline in one worker thread; ``floor`` answers 0 for every record."""
     import grpc
 
     from logscore.generated.logscore.v1 import scorer_pb2 as pb
 
-    answer = pb.ScoreResponse(scores=[0.5], is_anomaly=[False], model_index=[0]).SerializeToString()
+    if kind == "naive":
+        from benchmarks.baselines import fit_naive_url_isolation_forest
 
-    def work():
-        end = time.perf_counter() + work_us / 1e6
-        while time.perf_counter() < end:
-            pass
+        baseline = fit_naive_url_isolation_forest(list(real_lines()))
 
-    async def stream(requests, context):
-        async for _ in requests:
-            work()
-            yield answer
+        def score(lines: list[str]) -> list[float]:
+            return baseline.score(lines).tolist()
+    else:
+        def score(lines: list[str]) -> list[float]:
+            return [0.0] * len(lines)
+
+    pool = ThreadPoolExecutor(1)
+
+    async def answer(request_bytes: bytes) -> bytes:
+        request = pb.ScoreRequest.FromString(request_bytes)
+        lines = [line.decode("utf-8", "replace") for line in request.lines.lines]
+        scores = score(lines) if len(lines) <= 8 else await asyncio.get_running_loop().run_in_executor(
+            pool, score, lines)
+        return pb.ScoreResponse(scores=scores, is_anomaly=[False] * len(scores),
+                                model_index=[0] * len(scores)).SerializeToString()
 
     async def unary(request, context):
-        work()
-        return answer
+        return await answer(request)
+
+    async def stream(requests, context):
+        async for request in requests:
+            yield await answer(request)
 
     async def serve():
-        server = grpc.aio.server()
+        server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 << 20)])
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
-            "logscore.v1.Scorer", {"ScoreStream": grpc.stream_stream_rpc_method_handler(stream),
-                                   "Score": grpc.unary_unary_rpc_method_handler(unary)}),))
+            "logscore.v1.Scorer", {"Score": grpc.unary_unary_rpc_method_handler(unary),
+                                   "ScoreStream": grpc.stream_stream_rpc_method_handler(stream)}),))
         server.add_insecure_port(address)
         await server.start()
+        Path(ready_file).touch()
         await server.wait_for_termination()
 
     asyncio.run(serve())
 
 
-def noop_floor(workdir: Path, calls: int, lines: list[bytes], work_us: float) -> dict:
-    """Single-record round trips against the no-op server, same client code."""
-    socket = workdir / f"noop-{work_us}.sock"
-    server = multiprocessing.Process(target=noop_server, args=(f"unix:{socket}", work_us), daemon=True)
-    server.start()
-    try:
-        deadline = time.monotonic() + 10
-        while not socket.exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        return {"work_us": work_us, **single_record_latency(f"unix:{socket}", calls, lines)}
-    finally:
-        server.terminate()
+def start_python_server(workdir: Path, kind: str) -> tuple[multiprocessing.Process, str]:
+    # NOTE: this process never makes a gRPC call itself: gRPC's threads in a process that then
+    # forks the clients hung them. The server says it is up through a file.
+    socket, ready = workdir / f"{kind}.sock", workdir / f"{kind}.ready"
+    process = multiprocessing.Process(target=python_server, args=(f"unix:{socket}", kind, str(ready)), daemon=True)
+    process.start()
+    deadline = time.monotonic() + 120  # the naive pipeline fits first
+    while time.monotonic() < deadline and process.is_alive():
+        if ready.exists():
+            return process, f"unix:{socket}"
+        time.sleep(0.2)
+    process.terminate()
+    raise RuntimeError(f"the {kind} server did not start")
 
 
 def memory(pid: int) -> dict:
     status = Path(f"/proc/{pid}/status").read_text().splitlines()
     values = {line.split(":")[0]: line.split(":")[1].strip() for line in status if ":" in line}
-    return {"rss": values.get("VmRSS"), "peak_rss": values.get("VmHWM")}
+    return {"rss_mib": round(int(values["VmRSS"].split()[0]) / 1024, 1),
+            "peak_rss_mib": round(int(values["VmHWM"].split()[0]) / 1024, 1)}
+
+
+def soak(target: str, pid: int, records: int, batch: int = 1000) -> dict:
+    """Novel records through the sidecar, two clients, RSS every tenth of the way."""
+    samples = [{"records": 0, **memory(pid)}]
+    step = max(records // 10, batch * 2)
+    sent = 0
+    for part in range(10):
+        sent += sum(client_processes(client_count, (target, batch, step // 2, 9000 + part), 2, timeout=900))
+        samples.append({"records": sent, **memory(pid), "load_average": load_average()})
+        print(f"  soak: {sent:>9} novel records, sidecar RSS {samples[-1]['rss_mib']} MiB "
+              f"(peak {samples[-1]['peak_rss_mib']})", flush=True)
+        if sent >= records:
+            break
+    return {"records": sent, "samples": samples}
+
+
+def client_count(index: int, target: str, batch: int, records: int, seed: int, ready, out) -> None:
+    lines = TRAFFIC["novel"](records, seed * 100 + index)
+    stub = stub_for(target)
+    ready.wait()
+    for i in range(0, len(lines), batch):
+        stub.Score(make_request([line.encode() for line in lines[i: i + batch]]), timeout=60)
+    out.put(len(lines))
+
+
+RUNS = [  # (server, batch, clients)
+    ("logscore", 1, 1), ("logscore", 100, 4), ("logscore", 1000, 1), ("logscore", 1000, 4), ("logscore", 10000, 4),
+    ("naive", 1000, 1), ("naive", 1000, 4), ("grpc floor", 1000, 1), ("grpc floor", 1000, 4),
+]
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="short runs (a smoke test of the benchmark)")
+    parser.add_argument("--soak", type=int, default=None, help="novel records sent to watch memory "
+                        "(default 1,000,000; 20,000 with --quick)")
     parser.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "sidecar.json"))
     args = parser.parse_args()
     seconds = 1.0 if args.quick else 4.0
-    lines = [line.encode() for line in blog_lines(10_000, seed=9)]
-    # Repetitive: the default model's own site, 17 request paths (every value cached after the
-    # first batch). Long tail: a shop, a third of its requests never seen before (ids, searches).
-    traffics = {"repetitive": lines, "long_tail": [line.encode() for line in shop_lines(200_000, seed=9)]}
+    soak_records = args.soak if args.soak is not None else (20_000 if args.quick else 1_000_000)
+    real_lines(), csic_parameters()  # read once, before the client processes fork
     workdir = Path(tempfile.mkdtemp(prefix="logscore-bench-"))
-    tcp = f"127.0.0.1:{free_port()}"
-    sidecar = SidecarProcess(ROOT / "models", workdir, tcp=tcp, reload_interval_s=0).start()
+    sidecar = SidecarProcess(ROOT / "models", workdir, reload_interval_s=0).start()
+    servers = [start_python_server(workdir, kind) for kind in ("naive", "floor")]
+    targets = {"logscore": f"unix:{sidecar.socket}", "naive": servers[0][1], "grpc floor": servers[1][1]}
     results = {"machine": machine(), "throughput": [], "latency": {}}
-    print(f"machine: {results['machine']}")
+    print(f"machine: {results['machine']}; load average at start {load_average()}")
+    seen: dict = {}
     try:
-        targets = {"unix": f"unix:{sidecar.socket}", "tcp": tcp}
-        batches = (1, 10, 100, 1000, 10000)
-        runs = [("repetitive", transport, batch, clients) for transport in targets for batch in batches
-                for clients in (1, 4)]
-        runs += [("long_tail", "unix", batch, clients) for batch in (100, 1000, 10000) for clients in (1, 4)]
-        for traffic, transport, batch, clients in runs:
-            row = {"traffic": traffic, "transport": transport,
-                   **throughput(targets[transport], batch, clients, seconds, traffics[traffic]),
-                   "sidecar_memory_after": memory(sidecar.process.pid)}
+        for run, (traffic, (server, batch, clients)) in enumerate(
+                (t, r) for t in ("repetitive", "novel") for r in RUNS):
+            row = {"server": server, **throughput(targets[server], traffic, batch, clients, seconds, run, seen)}
+            if server == "logscore":
+                row["sidecar_memory_after"] = memory(sidecar.process.pid)
             results["throughput"].append(row)
-            print(f"{traffic:10} {transport:5} batch {batch:>6} clients {clients}: {row['records_per_s']:>9} "
-                  f"records/s   call p50 {row['call_p50_ms']} ms  p99 {row['call_p99_ms']} ms   "
-                  f"sidecar RSS {row['sidecar_memory_after']['rss']}", flush=True)
-        for transport, target in targets.items():
-            row = single_record_latency(target, 500 if args.quick else 3000, lines)
-            results["latency"][transport] = row
-            print(f"{transport:5} single record: unary p50 {row['unary_p50_ms']} ms p99 {row['unary_p99_ms']} ms;"
-                  f" stream p50 {row['stream_p50_ms']} ms p99 {row['stream_p99_ms']} ms")
-        results["latency"]["noop_grpc_floor_unix"] = []
-        for work_us in (0, 50, 100):
-            floor = noop_floor(workdir, 500 if args.quick else 3000, lines, work_us)
-            results["latency"]["noop_grpc_floor_unix"].append(floor)
-            print(f"no-op gRPC server doing {work_us} µs of work per call (same client): unary p50 "
-                  f"{floor['unary_p50_ms']} ms; stream p50 {floor['stream_p50_ms']} ms p99 {floor['stream_p99_ms']} ms")
+            print(f"{traffic:10} {server:10} batch {batch:>6} clients {clients}: {row['records_per_s']:>8} records/s  "
+                  f"call p50 {row['call_p50_ms']:>7} ms p99 {row['call_p99_ms']:>7} ms  never seen: "
+                  f"{row['never_seen_request_lines']:.1%} of request lines  load {row['load_average']}"
+                  + (f"  RSS {row['sidecar_memory_after']['rss_mib']} MiB" if server == "logscore" else ""),
+                  flush=True)
+        for name in ("logscore", "grpc floor"):
+            row = client_processes(client_latency, (targets[name], 500 if args.quick else 3000), 1, timeout=600)[0]
+            results["latency"][name] = row
+            print(f"{name:10} single record: unary p50 {row['unary_p50_ms']} ms p99 {row['unary_p99_ms']} ms; "
+                  f"stream p50 {row['stream_p50_ms']} ms p99 {row['stream_p99_ms']} ms", flush=True)
+        results["latency"]["stream_p50_ratio_to_floor"] = round(
+            results["latency"]["logscore"]["stream_p50_ms"] / results["latency"]["grpc floor"]["stream_p50_ms"], 2)
+        print(f"single-record stream p50, logscore / floor: {results['latency']['stream_p50_ratio_to_floor']}")
+        if soak_records:
+            results["soak"] = soak(targets["logscore"], sidecar.process.pid, soak_records)
         results["memory"] = memory(sidecar.process.pid)
-        print(f"sidecar memory: {results['memory']}")
+        results["load_average_at_end"] = load_average()
+        print(f"sidecar memory at the end: {results['memory']}; load average {results['load_average_at_end']}")
     finally:
         sidecar.stop()
+        for process, _ in servers:
+            process.terminate()
     write_results(args.json, results)
     return 0
 

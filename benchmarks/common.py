@@ -32,15 +32,27 @@ def write_results(path: str, results: dict) -> None:
 
 
 def client_processes(client, args: tuple, clients: int, timeout: float) -> list:
-    """Run ``client(*args, queue)`` in ``clients`` processes at once; the result each put on the queue."""
+    """Run ``client(index, *args, ready, queue)`` in ``clients`` processes at once and return what
+    each put on the queue. Each client makes its own data from its ``index``, then waits at the
+    ``ready`` barrier, so that timing starts when every client has its data."""
     queue = multiprocessing.Queue()
-    workers = [multiprocessing.Process(target=client, args=(*args, queue)) for _ in range(clients)]
+    ready = multiprocessing.Barrier(clients)
+    workers = [multiprocessing.Process(target=client, args=(index, *args, ready, queue))
+               for index in range(clients)]
     for worker in workers:
         worker.start()
     results = [queue.get(timeout=timeout) for _ in workers]
     for worker in workers:
         worker.join()
     return results
+
+
+def load_average() -> str:
+    """The 1, 5 and 15 minute load averages (the machine is shared: every figure states it)."""
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "unknown"
 
 
 def percentiles_ms(durations, name: str) -> dict:

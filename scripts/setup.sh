@@ -9,6 +9,11 @@ sudo_if_needed() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 missing=()
 python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
 command -v openssl >/dev/null || missing+=(openssl)
+# The compiled featurizer (sidecar/logscore/features/_native.c) is built at install: gcc and
+# Python's headers. Without them logscore still installs and runs its pure-Python featurizer.
+command -v gcc >/dev/null || missing+=(gcc)
+python3 -c 'import os, sys, sysconfig; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
+  || missing+=(python3-dev)
 if [ "${LOGSCORE_WITH_RUBY:-1}" = 1 ]; then
   # The Fluentd plugin's tests run on Debian's Ruby packages.
   for package in ruby ruby-grpc ruby-google-protobuf ruby-msgpack ruby-test-unit ruby-treetop \
@@ -42,5 +47,6 @@ if [ "$(cat "$stamp" 2>/dev/null)" = "$inputs" ] && .venv/bin/python -c 'import 
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip
 .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test]"
+.venv/bin/python -c 'from logscore.features import native; print("[setup] featurizer:", native.status())'
 echo "$inputs" > "$stamp"
 echo "[setup] ready: .venv/bin/logscore"

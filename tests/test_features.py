@@ -84,15 +84,27 @@ def test_value_shape_collapses_every_run_of_a_character():
         assert value_shape(text) == "".join(k for k, _ in itertools.groupby(classes))[:48]
 
 
+class Entry(int):
+    nbytes = 100
+
+
 def test_value_cache_is_bounded_and_keeps_values_in_use():
     cache = ValueCache(size=4)
-    cache.put("hot", 1)
+    cache.put("hot", Entry(1))
     for i in range(100):
-        cache.put(f"cold{i}", i)
+        cache.put(f"cold{i}", Entry(i))
         assert cache.get("hot") == 1  # in steady use: moved to the newer generation each time
         assert len(cache) <= 4
     assert cache.get("cold0") is None  # long gone
     assert cache.get("cold99") == 99
+
+
+def test_value_cache_is_bounded_in_bytes():
+    cache = ValueCache(size=1000, max_bytes=2000)
+    for i in range(100):
+        cache.put(f"v{i}", Entry(i))  # ≈ 150 bytes each with its key
+        assert cache.nbytes <= 2000 + 200
+    assert len(cache) < 20 and cache.get("v99") == 99
 
 
 def test_urls_of_one_structure_share_features_and_names():

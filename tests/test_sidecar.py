@@ -227,7 +227,9 @@ def test_expired_deadline_and_overload(models_dir, tmp_path):
         heavy = pb.ScoreRequest(model="shop", lines=pb.RawLines(
             lines=[line.encode() for line in shop_lines(20_000, seed=46)]))
         futures = [stub.Score.future(heavy, timeout=60) for _ in range(3)]
-        time.sleep(0.3)  # the first runs, the second waits, the third finds the queue full
+        # The first runs, the second waits, the third finds the queue full; the late one comes
+        # while they run (20,000 records take ≈ 0.1 s each with the compiled featurizer).
+        time.sleep(0.03)
         late = stub.Score.future(pb.ScoreRequest(model="shop", lines=pb.RawLines(lines=[b"x"])), timeout=0.05)
         outcomes = []
         for future in futures + [late]:

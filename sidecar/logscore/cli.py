@@ -61,8 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--detectors", "-d", default="rarity",
                        help="comma-separated detectors: rarity, isolation_forest, pca, autoencoder, som, "
                        "lof; several make an ensemble (default: rarity)")
-    train.add_argument("--max-records", type=int, default=200_000,
-                       help="train on a uniform sample of at most this many records (default 200000)")
+    train.add_argument("--max-records", type=int, default=1_000_000,
+                       help="train on all records, or a uniform sample of at most this many (default 1000000)")
     train.add_argument("--target-fpr", type=float, default=0.001,
                        help="fraction of normal records allowed above the threshold (default 0.001)")
     train.add_argument("--threshold-rule", choices=["fpr", "sigma"], default="fpr",

@@ -58,7 +58,7 @@ class RecordNormalizer:
     def normalize(self, records: Sequence[object]) -> RecordBatch:
         fields, parsed, truncated = [], [], []
         for record in records:
-            one, ok, cut = self._normalize_one(record)
+            one, ok, cut = self.normalize_one(record)
             fields.append(one)
             parsed.append(ok)
             truncated.append(cut)
@@ -71,7 +71,8 @@ class RecordNormalizer:
         fields, ok = self.parse(text[: self.max_line_chars] if cut else text)
         return fields, ok, cut
 
-    def _normalize_one(self, record: object) -> tuple[Fields, bool, bool]:
+    def normalize_one(self, record: object) -> tuple[Fields, bool, bool]:
+        """(fields, parsed, cut) of one record; the compiled featurizer calls it for what it does not read itself."""
         if not isinstance(record, dict):
             return self._parse_line(record)
         fields = flatten(record) if any(isinstance(v, dict) for v in record.values()) else dict(record)

@@ -36,6 +36,11 @@ class ValueFeatures:
     def describe(self, index: int) -> str:
         return self.converter.describe(self.value, int(self.keys[index]))
 
+    @property
+    def nbytes(self) -> int:
+        """Memory held, estimated (for the caches' bound)."""
+        return 200 + self.keys.nbytes + self.weights.nbytes
+
 
 class Describer(Protocol):
     def describe(self, value: Optional[str], key: int) -> str: ...
@@ -48,9 +53,27 @@ class KeyOrigins:
     entries: list[ValueFeatures]
     entry_of_key: np.ndarray  # int64 [nnz]
     position: np.ndarray  # int64 [nnz]: index within its entry's keys
+    # NOTE: compiled features reach their converter through a weak reference; the batch keeps
+    # the converters alive so that its keys can still be named.
+    converters: Optional[list] = None
 
     def name(self, index: int) -> str:
         return self.entries[int(self.entry_of_key[index])].describe(int(self.position[index]))
+
+
+class LazyOrigins:
+    """KeyOrigins of a batch the compiled featurizer built, worked out when a key is first named."""
+
+    def __init__(self, sink: "FeatureSink"):
+        self._sink = sink
+        self._origins: Optional[KeyOrigins] = None
+
+    def name(self, index: int) -> str:
+        if self._origins is None:
+            sink = self._sink
+            entry_of_key, position = sink._assemble(with_origins=True)[3:]
+            self._origins = KeyOrigins(sink._entries, entry_of_key, position, sink._converters)
+        return self._origins.name(index)
 
 
 class SingleRecordOrigins:
@@ -76,7 +99,7 @@ class FeatureBatch:
     dense: np.ndarray  # float32 [N, dense_dims + numeric columns]
     truncated: np.ndarray  # bool [N]: a field was cut to max_field_chars
     unparsed: np.ndarray  # bool [N]: the raw line did not match the log format
-    origins: Optional[KeyOrigins | SingleRecordOrigins] = None
+    origins: Optional[KeyOrigins | SingleRecordOrigins | LazyOrigins] = None
 
     @property
     def size(self) -> int:
@@ -94,9 +117,11 @@ class FeatureSink:
     with a handful of numpy operations, whatever the number of converters.
     """
 
-    def __init__(self, size: int, dense_dims: int):
+    def __init__(self, size: int, dense_dims: int, native=None, converters: Optional[list] = None):
         self.size = size
         self.dense_dims = dense_dims
+        self._native = native  # the compiled featurizer (features/native.py), or None
+        self._converters = converters
         self._entries: list[ValueFeatures] = []
         self._entry_ids: list[np.ndarray] = []  # per converter: [N] index into _entries
         self._numeric: list[np.ndarray] = []
@@ -122,6 +147,9 @@ class FeatureSink:
 
     def build(self, dense: bool = True) -> FeatureBatch:
         """The batch; ``dense=False`` (no vector detector in the model) skips the dense block."""
+        if self._native is not None:
+            rows, keys, weights = self._assemble(with_origins=False)[:3]
+            return self._batch(rows, keys, weights, dense, LazyOrigins(self))
         if self.size == 1 and not dense:
             return self._build_one()
         entries = self._entries
@@ -142,6 +170,16 @@ class FeatureSink:
         position = np.arange(total, dtype=np.int64) - np.repeat(run_starts, run_lengths)
         index = offsets[entry_of_key] + position
         keys, weights = all_keys[index], all_weights[index]
+        return self._batch(rows, keys, weights, dense, KeyOrigins(entries, entry_of_key, position))
+
+    def _assemble(self, with_origins: bool) -> list[np.ndarray]:
+        """The compiled expansion: rows, keys, weights (and entry_of_key, position)."""
+        return [np.frombuffer(buffer, dtype=dtype) for buffer, dtype in zip(
+            self._native.assemble(self._entry_ids, self._entries, self.size, with_origins),
+            (np.int64, np.int64, np.float32, np.int64, np.int64))]
+
+    def _batch(self, rows: np.ndarray, keys: np.ndarray, weights: np.ndarray, dense: bool,
+               origins: KeyOrigins) -> FeatureBatch:
         if dense:
             hashed = np.bincount(rows * self.dense_dims + keys % self.dense_dims, weights=weights,
                                  minlength=self.size * self.dense_dims)
@@ -150,7 +188,7 @@ class FeatureSink:
         else:
             block = np.zeros((self.size, 0), dtype=np.float32)
         return FeatureBatch(rows, keys, weights, np.ascontiguousarray(block, dtype=np.float32),
-                            self.truncated, self.unparsed, KeyOrigins(entries, entry_of_key, position))
+                            self.truncated, self.unparsed, origins)
 
 
 WEIGHTINGS = ("binary", "tf", "log_tf")

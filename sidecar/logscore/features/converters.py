@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import re
+import weakref
 from collections import Counter, defaultdict
 from typing import Iterable, Iterator, Optional, Sequence
 from urllib.parse import unquote_plus
@@ -28,24 +29,46 @@ from .batch import WEIGHTINGS, FeatureSink, ValueFeatures, term_weights, text_ke
 
 Values = Sequence[Optional[str]]
 MISSING = "(missing)"
-CACHE_SIZE = 16_384  # distinct values remembered per converter (≈ 1 KB each; see ValueCache)
+CACHE_SIZE = 16_384  # distinct values remembered per cache, at most
+# Bytes each cache may hold (keys and features, estimated): a long URL's n-grams take ≈ 3 KB,
+# so entries alone would not bound memory. A converter has one to two caches.
+CACHE_BYTES = 4 << 20
+
+
+def key_bytes(key) -> int:
+    """Memory a cache key takes, estimated (the compiled Cache uses the same formula for str and bytes)."""
+    if isinstance(key, str):
+        return 49 + len(key) * (1 if key.isascii() else 4)
+    if isinstance(key, bytes):
+        return 33 + len(key)
+    if isinstance(key, tuple):
+        return 56 + sum(8 + key_bytes(item) for item in key)
+    return 64
 
 
 class ValueCache:
-    """Features of recently seen values, in two generations of at most ``size // 2`` each.
+    """Features of recently seen values, in two generations of at most ``size // 2`` entries
+    and ``max_bytes // 2`` bytes each.
 
     A value found in the older generation moves to the newer; when the newer is full it
     becomes the older and the older is dropped. So memory stays bounded, values in steady
     use stay cached, and a busy cache never empties all at once (which stalled batches).
+    The compiled featurizer has a twin of this class (``_native.Cache``).
     """
 
-    def __init__(self, size: int = CACHE_SIZE):
+    def __init__(self, size: int = CACHE_SIZE, max_bytes: int = CACHE_BYTES):
         self._half = max(size // 2, 1)
+        self._half_bytes = max(max_bytes // 2, 1)
         self._new: dict = {}
         self._old: dict = {}
+        self._new_bytes = self._old_bytes = 0
 
     def __len__(self) -> int:
         return len(self._new) + len(self._old)
+
+    @property
+    def nbytes(self) -> int:
+        return self._new_bytes + self._old_bytes
 
     def get(self, value):
         entry = self._new.get(value)
@@ -56,28 +79,38 @@ class ValueCache:
         return entry
 
     def put(self, value, entry) -> None:
-        if len(self._new) >= self._half:
+        if len(self._new) >= self._half or self._new_bytes >= self._half_bytes:
             self._old, self._new = self._new, {}
+            self._old_bytes, self._new_bytes = self._new_bytes, 0
         self._new[value] = entry
+        self._new_bytes += key_bytes(value) + entry.nbytes
 
     def clear(self) -> None:
         self._new, self._old = {}, {}
+        self._new_bytes = self._old_bytes = 0
+
+    def lookup(self, values: Sequence, keys: Sequence, compute) -> list[ValueFeatures]:
+        """The features of each value, looked up by its key; values whose key is not cached
+        are computed once per key, by ``compute(values, keys)``, from one value holding it."""
+        found = [self.get(key) for key in keys]
+        if all(found):  # the usual case: every value seen recently
+            return found
+        todo: dict = {}  # key -> a value holding it
+        for value, key, entry in zip(values, keys, found):
+            if entry is None and key not in todo:
+                todo[key] = value
+        computed = dict(zip(todo, compute(list(todo.values()), list(todo))))
+        for key, entry in computed.items():
+            self.put(key, entry)
+        return [entry if entry is not None else computed[key] for entry, key in zip(found, keys)]
 
 
-def cached_by_key(cache: ValueCache, values: Sequence, keys: Sequence, compute) -> list[ValueFeatures]:
-    """The features of each value, looked up in ``cache`` by its key; values whose key is not
-    cached are computed once per key, by ``compute(values, keys)``, from one value holding it."""
-    found = [cache.get(key) for key in keys]
-    if all(found):  # the usual case: every value seen recently
-        return found
-    todo: dict = {}  # key -> a value holding it
-    for value, key, entry in zip(values, keys, found):
-        if entry is None and key not in todo:
-            todo[key] = value
-    computed = dict(zip(todo, compute(list(todo.values()), list(todo))))
-    for key, entry in computed.items():
-        cache.put(key, entry)
-    return [entry if entry is not None else computed[key] for entry, key in zip(found, keys)]
+def value_features(converter, values: Sequence[Optional[str]], keys: np.ndarray, weights: np.ndarray,
+                   bounds) -> list[ValueFeatures]:
+    """One entry per value from its slice of the batch's keys and weights. NOTE: copies, so a
+    cached entry holds its own bytes, not its whole batch's arrays (the caches' bound counts them)."""
+    return [ValueFeatures(keys[a:b].copy(), weights[a:b].copy(), converter, value)
+            for value, a, b in zip(values, bounds[:-1], bounds[1:])]
 
 
 class Converter:
@@ -102,7 +135,28 @@ class Converter:
         self.seed = text_seed(field, self.kind)
         # "url: shape ..." rather than "url url: shape ..." when the converter is named after its field
         self.label = field if field == self.kind else f"{field} {self.kind}"
-        self._cache = ValueCache()
+        # The compiled twins of this converter's work (features/native.py), or None.
+        self._native = None
+        self._weigher = None
+        self._new_caches()
+
+    def accelerate(self, native) -> None:
+        """Compute features with the compiled module ``native`` (None: the Python reference)."""
+        self._native = native
+        if native is not None:
+            self._ref = weakref.ref(self)  # what compiled features name keys through
+            # How the compiled code weighs counts: binary and tf in C; log_tf by numpy, as here.
+            self._weigher = {"binary": 0, "tf": 1}.get(self.weighting, self._weigh)
+        self._new_caches()
+
+    def _weigh(self, counts: np.ndarray) -> np.ndarray:
+        return (term_weights(counts, self.weighting) * np.float32(self.weight)).astype(np.float32)
+
+    def _new_cache(self):
+        return self._native.Cache(CACHE_SIZE, CACHE_BYTES) if self._native is not None else ValueCache()
+
+    def _new_caches(self) -> None:
+        self._cache = self._new_cache()
 
     def spec(self) -> dict:
         return {"kind": self.kind, "weight": self.weight, "weighting": self.weighting,
@@ -121,11 +175,11 @@ class Converter:
 
     def _featurize_distinct(self, values: list[Optional[str]]) -> list[ValueFeatures]:
         """Features of each distinct value, from the cache where possible."""
-        return cached_by_key(self._cache, values, values, lambda todo, _: self.featurize(todo))
+        return self._cache.lookup(values, values, lambda todo, _: self.featurize(todo))
 
     def forget(self) -> None:
         """Drop cached features (after fit changes what a value's features are)."""
-        self._cache.clear()
+        self._new_caches()
 
     def featurize(self, values: Sequence[Optional[str]]) -> list[ValueFeatures]:
         """Features of distinct values: the texts ``features`` yields, hashed."""
@@ -134,15 +188,17 @@ class Converter:
     def _hash(self, values: Sequence[Optional[str]], texts: Sequence[Iterable[str]]) -> list[ValueFeatures]:
         """Each value's texts hashed, counted and weighted, all values at once (numpy calls per
         value would cost more than the work)."""
+        if self._native is not None:
+            return self._native.text_features(list(values), list(texts), self.seed, self.weight,
+                                              self._weigher, self._ref)
         counted = [Counter(t) for t in texts]
         seed = self.seed
         keys = np.fromiter((text_key(seed, text) for counts in counted for text in counts), dtype=np.int64)
         counts = np.fromiter((n for counts in counted for n in counts.values()), dtype=np.float32,
                              count=len(keys))
-        weights = (term_weights(counts, self.weighting) * np.float32(self.weight)).astype(np.float32)
+        weights = self._weigh(counts)
         bounds = np.cumsum([0] + [len(c) for c in counted]).tolist()
-        return [ValueFeatures(keys[a:b], weights[a:b], self, value)
-                for value, a, b in zip(values, bounds[:-1], bounds[1:])]
+        return value_features(self, values, keys, weights, bounds)
 
     def _texts(self, value: Optional[str]) -> Iterable[str]:
         return (MISSING,) if value is None else self.features(value)
@@ -217,7 +273,22 @@ class UrlConverter(Converter):
         if self.config["part"] not in ("full", "query"):
             raise ConfigError(f"url converter on {field!r}: part must be 'full' or 'query'")
         self.enumerated = frozenset(self.config["enumerated"])
-        self._by_structure = ValueCache()
+
+    @property
+    def enumerated(self) -> frozenset:
+        return self._enumerated
+
+    @enumerated.setter
+    def enumerated(self, slots: frozenset) -> None:
+        self._enumerated = slots
+        # Every "{template}" some slot "{template}?{name}" may start with (templates and names
+        # can hold "?" once decoded): the compiled path checks a URL's template once.
+        self._enumerated_templates = frozenset(
+            slot[:i] for slot in slots for i, char in enumerate(slot) if char == "?")
+
+    def _new_caches(self) -> None:
+        super()._new_caches()
+        self._by_structure = self._new_cache()
 
     def learned(self) -> dict:
         return {"enumerated": sorted(self.enumerated)}
@@ -225,13 +296,14 @@ class UrlConverter(Converter):
     def fit(self, values: Values) -> None:
         seen: dict[str, set[str]] = defaultdict(set)
         uses: dict[str, int] = defaultdict(int)
-        for value in values:
+        # Each distinct URL split once (which slots are enumerations does not depend on order).
+        for value, count in Counter(values).items():
             if value is None:
                 continue
             template, params, _ = self._split(value)
             for name, param_value in params:
                 slot = f"{template}?{name}"
-                uses[slot] += 1
+                uses[slot] += count
                 if len(seen[slot]) <= self.config["max_enum_values"]:
                     seen[slot].add(param_value)
         self.enumerated = frozenset(
@@ -265,13 +337,16 @@ class UrlConverter(Converter):
     def featurize(self, values: Sequence[Optional[str]]) -> list[ValueFeatures]:
         # NOTE: distinct URLs mostly differ where no feature looks (an id in the path, other
         # digits of the same length): each structure is featurized once, then shared.
+        if self._native is not None:
+            # The same, compiled: each structure is a bytes key holding what the tuple holds.
+            full = self.config["part"] == "full"
+            structures = self._native.url_structures(list(values), full, int(self.config["decode_rounds"]),
+                                                     self.enumerated, self._enumerated_templates)
+            return self._by_structure.lookup(list(values), structures, lambda todo, keys: self._native.url_features(
+                todo, keys, full, self.seed, self.weight, self._weigher, self._ref))
         structures = [self._structure(v) if v is not None else None for v in values]
-        return cached_by_key(self._by_structure, values, structures, lambda todo, keys: self._hash(
+        return self._by_structure.lookup(values, structures, lambda todo, keys: self._hash(
             todo, [self._structure_features(k) if k is not None else (MISSING,) for k in keys]))
-
-    def forget(self) -> None:
-        super().forget()
-        self._by_structure.clear()
 
     def _structure(self, value: str) -> tuple:
         """All a URL's features depend on: flags, path template, and per parameter its name,
@@ -373,6 +448,11 @@ class NumericConverter(Converter):
 
     def transform(self, ids, distinct, values: Values, sink: FeatureSink) -> None:
         # NOTE: numbers rarely repeat but their buckets do: featurize (and cache) by bucket.
+        if self._native is not None:
+            label_ids, labels, column = self._native.numeric_labels(list(values), MISSING)
+            sink.add_values(np.frombuffer(label_ids, dtype=np.int64), self._featurize_distinct(labels))
+            sink.add_numeric(np.frombuffer(column, dtype=np.float64))
+            return
         numbers = [parse_number(v) if v is not None else None for v in values]
         labels = [MISSING if v is None else "not a number" if x is None else f"magnitude {int(x).bit_length()}"
                   for v, x in zip(values, numbers)]
@@ -412,7 +492,10 @@ class NgramConverter(Converter):
         if not 1 <= low <= high <= 8:
             raise ConfigError(f"ngrams on {field!r}: n must be [min, max] with 1 <= min <= max <= 8")
         self.sizes = range(int(low), int(high) + 1)
-        self._by_encoding = ValueCache()
+
+    def _new_caches(self) -> None:
+        super()._new_caches()
+        self._by_encoding = self._new_cache()
 
     def _encode(self, value: Optional[str]) -> bytes:
         if value is None:
@@ -450,13 +533,18 @@ class NgramConverter(Converter):
 
     def featurize(self, values: Sequence[Optional[str]]) -> list[ValueFeatures]:
         # Values with the same encoding (the same shape, with shape: true) share their n-grams.
-        return cached_by_key(self._by_encoding, values, [self._encode(v) for v in values], self._featurize_encoded)
-
-    def forget(self) -> None:
-        super().forget()
-        self._by_encoding.clear()
+        if self._native is not None:
+            encoded = self._native.ngram_encode(list(values), bool(self.config["decode"]),
+                                                bool(self.config["lowercase"]), bool(self.config["shape"]),
+                                                int(self.config["max_bytes"]))
+        else:
+            encoded = [self._encode(v) for v in values]
+        return self._by_encoding.lookup(list(values), encoded, self._featurize_encoded)
 
     def _featurize_encoded(self, values: Sequence[Optional[str]], encoded: list[bytes]) -> list[ValueFeatures]:
+        if self._native is not None:
+            return self._native.ngram_features(list(values), list(encoded), self.seed, self.sizes.start,
+                                               self.sizes.stop - 1, self.weight, self._weigher, self._ref)
         windows, _ = self._windows(encoded)
         windows.sort(axis=1)
         is_new = np.ones(windows.shape, dtype=bool)
@@ -465,10 +553,9 @@ class NgramConverter(Converter):
         rows, cols = np.nonzero(keep)
         counts = self._run_lengths(rows, cols, (windows != self._SENTINEL).sum(axis=1))
         keys = windows[rows, cols].astype(np.int64)
-        weights = (term_weights(counts, self.weighting) * np.float32(self.weight)).astype(np.float32)
+        weights = self._weigh(counts)
         bounds = np.searchsorted(rows, np.arange(len(values) + 1))
-        return [ValueFeatures(keys[a:b], weights[a:b], self, value)
-                for value, a, b in zip(values, bounds[:-1], bounds[1:])]
+        return value_features(self, values, keys, weights, bounds)
 
     @staticmethod
     def _run_lengths(rows: np.ndarray, cols: np.ndarray, valid_per_row: np.ndarray) -> np.ndarray:

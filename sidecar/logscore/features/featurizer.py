@@ -18,6 +18,7 @@ from ..errors import ConfigError
 from ..records import DEFAULT_MAX_LINE_CHARS, RecordNormalizer, to_text
 from ..sessions import SessionSpec
 from .batch import FeatureBatch, FeatureSink
+from . import native as compiled
 from .converters import Converter, make_converter
 
 DEFAULT_SPECS: dict[str, dict] = {
@@ -88,7 +89,9 @@ def load_spec(path: Optional[str], log_format: str) -> dict:
 
 
 class Featurizer:
-    def __init__(self, spec: dict, max_line_chars: int = DEFAULT_MAX_LINE_CHARS):
+    def __init__(self, spec: dict, max_line_chars: int = DEFAULT_MAX_LINE_CHARS, native: Optional[bool] = None):
+        """``native``: True/False forces the compiled or the Python featurizer (the same
+        features); None uses the compiled one when built (see features/native.py)."""
         self.log_format = spec.get("format", "plain")
         self.dense_dims = int(spec.get("dense_dims", DEFAULT_DENSE_DIMS))
         self.max_field_chars = int(spec.get("max_field_chars", DEFAULT_MAX_FIELD_CHARS))
@@ -101,6 +104,9 @@ class Featurizer:
         if not self.converters:
             raise ConfigError("the featurizer spec has no converters; name at least one field")
         self.fields = list(dict.fromkeys(c.field for c in self.converters))
+        self.native = compiled.module(native)
+        for converter in self.converters:
+            converter.accelerate(self.native)
         self.normalizer = RecordNormalizer(self.log_format, self.fields, max_line_chars)
         self.sessions = SessionSpec.from_dict(spec["sessions"]) if spec.get("sessions") else None
 
@@ -123,6 +129,11 @@ class Featurizer:
 
     def field_values(self, records: Sequence[object]) -> tuple[dict[str, list], list[bool], list[bool]]:
         """Each wanted field as a column of text (None where absent), cut to max_field_chars."""
+        if self.native is not None:
+            columns, parsed, truncated = self.native.access_columns(
+                list(records), tuple(self.fields), self.log_format == "access", self.max_field_chars,
+                self.normalizer.max_line_chars, self.normalizer.normalize_one, to_text)
+            return dict(zip(self.fields, columns)), parsed, truncated
         batch = self.normalizer.normalize(records)
         truncated = batch.truncated
         limit = self.max_field_chars
@@ -146,12 +157,16 @@ class Featurizer:
 
     def transform(self, records: Sequence[object], dense: bool = True) -> FeatureBatch:
         values, parsed, truncated = self.field_values(records)
-        sink = FeatureSink(len(records), self.dense_dims)
+        sink = FeatureSink(len(records), self.dense_dims, self.native, self.converters)
         sink.truncated[:] = truncated
         sink.unparsed[:] = [not ok for ok in parsed]
         distinct_by_field = {}
         for name, column in values.items():
             # Each field's distinct values are found once and shared by its converters.
+            if self.native is not None:
+                ids, distinct = self.native.distinct(column)
+                distinct_by_field[name] = (np.frombuffer(ids, dtype=np.int64), distinct)
+                continue
             index: dict = {}
             ids = np.fromiter((index.setdefault(v, len(index)) for v in column), dtype=np.int64,
                               count=len(column))

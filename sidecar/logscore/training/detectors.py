@@ -88,6 +88,14 @@ class RarityTable:
         self.keys = unique
         self.surprise = self.surprise_of(counts)
 
+    @classmethod
+    def from_counts(cls, keys: np.ndarray, counts: np.ndarray, records: int,
+                    support: float | None = None) -> "RarityTable":
+        """The table of distinct ``keys`` (ascending) seen ``counts`` times (training/streaming.py)."""
+        table = cls(np.zeros(0, np.int64), records, support)
+        table.keys, table.surprise = keys, table.surprise_of(counts)
+        return table
+
     def surprise_of(self, counts: np.ndarray) -> np.ndarray:
         return np.clip(1.0 - np.log1p(counts) / math.log1p(self.support), 0.0, 1.0).astype(np.float32)
 

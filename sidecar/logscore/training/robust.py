@@ -28,6 +28,7 @@ from typing import Sequence
 import numpy as np
 
 from ..features import Featurizer
+from .streaming import record_key_pairs
 
 EXAMPLES = 10  # set-aside records named in the metadata, most anomalous first
 MAX_CONTAMINATION = 0.02  # the share of attacks the reference score is computed past
@@ -36,13 +37,9 @@ EXAMPLE_CHARS = 300
 
 def record_keys(sample: Sequence[object], spec: dict, chunk: int) -> tuple[np.ndarray, np.ndarray]:
     """(rows, keys): each record's distinct feature keys, sorted by record."""
-    from .train import featurize_all  # the one featurizing loop of training
-
     featurizer = Featurizer(spec)
     featurizer.fit(sample)
-    batch = featurize_all(featurizer, sample, chunk)
-    pairs = np.unique(np.stack([batch.rows, batch.keys]), axis=1)  # each (record, key) once
-    return pairs[0], pairs[1]
+    return record_key_pairs(featurizer, sample, chunk)
 
 
 def signature_folds(sample: Sequence[object], rows: np.ndarray, keys: np.ndarray, folds: int,

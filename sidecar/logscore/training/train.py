@@ -28,12 +28,13 @@ import numpy as np
 from .. import __version__
 from ..artifact import FORMAT_VERSION, HASH_KEY, METADATA_KEY, content_hash
 from ..errors import ConfigError, InputError
-from ..features import FeatureBatch, Featurizer
-from ..model import make_session, run_graph
+from ..features import Featurizer
+from ..model import make_session
 from ..sessions import SessionSpec, SessionTracker
-from .detectors import DETECTORS, Detector, Features, RarityTable, default_support
+from .detectors import DETECTORS, Detector, RarityTable, default_support
 from .graph import GraphBuilder
 from .robust import cluster_mates, example_text, record_keys, screen, signature_folds
+from .streaming import featurize_for_fit, raw_scores
 
 Progress = Callable[[str, int, Optional[int], str], None]  # stage, done, total, unit
 Warn = Callable[[str], None]
@@ -59,7 +60,7 @@ class TrainOptions:
     target_fpr: float = 0.001
     threshold_rule: str = "fpr"  # or "sigma": mean + k·σ of held-out scores (AICoE's rule)
     sigma: float = 3.0
-    max_records: int = 200_000
+    max_records: int = 1_000_000
     support: Optional[float] = None
     seed: int = 0
     name: str = "model"
@@ -101,24 +102,6 @@ def reservoir_sample(records: Iterable[object], size: int, seed: int,
         if seen % 50_000 == 0:
             progress("reading", seen, None, "records")
     return sample, seen
-
-
-def featurize_all(featurizer: Featurizer, records: Sequence[object], chunk: int,
-                  progress: Progress = quiet, stage: str = "featurizing") -> FeatureBatch:
-    """Featurize in chunks (bounded memory, steady speed) and concatenate."""
-    parts = []
-    for start in range(0, len(records), chunk):
-        parts.append(featurizer.transform(records[start: start + chunk]))
-        progress(stage, min(start + chunk, len(records)), len(records), "records")
-    offsets = np.cumsum([0] + [p.size for p in parts[:-1]])
-    return FeatureBatch(
-        rows=np.concatenate([p.rows + offset for p, offset in zip(parts, offsets)]),
-        keys=np.concatenate([p.keys for p in parts]),
-        weights=np.concatenate([p.weights for p in parts]),
-        dense=np.concatenate([p.dense for p in parts]),
-        truncated=np.concatenate([p.truncated for p in parts]),
-        unparsed=np.concatenate([p.unparsed for p in parts]),
-    )
 
 
 def ecdf_table(values: np.ndarray, max_knots: int = 2048, exact_tail: int = 256) -> tuple[np.ndarray, np.ndarray]:
@@ -205,16 +188,17 @@ def detector_progress(progress: Progress, stage: str) -> Callable[[int, int], No
 def fit(records: Sequence[object], options: TrainOptions, progress: Progress, stage: str) -> Fitted:
     featurizer = Featurizer(options.spec)
     featurizer.fit(records)
-    batch = featurize_all(featurizer, records, options.chunk, progress, f"{stage}: featurizing")
-    table = RarityTable(batch.keys, len(records), options.support)
-    data = Features(batch, table)
     detectors = [DETECTORS[kind](seed=options.seed, **dict(options.detector_params.get(kind, {})))
                  for kind in options.detectors]
+    # Bounded memory: key counts and (for vector detectors) the dense block, not every key.
+    streamed = featurize_for_fit(featurizer, records, options.chunk, any(d.uses_dense for d in detectors),
+                                 options.support, progress, f"{stage}: featurizing")
+    data = streamed.features
     for done, detector in enumerate(detectors, start=1):
         detector.progress = detector_progress(progress, f"{stage}: fitting {detector.kind}")
         detector.fit(data)
         progress(f"{stage}: fitted {detector.kind}", done, len(detectors), "detectors")
-    return Fitted(featurizer, table, detectors, int(batch.unparsed.sum()))
+    return Fitted(featurizer, data.table, detectors, streamed.unparsed)
 
 
 def out_of_fold_raw_scores(sample: Sequence[object], options: TrainOptions, progress: Progress,
@@ -234,8 +218,8 @@ def out_of_fold_raw_scores(sample: Sequence[object], options: TrainOptions, prog
         inside = [r for r, f, use in zip(sample, folds, fit_mask) if f != fold and use]
         outside = [r for r, f in zip(sample, folds) if f == fold]
         fitted = fit(inside, options, progress, f"{stage}fold {fold + 1}/{options.folds}")
-        batch = featurize_all(fitted.featurizer, outside, options.chunk)
-        _, raw[folds == fold], _ = run_graph(make_session(fitted.graph().SerializeToString()), batch)
+        raw[folds == fold] = raw_scores(make_session(fitted.graph().SerializeToString()), fitted.featurizer,
+                                        outside, options.chunk)
     return raw
 
 

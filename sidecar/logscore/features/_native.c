@@ -1,0 +1,1819 @@
+/* The compiled featurizer: the hot path of sidecar/logscore/features, in C.
+ *
+ * Every function here is a twin of Python code that stays the reference (and the fallback
+ * when this extension is not built): it must give bit-identical features. The tests compare
+ * the two on random and real inputs (tests/test_native.py). Where a case is rare and its
+ * exact semantics are subtle (non-ASCII case mapping, float() of odd strings, UTF-8 decoding
+ * with "replace"), this code calls the same CPython function the reference calls.
+ *
+ *   access_columns   records -> one column per wanted field (parsers.py _ACCESS_FAST, else the
+ *                    Python normalizer), cut to max_field_chars      (Featurizer.field_values)
+ *   distinct         a column -> ids and distinct values              (Featurizer.transform)
+ *   Cache            two generations bounded in entries and bytes     (converters.ValueCache)
+ *   Features         one value's keys and weights                     (batch.ValueFeatures)
+ *   text_features    texts -> counted crc32 keys                      (Converter._hash)
+ *   ngram_encode, ngram_features                                      (NgramConverter)
+ *   url_structures, url_features                                      (UrlConverter)
+ *   numeric_labels                                                    (NumericConverter)
+ *   assemble         per-record expansion of all converters          (FeatureSink.build)
+ *
+ * Arrays go out as bytearrays; the Python side wraps them with numpy.frombuffer (no numpy
+ * headers needed to build).
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <math.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* ------------------------------------------------------------------ buffers */
+
+typedef struct {
+    char *data;
+    Py_ssize_t len, cap;
+} Bytes;
+
+static int bytes_reserve(Bytes *b, Py_ssize_t extra) {
+    if (b->len + extra <= b->cap) return 0;
+    Py_ssize_t cap = b->cap ? b->cap : 256;
+    while (cap < b->len + extra) cap *= 2;
+    char *data = PyMem_Realloc(b->data, cap);
+    if (!data) { PyErr_NoMemory(); return -1; }
+    b->data = data;
+    b->cap = cap;
+    return 0;
+}
+
+static int bytes_add(Bytes *b, const void *src, Py_ssize_t n) {
+    if (bytes_reserve(b, n) < 0) return -1;
+    memcpy(b->data + b->len, src, n);
+    b->len += n;
+    return 0;
+}
+
+static int bytes_byte(Bytes *b, unsigned char c) { return bytes_add(b, &c, 1); }
+
+static int bytes_str(Bytes *b, const char *s) { return bytes_add(b, s, (Py_ssize_t)strlen(s)); }
+
+/* Buffers are reused across calls (a batch's buffers reach megabytes: allocating them anew
+ * each call cost page faults). NOTE: taken and given back with the GIL held, so two threads
+ * never share one, even when a Python callback lets another thread run meanwhile. */
+#define POOLED 32
+#define POOLED_MAX_BYTES (16 << 20) /* kept between calls, all buffers together */
+static struct { char *data; Py_ssize_t cap; } pool[POOLED];
+static int pooled;
+static Py_ssize_t pooled_bytes;
+
+static void bytes_take(Bytes *b) {
+    if (pooled > 0) {  /* the largest: a call takes its big buffers first */
+        int best = 0;
+        for (int i = 1; i < pooled; i++) if (pool[i].cap > pool[best].cap) best = i;
+        b->data = pool[best].data;
+        b->cap = pool[best].cap;
+        pooled_bytes -= b->cap;
+        pool[best] = pool[--pooled];
+    } else {
+        b->data = NULL;
+        b->cap = 0;
+    }
+    b->len = 0;
+}
+
+static void bytes_free(Bytes *b) {
+    if (b->data && pooled < POOLED && pooled_bytes + b->cap <= POOLED_MAX_BYTES) {
+        pool[pooled].data = b->data;
+        pool[pooled].cap = b->cap;
+        pooled_bytes += b->cap;
+        pooled++;
+    } else {
+        PyMem_Free(b->data);
+    }
+    b->data = NULL;
+    b->len = b->cap = 0;
+}
+
+/* Code points (a str read as UCS4). */
+typedef struct {
+    Py_UCS4 *data;
+    Py_ssize_t len, cap;
+} Text;
+
+static int text_reserve(Text *t, Py_ssize_t n) {
+    if (n <= t->cap) return 0;
+    Py_ssize_t cap = t->cap ? t->cap : 128;
+    while (cap < n) cap *= 2;
+    Py_UCS4 *data = PyMem_Realloc(t->data, cap * sizeof(Py_UCS4));
+    if (!data) { PyErr_NoMemory(); return -1; }
+    t->data = data;
+    t->cap = cap;
+    return 0;
+}
+
+static int text_push(Text *t, Py_UCS4 c) {
+    if (text_reserve(t, t->len + 1) < 0) return -1;
+    t->data[t->len++] = c;
+    return 0;
+}
+
+static int text_set(Text *t, const Py_UCS4 *src, Py_ssize_t n) {
+    if (text_reserve(t, n) < 0) return -1;
+    memmove(t->data, src, n * sizeof(Py_UCS4));
+    t->len = n;
+    return 0;
+}
+
+static int text_from_str(Text *t, PyObject *s) {
+    Py_ssize_t n = PyUnicode_GET_LENGTH(s);
+    if (text_reserve(t, n) < 0) return -1;
+    int kind = PyUnicode_KIND(s);
+    const void *data = PyUnicode_DATA(s);
+    for (Py_ssize_t i = 0; i < n; i++) t->data[i] = PyUnicode_READ(kind, data, i);
+    t->len = n;
+    return 0;
+}
+
+static void text_take(Text *t) {
+    Bytes b;
+    bytes_take(&b);
+    t->data = (Py_UCS4 *)b.data;
+    t->cap = b.cap / (Py_ssize_t)sizeof(Py_UCS4);
+    t->len = 0;
+}
+
+static void text_free(Text *t) {
+    Bytes b = {(char *)t->data, 0, t->cap * (Py_ssize_t)sizeof(Py_UCS4)};
+    bytes_free(&b);
+    t->data = NULL;
+    t->len = t->cap = 0;
+}
+
+static PyObject *text_to_str(const Py_UCS4 *data, Py_ssize_t n) {
+    return PyUnicode_FromKindAndData(PyUnicode_4BYTE_KIND, data, n);
+}
+
+/* str.encode("utf-8", "surrogatepass") of code points: surrogates get their 3-byte form. */
+static int utf8_add(Bytes *b, const Py_UCS4 *data, Py_ssize_t n) {
+    if (bytes_reserve(b, 4 * n) < 0) return -1;
+    unsigned char *out = (unsigned char *)b->data + b->len;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        Py_UCS4 c = data[i];
+        if (c < 0x80) {
+            *out++ = (unsigned char)c;
+        } else if (c < 0x800) {
+            *out++ = 0xC0 | (c >> 6);
+            *out++ = 0x80 | (c & 0x3F);
+        } else if (c < 0x10000) {
+            *out++ = 0xE0 | (c >> 12);
+            *out++ = 0x80 | ((c >> 6) & 0x3F);
+            *out++ = 0x80 | (c & 0x3F);
+        } else {
+            *out++ = 0xF0 | (c >> 18);
+            *out++ = 0x80 | ((c >> 12) & 0x3F);
+            *out++ = 0x80 | ((c >> 6) & 0x3F);
+            *out++ = 0x80 | (c & 0x3F);
+        }
+    }
+    b->len = (char *)out - b->data;
+    return 0;
+}
+
+static int utf8_add_str(Bytes *b, PyObject *s) {
+    if (PyUnicode_IS_ASCII(s)) return bytes_add(b, PyUnicode_DATA(s), PyUnicode_GET_LENGTH(s));
+    int kind = PyUnicode_KIND(s);
+    const void *data = PyUnicode_DATA(s);
+    Py_ssize_t n = PyUnicode_GET_LENGTH(s);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        Py_UCS4 c = PyUnicode_READ(kind, data, i);
+        if (utf8_add(b, &c, 1) < 0) return -1;
+    }
+    return 0;
+}
+
+static PyObject *new_bytearray(Py_ssize_t nbytes) {
+    return PyByteArray_FromStringAndSize(NULL, nbytes);
+}
+
+/* ------------------------------------------------------------------ crc32 (zlib.crc32) */
+
+static uint32_t crc_table[8][256];
+
+static void crc_init(void) {
+    for (uint32_t i = 0; i < 256; i++) {
+        uint32_t c = i;
+        for (int k = 0; k < 8; k++) c = c & 1 ? 0xEDB88320u ^ (c >> 1) : c >> 1;
+        crc_table[0][i] = c;
+    }
+    for (uint32_t i = 0; i < 256; i++)
+        for (int t = 1; t < 8; t++)
+            crc_table[t][i] = (crc_table[t - 1][i] >> 8) ^ crc_table[0][crc_table[t - 1][i] & 0xFF];
+}
+
+static uint32_t crc32_update(uint32_t crc, const unsigned char *p, Py_ssize_t n) {
+    uint32_t c = crc ^ 0xFFFFFFFFu;
+    while (n >= 8) {
+        uint32_t lo = c ^ ((uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24);
+        uint32_t hi = (uint32_t)p[4] | (uint32_t)p[5] << 8 | (uint32_t)p[6] << 16 | (uint32_t)p[7] << 24;
+        c = crc_table[7][lo & 0xFF] ^ crc_table[6][(lo >> 8) & 0xFF] ^ crc_table[5][(lo >> 16) & 0xFF] ^
+            crc_table[4][lo >> 24] ^ crc_table[3][hi & 0xFF] ^ crc_table[2][(hi >> 8) & 0xFF] ^
+            crc_table[1][(hi >> 16) & 0xFF] ^ crc_table[0][hi >> 24];
+        p += 8;
+        n -= 8;
+    }
+    while (n-- > 0) c = crc_table[0][(c ^ *p++) & 0xFF] ^ (c >> 8);
+    return c ^ 0xFFFFFFFFu;
+}
+
+/* ------------------------------------------------------------------ Features */
+
+/* One distinct value's features (twin of batch.ValueFeatures): n keys (int64) then n weights
+ * (float32), stored inline; plus the converter and value that name a key on request.
+ * NOTE: the converter is held through a weak reference (one per converter, shared), so no
+ * reference cycle runs converter -> cache -> Features -> converter, and Features need no
+ * garbage-collector tracking: millions are made on novel traffic, and tracking them made the
+ * collector run often. */
+typedef struct {
+    PyObject_VAR_HEAD
+    PyObject *converter_ref;  /* weakref.ref(converter) */
+    PyObject *value;          /* a str or None */
+    int64_t data[1];
+} FeaturesObject;
+
+static PyTypeObject FeaturesType;
+static PyObject *numpy_frombuffer, *dtype_int64, *dtype_float32;
+
+#define FEATURES_KEYS(f) ((f)->data)
+#define FEATURES_WEIGHTS(f) ((float *)((f)->data + Py_SIZE(f)))
+
+static FeaturesObject *features_new(Py_ssize_t n, PyObject *converter_ref, PyObject *value) {
+    FeaturesObject *f = PyObject_NewVar(FeaturesObject, &FeaturesType, n);
+    if (!f) return NULL;
+    f->converter_ref = Py_NewRef(converter_ref);
+    f->value = Py_NewRef(value);
+    return f;
+}
+
+static void features_dealloc(FeaturesObject *f) {
+    Py_DECREF(f->converter_ref);
+    Py_DECREF(f->value);
+    PyObject_Free(f);
+}
+
+static int check_converter_ref(PyObject *ref) {
+    if (PyWeakref_CheckRef(ref)) return 0;
+    PyErr_SetString(PyExc_TypeError, "converter must be given as weakref.ref(converter)");
+    return -1;
+}
+
+static PyObject *array_of(const void *src, Py_ssize_t nbytes, PyObject *dtype) {
+    PyObject *buffer = PyByteArray_FromStringAndSize(src, nbytes);
+    if (!buffer) return NULL;
+    PyObject *array = PyObject_CallFunctionObjArgs(numpy_frombuffer, buffer, dtype, NULL);
+    Py_DECREF(buffer);
+    return array;
+}
+
+static PyObject *features_keys(FeaturesObject *f, void *closure) {
+    return array_of(FEATURES_KEYS(f), Py_SIZE(f) * 8, dtype_int64);
+}
+
+static PyObject *features_weights(FeaturesObject *f, void *closure) {
+    return array_of(FEATURES_WEIGHTS(f), Py_SIZE(f) * 4, dtype_float32);
+}
+
+static Py_ssize_t features_nbytes_of(FeaturesObject *f) {
+    return (Py_ssize_t)(FeaturesType.tp_basicsize + Py_SIZE(f) * FeaturesType.tp_itemsize);
+}
+
+static PyObject *features_nbytes(FeaturesObject *f, void *closure) {
+    return PyLong_FromSsize_t(features_nbytes_of(f));
+}
+
+static PyObject *features_converter(FeaturesObject *f, void *closure) {
+    return Py_NewRef(PyWeakref_GetObject(f->converter_ref));  /* None once the converter is gone */
+}
+
+static PyObject *features_value(FeaturesObject *f, void *closure) { return Py_NewRef(f->value); }
+
+static PyObject *features_describe(FeaturesObject *f, PyObject *arg) {
+    Py_ssize_t index = PyLong_AsSsize_t(arg);
+    if (index == -1 && PyErr_Occurred()) return NULL;
+    if (index < 0 || index >= Py_SIZE(f)) {
+        PyErr_SetString(PyExc_IndexError, "feature index out of range");
+        return NULL;
+    }
+    PyObject *key = PyLong_FromLongLong(FEATURES_KEYS(f)[index]);
+    if (!key) return NULL;
+    PyObject *converter = PyWeakref_GetObject(f->converter_ref);
+    PyObject *name = converter == Py_None ? PyUnicode_FromFormat("feature #%S", key)
+                                          : PyObject_CallMethod(converter, "describe", "OO", f->value, key);
+    Py_DECREF(key);
+    return name;
+}
+
+static PyGetSetDef features_getset[] = {
+    {"keys", (getter)features_keys, NULL, "int64 keys (a copy)", NULL},
+    {"weights", (getter)features_weights, NULL, "float32 weights, converter weight included (a copy)", NULL},
+    {"converter", (getter)features_converter, NULL, "names a key of the value", NULL},
+    {"value", (getter)features_value, NULL, "the value (the first one holding these features)", NULL},
+    {"nbytes", (getter)features_nbytes, NULL, "memory held, in bytes", NULL},
+    {NULL}};
+
+static PyMethodDef features_methods[] = {
+    {"describe", (PyCFunction)features_describe, METH_O, "the readable name of key number i"},
+    {NULL}};
+
+static PyTypeObject FeaturesType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "logscore.features._native.Features",
+    .tp_basicsize = offsetof(FeaturesObject, data),
+    .tp_itemsize = 12,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "The features of one distinct field value (compiled twin of ValueFeatures).",
+    .tp_dealloc = (destructor)features_dealloc,
+    .tp_getset = features_getset,
+    .tp_methods = features_methods,
+};
+
+/* ------------------------------------------------------------------ Cache */
+
+/* Twin of converters.ValueCache: a value found in the older generation moves to the newer;
+ * when the newer holds half the entries or half the bytes allowed, it becomes the older and
+ * the older is dropped. */
+typedef struct {
+    PyObject_HEAD
+    PyObject *newer, *older;
+    Py_ssize_t half_entries, half_bytes, newer_bytes, older_bytes;
+} CacheObject;
+
+static Py_ssize_t key_bytes(PyObject *key) {
+    if (PyUnicode_Check(key)) return 49 + PyUnicode_GET_LENGTH(key) * PyUnicode_KIND(key);
+    if (PyBytes_Check(key)) return 33 + PyBytes_GET_SIZE(key);
+    return 64;
+}
+
+static Py_ssize_t entry_bytes(PyObject *entry) {
+    if (Py_TYPE(entry) == &FeaturesType) return features_nbytes_of((FeaturesObject *)entry);
+    PyObject *n = PyObject_GetAttrString(entry, "nbytes");
+    if (!n) { PyErr_Clear(); return 256; }
+    Py_ssize_t size = PyLong_AsSsize_t(n);
+    Py_DECREF(n);
+    if (size < 0) { PyErr_Clear(); return 256; }
+    return size;
+}
+
+static int cache_init(CacheObject *self, PyObject *args, PyObject *kwargs) {
+    static char *names[] = {"entries", "max_bytes", NULL};
+    Py_ssize_t entries, max_bytes;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "nn", names, &entries, &max_bytes)) return -1;
+    self->half_entries = entries / 2 > 1 ? entries / 2 : 1;
+    self->half_bytes = max_bytes / 2 > 1 ? max_bytes / 2 : 1;
+    Py_XSETREF(self->newer, PyDict_New());
+    Py_XSETREF(self->older, PyDict_New());
+    self->newer_bytes = self->older_bytes = 0;
+    return self->newer && self->older ? 0 : -1;
+}
+
+static int cache_put_item(CacheObject *self, PyObject *key, PyObject *entry) {
+    if (PyDict_GET_SIZE(self->newer) >= self->half_entries || self->newer_bytes >= self->half_bytes) {
+        PyObject *fresh = PyDict_New();
+        if (!fresh) return -1;
+        Py_SETREF(self->older, self->newer);
+        self->newer = fresh;
+        self->older_bytes = self->newer_bytes;
+        self->newer_bytes = 0;
+    }
+    if (PyDict_SetItem(self->newer, key, entry) < 0) return -1;
+    self->newer_bytes += key_bytes(key) + entry_bytes(entry);
+    return 0;
+}
+
+/* A borrowed entry, or NULL (no exception) when absent; -1 in *error on failure. */
+static PyObject *cache_get_item(CacheObject *self, PyObject *key, int *error) {
+    PyObject *entry = PyDict_GetItemWithError(self->newer, key);
+    if (entry || PyErr_Occurred()) { *error = entry == NULL; return entry; }
+    entry = PyDict_GetItemWithError(self->older, key);
+    if (!entry) { *error = PyErr_Occurred() != NULL; return NULL; }
+    Py_INCREF(entry);
+    if (cache_put_item(self, key, entry) < 0) { Py_DECREF(entry); *error = 1; return NULL; }
+    Py_DECREF(entry);  /* still held by the older generation (or the newer) */
+    *error = 0;
+    return entry;
+}
+
+static PyObject *cache_get(CacheObject *self, PyObject *key) {
+    int error;
+    PyObject *entry = cache_get_item(self, key, &error);
+    if (error) return NULL;
+    return Py_NewRef(entry ? entry : Py_None);
+}
+
+static PyObject *cache_put(CacheObject *self, PyObject *args) {
+    PyObject *key, *entry;
+    if (!PyArg_ParseTuple(args, "OO", &key, &entry)) return NULL;
+    if (cache_put_item(self, key, entry) < 0) return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *cache_clear_method(CacheObject *self, PyObject *unused) {
+    PyDict_Clear(self->newer);
+    PyDict_Clear(self->older);
+    self->newer_bytes = self->older_bytes = 0;
+    Py_RETURN_NONE;
+}
+
+/* Twin of converters.cached_by_key: the entry of each value by its key; keys not cached are
+ * computed once each, by compute(values, keys), from the first value holding them. */
+static PyObject *cache_lookup(CacheObject *self, PyObject *args) {
+    PyObject *values, *keys, *compute;
+    if (!PyArg_ParseTuple(args, "O!O!O", &PyList_Type, &values, &PyList_Type, &keys, &compute)) return NULL;
+    Py_ssize_t n = PyList_GET_SIZE(keys);
+    if (PyList_GET_SIZE(values) != n) {
+        PyErr_SetString(PyExc_ValueError, "values and keys differ in length");
+        return NULL;
+    }
+    PyObject *found = PyList_New(n);
+    if (!found) return NULL;
+    PyObject *todo = NULL, *computed = NULL, *todo_values = NULL, *todo_keys = NULL;
+    Py_ssize_t missing = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        int error;
+        PyObject *entry = cache_get_item(self, PyList_GET_ITEM(keys, i), &error);
+        if (error) goto fail;
+        if (!entry) missing++;
+        Py_XINCREF(entry);
+        PyList_SET_ITEM(found, i, entry);  /* NULL marks a miss until filled below */
+    }
+    if (!missing) return found;
+    todo = PyDict_New();
+    if (!todo) goto fail;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (PyList_GET_ITEM(found, i)) continue;
+        if (PyDict_SetDefault(todo, PyList_GET_ITEM(keys, i), PyList_GET_ITEM(values, i)) == NULL) goto fail;
+    }
+    todo_keys = PyDict_Keys(todo);
+    todo_values = PyDict_Values(todo);
+    if (!todo_keys || !todo_values) goto fail;
+    computed = PyObject_CallFunctionObjArgs(compute, todo_values, todo_keys, NULL);
+    if (!computed) goto fail;
+    PyObject *sequence = PySequence_Fast(computed, "compute must return a sequence");
+    if (!sequence) goto fail;
+    Py_SETREF(computed, sequence);
+    if (PySequence_Fast_GET_SIZE(computed) != PyList_GET_SIZE(todo_keys)) {
+        PyErr_SetString(PyExc_ValueError, "compute returned a different number of entries");
+        goto fail;
+    }
+    PyDict_Clear(todo);  /* now key -> computed entry */
+    for (Py_ssize_t j = 0; j < PyList_GET_SIZE(todo_keys); j++) {
+        PyObject *key = PyList_GET_ITEM(todo_keys, j), *entry = PySequence_Fast_GET_ITEM(computed, j);
+        if (PyDict_SetItem(todo, key, entry) < 0 || cache_put_item(self, key, entry) < 0) goto fail;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (PyList_GET_ITEM(found, i)) continue;
+        PyObject *entry = PyDict_GetItemWithError(todo, PyList_GET_ITEM(keys, i));
+        if (!entry) { if (!PyErr_Occurred()) PyErr_SetString(PyExc_KeyError, "entry lost"); goto fail; }
+        PyList_SET_ITEM(found, i, Py_NewRef(entry));
+    }
+    Py_DECREF(todo);
+    Py_DECREF(todo_keys);
+    Py_DECREF(todo_values);
+    Py_DECREF(computed);
+    return found;
+fail:
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (!PyList_GET_ITEM(found, i)) PyList_SET_ITEM(found, i, Py_NewRef(Py_None));
+    Py_DECREF(found);
+    Py_XDECREF(todo);
+    Py_XDECREF(todo_keys);
+    Py_XDECREF(todo_values);
+    Py_XDECREF(computed);
+    return NULL;
+}
+
+static Py_ssize_t cache_len(CacheObject *self) {
+    return PyDict_GET_SIZE(self->newer) + PyDict_GET_SIZE(self->older);
+}
+
+static PyObject *cache_nbytes(CacheObject *self, void *closure) {
+    return PyLong_FromSsize_t(self->newer_bytes + self->older_bytes);
+}
+
+static int cache_traverse(CacheObject *self, visitproc visit, void *arg) {
+    Py_VISIT(self->newer);
+    Py_VISIT(self->older);
+    return 0;
+}
+
+static int cache_clear_gc(CacheObject *self) {
+    Py_CLEAR(self->newer);
+    Py_CLEAR(self->older);
+    return 0;
+}
+
+static void cache_dealloc(CacheObject *self) {
+    PyObject_GC_UnTrack(self);
+    cache_clear_gc(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyMethodDef cache_methods[] = {
+    {"get", (PyCFunction)cache_get, METH_O, "the entry of key, or None"},
+    {"put", (PyCFunction)cache_put, METH_VARARGS, "remember key -> entry"},
+    {"clear", (PyCFunction)cache_clear_method, METH_NOARGS, "forget everything"},
+    {"lookup", (PyCFunction)cache_lookup, METH_VARARGS, "lookup(values, keys, compute): cached_by_key"},
+    {NULL}};
+
+static PyGetSetDef cache_getset[] = {
+    {"nbytes", (getter)cache_nbytes, NULL, "bytes held (keys and entries, estimated)", NULL}, {NULL}};
+
+static PySequenceMethods cache_as_sequence = {.sq_length = (lenfunc)cache_len};
+
+static PyTypeObject CacheType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "logscore.features._native.Cache",
+    .tp_basicsize = sizeof(CacheObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "Cache(entries, max_bytes): features of recently seen values (compiled twin of ValueCache).",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)cache_init,
+    .tp_traverse = (traverseproc)cache_traverse,
+    .tp_clear = (inquiry)cache_clear_gc,
+    .tp_dealloc = (destructor)cache_dealloc,
+    .tp_methods = cache_methods,
+    .tp_getset = cache_getset,
+    .tp_as_sequence = &cache_as_sequence,
+};
+
+/* ------------------------------------------------------------------ counted keys -> Features */
+
+/* Weights as batch.term_weights(counts, weighting) * float32(weight): binary and tf here
+ * (exact float32 products), log_tf through the Python weigher (numpy's float32 log). */
+enum { WEIGH_BINARY = 0, WEIGH_TF = 1, WEIGH_OTHER = 2 };
+
+typedef struct {
+    Bytes keys;    /* int64 */
+    Bytes counts;  /* float32 */
+    Bytes bounds;  /* Py_ssize_t, one per value + 1 */
+} Counted;
+
+static void counted_take(Counted *c) {
+    bytes_take(&c->keys);
+    bytes_take(&c->counts);
+    bytes_take(&c->bounds);
+}
+
+static void counted_free(Counted *c) {
+    bytes_free(&c->keys);
+    bytes_free(&c->counts);
+    bytes_free(&c->bounds);
+}
+
+static int counted_bound(Counted *c) {
+    Py_ssize_t end = c->keys.len / 8;
+    return bytes_add(&c->bounds, &end, sizeof end);
+}
+
+static int counted_reserve(Counted *c, Py_ssize_t n) {
+    return bytes_reserve(&c->keys, n * 8) < 0 || bytes_reserve(&c->counts, n * 4) < 0 ? -1 : 0;
+}
+
+static int counted_add(Counted *c, int64_t key, float count) {
+    if (bytes_add(&c->keys, &key, 8) < 0) return -1;
+    return bytes_add(&c->counts, &count, 4);
+}
+
+/* Features per value, from counted keys; values[i] is named by entry i. */
+static PyObject *counted_to_features(Counted *c, PyObject *values, PyObject *converter, int weighting,
+                                     double weight, PyObject *weigher) {
+    Py_ssize_t total = c->keys.len / 8, n = PyList_GET_SIZE(values);
+    const int64_t *keys = (const int64_t *)c->keys.data;
+    const float *counts = (const float *)c->counts.data;
+    const Py_ssize_t *bounds = (const Py_ssize_t *)c->bounds.data;
+    const float scale = (float)weight;
+    PyObject *weighed = NULL;
+    Py_buffer view = {0};
+    const float *weights = NULL;
+    if (weighting == WEIGH_OTHER) {
+        PyObject *array = array_of(counts, total * 4, dtype_float32);
+        if (!array) return NULL;
+        weighed = PyObject_CallOneArg(weigher, array);
+        Py_DECREF(array);
+        if (!weighed || PyObject_GetBuffer(weighed, &view, PyBUF_C_CONTIGUOUS) < 0) { Py_XDECREF(weighed); return NULL; }
+        if (view.len != total * 4) {
+            PyErr_SetString(PyExc_ValueError, "weigher must return one float32 per count");
+            PyBuffer_Release(&view);
+            Py_DECREF(weighed);
+            return NULL;
+        }
+        weights = view.buf;
+    }
+    PyObject *out = PyList_New(n);
+    if (!out) goto done;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        Py_ssize_t a = bounds[i], b = bounds[i + 1];
+        FeaturesObject *f = features_new(b - a, converter, PyList_GET_ITEM(values, i));
+        if (!f) { Py_CLEAR(out); goto done; }
+        memcpy(FEATURES_KEYS(f), keys + a, (b - a) * 8);
+        float *w = FEATURES_WEIGHTS(f);
+        for (Py_ssize_t k = a; k < b; k++)
+            w[k - a] = weighting == WEIGH_BINARY ? scale : weighting == WEIGH_TF ? counts[k] * scale : weights[k];
+        PyList_SET_ITEM(out, i, (PyObject *)f);
+    }
+done:
+    if (weighed) { PyBuffer_Release(&view); Py_DECREF(weighed); }
+    return out;
+}
+
+/* Counting texts as collections.Counter does (first occurrence order), hashed with crc32. */
+typedef struct {
+    uint32_t key;
+    Py_ssize_t offset, length;
+    float count;
+} Slot;
+
+typedef struct {
+    Bytes arena;   /* this value's texts, back to back */
+    Slot *slots;
+    Py_ssize_t used, cap;
+    Py_ssize_t *table;  /* open addressing over slots by key; -1 = empty */
+    Py_ssize_t table_size;
+    uint32_t seed;
+} Counter;
+
+static void counter_reset(Counter *c) {
+    c->arena.len = 0;
+    c->used = 0;
+    if (c->table) for (Py_ssize_t i = 0; i < c->table_size; i++) c->table[i] = -1;
+}
+
+static void counter_free(Counter *c) {
+    bytes_free(&c->arena);
+    PyMem_Free(c->slots);
+    PyMem_Free(c->table);
+}
+
+static int counter_grow(Counter *c) {
+    Py_ssize_t cap = c->cap ? c->cap * 2 : 64;
+    Slot *slots = PyMem_Realloc(c->slots, cap * sizeof(Slot));
+    Py_ssize_t *table = PyMem_Realloc(c->table, cap * 2 * sizeof(Py_ssize_t));
+    if (!slots || !table) {
+        if (slots) c->slots = slots;
+        if (table) c->table = table;
+        PyErr_NoMemory();
+        return -1;
+    }
+    c->slots = slots;
+    c->table = table;
+    c->cap = cap;
+    c->table_size = cap * 2;
+    for (Py_ssize_t i = 0; i < c->table_size; i++) c->table[i] = -1;
+    for (Py_ssize_t s = 0; s < c->used; s++) {
+        Py_ssize_t h = c->slots[s].key & (c->table_size - 1);
+        while (c->table[h] >= 0) h = (h + 1) & (c->table_size - 1);
+        c->table[h] = s;
+    }
+    return 0;
+}
+
+/* The text is the arena from `start` to its end: count it once, or drop it as a repeat. */
+static int counter_commit(Counter *c, Py_ssize_t start) {
+    if (c->used >= c->cap && counter_grow(c) < 0) return -1;
+    Py_ssize_t length = c->arena.len - start;
+    uint32_t key = crc32_update(c->seed, (const unsigned char *)c->arena.data + start, length);
+    Py_ssize_t h = key & (c->table_size - 1);
+    while (c->table[h] >= 0) {
+        Slot *s = &c->slots[c->table[h]];
+        if (s->key == key && s->length == length && memcmp(c->arena.data + s->offset, c->arena.data + start, length) == 0) {
+            s->count += 1;
+            c->arena.len = start;
+            return 0;
+        }
+        h = (h + 1) & (c->table_size - 1);
+    }
+    c->table[h] = c->used;
+    c->slots[c->used++] = (Slot){key, start, length, 1.0f};
+    return 0;
+}
+
+static int counter_emit(Counter *c, Counted *out) {
+    for (Py_ssize_t s = 0; s < c->used; s++)
+        if (counted_add(out, (int64_t)c->slots[s].key, c->slots[s].count) < 0) return -1;
+    return counted_bound(out);
+}
+
+static int parse_weighting(PyObject *weigher, int *weighting) {
+    if (PyLong_Check(weigher)) {
+        *weighting = (int)PyLong_AsLong(weigher);
+        return *weighting == WEIGH_BINARY || *weighting == WEIGH_TF ? 0 : -1;
+    }
+    *weighting = WEIGH_OTHER;
+    return PyCallable_Check(weigher) ? 0 : -1;
+}
+
+#define WEIGHER_HELP "weigher: 0 (binary), 1 (tf) or a callable float32 counts -> float32 weights"
+
+/* The checks every producer of Features makes on its weigher and converter reference. */
+static int check_producer(PyObject *weigher, PyObject *converter, int *weighting) {
+    if (parse_weighting(weigher, weighting) < 0) {
+        PyErr_SetString(PyExc_TypeError, WEIGHER_HELP);
+        return -1;
+    }
+    return check_converter_ref(converter);
+}
+
+/* Buffers for counting feature texts, from the pool; counted holds its first bound. */
+static int counting_take(Counted *counted, Counter *counter, unsigned int seed) {
+    counted_take(counted);
+    *counter = (Counter){.seed = seed};
+    bytes_take(&counter->arena);
+    return counted_bound(counted);
+}
+
+/* text_features(values, texts, seed, weight, weigher, converter): Converter._hash. */
+static PyObject *text_features(PyObject *module, PyObject *args) {
+    PyObject *values, *texts, *weigher, *converter;
+    unsigned int seed;
+    double weight;
+    int weighting;
+    if (!PyArg_ParseTuple(args, "O!O!IdOO", &PyList_Type, &values, &PyList_Type, &texts, &seed, &weight,
+                          &weigher, &converter))
+        return NULL;
+    if (check_producer(weigher, converter, &weighting) < 0) return NULL;
+    Counted counted;
+    Counter counter;
+    PyObject *result = NULL;
+    if (counting_take(&counted, &counter, seed) < 0) goto done;
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(texts); i++) {
+        PyObject *iterator = PyObject_GetIter(PyList_GET_ITEM(texts, i));
+        if (!iterator) goto done;
+        counter_reset(&counter);
+        PyObject *text;
+        while ((text = PyIter_Next(iterator))) {
+            int ok = PyUnicode_Check(text) ? 0 : -1;
+            if (ok < 0) PyErr_SetString(PyExc_TypeError, "feature texts must be str");
+            Py_ssize_t start = counter.arena.len;
+            if (ok == 0) ok = utf8_add_str(&counter.arena, text);
+            if (ok == 0) ok = counter_commit(&counter, start);
+            Py_DECREF(text);
+            if (ok < 0) { Py_DECREF(iterator); goto done; }
+        }
+        Py_DECREF(iterator);
+        if (PyErr_Occurred() || counter_emit(&counter, &counted) < 0) goto done;
+    }
+    result = counted_to_features(&counted, values, converter, weighting, weight, weigher);
+done:
+    counted_free(&counted);
+    counter_free(&counter);
+    return result;
+}
+
+/* ------------------------------------------------------------------ percent decoding, shapes */
+
+static int hex_value(Py_UCS4 c) {
+    if (c >= '0' && c <= '9') return c - '0';
+    if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+    if (c >= 'A' && c <= 'F') return c - 'A' + 10;
+    return -1;
+}
+
+/* One urllib.parse.unquote_plus(text, errors="replace"): '+' -> ' ', then each maximal run of
+ * ASCII is percent-decoded to bytes and decoded as UTF-8 with "replace"; other characters
+ * pass through. */
+static int unquote_plus_once(const Text *in, Text *out, Bytes *scratch) {
+    out->len = 0;
+    if (text_reserve(out, in->len) < 0) return -1;
+    Py_ssize_t i = 0, n = in->len;
+    while (i < n) {
+        if (in->data[i] >= 0x80) {
+            out->data[out->len++] = in->data[i++];
+            continue;
+        }
+        scratch->len = 0;
+        if (bytes_reserve(scratch, n - i) < 0) return -1;  /* decoding never lengthens */
+        unsigned char *bytes = (unsigned char *)scratch->data;
+        int high = 0;
+        while (i < n && in->data[i] < 0x80) {
+            Py_UCS4 c = in->data[i];
+            int a, b;
+            if (c == '%' && i + 2 < n && (a = hex_value(in->data[i + 1])) >= 0 &&
+                (b = hex_value(in->data[i + 2])) >= 0) {
+                unsigned char byte = (unsigned char)(a * 16 + b);
+                high |= byte >= 0x80;
+                bytes[scratch->len++] = byte;
+                i += 3;
+            } else {
+                bytes[scratch->len++] = c == '+' ? ' ' : (unsigned char)c;
+                i++;
+            }
+        }
+        if (!high) {
+            if (text_reserve(out, out->len + scratch->len + (n - i)) < 0) return -1;
+            for (Py_ssize_t k = 0; k < scratch->len; k++) out->data[out->len++] = (unsigned char)scratch->data[k];
+        } else {
+            PyObject *decoded = PyUnicode_DecodeUTF8(scratch->data, scratch->len, "replace");
+            if (!decoded) return -1;
+            Py_ssize_t m = PyUnicode_GET_LENGTH(decoded);
+            if (text_reserve(out, out->len + m + (n - i)) < 0) { Py_DECREF(decoded); return -1; }
+            int kind = PyUnicode_KIND(decoded);
+            const void *data = PyUnicode_DATA(decoded);
+            for (Py_ssize_t k = 0; k < m; k++) out->data[out->len++] = PyUnicode_READ(kind, data, k);
+            Py_DECREF(decoded);
+        }
+    }
+    return 0;
+}
+
+static int text_has(const Text *t, Py_UCS4 a, Py_UCS4 b) {
+    for (Py_ssize_t i = 0; i < t->len; i++)
+        if (t->data[i] == a || t->data[i] == b) return 1;
+    return 0;
+}
+
+/* converters.percent_decode: decode in place at most max_rounds times; returns the rounds. */
+static int percent_decode(Text *t, int max_rounds, Text *spare, Bytes *scratch) {
+    int rounds = 0;
+    while (rounds < max_rounds && text_has(t, '%', '+')) {
+        if (unquote_plus_once(t, spare, scratch) < 0) return -1;
+        if (spare->len == t->len && memcmp(spare->data, t->data, t->len * sizeof(Py_UCS4)) == 0) break;
+        Text swap = *t;
+        *t = *spare;
+        *spare = swap;
+        rounds++;
+    }
+    return rounds;
+}
+
+/* converters.value_shape without the length cut: ASCII letters -> 'a', digits -> '9', runs of
+ * one character collapsed. */
+static int shape_of(const Py_UCS4 *data, Py_ssize_t n, Text *out) {
+    out->len = 0;
+    if (text_reserve(out, n) < 0) return -1;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        Py_UCS4 c = data[i];
+        if ((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z')) c = 'a';
+        else if (c >= '0' && c <= '9') c = '9';
+        if (out->len && out->data[out->len - 1] == c) continue;
+        out->data[out->len++] = c;
+    }
+    return 0;
+}
+
+#define MAX_SHAPE 48
+#define MAX_EXACT_SHAPE 12
+
+/* ------------------------------------------------------------------ n-grams */
+
+/* ngram_encode(values, decode, lowercase, shape, max_bytes): NgramConverter._encode. */
+static PyObject *ngram_encode(PyObject *module, PyObject *args) {
+    PyObject *values;
+    int decode, lowercase, shape;
+    Py_ssize_t max_bytes;
+    if (!PyArg_ParseTuple(args, "O!pppn", &PyList_Type, &values, &decode, &lowercase, &shape, &max_bytes))
+        return NULL;
+    Py_ssize_t n = PyList_GET_SIZE(values);
+    PyObject *out = PyList_New(n);
+    if (!out) return NULL;
+    Text text, spare, shaped;
+    Bytes scratch, encoded;
+    text_take(&text); text_take(&spare); text_take(&shaped); bytes_take(&scratch); bytes_take(&encoded);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *value = PyList_GET_ITEM(values, i);
+        PyObject *item;
+        if (value == Py_None) {
+            item = PyBytes_FromStringAndSize("\x02\x00\x03", 3);
+        } else if (!PyUnicode_Check(value)) {
+            PyErr_SetString(PyExc_TypeError, "values must be str or None");
+            goto fail;
+        } else {
+            if (text_from_str(&text, value) < 0) goto fail;
+            if (decode && percent_decode(&text, 3, &spare, &scratch) < 0) goto fail;
+            if (lowercase) {
+                int ascii = 1;
+                for (Py_ssize_t k = 0; k < text.len && ascii; k++) ascii = text.data[k] < 0x80;
+                if (ascii) {
+                    for (Py_ssize_t k = 0; k < text.len; k++)
+                        if (text.data[k] >= 'A' && text.data[k] <= 'Z') text.data[k] += 32;
+                } else {  /* Unicode case mapping: exactly str.lower() */
+                    PyObject *s = text_to_str(text.data, text.len);
+                    PyObject *lower = s ? PyObject_CallMethod(s, "lower", NULL) : NULL;
+                    Py_XDECREF(s);
+                    if (!lower) goto fail;
+                    int ok = text_from_str(&text, lower);
+                    Py_DECREF(lower);
+                    if (ok < 0) goto fail;
+                }
+            }
+            if (shape) {
+                if (shape_of(text.data, text.len, &shaped) < 0 || text_set(&text, shaped.data, shaped.len) < 0)
+                    goto fail;
+            }
+            encoded.len = 0;
+            if (bytes_byte(&encoded, 2) < 0 || utf8_add(&encoded, text.data, text.len) < 0) goto fail;
+            if (encoded.len - 1 > max_bytes) encoded.len = 1 + max_bytes;
+            if (bytes_byte(&encoded, 3) < 0) goto fail;
+            item = PyBytes_FromStringAndSize(encoded.data, encoded.len);
+        }
+        if (!item) goto fail;
+        PyList_SET_ITEM(out, i, item);
+    }
+    text_free(&text); text_free(&spare); text_free(&shaped); bytes_free(&scratch); bytes_free(&encoded);
+    return out;
+fail:
+    text_free(&text); text_free(&spare); text_free(&shaped); bytes_free(&scratch); bytes_free(&encoded);
+    Py_DECREF(out);
+    return NULL;
+}
+
+/* Ascending sort of 32-bit keys through `spare` (as long): they are uniform hashes, so one
+ * pass on the top byte spreads them over 256 buckets of a few keys each, and an insertion
+ * sort finishes each bucket (qsort's callback, or a full radix sort, cost more than hashing). */
+static void sort_keys(uint32_t *a, uint32_t *spare, Py_ssize_t n) {
+    if (n > 32) {
+        Py_ssize_t starts[257] = {0};
+        for (Py_ssize_t i = 0; i < n; i++) starts[(a[i] >> 24) + 1]++;
+        for (int b = 0; b < 256; b++) starts[b + 1] += starts[b];
+        Py_ssize_t next[256];
+        memcpy(next, starts, sizeof next);
+        for (Py_ssize_t i = 0; i < n; i++) spare[next[a[i] >> 24]++] = a[i];
+        memcpy(a, spare, n * sizeof *a);
+    }
+    for (Py_ssize_t i = 1; i < n; i++) {  /* each key is at most a bucket away from its place */
+        uint32_t v = a[i];
+        Py_ssize_t j = i;
+        while (j > 0 && a[j - 1] > v) { a[j] = a[j - 1]; j--; }
+        a[j] = v;
+    }
+}
+
+/* ngram_features(values, encoded, seed, low, high, weight, weigher, converter):
+ * NgramConverter._featurize_encoded: per value its distinct window keys, ascending, counted. */
+static PyObject *ngram_features(PyObject *module, PyObject *args) {
+    PyObject *values, *encoded, *weigher, *converter;
+    unsigned long long seed;
+    int low, high, weighting;
+    double weight;
+    if (!PyArg_ParseTuple(args, "O!O!KiidOO", &PyList_Type, &values, &PyList_Type, &encoded, &seed, &low, &high,
+                          &weight, &weigher, &converter))
+        return NULL;
+    if (check_producer(weigher, converter, &weighting) < 0) return NULL;
+    if (low < 1 || high < low || high > 8 || PyList_GET_SIZE(values) != PyList_GET_SIZE(encoded)) {
+        PyErr_SetString(PyExc_ValueError, "need 1 <= low <= high <= 8 and one encoding per value");
+        return NULL;
+    }
+    const uint64_t prime = 0x100000001B3ull, mix = 0xBF58476D1CE4E5B9ull;
+    Counted counted;
+    counted_take(&counted);
+    Bytes windows;
+    bytes_take(&windows);
+    PyObject *result = NULL;
+    if (counted_bound(&counted) < 0) goto done;
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(encoded); i++) {
+        PyObject *item = PyList_GET_ITEM(encoded, i);
+        if (!PyBytes_Check(item)) { PyErr_SetString(PyExc_TypeError, "encodings must be bytes"); goto done; }
+        const unsigned char *p = (const unsigned char *)PyBytes_AS_STRING(item);
+        Py_ssize_t length = PyBytes_GET_SIZE(item);
+        windows.len = 0;
+        Py_ssize_t most = (length + 1) * (high - low + 1);
+        if (bytes_reserve(&windows, most * 8) < 0) goto done;
+        uint32_t *w = (uint32_t *)windows.data;
+        Py_ssize_t count = 0;
+        for (int size = low; size <= high; size++) {
+            for (Py_ssize_t start = 0; start + size <= length; start++) {
+                uint64_t h = seed * 8 + (uint64_t)size;
+                for (int k = 0; k < size; k++) h = h * prime + p[start + k];
+                h ^= h >> 29;
+                h *= mix;
+                w[count++] = (uint32_t)(h >> 32);
+            }
+        }
+        sort_keys(w, w + most, count);
+        if (counted_reserve(&counted, count) < 0) goto done;
+        int64_t *keys_out = (int64_t *)(counted.keys.data + counted.keys.len);
+        float *counts_out = (float *)(counted.counts.data + counted.counts.len);
+        Py_ssize_t kept = 0;
+        for (Py_ssize_t k = 0; k < count;) {
+            Py_ssize_t run = k + 1;
+            while (run < count && w[run] == w[k]) run++;
+            keys_out[kept] = (int64_t)w[k];
+            counts_out[kept++] = (float)(run - k);
+            k = run;
+        }
+        counted.keys.len += kept * 8;
+        counted.counts.len += kept * 4;
+        if (counted_bound(&counted) < 0) goto done;
+    }
+    result = counted_to_features(&counted, values, converter, weighting, weight, weigher);
+done:
+    counted_free(&counted);
+    bytes_free(&windows);
+    return result;
+}
+
+/* ------------------------------------------------------------------ URL structure */
+
+/* Markers of the structure key: bytes UTF-8 never holds. */
+#define MARK_FLAG 0xF8
+#define MARK_TEMPLATE 0xF9
+#define MARK_PARAM 0xFA
+#define MARK_FIELD 0xFB
+#define MARK_NO_ENUM 0xFC
+
+static int is_id_segment(const Py_UCS4 *s, Py_ssize_t n) {
+    /* _ID_SEGMENT.fullmatch: \d+ (Unicode decimals) | [0-9a-fA-F]{8,} | a UUID */
+    if (n == 0) return 0;
+    int decimal = 1, hex = 1;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        decimal &= Py_UNICODE_ISDECIMAL(s[i]) ? 1 : 0;
+        hex &= s[i] < 0x80 && hex_value(s[i]) >= 0;
+    }
+    if (decimal || (hex && n >= 8)) return 1;
+    if (n != 36) return 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        int dash = i == 8 || i == 13 || i == 18 || i == 23;
+        if (dash ? s[i] != '-' : !(s[i] < 0x80 && hex_value(s[i]) >= 0)) return 0;
+    }
+    return 1;
+}
+
+static int add_decimal(Bytes *b, long long v) {  /* v >= 0 */
+    char digits[24];
+    int n = 0;
+    do { digits[sizeof digits - 1 - n++] = (char)('0' + v % 10); v /= 10; } while (v);
+    return bytes_add(b, digits + sizeof digits - n, n);
+}
+
+static int bit_length(Py_ssize_t n) {
+    int bits = 0;
+    while (n) { bits++; n >>= 1; }
+    return bits;
+}
+
+typedef struct {
+    Text path, query, spare, piece, name, value, shape, template_;
+    Bytes scratch, key, params;
+} UrlWork;
+
+static void url_work_take(UrlWork *w) {
+    text_take(&w->path); text_take(&w->query); text_take(&w->spare); text_take(&w->piece);
+    text_take(&w->name); text_take(&w->value); text_take(&w->shape); text_take(&w->template_);
+    bytes_take(&w->scratch); bytes_take(&w->key); bytes_take(&w->params);
+}
+
+static void url_work_free(UrlWork *w) {
+    text_free(&w->path); text_free(&w->query); text_free(&w->spare); text_free(&w->piece);
+    text_free(&w->name); text_free(&w->value); text_free(&w->shape); text_free(&w->template_);
+    bytes_free(&w->scratch); bytes_free(&w->key); bytes_free(&w->params);
+}
+
+static Py_ssize_t find_char(const Py_UCS4 *s, Py_ssize_t from, Py_ssize_t n, Py_UCS4 c) {
+    for (Py_ssize_t i = from; i < n; i++)
+        if (s[i] == c) return i;
+    return -1;
+}
+
+/* UrlConverter._split + _structure of one URL, as a bytes key holding all its features
+ * depend on: flags, template, per parameter its name, shape, enumerated value, length class.
+ * enumerated_templates: every "{template}" that some enumerated "{template}?{name}" starts
+ * with, so that most URLs need one set lookup, not one per parameter. */
+static int url_structure(PyObject *value, int full, int rounds_allowed, PyObject *enumerated,
+                         PyObject *enumerated_templates, UrlWork *w) {
+    Text *path = &w->path, *query = &w->query;
+    Bytes *key = &w->key;
+    key->len = 0;
+    if (text_from_str(&w->piece, value) < 0) return -1;
+    const Py_UCS4 *s = w->piece.data;
+    Py_ssize_t n = w->piece.len;
+    int path_flag = 0;
+    if (full) {
+        Py_ssize_t q = find_char(s, 0, n, '?');
+        Py_ssize_t path_end = q < 0 ? n : q;
+        if (text_set(path, s, path_end) < 0) return -1;
+        if (q < 0) query->len = 0;
+        else if (text_set(query, s + q + 1, n - q - 1) < 0) return -1;
+        /* "://" in path[:12] */
+        Py_ssize_t scheme = -1;
+        for (Py_ssize_t i = 0; i + 3 <= path->len; i++)
+            if (path->data[i] == ':' && path->data[i + 1] == '/' && path->data[i + 2] == '/') { scheme = i; break; }
+        if (scheme >= 0 && scheme + 3 <= 12) {
+            Py_ssize_t after = scheme + 3;
+            Py_ssize_t slash = find_char(path->data, after, path->len, '/');
+            Py_ssize_t rest = slash < 0 ? path->len : slash + 1;
+            Py_ssize_t m = path->len - rest;
+            memmove(path->data + 1, path->data + rest, m * sizeof(Py_UCS4));
+            path->data[0] = '/';
+            path->len = m + 1;
+        }
+        int rounds = percent_decode(path, rounds_allowed, &w->spare, &w->scratch);
+        if (rounds < 0) return -1;
+        path_flag = rounds > 1;
+    } else {
+        path->len = 0;
+        if (text_set(query, s, n) < 0) return -1;
+    }
+    if (path_flag) {
+        if (bytes_byte(key, MARK_FLAG) < 0 || bytes_str(key, "path encoded more than once") < 0) return -1;
+    }
+    /* template: "/".join(mask_segment(s) for s in path.split("/")) */
+    Text *template_ = &w->template_;
+    template_->len = 0;
+    for (Py_ssize_t start = 0;;) {
+        Py_ssize_t end = find_char(path->data, start, path->len, '/');
+        if (end < 0) end = path->len;
+        if (start > 0 && text_push(template_, '/') < 0) return -1;
+        if (is_id_segment(path->data + start, end - start)) {
+            static const Py_UCS4 id[] = {'{', 'i', 'd', '}'};
+            for (int k = 0; k < 4; k++) if (text_push(template_, id[k]) < 0) return -1;
+        } else {
+            for (Py_ssize_t k = start; k < end; k++) if (text_push(template_, path->data[k]) < 0) return -1;
+        }
+        if (end >= path->len) break;
+        start = end + 1;
+    }
+    /* parameters: flags go to the key first, the parameters after the template */
+    Bytes *params = &w->params;
+    params->len = 0;
+    int maybe_enumerated = 0;
+    if (PySet_GET_SIZE(enumerated) > 0 && find_char(query->data, 0, query->len, '=') >= 0) {
+        PyObject *template_str = text_to_str(template_->data, template_->len);
+        if (!template_str) return -1;
+        maybe_enumerated = PySet_Contains(enumerated_templates, template_str);
+        Py_DECREF(template_str);
+        if (maybe_enumerated < 0) return -1;
+    }
+    for (Py_ssize_t start = 0; start < query->len;) {
+        Py_ssize_t end = start;
+        while (end < query->len && query->data[end] != '&' && query->data[end] != ';') end++;
+        if (end > start) {
+            const Py_UCS4 *pair = query->data + start;
+            Py_ssize_t pair_len = end - start;
+            Py_ssize_t eq = find_char(pair, 0, pair_len, '=');
+            Py_ssize_t name_len = eq < 0 ? pair_len : eq;
+            if (text_set(&w->value, eq < 0 ? pair : pair + eq + 1, eq < 0 ? 0 : pair_len - eq - 1) < 0) return -1;
+            int rounds = percent_decode(&w->value, rounds_allowed, &w->spare, &w->scratch);
+            if (rounds < 0) return -1;
+            if (rounds > 1) {
+                if (bytes_byte(key, MARK_FLAG) < 0 || bytes_str(key, "value encoded more than once: ") < 0 ||
+                    utf8_add(key, pair, name_len) < 0)
+                    return -1;
+            }
+            if (eq < 0) {
+                if (shape_of(pair, name_len, &w->shape) < 0) return -1;
+                if (bytes_byte(key, MARK_FLAG) < 0 || bytes_str(key, "parameter without '=': ") < 0 ||
+                    utf8_add(key, w->shape.data, w->shape.len < MAX_SHAPE ? w->shape.len : MAX_SHAPE) < 0)
+                    return -1;
+            }
+            if (text_set(&w->name, pair, name_len) < 0) return -1;
+            if (percent_decode(&w->name, 1, &w->spare, &w->scratch) < 0) return -1;
+            if (w->name.len > 64) w->name.len = 64;
+            if (shape_of(w->value.data, w->value.len, &w->shape) < 0) return -1;
+            if (w->shape.len > MAX_SHAPE) w->shape.len = MAX_SHAPE;
+            int is_enumerated = 0;
+            if (maybe_enumerated) {
+                Text *slot = &w->spare;
+                if (text_set(slot, template_->data, template_->len) < 0 || text_push(slot, '?') < 0) return -1;
+                for (Py_ssize_t k = 0; k < w->name.len; k++) if (text_push(slot, w->name.data[k]) < 0) return -1;
+                PyObject *slot_str = text_to_str(slot->data, slot->len);
+                if (!slot_str) return -1;
+                is_enumerated = PySet_Contains(enumerated, slot_str);
+                Py_DECREF(slot_str);
+                if (is_enumerated < 0) return -1;
+            }
+            if (bytes_byte(params, MARK_PARAM) < 0 || utf8_add(params, w->name.data, w->name.len) < 0 ||
+                bytes_byte(params, MARK_FIELD) < 0 || utf8_add(params, w->shape.data, w->shape.len) < 0 ||
+                bytes_byte(params, MARK_FIELD) < 0)
+                return -1;
+            if (is_enumerated) {
+                if (utf8_add(params, w->value.data, w->value.len < 64 ? w->value.len : 64) < 0) return -1;
+            } else if (bytes_byte(params, MARK_NO_ENUM) < 0) {
+                return -1;
+            }
+            if (bytes_byte(params, MARK_FIELD) < 0 || add_decimal(params, bit_length(w->value.len)) < 0) return -1;
+        }
+        start = end + 1;
+    }
+    if (bytes_byte(key, MARK_TEMPLATE) < 0 || utf8_add(key, template_->data, template_->len) < 0 ||
+        bytes_add(key, params->data, params->len) < 0)
+        return -1;
+    return 0;
+}
+
+/* url_structures(values, full, decode_rounds, enumerated): one bytes key per value (None stays). */
+static PyObject *url_structures(PyObject *module, PyObject *args) {
+    PyObject *values, *enumerated;
+    int full, rounds;
+    PyObject *enumerated_templates;
+    if (!PyArg_ParseTuple(args, "O!piO!O!", &PyList_Type, &values, &full, &rounds, &PyFrozenSet_Type, &enumerated,
+                          &PyFrozenSet_Type, &enumerated_templates))
+        return NULL;
+    Py_ssize_t n = PyList_GET_SIZE(values);
+    PyObject *out = PyList_New(n);
+    if (!out) return NULL;
+    UrlWork work;
+    url_work_take(&work);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *value = PyList_GET_ITEM(values, i), *item;
+        if (value == Py_None) {
+            item = Py_NewRef(Py_None);
+        } else if (!PyUnicode_Check(value)) {
+            PyErr_SetString(PyExc_TypeError, "values must be str or None");
+            goto fail;
+        } else {
+            if (url_structure(value, full, rounds, enumerated, enumerated_templates, &work) < 0) goto fail;
+            item = PyBytes_FromStringAndSize(work.key.data, work.key.len);
+            if (!item) goto fail;
+        }
+        PyList_SET_ITEM(out, i, item);
+    }
+    url_work_free(&work);
+    return out;
+fail:
+    url_work_free(&work);
+    Py_DECREF(out);
+    return NULL;
+}
+
+typedef struct {
+    const char *data;
+    Py_ssize_t len;
+} Span;
+
+static Py_ssize_t utf8_chars(Span s) {
+    Py_ssize_t count = 0;
+    for (Py_ssize_t i = 0; i < s.len; i++) count += ((unsigned char)s.data[i] & 0xC0) != 0x80;
+    return count;
+}
+
+static Py_ssize_t utf8_char_len(unsigned char lead) {
+    return lead < 0x80 ? 1 : lead < 0xE0 ? 2 : lead < 0xF0 ? 3 : 4;
+}
+
+static int span_compare(const void *a, const void *b) {
+    const Span *x = a, *y = b;
+    Py_ssize_t n = x->len < y->len ? x->len : y->len;
+    int c = memcmp(x->data, y->data, n);
+    return c ? c : (x->len > y->len) - (x->len < y->len);
+}
+
+/* Append the texts' parts to the counter's arena, then count the text. */
+static int emit(Counter *c, const char *prefix, Span a, const char *middle, Span b) {
+    Py_ssize_t start = c->arena.len;
+    if (bytes_str(&c->arena, prefix) < 0 || bytes_add(&c->arena, a.data, a.len) < 0) return -1;
+    if (middle && (bytes_str(&c->arena, middle) < 0 || bytes_add(&c->arena, b.data, b.len) < 0)) return -1;
+    return counter_commit(c, start);
+}
+
+static Span next_field(const char **p, const char *end) {
+    const char *start = *p;
+    while (*p < end && (unsigned char)**p < MARK_FLAG) (*p)++;
+    return (Span){start, *p - start};
+}
+
+/* UrlConverter._structure_features of one structure key, counted into c. */
+static int url_key_features(const char *data, Py_ssize_t len, int full, Counter *c, Bytes *slot, Span **names,
+                            Py_ssize_t *names_cap) {
+    const char *p = data, *end = data + len;
+    while (p < end && (unsigned char)*p == MARK_FLAG) {
+        p++;
+        if (emit(c, "", next_field(&p, end), NULL, (Span){0}) < 0) return -1;
+    }
+    if (p >= end || (unsigned char)*p != MARK_TEMPLATE) { PyErr_SetString(PyExc_ValueError, "not a URL structure"); return -1; }
+    p++;
+    Span template_ = next_field(&p, end);
+    Py_ssize_t count = 0;
+    while (p < end && (unsigned char)*p == MARK_PARAM) {
+        p++;
+        Span name = next_field(&p, end);
+        p++;
+        Span shape = next_field(&p, end);
+        p++;
+        int has_enum = !(p < end && (unsigned char)*p == MARK_NO_ENUM);
+        Span enum_value = {p, 0};
+        if (has_enum) enum_value = next_field(&p, end);
+        else p++;
+        p++;
+        Span length = next_field(&p, end);
+        slot->len = 0;
+        if (bytes_add(slot, template_.data, template_.len) < 0 || bytes_byte(slot, '?') < 0 ||
+            bytes_add(slot, name.data, name.len) < 0)
+            return -1;
+        Span slot_span = {slot->data, slot->len};
+        if (utf8_chars(shape) <= MAX_EXACT_SHAPE) {
+            if (emit(c, "shape ", name, "=", shape) < 0 || emit(c, "shape ", slot_span, "=", shape) < 0) return -1;
+        }
+        for (Py_ssize_t i = 0; i < shape.len;) {  /* dict.fromkeys(shape) */
+            Py_ssize_t width = utf8_char_len((unsigned char)shape.data[i]);
+            int seen = 0;
+            for (Py_ssize_t j = 0; j < i && !seen;) {
+                Py_ssize_t other = utf8_char_len((unsigned char)shape.data[j]);
+                seen = other == width && memcmp(shape.data + i, shape.data + j, width) == 0;
+                j += other;
+            }
+            if (!seen && emit(c, "character ", name, "=", (Span){shape.data + i, width}) < 0) return -1;
+            i += width;
+        }
+        if (has_enum && emit(c, "value ", slot_span, "=", enum_value) < 0) return -1;
+        if (emit(c, "length ", slot_span, "=", length) < 0 || emit(c, "parameter ", slot_span, NULL, (Span){0}) < 0)
+            return -1;
+        if (count >= *names_cap) {
+            Py_ssize_t cap = *names_cap ? *names_cap * 2 : 16;
+            Span *grown = PyMem_Realloc(*names, cap * sizeof(Span));
+            if (!grown) { PyErr_NoMemory(); return -1; }
+            *names = grown;
+            *names_cap = cap;
+        }
+        (*names)[count++] = name;
+    }
+    if (full) {
+        if (emit(c, "path ", template_, NULL, (Span){0}) < 0) return -1;
+        for (Py_ssize_t start = 0;;) {  /* dict.fromkeys(template.split("/")) */
+            Py_ssize_t stop = start;
+            while (stop < template_.len && template_.data[stop] != '/') stop++;
+            Span segment = {template_.data + start, stop - start};
+            int seen = 0;
+            for (Py_ssize_t a = 0; a < start && !seen;) {
+                Py_ssize_t b = a;
+                while (b < template_.len && template_.data[b] != '/') b++;
+                seen = b - a == segment.len && memcmp(template_.data + a, segment.data, segment.len) == 0;
+                a = b + 1;
+            }
+            if (!seen && emit(c, "segment ", segment, NULL, (Span){0}) < 0) return -1;
+            if (stop >= template_.len) break;
+            start = stop + 1;
+        }
+    }
+    /* "parameters {template}?" + "&".join(sorted(set(names))) */
+    qsort(*names, count, sizeof(Span), span_compare);
+    Py_ssize_t start = c->arena.len;
+    if (bytes_str(&c->arena, "parameters ") < 0 || bytes_add(&c->arena, template_.data, template_.len) < 0 ||
+        bytes_byte(&c->arena, '?') < 0)
+        return -1;
+    for (Py_ssize_t i = 0, written = 0; i < count; i++) {
+        if (i > 0 && span_compare(&(*names)[i], &(*names)[i - 1]) == 0) continue;
+        if (written++ && bytes_byte(&c->arena, '&') < 0) return -1;
+        if (bytes_add(&c->arena, (*names)[i].data, (*names)[i].len) < 0) return -1;
+    }
+    return counter_commit(c, start);
+}
+
+/* url_features(values, structures, full, seed, weight, weigher, converter): the features of
+ * each structure key, hashed, named by the value given with it. */
+static PyObject *url_features(PyObject *module, PyObject *args) {
+    PyObject *values, *structures, *weigher, *converter;
+    int full, weighting;
+    unsigned int seed;
+    double weight;
+    if (!PyArg_ParseTuple(args, "O!O!pIdOO", &PyList_Type, &values, &PyList_Type, &structures, &full, &seed, &weight,
+                          &weigher, &converter))
+        return NULL;
+    if (check_producer(weigher, converter, &weighting) < 0) return NULL;
+    Counted counted;
+    Counter counter;
+    Bytes slot = {0};
+    Span *names = NULL;
+    Py_ssize_t names_cap = 0;
+    PyObject *result = NULL;
+    if (counting_take(&counted, &counter, seed) < 0) goto done;
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(structures); i++) {
+        PyObject *structure = PyList_GET_ITEM(structures, i);
+        counter_reset(&counter);
+        if (structure == Py_None) {
+            Py_ssize_t start = counter.arena.len;
+            if (bytes_str(&counter.arena, "(missing)") < 0 || counter_commit(&counter, start) < 0) goto done;
+        } else if (!PyBytes_Check(structure)) {
+            PyErr_SetString(PyExc_TypeError, "structures must be bytes or None");
+            goto done;
+        } else if (url_key_features(PyBytes_AS_STRING(structure), PyBytes_GET_SIZE(structure), full, &counter, &slot,
+                                    &names, &names_cap) < 0) {
+            goto done;
+        }
+        if (counter_emit(&counter, &counted) < 0) goto done;
+    }
+    result = counted_to_features(&counted, values, converter, weighting, weight, weigher);
+done:
+    counted_free(&counted);
+    counter_free(&counter);
+    bytes_free(&slot);
+    PyMem_Free(names);
+    return result;
+}
+
+/* ------------------------------------------------------------------ numeric */
+
+static PyObject *magnitude_labels[1100];  /* "magnitude {e}", made once each */
+
+/* numeric_labels(values, missing): NumericConverter.transform's labels and column:
+ * (label ids int64 bytearray, distinct labels, log1p float64 bytearray). */
+static PyObject *numeric_labels(PyObject *module, PyObject *args) {
+    PyObject *values, *missing;
+    if (!PyArg_ParseTuple(args, "O!U", &PyList_Type, &values, &missing)) return NULL;
+    Py_ssize_t n = PyList_GET_SIZE(values);
+    PyObject *ids = new_bytearray(n * 8), *column = new_bytearray(n * 8);
+    PyObject *index = PyDict_New(), *labels = PyList_New(0);
+    if (!ids || !column || !index || !labels) goto fail;
+    int64_t *id = (int64_t *)PyByteArray_AS_STRING(ids);
+    double *out = (double *)PyByteArray_AS_STRING(column);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *value = PyList_GET_ITEM(values, i), *label;
+        double number = 0.0;
+        if (value == Py_None) {
+            label = Py_NewRef(missing);
+        } else {
+            int finite = 0;
+            PyObject *parsed = NULL;
+            Py_ssize_t digits = PyUnicode_IS_ASCII(value) ? PyUnicode_GET_LENGTH(value) : 0;
+            const char *text = PyUnicode_IS_ASCII(value) ? (const char *)PyUnicode_DATA(value) : "";
+            int simple = digits > 0 && digits <= 15;  /* an integer float() reads exactly */
+            for (Py_ssize_t k = 0; k < digits && simple; k++) simple = text[k] >= '0' && text[k] <= '9';
+            if (simple) {
+                long long integer = 0;
+                for (Py_ssize_t k = 0; k < digits; k++) integer = integer * 10 + (text[k] - '0');
+                number = (double)integer;
+                finite = 1;
+            } else if (!(parsed = PyFloat_FromString(value))) {  /* float(value), as parse_number */
+                if (!PyErr_ExceptionMatches(PyExc_ValueError)) goto fail;
+                PyErr_Clear();
+            } else {
+                number = PyFloat_AS_DOUBLE(parsed);
+                Py_DECREF(parsed);
+                finite = isfinite(number);
+            }
+            if (!finite) {
+                number = 0.0;
+                label = PyUnicode_FromString("not a number");
+            } else {
+                if (0.0 > number) number = 0.0;  /* max(number, 0.0) keeps -0.0 */
+                int exponent = 0;
+                if (number >= 1.0) frexp(number, &exponent);
+                if (!magnitude_labels[exponent]) magnitude_labels[exponent] = PyUnicode_FromFormat("magnitude %d", exponent);
+                label = Py_XNewRef(magnitude_labels[exponent]);
+                number = number == 0.0 ? number : log1p(number);
+            }
+        }
+        if (!label) goto fail;
+        PyObject *known = PyDict_GetItemWithError(index, label);
+        if (!known) {
+            if (PyErr_Occurred()) { Py_DECREF(label); goto fail; }
+            PyObject *next = PyLong_FromSsize_t(PyList_GET_SIZE(labels));
+            int ok = next && PyDict_SetItem(index, label, next) == 0 && PyList_Append(labels, label) == 0;
+            Py_XDECREF(next);
+            if (!ok) { Py_DECREF(label); goto fail; }
+            known = PyDict_GetItem(index, label);
+        }
+        id[i] = PyLong_AsLongLong(known);
+        out[i] = number;
+        Py_DECREF(label);
+    }
+    Py_DECREF(index);
+    return Py_BuildValue("NNN", ids, labels, column);
+fail:
+    Py_XDECREF(ids);
+    Py_XDECREF(column);
+    Py_XDECREF(index);
+    Py_XDECREF(labels);
+    return NULL;
+}
+
+/* ------------------------------------------------------------------ columns, distinct */
+
+/* distinct(column): (ids int64 bytearray, distinct values in first-seen order). */
+static PyObject *distinct(PyObject *module, PyObject *column) {
+    if (!PyList_Check(column)) { PyErr_SetString(PyExc_TypeError, "column must be a list"); return NULL; }
+    Py_ssize_t n = PyList_GET_SIZE(column);
+    PyObject *ids = new_bytearray(n * 8), *index = PyDict_New(), *values = PyList_New(0);
+    if (!ids || !index || !values) goto fail;
+    int64_t *id = (int64_t *)PyByteArray_AS_STRING(ids);
+    PyObject *previous = NULL;
+    int64_t previous_id = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *value = PyList_GET_ITEM(column, i);
+        if (value == previous) { id[i] = previous_id; continue; }  /* the same object again */
+        PyObject *known = PyDict_GetItemWithError(index, value);
+        if (!known) {
+            if (PyErr_Occurred()) goto fail;
+            PyObject *next = PyLong_FromSsize_t(PyList_GET_SIZE(values));
+            int ok = next && PyDict_SetItem(index, value, next) == 0 && PyList_Append(values, value) == 0;
+            Py_XDECREF(next);
+            if (!ok) goto fail;
+            known = PyDict_GetItem(index, value);
+        }
+        previous = value;
+        previous_id = id[i] = PyLong_AsLongLong(known);
+    }
+    Py_DECREF(index);
+    return Py_BuildValue("NN", ids, values);
+fail:
+    Py_XDECREF(ids);
+    Py_XDECREF(index);
+    Py_XDECREF(values);
+    return NULL;
+}
+
+/* parsers._ACCESS_FAST on an ASCII line, by hand:
+ *   (\S+) \S+ (\S+) \[([^\]]*)\] "([A-Z]+) ([^ "\\]+) (HTTP/[\d.]+)" (\d{3}) (\d+|-)
+ *   (?: "(QUOTED)" "(QUOTED)")?        QUOTED = [^"\\]*(?:\\.[^"\\]*)*
+ * Every part is deterministic (no backtracking can change the match), so scanning left to
+ * right gives the regex's groups. */
+enum { G_ADDR, G_USER, G_TIME, G_METHOD, G_URL, G_PROTOCOL, G_STATUS, G_BYTES, G_REFERER, G_AGENT, GROUPS };
+
+static int is_space(unsigned char c) { return Py_UNICODE_ISSPACE(c); }
+
+static Py_ssize_t scan_nonspace(const unsigned char *s, Py_ssize_t i, Py_ssize_t n) {
+    Py_ssize_t start = i;
+    while (i < n && !is_space(s[i])) i++;
+    return i > start ? i : -1;
+}
+
+static Py_ssize_t scan_quoted(const unsigned char *s, Py_ssize_t i, Py_ssize_t n) {
+    while (i < n) {
+        if (s[i] == '"') return i;
+        if (s[i] == '\\') {
+            if (i + 1 >= n || s[i + 1] == '\n') return -1;
+            i += 2;
+        } else {
+            i++;
+        }
+    }
+    return -1;
+}
+
+static int match_access(const unsigned char *s, Py_ssize_t n, Py_ssize_t span[GROUPS][2]) {
+    Py_ssize_t i = 0, e;
+#define EXPECT(c) do { if (i >= n || s[i] != (c)) return 0; i++; } while (0)
+#define GROUP(g, a, b) do { span[g][0] = (a); span[g][1] = (b); } while (0)
+    if ((e = scan_nonspace(s, i, n)) < 0) return 0;
+    GROUP(G_ADDR, i, e); i = e; EXPECT(' ');
+    if ((e = scan_nonspace(s, i, n)) < 0) return 0;
+    i = e; EXPECT(' ');
+    if ((e = scan_nonspace(s, i, n)) < 0) return 0;
+    GROUP(G_USER, i, e); i = e; EXPECT(' ');
+    EXPECT('[');
+    e = i; while (e < n && s[e] != ']') e++;
+    GROUP(G_TIME, i, e); i = e; EXPECT(']'); EXPECT(' '); EXPECT('"');
+    e = i; while (e < n && s[e] >= 'A' && s[e] <= 'Z') e++;
+    if (e == i) return 0;
+    GROUP(G_METHOD, i, e); i = e; EXPECT(' ');
+    e = i; while (e < n && s[e] != ' ' && s[e] != '"' && s[e] != '\\') e++;
+    if (e == i) return 0;
+    GROUP(G_URL, i, e); i = e; EXPECT(' ');
+    Py_ssize_t protocol = i;
+    EXPECT('H'); EXPECT('T'); EXPECT('T'); EXPECT('P'); EXPECT('/');
+    e = i; while (e < n && ((s[e] >= '0' && s[e] <= '9') || s[e] == '.')) e++;
+    if (e == i) return 0;
+    GROUP(G_PROTOCOL, protocol, e); i = e; EXPECT('"'); EXPECT(' ');
+    for (int k = 0; k < 3; k++) if (i + k >= n || s[i + k] < '0' || s[i + k] > '9') return 0;
+    GROUP(G_STATUS, i, i + 3); i += 3; EXPECT(' ');
+    if (i < n && s[i] >= '0' && s[i] <= '9') {
+        e = i; while (e < n && s[e] >= '0' && s[e] <= '9') e++;
+    } else if (i < n && s[i] == '-') {
+        e = i + 1;
+    } else {
+        return 0;
+    }
+    GROUP(G_BYTES, i, e); i = e;
+    span[G_REFERER][0] = span[G_AGENT][0] = -1;
+    /* the optional (?: "referer" "agent") */
+    if (i + 2 <= n && s[i] == ' ' && s[i + 1] == '"') {
+        Py_ssize_t a = i + 2, b = scan_quoted(s, a, n);
+        if (b >= 0 && b + 3 <= n && s[b + 1] == ' ' && s[b + 2] == '"') {
+            Py_ssize_t c = b + 3, d = scan_quoted(s, c, n);
+            if (d >= 0) { GROUP(G_REFERER, a, b); GROUP(G_AGENT, c, d); }
+        }
+    }
+#undef EXPECT
+#undef GROUP
+    return 1;
+}
+
+enum { F_NONE, F_ADDR, F_USER, F_TIME, F_REQUEST, F_METHOD, F_URL, F_PROTOCOL, F_STATUS, F_BYTES, F_REFERER, F_AGENT };
+
+static int access_field_code(PyObject *name) {
+    static const char *names[] = {"remote_addr", "user", "time", "request", "method", "url", "protocol",
+                                  "status", "bytes", "referer", "user_agent"};
+    for (int k = 0; k < 11; k++)
+        if (PyUnicode_CompareWithASCIIString(name, names[k]) == 0) return k + 1;
+    return F_NONE;
+}
+
+/* A field of a fast-matched line, as parse_access builds it ("-" -> "" for user, bytes, referer). */
+static PyObject *access_field(PyObject *line, const unsigned char *s, Py_ssize_t span[GROUPS][2], int code) {
+    int group;
+    switch (code) {
+    case F_ADDR: group = G_ADDR; break;
+    case F_USER: group = G_USER; break;
+    case F_TIME: group = G_TIME; break;
+    case F_METHOD: group = G_METHOD; break;
+    case F_URL: group = G_URL; break;
+    case F_PROTOCOL: group = G_PROTOCOL; break;
+    case F_STATUS: group = G_STATUS; break;
+    case F_BYTES: group = G_BYTES; break;
+    case F_REFERER: group = G_REFERER; break;
+    case F_AGENT: group = G_AGENT; break;
+    case F_REQUEST: {  /* f"{method} {url} {protocol}": three adjacent groups, one space apart */
+        Py_ssize_t a = span[G_METHOD][0], b = span[G_PROTOCOL][1];
+        return PyUnicode_Substring(line, a, b);
+    }
+    default: Py_RETURN_NONE;
+    }
+    Py_ssize_t a = span[group][0], b = span[group][1];
+    if (a < 0) Py_RETURN_NONE;
+    if ((code == F_USER || code == F_BYTES || code == F_REFERER) && b - a == 1 && s[a] == '-')
+        return PyUnicode_FromStringAndSize("", 0);
+    return PyUnicode_Substring(line, a, b);
+}
+
+/* access_columns(records, wanted, fast, limit, max_line, normalize_one, to_text):
+ * Featurizer.field_values. A str line of at most max_line characters that matches the access
+ * fast path (fast=True, ASCII) is read here; any other record (a longer line is cut by the one
+ * truncation rule there) goes through normalize_one(record) -> (fields, parsed, cut).
+ * Returns (columns: one list per wanted field, parsed: list of bool, truncated: list of bool). */
+static PyObject *access_columns(PyObject *module, PyObject *args) {
+    PyObject *records, *wanted, *normalize_one, *to_text;
+    int fast;
+    Py_ssize_t limit, max_line;
+    if (!PyArg_ParseTuple(args, "O!O!pnnOO", &PyList_Type, &records, &PyTuple_Type, &wanted, &fast, &limit,
+                          &max_line, &normalize_one, &to_text))
+        return NULL;
+    Py_ssize_t n = PyList_GET_SIZE(records), fields = PyTuple_GET_SIZE(wanted);
+    int codes[64];
+    if (fields > 64) { PyErr_SetString(PyExc_ValueError, "at most 64 fields"); return NULL; }
+    for (Py_ssize_t f = 0; f < fields; f++) {
+        PyObject *name = PyTuple_GET_ITEM(wanted, f);
+        if (!PyUnicode_Check(name)) { PyErr_SetString(PyExc_TypeError, "field names must be str"); return NULL; }
+        codes[f] = access_field_code(name);
+    }
+    PyObject *columns = PyList_New(fields), *parsed = PyList_New(n), *truncated = PyList_New(n);
+    if (!columns || !parsed || !truncated) goto fail;
+    for (Py_ssize_t f = 0; f < fields; f++) {
+        PyObject *column = PyList_New(n);
+        if (!column) goto fail;
+        for (Py_ssize_t r = 0; r < n; r++) PyList_SET_ITEM(column, r, Py_NewRef(Py_None));
+        PyList_SET_ITEM(columns, f, column);
+    }
+    for (Py_ssize_t r = 0; r < n; r++) {
+        PyObject *record = PyList_GET_ITEM(records, r);
+        Py_ssize_t span[GROUPS][2];
+        int ok = 1, cut = 0;
+        if (fast && PyUnicode_CheckExact(record) && PyUnicode_IS_ASCII(record) &&
+            PyUnicode_GET_LENGTH(record) <= max_line &&
+            match_access(PyUnicode_DATA(record), PyUnicode_GET_LENGTH(record), span)) {
+            for (Py_ssize_t f = 0; f < fields; f++) {
+                PyObject *value = access_field(record, PyUnicode_DATA(record), span, codes[f]);
+                if (!value) goto fail;
+                PyList_SetItem(PyList_GET_ITEM(columns, f), r, value);
+            }
+        } else {
+            PyObject *result = PyObject_CallOneArg(normalize_one, record);
+            if (!result) goto fail;
+            PyObject *map, *flag, *line_cut;
+            if (!PyArg_ParseTuple(result, "OOO", &map, &flag, &line_cut) || !PyDict_Check(map)) {
+                if (!PyErr_Occurred())
+                    PyErr_SetString(PyExc_TypeError, "normalize_one must return (dict, bool, bool)");
+                Py_DECREF(result);
+                goto fail;
+            }
+            ok = PyObject_IsTrue(flag);
+            cut = PyObject_IsTrue(line_cut);
+            if (cut < 0) { Py_DECREF(result); goto fail; }
+            for (Py_ssize_t f = 0; f < fields && ok >= 0; f++) {
+                PyObject *value = PyDict_GetItemWithError(map, PyTuple_GET_ITEM(wanted, f));
+                if (!value) {
+                    if (PyErr_Occurred()) { Py_DECREF(result); goto fail; }
+                    continue;
+                }
+                if (value != Py_None && !PyUnicode_CheckExact(value)) value = PyObject_CallOneArg(to_text, value);
+                else Py_INCREF(value);
+                if (!value) { Py_DECREF(result); goto fail; }
+                PyList_SetItem(PyList_GET_ITEM(columns, f), r, value);
+            }
+            Py_DECREF(result);
+            if (ok < 0) goto fail;
+        }
+        for (Py_ssize_t f = 0; f < fields; f++) {
+            PyObject *value = PyList_GET_ITEM(PyList_GET_ITEM(columns, f), r);
+            if (value != Py_None && PyUnicode_GET_LENGTH(value) > limit) {
+                PyObject *shorter = PyUnicode_Substring(value, 0, limit);
+                if (!shorter) goto fail;
+                PyList_SetItem(PyList_GET_ITEM(columns, f), r, shorter);
+                cut = 1;
+            }
+        }
+        PyList_SET_ITEM(parsed, r, PyBool_FromLong(ok));
+        PyList_SET_ITEM(truncated, r, PyBool_FromLong(cut));
+    }
+    return Py_BuildValue("NNN", columns, parsed, truncated);
+fail:
+    if (parsed) for (Py_ssize_t r = 0; r < n; r++) if (!PyList_GET_ITEM(parsed, r)) PyList_SET_ITEM(parsed, r, Py_NewRef(Py_None));
+    if (truncated) for (Py_ssize_t r = 0; r < n; r++) if (!PyList_GET_ITEM(truncated, r)) PyList_SET_ITEM(truncated, r, Py_NewRef(Py_None));
+    Py_XDECREF(columns);
+    Py_XDECREF(parsed);
+    Py_XDECREF(truncated);
+    return NULL;
+}
+
+/* ------------------------------------------------------------------ assembly */
+
+/* assemble(held, entries, size, with_origins): FeatureSink.build's expansion. held: one int64 buffer [size]
+ * per converter, indices into entries (all Features). Record-major: record 0's keys of every
+ * converter in converter order, then record 1's, ... Returns bytearrays
+ * (rows int64, keys int64, weights float32, entry_of_key int64, position int64); the last two
+ * empty unless with_origins (only explanations need them). */
+static PyObject *assemble(PyObject *module, PyObject *args) {
+    PyObject *held, *entries;
+    Py_ssize_t size;
+    int with_origins;
+    if (!PyArg_ParseTuple(args, "O!O!np", &PyList_Type, &held, &PyList_Type, &entries, &size, &with_origins))
+        return NULL;
+    Py_ssize_t converters = PyList_GET_SIZE(held), count = PyList_GET_SIZE(entries);
+    for (Py_ssize_t e = 0; e < count; e++)
+        if (Py_TYPE(PyList_GET_ITEM(entries, e)) != &FeaturesType) {
+            PyErr_SetString(PyExc_TypeError, "assemble needs compiled Features entries");
+            return NULL;
+        }
+    Py_buffer *views = PyMem_Calloc(converters ? converters : 1, sizeof(Py_buffer));
+    if (!views) return PyErr_NoMemory();
+    Py_ssize_t acquired = 0, total = 0;
+    PyObject *result = NULL, *rows = NULL, *keys = NULL, *weights = NULL, *origin = NULL, *position = NULL;
+    for (; acquired < converters; acquired++) {
+        if (PyObject_GetBuffer(PyList_GET_ITEM(held, acquired), &views[acquired], PyBUF_C_CONTIGUOUS) < 0) goto done;
+        if (views[acquired].len != size * 8) { PyErr_SetString(PyExc_ValueError, "held: one int64 per record"); acquired++; goto done; }
+    }
+    for (Py_ssize_t c = 0; c < converters; c++) {
+        const int64_t *ids = views[c].buf;
+        for (Py_ssize_t r = 0; r < size; r++) {
+            if (ids[r] < 0 || ids[r] >= count) { PyErr_SetString(PyExc_IndexError, "held: entry out of range"); goto done; }
+            total += Py_SIZE(PyList_GET_ITEM(entries, ids[r]));
+        }
+    }
+    rows = new_bytearray(total * 8); keys = new_bytearray(total * 8); weights = new_bytearray(total * 4);
+    origin = new_bytearray(with_origins ? total * 8 : 0); position = new_bytearray(with_origins ? total * 8 : 0);
+    if (!rows || !keys || !weights || !origin || !position) goto done;
+    int64_t *row_out = (int64_t *)PyByteArray_AS_STRING(rows), *key_out = (int64_t *)PyByteArray_AS_STRING(keys);
+    float *weight_out = (float *)PyByteArray_AS_STRING(weights);
+    int64_t *origin_out = (int64_t *)PyByteArray_AS_STRING(origin), *position_out = (int64_t *)PyByteArray_AS_STRING(position);
+    Py_ssize_t k = 0;
+    for (Py_ssize_t r = 0; r < size; r++) {
+        for (Py_ssize_t c = 0; c < converters; c++) {
+            int64_t entry = ((const int64_t *)views[c].buf)[r];
+            FeaturesObject *f = (FeaturesObject *)PyList_GET_ITEM(entries, entry);
+            Py_ssize_t m = Py_SIZE(f);
+            memcpy(key_out + k, FEATURES_KEYS(f), m * 8);
+            memcpy(weight_out + k, FEATURES_WEIGHTS(f), m * 4);
+            for (Py_ssize_t j = 0; j < m; j++) row_out[k + j] = r;
+            if (with_origins)
+                for (Py_ssize_t j = 0; j < m; j++) {
+                    origin_out[k + j] = entry;
+                    position_out[k + j] = j;
+                }
+            k += m;
+        }
+    }
+    result = Py_BuildValue("OOOOO", rows, keys, weights, origin, position);
+done:
+    for (Py_ssize_t c = 0; c < acquired; c++) if (views[c].obj) PyBuffer_Release(&views[c]);
+    PyMem_Free(views);
+    Py_XDECREF(rows); Py_XDECREF(keys); Py_XDECREF(weights); Py_XDECREF(origin); Py_XDECREF(position);
+    return result;
+}
+
+/* ------------------------------------------------------------------ module */
+
+static PyMethodDef module_methods[] = {
+    {"text_features", text_features, METH_VARARGS, "text_features(values, texts, seed, weight, weigher, converter_ref)"},
+    {"ngram_encode", ngram_encode, METH_VARARGS, "ngram_encode(values, decode, lowercase, shape, max_bytes)"},
+    {"ngram_features", ngram_features, METH_VARARGS,
+     "ngram_features(values, encoded, seed, low, high, weight, weigher, converter_ref)"},
+    {"url_structures", url_structures, METH_VARARGS, "url_structures(values, full, decode_rounds, enumerated, enumerated_templates)"},
+    {"url_features", url_features, METH_VARARGS, "url_features(values, structures, full, seed, weight, weigher, converter_ref)"},
+    {"numeric_labels", numeric_labels, METH_VARARGS, "numeric_labels(values, missing_label)"},
+    {"distinct", distinct, METH_O, "distinct(column) -> (ids, values)"},
+    {"access_columns", access_columns, METH_VARARGS,
+     "access_columns(records, wanted, fast, limit, max_line, normalize_one, to_text)"},
+    {"assemble", assemble, METH_VARARGS, "assemble(held, entries, size, with_origins)"},
+    {NULL}};
+
+static struct PyModuleDef native_module = {
+    PyModuleDef_HEAD_INIT, "_native", "The compiled featurizer (see sidecar/logscore/features/native.py).", -1,
+    module_methods};
+
+PyMODINIT_FUNC PyInit__native(void) {
+    crc_init();
+    if (PyType_Ready(&FeaturesType) < 0 || PyType_Ready(&CacheType) < 0) return NULL;
+    PyObject *numpy = PyImport_ImportModule("numpy");
+    if (!numpy) return NULL;
+    numpy_frombuffer = PyObject_GetAttrString(numpy, "frombuffer");
+    PyObject *int64 = PyObject_GetAttrString(numpy, "int64"), *float32 = PyObject_GetAttrString(numpy, "float32");
+    Py_DECREF(numpy);
+    if (!numpy_frombuffer || !int64 || !float32) return NULL;
+    dtype_int64 = int64;
+    dtype_float32 = float32;
+    PyObject *module = PyModule_Create(&native_module);
+    if (!module) return NULL;
+    if (PyModule_AddObjectRef(module, "Features", (PyObject *)&FeaturesType) < 0 ||
+        PyModule_AddObjectRef(module, "Cache", (PyObject *)&CacheType) < 0) {
+        Py_DECREF(module);
+        return NULL;
+    }
+    return module;
+}

@@ -1,0 +1,239 @@
+"""The compiled featurizer gives bit for bit the features of the Python reference.
+
+Random inputs (hypothesis, built from the fragments that matter: percent escapes, separators,
+digits, hex, non-ASCII, surrogates, quotes) go through every converter and the access-line
+fast path, both ways; real inputs (the generators' access, attack and syslog lines) go
+through the default specs and the shipped model, scores included.
+"""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from logscore.features import DEFAULT_SPECS, Featurizer
+from logscore.features import native
+from logscore.features.converters import ValueCache
+from logscore.model import Model
+
+from .generate import attack_lines, blog_lines, session_lines, shop_lines, syslog_lines
+
+# Skipped on a developer's machine without the extension; in CI (CI=true, after scripts/setup.sh
+# installed gcc and python3-dev) a missing extension fails these tests instead.
+pytestmark = pytest.mark.skipif(not native.built() and os.environ.get("CI") != "true",
+                                reason="the compiled featurizer is not built (pip install -e . with gcc "
+                                "and Python's headers; scripts/setup.sh)")
+
+FRAGMENTS = ["/", "?", "&", ";", "=", "+", "%", "%2", "%25", "%2527", "%20", "%3D", "%26", "%C3%A9", "%E2%82",
+             "%c3", "%zz", "%%", "%F1", "://", "http://h:8080", "..", "-", ".", "_", "a", "Z", "id", "sort",
+             "abc", "0", "42", "123456789", "deadbeef12", "0x1f", "1.5", "-3", "1e400", "nan", "inf", " ",
+             "  ", "\t", "\n", '"', "\\", "'", "<", ">", "[", "]", "é", "ß", "İ", "٣", "日本", "\ud800", "\x1f",
+             "\x00", "a" * 30, "9" * 20, "<ip>", "10.0.0.1", "0a1b2c3d-0000-4000-8000-00aabbccddee"]
+texts = st.lists(st.sampled_from(FRAGMENTS), max_size=12).map("".join)
+values = st.one_of(st.none(), texts)
+
+SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+CONVERTER_SPECS = [
+    {"kind": "url"},
+    {"kind": "url", "part": "query", "decode_rounds": 1},
+    {"kind": "url", "enumerated": ["/a?sort", "?id", "/{id}?x"], "weight": 0.3, "weighting": "tf"},
+    {"kind": "ngrams", "n": [2, 4], "decode": True, "shape": True},
+    {"kind": "ngrams", "n": [3, 3], "decode": True, "weight": 0.2},
+    {"kind": "ngrams", "n": [1, 2], "lowercase": True, "max_bytes": 7, "weighting": "log_tf"},
+    {"kind": "ngrams", "n": [5, 8], "weighting": "tf"},
+    {"kind": "tokens"},
+    {"kind": "tokens", "template": False, "lowercase": True, "weighting": "log_tf", "weight": 0.5},
+    {"kind": "categorical"},
+    {"kind": "categorical", "transform": "status_class"},
+    {"kind": "numeric", "weight": 0.25},
+    {"kind": "sequence", "n": [1, 2], "separator": "/", "weighting": "log_tf"},
+]
+
+
+# Every boundary the compiled code decides on, once each (random inputs rarely hit them exactly).
+EDGE_VALUES = [
+    None, "", "/p?x=a1a1a1a1a1a1", "/p?x=a1a1a1a1a1a1a", "/p?x=a1a1a1a1a1a1a1", "/٣٣/x", "/12/ab", "/deadbeef/x",
+    "/0a1b2c3d-0000-4000-8000-00aabbccddee/y", "/0a1b2c3d-0000-4000-8000-00aabbccddeg/y", "/DEADBEEF1",
+    "/abcdef1", "/ABCDEF12/", "http://host:80/a/b?c=d", "https://x.example.com", "abcdefghi://x/y?q=1",
+    "abcdefghij://x/y", "/r?u=http://a/b", "%C3%A9%", "%E2%82%AC", "%E2%82", "%F0%9F%98%80", "%ED%A0%80",
+    "%FF", "é%C3%A9", "%C3é%A9", "+%2B+", "%252B", "/%25252527?a=%25252527", "/a?x=%2527%2527", "%%41",
+    "%4%41", "x=1&&y=2;z", "?=v", "/?a=b=c", "/?noeq", "/?&", "/?;;", "/p?a=" + "x" * 70, "/p?" + "n" * 70 + "=1",
+    "/p?%6E" * 3 + "=1", "/a/a/b/a/", "//", "/?a=1&a=2&b", "-0", "-0.0", "0.5", "1", "2", "1e308", "1e309",
+    "  12  ", "1_000", "١٢", "0x10", "-5", "nan", "-inf", "conn from 10.1.2.3:22 id 0xdeadbeef took 1.5s",
+    "open /var/log/x.log", "ÀÉ İstanbul ß", "ABC", "\ud800x\udfff", "a\x00b",
+    "aaaa9999----", "éééa", "\t\n x", "x" * 40]
+
+
+@pytest.mark.parametrize("converter", CONVERTER_SPECS, ids=lambda c: "-".join(f"{v}" for v in c.values()))
+def test_every_converter_gives_the_same_features_at_the_edges(converter):
+    spec = {"format": "jsonl", "fields": [{"field": "f", "converters": [converter]}]}
+    records = [{"f": v} if v is not None else {} for v in EDGE_VALUES]
+    assert_same_features(spec, records, fit=records)
+    assert_same_features(spec, records[7:9])  # a small batch: other window widths
+
+
+EDGE_LINES = [
+    'host\x1c - - [x] "GET / HTTP/1.1" 200 1', '1.2.3.4 - - [x] "GET / HTTP/1.1" 200 1 "a\\\n" "b"',
+    '1.2.3.4 - - [x] "GET / HTTP/1.1" 200 - "-" "-"', '1.2.3.4 - bob [x] "GET /a HTTP/1.1" 404 12 "a\\"b" "c"',
+    '1.2.3.4 - - [x] "GET / HTTP/1.1" 200 12 "r" "a" trailing', '1.2.3.4 - - [x] "get / HTTP/1.1" 200 1',
+    '1.2.3.4 - - [x] "GET /a b HTTP/1.1" 200 1', '1.2.3.4 - - [x] "GET / HTTP/1.1" 2000 1',
+    '1.2.3.4 - - [x] "GET /\\x HTTP/1.1" 200 1', '1.2.3.4 - - [x] "GET / HTTP/1.1" 200 1 "r" "a\\',
+    '1.2.3.4 - - [x] "GET / HTTP/1.1" 200 1 "r"  "a"', '1.2.3.4 - - [x] "GET / HTTP/1.1"  200 1',
+    '1.2.3.4\t- - [x] "GET / HTTP/1.1" 200 1', '1.2.3.4 - - [x] "GET / HTTP/1.1" 200 12a "r" "a"',
+    '1.2.3.4 - - [] "GET /é HTTP/1.1" 200 1', '1.2.3.4 - - [x] "GET / HTTP/1.1" 200 1 "r\x85" "a"',
+    "", "-", '"', '1.2.3.4 - - [x] "GET / HTTP/1.1" 200', '1.2.3.4 - - [x] "GET / HTTP/1.1" 200 1 "a\\\\" "b"',
+]
+
+
+def test_access_lines_at_the_edges_parse_the_same():
+    compiled, reference = both(DEFAULT_SPECS["access"])
+    wide = [*compiled.fields, "remote_addr", "user", "time", "request", "protocol", "referer"]
+    compiled.fields = reference.fields = wide
+    assert compiled.field_values(EDGE_LINES) == reference.field_values(EDGE_LINES)
+
+
+def both(spec: dict) -> tuple[Featurizer, Featurizer]:
+    return Featurizer(spec, native=True), Featurizer(spec, native=False)
+
+
+def assert_same_batches(compiled, reference) -> None:
+    for name in ("rows", "keys", "weights", "dense", "truncated", "unparsed"):
+        a, b = getattr(compiled, name), getattr(reference, name)
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        assert a.tobytes() == b.tobytes(), name  # bit for bit (NaN-safe, -0.0-safe)
+
+
+def assert_same_features(spec: dict, records: list, fit: list | None = None) -> None:
+    compiled, reference = both(spec)
+    if fit is not None:
+        compiled.fit(fit)
+        reference.fit(fit)
+    # Twice: the second pass is served from the caches.
+    for _ in range(2):
+        one, two = compiled.transform(records), reference.transform(records)
+        assert_same_batches(one, two)
+    for index in range(0, len(one.keys), max(1, len(one.keys) // 7)):
+        assert one.name(index) == two.name(index)
+
+
+@pytest.mark.parametrize("converter", CONVERTER_SPECS, ids=lambda c: "-".join(f"{v}" for v in c.values()))
+@SETTINGS
+@given(column=st.lists(values, min_size=1, max_size=25))
+def test_every_converter_gives_the_same_features(converter, column):
+    spec = {"format": "jsonl", "fields": [{"field": "f", "converters": [converter]}]}
+    records = [{"f": v} if v is not None else {} for v in column]
+    assert_same_features(spec, records, fit=records)
+
+
+@SETTINGS
+@given(column=st.lists(texts, min_size=1, max_size=10), limit=st.integers(1, 40))
+def test_truncation_and_non_text_values_are_the_same(column, limit):
+    spec = {"format": "jsonl", "max_field_chars": limit, "fields": [
+        {"field": "f", "converters": [{"kind": "ngrams", "n": [1, 2]}]},
+        {"field": "g", "converters": [{"kind": "categorical"}]}]}
+    records = [{"f": v, "g": [i, v] if i % 3 else i} for i, v in enumerate(column)]
+    assert_same_features(spec, records)
+
+
+LINE_PARTS = st.fixed_dictionaries({
+    "addr": st.sampled_from(["1.2.3.4", "::1", "-", "", "a b", "host\x1c"]),
+    "user": st.sampled_from(["-", "bob", "", "x y"]),
+    "time": st.sampled_from(["17/May/2015:10:05:03 +0000", "", "x]y", "["]),
+    "method": st.sampled_from(["GET", "POST", "get", "", "G3T", "PROPFIND"]),
+    "url": texts,
+    "protocol": st.sampled_from(["HTTP/1.1", "HTTP/2", "HTTP/", "HTTP/1.1x", "http/1.0", ""]),
+    "status": st.sampled_from(["200", "404", "-", "2000", "20", "٢٠٠"]),
+    "bytes": st.sampled_from(["1234", "-", "", "12a", "0"]),
+    "tail": st.sampled_from(["", ' "-" "Mozilla/5.0"', ' "http://x/" "a \\" b"', ' "r" "unterminated',
+                             ' "r\\\n" "a"', ' "r""a"', ' "" ""', " trailing", ' "a\\\\" "b\\"c"']),
+})
+
+
+def access_line(p: dict) -> str:
+    return (f'{p["addr"]} - {p["user"]} [{p["time"]}] "{p["method"]} {p["url"]} {p["protocol"]}" '
+            f'{p["status"]} {p["bytes"]}{p["tail"]}')
+
+
+@SETTINGS
+@given(lines=st.lists(LINE_PARTS.map(access_line) | texts, min_size=1, max_size=20))
+def test_access_lines_parse_the_same(lines):
+    spec = DEFAULT_SPECS["access"]
+    compiled, reference = both(spec)
+    wide = [*compiled.fields, "remote_addr", "user", "time", "request", "protocol", "referer"]
+    compiled.fields = reference.fields = wide  # every field the fast path extracts
+    assert compiled.field_values(lines) == reference.field_values(lines)
+    assert_same_features(spec, lines)
+
+
+@pytest.mark.parametrize("log_format", ["access", "syslog", "jsonl", "plain"])
+def test_real_lines_give_the_same_features(log_format):
+    shop = shop_lines(1500, seed=5)
+    lines = {"access": shop + [line for _, line in attack_lines(shop, 300)] + blog_lines(300),
+             "syslog": syslog_lines(1000), "plain": session_lines(200)[0],
+             "jsonl": [f'{{"level": "{("info", "warn")[i % 2]}", "message": "{line}"}}'
+                       for i, line in enumerate(syslog_lines(500))]}[log_format]
+    assert_same_features(DEFAULT_SPECS[log_format], lines, fit=lines[:500])
+
+
+def test_the_shipped_model_scores_the_same():
+    lines = shop_lines(800, seed=8) + [line for _, line in attack_lines(shop_lines(200), 200)]
+    compiled = Model.load("models/apache-access.onnx")
+    reference = Model.load("models/apache-access.onnx")
+    reference.featurizer = Featurizer(reference.metadata["featurizer"], native=False)
+    assert compiled.featurizer.native is not None
+    for batch in (lines, lines[:1]):
+        one, two = compiled.score(batch, explain=3), reference.score(batch, explain=3)
+        assert one.scores.tobytes() == two.scores.tobytes()
+        assert one.explanations == two.explanations
+
+
+@SETTINGS
+@given(operations=st.lists(st.tuples(st.booleans(), st.integers(0, 30), st.integers(0, 300)), max_size=200))
+def test_compiled_cache_keeps_what_the_python_cache_keeps(operations):
+    featurizer = Featurizer({"format": "plain", "fields": [{"field": "message", "converters": [
+        {"kind": "categorical"}]}]}, native=True)
+    converter = featurizer.converters[0]
+    entries = {size: converter.featurize(["x" * size])[0] for size in {s for _, _, s in operations}}
+    compiled, reference = native._native.Cache(8, 6000), ValueCache(8, 6000)
+    for is_put, key, size in operations:
+        if is_put:
+            compiled.put(str(key), entries[size])
+            reference.put(str(key), entries[size])
+        else:
+            assert (compiled.get(str(key)) is None) == (reference.get(str(key)) is None)
+    assert len(compiled) == len(reference) and compiled.nbytes <= 6000 + 400
+
+
+def test_the_python_path_can_be_forced_and_says_why():
+    script = ("from logscore.features import Featurizer, DEFAULT_SPECS, native;"
+              "print(Featurizer(DEFAULT_SPECS['access']).native is None, native.status())")
+    env = {**os.environ, "LOGSCORE_PURE_PYTHON": "1"}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["True", "python", "(LOGSCORE_PURE_PYTHON=1)"]
+
+
+def test_a_missing_extension_falls_back_and_is_logged_once(monkeypatch, caplog):
+    monkeypatch.setattr(native, "_native", None)
+    monkeypatch.setattr(native, "_announced", False)
+    with caplog.at_level("WARNING", logger="logscore"):
+        first, second = Featurizer(DEFAULT_SPECS["access"]), Featurizer(DEFAULT_SPECS["access"])
+    assert first.native is None and second.native is None
+    assert [r.getMessage() for r in caplog.records].count(caplog.records[0].getMessage()) == 1
+    assert "compiled featurizer is not built" in caplog.records[0].getMessage()
+    with pytest.raises(ImportError, match="not built"):
+        Featurizer(DEFAULT_SPECS["access"], native=True)
+    lines = shop_lines(50)
+    assert_same_batches(first.transform(lines), Featurizer(DEFAULT_SPECS["access"], native=False).transform(lines))
+
+
+def test_bad_values_are_clear_errors_not_crashes():
+    with pytest.raises(TypeError, match="str or None"):
+        native._native.ngram_encode([b"bytes"], False, False, False, 10)
+    with pytest.raises(TypeError, match="weakref"):
+        native._native.text_features(["a"], [["a"]], 0, 1.0, 0, object())
+    assert np.frombuffer(native._native.distinct([])[0], dtype=np.int64).size == 0
