@@ -47,6 +47,15 @@ def test_recall_by_type():
     assert evaluation.recall_by_type() == {"sqli": {"recall": 1.0, "count": 2}, "xss": {"recall": 0.0, "count": 1}}
 
 
+def test_at_threshold_figures_use_the_decided_flags_beside_the_target():
+    labels, scores = np.array([0, 0, 0, 0, 1, 1]), np.array([0.1, 0.2, 0.3, 0.99, 0.95, 0.999])
+    plain = Evaluation(labels, scores, 0.98, target_fpr=0.25).report()
+    assert (plain["recall_at_threshold"], plain["fpr_at_threshold"], plain["target_fpr"]) == (0.5, 0.25, 0.25)
+    # decide flagged the unparsable record 4 (score 0.95) too: recall counts it
+    decided = Evaluation(labels, scores, 0.98, flags=(scores >= 0.98) | (np.arange(6) == 4)).report()
+    assert (decided["recall_at_threshold"], decided["fpr_at_threshold"]) == (1.0, 0.25)
+
+
 def test_sessions_take_their_most_anomalous_record():
     texts = ["a blk_1 x", "b blk_2", "c blk_1", "no key", "d blk_3"]
     ids, scores, labels = group_sessions(texts, np.array([0.2, 0.1, 0.9, 1.0, 0.3]), np.array([0, 0, 1, 1, 0]),

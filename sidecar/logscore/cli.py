@@ -242,8 +242,7 @@ def run_train(args) -> int:
         from .features.featurizer import SESSION_FIELDS
         from .training.train import TrainOptions, save_model, train
     except ImportError as error:
-        print(f"logscore train: error: {error.name} is missing; install the training extra: "
-              "pip install 'logscore[train]'", file=sys.stderr)
+        print(f"logscore train: error: {missing_training_extra(error)}", file=sys.stderr)
         return 1
     spec = load_spec(args.config, args.format)
     if args.session_key:
@@ -262,6 +261,10 @@ def run_train(args) -> int:
     save_model(model, args.out)
     print_training_summary(args.out, metadata)
     return 0
+
+
+def missing_training_extra(error: ImportError) -> str:
+    return f"{error.name} is missing; install the training extra: pip install 'logscore[train]'"
 
 
 def print_warning(message: str) -> None:
@@ -491,8 +494,13 @@ def evaluation_model(args, records: list, labels: list, types: Optional[list]):
 
 
 def train_for_evaluation(args, records: list):
+    from .errors import ConfigError
     from .features import load_spec
-    from .training.train import TrainOptions, train
+
+    try:
+        from .training.train import TrainOptions, train
+    except ImportError as error:
+        raise ConfigError(f"--train: {missing_training_extra(error)}") from None
 
     options = TrainOptions(spec=load_spec(args.config, args.format),
                            detectors=[d.strip() for d in args.detectors.split(",") if d.strip()],

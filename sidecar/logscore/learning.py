@@ -114,9 +114,12 @@ class Learner:
         return names
 
     def _admit(self, name: str) -> Optional[str]:
-        if name in self.routes_by_name or len(self.routes_by_name) < self.settings.learn_max_routes:
-            return name
-        return None
+        """Every model's own route; per-entity routes up to learn_max_routes."""
+        if name not in self.routes_by_name and "@" in name:
+            if sum("@" in n for n in self.routes_by_name) >= self.settings.learn_max_routes:
+                return None
+        self._route(name)
+        return name
 
     def holds(self, model: Model, routes: Sequence[Optional[str]]) -> Optional[list[Optional[str]]]:
         """Per record, why its flag is held (its route has no model of its own yet), or None."""

@@ -67,7 +67,7 @@ class TrainOptions:
     chunk: int = 2048
     set_aside: bool = True  # screen out records that look like attacks (robust.py)
     set_aside_factor: float = 2.5
-    screening_rounds: int = 1  # refits without the records set aside (CSIC 2010 + 1 % attacks: a second set 3 more aside)
+    screening_rounds: int = 1  # refits without the set-aside records (a second one set 3 more of 36,000 aside)
     learned_route: Optional[str] = None  # set by the sidecar's learner (sidecar/logscore/learning.py)
 
     def validate(self) -> None:
@@ -348,7 +348,8 @@ def train(records: Iterable[object], options: TrainOptions,
             "records_read": read,
             "records_used": len(sample),
             "unparsed_records": unparsed,
-            "set_aside": screening.describe(sample, options.set_aside_factor) if options.set_aside else None,
+            "set_aside": (screening.describe(sample, options.set_aside_factor)
+                          if options.set_aside and "rarity" in options.detectors else None),
             "warnings": warnings,
             "distinct_features": int(len(final.table.keys)),
             "dense_width": final.featurizer.width,
@@ -369,7 +370,7 @@ def train(records: Iterable[object], options: TrainOptions,
 
 def screen_sample(sample: Sequence[object], options: TrainOptions, support: float, progress: Progress):
     """(folds, Screening): out-of-fold raw scores, with what looks like attacks set aside."""
-    if not options.set_aside:
+    if not options.set_aside or "rarity" not in options.detectors:
         folds = np.arange(len(sample)) % options.folds
         raw = out_of_fold_raw_scores(sample, options, progress, folds)
         return folds, screen(lambda _: raw, len(sample), options.target_fpr, options.set_aside_factor, 0)
@@ -384,7 +385,8 @@ def screen_sample(sample: Sequence[object], options: TrainOptions, support: floa
 
     return folds, screen(score_out_of_fold, len(sample), options.target_fpr, options.set_aside_factor,
                          options.screening_rounds,
-                         lambda found, raw: cluster_mates(found, raw, rows, keys, options.target_fpr))
+                         lambda found, raw: cluster_mates(found, raw, rows, keys, options.target_fpr),
+                         [options.detectors.index("rarity")])
 
 
 def save_model(model, path: str | Path) -> None:
