@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import re
 import sys
 import tempfile
@@ -363,7 +364,7 @@ def main() -> int:
         chosen.remove("learning")
     if not chosen:
         return 0
-    results = []
+    results, load_before = [], os.getloadavg()[0]
     for name in chosen:
         for position, detectors in enumerate(DETECTOR_SETS[name]):
             contaminated = position == 0 and name != "csic_baseline"
@@ -375,7 +376,12 @@ def main() -> int:
         order = list(EVALUATIONS)
         results = sorted(earlier + results, key=lambda r: order.index(r["data"]))
     out.write_text(json.dumps(results, indent=2, default=float) + "\n")
-    text = replace_between(accuracy.read_text(), "results", table(results))
+    from benchmarks.common import machine
+
+    box = machine()
+    run = (f"Last run: {box['cpu']}, {box['cores']} cores, load average {load_before:.1f} at the start and "
+           f"{os.getloadavg()[0]:.1f} at the end ({', '.join(chosen)}).")
+    text = replace_between(replace_between(accuracy.read_text(), "results", table(results)), "run", run)
     accuracy.write_text(replace_between(text, "decisions", decisions_table(results)))
     print(table(results))
     print(decisions_table(results))

@@ -119,11 +119,15 @@ def test_evaluate_sessions(tmp_path, shop_model_path):
     assert report["unit"] == "session" and report["records"] == 50 and report["anomalous"] == 10
 
 
-def test_published_accuracy_table_is_the_recorded_results():
+def test_published_accuracy_tables_are_the_recorded_results():
     """docs/accuracy.md shows what benchmarks/evaluate_all.py last wrote, not hand-edited figures."""
-    from benchmarks.evaluate_all import table
+    from benchmarks.evaluate_all import decisions_table, table
+    from benchmarks.learn_new_site import learning_section
 
     results = json.loads((ROOT / "benchmarks" / "results" / "accuracy.json").read_text())
+    learning = json.loads((ROOT / "benchmarks" / "results" / "learning.json").read_text())
     published = (ROOT / "docs" / "accuracy.md").read_text()
-    between = published.split("<!-- results:start -->")[1].split("<!-- results:end -->")[0]
-    assert between.strip() == table(results), "rerun benchmarks/evaluate_all.py (it rewrites the table)"
+    for marker, expected in (("results", table(results)), ("decisions", decisions_table(results)),
+                             ("learning", learning_section(learning))):
+        between = published.split(f"<!-- {marker}:start -->")[1].split(f"<!-- {marker}:end -->")[0]
+        assert between.strip() == expected, f"rerun benchmarks/evaluate_all.py (it rewrites the {marker} table)"
