@@ -171,8 +171,9 @@ def add_settings_flags(parser: argparse.ArgumentParser) -> None:
 
     for spec in fields(Settings):
         flag = "--" + spec.name.replace("_", "-")
+        switch = {"nargs": "?", "const": "true"} if spec.type in (bool, "bool") else {}  # `--learn` = true
         parser.add_argument(flag, dest=f"setting_{spec.name}", default=None, metavar="VALUE",
-                            help=spec.metadata.get("help", ""))
+                            help=spec.metadata.get("help", ""), **switch)
 
 
 def run_serve(args) -> int:

@@ -26,9 +26,9 @@ from dataclasses import dataclass, field
 from typing import Awaitable, Callable, Optional
 from urllib.parse import parse_qs, urlsplit
 
+from ..decide import notes_by_record
 from ..errors import (DeadlineExceeded, InvalidRequest, LogscoreError, ModelNotFound, Overloaded, ShuttingDown,
                       Unauthenticated)
-from ..decide import notes_by_record
 from ..resources import openapi_path
 from ..scoring import ScoreCall, ScoreOutcome, ScoringService
 from .streams import StreamServer

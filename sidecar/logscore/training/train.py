@@ -192,7 +192,6 @@ class Fitted:
     featurizer: Featurizer
     table: RarityTable
     detectors: list[Detector]
-    unparsed: int
 
     def graph(self, calibration: Optional[dict] = None, metadata: Optional[dict] = None):
         return assemble_graph(self.featurizer.width, self.table, self.detectors, calibration, metadata)
@@ -209,7 +208,7 @@ def fit(records: Sequence[object], options: TrainOptions, progress: Progress, st
     for done, detector in enumerate(detectors, start=1):
         detector.fit(data)
         progress(f"{stage}: fitted {detector.kind}", done, len(detectors), "detectors")
-    return Fitted(featurizer, table, detectors, int(batch.unparsed.sum()))
+    return Fitted(featurizer, table, detectors)
 
 
 def out_of_fold_raw_scores(sample: Sequence[object], options: TrainOptions, progress: Progress,
@@ -234,7 +233,7 @@ def out_of_fold_raw_scores(sample: Sequence[object], options: TrainOptions, prog
     return raw
 
 
-def parse_fraction(sample: Sequence[object], options: TrainOptions, warn: Warn) -> int:
+def count_unparsed(sample: Sequence[object], options: TrainOptions, warn: Warn) -> int:
     """The number of records that do not parse; refuses input that is mostly unparsed (a wrong
     --format, a binary file) and warns when more than a few records do not parse."""
     normalizer = Featurizer(options.spec).normalizer
@@ -311,7 +310,7 @@ def train(records: Iterable[object], options: TrainOptions,
         warnings.append(message)
         warn(message)
 
-    unparsed = parse_fraction(sample, options, keep_warning)
+    unparsed = count_unparsed(sample, options, keep_warning)
     # Rare = seen in fewer records than a feature needs to count as normal (screening's grouping).
     support = options.support or default_support(len(sample))
     folds, screening = screen_sample(sample, options, support, progress)
