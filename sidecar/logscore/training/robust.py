@@ -7,16 +7,18 @@ threshold lands among them. Screening sets them aside before the model is fit:
     folds: records that share their rare features (the same odd request sent several
            times) go to the same fold, so copies never vouch for each other
     round: out-of-fold raw scores from models fit on the records kept so far
-           ─► set aside the records that stand far above the rest (below)
-           ─► repeat until nothing changes (at most ``max_rounds``)
+           ─► set aside the records that stand far above the rest (below), with the
+              unusual records sharing their rare features (a cluster of similar attacks)
+           ─► refit without them (``max_rounds`` times at most, until nothing changes)
 
-"Far above": the rarity detector's raw score (units of never-seen features; models without
-rarity are not screened: the heavy-tailed errors of pca or autoencoders set aside normal
-records) exceeds its median by more than ``factor`` times as much as the reference score does, the reference being the score at 1 - max(target FPR, 2 %) among
-the records kept (attacks may make up to 2 % of the data and still not move it); computed to
-a fixed point, as the reference moves down while outliers leave. On clean data this sets
-aside a handful of records (CSIC 2010: 2 of 36,000); the rest of the tail stays, so the
-threshold keeps its meaning. What was set aside is listed in the model's metadata.
+"Far above": the rarity detector's raw score (units of never-seen features) exceeds its
+median by more than ``factor`` times as much as the reference score does, the reference
+being the score at 1 - max(target FPR, 2 %) among the records kept: attacks may make up
+2 % of the data without moving it. Computed to a fixed point, as the reference moves down
+while outliers leave. Models without rarity are not screened (the heavy-tailed errors of
+pca or an autoencoder set aside normal records). On clean data this sets aside a handful
+of records (CSIC 2010: 2 of 36,000); the rest of the tail stays, so the threshold keeps
+its meaning. What was set aside is listed in the model's metadata.
 """
 
 from __future__ import annotations
