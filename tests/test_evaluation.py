@@ -47,6 +47,15 @@ def test_recall_by_type():
     assert evaluation.recall_by_type() == {"sqli": {"recall": 1.0, "count": 2}, "xss": {"recall": 0.0, "count": 1}}
 
 
+def test_at_threshold_figures_use_the_decided_flags_beside_the_target():
+    labels, scores = np.array([0, 0, 0, 0, 1, 1]), np.array([0.1, 0.2, 0.3, 0.99, 0.95, 0.999])
+    plain = Evaluation(labels, scores, 0.98, target_fpr=0.25).report()
+    assert (plain["recall_at_threshold"], plain["fpr_at_threshold"], plain["target_fpr"]) == (0.5, 0.25, 0.25)
+    # decide flagged the unparsable record 4 (score 0.95) too: recall counts it
+    decided = Evaluation(labels, scores, 0.98, flags=(scores >= 0.98) | (np.arange(6) == 4)).report()
+    assert (decided["recall_at_threshold"], decided["fpr_at_threshold"]) == (1.0, 0.25)
+
+
 def test_sessions_take_their_most_anomalous_record():
     texts = ["a blk_1 x", "b blk_2", "c blk_1", "no key", "d blk_3"]
     ids, scores, labels = group_sessions(texts, np.array([0.2, 0.1, 0.9, 1.0, 0.3]), np.array([0, 0, 1, 1, 0]),
@@ -110,11 +119,15 @@ def test_evaluate_sessions(tmp_path, shop_model_path):
     assert report["unit"] == "session" and report["records"] == 50 and report["anomalous"] == 10
 
 
-def test_published_accuracy_table_is_the_recorded_results():
+def test_published_accuracy_tables_are_the_recorded_results():
     """docs/accuracy.md shows what benchmarks/evaluate_all.py last wrote, not hand-edited figures."""
-    from benchmarks.evaluate_all import table
+    from benchmarks.evaluate_all import decisions_table, table
+    from benchmarks.learn_new_site import learning_section
 
     results = json.loads((ROOT / "benchmarks" / "results" / "accuracy.json").read_text())
+    learning = json.loads((ROOT / "benchmarks" / "results" / "learning.json").read_text())
     published = (ROOT / "docs" / "accuracy.md").read_text()
-    between = published.split("<!-- results:start -->")[1].split("<!-- results:end -->")[0]
-    assert between.strip() == table(results), "rerun benchmarks/evaluate_all.py (it rewrites the table)"
+    for marker, expected in (("results", table(results)), ("decisions", decisions_table(results)),
+                             ("learning", learning_section(learning))):
+        between = published.split(f"<!-- {marker}:start -->")[1].split(f"<!-- {marker}:end -->")[0]
+        assert between.strip() == expected, f"rerun benchmarks/evaluate_all.py (it rewrites the {marker} table)"

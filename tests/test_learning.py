@@ -95,3 +95,27 @@ def test_without_the_train_extra_learning_is_off_and_said_so(tmp_path):
         assert "learning" not in json.loads(sidecar.http_get("/readyz")[1])
     finally:
         assert sidecar.stop() == 0
+
+
+def test_routes_per_entity_are_bounded_and_held_until_their_own_model_serves(tmp_path, shop_model_path):
+    from logscore.learning import Learner
+    from logscore.registry import ModelRegistry
+    from logscore.settings import Settings
+
+    models = tmp_path / "models"
+    models.mkdir()
+    shutil.copy(shop_model_path, models / "shop.onnx")
+    settings = Settings.load(None, {"models_dir": str(models), "learn": "true", "learn_max_routes": "2",
+                                    "entity_field": "host"}, {})
+    registry = ModelRegistry(str(models), entity_field="host")
+    registry.reload()
+    learner = Learner(settings, registry, lambda: None)
+    shop = registry.snapshot.models["shop"]
+    records = [{"host": "a", "message": "x"}, {"host": "b"}, {"host": "c"}, "a raw line"]
+    routes = learner.routes(shop, records)
+    learner.observe(routes, records)
+    assert routes == ["shop@a", "shop@b", None, "shop"]  # at most 2 per-entity routes: c is neither kept nor held
+    held = learner.holds(shop, routes)
+    assert held[2] is None and all("is learning its own model (1 of 5000" in h for h in held[:2])
+    assert sorted(learner.status()) == ["shop", "shop@a", "shop@b"]
+    assert learner.status()["shop@a"]["window"] == 1 and learner.status()["shop@a"]["flags_held"] == 1

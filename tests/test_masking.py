@@ -89,8 +89,8 @@ def test_an_id_starting_with_digits_is_one_uuid(uuid, request):
 def test_known_answers_on_real_lines():
     nova = ('nova-api.log.1.2017-05-16_13:53:08 2017-05-16 00:00:00.008 25746 INFO nova.osapi_compute.wsgi.server '
             '[req-74d58b45-2096-447d-96ea-a692162415ae 113d3a99c3da401fbd62cc2caa5b96d2 '
-            '54fadb412c4e40cdbaed9335e4c35a9e - - -] 10.11.10.1 "GET /v2/54fadb412c4e40cdbaed9335e4c35a9e/servers/detail '
-            'HTTP/1.1" status: 200 len: 1893 time: 0.2477829')
+            '54fadb412c4e40cdbaed9335e4c35a9e - - -] 10.11.10.1 '
+            '"GET /v2/54fadb412c4e40cdbaed9335e4c35a9e/servers/detail HTTP/1.1" status: 200 len: 1893 time: 0.2477829')
     assert mask_variables(nova) == (
         'nova-api.log.<num>-<num>-<num>_<num> <time> <num> INFO nova.osapi_compute.wsgi.server [req-<uuid> <hex> '
         '<hex> - - -] <ip> "GET <path> HTTP/<num>" status: <num> len: <num> time: <num>')

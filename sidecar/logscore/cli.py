@@ -184,8 +184,9 @@ def add_settings_flags(parser: argparse.ArgumentParser) -> None:
         text = spec.metadata.get("help", "")
         if default not in (None, ""):
             text += f" (default: {default})"
+        switch = {"nargs": "?", "const": "true"} if spec.type in (bool, "bool") else {}  # `--learn` = true
         parser.add_argument(flag, dest=f"setting_{spec.name}", default=None, metavar=setting_metavar(spec.name),
-                            help=text.replace("%", "%%"))
+                            help=text.replace("%", "%%"), **switch)
 
 
 def setting_metavar(name: str) -> str:
@@ -307,8 +308,7 @@ def run_train(args) -> int:
         from .features.featurizer import SESSION_FIELDS
         from .training.train import TrainOptions, save_model, train
     except ImportError as error:
-        print(f"logscore train: error: {error.name} is missing; install the training extra: "
-              "pip install 'logscore[train]'", file=sys.stderr)
+        print(f"logscore train: error: {missing_training_extra(error)}", file=sys.stderr)
         return 1
     check_writable(args.out, "--out")
     spec = load_spec(args.config, args.format)
@@ -348,6 +348,10 @@ def check_writable(path: str, flag: str) -> None:
     except OSError as error:
         raise ConfigError(f"{flag} {path}: cannot write there ({error.strerror or error}); choose a path in a "
                           "directory you may write") from None
+
+
+def missing_training_extra(error: ImportError) -> str:
+    return f"{error.name} is missing; install the training extra: pip install 'logscore[train]'"
 def print_warning(message: str) -> None:
     print(f"logscore train: warning: {message}", file=sys.stderr, flush=True)
 
@@ -601,8 +605,13 @@ def evaluation_model(args, records: list, labels: list, types: Optional[list]):
 
 
 def train_for_evaluation(args, records: list):
+    from .errors import ConfigError
     from .features import load_spec
-    from .training.train import TrainOptions, train
+
+    try:
+        from .training.train import TrainOptions, train
+    except ImportError as error:
+        raise ConfigError(f"--train: {missing_training_extra(error)}") from None
 
     options = TrainOptions(spec=load_spec(args.config, args.format),
                            detectors=[d.strip() for d in args.detectors.split(",") if d.strip()],

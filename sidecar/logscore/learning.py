@@ -30,7 +30,7 @@ import shutil
 import sys
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -80,15 +80,6 @@ class Route:
     held: int = 0  # records whose flag was held
 
 
-@dataclass
-class Candidate:
-    path: Path
-    serving_rate: float
-    candidate_rate: float
-    records: int
-    detail: dict = field(default_factory=dict)
-
-
 class Learner:
     def __init__(self, settings: Settings, registry: ModelRegistry, request_reload: Callable[[], None],
                  metrics=None):
@@ -114,9 +105,12 @@ class Learner:
         return names
 
     def _admit(self, name: str) -> Optional[str]:
-        if name in self.routes_by_name or len(self.routes_by_name) < self.settings.learn_max_routes:
-            return name
-        return None
+        """Every model's own route; per-entity routes up to learn_max_routes."""
+        if name not in self.routes_by_name and "@" in name:
+            if sum("@" in n for n in self.routes_by_name) >= self.settings.learn_max_routes:
+                return None
+        self._route(name)
+        return name
 
     def holds(self, model: Model, routes: Sequence[Optional[str]]) -> Optional[list[Optional[str]]]:
         """Per record, why its flag is held (its route has no model of its own yet), or None."""
@@ -220,12 +214,13 @@ class Learner:
         if error is not None:
             self._finish(route, "failed", {"error": error})
             return
-        candidate = await loop.run_in_executor(None, self._validate, candidate_path, serving, records[-holdout:])
-        limit = self.settings.learn_max_flag_ratio * max(candidate.serving_rate, target_fpr(serving))
+        candidate_rate, serving_rate = await loop.run_in_executor(None, self._validate, candidate_path, serving,
+                                                                  records[-holdout:])
+        limit = self.settings.learn_max_flag_ratio * max(serving_rate, target_fpr(serving))
         detail = {"records": len(records) - holdout, "validated_on": holdout,
-                  "candidate_flagged": round(candidate.candidate_rate, 5),
-                  "serving_flagged": round(candidate.serving_rate, 5), "serving_model": serving.name}
-        if candidate.candidate_rate > limit:
+                  "candidate_flagged": round(candidate_rate, 5), "serving_flagged": round(serving_rate, 5),
+                  "serving_model": serving.name}
+        if candidate_rate > limit:
             kept = keep_aside(directory, candidate_path)
             log.warning("learning: candidate kept aside, not swapped: it flags far more of recent traffic than "
                         "the serving model", extra={"route": route.name, "kept_as": str(kept), **detail})
@@ -264,12 +259,12 @@ class Learner:
             return lines[-1] if lines else f"logscore train exited with {code}"
         return None
 
-    def _validate(self, path: Path, serving: Model, recent: list) -> Candidate:
-        """Both models score the held-back recent records (fresh instances: no shared caches or sessions)."""
+    def _validate(self, path: Path, serving: Model, recent: list) -> tuple[float, float]:
+        """The shares of the held-back recent records flagged by the candidate and by the serving model
+        (fresh instances of both: no caches or sessions shared with the scoring thread)."""
         candidate = Model.load(path, max_line_chars=self.registry.max_line_chars)
         current = Model(serving.artifact, max_line_chars=self.registry.max_line_chars)
-        rates = [float(decide(m, m.score(recent)).is_anomaly.mean()) for m in (candidate, current)]
-        return Candidate(path, serving_rate=rates[1], candidate_rate=rates[0], records=len(recent))
+        return tuple(float(decide(m, m.score(recent)).is_anomaly.mean()) for m in (candidate, current))
 
     def _finish(self, route: Route, outcome: str, detail: dict) -> None:
         route.training = False

@@ -14,6 +14,7 @@ import re
 _START = r"(?<![0-9A-Za-z])"
 _END = r"(?![0-9A-Za-z])"
 _HEX4 = r"[0-9a-fA-F]{1,4}"
+_GROUPS = rf"(?:{_HEX4}(?::{_HEX4})*)"
 _MONTH = "(?:Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec)"
 
 _VARIABLE = re.compile(
@@ -27,7 +28,7 @@ _VARIABLE = re.compile(
     rf"|{_MONTH} +\d{{1,2}} \d{{2}}:\d{{2}}:\d{{2}}){_END})"
     r"|(?P<ip>\b\d{1,3}(?:\.\d{1,3}){3}(?::\d+)?\b)"
     # IPv6: eight groups, or fewer around one "::" (times like 12:30:45 have neither).
-    rf"|(?P<ip6>(?<![\w:])(?=:*[0-9a-fA-F])(?:(?:{_HEX4}:){{7}}{_HEX4}|(?:{_HEX4}(?::{_HEX4})*)?::(?:{_HEX4}(?::{_HEX4})*)?)(?![\w:]|\.\d))"
+    rf"|(?P<ip6>(?<![\w:])(?=:*[0-9a-fA-F])(?:(?:{_HEX4}:){{7}}{_HEX4}|{_GROUPS}?::{_GROUPS}?)(?![\w:]|\.\d))"
     # Hex ids: 0x..., or 8+ hex digits holding both a digit and a letter (digits alone are a number).
     rf"|(?P<hex>{_START}(?:0x[0-9a-fA-F]+|(?=[0-9a-fA-F]*\d)(?=[0-9a-fA-F]*[a-fA-F])[0-9a-fA-F]{{8,}}){_END})"
     # Numbers (1e-05 too), durations' numbers (1.5s -> <num>s), times of day; a sign only where no word precedes it.

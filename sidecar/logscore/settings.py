@@ -83,8 +83,8 @@ class Settings:
     learn_max_flag_ratio: float = setting(3.0, "a candidate flagging more than this many times the serving "
                                           "model's share of recent records (or of its target FPR) is kept aside "
                                           "and reported, not swapped")
-    learn_max_routes: int = setting(8, "routes learned at most (per-entity routes count; records of further "
-                                    "routes are neither kept nor held)")
+    learn_max_routes: int = setting(8, "per-entity routes learned at most (with --entity-field); records of further "
+                                    "entities are neither kept nor held")
 
     @classmethod
     def load(cls, file: Optional[str] = None, flags: Optional[Mapping[str, Any]] = None,

@@ -7,15 +7,18 @@ threshold lands among them. Screening sets them aside before the model is fit:
     folds: records that share their rare features (the same odd request sent several
            times) go to the same fold, so copies never vouch for each other
     round: out-of-fold raw scores from models fit on the records kept so far
-           ─► set aside the records that stand far above the rest (below)
-           ─► repeat until nothing changes (at most ``max_rounds``)
+           ─► set aside the records that stand far above the rest (below), with the
+              unusual records sharing their rare features (a cluster of similar attacks)
+           ─► refit without them (``max_rounds`` times at most, until nothing changes)
 
-"Far above": a detector's raw score exceeds its median by more than ``factor`` times as much
-as the reference score does, the reference being the score at 1 - max(target FPR, 2 %) among
-the records kept (attacks may make up to 2 % of the data and still not move it); computed to
-a fixed point, as the reference moves down while outliers leave. On clean data this sets
-aside a handful of records (CSIC 2010: 2 of 36,000); the rest of the tail stays, so the
-threshold keeps its meaning. What was set aside is listed in the model's metadata.
+"Far above": the rarity detector's raw score (units of never-seen features) exceeds its
+median by more than ``factor`` times as much as the reference score does, the reference
+being the score at 1 - max(target FPR, 2 %) among the records kept: attacks may make up
+2 % of the data without moving it. Computed to a fixed point, as the reference moves down
+while outliers leave. Models without rarity are not screened (the heavy-tailed errors of
+pca or an autoencoder set aside normal records). On clean data this sets aside a handful
+of records (CSIC 2010: 2 of 36,000); the rest of the tail stays, so the threshold keeps
+its meaning. What was set aside is listed in the model's metadata.
 """
 
 from __future__ import annotations
@@ -62,8 +65,8 @@ def signature_folds(sample: Sequence[object], rows: np.ndarray, keys: np.ndarray
 
 def cluster_mates(set_aside: np.ndarray, raw: np.ndarray, rows: np.ndarray, keys: np.ndarray,
                   target_fpr: float) -> np.ndarray:
-    """Unusual records (above the reference score on some detector) holding a key that is held by
-    two records or more, most of them set aside: the rest of a cluster of similar attacks."""
+    """Unusual records (above the reference score on a screened detector) holding a key that is held
+    by two records or more, most of them set aside: the rest of a cluster of similar attacks."""
     _, key_index, holders = np.unique(keys, return_inverse=True, return_counts=True)
     aside = np.bincount(key_index, weights=set_aside[rows], minlength=len(holders))
     tainted = (holders >= 2) & (aside * 2 > holders)
@@ -74,7 +77,7 @@ def cluster_mates(set_aside: np.ndarray, raw: np.ndarray, rows: np.ndarray, keys
 
 
 def outliers(raw: np.ndarray, target_fpr: float, factor: float) -> np.ndarray:
-    """Records standing far above the rest on any detector (see the module docstring)."""
+    """Records standing far above the rest on any of ``raw``'s columns (see the module docstring)."""
     flagged = np.zeros(len(raw), dtype=bool)
     reference = 1.0 - max(target_fpr, MAX_CONTAMINATION)
     for column in raw.T.astype(np.float64):
@@ -120,16 +123,17 @@ def example_text(record: object) -> str:
 
 
 def screen(score_out_of_fold, records: int, target_fpr: float, factor: float, max_rounds: int,
-           expand=None) -> Screening:
+           expand=None, columns: Sequence[int] = (0,)) -> Screening:
     """``score_out_of_fold(fit_mask)`` → out-of-fold raw scores of all records from models fit
-    on the masked ones; ``expand(set_aside, raw)`` → records to set aside with them (their cluster).
-    Rounds until the set-aside records stop changing."""
+    on the masked ones; ``expand(set_aside, raw)`` → records to set aside with them (their cluster);
+    ``columns``: the detectors screened on. Rounds until the set-aside records stop changing."""
     set_aside = np.zeros(records, dtype=bool)
     raw = score_out_of_fold(~set_aside)
     for rounds in range(1, max_rounds + 1):
-        found = outliers(raw, target_fpr, factor)
+        screened = raw[:, list(columns)]
+        found = outliers(screened, target_fpr, factor)
         if expand is not None and found.any():
-            found |= expand(found, raw)
+            found |= expand(found, screened)
         if (found == set_aside).all():
             return Screening(raw, set_aside, rounds - 1)
         set_aside = found

@@ -61,7 +61,6 @@ class Streamed:
     """What fitting needs from featurized records."""
 
     features: Features  # the dense block (empty when no detector reads it) and the rarity table
-    unparsed: int
 
 
 def featurize_for_fit(featurizer: Featurizer, records: Sequence[object], chunk: int, with_dense: bool,
@@ -70,7 +69,6 @@ def featurize_for_fit(featurizer: Featurizer, records: Sequence[object], chunk: 
     only when ``with_dense``."""
     counter = KeyCounter()
     dense = np.zeros((len(records), featurizer.width if with_dense else 0), dtype=np.float32)
-    unparsed = 0
     for start in range(0, len(records), chunk):
         batch = featurizer.transform(records[start: start + chunk], dense=with_dense)
         # Keys are unique within a record and converter; a key two converters share counts twice,
@@ -78,14 +76,13 @@ def featurize_for_fit(featurizer: Featurizer, records: Sequence[object], chunk: 
         counter.add(batch.keys)
         if with_dense:
             dense[start: start + batch.size] = batch.dense
-        unparsed += int(batch.unparsed.sum())
         progress(stage, min(start + chunk, len(records)), len(records), "records")
     keys, counts = counter.totals()
     table = RarityTable.from_counts(keys, counts, len(records), support)
     empty = np.zeros(0, np.int64)
     batch = FeatureBatch(empty, empty, np.zeros(0, np.float32), dense, np.zeros(len(records), bool),
                          np.zeros(len(records), bool))
-    return Streamed(Features(batch, table), unparsed)
+    return Streamed(Features(batch, table))
 
 
 def raw_scores(session, featurizer: Featurizer, records: Sequence[object], chunk: int,

@@ -68,7 +68,7 @@ class TrainOptions:
     chunk: int = 2048
     set_aside: bool = True  # screen out records that look like attacks (robust.py)
     set_aside_factor: float = 2.5
-    screening_rounds: int = 1  # refits without the records set aside (CSIC 2010 + 1 % attacks: a second set 3 more aside)
+    screening_rounds: int = 1  # refits without the set-aside records (a second one set 3 more of 36,000 aside)
     learned_route: Optional[str] = None  # set by the sidecar's learner (sidecar/logscore/learning.py)
 
     def validate(self) -> None:
@@ -175,7 +175,6 @@ class Fitted:
     featurizer: Featurizer
     table: RarityTable
     detectors: list[Detector]
-    unparsed: int
 
     def graph(self, calibration: Optional[dict] = None, metadata: Optional[dict] = None):
         return assemble_graph(self.featurizer.width, self.table, self.detectors, calibration, metadata)
@@ -198,7 +197,7 @@ def fit(records: Sequence[object], options: TrainOptions, progress: Progress, st
         detector.progress = detector_progress(progress, f"{stage}: fitting {detector.kind}")
         detector.fit(data)
         progress(f"{stage}: fitted {detector.kind}", done, len(detectors), "detectors")
-    return Fitted(featurizer, data.table, detectors, streamed.unparsed)
+    return Fitted(featurizer, data.table, detectors)
 
 
 def out_of_fold_raw_scores(sample: Sequence[object], options: TrainOptions, progress: Progress,
@@ -223,7 +222,7 @@ def out_of_fold_raw_scores(sample: Sequence[object], options: TrainOptions, prog
     return raw
 
 
-def parse_fraction(sample: Sequence[object], options: TrainOptions, warn: Warn) -> int:
+def count_unparsed(sample: Sequence[object], options: TrainOptions, warn: Warn) -> int:
     """The number of records that do not parse; refuses input that is mostly unparsed (a wrong
     --format, a binary file) and warns when more than a few records do not parse."""
     normalizer = Featurizer(options.spec).normalizer
@@ -300,7 +299,7 @@ def train(records: Iterable[object], options: TrainOptions,
         warnings.append(message)
         warn(message)
 
-    unparsed = parse_fraction(sample, options, keep_warning)
+    unparsed = count_unparsed(sample, options, keep_warning)
     # Rare = seen in fewer records than a feature needs to count as normal (screening's grouping).
     support = options.support or default_support(len(sample))
     folds, screening = screen_sample(sample, options, support, progress)
@@ -337,7 +336,8 @@ def train(records: Iterable[object], options: TrainOptions,
             "records_read": read,
             "records_used": len(sample),
             "unparsed_records": unparsed,
-            "set_aside": screening.describe(sample, options.set_aside_factor) if options.set_aside else None,
+            "set_aside": (screening.describe(sample, options.set_aside_factor)
+                          if options.set_aside and "rarity" in options.detectors else None),
             "warnings": warnings,
             "distinct_features": int(len(final.table.keys)),
             "dense_width": final.featurizer.width,
@@ -358,7 +358,7 @@ def train(records: Iterable[object], options: TrainOptions,
 
 def screen_sample(sample: Sequence[object], options: TrainOptions, support: float, progress: Progress):
     """(folds, Screening): out-of-fold raw scores, with what looks like attacks set aside."""
-    if not options.set_aside:
+    if not options.set_aside or "rarity" not in options.detectors:
         folds = np.arange(len(sample)) % options.folds
         raw = out_of_fold_raw_scores(sample, options, progress, folds)
         return folds, screen(lambda _: raw, len(sample), options.target_fpr, options.set_aside_factor, 0)
@@ -373,7 +373,8 @@ def screen_sample(sample: Sequence[object], options: TrainOptions, support: floa
 
     return folds, screen(score_out_of_fold, len(sample), options.target_fpr, options.set_aside_factor,
                          options.screening_rounds,
-                         lambda found, raw: cluster_mates(found, raw, rows, keys, options.target_fpr))
+                         lambda found, raw: cluster_mates(found, raw, rows, keys, options.target_fpr),
+                         [options.detectors.index("rarity")])
 
 
 def save_model(model, path: str | Path) -> None:
