@@ -1,4 +1,14 @@
+import os
+
 import pytest
+from hypothesis import settings
+
+# Property-based tests: CI runs a fixed set of examples (the same every run, no example database
+# written into the tree); LOGSCORE_FUZZ_EXAMPLES=N explores N random examples per test instead.
+settings.register_profile("fixed", derandomize=True, database=None)
+settings.register_profile("explore", database=None,
+                          max_examples=int(os.environ.get("LOGSCORE_FUZZ_EXAMPLES") or 0) or 100)
+settings.load_profile("explore" if os.environ.get("LOGSCORE_FUZZ_EXAMPLES") else "fixed")
 
 from logscore.features import load_spec
 from logscore.training.train import TrainOptions, save_model, train

@@ -1135,7 +1135,8 @@ static int url_structure(PyObject *value, int full, int rounds_allowed, PyObject
     Bytes *params = &w->params;
     params->len = 0;
     int maybe_enumerated = 0;
-    if (PySet_GET_SIZE(enumerated) > 0 && find_char(query->data, 0, query->len, '=') >= 0) {
+    /* NOTE: a parameter without '=' (an empty value) can be enumerated too */
+    if (PySet_GET_SIZE(enumerated) > 0 && query->len > 0) {
         PyObject *template_str = text_to_str(template_->data, template_->len);
         if (!template_str) return -1;
         maybe_enumerated = PySet_Contains(enumerated_templates, template_str);
