@@ -85,6 +85,17 @@ class FeatureBatch:
     def name(self, index: int) -> str:
         return self.origins.name(index)
 
+    def without_keys(self, keep: np.ndarray, dense_dims: int) -> np.ndarray:
+        """The dense block as if only the ``keep`` keys were present (numeric columns unchanged)."""
+        hashed = hashed_block(self.rows[keep], self.keys[keep], self.weights[keep], self.size, dense_dims)
+        return np.ascontiguousarray(np.column_stack([hashed, self.dense[:, dense_dims:]]), dtype=np.float32)
+
+
+def hashed_block(rows: np.ndarray, keys: np.ndarray, weights: np.ndarray, size: int, dims: int) -> np.ndarray:
+    """The hashed dense projection of a batch's keys: log1p of the weights summed per key modulo dims."""
+    hashed = np.bincount(rows * dims + keys % dims, weights=weights, minlength=size * dims)
+    return np.log1p(hashed.reshape(size, dims)).astype(np.float32)
+
 
 class FeatureSink:
     """Collects what each converter emits and assembles a FeatureBatch.
@@ -143,9 +154,7 @@ class FeatureSink:
         index = offsets[entry_of_key] + position
         keys, weights = all_keys[index], all_weights[index]
         if dense:
-            hashed = np.bincount(rows * self.dense_dims + keys % self.dense_dims, weights=weights,
-                                 minlength=self.size * self.dense_dims)
-            hashed = np.log1p(hashed.reshape(self.size, self.dense_dims)).astype(np.float32)
+            hashed = hashed_block(rows, keys, weights, self.size, self.dense_dims)
             block = np.column_stack([hashed, *self._numeric]) if self._numeric else hashed
         else:
             block = np.zeros((self.size, 0), dtype=np.float32)

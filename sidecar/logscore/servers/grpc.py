@@ -13,7 +13,7 @@ from google.protobuf.message import DecodeError
 
 from ..admission import UNLIMITED, Ticket
 from ..errors import (DeadlineExceeded, InvalidRequest, LogscoreError, ModelNotFound, Overloaded, ShuttingDown,
-                      Unauthenticated)
+                      StoreUnavailable, Unauthenticated)
 from ..generated.logscore.v1 import scorer_pb2 as pb
 from ..records import decode_event_stream
 from ..scoring import ScoreCall, ScoreOutcome, ScoringService, check_record_count
@@ -28,6 +28,7 @@ STATUS_CODES: dict[type, grpc.StatusCode] = {
     DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     ShuttingDown: grpc.StatusCode.UNAVAILABLE,
+    StoreUnavailable: grpc.StatusCode.UNAVAILABLE,
 }
 SERVICE_NAME = "logscore.v1.Scorer"
 

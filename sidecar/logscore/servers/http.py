@@ -30,7 +30,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from ..admission import UNLIMITED, Admission, Ticket
 from ..errors import (DeadlineExceeded, InvalidRequest, LogscoreError, ModelNotFound, Overloaded, ShuttingDown,
-                      Unauthenticated)
+                      StoreUnavailable, Unauthenticated)
 from ..decide import notes_by_record
 from ..resources import openapi_path
 from ..scoring import ScoreCall, ScoreOutcome, ScoringService
@@ -45,8 +45,9 @@ STATUS_CODES: dict[type, int] = {  # the twin of servers.grpc.STATUS_CODES
     Overloaded: 429,
     DeadlineExceeded: 504,
     ShuttingDown: 503,
+    StoreUnavailable: 503,
 }
-REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 405: "Method Not Allowed",
+REASONS = {200: "OK", 303: "See Other", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 405: "Method Not Allowed",
            408: "Request Timeout", 411: "Length Required", 413: "Payload Too Large",
            415: "Unsupported Media Type", 429: "Too Many Requests", 431: "Request Header Fields Too Large",
            500: "Internal Server Error", 503: "Service Unavailable", 504: "Gateway Timeout"}
@@ -336,9 +337,12 @@ class SidecarHttp:
         self.token = token
 
     def routes(self) -> dict[tuple[str, str], Handler]:
+        from .feedback_http import FeedbackHttp
+
         return {("POST", "/v1/score"): self.score, ("GET", "/v1/models"): self.models,
                 ("GET", "/openapi.json"): self.openapi, ("GET", "/metrics"): self.metrics,
-                ("GET", "/healthz"): self.healthz, ("GET", "/readyz"): self.readyz}
+                ("GET", "/healthz"): self.healthz, ("GET", "/readyz"): self.readyz,
+                **FeedbackHttp(self).routes()}
 
     def _authorize(self, request: Request) -> None:
         presented = request.headers.get("authorization", "").encode()
@@ -400,4 +404,6 @@ class SidecarHttp:
                 "rejected_files": without_directories(snapshot.errors)}
         if self.service.learner is not None:
             body["learning"] = self.service.learner.status()
+        if self.service.feedback is not None:  # an unreachable store does not make the sidecar unready
+            body["feedback"] = self.service.feedback.status()
         return Response.json(body, 200 if ready else 503)
