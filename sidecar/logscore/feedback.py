@@ -41,6 +41,7 @@ MAX_PATTERN_KEYS = 4096
 DETAIL_KINDS = ("ngrams",)  # converters whose features differ for nearly every value
 NAMED = 5  # features named in a pattern, for people
 EXAMPLE_CHARS = 2000
+EXAMPLES = 5  # records a pattern keeps, for people and for training (`logscore train --feedback`)
 
 
 @dataclass
@@ -70,8 +71,21 @@ class Entry:
             return f"{self.pattern['field']} = {self.pattern['value']!r}"
         return "; ".join(self.pattern.get("features", [])[:3]) or f"{len(self.pattern.get('keys', []))} features"
 
+    def examples(self) -> list[object]:
+        """The records the entry was made from (field maps back as dicts), for training."""
+        found = []
+        for text in self.pattern.get("examples") or ([self.example] if self.example else []):
+            if text.startswith("{"):
+                try:
+                    found.append(json.loads(text))
+                    continue
+                except ValueError:
+                    pass
+            found.append(text)
+        return found
+
     def as_json(self) -> dict:
-        pattern = {k: v for k, v in self.pattern.items() if k not in ("keys", "signature")}
+        pattern = {k: v for k, v in self.pattern.items() if k not in ("keys", "signature", "examples")}
         if "keys" in self.pattern:
             pattern["feature_count"] = len(self.pattern["keys"])
         return {"id": self.id, "verdict": self.verdict, "model": self.model, "route": self.route,
@@ -194,7 +208,8 @@ def pattern_from_records(model: Model, records: Sequence[object]) -> dict:
                              "nothing to mark")
     row = max(range(found.batch.size), key=lambda r: found.scores[r])  # named after the strangest
     return {"keys": list(keys)[:MAX_PATTERN_KEYS], "signature": list(found.signature(row)),
-            "features": [strip_rarity(n) for n in found.names(row)()]}
+            "features": [strip_rarity(n) for n in found.names(row)()],
+            "examples": [record_text(r) for r in records[:EXAMPLES]]}
 
 
 def pattern_from_field(model: Model, name: str, value: str) -> dict:

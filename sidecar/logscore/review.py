@@ -54,13 +54,14 @@ class Group:
     entities: Counter = field(default_factory=Counter)
     unusual_keys: dict = field(default_factory=dict)  # union of the members' unusual features (bounded)
     feedback: list = field(default_factory=list)  # (entry id, verdict) given on this group
+    max_buckets: int = TIMELINE_BUCKETS
 
     def add(self, when: float, bucket_s: float, entity: Optional[str] = None) -> None:
         self.count += 1
         self.first_seen, self.last_seen = min(self.first_seen, when), max(self.last_seen, when)
         bucket = int(when // bucket_s * bucket_s)
         self.timeline[bucket] = self.timeline.get(bucket, 0) + 1
-        if len(self.timeline) > TIMELINE_BUCKETS:
+        if len(self.timeline) > self.max_buckets:
             self.timeline.popitem(last=False)
         if entity:
             self.entities[entity] += 1
@@ -70,7 +71,7 @@ class Group:
     def pattern(self) -> dict:
         """The feedback pattern of the whole group: every member's unusual features."""
         return {"keys": list(self.unusual_keys)[:MAX_PATTERN_KEYS], "signature": list(self.signature),
-                "features": [strip_rarity(n) for n in self.names()]}
+                "features": [strip_rarity(n) for n in self.names()], "examples": [e.text for e in self.examples]}
 
 
 class Groups:
@@ -78,8 +79,9 @@ class Groups:
     least SIMILAR features (fewer when the signature is shorter); else it starts a new group. At most
     ``max_groups``: the group seen least recently goes first."""
 
-    def __init__(self, max_groups: int = 500, prefix: str = "g"):
+    def __init__(self, max_groups: int = 500, prefix: str = "g", max_buckets: int = TIMELINE_BUCKETS):
         self.max_groups = max_groups
+        self.max_buckets = max_buckets  # per group: timeline buckets kept (the most recent)
         self.prefix = prefix
         self.by_id: OrderedDict[str, Group] = OrderedDict()  # least recently seen first
         self._index: dict[tuple, set[str]] = {}  # (scope..., signature item) -> group ids
@@ -99,7 +101,8 @@ class Groups:
             group = self.by_id[best[0]]
             self.by_id.move_to_end(group.id)
             return group
-        group = Group(f"{self.prefix}{self._next}", model, route, signature, names, when, when)
+        group = Group(f"{self.prefix}{self._next}", model, route, signature, names, when, when,
+                      max_buckets=self.max_buckets)
         self._next += 1
         self.created += 1
         self.by_id[group.id] = group
@@ -243,10 +246,6 @@ def render_group(group: Group, now: float, bucket_s: float) -> str:
             points += [(bucket, 0), (bucket, count), (bucket + bucket_s, count), (bucket + bucket_s, 0)]
     points.append((end, 0))
     names = "".join(f"<li>{escape(n)}</li>" for n in group.names()) or "<li>(no feature named: a session model)</li>"
-    examples = "".join(
-        f"<div class=example>{escape(e.text)}\n<span class=muted>score {e.score:.4f}"
-        f"{' · ' + escape(e.note) if e.note else ''} · "
-        f"{time.strftime('%H:%M:%S', time.gmtime(e.time))}</span></div>" for e in reversed(group.examples))
     css = "group suppressed" if group.feedback and group.feedback[-1][1] == "normal" else "group"
     return (f'<div class="{css}" id="{group.id}" data-group="{group.id}"><div class=head>'
             f'<span class=count>{group.count:,}</span>'
@@ -259,7 +258,15 @@ def render_group(group: Group, now: float, bucket_s: float) -> str:
             f'<input type=text name=reason placeholder="why (optional)" aria-label="reason"> '
             f'<button class=normal name=verdict value=normal>normal</button> '
             f'<button class=keep name=verdict value=keep>keep</button></form></div>'
-            f'<ul class=features>{names}</ul>{examples}</div>')
+            f'<ul class=features>{names}</ul>{render_group_examples(group)}</div>')
+
+
+def render_group_examples(group: Group) -> str:
+    return "".join(
+        f"<div class=example>{escape(e.text)}\n<span class=muted>score {e.score:.4f}"
+        f"{' · ' + escape(e.note) if e.note else ''}"
+        f"{' · ' + time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(e.time)) if e.time else ''}</span></div>"
+        for e in reversed(group.examples))
 
 
 def render_feedback(entries: list) -> str:

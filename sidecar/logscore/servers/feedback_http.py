@@ -13,7 +13,6 @@ sets an HttpOnly, SameSite=Strict cookie holding it. Form posts from another ori
 
 from __future__ import annotations
 
-import asyncio
 import calendar
 import hmac
 import json
@@ -23,6 +22,7 @@ from urllib.parse import parse_qs, quote, urlsplit
 
 from ..errors import InvalidRequest, LogscoreError, Unauthenticated
 from ..feedback_store import Mark
+from .feedback_grpc import off_loop
 from .http import STATUS_CODES, Request, Response
 
 COOKIE = "logscore_token"
@@ -44,7 +44,7 @@ class FeedbackHttp:
         async def work():
             self.http._authorize(request)
             mark = decode_mark(request.body)
-            entry = await self._off_loop(self._feedback().mark, mark)
+            entry = await off_loop(self._feedback().mark, mark)
             self.service.metrics.feedback_writes.labels("added", entry.verdict).inc()
             return Response.json({"feedback": entry.as_json()})
         return await self._answer(work)
@@ -53,7 +53,7 @@ class FeedbackHttp:
         async def work():
             self.http._authorize(request)
             feedback = self._feedback()
-            entries = await self._off_loop(feedback.entries, request.query.get("all") in ("1", "true"))
+            entries = await off_loop(feedback.entries, request.query.get("all") in ("1", "true"))
             return Response.json({"feedback": [e.as_json() for e in entries], "store": feedback.status()})
         return await self._answer(work)
 
@@ -61,7 +61,7 @@ class FeedbackHttp:
         async def work():
             self.http._authorize(request)
             entry_id = parse_id(request.query.get("id", ""))
-            entry = await self._off_loop(self._feedback().remove, entry_id, request.query.get("author", "") or "http")
+            entry = await off_loop(self._feedback().remove, entry_id, request.query.get("author", "") or "http")
             self.service.metrics.feedback_writes.labels("removed", entry.verdict).inc()
             return Response.json({"feedback": entry.as_json()})
         return await self._answer(work)
@@ -88,7 +88,7 @@ class FeedbackHttp:
         if feedback is not None:
             status = feedback.status()
             try:
-                entries = await self._off_loop(feedback.entries, True)
+                entries = await off_loop(feedback.entries, True)
             except LogscoreError as error:
                 status = {**status, "reachable": False, "error": str(error)}
         if self.service.review is None:
@@ -104,7 +104,7 @@ class FeedbackHttp:
             form = self._page_form(request)
             mark = Mark(verdict=form.get("verdict", ""), author=form.get("author") or PAGE_AUTHOR,
                         reason=form.get("reason", ""), group=form.get("group", ""))
-            entry = await self._off_loop(self._feedback().mark, mark)
+            entry = await off_loop(self._feedback().mark, mark)
             self.service.metrics.feedback_writes.labels("added", entry.verdict).inc()
             return redirect(f"/ui/?message={quote(f'Group {mark.group} marked {entry.verdict}: feedback #{entry.id}')}")
         return await self._answer(work, page=True)
@@ -112,7 +112,7 @@ class FeedbackHttp:
     async def page_remove(self, request: Request) -> Response:
         async def work():
             form = self._page_form(request)
-            entry = await self._off_loop(self._feedback().remove, parse_id(form.get("id", "")), PAGE_AUTHOR)
+            entry = await off_loop(self._feedback().remove, parse_id(form.get("id", "")), PAGE_AUTHOR)
             self.service.metrics.feedback_writes.labels("removed", entry.verdict).inc()
             return redirect(f"/ui/?message={quote(f'Feedback #{entry.id} undone')}")
         return await self._answer(work, page=True)
@@ -122,11 +122,6 @@ class FeedbackHttp:
         if self.service.feedback is None:
             raise InvalidRequest("feedback is off in this sidecar")
         return self.service.feedback
-
-    @staticmethod
-    async def _off_loop(function, *args):
-        """Store and pattern work (SQL, featurizing the marked records) runs in a worker thread."""
-        return await asyncio.get_running_loop().run_in_executor(None, function, *args)
 
     async def _answer(self, work, page: bool = False) -> Response:
         metrics = self.service.metrics

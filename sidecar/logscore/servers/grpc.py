@@ -17,6 +17,7 @@ from ..errors import (DeadlineExceeded, InvalidRequest, LogscoreError, ModelNotF
 from ..generated.logscore.v1 import scorer_pb2 as pb
 from ..records import decode_event_stream
 from ..scoring import ScoreCall, ScoreOutcome, ScoringService, check_record_count
+from .feedback_grpc import FeedbackServicer
 
 log = logging.getLogger("logscore.grpc")
 
@@ -92,6 +93,7 @@ class ScorerServicer:
             "ListModels": grpc.unary_unary_rpc_method_handler(
                 self.ListModels, request_deserializer=pb.ListModelsRequest.FromString,
                 response_serializer=pb.ListModelsResponse.SerializeToString),
+            **FeedbackServicer(self.service, STATUS_CODES).methods(),
         })
 
     async def Score(self, data: bytes, context):

@@ -21,7 +21,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -69,6 +69,7 @@ class TrainOptions:
     set_aside_factor: float = 2.5
     screening_rounds: int = 1  # refits without the records set aside (CSIC 2010 + 1 % attacks: a second set 3 more aside)
     learned_route: Optional[str] = None  # set by the sidecar's learner (sidecar/logscore/learning.py)
+    feedback: Optional[object] = None  # training.feedback.TrainingFeedback: operators' verdicts to fold in
 
     def validate(self) -> None:
         unknown = [d for d in self.detectors if d not in DETECTORS]
@@ -305,6 +306,8 @@ def train(records: Iterable[object], options: TrainOptions,
         # A session model learns what the sidecar will see: each record as its session so far,
         # built by the same tracker (sidecar/logscore/sessions.py), so unfinished sessions are normal.
         records = SessionTracker(SessionSpec.from_dict(options.spec["sessions"])).track(list(records))
+    if options.feedback is not None and options.feedback.keep:
+        records = without_kept(records, options.feedback.keep_texts())
     sample, read = reservoir_sample(records, options.max_records, options.seed, progress)
     if len(sample) < 10 * options.folds:
         raise InputError(f"only {len(sample)} records to train on; give at least {10 * options.folds} "
@@ -327,6 +330,8 @@ def train(records: Iterable[object], options: TrainOptions,
     flagged = float((calibrated >= threshold).mean())
     held_back = held_back_fpr(screening.raw, folds, kept, options)
     kept_records = [r for r, keep in zip(sample, kept) if keep]
+    if options.feedback is not None:  # learned as normal, left out of calibration (training/feedback.py)
+        kept_records += options.feedback.copies(support)
     final = fit(kept_records, options, progress, "final model")
 
     metadata = {
@@ -369,7 +374,37 @@ def train(records: Iterable[object], options: TrainOptions,
     }
     if options.learned_route:
         metadata["training"]["learned_route"] = options.learned_route
+    if options.feedback is not None:
+        metadata["training"]["feedback"] = check_feedback(final, calibration, threshold, options, keep_warning)
     return final.graph(calibration, metadata), metadata
+
+
+def without_kept(records: Iterable[object], kept: set[str]) -> Iterator[object]:
+    """The records, but those marked keep (true anomalies): never learned as normal."""
+    from ..feedback import record_text
+
+    return (r for r in records if record_text(r) not in kept)
+
+
+def check_feedback(final: Fitted, calibration: dict, threshold: float, options: TrainOptions, warn: Warn) -> dict:
+    """How the new model scores the records of the feedback: normal ones under the threshold, keep ones over."""
+    feedback = options.feedback
+    session = make_session(final.graph(calibration).SerializeToString())
+
+    def flagged(records: list) -> int:
+        if not records:
+            return 0
+        scores, _, _ = run_graph(session, featurize_all(final.featurizer, records, options.chunk))
+        return int((scores >= threshold).sum())
+
+    normal_flagged, keep_flagged = flagged(feedback.normal), flagged(feedback.keep)
+    if normal_flagged:
+        warn(f"{normal_flagged} of {len(feedback.normal)} records marked normal are still over the threshold")
+    if keep_flagged < len(feedback.keep):
+        warn(f"{len(feedback.keep) - keep_flagged} of {len(feedback.keep)} records marked keep (true anomalies) "
+             "are not flagged by the new model")
+    return {"store": feedback.store, "entries": feedback.entries, "normal_records": len(feedback.normal),
+            "normal_flagged": normal_flagged, "keep_records": len(feedback.keep), "keep_flagged": keep_flagged}
 
 
 def screen_sample(sample: Sequence[object], options: TrainOptions, support: float, progress: Progress):
