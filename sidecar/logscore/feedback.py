@@ -34,11 +34,13 @@ from .records import to_text
 
 NORMAL, KEEP = "normal", "keep"
 VERDICTS = (NORMAL, KEEP)
-SIGNATURE_SIZE = 4  # the most unusual features of a record: its kind (review groups, keep rules)
-SIMILAR = 2  # records sharing this many signature features are of one kind
+STRUCTURE_SIZE = 64  # unusual structural features kept per record: its kind (review groups, keep rules)
+SHORT_STRUCTURE = 4  # a record unusual in details only: its kind is its most unusual details
+SIMILARITY = 0.5  # records whose kinds share at least this share of their features (Jaccard) are alike
 MAX_RECORD_KEYS = 512  # unusual features a pattern takes from one record
 MAX_PATTERN_KEYS = 4096
-DETAIL_KINDS = ("ngrams",)  # converters whose features differ for nearly every value
+DETAIL_KINDS = ("ngrams", "numeric")  # converters whose features differ for nearly every value
+DETAIL_FEATURES = (": length ",)  # and features of others that do (a value's length class)
 NAMED = 5  # features named in a pattern, for people
 EXAMPLE_CHARS = 2000
 EXAMPLES = 5  # records a pattern keeps, for people and for training (`logscore train --feedback`)
@@ -46,7 +48,7 @@ EXAMPLES = 5  # records a pattern keeps, for people and for training (`logscore 
 
 @dataclass
 class Entry:
-    """One stored feedback entry. ``pattern``: {"keys", "signature", "features"} or {"field", "value"}."""
+    """One stored feedback entry. ``pattern``: {"keys", "structure", "features", "examples"} or {"field", "value"}."""
 
     id: int
     verdict: str
@@ -85,7 +87,7 @@ class Entry:
         return found
 
     def as_json(self) -> dict:
-        pattern = {k: v for k, v in self.pattern.items() if k not in ("keys", "signature", "examples")}
+        pattern = {k: v for k, v in self.pattern.items() if k not in ("keys", "structure", "examples")}
         if "keys" in self.pattern:
             pattern["feature_count"] = len(self.pattern["keys"])
         return {"id": self.id, "verdict": self.verdict, "model": self.model, "route": self.route,
@@ -138,8 +140,12 @@ class Inspection:
         order = order[contribution[order] > 0][:limit]
         return order + start
 
-    def signature(self, row: int) -> tuple[int, ...]:
-        return tuple(int(k) for k in self.batch.keys[self.unusual(row, SIGNATURE_SIZE)])
+    def structure(self, row: int) -> tuple[int, ...]:
+        """The record's kind: its unusual structural features (or, when only details are unusual, the most
+        unusual of those)."""
+        unusual = self.unusual(row, STRUCTURE_SIZE)
+        structural = unusual[~self.detail[unusual]]
+        return tuple(int(k) for k in self.batch.keys[structural if len(structural) else unusual[:SHORT_STRUCTURE]])
 
     def names(self, row: int, limit: int = NAMED) -> "FeatureNames":
         """The names of the record's most unusual features, worked out when first asked for."""
@@ -193,7 +199,7 @@ def rescore_without(model: Model, batch: FeatureBatch, drop: np.ndarray) -> np.n
 
 
 def pattern_from_records(model: Model, records: Sequence[object]) -> dict:
-    """The pattern of marked records: their unusual features (keys, signature, names)."""
+    """The pattern of marked records: their unusual features (keys, structure, names)."""
     if model.sessions is not None:
         raise InvalidRequest(f"model {model.name!r} scores sessions: mark a field value "
                              "(field and value) instead of records")
@@ -207,7 +213,7 @@ def pattern_from_records(model: Model, records: Sequence[object]) -> dict:
         raise InvalidRequest(f"the records hold no unusual feature for model {model.name!r} (scores {scores}); "
                              "nothing to mark")
     row = max(range(found.batch.size), key=lambda r: found.scores[r])  # named after the strangest
-    return {"keys": list(keys)[:MAX_PATTERN_KEYS], "signature": list(found.signature(row)),
+    return {"keys": list(keys)[:MAX_PATTERN_KEYS], "structure": list(found.structure(row)),
             "features": [strip_rarity(n) for n in found.names(row)()],
             "examples": [record_text(r) for r in records[:EXAMPLES]]}
 
@@ -233,7 +239,7 @@ class ModelRules:
 
     normal_by_key: dict[int, list[Entry]] = field(default_factory=dict)
     keep_by_key: dict[int, list[Entry]] = field(default_factory=dict)  # keys of keep rules' patterns
-    keep_by_signature_key: dict[int, list[Entry]] = field(default_factory=dict)
+    keep_by_structure_key: dict[int, list[Entry]] = field(default_factory=dict)
     by_field: dict[tuple[str, str], list[Entry]] = field(default_factory=dict)
     normal_keys: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # sorted
 
@@ -246,8 +252,8 @@ class ModelRules:
         for key in pattern["keys"]:
             by_key.setdefault(int(key), []).append(entry)
         if entry.verdict == KEEP:
-            for key in pattern.get("signature", []):
-                self.keep_by_signature_key.setdefault(int(key), []).append(entry)
+            for key in pattern.get("structure", []):
+                self.keep_by_structure_key.setdefault(int(key), []).append(entry)
 
     def finish(self) -> "ModelRules":
         self.normal_keys = np.array(sorted(self.normal_by_key), dtype=np.int64)
@@ -289,7 +295,7 @@ class Flagged:
     index: int  # in the batch
     score: float  # the score it leaves with (lowered when suppressed)
     original_score: float
-    signature: tuple[int, ...]
+    structure: tuple[int, ...]
     unusual_keys: list[int]
     names: Callable[[], list[str]]  # the most unusual features' names
     suppressed_by: list[int] = field(default_factory=list)
@@ -332,8 +338,8 @@ class FeedbackStep:
         scores = scores.copy() if rescored is not None else scores
         for row, i in enumerate(candidates.tolist()):
             unusual = found.unusual(row)
-            item = Flagged(i, float(scores[i]), float(scores[i]), tuple(int(k) for k in found.batch.keys[unusual[:SIGNATURE_SIZE]]),
-                           [int(k) for k in found.batch.keys[unusual]], found.names(row, SIGNATURE_SIZE))
+            item = Flagged(i, float(scores[i]), float(scores[i]), found.structure(row),
+                           [int(k) for k in found.batch.keys[unusual]], found.names(row, SHORT_STRUCTURE))
             if keepers[row]:
                 item.kept_by = keepers[row]
                 notes.append((i, "record", f"kept by feedback {rule_list(keepers[row])}"))
@@ -405,27 +411,28 @@ class FeedbackStep:
         of its values) go too. Otherwise only what the rules name is dropped."""
         unusual = found.contribution[start:stop] > 0
         structural = unusual & ~found.detail[start:stop]
-        if not structural.any() or (structural & ~covered).any():
+        uncovered = np.flatnonzero(structural & ~covered)
+        if not structural.any() or not all(any(part in found.batch.name(int(i) + start) for part in DETAIL_FEATURES)
+                                           for i in uncovered):
             return np.zeros(stop - start, dtype=bool)
         free = np.fromiter((int(k) not in protected for k in found.batch.keys[start:stop]), dtype=bool,
                            count=stop - start) if protected else True
-        return unusual & found.detail[start:stop] & free
+        detail = found.detail[start:stop].copy()
+        detail[uncovered] = True  # length classes named above
+        return unusual & detail & free
 
     def _kept(self, found, row, start, stop, model_rules, route, entity, values, fields):
         """(keys no normal rule may drop, ids of keep rules the record falls under)."""
         keys = found.batch.keys
         protected: set[int] = set()
         kept: set[int] = set()
-        signature = found.signature(row)
+        structure = found.structure(row)
         for rules in model_rules:
-            if not (rules.keep_by_key or rules.keep_by_signature_key or rules.by_field):
+            if not (rules.keep_by_key or rules.keep_by_structure_key or rules.by_field):
                 continue
-            shared: dict[int, int] = {}
-            for key in signature:
-                for entry in rules.keep_by_signature_key.get(key, ()):
-                    if in_scope(entry, route, entity):
-                        shared[entry.id] = shared.get(entry.id, 0) + 1
-            kept.update(rule for rule, count in shared.items() if count >= min(SIMILAR, len(signature)))
+            candidates = {entry.id: entry for key in structure for entry in rules.keep_by_structure_key.get(key, ())}
+            kept.update(i for i, entry in candidates.items()
+                        if in_scope(entry, route, entity) and similar(structure, entry.pattern["structure"]))
             for index in range(start, stop):
                 for entry in rules.keep_by_key.get(int(keys[index]), ()):
                     if in_scope(entry, route, entity):
@@ -437,6 +444,12 @@ class FeedbackStep:
                             if entry.verdict == KEEP and in_scope(entry, route, entity):
                                 kept.add(entry.id)
         return protected, kept
+
+
+def similar(a: Sequence, b: Sequence) -> bool:
+    """Two kinds (sets of features) are alike when they share at least SIMILARITY of their union."""
+    a, b = set(a), set(b)
+    return bool(a | b) and len(a & b) >= SIMILARITY * len(a | b)
 
 
 def rule_list(ids: Sequence[int]) -> str:

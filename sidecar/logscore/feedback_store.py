@@ -379,9 +379,11 @@ class FeedbackService:
         return True
 
     def _reachable(self) -> None:
-        if not self.reachable and self.error is not None:
-            log.info("feedback store reachable again", extra={"store": self.store.description})
+        back = not self.reachable and self.error is not None
         self.reachable, self.error = True, None
+        if back:
+            log.info("feedback store reachable again", extra={"store": self.store.description})
+            self.on_reload(self)
 
     def _unreachable(self, error: Exception) -> None:
         if self.reachable or self.error is None:
@@ -414,7 +416,7 @@ class FeedbackService:
             group = self.review.group(mark.group) if self.review is not None else None
             if group is None:
                 raise InvalidRequest(f"no review group {mark.group!r} (groups live in memory: list them at /ui/)")
-            if not group.signature:
+            if not group.structure:
                 raise InvalidRequest(f"group {mark.group} names no feature (a session model): mark a field value")
             model_name = mark.model or group.model
             pattern = group.pattern()
@@ -443,6 +445,8 @@ class FeedbackService:
     def remove(self, entry_id: int, by: str) -> Entry:
         removed = self.store.remove(entry_id, by)
         self._reload_after_write()
+        if self.review is not None:
+            self.review.unmarked(entry_id)
         return removed
 
     def entries(self, include_removed: bool = False) -> list[Entry]:

@@ -24,7 +24,7 @@ from typing import Optional
 import numpy as np
 
 from .errors import InputError
-from .feedback import SIGNATURE_SIZE, strip_rarity
+from .feedback import strip_rarity
 from .inputs import read_lines
 from .metrics import SCORE_BUCKETS
 from .review import TOP_ENTITIES, Example, Groups, render_group_examples
@@ -180,9 +180,8 @@ def read_scored(paths, entity_field: Optional[str], progress=None) -> tuple[Tota
         entity = entity_of(record, entity_field)
         if entity:
             totals.entities[entity] += 1
-        names = [strip_rarity(n) for n in explanation_of(record)][:SIGNATURE_SIZE]
-        signature = tuple(names)
-        group = groups.assign(model, route, signature, lambda names=names: names, when or float(number))
+        names = [strip_rarity(n) for n in explanation_of(record)]
+        group = groups.assign(model, route, tuple(names), lambda names=names: names, when or float(number))
         group.add(when if when is not None else float(number), 60.0, entity)
         if len(group.examples) < group.examples.maxlen:
             group.examples.append(Example(when or 0.0, text[:2000], float(score), lambda names=names: names))

@@ -4,9 +4,10 @@
     GET /ui/ ─► render_page: groups (count, timeline, examples, "normal" / "keep" buttons),
                 the score histogram, the feedback list with undo          (servers/feedback_http.py)
 
-A group is a kind of anomaly: records of one model and route whose most unusual features (their
-signature, feedback.SIGNATURE_SIZE of them) share at least feedback.SIMILAR with the group's first
-record. Assigning a record costs a dictionary lookup per signature feature (no clustering pass).
+A group is a kind of anomaly: records of one model and route whose unusual structural features
+(URL template, parameter shapes and characters, tokens: their kind) are alike (feedback.similar:
+half of their union shared) with the group's first record's. Assigning a record costs a dictionary
+lookup per feature of its kind (no clustering pass).
 `logscore report` groups scored files with the same ``Groups``, by feature names instead of keys.
 """
 
@@ -19,8 +20,7 @@ from dataclasses import dataclass, field
 from html import escape
 from typing import Callable, Hashable, Optional, Sequence
 
-from .feedback import (MAX_PATTERN_KEYS, SIGNATURE_SIZE, SIMILAR, FeedbackStep, Flagged, base_name, record_text,
-                       strip_rarity)
+from .feedback import MAX_PATTERN_KEYS, FeedbackStep, Flagged, base_name, record_text, similar, strip_rarity
 from .svg import bars, timeline
 
 EXAMPLES = 5
@@ -42,7 +42,7 @@ class Group:
     id: str
     model: str
     route: str
-    signature: tuple
+    structure: tuple  # the first record's kind
     names: Callable[[], list[str]]
     first_seen: float
     last_seen: float
@@ -70,50 +70,59 @@ class Group:
 
     def pattern(self) -> dict:
         """The feedback pattern of the whole group: every member's unusual features."""
-        return {"keys": list(self.unusual_keys)[:MAX_PATTERN_KEYS], "signature": list(self.signature),
+        return {"keys": list(self.unusual_keys)[:MAX_PATTERN_KEYS], "structure": list(self.structure),
                 "features": [strip_rarity(n) for n in self.names()], "examples": [e.text for e in self.examples]}
 
 
+def marked_normal(group: Group) -> bool:
+    return any(verdict == "normal" for _, verdict in group.feedback)
+
+
 class Groups:
-    """Leader grouping: a record joins the group (same scope) sharing most of its signature, at
-    least SIMILAR features (fewer when the signature is shorter); else it starts a new group. At most
-    ``max_groups``: the group seen least recently goes first."""
+    """Leader grouping: a record joins the most alike group of its scope (model, route) when alike
+    enough (feedback.similar), else it starts a new group. At most ``max_groups``: the group seen
+    least recently goes first."""
 
     def __init__(self, max_groups: int = 500, prefix: str = "g", max_buckets: int = TIMELINE_BUCKETS):
         self.max_groups = max_groups
         self.max_buckets = max_buckets  # per group: timeline buckets kept (the most recent)
         self.prefix = prefix
         self.by_id: OrderedDict[str, Group] = OrderedDict()  # least recently seen first
-        self._index: dict[tuple, set[str]] = {}  # (scope..., signature item) -> group ids
+        self._index: dict[tuple, set[str]] = {}  # (scope..., a feature of its kind) -> group ids
         self._next = 1
         self.created = 0
 
-    def assign(self, model: str, route: str, signature: tuple, names: Callable[[], list[str]], when: float) -> Group:
+    def assign(self, model: str, route: str, structure: tuple, names: Callable[[], list[str]], when: float,
+               avoid: Optional[Callable[[Group], bool]] = None) -> Group:
         scope = (model, route)
-        shared: Counter = Counter()
-        for item in signature:
-            shared.update(self._index.get((*scope, item), ()))
-        if not signature:
-            shared.update(self._index.get((*scope, None), ()))
-        need = min(SIMILAR, len(signature)) if signature else 0
-        best = max(shared.items(), key=lambda kv: (kv[1], kv[0]), default=(None, -1))
-        if best[0] is not None and best[1] >= need and best[0] in self.by_id:
-            group = self.by_id[best[0]]
-            self.by_id.move_to_end(group.id)
-            return group
-        group = Group(f"{self.prefix}{self._next}", model, route, signature, names, when, when,
+        candidates: set[str] = set()
+        for item in structure or (None,):
+            candidates.update(self._index.get((*scope, item), ()))
+        best, best_share = None, -1.0
+        for group_id in sorted(candidates):
+            group = self.by_id[group_id]
+            if avoid is not None and avoid(group):
+                continue
+            if group.structure == structure or similar(group.structure, structure):
+                shared = len(set(group.structure) & set(structure)) / max(len(set(group.structure) | set(structure)), 1)
+                if shared > best_share:
+                    best, best_share = group, shared
+        if best is not None:
+            self.by_id.move_to_end(best.id)
+            return best
+        group = Group(f"{self.prefix}{self._next}", model, route, structure, names, when, when,
                       max_buckets=self.max_buckets)
         self._next += 1
         self.created += 1
         self.by_id[group.id] = group
-        for item in signature or (None,):
+        for item in structure or (None,):
             self._index.setdefault((*scope, item), set()).add(group.id)
         while len(self.by_id) > self.max_groups:
             self._forget(self.by_id.popitem(last=False)[1])
         return group
 
     def _forget(self, group: Group) -> None:
-        for item in group.signature or (None,):
+        for item in group.structure or (None,):
             ids = self._index.get((group.model, group.route, item))
             if ids is not None:
                 ids.discard(group.id)
@@ -144,7 +153,9 @@ class ReviewRing:
             for item in flagged:
                 route = step.route(item.index)
                 created = self.groups.created
-                group = self.groups.assign(base_name(model.name), route, item.signature, item.names, now)
+                # A record still flagged is not of a kind marked normal: it does not join such a group.
+                group = self.groups.assign(base_name(model.name), route, item.structure, item.names, now,
+                                           avoid=None if item.suppressed_by else marked_normal)
                 if self.groups.created != created:
                     self.on_new_group(model.name)
                 group.add(now, self.bucket_s, step.entity(item.index))
@@ -171,6 +182,12 @@ class ReviewRing:
             group = self.groups.by_id.get(group_id)
             if group is not None:
                 group.feedback.append((entry_id, verdict))
+
+    def unmarked(self, entry_id: int) -> None:
+        """An entry was undone: its groups are no longer marked by it."""
+        with self.lock:
+            for group in self.groups.by_id.values():
+                group.feedback = [(i, v) for i, v in group.feedback if i != entry_id]
 
     def snapshot(self) -> list[Group]:
         with self.lock:
