@@ -240,6 +240,7 @@ class ModelRules:
     normal_by_key: dict[int, list[Entry]] = field(default_factory=dict)
     keep_by_key: dict[int, list[Entry]] = field(default_factory=dict)  # keys of keep rules' patterns
     keep_by_structure_key: dict[int, list[Entry]] = field(default_factory=dict)
+    normal_by_structure_key: dict[int, list[Entry]] = field(default_factory=dict)
     by_field: dict[tuple[str, str], list[Entry]] = field(default_factory=dict)
     normal_keys: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # sorted
 
@@ -251,9 +252,9 @@ class ModelRules:
         by_key = self.normal_by_key if entry.verdict == NORMAL else self.keep_by_key
         for key in pattern["keys"]:
             by_key.setdefault(int(key), []).append(entry)
-        if entry.verdict == KEEP:
-            for key in pattern.get("structure", []):
-                self.keep_by_structure_key.setdefault(int(key), []).append(entry)
+        by_structure = self.keep_by_structure_key if entry.verdict == KEEP else self.normal_by_structure_key
+        for key in dict.fromkeys(pattern.get("structure", [])):
+            by_structure.setdefault(int(key), []).append(entry)
 
     def finish(self) -> "ModelRules":
         self.normal_keys = np.array(sorted(self.normal_by_key), dtype=np.int64)
@@ -399,10 +400,35 @@ class FeedbackStep:
                                     if fields[index] == name and unusual[index] and int(keys[index]) not in protected:
                                         covered[index - start] = True
                                         used.setdefault(entry.id, None)
-            if used:
-                drop[start:stop] = covered | self._same_pattern(found, start, stop, covered, protected)
+            kinds = self._kinds(keys[start:stop], model_rules, route, entity)
+            structural = (unusual[start:stop] & ~found.detail[start:stop]).any()
+            # Whole records go when they are of a marked kind, or when rules name unusual structure of
+            # theirs; rules that share a few n-grams with a record only take those n-grams away.
+            if kinds or (used and structural):
+                whole = self._same_pattern(found, start, stop, covered, protected)
+                drop[start:stop] = covered | whole
+                if whole.any():
+                    used.update(dict.fromkeys(kinds))
+            elif used:
+                drop[start:stop] = covered
             suppressors[row] = sorted(used)
         return drop, suppressors, keepers
+
+    @staticmethod
+    def _kinds(keys: np.ndarray, model_rules: list[ModelRules], route: str, entity: Optional[str]) -> list[int]:
+        """Normal rules whose kind the record is of: it holds at least SIMILARITY of the rule's structure
+        (seen in training or not: after retraining, a kind's features are no longer unusual)."""
+        counts: dict[int, int] = {}
+        entries: dict[int, Entry] = {}
+        for rules in model_rules:
+            if not rules.normal_by_structure_key:
+                continue
+            for key in keys.tolist():
+                for entry in rules.normal_by_structure_key.get(key, ()):
+                    counts[entry.id] = counts.get(entry.id, 0) + 1
+                    entries[entry.id] = entry
+        return [i for i, count in counts.items() if count >= SIMILARITY * len(entries[i].pattern["structure"])
+                and in_scope(entries[i], route, entity)]
 
     @staticmethod
     def _same_pattern(found: Inspection, start: int, stop: int, covered: np.ndarray, protected: set) -> np.ndarray:
@@ -412,8 +438,7 @@ class FeedbackStep:
         unusual = found.contribution[start:stop] > 0
         structural = unusual & ~found.detail[start:stop]
         uncovered = np.flatnonzero(structural & ~covered)
-        if not structural.any() or not all(any(part in found.batch.name(int(i) + start) for part in DETAIL_FEATURES)
-                                           for i in uncovered):
+        if not all(any(part in found.batch.name(int(i) + start) for part in DETAIL_FEATURES) for i in uncovered):
             return np.zeros(stop - start, dtype=bool)
         free = np.fromiter((int(k) not in protected for k in found.batch.keys[start:stop]), dtype=bool,
                            count=stop - start) if protected else True

@@ -203,9 +203,12 @@ def detector_progress(progress: Progress, stage: str) -> Callable[[int, int], No
     return lambda step, steps: progress(stage, step, steps, "epochs")
 
 
-def fit(records: Sequence[object], options: TrainOptions, progress: Progress, stage: str) -> Fitted:
+def fit(records: Sequence[object], options: TrainOptions, progress: Progress, stage: str,
+        featurizer_records: Optional[Sequence[object]] = None) -> Fitted:
+    """Fit on ``records``; the featurizer learns from ``featurizer_records`` when given (feedback's
+    repeated records must not make a parameter look like an enumeration)."""
     featurizer = Featurizer(options.spec)
-    featurizer.fit(records)
+    featurizer.fit(records if featurizer_records is None else featurizer_records)
     batch = featurize_all(featurizer, records, options.chunk, progress, f"{stage}: featurizing")
     table = RarityTable(batch.keys, len(records), options.support)
     data = Features(batch, table)
@@ -330,9 +333,11 @@ def train(records: Iterable[object], options: TrainOptions,
     flagged = float((calibrated >= threshold).mean())
     held_back = held_back_fpr(screening.raw, folds, kept, options)
     kept_records = [r for r, keep in zip(sample, kept) if keep]
-    if options.feedback is not None:  # learned as normal, left out of calibration (training/feedback.py)
-        kept_records += options.feedback.copies(support)
-    final = fit(kept_records, options, progress, "final model")
+    if options.feedback is None:
+        final = fit(kept_records, options, progress, "final model")
+    else:  # learned as normal, left out of calibration (training/feedback.py)
+        final = fit(kept_records + options.feedback.copies(support), options, progress, "final model",
+                    kept_records + options.feedback.normal)
 
     metadata = {
         "format_version": FORMAT_VERSION,
