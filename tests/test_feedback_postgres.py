@@ -88,7 +88,7 @@ def test_both_stores_hold_one_schema_with_versioned_migrations(cluster, tmp_path
     stores = [PostgresStore(cluster.create_database("schema")), SqliteStore(str(tmp_path / "f.sqlite3"))]
     for store in stores:
         assert store.migrate() == SCHEMA_VERSION and store.migrate() == SCHEMA_VERSION  # idempotent
-        entry = store.add(Entry(0, NORMAL, {"keys": [1, 2], "structure": [1], "features": ["url: x"]}, "ana",
+        entry = store.add(Entry(0, NORMAL, {"keys": [1, 2], "kind": [1, "path /a/<a>"], "features": ["url: x"]}, "ana",
                                 "why", model="shop", expires_at=time.time() + 60))
         assert entry.id == 1 and store.revision() == 1
         removed = store.remove(1, "ben")

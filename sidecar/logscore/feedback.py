@@ -29,18 +29,20 @@ import numpy as np
 
 from .errors import InvalidRequest
 from .features import FeatureBatch
+from .features.batch import text_key
+from .features.converters import ValueCache, value_shape
 from .model import Model, run_graph
 from .records import to_text
 
 NORMAL, KEEP = "normal", "keep"
 VERDICTS = (NORMAL, KEEP)
-STRUCTURE_SIZE = 64  # unusual structural features kept per record: its kind (review groups, keep rules)
-SHORT_STRUCTURE = 4  # a record unusual in details only: its kind is its most unusual details
+KIND_SIZE = 64  # unusual structural features making a record's kind (review groups, rules)
+SHORT_KIND = 4  # a record unusual in details only: its kind is its most unusual details
+MAX_KIND_TOKENS = 256  # a pattern's kinds
 SIMILARITY = 0.5  # records whose kinds share at least this share of their features (Jaccard) are alike
 MAX_RECORD_KEYS = 512  # unusual features a pattern takes from one record
 MAX_PATTERN_KEYS = 4096
 DETAIL_KINDS = ("ngrams", "numeric")  # converters whose features differ for nearly every value
-DETAIL_FEATURES = (": length ",)  # and features of others that do (a value's length class)
 NAMED = 5  # features named in a pattern, for people
 EXAMPLE_CHARS = 2000
 EXAMPLES = 5  # records a pattern keeps, for people and for training (`logscore train --feedback`)
@@ -48,7 +50,7 @@ EXAMPLES = 5  # records a pattern keeps, for people and for training (`logscore 
 
 @dataclass
 class Entry:
-    """One stored feedback entry. ``pattern``: {"keys", "structure", "features", "examples"} or {"field", "value"}."""
+    """One stored feedback entry. ``pattern``: {"keys", "kind", "features", "examples"} or {"field", "value"}."""
 
     id: int
     verdict: str
@@ -87,7 +89,7 @@ class Entry:
         return found
 
     def as_json(self) -> dict:
-        pattern = {k: v for k, v in self.pattern.items() if k not in ("keys", "structure", "examples")}
+        pattern = {k: v for k, v in self.pattern.items() if k not in ("keys", "kind", "examples")}
         if "keys" in self.pattern:
             pattern["feature_count"] = len(self.pattern["keys"])
         return {"id": self.id, "verdict": self.verdict, "model": self.model, "route": self.route,
@@ -130,28 +132,60 @@ class Inspection:
     scores: np.ndarray
     bounds: np.ndarray  # [N + 1]: record r's keys are batch indices bounds[r]:bounds[r + 1]
     detail: np.ndarray  # [nnz] bool: the key is an n-gram
+    records: Sequence[object]
+    _unusual: dict = field(default_factory=dict)  # row -> unusual(row), worked out once
+    _values: Optional[dict] = None  # field -> [N] values, parsed again only for field-value entries
 
     def unusual(self, row: int, limit: int = MAX_RECORD_KEYS) -> np.ndarray:
         """Batch indices of the record's unusual features: structural ones first, each kind most
         unusual first."""
-        start, stop = int(self.bounds[row]), int(self.bounds[row + 1])
-        contribution = self.contribution[start:stop]
-        order = np.lexsort((-contribution, self.detail[start:stop]))
-        order = order[contribution[order] > 0][:limit]
-        return order + start
+        found = self._unusual.get(row)
+        if found is None:
+            start, stop = int(self.bounds[row]), int(self.bounds[row + 1])
+            contribution = self.contribution[start:stop]
+            order = np.lexsort((-contribution, self.detail[start:stop]))
+            found = self._unusual[row] = order[contribution[order] > 0][:MAX_RECORD_KEYS] + start
+        return found[:limit]
 
-    def structure(self, row: int) -> tuple[int, ...]:
-        """The record's kind: its unusual structural features (or, when only details are unusual, the most
-        unusual of those)."""
-        unusual = self.unusual(row, STRUCTURE_SIZE)
-        structural = unusual[~self.detail[unusual]]
-        return tuple(int(k) for k in self.batch.keys[structural if len(structural) else unusual[:SHORT_STRUCTURE]])
+    def kind(self, row: int) -> frozenset:
+        """What kind of unusual the record is: its unusual structural features, where a URL's
+        template-level ones (its path, segments, and the parameter slots of its template) become one
+        token, its path kind (``path_kind``: new pages of a section and file type are one kind), while
+        a parameter's shape and characters stay themselves. A record unusual in details only
+        (n-grams) is of the kind of its most unusual details."""
+        unusual = self.unusual(row, KIND_SIZE)
+        structural = [int(k) for k in self.batch.keys[unusual[~self.detail[unusual]]]]
+        if not structural:
+            return frozenset(int(k) for k in self.batch.keys[unusual[:SHORT_KIND]])
+        tokens: set = set(structural)
+        for converter in self.model.featurizer.converters:
+            value = self.value_of(converter, row) if converter.kind == "url" else None
+            if value is not None:
+                tokens = url_kind(converter, value, tokens)
+        return frozenset(tokens)
 
     def names(self, row: int, limit: int = NAMED) -> "FeatureNames":
         """The names of the record's most unusual features, worked out when first asked for."""
         origins = self.batch.origins
         return FeatureNames(self.model, [(origins.entries[int(origins.entry_of_key[i])], int(origins.position[i]),
                                           float(self.surprise[i])) for i in self.unusual(row, limit)])
+
+    def value_of(self, converter, row: int) -> Optional[str]:
+        """The value ``converter`` featurized for the record (its features keep it: nothing is parsed)."""
+        origins = self.batch.origins
+        start, stop = int(self.bounds[row]), int(self.bounds[row + 1])
+        for entry_id in dict.fromkeys(origins.entry_of_key[start:stop].tolist()):
+            entry = origins.entries[entry_id]
+            if entry.converter is converter:
+                return entry.value
+        return None
+
+    @property
+    def values(self) -> dict:
+        """Each field's values as the featurizer reads them (for field-value entries)."""
+        if self._values is None:
+            self._values = self.model.featurizer.field_values(self.records)[0]
+        return self._values
 
     def key_fields(self) -> list[str]:
         origins = self.batch.origins
@@ -172,6 +206,65 @@ class FeatureNames:
         return self._names
 
 
+def url_features(converter, value: str) -> tuple[str, frozenset, frozenset]:
+    """(template, keys of its template-level features, keys of its length classes) of a URL; cached,
+    as flagged URLs repeat (a page marked normal, a scanner's probes)."""
+    found = _URL_FEATURES.get((converter, value))
+    if found is None:
+        texts = list(converter.features(value))
+        template = next((t[len("parameters "):].rpartition("?")[0] for t in texts if t.startswith("parameters ")), "")
+        slot = f"{template}?"
+        template_level = frozenset(text_key(converter.seed, t) for t in texts if t.startswith(TEMPLATE_FEATURES) or
+                                   (t.startswith(SLOT_FEATURES) and t.split(" ", 1)[1].startswith(slot)))
+        lengths = frozenset(text_key(converter.seed, t) for t in texts if t.startswith("length "))
+        found = (template, template_level, lengths)
+        _URL_FEATURES.put((converter, value), found)
+    return found
+
+
+_URL_FEATURES = ValueCache(4096)
+
+
+def url_kind(converter, value: str, tokens: set) -> set:
+    """The kind tokens of a record with its URL's template-level features (of ``tokens``, the unusual
+    structural ones) replaced by its path kind, and its length classes (details) left out."""
+    template, template_level, lengths = url_features(converter, value)
+    seed = converter.seed
+    found = tokens & template_level
+    kept = tokens - template_level - lengths
+    if found:
+        new = {s for s in template.split("/") if text_key(seed, f"segment {s}") in tokens}
+        if new:
+            kept.add(path_kind(template, new))
+        elif text_key(seed, f"path {template}") in tokens:  # known segments in a new order
+            kept.add(f"path {template}")
+        elif not kept:  # a known page with a new set of parameters of known shapes
+            kept.add(f"parameters {template}")
+    return kept
+
+
+PLAIN_SHAPE = frozenset("a9_-.")  # a segment shaped only of these is a plain name (a page, a file, a version)
+
+
+def path_kind(template: str, new: set) -> str:
+    """A path with segments never seen, as a kind: its section (first segment), the file type of its last
+    segment, and the shape of every new segment that is no plain name (``..``, quotes, ``$``, spaces):
+    ``path /files/…deb``, ``path /scripts/…<"a:>``. So new pages of a section and type are one kind,
+    while odd segments (a traversal, an injection in the path) keep it apart."""
+    segments = template.split("/")
+    section = segments[1] if len(segments) > 1 else ""
+    last = segments[-1] if len(segments) > 2 else ""
+    extension = last.rpartition(".")[2].lower() if "." in last else ""
+    odd = [f"<{value_shape(s)}>" for s in segments[2:] if s in new
+           and (s in (".", "..") or not set(value_shape(s)) <= PLAIN_SHAPE)]
+    kind = f"path /{section}/…" + (extension if extension.isalnum() and len(extension) <= 6 else "")
+    return kind + "".join(odd)
+
+
+TEMPLATE_FEATURES = ("path ", "segment ", "parameters ")  # the url converter's features of a template
+SLOT_FEATURES = ("parameter ", "shape ", "value ")  # ...and of a parameter of a template ("shape T?name=S")
+
+
 def inspect(model: Model, records: Sequence[object]) -> Inspection:
     """Featurize ``records`` (not session models: their records are sessions) and run the graph."""
     batch = model.featurizer.transform(records, dense=True)  # dense: KeyOrigins name every key's field
@@ -183,7 +276,8 @@ def inspect(model: Model, records: Sequence[object]) -> Inspection:
     detail_entries = np.fromiter((e.converter.kind in DETAIL_KINDS for e in origins.entries), dtype=bool,
                                  count=len(origins.entries))
     return Inspection(model, batch, batch.weights * surprise, surprise, scores, bounds,
-                      detail_entries[origins.entry_of_key] if len(origins.entries) else np.zeros(0, dtype=bool))
+                      detail_entries[origins.entry_of_key] if len(origins.entries) else np.zeros(0, dtype=bool),
+                      records)
 
 
 def rescore_without(model: Model, batch: FeatureBatch, drop: np.ndarray) -> np.ndarray:
@@ -199,21 +293,23 @@ def rescore_without(model: Model, batch: FeatureBatch, drop: np.ndarray) -> np.n
 
 
 def pattern_from_records(model: Model, records: Sequence[object]) -> dict:
-    """The pattern of marked records: their unusual features (keys, structure, names)."""
+    """The pattern of marked records: their unusual features (keys, kinds, names)."""
     if model.sessions is not None:
         raise InvalidRequest(f"model {model.name!r} scores sessions: mark a field value "
                              "(field and value) instead of records")
     found = inspect(model, records)
     keys: dict[int, None] = {}
+    kinds: dict = {}
     for row in range(found.batch.size):
         for index in found.unusual(row):
             keys.setdefault(int(found.batch.keys[index]), None)
+        kinds.update(dict.fromkeys(sorted(found.kind(row), key=str)))
     if not keys:
         scores = ", ".join(f"{s:.4f}" for s in found.scores[:5])
         raise InvalidRequest(f"the records hold no unusual feature for model {model.name!r} (scores {scores}); "
                              "nothing to mark")
     row = max(range(found.batch.size), key=lambda r: found.scores[r])  # named after the strangest
-    return {"keys": list(keys)[:MAX_PATTERN_KEYS], "structure": list(found.structure(row)),
+    return {"keys": list(keys)[:MAX_PATTERN_KEYS], "kind": list(kinds)[:MAX_KIND_TOKENS],
             "features": [strip_rarity(n) for n in found.names(row)()],
             "examples": [record_text(r) for r in records[:EXAMPLES]]}
 
@@ -233,14 +329,42 @@ def strip_rarity(name: str) -> str:
 
 # --- rules in memory ---------------------------------------------------------------------------
 
+class Index:
+    """Item (a feature key, a kind token) -> the entries naming it; entries without a route or entity
+    scope (the usual ones) are kept as plain ids, so a lookup costs the same for one entry or many."""
+
+    def __init__(self):
+        self.unscoped: dict[object, set[int]] = {}
+        self.scoped: dict[object, list[Entry]] = {}
+        self.entries: dict[int, Entry] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self.entries)
+
+    def add(self, item, entry: Entry) -> None:
+        self.entries[entry.id] = entry
+        if entry.route or entry.entity:
+            self.scoped.setdefault(item, []).append(entry)
+        else:
+            self.unscoped.setdefault(item, set()).add(entry.id)
+
+    def ids(self, item, route: str, entity: Optional[str]) -> set[int]:
+        found = self.unscoped.get(item, set())
+        scoped = self.scoped.get(item)
+        if scoped:
+            found = found | {e.id for e in scoped if in_scope(e, route, entity)}
+        return found
+
+
 @dataclass
 class ModelRules:
-    """The active rules of one model name: lookups from a feature key or a field value to rule ids."""
+    """The active rules of one model name: lookups from a feature key, a kind token or a field value
+    to the entries naming it."""
 
-    normal_by_key: dict[int, list[Entry]] = field(default_factory=dict)
-    keep_by_key: dict[int, list[Entry]] = field(default_factory=dict)  # keys of keep rules' patterns
-    keep_by_structure_key: dict[int, list[Entry]] = field(default_factory=dict)
-    normal_by_structure_key: dict[int, list[Entry]] = field(default_factory=dict)
+    normal_by_key: Index = field(default_factory=Index)
+    normal_by_kind: Index = field(default_factory=Index)
+    keep_by_key: Index = field(default_factory=Index)
+    keep_by_kind: Index = field(default_factory=Index)
     by_field: dict[tuple[str, str], list[Entry]] = field(default_factory=dict)
     normal_keys: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # sorted
 
@@ -249,15 +373,15 @@ class ModelRules:
         if "field" in pattern:
             self.by_field.setdefault((pattern["field"], pattern["value"]), []).append(entry)
             return
-        by_key = self.normal_by_key if entry.verdict == NORMAL else self.keep_by_key
+        normal = entry.verdict == NORMAL
+        by_key, by_kind = (self.normal_by_key, self.normal_by_kind) if normal else (self.keep_by_key, self.keep_by_kind)
         for key in pattern["keys"]:
-            by_key.setdefault(int(key), []).append(entry)
-        by_structure = self.keep_by_structure_key if entry.verdict == KEEP else self.normal_by_structure_key
-        for key in dict.fromkeys(pattern.get("structure", [])):
-            by_structure.setdefault(int(key), []).append(entry)
+            by_key.add(int(key), entry)
+        for token in dict.fromkeys(pattern.get("kind", [])):
+            by_kind.add(token, entry)
 
     def finish(self) -> "ModelRules":
-        self.normal_keys = np.array(sorted(self.normal_by_key), dtype=np.int64)
+        self.normal_keys = np.array(sorted({*self.normal_by_key.unscoped, *self.normal_by_key.scoped}), dtype=np.int64)
         return self
 
 
@@ -296,7 +420,7 @@ class Flagged:
     index: int  # in the batch
     score: float  # the score it leaves with (lowered when suppressed)
     original_score: float
-    structure: tuple[int, ...]
+    kind: frozenset
     unusual_keys: list[int]
     names: Callable[[], list[str]]  # the most unusual features' names
     suppressed_by: list[int] = field(default_factory=list)
@@ -313,7 +437,7 @@ class FeedbackStep:
     records: Sequence[object]
     routes: Sequence[str] = ()
     entities: Sequence[Optional[str]] = ()
-    observe: Optional[object] = None  # callable(model, records, [Flagged], scores) or None
+    observe: Optional[object] = None  # callable(model, records, [Flagged], step) or None
     inspect_always: bool = False  # inspect flagged records even without rules (the review page is on)
 
     def route(self, i: int) -> str:
@@ -329,18 +453,19 @@ class FeedbackStep:
         model_rules = self.rules.for_model(model.name) if len(self.rules) else []
         if not len(candidates) or not (model_rules or self.inspect_always) or model.sessions is not None:
             if self.observe is not None and len(candidates):
-                self.observe(model, self.records, [Flagged(int(i), float(scores[i]), float(scores[i]), (), [], list)
-                                                   for i in candidates], self)
+                self.observe(model, self.records, [Flagged(int(i), float(scores[i]), float(scores[i]), frozenset(),
+                                                           [], list) for i in candidates], self)
             return scores
         found = inspect(model, [self.records[i] for i in candidates])
-        drop, suppressors, keepers = self._matches(found, candidates, model_rules)
+        kinds = [found.kind(row) for row in range(len(candidates))]
+        drop, suppressors, keepers = self._matches(found, candidates, kinds, model_rules)
         rescored = rescore_without(model, found.batch, drop) if drop.any() else None
         flagged = []
         scores = scores.copy() if rescored is not None else scores
         for row, i in enumerate(candidates.tolist()):
             unusual = found.unusual(row)
-            item = Flagged(i, float(scores[i]), float(scores[i]), found.structure(row),
-                           [int(k) for k in found.batch.keys[unusual]], found.names(row, SHORT_STRUCTURE))
+            item = Flagged(i, float(scores[i]), float(scores[i]), kinds[row], found.batch.keys[unusual].tolist(),
+                           found.names(row, SHORT_KIND))
             if keepers[row]:
                 item.kept_by = keepers[row]
                 notes.append((i, "record", f"kept by feedback {rule_list(keepers[row])}"))
@@ -354,8 +479,15 @@ class FeedbackStep:
             self.observe(model, self.records, flagged, self)
         return scores
 
-    def _matches(self, found: Inspection, candidates: np.ndarray, model_rules: list[ModelRules]):
-        """(keys to drop [nnz], per record the normal rules that dropped some, the keep rules it falls under)."""
+    def _matches(self, found: Inspection, candidates: np.ndarray, kinds: list[frozenset],
+                 model_rules: list[ModelRules]):
+        """(keys to drop [nnz], per record the normal entries that dropped some, the keep entries it
+        falls under).
+
+        A record of kinds marked normal (every token of its kind named by in-scope normal entries)
+        loses all its unusual features: it is scored as if they had been seen in training. Otherwise
+        only the unusual features the entries name go (an attack on a page marked normal keeps its
+        payload's). A keep entry's features never go, and records of its kind are kept."""
         keys = found.batch.keys
         drop = np.zeros(len(keys), dtype=bool)
         suppressors: list[list[int]] = [[] for _ in candidates]
@@ -368,106 +500,89 @@ class FeedbackStep:
             hits |= np.isin(keys, rules.normal_keys)
         hits &= unusual
         fields = found.key_fields() if any(r.by_field for r in model_rules) else None
-        values = None
-        if fields is not None:
-            values, _, _ = found.model.featurizer.field_values([self.records[i] for i in candidates])
         for row, i in enumerate(candidates.tolist()):
             route, entity = self.route(i), self.entity(i)
             start, stop = int(found.bounds[row]), int(found.bounds[row + 1])
-            protected, kept = self._kept(found, row, start, stop, model_rules, route, entity, values, fields)
-            keepers[row] = sorted(kept)
+            protected, kept = self._kept(found, row, kinds[row], model_rules, route, entity)
             if kept:
+                keepers[row] = sorted(kept)
                 continue
-            used: dict[int, None] = {}
-            covered = np.zeros(stop - start, dtype=bool)
-            for index in np.flatnonzero(hits[start:stop]) + start:
-                key = int(keys[index])
-                if key in protected:
-                    continue
-                for rules in model_rules:
-                    for entry in rules.normal_by_key.get(key, ()):
-                        if in_scope(entry, route, entity):
-                            covered[index - start] = True
-                            used.setdefault(entry.id, None)
-            if values is not None:
-                for rules in model_rules:
-                    for (name, value), entries in rules.by_field.items():
-                        if values[name][row] != value:
-                            continue
-                        for entry in entries:
-                            if entry.verdict == NORMAL and in_scope(entry, route, entity):
-                                for index in range(start, stop):
-                                    if fields[index] == name and unusual[index] and int(keys[index]) not in protected:
-                                        covered[index - start] = True
-                                        used.setdefault(entry.id, None)
-            kinds = self._kinds(keys[start:stop], model_rules, route, entity)
-            structural = (unusual[start:stop] & ~found.detail[start:stop]).any()
-            # Whole records go when they are of a marked kind, or when rules name unusual structure of
-            # theirs; rules that share a few n-grams with a record only take those n-grams away.
-            if kinds or (used and structural):
-                whole = self._same_pattern(found, start, stop, covered, protected)
-                drop[start:stop] = covered | whole
-                if whole.any():
-                    used.update(dict.fromkeys(kinds))
-            elif used:
-                drop[start:stop] = covered
-            suppressors[row] = sorted(used)
+            mine = unusual[start:stop]
+            if protected:
+                mine = mine & ~np.isin(keys[start:stop], np.fromiter(protected, dtype=np.int64))
+            used: set[int] = set()
+            for rules in model_rules:
+                for key in keys[start:stop][hits[start:stop]].tolist():
+                    used |= rules.normal_by_key.ids(key, route, entity)
+            named = hits[start:stop] & mine if used else np.zeros(stop - start, dtype=bool)
+            whole = self._marked_kind(found, row, kinds[row], model_rules, route, entity)
+            if fields is not None:
+                by_field = self._field_values(found, row, start, stop, fields, model_rules, route, entity)
+                named |= by_field[0] & mine
+                used.update(by_field[1])
+            if whole:
+                used.update(whole)
+                drop[start:stop] = mine
+            else:
+                drop[start:stop] = named
+            suppressors[row] = sorted(used) if drop[start:stop].any() else []
         return drop, suppressors, keepers
 
-    @staticmethod
-    def _kinds(keys: np.ndarray, model_rules: list[ModelRules], route: str, entity: Optional[str]) -> list[int]:
-        """Normal rules whose kind the record is of: it holds at least SIMILARITY of the rule's structure
-        (seen in training or not: after retraining, a kind's features are no longer unusual)."""
+    def _marked_kind(self, found: Inspection, row: int, kind: frozenset, model_rules, route, entity) -> set[int]:
+        """The normal entries the record is of the kind of: they name every token of its kind; or, for
+        a record unusual in details only, it holds most of an entry's kind (after retraining, a kind's
+        features are seen, only new details of it stay unusual)."""
+        named: set[int] = set()
+        for token in kind:
+            ids = set().union(*(rules.normal_by_kind.ids(token, route, entity) for rules in model_rules))
+            if not ids:
+                named = set()
+                break
+            named |= ids
+        if named or any(not found.detail[i] for i in found.unusual(row, KIND_SIZE)):
+            return named
+        start, stop = int(found.bounds[row]), int(found.bounds[row + 1])
         counts: dict[int, int] = {}
         entries: dict[int, Entry] = {}
         for rules in model_rules:
-            if not rules.normal_by_structure_key:
-                continue
-            for key in keys.tolist():
-                for entry in rules.normal_by_structure_key.get(key, ()):
-                    counts[entry.id] = counts.get(entry.id, 0) + 1
-                    entries[entry.id] = entry
-        return [i for i, count in counts.items() if count >= SIMILARITY * len(entries[i].pattern["structure"])
-                and in_scope(entries[i], route, entity)]
+            for key in set(found.batch.keys[start:stop].tolist()):
+                for i in rules.normal_by_kind.ids(key, route, entity):
+                    counts[i] = counts.get(i, 0) + 1
+                    entries[i] = rules.normal_by_kind.entries[i]
+        return {i for i, count in counts.items()
+                if count >= SIMILARITY * sum(isinstance(t, int) for t in entries[i].pattern["kind"])}
 
-    @staticmethod
-    def _same_pattern(found: Inspection, start: int, stop: int, covered: np.ndarray, protected: set) -> np.ndarray:
-        """When rules cover every unusual structural feature of a record (its URL template, parameter
-        shapes and characters, ...), it is of a kind marked normal: its unusual n-grams (the details
-        of its values) go too. Otherwise only what the rules name is dropped."""
-        unusual = found.contribution[start:stop] > 0
-        structural = unusual & ~found.detail[start:stop]
-        uncovered = np.flatnonzero(structural & ~covered)
-        if not all(any(part in found.batch.name(int(i) + start) for part in DETAIL_FEATURES) for i in uncovered):
-            return np.zeros(stop - start, dtype=bool)
-        free = np.fromiter((int(k) not in protected for k in found.batch.keys[start:stop]), dtype=bool,
-                           count=stop - start) if protected else True
-        detail = found.detail[start:stop].copy()
-        detail[uncovered] = True  # length classes named above
-        return unusual & detail & free
+    def _field_values(self, found: Inspection, row, start, stop, fields, model_rules, route, entity):
+        """(keys of fields whose value normal entries name [stop - start], those entries)."""
+        named = np.zeros(stop - start, dtype=bool)
+        used: set[int] = set()
+        for rules in model_rules:
+            for (name, value), entries in rules.by_field.items():
+                if found.values[name][row] != value:
+                    continue
+                for entry in entries:
+                    if entry.verdict == NORMAL and in_scope(entry, route, entity):
+                        named |= np.fromiter((f == name for f in fields[start:stop]), dtype=bool, count=stop - start)
+                        used.add(entry.id)
+        return named, used
 
-    def _kept(self, found, row, start, stop, model_rules, route, entity, values, fields):
-        """(keys no normal rule may drop, ids of keep rules the record falls under)."""
-        keys = found.batch.keys
+    def _kept(self, found: Inspection, row: int, kind: frozenset, model_rules, route, entity):
+        """(keys no normal entry may drop, ids of keep entries the record falls under: alike kinds,
+        or a field value marked keep)."""
+        start, stop = int(found.bounds[row]), int(found.bounds[row + 1])
         protected: set[int] = set()
         kept: set[int] = set()
-        structure = found.structure(row)
         for rules in model_rules:
-            if not (rules.keep_by_key or rules.keep_by_structure_key or rules.by_field):
+            if not (rules.keep_by_key or rules.keep_by_kind or rules.by_field):
                 continue
-            candidates = {entry.id: entry for key in structure for entry in rules.keep_by_structure_key.get(key, ())}
-            kept.update(i for i, entry in candidates.items()
-                        if in_scope(entry, route, entity) and similar(structure, entry.pattern["structure"]))
-            for index in range(start, stop):
-                for entry in rules.keep_by_key.get(int(keys[index]), ()):
-                    if in_scope(entry, route, entity):
-                        protected.add(int(keys[index]))
-            if values is not None:
-                for (name, value), entries in rules.by_field.items():
-                    if values[name][row] == value:
-                        for entry in entries:
-                            if entry.verdict == KEEP and in_scope(entry, route, entity):
-                                kept.add(entry.id)
+            for token in kind:
+                kept.update(i for i in rules.keep_by_kind.ids(token, route, entity)
+                            if similar(kind, rules.keep_by_kind.entries[i].pattern["kind"]))
+            if rules.keep_by_key:
+                protected.update(k for k in found.batch.keys[start:stop].tolist() if rules.keep_by_key.ids(k, route, entity))
+            for (name, value), entries in rules.by_field.items():
+                if found.values[name][row] == value:
+                    kept.update(e.id for e in entries if e.verdict == KEEP and in_scope(e, route, entity))
         return protected, kept
 
 

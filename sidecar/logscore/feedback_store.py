@@ -416,7 +416,7 @@ class FeedbackService:
             group = self.review.group(mark.group) if self.review is not None else None
             if group is None:
                 raise InvalidRequest(f"no review group {mark.group!r} (groups live in memory: list them at /ui/)")
-            if not group.structure:
+            if not group.kind:
                 raise InvalidRequest(f"group {mark.group} names no feature (a session model): mark a field value")
             model_name = mark.model or group.model
             pattern = group.pattern()

@@ -181,7 +181,7 @@ def read_scored(paths, entity_field: Optional[str], progress=None) -> tuple[Tota
         if entity:
             totals.entities[entity] += 1
         names = [strip_rarity(n) for n in explanation_of(record)]
-        group = groups.assign(model, route, tuple(names), lambda names=names: names, when or float(number))
+        group = groups.assign(model, route, frozenset(names), lambda names=names: names, when or float(number))
         group.add(when if when is not None else float(number), 60.0, entity)
         if len(group.examples) < group.examples.maxlen:
             group.examples.append(Example(when or 0.0, text[:2000], float(score), lambda names=names: names))

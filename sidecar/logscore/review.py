@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from html import escape
 from typing import Callable, Hashable, Optional, Sequence
 
-from .feedback import MAX_PATTERN_KEYS, FeedbackStep, Flagged, base_name, record_text, similar, strip_rarity
+from .feedback import MAX_KIND_TOKENS, MAX_PATTERN_KEYS, FeedbackStep, Flagged, base_name, record_text, similar, strip_rarity
 from .svg import bars, timeline
 
 EXAMPLES = 5
@@ -42,7 +42,7 @@ class Group:
     id: str
     model: str
     route: str
-    structure: tuple  # the first record's kind
+    kind: frozenset  # the first record's kind (feedback.Inspection.kind)
     names: Callable[[], list[str]]
     first_seen: float
     last_seen: float
@@ -53,6 +53,7 @@ class Group:
     examples: deque = field(default_factory=lambda: deque(maxlen=EXAMPLES))
     entities: Counter = field(default_factory=Counter)
     unusual_keys: dict = field(default_factory=dict)  # union of the members' unusual features (bounded)
+    kinds: dict = field(default_factory=dict)  # union of the members' kinds (bounded)
     feedback: list = field(default_factory=list)  # (entry id, verdict) given on this group
     max_buckets: int = TIMELINE_BUCKETS
 
@@ -70,7 +71,7 @@ class Group:
 
     def pattern(self) -> dict:
         """The feedback pattern of the whole group: every member's unusual features."""
-        return {"keys": list(self.unusual_keys)[:MAX_PATTERN_KEYS], "structure": list(self.structure),
+        return {"keys": list(self.unusual_keys)[:MAX_PATTERN_KEYS], "kind": list(self.kinds)[:MAX_KIND_TOKENS],
                 "features": [strip_rarity(n) for n in self.names()], "examples": [e.text for e in self.examples]}
 
 
@@ -92,37 +93,37 @@ class Groups:
         self._next = 1
         self.created = 0
 
-    def assign(self, model: str, route: str, structure: tuple, names: Callable[[], list[str]], when: float,
+    def assign(self, model: str, route: str, kind: frozenset, names: Callable[[], list[str]], when: float,
                avoid: Optional[Callable[[Group], bool]] = None) -> Group:
         scope = (model, route)
         candidates: set[str] = set()
-        for item in structure or (None,):
+        for item in kind or (None,):
             candidates.update(self._index.get((*scope, item), ()))
         best, best_share = None, -1.0
         for group_id in sorted(candidates):
             group = self.by_id[group_id]
             if avoid is not None and avoid(group):
                 continue
-            if group.structure == structure or similar(group.structure, structure):
-                shared = len(set(group.structure) & set(structure)) / max(len(set(group.structure) | set(structure)), 1)
+            if group.kind == kind or similar(group.kind, kind):
+                shared = len(group.kind & kind) / max(len(group.kind | kind), 1)
                 if shared > best_share:
                     best, best_share = group, shared
         if best is not None:
             self.by_id.move_to_end(best.id)
             return best
-        group = Group(f"{self.prefix}{self._next}", model, route, structure, names, when, when,
+        group = Group(f"{self.prefix}{self._next}", model, route, kind, names, when, when,
                       max_buckets=self.max_buckets)
         self._next += 1
         self.created += 1
         self.by_id[group.id] = group
-        for item in structure or (None,):
+        for item in kind or (None,):
             self._index.setdefault((*scope, item), set()).add(group.id)
         while len(self.by_id) > self.max_groups:
             self._forget(self.by_id.popitem(last=False)[1])
         return group
 
     def _forget(self, group: Group) -> None:
-        for item in group.structure or (None,):
+        for item in group.kind or (None,):
             ids = self._index.get((group.model, group.route, item))
             if ids is not None:
                 ids.discard(group.id)
@@ -154,15 +155,16 @@ class ReviewRing:
                 route = step.route(item.index)
                 created = self.groups.created
                 # A record still flagged is not of a kind marked normal: it does not join such a group.
-                group = self.groups.assign(base_name(model.name), route, item.structure, item.names, now,
+                group = self.groups.assign(base_name(model.name), route, item.kind, item.names, now,
                                            avoid=None if item.suppressed_by else marked_normal)
                 if self.groups.created != created:
                     self.on_new_group(model.name)
                 group.add(now, self.bucket_s, step.entity(item.index))
-                for key in item.unusual_keys:
-                    if len(group.unusual_keys) >= MAX_PATTERN_KEYS:
-                        break
-                    group.unusual_keys.setdefault(key, None)
+                room = MAX_PATTERN_KEYS - len(group.unusual_keys)
+                if room > 0:
+                    group.unusual_keys.update(dict.fromkeys(item.unusual_keys[:room]))
+                if len(group.kinds) < MAX_KIND_TOKENS:
+                    group.kinds.update(dict.fromkeys(item.kind))
                 note = ""
                 if item.suppressed_by:
                     group.suppressed += 1

@@ -44,6 +44,9 @@ class ScoreOutcome:
     notes: list[tuple[int, str, str]] = field(default_factory=list)  # (record, field, description)
 
 
+INLINE_FLAGGED = 8  # more flagged records than this in a call: the feedback step runs in the scoring thread
+
+
 def check_record_count(count: int, limit: int) -> None:
     """Surfaces call this as soon as they know a request's size, before decoding its records."""
     if count > limit:
@@ -84,9 +87,15 @@ class ScoringService:
                 self._batcher(m).score([records[i] for i in idx], call.explain, call.deadline)
                 for m, idx in groups.items()))
         routes = self._learning_routes(bases, records) if self.learner is not None else None
-        decisions = [decide(m, result, self.learner.holds(m, [routes[i] for i in idx]) if routes else None,
-                            self._feedback_step(call, records, idx, len(groups) == 1))
-                     for (m, idx), result in zip(groups.items(), results)]
+        work = [(m, result, self.learner.holds(m, [routes[i] for i in idx]) if routes else None,
+                 self._feedback_step(call, records, idx, len(groups) == 1))
+                for (m, idx), result in zip(groups.items(), results)]
+        if sum(int(result.is_anomaly.sum()) for result in results) > INLINE_FLAGGED and (self.feedback or self.review):
+            # Feedback inspects flagged records again (~0.1 ms each): many go to the scoring thread.
+            decisions = await asyncio.get_running_loop().run_in_executor(
+                self.executor, lambda: [decide(*args) for args in work])
+        else:
+            decisions = [decide(*args) for args in work]
         outcome = self._assemble(count, groups, results, decisions, call.explain > 0)
         if routes:
             self.learner.observe(routes, records)
