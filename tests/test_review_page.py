@@ -33,6 +33,15 @@ def browser(profile):
     return webdriver.Chrome(service=Service(driver), options=options)
 
 
+def shown(chrome, element_id: str, timeout: float = 10):
+    """The element once the page showing it has loaded (a click on a form button navigates)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(chrome, timeout).until(expected_conditions.presence_of_element_located((By.ID, element_id)))
+
+
 def score(sidecar, lines) -> list[dict]:
     status, body = sidecar.http_post("/v1/score", {"records": lines}, headers={"Authorization": f"Bearer {TOKEN}"})
     assert status == 200, body
@@ -41,6 +50,8 @@ def score(sidecar, lines) -> list[dict]:
 
 def test_review_page_groups_anomalies_and_its_normal_button_unflags_later_records(tmp_path, shop_model_path):
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.ui import WebDriverWait
 
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN + "\n")
@@ -56,6 +67,7 @@ def test_review_page_groups_anomalies_and_its_normal_button_unflags_later_record
         assert "asks for its token" in chrome.page_source  # the page is behind the token
         chrome.find_element(By.NAME, "token").send_keys(TOKEN)
         chrome.find_element(By.TAG_NAME, "form").submit()
+        shown(chrome, "feedback-list")
         groups = chrome.find_elements(By.CSS_SELECTOR, "div.group")
         assert len(groups) >= 3, chrome.page_source[:2000]
         chrome.save_screenshot(str(tmp_path / "1-groups.png"))
@@ -67,7 +79,7 @@ def test_review_page_groups_anomalies_and_its_normal_button_unflags_later_record
         assert sum(int(g.text.split()[0]) for g in attack_groups) == len(attacks)
         compare.find_element(By.NAME, "reason").send_keys("the new compare page")
         compare.find_element(By.CSS_SELECTOR, "button.normal").click()
-        message = chrome.find_element(By.ID, "message").text
+        message = shown(chrome, "message").text
         assert message == f"Group {group_id} marked normal: feedback #1", message
         row = chrome.find_element(By.ID, "feedback-1").text
         assert "normal" in row and "the new compare page" in row and "review page" in row
@@ -84,7 +96,8 @@ def test_review_page_groups_anomalies_and_its_normal_button_unflags_later_record
         chrome.save_screenshot(str(tmp_path / "3-after.png"))
 
         chrome.find_element(By.CSS_SELECTOR, "#feedback-1 button").click()
-        assert chrome.find_element(By.ID, "message").text == "Feedback #1 undone"
+        WebDriverWait(chrome, 10).until(expected_conditions.text_to_be_present_in_element(
+            (By.ID, "message"), "Feedback #1 undone"))  # the old page's message goes with the old page
         assert all(r["is_anomaly"] for r in score(sidecar, compare_lines(5, seed=38)))
 
         # A form posted from another site is refused, even carrying the cookie.

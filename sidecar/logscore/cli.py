@@ -212,7 +212,7 @@ def setting_metavar(name: str) -> str:
     if name in ("tcp", "http", "forward", "forward_to"):
         return "HOST:PORT"
     named = {"forward_when_busy": "wait|pass", "learn": "true|false", "learn_window": "N",
-             "learn_max_routes": "N", "learn_max_flag_ratio": "RATIO"}
+             "learn_max_routes": "N", "learn_max_flag_ratio": "RATIO", "feedback_store": "PATH|postgresql://..."}
     if name in named:
         return named[name]
     by_suffix = (("_dir", "DIR"), ("_file", "FILE"), ("_cert", "FILE"), ("_key", "FILE"), ("_ca", "FILE"),
@@ -250,12 +250,7 @@ def run_client(args) -> int:
         stub = pb_grpc.ScorerStub(channel)
         for chunk in batched(records, max(1, args.batch), CLIENT_CALL_BYTES):
             request = pb.ScoreRequest(model=args.model, tag=args.tag, explain=args.explain)
-            if args.json_records:
-                for record in chunk:
-                    fields = record if isinstance(record, dict) else {"message": record}
-                    request.structured.records.add(fields={k: str(v) for k, v in fields.items()})
-            else:
-                request.lines.lines.extend(line.encode("utf-8") for line in chunk)
+            fill_records(request, chunk, args.json_records)
             try:
                 response = stub.Score(request, timeout=args.timeout, metadata=metadata)
             except grpc.RpcError as error:
@@ -269,6 +264,16 @@ def run_client(args) -> int:
                 print(json.dumps(result_entry(line_number, response.scores[i], response.is_anomaly[i], model.name,
                                               model.version, notes[i], explanation)))
     return 0
+
+
+def fill_records(request, records: list, as_fields: bool) -> None:
+    """Put records into a request's ``structured`` (field maps) or ``lines`` (raw lines) field."""
+    if as_fields:
+        for record in records:
+            fields = record if isinstance(record, dict) else {"message": record}
+            request.structured.records.add(fields={k: str(v) for k, v in fields.items()})
+    else:
+        request.lines.lines.extend(line.encode("utf-8") for line in records)
 
 
 def client_channel(args, target: str):

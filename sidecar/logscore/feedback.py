@@ -4,17 +4,20 @@
       ─► pattern_from_records / the group's pattern: the unusual features the model named
       ─► the store (feedback_store.py: SQLite or PostgreSQL) ─► every sidecar reloads ─► RuleSet
     decide ─► FeedbackStep.apply (flagged records only)
-      ─► a "normal" rule naming some of a record's unusual features: the record is scored again as if
-         those features had been seen in training; under the threshold it is not flagged, its score is
-         the lowered one, and it says `suppressed by feedback #id`
-      ─► a "keep" rule (a true anomaly): its features are never treated as normal, and records of its
-         kind say `kept by feedback #id`
+      ─► a record of a kind marked normal (normal entries name every token of its kind: its unusual
+         structural features, a URL's new path as one path-kind token) is scored again as if its
+         unusual features had been seen in training; under the threshold it is not flagged, keeps the
+         lowered score and says `suppressed by feedback #id`
+      ─► a record of another kind loses only the unusual features entries name: an attack on a page
+         marked normal keeps its payload's, and stays flagged
+      ─► "keep" (a true anomaly): its features are never treated as normal, and records of its kind
+         say `kept by feedback #id`
 
 A pattern is made of what the featurizer already names: the hashed keys of features (URL template
-and parameter shapes, path segments, n-grams, tokens, field values), or one field's value. So
-matching costs a set lookup per unusual feature, and a rule made on one record covers every later
-record whose unusualness it explains: marking a record normal teaches, at once, what retraining with
-it would (`logscore train --feedback` then makes it part of the model).
+and parameter shapes, path segments, n-grams, tokens, field values) and the kinds they make, or one
+field's value. Matching costs a set lookup per unusual feature or kind token: marking records normal
+teaches at once, for their kind, what retraining with them would (`logscore train --feedback`
+then makes them part of the model).
 """
 
 from __future__ import annotations
@@ -294,9 +297,7 @@ def rescore_without(model: Model, batch: FeatureBatch, drop: np.ndarray) -> np.n
 
 def pattern_from_records(model: Model, records: Sequence[object]) -> dict:
     """The pattern of marked records: their unusual features (keys, kinds, names)."""
-    if model.sessions is not None:
-        raise InvalidRequest(f"model {model.name!r} scores sessions: mark a field value "
-                             "(field and value) instead of records")
+    refuse_sessions(model)
     found = inspect(model, records)
     keys: dict[int, None] = {}
     kinds: dict = {}
@@ -314,7 +315,14 @@ def pattern_from_records(model: Model, records: Sequence[object]) -> dict:
             "examples": [record_text(r) for r in records[:EXAMPLES]]}
 
 
+def refuse_sessions(model: Model) -> None:
+    if model.sessions is not None:
+        raise InvalidRequest(f"model {model.name!r} scores each record as its session so far: feedback "
+                             "applies to models of single records only")
+
+
 def pattern_from_field(model: Model, name: str, value: str) -> dict:
+    refuse_sessions(model)
     if name not in model.featurizer.fields:
         raise InvalidRequest(f"model {model.name!r} reads no field {name!r}; its fields: "
                              f"{', '.join(model.featurizer.fields)}")
@@ -511,10 +519,13 @@ class FeedbackStep:
             if protected:
                 mine = mine & ~np.isin(keys[start:stop], np.fromiter(protected, dtype=np.int64))
             used: set[int] = set()
-            for rules in model_rules:
-                for key in keys[start:stop][hits[start:stop]].tolist():
-                    used |= rules.normal_by_key.ids(key, route, entity)
-            named = hits[start:stop] & mine if used else np.zeros(stop - start, dtype=bool)
+            named = np.zeros(stop - start, dtype=bool)
+            for offset in np.flatnonzero(hits[start:stop] & mine).tolist():
+                for rules in model_rules:
+                    ids = rules.normal_by_key.ids(int(keys[start + offset]), route, entity)
+                    if ids:
+                        used |= ids
+                        named[offset] = True
             whole = self._marked_kind(found, row, kinds[row], model_rules, route, entity)
             if fields is not None:
                 by_field = self._field_values(found, row, start, stop, fields, model_rules, route, entity)

@@ -95,6 +95,7 @@ def call(args, method: str, request):
 
 
 def run_feedback_add(args) -> int:
+    from .cli import fill_records
     from .generated.logscore.v1 import scorer_pb2 as pb
     from .inputs import read_json_records, read_lines
 
@@ -114,12 +115,7 @@ def run_feedback_add(args) -> int:
             records = [json.loads(line) for line in args.line] if args.json_records else list(args.line)
         else:
             records = list((read_json_records if args.json_records else read_lines)([args.file]))
-        if args.json_records:
-            for record in records:
-                fields = record if isinstance(record, dict) else {"message": record}
-                request.structured.records.add(fields={k: str(v) for k, v in fields.items()})
-        else:
-            request.lines.lines.extend(line.encode("utf-8") for line in records)
+        fill_records(request, records, args.json_records)
     entry = call(args, "Feedback", request)
     print(describe(entry))
     return 0

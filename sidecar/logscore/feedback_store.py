@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -77,7 +78,8 @@ class FeedbackStore:
 
     placeholder = "?"
     types = {"serial": "INTEGER", "real": "REAL"}
-    description = ""
+    description = ""  # where it is, for logs and the token-protected views
+    public_name = ""  # ...and for /readyz, which answers without the token
 
     def _connect(self):  # a DB-API connection (a transaction is open after connect, until commit)
         raise NotImplementedError
@@ -99,7 +101,7 @@ class FeedbackStore:
         the database become StoreUnavailable."""
         try:
             connection = self._connect()
-        except ConfigError:
+        except (ConfigError, StoreUnavailable):
             raise
         except Exception as error:
             raise StoreUnavailable(f"feedback store {self.description}: cannot connect ({one_line(error)})") from None
@@ -204,10 +206,14 @@ class SqliteStore(FeedbackStore):
     def __init__(self, path: str):
         self.path = Path(path)
         self.description = str(self.path)
+        self.public_name = self.path.name
 
     def _connect(self):
         if not self.path.parent.is_dir():
             raise ConfigError(f"feedback store {self.path}: the directory {self.path.parent} does not exist")
+        if not self.path.exists() and not os.access(self.path.parent, os.W_OK):
+            raise StoreUnavailable(f"feedback store {self.path}: cannot create it, {self.path.parent} is not "
+                                   "writable; set --feedback-store to a file in a directory of yours")
         connection = sqlite3.connect(self.path, timeout=10.0, isolation_level=None)  # we begin ourselves
         connection.execute("PRAGMA journal_mode=WAL")  # readers never wait for a writer
         return connection
@@ -230,7 +236,7 @@ class PostgresStore(FeedbackStore):
         self._psycopg = psycopg
         self.url = url
         self.connect_timeout = connect_timeout
-        self.description = redact(url)
+        self.description = self.public_name = redact(url)
         self._listener = None
 
     def _connect(self):
@@ -459,7 +465,12 @@ class FeedbackService:
         except StoreUnavailable as error:
             self._unreachable(error)
 
-    def status(self) -> dict:
+    def status(self, public: bool = False) -> dict:
+        """Where feedback lives and how it is; ``public`` (/readyz, no token): a file by its name only."""
+        if public:
+            status = self.status()
+            return {k: v.replace(self.store.description, self.store.public_name) if isinstance(v, str) else v
+                    for k, v in status.items()}
         return {"store": self.store.description, "reachable": self.reachable, "error": self.error,
                 "active_entries": len(self.rules), "revision": self.revision,
                 "loaded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.loaded_at))

@@ -6,7 +6,7 @@
 
 A group is a kind of anomaly: records of one model and route whose unusual structural features
 (URL template, parameter shapes and characters, tokens: their kind) are alike (feedback.similar:
-half of their union shared) with the group's first record's. Assigning a record costs a dictionary
+half of their union shared, and at most one token of their own) with the group's first record's. Assigning a record costs a dictionary
 lookup per feature of its kind (no clustering pass).
 `logscore report` groups scored files with the same ``Groups``, by feature names instead of keys.
 """
@@ -24,6 +24,7 @@ from .feedback import MAX_KIND_TOKENS, MAX_PATTERN_KEYS, FeedbackStep, Flagged, 
 from .svg import bars, timeline
 
 EXAMPLES = 5
+NEW_TOKENS = 1  # a record joins a group when alike and adding at most this many tokens to its kind
 TIMELINE_BUCKETS = 180  # per group: counts per bucket, the most recent kept
 TOP_ENTITIES = 5
 
@@ -104,7 +105,7 @@ class Groups:
             group = self.by_id[group_id]
             if avoid is not None and avoid(group):
                 continue
-            if group.kind == kind or similar(group.kind, kind):
+            if group.kind == kind or (len(kind - group.kind) <= NEW_TOKENS and similar(group.kind, kind)):
                 shared = len(group.kind & kind) / max(len(group.kind | kind), 1)
                 if shared > best_share:
                     best, best_share = group, shared
@@ -160,10 +161,11 @@ class ReviewRing:
                 if self.groups.created != created:
                     self.on_new_group(model.name)
                 group.add(now, self.bucket_s, step.entity(item.index))
+                # The group's pattern (what a mark makes normal) takes only members of the first one's
+                # kind exactly: a member adding a token of its own (an attack's character) adds nothing.
                 room = MAX_PATTERN_KEYS - len(group.unusual_keys)
-                if room > 0:
+                if room > 0 and item.kind <= group.kind:
                     group.unusual_keys.update(dict.fromkeys(item.unusual_keys[:room]))
-                if len(group.kinds) < MAX_KIND_TOKENS:
                     group.kinds.update(dict.fromkeys(item.kind))
                 note = ""
                 if item.suppressed_by:
@@ -248,7 +250,7 @@ def render_page(ring: ReviewRing, entries: list, histograms: dict, thresholds: d
         parts.append(f"<p>{escape(model)} (threshold {threshold}; red: over it)</p>")
         parts.append(bars(labels, [int(c) for c in counts[:len(labels)]], highlight_from=first_alert,
                           title=f"scores of {model}"))
-    parts.append("<h2>Feedback</h2>")
+    parts.append("<h2 id=feedback-list>Feedback</h2>")
     parts.append(render_feedback(entries))
     parts.append("</body></html>")
     return "".join(parts)

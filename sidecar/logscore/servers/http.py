@@ -7,6 +7,7 @@ Routes:
   GET  /metrics      Prometheus metrics
   GET  /healthz      the process is up
   GET  /readyz       at least one model is loaded and the sidecar takes work
+  /v1/feedback, /ui/ feedback and the review page (servers/feedback_http.py)
 
 Only what the sidecar needs: Content-Length or chunked bodies, keep-alive,
 bounded header and body sizes, an idle timeout. Every error is a JSON body
@@ -405,5 +406,5 @@ class SidecarHttp:
         if self.service.learner is not None:
             body["learning"] = self.service.learner.status()
         if self.service.feedback is not None:  # an unreachable store does not make the sidecar unready
-            body["feedback"] = self.service.feedback.status()
+            body["feedback"] = self.service.feedback.status(public=True)
         return Response.json(body, 200 if ready else 503)
