@@ -137,7 +137,7 @@ def main() -> int:
             members = [i for i, (when, gid) in enumerate(ring.recent) if gid == group.id]
             entry = service.mark(Mark(verdict="normal", author="benchmark", reason="false positives", group=group.id))
             marked.append({"group": group.id, "count": group.count, "entry": entry.id,
-                           "features": group.names()[:3], "example": group.examples[-1].text[:160],
+                           "features": group.names[:3], "example": group.examples[-1].text[:160],
                            "records_seen": len(members)})
         after_review = run_period(model, review, service.rules)
         left = [review[i] for i in np.flatnonzero(after_review & ~review_labels)]

@@ -39,7 +39,7 @@ def test_groups_put_alike_anomalies_together_and_attacks_apart_within_bounds(sho
     assert 12 <= compare.count <= 13
     attack_groups = [g for g in groups[1:] if any("compare" in e.text for e in g.examples)]
     assert sum(g.count for g in attack_groups) >= 5
-    assert any("with=9" in name for name in compare.names())
+    assert any("with=9" in name for name in compare.names)
     assert len(compare.examples) == 5 and len(ring.recent) <= 50 and len(groups) <= 12
 
     # Bounded: many new kinds push out the least recently seen groups; memory stays put.

@@ -34,7 +34,7 @@ from .errors import InvalidRequest
 from .features import FeatureBatch
 from .features.batch import text_key
 from .features.converters import ValueCache, value_shape
-from .model import Model, run_graph
+from .model import SCORE_CHUNK, Model, run_graph
 from .records import to_text
 
 NORMAL, KEEP = "normal", "keep"
@@ -464,6 +464,12 @@ class FeedbackStep:
                 self.observe(model, self.records, [Flagged(int(i), float(scores[i]), float(scores[i]), frozenset(),
                                                            [], list) for i in candidates], self)
             return scores
+        for start in range(0, len(candidates), SCORE_CHUNK):  # bounded working memory, as Model.score
+            scores = self._apply(model, candidates[start: start + SCORE_CHUNK], scores, flags, notes, model_rules)
+        return scores
+
+    def _apply(self, model: Model, candidates: np.ndarray, scores: np.ndarray, flags: np.ndarray, notes: list,
+               model_rules: list) -> np.ndarray:
         found = inspect(model, [self.records[i] for i in candidates])
         kinds = [found.kind(row) for row in range(len(candidates))]
         drop, suppressors, keepers = self._matches(found, candidates, kinds, model_rules)

@@ -184,7 +184,7 @@ def read_scored(paths, entity_field: Optional[str], progress=None) -> tuple[Tota
         group = groups.assign(model, route, frozenset(names), lambda names=names: names, when or float(number))
         group.add(when if when is not None else float(number), 60.0, entity)
         if len(group.examples) < group.examples.maxlen:
-            group.examples.append(Example(when or 0.0, text[:2000], float(score), lambda names=names: names))
+            group.examples.append(Example(when or 0.0, text[:2000], float(score)))
     if totals.records == 0:
         raise InputError(f"no scored records in {', '.join(map(str, paths))}: expected JSON lines with "
                          "anomaly_score (or score) and is_anomaly, as Fluentd, Logstash or `logscore score` write")
@@ -226,7 +226,7 @@ def text_summary(totals: Totals, groups: Groups, top: int) -> str:
         lines.append(f"{group.count:>8,}  {group.id}  {group.model}{' · ' + group.route if group.route else ''}  "
                      f"{when_text(group.first_seen, timed)} .. {when_text(group.last_seen, timed)}"
                      + (f"  entities: {entities}" if entities else ""))
-        for name in group.names() or ["(no explanation in the output: score with explanations to group by them)"]:
+        for name in group.names or ["(no explanation in the output: score with explanations to group by them)"]:
             lines.append(f"          {name}")
     return "\n".join(lines)
 
@@ -263,7 +263,7 @@ def html_report(totals: Totals, groups: Groups, top: int, inputs) -> str:
              f"<h2>Groups ({len(groups.by_id):,}; the {min(top, len(groups.by_id))} largest)</h2>"]
     for group in groups.largest()[:top]:
         entities = ", ".join(f"{escape(e)} ({c:,})" for e, c in group.entities.most_common(TOP_ENTITIES))
-        names = "".join(f"<li>{escape(n)}</li>" for n in group.names()) or "<li>(no explanation)</li>"
+        names = "".join(f"<li>{escape(n)}</li>" for n in group.names) or "<li>(no explanation)</li>"
         counts, _ = np.histogram(list(group.timeline), edges, weights=list(group.timeline.values()))
         points = list(zip(((edges[:-1] + edges[1:]) / 2).tolist(), counts.tolist()))
         parts.append(f'<div class=group id="{group.id}"><div class=head><span class=count>{group.count:,}</span>'

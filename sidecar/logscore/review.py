@@ -20,11 +20,13 @@ from dataclasses import dataclass, field
 from html import escape
 from typing import Callable, Hashable, Optional, Sequence
 
-from .feedback import MAX_KIND_TOKENS, MAX_PATTERN_KEYS, FeedbackStep, Flagged, base_name, record_text, similar, strip_rarity
+from .feedback import MAX_KIND_TOKENS, FeedbackStep, Flagged, base_name, record_text, similar, strip_rarity
 from .svg import bars, timeline
 
 EXAMPLES = 5
 NEW_TOKENS = 1  # a record joins a group when alike and adding at most this many tokens to its kind
+NAME_CHARS = 240
+GROUP_KEYS = 512  # unusual features a group gathers for its pattern (bounded: 500 groups live at once)
 TIMELINE_BUCKETS = 180  # per group: counts per bucket, the most recent kept
 TOP_ENTITIES = 5
 
@@ -34,7 +36,6 @@ class Example:
     time: float
     text: str
     score: float
-    names: Callable[[], list[str]]
     note: str = ""  # suppressed by / kept by
 
 
@@ -44,7 +45,7 @@ class Group:
     model: str
     route: str
     kind: frozenset  # the first record's kind (feedback.Inspection.kind)
-    names: Callable[[], list[str]]
+    names: list[str]  # the first record's most unusual features (cut to NAME_CHARS each)
     first_seen: float
     last_seen: float
     count: int = 0
@@ -72,8 +73,8 @@ class Group:
 
     def pattern(self) -> dict:
         """The feedback pattern of the whole group: every member's unusual features."""
-        return {"keys": list(self.unusual_keys)[:MAX_PATTERN_KEYS], "kind": list(self.kinds)[:MAX_KIND_TOKENS],
-                "features": [strip_rarity(n) for n in self.names()], "examples": [e.text for e in self.examples]}
+        return {"keys": list(self.unusual_keys), "kind": list(self.kinds)[:MAX_KIND_TOKENS],
+                "features": [strip_rarity(n) for n in self.names], "examples": [e.text for e in self.examples]}
 
 
 def marked_normal(group: Group) -> bool:
@@ -112,7 +113,9 @@ class Groups:
         if best is not None:
             self.by_id.move_to_end(best.id)
             return best
-        group = Group(f"{self.prefix}{self._next}", model, route, kind, names, when, when,
+        # NOTE: named now, and cut: a name can hold a whole value (a 64 KiB URL), and a group lives long.
+        named = [n if len(n) <= NAME_CHARS else n[:NAME_CHARS] + "…" for n in names()]
+        group = Group(f"{self.prefix}{self._next}", model, route, kind, named, when, when,
                       max_buckets=self.max_buckets)
         self._next += 1
         self.created += 1
@@ -163,7 +166,7 @@ class ReviewRing:
                 group.add(now, self.bucket_s, step.entity(item.index))
                 # The group's pattern (what a mark makes normal) takes only members of the first one's
                 # kind exactly: a member adding a token of its own (an attack's character) adds nothing.
-                room = MAX_PATTERN_KEYS - len(group.unusual_keys)
+                room = GROUP_KEYS - len(group.unusual_keys)
                 if room > 0 and item.kind <= group.kind:
                     group.unusual_keys.update(dict.fromkeys(item.unusual_keys[:room]))
                     group.kinds.update(dict.fromkeys(item.kind))
@@ -174,7 +177,7 @@ class ReviewRing:
                 elif item.kept_by:
                     group.kept += 1
                     note = "kept by feedback " + ", ".join(f"#{i}" for i in item.kept_by)
-                group.examples.append(Example(now, record_text(records[item.index]), item.score, item.names, note))
+                group.examples.append(Example(now, record_text(records[item.index]), item.score, note))
                 self.recent.append((now, group.id))
 
     def group(self, group_id: str) -> Optional[Group]:
@@ -266,7 +269,7 @@ def render_group(group: Group, now: float, bucket_s: float) -> str:
         if bucket >= start:
             points += [(bucket, 0), (bucket, count), (bucket + bucket_s, count), (bucket + bucket_s, 0)]
     points.append((end, 0))
-    names = "".join(f"<li>{escape(n)}</li>" for n in group.names()) or "<li>(no feature named: a session model)</li>"
+    names = "".join(f"<li>{escape(n)}</li>" for n in group.names) or "<li>(no feature named: a session model)</li>"
     css = "group suppressed" if group.feedback and group.feedback[-1][1] == "normal" else "group"
     return (f'<div class="{css}" id="{group.id}" data-group="{group.id}"><div class=head>'
             f'<span class=count>{group.count:,}</span>'
