@@ -74,11 +74,12 @@ def cost(data: Path, work: Path) -> dict:
     trained_urls = {line.split('"')[1] for line in lines[:first] if line.count('"') >= 2}
     novel = np.mean([line.split('"')[1] not in trained_urls for line in later if line.count('"') >= 2])
 
+    steady = ReviewRing()  # one ring, as in the sidecar: groups persist across calls
     figures = {"records": len(later), "flagged_share": round(flagged, 4), "never_seen_request_share": round(float(novel), 4),
                "score_us_per_record": cpu_us_per_record(lambda c: model.score(c[0]), chunks, 1),
                "decide_us_per_record": {"without_feedback": cpu_us_per_record(lambda c: decide(model, c[1]), chunks),
                                         "review_ring_only": cpu_us_per_record(lambda c: decide(
-                                            model, c[1], feedback=FeedbackStep(RuleSet(), c[0], observe=ReviewRing().observe,
+                                            model, c[1], feedback=FeedbackStep(RuleSet(), c[0], observe=steady.observe,
                                                                                inspect_always=True)), chunks)}}
     for count in (0, 5, 50, 200):
         entries = [Entry(i + 1, NORMAL, groups[i % len(groups)].pattern(), "bench", model="apache-access")
