@@ -21,6 +21,13 @@ if [ "${LOGSCORE_WITH_RUBY:-1}" = 1 ]; then
     dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")
   done
 fi
+if [ "${LOGSCORE_WITH_BROWSER_AND_DB:-1}" = 1 ]; then
+  # The review page's test drives Debian's Chromium; the fleet's feedback store is tested on a
+  # throwaway PostgreSQL cluster (tests/postgres_cluster.py).
+  for package in chromium chromium-driver postgresql; do
+    dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")
+  done
+fi
 if [ "${LOGSCORE_WITH_SHIPPERS:-0}" = 1 ]; then
   # Real Fluentd (from source) runs on these Debian gems; the Fluent Bit binary needs these libraries.
   for package in ruby-cool.io ruby-yajl ruby-http-parser.rb ruby-sigdump ruby-tzinfo ruby-strptime \

@@ -68,13 +68,19 @@ def test_a_new_site_is_learned_on_arrival_and_a_bad_retrain_is_kept_aside(tmp_pa
         # flags most normal traffic; it is kept aside, the learned model keeps serving.
         learned_version = sidecar.model_versions()["apache-access"]
         health = shop_lines(1, seed=104)[0].replace("/favicon.ico", "/health")
+        # An operator marks the health check normal: retraining folds the entry in (issue #14).
+        status, _ = sidecar.http_post("/v1/feedback", {"verdict": "normal", "author": "ops", "records": [health]})
+        assert status == 200
         score(stub, [health] * 900 + shop_lines(100, seed=105))
         sidecar.wait_for(lambda: (learning_status(sidecar)["apache-access"]["last"] or {}).get("outcome")
                          == "kept_aside", 120, "the retrained candidate to be kept aside")
         last = learning_status(sidecar)["apache-access"]["last"]
         assert last["candidate_flagged"] > 3 * last["serving_flagged"]
         assert sidecar.model_versions()["apache-access"] == learned_version
-        assert list((models / ".learning" / "apache-access").glob("kept-aside-*.onnx"))
+        kept_aside = sorted((models / ".learning" / "apache-access").glob("kept-aside-*.onnx"))
+        assert kept_aside
+        folded = read_artifact(kept_aside[-1]).metadata["training"]["feedback"]
+        assert folded["entries"] == 1 and folded["normal_records"] == 1 and folded["normal_flagged"] == 0
         assert "candidate kept aside, not swapped" in sidecar.log()
     finally:
         assert sidecar.stop() == 0

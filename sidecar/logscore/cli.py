@@ -6,6 +6,8 @@
     logscore evaluate measure a model on labeled data (ROC-AUC, TPR at low FPR, F1, per type)
     logscore serve    run the sidecar (gRPC + HTTP) on a directory of models
     logscore client   send log lines to a running sidecar and print the scores
+    logscore feedback mark anomalies normal or keep, list and undo feedback (through a sidecar)
+    logscore report   groups, timelines and histograms of scored output (text and HTML)
 """
 
 from __future__ import annotations
@@ -88,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--explain", type=int, default=0, metavar="K",
                        help="name the K features that made each record unusual")
     score.add_argument("--only-anomalies", action="store_true", help="print only records over the threshold")
+    score.add_argument("--record", action="store_true", help="add each record to its output line (`logscore "
+                       "report` then shows examples, entities and times)")
     score.add_argument("--batch", type=int, default=1000, help="records per batch (default 1000)")
     score.add_argument("--max-record-bytes", type=int, default=DEFAULT_MAX_LINE_CHARS, metavar="N",
                        help="cut a longer raw line before parsing, noted `truncated` (the sidecar's setting of the "
@@ -141,8 +145,6 @@ def build_parser() -> argparse.ArgumentParser:
                                  description="Send log lines (or JSON field maps) to a sidecar over gRPC "
                                  "and print one JSON object per line.")
     client.add_argument("inputs", nargs="*", default=["-"], metavar="FILE")
-    client.add_argument("--socket", default="/tmp/logscore.sock", help="sidecar Unix socket")
-    client.add_argument("--tcp", help="host:port instead of the socket")
     client.add_argument("--model", default="", help="model name (default: the sidecar routes)")
     client.add_argument("--tag", default="", help="tag for the sidecar's tag routes")
     client.add_argument("--json-records", action="store_true", help="input lines are JSON field maps")
@@ -152,14 +154,27 @@ def build_parser() -> argparse.ArgumentParser:
     client.add_argument("--max-record-bytes", type=int, default=DEFAULT_MAX_LINE_CHARS, metavar="N",
                         help="the sidecar's setting of the same name: longer lines are sent cut just past it "
                              "(the sidecar cuts and notes them as ever); default %(default)s")
-    client.add_argument("--timeout", type=float, default=10.0, help="seconds per call")
-    client.add_argument("--token-file", metavar="FILE", help="file holding the sidecar's bearer token "
-                        "(its --token-file)")
-    client.add_argument("--tls-ca", metavar="FILE", help="PEM CA bundle to trust: TLS to --tcp")
-    client.add_argument("--tls-cert", metavar="FILE", help="PEM client certificate for mutual TLS (with --tls-key)")
-    client.add_argument("--tls-key", metavar="FILE", help="PEM private key of --tls-cert")
+    add_connection_flags(client)
     client.set_defaults(run=run_client)
+
+    from .feedback_cli import add_feedback_command
+    from .report import add_report_command
+
+    add_feedback_command(commands)
+    add_report_command(commands)
     return parser
+
+
+def add_connection_flags(parser: argparse.ArgumentParser) -> None:
+    """How a command reaches a running sidecar over gRPC (client, feedback)."""
+    parser.add_argument("--socket", default="/tmp/logscore.sock", help="sidecar Unix socket")
+    parser.add_argument("--tcp", help="host:port instead of the socket")
+    parser.add_argument("--timeout", type=float, default=10.0, help="seconds per call")
+    parser.add_argument("--token-file", metavar="FILE", help="file holding the sidecar's bearer token "
+                        "(its --token-file)")
+    parser.add_argument("--tls-ca", metavar="FILE", help="PEM CA bundle to trust: TLS to --tcp")
+    parser.add_argument("--tls-cert", metavar="FILE", help="PEM client certificate for mutual TLS (with --tls-key)")
+    parser.add_argument("--tls-key", metavar="FILE", help="PEM private key of --tls-cert")
 
 
 def add_robustness_flags(parser: argparse.ArgumentParser) -> None:
@@ -170,6 +185,10 @@ def add_robustness_flags(parser: argparse.ArgumentParser) -> None:
                         help="learn every record as normal; by default records that stand far above the rest "
                         "(attacks in the training data) are set aside and listed by `logscore inspect`")
     parser.add_argument("--learned-route", metavar="ROUTE", help=argparse.SUPPRESS)  # set by the sidecar's learner
+    parser.add_argument("--feedback", metavar="STORE",
+                        help="fold in operators' feedback (a SQLite file or postgresql:// URL, as the sidecar's "
+                        "--feedback-store): records marked normal are learned as normal, records marked keep are left "
+                        "out and must be flagged by the new model")
 
 
 def add_settings_flags(parser: argparse.ArgumentParser) -> None:
@@ -194,7 +213,7 @@ def setting_metavar(name: str) -> str:
     if name in ("tcp", "http", "forward", "forward_to"):
         return "HOST:PORT"
     named = {"forward_when_busy": "wait|pass", "learn": "true|false", "learn_window": "N",
-             "learn_max_routes": "N", "learn_max_flag_ratio": "RATIO"}
+             "learn_max_routes": "N", "learn_max_flag_ratio": "RATIO", "feedback_store": "PATH|postgresql://..."}
     if name in named:
         return named[name]
     by_suffix = (("_dir", "DIR"), ("_file", "FILE"), ("_cert", "FILE"), ("_key", "FILE"), ("_ca", "FILE"),
@@ -232,12 +251,7 @@ def run_client(args) -> int:
         stub = pb_grpc.ScorerStub(channel)
         for chunk in batched(records, max(1, args.batch), CLIENT_CALL_BYTES):
             request = pb.ScoreRequest(model=args.model, tag=args.tag, explain=args.explain)
-            if args.json_records:
-                for record in chunk:
-                    fields = record if isinstance(record, dict) else {"message": record}
-                    request.structured.records.add(fields={k: str(v) for k, v in fields.items()})
-            else:
-                request.lines.lines.extend(line.encode("utf-8") for line in chunk)
+            fill_records(request, chunk, args.json_records)
             try:
                 response = stub.Score(request, timeout=args.timeout, metadata=metadata)
             except grpc.RpcError as error:
@@ -251,6 +265,16 @@ def run_client(args) -> int:
                 print(json.dumps(result_entry(line_number, response.scores[i], response.is_anomaly[i], model.name,
                                               model.version, notes[i], explanation)))
     return 0
+
+
+def fill_records(request, records: list, as_fields: bool) -> None:
+    """Put records into a request's ``structured`` (field maps) or ``lines`` (raw lines) field."""
+    if as_fields:
+        for record in records:
+            fields = record if isinstance(record, dict) else {"message": record}
+            request.structured.records.add(fields={k: str(v) for k, v in fields.items()})
+    else:
+        request.lines.lines.extend(line.encode("utf-8") for line in records)
 
 
 def client_channel(args, target: str):
@@ -324,6 +348,10 @@ def run_train(args) -> int:
         name=args.name or Path(args.out).stem, inputs=args.input, set_aside=not args.keep_outliers,
         learned_route=args.learned_route)
     records = read_json_records(args.input) if args.json_records else read_lines(args.input)
+    if args.feedback:
+        from .training.feedback import load_feedback
+
+        options.feedback = load_feedback(args.feedback, options.name)
     model, metadata = train(records, options, ProgressPrinter(), print_warning)
     save_model(model, args.out)
     print_training_summary(args.out, metadata)
@@ -369,6 +397,11 @@ def print_training_summary(path: str, metadata: dict) -> None:
           f"10,000 normal records: {calibration['expected_alerts_per_10k']}")
     print(f"  {describe_realized_fpr(calibration)}")
     print(f"  {describe_set_aside(training)}")
+    feedback = training.get("feedback")
+    if feedback:
+        print(f"  feedback ({feedback['store']}, {feedback['entries']} entries): {feedback['normal_records']} records "
+              f"learned as normal ({feedback['normal_flagged']} still flagged), {feedback['keep_records']} kept out "
+              f"as true anomalies ({feedback['keep_flagged']} flagged by the new model)")
 
 
 def describe_realized_fpr(calibration: dict) -> str:
@@ -436,8 +469,11 @@ def run_score(args) -> int:
             if args.only_anomalies and not decision.is_anomaly[i]:
                 continue
             explanation = result.explanations[i] if result.explanations is not None else None
-            out.write(json.dumps(result_entry(line_number, result.scores[i], decision.is_anomaly[i], model.name,
-                                              model.version, notes[i], explanation)) + "\n")
+            entry = result_entry(line_number, result.scores[i], decision.is_anomaly[i], model.name, model.version,
+                                 notes[i], explanation)
+            if args.record:
+                entry["record"] = chunk[i]
+            out.write(json.dumps(entry) + "\n")
     out.flush()
     return 0
 

@@ -10,22 +10,29 @@ The one step after scoring, on every path (the sidecar's ScoringService, `logsco
   parser cannot read is then itself anomalous), noted either way;
 - truncation: noted (the rule is in ``records.RecordNormalizer``: one rule everywhere);
 - learning: while a route's own model is being learned (sidecar/logscore/learning.py), its
-  records keep their score but are not flagged, and say so.
+  records keep their score but are not flagged, and say so;
+- feedback (sidecar/logscore/feedback.py): a flagged record whose unusual features an operator
+  marked normal is scored again without them; under the threshold it is not flagged, keeps the
+  lowered score and says `suppressed by feedback #id`. The review page sees flagged records here.
 
-Later rules (feedback suppression, windows) plug in here.
+Later rules (windows) plug in here.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import numpy as np
 
 from .model import Model, Scored
 
+if TYPE_CHECKING:
+    from .feedback import FeedbackStep
+
 # Note descriptions start with one of these; clients turn them into flags (`unparsed: true`).
-NOTE_KINDS = {"did not parse": "unparsed", "truncated": "truncated", "learning": "learning"}
+NOTE_KINDS = {"did not parse": "unparsed", "truncated": "truncated", "learning": "learning",
+              "suppressed by feedback": "suppressed", "kept by feedback": "kept"}
 TRUNCATED = ("truncated: a raw line was cut to {line} characters or a field to {field} characters "
              "before scoring")
 
@@ -34,6 +41,7 @@ TRUNCATED = ("truncated: a raw line was cut to {line} characters or a field to {
 class Decision:
     is_anomaly: np.ndarray  # bool [N]
     notes: list[tuple[int, str, str]]  # (record index in the batch, field, description)
+    scores: Optional[np.ndarray] = None  # float32 [N] when feedback lowered some, else the model's
 
 
 def flags_unparsed(model: Model) -> bool:
@@ -47,9 +55,11 @@ def flags_unparsed(model: Model) -> bool:
     return training.get("unparsed_records", 0) / used <= float(calibration.get("target_fpr") or 0.001)
 
 
-def decide(model: Model, scored: Scored, learning: Optional[Sequence[Optional[str]]] = None) -> Decision:
+def decide(model: Model, scored: Scored, learning: Optional[Sequence[Optional[str]]] = None,
+           feedback: Optional["FeedbackStep"] = None) -> Decision:
     """The decision for one batch scored by ``model``; ``learning`` holds, per record, why its
-    flag is held (the route is still learning its model) or None."""
+    flag is held (the route is still learning its model) or None; ``feedback`` applies the
+    operators' feedback to the batch's records."""
     flags = scored.is_anomaly.copy()
     notes: list[tuple[int, str, str]] = []
     if scored.unparsed.any():
@@ -69,7 +79,12 @@ def decide(model: Model, scored: Scored, learning: Optional[Sequence[Optional[st
             if why is not None:
                 flags[i] = False
                 notes.append((i, "record", f"learning: {why}"))
-    return Decision(flags, notes)
+    scores = None
+    if feedback is not None:
+        candidates = np.flatnonzero(flags & scored.is_anomaly)  # flagged by their score
+        scores = feedback.apply(model, candidates, scored.scores, flags, notes)
+        notes.sort(key=lambda note: note[0])
+    return Decision(flags, notes, scores)
 
 
 def note_flags(descriptions: Sequence[str]) -> dict[str, bool]:

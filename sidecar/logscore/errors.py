@@ -39,3 +39,7 @@ class Unauthenticated(LogscoreError):
 
 class ShuttingDown(LogscoreError):
     """The sidecar is draining for shutdown and takes no new work."""
+
+
+class StoreUnavailable(LogscoreError):
+    """The feedback store cannot be reached; the rules last loaded stay in force."""

@@ -237,7 +237,7 @@ class Learner:
         command = [sys.executable, "-m", "logscore", "train", "--input", str(inputs["records"]), "--json-records",
                    "--config", str(inputs["spec"]), "--detectors", ",".join(serving.detectors),
                    "--target-fpr", str(target_fpr(serving)), "--name", name, "--learned-route", name,
-                   "--out", str(out)]
+                   "--out", str(out), "--feedback", feedback_location(self.settings)]
         environment = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
         self._child = await asyncio.create_subprocess_exec(*command, stdout=asyncio.subprocess.PIPE,
                                                            stderr=asyncio.subprocess.PIPE, env=environment)
@@ -283,6 +283,13 @@ class Learner:
                        else "learning",
                        "records_seen": r.seen, "window": len(r.window), "flags_held": r.held, "last": r.last}
                 for name, r in sorted(self.routes_by_name.items())}
+
+
+def feedback_location(settings: Settings) -> str:
+    """The sidecar's feedback store: retraining folds its entries in, as `logscore train --feedback` does."""
+    from .feedback_store import default_location
+
+    return settings.feedback_store or default_location(settings.models_dir)
 
 
 def learned_for(model: Model, route: Optional[str]) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import bisect
 import threading
+from collections import Counter as Counter_of
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -38,6 +39,10 @@ class ScoreHistogram:
         with self._lock:
             self._counts[model] = self._counts.get(model, 0) + counts
             self._sums[model] = self._sums.get(model, 0.0) + float(scores.sum())
+
+    def counts(self) -> dict[str, np.ndarray]:
+        with self._lock:
+            return {model: np.array(counts) for model, counts in self._counts.items()}
 
     def collect(self):
         family = HistogramMetricFamily("logscore_score", "Calibrated scores per model", labels=["model"])
@@ -77,6 +82,19 @@ class Metrics:
         self.queued = Gauge("logscore_queued_records", "Records waiting to be scored", registry=r)
         self.learning_outcomes = Counter("logscore_learning_candidates", "Models learned on arrival, by outcome: "
                                          "swapped, kept_aside, failed", ["route", "outcome"], registry=r)
+        self.feedback_suppressed = Counter("logscore_feedback_suppressed", "Flagged records not flagged because "
+                                           "feedback marked what made them unusual normal", ["model"], registry=r)
+        self.feedback_kept = Counter("logscore_feedback_kept", "Flagged records of a kind marked a true anomaly "
+                                     "(keep)", ["model"], registry=r)
+        self.feedback_writes = Counter("logscore_feedback_writes", "Feedback entries added or removed through this "
+                                       "sidecar", ["action", "verdict"], registry=r)
+        self.feedback_entries = Gauge("logscore_feedback_entries", "Active feedback entries", ["verdict"], registry=r)
+        self.feedback_store_up = Gauge("logscore_feedback_store_up", "1 while the feedback store is reachable; "
+                                       "0: the entries last loaded stay in force", registry=r)
+        self.feedback_reload_age = Gauge("logscore_feedback_loaded_timestamp_seconds", "When the feedback entries "
+                                         "in force were loaded (Unix time)", registry=r)
+        self.review_groups = Counter("logscore_review_groups", "Groups of anomalies started on the review page "
+                                     "(a new kind of anomaly)", ["model"], registry=r)
         self._children: dict = {}
 
     def child(self, metric, *labels):
@@ -95,6 +113,8 @@ class Metrics:
         self.child(self.abandoned, model.name, reason).inc(records)
 
     def observe_outcome(self, outcome, surface: str) -> None:
+        if outcome.notes:
+            self._observe_feedback_notes(outcome)
         for position, model in enumerate(outcome.models):
             mine = outcome.model_index == position if len(outcome.models) > 1 else slice(None)
             scores = outcome.scores[mine]
@@ -103,6 +123,26 @@ class Metrics:
             if anomalies:
                 self.child(self.anomalies, model.name).inc(anomalies)
             self.scores.observe(model.name, scores)
+
+    def _observe_feedback_notes(self, outcome) -> None:
+        for index, _, description in outcome.notes:
+            if description.startswith(("suppressed by feedback", "kept by feedback")):
+                model = outcome.models[int(outcome.model_index[index])].name
+                counter = self.feedback_suppressed if description[0] == "s" else self.feedback_kept
+                self.child(counter, model).inc()
+
+    def observe_feedback(self, service) -> None:
+        """Gauges of the feedback store after each (re)load or failure (feedback_store.FeedbackService)."""
+        verdicts = Counter_of(e.verdict for e in service.rules.entries)
+        for verdict in ("normal", "keep"):
+            self.feedback_entries.labels(verdict).set(verdicts.get(verdict, 0))
+        self.feedback_store_up.set(1 if service.reachable else 0)
+        if service.loaded_at:
+            self.feedback_reload_age.set(service.loaded_at)
+
+    def histograms(self) -> dict:
+        """Per model, the counts of the score histogram's buckets (SCORE_BUCKETS, then above 1.0)."""
+        return self.scores.counts()
 
     def set_models(self, models: dict) -> None:
         self.model_info.clear()

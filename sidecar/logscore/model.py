@@ -140,10 +140,10 @@ class Model:
             row = int(batch.rows[index])
             if len(explanations[row]) >= top or contribution[index] <= 0:
                 continue
-            explanations[row].append(f"{batch.name(int(index))} ({self._describe_rarity(surprise[index])})")
+            explanations[row].append(f"{batch.name(int(index))} ({self.describe_rarity(surprise[index])})")
         return explanations
 
-    def _describe_rarity(self, surprise: float) -> str:
+    def describe_rarity(self, surprise: float) -> str:
         if surprise >= 1.0:
             return "never seen in training"
         # Inverse of surprise = 1 - log1p(count) / log1p(support); see training.rarity.

@@ -44,6 +44,9 @@ class ScoreOutcome:
     notes: list[tuple[int, str, str]] = field(default_factory=list)  # (record, field, description)
 
 
+INLINE_FLAGGED = 8  # more flagged records than this in a call: the feedback step runs in the scoring thread
+
+
 def check_record_count(count: int, limit: int) -> None:
     """Surfaces call this as soon as they know a request's size, before decoding its records."""
     if count > limit:
@@ -51,11 +54,14 @@ def check_record_count(count: int, limit: int) -> None:
 
 
 class ScoringService:
-    def __init__(self, registry: ModelRegistry, settings: Settings, metrics: Metrics, learner=None):
+    def __init__(self, registry: ModelRegistry, settings: Settings, metrics: Metrics, learner=None,
+                 feedback=None, review=None):
         self.registry = registry
         self.settings = settings
         self.metrics = metrics
         self.learner = learner  # learning.Learner when `learn` is on: sees every record, may hold flags
+        self.feedback = feedback  # feedback_store.FeedbackService: the rules decide applies
+        self.review = review  # review.ReviewRing: sees flagged records (the review page)
         # One scoring thread: on 2 cores the other core serves the protocol surfaces.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scoring")
         self._batchers: dict[Model, Batcher] = {}
@@ -81,13 +87,34 @@ class ScoringService:
                 self._batcher(m).score([records[i] for i in idx], call.explain, call.deadline)
                 for m, idx in groups.items()))
         routes = self._learning_routes(bases, records) if self.learner is not None else None
-        decisions = [decide(m, result, self.learner.holds(m, [routes[i] for i in idx]) if routes else None)
-                     for (m, idx), result in zip(groups.items(), results)]
+        work = [(m, result, self.learner.holds(m, [routes[i] for i in idx]) if routes else None,
+                 self._feedback_step(call, records, idx, len(groups) == 1))
+                for (m, idx), result in zip(groups.items(), results)]
+        if sum(int(result.is_anomaly.sum()) for result in results) > INLINE_FLAGGED and (self.feedback or self.review):
+            # Feedback inspects flagged records again (~0.1 ms each): many go to the scoring thread.
+            decisions = await asyncio.get_running_loop().run_in_executor(
+                self.executor, lambda: [decide(*args) for args in work])
+        else:
+            decisions = [decide(*args) for args in work]
         outcome = self._assemble(count, groups, results, decisions, call.explain > 0)
         if routes:
             self.learner.observe(routes, records)
         self.metrics.observe_outcome(outcome, call.surface)
         return outcome
+
+    def _feedback_step(self, call: ScoreCall, records: Sequence[object], positions: Sequence[int], whole: bool):
+        """What decide needs to apply feedback to one model's records (None: neither rules nor review page)."""
+        if self.feedback is None and self.review is None:
+            return None
+        from .feedback import FeedbackStep, RuleSet
+
+        mine = records if whole else [records[i] for i in positions]
+        routes = ([call.tags[i] for i in positions] if call.tags is not None
+                  else [call.tag] * len(mine) if call.tag else ())
+        entity = self.registry.entity_field
+        entities = [r.get(entity) if isinstance(r, dict) else None for r in mine] if entity else ()
+        return FeedbackStep(self.feedback.rules if self.feedback is not None else RuleSet(), mine, routes, entities,
+                            self.review.observe if self.review is not None else None, self.review is not None)
 
     def _bases(self, call: ScoreCall) -> dict[Model, Sequence[int]]:
         """The model each record is routed to by name or tag (the request's, or each record's)."""
@@ -144,7 +171,8 @@ class ScoringService:
                        for i, field, text in decision.notes)
         if len(groups) == 1:  # the usual case: one model scored every record, in order
             result = results[0]
-            return ScoreOutcome(result.scores, decisions[0].is_anomaly, np.zeros(count, dtype=np.uint32), models,
+            scores = decisions[0].scores if decisions[0].scores is not None else result.scores
+            return ScoreOutcome(scores, decisions[0].is_anomaly, np.zeros(count, dtype=np.uint32), models,
                                 result.explanations if explained else None, notes)
         scores = np.zeros(count, dtype=np.float32)
         flags = np.zeros(count, dtype=bool)
@@ -152,7 +180,7 @@ class ScoringService:
         explanations: Optional[list] = [[] for _ in range(count)] if explained else None
         for position, (model, result, decision) in enumerate(zip(models, results, decisions)):
             idx = np.asarray(groups[model])
-            scores[idx] = result.scores
+            scores[idx] = decision.scores if decision.scores is not None else result.scores
             flags[idx] = decision.is_anomaly
             model_index[idx] = position
             if explanations is not None:

@@ -93,7 +93,9 @@ class Sidecar:
         self.registry = ModelRegistry(settings.models_dir, settings.default_model, settings.tag_routes,
                                       settings.entity_field, self._model_event, settings.max_record_bytes)
         self.learner = make_learner(settings, self.registry, self.reload_requested.set, self.metrics)
-        self.service = ScoringService(self.registry, settings, self.metrics, self.learner)
+        self.review = make_review(settings, self.metrics)
+        self.feedback = make_feedback(settings, self.registry, self.review, self.metrics)
+        self.service = ScoringService(self.registry, settings, self.metrics, self.learner, self.feedback, self.review)
         self.health = health.aio.HealthServicer()
         self.grpc_server: Optional[grpc.aio.Server] = None
         self.http_server: Optional[HttpServer] = None
@@ -119,6 +121,7 @@ class Sidecar:
             raise ConfigError(f"no model could be loaded from {s.models_dir}: {problems}")
         self._check_default_model()
         self.metrics.set_models(self.registry.snapshot.models)
+        await loop.run_in_executor(None, self.feedback.start)
         await self._start_grpc()
         if s.http:
             host, port = split_host_port(s.http, "--http")
@@ -228,6 +231,7 @@ class Sidecar:
         await asyncio.gather(*(server.stop(grace) for server in (self.grpc_server, self.http_server,
                                                                  self.forward_server) if server is not None))
         await self.service.close()
+        await asyncio.get_running_loop().run_in_executor(None, self.feedback.stop)
         self._remove_socket()
         log.info("stopped")
 
@@ -237,6 +241,7 @@ class Sidecar:
             if server is not None:
                 await server.stop(0)
         self.service.executor.shutdown(wait=False)
+        self.feedback.stop()
         self._remove_socket()
 
     def _remove_socket(self) -> None:
@@ -363,3 +368,21 @@ def main(settings: Settings) -> int:
     except ConfigError as error:  # one line naming the setting and the fix, as for bad flags
         print(f"logscore serve: error: {error}", file=sys.stderr)
         return 1
+
+
+def make_review(settings: Settings, metrics: Metrics):
+    """The review page's ring of recent flagged records (None: review_records is 0)."""
+    if not settings.review_records:
+        return None
+    from .review import ReviewRing
+
+    return ReviewRing(settings.review_records, entity_field=settings.entity_field,
+                      on_new_group=lambda model: metrics.child(metrics.review_groups, model).inc())
+
+
+def make_feedback(settings: Settings, registry: ModelRegistry, review, metrics: Metrics):
+    """The feedback service on --feedback-store (default: a SQLite file beside the models)."""
+    from .feedback_store import FeedbackService, default_location, open_store
+
+    store = open_store(settings.feedback_store or default_location(settings.models_dir))
+    return FeedbackService(store, settings.feedback_poll_s, metrics.observe_feedback, registry, review)

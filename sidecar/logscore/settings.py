@@ -83,6 +83,13 @@ class Settings:
     learn_max_flag_ratio: float = setting(3.0, "a candidate flagging more than this many times the serving "
                                           "model's share of recent records (or of its target FPR) is kept aside "
                                           "and reported, not swapped")
+    feedback_store: Optional[str] = setting(None, "where feedback lives: a SQLite file path, or a postgresql:// URL "
+                                            "shared by a fleet (needs the postgres extra); default: "
+                                            "feedback.sqlite3 in --models-dir")
+    feedback_poll_s: float = setting(0.5, "how often the feedback store is checked for changes (PostgreSQL also "
+                                     "pushes them at once with LISTEN/NOTIFY)")
+    review_records: int = setting(2000, "recent flagged records the review page (/ui/) keeps and groups; "
+                                  "0: no review page")
     learn_max_routes: int = setting(8, "per-entity routes learned at most (with --entity-field); records of further "
                                     "entities are neither kept nor held")
 
@@ -133,6 +140,8 @@ class Settings:
             raise ConfigError(f"max_inflight_bytes {self.max_inflight_bytes} cannot admit a message of "
                               f"max_message_bytes {self.max_message_bytes} ({WIRE_COPIES} copies once decoded); "
                               f"raise it to at least {self.max_message_bytes * WIRE_COPIES}")
+        if self.feedback_poll_s <= 0 or self.review_records < 0:
+            raise ConfigError("feedback_poll_s must be above 0 and review_records at least 0")
         self._validate_listeners()
         self._validate_tls()
         self.validate_learning()

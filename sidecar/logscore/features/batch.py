@@ -60,6 +60,9 @@ class KeyOrigins:
     def name(self, index: int) -> str:
         return self.entries[int(self.entry_of_key[index])].describe(int(self.position[index]))
 
+    def resolve(self) -> "KeyOrigins":
+        return self
+
 
 class LazyOrigins:
     """KeyOrigins of a batch the compiled featurizer built, worked out when a key is first named."""
@@ -69,11 +72,14 @@ class LazyOrigins:
         self._origins: Optional[KeyOrigins] = None
 
     def name(self, index: int) -> str:
+        return self.resolve().name(index)
+
+    def resolve(self) -> KeyOrigins:
         if self._origins is None:
             sink = self._sink
             entry_of_key, position = sink._assemble(with_origins=True)[3:]
             self._origins = KeyOrigins(sink._entries, entry_of_key, position, sink._converters)
-        return self._origins.name(index)
+        return self._origins
 
 
 class SingleRecordOrigins:
@@ -89,6 +95,12 @@ class SingleRecordOrigins:
                 return self.entries[entry_id].describe(index)
             index -= size
         raise IndexError(index)
+
+    def resolve(self) -> KeyOrigins:
+        entries = [self.entries[entry_id] for entry_id in self.held]
+        sizes = np.array([len(e.keys) for e in entries], dtype=np.int64)
+        position = np.concatenate([np.arange(n, dtype=np.int64) for n in sizes]) if len(sizes) else sizes
+        return KeyOrigins(entries, np.repeat(np.arange(len(entries), dtype=np.int64), sizes), position)
 
 
 @dataclass
@@ -107,6 +119,17 @@ class FeatureBatch:
 
     def name(self, index: int) -> str:
         return self.origins.name(index)
+
+    def without_keys(self, keep: np.ndarray, dense_dims: int) -> np.ndarray:
+        """The dense block as if only the ``keep`` keys were present (numeric columns unchanged)."""
+        hashed = hashed_block(self.rows[keep], self.keys[keep], self.weights[keep], self.size, dense_dims)
+        return np.ascontiguousarray(np.column_stack([hashed, self.dense[:, dense_dims:]]), dtype=np.float32)
+
+
+def hashed_block(rows: np.ndarray, keys: np.ndarray, weights: np.ndarray, size: int, dims: int) -> np.ndarray:
+    """The hashed dense projection of a batch's keys: log1p of the weights summed per key modulo dims."""
+    hashed = np.bincount(rows * dims + keys % dims, weights=weights, minlength=size * dims)
+    return np.log1p(hashed.reshape(size, dims)).astype(np.float32)
 
 
 class FeatureSink:
@@ -181,9 +204,7 @@ class FeatureSink:
     def _batch(self, rows: np.ndarray, keys: np.ndarray, weights: np.ndarray, dense: bool,
                origins: KeyOrigins) -> FeatureBatch:
         if dense:
-            hashed = np.bincount(rows * self.dense_dims + keys % self.dense_dims, weights=weights,
-                                 minlength=self.size * self.dense_dims)
-            hashed = np.log1p(hashed.reshape(self.size, self.dense_dims)).astype(np.float32)
+            hashed = hashed_block(rows, keys, weights, self.size, self.dense_dims)
             block = np.column_stack([hashed, *self._numeric]) if self._numeric else hashed
         else:
             block = np.zeros((self.size, 0), dtype=np.float32)

@@ -13,10 +13,11 @@ from google.protobuf.message import DecodeError
 
 from ..admission import UNLIMITED, Ticket
 from ..errors import (DeadlineExceeded, InvalidRequest, LogscoreError, ModelNotFound, Overloaded, ShuttingDown,
-                      Unauthenticated)
+                      StoreUnavailable, Unauthenticated)
 from ..generated.logscore.v1 import scorer_pb2 as pb
 from ..records import decode_event_stream
 from ..scoring import ScoreCall, ScoreOutcome, ScoringService, check_record_count
+from .feedback_grpc import FeedbackServicer
 
 log = logging.getLogger("logscore.grpc")
 
@@ -28,6 +29,7 @@ STATUS_CODES: dict[type, grpc.StatusCode] = {
     DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     ShuttingDown: grpc.StatusCode.UNAVAILABLE,
+    StoreUnavailable: grpc.StatusCode.UNAVAILABLE,
 }
 SERVICE_NAME = "logscore.v1.Scorer"
 
@@ -91,6 +93,7 @@ class ScorerServicer:
             "ListModels": grpc.unary_unary_rpc_method_handler(
                 self.ListModels, request_deserializer=pb.ListModelsRequest.FromString,
                 response_serializer=pb.ListModelsResponse.SerializeToString),
+            **FeedbackServicer(self.service, STATUS_CODES).methods(),
         })
 
     async def Score(self, data: bytes, context):

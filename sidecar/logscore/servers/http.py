@@ -7,6 +7,7 @@ Routes:
   GET  /metrics      Prometheus metrics
   GET  /healthz      the process is up
   GET  /readyz       at least one model is loaded and the sidecar takes work
+  /v1/feedback, /ui/ feedback and the review page (servers/feedback_http.py)
 
 Only what the sidecar needs: Content-Length or chunked bodies, keep-alive,
 bounded header and body sizes, an idle timeout. Every error is a JSON body
@@ -31,7 +32,7 @@ from urllib.parse import parse_qs, urlsplit
 from ..admission import UNLIMITED, Admission, Ticket
 from ..decide import notes_by_record
 from ..errors import (DeadlineExceeded, InvalidRequest, LogscoreError, ModelNotFound, Overloaded, ShuttingDown,
-                      Unauthenticated)
+                      StoreUnavailable, Unauthenticated)
 from ..resources import openapi_path
 from ..scoring import ScoreCall, ScoreOutcome, ScoringService
 from .streams import StreamServer
@@ -45,8 +46,9 @@ STATUS_CODES: dict[type, int] = {  # the twin of servers.grpc.STATUS_CODES
     Overloaded: 429,
     DeadlineExceeded: 504,
     ShuttingDown: 503,
+    StoreUnavailable: 503,
 }
-REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 405: "Method Not Allowed",
+REASONS = {200: "OK", 303: "See Other", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 405: "Method Not Allowed",
            408: "Request Timeout", 411: "Length Required", 413: "Payload Too Large",
            415: "Unsupported Media Type", 429: "Too Many Requests", 431: "Request Header Fields Too Large",
            500: "Internal Server Error", 503: "Service Unavailable", 504: "Gateway Timeout"}
@@ -336,9 +338,12 @@ class SidecarHttp:
         self.token = token
 
     def routes(self) -> dict[tuple[str, str], Handler]:
+        from .feedback_http import FeedbackHttp
+
         return {("POST", "/v1/score"): self.score, ("GET", "/v1/models"): self.models,
                 ("GET", "/openapi.json"): self.openapi, ("GET", "/metrics"): self.metrics,
-                ("GET", "/healthz"): self.healthz, ("GET", "/readyz"): self.readyz}
+                ("GET", "/healthz"): self.healthz, ("GET", "/readyz"): self.readyz,
+                **FeedbackHttp(self).routes()}
 
     def _authorize(self, request: Request) -> None:
         presented = request.headers.get("authorization", "").encode()
@@ -400,4 +405,6 @@ class SidecarHttp:
                 "rejected_files": without_directories(snapshot.errors)}
         if self.service.learner is not None:
             body["learning"] = self.service.learner.status()
+        if self.service.feedback is not None:  # an unreachable store does not make the sidecar unready
+            body["feedback"] = self.service.feedback.status(public=True)
         return Response.json(body, 200 if ready else 503)

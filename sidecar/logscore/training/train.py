@@ -21,7 +21,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -29,7 +29,7 @@ from .. import __version__
 from ..artifact import FORMAT_VERSION, HASH_KEY, METADATA_KEY, content_hash
 from ..errors import ConfigError, InputError
 from ..features import Featurizer
-from ..model import make_session
+from ..model import make_session, run_graph
 from ..sessions import SessionSpec, SessionTracker
 from .detectors import DETECTORS, Detector, RarityTable, default_support
 from .graph import GraphBuilder
@@ -70,6 +70,7 @@ class TrainOptions:
     set_aside_factor: float = 2.5
     screening_rounds: int = 1  # refits without the set-aside records (a second one set 3 more of 36,000 aside)
     learned_route: Optional[str] = None  # set by the sidecar's learner (sidecar/logscore/learning.py)
+    feedback: Optional[object] = None  # training.feedback.TrainingFeedback: operators' verdicts to fold in
 
     def validate(self) -> None:
         unknown = [d for d in self.detectors if d not in DETECTORS]
@@ -184,9 +185,12 @@ def detector_progress(progress: Progress, stage: str) -> Callable[[int, int], No
     return lambda step, steps: progress(stage, step, steps, "epochs")
 
 
-def fit(records: Sequence[object], options: TrainOptions, progress: Progress, stage: str) -> Fitted:
+def fit(records: Sequence[object], options: TrainOptions, progress: Progress, stage: str,
+        featurizer_records: Optional[Sequence[object]] = None) -> Fitted:
+    """Fit on ``records``; the featurizer learns from ``featurizer_records`` when given (feedback's
+    repeated records must not make a parameter look like an enumeration)."""
     featurizer = Featurizer(options.spec)
-    featurizer.fit(records)
+    featurizer.fit(records if featurizer_records is None else featurizer_records)
     detectors = [DETECTORS[kind](seed=options.seed, **dict(options.detector_params.get(kind, {})))
                  for kind in options.detectors]
     # Bounded memory: key counts and (for vector detectors) the dense block, not every key.
@@ -288,6 +292,8 @@ def train(records: Iterable[object], options: TrainOptions,
         # A session model learns what the sidecar will see: each record as its session so far,
         # built by the same tracker (sidecar/logscore/sessions.py), so unfinished sessions are normal.
         records = SessionTracker(SessionSpec.from_dict(options.spec["sessions"])).track(list(records))
+    if options.feedback is not None and options.feedback.keep:
+        records = without_kept(records, options.feedback.keep_texts())
     sample, read = reservoir_sample(records, options.max_records, options.seed, progress)
     if len(sample) < 10 * options.folds:
         raise InputError(f"only {len(sample)} records to train on; give at least {10 * options.folds} "
@@ -310,7 +316,11 @@ def train(records: Iterable[object], options: TrainOptions,
     flagged = float((calibrated >= threshold).mean())
     held_back = held_back_fpr(screening.raw, folds, kept, options)
     kept_records = [r for r, keep in zip(sample, kept) if keep]
-    final = fit(kept_records, options, progress, "final model")
+    if options.feedback is None:
+        final = fit(kept_records, options, progress, "final model")
+    else:  # learned as normal, left out of calibration (training/feedback.py)
+        final = fit(kept_records + options.feedback.copies(support), options, progress, "final model",
+                    kept_records + options.feedback.normal)
 
     metadata = {
         "format_version": FORMAT_VERSION,
@@ -353,7 +363,37 @@ def train(records: Iterable[object], options: TrainOptions,
     }
     if options.learned_route:
         metadata["training"]["learned_route"] = options.learned_route
+    if options.feedback is not None:
+        metadata["training"]["feedback"] = check_feedback(final, calibration, threshold, options, keep_warning)
     return final.graph(calibration, metadata), metadata
+
+
+def without_kept(records: Iterable[object], kept: set[str]) -> Iterator[object]:
+    """The records, but those marked keep (true anomalies): never learned as normal."""
+    from ..feedback import record_text
+
+    return (r for r in records if record_text(r) not in kept)
+
+
+def check_feedback(final: Fitted, calibration: dict, threshold: float, options: TrainOptions, warn: Warn) -> dict:
+    """How the new model scores the records of the feedback: normal ones under the threshold, keep ones over."""
+    feedback = options.feedback
+    session = make_session(final.graph(calibration).SerializeToString())
+
+    def flagged(records: list) -> int:
+        if not records:
+            return 0
+        scores, _, _ = run_graph(session, final.featurizer.transform(records))  # a few examples per entry
+        return int((scores >= threshold).sum())
+
+    normal_flagged, keep_flagged = flagged(feedback.normal), flagged(feedback.keep)
+    if normal_flagged:
+        warn(f"{normal_flagged} of {len(feedback.normal)} records marked normal are still over the threshold")
+    if keep_flagged < len(feedback.keep):
+        warn(f"{len(feedback.keep) - keep_flagged} of {len(feedback.keep)} records marked keep (true anomalies) "
+             "are not flagged by the new model")
+    return {"store": feedback.store, "entries": feedback.entries, "normal_records": len(feedback.normal),
+            "normal_flagged": normal_flagged, "keep_records": len(feedback.keep), "keep_flagged": keep_flagged}
 
 
 def screen_sample(sample: Sequence[object], options: TrainOptions, support: float, progress: Progress):

@@ -59,6 +59,60 @@ Google::Protobuf::DescriptorPool.generated_pool.build do
       repeated :detectors, :string, 5
       optional :path, :string, 6
     end
+    add_message "logscore.v1.FeedbackRequest" do
+      optional :verdict, :enum, 1, "logscore.v1.Verdict"
+      optional :author, :string, 2
+      optional :reason, :string, 3
+      optional :model, :string, 4
+      optional :route, :string, 5
+      optional :entity, :string, 6
+      optional :expires_at, :double, 7
+      oneof :target do
+        optional :lines, :message, 8, "logscore.v1.RawLines"
+        optional :structured, :message, 9, "logscore.v1.StructuredRecords"
+        optional :group, :string, 10
+        optional :field, :message, 11, "logscore.v1.FieldValue"
+      end
+    end
+    add_message "logscore.v1.FieldValue" do
+      optional :field, :string, 1
+      optional :value, :string, 2
+    end
+    add_message "logscore.v1.FeedbackEntry" do
+      optional :id, :uint64, 1
+      optional :verdict, :enum, 2, "logscore.v1.Verdict"
+      optional :author, :string, 3
+      optional :reason, :string, 4
+      optional :model, :string, 5
+      optional :route, :string, 6
+      optional :entity, :string, 7
+      optional :created_at, :double, 8
+      optional :expires_at, :double, 9
+      optional :removed_at, :double, 10
+      optional :removed_by, :string, 11
+      repeated :features, :string, 12
+      optional :feature_count, :uint32, 13
+      optional :field, :message, 14, "logscore.v1.FieldValue"
+      optional :example, :string, 15
+    end
+    add_message "logscore.v1.ListFeedbackRequest" do
+      optional :include_removed, :bool, 1
+    end
+    add_message "logscore.v1.ListFeedbackResponse" do
+      repeated :entries, :message, 1, "logscore.v1.FeedbackEntry"
+      optional :store, :string, 2
+      optional :store_reachable, :bool, 3
+      optional :store_error, :string, 4
+    end
+    add_message "logscore.v1.DeleteFeedbackRequest" do
+      optional :id, :uint64, 1
+      optional :author, :string, 2
+    end
+    add_enum "logscore.v1.Verdict" do
+      value :VERDICT_UNSPECIFIED, 0
+      value :NORMAL, 1
+      value :KEEP, 2
+    end
   end
 end
 
@@ -75,5 +129,12 @@ module Logscore
     ListModelsRequest = ::Google::Protobuf::DescriptorPool.generated_pool.lookup("logscore.v1.ListModelsRequest").msgclass
     ListModelsResponse = ::Google::Protobuf::DescriptorPool.generated_pool.lookup("logscore.v1.ListModelsResponse").msgclass
     ModelInfo = ::Google::Protobuf::DescriptorPool.generated_pool.lookup("logscore.v1.ModelInfo").msgclass
+    FeedbackRequest = ::Google::Protobuf::DescriptorPool.generated_pool.lookup("logscore.v1.FeedbackRequest").msgclass
+    FieldValue = ::Google::Protobuf::DescriptorPool.generated_pool.lookup("logscore.v1.FieldValue").msgclass
+    FeedbackEntry = ::Google::Protobuf::DescriptorPool.generated_pool.lookup("logscore.v1.FeedbackEntry").msgclass
+    ListFeedbackRequest = ::Google::Protobuf::DescriptorPool.generated_pool.lookup("logscore.v1.ListFeedbackRequest").msgclass
+    ListFeedbackResponse = ::Google::Protobuf::DescriptorPool.generated_pool.lookup("logscore.v1.ListFeedbackResponse").msgclass
+    DeleteFeedbackRequest = ::Google::Protobuf::DescriptorPool.generated_pool.lookup("logscore.v1.DeleteFeedbackRequest").msgclass
+    Verdict = ::Google::Protobuf::DescriptorPool.generated_pool.lookup("logscore.v1.Verdict").enummodule
   end
 end

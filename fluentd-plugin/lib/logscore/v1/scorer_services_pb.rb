@@ -41,6 +41,20 @@ module Logscore
         rpc :ScoreStream, stream(::Logscore::V1::ScoreRequest), stream(::Logscore::V1::ScoreResponse)
         # The loaded models, their versions and thresholds.
         rpc :ListModels, ::Logscore::V1::ListModelsRequest, ::Logscore::V1::ListModelsResponse
+        # Mark records, a review group or a field value normal (a false positive) or
+        # keep (a true anomaly). The sidecar turns them into a pattern of what made
+        # them unusual, stores it (feedback store) and applies it from the next call
+        # on: a later flagged record whose unusual features it covers is scored again
+        # without them and, under the threshold, not flagged (note "suppressed by
+        # feedback #id"). INVALID_ARGUMENT: no or several targets, no author, an
+        # unknown verdict, records with nothing unusual; NOT_FOUND: the model;
+        # UNAVAILABLE: the feedback store cannot be reached.
+        rpc :Feedback, ::Logscore::V1::FeedbackRequest, ::Logscore::V1::FeedbackEntry
+        # The feedback entries (removed ones too when asked) and the store's state.
+        rpc :ListFeedback, ::Logscore::V1::ListFeedbackRequest, ::Logscore::V1::ListFeedbackResponse
+        # Undo an entry: it stops applying at once (it stays listed as removed).
+        # INVALID_ARGUMENT: no such entry, or already removed.
+        rpc :DeleteFeedback, ::Logscore::V1::DeleteFeedbackRequest, ::Logscore::V1::FeedbackEntry
       end
 
       Stub = Service.rpc_stub_class

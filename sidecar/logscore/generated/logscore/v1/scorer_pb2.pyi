@@ -1,10 +1,20 @@
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class Verdict(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    VERDICT_UNSPECIFIED: _ClassVar[Verdict]
+    NORMAL: _ClassVar[Verdict]
+    KEEP: _ClassVar[Verdict]
+VERDICT_UNSPECIFIED: Verdict
+NORMAL: Verdict
+KEEP: Verdict
 
 class ScoreRequest(_message.Message):
     __slots__ = ("model", "tag", "structured", "lines", "event_stream", "explain", "request_id")
@@ -116,3 +126,97 @@ class ModelInfo(_message.Message):
     detectors: _containers.RepeatedScalarFieldContainer[str]
     path: str
     def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., log_format: _Optional[str] = ..., threshold: _Optional[float] = ..., detectors: _Optional[_Iterable[str]] = ..., path: _Optional[str] = ...) -> None: ...
+
+class FeedbackRequest(_message.Message):
+    __slots__ = ("verdict", "author", "reason", "model", "route", "entity", "expires_at", "lines", "structured", "group", "field")
+    VERDICT_FIELD_NUMBER: _ClassVar[int]
+    AUTHOR_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    ROUTE_FIELD_NUMBER: _ClassVar[int]
+    ENTITY_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    LINES_FIELD_NUMBER: _ClassVar[int]
+    STRUCTURED_FIELD_NUMBER: _ClassVar[int]
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    FIELD_FIELD_NUMBER: _ClassVar[int]
+    verdict: Verdict
+    author: str
+    reason: str
+    model: str
+    route: str
+    entity: str
+    expires_at: float
+    lines: RawLines
+    structured: StructuredRecords
+    group: str
+    field: FieldValue
+    def __init__(self, verdict: _Optional[_Union[Verdict, str]] = ..., author: _Optional[str] = ..., reason: _Optional[str] = ..., model: _Optional[str] = ..., route: _Optional[str] = ..., entity: _Optional[str] = ..., expires_at: _Optional[float] = ..., lines: _Optional[_Union[RawLines, _Mapping]] = ..., structured: _Optional[_Union[StructuredRecords, _Mapping]] = ..., group: _Optional[str] = ..., field: _Optional[_Union[FieldValue, _Mapping]] = ...) -> None: ...
+
+class FieldValue(_message.Message):
+    __slots__ = ("field", "value")
+    FIELD_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    field: str
+    value: str
+    def __init__(self, field: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+
+class FeedbackEntry(_message.Message):
+    __slots__ = ("id", "verdict", "author", "reason", "model", "route", "entity", "created_at", "expires_at", "removed_at", "removed_by", "features", "feature_count", "field", "example")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    VERDICT_FIELD_NUMBER: _ClassVar[int]
+    AUTHOR_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    ROUTE_FIELD_NUMBER: _ClassVar[int]
+    ENTITY_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    REMOVED_AT_FIELD_NUMBER: _ClassVar[int]
+    REMOVED_BY_FIELD_NUMBER: _ClassVar[int]
+    FEATURES_FIELD_NUMBER: _ClassVar[int]
+    FEATURE_COUNT_FIELD_NUMBER: _ClassVar[int]
+    FIELD_FIELD_NUMBER: _ClassVar[int]
+    EXAMPLE_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    verdict: Verdict
+    author: str
+    reason: str
+    model: str
+    route: str
+    entity: str
+    created_at: float
+    expires_at: float
+    removed_at: float
+    removed_by: str
+    features: _containers.RepeatedScalarFieldContainer[str]
+    feature_count: int
+    field: FieldValue
+    example: str
+    def __init__(self, id: _Optional[int] = ..., verdict: _Optional[_Union[Verdict, str]] = ..., author: _Optional[str] = ..., reason: _Optional[str] = ..., model: _Optional[str] = ..., route: _Optional[str] = ..., entity: _Optional[str] = ..., created_at: _Optional[float] = ..., expires_at: _Optional[float] = ..., removed_at: _Optional[float] = ..., removed_by: _Optional[str] = ..., features: _Optional[_Iterable[str]] = ..., feature_count: _Optional[int] = ..., field: _Optional[_Union[FieldValue, _Mapping]] = ..., example: _Optional[str] = ...) -> None: ...
+
+class ListFeedbackRequest(_message.Message):
+    __slots__ = ("include_removed",)
+    INCLUDE_REMOVED_FIELD_NUMBER: _ClassVar[int]
+    include_removed: bool
+    def __init__(self, include_removed: _Optional[bool] = ...) -> None: ...
+
+class ListFeedbackResponse(_message.Message):
+    __slots__ = ("entries", "store", "store_reachable", "store_error")
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    STORE_FIELD_NUMBER: _ClassVar[int]
+    STORE_REACHABLE_FIELD_NUMBER: _ClassVar[int]
+    STORE_ERROR_FIELD_NUMBER: _ClassVar[int]
+    entries: _containers.RepeatedCompositeFieldContainer[FeedbackEntry]
+    store: str
+    store_reachable: bool
+    store_error: str
+    def __init__(self, entries: _Optional[_Iterable[_Union[FeedbackEntry, _Mapping]]] = ..., store: _Optional[str] = ..., store_reachable: _Optional[bool] = ..., store_error: _Optional[str] = ...) -> None: ...
+
+class DeleteFeedbackRequest(_message.Message):
+    __slots__ = ("id", "author")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    AUTHOR_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    author: str
+    def __init__(self, id: _Optional[int] = ..., author: _Optional[str] = ...) -> None: ...

@@ -50,6 +50,21 @@ class ScorerStub:
                 request_serializer=logscore_dot_v1_dot_scorer__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=logscore_dot_v1_dot_scorer__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
+        self.Feedback = channel.unary_unary(
+                '/logscore.v1.Scorer/Feedback',
+                request_serializer=logscore_dot_v1_dot_scorer__pb2.FeedbackRequest.SerializeToString,
+                response_deserializer=logscore_dot_v1_dot_scorer__pb2.FeedbackEntry.FromString,
+                _registered_method=True)
+        self.ListFeedback = channel.unary_unary(
+                '/logscore.v1.Scorer/ListFeedback',
+                request_serializer=logscore_dot_v1_dot_scorer__pb2.ListFeedbackRequest.SerializeToString,
+                response_deserializer=logscore_dot_v1_dot_scorer__pb2.ListFeedbackResponse.FromString,
+                _registered_method=True)
+        self.DeleteFeedback = channel.unary_unary(
+                '/logscore.v1.Scorer/DeleteFeedback',
+                request_serializer=logscore_dot_v1_dot_scorer__pb2.DeleteFeedbackRequest.SerializeToString,
+                response_deserializer=logscore_dot_v1_dot_scorer__pb2.FeedbackEntry.FromString,
+                _registered_method=True)
 
 
 class ScorerServicer:
@@ -79,6 +94,35 @@ class ScorerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Feedback(self, request, context):
+        """Mark records, a review group or a field value normal (a false positive) or
+        keep (a true anomaly). The sidecar turns them into a pattern of what made
+        them unusual, stores it (feedback store) and applies it from the next call
+        on: a later flagged record whose unusual features it covers is scored again
+        without them and, under the threshold, not flagged (note "suppressed by
+        feedback #id"). INVALID_ARGUMENT: no or several targets, no author, an
+        unknown verdict, records with nothing unusual; NOT_FOUND: the model;
+        UNAVAILABLE: the feedback store cannot be reached.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListFeedback(self, request, context):
+        """The feedback entries (removed ones too when asked) and the store's state.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteFeedback(self, request, context):
+        """Undo an entry: it stops applying at once (it stays listed as removed).
+        INVALID_ARGUMENT: no such entry, or already removed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ScorerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -96,6 +140,21 @@ def add_ScorerServicer_to_server(servicer, server):
                     servicer.ListModels,
                     request_deserializer=logscore_dot_v1_dot_scorer__pb2.ListModelsRequest.FromString,
                     response_serializer=logscore_dot_v1_dot_scorer__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'Feedback': grpc.unary_unary_rpc_method_handler(
+                    servicer.Feedback,
+                    request_deserializer=logscore_dot_v1_dot_scorer__pb2.FeedbackRequest.FromString,
+                    response_serializer=logscore_dot_v1_dot_scorer__pb2.FeedbackEntry.SerializeToString,
+            ),
+            'ListFeedback': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListFeedback,
+                    request_deserializer=logscore_dot_v1_dot_scorer__pb2.ListFeedbackRequest.FromString,
+                    response_serializer=logscore_dot_v1_dot_scorer__pb2.ListFeedbackResponse.SerializeToString,
+            ),
+            'DeleteFeedback': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteFeedback,
+                    request_deserializer=logscore_dot_v1_dot_scorer__pb2.DeleteFeedbackRequest.FromString,
+                    response_serializer=logscore_dot_v1_dot_scorer__pb2.FeedbackEntry.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -180,6 +239,87 @@ class Scorer:
             '/logscore.v1.Scorer/ListModels',
             logscore_dot_v1_dot_scorer__pb2.ListModelsRequest.SerializeToString,
             logscore_dot_v1_dot_scorer__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Feedback(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/logscore.v1.Scorer/Feedback',
+            logscore_dot_v1_dot_scorer__pb2.FeedbackRequest.SerializeToString,
+            logscore_dot_v1_dot_scorer__pb2.FeedbackEntry.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListFeedback(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/logscore.v1.Scorer/ListFeedback',
+            logscore_dot_v1_dot_scorer__pb2.ListFeedbackRequest.SerializeToString,
+            logscore_dot_v1_dot_scorer__pb2.ListFeedbackResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteFeedback(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/logscore.v1.Scorer/DeleteFeedback',
+            logscore_dot_v1_dot_scorer__pb2.DeleteFeedbackRequest.SerializeToString,
+            logscore_dot_v1_dot_scorer__pb2.FeedbackEntry.FromString,
             options,
             channel_credentials,
             insecure,

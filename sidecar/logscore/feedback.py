@@ -1,0 +1,622 @@
+"""Feedback: an operator's verdict on anomalies, applied at once to later records.
+
+    mark records or a review group  (HTTP /v1/feedback, gRPC Feedback, `logscore feedback add`, /ui/)
+      ─► pattern_from_records / the group's pattern: the unusual features the model named
+      ─► the store (feedback_store.py: SQLite or PostgreSQL) ─► every sidecar reloads ─► RuleSet
+    decide ─► FeedbackStep.apply (flagged records only)
+      ─► a record of a kind marked normal (normal entries name every token of its kind: its unusual
+         structural features, a URL's new path as one path-kind token) is scored again as if its
+         unusual features had been seen in training; under the threshold it is not flagged, keeps the
+         lowered score and says `suppressed by feedback #id`
+      ─► a record of another kind loses only the unusual features entries name: an attack on a page
+         marked normal keeps its payload's, and stays flagged
+      ─► "keep" (a true anomaly): its features are never treated as normal, and records of its kind
+         say `kept by feedback #id`
+
+A pattern is made of what the featurizer already names: the hashed keys of features (URL template
+and parameter shapes, path segments, n-grams, tokens, field values) and the kinds they make, or one
+field's value. Matching costs a set lookup per unusual feature or kind token: marking records normal
+teaches at once, for their kind, what retraining with them would (`logscore train --feedback`
+then makes them part of the model).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Optional, Sequence
+
+import numpy as np
+
+from .errors import InvalidRequest
+from .features import FeatureBatch
+from .features.batch import text_key
+from .features.converters import ValueCache, value_shape
+from .model import SCORE_CHUNK, Model, run_graph
+from .records import to_text
+
+NORMAL, KEEP = "normal", "keep"
+VERDICTS = (NORMAL, KEEP)
+KIND_SIZE = 64  # unusual structural features making a record's kind (review groups, rules)
+SHORT_KIND = 4  # a record unusual in details only: its kind is its most unusual details
+MAX_KIND_TOKENS = 256  # a pattern's kinds
+SIMILARITY = 0.5  # records whose kinds share at least this share of their features (Jaccard) are alike
+MAX_RECORD_KEYS = 512  # unusual features a pattern takes from one record
+MAX_PATTERN_KEYS = 4096
+DETAIL_KINDS = ("ngrams", "numeric")  # converters whose features differ for nearly every value
+NAMED = 5  # features named in a pattern, for people
+EXAMPLE_CHARS = 2000
+EXAMPLES = 5  # records a pattern keeps, for people and for training (`logscore train --feedback`)
+
+
+@dataclass
+class Entry:
+    """One stored feedback entry. ``pattern``: {"keys", "kind", "features", "examples"} or {"field", "value"}."""
+
+    id: int
+    verdict: str
+    pattern: dict
+    author: str
+    reason: str = ""
+    model: str = ""  # scope: a model name ("" any); "<model>@<entity>" models fall under their base
+    route: str = ""  # scope: the shipper's tag ("" any)
+    entity: str = ""  # scope: the value of the sidecar's entity_field ("" any)
+    created_at: float = 0.0
+    expires_at: Optional[float] = None
+    removed_at: Optional[float] = None
+    removed_by: Optional[str] = None
+    example: str = ""
+
+    def active(self, now: float) -> bool:
+        return self.removed_at is None and (self.expires_at is None or self.expires_at > now)
+
+    def describe(self) -> str:
+        """The pattern in a few words, for lists and notes."""
+        if "field" in self.pattern:
+            return f"{self.pattern['field']} = {self.pattern['value']!r}"
+        return "; ".join(self.pattern.get("features", [])[:3]) or f"{len(self.pattern.get('keys', []))} features"
+
+    def examples(self) -> list[object]:
+        """The records the entry was made from (field maps back as dicts), for training."""
+        found = []
+        for text in self.pattern.get("examples") or ([self.example] if self.example else []):
+            if text.startswith("{"):
+                try:
+                    found.append(json.loads(text))
+                    continue
+                except ValueError:
+                    pass
+            found.append(text)
+        return found
+
+    def as_json(self) -> dict:
+        pattern = {k: v for k, v in self.pattern.items() if k not in ("keys", "kind", "examples")}
+        if "keys" in self.pattern:
+            pattern["feature_count"] = len(self.pattern["keys"])
+        return {"id": self.id, "verdict": self.verdict, "model": self.model, "route": self.route,
+                "entity": self.entity, "pattern": pattern, "author": self.author, "reason": self.reason,
+                "created_at": iso_time(self.created_at), "expires_at": iso_time(self.expires_at),
+                "removed_at": iso_time(self.removed_at), "removed_by": self.removed_by, "example": self.example}
+
+
+def iso_time(seconds: Optional[float]) -> Optional[str]:
+    if seconds is None:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
+
+
+def record_text(record: object) -> str:
+    """A record as one line of text (raw lines as they are, field maps as JSON), cut for display."""
+    text = record if isinstance(record, str) else json.dumps(record, default=to_text, ensure_ascii=False)
+    return text[:EXAMPLE_CHARS]
+
+
+def base_name(model_name: str) -> str:
+    return model_name.partition("@")[0]
+
+
+# --- what made records unusual ---------------------------------------------------------------
+
+@dataclass
+class Inspection:
+    """Records featurized again and run through their model: which features made each unusual.
+
+    Only flagged records are inspected (a few in a thousand); their values are in the featurizer's
+    caches, so this costs a fraction of scoring them. Features are *structural* (URL template,
+    parameter names, shapes and characters, path segments, tokens, field values: what a pattern is
+    made of) or *detail* (character n-grams: different for nearly every distinct value)."""
+
+    model: Model
+    batch: FeatureBatch
+    contribution: np.ndarray  # [nnz] weight × surprise: what each key adds to the rarity score
+    surprise: np.ndarray
+    scores: np.ndarray
+    bounds: np.ndarray  # [N + 1]: record r's keys are batch indices bounds[r]:bounds[r + 1]
+    detail: np.ndarray  # [nnz] bool: the key is an n-gram
+    records: Sequence[object]
+    _unusual: dict = field(default_factory=dict)  # row -> unusual(row), worked out once
+    _values: Optional[dict] = None  # field -> [N] values, parsed again only for field-value entries
+
+    def unusual(self, row: int, limit: int = MAX_RECORD_KEYS) -> np.ndarray:
+        """Batch indices of the record's unusual features: structural ones first, each kind most
+        unusual first."""
+        found = self._unusual.get(row)
+        if found is None:
+            start, stop = int(self.bounds[row]), int(self.bounds[row + 1])
+            contribution = self.contribution[start:stop]
+            order = np.lexsort((-contribution, self.detail[start:stop]))
+            found = self._unusual[row] = order[contribution[order] > 0][:MAX_RECORD_KEYS] + start
+        return found[:limit]
+
+    def kind(self, row: int) -> frozenset:
+        """What kind of unusual the record is: its unusual structural features, where a URL's
+        template-level ones (its path, segments, and the parameter slots of its template) become one
+        token, its path kind (``path_kind``: new pages of a section and file type are one kind), while
+        a parameter's shape and characters stay themselves. A record unusual in details only
+        (n-grams) is of the kind of its most unusual details."""
+        unusual = self.unusual(row, KIND_SIZE)
+        structural = [int(k) for k in self.batch.keys[unusual[~self.detail[unusual]]]]
+        if not structural:
+            return frozenset(int(k) for k in self.batch.keys[unusual[:SHORT_KIND]])
+        tokens: set = set(structural)
+        for converter in self.model.featurizer.converters:
+            value = self.value_of(converter, row) if converter.kind == "url" else None
+            if value is not None:
+                tokens = url_kind(converter, value, tokens)
+        return frozenset(tokens)
+
+    def names(self, row: int, limit: int = NAMED) -> "FeatureNames":
+        """The names of the record's most unusual features, worked out when first asked for."""
+        origins = self.batch.origins.resolve()
+        return FeatureNames(self.model, [(origins.entries[int(origins.entry_of_key[i])], int(origins.position[i]),
+                                          float(self.surprise[i])) for i in self.unusual(row, limit)])
+
+    def value_of(self, converter, row: int) -> Optional[str]:
+        """The value ``converter`` featurized for the record (its features keep it: nothing is parsed)."""
+        origins = self.batch.origins.resolve()
+        start, stop = int(self.bounds[row]), int(self.bounds[row + 1])
+        for entry_id in dict.fromkeys(origins.entry_of_key[start:stop].tolist()):
+            entry = origins.entries[entry_id]
+            if entry.converter is converter:
+                return entry.value
+        return None
+
+    @property
+    def values(self) -> dict:
+        """Each field's values as the featurizer reads them (for field-value entries)."""
+        if self._values is None:
+            self._values = self.model.featurizer.field_values(self.records)[0]
+        return self._values
+
+    def key_fields(self) -> list[str]:
+        origins = self.batch.origins.resolve()
+        return [origins.entries[int(e)].converter.field for e in origins.entry_of_key]
+
+
+class FeatureNames:
+    """Names of features, described on first use (naming costs more than finding them)."""
+
+    def __init__(self, model: Model, found: list[tuple[object, int, float]]):
+        self._model, self._found, self._names = model, found, None
+
+    def __call__(self) -> list[str]:
+        if self._names is None:
+            self._names = [f"{entry.describe(position)} ({self._model.describe_rarity(surprise)})"
+                           for entry, position, surprise in self._found]
+            self._found = []
+        return self._names
+
+
+class UrlFeatures(tuple):
+    """(template, keys of its template-level features, keys of its length classes) of a URL."""
+
+    @property
+    def nbytes(self) -> int:
+        """Memory held, estimated (for the cache's bound)."""
+        return 200 + len(self[0]) + 40 * (len(self[1]) + len(self[2]))
+
+
+def url_features(converter, value: str) -> tuple[str, frozenset, frozenset]:
+    """(template, keys of its template-level features, keys of its length classes) of a URL; cached,
+    as flagged URLs repeat (a page marked normal, a scanner's probes)."""
+    found = _URL_FEATURES.get((converter, value))
+    if found is None:
+        texts = list(converter.features(value))
+        template = next((t[len("parameters "):].rpartition("?")[0] for t in texts if t.startswith("parameters ")), "")
+        slot = f"{template}?"
+        template_level = frozenset(text_key(converter.seed, t) for t in texts if t.startswith(TEMPLATE_FEATURES) or
+                                   (t.startswith(SLOT_FEATURES) and t.split(" ", 1)[1].startswith(slot)))
+        lengths = frozenset(text_key(converter.seed, t) for t in texts if t.startswith("length "))
+        found = UrlFeatures((template, template_level, lengths))
+        _URL_FEATURES.put((converter, value), found)
+    return found
+
+
+_URL_FEATURES = ValueCache(4096)
+
+
+def url_kind(converter, value: str, tokens: set) -> set:
+    """The kind tokens of a record with its URL's template-level features (of ``tokens``, the unusual
+    structural ones) replaced by its path kind, and its length classes (details) left out."""
+    template, template_level, lengths = url_features(converter, value)
+    seed = converter.seed
+    found = tokens & template_level
+    kept = tokens - template_level - lengths
+    if found:
+        new = {s for s in template.split("/") if text_key(seed, f"segment {s}") in tokens}
+        if new:
+            kept.add(path_kind(template, new))
+        elif text_key(seed, f"path {template}") in tokens:  # known segments in a new order
+            kept.add(f"path {template}")
+        elif not kept:  # a known page with a new set of parameters of known shapes
+            kept.add(f"parameters {template}")
+    return kept
+
+
+PLAIN_SHAPE = frozenset("a9_-.")  # a segment shaped only of these is a plain name (a page, a file, a version)
+
+
+def path_kind(template: str, new: set) -> str:
+    """A path with segments never seen, as a kind: its section (first segment), the file type of its last
+    segment, and the shape of every new segment that is no plain name (``..``, quotes, ``$``, spaces):
+    ``path /files/…deb``, ``path /scripts/…<"a:>``. So new pages of a section and type are one kind,
+    while odd segments (a traversal, an injection in the path) keep it apart."""
+    segments = template.split("/")
+    section = segments[1] if len(segments) > 1 else ""
+    last = segments[-1] if len(segments) > 2 else ""
+    extension = last.rpartition(".")[2].lower() if "." in last else ""
+    odd = [f"<{value_shape(s)}>" for s in segments[2:] if s in new
+           and (s in (".", "..") or not set(value_shape(s)) <= PLAIN_SHAPE)]
+    kind = f"path /{section}/…" + (extension if extension.isalnum() and len(extension) <= 6 else "")
+    return kind + "".join(odd)
+
+
+TEMPLATE_FEATURES = ("path ", "segment ", "parameters ")  # the url converter's features of a template
+SLOT_FEATURES = ("parameter ", "shape ", "value ")  # ...and of a parameter of a template ("shape T?name=S")
+
+
+def inspect(model: Model, records: Sequence[object]) -> Inspection:
+    """Featurize ``records`` (not session models: their records are sessions) and run the graph."""
+    batch = model.featurizer.transform(records, dense=True)  # dense: KeyOrigins name every key's field
+    if not model.needs_dense:
+        batch = dataclasses.replace(batch, dense=np.zeros((batch.size, 0), dtype=np.float32))
+    scores, _, surprise = run_graph(model.session, batch)
+    bounds = np.searchsorted(batch.rows, np.arange(batch.size + 1))
+    origins = batch.origins.resolve()  # every key's converter, whatever built the batch
+    detail_entries = np.fromiter((e.converter.kind in DETAIL_KINDS for e in origins.entries), dtype=bool,
+                                 count=len(origins.entries))
+    return Inspection(model, batch, batch.weights * surprise, surprise, scores, bounds,
+                      detail_entries[origins.entry_of_key] if len(origins.entries) else np.zeros(0, dtype=bool),
+                      records)
+
+
+def rescore_without(model: Model, batch: FeatureBatch, drop: np.ndarray) -> np.ndarray:
+    """Scores of the batch's records with the ``drop``ped keys taken out (features deemed normal)."""
+    keep = ~drop
+    dense = batch.dense
+    if model.needs_dense:
+        dense = batch.without_keys(keep, model.featurizer.dense_dims)
+    kept = FeatureBatch(batch.rows[keep], batch.keys[keep], batch.weights[keep], dense, batch.truncated,
+                        batch.unparsed)
+    scores, _, _ = run_graph(model.session, kept)
+    return scores
+
+
+def pattern_from_records(model: Model, records: Sequence[object]) -> dict:
+    """The pattern of marked records: their unusual features (keys, kinds, names)."""
+    refuse_sessions(model)
+    found = inspect(model, records)
+    keys: dict[int, None] = {}
+    kinds: dict = {}
+    for row in range(found.batch.size):
+        for index in found.unusual(row):
+            keys.setdefault(int(found.batch.keys[index]), None)
+        kinds.update(dict.fromkeys(sorted(found.kind(row), key=str)))
+    if not keys:
+        scores = ", ".join(f"{s:.4f}" for s in found.scores[:5])
+        raise InvalidRequest(f"the records hold no unusual feature for model {model.name!r} (scores {scores}); "
+                             "nothing to mark")
+    row = max(range(found.batch.size), key=lambda r: found.scores[r])  # named after the strangest
+    return {"keys": list(keys)[:MAX_PATTERN_KEYS], "kind": list(kinds)[:MAX_KIND_TOKENS],
+            "features": [strip_rarity(n) for n in found.names(row)()],
+            "examples": [record_text(r) for r in records[:EXAMPLES]]}
+
+
+def refuse_sessions(model: Model) -> None:
+    if model.sessions is not None:
+        raise InvalidRequest(f"model {model.name!r} scores each record as its session so far: feedback "
+                             "applies to models of single records only")
+
+
+def pattern_from_field(model: Model, name: str, value: str) -> dict:
+    refuse_sessions(model)
+    if name not in model.featurizer.fields:
+        raise InvalidRequest(f"model {model.name!r} reads no field {name!r}; its fields: "
+                             f"{', '.join(model.featurizer.fields)}")
+    return {"field": name, "value": value}
+
+
+def strip_rarity(name: str) -> str:
+    """A feature's name without " (never seen in training)" or " (rare: ...)"."""
+    head, paren, tail = name.rpartition(" (")
+    return head if paren and (tail.startswith("never seen") or tail.startswith("rare")) else name
+
+
+# --- rules in memory ---------------------------------------------------------------------------
+
+class Index:
+    """Item (a feature key, a kind token) -> the entries naming it; entries without a route or entity
+    scope (the usual ones) are kept as plain ids, so a lookup costs the same for one entry or many."""
+
+    def __init__(self):
+        self.unscoped: dict[object, set[int]] = {}
+        self.scoped: dict[object, list[Entry]] = {}
+        self.entries: dict[int, Entry] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self.entries)
+
+    def add(self, item, entry: Entry) -> None:
+        self.entries[entry.id] = entry
+        if entry.route or entry.entity:
+            self.scoped.setdefault(item, []).append(entry)
+        else:
+            self.unscoped.setdefault(item, set()).add(entry.id)
+
+    def ids(self, item, route: str, entity: Optional[str]) -> set[int]:
+        found = self.unscoped.get(item, set())
+        scoped = self.scoped.get(item)
+        if scoped:
+            found = found | {e.id for e in scoped if in_scope(e, route, entity)}
+        return found
+
+
+@dataclass
+class ModelRules:
+    """The active rules of one model name: lookups from a feature key, a kind token or a field value
+    to the entries naming it."""
+
+    normal_by_key: Index = field(default_factory=Index)
+    normal_by_kind: Index = field(default_factory=Index)
+    keep_by_key: Index = field(default_factory=Index)
+    keep_by_kind: Index = field(default_factory=Index)
+    by_field: dict[tuple[str, str], list[Entry]] = field(default_factory=dict)
+    normal_keys: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # sorted
+
+    def add(self, entry: Entry) -> None:
+        pattern = entry.pattern
+        if "field" in pattern:
+            self.by_field.setdefault((pattern["field"], pattern["value"]), []).append(entry)
+            return
+        normal = entry.verdict == NORMAL
+        by_key, by_kind = (self.normal_by_key, self.normal_by_kind) if normal else (self.keep_by_key, self.keep_by_kind)
+        for key in pattern["keys"]:
+            by_key.add(int(key), entry)
+        for token in dict.fromkeys(pattern.get("kind", [])):
+            by_kind.add(token, entry)
+
+    def finish(self) -> "ModelRules":
+        self.normal_keys = np.array(sorted({*self.normal_by_key.unscoped, *self.normal_by_key.scoped}), dtype=np.int64)
+        return self
+
+
+class RuleSet:
+    """The active entries, indexed per model name; immutable once built (swapped whole on reload)."""
+
+    def __init__(self, entries: Iterable[Entry] = (), now: Optional[float] = None):
+        now = time.time() if now is None else now
+        self.entries = [e for e in entries if e.active(now)]
+        self.by_model: dict[str, ModelRules] = {}
+        for entry in self.entries:
+            self.by_model.setdefault(entry.model, ModelRules()).add(entry)
+        for rules in self.by_model.values():
+            rules.finish()
+        expiries = [e.expires_at for e in self.entries if e.expires_at is not None]
+        self.next_expiry = min(expiries) if expiries else None  # the rules are rebuilt then
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def for_model(self, model_name: str) -> list[ModelRules]:
+        found = [self.by_model.get(name) for name in dict.fromkeys((model_name, base_name(model_name), ""))]
+        return [rules for rules in found if rules is not None]
+
+
+def in_scope(entry: Entry, route: str, entity: Optional[str]) -> bool:
+    return (not entry.route or entry.route == route) and (not entry.entity or entry.entity == entity)
+
+
+# --- applying rules to one batch (decide's feedback step) ---------------------------------------
+
+@dataclass
+class Flagged:
+    """One flagged record after the feedback step, for the review page."""
+
+    index: int  # in the batch
+    score: float  # the score it leaves with (lowered when suppressed)
+    original_score: float
+    kind: frozenset
+    unusual_keys: list[int]
+    names: Callable[[], list[str]]  # the most unusual features' names
+    suppressed_by: list[int] = field(default_factory=list)
+    kept_by: list[int] = field(default_factory=list)
+
+
+@dataclass
+class FeedbackStep:
+    """What decide needs to apply feedback to one model's batch: the rules, the records and, per
+    record, the route (tag) and entity value they were sent with. ``observe`` (the review page's
+    ring) sees every flagged record with what made it unusual."""
+
+    rules: RuleSet
+    records: Sequence[object]
+    routes: Sequence[str] = ()
+    entities: Sequence[Optional[str]] = ()
+    observe: Optional[object] = None  # callable(model, records, [Flagged], step) or None
+    inspect_always: bool = False  # inspect flagged records even without rules (the review page is on)
+
+    def route(self, i: int) -> str:
+        return self.routes[i] if self.routes else ""
+
+    def entity(self, i: int) -> Optional[str]:
+        return self.entities[i] if self.entities else None
+
+    def apply(self, model: Model, candidates: np.ndarray, scores: np.ndarray,
+              flags: np.ndarray, notes: list) -> np.ndarray:
+        """Suppress what normal rules explain among ``candidates`` (indices of records flagged by their
+        score); clears their flags and adds notes in place; returns the scores (lowered ones replaced)."""
+        model_rules = self.rules.for_model(model.name) if len(self.rules) else []
+        if not len(candidates) or not (model_rules or self.inspect_always) or model.sessions is not None:
+            if self.observe is not None and len(candidates):
+                self.observe(model, self.records, [Flagged(int(i), float(scores[i]), float(scores[i]), frozenset(),
+                                                           [], list) for i in candidates], self)
+            return scores
+        for start in range(0, len(candidates), SCORE_CHUNK):  # bounded working memory, as Model.score
+            scores = self._apply(model, candidates[start: start + SCORE_CHUNK], scores, flags, notes, model_rules)
+        return scores
+
+    def _apply(self, model: Model, candidates: np.ndarray, scores: np.ndarray, flags: np.ndarray, notes: list,
+               model_rules: list) -> np.ndarray:
+        found = inspect(model, [self.records[i] for i in candidates])
+        kinds = [found.kind(row) for row in range(len(candidates))]
+        drop, suppressors, keepers = self._matches(found, candidates, kinds, model_rules)
+        rescored = rescore_without(model, found.batch, drop) if drop.any() else None
+        flagged = []
+        scores = scores.copy() if rescored is not None else scores
+        for row, i in enumerate(candidates.tolist()):
+            unusual = found.unusual(row)
+            item = Flagged(i, float(scores[i]), float(scores[i]), kinds[row], found.batch.keys[unusual].tolist(),
+                           found.names(row, SHORT_KIND))
+            if keepers[row]:
+                item.kept_by = keepers[row]
+                notes.append((i, "record", f"kept by feedback {rule_list(keepers[row])}"))
+            elif rescored is not None and suppressors[row] and rescored[row] < model.threshold:
+                scores[i] = rescored[row]
+                flags[i] = False
+                item.score, item.suppressed_by = float(rescored[row]), suppressors[row]
+                notes.append((i, "record", f"suppressed by feedback {rule_list(suppressors[row])}"))
+            flagged.append(item)
+        if self.observe is not None:
+            self.observe(model, self.records, flagged, self)
+        return scores
+
+    def _matches(self, found: Inspection, candidates: np.ndarray, kinds: list[frozenset],
+                 model_rules: list[ModelRules]):
+        """(keys to drop [nnz], per record the normal entries that dropped some, the keep entries it
+        falls under).
+
+        A record of kinds marked normal (every token of its kind named by in-scope normal entries)
+        loses all its unusual features: it is scored as if they had been seen in training. Otherwise
+        only the unusual features the entries name go (an attack on a page marked normal keeps its
+        payload's). A keep entry's features never go, and records of its kind are kept."""
+        keys = found.batch.keys
+        drop = np.zeros(len(keys), dtype=bool)
+        suppressors: list[list[int]] = [[] for _ in candidates]
+        keepers: list[list[int]] = [[] for _ in candidates]
+        if not model_rules:
+            return drop, suppressors, keepers
+        unusual = found.contribution > 0
+        hits = np.zeros(len(keys), dtype=bool)
+        for rules in model_rules:
+            hits |= np.isin(keys, rules.normal_keys)
+        hits &= unusual
+        fields = found.key_fields() if any(r.by_field for r in model_rules) else None
+        for row, i in enumerate(candidates.tolist()):
+            route, entity = self.route(i), self.entity(i)
+            start, stop = int(found.bounds[row]), int(found.bounds[row + 1])
+            protected, kept = self._kept(found, row, kinds[row], model_rules, route, entity)
+            if kept:
+                keepers[row] = sorted(kept)
+                continue
+            mine = unusual[start:stop]
+            if protected:
+                mine = mine & ~np.isin(keys[start:stop], np.fromiter(protected, dtype=np.int64))
+            used: set[int] = set()
+            named = np.zeros(stop - start, dtype=bool)
+            for offset in np.flatnonzero(hits[start:stop] & mine).tolist():
+                for rules in model_rules:
+                    ids = rules.normal_by_key.ids(int(keys[start + offset]), route, entity)
+                    if ids:
+                        used |= ids
+                        named[offset] = True
+            whole = self._marked_kind(found, row, kinds[row], model_rules, route, entity)
+            if fields is not None:
+                by_field = self._field_values(found, row, start, stop, fields, model_rules, route, entity)
+                named |= by_field[0] & mine
+                used.update(by_field[1])
+            if whole:
+                used.update(whole)
+                drop[start:stop] = mine
+            else:
+                drop[start:stop] = named
+            suppressors[row] = sorted(used) if drop[start:stop].any() else []
+        return drop, suppressors, keepers
+
+    def _marked_kind(self, found: Inspection, row: int, kind: frozenset, model_rules, route, entity) -> set[int]:
+        """The normal entries the record is of the kind of: they name every token of its kind; or, for
+        a record unusual in details only, it holds most of an entry's kind (after retraining, a kind's
+        features are seen, only new details of it stay unusual)."""
+        named: set[int] = set()
+        for token in kind:
+            ids = set().union(*(rules.normal_by_kind.ids(token, route, entity) for rules in model_rules))
+            if not ids:
+                named = set()
+                break
+            named |= ids
+        if named or any(not found.detail[i] for i in found.unusual(row, KIND_SIZE)):
+            return named
+        start, stop = int(found.bounds[row]), int(found.bounds[row + 1])
+        counts: dict[int, int] = {}
+        entries: dict[int, Entry] = {}
+        for rules in model_rules:
+            for key in set(found.batch.keys[start:stop].tolist()):
+                for i in rules.normal_by_kind.ids(key, route, entity):
+                    counts[i] = counts.get(i, 0) + 1
+                    entries[i] = rules.normal_by_kind.entries[i]
+        return {i for i, count in counts.items()
+                if count >= SIMILARITY * sum(isinstance(t, int) for t in entries[i].pattern["kind"])}
+
+    def _field_values(self, found: Inspection, row, start, stop, fields, model_rules, route, entity):
+        """(keys of fields whose value normal entries name [stop - start], those entries)."""
+        named = np.zeros(stop - start, dtype=bool)
+        used: set[int] = set()
+        for rules in model_rules:
+            for (name, value), entries in rules.by_field.items():
+                if found.values[name][row] != value:
+                    continue
+                for entry in entries:
+                    if entry.verdict == NORMAL and in_scope(entry, route, entity):
+                        named |= np.fromiter((f == name for f in fields[start:stop]), dtype=bool, count=stop - start)
+                        used.add(entry.id)
+        return named, used
+
+    def _kept(self, found: Inspection, row: int, kind: frozenset, model_rules, route, entity):
+        """(keys no normal entry may drop, ids of keep entries the record falls under: alike kinds,
+        or a field value marked keep)."""
+        start, stop = int(found.bounds[row]), int(found.bounds[row + 1])
+        protected: set[int] = set()
+        kept: set[int] = set()
+        for rules in model_rules:
+            if not (rules.keep_by_key or rules.keep_by_kind or rules.by_field):
+                continue
+            for token in kind:
+                kept.update(i for i in rules.keep_by_kind.ids(token, route, entity)
+                            if similar(kind, rules.keep_by_kind.entries[i].pattern["kind"]))
+            if rules.keep_by_key:
+                protected.update(k for k in found.batch.keys[start:stop].tolist() if rules.keep_by_key.ids(k, route, entity))
+            for (name, value), entries in rules.by_field.items():
+                if found.values[name][row] == value:
+                    kept.update(e.id for e in entries if e.verdict == KEEP and in_scope(e, route, entity))
+        return protected, kept
+
+
+def similar(a: Sequence, b: Sequence) -> bool:
+    """Two kinds (sets of features) are alike when they share at least SIMILARITY of their union."""
+    a, b = set(a), set(b)
+    return bool(a | b) and len(a & b) >= SIMILARITY * len(a | b)
+
+
+def rule_list(ids: Sequence[int]) -> str:
+    return ", ".join(f"#{i}" for i in ids)

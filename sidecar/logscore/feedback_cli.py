@@ -1,0 +1,165 @@
+"""`logscore feedback add|list|remove`: feedback through a running sidecar (gRPC), which makes the
+pattern with its model and writes it to its store (so every sidecar sharing the store applies it)."""
+
+from __future__ import annotations
+
+import getpass
+import json
+import re
+import sys
+import time
+
+from .errors import ConfigError
+
+DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhdw])$")
+UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def add_feedback_command(commands) -> None:
+    from .cli import add_connection_flags
+
+    feedback = commands.add_parser("feedback", help="mark anomalies normal or keep (through a sidecar)",
+                                   description="Feedback on anomalies, through a running sidecar: its model turns "
+                                   "marked records into a pattern of what made them unusual; every sidecar sharing "
+                                   "the feedback store applies it to later records at once.")
+    actions = feedback.add_subparsers(dest="action", metavar="ACTION", required=True)
+    add = actions.add_parser("add", help="mark records, a review group or a field value",
+                             description="Mark records (lines), a review group (--group, see /ui/) or a field "
+                             "value (--field NAME=VALUE) normal (a false positive) or keep (a true anomaly).")
+    add.add_argument("verdict", choices=["normal", "keep"])
+    target = add.add_mutually_exclusive_group(required=True)
+    target.add_argument("--line", nargs="+", metavar="LINE", help="log lines to mark (quote each)")
+    target.add_argument("--file", metavar="FILE", help="a file of log lines to mark (at most 100; '-': stdin)")
+    target.add_argument("--group", metavar="ID", help="a group of the review page (e.g. g3)")
+    target.add_argument("--field", metavar="NAME=VALUE", help="a field's value (e.g. user_agent=curl/8.0)")
+    add.add_argument("--json-records", action="store_true", help="--line/--file hold JSON field maps")
+    add.add_argument("--author", default=None, help="who gives the feedback (default: your login name)")
+    add.add_argument("--reason", default="", help="why")
+    add.add_argument("--model", default="", help="the model (default: the sidecar routes, as for scoring)")
+    add.add_argument("--route", default="", help="only records sent with this tag")
+    add.add_argument("--entity", default="", help="only records whose entity field holds this value")
+    add.add_argument("--expires", metavar="WHEN", help="stop applying after a duration (30m, 12h, 7d, 2w) or at a "
+                     "UTC date/time (2026-12-31 or 2026-12-31T18:00:00Z)")
+    add_connection_flags(add)
+    add.set_defaults(run=run_feedback_add)
+
+    listing = actions.add_parser("list", help="the feedback entries")
+    listing.add_argument("--all", action="store_true", help="removed entries too")
+    listing.add_argument("--json", action="store_true", help="one JSON object per entry")
+    add_connection_flags(listing)
+    listing.set_defaults(run=run_feedback_list)
+
+    remove = actions.add_parser("remove", help="undo an entry by its id")
+    remove.add_argument("id", type=int)
+    remove.add_argument("--author", default=None, help="who undoes it (default: your login name)")
+    add_connection_flags(remove)
+    remove.set_defaults(run=run_feedback_remove)
+
+
+def expiry(text: str, now: float) -> float:
+    """Unix seconds from a duration (7d) or a UTC date/time."""
+    from .servers.feedback_http import parse_expiry
+
+    match = DURATION.match(text.strip())
+    if match:
+        return now + float(match.group(1)) * UNITS[match.group(2)]
+    try:
+        return parse_expiry(text)
+    except Exception:
+        raise ConfigError(f"--expires {text!r}: give a duration (30m, 12h, 7d, 2w) or a UTC date such as "
+                          "2026-12-31") from None
+
+
+def login() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:
+        return "cli"
+
+
+def call(args, method: str, request):
+    """One gRPC call to the sidecar; a clear one-line error when it fails."""
+    import grpc
+
+    from .cli import client_channel
+    from .generated.logscore.v1 import scorer_pb2_grpc as pb_grpc
+
+    target = args.tcp or f"unix:{args.socket}"
+    channel, metadata = client_channel(args, target)
+    with channel:
+        try:
+            return getattr(pb_grpc.ScorerStub(channel), method)(request, timeout=args.timeout, metadata=metadata)
+        except grpc.RpcError as error:
+            raise ConfigError(f"{target}: {error.code().name}: {error.details()}") from None
+
+
+def run_feedback_add(args) -> int:
+    from .cli import fill_records
+    from .generated.logscore.v1 import scorer_pb2 as pb
+    from .inputs import read_json_records, read_lines
+
+    request = pb.FeedbackRequest(verdict=pb.NORMAL if args.verdict == "normal" else pb.KEEP,
+                                 author=args.author or login(), reason=args.reason, model=args.model,
+                                 route=args.route, entity=args.entity,
+                                 expires_at=expiry(args.expires, time.time()) if args.expires else 0.0)
+    if args.group:
+        request.group = args.group
+    elif args.field:
+        name, equals, value = args.field.partition("=")
+        if not equals or not name:
+            raise ConfigError(f"--field {args.field!r}: give NAME=VALUE, e.g. user_agent=curl/8.0")
+        request.field.field, request.field.value = name, value
+    else:
+        if args.line:
+            records = [json.loads(line) for line in args.line] if args.json_records else list(args.line)
+        else:
+            records = list((read_json_records if args.json_records else read_lines)([args.file]))
+        fill_records(request, records, args.json_records)
+    entry = call(args, "Feedback", request)
+    print(describe(entry))
+    return 0
+
+
+def run_feedback_list(args) -> int:
+    from .generated.logscore.v1 import scorer_pb2 as pb
+
+    response = call(args, "ListFeedback", pb.ListFeedbackRequest(include_removed=args.all))
+    if not response.store_reachable:
+        print(f"logscore feedback: warning: the store {response.store} is unreachable ({response.store_error}); "
+              "the sidecar applies the entries it last loaded", file=sys.stderr)
+    for entry in response.entries:
+        print(json.dumps(as_json(entry)) if args.json else describe(entry))
+    if not response.entries and not args.json:
+        print(f"no feedback entries in {response.store}")
+    return 0
+
+
+def run_feedback_remove(args) -> int:
+    from .generated.logscore.v1 import scorer_pb2 as pb
+
+    entry = call(args, "DeleteFeedback", pb.DeleteFeedbackRequest(id=args.id, author=args.author or login()))
+    print(f"removed {describe(entry)}")
+    return 0
+
+
+def as_json(entry) -> dict:
+    from google.protobuf.json_format import MessageToDict
+
+    return MessageToDict(entry, preserving_proto_field_name=True)
+
+
+def describe(entry) -> str:
+    from .feedback import iso_time
+    from .generated.logscore.v1 import scorer_pb2 as pb
+
+    verdict = pb.Verdict.Name(entry.verdict).lower()
+    if entry.HasField("field"):
+        pattern = f"{entry.field.field} = {entry.field.value!r}"
+    else:
+        pattern = "; ".join(entry.features[:3]) + f" ({entry.feature_count} features)"
+    scope = ", ".join(f"{k} {getattr(entry, k)}" for k in ("model", "route", "entity") if getattr(entry, k)) or "all"
+    state = f"removed by {entry.removed_by} {iso_time(entry.removed_at)}" if entry.removed_at else (
+        f"expires {iso_time(entry.expires_at)}" if entry.expires_at else "no expiry")
+    reason = f" ({entry.reason})" if entry.reason else ""
+    return (f"#{entry.id} {verdict} [{scope}] {pattern}; by {entry.author} {iso_time(entry.created_at)}{reason}; "
+            f"{state}")

@@ -1,0 +1,477 @@
+"""Where feedback lives: a SQLite file (default, beside the models) or PostgreSQL (a fleet).
+
+    FeedbackStore (interface): migrate, add, remove, entries, revision
+      ├─ SqliteStore     a file; one connection per operation (safe from any thread)
+      └─ PostgresStore   postgresql://…; writes NOTIFY logscore_feedback (psycopg, the `postgres` extra)
+    FeedbackService (the sidecar's): the active RuleSet, reloaded whenever the store's revision moves
+      (PostgreSQL: LISTEN/NOTIFY, else a poll every feedback_poll_s); an unreachable store leaves the
+      rules last loaded in force, and says so in /readyz and metrics.
+
+Both stores hold the same schema, created and upgraded by the same numbered migrations; every write
+bumps ``feedback_revision`` in its own transaction, which is what sidecars watch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+from .errors import ConfigError, InvalidRequest, StoreUnavailable
+from .feedback import VERDICTS, Entry, RuleSet, pattern_from_field, pattern_from_records, record_text
+
+log = logging.getLogger("logscore.feedback")
+
+DEFAULT_FILE = "feedback.sqlite3"
+CHANNEL = "logscore_feedback"
+
+# Numbered migrations: each runs once, in order, in one transaction. {serial} and {real} are the
+# dialect's auto-increment key and floating-point types.
+MIGRATIONS: list[tuple[int, list[str]]] = [
+    (1, [
+        """CREATE TABLE feedback (
+             id {serial} PRIMARY KEY,
+             verdict TEXT NOT NULL,
+             model TEXT NOT NULL DEFAULT '',
+             route TEXT NOT NULL DEFAULT '',
+             entity TEXT NOT NULL DEFAULT '',
+             pattern TEXT NOT NULL,
+             example TEXT NOT NULL DEFAULT '',
+             author TEXT NOT NULL,
+             reason TEXT NOT NULL DEFAULT '',
+             created_at {real} NOT NULL,
+             expires_at {real},
+             removed_at {real},
+             removed_by TEXT)""",
+        "CREATE TABLE feedback_revision (revision BIGINT NOT NULL)",
+        "INSERT INTO feedback_revision (revision) VALUES (0)",
+    ]),
+]
+SCHEMA_VERSION = MIGRATIONS[-1][0]
+COLUMNS = ("id", "verdict", "model", "route", "entity", "pattern", "example", "author", "reason", "created_at",
+           "expires_at", "removed_at", "removed_by")
+
+
+def entry_from_row(row) -> Entry:
+    values = dict(zip(COLUMNS, row))
+    values["pattern"] = json.loads(values["pattern"])
+    return Entry(**values)
+
+
+def check_entry(entry: Entry) -> None:
+    if entry.verdict not in VERDICTS:
+        raise InvalidRequest(f"verdict {entry.verdict!r}: use 'normal' (a false positive) or 'keep' (a true anomaly)")
+    if not entry.author.strip():
+        raise InvalidRequest("say who gives the feedback (author)")
+    if entry.expires_at is not None and entry.expires_at <= time.time():
+        raise InvalidRequest("expires_at is in the past; give a future time, or none to keep the entry")
+
+
+class FeedbackStore:
+    """The interface both stores implement (SQL differs only in placeholders and types)."""
+
+    placeholder = "?"
+    types = {"serial": "INTEGER", "real": "REAL"}
+    description = ""  # where it is, for logs and the token-protected views
+    public_name = ""  # ...and for /readyz, which answers without the token
+
+    def _connect(self):  # a DB-API connection (a transaction is open after connect, until commit)
+        raise NotImplementedError
+
+    def _after_write(self, cursor) -> None:
+        """Say that something changed (PostgreSQL: NOTIFY)."""
+
+    def _lock_for_migration(self, cursor) -> None:
+        """Keep two sidecars from migrating at once."""
+
+    def _sql(self, text: str) -> str:
+        return text.replace("?", self.placeholder)
+
+    def _begin(self, cursor, exclusive: bool) -> None:
+        """Open the transaction (PostgreSQL's driver opens one by itself)."""
+
+    def _run(self, work: Callable, write: bool = False, exclusive: bool = False):
+        """``work(cursor)`` in one transaction (``exclusive``: one writer at a time); errors reaching
+        the database become StoreUnavailable."""
+        try:
+            connection = self._connect()
+        except (ConfigError, StoreUnavailable):
+            raise
+        except Exception as error:
+            raise StoreUnavailable(f"feedback store {self.description}: cannot connect ({one_line(error)})") from None
+        try:
+            cursor = connection.cursor()
+            self._begin(cursor, write or exclusive)
+            result = work(cursor)
+            if write:
+                cursor.execute("UPDATE feedback_revision SET revision = revision + 1")
+                self._after_write(cursor)
+            connection.commit()
+            return result
+        except (InvalidRequest, ConfigError):
+            connection.rollback()
+            raise
+        except Exception as error:
+            try:
+                connection.rollback()
+            except Exception:
+                pass
+            raise StoreUnavailable(f"feedback store {self.description}: {one_line(error)}") from None
+        finally:
+            connection.close()
+
+    def migrate(self) -> int:
+        """Apply the migrations not yet applied; returns the schema version."""
+        def work(cursor):
+            self._lock_for_migration(cursor)
+            cursor.execute(f"CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, "
+                           f"applied_at {self.types['real']} NOT NULL)")
+            cursor.execute("SELECT version FROM schema_migrations")
+            applied = {row[0] for row in cursor.fetchall()}
+            newer = [v for v in applied if v > SCHEMA_VERSION]
+            if newer:
+                raise ConfigError(f"feedback store {self.description} has schema version {max(newer)}, newer than "
+                                  f"this logscore knows ({SCHEMA_VERSION}); upgrade logscore")
+            for version, statements in MIGRATIONS:
+                if version in applied:
+                    continue
+                for statement in statements:
+                    cursor.execute(statement.format(**self.types))
+                cursor.execute(self._sql("INSERT INTO schema_migrations (version, applied_at) VALUES (?, ?)"),
+                               (version, time.time()))
+                log.info("feedback store migrated", extra={"store": self.description, "version": version})
+            return SCHEMA_VERSION
+        return self._run(work, exclusive=True)
+
+    def add(self, entry: Entry) -> Entry:
+        check_entry(entry)
+        entry.created_at = entry.created_at or time.time()
+
+        def work(cursor):
+            cursor.execute(self._sql(
+                "INSERT INTO feedback (verdict, model, route, entity, pattern, example, author, reason, created_at, "
+                "expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id"),
+                (entry.verdict, entry.model, entry.route, entry.entity, json.dumps(entry.pattern), entry.example,
+                 entry.author, entry.reason, entry.created_at, entry.expires_at))
+            entry.id = int(cursor.fetchone()[0])
+            return entry
+        return self._run(work, write=True)
+
+    def remove(self, entry_id: int, by: str) -> Entry:
+        """Undo: the entry stays (for the record and for training) but no longer applies."""
+        def work(cursor):
+            cursor.execute(self._sql(f"SELECT {', '.join(COLUMNS)} FROM feedback WHERE id = ?"), (entry_id,))
+            row = cursor.fetchone()
+            if row is None:
+                raise InvalidRequest(f"no feedback entry #{entry_id}; list them with GET /v1/feedback")
+            entry = entry_from_row(row)
+            if entry.removed_at is not None:
+                raise InvalidRequest(f"feedback #{entry_id} was already removed (by {entry.removed_by} at "
+                                     f"{entry.as_json()['removed_at']})")
+            entry.removed_at, entry.removed_by = time.time(), by or "unknown"
+            cursor.execute(self._sql("UPDATE feedback SET removed_at = ?, removed_by = ? WHERE id = ?"),
+                           (entry.removed_at, entry.removed_by, entry_id))
+            return entry
+        return self._run(work, write=True)
+
+    def entries(self, include_removed: bool = False) -> list[Entry]:
+        where = "" if include_removed else " WHERE removed_at IS NULL"
+
+        def work(cursor):
+            cursor.execute(f"SELECT {', '.join(COLUMNS)} FROM feedback{where} ORDER BY id")
+            return [entry_from_row(row) for row in cursor.fetchall()]
+        return self._run(work)
+
+    def revision(self) -> int:
+        def work(cursor):
+            cursor.execute("SELECT revision FROM feedback_revision")
+            return int(cursor.fetchone()[0])
+        return self._run(work)
+
+    def watch(self, timeout: float, stop: threading.Event) -> None:
+        """Return when the store may have changed, or after ``timeout`` seconds (a poll)."""
+        stop.wait(timeout)
+
+    def close(self) -> None:
+        """Release what the store holds between operations."""
+
+
+class SqliteStore(FeedbackStore):
+    def __init__(self, path: str):
+        self.path = Path(path)
+        self.description = str(self.path)
+        self.public_name = self.path.name
+
+    def _connect(self):
+        if not self.path.parent.is_dir():
+            raise ConfigError(f"feedback store {self.path}: the directory {self.path.parent} does not exist")
+        if not self.path.exists() and not os.access(self.path.parent, os.W_OK):
+            raise StoreUnavailable(f"feedback store {self.path}: cannot create it, {self.path.parent} is not "
+                                   "writable; set --feedback-store to a file in a directory of yours")
+        connection = sqlite3.connect(self.path, timeout=10.0, isolation_level=None)  # we begin ourselves
+        connection.execute("PRAGMA journal_mode=WAL")  # readers never wait for a writer
+        return connection
+
+    def _begin(self, cursor, exclusive: bool) -> None:
+        # NOTE: IMMEDIATE takes the write lock first: two writers (or two sidecars migrating) queue
+        # on it instead of one failing at commit.
+        cursor.execute("BEGIN IMMEDIATE" if exclusive else "BEGIN")
+
+
+class PostgresStore(FeedbackStore):
+    placeholder = "%s"
+    types = {"serial": "BIGSERIAL", "real": "DOUBLE PRECISION"}
+
+    def __init__(self, url: str, connect_timeout: float = 3.0):
+        try:
+            import psycopg
+        except ImportError:
+            raise ConfigError("--feedback-store postgresql://… needs psycopg: pip install 'logscore[postgres]'") from None
+        self._psycopg = psycopg
+        self.url = url
+        self.connect_timeout = connect_timeout
+        self.description = self.public_name = redact(url)
+        self._listener = None
+
+    def _connect(self):
+        return self._psycopg.connect(self.url, connect_timeout=max(1, int(self.connect_timeout)))
+
+    def _after_write(self, cursor) -> None:
+        cursor.execute(f"NOTIFY {CHANNEL}")
+
+    def _lock_for_migration(self, cursor) -> None:
+        cursor.execute("SELECT pg_advisory_xact_lock(7462033)")  # any constant of our own
+
+    def watch(self, timeout: float, stop: threading.Event) -> None:
+        """LISTEN: returns as soon as another writer notifies, else after ``timeout`` (a poll)."""
+        try:
+            if self._listener is None or self._listener.closed:
+                self._listener = self._psycopg.connect(self.url, autocommit=True,
+                                                       connect_timeout=max(1, int(self.connect_timeout)))
+                self._listener.execute(f"LISTEN {CHANNEL}")
+            for _ in self._listener.notifies(timeout=timeout, stop_after=1):
+                pass
+        except Exception:  # the poll that follows says what is wrong
+            self.close()
+            stop.wait(timeout)
+
+    def close(self) -> None:
+        if self._listener is not None:
+            try:
+                self._listener.close()
+            except Exception:
+                pass
+            self._listener = None
+
+
+def redact(url: str) -> str:
+    """A database URL without its password (for logs, errors and /readyz)."""
+    scheme, sep, rest = url.partition("://")
+    credentials, at, host = rest.rpartition("@")
+    if not at or ":" not in credentials:
+        return url
+    return f"{scheme}{sep}{credentials.split(':', 1)[0]}:***@{host}"
+
+
+def one_line(error: Exception) -> str:
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text[:300]
+
+
+def open_store(location: str) -> FeedbackStore:
+    """A store from ``--feedback-store``: postgresql://… (or postgres://…), else a SQLite file path."""
+    if location.startswith(("postgresql://", "postgres://")):
+        return PostgresStore(location)
+    if "://" in location:
+        raise ConfigError(f"--feedback-store {redact(location)}: give a file path or a postgresql:// URL")
+    return SqliteStore(location)
+
+
+def default_location(models_dir: str) -> str:
+    return str(Path(models_dir) / DEFAULT_FILE)
+
+
+@dataclass
+class Mark:
+    """A feedback request as every surface decodes it: a verdict on records, a review group or a
+    field value, with who, why, scope and an optional expiry."""
+
+    verdict: str
+    author: str
+    reason: str = ""
+    model: str = ""
+    route: str = ""
+    entity: str = ""
+    expires_at: Optional[float] = None
+    records: Sequence[object] = field(default_factory=list)
+    group: str = ""
+    field: str = ""
+    value: Optional[str] = None
+
+    def check(self) -> None:
+        targets = [bool(self.records), bool(self.group), bool(self.field)]
+        if sum(targets) != 1:
+            raise InvalidRequest("mark exactly one of: records (lines or field maps), a review group (group), "
+                                 "or a field value (field and value)")
+        if self.field and self.value is None:
+            raise InvalidRequest(f"field {self.field!r}: give the value to mark")
+        if len(self.records) > MAX_MARKED_RECORDS:
+            raise InvalidRequest(f"{len(self.records)} records marked at once; mark at most {MAX_MARKED_RECORDS} "
+                                 "(a review group covers more)")
+
+
+MAX_MARKED_RECORDS = 100
+
+
+class FeedbackService:
+    """The sidecar's feedback: writes go through the store, ``rules`` is what decide applies.
+
+    A thread watches the store and swaps in a new RuleSet whenever its revision moves (or an entry
+    expires); the scoring path only reads ``self.rules``."""
+
+    def __init__(self, store: FeedbackStore, poll_s: float, on_reload: Optional[Callable[["FeedbackService"], None]] = None,
+                 registry=None, review=None):
+        self.store = store
+        self.registry = registry  # to resolve models and make patterns (marks)
+        self.review = review  # review.ReviewRing: marks of groups
+        self.poll_s = poll_s
+        self.rules = RuleSet()
+        self.revision: Optional[int] = None
+        self.loaded_at: Optional[float] = None
+        self.reachable = False
+        self.error: Optional[str] = None  # why the store is unreachable
+        self.on_reload = on_reload or (lambda service: None)
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        self._lock = threading.Lock()  # one reload at a time
+
+    def start(self) -> None:
+        """Migrate and load once (an unreachable store is reported, not fatal), then watch."""
+        try:
+            self.store.migrate()
+            self.reload()
+        except StoreUnavailable as error:
+            self._unreachable(error)
+        self._thread = threading.Thread(target=self._watch, name="feedback-watch", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self.store.close()
+
+    def reload(self, force: bool = False) -> bool:
+        """Load the entries if the revision moved (or an entry expired); whether the rules changed."""
+        with self._lock:
+            revision = self.store.revision()
+            expired = self.rules.next_expiry is not None and self.rules.next_expiry <= time.time()
+            if not (force or expired or revision != self.revision):
+                self._reachable()
+                return False
+            entries = self.store.entries()
+            self.rules = RuleSet(entries)
+            self.revision, self.loaded_at = revision, time.time()
+            self._reachable()
+        log.info("feedback loaded", extra={"store": self.store.description, "revision": revision,
+                                           "active_entries": len(self.rules)})
+        self.on_reload(self)
+        return True
+
+    def _reachable(self) -> None:
+        back = not self.reachable and self.error is not None
+        self.reachable, self.error = True, None
+        if back:
+            log.info("feedback store reachable again", extra={"store": self.store.description})
+            self.on_reload(self)
+
+    def _unreachable(self, error: Exception) -> None:
+        if self.reachable or self.error is None:
+            log.error("feedback store unreachable; the rules last loaded stay in force",
+                      extra={"store": self.store.description, "error": str(error),
+                             "active_entries": len(self.rules)})
+        self.reachable, self.error = False, str(error)
+        self.on_reload(self)
+
+    def _watch(self) -> None:
+        while not self._stop.is_set():
+            self.store.watch(self.poll_s, self._stop)
+            if self._stop.is_set():
+                return
+            try:
+                if self.revision is None:
+                    self.store.migrate()
+                self.reload()
+            except StoreUnavailable as error:
+                self._unreachable(error)
+            except Exception as error:  # a bug: say so, keep the rules, keep watching
+                log.exception("feedback reload failed")
+                self._unreachable(error)
+
+    # --- writes (called from the surfaces, off the event loop) --------------------------
+    def mark(self, mark: Mark) -> Entry:
+        """Turn a mark into a stored entry: the pattern of its records, group or field value."""
+        mark.check()
+        if mark.group:
+            group = self.review.group(mark.group) if self.review is not None else None
+            if group is None:
+                raise InvalidRequest(f"no review group {mark.group!r} (groups live in memory: list them at /ui/)")
+            if not group.kind:
+                raise InvalidRequest(f"group {mark.group} names no feature (a session model): mark a field value")
+            model_name = mark.model or group.model
+            pattern = group.pattern()
+            example = group.examples[-1].text if group.examples else ""
+            route = mark.route or group.route
+        else:
+            model = self.registry.resolve(mark.model, mark.route)
+            model_name, route = model.name, mark.route
+            if mark.field:
+                pattern = pattern_from_field(model, mark.field, mark.value)
+                example = ""
+            else:
+                pattern = pattern_from_records(model, mark.records)
+                example = record_text(mark.records[0])
+        entry = self.add(Entry(0, mark.verdict, pattern, mark.author, mark.reason, model_name, route, mark.entity,
+                               expires_at=mark.expires_at, example=example))
+        if mark.group and self.review is not None:
+            self.review.marked(mark.group, entry.id, entry.verdict)
+        return entry
+
+    def add(self, entry: Entry) -> Entry:
+        stored = self.store.add(entry)
+        self._reload_after_write()
+        return stored
+
+    def remove(self, entry_id: int, by: str) -> Entry:
+        removed = self.store.remove(entry_id, by)
+        self._reload_after_write()
+        if self.review is not None:
+            self.review.unmarked(entry_id)
+        return removed
+
+    def entries(self, include_removed: bool = False) -> list[Entry]:
+        return self.store.entries(include_removed)
+
+    def _reload_after_write(self) -> None:
+        """So that the next call to this sidecar sees the change (others see it within a poll)."""
+        try:
+            self.reload()
+        except StoreUnavailable as error:
+            self._unreachable(error)
+
+    def status(self, public: bool = False) -> dict:
+        """Where feedback lives and how it is; ``public`` (/readyz, no token): a file by its name only."""
+        if public:
+            status = self.status()
+            return {k: v.replace(self.store.description, self.store.public_name) if isinstance(v, str) else v
+                    for k, v in status.items()}
+        return {"store": self.store.description, "reachable": self.reachable, "error": self.error,
+                "active_entries": len(self.rules), "revision": self.revision,
+                "loaded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.loaded_at))
+                if self.loaded_at else None}

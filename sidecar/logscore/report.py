@@ -1,0 +1,277 @@
+"""`logscore report SCORED.jsonl… [--html OUT.html]`: what is anomalous in scored output, and why.
+
+Reads the JSON lines that shippers and `logscore score` write (Fluentd records with
+``anomaly_score`` / ``is_anomaly`` / an explanation key, Logstash events with ``[logscore]``,
+`logscore score` lines, Fluentd out_file's ``time<TAB>tag<TAB>{json}``), and groups the anomalies
+as the review page does (review.Groups, over the explanation's feature names): per group a count,
+first and last seen, top entities and examples; overall a timeline of the anomaly rate and the
+score histogram. A text summary on stdout; with --html, one self-contained HTML file (inline SVG).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import time
+from array import array
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime
+from html import escape
+from typing import Optional
+
+import numpy as np
+
+from .errors import InputError
+from .feedback import strip_rarity
+from .inputs import read_lines
+from .metrics import SCORE_BUCKETS
+from .review import TOP_ENTITIES, Example, Groups, render_group_examples
+from .svg import bars, timeline
+
+ENTITY_FIELDS = ("host", "client", "clientip", "client_ip", "remote", "remote_addr", "source.address", "client.ip",
+                 "source.ip")
+RECORD_KEYS = ("message", "log", "record")
+ACCESS_TIME = re.compile(r"\[(\d{2}/\w{3}/\d{4}:\d{2}:\d{2}:\d{2} [+-]\d{4})\]")
+TIMELINE_BINS = 60
+PROGRESS_EVERY = 200_000
+
+
+def add_report_command(commands) -> None:
+    report = commands.add_parser("report", help="groups, timeline and histogram of scored output",
+                                 description="Summarize scored output (JSON lines from Fluentd, Logstash or "
+                                 "`logscore score --record`): anomalies grouped by model, route and what made them "
+                                 "unusual, first/last seen, top entities, the anomaly rate over time, the score "
+                                 "histogram. Text on stdout; --html writes a self-contained page.")
+    report.add_argument("inputs", nargs="+", metavar="SCORED.jsonl", help="files (plain or gzip); '-' reads stdin")
+    report.add_argument("--html", metavar="OUT.html", help="also write the report as one HTML file (inline SVG)")
+    report.add_argument("--entity", metavar="FIELD", help="the field naming an entity (client, host); default: the "
+                        f"first present of {', '.join(ENTITY_FIELDS)}")
+    report.add_argument("--top", type=int, default=20, help="groups shown (default 20)")
+    report.set_defaults(run=run_report)
+
+
+@dataclass
+class Totals:
+    records: int = 0
+    anomalies: int = 0
+    suppressed: int = 0
+    unreadable: int = 0
+    histogram: np.ndarray = field(default_factory=lambda: np.zeros(len(SCORE_BUCKETS) + 1, dtype=np.int64))
+    times: array = field(default_factory=lambda: array("d"))  # per record: its time (or its position)
+    flags: array = field(default_factory=lambda: array("b"))
+    timed: int = 0  # records with a time of their own
+    entities: Counter = field(default_factory=Counter)
+    models: Counter = field(default_factory=Counter)
+
+
+def lookup(record: dict, *names: str):
+    """The first of ``names`` present in the record, top level, under ``logscore`` or dotted."""
+    for name in names:
+        if name in record:
+            return record[name]
+        nested = record.get("logscore")
+        if isinstance(nested, dict) and name in nested:
+            return nested[name]
+        if "." in name:
+            value = record
+            for part in name.split("."):
+                value = value.get(part) if isinstance(value, dict) else None
+            if value is not None:
+                return value
+    return None
+
+
+def parse_line(line: str) -> Optional[tuple[str, dict]]:
+    """(route, record) of one scored line; None when it holds no JSON object."""
+    route = ""
+    if not line.startswith("{"):
+        head, brace, rest = line.partition("{")
+        if not brace:
+            return None
+        parts = head.rstrip("\t ").split("\t")
+        route = parts[1] if len(parts) >= 2 else ""
+        line = brace + rest
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(record, dict):
+        return None
+    return str(record.get("tag") or route), record
+
+
+def explanation_of(record: dict) -> list[str]:
+    value = lookup(record, "explanation", "anomaly_explanation")
+    if value is None:
+        value = next((v for k, v in record.items() if "explanation" in k and isinstance(v, list)), None)
+    return [str(v) for v in value] if isinstance(value, list) else []
+
+
+def time_of(record: dict, text: str) -> Optional[float]:
+    value = lookup(record, "@timestamp", "timestamp", "time")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+        except ValueError:
+            pass
+    match = ACCESS_TIME.search(text)
+    if match:
+        try:
+            return datetime.strptime(match.group(1), "%d/%b/%Y:%H:%M:%S %z").timestamp()
+        except ValueError:
+            return None
+    return None
+
+
+def text_of(record: dict) -> str:
+    value = lookup(record, *RECORD_KEYS)
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict):
+        return json.dumps(value, ensure_ascii=False)
+    plain = {k: v for k, v in record.items() if k not in ("logscore", "anomaly_score", "is_anomaly", "explanation",
+                                                           "notes", "score", "line", "model", "version")}
+    return json.dumps(plain, ensure_ascii=False, default=str)
+
+
+def entity_of(record: dict, name: Optional[str]) -> Optional[str]:
+    value = lookup(record, name) if name else lookup(record, *ENTITY_FIELDS)
+    if value is None and not name:
+        inner = lookup(record, "record")
+        if isinstance(inner, dict):
+            value = lookup(inner, *ENTITY_FIELDS)
+        elif isinstance(inner, str):
+            value = inner.split(" ", 1)[0] if ACCESS_TIME.search(inner) else None  # an access line's client
+    return str(value) if value is not None else None
+
+
+def read_scored(paths, entity_field: Optional[str], progress=None) -> tuple[Totals, Groups]:
+    totals = Totals()
+    groups = Groups(max_groups=100_000, prefix="g", max_buckets=1_000_000)  # a file: its whole span
+    for number, line in enumerate(read_lines(paths), start=1):
+        if progress is not None and number % PROGRESS_EVERY == 0:
+            progress(number)
+        parsed = parse_line(line.strip()) if line.strip() else None
+        score = lookup(parsed[1], "anomaly_score", "score") if parsed else None
+        if parsed is None or not isinstance(score, (int, float)):
+            totals.unreadable += bool(line.strip())
+            continue
+        route, record = parsed
+        flag = bool(lookup(record, "is_anomaly"))
+        notes = lookup(record, "notes") or []
+        text = text_of(record)
+        when = time_of(record, text)
+        totals.records += 1
+        totals.timed += when is not None
+        totals.times.append(when if when is not None else float(number))
+        totals.flags.append(flag)
+        totals.histogram[int(np.searchsorted(SCORE_BUCKETS, float(score), side="left"))] += 1
+        model = str(lookup(record, "model", "anomaly_model") or "(model not recorded)")
+        totals.models[model] += 1
+        suppressed = any(str(n).startswith("suppressed by feedback") for n in notes)
+        totals.suppressed += suppressed
+        if not flag:
+            continue
+        totals.anomalies += 1
+        entity = entity_of(record, entity_field)
+        if entity:
+            totals.entities[entity] += 1
+        names = [strip_rarity(n) for n in explanation_of(record)]
+        group = groups.assign(model, route, frozenset(names), lambda names=names: names, when or float(number))
+        group.add(when if when is not None else float(number), 60.0, entity)
+        if len(group.examples) < group.examples.maxlen:
+            group.examples.append(Example(when or 0.0, text[:2000], float(score)))
+    if totals.records == 0:
+        raise InputError(f"no scored records in {', '.join(map(str, paths))}: expected JSON lines with "
+                         "anomaly_score (or score) and is_anomaly, as Fluentd, Logstash or `logscore score` write")
+    return totals, groups
+
+
+def run_report(args) -> int:
+    started = time.monotonic()
+
+    def progress(lines: int) -> None:
+        print(f"[report] {lines:,} lines read ({time.monotonic() - started:.0f} s)", file=sys.stderr, flush=True)
+
+    totals, groups = read_scored(args.inputs, args.entity, progress)
+    print(text_summary(totals, groups, args.top))
+    if args.html:
+        from pathlib import Path
+
+        Path(args.html).write_text(html_report(totals, groups, args.top, args.inputs), encoding="utf-8")
+        print(f"wrote {args.html}")
+    return 0
+
+
+def when_text(seconds: float, timed: bool) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(seconds)) if timed else f"record {int(seconds):,}"
+
+
+def text_summary(totals: Totals, groups: Groups, top: int) -> str:
+    timed = totals.timed == totals.records
+    rate = totals.anomalies / totals.records
+    lines = [f"{totals.records:,} scored records, {totals.anomalies:,} anomalies ({rate:.3%}) in "
+             f"{len(groups.by_id):,} groups; {totals.suppressed:,} suppressed by feedback"
+             + (f"; {totals.unreadable:,} lines not scored output (skipped)" if totals.unreadable else "")]
+    lines.append("models: " + ", ".join(f"{m} ({c:,})" for m, c in totals.models.most_common()))
+    if totals.entities:
+        lines.append("top entities: " + ", ".join(f"{e} ({c:,})" for e, c in totals.entities.most_common(TOP_ENTITIES)))
+    lines.append("")
+    for group in groups.largest()[:top]:
+        entities = ", ".join(f"{e} ({c})" for e, c in group.entities.most_common(3))
+        lines.append(f"{group.count:>8,}  {group.id}  {group.model}{' · ' + group.route if group.route else ''}  "
+                     f"{when_text(group.first_seen, timed)} .. {when_text(group.last_seen, timed)}"
+                     + (f"  entities: {entities}" if entities else ""))
+        for name in group.names or ["(no explanation in the output: score with explanations to group by them)"]:
+            lines.append(f"          {name}")
+    return "\n".join(lines)
+
+
+def rate_timeline(totals: Totals) -> tuple[list[tuple[float, float]], float, float]:
+    times = np.frombuffer(totals.times, dtype=np.float64)
+    flags = np.frombuffer(totals.flags, dtype=np.int8).astype(np.float64)
+    start, end = float(times.min()), float(times.max())
+    edges = np.linspace(start, end if end > start else start + 1, TIMELINE_BINS + 1)
+    counts, _ = np.histogram(times, edges)
+    anomalies, _ = np.histogram(times, edges, weights=flags)
+    rates = np.divide(anomalies, counts, out=np.zeros_like(anomalies), where=counts > 0)
+    centres = (edges[:-1] + edges[1:]) / 2
+    return list(zip(centres.tolist(), rates.tolist())), float(edges[0]), float(edges[-1])
+
+
+def html_report(totals: Totals, groups: Groups, top: int, inputs) -> str:
+    from .review import STYLE
+
+    timed = totals.timed == totals.records
+    points, start, end = rate_timeline(totals)
+    edges = np.linspace(start, end, TIMELINE_BINS + 1)
+    labels = [f"≤{edge:g}" for edge in SCORE_BUCKETS]
+    parts = [f"<!doctype html><html lang=en><head><meta charset=utf-8><title>logscore report</title>"
+             f"<style>{STYLE}</style></head><body><h1>logscore report</h1>",
+             f"<pre>{escape(text_summary(totals, groups, 0))}</pre>",
+             f"<p class=muted>{escape(', '.join(map(str, inputs)))}; "
+             f"{when_text(start, timed)} .. {when_text(end, timed)}</p>",
+             "<h2>Anomaly rate over time</h2>",
+             timeline(points, start, end, width=900, height=160, label="share of records flagged",
+                      colour="#c0392b", as_rate=True),
+             "<h2>Score histogram</h2>",
+             bars(labels, [int(c) for c in totals.histogram[:len(labels)]], width=700, title="scores"),
+             f"<h2>Groups ({len(groups.by_id):,}; the {min(top, len(groups.by_id))} largest)</h2>"]
+    for group in groups.largest()[:top]:
+        entities = ", ".join(f"{escape(e)} ({c:,})" for e, c in group.entities.most_common(TOP_ENTITIES))
+        names = "".join(f"<li>{escape(n)}</li>" for n in group.names) or "<li>(no explanation)</li>"
+        counts, _ = np.histogram(list(group.timeline), edges, weights=list(group.timeline.values()))
+        points = list(zip(((edges[:-1] + edges[1:]) / 2).tolist(), counts.tolist()))
+        parts.append(f'<div class=group id="{group.id}"><div class=head><span class=count>{group.count:,}</span>'
+                     f'<span><b>{escape(group.model)}</b>{" · route " + escape(group.route) if group.route else ""}'
+                     f' · <span class=muted>first {when_text(group.first_seen, timed)}, last '
+                     f'{when_text(group.last_seen, timed)}</span>'
+                     f'{"<br>top entities: " + entities if entities else ""}</span>'
+                     f'{timeline(points, start, end, label=group.id + " over the whole report")}'
+                     f'</div><ul class=features>{names}</ul>{render_group_examples(group)}</div>')
+    parts.append("</body></html>")
+    return "".join(parts)

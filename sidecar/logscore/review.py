@@ -1,0 +1,313 @@
+"""Grouping anomalies by what made them unusual, and the review page (/ui/) over recent ones.
+
+    decide's feedback step ─► ReviewRing.observe(flagged records)    bounded: recent records, groups
+    GET /ui/ ─► render_page: groups (count, timeline, examples, "normal" / "keep" buttons),
+                the score histogram, the feedback list with undo          (servers/feedback_http.py)
+
+A group is a kind of anomaly: records of one model and route whose unusual structural features
+(URL template, parameter shapes and characters, tokens: their kind) are alike (feedback.similar:
+half of their union shared, and at most one token of their own) with the group's first record's. Assigning a record costs a dictionary
+lookup per feature of its kind (no clustering pass).
+`logscore report` groups scored files with the same ``Groups``, by feature names instead of keys.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter, OrderedDict, deque
+from dataclasses import dataclass, field
+from html import escape
+from typing import Callable, Optional, Sequence
+
+from .feedback import MAX_KIND_TOKENS, FeedbackStep, Flagged, base_name, record_text, similar, strip_rarity
+from .svg import bars, timeline
+
+EXAMPLES = 5
+NEW_TOKENS = 1  # a record joins a group when alike and adding at most this many tokens to its kind
+NAME_CHARS = 240
+GROUP_KEYS = 512  # unusual features a group gathers for its pattern (bounded: 500 groups live at once)
+TIMELINE_BUCKETS = 180  # per group: counts per bucket, the most recent kept
+TOP_ENTITIES = 5
+
+
+@dataclass
+class Example:
+    time: float
+    text: str
+    score: float
+    note: str = ""  # suppressed by / kept by
+
+
+@dataclass
+class Group:
+    id: str
+    model: str
+    route: str
+    kind: frozenset  # the first record's kind (feedback.Inspection.kind)
+    names: list[str]  # the first record's most unusual features (cut to NAME_CHARS each)
+    first_seen: float
+    last_seen: float
+    count: int = 0
+    suppressed: int = 0
+    kept: int = 0
+    timeline: "OrderedDict[int, int]" = field(default_factory=OrderedDict)  # bucket start -> count
+    examples: deque = field(default_factory=lambda: deque(maxlen=EXAMPLES))
+    entities: Counter = field(default_factory=Counter)
+    unusual_keys: dict = field(default_factory=dict)  # union of the members' unusual features (bounded)
+    kinds: dict = field(default_factory=dict)  # union of the members' kinds (bounded)
+    feedback: list = field(default_factory=list)  # (entry id, verdict) given on this group
+    max_buckets: int = TIMELINE_BUCKETS
+
+    def add(self, when: float, bucket_s: float, entity: Optional[str] = None) -> None:
+        self.count += 1
+        self.first_seen, self.last_seen = min(self.first_seen, when), max(self.last_seen, when)
+        bucket = int(when // bucket_s * bucket_s)
+        self.timeline[bucket] = self.timeline.get(bucket, 0) + 1
+        if len(self.timeline) > self.max_buckets:
+            self.timeline.popitem(last=False)
+        if entity:
+            self.entities[entity] += 1
+            if len(self.entities) > 10 * TOP_ENTITIES:  # keep the heavy hitters, bounded
+                self.entities = Counter(dict(self.entities.most_common(TOP_ENTITIES * 5)))
+
+    def pattern(self) -> dict:
+        """The feedback pattern of the whole group: every member's unusual features."""
+        return {"keys": list(self.unusual_keys), "kind": list(self.kinds)[:MAX_KIND_TOKENS],
+                "features": [strip_rarity(n) for n in self.names], "examples": [e.text for e in self.examples]}
+
+
+def marked_normal(group: Group) -> bool:
+    return any(verdict == "normal" for _, verdict in group.feedback)
+
+
+class Groups:
+    """Leader grouping: a record joins the most alike group of its scope (model, route) when alike
+    enough (feedback.similar), else it starts a new group. At most ``max_groups``: the group seen
+    least recently goes first."""
+
+    def __init__(self, max_groups: int = 500, prefix: str = "g", max_buckets: int = TIMELINE_BUCKETS):
+        self.max_groups = max_groups
+        self.max_buckets = max_buckets  # per group: timeline buckets kept (the most recent)
+        self.prefix = prefix
+        self.by_id: OrderedDict[str, Group] = OrderedDict()  # least recently seen first
+        self._index: dict[tuple, set[str]] = {}  # (scope..., a feature of its kind) -> group ids
+        self._next = 1
+        self.created = 0
+
+    def assign(self, model: str, route: str, kind: frozenset, names: Callable[[], list[str]], when: float,
+               avoid: Optional[Callable[[Group], bool]] = None) -> Group:
+        scope = (model, route)
+        candidates: set[str] = set()
+        for item in kind or (None,):
+            candidates.update(self._index.get((*scope, item), ()))
+        best, best_share = None, -1.0
+        for group_id in sorted(candidates):
+            group = self.by_id[group_id]
+            if avoid is not None and avoid(group):
+                continue
+            if group.kind == kind or (len(kind - group.kind) <= NEW_TOKENS and similar(group.kind, kind)):
+                shared = len(group.kind & kind) / max(len(group.kind | kind), 1)
+                if shared > best_share:
+                    best, best_share = group, shared
+        if best is not None:
+            self.by_id.move_to_end(best.id)
+            return best
+        # NOTE: named now, and cut: a name can hold a whole value (a 64 KiB URL), and a group lives long.
+        named = [n if len(n) <= NAME_CHARS else n[:NAME_CHARS] + "…" for n in names()]
+        group = Group(f"{self.prefix}{self._next}", model, route, kind, named, when, when,
+                      max_buckets=self.max_buckets)
+        self._next += 1
+        self.created += 1
+        self.by_id[group.id] = group
+        for item in kind or (None,):
+            self._index.setdefault((*scope, item), set()).add(group.id)
+        while len(self.by_id) > self.max_groups:
+            self._forget(self.by_id.popitem(last=False)[1])
+        return group
+
+    def _forget(self, group: Group) -> None:
+        for item in group.kind or (None,):
+            ids = self._index.get((group.model, group.route, item))
+            if ids is not None:
+                ids.discard(group.id)
+                if not ids:
+                    del self._index[(group.model, group.route, item)]
+
+    def largest(self) -> list[Group]:
+        return sorted(self.by_id.values(), key=lambda g: (-g.count, g.id))
+
+
+class ReviewRing:
+    """Recent flagged records of the sidecar, grouped; bounded in records and groups. Thread-safe:
+    observed on the scoring path, read by the page."""
+
+    def __init__(self, max_records: int = 2000, max_groups: int = 500, bucket_s: float = 60.0,
+                 entity_field: Optional[str] = None, on_new_group: Optional[Callable[[str], None]] = None):
+        self.groups = Groups(max_groups)
+        self.recent: deque = deque(maxlen=max_records)  # (time, group id)
+        self.bucket_s = bucket_s
+        self.entity_field = entity_field
+        self.on_new_group = on_new_group or (lambda model: None)
+        self.lock = threading.Lock()
+        self.started = time.time()
+
+    def observe(self, model, records: Sequence[object], flagged: list[Flagged], step: FeedbackStep) -> None:
+        now = time.time()
+        with self.lock:
+            for item in flagged:
+                route = step.route(item.index)
+                created = self.groups.created
+                # A record still flagged is not of a kind marked normal: it does not join such a group.
+                group = self.groups.assign(base_name(model.name), route, item.kind, item.names, now,
+                                           avoid=None if item.suppressed_by else marked_normal)
+                if self.groups.created != created:
+                    self.on_new_group(model.name)
+                group.add(now, self.bucket_s, step.entity(item.index))
+                # The group's pattern (what a mark makes normal) takes only members of the first one's
+                # kind exactly: a member adding a token of its own (an attack's character) adds nothing.
+                room = GROUP_KEYS - len(group.unusual_keys)
+                if room > 0 and item.kind <= group.kind:
+                    group.unusual_keys.update(dict.fromkeys(item.unusual_keys[:room]))
+                    group.kinds.update(dict.fromkeys(item.kind))
+                note = ""
+                if item.suppressed_by:
+                    group.suppressed += 1
+                    note = "suppressed by feedback " + ", ".join(f"#{i}" for i in item.suppressed_by)
+                elif item.kept_by:
+                    group.kept += 1
+                    note = "kept by feedback " + ", ".join(f"#{i}" for i in item.kept_by)
+                group.examples.append(Example(now, record_text(records[item.index]), item.score, note))
+                self.recent.append((now, group.id))
+
+    def group(self, group_id: str) -> Optional[Group]:
+        with self.lock:
+            return self.groups.by_id.get(group_id)
+
+    def marked(self, group_id: str, entry_id: int, verdict: str) -> None:
+        with self.lock:
+            group = self.groups.by_id.get(group_id)
+            if group is not None:
+                group.feedback.append((entry_id, verdict))
+
+    def unmarked(self, entry_id: int) -> None:
+        """An entry was undone: its groups are no longer marked by it."""
+        with self.lock:
+            for group in self.groups.by_id.values():
+                group.feedback = [(i, v) for i, v in group.feedback if i != entry_id]
+
+    def snapshot(self) -> list[Group]:
+        with self.lock:
+            return self.groups.largest()
+
+
+# --- the page ------------------------------------------------------------------------------------
+
+STYLE = """
+body{font:14px/1.4 system-ui,sans-serif;margin:0 24px 40px;color:#222;max-width:1200px}
+h1{font-size:20px;margin:16px 0 4px}h2{font-size:16px;margin:24px 0 8px;border-bottom:1px solid #ddd}
+.muted{color:#666}.group{border:1px solid #ddd;border-radius:6px;padding:10px 12px;margin:10px 0}
+.group.suppressed{background:#f3f8f3}.head{display:flex;gap:16px;align-items:center;flex-wrap:wrap}
+.count{font-size:22px;font-weight:600;min-width:60px}.features{margin:4px 0;padding-left:18px}
+.example{font-family:ui-monospace,monospace;font-size:12px;white-space:pre-wrap;word-break:break-all;
+background:#f7f7f7;padding:4px 6px;margin:3px 0;border-radius:4px}
+form.inline{display:inline}button{font:inherit;padding:3px 10px;border-radius:4px;border:1px solid #888;
+background:#fff;cursor:pointer}button.normal{border-color:#2e7d32;color:#2e7d32}
+button.keep{border-color:#b71c1c;color:#b71c1c}input[type=text]{font:inherit;padding:2px 6px;width:220px}
+table{border-collapse:collapse}td,th{border-bottom:1px solid #eee;padding:4px 8px;text-align:left;
+vertical-align:top}.badge{font-size:12px;padding:1px 6px;border-radius:8px;background:#eee}
+.badge.normal{background:#e3f1e4}.badge.keep{background:#fbe3e3}.flash{background:#fff8d6;padding:6px 10px;
+border-radius:4px}
+"""
+
+
+def render_page(ring: ReviewRing, entries: list, histograms: dict, thresholds: dict, status: dict,
+                message: str = "", max_groups: int = 50) -> str:
+    """The review page: groups of recent anomalies, the score histogram per model, the feedback list."""
+    from .metrics import SCORE_BUCKETS
+
+    groups = ring.snapshot()
+    now = time.time()
+    parts = [f"<!doctype html><html lang=en><head><meta charset=utf-8><title>logscore review</title>"
+             f"<style>{STYLE}</style></head><body>",
+             "<h1>logscore: recent anomalies</h1>",
+             f"<p class=muted>{sum(g.count for g in groups):,} flagged records in {len(groups)} groups since "
+             f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(ring.started))} (the most recent "
+             f"{ring.recent.maxlen:,} records and {ring.groups.max_groups} groups are kept). "
+             f"Feedback store: {escape(str(status.get('store')))}, "
+             f"{'reachable' if status.get('reachable') else 'UNREACHABLE: ' + escape(str(status.get('error')))}, "
+             f"{status.get('active_entries', 0)} active entries.</p>"]
+    if message:
+        parts.append(f"<p class=flash id=message>{escape(message)}</p>")
+    parts.append("<h2>Groups</h2>")
+    if not groups:
+        parts.append("<p class=muted id=no-groups>No anomalies yet.</p>")
+    for group in groups[:max_groups]:
+        parts.append(render_group(group, now, ring.bucket_s))
+    parts.append("<h2>Score histogram</h2>")
+    labels = [f"≤{edge:g}" for edge in SCORE_BUCKETS]  # bucket i: (edge i-1, edge i]
+    for model, counts in sorted(histograms.items()):
+        threshold = thresholds.get(model)
+        first_alert = next((i + 1 for i, edge in enumerate(SCORE_BUCKETS) if threshold is not None
+                            and edge >= threshold), None)
+        parts.append(f"<p>{escape(model)} (threshold {threshold}; red: over it)</p>")
+        parts.append(bars(labels, [int(c) for c in counts[:len(labels)]], highlight_from=first_alert,
+                          title=f"scores of {model}"))
+    parts.append("<h2 id=feedback-list>Feedback</h2>")
+    parts.append(render_feedback(entries))
+    parts.append("</body></html>")
+    return "".join(parts)
+
+
+def render_group(group: Group, now: float, bucket_s: float) -> str:
+    marks = "".join(f' <span class="badge {escape(v)}">marked {escape(v)} #{i}</span>' for i, v in group.feedback)
+    share = f"{group.suppressed:,} suppressed" + (f", {group.kept:,} kept" if group.kept else "")
+    start = now - TIMELINE_BUCKETS * bucket_s
+    end = now + bucket_s
+    points = [(start, 0)]
+    for bucket, count in group.timeline.items():  # a step per bucket: zero between them
+        if bucket >= start:
+            points += [(bucket, 0), (bucket, count), (bucket + bucket_s, count), (bucket + bucket_s, 0)]
+    points.append((end, 0))
+    names = "".join(f"<li>{escape(n)}</li>" for n in group.names) or "<li>(no feature named: a session model)</li>"
+    css = "group suppressed" if group.feedback and group.feedback[-1][1] == "normal" else "group"
+    return (f'<div class="{css}" id="{group.id}" data-group="{group.id}"><div class=head>'
+            f'<span class=count>{group.count:,}</span>'
+            f'<span><b>{escape(group.model)}</b>{" · route " + escape(group.route) if group.route else ""}'
+            f' · <span class=muted>{share}; last {time.strftime("%H:%M:%S", time.gmtime(group.last_seen))}'
+            f'</span>{marks}</span>'
+            f'{timeline(points, start, end, label=f"{group.id}: records per minute, last 3 hours")}'
+            f'<form class=inline method=post action="/ui/feedback">'
+            f'<input type=hidden name=group value="{group.id}">'
+            f'<input type=text name=reason placeholder="why (optional)" aria-label="reason"> '
+            f'<button class=normal name=verdict value=normal>normal</button> '
+            f'<button class=keep name=verdict value=keep>keep</button></form></div>'
+            f'<ul class=features>{names}</ul>{render_group_examples(group)}</div>')
+
+
+def render_group_examples(group: Group) -> str:
+    return "".join(
+        f"<div class=example>{escape(e.text)}\n<span class=muted>score {e.score:.4f}"
+        f"{' · ' + escape(e.note) if e.note else ''}"
+        f"{' · ' + time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(e.time)) if e.time else ''}</span></div>"
+        for e in reversed(group.examples))
+
+
+def render_feedback(entries: list) -> str:
+    if not entries:
+        return "<p class=muted id=no-feedback>No feedback yet.</p>"
+    rows = ["<table id=feedback><tr><th>#</th><th>verdict</th><th>pattern</th><th>scope</th><th>who, when, why</th>"
+            "<th>expires</th><th></th></tr>"]
+    for entry in sorted(entries, key=lambda e: -e.id):
+        data = entry.as_json()
+        scope = " · ".join(f"{k} {escape(str(data[k]))}" for k in ("model", "route", "entity") if data[k]) or "all"
+        undo = ("<span class=muted>removed by " + escape(str(entry.removed_by)) + "</span>"
+                if entry.removed_at is not None else
+                f'<form class=inline method=post action="/ui/feedback/remove"><input type=hidden name=id '
+                f'value="{entry.id}"><button name=undo value="{entry.id}">undo</button></form>')
+        rows.append(f'<tr id="feedback-{entry.id}"><td>{entry.id}</td><td><span class="badge {escape(entry.verdict)}">'
+                    f'{escape(entry.verdict)}</span></td><td>{escape(entry.describe())}</td><td>{scope}</td>'
+                    f'<td>{escape(entry.author)}, {data["created_at"]}<br><span class=muted>{escape(entry.reason)}'
+                    f'</span></td><td>{data["expires_at"] or "never"}</td><td>{undo}</td></tr>')
+    rows.append("</table>")
+    return "".join(rows)

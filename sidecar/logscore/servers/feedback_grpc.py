@@ -1,0 +1,107 @@
+"""The gRPC methods of feedback: Feedback, ListFeedback, DeleteFeedback (decode, call, encode)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import grpc
+
+from ..errors import InvalidRequest, LogscoreError
+from ..feedback import KEEP, NORMAL, Entry
+from ..feedback_store import Mark
+from ..generated.logscore.v1 import scorer_pb2 as pb
+
+log = logging.getLogger("logscore.grpc")
+
+VERDICTS = {pb.NORMAL: NORMAL, pb.KEEP: KEEP}
+VERDICT_CODES = {NORMAL: pb.NORMAL, KEEP: pb.KEEP}
+
+
+def decode_mark(request: pb.FeedbackRequest) -> Mark:
+    if request.verdict not in VERDICTS:
+        raise InvalidRequest("verdict: set NORMAL (a false positive) or KEEP (a true anomaly)")
+    target = request.WhichOneof("target")
+    records: list = []
+    if target == "lines":
+        records = [line.decode("utf-8", "replace") for line in request.lines.lines]
+    elif target == "structured":
+        records = [dict(r.fields) for r in request.structured.records]
+    return Mark(verdict=VERDICTS[request.verdict], author=request.author, reason=request.reason,
+                model=request.model, route=request.route, entity=request.entity,
+                expires_at=request.expires_at or None, records=records,
+                group=request.group if target == "group" else "",
+                field=request.field.field if target == "field" else "",
+                value=request.field.value if target == "field" else None)
+
+
+def encode_entry(entry: Entry) -> pb.FeedbackEntry:
+    message = pb.FeedbackEntry(
+        id=entry.id, verdict=VERDICT_CODES.get(entry.verdict, pb.VERDICT_UNSPECIFIED), author=entry.author,
+        reason=entry.reason, model=entry.model, route=entry.route, entity=entry.entity,
+        created_at=entry.created_at, expires_at=entry.expires_at or 0.0, removed_at=entry.removed_at or 0.0,
+        removed_by=entry.removed_by or "", example=entry.example)
+    pattern = entry.pattern
+    if "field" in pattern:
+        message.field.field, message.field.value = pattern["field"], pattern["value"]
+    else:
+        message.features.extend(pattern.get("features", []))
+        message.feature_count = len(pattern.get("keys", []))
+    return message
+
+
+class FeedbackServicer:
+    """Methods added to the Scorer service (servers.grpc.ScorerServicer.handler)."""
+
+    def __init__(self, service, status_codes: dict):
+        self.service = service  # scoring.ScoringService: its feedback and metrics
+        self.status_codes = status_codes  # servers.grpc.STATUS_CODES
+
+    def methods(self) -> dict:
+        def unary(method, request_type, response_type):
+            return grpc.unary_unary_rpc_method_handler(method, request_deserializer=request_type.FromString,
+                                                       response_serializer=response_type.SerializeToString)
+        return {"Feedback": unary(self.Feedback, pb.FeedbackRequest, pb.FeedbackEntry),
+                "ListFeedback": unary(self.ListFeedback, pb.ListFeedbackRequest, pb.ListFeedbackResponse),
+                "DeleteFeedback": unary(self.DeleteFeedback, pb.DeleteFeedbackRequest, pb.FeedbackEntry)}
+
+    async def Feedback(self, request, context):
+        async def work(feedback):
+            entry = await off_loop(feedback.mark, decode_mark(request))
+            self.service.metrics.feedback_writes.labels("added", entry.verdict).inc()
+            return encode_entry(entry)
+        return await self._answer(work, context)
+
+    async def ListFeedback(self, request, context):
+        async def work(feedback):
+            entries = await off_loop(feedback.entries, request.include_removed)
+            status = feedback.status()
+            return pb.ListFeedbackResponse(entries=[encode_entry(e) for e in entries], store=status["store"],
+                                           store_reachable=status["reachable"], store_error=status["error"] or "")
+        return await self._answer(work, context)
+
+    async def DeleteFeedback(self, request, context):
+        async def work(feedback):
+            entry = await off_loop(feedback.remove, request.id, request.author or "grpc")
+            self.service.metrics.feedback_writes.labels("removed", entry.verdict).inc()
+            return encode_entry(entry)
+        return await self._answer(work, context)
+
+    async def _answer(self, work, context):
+        try:
+            if self.service.feedback is None:
+                raise InvalidRequest("feedback is off in this sidecar")
+            return await work(self.service.feedback)
+        except LogscoreError as error:
+            failure = self.status_codes.get(type(error), grpc.StatusCode.INVALID_ARGUMENT), str(error)
+            self.service.metrics.errors.labels(type(error).__name__, "grpc").inc()
+        except Exception:
+            failure = grpc.StatusCode.INTERNAL, "internal error in the sidecar (logged)"
+            self.service.metrics.errors.labels("internal", "grpc").inc()
+            log.exception("internal error in a feedback call")
+        await context.abort(*failure)
+
+
+async def off_loop(function, *args):
+    """Store and pattern work runs in a worker thread, never on the event loop."""
+    return await asyncio.get_running_loop().run_in_executor(None, function, *args)

@@ -1,0 +1,230 @@
+"""The HTTP routes of feedback and the review page (on the sidecar's HTTP port, behind its token).
+
+  POST   /v1/feedback        mark records, a review group or a field value normal / keep (JSON)
+  GET    /v1/feedback        the entries (?all=1: removed ones too) and the store's state
+  DELETE /v1/feedback?id=N   undo an entry
+  GET    /ui/                the review page (server-rendered HTML, inline SVG, no script)
+  POST   /ui/feedback        the page's "normal" / "keep" buttons (a form), then back to the page
+  POST   /ui/feedback/remove the page's "undo" buttons
+
+A browser cannot send a bearer header: with a token set, /ui/?token=… (or the page's token form)
+sets an HttpOnly, SameSite=Strict cookie holding it. Form posts from another origin are refused.
+"""
+
+from __future__ import annotations
+
+import calendar
+import hmac
+import json
+import time
+from typing import Optional
+from urllib.parse import parse_qs, quote, urlsplit
+
+from ..errors import InvalidRequest, LogscoreError, Unauthenticated
+from ..feedback_store import Mark
+from .feedback_grpc import off_loop
+from .http import STATUS_CODES, Request, Response
+
+COOKIE = "logscore_token"
+PAGE_AUTHOR = "review page"
+
+
+class FeedbackHttp:
+    def __init__(self, sidecar_http):
+        self.http = sidecar_http  # servers.http.SidecarHttp: its service, token and bearer check
+        self.service = sidecar_http.service
+
+    def routes(self) -> dict:
+        return {("POST", "/v1/feedback"): self.add, ("GET", "/v1/feedback"): self.list,
+                ("DELETE", "/v1/feedback"): self.remove, ("GET", "/ui/"): self.page, ("GET", "/ui"): self.to_page,
+                ("POST", "/ui/feedback"): self.page_mark, ("POST", "/ui/feedback/remove"): self.page_remove}
+
+    # --- JSON API ---------------------------------------------------------------------------
+    async def add(self, request: Request) -> Response:
+        async def work():
+            self.http._authorize(request)
+            mark = decode_mark(request.body)
+            entry = await off_loop(self._feedback().mark, mark)
+            self.service.metrics.feedback_writes.labels("added", entry.verdict).inc()
+            return Response.json({"feedback": entry.as_json()})
+        return await self._answer(work)
+
+    async def list(self, request: Request) -> Response:
+        async def work():
+            self.http._authorize(request)
+            feedback = self._feedback()
+            entries = await off_loop(feedback.entries, request.query.get("all") in ("1", "true"))
+            return Response.json({"feedback": [e.as_json() for e in entries], "store": feedback.status()})
+        return await self._answer(work)
+
+    async def remove(self, request: Request) -> Response:
+        async def work():
+            self.http._authorize(request)
+            entry_id = parse_id(request.query.get("id", ""))
+            entry = await off_loop(self._feedback().remove, entry_id, request.query.get("author", "") or "http")
+            self.service.metrics.feedback_writes.labels("removed", entry.verdict).inc()
+            return Response.json({"feedback": entry.as_json()})
+        return await self._answer(work)
+
+    # --- the page -----------------------------------------------------------------------------
+    async def to_page(self, request: Request) -> Response:
+        return redirect("/ui/")
+
+    async def page(self, request: Request) -> Response:
+        token = self.http.token
+        presented = request.query.get("token")
+        if token is not None and presented is not None:
+            if not hmac.compare_digest(presented.encode(), token.encode()):
+                return self._token_form("That token is not the sidecar's.", 401)
+            response = redirect("/ui/")
+            response.headers["Set-Cookie"] = f"{COOKIE}={quote(token)}; HttpOnly; SameSite=Strict; Path=/"
+            return response
+        if not self._page_allowed(request):
+            return self._token_form("This sidecar asks for its token.", 401)
+        from ..review import render_page
+
+        feedback = self.service.feedback
+        entries, status = [], {"store": "(none)", "reachable": False, "error": "feedback is off"}
+        if feedback is not None:
+            status = feedback.status()
+            try:
+                entries = await off_loop(feedback.entries, True)
+            except LogscoreError as error:
+                status = {**status, "reachable": False, "error": str(error)}
+        if self.service.review is None:
+            return Response.error(404, "the review page is off (review_records is 0)")
+        models = self.service.registry.snapshot.models
+        html = render_page(self.service.review, entries, self.service.metrics.histograms(),
+                           {name: m.threshold for name, m in models.items()}, status,
+                           request.query.get("message", ""))
+        return Response(200, html.encode(), "text/html; charset=utf-8", {"Cache-Control": "no-store"})
+
+    async def page_mark(self, request: Request) -> Response:
+        async def work():
+            form = self._page_form(request)
+            mark = Mark(verdict=form.get("verdict", ""), author=form.get("author") or PAGE_AUTHOR,
+                        reason=form.get("reason", ""), group=form.get("group", ""))
+            entry = await off_loop(self._feedback().mark, mark)
+            self.service.metrics.feedback_writes.labels("added", entry.verdict).inc()
+            return redirect(f"/ui/?message={quote(f'Group {mark.group} marked {entry.verdict}: feedback #{entry.id}')}")
+        return await self._answer(work, page=True)
+
+    async def page_remove(self, request: Request) -> Response:
+        async def work():
+            form = self._page_form(request)
+            entry = await off_loop(self._feedback().remove, parse_id(form.get("id", "")), PAGE_AUTHOR)
+            self.service.metrics.feedback_writes.labels("removed", entry.verdict).inc()
+            return redirect(f"/ui/?message={quote(f'Feedback #{entry.id} undone')}")
+        return await self._answer(work, page=True)
+
+    # --- helpers ------------------------------------------------------------------------------
+    def _feedback(self):
+        if self.service.feedback is None:
+            raise InvalidRequest("feedback is off in this sidecar")
+        return self.service.feedback
+
+    async def _answer(self, work, page: bool = False) -> Response:
+        metrics = self.service.metrics
+        try:
+            return await work()
+        except LogscoreError as error:
+            metrics.errors.labels(type(error).__name__, "http").inc()
+            status = STATUS_CODES.get(type(error), 400)
+            if page and status != 401:
+                return redirect(f"/ui/?message={quote(f'Not done: {error}')}")
+            return Response.error(status, str(error))
+
+    def _page_allowed(self, request: Request) -> bool:
+        token = self.http.token
+        if token is None:
+            return True
+        try:
+            self.http._authorize(request)
+            return True
+        except Unauthenticated:
+            pass
+        return hmac.compare_digest(cookies(request).get(COOKIE, "").encode(), token.encode())
+
+    def _page_form(self, request: Request) -> dict[str, str]:
+        """The fields of a form post from the page itself (token checked, other origins refused)."""
+        if not self._page_allowed(request):
+            raise Unauthenticated("open /ui/ and give the sidecar's token first")
+        origin = request.headers.get("origin")
+        host = request.headers.get("host", "")
+        if origin and origin != "null" and urlsplit(origin).netloc != host:
+            raise Unauthenticated(f"a form from {origin} may not post here (only the page on {host} may)")
+        return {k: v[-1] for k, v in parse_qs(request.body.decode("utf-8", "replace")).items()}
+
+    @staticmethod
+    def _token_form(message: str, status: int) -> Response:
+        html = ("<!doctype html><html lang=en><head><meta charset=utf-8><title>logscore review</title></head>"
+                f"<body style='font:14px system-ui;margin:24px'><p>{message}</p><form method=get action='/ui/'>"
+                "<input type=password name=token placeholder=token aria-label=token> <button>open</button>"
+                "</form></body></html>")
+        return Response(status, html.encode(), "text/html; charset=utf-8")
+
+
+def redirect(location: str) -> Response:
+    return Response(303, b"", "text/plain", {"Location": location})
+
+
+def cookies(request: Request) -> dict[str, str]:
+    found = {}
+    for part in request.headers.get("cookie", "").split(";"):
+        name, _, value = part.strip().partition("=")
+        if name:
+            found[name] = value
+    from urllib.parse import unquote
+
+    return {k: unquote(v) for k, v in found.items()}
+
+
+def parse_id(text: str) -> int:
+    if not text.strip().lstrip("#").isdigit():
+        raise InvalidRequest(f"id={text!r}: give the number of a feedback entry (GET /v1/feedback lists them)")
+    return int(text.strip().lstrip("#"))
+
+
+def parse_expiry(value) -> Optional[float]:
+    """Unix seconds from a number, an ISO 8601 UTC time (2026-12-31T00:00:00Z or a date), or None."""
+    if value in (None, "", 0):
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        text = value.strip().rstrip("Z")
+        for pattern in ("%Y-%m-%dT%H:%M:%S", "%Y-%m-%dT%H:%M", "%Y-%m-%d"):
+            try:
+                return float(calendar.timegm(time.strptime(text, pattern)))
+            except ValueError:
+                continue
+    raise InvalidRequest(f"expires_at {value!r}: give Unix seconds or a UTC time such as 2026-12-31T00:00:00Z")
+
+
+def decode_mark(body: bytes) -> Mark:
+    """A Mark from POST /v1/feedback's JSON body (see docs/openapi.json)."""
+    try:
+        data = json.loads(body.decode("utf-8", "replace") or "null")
+    except ValueError as error:
+        raise InvalidRequest(f"body is not valid JSON: {error}") from None
+    if not isinstance(data, dict):
+        raise InvalidRequest('body must be a JSON object such as {"verdict": "normal", "author": "ana", '
+                             '"records": ["<a log line>"]}')
+    known = {"verdict", "author", "reason", "model", "route", "entity", "expires_at", "records", "group", "field",
+             "value"}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise InvalidRequest(f"unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    records = data.get("records") or []
+    if not isinstance(records, list) or not all(isinstance(r, (str, dict)) for r in records):
+        raise InvalidRequest("records must be an array of log lines (strings) or events (objects)")
+    for name in ("verdict", "author", "reason", "model", "route", "entity", "group", "field"):
+        if not isinstance(data.get(name, ""), str):
+            raise InvalidRequest(f"{name} must be a string")
+    value = data.get("value")
+    if value is not None and not isinstance(value, str):
+        value = json.dumps(value) if isinstance(value, (dict, list)) else str(value)
+    return Mark(verdict=data.get("verdict", ""), author=data.get("author", ""), reason=data.get("reason", ""),
+                model=data.get("model", ""), route=data.get("route", ""), entity=data.get("entity", ""),
+                expires_at=parse_expiry(data.get("expires_at")), records=records, group=data.get("group", ""),
+                field=data.get("field", ""), value=value)

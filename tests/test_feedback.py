@@ -1,0 +1,233 @@
+"""Feedback (issue #14) against the real sidecar: marking records, a field value or a group normal
+takes effect on the next call, on later records of the same kind only; keep wins over normal; scope,
+expiry, undo and restarts; HTTP, gRPC and the CLI; clear errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+import time
+
+import grpc
+import pytest
+
+from logscore.generated.logscore.v1 import scorer_pb2 as pb
+
+from .generate import access_line, attack_lines, shop_lines, shop_request
+from .sidecar_process import ROOT, SidecarProcess, http_request, models_dir_with
+
+
+def compare_lines(count: int, seed: int) -> list[str]:
+    """Requests to a page the shop added after its model was trained: flagged until marked normal."""
+    rng = random.Random(seed)
+    return [access_line(rng, "GET", f"/products/{rng.randint(1, 5000)}/compare?with={rng.randint(1, 5000)}"
+                                     f"&view={rng.choice(['grid', 'list'])}") for _ in range(count)]
+
+
+def monitor_lines(count: int, seed: int, agent: str = "internal-monitor/2.0 (+https://ops.example/probe)") -> list[str]:
+    """Ordinary requests from a user agent training never saw."""
+    rng = random.Random(seed)
+    return [access_line(rng, *shop_request(rng)).rsplit('"', 2)[0] + f'"{agent}"' for _ in range(count)]
+
+
+def attacks_on(lines: list[str], seed: int) -> list[str]:
+    return [line for _, line in attack_lines(lines, len(lines), seed=seed)]
+
+
+def score(sidecar, lines, **query) -> list[dict]:
+    path = "/v1/score" + ("?" + "&".join(f"{k}={v}" for k, v in query.items()) if query else "")
+    status, body = sidecar.http_post(path, {"records": lines})
+    assert status == 200, body
+    return body["results"]
+
+
+def feedback(sidecar, method: str, body=None, query: str = "", headers=None) -> tuple[int, dict]:
+    data = json.dumps(body).encode() if body is not None else None
+    status, raw = http_request(sidecar.http_port, method, "/v1/feedback" + query, data,
+                               {"Content-Type": "application/json", **(headers or {})})
+    return status, json.loads(raw)
+
+
+@pytest.fixture
+def sidecar(tmp_path, shop_model_path):
+    process = SidecarProcess(models_dir_with(tmp_path, shop_model_path, "shop"), tmp_path,
+                             feedback_poll_s="0.2").start()
+    yield process
+    assert process.stop() == 0
+
+
+def test_marking_records_normal_unflags_later_records_of_their_kind_at_once_and_undo_restores(sidecar, tmp_path):
+    before = score(sidecar, compare_lines(20, seed=1))
+    assert all(r["is_anomaly"] for r in before)
+    status, body = feedback(sidecar, "POST", {"verdict": "normal", "author": "ana", "reason": "new compare page",
+                                              "records": compare_lines(2, seed=1)})
+    assert status == 200, body
+    entry = body["feedback"]
+    assert entry["id"] == 1 and entry["verdict"] == "normal" and entry["model"] == "shop"
+    assert entry["author"] == "ana" and entry["reason"] == "new compare page" and entry["created_at"]
+    assert any("with=9" in feature for feature in entry["pattern"]["features"])
+
+    # The very next call: later records of the kind (other ids, other values) are not flagged.
+    later = score(sidecar, compare_lines(30, seed=2))
+    assert not any(r["is_anomaly"] for r in later)
+    assert all(r["notes"] == ["suppressed by feedback #1"] for r in later)
+    assert all(r["anomaly_score"] < 0.99 for r in later)  # the score is lowered, not only the flag
+    # Attacks on that page, and other anomalies, still are.
+    assert sum(r["is_anomaly"] for r in score(sidecar, attacks_on(compare_lines(30, seed=3), seed=4))) >= 27
+    assert all(r["is_anomaly"] for r in score(sidecar, monitor_lines(5, seed=5)))
+    ordinary = score(sidecar, shop_lines(200, seed=6))
+    assert not any("notes" in r for r in ordinary)
+
+    status, listed = feedback(sidecar, "GET")
+    assert status == 200 and [e["id"] for e in listed["feedback"]] == [1]
+    assert listed["store"]["reachable"] and listed["store"]["store"].endswith("feedback.sqlite3")
+    metrics = sidecar.http_get("/metrics")[1].decode()
+    assert 'logscore_feedback_suppressed_total{model="shop"} 30.0' in metrics
+    assert 'logscore_feedback_writes_total{action="added",verdict="normal"} 1.0' in metrics
+    assert 'logscore_feedback_entries{verdict="normal"} 1.0' in metrics
+
+    # Kept across a restart (the store is a file beside the models).
+    assert sidecar.stop() == 0
+    sidecar.start()
+    assert not any(r["is_anomaly"] for r in score(sidecar, compare_lines(10, seed=7)))
+
+    status, body = feedback(sidecar, "DELETE", query="?id=1&author=ben")
+    assert status == 200 and body["feedback"]["removed_by"] == "ben"
+    assert all(r["is_anomaly"] for r in score(sidecar, compare_lines(10, seed=8)))  # undone on the next call
+    status, body = feedback(sidecar, "DELETE", query="?id=1")
+    assert status == 400 and "already removed" in body["error"]
+    assert feedback(sidecar, "GET")[1]["feedback"] == []
+    assert [e["removed_by"] for e in feedback(sidecar, "GET", query="?all=1")[1]["feedback"]] == ["ben"]
+
+
+BAD_FEEDBACK = [
+    ({"verdict": "normal", "records": ["x"]}, 400, "say who gives the feedback"),
+    ({"verdict": "maybe", "author": "a", "records": ["x"]}, 400, "verdict 'maybe'"),
+    ({"verdict": "normal", "author": "a"}, 400, "mark exactly one of"),
+    ({"verdict": "normal", "author": "a", "records": ["x"], "group": "g1"}, 400, "mark exactly one of"),
+    ({"verdict": "normal", "author": "a", "records": [3]}, 400, "records must be an array"),
+    ({"verdict": "normal", "author": "a", "group": "g999"}, 400, "no review group 'g999'"),
+    ({"verdict": "normal", "author": "a", "field": "colour", "value": "red"}, 400, "reads no field 'colour'"),
+    ({"verdict": "normal", "author": "a", "field": "user_agent"}, 400, "give the value"),
+    ({"verdict": "normal", "author": "a", "records": ["x"], "model": "nope"}, 404, "model 'nope' is not loaded"),
+    ({"verdict": "normal", "author": "a", "records": ["x"], "expires_at": "soon"}, 400, "expires_at 'soon'"),
+    ({"verdict": "normal", "author": "a", "records": ["x"], "expires_at": 1000}, 400, "in the past"),
+    ({"verdict": "normal", "author": "a", "records": ["x"], "colour": 1}, 400, "unknown field(s) colour"),
+    ([1, 2], 400, "must be a JSON object"),
+]
+
+
+def test_bad_feedback_gets_a_clear_error_and_stores_nothing(sidecar, shop_model_path, shop_training_lines):
+    from logscore.feedback import inspect
+    from logscore.model import Model
+
+    for body, status, message in BAD_FEEDBACK:
+        got, answer = feedback(sidecar, "POST", body)
+        assert got == status and message in answer["error"], (body, answer)
+    # A record holding nothing unusual (every feature common in training) gives nothing to mark.
+    model = Model.load(shop_model_path)
+    ordinary = next(line for line in shop_training_lines if not (inspect(model, [line]).contribution > 0).any())
+    got, answer = feedback(sidecar, "POST", {"verdict": "normal", "author": "a", "records": [ordinary]})
+    assert got == 400 and "hold no unusual feature" in answer["error"]
+    for query, message in (("?id=abc", "give the number of a feedback entry"), ("?id=42", "no feedback entry #42")):
+        got, answer = feedback(sidecar, "DELETE", query=query)
+        assert got == 400 and message in answer["error"]
+    assert feedback(sidecar, "GET")[1]["feedback"] == []
+
+
+def test_field_values_scope_expiry_and_keep(tmp_path, shop_model_path):
+    sidecar = SidecarProcess(models_dir_with(tmp_path, shop_model_path, "shop"), tmp_path, feedback_poll_s="0.2",
+                             entity_field="host").start()
+    try:
+        agent = "internal-monitor/2.0 (+https://ops.example/probe)"
+        # A field value: records with that user agent are of the kind; others are not.
+        status, body = feedback(sidecar, "POST", {"verdict": "normal", "author": "ops", "field": "user_agent",
+                                                  "value": agent})
+        assert status == 200 and body["feedback"]["pattern"] == {"field": "user_agent", "value": agent}
+        assert not any(r["is_anomaly"] for r in score(sidecar, monitor_lines(10, seed=10)))
+        assert all(r["is_anomaly"] for r in score(sidecar, monitor_lines(5, seed=11, agent="other-bot/1.0 (x)")))
+        # ...but an attack sent with that user agent stays flagged.
+        assert all(r["is_anomaly"] for r in score(sidecar, attacks_on(monitor_lines(5, seed=12), seed=13)))
+
+        # Scope: a route (the shipper's tag) and an entity (the entity_field's value).
+        status, body = feedback(sidecar, "POST", {"verdict": "normal", "author": "ops", "route": "web.shop",
+                                                  "records": compare_lines(1, seed=14)})
+        assert status == 200 and body["feedback"]["route"] == "web.shop"
+        assert not any(r["is_anomaly"] for r in score(sidecar, compare_lines(5, seed=15), tag="web.shop"))
+        assert all(r["is_anomaly"] for r in score(sidecar, compare_lines(5, seed=15), tag="web.other"))
+        status, _ = feedback(sidecar, "POST", {"verdict": "normal", "author": "ops", "entity": "web1",
+                                               "records": monitor_lines(1, seed=16, agent="ua-two/1 (y)")})
+        events = [{"message": line, "host": host} for line in monitor_lines(4, seed=17, agent="ua-two/1 (y)")
+                  for host in ("web1", "web2")]
+        flags = [r["is_anomaly"] for r in score(sidecar, events)]
+        assert flags == [False, True] * 4
+
+        # Expiry: applies until it expires, then not (the rules are rebuilt within a poll).
+        status, body = feedback(sidecar, "POST", {"verdict": "normal", "author": "ops", "expires_at": time.time() + 2,
+                                                  "records": monitor_lines(1, seed=18, agent="ua-three/1 (z)")})
+        assert status == 200 and body["feedback"]["expires_at"]
+        lines = monitor_lines(3, seed=19, agent="ua-three/1 (z)")
+        assert not any(r["is_anomaly"] for r in score(sidecar, lines))
+        sidecar.wait_for(lambda: all(r["is_anomaly"] for r in score(sidecar, lines)), 15, "the entry to expire")
+
+        # Keep: a true anomaly's kind stays flagged, even when someone marks the same kind normal.
+        attack = attacks_on(compare_lines(2, seed=20), seed=21)
+        status, keep = feedback(sidecar, "POST", {"verdict": "keep", "author": "sec", "records": attack[:1]})
+        assert status == 200
+        status, _ = feedback(sidecar, "POST", {"verdict": "normal", "author": "ops", "records": attack[:1]})
+        assert status == 200
+        result = score(sidecar, attack)
+        assert all(r["is_anomaly"] for r in result)
+        assert result[0]["notes"] == [f"kept by feedback #{keep['feedback']['id']}"]
+    finally:
+        assert sidecar.stop() == 0
+
+
+def logscore(*args, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "logscore", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT)
+
+
+def test_grpc_and_the_command_line(sidecar):
+    connection = ("--socket", sidecar.socket)
+    first, later = compare_lines(1, seed=22), compare_lines(5, seed=23)
+    added = logscore("feedback", "add", "normal", "--line", first[0], "--author", "ana", "--reason", "compare page",
+                     "--expires", "7d", *connection)
+    assert added.returncode == 0, added.stderr
+    assert added.stdout.startswith("#1 normal [model shop] url: ") and "by ana" in added.stdout
+    assert "(compare page)" in added.stdout and "expires 20" in added.stdout
+    listed = logscore("feedback", "list", "--json", *connection)
+    assert listed.returncode == 0 and json.loads(listed.stdout)["id"] == "1"
+
+    stub = sidecar.stub()
+    response = stub.Score(pb.ScoreRequest(lines=pb.RawLines(lines=[x.encode() for x in later])), timeout=10)
+    assert not any(response.is_anomaly) and {n.description for n in response.notes} == {"suppressed by feedback #1"}
+    entries = stub.ListFeedback(pb.ListFeedbackRequest(), timeout=10)
+    assert [e.id for e in entries.entries] == [1] and entries.store_reachable
+    entry = stub.Feedback(pb.FeedbackRequest(verdict=pb.KEEP, author="sec", field=pb.FieldValue(
+        field="method", value="TRACE")), timeout=10)
+    assert entry.id == 2 and entry.field.value == "TRACE" and entry.verdict == pb.KEEP
+    for request, code, message in [
+            (pb.FeedbackRequest(author="a", group="g1"), grpc.StatusCode.INVALID_ARGUMENT, "verdict: set NORMAL"),
+            (pb.FeedbackRequest(verdict=pb.NORMAL, author="a"), grpc.StatusCode.INVALID_ARGUMENT, "mark exactly one"),
+            (pb.FeedbackRequest(verdict=pb.NORMAL, author="a", model="nope", lines=pb.RawLines(lines=[b"x"])),
+             grpc.StatusCode.NOT_FOUND, "'nope' is not loaded")]:
+        with pytest.raises(grpc.RpcError) as failure:
+            stub.Feedback(request, timeout=10)
+        assert failure.value.code() == code and message in failure.value.details()
+
+    removed = logscore("feedback", "remove", "1", "--author", "ben", *connection)
+    assert removed.returncode == 0 and removed.stdout.startswith("removed #1 normal") and "removed by ben" in removed.stdout
+    response = stub.Score(pb.ScoreRequest(lines=pb.RawLines(lines=[x.encode() for x in later])), timeout=10)
+    assert all(response.is_anomaly)
+    with pytest.raises(grpc.RpcError) as failure:
+        stub.DeleteFeedback(pb.DeleteFeedbackRequest(id=1), timeout=10)
+    assert failure.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "already removed" in failure.value.details()
+    again = logscore("feedback", "remove", "1", *connection)
+    assert again.returncode == 1 and "INVALID_ARGUMENT" in again.stderr and "Traceback" not in again.stderr
+    bad = logscore("feedback", "add", "normal", "--field", "novalue", *connection)
+    assert bad.returncode == 1 and "give NAME=VALUE" in bad.stderr
+    listing = logscore("feedback", "list", "--all", *connection)
+    assert listing.returncode == 0 and "#2 keep [model shop] method = 'TRACE'" in listing.stdout

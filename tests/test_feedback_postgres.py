@@ -1,0 +1,111 @@
+"""Feedback shared by a fleet through a real PostgreSQL server (a throwaway cluster, tests/postgres_cluster.py):
+an entry written through one sidecar applies on another; a sidecar that loses the database keeps what it
+last loaded and says so; both stores share one schema and its migrations."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from logscore.errors import ConfigError, StoreUnavailable
+from logscore.feedback import NORMAL, Entry
+from logscore.feedback_store import SCHEMA_VERSION, PostgresStore, SqliteStore, redact
+
+from .postgres_cluster import PostgresCluster
+from .sidecar_process import SidecarProcess, models_dir_with
+from .test_feedback import compare_lines, feedback, score
+
+pytest.importorskip("psycopg", reason="psycopg (the postgres extra, in the test extra) talks to PostgreSQL")
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    server = PostgresCluster()
+    reason = server.why_not()
+    if reason:
+        pytest.skip(f"no PostgreSQL cluster can start here: {reason}")
+    server.start()
+    yield server
+    server.stop()
+
+
+def metric(sidecar, name: str) -> float:
+    for line in sidecar.http_get("/metrics")[1].decode().splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"no metric {name}")
+
+
+def test_a_fleet_shares_feedback_and_a_sidecar_without_its_database_keeps_serving(cluster, tmp_path, shop_model_path):
+    url = cluster.create_database("fleet")
+    sidecars = [SidecarProcess(models_dir_with(tmp_path / name, shop_model_path, "shop"), tmp_path / name,
+                               feedback_store=url, feedback_poll_s="0.5")
+                for name in ("a", "b") if not (tmp_path / name).mkdir()]
+    for sidecar in sidecars:
+        sidecar.start()
+    first, second = sidecars
+    try:
+        lines = compare_lines(10, seed=40)
+        assert all(r["is_anomaly"] for r in score(second, lines))
+        status, body = feedback(first, "POST", {"verdict": "normal", "author": "ana", "records": lines[:1]})
+        assert status == 200
+        written = time.monotonic()
+        # The other sidecar applies it as soon as the database notifies it (bounded wait; the
+        # figure itself is measured by benchmarks/bench_feedback.py).
+        second.wait_for(lambda: not any(r["is_anomaly"] for r in score(second, lines)), 10, "the shared entry")
+        assert time.monotonic() - written < 10
+        ready = json.loads(second.http_get("/readyz")[1])["feedback"]
+        assert ready["reachable"] and ready["active_entries"] == 1 and "***" not in ready["store"]
+        assert ready["store"] == redact(url)
+
+        # The database goes away: both keep applying what they loaded, and say so.
+        cluster.server_stop()
+        second.wait_for(lambda: not json.loads(second.http_get("/readyz")[1])["feedback"]["reachable"], 15,
+                        "the sidecar to notice the database is gone")
+        assert json.loads(second.http_get("/readyz")[1])["ready"]  # still serving
+        assert not any(r["is_anomaly"] for r in score(second, compare_lines(5, seed=41)))
+        assert metric(second, "logscore_feedback_store_up") == 0.0
+        status, body = feedback(second, "POST", {"verdict": "normal", "author": "ana", "records": lines[1:2]})
+        assert status == 503 and "cannot connect" in body["error"]
+        assert "feedback store unreachable; the rules last loaded stay in force" in second.log()
+
+        cluster.server_start()
+        cluster.wait_ready()
+        second.wait_for(lambda: json.loads(second.http_get("/readyz")[1])["feedback"]["reachable"], 15,
+                        "the sidecar to reconnect")
+        assert metric(second, "logscore_feedback_store_up") == 1.0
+        status, body = feedback(second, "DELETE", query="?id=1&author=ben")
+        assert status == 200
+        first.wait_for(lambda: all(r["is_anomaly"] for r in score(first, lines)), 10, "the undo on the other sidecar")
+    finally:
+        for sidecar in sidecars:
+            assert sidecar.stop() == 0
+
+
+def test_both_stores_hold_one_schema_with_versioned_migrations(cluster, tmp_path):
+    stores = [PostgresStore(cluster.create_database("schema")), SqliteStore(str(tmp_path / "f.sqlite3"))]
+    for store in stores:
+        assert store.migrate() == SCHEMA_VERSION and store.migrate() == SCHEMA_VERSION  # idempotent
+        entry = store.add(Entry(0, NORMAL, {"keys": [1, 2], "kind": [1, "path /a/<a>"], "features": ["url: x"]}, "ana",
+                                "why", model="shop", expires_at=time.time() + 60))
+        assert entry.id == 1 and store.revision() == 1
+        removed = store.remove(1, "ben")
+        assert removed.removed_by == "ben" and store.revision() == 2
+        assert store.entries() == [] and len(store.entries(include_removed=True)) == 1
+    described = [[(e.verdict, e.pattern, e.author, e.model, e.removed_by) for e in s.entries(True)] for s in stores]
+    assert described[0] == described[1]
+
+    # A schema newer than this logscore knows is refused, not guessed at.
+    def newer(cursor):
+        cursor.execute(stores[1]._sql("INSERT INTO schema_migrations (version, applied_at) VALUES (?, ?)"),
+                       (SCHEMA_VERSION + 1, 0.0))
+    stores[1]._run(newer, exclusive=True)
+    with pytest.raises(ConfigError, match="newer than this logscore knows"):
+        stores[1].migrate()
+
+    unreachable = PostgresStore("postgresql://nobody:secret@127.0.0.1:1/none", connect_timeout=1)
+    with pytest.raises(StoreUnavailable) as failure:
+        unreachable.migrate()
+    assert "cannot connect" in str(failure.value) and "secret" not in str(failure.value)

@@ -1,0 +1,110 @@
+"""Teaching (issue #14): `logscore train --feedback STORE` learns records marked normal and leaves out
+records marked keep; after retraining, the marked records score under the threshold with no rule at
+all. And `logscore report` over scored output: groups, counts, entities, timeline, histogram."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from logscore.decide import decide
+from logscore.feedback import KEEP, NORMAL, Entry, FeedbackStep, RuleSet, pattern_from_records
+from logscore.feedback_store import SqliteStore
+from logscore.model import Model
+
+from .generate import shop_lines
+from .test_cli import logscore
+from .test_feedback import attacks_on, compare_lines, monitor_lines
+
+
+def test_training_with_feedback_learns_what_was_marked_normal_and_keeps_true_anomalies_flagged(
+        tmp_path, shop_model_path, shop_training_lines):
+    model = Model.load(shop_model_path)
+    marked, keep = compare_lines(3, seed=50), attacks_on(compare_lines(2, seed=51), seed=52)
+    store = SqliteStore(str(tmp_path / "feedback.sqlite3"))
+    store.migrate()
+    store.add(Entry(0, NORMAL, pattern_from_records(model, marked), "ana", model="shop"))
+    store.add(Entry(0, KEEP, pattern_from_records(model, keep), "sec", model="shop"))
+    store.add(Entry(0, NORMAL, pattern_from_records(model, monitor_lines(1, seed=53)), "ops", model="other-model"))
+    training = tmp_path / "train.log"
+    training.write_text("\n".join(shop_training_lines + keep) + "\n")  # the true anomalies are in the log too
+
+    for name, extra in (("plain", ()), ("taught", ("--feedback", tmp_path / "feedback.sqlite3"))):
+        result = logscore("train", "--input", training, "--target-fpr", "0.01", "--name", "shop",
+                          "--out", tmp_path / f"{name}.onnx", *extra)
+        assert result.returncode == 0, result.stderr
+    assert "feedback (" in result.stdout and "3 records learned as normal (0 still flagged)" in result.stdout
+    assert "2 kept out as true anomalies (2 flagged by the new model)" in result.stdout
+
+    plain, taught = Model.load(tmp_path / "plain.onnx"), Model.load(tmp_path / "taught.onnx")
+    assert decide(plain, plain.score(marked)).is_anomaly.all()
+    assert not decide(taught, taught.score(marked)).is_anomaly.any()  # no rule involved
+    # Later records of their kind (other ids and values): the rule, still in force, covers what the
+    # three examples could not teach (other lengths and digits).
+    later = compare_lines(20, seed=54)
+    rules = FeedbackStep(RuleSet(store.entries()), later)
+    assert not decide(taught, taught.score(later), feedback=rules).is_anomaly.any()
+    attacks = attacks_on(compare_lines(30, seed=55), seed=56)
+    assert decide(taught, taught.score(attacks)).is_anomaly.mean() >= 0.9
+    assert decide(taught, taught.score(keep)).is_anomaly.all()
+    assert decide(taught, taught.score(monitor_lines(5, seed=57))).is_anomaly.all()  # another model's entry
+    normal = shop_lines(1000, seed=58)
+    assert decide(taught, taught.score(normal)).is_anomaly.mean() <= 0.02
+    summary = json.loads(logscore("inspect", tmp_path / "taught.onnx", "--json").stdout)["metadata"]["training"]
+    assert summary["feedback"] == {"store": str(tmp_path / "feedback.sqlite3"), "entries": 2, "normal_records": 3,
+                                   "normal_flagged": 0, "keep_records": 2, "keep_flagged": 2}
+    assert summary["records_read"] == len(shop_training_lines)  # the two kept out
+
+
+def test_report_groups_scored_output_of_every_shipper(tmp_path, shop_model_path):
+    lines = shop_lines(400, seed=60) + compare_lines(12, seed=61) + monitor_lines(5, seed=62)
+    (tmp_path / "access.log").write_text("\n".join(lines) + "\n")
+    scored = logscore("score", "--model", shop_model_path, "--explain", "4", "--record", tmp_path / "access.log")
+    assert scored.returncode == 0, scored.stderr
+    (tmp_path / "scored.jsonl").write_text(scored.stdout)
+    flagged = [json.loads(x) for x in scored.stdout.splitlines() if json.loads(x)["is_anomaly"]]
+
+    # The same records as Fluentd (out_file: time, tag, record with anomaly_score) and Logstash ([logscore]) write them.
+    fluentd, logstash = [], []
+    for entry in map(json.loads, scored.stdout.splitlines()):
+        client = entry["record"].split(" ", 1)[0]
+        fluentd.append("2026-03-01T10:00:00+00:00\tweb.access\t" + json.dumps(
+            {"host": client, "message": entry["record"], "anomaly_score": entry["score"],
+             "is_anomaly": entry["is_anomaly"], "anomaly_explanation": entry.get("explanation", [])}))
+        logstash.append(json.dumps({"@timestamp": "2026-03-01T10:00:00Z", "message": entry["record"],
+                                    "logscore": {"anomaly_score": entry["score"], "is_anomaly": entry["is_anomaly"],
+                                                 "model": "shop", "explanation": entry.get("explanation", [])}}))
+    (tmp_path / "fluentd.log").write_text("\n".join(fluentd + ["garbage that is no scored output"]) + "\n")
+    (tmp_path / "logstash.jsonl").write_text("\n".join(logstash) + "\n")
+
+    for name in ("scored.jsonl", "fluentd.log", "logstash.jsonl"):
+        report = logscore("report", tmp_path / name, "--html", tmp_path / f"{name}.html")
+        assert report.returncode == 0, report.stderr
+        head = report.stdout.splitlines()[0]
+        assert head.startswith(f"{len(lines):,} scored records, {len(flagged)} anomalies")
+        groups = [line.split() for line in report.stdout.splitlines()[3:] if line[:8].strip().isdigit()]
+        assert groups and int(groups[0][0].replace(",", "")) == 12, report.stdout  # the compare page's requests
+        html = (tmp_path / f"{name}.html").read_text()
+        assert html.count("<svg") >= 3 and "<script" not in html and "http://" not in html.split("</style>")[0]
+    assert "1 lines not scored output (skipped)" in logscore("report", tmp_path / "fluentd.log").stdout
+    assert "route web.access" not in report.stdout
+
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("not json\n")
+    failed = logscore("report", empty)
+    assert failed.returncode == 1 and "no scored records" in failed.stderr and "Traceback" not in failed.stderr
+
+
+def test_report_shows_progress_on_big_inputs(tmp_path, monkeypatch, capsys):
+    from logscore import report
+    from logscore.cli import main
+
+    monkeypatch.setattr(report, "PROGRESS_EVERY", 1000)
+    rows = [json.dumps({"score": float(s), "is_anomaly": bool(s > 0.99), "explanation": ["url: x"]})
+            for s in np.linspace(0, 1, 2500)]
+    (tmp_path / "big.jsonl").write_text("\n".join(rows) + "\n")
+    assert main(["report", str(tmp_path / "big.jsonl")]) == 0
+    captured = capsys.readouterr()
+    assert "[report] 1,000 lines read" in captured.err and "[report] 2,000 lines read" in captured.err
+    assert captured.out.startswith("2,500 scored records, 25 anomalies")

@@ -1,0 +1,83 @@
+"""The review ring and its groups (bounded; alike records together, attacks apart), the cost of
+feedback on the scoring path stays with flagged records, and the Grafana dashboard asks only for
+metrics the sidecar exports."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+
+from logscore.decide import decide
+from logscore.feedback import NORMAL, Entry, FeedbackStep, RuleSet, pattern_from_records
+from logscore.metrics import Metrics
+from logscore.model import Model
+from logscore.review import ReviewRing
+
+from .generate import shop_lines
+from .sidecar_process import ROOT
+from .test_feedback import attacks_on, compare_lines, monitor_lines
+
+
+def observe(model: Model, ring: ReviewRing, lines: list[str], rules: RuleSet = RuleSet()):
+    step = FeedbackStep(rules, lines, observe=ring.observe, inspect_always=True)
+    return decide(model, model.score(lines), feedback=step)
+
+
+def test_groups_put_alike_anomalies_together_and_attacks_apart_within_bounds(shop_model_path):
+    model = Model.load(shop_model_path)
+    ring = ReviewRing(max_records=50, max_groups=12)
+    observe(model, ring, compare_lines(12, seed=70) + attacks_on(compare_lines(6, seed=71), seed=72)
+            + monitor_lines(5, seed=73) + shop_lines(200, seed=74))
+    groups = ring.snapshot()
+    by_size = [g.count for g in groups]
+    assert 5 in by_size  # the new user agent
+    compare = groups[0]
+    # The new page's twelve requests; an attack whose payload adds little to the page's own unusual
+    # features may look alike (here one of six: `id` in backquotes), the others stand apart.
+    assert 12 <= compare.count <= 13
+    attack_groups = [g for g in groups[1:] if any("compare" in e.text for e in g.examples)]
+    assert sum(g.count for g in attack_groups) >= 5
+    assert any("with=9" in name for name in compare.names)
+    assert len(compare.examples) == 5 and len(ring.recent) <= 50 and len(groups) <= 12
+
+    # Bounded: many new kinds push out the least recently seen groups; memory stays put.
+    for seed in range(75, 95):
+        observe(model, ring, monitor_lines(2, seed=seed, agent="probe" + "".join(chr(97 + int(d)) for d in str(seed))))
+    assert len(ring.snapshot()) == 12 and len(ring.recent) == 50
+    assert ring.groups.created >= 20 and len(ring.groups._index) <= 12 * 64
+
+
+def test_feedback_costs_nothing_for_records_that_are_not_flagged(shop_model_path):
+    """Only flagged records are inspected: a batch of ordinary traffic with rules in force does not
+    featurize anything twice (counted, not timed: benchmarks/bench_feedback.py measures the cost)."""
+    model = Model.load(shop_model_path)
+    rules = RuleSet([Entry(1, NORMAL, pattern_from_records(model, compare_lines(2, seed=96)), "a", model="shop")])
+    calls = []
+    transform = model.featurizer.transform
+    model.featurizer.transform = lambda records, dense=True: calls.append(len(records)) or transform(records, dense)
+    lines = shop_lines(500, seed=97)
+    scored = model.score(lines)
+    calls.clear()
+    decision = decide(model, scored, feedback=FeedbackStep(rules, lines))
+    assert calls == ([int(scored.is_anomaly.sum())] if scored.is_anomaly.any() else [])
+    mixed = lines[:100] + compare_lines(3, seed=98)
+    scored = model.score(mixed)
+    calls.clear()
+    decision = decide(model, scored, feedback=FeedbackStep(rules, mixed))
+    assert calls == [int(scored.is_anomaly.sum())] and not decision.is_anomaly[-3:].any()
+    assert np.all(decision.scores[-3:] < scored.scores[-3:])
+
+
+def test_the_grafana_dashboard_asks_for_metrics_the_sidecar_exports():
+    dashboard = json.loads((ROOT / "docs" / "deploy" / "grafana-dashboard.json").read_text())
+    exported = set(re.findall(r"^# TYPE (\S+) ", Metrics().render().decode(), re.M))
+    asked = {name for panel in dashboard["panels"] for target in panel["targets"]
+             for name in re.findall(r"\blogscore_[a-z_]+", target["expr"])}
+    assert asked, "the dashboard asks for nothing"
+    missing = {name for name in asked if re.sub(r"_(bucket|sum|count)$", "", name) not in exported}
+    assert missing == set()
+    titles = " ".join(panel["title"] for panel in dashboard["panels"]).lower()
+    for subject in ("anomaly rate", "suppressed", "unscored", "latency", "queue"):
+        assert subject in titles
