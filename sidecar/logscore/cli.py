@@ -76,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--out", "-o", required=True, metavar="FILE.onnx", help="where to write the model")
     add_robustness_flags(train)
+    add_behaviour_flags(train)
     train.set_defaults(run=run_train)
 
     score = commands.add_parser("score", help="score log lines offline (JSON lines out)",
@@ -170,6 +171,60 @@ def add_robustness_flags(parser: argparse.ArgumentParser) -> None:
                         help="learn every record as normal; by default records that stand far above the rest "
                         "(attacks in the training data) are set aside and listed by `logscore inspect`")
     parser.add_argument("--learned-route", metavar="ROUTE", help=argparse.SUPPRESS)  # set by the sidecar's learner
+
+
+def add_behaviour_flags(parser: argparse.ArgumentParser) -> None:
+    """Training flags of issue #15: window forecasters and the client detector (learned from timestamps)."""
+    group = parser.add_argument_group("behaviour over time (learned from the records' timestamps)")
+    group.add_argument("--windows", action="store_true",
+                       help="learn a forecaster per key (route, status class, host, level, URL and message "
+                       "template) of counts per window; the sidecar reports improbable windows as events")
+    group.add_argument("--window-s", type=float, default=60.0, metavar="SECONDS", help="window length (default 60)")
+    group.add_argument("--window-max-keys", type=int, default=500, metavar="N",
+                       help="keys learned at most, the busiest first (default 500)")
+    group.add_argument("--window-target-fpr", type=float, default=1e-4, metavar="FRACTION",
+                       help="share of normal key-windows allowed over the threshold (default 0.0001)")
+    group.add_argument("--entities", action="store_true",
+                       help="learn normal clients' behaviour (rate, errors, distinct paths, novelty, mean score); "
+                       "the sidecar adds entity_score to each record and reports clients crossing the threshold")
+    group.add_argument("--entity-key", default="remote_addr", metavar="FIELD",
+                       help="the field naming a client (default remote_addr)")
+    group.add_argument("--half-life-s", type=float, default=60.0, metavar="SECONDS",
+                       help="how fast a client's features forget (default 60)")
+    group.add_argument("--client-target-fpr", type=float, default=0.005, metavar="FRACTION",
+                       help="share of normal clients allowed to cross the threshold (default 0.005)")
+    group.add_argument("--base", metavar="MODEL.onnx",
+                       help="keep this model's record detector and learn only --windows/--entities into --out")
+
+
+def behaviour_options(args):
+    """The behaviour options of `logscore train`, or None when neither --windows nor --entities is asked."""
+    from .errors import ConfigError
+
+    if not (args.windows or args.entities):
+        if args.base:
+            raise ConfigError("--base learns behaviour onto a model: add --windows and/or --entities")
+        return None
+    if args.window_s <= 0 or args.half_life_s <= 0 or args.window_max_keys < 1:
+        raise ConfigError("--window-s and --half-life-s must be positive, --window-max-keys at least 1")
+    if not (0 < args.window_target_fpr < 0.5 and 0 < args.client_target_fpr < 0.5):
+        raise ConfigError("--window-target-fpr and --client-target-fpr must be fractions between 0 and 0.5")
+    from .training.behaviour import BehaviourOptions
+
+    return BehaviourOptions(windows=args.windows, window_s=args.window_s, max_keys=args.window_max_keys,
+                            window_target_fpr=args.window_target_fpr, entities=args.entities,
+                            entity_key=args.entity_key, half_life_s=args.half_life_s,
+                            client_target_fpr=args.client_target_fpr)
+
+
+def base_model(path: str):
+    """(ModelProto, metadata) of an existing model, for --base."""
+    import onnx
+
+    from .artifact import read_artifact
+
+    artifact = read_artifact(path)
+    return onnx.ModelProto.FromString(artifact.model_bytes), dict(artifact.metadata)
 
 
 def add_settings_flags(parser: argparse.ArgumentParser) -> None:
@@ -324,7 +379,17 @@ def run_train(args) -> int:
         name=args.name or Path(args.out).stem, inputs=args.input, set_aside=not args.keep_outliers,
         learned_route=args.learned_route)
     records = read_json_records(args.input) if args.json_records else read_lines(args.input)
-    model, metadata = train(records, options, ProgressPrinter(), print_warning)
+    behaviour = behaviour_options(args)
+    if behaviour is not None:
+        records = list(records)  # read twice: the record model, then behaviour in file order
+    if args.base:
+        model, metadata = base_model(args.base)
+    else:
+        model, metadata = train(records, options, ProgressPrinter(), print_warning)
+    if behaviour is not None:
+        from .training.behaviour import learn_behaviour
+
+        model, metadata = learn_behaviour(model, metadata, records, behaviour, ProgressPrinter())
     save_model(model, args.out)
     print_training_summary(args.out, metadata)
     return 0

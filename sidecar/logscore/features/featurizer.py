@@ -123,6 +123,11 @@ class Featurizer:
 
     def field_values(self, records: Sequence[object]) -> tuple[dict[str, list], list[bool], list[bool]]:
         """Each wanted field as a column of text (None where absent), cut to max_field_chars."""
+        values, parsed, truncated, _ = self.normalized_values(records)
+        return values, parsed, truncated
+
+    def normalized_values(self, records: Sequence[object]) -> tuple[dict[str, list], list[bool], list[bool], list]:
+        """field_values, and the records' normalized field maps (windows and clients read them)."""
         batch = self.normalizer.normalize(records)
         truncated = batch.truncated
         limit = self.max_field_chars
@@ -136,7 +141,7 @@ class Featurizer:
                         column[row] = value[:limit]
                         truncated[row] = True
             values[name] = column
-        return values, batch.parsed, truncated
+        return values, batch.parsed, truncated, batch.fields
 
     def fit(self, records: Sequence[object]) -> None:
         values, _, _ = self.field_values(records)
@@ -145,7 +150,7 @@ class Featurizer:
             converter.forget()
 
     def transform(self, records: Sequence[object], dense: bool = True) -> FeatureBatch:
-        values, parsed, truncated = self.field_values(records)
+        values, parsed, truncated, fields = self.normalized_values(records)
         sink = FeatureSink(len(records), self.dense_dims)
         sink.truncated[:] = truncated
         sink.unparsed[:] = [not ok for ok in parsed]
@@ -159,4 +164,6 @@ class Featurizer:
         for converter in self.converters:
             ids, distinct = distinct_by_field[converter.field]
             converter.transform(ids, distinct, values[converter.field], sink)
-        return sink.build(dense)
+        batch = sink.build(dense)
+        batch.fields = fields
+        return batch
