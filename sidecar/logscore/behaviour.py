@@ -121,7 +121,7 @@ class Behaviour:
                 if entity is None:
                     entity = np.full(count, np.nan, dtype=np.float32)
                 entity[np.asarray(positions)] = scores
-        self.hub.publish(events)
+        self._publish(events)
         return entity
 
     def tick(self, now: Optional[float] = None) -> None:
@@ -131,6 +131,11 @@ class Behaviour:
         for watched in self._models.values():
             if watched.windows is not None:
                 events += watched.windows.close_due(now)
+        self._publish(events)
+
+    def _publish(self, events: list) -> None:
+        if events and self.metrics is not None:
+            self.metrics.observe_events(events)
         self.hub.publish(events)
 
     def prune(self, loaded: set) -> None:

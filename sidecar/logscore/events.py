@@ -86,6 +86,13 @@ class Watcher:
             self.dropped = 0
         return event
 
+    def take_ready(self, limit: int) -> list[AnomalyEvent]:
+        """Up to ``limit`` more events that are already waiting (no wait)."""
+        taken = []
+        while self._queue and len(taken) < limit:
+            taken.append(self._queue.popleft())
+        return taken
+
     def close(self) -> None:
         self.closed = True
         self._ready.set()

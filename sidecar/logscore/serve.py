@@ -28,6 +28,8 @@ from .errors import ConfigError
 from .generated.logscore.v1 import scorer_pb2
 from .metrics import Metrics
 from .registry import ModelRegistry
+from .behaviour import Behaviour
+from .events import EventHub
 from .scoring import ScoringService
 from .servers.forward import ForwardServer, NextHop
 from .servers.grpc import SERVICE_NAME, ScorerServicer, TokenInterceptor
@@ -93,7 +95,10 @@ class Sidecar:
         self.registry = ModelRegistry(settings.models_dir, settings.default_model, settings.tag_routes,
                                       settings.entity_field, self._model_event, settings.max_record_bytes)
         self.learner = make_learner(settings, self.registry, self.reload_requested.set, self.metrics)
-        self.service = ScoringService(self.registry, settings, self.metrics, self.learner)
+        self.hub = EventHub(settings.anomaly_recent, settings.anomaly_watcher_queue,
+                            on_drop=self.metrics.anomaly_events_dropped.inc)
+        self.behaviour = Behaviour(settings, self.hub, self.metrics)
+        self.service = ScoringService(self.registry, settings, self.metrics, self.learner, self.behaviour)
         self.health = health.aio.HealthServicer()
         self.grpc_server: Optional[grpc.aio.Server] = None
         self.http_server: Optional[HttpServer] = None
@@ -119,6 +124,8 @@ class Sidecar:
             raise ConfigError(f"no model could be loaded from {s.models_dir}: {problems}")
         self._check_default_model()
         self.metrics.set_models(self.registry.snapshot.models)
+        self.hub.attach(loop)
+        self.behaviour.watch_models(self.registry.snapshot.models.values())
         await self._start_grpc()
         if s.http:
             host, port = split_host_port(s.http, "--http")
@@ -130,7 +137,7 @@ class Sidecar:
             host, port = split_host_port(s.forward, "--forward")
             self.forward_server = ForwardServer(self.service, NextHop(s.forward_to, s.forward_ack_timeout_s),
                                                 s.forward_max_message_bytes, s.forward_idle_timeout_s,
-                                                s.forward_when_busy)
+                                                s.forward_when_busy, s.forward_events_tag)
             await listening(self.forward_server.start(host, port), "--forward", s.forward)
             self.bound["forward"] = f"{host}:{self.forward_server.port}"
         for name in ("", SERVICE_NAME):
@@ -345,13 +352,16 @@ async def run(settings: Settings) -> int:
         raise
     watcher = asyncio.create_task(sidecar.watch_models())
     learning = asyncio.create_task(sidecar.learner.run()) if sidecar.learner is not None else None
+    clock = asyncio.create_task(sidecar.behaviour.run(sidecar.stopping))
     await sidecar.stopping.wait()
     if learning is not None:
         await sidecar.learner.stop()
         learning.cancel()
     sidecar.reload_requested.set()
+    sidecar.hub.close()  # watchers (WatchAnomalies, server-sent events) end; their calls finish
     await sidecar.stop()
     await watcher
+    await clock
     return 0
 
 

@@ -39,6 +39,7 @@ OTHER = "(other)"
 ERROR_LEVELS = {"error", "err", "crit", "critical", "fatal", "alert", "emerg", "emergency", "severe", "panic"}
 SYSLOG_SEVERITIES = ("emerg", "alert", "crit", "error", "warning", "notice", "info", "debug")
 MAX_TEMPLATE_CHARS = 160
+MAX_NAMED = 4  # improbable keys named in one window event
 VALUE_CACHE = 65_536  # distinct field values remembered per dimension (their key names)
 
 
@@ -136,6 +137,7 @@ class WindowSpec:
     """The trained window models of one artifact: metadata ``windows`` + graph tensors."""
 
     window_s: float
+    route: str  # the model's name as trained: keys say route=<it>
     dimensions: list[str]
     keys: list[str]  # key names, in the order of the state tensors' rows
     state: ForecastState
@@ -156,7 +158,7 @@ class WindowSpec:
         state.weekday[:] = tensors["window_weekday"]
         state.scale[:] = tensors["window_scale"]
         state.seen[:] = np.asarray(metadata.get("seen", [1] * len(state)), dtype=np.int64)
-        return cls(float(metadata["window_s"]), list(metadata["dimensions"]), list(metadata["keys"]), state,
+        return cls(float(metadata["window_s"]), str(metadata["route"]), list(metadata["dimensions"]), list(metadata["keys"]), state,
                    list(metadata["shares"]), tensors["window_share_expected"].astype(np.float64),
                    tensors["window_share_dispersion"].astype(np.float64), float(metadata["new_key"]["level"]),
                    float(metadata["new_key"]["scale"]), float(metadata["threshold"]),
@@ -186,7 +188,7 @@ def percent(share: float) -> str:
 
 def describe_count(key: str, observed: float, low: float, high: float, window_s: float) -> str:
     per = f"{window_s:g} s" if window_s < 60 or window_s % 60 else f"{window_s / 60:g} min"
-    return f"{key}: {observed:g} records in {per}, expected {low:.0f}–{high:.0f}"
+    return f"{key}: {observed:g} records in {per}, expected {low:.3g}–{high:.3g}"
 
 
 class WindowCounter:
@@ -199,7 +201,8 @@ class WindowCounter:
     def __init__(self, spec: WindowSpec, model_name: str, namer: KeyNamer, max_keys: int,
                  window_s: Optional[float] = None, now: Optional[float] = None, observe_gauges=None):
         self.spec = spec
-        self.model_name = model_name
+        self.model_name = model_name  # as served (events, gauges); keys name the route as trained
+        self.route = spec.route
         self.namer = namer
         self.window_s = float(window_s or spec.window_s)
         self.max_keys = max(max_keys, len(spec.keys))
@@ -218,7 +221,6 @@ class WindowCounter:
         self.share_counts = np.zeros(len(spec.shares))
         self.share_totals = np.zeros(len(spec.shares))
         self.share_expected = spec.share_expected.copy()
-        self.share_of_route = [f"route={model_name}" for _ in spec.shares]
         self.start = self._window_start(time.time() if now is None else now)
         self.observe_gauges = observe_gauges  # metrics: observed vs expected per key
         self.overflow = 0
@@ -227,7 +229,7 @@ class WindowCounter:
         return math.floor(now / self.window_s) * self.window_s
 
     def observe(self, fields: Sequence[dict], tags: Optional[Sequence[str]] = None) -> None:
-        self.add(self.namer.count(fields, self.model_name, tags), len(fields))
+        self.add(self.namer.count(fields, self.route, tags), len(fields))
 
     def add(self, counts: Counter, records: int) -> None:
         row = self.row
@@ -291,6 +293,7 @@ class WindowCounter:
         return events
 
     def _close(self, start: float) -> list[AnomalyEvent]:
+        """One event at most per window: its most improbable key, the other improbable ones named."""
         size = len(self.keys)
         counts = self.counts[:size].copy()
         hour, weekday = slots(np.full(size, start))
@@ -301,34 +304,41 @@ class WindowCounter:
         expected = count_inverse(expected_y)
         low, high = count_inverse(expected_y - 2 * scale), count_inverse(expected_y + 2 * scale)
         change = np.abs(counts - expected)
-        events = []
-        for i in np.flatnonzero((scores >= self.spec.threshold) & (change >= self.spec.min_change)):
-            events.append(AnomalyEvent("window", self.model_name, f"{self.keys[i]} count", float(scores[i]),
-                                       float(counts[i]), float(low[i]), float(high[i]),
-                                       describe_count(self.keys[i], counts[i], low[i], high[i], self.window_s),
-                                       start, start + self.window_s))
-        events += self._close_shares(start)
+        found = []  # (score, deviation, key, observed, low, high, explanation)
+        for i in np.flatnonzero((scores >= self.spec.threshold) & (change >= self.spec.min_change)).tolist():
+            found.append((float(scores[i]), float(deviation[i]), f"{self.keys[i]} count", float(counts[i]),
+                          float(low[i]), float(high[i]),
+                          describe_count(self.keys[i], counts[i], low[i], high[i], self.window_s)))
+        found += self._close_shares()
         if self.observe_gauges is not None:
             self.observe_gauges(self.model_name, self.keys, counts, expected)
         self.activity[:size] = 0.9 * self.activity[:size] + counts
         self.counts[:] = 0.0
-        return events
+        if not found:
+            return []
+        found.sort(key=lambda f: (f[0], f[1]), reverse=True)
+        score, _, key, observed, low_, high_, text = found[0]
+        if len(found) > 1:
+            others = "; ".join(f[6] for f in found[1:MAX_NAMED])
+            more = f" and {len(found) - MAX_NAMED} more" if len(found) > MAX_NAMED else ""
+            text = f"{text}; also {others}{more}"
+        return [AnomalyEvent("window", self.model_name, key, score, observed, low_, high_, text, start,
+                             start + self.window_s)]
 
-    def _close_shares(self, start: float) -> list[AnomalyEvent]:
+    def _close_shares(self) -> list[tuple]:
         if not len(self.spec.shares):
             return []
         counts, totals = self.share_counts, self.share_totals
         deviation, spread = share_deviation(counts, totals, self.share_expected, self.spec.share_dispersion)
         scores = self.spec.calibrate(deviation)
-        events = []
+        found = []
         observed = counts / np.maximum(totals, 1.0)
-        for i in np.flatnonzero((scores >= self.spec.threshold) & (counts >= self.spec.min_change)):
+        for i in np.flatnonzero((scores >= self.spec.threshold) & (counts >= self.spec.min_change)).tolist():
             low = max(self.share_expected[i] - 2 * spread[i], 0.0)
             high = min(self.share_expected[i] + 2 * spread[i], 1.0)
             name = self.spec.shares[i]
-            events.append(AnomalyEvent("window", self.model_name, name, float(scores[i]), float(observed[i]),
-                                       float(low), float(high), describe_share(name, observed[i], low, high),
-                                       start, start + self.window_s))
+            found.append((float(scores[i]), float(deviation[i]), name, float(observed[i]), float(low), float(high),
+                          describe_share(name, observed[i], low, high)))
         # The expected share follows the traffic slowly, weighted by the window's records.
         weight = np.minimum(totals / (totals + 200.0), 0.5)
         clipped = np.minimum(observed, self.share_expected + 3 * spread)
@@ -336,4 +346,4 @@ class WindowCounter:
                                        self.share_expected)
         counts[:] = 0.0
         totals[:] = 0.0
-        return events
+        return found

@@ -126,7 +126,7 @@ def fit_windows(fields: Sequence[dict], route: str, url_converter, options: Beha
         "window_share_dispersion": np.asarray(dispersion, dtype=np.float64)})
     flagged = float((apply_ecdf(pooled, knots, levels) >= threshold).mean())
     learned.metadata["windows"] = {
-        "window_s": window_s, "dimensions": list(namer.dimensions), "keys": ranked,
+        "window_s": window_s, "route": route, "dimensions": list(namer.dimensions), "keys": ranked,
         "seen": state.seen.tolist(), "shares": shares, "threshold": threshold,
         "target_fpr": options.window_target_fpr, "min_change": options.min_change,
         "new_key": {"level": float(count_transform(np.zeros(1))[0]), "scale": NEW_KEY_SCALE},

@@ -41,6 +41,14 @@ module Logscore
         rpc :ScoreStream, stream(::Logscore::V1::ScoreRequest), stream(::Logscore::V1::ScoreResponse)
         # The loaded models, their versions and thresholds.
         rpc :ListModels, ::Logscore::V1::ListModelsRequest, ::Logscore::V1::ListModelsResponse
+        # Anomaly events of behaviour over time, as they happen: a window whose count
+        # or share is improbable given its forecast, a client whose behaviour crosses
+        # its detector's threshold (models trained with --windows / --entities).
+        # The stream stays open until the caller cancels or the sidecar stops (then
+        # it ends OK). A watcher that reads too slowly loses its oldest undelivered
+        # events (sidecar setting anomaly_watcher_queue), never slows scoring; the
+        # next event it receives says how many it lost (dropped_before).
+        rpc :WatchAnomalies, ::Logscore::V1::WatchAnomaliesRequest, stream(::Logscore::V1::AnomalyEvent)
       end
 
       Stub = Service.rpc_stub_class
