@@ -13,7 +13,8 @@ class, a URL template per minute) and `logscore evaluate --series` (one series) 
 The second term sees a shift that lasts (a flattened daily peak, a latency step) before any
 single point is extreme. Updates use residuals clipped at ``CLIP`` scales, so an anomaly moves
 the forecast little: the level, the seasonal offsets and the scale (a mean absolute residual)
-follow the data with rates ``LEVEL_RATE``, ``SEASON_RATE`` and ``SCALE_RATE``.
+follow the data with rates ``LEVEL_RATE`` (per window), ``SEASON_RATE_PER_PERIOD`` (per day for
+the hour of day, per week for the day of week, whatever the window length) and ``SCALE_RATE``.
 
 ``ForecastState`` is the state of K keys as numpy arrays; ``step`` advances all of them by one
 window with a handful of numpy operations.
@@ -28,7 +29,7 @@ import numpy as np
 
 HOURS, WEEKDAYS = 24, 7
 LEVEL_RATE = 0.08
-SEASON_RATE = 0.05
+SEASON_RATE_PER_PERIOD = 0.3  # the hour-of-day offsets learn this much per day, day-of-week ones per week
 SCALE_RATE = 0.02
 CLIP = 3.0
 RUN = 6  # windows averaged for the sustained-shift term
@@ -62,12 +63,19 @@ class ForecastState:
     scale: np.ndarray  # float64 [K]
     recent: np.ndarray  # float64 [K, RUN]: the last residuals, newest at [:, step % RUN]
     seen: np.ndarray  # int64 [K]: windows observed
+    window_s: float = 3600.0  # the length of a step (sets the seasonal learning rates)
     min_scale: float = MIN_SCALE
 
     @classmethod
-    def empty(cls, keys: int, min_scale: float = MIN_SCALE) -> "ForecastState":
+    def empty(cls, keys: int, window_s: float = 3600.0, min_scale: float = MIN_SCALE) -> "ForecastState":
         return cls(np.zeros(keys), np.zeros((keys, HOURS)), np.zeros((keys, WEEKDAYS)),
-                   np.full(keys, np.nan), np.zeros((keys, RUN)), np.zeros(keys, dtype=np.int64), min_scale)
+                   np.full(keys, np.nan), np.zeros((keys, RUN)), np.zeros(keys, dtype=np.int64), window_s, min_scale)
+
+    def season_rates(self) -> tuple[float, float]:
+        """(hour-of-day, day-of-week) learning rates per observation of a slot."""
+        keep = 1.0 - SEASON_RATE_PER_PERIOD
+        return (1.0 - keep ** (min(self.window_s, 3600.0) / 3600.0),
+                1.0 - keep ** (min(self.window_s, 86400.0) / 86400.0))
 
     def __len__(self) -> int:
         return len(self.level)
@@ -103,8 +111,9 @@ class ForecastState:
     def _update(self, rows, residual, scale, hour, weekday, fresh, y) -> None:
         clipped = np.clip(residual, -CLIP * scale, CLIP * scale)
         self.level[rows] = np.where(fresh, y, self.level[rows] + LEVEL_RATE * clipped)
-        self.hour[rows, hour] += SEASON_RATE * clipped
-        self.weekday[rows, weekday] += SEASON_RATE * 0.5 * clipped
+        hourly, daily = self.season_rates()
+        self.hour[rows, hour] += hourly * clipped
+        self.weekday[rows, weekday] += daily * clipped
         # The seasonal offsets average zero: what they share belongs to the level.
         shared = self.hour[rows].mean(axis=1) + self.weekday[rows].mean(axis=1)
         self.hour[rows] -= self.hour[rows].mean(axis=1, keepdims=True)

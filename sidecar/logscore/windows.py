@@ -152,7 +152,7 @@ class WindowSpec:
 
     @classmethod
     def from_model(cls, metadata: dict, tensors: dict[str, np.ndarray], calibrate) -> "WindowSpec":
-        state = ForecastState.empty(len(metadata["keys"]))
+        state = ForecastState.empty(len(metadata["keys"]), float(metadata["window_s"]))
         state.level[:] = tensors["window_level"]
         state.hour[:] = tensors["window_hour"]
         state.weekday[:] = tensors["window_weekday"]
@@ -211,7 +211,7 @@ class WindowCounter:
         self.row: dict[str, int] = {k: i for i, k in enumerate(self.keys)}
         self.trained = np.zeros(self.max_keys, dtype=bool)
         self.trained[:trained] = True
-        self.state = ForecastState.empty(self.max_keys)
+        self.state = ForecastState.empty(self.max_keys, self.window_s)
         for name in ("level", "scale", "seen"):
             getattr(self.state, name)[:trained] = getattr(spec.state, name)
         self.state.hour[:trained] = spec.state.hour

@@ -93,7 +93,7 @@ def fit_windows(fields: Sequence[dict], route: str, url_converter, options: Beha
     ranked = sorted(by_key, key=lambda k: (not k.startswith("route="), -len(by_key[k]), k))[: options.max_keys]
     counts = np.stack([np.bincount(by_key[k], minlength=windows) for k in ranked]).astype(np.float64)
     hours, weekdays = slots(first + window_s * np.arange(windows))
-    state = ForecastState.empty(len(ranked))
+    state = ForecastState.empty(len(ranked), window_s)
     warm_up = min(windows // 4, int(86400 // window_s))
     deviations = []
     for w in range(windows):
@@ -105,9 +105,9 @@ def fit_windows(fields: Sequence[dict], route: str, url_converter, options: Beha
     shares, expected, dispersion = [], [], []
     for dimension, value in SHARES:
         key = f"{dimension}={value}"
-        if dimension not in namer.dimensions or key not in by_key:
-            continue
-        share_counts = np.bincount(by_key[key], minlength=windows).astype(np.float64)
+        if not any(k.startswith(f"{dimension}=") for k in by_key):
+            continue  # the records never carry this dimension (no status, no level)
+        share_counts = np.bincount(by_key.get(key, []), minlength=windows).astype(np.float64)
         p, phi = share_model(share_counts, route_counts)
         deviation, _ = share_deviation(share_counts[warm_up:], route_counts[warm_up:], np.full(windows - warm_up, p),
                                        np.full(windows - warm_up, phi))
