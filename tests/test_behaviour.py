@@ -33,12 +33,12 @@ def test_forecaster_known_answers_spike_shift_and_seasonality():
     rng = np.random.default_rng(0)
     hours = 24 * 14
     times = START + 3600 * np.arange(hours)
-    hour, weekday = slots(times)
+    hour, week = slots(times)
     daily = 100 + 80 * np.sin(2 * np.pi * hour / 24)  # a strong daily cycle, Poisson noise
     counts = rng.poisson(daily).astype(float)
     counts[300] = daily[300] * 3  # a burst
     state = ForecastState.empty(1)
-    deviations = np.array([state.step(count_transform(counts[i:i + 1]), hour[i:i + 1], weekday[i:i + 1])[1][0]
+    deviations = np.array([state.step(count_transform(counts[i:i + 1]), hour[i:i + 1], week[i:i + 1])[1][0]
                            for i in range(hours)])
     quiet = deviations[200:300]
     assert deviations[300] > 6 > np.quantile(quiet, 0.95)  # the cycle is learned: only the burst stands out

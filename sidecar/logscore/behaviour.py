@@ -25,7 +25,7 @@ from .windows import KeyNamer, WindowCounter, WindowSpec
 
 log = logging.getLogger("logscore.behaviour")
 
-WINDOW_TENSORS = ("window_level", "window_hour", "window_weekday", "window_scale", "window_share_expected",
+WINDOW_TENSORS = ("window_level", "window_hour", "window_week", "window_scale", "window_share_expected",
                   "window_share_dispersion")
 
 

@@ -128,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "(needs matplotlib)")
     evaluate.add_argument("--batch", type=int, default=2048)
     add_evaluation_training_flags(evaluate)
+    add_series_flags(evaluate)
     evaluate.set_defaults(run=run_evaluate)
 
     serve = commands.add_parser("serve", help="run the sidecar",
@@ -559,8 +560,48 @@ def read_labeled(args) -> tuple[list, list[int], Optional[list[str]]]:
     return records, labels, types
 
 
+def add_series_flags(evaluate: argparse.ArgumentParser) -> None:
+    """`logscore evaluate --series`: one time series scored online, in NAB's results format (issue #15)."""
+    group = evaluate.add_argument_group("a time series (instead of records)")
+    group.add_argument("--series", metavar="FILE.csv", help="timestamp,value rows: score each point from the "
+                       "past only (the windows' forecaster) and write timestamp,value,anomaly_score,label")
+    group.add_argument("--series-out", metavar="FILE.csv", help="where to write the scored series (default stdout)")
+    group.add_argument("--series-windows", metavar="FILE.json",
+                       help="labeled windows ({series path: [[start, end], ...]}, NAB's combined_windows.json): "
+                       "label 1 inside them, for the series whose path ends like --series")
+
+
+def run_series(args) -> int:
+    from pathlib import Path
+
+    from .errors import InputError
+    from .series import labels_from_windows, read_series, score_series, write_results
+
+    series = read_series(args.series)
+    labels = None
+    if args.series_windows:
+        try:
+            windows = json.loads(Path(args.series_windows).read_text())
+        except (OSError, ValueError) as error:
+            raise InputError(f"--series-windows {args.series_windows}: {error}") from None
+        path = Path(args.series).as_posix()
+        matches = [name for name in windows if path.endswith(name)]
+        if not matches:
+            raise InputError(f"--series-windows: no entry for {args.series} (names: {', '.join(sorted(windows))[:200]})")
+        labels = labels_from_windows(series, windows[matches[0]])
+    scores = score_series(series.times, series.values)
+    import numpy as np
+
+    write_results(args.series_out, series, scores, labels if labels is not None else np.zeros(len(scores), int),
+                  sys.stdout)
+    return 0
+
+
 def run_evaluate(args) -> int:
     import numpy as np
+
+    if args.series:
+        return run_series(args)
 
     from .decide import decide
     from .evaluation import Evaluation, group_sessions, plot

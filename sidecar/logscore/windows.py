@@ -9,7 +9,7 @@ the level, the URL template, the message template. Besides counts, the share of 
 among a route's records and of error levels are watched (one-sided: a rising share).
 
 The trained forecasters (the state of each key after the training logs: level, hour-of-day and
-day-of-week offsets, scale; expected shares and their dispersion) are tensors of the model's
+hour-of-week offsets, scale; expected shares and their dispersion) are tensors of the model's
 ONNX graph, read once at load; online they move on with the traffic. Keys not trained get the
 prior of a never-seen key (expected count about zero). State is bounded: at most ``max_keys``
 keys; untrained keys with the least traffic are evicted, and keys past the bound count as
@@ -155,7 +155,7 @@ class WindowSpec:
         state = ForecastState.empty(len(metadata["keys"]), float(metadata["window_s"]))
         state.level[:] = tensors["window_level"]
         state.hour[:] = tensors["window_hour"]
-        state.weekday[:] = tensors["window_weekday"]
+        state.week[:] = tensors["window_week"]
         state.scale[:] = tensors["window_scale"]
         state.seen[:] = np.asarray(metadata.get("seen", [1] * len(state)), dtype=np.int64)
         return cls(float(metadata["window_s"]), str(metadata["route"]), list(metadata["dimensions"]), list(metadata["keys"]), state,
@@ -215,7 +215,7 @@ class WindowCounter:
         for name in ("level", "scale", "seen"):
             getattr(self.state, name)[:trained] = getattr(spec.state, name)
         self.state.hour[:trained] = spec.state.hour
-        self.state.weekday[:trained] = spec.state.weekday
+        self.state.week[:trained] = spec.state.week
         self.counts = np.zeros(self.max_keys)
         self.activity = np.zeros(self.max_keys)  # windows' counts, decayed: who is evicted
         self.share_counts = np.zeros(len(spec.shares))
@@ -260,7 +260,7 @@ class WindowCounter:
         state.level[index] = self.spec.new_key_level
         state.scale[index] = self.spec.new_key_scale
         state.hour[index] = 0.0
-        state.weekday[index] = 0.0
+        state.week[index] = 0.0
         state.recent[index] = 0.0
         state.seen[index] = 1
         self.counts[index] = 0.0
@@ -277,7 +277,7 @@ class WindowCounter:
         self.keys = [self.keys[i] for i in keep]
         self.row = {k: i for i, k in enumerate(self.keys)}
         size = len(keep)
-        for name in ("level", "scale", "seen", "hour", "weekday", "recent"):
+        for name in ("level", "scale", "seen", "hour", "week", "recent"):
             array = getattr(self.state, name)
             array[:size] = array[keep]
         for array in (self.counts, self.activity, self.trained):
@@ -296,9 +296,9 @@ class WindowCounter:
         """One event at most per window: its most improbable key, the other improbable ones named."""
         size = len(self.keys)
         counts = self.counts[:size].copy()
-        hour, weekday = slots(np.full(size, start))
+        hour, week = slots(np.full(size, start))
         y = count_transform(counts)
-        expected_y, deviation = self.state.step(y, hour, weekday, np.arange(size))
+        expected_y, deviation = self.state.step(y, hour, week, np.arange(size))
         scale = self.state.spread(np.arange(size))
         scores = self.spec.calibrate(deviation)
         expected = count_inverse(expected_y)

@@ -92,13 +92,13 @@ def fit_windows(fields: Sequence[dict], route: str, url_converter, options: Beha
                 by_key.setdefault(key, []).append(w)
     ranked = sorted(by_key, key=lambda k: (not k.startswith("route="), -len(by_key[k]), k))[: options.max_keys]
     counts = np.stack([np.bincount(by_key[k], minlength=windows) for k in ranked]).astype(np.float64)
-    hours, weekdays = slots(first + window_s * np.arange(windows))
+    hours, weeks = slots(first + window_s * np.arange(windows))
     state = ForecastState.empty(len(ranked), window_s)
     warm_up = min(windows // 4, int(86400 // window_s))
     deviations = []
     for w in range(windows):
         _, deviation = state.step(count_transform(counts[:, w]), np.full(len(ranked), hours[w]),
-                                  np.full(len(ranked), weekdays[w]))
+                                  np.full(len(ranked), weeks[w]))
         if w >= warm_up:
             deviations.append(deviation)
     route_counts = counts[0]
@@ -121,7 +121,7 @@ def fit_windows(fields: Sequence[dict], route: str, url_converter, options: Beha
     learned = Learned()
     learned.window_calibration = (knots, levels)
     learned.tensors.update({
-        "window_level": state.level, "window_hour": state.hour, "window_weekday": state.weekday,
+        "window_level": state.level, "window_hour": state.hour, "window_week": state.week,
         "window_scale": state.spread(), "window_share_expected": np.asarray(expected, dtype=np.float64),
         "window_share_dispersion": np.asarray(dispersion, dtype=np.float64)})
     flagged = float((apply_ecdf(pooled, knots, levels) >= threshold).mean())
@@ -211,7 +211,7 @@ class PrefixedBuilder(GraphBuilder):
 def window_nodes(g: GraphBuilder, learned: Learned) -> tuple[list, list]:
     """(inputs, outputs): the trained state as outputs; window_deviation -> window_score."""
     outputs = []
-    for name in ("window_level", "window_hour", "window_weekday", "window_scale", "window_share_expected",
+    for name in ("window_level", "window_hour", "window_week", "window_scale", "window_share_expected",
                  "window_share_dispersion"):
         value = np.asarray(learned.tensors[name], dtype=np.float32)
         g.nodes.append(helper.make_node("Identity", [g.const(value, name + "_table")], [name]))
