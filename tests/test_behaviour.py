@@ -44,11 +44,16 @@ def test_forecaster_known_answers_spike_shift_and_seasonality():
     assert deviations[300] > 6 > np.quantile(quiet, 0.95)  # the cycle is learned: only the burst stands out
     assert np.quantile(quiet, 0.95) < 3.5
 
+    # A step of 3 standard deviations, hourly: no single point is extreme (quiet hours reach that
+    # too), the run of them is.
+    n = 24 * 21 + 30
+    times = START + 3600 * np.arange(n)
+    hour, week = slots(times)
+    level = np.r_[np.full(n - 30, 50.0), np.full(30, 53.0)] + np.random.default_rng(0).normal(0, 1.0, n)
     shifted = ForecastState.empty(1)
-    level = np.r_[np.full(200, 50.0), np.full(50, 58.0)]  # +16 %: no single point is extreme, the run is
-    found = [shifted.step(count_transform(level[i:i + 1] + rng.normal(0, 1.0, 1)), np.zeros(1, int),
-                          np.zeros(1, int))[1][0] for i in range(250)]
-    assert max(found[200:206]) > 2 * max(found[150:200])
+    found = np.array([shifted.step(count_transform(level[i:i + 1]), hour[i:i + 1], week[i:i + 1])[1][0]
+                      for i in range(n)])
+    assert max(found[n - 30: n - 24]) > 2 * np.quantile(found[n - 130: n - 30], 0.95)
 
 
 def test_share_deviation_and_its_explanation_are_exact():

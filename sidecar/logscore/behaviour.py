@@ -25,6 +25,7 @@ from .windows import KeyNamer, WindowCounter, WindowSpec
 
 log = logging.getLogger("logscore.behaviour")
 
+ENTITY_CHUNK = 512  # records whose client features go through the detector graph at once
 WINDOW_TENSORS = ("window_level", "window_hour", "window_week", "window_scale", "window_share_expected",
                   "window_share_dispersion")
 
@@ -57,13 +58,12 @@ def entity_spec(model: Model) -> Optional[EntitySpec]:
     feeds = empty_record_inputs(model)
 
     def score(features: np.ndarray) -> np.ndarray:
-        return model.session.run(["entity_score"], {**feeds, "entity_features": features.astype(np.float32)})[0]
+        # In chunks: the graph's comparisons take [records, knots] per feature (bounded memory).
+        parts = [model.session.run(["entity_score"], {**feeds, "entity_features": features[i: i + ENTITY_CHUNK]})[0]
+                 for i in range(0, len(features), ENTITY_CHUNK)]
+        return np.concatenate(parts) if parts else np.zeros(0, np.float32)
 
     return EntitySpec.from_model(meta, score)
-
-
-def url_converter(model: Model):
-    return next((c for c in model.featurizer.converters if c.kind == "url"), None)
 
 
 class ModelBehaviour:
@@ -75,7 +75,7 @@ class ModelBehaviour:
         self.windows: Optional[WindowCounter] = None
         if spec is not None and settings.windows:
             gauges = metrics.observe_window if metrics is not None else None
-            self.windows = WindowCounter(spec, model.name, KeyNamer(spec.dimensions, url_converter(model)),
+            self.windows = WindowCounter(spec, model.name, KeyNamer(spec.dimensions),
                                          settings.window_max_keys, settings.window_s, observe_gauges=gauges)
         clients = entity_spec(model)
         self.clients: Optional[ClientWatch] = None

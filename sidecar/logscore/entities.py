@@ -71,6 +71,60 @@ def segment_starts(groups: np.ndarray) -> np.ndarray:
     return np.flatnonzero(np.concatenate([[True], groups[1:] != groups[:-1]]))
 
 
+class HashIndex:
+    """Client hash -> slot, in numpy arrays (open addressing, linear probing): no Python object per
+    client, so a million clients passing through leave no fragmented heap behind."""
+
+    EMPTY = 0
+
+    def __init__(self, capacity: int):
+        size = 1 << max(4, (2 * capacity - 1).bit_length())  # at most half full
+        self.mask = size - 1
+        self.keys = np.zeros(size, dtype=np.int64)
+        self.values = np.zeros(size, dtype=np.int64)
+        self.count = 0
+
+    @staticmethod
+    def keyed(hashes: np.ndarray) -> np.ndarray:
+        return np.where(hashes == HashIndex.EMPTY, 1, hashes)  # 0 marks an empty place
+
+    def find(self, hashes: np.ndarray) -> np.ndarray:
+        """The slot of each (distinct, keyed) hash, -1 when absent."""
+        found = np.full(len(hashes), -1, dtype=np.int64)
+        place = hashes & self.mask
+        pending = np.arange(len(hashes))
+        while len(pending):
+            held = self.keys[place]
+            hit = held == hashes[pending]
+            found[pending[hit]] = self.values[place[hit]]
+            going = ~hit & (held != self.EMPTY)
+            pending, place = pending[going], (place[going] + 1) & self.mask
+        return found
+
+    def insert(self, hashes: np.ndarray, slots: np.ndarray) -> None:
+        """Add distinct, absent, keyed hashes."""
+        place = hashes & self.mask
+        pending = np.arange(len(hashes))
+        while len(pending):
+            free = self.keys[place] == self.EMPTY
+            # Of several hashes probing the same free place, the first takes it; the others move on.
+            chosen = np.flatnonzero(free)
+            _, first = np.unique(place[chosen], return_index=True)
+            taking = chosen[first]
+            self.keys[place[taking]] = hashes[pending[taking]]
+            self.values[place[taking]] = slots[pending[taking]]
+            going = np.ones(len(pending), dtype=bool)
+            going[taking] = False
+            pending, place = pending[going], (place[going] + (~free[going])) & self.mask
+        self.count += len(hashes)
+
+    def rebuild(self, hashes: np.ndarray) -> None:
+        """Only these (distinct, keyed) hashes, at slots 0..len-1."""
+        self.keys[:] = self.EMPTY
+        self.count = 0
+        self.insert(hashes, np.arange(len(hashes), dtype=np.int64))
+
+
 class ClientTracker:
     """The state of up to ``max_clients`` clients in arrays, updated per batch."""
 
@@ -79,7 +133,7 @@ class ClientTracker:
     def __init__(self, half_life_s: float = 60.0, max_clients: int = 65_536):
         self.tau = half_life_s / math.log(2)
         self.max_clients = max_clients
-        self.index: dict[int, int] = {}
+        self.index = HashIndex(max_clients)
         self.owner = np.zeros(max_clients, dtype=np.int64)  # client hash of each slot
         self.sums = {name: np.zeros(max_clients, dtype=np.float32) for name in self.SUMS}
         self.last = np.zeros(max_clients)
@@ -92,29 +146,30 @@ class ClientTracker:
         self.evicted = 0
 
     def __len__(self) -> int:
-        return len(self.index)
+        return self.used
 
-    def _slots(self, hashes: list[int], now: float) -> np.ndarray:
-        index = self.index
-        wanted = dict.fromkeys(hashes)
-        missing = [h for h in wanted if h not in index]
-        if missing:
-            self._make_room(len(missing), wanted)
-            index = self.index
-            for h in missing:
-                slot = self.used
-                self.used += 1
-                index[h] = slot
-                self.owner[slot] = h
-                for array in self.sums.values():
-                    array[slot] = 0.0
-                self.last[slot] = self.first[slot] = self.sketch_since[slot] = now
-                self.sketch[slot] = 0
-                self.requests[slot] = 0
-                self.flagged[slot] = False
-        return np.fromiter((index[h] for h in hashes), dtype=np.int64, count=len(hashes))
+    def _slots(self, hashes: np.ndarray, now: float) -> np.ndarray:
+        distinct, inverse = np.unique(HashIndex.keyed(hashes), return_inverse=True)
+        slots = self.index.find(distinct)
+        missing = slots < 0
+        if missing.any():
+            self._make_room(int(missing.sum()), slots[~missing])
+            slots = self.index.find(distinct)  # compacted
+            new = np.flatnonzero(slots < 0)
+            fresh = np.arange(self.used, self.used + len(new))
+            self.used += len(new)
+            self.index.insert(distinct[new], fresh)
+            self.owner[fresh] = distinct[new]
+            for array in self.sums.values():
+                array[fresh] = 0.0
+            self.last[fresh] = self.first[fresh] = self.sketch_since[fresh] = now
+            self.sketch[fresh] = 0
+            self.requests[fresh] = 0
+            self.flagged[fresh] = False
+            slots[new] = fresh
+        return slots[inverse]
 
-    def _make_room(self, needed: int, protected: dict) -> None:
+    def _make_room(self, needed: int, protected: np.ndarray) -> None:
         """Evict the least recently seen clients (not those of the batch at hand) until ``needed`` fit."""
         if self.used + needed <= self.max_clients:
             return
@@ -122,17 +177,15 @@ class ClientTracker:
             raise ValueError(f"{needed} clients in one batch; entity_max_clients is {self.max_clients}")
         count = min(max(needed - (self.max_clients - self.used), self.max_clients // 8), self.used)
         last = self.last[: self.used].copy()
-        last[[self.index[h] for h in protected if h in self.index]] = np.inf
+        last[protected] = np.inf
         oldest = np.argpartition(last, count - 1)[:count]
         keep = np.setdiff1d(np.arange(self.used), oldest)
-        for slot in oldest.tolist():
-            del self.index[int(self.owner[slot])]
         size = len(keep)
         arrays = [self.owner, self.last, self.first, self.sketch, self.sketch_since, self.requests, self.flagged,
                   *self.sums.values()]
         for array in arrays:
             array[:size] = array[keep]
-        self.index = {int(h): i for i, h in enumerate(self.owner[:size].tolist())}
+        self.index.rebuild(self.owner[:size])
         self.evicted += self.used - size
         self.used = size
 
@@ -169,7 +222,8 @@ class ClientTracker:
         positions = np.flatnonzero(present)
         if len(positions) == 0:
             return features, slot_of, requests
-        hashes = [hash(batch.clients[i]) for i in positions.tolist()]
+        clients = batch.clients
+        hashes = np.fromiter((hash(clients[i]) for i in positions.tolist()), dtype=np.int64, count=len(positions))
         times = batch.times[positions]
         slots = self._slots(hashes, float(times.min()))
         order = np.lexsort((times, slots))
