@@ -207,3 +207,47 @@ def test_anomaly_requests_are_checked_and_scores_carry_entity_scores(behaviour_m
         assert len(response.entity_scores) == 1 and math.isnan(response.entity_scores[0])  # no client named
     finally:
         sidecar.stop()
+
+
+def test_evaluate_series_scores_online_in_nab_format_and_finds_the_spike(tmp_path):
+    rng = np.random.default_rng(1)
+    times = START + 300 * np.arange(12 * 24 * 6)  # six days of 5-minute steps
+    hour = (times // 3600) % 24
+    values = rng.poisson(200 + 150 * np.sin(2 * np.pi * hour / 24)).astype(float)
+    spike = len(values) - 300
+    values[spike] *= 4
+    stamps = [time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(t)) for t in times]
+    series = tmp_path / "volume.csv"
+    series.write_text("timestamp,value\n" + "".join(f"{s},{v:g}\n" for s, v in zip(stamps, values)))
+    windows = tmp_path / "windows.json"
+    windows.write_text(json.dumps({"volume.csv": [[stamps[spike - 5] + ".000000", stamps[spike + 5] + ".000000"]]}))
+    out = tmp_path / "scored.csv"
+    done = subprocess.run([sys.executable, "-m", "logscore", "evaluate", "--series", str(series), "--series-out",
+                           str(out), "--series-windows", str(windows)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    rows = [line.split(",") for line in out.read_text().splitlines()]
+    assert rows[0] == ["timestamp", "value", "anomaly_score", "label"] and len(rows) == len(values) + 1
+    scores = np.array([float(r[2]) for r in rows[1:]])
+    assert int(np.argmax(scores)) == spike and scores[spike] > 0.6
+    assert scores[: 12 * 24].max() == 0.0  # the first day only learns
+    assert [int(r[3]) for r in rows[1:]].count(1) == 11 and rows[spike + 1][3] == "1"
+    # The past only: the scores before the spike do not change when the future does.
+    values[spike + 1:] = 0
+    series.write_text("timestamp,value\n" + "".join(f"{s},{v:g}\n" for s, v in zip(stamps, values)))
+    again = subprocess.run([sys.executable, "-m", "logscore", "evaluate", "--series", str(series)],
+                           capture_output=True, text=True, timeout=120)
+    assert [line.split(",")[2] for line in again.stdout.splitlines()[1: spike + 2]] == \
+        [r[2] for r in rows[1: spike + 2]]
+
+
+@pytest.mark.parametrize("text, complaint", [
+    ("time,count\n1,2\n", "expected a header 'timestamp,value'"),
+    ("timestamp,value\n2015-01-01 00:00:00,1\nnot a time,2\n", "line 3 is not 'timestamp,value'"),
+    ("timestamp,value\n" + "".join(f"2015-01-01 00:{59 - i:02d}:00,1\n" for i in range(20)), "must not go back"),
+])
+def test_evaluate_series_refuses_bad_input_clearly(tmp_path, text, complaint):
+    series = tmp_path / "bad.csv"
+    series.write_text(text)
+    done = subprocess.run([sys.executable, "-m", "logscore", "evaluate", "--series", str(series)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and complaint in done.stderr and "Traceback" not in done.stderr

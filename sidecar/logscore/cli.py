@@ -248,7 +248,9 @@ def setting_metavar(name: str) -> str:
     """What a setting's flag takes, from its name (serve --help)."""
     if name in ("tcp", "http", "forward", "forward_to"):
         return "HOST:PORT"
-    named = {"forward_when_busy": "wait|pass", "learn": "true|false", "learn_window": "N",
+    named = {"forward_when_busy": "wait|pass", "learn": "true|false", "learn_window": "N", "windows": "true|false",
+             "window_max_keys": "N", "entity_max_clients": "N", "anomaly_recent": "N", "anomaly_watcher_queue": "N",
+             "forward_events_tag": "TAG", "entity_key": "FIELD",
              "learn_max_routes": "N", "learn_max_flag_ratio": "RATIO"}
     if name in named:
         return named[name]
