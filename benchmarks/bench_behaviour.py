@@ -74,7 +74,7 @@ def per_record_costs(model_path: Path, kind: str, records: int, batch: int = 100
     scoring = windows = clients = 0.0
     watched = ModelBehaviour(model, settings)
     urls = [line.split('"')[1] for line in lines]
-    never_seen = 1 - len(set(urls)) / len(urls)  # share of requests whose URL repeats an earlier one
+    first_seen = len(set(urls)) / len(urls)  # share of requests whose URL no earlier request had
     for start in range(0, len(lines), batch):
         part = lines[start: start + batch]
         began = time.process_time()
@@ -91,7 +91,7 @@ def per_record_costs(model_path: Path, kind: str, records: int, batch: int = 100
     return {"records": n, "scoring_us_per_record": round(scoring / n * 1e6, 2),
             "window_bookkeeping_us_per_record": round(windows / n * 1e6, 3),
             "client_tracking_us_per_record": round(clients / n * 1e6, 2),
-            "keys_counted": len(watched.windows.keys), "share_of_urls_never_seen_before": round(1 - never_seen, 4)}
+            "keys_counted": len(watched.windows.keys), "share_of_urls_never_seen_before": round(first_seen, 4)}
 
 
 CHILD = r'''

@@ -12,7 +12,9 @@ The one step after scoring, on every path (the sidecar's ScoringService, `logsco
 - learning: while a route's own model is being learned (sidecar/logscore/learning.py), its
   records keep their score but are not flagged, and say so.
 
-Later rules (feedback suppression, windows) plug in here.
+Later rules (feedback suppression) plug in here. Behaviour over time observes what was decided,
+right after this step: windows and clients (sidecar/logscore/behaviour.py, called by the
+ScoringService) add ``entity_score`` and raise their own events; they never change a record's flag.
 """
 
 from __future__ import annotations
