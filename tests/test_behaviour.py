@@ -251,3 +251,33 @@ def test_evaluate_series_refuses_bad_input_clearly(tmp_path, text, complaint):
     done = subprocess.run([sys.executable, "-m", "logscore", "evaluate", "--series", str(series)],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 1 and complaint in done.stderr and "Traceback" not in done.stderr
+
+
+def test_window_keys_stay_bounded_and_new_keys_need_two_records(behaviour_model):
+    from logscore.behaviour import window_spec
+    from logscore.windows import KeyNamer, WindowCounter
+
+    spec = window_spec(Model.load(behaviour_model))
+    trained = len(spec.keys)
+    counter = WindowCounter(spec, "shop", KeyNamer(spec.dimensions), max_keys=trained + 50, now=START)
+    for batch in range(20):  # 20 batches of 100 new URL templates, each seen twice
+        fields = [{"url": f"/new{batch}-{i // 2}", "status": "200"} for i in range(200)]
+        counter.observe(fields)
+    assert len(counter.keys) <= trained + 50 and set(spec.keys) <= set(counter.keys)  # trained keys stay
+    counter.observe([{"url": "/seen-once", "status": "200"}])
+    assert "url_template=/seen-once" not in counter.row and "url_template=(other)" in counter.row
+    counter.close_due(START + 10_000)  # after a long pause: at most MAX_CATCH_UP windows are closed
+    assert START + 10_000 - 61 <= counter.start <= START + 10_000
+
+
+@pytest.mark.parametrize("lines, flags, complaint", [
+    (["<34>Oct 11 22:14:15 mymachine su: 'su root' failed"] * 50, ["--format", "plain", "--windows"],
+     "carry a readable timestamp"),
+    (["x"] * 50, ["--format", "plain", "--base", "ignored.onnx"], "--base learns behaviour onto a model"),
+])
+def test_training_behaviour_refuses_what_it_cannot_learn(tmp_path, lines, flags, complaint):
+    source = tmp_path / "in.log"
+    source.write_text("\n".join(lines) + "\n")
+    done = subprocess.run([sys.executable, "-m", "logscore", "train", "--input", str(source), "--out",
+                           str(tmp_path / "m.onnx"), *flags], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 1 and complaint in done.stderr and "Traceback" not in done.stderr

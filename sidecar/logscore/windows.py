@@ -43,6 +43,7 @@ ERROR_LEVELS = {"error", "err", "crit", "critical", "fatal", "alert", "emerg", "
 SYSLOG_SEVERITIES = ("emerg", "alert", "crit", "error", "warning", "notice", "info", "debug")
 MAX_TEMPLATE_CHARS = 160
 MAX_NAMED = 4  # improbable keys named in one window event
+MAX_CATCH_UP = 60  # windows closed at once after a pause at most
 VALUE_CACHE = 65_536  # distinct field values remembered per dimension (their key names)
 
 
@@ -310,6 +311,10 @@ class WindowCounter:
         while now >= self.start + self.window_s:
             events += self._close(self.start)
             self.start += self.window_s
+            if now - self.start > MAX_CATCH_UP * self.window_s:
+                # NOTE: the process was stopped or starved for long: the empty windows in between
+                # are skipped (one closed empty window already says the traffic dropped).
+                self.start = self._window_start(now) - MAX_CATCH_UP * self.window_s
         return events
 
     def _close(self, start: float) -> list[AnomalyEvent]:
