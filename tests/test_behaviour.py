@@ -130,6 +130,9 @@ def test_the_artifact_carries_window_and_client_models_in_graph_and_metadata(beh
     scanner = np.array([[20, 0.9, 20, 0.6, 0.99]], np.float32)
     assert detector.score(normal)[0] < clients["threshold"] <= detector.score(scanner)[0]
     assert model.score(["x"]).fields is not None  # the record model scores as ever
+    shown = subprocess.run([sys.executable, "-m", "logscore", "inspect", str(behaviour_model)], capture_output=True,
+                           text=True, timeout=60, cwd=ROOT).stdout
+    assert "windows: 1 s, " in shown and "clients: by remote_addr" in shown
 
 
 def burst_lines(count: int, status: str = "503") -> list[str]:

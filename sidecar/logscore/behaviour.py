@@ -71,15 +71,22 @@ class ModelBehaviour:
 
     def __init__(self, model: Model, settings, metrics=None):
         self.model = model
-        spec = window_spec(model)
         self.windows: Optional[WindowCounter] = None
-        if spec is not None and settings.windows:
+        self.clients: Optional[ClientWatch] = None
+        if not settings.windows:
+            return
+        try:
+            spec = window_spec(model)
+            clients = entity_spec(model)
+        except Exception as error:  # the record model serves on; its behaviour detectors cannot
+            log.error("window/client detectors of this model cannot be used; it scores records as ever",
+                      extra={"model": model.name, "error": f"{type(error).__name__}: {error}"})
+            return
+        if spec is not None:
             gauges = metrics.observe_window if metrics is not None else None
             self.windows = WindowCounter(spec, model.name, KeyNamer(spec.dimensions),
                                          settings.window_max_keys, settings.window_s, observe_gauges=gauges)
-        clients = entity_spec(model)
-        self.clients: Optional[ClientWatch] = None
-        if clients is not None and settings.windows:
+        if clients is not None:
             self.clients = ClientWatch(clients, model.name, settings.entity_key, settings.entity_max_clients)
 
 
@@ -101,8 +108,17 @@ class Behaviour:
     def observe(self, groups: dict, results: list, count: int, tags: Optional[Sequence[str]],
                 now: Optional[float] = None) -> Optional[np.ndarray]:
         """Count a scored request in its models' windows; entity scores per record (None: no model
-        of this request watches clients)."""
-        now = time.time() if now is None else now
+        of this request watches clients). A failure here is logged and counted, never the request's."""
+        try:
+            return self._observe(groups, results, count, tags, time.time() if now is None else now)
+        except Exception:
+            log.exception("observing windows and clients failed; the records are scored as ever")
+            if self.metrics is not None:
+                self.metrics.errors.labels("behaviour", "any").inc()
+            return None
+
+    def _observe(self, groups: dict, results: list, count: int, tags: Optional[Sequence[str]],
+                 now: float) -> Optional[np.ndarray]:
         entity: Optional[np.ndarray] = None
         events = []
         for (model, positions), scored in zip(groups.items(), results):

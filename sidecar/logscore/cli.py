@@ -750,7 +750,27 @@ def run_inspect(args) -> int:
         print(f"  warning: {warning}")
     if training.get("learned_route"):
         print(f"  learned by the sidecar for route {training['learned_route']}")
+    for line in describe_behaviour(meta):
+        print(f"  {line}")
     return 0
+
+
+def describe_behaviour(meta: dict) -> list[str]:
+    """What `logscore inspect` says of a model's window and client detectors."""
+    lines = []
+    windows, clients = meta.get("windows"), meta.get("entities")
+    if windows:
+        learned = windows.get("training", {})
+        lines.append(f"windows: {windows['window_s']:g} s, {len(windows['keys'])} keys ({', '.join(windows['keys'][:4])}"
+                     f"{', ...' if len(windows['keys']) > 4 else ''}), shares {', '.join(windows['shares']) or 'none'}; "
+                     f"learned from {learned.get('windows')} windows; threshold {windows['threshold']:.4f} "
+                     f"(target FPR {windows['target_fpr']} of key-windows)")
+    if clients:
+        learned = clients.get("training", {})
+        lines.append(f"clients: by {clients['key']}, half-life {clients['half_life_s']:g} s, features "
+                     f"{', '.join(clients['features'])}; learned from {learned.get('clients')} clients; threshold "
+                     f"{clients['threshold']:.4f} ({learned.get('clients_over_threshold')} training clients reach it)")
+    return lines
 
 
 if __name__ == "__main__":

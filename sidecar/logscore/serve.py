@@ -24,12 +24,12 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from .behaviour import Behaviour
 from .errors import ConfigError
+from .events import EventHub
 from .generated.logscore.v1 import scorer_pb2
 from .metrics import Metrics
 from .registry import ModelRegistry
-from .behaviour import Behaviour
-from .events import EventHub
 from .scoring import ScoringService
 from .servers.forward import ForwardServer, NextHop
 from .servers.grpc import SERVICE_NAME, ScorerServicer, TokenInterceptor
