@@ -32,13 +32,6 @@ from benchmarks.common import machine, write_results  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def rss_kib() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
-
-
 def train_model(directory: Path) -> Path:
     from tests.generate import timed_shop_lines
 

@@ -270,9 +270,6 @@ class ClientTracker:
         np.bitwise_or.at(self.sketch, slots, mask)
         return (is_first & ~already).astype(np.float64)
 
-    def forget(self, slots: np.ndarray) -> None:
-        self.flagged[slots] = False
-
 
 def client_features(sums: dict[str, np.ndarray]) -> np.ndarray:
     """The feature matrix [N, 5] from decayed sums (with the prior request)."""

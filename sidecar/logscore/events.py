@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import itertools
-import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterable, Optional
 
@@ -164,7 +163,3 @@ class EventHub:
         wanted = frozenset(kinds) or frozenset(KINDS)
         chosen = [e for e in self.recent if e.kind in wanted and e.id > since_id]
         return chosen[-limit:] if limit > 0 else []
-
-    @staticmethod
-    def now() -> float:
-        return time.time()

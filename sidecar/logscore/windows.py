@@ -238,7 +238,7 @@ class WindowCounter:
         self.share_expected = spec.share_expected.copy()
         self.start = self._window_start(time.time() if now is None else now)
         self.observe_gauges = observe_gauges  # metrics: observed vs expected per key
-        self.overflow = 0
+        self.overflow = 0  # keys that found no room (counted as dimension=(other))
 
     def _window_start(self, now: float) -> float:
         return math.floor(now / self.window_s) * self.window_s
