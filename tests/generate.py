@@ -180,3 +180,22 @@ def session_lines(sessions: int, seed: int = 0, broken: float = 0.0) -> tuple[li
         lines.append(steps.pop(0))
         pending = [p for p in pending if p]
     return lines, broken_ids
+
+
+def timed_shop_lines(seconds: int, per_second: float, start: float = 1_772_323_200.0, seed: int = 0,
+                     clients: int = 300) -> list[str]:
+    """The shop's traffic over time: ``per_second`` requests a second on average (Poisson), each from
+    one of ``clients`` returning visitors, with timestamps from ``start`` (Unix seconds)."""
+    import datetime
+
+    rng = random.Random(seed)
+    addresses = [f"10.{rng.randint(0, 255)}.{rng.randint(0, 255)}.{rng.randint(1, 254)}" for _ in range(clients)]
+    lines = []
+    moment = start
+    while moment < start + seconds:
+        moment += rng.expovariate(per_second)
+        stamp = datetime.datetime.fromtimestamp(moment, datetime.timezone.utc).strftime("%d/%b/%Y:%H:%M:%S +0000")
+        line = access_line(rng, *shop_request(rng))
+        line = rng.choice(addresses) + line[line.index(" "):]
+        lines.append(line.replace(line[line.index("[") + 1: line.index("]")], stamp, 1))
+    return lines

@@ -78,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--out", "-o", required=True, metavar="FILE.onnx", help="where to write the model")
     add_robustness_flags(train)
+    add_behaviour_flags(train)
     train.set_defaults(run=run_train)
 
     score = commands.add_parser("score", help="score log lines offline (JSON lines out)",
@@ -131,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "(needs matplotlib)")
     evaluate.add_argument("--batch", type=int, default=2048)
     add_evaluation_training_flags(evaluate)
+    add_series_flags(evaluate)
     evaluate.set_defaults(run=run_evaluate)
 
     serve = commands.add_parser("serve", help="run the sidecar",
@@ -191,6 +193,60 @@ def add_robustness_flags(parser: argparse.ArgumentParser) -> None:
                         "out and must be flagged by the new model")
 
 
+def add_behaviour_flags(parser: argparse.ArgumentParser) -> None:
+    """Training flags of issue #15: window forecasters and the client detector (learned from timestamps)."""
+    group = parser.add_argument_group("behaviour over time (learned from the records' timestamps)")
+    group.add_argument("--windows", action="store_true",
+                       help="learn a forecaster per key (route, status class, host, level, URL and message "
+                       "template) of counts per window; the sidecar reports improbable windows as events")
+    group.add_argument("--window-s", type=float, default=60.0, metavar="SECONDS", help="window length (default 60)")
+    group.add_argument("--window-max-keys", type=int, default=500, metavar="N",
+                       help="keys learned at most, the busiest first (default 500)")
+    group.add_argument("--window-target-fpr", type=float, default=1e-4, metavar="FRACTION",
+                       help="share of normal key-windows allowed over the threshold (default 0.0001)")
+    group.add_argument("--entities", action="store_true",
+                       help="learn normal clients' behaviour (rate, errors, distinct paths, novelty, mean score); "
+                       "the sidecar adds entity_score to each record and reports clients crossing the threshold")
+    group.add_argument("--entity-key", default="remote_addr", metavar="FIELD",
+                       help="the field naming a client (default remote_addr)")
+    group.add_argument("--half-life-s", type=float, default=60.0, metavar="SECONDS",
+                       help="how fast a client's features forget (default 60)")
+    group.add_argument("--client-target-fpr", type=float, default=0.005, metavar="FRACTION",
+                       help="share of normal clients allowed to cross the threshold (default 0.005)")
+    group.add_argument("--base", metavar="MODEL.onnx",
+                       help="keep this model's record detector and learn only --windows/--entities into --out")
+
+
+def behaviour_options(args):
+    """The behaviour options of `logscore train`, or None when neither --windows nor --entities is asked."""
+    from .errors import ConfigError
+
+    if not (args.windows or args.entities):
+        if args.base:
+            raise ConfigError("--base learns behaviour onto a model: add --windows and/or --entities")
+        return None
+    if args.window_s <= 0 or args.half_life_s <= 0 or args.window_max_keys < 1:
+        raise ConfigError("--window-s and --half-life-s must be positive, --window-max-keys at least 1")
+    if not (0 < args.window_target_fpr < 0.5 and 0 < args.client_target_fpr < 0.5):
+        raise ConfigError("--window-target-fpr and --client-target-fpr must be fractions between 0 and 0.5")
+    from .training.behaviour import BehaviourOptions
+
+    return BehaviourOptions(windows=args.windows, window_s=args.window_s, max_keys=args.window_max_keys,
+                            window_target_fpr=args.window_target_fpr, entities=args.entities,
+                            entity_key=args.entity_key, half_life_s=args.half_life_s,
+                            client_target_fpr=args.client_target_fpr)
+
+
+def base_model(path: str):
+    """(ModelProto, metadata) of an existing model, for --base."""
+    import onnx
+
+    from .artifact import read_artifact
+
+    artifact = read_artifact(path)
+    return onnx.ModelProto.FromString(artifact.model_bytes), dict(artifact.metadata)
+
+
 def add_settings_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per Settings field; unset flags fall through to env, file and defaults."""
     from dataclasses import MISSING, fields
@@ -212,8 +268,10 @@ def setting_metavar(name: str) -> str:
     """What a setting's flag takes, from its name (serve --help)."""
     if name in ("tcp", "http", "forward", "forward_to"):
         return "HOST:PORT"
-    named = {"forward_when_busy": "wait|pass", "learn": "true|false", "learn_window": "N",
-             "learn_max_routes": "N", "learn_max_flag_ratio": "RATIO", "feedback_store": "PATH|postgresql://..."}
+    named = {"forward_when_busy": "wait|pass", "learn": "true|false", "learn_window": "N", "windows": "true|false",
+             "window_max_keys": "N", "entity_max_clients": "N", "anomaly_recent": "N", "anomaly_watcher_queue": "N",
+             "forward_events_tag": "TAG", "entity_key": "FIELD", "learn_max_routes": "N",
+             "learn_max_flag_ratio": "RATIO", "feedback_store": "PATH|postgresql://..."}
     if name in named:
         return named[name]
     by_suffix = (("_dir", "DIR"), ("_file", "FILE"), ("_cert", "FILE"), ("_key", "FILE"), ("_ca", "FILE"),
@@ -352,7 +410,17 @@ def run_train(args) -> int:
         from .training.feedback import load_feedback
 
         options.feedback = load_feedback(args.feedback, options.name)
-    model, metadata = train(records, options, ProgressPrinter(), print_warning)
+    behaviour = behaviour_options(args)
+    if behaviour is not None:
+        records = list(records)  # read twice: the record model, then behaviour in file order
+    if args.base:
+        model, metadata = base_model(args.base)
+    else:
+        model, metadata = train(records, options, ProgressPrinter(), print_warning)
+    if behaviour is not None:
+        from .training.behaviour import learn_behaviour
+
+        model, metadata = learn_behaviour(model, metadata, records, behaviour, ProgressPrinter())
     save_model(model, args.out)
     print_training_summary(args.out, metadata)
     return 0
@@ -534,8 +602,48 @@ def read_labeled(args) -> tuple[list, list[int], Optional[list[str]]]:
     return records, labels, types
 
 
+def add_series_flags(evaluate: argparse.ArgumentParser) -> None:
+    """`logscore evaluate --series`: one time series scored online, in NAB's results format (issue #15)."""
+    group = evaluate.add_argument_group("a time series (instead of records)")
+    group.add_argument("--series", metavar="FILE.csv", help="timestamp,value rows: score each point from the "
+                       "past only (the windows' forecaster) and write timestamp,value,anomaly_score,label")
+    group.add_argument("--series-out", metavar="FILE.csv", help="where to write the scored series (default stdout)")
+    group.add_argument("--series-windows", metavar="FILE.json",
+                       help="labeled windows ({series path: [[start, end], ...]}, NAB's combined_windows.json): "
+                       "label 1 inside them, for the series whose path ends like --series")
+
+
+def run_series(args) -> int:
+    from pathlib import Path
+
+    from .errors import InputError
+    from .series import labels_from_windows, read_series, score_series, write_results
+
+    series = read_series(args.series)
+    labels = None
+    if args.series_windows:
+        try:
+            windows = json.loads(Path(args.series_windows).read_text())
+        except (OSError, ValueError) as error:
+            raise InputError(f"--series-windows {args.series_windows}: {error}") from None
+        path = Path(args.series).as_posix()
+        matches = [name for name in windows if path.endswith(name)]
+        if not matches:
+            raise InputError(f"--series-windows: no entry for {args.series} (names: {', '.join(sorted(windows))[:200]})")
+        labels = labels_from_windows(series, windows[matches[0]])
+    scores = score_series(series.times, series.values)
+    import numpy as np
+
+    write_results(args.series_out, series, scores, labels if labels is not None else np.zeros(len(scores), int),
+                  sys.stdout)
+    return 0
+
+
 def run_evaluate(args) -> int:
     import numpy as np
+
+    if args.series:
+        return run_series(args)
 
     from .decide import decide
     from .evaluation import Evaluation, group_sessions, plot
@@ -687,7 +795,27 @@ def run_inspect(args) -> int:
         print(f"  warning: {warning}")
     if training.get("learned_route"):
         print(f"  learned by the sidecar for route {training['learned_route']}")
+    for line in describe_behaviour(meta):
+        print(f"  {line}")
     return 0
+
+
+def describe_behaviour(meta: dict) -> list[str]:
+    """What `logscore inspect` says of a model's window and client detectors."""
+    lines = []
+    windows, clients = meta.get("windows"), meta.get("entities")
+    if windows:
+        learned = windows.get("training", {})
+        lines.append(f"windows: {windows['window_s']:g} s, {len(windows['keys'])} keys ({', '.join(windows['keys'][:4])}"
+                     f"{', ...' if len(windows['keys']) > 4 else ''}), shares {', '.join(windows['shares']) or 'none'}; "
+                     f"learned from {learned.get('windows')} windows; threshold {windows['threshold']:.4f} "
+                     f"(target FPR {windows['target_fpr']} of key-windows)")
+    if clients:
+        learned = clients.get("training", {})
+        lines.append(f"clients: by {clients['key']}, half-life {clients['half_life_s']:g} s, features "
+                     f"{', '.join(clients['features'])}; learned from {learned.get('clients')} clients; threshold "
+                     f"{clients['threshold']:.4f} ({learned.get('clients_over_threshold')} training clients reach it)")
+    return lines
 
 
 if __name__ == "__main__":

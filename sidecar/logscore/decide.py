@@ -15,7 +15,9 @@ The one step after scoring, on every path (the sidecar's ScoringService, `logsco
   marked normal is scored again without them; under the threshold it is not flagged, keeps the
   lowered score and says `suppressed by feedback #id`. The review page sees flagged records here.
 
-Later rules (windows) plug in here.
+Later rules plug in here. Behaviour over time observes what was decided, right after this step:
+windows and clients (sidecar/logscore/behaviour.py, called by the ScoringService) add
+``entity_score`` and raise their own events; they never change a record's flag.
 """
 
 from __future__ import annotations

@@ -96,6 +96,15 @@ class Metrics:
         self.review_groups = Counter("logscore_review_groups", "Groups of anomalies started on the review page "
                                      "(a new kind of anomaly)", ["model"], registry=r)
         self._children: dict = {}
+        self.window_observed = Gauge("logscore_window_observed", "Records in the last closed window per key "
+                                     "(models with window detectors)", ["model", "key"], registry=r)
+        self.window_expected = Gauge("logscore_window_expected", "Forecast of the same window per key",
+                                     ["model", "key"], registry=r)
+        self.anomaly_events = Counter("logscore_anomaly_events", "Window and client anomaly events",
+                                      ["model", "kind"], registry=r)
+        self.anomaly_events_dropped = Counter("logscore_anomaly_events_dropped", "Events a slow watcher lost "
+                                              "(its queue was full)", registry=r)
+        self._window_keys: dict[str, set] = {}
 
     def child(self, metric, *labels):
         """metric.labels(*labels), remembered: the lookup costs more than the update."""
@@ -143,6 +152,23 @@ class Metrics:
     def histograms(self) -> dict:
         """Per model, the counts of the score histogram's buckets (SCORE_BUCKETS, then above 1.0)."""
         return self.scores.counts()
+    def observe_window(self, model: str, keys: list, observed, expected) -> None:
+        """Observed vs expected per key of a closed window; keys evicted since lose their series."""
+        current = set(keys)
+        for key in self._window_keys.get(model, set()) - current:
+            for gauge in (self.window_observed, self.window_expected):
+                try:
+                    gauge.remove(model, key)
+                except KeyError:
+                    pass
+        self._window_keys[model] = current
+        for key, seen, forecast in zip(keys, observed.tolist(), expected.tolist()):
+            self.window_observed.labels(model, key).set(seen)
+            self.window_expected.labels(model, key).set(round(forecast, 3))
+
+    def observe_events(self, events) -> None:
+        for event in events:
+            self.child(self.anomaly_events, event.model, event.kind).inc()
 
     def set_models(self, models: dict) -> None:
         self.model_info.clear()

@@ -54,6 +54,8 @@ class Scored:
     truncated: np.ndarray  # bool [N]
     unparsed: np.ndarray  # bool [N]
     explanations: Optional[list[list[str]]] = field(default=None)
+    fields: Optional[list] = None  # normalized field maps (windows, clients: sidecar/logscore/behaviour.py)
+    novelty: Optional[np.ndarray] = None  # float [N] share of keys never seen in training (models with clients)
 
     def slice(self, start: int, stop: int, explain: int) -> "Scored":
         """Records start..stop, with at most ``explain`` features named each."""
@@ -61,7 +63,9 @@ class Scored:
         if explain and self.explanations is not None:
             explanations = [e[:explain] for e in self.explanations[start:stop]]
         return Scored(self.scores[start:stop], self.is_anomaly[start:stop], self.raw_scores[start:stop],
-                      self.truncated[start:stop], self.unparsed[start:stop], explanations)
+                      self.truncated[start:stop], self.unparsed[start:stop], explanations,
+                      self.fields[start:stop] if self.fields is not None else None,
+                      self.novelty[start:stop] if self.novelty is not None else None)
 
     @staticmethod
     def concatenate(parts: Sequence["Scored"], explained: bool) -> "Scored":
@@ -70,7 +74,16 @@ class Scored:
             return parts[0]
         return Scored(*(np.concatenate([getattr(p, name) for p in parts]) for name in
                         ("scores", "is_anomaly", "raw_scores", "truncated", "unparsed")),
-                      [e for p in parts for e in p.explanations] if explained else None)
+                      [e for p in parts for e in p.explanations] if explained else None,
+                      [f for p in parts for f in p.fields] if parts[0].fields is not None else None,
+                      np.concatenate([p.novelty for p in parts]) if parts[0].novelty is not None else None)
+
+
+def novelty_shares(batch: FeatureBatch, surprise: np.ndarray) -> np.ndarray:
+    """Per record, the share of its feature keys never seen in training (surprise 1)."""
+    keys = np.bincount(batch.rows, minlength=batch.size)
+    unseen = np.bincount(batch.rows, weights=(surprise >= 1.0), minlength=batch.size)
+    return unseen / np.maximum(keys, 1)
 
 
 class Model:
@@ -90,6 +103,9 @@ class Model:
             self._support = float(meta["rarity"]["support"])
             # Models of rarity alone never read the dense block: skip building it.
             self.needs_dense = bool(meta.get("needs_dense", True))
+            self.tracks_novelty = bool(meta.get("entities"))  # the client detector reads it
+            # Windows and clients read the records' field maps (behaviour.py): build them only then.
+            self.needs_fields = bool(meta.get("windows") or meta.get("entities"))
             sessions = self.featurizer.sessions
             self.sessions = SessionTracker(sessions) if sessions is not None else None
         except Exception as error:  # any malformed metadata is the file's fault
@@ -123,10 +139,12 @@ class Model:
             return Scored.concatenate(parts, explain > 0)
         if self.sessions is not None:
             records = self.sessions.track(records)  # each record scored as its session so far
-        batch = self.featurizer.transform(records, dense=self.needs_dense)
+        batch = self.featurizer.transform(records, dense=self.needs_dense, with_fields=self.needs_fields)
         score, raw, surprise = run_graph(self.session, batch)
         cut = self.threshold if threshold is None else threshold
-        result = Scored(score, score >= cut, raw, batch.truncated, batch.unparsed)
+        result = Scored(score, score >= cut, raw, batch.truncated, batch.unparsed, fields=batch.fields)
+        if self.tracks_novelty:
+            result.novelty = novelty_shares(batch, surprise)
         if explain > 0:
             result.explanations = self._explain(batch, surprise, explain)
         return result

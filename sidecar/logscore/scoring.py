@@ -42,6 +42,7 @@ class ScoreOutcome:
     models: list[Model]
     explanations: Optional[list[list[str]]]
     notes: list[tuple[int, str, str]] = field(default_factory=list)  # (record, field, description)
+    entity_scores: Optional[np.ndarray] = None  # float32 [N] (NaN: no client) when a model watches clients
 
 
 INLINE_FLAGGED = 8  # more flagged records than this in a call: the feedback step runs in the scoring thread
@@ -55,7 +56,7 @@ def check_record_count(count: int, limit: int) -> None:
 
 class ScoringService:
     def __init__(self, registry: ModelRegistry, settings: Settings, metrics: Metrics, learner=None,
-                 feedback=None, review=None):
+                 feedback=None, review=None, behaviour=None):
         self.registry = registry
         self.settings = settings
         self.metrics = metrics
@@ -68,6 +69,7 @@ class ScoringService:
         self.accepting = True  # False while draining: /readyz says so; calls already received still score
         self._closed = False
         self.admission = Admission(settings.max_inflight_bytes)
+        self.behaviour = behaviour  # behaviour.Behaviour: windows and clients of the models that carry them
 
     async def score(self, call: ScoreCall) -> ScoreOutcome:
         if self._closed:
@@ -99,6 +101,8 @@ class ScoringService:
         outcome = self._assemble(count, groups, results, decisions, call.explain > 0)
         if routes:
             self.learner.observe(routes, records)
+        if self.behaviour is not None:
+            outcome.entity_scores = self.behaviour.observe(groups, results, count, call.tags)
         self.metrics.observe_outcome(outcome, call.surface)
         return outcome
 
@@ -193,6 +197,9 @@ class ScoringService:
         loaded = set(self.registry.snapshot.models.values())
         for model in [m for m in self._batchers if m not in loaded]:
             await self._batchers.pop(model).close()
+        if self.behaviour is not None:
+            self.behaviour.prune(loaded)
+            self.behaviour.watch_models(loaded)
 
     def queued_records(self) -> int:
         return sum(b.queued_records for b in self._batchers.values())

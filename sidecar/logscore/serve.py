@@ -24,7 +24,9 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from .behaviour import Behaviour
 from .errors import ConfigError
+from .events import EventHub
 from .generated.logscore.v1 import scorer_pb2
 from .metrics import Metrics
 from .registry import ModelRegistry
@@ -95,7 +97,11 @@ class Sidecar:
         self.learner = make_learner(settings, self.registry, self.reload_requested.set, self.metrics)
         self.review = make_review(settings, self.metrics)
         self.feedback = make_feedback(settings, self.registry, self.review, self.metrics)
-        self.service = ScoringService(self.registry, settings, self.metrics, self.learner, self.feedback, self.review)
+        self.hub = EventHub(settings.anomaly_recent, settings.anomaly_watcher_queue,
+                            on_drop=self.metrics.anomaly_events_dropped.inc)
+        self.behaviour = Behaviour(settings, self.hub, self.metrics)
+        self.service = ScoringService(self.registry, settings, self.metrics, self.learner, self.feedback, self.review,
+                                      self.behaviour)
         self.health = health.aio.HealthServicer()
         self.grpc_server: Optional[grpc.aio.Server] = None
         self.http_server: Optional[HttpServer] = None
@@ -122,6 +128,8 @@ class Sidecar:
         self._check_default_model()
         self.metrics.set_models(self.registry.snapshot.models)
         await loop.run_in_executor(None, self.feedback.start)
+        self.hub.attach(loop)
+        self.behaviour.watch_models(self.registry.snapshot.models.values())
         await self._start_grpc()
         if s.http:
             host, port = split_host_port(s.http, "--http")
@@ -133,7 +141,7 @@ class Sidecar:
             host, port = split_host_port(s.forward, "--forward")
             self.forward_server = ForwardServer(self.service, NextHop(s.forward_to, s.forward_ack_timeout_s),
                                                 s.forward_max_message_bytes, s.forward_idle_timeout_s,
-                                                s.forward_when_busy)
+                                                s.forward_when_busy, s.forward_events_tag)
             await listening(self.forward_server.start(host, port), "--forward", s.forward)
             self.bound["forward"] = f"{host}:{self.forward_server.port}"
         for name in ("", SERVICE_NAME):
@@ -350,13 +358,16 @@ async def run(settings: Settings) -> int:
         raise
     watcher = asyncio.create_task(sidecar.watch_models())
     learning = asyncio.create_task(sidecar.learner.run()) if sidecar.learner is not None else None
+    clock = asyncio.create_task(sidecar.behaviour.run(sidecar.stopping))
     await sidecar.stopping.wait()
     if learning is not None:
         await sidecar.learner.stop()
         learning.cancel()
     sidecar.reload_requested.set()
+    sidecar.hub.close()  # watchers (WatchAnomalies, server-sent events) end; their calls finish
     await sidecar.stop()
     await watcher
+    await clock
     return 0
 
 

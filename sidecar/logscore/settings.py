@@ -92,6 +92,21 @@ class Settings:
                                   "0: no review page")
     learn_max_routes: int = setting(8, "per-entity routes learned at most (with --entity-field); records of further "
                                     "entities are neither kept nor held")
+    # Behaviour over time (issue #15): models trained with --windows / --entities.
+    windows: bool = setting(True, "watch windows and clients of models that carry window or client detectors "
+                            "(logscore train --windows/--entities); events on /v1/anomalies and WatchAnomalies")
+    window_s: Optional[float] = setting(None, "window length in seconds (default: the model's, as trained)")
+    window_max_keys: int = setting(1000, "keys counted per model at most (trained keys kept; the least busy "
+                                   "others are evicted, and further ones count as dimension=(other))")
+    entity_key: Optional[str] = setting(None, "record field naming a client (default: the model's, as trained, "
+                                        "e.g. remote_addr)")
+    entity_max_clients: int = setting(65_536, "clients tracked per model at most (about 100 bytes each); the least "
+                                      "recently seen are evicted")
+    anomaly_recent: int = setting(1000, "anomaly events kept for GET /v1/anomalies")
+    anomaly_watcher_queue: int = setting(1000, "events a slow watcher may have waiting; past it its oldest are "
+                                         "dropped and the next one it gets says how many (dropped_before)")
+    forward_events_tag: Optional[str] = setting("logscore.anomaly", "forward mode passes anomaly events on to the "
+                                                "next hop as records of this tag; empty: not")
 
     @classmethod
     def load(cls, file: Optional[str] = None, flags: Optional[Mapping[str, Any]] = None,
@@ -144,6 +159,7 @@ class Settings:
             raise ConfigError("feedback_poll_s must be above 0 and review_records at least 0")
         self._validate_listeners()
         self._validate_tls()
+        self.validate_behaviour()
         self.validate_learning()
         if self.token_file:
             try:
@@ -196,6 +212,13 @@ class Settings:
         if self.learn_max_flag_ratio <= 1.0 or self.learn_max_routes < 1 or self.learn_retrain_records < 0:
             raise ConfigError("learn_max_flag_ratio must be above 1, learn_max_routes at least 1 and "
                               "learn_retrain_records at least 0")
+
+    def validate_behaviour(self) -> None:
+        if self.window_s is not None and self.window_s <= 0:
+            raise ConfigError(f"window_s must be positive, not {self.window_s}")
+        for name in ("window_max_keys", "entity_max_clients", "anomaly_recent", "anomaly_watcher_queue"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1")
 
     def token(self) -> Optional[str]:
         return Path(self.token_file).read_text().strip() if self.token_file else None

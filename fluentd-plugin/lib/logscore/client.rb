@@ -60,7 +60,7 @@ module Logscore
   # checks the sidecar's health every `probe_interval` until it answers, then
   # calls resume. Other failures stop calls after `failure_threshold` in a row.
   class Client
-    Result = Struct.new(:scores, :flags, :model_names, :explanations, keyword_init: true)
+    Result = Struct.new(:scores, :flags, :model_names, :explanations, :entity_scores, keyword_init: true)
     # Codes meaning the sidecar is not answering (as opposed to refusing one request).
     SILENT = [GRPC::Core::StatusCodes::DEADLINE_EXCEEDED, GRPC::Core::StatusCodes::UNAVAILABLE].freeze
     PROBE_TIMEOUT = 0.5
@@ -133,6 +133,22 @@ module Logscore
 
     def count(name, amount = 1)
       @lock.synchronize { @stats[name] += amount }
+    end
+
+    # Anomaly events as they happen (gRPC WatchAnomalies), each yielded as a Hash, until `stop`
+    # is called or the stream fails (then the caller decides whether to watch again).
+    # Returns the operation; `cancel` on it ends the watch.
+    def watch_anomalies(kinds: [])
+      request = Logscore::V1::WatchAnomaliesRequest.new(kinds: kinds)
+      op = @stub.watch_anomalies(request, metadata: @metadata, return_op: true)
+      [op, op.execute.lazy.map { |event| self.class.event_hash(event) }]
+    end
+
+    def self.event_hash(event)
+      hash = event.to_h.transform_keys(&:to_s)
+      hash['features'] = event.features.to_h
+      hash.delete('features') if hash['features'].empty?
+      hash
     end
 
     def close
@@ -209,7 +225,8 @@ module Logscore
       names = response.models.map(&:name)
       Result.new(scores: response.scores.to_a, flags: response.is_anomaly.to_a,
                  model_names: response.model_index.map { |i| names[i] },
-                 explanations: response.explanations.map { |e| e.features.to_a })
+                 explanations: response.explanations.map { |e| e.features.to_a },
+                 entity_scores: response.entity_scores.to_a)
     end
 
     def succeeded

@@ -11,7 +11,7 @@ module Logscore
   # its records passes through marked unscored (or, with on_error: error, goes to
   # the caller's error handler).
   class StreamScorer
-    Keys = Struct.new(:score, :flag, :model, :explanation, :unscored, keyword_init: true)
+    Keys = Struct.new(:score, :flag, :model, :explanation, :unscored, :entity, keyword_init: true)
 
     attr_reader :client
 
@@ -109,6 +109,8 @@ module Logscore
       record[@keys.flag] = result.flags[index]
       record[@keys.model] = result.model_names[index] if @keys.model
       record[@keys.explanation] = result.explanations[index] if @keys.explanation && !result.explanations.empty?
+      entity = result.entity_scores && result.entity_scores[index]
+      record[@keys.entity] = entity.round(6) if @keys.entity && entity && !entity.nan?
     end
 
     # One warning per reason per 30 s: a down sidecar must not flood the log.

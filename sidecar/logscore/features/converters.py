@@ -229,7 +229,7 @@ def value_shape(value: str) -> str:
     return _REPEATED.sub("", value.translate(_ASCII_SHAPE))[:_MAX_SHAPE]
 
 
-_ID_SEGMENT = re.compile(
+ID_SEGMENT = re.compile(
     r"\d+|[0-9a-fA-F]{8,}|[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 
 
@@ -238,7 +238,7 @@ MAX_EXACT_SHAPE = 12  # longer value shapes are described by their characters on
 
 
 def mask_segment(segment: str) -> str:
-    return "{id}" if _ID_SEGMENT.fullmatch(segment) else segment
+    return "{id}" if ID_SEGMENT.fullmatch(segment) else segment
 
 
 def percent_decode(text: str, max_rounds: int) -> tuple[str, int]:

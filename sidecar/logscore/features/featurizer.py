@@ -129,11 +129,18 @@ class Featurizer:
 
     def field_values(self, records: Sequence[object]) -> tuple[dict[str, list], list[bool], list[bool]]:
         """Each wanted field as a column of text (None where absent), cut to max_field_chars."""
-        if self.native is not None:
+        values, parsed, truncated, _ = self.normalized_values(records, with_fields=False)
+        return values, parsed, truncated
+
+    def normalized_values(self, records: Sequence[object], with_fields: bool = True
+                          ) -> tuple[dict[str, list], list[bool], list[bool], Optional[list]]:
+        """field_values and, ``with_fields``, the records' normalized field maps (windows and clients
+        read them). NOTE: the compiled path reads only the wanted fields, without field maps."""
+        if self.native is not None and not with_fields:
             columns, parsed, truncated = self.native.access_columns(
                 list(records), tuple(self.fields), self.log_format == "access", self.max_field_chars,
                 self.normalizer.max_line_chars, self.normalizer.normalize_one, to_text)
-            return dict(zip(self.fields, columns)), parsed, truncated
+            return dict(zip(self.fields, columns)), parsed, truncated, None
         batch = self.normalizer.normalize(records)
         truncated = batch.truncated
         limit = self.max_field_chars
@@ -147,7 +154,7 @@ class Featurizer:
                         column[row] = value[:limit]
                         truncated[row] = True
             values[name] = column
-        return values, batch.parsed, truncated
+        return values, batch.parsed, truncated, batch.fields
 
     def fit(self, records: Sequence[object]) -> None:
         values, _, _ = self.field_values(records)
@@ -155,8 +162,9 @@ class Featurizer:
             converter.fit(values[converter.field])
             converter.forget()
 
-    def transform(self, records: Sequence[object], dense: bool = True) -> FeatureBatch:
-        values, parsed, truncated = self.field_values(records)
+    def transform(self, records: Sequence[object], dense: bool = True, with_fields: bool = False) -> FeatureBatch:
+        """The records' features; ``with_fields`` keeps their normalized field maps in ``batch.fields``."""
+        values, parsed, truncated, fields = self.normalized_values(records, with_fields)
         sink = FeatureSink(len(records), self.dense_dims, self.native, self.converters)
         sink.truncated[:] = truncated
         sink.unparsed[:] = [not ok for ok in parsed]
@@ -174,4 +182,6 @@ class Featurizer:
         for converter in self.converters:
             ids, distinct = distinct_by_field[converter.field]
             converter.transform(ids, distinct, values[converter.field], sink)
-        return sink.build(dense)
+        batch = sink.build(dense)
+        batch.fields = fields
+        return batch

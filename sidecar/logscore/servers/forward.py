@@ -52,6 +52,7 @@ from .streams import StreamServer
 log = logging.getLogger("logscore.forward")
 
 SCORE_KEY, FLAG_KEY, MODEL_KEY, UNSCORED_KEY = "anomaly_score", "is_anomaly", "anomaly_model", "anomaly_unscored"
+ENTITY_KEY = "entity_score"
 # NOTE: Fluentd's out_forward packs the entries of PackedForward as a msgpack *str*, and
 # records may hold invalid UTF-8: strings are decoded with surrogateescape (and encoded
 # back the same way) so every byte reaches the next hop as it came.
@@ -348,8 +349,10 @@ class Relay:
 
 class ForwardServer(StreamServer):
     def __init__(self, service: ScoringService, next_hop: NextHop, max_message_bytes: int,
-                 idle_timeout_s: float = 60.0, when_busy: str = "wait"):
+                 idle_timeout_s: float = 60.0, when_busy: str = "wait", events_tag: Optional[str] = None):
         super().__init__()
+        self.events_tag = events_tag  # anomaly events go on to the next hop under this tag
+        self._injector: Optional[asyncio.Task] = None
         self.service = service
         self.next_hop = next_hop
         self.max_message_bytes = max_message_bytes
@@ -358,13 +361,47 @@ class ForwardServer(StreamServer):
         self.slice_records = service.settings.max_batch_records
         self._admission = asyncio.Semaphore(ACTIVE_CONNECTIONS)
 
+    async def start(self, host: str, port: int, ssl=None) -> None:
+        await super().start(host, port, ssl)
+        behaviour = self.service.behaviour
+        if self.events_tag and behaviour is not None:
+            self._injector = asyncio.create_task(self._inject_events(behaviour.hub))
+
     async def stop(self, grace_s: float = 10.0) -> None:
         """Take no new connections or messages; let relays under way finish (up to grace_s).
 
         Connections idle or waiting unread are closed: their senders resend what they sent.
         """
+        if self._injector is not None:
+            self._injector.cancel()
         await super().stop(grace_s)
         await self.next_hop.close()
+
+    async def _inject_events(self, hub) -> None:
+        """Pass anomaly events on to the next hop as records of ``events_tag``, as they happen.
+
+        While the next hop is down they wait in this watcher's bounded queue (the oldest are
+        dropped past anomaly_watcher_queue, and counted); sent ones are retried until acked.
+        """
+        watcher = hub.watch()
+        try:
+            while True:
+                event = await watcher.next()
+                if event is None:
+                    return
+                events = [event] + watcher.take_ready(1000)
+                frames = packed_frames([(self.events_tag, [int(e.end), e.as_dict()]) for e in events])
+                while True:
+                    try:
+                        await self.next_hop.acknowledged(await self.next_hop.send(frames))
+                        break
+                    except NextHopError as error:
+                        self._count("forward_events_next_hop")
+                        log.warning("anomaly events not passed on yet; retrying", extra={
+                            "events": len(events), "error": str(error)})
+                        await asyncio.sleep(max(0.05, self.next_hop.down_until - time.monotonic()))
+        finally:
+            hub.unwatch(watcher)
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         unpacker = msgpack.Unpacker(raw=False, unicode_errors=EXACT, strict_map_key=False,
@@ -544,6 +581,10 @@ class ForwardServer(StreamServer):
             record[SCORE_KEY] = round(scores[i], 6)
             record[FLAG_KEY] = flags[i]
             record[MODEL_KEY] = names[index[i]]
+        if outcome.entity_scores is not None:
+            for record, value in zip(records, outcome.entity_scores.tolist()):
+                if value == value:  # not NaN: the record names a client
+                    record[ENTITY_KEY] = round(value, 6)
 
     def _count(self, kind: str, amount: int = 1) -> None:
         metrics = self.service.metrics

@@ -15,6 +15,7 @@ from ..admission import UNLIMITED, Ticket
 from ..errors import (DeadlineExceeded, InvalidRequest, LogscoreError, ModelNotFound, Overloaded, ShuttingDown,
                       StoreUnavailable, Unauthenticated)
 from ..generated.logscore.v1 import scorer_pb2 as pb
+from ..events import KINDS
 from ..records import decode_event_stream
 from ..scoring import ScoreCall, ScoreOutcome, ScoringService, check_record_count
 from .feedback_grpc import FeedbackServicer
@@ -75,7 +76,17 @@ def encode_response(outcome: ScoreOutcome, request_id: str) -> pb.ScoreResponse:
             response.explanations.add(features=features)
     for index, field, description in outcome.notes:
         response.notes.add(index=index, field=field, description=description)
+    if outcome.entity_scores is not None:
+        response.entity_scores.extend(outcome.entity_scores.tolist())
     return response
+
+
+def encode_event(event) -> pb.AnomalyEvent:
+    """An events.AnomalyEvent as the proto message."""
+    return pb.AnomalyEvent(id=event.id, kind=event.kind, model=event.model, key=event.key, score=event.score,
+                           observed=event.observed, expected_low=event.expected_low,
+                           expected_high=event.expected_high, explanation=event.explanation, start=event.start,
+                           end=event.end, dropped_before=event.dropped_before, features=event.features)
 
 
 class ScorerServicer:
@@ -94,6 +105,9 @@ class ScorerServicer:
                 self.ListModels, request_deserializer=pb.ListModelsRequest.FromString,
                 response_serializer=pb.ListModelsResponse.SerializeToString),
             **FeedbackServicer(self.service, STATUS_CODES).methods(),
+            "WatchAnomalies": grpc.unary_stream_rpc_method_handler(
+                self.WatchAnomalies, request_deserializer=pb.WatchAnomaliesRequest.FromString,
+                response_serializer=pb.AnomalyEvent.SerializeToString),
         })
 
     async def Score(self, data: bytes, context):
@@ -109,6 +123,25 @@ class ScorerServicer:
             response.models.add(name=name, version=model.version, log_format=model.featurizer.log_format,
                                 threshold=model.threshold, detectors=model.detectors, path=model.artifact.path)
         return response
+
+    async def WatchAnomalies(self, request, context):
+        """Events as they are published, until the caller cancels or the sidecar stops."""
+        behaviour = self.service.behaviour
+        unknown = set(request.kinds) - set(KINDS)
+        if unknown:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"unknown kind(s) {', '.join(sorted(unknown))}; use {', '.join(KINDS)}")
+        if behaviour is None:
+            return
+        watcher = behaviour.hub.watch(request.kinds, min(int(request.replay), behaviour.hub.recent.maxlen))
+        try:
+            while True:
+                event = await watcher.next()
+                if event is None:
+                    return
+                yield encode_event(event)
+        finally:
+            behaviour.hub.unwatch(watcher)
 
     async def _score(self, data: bytes, context) -> pb.ScoreResponse:
         started = time.perf_counter()

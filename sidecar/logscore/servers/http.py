@@ -8,6 +8,7 @@ Routes:
   GET  /healthz      the process is up
   GET  /readyz       at least one model is loaded and the sidecar takes work
   /v1/feedback, /ui/ feedback and the review page (servers/feedback_http.py)
+  GET  /v1/anomalies recent window and client anomaly events, or server-sent events
 
 Only what the sidecar needs: Content-Length or chunked bodies, keep-alive,
 bounded header and body sizes, an idle timeout. Every error is a JSON body
@@ -26,7 +27,7 @@ import os
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable, Optional
+from typing import AsyncIterator, Awaitable, Callable, Optional
 from urllib.parse import parse_qs, urlsplit
 
 from ..admission import UNLIMITED, Admission, Ticket
@@ -72,6 +73,7 @@ class Response:
     body: bytes
     content_type: str = "application/json"
     headers: dict[str, str] = field(default_factory=dict)
+    stream: Optional[AsyncIterator[bytes]] = None  # a body written as it comes (server-sent events)
 
     @classmethod
     def json(cls, value, status: int = 200) -> "Response":
@@ -124,6 +126,10 @@ class HttpServer(StreamServer):
         with request.ticket:
             response = await self._dispatch(request)
             keep_alive = request.headers.get("connection", "").lower() != "close" and not self.draining
+            if response.stream is not None:
+                request.ticket.release()  # a long-lived stream holds no request memory
+                await self._write_stream(writer, response)
+                return False
             await self._write(writer, response, keep_alive)
         self.busy.discard(task)
         return keep_alive
@@ -244,6 +250,23 @@ class HttpServer(StreamServer):
         except ConnectionError:
             pass
 
+    @staticmethod
+    async def _write_stream(writer: asyncio.StreamWriter, response: Response) -> None:
+        """Headers, then each piece of the body as it comes, until it ends or the client goes."""
+        head = [f"HTTP/1.1 {response.status} {REASONS.get(response.status, 'Status')}",
+                f"Content-Type: {response.content_type}", "Cache-Control: no-cache", "Connection: close"]
+        head += [f"{k}: {v}" for k, v in response.headers.items()]
+        writer.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1"))
+        try:
+            await writer.drain()
+            async for piece in response.stream:
+                writer.write(piece)
+                await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            await response.stream.aclose()
+
 
 async def discard(reader: asyncio.StreamReader, length: int) -> None:
     while length > 0:
@@ -325,6 +348,8 @@ def encode_result(outcome: ScoreOutcome, i: int, notes: list[str]) -> dict:
               "model": model.name, "model_version": model.version}
     if notes:
         result["notes"] = notes
+    if outcome.entity_scores is not None and outcome.entity_scores[i] == outcome.entity_scores[i]:  # not NaN
+        result["entity_score"] = round(float(outcome.entity_scores[i]), 6)
     if outcome.explanations is not None:
         result["explanation"] = outcome.explanations[i]
     return result
@@ -343,7 +368,7 @@ class SidecarHttp:
         return {("POST", "/v1/score"): self.score, ("GET", "/v1/models"): self.models,
                 ("GET", "/openapi.json"): self.openapi, ("GET", "/metrics"): self.metrics,
                 ("GET", "/healthz"): self.healthz, ("GET", "/readyz"): self.readyz,
-                **FeedbackHttp(self).routes()}
+                ("GET", "/v1/anomalies"): self.anomalies, **FeedbackHttp(self).routes()}
 
     def _authorize(self, request: Request) -> None:
         presented = request.headers.get("authorization", "").encode()
@@ -408,3 +433,62 @@ class SidecarHttp:
         if self.service.feedback is not None:  # an unreachable store does not make the sidecar unready
             body["feedback"] = self.service.feedback.status(public=True)
         return Response.json(body, 200 if ready else 503)
+
+    async def anomalies(self, request: Request) -> Response:
+        """Recent anomaly events as JSON, or a stream of server-sent events (Accept: text/event-stream,
+        or ?stream=1); the stream starts with the events after ?since=ID, if any are still kept."""
+        try:
+            self._authorize(request)
+            kinds, limit, since = anomaly_query(request.query)
+        except LogscoreError as error:
+            return Response.error(STATUS_CODES.get(type(error), 400), str(error))
+        behaviour = self.service.behaviour
+        recent = behaviour.hub.list_recent(kinds, limit, since) if behaviour is not None else []
+        streaming = ("text/event-stream" in request.headers.get("accept", "")
+                     or request.query.get("stream") in ("1", "true"))
+        if not streaming:
+            return Response.json({"events": [e.as_dict() for e in recent]})
+        if behaviour is None:
+            return Response.error(404, "no behaviour watching in this sidecar (setting windows is off)")
+        watcher = behaviour.hub.watch(kinds)
+        for event in recent if since else ():
+            watcher.offer(event)
+        return Response(200, b"", "text/event-stream", stream=server_sent_events(behaviour.hub, watcher))
+
+
+# --- anomaly events (issue #15) ---------------------------------------------------------
+
+SSE_HEARTBEAT_S = 15.0
+
+
+async def server_sent_events(hub, watcher) -> AsyncIterator[bytes]:
+    """``id``/``event``/``data`` lines per event; a comment line as heartbeat while none comes."""
+    try:
+        while not watcher.closed:
+            event = await watcher.next(SSE_HEARTBEAT_S)
+            if event is None:
+                if watcher.closed:
+                    return
+                yield b": keep-alive\n\n"
+                continue
+            data = json.dumps(event.as_dict(), separators=(",", ":"))
+            yield f"id: {event.id}\nevent: {event.kind}\ndata: {data}\n\n".encode()
+    finally:
+        hub.unwatch(watcher)
+
+
+def anomaly_query(query: dict[str, str]) -> tuple[list[str], int, int]:
+    """(kinds, limit, since id) of GET /v1/anomalies; InvalidRequest naming a bad parameter."""
+    from ..events import KINDS, RECENT_EVENTS
+
+    kinds = [k for k in query.get("kinds", "").split(",") if k]
+    unknown = set(kinds) - set(KINDS)
+    if unknown:
+        raise InvalidRequest(f"kinds={','.join(sorted(unknown))}: use {', '.join(KINDS)} (comma-separated)")
+    numbers = {}
+    for name, default in (("limit", 100), ("since", 0)):
+        text = query.get(name, str(default))
+        if not text.isdigit() or len(text) > 18:
+            raise InvalidRequest(f"{name}={text!r}: give a whole number")
+        numbers[name] = int(text)
+    return kinds, min(numbers["limit"], RECENT_EVENTS), numbers["since"]

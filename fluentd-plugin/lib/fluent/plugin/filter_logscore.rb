@@ -2,6 +2,7 @@
 
 require 'fluent/plugin/filter'
 require 'logscore/stream_scorer'
+require 'logscore/anomaly_watcher'
 
 module Fluent
   module Plugin
@@ -57,6 +58,11 @@ module Fluent
       config_param :tls_cert_path, :string, default: nil
       desc 'Client private key (PEM) for mutual TLS'
       config_param :tls_key_path, :string, default: nil
+      desc 'Field receiving the behaviour score of the record\'s client (models trained with --entities)'
+      config_param :entity_score_key, :string, default: 'entity_score'
+      desc 'Emit the sidecar\'s anomaly events (improbable windows, clients crossing their threshold) as ' \
+           'records of this tag (unset: not watched). Only worker 0 watches, so each event is emitted once'
+      config_param :anomaly_tag, :string, default: nil
 
       def configure(conf)
         super
@@ -89,15 +95,25 @@ module Fluent
           failure_threshold: @failure_threshold, probe_interval: @probe_interval, log: log
         )
         keys = Logscore::StreamScorer::Keys.new(score: @score_key, flag: @flag_key, model: @model_key,
-                                                explanation: @explanation_key, unscored: @unscored_key)
+                                                explanation: @explanation_key, unscored: @unscored_key,
+                                                entity: @entity_score_key)
         @scorer = Logscore::StreamScorer.new(client: client, keys: keys, message_key: @message_key,
                                              on_error: @on_error, log: log, batch_records: @batch_records,
                                              batch_bytes: @batch_bytes)
+        watch_anomalies(client) if @anomaly_tag && fluentd_worker_id.zero?
       end
 
       def shutdown
+        @anomaly_watcher&.stop
         @scorer&.client&.close
         super
+      end
+
+      # Each anomaly event becomes a record of anomaly_tag, timed at its window's (or request's) end.
+      def watch_anomalies(client)
+        @anomaly_watcher = Logscore::AnomalyWatcher.new(client: client, log: log).start do |event|
+          router.emit(@anomaly_tag, Fluent::EventTime.from_time(Time.at(event['end'])), event)
+        end
       end
 
       def multi_workers_ready?

@@ -33,6 +33,7 @@ Google::Protobuf::DescriptorPool.generated_pool.build do
       repeated :explanations, :message, 5, "logscore.v1.Explanation"
       repeated :notes, :message, 6, "logscore.v1.RecordNote"
       optional :request_id, :string, 7
+      repeated :entity_scores, :float, 8
     end
     add_message "logscore.v1.ModelRef" do
       optional :name, :string, 1
@@ -108,6 +109,25 @@ Google::Protobuf::DescriptorPool.generated_pool.build do
       optional :id, :uint64, 1
       optional :author, :string, 2
     end
+    add_message "logscore.v1.WatchAnomaliesRequest" do
+      repeated :kinds, :string, 1
+      optional :replay, :uint32, 2
+    end
+    add_message "logscore.v1.AnomalyEvent" do
+      optional :id, :uint64, 1
+      optional :kind, :string, 2
+      optional :model, :string, 3
+      optional :key, :string, 4
+      optional :score, :float, 5
+      optional :observed, :double, 6
+      optional :expected_low, :double, 7
+      optional :expected_high, :double, 8
+      optional :explanation, :string, 9
+      optional :start, :double, 10
+      optional :end, :double, 11
+      optional :dropped_before, :uint32, 12
+      map :features, :string, :double, 13
+    end
     add_enum "logscore.v1.Verdict" do
       value :VERDICT_UNSPECIFIED, 0
       value :NORMAL, 1
@@ -135,6 +155,8 @@ module Logscore
     ListFeedbackRequest = ::Google::Protobuf::DescriptorPool.generated_pool.lookup("logscore.v1.ListFeedbackRequest").msgclass
     ListFeedbackResponse = ::Google::Protobuf::DescriptorPool.generated_pool.lookup("logscore.v1.ListFeedbackResponse").msgclass
     DeleteFeedbackRequest = ::Google::Protobuf::DescriptorPool.generated_pool.lookup("logscore.v1.DeleteFeedbackRequest").msgclass
+    WatchAnomaliesRequest = ::Google::Protobuf::DescriptorPool.generated_pool.lookup("logscore.v1.WatchAnomaliesRequest").msgclass
+    AnomalyEvent = ::Google::Protobuf::DescriptorPool.generated_pool.lookup("logscore.v1.AnomalyEvent").msgclass
     Verdict = ::Google::Protobuf::DescriptorPool.generated_pool.lookup("logscore.v1.Verdict").enummodule
   end
 end

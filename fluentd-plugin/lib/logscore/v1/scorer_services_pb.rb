@@ -55,6 +55,14 @@ module Logscore
         # Undo an entry: it stops applying at once (it stays listed as removed).
         # INVALID_ARGUMENT: no such entry, or already removed.
         rpc :DeleteFeedback, ::Logscore::V1::DeleteFeedbackRequest, ::Logscore::V1::FeedbackEntry
+        # Anomaly events of behaviour over time, as they happen: a window whose count
+        # or share is improbable given its forecast, a client whose behaviour crosses
+        # its detector's threshold (models trained with --windows / --entities).
+        # The stream stays open until the caller cancels or the sidecar stops (then
+        # it ends OK). A watcher that reads too slowly loses its oldest undelivered
+        # events (sidecar setting anomaly_watcher_queue), never slows scoring; the
+        # next event it receives says how many it lost (dropped_before).
+        rpc :WatchAnomalies, ::Logscore::V1::WatchAnomaliesRequest, stream(::Logscore::V1::AnomalyEvent)
       end
 
       Stub = Service.rpc_stub_class

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18logscore/v1/scorer.proto\x12\x0blogscore.v1\"\xd0\x01\n\x0cScoreRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0b\n\x03tag\x18\x02 \x01(\t\x12\x34\n\nstructured\x18\x03 \x01(\x0b\x32\x1e.logscore.v1.StructuredRecordsH\x00\x12&\n\x05lines\x18\x04 \x01(\x0b\x32\x15.logscore.v1.RawLinesH\x00\x12\x16\n\x0c\x65vent_stream\x18\x05 \x01(\x0cH\x00\x12\x0f\n\x07\x65xplain\x18\x06 \x01(\r\x12\x12\n\nrequest_id\x18\x07 \x01(\tB\t\n\x07records\"9\n\x11StructuredRecords\x12$\n\x07records\x18\x01 \x03(\x0b\x32\x13.logscore.v1.Record\"h\n\x06Record\x12/\n\x06\x66ields\x18\x01 \x03(\x0b\x32\x1f.logscore.v1.Record.FieldsEntry\x1a-\n\x0b\x46ieldsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x19\n\x08RawLines\x12\r\n\x05lines\x18\x01 \x03(\x0c\"\xdb\x01\n\rScoreResponse\x12\x0e\n\x06scores\x18\x01 \x03(\x02\x12\x12\n\nis_anomaly\x18\x02 \x03(\x08\x12\x13\n\x0bmodel_index\x18\x03 \x03(\r\x12%\n\x06models\x18\x04 \x03(\x0b\x32\x15.logscore.v1.ModelRef\x12.\n\x0c\x65xplanations\x18\x05 \x03(\x0b\x32\x18.logscore.v1.Explanation\x12&\n\x05notes\x18\x06 \x03(\x0b\x32\x17.logscore.v1.RecordNote\x12\x12\n\nrequest_id\x18\x07 \x01(\t\")\n\x08ModelRef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"\x1f\n\x0b\x45xplanation\x12\x10\n\x08\x66\x65\x61tures\x18\x01 \x03(\t\"?\n\nRecordNote\x12\r\n\x05index\x18\x01 \x01(\r\x12\r\n\x05\x66ield\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\"\x13\n\x11ListModelsRequest\"<\n\x12ListModelsResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.logscore.v1.ModelInfo\"r\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x12\n\nlog_format\x18\x03 \x01(\t\x12\x11\n\tthreshold\x18\x04 \x01(\x02\x12\x11\n\tdetectors\x18\x05 \x03(\t\x12\x0c\n\x04path\x18\x06 \x01(\t\"\xbd\x02\n\x0f\x46\x65\x65\x64\x62\x61\x63kRequest\x12%\n\x07verdict\x18\x01 \x01(\x0e\x32\x14.logscore.v1.Verdict\x12\x0e\n\x06\x61uthor\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\r\n\x05route\x18\x05 \x01(\t\x12\x0e\n\x06\x65ntity\x18\x06 \x01(\t\x12\x12\n\nexpires_at\x18\x07 \x01(\x01\x12&\n\x05lines\x18\x08 \x01(\x0b\x32\x15.logscore.v1.RawLinesH\x00\x12\x34\n\nstructured\x18\t \x01(\x0b\x32\x1e.logscore.v1.StructuredRecordsH\x00\x12\x0f\n\x05group\x18\n \x01(\tH\x00\x12(\n\x05\x66ield\x18\x0b \x01(\x0b\x32\x17.logscore.v1.FieldValueH\x00\x42\x08\n\x06target\"*\n\nFieldValue\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\"\xc2\x02\n\rFeedbackEntry\x12\n\n\x02id\x18\x01 \x01(\x04\x12%\n\x07verdict\x18\x02 \x01(\x0e\x32\x14.logscore.v1.Verdict\x12\x0e\n\x06\x61uthor\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\r\n\x05model\x18\x05 \x01(\t\x12\r\n\x05route\x18\x06 \x01(\t\x12\x0e\n\x06\x65ntity\x18\x07 \x01(\t\x12\x12\n\ncreated_at\x18\x08 \x01(\x01\x12\x12\n\nexpires_at\x18\t \x01(\x01\x12\x12\n\nremoved_at\x18\n \x01(\x01\x12\x12\n\nremoved_by\x18\x0b \x01(\t\x12\x10\n\x08\x66\x65\x61tures\x18\x0c \x03(\t\x12\x15\n\rfeature_count\x18\r \x01(\r\x12&\n\x05\x66ield\x18\x0e \x01(\x0b\x32\x17.logscore.v1.FieldValue\x12\x0f\n\x07\x65xample\x18\x0f \x01(\t\".\n\x13ListFeedbackRequest\x12\x17\n\x0finclude_removed\x18\x01 \x01(\x08\"\x80\x01\n\x14ListFeedbackResponse\x12+\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x1a.logscore.v1.FeedbackEntry\x12\r\n\x05store\x18\x02 \x01(\t\x12\x17\n\x0fstore_reachable\x18\x03 \x01(\x08\x12\x13\n\x0bstore_error\x18\x04 \x01(\t\"3\n\x15\x44\x65leteFeedbackRequest\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x0e\n\x06\x61uthor\x18\x02 \x01(\t*8\n\x07Verdict\x12\x17\n\x13VERDICT_UNSPECIFIED\x10\x00\x12\n\n\x06NORMAL\x10\x01\x12\x08\n\x04KEEP\x10\x02\x32\xce\x03\n\x06Scorer\x12>\n\x05Score\x12\x19.logscore.v1.ScoreRequest\x1a\x1a.logscore.v1.ScoreResponse\x12H\n\x0bScoreStream\x12\x19.logscore.v1.ScoreRequest\x1a\x1a.logscore.v1.ScoreResponse(\x01\x30\x01\x12M\n\nListModels\x12\x1e.logscore.v1.ListModelsRequest\x1a\x1f.logscore.v1.ListModelsResponse\x12\x44\n\x08\x46\x65\x65\x64\x62\x61\x63k\x12\x1c.logscore.v1.FeedbackRequest\x1a\x1a.logscore.v1.FeedbackEntry\x12S\n\x0cListFeedback\x12 .logscore.v1.ListFeedbackRequest\x1a!.logscore.v1.ListFeedbackResponse\x12P\n\x0e\x44\x65leteFeedback\x12\".logscore.v1.DeleteFeedbackRequest\x1a\x1a.logscore.v1.FeedbackEntryb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18logscore/v1/scorer.proto\x12\x0blogscore.v1\"\xd0\x01\n\x0cScoreRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0b\n\x03tag\x18\x02 \x01(\t\x12\x34\n\nstructured\x18\x03 \x01(\x0b\x32\x1e.logscore.v1.StructuredRecordsH\x00\x12&\n\x05lines\x18\x04 \x01(\x0b\x32\x15.logscore.v1.RawLinesH\x00\x12\x16\n\x0c\x65vent_stream\x18\x05 \x01(\x0cH\x00\x12\x0f\n\x07\x65xplain\x18\x06 \x01(\r\x12\x12\n\nrequest_id\x18\x07 \x01(\tB\t\n\x07records\"9\n\x11StructuredRecords\x12$\n\x07records\x18\x01 \x03(\x0b\x32\x13.logscore.v1.Record\"h\n\x06Record\x12/\n\x06\x66ields\x18\x01 \x03(\x0b\x32\x1f.logscore.v1.Record.FieldsEntry\x1a-\n\x0b\x46ieldsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x19\n\x08RawLines\x12\r\n\x05lines\x18\x01 \x03(\x0c\"\xf2\x01\n\rScoreResponse\x12\x0e\n\x06scores\x18\x01 \x03(\x02\x12\x12\n\nis_anomaly\x18\x02 \x03(\x08\x12\x13\n\x0bmodel_index\x18\x03 \x03(\r\x12%\n\x06models\x18\x04 \x03(\x0b\x32\x15.logscore.v1.ModelRef\x12.\n\x0c\x65xplanations\x18\x05 \x03(\x0b\x32\x18.logscore.v1.Explanation\x12&\n\x05notes\x18\x06 \x03(\x0b\x32\x17.logscore.v1.RecordNote\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12\x15\n\rentity_scores\x18\x08 \x03(\x02\")\n\x08ModelRef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"\x1f\n\x0b\x45xplanation\x12\x10\n\x08\x66\x65\x61tures\x18\x01 \x03(\t\"?\n\nRecordNote\x12\r\n\x05index\x18\x01 \x01(\r\x12\r\n\x05\x66ield\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\"\x13\n\x11ListModelsRequest\"<\n\x12ListModelsResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.logscore.v1.ModelInfo\"r\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x12\n\nlog_format\x18\x03 \x01(\t\x12\x11\n\tthreshold\x18\x04 \x01(\x02\x12\x11\n\tdetectors\x18\x05 \x03(\t\x12\x0c\n\x04path\x18\x06 \x01(\t\"\xbd\x02\n\x0f\x46\x65\x65\x64\x62\x61\x63kRequest\x12%\n\x07verdict\x18\x01 \x01(\x0e\x32\x14.logscore.v1.Verdict\x12\x0e\n\x06\x61uthor\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\r\n\x05route\x18\x05 \x01(\t\x12\x0e\n\x06\x65ntity\x18\x06 \x01(\t\x12\x12\n\nexpires_at\x18\x07 \x01(\x01\x12&\n\x05lines\x18\x08 \x01(\x0b\x32\x15.logscore.v1.RawLinesH\x00\x12\x34\n\nstructured\x18\t \x01(\x0b\x32\x1e.logscore.v1.StructuredRecordsH\x00\x12\x0f\n\x05group\x18\n \x01(\tH\x00\x12(\n\x05\x66ield\x18\x0b \x01(\x0b\x32\x17.logscore.v1.FieldValueH\x00\x42\x08\n\x06target\"*\n\nFieldValue\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\"\xc2\x02\n\rFeedbackEntry\x12\n\n\x02id\x18\x01 \x01(\x04\x12%\n\x07verdict\x18\x02 \x01(\x0e\x32\x14.logscore.v1.Verdict\x12\x0e\n\x06\x61uthor\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\r\n\x05model\x18\x05 \x01(\t\x12\r\n\x05route\x18\x06 \x01(\t\x12\x0e\n\x06\x65ntity\x18\x07 \x01(\t\x12\x12\n\ncreated_at\x18\x08 \x01(\x01\x12\x12\n\nexpires_at\x18\t \x01(\x01\x12\x12\n\nremoved_at\x18\n \x01(\x01\x12\x12\n\nremoved_by\x18\x0b \x01(\t\x12\x10\n\x08\x66\x65\x61tures\x18\x0c \x03(\t\x12\x15\n\rfeature_count\x18\r \x01(\r\x12&\n\x05\x66ield\x18\x0e \x01(\x0b\x32\x17.logscore.v1.FieldValue\x12\x0f\n\x07\x65xample\x18\x0f \x01(\t\".\n\x13ListFeedbackRequest\x12\x17\n\x0finclude_removed\x18\x01 \x01(\x08\"\x80\x01\n\x14ListFeedbackResponse\x12+\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x1a.logscore.v1.FeedbackEntry\x12\r\n\x05store\x18\x02 \x01(\t\x12\x17\n\x0fstore_reachable\x18\x03 \x01(\x08\x12\x13\n\x0bstore_error\x18\x04 \x01(\t\"3\n\x15\x44\x65leteFeedbackRequest\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x0e\n\x06\x61uthor\x18\x02 \x01(\t\"6\n\x15WatchAnomaliesRequest\x12\r\n\x05kinds\x18\x01 \x03(\t\x12\x0e\n\x06replay\x18\x02 \x01(\r\"\xc7\x02\n\x0c\x41nomalyEvent\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0b\n\x03key\x18\x04 \x01(\t\x12\r\n\x05score\x18\x05 \x01(\x02\x12\x10\n\x08observed\x18\x06 \x01(\x01\x12\x14\n\x0c\x65xpected_low\x18\x07 \x01(\x01\x12\x15\n\rexpected_high\x18\x08 \x01(\x01\x12\x13\n\x0b\x65xplanation\x18\t \x01(\t\x12\r\n\x05start\x18\n \x01(\x01\x12\x0b\n\x03\x65nd\x18\x0b \x01(\x01\x12\x16\n\x0e\x64ropped_before\x18\x0c \x01(\r\x12\x39\n\x08\x66\x65\x61tures\x18\r \x03(\x0b\x32\'.logscore.v1.AnomalyEvent.FeaturesEntry\x1a/\n\rFeaturesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01*8\n\x07Verdict\x12\x17\n\x13VERDICT_UNSPECIFIED\x10\x00\x12\n\n\x06NORMAL\x10\x01\x12\x08\n\x04KEEP\x10\x02\x32\xa1\x04\n\x06Scorer\x12>\n\x05Score\x12\x19.logscore.v1.ScoreRequest\x1a\x1a.logscore.v1.ScoreResponse\x12H\n\x0bScoreStream\x12\x19.logscore.v1.ScoreRequest\x1a\x1a.logscore.v1.ScoreResponse(\x01\x30\x01\x12M\n\nListModels\x12\x1e.logscore.v1.ListModelsRequest\x1a\x1f.logscore.v1.ListModelsResponse\x12\x44\n\x08\x46\x65\x65\x64\x62\x61\x63k\x12\x1c.logscore.v1.FeedbackRequest\x1a\x1a.logscore.v1.FeedbackEntry\x12S\n\x0cListFeedback\x12 .logscore.v1.ListFeedbackRequest\x1a!.logscore.v1.ListFeedbackResponse\x12P\n\x0e\x44\x65leteFeedback\x12\".logscore.v1.DeleteFeedbackRequest\x1a\x1a.logscore.v1.FeedbackEntry\x12Q\n\x0eWatchAnomalies\x12\".logscore.v1.WatchAnomaliesRequest\x1a\x19.logscore.v1.AnomalyEvent0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,8 +33,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_RECORD_FIELDSENTRY']._loaded_options = None
   _globals['_RECORD_FIELDSENTRY']._serialized_options = b'8\001'
-  _globals['_VERDICT']._serialized_start=1927
-  _globals['_VERDICT']._serialized_end=1983
+  _globals['_ANOMALYEVENT_FEATURESENTRY']._loaded_options = None
+  _globals['_ANOMALYEVENT_FEATURESENTRY']._serialized_options = b'8\001'
+  _globals['_VERDICT']._serialized_start=2336
+  _globals['_VERDICT']._serialized_end=2392
   _globals['_SCOREREQUEST']._serialized_start=42
   _globals['_SCOREREQUEST']._serialized_end=250
   _globals['_STRUCTUREDRECORDS']._serialized_start=252
@@ -46,31 +48,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RAWLINES']._serialized_start=417
   _globals['_RAWLINES']._serialized_end=442
   _globals['_SCORERESPONSE']._serialized_start=445
-  _globals['_SCORERESPONSE']._serialized_end=664
-  _globals['_MODELREF']._serialized_start=666
-  _globals['_MODELREF']._serialized_end=707
-  _globals['_EXPLANATION']._serialized_start=709
-  _globals['_EXPLANATION']._serialized_end=740
-  _globals['_RECORDNOTE']._serialized_start=742
-  _globals['_RECORDNOTE']._serialized_end=805
-  _globals['_LISTMODELSREQUEST']._serialized_start=807
-  _globals['_LISTMODELSREQUEST']._serialized_end=826
-  _globals['_LISTMODELSRESPONSE']._serialized_start=828
-  _globals['_LISTMODELSRESPONSE']._serialized_end=888
-  _globals['_MODELINFO']._serialized_start=890
-  _globals['_MODELINFO']._serialized_end=1004
-  _globals['_FEEDBACKREQUEST']._serialized_start=1007
-  _globals['_FEEDBACKREQUEST']._serialized_end=1324
-  _globals['_FIELDVALUE']._serialized_start=1326
-  _globals['_FIELDVALUE']._serialized_end=1368
-  _globals['_FEEDBACKENTRY']._serialized_start=1371
-  _globals['_FEEDBACKENTRY']._serialized_end=1693
-  _globals['_LISTFEEDBACKREQUEST']._serialized_start=1695
-  _globals['_LISTFEEDBACKREQUEST']._serialized_end=1741
-  _globals['_LISTFEEDBACKRESPONSE']._serialized_start=1744
-  _globals['_LISTFEEDBACKRESPONSE']._serialized_end=1872
-  _globals['_DELETEFEEDBACKREQUEST']._serialized_start=1874
-  _globals['_DELETEFEEDBACKREQUEST']._serialized_end=1925
-  _globals['_SCORER']._serialized_start=1986
-  _globals['_SCORER']._serialized_end=2448
+  _globals['_SCORERESPONSE']._serialized_end=687
+  _globals['_MODELREF']._serialized_start=689
+  _globals['_MODELREF']._serialized_end=730
+  _globals['_EXPLANATION']._serialized_start=732
+  _globals['_EXPLANATION']._serialized_end=763
+  _globals['_RECORDNOTE']._serialized_start=765
+  _globals['_RECORDNOTE']._serialized_end=828
+  _globals['_LISTMODELSREQUEST']._serialized_start=830
+  _globals['_LISTMODELSREQUEST']._serialized_end=849
+  _globals['_LISTMODELSRESPONSE']._serialized_start=851
+  _globals['_LISTMODELSRESPONSE']._serialized_end=911
+  _globals['_MODELINFO']._serialized_start=913
+  _globals['_MODELINFO']._serialized_end=1027
+  _globals['_FEEDBACKREQUEST']._serialized_start=1030
+  _globals['_FEEDBACKREQUEST']._serialized_end=1347
+  _globals['_FIELDVALUE']._serialized_start=1349
+  _globals['_FIELDVALUE']._serialized_end=1391
+  _globals['_FEEDBACKENTRY']._serialized_start=1394
+  _globals['_FEEDBACKENTRY']._serialized_end=1716
+  _globals['_LISTFEEDBACKREQUEST']._serialized_start=1718
+  _globals['_LISTFEEDBACKREQUEST']._serialized_end=1764
+  _globals['_LISTFEEDBACKRESPONSE']._serialized_start=1767
+  _globals['_LISTFEEDBACKRESPONSE']._serialized_end=1895
+  _globals['_DELETEFEEDBACKREQUEST']._serialized_start=1897
+  _globals['_DELETEFEEDBACKREQUEST']._serialized_end=1948
+  _globals['_WATCHANOMALIESREQUEST']._serialized_start=1950
+  _globals['_WATCHANOMALIESREQUEST']._serialized_end=2004
+  _globals['_ANOMALYEVENT']._serialized_start=2007
+  _globals['_ANOMALYEVENT']._serialized_end=2334
+  _globals['_ANOMALYEVENT_FEATURESENTRY']._serialized_start=2287
+  _globals['_ANOMALYEVENT_FEATURESENTRY']._serialized_end=2334
+  _globals['_SCORER']._serialized_start=2395
+  _globals['_SCORER']._serialized_end=2940
 # @@protoc_insertion_point(module_scope)

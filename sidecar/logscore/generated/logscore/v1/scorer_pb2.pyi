@@ -60,7 +60,7 @@ class RawLines(_message.Message):
     def __init__(self, lines: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class ScoreResponse(_message.Message):
-    __slots__ = ("scores", "is_anomaly", "model_index", "models", "explanations", "notes", "request_id")
+    __slots__ = ("scores", "is_anomaly", "model_index", "models", "explanations", "notes", "request_id", "entity_scores")
     SCORES_FIELD_NUMBER: _ClassVar[int]
     IS_ANOMALY_FIELD_NUMBER: _ClassVar[int]
     MODEL_INDEX_FIELD_NUMBER: _ClassVar[int]
@@ -68,6 +68,7 @@ class ScoreResponse(_message.Message):
     EXPLANATIONS_FIELD_NUMBER: _ClassVar[int]
     NOTES_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    ENTITY_SCORES_FIELD_NUMBER: _ClassVar[int]
     scores: _containers.RepeatedScalarFieldContainer[float]
     is_anomaly: _containers.RepeatedScalarFieldContainer[bool]
     model_index: _containers.RepeatedScalarFieldContainer[int]
@@ -75,7 +76,8 @@ class ScoreResponse(_message.Message):
     explanations: _containers.RepeatedCompositeFieldContainer[Explanation]
     notes: _containers.RepeatedCompositeFieldContainer[RecordNote]
     request_id: str
-    def __init__(self, scores: _Optional[_Iterable[float]] = ..., is_anomaly: _Optional[_Iterable[bool]] = ..., model_index: _Optional[_Iterable[int]] = ..., models: _Optional[_Iterable[_Union[ModelRef, _Mapping]]] = ..., explanations: _Optional[_Iterable[_Union[Explanation, _Mapping]]] = ..., notes: _Optional[_Iterable[_Union[RecordNote, _Mapping]]] = ..., request_id: _Optional[str] = ...) -> None: ...
+    entity_scores: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, scores: _Optional[_Iterable[float]] = ..., is_anomaly: _Optional[_Iterable[bool]] = ..., model_index: _Optional[_Iterable[int]] = ..., models: _Optional[_Iterable[_Union[ModelRef, _Mapping]]] = ..., explanations: _Optional[_Iterable[_Union[Explanation, _Mapping]]] = ..., notes: _Optional[_Iterable[_Union[RecordNote, _Mapping]]] = ..., request_id: _Optional[str] = ..., entity_scores: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class ModelRef(_message.Message):
     __slots__ = ("name", "version")
@@ -220,3 +222,48 @@ class DeleteFeedbackRequest(_message.Message):
     id: int
     author: str
     def __init__(self, id: _Optional[int] = ..., author: _Optional[str] = ...) -> None: ...
+
+class WatchAnomaliesRequest(_message.Message):
+    __slots__ = ("kinds", "replay")
+    KINDS_FIELD_NUMBER: _ClassVar[int]
+    REPLAY_FIELD_NUMBER: _ClassVar[int]
+    kinds: _containers.RepeatedScalarFieldContainer[str]
+    replay: int
+    def __init__(self, kinds: _Optional[_Iterable[str]] = ..., replay: _Optional[int] = ...) -> None: ...
+
+class AnomalyEvent(_message.Message):
+    __slots__ = ("id", "kind", "model", "key", "score", "observed", "expected_low", "expected_high", "explanation", "start", "end", "dropped_before", "features")
+    class FeaturesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    ID_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    OBSERVED_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_LOW_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_HIGH_FIELD_NUMBER: _ClassVar[int]
+    EXPLANATION_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_BEFORE_FIELD_NUMBER: _ClassVar[int]
+    FEATURES_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    kind: str
+    model: str
+    key: str
+    score: float
+    observed: float
+    expected_low: float
+    expected_high: float
+    explanation: str
+    start: float
+    end: float
+    dropped_before: int
+    features: _containers.ScalarMap[str, float]
+    def __init__(self, id: _Optional[int] = ..., kind: _Optional[str] = ..., model: _Optional[str] = ..., key: _Optional[str] = ..., score: _Optional[float] = ..., observed: _Optional[float] = ..., expected_low: _Optional[float] = ..., expected_high: _Optional[float] = ..., explanation: _Optional[str] = ..., start: _Optional[float] = ..., end: _Optional[float] = ..., dropped_before: _Optional[int] = ..., features: _Optional[_Mapping[str, float]] = ...) -> None: ...

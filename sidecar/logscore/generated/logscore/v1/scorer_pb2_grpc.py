@@ -65,6 +65,11 @@ class ScorerStub:
                 request_serializer=logscore_dot_v1_dot_scorer__pb2.DeleteFeedbackRequest.SerializeToString,
                 response_deserializer=logscore_dot_v1_dot_scorer__pb2.FeedbackEntry.FromString,
                 _registered_method=True)
+        self.WatchAnomalies = channel.unary_stream(
+                '/logscore.v1.Scorer/WatchAnomalies',
+                request_serializer=logscore_dot_v1_dot_scorer__pb2.WatchAnomaliesRequest.SerializeToString,
+                response_deserializer=logscore_dot_v1_dot_scorer__pb2.AnomalyEvent.FromString,
+                _registered_method=True)
 
 
 class ScorerServicer:
@@ -123,6 +128,19 @@ class ScorerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchAnomalies(self, request, context):
+        """Anomaly events of behaviour over time, as they happen: a window whose count
+        or share is improbable given its forecast, a client whose behaviour crosses
+        its detector's threshold (models trained with --windows / --entities).
+        The stream stays open until the caller cancels or the sidecar stops (then
+        it ends OK). A watcher that reads too slowly loses its oldest undelivered
+        events (sidecar setting anomaly_watcher_queue), never slows scoring; the
+        next event it receives says how many it lost (dropped_before).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ScorerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -155,6 +173,11 @@ def add_ScorerServicer_to_server(servicer, server):
                     servicer.DeleteFeedback,
                     request_deserializer=logscore_dot_v1_dot_scorer__pb2.DeleteFeedbackRequest.FromString,
                     response_serializer=logscore_dot_v1_dot_scorer__pb2.FeedbackEntry.SerializeToString,
+            ),
+            'WatchAnomalies': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchAnomalies,
+                    request_deserializer=logscore_dot_v1_dot_scorer__pb2.WatchAnomaliesRequest.FromString,
+                    response_serializer=logscore_dot_v1_dot_scorer__pb2.AnomalyEvent.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -320,6 +343,33 @@ class Scorer:
             '/logscore.v1.Scorer/DeleteFeedback',
             logscore_dot_v1_dot_scorer__pb2.DeleteFeedbackRequest.SerializeToString,
             logscore_dot_v1_dot_scorer__pb2.FeedbackEntry.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchAnomalies(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/logscore.v1.Scorer/WatchAnomalies',
+            logscore_dot_v1_dot_scorer__pb2.WatchAnomaliesRequest.SerializeToString,
+            logscore_dot_v1_dot_scorer__pb2.AnomalyEvent.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,165 @@
+"""Anomaly events: a window whose count or share is improbable, a client whose behaviour is.
+
+    windows.py / entities.py ─► EventHub ─► recent list (GET /v1/anomalies)
+                                       └──► watchers (gRPC WatchAnomalies, HTTP server-sent events,
+                                            forward mode's injection, the Fluentd plugin via gRPC)
+
+Each surface encodes events its own way; the hub only keeps them. Memory is bounded: the
+recent list holds ``RECENT_EVENTS``, each watcher a queue of at most ``WATCHER_QUEUE`` events.
+A watcher that falls behind loses its oldest undelivered events, never blocks the sidecar: the
+next event it receives says how many it lost (``dropped_before``), and the loss is counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterable, Optional
+
+RECENT_EVENTS = 1000
+WATCHER_QUEUE = 1000
+KINDS = ("window", "client")
+
+
+@dataclass
+class AnomalyEvent:
+    kind: str  # "window" (a key's count or share in one window) or "client" (one client's behaviour)
+    model: str  # the route's model
+    key: str  # what was observed: "status_class=5xx share", "url_template=/login count", "client=10.0.0.9"
+    score: float  # calibrated in [0, 1], like record scores
+    observed: float  # the count, the share, or (clients) the number of requests seen
+    expected_low: float
+    expected_high: float
+    explanation: str  # "5xx share 31 %, expected 0.4–1.2 %"
+    start: float  # Unix time: window start (clients: first request seen)
+    end: float  # window end (clients: the request that crossed the threshold)
+    id: int = 0  # increasing per sidecar process
+    dropped_before: int = 0  # events this watcher lost just before this one (it fell behind)
+    features: dict = field(default_factory=dict)  # clients: the behaviour features
+
+    def as_dict(self) -> dict:
+        entry = asdict(self)
+        if not entry["features"]:
+            del entry["features"]
+        return entry
+
+
+class Watcher:
+    """One subscriber's bounded queue."""
+
+    def __init__(self, kinds: Iterable[str], size: int):
+        self.kinds = frozenset(kinds) or frozenset(KINDS)
+        self.size = size
+        self._queue: collections.deque = collections.deque()
+        self._ready = asyncio.Event()
+        self.dropped = 0  # lost since the last delivered event
+        self.closed = False
+
+    def offer(self, event: AnomalyEvent) -> bool:
+        """Queue an event; False when the oldest had to go to make room."""
+        if event.kind not in self.kinds:
+            return True
+        lost = len(self._queue) >= self.size
+        if lost:
+            self._queue.popleft()
+            self.dropped += 1
+        self._queue.append(event)
+        self._ready.set()
+        return not lost
+
+    async def next(self, timeout: Optional[float] = None) -> Optional[AnomalyEvent]:
+        """The next event, or None after ``timeout`` seconds (or when closed)."""
+        while not self._queue:
+            if self.closed:
+                return None
+            self._ready.clear()
+            try:
+                await asyncio.wait_for(self._ready.wait(), timeout)
+            except asyncio.TimeoutError:
+                return None
+        event = self._queue.popleft()
+        if self.dropped:
+            event = AnomalyEvent(**{**event.__dict__, "dropped_before": self.dropped})
+            self.dropped = 0
+        return event
+
+    def take_ready(self, limit: int) -> list[AnomalyEvent]:
+        """Up to ``limit`` more events that are already waiting (no wait)."""
+        taken = []
+        while self._queue and len(taken) < limit:
+            taken.append(self._queue.popleft())
+        return taken
+
+    def close(self) -> None:
+        self.closed = True
+        self._ready.set()
+
+
+class EventHub:
+    """Publishes anomaly events to the recent list and to every watcher.
+
+    ``publish`` may be called from the scoring thread: delivery to watchers is handed to the
+    event loop (``attach``); without a loop (offline use) only the recent list is kept.
+    """
+
+    def __init__(self, recent: int = RECENT_EVENTS, watcher_queue: int = WATCHER_QUEUE,
+                 on_drop: Optional[Callable[[int], None]] = None):
+        self.recent: collections.deque = collections.deque(maxlen=recent)
+        self.watcher_queue = watcher_queue
+        self._watchers: set[Watcher] = set()
+        self._ids = itertools.count(1)
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self.on_drop = on_drop
+        self.published = 0
+
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+
+    def publish(self, events: Iterable[AnomalyEvent]) -> None:
+        events = list(events)
+        if not events:
+            return
+        for event in events:
+            event.id = next(self._ids)
+        if self._loop is None:
+            self._deliver(events)
+            return
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is self._loop:
+            self._deliver(events)
+        elif not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._deliver, events)
+
+    def _deliver(self, events: list[AnomalyEvent]) -> None:
+        self.recent.extend(events)
+        self.published += len(events)
+        for watcher in list(self._watchers):
+            lost = sum(not watcher.offer(event) for event in events)
+            if lost and self.on_drop is not None:
+                self.on_drop(lost)
+
+    def watch(self, kinds: Iterable[str] = (), replay: int = 0) -> Watcher:
+        """A new watcher, optionally first given the last ``replay`` recent events."""
+        watcher = Watcher(kinds, self.watcher_queue)
+        for event in list(self.recent)[-replay:] if replay > 0 else ():
+            watcher.offer(event)
+        self._watchers.add(watcher)
+        return watcher
+
+    def unwatch(self, watcher: Watcher) -> None:
+        watcher.close()
+        self._watchers.discard(watcher)
+
+    def close(self) -> None:
+        for watcher in list(self._watchers):
+            self.unwatch(watcher)
+
+    def list_recent(self, kinds: Iterable[str] = (), limit: int = 100, since_id: int = 0) -> list[AnomalyEvent]:
+        wanted = frozenset(kinds) or frozenset(KINDS)
+        chosen = [e for e in self.recent if e.kind in wanted and e.id > since_id]
+        return chosen[-limit:] if limit > 0 else []

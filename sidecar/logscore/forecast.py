@@ -1,0 +1,132 @@
+"""Forecasting counts (or any values) per key and per time slot, online, and how improbable an
+observation is given the forecast.
+
+One model, vectorized over many keys: the windows of the sidecar (counts of a route, a status
+class, a URL template per minute) and `logscore evaluate --series` (one series) use it alike.
+
+    y = transform(value)                     counts: sqrt(count + 3/8), whose noise is near
+                                             constant (Anscombe); other values: as they are
+    expected = level + hour[hour of day] + week[hour of week]
+    residual = y - expected,  z = residual / scale
+    deviation = max(|z|, |mean of the last `run` residuals| / (scale / sqrt(run)))
+
+The second term sees a shift that lasts (a flattened daily peak, a latency step) before any
+single point is extreme. Updates use residuals clipped at ``CLIP`` scales, so an anomaly moves
+the forecast little: the level, the seasonal offsets and the scale (a mean absolute residual)
+follow the data with rates set in real time, whatever the window length: half-lives
+``LEVEL_HALF_LIFE_S`` and ``SCALE_HALF_LIFE_S``, and ``SEASON_RATE_PER_PERIOD`` (per day for the
+hour of day, per week for the hour of week: what sets a Sunday afternoon apart).
+
+``ForecastState`` is the state of K keys as numpy arrays; ``step`` advances all of them by one
+window with a handful of numpy operations.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+HOURS, WEEK_HOURS = 24, 168
+LEVEL_HALF_LIFE_S = 6 * 3600.0  # the level forgets half of what it knew in six hours
+SEASON_RATE_PER_PERIOD = 0.3  # a seasonal offset learns this much from each hour of data it sees
+SCALE_HALF_LIFE_S = 2 * 86400.0
+CLIP = 3.0
+RUN = 6  # windows averaged for the sustained-shift term
+MIN_SCALE = 0.05  # on the transformed scale: a perfectly flat series still has some noise
+
+
+def count_transform(counts: np.ndarray) -> np.ndarray:
+    """Anscombe's variance-stabilizing transform of Poisson counts."""
+    return np.sqrt(np.maximum(counts, 0.0) + 0.375)
+
+
+def count_inverse(y: np.ndarray) -> np.ndarray:
+    return np.maximum(np.square(np.maximum(y, 0.0)) - 0.375, 0.0)
+
+
+def slots(seconds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(hour of day, hour of week) of Unix times (UTC); the week starts on Monday 00:00."""
+    whole = np.floor(np.asarray(seconds, dtype=np.float64)).astype(np.int64)
+    hour = (whole // 3600) % HOURS
+    weekday = (whole // 86400 + 3) % 7  # 1970-01-01 was a Thursday: Monday = 0
+    return hour, weekday * HOURS + hour
+
+
+@dataclass
+class ForecastState:
+    """The forecast of K keys; every array has K rows."""
+
+    level: np.ndarray  # float64 [K]
+    hour: np.ndarray  # float64 [K, 24]
+    week: np.ndarray  # float64 [K, 168]: what each hour of the week adds to its hour of day
+    scale: np.ndarray  # float64 [K]
+    recent: np.ndarray  # float64 [K, RUN]: the last residuals, newest at [:, step % RUN]
+    seen: np.ndarray  # int64 [K]: windows observed
+    window_s: float = 3600.0  # the length of a step (sets the seasonal learning rates)
+    min_scale: float = MIN_SCALE
+
+    @classmethod
+    def empty(cls, keys: int, window_s: float = 3600.0, min_scale: float = MIN_SCALE) -> "ForecastState":
+        return cls(np.zeros(keys), np.zeros((keys, HOURS)), np.zeros((keys, WEEK_HOURS)),
+                   np.full(keys, np.nan), np.zeros((keys, RUN)), np.zeros(keys, dtype=np.int64), window_s, min_scale)
+
+    def rate(self, half_life_s: float) -> float:
+        """The per-window update rate of a half-life in seconds."""
+        return 1.0 - 0.5 ** (self.window_s / half_life_s)
+
+    def season_rates(self) -> tuple[float, float]:
+        """(hour-of-day, hour-of-week) learning rates per observation of a slot: each slot is
+        observed once a day (a week) for an hour's worth of windows."""
+        rate = 1.0 - (1.0 - SEASON_RATE_PER_PERIOD) ** (min(self.window_s, 3600.0) / 3600.0)
+        return rate, rate
+
+    def __len__(self) -> int:
+        return len(self.level)
+
+    def expected(self, hour: np.ndarray, week: np.ndarray, rows: Optional[np.ndarray] = None) -> np.ndarray:
+        rows = np.arange(len(self)) if rows is None else rows
+        return self.level[rows] + self.hour[rows, hour] + self.week[rows, week]
+
+    def spread(self, rows: Optional[np.ndarray] = None) -> np.ndarray:
+        scale = self.scale if rows is None else self.scale[rows]
+        return np.maximum(np.nan_to_num(scale, nan=self.min_scale), self.min_scale)
+
+    def step(self, y: np.ndarray, hour: np.ndarray, week: np.ndarray,
+             rows: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray]:
+        """Observe one window of keys ``rows`` (default all): (expected, deviation) before updating.
+
+        A key's first observation sets its level (deviation 0)."""
+        rows = np.arange(len(self)) if rows is None else rows
+        expected = self.expected(hour, week, rows)
+        fresh = self.seen[rows] == 0
+        expected = np.where(fresh, y, expected)
+        scale = self.spread(rows)
+        residual = y - expected
+        position = self.seen[rows] % RUN
+        self.recent[rows, position] = residual
+        filled = np.minimum(self.seen[rows] + 1, RUN)
+        run_mean = self.recent[rows].sum(axis=1) / filled
+        deviation = np.maximum(np.abs(residual) / scale, np.abs(run_mean) / (scale / np.sqrt(filled)))
+        deviation = np.where(fresh, 0.0, deviation)
+        self._update(rows, residual, scale, hour, week, fresh, y)
+        return expected, deviation
+
+    def _update(self, rows, residual, scale, hour, week, fresh, y) -> None:
+        clipped = np.clip(residual, -CLIP * scale, CLIP * scale)
+        self.level[rows] = np.where(fresh, y, self.level[rows] + self.rate(LEVEL_HALF_LIFE_S) * clipped)
+        hourly, weekly = self.season_rates()
+        self.hour[rows, hour] += hourly * clipped
+        self.week[rows, week] += weekly * clipped
+        # The seasonal offsets average zero: what they share belongs to the level.
+        shared = self.hour[rows].mean(axis=1) + self.week[rows].mean(axis=1)
+        self.hour[rows] -= self.hour[rows].mean(axis=1, keepdims=True)
+        self.week[rows] -= self.week[rows].mean(axis=1, keepdims=True)
+        self.level[rows] += shared
+        absolute = np.abs(clipped) * 1.25  # mean absolute residual x 1.25 ≈ standard deviation
+        old = self.scale[rows]
+        scale_rate = max(self.rate(SCALE_HALF_LIFE_S), 0.01)  # quick enough to start
+        self.scale[rows] = np.where(np.isnan(old), np.maximum(absolute, self.min_scale),
+                                    (1 - scale_rate) * np.nan_to_num(old) + scale_rate * absolute)
+        self.seen[rows] += 1

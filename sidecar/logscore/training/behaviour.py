@@ -1,0 +1,337 @@
+"""Learning behaviour over time from historical logs: window forecasters and the client detector.
+
+    records (in file order) ─► normalized fields + timestamps (timestamps.py)
+        windows: counts per key per window ─► forecast.py replayed over every window
+                 (online, as the sidecar will run it) ─► deviations after a warm-up
+                 ─► empirical CDF (calibration) ─► threshold from --window-target-fpr
+        clients: the record model scores every record ─► entities.ClientTracker replayed in
+                 time order ─► per-feature empirical CDFs ─► summed log tails ─► calibration
+                 ─► threshold: at most --client-target-fpr of normal clients ever cross it
+    ─► attach_behaviour: tensors and small subgraphs added to the record model's graph,
+       descriptions to its metadata (``windows``, ``entities``), content hash renewed.
+
+The sidecar's side of the same models: sidecar/logscore/windows.py, entities.py, behaviour.py.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from ..artifact import HASH_KEY, METADATA_KEY, content_hash
+from ..entities import FEATURES, ClientTracker, client_batch
+from ..errors import InputError
+from ..forecast import ForecastState, count_transform, slots
+from ..timestamps import record_times
+from ..windows import DIMENSIONS, SHARES, KeyNamer, share_deviation, share_name
+from .graph import GraphBuilder
+from .train import apply_ecdf, ecdf_table
+
+MAX_WINDOWS = 2_000_000
+ENTITY_KNOTS, ENTITY_EXACT_TAIL = 256, 64  # knots of the client detector's per-feature empirical CDFs
+NEW_KEY_SCALE = 0.35  # a never-seen key's spread on the transformed scale (~Poisson noise of small counts)
+
+
+@dataclass
+class BehaviourOptions:
+    windows: bool = False
+    window_s: float = 60.0
+    max_keys: int = 500
+    window_target_fpr: float = 1e-4  # of key-windows
+    min_change: float = 5.0
+    entities: bool = False
+    entity_key: str = "remote_addr"
+    half_life_s: float = 60.0
+    client_target_fpr: float = 0.005  # of normal clients
+    dimensions: Sequence[str] = DIMENSIONS
+
+
+@dataclass
+class Learned:
+    metadata: dict = field(default_factory=dict)  # "windows" / "entities" entries
+    tensors: dict = field(default_factory=dict)  # name -> array, read back by the sidecar
+    window_calibration: Optional[tuple] = None
+    entity_tables: Optional[list] = None
+    entity_calibration: Optional[tuple] = None
+
+
+def time_ordered(fields: Sequence[dict], what: str) -> tuple[np.ndarray, np.ndarray]:
+    """(order of the records with a time, their times), refusing input without timestamps."""
+    times = record_times(fields)
+    known = np.flatnonzero(~np.isnan(times))
+    if len(known) < max(10, 0.5 * len(fields)):
+        raise InputError(f"{what}: only {len(known)} of {len(fields)} records carry a readable timestamp "
+                         "(a time, timestamp or @timestamp field); learning over time needs them")
+    order = known[np.argsort(times[known], kind="stable")]
+    return order, times[order]
+
+
+def fit_windows(fields: Sequence[dict], route: str, options: BehaviourOptions) -> Learned:
+    order, times = time_ordered(fields, "--windows")
+    window_s = float(options.window_s)
+    first = np.floor(times[0] / window_s) * window_s
+    window_of = ((times - first) // window_s).astype(np.int64)
+    windows = int(window_of[-1]) + 1
+    if windows > MAX_WINDOWS:
+        raise InputError(f"--window-s {window_s:g} over {(times[-1] - times[0]) / 86400:.0f} days makes {windows:,} "
+                         f"windows; use longer windows (at most {MAX_WINDOWS:,})")
+    namer = KeyNamer(options.dimensions)
+    by_key: dict[str, list] = {f"route={route}": window_of.tolist()}
+    ordered = [fields[i] for i in order.tolist()]
+    for dimension in namer.dimensions:
+        for w, value in zip(window_of.tolist(), namer.column(dimension, ordered)):
+            key = namer.name(dimension, value)
+            if key is not None:
+                by_key.setdefault(key, []).append(w)
+    ranked = sorted(by_key, key=lambda k: (not k.startswith("route="), -len(by_key[k]), k))[: options.max_keys]
+    counts = np.stack([np.bincount(by_key[k], minlength=windows) for k in ranked]).astype(np.float64)
+    hours, weeks = slots(first + window_s * np.arange(windows))
+    state = ForecastState.empty(len(ranked), window_s)
+    warm_up = min(windows // 4, int(86400 // window_s))
+    deviations = []
+    for w in range(windows):
+        _, deviation = state.step(count_transform(counts[:, w]), np.full(len(ranked), hours[w]),
+                                  np.full(len(ranked), weeks[w]))
+        if w >= warm_up:
+            deviations.append(deviation)
+    route_counts = counts[0]
+    shares, expected, dispersion = [], [], []
+    for dimension, value in SHARES:
+        key = f"{dimension}={value}"
+        if not any(k.startswith(f"{dimension}=") for k in by_key):
+            continue  # the records never carry this dimension (no status, no level)
+        share_counts = np.bincount(by_key.get(key, []), minlength=windows).astype(np.float64)
+        p, phi = share_model(share_counts, route_counts)
+        deviation, _ = share_deviation(share_counts[warm_up:], route_counts[warm_up:], np.full(windows - warm_up, p),
+                                       np.full(windows - warm_up, phi))
+        deviations.append(deviation)
+        shares.append(share_name(dimension, value))
+        expected.append(p)
+        dispersion.append(phi)
+    pooled = np.concatenate([np.ravel(d) for d in deviations]) if deviations else np.zeros(1)
+    knots, levels = ecdf_table(pooled)
+    threshold = float(1.0 - options.window_target_fpr)
+    learned = Learned()
+    learned.window_calibration = (knots, levels)
+    learned.tensors.update({
+        "window_level": state.level, "window_hour": state.hour, "window_week": state.week,
+        "window_scale": state.spread(), "window_share_expected": np.asarray(expected, dtype=np.float64),
+        "window_share_dispersion": np.asarray(dispersion, dtype=np.float64)})
+    flagged = float((apply_ecdf(pooled, knots, levels) >= threshold).mean())
+    learned.metadata["windows"] = {
+        "window_s": window_s, "route": route, "keys": ranked,
+        # the dimensions these records carry (a dimension they never had costs time and says nothing)
+        "dimensions": ["route", "tag"] + [d for d in namer.dimensions if any(k.startswith(d + "=") for k in by_key)],
+        "seen": state.seen.tolist(), "shares": shares, "threshold": threshold,
+        "target_fpr": options.window_target_fpr, "min_change": options.min_change,
+        "new_key": {"level": float(count_transform(np.zeros(1))[0]), "scale": NEW_KEY_SCALE},
+        "calibration": f"empirical CDF of {len(pooled):,} key-window deviations after a warm-up of {warm_up} windows",
+        "training": {"records": int(len(order)), "windows": windows, "start": float(first),
+                     "end": float(first + windows * window_s), "keys_seen": len(by_key), "keys_kept": len(ranked),
+                     "flagged_fraction": round(flagged, 6)},
+    }
+    return learned
+
+
+def share_model(counts: np.ndarray, totals: np.ndarray) -> tuple[float, float]:
+    """(expected share, dispersion): the pooled share and how much more its windows vary than a
+    binomial draw would (at least 1)."""
+    p = float(np.clip(counts.sum() / max(totals.sum(), 1.0), 1e-4, 1 - 1e-4))
+    busy = totals >= 5
+    if busy.sum() < 5:
+        return p, 2.0
+    variance = (counts[busy] - totals[busy] * p) ** 2 / (totals[busy] * p * (1 - p))
+    return p, float(max(np.mean(variance), 1.0))
+
+
+def fit_entities(fields: Sequence[dict], scores: np.ndarray, novelty: np.ndarray,
+                 options: BehaviourOptions, batch: int = 2048) -> Learned:
+    order, times = time_ordered(fields, "--entities")
+    if not any(fields[i].get(options.entity_key) for i in order[:1000].tolist()):
+        raise InputError(f"--entities: the records have no {options.entity_key!r} field; name the field that "
+                         "identifies a client with --entity-key")
+    tracker = ClientTracker(options.half_life_s, max_clients=1 << 20)
+    features, owners = [], []
+    for start in range(0, len(order), batch):
+        chosen = order[start: start + batch]
+        part = [fields[i] for i in chosen.tolist()]
+        found, slots_, _ = tracker.observe(client_batch(part, options.entity_key, times[start: start + batch],
+                                                        novelty[chosen], scores[chosen]))
+        known = slots_ >= 0
+        features.append(found[known])
+        owners.append(tracker.owner[slots_[known]])
+    matrix = np.concatenate(features).astype(np.float32)
+    owner = np.concatenate(owners)
+    if len(matrix) < 100:
+        raise InputError(f"--entities: only {len(matrix)} records name a client; the detector needs normal "
+                         "clients' traffic (thousands of records)")
+    # NOTE: the graph compares each value with every knot ([N, knots] per feature): fewer knots keep
+    # a 1,000-record batch at about a microsecond a record and a few MB, the tails stay exact.
+    tables = [ecdf_table(matrix[:, j], ENTITY_KNOTS, ENTITY_EXACT_TAIL) for j in range(matrix.shape[1])]
+    surprise = entity_surprise(matrix, tables)
+    calibration = ecdf_table(surprise, 2 * ENTITY_KNOTS, 2 * ENTITY_EXACT_TAIL)
+    calibrated = apply_ecdf(surprise, *calibration)
+    # The threshold: at most client_target_fpr of the normal clients ever reach it.
+    _, inverse = np.unique(owner, return_inverse=True)
+    client_max = np.zeros(inverse.max() + 1)
+    np.maximum.at(client_max, inverse, calibrated)
+    threshold = float(min(np.quantile(client_max, 1 - options.client_target_fpr, method="higher") + 1e-6, 1.0))
+    learned = Learned()
+    learned.entity_tables = tables
+    learned.entity_calibration = calibration
+    learned.metadata["entities"] = {
+        "key": options.entity_key, "half_life_s": options.half_life_s, "features": list(FEATURES),
+        "threshold": threshold, "target_fpr": options.client_target_fpr,
+        "typical": [round(float(v), 4) for v in np.quantile(matrix, 0.99, axis=0)],
+        "training": {"records": int(len(matrix)), "clients": int(len(client_max)),
+                     "clients_over_threshold": int((client_max >= threshold).sum())},
+    }
+    return learned
+
+
+def entity_surprise(matrix: np.ndarray, tables: list) -> np.ndarray:
+    """Numpy twin of the graph: the sum over features of -log(share of normal values at least as high)."""
+    total = np.zeros(len(matrix))
+    for j, (knots, levels) in enumerate(tables):
+        below = apply_ecdf(matrix[:, j], knots, levels)
+        total += -np.log(np.maximum(1.0 - below, 1.0 / (len(knots) + 1) / 16))
+    return total
+
+
+class PrefixedBuilder(GraphBuilder):
+    """Node and tensor names that cannot collide with the record model's."""
+
+    def name(self, hint: str) -> str:
+        return "behaviour_" + super().name(hint)
+
+
+def window_nodes(g: GraphBuilder, learned: Learned) -> tuple[list, list]:
+    """(inputs, outputs): the trained state as outputs; window_deviation -> window_score."""
+    outputs = []
+    for name in ("window_level", "window_hour", "window_week", "window_scale", "window_share_expected",
+                 "window_share_dispersion"):
+        value = np.asarray(learned.tensors[name], dtype=np.float32)
+        g.nodes.append(helper.make_node("Identity", [g.const(value, name + "_table")], [name]))
+        outputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, list(value.shape)))
+    g.initializers.append(numpy_helper.from_array(np.zeros(1, np.float32), "window_deviation"))
+    score = g.ecdf("window_deviation", *learned.window_calibration)
+    g.nodes.append(helper.make_node("Identity", [score], ["window_score"]))
+    outputs.append(helper.make_tensor_value_info("window_score", TensorProto.FLOAT, ["W"]))
+    return [helper.make_tensor_value_info("window_deviation", TensorProto.FLOAT, ["W"])], outputs
+
+
+def entity_nodes(g: GraphBuilder, learned: Learned) -> tuple[list, list]:
+    """entity_features [N, 5] -> entity_score [N] (per-feature tails, summed log, calibrated)."""
+    g.initializers.append(numpy_helper.from_array(np.zeros((1, len(FEATURES)), np.float32), "entity_features"))
+    total = None
+    for j, (knots, levels) in enumerate(learned.entity_tables):
+        column = g.op("Gather", ["entity_features", g.const(j, dtype=np.int64)], axis=1)
+        below = g.ecdf(column, knots, levels)
+        floor = 1.0 / (len(knots) + 1) / 16
+        tail = g.op("Max", [g.op("Sub", [g.const(1.0), below]), g.const(floor)])
+        term = g.op("Neg", [g.op("Log", [tail])])
+        total = term if total is None else g.op("Add", [total, term])
+    score = g.ecdf(total, *learned.entity_calibration)
+    g.nodes.append(helper.make_node("Identity", [score], ["entity_score"]))
+    return ([helper.make_tensor_value_info("entity_features", TensorProto.FLOAT, ["N", len(FEATURES)])],
+            [helper.make_tensor_value_info("entity_score", TensorProto.FLOAT, ["N"])])
+
+
+def attach_behaviour(model: onnx.ModelProto, metadata: dict, parts: Sequence[Learned]) -> tuple[onnx.ModelProto, dict]:
+    """The model with window and/or client detectors added to its graph and metadata (replacing
+    any it had), and its content hash renewed."""
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    graph = model.graph
+    replaced = {"windows": ("window_",), "entities": ("entity_",)}
+    for part in parts:
+        for entry in part.metadata:
+            prefixes = replaced[entry]
+            keep_nodes = [n for n in graph.node if not any(o.startswith(prefixes) for o in n.output)]
+            del graph.node[:]
+            graph.node.extend(keep_nodes)
+            for collection in (graph.input, graph.output):
+                kept = [v for v in collection if not v.name.startswith(prefixes)]
+                del collection[:]
+                collection.extend(kept)
+            metadata.pop(entry, None)
+    g = PrefixedBuilder(0)
+    g._count = sum(1 for _ in graph.node) + 1000
+    for part in parts:
+        nodes = window_nodes if part.window_calibration is not None else entity_nodes
+        inputs, outputs = nodes(g, part)
+        graph.input.extend(inputs)
+        graph.output.extend(outputs)
+        metadata.update(part.metadata)
+    graph.node.extend(g.nodes)
+    graph.initializer.extend(g.initializers)
+    text = json.dumps(metadata, sort_keys=True)
+    del model.metadata_props[:]
+    model.metadata_props.add(key=METADATA_KEY, value=text)
+    model.metadata_props.add(key=HASH_KEY, value=content_hash(graph.SerializeToString(), text))
+    onnx.checker.check_model(model)
+    return model, metadata
+
+
+def score_for_behaviour(model_bytes: bytes, metadata: dict, records: Sequence[object], progress, chunk: int = 2048):
+    """(normalized fields, scores, novelty) of every record, by the record model being trained."""
+    from ..artifact import Artifact
+    from ..model import Model
+
+    model = Model(Artifact("(training)", model_bytes, metadata, ""))
+    model.tracks_novelty = model.needs_fields = True
+    fields, scores, novelty = [], [], []
+    for start in range(0, len(records), chunk):
+        scored = model.score(records[start: start + chunk])
+        fields += scored.fields
+        scores.append(scored.scores)
+        novelty.append(scored.novelty)
+        progress("behaviour: scoring records", min(start + chunk, len(records)), len(records), "records")
+    return fields, np.concatenate(scores).astype(np.float64), np.concatenate(novelty)
+
+
+def cross_fitted(records: Sequence[object], metadata: dict, progress) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, novelty) of every record from a record model trained without it: the records' two
+    halves (in file order) each scored by a model of the other, trained as the model was.
+
+    NOTE: a model scores its own training records lower and finds none of their features new;
+    clients learned from those would make every real client look strange. Calibrated scores of
+    records the model never saw are what the sidecar will see.
+    """
+    from .train import TrainOptions, train
+
+    half = len(records) // 2
+    parts = [(records[:half], records[half:]), (records[half:], records[:half])]
+    scores, novelty = [], []
+    calibration = metadata.get("calibration", {})
+    for number, (scored, learned) in enumerate(parts, start=1):
+        options = TrainOptions(spec=json.loads(json.dumps(metadata["featurizer"])),
+                               detectors=[d["kind"] for d in metadata["detectors"]],
+                               target_fpr=float(calibration.get("target_fpr") or 0.001),
+                               name=f"half-{number}", seed=number)
+        proto, meta = train(learned, options, lambda stage, done, total, unit="records": progress(
+            f"behaviour: half {number} of 2: {stage}", done, total, unit))
+        _, found, new = score_for_behaviour(proto.SerializeToString(), meta, scored, progress)
+        scores.append(found)
+        novelty.append(new)
+    return np.concatenate([scores[1], scores[0]]), np.concatenate([novelty[1], novelty[0]])
+
+
+def learn_behaviour(model: onnx.ModelProto, metadata: dict, records: Sequence[object], options: BehaviourOptions,
+                    progress) -> tuple[onnx.ModelProto, dict]:
+    """Learn the window and/or client detectors from ``records`` (in file order) and add them to ``model``."""
+    fields, scores, novelty = score_for_behaviour(model.SerializeToString(), metadata, records, progress)
+    if options.entities and not metadata["featurizer"].get("sessions"):
+        scores, novelty = cross_fitted(records, metadata, progress)
+    parts = []
+    if options.windows:
+        progress("behaviour: learning windows", 0, None, "records")
+        parts.append(fit_windows(fields, str(metadata.get("name", "model")), options))
+    if options.entities:
+        progress("behaviour: learning clients", 0, None, "records")
+        parts.append(fit_entities(fields, scores, novelty, options))
+    return attach_behaviour(model, metadata, parts)

@@ -1,0 +1,374 @@
+"""Windows: counts per key per window, forecast per key, improbable windows as events.
+
+    scored batch ─► WindowCounter.observe (counts of the open window; a few C-level passes)
+    clock ticks  ─► WindowCounter.close_due ─► forecast.step per key ─► deviation
+                 ─► the model graph's window calibration ─► score in [0, 1] ─► AnomalyEvent
+
+Keys are ``dimension=value``: the route (model), the shipper's tag, the status class, the host,
+the level, the URL template, the message template. Besides counts, the share of 5xx and 4xx
+among a route's records and of error levels are watched (one-sided: a rising share).
+
+The trained forecasters (the state of each key after the training logs: level, hour-of-day and
+hour-of-week offsets, scale; expected shares and their dispersion) are tensors of the model's
+ONNX graph, read once at load; online they move on with the traffic. Keys not trained get the
+prior of a never-seen key (expected count about zero). State is bounded: at most ``max_keys``
+keys; untrained keys with the least traffic are evicted, and keys past the bound count as
+``dimension=(other)``.
+
+Windows use the sidecar's clock (arrival time): live streams arrive as they are written.
+Training uses the records' own timestamps (``timestamps.py``).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from collections import Counter
+from itertools import repeat
+from dataclasses import dataclass
+from typing import Callable, Iterable, Optional, Sequence
+
+import numpy as np
+
+from .events import AnomalyEvent
+from .features.converters import ID_SEGMENT
+from .forecast import ForecastState, count_inverse, count_transform, slots
+from .masking import mask_variables
+
+DIMENSIONS = ("route", "tag", "status_class", "host", "level", "url_template", "message_template")
+SHARES = (("status_class", "5xx"), ("status_class", "4xx"), ("level", "error"))
+OTHER = "(other)"
+ERROR_LEVELS = {"error", "err", "crit", "critical", "fatal", "alert", "emerg", "emergency", "severe", "panic"}
+SYSLOG_SEVERITIES = ("emerg", "alert", "crit", "error", "warning", "notice", "info", "debug")
+MAX_TEMPLATE_CHARS = 160
+MAX_NAMED = 4  # improbable keys named in one window event
+MAX_CATCH_UP = 60  # windows closed at once after a pause at most
+VALUE_CACHE = 65_536  # distinct field values remembered per dimension (their key names)
+
+
+def status_class(value: object) -> Optional[str]:
+    text = str(value)
+    return f"{text[0]}xx" if len(text) == 3 and text.isdigit() and text[0] in "12345" else None
+
+
+def level_name(fields: dict) -> Optional[str]:
+    """A record's level: its ``level``/``severity`` field, or the severity of a syslog priority."""
+    value = fields.get("level") or fields.get("severity")
+    if value is None and fields.get("pri") is not None:
+        try:
+            return SYSLOG_SEVERITIES[int(fields["pri"]) % 8]
+        except (TypeError, ValueError):
+            return None
+    if value is None:
+        return None
+    name = str(value).strip().lower()
+    return "error" if name in ERROR_LEVELS else name[:32]
+
+
+# A path segment that is an id (the url converter's rule: digits, long hex, a uuid) becomes {id}.
+_ID_SEGMENTS = re.compile(rf"(?<=/)(?:{ID_SEGMENT.pattern})(?=/|$)")
+# Where each dimension's value is read: the first of these fields a record has.
+SOURCES = {"status_class": ("status",), "host": ("host", "hostname"), "url_template": ("url",),
+           "message_template": ("message",), "level": ("level", "severity", "pri")}
+
+
+def url_template(url: str) -> str:
+    """``/users/123/posts?x=1`` -> ``/users/{id}/posts``."""
+    path = url.split("?", 1)[0]
+    if "://" in path[:12]:
+        path = "/" + path.split("://", 1)[1].partition("/")[2]
+    return _ID_SEGMENTS.sub("{id}", path)
+
+
+class KeyNamer:
+    """Each record's value of each dimension (``url_template=/users/{id}``), cached per distinct value.
+
+    Counting a batch costs a C-level pass per dimension (``Counter`` over the field's values)
+    and one dictionary lookup per distinct value: what keeps window bookkeeping near a
+    microsecond per record.
+    """
+
+    def __init__(self, dimensions: Sequence[str]):
+        self.dimensions = [d for d in dimensions if d not in ("route", "tag")]
+        self._cache: dict[str, dict] = {d: {} for d in self.dimensions}
+
+    def column(self, dimension: str, fields: Sequence[dict]) -> Iterable:
+        """Raw values of the field behind a dimension (None where absent)."""
+        names = SOURCES[dimension]
+        if dimension == "level":
+            return (level_name(f) if ("level" in f or "severity" in f or "pri" in f) else None for f in fields)
+        if len(names) == 1:
+            return map(dict.get, fields, repeat(names[0]))
+        return (f.get(names[0]) or f.get(names[1]) for f in fields)
+
+    def name(self, dimension: str, value: object) -> Optional[str]:
+        """The key of one raw value, or None when the value says nothing."""
+        if value is None:
+            return None
+        cache = self._cache[dimension]
+        key = cache.get(value)
+        if key is None:
+            if len(cache) >= VALUE_CACHE:
+                cache.clear()
+            key = cache[value] = self._name(dimension, value)
+        return key or None
+
+    @staticmethod
+    def _name(dimension: str, value: object) -> str:
+        if dimension == "status_class":
+            text = status_class(value)
+        elif dimension == "url_template":
+            text = url_template(str(value))[:MAX_TEMPLATE_CHARS]
+        elif dimension == "message_template":
+            text = mask_variables(str(value))[:MAX_TEMPLATE_CHARS]
+        else:
+            text = str(value)[:MAX_TEMPLATE_CHARS]
+        return f"{dimension}={text}" if text else ""
+
+    def count(self, fields: Sequence[dict], route: str, tags: Optional[Sequence[str]]) -> Counter:
+        """Records per key in one batch."""
+        counts: Counter = Counter()
+        counts[f"route={route}"] = len(fields)
+        if tags is not None:
+            for tag, n in Counter(tags).items():
+                if tag:
+                    counts[f"tag={tag}"] += n
+        for dimension in self.dimensions:
+            name = self.name
+            for value, n in Counter(self.column(dimension, fields)).items():
+                key = name(dimension, value)
+                if key is not None:
+                    counts[key] += n
+        return counts
+
+
+def share_name(dimension: str, value: str) -> str:
+    return f"{dimension}={value} share"
+
+
+@dataclass
+class WindowSpec:
+    """The trained window models of one artifact: metadata ``windows`` + graph tensors."""
+
+    window_s: float
+    route: str  # the model's name as trained: keys say route=<it>
+    dimensions: list[str]
+    keys: list[str]  # key names, in the order of the state tensors' rows
+    state: ForecastState
+    shares: list[str]  # share names ("status_class=5xx share")
+    share_expected: np.ndarray  # float64 [S]
+    share_dispersion: np.ndarray  # float64 [S]
+    new_key_level: float
+    new_key_scale: float
+    threshold: float
+    min_change: float  # a window is reported only if its count differs this much from the expected
+    calibrate: Callable[[np.ndarray], np.ndarray]  # deviation -> calibrated score (the graph)
+
+    @classmethod
+    def from_model(cls, metadata: dict, tensors: dict[str, np.ndarray], calibrate) -> "WindowSpec":
+        state = ForecastState.empty(len(metadata["keys"]), float(metadata["window_s"]))
+        state.level[:] = tensors["window_level"]
+        state.hour[:] = tensors["window_hour"]
+        state.week[:] = tensors["window_week"]
+        state.scale[:] = tensors["window_scale"]
+        state.seen[:] = np.asarray(metadata.get("seen", [1] * len(state)), dtype=np.int64)
+        return cls(float(metadata["window_s"]), str(metadata["route"]), list(metadata["dimensions"]), list(metadata["keys"]), state,
+                   list(metadata["shares"]), tensors["window_share_expected"].astype(np.float64),
+                   tensors["window_share_dispersion"].astype(np.float64), float(metadata["new_key"]["level"]),
+                   float(metadata["new_key"]["scale"]), float(metadata["threshold"]),
+                   float(metadata.get("min_change", 5)), calibrate)
+
+
+def share_deviation(count: np.ndarray, total: np.ndarray, expected: np.ndarray,
+                    dispersion: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(deviation, spread of the share): how many spreads a share lies above its expected value
+    (binomial variance times the trained dispersion; one-sided)."""
+    total = np.maximum(total, 1.0)
+    p = np.clip(expected, 1e-4, 1 - 1e-4)
+    spread = np.sqrt(dispersion * p * (1 - p) / total)
+    observed = count / total
+    return np.maximum(observed - p, 0.0) / np.maximum(spread, 1e-9) * (count >= 1), spread
+
+
+def describe_share(name: str, observed: float, low: float, high: float) -> str:
+    what = name.split("=", 1)[1].replace(" share", "")
+    return f"{what} share {percent(observed)}, expected {percent(low)}–{percent(high)}"
+
+
+def percent(share: float) -> str:
+    value = 100 * share
+    return f"{value:.2g} %" if value < 10 else f"{value:.0f} %"
+
+
+def describe_count(key: str, observed: float, low: float, high: float, window_s: float) -> str:
+    per = f"{window_s:g} s" if window_s < 60 or window_s % 60 else f"{window_s / 60:g} min"
+    return f"{key}: {observed:g} records in {per}, expected {low:.3g}–{high:.3g}"
+
+
+class WindowCounter:
+    """The open window's counts for one model, and closing windows into events.
+
+    ``observe`` runs on the scoring path (per batch); ``close_due`` on the sidecar's clock.
+    Thread-safety: both are called from the event loop.
+    """
+
+    def __init__(self, spec: WindowSpec, model_name: str, namer: KeyNamer, max_keys: int,
+                 window_s: Optional[float] = None, now: Optional[float] = None, observe_gauges=None):
+        self.spec = spec
+        self.model_name = model_name  # as served (events, gauges); keys name the route as trained
+        self.route = spec.route
+        self.namer = namer
+        self.window_s = float(window_s or spec.window_s)
+        self.max_keys = max(max_keys, len(spec.keys))
+        trained = len(spec.keys)
+        self.keys: list[str] = list(spec.keys)
+        self.row: dict[str, int] = {k: i for i, k in enumerate(self.keys)}
+        self.trained = np.zeros(self.max_keys, dtype=bool)
+        self.trained[:trained] = True
+        self.state = ForecastState.empty(self.max_keys, self.window_s)
+        for name in ("level", "scale", "seen"):
+            getattr(self.state, name)[:trained] = getattr(spec.state, name)
+        self.state.hour[:trained] = spec.state.hour
+        self.state.week[:trained] = spec.state.week
+        self.counts = np.zeros(self.max_keys)
+        self.activity = np.zeros(self.max_keys)  # windows' counts, decayed: who is evicted
+        self.share_counts = np.zeros(len(spec.shares))
+        self.share_totals = np.zeros(len(spec.shares))
+        self.share_expected = spec.share_expected.copy()
+        self.start = self._window_start(time.time() if now is None else now)
+        self.observe_gauges = observe_gauges  # metrics: observed vs expected per key
+        self.overflow = 0  # keys that found no room (counted as dimension=(other))
+
+    def _window_start(self, now: float) -> float:
+        return math.floor(now / self.window_s) * self.window_s
+
+    def observe(self, fields: Sequence[dict], tags: Optional[Sequence[str]] = None) -> None:
+        self.add(self.namer.count(fields, self.route, tags), len(fields))
+
+    def add(self, counts: Counter, records: int) -> None:
+        row = self.row
+        for key, n in counts.items():
+            index = row.get(key)
+            if index is None:
+                # NOTE: a key new to the table needs two records in one batch to get a row of its own
+                # (a flooding template has them); single ones count as dimension=(other), so traffic
+                # whose every URL is new costs no row per record.
+                index = self._new_key(key) if n >= 2 else self._other(key)
+            self.counts[index] += n
+        for i, name in enumerate(self.spec.shares):
+            self.share_counts[i] += counts.get(name[: -len(" share")], 0)
+            self.share_totals[i] += records
+
+    def _new_key(self, key: str) -> int:
+        if len(self.keys) >= self.max_keys:
+            self.overflow += 1
+            return self._other(key)
+        return self._slot(key)
+
+    def _other(self, key: str) -> int:
+        other = f"{key.split('=', 1)[0]}={OTHER}"
+        index = self.row.get(other)
+        return index if index is not None else self._slot(other)
+
+    def _slot(self, key: str) -> int:
+        if len(self.keys) >= self.max_keys:
+            self._evict()
+        index = len(self.keys)
+        self.keys.append(key)
+        self.row[key] = index
+        state = self.state
+        state.level[index] = self.spec.new_key_level
+        state.scale[index] = self.spec.new_key_scale
+        state.hour[index] = 0.0
+        state.week[index] = 0.0
+        state.recent[index] = 0.0
+        state.seen[index] = 1
+        self.counts[index] = 0.0
+        self.activity[index] = 0.0
+        return index
+
+    def _evict(self) -> None:
+        """Drop the quarter of untrained keys with the least recent traffic (rows are compacted)."""
+        candidates = np.flatnonzero(~self.trained[: len(self.keys)])
+        if len(candidates) == 0:
+            return
+        drop = candidates[np.argsort(self.activity[candidates], kind="stable")[: max(1, len(candidates) // 4)]]
+        keep = np.setdiff1d(np.arange(len(self.keys)), drop)
+        self.keys = [self.keys[i] for i in keep]
+        self.row = {k: i for i, k in enumerate(self.keys)}
+        size = len(keep)
+        for name in ("level", "scale", "seen", "hour", "week", "recent"):
+            array = getattr(self.state, name)
+            array[:size] = array[keep]
+        for array in (self.counts, self.activity, self.trained):
+            array[:size] = array[keep]
+            array[size:] = 0
+
+    def close_due(self, now: float) -> list[AnomalyEvent]:
+        """Close every window that ended by ``now``; the events of improbable ones."""
+        events: list[AnomalyEvent] = []
+        while now >= self.start + self.window_s:
+            events += self._close(self.start)
+            self.start += self.window_s
+            if now - self.start > MAX_CATCH_UP * self.window_s:
+                # NOTE: the process was stopped or starved for long: the empty windows in between
+                # are skipped (one closed empty window already says the traffic dropped).
+                self.start = self._window_start(now) - MAX_CATCH_UP * self.window_s
+        return events
+
+    def _close(self, start: float) -> list[AnomalyEvent]:
+        """One event at most per window: its most improbable key, the other improbable ones named."""
+        size = len(self.keys)
+        counts = self.counts[:size].copy()
+        hour, week = slots(np.full(size, start))
+        y = count_transform(counts)
+        expected_y, deviation = self.state.step(y, hour, week, np.arange(size))
+        scale = self.state.spread(np.arange(size))
+        scores = self.spec.calibrate(deviation)
+        expected = count_inverse(expected_y)
+        low, high = count_inverse(expected_y - 2 * scale), count_inverse(expected_y + 2 * scale)
+        change = np.abs(counts - expected)
+        found = []  # (score, deviation, key, observed, low, high, explanation)
+        for i in np.flatnonzero((scores >= self.spec.threshold) & (change >= self.spec.min_change)).tolist():
+            found.append((float(scores[i]), float(deviation[i]), f"{self.keys[i]} count", float(counts[i]),
+                          float(low[i]), float(high[i]),
+                          describe_count(self.keys[i], counts[i], low[i], high[i], self.window_s)))
+        found += self._close_shares()
+        if self.observe_gauges is not None:
+            self.observe_gauges(self.model_name, self.keys, counts, expected)
+        self.activity[:size] = 0.9 * self.activity[:size] + counts
+        self.counts[:] = 0.0
+        if not found:
+            return []
+        found.sort(key=lambda f: (f[0], f[1]), reverse=True)
+        score, _, key, observed, low_, high_, text = found[0]
+        if len(found) > 1:
+            others = "; ".join(f[6] for f in found[1:MAX_NAMED])
+            more = f" and {len(found) - MAX_NAMED} more" if len(found) > MAX_NAMED else ""
+            text = f"{text}; also {others}{more}"
+        return [AnomalyEvent("window", self.model_name, key, score, observed, low_, high_, text, start,
+                             start + self.window_s)]
+
+    def _close_shares(self) -> list[tuple]:
+        if not len(self.spec.shares):
+            return []
+        counts, totals = self.share_counts, self.share_totals
+        deviation, spread = share_deviation(counts, totals, self.share_expected, self.spec.share_dispersion)
+        scores = self.spec.calibrate(deviation)
+        found = []
+        observed = counts / np.maximum(totals, 1.0)
+        for i in np.flatnonzero((scores >= self.spec.threshold) & (counts >= self.spec.min_change)).tolist():
+            low = max(self.share_expected[i] - 2 * spread[i], 0.0)
+            high = min(self.share_expected[i] + 2 * spread[i], 1.0)
+            name = self.spec.shares[i]
+            found.append((float(scores[i]), float(deviation[i]), name, float(observed[i]), float(low), float(high),
+                          describe_share(name, observed[i], low, high)))
+        # The expected share follows the traffic slowly, weighted by the window's records.
+        weight = np.minimum(totals / (totals + 200.0), 0.5)
+        clipped = np.minimum(observed, self.share_expected + 3 * spread)
+        self.share_expected = np.where(totals > 0, (1 - weight) * self.share_expected + weight * clipped,
+                                       self.share_expected)
+        counts[:] = 0.0
+        totals[:] = 0.0
+        return found

@@ -1,0 +1,286 @@
+"""Behaviour over time: forecasts per key, windows, clients, events, and the real sidecar's surfaces."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import grpc
+import numpy as np
+import pytest
+
+from logscore.entities import ClientBatch, ClientTracker
+from logscore.events import AnomalyEvent, EventHub
+from logscore.forecast import ForecastState, count_transform, slots
+from logscore.model import Model
+from logscore.generated.logscore.v1 import scorer_pb2 as pb
+from logscore.windows import describe_share, share_deviation
+
+from .generate import timed_shop_lines
+from .sidecar_process import ROOT, SidecarProcess, free_port
+from .test_forward import ForwardReceiver, packed, send_chunk
+
+START = 1_772_323_200.0  # 2026-03-01 00:00 UTC, a Sunday
+
+
+def test_forecaster_known_answers_spike_shift_and_seasonality():
+    rng = np.random.default_rng(0)
+    hours = 24 * 14
+    times = START + 3600 * np.arange(hours)
+    hour, week = slots(times)
+    daily = 100 + 80 * np.sin(2 * np.pi * hour / 24)  # a strong daily cycle, Poisson noise
+    counts = rng.poisson(daily).astype(float)
+    counts[300] = daily[300] * 3  # a burst
+    state = ForecastState.empty(1)
+    deviations = np.array([state.step(count_transform(counts[i:i + 1]), hour[i:i + 1], week[i:i + 1])[1][0]
+                           for i in range(hours)])
+    quiet = deviations[200:300]
+    assert deviations[300] > 6 > np.quantile(quiet, 0.95)  # the cycle is learned: only the burst stands out
+    assert np.quantile(quiet, 0.95) < 3.5
+
+    # A step of 3 standard deviations, hourly: no single point is extreme (quiet hours reach that
+    # too), the run of them is.
+    n = 24 * 21 + 30
+    times = START + 3600 * np.arange(n)
+    hour, week = slots(times)
+    level = np.r_[np.full(n - 30, 50.0), np.full(30, 53.0)] + np.random.default_rng(0).normal(0, 1.0, n)
+    shifted = ForecastState.empty(1)
+    found = np.array([shifted.step(count_transform(level[i:i + 1]), hour[i:i + 1], week[i:i + 1])[1][0]
+                      for i in range(n)])
+    assert max(found[n - 30: n - 24]) > 2 * np.quantile(found[n - 130: n - 30], 0.95)
+
+
+def test_share_deviation_and_its_explanation_are_exact():
+    deviation, spread = share_deviation(np.array([31.0, 1.0]), np.array([100.0, 100.0]), np.array([0.008, 0.008]),
+                                        np.array([1.0, 1.0]))
+    assert spread[0] == pytest.approx(math.sqrt(0.008 * 0.992 / 100))
+    assert deviation[0] == pytest.approx((0.31 - 0.008) / spread[0])
+    assert deviation[1] == pytest.approx((0.01 - 0.008) / spread[1])
+    assert describe_share("status_class=5xx share", 0.31, 0.004, 0.012) == "5xx share 31 %, expected 0.4 %–1.2 %"
+
+
+def test_client_tracker_decays_counts_and_stays_bounded():
+    tracker = ClientTracker(half_life_s=10.0, max_clients=100)
+
+    def batch(clients, times, status="200", path="/a"):
+        n = len(clients)
+        return ClientBatch(list(clients), np.asarray(times, float), np.full(n, float(status[0] in "45")),
+                           np.array([hash(f"{path}{i}") for i in range(n)]), np.zeros(n), np.full(n, 0.5))
+
+    features, _, requests = tracker.observe(batch(["a", "a"], [0.0, 0.0]))
+    assert features[:, 0].tolist() == [1.0, 2.0] and requests.tolist() == [1, 2]
+    features, _, requests = tracker.observe(batch(["a"], [10.0], status="404"))
+    assert features[0, 0] == pytest.approx(2 * 0.5 + 1)  # one half-life later
+    assert features[0, 1] == pytest.approx((1 + 0.05) / (2.0 + 1))  # errors (with the prior) over count + 1
+    assert requests.tolist() == [3]
+    for start in range(0, 1000, 50):  # 1,000 distinct clients through 100 slots
+        tracker.observe(batch([f"c{i}" for i in range(start, start + 50)], [20.0 + start] * 50))
+    assert len(tracker) <= 100 and tracker.evicted >= 900
+
+
+def test_a_slow_watcher_loses_its_oldest_events_and_is_told_how_many():
+    async def scenario():
+        dropped = []
+        hub = EventHub(recent=5, watcher_queue=3, on_drop=dropped.append)
+        hub.attach(asyncio.get_running_loop())
+        slow = hub.watch()
+        hub.publish(AnomalyEvent("window", "m", f"k{i}", 1.0, 1, 0, 1, "", 0, 1) for i in range(10))
+        first = await slow.next(1.0)
+        assert [e.key for e in hub.recent] == [f"k{i}" for i in range(5, 10)]  # bounded recent list
+        return first, sum(dropped), [e.id for e in hub.list_recent(limit=2)]
+
+    first, dropped, recent = asyncio.run(scenario())
+    assert (first.key, first.dropped_before, dropped, recent) == ("k7", 7, 7, [9, 10])
+
+
+@pytest.fixture(scope="module")
+def behaviour_model(tmp_path_factory):
+    """A model trained by the real CLI with window (1 s) and client detectors on 20 minutes of traffic."""
+    directory = tmp_path_factory.mktemp("behaviour")
+    training = directory / "train.log"
+    training.write_text("\n".join(timed_shop_lines(1200, 3.0, START)) + "\n")
+    models = directory / "models"
+    models.mkdir()
+    path = models / "shop.onnx"
+    done = subprocess.run([sys.executable, "-m", "logscore", "train", "--input", str(training), "--out", str(path),
+                           "--windows", "--window-s", "1", "--entities"], capture_output=True, text=True,
+                          timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    return path
+
+
+def test_the_artifact_carries_window_and_client_models_in_graph_and_metadata(behaviour_model):
+    from logscore.behaviour import entity_spec, window_spec
+
+    model = Model.load(behaviour_model)
+    windows, clients = model.metadata["windows"], model.metadata["entities"]
+    assert windows["window_s"] == 1.0 and windows["keys"][0] == "route=shop"
+    assert windows["shares"] == ["status_class=5xx share", "status_class=4xx share"]  # 5xx too, never seen
+    spec = window_spec(model)
+    assert spec.state.level.shape == (len(windows["keys"]),) and spec.state.hour.shape[1] == 24
+    assert spec.calibrate(np.array([0.0, 50.0])).tolist() == [pytest.approx(0.0, abs=0.5), 1.0]
+    detector = entity_spec(model)
+    normal = np.array([[3, 0.05, 3, 0.02, 0.5]], np.float32)
+    scanner = np.array([[20, 0.9, 20, 0.6, 0.99]], np.float32)
+    assert detector.score(normal)[0] < clients["threshold"] <= detector.score(scanner)[0]
+    assert model.score(["x"]).fields is not None  # the record model scores as ever
+    shown = subprocess.run([sys.executable, "-m", "logscore", "inspect", str(behaviour_model)], capture_output=True,
+                           text=True, timeout=60, cwd=ROOT).stdout
+    assert "windows: 1 s, " in shown and "clients: by remote_addr" in shown
+
+
+def burst_lines(count: int, status: str = "503") -> list[str]:
+    line = timed_shop_lines(1, 5.0, START, seed=3)[0]
+    return [line.replace('" 200 ', f'" {status} ').replace('" 404 ', f'" {status} ') for _ in range(count)]
+
+
+def test_a_burst_is_one_window_event_on_grpc_http_and_forward_mode(behaviour_model, tmp_path):
+    receiver = ForwardReceiver(free_port()).start()
+    forward_port = free_port()
+    sidecar = SidecarProcess(behaviour_model.parent, tmp_path, forward=f"127.0.0.1:{forward_port}",
+                             forward_to=f"127.0.0.1:{receiver.port}").start()
+    grpc_events, sse_lines = [], []
+    try:
+        call = sidecar.stub().WatchAnomalies(pb.WatchAnomaliesRequest(kinds=["window"]), timeout=30)
+        threading.Thread(target=collect, args=(call, grpc_events), daemon=True).start()
+        threading.Thread(target=read_sse, args=(sidecar.http_port, sse_lines), daemon=True).start()
+        time.sleep(1.0)  # both watchers are open; quiet windows raise nothing
+        normal = [[int(time.time()), {"message": line}] for line in timed_shop_lines(2, 2.0, START, seed=5)]
+        send_chunk(forward_port, ["web.access", packed(normal), {"chunk": "n1"}])
+        burst = [[int(time.time()), {"message": line}] for line in burst_lines(400)]
+        assert send_chunk(forward_port, ["web.access", packed(burst), {"chunk": "b1"}]) == {"ack": "b1"}
+        sidecar.wait_for(lambda: grpc_events and any("event: window" in line for line in sse_lines)
+                         and any(tag == "logscore.anomaly" for tag, _ in receiver.records), 15, "events")
+        time.sleep(2.5)  # later windows (quiet again) add nothing
+        call.cancel()
+        recent = json.loads(sidecar.http_get("/v1/anomalies?kinds=window")[1])["events"]
+        forwarded = [r for tag, r in receiver.records if tag == "logscore.anomaly" and r["kind"] == "window"]
+        assert len(grpc_events) == len(recent) == len(forwarded) == 1
+        assert sum("event: window" in line for line in sse_lines) == 1
+        assert grpc_events[0].key == recent[0]["key"] == forwarded[0]["key"]
+        assert recent[0]["score"] >= 0.999 and "expected" in recent[0]["explanation"]
+        assert "5xx" in recent[0]["explanation"] or "route=shop" in recent[0]["explanation"]
+        scored = [r for tag, r in receiver.records if tag == "web.access"]
+        assert len(scored) == len(normal) + 400 and all(0 <= r["entity_score"] <= 1 for r in scored)
+        metrics = sidecar.http_get("/metrics")[1].decode()
+        assert 'logscore_window_expected{key="route=shop",model="shop"}' in metrics
+        assert 'logscore_anomaly_events_total{kind="window",model="shop"} 1.0' in metrics
+    finally:
+        sidecar.stop()
+        receiver.stop()
+
+
+def collect(call, events: list) -> None:
+    try:
+        events.extend(call)
+    except grpc.RpcError:  # cancelled by the test
+        pass
+
+
+def read_sse(port: int, lines: list) -> None:
+    """Read GET /v1/anomalies as server-sent events until the connection ends (bounded in time)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as connection:
+        connection.sendall(b"GET /v1/anomalies?kinds=window HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n")
+        buffer = b""
+        deadline = time.monotonic() + 30
+        try:
+            while time.monotonic() < deadline and (data := connection.recv(65536)):
+                buffer += data
+                *done, buffer = buffer.split(b"\n")
+                lines.extend(line.decode() for line in done)
+        except OSError:
+            pass
+
+
+def test_anomaly_requests_are_checked_and_scores_carry_entity_scores(behaviour_model, tmp_path):
+    sidecar = SidecarProcess(behaviour_model.parent, tmp_path).start()
+    try:
+        status, body = sidecar.http_get("/v1/anomalies?kinds=nonsense")
+        assert status == 400 and "kinds=nonsense" in json.loads(body)["error"]
+        assert sidecar.http_get("/v1/anomalies?limit=-1")[0] == 400
+        status, answer = sidecar.http_post("/v1/score", timed_shop_lines(3, 2.0, START, seed=7))
+        assert status == 200 and all(0 <= r["entity_score"] <= 1 for r in answer["results"])
+        response = sidecar.stub().Score(pb.ScoreRequest(lines=pb.RawLines(lines=[b"x - - garbage"])), timeout=5)
+        assert len(response.entity_scores) == 1 and math.isnan(response.entity_scores[0])  # no client named
+    finally:
+        sidecar.stop()
+
+
+def test_evaluate_series_scores_online_in_nab_format_and_finds_the_spike(tmp_path):
+    rng = np.random.default_rng(1)
+    times = START + 300 * np.arange(12 * 24 * 6)  # six days of 5-minute steps
+    hour = (times // 3600) % 24
+    values = rng.poisson(200 + 150 * np.sin(2 * np.pi * hour / 24)).astype(float)
+    spike = len(values) - 300
+    values[spike] *= 4
+    stamps = [time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(t)) for t in times]
+    series = tmp_path / "volume.csv"
+    series.write_text("timestamp,value\n" + "".join(f"{s},{v:g}\n" for s, v in zip(stamps, values)))
+    windows = tmp_path / "windows.json"
+    windows.write_text(json.dumps({"volume.csv": [[stamps[spike - 5] + ".000000", stamps[spike + 5] + ".000000"]]}))
+    out = tmp_path / "scored.csv"
+    done = subprocess.run([sys.executable, "-m", "logscore", "evaluate", "--series", str(series), "--series-out",
+                           str(out), "--series-windows", str(windows)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    rows = [line.split(",") for line in out.read_text().splitlines()]
+    assert rows[0] == ["timestamp", "value", "anomaly_score", "label"] and len(rows) == len(values) + 1
+    scores = np.array([float(r[2]) for r in rows[1:]])
+    assert int(np.argmax(scores)) == spike and scores[spike] > 0.6
+    assert scores[: 12 * 24].max() == 0.0  # the first day only learns
+    assert [int(r[3]) for r in rows[1:]].count(1) == 11 and rows[spike + 1][3] == "1"
+    # The past only: the scores before the spike do not change when the future does.
+    values[spike + 1:] = 0
+    series.write_text("timestamp,value\n" + "".join(f"{s},{v:g}\n" for s, v in zip(stamps, values)))
+    again = subprocess.run([sys.executable, "-m", "logscore", "evaluate", "--series", str(series)],
+                           capture_output=True, text=True, timeout=120)
+    assert [line.split(",")[2] for line in again.stdout.splitlines()[1: spike + 2]] == \
+        [r[2] for r in rows[1: spike + 2]]
+
+
+@pytest.mark.parametrize("text, complaint", [
+    ("time,count\n1,2\n", "expected a header 'timestamp,value'"),
+    ("timestamp,value\n2015-01-01 00:00:00,1\nnot a time,2\n", "line 3 is not 'timestamp,value'"),
+    ("timestamp,value\n" + "".join(f"2015-01-01 00:{59 - i:02d}:00,1\n" for i in range(20)), "must not go back"),
+])
+def test_evaluate_series_refuses_bad_input_clearly(tmp_path, text, complaint):
+    series = tmp_path / "bad.csv"
+    series.write_text(text)
+    done = subprocess.run([sys.executable, "-m", "logscore", "evaluate", "--series", str(series)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and complaint in done.stderr and "Traceback" not in done.stderr
+
+
+def test_window_keys_stay_bounded_and_new_keys_need_two_records(behaviour_model):
+    from logscore.behaviour import window_spec
+    from logscore.windows import KeyNamer, WindowCounter
+
+    spec = window_spec(Model.load(behaviour_model))
+    trained = len(spec.keys)
+    counter = WindowCounter(spec, "shop", KeyNamer(spec.dimensions), max_keys=trained + 50, now=START)
+    for batch in range(20):  # 20 batches of 100 new URL templates, each seen twice
+        fields = [{"url": f"/new{batch}-{i // 2}", "status": "200"} for i in range(200)]
+        counter.observe(fields)
+    assert len(counter.keys) <= trained + 50 and set(spec.keys) <= set(counter.keys)  # trained keys stay
+    counter.observe([{"url": "/seen-once", "status": "200"}])
+    assert "url_template=/seen-once" not in counter.row and "url_template=(other)" in counter.row
+    counter.close_due(START + 10_000)  # after a long pause: at most MAX_CATCH_UP windows are closed
+    assert START + 10_000 - 61 <= counter.start <= START + 10_000
+
+
+@pytest.mark.parametrize("lines, flags, complaint", [
+    (["<34>Oct 11 22:14:15 mymachine su: 'su root' failed"] * 50, ["--format", "plain", "--windows"],
+     "carry a readable timestamp"),
+    (["x"] * 50, ["--format", "plain", "--base", "ignored.onnx"], "--base learns behaviour onto a model"),
+])
+def test_training_behaviour_refuses_what_it_cannot_learn(tmp_path, lines, flags, complaint):
+    source = tmp_path / "in.log"
+    source.write_text("\n".join(lines) + "\n")
+    done = subprocess.run([sys.executable, "-m", "logscore", "train", "--input", str(source), "--out",
+                           str(tmp_path / "m.onnx"), *flags], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 1 and complaint in done.stderr and "Traceback" not in done.stderr
