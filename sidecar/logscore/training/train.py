@@ -5,11 +5,13 @@
     each fold: fit on the others (featurizer.fit ─► featurize ─► key frequencies
                + detectors.fit) ─► raw scores of the fold through the ONNX graph
                (the same onnxruntime path as serving)
-    screening: set aside the records standing far above the rest, refit, repeat
-               (robust.py: attacks in the training data are not learned as normal)
-    out-of-fold raw scores of the kept records ─► empirical CDF per detector (+ one
-               over their max for ensembles) ─► threshold; realized FPR on held-back folds
-    kept records ─► the final fit ─► graph + calibration + metadata
+    screening: refit without the records standing above the rest, repeat; set aside
+               those standing far above (robust.py: attacks in the training data are
+               not learned as normal, nor calibrated on)
+    out-of-fold raw scores of the records not set aside ─► empirical CDF per detector
+               (+ one over their max for ensembles) ─► threshold; realized FPR on
+               held-back folds
+    learned records ─► the final fit ─► graph + calibration + metadata
 """
 
 from __future__ import annotations
@@ -67,8 +69,9 @@ class TrainOptions:
     inputs: Sequence[str] = ()
     chunk: int = 2048
     set_aside: bool = True  # screen out records that look like attacks (robust.py)
-    set_aside_factor: float = 2.5
-    screening_rounds: int = 1  # refits without the set-aside records (a second one set 3 more of 36,000 aside)
+    set_aside_factor: float = 2.5  # this far above the rest: left out of calibration too
+    learn_factor: float = 1.75  # this far above the rest: not learned (robust.py says why two levels)
+    screening_rounds: int = 2  # refits without the records not learned (CSIC 2010: a third changed nothing)
     learned_route: Optional[str] = None  # set by the sidecar's learner (sidecar/logscore/learning.py)
 
     def validate(self) -> None:
@@ -82,8 +85,9 @@ class TrainOptions:
             raise ConfigError(f"target false-positive rate must be between 0 and 0.5, not {self.target_fpr}")
         if self.threshold_rule not in ("fpr", "sigma"):
             raise ConfigError(f"threshold rule must be 'fpr' or 'sigma', not {self.threshold_rule!r}")
-        if self.set_aside_factor <= 1.0:
-            raise ConfigError(f"set-aside factor must be above 1, not {self.set_aside_factor}")
+        if not 1.0 < self.learn_factor <= self.set_aside_factor:
+            raise ConfigError(f"screening factors must be above 1, the learning one ({self.learn_factor}) "
+                              f"at most the set-aside one ({self.set_aside_factor})")
 
 
 def reservoir_sample(records: Iterable[object], size: int, seed: int,
@@ -303,14 +307,14 @@ def train(records: Iterable[object], options: TrainOptions,
     # Rare = seen in fewer records than a feature needs to count as normal (screening's grouping).
     support = options.support or default_support(len(sample))
     folds, screening = screen_sample(sample, options, support, progress)
-    kept = ~screening.set_aside
+    kept = ~screening.set_aside  # calibrated on
     raw = screening.raw[kept]
     calibration, calibrated = calibrate(raw)
     threshold = choose_threshold(calibrated, options)
     flagged = float((calibrated >= threshold).mean())
     held_back = held_back_fpr(screening.raw, folds, kept, options)
-    kept_records = [r for r, keep in zip(sample, kept) if keep]
-    final = fit(kept_records, options, progress, "final model")
+    learned = [r for r, skip in zip(sample, screening.not_learned) if not skip]
+    final = fit(learned, options, progress, "final model")
 
     metadata = {
         "format_version": FORMAT_VERSION,
@@ -336,7 +340,7 @@ def train(records: Iterable[object], options: TrainOptions,
             "records_read": read,
             "records_used": len(sample),
             "unparsed_records": unparsed,
-            "set_aside": (screening.describe(sample, options.set_aside_factor)
+            "set_aside": (screening.describe(sample, options.set_aside_factor, options.learn_factor)
                           if options.set_aside and "rarity" in options.detectors else None),
             "warnings": warnings,
             "distinct_features": int(len(final.table.keys)),
@@ -361,7 +365,8 @@ def screen_sample(sample: Sequence[object], options: TrainOptions, support: floa
     if not options.set_aside or "rarity" not in options.detectors:
         folds = np.arange(len(sample)) % options.folds
         raw = out_of_fold_raw_scores(sample, options, progress, folds)
-        return folds, screen(lambda _: raw, len(sample), options.target_fpr, options.set_aside_factor, 0)
+        return folds, screen(lambda _: raw, len(sample), options.target_fpr, options.set_aside_factor,
+                             options.learn_factor, 0)
     progress("grouping similar records", 0, len(sample), "records")
     rows, keys = record_keys(sample, options.spec, options.chunk)
     folds = signature_folds(sample, rows, keys, options.folds, support)
@@ -372,7 +377,7 @@ def screen_sample(sample: Sequence[object], options: TrainOptions, support: floa
         return out_of_fold_raw_scores(sample, options, progress, folds, fit_mask, stage=stage)
 
     return folds, screen(score_out_of_fold, len(sample), options.target_fpr, options.set_aside_factor,
-                         options.screening_rounds,
+                         options.learn_factor, options.screening_rounds,
                          lambda found, raw: cluster_mates(found, raw, rows, keys, options.target_fpr),
                          [options.detectors.index("rarity")])
 
