@@ -383,10 +383,8 @@ def describe_set_aside(training: dict) -> str:
     aside = training.get("set_aside")
     if aside is None:
         return "set aside: nothing (every record learned as normal)"
-    # Models trained before the two screening levels have no count of records not learned.
-    doubtful = aside.get("not_learned", aside["records"]) - aside["records"]
     return (f"set aside as likely attacks: {aside['records']} records ({aside['fraction']:.3%}); "
-            f"{doubtful} more not learned from, only calibrated on; `logscore inspect` lists examples")
+            "`logscore inspect` lists examples")
 
 
 CLIENT_CALL_BYTES = 1024 * 1024  # half the sidecar's default max_message_bytes
@@ -603,8 +601,7 @@ def evaluation_model(args, records: list, labels: list, types: Optional[list]):
     set_aside = metadata["training"].get("set_aside") or {}
     return model, {"records": len(training_records), "anomalous_mixed_in": len(moved),
                    "contamination": round(len(moved) / len(training_records), 6),
-                   "set_aside": set_aside.get("records", 0), "not_learned": set_aside.get("not_learned", 0),
-                   "target_fpr": args.target_fpr}
+                   "set_aside": set_aside.get("records", 0), "target_fpr": args.target_fpr}
 
 
 def train_for_evaluation(args, records: list):
@@ -648,6 +645,8 @@ def run_inspect(args) -> int:
           "distinct features")
     print(f"  {describe_realized_fpr(calibration)}")
     print(f"  {describe_set_aside(training)}")
+    if (training.get("set_aside") or {}).get("rule"):
+        print(f"    rule: {training['set_aside']['rule']}")
     for example in (training.get("set_aside") or {}).get("examples", []):
         print(f"    {example['record']}")
     for warning in training.get("warnings", []):

@@ -5,13 +5,11 @@
     each fold: fit on the others (featurizer.fit ─► featurize ─► key frequencies
                + detectors.fit) ─► raw scores of the fold through the ONNX graph
                (the same onnxruntime path as serving)
-    screening: refit without the records standing above the rest, repeat; set aside
-               those standing far above (robust.py: attacks in the training data are
-               not learned as normal, nor calibrated on)
-    out-of-fold raw scores of the records not set aside ─► empirical CDF per detector
-               (+ one over their max for ensembles) ─► threshold; realized FPR on
-               held-back folds
-    learned records ─► the final fit ─► graph + calibration + metadata
+    screening: set aside the records standing far above the rest, refit, repeat
+               (robust.py: attacks in the training data are not learned as normal)
+    out-of-fold raw scores of the kept records ─► empirical CDF per detector (+ one
+               over their max for ensembles) ─► threshold; realized FPR on held-back folds
+    kept records ─► the final fit ─► graph + calibration + metadata
 """
 
 from __future__ import annotations
@@ -69,9 +67,9 @@ class TrainOptions:
     inputs: Sequence[str] = ()
     chunk: int = 2048
     set_aside: bool = True  # screen out records that look like attacks (robust.py)
-    set_aside_factor: float = 2.5  # this far above the rest: left out of calibration too
-    learn_factor: float = 1.75  # this far above the rest: not learned (robust.py says why two levels)
-    screening_rounds: int = 2  # refits without the records not learned (CSIC 2010: a third changed nothing)
+    set_aside_factor: float = 2.5
+    contaminated_factor: float = 1.75  # the level when the data evidently holds attacks (robust.py)
+    screening_rounds: int = 3  # refits without the set-aside records, while they change
     learned_route: Optional[str] = None  # set by the sidecar's learner (sidecar/logscore/learning.py)
 
     def validate(self) -> None:
@@ -85,9 +83,9 @@ class TrainOptions:
             raise ConfigError(f"target false-positive rate must be between 0 and 0.5, not {self.target_fpr}")
         if self.threshold_rule not in ("fpr", "sigma"):
             raise ConfigError(f"threshold rule must be 'fpr' or 'sigma', not {self.threshold_rule!r}")
-        if not 1.0 < self.learn_factor <= self.set_aside_factor:
-            raise ConfigError(f"screening factors must be above 1, the learning one ({self.learn_factor}) "
-                              f"at most the set-aside one ({self.set_aside_factor})")
+        if not 1.0 < self.contaminated_factor <= self.set_aside_factor:
+            raise ConfigError(f"set-aside factors must be above 1, the contaminated one ({self.contaminated_factor}) "
+                              f"at most the first ({self.set_aside_factor})")
 
 
 def reservoir_sample(records: Iterable[object], size: int, seed: int,
@@ -307,14 +305,14 @@ def train(records: Iterable[object], options: TrainOptions,
     # Rare = seen in fewer records than a feature needs to count as normal (screening's grouping).
     support = options.support or default_support(len(sample))
     folds, screening = screen_sample(sample, options, support, progress)
-    kept = ~screening.set_aside  # calibrated on
+    kept = ~screening.set_aside
     raw = screening.raw[kept]
     calibration, calibrated = calibrate(raw)
     threshold = choose_threshold(calibrated, options)
     flagged = float((calibrated >= threshold).mean())
     held_back = held_back_fpr(screening.raw, folds, kept, options)
-    learned = [r for r, skip in zip(sample, screening.not_learned) if not skip]
-    final = fit(learned, options, progress, "final model")
+    kept_records = [r for r, keep in zip(sample, kept) if keep]
+    final = fit(kept_records, options, progress, "final model")
 
     metadata = {
         "format_version": FORMAT_VERSION,
@@ -340,7 +338,7 @@ def train(records: Iterable[object], options: TrainOptions,
             "records_read": read,
             "records_used": len(sample),
             "unparsed_records": unparsed,
-            "set_aside": (screening.describe(sample, options.set_aside_factor, options.learn_factor)
+            "set_aside": (screening.describe(sample)
                           if options.set_aside and "rarity" in options.detectors else None),
             "warnings": warnings,
             "distinct_features": int(len(final.table.keys)),
@@ -365,8 +363,7 @@ def screen_sample(sample: Sequence[object], options: TrainOptions, support: floa
     if not options.set_aside or "rarity" not in options.detectors:
         folds = np.arange(len(sample)) % options.folds
         raw = out_of_fold_raw_scores(sample, options, progress, folds)
-        return folds, screen(lambda _: raw, len(sample), options.target_fpr, options.set_aside_factor,
-                             options.learn_factor, 0)
+        return folds, screen(lambda _: raw, len(sample), options.target_fpr, options.set_aside_factor, 0)
     progress("grouping similar records", 0, len(sample), "records")
     rows, keys = record_keys(sample, options.spec, options.chunk)
     folds = signature_folds(sample, rows, keys, options.folds, support)
@@ -377,9 +374,9 @@ def screen_sample(sample: Sequence[object], options: TrainOptions, support: floa
         return out_of_fold_raw_scores(sample, options, progress, folds, fit_mask, stage=stage)
 
     return folds, screen(score_out_of_fold, len(sample), options.target_fpr, options.set_aside_factor,
-                         options.learn_factor, options.screening_rounds,
+                         options.screening_rounds,
                          lambda found, raw: cluster_mates(found, raw, rows, keys, options.target_fpr),
-                         [options.detectors.index("rarity")])
+                         [options.detectors.index("rarity")], options.contaminated_factor)
 
 
 def save_model(model, path: str | Path) -> None:
