@@ -128,7 +128,7 @@ def training_facts(meta: dict, moved: int) -> dict:
     return {"target_fpr": meta["calibration"]["target_fpr"],
             "held_back_fpr": (meta["calibration"].get("held_back") or {}).get("fpr"),
             "mixed_in": moved, "training_records": meta["training"]["records_used"],
-            "set_aside": aside.get("records", 0)}
+            "set_aside": aside.get("records", 0), "set_aside_factor": aside.get("factor")}
 
 
 def csic(data: Path, workdir: Path, detectors: list[str], variant: Variant = CLEAN) -> dict:
@@ -311,8 +311,14 @@ def decisions_table(results: list[dict]) -> str:
         lines.append(f"| {r['data']} | {', '.join(r['detectors'])} | {r['variant']} | {r['unit']} | {r['roc_auc']} | "
                      f"{r['recall_at_threshold']} | {percent(r['fpr_at_threshold'])} | {percent(r['target_fpr'])} | "
                      f"{percent(r['held_back_fpr'])} | {r['mixed_in']} ({percent(r['mixed_in'] / r['training_records'])}) | "
-                     f"{r['set_aside']} |")
+                     f"{set_aside_cell(r)} |")
     return "\n".join(lines)
+
+
+def set_aside_cell(result: dict) -> str:
+    """How many records screening set aside, and at which level (robust.py lowers it on evident attacks)."""
+    factor = result.get("set_aside_factor")
+    return f"{result['set_aside']} (at {factor}x)" if factor else str(result["set_aside"])
 
 
 def percent(value) -> str:
@@ -341,7 +347,7 @@ def evaluate(name: str, detectors: list[str], variant: Variant, data: Path, work
     result = {"data": name, "title": title, "detectors": detectors, "variant": variant.name,
               "unit": outcome.get("unit", "record"), **report,
               **{k: outcome[k] for k in ("score_us_per_record", "ceiling", "held_back_fpr", "mixed_in",
-                                         "training_records", "set_aside") if k in outcome}}
+                                         "training_records", "set_aside", "set_aside_factor") if k in outcome}}
     print(json.dumps({k: result[k] for k in ("roc_auc", "recall_at_threshold", "fpr_at_threshold")}), file=sys.stderr)
     return result
 

@@ -175,7 +175,7 @@ def learning_section(results: dict) -> str:
              "|---|---:|---:|---:|---:|---:|---:|"]
     for run in results["runs"]:
         first, served = run["first"], run["following_flagged_2xx_3xx"]
-        attacks = "; ".join(f"{kind} {a['flagged']:.1%} of {a['lines']:,}" for kind, a in run["attack_recall"].items())
+        attacks = "; ".join(f"{kind} {a['flagged']:.2%} of {a['lines']:,}" for kind, a in run["attack_recall"].items())
         lines.append(f"| {run['name']} | {np.mean(first['over_threshold']):.1%} | {np.mean(first['flagged']):.1%} | "
                      f"{run['learning_seconds']} s | {run['following_flagged']:.2%} of {run['following']['lines']:,} "
                      f"({served['share']:.2%} of {served['lines']:,}) | {attacks} | {run['learned']['set_aside']} |")

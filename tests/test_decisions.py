@@ -12,6 +12,7 @@ import pytest
 from logscore.decide import decide, flags_unparsed
 from logscore.features import load_spec
 from logscore.model import Model
+from logscore.training.robust import screen
 from logscore.training.train import TrainOptions, save_model, train
 
 from .generate import attack_lines, blog_lines, shop_lines, syslog_lines
@@ -112,12 +113,52 @@ def test_attacks_mixed_into_training_are_set_aside_and_still_caught(tmp_path, at
     set_aside = metadata["training"]["set_aside"]
     assert 30 <= set_aside["records"] <= 36, set_aside  # the 30 attacks, a few normal lines at most
     assert set(e["record"] for e in set_aside["examples"]) <= set(mixed_in)
+    assert "more than 1.75x" in set_aside["rule"]  # 1 % far out: the lower level
     recall = lambda model: float(model.score(attacks).is_anomaly.mean())  # noqa: E731
     assert recall(robust) >= 0.9 and recall(naive) < 0.5, (recall(robust), recall(naive))
     assert robust.score(fresh).is_anomaly.mean() <= 0.006
     shown = logscore("inspect", tmp_path / "robust.onnx").stdout
     assert f"set aside as likely attacks: {set_aside['records']} records" in shown
     assert set_aside["examples"][0]["record"][:60] in shown
+    assert f"rule: {set_aside['rule']}" in shown
+
+
+@pytest.mark.parametrize("far_out, target_fpr, outcome", [(1, 0.02, "first level"), (8, 0.02, "lowered"),
+                                                         (8, 0.001, "first level"), (8, 0.013, "lowered, stopped")])
+def test_the_set_aside_level_drops_only_when_the_data_evidently_holds_attacks(far_out, target_fpr, outcome):
+    """Known answer (robust.screen): 1,000 records, 80 of them a normal tail at 1.0 (the 98th
+    percentile, the reference); 12 at 2.0 (above 1.75x the reference, under 2.5x); ``far_out``
+    at 5.0. One far out (0.1 %) is what clean data shows: only it is set aside. Eight (0.8 %)
+    are evidence of attacks: the level drops to 1.75x and the records at 2.0 go too, with the
+    4 records that looked normal while those vouched for them (round 2) — as long as the records
+    it adds fit in the target FPR's share: 16 fit in 20 (2 %), 12 do not fit in 1 (0.1 %); at
+    1.3 % the 12 fit in 13 but the 4 mates do not, and screening stops before round 2."""
+    raw = np.zeros(1000)
+    raw[900:980] = 1.0
+    doubtful = np.arange(980, 992)
+    raw[doubtful] = 2.0
+    raw[1000 - far_out:] = 5.0
+    mates = [10, 20, 30, 40]
+    calls = []
+
+    def score_out_of_fold(fit_mask):
+        calls.append(fit_mask.copy())
+        scores = raw.copy()
+        scores[mates] = 0.0 if fit_mask[doubtful].all() else 2.2
+        return scores[:, None].astype(np.float32)
+
+    screening = screen(score_out_of_fold, 1000, target_fpr, 2.5, 3, contaminated_factor=1.75)
+    aside = set(np.flatnonzero(screening.set_aside))
+    far = set(range(1000 - far_out, 1000))
+    if outcome == "lowered":
+        assert aside == far | set(doubtful) | set(mates) and screening.factor == 1.75
+        assert screening.rounds == 2 and len(calls) == 3  # the mates surface once the doubtful are out
+    elif outcome == "lowered, stopped":
+        assert aside == far | set(doubtful) and screening.factor == 1.75
+        assert screening.rounds == 1 and len(calls) == 2
+    else:
+        assert aside == far and screening.factor == 2.5 and screening.rounds == 1 and len(calls) == 2
+    assert "more than %sx the score" % screening.factor in screening.describe([""] * 1000)["rule"]
 
 
 def test_clean_training_data_loses_nothing(tmp_path, attack_traffic):
@@ -126,6 +167,7 @@ def test_clean_training_data_loses_nothing(tmp_path, attack_traffic):
     robust, metadata = trained(normal, tmp_path, "robust", target_fpr=0.002)
     naive, _ = trained(normal, tmp_path, "naive", target_fpr=0.002, set_aside=False)
     assert metadata["training"]["set_aside"]["records"] <= 3
+    assert "more than 2.5x" in metadata["training"]["set_aside"]["rule"]
     assert robust.score(attacks).is_anomaly.mean() >= naive.score(attacks).is_anomaly.mean()
     assert robust.score(fresh).is_anomaly.mean() <= naive.score(fresh).is_anomaly.mean() + 0.001
 

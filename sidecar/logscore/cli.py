@@ -789,6 +789,8 @@ def run_inspect(args) -> int:
           "distinct features")
     print(f"  {describe_realized_fpr(calibration)}")
     print(f"  {describe_set_aside(training)}")
+    if (training.get("set_aside") or {}).get("rule"):
+        print(f"    rule: {training['set_aside']['rule']}")
     for example in (training.get("set_aside") or {}).get("examples", []):
         print(f"    {example['record']}")
     for warning in training.get("warnings", []):

@@ -68,7 +68,8 @@ class TrainOptions:
     chunk: int = 2048
     set_aside: bool = True  # screen out records that look like attacks (robust.py)
     set_aside_factor: float = 2.5
-    screening_rounds: int = 1  # refits without the set-aside records (a second one set 3 more of 36,000 aside)
+    contaminated_factor: float = 1.75  # the level when the data evidently holds attacks (robust.py)
+    screening_rounds: int = 3  # refits without the set-aside records, while they change
     learned_route: Optional[str] = None  # set by the sidecar's learner (sidecar/logscore/learning.py)
     feedback: Optional[object] = None  # training.feedback.TrainingFeedback: operators' verdicts to fold in
 
@@ -83,8 +84,9 @@ class TrainOptions:
             raise ConfigError(f"target false-positive rate must be between 0 and 0.5, not {self.target_fpr}")
         if self.threshold_rule not in ("fpr", "sigma"):
             raise ConfigError(f"threshold rule must be 'fpr' or 'sigma', not {self.threshold_rule!r}")
-        if self.set_aside_factor <= 1.0:
-            raise ConfigError(f"set-aside factor must be above 1, not {self.set_aside_factor}")
+        if not 1.0 < self.contaminated_factor <= self.set_aside_factor:
+            raise ConfigError(f"set-aside factors must be above 1, the contaminated one ({self.contaminated_factor}) "
+                              f"at most the first ({self.set_aside_factor})")
 
 
 def reservoir_sample(records: Iterable[object], size: int, seed: int,
@@ -346,7 +348,7 @@ def train(records: Iterable[object], options: TrainOptions,
             "records_read": read,
             "records_used": len(sample),
             "unparsed_records": unparsed,
-            "set_aside": (screening.describe(sample, options.set_aside_factor)
+            "set_aside": (screening.describe(sample)
                           if options.set_aside and "rarity" in options.detectors else None),
             "warnings": warnings,
             "distinct_features": int(len(final.table.keys)),
@@ -414,7 +416,7 @@ def screen_sample(sample: Sequence[object], options: TrainOptions, support: floa
     return folds, screen(score_out_of_fold, len(sample), options.target_fpr, options.set_aside_factor,
                          options.screening_rounds,
                          lambda found, raw: cluster_mates(found, raw, rows, keys, options.target_fpr),
-                         [options.detectors.index("rarity")])
+                         [options.detectors.index("rarity")], options.contaminated_factor)
 
 
 def save_model(model, path: str | Path) -> None:
