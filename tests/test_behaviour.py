@@ -150,7 +150,8 @@ def test_a_burst_is_one_window_event_on_grpc_http_and_forward_mode(behaviour_mod
         call = sidecar.stub().WatchAnomalies(pb.WatchAnomaliesRequest(kinds=["window"]), timeout=30)
         threading.Thread(target=collect, args=(call, grpc_events), daemon=True).start()
         threading.Thread(target=read_sse, args=(sidecar.http_port, sse_lines), daemon=True).start()
-        time.sleep(1.0)  # both watchers are open; quiet windows raise nothing
+        call.initial_metadata()  # the gRPC watch is in place (sent once the watcher is registered)
+        sidecar.wait_for(lambda: any(line.startswith("HTTP/1.1 200") for line in sse_lines), 15, "the SSE watch")
         normal = [[int(time.time()), {"message": line}] for line in timed_shop_lines(2, 2.0, START, seed=5)]
         send_chunk(forward_port, ["web.access", packed(normal), {"chunk": "n1"}])
         burst = [[int(time.time()), {"message": line}] for line in burst_lines(400)]
@@ -284,3 +285,22 @@ def test_training_behaviour_refuses_what_it_cannot_learn(tmp_path, lines, flags,
     done = subprocess.run([sys.executable, "-m", "logscore", "train", "--input", str(source), "--out",
                            str(tmp_path / "m.onnx"), *flags], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert done.returncode == 1 and complaint in done.stderr and "Traceback" not in done.stderr
+
+
+def test_windows_hold_when_trained_keys_outnumber_the_limit_and_values_are_not_text(behaviour_model):
+    """window_max_keys below the trained keys, and a sender's list where a status or client should be:
+    counted (as text), never an error that would drop the request's window counts."""
+    from logscore.behaviour import window_spec
+    from logscore.entities import client_batch
+    from logscore.windows import KeyNamer, WindowCounter
+
+    spec = window_spec(Model.load(behaviour_model))
+    counter = WindowCounter(spec, "shop", KeyNamer(spec.dimensions), max_keys=1, now=START)
+    for batch in range(5):
+        counter.observe([{"url": f"/brand-new-{batch}", "status": ["500"]}] * 3)
+    assert set(spec.keys) <= set(counter.keys) and len(counter.keys) <= counter.max_keys
+    assert any(key.startswith("status_class=") for key in counter.keys)
+    clients = client_batch([{"remote_addr": ["10.0.0.1"], "status": 200}], "remote_addr", np.zeros(1),
+                           np.zeros(1), np.zeros(1))
+    assert clients.clients == ["['10.0.0.1']"]
+

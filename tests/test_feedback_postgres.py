@@ -51,11 +51,9 @@ def test_a_fleet_shares_feedback_and_a_sidecar_without_its_database_keeps_servin
         assert all(r["is_anomaly"] for r in score(second, lines))
         status, body = feedback(first, "POST", {"verdict": "normal", "author": "ana", "records": lines[:1]})
         assert status == 200
-        written = time.monotonic()
         # The other sidecar applies it as soon as the database notifies it (bounded wait; the
         # figure itself is measured by benchmarks/bench_feedback.py).
         second.wait_for(lambda: not any(r["is_anomaly"] for r in score(second, lines)), 10, "the shared entry")
-        assert time.monotonic() - written < 10
         ready = json.loads(second.http_get("/readyz")[1])["feedback"]
         assert ready["reachable"] and ready["active_entries"] == 1 and "***" not in ready["store"]
         assert ready["store"] == redact(url)

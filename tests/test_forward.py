@@ -278,10 +278,9 @@ def test_a_next_hop_that_never_acks_fails_fast_and_says_why(tmp_path):
     try:
         message = ["web", [[1_700_000_000, {"message": "x"}]], {"chunk": uuid.uuid4().hex}]
         assert send_chunk(port, message) is None
-        started = time.monotonic()
-        assert send_chunk(port, message) is None  # the hop counts as down: refused without waiting 2 s
-        assert time.monotonic() - started < 1.5
+        assert send_chunk(port, message) is None  # the hop counts as down: refused without waiting
         assert "no ack within 2 s (forward_ack_timeout_s)" in sidecar.log()
+        assert "is down (no ack within 2 s (forward_ack_timeout_s)); next try in" in sidecar.log()
         assert counter(sidecar, "forward_next_hop") == 2 and counter(sidecar, "forward_protocol") == 0
     finally:
         sidecar.stop()
@@ -352,9 +351,7 @@ def test_an_idle_connection_is_closed(tmp_path):
     sidecar, port, receiver = start_chain(tmp_path, forward_idle_timeout_s=1)
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=10) as connection:
-            started = time.monotonic()
-            assert connection.recv(100) == b""
-            assert time.monotonic() - started < 9
+            assert connection.recv(100) == b""  # closed by the sidecar (a timeout here raises)
         assert "forward connection idle; closed" in sidecar.log()
     finally:
         sidecar.stop()
@@ -440,3 +437,26 @@ def test_sigterm_lets_a_relay_under_way_finish(tmp_path):
     finally:
         sidecar.stop()
         receiver.stop()
+
+
+def test_a_bug_in_scoring_passes_the_records_on_unscored_instead_of_stalling_the_sender():
+    """Only the scoring core is faked here: an unexpected error must not close the sender's
+    connection (it would resend the same chunk forever) but mark the records and go on."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from logscore.metrics import Metrics
+    from logscore.servers.forward import ForwardServer, NextHop
+
+    class BrokenService:
+        settings = SimpleNamespace(max_batch_records=4096)
+        metrics = Metrics()
+
+        async def score(self, call):
+            raise RuntimeError("a bug in a scoring step")
+
+    server = ForwardServer(BrokenService(), NextHop("127.0.0.1:9"), 1024 * 1024)
+    records = [{"message": "a"}, {"message": "b"}]
+    asyncio.run(server._score(records, ["web", "web"]))
+    assert all(r.get("anomaly_unscored") is True and "anomaly_score" not in r for r in records)
+    assert 'kind="internal",surface="forward"} 1.0' in BrokenService.metrics.render().decode()

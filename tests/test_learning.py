@@ -125,3 +125,24 @@ def test_routes_per_entity_are_bounded_and_held_until_their_own_model_serves(tmp
     assert held[2] is None and all("is learning its own model (1 of 5000" in h for h in held[:2])
     assert sorted(learner.status()) == ["shop", "shop@a", "shop@b"]
     assert learner.status()["shop@a"]["window"] == 1 and learner.status()["shop@a"]["flags_held"] == 1
+
+
+def test_entity_values_unfit_for_a_file_name_and_models_with_windows_are_not_learned(tmp_path, shop_model_path):
+    """A per-entity route is a file name under the models directory: `../x` or `a/b` must not become
+    one; and a model with windows or clients is not replaced by a learned model without them."""
+    from types import SimpleNamespace
+
+    from logscore.learning import Learner
+    from logscore.model import Model
+    from logscore.settings import Settings
+
+    settings = Settings.load(flags={"models_dir": str(tmp_path), "learn": "true", "entity_field": "host"},
+                             environ={})
+    registry = SimpleNamespace(entity_field="host")
+    learner = Learner(settings, registry, request_reload=lambda: None)
+    model = Model.load(shop_model_path)
+    records = [{"host": "web1"}, {"host": "../../../tmp/x"}, {"host": "a/b"}, {"host": ".."}, {}]
+    assert learner.routes(model, records) == ["shop@web1", None, None, None, "shop"]
+    assert sorted(learner.routes_by_name) == ["shop", "shop@web1"]
+    model.artifact.metadata["windows"] = {"window_s": 60}  # as a model trained with --windows carries
+    assert learner.routes(model, records) == [None] * len(records)

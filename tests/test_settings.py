@@ -49,3 +49,9 @@ def test_unknown_setting_in_a_file(tmp_path, models):
     config.write_text(f"models_dir: {models}\nbatch_size: 5\n")
     with pytest.raises(ConfigError, match="unknown setting.*batch_size"):
         Settings.load(str(config), {}, {})
+
+
+def test_the_client_tracker_must_hold_one_request(tmp_path):
+    with pytest.raises(ConfigError, match="entity_max_clients .* must hold at least one request"):
+        Settings.load(flags={"models_dir": str(tmp_path), "entity_max_clients": "100",
+                             "max_records_per_request": "1000"}, environ={})

@@ -81,6 +81,17 @@ class SidecarProcess
   end
 end
 
+# Class methods of a test case that serves one real sidecar to all its tests: its `startup`
+# sets @dir and @sidecar; `shutdown` stops the sidecar and removes the directory.
+module SharedSidecar
+  attr_reader :sidecar, :dir
+
+  def shutdown
+    @sidecar&.stop
+    FileUtils.rm_rf(@dir) if @dir
+  end
+end
+
 module AccessLines
   AGENT = 'Mozilla/5.0 (X11; Ubuntu; Linux x86_64; rv:27.0) Gecko/20100101 Firefox/27.0'
   PATHS = ['/favicon.ico', '/style2.css', '/reset.css', '/images/jordan-80.png', '/robots.txt',

@@ -14,6 +14,8 @@ class AnomalyEventsTest < Test::Unit::TestCase
                                           explanation: nil, unscored: 'anomaly_unscored', entity: 'entity_score')
 
   class << self
+    include SharedSidecar
+
     # A model with window (1 s) and client detectors, learned from 20 minutes of normal traffic.
     def startup
       @dir = Dir.mktmpdir('logscore-events')
@@ -33,12 +35,6 @@ class AnomalyEventsTest < Test::Unit::TestCase
       @sidecar = SidecarProcess.new(@dir, models_dir: models).start
     end
 
-    def shutdown
-      @sidecar&.stop
-      FileUtils.rm_rf(@dir)
-    end
-
-    attr_reader :sidecar, :dir
   end
 
   def client

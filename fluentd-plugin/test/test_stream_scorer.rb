@@ -8,17 +8,13 @@ class StreamScorerTest < Test::Unit::TestCase
                                           explanation: 'anomaly_explanation', unscored: 'anomaly_unscored')
 
   class << self
+    include SharedSidecar
+
     def startup
       @dir = Dir.mktmpdir('logscore-ruby')
       @sidecar = SidecarProcess.new(@dir).start
     end
 
-    def shutdown
-      @sidecar&.stop
-      FileUtils.rm_rf(@dir)
-    end
-
-    attr_reader :sidecar, :dir
   end
 
   def scorer(endpoint: "unix://#{self.class.sidecar.socket}", timeout: 2.0, message_key: nil, on_error: :pass,

@@ -1,4 +1,5 @@
-"""Admission by bytes: what the requests in flight may hold in memory, across all surfaces.
+"""Admission by bytes: what the gRPC and HTTP requests in flight may hold in memory (the forward
+port bounds itself: two connections read at a time, forward_max_message_bytes; servers/forward.py).
 
 A request is charged, before it is decoded, for its bytes on the wire (held by the
 transport, the parsed message and the decoded text: ``WIRE_COPIES`` times), and while

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from typing import Optional, Sequence
 
@@ -85,7 +86,7 @@ class ModelBehaviour:
         if spec is not None:
             gauges = metrics.observe_window if metrics is not None else None
             self.windows = WindowCounter(spec, model.name, KeyNamer(spec.dimensions),
-                                         settings.window_max_keys, settings.window_s, observe_gauges=gauges)
+                                         settings.window_max_keys, observe_gauges=gauges)
         if clients is not None:
             self.clients = ClientWatch(clients, model.name, settings.entity_key, settings.entity_max_clients)
 
@@ -98,6 +99,9 @@ class Behaviour:
         self.hub = hub
         self.metrics = metrics
         self._models: dict[Model, ModelBehaviour] = {}
+        # NOTE: big requests are observed in the scoring thread while the clock closes windows
+        # on the event loop: one lock keeps the counters consistent.
+        self._lock = threading.Lock()
 
     def of(self, model: Model) -> ModelBehaviour:
         found = self._models.get(model)
@@ -110,7 +114,8 @@ class Behaviour:
         """Count a scored request in its models' windows; entity scores per record (None: no model
         of this request watches clients). A failure here is logged and counted, never the request's."""
         try:
-            return self._observe(groups, results, count, tags, time.time() if now is None else now)
+            with self._lock:
+                return self._observe(groups, results, count, tags, time.time() if now is None else now)
         except Exception:
             log.exception("observing windows and clients failed; the records are scored as ever")
             if self.metrics is not None:
@@ -144,9 +149,10 @@ class Behaviour:
         """Close the windows that ended (also when no records arrive: a drop to zero is news)."""
         now = time.time() if now is None else now
         events = []
-        for watched in self._models.values():
-            if watched.windows is not None:
-                events += watched.windows.close_due(now)
+        with self._lock:
+            for watched in list(self._models.values()):
+                if watched.windows is not None:
+                    events += watched.windows.close_due(now)
         self._publish(events)
 
     def _publish(self, events: list) -> None:

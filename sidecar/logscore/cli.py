@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from itertools import islice
 from typing import Iterator, Optional, Sequence
 
-from .errors import LogscoreError
+from .errors import ConfigError, LogscoreError
 from .inputs import read_json_records, read_lines
 from .records import DEFAULT_MAX_LINE_CHARS
 
@@ -189,8 +190,9 @@ def add_robustness_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--learned-route", metavar="ROUTE", help=argparse.SUPPRESS)  # set by the sidecar's learner
     parser.add_argument("--feedback", metavar="STORE",
                         help="fold in operators' feedback (a SQLite file or postgresql:// URL, as the sidecar's "
-                        "--feedback-store): records marked normal are learned as normal, records marked keep are left "
-                        "out and must be flagged by the new model")
+                        "--feedback-store; 'env' reads it from LOGSCORE_FEEDBACK_STORE, keeping a password out of "
+                        "the process list): records marked normal are learned as normal, records marked keep are "
+                        "left out and must be flagged by the new model")
 
 
 def add_behaviour_flags(parser: argparse.ArgumentParser) -> None:
@@ -409,7 +411,10 @@ def run_train(args) -> int:
     if args.feedback:
         from .training.feedback import load_feedback
 
-        options.feedback = load_feedback(args.feedback, options.name)
+        location = os.environ.get("LOGSCORE_FEEDBACK_STORE", "") if args.feedback == "env" else args.feedback
+        if not location:
+            raise ConfigError("--feedback env: LOGSCORE_FEEDBACK_STORE is not set; give the store's location")
+        options.feedback = load_feedback(location, options.name)
     behaviour = behaviour_options(args)
     if behaviour is not None:
         records = list(records)  # read twice: the record model, then behaviour in file order

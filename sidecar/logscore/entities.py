@@ -31,6 +31,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from .events import AnomalyEvent
+from .records import to_text
 
 FEATURES = ("rate", "error_ratio", "new_paths", "novelty", "mean_score")
 PRIOR = 1.0  # pseudo-requests every client starts with
@@ -55,9 +56,14 @@ class ClientBatch:
     scores: np.ndarray  # float64 [N] record scores
 
 
+def client_name(value: object) -> object:
+    """A client's identity: text where a sender put a list or a map (it must hash)."""
+    return value if value is None or value.__class__ in (str, int, float, bytes) else to_text(value)
+
+
 def client_batch(fields: Sequence[dict], key: str, times: np.ndarray, novelty: np.ndarray,
                  scores: np.ndarray) -> ClientBatch:
-    clients = [f.get(key) for f in fields]
+    clients = [client_name(f.get(key)) for f in fields]
     errors = np.fromiter((str(f.get("status", ""))[:1] in ("4", "5") for f in fields), dtype=np.float64,
                          count=len(fields))
     paths = np.fromiter((hash(str(f.get("url") or "").partition("?")[0]) for f in fields), dtype=np.int64,

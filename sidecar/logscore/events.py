@@ -114,6 +114,8 @@ class EventHub:
         self.on_drop = on_drop
         self.published = 0
 
+    closed = False  # set on shutdown: new watchers end at once
+
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
 
@@ -144,10 +146,14 @@ class EventHub:
                 self.on_drop(lost)
 
     def watch(self, kinds: Iterable[str] = (), replay: int = 0) -> Watcher:
-        """A new watcher, optionally first given the last ``replay`` recent events."""
+        """A new watcher, optionally first given the last ``replay`` recent events; once the hub is
+        closed (shutting down) the watcher is closed at once, after its replay."""
         watcher = Watcher(kinds, self.watcher_queue)
         for event in list(self.recent)[-replay:] if replay > 0 else ():
             watcher.offer(event)
+        if self.closed:
+            watcher.close()
+            return watcher
         self._watchers.add(watcher)
         return watcher
 
@@ -156,6 +162,7 @@ class EventHub:
         self._watchers.discard(watcher)
 
     def close(self) -> None:
+        self.closed = True
         for watcher in list(self._watchers):
             self.unwatch(watcher)
 

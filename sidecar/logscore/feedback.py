@@ -221,7 +221,11 @@ class UrlFeatures(tuple):
 def url_features(converter, value: str) -> tuple[str, frozenset, frozenset]:
     """(template, keys of its template-level features, keys of its length classes) of a URL; cached,
     as flagged URLs repeat (a page marked normal, a scanner's probes)."""
-    found = _URL_FEATURES.get((converter, value))
+    # NOTE: the cache lives on the converter: it goes with its model when that is unloaded.
+    cache = converter.__dict__.get("_feedback_urls")
+    if cache is None:
+        cache = converter.__dict__.setdefault("_feedback_urls", ValueCache(URL_CACHE_SIZE))
+    found = cache.get(value)
     if found is None:
         texts = list(converter.features(value))
         template = next((t[len("parameters "):].rpartition("?")[0] for t in texts if t.startswith("parameters ")), "")
@@ -230,11 +234,11 @@ def url_features(converter, value: str) -> tuple[str, frozenset, frozenset]:
                                    (t.startswith(SLOT_FEATURES) and t.split(" ", 1)[1].startswith(slot)))
         lengths = frozenset(text_key(converter.seed, t) for t in texts if t.startswith("length "))
         found = UrlFeatures((template, template_level, lengths))
-        _URL_FEATURES.put((converter, value), found)
+        cache.put(value, found)
     return found
 
 
-_URL_FEATURES = ValueCache(4096)
+URL_CACHE_SIZE = 4096  # URLs of flagged records per converter (they repeat: a page marked normal, a scanner)
 
 
 def url_kind(converter, value: str, tokens: set) -> set:

@@ -408,7 +408,7 @@ class FeedbackService:
                 if self.revision is None:
                     self.store.migrate()
                 self.reload()
-            except StoreUnavailable as error:
+            except (StoreUnavailable, ConfigError) as error:  # ConfigError: its directory went away, say
                 self._unreachable(error)
             except Exception as error:  # a bug: say so, keep the rules, keep watching
                 log.exception("feedback reload failed")

@@ -26,6 +26,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 import time
@@ -89,28 +90,44 @@ class Learner:
         self.metrics = metrics
         self.work = Path(settings.models_dir) / WORK_DIR
         self.routes_by_name: dict[str, Route] = {}
+        self._refused: set[str] = set()  # routes said not to be learned (bounded)
         self._child: Optional[asyncio.subprocess.Process] = None
         self._stopping = asyncio.Event()
 
     # --- on the scoring path (cheap) ---------------------------------------------
     def routes(self, model: Model, records: Sequence[object]) -> list[Optional[str]]:
-        """Each record's route; None for records of entities beyond learn_max_routes."""
+        """Each record's route; None for records not learned (entities beyond learn_max_routes or
+        with names unfit for a file, and models with windows or clients)."""
+        if model.metadata.get("windows") or model.metadata.get("entities"):
+            self._not_learned(model.name, "its model carries windows or clients, which learning would drop; "
+                                          "retrain it with logscore train --windows/--entities")
+            return [None] * len(records)
         entity = self.registry.entity_field
         if not entity:
             return [model.name] * len(records)
         names = []
         for record in records:
             value = record.get(entity) if isinstance(record, dict) else None
-            names.append(self._admit(f"{model.name}@{value}" if value is not None else model.name))
+            names.append(self._admit(model.name if value is None else f"{model.name}@{value}"))
         return names
 
     def _admit(self, name: str) -> Optional[str]:
-        """Every model's own route; per-entity routes up to learn_max_routes."""
+        """Every model's own route; per-entity routes up to learn_max_routes, named fit for a file."""
         if name not in self.routes_by_name and "@" in name:
+            if not SAFE_ROUTE.fullmatch(name.partition("@")[2]):
+                self._not_learned(name[:80], "the entity value is not a plain name (letters, digits, . _ -)")
+                return None
             if sum("@" in n for n in self.routes_by_name) >= self.settings.learn_max_routes:
                 return None
         self._route(name)
         return name
+
+    def _not_learned(self, name: str, why: str) -> None:
+        """Say once per route why it is not learned."""
+        if name not in self._refused:
+            if len(self._refused) < 1000:
+                self._refused.add(name)
+            log.warning("learning: route not learned", extra={"route": name, "reason": why})
 
     def holds(self, model: Model, routes: Sequence[Optional[str]]) -> Optional[list[Optional[str]]]:
         """Per record, why its flag is held (its route has no model of its own yet), or None."""
@@ -149,7 +166,8 @@ class Learner:
 
     def _keep(self, route: Route, records: Sequence[object]) -> None:
         route.seen += len(records)
-        route.window.extend(r for r in records if keepable(r))
+        # Copies: forward mode adds its scores to the records it passes on, after this.
+        route.window.extend(dict(r) if isinstance(r, dict) else r for r in records if keepable(r))
 
     def _route(self, name: str) -> Route:
         route = self.routes_by_name.get(name)
@@ -237,8 +255,10 @@ class Learner:
         command = [sys.executable, "-m", "logscore", "train", "--input", str(inputs["records"]), "--json-records",
                    "--config", str(inputs["spec"]), "--detectors", ",".join(serving.detectors),
                    "--target-fpr", str(target_fpr(serving)), "--name", name, "--learned-route", name,
-                   "--out", str(out), "--feedback", feedback_location(self.settings)]
-        environment = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+                   "--out", str(out), "--feedback", "env"]
+        # The store's location (a URL may hold a password) goes by environment, not the process list.
+        environment = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+                       "LOGSCORE_FEEDBACK_STORE": feedback_location(self.settings)}
         self._child = await asyncio.create_subprocess_exec(*command, stdout=asyncio.subprocess.PIPE,
                                                            stderr=asyncio.subprocess.PIPE, env=environment)
         try:
@@ -283,6 +303,9 @@ class Learner:
                        else "learning",
                        "records_seen": r.seen, "window": len(r.window), "flags_held": r.held, "last": r.last}
                 for name, r in sorted(self.routes_by_name.items())}
+
+
+SAFE_ROUTE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # an entity value that may name a file
 
 
 def feedback_location(settings: Settings) -> str:

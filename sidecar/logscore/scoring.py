@@ -46,6 +46,7 @@ class ScoreOutcome:
 
 
 INLINE_FLAGGED = 8  # more flagged records than this in a call: the feedback step runs in the scoring thread
+BEHAVIOUR_INLINE_RECORDS = 512  # bigger requests are counted into windows and clients in the scoring thread
 
 
 def check_record_count(count: int, limit: int) -> None:
@@ -102,7 +103,12 @@ class ScoringService:
         if routes:
             self.learner.observe(routes, records)
         if self.behaviour is not None:
-            outcome.entity_scores = self.behaviour.observe(groups, results, count, call.tags)
+            tags = call.tags if call.tags is not None else [call.tag] * count if call.tag else None
+            if count > BEHAVIOUR_INLINE_RECORDS:  # a big request's windows and clients: off the event loop
+                outcome.entity_scores = await asyncio.get_running_loop().run_in_executor(
+                    self.executor, self.behaviour.observe, groups, results, count, tags)
+            else:
+                outcome.entity_scores = self.behaviour.observe(groups, results, count, tags)
         self.metrics.observe_outcome(outcome, call.surface)
         return outcome
 
@@ -116,7 +122,9 @@ class ScoringService:
         routes = ([call.tags[i] for i in positions] if call.tags is not None
                   else [call.tag] * len(mine) if call.tag else ())
         entity = self.registry.entity_field
-        entities = [r.get(entity) if isinstance(r, dict) else None for r in mine] if entity else ()
+        # Entity values as text, as routing names them (<model>@<value>) and entries store them.
+        entities = [None if v is None else str(v) for v in
+                    (r.get(entity) if isinstance(r, dict) else None for r in mine)] if entity else ()
         return FeedbackStep(self.feedback.rules if self.feedback is not None else RuleSet(), mine, routes, entities,
                             self.review.observe if self.review is not None else None, self.review is not None)
 

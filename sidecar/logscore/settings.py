@@ -66,7 +66,9 @@ class Settings:
                                     "and noted `truncated` (`logscore score --max-record-bytes`: the same rule)")
     max_message_bytes: int = setting(2 * 1024 * 1024, "largest gRPC message or HTTP body accepted")
     max_inflight_bytes: int = setting(32 * 1024 * 1024, "memory the requests being decoded, queued or scored "
-                                      "may hold, estimated from their size and number of values (all surfaces); "
+                                      "may hold, estimated from their size and number of values (gRPC and HTTP; the "
+                                      "forward port has its own bounds: two connections read at a time, "
+                                      "forward_max_message_bytes); "
                                       "past it a request is refused RESOURCE_EXHAUSTED / 429")
     reload_interval_s: float = setting(2.0, "how often the models directory is checked for changes (0: "
                                        "only on SIGHUP)")
@@ -95,7 +97,6 @@ class Settings:
     # Behaviour over time (issue #15): models trained with --windows / --entities.
     windows: bool = setting(True, "watch windows and clients of models that carry window or client detectors "
                             "(logscore train --windows/--entities); events on /v1/anomalies and WatchAnomalies")
-    window_s: Optional[float] = setting(None, "window length in seconds (default: the model's, as trained)")
     window_max_keys: int = setting(1000, "keys counted per model at most (trained keys kept; the least busy "
                                    "others are evicted, and further ones count as dimension=(other))")
     entity_key: Optional[str] = setting(None, "record field naming a client (default: the model's, as trained, "
@@ -214,11 +215,12 @@ class Settings:
                               "learn_retrain_records at least 0")
 
     def validate_behaviour(self) -> None:
-        if self.window_s is not None and self.window_s <= 0:
-            raise ConfigError(f"window_s must be positive, not {self.window_s}")
         for name in ("window_max_keys", "entity_max_clients", "anomaly_recent", "anomaly_watcher_queue"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")
+        if self.entity_max_clients < self.max_records_per_request:
+            raise ConfigError(f"entity_max_clients ({self.entity_max_clients}) must hold at least one request's "
+                              f"clients: max_records_per_request is {self.max_records_per_request}")
 
     def token(self) -> Optional[str]:
         return Path(self.token_file).read_text().strip() if self.token_file else None

@@ -35,6 +35,7 @@ from .events import AnomalyEvent
 from .features.converters import ID_SEGMENT
 from .forecast import ForecastState, count_inverse, count_transform, slots
 from .masking import mask_variables
+from .records import to_text
 
 DIMENSIONS = ("route", "tag", "status_class", "host", "level", "url_template", "message_template")
 SHARES = (("status_class", "5xx"), ("status_class", "4xx"), ("level", "error"))
@@ -43,7 +44,7 @@ ERROR_LEVELS = {"error", "err", "crit", "critical", "fatal", "alert", "emerg", "
 SYSLOG_SEVERITIES = ("emerg", "alert", "crit", "error", "warning", "notice", "info", "debug")
 MAX_TEMPLATE_CHARS = 160
 MAX_NAMED = 4  # improbable keys named in one window event
-MAX_CATCH_UP = 60  # windows closed at once after a pause at most
+MAX_CATCH_UP = 60  # after a pause, the windows older than this many are skipped (so 1 + 60 close at most)
 VALUE_CACHE = 65_536  # distinct field values remembered per dimension (their key names)
 
 
@@ -66,6 +67,7 @@ def level_name(fields: dict) -> Optional[str]:
     return "error" if name in ERROR_LEVELS else name[:32]
 
 
+HASHABLE = (str, int, float, bool, bytes)
 # A path segment that is an id (the url converter's rule: digits, long hex, a uuid) becomes {id}.
 _ID_SEGMENTS = re.compile(rf"(?<=/)(?:{ID_SEGMENT.pattern})(?=/|$)")
 # Where each dimension's value is read: the first of these fields a record has.
@@ -94,13 +96,16 @@ class KeyNamer:
         self._cache: dict[str, dict] = {d: {} for d in self.dimensions}
 
     def column(self, dimension: str, fields: Sequence[dict]) -> Iterable:
-        """Raw values of the field behind a dimension (None where absent)."""
+        """Raw values of the field behind a dimension (None where absent; text where a sender put a
+        list or a map, which could not be counted)."""
         names = SOURCES[dimension]
         if dimension == "level":
-            return (level_name(f) if ("level" in f or "severity" in f or "pri" in f) else None for f in fields)
-        if len(names) == 1:
-            return map(dict.get, fields, repeat(names[0]))
-        return (f.get(names[0]) or f.get(names[1]) for f in fields)
+            values = (level_name(f) if ("level" in f or "severity" in f or "pri" in f) else None for f in fields)
+        elif len(names) == 1:
+            values = map(dict.get, fields, repeat(names[0]))
+        else:
+            values = (f.get(names[0]) or f.get(names[1]) for f in fields)
+        return (v if v is None or v.__class__ in HASHABLE else to_text(v) for v in values)
 
     def name(self, dimension: str, value: object) -> Optional[str]:
         """The key of one raw value, or None when the value says nothing."""
@@ -214,14 +219,16 @@ class WindowCounter:
     """
 
     def __init__(self, spec: WindowSpec, model_name: str, namer: KeyNamer, max_keys: int,
-                 window_s: Optional[float] = None, now: Optional[float] = None, observe_gauges=None):
+                 now: Optional[float] = None, observe_gauges=None):
         self.spec = spec
         self.model_name = model_name  # as served (events, gauges); keys name the route as trained
         self.route = spec.route
         self.namer = namer
-        self.window_s = float(window_s or spec.window_s)
-        self.max_keys = max(max_keys, len(spec.keys))
+        # NOTE: the forecasts are counts per trained window: the window length is the model's.
+        self.window_s = float(spec.window_s)
         trained = len(spec.keys)
+        # Trained keys always keep their rows; one (other) row per dimension always fits beside them.
+        self.max_keys = max(max_keys, trained + len(spec.dimensions) + 1)
         self.keys: list[str] = list(spec.keys)
         self.row: dict[str, int] = {k: i for i, k in enumerate(self.keys)}
         self.trained = np.zeros(self.max_keys, dtype=bool)

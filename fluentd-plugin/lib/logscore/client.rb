@@ -140,7 +140,7 @@ module Logscore
     # Returns the operation; `cancel` on it ends the watch.
     def watch_anomalies(kinds: [])
       request = Logscore::V1::WatchAnomaliesRequest.new(kinds: kinds)
-      op = @stub.watch_anomalies(request, metadata: @metadata, return_op: true)
+      op = @watch_stub.watch_anomalies(request, metadata: @metadata, return_op: true)
       [op, op.execute.lazy.map { |event| self.class.event_hash(event) }]
     end
 
@@ -155,22 +155,29 @@ module Logscore
       @closed = true
       @probe&.join(PROBE_TIMEOUT + @probe_interval)
       @channel.close
+      @watch_channel.close
     end
 
     private
 
+    CHANNEL_ARGS = {
+      # Reconnect quickly once the sidecar is back (gRPC's default backoff reaches 2 minutes).
+      'grpc.initial_reconnect_backoff_ms' => 100,
+      'grpc.max_reconnect_backoff_ms' => 1000,
+      'grpc.enable_http_proxy' => 0,
+      'grpc.max_receive_message_length' => 64 * 1024 * 1024,
+      'grpc.max_send_message_length' => 64 * 1024 * 1024
+    }.freeze
+
     def connect(endpoint, creds)
-      @channel = GRPC::Core::Channel.new(
-        self.class.target(endpoint), {
-          # Reconnect quickly once the sidecar is back (gRPC's default backoff reaches 2 minutes).
-          'grpc.initial_reconnect_backoff_ms' => 100,
-          'grpc.max_reconnect_backoff_ms' => 1000,
-          'grpc.enable_http_proxy' => 0,
-          'grpc.max_receive_message_length' => 64 * 1024 * 1024,
-          'grpc.max_send_message_length' => 64 * 1024 * 1024
-        }, creds
-      )
+      target = self.class.target(endpoint)
+      @channel = GRPC::Core::Channel.new(target, CHANNEL_ARGS, creds)
+      # NOTE: the event watch holds a stream open for good: a connection of its own, so that the
+      # sidecar's streams per connection stay for scoring calls and probes.
+      @watch_channel = GRPC::Core::Channel.new(target, CHANNEL_ARGS.merge('grpc.use_local_subchannel_pool' => 1),
+                                               creds)
       @stub = Logscore::V1::Scorer::Stub.new(nil, nil, channel_override: @channel)
+      @watch_stub = Logscore::V1::Scorer::Stub.new(nil, nil, channel_override: @watch_channel)
       @health = Grpc::Health::V1::Health::Stub.new(nil, nil, channel_override: @channel)
     end
 

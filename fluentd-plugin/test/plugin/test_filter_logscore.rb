@@ -9,6 +9,8 @@ class LogscoreFilterTest < Test::Unit::TestCase
   include FluentdProcesses
 
   class << self
+    include SharedSidecar
+
     def startup
       return unless FLUENTD_AVAILABLE
 
@@ -16,12 +18,6 @@ class LogscoreFilterTest < Test::Unit::TestCase
       @sidecar = SidecarProcess.new(@dir).start
     end
 
-    def shutdown
-      @sidecar&.stop
-      FileUtils.rm_rf(@dir) if @dir
-    end
-
-    attr_reader :sidecar, :dir
   end
 
   setup do

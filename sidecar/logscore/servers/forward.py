@@ -570,8 +570,13 @@ class ForwardServer(StreamServer):
         except LogscoreError as error:
             log.warning("forwarding records unscored", extra={"tag": tags[0], "records": len(records),
                                                              "error": str(error)})
-            for record in records:
-                record[UNSCORED_KEY] = True
+            self._mark_unscored(records)
+            return
+        except Exception:  # a bug in scoring: the records still go on (a resend would fail again)
+            log.exception("internal error while scoring; forwarding the records unscored",
+                          extra={"tag": tags[0], "records": len(records)})
+            self._count("internal")
+            self._mark_unscored(records)
             return
         finally:
             metrics.child(metrics.request_seconds, "forward").observe(time.perf_counter() - started)
@@ -585,6 +590,11 @@ class ForwardServer(StreamServer):
             for record, value in zip(records, outcome.entity_scores.tolist()):
                 if value == value:  # not NaN: the record names a client
                     record[ENTITY_KEY] = round(value, 6)
+
+    @staticmethod
+    def _mark_unscored(records: list[dict]) -> None:
+        for record in records:
+            record[UNSCORED_KEY] = True
 
     def _count(self, kind: str, amount: int = 1) -> None:
         metrics = self.service.metrics

@@ -135,6 +135,7 @@ class ScorerServicer:
             return
         watcher = behaviour.hub.watch(request.kinds, min(int(request.replay), behaviour.hub.recent.maxlen))
         try:
+            await context.send_initial_metadata(())  # the caller knows the watch is in place
             while True:
                 event = await watcher.next()
                 if event is None:
