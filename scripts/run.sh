@@ -4,7 +4,7 @@
 #   gRPC: unix:/tmp/logscore.sock    HTTP: http://127.0.0.1:9095 (/v1/score, /metrics, /readyz)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-LOGSCORE_WITH_RUBY=${LOGSCORE_WITH_RUBY:-0} bash scripts/setup.sh
+LOGSCORE_WITH_RUBY=${LOGSCORE_WITH_RUBY:-0} LOGSCORE_WITH_BROWSER_AND_DB=${LOGSCORE_WITH_BROWSER_AND_DB:-0} bash scripts/setup.sh
 
 socket=${LOGSCORE_SOCKET:-/tmp/logscore.sock}
 http=${LOGSCORE_HTTP:-127.0.0.1:9095}
