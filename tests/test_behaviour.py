@@ -257,7 +257,7 @@ def test_evaluate_series_refuses_bad_input_clearly(tmp_path, text, complaint):
     assert done.returncode == 1 and complaint in done.stderr and "Traceback" not in done.stderr
 
 
-def test_window_keys_stay_bounded_and_new_keys_need_two_records(behaviour_model):
+def test_window_keys_stay_bounded_and_new_keys_need_two_records_in_the_window(behaviour_model):
     from logscore.behaviour import window_spec
     from logscore.windows import KeyNamer, WindowCounter
 
@@ -270,6 +270,11 @@ def test_window_keys_stay_bounded_and_new_keys_need_two_records(behaviour_model)
     assert len(counter.keys) <= trained + 50 and set(spec.keys) <= set(counter.keys)  # trained keys stay
     counter.observe([{"url": "/seen-once", "status": "200"}])
     assert "url_template=/seen-once" not in counter.row and "url_template=(other)" in counter.row
+    fresh = WindowCounter(spec, "shop", KeyNamer(spec.dimensions), max_keys=trained + 50, now=START)
+    for _ in range(2):  # one record a request, as Logstash's http filter sends them
+        fresh.observe([{"url": "/seen-twice", "status": "200"}])
+    row, other = fresh.row["url_template=/seen-twice"], fresh.row["url_template=(other)"]
+    assert fresh.counts[row] == 2 and fresh.counts[other] == 0  # its second record in the window: a row
     counter.close_due(START + 10_000)  # after a long pause: at most MAX_CATCH_UP windows are closed
     assert START + 10_000 - 61 <= counter.start <= START + 10_000
 

@@ -246,6 +246,8 @@ class WindowCounter:
         self.start = self._window_start(time.time() if now is None else now)
         self.observe_gauges = observe_gauges  # metrics: observed vs expected per key
         self.overflow = 0  # keys that found no room (counted as dimension=(other))
+        self.candidates: dict[str, int] = {}  # keys seen once in the open window (not yet a row)
+        self.max_candidates = 4 * self.max_keys
 
     def _window_start(self, now: float) -> float:
         return math.floor(now / self.window_s) * self.window_s
@@ -258,14 +260,29 @@ class WindowCounter:
         for key, n in counts.items():
             index = row.get(key)
             if index is None:
-                # NOTE: a key new to the table needs two records in one batch to get a row of its own
-                # (a flooding template has them); single ones count as dimension=(other), so traffic
-                # whose every URL is new costs no row per record.
-                index = self._new_key(key) if n >= 2 else self._other(key)
+                index = self._place_new(key, n)
             self.counts[index] += n
         for i, name in enumerate(self.spec.shares):
             self.share_counts[i] += counts.get(name[: -len(" share")], 0)
             self.share_totals[i] += records
+
+    def _place_new(self, key: str, n: int) -> int:
+        """The row of a key new to the table. NOTE: it gets a row of its own at its second record in
+        the open window (a flooding template has many; a shipper may send one record per request);
+        until then it counts as dimension=(other), so traffic whose every URL is new costs no row
+        per record. A bounded set of such single keys is remembered for the open window."""
+        before = self.candidates.pop(key, 0)
+        if before + n < 2:
+            if len(self.candidates) < self.max_candidates:
+                self.candidates[key] = before + n
+            return self._other(key)
+        index = self._new_key(key)
+        if before:  # its earlier records move from (other) to its own row
+            other = self.row.get(f"{key.split('=', 1)[0]}={OTHER}")  # looked up after: rows may have moved
+            if other is not None and other != index:
+                self.counts[other] -= before
+            self.counts[index] += before
+        return index
 
     def _new_key(self, key: str) -> int:
         if len(self.keys) >= self.max_keys:
@@ -346,6 +363,7 @@ class WindowCounter:
             self.observe_gauges(self.model_name, self.keys, counts, expected)
         self.activity[:size] = 0.9 * self.activity[:size] + counts
         self.counts[:] = 0.0
+        self.candidates.clear()
         if not found:
             return []
         found.sort(key=lambda f: (f[0], f[1]), reverse=True)
