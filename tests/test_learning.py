@@ -52,7 +52,7 @@ def test_a_new_site_is_learned_on_arrival_and_a_bad_retrain_is_kept_aside(tmp_pa
         sidecar.wait_for(lambda: sidecar.model_versions()["apache-access"] != original, 120, "the learned model")
         learned = read_artifact(models / "apache-access.onnx").metadata
         assert learned["training"]["learned_route"] == "apache-access"
-        assert learned["training"]["records_used"] == 900  # the window but its most recent tenth
+        assert learned["training"]["records_used"] == 1000  # validated on its most recent tenth, refit on all
         assert (models / ".learning" / "apache-access" / "previous.onnx").exists()
         status = learning_status(sidecar)["apache-access"]
         assert status["state"] == "learned" and status["last"]["outcome"] == "swapped"
