@@ -4,13 +4,18 @@ candidate that would flag far more of recent traffic than the model serving."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 
 from logscore.artifact import read_artifact
 from logscore.generated.logscore.v1 import scorer_pb2 as pb
+from logscore.learning import Learner
+from logscore.registry import ModelRegistry
+from logscore.settings import Settings
 
 from .generate import attack_lines, shop_lines
 from .sidecar_process import ROOT, SidecarProcess
@@ -146,3 +151,39 @@ def test_entity_values_unfit_for_a_file_name_and_models_with_windows_are_not_lea
     assert sorted(learner.routes_by_name) == ["shop", "shop@web1"]
     model.artifact.metadata["windows"] = {"window_s": 60}  # as a model trained with --windows carries
     assert learner.routes(model, records) == [None] * len(records)
+
+
+class RefitFails(Learner):
+    """The first training (the candidate) succeeds with a given model, the refit fails."""
+
+    def __init__(self, *args, model: Path, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.trainings: list[int] = []
+        self.model = model
+
+    async def _train_child(self, name, inputs, serving, out):
+        self.trainings.append(sum(1 for _ in open(inputs["records"], encoding="utf-8")))
+        if len(self.trainings) > 1:
+            return "logscore train exited with 1"
+        shutil.copy(self.model, out)
+        return None
+
+
+def test_a_failed_refit_leaves_the_validated_candidate_serving(tmp_path, shop_model_path):
+    models = tmp_path / "models"
+    models.mkdir()
+    shutil.copy(shop_model_path, models / "shop.onnx")
+    settings = Settings(models_dir=str(models), learn="true", learn_records=200, learn_window=200)
+    registry = ModelRegistry(str(models))
+    registry.reload()
+    reloads = []
+    learner = RefitFails(settings, registry, lambda: reloads.append(1), model=shop_model_path)
+    lines = shop_lines(200, seed=7)
+    learner.observe(learner.routes(registry.snapshot.models["shop"], lines), lines)
+
+    asyncio.run(learner._learn(learner.routes_by_name["shop"]))
+
+    assert learner.trainings == [180, 200]  # the candidate without the recent tenth, the refit with it
+    last = learner.status()["shop"]["last"]
+    assert last["outcome"] == "swapped" and last["records"] == 180
+    assert (models / ".learning" / "shop" / "previous.onnx").exists() and reloads == [1]
