@@ -170,6 +170,41 @@ def test_access_lines_parse_the_same(lines):
     assert_same_features(spec, lines)
 
 
+# Field maps as shippers send them: the line under message or log (Fluentd's and Fluent Bit's
+# tail), beside fields of the shipper's own, some of which name a wanted field or its alias,
+# some nested (Fluent Bit's kubernetes metadata, ECS's url.original).
+LINE_VALUES = st.one_of(LINE_PARTS.map(access_line), texts, st.none(), st.just(7), st.just(b"GET / HTTP/1.1"),
+                        st.just({"nested": "map"}))
+OTHER_FIELDS = st.dictionaries(st.sampled_from(["host", "kubernetes", "url", "path", "url.original", "http",
+                                                "status", "agent", "stream", "time"]),
+                               st.one_of(texts, st.just({"original": "/from/ecs?a=1"}),
+                                         st.just({"request": {"method": "PUT"}}), st.just({"pod": "web-1"})),
+                               max_size=3)
+SHIPPED_RECORDS = st.builds(lambda key, line, other, both: {**other, key: line, **({"log": both} if both else {})},
+                            st.sampled_from(["message", "log"]), LINE_VALUES, OTHER_FIELDS,
+                            st.one_of(st.none(), LINE_PARTS.map(access_line)))
+
+
+@SETTINGS
+@given(records=st.lists(SHIPPED_RECORDS, min_size=1, max_size=15), max_line=st.sampled_from([20, 65_536]))
+def test_field_maps_holding_lines_give_the_features_of_the_python_path(records, max_line):
+    spec = DEFAULT_SPECS["access"]
+    compiled, reference = Featurizer(spec, max_line, native=True), Featurizer(spec, max_line, native=False)
+    assert compiled.field_values(records) == reference.field_values(records)
+    for _ in range(2):
+        assert_same_batches(compiled.transform(records), reference.transform(records))
+
+
+def test_a_field_map_whose_line_does_not_parse_keeps_its_own_message():
+    """An unparsed line alone gives {"message": line}; a map holding it under log gives its own fields."""
+    spec = {"format": "access", "fields": [{"field": "message", "converters": [{"kind": "categorical"}]},
+                                           {"field": "url", "converters": [{"kind": "categorical"}]}]}
+    compiled, reference = both(spec)
+    records = [{"log": "not an access line"}, "not an access line", {"log": '1.2.3.4 - - [x] "GET /a HTTP/1.1" 200 1'}]
+    assert compiled.field_values(records) == reference.field_values(records)
+    assert compiled.field_values(records)[0]["message"] == [None, "not an access line", None]
+
+
 @pytest.mark.parametrize("log_format", ["access", "syslog", "jsonl", "plain"])
 def test_real_lines_give_the_same_features(log_format):
     shop = shop_lines(1500, seed=5)

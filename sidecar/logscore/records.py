@@ -54,6 +54,12 @@ class RecordNormalizer:
         self.wanted = tuple(wanted_fields)
         self.aliases = FIELD_ALIASES.get(log_format, {})
         self.max_line_chars = max_line_chars
+        # Keys of a field map that could give a wanted field a value of its own (wanted names, their
+        # aliases, and the roots of dotted ones, which nested maps flatten to).
+        own = {*self.wanted, *(alias for name in self.wanted for alias in self.aliases.get(name, ()))}
+        self._own_keys = frozenset(own | {name.partition(".")[0] for name in own})
+        # An unparsed line gives {"message": line}: then a map holding it would differ.
+        self._lines_carried = log_format == "access" and bool(self.wanted) and "message" not in self.wanted
 
     def normalize(self, records: Sequence[object]) -> RecordBatch:
         fields, parsed, truncated = [], [], []
@@ -70,6 +76,26 @@ class RecordNormalizer:
         cut = len(text) > self.max_line_chars
         fields, ok = self.parse(text[: self.max_line_chars] if cut else text)
         return fields, ok, cut
+
+    def carried_lines(self, records: Sequence[object]) -> list:
+        """The records, with each field map whose wanted fields can only come from the raw line it
+        holds (``message``/``log``: Fluentd's and Fluent Bit's tail) replaced by that line. Same
+        fields as normalize_one gives; the compiled reader parses lines itself, where a field map
+        costs it a call back into Python."""
+        if not self._lines_carried:
+            return list(records)
+        own = self._own_keys
+        lines = []
+        for record in records:
+            if record.__class__ is dict and own.isdisjoint(record):
+                for key in RAW_LINE_KEYS:
+                    raw = record.get(key)
+                    if raw is not None:
+                        break
+                if raw.__class__ is str:
+                    record = raw
+            lines.append(record)
+        return lines
 
     def normalize_one(self, record: object) -> tuple[Fields, bool, bool]:
         """(fields, parsed, cut) of one record; the compiled featurizer calls it for what it does not read itself."""

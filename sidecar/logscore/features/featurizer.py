@@ -138,7 +138,7 @@ class Featurizer:
         read them). NOTE: the compiled path reads only the wanted fields, without field maps."""
         if self.native is not None and not with_fields:
             columns, parsed, truncated = self.native.access_columns(
-                list(records), tuple(self.fields), self.log_format == "access", self.max_field_chars,
+                self.normalizer.carried_lines(records), tuple(self.fields), self.log_format == "access", self.max_field_chars,
                 self.normalizer.max_line_chars, self.normalizer.normalize_one, to_text)
             return dict(zip(self.fields, columns)), parsed, truncated, None
         batch = self.normalizer.normalize(records)
