@@ -13,7 +13,7 @@ from logscore.decide import decide
 from logscore.feedback import NORMAL, Entry, FeedbackStep, RuleSet, pattern_from_records
 from logscore.metrics import Metrics
 from logscore.model import Model
-from logscore.review import ReviewRing
+from logscore.review import ReviewRing, render_page
 
 from .generate import shop_lines
 from .sidecar_process import ROOT
@@ -69,6 +69,43 @@ def test_feedback_costs_nothing_for_records_that_are_not_flagged(shop_model_path
     decision = decide(model, scored, feedback=FeedbackStep(rules, mixed))
     assert calls == [int(scored.is_anomaly.sum())] and not decision.is_anomaly[-3:].any()
     assert np.all(decision.scores[-3:] < scored.scores[-3:])
+
+
+def test_a_flood_is_sampled_within_the_inspection_budget_and_records_under_rules_are_all_inspected(
+        shop_model_path):
+    """A model flagging a whole new page: the page inspects at most its budget (an even sample; the
+    rest counted as not grouped and said on the page); with a normal entry in force every flagged
+    record is inspected, so suppression never depends on the budget."""
+    model = Model.load(shop_model_path)
+    flood = compare_lines(60, seed=110)
+    scored = model.score(flood)
+    flagged = int(scored.is_anomaly.sum())
+    assert flagged >= 40
+    not_grouped = []
+    ring = ReviewRing(inspect_per_s=10, on_not_grouped=lambda model, n: not_grouped.append(n))
+    calls = []
+    transform = model.featurizer.transform
+    model.featurizer.transform = lambda records, *args, **kwargs: calls.append(len(records)) or transform(
+        records, *args, **kwargs)
+    observed = []
+
+    def observe(model, records, items, step):
+        observed.extend(item.index for item in items)
+        ring.observe(model, records, items, step)
+
+    decide(model, scored, feedback=FeedbackStep(RuleSet(), flood, observe=observe, inspect_always=True,
+                                                admit=ring.admit))
+    assert calls == [10] and sum(g.count for g in ring.snapshot()) == 10
+    assert not_grouped == [flagged - 10] and ring.not_grouped == {"shop": flagged - 10}
+    positions = np.flatnonzero(scored.is_anomaly)
+    assert observed[0] == positions[0] and observed[-1] == positions[-1]  # spread over the batch
+    assert "Flagged but not grouped (shop: " in render_page(ring, [], {}, {}, {"reachable": True})
+
+    rules = RuleSet([Entry(1, NORMAL, pattern_from_records(model, flood[:2]), "a", model="shop")])
+    calls.clear()
+    decision = decide(model, scored, feedback=FeedbackStep(rules, flood, observe=ring.observe, inspect_always=True,
+                                                           admit=ring.admit))
+    assert calls == [flagged] and decision.is_anomaly.sum() < flagged
 
 
 def test_the_grafana_dashboard_asks_for_metrics_the_sidecar_exports():

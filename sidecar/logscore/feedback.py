@@ -460,6 +460,9 @@ class FeedbackStep:
     entities: Sequence[Optional[str]] = ()
     observe: Optional[object] = None  # callable(model, records, [Flagged], step) or None
     inspect_always: bool = False  # inspect flagged records even without rules (the review page is on)
+    # callable(model name, n) -> how many of n flagged records the review page may inspect now (it
+    # counts the rest as not grouped); None: all
+    admit: Optional[Callable[[str, int], int]] = None
 
     def route(self, i: int) -> str:
         return self.routes[i] if self.routes else ""
@@ -477,6 +480,11 @@ class FeedbackStep:
                 self.observe(model, self.records, [Flagged(int(i), float(scores[i]), float(scores[i]), frozenset(),
                                                            [], list) for i in candidates], self)
             return scores
+        if not model_rules and self.admit is not None:
+            # Only the review page wants them inspected: within its budget, a flood sampled evenly.
+            allowed = self.admit(model.name, len(candidates))
+            if allowed < len(candidates):
+                candidates = candidates[np.linspace(0, len(candidates) - 1, allowed).astype(np.int64)]
         for start in range(0, len(candidates), SCORE_CHUNK):  # bounded working memory, as Model.score
             scores = self._apply(model, candidates[start: start + SCORE_CHUNK], scores, flags, notes, model_rules)
         return scores

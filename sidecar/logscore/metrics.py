@@ -95,6 +95,9 @@ class Metrics:
                                          "in force were loaded (Unix time)", registry=r)
         self.review_groups = Counter("logscore_review_groups", "Groups of anomalies started on the review page "
                                      "(a new kind of anomaly)", ["model"], registry=r)
+        self.review_not_grouped = Counter("logscore_review_not_grouped", "Flagged records the review page did not "
+                                          "inspect: over review_inspect_per_s (a flood is sampled)", ["model"],
+                                          registry=r)
         self._children: dict = {}
         self.window_observed = Gauge("logscore_window_observed", "Records in the last closed window per key "
                                      "(models with window detectors)", ["model", "key"], registry=r)

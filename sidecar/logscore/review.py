@@ -143,7 +143,8 @@ class ReviewRing:
     observed on the scoring path, read by the page."""
 
     def __init__(self, max_records: int = 2000, max_groups: int = 500, bucket_s: float = 60.0,
-                 entity_field: Optional[str] = None, on_new_group: Optional[Callable[[str], None]] = None):
+                 entity_field: Optional[str] = None, on_new_group: Optional[Callable[[str], None]] = None,
+                 inspect_per_s: float = 200.0, on_not_grouped: Optional[Callable[[str, int], None]] = None):
         self.groups = Groups(max_groups)
         self.recent: deque = deque(maxlen=max_records)  # (time, group id)
         self.bucket_s = bucket_s
@@ -151,6 +152,26 @@ class ReviewRing:
         self.on_new_group = on_new_group or (lambda model: None)
         self.lock = threading.Lock()
         self.started = time.time()
+        # Inspecting a flagged record costs about 150 µs: a model flooding a new site would spend
+        # more on the page than on scoring. A token bucket (a second's worth at most) bounds it.
+        self.inspect_per_s = inspect_per_s
+        self._tokens, self._refilled = inspect_per_s, time.monotonic()
+        self.not_grouped: Counter = Counter()  # model -> flagged records over the budget
+        self.on_not_grouped = on_not_grouped or (lambda model, n: None)
+
+    def admit(self, model_name: str, wanted: int) -> int:
+        """How many of ``wanted`` flagged records may be inspected now; the rest are counted."""
+        with self.lock:
+            now = time.monotonic()
+            self._tokens = min(self.inspect_per_s, self._tokens + (now - self._refilled) * self.inspect_per_s)
+            self._refilled = now
+            allowed = min(wanted, int(self._tokens))
+            self._tokens -= allowed
+            if wanted > allowed:
+                self.not_grouped[base_name(model_name)] += wanted - allowed
+        if wanted > allowed:
+            self.on_not_grouped(model_name, wanted - allowed)
+        return allowed
 
     def observe(self, model, records: Sequence[object], flagged: list[Flagged], step: FeedbackStep) -> None:
         now = time.time()
@@ -237,6 +258,12 @@ def render_page(ring: ReviewRing, entries: list, histograms: dict, thresholds: d
              f"Feedback store: {escape(str(status.get('store')))}, "
              f"{'reachable' if status.get('reachable') else 'UNREACHABLE: ' + escape(str(status.get('error')))}, "
              f"{status.get('active_entries', 0)} active entries.</p>"]
+    if ring.not_grouped:
+        counts = ", ".join(f"{escape(model)}: {n:,}" for model, n in sorted(ring.not_grouped.items()))
+        parts.append(f"<p class=flash id=not-grouped>Flagged but not grouped ({counts}): more were flagged than "
+                     f"the page inspects ({ring.inspect_per_s:g} a second, review_inspect_per_s), so the groups "
+                     "below are a sample. A model flagging this much is likely meeting traffic it was not "
+                     "trained on: retrain it, or serve it with --learn.</p>")
     if message:
         parts.append(f"<p class=flash id=message>{escape(message)}</p>")
     parts.append("<h2>Groups</h2>")

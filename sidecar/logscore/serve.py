@@ -388,7 +388,9 @@ def make_review(settings: Settings, metrics: Metrics):
     from .review import ReviewRing
 
     return ReviewRing(settings.review_records, entity_field=settings.entity_field,
-                      on_new_group=lambda model: metrics.child(metrics.review_groups, model).inc())
+                      inspect_per_s=settings.review_inspect_per_s,
+                      on_new_group=lambda model: metrics.child(metrics.review_groups, model).inc(),
+                      on_not_grouped=lambda model, n: metrics.child(metrics.review_not_grouped, model).inc(n))
 
 
 def make_feedback(settings: Settings, registry: ModelRegistry, review, metrics: Metrics):
