@@ -173,8 +173,9 @@ def test_access_lines_parse_the_same(lines):
 # Field maps as shippers send them: the line under message or log (Fluentd's and Fluent Bit's
 # tail), beside fields of the shipper's own, some of which name a wanted field or its alias,
 # some nested (Fluent Bit's kubernetes metadata, ECS's url.original).
-LINE_VALUES = st.one_of(LINE_PARTS.map(access_line), texts, st.none(), st.just(7), st.just(b"GET / HTTP/1.1"),
-                        st.just({"nested": "map"}))
+LINE_VALUES = st.one_of(LINE_PARTS.map(access_line), texts, st.none(), st.just(7), st.just({"nested": "map"}),
+                        LINE_PARTS.map(lambda p: access_line(p).encode("utf-8", "surrogatepass")),
+                        st.just(b'1.2.3.4 - - [x] "GET /caf\xe9 HTTP/1.1" 200 1'))
 OTHER_FIELDS = st.dictionaries(st.sampled_from(["host", "kubernetes", "url", "path", "url.original", "http",
                                                 "status", "agent", "stream", "time"]),
                                st.one_of(texts, st.just({"original": "/from/ecs?a=1"}),

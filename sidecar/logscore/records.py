@@ -94,6 +94,8 @@ class RecordNormalizer:
                         break
                 if raw.__class__ is str:
                     record = raw
+                elif raw.__class__ is bytes:  # Fluentd's in_tail reads binary strings: msgpack bin
+                    record = to_text(raw)
             lines.append(record)
         return lines
 
