@@ -137,9 +137,10 @@ class Featurizer:
         """field_values and, ``with_fields``, the records' normalized field maps (windows and clients
         read them). NOTE: the compiled path reads only the wanted fields, without field maps."""
         if self.native is not None and not with_fields:
+            normalizer = self.normalizer
             columns, parsed, truncated = self.native.access_columns(
-                self.normalizer.carried_lines(records), tuple(self.fields), self.log_format == "access", self.max_field_chars,
-                self.normalizer.max_line_chars, self.normalizer.normalize_one, to_text)
+                normalizer.carried_lines(records), tuple(self.fields), self.log_format == "access",
+                self.max_field_chars, normalizer.max_line_chars, normalizer.normalize_one, to_text)
             return dict(zip(self.fields, columns)), parsed, truncated, None
         batch = self.normalizer.normalize(records)
         truncated = batch.truncated
