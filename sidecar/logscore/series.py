@@ -36,8 +36,8 @@ DAY_S = 86400.0
 TYPICAL_DAYS = 30  # daily maxima remembered for "a typical day's strangest"
 RECORD_S = 86400.0  # "the previous day" of the record factor
 RECORD_POWER = 4.0  # how sharply the record factor rises past yesterday's strangest (0.5 at it)
-HOLD_S = 3 * 3600.0
-HOLD = 0.7
+HOLD_S = 3 * 3600.0  # how long an alarm holds the scores after it down ...
+HOLD = 0.7  # ... and how far: x (1 - HOLD x the alarm's score)
 
 
 @dataclass
@@ -124,9 +124,10 @@ class SeriesScorer:
         strangest = self.record.peek(moment)
         score = 0.0
         if since >= WARM_UP_S and self.maxima and strangest is not None:
-            typical = deviation / max(self.typical, 1e-9)
-            record = (deviation / max(strangest, 1e-9)) ** RECORD_POWER
-            score = typical / (1.0 + typical) * record / (1.0 + record) * (1.0 - HOLD * (self.held.peek(moment) or 0.0))
+            beyond_typical = deviation / max(self.typical, 1e-9)
+            beyond_record = (deviation / max(strangest, 1e-9)) ** RECORD_POWER
+            held = 1.0 - HOLD * (self.held.peek(moment) or 0.0)
+            score = beyond_typical / (1.0 + beyond_typical) * beyond_record / (1.0 + beyond_record) * held
             self.held.push(moment, score)
         self.day_max = max(self.day_max, deviation)
         if since >= WARM_UP_S / 2:  # the first hours' forecast is still rough: not a record to beat
