@@ -213,6 +213,55 @@ def test_anomaly_requests_are_checked_and_scores_carry_entity_scores(behaviour_m
         sidecar.stop()
 
 
+def quiet_days_with_a_daily_high(scorer, days: int, high: float, step_s: float = 300.0) -> float:
+    """Feeds ``days`` days of deviation 0 with one ``high`` at 02:00 each day; the next moment."""
+    moment = START
+    for _ in range(days):
+        for k in range(int(86400 / step_s)):
+            assert scorer.score(moment, high if k == int(7200 / step_s) else 0.0) >= 0.0
+            moment += step_s
+    return moment
+
+
+def test_series_scorer_known_answers_typical_day_record_and_hold_off():
+    from logscore.series import HOLD_S, TYPICAL_DAYS, SeriesScorer
+    scorer = SeriesScorer(START)
+    moment = quiet_days_with_a_daily_high(scorer, 5, 2.0) + 3600  # typical 2; the record: 2, 23 hours ago
+    # u = 4 / 2, v = (4 / 2)^4; nothing within the hold-off before it
+    assert scorer.score(moment, 4.0) == pytest.approx(2 / 3 * 16 / 17)
+    # An hour later, 4.4: u = 2.2, v = 1.1^4 against the 4 just seen, held by the first alarm
+    v = 1.1 ** 4
+    held = 2.2 / 3.2 * v / (1 + v) * (1 - 0.7 * 2 / 3 * 16 / 17)
+    assert scorer.score(moment + 3600, 4.4) == pytest.approx(held)
+    # Past the hold-off (measured from the second alarm), 4.4 again: only as strange as the record
+    assert scorer.score(moment + 3600 + HOLD_S + 300, 4.4) == pytest.approx(2.2 / 3.2 * 0.5)
+    # The same deviation in a series whose every day reaches 10 is ordinary there
+    noisy = SeriesScorer(START)
+    moment = quiet_days_with_a_daily_high(noisy, 5, 10.0) + 3600
+    assert noisy.score(moment, 4.0) == pytest.approx(0.4 / 1.4 * 0.4 ** 4 / (1 + 0.4 ** 4))
+    # Bounded: TYPICAL_DAYS daily maxima, and no more than a day of running maxima
+    long = SeriesScorer(START)
+    quiet_days_with_a_daily_high(long, TYPICAL_DAYS + 10, 2.0)
+    assert len(long.maxima) == TYPICAL_DAYS and len(long.record.kept) <= 288 and len(long.held.kept) <= 36
+
+
+def test_series_scores_a_new_kind_of_burst_above_the_daily_bursts_of_a_bursty_series():
+    from logscore.series import score_series
+    rng = np.random.default_rng(3)
+    times = START + 300 * np.arange(12 * 24 * 12)  # twelve days of 5-minute steps
+    hour = (times // 3600) % 24
+    values = rng.poisson(40 + 30 * np.sin(2 * np.pi * hour / 24)).astype(float)
+    bursts = [288 * day + int(rng.integers(0, 288)) for day in range(1, 12)]
+    values[bursts] *= 4  # one burst a day, of the same size: this series' normal
+    event = 288 * 10 + 150
+    values[event: event + 6] = 40 * 12  # twelve times the mean, for half an hour
+    scores = score_series(times, values)
+    daily = [scores[b] for b in bursts if b >= 288 * 3 and abs(b - event) > 36]
+    assert int(np.argmax(scores)) == event and scores[event] > 0.7
+    assert np.median(daily) < 0.5 and max(daily) < scores[event] - 0.05  # this series' bursts are expected
+    assert scores[event + 1: event + 6].max() < scores[event] / 2  # one alarm, not one per step
+
+
 def test_evaluate_series_scores_online_in_nab_format_and_finds_the_spike(tmp_path):
     rng = np.random.default_rng(1)
     times = START + 300 * np.arange(12 * 24 * 6)  # six days of 5-minute steps

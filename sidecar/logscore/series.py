@@ -1,23 +1,24 @@
 """Scoring one time series online (each point from the past only): `logscore evaluate --series`.
 
 The same forecaster the sidecar's windows use (forecast.py), on one key whose windows are the
-series' steps; then two questions about each point's deviation, both answered from the past:
+series' steps; then three questions about each point's deviation, all answered from the past:
 
-    calibrated  the fraction of earlier deviations (after the first day, while the seasons are
-                still unknown) that were lower: "stranger than 99.8 % of this series so far"
-    record      r / (1 + r), r = deviation / the largest deviation of the previous day:
-                0.5 for a point as strange as yesterday's strangest, near 1 for one far beyond
+    typical   u = deviation / a typical day's strangest (the median of the daily maxima of the
+              deviation over the last ``TYPICAL_DAYS`` days): how strange for this series
+    record    v = deviation / the largest deviation of the previous day: is it beyond anything
+              since yesterday (so a long anomaly, or a noisy stretch, raises one alarm, not one
+              at every point)
+    hold-off  after a score s, the next ``HOLD_S`` seconds are scored x (1 - HOLD x s): the
+              points that follow an alarm (a burst rising over a few steps) are not new alarms
 
-    anomaly_score = calibrated x record
+    anomaly_score = u / (1 + u)  x  v^4 / (1 + v^4)  x  (1 - HOLD x the highest score of the last HOLD_S)
 
-The second factor keeps a long anomaly (or a noisy stretch) from raising an alarm at every
-point: after the first strange point, the next ones must beat it. Measured on NAB's series in
-docs/accuracy.md (benchmarks/nab_evaluate.py).
+The first day only learns (its deviations are not scored). Measured on NAB's series, and why
+these questions and not others, in docs/accuracy.md (benchmarks/nab_evaluate.py).
 """
 
 from __future__ import annotations
 
-import bisect
 import collections
 import csv
 from dataclasses import dataclass
@@ -30,8 +31,13 @@ from .forecast import ForecastState, count_transform, slots
 from .inputs import read_lines
 from .timestamps import parse_time
 
-WARM_UP_S = 86400.0  # deviations of the first day (seasons unknown) are not scored nor calibrated against
+WARM_UP_S = 86400.0  # deviations of the first day (seasons unknown) are not scored
+DAY_S = 86400.0
+TYPICAL_DAYS = 30  # daily maxima remembered for "a typical day's strangest"
 RECORD_S = 86400.0  # "the previous day" of the record factor
+RECORD_POWER = 4.0  # how sharply the record factor rises past yesterday's strangest (0.5 at it)
+HOLD_S = 3 * 3600.0  # how long an alarm holds the scores after it down ...
+HOLD = 0.7  # ... and how far: x (1 - HOLD x the alarm's score)
 
 
 @dataclass
@@ -81,27 +87,65 @@ def deviations(times: np.ndarray, values: np.ndarray) -> np.ndarray:
     return found
 
 
+class RunningMax:
+    """The largest value pushed within the last ``span_s`` seconds (a deque of decreasing values)."""
+
+    def __init__(self, span_s: float) -> None:
+        self.span_s = span_s
+        self.kept: collections.deque = collections.deque()  # (time, value), values decreasing
+
+    def peek(self, moment: float) -> Optional[float]:
+        """The largest value pushed after ``moment - span_s``, or None."""
+        while self.kept and self.kept[0][0] < moment - self.span_s:
+            self.kept.popleft()
+        return self.kept[0][1] if self.kept else None
+
+    def push(self, moment: float, value: float) -> None:
+        while self.kept and self.kept[-1][1] <= value:
+            self.kept.pop()
+        self.kept.append((moment, value))
+
+
+class SeriesScorer:
+    """One series' deviations in, anomaly scores out, online; the state is bounded (a day of
+    running maxima at most, and ``TYPICAL_DAYS`` daily maxima)."""
+
+    def __init__(self, start: float) -> None:
+        self.start = start
+        self.day, self.day_max = 0, 0.0
+        self.maxima: collections.deque = collections.deque(maxlen=TYPICAL_DAYS)
+        self.typical = 0.0
+        self.record = RunningMax(RECORD_S)
+        self.held = RunningMax(HOLD_S)
+
+    def score(self, moment: float, deviation: float) -> float:
+        since = moment - self.start
+        self._close_days(int(since // DAY_S))
+        strangest = self.record.peek(moment)
+        score = 0.0
+        if since >= WARM_UP_S and self.maxima and strangest is not None:
+            beyond_typical = deviation / max(self.typical, 1e-9)
+            beyond_record = (deviation / max(strangest, 1e-9)) ** RECORD_POWER
+            held = 1.0 - HOLD * (self.held.peek(moment) or 0.0)
+            score = beyond_typical / (1.0 + beyond_typical) * beyond_record / (1.0 + beyond_record) * held
+            self.held.push(moment, score)
+        self.day_max = max(self.day_max, deviation)
+        if since >= WARM_UP_S / 2:  # the first hours' forecast is still rough: not a record to beat
+            self.record.push(moment, deviation)
+        return score
+
+    def _close_days(self, day: int) -> None:
+        if day > self.day:
+            self.maxima.append(self.day_max)
+            self.typical = float(np.median(self.maxima))
+            self.day, self.day_max = day, 0.0
+
+
 def score_series(times: np.ndarray, values: np.ndarray) -> np.ndarray:
     """anomaly_score of each point in [0, 1], online."""
     found = deviations(times, values)
-    scores = np.zeros(len(found))
-    past: list[float] = []  # sorted deviations after the warm-up
-    recent: collections.deque = collections.deque()  # (time, deviation), deviations decreasing: a running max
-    for i, deviation in enumerate(found.tolist()):
-        moment = times[i] - times[0]
-        while recent and recent[0][0] < times[i] - RECORD_S:
-            recent.popleft()
-        if moment >= WARM_UP_S and past and recent:
-            calibrated = bisect.bisect_left(past, deviation) / len(past)
-            ratio = deviation / max(recent[0][1], 1e-9)
-            scores[i] = calibrated * ratio / (1.0 + ratio)
-        if moment >= WARM_UP_S:
-            bisect.insort(past, deviation)
-        if moment >= WARM_UP_S / 2:
-            while recent and recent[-1][1] <= deviation:
-                recent.pop()
-            recent.append((times[i], deviation))
-    return scores
+    scorer = SeriesScorer(float(times[0]))
+    return np.array([scorer.score(moment, deviation) for moment, deviation in zip(times.tolist(), found.tolist())])
 
 
 def labels_from_windows(series: Series, windows: Sequence[Sequence[str]]) -> np.ndarray:
