@@ -244,7 +244,10 @@ def main() -> int:
     soak_records = args.soak if args.soak is not None else (20_000 if args.quick else 1_000_000)
     real_lines(), csic_parameters()  # read once, before the client processes fork
     workdir = Path(tempfile.mkdtemp(prefix="logscore-bench-"))
-    sidecar = SidecarProcess(ROOT / "models", workdir, reload_interval_s=0).start()
+    # 10,000-record requests (about 2.4 MB) exceed the default max_message_bytes (2 MiB): raised as an
+    # operator sending such batches would.
+    sidecar = SidecarProcess(ROOT / "models", workdir, reload_interval_s=0, max_message_bytes=8 * 2**20,
+                             max_inflight_bytes=64 * 2**20).start()
     servers = [start_python_server(workdir, kind) for kind in ("naive", "floor")]
     targets = {"logscore": f"unix:{sidecar.socket}", "naive": servers[0][1], "grpc floor": servers[1][1]}
     results = {"machine": machine(), "throughput": [], "latency": {}}

@@ -13,7 +13,7 @@ from logscore.decide import decide
 from logscore.feedback import NORMAL, Entry, FeedbackStep, RuleSet, pattern_from_records
 from logscore.metrics import Metrics
 from logscore.model import Model
-from logscore.review import ReviewRing, render_page
+from logscore.review import ReviewRing, render_page, with_new_keys
 
 from .generate import shop_lines
 from .sidecar_process import ROOT
@@ -106,6 +106,12 @@ def test_a_flood_is_sampled_within_the_inspection_budget_and_records_under_rules
     decision = decide(model, scored, feedback=FeedbackStep(rules, flood, observe=ring.observe, inspect_always=True,
                                                            admit=ring.admit))
     assert calls == [flagged] and decision.is_anomaly.sum() < flagged
+
+
+def test_a_group_gathers_new_keys_in_their_order_without_repeats_up_to_its_room():
+    keys = np.array([5, 3], dtype=np.int64)
+    grown = with_new_keys(keys, np.array([9, 3, 7, 9, 1, 8], dtype=np.int64), room=3)
+    assert grown.tolist() == [5, 3, 9, 7, 1] and grown.dtype == np.int64
 
 
 def test_the_grafana_dashboard_asks_for_metrics_the_sidecar_exports():

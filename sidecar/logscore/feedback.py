@@ -442,10 +442,13 @@ class Flagged:
     score: float  # the score it leaves with (lowered when suppressed)
     original_score: float
     kind: frozenset
-    unusual_keys: list[int]
+    unusual_keys: np.ndarray  # int64: its unusual features' keys
     names: Callable[[], list[str]]  # the most unusual features' names
     suppressed_by: list[int] = field(default_factory=list)
     kept_by: list[int] = field(default_factory=list)
+
+
+NO_KEYS = np.zeros(0, dtype=np.int64)
 
 
 @dataclass
@@ -478,7 +481,7 @@ class FeedbackStep:
         if not len(candidates) or not (model_rules or self.inspect_always) or model.sessions is not None:
             if self.observe is not None and len(candidates):
                 self.observe(model, self.records, [Flagged(int(i), float(scores[i]), float(scores[i]), frozenset(),
-                                                           [], list) for i in candidates], self)
+                                                           NO_KEYS, list) for i in candidates], self)
             return scores
         if not model_rules and self.admit is not None:
             # Only the review page wants them inspected: within its budget, a flood sampled evenly.
@@ -499,7 +502,7 @@ class FeedbackStep:
         scores = scores.copy() if rescored is not None else scores
         for row, i in enumerate(candidates.tolist()):
             unusual = found.unusual(row)
-            item = Flagged(i, float(scores[i]), float(scores[i]), kinds[row], found.batch.keys[unusual].tolist(),
+            item = Flagged(i, float(scores[i]), float(scores[i]), kinds[row], found.batch.keys[unusual],
                            found.names(row, SHORT_KIND))
             if keepers[row]:
                 item.kept_by = keepers[row]
