@@ -134,9 +134,9 @@ def main() -> int:
     for position in range(0, len(stream), args.batch):
         part = stream[position: position + args.batch]
         scored = model.score([line for _, line in part])
-        entity, _ = watch.observe(scored.fields, np.array([t for t, _ in part]), scored.novelty, scored.scores)
-        for (moment, line), record_score, client_score, fields in zip(part, scored.scores, entity, scored.fields):
-            client = fields.get("remote_addr")
+        entity, _ = watch.observe(scored.columns, np.array([t for t, _ in part]), scored.novelty, scored.scores)
+        for (moment, line), record_score, client_score, client in zip(part, scored.scores, entity,
+                                                                       scored.columns["remote_addr"]):
             by_client.setdefault(client, []).append((float(client_score), float(record_score)))
             line_scores.append(float(record_score))
             line_labels.append(int(client in scanners))

@@ -129,7 +129,8 @@ def test_the_artifact_carries_window_and_client_models_in_graph_and_metadata(beh
     normal = np.array([[3, 0.05, 3, 0.02, 0.5]], np.float32)
     scanner = np.array([[20, 0.9, 20, 0.6, 0.99]], np.float32)
     assert detector.score(normal)[0] < clients["threshold"] <= detector.score(scanner)[0]
-    assert model.score(["x"]).fields is not None  # the record model scores as ever
+    assert model.behaviour_fields == ("status", "url", "remote_addr")  # what windows and clients read
+    assert model.score(["x"]).columns == {"status": [None], "url": [None], "remote_addr": [None]}  # scores as ever
     shown = subprocess.run([sys.executable, "-m", "logscore", "inspect", str(behaviour_model)], capture_output=True,
                            text=True, timeout=60, cwd=ROOT).stdout
     assert "windows: 1 s, " in shown and "clients: by remote_addr" in shown
@@ -314,14 +315,13 @@ def test_window_keys_stay_bounded_and_new_keys_need_two_records_in_the_window(be
     trained = len(spec.keys)
     counter = WindowCounter(spec, "shop", KeyNamer(spec.dimensions), max_keys=trained + 50, now=START)
     for batch in range(20):  # 20 batches of 100 new URL templates, each seen twice
-        fields = [{"url": f"/new{batch}-{i // 2}", "status": "200"} for i in range(200)]
-        counter.observe(fields)
+        counter.observe({"url": [f"/new{batch}-{i // 2}" for i in range(200)], "status": ["200"] * 200}, 200)
     assert len(counter.keys) <= trained + 50 and set(spec.keys) <= set(counter.keys)  # trained keys stay
-    counter.observe([{"url": "/seen-once", "status": "200"}])
+    counter.observe({"url": ["/seen-once"], "status": ["200"]}, 1)
     assert "url_template=/seen-once" not in counter.row and "url_template=(other)" in counter.row
     fresh = WindowCounter(spec, "shop", KeyNamer(spec.dimensions), max_keys=trained + 50, now=START)
     for _ in range(2):  # one record a request, as Logstash's http filter sends them
-        fresh.observe([{"url": "/seen-twice", "status": "200"}])
+        fresh.observe({"url": ["/seen-twice"], "status": ["200"]}, 1)
     row, other = fresh.row["url_template=/seen-twice"], fresh.row["url_template=(other)"]
     assert fresh.counts[row] == 2 and fresh.counts[other] == 0  # its second record in the window: a row
     counter.close_due(START + 10_000)  # after a long pause: at most MAX_CATCH_UP windows are closed
@@ -345,16 +345,18 @@ def test_windows_hold_when_trained_keys_outnumber_the_limit_and_values_are_not_t
     """window_max_keys below the trained keys, and a sender's list where a status or client should be:
     counted (as text), never an error that would drop the request's window counts."""
     from logscore.behaviour import window_spec
-    from logscore.entities import client_batch
-    from logscore.windows import KeyNamer, WindowCounter
+    from logscore.entities import CLIENT_FIELDS, client_batch
+    from logscore.records import text_columns
+    from logscore.windows import KeyNamer, WindowCounter, fields_read
 
     spec = window_spec(Model.load(behaviour_model))
     counter = WindowCounter(spec, "shop", KeyNamer(spec.dimensions), max_keys=1, now=START)
     for batch in range(5):
-        counter.observe([{"url": f"/brand-new-{batch}", "status": ["500"]}] * 3)
+        counter.observe(text_columns([{"url": f"/brand-new-{batch}", "status": ["500"]}] * 3,
+                                     fields_read(spec.dimensions)), 3)
     assert set(spec.keys) <= set(counter.keys) and len(counter.keys) <= counter.max_keys
     assert any(key.startswith("status_class=") for key in counter.keys)
-    clients = client_batch([{"remote_addr": ["10.0.0.1"], "status": 200}], "remote_addr", np.zeros(1),
-                           np.zeros(1), np.zeros(1))
-    assert clients.clients == ["['10.0.0.1']"]
+    clients = client_batch(text_columns([{"remote_addr": ["10.0.0.1"], "status": 500}], ("remote_addr", *CLIENT_FIELDS)),
+                           "remote_addr", np.zeros(1), np.zeros(1), np.zeros(1))
+    assert clients.clients == ["['10.0.0.1']"] and clients.errors.tolist() == [1.0]
 

@@ -128,16 +128,16 @@ class Behaviour:
         events = []
         for (model, positions), scored in zip(groups.items(), results):
             watched = self.of(model)
-            if scored.fields is None:
+            if scored.columns is None:
                 continue
+            size = len(scored.scores)
             if watched.windows is not None:
                 events += watched.windows.close_due(now)
                 mine = tags if tags is None or len(groups) == 1 else [tags[i] for i in positions]
-                watched.windows.observe(scored.fields, mine)
+                watched.windows.observe(scored.columns, size, mine)
             if watched.clients is not None:
-                novelty = scored.novelty if scored.novelty is not None else np.zeros(len(scored.fields))
-                scores, raised = watched.clients.observe(scored.fields, np.full(len(scored.fields), now), novelty,
-                                                         scored.scores)
+                novelty = scored.novelty if scored.novelty is not None else np.zeros(size)
+                scores, raised = watched.clients.observe(scored.columns, np.full(size, now), novelty, scored.scores)
                 events += raised
                 if entity is None:
                     entity = np.full(count, np.nan, dtype=np.float32)

@@ -26,12 +26,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional
 
 import numpy as np
 
 from .events import AnomalyEvent
-from .records import to_text
 
 FEATURES = ("rate", "error_ratio", "new_paths", "novelty", "mean_score")
 PRIOR = 1.0  # pseudo-requests every client starts with
@@ -56,19 +55,17 @@ class ClientBatch:
     scores: np.ndarray  # float64 [N] record scores
 
 
-def client_name(value: object) -> object:
-    """A client's identity: text where a sender put a list or a map (it must hash)."""
-    return value if value is None or value.__class__ in (str, int, float, bytes) else to_text(value)
+CLIENT_FIELDS = ("status", "url")  # read besides the client's own field
 
 
-def client_batch(fields: Sequence[dict], key: str, times: np.ndarray, novelty: np.ndarray,
+def client_batch(columns: dict[str, list], key: str, times: np.ndarray, novelty: np.ndarray,
                  scores: np.ndarray) -> ClientBatch:
-    clients = [client_name(f.get(key)) for f in fields]
-    errors = np.fromiter((str(f.get("status", ""))[:1] in ("4", "5") for f in fields), dtype=np.float64,
-                         count=len(fields))
-    paths = np.fromiter((hash(str(f.get("url") or "").partition("?")[0]) for f in fields), dtype=np.int64,
-                        count=len(fields))
-    return ClientBatch(clients, times, errors, paths, np.asarray(novelty, dtype=np.float64),
+    """What a batch says about each record's client; ``columns``: the fields as text (``text_columns``)."""
+    errors = np.fromiter(((status or "")[:1] in ("4", "5") for status in columns["status"]), dtype=np.float64,
+                         count=len(times))
+    paths = np.fromiter((hash((url or "").partition("?")[0]) for url in columns["url"]), dtype=np.int64,
+                        count=len(times))
+    return ClientBatch(columns[key], times, errors, paths, np.asarray(novelty, dtype=np.float64),
                        np.asarray(scores, dtype=np.float64))
 
 
@@ -328,13 +325,14 @@ class ClientWatch:
         self.key = key or spec.key
         self.tracker = ClientTracker(spec.half_life_s, max_clients)
 
-    def observe(self, fields: Sequence[dict], times: np.ndarray, novelty: np.ndarray,
+    def observe(self, columns: dict[str, list], times: np.ndarray, novelty: np.ndarray,
                 scores: np.ndarray) -> tuple[np.ndarray, list[AnomalyEvent]]:
-        """(entity_score per record (NaN without a client), events of clients crossing the threshold)."""
-        batch = client_batch(fields, self.key, times, novelty, scores)
+        """(entity_score per record (NaN without a client), events of clients crossing the threshold);
+        ``columns``: the records' fields as text (the key, status and url: Model.behaviour_fields)."""
+        batch = client_batch(columns, self.key, times, novelty, scores)
         features, slots, requests = self.tracker.observe(batch)
         known = slots >= 0
-        entity = np.full(len(fields), np.nan, dtype=np.float32)
+        entity = np.full(len(times), np.nan, dtype=np.float32)
         if known.any():
             entity[known] = self.spec.score(features[known])
         crossing = known & (entity >= self.spec.threshold)

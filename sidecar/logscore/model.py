@@ -18,7 +18,9 @@ from .artifact import Artifact, read_artifact
 from .errors import ModelLoadError
 from .features import FeatureBatch, Featurizer
 from .records import DEFAULT_MAX_LINE_CHARS
+from .entities import CLIENT_FIELDS
 from .sessions import SessionTracker
+from .windows import fields_read
 
 
 SCORE_CHUNK = 512  # records featurized and run at once (bounds the working memory of big batches)
@@ -54,8 +56,9 @@ class Scored:
     truncated: np.ndarray  # bool [N]
     unparsed: np.ndarray  # bool [N]
     explanations: Optional[list[list[str]]] = field(default=None)
-    fields: Optional[list] = None  # normalized field maps (windows, clients: sidecar/logscore/behaviour.py)
+    fields: Optional[list] = None  # normalized field maps (training windows and clients: Model.needs_fields)
     novelty: Optional[np.ndarray] = None  # float [N] share of keys never seen in training (models with clients)
+    columns: Optional[dict] = None  # the fields windows and clients read, as text (Model.behaviour_fields)
 
     def slice(self, start: int, stop: int, explain: int) -> "Scored":
         """Records start..stop, with at most ``explain`` features named each."""
@@ -65,7 +68,9 @@ class Scored:
         return Scored(self.scores[start:stop], self.is_anomaly[start:stop], self.raw_scores[start:stop],
                       self.truncated[start:stop], self.unparsed[start:stop], explanations,
                       self.fields[start:stop] if self.fields is not None else None,
-                      self.novelty[start:stop] if self.novelty is not None else None)
+                      self.novelty[start:stop] if self.novelty is not None else None,
+                      {name: column[start:stop] for name, column in self.columns.items()}
+                      if self.columns is not None else None)
 
     @staticmethod
     def concatenate(parts: Sequence["Scored"], explained: bool) -> "Scored":
@@ -76,7 +81,19 @@ class Scored:
                         ("scores", "is_anomaly", "raw_scores", "truncated", "unparsed")),
                       [e for p in parts for e in p.explanations] if explained else None,
                       [f for p in parts for f in p.fields] if parts[0].fields is not None else None,
-                      np.concatenate([p.novelty for p in parts]) if parts[0].novelty is not None else None)
+                      np.concatenate([p.novelty for p in parts]) if parts[0].novelty is not None else None,
+                      {name: [v for p in parts for v in p.columns[name]] for name in parts[0].columns}
+                      if parts[0].columns is not None else None)
+
+
+def behaviour_fields(metadata: dict, client_key: Optional[str] = None) -> tuple[str, ...]:
+    """The record fields a model's window and client detectors read (none without them)."""
+    names: list[str] = []
+    if metadata.get("windows"):
+        names += fields_read(metadata["windows"]["dimensions"])
+    if metadata.get("entities"):
+        names += [client_key or str(metadata["entities"]["key"]), *CLIENT_FIELDS]
+    return tuple(dict.fromkeys(names))
 
 
 def novelty_shares(batch: FeatureBatch, surprise: np.ndarray) -> np.ndarray:
@@ -93,7 +110,9 @@ class Model:
     parsing); every surface scores with the same value (sidecar: max_record_bytes).
     """
 
-    def __init__(self, artifact: Artifact, threads: int = 1, max_line_chars: int = DEFAULT_MAX_LINE_CHARS):
+    def __init__(self, artifact: Artifact, threads: int = 1, max_line_chars: int = DEFAULT_MAX_LINE_CHARS,
+                 client_key: Optional[str] = None):
+        """``client_key``: the field naming a client when it is not the model's own (setting entity_key)."""
         self.artifact = artifact
         meta = artifact.metadata
         try:
@@ -104,8 +123,10 @@ class Model:
             # Models of rarity alone never read the dense block: skip building it.
             self.needs_dense = bool(meta.get("needs_dense", True))
             self.tracks_novelty = bool(meta.get("entities"))  # the client detector reads it
-            # Windows and clients read the records' field maps (behaviour.py): build them only then.
-            self.needs_fields = bool(meta.get("windows") or meta.get("entities"))
+            # Windows and clients (behaviour.py) read a few fields as text columns, read with the
+            # rest; whole field maps only for training them (timestamps).
+            self.behaviour_fields = behaviour_fields(meta, client_key)
+            self.needs_fields = False
             sessions = self.featurizer.sessions
             self.sessions = SessionTracker(sessions) if sessions is not None else None
         except Exception as error:  # any malformed metadata is the file's fault
@@ -118,8 +139,9 @@ class Model:
             raise ModelLoadError(f"{artifact.path}: onnxruntime cannot load the graph: {error}") from None
 
     @classmethod
-    def load(cls, path: str | Path, threads: int = 1, max_line_chars: int = DEFAULT_MAX_LINE_CHARS) -> "Model":
-        return cls(read_artifact(path), threads, max_line_chars)
+    def load(cls, path: str | Path, threads: int = 1, max_line_chars: int = DEFAULT_MAX_LINE_CHARS,
+             client_key: Optional[str] = None) -> "Model":
+        return cls(read_artifact(path), threads, max_line_chars, client_key)
 
     @property
     def version(self) -> str:
@@ -139,10 +161,12 @@ class Model:
             return Scored.concatenate(parts, explain > 0)
         if self.sessions is not None:
             records = self.sessions.track(records)  # each record scored as its session so far
-        batch = self.featurizer.transform(records, dense=self.needs_dense, with_fields=self.needs_fields)
+        batch = self.featurizer.transform(records, dense=self.needs_dense, with_fields=self.needs_fields,
+                                          columns=self.behaviour_fields)
         score, raw, surprise = run_graph(self.session, batch)
         cut = self.threshold if threshold is None else threshold
-        result = Scored(score, score >= cut, raw, batch.truncated, batch.unparsed, fields=batch.fields)
+        result = Scored(score, score >= cut, raw, batch.truncated, batch.unparsed, fields=batch.fields,
+                        columns=batch.columns)
         if self.tracks_novelty:
             result.novelty = novelty_shares(batch, surprise)
         if explain > 0:

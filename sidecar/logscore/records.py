@@ -38,6 +38,15 @@ def to_text(value: object) -> str:
         return NESTED_TOO_DEEP
 
 
+def text_columns(fields: Sequence[dict], names: Iterable[str]) -> dict[str, list]:
+    """Each named field of the field maps as a column of text (None where a map lacks it)."""
+    columns = {}
+    for name in names:
+        column = [one.get(name) for one in fields]
+        columns[name] = [v if v is None or v.__class__ is str else to_text(v) for v in column]
+    return columns
+
+
 @dataclass
 class RecordBatch:
     fields: list[Fields]
@@ -77,14 +86,19 @@ class RecordNormalizer:
         fields, ok = self.parse(text[: self.max_line_chars] if cut else text)
         return fields, ok, cut
 
-    def carried_lines(self, records: Sequence[object]) -> list:
-        """The records, with each field map whose wanted fields can only come from the raw line it
-        holds (``message``/``log``: Fluentd's and Fluent Bit's tail) replaced by that line. Same
-        fields as normalize_one gives; the compiled reader parses lines itself, where a field map
-        costs it a call back into Python."""
+    def carried_lines(self, records: Sequence[object], also: Sequence[str] = ()) -> list:
+        """The records, with each field map whose wanted fields (and the fields named in ``also``)
+        can only come from the raw line it holds (``message``/``log``: Fluentd's and Fluent Bit's
+        tail) replaced by that line. Same fields as normalize_one gives, but for the map's own
+        message/log (``carried_raw_lines`` gives them back); the compiled reader parses lines
+        itself, where a field map costs it a call back into Python."""
         if not self._lines_carried:
             return list(records)
         own = self._own_keys
+        if also:
+            # A map holding one of these fields keeps its own value of it. NOTE: not message/log
+            # themselves (every carried map holds one): carried_raw_lines gives them back.
+            own = own | (set(also) - set(RAW_LINE_KEYS)) | {name.partition(".")[0] for name in also if "." in name}
         lines = []
         for record in records:
             if record.__class__ is dict and own.isdisjoint(record):
@@ -98,6 +112,19 @@ class RecordNormalizer:
                     record = to_text(raw)
             lines.append(record)
         return lines
+
+    @staticmethod
+    def carried_raw_lines(records: Sequence[object], lines: Sequence[object], columns: dict[str, list]) -> None:
+        """Columns named message or log, for records carried_lines replaced by their line: the
+        map's own value (normalize_one keeps it beside the parsed fields; a parsed line has none)."""
+        for name in RAW_LINE_KEYS:
+            column = columns.get(name)
+            if column is None:
+                continue
+            for row, (record, line) in enumerate(zip(records, lines)):
+                if line is not record and record.__class__ is dict:
+                    value = record.get(name)
+                    column[row] = value if value is None or value.__class__ is str else to_text(value)
 
     def normalize_one(self, record: object) -> tuple[Fields, bool, bool]:
         """(fields, parsed, cut) of one record; the compiled featurizer calls it for what it does not read itself."""

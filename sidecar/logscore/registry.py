@@ -43,9 +43,10 @@ class Snapshot:
 class ModelRegistry:
     def __init__(self, models_dir: str, default_model: Optional[str] = None,
                  tag_routes: Optional[dict] = None, entity_field: Optional[str] = None,
-                 on_change=None, max_line_chars: int = DEFAULT_MAX_LINE_CHARS):
+                 on_change=None, max_line_chars: int = DEFAULT_MAX_LINE_CHARS, client_key: Optional[str] = None):
         self.models_dir = Path(models_dir)
         self.max_line_chars = max_line_chars
+        self.client_key = client_key  # the field naming a client, when not the models' own (entity_key)
         self.default_model = default_model
         self.tag_routes = list((tag_routes or {}).items())
         self.entity_field = entity_field
@@ -79,7 +80,7 @@ class ModelRegistry:
                     continue
                 name = Path(path).stem
                 try:
-                    model = Model.load(path, max_line_chars=self.max_line_chars)
+                    model = Model.load(path, max_line_chars=self.max_line_chars, client_key=self.client_key)
                     model.name = name  # the file name routes, whatever name the model was trained with
                     model.score(PROBE_RECORDS, explain=1)
                 except ModelLoadError as error:

@@ -93,7 +93,8 @@ class Sidecar:
         self.stopping = asyncio.Event()
         self.reload_requested = asyncio.Event()
         self.registry = ModelRegistry(settings.models_dir, settings.default_model, settings.tag_routes,
-                                      settings.entity_field, self._model_event, settings.max_record_bytes)
+                                      settings.entity_field, self._model_event, settings.max_record_bytes,
+                                      settings.entity_key)
         self.learner = make_learner(settings, self.registry, self.reload_requested.set, self.metrics)
         self.review = make_review(settings, self.metrics)
         self.feedback = make_feedback(settings, self.registry, self.review, self.metrics)

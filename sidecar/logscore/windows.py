@@ -25,17 +25,17 @@ import math
 import re
 import time
 from collections import Counter
-from itertools import repeat
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
 
 from .events import AnomalyEvent
+from .features import native as compiled
 from .features.converters import ID_SEGMENT
 from .forecast import ForecastState, count_inverse, count_transform, slots
 from .masking import mask_variables
-from .records import to_text
 
 DIMENSIONS = ("route", "tag", "status_class", "host", "level", "url_template", "message_template")
 SHARES = (("status_class", "5xx"), ("status_class", "4xx"), ("level", "error"))
@@ -53,26 +53,32 @@ def status_class(value: object) -> Optional[str]:
     return f"{text[0]}xx" if len(text) == 3 and text.isdigit() and text[0] in "12345" else None
 
 
-def level_name(fields: dict) -> Optional[str]:
+def level_name(level: Optional[str], severity: Optional[str], pri: Optional[str]) -> Optional[str]:
     """A record's level: its ``level``/``severity`` field, or the severity of a syslog priority."""
-    value = fields.get("level") or fields.get("severity")
-    if value is None and fields.get("pri") is not None:
+    value = level or severity
+    if value is None and pri is not None:
         try:
-            return SYSLOG_SEVERITIES[int(fields["pri"]) % 8]
-        except (TypeError, ValueError):
+            return SYSLOG_SEVERITIES[int(pri) % 8]
+        except ValueError:
             return None
     if value is None:
         return None
-    name = str(value).strip().lower()
+    name = value.strip().lower()
     return "error" if name in ERROR_LEVELS else name[:32]
 
 
-HASHABLE = (str, int, float, bool, bytes)
 # A path segment that is an id (the url converter's rule: digits, long hex, a uuid) becomes {id}.
 _ID_SEGMENTS = re.compile(rf"(?<=/)(?:{ID_SEGMENT.pattern})(?=/|$)")
 # Where each dimension's value is read: the first of these fields a record has.
 SOURCES = {"status_class": ("status",), "host": ("host", "hostname"), "url_template": ("url",),
            "message_template": ("message",), "level": ("level", "severity", "pri")}
+# Dimensions the compiled key_counts names itself (others call KeyNamer._name back).
+NATIVE_NAMING = {"status_class": 1, "url_template": 2}
+
+
+def fields_read(dimensions: Iterable[str]) -> tuple[str, ...]:
+    """The record fields a window model of these dimensions reads (route and tag come with the request)."""
+    return tuple(dict.fromkeys(name for d in dimensions for name in SOURCES.get(d, ())))
 
 
 def url_template(url: str) -> str:
@@ -86,29 +92,32 @@ def url_template(url: str) -> str:
 class KeyNamer:
     """Each record's value of each dimension (``url_template=/users/{id}``), cached per distinct value.
 
-    Counting a batch costs a C-level pass per dimension (``Counter`` over the field's values)
-    and one dictionary lookup per distinct value: what keeps window bookkeeping near a
-    microsecond per record.
+    Records arrive as text columns (``text_columns``: None where a record lacks the field).
+    Counting a batch costs one pass per dimension and a dictionary lookup per record, the key
+    worked out once per distinct value: in C when the compiled featurizer is built
+    (``key_counts`` in features/_native.c: status classes and URL templates; other dimensions
+    call ``_name``), else in Python (``_key_counts``, the reference). Both give the same
+    counts, keys in the same order (tests/test_native.py).
     """
 
-    def __init__(self, dimensions: Sequence[str]):
+    def __init__(self, dimensions: Sequence[str], native: Optional[bool] = None):
+        """``native``: True/False forces the compiled or the Python counting; None follows the featurizer's switch."""
         self.dimensions = [d for d in dimensions if d not in ("route", "tag")]
         self._cache: dict[str, dict] = {d: {} for d in self.dimensions}
+        self._native = compiled.module(native)
+        self._namers = {d: partial(self._name, d) for d in self.dimensions}
 
-    def column(self, dimension: str, fields: Sequence[dict]) -> Iterable:
-        """Raw values of the field behind a dimension (None where absent; text where a sender put a
-        list or a map, which could not be counted)."""
-        names = SOURCES[dimension]
+    @staticmethod
+    def column(dimension: str, columns: dict[str, list]) -> list:
+        """Values of the field behind a dimension (None where absent)."""
         if dimension == "level":
-            values = (level_name(f) if ("level" in f or "severity" in f or "pri" in f) else None for f in fields)
-        elif len(names) == 1:
-            values = map(dict.get, fields, repeat(names[0]))
-        else:
-            values = (f.get(names[0]) or f.get(names[1]) for f in fields)
-        return (v if v is None or v.__class__ in HASHABLE else to_text(v) for v in values)
+            return list(map(level_name, columns["level"], columns["severity"], columns["pri"]))
+        if dimension == "host":
+            return [host or other for host, other in zip(columns["host"], columns["hostname"])]
+        return columns[SOURCES[dimension][0]]
 
-    def name(self, dimension: str, value: object) -> Optional[str]:
-        """The key of one raw value, or None when the value says nothing."""
+    def name(self, dimension: str, value: Optional[str]) -> Optional[str]:
+        """The key of one value, or None when the value says nothing."""
         if value is None:
             return None
         cache = self._cache[dimension]
@@ -120,31 +129,43 @@ class KeyNamer:
         return key or None
 
     @staticmethod
-    def _name(dimension: str, value: object) -> str:
+    def _name(dimension: str, value: str) -> str:
         if dimension == "status_class":
             text = status_class(value)
         elif dimension == "url_template":
-            text = url_template(str(value))[:MAX_TEMPLATE_CHARS]
+            text = url_template(value)[:MAX_TEMPLATE_CHARS]
         elif dimension == "message_template":
-            text = mask_variables(str(value))[:MAX_TEMPLATE_CHARS]
+            text = mask_variables(value)[:MAX_TEMPLATE_CHARS]
         else:
-            text = str(value)[:MAX_TEMPLATE_CHARS]
+            text = value[:MAX_TEMPLATE_CHARS]
         return f"{dimension}={text}" if text else ""
 
-    def count(self, fields: Sequence[dict], route: str, tags: Optional[Sequence[str]]) -> Counter:
-        """Records per key in one batch."""
-        counts: Counter = Counter()
-        counts[f"route={route}"] = len(fields)
+    def key_counts(self, dimension: str, values: list) -> dict[str, int]:
+        """Records per key of one dimension, keys in the order their first value appears."""
+        if self._native is not None:
+            return self._native.key_counts(values, NATIVE_NAMING.get(dimension, 0), f"{dimension}=",
+                                           self._cache[dimension], VALUE_CACHE, self._namers[dimension])
+        return self._key_counts(dimension, values)
+
+    def _key_counts(self, dimension: str, values: list) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        name = self.name
+        for value, n in Counter(values).items():
+            key = name(dimension, value)
+            if key is not None:
+                counts[key] = counts.get(key, 0) + n
+        return counts
+
+    def count(self, columns: dict[str, list], records: int, route: str, tags: Optional[Sequence[str]]) -> dict:
+        """Records per key in one batch of ``records`` records."""
+        counts: dict[str, int] = {f"route={route}": records}
         if tags is not None:
             for tag, n in Counter(tags).items():
                 if tag:
-                    counts[f"tag={tag}"] += n
+                    counts[f"tag={tag}"] = n
         for dimension in self.dimensions:
-            name = self.name
-            for value, n in Counter(self.column(dimension, fields)).items():
-                key = name(dimension, value)
-                if key is not None:
-                    counts[key] += n
+            # NOTE: keys of different dimensions never meet (each starts with its dimension).
+            counts.update(self.key_counts(dimension, self.column(dimension, columns)))
         return counts
 
 
@@ -252,19 +273,46 @@ class WindowCounter:
     def _window_start(self, now: float) -> float:
         return math.floor(now / self.window_s) * self.window_s
 
-    def observe(self, fields: Sequence[dict], tags: Optional[Sequence[str]] = None) -> None:
-        self.add(self.namer.count(fields, self.route, tags), len(fields))
+    def observe(self, columns: dict[str, list], records: int, tags: Optional[Sequence[str]] = None) -> None:
+        """Count a batch: its fields as text columns (``text_columns``), ``records`` long."""
+        self.add(self.namer.count(columns, records, self.route, tags), records)
 
-    def add(self, counts: Counter, records: int) -> None:
-        row = self.row
+    def add(self, counts: dict, records: int) -> None:
+        row, candidates = self.row, self.candidates
+        rows: list[int] = []
+        amounts: list[int] = []
+        others: dict[str, int] = {}  # dimension -> its (other) row, while no row moves
         for key, n in counts.items():
             index = row.get(key)
             if index is None:
-                index = self._place_new(key, n)
-            self.counts[index] += n
+                if n == 1 and key not in candidates:
+                    # The common new key (every URL new): a single record, counted as (other).
+                    # Same as _place_new, without moving any row.
+                    if len(candidates) < self.max_candidates:
+                        candidates[key] = 1
+                    dimension = key.partition("=")[0]
+                    index = others.get(dimension)
+                    if index is None:
+                        self._flush(rows, amounts)  # _other may add a row, and evict: rows move
+                        others.clear()
+                        index = others[dimension] = self._other(key)
+                else:
+                    self._flush(rows, amounts)  # rows may move below
+                    others.clear()
+                    index = self._place_new(key, n)
+            rows.append(index)
+            amounts.append(n)
+        self._flush(rows, amounts)
         for i, name in enumerate(self.spec.shares):
             self.share_counts[i] += counts.get(name[: -len(" share")], 0)
             self.share_totals[i] += records
+
+    def _flush(self, rows: list, amounts: list) -> None:
+        """Add counts gathered for rows (before a row may move)."""
+        if rows:
+            self.counts += np.bincount(rows, amounts, minlength=len(self.counts))
+            rows.clear()
+            amounts.clear()
 
     def _place_new(self, key: str, n: int) -> int:
         """The row of a key new to the table. NOTE: it gets a row of its own at its second record in

@@ -7,7 +7,7 @@
  * with "replace"), this code calls the same CPython function the reference calls.
  *
  *   access_columns   records -> one column per wanted field (parsers.py _ACCESS_FAST, else the
- *                    Python normalizer), cut to max_field_chars      (Featurizer.field_values)
+ *                    Python normalizer), cut to max_field_chars      (Featurizer.normalized_values)
  *   distinct         a column -> ids and distinct values              (Featurizer.transform)
  *   Cache            two generations bounded in entries and bytes     (converters.ValueCache)
  *   Features         one value's keys and weights                     (batch.ValueFeatures)
@@ -16,6 +16,7 @@
  *   url_structures, url_features                                      (UrlConverter)
  *   numeric_labels                                                    (NumericConverter)
  *   assemble         per-record expansion of all converters          (FeatureSink.build)
+ *   key_counts       a column -> records per window key               (windows.KeyNamer.key_counts)
  *
  * Arrays go out as bytearrays; the Python side wraps them with numpy.frombuffer (no numpy
  * headers needed to build).
@@ -1020,22 +1021,28 @@ done:
 #define MARK_FIELD 0xFB
 #define MARK_NO_ENUM 0xFC
 
-static int is_id_segment(const Py_UCS4 *s, Py_ssize_t n) {
-    /* _ID_SEGMENT.fullmatch: \d+ (Unicode decimals) | [0-9a-fA-F]{8,} | a UUID */
-    if (n == 0) return 0;
+/* _ID_SEGMENT.fullmatch on characters a..b of a string's data: \d+ (Unicode decimals) |
+ * [0-9a-fA-F]{8,} | a UUID. Reads any PyUnicode kind (a Py_UCS4 buffer is kind 4). */
+static inline Py_ALWAYS_INLINE int is_id_span(int kind, const void *data, Py_ssize_t a, Py_ssize_t b) {
+    Py_ssize_t n = b - a;
+    if (n <= 0) return 0;
     int decimal = 1, hex = 1;
-    for (Py_ssize_t i = 0; i < n; i++) {
-        decimal &= Py_UNICODE_ISDECIMAL(s[i]) ? 1 : 0;
-        hex &= s[i] < 0x80 && hex_value(s[i]) >= 0;
+    for (Py_ssize_t i = a; i < b; i++) {
+        Py_UCS4 c = PyUnicode_READ(kind, data, i);
+        decimal &= c < 0x80 ? (c >= '0' && c <= '9') : (Py_UNICODE_ISDECIMAL(c) ? 1 : 0);
+        hex &= c < 0x80 && hex_value(c) >= 0;
     }
     if (decimal || (hex && n >= 8)) return 1;
     if (n != 36) return 0;
     for (Py_ssize_t i = 0; i < n; i++) {
+        Py_UCS4 c = PyUnicode_READ(kind, data, a + i);
         int dash = i == 8 || i == 13 || i == 18 || i == 23;
-        if (dash ? s[i] != '-' : !(s[i] < 0x80 && hex_value(s[i]) >= 0)) return 0;
+        if (dash ? c != '-' : !(c < 0x80 && hex_value(c) >= 0)) return 0;
     }
     return 1;
 }
+
+static int is_id_segment(const Py_UCS4 *s, Py_ssize_t n) { return is_id_span(PyUnicode_4BYTE_KIND, s, 0, n); }
 
 static int add_decimal(Bytes *b, long long v) {  /* v >= 0 */
     char digits[24];
@@ -1624,25 +1631,33 @@ static PyObject *access_field(PyObject *line, const unsigned char *s, Py_ssize_t
     return PyUnicode_Substring(line, a, b);
 }
 
-/* access_columns(records, wanted, fast, limit, max_line, normalize_one, to_text):
- * Featurizer.field_values. A str line of at most max_line characters that matches the access
+/* access_columns(records, wanted, fast, limit, max_line, normalize_one, to_text[, cut]):
+ * Featurizer.normalized_values. A str line of at most max_line characters that matches the access
  * fast path (fast=True, ASCII) is read here; any other record (a longer line is cut by the one
  * truncation rule there) goes through normalize_one(record) -> (fields, parsed, cut).
+ * Only the first `cut` columns (default: all) are cut to `limit` characters and mark a record
+ * truncated; the others (windows' and clients' columns) are whole, and one naming a field of an
+ * earlier column holds that column's value as it was before the cut.
  * Returns (columns: one list per wanted field, parsed: list of bool, truncated: list of bool). */
 static PyObject *access_columns(PyObject *module, PyObject *args) {
     PyObject *records, *wanted, *normalize_one, *to_text;
     int fast;
-    Py_ssize_t limit, max_line;
-    if (!PyArg_ParseTuple(args, "O!O!pnnOO", &PyList_Type, &records, &PyTuple_Type, &wanted, &fast, &limit,
-                          &max_line, &normalize_one, &to_text))
+    Py_ssize_t limit, max_line, cut_columns = -1;
+    if (!PyArg_ParseTuple(args, "O!O!pnnOO|n", &PyList_Type, &records, &PyTuple_Type, &wanted, &fast, &limit,
+                          &max_line, &normalize_one, &to_text, &cut_columns))
         return NULL;
     Py_ssize_t n = PyList_GET_SIZE(records), fields = PyTuple_GET_SIZE(wanted);
+    if (cut_columns < 0 || cut_columns > fields) cut_columns = fields;
     int codes[64];
+    Py_ssize_t same[64];  /* an uncut column's earlier column of the same field, or -1 */
     if (fields > 64) { PyErr_SetString(PyExc_ValueError, "at most 64 fields"); return NULL; }
     for (Py_ssize_t f = 0; f < fields; f++) {
         PyObject *name = PyTuple_GET_ITEM(wanted, f);
         if (!PyUnicode_Check(name)) { PyErr_SetString(PyExc_TypeError, "field names must be str"); return NULL; }
         codes[f] = access_field_code(name);
+        same[f] = -1;
+        for (Py_ssize_t e = 0; e < f && f >= cut_columns && same[f] < 0; e++)
+            if (PyUnicode_Compare(name, PyTuple_GET_ITEM(wanted, e)) == 0) same[f] = e;
     }
     PyObject *columns = PyList_New(fields), *parsed = PyList_New(n), *truncated = PyList_New(n);
     if (!columns || !parsed || !truncated) goto fail;
@@ -1660,6 +1675,7 @@ static PyObject *access_columns(PyObject *module, PyObject *args) {
             PyUnicode_GET_LENGTH(record) <= max_line &&
             match_access(PyUnicode_DATA(record), PyUnicode_GET_LENGTH(record), span)) {
             for (Py_ssize_t f = 0; f < fields; f++) {
+                if (same[f] >= 0) continue;
                 PyObject *value = access_field(record, PyUnicode_DATA(record), span, codes[f]);
                 if (!value) goto fail;
                 PyList_SetItem(PyList_GET_ITEM(columns, f), r, value);
@@ -1678,6 +1694,7 @@ static PyObject *access_columns(PyObject *module, PyObject *args) {
             cut = PyObject_IsTrue(line_cut);
             if (cut < 0) { Py_DECREF(result); goto fail; }
             for (Py_ssize_t f = 0; f < fields && ok >= 0; f++) {
+                if (same[f] >= 0) continue;
                 PyObject *value = PyDict_GetItemWithError(map, PyTuple_GET_ITEM(wanted, f));
                 if (!value) {
                     if (PyErr_Occurred()) { Py_DECREF(result); goto fail; }
@@ -1691,7 +1708,10 @@ static PyObject *access_columns(PyObject *module, PyObject *args) {
             Py_DECREF(result);
             if (ok < 0) goto fail;
         }
-        for (Py_ssize_t f = 0; f < fields; f++) {
+        for (Py_ssize_t f = cut_columns; f < fields; f++)
+            if (same[f] >= 0)
+                PyList_SetItem(PyList_GET_ITEM(columns, f), r, Py_NewRef(PyList_GET_ITEM(PyList_GET_ITEM(columns, same[f]), r)));
+        for (Py_ssize_t f = 0; f < cut_columns; f++) {
             PyObject *value = PyList_GET_ITEM(PyList_GET_ITEM(columns, f), r);
             if (value != Py_None && PyUnicode_GET_LENGTH(value) > limit) {
                 PyObject *shorter = PyUnicode_Substring(value, 0, limit);
@@ -1710,6 +1730,190 @@ fail:
     Py_XDECREF(columns);
     Py_XDECREF(parsed);
     Py_XDECREF(truncated);
+    return NULL;
+}
+
+/* ------------------------------------------------------------------ window keys */
+
+#define MAX_TEMPLATE_CHARS 160  /* windows.MAX_TEMPLATE_CHARS */
+enum { NAME_BY_CALL, NAME_STATUS_CLASS, NAME_URL_TEMPLATE };
+
+/* windows.url_template(url)[:MAX_TEMPLATE_CHARS]: the path (before "?"; after a scheme and host
+ * when "://" starts within its first 12 characters: "/" + what follows the host), each segment
+ * after a "/" that is an id as "{id}". NOTE: the reference is re.sub with (?=/|$), and $ also
+ * matches before a newline that ends the path: a last segment "<id>\n" becomes "{id}\n". */
+static inline Py_ALWAYS_INLINE Py_ssize_t url_template_of(int kind, const void *data, Py_ssize_t n, Py_UCS4 *out) {
+    Py_ssize_t end = 0, size = 0, i = 0, p;
+    while (end < n && PyUnicode_READ(kind, data, end) != '?') end++;
+    int first_masked = 0;  /* the first segment follows a "/" (after a scheme) */
+    Py_ssize_t scan = end < 12 ? end : 12;
+    for (p = 0; p + 3 <= scan; p++)
+        if (PyUnicode_READ(kind, data, p) == ':' && PyUnicode_READ(kind, data, p + 1) == '/' &&
+            PyUnicode_READ(kind, data, p + 2) == '/') break;
+    if (p + 3 <= scan) {
+        i = p + 3;
+        while (i < end && PyUnicode_READ(kind, data, i) != '/') i++;
+        i = i < end ? i + 1 : end;
+        out[size++] = '/';
+        first_masked = 1;
+    }
+#define PUT(c) do { if (size >= MAX_TEMPLATE_CHARS) return size; out[size++] = (c); } while (0)
+    for (int segment = 0;; segment++) {
+        Py_ssize_t j = i;
+        while (j < end && PyUnicode_READ(kind, data, j) != '/') j++;
+        int masked = 0;
+        if (segment > 0 || first_masked) {
+            if (is_id_span(kind, data, i, j)) masked = 1;
+            else if (j == end && j - i >= 2 && PyUnicode_READ(kind, data, j - 1) == '\n' &&
+                     is_id_span(kind, data, i, j - 1)) masked = 2;
+        }
+        if (masked) {
+            PUT('{'); PUT('i'); PUT('d'); PUT('}');
+            if (masked == 2) PUT('\n');
+        } else {
+            for (Py_ssize_t k = i; k < j; k++) PUT(PyUnicode_READ(kind, data, k));
+        }
+        if (j >= end) break;
+        PUT('/');
+        i = j + 1;
+    }
+#undef PUT
+    return size;
+}
+
+/* The key of one value ("" when it says nothing), as windows.KeyNamer._name gives it. */
+static PyObject *window_key(PyObject *value, int code, PyObject *prefix, PyObject *name) {
+    if (!PyUnicode_Check(value) || code == NAME_BY_CALL) return PyObject_CallOneArg(name, value);
+    Py_UCS4 text[MAX_TEMPLATE_CHARS + 8];
+    Py_ssize_t size = 0;
+    if (code == NAME_STATUS_CLASS) {
+        int kind = PyUnicode_KIND(value);
+        const void *data = PyUnicode_DATA(value);
+        if (PyUnicode_GET_LENGTH(value) == 3) {
+            Py_UCS4 c = PyUnicode_READ(kind, data, 0);
+            if (c >= '1' && c <= '5' && Py_UNICODE_ISDIGIT(PyUnicode_READ(kind, data, 1)) &&
+                Py_UNICODE_ISDIGIT(PyUnicode_READ(kind, data, 2))) {
+                text[0] = c; text[1] = text[2] = 'x';
+                size = 3;
+            }
+        }
+    } else if (PyUnicode_KIND(value) == PyUnicode_1BYTE_KIND) {  /* the common case, specialized */
+        size = url_template_of(PyUnicode_1BYTE_KIND, PyUnicode_DATA(value), PyUnicode_GET_LENGTH(value), text);
+    } else {
+        size = url_template_of(PyUnicode_KIND(value), PyUnicode_DATA(value), PyUnicode_GET_LENGTH(value), text);
+    }
+    if (size == 0) return PyUnicode_FromStringAndSize("", 0);
+    Py_ssize_t start = PyUnicode_GET_LENGTH(prefix);
+    Py_UCS4 widest = PyUnicode_MAX_CHAR_VALUE(prefix);
+    for (Py_ssize_t i = 0; i < size; i++) if (text[i] > widest) widest = text[i];
+    PyObject *key = PyUnicode_New(start + size, widest);
+    if (!key) return NULL;
+    int kind = PyUnicode_KIND(key);
+    void *data = PyUnicode_DATA(key);
+    if (kind == PyUnicode_1BYTE_KIND && PyUnicode_KIND(prefix) == PyUnicode_1BYTE_KIND) {
+        memcpy(data, PyUnicode_DATA(prefix), start);
+        for (Py_ssize_t i = 0; i < size; i++) ((Py_UCS1 *)data)[start + i] = (Py_UCS1)text[i];
+        return key;
+    }
+    for (Py_ssize_t i = 0; i < start; i++) PyUnicode_WRITE(kind, data, i, PyUnicode_READ_CHAR(prefix, i));
+    for (Py_ssize_t i = 0; i < size; i++) PyUnicode_WRITE(kind, data, start + i, text[i]);
+    return key;
+}
+
+/* key_counts(column, code, prefix, cache, max_cache, name): windows.KeyNamer.key_counts. Each
+ * distinct value of the column is named once: from cache (value -> key, "" for none; cleared
+ * when a miss finds it holding max_cache) else by name(value) (code 0), or here without a
+ * cache (code 1 status class, 2 URL template: working one out costs less than a lookup in a
+ * big cache when every URL is new). Returns {key: records}, keys in the order their first
+ * value appears; None values are skipped. */
+typedef struct { Py_hash_t hash; PyObject *value; Py_ssize_t at; } ValueSlot;  /* value: borrowed */
+
+static PyObject *key_counts(PyObject *module, PyObject *args) {
+    PyObject *column, *prefix, *cache, *name;
+    int code;
+    Py_ssize_t max_cache;
+    if (!PyArg_ParseTuple(args, "O!iUO!nO", &PyList_Type, &column, &code, &prefix, &PyDict_Type, &cache,
+                          &max_cache, &name))
+        return NULL;
+    Py_ssize_t n = PyList_GET_SIZE(column), found = 0, at = -1, size = 8;
+    while (size < 2 * n) size <<= 1;
+    /* This call's distinct values: an open-addressing table (the column holds the values). */
+    ValueSlot *slots = PyMem_Calloc(size, sizeof(ValueSlot));
+    Py_ssize_t *tally = PyMem_Malloc((n + 1) * sizeof(Py_ssize_t));
+    PyObject *counts = PyDict_New(), *keys = PyList_New(0);
+    if (!counts || !keys || !slots || !tally) { if (!PyErr_Occurred()) PyErr_NoMemory(); goto fail; }
+    PyObject *previous = NULL;  /* the last value */
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *value = PyList_GET_ITEM(column, i);
+        if (value == Py_None) continue;
+        if (value != previous) {
+            Py_hash_t hash = PyObject_Hash(value);
+            if (hash == -1) goto fail;
+            size_t place = (size_t)hash & (size_t)(size - 1);
+            ValueSlot *slot;
+            for (;; place = (place + 1) & (size_t)(size - 1)) {
+                slot = &slots[place];
+                if (!slot->value) break;
+                if (slot->hash == hash) {
+                    int same = slot->value == value ? 1 : PyObject_RichCompareBool(slot->value, value, Py_EQ);
+                    if (same < 0) goto fail;
+                    if (same) break;
+                }
+            }
+            if (slot->value) {
+                at = slot->at;
+            } else {
+                PyObject *key;
+                if (code == NAME_BY_CALL) {
+                    key = PyDict_GetItemWithError(cache, value);
+                    if (key) {
+                        Py_INCREF(key);
+                    } else {
+                        if (PyErr_Occurred()) goto fail;
+                        if (PyDict_GET_SIZE(cache) >= max_cache) PyDict_Clear(cache);
+                        key = window_key(value, code, prefix, name);
+                        if (key && PyUnicode_Check(key) && PyDict_SetItem(cache, value, key) < 0) Py_CLEAR(key);
+                    }
+                } else {
+                    key = window_key(value, code, prefix, name);
+                }
+                if (!key) goto fail;
+                if (!PyUnicode_Check(key)) {
+                    Py_DECREF(key);
+                    PyErr_SetString(PyExc_TypeError, "a window key must be str");
+                    goto fail;
+                }
+                int failed = PyList_Append(keys, key) < 0;
+                Py_DECREF(key);
+                if (failed) goto fail;
+                at = found++;
+                slot->hash = hash;
+                slot->value = value;
+                slot->at = at;
+                tally[at] = 0;
+            }
+            previous = value;
+        }
+        tally[at]++;
+    }
+    for (Py_ssize_t d = 0; d < found; d++) {
+        PyObject *key = PyList_GET_ITEM(keys, d);
+        if (PyUnicode_GET_LENGTH(key) == 0) continue;
+        PyObject *held = PyDict_GetItemWithError(counts, key);
+        if (!held && PyErr_Occurred()) goto fail;
+        PyObject *count = PyLong_FromSsize_t(tally[d] + (held ? PyLong_AsSsize_t(held) : 0));
+        if (!count || PyDict_SetItem(counts, key, count) < 0) { Py_XDECREF(count); goto fail; }
+        Py_DECREF(count);
+    }
+    Py_DECREF(keys);
+    PyMem_Free(slots);
+    PyMem_Free(tally);
+    return counts;
+fail:
+    Py_XDECREF(counts);
+    Py_XDECREF(keys);
+    PyMem_Free(slots);
+    PyMem_Free(tally);
     return NULL;
 }
 
@@ -1790,8 +1994,9 @@ static PyMethodDef module_methods[] = {
     {"numeric_labels", numeric_labels, METH_VARARGS, "numeric_labels(values, missing_label)"},
     {"distinct", distinct, METH_O, "distinct(column) -> (ids, values)"},
     {"access_columns", access_columns, METH_VARARGS,
-     "access_columns(records, wanted, fast, limit, max_line, normalize_one, to_text)"},
+     "access_columns(records, wanted, fast, limit, max_line, normalize_one, to_text[, cut])"},
     {"assemble", assemble, METH_VARARGS, "assemble(held, entries, size, with_origins)"},
+    {"key_counts", key_counts, METH_VARARGS, "key_counts(column, code, prefix, cache, max_cache, name)"},
     {NULL}};
 
 static struct PyModuleDef native_module = {

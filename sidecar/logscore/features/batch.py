@@ -112,7 +112,8 @@ class FeatureBatch:
     truncated: np.ndarray  # bool [N]: a field was cut to max_field_chars
     unparsed: np.ndarray  # bool [N]: the raw line did not match the log format
     origins: Optional[KeyOrigins | SingleRecordOrigins | LazyOrigins] = None
-    fields: Optional[list] = None  # the records' normalized field maps (windows and clients read them)
+    fields: Optional[list] = None  # the records' normalized field maps (training windows and clients)
+    columns: Optional[dict] = None  # fields as text columns (windows and clients read them)
 
     @property
     def size(self) -> int:

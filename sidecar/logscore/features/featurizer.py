@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from ..errors import ConfigError
-from ..records import DEFAULT_MAX_LINE_CHARS, RecordNormalizer, to_text
+from ..records import DEFAULT_MAX_LINE_CHARS, RecordNormalizer, text_columns, to_text
 from ..sessions import SessionSpec
 from .batch import FeatureBatch, FeatureSink
 from . import native as compiled
@@ -129,33 +129,36 @@ class Featurizer:
 
     def field_values(self, records: Sequence[object]) -> tuple[dict[str, list], list[bool], list[bool]]:
         """Each wanted field as a column of text (None where absent), cut to max_field_chars."""
-        values, parsed, truncated, _ = self.normalized_values(records, with_fields=False)
+        values, parsed, truncated, _, _ = self.normalized_values(records, with_fields=False)
         return values, parsed, truncated
 
-    def normalized_values(self, records: Sequence[object], with_fields: bool = True
-                          ) -> tuple[dict[str, list], list[bool], list[bool], Optional[list]]:
-        """field_values and, ``with_fields``, the records' normalized field maps (windows and clients
-        read them). NOTE: the compiled path reads only the wanted fields, without field maps."""
+    def normalized_values(self, records: Sequence[object], with_fields: bool = True, columns: Sequence[str] = ()
+                          ) -> tuple[dict[str, list], list[bool], list[bool], Optional[list], Optional[dict]]:
+        """field_values; ``with_fields``, the records' normalized field maps; and ``columns``, other
+        fields as whole text columns (windows and clients read them: ``records.text_columns`` of
+        the field maps). NOTE: the compiled path reads only the fields asked for, without field maps."""
         if self.native is not None and not with_fields:
             normalizer = self.normalizer
-            columns, parsed, truncated = self.native.access_columns(
-                normalizer.carried_lines(records), tuple(self.fields), self.log_format == "access",
-                self.max_field_chars, normalizer.max_line_chars, normalizer.normalize_one, to_text)
-            return dict(zip(self.fields, columns)), parsed, truncated, None
+            lines = normalizer.carried_lines(records, columns)
+            found, parsed, truncated = self.native.access_columns(
+                lines, (*self.fields, *columns), self.log_format == "access", self.max_field_chars,
+                normalizer.max_line_chars, normalizer.normalize_one, to_text, len(self.fields))
+            extra = dict(zip(columns, found[len(self.fields):])) if columns else None
+            if extra:
+                normalizer.carried_raw_lines(records, lines, extra)
+            return dict(zip(self.fields, found)), parsed, truncated, None, extra
         batch = self.normalizer.normalize(records)
         truncated = batch.truncated
         limit = self.max_field_chars
-        values: dict[str, list] = {}
-        for name in self.fields:
-            column = [fields.get(name) for fields in batch.fields]
-            column = [v if v is None or v.__class__ is str else to_text(v) for v in column]
+        values = text_columns(batch.fields, self.fields)
+        for column in values.values():
             if any(v is not None and len(v) > limit for v in column):
                 for row, value in enumerate(column):
                     if value is not None and len(value) > limit:
                         column[row] = value[:limit]
                         truncated[row] = True
-            values[name] = column
-        return values, batch.parsed, truncated, batch.fields
+        extra = text_columns(batch.fields, columns) if columns else None
+        return values, batch.parsed, truncated, batch.fields if with_fields else None, extra
 
     def fit(self, records: Sequence[object]) -> None:
         values, _, _ = self.field_values(records)
@@ -163,9 +166,11 @@ class Featurizer:
             converter.fit(values[converter.field])
             converter.forget()
 
-    def transform(self, records: Sequence[object], dense: bool = True, with_fields: bool = False) -> FeatureBatch:
-        """The records' features; ``with_fields`` keeps their normalized field maps in ``batch.fields``."""
-        values, parsed, truncated, fields = self.normalized_values(records, with_fields)
+    def transform(self, records: Sequence[object], dense: bool = True, with_fields: bool = False,
+                  columns: Sequence[str] = ()) -> FeatureBatch:
+        """The records' features; ``with_fields`` keeps their normalized field maps in ``batch.fields``,
+        ``columns`` names fields kept as text columns in ``batch.columns`` (see normalized_values)."""
+        values, parsed, truncated, fields, extra = self.normalized_values(records, with_fields, tuple(columns))
         sink = FeatureSink(len(records), self.dense_dims, self.native, self.converters)
         sink.truncated[:] = truncated
         sink.unparsed[:] = [not ok for ok in parsed]
@@ -185,4 +190,5 @@ class Featurizer:
             converter.transform(ids, distinct, values[converter.field], sink)
         batch = sink.build(dense)
         batch.fields = fields
+        batch.columns = extra
         return batch

@@ -24,11 +24,12 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ..artifact import HASH_KEY, METADATA_KEY, content_hash
-from ..entities import FEATURES, ClientTracker, client_batch
+from ..entities import CLIENT_FIELDS, FEATURES, ClientTracker, client_batch
 from ..errors import InputError
 from ..forecast import ForecastState, count_transform, slots
 from ..timestamps import record_times
-from ..windows import DIMENSIONS, SHARES, KeyNamer, share_deviation, share_name
+from ..records import text_columns
+from ..windows import DIMENSIONS, SHARES, KeyNamer, fields_read, share_deviation, share_name
 from .graph import GraphBuilder
 from .train import apply_ecdf, ecdf_table
 
@@ -82,9 +83,9 @@ def fit_windows(fields: Sequence[dict], route: str, options: BehaviourOptions) -
                          f"windows; use longer windows (at most {MAX_WINDOWS:,})")
     namer = KeyNamer(options.dimensions)
     by_key: dict[str, list] = {f"route={route}": window_of.tolist()}
-    ordered = [fields[i] for i in order.tolist()]
+    columns = text_columns([fields[i] for i in order.tolist()], fields_read(namer.dimensions))
     for dimension in namer.dimensions:
-        for w, value in zip(window_of.tolist(), namer.column(dimension, ordered)):
+        for w, value in zip(window_of.tolist(), namer.column(dimension, columns)):
             key = namer.name(dimension, value)
             if key is not None:
                 by_key.setdefault(key, []).append(w)
@@ -159,7 +160,7 @@ def fit_entities(fields: Sequence[dict], scores: np.ndarray, novelty: np.ndarray
     features, owners = [], []
     for start in range(0, len(order), batch):
         chosen = order[start: start + batch]
-        part = [fields[i] for i in chosen.tolist()]
+        part = text_columns([fields[i] for i in chosen.tolist()], (options.entity_key, *CLIENT_FIELDS))
         found, slots_, _ = tracker.observe(client_batch(part, options.entity_key, times[start: start + batch],
                                                         novelty[chosen], scores[chosen]))
         known = slots_ >= 0
