@@ -20,9 +20,9 @@ from logscore.events import AnomalyEvent, EventHub
 from logscore.forecast import ForecastState, count_transform, slots
 from logscore.model import Model
 from logscore.generated.logscore.v1 import scorer_pb2 as pb
-from logscore.windows import describe_share, share_deviation
+from logscore.windows import describe_share, share_deviation, url_template
 
-from .generate import timed_shop_lines
+from .generate import attack_lines, timed_shop_lines
 from .sidecar_process import ROOT, SidecarProcess, free_port
 from .test_forward import ForwardReceiver, packed, send_chunk
 
@@ -360,3 +360,50 @@ def test_windows_hold_when_trained_keys_outnumber_the_limit_and_values_are_not_t
                            "remote_addr", np.zeros(1), np.zeros(1), np.zeros(1))
     assert clients.clients == ["['10.0.0.1']"] and clients.errors.tolist() == [1.0]
 
+
+
+@pytest.mark.parametrize("url, template", [
+    ("/users/123/posts?x=1", "/users/{id}/posts"), ("/DEADBEEF1/x", "/{id}/x"), ("/abcdef1", "/abcdef1"),
+    ("https://shop.example.com/cart/0a1b2c3d-0000-4000-8000-00aabbccddee", "/cart/{id}"), ("123/abc", "123/abc"),
+    ("/v2/٣٣", "/v2/{id}"), ("/a/12\n", "/a/{id}\n"), ("/a/12\n/b", "/a/12\n/b"), ("?q=1", ""),
+])
+def test_url_templates_known_answers(url, template):
+    assert url_template(url) == template  # the reference (windows.py); tests/test_native.py holds C to it
+
+
+def test_windows_clients_and_events_are_the_same_on_the_compiled_and_the_python_path(behaviour_model):
+    """Raw lines, attacks, a 5xx burst, Fluentd's and Fluent Bit's maps (the line under message/log,
+    bytes, a host of their own), a shipper's parsed maps, a scanner, unparsed lines: the same window
+    counts, client scores and events whichever path read and counted them."""
+    from logscore.behaviour import Behaviour
+    from logscore.features import Featurizer
+    from logscore.settings import Settings
+    from logscore.windows import KeyNamer
+
+    shop = timed_shop_lines(60, 20.0, START, seed=11)
+    records = (shop + [line for _, line in attack_lines(shop, 200)] + burst_lines(300)
+               + [{"message": line} for line in shop[:400]] + [{"log": line.encode(), "host": "web-1"} for line in shop[400:800]]
+               + [{"url": f"/admin/{i}?id={i}", "status": 404, "remote_addr": "10.66.6.6"} for i in range(80)]
+               + ["not an access line"] * 20)
+    settings = Settings.load(flags={"models_dir": str(behaviour_model.parent)}, environ={})
+    outcomes = []
+    for native in (True, False):
+        model = Model.load(behaviour_model)
+        model.featurizer = Featurizer(model.metadata["featurizer"], native=native)
+        behaviour = Behaviour(settings, EventHub())
+        watched = behaviour.of(model)
+        watched.windows.namer = KeyNamer(watched.windows.spec.dimensions, native=native)
+        watched.windows.start = START  # windows on the test's clock
+        entity = []
+        for i, start in enumerate(range(0, len(records), 250)):
+            batch = records[start: start + 250]
+            entity.append(behaviour.observe({model: list(range(len(batch)))}, [model.score(batch)], len(batch),
+                                            ["web"] * len(batch), now=START + 0.4 * i))
+        behaviour.tick(START + 100)
+        events = [e.as_dict() for e in behaviour.hub.recent]
+        outcomes.append((watched.windows.keys, watched.windows.counts.tolist(), np.concatenate(entity).tobytes(),
+                         events))
+    assert outcomes[0] == outcomes[1]
+    kinds = [e["kind"] for e in outcomes[0][3]]
+    assert "window" in kinds and "client" in kinds  # both kinds were raised
+    assert "url_template=/admin/{id}" in outcomes[0][0]  # the scanner's template floods: a key of its own

@@ -273,3 +273,82 @@ def test_bad_values_are_clear_errors_not_crashes():
     with pytest.raises(TypeError, match="weakref"):
         native._native.text_features(["a"], [["a"]], 0, 1.0, 0, object())
     assert np.frombuffer(native._native.distinct([])[0], dtype=np.int64).size == 0
+
+
+# Windows and clients: the fields they read come as text columns beside the featurizer's, and
+# their keys are counted in C (features/_native.c key_counts); the Python path is the reference.
+BEHAVIOUR_FIELDS = ("status", "url", "remote_addr", "host", "hostname", "message", "log", "level", "severity",
+                    "pri", "kubernetes.pod")
+BEHAVIOUR_RECORDS = st.builds(
+    lambda key, line, other: {**other, key: line} if key else line,
+    st.sampled_from(["message", "log", None]), LINE_VALUES.filter(lambda v: isinstance(v, str)) | LINE_VALUES,
+    st.dictionaries(st.sampled_from(["host", "hostname", "level", "severity", "pri", "remote_addr", "status", "url",
+                                     "kubernetes", "log", "agent", "path"]),
+                    st.one_of(texts, st.just(404), st.just(b"web-\xff"), st.just({"pod": "web-1"}), st.none()),
+                    max_size=3))
+
+
+def assert_same_behaviour_columns(spec: dict, records: list, max_line: int = 65_536) -> None:
+    compiled, reference = Featurizer(spec, max_line, native=True), Featurizer(spec, max_line, native=False)
+    with_columns = compiled.normalized_values(records, False, BEHAVIOUR_FIELDS)
+    expected = reference.normalized_values(records, False, BEHAVIOUR_FIELDS)
+    assert with_columns[4] == expected[4]
+    # The featurizer's own columns, parse and truncation flags do not change when columns are asked for.
+    assert with_columns[:3] == expected[:3] == compiled.normalized_values(records, False)[:3]
+
+
+@SETTINGS
+@given(records=st.lists(BEHAVIOUR_RECORDS, min_size=1, max_size=15), max_line=st.sampled_from([20, 65_536]),
+       limit=st.sampled_from([5, 8192]))
+def test_the_columns_windows_and_clients_read_are_those_of_the_python_path(records, max_line, limit):
+    assert_same_behaviour_columns({**DEFAULT_SPECS["access"], "max_field_chars": limit}, records, max_line)
+
+
+@pytest.mark.parametrize("log_format", ["access", "syslog", "jsonl", "plain"])
+def test_real_lines_and_shippers_maps_give_the_columns_of_the_python_path(log_format):
+    shop = shop_lines(600, seed=6)
+    lines = {"access": shop + [line for _, line in attack_lines(shop, 200)] + blog_lines(200),
+             "syslog": syslog_lines(600), "plain": session_lines(100)[0],
+             "jsonl": [f'{{"level": "{("info", "error")[i % 2]}", "message": "{line}", "pri": {i % 24}}}'
+                       for i, line in enumerate(syslog_lines(300))]}[log_format]
+    shipped = ([{"message": line} for line in lines[:300]] + [{"log": line.encode(), "host": "web-1"} for line in lines[:100]]
+               + [{"message": line, "level": "warn", "kubernetes": {"pod": "p"}} for line in lines[:100]])
+    assert_same_behaviour_columns(DEFAULT_SPECS[log_format], lines + shipped)
+
+
+URL_EDGES = ["/a/123\n", "/a/123\n/b", "/a/123\n\n", "/\n", "\n", "/٣٣/x", "٣/x", "http://h/1/2", "abcdefghi://x/1",
+             "abcdefghij://x/1", "https://host", "/" + "1" * 300, "/" + "a" * 156 + "/12345", "/" + "é" * 158 + "/1",
+             "/0a1b2c3d-0000-4000-8000-00aabbccddee\n", "//12//", "/12?/34", "?", "/%31/x", "/😀/123"]
+
+
+def both_namers(dimensions) -> tuple:
+    from logscore.windows import KeyNamer
+
+    return KeyNamer(dimensions, native=True), KeyNamer(dimensions, native=False)
+
+
+@SETTINGS
+@given(rows=st.lists(st.tuples(values | st.sampled_from(URL_EDGES + EDGE_VALUES), values,
+                               st.sampled_from([None, "200", "503", "2000", "٢٠٠", "5²³", "099", "-"]),
+                               st.sampled_from([None, "ERROR", " Warn ", "", "info"]), st.sampled_from([None, "3", "x", "13"])),
+                     max_size=40), cache=st.sampled_from([2, 65_536]))
+def test_window_keys_are_counted_the_same_in_c_and_python(rows, cache):
+    from logscore import windows
+
+    columns = {name: [row[i] for row in rows] for i, name in enumerate(("url", "message", "status", "level", "pri"))}
+    columns.update({"severity": [None] * len(rows), "host": columns["level"], "hostname": columns["message"]})
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(windows, "VALUE_CACHE", cache)  # a cache that is cleared while a batch is named
+        compiled, reference = both_namers(windows.DIMENSIONS)
+        for _ in range(2):  # cold, then cached
+            tags = ["web"] * len(rows)
+            assert list(compiled.count(columns, len(rows), "r", tags).items()) == \
+                list(reference.count(columns, len(rows), "r", tags).items())
+
+
+def test_window_keys_of_edge_urls_are_the_same_in_c_and_python():
+    compiled, reference = both_namers(["url_template", "status_class"])
+    urls = URL_EDGES + EDGE_VALUES
+    columns = {"url": urls, "status": ["200"] * len(urls)}
+    assert list(compiled.count(columns, len(urls), "r", None).items()) == \
+        list(reference.count(columns, len(urls), "r", None).items())
