@@ -206,13 +206,21 @@ def test_a_field_map_whose_line_does_not_parse_keeps_its_own_message():
     assert compiled.field_values(records)[0]["message"] == [None, "not an access line", None]
 
 
+def real_lines(log_format: str, count: int, seed: int) -> list[str]:
+    """The generators' lines of a format (access: the shop's, attacks on it and a blog's)."""
+    def access() -> list[str]:
+        shop = shop_lines(count, seed=seed)
+        return shop + [line for _, line in attack_lines(shop, count // 5)] + blog_lines(count // 5)
+
+    return {"access": access, "syslog": lambda: syslog_lines(count * 2 // 3),
+            "plain": lambda: session_lines(count // 7)[0],
+            "jsonl": lambda: [f'{{"level": "{("info", "warn", "error")[i % 3]}", "message": "{line}", "pri": {i % 24}}}'
+                              for i, line in enumerate(syslog_lines(count // 3))]}[log_format]()
+
+
 @pytest.mark.parametrize("log_format", ["access", "syslog", "jsonl", "plain"])
 def test_real_lines_give_the_same_features(log_format):
-    shop = shop_lines(1500, seed=5)
-    lines = {"access": shop + [line for _, line in attack_lines(shop, 300)] + blog_lines(300),
-             "syslog": syslog_lines(1000), "plain": session_lines(200)[0],
-             "jsonl": [f'{{"level": "{("info", "warn")[i % 2]}", "message": "{line}"}}'
-                       for i, line in enumerate(syslog_lines(500))]}[log_format]
+    lines = real_lines(log_format, 1500, seed=5)
     assert_same_features(DEFAULT_SPECS[log_format], lines, fit=lines[:500])
 
 
@@ -306,11 +314,7 @@ def test_the_columns_windows_and_clients_read_are_those_of_the_python_path(recor
 
 @pytest.mark.parametrize("log_format", ["access", "syslog", "jsonl", "plain"])
 def test_real_lines_and_shippers_maps_give_the_columns_of_the_python_path(log_format):
-    shop = shop_lines(600, seed=6)
-    lines = {"access": shop + [line for _, line in attack_lines(shop, 200)] + blog_lines(200),
-             "syslog": syslog_lines(600), "plain": session_lines(100)[0],
-             "jsonl": [f'{{"level": "{("info", "error")[i % 2]}", "message": "{line}", "pri": {i % 24}}}'
-                       for i, line in enumerate(syslog_lines(300))]}[log_format]
+    lines = real_lines(log_format, 600, seed=6)
     shipped = ([{"message": line} for line in lines[:300]] + [{"log": line.encode(), "host": "web-1"} for line in lines[:100]]
                + [{"message": line, "level": "warn", "kubernetes": {"pod": "p"}} for line in lines[:100]])
     assert_same_behaviour_columns(DEFAULT_SPECS[log_format], lines + shipped)
