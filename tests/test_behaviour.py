@@ -328,6 +328,49 @@ def test_window_keys_stay_bounded_and_new_keys_need_two_records_in_the_window(be
     assert START + 10_000 - 61 <= counter.start <= START + 10_000
 
 
+def test_counts_after_an_eviction_inside_a_batch_go_to_the_keys_they_belong_to(behaviour_model):
+    """A key counted as (other) whose row must be made when the table is full evicts keys in the
+    middle of a batch and moves rows: the batch's later keys are counted in their new rows."""
+    from logscore.behaviour import window_spec
+    from logscore.windows import OTHER, KeyNamer, WindowCounter
+
+    spec = window_spec(Model.load(behaviour_model))
+    counter = WindowCounter(spec, "shop", KeyNamer(spec.dimensions), max_keys=len(spec.keys) + 12, now=START)
+    page = 0
+    while len(counter.keys) < counter.max_keys:  # rows of its own: two records each
+        counter.add({f"url_template=/page{page}": 2}, 2)
+        page += 1
+    last = f"url_template=/page{page - 1}"
+    assert f"url_template={OTHER}" not in counter.row and counter.row[last] == counter.max_keys - 1
+    counter.add({"url_template=/once": 1, last: 3}, 4)  # (other) needs a row: evictions, rows move
+    assert counter.row[last] < counter.max_keys - 1
+    assert counter.counts[counter.row[last]] == 5 and counter.counts[counter.row[f"url_template={OTHER}"]] == 1
+
+
+def test_a_window_model_of_routes_alone_counts_every_record(tmp_path):
+    """Records carrying no field a window dimension reads (jsonl with time and user only): the
+    route's window still counts them."""
+    from logscore.behaviour import Behaviour
+    from logscore.settings import Settings
+
+    start = 1_772_323_200.0  # 2026-03-01
+    lines = [json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(start + 3 * i)), "user": f"u{i % 7}"})
+             for i in range(1200)]
+    (tmp_path / "train.jsonl").write_text("\n".join(lines) + "\n")
+    done = subprocess.run([sys.executable, "-m", "logscore", "train", "--input", str(tmp_path / "train.jsonl"),
+                           "--format", "jsonl", "--out", str(tmp_path / "m.onnx"), "--windows", "--window-s", "1"],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    model = Model.load(tmp_path / "m.onnx")
+    assert model.metadata["windows"]["dimensions"] == ["route", "tag"]
+    behaviour = Behaviour(Settings(), EventHub(10, 10))
+    records = [json.loads(line) for line in lines[:50]]
+    now = time.time()
+    behaviour.observe({model: range(50)}, [model.score(records)], 50, None, now)
+    windows = behaviour.of(model).windows
+    assert windows.counts[windows.row["route=m"]] == 50
+
+
 @pytest.mark.parametrize("lines, flags, complaint", [
     (["<34>Oct 11 22:14:15 mymachine su: 'su root' failed"] * 50, ["--format", "plain", "--windows"],
      "carry a readable timestamp"),

@@ -128,16 +128,18 @@ class Behaviour:
         events = []
         for (model, positions), scored in zip(groups.items(), results):
             watched = self.of(model)
-            if scored.columns is None:
+            if watched.windows is None and watched.clients is None:
                 continue
+            # No columns: the model's windows count routes and tags only (records without other fields).
+            columns = scored.columns if scored.columns is not None else {}
             size = len(scored.scores)
             if watched.windows is not None:
                 events += watched.windows.close_due(now)
                 mine = tags if tags is None or len(groups) == 1 else [tags[i] for i in positions]
-                watched.windows.observe(scored.columns, size, mine)
+                watched.windows.observe(columns, size, mine)
             if watched.clients is not None:
                 novelty = scored.novelty if scored.novelty is not None else np.zeros(size)
-                scores, raised = watched.clients.observe(scored.columns, np.full(size, now), novelty, scored.scores)
+                scores, raised = watched.clients.observe(columns, np.full(size, now), novelty, scored.scores)
                 events += raised
                 if entity is None:
                     entity = np.full(count, np.nan, dtype=np.float32)

@@ -278,12 +278,12 @@ class WindowCounter:
         self.add(self.namer.count(columns, records, self.route, tags), records)
 
     def add(self, counts: dict, records: int) -> None:
-        row, candidates = self.row, self.candidates
+        candidates = self.candidates
         rows: list[int] = []
         amounts: list[int] = []
         others: dict[str, int] = {}  # dimension -> its (other) row, while no row moves
         for key, n in counts.items():
-            index = row.get(key)
+            index = self.row.get(key)  # NOTE: self.row, not a local: an eviction replaces the dict
             if index is None:
                 if n == 1 and key not in candidates:
                     # The common new key (every URL new): a single record, counted as (other).
