@@ -177,8 +177,8 @@ LINE_VALUES = st.one_of(LINE_PARTS.map(access_line), texts, st.none(), st.just(7
                         LINE_PARTS.map(lambda p: access_line(p).encode("utf-8", "surrogatepass")),
                         st.just(b'1.2.3.4 - - [x] "GET /caf\xe9 HTTP/1.1" 200 1'))
 OTHER_FIELDS = st.dictionaries(st.sampled_from(["host", "kubernetes", "url", "path", "url.original", "http",
-                                                "status", "agent", "stream", "time"]),
-                               st.one_of(texts, st.just({"original": "/from/ecs?a=1"}),
+                                                "http.request", "status", "agent", "stream", "time"]),
+                               st.one_of(texts, st.just({"original": "/from/ecs?a=1"}), st.just({"method": "PUT"}),
                                          st.just({"request": {"method": "PUT"}}), st.just({"pod": "web-1"})),
                                max_size=3)
 SHIPPED_RECORDS = st.builds(lambda key, line, other, both: {**other, key: line, **({"log": both} if both else {})},

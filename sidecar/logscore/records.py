@@ -47,6 +47,16 @@ def text_columns(fields: Sequence[dict], names: Iterable[str]) -> dict[str, list
     return columns
 
 
+def with_prefixes(names: Iterable[str]) -> frozenset:
+    """The names and each of their dotted prefixes (``http.request.method``: also ``http`` and
+    ``http.request``): the keys under which a field map may hold them, nested."""
+    found = set()
+    for name in names:
+        parts = name.split(".")
+        found.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+    return frozenset(found)
+
+
 @dataclass
 class RecordBatch:
     fields: list[Fields]
@@ -63,10 +73,10 @@ class RecordNormalizer:
         self.wanted = tuple(wanted_fields)
         self.aliases = FIELD_ALIASES.get(log_format, {})
         self.max_line_chars = max_line_chars
-        # Keys of a field map that could give a wanted field a value of its own (wanted names, their
-        # aliases, and the roots of dotted ones, which nested maps flatten to).
-        own = {*self.wanted, *(alias for name in self.wanted for alias in self.aliases.get(name, ()))}
-        self._own_keys = frozenset(own | {name.partition(".")[0] for name in own})
+        # Keys of a field map that could give a wanted field a value of its own: wanted names, their
+        # aliases, and every dotted prefix of them (a nested map flattens to the full name).
+        self._own_keys = with_prefixes({*self.wanted, *(alias for name in self.wanted
+                                                         for alias in self.aliases.get(name, ()))})
         # An unparsed line gives {"message": line}: then a map holding it would differ.
         self._lines_carried = log_format == "access" and bool(self.wanted) and "message" not in self.wanted
 
@@ -98,7 +108,7 @@ class RecordNormalizer:
         if also:
             # A map holding one of these fields keeps its own value of it. NOTE: not message/log
             # themselves (every carried map holds one): carried_raw_lines gives them back.
-            own = own | (set(also) - set(RAW_LINE_KEYS)) | {name.partition(".")[0] for name in also if "." in name}
+            own = own | with_prefixes(set(also) - set(RAW_LINE_KEYS))
         lines = []
         for record in records:
             if record.__class__ is dict and own.isdisjoint(record):
