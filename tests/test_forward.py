@@ -317,6 +317,7 @@ def test_non_log_signals_pass_on_untouched(chain):
      "corrupt deflate"),
     (msgpack.packb(["web", packed([[1, {"m": "x"}]])[:-2]]), "entries cut mid-entry"),
     (msgpack.packb([1, 2, 3]), "no tag"),
+    (msgpack.packb(["web", b"\x92\xd4\xfb\x00\x81\xa1m\xa1x"]), "an entry's time of a reserved ext code (-5)"),
 ])
 def test_garbage_closes_the_connection_is_counted_and_the_sidecar_keeps_serving(chain, frame, reason):
     sidecar, port, receiver = chain

@@ -227,9 +227,8 @@ class Learner:
         directory = self.work / route.name
         log.info("learning: training a candidate", extra={"route": route.name, "records": len(records) - holdout})
         loop = asyncio.get_running_loop()
-        inputs = await loop.run_in_executor(None, write_inputs, directory, records[:-holdout], serving)
         candidate_path = directory / "candidate.onnx"
-        error = await self._train_child(route.name, inputs, serving, candidate_path)
+        error = await self._train(route.name, directory, records[:-holdout], serving, candidate_path)
         if error is not None:
             self._finish(route, "failed", {"error": error})
             return
@@ -249,13 +248,13 @@ class Learner:
         # traffic measurably helps (a shop's first 5,000 lines: injected attacks flagged 90.0 % →
         # 91.7 %; a blog's following lines flagged 0.62 % → 0.44 %). Should the refit fail, the
         # validated candidate serves.
-        inputs = await loop.run_in_executor(None, write_inputs, directory, records, serving)
         refit_path = directory / "refit.onnx"
-        error = await self._train_child(route.name, inputs, serving, refit_path)
+        error = await self._train(route.name, directory, records, serving, refit_path)
         if error is None:
             os.replace(refit_path, candidate_path)
             detail["records"] = len(records)
         else:
+            refit_path.unlink(missing_ok=True)
             log.warning("learning: refit on the whole window failed; the validated candidate serves",
                         extra={"route": route.name, "error": error})
         target = Path(self.settings.models_dir) / f"{route.name}.onnx"
@@ -263,6 +262,15 @@ class Learner:
         log.info("learning: learned model swapped in", extra={"route": route.name, "file": str(target), **detail})
         self._finish(route, "swapped", {**detail, "file": str(target)})
         self.request_reload()
+
+    async def _train(self, name: str, directory: Path, records: list, serving: Model, out: Path) -> Optional[str]:
+        """Write the records and train on them in a child process; the error text or None."""
+        try:
+            inputs = await asyncio.get_running_loop().run_in_executor(None, write_inputs, directory, records,
+                                                                      serving)
+        except OSError as error:  # a full or vanished work directory
+            return f"cannot write the training records: {error}"
+        return await self._train_child(name, inputs, serving, out)
 
     async def _train_child(self, name: str, inputs: dict, serving: Model, out: Path) -> Optional[str]:
         """`logscore train` in a niced, single-threaded child process; the error text or None."""

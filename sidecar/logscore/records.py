@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Optional, Iterable, Sequence
 
 from .admission import UNLIMITED, Ticket
 from .errors import InvalidRequest
@@ -38,12 +38,17 @@ def to_text(value: object) -> str:
         return NESTED_TOO_DEEP
 
 
+def as_text(value: object) -> Optional[str]:
+    """A field's value as text; None stays None (absent)."""
+    return value if value is None or value.__class__ is str else to_text(value)
+
+
 def text_columns(fields: Sequence[dict], names: Iterable[str]) -> dict[str, list]:
     """Each named field of the field maps as a column of text (None where a map lacks it)."""
     columns = {}
     for name in names:
         column = [one.get(name) for one in fields]
-        columns[name] = [v if v is None or v.__class__ is str else to_text(v) for v in column]
+        columns[name] = [as_text(v) for v in column]
     return columns
 
 
@@ -134,7 +139,7 @@ class RecordNormalizer:
             for row, (record, line) in enumerate(zip(records, lines)):
                 if line is not record and record.__class__ is dict:
                     value = record.get(name)
-                    column[row] = value if value is None or value.__class__ is str else to_text(value)
+                    column[row] = as_text(value)
 
     def normalize_one(self, record: object) -> tuple[Fields, bool, bool]:
         """(fields, parsed, cut) of one record; the compiled featurizer calls it for what it does not read itself."""

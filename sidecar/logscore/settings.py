@@ -94,7 +94,8 @@ class Settings:
                                   "0: no review page")
     review_inspect_per_s: float = setting(200.0, "flagged records per second the review page inspects and groups "
                                           "at most (about 150 µs each); in a flood the rest are counted as not "
-                                          "grouped. Records under feedback entries are always inspected")
+                                          "grouped. A model with feedback entries in force has every flagged "
+                                          "record inspected")
     learn_max_routes: int = setting(8, "per-entity routes learned at most (with --entity-field); records of further "
                                     "entities are neither kept nor held")
     # Behaviour over time (issue #15): models trained with --windows / --entities.
@@ -159,9 +160,11 @@ class Settings:
             raise ConfigError(f"max_inflight_bytes {self.max_inflight_bytes} cannot admit a message of "
                               f"max_message_bytes {self.max_message_bytes} ({WIRE_COPIES} copies once decoded); "
                               f"raise it to at least {self.max_message_bytes * WIRE_COPIES}")
-        if self.feedback_poll_s <= 0 or self.review_records < 0 or self.review_inspect_per_s <= 0:
-            raise ConfigError("feedback_poll_s and review_inspect_per_s must be above 0 and review_records at "
-                              "least 0")
+        if self.feedback_poll_s <= 0 or self.review_records < 0:
+            raise ConfigError("feedback_poll_s must be above 0 and review_records at least 0")
+        if self.review_inspect_per_s < 1:
+            raise ConfigError(f"review_inspect_per_s must be at least 1, not {self.review_inspect_per_s:g} "
+                              "(the review page would group nothing); 0 review_records turns the page off")
         self._validate_listeners()
         self._validate_tls()
         self.validate_behaviour()

@@ -120,10 +120,19 @@ def decode_message(message, max_bytes: int) -> Message:
                    compressed)
 
 
-def event_time(code: int, data: bytes) -> msgpack.ExtType:
-    """An ext value (Fluentd's EventTime) as msgpack's ExtType, without ExtType's argument checks
-    in Python (half a µs an entry): msgpack itself hands over an int and bytes."""
-    return tuple.__new__(msgpack.ExtType, (code, data))
+def ext_value(code: int, data: bytes) -> msgpack.ExtType:
+    """An ext value as msgpack's ExtType. Fluentd's EventTime (code 0, one an entry) skips ExtType's
+    argument checks in Python (half a µs): msgpack hands over an int and bytes. Other codes are
+    checked as ever (a reserved negative code is not forward-protocol data)."""
+    if code == 0:
+        return tuple.__new__(msgpack.ExtType, (code, data))
+    return msgpack.ExtType(code, data)
+
+
+def forward_unpacker(max_buffer_size: int, **limits) -> msgpack.Unpacker:
+    """How forward mode reads msgpack: text exact to the byte, any map key, ext values as ExtType."""
+    return msgpack.Unpacker(raw=False, unicode_errors=EXACT, strict_map_key=False, ext_hook=ext_value,
+                            max_buffer_size=max_buffer_size, **limits)
 
 
 def _is_array(value) -> bool:
@@ -133,8 +142,7 @@ def _is_array(value) -> bool:
 
 def packed_entries(data: bytes, compressed: bool, max_bytes: int) -> Iterator:
     """The entries of a PackedForward payload, decoded as they are consumed."""
-    unpacker = msgpack.Unpacker(raw=False, unicode_errors=EXACT, strict_map_key=False, ext_hook=event_time,
-                                max_buffer_size=max(max_bytes, 1024))
+    unpacker = forward_unpacker(max(max_bytes, 1024))
     fed = consumed = 0  # NOTE: tell() counts the bytes of a partly decoded entry too
     try:
         for block in (_inflate(data, max_bytes) if compressed else (data,)):
@@ -410,8 +418,7 @@ class ForwardServer(StreamServer):
             hub.unwatch(watcher)
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        unpacker = msgpack.Unpacker(raw=False, unicode_errors=EXACT, strict_map_key=False, ext_hook=event_time,
-                                    max_buffer_size=self.max_message_bytes, max_array_len=MAX_ARRAY_ENTRIES,
+        unpacker = forward_unpacker(self.max_message_bytes, max_array_len=MAX_ARRAY_ENTRIES,
                                     max_map_len=MAX_MAP_ENTRIES)
         peer = str(writer.get_extra_info("peername"))
         position = Position()
