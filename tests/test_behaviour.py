@@ -399,7 +399,8 @@ def test_windows_hold_when_trained_keys_outnumber_the_limit_and_values_are_not_t
                                      fields_read(spec.dimensions)), 3)
     assert set(spec.keys) <= set(counter.keys) and len(counter.keys) <= counter.max_keys
     assert any(key.startswith("status_class=") for key in counter.keys)
-    clients = client_batch(text_columns([{"remote_addr": ["10.0.0.1"], "status": 500}], ("remote_addr", *CLIENT_FIELDS)),
+    clients = client_batch(text_columns([{"remote_addr": ["10.0.0.1"], "status": 500}],
+                                        ("remote_addr", *CLIENT_FIELDS)),
                            "remote_addr", np.zeros(1), np.zeros(1), np.zeros(1))
     assert clients.clients == ["['10.0.0.1']"] and clients.errors.tolist() == [1.0]
 
@@ -425,7 +426,8 @@ def test_windows_clients_and_events_are_the_same_on_the_compiled_and_the_python_
 
     shop = timed_shop_lines(60, 20.0, START, seed=11)
     records = (shop + [line for _, line in attack_lines(shop, 200)] + burst_lines(300)
-               + [{"message": line} for line in shop[:400]] + [{"log": line.encode(), "host": "web-1"} for line in shop[400:800]]
+               + [{"message": line} for line in shop[:400]]
+               + [{"log": line.encode(), "host": "web-1"} for line in shop[400:800]]
                + [{"url": f"/admin/{i}?id={i}", "status": 404, "remote_addr": "10.66.6.6"} for i in range(80)]
                + ["not an access line"] * 20)
     settings = Settings.load(flags={"models_dir": str(behaviour_model.parent)}, environ={})

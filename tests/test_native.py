@@ -315,7 +315,8 @@ def test_the_columns_windows_and_clients_read_are_those_of_the_python_path(recor
 @pytest.mark.parametrize("log_format", ["access", "syslog", "jsonl", "plain"])
 def test_real_lines_and_shippers_maps_give_the_columns_of_the_python_path(log_format):
     lines = real_lines(log_format, 600, seed=6)
-    shipped = ([{"message": line} for line in lines[:300]] + [{"log": line.encode(), "host": "web-1"} for line in lines[:100]]
+    shipped = ([{"message": line} for line in lines[:300]]
+               + [{"log": line.encode(), "host": "web-1"} for line in lines[:100]]
                + [{"message": line, "level": "warn", "kubernetes": {"pod": "p"}} for line in lines[:100]])
     assert_same_behaviour_columns(DEFAULT_SPECS[log_format], lines + shipped)
 
@@ -334,7 +335,8 @@ def both_namers(dimensions) -> tuple:
 @SETTINGS
 @given(rows=st.lists(st.tuples(values | st.sampled_from(URL_EDGES + EDGE_VALUES), values,
                                st.sampled_from([None, "200", "503", "2000", "٢٠٠", "5²³", "099", "-"]),
-                               st.sampled_from([None, "ERROR", " Warn ", "", "info"]), st.sampled_from([None, "3", "x", "13"])),
+                               st.sampled_from([None, "ERROR", " Warn ", "", "info"]),
+                               st.sampled_from([None, "3", "x", "13"])),
                      max_size=40), cache=st.sampled_from([2, 65_536]))
 def test_window_keys_are_counted_the_same_in_c_and_python(rows, cache):
     from logscore import windows
