@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Iterable, Sequence
+from typing import Iterable, Optional, Sequence
 
 from .admission import UNLIMITED, Ticket
 from .errors import InvalidRequest
