@@ -225,51 +225,71 @@ def quiet_days_with_a_daily_high(scorer, days: int, high: float, step_s: float =
 
 
 def test_series_scorer_known_answers_typical_day_record_and_hold_off():
-    from logscore.series import HOLD_S, TYPICAL_DAYS, SeriesScorer
+    from logscore.series import CONFIRM_STEPS, HOLD_S, TYPICAL_DAYS, SeriesScorer
     scorer = SeriesScorer(START)
     moment = quiet_days_with_a_daily_high(scorer, 5, 2.0) + 3600  # typical 2; the record: 2, 23 hours ago
     # u = 4 / 2, v = (4 / 2)^4; nothing within the hold-off before it
-    assert scorer.score(moment, 4.0) == pytest.approx(2 / 3 * 16 / 17)
+    assert scorer.candidate(moment, 4.0) == pytest.approx(2 / 3 * 16 / 17)
     # An hour later, 4.4: u = 2.2, v = 1.1^4 against the 4 just seen, held by the first alarm
     v = 1.1 ** 4
     held = 2.2 / 3.2 * v / (1 + v) * (1 - 0.7 * 2 / 3 * 16 / 17)
-    assert scorer.score(moment + 3600, 4.4) == pytest.approx(held)
+    assert scorer.candidate(moment + 3600, 4.4) == pytest.approx(held)
     # Past the hold-off (measured from the second alarm), 4.4 again: only as strange as the record
-    assert scorer.score(moment + 3600 + HOLD_S + 300, 4.4) == pytest.approx(2.2 / 3.2 * 0.5)
+    assert scorer.candidate(moment + 3600 + HOLD_S + 300, 4.4) == pytest.approx(2.2 / 3.2 * 0.5)
     # The same deviation in a series whose every day reaches 10 is ordinary there
     noisy = SeriesScorer(START)
     moment = quiet_days_with_a_daily_high(noisy, 5, 10.0) + 3600
-    assert noisy.score(moment, 4.0) == pytest.approx(0.4 / 1.4 * 0.4 ** 4 / (1 + 0.4 ** 4))
-    # Bounded: TYPICAL_DAYS daily maxima, and no more than a day of running maxima
+    assert noisy.candidate(moment, 4.0) == pytest.approx(0.4 / 1.4 * 0.4 ** 4 / (1 + 0.4 ** 4))
+    # Bounded: TYPICAL_DAYS daily maxima, no more than a day of running maxima, CONFIRM_STEPS points waiting
     long = SeriesScorer(START)
     quiet_days_with_a_daily_high(long, TYPICAL_DAYS + 10, 2.0)
     assert len(long.maxima) == TYPICAL_DAYS and len(long.record.kept) <= 288 and len(long.held.kept) <= 36
+    assert len(long.waiting) == CONFIRM_STEPS + 1
+
+
+@pytest.mark.parametrize("after, share", [
+    ([4.0, 4.0, 4.0], 1.0),  # the burst lasts: its score stays whole
+    ([2.0, 1.0, 0.0], 0.5),  # mean 1 = a quarter of 4, half of CONFIRM_SHARE x 4
+    ([0.0, 0.0, 0.0], 0.0),  # a lone spike: back to the usual at once
+    ([3.0, 2.0, 1.0], 1.0),  # mean 2 = CONFIRM_SHARE x 4: whole
+])
+def test_series_score_waits_for_the_points_after_and_keeps_what_holds_up(after, share):
+    from logscore.series import CONFIRM_SHARE, CONFIRM_STEPS, SeriesScorer
+    assert CONFIRM_STEPS == len(after) and CONFIRM_SHARE == 0.5  # the answers below are worked out for these
+    scorer = SeriesScorer(START)
+    moment = quiet_days_with_a_daily_high(scorer, 5, 2.0) + 3600  # the candidate of 4 is 2/3 x 16/17
+    written = [scorer.score(moment + 300 * k, deviation) for k, deviation in enumerate([4.0] + after)]
+    assert written[:CONFIRM_STEPS] == [0.0] * CONFIRM_STEPS  # the quiet points before it: nothing
+    assert written[CONFIRM_STEPS] == pytest.approx(2 / 3 * 16 / 17 * share)  # its alarm, CONFIRM_STEPS late
 
 
 def test_series_scores_a_new_kind_of_burst_above_the_daily_bursts_of_a_bursty_series():
-    from logscore.series import score_series
+    from logscore.series import CONFIRM_STEPS, score_series
     rng = np.random.default_rng(3)
     times = START + 300 * np.arange(12 * 24 * 12)  # twelve days of 5-minute steps
     hour = (times // 3600) % 24
     values = rng.poisson(40 + 30 * np.sin(2 * np.pi * hour / 24)).astype(float)
     bursts = [288 * day + int(rng.integers(0, 288)) for day in range(1, 12)]
-    values[bursts] *= 4  # one burst a day, of the same size: this series' normal
+    for burst in bursts:
+        values[burst: burst + 4] *= 4  # one 20-minute burst a day, of the same size: this series' normal
     event = 288 * 10 + 150
     values[event: event + 6] = 40 * 12  # twelve times the mean, for half an hour
     scores = score_series(times, values)
-    daily = [scores[b] for b in bursts if b >= 288 * 3 and abs(b - event) > 36]
-    assert int(np.argmax(scores)) == event and scores[event] > 0.7
-    assert np.median(daily) < 0.5 and max(daily) < scores[event] - 0.05  # this series' bursts are expected
-    assert scores[event + 1: event + 6].max() < scores[event] / 2  # one alarm, not one per step
+    alarm = event + CONFIRM_STEPS  # each point's alarm is written CONFIRM_STEPS points later
+    daily = [scores[b + CONFIRM_STEPS] for b in bursts if b >= 288 * 3 and abs(b - event) > 36]
+    assert int(np.argmax(scores)) == alarm and scores[alarm] > 0.6
+    assert np.median(daily) < 0.5 and max(daily) < scores[alarm] - 0.05  # this series' bursts are expected
+    assert scores[alarm + 1: alarm + 6].max() < scores[alarm] / 2  # one alarm, not one per step
 
 
-def test_evaluate_series_scores_online_in_nab_format_and_finds_the_spike(tmp_path):
+def test_evaluate_series_scores_online_in_nab_format_and_finds_the_burst(tmp_path):
+    from logscore.series import CONFIRM_STEPS
     rng = np.random.default_rng(1)
     times = START + 300 * np.arange(12 * 24 * 6)  # six days of 5-minute steps
     hour = (times // 3600) % 24
     values = rng.poisson(200 + 150 * np.sin(2 * np.pi * hour / 24)).astype(float)
     spike = len(values) - 300
-    values[spike] *= 4
+    values[spike: spike + 4] *= 4  # 20 minutes
     stamps = [time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(t)) for t in times]
     series = tmp_path / "volume.csv"
     series.write_text("timestamp,value\n" + "".join(f"{s},{v:g}\n" for s, v in zip(stamps, values)))
@@ -282,7 +302,7 @@ def test_evaluate_series_scores_online_in_nab_format_and_finds_the_spike(tmp_pat
     rows = [line.split(",") for line in out.read_text().splitlines()]
     assert rows[0] == ["timestamp", "value", "anomaly_score", "label"] and len(rows) == len(values) + 1
     scores = np.array([float(r[2]) for r in rows[1:]])
-    assert int(np.argmax(scores)) == spike and scores[spike] > 0.6
+    assert int(np.argmax(scores)) == spike + CONFIRM_STEPS and scores[spike + CONFIRM_STEPS] > 0.6  # written late
     assert scores[: 12 * 24].max() == 0.0  # the first day only learns
     assert [int(r[3]) for r in rows[1:]].count(1) == 11 and rows[spike + 1][3] == "1"
     # The past only: the scores before the spike do not change when the future does.

@@ -1,7 +1,7 @@
 """Scoring one time series online (each point from the past only): `logscore evaluate --series`.
 
 The same forecaster the sidecar's windows use (forecast.py), on one key whose windows are the
-series' steps; then three questions about each point's deviation, all answered from the past:
+series' steps; then four questions about each point's deviation, all answered from the past:
 
     typical   u = deviation / a typical day's strangest (the median of the daily maxima of the
               deviation over the last ``TYPICAL_DAYS`` days): how strange for this series
@@ -10,8 +10,16 @@ series' steps; then three questions about each point's deviation, all answered f
               at every point)
     hold-off  after a score s, the next ``HOLD_S`` seconds are scored x (1 - HOLD x s): the
               points that follow an alarm (a burst rising over a few steps) are not new alarms
+    holds up  a point's score waits for the next ``CONFIRM_STEPS`` points and is scaled by how far
+              their mean deviation reaches ``CONFIRM_SHARE`` of its own (at most x 1): a burst that
+              lasts keeps its score, a lone spike (one point, then the usual) loses most of it
 
-    anomaly_score = u / (1 + u)  x  v^4 / (1 + v^4)  x  (1 - HOLD x the highest score of the last HOLD_S)
+    candidate     = u / (1 + u)  x  v^4 / (1 + v^4)  x  (1 - HOLD x the highest candidate of the last HOLD_S)
+    anomaly_score = the candidate of the point CONFIRM_STEPS back
+                    x min(1, the mean deviation since / (CONFIRM_SHARE x its deviation))
+
+The score written for a point is therefore the alarm about the point ``CONFIRM_STEPS`` steps
+before it: the alarm comes that many steps late, from the past only.
 
 The first day only learns (its deviations are not scored). Measured on NAB's series, and why
 these questions and not others, in docs/accuracy.md (benchmarks/nab_evaluate.py).
@@ -38,6 +46,8 @@ RECORD_S = 86400.0  # "the previous day" of the record factor
 RECORD_POWER = 4.0  # how sharply the record factor rises past yesterday's strangest (0.5 at it)
 HOLD_S = 3 * 3600.0  # how long an alarm holds the scores after it down ...
 HOLD = 0.7  # ... and how far: x (1 - HOLD x the alarm's score)
+CONFIRM_STEPS = 3  # a point's score waits for this many points after it ...
+CONFIRM_SHARE = 0.5  # ... whose mean deviation keeps its score whole from this share of its own up
 
 
 @dataclass
@@ -108,7 +118,7 @@ class RunningMax:
 
 class SeriesScorer:
     """One series' deviations in, anomaly scores out, online; the state is bounded (a day of
-    running maxima at most, and ``TYPICAL_DAYS`` daily maxima)."""
+    running maxima at most, ``TYPICAL_DAYS`` daily maxima, and the last ``CONFIRM_STEPS`` points)."""
 
     def __init__(self, start: float) -> None:
         self.start = start
@@ -117,8 +127,21 @@ class SeriesScorer:
         self.typical = 0.0
         self.record = RunningMax(RECORD_S)
         self.held = RunningMax(HOLD_S)
+        self.waiting: collections.deque = collections.deque(maxlen=CONFIRM_STEPS + 1)  # (candidate, deviation)
 
     def score(self, moment: float, deviation: float) -> float:
+        """The score of the point ``CONFIRM_STEPS`` back, now that the points after it are known."""
+        self.waiting.append((self.candidate(moment, deviation), deviation))
+        if len(self.waiting) <= CONFIRM_STEPS:
+            return 0.0
+        candidate, its_deviation = self.waiting[0]
+        if candidate <= 0.0:
+            return 0.0
+        since = (sum(later for _, later in self.waiting) - its_deviation) / CONFIRM_STEPS
+        return candidate * min(1.0, since / (CONFIRM_SHARE * its_deviation))
+
+    def candidate(self, moment: float, deviation: float) -> float:
+        """This point's score before it is confirmed (typical x record x hold-off); updates the state."""
         since = moment - self.start
         self._close_days(int(since // DAY_S))
         strangest = self.record.peek(moment)
