@@ -212,8 +212,9 @@ def soak(target: str, pid: int, records: int, batch: int = 1000) -> dict:
     for part in range(10):
         sent += sum(client_processes(client_count, (target, batch, step // 2, 9000 + part), 2, timeout=900))
         samples.append({"records": sent, **memory(pid), "load_average": load_average()})
-        print(f"  soak: {sent:>9} novel records, sidecar RSS {samples[-1]['rss_mib']} MiB "
-              f"(peak {samples[-1]['peak_rss_mib']})", flush=True)
+        print(f"  soak: {sent:>9} novel records (99 % of request lines never sent before), sidecar RSS "
+              f"{samples[-1]['rss_mib']} MiB (peak {samples[-1]['peak_rss_mib']}), load "
+              f"{samples[-1]['load_average']}", flush=True)
         if sent >= records:
             break
     return {"records": sent, "samples": samples}
