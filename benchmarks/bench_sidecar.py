@@ -14,7 +14,11 @@ scorer pays). Then, from separate client processes:
   - single-record round trips (unary and bidirectional stream), p50 / p99, against the sidecar
     and against the floor server with the same client;
   - the sidecar's memory after each run, and with ``--soak N``, while N novel records go through a
-    fresh sidecar.
+    fresh sidecar;
+  - with ``--mlserver PYTHON`` (the python of a virtualenv holding MLServer 1.7: ``pip install
+    'mlserver==1.7.*' scikit-learn 'uvloop<0.22'``; MLServer 1.7.1's worker pool fails on uvloop 0.22+),
+    the naive pipeline served by **MLServer** (benchmarks/mlserver_naive.py, its default settings but
+    debug logging; V2 ModelInfer over gRPC, TCP loopback), beside the sidecar over TCP loopback too.
 The machine is printed with the figures: compare ratios within a run, not across machines.
 """
 
@@ -22,12 +26,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import multiprocessing
+import os
+import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -37,7 +46,7 @@ import numpy as np  # noqa: E402
 from benchmarks.common import client_processes, load_average, machine, percentiles_ms, write_results  # noqa: E402
 from benchmarks.traffic import (TRAFFIC, csic_parameters, never_seen_share, real_lines,  # noqa: E402
                                 sent_digests)
-from tests.sidecar_process import SidecarProcess  # noqa: E402
+from tests.sidecar_process import SidecarProcess, free_port  # noqa: E402
 
 # Lines each client makes per run: enough for the run at the rates seen here (a client that
 # runs out starts over, and the never-seen share printed says so).
@@ -52,14 +61,54 @@ def make_request(lines: list[bytes]):
     return request
 
 
+CHANNEL_OPTIONS = [("grpc.enable_http_proxy", 0), ("grpc.max_receive_message_length", 64 << 20),
+                   ("grpc.max_send_message_length", 64 << 20)]
+V2 = "v2:"  # a target served by MLServer: the V2 inference protocol, model "naive"
+
+
 def stub_for(target: str):
     import grpc
 
     from logscore.generated.logscore.v1 import scorer_pb2_grpc as pb_grpc
 
-    options = [("grpc.enable_http_proxy", 0), ("grpc.max_receive_message_length", 64 << 20),
-               ("grpc.max_send_message_length", 64 << 20)]
-    return pb_grpc.ScorerStub(grpc.insecure_channel(target, options=options))
+    return pb_grpc.ScorerStub(grpc.insecure_channel(target, options=CHANNEL_OPTIONS))
+
+
+def caller(target: str):
+    """(make a request of encoded lines, send it): the Score RPC, or V2 ModelInfer at an MLServer target.
+    Responses are not decoded: the client's cost stays the same for every server."""
+    if not target.startswith(V2):
+        return make_request, stub_for(target).Score
+    import grpc
+
+    channel = grpc.insecure_channel(target[len(V2):], options=CHANNEL_OPTIONS)
+    infer = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer", request_serializer=bytes,
+                                response_deserializer=bytes)
+    return (lambda lines: v2_infer_request("naive", lines)), infer
+
+
+def v2_infer_request(model: str, lines: list[bytes]) -> bytes:
+    """A V2 ModelInferRequest (MLServer's dataplane.proto: model_name = 1, inputs = 5; a tensor's
+    name = 1, datatype = 2, shape = 3, contents = 5; bytes_contents = 8) with one BYTES tensor
+    "lines", encoded by hand: the project does not depend on MLServer's generated code."""
+    contents = b"".join(_proto_field(8, line) for line in lines)
+    tensor = (_proto_field(1, b"lines") + _proto_field(2, b"BYTES") + _proto_field(3, _varint(len(lines)))
+              + _proto_field(5, contents))
+    return _proto_field(1, model.encode()) + _proto_field(5, tensor)
+
+
+def _proto_field(number: int, payload: bytes) -> bytes:
+    """A length-delimited protobuf field."""
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
 
 
 def client_throughput(index: int, target: str, traffic: str, batch: int, seconds: float, seed: int,
@@ -67,17 +116,17 @@ def client_throughput(index: int, target: str, traffic: str, batch: int, seconds
     """One client: its own lines, then Score calls back to back for ``seconds``."""
     count = max(batch * 2, int(seconds * LINES_PER_CLIENT_SECOND))
     lines = TRAFFIC[traffic](count, seed * 100 + index)
-    requests = [make_request([line.encode() for line in lines[i: i + batch]])
+    encode, send = caller(target)
+    requests = [encode([line.encode() for line in lines[i: i + batch]])
                 for i in range(0, len(lines) - batch + 1, batch)]
-    stub = stub_for(target)
-    stub.Score(make_request([lines[0].encode()]), timeout=30)  # connected
+    send(encode([lines[0].encode()]), timeout=30)  # connected
     ready.wait()
     records, latencies = 0, []
     started = time.time()
     end = time.perf_counter() + seconds
     while time.perf_counter() < end:
         call = time.perf_counter()
-        stub.Score(requests[len(latencies) % len(requests)], timeout=60)
+        send(requests[len(latencies) % len(requests)], timeout=60)
         latencies.append(time.perf_counter() - call)
         records += batch
     finished = time.time()
@@ -107,16 +156,19 @@ def client_latency(index: int, target: str, calls: int, ready, out) -> None:
 def single_record_latency(target: str, calls: int, lines: list[str]) -> dict:
     import queue
 
-    stub = stub_for(target)
-    requests = [make_request([line.encode()]) for line in lines[:calls]]
+    encode, send = caller(target)
+    requests = [encode([line.encode()]) for line in lines[:calls]]
     for request in requests[:200]:
-        stub.Score(request, timeout=5)
+        send(request, timeout=5)
     unary = []
     for request in requests:
         started = time.perf_counter()
-        stub.Score(request, timeout=5)
+        send(request, timeout=5)
         unary.append(time.perf_counter() - started)
+    if target.startswith(V2):  # no stream in the comparison: V2's ModelStreamInfer is not what users call
+        return {"calls": len(requests), **percentiles_ms(unary, "unary")}
 
+    stub = stub_for(target)  # the same requests, streamed
     outgoing: queue.Queue = queue.Queue()
 
     def feed():
@@ -197,6 +249,36 @@ def start_python_server(workdir: Path, kind: str) -> tuple[multiprocessing.Proce
     raise RuntimeError(f"the {kind} server did not start")
 
 
+def start_mlserver(python: str, workdir: Path) -> tuple[subprocess.Popen, str]:
+    """MLServer serving the naive pipeline (benchmarks/mlserver_naive.py), fitted on the same lines
+    as the naive server; returns the process and its V2 target."""
+    folder = workdir / "mlserver"
+    (folder / "naive").mkdir(parents=True)
+    grpc_port, http_port = free_port(), free_port()
+    (folder / "settings.json").write_text(json.dumps({
+        "host": "127.0.0.1", "grpc_port": grpc_port, "http_port": http_port, "metrics_port": free_port(),
+        "debug": False}))
+    (folder / "naive" / "model-settings.json").write_text(json.dumps({
+        "name": "naive", "implementation": "benchmarks.mlserver_naive.NaivePipeline"}))
+    training = workdir / "naive-training.txt"
+    training.write_text("\n".join(real_lines()), encoding="utf-8")
+    log = open(workdir / "mlserver.log", "ab")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "LOGSCORE_BENCH_TRAINING": str(training)}
+    process = subprocess.Popen([str(Path(python).parent / "mlserver"), "start", str(folder)], env=env,
+                               stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 180  # the pipeline fits when the model loads
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/v2/models/naive/ready", timeout=2) as answer:
+                if answer.status == 200:
+                    return process, f"{V2}127.0.0.1:{grpc_port}"
+        except OSError:
+            pass
+        time.sleep(0.5)
+    process.terminate()
+    raise RuntimeError(f"MLServer did not get ready (see {workdir / 'mlserver.log'})")
+
+
 def memory(pid: int) -> dict:
     status = Path(f"/proc/{pid}/status").read_text().splitlines()
     values = {line.split(":")[0]: line.split(":")[1].strip() for line in status if ":" in line}
@@ -229,17 +311,20 @@ def client_count(index: int, target: str, batch: int, records: int, seed: int, r
     out.put(len(lines))
 
 
-def start_sidecar(workdir: Path) -> SidecarProcess:
+def start_sidecar(workdir: Path, tcp: Optional[str] = None) -> SidecarProcess:
     # 10,000-record requests (about 2.4 MB) exceed the default max_message_bytes (2 MiB): raised as an
     # operator sending such batches would.
     workdir.mkdir(parents=True, exist_ok=True)
     return SidecarProcess(ROOT / "models", workdir, reload_interval_s=0, max_message_bytes=8 * 2**20,
-                          max_inflight_bytes=64 * 2**20).start()
+                          max_inflight_bytes=64 * 2**20, **({"tcp": tcp} if tcp else {})).start()
 
 
 RUNS = [  # (server, batch, clients)
     ("logscore", 1, 1), ("logscore", 100, 4), ("logscore", 1000, 1), ("logscore", 1000, 4), ("logscore", 10000, 4),
     ("naive", 1000, 1), ("naive", 1000, 4), ("grpc floor", 1000, 1), ("grpc floor", 1000, 4),
+]
+MLSERVER_RUNS = [  # with --mlserver: both over TCP loopback, as MLServer listens
+    ("logscore tcp", 1000, 1), ("logscore tcp", 1000, 4), ("mlserver", 1000, 1), ("mlserver", 1000, 4),
 ]
 
 
@@ -249,34 +334,44 @@ def main() -> int:
     parser.add_argument("--soak", type=int, default=None, help="novel records sent to watch memory "
                         "(default 1,000,000; 20,000 with --quick)")
     parser.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "sidecar.json"))
+    parser.add_argument("--mlserver", metavar="PYTHON", help="the python of a virtualenv with MLServer 1.7 "
+                        "(see above): adds MLServer serving the naive pipeline, and the sidecar over TCP")
     args = parser.parse_args()
     seconds = 1.0 if args.quick else 4.0
     soak_records = args.soak if args.soak is not None else (20_000 if args.quick else 1_000_000)
     real_lines(), csic_parameters()  # read once, before the client processes fork
     workdir = Path(tempfile.mkdtemp(prefix="logscore-bench-"))
-    sidecar = start_sidecar(workdir)
+    tcp = f"127.0.0.1:{free_port()}" if args.mlserver else None
+    sidecar = start_sidecar(workdir, tcp)
     servers = [start_python_server(workdir, kind) for kind in ("naive", "floor")]
     targets = {"logscore": f"unix:{sidecar.socket}", "naive": servers[0][1], "grpc floor": servers[1][1]}
+    runs, latency_servers, mlserver = list(RUNS), ["logscore", "grpc floor"], None
+    if args.mlserver:
+        mlserver, targets["mlserver"] = start_mlserver(args.mlserver, workdir)
+        targets["logscore tcp"] = tcp
+        runs += MLSERVER_RUNS
+        latency_servers += ["logscore tcp", "mlserver"]
     results = {"machine": machine(), "throughput": [], "latency": {}}
     print(f"machine: {results['machine']}; load average at start {load_average()}")
     seen: dict = {}
     try:
         for run, (traffic, (server, batch, clients)) in enumerate(
-                (t, r) for t in ("repetitive", "novel") for r in RUNS):
+                (t, r) for t in ("repetitive", "novel") for r in runs):
             row = {"server": server, **throughput(targets[server], traffic, batch, clients, seconds, run, seen)}
-            if server == "logscore":
+            if server.startswith("logscore"):
                 row["sidecar_memory_after"] = memory(sidecar.process.pid)
             results["throughput"].append(row)
             print(f"{traffic:10} {server:10} batch {batch:>6} clients {clients}: {row['records_per_s']:>8} records/s  "
                   f"call p50 {row['call_p50_ms']:>7} ms p99 {row['call_p99_ms']:>7} ms  never seen: "
                   f"{row['never_seen_request_lines']:.1%} of request lines  load {row['load_average']}"
-                  + (f"  RSS {row['sidecar_memory_after']['rss_mib']} MiB" if server == "logscore" else ""),
+                  + (f"  RSS {row['sidecar_memory_after']['rss_mib']} MiB" if "sidecar_memory_after" in row else ""),
                   flush=True)
-        for name in ("logscore", "grpc floor"):
+        for name in latency_servers:
             row = client_processes(client_latency, (targets[name], 500 if args.quick else 3000), 1, timeout=600)[0]
             results["latency"][name] = row
-            print(f"{name:10} single record: unary p50 {row['unary_p50_ms']} ms p99 {row['unary_p99_ms']} ms; "
-                  f"stream p50 {row['stream_p50_ms']} ms p99 {row['stream_p99_ms']} ms", flush=True)
+            print(f"{name:12} single record: unary p50 {row['unary_p50_ms']} ms p99 {row['unary_p99_ms']} ms"
+                  + (f"; stream p50 {row['stream_p50_ms']} ms p99 {row['stream_p99_ms']} ms" if "stream_p50_ms" in row
+                     else ""), flush=True)
         results["latency"]["stream_p50_ratio_to_floor"] = round(
             results["latency"]["logscore"]["stream_p50_ms"] / results["latency"]["grpc floor"]["stream_p50_ms"], 2)
         print(f"single-record stream p50, logscore / floor: {results['latency']['stream_p50_ratio_to_floor']}")
@@ -294,6 +389,9 @@ def main() -> int:
         sidecar.stop()
         for process, _ in servers:
             process.terminate()
+        if mlserver is not None:
+            mlserver.terminate()
+            mlserver.wait(timeout=30)
     write_results(args.json, results)
     return 0
 
