@@ -14,6 +14,7 @@ from logscore.feedback_store import SqliteStore
 from logscore.model import Model
 
 from .generate import shop_lines
+from .sidecar_process import ROOT
 from .test_cli import logscore
 from .test_feedback import attacks_on, compare_lines, monitor_lines
 
@@ -55,6 +56,55 @@ def test_training_with_feedback_learns_what_was_marked_normal_and_keeps_true_ano
     assert summary["feedback"] == {"store": str(tmp_path / "feedback.sqlite3"), "entries": 2, "normal_records": 3,
                                    "normal_flagged": 0, "keep_records": 2, "keep_flagged": 2}
     assert summary["records_read"] == len(shop_training_lines)  # the two kept out
+
+
+def test_retraining_with_the_previous_model_does_not_learn_what_it_flags(tmp_path, shop_model_path):
+    """An operator's log holds attacks nobody marked: retrained on it with --previous-model, what the
+    serving model flags (its feedback applied) is left out, so the attacks stay flagged, while a kind
+    marked normal is learned. Screening is off here (--keep-outliers): this is the mechanism alone."""
+    model = Model.load(shop_model_path)
+    store = SqliteStore(str(tmp_path / "feedback.sqlite3"))
+    store.migrate()
+    store.add(Entry(0, NORMAL, pattern_from_records(model, compare_lines(3, seed=60)), "ana", model="shop"))
+    attacks = attacks_on(shop_lines(60, seed=61), seed=62)
+    marked_kind = compare_lines(30, seed=63)
+    training = tmp_path / "recent.log"
+    training.write_text("\n".join(shop_lines(2000, seed=64) + marked_kind + attacks) + "\n")
+    common = ("train", "--input", training, "--target-fpr", "0.01", "--keep-outliers",
+              "--feedback", tmp_path / "feedback.sqlite3")
+
+    result = logscore(*common, "--name", "shop", "--out", tmp_path / "plain.onnx")
+    assert result.returncode == 0, result.stderr
+    result = logscore(*common, "--name", "shop", "--out", tmp_path / "retrained.onnx", "--previous-model", shop_model_path)
+    assert result.returncode == 0, result.stderr
+    assert "left out as flagged by the previous model shop" in result.stdout
+
+    def flagged(path, lines):
+        retrained = Model.load(path)
+        return decide(retrained, retrained.score(lines)).is_anomaly.mean()
+
+    assert flagged(tmp_path / "plain.onnx", attacks) <= 0.2  # learned as normal
+    assert flagged(tmp_path / "retrained.onnx", attacks) == 1.0
+    assert flagged(tmp_path / "retrained.onnx", attacks_on(shop_lines(200, seed=65), seed=66)) >= 0.9
+    assert flagged(tmp_path / "retrained.onnx", marked_kind) == 0.0  # no rule in force: learned
+    assert flagged(tmp_path / "retrained.onnx", shop_lines(1000, seed=67)) <= 0.02
+    inspected = logscore("inspect", tmp_path / "retrained.onnx", "--json")
+    left_out = json.loads(inspected.stdout)["metadata"]["training"]["left_out_flagged"]
+    assert left_out["model"] == "shop" and left_out["version"] == model.version
+    assert len(attacks) <= left_out["records"] <= len(attacks) + 0.02 * 2030  # the attacks, and a normal tail
+    assert left_out["examples"] and "ignored" not in left_out
+
+    # A model of another site flags much of this traffic: its flags are not used, and it says so.
+    elsewhere = logscore(*common, "--name", "apache-access", "--out", tmp_path / "other.onnx",
+                         "--previous-model", ROOT / "models" / "apache-access.onnx")
+    assert elsewhere.returncode == 0, elsewhere.stderr
+    assert "it is no model of this traffic" in elsewhere.stderr
+    ignored = json.loads(logscore("inspect", tmp_path / "other.onnx", "--json").stdout)
+    assert ignored["metadata"]["training"]["left_out_flagged"]["ignored"] is True
+    # The model this one does not replace: refused before training, with what to give instead.
+    wrong = logscore(*common, "--name", "checkout", "--out", tmp_path / "x.onnx", "--previous-model", shop_model_path)
+    assert wrong.returncode != 0 and "give the model this one replaces" in wrong.stderr
+    assert "Traceback" not in wrong.stderr and not (tmp_path / "x.onnx").exists()
 
 
 def test_report_groups_scored_output_of_every_shipper(tmp_path, shop_model_path):

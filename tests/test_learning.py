@@ -86,6 +86,10 @@ def test_a_new_site_is_learned_on_arrival_and_a_bad_retrain_is_kept_aside(tmp_pa
         assert kept_aside
         folded = read_artifact(kept_aside[-1]).metadata["training"]["feedback"]
         assert folded["entries"] == 1 and folded["normal_records"] == 1 and folded["normal_flagged"] == 0
+        # A retrain does not learn what the route's own model flags (the health check was marked normal).
+        left_out = read_artifact(kept_aside[-1]).metadata["training"]["left_out_flagged"]
+        assert left_out["model"] == "apache-access" and left_out["version"] == learned_version
+        assert not any("/health" in example for example in left_out["examples"])
         assert "candidate kept aside, not swapped" in sidecar.log()
     finally:
         assert sidecar.stop() == 0

@@ -193,6 +193,10 @@ def add_robustness_flags(parser: argparse.ArgumentParser) -> None:
                         "--feedback-store; 'env' reads it from LOGSCORE_FEEDBACK_STORE, keeping a password out of "
                         "the process list): records marked normal are learned as normal, records marked keep are "
                         "left out and must be flagged by the new model")
+    parser.add_argument("--previous-model", metavar="MODEL",
+                        help="the model this one replaces (the one serving now): records it flags, after the "
+                        "--feedback rules, are left out (flags nobody marked normal are not learned as normal); "
+                        "ignored, with a warning, if it flags more than a tenth of the records")
 
 
 def add_behaviour_flags(parser: argparse.ArgumentParser) -> None:
@@ -415,6 +419,12 @@ def run_train(args) -> int:
         if not location:
             raise ConfigError("--feedback env: LOGSCORE_FEEDBACK_STORE is not set; give the store's location")
         options.feedback = load_feedback(location, options.name)
+    if args.previous_model:
+        from .model import Model
+        from .training.feedback import check_previous
+
+        options.previous = Model.load(args.previous_model)
+        check_previous(options.previous, spec, options.name)
     behaviour = behaviour_options(args)
     if behaviour is not None:
         records = list(records)  # read twice: the record model, then behaviour in file order
@@ -475,6 +485,17 @@ def print_training_summary(path: str, metadata: dict) -> None:
         print(f"  feedback ({feedback['store']}, {feedback['entries']} entries): {feedback['normal_records']} records "
               f"learned as normal ({feedback['normal_flagged']} still flagged), {feedback['keep_records']} kept out "
               f"as true anomalies ({feedback['keep_flagged']} flagged by the new model)")
+    if training.get("left_out_flagged"):
+        print(f"  {describe_left_out(training['left_out_flagged'])}")
+
+
+def describe_left_out(left_out: dict) -> str:
+    said = (f"left out as flagged by the previous model {left_out['model']} ({left_out['version']}): "
+            f"{left_out['records']} records")
+    if left_out.get("ignored"):
+        return (f"{said}: it flags {left_out['fraction']:.1%} of them, more than {left_out['limit']:.0%}, so its "
+                "flags were not used")
+    return f"{said} ({left_out['fraction']:.3%}); `logscore inspect` lists examples"
 
 
 def describe_realized_fpr(calibration: dict) -> str:
@@ -798,6 +819,10 @@ def run_inspect(args) -> int:
         print(f"    rule: {training['set_aside']['rule']}")
     for example in (training.get("set_aside") or {}).get("examples", []):
         print(f"    {example['record']}")
+    if training.get("left_out_flagged"):
+        print(f"  {describe_left_out(training['left_out_flagged'])}")
+        for example in training["left_out_flagged"].get("examples", []):
+            print(f"    {example}")
     for warning in training.get("warnings", []):
         print(f"  warning: {warning}")
     if training.get("learned_route"):

@@ -6,7 +6,9 @@
         a route without a model of its own has ``learn_records`` records, or a learned route has
         ``learn_retrain_records`` new ones (drift)
         ─► the window, but for its most recent tenth (kept for validation), goes to a file
-        ─► `logscore train` in a child process: the same code as the command, niced, one thread
+        ─► `logscore train` in a child process: the same code as the command, niced, one thread;
+           a retrain passes the route's learned model as --previous-model (what it flags, feedback
+           applied, is not learned: attacks in the window are not learned as normal)
         ─► validation: candidate and serving model score the held-back recent records; a candidate
            flagging more than ``learn_max_flag_ratio`` × max(serving model's share, target FPR) is
            kept aside in the work directory and reported, not swapped
@@ -278,6 +280,8 @@ class Learner:
                    "--config", str(inputs["spec"]), "--detectors", ",".join(serving.detectors),
                    "--target-fpr", str(target_fpr(serving)), "--name", name, "--learned-route", name,
                    "--out", str(out), "--feedback", "env"]
+        if learned_for(serving, name):  # retraining the route's own model: what it flags is not learned
+            command += ["--previous-model", str(serving.artifact.path)]
         # The store's location (a URL may hold a password) goes by environment, not the process list.
         environment = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
                        "LOGSCORE_FEEDBACK_STORE": feedback_location(self.settings)}

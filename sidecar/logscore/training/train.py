@@ -72,6 +72,7 @@ class TrainOptions:
     screening_rounds: int = 3  # refits without the set-aside records, while they change
     learned_route: Optional[str] = None  # set by the sidecar's learner (sidecar/logscore/learning.py)
     feedback: Optional[object] = None  # training.feedback.TrainingFeedback: operators' verdicts to fold in
+    previous: Optional[object] = None  # model.Model serving now: what it flags (feedback applied) is not learned
 
     def validate(self) -> None:
         unknown = [d for d in self.detectors if d not in DETECTORS]
@@ -297,15 +298,22 @@ def train(records: Iterable[object], options: TrainOptions,
     if options.feedback is not None and options.feedback.keep:
         records = without_kept(records, options.feedback.keep_texts())
     sample, read = reservoir_sample(records, options.max_records, options.seed, progress)
-    if len(sample) < 10 * options.folds:
-        raise InputError(f"only {len(sample)} records to train on; give at least {10 * options.folds} "
-                         "(thousands are better)")
-    random.Random(options.seed).shuffle(sample)
     warnings: list[str] = []
 
     def keep_warning(message: str) -> None:
         warnings.append(message)
         warn(message)
+
+    left_out = None
+    if options.previous is not None:
+        from .feedback import leave_out_flagged
+
+        progress("scoring with the previous model", 0, len(sample), "records")
+        sample, left_out = leave_out_flagged(sample, options.previous, options.feedback, keep_warning)
+    if len(sample) < 10 * options.folds:
+        raise InputError(f"only {len(sample)} records to train on; give at least {10 * options.folds} "
+                         "(thousands are better)")
+    random.Random(options.seed).shuffle(sample)
 
     unparsed = count_unparsed(sample, options, keep_warning)
     # Rare = seen in fewer records than a feature needs to count as normal (screening's grouping).
@@ -365,6 +373,8 @@ def train(records: Iterable[object], options: TrainOptions,
     }
     if options.learned_route:
         metadata["training"]["learned_route"] = options.learned_route
+    if left_out is not None:
+        metadata["training"]["left_out_flagged"] = left_out
     if options.feedback is not None:
         metadata["training"]["feedback"] = check_feedback(final, calibration, threshold, options, keep_warning)
     return final.graph(calibration, metadata), metadata
