@@ -10,7 +10,7 @@ learner, which runs the same command).
 - With the model serving now (``--previous-model``; the learner passes its route's learned model),
   the records it flags, after the feedback's rules, are left out: what an operator saw flagged
   and did not mark normal is not learned as normal. Retraining on a log that holds attacks
-  otherwise learns them (docs/accuracy.md: injected attacks 2 % of the log → recall 0.97 → 0.45).
+  otherwise learns them (docs/accuracy.md: 5 % of a real log's lines injected, later recall 0.96 → 0.27).
   Unless that model flags more than PREVIOUS_FLAG_LIMIT of the records: then it is no model of
   this traffic (another site's, a shift since), and its flags are not used.
 """
