@@ -263,6 +263,36 @@ def test_series_score_waits_for_the_points_after_and_keeps_what_holds_up(after, 
     assert written[CONFIRM_STEPS] == pytest.approx(2 / 3 * 16 / 17 * share)  # its alarm, CONFIRM_STEPS late
 
 
+def test_counts_keep_poisson_noise_a_key_of_zeros_is_not_startled_by_a_two():
+    from logscore.forecast import COUNT_MIN_SCALE, MIN_SCALE
+
+    zeros, two = count_transform(np.zeros(1)), count_transform(np.array([2.0]))
+    for floor, expected in ((COUNT_MIN_SCALE, 1.858), (MIN_SCALE, 18.58)):
+        state = ForecastState.empty(1, 300.0, floor)
+        for i in range(200):  # a key that is always zero: its learned spread falls to the floor
+            state.step(zeros, np.array([i // 12 % 24]), np.array([i // 12 % 168]))
+        deviation = state.step(two, np.array([16]), np.array([16]))[1][0]
+        # (sqrt(2 + 3/8) - sqrt(3/8)) / floor: the run term (a sixth of that residual) stays below
+        assert deviation == pytest.approx(expected, rel=1e-3)
+
+
+def test_a_sparse_count_series_alarms_on_a_burst_not_on_a_few_counts_in_its_silence():
+    from logscore.series import CONFIRM_STEPS, score_series
+    rng = np.random.default_rng(5)
+    times = START + 300 * np.arange(12 * 24 * 9)  # nine days of 5-minute steps
+    hour = (times // 3600) % 24
+    values = np.where((hour >= 8) & (hour < 20), rng.poisson(3.0, len(times)), 0).astype(float)  # silent nights
+    stray = 288 * 7 + 12 * 3  # day 7, 03:00: a few counts in the silence
+    values[stray: stray + 4] = [2, 1, 2, 1]
+    event = 288 * 8 + 12 * 14  # day 8, 14:00: ten times the day's rate for half an hour
+    values[event: event + 6] = 30
+    scores = score_series(times, values)
+    alarm = event + CONFIRM_STEPS
+    assert int(np.argmax(scores)) == alarm and scores[alarm] > 0.5
+    assert scores[stray + CONFIRM_STEPS: stray + CONFIRM_STEPS + 4].max() < 0.1
+    assert scores[288 * 2: event].max() < 0.35
+
+
 def test_series_scores_a_new_kind_of_burst_above_the_daily_bursts_of_a_bursty_series():
     from logscore.series import CONFIRM_STEPS, score_series
     rng = np.random.default_rng(3)

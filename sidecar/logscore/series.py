@@ -35,7 +35,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from .errors import InputError
-from .forecast import ForecastState, count_transform, slots
+from .forecast import COUNT_MIN_SCALE, MIN_SCALE, ForecastState, count_transform, slots
 from .inputs import read_lines
 from .timestamps import parse_time
 
@@ -88,7 +88,8 @@ def read_series(path: str) -> Series:
 def deviations(times: np.ndarray, values: np.ndarray) -> np.ndarray:
     """Each point's deviation from its forecast, the forecast made from the points before it."""
     step = float(np.median(np.diff(times)))
-    state = ForecastState.empty(1, step)
+    counts = bool(np.all(values >= 0) and np.all(values == np.round(values)))
+    state = ForecastState.empty(1, step, COUNT_MIN_SCALE if counts else MIN_SCALE)
     hours, weeks = slots(times)
     y = count_transform(values) if np.all(values >= 0) else values.astype(np.float64)
     found = np.zeros(len(values))

@@ -34,7 +34,7 @@ import numpy as np
 from .events import AnomalyEvent
 from .features import native as compiled
 from .features.converters import ID_SEGMENT
-from .forecast import ForecastState, count_inverse, count_transform, slots
+from .forecast import COUNT_MIN_SCALE, ForecastState, count_inverse, count_transform, slots
 from .masking import mask_variables
 
 DIMENSIONS = ("route", "tag", "status_class", "host", "level", "url_template", "message_template")
@@ -193,7 +193,7 @@ class WindowSpec:
 
     @classmethod
     def from_model(cls, metadata: dict, tensors: dict[str, np.ndarray], calibrate) -> "WindowSpec":
-        state = ForecastState.empty(len(metadata["keys"]), float(metadata["window_s"]))
+        state = ForecastState.empty(len(metadata["keys"]), float(metadata["window_s"]), COUNT_MIN_SCALE)
         state.level[:] = tensors["window_level"]
         state.hour[:] = tensors["window_hour"]
         state.week[:] = tensors["window_week"]
@@ -254,7 +254,7 @@ class WindowCounter:
         self.row: dict[str, int] = {k: i for i, k in enumerate(self.keys)}
         self.trained = np.zeros(self.max_keys, dtype=bool)
         self.trained[:trained] = True
-        self.state = ForecastState.empty(self.max_keys, self.window_s)
+        self.state = ForecastState.empty(self.max_keys, self.window_s, COUNT_MIN_SCALE)
         for name in ("level", "scale", "seen"):
             getattr(self.state, name)[:trained] = getattr(spec.state, name)
         self.state.hour[:trained] = spec.state.hour

@@ -26,7 +26,7 @@ from onnx import TensorProto, helper, numpy_helper
 from ..artifact import HASH_KEY, METADATA_KEY, content_hash
 from ..entities import CLIENT_FIELDS, FEATURES, ClientTracker, client_batch
 from ..errors import InputError
-from ..forecast import ForecastState, count_transform, slots
+from ..forecast import COUNT_MIN_SCALE, ForecastState, count_transform, slots
 from ..timestamps import record_times
 from ..records import text_columns
 from ..windows import DIMENSIONS, SHARES, KeyNamer, fields_read, share_deviation, share_name
@@ -92,7 +92,7 @@ def fit_windows(fields: Sequence[dict], route: str, options: BehaviourOptions) -
     ranked = sorted(by_key, key=lambda k: (not k.startswith("route="), -len(by_key[k]), k))[: options.max_keys]
     counts = np.stack([np.bincount(by_key[k], minlength=windows) for k in ranked]).astype(np.float64)
     hours, weeks = slots(first + window_s * np.arange(windows))
-    state = ForecastState.empty(len(ranked), window_s)
+    state = ForecastState.empty(len(ranked), window_s, COUNT_MIN_SCALE)
     warm_up = min(windows // 4, int(86400 // window_s))
     deviations = []
     for w in range(windows):
