@@ -78,6 +78,7 @@ def test_retraining_with_the_previous_model_does_not_learn_what_it_flags(tmp_pat
     result = logscore(*common, "--name", "shop", "--out", tmp_path / "retrained.onnx", "--previous-model", shop_model_path)
     assert result.returncode == 0, result.stderr
     assert "left out as flagged by the previous model shop" in result.stdout
+    assert "[train] scoring with the previous model: 2090/2090 records" in result.stderr  # progress
 
     def flagged(path, lines):
         retrained = Model.load(path)

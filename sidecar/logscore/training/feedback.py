@@ -68,11 +68,11 @@ def load_feedback(location: str, model_name: str) -> TrainingFeedback:
     return found
 
 
-def leave_out_flagged(sample: list, previous: Model, feedback: Optional[TrainingFeedback],
-                      warn) -> tuple[list, dict]:
+def leave_out_flagged(sample: list, previous: Model, feedback: Optional[TrainingFeedback], warn,
+                      progress=None) -> tuple[list, dict]:
     """(the records ``previous`` does not flag after the feedback's rules, a summary for the metadata);
     all of them, and a warning, when it flags more than PREVIOUS_FLAG_LIMIT of them."""
-    flags = flagged_by(previous, sample, feedback.rules if feedback is not None else RuleSet())
+    flags = flagged_by(previous, sample, feedback.rules if feedback is not None else RuleSet(), progress)
     share = float(flags.mean()) if len(flags) else 0.0
     summary = {"model": previous.name, "version": previous.version, "records": int(flags.sum()),
                "fraction": round(share, 6), "limit": PREVIOUS_FLAG_LIMIT}
@@ -84,10 +84,14 @@ def leave_out_flagged(sample: list, previous: Model, feedback: Optional[Training
     return [r for r, flagged in zip(sample, flags) if not flagged], {**summary, "examples": examples}
 
 
-def flagged_by(model: Model, records: Sequence[object], rules: RuleSet) -> np.ndarray:
+def flagged_by(model: Model, records: Sequence[object], rules: RuleSet, progress=None) -> np.ndarray:
     """Whether ``model`` flags each record, the operators' rules applied (as the sidecar decides)."""
-    flags = [decide(model, model.score(part), feedback=FeedbackStep(rules, part)).is_anomaly
-             for part in (records[i: i + SCORE_CHUNK] for i in range(0, len(records), SCORE_CHUNK))]
+    flags = []
+    for start in range(0, len(records), SCORE_CHUNK):
+        part = records[start: start + SCORE_CHUNK]
+        flags.append(decide(model, model.score(part), feedback=FeedbackStep(rules, part)).is_anomaly)
+        if progress is not None:
+            progress("scoring with the previous model", start + len(part), len(records), "records")
     return np.concatenate(flags) if flags else np.zeros(0, dtype=bool)
 
 

@@ -308,8 +308,7 @@ def train(records: Iterable[object], options: TrainOptions,
     if options.previous is not None:
         from .feedback import leave_out_flagged
 
-        progress("scoring with the previous model", 0, len(sample), "records")
-        sample, left_out = leave_out_flagged(sample, options.previous, options.feedback, keep_warning)
+        sample, left_out = leave_out_flagged(sample, options.previous, options.feedback, keep_warning, progress)
     if len(sample) < 10 * options.folds:
         raise InputError(f"only {len(sample)} records to train on; give at least {10 * options.folds} "
                          "(thousands are better)")
