@@ -6,17 +6,19 @@ from __future__ import annotations
 
 import json
 import random
+from urllib.parse import quote
 
 import numpy as np
 import pytest
 
 from logscore.decide import decide, flags_unparsed
 from logscore.features import load_spec
-from logscore.model import Model
+from logscore.model import Model, make_session
 from logscore.training.robust import screen
-from logscore.training.train import TrainOptions, save_model, train
+from logscore.training.streaming import raw_scores
+from logscore.training.train import TrainOptions, fit, quiet, save_model, train
 
-from .generate import attack_lines, blog_lines, shop_lines, syslog_lines
+from .generate import ATTACKS, WORDS, attack_lines, blog_lines, shop_lines, shop_request, syslog_lines
 from .sidecar_process import ROOT, SidecarProcess, models_dir_with
 from .test_cli import logscore
 
@@ -26,8 +28,8 @@ def shop_model(shop_model_path):
     return Model.load(shop_model_path)
 
 
-def trained(lines, tmp_path, name="m", **options) -> tuple[Model, dict]:
-    proto, metadata = train(lines, TrainOptions(spec=load_spec(None, "access"), name=name, **options))
+def trained(lines, tmp_path, name="m", spec=None, **options) -> tuple[Model, dict]:
+    proto, metadata = train(lines, TrainOptions(spec=spec or load_spec(None, "access"), name=name, **options))
     save_model(proto, tmp_path / f"{name}.onnx")
     return Model.load(tmp_path / f"{name}.onnx"), metadata
 
@@ -122,6 +124,8 @@ def test_attacks_mixed_into_training_are_set_aside_and_still_caught(tmp_path, at
     assert f"set aside as likely attacks: {set_aside['records']} records" in shown
     assert set_aside["examples"][0]["record"][:60] in shown
     assert f"rule: {set_aside['rule']}" in shown
+    # The data holds attacks: the kept records near the top vouch for no feature only they hold.
+    assert f"not vouching for their features (the data holds attacks): {set_aside['unusual_not_vouching']} " in shown
 
 
 @pytest.mark.parametrize("far_out, target_fpr, outcome", [(1, 0.02, "first level"), (8, 0.02, "lowered"),
@@ -133,17 +137,20 @@ def test_the_set_aside_level_drops_only_when_the_data_evidently_holds_attacks(fa
     are evidence of attacks: the level drops to 1.75x and the records at 2.0 go too, with the
     4 records that looked normal while those vouched for them (round 2) — as long as the records
     it adds fit in the target FPR's share: 16 fit in 20 (2 %), 12 do not fit in 1 (0.1 %); at
-    1.3 % the 12 fit in 13 but the 4 mates do not, and screening stops before round 2."""
+    1.3 % the 12 fit in 13 but the 4 mates do not, and screening stops before round 2. Where the
+    level dropped, the folds are scored once more with the records at or above the top 4 % (2.6 %)
+    of the kept scores vouching for nothing: the tail at 1.0 and those above."""
     raw = np.zeros(1000)
     raw[900:980] = 1.0
     doubtful = np.arange(980, 992)
     raw[doubtful] = 2.0
     raw[1000 - far_out:] = 5.0
     mates = [10, 20, 30, 40]
-    calls = []
+    calls, vouching_given = [], []
 
-    def score_out_of_fold(fit_mask):
+    def score_out_of_fold(fit_mask, vouching=None):
         calls.append(fit_mask.copy())
+        vouching_given.append(vouching)
         scores = raw.copy()
         scores[mates] = 0.0 if fit_mask[doubtful].all() else 2.2
         return scores[:, None].astype(np.float32)
@@ -151,15 +158,98 @@ def test_the_set_aside_level_drops_only_when_the_data_evidently_holds_attacks(fa
     screening = screen(score_out_of_fold, 1000, target_fpr, 2.5, 3, contaminated_factor=1.75)
     aside = set(np.flatnonzero(screening.set_aside))
     far = set(range(1000 - far_out, 1000))
+    described = screening.describe([""] * 1000)
     if outcome == "lowered":
         assert aside == far | set(doubtful) | set(mates) and screening.factor == 1.75
-        assert screening.rounds == 2 and len(calls) == 3  # the mates surface once the doubtful are out
+        assert screening.rounds == 2 and len(calls) == 4  # the mates surface once the doubtful are out
     elif outcome == "lowered, stopped":
         assert aside == far | set(doubtful) and screening.factor == 1.75
-        assert screening.rounds == 1 and len(calls) == 2
+        assert screening.rounds == 1 and len(calls) == 3
     else:
         assert aside == far and screening.factor == 2.5 and screening.rounds == 1 and len(calls) == 2
-    assert "more than %sx the score" % screening.factor in screening.describe([""] * 1000)["rule"]
+    assert "more than %sx the score" % screening.factor in described["rule"]
+    if outcome.startswith("lowered"):
+        assert vouching_given[:-1] == [None] * (len(calls) - 1) and (calls[-1] == ~screening.set_aside).all()
+        assert set(np.flatnonzero(~vouching_given[-1])) == set(range(900, 1000)) | set(mates)
+        assert described["unusual_not_vouching"] == (80 if outcome == "lowered" else 84)  # the mates are kept
+    else:
+        assert vouching_given == [None, None] and screening.vouching is None
+        assert "unusual_not_vouching" not in described
+
+
+def test_features_only_unusual_records_hold_stay_never_seen():
+    """Known answer (training.train.fit with ``vouching``): a probe for a page that does not exist,
+    sent 3 times, among 1,000 normal lines. Learned, its path is seen 3 times and its copies score
+    low; held only by records that vouch for nothing, its features stay never seen: the probe
+    scores exactly as under a model that never saw it, and the normal lines as before."""
+    normal = shop_lines(1000, seed=93)
+    probes = [line.replace("GET /robots.txt", "GET /backup/site.sql.bak")
+              for line in normal if "GET /robots.txt" in line][:3]
+    assert len(probes) == 3
+    options = TrainOptions(spec=load_spec(None, "access"))
+
+    def scores(records, vouching=None):
+        fitted = fit(records, options, quiet, "test", vouching=vouching)
+        session = make_session(fitted.graph().SerializeToString())
+        return raw_scores(session, fitted.featurizer, [probes[0], *normal[:50]], options.chunk)[:, 0]
+
+    never_seen = scores(normal)
+    learned = scores(normal + probes)
+    unvouched = scores(normal + probes, np.array([True] * len(normal) + [False] * len(probes)))
+    assert unvouched == pytest.approx(never_seen)
+    assert learned[0] < never_seen[0] - 1.0  # three never-seen path features at least, each down to 0.23
+
+
+URL_SPEC = {"format": "jsonl", "fields": [{"field": "url", "converters": [{"kind": "url"}]}]}
+
+
+def shop_urls_with_a_tail(count: int, seed: int) -> list[dict]:
+    """The shop's URLs, 6 % of them sign-ups whose passwords give rare value shapes: a normal tail
+    where a probe for a page that does not exist (3 never-seen features) does not stand out."""
+    rng = random.Random(seed)
+    records = []
+    for _ in range(count):
+        if rng.random() < 0.06:
+            password = "".join(rng.choice("ab9.-") for _ in range(int(rng.paretovariate(1.5)) + 1))
+            records.append({"url": f"/register?login={rng.choice(WORDS)}{rng.randint(1, 99)}&password={password}"})
+        else:
+            records.append({"url": shop_request(rng)[1]})
+    return records
+
+
+def probes_and_attacks(seed: int) -> tuple[list[dict], list[dict]]:
+    """10 probes for backup files that do not exist, and 30 injection attacks (far out)."""
+    rng = random.Random(seed)
+    probes = [{"url": f"/{rng.choice(['static', 'images', 'products'])}/{rng.choice(WORDS)}."
+                      f"{rng.choice(['bak', 'old', 'inc', 'sql'])}"} for _ in range(10)]
+    families = sorted(ATTACKS)
+    payload = lambda i: quote(rng.choice(ATTACKS[families[i % len(families)]]), safe="")  # noqa: E731
+    attacks = [{"url": f"/cart/add?item={payload(i)}&qty=1&{rng.choice(['id', 'file', 'cmd'])}={payload(i)}"}
+               for i in range(30)]
+    return probes, attacks
+
+
+@pytest.mark.parametrize("vouching", ["unusual records vouch for nothing", "off"])
+def test_probes_that_look_like_the_normal_tail_do_not_hide_their_copies(tmp_path, monkeypatch, vouching):
+    """Known answer: 10 probes (0.25 %) score like the normal tail and survive screening; 30
+    attacks mixed in with them lower the level (the data holds attacks). Their features held
+    only by unusual records stay never seen, so the copies score 3.0 (path, segment and
+    parameter set never seen) and are flagged; learned (the rule off), each was seen once and
+    the copies pass (at most 3 x 0.61 = 1.84)."""
+    if vouching == "off":
+        monkeypatch.setattr("logscore.training.robust.unusual_records", lambda raw, *_: np.zeros(len(raw), bool))
+    probes, attacks = probes_and_attacks(seed=95)
+    model, metadata = trained(shop_urls_with_a_tail(4000, seed=2) + attacks + probes, tmp_path, "tail",
+                              spec=URL_SPEC, target_fpr=0.005)
+    set_aside = metadata["training"]["set_aside"]
+    assert "more than 1.75x" in set_aside["rule"] and set_aside["records"] == 30  # the attacks, no probe
+    copies = model.score(probes)
+    assert model.score(shop_urls_with_a_tail(4000, seed=97)).is_anomaly.mean() <= 0.005
+    if vouching == "off":
+        assert not copies.is_anomaly.any() and copies.raw_scores.max() < 2.0
+    else:
+        assert set_aside["unusual_not_vouching"] >= len(probes)
+        assert copies.is_anomaly.all() and (copies.raw_scores == 3.0).all()
 
 
 def test_clean_training_data_loses_nothing(tmp_path, attack_traffic):

@@ -817,6 +817,9 @@ def run_inspect(args) -> int:
     print(f"  {describe_set_aside(training)}")
     if (training.get("set_aside") or {}).get("rule"):
         print(f"    rule: {training['set_aside']['rule']}")
+    if (training.get("set_aside") or {}).get("unusual_not_vouching") is not None:
+        print(f"    kept but not vouching for their features (the data holds attacks): "
+              f"{training['set_aside']['unusual_not_vouching']} unusual records")
     for example in (training.get("set_aside") or {}).get("examples", []):
         print(f"    {example['record']}")
     if training.get("left_out_flagged"):

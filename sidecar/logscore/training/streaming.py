@@ -17,7 +17,7 @@ import numpy as np
 
 from ..features import FeatureBatch, Featurizer
 from ..model import run_graph
-from .detectors import Features, RarityTable
+from .detectors import Features, RarityTable, default_support
 
 Progress = Callable[[str, int, Optional[int], str], None]
 PENDING_KEYS = 4_000_000  # per-chunk key counts held before they are merged (≈ 48 MB)
@@ -64,20 +64,28 @@ class Streamed:
 
 
 def featurize_for_fit(featurizer: Featurizer, records: Sequence[object], chunk: int, with_dense: bool,
-                      support: Optional[float], progress: Progress, stage: str) -> Streamed:
+                      support: Optional[float], progress: Progress, stage: str,
+                      vouching: Optional[np.ndarray] = None) -> Streamed:
     """Featurize ``records`` chunk by chunk: key counts for the rarity table, and the dense block
-    only when ``with_dense``."""
-    counter = KeyCounter()
+    only when ``with_dense``. With ``vouching`` (bool per record), a rare key that none of the
+    vouching records holds counts as never seen (robust.py: ``unusual_records``)."""
+    counter, vouched = KeyCounter(), KeyCounter()
     dense = np.zeros((len(records), featurizer.width if with_dense else 0), dtype=np.float32)
     for start in range(0, len(records), chunk):
         batch = featurizer.transform(records[start: start + chunk], dense=with_dense)
         # Keys are unique within a record and converter; a key two converters share counts twice,
         # as RarityTable(batch.keys, ...) counts it over a whole batch.
         counter.add(batch.keys)
+        if vouching is not None:
+            vouched.add(batch.keys[vouching[start + batch.rows]])
         if with_dense:
             dense[start: start + batch.size] = batch.dense
         progress(stage, min(start + chunk, len(records)), len(records), "records")
     keys, counts = counter.totals()
+    if vouching is not None:  # only rare keys: a key seen in ``support`` records is normal whoever holds it
+        support = support if support is not None else default_support(len(records))
+        held = np.isin(keys, vouched.totals()[0]) | (counts >= support)
+        keys, counts = keys[held], counts[held]
     table = RarityTable.from_counts(keys, counts, len(records), support)
     empty = np.zeros(0, np.int64)
     batch = FeatureBatch(empty, empty, np.zeros(0, np.float32), dense, np.zeros(len(records), bool),

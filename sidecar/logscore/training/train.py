@@ -189,16 +189,17 @@ def detector_progress(progress: Progress, stage: str) -> Callable[[int, int], No
 
 
 def fit(records: Sequence[object], options: TrainOptions, progress: Progress, stage: str,
-        featurizer_records: Optional[Sequence[object]] = None) -> Fitted:
+        featurizer_records: Optional[Sequence[object]] = None, vouching: Optional[np.ndarray] = None) -> Fitted:
     """Fit on ``records``; the featurizer learns from ``featurizer_records`` when given (feedback's
-    repeated records must not make a parameter look like an enumeration)."""
+    repeated records must not make a parameter look like an enumeration); with ``vouching`` (bool
+    per record), features none of the vouching records hold stay never seen (robust.py)."""
     featurizer = Featurizer(options.spec)
     featurizer.fit(records if featurizer_records is None else featurizer_records)
     detectors = [DETECTORS[kind](seed=options.seed, **dict(options.detector_params.get(kind, {})))
                  for kind in options.detectors]
     # Bounded memory: key counts and (for vector detectors) the dense block, not every key.
     streamed = featurize_for_fit(featurizer, records, options.chunk, any(d.uses_dense for d in detectors),
-                                 options.support, progress, f"{stage}: featurizing")
+                                 options.support, progress, f"{stage}: featurizing", vouching)
     data = streamed.features
     for done, detector in enumerate(detectors, start=1):
         detector.progress = detector_progress(progress, f"{stage}: fitting {detector.kind}")
@@ -209,9 +210,10 @@ def fit(records: Sequence[object], options: TrainOptions, progress: Progress, st
 
 def out_of_fold_raw_scores(sample: Sequence[object], options: TrainOptions, progress: Progress,
                            folds: Optional[np.ndarray] = None, fit_mask: Optional[np.ndarray] = None,
-                           stage: str = "") -> np.ndarray:
+                           stage: str = "", vouching: Optional[np.ndarray] = None) -> np.ndarray:
     """Raw scores of every record from a model that never saw it (k-fold cross-fitting);
-    the fold models are fit on the records of ``fit_mask`` only (default: all).
+    the fold models are fit on the records of ``fit_mask`` only (default: all), with ``vouching``
+    as ``fit`` takes it.
 
     Calibrating on all records instead of one small held-out split puts the
     threshold on a 5x larger sample: the 99.9th percentile of 10,000 records
@@ -221,9 +223,11 @@ def out_of_fold_raw_scores(sample: Sequence[object], options: TrainOptions, prog
     fit_mask = np.ones(len(sample), dtype=bool) if fit_mask is None else fit_mask
     raw = np.zeros((len(sample), len(options.detectors)), dtype=np.float32)
     for fold in range(options.folds):
-        inside = [r for r, f, use in zip(sample, folds, fit_mask) if f != fold and use]
+        inside_mask = fit_mask & (folds != fold)
+        inside = [r for r, use in zip(sample, inside_mask) if use]
         outside = [r for r, f in zip(sample, folds) if f == fold]
-        fitted = fit(inside, options, progress, f"{stage}fold {fold + 1}/{options.folds}")
+        fitted = fit(inside, options, progress, f"{stage}fold {fold + 1}/{options.folds}",
+                     vouching=None if vouching is None else vouching[inside_mask])
         raw[folds == fold] = raw_scores(make_session(fitted.graph().SerializeToString()), fitted.featurizer,
                                         outside, options.chunk)
     return raw
@@ -325,11 +329,15 @@ def train(records: Iterable[object], options: TrainOptions,
     flagged = float((calibrated >= threshold).mean())
     held_back = held_back_fpr(screening.raw, folds, kept, options)
     kept_records = [r for r, keep in zip(sample, kept) if keep]
+    vouching = None if screening.vouching is None else screening.vouching[kept]
     if options.feedback is None:
-        final = fit(kept_records, options, progress, "final model")
+        final = fit(kept_records, options, progress, "final model", vouching=vouching)
     else:  # learned as normal, left out of calibration (training/feedback.py)
-        final = fit(kept_records + options.feedback.copies(support), options, progress, "final model",
-                    kept_records + options.feedback.normal)
+        copies = options.feedback.copies(support)
+        if vouching is not None:  # an operator's verdict vouches for its records
+            vouching = np.concatenate([vouching, np.ones(len(copies), dtype=bool)])
+        final = fit(kept_records + copies, options, progress, "final model",
+                    kept_records + options.feedback.normal, vouching)
 
     metadata = {
         "format_version": FORMAT_VERSION,
@@ -412,15 +420,18 @@ def screen_sample(sample: Sequence[object], options: TrainOptions, support: floa
     if not options.set_aside or "rarity" not in options.detectors:
         folds = np.arange(len(sample)) % options.folds
         raw = out_of_fold_raw_scores(sample, options, progress, folds)
-        return folds, screen(lambda _: raw, len(sample), options.target_fpr, options.set_aside_factor, 0)
+        return folds, screen(lambda *_: raw, len(sample), options.target_fpr, options.set_aside_factor, 0)
     progress("grouping similar records", 0, len(sample), "records")
     rows, keys = record_keys(sample, options.spec, options.chunk)
     folds = signature_folds(sample, rows, keys, options.folds, support)
     rounds = iter(range(1, options.screening_rounds + 2))
 
-    def score_out_of_fold(fit_mask: np.ndarray) -> np.ndarray:
-        stage = f"screening round {next(rounds)}, " if not fit_mask.all() else ""
-        return out_of_fold_raw_scores(sample, options, progress, folds, fit_mask, stage=stage)
+    def score_out_of_fold(fit_mask: np.ndarray, vouching: Optional[np.ndarray] = None) -> np.ndarray:
+        if vouching is not None:
+            stage = "unusual records vouching for nothing, "
+        else:
+            stage = f"screening round {next(rounds)}, " if not fit_mask.all() else ""
+        return out_of_fold_raw_scores(sample, options, progress, folds, fit_mask, stage, vouching)
 
     return folds, screen(score_out_of_fold, len(sample), options.target_fpr, options.set_aside_factor,
                          options.screening_rounds,
