@@ -5,7 +5,9 @@
 Pipelines, each run with the stage and without it, paired and interleaved (with, without,
 with, ...), every run on a fresh sidecar (cold caches) and fresh shippers:
 
-- Fluentd: in_tail -> [filter logscore, default settings] -> out_file
+- Fluentd: in_tail -> [filter logscore, default settings] -> out_file; and, as the floor of any
+  stage in that place, a filter that only adds a constant score to each record (written for the
+  run: Fluentd's stock record_transformer costs more than the logscore filter itself)
 - Fluent Bit: tail -> forward -> [logscore --forward] -> Fluent Bit forward input -> file
 - the same in Message mode (a Tag per record: one forward message per record)
 
@@ -129,10 +131,28 @@ def workspace():
         yield Run(work), work / "access.log", work / "out"
 
 
-def fluentd(lines: list[str], with_stage: bool) -> dict:
+# The least any stage in the filter's place costs Fluentd: a filter that adds constant fields.
+FLOOR_FILTER = "<filter web.**>\n  @type constant_score\n</filter>\n"
+FLOOR_PLUGIN = """require 'fluent/plugin/filter'
+
+module Fluent::Plugin
+  class ConstantScoreFilter < Filter
+    Fluent::Plugin.register_filter('constant_score', self)
+
+    def filter(_tag, _time, record)
+      record['anomaly_score'] = 0.5
+      record['is_anomaly'] = false
+      record
+    end
+  end
+end
+"""
+
+
+def fluentd(lines: list[str], with_stage: bool, floor: bool = False) -> dict:
     with workspace() as (run, source, output):
         work = run.work
-        stage = ""
+        stage = FLOOR_FILTER if floor else ""
         if with_stage:
             run.sidecar = SidecarProcess(ROOT / "models", work).start()
             stage = f"<filter web.**>\n  @type logscore\n  endpoint unix://{run.sidecar.socket}\n</filter>\n"
@@ -161,8 +181,11 @@ def fluentd(lines: list[str], with_stage: bool) -> dict:
 """)
         rubylib = ":".join(str(p) for p in (PLUGIN / "test" / "fluentd_shims", FLUENTD / "lib",
                                             SERVERENGINE / "lib", PLUGIN / "lib"))
+        plugins = work / "plugins"
+        plugins.mkdir()
+        (plugins / "filter_constant_score.rb").write_text(FLOOR_PLUGIN)
         run.spawn("fluentd", ["ruby", str(FLUENTD / "bin" / "fluentd"), "-c", str(work / "fluent.conf"),
-                              "--no-supervisor"], {"RUBYLIB": rubylib})
+                              "-p", str(plugins), "--no-supervisor"], {"RUBYLIB": rubylib})
         try:
             run.wait_log("fluentd", "fluentd worker is now running")
             time.sleep(1)  # in_tail's watchers are set up just after
@@ -222,6 +245,7 @@ def fluent_bit(lines: list[str], with_stage: bool, message_mode: bool = False, a
 
 # Fluent Bit's Message mode with acks is stop-and-wait per record: fewer lines keep the run short.
 MOST_LINES = {"fluent-bit-message-mode": 20_000}
+FLOORS = {"fluentd": lambda lines: fluentd(lines, False, floor=True)}  # a constant-field filter instead
 PIPELINES = {"fluentd": fluentd, "fluent-bit": fluent_bit,
              "fluent-bit-message-mode": lambda lines, with_stage: fluent_bit(lines, with_stage, message_mode=True),
              "fluent-bit-message-mode-no-acks": lambda lines, with_stage: fluent_bit(lines, with_stage, True, False)}
@@ -252,11 +276,12 @@ def main() -> int:
     for name, pipeline in PIPELINES.items():
         if args.only and name != args.only:
             continue
-        runs = {"with": [], "without": []}
+        kinds = ("with", "without", "floor") if name in FLOORS else ("with", "without")
+        runs = {kind: [] for kind in kinds}
         count = min(len(lines), MOST_LINES.get(name, len(lines)))
         for round_number in range(args.rounds):
-            for kind in ("with", "without"):  # paired and interleaved
-                measured = pipeline(lines[:count], kind == "with")
+            for kind in kinds:  # paired and interleaved
+                measured = FLOORS[name](lines[:count]) if kind == "floor" else pipeline(lines[:count], kind == "with")
                 runs[kind].append(measured)
                 print(f"  {name:10s} round {round_number + 1} {kind:7s} stage: {measured['lines_per_s']:>7,} lines/s "
                       f"in {measured['seconds']:6.2f} s, CPU s {measured['cpu_s']}, load "
@@ -266,9 +291,16 @@ def main() -> int:
                    "without_lines_per_s": statistics.median(r["lines_per_s"] for r in runs["without"]),
                    "ratio_median": round(statistics.median(ratios), 2), "ratios": [round(r, 2) for r in ratios],
                    "runs": runs}
+        if "floor" in runs:  # what any stage in that place keeps
+            floors = [f["lines_per_s"] / wo["lines_per_s"] for f, wo in zip(runs["floor"], runs["without"])]
+            summary.update(floor_lines_per_s=statistics.median(r["lines_per_s"] for r in runs["floor"]),
+                           floor_ratio_median=round(statistics.median(floors), 2),
+                           floor_ratios=[round(r, 2) for r in floors])
         results["pipelines"][name] = summary
         print(f"{name}: with the stage {summary['with_lines_per_s']:,.0f} lines/s, without "
-              f"{summary['without_lines_per_s']:,.0f}; ratio {summary['ratio_median']} (per round {summary['ratios']})")
+              f"{summary['without_lines_per_s']:,.0f}; ratio {summary['ratio_median']} (per round {summary['ratios']})"
+              + (f"; a constant-field filter instead: {summary['floor_lines_per_s']:,.0f} lines/s, ratio "
+                 f"{summary['floor_ratio_median']} (per round {summary['floor_ratios']})" if "floor" in runs else ""))
     write_results(args.json, results)
     return 0
 
