@@ -8,7 +8,9 @@ with, ...), every run on a fresh sidecar (cold caches) and fresh shippers:
 - Fluentd: in_tail -> [filter logscore, default settings] -> out_file; and, as the floor of any
   stage in that place, a filter that only adds a constant score to each record (written for the
   run: Fluentd's stock record_transformer costs more than the logscore filter itself)
-- Fluent Bit: tail -> forward -> [logscore --forward] -> Fluent Bit forward input -> file
+- Fluent Bit: tail -> forward -> [logscore --forward] -> Fluent Bit forward input -> file; and, as
+  the floor of any stage in that place, a third Fluent Bit relaying forward to forward (a relay in
+  C that does nothing else; the vendored build has no filters, so it does not even add a field)
 - the same in Message mode (a Tag per record: one forward message per record)
 
 Throughput is lines / (time from appending the lines to the tailed file until the last one is
@@ -194,9 +196,11 @@ def fluentd(lines: list[str], with_stage: bool, floor: bool = False) -> dict:
             run.stop()
 
 
-def fluent_bit(lines: list[str], with_stage: bool, message_mode: bool = False, acks: bool = True) -> dict:
+def fluent_bit(lines: list[str], with_stage: bool, message_mode: bool = False, acks: bool = True,
+               floor: bool = False) -> dict:
     """Forward mode; with message_mode, a Tag per record (a record accessor) makes Fluent Bit send
-    one Message-mode message per record."""
+    one Message-mode message per record; with floor, a plain Fluent Bit relay stands where the
+    sidecar would."""
     with workspace() as (run, source, output):
         work = run.work
         (work / "parsers.conf").write_text("[PARSER]\n    Name json\n    Format json\n")
@@ -222,6 +226,21 @@ def fluent_bit(lines: list[str], with_stage: bool, message_mode: bool = False, a
             target = free_port()
             run.sidecar = SidecarProcess(ROOT / "models", work, forward=f"127.0.0.1:{target}",
                                          forward_to=f"127.0.0.1:{receiver_port}").start()
+        elif floor:
+            target = free_port()
+            (work / "relay.conf").write_text(service + f"""
+[INPUT]
+    Name forward
+    Listen 127.0.0.1
+    Port {target}
+[OUTPUT]
+    Name forward
+    Match *
+    Host 127.0.0.1
+    Port {receiver_port}
+{acks}    Retry_Limit no_limits
+""")
+            run.spawn("relay", [str(FLUENT_BIT), "-c", str(work / "relay.conf")])
         (work / "sender.conf").write_text(service + f"""
 [INPUT]
     Name tail
@@ -245,7 +264,8 @@ def fluent_bit(lines: list[str], with_stage: bool, message_mode: bool = False, a
 
 # Fluent Bit's Message mode with acks is stop-and-wait per record: fewer lines keep the run short.
 MOST_LINES = {"fluent-bit-message-mode": 20_000}
-FLOORS = {"fluentd": lambda lines: fluentd(lines, False, floor=True)}  # a constant-field filter instead
+FLOORS = {"fluentd": lambda lines: fluentd(lines, False, floor=True),  # a constant-field filter instead
+          "fluent-bit": lambda lines: fluent_bit(lines, False, floor=True)}  # a plain relay in C
 PIPELINES = {"fluentd": fluentd, "fluent-bit": fluent_bit,
              "fluent-bit-message-mode": lambda lines, with_stage: fluent_bit(lines, with_stage, message_mode=True),
              "fluent-bit-message-mode-no-acks": lambda lines, with_stage: fluent_bit(lines, with_stage, True, False)}
@@ -299,7 +319,7 @@ def main() -> int:
         results["pipelines"][name] = summary
         print(f"{name}: with the stage {summary['with_lines_per_s']:,.0f} lines/s, without "
               f"{summary['without_lines_per_s']:,.0f}; ratio {summary['ratio_median']} (per round {summary['ratios']})"
-              + (f"; a constant-field filter instead: {summary['floor_lines_per_s']:,.0f} lines/s, ratio "
+              + (f"; the floor stage instead: {summary['floor_lines_per_s']:,.0f} lines/s, ratio "
                  f"{summary['floor_ratio_median']} (per round {summary['floor_ratios']})" if "floor" in runs else ""))
     write_results(args.json, results)
     return 0
