@@ -76,7 +76,10 @@ def test_a_new_site_is_learned_on_arrival_and_a_bad_retrain_is_kept_aside(tmp_pa
         # An operator marks the health check normal: retraining folds the entry in (issue #14).
         status, _ = sidecar.http_post("/v1/feedback", {"verdict": "normal", "author": "ops", "records": [health]})
         assert status == 200
-        score(stub, [health] * 900 + shop_lines(100, seed=105))
+        # Attacks in the window too (under a tenth of it): the route's own model flags them, so the
+        # retrain leaves them out.
+        window_attacks = [line for _, line in attack_lines(shop_lines(50, seed=106), 50, seed=107)]
+        score(stub, window_attacks + [health] * 850 + shop_lines(100, seed=105))
         sidecar.wait_for(lambda: (learning_status(sidecar)["apache-access"]["last"] or {}).get("outcome")
                          == "kept_aside", 120, "the retrained candidate to be kept aside")
         last = learning_status(sidecar)["apache-access"]["last"]
@@ -89,6 +92,8 @@ def test_a_new_site_is_learned_on_arrival_and_a_bad_retrain_is_kept_aside(tmp_pa
         # A retrain does not learn what the route's own model flags (the health check was marked normal).
         left_out = read_artifact(kept_aside[-1]).metadata["training"]["left_out_flagged"]
         assert left_out["model"] == "apache-access" and left_out["version"] == learned_version
+        assert 45 <= left_out["records"] <= 55 and "ignored" not in left_out
+        assert set(left_out["examples"]) <= set(window_attacks) | set(shop_lines(100, seed=105))
         assert not any("/health" in example for example in left_out["examples"])
         assert "candidate kept aside, not swapped" in sidecar.log()
     finally:
