@@ -210,6 +210,12 @@ def fluent_bit(lines: list[str], with_stage: bool, message_mode: bool = False, a
             lines = [json.dumps({"kind": f"k{i % 3}", "log": line}) for i, line in enumerate(lines)]
             parse, tag = "    Parser json\n", "    Tag web.$kind\n"
         receiver_port = free_port()
+
+        def forward_to(port: int) -> str:
+            """The output section sending on to ``port`` (the sender's, and the relay's in the floor run)."""
+            return (f"[OUTPUT]\n    Name forward\n    Match *\n    Host 127.0.0.1\n    Port {port}\n"
+                    f"{acks}    Retry_Limit no_limits\n")
+
         (work / "receiver.conf").write_text(service + f"""
 [INPUT]
     Name forward
@@ -233,26 +239,14 @@ def fluent_bit(lines: list[str], with_stage: bool, message_mode: bool = False, a
     Name forward
     Listen 127.0.0.1
     Port {target}
-[OUTPUT]
-    Name forward
-    Match *
-    Host 127.0.0.1
-    Port {receiver_port}
-{acks}    Retry_Limit no_limits
-""")
+""" + forward_to(receiver_port))
             run.spawn("relay", [str(FLUENT_BIT), "-c", str(work / "relay.conf")])
         (work / "sender.conf").write_text(service + f"""
 [INPUT]
     Name tail
     Path {source}
     Tag web.access
-{parse}[OUTPUT]
-    Name forward
-    Match *
-    Host 127.0.0.1
-    Port {target}
-{acks}    Retry_Limit no_limits
-{tag}""")
+{parse}""" + forward_to(target) + tag)
         run.spawn("receiver", [str(FLUENT_BIT), "-c", str(work / "receiver.conf")])
         run.spawn("sender", [str(FLUENT_BIT), "-c", str(work / "sender.conf")])
         try:
