@@ -94,15 +94,15 @@ def fall(before: dict, after: dict):
     return round(before["normal_flagged"] / after["normal_flagged"], 2)
 
 
+MODEL_NAME = "apache-access"
+
+
 def fit_model(records: list[str], path: Path, target_fpr: float, seed: int, feedback=None, previous=None) -> Model:
     """A model of the access lines as `logscore train` makes it (``--feedback``, ``--previous-model``)."""
     proto, _ = train(records, TrainOptions(spec=load_spec(None, "access"), name=MODEL_NAME, target_fpr=target_fpr,
                                            seed=seed, feedback=feedback, previous=previous))
     save_model(proto, path)
     return Model.load(path)
-
-
-MODEL_NAME = "apache-access"
 
 
 def main() -> int:

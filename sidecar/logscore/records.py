@@ -45,11 +45,7 @@ def as_text(value: object) -> Optional[str]:
 
 def text_columns(fields: Sequence[dict], names: Iterable[str]) -> dict[str, list]:
     """Each named field of the field maps as a column of text (None where a map lacks it)."""
-    columns = {}
-    for name in names:
-        column = [one.get(name) for one in fields]
-        columns[name] = [as_text(v) for v in column]
-    return columns
+    return {name: [as_text(one.get(name)) for one in fields] for name in names}
 
 
 def with_prefixes(names: Iterable[str]) -> frozenset:

@@ -88,10 +88,11 @@ def read_series(path: str) -> Series:
 def deviations(times: np.ndarray, values: np.ndarray) -> np.ndarray:
     """Each point's deviation from its forecast, the forecast made from the points before it."""
     step = float(np.median(np.diff(times)))
-    counts = bool(np.all(values >= 0) and np.all(values == np.round(values)))
+    nonnegative = bool(np.all(values >= 0))
+    counts = nonnegative and bool(np.all(values == np.round(values)))  # whole numbers: Poisson noise at least
     state = ForecastState.empty(1, step, COUNT_MIN_SCALE if counts else MIN_SCALE)
     hours, weeks = slots(times)
-    y = count_transform(values) if np.all(values >= 0) else values.astype(np.float64)
+    y = count_transform(values) if nonnegative else values.astype(np.float64)
     found = np.zeros(len(values))
     for i in range(len(values)):
         found[i] = state.step(y[i: i + 1], hours[i: i + 1], weeks[i: i + 1])[1][0]
