@@ -2,10 +2,12 @@
 
 import numpy as np
 import pytest
+from onnx import TensorProto, helper
 
 from logscore.features import FeatureBatch
 from logscore.model import make_session, run_graph
 from logscore.training.detectors import DETECTORS, Features, RarityTable
+from logscore.training.graph import ML_OPSET, OPSET, GraphBuilder
 from logscore.training.train import apply_ecdf, assemble_graph, calibrate, ecdf_table
 
 
@@ -83,6 +85,39 @@ def test_ecdf_with_many_values_keeps_the_tail_exact():
     top = np.sort(values)[-100:]
     exact = np.array([(values < v).mean() for v in top])
     np.testing.assert_allclose(apply_ecdf(top, knots, levels), exact, atol=1e-6)
+
+
+def ecdf_in_graph(knots: np.ndarray, levels: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """GraphBuilder.ecdf run by onnxruntime over ``values``."""
+    g = GraphBuilder(dense_width=1)
+    column = g.op("Squeeze", ["dense", g.const([1], dtype=np.int64)])
+    found = g.ecdf(column, knots, levels)
+    model = helper.make_model(
+        helper.make_graph(g.nodes + [helper.make_node("Identity", [found], ["level"])], "ecdf",
+                          [helper.make_tensor_value_info("dense", TensorProto.FLOAT, ["N", 1])],
+                          [helper.make_tensor_value_info("level", TensorProto.FLOAT, ["N"])],
+                          initializer=g.initializers),
+        opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid("ai.onnx.ml", ML_OPSET)])
+    model.ir_version = 9
+    return make_session(model.SerializeToString()).run(["level"], {"dense": values[:, None]})[0]
+
+
+@pytest.mark.parametrize("knot_count", [0, 1, 2, 7, 548, 2048])
+def test_graph_ecdf_is_the_numpy_ecdf_at_every_knot_and_between(knot_count):
+    rng = np.random.default_rng(knot_count)
+    distinct = rng.normal(size=knot_count).astype(np.float32)
+    knots, levels = ecdf_table(np.repeat(distinct, rng.integers(1, 4, size=knot_count)))  # ties in the data
+    assert len(knots) == knot_count
+    between = (knots[:-1] + knots[1:]) / 2 if knot_count > 1 else np.zeros(0)
+    probes = np.concatenate([knots, np.nextafter(knots.astype(np.float32), np.float32(np.inf)), between,
+                             [-np.inf, np.inf, -1e30, 1e30, 0.0]]).astype(np.float32)
+    expected = levels[np.searchsorted(knots.astype(np.float32), probes, side="left")]
+    np.testing.assert_array_equal(ecdf_in_graph(knots, levels, probes), expected)
+
+
+def test_graph_ecdf_puts_nan_at_level_zero():
+    knots, levels = ecdf_table(np.array([0.0, 1.0, 2.0], dtype=np.float32))
+    assert ecdf_in_graph(knots, levels, np.array([np.nan], dtype=np.float32))[0] == 0.0
 
 
 def test_graph_calibration_matches_numpy_for_an_ensemble(data):

@@ -85,17 +85,36 @@ class GraphBuilder:
     def ecdf(self, x: str, knots: np.ndarray, levels: np.ndarray) -> str:
         """Empirical CDF: levels[i] where i = number of knots strictly below x.
 
-        ``knots`` sorted ascending [M]; ``levels`` [M + 1] with levels[0] = 0.
+        ``knots`` sorted ascending [M]; ``levels`` [M + 1] with levels[0] = 0. A balanced search
+        tree (one TreeEnsembleRegressor tree, depth log2 M) rather than comparing x with every
+        knot: about 11 comparisons a record instead of up to 2,048 (0.3 µs a record less on the
+        default model, docs/performance.md). The same answer: x <= knot goes left, so a knot
+        equal to x is not below it; NaN goes left too, to level 0, as no knot compares below NaN.
         """
-        below = self.op("Less", [self.const(knots[None, :]), self.op("Unsqueeze", [x, self.const([1], dtype=np.int64)])])
-        count = self.op("ReduceSum", [self.op("Cast", [below], to=TensorProto.FLOAT),
-                                      self.const([1], dtype=np.int64)], keepdims=0)
-        index = self.op("Cast", [count], to=TensorProto.INT64)
-        return self.op("Gather", [self.const(levels), index], axis=0)
+        tree = ecdf_tree(np.asarray(knots, dtype=np.float32), np.asarray(levels, dtype=np.float32))
+        column = self.op("Unsqueeze", [x, self.const([1], dtype=np.int64)])
+        found = self.op("TreeEnsembleRegressor", [column], domain="ai.onnx.ml", n_targets=1,
+                        aggregate_function="SUM", post_transform="NONE", **tree)
+        return self.op("Squeeze", [found, self.const([1], dtype=np.int64)])
+
+    def name_outputs(self, outputs: dict[str, str]) -> None:
+        """Names the node producing each public output after it: an Identity node there would
+        copy the tensor on every run. An output read straight from an input or a constant, or
+        already named, keeps an Identity."""
+        produced = {name for node in self.nodes for name in node.output}
+        renamed: dict[str, str] = {}
+        for public, internal in outputs.items():
+            if internal in produced and internal not in renamed:
+                renamed[internal] = public
+        for node in self.nodes:
+            for names in (node.input, node.output):
+                names[:] = [renamed.get(name, name) for name in names]
+        for public, internal in outputs.items():
+            if renamed.get(internal) != public:
+                self.nodes.append(helper.make_node("Identity", [renamed.get(internal, internal)], [public]))
 
     def finish(self, outputs: dict[str, str], metadata: dict[str, str]) -> onnx.ModelProto:
-        for public, internal in outputs.items():
-            self.nodes.append(helper.make_node("Identity", [internal], [public]))
+        self.name_outputs(outputs)
         graph = helper.make_graph(
             self.nodes, "logscore",
             [helper.make_tensor_value_info(name, dtype, shape) for name, (dtype, shape) in INPUTS.items()],
@@ -110,3 +129,37 @@ class GraphBuilder:
         helper.set_model_props(model, metadata)
         onnx.checker.check_model(model)
         return model
+
+
+def ecdf_tree(knots: np.ndarray, levels: np.ndarray) -> dict[str, list]:
+    """TreeEnsembleRegressor attributes of one balanced tree over sorted ``knots`` whose leaf
+    under x weighs levels[number of knots strictly below x]."""
+    nodes: dict[str, list] = {key: [] for key in (
+        "nodes_nodeids", "nodes_modes", "nodes_values", "nodes_truenodeids", "nodes_falsenodeids")}
+    leaves: dict[str, list] = {"target_nodeids": [], "target_weights": []}
+    # Iterative (a deep recursion would need a raised limit): (node id, first knot, end, knots below).
+    pending = [(0, 0, len(knots), 0)]
+    next_id = 1
+    while pending:
+        node, low, high, below = pending.pop()
+        nodes["nodes_nodeids"].append(node)
+        if low >= high:
+            nodes["nodes_modes"].append("LEAF")
+            nodes["nodes_values"].append(0.0)
+            nodes["nodes_truenodeids"].append(0)
+            nodes["nodes_falsenodeids"].append(0)
+            leaves["target_nodeids"].append(node)
+            leaves["target_weights"].append(float(levels[below]))
+            continue
+        middle = (low + high) // 2
+        left, right, next_id = next_id, next_id + 1, next_id + 2
+        nodes["nodes_modes"].append("BRANCH_LEQ")
+        nodes["nodes_values"].append(float(knots[middle]))
+        nodes["nodes_truenodeids"].append(left)
+        nodes["nodes_falsenodeids"].append(right)
+        pending.append((left, low, middle, below))
+        pending.append((right, middle + 1, high, below + middle - low + 1))
+    count, leaf_count = len(nodes["nodes_nodeids"]), len(leaves["target_nodeids"])
+    return {**nodes, **leaves, "nodes_treeids": [0] * count, "nodes_featureids": [0] * count,
+            "nodes_missing_value_tracks_true": [1] * count,
+            "target_treeids": [0] * leaf_count, "target_ids": [0] * leaf_count}
