@@ -72,11 +72,15 @@ def test_new_plain_files_of_a_section_are_one_group_whatever_their_type_and_its_
     assert [g.count for g in groups[1:] if any(e.text == odd for e in g.examples)] == [1]
 
     rules = RuleSet([Entry(1, NORMAL, downloads.pattern(), "ana", model="shop")])
+    ring.marked(downloads.id, 1, NORMAL)
     later = (files("/downloads/catalog-{}.pdf", 1) + files("/downloads/price-list-{}.xlsx", 1)
              + files("/downloads/setup-{}.php", 1) + [odd]
              + files("/downloads/catalog-{}.pdf?file=..%2F..%2F..%2Fetc%2Fpasswd", 1))
     assert model.score(later).is_anomaly.all()
     assert observe(model, ring, later, rules).is_anomaly.tolist() == [False, False, True, True, True]
+    # The suppressed files join the marked group; the .php, still flagged, starts a group of its own.
+    assert (downloads.count, downloads.suppressed) == (7, 2)
+    assert [g.count for g in ring.snapshot() if any("setup-" in e.text for e in g.examples)] == [1]
 
 
 def test_a_path_family_leaves_out_only_a_plain_new_paths_file_type():
