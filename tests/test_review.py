@@ -5,17 +5,18 @@ metrics the sidecar exports."""
 from __future__ import annotations
 
 import json
+import random
 import re
 
 import numpy as np
 
 from logscore.decide import decide
-from logscore.feedback import NORMAL, Entry, FeedbackStep, RuleSet, pattern_from_records
+from logscore.feedback import NORMAL, Entry, FeedbackStep, RuleSet, path_family, pattern_from_records
 from logscore.metrics import Metrics
 from logscore.model import Model
-from logscore.review import ReviewRing, render_page, with_new_keys
+from logscore.review import Groups, ReviewRing, render_page, with_new_keys
 
-from .generate import shop_lines
+from .generate import access_line, shop_lines
 from .sidecar_process import ROOT
 from .test_feedback import attacks_on, compare_lines, monitor_lines
 
@@ -47,6 +48,55 @@ def test_groups_put_alike_anomalies_together_and_attacks_apart_within_bounds(sho
         observe(model, ring, monitor_lines(2, seed=seed, agent="probe" + "".join(chr(97 + int(d)) for d in str(seed))))
     assert len(ring.snapshot()) == 12 and len(ring.recent) == 50
     assert ring.groups.created >= 20 and len(ring.groups._index) <= 12 * 64
+
+
+def test_new_plain_files_of_a_section_are_one_group_whatever_their_type_and_its_mark_covers_those_types(
+        shop_model_path):
+    """New catalogues (.pdf) and price lists (.xlsx) under a new /downloads section: one group, as an
+    operator sees them; marked normal, later files of both types are not flagged, while a type the
+    group never held, an odd file name and an attack on a catalogue stay flagged."""
+    model = Model.load(shop_model_path)
+    rng = random.Random(120)
+
+    def files(template: str, count: int) -> list[str]:
+        return [access_line(rng, "GET", template.format(rng.randint(1, 5000))) for _ in range(count)]
+
+    odd = access_line(rng, "GET", "/downloads/catalog'--.pdf")
+    ring = ReviewRing()
+    observe(model, ring, files("/downloads/catalog-{}.pdf", 3) + files("/downloads/price-list-{}.xlsx", 2) + [odd]
+            + shop_lines(100, seed=121))
+    groups = ring.snapshot()
+    downloads = groups[0]
+    assert downloads.count == 5 and downloads.kind == {"path /downloads/…"}
+    assert set(downloads.kinds) == {"path /downloads/…pdf", "path /downloads/…xlsx"}
+    assert [g.count for g in groups[1:] if any(e.text == odd for e in g.examples)] == [1]
+
+    rules = RuleSet([Entry(1, NORMAL, downloads.pattern(), "ana", model="shop")])
+    ring.marked(downloads.id, 1, NORMAL)
+    later = (files("/downloads/catalog-{}.pdf", 1) + files("/downloads/price-list-{}.xlsx", 1)
+             + files("/downloads/setup-{}.php", 1) + [odd]
+             + files("/downloads/catalog-{}.pdf?file=..%2F..%2F..%2Fetc%2Fpasswd", 1))
+    assert model.score(later).is_anomaly.all()
+    assert observe(model, ring, later, rules).is_anomaly.tolist() == [False, False, True, True, True]
+    # The suppressed files join the marked group; the .php, still flagged, starts a group of its own.
+    assert (downloads.count, downloads.suppressed) == (7, 2)
+    assert [g.count for g in ring.snapshot() if any("setup-" in e.text for e in g.examples)] == [1]
+
+
+def test_a_path_family_leaves_out_only_a_plain_new_paths_file_type():
+    assert path_family("path /files/…deb") == "path /files/…"
+    for token in ("path /files/…", 'path /scripts/…<"a:>', "path /presentations/…<a_a-a.a) a(\"a\">",
+                  "path /blog/…html<a a.a>", "path /a/b", "parameters /a/b", 1759773085):
+        assert path_family(token) == token
+
+
+def test_groups_of_one_size_are_listed_in_the_order_first_seen():
+    groups = Groups()
+    for n in range(12):
+        group = groups.assign("m", "", frozenset({f"token {n}"}), list, float(n))
+        group.add(float(n), 60.0)
+    groups.by_id["g3"].add(20.0, 60.0)
+    assert [g.id for g in groups.largest()] == ["g3", "g1", "g2"] + [f"g{n}" for n in range(4, 13)]
 
 
 def test_feedback_costs_nothing_for_records_that_are_not_flagged(shop_model_path):

@@ -273,8 +273,21 @@ def path_kind(template: str, new: set) -> str:
     extension = last.rpartition(".")[2].lower() if "." in last else ""
     odd = [f"<{value_shape(s)}>" for s in segments[2:] if s in new
            and (s in (".", "..") or not set(value_shape(s)) <= PLAIN_SHAPE)]
-    kind = f"path /{section}/…" + (extension if extension.isalnum() and len(extension) <= 6 else "")
+    kind = f"{NEW_PATH}{section}/…" + (extension if extension.isalnum() and len(extension) <= 6 else "")
     return kind + "".join(odd)
+
+
+NEW_PATH = "path /"  # path kinds start so: "path /<section>/…<file type><shapes of odd segments>"
+
+
+def path_family(token: object) -> object:
+    """A kind token with a plain new path's file type left out (``path /files/…deb`` → ``path /files/…``);
+    any other token, an odd path's included (``path /scripts/…<"a:>``), as it is. The review page
+    groups by families: new plain files of a section are one group whatever their type."""
+    if not isinstance(token, str) or not token.startswith(NEW_PATH):
+        return token
+    head, ellipsis, extension = token.partition("/…")
+    return head + ellipsis if ellipsis and extension.isalnum() else token
 
 
 TEMPLATE_FEATURES = ("path ", "segment ", "parameters ")  # the url converter's features of a template

@@ -6,8 +6,10 @@
 
 A group is a kind of anomaly: records of one model and route whose unusual structural features
 (URL template, parameter shapes and characters, tokens: their kind) are alike (feedback.similar:
-half of their union shared, and at most one token of their own) with the group's first record's. Assigning a record costs a dictionary
-lookup per feature of its kind (no clustering pass).
+half of their union shared, and at most one token of their own) with the group's first record's,
+new plain files of a section being alike whatever their file type (feedback.path_family: an
+operator calls `config.xsl` and `config.xml` of a new project one kind). Assigning a record costs
+a dictionary lookup per feature of its kind (no clustering pass).
 `logscore report` groups scored files with the same ``Groups``, by feature names instead of keys.
 """
 
@@ -22,8 +24,8 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from .feedback import (MAX_KIND_TOKENS, NO_KEYS, FeedbackStep, Flagged, base_name, record_text, similar,
-                       strip_rarity)
+from .feedback import (MAX_KIND_TOKENS, NO_KEYS, FeedbackStep, Flagged, base_name, path_family, record_text,
+                       similar, strip_rarity)
 from .svg import bars, timeline
 
 EXAMPLES = 5
@@ -47,7 +49,7 @@ class Group:
     id: str
     model: str
     route: str
-    kind: frozenset  # the first record's kind (feedback.Inspection.kind)
+    kind: frozenset  # the first record's kind (feedback.Inspection.kind), by families (grouping_kind)
     names: list[str]  # the first record's most unusual features (cut to NAME_CHARS each)
     first_seen: float
     last_seen: float
@@ -63,6 +65,7 @@ class Group:
     kinds: dict = field(default_factory=dict)  # union of the members' kinds (bounded)
     feedback: list = field(default_factory=list)  # (entry id, verdict) given on this group
     max_buckets: int = TIMELINE_BUCKETS
+    number: int = 0  # in order of creation: of groups of one count, the one seen first is listed first
 
     def add(self, when: float, bucket_s: float, entity: Optional[str] = None) -> None:
         self.count += 1
@@ -87,6 +90,11 @@ def with_new_keys(keys: np.ndarray, more: np.ndarray, room: int) -> np.ndarray:
     fresh = more[~np.isin(more, keys)]
     _, first = np.unique(fresh, return_index=True)
     return np.concatenate([keys, fresh[np.sort(first)][:room]])
+
+
+def grouping_kind(kind: frozenset) -> frozenset:
+    """What a record is grouped by: its kind with plain new paths by family (feedback.path_family)."""
+    return frozenset(path_family(token) for token in kind)
 
 
 def marked_normal(group: Group) -> bool:
@@ -128,7 +136,7 @@ class Groups:
         # NOTE: named now, and cut: a name can hold a whole value (a 64 KiB URL), and a group lives long.
         named = [n if len(n) <= NAME_CHARS else n[:NAME_CHARS] + "…" for n in names()]
         group = Group(f"{self.prefix}{self._next}", model, route, kind, named, when, when,
-                      max_buckets=self.max_buckets)
+                      max_buckets=self.max_buckets, number=self._next)
         self._next += 1
         self.created += 1
         self.by_id[group.id] = group
@@ -147,7 +155,8 @@ class Groups:
                     del self._index[(group.model, group.route, item)]
 
     def largest(self) -> list[Group]:
-        return sorted(self.by_id.values(), key=lambda g: (-g.count, g.id))
+        # NOTE: by number, not id: "g10" sorts before "g9".
+        return sorted(self.by_id.values(), key=lambda g: (-g.count, g.number))
 
 
 class ReviewRing:
@@ -192,15 +201,17 @@ class ReviewRing:
                 route = step.route(item.index)
                 created = self.groups.created
                 # A record still flagged is not of a kind marked normal: it does not join such a group.
-                group = self.groups.assign(base_name(model.name), route, item.kind, item.names, now,
+                kind = grouping_kind(item.kind)
+                group = self.groups.assign(base_name(model.name), route, kind, item.names, now,
                                            avoid=None if item.suppressed_by else marked_normal)
                 if self.groups.created != created:
                     self.on_new_group(model.name)
                 group.add(now, self.bucket_s, step.entity(item.index))
                 # The group's pattern (what a mark makes normal) takes only members of the first one's
-                # kind exactly: a member adding a token of its own (an attack's character) adds nothing.
+                # kind exactly (a plain new file's type aside): a member adding a token of its own (an
+                # attack's character) adds nothing; a member of another file type adds that type too.
                 room = GROUP_KEYS - len(group.unusual_keys)
-                if room > 0 and item.kind <= group.kind:
+                if room > 0 and kind <= group.kind:
                     group.unusual_keys = with_new_keys(group.unusual_keys, item.unusual_keys, room)
                     group.kinds.update(dict.fromkeys(item.kind))
                 note = ""
