@@ -11,10 +11,10 @@ import re
 import numpy as np
 
 from logscore.decide import decide
-from logscore.feedback import NORMAL, Entry, FeedbackStep, RuleSet, path_family, pattern_from_records
+from logscore.feedback import NORMAL, Entry, FeedbackStep, RuleSet, path_family, pattern_from_records, similar
 from logscore.metrics import Metrics
 from logscore.model import Model
-from logscore.review import Groups, ReviewRing, render_page, with_new_keys
+from logscore.review import NEW_TOKENS, Groups, ReviewRing, render_page, with_new_keys
 
 from .generate import access_line, shop_lines
 from .sidecar_process import ROOT
@@ -97,6 +97,33 @@ def test_groups_of_one_size_are_listed_in_the_order_first_seen():
         group.add(float(n), 60.0)
     groups.by_id["g3"].add(20.0, 60.0)
     assert [g.id for g in groups.largest()] == ["g3", "g1", "g2"] + [f"g{n}" for n in range(4, 13)]
+
+
+def test_a_record_joins_the_most_alike_group_as_the_definition_says():
+    """Groups.assign counts shared tokens through its index; the definition compares the sets: of
+    the groups of the record's scope whose kind equals its kind, or is alike (feedback.similar) and
+    lacks at most NEW_TOKENS of its tokens, the one sharing the largest share of their union (ties:
+    the first id in text order), skipping groups ``avoid`` refuses; none: a new group."""
+    rng = random.Random(7)
+    vocabulary = [f"token {n}" for n in range(12)] + [101, 202]
+    groups = Groups(max_groups=40)
+    refused = set()
+    for step in range(3000):
+        scope = ("m", rng.choice(["", "web"]))
+        kind = frozenset(rng.sample(vocabulary, rng.choice([0, 1, 2, 3, 3, 4, 6])))
+        alike = {g.id: len(g.kind & kind) / max(len(g.kind | kind), 1) for g in groups.by_id.values()
+                 if (g.model, g.route) == scope and g.id not in refused
+                 and (g.kind == kind or (len(kind - g.kind) <= NEW_TOKENS and similar(g.kind, kind)))}
+        expected = max(sorted(alike), key=lambda i: alike[i], default=None)  # max keeps the first of ties
+        group = groups.assign(*scope, kind, list, float(step), avoid=lambda g: g.id in refused)
+        if expected is None:
+            assert group.id not in alike and group.kind == kind and group.count == 0
+        else:
+            assert group.id == expected
+        group.add(float(step), 60.0)
+        if rng.random() < 0.05:
+            refused.add(group.id)
+    assert groups.created > 100 and len(groups.by_id) == 40  # new groups made, old ones forgotten
 
 
 def test_feedback_costs_nothing_for_records_that_are_not_flagged(shop_model_path):

@@ -643,7 +643,12 @@ class FeedbackStep:
 def similar(a: Sequence, b: Sequence) -> bool:
     """Two kinds (sets of features) are alike when they share at least SIMILARITY of their union."""
     a, b = set(a), set(b)
-    return bool(a | b) and len(a & b) >= SIMILARITY * len(a | b)
+    return similar_counts(len(a & b), len(a | b))
+
+
+def similar_counts(shared: int, union: int) -> bool:
+    """``similar`` from the sizes of two kinds' intersection and union."""
+    return union > 0 and shared >= SIMILARITY * union
 
 
 def rule_list(ids: Sequence[int]) -> str:
