@@ -187,6 +187,12 @@ def add_robustness_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keep-outliers", action="store_true",
                         help="learn every record as normal; by default records that stand far above the rest "
                         "(attacks in the training data) are set aside and listed by `logscore inspect`")
+    parser.add_argument("--injection-share", type=float, metavar="FRACTION",
+                        help="the injection prior: a request feature holding a quote, <, >, `, |, \\, .., --, "
+                        "/*, ${ or a NUL counts as the site's own only when this share of the records holds it; "
+                        "records holding one seen less often are set aside as screening sets attacks aside (a "
+                        "payload family in a few percent of the log stays unseen); 0 turns it off, as "
+                        "--keep-outliers does (default 0.01)")
     parser.add_argument("--learned-route", metavar="ROUTE", help=argparse.SUPPRESS)  # set by the sidecar's learner
     parser.add_argument("--feedback", metavar="STORE",
                         help="fold in operators' feedback (a SQLite file or postgresql:// URL, as the sidecar's "
@@ -197,6 +203,14 @@ def add_robustness_flags(parser: argparse.ArgumentParser) -> None:
                         help="the model this one replaces (the one serving now): records it flags, after the "
                         "--feedback rules, are left out (flags nobody marked normal are not learned as normal); "
                         "ignored, with a warning, if it flags more than a tenth of the records")
+
+
+def robustness_options(args) -> dict:
+    """TrainOptions of add_robustness_flags' screening flags (unset ones keep TrainOptions' defaults)."""
+    options = {"set_aside": not args.keep_outliers}
+    if args.injection_share is not None:
+        options["injection_share"] = args.injection_share
+    return options
 
 
 def add_behaviour_flags(parser: argparse.ArgumentParser) -> None:
@@ -409,8 +423,8 @@ def run_train(args) -> int:
         detectors=[d.strip() for d in args.detectors.split(",") if d.strip()],
         target_fpr=args.target_fpr, threshold_rule=args.threshold_rule, sigma=args.sigma,
         folds=args.folds, max_records=args.max_records, support=args.support, seed=args.seed,
-        name=args.name or Path(args.out).stem, inputs=args.input, set_aside=not args.keep_outliers,
-        learned_route=args.learned_route)
+        name=args.name or Path(args.out).stem, inputs=args.input, learned_route=args.learned_route,
+        **robustness_options(args))
     records = read_json_records(args.input) if args.json_records else read_lines(args.input)
     if args.feedback:
         from .training.feedback import load_feedback
@@ -480,6 +494,8 @@ def print_training_summary(path: str, metadata: dict) -> None:
           f"10,000 normal records: {calibration['expected_alerts_per_10k']}")
     print(f"  {describe_realized_fpr(calibration)}")
     print(f"  {describe_set_aside(training)}")
+    if training.get("injection_prior"):
+        print(f"  {describe_injection_prior(training['injection_prior'])}")
     feedback = training.get("feedback")
     if feedback:
         print(f"  feedback ({feedback['store']}, {feedback['entries']} entries): {feedback['normal_records']} records "
@@ -496,6 +512,12 @@ def describe_left_out(left_out: dict) -> str:
         return (f"{said}: it flags {left_out['fraction']:.1%} of them, more than {left_out['limit']:.0%}, so its "
                 "flags were not used")
     return f"{said} ({left_out['fraction']:.3%}); `logscore inspect` lists examples"
+
+
+def describe_injection_prior(prior: dict) -> str:
+    return (f"set aside by the injection prior: {prior['records']} records ({prior['fraction']:.3%}) holding an "
+            f"injection-like request feature seen in fewer than {prior['support']:g} records "
+            f"(--injection-share {prior['share']:g})")
 
 
 def describe_realized_fpr(calibration: dict) -> str:
@@ -733,6 +755,8 @@ def add_evaluation_training_flags(evaluate: argparse.ArgumentParser) -> None:
     group.add_argument("--detectors", "-d", default="rarity", help="as for `logscore train` (default: rarity)")
     group.add_argument("--target-fpr", type=float, default=0.001, help="as for `logscore train` (default 0.001)")
     group.add_argument("--keep-outliers", action="store_true", help="as for `logscore train`")
+    group.add_argument("--injection-share", type=float, metavar="FRACTION",
+                       help="as for `logscore train` (default 0.01)")
     group.add_argument("--contaminate", type=float, default=0.0, metavar="FRACTION",
                        help="move this fraction of the anomalous records (chosen at random) into the training "
                        "data, as attacks hide in real logs; they are left out of the evaluation")
@@ -786,7 +810,7 @@ def train_for_evaluation(args, records: list):
     options = TrainOptions(spec=load_spec(args.config, args.format),
                            detectors=[d.strip() for d in args.detectors.split(",") if d.strip()],
                            target_fpr=args.target_fpr, seed=args.seed, name="evaluated", inputs=args.train,
-                           set_aside=not args.keep_outliers)
+                           **robustness_options(args))
     return train(records, options, ProgressPrinter(), print_warning)
 
 
@@ -822,6 +846,10 @@ def run_inspect(args) -> int:
               f"{training['set_aside']['unusual_not_vouching']} unusual records")
     for example in (training.get("set_aside") or {}).get("examples", []):
         print(f"    {example['record']}")
+    if training.get("injection_prior"):
+        print(f"  {describe_injection_prior(training['injection_prior'])}")
+        for example in training["injection_prior"]["examples"]:
+            print(f"    {example}")
     if training.get("left_out_flagged"):
         print(f"  {describe_left_out(training['left_out_flagged'])}")
         for example in training["left_out_flagged"].get("examples", []):

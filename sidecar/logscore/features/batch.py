@@ -45,6 +45,8 @@ class ValueFeatures:
 class Describer(Protocol):
     def describe(self, value: Optional[str], key: int) -> str: ...
 
+    def feature_text(self, value: Optional[str], key: int) -> Optional[str]: ...
+
 
 @dataclass
 class KeyOrigins:

@@ -206,10 +206,12 @@ class Converter:
     def describe(self, value: Optional[str], key: int) -> str:
         """The readable name of feature ``key`` of ``value`` (for explanations: worked out again
         when asked, so cached features hold no names)."""
-        for text in self._texts(value):
-            if text_key(self.seed, text) == key:
-                return f"{self.label}: {text}"
-        return f"{self.label}: feature #{key}"
+        text = self.feature_text(value, key)
+        return f"{self.label}: {text if text is not None else f'feature #{key}'}"
+
+    def feature_text(self, value: Optional[str], key: int) -> Optional[str]:
+        """The text feature ``key`` of ``value`` was hashed from (None: no text of it was)."""
+        return next((text for text in self._texts(value) if text_key(self.seed, text) == key), None)
 
     def features(self, value: str) -> Iterable[str]:
         raise NotImplementedError
@@ -568,6 +570,18 @@ class NgramConverter(Converter):
         return (ends - cols).astype(np.float32)
 
     def describe(self, value: Optional[str], key: int) -> str:
+        found = self._ngram(value, key)
+        if found is None:
+            return f"{self.field} n-gram #{key}"
+        n, text = found
+        return f"{self.field} {'shape ' if self.config['shape'] else ''}{n}-gram {text!r}"
+
+    def feature_text(self, value: Optional[str], key: int) -> Optional[str]:
+        found = self._ngram(value, key)
+        return None if found is None else found[1]
+
+    def _ngram(self, value: Optional[str], key: int) -> Optional[tuple[int, str]]:
+        """(n, the n-gram hashed to ``key``, the value's start and end shown as ^ and $), or None."""
         encoded = self._encode(value)
         windows, _ = self._windows([encoded])
         offset = 0
@@ -577,10 +591,9 @@ class NgramConverter(Converter):
             if len(hits):
                 start = int(hits[0])
                 text = encoded[start: start + n].decode("utf-8", "replace")
-                text = text.replace("\x02", "^").replace("\x03", "$")
-                return f"{self.field} {'shape ' if self.config['shape'] else ''}{n}-gram {text!r}"
+                return n, text.replace("\x02", "^").replace("\x03", "$")
             offset += positions
-        return f"{self.field} n-gram #{key}"
+        return None
 
 
 CONVERTERS: dict[str, type[Converter]] = {

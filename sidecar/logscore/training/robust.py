@@ -53,11 +53,11 @@ from __future__ import annotations
 import json
 import zlib
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from ..features import Featurizer
+from ..features import FeatureBatch, Featurizer
 from .streaming import record_key_pairs
 
 EXAMPLES = 10  # set-aside records named in the metadata, most anomalous first
@@ -68,11 +68,12 @@ UNUSUAL_SHARES = 2.0  # unusual records: the top share of kept scores this many 
 EXAMPLE_CHARS = 300
 
 
-def record_keys(sample: Sequence[object], spec: dict, chunk: int) -> tuple[np.ndarray, np.ndarray]:
-    """(rows, keys): each record's distinct feature keys, sorted by record."""
+def record_keys(sample: Sequence[object], spec: dict, chunk: int,
+                observe: Optional[Callable[[FeatureBatch], None]] = None) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, keys): each record's distinct feature keys, sorted by record (``observe``: record_key_pairs)."""
     featurizer = Featurizer(spec)
     featurizer.fit(sample)
-    return record_key_pairs(featurizer, sample, chunk)
+    return record_key_pairs(featurizer, sample, chunk, observe)
 
 
 def signature_folds(sample: Sequence[object], rows: np.ndarray, keys: np.ndarray, folds: int,

@@ -101,12 +101,15 @@ def raw_scores(session, featurizer: Featurizer, records: Sequence[object], chunk
     return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
 
 
-def record_key_pairs(featurizer: Featurizer, records: Sequence[object], chunk: int) -> tuple[np.ndarray, np.ndarray]:
+def record_key_pairs(featurizer: Featurizer, records: Sequence[object], chunk: int,
+                     observe: Optional[Callable[[FeatureBatch], None]] = None) -> tuple[np.ndarray, np.ndarray]:
     """(rows, keys): each record's distinct feature keys, sorted by record, chunk by chunk
-    (about 30 pairs, 0.2 KB, a record: no weights, no dense block)."""
+    (about 30 pairs, 0.2 KB, a record: no weights, no dense block); ``observe`` sees each chunk's batch."""
     rows, keys = [], []
     for start in range(0, len(records), chunk):
         batch = featurizer.transform(records[start: start + chunk], dense=False)
+        if observe is not None:
+            observe(batch)
         pairs = np.unique(np.stack([batch.rows.astype(np.int64) + start, batch.keys.astype(np.int64)]), axis=1)
         rows.append(pairs[0])
         keys.append(pairs[1])

@@ -33,6 +33,7 @@ from ..model import make_session, run_graph
 from ..sessions import SessionSpec, SessionTracker
 from .detectors import DETECTORS, Detector, RarityTable, default_support
 from .graph import GraphBuilder
+from .prior import DEFAULT_SHARE, InjectionPrior
 from .robust import cluster_mates, example_text, record_keys, screen, signature_folds
 from .streaming import featurize_for_fit, raw_scores
 
@@ -67,6 +68,7 @@ class TrainOptions:
     inputs: Sequence[str] = ()
     chunk: int = 2048
     set_aside: bool = True  # screen out records that look like attacks (robust.py)
+    injection_share: float = DEFAULT_SHARE  # with set_aside: the injection prior (prior.py); 0 turns it off
     set_aside_factor: float = 2.5
     contaminated_factor: float = 1.75  # the level when the data evidently holds attacks (robust.py)
     screening_rounds: int = 3  # refits without the set-aside records, while they change
@@ -85,6 +87,8 @@ class TrainOptions:
             raise ConfigError(f"target false-positive rate must be between 0 and 0.5, not {self.target_fpr}")
         if self.threshold_rule not in ("fpr", "sigma"):
             raise ConfigError(f"threshold rule must be 'fpr' or 'sigma', not {self.threshold_rule!r}")
+        if not 0.0 <= self.injection_share < 0.5:
+            raise ConfigError(f"injection share must be between 0 (off) and 0.5, not {self.injection_share}")
         if not 1.0 < self.contaminated_factor <= self.set_aside_factor:
             raise ConfigError(f"set-aside factors must be above 1, the contaminated one ({self.contaminated_factor}) "
                               f"at most the first ({self.set_aside_factor})")
@@ -321,8 +325,16 @@ def train(records: Iterable[object], options: TrainOptions,
     unparsed = count_unparsed(sample, options, keep_warning)
     # Rare = seen in fewer records than a feature needs to count as normal (screening's grouping).
     support = options.support or default_support(len(sample))
-    folds, screening = screen_sample(sample, options, support, progress)
-    kept = ~screening.set_aside
+    prior = InjectionPrior(options.injection_share) if options.set_aside and options.injection_share else None
+    pairs = None
+    if prior is not None or (options.set_aside and "rarity" in options.detectors):
+        progress("grouping similar records", 0, len(sample), "records")
+        pairs = record_keys(sample, options.spec, options.chunk, prior.observe if prior is not None else None)
+    injection = prior.set_aside(*pairs, len(sample)) if prior is not None else np.zeros(len(sample), dtype=bool)
+    folds, screening = screen_sample(sample, options, support, progress, pairs)
+    # Neither learned nor calibrated on (kept in the calibration, a payload family's copies put the
+    # threshold among them; docs/accuracy.md measures both).
+    kept = ~screening.set_aside & ~injection
     raw = screening.raw[kept]
     calibration, calibrated = calibrate(raw)
     threshold = choose_threshold(calibrated, options)
@@ -365,6 +377,7 @@ def train(records: Iterable[object], options: TrainOptions,
             "unparsed_records": unparsed,
             "set_aside": (screening.describe(sample)
                           if options.set_aside and "rarity" in options.detectors else None),
+            "injection_prior": prior.describe(sample, injection) if prior is not None else None,
             "warnings": warnings,
             "distinct_features": int(len(final.table.keys)),
             "dense_width": final.featurizer.width,
@@ -415,14 +428,15 @@ def check_feedback(final: Fitted, calibration: dict, threshold: float, options: 
             "normal_flagged": normal_flagged, "keep_records": len(feedback.keep), "keep_flagged": keep_flagged}
 
 
-def screen_sample(sample: Sequence[object], options: TrainOptions, support: float, progress: Progress):
-    """(folds, Screening): out-of-fold raw scores, with what looks like attacks set aside."""
+def screen_sample(sample: Sequence[object], options: TrainOptions, support: float, progress: Progress,
+                  pairs: Optional[tuple[np.ndarray, np.ndarray]]):
+    """(folds, Screening): out-of-fold raw scores, with what looks like attacks set aside
+    (``pairs``: the records' distinct keys, ``record_keys``; needed when screening)."""
     if not options.set_aside or "rarity" not in options.detectors:
         folds = np.arange(len(sample)) % options.folds
         raw = out_of_fold_raw_scores(sample, options, progress, folds)
         return folds, screen(lambda *_: raw, len(sample), options.target_fpr, options.set_aside_factor, 0)
-    progress("grouping similar records", 0, len(sample), "records")
-    rows, keys = record_keys(sample, options.spec, options.chunk)
+    rows, keys = pairs
     folds = signature_folds(sample, rows, keys, options.folds, support)
     rounds = iter(range(1, options.screening_rounds + 2))
 

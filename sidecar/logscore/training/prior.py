@@ -1,0 +1,106 @@
+"""The injection prior: a request holding what injections need, where the site's requests rarely
+do, is not learned as normal.
+
+An operator's first training log holds its attacks. Screening (robust.py) sets aside attacks
+that are rare and far out, but a family of payloads spread over a few percent of the lines
+shares its characters and shapes: each of its features is seen in more than ``support``
+records, so a plain fit learns them, and their copies sit at the top of the calibration scores,
+where the threshold lands among them. So a feature of a request (what the ``url`` converters and
+the URL-decoding ``ngrams`` emit) whose text holds an injection mark (``INJECTION_MARKS``: a
+quote, an angle bracket, ``..``, a comment marker, a NUL, a shell metacharacter) counts as the
+site's own only when ``share`` of the records hold it; a record holding one seen in fewer is set
+aside like screening's: neither learned nor calibrated on (kept in the calibration, the family's
+copies put the threshold among them again). A payload family in a few percent of the lines stays
+unseen; a site whose requests carry a quote everywhere still learns it. The exported graph is
+built as before (no new input); the metadata lists what was set aside.
+
+Marks are read in context (``injection_like``): an apostrophe after a letter is language, and
+a parameter's per-page features are as rare as the page. ``;`` is not a mark: Apache's
+directory listings (``?C=M;O=D``) and ``;jsessionid=`` put it in ordinary requests (0.8 % of the
+blog log of models/apache-access.onnx). Measured in docs/accuracy.md ("A first training log
+holding attacks: the injection prior").
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Optional, Sequence
+
+import numpy as np
+
+from ..features import FeatureBatch
+from .robust import EXAMPLES, example_text
+
+# Substrings of a feature's text (an n-gram, a parameter's value shape, a path template) that
+# injections need: SQL quoting and comments, markup, shell metacharacters, traversal, NUL, ${...}.
+INJECTION_MARKS = ("'", '"', "<", ">", "`", "|", "\\", "\x00", "..", "--", "/*", "*/", "${", "$(")
+DEFAULT_SHARE = 0.01  # of the training records: a feature seen in fewer is not the site's own
+
+
+# Quotes of the feature names themselves (UrlConverter's flag "parameter without '=': ...").
+FEATURE_QUOTES = ("'='",)
+# An apostrophe after a letter is language (O'Brien, L'Hospitalet: 0.3 % of CSIC 2010's normal
+# requests); at the start of a text (an n-gram, one character of a value) its context is unknown.
+LANGUAGE_APOSTROPHE = re.compile(r"(?:(?<=[^\W\d_])|^)'")
+
+
+def injection_like(text: Optional[str]) -> bool:
+    if text is None:
+        return False
+    for quoted in FEATURE_QUOTES:
+        text = text.replace(quoted, "")
+    if text.startswith("value ") or (text.startswith("shape ") and "?" in text.partition("=")[0]):
+        # UrlConverter's twins, per page, of a parameter's features ("value {template}?{name}=...") are
+        # as rare as the page: the parameter's own features tell whether the site uses the mark.
+        return False
+    if text.startswith("character "):  # UrlConverter: one character of a parameter's values
+        text = text.rpartition("=")[2]
+    text = LANGUAGE_APOSTROPHE.sub("", text)
+    return any(mark in text for mark in INJECTION_MARKS)
+
+
+def reads_requests(converter) -> bool:
+    """Converters whose features are parts of a request: ``url`` and ``ngrams`` that URL-decode."""
+    return converter is not None and (converter.kind == "url"
+                                      or (converter.kind == "ngrams" and bool(converter.config["decode"])))
+
+
+class InjectionPrior:
+    """Which training records hold an injection-like request feature the site rarely shows."""
+
+    def __init__(self, share: float = DEFAULT_SHARE):
+        self.share = share
+        self._marked: set[int] = set()  # injection-like keys
+        self._looked_at = np.zeros(0, np.int64)  # sorted
+
+    def observe(self, batch: FeatureBatch) -> None:
+        """Look at the keys of ``batch`` not seen before (each named once, from one record)."""
+        keys, first = np.unique(batch.keys, return_index=True)
+        fresh = ~np.isin(keys, self._looked_at, assume_unique=True)
+        if not fresh.any():
+            return
+        self._looked_at = np.union1d(self._looked_at, keys[fresh])
+        origins = batch.origins.resolve()
+        for key, index in zip(keys[fresh].tolist(), first[fresh].tolist()):
+            entry = origins.entries[int(origins.entry_of_key[index])]
+            if reads_requests(entry.converter) and injection_like(entry.converter.feature_text(entry.value, key)):
+                self._marked.add(key)
+
+    def support(self, records: int) -> float:
+        return self.share * records
+
+    def set_aside(self, rows: np.ndarray, keys: np.ndarray, records: int) -> np.ndarray:
+        """bool [records]: holding an injection-like key seen in fewer than ``support`` records
+        (``rows``, ``keys``: each record's distinct keys, all of them observed)."""
+        distinct, index, holders = np.unique(keys, return_inverse=True, return_counts=True)
+        marked = np.isin(distinct, np.fromiter(self._marked, dtype=np.int64, count=len(self._marked)))
+        rare = marked & (holders < self.support(records))
+        aside = np.zeros(records, dtype=bool)
+        aside[rows[rare[index]]] = True
+        return aside
+
+    def describe(self, sample: Sequence[object], aside: np.ndarray) -> dict:
+        return {"share": self.share, "support": round(self.support(len(sample)), 2),
+                "marks": list(INJECTION_MARKS), "records": int(aside.sum()),
+                "fraction": round(float(aside.mean()), 6) if len(aside) else 0.0,
+                "examples": [example_text(sample[i]) for i in np.flatnonzero(aside)[:EXAMPLES]]}
