@@ -7,7 +7,9 @@ Starts `logscore serve` on the default model (Unix socket), and two plain grpc.a
 speaking the same Score RPC: **naive** (HashingVectorizer char 3-grams of the URL +
 IsolationForest, benchmarks/baselines.py; scored in one worker thread, as the sidecar does) and
 **grpc floor** (answers every record with 0 after decoding the request: what any Python gRPC
-scorer pays). Then, from separate client processes:
+scorer pays), and a second sidecar run with ``--scoring-processes 2`` (rows "logscore 2
+processes": featurizing and the graph in two worker processes; its memory is the sum of the three
+processes). Then, from separate client processes:
   - throughput in records/s on **repetitive** and **novel** traffic (benchmarks/traffic.py):
     each client makes its own lines from its own seed; every run prints the share of request
     lines never sent before (over all clients' records) and the load average;
@@ -18,7 +20,9 @@ scorer pays). Then, from separate client processes:
   - with ``--mlserver PYTHON`` (the python of a virtualenv holding MLServer 1.7: ``pip install
     'mlserver==1.7.*' scikit-learn 'uvloop<0.22'``; MLServer 1.7.1's worker pool fails on uvloop 0.22+),
     the naive pipeline served by **MLServer** (benchmarks/mlserver_naive.py, its default settings but
-    debug logging; V2 ModelInfer over gRPC, TCP loopback), beside the sidecar over TCP loopback too.
+    debug logging; V2 ModelInfer over gRPC, TCP loopback), beside the sidecar over TCP loopback too;
+    and MLServer with 2 inference processes (``parallel_workers: 2``; its default is 1) beside the
+    sidecar with 2 scoring processes.
 The machine is printed with the figures: compare ratios within a run, not across machines.
 """
 
@@ -249,20 +253,21 @@ def start_python_server(workdir: Path, kind: str) -> tuple[multiprocessing.Proce
     raise RuntimeError(f"the {kind} server did not start")
 
 
-def start_mlserver(python: str, workdir: Path) -> tuple[subprocess.Popen, str]:
+def start_mlserver(python: str, workdir: Path, parallel_workers: int = 1) -> tuple[subprocess.Popen, str]:
     """MLServer serving the naive pipeline (benchmarks/mlserver_naive.py), fitted on the same lines
-    as the naive server; returns the process and its V2 target."""
-    folder = workdir / "mlserver"
+    as the naive server, in ``parallel_workers`` inference processes (its default: 1); returns the
+    process and its V2 target."""
+    folder = workdir / f"mlserver-{parallel_workers}"
     (folder / "naive").mkdir(parents=True)
     grpc_port, http_port = free_port(), free_port()
     (folder / "settings.json").write_text(json.dumps({
         "host": "127.0.0.1", "grpc_port": grpc_port, "http_port": http_port, "metrics_port": free_port(),
-        "debug": False}))
+        "debug": False, "parallel_workers": parallel_workers}))
     (folder / "naive" / "model-settings.json").write_text(json.dumps({
         "name": "naive", "implementation": "benchmarks.mlserver_naive.NaivePipeline"}))
     training = workdir / "naive-training.txt"
     training.write_text("\n".join(real_lines()), encoding="utf-8")
-    log = open(workdir / "mlserver.log", "ab")
+    log = open(folder / "mlserver.log", "ab")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "LOGSCORE_BENCH_TRAINING": str(training)}
     process = subprocess.Popen([str(Path(python).parent / "mlserver"), "start", str(folder)], env=env,
                                stdout=log, stderr=subprocess.STDOUT)
@@ -276,7 +281,7 @@ def start_mlserver(python: str, workdir: Path) -> tuple[subprocess.Popen, str]:
             pass
         time.sleep(0.5)
     process.terminate()
-    raise RuntimeError(f"MLServer did not get ready (see {workdir / 'mlserver.log'})")
+    raise RuntimeError(f"MLServer did not get ready (see {folder / 'mlserver.log'})")
 
 
 def memory(pid: int) -> dict:
@@ -311,20 +316,37 @@ def client_count(index: int, target: str, batch: int, records: int, seed: int, r
     out.put(len(lines))
 
 
-def start_sidecar(workdir: Path, tcp: Optional[str] = None) -> SidecarProcess:
+def start_sidecar(workdir: Path, tcp: Optional[str] = None, scoring_processes: int = 0) -> SidecarProcess:
     # 10,000-record requests (about 2.4 MB) exceed the default max_message_bytes (2 MiB): raised as an
     # operator sending such batches would.
     workdir.mkdir(parents=True, exist_ok=True)
     return SidecarProcess(ROOT / "models", workdir, reload_interval_s=0, max_message_bytes=8 * 2**20,
-                          max_inflight_bytes=64 * 2**20, **({"tcp": tcp} if tcp else {})).start()
+                          max_inflight_bytes=64 * 2**20, scoring_processes=scoring_processes,
+                          **({"tcp": tcp} if tcp else {})).start()
+
+
+def sidecar_memory(sidecar: SidecarProcess) -> dict:
+    """RSS of the sidecar and, with scoring processes, of them too (their sum is what it costs)."""
+    own = memory(sidecar.process.pid)
+    children = [int(pid) for task in Path(f"/proc/{sidecar.process.pid}/task").iterdir()
+                for pid in (task / "children").read_text().split()]
+    if not children:
+        return own
+    workers = [memory(pid) for pid in children]
+    return {**own, "scoring_processes_rss_mib": [w["rss_mib"] for w in workers],
+            "total_rss_mib": round(own["rss_mib"] + sum(w["rss_mib"] for w in workers), 1)}
 
 
 RUNS = [  # (server, batch, clients)
     ("logscore", 1, 1), ("logscore", 100, 4), ("logscore", 1000, 1), ("logscore", 1000, 4), ("logscore", 10000, 4),
+    ("logscore 2 processes", 1000, 1), ("logscore 2 processes", 1000, 4), ("logscore 2 processes", 10000, 4),
     ("naive", 1000, 1), ("naive", 1000, 4), ("grpc floor", 1000, 1), ("grpc floor", 1000, 4),
 ]
+SCORING_PROCESSES = 2  # the rows "logscore 2 processes": a second sidecar, run with --scoring-processes 2
 MLSERVER_RUNS = [  # with --mlserver: both over TCP loopback, as MLServer listens
     ("logscore tcp", 1000, 1), ("logscore tcp", 1000, 4), ("mlserver", 1000, 1), ("mlserver", 1000, 4),
+    ("logscore 2 processes tcp", 1000, 1), ("logscore 2 processes tcp", 1000, 4),
+    ("mlserver 2 workers", 1000, 1), ("mlserver 2 workers", 1000, 4),
 ]
 
 
@@ -341,14 +363,20 @@ def main() -> int:
     soak_records = args.soak if args.soak is not None else (20_000 if args.quick else 1_000_000)
     real_lines(), csic_parameters()  # read once, before the client processes fork
     workdir = Path(tempfile.mkdtemp(prefix="logscore-bench-"))
-    tcp = f"127.0.0.1:{free_port()}" if args.mlserver else None
+    tcp, processes_tcp = (f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}") if args.mlserver else (None, None)
     sidecar = start_sidecar(workdir, tcp)
+    with_processes = start_sidecar(workdir / "processes", processes_tcp, scoring_processes=SCORING_PROCESSES)
+    sidecars = {"logscore": sidecar, "logscore tcp": sidecar, "logscore 2 processes": with_processes,
+                "logscore 2 processes tcp": with_processes}
     servers = [start_python_server(workdir, kind) for kind in ("naive", "floor")]
-    targets = {"logscore": f"unix:{sidecar.socket}", "naive": servers[0][1], "grpc floor": servers[1][1]}
-    runs, latency_servers, mlserver = list(RUNS), ["logscore", "grpc floor"], None
+    targets = {"logscore": f"unix:{sidecar.socket}", "naive": servers[0][1], "grpc floor": servers[1][1],
+               "logscore 2 processes": f"unix:{sidecars['logscore 2 processes'].socket}"}
+    runs, latency_servers, mlservers = list(RUNS), ["logscore", "grpc floor"], []
     if args.mlserver:
-        mlserver, targets["mlserver"] = start_mlserver(args.mlserver, workdir)
-        targets["logscore tcp"] = tcp
+        for name, workers in (("mlserver", 1), ("mlserver 2 workers", SCORING_PROCESSES)):
+            process, targets[name] = start_mlserver(args.mlserver, workdir, workers)
+            mlservers.append(process)
+        targets["logscore tcp"], targets["logscore 2 processes tcp"] = tcp, processes_tcp
         runs += MLSERVER_RUNS
         latency_servers += ["logscore tcp", "mlserver"]
     results = {"machine": machine(), "throughput": [], "latency": {}}
@@ -359,9 +387,9 @@ def main() -> int:
                 (t, r) for t in ("repetitive", "novel") for r in runs):
             row = {"server": server, **throughput(targets[server], traffic, batch, clients, seconds, run, seen)}
             if server.startswith("logscore"):
-                row["sidecar_memory_after"] = memory(sidecar.process.pid)
+                row["sidecar_memory_after"] = sidecar_memory(sidecars[server])
             results["throughput"].append(row)
-            print(f"{traffic:10} {server:10} batch {batch:>6} clients {clients}: {row['records_per_s']:>8} records/s  "
+            print(f"{traffic:10} {server:20} batch {batch:>6} clients {clients}: {row['records_per_s']:>8} records/s  "
                   f"call p50 {row['call_p50_ms']:>7} ms p99 {row['call_p99_ms']:>7} ms  never seen: "
                   f"{row['never_seen_request_lines']:.1%} of request lines  load {row['load_average']}"
                   + (f"  RSS {row['sidecar_memory_after']['rss_mib']} MiB" if "sidecar_memory_after" in row else ""),
@@ -376,8 +404,11 @@ def main() -> int:
             results["latency"]["logscore"]["stream_p50_ms"] / results["latency"]["grpc floor"]["stream_p50_ms"], 2)
         print(f"single-record stream p50, logscore / floor: {results['latency']['stream_p50_ratio_to_floor']}")
         results["memory"] = memory(sidecar.process.pid)
-        print(f"sidecar memory after the runs above: {results['memory']}")
+        results["memory_with_scoring_processes"] = sidecar_memory(sidecars["logscore 2 processes"])
+        print(f"sidecar memory after the runs above: {results['memory']}; with {SCORING_PROCESSES} scoring "
+              f"processes: {results['memory_with_scoring_processes']}")
         sidecar.stop()
+        with_processes.stop()
         if soak_records:
             # A fresh sidecar: the steady state of many novel records, apart from the high-water
             # mark that the 10,000-record batches above leave (their working memory, in the table).
@@ -387,11 +418,12 @@ def main() -> int:
         print(f"load average at the end {results['load_average_at_end']}")
     finally:
         sidecar.stop()
+        with_processes.stop()
         for process, _ in servers:
             process.terminate()
-        if mlserver is not None:
-            mlserver.terminate()
-            mlserver.wait(timeout=30)
+        for process in mlservers:
+            process.terminate()
+            process.wait(timeout=30)
     write_results(args.json, results)
     return 0
 

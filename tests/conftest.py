@@ -1,4 +1,6 @@
 import os
+import subprocess
+import sys
 
 import pytest
 from hypothesis import settings
@@ -13,7 +15,8 @@ settings.load_profile("explore" if os.environ.get("LOGSCORE_FUZZ_EXAMPLES") else
 from logscore.features import load_spec
 from logscore.training.train import TrainOptions, save_model, train
 
-from .generate import shop_lines
+from .generate import shop_lines, timed_shop_lines
+from .sidecar_process import ROOT
 
 
 @pytest.fixture(scope="session")
@@ -28,4 +31,20 @@ def shop_model_path(tmp_path_factory, shop_training_lines):
                                                        target_fpr=0.01))
     path = tmp_path_factory.mktemp("models") / "shop.onnx"
     save_model(model, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def behaviour_model(tmp_path_factory):
+    """A model trained by the real CLI with window (1 s) and client detectors on 20 minutes of traffic."""
+    directory = tmp_path_factory.mktemp("behaviour")
+    training = directory / "train.log"
+    training.write_text("\n".join(timed_shop_lines(1200, 3.0)) + "\n")
+    models = directory / "models"
+    models.mkdir()
+    path = models / "shop.onnx"
+    done = subprocess.run([sys.executable, "-m", "logscore", "train", "--input", str(training), "--out", str(path),
+                           "--windows", "--window-s", "1", "--entities"], capture_output=True, text=True,
+                          timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
     return path

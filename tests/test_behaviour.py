@@ -99,22 +99,6 @@ def test_a_slow_watcher_loses_its_oldest_events_and_is_told_how_many():
     assert (first.key, first.dropped_before, dropped, recent) == ("k7", 7, 7, [9, 10])
 
 
-@pytest.fixture(scope="module")
-def behaviour_model(tmp_path_factory):
-    """A model trained by the real CLI with window (1 s) and client detectors on 20 minutes of traffic."""
-    directory = tmp_path_factory.mktemp("behaviour")
-    training = directory / "train.log"
-    training.write_text("\n".join(timed_shop_lines(1200, 3.0, START)) + "\n")
-    models = directory / "models"
-    models.mkdir()
-    path = models / "shop.onnx"
-    done = subprocess.run([sys.executable, "-m", "logscore", "train", "--input", str(training), "--out", str(path),
-                           "--windows", "--window-s", "1", "--entities"], capture_output=True, text=True,
-                          timeout=300, cwd=ROOT)
-    assert done.returncode == 0, done.stderr
-    return path
-
-
 def test_the_artifact_carries_window_and_client_models_in_graph_and_metadata(behaviour_model):
     from logscore.behaviour import entity_spec, window_spec
 

@@ -4,7 +4,8 @@ While a batch is being scored, new requests queue up; when it finishes, the
 worker takes everything queued (up to ``max_batch_records``) as the next batch.
 So an idle sidecar answers a lone record at once, and a busy one scores large
 batches (one ONNX call per batch instead of per request), with no fixed delay.
-Scoring runs in a thread pool: the event loop keeps serving I/O meanwhile.
+Scoring runs in a thread pool: the event loop keeps serving I/O meanwhile. With
+``parallel`` > 1 (scoring processes), that many chunks of a batch are scored at once.
 
 NOTE: one exception. A request of at most ``inline_max_records`` records that
 finds the model idle is scored on the event loop itself: that takes ~0.1 ms,
@@ -21,7 +22,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
-from .errors import DeadlineExceeded, Overloaded
+from .errors import DeadlineExceeded, LogscoreError, Overloaded
 from .model import SCORE_CHUNK, Model, Scored
 
 log = logging.getLogger("logscore.batching")
@@ -38,9 +39,13 @@ class Job:
 class Batcher:
     def __init__(self, model: Model, executor: Executor, max_batch_records: int,
                  max_queued_records: int, max_wait_s: float = 0.0, observe=None, inline_max_records: int = 8,
-                 abandon=None):
+                 abandon=None, score_chunk=None, parallel: int = 1):
+        """``score_chunk(records, explain)``: how a chunk is scored in ``executor`` (default: model.score);
+        ``parallel``: chunks scored at once."""
         self.model = model
         self.executor = executor
+        self.score_chunk = score_chunk or model.score
+        self.parallel = parallel
         self.max_batch_records = max_batch_records
         self.max_queued_records = max_queued_records
         self.max_wait_s = max_wait_s
@@ -117,32 +122,43 @@ class Batcher:
     async def _score(self, loop, jobs: list[Job]) -> None:
         """Score the jobs' records in chunks; a chunk whose callers have all gone is skipped.
 
-        NOTE: chunks are handed to the scoring thread one by one so that work for a
-        caller that cancelled or whose deadline passed stops within one chunk (~5 ms),
-        instead of finishing a batch nobody waits for.
+        NOTE: chunks are handed to the scoring thread one by one (``parallel`` at a time) so
+        that work for a caller that cancelled or whose deadline passed stops within one chunk
+        (~5 ms), instead of finishing a batch nobody waits for.
         """
         records = [r for job in jobs for r in job.records] if len(jobs) > 1 else list(jobs[0].records)
         explain = max(job.explain for job in jobs)
         spans = self._spans(jobs)
-        parts: list[tuple[int, Scored]] = []
-        self._busy = True
-        try:
-            for start in range(0, len(records), SCORE_CHUNK):
+        slots = asyncio.Semaphore(self.parallel)
+
+        async def score(start: int) -> Optional[tuple[int, Scored]]:
+            async with slots:
                 stop = min(start + SCORE_CHUNK, len(records))
                 if not self._anyone_waiting(jobs, spans, start, stop):
-                    continue
+                    return None
                 started = time.perf_counter()
-                result = await loop.run_in_executor(self.executor, self.model.score, records[start:stop], explain)
+                result = await loop.run_in_executor(self.executor, self.score_chunk, records[start:stop], explain)
                 self.observe(self.model, stop - start, time.perf_counter() - started)
-                parts.append((start, result))
+                return start, result
+
+        self._busy = True
+        try:
+            scored = await asyncio.gather(*(score(start) for start in range(0, len(records), SCORE_CHUNK)),
+                                          return_exceptions=True)  # every chunk finishes before the next batch
+            failures = [part for part in scored if isinstance(part, BaseException)]
+            if failures:
+                raise failures[0]
+        except LogscoreError as error:  # scoring is unavailable (a scoring process failed): callers hear why
+            log.error("scoring failed", extra={"model": self.model.name, "records": len(records), "error": str(error)})
+            self._fail(jobs, error)
+            return
         except Exception as error:  # a bug in scoring: every waiting caller hears of it
             log.exception("scoring failed", extra={"model": self.model.name, "records": len(records)})
-            for job in jobs:
-                if not job.future.done():
-                    job.future.set_exception(error)
+            self._fail(jobs, error)
             return
         finally:
             self._busy = False
+        parts = [part for part in scored if part is not None]
         for job, (first, last) in zip(jobs, spans):
             if job.future.cancelled():  # the caller went away while its records were being scored
                 self.abandon(self.model, len(job.records), "cancelled")
@@ -151,6 +167,12 @@ class Batcher:
                                        job.explain)
                           for start, result in parts if start < last and start + len(result.scores) > first]
                 job.future.set_result(Scored.concatenate(pieces, job.explain > 0))
+
+    @staticmethod
+    def _fail(jobs: list[Job], error: Exception) -> None:
+        for job in jobs:
+            if not job.future.done():
+                job.future.set_exception(error)
 
     @staticmethod
     def _spans(jobs: list[Job]) -> list[tuple[int, int]]:

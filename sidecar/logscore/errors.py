@@ -43,3 +43,7 @@ class ShuttingDown(LogscoreError):
 
 class StoreUnavailable(LogscoreError):
     """The feedback store cannot be reached; the rules last loaded stay in force."""
+
+
+class ScorerUnavailable(LogscoreError):
+    """A scoring process failed while scoring; its records are unscored and it is being replaced."""

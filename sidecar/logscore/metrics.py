@@ -79,6 +79,9 @@ class Metrics:
                                         ["file"], registry=r)
         self.abandoned = Counter("logscore_abandoned_records", "Records not scored because their caller had "
                                  "gone (cancelled, or its deadline passed)", ["model", "reason"], registry=r)
+        self.scoring_process_restarts = Counter("logscore_scoring_process_restarts", "Scoring processes "
+                                                "replaced after they failed while scoring (scoring_processes)",
+                                                registry=r)
         self.queued = Gauge("logscore_queued_records", "Records waiting to be scored", registry=r)
         self.learning_outcomes = Counter("logscore_learning_candidates", "Models learned on arrival, by outcome: "
                                          "swapped, kept_aside, failed", ["route", "outcome"], registry=r)

@@ -7,6 +7,7 @@ and encode the ScoreOutcome back.
 from __future__ import annotations
 
 import asyncio
+import functools
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
@@ -71,6 +72,18 @@ class ScoringService:
         self._closed = False
         self.admission = Admission(settings.max_inflight_bytes)
         self.behaviour = behaviour  # behaviour.Behaviour: windows and clients of the models that carry them
+        self.processes = None  # scoring_processes.ScoringProcesses when settings.scoring_processes > 0
+
+    def start_processes(self) -> None:
+        """Start the scoring processes (settings.scoring_processes) and load the models in them (blocking)."""
+        if self.settings.scoring_processes < 1:
+            return
+        from .scoring_processes import ScoringProcesses
+
+        self.processes = ScoringProcesses(self.settings.scoring_processes, self.settings.max_record_bytes,
+                                          self.registry.client_key,
+                                          lambda reason: self.metrics.scoring_process_restarts.inc())
+        self.processes.warm(list(self.registry.snapshot.models.values()))
 
     async def score(self, call: ScoreCall) -> ScoreOutcome:
         if self._closed:
@@ -173,9 +186,14 @@ class ScoringService:
         batcher = self._batchers.get(model)
         if batcher is None:
             s = self.settings
+            executor, chunks = self.executor, {}
+            if self.processes is not None and self.processes.takes(model):
+                executor = self.processes.executor
+                chunks = dict(score_chunk=functools.partial(self.processes.score, model),
+                              parallel=self.processes.count)
             batcher = self._batchers[model] = Batcher(
-                model, self.executor, s.max_batch_records, s.max_queued_records, s.max_wait_ms / 1000.0,
-                self.metrics.observe_batch, s.inline_max_records, self.metrics.observe_abandoned)
+                model, executor, s.max_batch_records, s.max_queued_records, s.max_wait_ms / 1000.0,
+                self.metrics.observe_batch, s.inline_max_records, self.metrics.observe_abandoned, **chunks)
         return batcher
 
     @staticmethod
@@ -220,3 +238,8 @@ class ScoringService:
         for batcher in list(self._batchers.values()):
             await batcher.close()
         self.executor.shutdown(wait=True)
+        self.close_processes()
+
+    def close_processes(self) -> None:
+        if self.processes is not None:
+            self.processes.close()

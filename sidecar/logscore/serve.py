@@ -127,6 +127,7 @@ class Sidecar:
             problems = "; ".join(self.registry.snapshot.errors.values()) or "no .onnx files"
             raise ConfigError(f"no model could be loaded from {s.models_dir}: {problems}")
         self._check_default_model()
+        await loop.run_in_executor(None, self.service.start_processes)
         self.metrics.set_models(self.registry.snapshot.models)
         await loop.run_in_executor(None, self.feedback.start)
         self.hub.attach(loop)
@@ -250,6 +251,7 @@ class Sidecar:
             if server is not None:
                 await server.stop(0)
         self.service.executor.shutdown(wait=False)
+        self.service.close_processes()
         self.feedback.stop()
         self._remove_socket()
 

@@ -60,6 +60,10 @@ class Settings:
                                  "requests arriving while a batch runs are coalesced anyway)")
     inline_max_records: int = setting(8, "a request of at most this many records that finds its model idle "
                                       "is scored on the event loop (faster than a thread hand-off); 0: never")
+    scoring_processes: int = setting(0, "worker processes that featurize and score (each loads the models: about "
+                                     "90 MiB more apiece); 0: score in the sidecar's own process, on one core at "
+                                     "a time. 2 on a host with 2 spare cores about doubles novel traffic's "
+                                     "throughput (docs/performance.md)")
     max_queued_records: int = setting(200_000, "records waiting per model before RESOURCE_EXHAUSTED")
     max_records_per_request: int = setting(20_000, "records in one request before INVALID_ARGUMENT")
     max_record_bytes: int = setting(65_536, "a longer raw line is cut to this many characters before it is parsed "
@@ -160,6 +164,9 @@ class Settings:
             raise ConfigError(f"max_inflight_bytes {self.max_inflight_bytes} cannot admit a message of "
                               f"max_message_bytes {self.max_message_bytes} ({WIRE_COPIES} copies once decoded); "
                               f"raise it to at least {self.max_message_bytes * WIRE_COPIES}")
+        if not 0 <= self.scoring_processes <= 64:
+            raise ConfigError(f"scoring_processes must be 0 (score in the sidecar itself) to 64, "
+                              f"not {self.scoring_processes}")
         if self.feedback_poll_s <= 0 or self.review_records < 0:
             raise ConfigError("feedback_poll_s must be above 0 and review_records at least 0")
         if self.review_inspect_per_s < 1:

@@ -12,8 +12,8 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from ..admission import UNLIMITED, Ticket
-from ..errors import (DeadlineExceeded, InvalidRequest, LogscoreError, ModelNotFound, Overloaded, ShuttingDown,
-                      StoreUnavailable, Unauthenticated)
+from ..errors import (DeadlineExceeded, InvalidRequest, LogscoreError, ModelNotFound, Overloaded,
+                      ScorerUnavailable, ShuttingDown, StoreUnavailable, Unauthenticated)
 from ..generated.logscore.v1 import scorer_pb2 as pb
 from ..events import KINDS
 from ..records import decode_event_stream
@@ -31,6 +31,7 @@ STATUS_CODES: dict[type, grpc.StatusCode] = {
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     ShuttingDown: grpc.StatusCode.UNAVAILABLE,
     StoreUnavailable: grpc.StatusCode.UNAVAILABLE,
+    ScorerUnavailable: grpc.StatusCode.UNAVAILABLE,
 }
 SERVICE_NAME = "logscore.v1.Scorer"
 

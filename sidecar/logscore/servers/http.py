@@ -32,8 +32,8 @@ from urllib.parse import parse_qs, urlsplit
 
 from ..admission import UNLIMITED, Admission, Ticket
 from ..decide import notes_by_record
-from ..errors import (DeadlineExceeded, InvalidRequest, LogscoreError, ModelNotFound, Overloaded, ShuttingDown,
-                      StoreUnavailable, Unauthenticated)
+from ..errors import (DeadlineExceeded, InvalidRequest, LogscoreError, ModelNotFound, Overloaded,
+                      ScorerUnavailable, ShuttingDown, StoreUnavailable, Unauthenticated)
 from ..resources import openapi_path
 from ..scoring import ScoreCall, ScoreOutcome, ScoringService
 from .streams import StreamServer
@@ -48,6 +48,7 @@ STATUS_CODES: dict[type, int] = {  # the twin of servers.grpc.STATUS_CODES
     DeadlineExceeded: 504,
     ShuttingDown: 503,
     StoreUnavailable: 503,
+    ScorerUnavailable: 503,
 }
 REASONS = {200: "OK", 303: "See Other", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 405: "Method Not Allowed",
            408: "Request Timeout", 411: "Length Required", 413: "Payload Too Large",

@@ -1,0 +1,286 @@
+"""Scoring in worker processes: featurizing and the graph on more than one core.
+
+One sidecar process scores on one core at a time: featurizing holds Python's GIL. With
+``scoring_processes: N`` the batcher hands its chunks to N worker processes instead of its
+scoring thread, N chunks at once, while the sidecar's own process decodes, batches, decides and
+encodes. Each worker loads the same model files (``Model.load``) and returns what
+``Model.score`` returns; the sidecar keeps its own copy of every model for the rest (small
+requests scored on the event loop, routing, explanations' wording, the probe).
+
+What stays in the sidecar's process: models that follow sessions (their state is the order of
+records), a chunk whose model file changed on disk since the sidecar loaded it (the worker would
+score another version), and records msgpack cannot carry.
+
+A worker that exits or hangs while scoring costs only that chunk: its callers get
+``ScorerUnavailable`` (gRPC UNAVAILABLE, HTTP 503; shipper stages pass the records on marked
+unscored) and the worker is replaced. Records that crash a worker never reach the sidecar's own
+process.
+
+Messages are msgpack over a socket pair, one request and one reply at a time per worker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Optional, Sequence
+
+import msgpack
+import numpy as np
+
+from .errors import ConfigError, ScorerUnavailable
+from .model import Model, Scored
+
+log = logging.getLogger("logscore.scoring_processes")
+
+# A chunk is at most SCORE_CHUNK records of at most max_record_bytes each: milliseconds of work.
+# A worker silent this long is stuck (a bug); it is killed so its chunk's callers hear of it.
+CHUNK_TIMEOUT_S = 30.0
+ARRAYS = ("scores", "is_anomaly", "raw_scores", "truncated", "unparsed", "novelty")
+
+
+class WorkerFailed(Exception):
+    """The worker process exited, hung, or sent something unreadable."""
+
+
+def pack_array(array: Optional[np.ndarray]):
+    if array is None:
+        return None
+    return [array.dtype.str, list(array.shape), np.ascontiguousarray(array).tobytes()]
+
+
+def unpack_array(packed) -> Optional[np.ndarray]:
+    if packed is None:
+        return None
+    dtype, shape, data = packed
+    return np.frombuffer(data, dtype=np.dtype(dtype)).reshape(shape).copy()  # writable, as in-process
+
+
+def pack_scored(scored: Scored) -> dict:
+    packed = {name: pack_array(getattr(scored, name)) for name in ARRAYS}
+    packed.update(explanations=scored.explanations, fields=scored.fields, columns=scored.columns)
+    return packed
+
+
+def unpack_scored(packed: dict) -> Scored:
+    arrays = {name: unpack_array(packed[name]) for name in ARRAYS}
+    return Scored(explanations=packed["explanations"], fields=packed["fields"], columns=packed["columns"], **arrays)
+
+
+def request(model: Model, records: Sequence[object], explain: int) -> bytes:
+    records = records if isinstance(records, (list, tuple)) else list(records)
+    return msgpack.packb([str(model.artifact.path), model.version, explain, records], use_bin_type=True)
+
+
+def checked(reply: dict) -> dict:
+    if "error" in reply:
+        raise RuntimeError(f"scoring process: {reply['error']}")  # a bug in scoring, reported as in-process
+    return reply
+
+
+def unpack(data: bytes):
+    return msgpack.unpackb(data, raw=False, strict_map_key=False)
+
+
+class Worker:
+    """One worker process and the sidecar's end of its socket pair."""
+
+    def __init__(self, arguments: list[str]):
+        ours, theirs = socket.socketpair()
+        with theirs:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "logscore.scoring_processes", "--fd", str(theirs.fileno()), *arguments],
+                pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL)
+        self.connection = Connection(ours.detach())
+
+    def call(self, request: bytes) -> dict:
+        """Send one packed request, wait for its reply (WorkerFailed: the worker is gone or stuck)."""
+        try:
+            self.connection.send_bytes(request)
+            if not self.connection.poll(CHUNK_TIMEOUT_S):
+                raise WorkerFailed(f"no answer in {CHUNK_TIMEOUT_S:.0f} s")
+            return unpack(self.connection.recv_bytes())
+        except (OSError, EOFError) as error:
+            raise WorkerFailed(self._exit_description(error)) from None
+        except (ValueError, msgpack.UnpackException) as error:
+            raise WorkerFailed(f"unreadable reply ({error})") from None
+
+    def _exit_description(self, error: Exception) -> str:
+        try:
+            code = self.process.wait(timeout=1.0)
+        except subprocess.TimeoutExpired:
+            return f"connection lost ({type(error).__name__})"
+        return f"exit code {code}" if code >= 0 else f"killed by signal {-code}"
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Ask it to exit (end of its input), kill it if it does not."""
+        self.connection.close()
+        try:
+            self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+class ScoringProcesses:
+    """N worker processes; ``score`` (blocking, in ``executor``'s threads) sends a chunk to an idle one."""
+
+    def __init__(self, count: int, max_line_chars: int, client_key: Optional[str] = None, on_restart=None):
+        self.count = count
+        self._arguments = ["--max-line-chars", str(max_line_chars)] + (["--client-key", client_key]
+                                                                      if client_key else [])
+        self._on_restart = on_restart or (lambda reason: None)
+        self._idle: queue.Queue[Worker] = queue.Queue()
+        self._workers: list[Worker] = []
+        self._lock = threading.Lock()
+        self._closed = False
+        for _ in range(count):
+            self._add(Worker(self._arguments))
+        self.executor = ThreadPoolExecutor(max_workers=count, thread_name_prefix="scoring-process")
+
+    def _add(self, worker: Worker) -> None:
+        with self._lock:
+            self._workers.append(worker)
+        self._idle.put(worker)
+
+    @property
+    def pids(self) -> list[int]:
+        with self._lock:
+            return [w.process.pid for w in self._workers]
+
+    @staticmethod
+    def takes(model: Model) -> bool:
+        """Whether a worker can score this model: sessions keep their order in one place."""
+        return model.sessions is None and Path(model.artifact.path).is_file()
+
+    def warm(self, models: Sequence[Model]) -> None:
+        """Load the models in every worker now (their first chunk would otherwise wait for it), or
+        say why a worker cannot (ConfigError: the sidecar does not start)."""
+        workers = [self._take_idle() for _ in range(self.count)]
+        try:
+            for worker in workers:
+                for model in models:
+                    if self.takes(model):
+                        checked(worker.call(request(model, ["probe"], 0)))
+        except (WorkerFailed, RuntimeError) as error:
+            raise ConfigError(f"a scoring process cannot score the models ({error}); see the log above, "
+                              "or run with --scoring-processes 0") from None
+        finally:
+            for worker in workers:
+                self._idle.put(worker)
+
+    def score(self, model: Model, records: Sequence[object], explain: int) -> Scored:
+        try:
+            packed = request(model, records, explain)
+        except (TypeError, ValueError, OverflowError):  # a value msgpack cannot carry: score it here
+            return model.score(records, explain)
+        worker = self._take_idle()
+        try:
+            reply = worker.call(packed)
+        except WorkerFailed as error:
+            self._replace(worker, str(error))
+            raise ScorerUnavailable(f"a scoring process failed while scoring {len(records)} records ({error}); "
+                                    "they are unscored and the process is being restarted: retry") from None
+        self._idle.put(worker)
+        if "stale" in checked(reply):  # the file changed since the sidecar loaded it: score the version it serves
+            return model.score(records, explain)
+        return unpack_scored(reply["scored"])
+
+    def _take_idle(self) -> Worker:
+        try:
+            return self._idle.get(timeout=CHUNK_TIMEOUT_S)
+        except queue.Empty:  # every worker failed and none could be started again
+            raise ScorerUnavailable("no scoring process is running (see the sidecar's log); restart the sidecar "
+                                    "or run it with --scoring-processes 0") from None
+
+    def _replace(self, worker: Worker, reason: str) -> None:
+        log.error("scoring process failed; starting another", extra={"pid": worker.process.pid, "reason": reason})
+        worker.process.kill()
+        worker.close(timeout=1.0)
+        with self._lock:
+            self._workers.remove(worker)
+            if self._closed:
+                return
+        self._on_restart(reason)
+        try:
+            self._add(Worker(self._arguments))
+        except OSError as error:
+            log.error("cannot start a scoring process", extra={"error": str(error)})
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            workers = list(self._workers)
+        self.executor.shutdown(wait=True)
+        for worker in workers:
+            worker.close()
+
+
+# --- the worker process -------------------------------------------------------------------------
+
+class ModelCache:
+    """The worker's models, by path; a path is reloaded when the sidecar asks for another version."""
+
+    def __init__(self, max_line_chars: int, client_key: Optional[str]):
+        self.max_line_chars = max_line_chars
+        self.client_key = client_key
+        self.models: dict[str, Model] = {}
+
+    def get(self, path: str, version: str) -> Optional[Model]:
+        """The model of that file at that version, or None when the file now holds another."""
+        model = self.models.get(path)
+        if model is None or model.version != version:
+            for gone in [p for p in self.models if not Path(p).is_file()]:  # unloaded by the sidecar too
+                del self.models[gone]
+            model = self.models[path] = Model.load(path, max_line_chars=self.max_line_chars,
+                                                   client_key=self.client_key)
+        return model if model.version == version else None
+
+
+def answer(cache: ModelCache, request: list) -> dict:
+    path, version, explain, records = request
+    try:
+        model = cache.get(path, version)
+        if model is None:
+            return {"stale": True}
+        return {"scored": pack_scored(model.score(records, explain))}
+    except Exception as error:  # reported to the sidecar, which logs it as a scoring failure
+        return {"error": f"{type(error).__name__}: {error}"}
+
+
+def serve_worker(connection: Connection, cache: ModelCache) -> None:
+    while True:
+        try:
+            request = unpack(connection.recv_bytes())
+        except EOFError:  # the sidecar closed its end (shutdown) or is gone
+            return
+        connection.send_bytes(msgpack.packb(answer(cache, request), use_bin_type=True))
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description="a logscore scoring process (started by `logscore serve`)")
+    parser.add_argument("--fd", type=int, required=True)
+    parser.add_argument("--max-line-chars", type=int, required=True)
+    parser.add_argument("--client-key", default=None)
+    args = parser.parse_args(argv)
+    # Ctrl-C (the process group) or a service manager's SIGTERM to every process reaches the sidecar
+    # too: it drains its calls, then closes our connection, which ends us.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
+    os.set_blocking(args.fd, True)
+    serve_worker(Connection(args.fd), ModelCache(args.max_line_chars, args.client_key))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

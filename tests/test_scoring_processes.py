@@ -1,0 +1,191 @@
+"""Scoring in worker processes (setting scoring_processes): the same answers as scoring in the
+sidecar's own process, and a worker that dies costs only its chunk."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from logscore.batching import Batcher
+from logscore.errors import ScorerUnavailable
+from logscore.generated.logscore.v1 import scorer_pb2 as pb
+from logscore.model import SCORE_CHUNK, Model, Scored
+from logscore.scoring_processes import ScoringProcesses
+
+from .generate import attack_lines, shop_lines, timed_shop_lines
+from .sidecar_process import ROOT, SidecarProcess
+from .worst_inputs import flood, worst_payloads
+
+DEFAULT_MODEL = ROOT / "models" / "apache-access.onnx"
+
+
+def assert_same(got: Scored, expected: Scored) -> None:
+    for name in ("scores", "is_anomaly", "raw_scores", "truncated", "unparsed", "novelty"):
+        a, b = getattr(got, name), getattr(expected, name)
+        assert (a is None) == (b is None), name
+        if a is not None:
+            assert a.dtype == b.dtype and a.shape == b.shape, name
+            np.testing.assert_array_equal(a, b, err_msg=name)
+    assert (got.explanations, got.columns, got.fields) == (expected.explanations, expected.columns, expected.fields)
+
+
+def hostile_records() -> list:
+    """Odd but legal records: what the surfaces hand the scoring path."""
+    return ["", "\ufffd\x00 broken \udcff".encode("utf-8", "surrogatepass").decode("utf-8", "replace"),
+            "x" * 70_000, {"message": "GET /a?b=1"}, {"message": b"raw bytes", "n": 3, "nested": {"k": [1, 2.5]}},
+            {}, {"request": None}, "GET /" + "%41" * 5000 + " HTTP/1.1"]
+
+
+@pytest.fixture(scope="module")
+def processes():
+    pool = ScoringProcesses(2, max_line_chars=65_536)
+    yield pool
+    pool.close()
+
+
+def test_a_worker_returns_what_the_model_returns(processes, shop_model_path, behaviour_model):
+    normal = shop_lines(300, seed=50)
+    records = normal + [line for _, line in attack_lines(normal, 100, seed=51)] + hostile_records()
+    for path in (DEFAULT_MODEL, shop_model_path, behaviour_model):  # the last: windows' columns, clients' novelty
+        model = Model.load(path)
+        for explain in (0, 3):
+            assert_same(processes.score(model, records, explain), model.score(records, explain))
+    timed = timed_shop_lines(20, 5.0, seed=9)
+    model = Model.load(behaviour_model)
+    assert model.score(timed).columns["remote_addr"][0]  # the columns come back filled
+    assert_same(processes.score(model, timed, 2), model.score(timed, 2))
+
+
+def test_records_msgpack_cannot_carry_are_scored_in_the_sidecar(processes, shop_model_path):
+    model = Model.load(shop_model_path)
+    records = [{"message": "GET / HTTP/1.1", "count": 10 ** 30}, "GET /x HTTP/1.1"]  # JSON allows such numbers
+    assert_same(processes.score(model, records, 1), model.score(records, 1))
+
+
+def test_a_changed_model_file_is_scored_with_the_version_the_sidecar_serves(processes, shop_model_path, tmp_path):
+    path = tmp_path / "m.onnx"
+    shutil.copy(shop_model_path, path)
+    serving = Model.load(path)
+    lines = shop_lines(50, seed=52)
+    assert_same(processes.score(serving, lines, 1), serving.score(lines, 1))
+    shutil.copy(DEFAULT_MODEL, path)  # replaced on disk; the sidecar has not reloaded yet
+    assert Model.load(path).version != serving.version
+    assert_same(processes.score(serving, lines, 1), serving.score(lines, 1))
+
+
+def test_a_killed_worker_costs_its_chunk_and_is_replaced(shop_model_path):
+    restarts = []
+    pool = ScoringProcesses(1, max_line_chars=65_536, on_restart=restarts.append)
+    try:
+        model = Model.load(shop_model_path)
+        lines = shop_lines(40, seed=53)
+        first, = pool.pids
+        assert_same(pool.score(model, lines, 0), model.score(lines, 0))
+        os.kill(first, signal.SIGKILL)
+        with pytest.raises(ScorerUnavailable, match="killed by signal 9.*restarted: retry"):
+            pool.score(model, lines, 0)
+        assert restarts == ["killed by signal 9"]
+        second, = pool.pids
+        assert second != first
+        assert_same(pool.score(model, lines, 0), model.score(lines, 0))
+    finally:
+        pool.close()
+    assert all(not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+               for pid in (first, second))
+
+
+def test_the_batcher_scores_parallel_chunks_at_once_and_answers_in_order():
+    """Two chunks must be in flight together to pass the barrier; each caller gets its own records."""
+    barrier = threading.Barrier(2, timeout=30)
+    model = type("FakeModel", (), {"name": "fake"})()
+
+    def score_chunk(records, explain):
+        if len(records) == SCORE_CHUNK:
+            barrier.wait()  # the first two chunks meet here, or the test fails
+        values = np.array(records, dtype=np.float32)
+        flags = np.zeros(len(records), dtype=bool)
+        return Scored(values, flags, values[:, None], flags, flags)
+
+    async def scenario():
+        executor = ThreadPoolExecutor(2)
+        batcher = Batcher(model, executor, max_batch_records=4096, max_queued_records=10_000, inline_max_records=0,
+                          score_chunk=score_chunk, parallel=2)
+        calls = [list(range(0, 700)), list(range(700, 1200)), list(range(1200, 1300))]
+        results = await asyncio.gather(*(batcher.score(records, 0, None) for records in calls))
+        await batcher.close()
+        executor.shutdown()
+        return calls, results
+
+    calls, results = asyncio.run(scenario())
+    for records, result in zip(calls, results):
+        assert result.scores.tolist() == records
+
+
+def sidecar_workers(sidecar: SidecarProcess) -> set[int]:
+    """The sidecar's scoring processes (children of any of its threads)."""
+    pids = set()
+    for task in Path(f"/proc/{sidecar.process.pid}/task").iterdir():
+        pids.update(int(pid) for pid in (task / "children").read_text().split())
+    return pids
+
+
+def test_the_sidecar_with_scoring_processes_scores_as_without_and_survives_a_dead_one(tmp_path, shop_model_path):
+    models = tmp_path / "models"
+    models.mkdir()
+    shutil.copy(shop_model_path, models / "shop.onnx")
+    sidecar = SidecarProcess(models, tmp_path, scoring_processes=2).start()
+    normal = shop_lines(1500, seed=54)
+    lines = normal + [line for _, line in attack_lines(normal, 500, seed=55)]
+    request = pb.ScoreRequest(explain=2)
+    request.lines.lines.extend(line.encode() for line in lines)
+    try:
+        workers = sidecar_workers(sidecar)
+        assert len(workers) == 2
+        expected = Model.load(shop_model_path).score(lines, 2)
+        answer = sidecar.stub().Score(request, timeout=60)
+        np.testing.assert_array_equal(np.array(answer.scores, dtype=np.float32), expected.scores)
+        assert [list(e.features) for e in answer.explanations] == expected.explanations
+        os.kill(min(workers), signal.SIGKILL)
+        failures = 0
+        for _ in range(4):  # at most the call that met the dead process fails, with a status shippers retry
+            try:
+                np.testing.assert_array_equal(np.array(sidecar.stub().Score(request, timeout=60).scores, dtype=np.float32),
+                                              expected.scores)
+            except grpc.RpcError as error:
+                assert error.code() == grpc.StatusCode.UNAVAILABLE and "restarted: retry" in error.details()
+                failures += 1
+        assert failures <= 1
+        deadline = time.monotonic() + 30
+        while len(sidecar_workers(sidecar) - workers) < 1 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert len(sidecar_workers(sidecar)) == 2 and min(workers) not in sidecar_workers(sidecar)
+        assert sidecar.metric("logscore_scoring_process_restarts_total") == failures
+        workers = sidecar_workers(sidecar)
+    finally:
+        assert sidecar.stop() == 0, sidecar.log()
+    assert not any(Path(f"/proc/{pid}").exists() for pid in workers)  # no scoring process outlives the sidecar
+
+
+def test_the_worst_input_through_a_scoring_process_leaves_it_serving(tmp_path):
+    sidecar = SidecarProcess(ROOT / "models", tmp_path, scoring_processes=1).start()
+    try:
+        outcomes = flood(sidecar, worst_payloads(2 * 1024 * 1024), calls_per_connection=1, grpc_connections=1)
+        for name, results in outcomes.items():
+            assert set(results) <= {"OK", "RESOURCE_EXHAUSTED", "200", "429"}, (name, results)
+        assert "OK" in outcomes["grpc_long_lines"] + outcomes["grpc_short_lines"]  # scored by the process
+        request = pb.ScoreRequest(lines=pb.RawLines(lines=[b"GET / HTTP/1.1"]))
+        assert len(sidecar.stub().Score(request, timeout=10).scores) == 1
+        assert sidecar.metric("logscore_scoring_process_restarts_total") == 0
+        assert '"level": "error"' not in sidecar.log()
+    finally:
+        assert sidecar.stop() == 0, sidecar.log()
