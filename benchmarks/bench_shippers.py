@@ -1,6 +1,6 @@
 """Real shippers with and without the scoring stage: lines/s and CPU seconds per process.
 
-    python benchmarks/bench_shippers.py [--lines 400000] [--rounds 3] [--quick] [--json PATH]
+    python benchmarks/bench_shippers.py [--lines 400000] [--rounds 3] [--quick] [--scoring-processes N] [--json PATH]
 
 Pipelines, each run with the stage and without it, paired and interleaved (with, without,
 with, ...), every run on a fresh sidecar (cold caches) and fresh shippers:
@@ -53,6 +53,13 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICKS  # utime + stime
 
 
+def process_tree_cpu_seconds(pid: int) -> float:
+    """CPU of a process and of its children (the sidecar's scoring processes)."""
+    children = [int(child) for task in Path(f"/proc/{pid}/task").iterdir()
+                for child in (task / "children").read_text().split()]
+    return cpu_seconds(pid) + sum(cpu_seconds(child) for child in children)
+
+
 def load_average() -> float:
     return round(os.getloadavg()[0], 2)
 
@@ -96,7 +103,8 @@ class Run:
         pids = {name: p.pid for name, p in self.processes.items()}
         if self.sidecar is not None:
             pids["sidecar"] = self.sidecar.process.pid
-        before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+        cpu_of = {name: process_tree_cpu_seconds if name == "sidecar" else cpu_seconds for name in pids}
+        before = {name: cpu_of[name](pid) for name, pid in pids.items()}
         load_before = load_average()
         started = time.monotonic()
         with open(source, "a") as feed:
@@ -107,7 +115,7 @@ class Run:
                 raise RuntimeError(f"only {count_lines(output)} of {len(lines)} lines out; see {self.work}")
             time.sleep(0.05)
         elapsed = time.monotonic() - started
-        cpu = {name: round(cpu_seconds(pid) - before[name], 2) for name, pid in pids.items()}
+        cpu = {name: round(cpu_of[name](pid) - before[name], 2) for name, pid in pids.items()}
         return {"lines_per_s": round(len(lines) / elapsed), "seconds": round(elapsed, 2), "cpu_s": cpu,
                 "load_before": load_before, "load_after": load_average()}
 
@@ -133,6 +141,8 @@ def workspace():
         yield Run(work), work / "access.log", work / "out"
 
 
+SIDECAR_SETTINGS: dict = {}  # --scoring-processes N sets scoring_processes
+
 # The least any stage in the filter's place costs Fluentd: a filter that adds constant fields.
 FLOOR_FILTER = "<filter web.**>\n  @type constant_score\n</filter>\n"
 FLOOR_PLUGIN = """require 'fluent/plugin/filter'
@@ -156,7 +166,7 @@ def fluentd(lines: list[str], with_stage: bool, floor: bool = False) -> dict:
         work = run.work
         stage = FLOOR_FILTER if floor else ""
         if with_stage:
-            run.sidecar = SidecarProcess(ROOT / "models", work).start()
+            run.sidecar = SidecarProcess(ROOT / "models", work, **SIDECAR_SETTINGS).start()
             stage = f"<filter web.**>\n  @type logscore\n  endpoint unix://{run.sidecar.socket}\n</filter>\n"
         (work / "fluent.conf").write_text(f"""
 <source>
@@ -231,7 +241,7 @@ def fluent_bit(lines: list[str], with_stage: bool, message_mode: bool = False, a
         if with_stage:
             target = free_port()
             run.sidecar = SidecarProcess(ROOT / "models", work, forward=f"127.0.0.1:{target}",
-                                         forward_to=f"127.0.0.1:{receiver_port}").start()
+                                         forward_to=f"127.0.0.1:{receiver_port}", **SIDECAR_SETTINGS).start()
         elif floor:
             target = free_port()
             (work / "relay.conf").write_text(service + f"""
@@ -274,8 +284,12 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="30,000 lines, 1 round")
     parser.add_argument("--only", choices=sorted(PIPELINES))
+    parser.add_argument("--scoring-processes", type=int, default=0, metavar="N",
+                        help="run the sidecar with N scoring processes (its CPU then includes theirs)")
     parser.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "shippers.json"))
     args = parser.parse_args()
+    if args.scoring_processes:
+        SIDECAR_SETTINGS["scoring_processes"] = args.scoring_processes
     if args.quick:
         args.lines, args.rounds = 30_000, 1
     missing = [str(p) for p in (FLUENTD / "bin" / "fluentd", FLUENT_BIT) if not p.exists()]
@@ -284,6 +298,7 @@ def main() -> int:
         return 2
     lines = shop_lines(args.lines, seed=90)
     results = {"machine": machine(), "lines": args.lines, "rounds": args.rounds, "traffic": "generated shop",
+               "scoring_processes": args.scoring_processes,
                "novel_share": novel_share(lines), "pipelines": {}}
     print(f"{args.lines} lines of generated shop traffic, {results['novel_share']:.0%} of requests never seen "
           f"earlier in the run; {args.rounds} paired rounds; {machine()['cpu']}, {os.cpu_count()} cores")

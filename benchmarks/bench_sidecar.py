@@ -291,6 +291,12 @@ def memory(pid: int) -> dict:
             "peak_rss_mib": round(int(values["VmHWM"].split()[0]) / 1024, 1)}
 
 
+def rss_text(memory: dict) -> str:
+    if "total_rss_mib" in memory:
+        return f"{memory['total_rss_mib']} MiB (sidecar {memory['rss_mib']} + {memory['scoring_processes_rss_mib']})"
+    return f"{memory['rss_mib']} MiB"
+
+
 def soak(target: str, pid: int, records: int, batch: int = 1000) -> dict:
     """Novel records through the sidecar, two clients, RSS every tenth of the way."""
     samples = [{"records": 0, **memory(pid)}]
@@ -392,7 +398,7 @@ def main() -> int:
             print(f"{traffic:10} {server:20} batch {batch:>6} clients {clients}: {row['records_per_s']:>8} records/s  "
                   f"call p50 {row['call_p50_ms']:>7} ms p99 {row['call_p99_ms']:>7} ms  never seen: "
                   f"{row['never_seen_request_lines']:.1%} of request lines  load {row['load_average']}"
-                  + (f"  RSS {row['sidecar_memory_after']['rss_mib']} MiB" if "sidecar_memory_after" in row else ""),
+                  + (f"  RSS {rss_text(row['sidecar_memory_after'])}" if "sidecar_memory_after" in row else ""),
                   flush=True)
         for name in latency_servers:
             row = client_processes(client_latency, (targets[name], 500 if args.quick else 3000), 1, timeout=600)[0]
