@@ -39,6 +39,21 @@ def assert_same(got: Scored, expected: Scored) -> None:
     assert (got.explanations, got.columns, got.fields) == (expected.explanations, expected.columns, expected.fields)
 
 
+def wait_dead(pid: int, timeout: float = 10.0) -> None:
+    """Until the killed process is a zombie of one thread (or reaped): its parent's next poll() sees
+    it gone (its other threads, onnxruntime's, exit after the main one)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+            if "State:\tZ" in status and "Threads:\t1\n" in status:
+                return
+        except FileNotFoundError:
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"process {pid} did not die")
+
+
 def hostile_records() -> list:
     """Odd but legal records: what the surfaces hand the scoring path."""
     return ["", "\ufffd\x00 broken \udcff".encode("utf-8", "surrogatepass").decode("utf-8", "replace"),
@@ -68,7 +83,8 @@ def test_a_worker_returns_what_the_model_returns(processes, shop_model_path, beh
 
 def test_records_msgpack_cannot_carry_are_scored_in_the_sidecar(processes, shop_model_path):
     model = Model.load(shop_model_path)
-    records = [{"message": "GET / HTTP/1.1", "count": 10 ** 30}, "GET /x HTTP/1.1"]  # JSON allows such numbers
+    # JSON allows both: numbers of any size, and "\udcff" escapes (a lone surrogate, no UTF-8 for it)
+    records = [{"message": "GET / HTTP/1.1", "count": 10 ** 30}, "GET /x HTTP/1.1", "GET /\udcff HTTP/1.1"]
     assert_same(processes.score(model, records, 1), model.score(records, 1))
 
 
@@ -83,7 +99,7 @@ def test_a_changed_model_file_is_scored_with_the_version_the_sidecar_serves(proc
     assert_same(processes.score(serving, lines, 1), serving.score(lines, 1))
 
 
-def test_a_killed_worker_costs_its_chunk_and_is_replaced(shop_model_path):
+def test_a_worker_that_dies_costs_at_most_its_chunk_and_is_replaced(shop_model_path):
     restarts = []
     pool = ScoringProcesses(1, max_line_chars=65_536, on_restart=restarts.append)
     try:
@@ -91,17 +107,25 @@ def test_a_killed_worker_costs_its_chunk_and_is_replaced(shop_model_path):
         lines = shop_lines(40, seed=53)
         first, = pool.pids
         assert_same(pool.score(model, lines, 0), model.score(lines, 0))
-        os.kill(first, signal.SIGKILL)
-        with pytest.raises(ScorerUnavailable, match="killed by signal 9.*restarted: retry"):
-            pool.score(model, lines, 0)
-        assert restarts == ["killed by signal 9"]
+        os.kill(first, signal.SIGKILL)  # while idle: found before a chunk is sent, nothing fails
+        wait_dead(first)
+        assert_same(pool.score(model, lines, 0), model.score(lines, 0))
+        assert restarts == ["exited while idle (killed by signal 9)"]
         second, = pool.pids
         assert second != first
+        # Dying while scoring: the worker looks alive when the chunk is sent, then its end closes.
+        worker = pool._idle.queue[0]
+        worker.process.poll = lambda: None
+        os.kill(second, signal.SIGKILL)
+        with pytest.raises(ScorerUnavailable, match="killed by signal 9.*restarted: retry"):
+            pool.score(model, lines, 0)
+        assert restarts[1] == "killed by signal 9"
+        third, = pool.pids
+        assert third not in (first, second)
         assert_same(pool.score(model, lines, 0), model.score(lines, 0))
     finally:
         pool.close()
-    assert all(not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
-               for pid in (first, second))
+    assert all(not Path(f"/proc/{pid}").exists() for pid in (first, second, third))
 
 
 def test_the_batcher_scores_parallel_chunks_at_once_and_answers_in_order():
@@ -131,6 +155,25 @@ def test_the_batcher_scores_parallel_chunks_at_once_and_answers_in_order():
         assert result.scores.tolist() == records
 
 
+def novel_lines(count: int) -> list[str]:
+    """Shop lines whose paths are all new: every chunk is featurized from scratch (slow enough to be caught)."""
+    return [line.replace("GET /", f"GET /n{i}x{i * 7919 % 10007}/", 1) for i, line in enumerate(shop_lines(count, 56))]
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def call_status(sidecar: SidecarProcess, request) -> str:
+    try:
+        sidecar.stub().Score(request, timeout=60)
+        return "OK"
+    except grpc.RpcError as error:
+        shown = "restarted: retry" if error.details().endswith("restarted: retry") else error.details()
+        return f"{error.code().name}: {shown}"
+
+
 def sidecar_workers(sidecar: SidecarProcess) -> set[int]:
     """The sidecar's scoring processes (children of any of its threads)."""
     pids = set()
@@ -143,7 +186,8 @@ def test_the_sidecar_with_scoring_processes_scores_as_without_and_survives_a_dea
     models = tmp_path / "models"
     models.mkdir()
     shutil.copy(shop_model_path, models / "shop.onnx")
-    sidecar = SidecarProcess(models, tmp_path, scoring_processes=2).start()
+    sidecar = SidecarProcess(models, tmp_path, scoring_processes=2, max_message_bytes=8 * 2**20,
+                             max_inflight_bytes=64 * 2**20).start()
     normal = shop_lines(1500, seed=54)
     lines = normal + [line for _, line in attack_lines(normal, 500, seed=55)]
     request = pb.ScoreRequest(explain=2)
@@ -155,22 +199,34 @@ def test_the_sidecar_with_scoring_processes_scores_as_without_and_survives_a_dea
         answer = sidecar.stub().Score(request, timeout=60)
         np.testing.assert_array_equal(np.array(answer.scores, dtype=np.float32), expected.scores)
         assert [list(e.features) for e in answer.explanations] == expected.explanations
-        os.kill(min(workers), signal.SIGKILL)
-        failures = 0
-        for _ in range(4):  # at most the call that met the dead process fails, with a status shippers retry
-            try:
-                np.testing.assert_array_equal(np.array(sidecar.stub().Score(request, timeout=60).scores, dtype=np.float32),
-                                              expected.scores)
-            except grpc.RpcError as error:
-                assert error.code() == grpc.StatusCode.UNAVAILABLE and "restarted: retry" in error.details()
-                failures += 1
-        assert failures <= 1
+        os.kill(min(workers), signal.SIGKILL)  # while idle: replaced before a chunk is sent to it, no call fails
+        wait_dead(min(workers))
+        for _ in range(3):
+            answer = sidecar.stub().Score(request, timeout=60)
+            np.testing.assert_array_equal(np.array(answer.scores, dtype=np.float32), expected.scores)
+        # While scoring: a big request keeps both busy; the call meets the death as a status shippers retry.
+        big = pb.ScoreRequest(lines=pb.RawLines(lines=[line.encode() for line in novel_lines(20_000)]))
+        busy = sidecar_workers(sidecar)
+        outcome = []
+        victim = min(busy)
+        started = cpu_seconds(victim)
+        caller = threading.Thread(target=lambda: outcome.append(call_status(sidecar, big)))
+        caller.start()
+        deadline = time.monotonic() + 30
+        while cpu_seconds(victim) < started + 0.05 and time.monotonic() < deadline:  # it is scoring the call
+            time.sleep(0.002)
+        os.kill(victim, signal.SIGKILL)
+        caller.join(60)
+        assert outcome[0] in ("OK", "UNAVAILABLE: restarted: retry"), outcome
+        workers |= busy
         deadline = time.monotonic() + 30
         while len(sidecar_workers(sidecar) - workers) < 1 and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert len(sidecar_workers(sidecar)) == 2 and min(workers) not in sidecar_workers(sidecar)
-        assert sidecar.metric("logscore_scoring_process_restarts_total") == failures
-        workers = sidecar_workers(sidecar)
+        now = sidecar_workers(sidecar)
+        assert len(now) == 2 and victim not in now
+        assert sidecar.metric("logscore_scoring_process_restarts_total") == 2
+        assert sidecar.stub().Score(request, timeout=60).scores == answer.scores
+        workers |= sidecar_workers(sidecar)
     finally:
         assert sidecar.stop() == 0, sidecar.log()
     assert not any(Path(f"/proc/{pid}").exists() for pid in workers)  # no scoring process outlives the sidecar

@@ -77,9 +77,13 @@ def unpack_scored(packed: dict) -> Scored:
     return Scored(explanations=packed["explanations"], fields=packed["fields"], columns=packed["columns"], **arrays)
 
 
-def request(model: Model, records: Sequence[object], explain: int) -> bytes:
+def pack_request(model: Model, records: Sequence[object], explain: int) -> bytes:
     records = records if isinstance(records, (list, tuple)) else list(records)
     return msgpack.packb([str(model.artifact.path), model.version, explain, records], use_bin_type=True)
+
+
+def describe_exit(code: int) -> str:
+    return f"exit code {code}" if code >= 0 else f"killed by signal {-code}"
 
 
 def checked(reply: dict) -> dict:
@@ -103,10 +107,10 @@ class Worker:
                 pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL)
         self.connection = Connection(ours.detach())
 
-    def call(self, request: bytes) -> dict:
+    def call(self, packed: bytes) -> dict:
         """Send one packed request, wait for its reply (WorkerFailed: the worker is gone or stuck)."""
         try:
-            self.connection.send_bytes(request)
+            self.connection.send_bytes(packed)
             if not self.connection.poll(CHUNK_TIMEOUT_S):
                 raise WorkerFailed(f"no answer in {CHUNK_TIMEOUT_S:.0f} s")
             return unpack(self.connection.recv_bytes())
@@ -117,10 +121,9 @@ class Worker:
 
     def _exit_description(self, error: Exception) -> str:
         try:
-            code = self.process.wait(timeout=1.0)
+            return describe_exit(self.process.wait(timeout=1.0))
         except subprocess.TimeoutExpired:
             return f"connection lost ({type(error).__name__})"
-        return f"exit code {code}" if code >= 0 else f"killed by signal {-code}"
 
     def close(self, timeout: float = 5.0) -> None:
         """Ask it to exit (end of its input), kill it if it does not."""
@@ -171,7 +174,7 @@ class ScoringProcesses:
             for worker in workers:
                 for model in models:
                     if self.takes(model):
-                        checked(worker.call(request(model, ["probe"], 0)))
+                        checked(worker.call(pack_request(model, ["probe"], 0)))
         except (WorkerFailed, RuntimeError) as error:
             raise ConfigError(f"a scoring process cannot score the models ({error}); see the log above, "
                               "or run with --scoring-processes 0") from None
@@ -181,10 +184,13 @@ class ScoringProcesses:
 
     def score(self, model: Model, records: Sequence[object], explain: int) -> Scored:
         try:
-            packed = request(model, records, explain)
+            packed = pack_request(model, records, explain)
         except (TypeError, ValueError, OverflowError):  # a value msgpack cannot carry: score it here
             return model.score(records, explain)
         worker = self._take_idle()
+        while worker.process.poll() is not None:  # it died while idle (say, the OOM killer): no chunk lost
+            self._replace(worker, f"exited while idle ({describe_exit(worker.process.returncode)})")
+            worker = self._take_idle()
         try:
             reply = worker.call(packed)
         except WorkerFailed as error:
@@ -247,8 +253,8 @@ class ModelCache:
         return model if model.version == version else None
 
 
-def answer(cache: ModelCache, request: list) -> dict:
-    path, version, explain, records = request
+def answer(cache: ModelCache, message: list) -> dict:
+    path, version, explain, records = message
     try:
         model = cache.get(path, version)
         if model is None:
@@ -261,10 +267,10 @@ def answer(cache: ModelCache, request: list) -> dict:
 def serve_worker(connection: Connection, cache: ModelCache) -> None:
     while True:
         try:
-            request = unpack(connection.recv_bytes())
-        except EOFError:  # the sidecar closed its end (shutdown) or is gone
+            message = unpack(connection.recv_bytes())
+            connection.send_bytes(msgpack.packb(answer(cache, message), use_bin_type=True))
+        except (EOFError, OSError):  # the sidecar closed its end (shutdown) or is gone
             return
-        connection.send_bytes(msgpack.packb(answer(cache, request), use_bin_type=True))
 
 
 def main(argv: Optional[list[str]] = None) -> int:
