@@ -11,9 +11,9 @@ What stays in the sidecar's process: models that follow sessions (their state is
 records), a chunk whose model file changed on disk since the sidecar loaded it (the worker would
 score another version), and records msgpack cannot carry.
 
-A worker that exits or hangs while scoring costs only that chunk: its callers get
-``ScorerUnavailable`` (gRPC UNAVAILABLE, HTTP 503; shipper stages pass the records on marked
-unscored) and the worker is replaced. Records that crash a worker never reach the sidecar's own
+A worker found dead before a chunk is sent to it is replaced first. One that exits or hangs
+while scoring costs only that chunk: its callers get ``ScorerUnavailable`` (gRPC UNAVAILABLE,
+HTTP 503; shipper stages pass the records on marked unscored) and the worker is replaced. Records that crash a worker never reach the sidecar's own
 process.
 
 Messages are msgpack over a socket pair, one request and one reply at a time per worker.
