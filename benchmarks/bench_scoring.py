@@ -1,6 +1,6 @@
 """Featurize and score cost per record (CPU time, one core), at several batch sizes.
 
-    python benchmarks/bench_scoring.py [--sections traffic,detectors,prior_art] [--json benchmarks/results/scoring.json]
+    python benchmarks/bench_scoring.py [--sections traffic,explanations,detectors,prior_art] [--json benchmarks/results/scoring.json]
 
 - **traffic**: the shipped default model (models/apache-access.onnx) on repetitive and novel
   traffic (benchmarks/traffic.py: the real access log; the same with 99 % of request lines
@@ -8,6 +8,8 @@
   pipeline (HashingVectorizer char 3-grams of the URL + IsolationForest) and a floor (char
   3-gram hashing of the URL over the batch + one onnxruntime Gather/ReduceSum call), all
   measured in this run. Each row states the share of request lines never seen and the load.
+- **explanations**: ``Model.score`` of the default model with and without ``explain=3``, both
+  traffics.
 - **detectors**: one small model per detector trained on generated shop lines
   (tests/generate.py), on long-tail traffic (a third of the requests new).
 - **prior_art**: the prior art's methods (benchmarks/baselines.py; needs gensim).
@@ -115,6 +117,36 @@ def bench_traffic() -> dict:
     return results
 
 
+def bench_explanations(explain: int = 3, batch: int = 1000, batches: int = 20) -> dict:
+    """``Model.score`` with and without explanations (what the Fluentd plugin's ``explanation_key``
+    and the API's ``explain`` ask for), each batch the next lines, interleaved, CPU per record."""
+    model = Model.load(ROOT / "models" / "apache-access.onnx")
+    results = {}
+    for traffic in ("repetitive", "novel"):
+        pool = TRAFFIC[traffic](2 * batch * batches + 10_000, seed=33)
+        model.score(pool[:10_000], explain)  # warm: caches, remembered feature names
+        times: dict[int, list[float]] = {0: [], explain: []}
+        offset = 10_000
+        for _ in range(batches):
+            for k in (0, explain):
+                records = pool[offset: offset + batch]
+                offset += batch
+                started = time.process_time()
+                model.score(records, k)
+                times[k].append(time.process_time() - started)
+        sent = pool[10_000: offset]
+        row = {"batch": batch, "explain": explain,
+               "score_us_per_record": round(float(np.median(times[0])) / batch * 1e6, 2),
+               "explained_us_per_record": round(float(np.median(times[explain])) / batch * 1e6, 2),
+               "never_seen_request_lines": never_seen_share(*sent_digests(sent))["never_seen_request_lines"],
+               "load_average": load_average()}
+        results[traffic] = row
+        print(f"{traffic}: Model.score {row['score_us_per_record']} µs/record, with explain={explain} "
+              f"{row['explained_us_per_record']}   never seen {row['never_seen_request_lines']:.1%}  "
+              f"load {row['load_average']}", flush=True)
+    return results
+
+
 def bench_baselines(training: list[str], scoring: list[str]) -> dict:
     try:
         import gensim  # noqa: F401
@@ -133,7 +165,7 @@ def bench_baselines(training: list[str], scoring: list[str]) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sections", default="traffic,detectors,prior_art")
+    parser.add_argument("--sections", default="traffic,explanations,detectors,prior_art")
     parser.add_argument("--records", type=int, default=4000, help="training records per model")
     parser.add_argument("--detectors", default=",".join(DETECTORS))
     parser.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "scoring.json"))
@@ -147,6 +179,8 @@ def main() -> int:
     print(f"{'':44} {'batch':>6} {'featurize µs':>13} {'score µs':>9} {'total µs':>9} {'records/s':>10}  (CPU, per record)")
     if "traffic" in sections:
         results["traffic"] = bench_traffic()
+    if "explanations" in sections:
+        results["explanations"] = bench_explanations()
     # Long-tail traffic: a third of the requests carry a URL not seen before (ids, search words).
     training, scoring = shop_lines(args.records, seed=0), shop_lines(200_000, seed=1)
     results["detectors_traffic"] = "tests/generate.py shop_lines: 32 % of requests new"

@@ -135,3 +135,39 @@ def test_a_copy_loads_with_the_same_version(shop_model_path, tmp_path):
     copy = tmp_path / "copy.onnx"
     shutil.copy(shop_model_path, copy)
     assert read_artifact(copy).version == read_artifact(shop_model_path).version
+
+
+def test_explanations_name_each_records_most_contributing_features_in_order():
+    """Against the definition, on random batches: per record, the features whose contribution
+    (weight x surprise) is not <= 0, most first (ties and NaN in batch order, NaN last), at most top."""
+    from types import SimpleNamespace
+
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        size, count = int(rng.integers(1, 6)), int(rng.integers(0, 40))
+        rows = rng.integers(0, size, count)
+        weights = rng.choice([-1.0, 0.0, 0.5, 1.0, 2.0], count).astype(np.float32)
+        surprise = rng.choice([0.0, 0.3, 1.0, np.nan], count).astype(np.float32)
+        top = int(rng.integers(1, 5))
+        batch = SimpleNamespace(rows=rows, weights=weights, size=size, name=lambda i: f"k{i}")
+        model = SimpleNamespace(describe_rarity=lambda s: f"{s:.1f}")
+        contribution = weights * surprise
+        expected = []
+        for row in range(size):
+            mine = [i for i in range(count) if rows[i] == row and not contribution[i] <= 0]
+            mine.sort(key=lambda i: (bool(np.isnan(contribution[i])), -contribution[i], i))
+            expected.append([f"k{i} ({surprise[i]:.1f})" for i in mine[:top]])
+        assert Model._explain(model, batch, surprise, top) == expected
+
+
+def test_feature_names_remembered_for_explanations_are_the_names_worked_out(shop_model_path, monkeypatch):
+    from logscore.features import converters
+
+    normal = shop_lines(300, seed=12)
+    lines = normal + [line for _, line in attack_lines(normal, 100, seed=13)]
+    fresh = Model.load(shop_model_path).score(lines, 5).explanations
+    monkeypatch.setattr(converters, "MAX_NAMES", 50)  # remembered names are dropped often
+    model = Model.load(shop_model_path)
+    assert model.score(lines, 5).explanations == fresh
+    assert model.score(lines, 5).explanations == fresh  # now mostly from what was remembered
+    assert all(len(c._names) <= 50 for c in model.featurizer.converters)

@@ -176,13 +176,17 @@ class Model:
     def _explain(self, batch: FeatureBatch, surprise: np.ndarray, top: int) -> list[list[str]]:
         """The features that made each record unusual, most unusual first."""
         contribution = batch.weights * surprise
-        order = np.lexsort((-contribution, batch.rows))
+        order = np.lexsort((-contribution, batch.rows))  # by record, most unusual first
+        rows = batch.rows[order]
+        named = ~(contribution[order] <= 0)  # what contributed (a NaN too: it is shown, not hidden)
+        # Each record's first ``top`` contributing features, without a Python step per feature.
+        counted = np.cumsum(named)
+        starts = np.searchsorted(rows, rows, side="left")
+        rank = counted - np.where(starts > 0, counted[starts - 1], 0)
         explanations: list[list[str]] = [[] for _ in range(batch.size)]
-        for index in order:
-            row = int(batch.rows[index])
-            if len(explanations[row]) >= top or contribution[index] <= 0:
-                continue
-            explanations[row].append(f"{batch.name(int(index))} ({self.describe_rarity(surprise[index])})")
+        for index in order[named & (rank <= top)].tolist():
+            explanations[int(batch.rows[index])].append(
+                f"{batch.name(index)} ({self.describe_rarity(surprise[index])})")
         return explanations
 
     def describe_rarity(self, surprise: float) -> str:

@@ -33,6 +33,7 @@ CACHE_SIZE = 16_384  # distinct values remembered per cache, at most
 # Bytes each cache may hold (keys and features, estimated): a long URL's n-grams take ≈ 3 KB,
 # so entries alone would not bound memory. A converter has one to two caches.
 CACHE_BYTES = 4 << 20
+MAX_NAMES = 16_384  # feature names remembered per converter for explanations (≈ 2 MiB at most)
 
 
 def key_bytes(key) -> int:
@@ -138,6 +139,7 @@ class Converter:
         # The compiled twins of this converter's work (features/native.py), or None.
         self._native = None
         self._weigher = None
+        self._names: dict[int, str] = {}  # key -> readable name, for explanations (describe)
         self._new_caches()
 
     def accelerate(self, native) -> None:
@@ -205,7 +207,20 @@ class Converter:
 
     def describe(self, value: Optional[str], key: int) -> str:
         """The readable name of feature ``key`` of ``value`` (for explanations: worked out again
-        when asked, so cached features hold no names)."""
+        when asked, so cached features hold no names).
+
+        NOTE: a key is the hash of its text, so its name does not depend on the value: names
+        found are remembered by key (working one out featurizes the value again in Python, ≈ 20 µs).
+        """
+        name = self._names.get(key)
+        if name is None:
+            name = self._describe(value, key)
+            if len(self._names) >= MAX_NAMES:
+                self._names.clear()
+            self._names[key] = name
+        return name
+
+    def _describe(self, value: Optional[str], key: int) -> str:
         text = self.feature_text(value, key)
         return f"{self.label}: {text if text is not None else f'feature #{key}'}"
 
@@ -569,7 +584,7 @@ class NgramConverter(Converter):
         ends[last_of_row] = valid_per_row[rows[last_of_row]]
         return (ends - cols).astype(np.float32)
 
-    def describe(self, value: Optional[str], key: int) -> str:
+    def _describe(self, value: Optional[str], key: int) -> str:
         found = self._ngram(value, key)
         if found is None:
             return f"{self.field} n-gram #{key}"
