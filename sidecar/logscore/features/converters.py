@@ -159,6 +159,7 @@ class Converter:
 
     def _new_caches(self) -> None:
         self._cache = self._new_cache()
+        self._last_texts: Optional[tuple] = None  # (value, its texts by key) for feature_text; fit changes them
 
     def spec(self) -> dict:
         return {"kind": self.kind, "weight": self.weight, "weighting": self.weighting,
@@ -225,8 +226,17 @@ class Converter:
         return f"{self.label}: {text if text is not None else f'feature #{key}'}"
 
     def feature_text(self, value: Optional[str], key: int) -> Optional[str]:
-        """The text feature ``key`` of ``value`` was hashed from (None: no text of it was)."""
-        return next((text for text in self._texts(value) if text_key(self.seed, text) == key), None)
+        """The text feature ``key`` of ``value`` was hashed from (None: no text of it was).
+
+        NOTE: the texts of the last value asked about are kept by key: explanations name a
+        record's features one after the other, mostly several of the same value."""
+        last = self._last_texts
+        if last is None or last[0] != value:
+            texts: dict[int, str] = {}
+            for text in self._texts(value):
+                texts.setdefault(text_key(self.seed, text), text)
+            last = self._last_texts = (value, texts)
+        return last[1].get(key)
 
     def features(self, value: str) -> Iterable[str]:
         raise NotImplementedError
