@@ -136,19 +136,22 @@ class Inspection:
     bounds: np.ndarray  # [N + 1]: record r's keys are batch indices bounds[r]:bounds[r + 1]
     detail: np.ndarray  # [nnz] bool: the key is an n-gram
     records: Sequence[object]
-    _unusual: dict = field(default_factory=dict)  # row -> unusual(row), worked out once
+    _ranked: Optional[tuple] = None  # every record's unusual features at once (see unusual)
+    _keys_of: dict = field(default_factory=dict)  # converter -> its keys in the batch, each record's first
     _values: Optional[dict] = None  # field -> [N] values, parsed again only for field-value entries
 
     def unusual(self, row: int, limit: int = MAX_RECORD_KEYS) -> np.ndarray:
         """Batch indices of the record's unusual features: structural ones first, each kind most
         unusual first."""
-        found = self._unusual.get(row)
-        if found is None:
-            start, stop = int(self.bounds[row]), int(self.bounds[row + 1])
-            contribution = self.contribution[start:stop]
-            order = np.lexsort((-contribution, self.detail[start:stop]))
-            found = self._unusual[row] = order[contribution[order] > 0][:MAX_RECORD_KEYS] + start
-        return found[:limit]
+        if self._ranked is None:
+            # All records in one sort (a sort per record cost more than the work): by record,
+            # structural first, most unusual first; what adds nothing left out.
+            order = np.lexsort((-self.contribution, self.detail, self.batch.rows))
+            order = order[self.contribution[order] > 0]
+            self._ranked = order, np.searchsorted(self.batch.rows[order], np.arange(self.batch.size + 1))
+        order, starts = self._ranked
+        first = int(starts[row])
+        return order[first: min(int(starts[row + 1]), first + MAX_RECORD_KEYS, first + limit)]
 
     def kind(self, row: int) -> frozenset:
         """What kind of unusual the record is: its unusual structural features, where a URL's
@@ -174,14 +177,20 @@ class Inspection:
                                           float(self.surprise[i])) for i in self.unusual(row, limit)])
 
     def value_of(self, converter, row: int) -> Optional[str]:
-        """The value ``converter`` featurized for the record (its features keep it: nothing is parsed)."""
+        """The value ``converter`` featurized for the record (its features keep it: nothing is parsed):
+        that of the record's first key from ``converter``."""
         origins = self.batch.origins.resolve()
-        start, stop = int(self.bounds[row]), int(self.bounds[row + 1])
-        for entry_id in dict.fromkeys(origins.entry_of_key[start:stop].tolist()):
-            entry = origins.entries[entry_id]
-            if entry.converter is converter:
-                return entry.value
-        return None
+        found = self._keys_of.get(converter)
+        if found is None:  # for all records at once
+            mine = np.fromiter((e.converter is converter for e in origins.entries), dtype=bool,
+                               count=len(origins.entries))
+            keys = np.flatnonzero(mine[origins.entry_of_key]) if len(mine) else np.zeros(0, dtype=np.int64)
+            found = self._keys_of[converter] = keys, np.searchsorted(keys, self.bounds[:-1])
+        keys, first = found
+        at = int(first[row])
+        if at == len(keys) or keys[at] >= self.bounds[row + 1]:
+            return None
+        return origins.entries[int(origins.entry_of_key[keys[at]])].value
 
     @property
     def values(self) -> dict:
@@ -381,6 +390,11 @@ class Index:
             self.scoped.setdefault(item, []).append(entry)
         else:
             self.unscoped.setdefault(item, set()).add(entry.id)
+
+    def present(self, items: set) -> set:
+        """Those of ``items`` some entry names, in or out of scope (set operations in C: a record's
+        keys are many, the entries' few)."""
+        return (items & self.unscoped.keys()) | (items & self.scoped.keys())
 
     def ids(self, item, route: str, entity: Optional[str]) -> set[int]:
         found = self.unscoped.get(item, set())
@@ -598,8 +612,9 @@ class FeedbackStep:
         start, stop = int(found.bounds[row]), int(found.bounds[row + 1])
         counts: dict[int, int] = {}
         entries: dict[int, Entry] = {}
+        keys = set(found.batch.keys[start:stop].tolist())
         for rules in model_rules:
-            for key in set(found.batch.keys[start:stop].tolist()):
+            for key in rules.normal_by_kind.present(keys):
                 for i in rules.normal_by_kind.ids(key, route, entity):
                     counts[i] = counts.get(i, 0) + 1
                     entries[i] = rules.normal_by_kind.entries[i]
@@ -633,7 +648,8 @@ class FeedbackStep:
                 kept.update(i for i in rules.keep_by_kind.ids(token, route, entity)
                             if similar(kind, rules.keep_by_kind.entries[i].pattern["kind"]))
             if rules.keep_by_key:
-                protected.update(k for k in found.batch.keys[start:stop].tolist() if rules.keep_by_key.ids(k, route, entity))
+                keys = rules.keep_by_key.present(set(found.batch.keys[start:stop].tolist()))
+                protected.update(k for k in keys if rules.keep_by_key.ids(k, route, entity))
             for (name, value), entries in rules.by_field.items():
                 if found.values[name][row] == value:
                     kept.update(e.id for e in entries if e.verdict == KEEP and in_scope(e, route, entity))
