@@ -231,3 +231,36 @@ def test_grpc_and_the_command_line(sidecar):
     assert bad.returncode == 1 and "give NAME=VALUE" in bad.stderr
     listing = logscore("feedback", "list", "--all", *connection)
     assert listing.returncode == 0 and "#2 keep [model shop] method = 'TRACE'" in listing.stdout
+
+
+def test_a_records_unusual_features_and_its_values_match_their_definitions():
+    """Worked out for a whole call at once; checked record by record against the definitions on
+    random calls: unusual features = the record's keys adding something, structural before detail,
+    most first (ties in batch order), at most MAX_RECORD_KEYS; a converter's value = that of the
+    record's first key from it."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from logscore.feedback import MAX_RECORD_KEYS, Inspection
+
+    rng = np.random.default_rng(1)
+    converters = [object(), object(), object()]
+    for _ in range(200):
+        size, count = int(rng.integers(1, 8)), int(rng.integers(0, 120))
+        rows = np.sort(rng.integers(0, size, count))
+        entries = [SimpleNamespace(converter=converters[int(rng.integers(0, 3))], value=f"v{i}") for i in range(6)]
+        origins = SimpleNamespace(entries=entries, entry_of_key=rng.integers(0, len(entries), count))
+        batch = SimpleNamespace(rows=rows, size=size, origins=SimpleNamespace(resolve=lambda o=origins: o))
+        found = Inspection(None, batch, rng.choice([-1.0, 0.0, 0.5, 1.0, np.nan], count), None, None,
+                           np.searchsorted(rows, np.arange(size + 1)), rng.random(count) < 0.5, [])
+        for row in range(size):
+            start, stop = int(found.bounds[row]), int(found.bounds[row + 1])
+            mine = [i for i in range(start, stop) if found.contribution[i] > 0]
+            mine.sort(key=lambda i: (bool(found.detail[i]), -found.contribution[i], i))
+            for limit in (1, 3, 10**6):
+                assert found.unusual(row, limit).tolist() == mine[:MAX_RECORD_KEYS][:limit]
+            for converter in converters:
+                first = next((entries[origins.entry_of_key[i]].value for i in range(start, stop)
+                              if entries[origins.entry_of_key[i]].converter is converter), None)
+                assert found.value_of(converter, row) == first
