@@ -264,3 +264,16 @@ def test_a_records_unusual_features_and_its_values_match_their_definitions():
                 first = next((entries[origins.entry_of_key[i]].value for i in range(start, stop)
                               if entries[origins.entry_of_key[i]].converter is converter), None)
                 assert found.value_of(converter, row) == first
+
+
+def test_among_is_isin_for_sorted_unique_keys():
+    import numpy as np
+
+    from logscore.feedback import among
+
+    rng = np.random.default_rng(2)
+    for _ in range(500):
+        pool = rng.integers(-2**62, 2**62, 50)
+        marked = np.unique(rng.choice(pool, int(rng.integers(0, 20))))
+        keys = rng.choice(np.concatenate([pool, rng.integers(-2**63, 2**63 - 1, 10)]), int(rng.integers(0, 60)))
+        assert among(keys, marked).tolist() == np.isin(keys, marked).tolist()

@@ -562,7 +562,7 @@ class FeedbackStep:
         unusual = found.contribution > 0
         hits = np.zeros(len(keys), dtype=bool)
         for rules in model_rules:
-            hits |= np.isin(keys, rules.normal_keys)
+            hits |= among(keys, rules.normal_keys)
         hits &= unusual
         fields = found.key_fields() if any(r.by_field for r in model_rules) else None
         for row, i in enumerate(candidates.tolist()):
@@ -654,6 +654,14 @@ class FeedbackStep:
                 if found.values[name][row] == value:
                     kept.update(e.id for e in entries if e.verdict == KEEP and in_scope(e, route, entity))
         return protected, kept
+
+
+def among(keys: np.ndarray, sorted_keys: np.ndarray) -> np.ndarray:
+    """``np.isin(keys, sorted_keys)`` for sorted unique ``sorted_keys``, by binary search (isin
+    sorts both: most of the cost of matching a call's keys against a few entries')."""
+    if not len(sorted_keys):
+        return np.zeros(len(keys), dtype=bool)
+    return sorted_keys[np.minimum(np.searchsorted(sorted_keys, keys), len(sorted_keys) - 1)] == keys
 
 
 def similar(a: Sequence, b: Sequence) -> bool:
