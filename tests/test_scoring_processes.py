@@ -4,6 +4,7 @@ sidecar's own process, and a worker that dies costs only its chunk."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import signal
@@ -225,6 +226,8 @@ def test_the_sidecar_with_scoring_processes_scores_as_without_and_survives_a_dea
         now = sidecar_workers(sidecar)
         assert len(now) == 2 and victim not in now
         assert sidecar.metric("logscore_scoring_process_restarts_total") == 2
+        status, ready = sidecar.http_get("/readyz")
+        assert status == 200 and json.loads(ready)["scoring_processes"] == {"wanted": 2, "running": 2, "replaced": 2}
         assert sidecar.stub().Score(request, timeout=60).scores == answer.scores
         workers |= sidecar_workers(sidecar)
     finally:

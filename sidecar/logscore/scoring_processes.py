@@ -13,8 +13,8 @@ score another version), and records msgpack cannot carry.
 
 A worker found dead before a chunk is sent to it is replaced first. One that exits or hangs
 while scoring costs only that chunk: its callers get ``ScorerUnavailable`` (gRPC UNAVAILABLE,
-HTTP 503; shipper stages pass the records on marked unscored) and the worker is replaced. Records that crash a worker never reach the sidecar's own
-process.
+HTTP 503; shipper stages pass the records on marked unscored) and the worker is replaced.
+Records that crash a worker never reach the sidecar's own process.
 
 Messages are msgpack over a socket pair, one request and one reply at a time per worker.
 """
@@ -147,6 +147,7 @@ class ScoringProcesses:
         self._workers: list[Worker] = []
         self._lock = threading.Lock()
         self._closed = False
+        self.replaced = 0
         for _ in range(count):
             self._add(Worker(self._arguments))
         self.executor = ThreadPoolExecutor(max_workers=count, thread_name_prefix="scoring-process")
@@ -160,6 +161,12 @@ class ScoringProcesses:
     def pids(self) -> list[int]:
         with self._lock:
             return [w.process.pid for w in self._workers]
+
+    def status(self) -> dict:
+        """For /readyz: how many are wanted, how many run, how many were replaced."""
+        with self._lock:
+            running = sum(w.process.poll() is None for w in self._workers)
+        return {"wanted": self.count, "running": running, "replaced": self.replaced}
 
     @staticmethod
     def takes(model: Model) -> bool:
@@ -217,6 +224,7 @@ class ScoringProcesses:
             self._workers.remove(worker)
             if self._closed:
                 return
+        self.replaced += 1
         self._on_restart(reason)
         try:
             self._add(Worker(self._arguments))

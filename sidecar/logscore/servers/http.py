@@ -433,6 +433,8 @@ class SidecarHttp:
             body["learning"] = self.service.learner.status()
         if self.service.feedback is not None:  # an unreachable store does not make the sidecar unready
             body["feedback"] = self.service.feedback.status(public=True)
+        if self.service.processes is not None:  # nor does one being replaced: the others score meanwhile
+            body["scoring_processes"] = self.service.processes.status()
         return Response.json(body, 200 if ready else 503)
 
     async def anomalies(self, request: Request) -> Response:
