@@ -62,8 +62,8 @@ class Settings:
                                       "is scored on the event loop (faster than a thread hand-off); 0: never")
     scoring_processes: int = setting(0, "worker processes that featurize and score (each loads the models: about "
                                      "90 MiB more apiece); 0: score in the sidecar's own process, on one core at "
-                                     "a time. 2 on a host with 2 spare cores about doubles novel traffic's "
-                                     "throughput (docs/performance.md)")
+                                     "a time. 2 gave 1.3-1.5x the records/s of novel traffic on a shared 2-core "
+                                     "machine, nothing on repetitive traffic (docs/performance.md)")
     max_queued_records: int = setting(200_000, "records waiting per model before RESOURCE_EXHAUSTED")
     max_records_per_request: int = setting(20_000, "records in one request before INVALID_ARGUMENT")
     max_record_bytes: int = setting(65_536, "a longer raw line is cut to this many characters before it is parsed "
