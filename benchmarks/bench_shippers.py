@@ -1,6 +1,7 @@
 """Real shippers with and without the scoring stage: lines/s and CPU seconds per process.
 
-    python benchmarks/bench_shippers.py [--lines 400000] [--rounds 3] [--quick] [--scoring-processes N] [--json PATH]
+    python benchmarks/bench_shippers.py [--lines 400000] [--rounds 3] [--quick] [--scoring-processes N] [--explain]
+                                        [--json PATH]
 
 Pipelines, each run with the stage and without it, paired and interleaved (with, without,
 with, ...), every run on a fresh sidecar (cold caches) and fresh shippers:
@@ -142,6 +143,7 @@ def workspace():
 
 
 SIDECAR_SETTINGS: dict = {}  # --scoring-processes N sets scoring_processes
+PLUGIN_EXPLANATION_KEY: list = []  # --explain: the Fluentd filter asks for explanations (explanation_key)
 
 # The least any stage in the filter's place costs Fluentd: a filter that adds constant fields.
 FLOOR_FILTER = "<filter web.**>\n  @type constant_score\n</filter>\n"
@@ -167,7 +169,8 @@ def fluentd(lines: list[str], with_stage: bool, floor: bool = False) -> dict:
         stage = FLOOR_FILTER if floor else ""
         if with_stage:
             run.sidecar = SidecarProcess(ROOT / "models", work, **SIDECAR_SETTINGS).start()
-            stage = f"<filter web.**>\n  @type logscore\n  endpoint unix://{run.sidecar.socket}\n</filter>\n"
+            explain = f"  explanation_key {PLUGIN_EXPLANATION_KEY[0]}\n" if PLUGIN_EXPLANATION_KEY else ""
+            stage = f"<filter web.**>\n  @type logscore\n  endpoint unix://{run.sidecar.socket}\n{explain}</filter>\n"
         (work / "fluent.conf").write_text(f"""
 <source>
   @type tail
@@ -286,8 +289,12 @@ def main() -> int:
     parser.add_argument("--only", choices=sorted(PIPELINES))
     parser.add_argument("--scoring-processes", type=int, default=0, metavar="N",
                         help="run the sidecar with N scoring processes (its CPU then includes theirs)")
+    parser.add_argument("--explain", action="store_true", help="the Fluentd filter sets explanation_key (3 "
+                        "features named per record, its default explain)")
     parser.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "shippers.json"))
     args = parser.parse_args()
+    if args.explain:
+        PLUGIN_EXPLANATION_KEY.append("anomaly_explanation")
     if args.scoring_processes:
         SIDECAR_SETTINGS["scoring_processes"] = args.scoring_processes
     if args.quick:
@@ -298,7 +305,7 @@ def main() -> int:
         return 2
     lines = shop_lines(args.lines, seed=90)
     results = {"machine": machine(), "lines": args.lines, "rounds": args.rounds, "traffic": "generated shop",
-               "scoring_processes": args.scoring_processes,
+               "scoring_processes": args.scoring_processes, "explain": args.explain,
                "novel_share": novel_share(lines), "pipelines": {}}
     print(f"{args.lines} lines of generated shop traffic, {results['novel_share']:.0%} of requests never seen "
           f"earlier in the run; {args.rounds} paired rounds; {machine()['cpu']}, {os.cpu_count()} cores")
