@@ -37,7 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import machine, write_results  # noqa: E402
+from benchmarks.common import child_pids, cpu_seconds, machine, write_results  # noqa: E402
 from tests.generate import shop_lines  # noqa: E402
 from tests.sidecar_process import SidecarProcess, free_port  # noqa: E402
 
@@ -46,19 +46,11 @@ FLUENTD = Path(os.environ.get("FLUENTD_SOURCE", VENDOR / "fluentd"))
 SERVERENGINE = Path(os.environ.get("SERVERENGINE_SOURCE", VENDOR / "serverengine"))
 FLUENT_BIT = Path(os.environ.get("FLUENT_BIT", VENDOR / "fluent-bit" / "bin" / "fluent-bit"))
 PLUGIN = ROOT / "fluentd-plugin"
-TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS  # utime + stime
 
 
 def process_tree_cpu_seconds(pid: int) -> float:
     """CPU of a process and of its children (the sidecar's scoring processes)."""
-    children = [int(child) for task in Path(f"/proc/{pid}/task").iterdir()
-                for child in (task / "children").read_text().split()]
-    return cpu_seconds(pid) + sum(cpu_seconds(child) for child in children)
+    return cpu_seconds(pid) + sum(cpu_seconds(child) for child in child_pids(pid))
 
 
 def load_average() -> float:
@@ -142,8 +134,10 @@ def workspace():
         yield Run(work), work / "access.log", work / "out"
 
 
-SIDECAR_SETTINGS: dict = {}  # --scoring-processes N sets scoring_processes
-PLUGIN_EXPLANATION_KEY: list = []  # --explain: the Fluentd filter asks for explanations (explanation_key)
+# Set from the command line: the sidecar's further settings (--scoring-processes), and the
+# logscore filter's (--explain: explanation_key).
+SIDECAR_SETTINGS: dict = {}
+FILTER_SETTINGS: dict = {}
 
 # The least any stage in the filter's place costs Fluentd: a filter that adds constant fields.
 FLOOR_FILTER = "<filter web.**>\n  @type constant_score\n</filter>\n"
@@ -169,8 +163,8 @@ def fluentd(lines: list[str], with_stage: bool, floor: bool = False) -> dict:
         stage = FLOOR_FILTER if floor else ""
         if with_stage:
             run.sidecar = SidecarProcess(ROOT / "models", work, **SIDECAR_SETTINGS).start()
-            explain = f"  explanation_key {PLUGIN_EXPLANATION_KEY[0]}\n" if PLUGIN_EXPLANATION_KEY else ""
-            stage = f"<filter web.**>\n  @type logscore\n  endpoint unix://{run.sidecar.socket}\n{explain}</filter>\n"
+            more = "".join(f"  {name} {value}\n" for name, value in FILTER_SETTINGS.items())
+            stage = f"<filter web.**>\n  @type logscore\n  endpoint unix://{run.sidecar.socket}\n{more}</filter>\n"
         (work / "fluent.conf").write_text(f"""
 <source>
   @type tail
@@ -294,7 +288,7 @@ def main() -> int:
     parser.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "shippers.json"))
     args = parser.parse_args()
     if args.explain:
-        PLUGIN_EXPLANATION_KEY.append("anomaly_explanation")
+        FILTER_SETTINGS["explanation_key"] = "anomaly_explanation"
     if args.scoring_processes:
         SIDECAR_SETTINGS["scoring_processes"] = args.scoring_processes
     if args.quick:

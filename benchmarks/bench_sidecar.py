@@ -47,7 +47,8 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
-from benchmarks.common import client_processes, load_average, machine, percentiles_ms, write_results  # noqa: E402
+from benchmarks.common import (child_pids, client_processes, load_average, machine, percentiles_ms,  # noqa: E402
+                               write_results)
 from benchmarks.traffic import (TRAFFIC, csic_parameters, never_seen_share, real_lines,  # noqa: E402
                                 sent_digests)
 from tests.sidecar_process import SidecarProcess, free_port  # noqa: E402
@@ -334,8 +335,7 @@ def start_sidecar(workdir: Path, tcp: Optional[str] = None, scoring_processes: i
 def sidecar_memory(sidecar: SidecarProcess) -> dict:
     """RSS of the sidecar and, with scoring processes, of them too (their sum is what it costs)."""
     own = memory(sidecar.process.pid)
-    children = [int(pid) for task in Path(f"/proc/{sidecar.process.pid}/task").iterdir()
-                for pid in (task / "children").read_text().split()]
+    children = child_pids(sidecar.process.pid)
     if not children:
         return own
     workers = [memory(pid) for pid in children]

@@ -1,4 +1,5 @@
-"""What every benchmark script shares: the machine's description and writing results."""
+"""What every benchmark script shares: the machine's description, processes' CPU and children,
+and writing results."""
 
 from __future__ import annotations
 
@@ -10,6 +11,19 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime
+
+
+def cpu_seconds(pid: int) -> float:
+    """A process's user + system CPU so far (from /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def child_pids(pid: int) -> list[int]:
+    """The children of a process, whichever of its threads started them (the sidecar's scoring
+    processes are started from a thread of its executor)."""
+    return [int(child) for task in Path(f"/proc/{pid}/task").iterdir()
+            for child in (task / "children").read_text().split()]
 
 
 def machine() -> dict:

@@ -23,6 +23,8 @@ from logscore.generated.logscore.v1 import scorer_pb2 as pb
 from logscore.model import SCORE_CHUNK, Model, Scored
 from logscore.scoring_processes import ScoringProcesses
 
+from benchmarks.common import child_pids, cpu_seconds
+
 from .generate import attack_lines, shop_lines, timed_shop_lines
 from .sidecar_process import ROOT, SidecarProcess
 from .worst_inputs import flood, worst_payloads
@@ -161,11 +163,6 @@ def novel_lines(count: int) -> list[str]:
     return [line.replace("GET /", f"GET /n{i}x{i * 7919 % 10007}/", 1) for i, line in enumerate(shop_lines(count, 56))]
 
 
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def call_status(sidecar: SidecarProcess, request) -> str:
     try:
         sidecar.stub().Score(request, timeout=60)
@@ -176,11 +173,8 @@ def call_status(sidecar: SidecarProcess, request) -> str:
 
 
 def sidecar_workers(sidecar: SidecarProcess) -> set[int]:
-    """The sidecar's scoring processes (children of any of its threads)."""
-    pids = set()
-    for task in Path(f"/proc/{sidecar.process.pid}/task").iterdir():
-        pids.update(int(pid) for pid in (task / "children").read_text().split())
-    return pids
+    """The sidecar's scoring processes."""
+    return set(child_pids(sidecar.process.pid))
 
 
 def test_the_sidecar_with_scoring_processes_scores_as_without_and_survives_a_dead_one(tmp_path, shop_model_path):

@@ -641,6 +641,7 @@ class FeedbackStep:
         start, stop = int(found.bounds[row]), int(found.bounds[row + 1])
         protected: set[int] = set()
         kept: set[int] = set()
+        keys: Optional[set] = None  # the record's keys, read once if any rules protect keys
         for rules in model_rules:
             if not (rules.keep_by_key or rules.keep_by_kind or rules.by_field):
                 continue
@@ -648,8 +649,8 @@ class FeedbackStep:
                 kept.update(i for i in rules.keep_by_kind.ids(token, route, entity)
                             if similar(kind, rules.keep_by_kind.entries[i].pattern["kind"]))
             if rules.keep_by_key:
-                keys = rules.keep_by_key.present(set(found.batch.keys[start:stop].tolist()))
-                protected.update(k for k in keys if rules.keep_by_key.ids(k, route, entity))
+                keys = set(found.batch.keys[start:stop].tolist()) if keys is None else keys
+                protected.update(k for k in rules.keep_by_key.present(keys) if rules.keep_by_key.ids(k, route, entity))
             for (name, value), entries in rules.by_field.items():
                 if found.values[name][row] == value:
                     kept.update(e.id for e in entries if e.verdict == KEEP and in_scope(e, route, entity))
