@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from logscore.features import DEFAULT_SPECS, Featurizer
 from logscore.features import native
+from logscore.features.batch import ValueFeatures
 from logscore.features.converters import ValueCache
 from logscore.model import Model
 
@@ -251,6 +252,36 @@ def test_compiled_cache_keeps_what_the_python_cache_keeps(operations):
         else:
             assert (compiled.get(str(key)) is None) == (reference.get(str(key)) is None)
     assert len(compiled) == len(reference) and compiled.nbytes <= 6000 + 400
+
+
+@SETTINGS
+@given(calls=st.lists(st.sets(st.integers(0, 40), max_size=12), max_size=30))
+def test_compiled_lookup_of_distinct_keys_matches_the_python_one(calls):
+    """Each call's keys are distinct (a field's distinct values): both caches compute exactly the
+    keys they miss, in order, return every key's entry and keep the same keys."""
+    entries = {key: ValueFeatures(np.array([key], dtype=np.int64), np.ones(1, dtype=np.float32), None, str(key))
+               for key in range(41)}
+    caches = {"compiled": native._native.Cache(8, 100_000), "python": ValueCache(8, 100_000)}
+    asked: dict[str, list] = {name: [] for name in caches}
+    for keys in calls:
+        keys = [str(k) for k in sorted(keys)]
+        for name, cache in caches.items():
+            def compute(missing, name=name):
+                asked[name].append(list(missing))
+                return [entries[int(k)] for k in missing]
+            found = cache.lookup_distinct(keys, compute)
+            assert len(found) == len(keys) and all(entry is entries[int(k)] for entry, k in zip(found, keys))
+        assert asked["compiled"] == asked["python"]
+        assert all(key in {k for batch in asked["python"] for k in batch} for key in keys)
+    compiled, python = caches["compiled"], caches["python"]
+    assert all(compiled.get(str(k)) is python.get(str(k)) for k in range(41))
+
+
+def test_compiled_lookup_of_distinct_keys_refuses_a_wrong_count():
+    cache = native._native.Cache(8, 100_000)
+    with pytest.raises(ValueError, match="different number of entries"):
+        cache.lookup_distinct(["a", "b"], lambda missing: [])
+    assert len(cache) == 0
 
 
 def test_the_python_path_can_be_forced_and_says_why():

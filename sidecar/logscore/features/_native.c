@@ -493,6 +493,58 @@ fail:
     return NULL;
 }
 
+/* Twin of converters.ValueCache.lookup_distinct: lookup for keys given once each (a field's
+ * distinct values), so misses need no grouping by key: compute(missing keys) gives their entries. */
+static PyObject *cache_lookup_distinct(CacheObject *self, PyObject *args) {
+    PyObject *keys, *compute;
+    if (!PyArg_ParseTuple(args, "O!O", &PyList_Type, &keys, &compute)) return NULL;
+    Py_ssize_t n = PyList_GET_SIZE(keys);
+    PyObject *found = PyList_New(n), *todo = NULL, *computed = NULL;
+    Py_ssize_t *misses = NULL, missing = 0;
+    if (!found) return NULL;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        int error;
+        PyObject *entry = cache_get_item(self, PyList_GET_ITEM(keys, i), &error);
+        if (error) goto fail;
+        if (!entry) missing++;
+        PyList_SET_ITEM(found, i, Py_XNewRef(entry));  /* NULL marks a miss until filled below */
+    }
+    if (!missing) return found;
+    todo = PyList_New(missing);
+    misses = PyMem_Malloc(missing * sizeof *misses);
+    if (!todo || !misses) { if (!misses) PyErr_NoMemory(); goto fail; }
+    for (Py_ssize_t i = 0, j = 0; i < n; i++) {
+        if (PyList_GET_ITEM(found, i)) continue;
+        misses[j] = i;
+        PyList_SET_ITEM(todo, j++, Py_NewRef(PyList_GET_ITEM(keys, i)));
+    }
+    computed = PyObject_CallOneArg(compute, todo);
+    if (!computed) goto fail;
+    Py_SETREF(computed, PySequence_Fast(computed, "compute must return a sequence"));
+    if (!computed) goto fail;
+    if (PySequence_Fast_GET_SIZE(computed) != missing) {
+        PyErr_SetString(PyExc_ValueError, "compute returned a different number of entries");
+        goto fail;
+    }
+    for (Py_ssize_t j = 0; j < missing; j++) {
+        PyObject *entry = PySequence_Fast_GET_ITEM(computed, j);
+        if (cache_put_item(self, PyList_GET_ITEM(todo, j), entry) < 0) goto fail;
+        PyList_SET_ITEM(found, misses[j], Py_NewRef(entry));
+    }
+    Py_DECREF(todo);
+    Py_DECREF(computed);
+    PyMem_Free(misses);
+    return found;
+fail:
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (!PyList_GET_ITEM(found, i)) PyList_SET_ITEM(found, i, Py_NewRef(Py_None));
+    Py_DECREF(found);
+    Py_XDECREF(todo);
+    Py_XDECREF(computed);
+    PyMem_Free(misses);
+    return NULL;
+}
+
 static Py_ssize_t cache_len(CacheObject *self) {
     return PyDict_GET_SIZE(self->newer) + PyDict_GET_SIZE(self->older);
 }
@@ -524,6 +576,8 @@ static PyMethodDef cache_methods[] = {
     {"put", (PyCFunction)cache_put, METH_VARARGS, "remember key -> entry"},
     {"clear", (PyCFunction)cache_clear_method, METH_NOARGS, "forget everything"},
     {"lookup", (PyCFunction)cache_lookup, METH_VARARGS, "lookup(values, keys, compute): cached_by_key"},
+    {"lookup_distinct", (PyCFunction)cache_lookup_distinct, METH_VARARGS,
+     "lookup_distinct(keys, compute): lookup for keys given once each"},
     {NULL}};
 
 static PyGetSetDef cache_getset[] = {

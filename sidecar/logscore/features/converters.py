@@ -105,6 +105,20 @@ class ValueCache:
             self.put(key, entry)
         return [entry if entry is not None else computed[key] for entry, key in zip(found, keys)]
 
+    def lookup_distinct(self, keys: Sequence, compute) -> list[ValueFeatures]:
+        """``lookup`` for keys given once each (a field's distinct values): the entries of the
+        keys not cached are ``compute(those keys)``. A key given twice is computed twice."""
+        found = [self.get(key) for key in keys]
+        missing = [key for key, entry in zip(keys, found) if entry is None]
+        if not missing:
+            return found
+        computed = iter(compute(missing))
+        for i, entry in enumerate(found):
+            if entry is None:
+                found[i] = entry = next(computed)
+                self.put(keys[i], entry)
+        return found
+
 
 def value_features(converter, values: Sequence[Optional[str]], keys: np.ndarray, weights: np.ndarray,
                    bounds) -> list[ValueFeatures]:
@@ -178,7 +192,7 @@ class Converter:
 
     def _featurize_distinct(self, values: list[Optional[str]]) -> list[ValueFeatures]:
         """Features of each distinct value, from the cache where possible."""
-        return self._cache.lookup(values, values, lambda todo, _: self.featurize(todo))
+        return self._cache.lookup_distinct(values, self.featurize)
 
     def forget(self) -> None:
         """Drop cached features (after fit changes what a value's features are)."""
@@ -522,7 +536,7 @@ class NgramConverter(Converter):
 
     def _new_caches(self) -> None:
         super()._new_caches()
-        self._by_encoding = self._new_cache()
+        self._by_encoding = self._new_cache() if self.config["shape"] else None  # see featurize
 
     def _encode(self, value: Optional[str]) -> bytes:
         if value is None:
@@ -559,13 +573,17 @@ class NgramConverter(Converter):
         return np.concatenate(blocks, axis=1), lengths
 
     def featurize(self, values: Sequence[Optional[str]]) -> list[ValueFeatures]:
-        # Values with the same encoding (the same shape, with shape: true) share their n-grams.
+        # Values with the same encoding (the same shape) share their n-grams.
         if self._native is not None:
             encoded = self._native.ngram_encode(list(values), bool(self.config["decode"]),
                                                 bool(self.config["lowercase"]), bool(self.config["shape"]),
                                                 int(self.config["max_bytes"]))
         else:
             encoded = [self._encode(v) for v in values]
+        if not self.config["shape"]:
+            # NOTE: distinct values almost never share an encoding without shapes (only spellings
+            # of one decoded text): a cache by encoding would cost a lookup per new value, not save.
+            return self._featurize_encoded(values, encoded)
         return self._by_encoding.lookup(list(values), encoded, self._featurize_encoded)
 
     def _featurize_encoded(self, values: Sequence[Optional[str]], encoded: list[bytes]) -> list[ValueFeatures]:
