@@ -1,6 +1,6 @@
 """Featurize and score cost per record (CPU time, one core), at several batch sizes.
 
-    python benchmarks/bench_scoring.py [--sections traffic,explanations,detectors,prior_art] [--json benchmarks/results/scoring.json]
+    python benchmarks/bench_scoring.py [--sections traffic,explanations,single,detectors,prior_art] [--json benchmarks/results/scoring.json]
 
 - **traffic**: the shipped default model (models/apache-access.onnx) on repetitive and novel
   traffic (benchmarks/traffic.py: the real access log; the same with 99 % of request lines
@@ -10,6 +10,8 @@
   measured in this run. Each row states the share of request lines never seen and the load.
 - **explanations**: ``Model.score`` of the default model with and without ``explain=3``, both
   traffics.
+- **single**: ``Model.score`` of one record a call, back to back and with other memory read
+  between calls (what single-record latency in a server meets).
 - **detectors**: one small model per detector trained on generated shop lines
   (tests/generate.py), on long-tail traffic (a third of the requests new).
 - **prior_art**: the prior art's methods (benchmarks/baselines.py; needs gensim).
@@ -147,6 +149,36 @@ def bench_explanations(explain: int = 3, batch: int = 1000, batches: int = 20) -
     return results
 
 
+def bench_single(calls: int = 3000, rounds: int = 3, evict_mib: int = 8) -> dict:
+    """``Model.score`` of one record a call, CPU µs per call: back to back (caches warm, as in the
+    batch rows) and with ``evict_mib`` MiB read between calls, as a server's other work (its gRPC
+    layer, the client, other processes on the same cores) evicts the model's code and data between
+    single-record calls. Interleaved rounds; the repetitive traffic."""
+    model = Model.load(ROOT / "models" / "apache-access.onnx")
+    lines = TRAFFIC["repetitive"](2000 + 2 * rounds * calls, seed=34)
+    for line in lines[:2000]:
+        model.score([line], 0)
+    other_work = np.ones(evict_mib << 20, dtype=np.uint8)
+    times: dict[str, list[float]] = {"warm": [], "evicted": []}
+    offset = 2000
+    for _ in range(rounds):
+        for kind in times:
+            spent = 0.0
+            for line in lines[offset: offset + calls]:
+                if kind == "evicted":
+                    other_work.sum()
+                started = time.thread_time()
+                model.score([line], 0)
+                spent += time.thread_time() - started
+            offset += calls
+            times[kind].append(spent / calls * 1e6)
+    result = {kind: round(float(np.median(values)), 1) for kind, values in times.items()}
+    result.update(evict_mib=evict_mib, load_average=load_average())
+    print(f"single record: Model.score {result['warm']} µs a call back to back, {result['evicted']} with "
+          f"{evict_mib} MiB read between calls   load {result['load_average']}", flush=True)
+    return result
+
+
 def bench_baselines(training: list[str], scoring: list[str]) -> dict:
     try:
         import gensim  # noqa: F401
@@ -165,7 +197,7 @@ def bench_baselines(training: list[str], scoring: list[str]) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sections", default="traffic,explanations,detectors,prior_art")
+    parser.add_argument("--sections", default="traffic,explanations,single,detectors,prior_art")
     parser.add_argument("--records", type=int, default=4000, help="training records per model")
     parser.add_argument("--detectors", default=",".join(DETECTORS))
     parser.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "scoring.json"))
@@ -181,6 +213,8 @@ def main() -> int:
         results["traffic"] = bench_traffic()
     if "explanations" in sections:
         results["explanations"] = bench_explanations()
+    if "single" in sections:
+        results["single"] = bench_single()
     # Long-tail traffic: a third of the requests carry a URL not seen before (ids, search words).
     training, scoring = shop_lines(args.records, seed=0), shop_lines(200_000, seed=1)
     results["detectors_traffic"] = "tests/generate.py shop_lines: 32 % of requests new"
