@@ -1,6 +1,7 @@
 """Featurize and score cost per record (CPU time, one core), at several batch sizes.
 
-    python benchmarks/bench_scoring.py [--sections traffic,explanations,single,detectors,prior_art] [--json benchmarks/results/scoring.json]
+    python benchmarks/bench_scoring.py [--sections traffic,explanations,single,detectors,prior_art]
+                                       [--json benchmarks/results/scoring.json]
 
 - **traffic**: the shipped default model (models/apache-access.onnx) on repetitive and novel
   traffic (benchmarks/traffic.py: the real access log; the same with 99 % of request lines

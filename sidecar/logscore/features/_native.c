@@ -425,6 +425,34 @@ static PyObject *cache_clear_method(CacheObject *self, PyObject *unused) {
     Py_RETURN_NONE;
 }
 
+/* The cached entry of each key, as a new list with NULL where a key is missing (counted in
+ * *missing); NULL on error. Release it with found_release until every slot is filled. */
+static PyObject *found_entries(CacheObject *self, PyObject *keys, Py_ssize_t *missing) {
+    Py_ssize_t n = PyList_GET_SIZE(keys);
+    PyObject *found = PyList_New(n);
+    if (!found) return NULL;
+    *missing = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        int error;
+        PyObject *entry = cache_get_item(self, PyList_GET_ITEM(keys, i), &error);
+        if (error) {
+            for (Py_ssize_t k = i; k < n; k++) PyList_SET_ITEM(found, k, Py_NewRef(Py_None));
+            Py_DECREF(found);
+            return NULL;
+        }
+        if (!entry) (*missing)++;
+        PyList_SET_ITEM(found, i, Py_XNewRef(entry));  /* NULL marks a miss until filled */
+    }
+    return found;
+}
+
+/* Drop a list from found_entries whose misses are not all filled. */
+static void found_release(PyObject *found) {
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(found); i++)
+        if (!PyList_GET_ITEM(found, i)) PyList_SET_ITEM(found, i, Py_NewRef(Py_None));
+    Py_DECREF(found);
+}
+
 /* Twin of converters.cached_by_key: the entry of each value by its key; keys not cached are
  * computed once each, by compute(values, keys), from the first value holding them. */
 static PyObject *cache_lookup(CacheObject *self, PyObject *args) {
@@ -435,19 +463,10 @@ static PyObject *cache_lookup(CacheObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "values and keys differ in length");
         return NULL;
     }
-    PyObject *found = PyList_New(n);
-    if (!found) return NULL;
+    Py_ssize_t missing;
+    PyObject *found = found_entries(self, keys, &missing);
+    if (!found || !missing) return found;
     PyObject *todo = NULL, *computed = NULL, *todo_values = NULL, *todo_keys = NULL;
-    Py_ssize_t missing = 0;
-    for (Py_ssize_t i = 0; i < n; i++) {
-        int error;
-        PyObject *entry = cache_get_item(self, PyList_GET_ITEM(keys, i), &error);
-        if (error) goto fail;
-        if (!entry) missing++;
-        Py_XINCREF(entry);
-        PyList_SET_ITEM(found, i, entry);  /* NULL marks a miss until filled below */
-    }
-    if (!missing) return found;
     todo = PyDict_New();
     if (!todo) goto fail;
     for (Py_ssize_t i = 0; i < n; i++) {
@@ -483,9 +502,7 @@ static PyObject *cache_lookup(CacheObject *self, PyObject *args) {
     Py_DECREF(computed);
     return found;
 fail:
-    for (Py_ssize_t i = 0; i < n; i++)
-        if (!PyList_GET_ITEM(found, i)) PyList_SET_ITEM(found, i, Py_NewRef(Py_None));
-    Py_DECREF(found);
+    found_release(found);
     Py_XDECREF(todo);
     Py_XDECREF(todo_keys);
     Py_XDECREF(todo_values);
@@ -498,18 +515,10 @@ fail:
 static PyObject *cache_lookup_distinct(CacheObject *self, PyObject *args) {
     PyObject *keys, *compute;
     if (!PyArg_ParseTuple(args, "O!O", &PyList_Type, &keys, &compute)) return NULL;
-    Py_ssize_t n = PyList_GET_SIZE(keys);
-    PyObject *found = PyList_New(n), *todo = NULL, *computed = NULL;
-    Py_ssize_t *misses = NULL, missing = 0;
-    if (!found) return NULL;
-    for (Py_ssize_t i = 0; i < n; i++) {
-        int error;
-        PyObject *entry = cache_get_item(self, PyList_GET_ITEM(keys, i), &error);
-        if (error) goto fail;
-        if (!entry) missing++;
-        PyList_SET_ITEM(found, i, Py_XNewRef(entry));  /* NULL marks a miss until filled below */
-    }
-    if (!missing) return found;
+    Py_ssize_t n = PyList_GET_SIZE(keys), missing;
+    PyObject *found = found_entries(self, keys, &missing), *todo = NULL, *computed = NULL;
+    Py_ssize_t *misses = NULL;
+    if (!found || !missing) return found;
     todo = PyList_New(missing);
     misses = PyMem_Malloc(missing * sizeof *misses);
     if (!todo || !misses) { if (!misses) PyErr_NoMemory(); goto fail; }
@@ -536,9 +545,7 @@ static PyObject *cache_lookup_distinct(CacheObject *self, PyObject *args) {
     PyMem_Free(misses);
     return found;
 fail:
-    for (Py_ssize_t i = 0; i < n; i++)
-        if (!PyList_GET_ITEM(found, i)) PyList_SET_ITEM(found, i, Py_NewRef(Py_None));
-    Py_DECREF(found);
+    found_release(found);
     Py_XDECREF(todo);
     Py_XDECREF(computed);
     PyMem_Free(misses);
