@@ -108,9 +108,10 @@ module FluentdProcesses
     records
   end
 
+  # Complete lines only: out_file may be writing the last one as we read.
   def read_records(dir)
     files = Dir[File.join(dir, '*')].select { |f| File.file?(f) && !f.end_with?('.meta') }
-    files.flat_map { |f| File.readlines(f) }.map { |l| JSON.parse(l) }
+    files.flat_map { |f| File.readlines(f).select { |l| l.end_with?("\n") } }.map { |l| JSON.parse(l) }
   end
 
   # monitor_agent's counters of the plugin with @id `id`.
