@@ -65,3 +65,25 @@ def test_field_maps_from_other_shippers_use_aliases_and_raw_lines():
     assert [f["url"] for f in batch.fields] == ["/x?a=1", "/y", "/z"]
     assert [f["method"] for f in batch.fields] == ["GET", "POST", "GET"]
     assert batch.fields[2]["tag"] == "web"
+
+
+def test_an_event_stream_charges_every_array_and_map_it_decodes():
+    import msgpack
+
+    from logscore.admission import VALUE_BYTES, Admission
+    from logscore.errors import InvalidRequest, Overloaded
+    from logscore.records import decode_event_stream
+
+    records = [{"url": "/a", "tags": ["x", "y"], "more": {"k": 1}}, {"message": "GET / HTTP/1.1"}]
+    stream = b"".join(msgpack.packb([1700000000 + i, record]) for i, record in enumerate(records))
+    # each entry [time, record] 3 values, each record map 2 x keys + 1, the list 2 + 1, the inner map 3
+    values = 3 + 7 + 3 + 3 + 3 + 3
+    admission = Admission(limit_bytes=10 ** 9)
+    with admission.admit(0) as ticket:
+        assert decode_event_stream(stream, ticket=ticket) == records
+        assert ticket.bytes == values * VALUE_BYTES
+    with pytest.raises(Overloaded, match="max_inflight_bytes"):  # one value short of the budget
+        with Admission(limit_bytes=(values - 1) * VALUE_BYTES).admit(0) as ticket:
+            decode_event_stream(stream, ticket=ticket)
+    with pytest.raises(InvalidRequest, match="entry 2: a map key is an array or a map"):
+        decode_event_stream(stream + b"\x92\x01\x81\x91\x01\x02")  # [1, {[1]: 2}]
