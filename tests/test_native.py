@@ -277,11 +277,24 @@ def test_compiled_lookup_of_distinct_keys_matches_the_python_one(calls):
     assert all(compiled.get(str(k)) is python.get(str(k)) for k in range(41))
 
 
-def test_compiled_lookup_of_distinct_keys_refuses_a_wrong_count():
-    cache = native._native.Cache(8, 100_000)
+@pytest.mark.parametrize("kind", ["compiled", "python"])
+def test_lookup_of_distinct_keys_refuses_a_wrong_count_and_stores_nothing(kind):
+    cache = native._native.Cache(8, 100_000) if kind == "compiled" else ValueCache(8, 100_000)
     with pytest.raises(ValueError, match="different number of entries"):
         cache.lookup_distinct(["a", "b"], lambda missing: [])
     assert len(cache) == 0
+
+
+def test_the_compiled_cache_survives_a_compute_that_changes_its_lists_or_walks_the_heap():
+    import gc
+
+    cache = native._native.Cache(8, 100_000)
+    for lookup in (lambda compute: cache.lookup_distinct(["a", "b"], compute),
+                   lambda compute: cache.lookup(["a", "b"], ["a", "b"], lambda values, keys: compute(keys))):
+        with pytest.raises(ValueError, match="changed the length"):
+            lookup(lambda missing: (missing.clear(), [])[1])
+        assert lookup(lambda missing: (gc.get_objects(), [None] * len(missing))[1]) == [None, None]
+        cache.clear()
 
 
 def test_the_python_path_can_be_forced_and_says_why():

@@ -174,7 +174,8 @@ def decode_event_stream(data: bytes, max_records: float = math.inf, ticket: Tick
         ticket.charge_values(len(values) + 1)
         return values
 
-    # NOTE: object_hook, not object_pairs_hook: msgpack builds the dict itself, 0.3 µs a record less
+    # NOTE: object_hook, not object_pairs_hook: msgpack builds the dict itself, 0.3 µs a record less;
+    # a map that names a key twice is charged for the keys it keeps, which is what it holds
     def charged_map(record: dict) -> dict:
         ticket.charge_values(2 * len(record) + 1)
         return record

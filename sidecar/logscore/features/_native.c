@@ -425,19 +425,28 @@ static PyObject *cache_clear_method(CacheObject *self, PyObject *unused) {
     Py_RETURN_NONE;
 }
 
+/* Drop a list from found_entries whose misses are not all filled. */
+static void found_release(PyObject *found) {
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(found); i++)
+        if (!PyList_GET_ITEM(found, i)) PyList_SET_ITEM(found, i, Py_NewRef(Py_None));
+    Py_DECREF(found);
+}
+
 /* The cached entry of each key, as a new list with NULL where a key is missing (counted in
- * *missing); NULL on error. Release it with found_release until every slot is filled. */
+ * *missing); NULL on error. NOTE: the list is hidden from the garbage collector (gc.get_objects
+ * in a compute callback must not see its NULL slots) until found_done hands it out filled, or
+ * found_release drops it. */
 static PyObject *found_entries(CacheObject *self, PyObject *keys, Py_ssize_t *missing) {
     Py_ssize_t n = PyList_GET_SIZE(keys);
     PyObject *found = PyList_New(n);
     if (!found) return NULL;
+    PyObject_GC_UnTrack(found);
     *missing = 0;
     for (Py_ssize_t i = 0; i < n; i++) {
         int error;
         PyObject *entry = cache_get_item(self, PyList_GET_ITEM(keys, i), &error);
         if (error) {
-            for (Py_ssize_t k = i; k < n; k++) PyList_SET_ITEM(found, k, Py_NewRef(Py_None));
-            Py_DECREF(found);
+            found_release(found);
             return NULL;
         }
         if (!entry) (*missing)++;
@@ -446,11 +455,16 @@ static PyObject *found_entries(CacheObject *self, PyObject *keys, Py_ssize_t *mi
     return found;
 }
 
-/* Drop a list from found_entries whose misses are not all filled. */
-static void found_release(PyObject *found) {
-    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(found); i++)
-        if (!PyList_GET_ITEM(found, i)) PyList_SET_ITEM(found, i, Py_NewRef(Py_None));
-    Py_DECREF(found);
+static PyObject *found_done(PyObject *found) {
+    PyObject_GC_Track(found);
+    return found;
+}
+
+/* compute got lists it could change; reading them on after it did would go out of bounds. */
+static int unchanged(PyObject *list, Py_ssize_t size) {
+    if (PyList_GET_SIZE(list) == size) return 0;
+    PyErr_SetString(PyExc_ValueError, "compute changed the length of a list it was given");
+    return -1;
 }
 
 /* Twin of converters.cached_by_key: the entry of each value by its key; keys not cached are
@@ -465,7 +479,8 @@ static PyObject *cache_lookup(CacheObject *self, PyObject *args) {
     }
     Py_ssize_t missing;
     PyObject *found = found_entries(self, keys, &missing);
-    if (!found || !missing) return found;
+    if (!found) return NULL;
+    if (!missing) return found_done(found);
     PyObject *todo = NULL, *computed = NULL, *todo_values = NULL, *todo_keys = NULL;
     todo = PyDict_New();
     if (!todo) goto fail;
@@ -476,8 +491,9 @@ static PyObject *cache_lookup(CacheObject *self, PyObject *args) {
     todo_keys = PyDict_Keys(todo);
     todo_values = PyDict_Values(todo);
     if (!todo_keys || !todo_values) goto fail;
+    Py_ssize_t distinct = PyList_GET_SIZE(todo_keys);
     computed = PyObject_CallFunctionObjArgs(compute, todo_values, todo_keys, NULL);
-    if (!computed) goto fail;
+    if (!computed || unchanged(todo_keys, distinct) < 0 || unchanged(keys, n) < 0) goto fail;
     PyObject *sequence = PySequence_Fast(computed, "compute must return a sequence");
     if (!sequence) goto fail;
     Py_SETREF(computed, sequence);
@@ -500,7 +516,7 @@ static PyObject *cache_lookup(CacheObject *self, PyObject *args) {
     Py_DECREF(todo_keys);
     Py_DECREF(todo_values);
     Py_DECREF(computed);
-    return found;
+    return found_done(found);
 fail:
     found_release(found);
     Py_XDECREF(todo);
@@ -518,7 +534,8 @@ static PyObject *cache_lookup_distinct(CacheObject *self, PyObject *args) {
     Py_ssize_t n = PyList_GET_SIZE(keys), missing;
     PyObject *found = found_entries(self, keys, &missing), *todo = NULL, *computed = NULL;
     Py_ssize_t *misses = NULL;
-    if (!found || !missing) return found;
+    if (!found) return NULL;
+    if (!missing) return found_done(found);
     todo = PyList_New(missing);
     misses = PyMem_Malloc(missing * sizeof *misses);
     if (!todo || !misses) { if (!misses) PyErr_NoMemory(); goto fail; }
@@ -528,7 +545,7 @@ static PyObject *cache_lookup_distinct(CacheObject *self, PyObject *args) {
         PyList_SET_ITEM(todo, j++, Py_NewRef(PyList_GET_ITEM(keys, i)));
     }
     computed = PyObject_CallOneArg(compute, todo);
-    if (!computed) goto fail;
+    if (!computed || unchanged(todo, missing) < 0) goto fail;
     Py_SETREF(computed, PySequence_Fast(computed, "compute must return a sequence"));
     if (!computed) goto fail;
     if (PySequence_Fast_GET_SIZE(computed) != missing) {
@@ -543,7 +560,7 @@ static PyObject *cache_lookup_distinct(CacheObject *self, PyObject *args) {
     Py_DECREF(todo);
     Py_DECREF(computed);
     PyMem_Free(misses);
-    return found;
+    return found_done(found);
 fail:
     found_release(found);
     Py_XDECREF(todo);

@@ -112,10 +112,13 @@ class ValueCache:
         missing = [key for key, entry in zip(keys, found) if entry is None]
         if not missing:
             return found
-        computed = iter(compute(missing))
+        computed = list(compute(missing))
+        if len(computed) != len(missing):
+            raise ValueError("compute returned a different number of entries")
+        entries = iter(computed)
         for i, entry in enumerate(found):
             if entry is None:
-                found[i] = entry = next(computed)
+                found[i] = entry = next(entries)
                 self.put(keys[i], entry)
         return found
 
