@@ -174,9 +174,11 @@ def bench_single(calls: int = 3000, rounds: int = 3, evict_mib: int = 8) -> dict
             offset += calls
             times[kind].append(spent / calls * 1e6)
     result = {kind: round(float(np.median(values)), 1) for kind, values in times.items()}
-    result.update(evict_mib=evict_mib, load_average=load_average())
+    novelty = never_seen_share(*sent_digests(lines[2000:offset]))["never_seen_request_lines"]
+    result.update(evict_mib=evict_mib, never_seen_request_lines=novelty, load_average=load_average())
     print(f"single record: Model.score {result['warm']} µs a call back to back, {result['evicted']} with "
-          f"{evict_mib} MiB read between calls   load {result['load_average']}", flush=True)
+          f"{evict_mib} MiB read between calls   never seen {novelty:.1%}  load {result['load_average']}",
+          flush=True)
     return result
 
 

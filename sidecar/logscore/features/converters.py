@@ -109,17 +109,15 @@ class ValueCache:
         """``lookup`` for keys given once each (a field's distinct values): the entries of the
         keys not cached are ``compute(those keys)``. A key given twice is computed twice."""
         found = [self.get(key) for key in keys]
-        missing = [key for key, entry in zip(keys, found) if entry is None]
-        if not missing:
+        misses = [i for i, entry in enumerate(found) if entry is None]
+        if not misses:
             return found
-        computed = list(compute(missing))
-        if len(computed) != len(missing):
+        computed = list(compute([keys[i] for i in misses]))
+        if len(computed) != len(misses):
             raise ValueError("compute returned a different number of entries")
-        entries = iter(computed)
-        for i, entry in enumerate(found):
-            if entry is None:
-                found[i] = entry = next(entries)
-                self.put(keys[i], entry)
+        for i, entry in zip(misses, computed):
+            found[i] = entry
+            self.put(keys[i], entry)
         return found
 
 
