@@ -11,8 +11,9 @@
   measured in this run. Each row states the share of request lines never seen and the load.
 - **explanations**: ``Model.score`` of the default model with and without ``explain=3``, both
   traffics.
-- **single**: ``Model.score`` of one record a call, back to back and with other memory read
-  between calls (what single-record latency in a server meets).
+- **single**: ``Model.score`` of one record a call (its featurizing and its graph timed apart),
+  back to back and with other memory read between calls (what single-record latency in a server
+  meets).
 - **detectors**: one small model per detector trained on generated shop lines
   (tests/generate.py), on long-tail traffic (a third of the requests new).
 - **prior_art**: the prior art's methods (benchmarks/baselines.py; needs gensim).
@@ -151,34 +152,44 @@ def bench_explanations(explain: int = 3, batch: int = 1000, batches: int = 20) -
 
 
 def bench_single(calls: int = 3000, rounds: int = 3, evict_mib: int = 8) -> dict:
-    """``Model.score`` of one record a call, CPU µs per call: back to back (caches warm, as in the
-    batch rows) and with ``evict_mib`` MiB read between calls, as a server's other work (its gRPC
-    layer, the client, other processes on the same cores) evicts the model's code and data between
-    single-record calls. Interleaved rounds; the repetitive traffic."""
+    """One record a call, CPU µs per call of ``Model.score``'s two parts, featurizing and the graph:
+    back to back (caches warm, as in the batch rows) and with ``evict_mib`` MiB read between calls,
+    as a server's other work (its gRPC layer, the client, other processes on the same cores) evicts
+    the model's code and data between single-record calls. Interleaved rounds; the repetitive traffic."""
     model = Model.load(ROOT / "models" / "apache-access.onnx")
     lines = TRAFFIC["repetitive"](2000 + 2 * rounds * calls, seed=34)
     for line in lines[:2000]:
         model.score([line], 0)
     other_work = np.ones(evict_mib << 20, dtype=np.uint8)
-    times: dict[str, list[float]] = {"warm": [], "evicted": []}
+    options = dict(dense=model.needs_dense, with_fields=model.needs_fields, columns=model.behaviour_fields)
+    times: dict[str, dict[str, list[float]]] = {"warm": {"featurize": [], "graph": []},
+                                                "evicted": {"featurize": [], "graph": []}}
     offset = 2000
     for _ in range(rounds):
-        for kind in times:
-            spent = 0.0
+        for kind, parts in times.items():
+            featurizing = graph = 0.0
             for line in lines[offset: offset + calls]:
                 if kind == "evicted":
                     other_work.sum()
                 started = time.thread_time()
-                model.score([line], 0)
-                spent += time.thread_time() - started
+                batch = model.featurizer.transform([line], **options)
+                featurized = time.thread_time()
+                run_graph(model.session, batch)
+                featurizing += featurized - started
+                graph += time.thread_time() - featurized
             offset += calls
-            times[kind].append(spent / calls * 1e6)
-    result = {kind: round(float(np.median(values)), 1) for kind, values in times.items()}
+            parts["featurize"].append(featurizing / calls * 1e6)
+            parts["graph"].append(graph / calls * 1e6)
+    result: dict = {kind: {part: round(float(np.median(values)), 1) for part, values in parts.items()}
+                    for kind, parts in times.items()}
+    for parts in result.values():
+        parts["total"] = round(parts["featurize"] + parts["graph"], 1)
     novelty = never_seen_share(*sent_digests(lines[2000:offset]))["never_seen_request_lines"]
     result.update(evict_mib=evict_mib, never_seen_request_lines=novelty, load_average=load_average())
-    print(f"single record: Model.score {result['warm']} µs a call back to back, {result['evicted']} with "
-          f"{evict_mib} MiB read between calls   never seen {novelty:.1%}  load {result['load_average']}",
-          flush=True)
+    for kind, label in (("warm", "back to back"), ("evicted", f"with {evict_mib} MiB read between calls")):
+        parts = result[kind]
+        print(f"single record, {label}: {parts['total']} µs a call (featurize {parts['featurize']}, graph "
+              f"{parts['graph']})   never seen {novelty:.1%}  load {result['load_average']}", flush=True)
     return result
 
 

@@ -67,8 +67,20 @@ def novel_share(lines: list[str]) -> float:
     return round(novel / len(lines), 3)
 
 
+def output_files(directory: Path) -> list[Path]:
+    return [p for p in directory.glob("*") if p.is_file() and p.suffix != ".meta"]
+
+
 def count_lines(directory: Path) -> int:
-    return sum(p.read_bytes().count(b"\n") for p in directory.glob("*") if p.is_file() and p.suffix != ".meta")
+    return sum(p.read_bytes().count(b"\n") for p in output_files(directory))
+
+
+def count_marked(directory: Path) -> dict:
+    """Output records that carry a score, and those a stage passed on marked unscored: a stage that
+    gives up under load would otherwise look fast."""
+    texts = [p.read_bytes() for p in output_files(directory)]
+    return {"scored": sum(t.count(b'"anomaly_score"') for t in texts),
+            "unscored": sum(t.count(b'"anomaly_unscored"') for t in texts)}
 
 
 class Run:
@@ -110,7 +122,7 @@ class Run:
         elapsed = time.monotonic() - started
         cpu = {name: round(cpu_of[name](pid) - before[name], 2) for name, pid in pids.items()}
         return {"lines_per_s": round(len(lines) / elapsed), "seconds": round(elapsed, 2), "cpu_s": cpu,
-                "load_before": load_before, "load_after": load_average()}
+                "load_before": load_before, "load_after": load_average(), **count_marked(output)}
 
     def stop(self) -> None:
         for process in self.processes.values():
@@ -314,7 +326,8 @@ def main() -> int:
                 measured = FLOORS[name](lines[:count]) if kind == "floor" else pipeline(lines[:count], kind == "with")
                 runs[kind].append(measured)
                 print(f"  {name:10s} round {round_number + 1} {kind:7s} stage: {measured['lines_per_s']:>7,} lines/s "
-                      f"in {measured['seconds']:6.2f} s, CPU s {measured['cpu_s']}, load "
+                      f"in {measured['seconds']:6.2f} s, CPU s {measured['cpu_s']}, scored {measured['scored']:,} "
+                      f"unscored {measured['unscored']:,}, load "
                       f"{measured['load_before']} -> {measured['load_after']}")
         ratios = [w["lines_per_s"] / wo["lines_per_s"] for w, wo in zip(runs["with"], runs["without"])]
         summary = {"lines": count, "with_lines_per_s": statistics.median(r["lines_per_s"] for r in runs["with"]),

@@ -9,6 +9,7 @@ through the default specs and the shipped model, scores included.
 import os
 import subprocess
 import sys
+import weakref
 
 import numpy as np
 import pytest
@@ -237,6 +238,24 @@ def test_the_shipped_model_scores_the_same():
         assert one.explanations == two.explanations
 
 
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "python"])
+@pytest.mark.parametrize("dense", [True, False], ids=["dense", "sparse"])
+def test_a_record_alone_gets_the_features_it_gets_in_a_batch(compiled, dense):
+    # One record takes shortcuts (no search for distinct values; in Python, no expansion): the
+    # features must still be those of the same record in a batch, in the same order.
+    lines = shop_lines(40, seed=9) + [line for _, line in attack_lines(shop_lines(20), 20)]
+    featurizer = Featurizer(DEFAULT_SPECS["access"], native=compiled)
+    featurizer.fit(lines)
+    batch = featurizer.transform(lines, dense=dense)
+    for row, line in enumerate(lines):
+        alone, mine = featurizer.transform([line], dense=dense), np.flatnonzero(batch.rows == row)
+        assert alone.rows.tolist() == [0] * len(mine)
+        assert alone.keys.tolist() == batch.keys[mine].tolist()
+        assert alone.weights.tobytes() == batch.weights[mine].tobytes()
+        assert alone.dense.tobytes() == batch.dense[row:row + 1].tobytes()
+        assert [alone.name(i) for i in range(len(mine))] == [batch.name(int(i)) for i in mine]
+
+
 @SETTINGS
 @given(operations=st.lists(st.tuples(st.booleans(), st.integers(0, 30), st.integers(0, 300)), max_size=200))
 def test_compiled_cache_keeps_what_the_python_cache_keeps(operations):
@@ -325,6 +344,14 @@ def test_bad_values_are_clear_errors_not_crashes():
     with pytest.raises(TypeError, match="weakref"):
         native._native.text_features(["a"], [["a"]], 0, 1.0, 0, object())
     assert np.frombuffer(native._native.distinct([])[0], dtype=np.int64).size == 0
+    held, entries = [np.array([0, 1], dtype=np.int64)], native._native.text_features(
+        ["a", "b"], [["a"], ["b"]], 0, 1.0, 0, weakref.ref(ValueCache()))
+    with pytest.raises(ValueError, match="one per held buffer"):
+        native._native.assemble(held, [], entries, 2, False)
+    with pytest.raises(IndexError, match="out of range"):
+        native._native.assemble(held, [1], entries, 2, False)  # record 1 would hold entry 2 of 2
+    with pytest.raises(IndexError, match="out of range"):
+        native._native.assemble(held, [-1], entries, 2, False)
 
 
 # Windows and clients: the fields they read come as text columns beside the featurizer's, and

@@ -1997,25 +1997,41 @@ fail:
 
 /* ------------------------------------------------------------------ assembly */
 
-/* assemble(held, entries, size, with_origins): FeatureSink.build's expansion. held: one int64 buffer [size]
- * per converter, indices into entries (all Features). Record-major: record 0's keys of every
+/* assemble(held, offsets, entries, size, with_origins): FeatureSink.build's expansion. held: one int64
+ * buffer [size] per converter, indices into that converter's entries, which start at its offset (an int)
+ * in entries (all Features). Record-major: record 0's keys of every
  * converter in converter order, then record 1's, ... Returns bytearrays
  * (rows int64, keys int64, weights float32, entry_of_key int64, position int64); the last two
  * empty unless with_origins (only explanations need them). */
 static PyObject *assemble(PyObject *module, PyObject *args) {
-    PyObject *held, *entries;
+    PyObject *held, *offset_list, *entries;
     Py_ssize_t size;
     int with_origins;
-    if (!PyArg_ParseTuple(args, "O!O!np", &PyList_Type, &held, &PyList_Type, &entries, &size, &with_origins))
+    if (!PyArg_ParseTuple(args, "O!O!O!np", &PyList_Type, &held, &PyList_Type, &offset_list, &PyList_Type, &entries,
+                          &size, &with_origins))
         return NULL;
     Py_ssize_t converters = PyList_GET_SIZE(held), count = PyList_GET_SIZE(entries);
+    if (PyList_GET_SIZE(offset_list) != converters) {
+        PyErr_SetString(PyExc_ValueError, "offsets: one per held buffer");
+        return NULL;
+    }
     for (Py_ssize_t e = 0; e < count; e++)
         if (Py_TYPE(PyList_GET_ITEM(entries, e)) != &FeaturesType) {
             PyErr_SetString(PyExc_TypeError, "assemble needs compiled Features entries");
             return NULL;
         }
     Py_buffer *views = PyMem_Calloc(converters ? converters : 1, sizeof(Py_buffer));
-    if (!views) return PyErr_NoMemory();
+    int64_t *offsets = PyMem_Calloc(converters ? converters : 1, sizeof(int64_t));
+    if (!views || !offsets) { PyMem_Free(views); PyMem_Free(offsets); return PyErr_NoMemory(); }
+    for (Py_ssize_t c = 0; c < converters; c++) {
+        offsets[c] = PyLong_AsLongLong(PyList_GET_ITEM(offset_list, c));
+        if ((offsets[c] == -1 && PyErr_Occurred()) || offsets[c] < 0 || offsets[c] > count) {
+            if (!PyErr_Occurred()) PyErr_SetString(PyExc_IndexError, "offsets: out of range");
+            PyMem_Free(views);
+            PyMem_Free(offsets);
+            return NULL;
+        }
+    }
     Py_ssize_t acquired = 0, total = 0;
     PyObject *result = NULL, *rows = NULL, *keys = NULL, *weights = NULL, *origin = NULL, *position = NULL;
     for (; acquired < converters; acquired++) {
@@ -2025,8 +2041,11 @@ static PyObject *assemble(PyObject *module, PyObject *args) {
     for (Py_ssize_t c = 0; c < converters; c++) {
         const int64_t *ids = views[c].buf;
         for (Py_ssize_t r = 0; r < size; r++) {
-            if (ids[r] < 0 || ids[r] >= count) { PyErr_SetString(PyExc_IndexError, "held: entry out of range"); goto done; }
-            total += Py_SIZE(PyList_GET_ITEM(entries, ids[r]));
+            if (ids[r] < 0 || ids[r] >= count - offsets[c]) {
+                PyErr_SetString(PyExc_IndexError, "held: entry out of range");
+                goto done;
+            }
+            total += Py_SIZE(PyList_GET_ITEM(entries, ids[r] + offsets[c]));
         }
     }
     rows = new_bytearray(total * 8); keys = new_bytearray(total * 8); weights = new_bytearray(total * 4);
@@ -2038,7 +2057,7 @@ static PyObject *assemble(PyObject *module, PyObject *args) {
     Py_ssize_t k = 0;
     for (Py_ssize_t r = 0; r < size; r++) {
         for (Py_ssize_t c = 0; c < converters; c++) {
-            int64_t entry = ((const int64_t *)views[c].buf)[r];
+            int64_t entry = ((const int64_t *)views[c].buf)[r] + offsets[c];
             FeaturesObject *f = (FeaturesObject *)PyList_GET_ITEM(entries, entry);
             Py_ssize_t m = Py_SIZE(f);
             memcpy(key_out + k, FEATURES_KEYS(f), m * 8);
@@ -2056,6 +2075,7 @@ static PyObject *assemble(PyObject *module, PyObject *args) {
 done:
     for (Py_ssize_t c = 0; c < acquired; c++) if (views[c].obj) PyBuffer_Release(&views[c]);
     PyMem_Free(views);
+    PyMem_Free(offsets);
     Py_XDECREF(rows); Py_XDECREF(keys); Py_XDECREF(weights); Py_XDECREF(origin); Py_XDECREF(position);
     return result;
 }

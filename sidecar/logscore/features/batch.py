@@ -150,19 +150,23 @@ class FeatureSink:
         self._native = native  # the compiled featurizer (features/native.py), or None
         self._converters = converters
         self._entries: list[ValueFeatures] = []
-        self._entry_ids: list[np.ndarray] = []  # per converter: [N] index into _entries
+        self._entry_ids: list[np.ndarray] = []  # per converter: [N] index into its entries in _entries
+        self._offsets: list[int] = []  # per converter: where its entries start in _entries
         self._numeric: list[np.ndarray] = []
         self.truncated = np.zeros(size, dtype=bool)
         self.unparsed = np.zeros(size, dtype=bool)
 
     def add_values(self, ids: np.ndarray, entries: list[ValueFeatures]) -> None:
         """``ids[r]``: which of ``entries`` (one per distinct value) record r holds."""
-        self._entry_ids.append(ids + len(self._entries))
+        # NOTE: the offset is kept apart, not added to ids: that numpy call per converter was a
+        # sixth of featurizing one record
+        self._entry_ids.append(ids)
+        self._offsets.append(len(self._entries))
         self._entries.extend(entries)
 
     def _build_one(self) -> FeatureBatch:
         """One record (the latency-bound case): its entries are simply concatenated."""
-        held = [int(ids[0]) for ids in self._entry_ids]
+        held = [int(ids[0]) + offset for ids, offset in zip(self._entry_ids, self._offsets)]
         parts = [self._entries[h] for h in held]
         keys = np.concatenate([e.keys for e in parts]) if parts else np.zeros(0, np.int64)
         weights = np.concatenate([e.weights for e in parts]) if parts else np.zeros(0, np.float32)
@@ -186,8 +190,8 @@ class FeatureSink:
         all_keys = np.concatenate([e.keys for e in entries]) if entries else np.zeros(0, np.int64)
         all_weights = np.concatenate([e.weights for e in entries]) if entries else np.zeros(0, np.float32)
         # Record-major order: record 0's keys of every converter, then record 1's, ...
-        held = (np.column_stack(self._entry_ids).ravel() if self._entry_ids
-                else np.zeros(0, dtype=np.int64))
+        held = (np.column_stack([ids + offset for ids, offset in zip(self._entry_ids, self._offsets)]).ravel()
+                if self._entry_ids else np.zeros(0, dtype=np.int64))
         run_lengths = lengths[held]
         total = int(run_lengths.sum())
         converters = len(self._entry_ids)
@@ -201,9 +205,9 @@ class FeatureSink:
 
     def _assemble(self, with_origins: bool) -> list[np.ndarray]:
         """The compiled expansion: rows, keys, weights (and entry_of_key, position)."""
-        return [np.frombuffer(buffer, dtype=dtype) for buffer, dtype in zip(
-            self._native.assemble(self._entry_ids, self._entries, self.size, with_origins),
-            (np.int64, np.int64, np.float32, np.int64, np.int64))]
+        buffers = self._native.assemble(self._entry_ids, self._offsets, self._entries, self.size, with_origins)
+        dtypes = (np.int64, np.int64, np.float32, np.int64, np.int64) if with_origins else (np.int64, np.int64, np.float32)
+        return [np.frombuffer(buffer, dtype=dtype) for buffer, dtype in zip(buffers, dtypes)]
 
     def _batch(self, rows: np.ndarray, keys: np.ndarray, weights: np.ndarray, dense: bool,
                origins: KeyOrigins) -> FeatureBatch:

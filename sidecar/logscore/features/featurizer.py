@@ -61,6 +61,8 @@ DEFAULT_SPECS: dict[str, dict] = {
 SESSION_FIELDS = [{"field": "events", "converters": [{"kind": "sequence", "n": [1, 2], "separator": "\n"}]}]
 
 DEFAULT_DENSE_DIMS = 128
+ONE_RECORD_IDS = np.zeros(1, dtype=np.int64)  # a one-record batch: record 0 holds distinct value 0
+ONE_RECORD_IDS.flags.writeable = False
 DEFAULT_MAX_FIELD_CHARS = 8192
 
 
@@ -177,6 +179,9 @@ class Featurizer:
         distinct_by_field = {}
         for name, column in values.items():
             # Each field's distinct values are found once and shared by its converters.
+            if len(column) == 1:  # one record (a latency-bound call): its value is the one distinct value
+                distinct_by_field[name] = (ONE_RECORD_IDS, column)
+                continue
             if self.native is not None:
                 ids, distinct = self.native.distinct(column)
                 distinct_by_field[name] = (np.frombuffer(ids, dtype=np.int64), distinct)
