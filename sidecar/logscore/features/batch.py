@@ -206,7 +206,7 @@ class FeatureSink:
     def _assemble(self, with_origins: bool) -> list[np.ndarray]:
         """The compiled expansion: rows, keys, weights (and entry_of_key, position)."""
         buffers = self._native.assemble(self._entry_ids, self._offsets, self._entries, self.size, with_origins)
-        dtypes = (np.int64, np.int64, np.float32, np.int64, np.int64) if with_origins else (np.int64, np.int64, np.float32)
+        dtypes = (np.int64, np.int64, np.float32) + ((np.int64, np.int64) if with_origins else ())
         return [np.frombuffer(buffer, dtype=dtype) for buffer, dtype in zip(buffers, dtypes)]
 
     def _batch(self, rows: np.ndarray, keys: np.ndarray, weights: np.ndarray, dense: bool,
