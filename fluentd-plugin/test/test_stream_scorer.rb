@@ -122,6 +122,46 @@ class StreamScorerTest < Test::Unit::TestCase
     FileUtils.rm_rf(dir) if dir
   end
 
+  test 'a hung sidecar holds a big call no longer than the bound either (its bytes fill the socket)' do
+    # NOTE: a call bigger than the Unix socket's buffer (about 200 KB) blocks gRPC's write while
+    # the sidecar is stopped, and gRPC's own deadline then never fires: the client bounds it itself.
+    dir = Dir.mktmpdir('logscore-hang-big')
+    sidecar = SidecarProcess.new(dir).start
+    s = scorer(endpoint: "unix://#{sidecar.socket}", timeout: 0.3, timeout_per_record: 0.0005)
+    padding = 'x' * 400
+    chunk = lambda do
+      entries(AccessLines.normal(2000).map { |line| { 'message' => line, 'referer' => padding } })
+    end
+    assert(s.score('web', chunk.call).all? { |_, r| r.key?('anomaly_score') })
+    Process.kill('STOP', sidecar.pid)
+    started = now
+    out = s.score('web', chunk.call)
+    assert_operator now - started, :<=, 0.3 + 0.0005 * 2000 + 0.5
+    assert_equal 2000, out.size
+    assert(out.all? { |_, r| r['anomaly_unscored'] })
+    assert s.client.circuit_open?, 'a sidecar that does not answer stops the calls'
+    Process.kill('CONT', sidecar.pid)
+    continued = now
+    sleep 0.05 until s.score('web', chunk.call).all? { |_, r| r.key?('anomaly_score') } || now - continued > 10
+    assert_operator now - continued, :<=, 2.0, 'scoring resumes once the sidecar answers'
+  ensure
+    Process.kill('CONT', sidecar.pid) if sidecar&.pid
+    sidecar&.stop
+    FileUtils.rm_rf(dir) if dir
+  end
+
+  test 'a record the sidecar cannot decode passes unscored alone; the records sent with it are scored' do
+    records = AccessLines.normal(200).each_with_index.map { |line, i| { 'message' => line, 'n' => i } }
+    records[150][['an', 'array']] = 'as a map key' # msgpack carries it; the sidecar refuses the call
+    s = scorer
+    out = s.score('web', entries(records))
+    assert_equal (0...200).to_a, out.map { |_, r| r['n'] }
+    assert_equal [150], out.select { |_, r| r['anomaly_unscored'] }.map { |_, r| r['n'] }
+    assert_equal 199, out.count { |_, r| r['anomaly_score'].is_a?(Float) }
+    assert_operator s.client.stats[:calls], :<=, 1 + 2 * 8, 'halves, not one call a record'
+    assert_false s.client.circuit_open?, 'a refusal is no sign of a sidecar down'
+  end
+
   test 'on_error error hands unscored records to the error handler instead' do
     s = scorer(endpoint: "unix://#{self.class.dir}/nobody-here.sock", timeout: 0.05, on_error: :error)
     failed = []
@@ -249,6 +289,20 @@ class MisbehavingSidecarTest < Test::Unit::TestCase
       assert_equal (20..29).to_a, out.select { |_, r| r['anomaly_unscored'] }.map { |_, r| r['n'] }
       assert_equal 40, out.count { |_, r| r.key?('anomaly_score') }
       assert_false client.circuit_open?, 'one refusal does not stop calls'
+    end
+  end
+
+  test 'refusals in every record: the calls spent finding them are bounded and calls go on' do
+    with_fake(:picky) do |endpoint|
+      client = Logscore::Client.new(endpoint: endpoint, timeout: 2.0)
+      scorer = Logscore::StreamScorer.new(client: client, keys: StreamScorerTest::KEYS, message_key: 'm')
+      3.times do
+        out = scorer.score('t', Array.new(500) { |i| [i, { 'm' => 'refuse me' }] })
+        assert(out.all? { |_, r| r['anomaly_unscored'] })
+      end
+      assert_equal 3 * (1 + Logscore::StreamScorer::MAX_SPLIT_CALLS), client.stats[:calls]
+      assert_false client.circuit_open?, 'refusals do not stop the calls'
+      assert_equal [true], scorer.score('t', [[1, { 'm' => 'fine' }]]).map { |_, r| r.key?('anomaly_score') }
     end
   end
 

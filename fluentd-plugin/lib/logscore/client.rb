@@ -64,6 +64,7 @@ module Logscore
     # Codes meaning the sidecar is not answering (as opposed to refusing one request).
     SILENT = [GRPC::Core::StatusCodes::DEADLINE_EXCEEDED, GRPC::Core::StatusCodes::UNAVAILABLE].freeze
     PROBE_TIMEOUT = 0.5
+    DEADLINE_GRACE = 0.1 # seconds past a call's deadline before the client gives up on it itself
     COUNTERS = %i[calls scored unscored failures skipped_circuit_open circuit_opened probes].freeze
 
     attr_reader :deadlines
@@ -205,18 +206,36 @@ module Logscore
       count(:calls)
       started = Process.clock_gettime(Process::CLOCK_MONOTONIC)
       allowed = @deadlines.for(count, ahead: ahead)
-      response = @stub.score(request, deadline: Time.now + allowed, metadata: @metadata)
+      response = bounded_score(request, allowed)
       result = check(response, count)
       @deadlines.observe(count + ahead, Process.clock_gettime(Process::CLOCK_MONOTONIC) - started)
       succeeded
       result
     rescue GRPC::BadStatus => e
       @deadlines.observe(count + ahead, allowed) if e.code == GRPC::Core::StatusCodes::DEADLINE_EXCEEDED
+      refused(e.details) if e.code == GRPC::Core::StatusCodes::INVALID_ARGUMENT
       failed(status_name(e.code), e.details, silent: SILENT.include?(e.code))
     rescue ScoringFailed => e
       raise if e.reason == 'circuit_open'
 
       failed(e.reason, e.message, silent: false)
+    end
+
+    # The call, given up after `allowed` seconds (and a little more) whatever gRPC does.
+    # NOTE: a request bigger than a Unix socket's buffer (about 200 KB) blocks gRPC's write while
+    # the sidecar is stopped (SIGSTOP, a hung host), and gRPC's own deadline then never fires: the
+    # call is waited for here, in a thread of its own, and cancelled when the time is up.
+    def bounded_score(request, allowed)
+      operation = @stub.score(request, deadline: Time.now + allowed, metadata: @metadata, return_op: true)
+      caller = Thread.new do
+        Thread.current.report_on_exception = false
+        operation.execute
+      end
+      return caller.value if caller.join(allowed + DEADLINE_GRACE)
+
+      operation.cancel
+      raise GRPC::DeadlineExceeded, "no answer within #{allowed.round(2)} s; the connection is stuck " \
+                                    '(the sidecar stopped, or its host hangs)'
     end
 
     def status_name(code)
@@ -238,6 +257,14 @@ module Logscore
 
     def succeeded
       @lock.synchronize { @consecutive_failures = 0 }
+    end
+
+    # The sidecar answered, refusing this call's records (it could not decode them): it works, so
+    # refusals never stop the calls, however many come in a row.
+    def refused(details)
+      count(:failures)
+      succeeded
+      raise ScoringFailed.new('invalid_argument', details)
     end
 
     def failed(reason, details, silent:)

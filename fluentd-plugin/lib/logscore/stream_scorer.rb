@@ -12,6 +12,7 @@ module Logscore
   # the caller's error handler).
   class StreamScorer
     Keys = Struct.new(:score, :flag, :model, :explanation, :unscored, :entity, keyword_init: true)
+    MAX_SPLIT_CALLS = 64 # calls a stream may spend finding the records the sidecar refused (score_slices)
 
     attr_reader :client
 
@@ -34,11 +35,24 @@ module Logscore
     def score(tag, entries, &on_unscored)
       return entries if entries.empty?
 
-      slices = @message_key ? line_batches(entries) : packed_batches(entries)
+      score_slices(tag, batches(entries), [MAX_SPLIT_CALLS], &on_unscored)
+    end
+
+    private
+
+    # NOTE: a call the sidecar refuses for its records (one it cannot decode: a map key that is an
+    # array, nesting deeper than it reads) is split in halves and each half sent again, so that only
+    # the refused records pass unscored, not the up to batch_records sent with them; `budget` (an
+    # array of one count, shared down the halves) bounds the extra calls when many are refused.
+    def score_slices(tag, slices, budget, &on_unscored)
       results = client.score_all(slices.map { |slice, packed| [request(tag, slice, packed), slice.size] })
       passed = []
       slices.zip(results) do |(slice, _), result|
-        if result.is_a?(ScoringFailed)
+        if refused?(result) && slice.size > 1 && budget[0] >= 2
+          budget[0] -= 2
+          halves = slice.each_slice((slice.size + 1) / 2).flat_map { |half| batches(half) }
+          passed.concat(score_slices(tag, halves, budget, &on_unscored))
+        elsif result.is_a?(ScoringFailed)
           passed.concat(unscored(slice, result, &on_unscored))
         else
           slice.each_with_index { |(_, record), i| annotate(record, result, i) }
@@ -49,7 +63,13 @@ module Logscore
       passed
     end
 
-    private
+    def refused?(result)
+      result.is_a?(ScoringFailed) && result.reason == 'invalid_argument'
+    end
+
+    def batches(entries)
+      @message_key ? line_batches(entries) : packed_batches(entries)
+    end
 
     # [entries, their msgpack bytes] per call, at most batch_records records and batch_bytes bytes
     # (a single bigger record goes alone). The sidecar reads the records only: each entry goes as

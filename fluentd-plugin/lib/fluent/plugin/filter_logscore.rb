@@ -46,7 +46,8 @@ module Fluent
       config_param :calls_in_flight, :integer, default: 2
       desc 'On failure: pass (records continue, marked unscored) or error (records go to @ERROR)'
       config_param :on_error, :enum, list: %i[pass error], default: :pass
-      desc 'Consecutive refused calls that pause calls (a sidecar that does not answer pauses them at once)'
+      desc 'Consecutive failed calls that pause calls (a sidecar that does not answer pauses them at once; ' \
+           'refusals of records it cannot decode never do)'
       config_param :failure_threshold, :integer, default: 3
       desc 'While calls are paused, how often the sidecar\'s health is checked (calls resume when it passes)'
       config_param :probe_interval, :time, default: 0.2
