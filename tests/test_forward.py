@@ -297,6 +297,39 @@ def test_invalid_entries_are_skipped_and_counted_the_rest_pass(chain):
     assert counter(sidecar, "forward_invalid_entry") == 3
 
 
+def test_a_broken_first_entry_is_skipped_not_taken_for_a_message_mode_time(chain):
+    # ["web", ["bad", [time, record]], option] is Forward mode with one bad entry, as Fluentd reads it.
+    sidecar, port, receiver = chain
+    chunk = uuid.uuid4().hex
+    message = ["web", ["bad", [1_700_000_000, {"message": "good"}]], {"chunk": chunk}]
+    assert send_chunk(port, message) == {"ack": chunk}
+    assert [r["message"] for _, r in receiver.wait_for(1)] == ["good"]
+    assert counter(sidecar, "forward_invalid_entry") == 1
+
+
+@pytest.mark.parametrize("chunk", [12345, b"\x00\xffid", ["a", 1], "text"], ids=["int", "bin", "array", "str"])
+def test_any_chunk_id_is_acked_as_it_came(chain, chunk):
+    # Fluentd's in_forward echoes whatever chunk id a sender gave; without the ack the sender resends forever.
+    _, port, receiver = chain
+    assert send_chunk(port, ["web", [[1_700_000_000, {"message": "x"}]], {"chunk": chunk}]) == {"ack": chunk}
+    assert len(receiver.wait_for(1)) == 1
+
+
+def test_a_flagged_record_holding_invalid_utf8_leaves_the_review_page_working(chain):
+    sidecar, port, receiver = chain
+    line = ('10.0.0.9 - - [01/Jan/2024:00:00:00 +0000] "GET /x?id=1%27%20or%201=1-- HTTP/1.1" 200 1 "-" '
+            '"cu\udcffrl"')  # the byte 0xff, as forward mode keeps it
+    packer = msgpack.Packer(use_bin_type=True, unicode_errors="surrogateescape")
+    chunk = uuid.uuid4().hex
+    assert send(port, packer.pack(["web.\udcff", [[1_700_000_000, {"message": line}]], {"chunk": chunk}])) == \
+        [{"ack": chunk}]
+    (_, record), = receiver.wait_for(1)
+    assert record["is_anomaly"] is True
+    status, page = sidecar.http_get("/ui/")
+    assert status == 200, page[:300]
+    assert "cu?rl" in page.decode()
+
+
 def test_non_log_signals_pass_on_untouched(chain):
     sidecar, port, receiver = chain
     # Fluent Bit forwards metrics as a Message-mode record holding a cmetrics blob (fluent_signal 1).

@@ -87,7 +87,7 @@ class NextHopError(ConnectionError):
 class Message:
     tag: str
     entries: Iterable  # [time, record] arrays, decoded lazily for PackedForward
-    chunk: Optional[str]
+    chunk: object  # the sender's chunk id, any msgpack value (None: no ack wanted)
     raw: object = None  # the message as received, kept for those passed on untouched
     is_log: bool = True  # Fluent Bit also forwards metrics and traces (option fluent_signal)
     compressed: Optional[bytes] = None  # a gzip payload, to be checked before it is decoded
@@ -106,18 +106,18 @@ def decode_message(message, max_bytes: int) -> Message:
     if isinstance(payload, (bytes, str)):  # PackedForward (str when the sender packed it as str)
         data = payload.encode("utf-8", EXACT) if isinstance(payload, str) else payload
         entries: Iterable = packed_entries(data, option.get("compressed") == "gzip", max_bytes)
-    elif isinstance(payload, (list, tuple)) and (not payload or _is_array(payload[0])):
-        entries = payload  # Forward
+    elif _is_array(payload) and not _is_time(payload):
+        entries = payload  # Forward (entries that are not [time, record] are skipped and counted)
     elif len(message) >= 3 and isinstance(message[2], dict):  # Message: [tag, time, record(, option)]
         option = message[3] if len(message) >= 4 and isinstance(message[3], dict) else {}
         entries = [[payload, message[2]]]
     else:
         raise ForwardProtocolError("not a Message, Forward or PackedForward message")
+    # NOTE: like Fluentd's in_forward, any chunk id but nil (and false) asks for an ack, echoed as it came
     chunk = option.get("chunk")
     signal = option.get("fluent_signal", 0)
     compressed = data if isinstance(payload, (bytes, str)) and option.get("compressed") == "gzip" else None
-    return Message(tag, entries, chunk if isinstance(chunk, str) else None, message, signal in (0, None),
-                   compressed)
+    return Message(tag, entries, None if chunk is False else chunk, message, signal in (0, None), compressed)
 
 
 def ext_value(code: int, data: bytes) -> msgpack.ExtType:
@@ -138,6 +138,13 @@ def forward_unpacker(max_buffer_size: int, **limits) -> msgpack.Unpacker:
 def _is_array(value) -> bool:
     # NOTE: msgpack's ExtType (an EventTime) is a namedtuple: not an array.
     return isinstance(value, (list, tuple)) and not isinstance(value, msgpack.ExtType)
+
+
+def _is_time(value) -> bool:
+    """An event time: a number, an EventTime, or Fluent Bit's [time, metadata]."""
+    if _is_array(value):
+        return len(value) == 2 and isinstance(value[1], dict) and _is_time(value[0]) and not _is_array(value[0])
+    return isinstance(value, (int, float, msgpack.ExtType, msgpack.Timestamp)) and not isinstance(value, bool)
 
 
 def packed_entries(data: bytes, compressed: bool, max_bytes: int) -> Iterator:
@@ -194,7 +201,7 @@ def checked_entry(entry) -> list:
         raise InvalidEntry(f"an entry is not [time, record] but {type(entry).__name__}")
     moment = entry[0]
     instant = moment[0] if _is_array(moment) and moment else moment  # Fluent Bit: [[time, metadata], record]
-    if not (isinstance(instant, (int, float, msgpack.ExtType, msgpack.Timestamp)) and not isinstance(instant, bool)):
+    if _is_array(instant) or not _is_time(instant):
         raise InvalidEntry(f"an entry's time is a {type(instant).__name__}")
     return entry if isinstance(entry, list) else list(entry)
 
@@ -501,7 +508,8 @@ class ForwardServer(StreamServer):
         if relay.skipped:
             self._count("forward_invalid_entry", relay.skipped)
             log.warning("skipped entries that are not [time, record]", extra={"entries": relay.skipped})
-        acks = [msgpack.packb({"ack": m.chunk}, use_bin_type=True) for m in messages if m.chunk is not None]
+        acks = [msgpack.packb({"ack": m.chunk}, use_bin_type=True, unicode_errors=EXACT)
+                for m in messages if m.chunk is not None]
         if acks:
             writer.write(b"".join(acks))
             await writer.drain()
