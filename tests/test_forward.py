@@ -392,6 +392,43 @@ def test_an_idle_connection_is_closed(tmp_path):
         receiver.stop()
 
 
+def test_senders_trickling_their_messages_are_cut_off_and_others_get_their_turn(tmp_path):
+    # Two connections are served at a time. Each trickler writes a byte every 2 s, so no read waits
+    # 10 s: the 10 s a message may take count from its first byte.
+    sidecar, port, receiver = start_chain(tmp_path)
+    message = msgpack.packb(["web", [[1_700_000_000, {"message": "x" * 100}]], {"chunk": "trickled"}])
+    stop = threading.Event()
+
+    def trickle():
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as connection:
+            try:
+                for byte in message[:-1]:
+                    connection.sendall(bytes([byte]))
+                    if stop.wait(2):
+                        return
+            except OSError:  # closed by the sidecar
+                return
+
+    tricklers = [threading.Thread(target=trickle) for _ in range(2)]
+    try:
+        for thread in tricklers:
+            thread.start()
+        time.sleep(1)
+        started = time.monotonic()
+        chunk = uuid.uuid4().hex
+        assert send_chunk(port, ["web", [[1_700_000_000, {"message": "on time"}]], {"chunk": chunk}],
+                          timeout=30) == {"ack": chunk}
+        assert time.monotonic() - started < 15
+        assert counter(sidecar, "forward_protocol") >= 1
+        assert "stayed incomplete" in sidecar.log()
+    finally:
+        stop.set()
+        for thread in tricklers:
+            thread.join()
+        sidecar.stop()
+        receiver.stop()
+
+
 def send_at_once(port: int, frames: list[bytes], timeout: float = 240) -> list[list[dict]]:
     """Each frame on its own connection, all at the same time; the answers, in frame order."""
     answers: dict[int, list] = {}

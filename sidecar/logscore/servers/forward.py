@@ -60,7 +60,7 @@ EXACT = "surrogateescape"
 READ_BYTES = 256 * 1024  # what a connection may read before it is admitted
 ACTIVE_CONNECTIONS = 2  # read, scored and relayed at once; the rest wait unread (backpressure)
 INFLATE_STEP = 1024 * 1024
-PARTIAL_MESSAGE_TIMEOUT_S = 10.0  # an admitted connection must finish the message it started
+PARTIAL_MESSAGE_TIMEOUT_S = 10.0  # an admitted connection must finish the message it started (and read its acks)
 MAX_INVALID_ENTRIES = 1000  # skipped like Fluentd's in_forward does; this many means it is not a chunk
 MAX_REFUSALS = 5  # a reachable next hop that drops held records this often refuses them: give up
 INFLATION = 4  # a compressed payload may inflate to this many times forward_max_message_bytes (streamed)
@@ -460,7 +460,12 @@ class ForwardServer(StreamServer):
 
     async def _take_messages(self, reader, writer, unpacker: msgpack.Unpacker, position: "Position",
                              data: bytes) -> None:
-        """Relay the complete messages in the buffer; read on while one is only partly here."""
+        """Relay the complete messages in the buffer; read on while one is only partly here.
+
+        NOTE: the time a message may take to arrive counts from its first bytes, not per read: a
+        sender trickling a byte every few seconds would otherwise hold its admission for good."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + PARTIAL_MESSAGE_TIMEOUT_S
         while True:
             try:
                 unpacker.feed(data)
@@ -476,10 +481,11 @@ class ForwardServer(StreamServer):
                 messages.append(message)
             if messages:
                 await self._relay(messages, writer)
+                deadline = loop.time() + PARTIAL_MESSAGE_TIMEOUT_S  # what is left began in the last bytes
             if position.consumed == position.fed:
                 return
             try:
-                async with asyncio.timeout(PARTIAL_MESSAGE_TIMEOUT_S):
+                async with asyncio.timeout_at(deadline):
                     data = await reader.read(READ_BYTES)
             except asyncio.TimeoutError:
                 raise ForwardProtocolError(f"a message stayed incomplete for {PARTIAL_MESSAGE_TIMEOUT_S:g} s") \
@@ -512,7 +518,11 @@ class ForwardServer(StreamServer):
                 for m in messages if m.chunk is not None]
         if acks:
             writer.write(b"".join(acks))
-            await writer.drain()
+            try:
+                async with asyncio.timeout(PARTIAL_MESSAGE_TIMEOUT_S):
+                    await writer.drain()
+            except asyncio.TimeoutError:
+                raise ForwardProtocolError(f"the sender read no acks for {PARTIAL_MESSAGE_TIMEOUT_S:g} s") from None
 
     def _pieces(self, messages: list[Message], relay: Relay) -> Iterator:
         """In order: slices of (tag, entry) pairs to score, and non-log messages to pass on as they are."""
