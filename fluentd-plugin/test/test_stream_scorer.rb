@@ -97,57 +97,61 @@ class StreamScorerTest < Test::Unit::TestCase
     assert s.client.circuit_open?
   end
 
-  test 'a hung sidecar holds a stream at most the stated bound, then scoring resumes within 1 s' do
-    dir = Dir.mktmpdir('logscore-hang')
+  # A sidecar of the test's own, which it may stop (SIGSTOP); continued and stopped at the end.
+  def with_own_sidecar
+    dir = Dir.mktmpdir('logscore-own')
     sidecar = SidecarProcess.new(dir).start
-    s = scorer(endpoint: "unix://#{sidecar.socket}", timeout: 0.3, timeout_per_record: 0.001,
-               message_key: 'message')
-    chunk = -> { entries(AccessLines.normal(100).map { |line| { 'message' => line } }) }
-    assert(s.score('web', chunk.call).all? { |_, r| r.key?('anomaly_score') })
-    Process.kill('STOP', sidecar.pid)
-    started = now
-    assert(s.score('web', chunk.call).all? { |_, r| r['anomaly_unscored'] })
-    assert_operator now - started, :<=, 0.3 + 0.001 * 100 + 0.2 # timeout + timeout_per_record x records
-    started = now
-    assert(s.score('web', chunk.call).all? { |_, r| r['anomaly_unscored'] })
-    assert_operator now - started, :<, 0.05, 'once the sidecar is silent, streams pass at once'
-    Process.kill('CONT', sidecar.pid)
-    continued = now
-    sleep 0.05 until s.score('web', chunk.call).all? { |_, r| r.key?('anomaly_score') } || now - continued > 5
-    assert_operator now - continued, :<=, 1.0, 'scoring resumes within 1 s of the sidecar answering'
-    assert_operator s.client.stats[:probes], :>=, 1
+    yield sidecar
   ensure
     Process.kill('CONT', sidecar.pid) if sidecar&.pid
     sidecar&.stop
     FileUtils.rm_rf(dir) if dir
   end
 
+  # Seconds until every record of a chunk is scored again (at most `limit`).
+  def seconds_until_scored(scorer, chunk, limit)
+    continued = now
+    sleep 0.05 until scorer.score('web', chunk.call).all? { |_, r| r.key?('anomaly_score') } || now - continued > limit
+    now - continued
+  end
+
+  test 'a hung sidecar holds a stream at most the stated bound, then scoring resumes within 1 s' do
+    with_own_sidecar do |sidecar|
+      s = scorer(endpoint: "unix://#{sidecar.socket}", timeout: 0.3, timeout_per_record: 0.001,
+                 message_key: 'message')
+      chunk = -> { entries(AccessLines.normal(100).map { |line| { 'message' => line } }) }
+      assert(s.score('web', chunk.call).all? { |_, r| r.key?('anomaly_score') })
+      Process.kill('STOP', sidecar.pid)
+      started = now
+      assert(s.score('web', chunk.call).all? { |_, r| r['anomaly_unscored'] })
+      assert_operator now - started, :<=, 0.3 + 0.001 * 100 + 0.2 # timeout + timeout_per_record x records
+      started = now
+      assert(s.score('web', chunk.call).all? { |_, r| r['anomaly_unscored'] })
+      assert_operator now - started, :<, 0.05, 'once the sidecar is silent, streams pass at once'
+      Process.kill('CONT', sidecar.pid)
+      assert_operator seconds_until_scored(s, chunk, 5), :<=, 1.0, 'scoring resumes within 1 s of the sidecar answering'
+      assert_operator s.client.stats[:probes], :>=, 1
+    end
+  end
+
   test 'a hung sidecar holds a big call no longer than the bound either (its bytes fill the socket)' do
     # NOTE: a call bigger than the Unix socket's buffer (about 200 KB) blocks gRPC's write while
     # the sidecar is stopped, and gRPC's own deadline then never fires: the client bounds it itself.
-    dir = Dir.mktmpdir('logscore-hang-big')
-    sidecar = SidecarProcess.new(dir).start
-    s = scorer(endpoint: "unix://#{sidecar.socket}", timeout: 0.3, timeout_per_record: 0.0005)
-    padding = 'x' * 400
-    chunk = lambda do
-      entries(AccessLines.normal(2000).map { |line| { 'message' => line, 'referer' => padding } })
+    with_own_sidecar do |sidecar|
+      s = scorer(endpoint: "unix://#{sidecar.socket}", timeout: 0.3, timeout_per_record: 0.0005)
+      padding = 'x' * 400
+      chunk = -> { entries(AccessLines.normal(2000).map { |line| { 'message' => line, 'referer' => padding } }) }
+      assert(s.score('web', chunk.call).all? { |_, r| r.key?('anomaly_score') })
+      Process.kill('STOP', sidecar.pid)
+      started = now
+      out = s.score('web', chunk.call)
+      assert_operator now - started, :<=, 0.3 + 0.0005 * 2000 + 0.5
+      assert_equal 2000, out.size
+      assert(out.all? { |_, r| r['anomaly_unscored'] })
+      assert s.client.circuit_open?, 'a sidecar that does not answer stops the calls'
+      Process.kill('CONT', sidecar.pid)
+      assert_operator seconds_until_scored(s, chunk, 10), :<=, 2.0, 'scoring resumes once the sidecar answers'
     end
-    assert(s.score('web', chunk.call).all? { |_, r| r.key?('anomaly_score') })
-    Process.kill('STOP', sidecar.pid)
-    started = now
-    out = s.score('web', chunk.call)
-    assert_operator now - started, :<=, 0.3 + 0.0005 * 2000 + 0.5
-    assert_equal 2000, out.size
-    assert(out.all? { |_, r| r['anomaly_unscored'] })
-    assert s.client.circuit_open?, 'a sidecar that does not answer stops the calls'
-    Process.kill('CONT', sidecar.pid)
-    continued = now
-    sleep 0.05 until s.score('web', chunk.call).all? { |_, r| r.key?('anomaly_score') } || now - continued > 10
-    assert_operator now - continued, :<=, 2.0, 'scoring resumes once the sidecar answers'
-  ensure
-    Process.kill('CONT', sidecar.pid) if sidecar&.pid
-    sidecar&.stop
-    FileUtils.rm_rf(dir) if dir
   end
 
   test 'a record the sidecar cannot decode passes unscored alone; the records sent with it are scored' do
