@@ -12,8 +12,8 @@
 - **explanations**: ``Model.score`` of the default model with and without ``explain=3``, both
   traffics.
 - **single**: ``Model.score`` of one record a call (its featurizing and its graph timed apart),
-  back to back and with other memory read between calls (what single-record latency in a server
-  meets).
+  beside the floor's, back to back and with other memory read between calls (what single-record
+  latency in a server meets).
 - **detectors**: one small model per detector trained on generated shop lines
   (tests/generate.py), on long-tail traffic (a third of the requests new).
 - **prior_art**: the prior art's methods (benchmarks/baselines.py; needs gensim).
@@ -152,44 +152,55 @@ def bench_explanations(explain: int = 3, batch: int = 1000, batches: int = 20) -
 
 
 def bench_single(calls: int = 3000, rounds: int = 3, evict_mib: int = 8) -> dict:
-    """One record a call, CPU µs per call of ``Model.score``'s two parts, featurizing and the graph:
-    back to back (caches warm, as in the batch rows) and with ``evict_mib`` MiB read between calls,
-    as a server's other work (its gRPC layer, the client, other processes on the same cores) evicts
-    the model's code and data between single-record calls. Interleaved rounds; the repetitive traffic."""
-    model = Model.load(ROOT / "models" / "apache-access.onnx")
+    """One record a call, CPU µs per call of ``Model.score``'s two parts, featurizing and the graph,
+    beside the floor's two (char 3-gram hashing, one Gather/ReduceSum call): back to back (caches
+    warm, as in the batch rows) and with ``evict_mib`` MiB read before each call, as a server's other
+    work (its gRPC layer, the client, other processes on the same cores) evicts the model's code and
+    data between single-record calls. Interleaved rounds; the repetitive traffic."""
+    from benchmarks.baselines import HashingFloor
+
+    model, floor = Model.load(ROOT / "models" / "apache-access.onnx"), HashingFloor()
+    options = dict(dense=model.needs_dense, with_fields=model.needs_fields, columns=model.behaviour_fields)
+    pipelines = {"logscore": (lambda line: model.featurizer.transform([line], **options),
+                              lambda batch: run_graph(model.session, batch)),
+                 "floor": (lambda line: floor.featurize([line]), floor.score_features)}
     lines = TRAFFIC["repetitive"](2000 + 2 * rounds * calls, seed=34)
     for line in lines[:2000]:
-        model.score([line], 0)
+        for featurize, graph in pipelines.values():
+            graph(featurize(line))
     other_work = np.ones(evict_mib << 20, dtype=np.uint8)
-    options = dict(dense=model.needs_dense, with_fields=model.needs_fields, columns=model.behaviour_fields)
-    times: dict[str, dict[str, list[float]]] = {"warm": {"featurize": [], "graph": []},
-                                                "evicted": {"featurize": [], "graph": []}}
+    kinds = ("warm", "evicted")
+    times = {name: {kind: {"featurize": [], "graph": []} for kind in kinds} for name in pipelines}
     offset = 2000
     for _ in range(rounds):
-        for kind, parts in times.items():
-            featurizing = graph = 0.0
+        for kind in kinds:
+            spent = {name: [0.0, 0.0] for name in pipelines}
             for line in lines[offset: offset + calls]:
-                if kind == "evicted":
-                    other_work.sum()
-                started = time.thread_time()
-                batch = model.featurizer.transform([line], **options)
-                featurized = time.thread_time()
-                run_graph(model.session, batch)
-                featurizing += featurized - started
-                graph += time.thread_time() - featurized
+                for name, (featurize, graph) in pipelines.items():
+                    if kind == "evicted":
+                        other_work.sum()
+                    started = time.thread_time()
+                    features = featurize(line)
+                    featurized = time.thread_time()
+                    graph(features)
+                    spent[name][0] += featurized - started
+                    spent[name][1] += time.thread_time() - featurized
             offset += calls
-            parts["featurize"].append(featurizing / calls * 1e6)
-            parts["graph"].append(graph / calls * 1e6)
-    result: dict = {kind: {part: round(float(np.median(values)), 1) for part, values in parts.items()}
-                    for kind, parts in times.items()}
-    for parts in result.values():
-        parts["total"] = round(parts["featurize"] + parts["graph"], 1)
+            for name, (featurizing, running) in spent.items():
+                times[name][kind]["featurize"].append(featurizing / calls * 1e6)
+                times[name][kind]["graph"].append(running / calls * 1e6)
+    result: dict = {name: {kind: {part: round(float(np.median(values)), 1) for part, values in parts.items()}
+                           for kind, parts in by_kind.items()} for name, by_kind in times.items()}
+    for by_kind in result.values():
+        for parts in by_kind.values():
+            parts["total"] = round(parts["featurize"] + parts["graph"], 1)
     novelty = never_seen_share(*sent_digests(lines[2000:offset]))["never_seen_request_lines"]
     result.update(evict_mib=evict_mib, never_seen_request_lines=novelty, load_average=load_average())
-    for kind, label in (("warm", "back to back"), ("evicted", f"with {evict_mib} MiB read between calls")):
-        parts = result[kind]
-        print(f"single record, {label}: {parts['total']} µs a call (featurize {parts['featurize']}, graph "
-              f"{parts['graph']})   never seen {novelty:.1%}  load {result['load_average']}", flush=True)
+    for kind, label in (("warm", "back to back"), ("evicted", f"with {evict_mib} MiB read before each call")):
+        ours, least = result["logscore"][kind], result["floor"][kind]
+        print(f"single record, {label}: {ours['total']} µs a call (featurize {ours['featurize']}, graph "
+              f"{ours['graph']}); floor {least['total']} (featurize {least['featurize']}, graph {least['graph']})"
+              f"   never seen {novelty:.1%}  load {result['load_average']}", flush=True)
     return result
 
 

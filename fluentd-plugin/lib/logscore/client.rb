@@ -227,11 +227,11 @@ module Logscore
     # call is waited for here, in a thread of its own, and cancelled when the time is up.
     def bounded_score(request, allowed)
       operation = @stub.score(request, deadline: Time.now + allowed, metadata: @metadata, return_op: true)
-      caller = Thread.new do
+      waiter = Thread.new do
         Thread.current.report_on_exception = false
         operation.execute
       end
-      return caller.value if caller.join(allowed + DEADLINE_GRACE)
+      return waiter.value if waiter.join(allowed + DEADLINE_GRACE)
 
       operation.cancel
       raise GRPC::DeadlineExceeded, "no answer within #{allowed.round(2)} s; the connection is stuck " \

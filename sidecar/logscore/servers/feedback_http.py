@@ -97,8 +97,7 @@ class FeedbackHttp:
         html = render_page(self.service.review, entries, self.service.metrics.histograms(),
                            {name: m.threshold for name, m in models.items()}, status,
                            request.query.get("message", ""))
-        # NOTE: records may hold invalid UTF-8 (forward mode keeps their bytes as lone surrogates): shown as "?"
-        return Response(200, html.encode("utf-8", "replace"), "text/html; charset=utf-8", {"Cache-Control": "no-store"})
+        return Response.html(html, headers={"Cache-Control": "no-store"})
 
     async def page_mark(self, request: Request) -> Response:
         async def work():
@@ -162,7 +161,7 @@ class FeedbackHttp:
                 f"<body style='font:14px system-ui;margin:24px'><p>{message}</p><form method=get action='/ui/'>"
                 "<input type=password name=token placeholder=token aria-label=token> <button>open</button>"
                 "</form></body></html>")
-        return Response(status, html.encode("utf-8", "replace"), "text/html; charset=utf-8")
+        return Response.html(html, status)
 
 
 def redirect(location: str) -> Response:

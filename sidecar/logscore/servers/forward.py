@@ -141,9 +141,9 @@ def _is_array(value) -> bool:
 
 
 def _is_time(value) -> bool:
-    """An event time: a number, an EventTime, or Fluent Bit's [time, metadata]."""
+    """An event time: a number, an EventTime, or Fluent Bit's [time, metadata] (an array whose first item is one)."""
     if _is_array(value):
-        return len(value) == 2 and isinstance(value[1], dict) and _is_time(value[0]) and not _is_array(value[0])
+        value = value[0] if value else None
     return isinstance(value, (int, float, msgpack.ExtType, msgpack.Timestamp)) and not isinstance(value, bool)
 
 
@@ -199,10 +199,8 @@ def checked_entry(entry) -> list:
     """``[time, record]`` as received (the time is never rewritten), or InvalidEntry."""
     if not (isinstance(entry, (list, tuple)) and len(entry) == 2 and isinstance(entry[1], dict)):
         raise InvalidEntry(f"an entry is not [time, record] but {type(entry).__name__}")
-    moment = entry[0]
-    instant = moment[0] if _is_array(moment) and moment else moment  # Fluent Bit: [[time, metadata], record]
-    if _is_array(instant) or not _is_time(instant):
-        raise InvalidEntry(f"an entry's time is a {type(instant).__name__}")
+    if not _is_time(entry[0]):
+        raise InvalidEntry(f"an entry's time is a {type(entry[0]).__name__}")
     return entry if isinstance(entry, list) else list(entry)
 
 

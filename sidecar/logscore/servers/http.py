@@ -81,6 +81,11 @@ class Response:
         return cls(status, json.dumps(value, separators=(",", ":")).encode())
 
     @classmethod
+    def html(cls, text: str, status: int = 200, headers: Optional[dict[str, str]] = None) -> "Response":
+        # NOTE: records may hold invalid UTF-8 (forward mode keeps their bytes as lone surrogates): shown as "?"
+        return cls(status, text.encode("utf-8", "replace"), "text/html; charset=utf-8", headers or {})
+
+    @classmethod
     def error(cls, status: int, message: str) -> "Response":
         return cls.json({"error": message}, status)
 
