@@ -42,7 +42,7 @@ class Settings:
     forward_idle_timeout_s: float = setting(60.0, "a forward connection that sends nothing this long is closed")
     forward_max_message_bytes: int = setting(16 * 1024 * 1024, "largest forward message accepted (a sender's "
                                              "chunk: keep its chunk_limit_size below); compressed payloads may "
-                                             "inflate to 4 times this")
+                                             "inflate to 64 times this")
     forward_when_busy: str = setting("wait", "when the scoring queue is full: 'wait' (hold the sender, whose "
                                      "buffer keeps the backlog) or 'pass' (pass records on marked unscored)")
     tls_cert: Optional[str] = setting(None, "PEM certificate for TLS on the TCP and HTTP listeners")

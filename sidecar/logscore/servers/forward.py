@@ -22,7 +22,8 @@ goes on exactly as it came (integer, float, EventTime, Fluent Bit's
   read past their first block at a time; the others wait unread, so a backlog
   stays in the senders' buffers. A big chunk is decoded, scored and passed on in
   slices (PackedForward entries are decoded as they are needed; compressed
-  payloads are inflated in steps, refused past ``INFLATION`` times ``forward_max_message_bytes``).
+  payloads are inflated in steps, refused past ``INFLATION`` times ``forward_max_message_bytes``),
+  and at most ``RELAY_WINDOW`` messages' worth of scored frames wait for the next hop's acks.
 - **Coalescing.** Messages that arrive together (Fluent Bit's Message mode sends
   one per record) are scored in one call and passed on together.
 - Scoring failures never hold records: they go on marked ``anomaly_unscored``.
@@ -63,7 +64,12 @@ INFLATE_STEP = 1024 * 1024
 PARTIAL_MESSAGE_TIMEOUT_S = 10.0  # an admitted connection must finish the message it started (and read its acks)
 MAX_INVALID_ENTRIES = 1000  # skipped like Fluentd's in_forward does; this many means it is not a chunk
 MAX_REFUSALS = 5  # a reachable next hop that drops held records this often refuses them: give up
-INFLATION = 4  # a compressed payload may inflate to this many times forward_max_message_bytes (streamed)
+# NOTE: a payload is inflated once to count it (so a refused one relays nothing), then again in
+# steps as it is decoded; memory stays bounded either way. Access logs inflate 8-12 times and
+# repetitive ones far more, while gzip's own limit is about 1,000: a lower cap refuses real
+# chunks, and a refused chunk stalls its sender for good (it is resent on every retry).
+INFLATION = 64  # a compressed payload may inflate to this many times forward_max_message_bytes
+RELAY_WINDOW = 2  # scored frames sent and not yet acked, per relay, in forward_max_message_bytes
 # NOTE: a Forward-mode message is decoded whole (msgpack arrays cannot be read in parts here):
 # capping its entries bounds its decoded size even when each entry is tiny.
 MAX_ARRAY_ENTRIES, MAX_MAP_ENTRIES = 100_000, 10_000
@@ -92,20 +98,21 @@ class Message:
     is_log: bool = True  # Fluent Bit also forwards metrics and traces (option fluent_signal)
     compressed: Optional[bytes] = None  # a gzip payload, to be checked before it is decoded
 
-    async def check_size(self, max_bytes: int) -> None:
-        """Refuse a compressed payload that inflates past max_bytes (counted off the event loop)."""
+    async def check_size(self, max_message_bytes: int) -> None:
+        """Refuse a compressed payload that inflates past INFLATION x max_message_bytes (counted
+        off the event loop)."""
         if self.compressed is not None:
-            await asyncio.to_thread(inflated_size, self.compressed, max_bytes)
+            await asyncio.to_thread(inflated_size, self.compressed, INFLATION * max_message_bytes)
 
 
-def decode_message(message, max_bytes: int) -> Message:
+def decode_message(message, max_message_bytes: int) -> Message:
     if not isinstance(message, (list, tuple)) or len(message) < 2 or not isinstance(message[0], str):
         raise ForwardProtocolError(f"expected [tag, ...], got {type(message).__name__}")
     tag, payload = message[0], message[1]
     option = message[-1] if len(message) >= 3 and isinstance(message[-1], dict) else {}
     if isinstance(payload, (bytes, str)):  # PackedForward (str when the sender packed it as str)
         data = payload.encode("utf-8", EXACT) if isinstance(payload, str) else payload
-        entries: Iterable = packed_entries(data, option.get("compressed") == "gzip", max_bytes)
+        entries: Iterable = packed_entries(data, option.get("compressed") == "gzip", max_message_bytes)
     elif _is_array(payload) and not _is_time(payload):
         entries = payload  # Forward (entries that are not [time, record] are skipped and counted)
     elif len(message) >= 3 and isinstance(message[2], dict):  # Message: [tag, time, record(, option)]
@@ -147,12 +154,15 @@ def _is_time(value) -> bool:
     return isinstance(value, (int, float, msgpack.ExtType, msgpack.Timestamp)) and not isinstance(value, bool)
 
 
-def packed_entries(data: bytes, compressed: bool, max_bytes: int) -> Iterator:
-    """The entries of a PackedForward payload, decoded as they are consumed."""
-    unpacker = forward_unpacker(max(max_bytes, 1024))
+def packed_entries(data: bytes, compressed: bool, max_message_bytes: int) -> Iterator:
+    """The entries of a PackedForward payload, decoded as they are consumed.
+
+    One entry may be as big as a message; a compressed payload inflates to at most
+    INFLATION x max_message_bytes in all."""
+    unpacker = forward_unpacker(max(max_message_bytes, 1024) + INFLATE_STEP)
     fed = consumed = 0  # NOTE: tell() counts the bytes of a partly decoded entry too
     try:
-        for block in (_inflate(data, max_bytes) if compressed else (data,)):
+        for block in (_inflate(data, INFLATION * max_message_bytes) if compressed else (data,)):
             unpacker.feed(block)
             fed += len(block)
             for entry in unpacker:
@@ -358,8 +368,11 @@ class Relay:
     """What one group of messages became: frames for the next hop and, once sent, their acks."""
 
     wants_acks: bool  # every sender chunk asks for an ack: on failure the sender resends
-    sent: list[tuple[Frame, Optional[asyncio.Future]]] = field(default_factory=list)
+    sent: list[tuple[Frame, Optional[asyncio.Future]]] = field(default_factory=list)  # not yet settled
     skipped: int = 0  # invalid entries
+
+    def held_bytes(self) -> int:
+        return sum(len(frame.data) for frame, _ in self.sent)
 
     def unacknowledged(self) -> list[Frame]:
         return [frame for frame, ack in self.sent
@@ -474,8 +487,8 @@ class ForwardServer(StreamServer):
             messages = []
             for raw in unpacker:
                 position.consumed = unpacker.tell()
-                message = decode_message(raw, INFLATION * self.max_message_bytes)
-                await message.check_size(INFLATION * self.max_message_bytes)
+                message = decode_message(raw, self.max_message_bytes)
+                await message.check_size(self.max_message_bytes)
                 messages.append(message)
             if messages:
                 await self._relay(messages, writer)
@@ -502,13 +515,9 @@ class ForwardServer(StreamServer):
                 continue
             await self._score([entry[1] for _, entry in piece], [tag for tag, _ in piece])
             await self._send(relay, packed_frames(piece))
-        try:
-            await self.next_hop.acknowledged([ack for _, ack in relay.sent if ack is not None])
-        except NextHopError:
-            if relay.wants_acks:
-                raise  # no ack: the sender resends
-        if relay.unacknowledged():
-            await self._retry(relay)  # a sender that takes no acks cannot resend: hold and retry
+            if relay.held_bytes() > RELAY_WINDOW * self.max_message_bytes:
+                await self._settle(relay)  # a big chunk inflated: keep only a window of it in memory
+        await self._settle(relay)
         if relay.skipped:
             self._count("forward_invalid_entry", relay.skipped)
             log.warning("skipped entries that are not [time, record]", extra={"entries": relay.skipped})
@@ -546,6 +555,17 @@ class ForwardServer(StreamServer):
                     piece = []
         if piece:
             yield piece
+
+    async def _settle(self, relay: Relay) -> None:
+        """Wait until the next hop acked every frame sent so far, then let them go."""
+        try:
+            await self.next_hop.acknowledged([ack for _, ack in relay.sent if ack is not None])
+        except NextHopError:
+            if relay.wants_acks:
+                raise  # no ack: the sender resends
+        if relay.unacknowledged():
+            await self._retry(relay)  # a sender that takes no acks cannot resend: hold and retry
+        relay.sent.clear()
 
     async def _send(self, relay: Relay, frames: list[Frame]) -> None:
         try:
