@@ -41,7 +41,8 @@ def test_records_that_do_not_parse_are_flagged_when_the_training_data_parsed(pat
     model = Model.load(shop_model_path if path == "shop" else ROOT / "models" / "apache-access.onnx")
     normal = shop_lines(3, seed=80) if path == "shop" else blog_lines(3, seed=80)
     records = ["\x00\x01\xff\xfe binary", "Mar  3 10:00:00 host sshd[1]: not an access line",
-               {"message": "garbage that is no access line"}, {"message": normal[0]}, normal[1], {"host": "web1"}]
+               {"message": "garbage that is no access line"}, {"message": normal[0]}, normal[1], {"host": "web1"},
+               {"host": "web1", "url": "/", "status": 200}]
     result = model.score(records)
     decision = decide(model, result)
     assert flags_unparsed(model)
@@ -49,8 +50,11 @@ def test_records_that_do_not_parse_are_flagged_when_the_training_data_parsed(pat
     assert not decision.is_anomaly[3] and not decision.is_anomaly[4]
     # A field map whose message parses is scored as that line.
     assert result.scores[3] == pytest.approx(model.score([normal[0]]).scores[0])
+    # A map with none of the model's fields and no line (a shipper's key renamed) is no access
+    # record either; one with some of them is (a shipper extracted what it could).
+    assert decision.is_anomaly[5] and result.unparsed.tolist()[5:] == [True, False]
     notes = {i: text for i, _, text in decision.notes}
-    assert sorted(notes) == [0, 1, 2] and all(text.startswith("did not parse as access") for text in notes.values())
+    assert sorted(notes) == [0, 1, 2, 5] and all(text.startswith("did not parse as access") for text in notes.values())
     if path == "default":  # by score alone garbage stays under the threshold (0.990 < 0.998): issue #11's bug
         assert not result.is_anomaly[:3].any()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import shutil
@@ -201,6 +202,12 @@ def test_http_edge_cases_get_a_clear_4xx(sidecar, path, body, status, message):
     assert answer[0] == status and message in answer[1]["error"], answer
 
 
+def test_a_compressed_body_is_refused_by_name(sidecar):
+    status, answer = post(sidecar, gzip.compress(b'{"message": "x"}'), headers="Content-Encoding: gzip\r\n")
+    assert status == 415 and "Content-Encoding 'gzip' is not supported" in answer["error"], answer
+    assert post(sidecar, b'{"message": "x"}')[0] == 200
+
+
 def test_deeply_nested_events_are_scored_not_crashing(sidecar):
     nested = '{"a":' * 900 + '"x"' + "}" * 900
     status, answer = post(sidecar, f'[{nested}, {{"url": {"[" * 900}"x"{"]" * 900}}}]'.encode())
@@ -226,6 +233,8 @@ def test_expect_100_continue_is_answered_before_the_body(sidecar):
                            "Expect: 100-continue\r\n\r\n".encode())
         status, _, raw = read_response(connection)  # refused at once, the body never sent
     assert status == 413 and "send smaller batches" in json.loads(raw)["error"]
+    refusals = [json.loads(line) for line in sidecar.log().splitlines() if '"request refused"' in line]
+    assert any(r["kind"] == "http_413" and "send smaller batches" in r["reason"] for r in refusals), refusals
 
 
 # --- admission by bytes ----------------------------------------------------------------------------

@@ -1,8 +1,12 @@
-"""The score histogram counts alike however many records a batch has."""
+"""The score histogram counts alike however many records a batch has; refusals are counted and
+logged without a flood."""
+
+import logging
 
 import numpy as np
 import pytest
 
+from logscore import metrics as metrics_module
 from logscore.metrics import SCORE_BUCKETS, Metrics
 
 
@@ -25,3 +29,21 @@ def test_small_and_large_batches_count_the_same():
     assert counts['logscore_score_count{model="m"}'] == 50
     for edge in SCORE_BUCKETS:
         assert counts[f'logscore_score_bucket{{le="{edge}",model="m"}}'] == int((scores.astype(np.float64) <= edge).sum())
+
+
+def test_refusals_are_all_counted_and_logged_once_an_interval_per_kind(caplog, monkeypatch):
+    clock = [1000.0]
+    monkeypatch.setattr(metrics_module.time, "monotonic", lambda: clock[0])
+    metrics = Metrics()
+    with caplog.at_level(logging.WARNING, logger="logscore.requests"):
+        for n in range(5):
+            metrics.refused("InvalidRequest", "grpc", f"event_stream: invalid msgpack (call {n})")
+        metrics.refused("Unauthenticated", "http", "missing or wrong bearer token")
+        clock[0] += metrics_module.REFUSAL_LOG_INTERVAL_S
+        metrics.refused("InvalidRequest", "grpc", "no records")
+    logged = [(r.kind, r.surface, r.reason, r.refused_since_last_logged) for r in caplog.records]
+    assert logged == [("InvalidRequest", "grpc", "event_stream: invalid msgpack (call 0)", 0),
+                      ("Unauthenticated", "http", "missing or wrong bearer token", 0),
+                      ("InvalidRequest", "grpc", "no records", 4)]
+    text = metrics.render().decode()
+    assert 'logscore_errors_total{kind="InvalidRequest",surface="grpc"} 6.0' in text

@@ -208,6 +208,8 @@ def test_bad_input_gets_documented_statuses_and_the_server_keeps_serving(sidecar
     assert any(n.index == 1 and "cut to 65536 characters" in n.description for n in response.notes)
     assert any(n.index == 0 and "did not parse as access" in n.description for n in response.notes)
     assert len(stub.Score(pb.ScoreRequest(model="shop", lines=pb.RawLines(lines=[b"ok"])), timeout=5).scores) == 1
+    refusals = [json.loads(line) for line in sidecar.log().splitlines() if '"request refused"' in line]
+    assert any(r["kind"] == "InvalidRequest" and r["surface"] == "grpc" for r in refusals), refusals
 
 
 def test_message_over_the_size_limit(models_dir, tmp_path):

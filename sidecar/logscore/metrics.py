@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import bisect
+import logging
 import threading
+import time
 from collections import Counter as Counter_of
 
 import numpy as np
@@ -11,6 +13,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import HistogramMetricFamily
 
 SCORE_BUCKETS = (0.5, 0.9, 0.99, 0.995, 0.998, 0.999, 0.9995, 0.9999, 1.0)
+REFUSAL_LOG_INTERVAL_S = 10.0  # one log line per kind of refusal and surface at most this often
+
+log = logging.getLogger("logscore.requests")
 
 
 class ScoreHistogram:
@@ -102,6 +107,8 @@ class Metrics:
                                           "inspect: over review_inspect_per_s (a flood is sampled)", ["model"],
                                           registry=r)
         self._children: dict = {}
+        self._refusal_lock = threading.Lock()
+        self._refusals_logged: dict[tuple[str, str], tuple[float, int]] = {}
         self.window_observed = Gauge("logscore_window_observed", "Records in the last closed window per key "
                                      "(models with window detectors)", ["model", "key"], registry=r)
         self.window_expected = Gauge("logscore_window_expected", "Forecast of the same window per key",
@@ -111,6 +118,22 @@ class Metrics:
         self.anomaly_events_dropped = Counter("logscore_anomaly_events_dropped", "Events a slow watcher lost "
                                               "(its queue was full)", registry=r)
         self._window_keys: dict[str, set] = {}
+
+    def refused(self, kind: str, surface: str, reason: str) -> None:
+        """Count a request refused for the caller's fault (bad input, no token, overload) and say why
+        in the log, once per interval per kind and surface: the caller sees the reason, the
+        operator of a shipper that marks records unscored needs it too, without a flood."""
+        self.child(self.errors, kind, surface).inc()
+        now = time.monotonic()
+        key = (kind, surface)
+        with self._refusal_lock:
+            last, since = self._refusals_logged.get(key, (float("-inf"), 0))
+            if now - last < REFUSAL_LOG_INTERVAL_S:
+                self._refusals_logged[key] = (last, since + 1)
+                return
+            self._refusals_logged[key] = (now, 0)
+        log.warning("request refused", extra={"kind": kind, "surface": surface, "reason": reason[:500],
+                                              "refused_since_last_logged": since})
 
     def child(self, metric, *labels):
         """metric.labels(*labels), remembered: the lookup costs more than the update."""

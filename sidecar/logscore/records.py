@@ -157,7 +157,10 @@ class RecordNormalizer:
                 # Fields the shipper already extracted win over re-parsed ones. A raw line that
                 # does not parse makes the record unparsed, like the same line sent alone.
                 return ({**parsed_fields, **fields} if ok else fields), ok, cut
-        return fields, True, False
+        # NOTE: a map with none of the model's fields and no raw line is not a record of this
+        # format (a shipper's message key renamed, another log routed here): unparsed, as such a
+        # line is, not scored quietly as a record with every field missing.
+        return fields, any(name in fields for name in self.wanted), False
 
 
 def decode_event_stream(data: bytes, max_records: float = math.inf, ticket: Ticket = UNLIMITED) -> list[dict]:

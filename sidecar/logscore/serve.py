@@ -136,7 +136,7 @@ class Sidecar:
         if s.http:
             host, port = split_host_port(s.http, "--http")
             self.http_server = HttpServer(SidecarHttp(self.service, s.token()).routes(), s.max_message_bytes,
-                                          self.service.admission)
+                                          self.service.admission, self.service.metrics)
             await listening(self.http_server.start(host, port, ssl=self._http_ssl()), "--http", s.http)
             self.bound["http"] = f"{host}:{self.http_server.port}"
         if s.forward:

@@ -94,7 +94,7 @@ class FeedbackServicer:
             return await work(self.service.feedback)
         except LogscoreError as error:
             failure = self.status_codes.get(type(error), grpc.StatusCode.INVALID_ARGUMENT), str(error)
-            self.service.metrics.errors.labels(type(error).__name__, "grpc").inc()
+            self.service.metrics.refused(type(error).__name__, "grpc", str(error))
         except Exception:
             failure = grpc.StatusCode.INTERNAL, "internal error in the sidecar (logged)"
             self.service.metrics.errors.labels("internal", "grpc").inc()

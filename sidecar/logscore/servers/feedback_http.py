@@ -128,7 +128,7 @@ class FeedbackHttp:
         try:
             return await work()
         except LogscoreError as error:
-            metrics.errors.labels(type(error).__name__, "http").inc()
+            metrics.refused(type(error).__name__, "http", str(error))
             status = STATUS_CODES.get(type(error), 400)
             if page and status != 401:
                 return redirect(f"/ui/?message={quote(f'Not done: {error}')}")

@@ -155,7 +155,7 @@ class ScorerServicer:
                 return encode_response(outcome, request_id)
         except LogscoreError as error:
             failure = STATUS_CODES.get(type(error), grpc.StatusCode.INVALID_ARGUMENT), str(error)
-            metrics.errors.labels(type(error).__name__, "grpc").inc()
+            metrics.refused(type(error).__name__, "grpc", str(error))
         except Exception:
             failure = grpc.StatusCode.INTERNAL, "internal error in the sidecar (logged)"
             metrics.errors.labels("internal", "grpc").inc()

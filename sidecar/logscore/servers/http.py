@@ -34,6 +34,7 @@ from ..admission import UNLIMITED, Admission, Ticket
 from ..decide import notes_by_record
 from ..errors import (DeadlineExceeded, InvalidRequest, LogscoreError, ModelNotFound, Overloaded,
                       ScorerUnavailable, ShuttingDown, StoreUnavailable, Unauthenticated)
+from ..metrics import Metrics
 from ..resources import openapi_path
 from ..scoring import ScoreCall, ScoreOutcome, ScoringService
 from .streams import StreamServer
@@ -103,11 +104,12 @@ class HttpServer(StreamServer):
     read_limit = MAX_HEADER_BYTES
 
     def __init__(self, routes: dict[tuple[str, str], Handler], max_body_bytes: int,
-                 admission: Optional[Admission] = None):
+                 admission: Optional[Admission] = None, metrics: Optional[Metrics] = None):
         super().__init__()
         self.routes = routes
         self.max_body_bytes = max_body_bytes
         self.admission = admission
+        self.metrics = metrics  # counts and logs requests refused before they reach a route
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
@@ -123,6 +125,8 @@ class HttpServer(StreamServer):
         try:
             request = await asyncio.wait_for(self._read_request(reader, writer, task), IDLE_TIMEOUT_S)
         except HttpError as error:
+            if self.metrics is not None:
+                self.metrics.refused(f"http_{error.status}", "http", str(error))
             await self._write(writer, Response.error(error.status, str(error)), keep_alive=False)
             return False
         except (asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError):
@@ -172,6 +176,10 @@ class HttpServer(StreamServer):
         try:
             self._charge(ticket, length)
             body = await self._read_body(reader, writer, headers, length, ticket)
+            encoding = headers.get("content-encoding", "identity").lower()
+            if encoding not in ("", "identity"):  # read first, so the client reads the answer, not a reset
+                raise HttpError(415, f"Content-Encoding {encoding!r} is not supported; send the body "
+                                "uncompressed (the sidecar runs beside its caller)")
         except BaseException as error:
             ticket.release()
             refused = isinstance(error, HttpError) and error.status == 429
@@ -401,10 +409,10 @@ class SidecarHttp:
             return Response.json({"results": [encode_result(outcome, i, by_record[i]) for i in range(len(records))],
                                   "notes": notes})
         except HttpError as error:
-            metrics.errors.labels(f"http_{error.status}", "http").inc()
+            metrics.refused(f"http_{error.status}", "http", str(error))
             return Response.error(error.status, str(error))
         except LogscoreError as error:
-            metrics.errors.labels(type(error).__name__, "http").inc()
+            metrics.refused(type(error).__name__, "http", str(error))
             return Response.error(STATUS_CODES.get(type(error), 400), str(error))
         finally:
             metrics.child(metrics.request_seconds, "http").observe(time.perf_counter() - started)
