@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 
 import grpc
 import pytest
@@ -235,6 +236,46 @@ def test_expect_100_continue_is_answered_before_the_body(sidecar):
     assert status == 413 and "send smaller batches" in json.loads(raw)["error"]
     refusals = [json.loads(line) for line in sidecar.log().splitlines() if '"request refused"' in line]
     assert any(r["kind"] == "http_413" and "send smaller batches" in r["reason"] for r in refusals), refusals
+
+
+def test_connections_past_the_limit_are_closed_at_once_and_the_rest_go_on(tmp_path, shop_models):
+    """Each open connection costs memory: a client that opens them without closing would otherwise
+    take the sidecar past its memory limit (2,000 idle ones: 56 MiB)."""
+    process = SidecarProcess(shop_models, tmp_path, max_connections=64).start()
+    opened = []
+    try:
+        for _ in range(200):
+            connection = socket.create_connection(("127.0.0.1", process.http_port), timeout=10)
+            connection.sendall(b"G")  # a request begun, never finished
+            opened.append(connection)
+        time.sleep(1)
+        closed = 0
+        for connection in opened:
+            connection.setblocking(False)
+            try:
+                closed += connection.recv(100) == b""
+            except ConnectionResetError:  # closed with the byte unread
+                closed += 1
+            except BlockingIOError:
+                pass  # still open: one of the 64
+        assert closed == 200 - 64
+        refusals = [json.loads(line) for line in process.log().splitlines() if '"request refused"' in line]
+        assert refusals and refusals[0]["kind"] == "too_many_connections", refusals
+        for connection in opened:
+            connection.close()
+        opened = []
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # the sidecar sees the closes in its own time
+            try:
+                assert process.http_get("/healthz")[0] == 200
+                break
+            except OSError:
+                time.sleep(0.1)
+        assert process.metric('logscore_errors_total{kind="too_many_connections",surface="http"}') == 136
+    finally:
+        for connection in opened:
+            connection.close()
+        process.stop()
 
 
 # --- admission by bytes ----------------------------------------------------------------------------

@@ -136,14 +136,14 @@ class Sidecar:
         if s.http:
             host, port = split_host_port(s.http, "--http")
             self.http_server = HttpServer(SidecarHttp(self.service, s.token()).routes(), s.max_message_bytes,
-                                          self.service.admission, self.service.metrics)
+                                          self.service.admission, self.service.metrics, s.max_connections)
             await listening(self.http_server.start(host, port, ssl=self._http_ssl()), "--http", s.http)
             self.bound["http"] = f"{host}:{self.http_server.port}"
         if s.forward:
             host, port = split_host_port(s.forward, "--forward")
             self.forward_server = ForwardServer(self.service, NextHop(s.forward_to, s.forward_ack_timeout_s),
                                                 s.forward_max_message_bytes, s.forward_idle_timeout_s,
-                                                s.forward_when_busy, s.forward_events_tag)
+                                                s.forward_when_busy, s.forward_events_tag, s.max_connections)
             await listening(self.forward_server.start(host, port), "--forward", s.forward)
             self.bound["forward"] = f"{host}:{self.forward_server.port}"
         for name in ("", SERVICE_NAME):

@@ -74,6 +74,8 @@ class Settings:
                                       "forward port has its own bounds: two connections read at a time, "
                                       "forward_max_message_bytes); "
                                       "past it a request is refused RESOURCE_EXHAUSTED / 429")
+    max_connections: int = setting(512, "connections open at once on each of the HTTP and forward ports (about "
+                                   "28 KiB each while idle); past it a new one is closed at once, counted and logged")
     reload_interval_s: float = setting(2.0, "how often the models directory is checked for changes (0: "
                                        "only on SIGHUP)")
     shutdown_grace_s: float = setting(10.0, "on SIGTERM, time given to in-flight calls")

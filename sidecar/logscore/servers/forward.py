@@ -380,9 +380,12 @@ class Relay:
 
 
 class ForwardServer(StreamServer):
+    surface = "forward"
+
     def __init__(self, service: ScoringService, next_hop: NextHop, max_message_bytes: int,
-                 idle_timeout_s: float = 60.0, when_busy: str = "wait", events_tag: Optional[str] = None):
-        super().__init__()
+                 idle_timeout_s: float = 60.0, when_busy: str = "wait", events_tag: Optional[str] = None,
+                 max_connections: int = 512):
+        super().__init__(max_connections, service.metrics)
         self.events_tag = events_tag  # anomaly events go on to the next hop under this tag
         self._injector: Optional[asyncio.Task] = None
         self.service = service

@@ -102,14 +102,15 @@ class HttpError(Exception):
 
 class HttpServer(StreamServer):
     read_limit = MAX_HEADER_BYTES
+    surface = "http"
 
     def __init__(self, routes: dict[tuple[str, str], Handler], max_body_bytes: int,
-                 admission: Optional[Admission] = None, metrics: Optional[Metrics] = None):
-        super().__init__()
+                 admission: Optional[Admission] = None, metrics: Optional[Metrics] = None,
+                 max_connections: int = 512):
+        super().__init__(max_connections, metrics)  # metrics: requests refused before they reach a route
         self.routes = routes
         self.max_body_bytes = max_body_bytes
         self.admission = admission
-        self.metrics = metrics  # counts and logs requests refused before they reach a route
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
