@@ -136,7 +136,7 @@ class SidecarProcess:
 
 def http_request(port: int, method: str, path: str, body: Optional[bytes] = None,
                  headers: Optional[dict] = None, ca_file: Optional[Path] = None,
-                 client_cert: Optional[tuple[Path, Path]] = None) -> tuple[int, bytes]:
+                 client_cert: Optional[tuple[Path, Path]] = None, timeout: float = 10) -> tuple[int, bytes]:
     scheme = "https" if ca_file else "http"
     request = urllib.request.Request(f"{scheme}://localhost:{port}{path}", data=body, method=method,
                                      headers=headers or {})
@@ -148,7 +148,7 @@ def http_request(port: int, method: str, path: str, body: Optional[bytes] = None
         handlers.append(urllib.request.HTTPSHandler(context=context))
     opener = urllib.request.build_opener(*handlers)
     try:
-        with opener.open(request, timeout=10) as response:
+        with opener.open(request, timeout=timeout) as response:
             return response.status, response.read()
     except urllib.error.HTTPError as error:
         return error.code, error.read()

@@ -116,6 +116,11 @@ BAD_FEEDBACK = [
     ({"verdict": "normal", "author": "a", "records": ["x"], "expires_at": 1000}, 400, "in the past"),
     ({"verdict": "normal", "author": "a", "records": ["x"], "colour": 1}, 400, "unknown field(s) colour"),
     ([1, 2], 400, "must be a JSON object"),
+    # Times no platform can show: such an entry once broke every listing and the page, fleet-wide.
+    ({"verdict": "normal", "author": "a", "records": ["x"], "expires_at": 1e20}, 400, "no time before 9999-12-31"),
+    ({"verdict": "normal", "author": "a", "records": ["x"], "expires_at": float("nan")}, 400, "expires_at nan"),
+    ({"verdict": "normal", "author": "a" * 201, "records": ["x"]}, 400, "author holds 201 characters; at most 200"),
+    ({"verdict": "normal", "author": "a", "reason": "r" * 2001, "records": ["x"]}, 400, "at most 2000"),
 ]
 
 
@@ -131,10 +136,19 @@ def test_bad_feedback_gets_a_clear_error_and_stores_nothing(sidecar, shop_model_
     ordinary = next(line for line in shop_training_lines if not (inspect(model, [line]).contribution > 0).any())
     got, answer = feedback(sidecar, "POST", {"verdict": "normal", "author": "a", "records": [ordinary]})
     assert got == 400 and "hold no unusual feature" in answer["error"]
-    for query, message in (("?id=abc", "give the number of a feedback entry"), ("?id=42", "no feedback entry #42")):
+    for query, message in (("?id=abc", "give the number of a feedback entry"), ("?id=42", "no feedback entry #42"),
+                           ("?id=99999999999999999999999", "no feedback entry #99999999999999999999999")):
         got, answer = feedback(sidecar, "DELETE", query=query)
         assert got == 400 and message in answer["error"]
+    # What another web page can send without asking (no token is the default): refused.
+    valid = {"verdict": "normal", "author": "a", "field": "user_agent", "value": "sqlmap/1.7"}
+    got, answer = feedback(sidecar, "POST", valid, headers={"Content-Type": "text/plain"})
+    assert got == 400 and "send the feedback as application/json" in answer["error"]
+    for origin in ("http://evil.example", "null"):
+        got, answer = feedback(sidecar, "POST", valid, headers={"Origin": origin})
+        assert got == 401 and f"the web page {origin} may not change feedback" in answer["error"]
     assert feedback(sidecar, "GET")[1]["feedback"] == []
+    assert feedback(sidecar, "GET", query="?all=1")[1]["feedback"] == []
 
 
 def test_field_values_scope_expiry_and_keep(tmp_path, shop_model_path):
@@ -229,6 +243,14 @@ def test_grpc_and_the_command_line(sidecar):
     assert again.returncode == 1 and "INVALID_ARGUMENT" in again.stderr and "Traceback" not in again.stderr
     bad = logscore("feedback", "add", "normal", "--field", "novalue", *connection)
     assert bad.returncode == 1 and "give NAME=VALUE" in bad.stderr
+    bad = logscore("feedback", "remove", "99999999999999999999", *connection)
+    assert bad.returncode == 2 and "is no feedback entry number" in bad.stderr and "Traceback" not in bad.stderr
+    with pytest.raises(grpc.RpcError) as failure:
+        stub.DeleteFeedback(pb.DeleteFeedbackRequest(id=2**64 - 1), timeout=10)
+    assert failure.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "no feedback entry" in failure.value.details()
+    # A --line that is no JSON object is a raw line, as in a --file.
+    odd = logscore("feedback", "add", "normal", "--json-records", "--line", "{bad", *connection)
+    assert "Traceback" not in odd.stderr, odd.stderr
     listing = logscore("feedback", "list", "--all", *connection)
     assert listing.returncode == 0 and "#2 keep [model shop] method = 'TRACE'" in listing.stdout
 

@@ -14,7 +14,7 @@ from logscore.feedback import NORMAL, Entry
 from logscore.feedback_store import SCHEMA_VERSION, PostgresStore, SqliteStore, redact
 
 from .postgres_cluster import PostgresCluster
-from .sidecar_process import SidecarProcess, models_dir_with
+from .sidecar_process import SidecarProcess, http_request, models_dir_with
 from .test_feedback import compare_lines, feedback, score
 
 pytest.importorskip("psycopg", reason="psycopg (the postgres extra, in the test extra) talks to PostgreSQL")
@@ -107,3 +107,47 @@ def test_both_stores_hold_one_schema_with_versioned_migrations(cluster, tmp_path
     with pytest.raises(StoreUnavailable) as failure:
         unreachable.migrate()
     assert "cannot connect" in str(failure.value) and "secret" not in str(failure.value)
+
+
+def test_a_stalled_database_fails_writes_in_seconds_and_never_holds_up_model_reloads(cluster, tmp_path, shop_model_path):
+    """A lock held elsewhere (a DBA's open transaction) made every write wait as long as it was
+    held, and the waiting calls took the threads model reloads use."""
+    import shutil
+    import threading
+
+    import psycopg
+
+    url = cluster.create_database("stalled")
+    models = models_dir_with(tmp_path, shop_model_path, "shop")
+    sidecar = SidecarProcess(models, tmp_path, feedback_store=url, feedback_poll_s="0.5").start()
+    holder = psycopg.connect(url)
+    try:
+        holder.execute("LOCK TABLE feedback_revision IN ACCESS EXCLUSIVE MODE")  # held until rollback
+        answers = []
+        mark = {"verdict": "normal", "author": "ana", "model": "shop", "records": compare_lines(1, seed=42)}
+
+        def write():  # more writers than the sidecar's default worker threads (6 on 2 cores)
+            status, raw = http_request(sidecar.http_port, "POST", "/v1/feedback", json.dumps(mark).encode(),
+                                       {"Content-Type": "application/json"}, timeout=30)
+            answers.append((status, json.loads(raw)))
+
+        writers = [threading.Thread(target=write) for _ in range(8)]
+        started = time.monotonic()
+        for writer in writers:
+            writer.start()
+        time.sleep(0.5)
+        shutil.copy(shop_model_path, models / "second.onnx")
+        sidecar.wait_for(lambda: "second" in json.loads(sidecar.http_get("/readyz")[1])["models"], 3,
+                         "the new model while writes wait for the database")
+        for writer in writers:
+            writer.join(30)
+        assert time.monotonic() - started < 20  # 5 s a statement, 4 threads: two rounds at most
+        assert [status for status, _ in answers] == [503] * 8, answers
+        assert "statement timeout" in answers[0][1]["error"]
+    finally:
+        holder.rollback()
+        holder.close()
+    try:
+        assert feedback(sidecar, "POST", mark)[0] == 200
+    finally:
+        assert sidecar.stop() == 0

@@ -75,8 +75,10 @@ def test_retraining_with_the_previous_model_does_not_learn_what_it_flags(tmp_pat
 
     result = logscore(*common, "--name", "shop", "--out", tmp_path / "plain.onnx")
     assert result.returncode == 0, result.stderr
-    result = logscore(*common, "--name", "shop", "--out", tmp_path / "retrained.onnx", "--previous-model", shop_model_path)
+    # As the README retrains: the new model takes the name of the one it replaces, not of --out.
+    result = logscore(*common, "--out", tmp_path / "retrained.onnx", "--previous-model", shop_model_path)
     assert result.returncode == 0, result.stderr
+    assert f"feedback ({tmp_path / 'feedback.sqlite3'}, 1 entries)" in result.stdout
     assert "left out as flagged by the previous model shop" in result.stdout
     assert "[train] scoring with the previous model: 2090/2090 records" in result.stderr  # progress
 
@@ -100,12 +102,17 @@ def test_retraining_with_the_previous_model_does_not_learn_what_it_flags(tmp_pat
                          "--previous-model", ROOT / "models" / "apache-access.onnx")
     assert elsewhere.returncode == 0, elsewhere.stderr
     assert "it is no model of this traffic" in elsewhere.stderr
+    # Its name finds no feedback in the store: said, with the names that do.
+    assert "no active entry for model 'apache-access'; it holds entries for shop (1)" in elsewhere.stderr
     ignored = json.loads(logscore("inspect", tmp_path / "other.onnx", "--json").stdout)
     assert ignored["metadata"]["training"]["left_out_flagged"]["ignored"] is True
     # The model this one does not replace: refused before training, with what to give instead.
     wrong = logscore(*common, "--name", "checkout", "--out", tmp_path / "x.onnx", "--previous-model", shop_model_path)
     assert wrong.returncode != 0 and "give the model this one replaces" in wrong.stderr
     assert "Traceback" not in wrong.stderr and not (tmp_path / "x.onnx").exists()
+    # A mistyped store is refused, not created empty.
+    typo = logscore("train", "--input", training, "--feedback", tmp_path / "feedbak.sqlite3", "--out", tmp_path / "y.onnx")
+    assert typo.returncode != 0 and "no such file" in typo.stderr and not (tmp_path / "feedbak.sqlite3").exists()
 
 
 def test_report_groups_scored_output_of_every_shipper(tmp_path, shop_model_path):
@@ -159,3 +166,40 @@ def test_report_shows_progress_on_big_inputs(tmp_path, monkeypatch, capsys):
     captured = capsys.readouterr()
     assert "[report] 1,000 lines read" in captured.err and "[report] 2,000 lines read" in captured.err
     assert captured.out.startswith("2,500 scored records, 25 anomalies")
+
+
+def test_report_keeps_its_largest_groups_past_its_group_limit_and_says_what_it_left_out(tmp_path, monkeypatch,
+                                                                                         capsys):
+    from logscore import report
+    from logscore.cli import main
+
+    monkeypatch.setattr(report, "MAX_GROUPS", 100)
+    attack = {"score": 1.0, "is_anomaly": True, "explanation": ["url: shape id=9' or 1=1 (never seen)"]}
+    rows = [json.dumps(attack)] * 500  # one big group first, then a flood of one-off anomalies
+    rows += [json.dumps({"score": 1.0, "is_anomaly": True, "explanation": [f"url: /page{i} (never seen)"]})
+             for i in range(1000)]
+    (tmp_path / "flood.jsonl").write_text("\n".join(rows) + "\n")
+    assert main(["report", str(tmp_path / "flood.jsonl"), "--top", "1"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("1,500 scored records, 1,500 anomalies")
+    dropped = int(out[1].split("the ")[1].split(" smallest")[0].replace(",", ""))
+    assert out[1].startswith("more than 100 groups") and dropped > 900
+    assert f"({dropped:,} anomalies) are left out" in out[1]  # each dropped group a one-off
+    kept = int(out[0].split(" in ")[1].split(" groups")[0].replace(",", ""))
+    assert kept + dropped == 1001 and kept <= 100
+    assert out[4].split()[:2] == ["500", "g1"], out  # the attack's group, not a one-off
+
+
+def test_report_reads_odd_times_and_notes_and_refuses_an_unwritable_html_path(tmp_path):
+    base = {"anomaly_score": 0.999, "is_anomaly": True, "explanation": ["url: /x (never seen)"]}
+    times = [1e20, 1.7e18, float("nan"), float("inf"), -5, 1.7e12, "2026-01-01T00:00:00Z", "yesterday", 1.7e9]
+    rows = [json.dumps({**base, "time": t}) for t in times]  # nanoseconds, NaN: what shippers write
+    rows += [json.dumps({**base, "notes": 5}), json.dumps({**base, "is_anomaly": False,
+                                                           "notes": "suppressed by feedback #3"})]
+    (tmp_path / "odd.jsonl").write_text("\n".join(rows) + "\n")
+    done = logscore("report", tmp_path / "odd.jsonl", "--html", tmp_path / "odd.html")
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    assert done.stdout.startswith(f"{len(rows)} scored records, {len(rows) - 1} anomalies")
+    assert "1 suppressed by feedback" in done.stdout  # a note given as one string, not a list
+    unwritable = logscore("report", tmp_path / "odd.jsonl", "--html", tmp_path / "missing" / "x.html")
+    assert unwritable.returncode == 1 and "--html" in unwritable.stderr and "Traceback" not in unwritable.stderr

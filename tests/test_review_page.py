@@ -106,7 +106,7 @@ def test_review_page_groups_anomalies_and_its_normal_button_unflags_later_record
         status, answer = http_request(sidecar.http_port, "POST", "/ui/feedback", body,
                                       {"Content-Type": "application/x-www-form-urlencoded", "Cookie": cookie,
                                        "Origin": "http://evil.example"})
-        assert status == 401 and "may not post here" in json.loads(answer)["error"]
+        assert status == 401 and "may not change feedback here" in json.loads(answer)["error"]
         status, _ = http_request(sidecar.http_port, "GET", "/ui/", headers={"Cookie": "logscore_token=wrong"})
         assert status == 401
     finally:

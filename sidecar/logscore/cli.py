@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--support", type=float,
                        help="a feature seen in this many records counts as fully normal "
                        "(default: max(5, 0.05%% of records))")
-    train.add_argument("--name", help="model name (default: the output file's stem)")
+    train.add_argument("--name", help="model name (default: --previous-model's, else the output file's stem)")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--out", "-o", required=True, metavar="FILE.onnx", help="where to write the model")
     add_robustness_flags(train)
@@ -419,12 +419,18 @@ def run_train(args) -> int:
         if not args.config:
             spec = {"format": args.format, "fields": SESSION_FIELDS}
         spec["sessions"] = {"key": args.session_key, "field": args.session_field}
+    previous = None
+    if args.previous_model:
+        from .model import Model
+
+        previous = Model.load(args.previous_model)
     options = TrainOptions(
         spec=spec,
         detectors=[d.strip() for d in args.detectors.split(",") if d.strip()],
         target_fpr=args.target_fpr, threshold_rule=args.threshold_rule, sigma=args.sigma,
         folds=args.folds, max_records=args.max_records, support=args.support, seed=args.seed,
-        name=args.name or Path(args.out).stem, inputs=args.input, learned_route=args.learned_route,
+        name=args.name or (previous.name if previous is not None else Path(args.out).stem), inputs=args.input,
+        learned_route=args.learned_route,
         **robustness_options(args))
     records = read_json_records(args.input) if args.json_records else read_lines(args.input)
     if args.feedback:
@@ -434,12 +440,15 @@ def run_train(args) -> int:
         if not location:
             raise ConfigError("--feedback env: LOGSCORE_FEEDBACK_STORE is not set; give the store's location")
         options.feedback = load_feedback(location, options.name)
-    if args.previous_model:
-        from .model import Model
+        if not options.feedback.entries:
+            others = ", ".join(f"{m or '(any)'} ({n})" for m, n in options.feedback.other_models.most_common())
+            print_warning(f"--feedback {options.feedback.store}: no active entry for model {options.name!r}"
+                          + (f"; it holds entries for {others} (--name sets the model's name)" if others else ""))
+    if previous is not None:
         from .training.feedback import check_previous
 
-        options.previous = Model.load(args.previous_model)
-        check_previous(options.previous, spec, options.name)
+        options.previous = previous
+        check_previous(previous, spec, options.name)
     behaviour = behaviour_options(args)
     if behaviour is not None:
         records = list(records)  # read twice: the record model, then behaviour in file order

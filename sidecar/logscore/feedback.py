@@ -104,7 +104,10 @@ class Entry:
 def iso_time(seconds: Optional[float]) -> Optional[str]:
     if seconds is None:
         return None
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
+    try:
+        return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
+    except (OverflowError, OSError, ValueError):  # stored before expiries were checked: shown, not fatal
+        return f"(not a time: {seconds!r})"
 
 
 def record_text(record: object) -> str:

@@ -3,6 +3,7 @@ pattern with its model and writes it to its store (so every sidecar sharing the 
 
 from __future__ import annotations
 
+import argparse
 import getpass
 import json
 import re
@@ -50,10 +51,18 @@ def add_feedback_command(commands) -> None:
     listing.set_defaults(run=run_feedback_list)
 
     remove = actions.add_parser("remove", help="undo an entry by its id")
-    remove.add_argument("id", type=int)
+    remove.add_argument("id", type=entry_id, help="the entry's number (feedback list shows it)")
     remove.add_argument("--author", default=None, help="who undoes it (default: your login name)")
     add_connection_flags(remove)
     remove.set_defaults(run=run_feedback_remove)
+
+
+def entry_id(text: str) -> int:
+    """An entry's number as argparse takes it (a clear error, not a traceback, for what is none)."""
+    number = text.strip().lstrip("#")
+    if not number.isdigit() or not 0 < int(number) < 2**63:
+        raise argparse.ArgumentTypeError(f"{text!r} is no feedback entry number (feedback list shows them)")
+    return int(number)
 
 
 def expiry(text: str, now: float) -> float:
@@ -96,7 +105,7 @@ def call(args, method: str, request):
 def run_feedback_add(args) -> int:
     from .cli import fill_records
     from .generated.logscore.v1 import scorer_pb2 as pb
-    from .inputs import read_json_records, read_lines
+    from .inputs import json_record, read_json_records, read_lines
 
     request = pb.FeedbackRequest(verdict=pb.NORMAL if args.verdict == "normal" else pb.KEEP,
                                  author=args.author or login(), reason=args.reason, model=args.model,
@@ -111,7 +120,7 @@ def run_feedback_add(args) -> int:
         request.field.field, request.field.value = name, value
     else:
         if args.line:
-            records = [json.loads(line) for line in args.line] if args.json_records else list(args.line)
+            records = [json_record(line) for line in args.line] if args.json_records else list(args.line)
         else:
             records = list((read_json_records if args.json_records else read_lines)([args.file]))
         fill_records(request, records, args.json_records)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import sqlite3
 import threading
@@ -58,6 +59,11 @@ COLUMNS = ("id", "verdict", "model", "route", "entity", "pattern", "example", "a
            "expires_at", "removed_at", "removed_by")
 
 
+MAX_AUTHOR_CHARS, MAX_REASON_CHARS = 200, 2000
+STATEMENT_TIMEOUT_MS = 5000  # PostgreSQL: past it a statement fails (StoreUnavailable), a write 503
+LATEST_EXPIRY = 253402300799.0  # 9999-12-31T23:59:59Z: the latest time every platform can show
+
+
 def entry_from_row(row) -> Entry:
     values = dict(zip(COLUMNS, row))
     values["pattern"] = json.loads(values["pattern"])
@@ -65,12 +71,26 @@ def entry_from_row(row) -> Entry:
 
 
 def check_entry(entry: Entry) -> None:
+    """Refuse, before anything is written, what an entry may not hold: every sidecar sharing the
+    store lists and shows each entry it loads."""
     if entry.verdict not in VERDICTS:
         raise InvalidRequest(f"verdict {entry.verdict!r}: use 'normal' (a false positive) or 'keep' (a true anomaly)")
     if not entry.author.strip():
         raise InvalidRequest("say who gives the feedback (author)")
-    if entry.expires_at is not None and entry.expires_at <= time.time():
-        raise InvalidRequest("expires_at is in the past; give a future time, or none to keep the entry")
+    for name, most in (("author", MAX_AUTHOR_CHARS), ("reason", MAX_REASON_CHARS)):
+        if len(getattr(entry, name)) > most:
+            raise InvalidRequest(f"{name} holds {len(getattr(entry, name))} characters; at most {most}")
+    if entry.expires_at is not None:
+        if not math.isfinite(entry.expires_at) or entry.expires_at > LATEST_EXPIRY:
+            raise InvalidRequest(f"expires_at {entry.expires_at!r} is no time before 9999-12-31; give a time "
+                                 "such as 2026-12-31T00:00:00Z, or none to keep the entry")
+        if entry.expires_at <= time.time():
+            raise InvalidRequest("expires_at is in the past; give a future time, or none to keep the entry")
+
+
+def check_id(entry_id: int) -> None:
+    if not 0 < entry_id < 2**63:  # what both stores' id columns hold
+        raise InvalidRequest(f"no feedback entry #{entry_id}; list them with GET /v1/feedback")
 
 
 class FeedbackStore:
@@ -165,6 +185,8 @@ class FeedbackStore:
 
     def remove(self, entry_id: int, by: str) -> Entry:
         """Undo: the entry stays (for the record and for training) but no longer applies."""
+        check_id(entry_id)
+
         def work(cursor):
             cursor.execute(self._sql(f"SELECT {', '.join(COLUMNS)} FROM feedback WHERE id = ?"), (entry_id,))
             row = cursor.fetchone()
@@ -240,7 +262,10 @@ class PostgresStore(FeedbackStore):
         self._listener = None
 
     def _connect(self):
-        return self._psycopg.connect(self.url, connect_timeout=max(1, int(self.connect_timeout)))
+        # NOTE: a statement bounded too: a lock held elsewhere (a DBA's open transaction) would
+        # otherwise hold every write and listing for as long, the store reported reachable.
+        return self._psycopg.connect(self.url, connect_timeout=max(1, int(self.connect_timeout)),
+                                     options=f"-c statement_timeout={STATEMENT_TIMEOUT_MS}")
 
     def _after_write(self, cursor) -> None:
         cursor.execute(f"NOTIFY {CHANNEL}")
@@ -284,12 +309,12 @@ def one_line(error: Exception) -> str:
     return text[:300]
 
 
-def open_store(location: str) -> FeedbackStore:
+def open_store(location: str, flag: str = "--feedback-store") -> FeedbackStore:
     """A store from ``--feedback-store``: postgresql://… (or postgres://…), else a SQLite file path."""
     if location.startswith(("postgresql://", "postgres://")):
         return PostgresStore(location)
     if "://" in location:
-        raise ConfigError(f"--feedback-store {redact(location)}: give a file path or a postgresql:// URL")
+        raise ConfigError(f"{flag} {redact(location)}: give a file path or a postgresql:// URL")
     return SqliteStore(location)
 
 

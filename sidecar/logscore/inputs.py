@@ -42,8 +42,13 @@ def _lines(stream) -> Iterator[str]:
 def read_json_records(paths: Iterable[str]) -> Iterator[object]:
     """Each line a JSON object (a field map, as a shipper would send); other lines stay raw text."""
     for line in read_lines(paths):
-        try:
-            value = json.loads(line)
-        except ValueError:
-            value = line
-        yield value if isinstance(value, dict) else line
+        yield json_record(line)
+
+
+def json_record(line: str) -> object:
+    """A line holding a JSON object as that field map; any other line as raw text."""
+    try:
+        value = json.loads(line)
+    except ValueError:
+        return line
+    return value if isinstance(value, dict) else line

@@ -11,6 +11,7 @@ score histogram. A text summary on stdout; with --html, one self-contained HTML 
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 import time
@@ -23,7 +24,7 @@ from typing import Optional
 
 import numpy as np
 
-from .errors import InputError
+from .errors import ConfigError, InputError
 from .feedback import strip_rarity
 from .inputs import read_lines
 from .metrics import SCORE_BUCKETS
@@ -36,6 +37,8 @@ RECORD_KEYS = ("message", "log", "record")
 ACCESS_TIME = re.compile(r"\[(\d{2}/\w{3}/\d{4}:\d{2}:\d{2}:\d{2} [+-]\d{4})\]")
 TIMELINE_BINS = 60
 PROGRESS_EVERY = 200_000
+MAX_GROUPS = 100_000  # groups a report keeps (memory: about 2 KB each with their examples)
+LATEST_TIME = 253402300799.0  # 9999-12-31T23:59:59Z
 
 
 def add_report_command(commands) -> None:
@@ -112,10 +115,10 @@ def explanation_of(record: dict) -> list[str]:
 def time_of(record: dict, text: str) -> Optional[float]:
     value = lookup(record, "@timestamp", "timestamp", "time")
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
+        return epoch_seconds(float(value))
     if isinstance(value, str):
         try:
-            return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+            return epoch_seconds(datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp())
         except ValueError:
             pass
     match = ACCESS_TIME.search(text)
@@ -125,6 +128,22 @@ def time_of(record: dict, text: str) -> Optional[float]:
         except ValueError:
             return None
     return None
+
+
+def epoch_seconds(value: float) -> Optional[float]:
+    """Unix seconds from seconds, or from milli-, micro- or nanoseconds as some shippers write them;
+    None for what is no time between 1970 and 9999 (the record is then placed by its line number)."""
+    # Seconds of these years are about 1.7e9: from 1e11 (the year 5138) on, a finer unit.
+    for threshold, unit in ((1e17, 1e9), (1e14, 1e6), (1e11, 1e3)):
+        if value >= threshold:
+            value /= unit
+            break
+    return value if 0 <= value <= LATEST_TIME else None  # False for NaN
+
+
+def notes_of(record: dict) -> list:
+    value = lookup(record, "notes")
+    return value if isinstance(value, list) else [value] if isinstance(value, str) else []
 
 
 def text_of(record: dict) -> str:
@@ -151,7 +170,8 @@ def entity_of(record: dict, name: Optional[str]) -> Optional[str]:
 
 def read_scored(paths, entity_field: Optional[str], progress=None) -> tuple[Totals, Groups]:
     totals = Totals()
-    groups = Groups(max_groups=100_000, prefix="g", max_buckets=1_000_000)  # a file: its whole span
+    # A file: its whole span, and its biggest groups (one of 50,000 records outlives 150,000 of one).
+    groups = Groups(max_groups=MAX_GROUPS, prefix="g", max_buckets=1_000_000, keep_largest=True)
     for number, line in enumerate(read_lines(paths), start=1):
         if progress is not None and number % PROGRESS_EVERY == 0:
             progress(number)
@@ -162,7 +182,7 @@ def read_scored(paths, entity_field: Optional[str], progress=None) -> tuple[Tota
             continue
         route, record = parsed
         flag = bool(lookup(record, "is_anomaly"))
-        notes = lookup(record, "notes") or []
+        notes = notes_of(record)
         text = text_of(record)
         when = time_of(record, text)
         totals.records += 1
@@ -197,12 +217,16 @@ def run_report(args) -> int:
     def progress(lines: int) -> None:
         print(f"[report] {lines:,} lines read ({time.monotonic() - started:.0f} s)", file=sys.stderr, flush=True)
 
+    if args.html and not os.access(os.path.dirname(os.path.abspath(args.html)), os.W_OK):
+        raise ConfigError(f"--html {args.html}: its directory does not exist or is not writable")
     totals, groups = read_scored(args.inputs, args.entity, progress)
     print(text_summary(totals, groups, args.top))
     if args.html:
-        from pathlib import Path
-
-        Path(args.html).write_text(html_report(totals, groups, args.top, args.inputs), encoding="utf-8")
+        try:
+            with open(args.html, "w", encoding="utf-8") as out:
+                out.write(html_report(totals, groups, args.top, args.inputs))
+        except OSError as error:
+            raise ConfigError(f"--html {args.html}: cannot write it ({error.strerror})") from None
         print(f"wrote {args.html}")
     return 0
 
@@ -217,6 +241,9 @@ def text_summary(totals: Totals, groups: Groups, top: int) -> str:
     lines = [f"{totals.records:,} scored records, {totals.anomalies:,} anomalies ({rate:.3%}) in "
              f"{len(groups.by_id):,} groups; {totals.suppressed:,} suppressed by feedback"
              + (f"; {totals.unreadable:,} lines not scored output (skipped)" if totals.unreadable else "")]
+    if groups.dropped_groups:
+        lines.append(f"more than {groups.max_groups:,} groups: the {groups.dropped_groups:,} smallest "
+                     f"({groups.dropped_records:,} anomalies) are left out of the groups below")
     lines.append("models: " + ", ".join(f"{m} ({c:,})" for m, c in totals.models.most_common()))
     if totals.entities:
         lines.append("top entities: " + ", ".join(f"{e} ({c:,})" for e, c in totals.entities.most_common(TOP_ENTITIES)))

@@ -104,10 +104,14 @@ def marked_normal(group: Group) -> bool:
 class Groups:
     """Leader grouping: a record joins the most alike group of its scope (model, route) when alike
     enough (feedback.similar), else it starts a new group. At most ``max_groups``: the group seen
-    least recently goes first."""
+    least recently goes first, or with ``keep_largest`` (a report over a whole file) the smallest
+    go, a tenth of them at a time, and are counted in ``dropped_groups`` / ``dropped_records``."""
 
-    def __init__(self, max_groups: int = 500, prefix: str = "g", max_buckets: int = TIMELINE_BUCKETS):
+    def __init__(self, max_groups: int = 500, prefix: str = "g", max_buckets: int = TIMELINE_BUCKETS,
+                 keep_largest: bool = False):
         self.max_groups = max_groups
+        self.keep_largest = keep_largest
+        self.dropped_groups = self.dropped_records = 0
         self.max_buckets = max_buckets  # per group: timeline buckets kept (the most recent)
         self.prefix = prefix
         self.by_id: OrderedDict[str, Group] = OrderedDict()  # least recently seen first
@@ -151,9 +155,22 @@ class Groups:
         self.by_id[group.id] = group
         for item in kind or (None,):
             self._index.setdefault((*scope, item), set()).add(group.id)
-        while len(self.by_id) > self.max_groups:
-            self._forget(self.by_id.popitem(last=False)[1])
+        if len(self.by_id) > self.max_groups:
+            self._make_room(group)
         return group
+
+    def _make_room(self, new: Group) -> None:
+        if not self.keep_largest:
+            while len(self.by_id) > self.max_groups:
+                self._forget(self.by_id.popitem(last=False)[1])
+            return
+        # NOTE: one sort per tenth of max_groups new groups; of equal counts the least recent go first.
+        smallest = sorted((g for g in self.by_id.values() if g is not new), key=lambda g: g.count)
+        for group in smallest[: len(self.by_id) - self.max_groups + self.max_groups // 10]:
+            del self.by_id[group.id]
+            self._forget(group)
+            self.dropped_groups += 1
+            self.dropped_records += group.count
 
     def _forget(self, group: Group) -> None:
         for item in group.kind or (None,):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 
@@ -102,6 +103,11 @@ class FeedbackServicer:
         await context.abort(*failure)
 
 
+# NOTE: threads of their own: a store that hangs must not take the default executor's threads,
+# which model reloads (and forward mode's gzip checks) wait for.
+STORE_THREADS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="feedback")
+
+
 async def off_loop(function, *args):
     """Store and pattern work runs in a worker thread, never on the event loop."""
-    return await asyncio.get_running_loop().run_in_executor(None, function, *args)
+    return await asyncio.get_running_loop().run_in_executor(STORE_THREADS, function, *args)

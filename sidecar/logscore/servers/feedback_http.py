@@ -8,7 +8,8 @@
   POST   /ui/feedback/remove the page's "undo" buttons
 
 A browser cannot send a bearer header: with a token set, /ui/?token=… (or the page's token form)
-sets an HttpOnly, SameSite=Strict cookie holding it. Form posts from another origin are refused.
+sets an HttpOnly, SameSite=Strict cookie holding it. Changes asked from another web page (its
+Origin) are refused, with or without a token, and POST /v1/feedback takes application/json only.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ class FeedbackHttp:
     async def add(self, request: Request) -> Response:
         async def work():
             self.http._authorize(request)
+            check_json_from_here(request)
             mark = decode_mark(request.body)
             entry = await off_loop(self._feedback().mark, mark)
             self.service.metrics.feedback_writes.labels("added", entry.verdict).inc()
@@ -60,6 +62,7 @@ class FeedbackHttp:
     async def remove(self, request: Request) -> Response:
         async def work():
             self.http._authorize(request)
+            check_same_origin(request)
             entry_id = parse_id(request.query.get("id", ""))
             entry = await off_loop(self._feedback().remove, entry_id, request.query.get("author", "") or "http")
             self.service.metrics.feedback_writes.labels("removed", entry.verdict).inc()
@@ -149,10 +152,7 @@ class FeedbackHttp:
         """The fields of a form post from the page itself (token checked, other origins refused)."""
         if not self._page_allowed(request):
             raise Unauthenticated("open /ui/ and give the sidecar's token first")
-        origin = request.headers.get("origin")
-        host = request.headers.get("host", "")
-        if origin and origin != "null" and urlsplit(origin).netloc != host:
-            raise Unauthenticated(f"a form from {origin} may not post here (only the page on {host} may)")
+        check_same_origin(request)
         return {k: v[-1] for k, v in parse_qs(request.body.decode("utf-8", "replace")).items()}
 
     @staticmethod
@@ -162,6 +162,25 @@ class FeedbackHttp:
                 "<input type=password name=token placeholder=token aria-label=token> <button>open</button>"
                 "</form></body></html>")
         return Response.html(html, status)
+
+
+def check_same_origin(request: Request) -> None:
+    """Refuse a change asked from another web page: a browser names the page's origin (``null``
+    from a sandboxed frame); non-browser clients send none. Without a token (the default), any
+    page an operator opens could otherwise mark scanners normal."""
+    origin = request.headers.get("origin")
+    host = request.headers.get("host", "")
+    if origin is not None and urlsplit(origin).netloc != host:
+        raise Unauthenticated(f"a request from the web page {origin} may not change feedback here "
+                              f"(only the review page on {host} and non-browser clients may)")
+
+
+def check_json_from_here(request: Request) -> None:
+    """JSON only: a page of another origin can post text/plain without asking, not application/json."""
+    check_same_origin(request)
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type != "application/json":
+        raise InvalidRequest(f"Content-Type {content_type or '(none)'!r}: send the feedback as application/json")
 
 
 def redirect(location: str) -> Response:

@@ -18,6 +18,8 @@ learner, which runs the same command).
 from __future__ import annotations
 
 import math
+import os
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -39,6 +41,7 @@ class TrainingFeedback:
     keep: list = field(default_factory=list)  # records that must stay flagged
     entries: int = 0
     rules: RuleSet = field(default_factory=RuleSet)  # the entries, as the sidecar applies them
+    other_models: dict = field(default_factory=dict)  # model name -> active entries this training leaves
 
     def keep_texts(self) -> set[str]:
         return {record_text(r) for r in self.keep}
@@ -53,10 +56,15 @@ def load_feedback(location: str, model_name: str) -> TrainingFeedback:
     """The active entries of the store that apply to ``model_name`` (or to every model)."""
     from ..feedback_store import open_store
 
-    store = open_store(location)
+    if "://" not in location and not os.path.isfile(location):  # a typo would make an empty store
+        raise ConfigError(f"--feedback {location}: no such file; a sidecar keeps its feedback beside its models "
+                          "(models/feedback.sqlite3) unless --feedback-store says where")
+    store = open_store(location, "--feedback")
     store.migrate()
-    entries = [e for e in store.entries() if not e.model or base_name(e.model) == base_name(model_name)]
-    found = TrainingFeedback(store.description, entries=len(entries), rules=RuleSet(entries))
+    active = store.entries()
+    entries = [e for e in active if not e.model or base_name(e.model) == base_name(model_name)]
+    others = Counter(e.model for e in active if e.model and base_name(e.model) != base_name(model_name))
+    found = TrainingFeedback(store.description, entries=len(entries), rules=RuleSet(entries), other_models=others)
     for entry in entries:
         examples = entry.examples()
         if entry.verdict == NORMAL:
