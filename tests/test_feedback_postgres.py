@@ -109,7 +109,8 @@ def test_both_stores_hold_one_schema_with_versioned_migrations(cluster, tmp_path
     assert "cannot connect" in str(failure.value) and "secret" not in str(failure.value)
 
 
-def test_a_stalled_database_fails_writes_in_seconds_and_never_holds_up_model_reloads(cluster, tmp_path, shop_model_path):
+def test_a_stalled_database_fails_writes_in_seconds_and_never_holds_up_model_reloads(cluster, tmp_path,
+                                                                                      shop_model_path):
     """A lock held elsewhere (a DBA's open transaction) made every write wait as long as it was
     held, and the waiting calls took the threads model reloads use."""
     import shutil

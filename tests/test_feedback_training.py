@@ -111,7 +111,8 @@ def test_retraining_with_the_previous_model_does_not_learn_what_it_flags(tmp_pat
     assert wrong.returncode != 0 and "give the model this one replaces" in wrong.stderr
     assert "Traceback" not in wrong.stderr and not (tmp_path / "x.onnx").exists()
     # A mistyped store is refused, not created empty.
-    typo = logscore("train", "--input", training, "--feedback", tmp_path / "feedbak.sqlite3", "--out", tmp_path / "y.onnx")
+    typo = logscore("train", "--input", training, "--feedback", tmp_path / "feedbak.sqlite3",
+                    "--out", tmp_path / "y.onnx")
     assert typo.returncode != 0 and "no such file" in typo.stderr and not (tmp_path / "feedbak.sqlite3").exists()
 
 
