@@ -184,6 +184,36 @@ def read_sse(port: int, lines: list) -> None:
             pass
 
 
+def open_sse(port: int) -> tuple[socket.socket, bytes]:
+    """An event stream's connection and the head of its answer."""
+    connection = socket.create_connection(("127.0.0.1", port), timeout=10)
+    connection.sendall(b"GET /v1/anomalies?stream=1 HTTP/1.1\r\nHost: x\r\n\r\n")
+    return connection, connection.recv(4096)
+
+
+def test_event_streams_have_their_own_cap_and_free_their_place_when_their_client_goes(behaviour_model, tmp_path):
+    """Watchers counted among max_connections locked scoring and health checks out; a stream's
+    place was freed only at its next write (a heartbeat, up to 15 s later)."""
+    sidecar = SidecarProcess(behaviour_model.parent, tmp_path, max_connections=8).start()  # streams: 2
+    idle = []
+    try:
+        streams = [open_sse(sidecar.http_port) for _ in range(2)]
+        assert all(head.startswith(b"HTTP/1.1 200") for _, head in streams)
+        third, head = open_sse(sidecar.http_port)
+        assert head.startswith(b"HTTP/1.1 503") and b"event streams are open" in head
+        third.close()
+        for _ in range(6):  # with the two streams, 8 connections: the streams do not count
+            idle.append(socket.create_connection(("127.0.0.1", sidecar.http_port), timeout=10))
+        assert sidecar.http_get("/healthz")[0] == 200
+        streams[0][0].close()
+        sidecar.wait_for(lambda: open_sse(sidecar.http_port)[1].startswith(b"HTTP/1.1 200"), 5,
+                         "a stream's place freed when its client went")
+    finally:
+        for connection in idle + [c for c, _ in streams]:
+            connection.close()
+        sidecar.stop()
+
+
 def test_anomaly_requests_are_checked_and_scores_carry_entity_scores(behaviour_model, tmp_path):
     sidecar = SidecarProcess(behaviour_model.parent, tmp_path).start()
     try:

@@ -38,9 +38,11 @@ class AnomalyEvent:
     id: int = 0  # increasing per sidecar process
     dropped_before: int = 0  # events this watcher lost just before this one (it fell behind)
     features: dict = field(default_factory=dict)  # clients: the behaviour features
+    encoded_sse: Optional[bytes] = field(default=None, repr=False, compare=False)  # once, for every watcher
 
     def as_dict(self) -> dict:
         entry = asdict(self)
+        del entry["encoded_sse"]
         if not entry["features"]:
             del entry["features"]
         return entry

@@ -76,6 +76,7 @@ class Response:
     content_type: str = "application/json"
     headers: dict[str, str] = field(default_factory=dict)
     stream: Optional[AsyncIterator[bytes]] = None  # a body written as it comes (server-sent events)
+    stop: Optional[Callable[[], None]] = None  # ends the stream (its client went)
 
     @classmethod
     def json(cls, value, status: int = 200) -> "Response":
@@ -108,6 +109,8 @@ class HttpServer(StreamServer):
                  admission: Optional[Admission] = None, metrics: Optional[Metrics] = None,
                  max_connections: int = 512):
         super().__init__(max_connections, metrics)  # metrics: requests refused before they reach a route
+        self.streams: set[asyncio.Task] = set()  # connections writing a stream (server-sent events)
+        self.max_streams = max(1, max_connections // 4)
         self.routes = routes
         self.max_body_bytes = max_body_bytes
         self.admission = admission
@@ -139,7 +142,7 @@ class HttpServer(StreamServer):
             keep_alive = request.headers.get("connection", "").lower() != "close" and not self.draining
             if response.stream is not None:
                 request.ticket.release()  # a long-lived stream holds no request memory
-                await self._write_stream(writer, response)
+                await self._write_stream(reader, writer, response, task)
                 return False
             await self._write(writer, response, keep_alive)
         self.busy.discard(task)
@@ -265,13 +268,30 @@ class HttpServer(StreamServer):
         except ConnectionError:
             pass
 
-    @staticmethod
-    async def _write_stream(writer: asyncio.StreamWriter, response: Response) -> None:
-        """Headers, then each piece of the body as it comes, until it ends or the client goes."""
+    async def _write_stream(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, response: Response,
+                            task: asyncio.Task) -> None:
+        """Headers, then each piece of the body as it comes, until it ends or the client goes.
+
+        Streams are counted apart from max_connections (at most max_streams of them): watchers
+        must not take the connections scoring and health checks need."""
+        if len(self.streams) >= self.max_streams:
+            await response.stream.aclose()
+            if self.metrics is not None:
+                self.metrics.refused("too_many_streams", "http", f"{len(self.streams)} streams open")
+            await self._write(writer, Response.error(503, f"{len(self.streams)} event streams are open, the "
+                                                     "limit (max_connections / 4); close some, or poll the list"),
+                              keep_alive=False)
+            return
         head = [f"HTTP/1.1 {response.status} {REASONS.get(response.status, 'Status')}",
                 f"Content-Type: {response.content_type}", "Cache-Control: no-cache", "Connection: close"]
         head += [f"{k}: {v}" for k, v in response.headers.items()]
         writer.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1"))
+        self.streams.add(task)
+        # NOTE: a stream's client sends nothing more; its read ends when it goes, which ends the
+        # stream at once instead of at the next write (a heartbeat may be 15 s away).
+        gone = asyncio.ensure_future(reader.read(1))
+        if response.stop is not None:
+            gone.add_done_callback(lambda _: response.stop())
         try:
             await writer.drain()
             async for piece in response.stream:
@@ -280,7 +300,12 @@ class HttpServer(StreamServer):
         except ConnectionError:
             pass
         finally:
+            self.streams.discard(task)
+            gone.cancel()
             await response.stream.aclose()
+
+    def long_lived(self) -> int:
+        return len(self.streams)
 
 
 async def discard(reader: asyncio.StreamReader, length: int) -> None:
@@ -470,7 +495,8 @@ class SidecarHttp:
         watcher = behaviour.hub.watch(kinds)
         for event in recent if since else ():
             watcher.offer(event)
-        return Response(200, b"", "text/event-stream", stream=server_sent_events(behaviour.hub, watcher))
+        return Response(200, b"", "text/event-stream", stream=server_sent_events(behaviour.hub, watcher),
+                        stop=watcher.close)
 
 
 # --- anomaly events (issue #15) ---------------------------------------------------------
@@ -478,8 +504,15 @@ class SidecarHttp:
 SSE_HEARTBEAT_S = 15.0
 
 
+SSE_BATCH = 500  # events written at once when they wait (one write and drain for them all)
+
+
 async def server_sent_events(hub, watcher) -> AsyncIterator[bytes]:
-    """``id``/``event``/``data`` lines per event; a comment line as heartbeat while none comes."""
+    """``id``/``event``/``data`` lines per event; a comment line as heartbeat while none comes.
+
+    NOTE: each event is encoded once for every watcher (``sse_bytes``), and the events waiting
+    go out in one write: 50 watchers of a burst of events each encoding and draining one event
+    at a time took the event loop from scoring for seconds."""
     try:
         while not watcher.closed:
             event = await watcher.next(SSE_HEARTBEAT_S)
@@ -488,10 +521,19 @@ async def server_sent_events(hub, watcher) -> AsyncIterator[bytes]:
                     return
                 yield b": keep-alive\n\n"
                 continue
-            data = json.dumps(event.as_dict(), separators=(",", ":"))
-            yield f"id: {event.id}\nevent: {event.kind}\ndata: {data}\n\n".encode()
+            yield b"".join(sse_bytes(e) for e in [event, *watcher.take_ready(SSE_BATCH)])
     finally:
         hub.unwatch(watcher)
+
+
+def sse_bytes(event) -> bytes:
+    if event.encoded_sse is None or event.dropped_before:  # dropped_before: this watcher's own copy
+        data = json.dumps(event.as_dict(), separators=(",", ":"))
+        encoded = f"id: {event.id}\nevent: {event.kind}\ndata: {data}\n\n".encode()
+        if event.dropped_before:
+            return encoded
+        event.encoded_sse = encoded
+    return event.encoded_sse
 
 
 def anomaly_query(query: dict[str, str]) -> tuple[list[str], int, int]:

@@ -51,7 +51,7 @@ class StreamServer:
         await self._server.wait_closed()
 
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if len(self._connections) >= self.max_connections:
+        if len(self._connections) - self.long_lived() >= self.max_connections:
             writer.close()
             if self.metrics is not None:
                 self.metrics.refused("too_many_connections", self.surface,
@@ -67,6 +67,10 @@ class StreamServer:
         finally:
             self._connections.discard(task)
             writer.close()
+
+    def long_lived(self) -> int:
+        """Connections counted apart from max_connections (with a cap of their own)."""
+        return 0
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         raise NotImplementedError
