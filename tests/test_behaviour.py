@@ -392,9 +392,29 @@ def test_window_keys_stay_bounded_and_new_keys_need_two_records_in_the_window(be
     assert START + 10_000 - 61 <= counter.start <= START + 10_000
 
 
+def test_a_new_flood_gets_a_row_of_its_own_in_a_table_filled_by_keys_long_gone(behaviour_model):
+    """3,000 junk templates filled the table; a later flood of one new URL stayed anonymous as
+    url_template=(other) window after window."""
+    from logscore.behaviour import window_spec
+    from logscore.windows import OTHER, KeyNamer, WindowCounter
+
+    spec = window_spec(Model.load(behaviour_model))
+    counter = WindowCounter(spec, "shop", KeyNamer(spec.dimensions), max_keys=len(spec.keys) + 100, now=START)
+    for junk in range(3000):
+        counter.add({f"url_template=/junk{junk}": 2}, 2)
+    counter.close_due(START + 60)
+    counter.add({"url_template=/wp-login.php": 600}, 600)
+    assert counter.counts[counter.row["url_template=/wp-login.php"]] == 600
+    assert len(counter.keys) <= counter.max_keys and set(spec.keys) <= set(counter.keys)
+    # A junk key of the open window evicted on the way: its records went to (other), not lost.
+    counter.add({f"url_template=/junk-now{i}": 2 for i in range(200)}, 400)
+    held = sum(counter.counts[counter.row[k]] for k in counter.keys if k.startswith("url_template=/junk-now"))
+    assert held + counter.counts[counter.row[f"url_template={OTHER}"]] == 400
+
+
 def test_counts_after_an_eviction_inside_a_batch_go_to_the_keys_they_belong_to(behaviour_model):
-    """A key counted as (other) whose row must be made when the table is full evicts keys in the
-    middle of a batch and moves rows: the batch's later keys are counted in their new rows."""
+    """A new key whose row must be made when the table is full evicts keys in the middle of a
+    batch and moves rows: the batch's later keys are counted in their new rows."""
     from logscore.behaviour import window_spec
     from logscore.windows import OTHER, KeyNamer, WindowCounter
 
@@ -405,10 +425,11 @@ def test_counts_after_an_eviction_inside_a_batch_go_to_the_keys_they_belong_to(b
         counter.add({f"url_template=/page{page}": 2}, 2)
         page += 1
     last = f"url_template=/page{page - 1}"
-    assert f"url_template={OTHER}" not in counter.row and counter.row[last] == counter.max_keys - 1
-    counter.add({"url_template=/once": 1, last: 3}, 4)  # (other) needs a row: evictions, rows move
+    assert counter.row[last] == counter.max_keys - 1
+    counter.add({"url_template=/new": 2, last: 3}, 5)  # /new needs a row: evictions, rows move
     assert counter.row[last] < counter.max_keys - 1
-    assert counter.counts[counter.row[last]] == 5 and counter.counts[counter.row[f"url_template={OTHER}"]] == 1
+    assert counter.counts[counter.row[last]] == 5 and counter.counts[counter.row["url_template=/new"]] == 2
+    assert f"url_template={OTHER}" in counter.row
 
 
 def test_a_window_model_of_routes_alone_counts_every_record(tmp_path):
@@ -477,6 +498,28 @@ def test_windows_hold_when_trained_keys_outnumber_the_limit_and_values_are_not_t
 ])
 def test_url_templates_known_answers(url, template):
     assert url_template(url) == template  # the reference (windows.py); tests/test_native.py holds C to it
+
+
+def test_a_client_becomes_an_event_only_after_a_few_requests(behaviour_model):
+    """A fresh sidecar sees every client anew: one error from a client of one request read as a
+    50-100 % error ratio, and every restart flooded the watchers with client events."""
+    from logscore.behaviour import Behaviour
+    from logscore.entities import MIN_EVENT_REQUESTS
+    from logscore.settings import Settings
+
+    settings = Settings.load(flags={"models_dir": str(behaviour_model.parent)}, environ={})
+    model = Model.load(behaviour_model)
+    behaviour = Behaviour(settings, EventHub())
+    one_error_each = [{"url": "/products/7", "status": 500, "remote_addr": f"10.9.0.{i}"} for i in range(40)]
+    scanner = [{"url": f"/admin/{i}?id={i}'--", "status": 404, "remote_addr": "10.66.6.6"} for i in range(12)]
+    entity = behaviour.observe({model: list(range(len(one_error_each)))}, [model.score(one_error_each)],
+                               len(one_error_each), ["web"] * len(one_error_each), now=START)
+    assert (entity >= behaviour.of(model).clients.spec.threshold).any()  # their records still say so
+    for i, record in enumerate(scanner):
+        behaviour.observe({model: [0]}, [model.score([record])], 1, ["web"], now=START + i)
+    events = [e for e in behaviour.hub.recent if e.kind == "client"]
+    assert [e.key for e in events] == ["remote_addr=10.66.6.6"], [e.key for e in events]
+    assert events[0].observed == MIN_EVENT_REQUESTS  # at the first request it may be judged
 
 
 def test_windows_clients_and_events_are_the_same_on_the_compiled_and_the_python_path(behaviour_model):

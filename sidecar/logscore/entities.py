@@ -34,6 +34,7 @@ from .events import AnomalyEvent
 
 FEATURES = ("rate", "error_ratio", "new_paths", "novelty", "mean_score")
 PRIOR = 1.0  # pseudo-requests every client starts with
+MIN_EVENT_REQUESTS = 5  # requests a client has made (that this sidecar saw) before it can be an event
 PRIOR_SCORE = 0.5  # their record score (the median of normal records)
 PRIOR_SHARE = 0.05  # their error and novelty share
 SKETCH_BITS = 64
@@ -335,7 +336,10 @@ class ClientWatch:
         entity = np.full(len(times), np.nan, dtype=np.float32)
         if known.any():
             entity[known] = self.spec.score(features[known])
-        crossing = known & (entity >= self.spec.threshold)
+        # NOTE: no verdict on a client of a request or two: a fresh sidecar sees every client
+        # anew, and one error then reads as an error ratio of 50-100 % (an event flood after
+        # each restart). Its records carry their entity_score all the same.
+        crossing = known & (entity >= self.spec.threshold) & (requests >= MIN_EVENT_REQUESTS)
         events = []
         if crossing.any():
             tracker = self.tracker

@@ -107,8 +107,9 @@ class Settings:
     # Behaviour over time (issue #15): models trained with --windows / --entities.
     windows: bool = setting(True, "watch windows and clients of models that carry window or client detectors "
                             "(logscore train --windows/--entities); events on /v1/anomalies and WatchAnomalies")
-    window_max_keys: int = setting(1000, "keys counted per model at most (trained keys kept; the least busy "
-                                   "others are evicted, and further ones count as dimension=(other))")
+    window_max_keys: int = setting(1000, "keys counted per model at most (trained keys kept; when full, a new "
+                                   "key with records of its own evicts the least busy quarter of the others, "
+                                   "whose counts go to their dimension=(other))")
     entity_key: Optional[str] = setting(None, "record field naming a client (default: the model's, as trained, "
                                         "e.g. remote_addr)")
     entity_max_clients: int = setting(65_536, "clients tracked per model at most (about 100 bytes each); the least "

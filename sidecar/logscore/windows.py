@@ -266,7 +266,6 @@ class WindowCounter:
         self.share_expected = spec.share_expected.copy()
         self.start = self._window_start(time.time() if now is None else now)
         self.observe_gauges = observe_gauges  # metrics: observed vs expected per key
-        self.overflow = 0  # keys that found no room (counted as dimension=(other))
         self.candidates: dict[str, int] = {}  # keys seen once in the open window (not yet a row)
         self.max_candidates = 4 * self.max_keys
 
@@ -333,9 +332,13 @@ class WindowCounter:
         return index
 
     def _new_key(self, key: str) -> int:
+        """A row for a key with records of its own; when the table is full the least busy keys
+        go first (a table filled by keys long gone must not leave a new flood anonymous)."""
+        self._other(key)  # NOTE: made first: evictions move what they drop to it
         if len(self.keys) >= self.max_keys:
-            self.overflow += 1
-            return self._other(key)
+            self._evict()
+            if len(self.keys) >= self.max_keys:  # trained keys and (other) rows only: no room
+                return self._other(key)
         return self._slot(key)
 
     def _other(self, key: str) -> int:
@@ -361,12 +364,21 @@ class WindowCounter:
         return index
 
     def _evict(self) -> None:
-        """Drop the quarter of untrained keys with the least recent traffic (rows are compacted)."""
-        candidates = np.flatnonzero(~self.trained[: len(self.keys)])
+        """Drop the quarter of untrained keys with the least traffic, decayed past windows and the
+        open one together (rows are compacted); the open window's counts of the dropped keys
+        move to their dimension's (other) row, which is never dropped."""
+        size = len(self.keys)
+        others = np.array([key.endswith(f"={OTHER}") for key in self.keys])
+        candidates = np.flatnonzero(~self.trained[:size] & ~others)
         if len(candidates) == 0:
             return
-        drop = candidates[np.argsort(self.activity[candidates], kind="stable")[: max(1, len(candidates) // 4)]]
-        keep = np.setdiff1d(np.arange(len(self.keys)), drop)
+        busy = self.activity[candidates] + self.counts[candidates]
+        drop = candidates[np.argsort(busy, kind="stable")[: max(1, len(candidates) // 4)]]
+        for i in drop[self.counts[drop] > 0].tolist():
+            other = self.row.get(f"{self.keys[i].partition('=')[0]}={OTHER}")
+            if other is not None:
+                self.counts[other] += self.counts[i]
+        keep = np.setdiff1d(np.arange(size), drop)
         self.keys = [self.keys[i] for i in keep]
         self.row = {k: i for i, k in enumerate(self.keys)}
         size = len(keep)
