@@ -17,7 +17,7 @@ import pytest
 
 from logscore.entities import ClientBatch, ClientTracker
 from logscore.events import AnomalyEvent, EventHub
-from logscore.forecast import ForecastState, count_transform, slots
+from logscore.forecast import ForecastState, count_inverse, count_transform, slots
 from logscore.model import Model
 from logscore.generated.logscore.v1 import scorer_pb2 as pb
 from logscore.windows import describe_share, share_deviation, url_template
@@ -410,6 +410,30 @@ def test_a_new_flood_gets_a_row_of_its_own_in_a_table_filled_by_keys_long_gone(b
     counter.add({f"url_template=/junk-now{i}": 2 for i in range(200)}, 400)
     held = sum(counter.counts[counter.row[k]] for k in counter.keys if k.startswith("url_template=/junk-now"))
     assert held + counter.counts[counter.row[f"url_template={OTHER}"]] == 400
+
+
+def test_an_episode_is_one_event_and_the_window_a_sidecar_starts_in_is_no_drop(behaviour_model):
+    """An idle sidecar raised "0 records, expected 172-230" every window (37 events in a row), a
+    burst one event a window, and the window it started in, counted only in part, read as a drop."""
+    from logscore.behaviour import window_spec
+    from logscore.windows import KeyNamer, WindowCounter
+
+    spec = window_spec(Model.load(behaviour_model))  # 1-s windows, about 3 records a window
+    expected = np.asarray(spec.state.level)[spec.keys.index("route=shop")]
+    busy = 3 * (count_inverse(expected) + 10)  # a steady rate three times the usual and more
+    late = WindowCounter(spec, "shop", KeyNamer(spec.dimensions), max_keys=1000, now=START - spec.window_s / 2)
+    late.add({"route=shop": int(busy / 2)}, int(busy / 2))  # half a window at that rate: what is counted
+    assert late.close_due(START) == []  # not judged a drop
+    counter = WindowCounter(spec, "shop", KeyNamer(spec.dimensions), max_keys=1000, now=START)
+    events = []
+    for k in range(10):  # the rate holds for ten windows: one episode
+        counter.add({"route=shop": int(busy)}, int(busy))
+        events.append(counter.close_due(START + (k + 1) * spec.window_s))
+    assert [len(e) for e in events] == [1] + [0] * 9, events
+    assert events[0][0].key == "route=shop count"
+    assert "route=shop count" in counter.alarmed  # the episode goes on, unannounced
+    late.add({"route=shop": int(busy)}, int(busy))
+    assert [e.key for e in late.close_due(START + spec.window_s)] == ["route=shop count"]  # a rise is one
 
 
 def test_counts_after_an_eviction_inside_a_batch_go_to_the_keys_they_belong_to(behaviour_model):

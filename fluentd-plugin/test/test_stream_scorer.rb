@@ -45,6 +45,35 @@ class StreamScorerTest < Test::Unit::TestCase
     assert_equal [false] * 20 + [true], out.map { |_, r| r['is_anomaly'] }
   end
 
+  test 'many inputs calling one filter at once are all scored, with the circuit closed' do
+    # Fluentd calls a filter from every input's thread: eight threads, two calls in flight each,
+    # made 16 streams on one connection, and those the sidecar refused read as a silent sidecar.
+    client = Logscore::Client.new(endpoint: "unix://#{self.class.sidecar.socket}", timeout: 2.0)
+    shared = Logscore::StreamScorer.new(client: client, keys: KEYS, message_key: 'message', on_error: :pass,
+                                        batch_records: 500, batch_bytes: 1024 * 1024)
+    lines = AccessLines.normal(2000).map { |line| { 'message' => line } }
+    outputs = Array.new(8) do
+      Thread.new { Array.new(5) { shared.score('web', entries(lines.map(&:dup))) }.flatten(1) }
+    end.map(&:value).flatten(1)
+    assert_equal 8 * 5 * 2000, outputs.size
+    assert_equal 0, outputs.count { |_, record| record['anomaly_unscored'] }
+    stats = client.stats
+    assert_equal [0, 0, 0], stats.values_at(:failures, :circuit_opened, :busy)
+  end
+
+  test 'a call that finds every slot taken for its whole allowance waits no longer' do
+    slots = Logscore::CallSlots.new(2)
+    release = Queue.new
+    holders = Array.new(2) { Thread.new { slots.hold(1) { release.pop } } }
+    sleep 0.05 until holders.all? { |t| t.status == 'sleep' }
+    started = now
+    assert_false slots.hold(0.2) { flunk 'no slot was free' }
+    assert_operator now - started, :<, 2 # gave up after its allowance, not after the holders
+    2.times { release << :done }
+    holders.each(&:join)
+    assert_equal :ran, slots.hold(0.2) { :ran }
+  end
+
   test 'whole records travel as msgpack and score like their raw lines' do
     paths = ['/favicon.ico', '/robots.txt', '/style2.css?id=%3Cscript%3Ealert(1)%3C/script%3E']
     by_fields = scorer.score('web', entries(paths.map { |p| AccessLines.fields(p) }))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import itertools
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterable, Optional
 
@@ -111,7 +112,10 @@ class EventHub:
         self.recent: collections.deque = collections.deque(maxlen=recent)
         self.watcher_queue = watcher_queue
         self._watchers: set[Watcher] = set()
-        self._ids = itertools.count(1)
+        # NOTE: ids start at the microseconds of the sidecar's start, so they keep increasing over a
+        # restart: a watcher resuming with ?since=ID of the process before gets every new event.
+        self.first_id = int(time.time() * 1e6)
+        self._ids = itertools.count(self.first_id)
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self.on_drop = on_drop
         self.published = 0
@@ -167,6 +171,16 @@ class EventHub:
         self.closed = True
         for watcher in list(self._watchers):
             self.unwatch(watcher)
+
+    def since(self, kinds: Iterable[str], since_id: int) -> list[AnomalyEvent]:
+        """Every kept event after ``since_id`` (a watcher resuming); when events of this process
+        after it are no longer kept, the first carries how many (``dropped_before``)."""
+        chosen = self.list_recent(kinds, len(self.recent), since_id)
+        if chosen and self.recent and since_id >= self.first_id:
+            lost = self.recent[0].id - since_id - 1
+            if lost > 0:
+                chosen[0] = AnomalyEvent(**{**chosen[0].__dict__, "dropped_before": lost})
+        return chosen
 
     def list_recent(self, kinds: Iterable[str] = (), limit: int = 100, since_id: int = 0) -> list[AnomalyEvent]:
         wanted = frozenset(kinds) or frozenset(KINDS)

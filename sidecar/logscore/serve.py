@@ -38,7 +38,7 @@ from .settings import Settings, split_host_port
 
 log = logging.getLogger("logscore.serve")
 
-STREAMS_PER_CONNECTION = 4
+STREAMS_PER_CONNECTION = 8
 
 
 class JsonFormatter(logging.Formatter):
@@ -174,6 +174,9 @@ class Sidecar:
                    ("grpc.so_reuseport", 0),
                    # NOTE: gRPC reads every call's whole message before our admission sees it; more calls
                    # than this on one connection wait in the client, so one shipper cannot flood memory.
+                   # The Fluentd plugin sends at most half as many: a stream its client has closed still
+                   # counts here for a moment, and one past the limit is refused (RST_STREAM), which
+                   # its gRPC reports as an unavailable sidecar.
                    ("grpc.max_concurrent_streams", STREAMS_PER_CONNECTION)]
         interceptors = [TokenInterceptor(token)] if token else []
         server = grpc.aio.server(options=options, interceptors=interceptors)

@@ -264,10 +264,15 @@ class WindowCounter:
         self.share_counts = np.zeros(len(spec.shares))
         self.share_totals = np.zeros(len(spec.shares))
         self.share_expected = spec.share_expected.copy()
-        self.start = self._window_start(time.time() if now is None else now)
+        now_value = time.time() if now is None else now
+        self.start = self._window_start(now_value)
         self.observe_gauges = observe_gauges  # metrics: observed vs expected per key
         self.candidates: dict[str, int] = {}  # keys seen once in the open window (not yet a row)
         self.max_candidates = 4 * self.max_keys
+        self.alarmed: set[str] = set()  # keys improbable in the last closed window (an episode under way)
+        # NOTE: the window the sidecar (or this model) started in is counted only in part: a count
+        # under its forecast there is no drop (a rise still is, and shares hold).
+        self.first_whole = self.start if now_value == self.start else self.start + self.window_s
 
     def _window_start(self, now: float) -> float:
         return math.floor(now / self.window_s) * self.window_s
@@ -402,7 +407,9 @@ class WindowCounter:
         return events
 
     def _close(self, start: float) -> list[AnomalyEvent]:
-        """One event at most per window: its most improbable key, the other improbable ones named."""
+        """One event at most per window: its most improbable key that was not improbable in the
+        window before (one event an episode: a burst, or traffic stopped, may last many windows),
+        the other improbable ones named."""
         size = len(self.keys)
         counts = self.counts[:size].copy()
         hour, week = slots(np.full(size, start))
@@ -418,15 +425,18 @@ class WindowCounter:
             found.append((float(scores[i]), float(deviation[i]), f"{self.keys[i]} count", float(counts[i]),
                           float(low[i]), float(high[i]),
                           describe_count(self.keys[i], counts[i], low[i], high[i], self.window_s)))
+        if start < self.first_whole:
+            found = [f for f in found if f[3] > f[5]]  # rises only: this window was counted in part
         found += self._close_shares()
         if self.observe_gauges is not None:
             self.observe_gauges(self.model_name, self.keys, counts, expected)
         self.activity[:size] = 0.9 * self.activity[:size] + counts
         self.counts[:] = 0.0
         self.candidates.clear()
-        if not found:
+        ongoing, self.alarmed = self.alarmed, {f[2] for f in found}
+        if all(f[2] in ongoing for f in found):
             return []
-        found.sort(key=lambda f: (f[0], f[1]), reverse=True)
+        found.sort(key=lambda f: (f[2] in ongoing, -f[0], -f[1]))
         score, _, key, observed, low_, high_, text = found[0]
         if len(found) > 1:
             others = "; ".join(f[6] for f in found[1:MAX_NAMED])

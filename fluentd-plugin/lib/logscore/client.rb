@@ -53,6 +53,49 @@ module Logscore
     end
   end
 
+  # At most `size` calls at once on the client's connection. The sidecar takes 8 streams a
+  # connection and refuses more (RST_STREAM REFUSED_STREAM, reported as UNAVAILABLE: a silent
+  # sidecar to the circuit), and a stream closed here still counts there for a moment: half of
+  # it. Fluentd calls a filter from every input's thread at once (six in_tail sources left 19 %
+  # of records unscored). Calls past it wait here, a bounded time.
+  class CallSlots
+    def initialize(size)
+      @free = size
+      @lock = Mutex.new
+      @freed = ConditionVariable.new
+    end
+
+    # Yields once a slot is free; false, without yielding, when none was within `timeout` seconds.
+    def hold(timeout)
+      return false unless take(timeout)
+
+      begin
+        yield
+      ensure
+        @lock.synchronize do
+          @free += 1
+          @freed.signal
+        end
+      end
+    end
+
+    private
+
+    def take(timeout)
+      deadline = Process.clock_gettime(Process::CLOCK_MONOTONIC) + timeout
+      @lock.synchronize do
+        while @free.zero?
+          left = deadline - Process.clock_gettime(Process::CLOCK_MONOTONIC)
+          return false if left <= 0
+
+          @freed.wait(@lock, left)
+        end
+        @free -= 1
+      end
+      true
+    end
+  end
+
   # A gRPC client of the sidecar. Every call has a deadline that fits its size
   # (Deadlines); big streams go as several calls, `in_flight` of them at once.
   # When the sidecar stops answering (a deadline passed, or it is unreachable)
@@ -65,7 +108,8 @@ module Logscore
     SILENT = [GRPC::Core::StatusCodes::DEADLINE_EXCEEDED, GRPC::Core::StatusCodes::UNAVAILABLE].freeze
     PROBE_TIMEOUT = 0.5
     DEADLINE_GRACE = 0.1 # seconds past a call's deadline before the client gives up on it itself
-    COUNTERS = %i[calls scored unscored failures skipped_circuit_open circuit_opened probes].freeze
+    COUNTERS = %i[calls scored unscored failures skipped_circuit_open circuit_opened probes busy].freeze
+    CALLS_PER_CONNECTION = 4 # half the sidecar's streams per connection (serve.py STREAMS_PER_CONNECTION)
 
     attr_reader :deadlines
 
@@ -86,6 +130,7 @@ module Logscore
       @open = false
       @probe = nil
       @closed = false
+      @slots = CallSlots.new(CALLS_PER_CONNECTION)
       connect(endpoint, credentials(tls_ca, tls_cert, tls_key))
     end
 
@@ -172,11 +217,12 @@ module Logscore
 
     def connect(endpoint, creds)
       target = self.class.target(endpoint)
-      @channel = GRPC::Core::Channel.new(target, CHANNEL_ARGS, creds)
-      # NOTE: the event watch holds a stream open for good: a connection of its own, so that the
-      # sidecar's streams per connection stay for scoring calls and probes.
-      @watch_channel = GRPC::Core::Channel.new(target, CHANNEL_ARGS.merge('grpc.use_local_subchannel_pool' => 1),
-                                               creds)
+      # NOTE: a connection of this client's own (gRPC would share one between clients of the same
+      # target: two filters would then share CALLS_PER_CONNECTION); the event watch holds a stream
+      # open for good, on another one, so that the streams stay for scoring calls and probes.
+      own = CHANNEL_ARGS.merge('grpc.use_local_subchannel_pool' => 1)
+      @channel = GRPC::Core::Channel.new(target, own, creds)
+      @watch_channel = GRPC::Core::Channel.new(target, own, creds)
       @stub = Logscore::V1::Scorer::Stub.new(nil, nil, channel_override: @channel)
       @watch_stub = Logscore::V1::Scorer::Stub.new(nil, nil, channel_override: @watch_channel)
       @health = Grpc::Health::V1::Health::Stub.new(nil, nil, channel_override: @channel)
@@ -203,22 +249,36 @@ module Logscore
         count(:skipped_circuit_open)
         raise ScoringFailed.new('circuit_open', 'sidecar not answering; calls resume when its health check passes')
       end
-      count(:calls)
-      started = Process.clock_gettime(Process::CLOCK_MONOTONIC)
       allowed = @deadlines.for(count, ahead: ahead)
-      response = bounded_score(request, allowed)
-      result = check(response, count)
-      @deadlines.observe(count + ahead, Process.clock_gettime(Process::CLOCK_MONOTONIC) - started)
-      succeeded
-      result
+      # NOTE: the wait for a slot is bounded by the call's own allowance, and the call then gets
+      # its whole allowance: a filter returns within twice it (and a little more).
+      result = @slots.hold(allowed) { timed_call(request, count, ahead, allowed) }
+      result || busy(allowed)
     rescue GRPC::BadStatus => e
       @deadlines.observe(count + ahead, allowed) if e.code == GRPC::Core::StatusCodes::DEADLINE_EXCEEDED
       refused(e.details) if e.code == GRPC::Core::StatusCodes::INVALID_ARGUMENT
       failed(status_name(e.code), e.details, silent: SILENT.include?(e.code))
     rescue ScoringFailed => e
-      raise if e.reason == 'circuit_open'
+      raise if %w[circuit_open busy].include?(e.reason)
 
       failed(e.reason, e.message, silent: false)
+    end
+
+    def timed_call(request, count, ahead, allowed)
+      count(:calls)
+      started = Process.clock_gettime(Process::CLOCK_MONOTONIC)
+      result = check(bounded_score(request, allowed), count)
+      @deadlines.observe(count + ahead, Process.clock_gettime(Process::CLOCK_MONOTONIC) - started)
+      succeeded
+      result
+    end
+
+    # Every slot stayed taken by calls of other threads: this one passes unscored; the sidecar
+    # answers those, so it is no failure of the sidecar (the circuit stays closed).
+    def busy(allowed)
+      count(:busy)
+      raise ScoringFailed.new('busy', "#{CALLS_PER_CONNECTION} calls to the sidecar stayed in flight for " \
+                                      "#{allowed.round(2)} s; more inputs than it keeps up with")
     end
 
     # The call, given up after `allowed` seconds (and a little more) whatever gRPC does.

@@ -135,7 +135,7 @@ module Fluent
       # Counters for monitor_agent (/api/plugins.json merges the 'filter' hash into
       # this plugin's entry): logscore_scored, logscore_unscored, logscore_calls,
       # logscore_failures, logscore_skipped_circuit_open, logscore_circuit_opened,
-      # logscore_probes, logscore_circuit_open, logscore_deadline_per_record_us.
+      # logscore_probes, logscore_busy, logscore_circuit_open, logscore_deadline_per_record_us.
       def statistics
         stats = super
         client = @scorer&.client
