@@ -60,6 +60,48 @@ class FluentdFieldTest < Test::Unit::TestCase
     assert(attacks.all? { |r| r['is_anomaly'] || r['anomaly_unscored'] })
   end
 
+  test 'ten in_tail sources through one filter: every line scored, the circuit never opened' do
+    # Each input calls the filter from its own thread: ten at once made more streams than the
+    # sidecar takes on one connection, and the refused ones read as a silent sidecar.
+    @sidecar = SidecarProcess.new(@work).start
+    monitor = SidecarProcess.free_port
+    lines = AccessLines.normal(5000)
+    sources = Array.new(10) do |n|
+      File.write(File.join(@work, "access#{n}.log"), '')
+      <<~CONF
+        <source>
+          @type tail
+          path #{@work}/access#{n}.log
+          pos_file #{@work}/access#{n}.pos
+          read_from_head true
+          tag web.access#{n}
+          <parse>
+            @type none
+          </parse>
+        </source>
+      CONF
+    end
+    @pids << spawn_fluentd(@work, 'tail', monitor_source(monitor) + sources.join + default_filter +
+                                          file_output("#{@work}/out/scored"))
+    sleep 3 # in_tail watches the files
+    Array.new(10) do |n| # each file appended 250 lines at a time, as live logs grow
+      Thread.new do
+        File.open(File.join(@work, "access#{n}.log"), 'a') do |file|
+          lines.each_slice(250).with_index do |slice, k|
+            file.write(slice.each_with_index.map { |l, i| l.sub('HTTP/1.1', "HTTP/1.1 #{n}-#{k}-#{i}") }.join("\n") + "\n")
+            file.flush
+            sleep 0.05
+          end
+        end
+      end
+    end.each(&:join)
+    @out = wait_for_records(File.join(@work, 'out'), 50_000, timeout: 180)
+    assert_equal 50_000, @out.map { |r| r['message'] }.uniq.size, log_tail(@work, 'tail')
+    counters = plugin_counters(monitor, 'logscore')
+    assert_equal 0, @out.count { |r| r.key?('anomaly_unscored') }, counters.inspect
+    assert_equal [0, 0], counters.values_at('logscore_circuit_opened', 'logscore_failures'), counters.inspect
+  end
+
   test 'aggregator: out_forward chunks of 50,000 records -> in_forward -> filter: every record scored' do
     @sidecar = SidecarProcess.new(@work).start
     receiver_port = SidecarProcess.free_port
