@@ -88,7 +88,8 @@ class FluentdFieldTest < Test::Unit::TestCase
       Thread.new do
         File.open(File.join(@work, "access#{n}.log"), 'a') do |file|
           lines.each_slice(250).with_index do |slice, k|
-            file.write(slice.each_with_index.map { |l, i| l.sub('HTTP/1.1', "HTTP/1.1 #{n}-#{k}-#{i}") }.join("\n") + "\n")
+            unique = slice.each_with_index.map { |l, i| l.sub('HTTP/1.1', "HTTP/1.1 #{n}-#{k}-#{i}") }
+            file.write(unique.join("\n") + "\n")
             file.flush
             sleep 0.05
           end
