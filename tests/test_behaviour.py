@@ -93,10 +93,30 @@ def test_a_slow_watcher_loses_its_oldest_events_and_is_told_how_many():
         hub.publish(AnomalyEvent("window", "m", f"k{i}", 1.0, 1, 0, 1, "", 0, 1) for i in range(10))
         first = await slow.next(1.0)
         assert [e.key for e in hub.recent] == [f"k{i}" for i in range(5, 10)]  # bounded recent list
-        return first, sum(dropped), [e.id for e in hub.list_recent(limit=2)]
+        return first, sum(dropped), [e.id - hub.first_id for e in hub.list_recent(limit=2)]
 
     first, dropped, recent = asyncio.run(scenario())
-    assert (first.key, first.dropped_before, dropped, recent) == ("k7", 7, 7, [9, 10])
+    assert (first.key, first.dropped_before, dropped, recent) == ("k7", 7, 7, [8, 9])
+
+
+def test_a_watcher_resuming_gets_every_event_kept_since_and_is_told_of_a_gap_even_over_a_restart():
+    """Ids began at 1 in every process: a watcher resuming with since=59 after a restart missed
+    the new process's first 59 events; a resume got at most `limit` of them, and no word of a gap."""
+    def events(n):
+        return [AnomalyEvent("window", "m", f"k{i}", 1.0, 1, 0, 1, "", 0, 1) for i in range(n)]
+
+    hub = EventHub(recent=300)
+    hub.publish(events(500))
+    ids = [e.id for e in hub.recent]
+    assert ids == sorted(ids) and len(ids) == 300
+    resumed = hub.since((), ids[0] + 9)
+    assert [e.id for e in resumed] == ids[10:] and resumed[0].dropped_before == 0  # 290, not 100
+    gap = hub.since((), ids[0] - 51)  # the 50 events after it are no longer kept
+    assert [e.id for e in gap] == ids and gap[0].dropped_before == 50
+    time.sleep(0.001)
+    restarted = EventHub()
+    restarted.publish(events(3))
+    assert [e.key for e in restarted.since((), ids[-1])] == ["k0", "k1", "k2"]  # ids go on increasing
 
 
 def test_the_artifact_carries_window_and_client_models_in_graph_and_metadata(behaviour_model):
