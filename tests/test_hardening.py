@@ -238,6 +238,52 @@ def test_expect_100_continue_is_answered_before_the_body(sidecar):
     assert any(r["kind"] == "http_413" and "send smaller batches" in r["reason"] for r in refusals), refusals
 
 
+def sighup_ignored(pid: int) -> bool:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("SigIgn:"):
+            return bool(int(line.split()[1], 16) & (1 << (signal.SIGHUP - 1)))
+    return False
+
+
+def test_reloads_while_it_starts_do_not_end_it_and_systemd_hears_when_it_serves(tmp_path, shop_models):
+    """A SIGHUP (systemctl reload) in the first half second ended the process: its handler was not
+    in place yet. With Type=notify, systemd holds a reload until READY=1."""
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify"))
+    notify.settimeout(30)
+    process = SidecarProcess(shop_models, tmp_path, env={"NOTIFY_SOCKET": str(tmp_path / "notify")})
+    process.settings["socket"] = str(tmp_path / "s.sock")
+    args = [sys.executable, "-m", "logscore", "serve"]
+    for name, value in process.settings.items():
+        args += [f"--{name.replace('_', '-')}", str(value)]
+    started = subprocess.Popen(args, cwd=ROOT, env=process.env, stderr=subprocess.PIPE)
+    try:
+        # NOTE: the interpreter's own start (tens of ms) comes before any of our code: from when
+        # the process ignores SIGHUP (its first step), until it serves.
+        deadline = time.monotonic() + 10
+        while not sighup_ignored(started.pid) and time.monotonic() < deadline:
+            time.sleep(0.001)
+        notify.setblocking(False)
+        ready = b""
+        deadline = time.monotonic() + 30
+        while not ready and time.monotonic() < deadline:  # reload requests all through the start
+            started.send_signal(signal.SIGHUP)
+            time.sleep(0.02)
+            try:
+                ready = notify.recv(100)
+            except BlockingIOError:
+                assert started.poll() is None, started.stderr.read().decode()
+        assert ready == b"READY=1"
+        started.send_signal(signal.SIGTERM)
+        assert started.wait(20) == 0
+        notify.setblocking(True)
+        assert notify.recv(100) == b"STOPPING=1"
+    finally:
+        if started.poll() is None:
+            started.kill()
+        notify.close()
+
+
 def test_connections_past_the_limit_are_closed_at_once_and_the_rest_go_on(tmp_path, shop_models):
     """Each open connection costs memory: a client that opens them without closing would otherwise
     take the sidecar past its memory limit (2,000 idle ones: 56 MiB)."""

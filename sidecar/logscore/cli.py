@@ -12,11 +12,18 @@
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
+import signal
 import sys
-import time
+
+if sys.argv[1:2] == ["serve"]:
+    # NOTE: first of all: a SIGHUP (a reload) while the sidecar starts would end the process
+    # before its handler is in place. Ignored until then: the start loads the newest models anyway.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+import argparse  # noqa: E402 (after the guard above)
+import json  # noqa: E402
+import os  # noqa: E402
+import time  # noqa: E402
 from itertools import islice
 from typing import Iterator, Optional, Sequence
 

@@ -149,6 +149,7 @@ class Sidecar:
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info("serving", extra={"listeners": self.bound, "models": sorted(self.registry.snapshot.models)})
+        notify_systemd(b"READY=1")
 
     def _check_listeners(self) -> None:
         """Refuse, before loading anything, to start where another process serves."""
@@ -369,12 +370,28 @@ async def run(settings: Settings) -> int:
     if learning is not None:
         await sidecar.learner.stop()
         learning.cancel()
+    notify_systemd(b"STOPPING=1")
     sidecar.reload_requested.set()
     sidecar.hub.close()  # watchers (WatchAnomalies, server-sent events) end; their calls finish
     await sidecar.stop()
     await watcher
     await clock
     return 0
+
+
+def notify_systemd(state: bytes) -> None:
+    """Tell systemd (Type=notify) how the sidecar is: READY=1 once it serves, so that a reload
+    (SIGHUP) waits until its handler is in place, and shippers ordered after it start then."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):  # an abstract socket
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+            notify.sendto(state, address)
+    except OSError as error:
+        log.warning("could not notify systemd", extra={"socket": address, "error": str(error)})
 
 
 def main(settings: Settings) -> int:
