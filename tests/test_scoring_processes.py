@@ -102,6 +102,23 @@ def test_a_changed_model_file_is_scored_with_the_version_the_sidecar_serves(proc
     assert_same(processes.score(serving, lines, 1), serving.score(lines, 1))
 
 
+def test_a_new_worker_facing_a_broken_model_file_scores_the_version_the_sidecar_serves(shop_model_path, tmp_path):
+    """The file broke (or was being written) after the sidecar loaded it, and a worker started
+    since: it failed every chunk it got (76,386 of 200,000 records unscored in a probe), instead of
+    leaving them to the version the sidecar serves."""
+    path = tmp_path / "m.onnx"
+    shutil.copy(shop_model_path, path)
+    serving = Model.load(path)
+    path.write_bytes(os.urandom(4096))  # the sidecar rejects it and keeps serving what it had
+    pool = ScoringProcesses(1, max_line_chars=65_536)  # a worker started after that
+    try:
+        lines = shop_lines(50, seed=54)
+        for _ in range(3):
+            assert_same(pool.score(serving, lines, 1), serving.score(lines, 1))
+    finally:
+        pool.close()
+
+
 def test_a_worker_that_dies_costs_at_most_its_chunk_and_is_replaced(shop_model_path):
     restarts = []
     pool = ScoringProcesses(1, max_line_chars=65_536, on_restart=restarts.append)

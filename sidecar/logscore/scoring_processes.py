@@ -9,7 +9,8 @@ requests scored on the event loop, routing, explanations' wording, the probe).
 
 What stays in the sidecar's process: models that follow sessions (their state is the order of
 records), a chunk whose model file changed on disk since the sidecar loaded it (the worker would
-score another version), and records msgpack cannot carry.
+score another version) or no longer loads (broken, or being written, when a worker starts), and
+records msgpack cannot carry.
 
 A worker found dead before a chunk is sent to it is replaced first. One that exits or hangs
 while scoring costs only that chunk: its callers get ``ScorerUnavailable`` (gRPC UNAVAILABLE,
@@ -38,14 +39,16 @@ from typing import Optional, Sequence
 import msgpack
 import numpy as np
 
-from .errors import ConfigError, ScorerUnavailable
+from .errors import ConfigError, LogscoreError, ScorerUnavailable
 from .model import Model, Scored
 
 log = logging.getLogger("logscore.scoring_processes")
 
-# A chunk is at most SCORE_CHUNK records of at most max_record_bytes each: milliseconds of work.
-# A worker silent this long is stuck (a bug); it is killed so its chunk's callers hear of it.
-CHUNK_TIMEOUT_S = 30.0
+# A chunk is at most SCORE_CHUNK records of at most max_record_bytes each: milliseconds of work
+# (a second or two with a model to load first, on a loaded machine). A worker silent this long is
+# stuck (a bug, a SIGSTOP): it is killed so its chunk's callers hear of it. NOTE: a batch waits for
+# all its chunks, so this is also how long one stuck worker can hold scoring up (it was 30 s).
+CHUNK_TIMEOUT_S = 5.0
 ARRAYS = ("scores", "is_anomaly", "raw_scores", "truncated", "unparsed", "novelty")
 
 
@@ -249,16 +252,36 @@ class ModelCache:
         self.max_line_chars = max_line_chars
         self.client_key = client_key
         self.models: dict[str, Model] = {}
+        self.unloadable: dict[str, tuple] = {}  # path -> (size, mtime) of a file that did not load
 
     def get(self, path: str, version: str) -> Optional[Model]:
-        """The model of that file at that version, or None when the file now holds another."""
+        """The model of that file at that version, or None when the file now holds another, or
+        one that does not load (being written, or broken: the sidecar serves the version it had)."""
         model = self.models.get(path)
         if model is None or model.version != version:
             for gone in [p for p in self.models if not Path(p).is_file()]:  # unloaded by the sidecar too
                 del self.models[gone]
-            model = self.models[path] = Model.load(path, max_line_chars=self.max_line_chars,
-                                                   client_key=self.client_key)
+            model = self._load(path)
+            if model is None:
+                return None
+            self.models[path] = model
         return model if model.version == version else None
+
+    def _load(self, path: str) -> Optional[Model]:
+        try:
+            stat = os.stat(path)
+        except OSError:
+            return None
+        signature = (stat.st_size, stat.st_mtime_ns)
+        if self.unloadable.get(path) == signature:
+            return None  # tried, and it has not changed since: not read again for every chunk
+        try:
+            model = Model.load(path, max_line_chars=self.max_line_chars, client_key=self.client_key)
+        except LogscoreError:  # the sidecar says what is wrong with it, where it rejects it
+            self.unloadable[path] = signature
+            return None
+        self.unloadable.pop(path, None)
+        return model
 
 
 def answer(cache: ModelCache, message: list) -> dict:
