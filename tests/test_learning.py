@@ -196,3 +196,45 @@ def test_a_failed_refit_leaves_the_validated_candidate_serving(tmp_path, shop_mo
     last = learner.status()["shop"]["last"]
     assert last["outcome"] == "swapped" and last["records"] == 180
     assert (models / ".learning" / "shop" / "previous.onnx").exists() and reloads == [1]
+
+
+def test_learning_that_keeps_failing_says_so_backs_off_cleans_up_and_stops_holding_flags(tmp_path, shop_model_path,
+                                                                                        monkeypatch, caplog):
+    """A full disk: the partial records file stayed (the disk stayed full), training was retried
+    every learn_records records without a warning, and the route's flags stayed held for good."""
+    import errno
+    import logging
+
+    from logscore import learning
+
+    def full_disk(directory, records, serving):
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "records.jsonl").write_text("a partial line\n")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(learning, "write_inputs", full_disk)
+    models = tmp_path / "models"
+    models.mkdir()
+    shutil.copy(shop_model_path, models / "shop.onnx")
+    settings = Settings(models_dir=str(models), learn="true", learn_records=100, learn_window=100)
+    registry = ModelRegistry(str(models))
+    registry.reload()
+    learner = Learner(settings, registry, lambda: None)
+    model = registry.snapshot.models["shop"]
+    lines = shop_lines(100, seed=8)
+    waited = []
+    with caplog.at_level(logging.WARNING, logger="logscore.learning"):
+        for _ in range(learning.MAX_HELD_FAILURES):
+            assert learner.holds(model, ["shop"] * 3) is not None  # still held
+            fed = 0
+            while learner._due() is None:
+                learner.observe(learner.routes(model, lines), lines)
+                fed += len(lines)
+            waited.append(fed)
+            asyncio.run(learner._learn(learner.routes_by_name["shop"]))
+            assert not (models / ".learning" / "shop" / "records.jsonl").exists()  # the partial file went
+    assert waited == [100, 200, 400]  # each failure doubles the wait
+    assert learner.holds(model, ["shop"] * 3) is None  # flagged by the model it falls back to
+    failed = [r for r in caplog.records if r.getMessage().startswith("learning: training failed")]
+    assert len(failed) == 3 and "No space left on device" in failed[0].error
+    assert "no longer held" in failed[-1].getMessage() and failed[-1].next_try_after_records == 800

@@ -52,6 +52,10 @@ MAX_RECORD_CHARS = 16_384  # longer records are not kept in windows (memory stay
 TRAIN_TIMEOUT_S = 3600.0
 CHECK_INTERVAL_S = 0.5
 KEPT_ASIDE = 3  # rejected candidates kept per route for review
+# After a failed training the next try waits twice as many records (up to 32 times learn_records);
+# after this many failures in a row the route's flags are no longer held: its records are flagged
+# by the model it falls back to, as if learning were off (a full disk held every flag for good).
+MAX_HELD_FAILURES = 3
 
 
 def learning_unavailable(settings: Settings) -> Optional[str]:
@@ -82,6 +86,7 @@ class Route:
     training: bool = False
     last: Optional[dict] = None  # the last training's outcome, for status and logs
     held: int = 0  # records whose flag was held
+    failures: int = 0  # trainings failed in a row
 
 
 class Learner:
@@ -138,7 +143,9 @@ class Learner:
         held = []
         for name in routes:
             if name not in reasons:
-                reasons[name] = None if learned_for(model, name) else self._reason(name)
+                route = self.routes_by_name.get(name)
+                failing = route is not None and route.failures >= MAX_HELD_FAILURES
+                reasons[name] = None if failing or learned_for(model, name) else self._reason(name)
             held.append(reasons[name])
         if not any(held):
             return None
@@ -151,8 +158,15 @@ class Learner:
         route = self._route(name)
         if route.training:
             return f"route {name} is training its own model on {route.trained_at} records"
+        if route.failures:
+            return f"route {name} is learning its own model (its last training failed; the next try after " \
+                   f"{self._retry_after(route)} more records)"
         return f"route {name} is learning its own model ({min(route.seen, self.settings.learn_records)} of " \
                f"{self.settings.learn_records} records seen)"
+
+    def _retry_after(self, route: Route) -> int:
+        due = self.settings.learn_records * 2 ** min(route.failures, 5)
+        return max(due - (route.seen - route.trained_at), 0)
 
     def observe(self, routes: Sequence[Optional[str]], records: Sequence[object]) -> None:
         """Keep each route's recent records (bounded); records too long or multi-line are skipped."""
@@ -195,7 +209,7 @@ class Learner:
                 raise
             except Exception as error:  # a bug or an I/O error: report, keep serving, retry later
                 log.exception("learning failed", extra={"route": route.name})
-                self._finish(route, "failed", {"error": f"{type(error).__name__}: {error}"})
+                self._failed(route, f"{type(error).__name__}: {error}")
 
     def _due(self) -> Optional[Route]:
         s = self.settings
@@ -206,7 +220,7 @@ class Learner:
             if self._serving_learned(route.name):
                 if s.learn_retrain_records and new >= s.learn_retrain_records:
                     return route
-            elif new >= s.learn_records:  # the first model, or a retry after a failure
+            elif new >= s.learn_records * 2 ** min(route.failures, 5):  # the first model, or a retry
                 return route
         return None
 
@@ -232,7 +246,7 @@ class Learner:
         candidate_path = directory / "candidate.onnx"
         error = await self._train(route.name, directory, records[:-holdout], serving, candidate_path)
         if error is not None:
-            self._finish(route, "failed", {"error": error})
+            self._failed(route, error)
             return
         candidate_rate, serving_rate = await loop.run_in_executor(None, self._validate, candidate_path, serving,
                                                                   records[-holdout:])
@@ -270,7 +284,9 @@ class Learner:
         try:
             inputs = await asyncio.get_running_loop().run_in_executor(None, write_inputs, directory, records,
                                                                       serving)
-        except OSError as error:  # a full or vanished work directory
+        except OSError as error:  # a full or vanished work directory: what was written goes, not to fill it
+            for partial in ("records.jsonl", "spec.json"):
+                (directory / partial).unlink(missing_ok=True)
             return f"cannot write the training records: {error}"
         return await self._train_child(name, inputs, serving, out)
 
@@ -312,7 +328,18 @@ class Learner:
         current = Model(serving.artifact, max_line_chars=self.registry.max_line_chars)
         return tuple(float(decide(m, m.score(recent)).is_anomaly.mean()) for m in (candidate, current))
 
+    def _failed(self, route: Route, error: str) -> None:
+        route.failures += 1
+        self._finish(route, "failed", {"error": error})
+        holding = route.failures < MAX_HELD_FAILURES
+        log.warning("learning: training failed; " + ("the route's flags stay held" if holding else
+                    "the route's flags are no longer held: the model it falls back to flags its records"),
+                    extra={"route": route.name, "error": error, "failures_in_a_row": route.failures,
+                           "next_try_after_records": self._retry_after(route)})
+
     def _finish(self, route: Route, outcome: str, detail: dict) -> None:
+        if outcome != "failed":
+            route.failures = 0
         route.training = False
         route.last = {"outcome": outcome, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **detail}
         if self.metrics is not None:
