@@ -382,6 +382,11 @@ def test_evaluate_series_scores_online_in_nab_format_and_finds_the_burst(tmp_pat
     ("time,count\n1,2\n", "expected a header 'timestamp,value'"),
     ("timestamp,value\n2015-01-01 00:00:00,1\nnot a time,2\n", "line 3 is not 'timestamp,value'"),
     ("timestamp,value\n" + "".join(f"2015-01-01 00:{59 - i:02d}:00,1\n" for i in range(20)), "must not go back"),
+    ("timestamp,value\r" + "".join(f"2015-01-01 00:{i:02d}:00,1\r" for i in range(20)), "end lines with LF or CRLF"),
+    ("timestamp,value\n2015-01-01 00:00:00,1,000\n", "line 2 has 3 fields"),
+    ("timestamp,value\n" + "".join(f"2015-01-01 00:{i:02d}:00,{'inf' if i == 5 else 1}\n" for i in range(20)),
+     "line 7 is not 'timestamp,value' with a finite number"),
+    ("timestamp,value\n" + "2015-01-01 00:00:00,1\n" * 20, "most points share their timestamp"),
 ])
 def test_evaluate_series_refuses_bad_input_clearly(tmp_path, text, complaint):
     series = tmp_path / "bad.csv"
@@ -389,6 +394,17 @@ def test_evaluate_series_refuses_bad_input_clearly(tmp_path, text, complaint):
     done = subprocess.run([sys.executable, "-m", "logscore", "evaluate", "--series", str(series)],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 1 and complaint in done.stderr and "Traceback" not in done.stderr
+
+
+def test_evaluate_series_reads_unix_seconds_and_a_bom_and_warns_of_a_series_shorter_than_its_warm_up(tmp_path):
+    series = tmp_path / "short.csv"
+    series.write_text("\ufefftimestamp,value\n" + "".join(f"{1_700_000_000 + 300 * i},{i % 7}\n" for i in range(50)),
+                      encoding="utf-8")
+    done = subprocess.run([sys.executable, "-m", "logscore", "evaluate", "--series", str(series)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert len(done.stdout.splitlines()) == 51 and done.stdout.splitlines()[1].startswith("1700000000,0,")
+    assert "the series spans 4.1 h" in done.stderr and "every score is 0" in done.stderr
 
 
 def test_window_keys_stay_bounded_and_new_keys_need_two_records_in_the_window(behaviour_model):

@@ -398,7 +398,8 @@ def client_channel(args, target: str):
 class ProgressPrinter:
     """Progress on stderr, at most twice a second, so long training is never silent."""
 
-    def __init__(self):
+    def __init__(self, command: str = "train"):
+        self.command = command
         self.last = 0.0
 
     def __call__(self, stage: str, done: int, total: Optional[int], unit: str = "records") -> None:
@@ -407,7 +408,7 @@ class ProgressPrinter:
             return
         self.last = now
         amount = f"{done}/{total}" if total else f"{done}"
-        print(f"[train] {stage}: {amount} {unit}", file=sys.stderr, flush=True)
+        print(f"[{self.command}] {stage}: {amount} {unit}", file=sys.stderr, flush=True)
 
 
 def run_train(args) -> int:
@@ -682,9 +683,13 @@ def run_series(args) -> int:
     from pathlib import Path
 
     from .errors import InputError
-    from .series import labels_from_windows, read_series, score_series, write_results
+    from .series import WARM_UP_S, labels_from_windows, read_series, score_series, write_results
 
     series = read_series(args.series)
+    span = series.times[-1] - series.times[0]
+    if span <= WARM_UP_S:
+        print(f"logscore evaluate: warning: the series spans {span / 3600:.1f} h; the first "
+              f"{WARM_UP_S / 3600:.0f} h only teach the forecaster, so every score is 0", file=sys.stderr)
     labels = None
     if args.series_windows:
         try:
@@ -696,7 +701,8 @@ def run_series(args) -> int:
         if not matches:
             raise InputError(f"--series-windows: no entry for {args.series} (names: {', '.join(sorted(windows))[:200]})")
         labels = labels_from_windows(series, windows[matches[0]])
-    scores = score_series(series.times, series.values)
+    progress = ProgressPrinter("evaluate")
+    scores = score_series(series.times, series.values, lambda done, total: progress("scoring", done, total, "points"))
     import numpy as np
 
     write_results(args.series_out, series, scores, labels if labels is not None else np.zeros(len(scores), int),
@@ -715,7 +721,7 @@ def run_evaluate(args) -> int:
 
     records, labels, types = read_labeled(args)
     model, training = evaluation_model(args, records, labels, types)
-    progress = ProgressPrinter()
+    progress = ProgressPrinter("evaluate")
     scores, flags = [], []
     for start in range(0, len(records), args.batch):
         result = model.score(records[start: start + args.batch])

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import collections
 import csv
+import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -40,6 +41,7 @@ from .inputs import read_lines
 from .timestamps import parse_time
 
 WARM_UP_S = 86400.0  # deviations of the first day (seasons unknown) are not scored
+PROGRESS_POINTS = 100_000
 DAY_S = 86400.0
 TYPICAL_DAYS = 30  # daily maxima remembered for "a typical day's strangest"
 RECORD_S = 86400.0  # "the previous day" of the record factor
@@ -58,22 +60,30 @@ class Series:
 
 
 def read_series(path: str) -> Series:
-    """A CSV of ``timestamp,value`` rows (a header line first); InputError naming the bad row."""
-    lines = list(read_lines([path]))
-    rows = list(csv.reader(lines))
-    if not rows or [c.strip().lower() for c in rows[0][:2]] != ["timestamp", "value"]:
+    """A CSV of ``timestamp,value`` rows (a header line first); InputError naming the bad row.
+    A timestamp is a date and time (ISO 8601, UTC unless it says otherwise) or Unix seconds."""
+    try:
+        rows = list(csv.reader(read_lines([path])))
+    except csv.Error as error:  # NOTE: lines ending in a lone CR (old Mac files) come here
+        raise InputError(f"{path}: not CSV rows ({error}); end lines with LF or CRLF") from None
+    header = [c.strip().lower().lstrip("\ufeff") for c in rows[0][:2]] if rows else []  # a BOM: Excel's UTF-8
+    if header != ["timestamp", "value"]:
         raise InputError(f"{path}: expected a header 'timestamp,value' and one row per point")
     stamps, times, values = [], [], []
     for number, row in enumerate(rows[1:], start=2):
         if not row:
             continue
-        seconds = parse_time(row[0]) if len(row) >= 2 else None
+        if len(row) != 2:
+            raise InputError(f"{path}: line {number} has {len(row)} fields, not 'timestamp,value' "
+                             f"({','.join(row)[:80]!r}; a value with a thousands separator?)")
+        seconds = unix_seconds(row[0])
         try:
-            value = float(row[1]) if len(row) >= 2 else float("nan")
+            value = float(row[1])
         except ValueError:
             value = float("nan")
-        if seconds is None or value != value:
-            raise InputError(f"{path}: line {number} is not 'timestamp,value' ({','.join(row)[:80]!r})")
+        if seconds is None or not math.isfinite(value):
+            raise InputError(f"{path}: line {number} is not 'timestamp,value' with a finite number "
+                             f"({','.join(row)[:80]!r})")
         stamps.append(row[0])
         times.append(seconds)
         values.append(value)
@@ -82,7 +92,16 @@ def read_series(path: str) -> Series:
     times_array = np.asarray(times)
     if np.any(np.diff(times_array) < 0):  # NOTE: equal ones happen (clocks turned back an hour)
         raise InputError(f"{path}: timestamps must not go back from row to row")
+    if np.median(np.diff(times_array)) <= 0:
+        raise InputError(f"{path}: most points share their timestamp with the one before; give one point a time")
     return Series(stamps, times_array, np.asarray(values))
+
+
+def unix_seconds(text: str) -> Optional[float]:
+    try:
+        return float(text) if text.strip().lstrip("-").replace(".", "", 1).isdigit() else parse_time(text)
+    except ValueError:
+        return None
 
 
 def deviations(times: np.ndarray, values: np.ndarray) -> np.ndarray:
@@ -166,11 +185,16 @@ class SeriesScorer:
             self.day, self.day_max = day, 0.0
 
 
-def score_series(times: np.ndarray, values: np.ndarray) -> np.ndarray:
-    """anomaly_score of each point in [0, 1], online."""
+def score_series(times: np.ndarray, values: np.ndarray, progress=None) -> np.ndarray:
+    """anomaly_score of each point in [0, 1], online; ``progress(done, total)`` now and then."""
     found = deviations(times, values)
     scorer = SeriesScorer(float(times[0]))
-    return np.array([scorer.score(moment, deviation) for moment, deviation in zip(times.tolist(), found.tolist())])
+    scores = np.zeros(len(times))
+    for i, (moment, deviation) in enumerate(zip(times.tolist(), found.tolist())):
+        scores[i] = scorer.score(moment, deviation)
+        if progress is not None and i % PROGRESS_POINTS == 0:
+            progress(i, len(times))
+    return scores
 
 
 def labels_from_windows(series: Series, windows: Sequence[Sequence[str]]) -> np.ndarray:
