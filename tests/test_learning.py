@@ -178,13 +178,19 @@ class RefitFails(Learner):
         return None
 
 
-def test_a_failed_refit_leaves_the_validated_candidate_serving(tmp_path, shop_model_path):
+def shop_learning(tmp_path, shop_model_path, records: int) -> tuple[Path, Settings, ModelRegistry]:
+    """A models directory holding the shop model, learning settings of `records`, its registry."""
     models = tmp_path / "models"
     models.mkdir()
     shutil.copy(shop_model_path, models / "shop.onnx")
-    settings = Settings(models_dir=str(models), learn="true", learn_records=200, learn_window=200)
+    settings = Settings(models_dir=str(models), learn="true", learn_records=records, learn_window=records)
     registry = ModelRegistry(str(models))
     registry.reload()
+    return models, settings, registry
+
+
+def test_a_failed_refit_leaves_the_validated_candidate_serving(tmp_path, shop_model_path):
+    models, settings, registry = shop_learning(tmp_path, shop_model_path, 200)
     reloads = []
     learner = RefitFails(settings, registry, lambda: reloads.append(1), model=shop_model_path)
     lines = shop_lines(200, seed=7)
@@ -213,12 +219,7 @@ def test_learning_that_keeps_failing_says_so_backs_off_cleans_up_and_stops_holdi
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(learning, "write_inputs", full_disk)
-    models = tmp_path / "models"
-    models.mkdir()
-    shutil.copy(shop_model_path, models / "shop.onnx")
-    settings = Settings(models_dir=str(models), learn="true", learn_records=100, learn_window=100)
-    registry = ModelRegistry(str(models))
-    registry.reload()
+    models, settings, registry = shop_learning(tmp_path, shop_model_path, 100)
     learner = Learner(settings, registry, lambda: None)
     model = registry.snapshot.models["shop"]
     lines = shop_lines(100, seed=8)
