@@ -117,6 +117,10 @@ def test_a_watcher_resuming_gets_every_event_kept_since_and_is_told_of_a_gap_eve
     restarted = EventHub()
     restarted.publish(events(3))
     assert [e.key for e in restarted.since((), ids[-1])] == ["k0", "k1", "k2"]  # ids go on increasing
+    closed = restarted.watch()  # a stream refused before it began closes its watcher, nothing more
+    closed.close()
+    restarted.publish(events(1))
+    assert closed not in restarted._watchers and not closed.take_ready(10)  # dropped, not filled
 
 
 def test_the_artifact_carries_window_and_client_models_in_graph_and_metadata(behaviour_model):
@@ -222,6 +226,7 @@ def test_event_streams_have_their_own_cap_and_free_their_place_when_their_client
         third, head = open_sse(sidecar.http_port)
         assert head.startswith(b"HTTP/1.1 503") and b"event streams are open" in head
         third.close()
+        assert sidecar.metric("logscore_errors_total{kind=\"too_many_streams\"") == 1
         for _ in range(6):  # with the two streams, 8 connections: the streams do not count
             idle.append(socket.create_connection(("127.0.0.1", sidecar.http_port), timeout=10))
         assert sidecar.http_get("/healthz")[0] == 200

@@ -36,7 +36,7 @@ class AnomalyEvent:
     explanation: str  # "5xx share 31 %, expected 0.4–1.2 %"
     start: float  # Unix time: window start (clients: first request seen)
     end: float  # window end (clients: the request that crossed the threshold)
-    id: int = 0  # increasing per sidecar process
+    id: int = 0  # increasing, over restarts too (EventHub.first_id)
     dropped_before: int = 0  # events this watcher lost just before this one (it fell behind)
     features: dict = field(default_factory=dict)  # clients: the behaviour features
     encoded_sse: Optional[bytes] = field(default=None, repr=False, compare=False)  # once, for every watcher
@@ -147,6 +147,9 @@ class EventHub:
         self.recent.extend(events)
         self.published += len(events)
         for watcher in list(self._watchers):
+            if watcher.closed:  # closed by its surface without unwatch (a stream refused before it began)
+                self._watchers.discard(watcher)
+                continue
             lost = sum(not watcher.offer(event) for event in events)
             if lost and self.on_drop is not None:
                 self.on_drop(lost)

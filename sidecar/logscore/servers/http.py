@@ -275,6 +275,8 @@ class HttpServer(StreamServer):
         Streams are counted apart from max_connections (at most max_streams of them): watchers
         must not take the connections scoring and health checks need."""
         if len(self.streams) >= self.max_streams:
+            if response.stop is not None:
+                response.stop()  # NOTE: aclose() of a generator never started runs none of its finally
             await response.stream.aclose()
             if self.metrics is not None:
                 self.metrics.refused("too_many_streams", "http", f"{len(self.streams)} streams open")
@@ -502,8 +504,6 @@ class SidecarHttp:
 # --- anomaly events (issue #15) ---------------------------------------------------------
 
 SSE_HEARTBEAT_S = 15.0
-
-
 SSE_BATCH = 500  # events written at once when they wait (one write and drain for them all)
 
 
