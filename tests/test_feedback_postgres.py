@@ -113,9 +113,6 @@ def test_a_stalled_database_fails_writes_in_seconds_and_never_holds_up_model_rel
                                                                                       shop_model_path):
     """A lock held elsewhere (a DBA's open transaction) made every write wait as long as it was
     held, and the waiting calls took the threads model reloads use."""
-    import shutil
-    import threading
-
     import psycopg
 
     url = cluster.create_database("stalled")
@@ -123,9 +120,20 @@ def test_a_stalled_database_fails_writes_in_seconds_and_never_holds_up_model_rel
     sidecar = SidecarProcess(models, tmp_path, feedback_store=url, feedback_poll_s="0.5").start()
     holder = psycopg.connect(url)
     try:
+        stalled_writes_fail_fast(sidecar, holder, models, shop_model_path)
+    finally:
+        holder.close()
+        assert sidecar.stop() == 0
+
+
+def stalled_writes_fail_fast(sidecar, holder, models, shop_model_path) -> None:
+    import shutil
+    import threading
+
+    mark = {"verdict": "normal", "author": "ana", "model": "shop", "records": compare_lines(1, seed=42)}
+    try:
         holder.execute("LOCK TABLE feedback_revision IN ACCESS EXCLUSIVE MODE")  # held until rollback
         answers = []
-        mark = {"verdict": "normal", "author": "ana", "model": "shop", "records": compare_lines(1, seed=42)}
 
         def write():  # more writers than the sidecar's default worker threads (6 on 2 cores)
             status, raw = http_request(sidecar.http_port, "POST", "/v1/feedback", json.dumps(mark).encode(),
@@ -147,8 +155,4 @@ def test_a_stalled_database_fails_writes_in_seconds_and_never_holds_up_model_rel
         assert "statement timeout" in answers[0][1]["error"]
     finally:
         holder.rollback()
-        holder.close()
-    try:
-        assert feedback(sidecar, "POST", mark)[0] == 200
-    finally:
-        assert sidecar.stop() == 0
+    assert feedback(sidecar, "POST", mark)[0] == 200
