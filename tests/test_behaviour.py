@@ -617,7 +617,7 @@ def test_windows_clients_and_events_are_the_same_on_the_compiled_and_the_python_
             entity.append(behaviour.observe({model: list(range(len(batch)))}, [model.score(batch)], len(batch),
                                             ["web"] * len(batch), now=START + 0.4 * i))
         behaviour.tick(START + 100)
-        events = [e.as_dict() for e in behaviour.hub.recent]
+        events = [{**e.as_dict(), "id": e.id - behaviour.hub.first_id} for e in behaviour.hub.recent]
         outcomes.append((watched.windows.keys, watched.windows.counts.tolist(), np.concatenate(entity).tobytes(),
                          events))
     assert outcomes[0] == outcomes[1]
