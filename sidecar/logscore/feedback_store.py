@@ -26,6 +26,7 @@ from typing import Callable, Optional, Sequence
 
 from .errors import ConfigError, InvalidRequest, StoreUnavailable
 from .feedback import VERDICTS, Entry, RuleSet, pattern_from_field, pattern_from_records, record_text
+from .timestamps import LATEST_TIME
 
 log = logging.getLogger("logscore.feedback")
 
@@ -61,7 +62,6 @@ COLUMNS = ("id", "verdict", "model", "route", "entity", "pattern", "example", "a
 
 MAX_AUTHOR_CHARS, MAX_REASON_CHARS = 200, 2000
 STATEMENT_TIMEOUT_MS = 5000  # PostgreSQL: past it a statement fails (StoreUnavailable), a write 503
-LATEST_EXPIRY = 253402300799.0  # 9999-12-31T23:59:59Z: the latest time every platform can show
 
 
 def entry_from_row(row) -> Entry:
@@ -81,7 +81,7 @@ def check_entry(entry: Entry) -> None:
         if len(getattr(entry, name)) > most:
             raise InvalidRequest(f"{name} holds {len(getattr(entry, name))} characters; at most {most}")
     if entry.expires_at is not None:
-        if not math.isfinite(entry.expires_at) or entry.expires_at > LATEST_EXPIRY:
+        if not math.isfinite(entry.expires_at) or entry.expires_at > LATEST_TIME:
             raise InvalidRequest(f"expires_at {entry.expires_at!r} is no time before 9999-12-31; give a time "
                                  "such as 2026-12-31T00:00:00Z, or none to keep the entry")
         if entry.expires_at <= time.time():

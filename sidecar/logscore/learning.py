@@ -164,9 +164,12 @@ class Learner:
         return f"route {name} is learning its own model ({min(route.seen, self.settings.learn_records)} of " \
                f"{self.settings.learn_records} records seen)"
 
+    def _records_due(self, route: Route) -> int:
+        """New records before the route's first training, or its next try after failures (doubling)."""
+        return self.settings.learn_records * 2 ** min(route.failures, 5)
+
     def _retry_after(self, route: Route) -> int:
-        due = self.settings.learn_records * 2 ** min(route.failures, 5)
-        return max(due - (route.seen - route.trained_at), 0)
+        return max(self._records_due(route) - (route.seen - route.trained_at), 0)
 
     def observe(self, routes: Sequence[Optional[str]], records: Sequence[object]) -> None:
         """Keep each route's recent records (bounded); records too long or multi-line are skipped."""
@@ -220,7 +223,7 @@ class Learner:
             if self._serving_learned(route.name):
                 if s.learn_retrain_records and new >= s.learn_retrain_records:
                     return route
-            elif new >= s.learn_records * 2 ** min(route.failures, 5):  # the first model, or a retry
+            elif new >= self._records_due(route):  # the first model, or a retry
                 return route
         return None
 

@@ -29,6 +29,7 @@ from .feedback import strip_rarity
 from .inputs import read_lines
 from .metrics import SCORE_BUCKETS
 from .review import TOP_ENTITIES, Example, Groups, render_group_examples
+from .timestamps import epoch_seconds
 from .svg import bars, timeline
 
 ENTITY_FIELDS = ("host", "client", "clientip", "client_ip", "remote", "remote_addr", "source.address", "client.ip",
@@ -38,7 +39,6 @@ ACCESS_TIME = re.compile(r"\[(\d{2}/\w{3}/\d{4}:\d{2}:\d{2}:\d{2} [+-]\d{4})\]")
 TIMELINE_BINS = 60
 PROGRESS_EVERY = 200_000
 MAX_GROUPS = 100_000  # groups a report keeps (memory: about 2 KB each with their examples)
-LATEST_TIME = 253402300799.0  # 9999-12-31T23:59:59Z
 
 
 def add_report_command(commands) -> None:
@@ -128,17 +128,6 @@ def time_of(record: dict, text: str) -> Optional[float]:
         except ValueError:
             return None
     return None
-
-
-def epoch_seconds(value: float) -> Optional[float]:
-    """Unix seconds from seconds, or from milli-, micro- or nanoseconds as some shippers write them;
-    None for what is no time between 1970 and 9999 (the record is then placed by its line number)."""
-    # Seconds of these years are about 1.7e9: from 1e11 (the year 5138) on, a finer unit.
-    for threshold, unit in ((1e17, 1e9), (1e14, 1e6), (1e11, 1e3)):
-        if value >= threshold:
-            value /= unit
-            break
-    return value if 0 <= value <= LATEST_TIME else None  # False for NaN
 
 
 def notes_of(record: dict) -> list:

@@ -15,10 +15,22 @@ from typing import Optional, Sequence
 import numpy as np
 
 TIME_FIELDS = ("time", "timestamp", "@timestamp", "ts", "date")
+LATEST_TIME = 253402300799.0  # 9999-12-31T23:59:59Z: the latest time every platform can show
 MONTHS = {m: i for i, m in enumerate(("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct",
                                       "Nov", "Dec"), start=1)}
 _APACHE = re.compile(r"(\d{1,2})/([A-Z][a-z]{2})/(\d{4}):(\d{2}):(\d{2}):(\d{2})(?: ([+-])(\d{2})(\d{2}))?")
 _SYSLOG = re.compile(r"([A-Z][a-z]{2}) +(\d{1,2}) (\d{2}):(\d{2}):(\d{2})")
+
+
+def epoch_seconds(value: float) -> Optional[float]:
+    """Unix seconds from seconds, or from milli-, micro- or nanoseconds as some shippers write them;
+    None for what is no time between 1970 and 9999."""
+    # Seconds of these years are about 1.7e9: from 1e11 (the year 5138) on, a finer unit.
+    for threshold, unit in ((1e17, 1e9), (1e14, 1e6), (1e11, 1e3)):
+        if value >= threshold:
+            value /= unit
+            break
+    return value if 0 <= value <= LATEST_TIME else None  # False for NaN
 
 
 def parse_time(text: object) -> Optional[float]:

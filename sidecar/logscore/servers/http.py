@@ -487,10 +487,10 @@ class SidecarHttp:
         except LogscoreError as error:
             return Response.error(STATUS_CODES.get(type(error), 400), str(error))
         behaviour = self.service.behaviour
-        recent = behaviour.hub.list_recent(kinds, limit, since) if behaviour is not None else []
         streaming = ("text/event-stream" in request.headers.get("accept", "")
                      or request.query.get("stream") in ("1", "true"))
         if not streaming:
+            recent = behaviour.hub.list_recent(kinds, limit, since) if behaviour is not None else []
             return Response.json({"events": [e.as_dict() for e in recent]})
         if behaviour is None:
             return Response.error(404, "no behaviour watching in this sidecar (setting windows is off)")
