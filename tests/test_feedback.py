@@ -68,6 +68,10 @@ def test_marking_records_normal_unflags_later_records_of_their_kind_at_once_and_
     assert entry["id"] == 1 and entry["verdict"] == "normal" and entry["model"] == "shop"
     assert entry["author"] == "ana" and entry["reason"] == "new compare page" and entry["created_at"]
     assert any("with=9" in feature for feature in entry["pattern"]["features"])
+    # The same mark again (a retried request, a second operator): the entry already made, not a second.
+    status, again = feedback(sidecar, "POST", {"verdict": "normal", "author": "ben", "records": compare_lines(2, seed=1)})
+    assert status == 200 and again["existing"] and again["feedback"]["id"] == 1 and again["feedback"]["author"] == "ana"
+    assert not body["existing"]
 
     # The very next call: later records of the kind (other ids, other values) are not flagged.
     later = score(sidecar, compare_lines(30, seed=2))
@@ -86,6 +90,7 @@ def test_marking_records_normal_unflags_later_records_of_their_kind_at_once_and_
     metrics = sidecar.http_get("/metrics")[1].decode()
     assert 'logscore_feedback_suppressed_total{model="shop"} 30.0' in metrics
     assert 'logscore_feedback_writes_total{action="added",verdict="normal"} 1.0' in metrics
+    assert 'logscore_feedback_writes_total{action="existing",verdict="normal"} 1.0' in metrics
     assert 'logscore_feedback_entries{verdict="normal"} 1.0' in metrics
 
     # Kept across a restart (the store is a file beside the models).
@@ -108,7 +113,7 @@ BAD_FEEDBACK = [
     ({"verdict": "normal", "author": "a"}, 400, "mark exactly one of"),
     ({"verdict": "normal", "author": "a", "records": ["x"], "group": "g1"}, 400, "mark exactly one of"),
     ({"verdict": "normal", "author": "a", "records": [3]}, 400, "records must be an array"),
-    ({"verdict": "normal", "author": "a", "group": "g999"}, 400, "no review group 'g999'"),
+    ({"verdict": "normal", "author": "a", "group": "g999"}, 404, "no review group 'g999'"),
     ({"verdict": "normal", "author": "a", "field": "colour", "value": "red"}, 400, "reads no field 'colour'"),
     ({"verdict": "normal", "author": "a", "field": "user_agent"}, 400, "give the value"),
     ({"verdict": "normal", "author": "a", "records": ["x"], "model": "nope"}, 404, "model 'nope' is not loaded"),
@@ -136,10 +141,11 @@ def test_bad_feedback_gets_a_clear_error_and_stores_nothing(sidecar, shop_model_
     ordinary = next(line for line in shop_training_lines if not (inspect(model, [line]).contribution > 0).any())
     got, answer = feedback(sidecar, "POST", {"verdict": "normal", "author": "a", "records": [ordinary]})
     assert got == 400 and "hold no unusual feature" in answer["error"]
-    for query, message in (("?id=abc", "give the number of a feedback entry"), ("?id=42", "no feedback entry #42"),
-                           ("?id=99999999999999999999999", "no feedback entry #99999999999999999999999")):
+    for query, status, message in (("?id=abc", 400, "give the number of a feedback entry"),
+                                   ("?id=42", 404, "no feedback entry #42"),
+                                   ("?id=99999999999999999999999", 404, "no feedback entry #99999999999999999999999")):
         got, answer = feedback(sidecar, "DELETE", query=query)
-        assert got == 400 and message in answer["error"]
+        assert got == status and message in answer["error"]
     # What another web page can send without asking (no token is the default): refused.
     valid = {"verdict": "normal", "author": "a", "field": "user_agent", "value": "sqlmap/1.7"}
     got, answer = feedback(sidecar, "POST", valid, headers={"Content-Type": "text/plain"})
@@ -220,9 +226,17 @@ def test_grpc_and_the_command_line(sidecar):
     assert not any(response.is_anomaly) and {n.description for n in response.notes} == {"suppressed by feedback #1"}
     entries = stub.ListFeedback(pb.ListFeedbackRequest(), timeout=10)
     assert [e.id for e in entries.entries] == [1] and entries.store_reachable
-    entry = stub.Feedback(pb.FeedbackRequest(verdict=pb.KEEP, author="sec", field=pb.FieldValue(
-        field="method", value="TRACE")), timeout=10)
-    assert entry.id == 2 and entry.field.value == "TRACE" and entry.verdict == pb.KEEP
+    keep_trace = pb.FeedbackRequest(verdict=pb.KEEP, author="sec", field=pb.FieldValue(field="method", value="TRACE"))
+    entry = stub.Feedback(keep_trace, timeout=10)
+    assert entry.id == 2 and entry.field.value == "TRACE" and entry.verdict == pb.KEEP and not entry.existing
+    again = stub.Feedback(keep_trace, timeout=10)
+    assert again.id == 2 and again.existing
+    repeated = logscore("feedback", "add", "keep", "--field", "method=TRACE", *connection)
+    assert repeated.returncode == 0 and repeated.stdout.startswith("already marked: #2 keep"), repeated.stdout
+    normal_trace = stub.Feedback(pb.FeedbackRequest(verdict=pb.NORMAL, author="sec", field=keep_trace.field),
+                                 timeout=10)  # another verdict, another entry (until one is undone)
+    assert normal_trace.id == 3 and not normal_trace.existing
+    stub.DeleteFeedback(pb.DeleteFeedbackRequest(id=3), timeout=10)
     for request, code, message in [
             (pb.FeedbackRequest(author="a", group="g1"), grpc.StatusCode.INVALID_ARGUMENT, "verdict: set NORMAL"),
             (pb.FeedbackRequest(verdict=pb.NORMAL, author="a"), grpc.StatusCode.INVALID_ARGUMENT, "mark exactly one"),
@@ -247,7 +261,7 @@ def test_grpc_and_the_command_line(sidecar):
     assert bad.returncode == 2 and "is no feedback entry number" in bad.stderr and "Traceback" not in bad.stderr
     with pytest.raises(grpc.RpcError) as failure:
         stub.DeleteFeedback(pb.DeleteFeedbackRequest(id=2**64 - 1), timeout=10)
-    assert failure.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "no feedback entry" in failure.value.details()
+    assert failure.value.code() == grpc.StatusCode.NOT_FOUND and "no feedback entry" in failure.value.details()
     # A --line that is no JSON object is a raw line, as in a --file.
     odd = logscore("feedback", "add", "normal", "--json-records", "--line", "{bad", *connection)
     assert "Traceback" not in odd.stderr, odd.stderr

@@ -84,6 +84,16 @@ def test_review_page_groups_anomalies_and_its_normal_button_unflags_later_record
         row = chrome.find_element(By.ID, "feedback-1").text
         assert "normal" in row and "the new compare page" in row and "review page" in row
         chrome.save_screenshot(str(tmp_path / "2-marked.png"))
+        # The button again (a second click, another operator): the entry already made, no second one.
+        cookie = f"logscore_token={urllib.parse.quote(TOKEN)}"
+        form = {"Content-Type": "application/x-www-form-urlencoded", "Cookie": cookie}
+        body = urllib.parse.urlencode({"group": group_id, "verdict": "normal"}).encode()
+        status, page = http_request(sidecar.http_port, "POST", "/ui/feedback", body, form)  # follows the redirect
+        assert status == 200 and f"Group {group_id} was already marked normal: feedback #1 by review page" in (
+            page.decode()) and 'id="feedback-2"' not in page.decode()
+        # A link cannot make the page say what it likes (such as where to paste the token).
+        chrome.get(f"{base}/ui/?message=Paste+the+token+at+evil.example&note=made-up")
+        assert "evil.example" not in chrome.page_source and not chrome.find_elements(By.ID, "message")
 
         later = score(sidecar, compare_lines(10, seed=35))
         assert not any(r["is_anomaly"] for r in later)
@@ -101,11 +111,8 @@ def test_review_page_groups_anomalies_and_its_normal_button_unflags_later_record
         assert all(r["is_anomaly"] for r in score(sidecar, compare_lines(5, seed=38)))
 
         # A form posted from another site is refused, even carrying the cookie.
-        cookie = f"logscore_token={urllib.parse.quote(TOKEN)}"
-        body = urllib.parse.urlencode({"group": group_id, "verdict": "normal"}).encode()
         status, answer = http_request(sidecar.http_port, "POST", "/ui/feedback", body,
-                                      {"Content-Type": "application/x-www-form-urlencoded", "Cookie": cookie,
-                                       "Origin": "http://evil.example"})
+                                      {**form, "Origin": "http://evil.example"})
         assert status == 401 and "may not change feedback here" in json.loads(answer)["error"]
         status, _ = http_request(sidecar.http_port, "GET", "/ui/", headers={"Cookie": "logscore_token=wrong"})
         assert status == 401

@@ -25,6 +25,10 @@ class ModelNotFound(LogscoreError):
     """The request names (or routes to) a model that is not loaded."""
 
 
+class FeedbackNotFound(LogscoreError):
+    """The request names a feedback entry or a review group that does not exist."""
+
+
 class Overloaded(LogscoreError):
     """The sidecar's queue is full; the caller should retry later."""
 

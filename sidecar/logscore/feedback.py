@@ -68,6 +68,11 @@ class Entry:
     removed_at: Optional[float] = None
     removed_by: Optional[str] = None
     example: str = ""
+    existing: bool = field(default=False, compare=False)  # a mark answered with the entry already saying it
+
+    def rule(self) -> dict:
+        """What the entry matches: its pattern without the example records it keeps for training."""
+        return {k: v for k, v in self.pattern.items() if k != "examples"}
 
     def active(self, now: float) -> bool:
         return self.removed_at is None and (self.expires_at is None or self.expires_at > now)

@@ -125,7 +125,7 @@ def run_feedback_add(args) -> int:
             records = list((read_json_records if args.json_records else read_lines)([args.file]))
         fill_records(request, records, args.json_records)
     entry = call(args, "Feedback", request)
-    print(describe(entry))
+    print(f"already marked: {describe(entry)}" if entry.existing else describe(entry))
     return 0
 
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from .errors import ConfigError, InvalidRequest, StoreUnavailable
+from .errors import ConfigError, FeedbackNotFound, InvalidRequest, StoreUnavailable
 from .feedback import VERDICTS, Entry, RuleSet, pattern_from_field, pattern_from_records, record_text
 from .timestamps import LATEST_TIME
 
@@ -90,7 +90,7 @@ def check_entry(entry: Entry) -> None:
 
 def check_id(entry_id: int) -> None:
     if not 0 < entry_id < 2**63:  # what both stores' id columns hold
-        raise InvalidRequest(f"no feedback entry #{entry_id}; list them with GET /v1/feedback")
+        raise FeedbackNotFound(f"no feedback entry #{entry_id}; list them with GET /v1/feedback")
 
 
 class FeedbackStore:
@@ -134,7 +134,7 @@ class FeedbackStore:
                 self._after_write(cursor)
             connection.commit()
             return result
-        except (InvalidRequest, ConfigError):
+        except (InvalidRequest, FeedbackNotFound, ConfigError):
             connection.rollback()
             raise
         except Exception as error:
@@ -170,10 +170,15 @@ class FeedbackStore:
         return self._run(work, exclusive=True)
 
     def add(self, entry: Entry) -> Entry:
+        """Store an entry, or return the active one that already says the same (``existing`` set):
+        a button clicked twice, a retried request or two operators marking one group make one rule."""
         check_entry(entry)
         entry.created_at = entry.created_at or time.time()
 
         def work(cursor):
+            same = self._same_active(cursor, entry)
+            if same is not None:
+                return same
             cursor.execute(self._sql(
                 "INSERT INTO feedback (verdict, model, route, entity, pattern, example, author, reason, created_at, "
                 "expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id"),
@@ -183,6 +188,19 @@ class FeedbackStore:
             return entry
         return self._run(work, write=True)
 
+    def _same_active(self, cursor, entry: Entry) -> Optional[Entry]:
+        """An active entry with the entry's verdict, scope, rule and expiry (its examples aside)."""
+        cursor.execute(self._sql(f"SELECT {', '.join(COLUMNS)} FROM feedback WHERE verdict = ? AND model = ? "
+                                 "AND route = ? AND entity = ? AND removed_at IS NULL ORDER BY id"),
+                       (entry.verdict, entry.model, entry.route, entry.entity))
+        wanted = json.loads(json.dumps(entry.rule()))  # as stored: tuples read back as lists
+        for row in cursor.fetchall():
+            stored = entry_from_row(row)
+            if stored.expires_at == entry.expires_at and stored.rule() == wanted:
+                stored.existing = True
+                return stored
+        return None
+
     def remove(self, entry_id: int, by: str) -> Entry:
         """Undo: the entry stays (for the record and for training) but no longer applies."""
         check_id(entry_id)
@@ -191,7 +209,7 @@ class FeedbackStore:
             cursor.execute(self._sql(f"SELECT {', '.join(COLUMNS)} FROM feedback WHERE id = ?"), (entry_id,))
             row = cursor.fetchone()
             if row is None:
-                raise InvalidRequest(f"no feedback entry #{entry_id}; list them with GET /v1/feedback")
+                raise FeedbackNotFound(f"no feedback entry #{entry_id}; list them with GET /v1/feedback")
             entry = entry_from_row(row)
             if entry.removed_at is not None:
                 raise InvalidRequest(f"feedback #{entry_id} was already removed (by {entry.removed_by} at "
@@ -446,7 +464,7 @@ class FeedbackService:
         if mark.group:
             group = self.review.group(mark.group) if self.review is not None else None
             if group is None:
-                raise InvalidRequest(f"no review group {mark.group!r} (groups live in memory: list them at /ui/)")
+                raise FeedbackNotFound(f"no review group {mark.group!r} (groups live in memory: list them at /ui/)")
             if not group.kind:
                 raise InvalidRequest(f"group {mark.group} names no feature (a session model): mark a field value")
             model_name = mark.model or group.model
@@ -472,6 +490,19 @@ class FeedbackService:
         stored = self.store.add(entry)
         self._reload_after_write()
         return stored
+
+    def _same_active(self, cursor, entry: Entry) -> Optional[Entry]:
+        """An active entry with the entry's verdict, scope, rule and expiry (its examples aside)."""
+        cursor.execute(self._sql(f"SELECT {', '.join(COLUMNS)} FROM feedback WHERE verdict = ? AND model = ? "
+                                 "AND route = ? AND entity = ? AND removed_at IS NULL ORDER BY id"),
+                       (entry.verdict, entry.model, entry.route, entry.entity))
+        wanted = json.loads(json.dumps(entry.rule()))  # as stored: tuples read back as lists
+        for row in cursor.fetchall():
+            stored = entry_from_row(row)
+            if stored.expires_at == entry.expires_at and stored.rule() == wanted:
+                stored.existing = True
+                return stored
+        return None
 
     def remove(self, entry_id: int, by: str) -> Entry:
         removed = self.store.remove(entry_id, by)

@@ -95,7 +95,8 @@ class Metrics:
         self.feedback_kept = Counter("logscore_feedback_kept", "Flagged records of a kind marked a true anomaly "
                                      "(keep)", ["model"], registry=r)
         self.feedback_writes = Counter("logscore_feedback_writes", "Feedback entries added or removed through this "
-                                       "sidecar", ["action", "verdict"], registry=r)
+                                       "sidecar (action existing: a mark an active entry already made)",
+                                       ["action", "verdict"], registry=r)
         self.feedback_entries = Gauge("logscore_feedback_entries", "Active feedback entries", ["verdict"], registry=r)
         self.feedback_store_up = Gauge("logscore_feedback_store_up", "1 while the feedback store is reachable; "
                                        "0: the entries last loaded stay in force", registry=r)

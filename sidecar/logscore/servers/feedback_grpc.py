@@ -41,7 +41,7 @@ def encode_entry(entry: Entry) -> pb.FeedbackEntry:
         id=entry.id, verdict=VERDICT_CODES.get(entry.verdict, pb.VERDICT_UNSPECIFIED), author=entry.author,
         reason=entry.reason, model=entry.model, route=entry.route, entity=entry.entity,
         created_at=entry.created_at, expires_at=entry.expires_at or 0.0, removed_at=entry.removed_at or 0.0,
-        removed_by=entry.removed_by or "", example=entry.example)
+        removed_by=entry.removed_by or "", example=entry.example, existing=entry.existing)
     pattern = entry.pattern
     if "field" in pattern:
         message.field.field, message.field.value = pattern["field"], pattern["value"]
@@ -69,7 +69,7 @@ class FeedbackServicer:
     async def Feedback(self, request, context):
         async def work(feedback):
             entry = await off_loop(feedback.mark, decode_mark(request))
-            self.service.metrics.feedback_writes.labels("added", entry.verdict).inc()
+            count_mark(self.service.metrics, entry)
             return encode_entry(entry)
         return await self._answer(work, context)
 
@@ -101,6 +101,10 @@ class FeedbackServicer:
             self.service.metrics.errors.labels("internal", "grpc").inc()
             log.exception("internal error in a feedback call")
         await context.abort(*failure)
+
+
+def count_mark(metrics, entry: Entry) -> None:
+    metrics.feedback_writes.labels("existing" if entry.existing else "added", entry.verdict).inc()
 
 
 # NOTE: threads of their own: a store that hangs must not take the default executor's threads,

@@ -17,13 +17,15 @@ from __future__ import annotations
 import calendar
 import hmac
 import json
+import secrets
 import time
+from collections import OrderedDict
 from typing import Optional
-from urllib.parse import parse_qs, quote, urlsplit
+from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 from ..errors import InvalidRequest, LogscoreError, Unauthenticated
 from ..feedback_store import Mark
-from .feedback_grpc import off_loop
+from .feedback_grpc import count_mark, off_loop
 from .http import STATUS_CODES, Request, Response
 
 COOKIE = "logscore_token"
@@ -34,6 +36,7 @@ class FeedbackHttp:
     def __init__(self, sidecar_http):
         self.http = sidecar_http  # servers.http.SidecarHttp: its service, token and bearer check
         self.service = sidecar_http.service
+        self.notes = PageNotes()
 
     def routes(self) -> dict:
         return {("POST", "/v1/feedback"): self.add, ("GET", "/v1/feedback"): self.list,
@@ -47,8 +50,8 @@ class FeedbackHttp:
             check_json_from_here(request)
             mark = decode_mark(request.body)
             entry = await off_loop(self._feedback().mark, mark)
-            self.service.metrics.feedback_writes.labels("added", entry.verdict).inc()
-            return Response.json({"feedback": entry.as_json()})
+            count_mark(self.service.metrics, entry)
+            return Response.json({"feedback": entry.as_json(), "existing": entry.existing})
         return await self._answer(work)
 
     async def list(self, request: Request) -> Response:
@@ -99,7 +102,7 @@ class FeedbackHttp:
         models = self.service.registry.snapshot.models
         html = render_page(self.service.review, entries, self.service.metrics.histograms(),
                            {name: m.threshold for name, m in models.items()}, status,
-                           request.query.get("message", ""))
+                           self.notes.get(request.query.get("note", "")))
         return Response.html(html, headers={"Cache-Control": "no-store"})
 
     async def page_mark(self, request: Request) -> Response:
@@ -108,8 +111,11 @@ class FeedbackHttp:
             mark = Mark(verdict=form.get("verdict", ""), author=form.get("author") or PAGE_AUTHOR,
                         reason=form.get("reason", ""), group=form.get("group", ""))
             entry = await off_loop(self._feedback().mark, mark)
-            self.service.metrics.feedback_writes.labels("added", entry.verdict).inc()
-            return redirect(f"/ui/?message={quote(f'Group {mark.group} marked {entry.verdict}: feedback #{entry.id}')}")
+            count_mark(self.service.metrics, entry)
+            if entry.existing:
+                return self._back(f"Group {mark.group} was already marked {entry.verdict}: feedback #{entry.id} "
+                                  f"by {entry.author}")
+            return self._back(f"Group {mark.group} marked {entry.verdict}: feedback #{entry.id}")
         return await self._answer(work, page=True)
 
     async def page_remove(self, request: Request) -> Response:
@@ -117,10 +123,14 @@ class FeedbackHttp:
             form = self._page_form(request)
             entry = await off_loop(self._feedback().remove, parse_id(form.get("id", "")), PAGE_AUTHOR)
             self.service.metrics.feedback_writes.labels("removed", entry.verdict).inc()
-            return redirect(f"/ui/?message={quote(f'Feedback #{entry.id} undone')}")
+            return self._back(f"Feedback #{entry.id} undone")
         return await self._answer(work, page=True)
 
     # --- helpers ------------------------------------------------------------------------------
+    def _back(self, message: str) -> Response:
+        """Back to the page, which shows what was done."""
+        return redirect(f"/ui/?note={self.notes.add(message)}")
+
     def _feedback(self):
         if self.service.feedback is None:
             raise InvalidRequest("feedback is off in this sidecar")
@@ -134,7 +144,7 @@ class FeedbackHttp:
             metrics.refused(type(error).__name__, "http", str(error))
             status = STATUS_CODES.get(type(error), 400)
             if page and status != 401:
-                return redirect(f"/ui/?message={quote(f'Not done: {error}')}")
+                return self._back(f"Not done: {error}")
             return Response.error(status, str(error))
 
     def _page_allowed(self, request: Request) -> bool:
@@ -162,6 +172,27 @@ class FeedbackHttp:
                 "<input type=password name=token placeholder=token aria-label=token> <button>open</button>"
                 "</form></body></html>")
         return Response.html(html, status)
+
+
+class PageNotes:
+    """What the page says after a button, kept here and named in the redirect by a random key: a
+    link cannot make the page say anything else (a ``?message=`` link could show any text in the
+    sidecar's own page, such as where to paste its token)."""
+
+    KEPT = 64
+
+    def __init__(self):
+        self._notes: OrderedDict[str, str] = OrderedDict()
+
+    def add(self, message: str) -> str:
+        key = secrets.token_urlsafe(9)
+        self._notes[key] = message
+        while len(self._notes) > self.KEPT:
+            self._notes.popitem(last=False)
+        return key
+
+    def get(self, key: str) -> str:
+        return self._notes.get(key, "")
 
 
 def check_same_origin(request: Request) -> None:
@@ -193,8 +224,6 @@ def cookies(request: Request) -> dict[str, str]:
         name, _, value = part.strip().partition("=")
         if name:
             found[name] = value
-    from urllib.parse import unquote
-
     return {k: unquote(v) for k, v in found.items()}
 
 

@@ -12,7 +12,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from ..admission import UNLIMITED, Ticket
-from ..errors import (DeadlineExceeded, InvalidRequest, LogscoreError, ModelNotFound, Overloaded,
+from ..errors import (DeadlineExceeded, FeedbackNotFound, InvalidRequest, LogscoreError, ModelNotFound, Overloaded,
                       ScorerUnavailable, ShuttingDown, StoreUnavailable, Unauthenticated)
 from ..generated.logscore.v1 import scorer_pb2 as pb
 from ..events import KINDS
@@ -26,6 +26,7 @@ log = logging.getLogger("logscore.grpc")
 STATUS_CODES: dict[type, grpc.StatusCode] = {
     InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
     ModelNotFound: grpc.StatusCode.NOT_FOUND,
+    FeedbackNotFound: grpc.StatusCode.NOT_FOUND,
     Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,

@@ -32,7 +32,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from ..admission import UNLIMITED, Admission, Ticket
 from ..decide import notes_by_record
-from ..errors import (DeadlineExceeded, InvalidRequest, LogscoreError, ModelNotFound, Overloaded,
+from ..errors import (DeadlineExceeded, FeedbackNotFound, InvalidRequest, LogscoreError, ModelNotFound, Overloaded,
                       ScorerUnavailable, ShuttingDown, StoreUnavailable, Unauthenticated)
 from ..metrics import Metrics
 from ..resources import openapi_path
@@ -45,6 +45,7 @@ STATUS_CODES: dict[type, int] = {  # the twin of servers.grpc.STATUS_CODES
     InvalidRequest: 400,
     Unauthenticated: 401,
     ModelNotFound: 404,
+    FeedbackNotFound: 404,
     Overloaded: 429,
     DeadlineExceeded: 504,
     ShuttingDown: 503,

@@ -95,6 +95,7 @@ Google::Protobuf::DescriptorPool.generated_pool.build do
       optional :feature_count, :uint32, 13
       optional :field, :message, 14, "logscore.v1.FieldValue"
       optional :example, :string, 15
+      optional :existing, :bool, 16
     end
     add_message "logscore.v1.ListFeedbackRequest" do
       optional :include_removed, :bool, 1
