@@ -21,6 +21,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from logscore.generated.logscore.v1 import scorer_pb2 as pb
 from logscore.generated.logscore.v1 import scorer_pb2_grpc as pb_grpc
 from logscore.parsers import parse_access
+from logscore.registry import UNLOAD_GRACE_S
 
 from .generate import attack_lines, shop_lines
 from .sidecar_process import ROOT, SidecarProcess, free_port, make_certificates, models_dir_with
@@ -336,9 +337,22 @@ def test_hot_reload_adds_rejects_and_keeps_serving(tmp_path, shop_model_path, sh
         shutil.copy(shop_model_path, models / "shop.onnx")
         process.wait_for(lambda: not json.loads(process.http_get("/readyz")[1])["rejected_files"],
                          what="recovery")
-        # Removed: unloaded.
+        # Removed and copied in again (no rename): it serves throughout, whatever checks fall between.
+        (models / "shop.onnx").unlink()
+        process.wait_for(lambda: "model file gone" in process.log(), what="the removal noticed")
+        assert score_one(process, {"url": "/"}, model="shop").models[0].name == "shop"
+        time.sleep(0.5)  # checks every 0.2 s
+        shutil.copy(shop_model_path, models / "shop.onnx")
+        assert score_one(process, {"url": "/"}, model="shop").models[0].name == "shop"
+        # Removed for good: unloaded once the grace has passed.
+        removed = time.monotonic()
         (models / "apache-access.onnx").unlink()
-        process.wait_for(lambda: "apache-access" not in process.model_versions(), what="unload")
+        process.wait_for(lambda: "apache-access" not in process.model_versions(), what="unload",
+                         timeout=UNLOAD_GRACE_S + 10)
+        assert time.monotonic() - removed >= UNLOAD_GRACE_S
+        time.sleep(1)  # the grace of the shop model's removal, long passed: it was never unloaded
+        unloads = [line for line in process.log().splitlines() if "model unloaded" in line]
+        assert "shop" in process.model_versions() and len(unloads) == 1 and "apache-access" in unloads[0], unloads
     finally:
         assert process.stop() == 0
 

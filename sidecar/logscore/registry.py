@@ -11,6 +11,7 @@ import fnmatch
 import logging
 import os
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -23,6 +24,10 @@ log = logging.getLogger("logscore.registry")
 
 # Scored after loading, before a model may serve: it must not fail on odd input.
 PROBE_RECORDS = ["", "probe line", "\ufffd\x00", {"message": "probe"}]
+# NOTE: a served model whose file went away serves on this long when the directory is watched:
+# `rm m.onnx; cp new.onnx m.onnx` (instead of a rename) must not leave its records unscored until
+# the next check.
+UNLOAD_GRACE_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -43,7 +48,8 @@ class Snapshot:
 class ModelRegistry:
     def __init__(self, models_dir: str, default_model: Optional[str] = None,
                  tag_routes: Optional[dict] = None, entity_field: Optional[str] = None,
-                 on_change=None, max_line_chars: int = DEFAULT_MAX_LINE_CHARS, client_key: Optional[str] = None):
+                 on_change=None, max_line_chars: int = DEFAULT_MAX_LINE_CHARS, client_key: Optional[str] = None,
+                 unload_grace_s: float = 0.0):
         self.models_dir = Path(models_dir)
         self.max_line_chars = max_line_chars
         self.client_key = client_key  # the field naming a client, when not the models' own (entity_key)
@@ -52,6 +58,8 @@ class ModelRegistry:
         self.entity_field = entity_field
         self.snapshot = Snapshot()
         self._reload_lock = threading.Lock()
+        self.unload_grace_s = unload_grace_s
+        self._missing_since: dict[str, float] = {}  # loaded models' files found missing: since when
         self._on_change = on_change or (lambda event, name, detail: None)
 
     # --- loading ---------------------------------------------------------------
@@ -64,11 +72,13 @@ class ModelRegistry:
         with self._reload_lock:
             old = self.snapshot
             current = self._scan()
+            by_path = {m.artifact.path: name for name, m in old.models.items()}
+            serving_on = self._within_grace(set(old.files) - set(current), by_path)
+            current.update({path: old.files[path] for path in serving_on})
             if current == old.files:
                 return False
             models = dict(old.models)
             errors = {p: e for p, e in old.errors.items() if p in current}
-            by_path = {m.artifact.path: name for name, m in old.models.items()}
             for path in set(old.files) - set(current):
                 name = by_path.get(path)
                 if name is not None and models.get(name) is old.models[name]:
@@ -96,6 +106,16 @@ class ModelRegistry:
                 self._on_change("loaded", name, f"{path} version {model.version}")
             self.snapshot = Snapshot(models, current, errors)  # the atomic swap
             return True
+
+    def _within_grace(self, missing: set[str], by_path: dict[str, str]) -> set[str]:
+        """The loaded models' files found missing that serve on: missing for less than the grace."""
+        now = time.monotonic()
+        for path in missing - set(self._missing_since):
+            if path in by_path and self.unload_grace_s > 0:
+                log.warning("model file gone; it serves on unless the file is back within the grace",
+                            extra={"model": by_path[path], "path": path, "grace_s": self.unload_grace_s})
+        self._missing_since = {p: self._missing_since.get(p, now) for p in missing if p in by_path}
+        return {p for p, since in self._missing_since.items() if now - since < self.unload_grace_s}
 
     def _scan(self) -> dict[str, FileState]:
         states = {}

@@ -29,7 +29,7 @@ from .errors import ConfigError
 from .events import EventHub
 from .generated.logscore.v1 import scorer_pb2
 from .metrics import Metrics
-from .registry import ModelRegistry
+from .registry import UNLOAD_GRACE_S, ModelRegistry
 from .scoring import ScoringService
 from .servers.forward import ForwardServer, NextHop
 from .servers.grpc import SERVICE_NAME, ScorerServicer, TokenInterceptor
@@ -94,7 +94,8 @@ class Sidecar:
         self.reload_requested = asyncio.Event()
         self.registry = ModelRegistry(settings.models_dir, settings.default_model, settings.tag_routes,
                                       settings.entity_field, self._model_event, settings.max_record_bytes,
-                                      settings.entity_key)
+                                      settings.entity_key,
+                                      unload_grace_s=UNLOAD_GRACE_S if settings.reload_interval_s else 0.0)
         self.learner = make_learner(settings, self.registry, self.reload_requested.set, self.metrics)
         self.review = make_review(settings, self.metrics)
         self.feedback = make_feedback(settings, self.registry, self.review, self.metrics)
