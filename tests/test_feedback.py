@@ -5,6 +5,7 @@ expiry, undo and restarts; HTTP, gRPC and the CLI; clear errors for bad input.""
 from __future__ import annotations
 
 import json
+import os
 import random
 import subprocess
 import sys
@@ -313,3 +314,40 @@ def test_among_is_isin_for_sorted_unique_keys():
         marked = np.unique(rng.choice(pool, int(rng.integers(0, 20))))
         keys = rng.choice(np.concatenate([pool, rng.integers(-2**63, 2**63 - 1, 10)]), int(rng.integers(0, 60)))
         assert among(keys, marked).tolist() == np.isin(keys, marked).tolist()
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 256 KiB file system (tmpfs: needs root, as CI and the README's setup have here)."""
+    mount_point = tmp_path / "tiny"
+    mount_point.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount_point)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs to fill ({mounted.stderr.strip() or 'not root'})")
+    yield mount_point
+    # Busy (fails) while a connection that failed on the full disk still holds the file open.
+    subprocess.run(["umount", str(mount_point)], check=True)
+
+
+def test_a_full_disk_is_named_in_feedback_errors_and_writes_resume_once_room_is_made(tiny_disk):
+    """SQLite says only "disk I/O error": the error says how much room the disk has, and what to do."""
+    from logscore.errors import StoreUnavailable
+    from logscore.feedback import Entry
+    from logscore.feedback_store import SqliteStore
+
+    store = SqliteStore(str(tiny_disk / "feedback.sqlite3"))
+    store.migrate()
+    assert store.add(Entry(0, "normal", {"field": "user_agent", "value": "probe/1"}, "ana")).id == 1
+    filler = tiny_disk / "filler"
+    descriptor = os.open(filler, os.O_WRONLY | os.O_CREAT)
+    with pytest.raises(OSError, match="No space left"):
+        while True:
+            os.write(descriptor, b"x" * 4096)
+    os.close(descriptor)
+    with pytest.raises(StoreUnavailable) as failure:
+        store.add(Entry(0, "normal", {"field": "user_agent", "value": "probe/2"}, "ana"))
+    assert f"MiB free on the disk holding {tiny_disk}" in str(failure.value)
+    assert "set --feedback-store to a file on another disk" in str(failure.value)
+    filler.unlink()
+    assert store.add(Entry(0, "normal", {"field": "user_agent", "value": "probe/2"}, "ana")).id == 2

@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import sqlite3
 import threading
 import time
@@ -116,6 +117,10 @@ class FeedbackStore:
     def _begin(self, cursor, exclusive: bool) -> None:
         """Open the transaction (PostgreSQL's driver opens one by itself)."""
 
+    def _explain(self, error: Exception) -> str:
+        """What failed, in one line, for a 503 and the logs."""
+        return one_line(error)
+
     def _run(self, work: Callable, write: bool = False, exclusive: bool = False):
         """``work(cursor)`` in one transaction (``exclusive``: one writer at a time); errors reaching
         the database become StoreUnavailable."""
@@ -124,7 +129,7 @@ class FeedbackStore:
         except (ConfigError, StoreUnavailable):
             raise
         except Exception as error:
-            raise StoreUnavailable(f"feedback store {self.description}: cannot connect ({one_line(error)})") from None
+            raise StoreUnavailable(f"feedback store {self.description}: cannot connect ({self._explain(error)})") from None
         try:
             cursor = connection.cursor()
             self._begin(cursor, write or exclusive)
@@ -142,7 +147,7 @@ class FeedbackStore:
                 connection.rollback()
             except Exception:
                 pass
-            raise StoreUnavailable(f"feedback store {self.description}: {one_line(error)}") from None
+            raise StoreUnavailable(f"feedback store {self.description}: {self._explain(error)}") from None
         finally:
             connection.close()
 
@@ -255,8 +260,26 @@ class SqliteStore(FeedbackStore):
             raise StoreUnavailable(f"feedback store {self.path}: cannot create it, {self.path.parent} is not "
                                    "writable; set --feedback-store to a file in a directory of yours")
         connection = sqlite3.connect(self.path, timeout=10.0, isolation_level=None)  # we begin ourselves
-        connection.execute("PRAGMA journal_mode=WAL")  # readers never wait for a writer
+        try:
+            connection.execute("PRAGMA journal_mode=WAL")  # readers never wait for a writer
+        except Exception:
+            connection.close()  # it fails on a full disk: each poll would otherwise keep its files open
+            raise
         return connection
+
+    def _explain(self, error: Exception) -> str:
+        """SQLite says "disk I/O error" or "database or disk is full" whatever the disk's state: say
+        how much room the disk holding the file has, and what to do."""
+        text = one_line(error)
+        if not isinstance(error, sqlite3.OperationalError) or not any(
+                word in text for word in ("disk", "readonly", "read-only")):
+            return text
+        try:
+            free = shutil.disk_usage(self.path.parent).free
+        except OSError:
+            return text
+        return (f"{text} ({free / 2**20:.1f} MiB free on the disk holding {self.path.parent}; free some room, "
+                "or set --feedback-store to a file on another disk)")
 
     def _begin(self, cursor, exclusive: bool) -> None:
         # NOTE: IMMEDIATE takes the write lock first: two writers (or two sidecars migrating) queue
