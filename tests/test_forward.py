@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import json
 import os
 import socket
 import socketserver
@@ -406,6 +407,18 @@ def test_garbage_closes_the_connection_is_counted_and_the_sidecar_keeps_serving(
     assert send_chunk(port, ["web", [[1_700_000_000, {"message": "x"}]], {"chunk": chunk}]) == {"ack": chunk}
     assert counter(sidecar, "forward_protocol") == 1, reason
     assert "Traceback" not in sidecar.log() and "Unhandled exception" not in sidecar.log()
+
+
+def test_garbage_in_a_loop_is_counted_each_time_and_logged_once_in_a_while(chain):
+    """A port scanner or a shipper misconfigured to speak another protocol reconnects in a loop."""
+    sidecar, port, receiver = chain
+    for _ in range(50):
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as connection:
+            connection.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert connection.recv(100) == b""
+    assert counter(sidecar, "forward_protocol") == 50
+    logged = [json.loads(line) for line in sidecar.log().splitlines() if '"forward_protocol"' in line]
+    assert 1 <= len(logged) <= 2 and "not the forward protocol" in logged[0]["reason"], logged
 
 
 def test_a_gzip_bomb_is_refused_without_memory_growth_or_stalls(tmp_path):

@@ -462,9 +462,10 @@ class ForwardServer(StreamServer):
                     finally:
                         self.busy.discard(task)
         except (ForwardProtocolError, ValueError, TypeError, msgpack.UnpackException) as error:
-            self._count("forward_protocol")
-            log.warning("forward connection closed: not the forward protocol",
-                        extra={"peer": peer, "error": f"{type(error).__name__}: {error}".rstrip(": ")})
+            # counted and logged at most every few seconds: a port scanner or a misconfigured
+            # shipper reconnecting in a loop would otherwise flood the log, a line per connection
+            self.service.metrics.refused("forward_protocol", "forward", f"connection from {peer} closed: not the "
+                                         f"forward protocol ({type(error).__name__}: {error})".replace(": )", ")"))
         except NextHopError as error:
             self._count("forward_next_hop")
             log.warning("next hop failed; the sender was not acknowledged and will resend",
