@@ -39,11 +39,22 @@ class AnomalyEvent:
     id: int = 0  # increasing, over restarts too (EventHub.first_id)
     dropped_before: int = 0  # events this watcher lost just before this one (it fell behind)
     features: dict = field(default_factory=dict)  # clients: the behaviour features
-    encoded_sse: Optional[bytes] = field(default=None, repr=False, compare=False)  # once, for every watcher
+    encoded: dict = field(default_factory=dict, repr=False, compare=False)  # surface -> bytes (encoded_for)
+
+    def encoded_for(self, surface: str, encode: Callable[["AnomalyEvent"], bytes]) -> bytes:
+        """The event as ``surface`` sends it, encoded once for all its watchers: 50 watchers of a
+        burst each encoding every event took the event loop from scoring. A watcher's own copy,
+        saying what it lost (``dropped_before``), is encoded apart."""
+        if self.dropped_before:
+            return encode(self)
+        found = self.encoded.get(surface)
+        if found is None:
+            found = self.encoded[surface] = encode(self)
+        return found
 
     def as_dict(self) -> dict:
         entry = asdict(self)
-        del entry["encoded_sse"]
+        del entry["encoded"]
         if not entry["features"]:
             del entry["features"]
         return entry
@@ -84,7 +95,7 @@ class Watcher:
                 return None
         event = self._queue.popleft()
         if self.dropped:
-            event = AnomalyEvent(**{**event.__dict__, "dropped_before": self.dropped})
+            event = AnomalyEvent(**{**event.__dict__, "dropped_before": self.dropped, "encoded": {}})
             self.dropped = 0
         return event
 

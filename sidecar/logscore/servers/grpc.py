@@ -91,6 +91,10 @@ def encode_event(event) -> pb.AnomalyEvent:
                            end=event.end, dropped_before=event.dropped_before, features=event.features)
 
 
+def event_bytes(event) -> bytes:
+    return encode_event(event).SerializeToString()
+
+
 class ScorerServicer:
     """The Scorer service. Requests arrive as bytes and are parsed here, so that a
     malformed protobuf is answered INVALID_ARGUMENT (grpc's own decoding says UNKNOWN)."""
@@ -109,7 +113,7 @@ class ScorerServicer:
             **FeedbackServicer(self.service, STATUS_CODES).methods(),
             "WatchAnomalies": grpc.unary_stream_rpc_method_handler(
                 self.WatchAnomalies, request_deserializer=pb.WatchAnomaliesRequest.FromString,
-                response_serializer=pb.AnomalyEvent.SerializeToString),
+                response_serializer=None),  # the events come serialized (event_bytes)
         })
 
     async def Score(self, data: bytes, context):
@@ -142,7 +146,7 @@ class ScorerServicer:
                 event = await watcher.next()
                 if event is None:
                     return
-                yield encode_event(event)
+                yield event.encoded_for("grpc", event_bytes)  # serialized once for every watcher
         finally:
             behaviour.hub.unwatch(watcher)
 
