@@ -99,6 +99,33 @@ def test_a_slow_watcher_loses_its_oldest_events_and_is_told_how_many():
     assert (first.key, first.dropped_before, dropped, recent) == ("k7", 7, 7, [8, 9])
 
 
+def test_events_are_encoded_once_for_all_watchers_but_one_saying_what_it_lost_apart():
+    from logscore.generated.logscore.v1 import scorer_pb2 as pb
+    from logscore.servers.grpc import event_bytes
+    from logscore.servers.http import sse_bytes
+
+    async def scenario():
+        hub = EventHub(watcher_queue=3)
+        hub.attach(asyncio.get_running_loop())
+        prompt, slow = hub.watch(), hub.watch()  # prompt: read below, slow: falls behind
+        hub.publish([AnomalyEvent("window", "m", "k0", 1.0, 1, 0, 1, "", 0, 1)])
+        shared = await prompt.next(1.0)
+        assert shared is await slow.next(1.0)
+        hub.publish(AnomalyEvent("window", "m", f"k{i}", 1.0, 1, 0, 1, "", 0, 1) for i in range(1, 6))
+        return shared, await slow.next(1.0), next(e for e in hub.recent if e.key == "k3")
+
+    shared, slow_next, original = asyncio.run(scenario())
+    grpc_bytes = shared.encoded_for("grpc", event_bytes)
+    assert shared.encoded_for("grpc", lambda event: b"not encoded again") is grpc_bytes
+    assert pb.AnomalyEvent.FromString(grpc_bytes).key == "k0" and sse_bytes(shared) is sse_bytes(shared)
+    # The slow watcher lost k1 and k2: its k3 says so, the others' k3 does not.
+    assert (slow_next.key, slow_next.dropped_before, original.dropped_before) == ("k3", 2, 0)
+    original.encoded_for("grpc", event_bytes)
+    assert pb.AnomalyEvent.FromString(slow_next.encoded_for("grpc", event_bytes)).dropped_before == 2
+    assert b'"dropped_before":2' in sse_bytes(slow_next) and b'"dropped_before":0' in sse_bytes(original)
+    assert pb.AnomalyEvent.FromString(original.encoded_for("grpc", event_bytes)).dropped_before == 0
+
+
 def test_a_watcher_resuming_gets_every_event_kept_since_and_is_told_of_a_gap_even_over_a_restart():
     """Ids began at 1 in every process: a watcher resuming with since=59 after a restart missed
     the new process's first 59 events; a resume got at most `limit` of them, and no word of a gap."""
