@@ -499,9 +499,27 @@ def test_an_episode_is_one_event_and_the_window_a_sidecar_starts_in_is_no_drop(b
         events.append(counter.close_due(START + (k + 1) * spec.window_s))
     assert [len(e) for e in events] == [1] + [0] * 9, events
     assert events[0][0].key == "route=shop count"
-    assert "route=shop count" in counter.alarmed  # the episode goes on, unannounced
+    assert "route=shop" in counter.alarmed  # the episode goes on, unannounced
     late.add({"route=shop": int(busy)}, int(busy))
     assert [e.key for e in late.close_due(START + spec.window_s)] == ["route=shop count"]  # a rise is one
+
+
+def test_a_burst_read_as_a_share_then_as_a_count_too_is_one_event(behaviour_model):
+    """A 5xx burst starting small was an improbable 5xx share in its first window and an
+    improbable 5xx count from the next: two events of one episode."""
+    from logscore.behaviour import window_spec
+    from logscore.windows import KeyNamer, WindowCounter
+
+    spec = window_spec(Model.load(behaviour_model))  # 1-s windows, about 3 records a window, no 5xx
+    counter = WindowCounter(spec, "shop", KeyNamer(spec.dimensions), max_keys=1000, now=START)
+    events = []
+    for k, (errors, total) in enumerate([(6, 6), (20, 20), (20, 20), (0, 3), (20, 20)]):
+        counter.add({"route=shop": total, "status_class=5xx": errors, "status_class=2xx": total - errors}, total)
+        events.append([(e.key, e.explanation) for e in counter.close_due(START + (k + 1) * spec.window_s)])
+    assert events[0] == [("status_class=5xx share", events[0][0][1])]
+    assert "status_class=5xx: " not in events[0][0][1]  # the first window's count alone was not improbable
+    assert "status_class=5xx: 20 records" in events[4][0][1]  # as the next windows' were
+    assert [len(e) for e in events] == [1, 0, 0, 0, 1], events  # a quiet window ends the episode
 
 
 def test_counts_after_an_eviction_inside_a_batch_go_to_the_keys_they_belong_to(behaviour_model):

@@ -173,6 +173,12 @@ def share_name(dimension: str, value: str) -> str:
     return f"{dimension}={value} share"
 
 
+def subject(event_key: str) -> str:
+    """What an event key is about: a 5xx burst read first as an improbable share, then as an
+    improbable count too, is one episode of ``status_class=5xx`` (and one event)."""
+    return event_key.rsplit(" ", 1)[0]
+
+
 @dataclass
 class WindowSpec:
     """The trained window models of one artifact: metadata ``windows`` + graph tensors."""
@@ -269,7 +275,7 @@ class WindowCounter:
         self.observe_gauges = observe_gauges  # metrics: observed vs expected per key
         self.candidates: dict[str, int] = {}  # keys seen once in the open window (not yet a row)
         self.max_candidates = 4 * self.max_keys
-        self.alarmed: set[str] = set()  # keys improbable in the last closed window (an episode under way)
+        self.alarmed: set[str] = set()  # subjects improbable in the last closed window (an episode under way)
         # NOTE: the window the sidecar (or this model) started in is counted only in part: a count
         # under its forecast there is no drop (a rise still is, and shares hold).
         self.first_whole = self.start if now_value == self.start else self.start + self.window_s
@@ -433,10 +439,10 @@ class WindowCounter:
         self.activity[:size] = 0.9 * self.activity[:size] + counts
         self.counts[:] = 0.0
         self.candidates.clear()
-        ongoing, self.alarmed = self.alarmed, {f[2] for f in found}
-        if all(f[2] in ongoing for f in found):
+        ongoing, self.alarmed = self.alarmed, {subject(f[2]) for f in found}
+        if all(subject(f[2]) in ongoing for f in found):
             return []
-        found.sort(key=lambda f: (f[2] in ongoing, -f[0], -f[1]))
+        found.sort(key=lambda f: (subject(f[2]) in ongoing, -f[0], -f[1]))
         score, _, key, observed, low_, high_, text = found[0]
         if len(found) > 1:
             others = "; ".join(f[6] for f in found[1:MAX_NAMED])
