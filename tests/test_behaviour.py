@@ -522,6 +522,24 @@ def test_a_burst_read_as_a_share_then_as_a_count_too_is_one_event(behaviour_mode
     assert [len(e) for e in events] == [1, 0, 0, 0, 1], events  # a quiet window ends the episode
 
 
+def test_a_long_burst_does_not_become_the_expected_share_within_minutes(behaviour_model):
+    """The expected 5xx share followed a burst at full speed: 15 % expected within ten windows, so
+    a second burst soon after the first raised no 5xx event."""
+    from logscore.behaviour import window_spec
+    from logscore.windows import KeyNamer, WindowCounter
+
+    spec = window_spec(Model.load(behaviour_model))  # no 5xx in training
+    counter = WindowCounter(spec, "shop", KeyNamer(spec.dimensions), max_keys=1000, now=START)
+    share = spec.shares.index("status_class=5xx share")
+    events = []
+    for k, errors in enumerate([30] * 40 + [0] * 5 + [30]):  # 15 % of 200 records, a pause, again
+        counter.add({"route=shop": 200, "status_class=5xx": errors, "status_class=2xx": 200 - errors}, 200)
+        events.append([e.key for e in counter.close_due(START + (k + 1) * spec.window_s)])
+        if k == 39:
+            assert counter.share_expected[share] < 0.05  # the first burst's own share was 15 %
+    assert events[0] == ["status_class=5xx share"] and events[-1] == ["status_class=5xx share"], events
+
+
 def test_counts_after_an_eviction_inside_a_batch_go_to_the_keys_they_belong_to(behaviour_model):
     """A new key whose row must be made when the table is full evicts keys in the middle of a
     batch and moves rows: the batch's later keys are counted in their new rows."""

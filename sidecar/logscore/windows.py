@@ -45,6 +45,7 @@ SYSLOG_SEVERITIES = ("emerg", "alert", "crit", "error", "warning", "notice", "in
 MAX_TEMPLATE_CHARS = 160
 MAX_NAMED = 4  # improbable keys named in one window event
 MAX_CATCH_UP = 60  # after a pause, the windows older than this many are skipped (so 1 + 60 close at most)
+SHARE_ADAPT_IN_EPISODE = 0.1  # how fast an improbable share becomes the expected one, against a usual one
 VALUE_CACHE = 65_536  # distinct field values remembered per dimension (their key names)
 
 
@@ -459,14 +460,17 @@ class WindowCounter:
         scores = self.spec.calibrate(deviation)
         found = []
         observed = counts / np.maximum(totals, 1.0)
-        for i in np.flatnonzero((scores >= self.spec.threshold) & (counts >= self.spec.min_change)).tolist():
+        improbable = (scores >= self.spec.threshold) & (counts >= self.spec.min_change)
+        for i in np.flatnonzero(improbable).tolist():
             low = max(self.share_expected[i] - 2 * spread[i], 0.0)
             high = min(self.share_expected[i] + 2 * spread[i], 1.0)
             name = self.spec.shares[i]
             found.append((float(scores[i]), float(deviation[i]), name, float(observed[i]), float(low), float(high),
                           describe_share(name, observed[i], low, high)))
-        # The expected share follows the traffic slowly, weighted by the window's records.
-        weight = np.minimum(totals / (totals + 200.0), 0.5)
+        # The expected share follows the traffic slowly, weighted by the window's records; while
+        # it is improbable, ten times slower: at full speed a burst became the expected share within
+        # ten windows, and the next burst soon after went unseen.
+        weight = np.minimum(totals / (totals + 200.0), 0.5) * np.where(improbable, SHARE_ADAPT_IN_EPISODE, 1.0)
         clipped = np.minimum(observed, self.share_expected + 3 * spread)
         self.share_expected = np.where(totals > 0, (1 - weight) * self.share_expected + weight * clipped,
                                        self.share_expected)
