@@ -55,3 +55,41 @@ def test_client_scores_through_a_running_sidecar(tmp_path, shop_model_path):
         assert down.returncode == 1 and "UNAVAILABLE" in down.stderr
     finally:
         sidecar.stop()
+
+
+def scored_with_peak_memory(*args) -> tuple[subprocess.CompletedProcess, float]:
+    """`logscore score ...` in a child that reports its own peak resident memory (MiB) last on stderr."""
+    code = ("import resource, sys\nfrom logscore.cli import main\ntry:\n    code = main(sys.argv[1:])\nfinally:\n"
+            "    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, file=sys.stderr)\nsys.exit(code)")
+    done = subprocess.run([sys.executable, "-c", code, "score", *map(str, args)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    return done, float(done.stderr.split()[-1])
+
+
+def test_input_without_line_breaks_blank_lines_utf16_and_a_cut_gzip(tmp_path):
+    """A file with no line break (the NULs copytruncate leaves; a gzip of one endless line) was
+    read whole: 2 GB and more. Blank lines were scored; UTF-16 was scored as garbage; a cut gzip
+    lost the lines before its end."""
+    model = ROOT / "models" / "apache-access.onnx"
+    lines = shop_lines(300, seed=71)
+    rotated = tmp_path / "rotated.log"
+    with open(rotated, "wb") as out:
+        out.truncate(600 * 2**20)  # 600 MiB of NULs, sparse (no disk), and no line break
+        out.seek(0, 2)
+        out.write(("\n" + "\n".join(lines[:3]) + "\n   \n\t\n").encode())
+    done, peak_mib = scored_with_peak_memory("--model", model, rotated)
+    assert done.returncode == 0, done.stderr
+    results = [json.loads(line) for line in done.stdout.splitlines()]
+    assert len(results) == 4 and results[0]["truncated"] and results[0]["unparsed"]  # blank lines skipped
+    assert "1 line(s) longer than 4,194,304 bytes (the longest 629,145,600)" in done.stderr
+    assert peak_mib < 300, peak_mib
+
+    (tmp_path / "utf16.log").write_bytes("\n".join(lines[:5]).encode("utf-16"))
+    refused = logscore("score", "--model", model, tmp_path / "utf16.log")
+    assert refused.returncode == 1 and "UTF-16 text" in refused.stderr and "iconv -f UTF-16" in refused.stderr
+
+    packed = gzip.compress(("\n".join(lines) + "\n").encode())
+    (tmp_path / "cut.log.gz").write_bytes(packed[: len(packed) * 2 // 3])
+    cut = logscore("score", "--model", model, tmp_path / "cut.log.gz")
+    assert cut.returncode == 0 and "the gzip stream ends early" in cut.stderr
+    assert 100 < len(cut.stdout.splitlines()) < 300

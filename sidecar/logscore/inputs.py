@@ -10,33 +10,66 @@ from typing import Iterable, Iterator
 from .errors import InputError
 
 GZIP_MAGIC = b"\x1f\x8b"
+# NOTE: a "line" is read at most this long, the rest of it skipped: a file with no line breaks (the
+# NULs copytruncate leaves, a gzip of one endless line) was read whole, without bound. Records
+# are cut far shorter anyway (--max-record-bytes, 64 KiB by default, noted `truncated`).
+MAX_LINE_BYTES = 4 * 2**20
+UTF16_MARKS = (b"\xff\xfe", b"\xfe\xff")
 
 
 def read_lines(paths: Iterable[str]) -> Iterator[str]:
     """Lines of every file in order ('-' is stdin); gzip is recognised by its magic bytes.
 
-    Invalid UTF-8 becomes U+FFFD; empty lines are skipped.
+    Invalid UTF-8 becomes U+FFFD; blank lines are skipped; a line longer than MAX_LINE_BYTES is
+    cut (with a warning); a gzip file that ends early gives the lines before its end (with a
+    warning): a log compressed while it was written, or copied half, still counts.
     """
     for path in paths:
         try:
             if path == "-":
-                yield from _lines(sys.stdin.buffer)
+                yield from _lines(sys.stdin.buffer, "stdin")
                 continue
             with open(path, "rb") as raw:
-                magic = raw.peek(2)[:2] if hasattr(raw, "peek") else b""
+                magic = raw.peek(2)[:2]
+                if magic in UTF16_MARKS:
+                    raise InputError(f"{path}: UTF-16 text (it starts with a byte-order mark); convert it first: "
+                                     f"iconv -f UTF-16 -t UTF-8 {path}")
                 stream = gzip.GzipFile(fileobj=raw) if magic == GZIP_MAGIC else raw
-                yield from _lines(stream)
+                yield from _lines(stream, path)
         except FileNotFoundError:
             raise InputError(f"{path}: no such file") from None
-        except (OSError, EOFError) as error:
+        except EOFError:
+            warn(f"{path}: the gzip stream ends early (cut off while written or copied?): the lines before "
+                 "its end are read, the rest is lost")
+        except OSError as error:
             raise InputError(f"{path}: cannot read: {error}") from None
 
 
-def _lines(stream) -> Iterator[str]:
-    for raw_line in stream:
+def _lines(stream, name: str) -> Iterator[str]:
+    cut, longest = 0, 0
+    while raw_line := stream.readline(MAX_LINE_BYTES):
+        if len(raw_line) == MAX_LINE_BYTES and not raw_line.endswith(b"\n"):
+            cut, longest = cut + 1, max(longest, MAX_LINE_BYTES + _skip_to_line_end(stream))
         line = raw_line.rstrip(b"\r\n").decode("utf-8", errors="replace")
-        if line:
+        if line and not line.isspace():
             yield line
+    if cut:
+        warn(f"{name}: {cut:,} line(s) longer than {MAX_LINE_BYTES:,} bytes (the longest {longest:,}): only "
+             "their first bytes were read")
+
+
+def _skip_to_line_end(stream) -> int:
+    """Read past the rest of a line; its length."""
+    skipped = 0
+    while chunk := stream.readline(MAX_LINE_BYTES):
+        if chunk.endswith(b"\n"):
+            return skipped + len(chunk.rstrip(b"\r\n"))
+        skipped += len(chunk)
+    return skipped
+
+
+def warn(message: str) -> None:
+    print(f"logscore: warning: {message}", file=sys.stderr, flush=True)
 
 
 def read_json_records(paths: Iterable[str]) -> Iterator[object]:
