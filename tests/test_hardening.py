@@ -504,3 +504,94 @@ def test_the_shipped_memory_limit_holds_under_the_worst_input(tmp_path):
         assert '"level": "error"' not in process.log()
     finally:
         assert process.stop() == 0
+
+
+# --- gRPC: calls without the token, and the cap on calls ---------------------------------------------
+
+def http2_frame(kind: int, flags: int, stream: int, payload: bytes = b"") -> bytes:
+    return len(payload).to_bytes(3, "big") + bytes([kind, flags]) + stream.to_bytes(4, "big") + payload
+
+
+def hpack_literal(name: str, value: str) -> bytes:
+    """A header "literal without indexing, new name", no Huffman coding (lengths under 127)."""
+    return b"\x00" + bytes([len(name)]) + name.encode() + bytes([len(value)]) + value.encode()
+
+
+def stalled_score_call(port: int) -> socket.socket:
+    """A Score call over raw HTTP/2 that announces a 2,000,000-byte message and sends its first
+    60,000 bytes only (what a gRPC client library cannot be made to do)."""
+    headers = b"".join(hpack_literal(name, value) for name, value in [
+        (":method", "POST"), (":scheme", "http"), (":path", "/logscore.v1.Scorer/Score"),
+        (":authority", "localhost"), ("content-type", "application/grpc"), ("te", "trailers")])
+    message = b"\x00" + (2_000_000).to_bytes(4, "big") + b"\x00" * 60_000
+    connection = socket.create_connection(("127.0.0.1", port), timeout=5)
+    connection.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + http2_frame(4, 0, 0) + http2_frame(1, 4, 1, headers)
+                       + b"".join(http2_frame(0, 0, 1, message[i:i + 16_384]) for i in range(0, len(message), 16_384)))
+    return connection
+
+
+def stream_ended(connection: socket.socket, stream: int, within_s: float) -> bool:
+    """Whether the server ends the stream (trailers, or a reset) within the time."""
+    deadline, buffer = time.monotonic() + within_s, b""
+    while time.monotonic() < deadline:
+        connection.settimeout(max(deadline - time.monotonic(), 0.01))
+        try:
+            data = connection.recv(65_536)
+        except socket.timeout:
+            return False
+        if not data:
+            return True
+        buffer += data
+        while len(buffer) >= 9 and len(buffer) >= 9 + int.from_bytes(buffer[:3], "big"):
+            length, kind, flags = int.from_bytes(buffer[:3], "big"), buffer[3], buffer[4]
+            frame_stream = int.from_bytes(buffer[5:9], "big") & 0x7FFFFFFF
+            if kind == 4 and not flags & 1:
+                connection.sendall(http2_frame(4, 1, 0))  # acknowledge the server's settings
+            if frame_stream == stream and (kind == 3 or (kind == 1 and flags & 1)):
+                return True
+            buffer = buffer[9 + length:]
+    return False
+
+
+def test_grpc_calls_without_the_token_are_refused_before_their_message_arrives(tmp_path, shop_models):
+    """gRPC read a whole unary message before the token was checked: calls without it, each
+    sending all but the last byte of a 2 MiB message, held 250 MiB and more."""
+    token_file = tmp_path / "token"
+    token_file.write_text("s3cret\n")
+    port = free_port()
+    process = SidecarProcess(shop_models, tmp_path, token_file=str(token_file), tcp=f"127.0.0.1:{port}").start()
+    try:
+        with stalled_score_call(port) as connection:
+            assert stream_ended(connection, 1, within_s=5)  # UNAUTHENTICATED, the rest never sent
+        with pytest.raises(grpc.RpcError) as failure:
+            process.stub(grpc.insecure_channel(f"127.0.0.1:{port}")).Score(
+                pb.ScoreRequest(lines=pb.RawLines(lines=[b"x"])), timeout=10)
+        assert failure.value.code() == grpc.StatusCode.UNAUTHENTICATED and "bearer token" in failure.value.details()
+    finally:
+        assert process.stop() == 0
+
+
+def test_grpc_calls_past_the_cap_are_refused_at_once(tmp_path, shop_models):
+    process = SidecarProcess(shop_models, tmp_path, max_grpc_calls="3").start()
+    channel = grpc.insecure_channel(f"unix:{process.socket}")
+    try:
+        stub = process.stub(channel)
+        watchers = [stub.WatchAnomalies(pb.WatchAnomaliesRequest()) for _ in range(3)]  # long-lived calls
+        for watcher in watchers:
+            watcher.initial_metadata()
+        with pytest.raises(grpc.RpcError) as failure:
+            stub.Score(pb.ScoreRequest(lines=pb.RawLines(lines=[b"x"])), timeout=10)
+        assert failure.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        watchers[0].cancel()
+        process.wait_for(lambda: scored(stub), what="a place freed")
+    finally:
+        channel.close()
+        assert process.stop() == 0
+
+
+def scored(stub) -> bool:
+    try:
+        return len(stub.Score(pb.ScoreRequest(lines=pb.RawLines(lines=[b"x"])), timeout=10).scores) == 1
+    except grpc.RpcError as error:
+        assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        return False

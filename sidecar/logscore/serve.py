@@ -181,7 +181,7 @@ class Sidecar:
                    # its gRPC reports as an unavailable sidecar.
                    ("grpc.max_concurrent_streams", STREAMS_PER_CONNECTION)]
         interceptors = [TokenInterceptor(token)] if token else []
-        server = grpc.aio.server(options=options, interceptors=interceptors)
+        server = grpc.aio.server(options=options, interceptors=interceptors, maximum_concurrent_rpcs=s.max_grpc_calls)
         server.add_generic_rpc_handlers((ScorerServicer(self.service).handler(),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(

@@ -76,6 +76,9 @@ class Settings:
                                       "past it a request is refused RESOURCE_EXHAUSTED / 429")
     max_connections: int = setting(512, "connections open at once on each of the HTTP and forward ports (about "
                                    "28 KiB each while idle); past it a new one is closed at once, counted and logged")
+    max_grpc_calls: int = setting(64, "gRPC calls in progress at once, event watchers included; past it a call "
+                                  "is refused RESOURCE_EXHAUSTED at once (gRPC holds each call's message, up to "
+                                  "max_message_bytes, while it arrives, before the in-flight budget sees it)")
     reload_interval_s: float = setting(2.0, "how often the models directory is checked for changes (0: "
                                        "only on SIGHUP)")
     shutdown_grace_s: float = setting(10.0, "on SIGTERM, time given to in-flight calls")
@@ -160,7 +163,7 @@ class Settings:
             if path and not Path(path).is_file():
                 raise ConfigError(f"{name.replace('_', '-')}: {path!r} is not a readable file")
         for name in ("max_batch_records", "max_queued_records", "max_records_per_request", "max_record_bytes",
-                     "forward_max_message_bytes"):
+                     "forward_max_message_bytes", "max_grpc_calls"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")
         if self.max_message_bytes * WIRE_COPIES > self.max_inflight_bytes:
