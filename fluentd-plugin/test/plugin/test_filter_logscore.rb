@@ -37,7 +37,10 @@ class LogscoreFilterTest < Test::Unit::TestCase
     data('defaults' => ['', { score_key: 'anomaly_score', flag_key: 'is_anomaly', on_error: :pass, timeout: 0.5,
                               timeout_per_record: 0.0005, batch_records: 2000, calls_in_flight: 2 }],
          'renamed keys' => ["score_key s\nflag_key f\non_error error", { score_key: 's', flag_key: 'f',
-                                                                           on_error: :error }])
+                                                                           on_error: :error }],
+         # the sidecar names at most 20,000 features a call: batches shrink to fit what is asked
+         'many explanations' => ["explanation_key why\nexplain 50", { batch_records: 400 }],
+         'explanations off' => ["explain 50", { batch_records: 2000 }])
     test 'parameters' do |(conf, expected)|
       d = create_driver(base_conf(conf))
       expected.each { |name, value| assert_equal value, d.instance.public_send(name) }
@@ -48,7 +51,8 @@ class LogscoreFilterTest < Test::Unit::TestCase
          'unreadable ca' => 'tls_ca_path /nonexistent/ca.pem',
          'bad on_error' => 'on_error drop',
          'no time per record' => 'timeout_per_record 0',
-         'empty batches' => 'batch_records 0')
+         'empty batches' => 'batch_records 0',
+         'too many explanations' => "explanation_key why\nexplain 101")
     test 'bad combinations are configuration errors' do |conf|
       assert_raise(Fluent::ConfigError) { create_driver(base_conf(conf)) }
     end

@@ -73,6 +73,7 @@ module Fluent
         %i[batch_records batch_bytes calls_in_flight failure_threshold].each do |name|
           raise Fluent::ConfigError, "#{name} must be at least 1" unless instance_variable_get("@#{name}") >= 1
         end
+        limit_batch_to_explanations
         if @tls_cert_path.nil? != @tls_key_path.nil?
           raise Fluent::ConfigError, 'tls_cert_path and tls_key_path go together'
         end
@@ -85,6 +86,21 @@ module Fluent
         if @endpoint.start_with?('unix:') && (@tls_ca_path || @token)
           log.info('logscore: TLS/token over a Unix socket: the socket file mode already limits access')
         end
+      end
+
+      # The sidecar names at most this many features a call (records x explain), and refuses more.
+      MAX_EXPLANATIONS = 20_000
+
+      def limit_batch_to_explanations
+        return unless @explanation_key
+        raise Fluent::ConfigError, 'explain must be 1 to 100' unless (1..100).cover?(@explain)
+
+        most = MAX_EXPLANATIONS / @explain
+        return if @batch_records <= most
+
+        log.warn("logscore: batch_records #{@batch_records} with explain #{@explain} asks for more than " \
+                 "#{MAX_EXPLANATIONS} feature names a call; using batch_records #{most}")
+        @batch_records = most
       end
 
       def start
