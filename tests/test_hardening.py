@@ -342,7 +342,92 @@ def test_requests_over_the_inflight_budget_are_refused_and_the_sidecar_goes_on(s
     assert post(sidecar, json.dumps(shop_lines(3, seed=92)).encode())[0] == 200
 
 
+# --- HTTP framing: refused in one answer, no traceback ------------------------------------------------
+
+def raw_request(port: int, data: bytes, timeout: float = 10) -> tuple[int, dict]:
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as connection:
+        connection.sendall(data)
+        status, _, raw = read_response(connection)
+    return status, json.loads(raw)
+
+
+SCORE_HEAD = "POST /v1/score HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+
+
+@pytest.mark.parametrize("data, status, message", [
+    (SCORE_HEAD + "Content-Length: \u00b2\r\n\r\n", 400, "invalid Content-Length"),
+    (SCORE_HEAD + "Content-Length: 2\r\nContent-Length: 16\r\n\r\n{}", 400, "content-length given twice"),
+    (SCORE_HEAD + "Transfer-Encoding: gzip, chunked\r\n\r\n", 501, "Transfer-Encoding 'gzip, chunked'"),
+    (SCORE_HEAD + "Transfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n", 400, "both Content-Length"),
+    (SCORE_HEAD + "Transfer-Encoding: chunked\r\n\r\n-5\r\n", 400, "a chunk size is hexadecimal digits"),
+    (SCORE_HEAD + "Transfer-Encoding: chunked\r\n\r\n0x2\r\n{}\r\n0\r\n\r\n", 400, "hexadecimal digits"),
+    (SCORE_HEAD + "Transfer-Encoding: chunked\r\n\r\n" + "1" * 40_000 + "\r\n", 400, "hexadecimal digits"),
+    (SCORE_HEAD + "Transfer-Encoding: chunked\r\n\r\n2\r\n{}junk\r\n0\r\n\r\n", 400, "ends with CRLF"),
+    ("POST /v1/score?explain=%C2%B2 HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}", 400,
+     "give a whole number of features"),
+    ("GET /v1/anomalies?since=%C2%B2 HTTP/1.1\r\nHost: x\r\n\r\n", 400, "since='\u00b2': give a whole number"),
+    ("DELETE /v1/feedback?id=%C2%B2 HTTP/1.1\r\nHost: x\r\n\r\n", 400, "give the number of a feedback entry"),
+])
+def test_malformed_framing_gets_one_clear_answer(sidecar, data, status, message):
+    """These closed the connection without an answer, or answered 500, logging a traceback; some
+    were read two ways (request smuggling behind a proxy)."""
+    got, answer = raw_request(sidecar.http_port, data.encode("utf-8"))
+    assert got == status and message in answer["error"], answer
+    assert "Unhandled exception" not in sidecar.log() and "Traceback" not in sidecar.log()
+
+
+def test_a_refused_body_is_answered_not_reset(sidecar):
+    """A 413 (the body announced too big) closed at once: the client, still sending, read a reset."""
+    body = b"[" + b'{"message": "x"},' * 600_000 + b"{}]"  # 10 MB
+    for _ in range(3):
+        with socket.create_connection(("127.0.0.1", sidecar.http_port), timeout=30) as connection:
+            connection.sendall(http_bytes(sidecar.http_port, b"")[:-len("Content-Length: 0\r\n\r\n")]
+                               + f"Content-Length: {len(body)}\r\n\r\n".encode())
+            try:
+                connection.sendall(body)
+            except OSError:  # the sidecar may close its side once it has dropped what it lets linger
+                pass
+            status, _, raw = read_response(connection)
+        assert status == 413 and "exceeds" in json.loads(raw)["error"]
+
+
+def test_http_1_0_connections_close_after_the_answer(sidecar):
+    with socket.create_connection(("127.0.0.1", sidecar.http_port), timeout=10) as connection:
+        connection.sendall(b"GET /healthz HTTP/1.0\r\n\r\n")
+        data = b""
+        while chunk := connection.recv(65536):  # a client of HTTP/1.0 reads to the end
+            data += chunk
+    assert data.startswith(b"HTTP/1.1 200") and b"Connection: close" in data
+
+
 # --- what the unauthenticated may see ----------------------------------------------------------------
+
+def test_bodies_from_callers_without_the_token_are_refused_before_they_are_read(tmp_path, shop_models):
+    """The in-flight budget was charged from a body's announced length before the token was
+    checked: six connections without it, announcing 2 MiB each and sending nothing, held every
+    caller with the token to 429 and RESOURCE_EXHAUSTED for 75 s."""
+    (tmp_path / "token").write_text("s3cret\n")
+    process = SidecarProcess(shop_models, tmp_path, token_file=tmp_path / "token").start()
+    announcing = []
+    try:
+        head = SCORE_HEAD + "Content-Length: 2000000\r\n"
+        status, answer = raw_request(process.http_port, (head + "\r\n").encode(), timeout=5)
+        assert status == 401 and "bearer token" in answer["error"]  # at once, no body sent
+        for token in ("", "Authorization: Bearer s3cret\r\n") * 10:  # and ten more, with the token
+            connection = socket.create_connection(("127.0.0.1", process.http_port), timeout=10)
+            connection.sendall((head + token + "\r\n").encode() + b"[")  # then nothing more
+            announcing.append(connection)
+        time.sleep(0.5)
+        lines = json.dumps(shop_lines(3, seed=94)).encode()
+        for scheme in ("Bearer", "bearer"):  # the scheme's case does not matter (RFC 9110)
+            status, answer = raw_request(process.http_port, http_bytes(process.http_port, lines,
+                                                                       extra=f"Authorization: {scheme} s3cret\r\n"))
+            assert status == 200 and len(answer["results"]) == 3, answer
+    finally:
+        for connection in announcing:
+            connection.close()
+        assert process.stop() == 0
+
 
 def test_metrics_and_readyz_name_no_model_paths(tmp_path, shop_models):
     (tmp_path / "token").write_text("s3cret\n")

@@ -136,8 +136,9 @@ class Sidecar:
         await self._start_grpc()
         if s.http:
             host, port = split_host_port(s.http, "--http")
-            self.http_server = HttpServer(SidecarHttp(self.service, s.token()).routes(), s.max_message_bytes,
-                                          self.service.admission, self.service.metrics, s.max_connections)
+            surface = SidecarHttp(self.service, s.token())
+            self.http_server = HttpServer(surface.routes(), s.max_message_bytes, self.service.admission,
+                                          self.service.metrics, s.max_connections, surface.gate)
             await listening(self.http_server.start(host, port, ssl=self._http_ssl()), "--http", s.http)
             self.bound["http"] = f"{host}:{self.http_server.port}"
         if s.forward:

@@ -6,6 +6,7 @@ prints and what docs/operations.md lists.
 
 from __future__ import annotations
 
+import hmac
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -244,6 +245,13 @@ class Settings:
 
     def token(self) -> Optional[str]:
         return Path(self.token_file).read_text().strip() if self.token_file else None
+
+
+def bearer_matches(presented: str, token: str) -> bool:
+    """Whether an Authorization value (HTTP header, gRPC metadata) carries the token; the scheme's
+    case does not matter (RFC 9110), the comparison takes the same time whatever matches."""
+    scheme, _, credentials = presented.strip().partition(" ")
+    return hmac.compare_digest(f"{scheme.lower()} {credentials.strip()}".encode(), f"bearer {token}".encode())
 
 
 LOG_LEVELS = ("debug", "info", "warning", "error")

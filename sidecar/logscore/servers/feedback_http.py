@@ -26,7 +26,7 @@ from urllib.parse import parse_qs, quote, unquote, urlsplit
 from ..errors import InvalidRequest, LogscoreError, Unauthenticated
 from ..feedback_store import Mark
 from .feedback_grpc import count_mark, off_loop
-from .http import STATUS_CODES, Request, Response
+from .http import STATUS_CODES, Request, Response, digits
 
 COOKIE = "logscore_token"
 PAGE_AUTHOR = "review page"
@@ -85,7 +85,7 @@ class FeedbackHttp:
             response = redirect("/ui/")
             response.headers["Set-Cookie"] = f"{COOKIE}={quote(token)}; HttpOnly; SameSite=Strict; Path=/"
             return response
-        if not self._page_allowed(request):
+        if not self.page_allowed(request):
             return self._token_form("This sidecar asks for its token.", 401)
         from ..review import render_page
 
@@ -147,7 +147,7 @@ class FeedbackHttp:
                 return self._back(f"Not done: {error}")
             return Response.error(status, str(error))
 
-    def _page_allowed(self, request: Request) -> bool:
+    def page_allowed(self, request: Request) -> bool:
         token = self.http.token
         if token is None:
             return True
@@ -160,7 +160,7 @@ class FeedbackHttp:
 
     def _page_form(self, request: Request) -> dict[str, str]:
         """The fields of a form post from the page itself (token checked, other origins refused)."""
-        if not self._page_allowed(request):
+        if not self.page_allowed(request):
             raise Unauthenticated("open /ui/ and give the sidecar's token first")
         check_same_origin(request)
         return {k: v[-1] for k, v in parse_qs(request.body.decode("utf-8", "replace")).items()}
@@ -228,7 +228,7 @@ def cookies(request: Request) -> dict[str, str]:
 
 
 def parse_id(text: str) -> int:
-    if not text.strip().lstrip("#").isdigit():
+    if not digits(text.strip().lstrip("#")):
         raise InvalidRequest(f"id={text!r}: give the number of a feedback entry (GET /v1/feedback lists them)")
     return int(text.strip().lstrip("#"))
 

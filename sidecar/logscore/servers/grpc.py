@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hmac
 import logging
 import math
 import time
@@ -18,6 +17,7 @@ from ..generated.logscore.v1 import scorer_pb2 as pb
 from ..events import KINDS
 from ..records import decode_event_stream
 from ..scoring import ScoreCall, ScoreOutcome, ScoringService, check_record_count
+from ..settings import bearer_matches
 from .feedback_grpc import FeedbackServicer
 
 log = logging.getLogger("logscore.grpc")
@@ -186,14 +186,14 @@ class TokenInterceptor(grpc.aio.ServerInterceptor):
     """Every call but health checks must carry ``authorization: Bearer <token>``."""
 
     def __init__(self, token: str):
-        self._expected = f"Bearer {token}".encode()
+        self._token = token
 
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
         if handler is None or details.method.startswith("/grpc.health.v1.Health/"):
             return handler
         presented = dict(details.invocation_metadata or ()).get("authorization", "")
-        if hmac.compare_digest(str(presented).encode(), self._expected):
+        if bearer_matches(str(presented), self._token):
             return handler
         return _denying(handler)
 

@@ -19,7 +19,6 @@ answers whenever the request was read whole.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import math
@@ -37,6 +36,7 @@ from ..errors import (DeadlineExceeded, FeedbackNotFound, InvalidRequest, Logsco
 from ..metrics import Metrics
 from ..resources import openapi_path
 from ..scoring import ScoreCall, ScoreOutcome, ScoringService
+from ..settings import bearer_matches
 from .streams import StreamServer
 
 log = logging.getLogger("logscore.http")
@@ -52,12 +52,23 @@ STATUS_CODES: dict[type, int] = {  # the twin of servers.grpc.STATUS_CODES
     StoreUnavailable: 503,
     ScorerUnavailable: 503,
 }
-REASONS = {200: "OK", 303: "See Other", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 405: "Method Not Allowed",
-           408: "Request Timeout", 411: "Length Required", 413: "Payload Too Large",
+REASONS = {200: "OK", 303: "See Other", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found",
+           405: "Method Not Allowed", 408: "Request Timeout", 411: "Length Required", 413: "Payload Too Large",
            415: "Unsupported Media Type", 429: "Too Many Requests", 431: "Request Header Fields Too Large",
-           500: "Internal Server Error", 503: "Service Unavailable", 504: "Gateway Timeout"}
+           500: "Internal Server Error", 501: "Not Implemented", 503: "Service Unavailable",
+           504: "Gateway Timeout"}
 MAX_HEADER_BYTES = 32 * 1024
-IDLE_TIMEOUT_S = 75.0
+IDLE_TIMEOUT_S = 75.0  # a keep-alive connection waits this long for its next request
+REQUEST_TIMEOUT_S = 30.0  # from a request's first byte to its last, and to write its answer
+BODY_PIECE = 64 * 1024  # a body is charged to the in-flight budget as it arrives, a piece at a time
+LINGER_S, LINGER_BYTES = 2.0, 16 * 2**20  # what is read and dropped, after an error, before closing
+CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,8}(;[^\r\n]*)?\r?\n")
+SINGLE_HEADERS = ("content-length", "transfer-encoding", "authorization", "host")
+
+
+def digits(text: str) -> bool:
+    """A whole number in ASCII digits (str.isdigit also takes '²', which int() refuses)."""
+    return text.isascii() and text.isdigit()
 
 
 @dataclass
@@ -68,6 +79,7 @@ class Request:
     headers: dict[str, str]
     body: bytes = b""
     ticket: Ticket = field(default_factory=Ticket)  # what the request holds of the in-flight budget
+    version: str = "HTTP/1.1"  # HTTP/1.0: the connection closes after the answer (its client reads to the end)
 
 
 @dataclass
@@ -102,19 +114,23 @@ class HttpError(Exception):
         self.status, self.close = status, close
 
 
+Gate = Callable[[str, dict[str, str]], None]  # (path, headers): raises HttpError for a caller not let in
+
+
 class HttpServer(StreamServer):
     read_limit = MAX_HEADER_BYTES
     surface = "http"
 
     def __init__(self, routes: dict[tuple[str, str], Handler], max_body_bytes: int,
                  admission: Optional[Admission] = None, metrics: Optional[Metrics] = None,
-                 max_connections: int = 512):
+                 max_connections: int = 512, gate: Optional[Gate] = None):
         super().__init__(max_connections, metrics)  # metrics: requests refused before they reach a route
         self.streams: set[asyncio.Task] = set()  # connections writing a stream (server-sent events)
         self.max_streams = max(1, max_connections // 4)
         self.routes = routes
         self.max_body_bytes = max_body_bytes
         self.admission = admission
+        self.gate = gate  # checked on a request carrying a body, before any of it is read
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
@@ -128,40 +144,61 @@ class HttpServer(StreamServer):
     async def _answer_one(self, reader, writer, task) -> bool:
         """Read one request and answer it; False when the connection is to close."""
         try:
-            request = await asyncio.wait_for(self._read_request(reader, writer, task), IDLE_TIMEOUT_S)
+            line = await asyncio.wait_for(reader.readline(), IDLE_TIMEOUT_S)
+            if not line:
+                return False
+            self.busy.add(task)
+            request = await asyncio.wait_for(self._read_request(line, reader, writer), REQUEST_TIMEOUT_S)
         except HttpError as error:
             if self.metrics is not None:
                 self.metrics.refused(f"http_{error.status}", "http", str(error))
             await self._write(writer, Response.error(error.status, str(error)), keep_alive=False)
+            await linger(reader, writer)
+            return False
+        except (asyncio.LimitOverrunError, ValueError):
+            await self._write(writer, Response.error(431, "request line too long"), keep_alive=False)
             return False
         except (asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError):
             return False
-        if request is None:
-            return False
         with request.ticket:
             response = await self._dispatch(request)
-            keep_alive = request.headers.get("connection", "").lower() != "close" and not self.draining
+            keep_alive = (request.headers.get("connection", "").lower() != "close" and not self.draining
+                          and request.version != "HTTP/1.0")
             if response.stream is not None:
                 request.ticket.release()  # a long-lived stream holds no request memory
                 await self._write_stream(reader, writer, response, task)
                 return False
-            await self._write(writer, response, keep_alive)
+            if not await self._write(writer, response, keep_alive):
+                return False
         self.busy.discard(task)
         return keep_alive
 
-    async def _read_request(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                            task: asyncio.Task) -> Optional[Request]:
-        try:
-            line = await reader.readline()
-        except (asyncio.LimitOverrunError, ValueError):
-            raise HttpError(431, "request line too long", close=True) from None
-        if not line:
-            return None
-        self.busy.add(task)
+    async def _read_request(self, line: bytes, reader: asyncio.StreamReader,
+                            writer: asyncio.StreamWriter) -> Request:
         parts = line.decode("latin-1").strip().split(" ")
         if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
             raise HttpError(400, "malformed request line; expected 'METHOD /path HTTP/1.1'", close=True)
-        method, target, _ = parts
+        method, target, version = parts
+        headers = await self._read_headers(reader)
+        length = self._check_length(headers)
+        url = urlsplit(target)
+        if self.gate is not None and (length or "transfer-encoding" in headers):
+            self.gate(url.path, headers)  # before the body: a caller without the token reads and holds nothing
+        ticket = Ticket(self.admission)
+        try:
+            body = await self._read_body(reader, writer, headers, length, ticket)
+            encoding = headers.get("content-encoding", "identity").lower()
+            if encoding not in ("", "identity"):  # read first, so the client reads the answer, not a reset
+                raise HttpError(415, f"Content-Encoding {encoding!r} is not supported; send the body "
+                                "uncompressed (the sidecar runs beside its caller)")
+        except BaseException:
+            ticket.release()
+            raise
+        query = {k: v[-1] for k, v in parse_qs(url.query).items()}
+        return Request(method.upper(), url.path, query, headers, body, ticket, version)
+
+    @staticmethod
+    async def _read_headers(reader: asyncio.StreamReader) -> dict[str, str]:
         headers: dict[str, str] = {}
         size = 0
         while True:
@@ -173,27 +210,14 @@ class HttpServer(StreamServer):
             if size > MAX_HEADER_BYTES:
                 raise HttpError(431, f"headers exceed {MAX_HEADER_BYTES} bytes", close=True)
             if header in (b"\r\n", b"\n", b""):
-                break
+                return headers
             name, _, value = header.decode("latin-1").partition(":")
-            headers[name.strip().lower()] = value.strip()
-        length = self._check_length(headers)
-        ticket = Ticket(self.admission)
-        try:
-            self._charge(ticket, length)
-            body = await self._read_body(reader, writer, headers, length, ticket)
-            encoding = headers.get("content-encoding", "identity").lower()
-            if encoding not in ("", "identity"):  # read first, so the client reads the answer, not a reset
-                raise HttpError(415, f"Content-Encoding {encoding!r} is not supported; send the body "
-                                "uncompressed (the sidecar runs beside its caller)")
-        except BaseException as error:
-            ticket.release()
-            refused = isinstance(error, HttpError) and error.status == 429
-            if refused and headers.get("expect", "").lower() != "100-continue":
-                await discard(reader, length)  # so that the client reads the 429, not a reset connection
-            raise
-        url = urlsplit(target)
-        query = {k: v[-1] for k, v in parse_qs(url.query).items()}
-        return Request(method.upper(), url.path, query, headers, body, ticket)
+            name = name.strip().lower()
+            if name in headers and name in SINGLE_HEADERS:
+                # NOTE: two of these are read differently by different servers (request smuggling
+                # behind a proxy, or which token counts): refused, not guessed
+                raise HttpError(400, f"{name} given twice", close=True)
+            headers[name] = value.strip()
 
     @staticmethod
     def _charge(ticket: Ticket, nbytes: int) -> None:
@@ -207,32 +231,57 @@ class HttpServer(StreamServer):
                          headers: dict[str, str], length: int, ticket: Ticket) -> bytes:
         if headers.get("expect", "").lower() == "100-continue":
             writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # the client waits for this before sending
-        if headers.get("transfer-encoding", "").lower() == "chunked":
-            chunks, total = [], 0
-            while True:
+        if "transfer-encoding" not in headers:
+            return await self._read_exactly(reader, length, ticket)
+        chunks, total = [], 0
+        while True:
+            try:
                 size_line = await reader.readline()
-                try:
-                    size = int(size_line.split(b";")[0].strip() or b"x", 16)
-                except ValueError:
-                    raise HttpError(400, "malformed chunked body", close=True) from None
-                if size == 0:
-                    while (await reader.readline()) not in (b"\r\n", b"\n", b""):
-                        pass
-                    return b"".join(chunks)
-                total += size
-                if total > self.max_body_bytes:
-                    raise HttpError(413, f"body exceeds {self.max_body_bytes} bytes; send smaller batches",
-                                    close=True)
-                self._charge(ticket, size)
-                chunks.append(await reader.readexactly(size))
-                await reader.readline()
-        return await reader.readexactly(length) if length else b""
+            except (asyncio.LimitOverrunError, ValueError):
+                size_line = b""
+            if not CHUNK_SIZE.fullmatch(size_line):
+                raise HttpError(400, "malformed chunked body: a chunk size is hexadecimal digits", close=True)
+            size = int(size_line.split(b";")[0], 16)
+            if size == 0:
+                await self._read_trailers(reader)
+                return b"".join(chunks)
+            total += size
+            if total > self.max_body_bytes:
+                raise HttpError(413, f"body exceeds {self.max_body_bytes} bytes; send smaller batches", close=True)
+            chunks.append(await self._read_exactly(reader, size, ticket))
+            if (await reader.readline()) not in (b"\r\n", b"\n"):
+                raise HttpError(400, "malformed chunked body: a chunk's data ends with CRLF", close=True)
+
+    async def _read_exactly(self, reader: asyncio.StreamReader, length: int, ticket: Ticket) -> bytes:
+        """``length`` bytes, charged to the budget as they come (what a sender announced but has not
+        sent holds nothing: six connections announcing 2 MiB each and sending none held it all)."""
+        pieces = []
+        while length > 0:
+            piece = min(length, BODY_PIECE)
+            self._charge(ticket, piece)
+            pieces.append(await reader.readexactly(piece))
+            length -= piece
+        return b"".join(pieces)
+
+    @staticmethod
+    async def _read_trailers(reader: asyncio.StreamReader) -> None:
+        size = 0
+        while (line := await reader.readline()) not in (b"\r\n", b"\n", b""):
+            size += len(line)
+            if size > MAX_HEADER_BYTES:
+                raise HttpError(431, f"trailers exceed {MAX_HEADER_BYTES} bytes", close=True)
 
     def _check_length(self, headers: dict[str, str]) -> int:
-        if headers.get("transfer-encoding", "").lower() == "chunked":
+        encoding = headers.get("transfer-encoding")
+        if encoding is not None:
+            if encoding.lower() != "chunked":
+                raise HttpError(501, f"Transfer-Encoding {encoding!r} is not supported; send Content-Length or "
+                                "chunked", close=True)
+            if "content-length" in headers:
+                raise HttpError(400, "both Content-Length and Transfer-Encoding: send one", close=True)
             return 0
         length_text = headers.get("content-length", "0")
-        if not length_text.isdigit():
+        if not digits(length_text):
             raise HttpError(400, "invalid Content-Length", close=True)
         length = int(length_text)
         if length > self.max_body_bytes:
@@ -258,16 +307,22 @@ class HttpServer(StreamServer):
             return Response.error(500, "internal error in the sidecar (logged)")
 
     @staticmethod
-    async def _write(writer: asyncio.StreamWriter, response: Response, keep_alive: bool) -> None:
+    async def _write(writer: asyncio.StreamWriter, response: Response, keep_alive: bool) -> bool:
+        """Write the answer; False if the client went or did not read it in time (the connection
+        is then dropped: an answer left unread held its request's memory for good)."""
         head = [f"HTTP/1.1 {response.status} {REASONS.get(response.status, 'Status')}",
                 f"Content-Type: {response.content_type}", f"Content-Length: {len(response.body)}",
                 f"Connection: {'keep-alive' if keep_alive else 'close'}"]
         head += [f"{k}: {v}" for k, v in response.headers.items()]
         writer.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + response.body)
         try:
-            await writer.drain()
+            await asyncio.wait_for(writer.drain(), REQUEST_TIMEOUT_S)
+            return True
+        except asyncio.TimeoutError:
+            writer.transport.abort()
+            return False
         except ConnectionError:
-            pass
+            return False
 
     async def _write_stream(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, response: Response,
                             task: asyncio.Task) -> None:
@@ -311,9 +366,19 @@ class HttpServer(StreamServer):
         return len(self.streams)
 
 
-async def discard(reader: asyncio.StreamReader, length: int) -> None:
-    while length > 0:
-        length -= len(await reader.readexactly(min(length, 64 * 1024)))
+async def linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """After an error answer, before closing: say no more will be written and drop what the client
+    still sends, for a moment. Closed at once, a connection with unread bytes is reset, and the
+    client then reads the reset, not the answer (a 413 for a 10 MB body, a 429)."""
+    try:
+        if writer.can_write_eof():
+            writer.write_eof()
+        async with asyncio.timeout(LINGER_S):
+            dropped = 0
+            while dropped < LINGER_BYTES and (data := await reader.read(BODY_PIECE)):
+                dropped += len(data)
+    except (asyncio.TimeoutError, ConnectionError, OSError):
+        pass
 
 
 # --- the sidecar's HTTP surface ---------------------------------------------------
@@ -402,20 +467,31 @@ class SidecarHttp:
     """Routes of the sidecar's HTTP port; scoring goes through the same core as gRPC."""
 
     def __init__(self, service: ScoringService, token: Optional[str]):
-        self.service = service
-        self.token = token
-
-    def routes(self) -> dict[tuple[str, str], Handler]:
         from .feedback_http import FeedbackHttp
 
+        self.service = service
+        self.token = token
+        self.feedback = FeedbackHttp(self)
+
+    def routes(self) -> dict[tuple[str, str], Handler]:
         return {("POST", "/v1/score"): self.score, ("GET", "/v1/models"): self.models,
                 ("GET", "/openapi.json"): self.openapi, ("GET", "/metrics"): self.metrics,
                 ("GET", "/healthz"): self.healthz, ("GET", "/readyz"): self.readyz,
-                ("GET", "/v1/anomalies"): self.anomalies, **FeedbackHttp(self).routes()}
+                ("GET", "/v1/anomalies"): self.anomalies, **self.feedback.routes()}
+
+    def gate(self, path: str, headers: dict[str, str]) -> None:
+        """A request with a body comes from a holder of the token (the review page's forms: its
+        cookie), or is refused before any of its body is read or charged to the budget."""
+        request = Request("", path, {}, headers)
+        if self.token is None or (path.startswith("/ui/") and self.feedback.page_allowed(request)):
+            return
+        try:
+            self._authorize(request)
+        except Unauthenticated as error:
+            raise HttpError(401, str(error), close=True) from None
 
     def _authorize(self, request: Request) -> None:
-        presented = request.headers.get("authorization", "").encode()
-        if self.token is not None and not hmac.compare_digest(presented, f"Bearer {self.token}".encode()):
+        if self.token is not None and not bearer_matches(request.headers.get("authorization", ""), self.token):
             raise Unauthenticated("missing or wrong bearer token: send 'Authorization: Bearer <token>'")
 
     async def score(self, request: Request) -> Response:
@@ -425,7 +501,7 @@ class SidecarHttp:
             self._authorize(request)
             records, single = decode_events(request.body, request.headers.get("content-type", ""), request.ticket)
             explain = request.query.get("explain", "0")
-            if not (explain.isdigit() and len(explain) < 6):
+            if not (digits(explain) and len(explain) < 6):
                 raise InvalidRequest(f"explain={explain!r}: give a whole number of features")
             deadline = deadline_from(request.query.get("timeout_ms"))
             call = ScoreCall(records, request.query.get("model", ""), request.query.get("tag", ""),
@@ -547,7 +623,7 @@ def anomaly_query(query: dict[str, str]) -> tuple[list[str], int, int]:
     numbers = {}
     for name, default in (("limit", 100), ("since", 0)):
         text = query.get(name, str(default))
-        if not text.isdigit() or len(text) > 18:
+        if not digits(text) or len(text) > 18:
             raise InvalidRequest(f"{name}={text!r}: give a whole number")
         numbers[name] = int(text)
     return kinds, min(numbers["limit"], RECENT_EVENTS), numbers["since"]
