@@ -331,3 +331,30 @@ def test_a_huge_line_scores_the_same_offline_over_grpc_and_http(tmp_path, shop_m
     for row, result in zip(answers["score"], http["results"]):
         assert (result["anomaly_score"], result["is_anomaly"]) == (row["score"], row["is_anomaly"])
         assert result.get("notes", []) == row.get("notes", [])
+
+
+def test_a_syslog_model_reads_host_names_as_values_not_words(tmp_path):
+    """sshd names its peers by reverse DNS: each new host was a never-seen word, and a seen line
+    with only a new host scored 1.0."""
+    rng = random.Random(87)
+
+    def word() -> str:
+        return "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(4, 9)))
+
+    def reverse_dns() -> str:  # p5083-ipbf2104marunouchi.tokyo.ocn.ne.jp: places and providers are words
+        return f"{word()}{rng.randint(1, 9999)}.{word()}.{word()}.{rng.choice(['net', 'com', 'ne.jp', 'de'])}"
+
+    def failures(count: int, hosts: list[str]) -> list[str]:
+        return [f"Mar {rng.randint(1, 28):2d} 10:{rng.randint(0, 59):02d}:{rng.randint(0, 59):02d} host1 "
+                f"sshd[{rng.randint(100, 9999)}]: authentication failure; logname= uid=0 euid=0 tty=ssh "
+                f"ruser= rhost={rng.choice(hosts)}" for _ in range(count)]
+
+    regulars = [reverse_dns() for _ in range(20)]  # the same few peers, day after day
+    (tmp_path / "train.log").write_text("\n".join(syslog_lines(1700, seed=88) + failures(300, regulars)) + "\n")
+    model = tmp_path / "syslog.onnx"
+    trained = logscore("train", "--input", tmp_path / "train.log", "--format", "syslog", "--out", model)
+    assert trained.returncode == 0, trained.stderr
+    (tmp_path / "later.log").write_text("\n".join(failures(50, [reverse_dns() for _ in range(50)])) + "\n")
+    later = logscore("score", "--model", model, tmp_path / "later.log")
+    scored = [json.loads(line) for line in later.stdout.splitlines()]
+    assert len(scored) == 50 and sum(r["is_anomaly"] for r in scored) == 0, [r for r in scored if r["is_anomaly"]]

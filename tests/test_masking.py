@@ -98,3 +98,16 @@ def test_known_answers_on_real_lines():
     assert mask_variables("conn from 10.1.2.3:22 id 0xdeadbeef took 1.5s") == "conn from <ip> id <hex> took <num>s"
     assert mask_variables("listening on fe80::1ff:fe23:4567:890a and ::1") == "listening on <ip> and <ip>"
     assert mask_variables("at 12:30:45 the 2 deadbeef ids") == "at <num> the <num> deadbeef ids"  # words stay
+
+
+def test_host_names_are_variable_parts_where_asked_and_code_names_are_not():
+    """Reverse-DNS names in syslog (sshd's rhost=) were words: each new host was never seen, and
+    they made 92 of 220 false positives on a held-out Linux log."""
+    line = "authentication failure; rhost=p5083-ipbf2104marunouchi.tokyo.ocn.ne.jp user=root from host8.topspot.net."
+    assert mask_variables(line, hosts=True) == "authentication failure; rhost=<host> user=root from <host>."
+    assert "tokyo.ocn.ne.jp" in mask_variables(line) and "topspot.net" in mask_variables(line)  # not asked
+    for code in ("at org.apache.hadoop.net.NetUtils.connect(NetUtils.java:<num>)",  # a class: no host
+                 "at com.example.logger.info(Logger.java:<num>)",  # a call
+                 "ran build.pl, deploy.sh and notes.md", "java.io.IOException: closed"):
+        assert mask_variables(code, hosts=True) == code
+    assert mask_variables("lookup ip-10-0-0-1.ec2.internal failed", hosts=True) == "lookup <host> failed"

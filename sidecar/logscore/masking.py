@@ -34,10 +34,19 @@ _VARIABLE = re.compile(
     # Numbers (1e-05 too), durations' numbers (1.5s -> <num>s), times of day; a sign only where no word precedes it.
     r"|(?P<num>(?:(?<![0-9A-Za-z])[-+])?\d+(?:[.:,]\d+)*(?:[eE][-+]?\d+)?)")
 
+# Host names: lowercase labels ending in a common top-level domain, not inside a longer dotted
+# name and not called (Java's org.apache.hadoop.net.NetUtils and Logger.info(...) are no hosts).
+# A list, not any last label: file names (run.sh, notes.md, build.pl) would otherwise be hosts.
+_TLD = ("com|net|org|edu|gov|mil|int|info|biz|io|co|us|uk|de|fr|jp|cn|ru|br|nl|au|ca|es|se|ch|it|be|at|dk|"
+        "fi|no|kr|tw|hk|sg|nz|za|mx|ar|cz|eu|local|localdomain|lan|internal|intranet|corp|home|arpa")
+_HOST = re.compile(rf"(?P<host>(?<![\w.\-])(?:[a-z0-9](?:[a-z0-9\-]{{0,61}}[a-z0-9])?\.)+(?:{_TLD})"
+                   rf"(?![\w\-(]|\.[\w\-]))|{_VARIABLE.pattern}")
+
 _TOKEN_OF = {"ip6": "ip"}
 
 
-def mask_variables(text: str) -> str:
+def mask_variables(text: str, hosts: bool = False) -> str:
     """``conn from 10.1.2.3:22 id 0xdead took 1.5s`` → ``conn from <ip> id <hex> took <num>s``;
-    ``open /var/log/x.log`` → ``open <path>``; ``[req-74d58b45-…]`` → ``[req-<uuid>]``."""
-    return _VARIABLE.sub(lambda m: f"<{_TOKEN_OF.get(m.lastgroup, m.lastgroup)}>", text)
+    ``open /var/log/x.log`` → ``open <path>``; ``[req-74d58b45-…]`` → ``[req-<uuid>]``; with
+    ``hosts``, ``from host8.topspot.net`` → ``from <host>`` too (a reverse-DNS name is a value)."""
+    return (_HOST if hosts else _VARIABLE).sub(lambda m: f"<{_TOKEN_OF.get(m.lastgroup, m.lastgroup)}>", text)

@@ -431,13 +431,16 @@ _TOKEN = re.compile(r"<\w+>|[^\W\d][\w.\-]*|[^\w\s]")
 
 
 class TokensConverter(Converter):
-    """Words after masking variable parts, plus the whole masked line as a template."""
+    """Words after masking variable parts, plus the whole masked line as a template.
+
+    ``hosts``: host names are variable parts too (messages of syslog and applications; off in
+    models from before the option, which learned them as words)."""
 
     kind = "tokens"
-    options = {"template": True, "lowercase": False, "max_chars": 2048}
+    options = {"template": True, "lowercase": False, "max_chars": 2048, "hosts": False}
 
     def features(self, value: str) -> Iterator[str]:
-        masked = mask_variables(value[: self.config["max_chars"]])
+        masked = mask_variables(value[: self.config["max_chars"]], self.config["hosts"])
         if self.config["lowercase"]:
             masked = masked.lower()
         for token in _TOKEN.findall(masked):

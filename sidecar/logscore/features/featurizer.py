@@ -41,19 +41,19 @@ DEFAULT_SPECS: dict[str, dict] = {
         "format": "syslog",
         "fields": [
             {"field": "app", "converters": [{"kind": "categorical"}]},
-            {"field": "message", "converters": [{"kind": "tokens"}]},
+            {"field": "message", "converters": [{"kind": "tokens", "hosts": True}]},
         ],
     },
     "jsonl": {
         "format": "jsonl",
         "fields": [
             {"field": "level", "converters": [{"kind": "categorical"}]},
-            {"field": "message", "converters": [{"kind": "tokens"}]},
+            {"field": "message", "converters": [{"kind": "tokens", "hosts": True}]},
         ],
     },
     "plain": {
         "format": "plain",
-        "fields": [{"field": "message", "converters": [{"kind": "tokens"}]}],
+        "fields": [{"field": "message", "converters": [{"kind": "tokens", "hosts": True}]}],
     },
 }
 
