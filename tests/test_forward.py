@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import re
 import socket
 import socketserver
 import threading
@@ -27,10 +28,11 @@ class ForwardReceiver:
     keeping count of the most bytes it held unacknowledged.
     """
 
-    def __init__(self, port: int, ack: bool = True, ack_when_quiet_s: float = 0.0):
+    def __init__(self, port: int, ack: bool = True, ack_when_quiet_s: float = 0.0, bytes_per_s: float = 0.0):
         self.port = port
         self.ack = ack
         self.ack_when_quiet_s = ack_when_quiet_s
+        self.bytes_per_s = bytes_per_s  # reads at most this fast (0: as fast as it can)
         self.most_unacked_bytes = 0
         self.entries: list[tuple[str, list]] = []  # (tag, [time, record]) as received
         self.frames = 0
@@ -58,6 +60,8 @@ class ForwardReceiver:
                         continue
                     if not data:
                         return
+                    if receiver.bytes_per_s:
+                        time.sleep(len(data) / receiver.bytes_per_s)
                     held_bytes += len(data)
                     receiver.most_unacked_bytes = max(receiver.most_unacked_bytes, held_bytes)
                     unpacker.feed(data)
@@ -325,12 +329,61 @@ def test_a_next_hop_that_never_acks_fails_fast_and_says_why(tmp_path):
         message = ["web", [[1_700_000_000, {"message": "x"}]], {"chunk": uuid.uuid4().hex}]
         assert send_chunk(port, message) is None
         assert send_chunk(port, message) is None  # the hop counts as down: refused without waiting
-        assert "no ack within 2 s (forward_ack_timeout_s)" in sidecar.log()
-        assert "is down (no ack within 2 s (forward_ack_timeout_s)); next try in" in sidecar.log()
+        assert "no progress (acks, bytes read) for 2 s (forward_ack_timeout_s)" in sidecar.log()
+        assert "is down (no progress (acks, bytes read) for 2 s (forward_ack_timeout_s)); next try in" in (
+            sidecar.log())
         assert counter(sidecar, "forward_next_hop") == 2 and counter(sidecar, "forward_protocol") == 0
     finally:
         sidecar.stop()
         silent.stop()
+
+
+def test_a_next_hop_that_reads_slowly_is_waited_for_not_failed(tmp_path):
+    """A fixed wait over a whole window failed a next hop reading 16 KB/s for good (each resend
+    delivered nothing), and one reading faster got 41-66 % of its records twice."""
+    slow = ForwardReceiver(free_port(), bytes_per_s=300_000).start()
+    sidecar, port, _ = start_chain(tmp_path, slow, forward_ack_timeout_s=1)
+    try:
+        lines = [f"{line} {i}" for i, line in enumerate(blog_lines(5000, seed=36))]  # about 1.3 MB: 4 s to read
+        chunk = uuid.uuid4().hex
+        message = ["web", packed([[1_700_000_000, {"message": line}] for line in lines]),
+                   {"size": len(lines), "chunk": chunk}]
+        assert send_chunk(port, message, timeout=60) == {"ack": chunk}
+        assert sorted(r["message"] for _, r in slow.records) == sorted(lines)  # once each
+        assert counter(sidecar, "forward_next_hop") == 0
+    finally:
+        sidecar.stop()
+        slow.stop()
+
+
+def test_relays_failing_together_double_the_backoff_once():
+    """Relays admitted together each tried, failed and doubled the backoff: five senders took it
+    from 0.5 s to 30 s within 11 s of an outage, and recovery lagged the outage by 26 s."""
+    import asyncio
+
+    from logscore.servers.forward import Frame, NextHop, NextHopError
+
+    async def five_relays_at_once() -> tuple[list, float]:
+        hop = NextHop(f"127.0.0.1:{free_port()}")  # nothing listens there
+        outcomes = await asyncio.gather(*(hop.send([Frame(uuid.uuid4().hex, b"")]) for _ in range(5)),
+                                        return_exceptions=True)
+        return outcomes, hop.down_until - time.monotonic()
+
+    outcomes, down_for = asyncio.run(five_relays_at_once())
+    assert all(isinstance(outcome, NextHopError) for outcome in outcomes)
+    assert sum("is down" in str(outcome) for outcome in outcomes) == 4  # one attempt, four turned away
+    assert down_for <= NextHop.MIN_BACKOFF_S
+
+
+def test_a_silent_new_connection_is_named_as_a_likely_secure_forward_sender(chain):
+    """Fluent Bit with Shared_Key waits for a HELO; both sides timed out a minute later, saying nothing useful."""
+    sidecar, port, receiver = chain
+    with socket.create_connection(("127.0.0.1", port), timeout=10):
+        sidecar.wait_for(lambda: "forward connection silent since it opened" in sidecar.log(), timeout=15,
+                         what="the warning")
+    assert "secure forward (shared_key, Shared_Key)" in sidecar.log()
+    chunk = uuid.uuid4().hex  # the port goes on serving
+    assert send_chunk(port, ["web", [[1_700_000_000, {"message": "x"}]], {"chunk": chunk}]) == {"ack": chunk}
 
 
 def test_invalid_entries_are_skipped_and_counted_the_rest_pass(chain):

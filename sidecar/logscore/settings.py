@@ -38,8 +38,10 @@ class Settings:
                                      "Docker's fluentd driver); needs --forward-to")
     forward_to: Optional[str] = setting(None, "host:port of the next forward receiver; scored records go "
                                         "there and senders are acked only after it acked")
-    forward_ack_timeout_s: float = setting(10.0, "how long to wait for the next hop's ack; after a failure the "
-                                           "next hop counts as down for a backoff (0.5 s doubling to 30 s)")
+    forward_ack_timeout_s: float = setting(10.0, "how long the next hop may make no progress (no ack, none of "
+                                           "the bytes sent read) while something is outstanding; after a failure "
+                                           "the next hop counts as down for a backoff (0.5 s doubling to 30 s, once "
+                                           "per attempt)")
     forward_idle_timeout_s: float = setting(60.0, "a forward connection that sends nothing this long is closed")
     forward_max_message_bytes: int = setting(16 * 1024 * 1024, "largest forward message accepted (a sender's "
                                              "chunk: keep its chunk_limit_size below); compressed payloads may "

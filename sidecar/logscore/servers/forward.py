@@ -37,7 +37,10 @@ goes on exactly as it came (integer, float, EventTime, Fluent Bit's
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
+import struct
+import termios
 import time
 import uuid
 import zlib
@@ -62,6 +65,7 @@ READ_BYTES = 256 * 1024  # what a connection may read before it is admitted
 ACTIVE_CONNECTIONS = 2  # read, scored and relayed at once; the rest wait unread (backpressure)
 INFLATE_STEP = 1024 * 1024
 PARTIAL_MESSAGE_TIMEOUT_S = 10.0  # an admitted connection must finish the message it started (and read its acks)
+SILENT_SENDER_S = 5.0  # a new connection sending nothing this long is named in the log (secure forward?)
 MAX_INVALID_ENTRIES = 1000  # skipped like Fluentd's in_forward does; this many means it is not a chunk
 MAX_REFUSALS = 5  # a reachable next hop that drops held records this often refuses them: give up
 # NOTE: a payload is inflated once to count it (so a refused one relays nothing), then again in
@@ -250,11 +254,16 @@ def raw_frame(message) -> Frame:
 class NextHop:
     """One connection to the next forward receiver; frames are pipelined, each waits for its ack.
 
-    After a failure the next hop counts as down for a backoff (0.5 s doubling to 30 s):
-    senders are refused at once instead of each waiting ``ack_timeout_s``.
+    The next hop fails when it makes no progress (no ack comes, none of the bytes written leave)
+    for ``ack_timeout_s`` while something is outstanding: a hop that reads slowly is slow, not
+    down (a fixed wait over a whole window failed one reading 16 KB/s for good, every resend
+    delivering nothing, and one reading 64 KB/s duplicated 41 % of its records). After a failure
+    the next hop counts as down for a backoff (0.5 s doubling to 30 s, once per attempt): senders
+    are refused at once instead of each waiting ``ack_timeout_s``.
     """
 
     MIN_BACKOFF_S, MAX_BACKOFF_S = 0.5, 30.0
+    PROGRESS_CHECK_S = 0.5  # how often a wait looks for progress
 
     def __init__(self, address: str, ack_timeout_s: float = 10.0):
         host, _, port = address.rpartition(":")
@@ -266,17 +275,17 @@ class NextHop:
         self._reader_task: Optional[asyncio.Task] = None
         self._pending: dict[str, asyncio.Future] = {}
         self._backoff = self.MIN_BACKOFF_S
+        self._progress_at = 0.0  # the last ack, drained bytes, or start of waiting
+        self._buffered = 0  # bytes written, not yet taken by the next hop, when last looked at
         self.down_until = 0.0
         self.last_error = ""
         self.reachable = False  # the last connection attempt succeeded (a failure since was a refusal)
 
     async def send(self, frames: list[Frame]) -> list[asyncio.Future]:
         """Write frames; each returned future completes when the next hop acked its frame."""
-        now = time.monotonic()
-        if now < self.down_until:
-            raise NextHopError(f"next hop {self.address} is down ({self.last_error}); next try in "
-                               f"{self.down_until - now:.1f} s")
+        self._refuse_while_down()
         async with self._lock:
+            self._refuse_while_down()  # another relay may have failed while this one waited
             try:
                 if self._writer is None:
                     self.reachable = False
@@ -285,35 +294,78 @@ class NextHop:
                     self.reachable = True
                     self._reader_task = asyncio.create_task(self._read_acks(reader, self._writer))
                 loop = asyncio.get_running_loop()
+                if not self._pending:
+                    self._progress_at = time.monotonic()  # the clock runs while something is outstanding
                 acks = []
                 for frame in frames:
                     acks.append(self._pending.setdefault(frame.chunk, loop.create_future()))
                     self._writer.write(frame.data)
-                async with asyncio.timeout(self.ack_timeout_s):  # the next hop may stop reading
-                    await self._writer.drain()
+                self._buffered = self._outstanding_bytes()
+                await self._while_progressing(asyncio.ensure_future(self._writer.drain()))
                 return acks
             except (OSError, asyncio.TimeoutError) as error:
                 raise self.failed(f"cannot send: {type(error).__name__} {error}".rstrip()) from None
 
     async def acknowledged(self, acks: list[asyncio.Future]) -> None:
-        """Wait for the acks of frames sent; raises NextHopError after ack_timeout_s."""
-        if not acks:
-            return
+        """Wait for the acks of frames sent; raises NextHopError once the next hop makes no
+        progress for ack_timeout_s."""
         try:
-            async with asyncio.timeout(self.ack_timeout_s):
-                for ack in acks:
-                    await ack
+            for ack in acks:
+                await self._while_progressing(ack)
         except asyncio.TimeoutError:
-            raise self.failed(f"no ack within {self.ack_timeout_s:g} s (forward_ack_timeout_s)") from None
+            raise self.failed(f"no progress (acks, bytes read) for {self.ack_timeout_s:g} s "
+                              "(forward_ack_timeout_s)") from None
         except NextHopError:
             raise
-        self._backoff = self.MIN_BACKOFF_S
+        if acks:
+            self._backoff = self.MIN_BACKOFF_S
+
+    async def _while_progressing(self, waited: asyncio.Future) -> None:
+        """Wait for ``waited`` as long as the next hop makes progress; TimeoutError once it has
+        made none for ack_timeout_s."""
+        try:
+            while True:
+                try:
+                    return await asyncio.wait_for(asyncio.shield(waited), self.PROGRESS_CHECK_S)
+                except asyncio.TimeoutError:
+                    buffered = self._outstanding_bytes()
+                    if buffered < self._buffered:  # the next hop took some of what was written
+                        self._progress_at = time.monotonic()
+                    self._buffered = buffered
+                    if time.monotonic() - self._progress_at >= self.ack_timeout_s:
+                        raise
+        finally:
+            if not waited.done():
+                waited.cancel()
+
+    def _outstanding_bytes(self) -> int:
+        """Bytes written that the next hop has not taken: the transport's buffer and the socket's
+        send queue (on loopback a whole window fits in the kernel's buffers)."""
+        if self._writer is None:
+            return 0
+        queued = 0
+        sock = self._writer.get_extra_info("socket")
+        if sock is not None:
+            try:
+                queued = struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+            except OSError:
+                pass
+        return self._writer.transport.get_write_buffer_size() + queued
+
+    def _refuse_while_down(self) -> None:
+        now = time.monotonic()
+        if now < self.down_until:
+            raise NextHopError(f"next hop {self.address} is down ({self.last_error}); next try in "
+                               f"{self.down_until - now:.1f} s")
 
     def failed(self, reason: str) -> NextHopError:
-        """Close the connection, fail every frame waiting for an ack, count the hop down for a while."""
+        """Close the connection, fail every frame waiting for an ack, count the hop down for a while
+        (the backoff doubles once per attempt, not once per relay that saw the failure)."""
         self.last_error = reason
-        self.down_until = time.monotonic() + self._backoff
-        self._backoff = min(self._backoff * 2, self.MAX_BACKOFF_S)
+        now = time.monotonic()
+        if now >= self.down_until:
+            self.down_until = now + self._backoff
+            self._backoff = min(self._backoff * 2, self.MAX_BACKOFF_S)
         error = NextHopError(f"next hop {self.address}: {reason}")
         self._close(error)
         return error
@@ -327,6 +379,7 @@ class NextHop:
                     acked = self._pending.pop(answer.get("ack"), None) if isinstance(answer, dict) else None
                     if acked is not None and not acked.done():
                         acked.set_result(None)
+                        self._progress_at = time.monotonic()
             reason = "closed the connection"
         except (OSError, ValueError, msgpack.UnpackException) as error:
             reason = f"connection failed: {type(error).__name__} {error}".rstrip()
@@ -444,14 +497,16 @@ class ForwardServer(StreamServer):
         peer = str(writer.get_extra_info("peername"))
         position = Position()
         try:
+            data = await self._first_bytes(reader, peer)
             while not self.draining:
-                try:
-                    async with asyncio.timeout(self.idle_timeout_s):
-                        data = await reader.read(READ_BYTES)
-                except asyncio.TimeoutError:
-                    log.info("forward connection idle; closed", extra={"peer": peer,
-                                                                       "idle_timeout_s": self.idle_timeout_s})
-                    return
+                if data is None:
+                    try:
+                        async with asyncio.timeout(self.idle_timeout_s):
+                            data = await reader.read(READ_BYTES)
+                    except asyncio.TimeoutError:
+                        log.info("forward connection idle; closed", extra={"peer": peer,
+                                                                           "idle_timeout_s": self.idle_timeout_s})
+                        return
                 if not data:
                     return
                 async with self._admission:
@@ -461,6 +516,7 @@ class ForwardServer(StreamServer):
                         await self._take_messages(reader, writer, unpacker, position, data)
                     finally:
                         self.busy.discard(task)
+                data = None
         except (ForwardProtocolError, ValueError, TypeError, msgpack.UnpackException) as error:
             # counted and logged at most every few seconds: a port scanner or a misconfigured
             # shipper reconnecting in a loop would otherwise flood the log, a line per connection
@@ -472,6 +528,20 @@ class ForwardServer(StreamServer):
                         extra={"peer": peer, "error": str(error)})
         except (OSError, asyncio.TimeoutError) as error:
             log.info("forward connection lost", extra={"peer": peer, "error": f"{type(error).__name__} {error}"})
+
+    async def _first_bytes(self, reader: asyncio.StreamReader, peer: str) -> Optional[bytes]:
+        """The connection's first bytes, if they come within SILENT_SENDER_S; a sender silent that
+        long is named in the log: a secure-forward sender (shared_key) waits for a greeting the
+        sidecar never sends, and both sides only time out, a minute later, saying nothing useful."""
+        try:
+            async with asyncio.timeout(min(SILENT_SENDER_S, self.idle_timeout_s)):
+                return await reader.read(READ_BYTES)
+        except asyncio.TimeoutError:
+            log.warning("forward connection silent since it opened: a sender set up for secure forward "
+                        "(shared_key, Shared_Key) waits for a HELO the sidecar does not send; turn secure "
+                        "forward off towards the sidecar (use TLS for privacy)",
+                        extra={"peer": peer, "silent_s": SILENT_SENDER_S})
+            return None
 
     async def _take_messages(self, reader, writer, unpacker: msgpack.Unpacker, position: "Position",
                              data: bytes) -> None:
