@@ -358,3 +358,33 @@ def test_a_syslog_model_reads_host_names_as_values_not_words(tmp_path):
     later = logscore("score", "--model", model, tmp_path / "later.log")
     scored = [json.loads(line) for line in later.stdout.splitlines()]
     assert len(scored) == 50 and sum(r["is_anomaly"] for r in scored) == 0, [r for r in scored if r["is_anomaly"]]
+
+
+def test_a_never_seen_error_stands_out_in_a_log_full_of_new_words(tmp_path):
+    """A log whose lines keep bringing new words (a third of them here) learns that new words are
+    normal: short never-seen error lines scored 0.71-0.88, under the threshold, while a never-seen
+    word of failure should stand out (the `alarms` converter)."""
+    rng = random.Random(90)
+    vocabulary = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(4, 9)))
+                  for _ in range(20_000)]
+
+    def chatty(count: int) -> list[str]:
+        return [f"Mar {rng.randint(1, 28):2d} 10:{rng.randint(0, 59):02d}:{rng.randint(0, 59):02d} host1 "
+                f"app[{rng.randint(100, 9999)}]: " + " ".join(rng.choices(vocabulary, k=rng.randint(3, 12)))
+                for _ in range(count)]
+
+    (tmp_path / "train.log").write_text("\n".join(syslog_lines(1400, seed=91) + chatty(600)) + "\n")
+    model = tmp_path / "syslog.onnx"
+    assert logscore("train", "--input", tmp_path / "train.log", "--format", "syslog", "--out", model).returncode == 0
+    errors = ["kernel: Out of memory: Killed process 4711 (java) total-vm:812345kB",
+              "app[311]: java.lang.OutOfMemoryError: Java heap space",
+              "sshd[22]: fatal: Cannot bind any address",
+              "app[77]: segfault at 10 ip 00007f3a2b1c4d5e sp 00007ffd9a8b7c60 error 4 in libc.so",
+              "systemd[1]: Failed to start Session 12 of user alice.",
+              "app[90]: database disk image is malformed, refusing to start",
+              "CRON[5]: pam_unix(cron:session): authentication failure; user=bob"]
+    later = [f"Mar  4 11:00:{i:02d} host1 {line}" for i, line in enumerate(errors)]
+    (tmp_path / "later.log").write_text("\n".join(later + syslog_lines(100, seed=92) + chatty(100)) + "\n")
+    scored = [json.loads(line) for line in logscore("score", "--model", model, tmp_path / "later.log").stdout.splitlines()]
+    assert [r["is_anomaly"] for r in scored[:7]] == [True] * 7, [r["score"] for r in scored[:7]]
+    assert not any(r["is_anomaly"] for r in scored[7:])  # new words alone: as in training

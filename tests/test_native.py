@@ -50,6 +50,7 @@ CONVERTER_SPECS = [
     {"kind": "ngrams", "n": [5, 8], "weighting": "tf"},
     {"kind": "tokens"},
     {"kind": "tokens", "template": False, "lowercase": True, "weighting": "log_tf", "weight": 0.5},
+    {"kind": "alarms", "weight": 8.0},
     {"kind": "categorical"},
     {"kind": "categorical", "transform": "status_class"},
     {"kind": "numeric", "weight": 0.25},
@@ -68,7 +69,8 @@ EDGE_VALUES = [
     "/p?%6E" * 3 + "=1", "/a/a/b/a/", "//", "/?a=1&a=2&b", "-0", "-0.0", "0.5", "1", "2", "1e308", "1e309",
     "  12  ", "1_000", "١٢", "0x10", "-5", "nan", "-inf", "conn from 10.1.2.3:22 id 0xdeadbeef took 1.5s",
     "open /var/log/x.log", "ÀÉ İstanbul ß", "ABC", "\ud800x\udfff", "a\x00b",
-    "aaaa9999----", "éééa", "\t\n x", "x" * 40]
+    "aaaa9999----", "éééa", "\t\n x", "x" * 40,
+    "java.lang.OutOfMemoryError: Java heap space", "segfault at 10 ip 0x7f3a error 4", "DEBUG errno=2 kill -9 FAILED"]
 
 
 @pytest.mark.parametrize("converter", CONVERTER_SPECS, ids=lambda c: "-".join(f"{v}" for v in c.values()))

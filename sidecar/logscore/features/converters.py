@@ -449,6 +449,64 @@ class TokensConverter(Converter):
             yield f"template {' '.join(masked.split())[:256]}"
 
 
+# Words of failure in any program's messages (severity, failure, refusal, corruption, crash): a
+# word holding one (``OutOfMemoryError``, ``segfault``, ``Deadlock``) is alarm vocabulary. Matched
+# at the start of a word's pieces (camelCase and non-letters split them), so ``debug`` holds no
+# ``bug``; the short ones only as a whole piece (``errno`` is no ``err``).
+ALARM_STEMS = ("error", "fail", "fatal", "panic", "exception", "segfault", "segmentation", "killed",
+               "outofmemory", "denied", "corrupt", "abort", "crash", "timeout", "refused", "invalid", "unable",
+               "cannot", "unreachable", "overflow", "deadlock", "violation", "traceback", "assert", "critical",
+               "emerg", "severe", "expired", "lockup", "stuck", "unhandled", "illegal", "malformed", "mismatch",
+               "rejected", "lost")
+ALARM_WORDS = frozenset(("err", "oom", "bug", "kill"))
+_ALARM_STEM = re.compile("|".join(ALARM_STEMS))
+# What a message must hold (lowercased) to hold an alarm: the stems and words no other one starts with.
+_ALARM_MARKS = tuple(sorted({s for s in ALARM_STEMS + tuple(ALARM_WORDS)
+                             if not any(o != s and s.startswith(o) for o in ALARM_STEMS + tuple(ALARM_WORDS))}))
+_WORD_PIECE = re.compile(r"[A-Z]?[a-z]+|[A-Z]+(?![a-z])")
+
+
+def alarm_stems(word: str) -> list[str]:
+    """The alarm stems ``word``'s pieces start with, in order (``LedgerCorruptedException`` →
+    corrupt, exception)."""
+    found = []
+    for piece in _WORD_PIECE.findall(word):
+        piece = piece.lower()
+        if piece in ALARM_WORDS:
+            found.append(piece)
+        else:
+            match = _ALARM_STEM.match(piece)
+            if match is not None:
+                found.append(match.group())
+    return found
+
+
+class AlarmsConverter(Converter):
+    """Alarm vocabulary of a message: each alarm stem it holds (``alarm fail``) and each masked word
+    holding one (``alarm word java.lang.OutOfMemoryError``).
+
+    Beside ``tokens`` with a weight above 1, a never-seen word of failure counts as that many
+    never-seen words: one new error message stands out from long normal lines holding many rare
+    words, while alarm words the log shows every day (its own ``ERROR`` level) are seen and add
+    nothing. The threshold still comes from out-of-fold scores, so a log whose normal lines keep
+    bringing new alarm words raises it."""
+
+    kind = "alarms"
+    options = {"max_chars": 2048, "hosts": True}
+
+    def features(self, value: str) -> Iterator[str]:
+        text = value[: self.config["max_chars"]]
+        lowered = text.lower()
+        if not any(mark in lowered for mark in _ALARM_MARKS):  # most messages: nothing to mask
+            return
+        for token in _TOKEN.findall(mask_variables(text, self.config["hosts"])):
+            stems = alarm_stems(token)
+            if stems:
+                yield f"alarm word {token}"
+                for stem in stems:
+                    yield f"alarm {stem}"
+
+
 class SequenceConverter(Converter):
     """A session as a sequence of events ("22 5 5 11 9" or template ids): the events,
     their n-grams in order (an unseen transition is what DeepLog-style detectors catch),
@@ -645,8 +703,8 @@ class NgramConverter(Converter):
 
 CONVERTERS: dict[str, type[Converter]] = {
     cls.kind: cls
-    for cls in (UrlConverter, TokensConverter, SequenceConverter, CategoricalConverter, NumericConverter,
-                NgramConverter)
+    for cls in (UrlConverter, TokensConverter, AlarmsConverter, SequenceConverter, CategoricalConverter,
+                NumericConverter, NgramConverter)
 }
 
 
