@@ -228,3 +228,34 @@ def test_the_fluent_bit_example_passes_its_dry_run():
                             timeout=30)
     assert result.returncode == 0 and "configuration test is successful" in result.stdout + result.stderr, (
         result.stdout + result.stderr)
+
+
+def test_a_stack_trace_joined_by_fluent_bit_is_one_record_with_one_score(chain):
+    """One line a record, a Java stack trace was an alert a frame (70 for five exceptions in a
+    probe); Fluent Bit's multiline parser makes it one record, which passes the sidecar whole."""
+    workdir, parts, _ = chain
+    source = workdir / "app.log"
+    trace = ['Exception in thread "main" java.lang.IllegalStateException: ledger checksum mismatch',
+             "\tat com.acme.billing.Ledger.verify(Ledger.java:218)",
+             "\tat com.acme.billing.Main.main(Main.java:12)"]
+    source.write_text("\n".join(["Dec 02 10:00:00 app started", *trace, "Dec 02 10:00:01 app ready"]) + "\n")
+    forward = parts["sidecar"].settings["forward"].rpartition(":")[2]
+    parts["sender"] = FluentBit(workdir, "multiline-sender", f"""
+[INPUT]
+    Name tail
+    Path {source}
+    Read_From_Head On
+    multiline.parser java
+    Tag app.log
+[OUTPUT]
+    Name forward
+    Match *
+    Host 127.0.0.1
+    Port {forward}
+    Require_ack_response true
+    Retry_Limit no_limits
+""").start()
+    out = wait_for_lines(workdir, 3, timeout=30)
+    assert [r["log"].rstrip("\n") for _, _, r in out] == ["Dec 02 10:00:00 app started", "\n".join(trace),
+                                                         "Dec 02 10:00:01 app ready"]
+    assert all(isinstance(r.get("anomaly_score"), float) and "anomaly_unscored" not in r for _, _, r in out)
