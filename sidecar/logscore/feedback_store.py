@@ -514,19 +514,6 @@ class FeedbackService:
         self._reload_after_write()
         return stored
 
-    def _same_active(self, cursor, entry: Entry) -> Optional[Entry]:
-        """An active entry with the entry's verdict, scope, rule and expiry (its examples aside)."""
-        cursor.execute(self._sql(f"SELECT {', '.join(COLUMNS)} FROM feedback WHERE verdict = ? AND model = ? "
-                                 "AND route = ? AND entity = ? AND removed_at IS NULL ORDER BY id"),
-                       (entry.verdict, entry.model, entry.route, entry.entity))
-        wanted = json.loads(json.dumps(entry.rule()))  # as stored: tuples read back as lists
-        for row in cursor.fetchall():
-            stored = entry_from_row(row)
-            if stored.expires_at == entry.expires_at and stored.rule() == wanted:
-                stored.existing = True
-                return stored
-        return None
-
     def remove(self, entry_id: int, by: str) -> Entry:
         removed = self.store.remove(entry_id, by)
         self._reload_after_write()

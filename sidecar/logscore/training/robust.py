@@ -168,12 +168,14 @@ def unusual_records(raw: np.ndarray, set_aside: np.ndarray, target_fpr: float) -
 
 
 def screen(score_out_of_fold, records: int, target_fpr: float, factor: float, max_rounds: int,
-           expand=None, columns: Sequence[int] = (0,), contaminated_factor: Optional[float] = None) -> Screening:
+           expand=None, columns: Sequence[int] = (0,), contaminated_factor: Optional[float] = None,
+           eligible: Optional[np.ndarray] = None) -> Screening:
     """``score_out_of_fold(fit_mask, vouching=None)`` → out-of-fold raw scores of all records from
     models fit on the masked ones (``vouching``: as training.train.fit takes it); ``expand(set_aside,
     raw)`` → records to set aside with them (their cluster); ``columns``: the detectors screened on;
     ``contaminated_factor``: the level when the first round finds more than ``EVIDENT`` of the
-    records far out. Rounds until the set-aside records stop changing."""
+    records far out; ``eligible``: the records that may be set aside (all when None; prior.AlarmVocabulary).
+    Rounds until the set-aside records stop changing."""
     set_aside = np.zeros(records, dtype=bool)
     raw = score_out_of_fold(~set_aside)
 
@@ -182,7 +184,7 @@ def screen(score_out_of_fold, records: int, target_fpr: float, factor: float, ma
         found = outliers(screened, target_fpr, level)
         if expand is not None and found.any():
             found |= expand(found, screened)
-        return found
+        return found if eligible is None else found & eligible
 
     def finished(rounds: int) -> Screening:
         if factor != contaminated_factor:

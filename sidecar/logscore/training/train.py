@@ -33,7 +33,7 @@ from ..model import make_session, run_graph
 from ..sessions import SessionSpec, SessionTracker
 from .detectors import DETECTORS, Detector, RarityTable, default_support
 from .graph import GraphBuilder
-from .prior import DEFAULT_SHARE, InjectionPrior
+from .prior import DEFAULT_SHARE, AlarmVocabulary, InjectionPrior
 from .robust import cluster_mates, example_text, record_keys, screen, signature_folds
 from .streaming import featurize_for_fit, raw_scores
 
@@ -326,12 +326,17 @@ def train(records: Iterable[object], options: TrainOptions,
     # Rare = seen in fewer records than a feature needs to count as normal (screening's grouping).
     support = options.support or default_support(len(sample))
     prior = InjectionPrior(options.injection_share) if options.set_aside and options.injection_share else None
+    screening_on = options.set_aside and "rarity" in options.detectors
+    alarms = AlarmVocabulary() if screening_on and AlarmVocabulary.applies(Featurizer(options.spec).converters) else None
+    observers = [o.observe for o in (prior, alarms) if o is not None]
     pairs = None
-    if prior is not None or (options.set_aside and "rarity" in options.detectors):
+    if prior is not None or screening_on:
         progress("grouping similar records", 0, len(sample), "records")
-        pairs = record_keys(sample, options.spec, options.chunk, prior.observe if prior is not None else None)
+        pairs = record_keys(sample, options.spec, options.chunk,
+                            (lambda batch: [observe(batch) for observe in observers]) if observers else None)
     injection = prior.set_aside(*pairs, len(sample)) if prior is not None else np.zeros(len(sample), dtype=bool)
-    folds, screening = screen_sample(sample, options, support, progress, pairs)
+    eligible = alarms.holders(*pairs, len(sample)) if alarms is not None else None
+    folds, screening = screen_sample(sample, options, support, progress, pairs, eligible)
     # Neither learned nor calibrated on (kept in the calibration, a payload family's copies put the
     # threshold among them; docs/accuracy.md measures both).
     kept = ~screening.set_aside & ~injection
@@ -380,6 +385,8 @@ def train(records: Iterable[object], options: TrainOptions,
             "unparsed_records": unparsed,
             "set_aside": (screening.describe(sample)
                           if options.set_aside and "rarity" in options.detectors else None),
+            "set_aside_only_alarms": (None if alarms is None else  # prior.AlarmVocabulary
+                                      {"eligible_records": int(eligible.sum())}),
             "injection_prior": prior.describe(sample, injection) if prior is not None else None,
             "warnings": warnings,
             "distinct_features": int(len(final.table.keys)),
@@ -432,9 +439,10 @@ def check_feedback(final: Fitted, calibration: dict, threshold: float, options: 
 
 
 def screen_sample(sample: Sequence[object], options: TrainOptions, support: float, progress: Progress,
-                  pairs: Optional[tuple[np.ndarray, np.ndarray]]):
+                  pairs: Optional[tuple[np.ndarray, np.ndarray]], eligible: Optional[np.ndarray] = None):
     """(folds, Screening): out-of-fold raw scores, with what looks like attacks set aside
-    (``pairs``: the records' distinct keys, ``record_keys``; needed when screening)."""
+    (``pairs``: the records' distinct keys, ``record_keys``; needed when screening; ``eligible``:
+    the records that may be set aside, all when None)."""
     if not options.set_aside or "rarity" not in options.detectors:
         folds = np.arange(len(sample)) % options.folds
         raw = out_of_fold_raw_scores(sample, options, progress, folds)
@@ -453,7 +461,7 @@ def screen_sample(sample: Sequence[object], options: TrainOptions, support: floa
     return folds, screen(score_out_of_fold, len(sample), options.target_fpr, options.set_aside_factor,
                          options.screening_rounds,
                          lambda found, raw: cluster_mates(found, raw, rows, keys, options.target_fpr),
-                         [options.detectors.index("rarity")], options.contaminated_factor)
+                         [options.detectors.index("rarity")], options.contaminated_factor, eligible)
 
 
 def save_model(model, path: str | Path) -> None:
