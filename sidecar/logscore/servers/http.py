@@ -59,7 +59,7 @@ REASONS = {200: "OK", 303: "See Other", 400: "Bad Request", 401: "Unauthorized",
            504: "Gateway Timeout"}
 MAX_HEADER_BYTES = 32 * 1024
 IDLE_TIMEOUT_S = 75.0  # a keep-alive connection waits this long for its next request
-REQUEST_TIMEOUT_S = 30.0  # from a request's first byte to its last, and to write its answer
+REQUEST_TIMEOUT_S = 30.0  # from a request line to the last byte of its body, and to write its answer
 BODY_PIECE = 64 * 1024  # a body is charged to the in-flight budget as it arrives, a piece at a time
 LINGER_S, LINGER_BYTES = 2.0, 16 * 2**20  # what is read and dropped, after an error, before closing
 CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,8}(;[^\r\n]*)?\r?\n")

@@ -65,13 +65,16 @@ def reads_requests(converter) -> bool:
                                       or (converter.kind == "ngrams" and bool(converter.config["decode"])))
 
 
-class InjectionPrior:
-    """Which training records hold an injection-like request feature the site rarely shows."""
+class KeyMarker:
+    """Marks feature keys by what they are; each key is looked at once, from one record holding it."""
 
-    def __init__(self, share: float = DEFAULT_SHARE):
-        self.share = share
-        self._marked: set[int] = set()  # injection-like keys
+    def __init__(self):
+        self._marked: set[int] = set()
         self._looked_at = np.zeros(0, np.int64)  # sorted
+
+    def marks(self, entry, key: int) -> bool:
+        """Whether ``key``, a feature of ``entry``'s value, is one to mark."""
+        raise NotImplementedError
 
     def observe(self, batch: FeatureBatch) -> None:
         """Look at the keys of ``batch`` not seen before (each named once, from one record)."""
@@ -82,9 +85,22 @@ class InjectionPrior:
         self._looked_at = np.union1d(self._looked_at, keys[fresh])
         origins = batch.origins.resolve()
         for key, index in zip(keys[fresh].tolist(), first[fresh].tolist()):
-            entry = origins.entries[int(origins.entry_of_key[index])]
-            if reads_requests(entry.converter) and injection_like(entry.converter.feature_text(entry.value, key)):
+            if self.marks(origins.entries[int(origins.entry_of_key[index])], key):
                 self._marked.add(key)
+
+    def marked_keys(self) -> np.ndarray:
+        return np.fromiter(self._marked, dtype=np.int64, count=len(self._marked))
+
+
+class InjectionPrior(KeyMarker):
+    """Which training records hold an injection-like request feature the site rarely shows."""
+
+    def __init__(self, share: float = DEFAULT_SHARE):
+        super().__init__()
+        self.share = share
+
+    def marks(self, entry, key: int) -> bool:
+        return reads_requests(entry.converter) and injection_like(entry.converter.feature_text(entry.value, key))
 
     def support(self, records: int) -> float:
         return self.share * records
@@ -93,7 +109,7 @@ class InjectionPrior:
         """bool [records]: holding an injection-like key seen in fewer than ``support`` records
         (``rows``, ``keys``: each record's distinct keys, all of them observed)."""
         distinct, index, holders = np.unique(keys, return_inverse=True, return_counts=True)
-        marked = np.isin(distinct, np.fromiter(self._marked, dtype=np.int64, count=len(self._marked)))
+        marked = np.isin(distinct, self.marked_keys())
         rare = marked & (holders < self.support(records))
         aside = np.zeros(records, dtype=bool)
         aside[rows[rare[index]]] = True
@@ -106,7 +122,7 @@ class InjectionPrior:
                 "examples": [example_text(sample[i]) for i in np.flatnonzero(aside)[:EXAMPLES]]}
 
 
-class AlarmVocabulary:
+class AlarmVocabulary(KeyMarker):
     """In a log of messages, screening sets aside only records holding alarm vocabulary.
 
     Screening (robust.py) was made for requests: an attack stands far out, a normal request rarely
@@ -121,30 +137,18 @@ class AlarmVocabulary:
     learned and calibrated on (the threshold may rise among them). The frames of a stack trace
     shipped one line per record hold no failure word: they are learned, the trace's header is not."""
 
-    def __init__(self):
-        self._alarms: set[int] = set()  # keys from the alarms converter
-        self._looked_at = np.zeros(0, np.int64)  # sorted
-
     @staticmethod
     def applies(converters: Sequence) -> bool:
         """Features of messages with alarm vocabulary, none of a request (those keep plain screening)."""
         return (any(c.kind == "alarms" for c in converters)
                 and not any(reads_requests(c) for c in converters))
 
-    def observe(self, batch: FeatureBatch) -> None:
-        keys, first = np.unique(batch.keys, return_index=True)
-        fresh = ~np.isin(keys, self._looked_at, assume_unique=True)
-        if not fresh.any():
-            return
-        self._looked_at = np.union1d(self._looked_at, keys[fresh])
-        origins = batch.origins.resolve()
-        for key, index in zip(keys[fresh].tolist(), first[fresh].tolist()):
-            if origins.entries[int(origins.entry_of_key[index])].converter.kind == "alarms":
-                self._alarms.add(key)
+    def marks(self, entry, key: int) -> bool:
+        return entry.converter.kind == "alarms"
 
     def holders(self, rows: np.ndarray, keys: np.ndarray, records: int) -> np.ndarray:
         """bool [records]: holding an alarm key (``rows``, ``keys``: each record's distinct keys, all observed)."""
-        alarm = np.isin(keys, np.fromiter(self._alarms, dtype=np.int64, count=len(self._alarms)))
+        alarm = np.isin(keys, self.marked_keys())
         marked = np.zeros(records, dtype=bool)
         marked[rows[alarm]] = True
         return marked

@@ -327,13 +327,18 @@ def train(records: Iterable[object], options: TrainOptions,
     support = options.support or default_support(len(sample))
     prior = InjectionPrior(options.injection_share) if options.set_aside and options.injection_share else None
     screening_on = options.set_aside and "rarity" in options.detectors
-    alarms = AlarmVocabulary() if screening_on and AlarmVocabulary.applies(Featurizer(options.spec).converters) else None
-    observers = [o.observe for o in (prior, alarms) if o is not None]
+    alarms = (AlarmVocabulary() if screening_on and AlarmVocabulary.applies(Featurizer(options.spec).converters)
+              else None)
+    markers = [marker for marker in (prior, alarms) if marker is not None]
+
+    def observe(batch) -> None:
+        for marker in markers:
+            marker.observe(batch)
+
     pairs = None
     if prior is not None or screening_on:
         progress("grouping similar records", 0, len(sample), "records")
-        pairs = record_keys(sample, options.spec, options.chunk,
-                            (lambda batch: [observe(batch) for observe in observers]) if observers else None)
+        pairs = record_keys(sample, options.spec, options.chunk, observe if markers else None)
     injection = prior.set_aside(*pairs, len(sample)) if prior is not None else np.zeros(len(sample), dtype=bool)
     eligible = alarms.holders(*pairs, len(sample)) if alarms is not None else None
     folds, screening = screen_sample(sample, options, support, progress, pairs, eligible)
@@ -383,8 +388,7 @@ def train(records: Iterable[object], options: TrainOptions,
             "records_read": read,
             "records_used": len(sample),
             "unparsed_records": unparsed,
-            "set_aside": (screening.describe(sample)
-                          if options.set_aside and "rarity" in options.detectors else None),
+            "set_aside": screening.describe(sample) if screening_on else None,
             "set_aside_only_alarms": (None if alarms is None else  # prior.AlarmVocabulary
                                       {"eligible_records": int(eligible.sum())}),
             "injection_prior": prior.describe(sample, injection) if prior is not None else None,
