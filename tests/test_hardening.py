@@ -313,14 +313,16 @@ def test_connections_past_the_limit_are_closed_at_once_and_the_rest_go_on(tmp_pa
         for connection in opened:
             connection.close()
         opened = []
-        deadline = time.monotonic() + 10
+        deadline, turned_away = time.monotonic() + 10, 0
         while time.monotonic() < deadline:  # the sidecar sees the closes in its own time
             try:
                 assert process.http_get("/healthz")[0] == 200
                 break
-            except OSError:
+            except OSError:  # closed at once: the limit was still full, and counted
+                turned_away += 1
                 time.sleep(0.1)
-        assert process.metric('logscore_errors_total{kind="too_many_connections",surface="http"}') == 136
+        assert process.metric('logscore_errors_total{kind="too_many_connections",surface="http"}') == (
+            136 + turned_away)
     finally:
         for connection in opened:
             connection.close()
