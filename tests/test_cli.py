@@ -56,6 +56,14 @@ def test_client_scores_through_a_running_sidecar(tmp_path, shop_model_path):
         rows = [json.loads(line) for line in result.stdout.splitlines()]
         assert [r["is_anomaly"] for r in rows] == [False] * 5 + [True]
         assert rows[-1]["model"] == "shop" and len(rows[-1]["explanation"]) == 1
+        # 250 records naming 100 features each is more than a call may ask (20,000): the client sends
+        # smaller calls instead of failing at its default batch of 1,000
+        (tmp_path / "many.log").write_text("\n".join(shop_lines(250, seed=74)) + "\n")
+        explained = logscore("client", "--socket", sidecar.socket, "--explain", 100, tmp_path / "many.log")
+        assert explained.returncode == 0, explained.stderr
+        assert [json.loads(line)["line"] for line in explained.stdout.splitlines()] == list(range(1, 251))
+        too_many = logscore("client", "--socket", sidecar.socket, "--explain", 101, tmp_path / "in.log")
+        assert too_many.returncode == 2 and "--explain 101: name 0 to 100 features" in too_many.stderr
         down = logscore("client", "--socket", tmp_path / "absent.sock", "--timeout", 1, tmp_path / "in.log")
         assert down.returncode == 1 and "UNAVAILABLE" in down.stderr
     finally:

@@ -363,12 +363,17 @@ SCORE_HEAD = "POST /v1/score HTTP/1.1\r\nHost: x\r\nContent-Type: application/js
     (SCORE_HEAD + "Transfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n", 400, "both Content-Length"),
     (SCORE_HEAD + "Transfer-Encoding: chunked\r\n\r\n-5\r\n", 400, "a chunk size is hexadecimal digits"),
     (SCORE_HEAD + "Transfer-Encoding: chunked\r\n\r\n0x2\r\n{}\r\n0\r\n\r\n", 400, "hexadecimal digits"),
-    (SCORE_HEAD + "Transfer-Encoding: chunked\r\n\r\n" + "1" * 40_000 + "\r\n", 400, "hexadecimal digits"),
+    (SCORE_HEAD + "Transfer-Encoding: chunked\r\n\r\n" + "1" * 40_000 + "\r\n", 400, "chunk size line longer"),
     (SCORE_HEAD + "Transfer-Encoding: chunked\r\n\r\n2\r\n{}junk\r\n0\r\n\r\n", 400, "ends with CRLF"),
     ("POST /v1/score?explain=%C2%B2 HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}", 400,
      "give a whole number of features"),
     ("GET /v1/anomalies?since=%C2%B2 HTTP/1.1\r\nHost: x\r\n\r\n", 400, "since='\u00b2': give a whole number"),
     ("DELETE /v1/feedback?id=%C2%B2 HTTP/1.1\r\nHost: x\r\n\r\n", 400, "give the number of a feedback entry"),
+    # these three were all answered 431 "request line too long", whatever was wrong
+    ("GET /" + "a" * 40_000 + " HTTP/1.1\r\n\r\n", 431, "request line longer than 32768 bytes"),
+    ("GET http://[::1/healthz HTTP/1.1\r\nHost: x\r\n\r\n", 400, "malformed request target"),
+    (SCORE_HEAD + "Transfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\nX-Trailer: " + "a" * 40_000 + "\r\n\r\n", 431,
+     "trailer line longer than"),
 ])
 def test_malformed_framing_gets_one_clear_answer(sidecar, data, status, message):
     """These closed the connection without an answer, or answered 500, logging a traceback; some
@@ -420,6 +425,9 @@ def test_bodies_from_callers_without_the_token_are_refused_before_they_are_read(
             connection.sendall((head + token + "\r\n").encode() + b"[")  # then nothing more
             announcing.append(connection)
         time.sleep(0.5)
+        # public paths answer without the token, with a body or without (a probe that sends one)
+        status, answer = raw_request(process.http_port, b"GET /healthz HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}")
+        assert status == 200 and answer == {"status": "ok"}
         lines = json.dumps(shop_lines(3, seed=94)).encode()
         for scheme in ("Bearer", "bearer"):  # the scheme's case does not matter (RFC 9110)
             status, answer = raw_request(process.http_port, http_bytes(process.http_port, lines,

@@ -324,10 +324,15 @@ def run_client(args) -> int:
     import grpc
 
     from .decide import notes_by_record
+    from .scoring import MAX_EXPLAIN
 
     from .generated.logscore.v1 import scorer_pb2 as pb
     from .generated.logscore.v1 import scorer_pb2_grpc as pb_grpc
 
+    if not 0 <= args.explain <= MAX_EXPLAIN:
+        print(f"logscore client: --explain {args.explain}: name 0 to {MAX_EXPLAIN} features per record",
+              file=sys.stderr)
+        return 2
     target = args.tcp or f"unix:{args.socket}"
     channel, metadata = client_channel(args, target)
     records = read_json_records(args.inputs) if args.json_records else read_lines(args.inputs)
@@ -335,7 +340,7 @@ def run_client(args) -> int:
     line_number = 0
     with channel:
         stub = pb_grpc.ScorerStub(channel)
-        for chunk in batched(records, max(1, args.batch), CLIENT_CALL_BYTES):
+        for chunk in batched(records, records_per_call(args.batch, args.explain), CLIENT_CALL_BYTES):
             request = pb.ScoreRequest(model=args.model, tag=args.tag, explain=args.explain)
             fill_records(request, chunk, args.json_records)
             try:
@@ -351,6 +356,14 @@ def run_client(args) -> int:
                 print(json.dumps(result_entry(line_number, response.scores[i], response.is_anomaly[i], model.name,
                                               model.version, notes[i], explanation)))
     return 0
+
+
+def records_per_call(batch: int, explain: int) -> int:
+    """--batch, made small enough that a call asks for no more feature names than the sidecar answers."""
+    from .scoring import MAX_EXPLANATIONS  # the serving modules load only for the commands that use them
+
+    most = MAX_EXPLANATIONS // explain if explain else batch
+    return max(1, min(batch, most))
 
 
 def fill_records(request, records: list, as_fields: bool) -> None:

@@ -54,6 +54,7 @@ BEHAVIOUR_INLINE_RECORDS = 512  # bigger requests are counted into windows and c
 # with explain=100 made a 34 MiB answer (and 240 MiB of the sidecar's memory). 20,000 names,
 # about 60 bytes each, keep an answer near 1 MiB, under gRPC's max_message_bytes.
 MAX_EXPLANATIONS = 20_000
+MAX_EXPLAIN = 100  # feature names for one record
 
 
 def check_record_count(count: int, limit: int) -> None:
@@ -96,8 +97,8 @@ class ScoringService:
             raise ShuttingDown("the sidecar is shutting down; retry on another instance or later")
         count = len(call.records)
         check_record_count(count, self.settings.max_records_per_request)
-        if call.explain > 100:
-            raise InvalidRequest(f"explain={call.explain}: name at most 100 features per record")
+        if call.explain > MAX_EXPLAIN:
+            raise InvalidRequest(f"explain={call.explain}: name at most {MAX_EXPLAIN} features per record")
         if call.explain * count > MAX_EXPLANATIONS:
             raise InvalidRequest(f"explain={call.explain} on {count} records asks for {call.explain * count:,} "
                                  f"feature names; at most {MAX_EXPLANATIONS:,} a request: ask for fewer, or send "

@@ -144,7 +144,7 @@ class HttpServer(StreamServer):
     async def _answer_one(self, reader, writer, task) -> bool:
         """Read one request and answer it; False when the connection is to close."""
         try:
-            line = await asyncio.wait_for(reader.readline(), IDLE_TIMEOUT_S)
+            line = await asyncio.wait_for(read_line(reader, "request line"), IDLE_TIMEOUT_S)
             if not line:
                 return False
             self.busy.add(task)
@@ -154,9 +154,6 @@ class HttpServer(StreamServer):
                 self.metrics.refused(f"http_{error.status}", "http", str(error))
             await self._write(writer, Response.error(error.status, str(error)), keep_alive=False)
             await linger(reader, writer)
-            return False
-        except (asyncio.LimitOverrunError, ValueError):
-            await self._write(writer, Response.error(431, "request line too long"), keep_alive=False)
             return False
         except (asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError):
             return False
@@ -181,7 +178,10 @@ class HttpServer(StreamServer):
         method, target, version = parts
         headers = await self._read_headers(reader)
         length = self._check_length(headers)
-        url = urlsplit(target)
+        try:
+            url = urlsplit(target)
+        except ValueError as error:  # an unbalanced "[" ("Invalid IPv6 URL")
+            raise HttpError(400, f"malformed request target: {error}", close=True) from None
         if self.gate is not None and (length or "transfer-encoding" in headers):
             self.gate(url.path, headers)  # before the body: a caller without the token reads and holds nothing
         ticket = Ticket(self.admission)
@@ -202,10 +202,7 @@ class HttpServer(StreamServer):
         headers: dict[str, str] = {}
         size = 0
         while True:
-            try:
-                header = await reader.readline()
-            except (asyncio.LimitOverrunError, ValueError):
-                raise HttpError(431, "header line too long", close=True) from None
+            header = await read_line(reader, "header line")
             size += len(header)
             if size > MAX_HEADER_BYTES:
                 raise HttpError(431, f"headers exceed {MAX_HEADER_BYTES} bytes", close=True)
@@ -235,10 +232,7 @@ class HttpServer(StreamServer):
             return await self._read_exactly(reader, length, ticket)
         chunks, total = [], 0
         while True:
-            try:
-                size_line = await reader.readline()
-            except (asyncio.LimitOverrunError, ValueError):
-                size_line = b""
+            size_line = await read_line(reader, "chunk size line", 400)
             if not CHUNK_SIZE.fullmatch(size_line):
                 raise HttpError(400, "malformed chunked body: a chunk size is hexadecimal digits", close=True)
             size = int(size_line.split(b";")[0], 16)
@@ -249,7 +243,7 @@ class HttpServer(StreamServer):
             if total > self.max_body_bytes:
                 raise HttpError(413, f"body exceeds {self.max_body_bytes} bytes; send smaller batches", close=True)
             chunks.append(await self._read_exactly(reader, size, ticket))
-            if (await reader.readline()) not in (b"\r\n", b"\n"):
+            if (await read_line(reader, "chunk's end", 400)) not in (b"\r\n", b"\n"):
                 raise HttpError(400, "malformed chunked body: a chunk's data ends with CRLF", close=True)
 
     async def _read_exactly(self, reader: asyncio.StreamReader, length: int, ticket: Ticket) -> bytes:
@@ -266,7 +260,7 @@ class HttpServer(StreamServer):
     @staticmethod
     async def _read_trailers(reader: asyncio.StreamReader) -> None:
         size = 0
-        while (line := await reader.readline()) not in (b"\r\n", b"\n", b""):
+        while (line := await read_line(reader, "trailer line")) not in (b"\r\n", b"\n", b""):
             size += len(line)
             if size > MAX_HEADER_BYTES:
                 raise HttpError(431, f"trailers exceed {MAX_HEADER_BYTES} bytes", close=True)
@@ -366,6 +360,14 @@ class HttpServer(StreamServer):
         return len(self.streams)
 
 
+async def read_line(reader: asyncio.StreamReader, what: str, status: int = 431) -> bytes:
+    """One line of a request; a line longer than the reader's limit is refused, naming which line it was."""
+    try:
+        return await reader.readline()
+    except ValueError:  # asyncio's readline raises it for a line over the limit
+        raise HttpError(status, f"{what} longer than {MAX_HEADER_BYTES} bytes", close=True) from None
+
+
 async def linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     """After an error answer, before closing: say no more will be written and drop what the client
     still sends, for a moment. Closed at once, a connection with unread bytes is reset, and the
@@ -463,6 +465,9 @@ def encode_result(outcome: ScoreOutcome, i: int, notes: list[str]) -> dict:
     return result
 
 
+PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/openapi.json"})  # no token asked (probes, scrapers)
+
+
 class SidecarHttp:
     """Routes of the sidecar's HTTP port; scoring goes through the same core as gRPC."""
 
@@ -481,9 +486,12 @@ class SidecarHttp:
 
     def gate(self, path: str, headers: dict[str, str]) -> None:
         """A request with a body comes from a holder of the token (the review page's forms: its
-        cookie), or is refused before any of its body is read or charged to the budget."""
+        cookie), or is refused before any of its body is read or charged to the budget. Public
+        paths answer anyone, body or not, as their handlers do."""
         request = Request("", path, {}, headers)
-        if self.token is None or (path.startswith("/ui/") and self.feedback.page_allowed(request)):
+        if self.token is None or path in PUBLIC_PATHS:
+            return
+        if path.startswith("/ui/") and self.feedback.page_allowed(request):
             return
         try:
             self._authorize(request)
