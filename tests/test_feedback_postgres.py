@@ -10,7 +10,7 @@ import time
 import pytest
 
 from logscore.errors import ConfigError, StoreUnavailable
-from logscore.feedback import NORMAL, Entry
+from logscore.feedback import EXAMPLES, NORMAL, Entry
 from logscore.feedback_store import SCHEMA_VERSION, PostgresStore, SqliteStore, redact
 
 from .postgres_cluster import PostgresCluster
@@ -94,6 +94,17 @@ def test_both_stores_hold_one_schema_with_versioned_migrations(cluster, tmp_path
         assert store.entries() == [] and len(store.entries(include_removed=True)) == 1
     described = [[(e.verdict, e.pattern, e.author, e.model, e.removed_by) for e in s.entries(True)] for s in stores]
     assert described[0] == described[1]
+
+    # A second mark of what an entry says adds its records to the entry's examples (training learns
+    # from them), up to EXAMPLES; it used to drop them
+    rule = {"keys": [3], "kind": [1, "path /b/<a>"], "features": ["url: y"]}
+    for store in stores:
+        first = store.add(Entry(0, NORMAL, {**rule, "examples": ["GET /b/1", "GET /b/2"]}, "ana"))
+        again = store.add(Entry(0, NORMAL, {**rule, "examples": ["GET /b/2"] + [f"GET /b/{i}" for i in range(3, 9)]},
+                                "ben"))
+        assert again.existing and again.id == first.id and again.author == "ana"
+        kept = [e for e in store.entries() if e.id == first.id][0]
+        assert kept.examples() == [f"GET /b/{i}" for i in range(1, 1 + EXAMPLES)]
 
     # A schema newer than this logscore knows is refused, not guessed at.
     def newer(cursor):

@@ -10,10 +10,12 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from logscore.generated.logscore.v1 import scorer_pb2 as pb
 
@@ -669,21 +671,44 @@ def test_grpc_calls_without_the_token_are_refused_before_their_message_arrives(t
         assert process.stop() == 0
 
 
-def test_grpc_calls_past_the_cap_are_refused_at_once(tmp_path, shop_models):
-    process = SidecarProcess(shop_models, tmp_path, max_grpc_calls="3").start()
-    channel = grpc.insecure_channel(f"unix:{process.socket}")
+def test_grpc_calls_past_the_cap_are_refused_at_once_and_watchers_take_at_most_a_quarter(tmp_path, shop_models):
+    """Event watchers filled max_grpc_calls: health checks and scoring were refused while they watched."""
+    process = SidecarProcess(shop_models, tmp_path, max_grpc_calls="8").start()
+    channel, other = (grpc.insecure_channel(f"unix:{process.socket}", options=[("grpc.use_local_subchannel_pool", 1)])
+                      for _ in range(2))  # two connections
+    release = threading.Event()
+    watchers, streams = [], []
+
+    def held_open():  # a request stream that sends nothing until released
+        release.wait(30)
+        yield from ()
     try:
         stub = process.stub(channel)
-        watchers = [stub.WatchAnomalies(pb.WatchAnomaliesRequest()) for _ in range(3)]  # long-lived calls
-        for watcher in watchers:
+        watchers += [stub.WatchAnomalies(pb.WatchAnomaliesRequest(), timeout=30) for _ in range(3)]  # long-lived
+        for watcher in watchers[:2]:
             watcher.initial_metadata()
+        with pytest.raises(grpc.RpcError) as refused:
+            next(watchers[2])
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "2 anomaly watchers are open" in refused.value.details()
+        health = health_pb2_grpc.HealthStub(channel)
+        assert health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == health_pb2.HealthCheckResponse.SERVING
+        assert scored(stub)
+        # the cap itself: six calls held open beside the two watchers (on a connection of their own:
+        # past STREAMS_PER_CONNECTION, calls wait in the client, not refused by the sidecar)
+        streams += [process.stub(other).ScoreStream(held_open()) for _ in range(6)]
+        process.wait_for(lambda: not scored(stub), what="a call refused past the cap")
         with pytest.raises(grpc.RpcError) as failure:
-            stub.Score(pb.ScoreRequest(lines=pb.RawLines(lines=[b"x"])), timeout=10)
+            health.Check(health_pb2.HealthCheckRequest(), timeout=5)
         assert failure.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         watchers[0].cancel()
         process.wait_for(lambda: scored(stub), what="a place freed")
     finally:
+        release.set()
+        for call in watchers + streams:
+            call.cancel()
         channel.close()
+        other.close()
         assert process.stop() == 0
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from .errors import ConfigError, FeedbackNotFound, InvalidRequest, StoreUnavailable
-from .feedback import VERDICTS, Entry, RuleSet, pattern_from_field, pattern_from_records, record_text
+from .feedback import EXAMPLES, VERDICTS, Entry, RuleSet, pattern_from_field, pattern_from_records, record_text
 from .timestamps import LATEST_TIME
 
 log = logging.getLogger("logscore.feedback")
@@ -183,6 +183,7 @@ class FeedbackStore:
         def work(cursor):
             same = self._same_active(cursor, entry)
             if same is not None:
+                self._add_examples(cursor, same, entry.pattern.get("examples") or [])
                 return same
             cursor.execute(self._sql(
                 "INSERT INTO feedback (verdict, model, route, entity, pattern, example, author, reason, created_at, "
@@ -205,6 +206,15 @@ class FeedbackStore:
                 stored.existing = True
                 return stored
         return None
+
+    def _add_examples(self, cursor, stored: Entry, examples: list[str]) -> None:
+        """A second mark's records join the entry's examples, up to EXAMPLES: training learns from them."""
+        kept = stored.pattern.get("examples") or []
+        new = [e for e in dict.fromkeys(examples) if e not in kept][:max(0, EXAMPLES - len(kept))]
+        if new:
+            stored.pattern["examples"] = kept + new
+            cursor.execute(self._sql("UPDATE feedback SET pattern = ? WHERE id = ?"),
+                           (json.dumps(stored.pattern), stored.id))
 
     def remove(self, entry_id: int, by: str) -> Entry:
         """Undo: the entry stays (for the record and for training) but no longer applies."""

@@ -79,7 +79,8 @@ class Settings:
                                       "past it a request is refused RESOURCE_EXHAUSTED / 429")
     max_connections: int = setting(512, "connections open at once on each of the HTTP and forward ports (about "
                                    "28 KiB each while idle); past it a new one is closed at once, counted and logged")
-    max_grpc_calls: int = setting(64, "gRPC calls in progress at once, event watchers included; past it a call "
+    max_grpc_calls: int = setting(64, "gRPC calls in progress at once, event watchers included (at most a quarter "
+                                  "of them: WatchAnomalies past that is refused); past it a call "
                                   "is refused RESOURCE_EXHAUSTED at once (gRPC holds each call's message, up to "
                                   "max_message_bytes, while it arrives, before the in-flight budget sees it)")
     reload_interval_s: float = setting(2.0, "how often the models directory is checked for changes (0: "

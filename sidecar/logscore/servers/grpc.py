@@ -101,6 +101,10 @@ class ScorerServicer:
 
     def __init__(self, service: ScoringService):
         self.service = service
+        self.watchers = 0
+        # NOTE: watchers hold their call for hours; a quarter of max_grpc_calls at most, so that
+        # scoring and health checks always find a place (the HTTP port keeps its streams apart alike)
+        self.max_watchers = max(1, service.settings.max_grpc_calls // 4)
 
     def handler(self) -> grpc.GenericRpcHandler:
         respond = pb.ScoreResponse.SerializeToString
@@ -139,7 +143,13 @@ class ScorerServicer:
                                 f"unknown kind(s) {', '.join(sorted(unknown))}; use {', '.join(KINDS)}")
         if behaviour is None:
             return
+        if self.watchers >= self.max_watchers:
+            self.service.metrics.refused("too_many_streams", "grpc", f"{self.watchers} watchers open")
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"{self.watchers} anomaly watchers are open, the limit (max_grpc_calls / 4); close "
+                                "some, or poll GET /v1/anomalies")
         watcher = behaviour.hub.watch(request.kinds, min(int(request.replay), behaviour.hub.recent.maxlen))
+        self.watchers += 1
         try:
             await context.send_initial_metadata(())  # the caller knows the watch is in place
             while True:
@@ -148,6 +158,7 @@ class ScorerServicer:
                     return
                 yield event.encoded_for("grpc", event_bytes)  # serialized once for every watcher
         finally:
+            self.watchers -= 1
             behaviour.hub.unwatch(watcher)
 
     async def _score(self, data: bytes, context) -> pb.ScoreResponse:
