@@ -24,12 +24,16 @@ class ForwardReceiver:
 
     ``ack=False`` makes it a next hop that takes chunks but never acknowledges them;
     ``ack_when_quiet_s`` one that acks what it holds only once nothing arrived for that long,
-    keeping count of the most bytes it held unacknowledged.
+    keeping count of the most bytes it held unacknowledged; ``drop_first_ack_of`` one that takes
+    the first frame of that tag but never acks it (and acks everything else).
     """
 
-    def __init__(self, port: int, ack: bool = True, ack_when_quiet_s: float = 0.0, bytes_per_s: float = 0.0):
+    def __init__(self, port: int, ack: bool = True, ack_when_quiet_s: float = 0.0, bytes_per_s: float = 0.0,
+                 drop_first_ack_of: str | None = None):
         self.port = port
         self.ack = ack
+        self.drop_first_ack_of = drop_first_ack_of
+        self.dropped_acks: list = []
         self.ack_when_quiet_s = ack_when_quiet_s
         self.bytes_per_s = bytes_per_s  # reads at most this fast (0: as fast as it can)
         self.most_unacked_bytes = 0
@@ -70,6 +74,9 @@ class ForwardReceiver:
                         if isinstance(message[1], bytes) and "cmetrics" not in str(message):
                             receiver.entries.extend((message[0], e) for e in _entries(message[1]))
                         if receiver.ack and isinstance(option, dict) and "chunk" in option:
+                            if message[0] == receiver.drop_first_ack_of and not receiver.dropped_acks:
+                                receiver.dropped_acks.append(option["chunk"])
+                                continue
                             held.append(option["chunk"])
                     if not receiver.ack_when_quiet_s:
                         self.request.sendall(b"".join(msgpack.packb({"ack": chunk}) for chunk in held))
@@ -355,6 +362,40 @@ def test_a_next_hop_that_reads_slowly_is_waited_for_not_failed(tmp_path):
         slow.stop()
 
 
+def test_a_dropped_ack_fails_its_relay_in_time_while_other_senders_keep_the_next_hop_busy(tmp_path):
+    """Progress was judged over the whole connection to the next hop: a chunk whose ack the next hop
+    dropped was waited for as long as another sender's chunks kept being acked."""
+    dropping = ForwardReceiver(free_port(), drop_first_ack_of="victim").start()
+    sidecar, port, _ = start_chain(tmp_path, dropping, forward_ack_timeout_s=1)
+    stop = threading.Event()
+    busy_answers: list = []
+
+    def busy_sender():  # a healthy sender: a chunk acked every 0.1 s through the same next hop
+        deadline = time.monotonic() + 8
+        while not stop.wait(0.1) and time.monotonic() < deadline:
+            chunk = uuid.uuid4().hex
+            answer = send_chunk(port, ["busy", [[1_700_000_000, {"message": "ok"}]], {"chunk": chunk}])
+            busy_answers.append(answer == {"ack": chunk})
+
+    busy = threading.Thread(target=busy_sender)
+    try:
+        busy.start()
+        time.sleep(0.5)
+        victim = ["victim", [[1_700_000_000, {"message": "its ack is dropped"}]], {"chunk": "victim-1"}]
+        started = time.monotonic()
+        assert send_chunk(port, victim) is None  # not acked: the sender resends
+        assert time.monotonic() - started < 3  # forward_ack_timeout_s and a check or two, not 8 s
+        assert send_chunk(port, victim) == {"ack": "victim-1"}  # the resend goes through
+        assert "no ack for 1 of 1 frames for 1 s (forward_ack_timeout_s) while it acked others" in sidecar.log()
+    finally:
+        stop.set()
+        busy.join()
+        sidecar.stop()
+        dropping.stop()
+    assert busy_answers and all(busy_answers)  # the other sender's relays went on, untouched
+    assert len(dropping.dropped_acks) == 1
+
+
 def test_relays_failing_together_double_the_backoff_once():
     """Relays admitted together each tried, failed and doubled the backoff: five senders took it
     from 0.5 s to 30 s within 11 s of an outage, and recovery lagged the outage by 26 s."""
@@ -374,15 +415,34 @@ def test_relays_failing_together_double_the_backoff_once():
     assert down_for <= NextHop.MIN_BACKOFF_S
 
 
-def test_a_silent_new_connection_is_named_as_a_likely_secure_forward_sender(chain):
-    """Fluent Bit with Shared_Key waits for a HELO; both sides timed out a minute later, saying nothing useful."""
+def test_a_quiet_new_connection_is_noted_at_info_level_not_warned_about(chain):
+    """Quiet was warned about as a likely secure-forward sender, but Docker's fluentd driver and
+    Fluent Bit's keep-alive connections are quiet too: the warning misled."""
     sidecar, port, receiver = chain
     with socket.create_connection(("127.0.0.1", port), timeout=10):
-        sidecar.wait_for(lambda: "forward connection silent since it opened" in sidecar.log(), timeout=15,
-                         what="the warning")
-    assert "secure forward (shared_key, Shared_Key)" in sidecar.log()
+        sidecar.wait_for(lambda: "forward connection quiet since it opened" in sidecar.log(), timeout=15,
+                         what="the info line")
+    noted = [json.loads(line) for line in sidecar.log().splitlines() if "quiet since it opened" in line]
+    assert [line["level"] for line in noted] == ["info"]
+    assert "normal for an idle sender" in noted[0]["message"] and "shared_key" in noted[0]["message"]
     chunk = uuid.uuid4().hex  # the port goes on serving
     assert send_chunk(port, ["web", [[1_700_000_000, {"message": "x"}]], {"chunk": chunk}]) == {"ack": chunk}
+
+
+def test_a_tls_sender_is_told_apart_and_warned_about_with_the_fix(chain):
+    """A sender set up for TLS opens with a ClientHello (0x16 0x03): name that, and what to do."""
+    import ssl
+
+    sidecar, port, receiver = chain
+    context = ssl.create_default_context()
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as connection:
+        with pytest.raises((ssl.SSLError, ConnectionError)):  # closed by the sidecar mid-handshake
+            context.wrap_socket(connection, server_hostname="sidecar")
+    sidecar.wait_for(lambda: counter(sidecar, "forward_tls") == 1, what="the TLS connection counted")
+    warned = [json.loads(line) for line in sidecar.log().splitlines() if '"forward_tls"' in line]
+    assert [line["level"] for line in warned] == ["warning"]
+    assert "opened with a TLS ClientHello" in warned[0]["reason"] and "TLS terminator" in warned[0]["reason"]
+    assert counter(sidecar, "forward_protocol") == 0 and "quiet since it opened" not in sidecar.log()
 
 
 def test_invalid_entries_are_skipped_and_counted_the_rest_pass(chain):
@@ -598,6 +658,32 @@ def test_the_biggest_messages_the_limits_allow_stay_within_the_shipped_memory(tm
         too_many = msgpack.packb(["web", [[1, {}]] * 100_001, {"chunk": "c"}])
         assert send(port, too_many, 1, 30) == []
         assert counter(sidecar, "forward_protocol") == 1
+    finally:
+        sidecar.stop()
+        receiver.stop()
+
+
+def test_a_message_of_millions_of_tiny_values_is_refused_before_it_takes_a_gigabyte(tmp_path):
+    """The entry cap did not bound what is inside an entry: one 16 MiB record of nested empty
+    arrays (one byte each) decoded to 1.1 GiB."""
+    sidecar, port, receiver = start_chain(tmp_path)
+    try:
+        before = sidecar.peak_rss_bytes()
+        empties = b"\xdd" + (100_000).to_bytes(4, "big") + b"\x90" * 100_000  # 100,000 empty arrays
+        keys = 160
+        record = b"\xde" + keys.to_bytes(2, "big") + b"".join(msgpack.packb(f"k{i}") + empties for i in range(keys))
+        bomb = b"\x93" + msgpack.packb("web") + b"\x91\x92\x01" + record + msgpack.packb({"chunk": "c"})
+        assert 15 * 2**20 < len(bomb) < 16 * 2**20
+        try:
+            assert send(port, bomb, 1, 30) == []  # closed, no ack
+        except ConnectionResetError:  # closed while the rest was still being written
+            pass
+        sidecar.wait_for(lambda: counter(sidecar, "forward_protocol") == 1, timeout=20, what="the refusal")
+        assert "a forward message holds more than 3,000,000 values" in sidecar.log()
+        grew = (sidecar.peak_rss_bytes() - before) / 2**20
+        assert grew < 250, f"the sidecar grew {grew:.0f} MiB"
+        chunk = uuid.uuid4().hex  # the port goes on serving
+        assert send_chunk(port, ["web", [[1_700_000_000, {"message": "x"}]], {"chunk": chunk}]) == {"ack": chunk}
     finally:
         sidecar.stop()
         receiver.stop()

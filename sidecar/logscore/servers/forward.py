@@ -65,7 +65,8 @@ READ_BYTES = 256 * 1024  # what a connection may read before it is admitted
 ACTIVE_CONNECTIONS = 2  # read, scored and relayed at once; the rest wait unread (backpressure)
 INFLATE_STEP = 1024 * 1024
 PARTIAL_MESSAGE_TIMEOUT_S = 10.0  # an admitted connection must finish the message it started (and read its acks)
-SILENT_SENDER_S = 5.0  # a new connection sending nothing this long is named in the log (secure forward?)
+SILENT_SENDER_S = 5.0  # a new connection sending nothing this long is noted in the log (info: idle is normal)
+TLS_HANDSHAKE = b"\x16\x03"  # a TLS record of type handshake, version 3.x: a ClientHello (no msgpack array)
 MAX_INVALID_ENTRIES = 1000  # skipped like Fluentd's in_forward does; this many means it is not a chunk
 MAX_REFUSALS = 5  # a reachable next hop that drops held records this often refuses them: give up
 # NOTE: a payload is inflated once to count it (so a refused one relays nothing), then again in
@@ -77,10 +78,19 @@ RELAY_WINDOW = 2  # scored frames sent and not yet acked, per relay, in forward_
 # NOTE: a Forward-mode message is decoded whole (msgpack arrays cannot be read in parts here):
 # capping its entries bounds its decoded size even when each entry is tiny.
 MAX_ARRAY_ENTRIES, MAX_MAP_ENTRIES = 100_000, 10_000
+# NOTE: the cap on entries does not bound what is inside them: a decoded value costs 30-90 bytes of
+# Python objects however small its msgpack, and one 16 MiB record of nested empty arrays decoded to
+# 1.1 GiB (blocking the event loop 5-10 s). Past this many values a message is refused: at most
+# about 180 MiB decoded (short strings, 60 bytes a value), and still 100,000 entries of 14 fields.
+MAX_DECODED_VALUES = 3_000_000  # values decoded and held at once: per connection, per PackedForward slice
 
 
 class ForwardProtocolError(ValueError):
     """The sender's bytes are not a forward-protocol message; the connection is closed."""
+
+
+class SpeaksTls(ForwardProtocolError):
+    """The sender opened with a TLS ClientHello: it was set up for TLS; forward mode speaks plain forward."""
 
 
 class InvalidEntry(ValueError):
@@ -89,6 +99,14 @@ class InvalidEntry(ValueError):
 
 class NextHopError(ConnectionError):
     """The next hop is down, refused, or did not acknowledge in time."""
+
+
+class _HopStalled(Exception):
+    """The next hop's connection made no progress at all for ack_timeout_s."""
+
+
+class _RelayStalled(Exception):
+    """One relay's frames made no progress for ack_timeout_s while others' did."""
 
 
 # --- decoding -------------------------------------------------------------------------
@@ -101,6 +119,7 @@ class Message:
     raw: object = None  # the message as received, kept for those passed on untouched
     is_log: bool = True  # Fluent Bit also forwards metrics and traces (option fluent_signal)
     compressed: Optional[bytes] = None  # a gzip payload, to be checked before it is decoded
+    budget: Optional["ValueBudget"] = None  # what lazily decoded entries may hold (PackedForward)
 
     async def check_size(self, max_message_bytes: int) -> None:
         """Refuse a compressed payload that inflates past INFLATION x max_message_bytes (counted
@@ -116,7 +135,8 @@ def decode_message(message, max_message_bytes: int) -> Message:
     option = message[-1] if len(message) >= 3 and isinstance(message[-1], dict) else {}
     if isinstance(payload, (bytes, str)):  # PackedForward (str when the sender packed it as str)
         data = payload.encode("utf-8", EXACT) if isinstance(payload, str) else payload
-        entries: Iterable = packed_entries(data, option.get("compressed") == "gzip", max_message_bytes)
+        budget = ValueBudget(MAX_DECODED_VALUES, "a slice of PackedForward entries")
+        entries: Iterable = packed_entries(data, option.get("compressed") == "gzip", max_message_bytes, budget)
     elif _is_array(payload) and not _is_time(payload):
         entries = payload  # Forward (entries that are not [time, record] are skipped and counted)
     elif len(message) >= 3 and isinstance(message[2], dict):  # Message: [tag, time, record(, option)]
@@ -128,7 +148,8 @@ def decode_message(message, max_message_bytes: int) -> Message:
     chunk = option.get("chunk")
     signal = option.get("fluent_signal", 0)
     compressed = data if isinstance(payload, (bytes, str)) and option.get("compressed") == "gzip" else None
-    return Message(tag, entries, None if chunk is False else chunk, message, signal in (0, None), compressed)
+    return Message(tag, entries, None if chunk is False else chunk, message, signal in (0, None), compressed,
+                   budget if isinstance(payload, (bytes, str)) else None)
 
 
 def ext_value(code: int, data: bytes) -> msgpack.ExtType:
@@ -140,8 +161,40 @@ def ext_value(code: int, data: bytes) -> msgpack.ExtType:
     return msgpack.ExtType(code, data)
 
 
-def forward_unpacker(max_buffer_size: int, **limits) -> msgpack.Unpacker:
-    """How forward mode reads msgpack: text exact to the byte, any map key, ext values as ExtType."""
+class ValueBudget:
+    """Counts the values msgpack decodes (each array and map, and each item of them) through its
+    hooks, as they are built; past ``limit`` the decoding stops with ForwardProtocolError, before
+    the memory is spent. ``release`` gives back what was decoded and has been let go."""
+
+    def __init__(self, limit: int, holder: str):
+        self.limit = limit
+        self.holder = holder  # what holds the values, for the error
+        self.count = 0
+
+    def release(self, count: int) -> None:
+        self.count -= count
+
+    def list_hook(self, items: list) -> list:
+        self._charge(len(items) + 1)
+        return items
+
+    def map_hook(self, pairs: dict) -> dict:
+        self._charge(2 * len(pairs) + 1)  # NOTE: keys are interned, but distinct ones cost as values do
+        return pairs
+
+    def _charge(self, values: int) -> None:
+        self.count += values
+        if self.count > self.limit:
+            raise ForwardProtocolError(f"{self.holder} holds more than {self.limit:,} values (arrays, maps and "
+                                       "their items; decoded, that many take up to 200 MiB): log records "
+                                       "hold far fewer per byte; send smaller chunks")
+
+
+def forward_unpacker(max_buffer_size: int, budget: Optional[ValueBudget] = None, **limits) -> msgpack.Unpacker:
+    """How forward mode reads msgpack: text exact to the byte, any map key, ext values as ExtType,
+    and (given a budget) a bound on the values decoded."""
+    if budget is not None:
+        limits.update(list_hook=budget.list_hook, object_hook=budget.map_hook)
     return msgpack.Unpacker(raw=False, unicode_errors=EXACT, strict_map_key=False, ext_hook=ext_value,
                             max_buffer_size=max_buffer_size, **limits)
 
@@ -158,12 +211,14 @@ def _is_time(value) -> bool:
     return isinstance(value, (int, float, msgpack.ExtType, msgpack.Timestamp)) and not isinstance(value, bool)
 
 
-def packed_entries(data: bytes, compressed: bool, max_message_bytes: int) -> Iterator:
+def packed_entries(data: bytes, compressed: bool, max_message_bytes: int,
+                   budget: Optional[ValueBudget] = None) -> Iterator:
     """The entries of a PackedForward payload, decoded as they are consumed.
 
     One entry may be as big as a message; a compressed payload inflates to at most
-    INFLATION x max_message_bytes in all."""
-    unpacker = forward_unpacker(max(max_message_bytes, 1024) + INFLATE_STEP)
+    INFLATION x max_message_bytes in all. The budget bounds the values decoded (the consumer
+    releases them slice by slice)."""
+    unpacker = forward_unpacker(max(max_message_bytes, 1024) + INFLATE_STEP, budget)
     fed = consumed = 0  # NOTE: tell() counts the bytes of a partly decoded entry too
     try:
         for block in (_inflate(data, INFLATION * max_message_bytes) if compressed else (data,)):
@@ -251,6 +306,38 @@ def raw_frame(message) -> Frame:
     return Frame(chunk, msgpack.packb(message, use_bin_type=True, unicode_errors=EXACT))
 
 
+class Ack(asyncio.Future):
+    """A frame's ack, and where the frame ends in its connection's byte stream."""
+
+    sent_until = 0  # bytes written on the connection once this frame was
+
+
+@dataclass
+class RelayProgress:
+    """When the frames one relay waits for last moved: an ack for one of them, or bytes of the
+    connection read by the next hop while some of theirs were still unread.
+
+    NOTE: the connection is one byte stream shared by every relay. Bytes ahead of this relay's
+    frames count as its progress too: they are the way to its frames (a slow reader is slow for
+    all). Once all of its bytes are read, only its own acks count.
+    """
+
+    acks: list[Ack]
+    progress_at: float
+    taken: int  # bytes of the connection the next hop had read when last looked
+    acked: int = 0
+    others_read_at: float = float("-inf")  # the last time bytes written after this relay's were read
+
+    def look(self, now: float, taken: int) -> None:
+        acked = sum(ack.done() for ack in self.acks)
+        own_end = max(ack.sent_until for ack in self.acks)
+        if acked > self.acked or (taken > self.taken and self.taken < own_end):
+            self.progress_at = now
+        if taken > max(self.taken, own_end):
+            self.others_read_at = now
+        self.acked, self.taken = acked, taken
+
+
 class NextHop:
     """One connection to the next forward receiver; frames are pipelined, each waits for its ack.
 
@@ -260,6 +347,12 @@ class NextHop:
     delivering nothing, and one reading 64 KB/s duplicated 41 % of its records). After a failure
     the next hop counts as down for a backoff (0.5 s doubling to 30 s, once per attempt): senders
     are refused at once instead of each waiting ``ack_timeout_s``.
+
+    Progress is also judged per relay (the frames one ``acknowledged`` call waits for): a relay
+    whose frames get no ack and whose bytes are all read for ``ack_timeout_s`` fails on its own,
+    however busy the connection is with other relays' acks (a dropped ack was otherwise waited
+    for as long as another sender kept the connection busy). The connection and the other
+    relays on it go on: the next hop is up, it just lost those frames.
     """
 
     MIN_BACKOFF_S, MAX_BACKOFF_S = 0.5, 30.0
@@ -276,7 +369,9 @@ class NextHop:
         self._pending: dict[str, asyncio.Future] = {}
         self._backoff = self.MIN_BACKOFF_S
         self._progress_at = 0.0  # the last ack, drained bytes, or start of waiting
-        self._buffered = 0  # bytes written, not yet taken by the next hop, when last looked at
+        self._written = 0  # bytes written on this connection
+        self._acked_at = float("-inf")  # the last ack, whoever's
+        self._taken = 0  # of those, read by the next hop when last looked at
         self.down_until = 0.0
         self.last_error = ""
         self.reachable = False  # the last connection attempt succeeded (a failure since was a refusal)
@@ -292,51 +387,86 @@ class NextHop:
                     reader, self._writer = await asyncio.wait_for(
                         asyncio.open_connection(self.host, self.port), self.ack_timeout_s)
                     self.reachable = True
+                    self._written = self._taken = 0
                     self._reader_task = asyncio.create_task(self._read_acks(reader, self._writer))
                 loop = asyncio.get_running_loop()
                 if not self._pending:
                     self._progress_at = time.monotonic()  # the clock runs while something is outstanding
                 acks = []
                 for frame in frames:
-                    acks.append(self._pending.setdefault(frame.chunk, loop.create_future()))
+                    ack = self._pending.setdefault(frame.chunk, Ack(loop=loop))
                     self._writer.write(frame.data)
-                self._buffered = self._outstanding_bytes()
+                    self._written += len(frame.data)
+                    ack.sent_until = self._written
+                    acks.append(ack)
                 await self._while_progressing(asyncio.ensure_future(self._writer.drain()))
                 return acks
             except (OSError, asyncio.TimeoutError) as error:
                 raise self.failed(f"cannot send: {type(error).__name__} {error}".rstrip()) from None
 
-    async def acknowledged(self, acks: list[asyncio.Future]) -> None:
+    async def acknowledged(self, acks: list[Ack]) -> None:
         """Wait for the acks of frames sent; raises NextHopError once the next hop makes no
-        progress for ack_timeout_s."""
+        progress for ack_timeout_s, or none on these frames while it makes some on others."""
+        if not acks:
+            return
+        relay = RelayProgress(acks, time.monotonic(), self._bytes_taken())
         try:
             for ack in acks:
-                await self._while_progressing(ack)
-        except asyncio.TimeoutError:
-            raise self.failed(f"no progress (acks, bytes read) for {self.ack_timeout_s:g} s "
-                              "(forward_ack_timeout_s)") from None
-        except NextHopError:
-            raise
-        if acks:
-            self._backoff = self.MIN_BACKOFF_S
+                await self._while_progressing(ack, relay)
+        except _RelayStalled:
+            if time.monotonic() - max(self._acked_at, relay.others_read_at) < self.ack_timeout_s:
+                raise self._dropped(acks) from None  # the next hop serves others: it lost these frames
+            raise self._stalled() from None  # it serves nobody: down
+        except _HopStalled:
+            raise self._stalled() from None
+        self._backoff = self.MIN_BACKOFF_S
 
-    async def _while_progressing(self, waited: asyncio.Future) -> None:
-        """Wait for ``waited`` as long as the next hop makes progress; TimeoutError once it has
-        made none for ack_timeout_s."""
+    async def _while_progressing(self, waited: asyncio.Future, relay: Optional[RelayProgress] = None) -> None:
+        """Wait for ``waited`` as long as the next hop makes progress (and, given a relay, as long
+        as that relay's frames do); _HopStalled or _RelayStalled after ack_timeout_s without."""
         try:
             while True:
                 try:
                     return await asyncio.wait_for(asyncio.shield(waited), self.PROGRESS_CHECK_S)
                 except asyncio.TimeoutError:
-                    buffered = self._outstanding_bytes()
-                    if buffered < self._buffered:  # the next hop took some of what was written
-                        self._progress_at = time.monotonic()
-                    self._buffered = buffered
-                    if time.monotonic() - self._progress_at >= self.ack_timeout_s:
-                        raise
+                    now = time.monotonic()
+                    taken = self._bytes_taken()
+                    if taken > self._taken:  # the next hop read some of what was written
+                        self._progress_at = now
+                    self._taken = taken
+                    if now - self._progress_at >= self.ack_timeout_s:
+                        raise _HopStalled() from None
+                    if relay is not None:
+                        relay.look(now, taken)
+                        if now - relay.progress_at >= self.ack_timeout_s:
+                            raise _RelayStalled() from None
         finally:
             if not waited.done():
                 waited.cancel()
+
+    def _stalled(self) -> NextHopError:
+        return self.failed(f"no progress (acks, bytes read) for {self.ack_timeout_s:g} s (forward_ack_timeout_s)")
+
+    def _dropped(self, acks: list[Ack]) -> NextHopError:
+        """Fail one relay's frames (their acks will not come) and leave the connection to the
+        relays it serves: the next hop acked others meanwhile, so it is up."""
+        missing = [ack for ack in acks if ack.cancelled() or not ack.done()]  # the one waited for is cancelled
+        reason = (f"no ack for {len(missing)} of {len(acks)} frames for {self.ack_timeout_s:g} s "
+                  "(forward_ack_timeout_s) while it acked others: it dropped them")
+        self.last_error = reason
+        error = NextHopError(f"next hop {self.address}: {reason}")
+        failing = set(map(id, missing))
+        for chunk in [chunk for chunk, ack in self._pending.items() if id(ack) in failing]:
+            del self._pending[chunk]  # a late ack for them is ignored
+        for ack in missing:
+            if not ack.done():
+                ack.set_exception(error)
+                ack.exception()  # retrieved: the caller gets the error raised instead
+        return error
+
+    def _bytes_taken(self) -> int:
+        """Bytes of this connection the next hop has read (its kernel took them)."""
+        return self._written - self._outstanding_bytes()
 
     def _outstanding_bytes(self) -> int:
         """Bytes written that the next hop has not taken: the transport's buffer and the socket's
@@ -379,7 +509,7 @@ class NextHop:
                     acked = self._pending.pop(answer.get("ack"), None) if isinstance(answer, dict) else None
                     if acked is not None and not acked.done():
                         acked.set_result(None)
-                        self._progress_at = time.monotonic()
+                        self._progress_at = self._acked_at = time.monotonic()
             reason = "closed the connection"
         except (OSError, ValueError, msgpack.UnpackException) as error:
             reason = f"connection failed: {type(error).__name__} {error}".rstrip()
@@ -392,6 +522,7 @@ class NextHop:
         if self._reader_task is not None and self._reader_task is not asyncio.current_task():
             self._reader_task.cancel()
         self._writer = self._reader_task = None
+        self._written = self._taken = 0
         for acked in self._pending.values():
             if not acked.done():
                 acked.set_exception(error)
@@ -492,7 +623,8 @@ class ForwardServer(StreamServer):
             hub.unwatch(watcher)
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        unpacker = forward_unpacker(self.max_message_bytes, max_array_len=MAX_ARRAY_ENTRIES,
+        budget = ValueBudget(MAX_DECODED_VALUES, "a forward message")
+        unpacker = forward_unpacker(self.max_message_bytes, budget, max_array_len=MAX_ARRAY_ENTRIES,
                                     max_map_len=MAX_MAP_ENTRIES)
         peer = str(writer.get_extra_info("peername"))
         position = Position()
@@ -509,14 +641,20 @@ class ForwardServer(StreamServer):
                         return
                 if not data:
                     return
+                if position.fed == 0 and data.startswith(TLS_HANDSHAKE):
+                    raise SpeaksTls("it opened with a TLS ClientHello; forward mode speaks the plain forward "
+                                    "protocol: turn TLS off on the sender towards the sidecar, put a TLS "
+                                    "terminator in front of the forward port, or use the gRPC surface with TLS")
                 async with self._admission:
                     task = asyncio.current_task()
                     self.busy.add(task)
                     try:
-                        await self._take_messages(reader, writer, unpacker, position, data)
+                        await self._take_messages(reader, writer, unpacker, budget, position, data)
                     finally:
                         self.busy.discard(task)
                 data = None
+        except SpeaksTls as error:  # counted and logged apart: the fix is the sender's setup, not its data
+            self.service.metrics.refused("forward_tls", "forward", f"connection from {peer} closed: {error}")
         except (ForwardProtocolError, ValueError, TypeError, msgpack.UnpackException) as error:
             # counted and logged at most every few seconds: a port scanner or a misconfigured
             # shipper reconnecting in a loop would otherwise flood the log, a line per connection
@@ -530,21 +668,23 @@ class ForwardServer(StreamServer):
             log.info("forward connection lost", extra={"peer": peer, "error": f"{type(error).__name__} {error}"})
 
     async def _first_bytes(self, reader: asyncio.StreamReader, peer: str) -> Optional[bytes]:
-        """The connection's first bytes, if they come within SILENT_SENDER_S; a sender silent that
-        long is named in the log: a secure-forward sender (shared_key) waits for a greeting the
-        sidecar never sends, and both sides only time out, a minute later, saying nothing useful."""
+        """The connection's first bytes, if they come within SILENT_SENDER_S; a sender quiet that
+        long is noted at info level. Quiet is normal (Docker's fluentd driver and Fluent Bit's
+        keep-alive connections idle between records); it is also all a secure-forward sender
+        (shared_key without TLS) ever shows: it waits for a HELO the sidecar never sends, and both
+        sides only time out, a minute later. A TLS sender speaks first and is told apart (serve)."""
         try:
             async with asyncio.timeout(min(SILENT_SENDER_S, self.idle_timeout_s)):
                 return await reader.read(READ_BYTES)
         except asyncio.TimeoutError:
-            log.warning("forward connection silent since it opened: a sender set up for secure forward "
-                        "(shared_key, Shared_Key) waits for a HELO the sidecar does not send; turn secure "
-                        "forward off towards the sidecar (use TLS for privacy)",
-                        extra={"peer": peer, "silent_s": SILENT_SENDER_S})
+            log.info("forward connection quiet since it opened: normal for an idle sender; a sender set "
+                     "up for secure forward (shared_key, Shared_Key) would wait here for a HELO the sidecar "
+                     "does not send (turn it off towards the sidecar)",
+                     extra={"peer": peer, "quiet_s": SILENT_SENDER_S})
             return None
 
-    async def _take_messages(self, reader, writer, unpacker: msgpack.Unpacker, position: "Position",
-                             data: bytes) -> None:
+    async def _take_messages(self, reader, writer, unpacker: msgpack.Unpacker, budget: ValueBudget,
+                             position: "Position", data: bytes) -> None:
         """Relay the complete messages in the buffer; read on while one is only partly here.
 
         NOTE: the time a message may take to arrive counts from its first bytes, not per read: a
@@ -559,13 +699,16 @@ class ForwardServer(StreamServer):
                                            "(forward_max_message_bytes); send smaller chunks") from None
             position.fed += len(data)
             messages = []
+            decoded = 0  # values of the complete messages (the rest belong to one under way)
             for raw in unpacker:
                 position.consumed = unpacker.tell()
+                decoded = budget.count
                 message = decode_message(raw, self.max_message_bytes)
                 await message.check_size(self.max_message_bytes)
                 messages.append(message)
             if messages:
                 await self._relay(messages, writer)
+                budget.release(decoded)  # relayed: let go
                 deadline = loop.time() + PARTIAL_MESSAGE_TIMEOUT_S  # what is left began in the last bytes
             if position.consumed == position.fed:
                 return
@@ -627,6 +770,8 @@ class ForwardServer(StreamServer):
                 if len(piece) >= self.slice_records:
                     yield piece
                     piece = []
+                    if message.budget is not None:  # scored and sent: its entries decoded so far are let go
+                        message.budget.release(message.budget.count)
         if piece:
             yield piece
 
