@@ -24,6 +24,8 @@ goes on exactly as it came (integer, float, EventTime, Fluent Bit's
   slices (PackedForward entries are decoded as they are needed; compressed
   payloads are inflated in steps, refused past ``INFLATION`` times ``forward_max_message_bytes``),
   and at most ``RELAY_WINDOW`` messages' worth of scored frames wait for the next hop's acks.
+  What a message decodes into is bounded too: ``MAX_DECODED_VALUES`` arrays, maps and items
+  (``ValueBudget``), since tiny msgpack values cost 30-90 bytes each as Python objects.
 - **Coalescing.** Messages that arrive together (Fluent Bit's Message mode sends
   one per record) are scored in one call and passed on together.
 - Scoring failures never hold records: they go on marked ``anomaly_unscored``.
