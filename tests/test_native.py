@@ -16,6 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from logscore.errors import ConfigError
 from logscore.features import DEFAULT_SPECS, Featurizer
 from logscore.features import native
 from logscore.features.batch import ValueFeatures
@@ -354,6 +355,24 @@ def test_bad_values_are_clear_errors_not_crashes():
         native._native.assemble(held, [1], entries, 2, False)  # record 1 would hold entry 2 of 2
     with pytest.raises(IndexError, match="out of range"):
         native._native.assemble(held, [-1], entries, 2, False)
+    # found under AddressSanitizer: each read or wrote outside its buffers, or crashed
+    with pytest.raises(ValueError, match="one value per text list"):
+        native._native.text_features(["v"] * 40, [["x"]], 0, 1.0, 0, weakref.ref(ValueCache()))
+    with pytest.raises(TypeError, match="str or None"):
+        native._native.numeric_labels([b"12", 12], "(missing)")
+    assert len(native._native.Cache.__new__(native._native.Cache)) == 0  # not initialised, yet no crash
+    misaligned = memoryview(bytearray(17))[1:]  # int64s at an odd address (undefined to load directly)
+    aligned = np.zeros(2, dtype=np.int64)
+    assert native._native.assemble([misaligned], [0], entries, 2, False) == native._native.assemble(
+        [aligned], [0], entries, 2, False)
+
+
+@pytest.mark.parametrize("max_bytes", [-3, 0, 65_537, 2.5, True])
+def test_an_ngram_length_out_of_range_is_refused_when_the_model_loads(max_bytes):
+    """A negative max_bytes made the compiled encoder write before its buffer."""
+    with pytest.raises(ConfigError, match="max_bytes"):
+        Featurizer({"log_format": "access",
+                    "fields": [{"field": "url", "converters": [{"kind": "ngrams", "max_bytes": max_bytes}]}]})
 
 
 # Windows and clients: the fields they read come as text columns beside the featurizer's, and

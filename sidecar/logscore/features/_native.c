@@ -49,6 +49,7 @@ static int bytes_reserve(Bytes *b, Py_ssize_t extra) {
 }
 
 static int bytes_add(Bytes *b, const void *src, Py_ssize_t n) {
+    if (n == 0) return 0;  /* src may be NULL then (memcpy's arguments must not be) */
     if (bytes_reserve(b, n) < 0) return -1;
     memcpy(b->data + b->len, src, n);
     b->len += n;
@@ -121,7 +122,7 @@ static int text_push(Text *t, Py_UCS4 c) {
 
 static int text_set(Text *t, const Py_UCS4 *src, Py_ssize_t n) {
     if (text_reserve(t, n) < 0) return -1;
-    memmove(t->data, src, n * sizeof(Py_UCS4));
+    if (n > 0) memmove(t->data, src, n * sizeof(Py_UCS4));  /* both may be NULL when n == 0 */
     t->len = n;
     return 0;
 }
@@ -192,6 +193,10 @@ static int utf8_add_str(Bytes *b, PyObject *s) {
     }
     return 0;
 }
+
+/* Loads from a buffer a caller gave (any alignment). */
+static inline int64_t load_i64(const void *p, Py_ssize_t i) { int64_t v; memcpy(&v, (const char *)p + i * 8, 8); return v; }
+static inline float load_f32(const void *p, Py_ssize_t i) { float v; memcpy(&v, (const char *)p + i * 4, 4); return v; }
 
 static PyObject *new_bytearray(Py_ssize_t nbytes) {
     return PyByteArray_FromStringAndSize(NULL, nbytes);
@@ -363,6 +368,16 @@ static Py_ssize_t entry_bytes(PyObject *entry) {
     Py_DECREF(n);
     if (size < 0) { PyErr_Clear(); return 256; }
     return size;
+}
+
+static PyObject *cache_new(PyTypeObject *type, PyObject *args, PyObject *kwargs) {
+    CacheObject *self = (CacheObject *)type->tp_alloc(type, 0);
+    if (!self) return NULL;
+    self->half_entries = self->half_bytes = 1;
+    self->newer = PyDict_New();
+    self->older = PyDict_New();
+    if (!self->newer || !self->older) { Py_DECREF(self); return NULL; }
+    return (PyObject *)self;
 }
 
 static int cache_init(CacheObject *self, PyObject *args, PyObject *kwargs) {
@@ -615,7 +630,7 @@ static PyTypeObject CacheType = {
     .tp_basicsize = sizeof(CacheObject),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
     .tp_doc = "Cache(entries, max_bytes): features of recently seen values (compiled twin of ValueCache).",
-    .tp_new = PyType_GenericNew,
+    .tp_new = cache_new,
     .tp_init = (initproc)cache_init,
     .tp_traverse = (traverseproc)cache_traverse,
     .tp_clear = (inquiry)cache_clear_gc,
@@ -667,13 +682,17 @@ static int counted_add(Counted *c, int64_t key, float count) {
 static PyObject *counted_to_features(Counted *c, PyObject *values, PyObject *converter, int weighting,
                                      double weight, PyObject *weigher) {
     Py_ssize_t total = c->keys.len / 8, n = PyList_GET_SIZE(values);
+    if (c->bounds.len != (n + 1) * (Py_ssize_t)sizeof(Py_ssize_t)) {
+        PyErr_SetString(PyExc_ValueError, "need one value per text list or structure");
+        return NULL;
+    }
     const int64_t *keys = (const int64_t *)c->keys.data;
     const float *counts = (const float *)c->counts.data;
     const Py_ssize_t *bounds = (const Py_ssize_t *)c->bounds.data;
     const float scale = (float)weight;
     PyObject *weighed = NULL;
     Py_buffer view = {0};
-    const float *weights = NULL;
+    const void *weights = NULL;
     if (weighting == WEIGH_OTHER) {
         PyObject *array = array_of(counts, total * 4, dtype_float32);
         if (!array) return NULL;
@@ -694,10 +713,10 @@ static PyObject *counted_to_features(Counted *c, PyObject *values, PyObject *con
         Py_ssize_t a = bounds[i], b = bounds[i + 1];
         FeaturesObject *f = features_new(b - a, converter, PyList_GET_ITEM(values, i));
         if (!f) { Py_CLEAR(out); goto done; }
-        memcpy(FEATURES_KEYS(f), keys + a, (b - a) * 8);
+        if (b > a) memcpy(FEATURES_KEYS(f), keys + a, (b - a) * 8);
         float *w = FEATURES_WEIGHTS(f);
         for (Py_ssize_t k = a; k < b; k++)
-            w[k - a] = weighting == WEIGH_BINARY ? scale : weighting == WEIGH_TF ? counts[k] * scale : weights[k];
+            w[k - a] = weighting == WEIGH_BINARY ? scale : weighting == WEIGH_TF ? counts[k] * scale : load_f32(weights, k);
         PyList_SET_ITEM(out, i, (PyObject *)f);
     }
 done:
@@ -990,7 +1009,10 @@ static PyObject *ngram_encode(PyObject *module, PyObject *args) {
             }
             encoded.len = 0;
             if (bytes_byte(&encoded, 2) < 0 || utf8_add(&encoded, text.data, text.len) < 0) goto fail;
-            if (encoded.len - 1 > max_bytes) encoded.len = 1 + max_bytes;
+            Py_ssize_t body = encoded.len - 1;  /* encoded[:max_bytes], a negative max_bytes as Python reads it */
+            Py_ssize_t keep = max_bytes >= 0 ? (body < max_bytes ? body : max_bytes)
+                                             : (body + max_bytes > 0 ? body + max_bytes : 0);
+            encoded.len = 1 + keep;
             if (bytes_byte(&encoded, 3) < 0) goto fail;
             item = PyBytes_FromStringAndSize(encoded.data, encoded.len);
         }
@@ -1371,14 +1393,14 @@ static int url_key_features(const char *data, Py_ssize_t len, int full, Counter 
     while (p < end && (unsigned char)*p == MARK_PARAM) {
         p++;
         Span name = next_field(&p, end);
-        p++;
+        if (p < end) p++;
         Span shape = next_field(&p, end);
-        p++;
+        if (p < end) p++;
         int has_enum = !(p < end && (unsigned char)*p == MARK_NO_ENUM);
         Span enum_value = {p, 0};
         if (has_enum) enum_value = next_field(&p, end);
         else p++;
-        p++;
+        if (p < end) p++;
         Span length = next_field(&p, end);
         slot->len = 0;
         if (bytes_add(slot, template_.data, template_.len) < 0 || bytes_byte(slot, '?') < 0 ||
@@ -1390,9 +1412,11 @@ static int url_key_features(const char *data, Py_ssize_t len, int full, Counter 
         }
         for (Py_ssize_t i = 0; i < shape.len;) {  /* dict.fromkeys(shape) */
             Py_ssize_t width = utf8_char_len((unsigned char)shape.data[i]);
+            if (width > shape.len - i) width = shape.len - i;  /* a key not made by url_structures */
             int seen = 0;
             for (Py_ssize_t j = 0; j < i && !seen;) {
                 Py_ssize_t other = utf8_char_len((unsigned char)shape.data[j]);
+                if (other > i - j) other = i - j;
                 seen = other == width && memcmp(shape.data + i, shape.data + j, width) == 0;
                 j += other;
             }
@@ -1430,7 +1454,7 @@ static int url_key_features(const char *data, Py_ssize_t len, int full, Counter 
         }
     }
     /* "parameters {template}?" + "&".join(sorted(set(names))) */
-    qsort(*names, count, sizeof(Span), span_compare);
+    if (count > 1) qsort(*names, count, sizeof(Span), span_compare);  /* *names is NULL when count == 0 */
     Py_ssize_t start = c->arena.len;
     if (bytes_str(&c->arena, "parameters ") < 0 || bytes_add(&c->arena, template_.data, template_.len) < 0 ||
         bytes_byte(&c->arena, '?') < 0)
@@ -1505,6 +1529,9 @@ static PyObject *numeric_labels(PyObject *module, PyObject *args) {
         double number = 0.0;
         if (value == Py_None) {
             label = Py_NewRef(missing);
+        } else if (!PyUnicode_Check(value)) {
+            PyErr_SetString(PyExc_TypeError, "values must be str or None");
+            goto fail;
         } else {
             int finite = 0;
             PyObject *parsed = NULL;
@@ -1566,6 +1593,8 @@ fail:
 /* distinct(column): (ids int64 bytearray, distinct values in first-seen order). */
 static PyObject *distinct(PyObject *module, PyObject *column) {
     if (!PyList_Check(column)) { PyErr_SetString(PyExc_TypeError, "column must be a list"); return NULL; }
+    column = PyList_GetSlice(column, 0, PY_SSIZE_T_MAX);  /* our own: __eq__ may change the caller's */
+    if (!column) return NULL;
     Py_ssize_t n = PyList_GET_SIZE(column);
     PyObject *ids = new_bytearray(n * 8), *index = PyDict_New(), *values = PyList_New(0);
     if (!ids || !index || !values) goto fail;
@@ -1588,8 +1617,10 @@ static PyObject *distinct(PyObject *module, PyObject *column) {
         previous_id = id[i] = PyLong_AsLongLong(known);
     }
     Py_DECREF(index);
+    Py_DECREF(column);
     return Py_BuildValue("NN", ids, values);
 fail:
+    Py_DECREF(column);
     Py_XDECREF(ids);
     Py_XDECREF(index);
     Py_XDECREF(values);
@@ -1737,6 +1768,8 @@ static PyObject *access_columns(PyObject *module, PyObject *args) {
         for (Py_ssize_t e = 0; e < f && f >= cut_columns && same[f] < 0; e++)
             if (PyUnicode_Compare(name, PyTuple_GET_ITEM(wanted, e)) == 0) same[f] = e;
     }
+    records = PyList_GetSlice(records, 0, n);  /* our own: normalize_one and to_text may change the caller's */
+    if (!records) return NULL;
     PyObject *columns = PyList_New(fields), *parsed = PyList_New(n), *truncated = PyList_New(n);
     if (!columns || !parsed || !truncated) goto fail;
     for (Py_ssize_t f = 0; f < fields; f++) {
@@ -1781,6 +1814,12 @@ static PyObject *access_columns(PyObject *module, PyObject *args) {
                 if (value != Py_None && !PyUnicode_CheckExact(value)) value = PyObject_CallOneArg(to_text, value);
                 else Py_INCREF(value);
                 if (!value) { Py_DECREF(result); goto fail; }
+                if (value != Py_None && !PyUnicode_Check(value)) {
+                    PyErr_SetString(PyExc_TypeError, "to_text must return str");
+                    Py_DECREF(value);
+                    Py_DECREF(result);
+                    goto fail;
+                }
                 PyList_SetItem(PyList_GET_ITEM(columns, f), r, value);
             }
             Py_DECREF(result);
@@ -1801,8 +1840,10 @@ static PyObject *access_columns(PyObject *module, PyObject *args) {
         PyList_SET_ITEM(parsed, r, PyBool_FromLong(ok));
         PyList_SET_ITEM(truncated, r, PyBool_FromLong(cut));
     }
+    Py_DECREF(records);
     return Py_BuildValue("NNN", columns, parsed, truncated);
 fail:
+    Py_DECREF(records);
     if (parsed) for (Py_ssize_t r = 0; r < n; r++) if (!PyList_GET_ITEM(parsed, r)) PyList_SET_ITEM(parsed, r, Py_NewRef(Py_None));
     if (truncated) for (Py_ssize_t r = 0; r < n; r++) if (!PyList_GET_ITEM(truncated, r)) PyList_SET_ITEM(truncated, r, Py_NewRef(Py_None));
     Py_XDECREF(columns);
@@ -1913,6 +1954,8 @@ static PyObject *key_counts(PyObject *module, PyObject *args) {
     if (!PyArg_ParseTuple(args, "O!iUO!nO", &PyList_Type, &column, &code, &prefix, &PyDict_Type, &cache,
                           &max_cache, &name))
         return NULL;
+    column = PyList_GetSlice(column, 0, PY_SSIZE_T_MAX);  /* our own: name() may change the caller's */
+    if (!column) return NULL;
     Py_ssize_t n = PyList_GET_SIZE(column), found = 0, at = -1, size = 8;
     while (size < 2 * n) size <<= 1;
     /* This call's distinct values: an open-addressing table (the column holds the values). */
@@ -1984,10 +2027,12 @@ static PyObject *key_counts(PyObject *module, PyObject *args) {
         Py_DECREF(count);
     }
     Py_DECREF(keys);
+    Py_DECREF(column);
     PyMem_Free(slots);
     PyMem_Free(tally);
     return counts;
 fail:
+    Py_DECREF(column);
     Py_XDECREF(counts);
     Py_XDECREF(keys);
     PyMem_Free(slots);
@@ -2039,13 +2084,14 @@ static PyObject *assemble(PyObject *module, PyObject *args) {
         if (views[acquired].len != size * 8) { PyErr_SetString(PyExc_ValueError, "held: one int64 per record"); acquired++; goto done; }
     }
     for (Py_ssize_t c = 0; c < converters; c++) {
-        const int64_t *ids = views[c].buf;
+        const void *ids = views[c].buf;
         for (Py_ssize_t r = 0; r < size; r++) {
-            if (ids[r] < 0 || ids[r] >= count - offsets[c]) {
+            int64_t id = load_i64(ids, r);
+            if (id < 0 || id >= count - offsets[c]) {
                 PyErr_SetString(PyExc_IndexError, "held: entry out of range");
                 goto done;
             }
-            total += Py_SIZE(PyList_GET_ITEM(entries, ids[r] + offsets[c]));
+            total += Py_SIZE(PyList_GET_ITEM(entries, id + offsets[c]));
         }
     }
     rows = new_bytearray(total * 8); keys = new_bytearray(total * 8); weights = new_bytearray(total * 4);
@@ -2057,7 +2103,7 @@ static PyObject *assemble(PyObject *module, PyObject *args) {
     Py_ssize_t k = 0;
     for (Py_ssize_t r = 0; r < size; r++) {
         for (Py_ssize_t c = 0; c < converters; c++) {
-            int64_t entry = ((const int64_t *)views[c].buf)[r] + offsets[c];
+            int64_t entry = load_i64(views[c].buf, r) + offsets[c];
             FeaturesObject *f = (FeaturesObject *)PyList_GET_ITEM(entries, entry);
             Py_ssize_t m = Py_SIZE(f);
             memcpy(key_out + k, FEATURES_KEYS(f), m * 8);
