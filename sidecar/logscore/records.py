@@ -135,7 +135,8 @@ class RecordNormalizer:
             for row, (record, line) in enumerate(zip(records, lines)):
                 if line is not record and record.__class__ is dict:
                     value = record.get(name)
-                    column[row] = as_text(value)
+                    # a map there is flattened into "name.key" fields (normalize_one): none of its own
+                    column[row] = None if isinstance(value, dict) else as_text(value)
 
     def normalize_one(self, record: object) -> tuple[Fields, bool, bool]:
         """(fields, parsed, cut) of one record; the compiled featurizer calls it for what it does not read itself."""
