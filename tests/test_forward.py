@@ -384,7 +384,7 @@ def test_a_dropped_ack_fails_its_relay_in_time_while_other_senders_keep_the_next
         victim = ["victim", [[1_700_000_000, {"message": "its ack is dropped"}]], {"chunk": "victim-1"}]
         started = time.monotonic()
         assert send_chunk(port, victim) is None  # not acked: the sender resends
-        assert time.monotonic() - started < 3  # forward_ack_timeout_s and a check or two, not 8 s
+        assert time.monotonic() - started < 5  # forward_ack_timeout_s and a few checks (under load), not 8 s
         assert send_chunk(port, victim) == {"ack": "victim-1"}  # the resend goes through
         assert "no ack for 1 of 1 frames for 1 s (forward_ack_timeout_s) while it acked others" in sidecar.log()
     finally:
