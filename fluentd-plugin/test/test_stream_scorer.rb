@@ -110,6 +110,62 @@ class StreamScorerTest < Test::Unit::TestCase
     end
   end
 
+  test 'a value msgpack cannot pack, or no line under message_key, passes unscored alone; the rest are scored' do
+    # An integer past 64 bits (JSON through in_http) raised out of the filter: the whole chunk was lost.
+    records = AccessLines.normal(5).each_with_index.map { |line, i| { 'message' => line, 'n' => i } }
+    records.insert(2, { 'message' => AccessLines.line('/'), 'n' => 'bignum', 'count' => 2**70 })
+    s = scorer
+    out = s.score('web', entries(records))
+    assert_equal [0, 1, 'bignum', 2, 3, 4], out.map { |_, r| r['n'] }
+    assert_equal ['bignum'], out.select { |_, r| r['anomaly_unscored'] }.map { |_, r| r['n'] }
+    assert_equal 5, out.count { |_, r| r['anomaly_score'].is_a?(Float) }
+    # A record with no text under message_key was scored as "" or as Ruby's inspect text, and flagged.
+    odd = [{ 'n' => 'missing' }, { 'message' => nil, 'n' => 'nil' }, { 'message' => 42, 'n' => 'number' },
+           { 'message' => { 'a' => 'b' }, 'n' => 'map' }]
+    lines = AccessLines.normal(3).each_with_index.map { |line, i| { 'message' => line, 'n' => i } }
+    out = scorer(message_key: 'message').score('web', entries(lines.take(1) + odd + lines.drop(1)))
+    assert_equal [0, 'missing', 'nil', 'number', 'map', 1, 2], out.map { |_, r| r['n'] }
+    assert_equal %w[missing nil number map], out.select { |_, r| r['anomaly_unscored'] }.map { |_, r| r['n'] }
+    assert_equal [false] * 3, out.reject { |_, r| r['anomaly_unscored'] }.map { |_, r| r['is_anomaly'] }
+    assert_equal 0, s.client.stats[:circuit_opened]
+  end
+
+  test 'records bigger than a call are sent cut, not refused: the circuit stays closed' do
+    # Four 3 MB records at the head of a stream were refused as too large, opened the circuit,
+    # and the 200 records after them passed unscored.
+    huge = Array.new(4) { |i| { 'message' => AccessLines.line("/robots.txt?pad=#{'x' * 3_000_000}"), 'n' => "big#{i}" } }
+    normal = AccessLines.normal(20).each_with_index.map { |line, i| { 'message' => line, 'n' => i } }
+    [nil, 'message'].each do |message_key|
+      s = scorer(message_key: message_key)
+      out = s.score('web', entries(huge.map(&:dup) + normal.map(&:dup)))
+      assert_equal 24, out.count { |_, r| r['anomaly_score'].is_a?(Float) }, message_key.inspect
+      assert_equal [0, 0], s.client.stats.values_at(:failures, :circuit_opened)
+    end
+    # Too big even cut (five fields of 300 KB do not fit 1 MiB): that record alone passes unscored.
+    wide = ('a'..'e').to_h { |name| [name, 'y' * 300_000] }.merge('n' => 'wide')
+    out = scorer.score('web', entries([wide] + normal.map(&:dup)))
+    assert_equal ['wide'], out.select { |_, r| r['anomaly_unscored'] }.map { |_, r| r['n'] }
+    # batch_bytes over the sidecar's max_message_bytes: refused calls are split until they fit.
+    s = scorer(batch_bytes: 8 * 1024 * 1024)
+    mid = Array.new(15) { |i| { 'message' => AccessLines.line("/robots.txt?pad=#{'z' * 200_000}"), 'n' => i } }
+    out = s.score('web', entries(mid))
+    assert_equal 15, out.count { |_, r| r['anomaly_score'].is_a?(Float) }
+    assert_equal 0, s.client.stats[:circuit_opened]
+  end
+
+  test 'the fields the plugin sets are its own: a record arriving with them leaves with the current ones only' do
+    arriving = { 'message' => AccessLines.line('/'), 'anomaly_unscored' => true, 'anomaly_explanation' => ['old'] }
+    _, scored = scorer(message_key: 'message').score('web', entries([arriving]))[0]
+    assert_kind_of Float, scored['anomaly_score']
+    assert_nil scored['anomaly_unscored']
+    assert_false scored.key?('anomaly_explanation') # none asked for this time
+    stale = { 'message' => AccessLines.line('/'), 'anomaly_score' => 0.42, 'is_anomaly' => true,
+              'anomaly_model' => 'edge-model' }
+    down = scorer(endpoint: "unix://#{self.class.dir}/nobody-here.sock", timeout: 0.05, message_key: 'message')
+    _, unscored = down.score('web', entries([stale]))[0]
+    assert_equal({ 'message' => stale['message'], 'anomaly_unscored' => true }, unscored)
+  end
+
   test 'sidecar down: every record passes at once, marked unscored; calls stop at the first failure' do
     s = scorer(endpoint: "unix://#{self.class.dir}/nobody-here.sock", timeout: 0.05, message_key: 'message',
                probe_interval: 60)

@@ -256,7 +256,8 @@ module Logscore
       result || busy(allowed)
     rescue GRPC::BadStatus => e
       @deadlines.observe(count + ahead, allowed) if e.code == GRPC::Core::StatusCodes::DEADLINE_EXCEEDED
-      refused(e.details) if e.code == GRPC::Core::StatusCodes::INVALID_ARGUMENT
+      refused('invalid_argument', e.details) if e.code == GRPC::Core::StatusCodes::INVALID_ARGUMENT
+      refused('message_too_large', e.details) if too_large?(e)
       failed(status_name(e.code), e.details, silent: SILENT.include?(e.code))
     rescue ScoringFailed => e
       raise if %w[circuit_open busy].include?(e.reason)
@@ -319,12 +320,19 @@ module Logscore
       @lock.synchronize { @consecutive_failures = 0 }
     end
 
-    # The sidecar answered, refusing this call's records (it could not decode them): it works, so
-    # refusals never stop the calls, however many come in a row.
-    def refused(details)
+    # The sidecar answered, refusing this call's records (it could not decode them, or the call
+    # was over its max_message_bytes): it works, so refusals never stop the calls, however many
+    # come in a row.
+    def refused(reason, details)
       count(:failures)
       succeeded
-      raise ScoringFailed.new('invalid_argument', details)
+      raise ScoringFailed.new(reason, details)
+    end
+
+    # gRPC's own refusal of a message over the receiver's limit (the sidecar's overload is
+    # RESOURCE_EXHAUSTED too, and is a failure: it backs off)
+    def too_large?(error)
+      error.code == GRPC::Core::StatusCodes::RESOURCE_EXHAUSTED && error.details.to_s.include?('larger than max')
     end
 
     def failed(reason, details, silent:)

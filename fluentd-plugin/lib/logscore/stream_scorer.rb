@@ -13,6 +13,10 @@ module Logscore
   class StreamScorer
     Keys = Struct.new(:score, :flag, :model, :explanation, :unscored, :entity, keyword_init: true)
     MAX_SPLIT_CALLS = 64 # calls a stream may spend finding the records the sidecar refused (score_slices)
+    # A longer text value is sent cut to this: the sidecar cuts far shorter anyway, and notes it
+    # (max_record_bytes for a raw line, 8,192 characters for a field), so the score is the same.
+    CUT_VALUE_BYTES = 256 * 1024
+    REFUSALS = %w[invalid_argument message_too_large].freeze # the sidecar answered, refusing these records
 
     attr_reader :client
 
@@ -45,7 +49,10 @@ module Logscore
     # the refused records pass unscored, not the up to batch_records sent with them; `budget` (an
     # array of one count, shared down the halves) bounds the extra calls when many are refused.
     def score_slices(tag, slices, budget, &on_unscored)
-      results = client.score_all(slices.map { |slice, packed| [request(tag, slice, packed), slice.size] })
+      sendable = slices.reject { |_, packed| packed.is_a?(ScoringFailed) }
+      calls = sendable.map { |slice, packed| [request(tag, slice, packed), slice.size] }
+      answers = calls.empty? ? [] : client.score_all(calls)
+      results = slices.map { |_, packed| packed.is_a?(ScoringFailed) ? packed : answers.shift }
       passed = []
       slices.zip(results) do |(slice, _), result|
         if refused?(result) && slice.size > 1 && budget[0] >= 2
@@ -64,24 +71,32 @@ module Logscore
     end
 
     def refused?(result)
-      result.is_a?(ScoringFailed) && result.reason == 'invalid_argument'
+      result.is_a?(ScoringFailed) && REFUSALS.include?(result.reason)
     end
 
     def batches(entries)
       @message_key ? line_batches(entries) : packed_batches(entries)
     end
 
-    # [entries, their msgpack bytes] per call, at most batch_records records and batch_bytes bytes
-    # (a single bigger record goes alone). The sidecar reads the records only: each entry goes as
-    # [seconds, record], written by one packer (NOTE: Fluentd's own to_msgpack_stream packs
-    # EventTime through an extension callback, several times slower).
+    # [entries, their msgpack bytes] per call, at most batch_records records and batch_bytes bytes.
+    # The sidecar reads the records only: each entry goes as [seconds, record], written by one
+    # packer (NOTE: Fluentd's own to_msgpack_stream packs EventTime through an extension callback,
+    # several times slower). A record that cannot be sent (a value msgpack cannot pack, or too big
+    # even cut) is a slice of its own, with its ScoringFailed in place of the bytes.
     def packed_batches(entries)
       slices = []
       slice = []
       packer = MessagePack::Packer.new
       entries.each do |entry|
         before = packer.size
-        packer.write_array_header(2).write(entry[0].to_i).write(entry[1])
+        packer, failure = pack_entry(packer, entry, before)
+        if failure
+          slices << [slice, packer.to_s] unless slice.empty? # the records before it keep their order
+          slices << [[entry], failure]
+          slice = []
+          packer = MessagePack::Packer.new
+          next
+        end
         next slice << entry if slice.empty? || (slice.size < @batch_records && packer.size <= @batch_bytes)
 
         bytes = packer.to_s
@@ -90,47 +105,103 @@ module Logscore
         packer.buffer << bytes.byteslice(before, bytes.bytesize - before)
         slice = [entry]
       end
-      slices << [slice, packer.to_s]
+      slices << [slice, packer.to_s] unless slice.empty?
+      slices
     end
 
-    # [entries, nil] per call of raw lines, bounded the same way.
+    # The entry written to the packer, its long text values cut if it would not fit a call;
+    # [packer, nil], or [the packer as it was, ScoringFailed] when it cannot go.
+    def pack_entry(packer, entry, before)
+      packer.write_array_header(2).write(entry[0].to_i).write(entry[1])
+      return [packer, nil] if packer.size - before <= @batch_bytes
+
+      packer = packer_before(packer, before)
+      packer.write_array_header(2).write(entry[0].to_i).write(cut_values(entry[1]))
+      return [packer, nil] if packer.size - before <= @batch_bytes
+
+      [packer_before(packer, before),
+       ScoringFailed.new('record_too_large', "a record of #{packer.size - before} bytes (its text values cut to " \
+                                             "#{CUT_VALUE_BYTES}) does not fit batch_bytes #{@batch_bytes}")]
+    rescue StandardError => e # RangeError for an integer past 64 bits, NoMethodError for an object
+      [packer_before(packer, before), ScoringFailed.new('unpackable', "a value msgpack cannot send: #{e.message}")]
+    end
+
+    def packer_before(packer, size)
+      fresh = MessagePack::Packer.new
+      fresh.buffer << packer.to_s.byteslice(0, size)
+      fresh
+    end
+
+    def cut_values(record)
+      record.transform_values do |value|
+        value.is_a?(String) && value.bytesize > CUT_VALUE_BYTES ? value.byteslice(0, CUT_VALUE_BYTES) : value
+      end
+    end
+
+    # [entries, nil] per call of raw lines, bounded the same way (lines sent cut to CUT_VALUE_BYTES);
+    # a record with no text under message_key is a slice of its own, with its ScoringFailed.
     def line_batches(entries)
-      slices = [[]]
+      slices = [[[], nil]]
       bytes = 0
       entries.each do |entry|
-        size = entry[1][@message_key].to_s.bytesize
-        if !slices.last.empty? && (slices.last.size >= @batch_records || bytes + size > @batch_bytes)
-          slices << []
+        line = entry[1][@message_key]
+        unless line.is_a?(String)
+          slices << [[entry], ScoringFailed.new('no_message', "no text under message_key #{@message_key.inspect} " \
+                                                              "(#{line.nil? ? 'none' : line.class}): not a log line")]
+          slices << [[], nil]
+          bytes = 0
+          next
+        end
+        size = [line.bytesize, CUT_VALUE_BYTES].min
+        if !slices.last[0].empty? && (slices.last[0].size >= @batch_records || bytes + size > @batch_bytes)
+          slices << [[], nil]
           bytes = 0
         end
-        slices.last << entry
+        slices.last[0] << entry
         bytes += size
       end
-      slices.map { |slice| [slice, nil] }
+      slices.reject { |slice, _| slice.empty? }
     end
 
     def request(tag, slice, packed)
-      return client.lines_request(tag, slice.map { |_, record| record[@message_key] }) if @message_key
+      if @message_key
+        return client.lines_request(tag, slice.map { |_, record| record[@message_key].byteslice(0, CUT_VALUE_BYTES) })
+      end
 
       client.event_stream_request(tag, packed)
     end
 
+    # NOTE: the fields the plugin sets are its own: a record arriving with them (a second filter in
+    # a chain, records read back) must not leave marked both scored and unscored, or with a stale score.
     def unscored(slice, error, &on_unscored)
       client.count(:unscored, slice.size)
       warn_throttled(error, slice.size)
-      return slice.each { |_, record| record[@keys.unscored] = true } if @on_error == :pass || on_unscored.nil?
+      if @on_error == :pass || on_unscored.nil?
+        return slice.each do |_, record|
+          @keys.to_h.each { |name, key| record.delete(key) if key && name != :unscored }
+          record[@keys.unscored] = true
+        end
+      end
 
       slice.each { |time, record| on_unscored.call(time, record, error) }
       []
     end
 
     def annotate(record, result, index)
+      record.delete(@keys.unscored)
       record[@keys.score] = result.scores[index].round(6)
       record[@keys.flag] = result.flags[index]
       record[@keys.model] = result.model_names[index] if @keys.model
-      record[@keys.explanation] = result.explanations[index] if @keys.explanation && !result.explanations.empty?
+      explanation = result.explanations[index] unless result.explanations.empty?
       entity = result.entity_scores && result.entity_scores[index]
-      record[@keys.entity] = entity.round(6) if @keys.entity && entity && !entity.nan?
+      set_or_delete(record, @keys.explanation, explanation)
+      set_or_delete(record, @keys.entity, entity && !entity.nan? ? entity.round(6) : nil)
+    end
+
+    def set_or_delete(record, key, value)
+      return unless key
+
+      value.nil? ? record.delete(key) : record[key] = value
     end
 
     # One warning per reason per 30 s: a down sidecar must not flood the log.
