@@ -158,6 +158,45 @@ class FluentdFieldTest < Test::Unit::TestCase
     end
   end
 
+  test 'in_http: a record with an integer msgpack cannot pack passes unscored; its request is not lost' do
+    # It raised out of the filter: in_http answered 500 and every record of the request was lost.
+    @sidecar = SidecarProcess.new(@work).start
+    port = SidecarProcess.free_port
+    http = <<~CONF
+      <source>
+        @type http
+        bind 127.0.0.1
+        port #{port}
+      </source>
+    CONF
+    drop_count = <<~CONF
+      <filter web.**>
+        @type record_transformer
+        remove_keys count
+      </filter>
+    CONF
+    @pids << spawn_fluentd(@work, 'http', http + default_filter + drop_count + file_output("#{@work}/out/scored"))
+    body = '[' + AccessLines.normal(3).each_with_index.map do |line, i|
+      JSON.generate({ 'message' => line, 'seq' => i }).sub(/}\z/, i == 1 ? ',"count":1180591620717411303424}' : '}')
+    end.join(',') + ']'
+    answer = nil
+    deadline = Time.now + 30
+    until answer || Time.now > deadline
+      answer = begin
+        Net::HTTP.post(URI("http://127.0.0.1:#{port}/web.http"), body, 'Content-Type' => 'application/json')
+      rescue SystemCallError
+        sleep 0.2
+        nil
+      end
+    end
+    assert_equal '200', answer&.code, log_tail(@work, 'http')
+    out = wait_for_records(File.join(@work, 'out'), 3, timeout: 30).sort_by { |r| r['seq'] }
+    assert_equal [0, 1, 2], out.map { |r| r['seq'] }, log_tail(@work, 'http')
+    assert_equal [false, true, false], out.map { |r| r.key?('anomaly_unscored') }
+    assert(out.values_at(0, 2).all? { |r| r['anomaly_score'].is_a?(Float) })
+    assert_not_match(/Traceback|emit transaction failed/, File.read(File.join(@work, 'http.log')))
+  end
+
   test 'sidecar stopped 10 s (SIGSTOP): no record waits longer than the bound; scoring resumes within 1 s' do
     @sidecar = SidecarProcess.new(@work).start
     port = SidecarProcess.free_port
