@@ -274,6 +274,12 @@ def test_realized_false_positive_rate_is_reported_beside_the_target(shop_model):
     assert held["records"] == 4000 - shop_model.metadata["training"]["set_aside"]["records"]
     assert calibration["target_fpr"] / 3 <= held["fpr"] <= calibration["target_fpr"] * 3, held
     assert held["fpr"] == round(held["flagged"] / held["records"], 6)
+    aside = held.get("set_aside", 0)  # screening's and the injection prior's, left out of the figure
+    assert held["records"] + aside == shop_model.metadata["training"]["records_used"]
+    if aside:  # the figure to expect were the set-aside records normal after all
+        assert 0 <= held["set_aside_flagged"] <= aside
+        assert held["fpr_with_set_aside"] == round((held["flagged"] + held["set_aside_flagged"])
+                                                   / (held["records"] + aside), 6)
 
 
 def test_evaluate_mixes_anomalies_into_training_and_reports_at_threshold_figures(tmp_path):

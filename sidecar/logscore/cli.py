@@ -522,7 +522,9 @@ def print_training_summary(path: str, metadata: dict) -> None:
     print(f"  fit time: {training['fit_seconds']} s")
     print(f"  calibrated score quantiles (out-of-fold): {training['calibrated_score_quantiles']}")
     print(f"  threshold: {calibration['threshold']:.4f} ({calibration['rule']}); expected alerts per "
-          f"10,000 normal records: {calibration['expected_alerts_per_10k']}")
+          f"10,000 normal records: {calibration['expected_alerts_per_10k']}"
+          + (f" ({with_aside} were the records set aside normal)"
+             if (with_aside := calibration.get("expected_alerts_per_10k_with_set_aside")) is not None else ""))
     print(f"  {describe_realized_fpr(calibration)}")
     print(f"  {describe_set_aside(training)}")
     if training.get("injection_prior"):
@@ -555,8 +557,12 @@ def describe_realized_fpr(calibration: dict) -> str:
     held = calibration.get("held_back") or {}
     if not held.get("records"):
         return f"target false-positive rate {calibration.get('target_fpr')} (no held-back figure in this model)"
-    return (f"false-positive rate: target {calibration.get('target_fpr')}, realized {held['fpr']} on held-back "
+    said = (f"false-positive rate: target {calibration.get('target_fpr')}, realized {held['fpr']} on held-back "
             f"folds ({held['flagged']} of {held['records']} records)")
+    if held.get("set_aside"):
+        said += (f"; {held['fpr_with_set_aside']} counting the {held['set_aside']} records set aside, were they "
+                 f"normal ({held['set_aside_flagged']} of them over the threshold)")
+    return said
 
 
 def describe_set_aside(training: dict) -> str:
