@@ -521,10 +521,10 @@ def print_training_summary(path: str, metadata: dict) -> None:
     print(f"  detectors: {', '.join(d['kind'] for d in metadata['detectors'])}")
     print(f"  fit time: {training['fit_seconds']} s")
     print(f"  calibrated score quantiles (out-of-fold): {training['calibrated_score_quantiles']}")
+    with_aside = calibration.get("expected_alerts_per_10k_with_set_aside")
     print(f"  threshold: {calibration['threshold']:.4f} ({calibration['rule']}); expected alerts per "
           f"10,000 normal records: {calibration['expected_alerts_per_10k']}"
-          + (f" ({with_aside} were the records set aside normal)"
-             if (with_aside := calibration.get("expected_alerts_per_10k_with_set_aside")) is not None else ""))
+          + (f" ({with_aside} were the records set aside normal)" if with_aside is not None else ""))
     print(f"  {describe_realized_fpr(calibration)}")
     print(f"  {describe_set_aside(training)}")
     if training.get("injection_prior"):

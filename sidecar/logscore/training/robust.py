@@ -209,7 +209,7 @@ def screen(score_out_of_fold, records: int, target_fpr: float, factor: float, ma
             # grow by their share: the level drops only while that share is within the target,
             # or within ``ALONGSIDE`` x the records far out: attacks that stand far out come with
             # about as many of their kind that stand out less (CSIC 2010: 0.8-1.5x at every share
-            # mixed in), a long normal tail with more than twice as many (a blog's log: 51 to 22).
+            # mixed in), a long normal tail with more than twice as many (a blog's log: 51 to 23).
             budget = found.sum() + max(target_fpr * records, ALONGSIDE * found.sum())
             if lowered.sum() <= budget:
                 factor, found, limit = contaminated_factor, lowered, budget
