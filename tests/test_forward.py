@@ -689,6 +689,24 @@ def test_a_message_of_millions_of_tiny_values_is_refused_before_it_takes_a_gigab
         receiver.stop()
 
 
+def test_packed_forward_entries_of_millions_of_tiny_values_are_refused_too(chain):
+    """PackedForward entries are decoded lazily, slice by slice: the value budget holds for them
+    too (4,000,000 empty arrays in one entry of 4 MB)."""
+    sidecar, port, receiver = chain
+    empties = b"\xdd" + (100_000).to_bytes(4, "big") + b"\x90" * 100_000  # 100,000 empty arrays
+    bomb = b"\x92\x01\xde" + (40).to_bytes(2, "big") + b"".join(msgpack.packb(f"k{i}") + empties for i in range(40))
+    normal = b"".join(msgpack.packb([1_700_000_000, {"message": f"before {i}"}]) for i in range(3))
+    message = msgpack.packb(["web", normal + bomb, {"chunk": "packed-bomb"}], use_bin_type=True)
+    try:
+        assert send(port, message, 1, 30) == []  # closed, no ack: the sender keeps the chunk
+    except ConnectionResetError:
+        pass
+    sidecar.wait_for(lambda: counter(sidecar, "forward_protocol") == 1, timeout=20, what="the refusal")
+    assert "a slice of PackedForward entries holds more than 3,000,000 values" in sidecar.log()
+    chunk = uuid.uuid4().hex  # the port goes on serving
+    assert send_chunk(port, ["web", [[1_700_000_000, {"message": "x"}]], {"chunk": chunk}]) == {"ack": chunk}
+
+
 def test_sigterm_lets_a_relay_under_way_finish(tmp_path):
     sidecar, port, receiver = start_chain(tmp_path)
     try:
