@@ -156,6 +156,7 @@ def chain(tmp_path):
     parts["sidecar"] = SidecarProcess(ROOT / "models", tmp_path, forward=f"127.0.0.1:{forward}",
                                       forward_to=f"127.0.0.1:{hop}").start()
     source = tmp_path / "input.log"
+    parts["forward_port"] = forward
 
     def start_sender(lines: list[str], options: str) -> FluentBit:
         source.write_text("\n".join(lines) + "\n")
@@ -220,6 +221,20 @@ def test_a_200000_line_backlog_is_scored_whole_in_bounded_memory(chain):
     peak = parts["sidecar"].peak_rss_bytes() / 2**20
     print(f"sidecar peak RSS {peak:.0f} MiB for a {len(lines)}-line backlog")
     assert peak <= 300
+
+
+def test_a_fluent_bit_sending_tls_is_named_with_the_fix_and_loses_nothing_once_fixed(chain):
+    """Fluent Bit with `tls on` towards the plain forward port: the sidecar names it (it once said
+    only that the sender was silent, blaming secure forward), and Fluent Bit keeps the records."""
+    workdir, parts, start_sender = chain
+    start_sender(stamped_lines(20), "    tls on\n    tls.verify off\n    Require_ack_response true")
+    sidecar = parts["sidecar"]
+    sidecar.wait_for(lambda: "opened with a TLS ClientHello" in sidecar.log(), timeout=30, what="the TLS warning")
+    assert received(workdir) == []
+    parts["sender"].stop()
+    parts["sender"] = sender(workdir, workdir / "input.log", parts["forward_port"],
+                             "    Require_ack_response true").start()
+    assert len(wait_for_lines(workdir, 20, timeout=60)) == 20  # from the head of the file again
 
 
 def test_the_fluent_bit_example_passes_its_dry_run():
