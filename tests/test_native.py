@@ -49,6 +49,7 @@ CONVERTER_SPECS = [
     {"kind": "ngrams", "n": [3, 3], "decode": True, "weight": 0.2},
     {"kind": "ngrams", "n": [1, 2], "lowercase": True, "max_bytes": 7, "weighting": "log_tf"},
     {"kind": "ngrams", "n": [5, 8], "weighting": "tf"},
+    {"kind": "ngrams", "n": [1, 8], "max_bytes": 65_536},  # long values: sorted by radix passes
     {"kind": "tokens"},
     {"kind": "tokens", "template": False, "lowercase": True, "weighting": "log_tf", "weight": 0.5},
     {"kind": "alarms", "weight": 8.0},
@@ -71,7 +72,8 @@ EDGE_VALUES = [
     "  12  ", "1_000", "١٢", "0x10", "-5", "nan", "-inf", "conn from 10.1.2.3:22 id 0xdeadbeef took 1.5s",
     "open /var/log/x.log", "ÀÉ İstanbul ß", "ABC", "\ud800x\udfff", "a\x00b",
     "aaaa9999----", "éééa", "\t\n x", "x" * 40,
-    "java.lang.OutOfMemoryError: Java heap space", "segfault at 10 ip 0x7f3a error 4", "DEBUG errno=2 kill -9 FAILED"]
+    "java.lang.OutOfMemoryError: Java heap space", "segfault at 10 ip 0x7f3a error 4", "DEBUG errno=2 kill -9 FAILED",
+    "".join(chr(33 + i * 7919 % 90) for i in range(3000))]  # over 4,096 n-grams of 1 to 8 bytes
 
 
 @pytest.mark.parametrize("converter", CONVERTER_SPECS, ids=lambda c: "-".join(f"{v}" for v in c.values()))

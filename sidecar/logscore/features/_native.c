@@ -1030,7 +1030,24 @@ fail:
 /* Ascending sort of 32-bit keys through `spare` (as long): they are uniform hashes, so one
  * pass on the top byte spreads them over 256 buckets of a few keys each, and an insertion
  * sort finishes each bucket (qsort's callback, or a full radix sort, cost more than hashing). */
+/* Ascending. Up to RADIX_FROM keys: one pass on the top byte, then insertion sort (keys are
+ * hashes, so a bucket holds a few). More: least-significant-digit radix sort, a byte a pass;
+ * the buckets grow with the value (a 64 KiB value took 0.16 s), the passes do not, but they
+ * cost twice as much on the short values most fields hold. */
+#define RADIX_FROM 4096
 static void sort_keys(uint32_t *a, uint32_t *spare, Py_ssize_t n) {
+    if (n > RADIX_FROM) {
+        uint32_t *from = a, *to = spare;
+        for (int shift = 0; shift < 32; shift += 8) {
+            Py_ssize_t next[256] = {0};
+            for (Py_ssize_t i = 0; i < n; i++) next[(from[i] >> shift) & 255]++;
+            Py_ssize_t start = 0;
+            for (int b = 0; b < 256; b++) { Py_ssize_t count = next[b]; next[b] = start; start += count; }
+            for (Py_ssize_t i = 0; i < n; i++) to[next[(from[i] >> shift) & 255]++] = from[i];
+            uint32_t *swap = from; from = to; to = swap;
+        }
+        return;  /* four passes: the keys are back in a */
+    }
     if (n > 32) {
         Py_ssize_t starts[257] = {0};
         for (Py_ssize_t i = 0; i < n; i++) starts[(a[i] >> 24) + 1]++;
