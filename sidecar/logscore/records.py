@@ -164,6 +164,15 @@ class RecordNormalizer:
         return fields, any(name in fields for name in self.wanted), False
 
 
+def describe_entry(entry: object) -> str:
+    """What an event stream entry that is not [time, record] is, for the error that names it."""
+    if not isinstance(entry, (list, tuple)):
+        return f"a {type(entry).__name__}"
+    if len(entry) != 2:
+        return f"an array of {len(entry)} items"
+    return f"a {type(entry[1]).__name__} for its record" if entry[1] is not None else "nil for its record"
+
+
 def decode_event_stream(data: bytes, max_records: float = math.inf, ticket: Ticket = UNLIMITED) -> list[dict]:
     """Records of a Fluentd event stream: msgpack ``[time, record]`` arrays back to back.
 
@@ -195,8 +204,8 @@ def decode_event_stream(data: bytes, max_records: float = math.inf, ticket: Tick
         for entry in unpacker:
             consumed = unpacker.tell()
             if not (isinstance(entry, (list, tuple)) and len(entry) == 2 and isinstance(entry[1], dict)):
-                raise InvalidRequest(f"event_stream entry {len(records)}: expected [time, record], "
-                                     f"got {type(entry).__name__}")
+                raise InvalidRequest(f"event_stream entry {len(records)}: expected [time, record] (a map), "
+                                     f"got {describe_entry(entry)}")
             records.append(entry[1])
             if len(records) > max_records:
                 raise InvalidRequest(f"event_stream holds more than {max_records} records, the limit "

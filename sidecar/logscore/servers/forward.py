@@ -77,13 +77,13 @@ MAX_REFUSALS = 5  # a reachable next hop that drops held records this often refu
 # chunks, and a refused chunk stalls its sender for good (it is resent on every retry).
 INFLATION = 64  # a compressed payload may inflate to this many times forward_max_message_bytes
 RELAY_WINDOW = 2  # scored frames sent and not yet acked, per relay, in forward_max_message_bytes
-# NOTE: a Forward-mode message is decoded whole (msgpack arrays cannot be read in parts here):
-# capping its entries bounds its decoded size even when each entry is tiny.
-MAX_ARRAY_ENTRIES, MAX_MAP_ENTRIES = 100_000, 10_000
-# NOTE: the cap on entries does not bound what is inside them: a decoded value costs 30-90 bytes of
-# Python objects however small its msgpack, and one 16 MiB record of nested empty arrays decoded to
-# 1.1 GiB (blocking the event loop 5-10 s). Past this many values a message is refused: at most
-# about 180 MiB decoded (short strings, 60 bytes a value), and still 100,000 entries of 14 fields.
+# NOTE: a Forward-mode message is decoded whole (msgpack arrays cannot be read in parts here), and
+# a decoded value costs 30-90 bytes of Python objects however small its msgpack: one 16 MiB record
+# of nested empty arrays decoded to 1.1 GiB (blocking the event loop 5-10 s). Past this many values
+# a message is refused: at most about 180 MiB decoded (short strings, 60 bytes a value), and still
+# 100,000 entries of 14 fields. It is the only bound on a message's shape: msgpack's caps on one
+# array or map apply at every depth, and a record they refused (10,001 keys) could not be relayed,
+# so its chunk was resent for ever.
 MAX_DECODED_VALUES = 3_000_000  # values decoded and held at once: per connection, per PackedForward slice
 
 
@@ -139,10 +139,10 @@ def decode_message(message, max_message_bytes: int) -> Message:
         data = payload.encode("utf-8", EXACT) if isinstance(payload, str) else payload
         budget = ValueBudget(MAX_DECODED_VALUES, "a slice of PackedForward entries")
         entries: Iterable = packed_entries(data, option.get("compressed") == "gzip", max_message_bytes, budget)
-    elif _is_array(payload) and not _is_time(payload):
+    elif _is_array(payload) and not _is_time(payload) and len(message) <= 3:
         entries = payload  # Forward (entries that are not [time, record] are skipped and counted)
-    elif len(message) >= 3 and isinstance(message[2], dict):  # Message: [tag, time, record(, option)]
-        option = message[3] if len(message) >= 4 and isinstance(message[3], dict) else {}
+    elif len(message) in (3, 4):  # Message: [tag, time, record(, option)], its entry checked like any
+        option = message[3] if len(message) == 4 and isinstance(message[3], dict) else {}
         entries = [[payload, message[2]]]
     else:
         raise ForwardProtocolError("not a Message, Forward or PackedForward message")
@@ -626,8 +626,8 @@ class ForwardServer(StreamServer):
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         budget = ValueBudget(MAX_DECODED_VALUES, "a forward message")
-        unpacker = forward_unpacker(self.max_message_bytes, budget, max_array_len=MAX_ARRAY_ENTRIES,
-                                    max_map_len=MAX_MAP_ENTRIES)
+        unpacker = forward_unpacker(self.max_message_bytes, budget, max_array_len=MAX_DECODED_VALUES,
+                                    max_map_len=MAX_DECODED_VALUES)
         peer = str(writer.get_extra_info("peername"))
         position = Position()
         try:
