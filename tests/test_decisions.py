@@ -182,6 +182,29 @@ def test_the_set_aside_level_drops_only_when_the_data_evidently_holds_attacks(fa
         assert "unusual_not_vouching" not in described
 
 
+@pytest.mark.parametrize("far_out, target_fpr, with_mates", [(8, 0.001, False), (2, 0.02, True)])
+def test_the_level_drops_on_the_evidence_of_what_stands_far_out(far_out, target_fpr, with_mates):
+    """The set-up above. Eight far out at a 0.1 % target: the 12 records the lower level adds fit
+    in no target share (1), but in 1.5 times the records far out (12); before session 12 the level
+    stayed, and attacks at 0.35 % and 1.4 % of CSIC's training data kept it high (recall 0.57-0.75).
+    Two far out (0.2 %) count as evidence now (from 0.15 %); they did not (above 0.2 %)."""
+    raw = np.zeros(1000)
+    raw[900:980] = 1.0
+    doubtful = np.arange(980, 992)
+    raw[doubtful] = 2.0
+    raw[1000 - far_out:] = 5.0
+    mates = [10, 20, 30, 40]
+
+    def score_out_of_fold(fit_mask, vouching=None):
+        scores = raw.copy()
+        scores[mates] = 0.0 if fit_mask[doubtful].all() else 2.2
+        return scores[:, None].astype(np.float32)
+
+    screening = screen(score_out_of_fold, 1000, target_fpr, 2.5, 3, contaminated_factor=1.75)
+    expected = set(range(1000 - far_out, 1000)) | set(doubtful) | (set(mates) if with_mates else set())
+    assert set(np.flatnonzero(screening.set_aside)) == expected and screening.factor == 1.75
+
+
 def test_features_only_unusual_records_hold_stay_never_seen():
     """Known answer (training.train.fit with ``vouching``): a probe for a page that does not exist,
     sent 3 times, among 1,000 normal lines. Learned, its path is seen 3 times and its copies score
