@@ -132,6 +132,28 @@ def test_attacks_mixed_into_training_are_set_aside_and_still_caught(tmp_path, at
     assert f"not vouching for their features (the data holds attacks): {set_aside['unusual_not_vouching']} " in shown
 
 
+DOUBTFUL, MATES = np.arange(980, 992), [10, 20, 30, 40]
+
+
+def screen_known_answer(far_out: int, target_fpr: float) -> tuple:
+    """(screening, fit masks, vouching masks) of robust.screen on the set-up the next test describes."""
+    raw = np.zeros(1000)
+    raw[900:980] = 1.0
+    raw[DOUBTFUL] = 2.0
+    raw[1000 - far_out:] = 5.0
+    calls, vouching_given = [], []
+
+    def score_out_of_fold(fit_mask, vouching=None):
+        calls.append(fit_mask.copy())
+        vouching_given.append(vouching)
+        scores = raw.copy()
+        scores[MATES] = 0.0 if fit_mask[DOUBTFUL].all() else 2.2
+        return scores[:, None].astype(np.float32)
+
+    screening = screen(score_out_of_fold, 1000, target_fpr, 2.5, 3, contaminated_factor=1.75)
+    return screening, calls, vouching_given
+
+
 @pytest.mark.parametrize("far_out, target_fpr, outcome", [(1, 0.02, "first level"), (8, 0.02, "lowered"),
                                                          (6, 0.001, "first level"), (8, 0.013, "lowered, stopped")])
 def test_the_set_aside_level_drops_only_when_the_data_evidently_holds_attacks(far_out, target_fpr, outcome):
@@ -145,22 +167,8 @@ def test_the_set_aside_level_drops_only_when_the_data_evidently_holds_attacks(fa
     in 13 but the 4 mates do not, and screening stops before round 2. Where the
     level dropped, the folds are scored once more with the records at or above the top 4 % (2.6 %)
     of the kept scores vouching for nothing: the tail at 1.0 and those above."""
-    raw = np.zeros(1000)
-    raw[900:980] = 1.0
-    doubtful = np.arange(980, 992)
-    raw[doubtful] = 2.0
-    raw[1000 - far_out:] = 5.0
-    mates = [10, 20, 30, 40]
-    calls, vouching_given = [], []
-
-    def score_out_of_fold(fit_mask, vouching=None):
-        calls.append(fit_mask.copy())
-        vouching_given.append(vouching)
-        scores = raw.copy()
-        scores[mates] = 0.0 if fit_mask[doubtful].all() else 2.2
-        return scores[:, None].astype(np.float32)
-
-    screening = screen(score_out_of_fold, 1000, target_fpr, 2.5, 3, contaminated_factor=1.75)
+    screening, calls, vouching_given = screen_known_answer(far_out, target_fpr)
+    doubtful, mates = DOUBTFUL, MATES
     aside = set(np.flatnonzero(screening.set_aside))
     far = set(range(1000 - far_out, 1000))
     described = screening.describe([""] * 1000)
@@ -188,20 +196,8 @@ def test_the_level_drops_on_the_evidence_of_what_stands_far_out(far_out, target_
     in no target share (1), but in 1.5 times the records far out (12); before session 12 the level
     stayed, and attacks at 0.35 % and 1.4 % of CSIC's training data kept it high (recall 0.57-0.75).
     Two far out (0.2 %) count as evidence now (from 0.15 %); they did not (above 0.2 %)."""
-    raw = np.zeros(1000)
-    raw[900:980] = 1.0
-    doubtful = np.arange(980, 992)
-    raw[doubtful] = 2.0
-    raw[1000 - far_out:] = 5.0
-    mates = [10, 20, 30, 40]
-
-    def score_out_of_fold(fit_mask, vouching=None):
-        scores = raw.copy()
-        scores[mates] = 0.0 if fit_mask[doubtful].all() else 2.2
-        return scores[:, None].astype(np.float32)
-
-    screening = screen(score_out_of_fold, 1000, target_fpr, 2.5, 3, contaminated_factor=1.75)
-    expected = set(range(1000 - far_out, 1000)) | set(doubtful) | (set(mates) if with_mates else set())
+    screening, _, _ = screen_known_answer(far_out, target_fpr)
+    expected = set(range(1000 - far_out, 1000)) | set(DOUBTFUL) | (set(MATES) if with_mates else set())
     assert set(np.flatnonzero(screening.set_aside)) == expected and screening.factor == 1.75
 
 

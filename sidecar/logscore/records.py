@@ -173,6 +173,22 @@ def describe_entry(entry: object) -> str:
     return f"a {type(entry[1]).__name__} for its record" if entry[1] is not None else "nil for its record"
 
 
+def value_counting_hooks(charge) -> dict:
+    """msgpack Unpacker hooks that ``charge`` each array and map as it is built with the values it
+    holds (itself and its items; a map's keys too), before the next is decoded."""
+    def counted_list(values: list) -> list:
+        charge(len(values) + 1)
+        return values
+
+    # NOTE: object_hook, not object_pairs_hook: msgpack builds the dict itself, 0.3 µs a record less;
+    # a map that names a key twice is charged for the keys it keeps, which is what it holds
+    def counted_map(pairs: dict) -> dict:
+        charge(2 * len(pairs) + 1)
+        return pairs
+
+    return {"list_hook": counted_list, "object_hook": counted_map}
+
+
 def decode_event_stream(data: bytes, max_records: float = math.inf, ticket: Ticket = UNLIMITED) -> list[dict]:
     """Records of a Fluentd event stream: msgpack ``[time, record]`` arrays back to back.
 
@@ -183,20 +199,9 @@ def decode_event_stream(data: bytes, max_records: float = math.inf, ticket: Tick
     """
     import msgpack
 
-    def charged_list(values: list) -> list:
-        ticket.charge_values(len(values) + 1)
-        return values
-
-    # NOTE: object_hook, not object_pairs_hook: msgpack builds the dict itself, 0.3 µs a record less;
-    # a map that names a key twice is charged for the keys it keeps, which is what it holds
-    def charged_map(record: dict) -> dict:
-        ticket.charge_values(2 * len(record) + 1)
-        return record
-
     unpacker = msgpack.Unpacker(raw=False, unicode_errors="replace", strict_map_key=False,
-                                max_buffer_size=max(len(data), 1024), list_hook=charged_list,
-                                object_hook=charged_map, max_array_len=MAX_CONTAINER_VALUES,
-                                max_map_len=MAX_CONTAINER_VALUES)
+                                max_buffer_size=max(len(data), 1024), **value_counting_hooks(ticket.charge_values),
+                                max_array_len=MAX_CONTAINER_VALUES, max_map_len=MAX_CONTAINER_VALUES)
     unpacker.feed(data)
     records: list[dict] = []
     consumed = 0  # NOTE: tell() after the loop counts a partial last entry too

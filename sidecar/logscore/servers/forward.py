@@ -52,6 +52,7 @@ from typing import Iterable, Iterator, Optional
 import msgpack
 
 from ..errors import LogscoreError, Overloaded
+from ..records import value_counting_hooks
 from ..scoring import ScoreCall, ScoringService
 from .streams import StreamServer
 
@@ -164,9 +165,10 @@ def ext_value(code: int, data: bytes) -> msgpack.ExtType:
 
 
 class ValueBudget:
-    """Counts the values msgpack decodes (each array and map, and each item of them) through its
-    hooks, as they are built; past ``limit`` the decoding stops with ForwardProtocolError, before
-    the memory is spent. ``release`` gives back what was decoded and has been let go."""
+    """Counts the values msgpack decodes (each array and map, and each item of them) through the
+    hooks event streams are charged by, as they are built; past ``limit`` the decoding stops with
+    ForwardProtocolError, before the memory is spent. ``release`` gives back what was decoded
+    and has been let go."""
 
     def __init__(self, limit: int, holder: str):
         self.limit = limit
@@ -176,15 +178,7 @@ class ValueBudget:
     def release(self, count: int) -> None:
         self.count -= count
 
-    def list_hook(self, items: list) -> list:
-        self._charge(len(items) + 1)
-        return items
-
-    def map_hook(self, pairs: dict) -> dict:
-        self._charge(2 * len(pairs) + 1)  # NOTE: keys are interned, but distinct ones cost as values do
-        return pairs
-
-    def _charge(self, values: int) -> None:
+    def charge(self, values: int) -> None:
         self.count += values
         if self.count > self.limit:
             raise ForwardProtocolError(f"{self.holder} holds more than {self.limit:,} values (arrays, maps and "
@@ -196,7 +190,7 @@ def forward_unpacker(max_buffer_size: int, budget: Optional[ValueBudget] = None,
     """How forward mode reads msgpack: text exact to the byte, any map key, ext values as ExtType,
     and (given a budget) a bound on the values decoded."""
     if budget is not None:
-        limits.update(list_hook=budget.list_hook, object_hook=budget.map_hook)
+        limits.update(value_counting_hooks(budget.charge))
     return msgpack.Unpacker(raw=False, unicode_errors=EXACT, strict_map_key=False, ext_hook=ext_value,
                             max_buffer_size=max_buffer_size, **limits)
 
