@@ -684,9 +684,9 @@ def test_grpc_calls_past_the_cap_are_refused_at_once_and_watchers_take_at_most_a
         yield from ()
     try:
         stub = process.stub(channel)
-        watchers += [stub.WatchAnomalies(pb.WatchAnomaliesRequest(), timeout=30) for _ in range(3)]  # long-lived
-        for watcher in watchers[:2]:
-            watcher.initial_metadata()
+        for _ in range(3):  # long-lived calls, each in place before the next starts
+            watchers.append(stub.WatchAnomalies(pb.WatchAnomaliesRequest(), timeout=30))
+            watchers[-1].initial_metadata()  # the refused one's comes with its status
         with pytest.raises(grpc.RpcError) as refused:
             next(watchers[2])
         assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
