@@ -213,6 +213,61 @@ def test_a_burst_is_one_window_event_on_grpc_http_and_forward_mode(behaviour_mod
         receiver.stop()
 
 
+def test_a_backlog_arriving_at_once_is_no_burst_while_the_same_records_live_are(behaviour_model, tmp_path):
+    """A shipper catching up after an outage sends minutes of records at once, with their own times:
+    they were counted on arrival, and every catch-up raised a burst event (a false alarm at the worst
+    moment). Late records are scored, and left out of windows and clients."""
+    import msgpack
+
+    sidecar = SidecarProcess(behaviour_model.parent, tmp_path).start()
+    events = []
+    try:
+        call = sidecar.stub().WatchAnomalies(pb.WatchAnomaliesRequest(kinds=["window", "client"]), timeout=30)
+        threading.Thread(target=collect, args=(call, events), daemon=True).start()
+        call.initial_metadata()
+        lines = timed_shop_lines(200, 3.0, START, seed=11)[:600]
+
+        def stream(times) -> bytes:
+            return b"".join(msgpack.packb([t, {"message": line}]) for t, line in zip(times, lines))
+
+        sidecar.stub().Score(pb.ScoreRequest(model="shop", event_stream=stream([time.time()] * 3)), timeout=10)
+        now = time.time()  # the shipper sent live; then an outage, and its backlog comes at once
+        backlog = [now - 900 + i for i in range(len(lines))]  # 15 minutes ago onwards, a second apart
+        answer = sidecar.stub().Score(pb.ScoreRequest(model="shop", event_stream=stream(backlog)), timeout=10)
+        assert len(answer.scores) == len(lines) and all(0 <= s <= 1 for s in answer.scores)  # scored as ever
+        assert all(math.isnan(e) for e in answer.entity_scores)  # not tracked as clients
+        time.sleep(2.5)  # the window it arrived in, and the next ones, close
+        metrics = sidecar.http_get("/metrics")[1].decode()
+        assert f'logscore_late_records_total{{model="shop"}} {float(len(lines))}' in metrics
+        assert events == []
+        live = sidecar.stub().Score(pb.ScoreRequest(model="shop", event_stream=stream([time.time()] * len(lines))),
+                                    timeout=10)
+        assert all(0 <= e <= 1 for e in live.entity_scores)
+        sidecar.wait_for(lambda: any(e.kind == "window" for e in events), 10, "the live burst's window event")
+        call.cancel()
+    finally:
+        sidecar.stop()
+
+
+def test_lateness_is_measured_from_each_source_s_least_delay_so_a_skewed_clock_is_not_late():
+    from logscore.behaviour import DELAY_FLOOR_RISE, Lateness
+
+    lateness = Lateness(grace_s=60.0)
+    now = START
+    two_hours_behind = np.full(5, now - 7200.0)  # a shipper whose clock is two hours slow, live
+    assert lateness.late(two_hours_behind, ["slow"] * 5, now) is None
+    assert lateness.late(np.full(5, now + 1 - 7200.0), ["slow"] * 5, now + 1) is None
+    # Beside it, a live source and a source catching up 10 minutes (its delay floor was 1 s).
+    assert lateness.late(np.array([now - 1.0]), ["catching_up"], now) is None
+    times = np.array([now + 2, now + 2 - 7200.0, now + 2 - 600, now + 2 - 30, math.nan])
+    sources = ["live", "slow", "catching_up", "catching_up", "catching_up"]
+    assert lateness.late(times, sources, now + 2).tolist() == [False, False, True, False, False]
+    # A moved clock is counted again once the floor has risen past the move (minus the grace).
+    later = now + 2 + (600 - 60) / DELAY_FLOOR_RISE
+    assert lateness.late(np.array([later - 600.0]), ["catching_up"], later) is None
+    assert lateness.late(np.array([math.nan, math.nan]), None, later) is None
+
+
 def collect(call, events: list) -> None:
     try:
         events.extend(call)

@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 
 from logscore.errors import ConfigError
@@ -80,7 +81,7 @@ def test_an_event_stream_charges_every_array_and_map_it_decodes():
     values = 3 + 7 + 3 + 3 + 3 + 3
     admission = Admission(limit_bytes=10 ** 9)
     with admission.admit(0) as ticket:
-        assert decode_event_stream(stream, ticket=ticket) == records
+        assert decode_event_stream(stream, ticket=ticket) == (records, [1700000000, 1700000001])
         assert ticket.bytes == values * VALUE_BYTES
     with pytest.raises(Overloaded, match="max_inflight_bytes"):  # one value short of the budget
         with Admission(limit_bytes=(values - 1) * VALUE_BYTES).admit(0) as ticket:
@@ -102,3 +103,17 @@ def test_an_event_stream_entry_that_is_not_time_and_record_is_named_for_what_it_
     stream = msgpack.packb([1, {"message": "ok"}]) + msgpack.packb(entry)
     with pytest.raises(InvalidRequest, match=f"entry 1: expected \\[time, record\\] \\(a map\\), {said}$"):
         decode_event_stream(stream)
+
+
+def test_event_times_read_every_time_shippers_send():
+    """Numbers, Fluentd's EventTime, a msgpack Timestamp, Fluent Bit's [time, metadata]; else unknown (NaN)."""
+    import msgpack
+
+    from logscore.records import event_times
+
+    event_time = msgpack.ExtType(0, (1_700_000_000).to_bytes(4, "big") + (250_000_000).to_bytes(4, "big"))
+    read = event_times([1_700_000_000, 1.5, event_time, msgpack.Timestamp(9, 500_000_000), [7, {"k": 1}],
+                        True, "1700000000", None, [], {"t": 1}])
+    assert read[:5].tolist() == [1_700_000_000.0, 1.5, 1_700_000_000.25, 9.5, 7.0]
+    assert np.isnan(read[5:]).all()
+    assert event_times([1, 2]).tolist() == [1.0, 2.0]

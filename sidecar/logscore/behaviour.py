@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import threading
 import time
 from typing import Optional, Sequence
@@ -22,11 +23,22 @@ import numpy as np
 from .entities import ClientWatch, EntitySpec
 from .events import EventHub
 from .model import Model
+from .records import event_times
 from .windows import KeyNamer, WindowCounter, WindowSpec
 
 log = logging.getLogger("logscore.behaviour")
 
 ENTITY_CHUNK = 512  # records whose client features go through the detector graph at once
+# Lateness: a record counts in windows and clients when it arrives at most this long after the
+# least delay lately seen from its source (its tag): the grace covers a shipper's buffering.
+LATE_GRACE_WINDOWS = 2
+MIN_LATE_GRACE_S = 60.0
+# The least delay rises by this many seconds a second when nothing arrives sooner: a shipper whose
+# clock moved is counted again after about twice the move, while a backlog caught up at several
+# times real speed stays late.
+DELAY_FLOOR_RISE = 0.5
+LATE_LOG_INTERVAL_S = 60.0
+MAX_SOURCES = 1024  # sources (tags) whose delay is tracked apart; past it, untracked tags share one
 WINDOW_TENSORS = ("window_level", "window_hour", "window_week", "window_scale", "window_share_expected",
                   "window_share_dispersion")
 
@@ -67,6 +79,51 @@ def entity_spec(model: Model) -> Optional[EntitySpec]:
     return EntitySpec.from_model(meta, score)
 
 
+class Lateness:
+    """Which records arrive long after their own time (a backlog being caught up, a replayed log).
+
+    Windows count, and clients are tracked, by arrival: a shipper's backlog after an outage would
+    be a burst of traffic and a crowd of fast clients. Records whose own time (the event time the
+    shipper sent) is older than the least delay lately seen from their source plus a grace are
+    late: scored as ever, but left out of windows and clients. A source's clock offset is in its
+    least delay, so a skewed clock is not lateness; records without a time are never late.
+    """
+
+    def __init__(self, grace_s: float):
+        self.grace_s = grace_s
+        self._floors: dict[str, tuple[float, float]] = {}  # source -> (least delay, when it was seen)
+
+    def late(self, times: np.ndarray, sources: Optional[Sequence[str]], now: float) -> Optional[np.ndarray]:
+        """A mask of the late records (None: none is), ``times`` in Unix seconds (NaN: unknown)."""
+        delays = now - times
+        known = ~np.isnan(delays)
+        if not known.any():
+            return None
+        if sources is None or len(set(sources)) == 1:
+            late = delays > self._floor(sources[0] if sources else "", delays[known], now) + self.grace_s
+        else:
+            late = np.zeros(len(times), dtype=bool)
+            by_source: dict[str, list[int]] = {}
+            for i, source in enumerate(sources):
+                by_source.setdefault(source, []).append(i)
+            for source, positions in by_source.items():
+                mine = delays[positions]
+                if not np.isnan(mine).all():
+                    late[positions] = mine > self._floor(source, mine[~np.isnan(mine)], now) + self.grace_s
+        return late if late.any() else None
+
+    def _floor(self, source: str, delays: np.ndarray, now: float) -> float:
+        if source not in self._floors and len(self._floors) >= MAX_SOURCES:
+            source = ""
+        least = float(delays.min())
+        previous = self._floors.get(source)
+        if previous is not None:
+            floor, seen = previous
+            least = min(least, floor + DELAY_FLOOR_RISE * max(now - seen, 0.0))
+        self._floors[source] = (least, now)
+        return least
+
+
 class ModelBehaviour:
     """The windows and clients of one loaded model."""
 
@@ -74,6 +131,7 @@ class ModelBehaviour:
         self.model = model
         self.windows: Optional[WindowCounter] = None
         self.clients: Optional[ClientWatch] = None
+        self.lateness: Optional[Lateness] = None
         if not settings.windows:
             return
         try:
@@ -89,6 +147,9 @@ class ModelBehaviour:
                                          settings.window_max_keys, observe_gauges=gauges)
         if clients is not None:
             self.clients = ClientWatch(clients, model.name, settings.entity_key, settings.entity_max_clients)
+        if spec is not None or clients is not None:
+            window_s = spec.window_s if spec is not None else 0.0
+            self.lateness = Lateness(max(LATE_GRACE_WINDOWS * window_s, MIN_LATE_GRACE_S))
 
 
 class Behaviour:
@@ -102,6 +163,7 @@ class Behaviour:
         # NOTE: big requests are observed in the scoring thread while the clock closes windows
         # on the event loop: one lock keeps the counters consistent.
         self._lock = threading.Lock()
+        self._late_said: dict[str, float] = {}  # model -> when late records were last logged
 
     def of(self, model: Model) -> ModelBehaviour:
         found = self._models.get(model)
@@ -110,12 +172,14 @@ class Behaviour:
         return found
 
     def observe(self, groups: dict, results: list, count: int, tags: Optional[Sequence[str]],
-                now: Optional[float] = None) -> Optional[np.ndarray]:
+                now: Optional[float] = None, times: Optional[Sequence[object]] = None) -> Optional[np.ndarray]:
         """Count a scored request in its models' windows; entity scores per record (None: no model
-        of this request watches clients). A failure here is logged and counted, never the request's."""
+        of this request watches clients, NaN: a late record's). ``times``: each record's own time
+        as the shipper sent it (``records.event_times``), when it sent one. A failure here is logged
+        and counted, never the request's."""
         try:
             with self._lock:
-                return self._observe(groups, results, count, tags, time.time() if now is None else now)
+                return self._observe(groups, results, count, tags, time.time() if now is None else now, times)
         except Exception:
             log.exception("observing windows and clients failed; the records are scored as ever")
             if self.metrics is not None:
@@ -123,29 +187,54 @@ class Behaviour:
             return None
 
     def _observe(self, groups: dict, results: list, count: int, tags: Optional[Sequence[str]],
-                 now: float) -> Optional[np.ndarray]:
+                 now: float, times: Optional[Sequence[object]]) -> Optional[np.ndarray]:
         entity: Optional[np.ndarray] = None
         events = []
+        seconds: Optional[np.ndarray] = None  # the times read, once a model watching behaviour needs them
         for (model, positions), scored in zip(groups.items(), results):
             watched = self.of(model)
             if watched.windows is None and watched.clients is None:
                 continue
+            if watched.windows is not None:
+                events += watched.windows.close_due(now)
             # No columns: the model's windows count routes and tags only (records without other fields).
             columns = scored.columns if scored.columns is not None else {}
             size = len(scored.scores)
-            if watched.windows is not None:
-                events += watched.windows.close_due(now)
-                mine = tags if tags is None or len(groups) == 1 else [tags[i] for i in positions]
+            mine = tags if tags is None or len(groups) == 1 else [tags[i] for i in positions]
+            novelty = scored.novelty if scored.novelty is not None else np.zeros(size)
+            record_scores = scored.scores
+            late = None
+            if times is not None:
+                seconds = event_times(times) if seconds is None else seconds
+                late = watched.lateness.late(seconds[np.asarray(positions)], mine, now)
+            live = np.arange(size)
+            if late is not None:
+                self._left_out_late(model.name, seconds[np.asarray(positions)][late], now)
+                live = np.flatnonzero(~late)
+                columns = {name: [values[i] for i in live.tolist()] for name, values in columns.items()}
+                mine = None if mine is None else [mine[i] for i in live.tolist()]
+                novelty, record_scores, size = novelty[live], record_scores[live], len(live)
+            if watched.windows is not None and size:
                 watched.windows.observe(columns, size, mine)
             if watched.clients is not None:
-                novelty = scored.novelty if scored.novelty is not None else np.zeros(size)
-                scores, raised = watched.clients.observe(columns, np.full(size, now), novelty, scored.scores)
-                events += raised
                 if entity is None:
                     entity = np.full(count, np.nan, dtype=np.float32)
-                entity[np.asarray(positions)] = scores
+                if size:
+                    scores, raised = watched.clients.observe(columns, np.full(size, now), novelty, record_scores)
+                    events += raised
+                    entity[np.asarray(positions)[live]] = scores
         self._publish(events)
         return entity
+
+    def _left_out_late(self, model: str, times: np.ndarray, now: float) -> None:
+        if self.metrics is not None:
+            self.metrics.child(self.metrics.late_records, model).inc(len(times))
+        if now - self._late_said.get(model, -math.inf) >= LATE_LOG_INTERVAL_S:
+            self._late_said[model] = now
+            log.warning("records arriving long after their own time are scored, and left out of windows and "
+                        "clients (a backlog being caught up, or a replayed log): they are no burst of traffic",
+                        extra={"model": model, "records": len(times),
+                               "delay_s": round(float(np.median(now - times)), 1)})
 
     def tick(self, now: Optional[float] = None) -> None:
         """Close the windows that ended (also when no records arrive: a drop to zero is news)."""

@@ -107,6 +107,9 @@ class Metrics:
         self.review_not_grouped = Counter("logscore_review_not_grouped", "Flagged records the review page did not "
                                           "inspect: over review_inspect_per_s (a flood is sampled)", ["model"],
                                           registry=r)
+        self.late_records = Counter("logscore_late_records", "Records scored but left out of windows and clients: "
+                                    "they arrived long after their own time (a backlog, a replayed log)",
+                                    ["model"], registry=r)
         self._children: dict = {}
         self._refusal_lock = threading.Lock()
         self._refusals_logged: dict[tuple[str, str], tuple[float, int]] = {}

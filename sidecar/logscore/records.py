@@ -12,6 +12,8 @@ import math
 from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence
 
+import numpy as np
+
 from .admission import UNLIMITED, Ticket
 from .errors import InvalidRequest
 from .parsers import FIELD_ALIASES, Fields, flatten, get_parser
@@ -189,8 +191,42 @@ def value_counting_hooks(charge) -> dict:
     return {"list_hook": counted_list, "object_hook": counted_map}
 
 
-def decode_event_stream(data: bytes, max_records: float = math.inf, ticket: Ticket = UNLIMITED) -> list[dict]:
-    """Records of a Fluentd event stream: msgpack ``[time, record]`` arrays back to back.
+def event_seconds(value: object) -> float:
+    """An entry's time as Unix seconds: a number, Fluentd's EventTime (msgpack ext 0: seconds and
+    nanoseconds, big-endian), a msgpack Timestamp, or Fluent Bit's ``[time, metadata]``; NaN for
+    anything else (the record then counts as arriving now)."""
+    import msgpack
+
+    if isinstance(value, (list, tuple)) and not isinstance(value, msgpack.ExtType):
+        value = value[0] if value else None
+    if isinstance(value, bool):
+        return math.nan
+    if isinstance(value, (int, float)):
+        try:
+            return float(value)
+        except OverflowError:
+            return math.nan
+    if isinstance(value, msgpack.ExtType) and value.code == 0 and len(value.data) == 8:
+        return int.from_bytes(value.data[:4], "big") + int.from_bytes(value.data[4:], "big") / 1e9
+    if isinstance(value, msgpack.Timestamp):
+        return value.to_unix()
+    return math.nan
+
+
+def event_times(values: Sequence[object]) -> np.ndarray:
+    """Entries' times as Unix seconds (``event_seconds``; plain numbers at numpy's speed)."""
+    if set(map(type, values)) <= {int, float}:
+        try:
+            return np.asarray(values, dtype=np.float64)
+        except OverflowError:  # an integer past 64 bits
+            pass
+    return np.array([event_seconds(v) for v in values], dtype=np.float64)
+
+
+def decode_event_stream(data: bytes, max_records: float = math.inf,
+                        ticket: Ticket = UNLIMITED) -> tuple[list[dict], list[object]]:
+    """Records of a Fluentd event stream (msgpack ``[time, record]`` arrays back to back), and
+    their times as sent (``event_times`` reads them).
 
     Raises InvalidRequest naming the entry that is not ``[time, record]`` or
     where the bytes stop making sense, or past ``max_records`` entries; every
@@ -204,6 +240,7 @@ def decode_event_stream(data: bytes, max_records: float = math.inf, ticket: Tick
                                 max_array_len=MAX_CONTAINER_VALUES, max_map_len=MAX_CONTAINER_VALUES)
     unpacker.feed(data)
     records: list[dict] = []
+    times: list[object] = []
     consumed = 0  # NOTE: tell() after the loop counts a partial last entry too
     try:
         for entry in unpacker:
@@ -212,6 +249,7 @@ def decode_event_stream(data: bytes, max_records: float = math.inf, ticket: Tick
                 raise InvalidRequest(f"event_stream entry {len(records)}: expected [time, record] (a map), "
                                      f"got {describe_entry(entry)}")
             records.append(entry[1])
+            times.append(entry[0])
             if len(records) > max_records:
                 raise InvalidRequest(f"event_stream holds more than {max_records} records, the limit "
                                      "(split the stream)")
@@ -224,4 +262,4 @@ def decode_event_stream(data: bytes, max_records: float = math.inf, ticket: Tick
     if consumed != len(data):
         raise InvalidRequest(f"event_stream: truncated after entry {len(records)} "
                              f"({len(data) - consumed} bytes left over)")
-    return records
+    return records, times

@@ -33,6 +33,7 @@ class ScoreCall:
     deadline: Optional[float] = None  # time.monotonic()
     surface: str = "grpc"
     tags: Optional[Sequence[str]] = None  # a tag per record (forward Message mode); overrides ``tag``
+    times: Optional[Sequence[object]] = None  # each record's own time as the shipper sent it (records.event_times)
 
 
 @dataclass
@@ -130,9 +131,9 @@ class ScoringService:
             tags = call.tags if call.tags is not None else [call.tag] * count if call.tag else None
             if count > BEHAVIOUR_INLINE_RECORDS:  # a big request's windows and clients: off the event loop
                 outcome.entity_scores = await asyncio.get_running_loop().run_in_executor(
-                    self.executor, self.behaviour.observe, groups, results, count, tags)
+                    self.executor, lambda: self.behaviour.observe(groups, results, count, tags, times=call.times))
             else:
-                outcome.entity_scores = self.behaviour.observe(groups, results, count, tags)
+                outcome.entity_scores = self.behaviour.observe(groups, results, count, tags, times=call.times)
         self.metrics.observe_outcome(outcome, call.surface)
         return outcome
 

@@ -15,7 +15,8 @@ prior of a never-seen key (expected count about zero). State is bounded: at most
 keys; untrained keys with the least traffic are evicted, and keys past the bound count as
 ``dimension=(other)``.
 
-Windows use the sidecar's clock (arrival time): live streams arrive as they are written.
+Windows use the sidecar's clock (arrival time): live streams arrive as they are written; records
+arriving long after their own time are left out before they get here (``behaviour.Lateness``).
 Training uses the records' own timestamps (``timestamps.py``).
 """
 
