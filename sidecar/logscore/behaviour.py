@@ -33,10 +33,12 @@ ENTITY_CHUNK = 512  # records whose client features go through the detector grap
 # least delay lately seen from its source (its tag): the grace covers a shipper's buffering.
 LATE_GRACE_WINDOWS = 2
 MIN_LATE_GRACE_S = 60.0
-# The least delay rises by this many seconds a second when nothing arrives sooner: a shipper whose
-# clock moved is counted again after about twice the move, while a backlog caught up at several
-# times real speed stays late.
+# The least delay rises by this many seconds a second when nothing arrives sooner, so a backlog
+# caught up at several times real speed stays late...
 DELAY_FLOOR_RISE = 0.5
+# ... and a source all of whose records have been late this long is a shipper whose clock is off
+# (a backlog is caught up sooner): its least delay becomes what it sends.
+CLOCK_SETTLE_S = 300.0
 LATE_LOG_INTERVAL_S = 60.0
 MAX_SOURCES = 1024  # sources (tags) whose delay is tracked apart; past it, untracked tags share one
 WINDOW_TENSORS = ("window_level", "window_hour", "window_week", "window_scale", "window_share_expected",
@@ -85,13 +87,16 @@ class Lateness:
     Windows count, and clients are tracked, by arrival: a shipper's backlog after an outage would
     be a burst of traffic and a crowd of fast clients. Records whose own time (the event time the
     shipper sent) is older than the least delay lately seen from their source plus a grace are
-    late: scored as ever, but left out of windows and clients. A source's clock offset is in its
-    least delay, so a skewed clock is not lateness; records without a time are never late.
+    late: scored as ever, but left out of windows and clients. A new source's least delay is 0
+    (clocks agree), so a backlog met first (the sidecar restarted while shippers held their
+    buffers) is late too; a source late for CLOCK_SETTLE_S has a clock that is off, and its offset
+    becomes its least delay. Records without a time are never late.
     """
 
     def __init__(self, grace_s: float):
         self.grace_s = grace_s
-        self._floors: dict[str, tuple[float, float]] = {}  # source -> (least delay, when it was seen)
+        # source -> [least delay, when it was last seen, since when all its records were late (or None)]
+        self._sources: dict[str, list] = {}
 
     def late(self, times: np.ndarray, sources: Optional[Sequence[str]], now: float) -> Optional[np.ndarray]:
         """A mask of the late records (None: none is), ``times`` in Unix seconds (NaN: unknown)."""
@@ -100,28 +105,35 @@ class Lateness:
         if not known.any():
             return None
         if sources is None or len(set(sources)) == 1:
-            late = delays > self._floor(sources[0] if sources else "", delays[known], now) + self.grace_s
+            late = self._late_from(sources[0] if sources else "", delays, now)
         else:
             late = np.zeros(len(times), dtype=bool)
             by_source: dict[str, list[int]] = {}
             for i, source in enumerate(sources):
                 by_source.setdefault(source, []).append(i)
             for source, positions in by_source.items():
-                mine = delays[positions]
-                if not np.isnan(mine).all():
-                    late[positions] = mine > self._floor(source, mine[~np.isnan(mine)], now) + self.grace_s
+                late[positions] = self._late_from(source, delays[positions], now)
         return late if late.any() else None
 
-    def _floor(self, source: str, delays: np.ndarray, now: float) -> float:
-        if source not in self._floors and len(self._floors) >= MAX_SOURCES:
+    def _late_from(self, source: str, delays: np.ndarray, now: float) -> np.ndarray:
+        """Which of one source's records are late (NaN delays are not); its least delay moves on."""
+        known = delays[~np.isnan(delays)]
+        if not len(known):
+            return np.zeros(len(delays), dtype=bool)
+        if source not in self._sources and len(self._sources) >= MAX_SOURCES:
             source = ""
-        least = float(delays.min())
-        previous = self._floors.get(source)
-        if previous is not None:
-            floor, seen = previous
-            least = min(least, floor + DELAY_FLOOR_RISE * max(now - seen, 0.0))
-        self._floors[source] = (least, now)
-        return least
+        state = self._sources.setdefault(source, [0.0, now, None])
+        least = float(known.min())
+        floor = state[0] = min(least, state[0] + DELAY_FLOOR_RISE * max(now - state[1], 0.0))
+        state[1] = now
+        if least <= floor + self.grace_s:
+            state[2] = None
+        elif state[2] is None:
+            state[2] = now
+        elif now - state[2] >= CLOCK_SETTLE_S:
+            floor = state[0] = least  # late all along: not a backlog, a clock that is off
+            state[2] = None
+        return delays > floor + self.grace_s
 
 
 class ModelBehaviour:
