@@ -564,6 +564,38 @@ def test_an_episode_is_one_event_and_the_window_a_sidecar_starts_in_is_no_drop(b
     assert [e.key for e in late.close_due(START + spec.window_s)] == ["route=shop count"]  # a rise is one
 
 
+def test_the_tags_of_a_model_trained_from_files_are_learned_not_alarmed(tmp_path):
+    """Training files carry no tags, so every tag a shipper sends was a key never seen: expected at
+    about zero, it raised "tag=web.access: 15 records in 10 s, expected 0-2.22" (real Fluentd) at
+    every deploy and every reload, one per tag. A new tag is learned for its first hour; its
+    traffic's volume is watched as the route's."""
+    from logscore.behaviour import window_spec
+    from logscore.windows import KeyNamer, WindowCounter, tag_warm_up
+
+    training = tmp_path / "train.log"
+    training.write_text("\n".join(timed_shop_lines(2400, 3.0)) + "\n")  # 30 records in a 10-s window
+    done = subprocess.run([sys.executable, "-m", "logscore", "train", "--input", str(training), "--out",
+                           str(tmp_path / "m.onnx"), "--windows", "--window-s", "10"], capture_output=True,
+                          text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    spec = window_spec(Model.load(tmp_path / "m.onnx"))
+    assert not any(key.startswith("tag=") for key in spec.keys)
+    # Every trained key at its usual count, and all of it under one tag.
+    usual = {key: round(float(count_inverse(level))) for key, level in zip(spec.keys, spec.state.level)}
+    records = usual["route=m"]
+    counter = WindowCounter(spec, "m", KeyNamer(spec.dimensions), max_keys=1000, now=START)
+    events = []
+    for k in range(30):
+        counter.add({**usual, "tag=web.access": records}, records)
+        events += counter.close_due(START + (k + 1) * spec.window_s)
+    assert events == []
+    burst = {key: 5 * n for key, n in usual.items()}
+    counter.add({**burst, "tag=web.access": 5 * records}, 5 * records)  # a burst is the route's
+    raised = counter.close_due(START + 31 * spec.window_s)
+    assert [e.key for e in raised] == ["route=m count"] and "tag=" not in raised[0].explanation
+    assert tag_warm_up(spec.window_s) == 360 and tag_warm_up(60.0) == 60
+
+
 def test_a_burst_read_as_a_share_then_as_a_count_too_is_one_event(behaviour_model):
     """A 5xx burst starting small was an improbable 5xx share in its first window and an
     improbable 5xx count from the next: two events of one episode."""

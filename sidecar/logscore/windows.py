@@ -48,6 +48,14 @@ MAX_NAMED = 4  # improbable keys named in one window event
 MAX_CATCH_UP = 60  # after a pause, the windows older than this many are skipped (so 1 + 60 close at most)
 SHARE_ADAPT_IN_EPISODE = 0.1  # how fast an improbable share becomes the expected one, against a usual one
 VALUE_CACHE = 65_536  # distinct field values remembered per dimension (their key names)
+TAG_WARM_UP_S = 3600.0  # see tag_warm_up
+
+
+def tag_warm_up(window_s: float) -> int:
+    """Windows a tag never seen in training is learned before it may raise an event: an hour's.
+    Training files carry no tags, so every tag a shipper sends is new to its model; a new tag is a
+    source the operator set up, and its traffic's volume is watched as the route's meanwhile."""
+    return max(1, math.ceil(TAG_WARM_UP_S / window_s))
 
 
 def status_class(value: object) -> Optional[str]:
@@ -207,7 +215,8 @@ class WindowSpec:
         state.week[:] = tensors["window_week"]
         state.scale[:] = tensors["window_scale"]
         state.seen[:] = np.asarray(metadata.get("seen", [1] * len(state)), dtype=np.int64)
-        return cls(float(metadata["window_s"]), str(metadata["route"]), list(metadata["dimensions"]), list(metadata["keys"]), state,
+        return cls(float(metadata["window_s"]), str(metadata["route"]), list(metadata["dimensions"]),
+                   list(metadata["keys"]), state,
                    list(metadata["shares"]), tensors["window_share_expected"].astype(np.float64),
                    tensors["window_share_dispersion"].astype(np.float64), float(metadata["new_key"]["level"]),
                    float(metadata["new_key"]["scale"]), float(metadata["threshold"]),
@@ -255,6 +264,7 @@ class WindowCounter:
         self.namer = namer
         # NOTE: the forecasts are counts per trained window: the window length is the model's.
         self.window_s = float(spec.window_s)
+        self.tag_warm_up = tag_warm_up(self.window_s)
         trained = len(spec.keys)
         # Trained keys always keep their rows; one (other) row per dimension always fits beside them.
         self.max_keys = max(max_keys, trained + len(spec.dimensions) + 1)
@@ -430,6 +440,8 @@ class WindowCounter:
         change = np.abs(counts - expected)
         found = []  # (score, deviation, key, observed, low, high, explanation)
         for i in np.flatnonzero((scores >= self.spec.threshold) & (change >= self.spec.min_change)).tolist():
+            if self._learning_tag(i):
+                continue
             found.append((float(scores[i]), float(deviation[i]), f"{self.keys[i]} count", float(counts[i]),
                           float(low[i]), float(high[i]),
                           describe_count(self.keys[i], counts[i], low[i], high[i], self.window_s)))
@@ -452,6 +464,10 @@ class WindowCounter:
             text = f"{text}; also {others}{more}"
         return [AnomalyEvent("window", self.model_name, key, score, observed, low_, high_, text, start,
                              start + self.window_s)]
+
+    def _learning_tag(self, row: int) -> bool:
+        return (not self.trained[row] and self.state.seen[row] <= self.tag_warm_up
+                and self.keys[row].startswith("tag="))
 
     def _close_shares(self) -> list[tuple]:
         if not len(self.spec.shares):
