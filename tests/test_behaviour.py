@@ -334,6 +334,10 @@ def test_anomaly_requests_are_checked_and_scores_carry_entity_scores(behaviour_m
         assert sidecar.http_get("/v1/anomalies?limit=-1")[0] == 400
         status, answer = sidecar.http_post("/v1/score", timed_shop_lines(3, 2.0, START, seed=7))
         assert status == 200 and all(0 <= r["entity_score"] <= 1 for r in answer["results"])
+        apache2 = {"host": "10.0.0.1", "user": None, "method": "GET", "path": "/", "code": 200, "size": 5,
+                   "referer": None, "agent": "curl/8"}  # as Fluentd's apache2 parser gives it
+        status, answer = sidecar.http_post("/v1/score", [apache2])
+        assert status == 200 and 0 <= answer["results"][0]["entity_score"] <= 1
         response = sidecar.stub().Score(pb.ScoreRequest(lines=pb.RawLines(lines=[b"x - - garbage"])), timeout=5)
         assert len(response.entity_scores) == 1 and math.isnan(response.entity_scores[0])  # no client named
     finally:
@@ -562,6 +566,30 @@ def test_an_episode_is_one_event_and_the_window_a_sidecar_starts_in_is_no_drop(b
     assert "route=shop" in counter.alarmed  # the episode goes on, unannounced
     late.add({"route=shop": int(busy)}, int(busy))
     assert [e.key for e in late.close_due(START + spec.window_s)] == ["route=shop count"]  # a rise is one
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_the_client_is_found_under_every_shipper_s_name_for_it(behaviour_model, native):
+    """Fluentd's apache2 parser names the client host, nginx's remote, Logstash's grok clientip: the
+    client detector read remote_addr only, so records parsed by the shipper (the plugin's advice)
+    got no entity_score and no scanner was ever seen. A raw line's own client still wins."""
+    from logscore.features import native as compiled
+    from logscore.features.featurizer import Featurizer
+
+    if native and not compiled.built():
+        pytest.skip("the compiled featurizer is not built")
+    model = Model.load(behaviour_model)
+    featurizer = Featurizer(model.metadata["featurizer"], native=native, also_fields=model.behaviour_fields)
+    request = {"method": "GET", "code": 200, "size": 12, "referer": "-", "agent": "curl/8"}
+    line = timed_shop_lines(1, 3.0, START, seed=4)[0]
+    records = [{**request, "host": "10.0.0.1", "path": "/a"},                    # Fluentd apache2
+               {**request, "remote": "10.0.0.2", "host": "-", "path": "/a"},     # Fluentd nginx
+               {"clientip": "10.0.0.3", "request": "/a", "response": "200"},    # Logstash COMBINEDAPACHELOG
+               {"client": {"ip": "10.0.0.4"}, "url": {"original": "/a"}},       # ECS
+               {"message": line, "host": "web01"},                               # in_tail none + its hostname
+               {"remote_addr": "10.0.0.6", "host": "10.9.9.9", "path": "/a"}]    # our own name wins
+    columns = featurizer.normalized_values(records, with_fields=False, columns=model.behaviour_fields)[4]
+    assert columns["remote_addr"] == ["10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.4", line.split()[0], "10.0.0.6"]
 
 
 def test_the_tags_of_a_model_trained_from_files_are_learned_not_alarmed(tmp_path):

@@ -116,16 +116,16 @@ class Model:
         self.artifact = artifact
         meta = artifact.metadata
         try:
-            self.featurizer = Featurizer(meta["featurizer"], max_line_chars)
+            # Windows and clients (behaviour.py) read a few fields as text columns, read with the
+            # rest; whole field maps only for training them (timestamps).
+            self.behaviour_fields = behaviour_fields(meta, client_key)
+            self.featurizer = Featurizer(meta["featurizer"], max_line_chars, also_fields=self.behaviour_fields)
             self.threshold = float(meta["calibration"]["threshold"])
             self.detectors = [d["kind"] for d in meta["detectors"]]
             self._support = float(meta["rarity"]["support"])
             # Models of rarity alone never read the dense block: skip building it.
             self.needs_dense = bool(meta.get("needs_dense", True))
             self.tracks_novelty = bool(meta.get("entities"))  # the client detector reads it
-            # Windows and clients (behaviour.py) read a few fields as text columns, read with the
-            # rest; whole field maps only for training them (timestamps).
-            self.behaviour_fields = behaviour_fields(meta, client_key)
             self.needs_fields = False
             sessions = self.featurizer.sessions
             self.sessions = SessionTracker(sessions) if sessions is not None else None

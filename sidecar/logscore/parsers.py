@@ -138,6 +138,11 @@ FIELD_ALIASES: dict[str, dict[str, tuple[str, ...]]] = {
         "referer": ("referrer", "http_referer", "http.request.referrer"),
         "user_agent": ("agent", "http_user_agent", "user_agent.original"),
         "protocol": ("httpversion", "http.version"),
+        # The client (windows and clients read it): nginx's parser names it remote, Logstash's
+        # grok clientip, ECS client.ip / source.address; Fluentd's apache2 parser host, last,
+        # since nginx's host is the ident field.
+        "remote_addr": ("remote", "clientip", "client.ip", "source.address", "source.ip", "remote_ip",
+                        "client_ip", "host"),
     },
     "syslog": {
         "message": ("msg", "log"),

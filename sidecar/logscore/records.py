@@ -70,11 +70,15 @@ class RecordBatch:
 class RecordNormalizer:
     """Normalizes records for one log format and the fields its featurizer reads."""
 
-    def __init__(self, log_format: str, wanted_fields: Iterable[str], max_line_chars: int = DEFAULT_MAX_LINE_CHARS):
+    def __init__(self, log_format: str, wanted_fields: Iterable[str], max_line_chars: int = DEFAULT_MAX_LINE_CHARS,
+                 also: Iterable[str] = ()):
+        """``also``: fields read besides the wanted ones (windows and clients): a field map lacking
+        one gets it from an alias, after its raw line was parsed (a line's own value wins)."""
         self.log_format = log_format
         self.parse = get_parser(log_format)
         self.wanted = tuple(wanted_fields)
         self.aliases = FIELD_ALIASES.get(log_format, {})
+        self.also = tuple(name for name in also if name not in self.wanted and self.aliases.get(name))
         self.max_line_chars = max_line_chars
         # Keys of a field map that could give a wanted field a value of its own: wanted names, their
         # aliases, and every dotted prefix of them (a nested map flattens to the full name).
@@ -145,25 +149,30 @@ class RecordNormalizer:
         if not isinstance(record, dict):
             return self._parse_line(record)
         fields = flatten(record) if any(isinstance(v, dict) for v in record.values()) else dict(record)
-        for name in self.wanted:
-            if name not in fields:
-                for alias in self.aliases.get(name, ()):
-                    if alias in fields:
-                        fields[name] = fields[alias]
-                        break
+        self._alias(fields, self.wanted)
         if all(name in fields for name in self.wanted):
-            return fields, True, False
+            return self._alias(fields, self.also), True, False
         for key in RAW_LINE_KEYS:
             raw = fields.get(key)
             if raw is not None:
                 parsed_fields, ok, cut = self._parse_line(raw)
                 # Fields the shipper already extracted win over re-parsed ones. A raw line that
                 # does not parse makes the record unparsed, like the same line sent alone.
-                return ({**parsed_fields, **fields} if ok else fields), ok, cut
+                return self._alias({**parsed_fields, **fields} if ok else fields, self.also), ok, cut
         # NOTE: a map with none of the model's fields and no raw line is not a record of this
         # format (a shipper's message key renamed, another log routed here): unparsed, as such a
         # line is, not scored quietly as a record with every field missing.
-        return fields, any(name in fields for name in self.wanted), False
+        return self._alias(fields, self.also), any(name in fields for name in self.wanted), False
+
+    def _alias(self, fields: Fields, names: Sequence[str]) -> Fields:
+        """Each of ``names`` the map lacks, from the first of its aliases it holds."""
+        for name in names:
+            if name not in fields:
+                for alias in self.aliases.get(name, ()):
+                    if alias in fields:
+                        fields[name] = fields[alias]
+                        break
+        return fields
 
 
 def describe_entry(entry: object) -> str:
