@@ -213,40 +213,52 @@ def test_a_burst_is_one_window_event_on_grpc_http_and_forward_mode(behaviour_mod
         receiver.stop()
 
 
-def test_a_backlog_arriving_at_once_is_no_burst_while_the_same_records_live_are(behaviour_model, tmp_path):
+@pytest.mark.parametrize("surface", ["grpc", "forward"])
+def test_a_backlog_arriving_at_once_is_no_burst_while_the_same_records_live_are(behaviour_model, tmp_path, surface):
     """A shipper catching up after an outage sends minutes of records at once, with their own times:
     they were counted on arrival, and every catch-up raised a burst event (a false alarm at the worst
     moment). Late records are scored, and left out of windows and clients."""
     import msgpack
 
-    sidecar = SidecarProcess(behaviour_model.parent, tmp_path).start()
+    receiver = ForwardReceiver(free_port()).start()
+    forward_port = free_port()
+    sidecar = SidecarProcess(behaviour_model.parent, tmp_path, forward=f"127.0.0.1:{forward_port}",
+                             forward_to=f"127.0.0.1:{receiver.port}").start()
     events = []
+    lines = timed_shop_lines(200, 3.0, START, seed=11)[:600]
+
+    def score(times) -> list[float]:
+        """The records sent with these times; their entity scores (NaN: none)."""
+        entries = [[t, {"message": line}] for t, line in zip(times, lines)]
+        if surface == "grpc":
+            stream = b"".join(msgpack.packb(entry) for entry in entries)
+            answer = sidecar.stub().Score(pb.ScoreRequest(model="shop", event_stream=stream), timeout=10)
+            assert len(answer.scores) == len(times)  # all scored
+            return list(answer.entity_scores)
+        before = len(receiver.records)
+        assert send_chunk(forward_port, ["shop", packed(entries), {"chunk": str(times[0])}]) == {"ack": str(times[0])}
+        relayed = [r for tag, r in receiver.records[before:] if tag == "shop"]  # (events come as logscore.anomaly)
+        assert len(relayed) == len(times) and all("anomaly_score" in r for r in relayed)  # all scored
+        return [r.get("entity_score", math.nan) for r in relayed]
+
     try:
         call = sidecar.stub().WatchAnomalies(pb.WatchAnomaliesRequest(kinds=["window", "client"]), timeout=30)
         threading.Thread(target=collect, args=(call, events), daemon=True).start()
         call.initial_metadata()
-        lines = timed_shop_lines(200, 3.0, START, seed=11)[:600]
-
-        def stream(times) -> bytes:
-            return b"".join(msgpack.packb([t, {"message": line}]) for t, line in zip(times, lines))
-
-        sidecar.stub().Score(pb.ScoreRequest(model="shop", event_stream=stream([time.time()] * 3)), timeout=10)
-        now = time.time()  # the shipper sent live; then an outage, and its backlog comes at once
-        backlog = [now - 900 + i for i in range(len(lines))]  # 15 minutes ago onwards, a second apart
-        answer = sidecar.stub().Score(pb.ScoreRequest(model="shop", event_stream=stream(backlog)), timeout=10)
-        assert len(answer.scores) == len(lines) and all(0 <= s <= 1 for s in answer.scores)  # scored as ever
-        assert all(math.isnan(e) for e in answer.entity_scores)  # not tracked as clients
+        score([int(time.time())] * 3)  # the shipper sent live; then an outage, and its backlog comes at once
+        now = time.time()
+        backlog = [int(now) - 900 + i for i in range(len(lines))]  # 15 minutes ago onwards, a second apart
+        assert all(math.isnan(e) for e in score(backlog))  # not tracked as clients
         time.sleep(2.5)  # the window it arrived in, and the next ones, close
         metrics = sidecar.http_get("/metrics")[1].decode()
         assert f'logscore_late_records_total{{model="shop"}} {float(len(lines))}' in metrics
         assert events == []
-        live = sidecar.stub().Score(pb.ScoreRequest(model="shop", event_stream=stream([time.time()] * len(lines))),
-                                    timeout=10)
-        assert all(0 <= e <= 1 for e in live.entity_scores)
+        assert all(0 <= e <= 1 for e in score([int(time.time())] * len(lines)))
         sidecar.wait_for(lambda: any(e.kind == "window" for e in events), 10, "the live burst's window event")
         call.cancel()
     finally:
         sidecar.stop()
+        receiver.stop()
 
 
 def test_lateness_follows_each_source_and_a_clock_that_is_off_is_late_only_until_it_settles():

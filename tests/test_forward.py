@@ -767,6 +767,6 @@ def test_a_bug_in_scoring_passes_the_records_on_unscored_instead_of_stalling_the
 
     server = ForwardServer(BrokenService(), NextHop("127.0.0.1:9"), 1024 * 1024)
     records = [{"message": "a"}, {"message": "b"}]
-    asyncio.run(server._score(records, ["web", "web"]))
+    asyncio.run(server._score(records, ["web", "web"], [1, 2]))
     assert all(r.get("anomaly_unscored") is True and "anomaly_score" not in r for r in records)
     assert 'kind="internal",surface="forward"} 1.0' in BrokenService.metrics.render().decode()

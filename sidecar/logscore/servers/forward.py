@@ -726,7 +726,8 @@ class ForwardServer(StreamServer):
             if isinstance(piece, Message):
                 await self._send(relay, [raw_frame(piece.raw)])
                 continue
-            await self._score([entry[1] for _, entry in piece], [tag for tag, _ in piece])
+            await self._score([entry[1] for _, entry in piece], [tag for tag, _ in piece],
+                              [entry[0] for _, entry in piece])
             await self._send(relay, packed_frames(piece))
             if relay.held_bytes() > RELAY_WINDOW * self.max_message_bytes:
                 await self._settle(relay)  # a big chunk inflated: keep only a window of it in memory
@@ -818,14 +819,15 @@ class ForwardServer(StreamServer):
                       extra={"frames": len(pending), "error": self.next_hop.last_error})
             raise
 
-    async def _score(self, records: list[dict], tags: list[str]) -> None:
-        """Add the score to each record in place; mark them unscored if scoring fails."""
+    async def _score(self, records: list[dict], tags: list[str], times: list) -> None:
+        """Add the score to each record in place; mark them unscored if scoring fails. ``times``:
+        the entries' times as sent (windows and clients leave late records out)."""
         started = time.perf_counter()
         metrics = self.service.metrics
         try:
             while True:
                 try:
-                    outcome = await self.service.score(ScoreCall(records, surface="forward", tags=tags))
+                    outcome = await self.service.score(ScoreCall(records, surface="forward", tags=tags, times=times))
                     break
                 except Overloaded:
                     if self.when_busy == "pass":
