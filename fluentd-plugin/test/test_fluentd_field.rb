@@ -197,6 +197,71 @@ class FluentdFieldTest < Test::Unit::TestCase
     assert_not_match(/Traceback|emit transaction failed/, File.read(File.join(@work, 'http.log')))
   end
 
+  # POSTs a JSON body to in_http once it listens; the answer.
+  def post_when_up(port, tag, body)
+    deadline = Time.now + 30
+    begin
+      Net::HTTP.post(URI("http://127.0.0.1:#{port}/#{tag}"), body, 'Content-Type' => 'application/json')
+    rescue SystemCallError
+      raise if Time.now > deadline
+
+      sleep 0.2
+      retry
+    end
+  end
+
+  test 'unscored for two reasons from many tags: one line each at once, then a summary; counted by reason' do
+    # One warning per "last reason" logged every record when two reasons alternated, and none
+    # for web.b (same reason as web.a, another tag): the log could not tell which records went
+    # unscored nor how many.
+    @sidecar = SidecarProcess.new(@work).start
+    port = SidecarProcess.free_port
+    monitor = SidecarProcess.free_port
+    @pids << spawn_fluentd(@work, 'http', monitor_source(monitor) + <<~CONF + file_output("#{@work}/out/scored"))
+      <source>
+        @type http
+        bind 127.0.0.1
+        port #{port}
+      </source>
+      <filter web.**>
+        @type logscore
+        @id logscore
+        endpoint unix://#{@sidecar.socket}
+        batch_bytes 64k
+        unscored_log_interval 600
+      </filter>
+      <filter web.**>
+        @type record_transformer
+        remove_keys count
+      </filter>
+    CONF
+    bignum = ->(i) { %({"message":"GET /#{i}","seq":#{i},"count":1180591620717411303424}) }
+    too_big = ->(i) { JSON.generate({ 'message' => 'GET /', 'seq' => i, 'a' => 'x' * 40_000, 'b' => 'y' * 40_000 }) }
+    ok = JSON.generate({ 'message' => AccessLines.normal(1)[0], 'seq' => 0 })
+    answers = [post_when_up(port, 'web.a', "[#{ok},#{bignum.call(1)}]"), post_when_up(port, 'web.b', bignum.call(2)),
+               post_when_up(port, 'web.c', too_big.call(3))]
+    4.times do |i|
+      answers << post_when_up(port, "web.alt#{i}", bignum.call(10 + i)) << post_when_up(port, 'web.c', too_big.call(20 + i))
+    end
+    assert_equal ['200'] * 11, answers.map(&:code)
+    out = wait_for_records(File.join(@work, 'out'), 12, timeout: 30)
+    assert_equal 11, out.count { |r| r['anomaly_unscored'] }, log_tail(@work, 'http')
+    counters = plugin_counters(monitor, 'logscore')
+    assert_equal [6, 5, 0], counters.values_at('logscore_unscored_unpackable', 'logscore_unscored_record_too_large',
+                                               'logscore_unscored_circuit_open'), counters.inspect
+    stop_processes(@pids) # the summaries of intervals not over yet are written at shutdown
+    log = File.read(File.join(@work, 'http.log'))
+    at_once = log.lines.grep(/logscore: records passed through unscored/)
+    assert_equal 2, at_once.size, log
+    assert_match(/reason="unpackable" tag="web.a" records=1 detail="field \\"count\\" \(Integer\)/, at_once[0])
+    assert_match(/reason="record_too_large" tag="web.c" records=1 .*largest field \\"[ab]\\"/, at_once[1])
+    summaries = log.lines.grep(/more records passed through unscored/)
+    assert_equal 2, summaries.size, log
+    assert_match(/reason="unpackable" records=5 batches=5 tags="web.alt0=1, web.alt1=1, web.alt2=1, web.alt3=1, web.b=1" example_tag="web.b"/,
+                 summaries.grep(/unpackable/).first)
+    assert_match(/reason="record_too_large" records=4 batches=4 tags="web.c=4"/, summaries.grep(/too_large/).first)
+  end
+
   test 'sidecar stopped 10 s (SIGSTOP): no record waits longer than the bound; scoring resumes within 1 s' do
     @sidecar = SidecarProcess.new(@work).start
     port = SidecarProcess.free_port

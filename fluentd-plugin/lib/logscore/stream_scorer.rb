@@ -2,6 +2,7 @@
 
 require 'msgpack'
 require 'logscore/client'
+require 'logscore/unscored_log'
 
 module Logscore
   # What the Fluentd filter does, without Fluentd: score an event stream of
@@ -18,12 +19,12 @@ module Logscore
     CUT_VALUE_BYTES = 256 * 1024
     REFUSALS = %w[invalid_argument message_too_large].freeze # the sidecar answered, refusing these records
 
-    attr_reader :client
+    attr_reader :client, :unscored_log
 
     # message_key: nil sends the records themselves (msgpack); a key name sends that
     # field as a raw line.
     def initialize(client:, keys:, message_key: nil, on_error: :pass, log: nil, batch_records: 2000,
-                   batch_bytes: 1024 * 1024)
+                   batch_bytes: 1024 * 1024, unscored_log_interval: UnscoredLog::INTERVAL)
       @client = client
       @keys = keys
       @message_key = message_key
@@ -31,7 +32,7 @@ module Logscore
       @log = log
       @batch_records = batch_records
       @batch_bytes = batch_bytes
-      @last_warning = nil
+      @unscored_log = UnscoredLog.new(log, interval: unscored_log_interval)
     end
 
     # entries: [[time, record], ...]. Yields (time, record, error) for records that could not be
@@ -60,7 +61,7 @@ module Logscore
           halves = slice.each_slice((slice.size + 1) / 2).flat_map { |half| batches(half) }
           passed.concat(score_slices(tag, halves, budget, &on_unscored))
         elsif result.is_a?(ScoringFailed)
-          passed.concat(unscored(slice, result, &on_unscored))
+          passed.concat(unscored(tag, slice, result, &on_unscored))
         else
           slice.each_with_index { |(_, record), i| annotate(record, result, i) }
           client.count(:scored, slice.size)
@@ -119,11 +120,31 @@ module Logscore
       packer.write_array_header(2).write(entry[0].to_i).write(cut_values(entry[1]))
       return [packer, nil] if packer.size - before <= @batch_bytes
 
-      [packer_before(packer, before),
-       ScoringFailed.new('record_too_large', "a record of #{packer.size - before} bytes (its text values cut to " \
-                                             "#{CUT_VALUE_BYTES}) does not fit batch_bytes #{@batch_bytes}")]
+      [packer_before(packer, before), too_large(entry[1], packer.size - before)]
     rescue StandardError => e # RangeError for an integer past 64 bits, NoMethodError for an object
-      [packer_before(packer, before), ScoringFailed.new('unpackable', "a value msgpack cannot send: #{e.message}")]
+      [packer_before(packer, before), unpackable(entry[1], e)]
+    end
+
+    # NOTE: the failures below name the field, so that an operator can find the records (the
+    # work is done only for a record that failed).
+    def too_large(record, size)
+      field, bytes = record.map { |key, value| [key, packed_size(key, value).to_i] }.max_by { |_, b| b }
+      ScoringFailed.new('record_too_large', "a record of #{size} bytes with its text values cut to " \
+                                            "#{CUT_VALUE_BYTES} (largest field #{field.inspect}, #{bytes} bytes " \
+                                            "uncut) does not fit batch_bytes #{@batch_bytes}")
+    end
+
+    def unpackable(record, error)
+      field = record.is_a?(Hash) ? record.each_key.find { |key| packed_size(key, record[key]).nil? } : nil
+      where = field.nil? ? 'a value' : "field #{field.inspect} (#{record[field].class})"
+      ScoringFailed.new('unpackable', "#{where}: msgpack cannot send it (#{error.message}); convert it to a " \
+                                      'string before this filter')
+    end
+
+    def packed_size(key, value)
+      MessagePack.pack(key => value).bytesize
+    rescue StandardError
+      nil
     end
 
     def packer_before(packer, size)
@@ -173,9 +194,9 @@ module Logscore
 
     # NOTE: the fields the plugin sets are its own: a record arriving with them (a second filter in
     # a chain, records read back) must not leave marked both scored and unscored, or with a stale score.
-    def unscored(slice, error, &on_unscored)
+    def unscored(tag, slice, error, &on_unscored)
       client.count(:unscored, slice.size)
-      warn_throttled(error, slice.size)
+      @unscored_log.note(tag, slice.size, error)
       if @on_error == :pass || on_unscored.nil?
         return slice.each do |_, record|
           @keys.to_h.each { |name, key| record.delete(key) if key && name != :unscored }
@@ -202,19 +223,6 @@ module Logscore
       return unless key
 
       value.nil? ? record.delete(key) : record[key] = value
-    end
-
-    # One warning per reason per 30 s: a down sidecar must not flood the log.
-    def warn_throttled(error, count)
-      return unless @log
-
-      now = Process.clock_gettime(Process::CLOCK_MONOTONIC)
-      key = error.reason
-      return if @last_warning && @last_warning[0] == key && now - @last_warning[1] < 30
-
-      @last_warning = [key, now]
-      @log.warn('logscore: records passed through unscored', reason: error.reason, detail: error.message,
-                                                             records: count)
     end
   end
 end

@@ -95,6 +95,17 @@ class LogscoreFilterTest < Test::Unit::TestCase
     assert_equal 1, d.error_events.size
   end
 
+  test 'the summary of unscored records comes when its interval is over, with no record after it' do
+    d = create_driver("endpoint unix://#{self.class.dir}/absent.sock\ntimeout 50ms\nunscored_log_interval 1")
+    summary = nil
+    d.run(default_tag: 'web', timeout: 30) do
+      # the first: unavailable; then the circuit is open: one line for the first, the other two counted
+      4.times { |i| d.feed(event_time, { 'n' => i }) }
+      sleep 0.2 until (summary = d.logs.grep(/more records passed through unscored/).first)
+    end
+    assert_match(/2 more records .* reason="circuit_open" records=2 batches=2 tags="web=2"/, summary)
+  end
+
   test 'forward mode: fluentd out_forward -> sidecar -> fluentd in_forward, every record once, its time kept' do
     work = Dir.mktmpdir('logscore-forward', self.class.dir)
     receiver_port, sidecar_port = Array.new(2) { SidecarProcess.free_port }

@@ -12,7 +12,7 @@ module Fluent
     class LogscoreFilter < Filter
       Fluent::Plugin.register_filter('logscore', self)
 
-      helpers :event_emitter
+      helpers :event_emitter, :timer
 
       desc 'Sidecar address: unix:///path/to.sock (default) or host:port'
       config_param :endpoint, :string, default: 'unix:///tmp/logscore.sock'
@@ -64,10 +64,13 @@ module Fluent
       desc 'Emit the sidecar\'s anomaly events (improbable windows, clients crossing their threshold) as ' \
            'records of this tag (unset: not watched). Only worker 0 watches, so each event is emitted once'
       config_param :anomaly_tag, :string, default: nil
+      desc 'Unscored records are logged once per reason per this interval; the line at its end says how many ' \
+           'more there were, from which tags, with an example'
+      config_param :unscored_log_interval, :time, default: 30
 
       def configure(conf)
         super
-        %i[timeout timeout_per_record probe_interval].each do |name|
+        %i[timeout timeout_per_record probe_interval unscored_log_interval].each do |name|
           raise Fluent::ConfigError, "#{name} must be positive" unless instance_variable_get("@#{name}").positive?
         end
         %i[batch_records batch_bytes calls_in_flight failure_threshold].each do |name|
@@ -116,11 +119,14 @@ module Fluent
                                                 entity: @entity_score_key)
         @scorer = Logscore::StreamScorer.new(client: client, keys: keys, message_key: @message_key,
                                              on_error: @on_error, log: log, batch_records: @batch_records,
-                                             batch_bytes: @batch_bytes)
+                                             batch_bytes: @batch_bytes, unscored_log_interval: @unscored_log_interval)
+        # The summary of unscored records comes at the end of its interval even when none follow.
+        timer_execute(:logscore_unscored_summary, 1) { @scorer.unscored_log.flush }
         watch_anomalies(client) if @anomaly_tag && fluentd_worker_id.zero?
       end
 
       def shutdown
+        @scorer&.unscored_log&.flush(all: true)
         @anomaly_watcher&.stop
         @scorer&.client&.close
         super
@@ -151,11 +157,14 @@ module Fluent
       # Counters for monitor_agent (/api/plugins.json merges the 'filter' hash into
       # this plugin's entry): logscore_scored, logscore_unscored, logscore_calls,
       # logscore_failures, logscore_skipped_circuit_open, logscore_circuit_opened,
-      # logscore_probes, logscore_busy, logscore_circuit_open, logscore_deadline_per_record_us.
+      # logscore_probes, logscore_busy, logscore_circuit_open, logscore_deadline_per_record_us, and
+      # logscore_unscored_REASON for each reason records passed unscored (UnscoredLog::KNOWN_REASONS
+      # from the start, others once they happen).
       def statistics
         stats = super
         client = @scorer&.client
         counters = (client ? client.stats : {}).to_h { |name, value| ["logscore_#{name}", value] }
+        (@scorer ? @scorer.unscored_log.counts : {}).each { |reason, n| counters["logscore_unscored_#{reason}"] = n }
         counters['logscore_circuit_open'] = client ? client.circuit_open? : false
         counters['logscore_deadline_per_record_us'] = client ? (client.deadlines.allowance * 1e6).round(1) : 0
         stats['filter'] = (stats['filter'] || {}).merge(counters)
