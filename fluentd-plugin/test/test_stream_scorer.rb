@@ -45,6 +45,23 @@ class StreamScorerTest < Test::Unit::TestCase
     assert_equal [false] * 20 + [true], out.map { |_, r| r['is_anomaly'] }
   end
 
+  test 'a record that cannot be sent: the warning names its tag and field, on one line' do
+    # Ruby's error_highlight put the failing source line into the message: a warning of three lines.
+    warnings = []
+    log = Object.new
+    log.define_singleton_method(:warn) { |_message, fields| warnings << fields }
+    client = Logscore::Client.new(endpoint: "unix://#{self.class.sidecar.socket}", timeout: 2.0)
+    shared = Logscore::StreamScorer.new(client: client, keys: KEYS, log: log)
+    records = [{ 'message' => 'GET /', 'at' => Time.at(0) }, { 'message' => 'GET /', 'n' => -2**70 }]
+    out = shared.score('web.a', entries(records))
+    assert_equal [true, true], out.map { |_, record| record['anomaly_unscored'] }
+    assert_equal [['unpackable', 'web.a', 1]], warnings.map { |w| w.values_at(:reason, :tag, :records) }
+    assert_match(/\Afield "at" \(Time\): msgpack cannot send it \(undefined method `to_msgpack' for .*\); convert/,
+                 warnings.first[:detail])
+    assert_not_include warnings.first[:detail], "\n"
+    assert_equal 2, shared.unscored_log.counts['unpackable']
+  end
+
   test 'many inputs calling one filter at once are all scored, with the circuit closed' do
     # Fluentd calls a filter from every input's thread: eight threads, two calls in flight each,
     # made 16 streams on one connection, and those the sidecar refused read as a silent sidecar.

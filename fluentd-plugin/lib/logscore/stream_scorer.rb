@@ -137,8 +137,9 @@ module Logscore
     def unpackable(record, error)
       field = record.is_a?(Hash) ? record.each_key.find { |key| packed_size(key, record[key]).nil? } : nil
       where = field.nil? ? 'a value' : "field #{field.inspect} (#{record[field].class})"
-      ScoringFailed.new('unpackable', "#{where}: msgpack cannot send it (#{error.message}); convert it to a " \
-                                      'string before this filter')
+      # NOTE: the first line only: Ruby's error_highlight adds the failing source line below it
+      ScoringFailed.new('unpackable', "#{where}: msgpack cannot send it (#{error.message.lines.first.to_s.strip}); " \
+                                      'convert it to a string before this filter')
     end
 
     def packed_size(key, value)
