@@ -135,6 +135,38 @@ class FluentdFieldTest < Test::Unit::TestCase
     assert_operator counters['logscore_calls'], :>=, 25 # 50,000 records went as calls of 2,000
   end
 
+  # Lines with what a hostile or broken writer leaves in an access log, each with its id "L<n>".
+  def hostile_lines
+    line = ->(n) { AccessLines.line("/p?id=L#{n}").b }
+    ["\xEF\xBB\xBF".b + line.call(0),                                 # a BOM
+     line.call(1).sub('/p', "/p\xff\xfe\xc3(".b),                      # invalid UTF-8
+     line.call(2).sub('/p', "/p\xED\xA0\x80\xED\xB0\x80".b),            # CESU-8 surrogates
+     line.call(3).sub('/p', "/p\x00\x00".b),                          # NUL bytes
+     line.call(4) + ('y' * 10_000_000),                              # 10 MB, not an access line
+     "#{line.call(5)}\r",                                            # CRLF
+     "L6 \x16\x03\x01 a TLS hello sent to port 80 \xff".b,              # not an access line
+     line.call(7)]
+  end
+
+  test 'the apache-access example on hostile bytes: every line comes out scored, unmatched ones too' do
+    # Without emit_unmatched_lines Fluentd's apache2 parser dropped the two lines it could not
+    # read (pattern not matched) before the filter saw them: 6 of 8 came out.
+    @sidecar = SidecarProcess.new(@work).start
+    File.binwrite(File.join(@work, 'access.log'), hostile_lines.join("\n") + "\n")
+    example = File.read(File.expand_path('../examples/apache-access.conf', __dir__))
+    config = example.sub('/var/log/apache2/access.log', "#{@work}/access.log\n  read_from_head true")
+                    .sub('/var/lib/fluentd/apache-access.pos', "#{@work}/access.pos")
+                    .sub('unix:///run/logscore/logscore.sock', "unix://#{@sidecar.socket}")
+                    .sub('/var/log/fluentd/scored-access', "#{@work}/out/scored")
+                    .sub("  </format>\n", "  </format>\n  <buffer>\n    flush_mode interval\n    flush_interval 0.5s\n  </buffer>\n")
+    @pids << spawn_fluentd(@work, 'example', config)
+    out = wait_for_records(File.join(@work, 'out'), 8, timeout: 30)
+    ids = out.map { |r| (r['path'] || r['unmatched_line']).to_s.b[/L\d/] }
+    assert_equal %w[L0 L1 L2 L3 L4 L5 L6 L7], ids.sort, log_tail(@work, 'example')
+    assert(out.all? { |r| r['anomaly_score'].is_a?(Float) }, out.map { |r| r.reject { |k, _| k == 'unmatched_line' } }.inspect)
+    assert_not_match(/error/, File.read(File.join(@work, 'example.log')))
+  end
+
   # Forward-mode messages of `records` entries, each holding its sequence number and send time.
   class Sender
     attr_reader :sent
