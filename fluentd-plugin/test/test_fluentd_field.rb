@@ -135,6 +135,43 @@ class FluentdFieldTest < Test::Unit::TestCase
     assert_operator counters['logscore_calls'], :>=, 25 # 50,000 records went as calls of 2,000
   end
 
+  test 'fluentd stopped while a stream is on its way to the filter: its records are scored' do
+    # The filter closed its connection in shutdown, while in_forward's thread still had the
+    # stream (here held in a slow filter before it): every record passed unscored ('closed!').
+    @sidecar = SidecarProcess.new(@work).start
+    port = SidecarProcess.free_port
+    @pids << spawn_fluentd(@work, 'fluentd', forward_source(port) + <<~CONF + default_filter + <<~OUT)
+      <filter web.**>
+        @type record_transformer
+        enable_ruby true
+        <record>
+          slow ${sleep 0.001; 1}
+        </record>
+      </filter>
+    CONF
+      <match web.**>
+        @type file
+        path #{@work}/out/scored
+        <format>
+          @type json
+        </format>
+        <buffer>
+          @type file
+          path #{@work}/buffer
+        </buffer>
+      </match>
+    OUT
+    sender = sender_when_up(port)
+    sender.send_batch(1000) # about 1 s in the slow filter
+    sleep 0.3
+    stop_processes(@pids)
+    # Records that reach out_file after its shutdown flush wait in its file buffer for the next
+    # start: the buffer's chunks hold them as the formatted (JSON) lines.
+    out = Dir[File.join(@work, 'buffer', '*.log')].flat_map { |f| File.readlines(f).map { |l| JSON.parse(l) } }
+    assert_equal (1..1000).to_a, out.map { |r| r['seq'] }.sort, log_tail(@work, 'fluentd')
+    assert_equal 0, out.count { |r| r['anomaly_unscored'] }, log_tail(@work, 'fluentd')
+  end
+
   # Lines with what a hostile or broken writer leaves in an access log, each with its id "L<n>".
   def hostile_lines
     line = ->(n) { AccessLines.line("/p?id=L#{n}").b }
@@ -187,6 +224,19 @@ class FluentdFieldTest < Test::Unit::TestCase
 
     def close
       @socket.close
+    end
+  end
+
+  # A Sender connected once in_forward listens.
+  def sender_when_up(port)
+    deadline = Time.now + 30
+    begin
+      Sender.new(port)
+    rescue SystemCallError
+      raise if Time.now > deadline
+
+      sleep 0.2
+      retry
     end
   end
 
@@ -308,16 +358,7 @@ class FluentdFieldTest < Test::Unit::TestCase
       </filter>
     CONF
                                                     file_output("#{@work}/out/scored", flush: 0.2))
-    sender = nil
-    deadline = Time.now + 30
-    until sender || Time.now > deadline
-      sender = begin
-        Sender.new(port)
-      rescue SystemCallError
-        sleep 0.2
-        nil
-      end
-    end
+    sender = sender_when_up(port)
     pace = lambda do |seconds|
       stop = Time.now + seconds
       while Time.now < stop

@@ -126,9 +126,16 @@ module Fluent
       end
 
       def shutdown
-        @scorer&.unscored_log&.flush(all: true)
         @anomaly_watcher&.stop
+        super
+      end
+
+      # NOTE: not in shutdown: inputs' threads may still be in filter_stream then (Fluentd shuts
+      # plugins down while in_forward's event loop finishes its stream): closing the connection
+      # there left their records unscored ('closed!'). By close, inputs have waited for them.
+      def close
         @scorer&.client&.close
+        @scorer&.unscored_log&.flush(all: true)
         super
       end
 
