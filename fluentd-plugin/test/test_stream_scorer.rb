@@ -60,6 +60,11 @@ class StreamScorerTest < Test::Unit::TestCase
                  warnings.first[:detail])
     assert_not_include warnings.first[:detail], "\n"
     assert_equal 2, shared.unscored_log.counts['unpackable']
+
+    shared.unscored_log.flush(all: true) # the next one is logged at once
+    shared.score('web.b', entries([{ 'message' => 'GET /', ('k' * 1_000_000) => 2**70 }]))
+    assert_match(/\Afield "k{79}\.\.\. \(1000000 bytes\) \(Integer\)/, warnings.last[:detail])
+    assert_operator warnings.last[:detail].size, :<, 300
   end
 
   test 'many inputs calling one filter at once are all scored, with the circuit closed' do

@@ -130,16 +130,22 @@ module Logscore
     def too_large(record, size)
       field, bytes = record.map { |key, value| [key, packed_size(key, value).to_i] }.max_by { |_, b| b }
       ScoringFailed.new('record_too_large', "a record of #{size} bytes with its text values cut to " \
-                                            "#{CUT_VALUE_BYTES} (largest field #{field.inspect}, #{bytes} bytes " \
+                                            "#{CUT_VALUE_BYTES} (largest field #{field_name(field)}, #{bytes} bytes " \
                                             "uncut) does not fit batch_bytes #{@batch_bytes}")
     end
 
     def unpackable(record, error)
       field = record.is_a?(Hash) ? record.each_key.find { |key| packed_size(key, record[key]).nil? } : nil
-      where = field.nil? ? 'a value' : "field #{field.inspect} (#{record[field].class})"
+      where = field.nil? ? 'a value' : "field #{field_name(field)} (#{record[field].class})"
       # NOTE: the first line only: Ruby's error_highlight adds the failing source line below it
       ScoringFailed.new('unpackable', "#{where}: msgpack cannot send it (#{error.message.lines.first.to_s.strip}); " \
                                       'convert it to a string before this filter')
+    end
+
+    # A field's name for the log: a key can be as long as a value (a 10 MB key is a record too big).
+    def field_name(key)
+      name = key.inspect
+      name.size > 80 ? "#{name[0, 80]}... (#{key.to_s.bytesize} bytes)" : name
     end
 
     def packed_size(key, value)
