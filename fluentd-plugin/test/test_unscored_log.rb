@@ -62,6 +62,16 @@ class UnscoredLogTest < Test::Unit::TestCase
     assert_equal [3, 4], @log.lines.map { |_, fields| fields[:records] }
   end
 
+  test 'a batch after its interval, with no flush between: the summary, then the batch logged at once' do
+    @unscored.note('web', 1, failure('busy'))
+    @now = 10.0
+    @unscored.note('web', 2, failure('busy'))
+    @now = 31.0
+    @unscored.note('web', 5, failure('busy'))
+    assert_equal [1, 2, 5], @log.lines.map { |_, fields| fields[:records] }
+    assert_match(/2 more records/, @log.lines[1][0])
+  end
+
   test 'a summary not yet due is written at shutdown (flush all)' do
     @unscored.note('web', 1, failure('busy'))
     @unscored.note('web', 7, failure('busy'))

@@ -41,7 +41,8 @@ module Logscore
       now = @clock.call
       first, ended = @lock.synchronize do
         @records[error.reason] = @records.fetch(error.reason, 0) + records
-        [add_to_window(error.reason, tag, records, error.message, now), take_ended(now)]
+        ended = take_ended(now) # first: a batch after its reason's interval opens the next one
+        [add_to_window(error.reason, tag, records, error.message, now), ended]
       end
       write_summaries(ended, now)
       return unless first && @log
