@@ -20,12 +20,17 @@ goes on exactly as it came (integer, float, EventTime, Fluent Bit's
   hop takes them.
 - **Bounded memory, backpressure.** At most ``ACTIVE_CONNECTIONS`` connections are
   read past their first block at a time; the others wait unread, so a backlog
-  stays in the senders' buffers. A big chunk is decoded, scored and passed on in
-  slices (PackedForward entries are decoded as they are needed; compressed
-  payloads are inflated in steps, refused past ``INFLATION`` times ``forward_max_message_bytes``),
-  and at most ``RELAY_WINDOW`` messages' worth of scored frames wait for the next hop's acks.
-  What a message decodes into is bounded too: ``MAX_DECODED_VALUES`` arrays, maps and items
-  (``ValueBudget``), since tiny msgpack values cost 30-90 bytes each as Python objects.
+  stays in the senders' buffers. A message's bytes are read whole (``MessageFramer``: msgpack
+  skips over them, building nothing) before any of it is decoded. A big chunk is then decoded,
+  scored and passed on in slices (Forward and PackedForward entries are decoded as they are
+  needed; compressed payloads are inflated in steps, refused past ``INFLATION`` times
+  ``forward_max_message_bytes``), and at most ``RELAY_WINDOW`` messages' worth of scored frames
+  wait for the next hop's acks. What a slice decodes into is bounded too: a slice ends at
+  ``SLICE_VALUES`` values, and past ``MAX_DECODED_VALUES`` arrays, maps and items (``ValueBudget``)
+  the message is refused, since tiny msgpack values cost 30-90 bytes each as Python objects.
+- **The event loop is never held long.** Decoding goes ``DECODE_STEP`` bytes at a time and
+  lets the loop run between steps (``SteppedDecoder``), so a huge or hostile message stalls
+  other connections, HTTP and gRPC for milliseconds, not for the second its decoding takes.
 - **Coalescing.** Messages that arrive together (Fluent Bit's Message mode sends
   one per record) are scored in one call and passed on together.
 - Scoring failures never hold records: they go on marked ``anomaly_unscored``.
@@ -47,7 +52,7 @@ import time
 import uuid
 import zlib
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Optional
+from typing import AsyncIterator, Iterator, Optional
 
 import msgpack
 
@@ -78,14 +83,26 @@ MAX_REFUSALS = 5  # a reachable next hop that drops held records this often refu
 # chunks, and a refused chunk stalls its sender for good (it is resent on every retry).
 INFLATION = 64  # a compressed payload may inflate to this many times forward_max_message_bytes
 RELAY_WINDOW = 2  # scored frames sent and not yet acked, per relay, in forward_max_message_bytes
-# NOTE: a Forward-mode message is decoded whole (msgpack arrays cannot be read in parts here), and
-# a decoded value costs 30-90 bytes of Python objects however small its msgpack: one 16 MiB record
-# of nested empty arrays decoded to 1.1 GiB (blocking the event loop 5-10 s). Past this many values
-# a message is refused: at most about 180 MiB decoded (short strings, 60 bytes a value), and still
-# 100,000 entries of 14 fields. It is the only bound on a message's shape: msgpack's caps on one
-# array or map apply at every depth, and a record they refused (10,001 keys) could not be relayed,
-# so its chunk was resent for ever.
-MAX_DECODED_VALUES = 3_000_000  # values decoded and held at once: per connection, per PackedForward slice
+# NOTE: a decoded value costs 30-90 bytes of Python objects however small its msgpack: one 16 MiB
+# record of nested empty arrays decoded to 1.1 GiB (blocking the event loop 5-10 s). Past this many
+# values held at once a message is refused: at most about 60 MiB decoded (short strings, 60 bytes a
+# value). It is the only bound on a message's shape: msgpack's caps on one array or map apply at
+# every depth, and a record they refused (10,001 keys) could not be relayed, so its chunk was resent
+# for ever. It was 3,000,000 while Forward-mode messages were decoded whole (100,000 entries of 14
+# fields); entries now come slice by slice (SLICE_VALUES), so only one record of 700,000 values or
+# more reaches it. Lower, a refused bomb costs less: 0.5 s of CPU instead of 1.4 s, and a third of
+# the full garbage collections, each of which holds the event loop 50-90 ms at the cap.
+MAX_DECODED_VALUES = 1_000_000  # values decoded and held at once: per connection, per slice of entries
+# NOTE: a Forward-mode message was decoded whole: 90,000 entries of 14 fields held 2,900,000 values
+# (+160 MiB RSS for one connection, +313 MiB for the two read at once). Slices end here too,
+# whatever their records: about 20 MiB of objects.
+SLICE_VALUES = 300_000
+# NOTE: msgpack decodes what it is fed in one call, holding the event loop: a 16 MiB message of
+# empty arrays took 0.1-0.25 s per 256 KiB read and stalled other connections' requests (each
+# needs a few turns of the loop) for 0.9-1.2 s. Fed this much at a time, a step decodes at most
+# 16,000 values (about 10 ms at worst), then the loop runs others.
+DECODE_STEP = 16 * 1024
+YIELD_AFTER_S = 0.005  # decoding lets the loop run once it has held it this long
 
 
 class ForwardProtocolError(ValueError):
@@ -117,12 +134,12 @@ class _RelayStalled(Exception):
 @dataclass
 class Message:
     tag: str
-    entries: Iterable  # [time, record] arrays, decoded lazily for PackedForward
+    entries: AsyncIterator  # [time, record] arrays, decoded as they are consumed (Forward, PackedForward)
     chunk: object  # the sender's chunk id, any msgpack value (None: no ack wanted)
     raw: object = None  # the message as received, kept for those passed on untouched
     is_log: bool = True  # Fluent Bit also forwards metrics and traces (option fluent_signal)
     compressed: Optional[bytes] = None  # a gzip payload, to be checked before it is decoded
-    budget: Optional["ValueBudget"] = None  # what lazily decoded entries may hold (PackedForward)
+    budget: Optional["ValueBudget"] = None  # what lazily decoded entries may hold (Forward, PackedForward)
 
     async def check_size(self, max_message_bytes: int) -> None:
         """Refuse a compressed payload that inflates past INFLATION x max_message_bytes (counted
@@ -132,6 +149,7 @@ class Message:
 
 
 def decode_message(message, max_message_bytes: int) -> Message:
+    """A message decoded whole (all but Forward mode's entries, see ``read_message``)."""
     if not isinstance(message, (list, tuple)) or len(message) < 2 or not isinstance(message[0], str):
         raise ForwardProtocolError(f"expected [tag, ...], got {type(message).__name__}")
     tag, payload = message[0], message[1]
@@ -139,20 +157,99 @@ def decode_message(message, max_message_bytes: int) -> Message:
     if isinstance(payload, (bytes, str)):  # PackedForward (str when the sender packed it as str)
         data = payload.encode("utf-8", EXACT) if isinstance(payload, str) else payload
         budget = ValueBudget(MAX_DECODED_VALUES, "a slice of PackedForward entries")
-        entries: Iterable = packed_entries(data, option.get("compressed") == "gzip", max_message_bytes, budget)
+        entries: AsyncIterator = packed_entries(data, option.get("compressed") == "gzip", max_message_bytes, budget)
     elif _is_array(payload) and not _is_time(payload) and len(message) <= 3:
-        entries = payload  # Forward (entries that are not [time, record] are skipped and counted)
+        entries = _listed(payload)  # Forward (entries that are not [time, record] are skipped and counted)
     elif len(message) in (3, 4):  # Message: [tag, time, record(, option)], its entry checked like any
         option = message[3] if len(message) == 4 and isinstance(message[3], dict) else {}
-        entries = [[payload, message[2]]]
+        entries = _listed([[payload, message[2]]])
     else:
         raise ForwardProtocolError("not a Message, Forward or PackedForward message")
+    compressed = data if isinstance(payload, (bytes, str)) and option.get("compressed") == "gzip" else None
+    return Message(tag, entries, _chunk(option), message, _is_log(option), compressed,
+                   budget if isinstance(payload, (bytes, str)) else None)
+
+
+def _chunk(option: dict) -> object:
     # NOTE: like Fluentd's in_forward, any chunk id but nil (and false) asks for an ack, echoed as it came
     chunk = option.get("chunk")
-    signal = option.get("fluent_signal", 0)
-    compressed = data if isinstance(payload, (bytes, str)) and option.get("compressed") == "gzip" else None
-    return Message(tag, entries, None if chunk is False else chunk, message, signal in (0, None), compressed,
-                   budget if isinstance(payload, (bytes, str)) else None)
+    return None if chunk is False else chunk
+
+
+def _is_log(option: dict) -> bool:
+    return option.get("fluent_signal", 0) in (0, None)
+
+
+async def _listed(entries: list) -> AsyncIterator:
+    for entry in entries:
+        yield entry
+
+
+async def read_message(framed: "Framed", max_message_bytes: int, budget: "ValueBudget") -> Message:
+    """A complete message's bytes as a Message. Forward mode's entries are left in the bytes and
+    decoded as they are consumed (``forward_entries``); any other message is decoded whole, in steps.
+
+    NOTE: Forward mode is told by its bytes, as decode_message tells it by its values: at most
+    three items, the second an array whose first item is an array (an entry), not a time."""
+    data, starts = framed.data, framed.starts
+    entries_at = _array_header(data, starts[1]) if len(starts) >= 2 and framed.items <= 3 else None
+    if entries_at is not None and entries_at[0] and _array_header(data, entries_at[1]) is not None:
+        tag = await SteppedDecoder(data, starts[0], max_message_bytes, budget).next()
+        option = await SteppedDecoder(data, starts[-1], max_message_bytes, budget).next() if framed.items == 3 else {}
+        option = option if isinstance(option, dict) else {}
+        if isinstance(tag, str) and _is_log(option):
+            slice_budget = ValueBudget(MAX_DECODED_VALUES, "a slice of Forward entries")
+            entries = forward_entries(data, entries_at[1], entries_at[0], max_message_bytes, slice_budget)
+            return Message(tag, entries, _chunk(option), budget=slice_budget)
+    raw = await SteppedDecoder(data, 0, max_message_bytes, budget).next()
+    return decode_message(raw, max_message_bytes)
+
+
+async def forward_entries(data: memoryview, at: int, count: int, max_message_bytes: int,
+                          budget: "ValueBudget") -> AsyncIterator:
+    """The ``count`` entries of a Forward-mode array starting at ``at``, decoded one at a time."""
+    decoder = SteppedDecoder(data, at, max_message_bytes, budget)
+    for _ in range(count):
+        yield await decoder.next()
+
+
+def _array_header(data: memoryview, at: int) -> Optional[tuple[int, int]]:
+    """(items, where the first item starts) if a msgpack array starts at ``at``, else None."""
+    if at >= len(data):
+        return None
+    kind = data[at]
+    if 0x90 <= kind <= 0x9F:
+        return kind & 0x0F, at + 1
+    if kind in (0xDC, 0xDD) and at + (size := 2 if kind == 0xDC else 4) < len(data):
+        return int.from_bytes(data[at + 1:at + 1 + size], "big"), at + 1 + size
+    return None
+
+
+class SteppedDecoder:
+    """Values decoded from bytes in memory, fed to msgpack DECODE_STEP bytes at a time; once
+    decoding has held the event loop YIELD_AFTER_S (across calls: a slice is many of them), it
+    lets the loop run before the next step."""
+
+    def __init__(self, data: memoryview, at: int, max_message_bytes: int, budget: "ValueBudget"):
+        self._data, self._at = data, at
+        self._held_since = time.perf_counter()
+        self._unpacker = forward_unpacker(max(max_message_bytes, 1024) + DECODE_STEP, budget,
+                                          max_array_len=MAX_DECODED_VALUES, max_map_len=MAX_DECODED_VALUES)
+
+    async def next(self) -> object:
+        while True:
+            try:
+                return self._unpacker.unpack()
+            except msgpack.OutOfData:
+                if self._at >= len(self._data):
+                    raise ForwardProtocolError("a message ends in the middle of a value") from None
+            except (TypeError, msgpack.UnpackException) as error:  # TypeError: a list as a map key
+                raise ForwardProtocolError(f"{type(error).__name__} {error}".rstrip()) from None
+            self._unpacker.feed(self._data[self._at:self._at + DECODE_STEP])
+            self._at += DECODE_STEP
+            if time.perf_counter() - self._held_since >= YIELD_AFTER_S:
+                await asyncio.sleep(0)
+                self._held_since = time.perf_counter()
 
 
 def ext_value(code: int, data: bytes) -> msgpack.ExtType:
@@ -207,22 +304,30 @@ def _is_time(value) -> bool:
     return isinstance(value, (int, float, msgpack.ExtType, msgpack.Timestamp)) and not isinstance(value, bool)
 
 
-def packed_entries(data: bytes, compressed: bool, max_message_bytes: int,
-                   budget: Optional[ValueBudget] = None) -> Iterator:
-    """The entries of a PackedForward payload, decoded as they are consumed.
+async def packed_entries(data: bytes, compressed: bool, max_message_bytes: int,
+                         budget: Optional[ValueBudget] = None) -> AsyncIterator:
+    """The entries of a PackedForward payload, decoded as they are consumed, DECODE_STEP bytes
+    at a time (the event loop runs between steps once one call held it YIELD_AFTER_S).
 
     One entry may be as big as a message; a compressed payload inflates to at most
     INFLATION x max_message_bytes in all. The budget bounds the values decoded (the consumer
     releases them slice by slice)."""
     unpacker = forward_unpacker(max(max_message_bytes, 1024) + INFLATE_STEP, budget)
     fed = consumed = 0  # NOTE: tell() counts the bytes of a partly decoded entry too
+    held_since = time.perf_counter()
     try:
         for block in (_inflate(data, INFLATION * max_message_bytes) if compressed else (data,)):
-            unpacker.feed(block)
-            fed += len(block)
-            for entry in unpacker:
-                consumed = unpacker.tell()
-                yield entry
+            view = memoryview(block)
+            for at in range(0, len(view), DECODE_STEP):
+                step = view[at:at + DECODE_STEP]
+                unpacker.feed(step)
+                fed += len(step)
+                for entry in unpacker:
+                    consumed = unpacker.tell()
+                    yield entry
+                if time.perf_counter() - held_since >= YIELD_AFTER_S:
+                    await asyncio.sleep(0)
+                    held_since = time.perf_counter()
     except (ValueError, TypeError, msgpack.UnpackException, zlib.error) as error:  # TypeError: a list as map key
         raise ForwardProtocolError(f"PackedForward entries are not valid msgpack/gzip: "
                                    f"{type(error).__name__} {error}".rstrip()) from None
@@ -533,15 +638,81 @@ class NextHop:
 # --- the server -----------------------------------------------------------------------
 
 @dataclass
-class Position:
-    """Bytes of a connection fed to its unpacker, and how many of them made complete messages.
+class Framed:
+    """One complete message's bytes, and where its items start (the first two and the last)."""
 
-    NOTE: Unpacker.tell() also counts the bytes of a message decoded only in part.
-    """
+    data: memoryview
+    items: int
+    starts: list[int]
 
-    fed: int = 0
-    consumed: int = 0
 
+class MessageFramer:
+    """Cuts a connection's bytes into complete messages without decoding them: msgpack skips over
+    each item of a message's array, building no Python objects, so what a message decodes into is
+    only built later, slice by slice. A message's bytes wait here until all have come (at most
+    max_message_bytes)."""
+
+    def __init__(self, max_message_bytes: int):
+        self.max_message_bytes = max_message_bytes
+        self.fed = 0  # bytes of the connection fed so far
+        self._skipper = msgpack.Unpacker(max_buffer_size=0)  # NOTE: 0 is no limit; _pending has one
+        self._pending = bytearray()  # the bytes of the message under way (and any after it)
+        self._start = 0  # where _pending starts in the bytes fed to the skipper
+        self._items = 0  # items of the message under way
+        self._left: Optional[int] = None  # of them, not skipped yet (None: the header is not read yet)
+        self._starts: list[int] = []
+        self._noted = -1  # the last item whose start is in _starts
+
+    @property
+    def partial(self) -> bool:
+        """Bytes of a message not complete yet are held."""
+        return bool(self._pending)
+
+    def feed(self, data: bytes) -> list[Framed]:
+        """The messages these bytes complete, in order; ForwardProtocolError if they are not msgpack
+        arrays or one grows past max_message_bytes."""
+        self._pending += data
+        self.fed += len(data)
+        self._skipper.feed(data)
+        messages = []
+        while (end := self._skip_message()) is not None:
+            messages.append(Framed(memoryview(self._pending)[:end], self._items, self._starts))
+            self._pending = self._pending[end:]  # NOTE: a new buffer: the message's view keeps the old
+            self._start += end
+            self._starts = []
+        if not self._pending and self._start > READ_BYTES:
+            # NOTE: msgpack's buffer keeps the size of the biggest str or bin it waited for whole
+            # (a PackedForward payload): a new skipper lets it go
+            self._skipper = msgpack.Unpacker(max_buffer_size=0)
+            self._start = 0
+        if len(self._pending) > self.max_message_bytes:
+            raise ForwardProtocolError(f"a forward message exceeds {self.max_message_bytes} bytes "
+                                       "(forward_max_message_bytes); send smaller chunks")
+        return messages
+
+    def _skip_message(self) -> Optional[int]:
+        """Where the message under way ends in _pending, once all of it is here."""
+        skipper = self._skipper
+        try:
+            if self._left is None:
+                try:
+                    self._items = self._left = skipper.read_array_header()
+                    self._noted = -1
+                except ValueError:
+                    raise ForwardProtocolError("a message is not an array: expected [tag, ...]") from None
+            while self._left:
+                index = self._items - self._left
+                if index != self._noted and (index < 2 or index == self._items - 1):
+                    self._starts.append(skipper.tell() - self._start)  # noted once (a skip may resume)
+                    self._noted = index
+                skipper.skip()
+                self._left -= 1
+        except msgpack.OutOfData:
+            return None
+        except (ValueError, msgpack.UnpackException) as error:
+            raise ForwardProtocolError(f"{type(error).__name__} {error}".rstrip()) from None
+        self._left = None
+        return skipper.tell() - self._start
 
 @dataclass
 class Relay:
@@ -620,10 +791,8 @@ class ForwardServer(StreamServer):
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         budget = ValueBudget(MAX_DECODED_VALUES, "a forward message")
-        unpacker = forward_unpacker(self.max_message_bytes, budget, max_array_len=MAX_DECODED_VALUES,
-                                    max_map_len=MAX_DECODED_VALUES)
+        framer = MessageFramer(self.max_message_bytes)
         peer = str(writer.get_extra_info("peername"))
-        position = Position()
         try:
             data = await self._first_bytes(reader, peer)
             while not self.draining:
@@ -637,7 +806,7 @@ class ForwardServer(StreamServer):
                         return
                 if not data:
                     return
-                if position.fed == 0 and data.startswith(TLS_HANDSHAKE):
+                if framer.fed == 0 and data.startswith(TLS_HANDSHAKE):
                     raise SpeaksTls("it opened with a TLS ClientHello; forward mode speaks the plain forward "
                                     "protocol: turn TLS off on the sender towards the sidecar, put a TLS "
                                     "terminator in front of the forward port, or use the gRPC surface with TLS")
@@ -645,7 +814,7 @@ class ForwardServer(StreamServer):
                     task = asyncio.current_task()
                     self.busy.add(task)
                     try:
-                        await self._take_messages(reader, writer, unpacker, budget, position, data)
+                        await self._take_messages(reader, writer, framer, budget, data)
                     finally:
                         self.busy.discard(task)
                 data = None
@@ -679,8 +848,8 @@ class ForwardServer(StreamServer):
                      extra={"peer": peer, "quiet_s": SILENT_SENDER_S})
             return None
 
-    async def _take_messages(self, reader, writer, unpacker: msgpack.Unpacker, budget: ValueBudget,
-                             position: "Position", data: bytes) -> None:
+    async def _take_messages(self, reader, writer, framer: MessageFramer, budget: ValueBudget,
+                             data: bytes) -> None:
         """Relay the complete messages in the buffer; read on while one is only partly here.
 
         NOTE: the time a message may take to arrive counts from its first bytes, not per read: a
@@ -688,25 +857,16 @@ class ForwardServer(StreamServer):
         loop = asyncio.get_running_loop()
         deadline = loop.time() + PARTIAL_MESSAGE_TIMEOUT_S
         while True:
-            try:
-                unpacker.feed(data)
-            except msgpack.BufferFull:
-                raise ForwardProtocolError(f"a forward message exceeds {self.max_message_bytes} bytes "
-                                           "(forward_max_message_bytes); send smaller chunks") from None
-            position.fed += len(data)
             messages = []
-            decoded = 0  # values of the complete messages (the rest belong to one under way)
-            for raw in unpacker:
-                position.consumed = unpacker.tell()
-                decoded = budget.count
-                message = decode_message(raw, self.max_message_bytes)
+            for framed in framer.feed(data):
+                message = await read_message(framed, self.max_message_bytes, budget)
                 await message.check_size(self.max_message_bytes)
                 messages.append(message)
             if messages:
                 await self._relay(messages, writer)
-                budget.release(decoded)  # relayed: let go
+                budget.release(budget.count)  # relayed: let go
                 deadline = loop.time() + PARTIAL_MESSAGE_TIMEOUT_S  # what is left began in the last bytes
-            if position.consumed == position.fed:
+            if not framer.partial:
                 return
             try:
                 async with asyncio.timeout_at(deadline):
@@ -720,9 +880,7 @@ class ForwardServer(StreamServer):
     async def _relay(self, messages: list[Message], writer: asyncio.StreamWriter) -> None:
         """Score and pass on a group of messages, then acknowledge the sender's chunks."""
         relay = Relay(wants_acks=all(m.chunk is not None for m in messages))
-        for number, piece in enumerate(self._pieces(messages, relay)):
-            if number:
-                await asyncio.sleep(0)  # decoding a slice took the loop a while: let others run
+        async for piece in self._pieces(messages, relay):
             if isinstance(piece, Message):
                 await self._send(relay, [raw_frame(piece.raw)])
                 continue
@@ -745,8 +903,9 @@ class ForwardServer(StreamServer):
             except asyncio.TimeoutError:
                 raise ForwardProtocolError(f"the sender read no acks for {PARTIAL_MESSAGE_TIMEOUT_S:g} s") from None
 
-    def _pieces(self, messages: list[Message], relay: Relay) -> Iterator:
-        """In order: slices of (tag, entry) pairs to score, and non-log messages to pass on as they are."""
+    async def _pieces(self, messages: list[Message], relay: Relay) -> AsyncIterator:
+        """In order: slices of (tag, entry) pairs to score, and non-log messages to pass on as they are.
+        A slice ends at slice_records records, or once its entries hold SLICE_VALUES values."""
         piece: list = []
         for message in messages:
             if not message.is_log:
@@ -755,7 +914,7 @@ class ForwardServer(StreamServer):
                     piece = []
                 yield message
                 continue
-            for entry in message.entries:
+            async for entry in message.entries:
                 try:
                     piece.append((message.tag, checked_entry(entry)))
                 except InvalidEntry as error:
@@ -764,7 +923,7 @@ class ForwardServer(StreamServer):
                         raise ForwardProtocolError(f"{relay.skipped} entries are not [time, record] "
                                                    f"(the last: {error}): not forward-protocol data") from None
                     continue
-                if len(piece) >= self.slice_records:
+                if len(piece) >= self.slice_records or (message.budget and message.budget.count >= SLICE_VALUES):
                     yield piece
                     piece = []
                     if message.budget is not None:  # scored and sent: its entries decoded so far are let go
