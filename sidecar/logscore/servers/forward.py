@@ -28,9 +28,10 @@ goes on exactly as it came (integer, float, EventTime, Fluent Bit's
   wait for the next hop's acks. What a slice decodes into is bounded too: a slice ends at
   ``SLICE_VALUES`` values, and past ``MAX_DECODED_VALUES`` arrays, maps and items (``ValueBudget``)
   the message is refused, since tiny msgpack values cost 30-90 bytes each as Python objects.
-- **The event loop is never held long.** Decoding goes ``DECODE_STEP`` bytes at a time and
-  lets the loop run between steps (``SteppedDecoder``), so a huge or hostile message stalls
-  other connections, HTTP and gRPC for milliseconds, not for the second its decoding takes.
+- **The event loop is not held long.** Decoding goes ``DECODE_STEP`` bytes at a time and lets
+  the loop run between steps (``SteppedDecoder``): a huge or hostile message holds it for a step
+  (about 10 ms) or a full garbage collection over what it decoded (up to about 100 ms at the
+  cap), not for the second its decoding takes.
 - **Coalescing.** Messages that arrive together (Fluent Bit's Message mode sends
   one per record) are scored in one call and passed on together.
 - Scoring failures never hold records: they go on marked ``anomaly_unscored``.
