@@ -118,6 +118,11 @@ class InvalidEntry(ValueError):
     """One entry is not ``[time, record]``; it is skipped."""
 
 
+class UndecodableValue(ForwardProtocolError):
+    """A value msgpack could not decode (a reserved ext type, an array as a map key) or that holds
+    more than MAX_DECODED_VALUES values."""
+
+
 class NextHopError(ConnectionError):
     """The next hop is down, refused, or did not acknowledge in time."""
 
@@ -246,7 +251,16 @@ async def forward_entries(data: memoryview, at: int, count: int, max_message_byt
     """The ``count`` entries of a Forward-mode array starting at ``at``, decoded one at a time."""
     decoder = SteppedDecoder(data, at, max_message_bytes, budget)
     for _ in range(count):
-        yield await decoder.next()
+        start, charged = decoder.position, budget.count
+        try:
+            entry = await decoder.next()
+        except UndecodableValue as error:
+            # NOTE: skipped by its bytes and counted, like an entry that is not [time, record]:
+            # refusing the chunk once slices of it were relayed made every resend relay them again.
+            budget.release(budget.count - charged)
+            decoder = SteppedDecoder(data, await _skipped(data, start), max_message_bytes, budget)
+            entry = InvalidEntry(f"an entry could not be decoded ({error})")
+        yield entry
 
 
 def _array_header(data: memoryview, at: int) -> Optional[tuple[int, int]]:
@@ -267,10 +281,15 @@ class SteppedDecoder:
     lets the loop run before the next step."""
 
     def __init__(self, data: memoryview, at: int, max_message_bytes: int, budget: "ValueBudget"):
-        self._data, self._at = data, at
+        self._data, self._at, self._origin = data, at, at
         self._held_since = time.perf_counter()
         self._unpacker = forward_unpacker(max(max_message_bytes, 1024) + DECODE_STEP, budget,
                                           max_array_len=MAX_DECODED_VALUES, max_map_len=MAX_DECODED_VALUES)
+
+    @property
+    def position(self) -> int:
+        """Where the next value starts in the data (between calls of next)."""
+        return self._origin + self._unpacker.tell()
 
     async def next(self) -> object:
         while True:
@@ -279,8 +298,11 @@ class SteppedDecoder:
             except msgpack.OutOfData:
                 if self._at >= len(self._data):
                     raise ForwardProtocolError("a message ends in the middle of a value") from None
-            except (TypeError, msgpack.UnpackException) as error:  # TypeError: a list as a map key
-                raise ForwardProtocolError(f"{type(error).__name__} {error}".rstrip()) from None
+            except ForwardProtocolError as error:  # the budget's
+                raise UndecodableValue(str(error)) from None
+            # TypeError: a list as a map key; ValueError: a reserved ext type
+            except (TypeError, ValueError, msgpack.UnpackException) as error:
+                raise UndecodableValue(f"{type(error).__name__} {error}".rstrip()) from None
             self._unpacker.feed(self._data[self._at:self._at + DECODE_STEP])
             self._at += DECODE_STEP
             if time.perf_counter() - self._held_since >= YIELD_AFTER_S:
@@ -420,6 +442,8 @@ def _inflate(data: bytes, max_bytes: int) -> Iterator[bytes]:
 
 def checked_entry(entry) -> list:
     """``[time, record]`` as received (the time is never rewritten), or InvalidEntry."""
+    if isinstance(entry, InvalidEntry):  # one that could not be decoded (forward_entries)
+        raise entry
     if not (isinstance(entry, (list, tuple)) and len(entry) == 2 and isinstance(entry[1], dict)):
         raise InvalidEntry(f"an entry is not [time, record] but {type(entry).__name__}")
     if not _is_time(entry[0]):
@@ -752,6 +776,7 @@ class Relay:
     wants_acks: bool  # every sender chunk asks for an ack: on failure the sender resends
     sent: list[tuple[Frame, Optional[asyncio.Future]]] = field(default_factory=list)  # not yet settled
     skipped: int = 0  # invalid entries
+    skipped_why: str = ""  # what the last of them was
 
     def held_bytes(self) -> int:
         return sum(len(frame.data) for frame, _ in self.sent)
@@ -924,7 +949,8 @@ class ForwardServer(StreamServer):
         await self._settle(relay)
         if relay.skipped:
             self._count("forward_invalid_entry", relay.skipped)
-            log.warning("skipped entries that are not [time, record]", extra={"entries": relay.skipped})
+            log.warning("skipped entries that are not [time, record] or could not be decoded",
+                        extra={"entries": relay.skipped, "last": relay.skipped_why})
         acks = [msgpack.packb({"ack": m.chunk}, use_bin_type=True, unicode_errors=EXACT)
                 for m in messages if m.chunk is not None]
         if acks:
@@ -967,6 +993,7 @@ class ForwardServer(StreamServer):
             piece.append((message.tag, checked_entry(entry)))
         except InvalidEntry as error:
             relay.skipped += 1
+            relay.skipped_why = str(error)
             if relay.skipped >= MAX_INVALID_ENTRIES:
                 raise ForwardProtocolError(f"{relay.skipped} entries are not [time, record] "
                                            f"(the last: {error}): not forward-protocol data") from None
