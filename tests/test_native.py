@@ -455,3 +455,213 @@ def test_window_keys_of_edge_urls_are_the_same_in_c_and_python():
     columns = {"url": urls, "status": ["200"] * len(urls)}
     assert list(compiled.count(columns, len(urls), "r", None).items()) == \
         list(reference.count(columns, len(urls), "r", None).items())
+
+
+# Python code the compiled featurizer calls back into (weighers, compute, an entry's nbytes, a set's
+# __eq__, an offset's __index__, finalizers run by a collection) may change the lists it was given
+# or the cache it works on: found under AddressSanitizer, each read freed memory or past a list.
+def ref_of(obj) -> weakref.ref:
+    return weakref.ref(obj)
+
+
+KEEP = ValueCache()  # named by the entries these tests make
+
+
+def entries_of(count: int) -> list:
+    return native._native.text_features([str(i) for i in range(count)], [["t"]] * count, 0, 1.0, 0, ref_of(KEEP))
+
+
+def test_a_weigher_that_shrinks_the_values_does_not_shorten_the_features():
+    values = [str(i) for i in range(64)]
+
+    def weigher(counts):
+        del values[1:]
+        return np.ones(len(counts), dtype=np.float32)
+
+    made = native._native.text_features(values, [["t"]] * 64, 0, 1.0, weigher, ref_of(KEEP))
+    assert [f.value for f in made] == [str(i) for i in range(64)]
+
+
+def while_collections_shrink(values: list, call):
+    """call(), with a garbage collection at nearly every allocation, each running a finalizer that
+    pops an item of values."""
+    import gc
+
+    armed = []
+
+    class Cycle:  # garbage with a finalizer, made again each time it is collected
+        def __init__(self):
+            self.me = self
+
+        def __del__(self):
+            if armed and values:
+                values.pop()
+            Cycle()
+
+    Cycle()
+    threshold = gc.get_threshold()
+    gc.set_threshold(1)
+    held = [[] for _ in range(200)]  # no free lists left: each new list is an allocation that may collect
+    armed.append(True)
+    try:
+        return call()
+    finally:
+        armed.clear()
+        gc.set_threshold(*threshold)
+        del held
+
+
+def test_collections_that_shrink_the_lists_being_read_change_nothing():
+    values = [f"ÉÀ{i}" for i in range(100)]
+    encoded = while_collections_shrink(values, lambda: native._native.ngram_encode(values, False, True, False, 100))
+    # the values as they were when the call took them (a collection may already have shrunk the list)
+    assert 0 < len(encoded) and encoded == [b"\x02" + f"éà{i}".encode() + b"\x03" for i in range(len(encoded))]
+    records = [f"line {i}" * 3 for i in range(64)]
+    columns, parsed, _ = while_collections_shrink(records, lambda: native._native.access_columns(
+        records, ("message",), False, 100, 100, lambda record: ({"message": record}, True, False), str))
+    assert 0 < len(parsed) and columns[0] == [f"line {i}" * 3 for i in range(len(parsed))]
+
+
+def test_a_set_member_whose_eq_shrinks_the_urls_changes_nothing():
+    urls = ["/a?x=1"] * 64
+
+    class Template(str):
+        def __hash__(self):
+            return hash("/a")
+
+        def __eq__(self, other):
+            del urls[1:]
+            return False
+
+    structures = native._native.url_structures(urls, True, 3, frozenset({"/a?x"}), frozenset({Template("z")}))
+    assert len(structures) == 64 and len(set(structures)) == 1
+
+
+def test_offsets_that_change_the_entries_are_refused():
+    entries = entries_of(8)
+
+    class Emptying:
+        def __index__(self):
+            entries.clear()
+            return 0
+
+    class Swapping:
+        def __index__(self):
+            entries[0] = 12345678901234567890
+            return 0
+
+    held = [np.arange(8, dtype=np.int64)]
+    with pytest.raises(IndexError, match="out of range"):  # the entries are checked after the offsets are read
+        native._native.assemble(held, [Emptying()], entries, 8, False)
+    entries.extend(entries_of(8))
+    with pytest.raises(TypeError, match="Features"):
+        native._native.assemble(held, [Swapping()], entries, 8, False)
+
+
+def test_an_entry_moved_up_by_get_survives_its_nbytes_clearing_the_cache():
+    cache = native._native.Cache(2, 1 << 30)
+    armed = []
+
+    class Entry:
+        @property
+        def nbytes(self):
+            if armed:
+                cache.clear()
+            return 10
+
+    cache.put("a", Entry())  # the cache holds its only reference
+    cache.put("b", entries_of(1)[0])  # "a" now in the older generation
+    armed.append(True)
+    assert type(cache.get("a")) is Entry
+
+
+def test_a_lookup_survives_an_nbytes_that_clears_compute_s_lists_and_the_cache():
+    cache = native._native.Cache(1 << 20, 1 << 30)
+    kept: dict = {}
+
+    class Entry:
+        @property
+        def nbytes(self):
+            kept["entries"].clear()
+            kept["missing"].clear()
+            cache.clear()
+            return 1
+
+    def compute(missing):
+        kept["missing"], kept["entries"] = missing, [Entry() for _ in missing]
+        return kept["entries"]
+
+    found = cache.lookup_distinct([str(i) for i in range(32)], compute)
+    assert len(found) == 32 and all(type(entry) is Entry for entry in found)
+
+
+def test_a_finalizer_that_puts_while_the_older_generation_is_dropped_keeps_the_cache_whole():
+    cache = native._native.Cache(2, 1 << 30)
+    keep = entries_of(1)[0]
+
+    class Entry:
+        nbytes = 10
+
+        def __del__(self):
+            cache.put("put by a finalizer", keep)
+
+    cache.put("a", Entry())
+    cache.put("b", keep)  # older: {a: Entry}
+    cache.put("c", keep)  # drops {a: Entry}: its finalizer puts while the generations turn
+    cache.put("d", keep)
+    assert len(cache) == 3 and cache.get("put by a finalizer") is keep
+
+
+def test_a_parsed_flag_that_raises_is_the_error_raised():
+    class Flag:
+        def __bool__(self):
+            raise RuntimeError("flag")
+
+    class Cut:
+        def __bool__(self):
+            raise AssertionError("read after the flag failed")
+
+    with pytest.raises(RuntimeError, match="flag"):
+        native._native.access_columns(["x"], ("message",), False, 100, 100,
+                                      lambda record: ({"message": "m"}, Flag(), Cut()), str)
+
+
+class Odd(str):
+    """A str subclass whose methods and hash say otherwise than its text."""
+
+    def __hash__(self):
+        return 1
+
+    def __eq__(self, other):
+        return False
+
+    def split(self, *args, **kwargs):
+        return ["odd"]
+
+    def partition(self, *args):
+        return ("odd", "", "")
+
+    def encode(self, *args):
+        return b"odd"
+
+
+def test_only_plain_str_reaches_the_compiled_featurizer():
+    """The decoders (JSON, msgpack, protobuf) make plain str; a subclass from a caller of the Python API
+    is made a plain str by the record normalizer, so both paths give the features of its text,
+    and the compiled functions refuse one given to them directly (its __hash__ and __eq__ would
+    run inside them)."""
+    spec = DEFAULT_SPECS["access"]
+    line = '1.2.3.4 - - [x] "GET /a/12?q=1 HTTP/1.1" 200 12 "-" "Mozilla/5.0 (X11)"'
+    fields = {"url": "/a/12?q=1", "method": "GET", "status": "200", "bytes": "12", "user_agent": "curl/8"}
+    for plain, odd in ((line, Odd(line)), (fields, {k: Odd(v) for k, v in fields.items()})):
+        for native_path in (True, False):
+            featurizer = Featurizer(spec, native=native_path)
+            assert_same_batches(featurizer.transform([odd, odd]), featurizer.transform([plain, plain]))
+    compiled = native._native
+    for refused in (lambda: compiled.Cache(8, 1000).get(Odd("k")), lambda: compiled.distinct([Odd("a"), "a"]),
+                    lambda: compiled.ngram_encode([Odd("a")], False, False, False, 10),
+                    lambda: compiled.url_structures([Odd("/a")], True, 3, frozenset(), frozenset()),
+                    lambda: compiled.numeric_labels(["1"], Odd("(missing)")),
+                    lambda: compiled.text_features(["v"], [[Odd("t")]], 0, 1.0, 0, ref_of(KEEP))):
+        with pytest.raises(TypeError, match="not a subclass"):
+            refused()

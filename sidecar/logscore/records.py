@@ -29,9 +29,12 @@ DEFAULT_MAX_LINE_CHARS = 65_536
 
 
 def to_text(value: object) -> str:
-    """Any field value as text; undecodable bytes become U+FFFD, never an error."""
+    """Any field value as text (a plain str); undecodable bytes become U+FFFD, never an error."""
     if isinstance(value, str):
-        return value
+        # NOTE: a str subclass (only a caller of the Python API makes one: JSON, msgpack and protobuf
+        # decode to plain str) becomes a plain str: its own methods must not change the features, and
+        # the compiled featurizer takes plain str only.
+        return value if value.__class__ is str else str.__str__(value)
     if isinstance(value, (bytes, bytearray, memoryview)):
         return bytes(value).decode("utf-8", errors="replace")
     try:

@@ -312,9 +312,10 @@ static PyObject *features_describe(FeaturesObject *f, PyObject *arg) {
     }
     PyObject *key = PyLong_FromLongLong(FEATURES_KEYS(f)[index]);
     if (!key) return NULL;
-    PyObject *converter = PyWeakref_GetObject(f->converter_ref);
+    PyObject *converter = Py_NewRef(PyWeakref_GetObject(f->converter_ref));  /* held: describe runs Python code */
     PyObject *name = converter == Py_None ? PyUnicode_FromFormat("feature #%S", key)
                                           : PyObject_CallMethod(converter, "describe", "OO", f->value, key);
+    Py_DECREF(converter);
     Py_DECREF(key);
     return name;
 }
@@ -342,6 +343,26 @@ static PyTypeObject FeaturesType = {
     .tp_getset = features_getset,
     .tp_methods = features_methods,
 };
+
+/* ------------------------------------------------------------------ lists of callers */
+
+/* A tuple of a list's items: our own references, read by index while Python code we call (a
+ * weigher, compute, a set's __eq__, a finalizer run by an allocation that collects garbage) may
+ * change the list. NOTE: not PyList_AsTuple or PyList_GetSlice: they take the list's length (and
+ * item array) before allocating the copy, and that allocation may collect garbage whose
+ * finalizers shrink the list; here the items are read after it, with no Python code between. */
+static PyObject *own_items(PyObject *list) {
+    for (;;) {
+        Py_ssize_t n = PyList_GET_SIZE(list);
+        PyObject *items = PyTuple_New(n);
+        if (!items) return NULL;
+        if (PyList_GET_SIZE(list) == n) {
+            for (Py_ssize_t i = 0; i < n; i++) PyTuple_SET_ITEM(items, i, Py_NewRef(PyList_GET_ITEM(list, i)));
+            return items;
+        }
+        Py_DECREF(items);  /* the list changed while the tuple was made: again */
+    }
+}
 
 /* ------------------------------------------------------------------ Cache */
 
@@ -392,50 +413,78 @@ static int cache_init(CacheObject *self, PyObject *args, PyObject *kwargs) {
     return self->newer && self->older ? 0 : -1;
 }
 
+/* Keys are what the featurizer makes: exact str, bytes or None. Their hashing and comparing run
+ * no Python code, so no lookup can re-enter the cache or change a list being read. */
+static int check_key(PyObject *key) {
+    if (key == Py_None || PyUnicode_CheckExact(key) || PyBytes_CheckExact(key)) return 0;
+    PyErr_Format(PyExc_TypeError, "cache keys must be str, bytes or None (not a subclass); got %.100s",
+                 Py_TYPE(key)->tp_name);
+    return -1;
+}
+
+/* NOTE: Python code can still run in here (an entry's nbytes, the finalizer of a value dropped with
+ * the older generation, or of garbage a dict allocation collects), and may use this cache again:
+ * the generations are swapped before the dropped one is released, and each dict is held while
+ * it is used. */
 static int cache_put_item(CacheObject *self, PyObject *key, PyObject *entry) {
     if (PyDict_GET_SIZE(self->newer) >= self->half_entries || self->newer_bytes >= self->half_bytes) {
         PyObject *fresh = PyDict_New();
         if (!fresh) return -1;
-        Py_SETREF(self->older, self->newer);
+        PyObject *dropped = self->older;
+        self->older = self->newer;
         self->newer = fresh;
         self->older_bytes = self->newer_bytes;
         self->newer_bytes = 0;
+        Py_DECREF(dropped);
     }
-    if (PyDict_SetItem(self->newer, key, entry) < 0) return -1;
+    PyObject *newer = Py_NewRef(self->newer);
+    int failed = PyDict_SetItem(newer, key, entry) < 0;
+    Py_DECREF(newer);
+    if (failed) return -1;
     self->newer_bytes += key_bytes(key) + entry_bytes(entry);
     return 0;
 }
 
-/* A borrowed entry, or NULL (no exception) when absent; -1 in *error on failure. */
+/* A new reference to the entry of key in one generation, or NULL (with an exception on failure). */
+static PyObject *generation_get(PyObject *generation, PyObject *key) {
+    Py_INCREF(generation);
+    PyObject *entry = Py_XNewRef(PyDict_GetItemWithError(generation, key));
+    Py_DECREF(generation);
+    return entry;
+}
+
+/* A new reference to the entry of key, or NULL: absent (no exception) or failed (*error set). */
 static PyObject *cache_get_item(CacheObject *self, PyObject *key, int *error) {
-    PyObject *entry = PyDict_GetItemWithError(self->newer, key);
-    if (entry || PyErr_Occurred()) { *error = entry == NULL; return entry; }
-    entry = PyDict_GetItemWithError(self->older, key);
-    if (!entry) { *error = PyErr_Occurred() != NULL; return NULL; }
-    Py_INCREF(entry);
-    if (cache_put_item(self, key, entry) < 0) { Py_DECREF(entry); *error = 1; return NULL; }
-    Py_DECREF(entry);  /* still held by the older generation (or the newer) */
     *error = 0;
+    PyObject *entry = generation_get(self->newer, key);
+    if (entry || PyErr_Occurred()) { *error = entry == NULL; return entry; }
+    entry = generation_get(self->older, key);
+    if (!entry) { *error = PyErr_Occurred() != NULL; return NULL; }
+    if (cache_put_item(self, key, entry) < 0) { Py_DECREF(entry); *error = 1; return NULL; }
     return entry;
 }
 
 static PyObject *cache_get(CacheObject *self, PyObject *key) {
     int error;
+    if (check_key(key) < 0) return NULL;
     PyObject *entry = cache_get_item(self, key, &error);
     if (error) return NULL;
-    return Py_NewRef(entry ? entry : Py_None);
+    return entry ? entry : Py_NewRef(Py_None);
 }
 
 static PyObject *cache_put(CacheObject *self, PyObject *args) {
     PyObject *key, *entry;
-    if (!PyArg_ParseTuple(args, "OO", &key, &entry)) return NULL;
+    if (!PyArg_ParseTuple(args, "OO", &key, &entry) || check_key(key) < 0) return NULL;
     if (cache_put_item(self, key, entry) < 0) return NULL;
     Py_RETURN_NONE;
 }
 
 static PyObject *cache_clear_method(CacheObject *self, PyObject *unused) {
-    PyDict_Clear(self->newer);
-    PyDict_Clear(self->older);
+    /* fresh dicts in place before the old ones are released (their entries' finalizers may use the cache) */
+    PyObject *newer = PyDict_New(), *older = PyDict_New();
+    if (!newer || !older) { Py_XDECREF(newer); Py_XDECREF(older); return NULL; }
+    Py_SETREF(self->newer, newer);
+    Py_SETREF(self->older, older);
     self->newer_bytes = self->older_bytes = 0;
     Py_RETURN_NONE;
 }
@@ -448,24 +497,26 @@ static void found_release(PyObject *found) {
 }
 
 /* The cached entry of each key, as a new list with NULL where a key is missing (counted in
- * *missing); NULL on error. NOTE: the list is hidden from the garbage collector (gc.get_objects
+ * *missing); NULL on error. keys: a tuple. NOTE: the list is hidden from the garbage collector (gc.get_objects
  * in a compute callback must not see its NULL slots) until found_done hands it out filled, or
  * found_release drops it. */
 static PyObject *found_entries(CacheObject *self, PyObject *keys, Py_ssize_t *missing) {
-    Py_ssize_t n = PyList_GET_SIZE(keys);
+    Py_ssize_t n = PyTuple_GET_SIZE(keys);
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (check_key(PyTuple_GET_ITEM(keys, i)) < 0) return NULL;
     PyObject *found = PyList_New(n);
     if (!found) return NULL;
     PyObject_GC_UnTrack(found);
     *missing = 0;
     for (Py_ssize_t i = 0; i < n; i++) {
         int error;
-        PyObject *entry = cache_get_item(self, PyList_GET_ITEM(keys, i), &error);
+        PyObject *entry = cache_get_item(self, PyTuple_GET_ITEM(keys, i), &error);
         if (error) {
             found_release(found);
             return NULL;
         }
         if (!entry) (*missing)++;
-        PyList_SET_ITEM(found, i, Py_XNewRef(entry));  /* NULL marks a miss until filled */
+        PyList_SET_ITEM(found, i, entry);  /* NULL marks a miss until filled */
     }
     return found;
 }
@@ -482,61 +533,78 @@ static int unchanged(PyObject *list, Py_ssize_t size) {
     return -1;
 }
 
+/* compute's result as a tuple of `size` entries (our own: compute may keep and change its list). */
+static PyObject *computed_entries(PyObject *computed, Py_ssize_t size) {
+    PyObject *sequence = PySequence_Fast(computed, "compute must return a sequence");
+    if (!sequence) return NULL;
+    PyObject *entries = PySequence_Tuple(sequence);
+    Py_DECREF(sequence);
+    if (entries && PyTuple_GET_SIZE(entries) != size) {
+        PyErr_SetString(PyExc_ValueError, "compute returned a different number of entries");
+        Py_CLEAR(entries);
+    }
+    return entries;
+}
+
 /* Twin of converters.cached_by_key: the entry of each value by its key; keys not cached are
- * computed once each, by compute(values, keys), from the first value holding them. */
+ * computed once each, by compute(values, keys), from the first value holding them.
+ * NOTE: the lists are read through tuples of our own: compute, an entry's nbytes, or a finalizer
+ * run by a collection may change the caller's lists and the lists compute got. */
 static PyObject *cache_lookup(CacheObject *self, PyObject *args) {
-    PyObject *values, *keys, *compute;
-    if (!PyArg_ParseTuple(args, "O!O!O", &PyList_Type, &values, &PyList_Type, &keys, &compute)) return NULL;
-    Py_ssize_t n = PyList_GET_SIZE(keys);
-    if (PyList_GET_SIZE(values) != n) {
+    PyObject *value_list, *key_list, *compute;
+    if (!PyArg_ParseTuple(args, "O!O!O", &PyList_Type, &value_list, &PyList_Type, &key_list, &compute)) return NULL;
+    if (PyList_GET_SIZE(value_list) != PyList_GET_SIZE(key_list)) {
         PyErr_SetString(PyExc_ValueError, "values and keys differ in length");
         return NULL;
     }
-    Py_ssize_t missing;
-    PyObject *found = found_entries(self, keys, &missing);
-    if (!found) return NULL;
-    if (!missing) return found_done(found);
-    PyObject *todo = NULL, *computed = NULL, *todo_values = NULL, *todo_keys = NULL;
+    PyObject *found = NULL, *todo = NULL, *computed = NULL, *todo_values = NULL, *todo_keys = NULL,
+             *distinct_keys = NULL, *values = own_items(value_list), *keys = own_items(key_list);
+    Py_ssize_t missing, n = keys ? PyTuple_GET_SIZE(keys) : 0;
+    if (!values || !keys || !(found = found_entries(self, keys, &missing))) goto fail;
+    if (!missing) goto done;
     todo = PyDict_New();
     if (!todo) goto fail;
     for (Py_ssize_t i = 0; i < n; i++) {
         if (PyList_GET_ITEM(found, i)) continue;
-        if (PyDict_SetDefault(todo, PyList_GET_ITEM(keys, i), PyList_GET_ITEM(values, i)) == NULL) goto fail;
+        if (PyDict_SetDefault(todo, PyTuple_GET_ITEM(keys, i), PyTuple_GET_ITEM(values, i)) == NULL) goto fail;
     }
     todo_keys = PyDict_Keys(todo);
     todo_values = PyDict_Values(todo);
-    if (!todo_keys || !todo_values) goto fail;
-    Py_ssize_t distinct = PyList_GET_SIZE(todo_keys);
+    distinct_keys = todo_keys ? own_items(todo_keys) : NULL;
+    if (!todo_values || !distinct_keys) goto fail;
+    Py_ssize_t distinct = PyTuple_GET_SIZE(distinct_keys);
     computed = PyObject_CallFunctionObjArgs(compute, todo_values, todo_keys, NULL);
-    if (!computed || unchanged(todo_keys, distinct) < 0 || unchanged(keys, n) < 0) goto fail;
-    PyObject *sequence = PySequence_Fast(computed, "compute must return a sequence");
-    if (!sequence) goto fail;
-    Py_SETREF(computed, sequence);
-    if (PySequence_Fast_GET_SIZE(computed) != PyList_GET_SIZE(todo_keys)) {
-        PyErr_SetString(PyExc_ValueError, "compute returned a different number of entries");
-        goto fail;
-    }
+    if (!computed || unchanged(todo_keys, distinct) < 0) goto fail;
+    Py_SETREF(computed, computed_entries(computed, distinct));
+    if (!computed) goto fail;
     PyDict_Clear(todo);  /* now key -> computed entry */
-    for (Py_ssize_t j = 0; j < PyList_GET_SIZE(todo_keys); j++) {
-        PyObject *key = PyList_GET_ITEM(todo_keys, j), *entry = PySequence_Fast_GET_ITEM(computed, j);
+    for (Py_ssize_t j = 0; j < distinct; j++) {
+        PyObject *key = PyTuple_GET_ITEM(distinct_keys, j), *entry = PyTuple_GET_ITEM(computed, j);
         if (PyDict_SetItem(todo, key, entry) < 0 || cache_put_item(self, key, entry) < 0) goto fail;
     }
     for (Py_ssize_t i = 0; i < n; i++) {
         if (PyList_GET_ITEM(found, i)) continue;
-        PyObject *entry = PyDict_GetItemWithError(todo, PyList_GET_ITEM(keys, i));
+        PyObject *entry = PyDict_GetItemWithError(todo, PyTuple_GET_ITEM(keys, i));
         if (!entry) { if (!PyErr_Occurred()) PyErr_SetString(PyExc_KeyError, "entry lost"); goto fail; }
         PyList_SET_ITEM(found, i, Py_NewRef(entry));
     }
-    Py_DECREF(todo);
-    Py_DECREF(todo_keys);
-    Py_DECREF(todo_values);
-    Py_DECREF(computed);
-    return found_done(found);
-fail:
-    found_release(found);
+done:
+    Py_DECREF(values);
+    Py_DECREF(keys);
     Py_XDECREF(todo);
     Py_XDECREF(todo_keys);
     Py_XDECREF(todo_values);
+    Py_XDECREF(distinct_keys);
+    Py_XDECREF(computed);
+    return found_done(found);
+fail:
+    if (found) found_release(found);
+    Py_XDECREF(values);
+    Py_XDECREF(keys);
+    Py_XDECREF(todo);
+    Py_XDECREF(todo_keys);
+    Py_XDECREF(todo_values);
+    Py_XDECREF(distinct_keys);
     Py_XDECREF(computed);
     return NULL;
 }
@@ -544,41 +612,44 @@ fail:
 /* Twin of converters.ValueCache.lookup_distinct: lookup for keys given once each (a field's
  * distinct values), so misses need no grouping by key: compute(missing keys) gives their entries. */
 static PyObject *cache_lookup_distinct(CacheObject *self, PyObject *args) {
-    PyObject *keys, *compute;
-    if (!PyArg_ParseTuple(args, "O!O", &PyList_Type, &keys, &compute)) return NULL;
-    Py_ssize_t n = PyList_GET_SIZE(keys), missing;
-    PyObject *found = found_entries(self, keys, &missing), *todo = NULL, *computed = NULL;
-    Py_ssize_t *misses = NULL;
-    if (!found) return NULL;
-    if (!missing) return found_done(found);
+    PyObject *key_list, *compute;
+    if (!PyArg_ParseTuple(args, "O!O", &PyList_Type, &key_list, &compute)) return NULL;
+    PyObject *keys = own_items(key_list), *found = NULL, *todo = NULL, *missed = NULL, *computed = NULL;
+    Py_ssize_t *misses = NULL, missing = 0;
+    if (!keys || !(found = found_entries(self, keys, &missing))) goto fail;
+    if (!missing) goto done;
+    Py_ssize_t n = PyTuple_GET_SIZE(keys);
     todo = PyList_New(missing);
     misses = PyMem_Malloc(missing * sizeof *misses);
     if (!todo || !misses) { if (!misses) PyErr_NoMemory(); goto fail; }
     for (Py_ssize_t i = 0, j = 0; i < n; i++) {
         if (PyList_GET_ITEM(found, i)) continue;
         misses[j] = i;
-        PyList_SET_ITEM(todo, j++, Py_NewRef(PyList_GET_ITEM(keys, i)));
+        PyList_SET_ITEM(todo, j++, Py_NewRef(PyTuple_GET_ITEM(keys, i)));
     }
+    missed = own_items(todo);  /* compute may keep and change todo */
+    if (!missed) goto fail;
     computed = PyObject_CallOneArg(compute, todo);
     if (!computed || unchanged(todo, missing) < 0) goto fail;
-    Py_SETREF(computed, PySequence_Fast(computed, "compute must return a sequence"));
+    Py_SETREF(computed, computed_entries(computed, missing));
     if (!computed) goto fail;
-    if (PySequence_Fast_GET_SIZE(computed) != missing) {
-        PyErr_SetString(PyExc_ValueError, "compute returned a different number of entries");
-        goto fail;
-    }
     for (Py_ssize_t j = 0; j < missing; j++) {
-        PyObject *entry = PySequence_Fast_GET_ITEM(computed, j);
-        if (cache_put_item(self, PyList_GET_ITEM(todo, j), entry) < 0) goto fail;
+        PyObject *entry = PyTuple_GET_ITEM(computed, j);
+        if (cache_put_item(self, PyTuple_GET_ITEM(missed, j), entry) < 0) goto fail;
         PyList_SET_ITEM(found, misses[j], Py_NewRef(entry));
     }
-    Py_DECREF(todo);
-    Py_DECREF(computed);
+done:
+    Py_DECREF(keys);
+    Py_XDECREF(todo);
+    Py_XDECREF(missed);
+    Py_XDECREF(computed);
     PyMem_Free(misses);
     return found_done(found);
 fail:
-    found_release(found);
+    if (found) found_release(found);
+    Py_XDECREF(keys);
     Py_XDECREF(todo);
+    Py_XDECREF(missed);
     Py_XDECREF(computed);
     PyMem_Free(misses);
     return NULL;
@@ -642,6 +713,19 @@ static PyTypeObject CacheType = {
 
 /* ------------------------------------------------------------------ counted keys -> Features */
 
+/* values as the producers take them: exact str or None (the record normalizer makes them so). */
+static int check_values(PyObject *values) {
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(values); i++) {
+        PyObject *value = PyTuple_GET_ITEM(values, i);
+        if (value != Py_None && !PyUnicode_CheckExact(value)) {
+            PyErr_Format(PyExc_TypeError, "values must be str or None (not a subclass); got %.100s",
+                         Py_TYPE(value)->tp_name);
+            return -1;
+        }
+    }
+    return 0;
+}
+
 /* Weights as batch.term_weights(counts, weighting) * float32(weight): binary and tf here
  * (exact float32 products), log_tf through the Python weigher (numpy's float32 log). */
 enum { WEIGH_BINARY = 0, WEIGH_TF = 1, WEIGH_OTHER = 2 };
@@ -678,10 +762,10 @@ static int counted_add(Counted *c, int64_t key, float count) {
     return bytes_add(&c->counts, &count, 4);
 }
 
-/* Features per value, from counted keys; values[i] is named by entry i. */
+/* Features per value, from counted keys; values[i] is named by entry i (values: a tuple). */
 static PyObject *counted_to_features(Counted *c, PyObject *values, PyObject *converter, int weighting,
                                      double weight, PyObject *weigher) {
-    Py_ssize_t total = c->keys.len / 8, n = PyList_GET_SIZE(values);
+    Py_ssize_t total = c->keys.len / 8, n = PyTuple_GET_SIZE(values);
     if (c->bounds.len != (n + 1) * (Py_ssize_t)sizeof(Py_ssize_t)) {
         PyErr_SetString(PyExc_ValueError, "need one value per text list or structure");
         return NULL;
@@ -711,7 +795,7 @@ static PyObject *counted_to_features(Counted *c, PyObject *values, PyObject *con
     if (!out) goto done;
     for (Py_ssize_t i = 0; i < n; i++) {
         Py_ssize_t a = bounds[i], b = bounds[i + 1];
-        FeaturesObject *f = features_new(b - a, converter, PyList_GET_ITEM(values, i));
+        FeaturesObject *f = features_new(b - a, converter, PyTuple_GET_ITEM(values, i));
         if (!f) { Py_CLEAR(out); goto done; }
         if (b > a) memcpy(FEATURES_KEYS(f), keys + a, (b - a) * 8);
         float *w = FEATURES_WEIGHTS(f);
@@ -842,15 +926,18 @@ static PyObject *text_features(PyObject *module, PyObject *args) {
     Counted counted;
     Counter counter;
     PyObject *result = NULL;
-    if (counting_take(&counted, &counter, seed) < 0) goto done;
-    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(texts); i++) {
-        PyObject *iterator = PyObject_GetIter(PyList_GET_ITEM(texts, i));
+    /* our own: the texts' iterators and the weigher run Python code */
+    values = own_items(values);
+    texts = values ? own_items(texts) : NULL;
+    if (counting_take(&counted, &counter, seed) < 0 || !texts) goto done;
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(texts); i++) {
+        PyObject *iterator = PyObject_GetIter(PyTuple_GET_ITEM(texts, i));
         if (!iterator) goto done;
         counter_reset(&counter);
         PyObject *text;
         while ((text = PyIter_Next(iterator))) {
-            int ok = PyUnicode_Check(text) ? 0 : -1;
-            if (ok < 0) PyErr_SetString(PyExc_TypeError, "feature texts must be str");
+            int ok = PyUnicode_CheckExact(text) ? 0 : -1;
+            if (ok < 0) PyErr_SetString(PyExc_TypeError, "feature texts must be str (not a subclass)");
             Py_ssize_t start = counter.arena.len;
             if (ok == 0) ok = utf8_add_str(&counter.arena, text);
             if (ok == 0) ok = counter_commit(&counter, start);
@@ -864,6 +951,8 @@ static PyObject *text_features(PyObject *module, PyObject *args) {
 done:
     counted_free(&counted);
     counter_free(&counter);
+    Py_XDECREF(values);
+    Py_XDECREF(texts);
     return result;
 }
 
@@ -970,20 +1059,20 @@ static PyObject *ngram_encode(PyObject *module, PyObject *args) {
     Py_ssize_t max_bytes;
     if (!PyArg_ParseTuple(args, "O!pppn", &PyList_Type, &values, &decode, &lowercase, &shape, &max_bytes))
         return NULL;
-    Py_ssize_t n = PyList_GET_SIZE(values);
+    values = own_items(values);  /* str.lower() and allocations run Python code (a collection's finalizers) */
+    if (!values) return NULL;
+    if (check_values(values) < 0) { Py_DECREF(values); return NULL; }
+    Py_ssize_t n = PyTuple_GET_SIZE(values);
     PyObject *out = PyList_New(n);
-    if (!out) return NULL;
+    if (!out) { Py_DECREF(values); return NULL; }
     Text text, spare, shaped;
     Bytes scratch, encoded;
     text_take(&text); text_take(&spare); text_take(&shaped); bytes_take(&scratch); bytes_take(&encoded);
     for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *value = PyList_GET_ITEM(values, i);
+        PyObject *value = PyTuple_GET_ITEM(values, i);
         PyObject *item;
         if (value == Py_None) {
             item = PyBytes_FromStringAndSize("\x02\x00\x03", 3);
-        } else if (!PyUnicode_Check(value)) {
-            PyErr_SetString(PyExc_TypeError, "values must be str or None");
-            goto fail;
         } else {
             if (text_from_str(&text, value) < 0) goto fail;
             if (decode && percent_decode(&text, 3, &spare, &scratch) < 0) goto fail;
@@ -1020,9 +1109,11 @@ static PyObject *ngram_encode(PyObject *module, PyObject *args) {
         PyList_SET_ITEM(out, i, item);
     }
     text_free(&text); text_free(&spare); text_free(&shaped); bytes_free(&scratch); bytes_free(&encoded);
+    Py_DECREF(values);
     return out;
 fail:
     text_free(&text); text_free(&spare); text_free(&shaped); bytes_free(&scratch); bytes_free(&encoded);
+    Py_DECREF(values);
     Py_DECREF(out);
     return NULL;
 }
@@ -1086,10 +1177,11 @@ static PyObject *ngram_features(PyObject *module, PyObject *args) {
     Bytes windows;
     bytes_take(&windows);
     PyObject *result = NULL;
-    if (counted_bound(&counted) < 0) goto done;
+    values = own_items(values);  /* the weigher runs Python code */
+    if (!values || counted_bound(&counted) < 0) goto done;
     for (Py_ssize_t i = 0; i < PyList_GET_SIZE(encoded); i++) {
         PyObject *item = PyList_GET_ITEM(encoded, i);
-        if (!PyBytes_Check(item)) { PyErr_SetString(PyExc_TypeError, "encodings must be bytes"); goto done; }
+        if (!PyBytes_CheckExact(item)) { PyErr_SetString(PyExc_TypeError, "encodings must be bytes"); goto done; }
         const unsigned char *p = (const unsigned char *)PyBytes_AS_STRING(item);
         Py_ssize_t length = PyBytes_GET_SIZE(item);
         windows.len = 0;
@@ -1126,6 +1218,7 @@ static PyObject *ngram_features(PyObject *module, PyObject *args) {
 done:
     counted_free(&counted);
     bytes_free(&windows);
+    Py_XDECREF(values);
     return result;
 }
 
@@ -1332,18 +1425,18 @@ static PyObject *url_structures(PyObject *module, PyObject *args) {
     if (!PyArg_ParseTuple(args, "O!piO!O!", &PyList_Type, &values, &full, &rounds, &PyFrozenSet_Type, &enumerated,
                           &PyFrozenSet_Type, &enumerated_templates))
         return NULL;
-    Py_ssize_t n = PyList_GET_SIZE(values);
+    values = own_items(values);  /* the sets' __eq__ and allocations may run Python code */
+    if (!values) return NULL;
+    if (check_values(values) < 0) { Py_DECREF(values); return NULL; }
+    Py_ssize_t n = PyTuple_GET_SIZE(values);
     PyObject *out = PyList_New(n);
-    if (!out) return NULL;
+    if (!out) { Py_DECREF(values); return NULL; }
     UrlWork work;
     url_work_take(&work);
     for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *value = PyList_GET_ITEM(values, i), *item;
+        PyObject *value = PyTuple_GET_ITEM(values, i), *item;
         if (value == Py_None) {
             item = Py_NewRef(Py_None);
-        } else if (!PyUnicode_Check(value)) {
-            PyErr_SetString(PyExc_TypeError, "values must be str or None");
-            goto fail;
         } else {
             if (url_structure(value, full, rounds, enumerated, enumerated_templates, &work) < 0) goto fail;
             item = PyBytes_FromStringAndSize(work.key.data, work.key.len);
@@ -1352,9 +1445,11 @@ static PyObject *url_structures(PyObject *module, PyObject *args) {
         PyList_SET_ITEM(out, i, item);
     }
     url_work_free(&work);
+    Py_DECREF(values);
     return out;
 fail:
     url_work_free(&work);
+    Py_DECREF(values);
     Py_DECREF(out);
     return NULL;
 }
@@ -1501,14 +1596,15 @@ static PyObject *url_features(PyObject *module, PyObject *args) {
     Span *names = NULL;
     Py_ssize_t names_cap = 0;
     PyObject *result = NULL;
-    if (counting_take(&counted, &counter, seed) < 0) goto done;
+    values = own_items(values);  /* the weigher runs Python code */
+    if (counting_take(&counted, &counter, seed) < 0 || !values) goto done;
     for (Py_ssize_t i = 0; i < PyList_GET_SIZE(structures); i++) {
         PyObject *structure = PyList_GET_ITEM(structures, i);
         counter_reset(&counter);
         if (structure == Py_None) {
             Py_ssize_t start = counter.arena.len;
             if (bytes_str(&counter.arena, "(missing)") < 0 || counter_commit(&counter, start) < 0) goto done;
-        } else if (!PyBytes_Check(structure)) {
+        } else if (!PyBytes_CheckExact(structure)) {
             PyErr_SetString(PyExc_TypeError, "structures must be bytes or None");
             goto done;
         } else if (url_key_features(PyBytes_AS_STRING(structure), PyBytes_GET_SIZE(structure), full, &counter, &slot,
@@ -1523,6 +1619,7 @@ done:
     counter_free(&counter);
     bytes_free(&slot);
     PyMem_Free(names);
+    Py_XDECREF(values);
     return result;
 }
 
@@ -1535,20 +1632,23 @@ static PyObject *magnitude_labels[1100];  /* "magnitude {e}", made once each */
 static PyObject *numeric_labels(PyObject *module, PyObject *args) {
     PyObject *values, *missing;
     if (!PyArg_ParseTuple(args, "O!U", &PyList_Type, &values, &missing)) return NULL;
-    Py_ssize_t n = PyList_GET_SIZE(values);
+    if (!PyUnicode_CheckExact(missing)) {
+        PyErr_SetString(PyExc_TypeError, "the missing label must be str (not a subclass)");
+        return NULL;
+    }
+    values = own_items(values);
+    if (!values) return NULL;
+    Py_ssize_t n = PyTuple_GET_SIZE(values);
     PyObject *ids = new_bytearray(n * 8), *column = new_bytearray(n * 8);
     PyObject *index = PyDict_New(), *labels = PyList_New(0);
-    if (!ids || !column || !index || !labels) goto fail;
+    if (!ids || !column || !index || !labels || check_values(values) < 0) goto fail;
     int64_t *id = (int64_t *)PyByteArray_AS_STRING(ids);
     double *out = (double *)PyByteArray_AS_STRING(column);
     for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *value = PyList_GET_ITEM(values, i), *label;
+        PyObject *value = PyTuple_GET_ITEM(values, i), *label;
         double number = 0.0;
         if (value == Py_None) {
             label = Py_NewRef(missing);
-        } else if (!PyUnicode_Check(value)) {
-            PyErr_SetString(PyExc_TypeError, "values must be str or None");
-            goto fail;
         } else {
             int finite = 0;
             PyObject *parsed = NULL;
@@ -1583,21 +1683,24 @@ static PyObject *numeric_labels(PyObject *module, PyObject *args) {
         }
         if (!label) goto fail;
         PyObject *known = PyDict_GetItemWithError(index, label);
-        if (!known) {
+        if (known) {
+            id[i] = PyLong_AsLongLong(known);
+        } else {
             if (PyErr_Occurred()) { Py_DECREF(label); goto fail; }
-            PyObject *next = PyLong_FromSsize_t(PyList_GET_SIZE(labels));
+            id[i] = PyList_GET_SIZE(labels);
+            PyObject *next = PyLong_FromSsize_t(id[i]);
             int ok = next && PyDict_SetItem(index, label, next) == 0 && PyList_Append(labels, label) == 0;
             Py_XDECREF(next);
             if (!ok) { Py_DECREF(label); goto fail; }
-            known = PyDict_GetItem(index, label);
         }
-        id[i] = PyLong_AsLongLong(known);
         out[i] = number;
         Py_DECREF(label);
     }
     Py_DECREF(index);
+    Py_DECREF(values);
     return Py_BuildValue("NNN", ids, labels, column);
 fail:
+    Py_DECREF(values);
     Py_XDECREF(ids);
     Py_XDECREF(column);
     Py_XDECREF(index);
@@ -1610,28 +1713,35 @@ fail:
 /* distinct(column): (ids int64 bytearray, distinct values in first-seen order). */
 static PyObject *distinct(PyObject *module, PyObject *column) {
     if (!PyList_Check(column)) { PyErr_SetString(PyExc_TypeError, "column must be a list"); return NULL; }
-    column = PyList_GetSlice(column, 0, PY_SSIZE_T_MAX);  /* our own: __eq__ may change the caller's */
+    column = own_items(column);  /* allocations may run Python code that changes the caller's */
     if (!column) return NULL;
-    Py_ssize_t n = PyList_GET_SIZE(column);
+    Py_ssize_t n = PyTuple_GET_SIZE(column);
     PyObject *ids = new_bytearray(n * 8), *index = PyDict_New(), *values = PyList_New(0);
     if (!ids || !index || !values) goto fail;
     int64_t *id = (int64_t *)PyByteArray_AS_STRING(ids);
     PyObject *previous = NULL;
     int64_t previous_id = 0;
     for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *value = PyList_GET_ITEM(column, i);
+        PyObject *value = PyTuple_GET_ITEM(column, i);
         if (value == previous) { id[i] = previous_id; continue; }  /* the same object again */
+        if (value != Py_None && !PyUnicode_CheckExact(value)) {  /* no __hash__ or __eq__ of a caller runs */
+            PyErr_Format(PyExc_TypeError, "column values must be str or None (not a subclass); got %.100s",
+                         Py_TYPE(value)->tp_name);
+            goto fail;
+        }
         PyObject *known = PyDict_GetItemWithError(index, value);
-        if (!known) {
+        if (known) {
+            id[i] = PyLong_AsLongLong(known);
+        } else {
             if (PyErr_Occurred()) goto fail;
-            PyObject *next = PyLong_FromSsize_t(PyList_GET_SIZE(values));
+            id[i] = PyList_GET_SIZE(values);
+            PyObject *next = PyLong_FromSsize_t(id[i]);
             int ok = next && PyDict_SetItem(index, value, next) == 0 && PyList_Append(values, value) == 0;
             Py_XDECREF(next);
             if (!ok) goto fail;
-            known = PyDict_GetItem(index, value);
         }
         previous = value;
-        previous_id = id[i] = PyLong_AsLongLong(known);
+        previous_id = id[i];
     }
     Py_DECREF(index);
     Py_DECREF(column);
@@ -1772,7 +1882,7 @@ static PyObject *access_columns(PyObject *module, PyObject *args) {
     if (!PyArg_ParseTuple(args, "O!O!pnnOO|n", &PyList_Type, &records, &PyTuple_Type, &wanted, &fast, &limit,
                           &max_line, &normalize_one, &to_text, &cut_columns))
         return NULL;
-    Py_ssize_t n = PyList_GET_SIZE(records), fields = PyTuple_GET_SIZE(wanted);
+    Py_ssize_t n, fields = PyTuple_GET_SIZE(wanted);
     if (cut_columns < 0 || cut_columns > fields) cut_columns = fields;
     int codes[64];
     Py_ssize_t same[64];  /* an uncut column's earlier column of the same field, or -1 */
@@ -1785,8 +1895,9 @@ static PyObject *access_columns(PyObject *module, PyObject *args) {
         for (Py_ssize_t e = 0; e < f && f >= cut_columns && same[f] < 0; e++)
             if (PyUnicode_Compare(name, PyTuple_GET_ITEM(wanted, e)) == 0) same[f] = e;
     }
-    records = PyList_GetSlice(records, 0, n);  /* our own: normalize_one and to_text may change the caller's */
+    records = own_items(records);  /* normalize_one and to_text may change the caller's */
     if (!records) return NULL;
+    n = PyTuple_GET_SIZE(records);
     PyObject *columns = PyList_New(fields), *parsed = PyList_New(n), *truncated = PyList_New(n);
     if (!columns || !parsed || !truncated) goto fail;
     for (Py_ssize_t f = 0; f < fields; f++) {
@@ -1796,7 +1907,7 @@ static PyObject *access_columns(PyObject *module, PyObject *args) {
         PyList_SET_ITEM(columns, f, column);
     }
     for (Py_ssize_t r = 0; r < n; r++) {
-        PyObject *record = PyList_GET_ITEM(records, r);
+        PyObject *record = PyTuple_GET_ITEM(records, r);
         Py_ssize_t span[GROUPS][2];
         int ok = 1, cut = 0;
         if (fast && PyUnicode_CheckExact(record) && PyUnicode_IS_ASCII(record) &&
@@ -1819,7 +1930,7 @@ static PyObject *access_columns(PyObject *module, PyObject *args) {
                 goto fail;
             }
             ok = PyObject_IsTrue(flag);
-            cut = PyObject_IsTrue(line_cut);
+            cut = ok < 0 ? -1 : PyObject_IsTrue(line_cut);
             if (cut < 0) { Py_DECREF(result); goto fail; }
             for (Py_ssize_t f = 0; f < fields && ok >= 0; f++) {
                 if (same[f] >= 0) continue;
@@ -1828,11 +1939,11 @@ static PyObject *access_columns(PyObject *module, PyObject *args) {
                     if (PyErr_Occurred()) { Py_DECREF(result); goto fail; }
                     continue;
                 }
-                if (value != Py_None && !PyUnicode_CheckExact(value)) value = PyObject_CallOneArg(to_text, value);
-                else Py_INCREF(value);
+                Py_INCREF(value);  /* to_text may change the map that holds it */
+                if (value != Py_None && !PyUnicode_CheckExact(value)) Py_SETREF(value, PyObject_CallOneArg(to_text, value));
                 if (!value) { Py_DECREF(result); goto fail; }
-                if (value != Py_None && !PyUnicode_Check(value)) {
-                    PyErr_SetString(PyExc_TypeError, "to_text must return str");
+                if (value != Py_None && !PyUnicode_CheckExact(value)) {
+                    PyErr_SetString(PyExc_TypeError, "to_text must return str (not a subclass)");
                     Py_DECREF(value);
                     Py_DECREF(result);
                     goto fail;
@@ -1919,7 +2030,7 @@ static inline Py_ALWAYS_INLINE Py_ssize_t url_template_of(int kind, const void *
 
 /* The key of one value ("" when it says nothing), as windows.KeyNamer._name gives it. */
 static PyObject *window_key(PyObject *value, int code, PyObject *prefix, PyObject *name) {
-    if (!PyUnicode_Check(value) || code == NAME_BY_CALL) return PyObject_CallOneArg(name, value);
+    if (!PyUnicode_CheckExact(value) || code == NAME_BY_CALL) return PyObject_CallOneArg(name, value);
     Py_UCS4 text[MAX_TEMPLATE_CHARS + 8];
     Py_ssize_t size = 0;
     if (code == NAME_STATUS_CLASS) {
@@ -1971,9 +2082,9 @@ static PyObject *key_counts(PyObject *module, PyObject *args) {
     if (!PyArg_ParseTuple(args, "O!iUO!nO", &PyList_Type, &column, &code, &prefix, &PyDict_Type, &cache,
                           &max_cache, &name))
         return NULL;
-    column = PyList_GetSlice(column, 0, PY_SSIZE_T_MAX);  /* our own: name() may change the caller's */
+    column = own_items(column);  /* name() may change the caller's */
     if (!column) return NULL;
-    Py_ssize_t n = PyList_GET_SIZE(column), found = 0, at = -1, size = 8;
+    Py_ssize_t n = PyTuple_GET_SIZE(column), found = 0, at = -1, size = 8;
     while (size < 2 * n) size <<= 1;
     /* This call's distinct values: an open-addressing table (the column holds the values). */
     ValueSlot *slots = PyMem_Calloc(size, sizeof(ValueSlot));
@@ -1982,7 +2093,7 @@ static PyObject *key_counts(PyObject *module, PyObject *args) {
     if (!counts || !keys || !slots || !tally) { if (!PyErr_Occurred()) PyErr_NoMemory(); goto fail; }
     PyObject *previous = NULL;  /* the last value */
     for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *value = PyList_GET_ITEM(column, i);
+        PyObject *value = PyTuple_GET_ITEM(column, i);
         if (value == Py_None) continue;
         if (value != previous) {
             Py_hash_t hash = PyObject_Hash(value);
@@ -2072,32 +2183,48 @@ static PyObject *assemble(PyObject *module, PyObject *args) {
     if (!PyArg_ParseTuple(args, "O!O!O!np", &PyList_Type, &held, &PyList_Type, &offset_list, &PyList_Type, &entries,
                           &size, &with_origins))
         return NULL;
-    Py_ssize_t converters = PyList_GET_SIZE(held), count = PyList_GET_SIZE(entries);
-    if (PyList_GET_SIZE(offset_list) != converters) {
+    if (PyList_GET_SIZE(offset_list) != PyList_GET_SIZE(held)) {
         PyErr_SetString(PyExc_ValueError, "offsets: one per held buffer");
         return NULL;
     }
-    for (Py_ssize_t e = 0; e < count; e++)
-        if (Py_TYPE(PyList_GET_ITEM(entries, e)) != &FeaturesType) {
-            PyErr_SetString(PyExc_TypeError, "assemble needs compiled Features entries");
-            return NULL;
-        }
+    /* Our own tuples, checked after the offsets are read (an offset's __index__ runs Python code) */
+    offset_list = own_items(offset_list);
+    if (!offset_list) return NULL;
+    Py_ssize_t converters = PyTuple_GET_SIZE(offset_list);
     Py_buffer *views = PyMem_Calloc(converters ? converters : 1, sizeof(Py_buffer));
     int64_t *offsets = PyMem_Calloc(converters ? converters : 1, sizeof(int64_t));
-    if (!views || !offsets) { PyMem_Free(views); PyMem_Free(offsets); return PyErr_NoMemory(); }
+    if (!views || !offsets) { PyMem_Free(views); PyMem_Free(offsets); Py_DECREF(offset_list); return PyErr_NoMemory(); }
     for (Py_ssize_t c = 0; c < converters; c++) {
-        offsets[c] = PyLong_AsLongLong(PyList_GET_ITEM(offset_list, c));
-        if ((offsets[c] == -1 && PyErr_Occurred()) || offsets[c] < 0 || offsets[c] > count) {
-            if (!PyErr_Occurred()) PyErr_SetString(PyExc_IndexError, "offsets: out of range");
+        offsets[c] = PyLong_AsLongLong(PyTuple_GET_ITEM(offset_list, c));
+        if (offsets[c] == -1 && PyErr_Occurred()) {
             PyMem_Free(views);
             PyMem_Free(offsets);
+            Py_DECREF(offset_list);
             return NULL;
         }
     }
-    Py_ssize_t acquired = 0, total = 0;
+    Py_DECREF(offset_list);
+    held = own_items(held);
+    entries = held ? own_items(entries) : NULL;
+    if (!entries) { Py_XDECREF(held); PyMem_Free(views); PyMem_Free(offsets); return NULL; }
+    Py_ssize_t count = PyTuple_GET_SIZE(entries), acquired = 0, total = 0;
     PyObject *result = NULL, *rows = NULL, *keys = NULL, *weights = NULL, *origin = NULL, *position = NULL;
+    if (PyTuple_GET_SIZE(held) != converters) {
+        PyErr_SetString(PyExc_ValueError, "offsets: one per held buffer");
+        goto done;
+    }
+    for (Py_ssize_t c = 0; c < converters; c++)
+        if (offsets[c] < 0 || offsets[c] > count) {
+            PyErr_SetString(PyExc_IndexError, "offsets: out of range");
+            goto done;
+        }
+    for (Py_ssize_t e = 0; e < count; e++)
+        if (Py_TYPE(PyTuple_GET_ITEM(entries, e)) != &FeaturesType) {
+            PyErr_SetString(PyExc_TypeError, "assemble needs compiled Features entries");
+            goto done;
+        }
     for (; acquired < converters; acquired++) {
-        if (PyObject_GetBuffer(PyList_GET_ITEM(held, acquired), &views[acquired], PyBUF_C_CONTIGUOUS) < 0) goto done;
+        if (PyObject_GetBuffer(PyTuple_GET_ITEM(held, acquired), &views[acquired], PyBUF_C_CONTIGUOUS) < 0) goto done;
         if (views[acquired].len != size * 8) { PyErr_SetString(PyExc_ValueError, "held: one int64 per record"); acquired++; goto done; }
     }
     for (Py_ssize_t c = 0; c < converters; c++) {
@@ -2108,7 +2235,7 @@ static PyObject *assemble(PyObject *module, PyObject *args) {
                 PyErr_SetString(PyExc_IndexError, "held: entry out of range");
                 goto done;
             }
-            total += Py_SIZE(PyList_GET_ITEM(entries, id + offsets[c]));
+            total += Py_SIZE(PyTuple_GET_ITEM(entries, id + offsets[c]));
         }
     }
     rows = new_bytearray(total * 8); keys = new_bytearray(total * 8); weights = new_bytearray(total * 4);
@@ -2121,7 +2248,7 @@ static PyObject *assemble(PyObject *module, PyObject *args) {
     for (Py_ssize_t r = 0; r < size; r++) {
         for (Py_ssize_t c = 0; c < converters; c++) {
             int64_t entry = load_i64(views[c].buf, r) + offsets[c];
-            FeaturesObject *f = (FeaturesObject *)PyList_GET_ITEM(entries, entry);
+            FeaturesObject *f = (FeaturesObject *)PyTuple_GET_ITEM(entries, entry);
             Py_ssize_t m = Py_SIZE(f);
             memcpy(key_out + k, FEATURES_KEYS(f), m * 8);
             memcpy(weight_out + k, FEATURES_WEIGHTS(f), m * 4);
@@ -2139,6 +2266,8 @@ done:
     for (Py_ssize_t c = 0; c < acquired; c++) if (views[c].obj) PyBuffer_Release(&views[c]);
     PyMem_Free(views);
     PyMem_Free(offsets);
+    Py_DECREF(held);
+    Py_DECREF(entries);
     Py_XDECREF(rows); Py_XDECREF(keys); Py_XDECREF(weights); Py_XDECREF(origin); Py_XDECREF(position);
     return result;
 }
