@@ -665,3 +665,22 @@ def test_only_plain_str_reaches_the_compiled_featurizer():
                     lambda: compiled.text_features(["v"], [[Odd("t")]], 0, 1.0, 0, ref_of(KEEP))):
         with pytest.raises(TypeError, match="not a subclass"):
             refused()
+
+
+# Found by the coverage-guided differential fuzzer (/work/exp/s13-native in the s13 session).
+def test_the_compiled_cache_counts_the_bytes_of_non_ascii_keys_as_the_python_one():
+    compiled, reference = native._native.Cache(64, 1 << 20), ValueCache(64, 1 << 20)
+    entry = entries_of(1)[0]
+    for key in ("a", "é", "日本", "😀", b"x\xff", None):
+        compiled.put(key, entry)
+        reference.put(key, entry)
+        assert compiled.nbytes == reference.nbytes, key
+
+
+def test_empty_feature_texts_are_hashed_as_the_python_path_hashes_them():
+    """An empty text counted first hashed a null arena, and a URL's empty path was split at a null
+    pointer (undefined behaviour, clang's UBSan)."""
+    spec = {"format": "jsonl", "fields": [{"field": "f", "converters": [
+        {"kind": "categorical"}, {"kind": "sequence", "n": [1, 2], "separator": "/"}, {"kind": "url", "part": "query"},
+        {"kind": "url"}]}]}
+    assert_same_features(spec, [{"f": ""}, {"f": "/"}, {"f": "a"}, {"f": "?a=1"}])

@@ -37,11 +37,16 @@ typedef struct {
     Py_ssize_t len, cap;
 } Bytes;
 
+/* Where a buffer that holds no allocation points (cap 0): never NULL, so an empty text is read at a
+ * real address (NULL + 0, and memcmp or memmove of NULL, are undefined even for 0 bytes). */
+static int64_t no_bytes[2];
+#define NO_BYTES ((char *)no_bytes)
+
 static int bytes_reserve(Bytes *b, Py_ssize_t extra) {
     if (b->len + extra <= b->cap) return 0;
     Py_ssize_t cap = b->cap ? b->cap : 256;
     while (cap < b->len + extra) cap *= 2;
-    char *data = PyMem_Realloc(b->data, cap);
+    char *data = b->cap ? PyMem_Realloc(b->data, cap) : PyMem_Malloc(cap);
     if (!data) { PyErr_NoMemory(); return -1; }
     b->data = data;
     b->cap = cap;
@@ -78,14 +83,15 @@ static void bytes_take(Bytes *b) {
         pooled_bytes -= b->cap;
         pool[best] = pool[--pooled];
     } else {
-        b->data = NULL;
+        b->data = NO_BYTES;
         b->cap = 0;
     }
     b->len = 0;
 }
 
 static void bytes_free(Bytes *b) {
-    if (b->data && pooled < POOLED && pooled_bytes + b->cap <= POOLED_MAX_BYTES) {
+    if (b->cap == 0) {  /* NO_BYTES, or NULL: nothing allocated */
+    } else if (pooled < POOLED && pooled_bytes + b->cap <= POOLED_MAX_BYTES) {
         pool[pooled].data = b->data;
         pool[pooled].cap = b->cap;
         pooled_bytes += b->cap;
@@ -107,7 +113,7 @@ static int text_reserve(Text *t, Py_ssize_t n) {
     if (n <= t->cap) return 0;
     Py_ssize_t cap = t->cap ? t->cap : 128;
     while (cap < n) cap *= 2;
-    Py_UCS4 *data = PyMem_Realloc(t->data, cap * sizeof(Py_UCS4));
+    Py_UCS4 *data = t->cap ? PyMem_Realloc(t->data, cap * sizeof(Py_UCS4)) : PyMem_Malloc(cap * sizeof(Py_UCS4));
     if (!data) { PyErr_NoMemory(); return -1; }
     t->data = data;
     t->cap = cap;
@@ -375,8 +381,9 @@ typedef struct {
     Py_ssize_t half_entries, half_bytes, newer_bytes, older_bytes;
 } CacheObject;
 
+/* converters.key_bytes: 1 byte a character for ASCII, else 4 (whatever the str's kind). */
 static Py_ssize_t key_bytes(PyObject *key) {
-    if (PyUnicode_Check(key)) return 49 + PyUnicode_GET_LENGTH(key) * PyUnicode_KIND(key);
+    if (PyUnicode_Check(key)) return 49 + PyUnicode_GET_LENGTH(key) * (PyUnicode_IS_ASCII(key) ? 1 : 4);
     if (PyBytes_Check(key)) return 33 + PyBytes_GET_SIZE(key);
     return 64;
 }
