@@ -537,6 +537,37 @@ def test_a_set_member_whose_eq_shrinks_the_urls_changes_nothing():
     assert len(structures) == 64 and len(set(structures)) == 1
 
 
+def walk_lists():
+    """What a heap walker (a profiler, a leak finder) does: read every list the collector knows."""
+    import gc
+
+    for obj in gc.get_objects():
+        if type(obj) is list:
+            list(obj)
+
+
+def test_callbacks_that_walk_the_heap_find_no_half_made_list():
+    """The result lists are filled one slot at a time around callbacks: the collector must not
+    hand them, NULL slots and all, to Python code."""
+    def normalize_one(record):
+        walk_lists()
+        return {"message": record}, True, False
+
+    assert native._native.access_columns(["a", "b"], ("message",), False, 100, 100, normalize_one, str) == \
+        ([["a", "b"]], [True, True], [False, False])
+
+    class Template(str):
+        def __hash__(self):
+            return hash("/a")
+
+        def __eq__(self, other):
+            walk_lists()
+            return False
+
+    structures = native._native.url_structures(["/a?x=1"] * 3, True, 3, frozenset({"/a?x"}), frozenset({Template()}))
+    assert len(set(structures)) == 1
+
+
 def test_offsets_that_change_the_entries_are_refused():
     entries = entries_of(8)
 

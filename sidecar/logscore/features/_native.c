@@ -370,6 +370,20 @@ static PyObject *own_items(PyObject *list) {
     }
 }
 
+/* A new list of n NULL slots, hidden from the garbage collector until shown filled: Python code run
+ * meanwhile (callbacks, finalizers of garbage a collection finds) may walk the heap
+ * (gc.get_objects) and must not read its NULL slots. */
+static PyObject *hidden_list(Py_ssize_t n) {
+    PyObject *list = PyList_New(n);
+    if (list) PyObject_GC_UnTrack(list);
+    return list;
+}
+
+static PyObject *shown(PyObject *list) {
+    PyObject_GC_Track(list);
+    return list;
+}
+
 /* ------------------------------------------------------------------ Cache */
 
 /* Twin of converters.ValueCache: a value found in the older generation moves to the newer;
@@ -1070,7 +1084,7 @@ static PyObject *ngram_encode(PyObject *module, PyObject *args) {
     if (!values) return NULL;
     if (check_values(values) < 0) { Py_DECREF(values); return NULL; }
     Py_ssize_t n = PyTuple_GET_SIZE(values);
-    PyObject *out = PyList_New(n);
+    PyObject *out = hidden_list(n);
     if (!out) { Py_DECREF(values); return NULL; }
     Text text, spare, shaped;
     Bytes scratch, encoded;
@@ -1117,7 +1131,7 @@ static PyObject *ngram_encode(PyObject *module, PyObject *args) {
     }
     text_free(&text); text_free(&spare); text_free(&shaped); bytes_free(&scratch); bytes_free(&encoded);
     Py_DECREF(values);
-    return out;
+    return shown(out);
 fail:
     text_free(&text); text_free(&spare); text_free(&shaped); bytes_free(&scratch); bytes_free(&encoded);
     Py_DECREF(values);
@@ -1436,7 +1450,7 @@ static PyObject *url_structures(PyObject *module, PyObject *args) {
     if (!values) return NULL;
     if (check_values(values) < 0) { Py_DECREF(values); return NULL; }
     Py_ssize_t n = PyTuple_GET_SIZE(values);
-    PyObject *out = PyList_New(n);
+    PyObject *out = hidden_list(n);
     if (!out) { Py_DECREF(values); return NULL; }
     UrlWork work;
     url_work_take(&work);
@@ -1453,7 +1467,7 @@ static PyObject *url_structures(PyObject *module, PyObject *args) {
     }
     url_work_free(&work);
     Py_DECREF(values);
-    return out;
+    return shown(out);
 fail:
     url_work_free(&work);
     Py_DECREF(values);
@@ -1905,7 +1919,7 @@ static PyObject *access_columns(PyObject *module, PyObject *args) {
     records = own_items(records);  /* normalize_one and to_text may change the caller's */
     if (!records) return NULL;
     n = PyTuple_GET_SIZE(records);
-    PyObject *columns = PyList_New(fields), *parsed = PyList_New(n), *truncated = PyList_New(n);
+    PyObject *columns = hidden_list(fields), *parsed = hidden_list(n), *truncated = hidden_list(n);
     if (!columns || !parsed || !truncated) goto fail;
     for (Py_ssize_t f = 0; f < fields; f++) {
         PyObject *column = PyList_New(n);
@@ -1913,6 +1927,7 @@ static PyObject *access_columns(PyObject *module, PyObject *args) {
         for (Py_ssize_t r = 0; r < n; r++) PyList_SET_ITEM(column, r, Py_NewRef(Py_None));
         PyList_SET_ITEM(columns, f, column);
     }
+    shown(columns);
     for (Py_ssize_t r = 0; r < n; r++) {
         PyObject *record = PyTuple_GET_ITEM(records, r);
         Py_ssize_t span[GROUPS][2];
@@ -1976,7 +1991,7 @@ static PyObject *access_columns(PyObject *module, PyObject *args) {
         PyList_SET_ITEM(truncated, r, PyBool_FromLong(cut));
     }
     Py_DECREF(records);
-    return Py_BuildValue("NNN", columns, parsed, truncated);
+    return Py_BuildValue("NNN", columns, shown(parsed), shown(truncated));
 fail:
     Py_DECREF(records);
     if (parsed) for (Py_ssize_t r = 0; r < n; r++) if (!PyList_GET_ITEM(parsed, r)) PyList_SET_ITEM(parsed, r, Py_NewRef(Py_None));
