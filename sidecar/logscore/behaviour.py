@@ -244,7 +244,8 @@ class Behaviour:
         if now - self._late_said.get(model, -math.inf) >= LATE_LOG_INTERVAL_S:
             self._late_said[model] = now
             log.warning("records arriving long after their own time are scored, and left out of windows and "
-                        "clients (a backlog being caught up, or a replayed log): they are no burst of traffic",
+                        "clients (a backlog being caught up, a replayed log, or a sender whose clock is behind "
+                        "the others of its tag: set its clock right): they are no burst of traffic",
                         extra={"model": model, "records": len(times),
                                "delay_s": round(float(np.median(now - times)), 1)})
 
