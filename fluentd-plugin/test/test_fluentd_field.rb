@@ -227,17 +227,27 @@ class FluentdFieldTest < Test::Unit::TestCase
     end
   end
 
-  # A Sender connected once in_forward listens.
-  def sender_when_up(port)
+  # The block's value once a source listens: retried while the connection is refused, up to 30 s.
+  def when_up
     deadline = Time.now + 30
     begin
-      Sender.new(port)
+      yield
     rescue SystemCallError
       raise if Time.now > deadline
 
       sleep 0.2
       retry
     end
+  end
+
+  # A Sender connected once in_forward listens.
+  def sender_when_up(port)
+    when_up { Sender.new(port) }
+  end
+
+  # POSTs a JSON body to in_http once it listens; the answer.
+  def post_when_up(port, tag, body)
+    when_up { Net::HTTP.post(URI("http://127.0.0.1:#{port}/#{tag}"), body, 'Content-Type' => 'application/json') }
   end
 
   test 'in_http: a record with an integer msgpack cannot pack passes unscored; its request is not lost' do
@@ -261,35 +271,13 @@ class FluentdFieldTest < Test::Unit::TestCase
     body = '[' + AccessLines.normal(3).each_with_index.map do |line, i|
       JSON.generate({ 'message' => line, 'seq' => i }).sub(/}\z/, i == 1 ? ',"count":1180591620717411303424}' : '}')
     end.join(',') + ']'
-    answer = nil
-    deadline = Time.now + 30
-    until answer || Time.now > deadline
-      answer = begin
-        Net::HTTP.post(URI("http://127.0.0.1:#{port}/web.http"), body, 'Content-Type' => 'application/json')
-      rescue SystemCallError
-        sleep 0.2
-        nil
-      end
-    end
-    assert_equal '200', answer&.code, log_tail(@work, 'http')
+    answer = post_when_up(port, 'web.http', body)
+    assert_equal '200', answer.code, log_tail(@work, 'http')
     out = wait_for_records(File.join(@work, 'out'), 3, timeout: 30).sort_by { |r| r['seq'] }
     assert_equal [0, 1, 2], out.map { |r| r['seq'] }, log_tail(@work, 'http')
     assert_equal [false, true, false], out.map { |r| r.key?('anomaly_unscored') }
     assert(out.values_at(0, 2).all? { |r| r['anomaly_score'].is_a?(Float) })
     assert_not_match(/Traceback|emit transaction failed/, File.read(File.join(@work, 'http.log')))
-  end
-
-  # POSTs a JSON body to in_http once it listens; the answer.
-  def post_when_up(port, tag, body)
-    deadline = Time.now + 30
-    begin
-      Net::HTTP.post(URI("http://127.0.0.1:#{port}/#{tag}"), body, 'Content-Type' => 'application/json')
-    rescue SystemCallError
-      raise if Time.now > deadline
-
-      sleep 0.2
-      retry
-    end
   end
 
   test 'unscored for two reasons from many tags: one line each at once, then a summary; counted by reason' do
