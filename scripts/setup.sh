@@ -4,16 +4,19 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-sudo_if_needed() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
-
 missing=()
-python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
+# A fresh Debian 12 server has no python3: python3-venv brings it, python3-dev its headers.
+if command -v python3 >/dev/null; then
+  python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
+  python3 -c 'import os, sys, sysconfig; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
+    || missing+=(python3-dev)
+else
+  missing+=(python3-venv python3-dev)
+fi
 command -v openssl >/dev/null || missing+=(openssl)
-# The compiled featurizer (sidecar/logscore/features/_native.c) is built at install: gcc and
-# Python's headers. Without them logscore still installs and runs its pure-Python featurizer.
+# The compiled featurizer (sidecar/logscore/features/_native.c) is built at install: gcc and Python's
+# headers (python3-dev, above). Without them logscore still installs and runs its pure-Python featurizer.
 command -v gcc >/dev/null || missing+=(gcc)
-python3 -c 'import os, sys, sysconfig; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
-  || missing+=(python3-dev)
 if [ "${LOGSCORE_WITH_RUBY:-1}" = 1 ]; then
   # The Fluentd plugin's tests run on Debian's Ruby packages.
   for package in ruby ruby-grpc ruby-google-protobuf ruby-msgpack ruby-test-unit ruby-treetop \
@@ -34,6 +37,14 @@ if [ "${LOGSCORE_WITH_SHIPPERS:-0}" = 1 ]; then
                  ruby-console ruby-async ruby-async-http ruby-webrick libyaml-0-2 libssl3 libsqlite3-0; do
     dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")
   done
+fi
+# Installing packages needs root: run as root, or as a user with sudo (Debian installs sudo only
+# when the installer was given no root password).
+sudo_if_needed() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
+if [ ${#missing[@]} -gt 0 ] && [ "$(id -u)" -ne 0 ] && ! command -v sudo >/dev/null; then
+  echo "[setup] missing Debian packages, and installing them needs root (sudo is not installed): ${missing[*]}" >&2
+  echo "[setup] as root, run: apt-get install -y ${missing[*]}   then run this script again" >&2
+  exit 1
 fi
 if [ ${#missing[@]} -gt 0 ]; then
   echo "[setup] installing Debian packages: ${missing[*]}"

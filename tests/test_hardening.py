@@ -555,6 +555,27 @@ def test_setup_sh_does_not_reinstall_when_nothing_changed():
     assert again.returncode == 0 and "[setup] up to date" in again.stdout and again.stderr == ""
 
 
+
+def fresh_server_path(directory) -> str:
+    """A PATH like a fresh Debian 12 server's for a user without sudo: no python3, no sudo, no gcc, every
+    package missing (dpkg -s fails), id -u says 1000. Only the commands setup.sh uses before installing."""
+    directory.mkdir()
+    for name in ("bash", "dirname", "openssl"):
+        (directory / name).symlink_to(shutil.which(name))
+    for name, output, status in (("id", "1000", 0), ("dpkg", "", 1)):
+        (directory / name).write_text(f"#!{shutil.which('bash')}\necho {output}\nexit {status}\n")
+        (directory / name).chmod(0o755)
+    return str(directory)
+
+
+def test_setup_sh_on_a_fresh_server_without_sudo_says_what_to_install_as_root(tmp_path):
+    result = subprocess.run([shutil.which("bash"), "scripts/setup.sh"], cwd=ROOT, capture_output=True, text=True,
+                            env={"PATH": fresh_server_path(tmp_path / "bin"), "HOME": str(tmp_path)}, timeout=60)
+    assert result.returncode == 1 and result.stdout == ""
+    assert "command not found" not in result.stderr  # neither python3 nor sudo is run
+    assert "installing them needs root (sudo is not installed)" in result.stderr
+    assert "as root, run: apt-get install -y python3-venv python3-dev gcc ruby" in result.stderr
+
 # --- memory: the shipped limits hold under the worst input the limits allow ------------------------------
 
 DEPLOY = ROOT / "docs" / "deploy"
