@@ -213,7 +213,7 @@ def test_a_burst_is_one_window_event_on_grpc_http_and_forward_mode(behaviour_mod
         receiver.stop()
 
 
-@pytest.mark.parametrize("surface", ["grpc", "forward"])
+@pytest.mark.parametrize("surface", ["grpc", "forward", "http"])
 def test_a_backlog_arriving_at_once_is_no_burst_while_the_same_records_live_are(behaviour_model, tmp_path, surface):
     """A shipper catching up after an outage sends minutes of records at once, with their own times:
     they were counted on arrival, and every catch-up raised a burst event (a false alarm at the worst
@@ -235,6 +235,12 @@ def test_a_backlog_arriving_at_once_is_no_burst_while_the_same_records_live_are(
             answer = sidecar.stub().Score(pb.ScoreRequest(model="shop", event_stream=stream), timeout=10)
             assert len(answer.scores) == len(times)  # all scored
             return list(answer.entity_scores)
+        if surface == "http":  # as the shipped Logstash configs send it: the event's @timestamp
+            iso = [time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime(t)) for t in times]
+            status, answer = sidecar.http_post("/v1/score?model=shop",
+                                               [{"message": line, "@timestamp": t} for t, line in zip(iso, lines)])
+            assert status == 200 and len(answer["results"]) == len(times)
+            return [r.get("entity_score", math.nan) for r in answer["results"]]
         before = len(receiver.records)
         assert send_chunk(forward_port, ["shop", packed(entries), {"chunk": str(times[0])}]) == {"ack": str(times[0])}
         relayed = [r for tag, r in receiver.records[before:] if tag == "shop"]  # (events come as logscore.anomaly)

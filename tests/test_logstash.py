@@ -108,11 +108,13 @@ def test_config_structure_matches_the_sidecar_api(path):
     assert re.search(r"automatic_retries\s*=>\s*0", config["text"])
     # Conditionals read the flag where target_body puts it.
     assert "[logscore][is_anomaly]" in config["text"]
-    # Every field sent is one the model reads (directly, by alias, or as a raw line).
+    # Every field sent is one the model reads (directly, by alias, or as a raw line), and the
+    # event's own time (a backlog is then no burst in the sidecar's windows).
     log_format = MODEL_FORMATS[query["model"]]
     wanted = {f["field"] for f in DEFAULT_SPECS[log_format]["fields"]}
     known = wanted | {a for names in FIELD_ALIASES[log_format].values() for a in names} | set(RAW_LINE_KEYS)
-    assert set(config["body"]) <= known, config["body"]
+    assert set(config["body"]) <= known | {"@timestamp"}, config["body"]
+    assert config["body"]["@timestamp"] == "%{[@timestamp]}"
     for reference in config["body"].values():
         assert re.fullmatch(r"%\{\[[\w.@\]\[]+\]\}", reference), reference
     assert plugin_blocks_without_id(config["text"]) == []

@@ -8,6 +8,7 @@ held in ``message``/``log`` parsed when the fields the model needs are absent.
 
 from __future__ import annotations
 
+import datetime
 import math
 from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence
@@ -205,8 +206,8 @@ def value_counting_hooks(charge) -> dict:
 
 def event_seconds(value: object) -> float:
     """An entry's time as Unix seconds: a number, Fluentd's EventTime (msgpack ext 0: seconds and
-    nanoseconds, big-endian), a msgpack Timestamp, or Fluent Bit's ``[time, metadata]``; NaN for
-    anything else (the record then counts as arriving now)."""
+    nanoseconds, big-endian), a msgpack Timestamp, Fluent Bit's ``[time, metadata]``, or ISO 8601
+    text; NaN for anything else (the record then counts as arriving now)."""
     import msgpack
 
     if isinstance(value, (list, tuple)) and not isinstance(value, msgpack.ExtType):
@@ -222,7 +223,21 @@ def event_seconds(value: object) -> float:
         return int.from_bytes(value.data[:4], "big") + int.from_bytes(value.data[4:], "big") / 1e9
     if isinstance(value, msgpack.Timestamp):
         return value.to_unix()
+    if isinstance(value, str):  # ISO 8601, as Logstash's @timestamp (no zone: UTC)
+        try:
+            moment = datetime.datetime.fromisoformat(value)
+        except ValueError:
+            return math.nan
+        return (moment if moment.tzinfo else moment.replace(tzinfo=datetime.timezone.utc)).timestamp()
     return math.nan
+
+
+def carried_times(records: Sequence[object]) -> Optional[list]:
+    """The times field maps carry under ``@timestamp`` (Logstash's event time, which its http
+    filter sends), for ``event_times``; None when no record carries one."""
+    if not any(record.__class__ is dict and "@timestamp" in record for record in records):
+        return None
+    return [record.get("@timestamp") if record.__class__ is dict else None for record in records]
 
 
 def event_times(values: Sequence[object]) -> np.ndarray:
