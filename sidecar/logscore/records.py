@@ -226,9 +226,9 @@ def event_seconds(value: object) -> float:
     if isinstance(value, str):  # ISO 8601, as Logstash's @timestamp (no zone: UTC)
         try:
             moment = datetime.datetime.fromisoformat(value)
-        except ValueError:
+            return (moment if moment.tzinfo else moment.replace(tzinfo=datetime.timezone.utc)).timestamp()
+        except (ValueError, OverflowError):  # not ISO 8601, or out of range with its zone
             return math.nan
-        return (moment if moment.tzinfo else moment.replace(tzinfo=datetime.timezone.utc)).timestamp()
     return math.nan
 
 
