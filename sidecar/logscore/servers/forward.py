@@ -160,11 +160,13 @@ def decode_message(message, max_message_bytes: int) -> Message:
         raise ForwardProtocolError(f"expected [tag, ...], got {type(message).__name__}")
     tag, payload = message[0], message[1]
     option = message[-1] if len(message) >= 3 and isinstance(message[-1], dict) else {}
+    compressed, budget = None, None
     if isinstance(payload, (bytes, str)):  # PackedForward (str when the sender packed it as str)
         data = payload.encode("utf-8", EXACT) if isinstance(payload, str) else payload
         budget = ValueBudget(MAX_DECODED_VALUES, "a slice of PackedForward entries")
-        gzipped = option.get("compressed") == "gzip"
-        entries: Union[list, AsyncIterator] = packed_entries(data, gzipped, max_message_bytes, budget)
+        compressed = data if option.get("compressed") == "gzip" else None
+        entries: Union[list, AsyncIterator] = packed_entries(data, compressed is not None, max_message_bytes,
+                                                             budget)
     elif _is_array(payload) and not _is_time(payload) and len(message) <= 3:
         entries = payload  # Forward (entries that are not [time, record] are skipped and counted)
     elif len(message) in (3, 4):  # Message: [tag, time, record(, option)], its entry checked like any
@@ -172,9 +174,7 @@ def decode_message(message, max_message_bytes: int) -> Message:
         entries = [[payload, message[2]]]
     else:
         raise ForwardProtocolError("not a Message, Forward or PackedForward message")
-    compressed = data if isinstance(payload, (bytes, str)) and option.get("compressed") == "gzip" else None
-    return Message(tag, entries, _chunk(option), message, _is_log(option), compressed,
-                   budget if isinstance(payload, (bytes, str)) else None)
+    return Message(tag, entries, _chunk(option), message, _is_log(option), compressed, budget)
 
 
 def _chunk(option: dict) -> object:
@@ -275,6 +275,15 @@ def _array_header(data: memoryview, at: int) -> Optional[tuple[int, int]]:
     return None
 
 
+async def let_loop_run(held_since: float) -> float:
+    """Lets the event loop run if decoding has held it YIELD_AFTER_S since ``held_since``; when
+    decoding holds it from now on."""
+    if time.perf_counter() - held_since < YIELD_AFTER_S:
+        return held_since
+    await asyncio.sleep(0)
+    return time.perf_counter()
+
+
 class SteppedDecoder:
     """Values decoded from bytes in memory, fed to msgpack DECODE_STEP bytes at a time; once
     decoding has held the event loop YIELD_AFTER_S (across calls: a slice is many of them), it
@@ -305,9 +314,7 @@ class SteppedDecoder:
                 raise UndecodableValue(f"{type(error).__name__} {error}".rstrip()) from None
             self._unpacker.feed(self._data[self._at:self._at + DECODE_STEP])
             self._at += DECODE_STEP
-            if time.perf_counter() - self._held_since >= YIELD_AFTER_S:
-                await asyncio.sleep(0)
-                self._held_since = time.perf_counter()
+            self._held_since = await let_loop_run(self._held_since)
 
 
 def ext_value(code: int, data: bytes) -> msgpack.ExtType:
@@ -400,9 +407,7 @@ async def packed_entries(data: bytes, compressed: bool, max_message_bytes: int,
                 for entry in unpacker:
                     consumed = unpacker.tell()
                     yield entry
-                if time.perf_counter() - held_since >= YIELD_AFTER_S:
-                    await asyncio.sleep(0)
-                    held_since = time.perf_counter()
+                held_since = await let_loop_run(held_since)
     except (ValueError, TypeError, msgpack.UnpackException, zlib.error) as error:  # TypeError: a list as map key
         raise ForwardProtocolError(f"PackedForward entries are not valid msgpack/gzip: "
                                    f"{type(error).__name__} {error}".rstrip()) from None
