@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -23,10 +24,34 @@ from logscore.generated.logscore.v1 import scorer_pb2_grpc as pb_grpc
 ROOT = Path(__file__).resolve().parents[1]
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
+    """A port free now, below the kernel's ephemeral range, and not handed out before in this run.
+
+    A port from bind(0) lies in the ephemeral range, where any outgoing connection (the test's,
+    a sidecar's, Fluentd's) may take it before the process meant to listen there binds it: CI
+    once failed on exactly that ("address already in use").
+    """
+    first_ephemeral = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    candidates = range(10000, first_ephemeral) if first_ephemeral > 12000 else range(0)
+    for port in random.sample(candidates, min(len(candidates), 200)):
+        if port not in _HANDED_OUT and _bindable(port):
+            _HANDED_OUT.add(port)
+            return port
+    with socket.socket() as s:  # no room below the ephemeral range: the kernel's choice
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def models_dir_with(workdir: Path, model: Path, name: str) -> Path:

@@ -73,7 +73,27 @@ class SidecarProcess
     self.class.free_port
   end
 
+  # A port free now, below the kernel's ephemeral range, and not handed out before in this run:
+  # a port from bind(0) lies in that range, where any outgoing connection may take it before
+  # the process meant to listen there binds it.
   def self.free_port
+    @handed_out ||= {}
+    first_ephemeral = File.read('/proc/sys/net/ipv4/ip_local_port_range').split.first.to_i
+    candidates = first_ephemeral > 12_000 ? (10_000...first_ephemeral).to_a.sample(200) : []
+    port = candidates.find { |candidate| !@handed_out[candidate] && bindable?(candidate) }
+    port ||= kernel_chosen_port
+    @handed_out[port] = true
+    port
+  end
+
+  def self.bindable?(port)
+    TCPServer.new('127.0.0.1', port).close
+    true
+  rescue SystemCallError
+    false
+  end
+
+  def self.kernel_chosen_port
     server = TCPServer.new('127.0.0.1', 0)
     server.addr[1]
   ensure
