@@ -5,6 +5,7 @@ Deterministic for a given seed. Nothing here is copied from a dataset.
 
 from __future__ import annotations
 
+import datetime
 import random
 from urllib.parse import quote
 
@@ -186,16 +187,18 @@ def timed_shop_lines(seconds: int, per_second: float, start: float = 1_772_323_2
                      clients: int = 300) -> list[str]:
     """The shop's traffic over time: ``per_second`` requests a second on average (Poisson), each from
     one of ``clients`` returning visitors, with timestamps from ``start`` (Unix seconds)."""
-    import datetime
-
     rng = random.Random(seed)
     addresses = [f"10.{rng.randint(0, 255)}.{rng.randint(0, 255)}.{rng.randint(1, 254)}" for _ in range(clients)]
     lines = []
     moment = start
     while moment < start + seconds:
         moment += rng.expovariate(per_second)
-        stamp = datetime.datetime.fromtimestamp(moment, datetime.timezone.utc).strftime("%d/%b/%Y:%H:%M:%S +0000")
         line = access_line(rng, *shop_request(rng))
-        line = rng.choice(addresses) + line[line.index(" "):]
-        lines.append(line.replace(line[line.index("[") + 1: line.index("]")], stamp, 1))
+        lines.append(stamped(rng.choice(addresses) + line[line.index(" "):], moment))
     return lines
+
+
+def stamped(line: str, moment: float) -> str:
+    """An access line with its timestamp set to ``moment`` (Unix seconds)."""
+    stamp = datetime.datetime.fromtimestamp(moment, datetime.timezone.utc).strftime("%d/%b/%Y:%H:%M:%S +0000")
+    return f"{line[:line.index('[') + 1]}{stamp}{line[line.index(']'):]}"

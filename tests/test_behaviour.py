@@ -19,10 +19,11 @@ from logscore.entities import ClientBatch, ClientTracker
 from logscore.events import AnomalyEvent, EventHub
 from logscore.forecast import ForecastState, count_inverse, count_transform, slots
 from logscore.model import Model
+from logscore.timestamps import TIME_FIELDS
 from logscore.generated.logscore.v1 import scorer_pb2 as pb
 from logscore.windows import describe_share, share_deviation, url_template
 
-from .generate import attack_lines, timed_shop_lines
+from .generate import attack_lines, stamped, timed_shop_lines
 from .sidecar_process import ROOT, SidecarProcess, free_port
 from .test_forward import ForwardReceiver, packed, send_chunk
 
@@ -164,15 +165,17 @@ def test_the_artifact_carries_window_and_client_models_in_graph_and_metadata(beh
     normal = np.array([[3, 0.05, 3, 0.02, 0.5]], np.float32)
     scanner = np.array([[20, 0.9, 20, 0.6, 0.99]], np.float32)
     assert detector.score(normal)[0] < clients["threshold"] <= detector.score(scanner)[0]
-    assert model.behaviour_fields == ("status", "url", "remote_addr")  # what windows and clients read
-    assert model.score(["x"]).columns == {"status": [None], "url": [None], "remote_addr": [None]}  # scores as ever
+    # What windows and clients read: their keys, and the record's own time (late ones are left out).
+    assert model.behaviour_fields == ("status", "url", "remote_addr", *TIME_FIELDS)
+    assert model.score(["x"]).columns == {name: [None] for name in model.behaviour_fields}  # scores as ever
     shown = subprocess.run([sys.executable, "-m", "logscore", "inspect", str(behaviour_model)], capture_output=True,
                            text=True, timeout=60, cwd=ROOT).stdout
     assert "windows: 1 s, " in shown and "clients: by remote_addr" in shown
 
 
 def burst_lines(count: int, status: str = "503") -> list[str]:
-    line = timed_shop_lines(1, 5.0, START, seed=3)[0]
+    """One request ``count`` times, written now (a burst happening)."""
+    line = stamped(timed_shop_lines(1, 5.0, START, seed=3)[0], time.time())
     return [line.replace('" 200 ', f'" {status} ').replace('" 404 ', f'" {status} ') for _ in range(count)]
 
 
@@ -188,7 +191,7 @@ def test_a_burst_is_one_window_event_on_grpc_http_and_forward_mode(behaviour_mod
         threading.Thread(target=read_sse, args=(sidecar.http_port, sse_lines), daemon=True).start()
         call.initial_metadata()  # the gRPC watch is in place (sent once the watcher is registered)
         sidecar.wait_for(lambda: any(line.startswith("HTTP/1.1 200") for line in sse_lines), 15, "the SSE watch")
-        normal = [[int(time.time()), {"message": line}] for line in timed_shop_lines(2, 2.0, START, seed=5)]
+        normal = [[int(time.time()), {"message": line}] for line in timed_shop_lines(2, 2.0, time.time() - 2, seed=5)]
         send_chunk(forward_port, ["web.access", packed(normal), {"chunk": "n1"}])
         burst = [[int(time.time()), {"message": line}] for line in burst_lines(400)]
         assert send_chunk(forward_port, ["web.access", packed(burst), {"chunk": "b1"}]) == {"ack": "b1"}
@@ -213,7 +216,21 @@ def test_a_burst_is_one_window_event_on_grpc_http_and_forward_mode(behaviour_mod
         receiver.stop()
 
 
-@pytest.mark.parametrize("surface", ["grpc", "forward", "http"])
+def apache2_record(line: str) -> dict:
+    """An access line as Fluentd's apache2 parser gives it: no time field (the time became the
+    event's time), the client under ``host``."""
+    from logscore.parsers import get_parser
+
+    fields, _ = get_parser("access")(line)
+    return {"host": fields["remote_addr"], "user": None, "method": fields["method"], "path": fields["url"],
+            "code": int(fields["status"]), "size": 5, "referer": None, "agent": fields["user_agent"]}
+
+
+# How a record's own time reaches the sidecar: the event time of a shipper that parsed it (gRPC
+# event stream), the line's own timestamp (raw lines over gRPC, nothing else sent; forward mode
+# from a shipper that did not parse the line, so its event time is when it read the line), and a
+# map's time field (Logstash's @timestamp, over HTTP).
+@pytest.mark.parametrize("surface", ["event_stream", "lines", "forward", "http"])
 def test_a_backlog_arriving_at_once_is_no_burst_while_the_same_records_live_are(behaviour_model, tmp_path, surface):
     """A shipper catching up after an outage sends minutes of records at once, with their own times:
     they were counted on arrival, and every catch-up raised a burst event (a false alarm at the worst
@@ -228,19 +245,25 @@ def test_a_backlog_arriving_at_once_is_no_burst_while_the_same_records_live_are(
     lines = timed_shop_lines(200, 3.0, START, seed=11)[:600]
 
     def score(times) -> list[float]:
-        """The records sent with these times; their entity scores (NaN: none)."""
-        entries = [[t, {"message": line}] for t, line in zip(times, lines)]
-        if surface == "grpc":
-            stream = b"".join(msgpack.packb(entry) for entry in entries)
+        """The records, written at these times, sent at once; their entity scores (NaN: none)."""
+        if surface == "event_stream":
+            stream = b"".join(msgpack.packb([t, apache2_record(line)]) for t, line in zip(times, lines))
             answer = sidecar.stub().Score(pb.ScoreRequest(model="shop", event_stream=stream), timeout=10)
             assert len(answer.scores) == len(times)  # all scored
             return list(answer.entity_scores)
+        if surface == "lines":
+            raw = [stamped(line, t).encode() for t, line in zip(times, lines)]
+            answer = sidecar.stub().Score(pb.ScoreRequest(model="shop", lines=pb.RawLines(lines=raw)), timeout=10)
+            assert len(answer.scores) == len(times)
+            return list(answer.entity_scores)
         if surface == "http":  # as the shipped Logstash configs send it: the event's @timestamp
             iso = [time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime(t)) for t in times]
-            status, answer = sidecar.http_post("/v1/score?model=shop",
-                                               [{"message": line, "@timestamp": t} for t, line in zip(iso, lines)])
+            records = [{**apache2_record(line), "@timestamp": t} for t, line in zip(iso, lines)]
+            status, answer = sidecar.http_post("/v1/score?model=shop", records)
             assert status == 200 and len(answer["results"]) == len(times)
             return [r.get("entity_score", math.nan) for r in answer["results"]]
+        read_now = int(time.time())
+        entries = [[read_now, {"message": stamped(line, t)}] for t, line in zip(times, lines)]
         before = len(receiver.records)
         assert send_chunk(forward_port, ["shop", packed(entries), {"chunk": str(times[0])}]) == {"ack": str(times[0])}
         relayed = [r for tag, r in receiver.records[before:] if tag == "shop"]  # (events come as logscore.anomaly)
@@ -289,6 +312,43 @@ def test_lateness_follows_each_source_and_a_clock_that_is_off_is_late_only_until
     settled = [k * 50 for k, mask in enumerate(slow) if mask is None]
     assert settled and settled[0] == CLOCK_SETTLE_S and all(mask is not None for mask in slow[:6])
     assert DELAY_FLOOR_RISE * CLOCK_SETTLE_S < 7200 - 60  # (so the settling, not the rise, counted it)
+
+
+def test_a_records_own_time_is_the_one_it_holds_else_the_one_its_shipper_sent():
+    """A shipper that did not parse a line sends the moment it read it: in a backlog that is no
+    record's time, the line's own timestamp is. Numbers in a time field are read from 2001 on
+    (a smaller one is a duration or a count), in seconds or a finer unit."""
+    from logscore.behaviour import own_times
+
+    columns = {"time": ["17/May/2015:10:05:03 +0000", None, "12 ms", None, None],
+               "@timestamp": [None, "2015-05-17T10:05:03.500Z", None, None, None],
+               "ts": [None, None, None, "1431857103000", "1500"]}
+    carried = np.array([START, START, START, math.nan, START])
+    assert own_times(columns, 5, carried).tolist() == [1431857103.0, 1431857103.5, START, 1431857103.0, START]
+    assert own_times({}, 5, carried) is carried  # a model reading no columns: what was sent
+    assert np.isnan(own_times({"time": [None] * 5}, 5, None)).all()
+
+
+def test_a_syslog_time_without_year_is_never_read_days_ahead():
+    from logscore.timestamps import parse_time
+
+    new_year = 1_798_761_600.0 + 120  # 2027-01-01 00:02 UTC
+    assert parse_time("Dec 31 23:59:00", now=new_year) == 1_798_761_540.0  # last year's, a few minutes ago
+    assert parse_time("Jan  1 00:01:00", now=new_year) == 1_798_761_660.0
+    assert parse_time("Jan  2 00:01:00", now=new_year) == 1_798_761_660.0 + 86400  # (a clock a day behind)
+
+
+def test_a_time_far_ahead_of_the_clock_is_unknown_and_leaves_the_rest_on_time():
+    from logscore.behaviour import MAX_AHEAD_S, Lateness
+
+    lateness = Lateness(grace_s=60.0)
+    # A year ahead (a syslog time read in the wrong year, a clock far off) would have held the
+    # source's least delay a year down, and every record on time after it would have been late.
+    assert lateness.late(np.array([START + 365 * 86400, START]), ["s", "s"], START) is None
+    assert lateness.late(np.array([START + 1, START + 1 - 30]), ["s", "s"], START + 1) is None
+    assert lateness.late(np.array([START + 2 + MAX_AHEAD_S / 2]), ["s"], START + 2) is None  # a bit ahead: fine
+    # (within the hour it is believed: that source's clock runs ahead, so a record of its on the clock is late)
+    assert lateness.late(np.array([START + 3]), ["s"], START + 3).tolist() == [True]
 
 
 def collect(call, events: list) -> None:
@@ -350,7 +410,7 @@ def test_anomaly_requests_are_checked_and_scores_carry_entity_scores(behaviour_m
         status, body = sidecar.http_get("/v1/anomalies?kinds=nonsense")
         assert status == 400 and "kinds=nonsense" in json.loads(body)["error"]
         assert sidecar.http_get("/v1/anomalies?limit=-1")[0] == 400
-        status, answer = sidecar.http_post("/v1/score", timed_shop_lines(3, 2.0, START, seed=7))
+        status, answer = sidecar.http_post("/v1/score", timed_shop_lines(3, 2.0, time.time() - 3, seed=7))
         assert status == 200 and all(0 <= r["entity_score"] <= 1 for r in answer["results"])
         apache2 = {"host": "10.0.0.1", "user": None, "method": "GET", "path": "/", "code": 200, "size": 5,
                    "referer": None, "agent": "curl/8"}  # as Fluentd's apache2 parser gives it

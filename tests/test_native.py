@@ -380,12 +380,12 @@ def test_an_ngram_length_out_of_range_is_refused_when_the_model_loads(max_bytes)
 # Windows and clients: the fields they read come as text columns beside the featurizer's, and
 # their keys are counted in C (features/_native.c key_counts); the Python path is the reference.
 BEHAVIOUR_FIELDS = ("status", "url", "remote_addr", "host", "hostname", "message", "log", "level", "severity",
-                    "pri", "kubernetes.pod")
+                    "pri", "kubernetes.pod", "time", "@timestamp")
 BEHAVIOUR_RECORDS = st.builds(
     lambda key, line, other: {**other, key: line} if key else line,
     st.sampled_from(["message", "log", None]), LINE_VALUES.filter(lambda v: isinstance(v, str)) | LINE_VALUES,
     st.dictionaries(st.sampled_from(["host", "hostname", "level", "severity", "pri", "remote_addr", "status", "url",
-                                     "kubernetes", "log", "agent", "path"]),
+                                     "kubernetes", "log", "agent", "path", "time", "@timestamp"]),
                     st.one_of(texts, st.just(404), st.just(b"web-\xff"), st.just({"pod": "web-1"}), st.none()),
                     max_size=3))
 
@@ -414,7 +414,8 @@ def test_real_lines_and_shippers_maps_give_the_columns_of_the_python_path(log_fo
     lines = real_lines(log_format, 600, seed=6)
     shipped = ([{"message": line} for line in lines[:300]]
                + [{"log": line.encode(), "host": "web-1"} for line in lines[:100]]
-               + [{"message": line, "level": "warn", "kubernetes": {"pod": "p"}} for line in lines[:100]])
+               + [{"message": line, "level": "warn", "kubernetes": {"pod": "p"}} for line in lines[:100]]
+               + [{"log": line, "time": "2026-12-03T10:00:00.1Z", "stream": "stdout"} for line in lines[:50]])
     assert_same_behaviour_columns(DEFAULT_SPECS[log_format], lines + shipped)
 
 

@@ -107,7 +107,8 @@ def test_an_event_stream_entry_that_is_not_time_and_record_is_named_for_what_it_
 
 def test_event_times_read_every_time_shippers_send():
     """Numbers, Fluentd's EventTime, a msgpack Timestamp, Fluent Bit's [time, metadata], ISO 8601 text
-    (Logstash's @timestamp; no zone is UTC); else unknown (NaN)."""
+    (Logstash's @timestamp; no zone is UTC), the other texts of timestamps.parse_time (Unix seconds
+    or milliseconds since 2001 as digits, Apache's); else unknown (NaN)."""
     import msgpack
 
     from logscore.records import event_times
@@ -115,8 +116,9 @@ def test_event_times_read_every_time_shippers_send():
     event_time = msgpack.ExtType(0, (1_700_000_000).to_bytes(4, "big") + (250_000_000).to_bytes(4, "big"))
     read = event_times([1_700_000_000, 1.5, event_time, msgpack.Timestamp(9, 500_000_000), [7, {"k": 1}],
                         "2023-11-14T22:13:20.500Z", "2023-11-14T22:13:20", "2023-11-14T23:13:20+01:00",
-                        True, "1700000000", "%{[@timestamp]}", "2023-13-01T00:00:00", None, [], {"t": 1}])
-    assert read[:8].tolist() == [1_700_000_000.0, 1.5, 1_700_000_000.25, 9.5, 7.0, 1_700_000_000.5,
-                                 1_700_000_000.0, 1_700_000_000.0]
-    assert np.isnan(read[8:]).all()
+                        "1700000000", "1700000000500", "14/Nov/2023:22:13:20 +0000",
+                        True, "%{[@timestamp]}", "2023-13-01T00:00:00", "1500", None, [], {"t": 1}])
+    assert read[:11].tolist() == [1_700_000_000.0, 1.5, 1_700_000_000.25, 9.5, 7.0, 1_700_000_000.5,
+                                  1_700_000_000.0, 1_700_000_000.0, 1_700_000_000.0, 1_700_000_000.5, 1_700_000_000.0]
+    assert np.isnan(read[11:]).all()
     assert event_times([1, 2]).tolist() == [1.0, 2.0]

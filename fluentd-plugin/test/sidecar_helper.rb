@@ -117,12 +117,14 @@ module AccessLines
   PATHS = ['/favicon.ico', '/style2.css', '/reset.css', '/images/jordan-80.png', '/robots.txt',
            '/blog/tags/puppet?flav=rss20', '/projects/xdotool/', '/'].freeze
 
-  def self.line(path, ip: '10.0.0.7')
-    %(#{ip} - - [17/May/2015:10:05:03 +0000] "GET #{path} HTTP/1.1" 200 3456 "http://semicomplete.com/" "#{AGENT}")
+  # at: when the line was written (a Time; default 17/May/2015:10:05:03 +0000)
+  def self.line(path, ip: '10.0.0.7', at: nil)
+    stamp = at ? at.utc.strftime('%d/%b/%Y:%H:%M:%S +0000') : '17/May/2015:10:05:03 +0000'
+    %(#{ip} - - [#{stamp}] "GET #{path} HTTP/1.1" 200 3456 "http://semicomplete.com/" "#{AGENT}")
   end
 
-  def self.normal(count)
-    Array.new(count) { |i| line(PATHS[i % PATHS.size], ip: "10.0.#{i % 250}.#{i % 200 + 1}") }
+  def self.normal(count, at: nil)
+    Array.new(count) { |i| line(PATHS[i % PATHS.size], ip: "10.0.#{i % 250}.#{i % 200 + 1}", at: at) }
   end
 
   def self.attack

@@ -45,8 +45,13 @@ class AnomalyEventsTest < Test::Unit::TestCase
     @client&.close
   end
 
+  # Lines written now: the sidecar leaves records long after their own time (a backlog) out of
+  # windows and clients.
   def burst(count)
-    Array.new(count) { |i| [1_700_000_000, { 'message' => AccessLines.line("/x#{i}").sub('" 200 ', '" 503 ') }] }
+    now = Time.now
+    Array.new(count) do |i|
+      [now.to_i, { 'message' => AccessLines.line("/x#{i}", at: now).sub('" 200 ', '" 503 ') }]
+    end
   end
 
   test 'records get the entity score of their client; a 503 burst is one window event for the watcher' do
@@ -54,7 +59,7 @@ class AnomalyEventsTest < Test::Unit::TestCase
     watcher = Logscore::AnomalyWatcher.new(client: client, kinds: ['window']).start { |e| events << e }
     sleep 0.5 # the stream is open
     scorer = Logscore::StreamScorer.new(client: client, keys: KEYS, message_key: 'message')
-    normal = AccessLines.normal(5).map { |line| [1_700_000_000, { 'message' => line }] }
+    normal = AccessLines.normal(5, at: Time.now).map { |line| [Time.now.to_i, { 'message' => line }] }
     scored = scorer.score('web.access', normal)
     assert(scored.all? { |_, r| r['entity_score'].is_a?(Float) && r['entity_score'].between?(0, 1) })
     scorer.score('web.access', burst(300))
@@ -94,6 +99,45 @@ class AnomalyEventsTest < Test::Unit::TestCase
     anomalies = records.select { |r| r['kind'] == 'window' }
     assert_equal 1, anomalies.size, log_tail(work, 'events')
     assert_match(/expected/, anomalies.first['explanation'])
+  ensure
+    stop_processes([pid].compact)
+    FileUtils.rm_rf(work) if work
+  end
+
+  # in_tail with no parser (the filter's message_key mode) sends the moment it read each line as
+  # its time: catching up a file of old lines, that is now for every line, and the sidecar counted
+  # them as a burst. The line's own timestamp is its time: they are late, scored, left out.
+  test 'inside Fluentd: in_tail catching up old lines is no burst; the same lines written now are' do
+    omit(FLUENTD_MISSING) unless FLUENTD_AVAILABLE
+    work = Dir.mktmpdir('logscore-events-backlog')
+    old = AccessLines.normal(600, at: Time.now - 900).map { |line| line.sub('" 200 ', '" 503 ') }
+    File.write(File.join(work, 'access.log'), old.join("\n") + "\n")
+    config = tail_source(work, '@type none').sub('tag web.access', 'tag web.backlog') + <<~CONF
+      <filter web.**>
+        @type logscore
+        endpoint unix://#{self.class.sidecar.socket}
+        message_key message
+        anomaly_tag logscore.anomaly
+      </filter>
+    CONF
+    pid = spawn_fluentd(work, 'backlog', config + file_output("#{work}/out/all").sub('<match web.**>', '<match **>'))
+    records = wait_for_records(File.join(work, 'out'), old.size, timeout: 60)
+    sleep 3.0 # the windows they arrived in close
+    records = read_records(File.join(work, 'out'))
+    assert_equal old.size, records.count { |r| r['anomaly_score'] }, log_tail(work, 'backlog')
+    assert_equal 0, records.count { |r| r['entity_score'] } # not tracked as clients
+    assert_equal [], records.select { |r| r['kind'] }.map { |r| r['explanation'] }
+    now = Time.now
+    live = AccessLines.normal(600, at: now).map { |line| line.sub('" 200 ', '" 503 ') }
+    File.open(File.join(work, 'access.log'), 'a') { |file| file.write(live.join("\n") + "\n") }
+    deadline = Time.now + 60
+    until (records.count { |r| r['anomaly_score'] } >= 2 * old.size && records.any? { |r| r['kind'] }) ||
+          Time.now > deadline
+      sleep 0.5
+      records = read_records(File.join(work, 'out'))
+    end
+    assert_equal old.size, records.count { |r| r['entity_score'] }, log_tail(work, 'backlog')
+    assert_operator records.count { |r| r['kind'] == 'window' }, :>=, 1
   ensure
     stop_processes([pid].compact)
     FileUtils.rm_rf(work) if work

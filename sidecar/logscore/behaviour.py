@@ -24,6 +24,7 @@ from .entities import ClientWatch, EntitySpec
 from .events import EventHub
 from .model import Model
 from .records import event_times
+from .timestamps import column_times
 from .windows import KeyNamer, WindowCounter, WindowSpec
 
 log = logging.getLogger("logscore.behaviour")
@@ -40,6 +41,9 @@ DELAY_FLOOR_RISE = 0.5
 # (a backlog is caught up sooner): its least delay becomes what it sends.
 CLOCK_SETTLE_S = 300.0
 LATE_LOG_INTERVAL_S = 60.0
+# A record time further ahead of the clock than this is unknown (a syslog time read in the wrong
+# year, a clock far ahead): it would hold its source's least delay down and make the rest late.
+MAX_AHEAD_S = 3600.0
 MAX_SOURCES = 1024  # sources (tags) whose delay is tracked apart; past it, untracked tags share one
 WINDOW_TENSORS = ("window_level", "window_hour", "window_week", "window_scale", "window_share_expected",
                   "window_share_dispersion")
@@ -81,12 +85,23 @@ def entity_spec(model: Model) -> Optional[EntitySpec]:
     return EntitySpec.from_model(meta, score)
 
 
+def own_times(columns: dict, size: int, carried: Optional[np.ndarray]) -> Optional[np.ndarray]:
+    """Each record's own time in Unix seconds (NaN: unknown): the time it holds (a line's
+    timestamp, a map's time field: what was written when it happened), else the event time its
+    shipper sent (a shipper that did not parse the time sends the moment it read the line, which
+    is no record's time in a backlog); None when neither is there."""
+    written = column_times(columns, size)
+    if written is None or carried is None:
+        return written if carried is None else carried
+    return np.where(np.isnan(written), carried, written)
+
+
 class Lateness:
     """Which records arrive long after their own time (a backlog being caught up, a replayed log).
 
     Windows count, and clients are tracked, by arrival: a shipper's backlog after an outage would
-    be a burst of traffic and a crowd of fast clients. Records whose own time (the event time the
-    shipper sent) is older than the least delay lately seen from their source plus a grace are
+    be a burst of traffic and a crowd of fast clients. Records whose own time (``own_times``) is
+    older than the least delay lately seen from their source plus a grace are
     late: scored as ever, but left out of windows and clients. A new source's least delay is 0
     (clocks agree), so a backlog met first (the sidecar restarted while shippers held their
     buffers) is late too; a source late for CLOCK_SETTLE_S has a clock that is off, and its offset
@@ -101,6 +116,7 @@ class Lateness:
     def late(self, times: np.ndarray, sources: Optional[Sequence[str]], now: float) -> Optional[np.ndarray]:
         """A mask of the late records (None: none is), ``times`` in Unix seconds (NaN: unknown)."""
         delays = now - times
+        delays[delays < -MAX_AHEAD_S] = np.nan  # a time far ahead of the clock is none we can use
         known = ~np.isnan(delays)
         if not known.any():
             return None
@@ -202,7 +218,7 @@ class Behaviour:
                  now: float, times: Optional[Sequence[object]]) -> Optional[np.ndarray]:
         entity: Optional[np.ndarray] = None
         events = []
-        seconds: Optional[np.ndarray] = None  # the times read, once a model watching behaviour needs them
+        carried: Optional[np.ndarray] = None  # the times the shipper sent, read once a model needs them
         for (model, positions), scored in zip(groups.items(), results):
             watched = self.of(model)
             if watched.windows is None and watched.clients is None:
@@ -215,13 +231,13 @@ class Behaviour:
             mine = tags if tags is None or len(groups) == 1 else [tags[i] for i in positions]
             novelty = scored.novelty if scored.novelty is not None else np.zeros(size)
             record_scores = scored.scores
-            late = None
-            if times is not None:
-                seconds = event_times(times) if seconds is None else seconds
-                late = watched.lateness.late(seconds[np.asarray(positions)], mine, now)
+            if times is not None and carried is None:
+                carried = event_times(times)
+            own = own_times(columns, size, None if carried is None else carried[np.asarray(positions)])
+            late = None if own is None else watched.lateness.late(own, mine, now)
             live = np.arange(size)
             if late is not None:
-                self._left_out_late(model.name, seconds[np.asarray(positions)][late], now)
+                self._left_out_late(model.name, own[late], now)
                 live = np.flatnonzero(~late)
                 columns = {name: [values[i] for i in live.tolist()] for name, values in columns.items()}
                 mine = None if mine is None else [mine[i] for i in live.tolist()]

@@ -20,6 +20,7 @@ from .features import FeatureBatch, Featurizer
 from .records import DEFAULT_MAX_LINE_CHARS
 from .entities import CLIENT_FIELDS
 from .sessions import SessionTracker
+from .timestamps import TIME_FIELDS
 from .windows import fields_read
 
 
@@ -87,13 +88,14 @@ class Scored:
 
 
 def behaviour_fields(metadata: dict, client_key: Optional[str] = None) -> tuple[str, ...]:
-    """The record fields a model's window and client detectors read (none without them)."""
+    """The record fields a model's window and client detectors read (none without them): their
+    keys, and the record's own time (a late record is left out of both: behaviour.Lateness)."""
     names: list[str] = []
     if metadata.get("windows"):
         names += fields_read(metadata["windows"]["dimensions"])
     if metadata.get("entities"):
         names += [client_key or str(metadata["entities"]["key"]), *CLIENT_FIELDS]
-    return tuple(dict.fromkeys(names))
+    return tuple(dict.fromkeys(names + list(TIME_FIELDS))) if names else ()
 
 
 def novelty_shares(batch: FeatureBatch, surprise: np.ndarray) -> np.ndarray:

@@ -8,7 +8,6 @@ held in ``message``/``log`` parsed when the fields the model needs are absent.
 
 from __future__ import annotations
 
-import datetime
 import math
 from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence
@@ -18,6 +17,7 @@ import numpy as np
 from .admission import UNLIMITED, Ticket
 from .errors import InvalidRequest
 from .parsers import FIELD_ALIASES, Fields, flatten, get_parser
+from .timestamps import TIME_FIELDS, parse_time
 
 RAW_LINE_KEYS = ("message", "log")
 NESTED_TOO_DEEP = "(nested too deep)"
@@ -118,8 +118,9 @@ class RecordNormalizer:
         own = self._own_keys
         if also:
             # A map holding one of these fields keeps its own value of it. NOTE: not message/log
-            # themselves (every carried map holds one): carried_raw_lines gives them back.
-            own = own | with_prefixes(set(also) - set(RAW_LINE_KEYS))
+            # themselves (every carried map holds one), nor its time (Docker's and Logstash's maps
+            # carry one): carried_raw_lines gives them back.
+            own = own | with_prefixes(set(also) - set(RAW_LINE_KEYS) - set(TIME_FIELDS))
         lines = []
         for record in records:
             if record.__class__ is dict and own.isdisjoint(record):
@@ -136,17 +137,22 @@ class RecordNormalizer:
 
     @staticmethod
     def carried_raw_lines(records: Sequence[object], lines: Sequence[object], columns: dict[str, list]) -> None:
-        """Columns named message or log, for records carried_lines replaced by their line: the
-        map's own value (normalize_one keeps it beside the parsed fields; a parsed line has none)."""
-        for name in RAW_LINE_KEYS:
+        """Columns named message or log, or a time field, for records carried_lines replaced by
+        their line: the map's own value, as normalize_one gives it (its fields win over the
+        parsed line's; a parsed line has no message or log of its own)."""
+        replaced = [row for row, (record, line) in enumerate(zip(records, lines))
+                    if line is not record and record.__class__ is dict]
+        for name in (*RAW_LINE_KEYS, *TIME_FIELDS) if replaced else ():
             column = columns.get(name)
             if column is None:
                 continue
-            for row, (record, line) in enumerate(zip(records, lines)):
-                if line is not record and record.__class__ is dict:
-                    value = record.get(name)
-                    # a map there is flattened into "name.key" fields (normalize_one): none of its own
-                    column[row] = None if isinstance(value, dict) else as_text(value)
+            line_has_one = name in TIME_FIELDS
+            for row in replaced:
+                value = records[row].get(name)
+                # A map there is flattened into "name.key" fields (normalize_one): none of its own.
+                if line_has_one and (value is None and name not in records[row] or isinstance(value, dict)):
+                    continue  # the line's own time stands
+                column[row] = None if isinstance(value, dict) else as_text(value)
 
     def normalize_one(self, record: object) -> tuple[Fields, bool, bool]:
         """(fields, parsed, cut) of one record; the compiled featurizer calls it for what it does not read itself."""
@@ -223,21 +229,10 @@ def event_seconds(value: object) -> float:
         return int.from_bytes(value.data[:4], "big") + int.from_bytes(value.data[4:], "big") / 1e9
     if isinstance(value, msgpack.Timestamp):
         return value.to_unix()
-    if isinstance(value, str):  # ISO 8601, as Logstash's @timestamp (no zone: UTC)
-        try:
-            moment = datetime.datetime.fromisoformat(value)
-            return (moment if moment.tzinfo else moment.replace(tzinfo=datetime.timezone.utc)).timestamp()
-        except (ValueError, OverflowError):  # not ISO 8601, or out of range with its zone
-            return math.nan
+    if isinstance(value, str):  # ISO 8601 and the other texts a record's own time may hold
+        seconds = parse_time(value)
+        return math.nan if seconds is None else seconds
     return math.nan
-
-
-def carried_times(records: Sequence[object]) -> Optional[list]:
-    """The times field maps carry under ``@timestamp`` (Logstash's event time, which its http
-    filter sends), for ``event_times``; None when no record carries one."""
-    if not any(record.__class__ is dict and "@timestamp" in record for record in records):
-        return None
-    return [record.get("@timestamp") if record.__class__ is dict else None for record in records]
 
 
 def event_times(values: Sequence[object]) -> np.ndarray:

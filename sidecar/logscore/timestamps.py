@@ -2,7 +2,9 @@
 
 Reads Apache's ``17/May/2015:10:05:03 +0000``, ISO 8601 (``2015-05-17T10:05:03Z``, with a
 space, fractions, offsets; syslog RFC 5424, JSON logs), syslog RFC 3164's ``May 17 10:05:03``
-(no year: the current one) and NAB's ``2015-02-26 21:42:53``. Cached per distinct text.
+(no year: the latest that is not days ahead), NAB's ``2015-02-26 21:42:53``, and Unix seconds
+(or milli-, micro-, nanoseconds) since 2001 as numbers or digits. Times without a zone are UTC.
+Cached per distinct text.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import calendar
 import datetime
 import re
+import time
 from typing import Optional, Sequence
 
 import numpy as np
@@ -33,13 +36,24 @@ def epoch_seconds(value: float) -> Optional[float]:
     return value if 0 <= value <= LATEST_TIME else None  # False for NaN
 
 
-def parse_time(text: object) -> Optional[float]:
-    """Unix seconds of one timestamp text (or a number of seconds), None if unreadable."""
-    if text is None:
+# A number is read as a time from 1e9 seconds on (2001-09-09): below that, a field named time
+# or ts holds something else (a duration, a count), not a moment.
+EARLIEST_NUMBER = 1e9
+# RFC 3164 carries no year: a line is of the latest year that does not put it this far ahead
+# (December's lines read in January are last year's).
+MAX_AHEAD_S = 2 * 86400.0
+
+
+def parse_time(text: object, now: Optional[float] = None) -> Optional[float]:
+    """Unix seconds of one timestamp text (or a number of seconds), None if unreadable.
+    ``now`` (Unix seconds, default the clock) places a syslog time without a year."""
+    if text is None or isinstance(text, bool):
         return None
-    if isinstance(text, (int, float)) and not isinstance(text, bool):
-        return float(text)
+    if isinstance(text, (int, float)):
+        return epoch_seconds(float(text)) if text >= EARLIEST_NUMBER else None
     value = str(text).strip()
+    if value.isdigit() or value.replace(".", "", 1).isdigit():
+        return parse_time(float(value))
     match = _APACHE.match(value)
     if match:
         day, month, year, hour, minute, second, sign, off_h, off_m = match.groups()
@@ -61,23 +75,43 @@ def parse_time(text: object) -> Optional[float]:
     match = _SYSLOG.match(value)
     if match and match.group(1) in MONTHS:
         month, day, hour, minute, second = match.groups()
-        year = datetime.datetime.now(datetime.timezone.utc).year
-        return float(calendar.timegm((year, MONTHS[month], int(day), int(hour), int(minute), int(second))))
+        now = time.time() if now is None else now
+        year = time.gmtime(now).tm_year
+        moment = (MONTHS[month], int(day), int(hour), int(minute), int(second))
+        seconds = calendar.timegm((year, *moment))
+        return float(seconds if seconds <= now + MAX_AHEAD_S else calendar.timegm((year - 1, *moment)))
     return None
 
 
 def record_times(fields: Sequence[dict]) -> np.ndarray:
-    """Each record's time in Unix seconds (NaN where it has none)."""
+    """Each record's time in Unix seconds: the first of its TIME_FIELDS that holds a value (NaN
+    where it has none, or that value is no time)."""
+    return first_times([[record.get(name) for record in fields] for name in TIME_FIELDS], len(fields))
+
+
+def column_times(columns: dict[str, list], size: int) -> Optional[np.ndarray]:
+    """``record_times`` of records read as text columns (``Model.behaviour_fields`` holds
+    TIME_FIELDS); None when no column holds a time field."""
+    found = [columns[name] for name in TIME_FIELDS if name in columns]
+    return first_times(found, size) if found else None
+
+
+def first_times(columns: Sequence[Sequence[object]], size: int) -> np.ndarray:
+    """Per row, the time of the first column holding a value there (NaN: none, or no time)."""
     cache: dict = {}
-    times = np.full(len(fields), np.nan)
-    for i, record in enumerate(fields):
-        text = next((record[name] for name in TIME_FIELDS if record.get(name) not in (None, "")), None)
-        if text is None:
+    times = np.full(size, np.nan)
+    settled = [False] * size  # a row whose first value was found (read as a time or not)
+    for column in columns:
+        if column.count(None) == size:  # most time fields are absent from most records: at C speed
             continue
-        key = text if isinstance(text, (str, int, float)) else str(text)
-        seconds = cache.get(key)
-        if seconds is None and key not in cache:
-            seconds = cache[key] = parse_time(text)
-        if seconds is not None:
-            times[i] = seconds
+        for row, text in enumerate(column):
+            if settled[row] or text is None or text == "":
+                continue
+            settled[row] = True
+            key = text if isinstance(text, (str, int, float)) else str(text)
+            seconds = cache.get(key)
+            if seconds is None and key not in cache:
+                seconds = cache[key] = parse_time(text)
+            if seconds is not None:
+                times[row] = seconds
     return times

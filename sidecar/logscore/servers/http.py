@@ -34,7 +34,6 @@ from ..decide import notes_by_record
 from ..errors import (DeadlineExceeded, FeedbackNotFound, InvalidRequest, LogscoreError, ModelNotFound, Overloaded,
                       ScorerUnavailable, ShuttingDown, StoreUnavailable, Unauthenticated)
 from ..metrics import Metrics
-from ..records import carried_times
 from ..resources import openapi_path
 from ..scoring import ScoreCall, ScoreOutcome, ScoringService
 from ..settings import bearer_matches
@@ -514,7 +513,7 @@ class SidecarHttp:
                 raise InvalidRequest(f"explain={explain!r}: give a whole number of features")
             deadline = deadline_from(request.query.get("timeout_ms"))
             call = ScoreCall(records, request.query.get("model", ""), request.query.get("tag", ""),
-                             int(explain), deadline, "http", times=carried_times(records))
+                             int(explain), deadline, "http")
             outcome = await self.service.score(call)
             by_record = notes_by_record([(i, d) for i, _, d in outcome.notes], len(records))
             if single:
