@@ -4,10 +4,12 @@
 
 CPU time, in one run, per record of 1,000-record batches already scored (the sidecar counts
 what Model.score returns): the window bookkeeping (counting keys of the open window), the
-client tracking (features + the detector's graph), and, as the floor beside them, the record
+client tracking (features + the detector's graph), telling late records (each record's written
+time read, against its source's least delay), and, as the floor beside them, the record
 scoring itself (Model.score) of the same batches, both as the behaviour model scores them
-(with the text columns windows and clients read) and as a record model alone (none). Two kinds of traffic: repetitive (the shop's
-URLs) and novel (every URL new: each needs its template worked out once).
+(with the text columns windows and clients read) and as a record model alone (none). Two kinds
+of traffic: repetitive (the shop's URLs) and novel (every URL new: each needs its template
+worked out once).
 
 Memory: a child process feeds 1,000,000 distinct clients through one model's client tracker
 (65,536 slots, the default) and reports its resident-memory growth, beside a child that keeps
@@ -60,7 +62,7 @@ def per_record_costs(model_path: Path, kind: str, records: int, batch: int = 100
     """CPU time per record: scoring with the columns windows and clients read, the same records
     scored by the same model read as a record model only (no such columns: the floor), and the
     window and client bookkeeping of each batch."""
-    from logscore.behaviour import ModelBehaviour
+    from logscore.behaviour import ModelBehaviour, own_times
     from logscore.model import Model
     from logscore.settings import Settings
 
@@ -69,7 +71,8 @@ def per_record_costs(model_path: Path, kind: str, records: int, batch: int = 100
     floor.behaviour_fields = ()  # the record model alone: the fields it featurizes, nothing more
     settings = Settings.load(flags={"models_dir": str(model_path.parent)}, environ={})
     lines = traffic(kind, records)
-    scoring = record_only = windows = clients = 0.0
+    scoring = record_only = windows = clients = lateness = 0.0
+    distinct_times = 0  # timestamps read per batch (each distinct text is parsed once a batch)
     watched = ModelBehaviour(model, settings)
     urls = [line.split('"')[1] for line in lines]
     first_seen = len(set(urls)) / len(urls)  # share of requests whose URL no earlier request had
@@ -84,15 +87,22 @@ def per_record_costs(model_path: Path, kind: str, records: int, batch: int = 100
         tracked = time.process_time()
         watched.clients.observe(scored.columns, np.full(len(part), time.time()), scored.novelty, scored.scores)
         done = time.process_time()
+        own = own_times(scored.columns, len(part), None)  # each record's written time: is it late?
+        watched.lateness.late(own, None, float(np.nanmax(own)) + 1.0)
+        timed = time.process_time()
         record_only += alone - began
         scoring += counted - alone
         windows += tracked - counted
         clients += done - tracked
+        lateness += timed - done
+        distinct_times += len(set(scored.columns["time"]))
     n = len(lines)
     return {"records": n, "record_model_scoring_us_per_record": round(record_only / n * 1e6, 2),
             "scoring_us_per_record": round(scoring / n * 1e6, 2),
             "window_bookkeeping_us_per_record": round(windows / n * 1e6, 3),
             "client_tracking_us_per_record": round(clients / n * 1e6, 2),
+            "lateness_us_per_record": round(lateness / n * 1e6, 3),
+            "distinct_timestamps_per_1000_records": round(distinct_times / n * 1000),
             "keys_counted": len(watched.windows.keys), "share_of_urls_never_seen_before": round(first_seen, 4),
             "featurizer": "compiled" if model.featurizer.native is not None else "python"}
 

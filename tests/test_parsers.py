@@ -122,3 +122,23 @@ def test_event_times_read_every_time_shippers_send():
                                   1_700_000_000.0, 1_700_000_000.0, 1_700_000_000.0, 1_700_000_000.5, 1_700_000_000.0]
     assert np.isnan(read[11:]).all()
     assert event_times([1, 2]).tolist() == [1.0, 2.0]
+
+
+def test_apache_timestamps_read_by_their_minute_are_those_read_whole():
+    """Apache's timestamps are read as their minute's start (cached) plus their seconds: the same
+    Unix seconds as reading each whole (timestamps._parsed), for every zone and odd shape."""
+    import datetime
+    import random
+
+    from logscore import timestamps
+
+    rng = random.Random(4)
+    texts = ["17/May/2015:10:05:0x +0000", "17/Mai/2015:10:05:03 +0000", "99/May/2015:10:05:03 +0000",
+             "17/May/2015:10:05:99 +0000", "ab/May/2015:10:05:03 +0000", "17/May/2015:10:05:03 +0000 more"]
+    for _ in range(3000):
+        moment = datetime.datetime.fromtimestamp(rng.uniform(0, 4e9), datetime.timezone.utc)
+        texts += [moment.strftime(f"%d/%b/%Y:%H:%M:%S {zone}").strip() for zone in ("+0000", "-0730", "+1400", "")]
+    read = [timestamps.parse_time(text) for text in texts]
+    assert read == [timestamps._parsed(text, None) for text in texts]
+    assert read[:6] == [None, None, 1438941903.0, 1431857199.0, None, 1431857103.0]
+    assert len(timestamps._MINUTES) <= timestamps.MINUTES_CACHED

@@ -52,8 +52,34 @@ def parse_time(text: object, now: Optional[float] = None) -> Optional[float]:
     if isinstance(text, (int, float)):
         return epoch_seconds(float(text)) if text >= EARLIEST_NUMBER else None
     value = str(text).strip()
+    if len(value) >= 20 and value[2] == "/" and value[17] == ":" and value[18:20].isdigit():
+        return _apache_by_minute(value, now)
     if value.isdigit() or value.replace(".", "", 1).isdigit():
         return parse_time(float(value))
+    return _parsed(value, now)
+
+
+# NOTE: a backlog holds a different timestamp every second, and reading Apache's whole costs a
+# few microseconds (a regex, a calendar): it is read as its minute's start (cached) plus its
+# seconds. (ISO 8601 is read whole: datetime.fromisoformat is quicker than any split of it.)
+MINUTES_CACHED = 4096
+_MINUTES: dict[str, Optional[float]] = {}  # Apache's timestamp with its seconds 00 -> its Unix seconds
+_UNSEEN = object()
+
+
+def _apache_by_minute(value: str, now: Optional[float]) -> Optional[float]:
+    """parse_time of ``17/May/2015:10:05:03 +0000``: its minute's start, cached, plus its seconds."""
+    minute = f"{value[:18]}00{value[20:]}"
+    start = _MINUTES.get(minute, _UNSEEN)
+    if start is _UNSEEN:
+        if len(_MINUTES) >= MINUTES_CACHED:
+            _MINUTES.clear()
+        start = _MINUTES[minute] = _parsed(minute, now)
+    return None if start is None else start + int(value[18:20])
+
+
+def _parsed(value: str, now: Optional[float]) -> Optional[float]:
+    """parse_time of a text, read whole."""
     match = _APACHE.match(value)
     if match:
         day, month, year, hour, minute, second, sign, off_h, off_m = match.groups()
