@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from .generate import blog_lines
+from .generate import blog_lines, timed_shop_lines
 from .sidecar_process import ROOT, SidecarProcess, free_port
 
 FLUENT_BIT = Path(os.environ.get("FLUENT_BIT", ROOT.parent / "shared" / "vendor" / "fluent-bit" / "bin" / "fluent-bit"))
@@ -274,3 +274,48 @@ def test_a_stack_trace_joined_by_fluent_bit_is_one_record_with_one_score(chain):
     assert [r["log"].rstrip("\n") for _, _, r in out] == ["Dec 02 10:00:00 app started", "\n".join(trace),
                                                          "Dec 02 10:00:01 app ready"]
     assert all(isinstance(r.get("anomaly_score"), float) and "anomaly_unscored" not in r for _, _, r in out)
+
+
+def test_tail_without_a_parser_catching_up_old_lines_is_no_burst(behaviour_model, tmp_path):
+    """Fluent Bit's tail without a parser gives each line the moment it read it as its time:
+    catching up a file of old lines (after a restart, or a file copied in), that is now for every
+    line, and the sidecar counted them as a burst and a crowd of fast clients. The line's own
+    timestamp tells: they are scored, and left out of windows and clients."""
+    hop, forward = free_port(), free_port()
+    parts = {"receiver": receiver(tmp_path, hop).start()}
+    parts["sidecar"] = sidecar = SidecarProcess(behaviour_model.parent, tmp_path, forward=f"127.0.0.1:{forward}",
+                                                forward_to=f"127.0.0.1:{hop}").start()
+    source = tmp_path / "access.log"
+    backlog = timed_shop_lines(300, 3.0, time.time() - 900, seed=12)  # written 15 to 10 minutes ago
+    source.write_text("\n".join(backlog) + "\n")
+    parts["sender"] = FluentBit(tmp_path, "sender", f"""
+[INPUT]
+    Name tail
+    Path {source}
+    Read_From_Head On
+    Refresh_Interval 1
+    Tag web.access
+[OUTPUT]
+    Name forward
+    Match *
+    Host 127.0.0.1
+    Port {forward}
+    Require_ack_response true
+""").start()
+    try:
+        out = wait_for_lines(tmp_path, len(backlog), timeout=60)
+        time.sleep(2.5)  # the windows they arrived in close (forward mode sends their events on)
+        out = received(tmp_path)
+        assert [r for tag, _, r in out if tag != "web.access"] == []  # no anomaly event
+        assert len(out) == len(backlog), parts["sender"].log.read_text()[-2000:]
+        assert all("anomaly_score" in r and "entity_score" not in r for _, _, r in out)
+        assert sidecar.metric('logscore_late_records_total{model="shop"}') == len(backlog)
+        assert json.loads(sidecar.http_get("/v1/anomalies")[1])["events"] == []
+        live = timed_shop_lines(3, 3.0, time.time() - 3, seed=13)
+        with open(source, "a") as appended:
+            appended.write("\n".join(live) + "\n")
+        out = wait_for_lines(tmp_path, len(backlog) + len(live), timeout=60)
+        assert sum(0 <= r.get("entity_score", -1) <= 1 for tag, _, r in out if tag == "web.access") == len(live)
+    finally:
+        for name in ("sender", "sidecar", "receiver"):
+            parts[name].stop()
