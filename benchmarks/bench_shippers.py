@@ -1,7 +1,7 @@
 """Real shippers with and without the scoring stage: lines/s and CPU seconds per process.
 
     python benchmarks/bench_shippers.py [--lines 400000] [--rounds 3] [--quick] [--scoring-processes N] [--explain]
-                                        [--json PATH]
+                                        [--filter NAME=VALUE ...] [--tail NAME=VALUE ...] [--json PATH]
 
 Pipelines, each run with the stage and without it, paired and interleaved (with, without,
 with, ...), every run on a fresh sidecar (cold caches) and fresh shippers:
@@ -146,10 +146,12 @@ def workspace():
         yield Run(work), work / "access.log", work / "out"
 
 
-# Set from the command line: the sidecar's further settings (--scoring-processes), and the
-# logscore filter's (--explain: explanation_key).
+# Set from the command line: the sidecar's further settings (--scoring-processes), the
+# logscore filter's (--explain: explanation_key; --filter), and Fluentd's in_tail's (--tail, with and
+# without the stage).
 SIDECAR_SETTINGS: dict = {}
 FILTER_SETTINGS: dict = {}
+TAIL_SETTINGS: dict = {}
 
 # The least any stage in the filter's place costs Fluentd: a filter that adds constant fields.
 FLOOR_FILTER = "<filter web.**>\n  @type constant_score\n</filter>\n"
@@ -177,13 +179,14 @@ def fluentd(lines: list[str], with_stage: bool, floor: bool = False) -> dict:
             run.sidecar = SidecarProcess(ROOT / "models", work, **SIDECAR_SETTINGS).start()
             more = "".join(f"  {name} {value}\n" for name, value in FILTER_SETTINGS.items())
             stage = f"<filter web.**>\n  @type logscore\n  endpoint unix://{run.sidecar.socket}\n{more}</filter>\n"
+        tail = "".join(f"  {name} {value}\n" for name, value in TAIL_SETTINGS.items())
         (work / "fluent.conf").write_text(f"""
 <source>
   @type tail
   path {source}
   pos_file {work}/access.pos
   tag web.access
-  <parse>
+{tail}  <parse>
     @type none
   </parse>
 </source>
@@ -297,10 +300,21 @@ def main() -> int:
                         help="run the sidecar with N scoring processes (its CPU then includes theirs)")
     parser.add_argument("--explain", action="store_true", help="the Fluentd filter sets explanation_key (3 "
                         "features named per record, its default explain)")
+    parser.add_argument("--filter", action="append", default=[], metavar="NAME=VALUE",
+                        help="a further setting of the logscore filter (say batch_records=500); repeatable")
+    parser.add_argument("--tail", action="append", default=[], metavar="NAME=VALUE",
+                        help="a setting of Fluentd's in_tail, with and without the stage (say read_lines_limit=4000)")
     parser.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "shippers.json"))
     args = parser.parse_args()
     if args.explain:
         FILTER_SETTINGS["explanation_key"] = "anomaly_explanation"
+    for option, settings, example in (("--filter", FILTER_SETTINGS, "batch_records=500"),
+                                      ("--tail", TAIL_SETTINGS, "read_lines_limit=4000")):
+        for setting in getattr(args, option[2:]):
+            name, _, value = setting.partition("=")
+            if not value:
+                parser.error(f"{option} {setting!r}: give NAME=VALUE, say {example}")
+            settings[name] = value
     if args.scoring_processes:
         SIDECAR_SETTINGS["scoring_processes"] = args.scoring_processes
     if args.quick:
@@ -312,6 +326,7 @@ def main() -> int:
     lines = shop_lines(args.lines, seed=90)
     results = {"machine": machine(), "lines": args.lines, "rounds": args.rounds, "traffic": "generated shop",
                "scoring_processes": args.scoring_processes, "explain": args.explain,
+               "filter_settings": dict(FILTER_SETTINGS), "tail_settings": dict(TAIL_SETTINGS),
                "novel_share": novel_share(lines), "pipelines": {}}
     print(f"{args.lines} lines of generated shop traffic, {results['novel_share']:.0%} of requests never seen "
           f"earlier in the run; {args.rounds} paired rounds; {machine()['cpu']}, {os.cpu_count()} cores")
