@@ -226,6 +226,32 @@ def apache2_record(line: str) -> dict:
             "code": int(fields["status"]), "size": 5, "referer": None, "agent": fields["user_agent"]}
 
 
+def test_clients_learn_from_records_as_fluentds_apache2_parser_names_them(tmp_path):
+    """Training read the client under remote_addr only, while the sidecar also reads its aliases
+    (apache2's host, nginx's remote, grok's clientip): training on a shipper's parsed records
+    failed ("no 'remote_addr' field") unless told --entity-key host."""
+    records = [{**apache2_record(line), "time": stamp}
+               for line in timed_shop_lines(1200, 3.0, START, seed=21)
+               for stamp in [line[line.index("[") + 1: line.index("]")]]]
+    training = tmp_path / "parsed.jsonl"
+    training.write_text("".join(json.dumps(record) + "\n" for record in records))
+    path = tmp_path / "parsed.onnx"
+    done = subprocess.run([sys.executable, "-m", "logscore", "train", "--json-records", "--input", str(training),
+                           "--out", str(path), "--windows", "--window-s", "10", "--entities"],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    model = Model.load(path)
+    assert model.metadata["entities"]["key"] == "remote_addr"
+    assert model.score([records[0]]).columns["remote_addr"] == [records[0]["host"]]
+    # Its host is the client: no window per client address (Logstash's host, a server, stays one).
+    assert "host" not in model.metadata["windows"]["dimensions"]
+    assert not any(key.startswith("host=") for key in model.metadata["windows"]["keys"])
+    from logscore.training.behaviour import dimensions_of
+
+    logstash = [{"clientip": f"10.0.0.{i}", "host": "web-1", "remote_addr": f"10.0.0.{i}"} for i in range(20)]
+    assert "host" in dimensions_of(logstash, np.arange(20), ("route", "host", "status_class"))
+
+
 # How a record's own time reaches the sidecar: the event time of a shipper that parsed it (gRPC
 # event stream), the line's own timestamp (raw lines over gRPC, nothing else sent; forward mode
 # from a shipper that did not parse the line, so its event time is when it read the line), and a

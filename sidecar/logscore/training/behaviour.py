@@ -72,6 +72,17 @@ def time_ordered(fields: Sequence[dict], what: str) -> tuple[np.ndarray, np.ndar
     return order, times[order]
 
 
+def dimensions_of(fields: Sequence[dict], order: np.ndarray, dimensions: Sequence[str]) -> list[str]:
+    """The dimensions, but ``host`` where it names the client (Fluentd's apache2 parser calls the
+    client host): a window per client repeats the client detector, with a new key for every new
+    address. (Logstash's host, the server beside grok's clientip, stays a dimension.)"""
+    sample = [fields[i] for i in order[:1000].tolist()]
+    pairs = [(record["host"], record.get("remote_addr")) for record in sample if record.get("host") is not None]
+    if pairs and sum(host == client for host, client in pairs) >= 0.9 * len(pairs):
+        return [d for d in dimensions if d != "host"]
+    return list(dimensions)
+
+
 def fit_windows(fields: Sequence[dict], route: str, options: BehaviourOptions) -> Learned:
     order, times = time_ordered(fields, "--windows")
     window_s = float(options.window_s)
@@ -81,7 +92,7 @@ def fit_windows(fields: Sequence[dict], route: str, options: BehaviourOptions) -
     if windows > MAX_WINDOWS:
         raise InputError(f"--window-s {window_s:g} over {(times[-1] - times[0]) / 86400:.0f} days makes {windows:,} "
                          f"windows; use longer windows (at most {MAX_WINDOWS:,})")
-    namer = KeyNamer(options.dimensions)
+    namer = KeyNamer(dimensions_of(fields, order, options.dimensions))
     by_key: dict[str, list] = {f"route={route}": window_of.tolist()}
     columns = text_columns([fields[i] for i in order.tolist()], fields_read(namer.dimensions))
     for dimension in namer.dimensions:
@@ -278,12 +289,15 @@ def attach_behaviour(model: onnx.ModelProto, metadata: dict, parts: Sequence[Lea
     return model, metadata
 
 
-def score_for_behaviour(model_bytes: bytes, metadata: dict, records: Sequence[object], progress, chunk: int = 2048):
-    """(normalized fields, scores, novelty) of every record, by the record model being trained."""
+def score_for_behaviour(model_bytes: bytes, metadata: dict, records: Sequence[object], progress, chunk: int = 2048,
+                        also: Sequence[str] = ()):
+    """(normalized fields, scores, novelty) of every record, by the record model being trained;
+    ``also``: the fields windows and clients will read, named as the sidecar names them (Fluentd's
+    apache2 parser's ``host`` is the client, ``remote_addr``)."""
     from ..artifact import Artifact
     from ..model import Model
 
-    model = Model(Artifact("(training)", model_bytes, metadata, ""))
+    model = Model(Artifact("(training)", model_bytes, metadata, ""), also_fields=also)
     model.tracks_novelty = model.needs_fields = True
     fields, scores, novelty = [], [], []
     for start in range(0, len(records), chunk):
@@ -325,7 +339,10 @@ def cross_fitted(records: Sequence[object], metadata: dict, progress) -> tuple[n
 def learn_behaviour(model: onnx.ModelProto, metadata: dict, records: Sequence[object], options: BehaviourOptions,
                     progress) -> tuple[onnx.ModelProto, dict]:
     """Learn the window and/or client detectors from ``records`` (in file order) and add them to ``model``."""
-    fields, scores, novelty = score_for_behaviour(model.SerializeToString(), metadata, records, progress)
+    # (remote_addr for windows too: dimensions_of tells whether a host is the client)
+    read = [*((*fields_read(options.dimensions), "remote_addr") if options.windows else ()),
+            *((options.entity_key, *CLIENT_FIELDS) if options.entities else ())]
+    fields, scores, novelty = score_for_behaviour(model.SerializeToString(), metadata, records, progress, also=read)
     if options.entities and not metadata["featurizer"].get("sessions"):
         scores, novelty = cross_fitted(records, metadata, progress)
     parts = []
