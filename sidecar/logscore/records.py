@@ -20,6 +20,7 @@ from .parsers import FIELD_ALIASES, Fields, flatten, get_parser
 from .timestamps import TIME_FIELDS, parse_time
 
 RAW_LINE_KEYS = ("message", "log")
+_TIME_KEYS = frozenset(TIME_FIELDS)
 NESTED_TOO_DEEP = "(nested too deep)"
 # One array or map of an event stream holds at most this many values: a container is
 # built whole before it is charged (admission.py), so this bounds what one may take.
@@ -142,12 +143,14 @@ class RecordNormalizer:
         parsed line's; a parsed line has no message or log of its own)."""
         replaced = [row for row, (record, line) in enumerate(zip(records, lines))
                     if line is not record and record.__class__ is dict]
-        for name in (*RAW_LINE_KEYS, *TIME_FIELDS) if replaced else ():
+        # The maps holding a time field of their own, found in one pass (most hold none).
+        timed = [row for row in replaced if not _TIME_KEYS.isdisjoint(records[row])]
+        for name, rows in [*((name, replaced) for name in RAW_LINE_KEYS), *((name, timed) for name in TIME_FIELDS)]:
             column = columns.get(name)
             if column is None:
                 continue
-            line_has_one = name in TIME_FIELDS
-            for row in replaced:
+            line_has_one = name in _TIME_KEYS
+            for row in rows:
                 value = records[row].get(name)
                 # A map there is flattened into "name.key" fields (normalize_one): none of its own.
                 if line_has_one and (value is None and name not in records[row] or isinstance(value, dict)):
