@@ -537,7 +537,9 @@ def test_non_log_signals_pass_on_untouched(chain):
      "corrupt deflate"),
     (msgpack.packb(["web", packed([[1, {"m": "x"}]])[:-2]]), "entries cut mid-entry"),
     (msgpack.packb([1, 2, 3]), "no tag"),
-    (msgpack.packb(["web", b"\x92\xd4\xfb\x00\x81\xa1m\xa1x"]), "an entry's time of a reserved ext code (-5)"),
+    (msgpack.packb(["web", b"\x92\xd4\xfb\x00\x81\xa1m"]), "an undecodable entry (ext code -5) cut short"),
+    (msgpack.packb(["web", gzip.compress(b"\x92\xd4\xfb\x00\x81\xa1m"), {"compressed": "gzip"}]),
+     "a gzip undecodable entry cut short"),
 ])
 def test_garbage_closes_the_connection_is_counted_and_the_sidecar_keeps_serving(chain, frame, reason):
     sidecar, port, receiver = chain
@@ -734,20 +736,66 @@ def test_an_entry_msgpack_cannot_decode_is_skipped_not_the_chunk_relayed_again_o
         receiver.stop()
 
 
-def test_packed_forward_entries_of_millions_of_tiny_values_are_refused_too(chain):
+# Entries msgpack cannot decode, as a PackedForward payload holds them (entries back to back).
+UNDECODABLE_ENTRIES = {
+    "an array as a map key": b"\x92" + msgpack.packb(1_700_000_000) + b"\x81\x92\x01\x02\xa1x",
+    "a reserved ext type": b"\x92\xd4\xfb\x00\x81\xa1m\xa1x",  # [ext type -5, {"m": "x"}]
+    "more values than the budget": msgpack.packb([1_700_000_000, {"message": "big", "items": [0] * 2_000_000}]),
+}
+UNDECODABLE_REASONS = {"an array as a map key": "could not be decoded (TypeError",
+                       "a reserved ext type": "could not be decoded (ValueError",
+                       "more values than the budget": "could not be decoded (a slice of PackedForward entries "
+                                                      "holds more than 1,000,000 values"}
+
+
+@pytest.fixture(scope="module")
+def packed_chain(tmp_path_factory):
+    sidecar, port, receiver = start_chain(tmp_path_factory.mktemp("packed-chain"))
+    yield sidecar, port, receiver
+    sidecar.stop()
+    receiver.stop()
+
+
+@pytest.mark.parametrize("compressed", [False, True], ids=["PackedForward", "CompressedPackedForward"])
+@pytest.mark.parametrize("bad", list(UNDECODABLE_ENTRIES))
+def test_a_packed_entry_msgpack_cannot_decode_is_skipped_not_the_chunk_relayed_again_on_every_resend(
+        packed_chain, bad, compressed):
+    """PackedForward (what Fluentd's out_forward and Fluent Bit send) refused the whole chunk at
+    such an entry: its first slices were relayed again on every resend, and the sender dropped
+    the chunk (every good record) at its retry limit. Now skipped by its bytes, as in Forward mode."""
+    sidecar, port, receiver = packed_chain
+    receiver.entries = []
+    skipped, refused = counter(sidecar, "forward_invalid_entry"), counter(sidecar, "forward_protocol")
+    good = [msgpack.packb([1_700_000_000 + i, {"message": f"GET /{i}"}]) for i in range(5_000)]
+    payload = b"".join(good[:4_500]) + UNDECODABLE_ENTRIES[bad] + b"".join(good[4_500:])  # a slice goes on first
+    option = {"size": 5_001, "chunk": uuid.uuid4().hex}
+    if compressed:
+        payload, option["compressed"] = gzip.compress(payload), "gzip"
+    assert send_chunk(port, ["web", payload, option], timeout=30) == {"ack": option["chunk"]}
+    relayed = receiver.records  # all of them: the ack waits for the next hop's
+    assert [r["message"] for _, r in relayed] == [f"GET /{i}" for i in range(5_000)]  # each once, in order
+    assert all(isinstance(r["anomaly_score"], float) for _, r in relayed)
+    assert counter(sidecar, "forward_invalid_entry") == skipped + 1
+    assert counter(sidecar, "forward_protocol") == refused
+    warned = [json.loads(line) for line in sidecar.log().splitlines() if "could not be decoded" in line]
+    assert UNDECODABLE_REASONS[bad] in warned[-1]["last"], warned[-1]
+
+
+def test_packed_forward_entries_of_millions_of_tiny_values_are_skipped_too(chain):
     """PackedForward entries are decoded lazily, slice by slice: the value budget holds for them
-    too (4,000,000 empty arrays in one entry of 4 MB)."""
+    too (4,000,000 empty arrays in one entry of 4 MB), and the entry past it is skipped."""
     sidecar, port, receiver = chain
     empties = b"\xdd" + (100_000).to_bytes(4, "big") + b"\x90" * 100_000  # 100,000 empty arrays
     bomb = b"\x92\x01\xde" + (40).to_bytes(2, "big") + b"".join(msgpack.packb(f"k{i}") + empties for i in range(40))
-    normal = b"".join(msgpack.packb([1_700_000_000, {"message": f"before {i}"}]) for i in range(3))
-    message = msgpack.packb(["web", normal + bomb, {"chunk": "packed-bomb"}], use_bin_type=True)
-    try:
-        assert send(port, message, 1, 30) == []  # closed, no ack: the sender keeps the chunk
-    except ConnectionResetError:
-        pass
-    sidecar.wait_for(lambda: counter(sidecar, "forward_protocol") == 1, timeout=20, what="the refusal")
-    assert "a slice of PackedForward entries holds more than 1,000,000 values" in sidecar.log()
+    before, after = ([msgpack.packb([1_700_000_000, {"message": f"{when} {i}"}]) for i in range(3)]
+                     for when in ("before", "after"))
+    message = msgpack.packb(["web", b"".join(before) + bomb + b"".join(after), {"chunk": "packed-bomb"}],
+                            use_bin_type=True)
+    assert send(port, message, 1, 30) == [{"ack": "packed-bomb"}]
+    assert [r["message"] for _, r in receiver.records] == [f"{when} {i}" for when in ("before", "after")
+                                                           for i in range(3)]
+    assert counter(sidecar, "forward_invalid_entry") == 1 and counter(sidecar, "forward_protocol") == 0
+    assert "could not be decoded (a slice of PackedForward entries holds more than 1,000,000 values" in sidecar.log()
     chunk = uuid.uuid4().hex  # the port goes on serving
     assert send_chunk(port, ["web", [[1_700_000_000, {"message": "x"}]], {"chunk": chunk}]) == {"ack": chunk}
 
@@ -823,16 +871,17 @@ BOMB_RECORD = b"\xde" + (40).to_bytes(2, "big") + b"".join(msgpack.packb(f"k{i}"
 
 
 @pytest.mark.parametrize("bomb, answer, counted", [
-    # Forward mode skips the entry by its bytes (the chunk, empty then, is acked); PackedForward refuses
+    # every mode skips the entry by its bytes (the chunk, empty then, is acked)
     (b"\x93" + msgpack.packb("web") + b"\x91\x92\x01" + BOMB_RECORD + msgpack.packb({"chunk": "c"}),
      msgpack.packb({"ack": "c"}), "forward_invalid_entry"),
-    (msgpack.packb(["web", b"\x92\x01" + BOMB_RECORD, {"chunk": "c"}], use_bin_type=True), b"", "forward_protocol"),
+    (msgpack.packb(["web", b"\x92\x01" + BOMB_RECORD, {"chunk": "c"}], use_bin_type=True), msgpack.packb({"ack": "c"}),
+     "forward_invalid_entry"),
     (msgpack.packb(["web", gzip.compress(b"\x92\x01" + BOMB_RECORD), {"compressed": "gzip", "chunk": "c"}],
-                   use_bin_type=True), b"", "forward_protocol"),
+                   use_bin_type=True), msgpack.packb({"ack": "c"}), "forward_invalid_entry"),
 ], ids=["Forward", "PackedForward", "CompressedPackedForward"])
 def test_a_decoding_bomb_is_decoded_in_small_steps_between_turns_of_the_event_loop(monkeypatch, bomb, answer,
                                                                                    counted):
-    """A refused bomb held the event loop for 0.9-1.2 s (other connections, HTTP and gRPC waited):
+    """A bomb held the event loop for 0.9-1.2 s (other connections, HTTP and gRPC waited):
     up to 256 KiB read, or a whole PackedForward entry, was decoded in one go. Counted here in
     values decoded between two turns of the loop, with decoding told to let the loop run after
     every step (what it does once a step took 5 ms). Counted in arrays and maps built (each a
@@ -855,7 +904,7 @@ def test_a_decoding_bomb_is_decoded_in_small_steps_between_turns_of_the_event_lo
     monkeypatch.setattr(forward, "value_counting_hooks", hooks)
     monkeypatch.setattr(forward, "YIELD_AFTER_S", 0, raising=False)
 
-    class NoScoring:  # the bombs are refused before anything is scored
+    class NoScoring:  # the bombs are skipped: nothing is scored
         settings = SimpleNamespace(max_batch_records=4096)
         metrics = Metrics()
         behaviour = None
@@ -875,7 +924,7 @@ def test_a_decoding_bomb_is_decoded_in_small_steps_between_turns_of_the_event_lo
         counter_task = asyncio.create_task(turns())
         reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
         writer.write(bomb)
-        assert await reader.read(len(answer) or -1) == answer  # refused: closed without an ack
+        assert await reader.read(len(answer)) == answer  # acked: the bomb skipped
         writer.close()
         stop.set()
         await counter_task
@@ -887,3 +936,34 @@ def test_a_decoding_bomb_is_decoded_in_small_steps_between_turns_of_the_event_lo
     print(f"{built[0]} arrays and maps built, at most {most} between two turns of the event loop")
     assert built[0] > 400_000  # decoded up to the value budget, then skipped or refused
     assert most <= 16 * 1024 + 2  # a step of 16 KiB (and the arrays it completes)
+
+
+def test_a_gzip_entry_that_cannot_be_decoded_is_skipped_only_while_its_bytes_are_held():
+    """A gzip payload is inflated block by block, once: to skip an entry, the blocks since it began
+    are kept, forward_max_message_bytes + 1 MiB of them (as much as msgpack may buffer) past the
+    block it began in. One longer than that closes the connection as before, rather than hold an
+    unbounded share of the inflated payload."""
+    import asyncio
+
+    from logscore.servers import forward
+
+    def decoded(entries: bytes) -> list:
+        async def run():
+            budget = forward.ValueBudget(forward.MAX_DECODED_VALUES, "a slice of PackedForward entries")
+            return [e async for e in forward.packed_entries(gzip.compress(entries), True, 64 * 1024, budget)]
+        return asyncio.run(run())
+
+    good = msgpack.packb([1_700_000_000, {"message": "after"}])
+    text = "x" * 250_000
+    for strings, held in ((3, True), (12, False)):  # 0.75 or 3 MB before the bad value; 1 MiB + 64 KiB are held
+        record = bytes([0x80 | (strings + 1)]) + b"".join(msgpack.packb(f"k{i}") + msgpack.packb(text)
+                                                           for i in range(strings))
+        bad = b"\x92" + msgpack.packb(1_700_000_000) + record + b"\xd4\xfb\x00" + b"\x00"  # last key: ext type -5
+        if held:
+            entries = decoded(bad + good)
+            assert [type(e).__name__ for e in entries] == ["InvalidEntry", "list"]
+            assert entries[1][1]["message"] == "after"
+        else:
+            with pytest.raises(forward.ForwardProtocolError, match="entry of more than 1114112 bytes inflated could "
+                                                                   "not be decoded \\(ValueError"):
+                decoded(bad + good)

@@ -27,7 +27,8 @@ goes on exactly as it came (integer, float, EventTime, Fluent Bit's
   ``forward_max_message_bytes``), and at most ``RELAY_WINDOW`` messages' worth of scored frames
   wait for the next hop's acks. What a slice decodes into is bounded too: a slice ends at
   ``SLICE_VALUES`` values, and past ``MAX_DECODED_VALUES`` arrays, maps and items (``ValueBudget``)
-  the message is refused, since tiny msgpack values cost 30-90 bytes each as Python objects.
+  an entry is skipped (any other value: the message is refused), since tiny msgpack values cost
+  30-90 bytes each as Python objects.
 - **The event loop is not held long.** Decoding goes ``DECODE_STEP`` bytes at a time and lets
   the loop run between steps (``SteppedDecoder``): a huge or hostile message holds it for a step
   (about 10 ms) or a full garbage collection over what it decoded (up to about 100 ms at the
@@ -38,7 +39,8 @@ goes on exactly as it came (integer, float, EventTime, Fluent Bit's
   When the scoring queue is full the default is to wait (backpressure);
   ``forward_when_busy: pass`` passes such records on unscored instead.
 - Entries that are not ``[time, record]`` are skipped with a warning (as Fluentd's
-  in_forward does); bytes that are not the forward protocol close the connection.
+  in_forward does), and so are entries msgpack cannot decode, by their bytes, in every mode;
+  bytes that are not the forward protocol close the connection.
   Shared-key handshakes are not supported (keep the port on loopback; docs/operations.md).
 """
 
@@ -53,7 +55,7 @@ import time
 import uuid
 import zlib
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Iterator, Optional, Union
+from typing import AsyncIterator, Iterable, Iterator, Optional, Union
 
 import msgpack
 
@@ -231,19 +233,32 @@ def _str_end(data: memoryview, at: int) -> Optional[int]:
     return None
 
 
+SKIP_STEP = 16 * DECODE_STEP  # msgpack skips this much in about 1 ms (it builds nothing)
+
+
 async def _skipped(data: memoryview, at: int) -> int:
-    """Where the value starting at ``at`` ends: msgpack skips it DECODE_STEP x 16 bytes at a time
-    (building nothing, about 1 ms a step), letting the event loop run between steps."""
-    skipper = msgpack.Unpacker(max_buffer_size=0)
-    step = 16 * DECODE_STEP
-    for start in range(at, len(data), step):
-        skipper.feed(data[start:start + step])
+    """Where the value starting at ``at`` ends."""
+    length = await _value_length(data[start:start + SKIP_STEP] for start in range(at, len(data), SKIP_STEP))
+    if length is None:
+        raise ForwardProtocolError("a message ends in the middle of a value")
+    return at + length
+
+
+async def _value_length(steps: Iterable[memoryview], max_buffer_size: int = 0) -> Optional[int]:
+    """How many bytes the value at the start of ``steps`` takes (None if they end first): msgpack
+    skips it step by step, building nothing, and the event loop runs between steps (let_loop_run).
+    Any length of array or map is skipped (nothing is built); a value msgpack cannot even skip (a
+    byte no type starts with, a string past ``max_buffer_size``) raises as msgpack does."""
+    skipper = msgpack.Unpacker(max_buffer_size=max_buffer_size, max_array_len=2**31 - 1, max_map_len=2**31 - 1)
+    held_since = time.perf_counter()
+    for step in steps:
+        skipper.feed(step)
         try:
             skipper.skip()
-            return at + skipper.tell()
+            return skipper.tell()
         except msgpack.OutOfData:
-            await asyncio.sleep(0)
-    raise ForwardProtocolError("a message ends in the middle of a value")
+            held_since = await let_loop_run(held_since)
+    return None
 
 
 async def forward_entries(data: memoryview, at: int, count: int, max_message_bytes: int,
@@ -259,8 +274,21 @@ async def forward_entries(data: memoryview, at: int, count: int, max_message_byt
             # refusing the chunk once slices of it were relayed made every resend relay them again.
             budget.release(budget.count - charged)
             decoder = SteppedDecoder(data, await _skipped(data, start), max_message_bytes, budget)
-            entry = InvalidEntry(f"an entry could not be decoded ({error})")
+            entry = undecoded_entry(error)
         yield entry
+
+
+def undecodable(error: Exception) -> UndecodableValue:
+    """What msgpack could not decode, named: the value budget's refusal as it is, else the error's
+    type and message. TypeError: a list as a map key; ValueError: a reserved ext type."""
+    if isinstance(error, ForwardProtocolError):  # the budget's
+        return UndecodableValue(str(error))
+    return UndecodableValue(f"{type(error).__name__} {error}".rstrip())
+
+
+def undecoded_entry(error: UndecodableValue) -> InvalidEntry:
+    """An entry that could not be decoded, skipped by its bytes: counted as one that is not [time, record]."""
+    return InvalidEntry(f"an entry could not be decoded ({error})")
 
 
 def _array_header(data: memoryview, at: int) -> Optional[tuple[int, int]]:
@@ -307,11 +335,8 @@ class SteppedDecoder:
             except msgpack.OutOfData:
                 if self._at >= len(self._data):
                     raise ForwardProtocolError("a message ends in the middle of a value") from None
-            except ForwardProtocolError as error:  # the budget's
-                raise UndecodableValue(str(error)) from None
-            # TypeError: a list as a map key; ValueError: a reserved ext type
-            except (TypeError, ValueError, msgpack.UnpackException) as error:
-                raise UndecodableValue(f"{type(error).__name__} {error}".rstrip()) from None
+            except (TypeError, ValueError, msgpack.UnpackException) as error:  # the budget's too
+                raise undecodable(error) from None
             self._unpacker.feed(self._data[self._at:self._at + DECODE_STEP])
             self._at += DECODE_STEP
             self._held_since = await let_loop_run(self._held_since)
@@ -387,33 +412,120 @@ def _is_time(value) -> bool:
 
 
 async def packed_entries(data: bytes, compressed: bool, max_message_bytes: int,
-                         budget: Optional[ValueBudget] = None) -> AsyncIterator:
+                         budget: ValueBudget) -> AsyncIterator:
     """The entries of a PackedForward payload, decoded as they are consumed, DECODE_STEP bytes
     at a time (the event loop runs between steps once one call held it YIELD_AFTER_S).
 
     One entry may be as big as a message; a compressed payload inflates to at most
     INFLATION x max_message_bytes in all. The budget bounds the values decoded (the consumer
-    releases them slice by slice)."""
-    unpacker = forward_unpacker(max(max_message_bytes, 1024) + INFLATE_STEP, budget)
-    fed = consumed = 0  # NOTE: tell() counts the bytes of a partly decoded entry too
+    releases them slice by slice). An entry msgpack cannot decode is skipped by its bytes and
+    comes as an InvalidEntry, as in Forward mode (``forward_entries``); decoding starts again
+    after it."""
+    buffer_size = max(max_message_bytes, 1024) + INFLATE_STEP
+    payload = PackedPayload(_inflate(data, INFLATION * max_message_bytes) if compressed else iter((data,)),
+                            buffer_size)
     held_since = time.perf_counter()
+    at = 0  # where decoding (re)starts in the payload
     try:
-        for block in (_inflate(data, INFLATION * max_message_bytes) if compressed else (data,)):
-            view = memoryview(block)
-            for at in range(0, len(view), DECODE_STEP):
-                step = view[at:at + DECODE_STEP]
+        while True:
+            payload.keep_from = at
+            unpacker = forward_unpacker(buffer_size, budget)
+            fed = consumed = 0  # bytes from ``at``. NOTE: tell() counts the bytes of a partly decoded entry too
+            charged, error = budget.count, None
+            for step in payload.steps(at, DECODE_STEP):
                 unpacker.feed(step)
                 fed += len(step)
-                for entry in unpacker:
-                    consumed = unpacker.tell()
-                    yield entry
+                try:
+                    for entry in unpacker:
+                        consumed = unpacker.tell()
+                        yield entry
+                        charged = budget.count  # what the consumer holds (it releases a slice's once sent)
+                except (TypeError, ValueError, msgpack.UnpackException) as raised:  # the budget's too
+                    error = undecodable(raised)
+                    break
+                payload.keep_from = at + consumed
                 held_since = await let_loop_run(held_since)
+            if error is None:
+                if consumed != fed:
+                    raise ForwardProtocolError(f"PackedForward entries end in the middle of an entry "
+                                               f"({fed - consumed} bytes left over)")
+                return
+            # NOTE: skipped by its bytes and counted, as in Forward mode: refusing the chunk once
+            # slices of it were relayed made every resend relay them again (and its sender drop
+            # every record of it at its retry limit).
+            budget.release(budget.count - charged)
+            at = await _entry_end(payload, at + consumed, buffer_size, error)
+            yield undecoded_entry(error)
+    except ForwardProtocolError:
+        raise
     except (ValueError, TypeError, msgpack.UnpackException, zlib.error) as error:  # TypeError: a list as map key
         raise ForwardProtocolError(f"PackedForward entries are not valid msgpack/gzip: "
                                    f"{type(error).__name__} {error}".rstrip()) from None
-    if consumed != fed:
-        raise ForwardProtocolError(f"PackedForward entries end in the middle of an entry "
-                                   f"({fed - consumed} bytes left over)")
+
+
+async def _entry_end(payload: "PackedPayload", start: int, buffer_size: int, error: UndecodableValue) -> int:
+    """Where the entry starting at ``start``, which could not be decoded, ends in the payload; a
+    ForwardProtocolError if its bytes are no longer held or end before it does."""
+    if not payload.holds(start):
+        raise ForwardProtocolError(f"a PackedForward entry of more than {payload.keep_bytes} bytes inflated "
+                                   f"could not be decoded ({error}); send smaller records")
+    length = await _value_length(payload.steps(start, SKIP_STEP), buffer_size)
+    if length is None:
+        raise ForwardProtocolError(f"PackedForward entries end in the middle of an entry (one that "
+                                   f"could not be decoded: {error})")
+    return start + length
+
+
+class PackedPayload:
+    """A PackedForward payload's bytes in steps, from an offset: a compressed one inflated block by
+    block, once. The blocks from ``keep_from`` on (the entry being decoded) are kept, at most
+    ``keep_bytes`` of them behind the newest, so decoding can go back to an entry it could not
+    decode and skip it by its bytes. An uncompressed payload is one block, in memory anyway."""
+
+    def __init__(self, blocks: Iterator[bytes], keep_bytes: int):
+        self._blocks = blocks
+        self._kept: list[memoryview] = []  # the blocks pulled and still held, in order
+        self._kept_at = 0  # where the first of them starts in the payload
+        self._kept_bytes = 0
+        self.keep_bytes = keep_bytes
+        self.keep_from = 0  # moved on by the decoder: bytes before it are not read again
+
+    def holds(self, at: int) -> bool:
+        return at >= self._kept_at
+
+    def steps(self, at: int, size: int) -> Iterator[memoryview]:
+        """The payload from ``at`` (held, or not pulled yet) on, at most ``size`` bytes a step."""
+        while (found := self._block_holding(at)) is not None:
+            block, start = found
+            for offset in range(at - start, len(block), size):
+                yield block[offset:offset + size]
+            at = start + len(block)
+
+    def _block_holding(self, at: int) -> Optional[tuple[memoryview, int]]:
+        """The block holding the byte at ``at`` and where it starts, pulling blocks as needed;
+        None past the end."""
+        while True:
+            start = self._kept_at
+            for block in self._kept:
+                if at < start + len(block):
+                    return block, start
+                start += len(block)
+            block = next(self._blocks, None)
+            if block is None:
+                return None
+            self._kept.append(memoryview(block))
+            self._kept_bytes += len(block)
+            self._let_go()
+
+    def _let_go(self) -> None:
+        """Drop the blocks before keep_from, and those more than keep_bytes behind the newest."""
+        while len(self._kept) > 1:
+            first = len(self._kept[0])
+            if self._kept_at + first > self.keep_from and self._kept_bytes - first < self.keep_bytes:
+                return
+            self._kept.pop(0)
+            self._kept_at += first
+            self._kept_bytes -= first
 
 
 def inflated_size(data: bytes, max_bytes: int) -> int:
