@@ -20,6 +20,7 @@ import pytest
 
 from .generate import blog_lines, timed_shop_lines
 from .sidecar_process import ROOT, SidecarProcess, free_port
+from .test_forward import counter
 
 FLUENT_BIT = Path(os.environ.get("FLUENT_BIT", ROOT.parent / "shared" / "vendor" / "fluent-bit" / "bin" / "fluent-bit"))
 pytestmark = pytest.mark.skipif(not FLUENT_BIT.is_file(), reason=(
@@ -105,7 +106,7 @@ def receiver(workdir: Path, port: int) -> FluentBit:
 """)
 
 
-def sender(workdir: Path, source: Path, port: int, options: str) -> FluentBit:
+def sender(workdir: Path, source: Path, port: int, options: str, input_options: str = "") -> FluentBit:
     return FluentBit(workdir, "sender", f"""
 [INPUT]
     Name tail
@@ -114,6 +115,7 @@ def sender(workdir: Path, source: Path, port: int, options: str) -> FluentBit:
     Refresh_Interval 1
     Parser stamped
     Tag web.access
+{input_options}
 [OUTPUT]
     Name forward
     Match *
@@ -158,9 +160,9 @@ def chain(tmp_path):
     source = tmp_path / "input.log"
     parts["forward_port"] = forward
 
-    def start_sender(lines: list[str], options: str) -> FluentBit:
+    def start_sender(lines: list[str], options: str, input_options: str = "") -> FluentBit:
         source.write_text("\n".join(lines) + "\n")
-        parts["sender"] = sender(tmp_path, source, forward, options).start()
+        parts["sender"] = sender(tmp_path, source, forward, options, input_options).start()
         return parts["sender"]
 
     yield tmp_path, parts, start_sender
@@ -221,6 +223,24 @@ def test_a_200000_line_backlog_is_scored_whole_in_bounded_memory(chain):
     peak = parts["sidecar"].peak_rss_bytes() / 2**20
     print(f"sidecar peak RSS {peak:.0f} MiB for a {len(lines)}-line backlog")
     assert peak <= 300
+
+
+def test_a_record_past_the_value_budget_in_a_gzip_chunk_costs_only_itself(chain):
+    """Fluent Bit with `Compress gzip` sends CompressedPackedForward. One JSON log holding a
+    2,000,000-item array (past the 1,000,000-value budget) refused its whole chunk: 0 of the
+    other 2,999 records arrived in 40 s, the chunk resent for ever (dropped at a retry limit).
+    Skipped by its bytes, counted; the others arrive once each."""
+    workdir, parts, start_sender = chain
+    lines = stamped_lines(3000)
+    lines[2500] = json.dumps({**json.loads(lines[2500]), "items": [0] * 2_000_000}, separators=(",", ":"))
+    start_sender(lines, "    Compress gzip\n    Require_ack_response true",
+                 input_options="    Buffer_Chunk_Size 1M\n    Buffer_Max_Size 16M")  # a 4 MB line
+    out = wait_for_lines(workdir, 2999, timeout=60)
+    assert sorted(r["n"] for _, _, r in out) == [n for n in range(3000) if n != 2500]
+    assert all(isinstance(r.get("anomaly_score"), float) for _, _, r in out)
+    sidecar = parts["sidecar"]
+    assert counter(sidecar, "forward_invalid_entry") == 1 and counter(sidecar, "forward_protocol") == 0
+    assert "could not be decoded (a slice of PackedForward entries holds more than 1,000,000" in sidecar.log()
 
 
 def test_a_fluent_bit_sending_tls_is_named_with_the_fix_and_loses_nothing_once_fixed(chain):
