@@ -801,11 +801,15 @@ def test_a_window_model_of_routes_alone_counts_every_record(tmp_path):
     model = Model.load(tmp_path / "m.onnx")
     assert model.metadata["windows"]["dimensions"] == ["route", "tag"]
     behaviour = Behaviour(Settings(), EventHub(10, 10))
-    records = [json.loads(line) for line in lines[:50]]
     now = time.time()
+    records = [{"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now - i % 20)), "user": f"u{i % 7}"}
+               for i in range(50)]  # live: written in the last 20 s
     behaviour.observe({model: range(50)}, [model.score(records)], 50, None, now)
     windows = behaviour.of(model).windows
     assert windows.counts[windows.row["route=m"]] == 50
+    # Their time is read all the same: the same records an hour later are a backlog, left out.
+    behaviour.observe({model: range(50)}, [model.score(records)], 50, None, now + 3600)
+    assert windows.counts[windows.row["route=m"]] == 0
 
 
 @pytest.mark.parametrize("lines, flags, complaint", [

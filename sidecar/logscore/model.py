@@ -90,12 +90,14 @@ class Scored:
 def behaviour_fields(metadata: dict, client_key: Optional[str] = None) -> tuple[str, ...]:
     """The record fields a model's window and client detectors read (none without them): their
     keys, and the record's own time (a late record is left out of both: behaviour.Lateness)."""
+    if not (metadata.get("windows") or metadata.get("entities")):
+        return ()
     names: list[str] = []
     if metadata.get("windows"):
         names += fields_read(metadata["windows"]["dimensions"])
     if metadata.get("entities"):
         names += [client_key or str(metadata["entities"]["key"]), *CLIENT_FIELDS]
-    return tuple(dict.fromkeys(names + list(TIME_FIELDS))) if names else ()
+    return tuple(dict.fromkeys(names + list(TIME_FIELDS)))
 
 
 def novelty_shares(batch: FeatureBatch, surprise: np.ndarray) -> np.ndarray:
