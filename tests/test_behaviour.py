@@ -340,6 +340,36 @@ def test_lateness_follows_each_source_and_a_clock_that_is_off_is_late_only_until
     assert DELAY_FLOOR_RISE * CLOCK_SETTLE_S < 7200 - 60  # (so the settling, not the rise, counted it)
 
 
+def test_behind_an_aggregator_each_host_is_a_source_of_its_own(tmp_path):
+    """One tag, many senders (an aggregator forwarding them all): a sender whose clock lags the
+    others by more than the grace had all its records late for good, its least delay being the
+    tag's; as a source of its own, its offset settles and its records count again."""
+    from logscore.behaviour import CLOCK_SETTLE_S, Behaviour
+    from logscore.settings import Settings
+
+    def records(moment: float, host: str, count: int) -> list[dict]:
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(moment))
+        return [{"time": stamp, "host": host, "level": "info", "message": f"request {i} served"} for i in range(count)]
+
+    training = [record for i in range(1200) for record in records(START + 3 * i, f"web-{i % 3}", 1)]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(record) + "\n" for record in training))
+    done = subprocess.run([sys.executable, "-m", "logscore", "train", "--input", str(tmp_path / "train.jsonl"),
+                           "--format", "jsonl", "--out", str(tmp_path / "m.onnx"), "--windows", "--window-s", "1"],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    model = Model.load(tmp_path / "m.onnx")
+    assert "host" in model.metadata["windows"]["dimensions"]
+    behaviour = Behaviour(Settings(), EventHub(100, 100))
+    windows = behaviour.of(model).windows
+    now = time.time()
+    for step in range(int(CLOCK_SETTLE_S // 30) + 2):  # every 30 s, for a little over 5 minutes
+        moment = now + 30 * step
+        batch = records(moment, "web-0", 5) + records(moment - 600, "web-1", 5)  # web-1's clock: 10 min behind
+        behaviour.observe({model: range(10)}, [model.score(batch)], 10, ["agg.logs"] * 10, moment)
+    assert windows.counts[windows.row["host=web-0"]] == 5
+    assert windows.counts[windows.row["host=web-1"]] == 5  # settled: counted again (0 while one tag's)
+
+
 def test_a_records_own_time_is_the_one_it_holds_else_the_one_its_shipper_sent():
     """A shipper that did not parse a line sends the moment it read it: in a backlog that is no
     record's time, the line's own timestamp is. Numbers in a time field are read from 2001 on

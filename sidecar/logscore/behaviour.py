@@ -96,6 +96,19 @@ def own_times(columns: dict, size: int, carried: Optional[np.ndarray]) -> Option
     return np.where(np.isnan(written), carried, written)
 
 
+def lateness_sources(columns: dict, tags: Optional[Sequence[str]]) -> Optional[Sequence[str]]:
+    """Where each record comes from, for Lateness: its tag, and its host where the model's windows
+    count per host (records naming their sender: syslog's host, a hostname field). Behind an
+    aggregator one tag carries many senders, each with its own clock: one whose clock lags the
+    others by more than the grace was late for good, as a source of its own it settles."""
+    if "host" not in columns:
+        return tags
+    hosts = KeyNamer.column("host", columns)
+    if tags is None:
+        return [host or "" for host in hosts]
+    return [f"{tag} {host}" if host else tag for tag, host in zip(tags, hosts)]
+
+
 class Lateness:
     """Which records arrive long after their own time (a backlog being caught up, a replayed log).
 
@@ -234,7 +247,7 @@ class Behaviour:
             if times is not None and carried is None:
                 carried = event_times(times)
             own = own_times(columns, size, None if carried is None else carried[np.asarray(positions)])
-            late = None if own is None else watched.lateness.late(own, mine, now)
+            late = None if own is None else watched.lateness.late(own, lateness_sources(columns, mine), now)
             live = np.arange(size)
             if late is not None:
                 self._left_out_late(model.name, own[late], now)
