@@ -31,7 +31,7 @@ log = logging.getLogger("logscore.behaviour")
 
 ENTITY_CHUNK = 512  # records whose client features go through the detector graph at once
 # Lateness: a record counts in windows and clients when it arrives at most this long after the
-# least delay lately seen from its source (its tag): the grace covers a shipper's buffering.
+# least delay lately seen from its source (lateness_sources): the grace covers a shipper's buffering.
 LATE_GRACE_WINDOWS = 2
 MIN_LATE_GRACE_S = 60.0
 # The least delay rises by this many seconds a second when nothing arrives sooner, so a backlog
@@ -114,7 +114,7 @@ class Lateness:
 
     Windows count, and clients are tracked, by arrival: a shipper's backlog after an outage would
     be a burst of traffic and a crowd of fast clients. Records whose own time (``own_times``) is
-    older than the least delay lately seen from their source plus a grace are
+    older than the least delay lately seen from their source (lateness_sources) plus a grace are
     late: scored as ever, but left out of windows and clients. A new source's least delay is 0
     (clocks agree), so a backlog met first (the sidecar restarted while shippers held their
     buffers) is late too; a source late for CLOCK_SETTLE_S has a clock that is off, and its offset
