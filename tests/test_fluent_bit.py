@@ -106,15 +106,19 @@ def receiver(workdir: Path, port: int) -> FluentBit:
 """)
 
 
-def sender(workdir: Path, source: Path, port: int, options: str, input_options: str = "") -> FluentBit:
-    return FluentBit(workdir, "sender", f"""
+def sender(workdir: Path, source: Path, port: int, options: str, input_options: str = "", parser: str = "stamped",
+           tag: str = "web.access", name: str = "sender") -> FluentBit:
+    """Fluent Bit tailing source (with ``parser``; None: none, each line under ``log``) and
+    forwarding it to port."""
+    parse = f"    Parser {parser}" if parser else ""
+    return FluentBit(workdir, name, f"""
 [INPUT]
     Name tail
     Path {source}
     Read_From_Head On
     Refresh_Interval 1
-    Parser stamped
-    Tag web.access
+{parse}
+    Tag {tag}
 {input_options}
 [OUTPUT]
     Name forward
@@ -275,21 +279,9 @@ def test_a_stack_trace_joined_by_fluent_bit_is_one_record_with_one_score(chain):
              "\tat com.acme.billing.Main.main(Main.java:12)"]
     source.write_text("\n".join(["Dec 02 10:00:00 app started", *trace, "Dec 02 10:00:01 app ready"]) + "\n")
     forward = parts["sidecar"].settings["forward"].rpartition(":")[2]
-    parts["sender"] = FluentBit(workdir, "multiline-sender", f"""
-[INPUT]
-    Name tail
-    Path {source}
-    Read_From_Head On
-    multiline.parser java
-    Tag app.log
-[OUTPUT]
-    Name forward
-    Match *
-    Host 127.0.0.1
-    Port {forward}
-    Require_ack_response true
-    Retry_Limit no_limits
-""").start()
+    parts["sender"] = sender(workdir, source, int(forward), "    Require_ack_response true",
+                             input_options="    multiline.parser java", parser=None, tag="app.log",
+                             name="multiline-sender").start()
     out = wait_for_lines(workdir, 3, timeout=30)
     assert [r["log"].rstrip("\n") for _, _, r in out] == ["Dec 02 10:00:00 app started", "\n".join(trace),
                                                          "Dec 02 10:00:01 app ready"]
@@ -308,20 +300,7 @@ def test_tail_without_a_parser_catching_up_old_lines_is_no_burst(behaviour_model
     source = tmp_path / "access.log"
     backlog = timed_shop_lines(300, 3.0, time.time() - 900, seed=12)  # written 15 to 10 minutes ago
     source.write_text("\n".join(backlog) + "\n")
-    parts["sender"] = FluentBit(tmp_path, "sender", f"""
-[INPUT]
-    Name tail
-    Path {source}
-    Read_From_Head On
-    Refresh_Interval 1
-    Tag web.access
-[OUTPUT]
-    Name forward
-    Match *
-    Host 127.0.0.1
-    Port {forward}
-    Require_ack_response true
-""").start()
+    parts["sender"] = sender(tmp_path, source, forward, "    Require_ack_response true", parser=None).start()
     try:
         out = wait_for_lines(tmp_path, len(backlog), timeout=60)
         time.sleep(2.5)  # the windows they arrived in close (forward mode sends their events on)

@@ -76,14 +76,7 @@ class AnomalyEventsTest < Test::Unit::TestCase
     omit(FLUENTD_MISSING) unless FLUENTD_AVAILABLE
     work = Dir.mktmpdir('logscore-events-fluentd')
     port = SidecarProcess.free_port
-    config = forward_source(port) + <<~CONF + file_output("#{work}/out/all")
-      <filter web.**>
-        @type logscore
-        endpoint unix://#{self.class.sidecar.socket}
-        message_key message
-        anomaly_tag logscore.anomaly
-      </filter>
-    CONF
+    config = forward_source(port) + events_filter + file_output("#{work}/out/all")
     pid = spawn_fluentd(work, 'events', config.sub('<match web.**>', '<match **>'))
     deadline = Time.now + 30
     sleep 0.2 until listening?(port) || Time.now > deadline
@@ -112,14 +105,7 @@ class AnomalyEventsTest < Test::Unit::TestCase
     work = Dir.mktmpdir('logscore-events-backlog')
     old = AccessLines.normal(600, at: Time.now - 900).map { |line| line.sub('" 200 ', '" 503 ') }
     File.write(File.join(work, 'access.log'), old.join("\n") + "\n")
-    config = tail_source(work, '@type none').sub('tag web.access', 'tag web.backlog') + <<~CONF
-      <filter web.**>
-        @type logscore
-        endpoint unix://#{self.class.sidecar.socket}
-        message_key message
-        anomaly_tag logscore.anomaly
-      </filter>
-    CONF
+    config = tail_source(work, '@type none').sub('tag web.access', 'tag web.backlog') + events_filter
     pid = spawn_fluentd(work, 'backlog', config + file_output("#{work}/out/all").sub('<match web.**>', '<match **>'))
     records = wait_for_records(File.join(work, 'out'), old.size, timeout: 60)
     sleep 3.0 # the windows they arrived in close
@@ -141,6 +127,18 @@ class AnomalyEventsTest < Test::Unit::TestCase
   ensure
     stop_processes([pid].compact)
     FileUtils.rm_rf(work) if work
+  end
+
+  # The filter scoring the message field as a raw line, emitting anomaly events as logscore.anomaly.
+  def events_filter
+    <<~CONF
+      <filter web.**>
+        @type logscore
+        endpoint unix://#{self.class.sidecar.socket}
+        message_key message
+        anomaly_tag logscore.anomaly
+      </filter>
+    CONF
   end
 
   def listening?(port)
