@@ -41,7 +41,7 @@ def epoch_seconds(value: float) -> Optional[float]:
 EARLIEST_NUMBER = 1e9
 # RFC 3164 carries no year: a line is of the latest year that does not put it this far ahead
 # (December's lines read in January are last year's).
-MAX_AHEAD_S = 2 * 86400.0
+SYSLOG_YEAR_AHEAD_S = 2 * 86400.0
 
 
 def parse_time(text: object, now: Optional[float] = None) -> Optional[float]:
@@ -105,7 +105,7 @@ def _parsed(value: str, now: Optional[float]) -> Optional[float]:
         year = time.gmtime(now).tm_year
         moment = (MONTHS[month], int(day), int(hour), int(minute), int(second))
         seconds = calendar.timegm((year, *moment))
-        return float(seconds if seconds <= now + MAX_AHEAD_S else calendar.timegm((year - 1, *moment)))
+        return float(seconds if seconds <= now + SYSLOG_YEAR_AHEAD_S else calendar.timegm((year - 1, *moment)))
     return None
 
 
