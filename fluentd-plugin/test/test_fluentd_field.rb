@@ -20,13 +20,14 @@ class FluentdFieldTest < Test::Unit::TestCase
     FileUtils.rm_rf(@work) if @work
   end
 
-  # The filter with every setting at its default but the socket.
-  def default_filter(id = 'logscore')
+  # The filter with every setting at its default but the socket (and `settings`, lines of its own).
+  def default_filter(id = 'logscore', settings: '')
     <<~CONF
       <filter web.**>
         @type logscore
         @id #{id}
         endpoint unix://#{@sidecar.socket}
+        #{settings}
       </filter>
     CONF
   end
@@ -63,6 +64,10 @@ class FluentdFieldTest < Test::Unit::TestCase
   test 'ten in_tail sources through one filter: every line scored, the circuit never opened' do
     # Each input calls the filter from its own thread: ten at once made more streams than the
     # sidecar takes on one connection, and the refused ones read as a silent sidecar.
+    # NOTE: a generous timeout: a refused stream fails at once whatever the deadline, but the
+    # default one (0.5 s + 0.5 ms a record) is shorter than a burst of 50,000 lines takes on a
+    # loaded CI machine: at load 5 on 2 cores calls waited past it for one of the 4 places
+    # (6,039 records unscored as busy) or ran past it (8,289 unscored, the circuit opened).
     @sidecar = SidecarProcess.new(@work).start
     monitor = SidecarProcess.free_port
     lines = AccessLines.normal(5000)
@@ -81,7 +86,8 @@ class FluentdFieldTest < Test::Unit::TestCase
         </source>
       CONF
     end
-    @pids << spawn_fluentd(@work, 'tail', monitor_source(monitor) + sources.join + default_filter +
+    @pids << spawn_fluentd(@work, 'tail', monitor_source(monitor) + sources.join +
+                                          default_filter(settings: 'timeout 10s') +
                                           file_output("#{@work}/out/scored"))
     sleep 3 # in_tail watches the files
     Array.new(10) do |n| # each file appended 250 lines at a time, as live logs grow
