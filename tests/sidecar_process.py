@@ -154,6 +154,14 @@ class SidecarProcess:
             time.sleep(0.05)
         raise AssertionError(f"timed out waiting for {what}; sidecar log:\n{self.log()[-3000:]}")
 
+    def wait_for_scoring_to_begin(self, timeout: float = 30.0) -> None:
+        """Until the sidecar has scored a first chunk: a big call sent just before is then under way.
+
+        A fixed sleep after sending is not enough on a loaded machine: the call may not have
+        reached the sidecar yet when the test signals it.
+        """
+        self.wait_for(lambda: self.metric("logscore_batch_records_count") > 0, timeout, "a first chunk scored")
+
     def model_versions(self) -> dict[str, str]:
         response = self.stub().ListModels(pb.ListModelsRequest(), timeout=5)
         return {m.name: m.version for m in response.models}

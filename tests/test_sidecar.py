@@ -231,8 +231,10 @@ def test_expired_deadline_and_overload(models_dir, tmp_path):
             lines=[line.encode() for line in shop_lines(20_000, seed=46)]))
         futures = [stub.Score.future(heavy, timeout=60) for _ in range(3)]
         # The first runs, the second waits, the third finds the queue full; the late one comes
-        # while they run (20,000 records take ≈ 0.1 s each with the compiled featurizer).
-        time.sleep(0.03)
+        # while they run (20,000 records take ≈ 0.1 s each with the compiled featurizer): once
+        # the first is being scored (after a fixed 30 ms, on a loaded machine, the late one came
+        # first, found the model idle and was answered at once).
+        process.wait_for_scoring_to_begin()
         late = stub.Score.future(pb.ScoreRequest(model="shop", lines=pb.RawLines(lines=[b"x"])), timeout=0.05)
         outcomes = []
         for future in futures + [late]:
@@ -365,7 +367,7 @@ def test_sighup_reloads_and_in_flight_calls_finish_on_their_model(tmp_path, shop
         heavy = pb.ScoreRequest(model="shop", lines=pb.RawLines(
             lines=[line.encode() for line in shop_lines(20_000, seed=47)]))
         in_flight = process.stub().Score.future(heavy, timeout=60)
-        time.sleep(0.1)
+        process.wait_for_scoring_to_begin()
         shutil.copy(DEFAULT_MODEL, models / "shop.onnx")  # same name, other content
         process.signal(signal.SIGHUP)
         process.wait_for(lambda: process.model_versions()["shop"] != old_version, what="swap")
@@ -385,7 +387,7 @@ def test_sigterm_drains_in_flight_calls(tmp_path, shop_only):
     result = {}
     thread = threading.Thread(target=lambda: result.update(r=process.stub().Score(heavy, timeout=60)))
     thread.start()
-    time.sleep(0.3)
+    process.wait_for_scoring_to_begin()
     assert process.stop() == 0
     thread.join(30)
     assert len(result["r"].scores) == 20_000
