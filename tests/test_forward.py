@@ -807,7 +807,7 @@ def test_sigterm_lets_a_relay_under_way_finish(tmp_path):
         entries = [[1_700_000_000 + i, {"message": lines[i % 200]}] for i in range(20_000)]
         with socket.create_connection(("127.0.0.1", port), timeout=30) as connection:
             connection.sendall(msgpack.packb(["web", packed(entries), {"size": 20_000, "chunk": "last"}]))
-            time.sleep(0.2)
+            sidecar.wait_for_scoring_to_begin()  # under way: a message still unread is closed without an ack
             os.kill(sidecar.process.pid, 15)
             assert msgpack.unpackb(connection.recv(100)) == {"ack": "last"}
         assert sidecar.process.wait(20) == 0
