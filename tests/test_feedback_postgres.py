@@ -157,8 +157,11 @@ def stalled_writes_fail_fast(sidecar, holder, models, shop_model_path) -> None:
             writer.start()
         time.sleep(0.5)
         shutil.copy(shop_model_path, models / "second.onnx")
-        sidecar.wait_for(lambda: "second" in json.loads(sidecar.http_get("/readyz")[1])["models"], 3,
+        # The reload waits for no write: the model is there before any of them has its answer (a
+        # statement timeout, 5 s). Not a time limit: a loaded machine may take seconds to load it.
+        sidecar.wait_for(lambda: "second" in json.loads(sidecar.http_get("/readyz")[1])["models"], 30,
                          "the new model while writes wait for the database")
+        assert not answers, "the model was loaded only once writes had answered"
         for writer in writers:
             writer.join(30)
         assert time.monotonic() - started < 20  # 5 s a statement, 4 threads: two rounds at most
