@@ -251,6 +251,26 @@ def test_expired_deadline_and_overload(models_dir, tmp_path):
         process.stop()
 
 
+def records_scored_for_a_caller_gone(process, heavy, *calibrations) -> float:
+    """Records of `heavy` (20,000) scored when its caller gives up a quarter of the way through.
+
+    A quarter of the quicker of the calibration calls (the same kind of lines, not the same).
+    """
+    def seconds_for(calibration: pb.ScoreRequest) -> float:
+        started = time.monotonic()
+        process.stub().Score(calibration, timeout=60)
+        return time.monotonic() - started
+
+    whole = min(seconds_for(calibration) for calibration in calibrations)
+    scored_before = process.metric('logscore_batch_records_sum{model="shop"}')
+    abandoned_before = process.metric("logscore_abandoned_records_total")
+    expect_status(lambda: process.stub().Score(heavy, timeout=whole / 4), grpc.StatusCode.DEADLINE_EXCEEDED, "")
+    abandoned = process.wait_for(lambda: process.metric("logscore_abandoned_records_total") - abandoned_before,
+                                 what="abandoned records counted")
+    assert abandoned == 20_000
+    return process.metric('logscore_batch_records_sum{model="shop"}') - scored_before
+
+
 def test_work_of_a_caller_that_gave_up_is_dropped_and_counted(models_dir, tmp_path):
     process = SidecarProcess(models_dir, tmp_path, **BIG_REQUESTS).start()
 
@@ -259,25 +279,21 @@ def test_work_of_a_caller_that_gave_up_is_dropped_and_counted(models_dir, tmp_pa
             lines=[line.encode() for line in shop_lines(20_000, seed=seed)]))
 
     try:
-        # How long this machine takes for the whole call now (the same kind of lines, not the same):
-        # the quicker of two, after a first small call has set up the channel and the model.
-        heavy, calibrations = request(47), [request(48), request(49)]
-        score_one(process, {"url": "/"}, model="shop")
-
-        def seconds_for(calibration: pb.ScoreRequest) -> float:
-            started = time.monotonic()
-            process.stub().Score(calibration, timeout=60)
-            return time.monotonic() - started
-
-        whole = min(seconds_for(calibration) for calibration in calibrations)
-        scored_before = process.metric('logscore_batch_records_sum{model="shop"}')
-        expect_status(lambda: process.stub().Score(heavy, timeout=whole / 4), grpc.StatusCode.DEADLINE_EXCEEDED, "")
-        abandoned = process.wait_for(lambda: process.metric("logscore_abandoned_records_total"),
-                                     what="abandoned records counted")
-        assert abandoned == 20_000
+        score_one(process, {"url": "/"}, model="shop")  # sets up the channel and the model
+        # NOTE: the caller's deadline is a quarter of what the whole call took just before; on a
+        # loaded machine the sidecar may run twice as fast a moment later and score half the call
+        # before the deadline (seen once: 11,776 records). A sidecar that finished the work of a
+        # caller gone scores all 20,000 every time: three tries tell the two apart.
+        scored = []
+        for attempt in range(3):
+            seeds = 47 + 3 * attempt
+            scored.append(records_scored_for_a_caller_gone(process, request(seeds), request(seeds + 1),
+                                                           request(seeds + 2)))
+            if scored[-1] < 20_000 / 2:
+                break
         # Scoring stopped within a chunk or two of the caller leaving (a quarter of the way), not
         # after 20,000 records.
-        assert process.metric('logscore_batch_records_sum{model="shop"}') - scored_before < 20_000 / 2
+        assert min(scored) < 20_000 / 2, scored
     finally:
         process.stop()
 
