@@ -70,7 +70,9 @@ class StreamScorerTest < Test::Unit::TestCase
   test 'many inputs calling one filter at once are all scored, with the circuit closed' do
     # Fluentd calls a filter from every input's thread: eight threads, two calls in flight each,
     # made 16 streams on one connection, and those the sidecar refused read as a silent sidecar.
-    client = Logscore::Client.new(endpoint: "unix://#{self.class.sidecar.socket}", timeout: 2.0)
+    # NOTE: a generous timeout: a refused stream fails at once whatever the deadline, while 16 calls
+    # queueing for 4 places on a loaded machine may wait past a short one (busy, unscored).
+    client = Logscore::Client.new(endpoint: "unix://#{self.class.sidecar.socket}", timeout: 10.0)
     shared = Logscore::StreamScorer.new(client: client, keys: KEYS, message_key: 'message', on_error: :pass,
                                         batch_records: 500, batch_bytes: 1024 * 1024)
     lines = AccessLines.normal(2000).map { |line| { 'message' => line } }
