@@ -96,6 +96,9 @@ class SidecarProcess:
             except OSError:
                 pass
             time.sleep(0.05)
+        self.process.kill()  # not left running: a slow start on a loaded machine leaked a sidecar
+        self.process.wait()
+        self._log.close()
         raise RuntimeError(f"sidecar not ready after {timeout}s:\n{self.log()}")
 
     def log(self) -> str:

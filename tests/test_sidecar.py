@@ -300,6 +300,13 @@ def test_work_of_a_caller_that_gave_up_is_dropped_and_counted(models_dir, tmp_pa
 
 # --- health, reflection, metrics, HTTP ---------------------------------------------------
 
+def test_a_sidecar_not_ready_in_time_is_not_left_running(tmp_path, shop_only):
+    process = SidecarProcess(shop_only, tmp_path)
+    with pytest.raises(RuntimeError, match="not ready after"):
+        process.start(timeout=0.01)
+    assert process.process.poll() is not None
+
+
 def test_unix_socket_file_mode(sidecar):
     assert stat.S_IMODE(os.stat(sidecar.socket).st_mode) == 0o660
 
