@@ -259,3 +259,29 @@ def test_the_worst_input_through_a_scoring_process_leaves_it_serving(tmp_path):
         assert '"level": "error"' not in sidecar.log()
     finally:
         assert sidecar.stop() == 0, sidecar.log()
+
+
+def test_a_worker_running_other_code_than_the_sidecar_scores_nothing(tmp_path, monkeypatch, behaviour_model, caplog):
+    """logscore upgraded in place while the sidecar runs: a worker started since (replacing one
+    that crashed) imports what is on disk, and its answers differed from the sidecar's without any
+    error (here: an older model.py, whose models read no record times: lateness would quietly stop).
+    The sidecar scores such a worker's chunks itself, and says to restart it."""
+    import logging
+
+    import logscore
+
+    copy = tmp_path / "logscore"
+    shutil.copytree(Path(logscore.__file__).parent, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    source = (copy / "model.py").read_text()
+    (copy / "model.py").write_text(source.replace("names + list(TIME_FIELDS)", "names"))  # the older version
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))  # what a worker started now imports
+    pool = ScoringProcesses(1, max_line_chars=65_536)
+    try:
+        model = Model.load(behaviour_model)
+        records = timed_shop_lines(20, 5.0, seed=9)
+        with caplog.at_level(logging.ERROR, logger="logscore.scoring_processes"):
+            assert_same(pool.score(model, records, 0), model.score(records, 0))
+            assert_same(pool.score(model, records, 2), model.score(records, 2))
+        assert caplog.text.count("restart the sidecar") == 1  # said once
+    finally:
+        pool.close()

@@ -9,8 +9,9 @@ requests scored on the event loop, routing, explanations' wording, the probe).
 
 What stays in the sidecar's process: models that follow sessions (their state is the order of
 records), a chunk whose model file changed on disk since the sidecar loaded it (the worker would
-score another version) or no longer loads (broken, or being written, when a worker starts), and
-records msgpack cannot carry.
+score another version) or no longer loads (broken, or being written, when a worker starts),
+records msgpack cannot carry, and every chunk of a worker that runs other code than the sidecar
+(logscore upgraded in place while it ran: a worker started since imports what is on disk).
 
 A worker found dead before a chunk is sent to it is replaced first. One that exits or hangs
 while scoring costs only that chunk: its callers get ``ScorerUnavailable`` (gRPC UNAVAILABLE,
@@ -23,6 +24,7 @@ Messages are msgpack over a socket pair, one request and one reply at a time per
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import os
 import queue
@@ -50,6 +52,17 @@ log = logging.getLogger("logscore.scoring_processes")
 # all its chunks, so this is also how long one stuck worker can hold scoring up (it was 30 s).
 CHUNK_TIMEOUT_S = 5.0
 ARRAYS = ("scores", "is_anomaly", "raw_scores", "truncated", "unparsed", "novelty")
+
+
+def code_fingerprint() -> str:
+    """A digest of the logscore code on disk (its Python sources and compiled extension), taken
+    by the sidecar and by each worker when they start: the code each of them imported."""
+    package = Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for path in sorted([*package.rglob("*.py"), *package.rglob("*.so")]):
+        digest.update(str(path.relative_to(package)).encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 class WorkerFailed(Exception):
@@ -143,8 +156,10 @@ class ScoringProcesses:
 
     def __init__(self, count: int, max_line_chars: int, client_key: Optional[str] = None, on_restart=None):
         self.count = count
-        self._arguments = ["--max-line-chars", str(max_line_chars)] + (["--client-key", client_key]
-                                                                      if client_key else [])
+        self._code = code_fingerprint()  # the code this process imported (workers check theirs against it)
+        self._arguments = ["--max-line-chars", str(max_line_chars), "--code", self._code] + (
+            ["--client-key", client_key] if client_key else [])
+        self._other_code_said = False
         self._on_restart = on_restart or (lambda reason: None)
         self._idle: queue.Queue[Worker] = queue.Queue()
         self._workers: list[Worker] = []
@@ -210,7 +225,17 @@ class ScoringProcesses:
         self._idle.put(worker)
         if "stale" in checked(reply):  # the file changed since the sidecar loaded it: score the version it serves
             return model.score(records, explain)
+        if "other_code" in reply:
+            self._say_other_code(reply["other_code"])
+            return model.score(records, explain)
         return unpack_scored(reply["scored"])
+
+    def _say_other_code(self, theirs: str) -> None:
+        if not self._other_code_said:
+            self._other_code_said = True
+            log.error("the logscore code on disk changed since the sidecar started (upgraded in place?): its "
+                      "scoring processes would run other code, so the sidecar scores in its own process; restart "
+                      "the sidecar to use them again", extra={"sidecar_code": self._code, "worker_code": theirs})
 
     def _take_idle(self) -> Worker:
         try:
@@ -284,7 +309,11 @@ class ModelCache:
         return model
 
 
-def answer(cache: ModelCache, message: list) -> dict:
+def answer(cache: ModelCache, message: list, other_code: Optional[str] = None) -> dict:
+    """The reply to one request; ``other_code``: this worker's code fingerprint when it is not the
+    sidecar's (then it scores nothing)."""
+    if other_code is not None:
+        return {"other_code": other_code}
     path, version, explain, records = message
     try:
         model = cache.get(path, version)
@@ -295,11 +324,11 @@ def answer(cache: ModelCache, message: list) -> dict:
         return {"error": f"{type(error).__name__}: {error}"}
 
 
-def serve_worker(connection: Connection, cache: ModelCache) -> None:
+def serve_worker(connection: Connection, cache: ModelCache, other_code: Optional[str] = None) -> None:
     while True:
         try:
             message = unpack(connection.recv_bytes())
-            connection.send_bytes(msgpack.packb(answer(cache, message), use_bin_type=True))
+            connection.send_bytes(msgpack.packb(answer(cache, message, other_code), use_bin_type=True))
         except (EOFError, OSError):  # the sidecar closed its end (shutdown) or is gone
             return
 
@@ -309,13 +338,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--fd", type=int, required=True)
     parser.add_argument("--max-line-chars", type=int, required=True)
     parser.add_argument("--client-key", default=None)
+    parser.add_argument("--code", default=None, help="the sidecar's code_fingerprint()")
     args = parser.parse_args(argv)
+    mine = code_fingerprint()
     # Ctrl-C (the process group) or a service manager's SIGTERM to every process reaches the sidecar
     # too: it drains its calls, then closes our connection, which ends us.
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, signal.SIG_IGN)
     os.set_blocking(args.fd, True)
-    serve_worker(Connection(args.fd), ModelCache(args.max_line_chars, args.client_key))
+    serve_worker(Connection(args.fd), ModelCache(args.max_line_chars, args.client_key),
+                 mine if args.code not in (None, mine) else None)
     return 0
 
 
