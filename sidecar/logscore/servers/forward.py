@@ -395,8 +395,8 @@ def decode_small(data: memoryview, unpacker: msgpack.Unpacker) -> object:
     unpacker.feed(data)
     try:
         return unpacker.unpack()
-    except (TypeError, msgpack.UnpackException) as error:  # TypeError: a list as a map key
-        raise ForwardProtocolError(f"{type(error).__name__} {error}".rstrip()) from None
+    except (TypeError, ValueError, msgpack.UnpackException) as error:  # the budget's too
+        raise undecodable(error) from None
 
 
 def _is_array(value) -> bool:
@@ -882,7 +882,7 @@ class MessageFramer:
         except msgpack.OutOfData:
             return None
         except (ValueError, msgpack.UnpackException) as error:
-            raise ForwardProtocolError(f"{type(error).__name__} {error}".rstrip()) from None
+            raise undecodable(error) from None
         return self._skipper.tell() - self._start
 
 
