@@ -14,6 +14,8 @@ else
   missing+=(python3-venv python3-dev)
 fi
 command -v openssl >/dev/null || missing+=(openssl)
+# Times written without a zone are read in --time-zone: named zones come from Debian's zone data.
+dpkg -s tzdata >/dev/null 2>&1 || missing+=(tzdata)
 # The compiled featurizer (sidecar/logscore/features/_native.c) is built at install: gcc and Python's
 # headers (python3-dev, above). Without them logscore still installs and runs its pure-Python featurizer.
 command -v gcc >/dev/null || missing+=(gcc)

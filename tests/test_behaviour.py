@@ -394,6 +394,69 @@ def test_a_syslog_time_without_year_is_never_read_days_ahead():
     assert parse_time("Jan  2 00:01:00", now=new_year) == 1_798_761_660.0 + 86400  # (a clock a day behind)
 
 
+@pytest.fixture()
+def zone():
+    """Sets the zone of times written without one, as `serve` and `train` do; UTC again after."""
+    from logscore.timestamps import read_zoneless_in
+
+    yield read_zoneless_in
+    time.tzset()  # (a test's TZ is undone by then)
+    read_zoneless_in("UTC")
+
+
+def test_times_without_a_zone_are_read_in_the_zone_given_and_times_with_one_as_written(zone, monkeypatch):
+    """Syslog's times and ISO 8601 without an offset (Python's and Java's default log times) are the
+    writing host's wall clock, most often its local time: read as UTC, a New York host's records
+    were 5 hours late (left out of windows and clients until its "clock" settled)."""
+    from logscore.timestamps import parse_time
+
+    winter, summer = 1_768_467_600.0, 1_784_106_000.0  # 2026-01-15 and 2026-07-15, 09:00 UTC
+    zone("America/New_York")
+    assert parse_time("2026-01-15T09:00:00") == winter + 5 * 3600  # EST
+    assert parse_time("2026-07-15 09:00:00,250") == summer + 4 * 3600 + 0.25  # EDT; Python's logging
+    assert parse_time("Jul 15 09:00:00", now=summer + 86400) == summer + 4 * 3600
+    assert parse_time("15/Jul/2026:09:00:03") == summer + 4 * 3600 + 3
+    # Written with their zone: as written.
+    assert parse_time("2026-07-15T09:00:00Z") == summer
+    assert parse_time("2026-07-15T05:00:00-04:00") == summer
+    assert parse_time("15/Jul/2026:09:00:03 +0000") == summer + 3
+    zone("UTC")
+    assert parse_time("15/Jul/2026:09:00:03") == summer + 3  # (its cached minute follows the zone)
+    monkeypatch.setenv("TZ", "Asia/Kolkata")
+    zone("local")  # the machine's zone, as TZ gives it
+    assert parse_time("2026-07-15T09:00:00") == summer - 5.5 * 3600
+
+
+def test_a_host_writing_local_time_is_on_time_in_training_and_in_the_sidecar(tmp_path):
+    """Records stamped with New York's wall clock and no zone: training reads them in --time-zone,
+    and a sidecar on a New York host (TZ; the default --time-zone local) counts those written now
+    and leaves out those written 15 minutes ago. Read as UTC, all were 5 hours late."""
+    def stamp(moment: float) -> str:  # New York's wall clock, as Python's logging writes it
+        return time.strftime("%Y-%m-%d %H:%M:%S,000", time.gmtime(moment - 5 * 3600))
+
+    training = [{"time": stamp(START + 3 * i), "level": "info", "message": f"request {i % 9} served"}
+                for i in range(1200)]
+    (tmp_path / "models").mkdir()
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(record) + "\n" for record in training))
+    done = subprocess.run([sys.executable, "-m", "logscore", "train", "--input", str(tmp_path / "train.jsonl"),
+                           "--format", "jsonl", "--out", str(tmp_path / "models" / "m.onnx"), "--windows",
+                           "--window-s", "1", "--time-zone", "America/New_York"],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert Model.load(tmp_path / "models" / "m.onnx").metadata["windows"]["training"]["start"] == START
+    sidecar = SidecarProcess(tmp_path / "models", tmp_path, env={"TZ": "America/New_York"}).start()
+    try:
+        now = time.time()
+        records = [{"time": stamp(now - i % 20), "level": "info", "message": "request 1 served"} for i in range(40)]
+        backlog = [{**record, "time": stamp(now - 900 - i)} for i, record in enumerate(records[:10])]
+        status, answer = sidecar.http_post("/v1/score?model=m", records + backlog)
+        assert status == 200 and len(answer["results"]) == 50
+        metrics = sidecar.http_get("/metrics")[1].decode()
+        assert 'logscore_late_records_total{model="m"} 10.0' in metrics
+    finally:
+        sidecar.stop()
+
+
 def test_a_time_far_ahead_of_the_clock_is_unknown_and_leaves_the_rest_on_time():
     from logscore.behaviour import MAX_AHEAD_S, Lateness
 
@@ -846,6 +909,7 @@ def test_a_window_model_of_routes_alone_counts_every_record(tmp_path):
     (["<34>Oct 11 22:14:15 mymachine su: 'su root' failed"] * 50, ["--format", "plain", "--windows"],
      "carry a readable timestamp"),
     (["x"] * 50, ["--format", "plain", "--base", "ignored.onnx"], "--base learns behaviour onto a model"),
+    (["x"] * 50, ["--windows", "--time-zone", "Europe/Atlantis"], "--time-zone 'Europe/Atlantis': no such time zone"),
 ])
 def test_training_behaviour_refuses_what_it_cannot_learn(tmp_path, lines, flags, complaint):
     source = tmp_path / "in.log"

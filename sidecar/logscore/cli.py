@@ -30,6 +30,7 @@ from typing import Iterator, Optional, Sequence
 from .errors import ConfigError, LogscoreError
 from .inputs import read_json_records, read_lines
 from .records import DEFAULT_MAX_LINE_CHARS
+from .timestamps import read_zoneless_in
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -242,6 +243,10 @@ def add_behaviour_flags(parser: argparse.ArgumentParser) -> None:
                        help="share of normal clients allowed to cross the threshold (default 0.005)")
     group.add_argument("--base", metavar="MODEL.onnx",
                        help="keep this model's record detector and learn only --windows/--entities into --out")
+    group.add_argument("--time-zone", default="local", metavar="ZONE",
+                       help="zone of timestamps written without one (syslog's, ISO 8601 without an offset): "
+                       "'local' (this machine's, the default), 'UTC', or a name such as Europe/Berlin; give the "
+                       "zone of the hosts that wrote the logs, as their sidecars' --time-zone")
 
 
 def behaviour_options(args):
@@ -299,7 +304,7 @@ def setting_metavar(name: str) -> str:
              "window_max_keys": "N", "entity_max_clients": "N", "anomaly_recent": "N", "anomaly_watcher_queue": "N",
              "forward_events_tag": "TAG", "entity_key": "FIELD", "learn_max_routes": "N",
              "learn_max_flag_ratio": "RATIO", "feedback_store": "PATH|postgresql://...", "scoring_processes": "N",
-             "max_connections": "N", "max_grpc_calls": "N"}
+             "max_connections": "N", "max_grpc_calls": "N", "time_zone": "ZONE"}
     if name in named:
         return named[name]
     by_suffix = (("_dir", "DIR"), ("_file", "FILE"), ("_cert", "FILE"), ("_key", "FILE"), ("_ca", "FILE"),
@@ -435,6 +440,7 @@ def run_train(args) -> int:
         print(f"logscore train: error: {missing_training_extra(error)}", file=sys.stderr)
         return 1
     check_writable(args.out, "--out")
+    read_zoneless_in(args.time_zone)  # the records' timestamps, for --windows and --entities
     spec = load_spec(args.config, args.format)
     if args.session_key:
         if not args.config:

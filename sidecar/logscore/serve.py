@@ -35,6 +35,7 @@ from .servers.forward import ForwardServer, NextHop
 from .servers.grpc import SERVICE_NAME, ScorerServicer, TokenInterceptor
 from .servers.http import HttpServer, SidecarHttp
 from .settings import Settings, split_host_port
+from .timestamps import read_zoneless_in, zone_description
 
 log = logging.getLogger("logscore.serve")
 
@@ -101,6 +102,7 @@ class Sidecar:
         self.feedback = make_feedback(settings, self.registry, self.review, self.metrics)
         self.hub = EventHub(settings.anomaly_recent, settings.anomaly_watcher_queue,
                             on_drop=self.metrics.anomaly_events_dropped.inc)
+        read_zoneless_in(settings.time_zone)  # the records' own times, for windows and clients
         self.behaviour = Behaviour(settings, self.hub, self.metrics)
         self.service = ScoringService(self.registry, settings, self.metrics, self.learner, self.feedback, self.review,
                                       self.behaviour)
@@ -150,7 +152,8 @@ class Sidecar:
             self.bound["forward"] = f"{host}:{self.forward_server.port}"
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        log.info("serving", extra={"listeners": self.bound, "models": sorted(self.registry.snapshot.models)})
+        log.info("serving", extra={"listeners": self.bound, "models": sorted(self.registry.snapshot.models),
+                                   "times_without_zone_in": zone_description(self.settings.time_zone)})
         notify_systemd(b"READY=1")
 
     def _check_listeners(self) -> None:

@@ -124,6 +124,9 @@ class Settings:
     anomaly_recent: int = setting(1000, "anomaly events kept for GET /v1/anomalies")
     anomaly_watcher_queue: int = setting(1000, "events a slow watcher may have waiting; past it its oldest are "
                                          "dropped and the next one it gets says how many (dropped_before)")
+    time_zone: str = setting("local", "zone of record times written without one (syslog's, ISO 8601 without an "
+                             "offset, Python's and Java's default log times): 'local' (this machine's, as "
+                             "Fluentd's parsers read them), 'UTC', or a name such as Europe/Berlin")
     forward_events_tag: Optional[str] = setting("logscore.anomaly", "forward mode passes anomaly events on to the "
                                                 "next hop as records of this tag; empty: not")
 
@@ -239,6 +242,9 @@ class Settings:
                               "learn_retrain_records at least 0")
 
     def validate_behaviour(self) -> None:
+        from .timestamps import zone_named
+
+        zone_named(self.time_zone)  # a ConfigError naming what to give
         for name in ("window_max_keys", "entity_max_clients", "anomaly_recent", "anomaly_watcher_queue"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")

@@ -3,7 +3,8 @@
 Reads Apache's ``17/May/2015:10:05:03 +0000``, ISO 8601 (``2015-05-17T10:05:03Z``, with a
 space, fractions, offsets; syslog RFC 5424, JSON logs), syslog RFC 3164's ``May 17 10:05:03``
 (no year: the latest that is not days ahead), NAB's ``2015-02-26 21:42:53``, and Unix seconds
-(or milli-, micro-, nanoseconds) since 2001 as numbers or digits. Times without a zone are UTC.
+(or milli-, micro-, nanoseconds) since 2001 as numbers or digits. Times written without a zone
+are read in the zone ``read_zoneless_in`` set (``--time-zone``; UTC until it is called).
 Cached per distinct text.
 """
 
@@ -16,6 +17,8 @@ import time
 from typing import Optional, Sequence
 
 import numpy as np
+
+from .errors import ConfigError
 
 TIME_FIELDS = ("time", "timestamp", "@timestamp", "ts", "date")
 LATEST_TIME = 253402300799.0  # 9999-12-31T23:59:59Z: the latest time every platform can show
@@ -42,6 +45,75 @@ EARLIEST_NUMBER = 1e9
 # RFC 3164 carries no year: a line is of the latest year that does not put it this far ahead
 # (December's lines read in January are last year's).
 SYSLOG_YEAR_AHEAD_S = 2 * 86400.0
+
+
+# NOTE: a time written without a zone (syslog's, Python's and Java's default log times, ISO 8601
+# without an offset) is the wall clock of the machine that wrote it, most often in its local zone.
+# Read as UTC, a host behind UTC looked hours late (left out of windows and clients until its
+# "clock" settled) and one ahead looked ahead; training's windows learned hours of day shifted by
+# the zone. `logscore serve` and `train` read them in --time-zone: by default the machine's own,
+# as Fluentd's parsers (localtime) and Logstash's date filter do; the sidecar runs beside the
+# shipper, on the host whose logs it reads.
+LOCAL = "local"
+_zone: Optional[object] = None  # None: UTC; LOCAL: the machine's zone (the C library's, TZ); else a ZoneInfo
+_OFFSETS: dict[int, float] = {}  # quarter hour of wall-clock time -> the zone's offset then, in seconds
+OFFSETS_CACHED = 4096
+
+
+def zone_named(name: str) -> Optional[object]:
+    """The zone `read_zoneless_in` takes for ``name``: 'UTC', 'local' or an IANA name (Europe/Berlin);
+    a ConfigError saying what to give otherwise."""
+    text = str(name).strip()
+    if text.upper() in ("UTC", "Z", "GMT"):
+        return None
+    if text.lower() == LOCAL:
+        time.tzset()  # TZ as the process has it now
+        return None if time.timezone == 0 and not time.daylight else LOCAL
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    try:
+        return ZoneInfo(text)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ConfigError(f"--time-zone {text!r}: no such time zone; give an IANA name such as Europe/Berlin "
+                          "(from Debian's tzdata package), 'UTC', or 'local' (this machine's zone)") from None
+
+
+def zone_description(name: str) -> str:
+    """What a --time-zone value means here, for the log: 'local (CET/CEST)', 'UTC', 'Europe/Berlin'."""
+    zone = zone_named(name)
+    shown = "UTC" if zone is None else "/".join(sorted(set(time.tzname))) if zone == LOCAL else str(zone)
+    return f"local ({shown})" if str(name).strip().lower() == LOCAL else shown
+
+
+def read_zoneless_in(name: str) -> None:
+    """Read times written without a zone in ``name`` (see zone_named), for this process."""
+    global _zone
+    _zone = zone_named(name)
+    _OFFSETS.clear()
+    _MINUTES.clear()
+
+
+def _from_wall_clock(wall: float) -> float:
+    """Unix seconds of a time written without a zone, given as if it were UTC (``wall``)."""
+    if _zone is None:
+        return wall
+    quarter = int(wall // 900)  # every zone changes its offset on a quarter hour
+    offset = _OFFSETS.get(quarter)
+    if offset is None:
+        if len(_OFFSETS) >= OFFSETS_CACHED:
+            _OFFSETS.clear()
+        offset = _OFFSETS[quarter] = _zone_offset(quarter * 900.0)
+    return wall - offset
+
+
+def _zone_offset(wall: float) -> float:
+    """Seconds the zone is ahead of UTC at wall-clock time ``wall`` (the earlier offset in a
+    repeated hour, the offset before the change in a skipped one)."""
+    if _zone == LOCAL:
+        fields = time.gmtime(wall)
+        return wall - time.mktime((*fields[:8], -1))
+    moment = datetime.datetime.fromtimestamp(wall, datetime.timezone.utc).replace(tzinfo=_zone)
+    return moment.utcoffset().total_seconds()
 
 
 def parse_time(text: object, now: Optional[float] = None) -> Optional[float]:
@@ -86,17 +158,17 @@ def _parsed(value: str, now: Optional[float]) -> Optional[float]:
         if month not in MONTHS:
             return None
         seconds = calendar.timegm((int(year), MONTHS[month], int(day), int(hour), int(minute), int(second)))
-        if sign:
-            offset = int(off_h) * 3600 + int(off_m) * 60
-            seconds -= offset if sign == "+" else -offset
-        return float(seconds)
+        if not sign:
+            return _from_wall_clock(float(seconds))
+        offset = int(off_h) * 3600 + int(off_m) * 60
+        return float(seconds - offset if sign == "+" else seconds + offset)
     try:
         moment = datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError:
         moment = None
     if moment is not None:
         if moment.tzinfo is None:
-            moment = moment.replace(tzinfo=datetime.timezone.utc)
+            return _from_wall_clock(moment.replace(tzinfo=datetime.timezone.utc).timestamp())
         return moment.timestamp()
     match = _SYSLOG.match(value)
     if match and match.group(1) in MONTHS:
@@ -104,8 +176,9 @@ def _parsed(value: str, now: Optional[float]) -> Optional[float]:
         now = time.time() if now is None else now
         year = time.gmtime(now).tm_year
         moment = (MONTHS[month], int(day), int(hour), int(minute), int(second))
-        seconds = calendar.timegm((year, *moment))
-        return float(seconds if seconds <= now + SYSLOG_YEAR_AHEAD_S else calendar.timegm((year - 1, *moment)))
+        seconds = _from_wall_clock(float(calendar.timegm((year, *moment))))
+        return seconds if seconds <= now + SYSLOG_YEAR_AHEAD_S else _from_wall_clock(
+            float(calendar.timegm((year - 1, *moment))))
     return None
 
 
