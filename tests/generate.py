@@ -202,3 +202,30 @@ def stamped(line: str, moment: float) -> str:
     """An access line with its timestamp set to ``moment`` (Unix seconds)."""
     stamp = datetime.datetime.fromtimestamp(moment, datetime.timezone.utc).strftime("%d/%b/%Y:%H:%M:%S +0000")
     return f"{line[:line.index('[') + 1]}{stamp}{line[line.index(']'):]}"
+
+
+APP_EVENTS = [("INFO", "com.shop.Orders", "order {n} placed in {ms} ms"),
+              ("INFO", "com.shop.Cart", "cart {n} updated with {k} items"),
+              ("DEBUG", "com.shop.Cache", "cache hit for product {n}"),
+              ("WARN", "com.shop.Payments", "payment {n} retried after {ms} ms")]
+
+
+def app_line(moment: float, level: str, logger: str, message: str) -> str:
+    """An application line as log4j's default layout writes it: wall-clock time (no zone), level,
+    thread, logger."""
+    stamp = datetime.datetime.fromtimestamp(moment, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+    return f"{stamp},{int(moment * 1000) % 1000:03d} {level:5} [worker-{int(moment) % 4}] {logger}: {message}"
+
+
+def timed_app_lines(seconds: int, per_second: float, start: float, seed: int = 0) -> list[str]:
+    """An application's log over time: ``per_second`` lines a second on average, a few warnings, an
+    error now and then; times written in UTC."""
+    rng = random.Random(seed)
+    lines, moment = [], start
+    while moment < start + seconds:
+        moment += rng.expovariate(per_second)
+        level, logger, text = (("ERROR", "com.shop.Payments", "payment {n} declined by the gateway")
+                               if rng.random() < 0.01 else rng.choice(APP_EVENTS))
+        lines.append(app_line(moment, level, logger, text.format(n=rng.randint(1, 99999), ms=rng.randint(1, 900),
+                                                                   k=rng.randint(1, 9))))
+    return lines

@@ -23,7 +23,7 @@ from logscore.timestamps import TIME_FIELDS
 from logscore.generated.logscore.v1 import scorer_pb2 as pb
 from logscore.windows import describe_share, share_deviation, url_template
 
-from .generate import attack_lines, stamped, timed_shop_lines
+from .generate import app_line, attack_lines, stamped, timed_app_lines, timed_shop_lines
 from .sidecar_process import ROOT, SidecarProcess, free_port
 from .test_forward import ForwardReceiver, packed, send_chunk
 
@@ -455,6 +455,85 @@ def test_a_host_writing_local_time_is_on_time_in_training_and_in_the_sidecar(tmp
         assert 'logscore_late_records_total{model="m"} 10.0' in metrics
     finally:
         sidecar.stop()
+
+
+@pytest.mark.parametrize("line, head", [
+    ("2015-10-18 18:01:47,978 INFO [main] org.apache.hadoop.Main: started", {"time": "2015-10-18 18:01:47,978",
+                                                                            "level": "INFO"}),
+    ("2015-07-29 17:41:44,747 - WARN  [QuorumPeer[myid=1]:Learner@233] - Unexpected", {
+        "time": "2015-07-29 17:41:44,747", "level": "WARN"}),
+    ("nova-api.log.1.2017-05-16_13:53:08 2017-05-16 00:00:00.008 25746 INFO nova.api [req-1] GET", {
+        "time": "2017-05-16 00:00:00.008", "level": "INFO"}),  # a file name with a date before the time
+    ("2026-03-01T10:00:00.5+01:00 level=error msg=\"db down\"", {"time": "2026-03-01T10:00:00.5+01:00",
+                                                                  "level": "error"}),
+    ("[Sun Dec 04 04:47:44 2005] [notice] workerEnv.init() ok", {"time": "Sun Dec 04 04:47:44 2005",
+                                                                 "level": "notice"}),
+    ("- 1131566461 2005.11.09 dn228 Nov 9 12:01:01 dn228/dn228 sshd[2915]: error: session closed", {
+        "time": "Nov 9 12:01:01", "level": "error"}),
+    ("WARNING:root:disk almost full", {"level": "WARNING"}),  # Python logging's default: no time
+    ("17/06/09 20:10:40 INFO executor.Backend: registered", {"level": "INFO"}),  # yy/MM/dd: ambiguous, unread
+    ("2015-10-18 18:01:47,978 [main] org.apache.hadoop.Main: " + "x" * 60 + " ERROR later", {
+        "time": "2015-10-18 18:01:47,978"}),  # a level word deep in the message is no level
+    ("user info from org.apache.ERROR.Handler: information", {"level": "info"}),
+    ("plain text without a head", {}),
+])
+def test_an_application_line_s_head_gives_its_time_and_level(line, head):
+    from logscore.parsers import line_head
+
+    assert line_head(line) == head
+
+
+def test_a_plain_line_gives_its_head_only_to_models_that_read_it_and_a_map_s_own_fields_win():
+    from logscore.records import RecordNormalizer
+
+    line = "2015-10-18 18:01:47,978 ERROR [main] org.apache.hadoop.Main: lost"
+    reading = RecordNormalizer("plain", ["message"], also=("level", *TIME_FIELDS))
+    assert reading.normalize_one(line)[0] == {"message": line, "time": "2015-10-18 18:01:47,978", "level": "ERROR"}
+    assert reading.normalize_one({"log": line, "level": "warn"})[0]["level"] == "warn"  # Fluent Bit's tail
+    assert reading.normalize_one({"message": line})[0]["time"] == "2015-10-18 18:01:47,978"  # Fluentd's in_tail
+    assert RecordNormalizer("plain", ["message"]).normalize_one(line)[0] == {"message": line}  # (features unchanged)
+    assert RecordNormalizer("syslog", ["message"], also=("level",)).normalize_one("x")[0] == {"message": "x"}
+
+
+def test_application_logs_learn_windows_per_level_and_a_burst_of_errors_is_an_event(tmp_path):
+    """`logscore train --format plain --windows` refused application logs ("only 0 of 2000 records
+    carry a readable timestamp"): their times and levels, in each line's head, were not read. Now
+    windows count per level (the error share too); in the sidecar a burst of errors over raw
+    lines is an event, and a backlog sent as Fluentd's in_tail records is late, by its lines' time."""
+    (tmp_path / "models").mkdir()
+    (tmp_path / "app.log").write_text("\n".join(timed_app_lines(1200, 1.0, START, seed=4)) + "\n")
+    done = subprocess.run([sys.executable, "-m", "logscore", "train", "--input", str(tmp_path / "app.log"),
+                           "--format", "plain", "--out", str(tmp_path / "models" / "app.onnx"), "--windows",
+                           "--window-s", "1", "--time-zone", "UTC"], capture_output=True, text=True, timeout=300,
+                          cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    windows = Model.load(tmp_path / "models" / "app.onnx").metadata["windows"]
+    assert "level" in windows["dimensions"] and {"level=info", "level=warn"} <= set(windows["keys"])
+    sidecar = SidecarProcess(tmp_path / "models", tmp_path, env={"TZ": "UTC"}).start()
+    try:
+        now = time.time()
+        errors = [app_line(now, "ERROR", "com.shop.Payments", f"payment {n} declined by the gateway").encode()
+                  for n in range(300)]
+        answer = sidecar.stub().Score(pb.ScoreRequest(model="app", lines=pb.RawLines(lines=errors)), timeout=10)
+        assert len(answer.scores) == 300
+        backlog = timed_app_lines(30, 1.0, now - 900, seed=5)  # read by in_tail: its event time is now
+        stream = b"".join(msgpack_entry(now, {"message": line}) for line in backlog)
+        sidecar.stub().Score(pb.ScoreRequest(model="app", event_stream=stream), timeout=10)
+        metrics = sidecar.http_get("/metrics")[1].decode()
+        assert f'logscore_late_records_total{{model="app"}} {float(len(backlog))}' in metrics  # none of the errors
+
+        def error_events():
+            events = json.loads(sidecar.http_get("/v1/anomalies?kinds=window")[1])["events"]
+            return [e for e in events if "level=error" in e["key"] or "level=error" in e["explanation"]]
+        sidecar.wait_for(error_events, 15, "an event about the error level")
+    finally:
+        sidecar.stop()
+
+
+def msgpack_entry(moment: float, record: dict) -> bytes:
+    import msgpack
+
+    return msgpack.packb([int(moment), record])
 
 
 def test_a_time_far_ahead_of_the_clock_is_unknown_and_leaves_the_rest_on_time():
@@ -906,7 +985,7 @@ def test_a_window_model_of_routes_alone_counts_every_record(tmp_path):
 
 
 @pytest.mark.parametrize("lines, flags, complaint", [
-    (["<34>Oct 11 22:14:15 mymachine su: 'su root' failed"] * 50, ["--format", "plain", "--windows"],
+    (["17/06/09 20:10:40 INFO executor.Backend: registered"] * 50, ["--format", "plain", "--windows"],
      "carry a readable timestamp"),
     (["x"] * 50, ["--format", "plain", "--base", "ignored.onnx"], "--base learns behaviour onto a model"),
     (["x"] * 50, ["--windows", "--time-zone", "Europe/Atlantis"], "--time-zone 'Europe/Atlantis': no such time zone"),

@@ -16,7 +16,7 @@ import numpy as np
 
 from .admission import UNLIMITED, Ticket
 from .errors import InvalidRequest
-from .parsers import FIELD_ALIASES, Fields, flatten, get_parser
+from .parsers import FIELD_ALIASES, Fields, flatten, get_parser, line_head
 from .timestamps import TIME_FIELDS, parse_time
 
 RAW_LINE_KEYS = ("message", "log")
@@ -83,6 +83,7 @@ class RecordNormalizer:
         self.parse = get_parser(log_format)
         self.wanted = tuple(wanted_fields)
         self.aliases = FIELD_ALIASES.get(log_format, {})
+        also = tuple(also)
         self.also = tuple(name for name in also if name not in self.wanted and self.aliases.get(name))
         self.max_line_chars = max_line_chars
         # Keys of a field map that could give a wanted field a value of its own: wanted names, their
@@ -91,6 +92,8 @@ class RecordNormalizer:
                                                          for alias in self.aliases.get(name, ()))})
         # An unparsed line gives {"message": line}: then a map holding it would differ.
         self._lines_carried = log_format == "access" and bool(self.wanted) and "message" not in self.wanted
+        # A plain line's time and level (parsers.line_head), for windows and clients that read them.
+        self._heads = log_format == "plain" and not {"time", "level"}.isdisjoint(also)
 
     def normalize(self, records: Sequence[object]) -> RecordBatch:
         fields, parsed, truncated = [], [], []
@@ -106,7 +109,7 @@ class RecordNormalizer:
         text = to_text(raw)
         cut = len(text) > self.max_line_chars
         fields, ok = self.parse(text[: self.max_line_chars] if cut else text)
-        return fields, ok, cut
+        return self._with_head(fields), ok, cut
 
     def carried_lines(self, records: Sequence[object], also: Sequence[str] = ()) -> list:
         """The records, with each field map whose wanted fields (and the fields named in ``also``)
@@ -164,7 +167,7 @@ class RecordNormalizer:
         fields = flatten(record) if any(isinstance(v, dict) for v in record.values()) else dict(record)
         self._alias(fields, self.wanted)
         if all(name in fields for name in self.wanted):
-            return self._alias(fields, self.also), True, False
+            return self._alias(self._with_head(fields), self.also), True, False
         for key in RAW_LINE_KEYS:
             raw = fields.get(key)
             if raw is not None:
@@ -176,6 +179,15 @@ class RecordNormalizer:
         # format (a shipper's message key renamed, another log routed here): unparsed, as such a
         # line is, not scored quietly as a record with every field missing.
         return self._alias(fields, self.also), any(name in fields for name in self.wanted), False
+
+    def _with_head(self, fields: Fields) -> Fields:
+        """A plain line held in a map (Fluentd's in_tail ``none``, Fluent Bit's tail) gives its time
+        and level too, as the line sent alone does (parse_plain), where the map holds none of its own."""
+        line = fields.get("message") if self._heads else None
+        if line.__class__ is str:
+            for name, value in line_head(line).items():
+                fields.setdefault(name, value)
+        return fields
 
     def _alias(self, fields: Fields, names: Sequence[str]) -> Fields:
         """Each of ``names`` the map lacks, from the first of its aliases it holds."""

@@ -1,8 +1,9 @@
 """Record timestamps → Unix seconds, for learning windows and clients from historical logs.
 
 Reads Apache's ``17/May/2015:10:05:03 +0000``, ISO 8601 (``2015-05-17T10:05:03Z``, with a
-space, fractions, offsets; syslog RFC 5424, JSON logs), syslog RFC 3164's ``May 17 10:05:03``
-(no year: the latest that is not days ahead), NAB's ``2015-02-26 21:42:53``, and Unix seconds
+space, fractions, offsets; syslog RFC 5424, JSON logs, log4j's ``2015-05-17 10:05:03,978``),
+syslog RFC 3164's ``May 17 10:05:03`` (no year: the latest that is not days ahead), C's ctime
+``Sun May 17 10:05:03 2015`` (Apache's error log), NAB's ``2015-02-26 21:42:53``, and Unix seconds
 (or milli-, micro-, nanoseconds) since 2001 as numbers or digits. Times written without a zone
 are read in the zone ``read_zoneless_in`` set (``--time-zone``; UTC until it is called).
 Cached per distinct text.
@@ -26,6 +27,8 @@ MONTHS = {m: i for i, m in enumerate(("Jan", "Feb", "Mar", "Apr", "May", "Jun", 
                                       "Nov", "Dec"), start=1)}
 _APACHE = re.compile(r"(\d{1,2})/([A-Z][a-z]{2})/(\d{4}):(\d{2}):(\d{2}):(\d{2})(?: ([+-])(\d{2})(\d{2}))?")
 _SYSLOG = re.compile(r"([A-Z][a-z]{2}) +(\d{1,2}) (\d{2}):(\d{2}):(\d{2})")
+# C's ctime, as Apache's error log writes it: "Sun Dec 04 04:47:44 2005" (2.4: with microseconds)
+_CTIME = re.compile(r"[A-Z][a-z]{2} ([A-Z][a-z]{2}) +(\d{1,2}) (\d{2}):(\d{2}):(\d{2})(\.\d{1,9})? (\d{4})$")
 
 
 def epoch_seconds(value: float) -> Optional[float]:
@@ -170,6 +173,11 @@ def _parsed(value: str, now: Optional[float]) -> Optional[float]:
         if moment.tzinfo is None:
             return _from_wall_clock(moment.replace(tzinfo=datetime.timezone.utc).timestamp())
         return moment.timestamp()
+    match = _CTIME.match(value)
+    if match and match.group(1) in MONTHS:
+        month, day, hour, minute, second, fraction, year = match.groups()
+        wall = calendar.timegm((int(year), MONTHS[month], int(day), int(hour), int(minute), int(second)))
+        return _from_wall_clock(wall + float(fraction or 0))
     match = _SYSLOG.match(value)
     if match and match.group(1) in MONTHS:
         month, day, hour, minute, second = match.groups()

@@ -27,7 +27,7 @@ from ..artifact import HASH_KEY, METADATA_KEY, content_hash
 from ..entities import CLIENT_FIELDS, FEATURES, ClientTracker, client_batch
 from ..errors import InputError
 from ..forecast import COUNT_MIN_SCALE, ForecastState, count_transform, slots
-from ..timestamps import record_times
+from ..timestamps import TIME_FIELDS, record_times
 from ..records import text_columns
 from ..windows import DIMENSIONS, SHARES, KeyNamer, fields_read, share_deviation, share_name
 from .graph import GraphBuilder
@@ -67,7 +67,9 @@ def time_ordered(fields: Sequence[dict], what: str) -> tuple[np.ndarray, np.ndar
     known = np.flatnonzero(~np.isnan(times))
     if len(known) < max(10, 0.5 * len(fields)):
         raise InputError(f"{what}: only {len(known)} of {len(fields)} records carry a readable timestamp "
-                         "(a time, timestamp or @timestamp field); learning over time needs them")
+                         "(a time, timestamp or @timestamp field; in a plain line, near its start, ISO 8601 or "
+                         "log4j's 2015-10-18 18:01:47,978, syslog's or C's ctime; yy/MM/dd is ambiguous, not read); "
+                         "learning over time needs them")
     order = known[np.argsort(times[known], kind="stable")]
     return order, times[order]
 
@@ -341,7 +343,7 @@ def learn_behaviour(model: onnx.ModelProto, metadata: dict, records: Sequence[ob
     """Learn the window and/or client detectors from ``records`` (in file order) and add them to ``model``."""
     # (remote_addr for windows too: dimensions_of tells whether a host is the client)
     read = [*((*fields_read(options.dimensions), "remote_addr") if options.windows else ()),
-            *((options.entity_key, *CLIENT_FIELDS) if options.entities else ())]
+            *((options.entity_key, *CLIENT_FIELDS) if options.entities else ()), *TIME_FIELDS]
     fields, scores, novelty = score_for_behaviour(model.SerializeToString(), metadata, records, progress, also=read)
     if options.entities and not metadata["featurizer"].get("sessions"):
         scores, novelty = cross_fitted(records, metadata, progress)
