@@ -716,3 +716,36 @@ def test_empty_feature_texts_are_hashed_as_the_python_path_hashes_them():
         {"kind": "categorical"}, {"kind": "sequence", "n": [1, 2], "separator": "/"}, {"kind": "url", "part": "query"},
         {"kind": "url"}]}]}
     assert_same_features(spec, [{"f": ""}, {"f": "/"}, {"f": "a"}, {"f": "?a=1"}])
+
+
+# Pieces of application lines' heads, and what sits at their edges (a digit, a dot or a letter
+# joined to a level word; fractions and zones of every length; non-ASCII digits and letters).
+HEAD_FRAGMENTS = ["2015-10-18", " ", "T", "_", "18:01:47", "18:01:4", ",978", ".5", "." + "1" * 10, "Z", "+01:00",
+                  "+0100", "-05:30", "+01:001", "+01", ":", "Sun", "Dec", " 4", "04", "2005", "Nov", "  9", "123",
+                  "INFO", "warn", "Warning", "ERR", "error", "CRITICAL", "crit", "ALERT", "infos", "[", "]", "=",
+                  "level=", "-", ".", "_", "9", "a", "é", "ſ", "K", "٣", "😀", "x" * 40]
+HEADS = st.lists(st.sampled_from(HEAD_FRAGMENTS), max_size=24).map("".join)
+
+
+@SETTINGS
+@given(lines=st.lists(HEADS, min_size=1, max_size=40))
+@example(lines=["2015-10-18 18:01:47.1111111111+01:00 INFO", "Sun Dec  4 04:47:44.1 2005 x", "Nov   9 04:47:44",
+                "x" * 64 + "Nov 9 18:01:47 ERROR", "ERROR" + "x" * 50, "a" * 47 + " CRITICAL", "a" * 49 + " ERR",
+                "2015-10-18 18:01:47+01:001 warn", "ſevere ERROR", "infoé error"])
+def test_a_line_s_head_is_read_the_same_in_c_and_python(lines):
+    from logscore.parsers import head_reader, line_head
+
+    compiled = head_reader(native.module(True))
+    assert [compiled(line) for line in lines] == [line_head(line) for line in lines]
+
+
+def test_real_application_lines_heads_are_read_the_same_in_c_and_python():
+    from logscore.parsers import head_reader, line_head
+
+    from .generate import timed_app_lines
+
+    lines = timed_app_lines(600, 1.0, 1_772_323_200.0, seed=2) + syslog_lines(300) + session_lines(50)[0]
+    compiled = head_reader(native.module(True))
+    heads = [line_head(line) for line in lines]
+    assert [compiled(line) for line in lines] == heads
+    assert sum("time" in head for head in heads) >= 900 and sum("level" in head for head in heads) >= 600

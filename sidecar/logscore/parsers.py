@@ -88,6 +88,24 @@ def line_head(line: str) -> Fields:
     return found
 
 
+def head_reader(native=None) -> Callable[[str], Fields]:
+    """line_head, or the compiled one when ``native`` (the compiled featurizer's module) is given:
+    the same fields (tests/test_native.py), a few times faster."""
+    if native is None:
+        return line_head
+    spans = native.line_head
+
+    def read(line: str) -> Fields:
+        time_start, time_end, level_start, level_end = spans(line, TIME_WITHIN, LEVEL_WITHIN)
+        found: Fields = {}
+        if time_start >= 0:
+            found["time"] = line[time_start:time_end]
+        if level_start >= 0:
+            found["level"] = line[level_start:level_end]
+        return found
+    return read
+
+
 def parse_plain(line: str) -> tuple[Fields, bool]:
     return {"message": line}, True
 

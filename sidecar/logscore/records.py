@@ -16,7 +16,7 @@ import numpy as np
 
 from .admission import UNLIMITED, Ticket
 from .errors import InvalidRequest
-from .parsers import FIELD_ALIASES, Fields, flatten, get_parser, line_head
+from .parsers import FIELD_ALIASES, Fields, flatten, get_parser, head_reader
 from .timestamps import TIME_FIELDS, parse_time
 
 RAW_LINE_KEYS = ("message", "log")
@@ -76,9 +76,10 @@ class RecordNormalizer:
     """Normalizes records for one log format and the fields its featurizer reads."""
 
     def __init__(self, log_format: str, wanted_fields: Iterable[str], max_line_chars: int = DEFAULT_MAX_LINE_CHARS,
-                 also: Iterable[str] = ()):
+                 also: Iterable[str] = (), native=None):
         """``also``: fields read besides the wanted ones (windows and clients): a field map lacking
-        one gets it from an alias, after its raw line was parsed (a line's own value wins)."""
+        one gets it from an alias, after its raw line was parsed (a line's own value wins).
+        ``native``: the compiled featurizer's module, or None (the Python reference)."""
         self.log_format = log_format
         self.parse = get_parser(log_format)
         self.wanted = tuple(wanted_fields)
@@ -94,6 +95,7 @@ class RecordNormalizer:
         self._lines_carried = log_format == "access" and bool(self.wanted) and "message" not in self.wanted
         # A plain line's time and level (parsers.line_head), for windows and clients that read them.
         self._heads = log_format == "plain" and not {"time", "level"}.isdisjoint(also)
+        self._read_head = head_reader(native)
 
     def normalize(self, records: Sequence[object]) -> RecordBatch:
         fields, parsed, truncated = [], [], []
@@ -185,7 +187,7 @@ class RecordNormalizer:
         and level too, as the line sent alone does (parse_plain), where the map holds none of its own."""
         line = fields.get("message") if self._heads else None
         if line.__class__ is str:
-            for name, value in line_head(line).items():
+            for name, value in self._read_head(line).items():
                 fields.setdefault(name, value)
         return fields
 

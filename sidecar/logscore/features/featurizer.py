@@ -115,7 +115,7 @@ class Featurizer:
         self.native = compiled.module(native)
         for converter in self.converters:
             converter.accelerate(self.native)
-        self.normalizer = RecordNormalizer(self.log_format, self.fields, max_line_chars, also_fields)
+        self.normalizer = RecordNormalizer(self.log_format, self.fields, max_line_chars, also_fields, self.native)
         self.sessions = SessionSpec.from_dict(spec["sessions"]) if spec.get("sessions") else None
 
     def spec(self) -> dict:
