@@ -492,7 +492,10 @@ def test_a_plain_line_gives_its_head_only_to_models_that_read_it_and_a_map_s_own
     assert reading.normalize_one({"log": line, "level": "warn"})[0]["level"] == "warn"  # Fluent Bit's tail
     assert reading.normalize_one({"message": line})[0]["time"] == "2015-10-18 18:01:47,978"  # Fluentd's in_tail
     assert RecordNormalizer("plain", ["message"]).normalize_one(line)[0] == {"message": line}  # (features unchanged)
-    assert RecordNormalizer("syslog", ["message"], also=("level",)).normalize_one("x")[0] == {"message": "x"}
+    syslog = RecordNormalizer("syslog", ["app", "message"], also=("level", *TIME_FIELDS))
+    fields = syslog.normalize_one("Mar  1 10:00:00 web sshd[9]: error: maximum authentication attempts")[0]
+    assert fields["level"] == "error" and fields["time"] == "Mar  1 10:00:00"  # (the header's time)
+    assert "level" not in syslog.normalize_one("<86>Mar  1 10:00:00 web sshd[9]: error: x")[0]  # pri says it
 
 
 def test_application_logs_learn_windows_per_level_and_a_burst_of_errors_is_an_event(tmp_path):

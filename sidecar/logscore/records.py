@@ -93,8 +93,9 @@ class RecordNormalizer:
                                                          for alias in self.aliases.get(name, ()))})
         # An unparsed line gives {"message": line}: then a map holding it would differ.
         self._lines_carried = log_format == "access" and bool(self.wanted) and "message" not in self.wanted
-        # A plain line's time and level (parsers.line_head), for windows and clients that read them.
-        self._heads = log_format == "plain" and not {"time", "level"}.isdisjoint(also)
+        # A message's head gives its time and level (parsers.line_head) to windows and clients that
+        # read them: a plain line's, and a syslog message's level (a file holds no priority).
+        self._heads = log_format in ("plain", "syslog") and not {"time", "level"}.isdisjoint(also)
         self._read_head = head_reader(native)
 
     def normalize(self, records: Sequence[object]) -> RecordBatch:
@@ -183,12 +184,18 @@ class RecordNormalizer:
         return self._alias(fields, self.also), any(name in fields for name in self.wanted), False
 
     def _with_head(self, fields: Fields) -> Fields:
-        """A plain line held in a map (Fluentd's in_tail ``none``, Fluent Bit's tail) gives its time
-        and level too, as the line sent alone does (parse_plain), where the map holds none of its own."""
+        """The time and level a record's message begins with (parsers.line_head), where it has none
+        of its own: a plain line, alone or held in a map (Fluentd's in_tail ``none``, Fluent Bit's
+        tail); a syslog message's level where no priority gives one (``sshd[9]: error: ...``)."""
         line = fields.get("message") if self._heads else None
-        if line.__class__ is str:
-            for name, value in self._read_head(line).items():
-                fields.setdefault(name, value)
+        if line.__class__ is not str:
+            return fields
+        head = self._read_head(line)
+        if self.log_format == "syslog":
+            level = head.get("level")
+            head = {} if level is None or "pri" in fields or "severity" in fields else {"level": level}
+        for name, value in head.items():
+            fields.setdefault(name, value)
         return fields
 
     def _alias(self, fields: Fields, names: Sequence[str]) -> Fields:
