@@ -1091,3 +1091,11 @@ def test_windows_clients_and_events_are_the_same_on_the_compiled_and_the_python_
     kinds = [e["kind"] for e in outcomes[0][3]]
     assert "window" in kinds and "client" in kinds  # both kinds were raised
     assert "url_template=/admin/{id}" in outcomes[0][0]  # the scanner's template floods: a key of its own
+
+
+def test_the_numbered_levels_of_bunyan_and_pino_are_named():
+    """pino writes "level": 50 for an error: the error share counted none of them."""
+    from logscore.windows import level_name
+
+    assert [level_name(value, None, None) for value in ("50", "30", " 60 ", "35", "WARN")] == \
+        ["error", "info", "error", "35", "warn"]

@@ -106,3 +106,42 @@ def test_input_without_line_breaks_blank_lines_utf16_and_a_cut_gzip(tmp_path):
     cut = logscore("score", "--model", model, tmp_path / "cut.log.gz")
     assert cut.returncode == 0 and "the gzip stream ends early" in cut.stderr
     assert 100 < len(cut.stdout.splitlines()) < 300
+
+
+def json_logger_lines(count: int, seed: int, naming: dict) -> list[str]:
+    """A JSON logger's lines, its fields named by ``naming`` (message / level / time -> its names)."""
+    import random
+
+    rng = random.Random(seed)
+    texts = ["request completed", "user {n} logged in", "cache refreshed in {n} ms", "order {n} shipped"]
+    return [json.dumps({naming["time"]: 1_764_000_000_000 + 1000 * i, naming["level"]: 30, "pid": 7,
+                        naming["message"]: rng.choice(texts).format(n=rng.randint(1, 999))}) for i in range(count)]
+
+
+PINO = {"message": "msg", "level": "level", "time": "time"}
+
+
+def test_a_json_logger_s_own_field_names_are_read_and_a_never_seen_error_stands_out(tmp_path):
+    """pino, bunyan, zap, logrus and Go's slog write the message under msg: a jsonl model read
+    `message` alone and scored such a log by its level (a never-seen segfault at info: 0.0)."""
+    (tmp_path / "app.jsonl").write_text("\n".join(json_logger_lines(3000, 1, PINO)) + "\n")
+    done = logscore("train", "--input", str(tmp_path / "app.jsonl"), "--format", "jsonl", "--out",
+                    str(tmp_path / "app.onnx"))
+    assert done.returncode == 0 and "warning" not in done.stderr, done.stderr
+    tests = [{"time": 1_764_003_000_000, "level": 30, "pid": 7, "msg": "order 12 shipped"},
+             {"time": 1_764_003_001_000, "level": 30, "pid": 7, "msg": "segfault in worker 3: core dumped"}]
+    (tmp_path / "test.jsonl").write_text("".join(json.dumps(record) + "\n" for record in tests))
+    for how in ([], ["--json-records"]):  # raw JSON lines, and field maps as shippers send them
+        done = logscore("score", "--model", str(tmp_path / "app.onnx"), "--explain", "3", *how,
+                        str(tmp_path / "test.jsonl"))
+        normal, error = [json.loads(line) for line in done.stdout.splitlines()]
+        assert not normal["is_anomaly"] and error["is_anomaly"]
+        assert any("segfault" in feature for feature in error["explanation"])
+
+
+def test_a_field_no_record_holds_is_named_when_training():
+    """Serilog's default JSON names its message RenderedMessage: the model would see none; say so."""
+    serilog = json_logger_lines(300, 2, {"message": "Text", "level": "Lvl", "time": "Timestamp"})
+    done = logscore("train", "--input", "-", "--format", "jsonl", "--out", "/dev/null", stdin="\n".join(serilog))
+    assert "field 'message' is in 0 of 300 parsed records (read under message, msg" in done.stderr
+    assert "name the field your records use in a --config" in done.stderr

@@ -6,6 +6,7 @@ fast path, both ways; real inputs (the generators' access, attack and syslog lin
 through the default specs and the shipped model, scores included.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -749,3 +750,17 @@ def test_real_application_lines_heads_are_read_the_same_in_c_and_python():
     heads = [line_head(line) for line in lines]
     assert [compiled(line) for line in lines] == heads
     assert sum("time" in head for head in heads) >= 900 and sum("level" in head for head in heads) >= 600
+
+
+def test_a_json_logger_s_own_names_give_the_columns_of_the_python_path():
+    from .test_cli import PINO, json_logger_lines
+
+    lines = json_logger_lines(200, 3, PINO) + json_logger_lines(50, 4, {"message": "@m", "level": "@l", "time": "@t"})
+    maps = [json.loads(line) for line in lines[::3]] + [{"log": line} for line in lines[:20]]
+    assert_same_behaviour_columns(DEFAULT_SPECS["jsonl"], lines + maps)
+    values = Featurizer(DEFAULT_SPECS["jsonl"], native=True).field_values(lines[:3])[0]
+    assert all(values["message"]) and values["level"] == ["30"] * 3
+    # A model whose spec names no aliases (trained before them) reads what it read then.
+    older = {**DEFAULT_SPECS["jsonl"], "fields": [{k: v for k, v in entry.items() if k != "aliases"}
+                                                    for entry in DEFAULT_SPECS["jsonl"]["fields"]]}
+    assert Featurizer(older, native=True).field_values(lines[:3])[0]["message"] == [None] * 3

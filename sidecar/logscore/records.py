@@ -76,14 +76,15 @@ class RecordNormalizer:
     """Normalizes records for one log format and the fields its featurizer reads."""
 
     def __init__(self, log_format: str, wanted_fields: Iterable[str], max_line_chars: int = DEFAULT_MAX_LINE_CHARS,
-                 also: Iterable[str] = (), native=None):
+                 also: Iterable[str] = (), native=None, aliases: Optional[dict] = None):
         """``also``: fields read besides the wanted ones (windows and clients): a field map lacking
         one gets it from an alias, after its raw line was parsed (a line's own value wins).
-        ``native``: the compiled featurizer's module, or None (the Python reference)."""
+        ``native``: the compiled featurizer's module, or None (the Python reference). ``aliases``:
+        field -> other names, the model's own (its spec's), beside the format's FIELD_ALIASES."""
         self.log_format = log_format
         self.parse = get_parser(log_format)
         self.wanted = tuple(wanted_fields)
-        self.aliases = FIELD_ALIASES.get(log_format, {})
+        self.aliases = {**FIELD_ALIASES.get(log_format, {}), **(aliases or {})}
         also = tuple(also)
         self.also = tuple(name for name in also if name not in self.wanted and self.aliases.get(name))
         self.max_line_chars = max_line_chars
@@ -97,6 +98,7 @@ class RecordNormalizer:
         # read them: a plain line's, and a syslog message's level (a file holds no priority).
         self._heads = log_format in ("plain", "syslog") and not {"time", "level"}.isdisjoint(also)
         self._read_head = head_reader(native)
+        self._line_aliases = log_format == "jsonl" and bool(self.aliases)
 
     def normalize(self, records: Sequence[object]) -> RecordBatch:
         fields, parsed, truncated = [], [], []
@@ -112,6 +114,8 @@ class RecordNormalizer:
         text = to_text(raw)
         cut = len(text) > self.max_line_chars
         fields, ok = self.parse(text[: self.max_line_chars] if cut else text)
+        if self._line_aliases:  # a JSON line names its fields as its logger does
+            self._alias(self._alias(fields, self.wanted), self.also)
         return self._with_head(fields), ok, cut
 
     def carried_lines(self, records: Sequence[object], also: Sequence[str] = ()) -> list:

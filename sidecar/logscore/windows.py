@@ -43,6 +43,8 @@ SHARES = (("status_class", "5xx"), ("status_class", "4xx"), ("level", "error"))
 OTHER = "(other)"
 ERROR_LEVELS = {"error", "err", "crit", "critical", "fatal", "alert", "emerg", "emergency", "severe", "panic"}
 SYSLOG_SEVERITIES = ("emerg", "alert", "crit", "error", "warning", "notice", "info", "debug")
+# bunyan's and pino's levels are numbers (their JSON logs write "level": 50 for an error)
+NUMBERED_LEVELS = {"10": "trace", "20": "debug", "30": "info", "40": "warn", "50": "error", "60": "fatal"}
 MAX_TEMPLATE_CHARS = 160
 MAX_NAMED = 4  # improbable keys named in one window event
 MAX_CATCH_UP = 60  # after a pause, the windows older than this many are skipped (so 1 + 60 close at most)
@@ -74,6 +76,7 @@ def level_name(level: Optional[str], severity: Optional[str], pri: Optional[str]
     if value is None:
         return None
     name = value.strip().lower()
+    name = NUMBERED_LEVELS.get(name, name)
     return "error" if name in ERROR_LEVELS else name[:32]
 
 

@@ -48,11 +48,20 @@ DEFAULT_SPECS: dict[str, dict] = {
             {"field": "message", "converters": [{"kind": "tokens", "hosts": True}, ALARMS]},
         ],
     },
+    # NOTE: JSON loggers name the message and the level their own way (logrus, zap, pino, bunyan
+    # and Go's slog: msg; Serilog: @m and @l (CLEF), RenderedMessage and Level; GELF:
+    # short_message; Python's json logger: levelname; ECS: log.level; Google Cloud: severity,
+    # textPayload). A model reading only `message` scored a pino log by its level alone: a
+    # never-seen "segfault" at info was 0.0. The names are in the spec, so models trained before
+    # read what they read then. (Docker's `log` holds a raw line, parsed: records.RAW_LINE_KEYS.)
     "jsonl": {
         "format": "jsonl",
         "fields": [
-            {"field": "level", "converters": [{"kind": "categorical"}]},
-            {"field": "message", "converters": [{"kind": "tokens", "hosts": True}, ALARMS]},
+            {"field": "level", "aliases": ["log.level", "levelname", "@l", "lvl", "loglevel", "severity", "Level"],
+             "converters": [{"kind": "categorical"}]},
+            {"field": "message", "aliases": ["msg", "@m", "@mt", "short_message", "textPayload",
+                                             "RenderedMessage"],
+             "converters": [{"kind": "tokens", "hosts": True}, ALARMS]},
         ],
     },
     "plain": {
@@ -68,6 +77,14 @@ DEFAULT_DENSE_DIMS = 128
 ONE_RECORD_IDS = np.zeros(1, dtype=np.int64)  # a one-record batch: record 0 holds distinct value 0
 ONE_RECORD_IDS.flags.writeable = False
 DEFAULT_MAX_FIELD_CHARS = 8192
+
+
+def field_aliases(entry: dict) -> tuple[str, ...]:
+    """A spec field's ``aliases``: other names records give it, first found first."""
+    names = entry["aliases"]
+    if not isinstance(names, list) or not all(isinstance(name, str) and name for name in names):
+        raise ConfigError(f"field {entry['field']!r}: 'aliases' must be a list of field names; got {names!r}")
+    return tuple(names)
 
 
 def load_spec(path: Optional[str], log_format: str) -> dict:
@@ -104,23 +121,27 @@ class Featurizer:
         self.dense_dims = int(spec.get("dense_dims", DEFAULT_DENSE_DIMS))
         self.max_field_chars = int(spec.get("max_field_chars", DEFAULT_MAX_FIELD_CHARS))
         self.converters: list[Converter] = []
+        self.aliases: dict[str, tuple[str, ...]] = {}  # field -> other names records give it (the spec's own)
         for entry in spec.get("fields", []):
             if not isinstance(entry, dict) or "field" not in entry:
                 raise ConfigError(f"each entry of 'fields' needs a 'field' name; got {entry!r}")
             for converter_spec in entry.get("converters", []):
                 self.converters.append(make_converter(str(entry["field"]), converter_spec))
+            if entry.get("aliases"):
+                self.aliases[str(entry["field"])] = field_aliases(entry)
         if not self.converters:
             raise ConfigError("the featurizer spec has no converters; name at least one field")
         self.fields = list(dict.fromkeys(c.field for c in self.converters))
         self.native = compiled.module(native)
         for converter in self.converters:
             converter.accelerate(self.native)
-        self.normalizer = RecordNormalizer(self.log_format, self.fields, max_line_chars, also_fields, self.native)
+        self.normalizer = RecordNormalizer(self.log_format, self.fields, max_line_chars, also_fields, self.native,
+                                           self.aliases)
         self.sessions = SessionSpec.from_dict(spec["sessions"]) if spec.get("sessions") else None
 
     def spec(self) -> dict:
-        fields = [{"field": name, "converters": [c.spec() for c in self.converters if c.field == name]}
-                  for name in self.fields]
+        fields = [{"field": name, **({"aliases": list(self.aliases[name])} if name in self.aliases else {}),
+                   "converters": [c.spec() for c in self.converters if c.field == name]} for name in self.fields]
         spec = {"format": self.log_format, "dense_dims": self.dense_dims,
                 "max_field_chars": self.max_field_chars, "fields": fields}
         if self.sessions is not None:

@@ -241,7 +241,10 @@ def count_unparsed(sample: Sequence[object], options: TrainOptions, warn: Warn) 
     """The number of records that do not parse; refuses input that is mostly unparsed (a wrong
     --format, a binary file) and warns when more than a few records do not parse."""
     normalizer = Featurizer(options.spec).normalizer
-    parsed = normalizer.normalize(sample).parsed
+    batch = normalizer.normalize(sample)
+    if normalizer.log_format == "jsonl" or any(isinstance(record, dict) for record in sample[:100]):
+        warn_missing_fields(batch.fields, batch.parsed, normalizer, warn)  # (records naming their own fields)
+    parsed = batch.parsed
     unparsed = len(parsed) - sum(parsed)
     if unparsed <= WARN_UNPARSED * len(sample):
         return unparsed
@@ -254,6 +257,18 @@ def count_unparsed(sample: Sequence[object], options: TrainOptions, warn: Warn) 
     warn(f"{summary}; they are learned with their fields missing, and records that do not parse "
          "will not be flagged for it")
     return unparsed
+
+
+def warn_missing_fields(fields: Sequence[dict], parsed: Sequence[bool], normalizer, warn: Warn) -> None:
+    """A field the model reads that (almost) no parsed record holds is one it cannot see: a JSON
+    logger naming its message otherwise gave a model of the level alone, and said nothing."""
+    held = [one for one, ok in zip(fields, parsed) if ok]
+    for name in normalizer.wanted:
+        present = sum(one.get(name) is not None for one in held)
+        if held and present <= WARN_UNPARSED * len(held):
+            names = ", ".join((name, *normalizer.aliases.get(name, ())))
+            warn(f"field {name!r} is in {present:,} of {len(held):,} parsed records (read under {names}): the "
+                 "model cannot see it; name the field your records use in a --config (docs/converters.md)")
 
 
 def suggest_format(sample: Sequence[object], log_format: str) -> str:
