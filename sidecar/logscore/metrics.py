@@ -34,10 +34,14 @@ class ScoreHistogram:
     def observe(self, model: str, scores: np.ndarray) -> None:
         if len(scores) <= 8:  # a few records: plain Python is faster than numpy's call overhead
             with self._lock:
-                counts = self._counts.setdefault(model, np.zeros(len(SCORE_BUCKETS) + 1, dtype=np.int64))
+                counts = self._counts.get(model)
+                if counts is None:
+                    counts = self._counts[model] = np.zeros(len(SCORE_BUCKETS) + 1, dtype=np.int64)
+                total = self._sums.get(model, 0.0)
                 for value in scores.tolist():
                     counts[bisect.bisect_left(SCORE_BUCKETS, value)] += 1
-                    self._sums[model] = self._sums.get(model, 0.0) + value
+                    total += value
+                self._sums[model] = total
             return
         positions = np.searchsorted(SCORE_BUCKETS, scores, side="left")
         counts = np.bincount(positions, minlength=len(SCORE_BUCKETS) + 1)
@@ -111,6 +115,7 @@ class Metrics:
                                     "they arrived long after their own time (a backlog, a replayed log)",
                                     ["model"], registry=r)
         self._children: dict = {}
+        self._batch_histograms: dict[str, tuple] = {}  # model name -> (batch_records, batch_seconds) children
         self._refusal_lock = threading.Lock()
         self._refusals_logged: dict[tuple[str, str], tuple[float, int]] = {}
         self.window_observed = Gauge("logscore_window_observed", "Records in the last closed window per key "
@@ -148,8 +153,12 @@ class Metrics:
         return bound
 
     def observe_batch(self, model, records: int, seconds: float) -> None:
-        self.child(self.batch_records, model.name).observe(records)
-        self.child(self.batch_seconds, model.name).observe(seconds)
+        histograms = self._batch_histograms.get(model.name)
+        if histograms is None:
+            histograms = self._batch_histograms[model.name] = (self.child(self.batch_records, model.name),
+                                                               self.child(self.batch_seconds, model.name))
+        histograms[0].observe(records)
+        histograms[1].observe(seconds)
 
     def observe_abandoned(self, model, records: int, reason: str) -> None:
         self.child(self.abandoned, model.name, reason).inc(records)
@@ -157,14 +166,19 @@ class Metrics:
     def observe_outcome(self, outcome, surface: str) -> None:
         if outcome.notes:
             self._observe_feedback_notes(outcome)
+        if len(outcome.models) == 1:  # the usual case: no selection (~3 µs of numpy calls on one record)
+            self._observe_model(outcome.models[0].name, surface, outcome.scores, outcome.is_anomaly)
+            return
         for position, model in enumerate(outcome.models):
-            mine = outcome.model_index == position if len(outcome.models) > 1 else slice(None)
-            scores = outcome.scores[mine]
-            self.child(self.records, model.name, surface).inc(len(scores))
-            anomalies = int(outcome.is_anomaly[mine].sum())
-            if anomalies:
-                self.child(self.anomalies, model.name).inc(anomalies)
-            self.scores.observe(model.name, scores)
+            mine = outcome.model_index == position
+            self._observe_model(model.name, surface, outcome.scores[mine], outcome.is_anomaly[mine])
+
+    def _observe_model(self, name: str, surface: str, scores: np.ndarray, flags: np.ndarray) -> None:
+        self.child(self.records, name, surface).inc(len(scores))
+        anomalies = np.count_nonzero(flags)
+        if anomalies:
+            self.child(self.anomalies, name).inc(anomalies)
+        self.scores.observe(name, scores)
 
     def _observe_feedback_notes(self, outcome) -> None:
         for index, _, description in outcome.notes:

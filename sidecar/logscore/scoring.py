@@ -115,10 +115,13 @@ class ScoringService:
                 self._batcher(m).score([records[i] for i in idx], call.explain, call.deadline)
                 for m, idx in groups.items()))
         routes = self._learning_routes(bases, records) if self.learner is not None else None
+        flagged = [np.count_nonzero(result.is_anomaly) for result in results]
+        # NOTE: feedback looks at records flagged by their score only (FeedbackStep.apply): a batch
+        # without any (most) needs no step. decide then leaves its notes by kind; _assemble sorts them.
         work = [(m, result, self.learner.holds(m, [routes[i] for i in idx]) if routes else None,
-                 self._feedback_step(call, records, idx, len(groups) == 1))
-                for (m, idx), result in zip(groups.items(), results)]
-        if sum(int(result.is_anomaly.sum()) for result in results) > INLINE_FLAGGED and (self.feedback or self.review):
+                 self._feedback_step(call, records, idx, len(groups) == 1) if scored_high else None)
+                for (m, idx), result, scored_high in zip(groups.items(), results, flagged)]
+        if sum(flagged) > INLINE_FLAGGED and (self.feedback or self.review):
             # Feedback inspects flagged records again (~0.1 ms each): many go to the scoring thread.
             decisions = await asyncio.get_running_loop().run_in_executor(
                 self.executor, lambda: [decide(*args) for args in work])

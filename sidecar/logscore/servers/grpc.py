@@ -106,11 +106,13 @@ class ScorerServicer:
         # NOTE: watchers hold their call for hours; a quarter of max_grpc_calls at most, so that
         # scoring and health checks always find a place (the HTTP port keeps its streams apart alike)
         self.max_watchers = max(1, service.settings.max_grpc_calls // 4)
+        self._request_seconds = service.metrics.child(service.metrics.request_seconds, "grpc")
 
     def handler(self) -> grpc.GenericRpcHandler:
         respond = pb.ScoreResponse.SerializeToString
         return grpc.method_handlers_generic_handler(SERVICE_NAME, {
-            "Score": grpc.unary_unary_rpc_method_handler(self.Score, response_serializer=respond),
+            # NOTE: _score itself, not Score (which awaits it): one coroutine less a call
+            "Score": grpc.unary_unary_rpc_method_handler(self._score, response_serializer=respond),
             "ScoreStream": grpc.stream_stream_rpc_method_handler(self.ScoreStream, response_serializer=respond),
             "ListModels": grpc.unary_unary_rpc_method_handler(
                 self.ListModels, request_deserializer=pb.ListModelsRequest.FromString,
@@ -178,7 +180,7 @@ class ScorerServicer:
             metrics.errors.labels("internal", "grpc").inc()
             log.exception("internal error while scoring")
         finally:
-            metrics.child(metrics.request_seconds, "grpc").observe(time.perf_counter() - started)
+            self._request_seconds.observe(time.perf_counter() - started)
         # NOTE: aborted outside the except clause, so that the exception's traceback (and with it
         # the decoded request) is freed before this call yields to others.
         await context.abort(*failure)
