@@ -588,7 +588,7 @@ def test_setup_sh_on_a_fresh_server_without_sudo_says_what_to_install_as_root(tm
     assert result.returncode == 1 and result.stdout == ""
     assert "command not found" not in result.stderr  # neither python3 nor sudo is run
     assert "installing them needs root (sudo is not installed)" in result.stderr
-    assert "as root, run: apt-get install -y python3-venv python3-dev gcc ruby" in result.stderr
+    assert "as root, run: apt-get install -y python3-venv python3-dev tzdata gcc ruby" in result.stderr
 
 # --- memory: the shipped limits hold under the worst input the limits allow ------------------------------
 

@@ -1,79 +1,23 @@
 """The short cuts of small scoring calls answer as the general paths do, on the same records:
-a one-entry event stream, a batch without records scored high (no feedback step), one model's
-metrics, the session's inner run."""
+a batch without records scored high (no feedback step), one model's metrics."""
 
 import asyncio
 import shutil
 from types import SimpleNamespace
 
-import msgpack
 import numpy as np
 import pytest
 
-from logscore import records as records_module
-from logscore.admission import VALUE_BYTES, Admission
 from logscore.decide import decide
-from logscore.errors import InvalidRequest, Overloaded
 from logscore.feedback import FeedbackStep, RuleSet, pattern_from_records
 from logscore.feedback_store import Entry
 from logscore.metrics import Metrics
-from logscore.model import GRAPH_OUTPUTS, Model, graph_inputs, run_graph
-from logscore.records import decode_event_stream
 from logscore.registry import ModelRegistry
 from logscore.scoring import ScoreCall, ScoringService
 from logscore.settings import Settings
 
 from .generate import blog_lines, shop_lines
 from .sidecar_process import ROOT
-
-ENTRIES = [
-    [1700000000, {"message": "GET / HTTP/1.1"}],
-    [1700000000.5, {"url": "/a", "tags": ["x", ["y", {"z": 1}]], "more": {"k": None, "b": b"\x00\xff"}}],
-    [msgpack.ExtType(0, b"\x65\x5f\x00\x00\x00\x00\x00\x07"), {"log": "x", 7: "an int key"}],
-    [[1700000000, {"fluent_bit": "metadata"}], {"message": "caf\xe9".encode("latin-1")}],  # not UTF-8
-    ["2024-01-01T00:00:00Z", {}],
-]
-
-
-def decoded_and_charged(stream: bytes, limit: int = 10 ** 9):
-    with Admission(limit_bytes=limit).admit(0) as ticket:
-        return decode_event_stream(stream, ticket=ticket), ticket.bytes
-
-
-@pytest.mark.parametrize("entry", ENTRIES)
-def test_a_one_entry_stream_decodes_and_charges_as_the_general_decoder(entry, monkeypatch):
-    stream = msgpack.packb(entry, use_bin_type=False)
-    quick = decoded_and_charged(stream)
-    monkeypatch.setattr(records_module, "ONE_ENTRY_BYTES", -1)  # every stream through the Unpacker
-    assert decoded_and_charged(stream) == quick
-    assert quick[1] > 0
-
-
-@pytest.mark.parametrize("stream", [msgpack.packb([1, 2]), msgpack.packb([1, {"a": 1}, 3]), b"\x92\x01",
-                                    msgpack.packb([1, {"a": 1}]) + b"\x01", b"\xc1", b"",
-                                    msgpack.packb([1, {"a": 1}]) * 2, b"\x92\x01\x81\x91\x01\x02"])
-def test_a_small_stream_that_is_not_one_entry_is_answered_as_ever(stream, monkeypatch):
-    def outcome():
-        try:
-            return decoded_and_charged(stream)
-        except InvalidRequest as error:
-            return str(error)
-
-    quick = outcome()
-    monkeypatch.setattr(records_module, "ONE_ENTRY_BYTES", -1)
-    assert outcome() == quick
-
-
-def test_a_one_entry_stream_over_the_budget_is_refused_as_the_general_decoder_does(monkeypatch):
-    stream = msgpack.packb(ENTRIES[1])
-    (_, charged) = decoded_and_charged(stream)
-    assert decoded_and_charged(stream, charged)[1] == charged  # exactly the budget fits
-    with pytest.raises(Overloaded) as quick:
-        decoded_and_charged(stream, charged - VALUE_BYTES)
-    monkeypatch.setattr(records_module, "ONE_ENTRY_BYTES", -1)
-    with pytest.raises(Overloaded) as general:
-        decoded_and_charged(stream, charged - VALUE_BYTES)
-    assert str(quick.value) == str(general.value)
 
 
 @pytest.fixture(scope="module")
@@ -139,10 +83,3 @@ def test_one_models_outcome_counts_as_the_same_records_split_between_models():
                                           model_index=np.array([0, 1, 0, 1, 1], np.uint32)), "grpc")
     assert metric_values(whole) == metric_values(split)
     assert metric_values(whole)['logscore_anomalies_total{model="m"}'] == 2
-
-
-def test_the_sessions_inner_run_answers_as_its_public_run(shop_model_path):
-    model = Model.load(shop_model_path)
-    batch = model.featurizer.transform(shop_lines(40, seed=12), dense=True)
-    for ours, public in zip(run_graph(model.session, batch), model.session.run(GRAPH_OUTPUTS, graph_inputs(batch))):
-        np.testing.assert_array_equal(ours, public)

@@ -62,11 +62,6 @@ class Ticket:
     def charge_values(self, count: int) -> None:
         self.charge(count * VALUE_BYTES)
 
-    def takes_values(self, count: int) -> bool:
-        """Whether ``charge_values(count)`` would be accepted now."""
-        admission = self.admission
-        return admission is None or admission.in_flight_bytes + count * VALUE_BYTES <= admission.limit_bytes
-
     def release(self) -> None:
         if self.admission is not None:
             self.admission.in_flight_bytes -= self.bytes

@@ -25,9 +25,6 @@ NESTED_TOO_DEEP = "(nested too deep)"
 # One array or map of an event stream holds at most this many values: a container is
 # built whole before it is charged (admission.py), so this bounds what one may take.
 MAX_CONTAINER_VALUES = 65_536
-# A stream this small holding one entry (a latency-bound call) is decoded in one msgpack call
-# (_decode_one_entry): 3 µs less than an Unpacker; its values are charged once decoded.
-ONE_ENTRY_BYTES = 4096
 # The one truncation rule: a raw line (a record, or one held in message/log) longer than this
 # is cut before it is parsed, wherever it is scored (sidecar: setting max_record_bytes).
 DEFAULT_MAX_LINE_CHARS = 65_536
@@ -288,10 +285,6 @@ def decode_event_stream(data: bytes, max_records: float = math.inf,
     """
     import msgpack
 
-    if len(data) <= ONE_ENTRY_BYTES and max_records >= 1:
-        decoded = _decode_one_entry(msgpack, data, ticket)
-        if decoded is not None:
-            return decoded
     unpacker = msgpack.Unpacker(raw=False, unicode_errors="replace", strict_map_key=False,
                                 max_buffer_size=max(len(data), 1024), **value_counting_hooks(ticket.charge_values),
                                 max_array_len=MAX_CONTAINER_VALUES, max_map_len=MAX_CONTAINER_VALUES)
@@ -320,32 +313,3 @@ def decode_event_stream(data: bytes, max_records: float = math.inf,
         raise InvalidRequest(f"event_stream: truncated after entry {len(records)} "
                              f"({len(data) - consumed} bytes left over)")
     return records, times
-
-
-def _decode_one_entry(msgpack, data: bytes, ticket: Ticket) -> Optional[tuple[list[dict], list[object]]]:
-    """decode_event_stream of a small stream of exactly one ``[time, record]`` entry; None for any
-    other stream, or when its values do not fit the ticket: decode_event_stream then decodes it
-    as ever, and names what is wrong. NOTE: charged after decoding, which a stream of at most
-    ONE_ENTRY_BYTES may afford: it holds at most that many values."""
-    held = [0]
-
-    def counted_list(values: list) -> list:  # as value_counting_hooks
-        held[0] += len(values) + 1
-        return values
-
-    def counted_map(pairs: dict) -> dict:
-        held[0] += 2 * len(pairs) + 1
-        return pairs
-
-    try:
-        entry = msgpack.unpackb(data, raw=False, unicode_errors="replace", strict_map_key=False,
-                                list_hook=counted_list, object_hook=counted_map,
-                                max_array_len=MAX_CONTAINER_VALUES, max_map_len=MAX_CONTAINER_VALUES)
-    except Exception:  # more than one entry (ExtraData), or not msgpack: the general path says which
-        return None
-    if not (isinstance(entry, (list, tuple)) and len(entry) == 2 and isinstance(entry[1], dict)):
-        return None
-    if not ticket.takes_values(held[0]):
-        return None
-    ticket.charge_values(held[0])
-    return [entry[1]], [entry[0]]

@@ -123,9 +123,6 @@ class ScorerServicer:
                 response_serializer=None),  # the events come serialized (event_bytes)
         })
 
-    async def Score(self, data: bytes, context):
-        return await self._score(data, context)
-
     async def ScoreStream(self, request_iterator, context):
         async for data in request_iterator:
             yield await self._score(data, context)
