@@ -36,6 +36,18 @@ def test_train_from_gzip_and_stdin_then_inspect(tmp_path):
     assert metadata["version"] == metadata["content_hash"][:12]
 
 
+def test_an_output_that_is_no_regular_file_is_refused_not_replaced(tmp_path):
+    """The model is written beside --out and renamed onto it: `--out /dev/null`, run as root,
+    replaced the machine's /dev/null with a regular file (every later `> /dev/null` broke)."""
+    import os
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    done = logscore("train", "--input", "-", "--out", fifo, stdin="\n".join(shop_lines(200, seed=1)))
+    assert done.returncode == 1 and "is not a regular file (a device, a pipe or a socket)" in done.stderr
+    assert fifo.is_fifo()
+
+
 def test_clear_errors_and_exit_codes(tmp_path):
     missing = logscore("train", "--input", tmp_path / "nope.log", "--out", tmp_path / "m.onnx")
     assert missing.returncode == 1 and "nope.log: no such file" in missing.stderr
@@ -139,9 +151,10 @@ def test_a_json_logger_s_own_field_names_are_read_and_a_never_seen_error_stands_
         assert any("segfault" in feature for feature in error["explanation"])
 
 
-def test_a_field_no_record_holds_is_named_when_training():
-    """Serilog's default JSON names its message RenderedMessage: the model would see none; say so."""
+def test_a_field_no_record_holds_is_named_when_training(tmp_path):
+    """A JSON logger naming its message otherwise than the model reads it: it would see none; say so."""
     serilog = json_logger_lines(300, 2, {"message": "Text", "level": "Lvl", "time": "Timestamp"})
-    done = logscore("train", "--input", "-", "--format", "jsonl", "--out", "/dev/null", stdin="\n".join(serilog))
+    done = logscore("train", "--input", "-", "--format", "jsonl", "--out", tmp_path / "m.onnx",
+                    stdin="\n".join(serilog))
     assert "field 'message' is in 0 of 300 parsed records (read under message, msg" in done.stderr
     assert "name the field your records use in a --config" in done.stderr

@@ -502,6 +502,11 @@ def check_writable(path: str, flag: str) -> None:
     target = Path(path)
     if target.is_dir():
         raise ConfigError(f"{flag} {path}: is a directory; give a file name such as {target / 'model.onnx'}")
+    if target.exists() and not target.is_file():
+        # NOTE: the model is written beside the path and renamed onto it: as root, `--out /dev/null`
+        # replaced the machine's /dev/null with a regular file.
+        raise ConfigError(f"{flag} {path}: is not a regular file (a device, a pipe or a socket), and the model "
+                          "would replace it; give a file name")
     probe = target.with_name(f".{target.name}.check")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
