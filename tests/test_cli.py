@@ -5,6 +5,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from .generate import attack_lines, shop_lines
 from .sidecar_process import ROOT, SidecarProcess, models_dir_with
 
@@ -158,3 +160,39 @@ def test_a_field_no_record_holds_is_named_when_training(tmp_path):
                     stdin="\n".join(serilog))
     assert "field 'message' is in 0 of 300 parsed records (read under message, msg" in done.stderr
     assert "name the field your records use in a --config" in done.stderr
+
+
+def proxy_records(lines: list[str], proxy: str) -> list[dict]:
+    """Access lines as a proxy's JSON access log writes them (field names of Envoy, Traefik, Caddy)."""
+    from logscore.parsers import parse_access
+
+    records = []
+    for line in lines:
+        f = parse_access(line)[0]
+        records.append({
+            "envoy": lambda: {"method": f["method"], "path": f["url"], "response_code": int(f["status"]),
+                              "bytes_sent": int(f["bytes"] or 0), "user_agent": f["user_agent"]},
+            "traefik": lambda: {"RequestMethod": f["method"], "RequestPath": f["url"],
+                                "DownstreamStatus": int(f["status"]), "DownstreamContentSize": int(f["bytes"] or 0),
+                                "request_User-Agent": f["user_agent"]},
+            "caddy": lambda: {"request": {"method": f["method"], "uri": f["url"],
+                                          "headers": {"User-Agent": [f["user_agent"]]}},
+                              "status": int(f["status"]), "size": int(f["bytes"] or 0)},
+        }[proxy]())
+    return records
+
+
+@pytest.mark.parametrize("proxy", ["envoy", "traefik", "caddy"])
+def test_a_proxy_s_json_access_log_is_read_under_its_own_names(tmp_path, proxy):
+    """Envoy's, Traefik's and Caddy's JSON access logs name the status, size, path or agent their
+    own way: a model of them read those fields as missing in every record (and said nothing)."""
+    normal = shop_lines(1500, seed=21)
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in proxy_records(normal, proxy)))
+    done = logscore("train", "--input", tmp_path / "train.jsonl", "--json-records", "--out", tmp_path / "m.onnx")
+    assert done.returncode == 0 and "warning: field" not in done.stderr, done.stderr
+    attacks = [line for _, line in attack_lines(normal, 20, seed=5)]
+    tests = proxy_records(shop_lines(200, seed=22) + attacks, proxy)
+    (tmp_path / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in tests))
+    done = logscore("score", "--model", tmp_path / "m.onnx", "--json-records", tmp_path / "test.jsonl")
+    flags = [json.loads(line)["is_anomaly"] for line in done.stdout.splitlines()]
+    assert sum(flags[200:]) >= 18 and sum(flags[:200]) <= 4

@@ -84,7 +84,9 @@ class RecordNormalizer:
         self.log_format = log_format
         self.parse = get_parser(log_format)
         self.wanted = tuple(wanted_fields)
-        self.aliases = {**FIELD_ALIASES.get(log_format, {}), **(aliases or {})}
+        self.aliases = dict(FIELD_ALIASES.get(log_format, {}))
+        for name, more in (aliases or {}).items():  # the format's names first, then the model's own
+            self.aliases[name] = tuple(dict.fromkeys((*self.aliases.get(name, ()), *more)))
         also = tuple(also)
         self.also = tuple(name for name in also if name not in self.wanted and self.aliases.get(name))
         self.max_line_chars = max_line_chars

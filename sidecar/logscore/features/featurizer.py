@@ -26,19 +26,27 @@ from .converters import Converter, make_converter
 ALARMS = {"kind": "alarms", "weight": 8.0}
 
 DEFAULT_SPECS: dict[str, dict] = {
+    # NOTE: besides the names of parsers.FIELD_ALIASES, the JSON access logs of proxies (`--json-records`):
+    # Envoy's (response_code, bytes_sent), Traefik's (RequestPath, DownstreamStatus, ...) and Caddy's
+    # (request.uri, request.method, request.headers.*). In the spec: models trained before read
+    # what they read then.
     "access": {
         "format": "access",
         "fields": [
-            {"field": "url", "converters": [
+            {"field": "url", "aliases": ["RequestPath", "request.uri"], "converters": [
                 {"kind": "url"},
                 {"kind": "ngrams", "n": [2, 4], "decode": True, "shape": True},
                 {"kind": "ngrams", "n": [3, 3], "decode": True, "weight": 0.2}]},
             # NOTE: no protocol: Fluentd's apache2 parser drops it and Logstash writes "1.1", so
             # it would be "missing" or unseen for records that shippers parsed themselves.
-            {"field": "method", "converters": [{"kind": "categorical"}]},
-            {"field": "status", "converters": [{"kind": "categorical", "transform": "status_class"}]},
-            {"field": "bytes", "converters": [{"kind": "numeric", "weight": 0.25}]},
-            {"field": "user_agent", "converters": [{"kind": "tokens", "template": False, "weight": 0.5}]},
+            {"field": "method", "aliases": ["RequestMethod", "request.method"],
+             "converters": [{"kind": "categorical"}]},
+            {"field": "status", "aliases": ["response_code", "DownstreamStatus"],
+             "converters": [{"kind": "categorical", "transform": "status_class"}]},
+            {"field": "bytes", "aliases": ["bytes_sent", "DownstreamContentSize"],
+             "converters": [{"kind": "numeric", "weight": 0.25}]},
+            {"field": "user_agent", "aliases": ["request_User-Agent", "request.headers.User-Agent"],
+             "converters": [{"kind": "tokens", "template": False, "weight": 0.5}]},
         ],
     },
     "syslog": {
