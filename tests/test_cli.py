@@ -142,6 +142,7 @@ def test_a_json_logger_s_own_field_names_are_read_and_a_never_seen_error_stands_
     done = logscore("train", "--input", str(tmp_path / "app.jsonl"), "--format", "jsonl", "--out",
                     str(tmp_path / "app.onnx"))
     assert done.returncode == 0 and "warning" not in done.stderr, done.stderr
+    assert "field message (also read as msg, @m," in logscore("inspect", tmp_path / "app.onnx").stdout
     tests = [{"time": 1_764_003_000_000, "level": 30, "pid": 7, "msg": "order 12 shipped"},
              {"time": 1_764_003_001_000, "level": 30, "pid": 7, "msg": "segfault in worker 3: core dumped"}]
     (tmp_path / "test.jsonl").write_text("".join(json.dumps(record) + "\n" for record in tests))

@@ -882,7 +882,8 @@ def run_inspect(args) -> int:
     print(f"  log format: {meta['featurizer']['format']}")
     for field in meta["featurizer"]["fields"]:
         kinds = ", ".join(c["kind"] for c in field["converters"])
-        print(f"    field {field['field']}: {kinds}")
+        also = f" (also read as {', '.join(field['aliases'])})" if field.get("aliases") else ""
+        print(f"    field {field['field']}{also}: {kinds}")
     print(f"  detectors: {', '.join(d['kind'] for d in meta.get('detectors', []))}")
     print(f"  threshold: {calibration.get('threshold')} (rule {calibration.get('rule')}, target FPR "
           f"{calibration.get('target_fpr')}, expected alerts per 10k normal: "
