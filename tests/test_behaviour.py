@@ -425,6 +425,13 @@ def test_times_without_a_zone_are_read_in_the_zone_given_and_times_with_one_as_w
     monkeypatch.setenv("TZ", "Asia/Kolkata")
     zone("local")  # the machine's zone, as TZ gives it
     assert parse_time("2026-07-15T09:00:00") == summer - 5.5 * 3600
+    # Ahead of UTC, New Year comes first: a yearless syslog time of 1 January is this year's.
+    zone("Asia/Tokyo")
+    new_year_utc = 1_735_689_600.0  # 2025-01-01 00:00 UTC, 09:00 in Tokyo
+    assert parse_time("Jan  1 08:29:00", now=new_year_utc - 1800) == new_year_utc - 1800 - 60
+    # A date no calendar holds, once moved into UTC, is no time (it raised, and the batch's windows with it).
+    zone("America/New_York")
+    assert parse_time("99/Dec/9999:23:59:59") is None and parse_time("Sun May 17 10:05:03 0000") is None
 
 
 def test_a_host_writing_local_time_is_on_time_in_training_and_in_the_sidecar(tmp_path):
@@ -496,6 +503,33 @@ def test_a_plain_line_gives_its_head_only_to_models_that_read_it_and_a_map_s_own
     fields = syslog.normalize_one("Mar  1 10:00:00 web sshd[9]: error: maximum authentication attempts")[0]
     assert fields["level"] == "error" and fields["time"] == "Mar  1 10:00:00"  # (the header's time)
     assert "level" not in syslog.normalize_one("<86>Mar  1 10:00:00 web sshd[9]: error: x")[0]  # pri says it
+
+
+def test_models_trained_before_read_levels_as_they_were_trained_to(tmp_path):
+    """Window models trained before levels were read from syslog messages and bunyan's numbers
+    keep their trained keys (level=30, no error share from `sshd: error:`): counted the new way,
+    their keys and shares would have met nothing, and raised events on upgrade."""
+    from logscore.artifact import Artifact
+    from logscore.behaviour import ModelBehaviour
+    from logscore.settings import Settings
+
+    lines = [f"{time.strftime('%b %d %H:%M:%S', time.gmtime(START + 3 * i))} web sshd[9]: "
+             f"{'error: ' if i % 50 == 0 else ''}session {i % 7} opened" for i in range(1200)]
+    (tmp_path / "sys.log").write_text("\n".join(lines) + "\n")
+    done = subprocess.run([sys.executable, "-m", "logscore", "train", "--input", str(tmp_path / "sys.log"),
+                           "--format", "syslog", "--out", str(tmp_path / "m.onnx"), "--windows", "--window-s", "1",
+                           "--time-zone", "UTC"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    new = Model.load(tmp_path / "m.onnx")
+    assert new.metadata["windows"]["levels_read"] == 2 and "level=error share" in new.metadata["windows"]["shares"]
+    before = json.loads(json.dumps(new.metadata))
+    del before["windows"]["levels_read"]  # as a model trained before it
+    old = Model(Artifact(new.artifact.path, new.artifact.model_bytes, before, new.artifact.content_hash))
+    line = "Mar  1 10:00:00 web sshd[9]: error: maximum authentication attempts"
+    assert new.score([line]).columns["level"] == ["error"] and old.score([line]).columns["level"] == [None]
+    namers = [ModelBehaviour(model, Settings()).windows.namer for model in (new, old)]
+    pino = {"level": ["50"], "severity": [None], "pri": [None]}
+    assert [namer.column("level", pino, namer.numbered_levels) for namer in namers] == [["error"], ["50"]]
 
 
 def test_application_logs_learn_windows_per_level_and_a_burst_of_errors_is_an_event(tmp_path):

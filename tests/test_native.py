@@ -732,7 +732,9 @@ HEADS = st.lists(st.sampled_from(HEAD_FRAGMENTS), max_size=24).map("".join)
 @given(lines=st.lists(HEADS, min_size=1, max_size=40))
 @example(lines=["2015-10-18 18:01:47.1111111111+01:00 INFO", "Sun Dec  4 04:47:44.1 2005 x", "Nov   9 04:47:44",
                 "x" * 64 + "Nov 9 18:01:47 ERROR", "ERROR" + "x" * 50, "a" * 47 + " CRITICAL", "a" * 49 + " ERR",
-                "2015-10-18 18:01:47+01:001 warn", "ſevere ERROR", "infoé error"])
+                "2015-10-18 18:01:47+01:001 warn", "ſevere ERROR", "infoé error", "x" * 63 + "Nov 9 18:01:47 INFO",
+                "Nov" + " " * 120 + "9 04:47:44 ERROR x", "Nov   9 04:47:44 WARN",
+                "2015-10-18 18:01:47" + " " * 47 + "ERR"])
 def test_a_line_s_head_is_read_the_same_in_c_and_python(lines):
     from logscore.parsers import head_reader, line_head
 

@@ -184,7 +184,7 @@ class ModelBehaviour:
             return
         if spec is not None:
             gauges = metrics.observe_window if metrics is not None else None
-            self.windows = WindowCounter(spec, model.name, KeyNamer(spec.dimensions),
+            self.windows = WindowCounter(spec, model.name, KeyNamer(spec.dimensions, levels_read=spec.levels_read),
                                          settings.window_max_keys, observe_gauges=gauges)
         if clients is not None:
             self.clients = ClientWatch(clients, model.name, settings.entity_key, settings.entity_max_clients)

@@ -115,18 +115,21 @@ class Model:
     """
 
     def __init__(self, artifact: Artifact, threads: int = 1, max_line_chars: int = DEFAULT_MAX_LINE_CHARS,
-                 client_key: Optional[str] = None, also_fields: Sequence[str] = ()):
+                 client_key: Optional[str] = None, also_fields: Sequence[str] = (), levels_read: Optional[int] = None):
         """``client_key``: the field naming a client when it is not the model's own (setting entity_key).
         ``also_fields``: fields read besides its own (training: the behaviour fields the model is
-        about to learn, read as the sidecar will, their aliases applied)."""
+        about to learn, read as the sidecar will, their aliases applied). ``levels_read``: how
+        levels are read (windows.LEVELS_READ; default: as the model was trained)."""
         self.artifact = artifact
         meta = artifact.metadata
         try:
             # Windows and clients (behaviour.py) read a few fields as text columns, read with the
             # rest; whole field maps only for training them (timestamps).
             self.behaviour_fields = behaviour_fields(meta, client_key)
+            levels_read = levels_read or int((meta.get("windows") or {}).get("levels_read", 1))
             self.featurizer = Featurizer(meta["featurizer"], max_line_chars,
-                                         also_fields=(*self.behaviour_fields, *also_fields))
+                                         also_fields=(*self.behaviour_fields, *also_fields),
+                                         message_levels=levels_read >= 2)
             self.threshold = float(meta["calibration"]["threshold"])
             self.detectors = [d["kind"] for d in meta["detectors"]]
             self._support = float(meta["rarity"]["support"])

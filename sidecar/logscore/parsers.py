@@ -66,7 +66,7 @@ LEVEL_WITHIN = 48  # characters after the time (or from the start) where its lev
 _HEAD_TIME = re.compile(
     r"\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}:\d{2}(?:[.,]\d{1,9})?(?:Z|[+-]\d{2}:?\d{2}(?![\d:]))?"  # ISO 8601, log4j
     r"|[A-Z][a-z]{2} [A-Z][a-z]{2} [ \d]\d \d{2}:\d{2}:\d{2}(?:\.\d{1,9})? \d{4}"  # C's ctime (Apache's errors)
-    r"|[A-Z][a-z]{2} +\d{1,2} \d{2}:\d{2}:\d{2}", re.ASCII)  # syslog
+    r"|[A-Z][a-z]{2} {1,2}\d{1,2} \d{2}:\d{2}:\d{2}", re.ASCII)  # syslog
 # NOTE: yy/MM/dd (Spark's default) is not read: the same text is dd/MM/yy or MM/dd/yy elsewhere.
 _HEAD_LEVEL = re.compile(r"(?<![\w.-])(TRACE|DEBUG|INFO|NOTICE|WARN|WARNING|ERROR|ERR|FATAL|CRIT|CRITICAL|SEVERE|"
                          r"ALERT|EMERG|PANIC)(?![\w.-])", re.IGNORECASE | re.ASCII)
@@ -79,11 +79,11 @@ def line_head(line: str) -> Fields:
     # character after it (its lookahead must see that character, not the end of the range).
     time = _HEAD_TIME.search(line, 0, TIME_WITHIN + 40)
     start = 0
-    if time is not None and time.start() <= TIME_WITHIN:
+    if time is not None and time.start() < TIME_WITHIN:
         found["time"] = time.group()
         start = time.end()
     level = _HEAD_LEVEL.search(line, start, start + LEVEL_WITHIN + 9)
-    if level is not None and level.start() <= start + LEVEL_WITHIN:
+    if level is not None and level.start() < start + LEVEL_WITHIN:
         found["level"] = level.group()
     return found
 
@@ -91,9 +91,9 @@ def line_head(line: str) -> Fields:
 def head_reader(native=None) -> Callable[[str], Fields]:
     """line_head, or the compiled one when ``native`` (the compiled featurizer's module) is given:
     the same fields (tests/test_native.py), a few times faster."""
-    if native is None:
+    spans = getattr(native, "line_head", None)  # (a module built before it has none)
+    if spans is None:
         return line_head
-    spans = native.line_head
 
     def read(line: str) -> Fields:
         time_start, time_end, level_start, level_end = spans(line, TIME_WITHIN, LEVEL_WITHIN)

@@ -76,11 +76,12 @@ class RecordNormalizer:
     """Normalizes records for one log format and the fields its featurizer reads."""
 
     def __init__(self, log_format: str, wanted_fields: Iterable[str], max_line_chars: int = DEFAULT_MAX_LINE_CHARS,
-                 also: Iterable[str] = (), native=None, aliases: Optional[dict] = None):
+                 also: Iterable[str] = (), native=None, aliases: Optional[dict] = None, message_levels: bool = True):
         """``also``: fields read besides the wanted ones (windows and clients): a field map lacking
         one gets it from an alias, after its raw line was parsed (a line's own value wins).
         ``native``: the compiled featurizer's module, or None (the Python reference). ``aliases``:
-        field -> other names, the model's own (its spec's), beside the format's FIELD_ALIASES."""
+        field -> other names, the model's own (its spec's), beside the format's FIELD_ALIASES.
+        ``message_levels``: a syslog message's level word counts (windows.LEVELS_READ 2)."""
         self.log_format = log_format
         self.parse = get_parser(log_format)
         self.wanted = tuple(wanted_fields)
@@ -98,7 +99,8 @@ class RecordNormalizer:
         self._lines_carried = log_format == "access" and bool(self.wanted) and "message" not in self.wanted
         # A message's head gives its time and level (parsers.line_head) to windows and clients that
         # read them: a plain line's, and a syslog message's level (a file holds no priority).
-        self._heads = log_format in ("plain", "syslog") and not {"time", "level"}.isdisjoint(also)
+        self._heads = ((log_format == "plain" or log_format == "syslog" and message_levels)
+                       and not {"time", "level"}.isdisjoint(also))
         self._read_head = head_reader(native)
         self._line_aliases = log_format == "jsonl" and bool(self.aliases)
 

@@ -110,8 +110,9 @@ def _from_wall_clock(wall: float) -> float:
 
 
 def _zone_offset(wall: float) -> float:
-    """Seconds the zone is ahead of UTC at wall-clock time ``wall`` (the earlier offset in a
-    repeated hour, the offset before the change in a skipped one)."""
+    """Seconds the zone is ahead of UTC at wall-clock time ``wall``. (In an hour a change of
+    offset repeats or skips, a named zone takes the offset before the change; the C library's
+    local zone may take either.)"""
     if _zone == LOCAL:
         fields = time.gmtime(wall)
         return wall - time.mktime((*fields[:8], -1))
@@ -154,7 +155,15 @@ def _apache_by_minute(value: str, now: Optional[float]) -> Optional[float]:
 
 
 def _parsed(value: str, now: Optional[float]) -> Optional[float]:
-    """parse_time of a text, read whole."""
+    """parse_time of a text, read whole; None for a date no calendar holds (year 0, 10000 once
+    moved into UTC)."""
+    try:
+        return _read_whole(value, now)
+    except (ValueError, OverflowError, OSError):
+        return None
+
+
+def _read_whole(value: str, now: Optional[float]) -> Optional[float]:
     match = _APACHE.match(value)
     if match:
         day, month, year, hour, minute, second, sign, off_h, off_m = match.groups()
@@ -184,9 +193,11 @@ def _parsed(value: str, now: Optional[float]) -> Optional[float]:
         now = time.time() if now is None else now
         year = time.gmtime(now).tm_year
         moment = (MONTHS[month], int(day), int(hour), int(minute), int(second))
-        seconds = _from_wall_clock(float(calendar.timegm((year, *moment))))
-        return seconds if seconds <= now + SYSLOG_YEAR_AHEAD_S else _from_wall_clock(
-            float(calendar.timegm((year - 1, *moment))))
+        # (the next year too: in a zone ahead of UTC, New Year comes before it does in UTC)
+        for candidate in (year + 1, year, year - 1):
+            seconds = _from_wall_clock(float(calendar.timegm((candidate, *moment))))
+            if seconds <= now + SYSLOG_YEAR_AHEAD_S:
+                return seconds
     return None
 
 

@@ -45,6 +45,11 @@ ERROR_LEVELS = {"error", "err", "crit", "critical", "fatal", "alert", "emerg", "
 SYSLOG_SEVERITIES = ("emerg", "alert", "crit", "error", "warning", "notice", "info", "debug")
 # bunyan's and pino's levels are numbers (their JSON logs write "level": 50 for an error)
 NUMBERED_LEVELS = {"10": "trace", "20": "debug", "30": "info", "40": "warn", "50": "error", "60": "fatal"}
+# How a model's windows read a record's level (metadata windows.levels_read): 1, its level or
+# severity field or syslog priority; 2 (models trained since), also bunyan's and pino's numbers and
+# a syslog message's own word (records.RecordNormalizer). A model keeps the reading it was trained
+# with: its trained keys (level=30) and shares would not meet the others'.
+LEVELS_READ = 2
 MAX_TEMPLATE_CHARS = 160
 MAX_NAMED = 4  # improbable keys named in one window event
 MAX_CATCH_UP = 60  # after a pause, the windows older than this many are skipped (so 1 + 60 close at most)
@@ -65,8 +70,10 @@ def status_class(value: object) -> Optional[str]:
     return f"{text[0]}xx" if len(text) == 3 and text.isdigit() and text[0] in "12345" else None
 
 
-def level_name(level: Optional[str], severity: Optional[str], pri: Optional[str]) -> Optional[str]:
-    """A record's level: its ``level``/``severity`` field, or the severity of a syslog priority."""
+def level_name(level: Optional[str], severity: Optional[str], pri: Optional[str],
+               numbered: bool = True) -> Optional[str]:
+    """A record's level: its ``level``/``severity`` field (``numbered``: bunyan's numbers named),
+    or the severity of a syslog priority."""
     value = level or severity
     if value is None and pri is not None:
         try:
@@ -76,7 +83,8 @@ def level_name(level: Optional[str], severity: Optional[str], pri: Optional[str]
     if value is None:
         return None
     name = value.strip().lower()
-    name = NUMBERED_LEVELS.get(name, name)
+    if numbered:
+        name = NUMBERED_LEVELS.get(name, name)
     return "error" if name in ERROR_LEVELS else name[:32]
 
 
@@ -113,18 +121,21 @@ class KeyNamer:
     counts, keys in the same order (tests/test_native.py).
     """
 
-    def __init__(self, dimensions: Sequence[str], native: Optional[bool] = None):
-        """``native``: True/False forces the compiled or the Python counting; None follows the featurizer's switch."""
+    def __init__(self, dimensions: Sequence[str], native: Optional[bool] = None, levels_read: int = LEVELS_READ):
+        """``native``: True/False forces the compiled or the Python counting; None follows the featurizer's
+        switch. ``levels_read``: the model's (LEVELS_READ)."""
         self.dimensions = [d for d in dimensions if d not in ("route", "tag")]
+        self.numbered_levels = levels_read >= 2
         self._cache: dict[str, dict] = {d: {} for d in self.dimensions}
         self._native = compiled.module(native)
         self._namers = {d: partial(self._name, d) for d in self.dimensions}
 
     @staticmethod
-    def column(dimension: str, columns: dict[str, list]) -> list:
+    def column(dimension: str, columns: dict[str, list], numbered_levels: bool = True) -> list:
         """Values of the field behind a dimension (None where absent)."""
         if dimension == "level":
-            return list(map(level_name, columns["level"], columns["severity"], columns["pri"]))
+            return [level_name(level, severity, pri, numbered_levels)
+                    for level, severity, pri in zip(columns["level"], columns["severity"], columns["pri"])]
         if dimension == "host":
             return [host or other for host, other in zip(columns["host"], columns["hostname"])]
         return columns[SOURCES[dimension][0]]
@@ -178,7 +189,7 @@ class KeyNamer:
                     counts[f"tag={tag}"] = n
         for dimension in self.dimensions:
             # NOTE: keys of different dimensions never meet (each starts with its dimension).
-            counts.update(self.key_counts(dimension, self.column(dimension, columns)))
+            counts.update(self.key_counts(dimension, self.column(dimension, columns, self.numbered_levels)))
         return counts
 
 
@@ -209,6 +220,7 @@ class WindowSpec:
     threshold: float
     min_change: float  # a window is reported only if its count differs this much from the expected
     calibrate: Callable[[np.ndarray], np.ndarray]  # deviation -> calibrated score (the graph)
+    levels_read: int = 1  # LEVELS_READ as trained (1: models from before it)
 
     @classmethod
     def from_model(cls, metadata: dict, tensors: dict[str, np.ndarray], calibrate) -> "WindowSpec":
@@ -223,7 +235,7 @@ class WindowSpec:
                    list(metadata["shares"]), tensors["window_share_expected"].astype(np.float64),
                    tensors["window_share_dispersion"].astype(np.float64), float(metadata["new_key"]["level"]),
                    float(metadata["new_key"]["scale"]), float(metadata["threshold"]),
-                   float(metadata.get("min_change", 5)), calibrate)
+                   float(metadata.get("min_change", 5)), calibrate, int(metadata.get("levels_read", 1)))
 
 
 def share_deviation(count: np.ndarray, total: np.ndarray, expected: np.ndarray,

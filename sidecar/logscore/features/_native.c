@@ -2367,11 +2367,10 @@ static Py_ssize_t ctime_at(const Head *t, Py_ssize_t i) {
     return text_at(t, end) == ' ' && digits_at(t, end + 1, 4) ? end + 5 : -1;
 }
 
-/* [A-Z][a-z]{2} +\d{1,2} \d{2}:\d{2}:\d{2} at i (syslog) */
+/* [A-Z][a-z]{2} {1,2}\d{1,2} \d{2}:\d{2}:\d{2} at i (syslog) */
 static Py_ssize_t syslog_time_at(const Head *t, Py_ssize_t i) {
     if (!capitalized_at(t, i) || text_at(t, i + 3) != ' ') return -1;
-    Py_ssize_t k = i + 3;
-    while (text_at(t, k) == ' ') k++;
+    Py_ssize_t k = text_at(t, i + 4) == ' ' ? i + 5 : i + 4;
     if (!ascii_digit(text_at(t, k))) return -1;
     k += ascii_digit(text_at(t, k + 1)) ? 2 : 1;
     return text_at(t, k) == ' ' && clock_at(t, k + 1) ? k + 9 : -1;
@@ -2396,14 +2395,14 @@ static PyObject *line_head(PyObject *module, PyObject *args) {
     if (!PyArg_ParseTuple(args, "Unn", &line, &time_within, &level_within)) return NULL;
     Head t = {PyUnicode_KIND(line), PyUnicode_DATA(line), PyUnicode_GET_LENGTH(line)};
     Py_ssize_t time_start = -1, time_end = -1, level_start = -1, level_end = -1;
-    for (Py_ssize_t i = 0; i <= time_within && i < t.n && time_start < 0; i++) {
+    for (Py_ssize_t i = 0; i < time_within && i < t.n && time_start < 0; i++) {
         Py_ssize_t end = iso_time_at(&t, i);
         if (end < 0) end = ctime_at(&t, i);
         if (end < 0) end = syslog_time_at(&t, i);
         if (end >= 0) time_start = i, time_end = end;
     }
     Py_ssize_t from = time_start >= 0 ? time_end : 0;
-    for (Py_ssize_t i = from; i <= from + level_within && i < t.n; i++) {
+    for (Py_ssize_t i = from; i < from + level_within && i < t.n; i++) {
         if (!ascii_letter(text_at(&t, i)) || (i > 0 && word_joined(text_at(&t, i - 1)))) continue;
         Py_ssize_t end = i;
         while (ascii_letter(text_at(&t, end))) end++;

@@ -121,10 +121,11 @@ def load_spec(path: Optional[str], log_format: str) -> dict:
 
 class Featurizer:
     def __init__(self, spec: dict, max_line_chars: int = DEFAULT_MAX_LINE_CHARS, native: Optional[bool] = None,
-                 also_fields: Sequence[str] = ()):
+                 also_fields: Sequence[str] = (), message_levels: bool = True):
         """``native``: True/False forces the compiled or the Python featurizer (the same
         features); None uses the compiled one when built (see features/native.py). ``also_fields``:
-        fields read beside the featurizer's (windows and clients), found under their aliases too."""
+        fields read beside the featurizer's (windows and clients), found under their aliases too;
+        ``message_levels``: a syslog message's level word is read for them (models trained since)."""
         self.log_format = spec.get("format", "plain")
         self.dense_dims = int(spec.get("dense_dims", DEFAULT_DENSE_DIMS))
         self.max_field_chars = int(spec.get("max_field_chars", DEFAULT_MAX_FIELD_CHARS))
@@ -144,7 +145,7 @@ class Featurizer:
         for converter in self.converters:
             converter.accelerate(self.native)
         self.normalizer = RecordNormalizer(self.log_format, self.fields, max_line_chars, also_fields, self.native,
-                                           self.aliases)
+                                           self.aliases, message_levels)
         self.sessions = SessionSpec.from_dict(spec["sessions"]) if spec.get("sessions") else None
 
     def spec(self) -> dict:

@@ -29,7 +29,7 @@ from ..errors import InputError
 from ..forecast import COUNT_MIN_SCALE, ForecastState, count_transform, slots
 from ..timestamps import TIME_FIELDS, record_times
 from ..records import text_columns
-from ..windows import DIMENSIONS, SHARES, KeyNamer, fields_read, share_deviation, share_name
+from ..windows import DIMENSIONS, LEVELS_READ, SHARES, KeyNamer, fields_read, share_deviation, share_name
 from .graph import GraphBuilder
 from .train import apply_ecdf, ecdf_table
 
@@ -142,7 +142,7 @@ def fit_windows(fields: Sequence[dict], route: str, options: BehaviourOptions) -
         # the dimensions these records carry (a dimension they never had costs time and says nothing)
         "dimensions": ["route", "tag"] + [d for d in namer.dimensions if any(k.startswith(d + "=") for k in by_key)],
         "seen": state.seen.tolist(), "shares": shares, "threshold": threshold,
-        "target_fpr": options.window_target_fpr, "min_change": options.min_change,
+        "target_fpr": options.window_target_fpr, "min_change": options.min_change, "levels_read": LEVELS_READ,
         "new_key": {"level": float(count_transform(np.zeros(1))[0]), "scale": NEW_KEY_SCALE},
         "calibration": f"empirical CDF of {len(pooled):,} key-window deviations after a warm-up of {warm_up} windows",
         "training": {"records": int(len(order)), "windows": windows, "start": float(first),
@@ -299,7 +299,7 @@ def score_for_behaviour(model_bytes: bytes, metadata: dict, records: Sequence[ob
     from ..artifact import Artifact
     from ..model import Model
 
-    model = Model(Artifact("(training)", model_bytes, metadata, ""), also_fields=also)
+    model = Model(Artifact("(training)", model_bytes, metadata, ""), also_fields=also, levels_read=LEVELS_READ)
     model.tracks_novelty = model.needs_fields = True
     fields, scores, novelty = [], [], []
     for start in range(0, len(records), chunk):
