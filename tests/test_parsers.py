@@ -142,3 +142,29 @@ def test_apache_timestamps_read_by_their_minute_are_those_read_whole():
     assert read == [timestamps._parsed(text, None) for text in texts]
     assert read[:6] == [None, None, 1438941903.0, 1431857199.0, None, 1431857103.0]
     assert len(timestamps._MINUTES) <= timestamps.MINUTES_CACHED
+
+
+@pytest.mark.parametrize("log_format", ["syslog", "jsonl"])
+def test_a_line_sent_as_a_shippers_map_scores_as_the_line_alone(tmp_path, log_format):
+    """Fluentd's in_tail `none` sends {"message": line}, Fluent Bit's tail {"log": line}: a syslog
+    model trained on files kept the whole line as the message there (the text after `app[pid]:`
+    for the line alone) and flagged 500 of 500 normal lines; a JSON line kept its raw text."""
+    import json
+
+    from logscore.model import Model
+    from logscore.training.train import TrainOptions, save_model, train
+    from logscore.features import load_spec
+
+    from .generate import syslog_lines
+
+    lines = syslog_lines(3000, seed=1)
+    if log_format == "jsonl":
+        lines = [json.dumps({"level": "info", "msg": line.split(": ", 1)[1], "pid": 7}) for line in lines]
+    model, _ = train(lines[:2500], TrainOptions(spec=load_spec(None, log_format), name="m"))
+    save_model(model, tmp_path / "m.onnx")
+    scorer = Model.load(tmp_path / "m.onnx")
+    alone = scorer.score(lines[2500:])
+    for key in ("message", "log"):
+        shipped = scorer.score([{key: line, "host": "web-1"} for line in lines[2500:]])
+        np.testing.assert_array_equal(shipped.scores, alone.scores)
+    assert not alone.is_anomaly.any()

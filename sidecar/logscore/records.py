@@ -183,9 +183,15 @@ class RecordNormalizer:
             raw = fields.get(key)
             if raw is not None:
                 parsed_fields, ok, cut = self._parse_line(raw)
-                # Fields the shipper already extracted win over re-parsed ones. A raw line that
-                # does not parse makes the record unparsed, like the same line sent alone.
-                return self._alias({**parsed_fields, **fields} if ok else fields, self.also), ok, cut
+                if not ok:  # a raw line that does not parse: the record is unparsed, as the line alone
+                    return self._alias(fields, self.also), ok, cut
+                # Fields the shipper already extracted win over re-parsed ones, but not the raw line
+                # itself: a syslog line sent as {"message": line} (Fluentd's in_tail `none`; Fluent
+                # Bit's tail: log, aliased) kept the whole line as its message, where the line alone
+                # gives the text after `app[pid]:`: a model trained on files flagged all of them.
+                extracted = {name: value for name, value in fields.items()
+                             if not (value is raw and name in parsed_fields)}
+                return self._alias({**parsed_fields, **extracted}, self.also), ok, cut
         # NOTE: a map with none of the model's fields and no raw line is not a record of this
         # format (a shipper's message key renamed, another log routed here): unparsed, as such a
         # line is, not scored quietly as a record with every field missing.
