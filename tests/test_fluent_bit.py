@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from .generate import blog_lines, timed_shop_lines
+from .generate import blog_lines, syslog_lines, timed_shop_lines
 from .sidecar_process import ROOT, SidecarProcess, free_port
 from .test_forward import counter
 
@@ -315,6 +315,36 @@ def test_tail_without_a_parser_catching_up_old_lines_is_no_burst(behaviour_model
             appended.write("\n".join(live) + "\n")
         out = wait_for_lines(tmp_path, len(backlog) + len(live), timeout=60)
         assert sum(0 <= r.get("entity_score", -1) <= 1 for tag, _, r in out if tag == "web.access") == len(live)
+    finally:
+        for name in ("sender", "sidecar", "receiver"):
+            parts[name].stop()
+
+
+def test_syslog_lines_tailed_without_a_parser_score_as_the_lines_trained_on(tmp_path):
+    """Fluent Bit's tail without a parser sends each line under `log`: a syslog model trained on
+    files took that whole line as the message (the line alone gives the text after `app[pid]:`)
+    and flagged every normal line it received that way (500 of 500 in a probe)."""
+    from logscore.features import load_spec
+    from logscore.training.train import TrainOptions, save_model, train
+
+    models = tmp_path / "models"
+    models.mkdir()
+    model, _ = train(syslog_lines(2500, seed=1), TrainOptions(spec=load_spec(None, "syslog"), name="syslog"))
+    save_model(model, models / "syslog.onnx")
+    hop, forward = free_port(), free_port()
+    parts = {"receiver": receiver(tmp_path, hop).start()}
+    parts["sidecar"] = SidecarProcess(models, tmp_path, forward=f"127.0.0.1:{forward}",
+                                      forward_to=f"127.0.0.1:{hop}").start()
+    source = tmp_path / "syslog"
+    lines = syslog_lines(300, seed=9)
+    source.write_text("\n".join(lines) + "\n")
+    parts["sender"] = sender(tmp_path, source, forward, "    Require_ack_response true", parser=None,
+                             tag="sys.log").start()
+    try:
+        out = wait_for_lines(tmp_path, len(lines), timeout=60)
+        assert sorted(r["log"] for _, _, r in out) == sorted(lines), parts["sender"].log.read_text()[-2000:]
+        assert all(isinstance(r.get("anomaly_score"), float) for _, _, r in out)
+        assert sum(r["is_anomaly"] for _, _, r in out) == 0
     finally:
         for name in ("sender", "sidecar", "receiver"):
             parts[name].stop()
