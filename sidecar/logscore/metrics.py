@@ -115,7 +115,6 @@ class Metrics:
                                     "they arrived long after their own time (a backlog, a replayed log)",
                                     ["model"], registry=r)
         self._children: dict = {}
-        self._batch_histograms: dict[str, tuple] = {}  # model name -> (batch_records, batch_seconds) children
         self._refusal_lock = threading.Lock()
         self._refusals_logged: dict[tuple[str, str], tuple[float, int]] = {}
         self.window_observed = Gauge("logscore_window_observed", "Records in the last closed window per key "
@@ -153,12 +152,8 @@ class Metrics:
         return bound
 
     def observe_batch(self, model, records: int, seconds: float) -> None:
-        histograms = self._batch_histograms.get(model.name)
-        if histograms is None:
-            histograms = self._batch_histograms[model.name] = (self.child(self.batch_records, model.name),
-                                                               self.child(self.batch_seconds, model.name))
-        histograms[0].observe(records)
-        histograms[1].observe(seconds)
+        self.child(self.batch_records, model.name).observe(records)
+        self.child(self.batch_seconds, model.name).observe(seconds)
 
     def observe_abandoned(self, model, records: int, reason: str) -> None:
         self.child(self.abandoned, model.name, reason).inc(records)
