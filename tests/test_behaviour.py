@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime
 import json
 import math
 import socket
@@ -392,6 +393,28 @@ def test_a_syslog_time_without_year_is_never_read_days_ahead():
     assert parse_time("Dec 31 23:59:00", now=new_year) == 1_798_761_540.0  # last year's, a few minutes ago
     assert parse_time("Jan  1 00:01:00", now=new_year) == 1_798_761_660.0
     assert parse_time("Jan  2 00:01:00", now=new_year) == 1_798_761_660.0 + 86400  # (a clock a day behind)
+    # Android logcat's MM-dd has no year either; 29 February is the last leap year's
+    assert parse_time("12-31 23:59:00.250", now=new_year) == 1_798_761_540.25
+    assert parse_time("01-01 00:01:00", now=new_year) == 1_798_761_660.0
+    assert parse_time("02-29 12:00:00", now=1_835_481_600.0) == 1_835_438_400.0  # on 2028-03-01: 2028-02-29 12:00
+    assert parse_time("02-29 12:00:00", now=new_year) is None  # not in 2026 nor 2027 (nor 2028: ahead)
+    assert parse_time("13-01 00:01:00", now=new_year) is None and parse_time("02-30 00:01:00", now=new_year) is None
+
+
+def test_hdfs_times_read_their_two_digit_year_as_posix_does():
+    from logscore.timestamps import parse_time
+
+    assert parse_time("081109 203615") == 1_226_262_975.0  # 2008-11-09 20:36:15 UTC
+    assert parse_time("690101 000000") == -31_536_000.0  # 1969: %y reads 69-99 as 19xx
+    assert parse_time("081309 203615") is None and parse_time("081109 250000") is None
+
+
+def test_json_loggers_time_fields_are_read(tmp_path):
+    """Serilog's compact JSON writes its time as @t, python-json-logger as asctime (log4j's text)."""
+    from logscore.timestamps import record_times
+
+    times = record_times([{"@t": "2026-03-01T10:00:00.5Z"}, {"asctime": "2026-03-01 10:00:01,250"}, {"t": "x"}])
+    assert times[:2].tolist() == [1_772_359_200.5, 1_772_359_201.25] and math.isnan(times[2])
 
 
 @pytest.fixture()
@@ -478,6 +501,12 @@ def test_a_host_writing_local_time_is_on_time_in_training_and_in_the_sidecar(tmp
     ("- 1131566461 2005.11.09 dn228 Nov 9 12:01:01 dn228/dn228 sshd[2915]: error: session closed", {
         "time": "Nov 9 12:01:01", "level": "error"}),
     ("WARNING:root:disk almost full", {"level": "WARNING"}),  # Python logging's default: no time
+    ("081109 203615 148 INFO dfs.DataNode$PacketResponder: Received block blk_-16", {  # HDFS
+        "time": "081109 203615", "level": "INFO"}),
+    ("03-17 16:13:38.811  1702  2395 W WindowManager: Failure taking screenshot", {  # Android logcat
+        "time": "03-17 16:13:38.811"}),
+    ("Received block 081109 203615 ERROR", {"level": "ERROR"}),  # the two read only where a line starts
+    ("0811090 203615 INFO", {"level": "INFO"}),
     ("17/06/09 20:10:40 INFO executor.Backend: registered", {"level": "INFO"}),  # yy/MM/dd: ambiguous, unread
     ("2015-10-18 18:01:47,978 [main] org.apache.hadoop.Main: " + "x" * 60 + " ERROR later", {
         "time": "2015-10-18 18:01:47,978"}),  # a level word deep in the message is no level
@@ -565,6 +594,25 @@ def test_application_logs_learn_windows_per_level_and_a_burst_of_errors_is_an_ev
         sidecar.wait_for(error_events, 15, "an event about the error level")
     finally:
         sidecar.stop()
+
+
+def test_hdfs_and_android_logs_learn_windows_from_their_own_times(tmp_path):
+    """HDFS's `081109 203615` and Android logcat's `03-17 16:13:38.811` heads were not read: such logs
+    were refused by `logscore train --windows` ("only 0 of 1200 records carry a readable timestamp")."""
+    start = datetime.datetime(2008, 11, 9, 20, 0, tzinfo=datetime.timezone.utc).timestamp()
+    logs = {"hdfs": lambda at, level: (f"{datetime.datetime.fromtimestamp(at, datetime.timezone.utc):%y%m%d %H%M%S} "
+                                       f"{int(at) % 997} {level} dfs.DataNode$PacketResponder: block {int(at)}"),
+            "logcat": lambda at, level: (f"{datetime.datetime.fromtimestamp(at, datetime.timezone.utc):%m-%d %H:%M:%S}"
+                                         f".{int(at * 1000) % 1000:03d}  1702  2395 {level[0]} WindowManager: {level}")}
+    for name, line in logs.items():
+        lines = [line(start + i, "WARN" if i % 9 == 0 else "INFO") for i in range(1200)]
+        (tmp_path / f"{name}.log").write_text("\n".join(lines) + "\n")
+        done = subprocess.run([sys.executable, "-m", "logscore", "train", "--input", str(tmp_path / f"{name}.log"),
+                               "--format", "plain", "--out", str(tmp_path / f"{name}.onnx"), "--windows",
+                               "--window-s", "60", "--time-zone", "UTC"], capture_output=True, text=True, timeout=300,
+                              cwd=ROOT)
+        assert done.returncode == 0, done.stderr
+        assert Model.load(tmp_path / f"{name}.onnx").metadata["windows"]["window_s"] == 60
 
 
 def msgpack_entry(moment: float, record: dict) -> bytes:

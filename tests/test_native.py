@@ -724,7 +724,8 @@ def test_empty_feature_texts_are_hashed_as_the_python_path_hashes_them():
 HEAD_FRAGMENTS = ["2015-10-18", " ", "T", "_", "18:01:47", "18:01:4", ",978", ".5", "." + "1" * 10, "Z", "+01:00",
                   "+0100", "-05:30", "+01:001", "+01", ":", "Sun", "Dec", " 4", "04", "2005", "Nov", "  9", "123",
                   "INFO", "warn", "Warning", "ERR", "error", "CRITICAL", "crit", "ALERT", "infos", "[", "]", "=",
-                  "level=", "-", ".", "_", "9", "a", "é", "ſ", "K", "٣", "😀", "x" * 40]
+                  "level=", "-", ".", "_", "9", "a", "é", "ſ", "K", "٣", "😀", "x" * 40, "081109", "203615",
+                  "03-17", "16:13:38", "1702"]
 HEADS = st.lists(st.sampled_from(HEAD_FRAGMENTS), max_size=24).map("".join)
 
 
@@ -734,7 +735,8 @@ HEADS = st.lists(st.sampled_from(HEAD_FRAGMENTS), max_size=24).map("".join)
                 "x" * 64 + "Nov 9 18:01:47 ERROR", "ERROR" + "x" * 50, "a" * 47 + " CRITICAL", "a" * 49 + " ERR",
                 "2015-10-18 18:01:47+01:001 warn", "ſevere ERROR", "infoé error", "x" * 63 + "Nov 9 18:01:47 INFO",
                 "Nov" + " " * 120 + "9 04:47:44 ERROR x", "Nov   9 04:47:44 WARN",
-                "2015-10-18 18:01:47" + " " * 47 + "ERR"])
+                "2015-10-18 18:01:47" + " " * 47 + "ERR", "081109 203615 148 INFO", "081109 2036151", "081109 203615",
+                "03-17 16:13:38.1111111111 E", "03-17 16:13:38", "03-17 16:13:3", "x03-17 16:13:38 WARN"])
 def test_a_line_s_head_is_read_the_same_in_c_and_python(lines):
     from logscore.parsers import head_reader, line_head
 

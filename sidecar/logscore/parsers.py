@@ -57,7 +57,8 @@ def _unparsed(line: str) -> tuple[Fields, bool]:
 
 # An application line's head holds its time and level: log4j's and Python logging's
 # "2015-10-18 18:01:47,978 INFO [main] ...", Zookeeper's "... - INFO  [...", Apache's error log
-# "[Sun Dec 04 04:47:44 2005] [notice] ...", a syslog line, "... sshd[9]: error: ...". Windows
+# "[Sun Dec 04 04:47:44 2005] [notice] ...", a syslog line, "... sshd[9]: error: ...", HDFS's
+# "081109 203615 148 INFO dfs.DataNode: ...", Android's "03-17 16:13:38.811  1702  2395 D ...". Windows
 # count per level and learn from the time (`logscore train --windows` refused such logs: no
 # timestamp). The message stays the whole line: the record's features are those of before.
 # (RecordNormalizer reads a head only for models whose windows or clients read it: a few µs a line.)
@@ -66,8 +67,11 @@ LEVEL_WITHIN = 48  # characters after the time (or from the start) where its lev
 _HEAD_TIME = re.compile(
     r"\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}:\d{2}(?:[.,]\d{1,9})?(?:Z|[+-]\d{2}:?\d{2}(?![\d:]))?"  # ISO 8601, log4j
     r"|[A-Z][a-z]{2} [A-Z][a-z]{2} [ \d]\d \d{2}:\d{2}:\d{2}(?:\.\d{1,9})? \d{4}"  # C's ctime (Apache's errors)
-    r"|[A-Z][a-z]{2} {1,2}\d{1,2} \d{2}:\d{2}:\d{2}", re.ASCII)  # syslog
+    r"|[A-Z][a-z]{2} {1,2}\d{1,2} \d{2}:\d{2}:\d{2}"  # syslog
+    r"|^\d{6} \d{6}(?!\d)"  # HDFS's yyMMdd HHmmss, where a line starts
+    r"|^\d{2}-\d{2} \d{2}:\d{2}:\d{2}(?:\.\d{1,9})?", re.ASCII)  # Android logcat's MM-dd, where a line starts
 # NOTE: yy/MM/dd (Spark's default) is not read: the same text is dd/MM/yy or MM/dd/yy elsewhere.
+# The two read only where a line starts: elsewhere in a head, such digits are ids as often.
 _HEAD_LEVEL = re.compile(r"(?<![\w.-])(TRACE|DEBUG|INFO|NOTICE|WARN|WARNING|ERROR|ERR|FATAL|CRIT|CRITICAL|SEVERE|"
                          r"ALERT|EMERG|PANIC)(?![\w.-])", re.IGNORECASE | re.ASCII)
 

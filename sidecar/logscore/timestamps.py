@@ -3,8 +3,9 @@
 Reads Apache's ``17/May/2015:10:05:03 +0000``, ISO 8601 (``2015-05-17T10:05:03Z``, with a
 space, fractions, offsets; syslog RFC 5424, JSON logs, log4j's ``2015-05-17 10:05:03,978``),
 syslog RFC 3164's ``May 17 10:05:03`` (no year: the latest that is not days ahead), C's ctime
-``Sun May 17 10:05:03 2015`` (Apache's error log), NAB's ``2015-02-26 21:42:53``, and Unix seconds
-(or milli-, micro-, nanoseconds) since 2001 as numbers or digits. Times written without a zone
+``Sun May 17 10:05:03 2015`` (Apache's error log), NAB's ``2015-02-26 21:42:53``, HDFS's
+``081109 203615`` (yyMMdd HHmmss), Android logcat's ``03-17 16:13:38.811`` (no year, as syslog's), and
+Unix seconds (or milli-, micro-, nanoseconds) since 2001 as numbers or digits. Times written without a zone
 are read in the zone ``read_zoneless_in`` set (``--time-zone``; UTC until it is called).
 Cached per distinct text.
 """
@@ -21,7 +22,8 @@ import numpy as np
 
 from .errors import ConfigError
 
-TIME_FIELDS = ("time", "timestamp", "@timestamp", "ts", "date")
+# (@t: Serilog's compact JSON; asctime: Python's logging in JSON, python-json-logger's default)
+TIME_FIELDS = ("time", "timestamp", "@timestamp", "ts", "date", "@t", "asctime")
 LATEST_TIME = 253402300799.0  # 9999-12-31T23:59:59Z: the latest time every platform can show
 MONTHS = {m: i for i, m in enumerate(("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct",
                                       "Nov", "Dec"), start=1)}
@@ -29,6 +31,10 @@ _APACHE = re.compile(r"(\d{1,2})/([A-Z][a-z]{2})/(\d{4}):(\d{2}):(\d{2}):(\d{2})
 _SYSLOG = re.compile(r"([A-Z][a-z]{2}) +(\d{1,2}) (\d{2}):(\d{2}):(\d{2})")
 # C's ctime, as Apache's error log writes it: "Sun Dec 04 04:47:44 2005" (2.4: with microseconds)
 _CTIME = re.compile(r"[A-Z][a-z]{2} ([A-Z][a-z]{2}) +(\d{1,2}) (\d{2}):(\d{2}):(\d{2})(\.\d{1,9})? (\d{4})$")
+# HDFS's (log4j's yyMMdd HHmmss): "081109 203615"
+_COMPACT = re.compile(r"(\d{2})(\d{2})(\d{2}) (\d{2})(\d{2})(\d{2})$")
+# Android logcat's MM-dd, without a year: "03-17 16:13:38.811"
+_MONTH_DAY = re.compile(r"(\d{2})-(\d{2}) (\d{2}):(\d{2}):(\d{2})(\.\d{1,9})?$")
 
 
 def epoch_seconds(value: float) -> Optional[float]:
@@ -190,14 +196,38 @@ def _read_whole(value: str, now: Optional[float]) -> Optional[float]:
     match = _SYSLOG.match(value)
     if match and match.group(1) in MONTHS:
         month, day, hour, minute, second = match.groups()
-        now = time.time() if now is None else now
-        year = time.gmtime(now).tm_year
-        moment = (MONTHS[month], int(day), int(hour), int(minute), int(second))
-        # (the next year too: in a zone ahead of UTC, New Year comes before it does in UTC)
-        for candidate in (year + 1, year, year - 1):
-            seconds = _from_wall_clock(float(calendar.timegm((candidate, *moment))))
-            if seconds <= now + SYSLOG_YEAR_AHEAD_S:
-                return seconds
+        return _latest_year((MONTHS[month], int(day), int(hour), int(minute), int(second)), now)
+    match = _COMPACT.match(value)
+    if match:
+        year, month, day, hour, minute, second = map(int, match.groups())
+        year += 1900 if year >= 69 else 2000  # as POSIX's strptime reads %y
+        return _from_wall_clock(float(calendar.timegm(_checked((year, month, day, hour, minute, second)))))
+    match = _MONTH_DAY.match(value)
+    if match:
+        month, day, hour, minute, second = map(int, match.groups()[:5])
+        seconds = _latest_year(_checked((2000, month, day, hour, minute, second))[1:], now)
+        return None if seconds is None else seconds + float(match.group(6) or 0)
+    return None
+
+
+def _checked(moment: tuple[int, ...]) -> tuple[int, ...]:
+    """A (year, month, day, hour, minute, second) a calendar holds (timegm rolls 13/45 over: ValueError)."""
+    datetime.datetime(*moment)
+    return moment
+
+
+def _latest_year(moment: tuple[int, ...], now: Optional[float]) -> Optional[float]:
+    """Unix seconds of a (month, day, hour, minute, second) written without a year: in the latest
+    year that does not place it days ahead of ``now`` (the clock by default)."""
+    now = time.time() if now is None else now
+    year = time.gmtime(now).tm_year
+    # (the next year too: in a zone ahead of UTC, New Year comes before it does in UTC)
+    for candidate in (year + 1, year, year - 1):
+        if moment[:2] == (2, 29) and not calendar.isleap(candidate):
+            continue
+        seconds = _from_wall_clock(float(calendar.timegm((candidate, *moment))))
+        if seconds <= now + SYSLOG_YEAR_AHEAD_S:
+            return seconds
     return None
 
 

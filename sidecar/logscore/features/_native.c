@@ -2376,6 +2376,20 @@ static Py_ssize_t syslog_time_at(const Head *t, Py_ssize_t i) {
     return text_at(t, k) == ' ' && clock_at(t, k + 1) ? k + 9 : -1;
 }
 
+/* ^\d{6} \d{6}(?!\d) (HDFS's yyMMdd HHmmss), only where the line starts */
+static Py_ssize_t compact_time_at(const Head *t, Py_ssize_t i) {
+    return i == 0 && digits_at(t, 0, 6) && text_at(t, 6) == ' ' && digits_at(t, 7, 6) && !ascii_digit(text_at(t, 13))
+               ? 13 : -1;
+}
+
+/* ^\d{2}-\d{2} \d{2}:\d{2}:\d{2}(?:\.\d{1,9})? (Android logcat's MM-dd), only where the line starts */
+static Py_ssize_t month_day_time_at(const Head *t, Py_ssize_t i) {
+    if (!(i == 0 && digits_at(t, 0, 2) && text_at(t, 2) == '-' && digits_at(t, 3, 2) && text_at(t, 5) == ' ' &&
+          clock_at(t, 6)))
+        return -1;
+    return text_at(t, 14) == '.' && ascii_digit(text_at(t, 15)) ? some_digits(t, 15, 9) : 14;
+}
+
 static const char *LEVEL_WORDS[] = {"trace", "debug", "info", "notice", "warn", "warning", "error", "err", "fatal",
                                     "crit", "critical", "severe", "alert", "emerg", "panic", NULL};
 
@@ -2399,6 +2413,8 @@ static PyObject *line_head(PyObject *module, PyObject *args) {
         Py_ssize_t end = iso_time_at(&t, i);
         if (end < 0) end = ctime_at(&t, i);
         if (end < 0) end = syslog_time_at(&t, i);
+        if (end < 0) end = compact_time_at(&t, i);
+        if (end < 0) end = month_day_time_at(&t, i);
         if (end >= 0) time_start = i, time_end = end;
     }
     Py_ssize_t from = time_start >= 0 ? time_end : 0;
