@@ -504,7 +504,10 @@ def test_a_host_writing_local_time_is_on_time_in_training_and_in_the_sidecar(tmp
     ("081109 203615 148 INFO dfs.DataNode$PacketResponder: Received block blk_-16", {  # HDFS
         "time": "081109 203615", "level": "INFO"}),
     ("03-17 16:13:38.811  1702  2395 W WindowManager: Failure taking screenshot", {  # Android logcat
-        "time": "03-17 16:13:38.811"}),
+        "time": "03-17 16:13:38.811", "level": "warn"}),  # its level letter, named
+    ("03-17 16:13:38.811  1702  2395 E AndroidRuntime: FATAL EXCEPTION: main", {
+        "time": "03-17 16:13:38.811", "level": "error"}),
+    ("03-17 16:13:38.811  1702 E x: info", {"time": "03-17 16:13:38.811", "level": "info"}),  # no thread id
     ("Received block 081109 203615 ERROR", {"level": "ERROR"}),  # the two read only where a line starts
     ("0811090 203615 INFO", {"level": "INFO"}),
     ("17/06/09 20:10:40 INFO executor.Backend: registered", {"level": "INFO"}),  # yy/MM/dd: ambiguous, unread
@@ -598,21 +601,24 @@ def test_application_logs_learn_windows_per_level_and_a_burst_of_errors_is_an_ev
 
 def test_hdfs_and_android_logs_learn_windows_from_their_own_times(tmp_path):
     """HDFS's `081109 203615` and Android logcat's `03-17 16:13:38.811` heads were not read: such logs
-    were refused by `logscore train --windows` ("only 0 of 1200 records carry a readable timestamp")."""
+    were refused by `logscore train --windows` ("only 0 of 1200 records carry a readable timestamp").
+    Windows count them per level (logcat's is a letter: `W` is warn) and watch their error share."""
     start = datetime.datetime(2008, 11, 9, 20, 0, tzinfo=datetime.timezone.utc).timestamp()
     logs = {"hdfs": lambda at, level: (f"{datetime.datetime.fromtimestamp(at, datetime.timezone.utc):%y%m%d %H%M%S} "
                                        f"{int(at) % 997} {level} dfs.DataNode$PacketResponder: block {int(at)}"),
             "logcat": lambda at, level: (f"{datetime.datetime.fromtimestamp(at, datetime.timezone.utc):%m-%d %H:%M:%S}"
                                          f".{int(at * 1000) % 1000:03d}  1702  2395 {level[0]} WindowManager: {level}")}
     for name, line in logs.items():
-        lines = [line(start + i, "WARN" if i % 9 == 0 else "INFO") for i in range(1200)]
+        lines = [line(start + i, "WARN" if i % 9 == 0 else "ERROR" if i % 101 == 0 else "INFO") for i in range(1200)]
         (tmp_path / f"{name}.log").write_text("\n".join(lines) + "\n")
         done = subprocess.run([sys.executable, "-m", "logscore", "train", "--input", str(tmp_path / f"{name}.log"),
                                "--format", "plain", "--out", str(tmp_path / f"{name}.onnx"), "--windows",
                                "--window-s", "60", "--time-zone", "UTC"], capture_output=True, text=True, timeout=300,
                               cwd=ROOT)
         assert done.returncode == 0, done.stderr
-        assert Model.load(tmp_path / f"{name}.onnx").metadata["windows"]["window_s"] == 60
+        windows = Model.load(tmp_path / f"{name}.onnx").metadata["windows"]
+        assert windows["window_s"] == 60 and {"level=info", "level=warn"} <= set(windows["keys"])
+        assert "level=error share" in windows["shares"]
 
 
 def msgpack_entry(moment: float, record: dict) -> bytes:

@@ -58,7 +58,8 @@ def _unparsed(line: str) -> tuple[Fields, bool]:
 # An application line's head holds its time and level: log4j's and Python logging's
 # "2015-10-18 18:01:47,978 INFO [main] ...", Zookeeper's "... - INFO  [...", Apache's error log
 # "[Sun Dec 04 04:47:44 2005] [notice] ...", a syslog line, "... sshd[9]: error: ...", HDFS's
-# "081109 203615 148 INFO dfs.DataNode: ...", Android's "03-17 16:13:38.811  1702  2395 D ...". Windows
+# "081109 203615 148 INFO dfs.DataNode: ...", Android's "03-17 16:13:38.811  1702  2395 D ..." (its
+# level letter after the ids, named: debug). Windows
 # count per level and learn from the time (`logscore train --windows` refused such logs: no
 # timestamp). The message stays the whole line: the record's features are those of before.
 # (RecordNormalizer reads a head only for models whose windows or clients read it: a few µs a line.)
@@ -72,6 +73,9 @@ _HEAD_TIME = re.compile(
     r"|^\d{2}-\d{2} \d{2}:\d{2}:\d{2}(?:\.\d{1,9})?", re.ASCII)  # Android logcat's MM-dd, where a line starts
 # NOTE: yy/MM/dd (Spark's default) is not read: the same text is dd/MM/yy or MM/dd/yy elsewhere.
 # The two read only where a line starts: elsewhere in a head, such digits are ids as often.
+# Android logcat's level is a letter after the process and thread ids: "03-17 16:13:38.811  1702  2395 E ...".
+_LOGCAT_LEVEL = re.compile(r" +\d+ +\d+ +([VDIWEFA]) ", re.ASCII)
+LOGCAT_LEVELS = {"V": "verbose", "D": "debug", "I": "info", "W": "warn", "E": "error", "F": "fatal", "A": "assert"}
 _HEAD_LEVEL = re.compile(r"(?<![\w.-])(TRACE|DEBUG|INFO|NOTICE|WARN|WARNING|ERROR|ERR|FATAL|CRIT|CRITICAL|SEVERE|"
                          r"ALERT|EMERG|PANIC)(?![\w.-])", re.IGNORECASE | re.ASCII)
 
@@ -86,6 +90,11 @@ def line_head(line: str) -> Fields:
     if time is not None and time.start() < TIME_WITHIN:
         found["time"] = time.group()
         start = time.end()
+        if found["time"][2] == "-":  # logcat's MM-dd
+            letter = _LOGCAT_LEVEL.match(line, start, start + LEVEL_WITHIN)
+            if letter is not None:
+                found["level"] = LOGCAT_LEVELS[letter.group(1)]
+                return found
     level = _HEAD_LEVEL.search(line, start, start + LEVEL_WITHIN + 9)
     if level is not None and level.start() < start + LEVEL_WITHIN:
         found["level"] = level.group()
@@ -105,7 +114,9 @@ def head_reader(native=None) -> Callable[[str], Fields]:
         if time_start >= 0:
             found["time"] = line[time_start:time_end]
         if level_start >= 0:
-            found["level"] = line[level_start:level_end]
+            level = line[level_start:level_end]
+            # (a level word has 3 letters or more: one letter is logcat's)
+            found["level"] = LOGCAT_LEVELS[level] if level_end - level_start == 1 else level
         return found
     return read
 

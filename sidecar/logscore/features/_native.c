@@ -2403,6 +2403,23 @@ static int level_word(const Head *t, Py_ssize_t i, Py_ssize_t end) {
     return 0;
 }
 
+/* " +\d+ +\d+ +([VDIWEFA]) " at i (logcat's ids and level letter, before `end`): the letter's position, or -1 */
+static Py_ssize_t logcat_level_at(const Head *t, Py_ssize_t i, Py_ssize_t end) {
+    for (int field = 0; field < 2; field++) {
+        Py_ssize_t k = i;
+        while (text_at(t, k) == ' ') k++;
+        if (k == i || !ascii_digit(text_at(t, k))) return -1;
+        while (ascii_digit(text_at(t, k))) k++;
+        i = k;
+    }
+    Py_ssize_t k = i;
+    while (text_at(t, k) == ' ') k++;
+    Py_UCS4 c = text_at(t, k);
+    int letter = c == 'V' || c == 'D' || c == 'I' || c == 'W' || c == 'E' || c == 'F' || c == 'A';
+    if (k == i || k + 2 > end || !letter || text_at(t, k + 1) != ' ') return -1;
+    return k;
+}
+
 static PyObject *line_head(PyObject *module, PyObject *args) {
     PyObject *line;
     Py_ssize_t time_within, level_within;
@@ -2416,6 +2433,10 @@ static PyObject *line_head(PyObject *module, PyObject *args) {
         if (end < 0) end = compact_time_at(&t, i);
         if (end < 0) end = month_day_time_at(&t, i);
         if (end >= 0) time_start = i, time_end = end;
+    }
+    if (time_start == 0 && text_at(&t, 2) == '-') {  /* logcat's MM-dd: its level is a letter after the ids */
+        Py_ssize_t letter = logcat_level_at(&t, time_end, time_end + level_within);
+        if (letter >= 0) return Py_BuildValue("nnnn", time_start, time_end, letter, letter + 1);
     }
     Py_ssize_t from = time_start >= 0 ? time_end : 0;
     for (Py_ssize_t i = from; i < from + level_within && i < t.n; i++) {
