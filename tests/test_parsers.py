@@ -168,3 +168,23 @@ def test_a_line_sent_as_a_shippers_map_scores_as_the_line_alone(tmp_path, log_fo
         shipped = scorer.score([{key: line, "host": "web-1"} for line in lines[2500:]])
         np.testing.assert_array_equal(shipped.scores, alone.scores)
     assert not alone.is_anomaly.any()
+
+
+def test_fluentd_s_binary_lines_and_unmatched_lines_read_as_the_lines_they_are():
+    """Fluentd's in_tail sends lines as binary strings (msgpack bin): a plain line's head (time,
+    level) was not read from them, so a backlog tailed with `none` counted as arriving now. A line
+    its parser could not read comes as {"unmatched_line": line} (emit_unmatched_lines): it was read
+    as a map without the model's fields, and flagged whatever it said."""
+    from logscore.records import RecordNormalizer
+    from logscore.timestamps import TIME_FIELDS
+
+    line = "2015-10-18 18:01:47,978 ERROR [main] org.apache.hadoop.Main: lost"
+    reading = RecordNormalizer("plain", ["message"], also=("level", *TIME_FIELDS))
+    fields, parsed, _ = reading.normalize_one({"message": line.encode()})
+    assert parsed and (fields["time"], fields["level"]) == ("2015-10-18 18:01:47,978", "ERROR")
+    fields, parsed, _ = reading.normalize_one({"unmatched_line": line})
+    assert parsed and (fields["message"], fields["level"]) == (line, "ERROR")
+    access = RecordNormalizer("access", ["url", "status"])
+    raw = '10.0.0.1 - - [17/May/2015:10:05:03 +0000] "GET /a?b=1 HTTP/1.1" 200 12 "-" "curl/8"'
+    assert access.normalize_one({"unmatched_line": raw})[0]["url"] == "/a?b=1"
+    assert access.carried_lines([{"unmatched_line": raw}]) == [raw]  # the compiled reader's path

@@ -19,7 +19,10 @@ from .errors import InvalidRequest
 from .parsers import FIELD_ALIASES, Fields, flatten, get_parser, head_reader
 from .timestamps import TIME_FIELDS, parse_time
 
-RAW_LINE_KEYS = ("message", "log")
+# NOTE: unmatched_line is where Fluentd's in_tail puts a line its parser could not read
+# (emit_unmatched_lines, which the gem's README asks for): it is the raw line too. Read as a map
+# without the model's fields, it was flagged for its missing fields whatever the line said.
+RAW_LINE_KEYS = ("message", "log", "unmatched_line")
 _TIME_KEYS = frozenset(TIME_FIELDS)
 NESTED_TOO_DEEP = "(nested too deep)"
 # One array or map of an event stream holds at most this many values: a container is
@@ -202,7 +205,12 @@ class RecordNormalizer:
         of its own: a plain line, alone or held in a map (Fluentd's in_tail ``none``, Fluent Bit's
         tail); a syslog message's level where no priority gives one (``sshd[9]: error: ...``)."""
         line = fields.get("message") if self._heads else None
-        if line.__class__ is not str:
+        if isinstance(line, (bytes, bytearray)):
+            # NOTE: Fluentd's in_tail sends its lines as binary strings (msgpack bin): read as text,
+            # as the featurizer reads them. Skipped, a backlog tailed with `none` had no time of
+            # its own (counted as a burst: "route=zk: 509 records in 1 min") and no level.
+            line = to_text(line)
+        elif line.__class__ is not str:
             return fields
         head = self._read_head(line)
         if self.log_format == "syslog":
