@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 
@@ -188,3 +190,17 @@ def test_fluentd_s_binary_lines_and_unmatched_lines_read_as_the_lines_they_are()
     raw = '10.0.0.1 - - [17/May/2015:10:05:03 +0000] "GET /a?b=1 HTTP/1.1" 200 12 "-" "curl/8"'
     assert access.normalize_one({"unmatched_line": raw})[0]["url"] == "/a?b=1"
     assert access.carried_lines([{"unmatched_line": raw}]) == [raw]  # the compiled reader's path
+
+
+def test_fields_named_with_binary_strings_are_read_and_shown():
+    """Fluentd's regexp parsers (regexp, nginx, syslog, ...) name a line's fields with binary strings
+    when the line holds a non-ASCII byte: msgpack bin keys, bytes once decoded. None was found, so
+    the record did not parse (flagged), and the review page, keeping it as an example, raised
+    TypeError in json.dumps: the whole call failed INTERNAL and every record of it went unscored."""
+    from logscore.feedback import record_text
+    from logscore.records import RecordNormalizer
+
+    reading = RecordNormalizer("syslog", ["app", "message"])
+    fields, parsed, _ = reading.normalize_one({b"host": b"web", b"ident": b"sshd", b"message": "für x".encode()})
+    assert parsed and fields["app"] == b"sshd" and fields["message"] == "für x".encode()
+    assert json.loads(record_text({b"message": b"a", "n": {b"k": 1}})) == {"message": "a", "n": {"k": 1}}

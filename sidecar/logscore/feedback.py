@@ -35,7 +35,7 @@ from .features import FeatureBatch
 from .features.batch import text_key
 from .features.converters import ValueCache, value_shape
 from .model import SCORE_CHUNK, Model, run_graph
-from .records import to_text
+from .records import text_keys, to_text
 
 NORMAL, KEEP = "normal", "keep"
 VERDICTS = (NORMAL, KEEP)
@@ -117,7 +117,12 @@ def iso_time(seconds: Optional[float]) -> Optional[str]:
 
 def record_text(record: object) -> str:
     """A record as one line of text (raw lines as they are, field maps as JSON), cut for display."""
-    text = record if isinstance(record, str) else json.dumps(record, default=to_text, ensure_ascii=False)
+    if isinstance(record, str):
+        return record[:EXAMPLE_CHARS]
+    try:
+        text = json.dumps(record, default=to_text, ensure_ascii=False)
+    except TypeError:  # a binary map key (Fluentd's regexp parsers on a non-ASCII line): INTERNAL before
+        text = json.dumps(text_keys(record), default=to_text, ensure_ascii=False, skipkeys=True)
     return text[:EXAMPLE_CHARS]
 
 

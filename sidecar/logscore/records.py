@@ -48,6 +48,14 @@ def to_text(value: object) -> str:
         return NESTED_TOO_DEEP
 
 
+def text_keys(record: dict, depth: int = 8) -> dict:
+    """The map with its binary keys (and those of the maps it holds, ``depth`` deep) as text, and any
+    other key JSON cannot name (an ext type) as its text; its values as they are."""
+    return {(key if key.__class__ is str or isinstance(key, (int, float)) or key is None else to_text(key)):
+            (text_keys(value, depth - 1) if depth > 1 and isinstance(value, dict) else value)
+            for key, value in record.items()}
+
+
 def as_text(value: object) -> Optional[str]:
     """A field's value as text; None stays None (absent)."""
     return value if value is None or value.__class__ is str else to_text(value)
@@ -182,6 +190,12 @@ class RecordNormalizer:
         self._alias(fields, self.wanted)
         if all(name in fields for name in self.wanted):
             return self._alias(self._with_head(fields), self.also), True, False
+        if bytes in set(map(type, record)):
+            # NOTE: Fluentd's regexp parsers (regexp, nginx, syslog, ...) name the fields of a line holding
+            # a non-ASCII byte with binary strings (msgpack bin): read as bytes, none of them was found,
+            # and such a line (Unicode in a message) was flagged as not parsing. Checked only here, so
+            # records whose fields are found cost nothing more.
+            return self.normalize_one(text_keys(record))
         for key in RAW_LINE_KEYS:
             raw = fields.get(key)
             if raw is not None:
