@@ -239,3 +239,35 @@ def test_learning_that_keeps_failing_says_so_backs_off_cleans_up_and_stops_holdi
     failed = [r for r in caplog.records if r.getMessage().startswith("learning: training failed")]
     assert len(failed) == 3 and "No space left on device" in failed[0].error
     assert "no longer held" in failed[-1].getMessage() and failed[-1].next_try_after_records == 800
+
+
+def fluentd_apache2(line: str) -> dict:
+    """An access line as Fluentd's apache2 parser hands it to the filter: every text a binary string
+    (in_tail without `encoding`; msgpack bin, bytes once decoded), code and size integers."""
+    import re
+
+    found = re.match(r'(?P<host>\S+) \S+ (?P<user>\S+) \[[^\]]+\] "(?P<method>\S+) (?P<path>\S+) \S+" '
+                     r'(?P<code>\d+) (?P<size>\d+) "(?P<referer>[^"]*)" "(?P<agent>[^"]*)"', line).groupdict()
+    return {**{name: value.encode() for name, value in found.items()},
+            "code": int(found["code"]), "size": int(found["size"])}
+
+
+def test_a_route_learned_from_fluentds_binary_strings_scores_them_as_text(tmp_path, shop_model_path):
+    """The learner wrote field maps for training with json.dumps(default=str): a Fluentd record's
+    b"GET" became the text "b'GET'", so a route learned behind the Fluentd filter learned none of
+    the values it then scored (a probe: the swapped-in model flagged 1000 of 1000 normal records)."""
+    from logscore.feedback_store import open_store
+    from logscore.model import Model
+
+    models, settings, registry = shop_learning(tmp_path, shop_model_path, 600)
+    open_store(str(models / "feedback.sqlite3")).migrate()
+    learner = Learner(settings, registry, lambda: None)
+    records = [fluentd_apache2(line) for line in shop_lines(600, seed=11)]
+    learner.observe(learner.routes(registry.snapshot.models["shop"], records), records)
+
+    asyncio.run(learner._learn(learner.routes_by_name["shop"]))
+
+    assert learner.status()["shop"]["last"]["outcome"] == "swapped", learner.status()
+    fresh = shop_lines(300, seed=12)
+    learned = Model.load(models / "shop.onnx")
+    assert learned.score([fluentd_apache2(line) for line in fresh]).is_anomaly.mean() <= 0.02

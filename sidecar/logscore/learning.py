@@ -40,6 +40,7 @@ from typing import Callable, Optional, Sequence
 
 from .decide import decide
 from .model import Model
+from .records import text_keys, to_text
 from .registry import ModelRegistry
 from .resources import default_models_dir
 from .settings import Settings
@@ -383,8 +384,15 @@ def keepable(record: object) -> bool:
     if isinstance(record, str):
         return len(record) <= MAX_RECORD_CHARS and "\n" not in record and "\r" not in record
     if isinstance(record, dict):
-        return sum(len(v) for v in record.values() if isinstance(v, str)) <= MAX_RECORD_CHARS
+        return sum(len(v) for v in record.values() if isinstance(v, (str, bytes))) <= MAX_RECORD_CHARS
     return False
+
+
+def as_json(record: dict) -> str:
+    """A field map as training reads it: binary strings as the text the sidecar scores. NOTE: Fluentd
+    sends every value in_tail read as a binary string (msgpack bin), and `default=str` wrote
+    "b'GET'": a route learned behind the Fluentd filter flagged every record it then scored."""
+    return json.dumps(text_keys(record), default=to_text, skipkeys=True)
 
 
 def write_inputs(directory: Path, records: list, serving: Model) -> dict:
@@ -394,7 +402,7 @@ def write_inputs(directory: Path, records: list, serving: Model) -> dict:
     paths = {"records": directory / "records.jsonl", "spec": directory / "spec.json"}
     with open(paths["records"], "w", encoding="utf-8") as out:
         for record in records:
-            out.write((json.dumps(record, default=str) if isinstance(record, dict) else record) + "\n")
+            out.write((as_json(record) if isinstance(record, dict) else record) + "\n")
     paths["spec"].write_text(json.dumps(serving.featurizer.spec()), encoding="utf-8")
     return paths
 
