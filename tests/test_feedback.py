@@ -184,6 +184,13 @@ def test_field_values_scope_expiry_and_keep(tmp_path, shop_model_path):
                   for host in ("web1", "web2")]
         flags = [r["is_anomaly"] for r in score(sidecar, events)]
         assert flags == [False, True] * 4
+        # As the Fluentd filter sends them: the host a binary string (it was matched as "b'web1'").
+        import msgpack
+
+        stream = b"".join(msgpack.packb([0, {"message": e["message"].encode(), "host": e["host"].encode()}])
+                          for e in events)
+        answer = sidecar.stub().Score(pb.ScoreRequest(event_stream=stream), timeout=10)
+        assert list(answer.is_anomaly) == [False, True] * 4
 
         # Expiry: applies until it expires, then not (the rules are rebuilt within a poll).
         status, body = feedback(sidecar, "POST", {"verdict": "normal", "author": "ops", "expires_at": time.time() + 2,

@@ -135,6 +135,7 @@ def test_routes_per_entity_are_bounded_and_held_until_their_own_model_serves(tmp
     routes = learner.routes(shop, records)
     learner.observe(routes, records)
     assert routes == ["shop@a", "shop@b", None, "shop"]  # at most 2 per-entity routes: c is neither kept nor held
+    assert learner.routes(shop, [{"host": b"a"}]) == ["shop@a"]  # Fluentd's binary string: not "shop@b'a'"
     held = learner.holds(shop, routes)
     assert held[2] is None and all("is learning its own model (1 of 5000" in h for h in held[:2])
     assert sorted(learner.status()) == ["shop", "shop@a", "shop@b"]

@@ -172,6 +172,16 @@ def test_one_request_split_across_entity_models(sidecar):
     assert names == ["shop", "shop@web1", "shop", "shop@web1"]
 
 
+def test_an_entity_sent_as_fluentds_binary_string_routes_to_its_model(sidecar):
+    """Fluentd sends what in_tail read as binary strings (msgpack bin): the entity value b"web1"
+    looked for a model named shop@b'web1' and fell back to shop, so per-host models never served
+    records from the Fluentd filter."""
+    records = [{**parse_access(line)[0], "host": host} for line, host in
+               zip(shop_lines(3, seed=46), [b"web1", b"web2", "web1"])]
+    response = sidecar.stub().Score(pb.ScoreRequest(event_stream=event_stream(records)), timeout=5)
+    assert [response.models[i].name for i in response.model_index] == ["shop@web1", "shop", "shop@web1"]
+
+
 def test_unknown_model_is_not_found_and_names_loaded_ones(sidecar):
     with pytest.raises(grpc.RpcError) as error:
         score_one(sidecar, {"url": "/"}, model="nope")

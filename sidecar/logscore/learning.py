@@ -117,7 +117,7 @@ class Learner:
         names = []
         for record in records:
             value = record.get(entity) if isinstance(record, dict) else None
-            names.append(self._admit(model.name if value is None else f"{model.name}@{value}"))
+            names.append(self._admit(model.name if value is None else f"{model.name}@{to_text(value)}"))
         return names
 
     def _admit(self, name: str) -> Optional[str]:

@@ -18,7 +18,7 @@ from typing import Optional
 
 from .errors import ModelLoadError, ModelNotFound
 from .model import Model
-from .records import DEFAULT_MAX_LINE_CHARS
+from .records import DEFAULT_MAX_LINE_CHARS, to_text
 
 log = logging.getLogger("logscore.registry")
 
@@ -165,8 +165,9 @@ class ModelRegistry:
                             f"name one of: {self._names(models)}")
 
     def for_entity(self, model: Model, value: object) -> Model:
-        """``<model>@<value>`` when loaded, else the model itself."""
-        entity_model = self.snapshot.models.get(f"{model.name}@{value}")
+        """``<model>@<value>`` when loaded, else the model itself. NOTE: the value as text: Fluentd
+        sends what in_tail read as binary strings (bytes), and `<model>@b'web1'` was never found."""
+        entity_model = self.snapshot.models.get(f"{model.name}@{to_text(value)}")
         return entity_model if entity_model is not None else model
 
     @staticmethod

@@ -20,6 +20,7 @@ from .decide import decide
 from .errors import InvalidRequest, ShuttingDown
 from .metrics import Metrics
 from .model import Model
+from .records import to_text
 from .registry import ModelRegistry
 from .settings import Settings
 
@@ -151,7 +152,7 @@ class ScoringService:
                   else [call.tag] * len(mine) if call.tag else ())
         entity = self.registry.entity_field
         # Entity values as text, as routing names them (<model>@<value>) and entries store them.
-        entities = [None if v is None else str(v) for v in
+        entities = [None if v is None else to_text(v) for v in
                     (r.get(entity) if isinstance(r, dict) else None for r in mine)] if entity else ()
         review = self.review
         return FeedbackStep(self.feedback.rules if self.feedback is not None else RuleSet(), mine, routes, entities,
