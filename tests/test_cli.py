@@ -197,3 +197,24 @@ def test_a_proxy_s_json_access_log_is_read_under_its_own_names(tmp_path, proxy):
     done = logscore("score", "--model", tmp_path / "m.onnx", "--json-records", tmp_path / "test.jsonl")
     flags = [json.loads(line)["is_anomaly"] for line in done.stdout.splitlines()]
     assert sum(flags[200:]) >= 18 and sum(flags[:200]) <= 4
+
+
+def test_a_log_scored_with_another_log_s_model_is_said_to_be(tmp_path):
+    """A plain model reads any line, so another log scored with it gets no "did not parse" note: a
+    Zookeeper model flagged 2,942 of 3,000 access lines, and nothing said why."""
+    from logscore.features import load_spec
+    from logscore.training.train import TrainOptions, save_model, train
+
+    from .generate import syslog_lines
+
+    lines = syslog_lines(2300, seed=3)
+    model, _ = train(lines[:2000], TrainOptions(spec=load_spec(None, "plain"), name="sys"))
+    save_model(model, tmp_path / "sys.onnx")
+    (tmp_path / "same.log").write_text("\n".join(lines[2000:]) + "\n")
+    (tmp_path / "other.log").write_text("\n".join(shop_lines(300, seed=4)) + "\n")
+    same = logscore("score", "--model", tmp_path / "sys.onnx", tmp_path / "same.log")
+    assert same.returncode == 0 and same.stderr == ""
+    other = logscore("score", "--model", tmp_path / "sys.onnx", tmp_path / "other.log")
+    assert other.returncode == 0 and len(other.stdout.splitlines()) == 300
+    assert "of 300 records flagged" in other.stderr and "check that sys (trained on" in other.stderr
+    assert "format plain) is the model for this log" in other.stderr and "Traceback" not in other.stderr

@@ -623,10 +623,11 @@ def run_score(args) -> int:
     model = Model.load(args.model, max_line_chars=args.max_record_bytes)
     records = read_json_records(args.inputs) if args.json_records else read_lines(args.inputs)
     out = sys.stdout
-    line_number = 0
+    line_number = flagged = 0
     for chunk in batched(records, max(1, args.batch)):
         result = model.score(chunk, explain=args.explain)
         decision = decide(model, result)
+        flagged += int(sum(map(bool, decision.is_anomaly)))
         notes = notes_by_record([(i, text) for i, _, text in decision.notes], len(chunk))
         for i in range(len(chunk)):
             line_number += 1
@@ -639,7 +640,32 @@ def run_score(args) -> int:
                 entry["record"] = chunk[i]
             out.write(json.dumps(entry) + "\n")
     out.flush()
+    warning = flood_warning(model, flagged, line_number)
+    if warning:
+        print(f"logscore score: warning: {warning}", file=sys.stderr, flush=True)
     return 0
+
+
+# Past this share of records flagged (and MODEL_MISMATCH_RATIO times the model's target FPR, with
+# at least MODEL_MISMATCH_RECORDS scored), the model is no model of this log.
+MODEL_MISMATCH_SHARE = 0.2
+MODEL_MISMATCH_RATIO = 20
+MODEL_MISMATCH_RECORDS = 100
+
+
+def flood_warning(model, flagged: int, scored: int) -> Optional[str]:
+    """What to check when most records are flagged. NOTE: a plain model reads any line, so another
+    log scored with it gives no "did not parse" note: 2,942 of 3,000 access lines were flagged by a
+    Zookeeper model, silently."""
+    target = float(model.metadata.get("calibration", {}).get("target_fpr") or 0.001)
+    if scored < MODEL_MISMATCH_RECORDS or flagged < scored * max(MODEL_MISMATCH_SHARE, MODEL_MISMATCH_RATIO * target):
+        return None
+    training = model.metadata.get("training", {})
+    inputs = ", ".join(training.get("inputs") or []) or "its training files"
+    return (f"{flagged:,} of {scored:,} records flagged ({flagged / scored:.1%}), where the model expects about "
+            f"{target:.1%} of normal records: check that {model.name} (trained on {inputs}, format "
+            f"{model.featurizer.log_format}) is the model for this log, or train one on it "
+            f"(logscore train --input FILE --format ...)")
 
 
 def result_entry(line_number: int, score: float, is_anomaly: bool, model: str, version: str, notes: list[str],
