@@ -204,3 +204,17 @@ def test_report_reads_odd_times_and_notes_and_refuses_an_unwritable_html_path(tm
     assert "1 suppressed by feedback" in done.stdout  # a note given as one string, not a list
     unwritable = logscore("report", tmp_path / "odd.jsonl", "--html", tmp_path / "missing" / "x.html")
     assert unwritable.returncode == 1 and "--html" in unwritable.stderr and "Traceback" not in unwritable.stderr
+
+
+def test_report_reads_the_time_fluentd_s_out_file_writes_before_each_record(tmp_path):
+    """Fluentd's out_file writes `time<TAB>tag<TAB>{record}`, the event time outside the record: a
+    syslog model's records (no time field, no access line) were placed by line number ("record
+    369 .. record 501") instead of their time."""
+    rows = [f"2026-12-03T16:0{i}:00+0000\tssh.syslog\t" + json.dumps(
+        {"host": "LabSZ", "ident": "sshd", "message": f"fatal: buffer overflow {i}", "anomaly_score": 1.0,
+         "is_anomaly": True, "anomaly_explanation": ["message alarms: alarm word fatal (never seen in training)"]})
+        for i in range(3)]
+    (tmp_path / "out_file.log").write_text("\n".join(rows) + "\n")
+    done = logscore("report", tmp_path / "out_file.log")
+    assert done.returncode == 0, done.stderr
+    assert "2026-12-03 16:00:00 .. 2026-12-03 16:02:00" in done.stdout and "record 1" not in done.stdout

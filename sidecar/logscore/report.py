@@ -86,15 +86,17 @@ def lookup(record: dict, *names: str):
     return None
 
 
-def parse_line(line: str) -> Optional[tuple[str, dict]]:
-    """(route, record) of one scored line; None when it holds no JSON object."""
-    route = ""
+def parse_line(line: str) -> Optional[tuple[str, dict, str]]:
+    """(route, record, the time written before it) of one scored line; None when it holds no JSON
+    object. Fluentd's out_file writes `time<TAB>tag<TAB>{json}` by default."""
+    route = written = ""
     if not line.startswith("{"):
         head, brace, rest = line.partition("{")
         if not brace:
             return None
         parts = head.rstrip("\t ").split("\t")
         route = parts[1] if len(parts) >= 2 else ""
+        written = parts[0] if len(parts) >= 2 else ""
         line = brace + rest
     try:
         record = json.loads(line)
@@ -102,7 +104,7 @@ def parse_line(line: str) -> Optional[tuple[str, dict]]:
         return None
     if not isinstance(record, dict):
         return None
-    return str(record.get("tag") or route), record
+    return str(record.get("tag") or route), record, written
 
 
 def explanation_of(record: dict) -> list[str]:
@@ -112,22 +114,28 @@ def explanation_of(record: dict) -> list[str]:
     return [str(v) for v in value] if isinstance(value, list) else []
 
 
-def time_of(record: dict, text: str) -> Optional[float]:
+def time_of(record: dict, text: str, written: str = "") -> Optional[float]:
+    """The record's time: its own field, else an access line's, else the time its line begins with
+    (Fluentd's out_file: its event time, which its records do not hold)."""
     value = lookup(record, "@timestamp", "timestamp", "time")
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return epoch_seconds(float(value))
-    if isinstance(value, str):
-        try:
-            return epoch_seconds(datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp())
-        except ValueError:
-            pass
+    if isinstance(value, str) and (when := iso_seconds(value)) is not None:
+        return when
     match = ACCESS_TIME.search(text)
     if match:
         try:
             return datetime.strptime(match.group(1), "%d/%b/%Y:%H:%M:%S %z").timestamp()
         except ValueError:
             return None
-    return None
+    return iso_seconds(written) if written else None
+
+
+def iso_seconds(text: str) -> Optional[float]:
+    try:
+        return epoch_seconds(datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp())
+    except ValueError:
+        return None
 
 
 def notes_of(record: dict) -> list:
@@ -169,11 +177,11 @@ def read_scored(paths, entity_field: Optional[str], progress=None) -> tuple[Tota
         if parsed is None or not isinstance(score, (int, float)):
             totals.unreadable += bool(line.strip())
             continue
-        route, record = parsed
+        route, record, written = parsed
         flag = bool(lookup(record, "is_anomaly"))
         notes = notes_of(record)
         text = text_of(record)
-        when = time_of(record, text)
+        when = time_of(record, text, written)
         totals.records += 1
         totals.timed += when is not None
         totals.times.append(when if when is not None else float(number))
