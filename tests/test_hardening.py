@@ -108,6 +108,18 @@ def test_startup_mistakes_are_one_line_naming_the_flag(tmp_path, shop_models, bu
     assert not socket_path.exists()  # nothing left behind
 
 
+def test_a_tag_route_to_a_model_not_loaded_is_warned_about_at_start(tmp_path, shop_models):
+    """A route naming a model that is not loaded (a typo: 'db.*=postgres' with no postgres.onnx)
+    refuses its records NOT_FOUND, and the log said nothing until they came."""
+    sidecar = SidecarProcess(shop_models, tmp_path, tag_routes="db.*=postgres,web.*=shop").start()
+    try:
+        warned = [json.loads(line) for line in sidecar.log().splitlines() if "tag route" in line]
+        assert [(w["level"], w["route"], w["model"]) for w in warned] == [("warning", "db.*", "postgres")]
+        assert "add postgres.onnx to" in warned[0]["detail"] and "loaded: shop" in warned[0]["detail"]
+    finally:
+        assert sidecar.stop() == 0
+
+
 def test_run_sh_fails_in_one_line_and_leaves_no_socket_when_the_port_is_taken(tmp_path, busy_port):
     socket_path = tmp_path / "run.sock"
     env = {**os.environ, "LOGSCORE_SOCKET": str(socket_path), "LOGSCORE_HTTP": f"127.0.0.1:{busy_port}"}

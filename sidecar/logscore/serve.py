@@ -130,6 +130,7 @@ class Sidecar:
             problems = "; ".join(self.registry.snapshot.errors.values()) or "no .onnx files"
             raise ConfigError(f"no model could be loaded from {s.models_dir}: {problems}")
         self._check_default_model()
+        self._warn_unloaded_routes()
         await loop.run_in_executor(None, self.service.start_processes)
         self.metrics.set_models(self.registry.snapshot.models)
         await loop.run_in_executor(None, self.feedback.start)
@@ -171,6 +172,18 @@ class Sidecar:
         if name and name not in models:
             raise ConfigError(f"--default-model {name}: no such model in {self.settings.models_dir} "
                               f"(loaded: {', '.join(sorted(models))}); name one of them or add {name}.onnx")
+
+    def _warn_unloaded_routes(self) -> None:
+        """A tag route naming a model that is not loaded (a typo, a file not copied yet): its records
+        are refused NOT_FOUND (shippers pass them unscored), and nothing said so until they came.
+        NOTE: a warning, not a refusal: the model may arrive later through hot reload."""
+        models = self.registry.snapshot.models
+        for pattern, name in (self.settings.tag_routes or {}).items():
+            if name not in models:
+                log.warning("tag route to a model that is not loaded: records with such tags are refused "
+                            "(NOT_FOUND; shippers pass them unscored) until it is; fix the route or add the model",
+                            extra={"route": pattern, "model": name, "detail": f"add {name}.onnx to "
+                                   f"{self.settings.models_dir}; loaded: {', '.join(sorted(models))}"})
 
     async def _start_grpc(self) -> None:
         s = self.settings
