@@ -5,7 +5,8 @@ require_relative 'helper'
 # The plugin's scoring logic against the real sidecar process (no Fluentd needed).
 class StreamScorerTest < Test::Unit::TestCase
   KEYS = Logscore::StreamScorer::Keys.new(score: 'anomaly_score', flag: 'is_anomaly', model: 'anomaly_model',
-                                          explanation: 'anomaly_explanation', unscored: 'anomaly_unscored')
+                                          explanation: 'anomaly_explanation', unscored: 'anomaly_unscored',
+                                          notes: 'anomaly_notes')
 
   class << self
     include SharedSidecar
@@ -111,6 +112,22 @@ class StreamScorerTest < Test::Unit::TestCase
     explanation = out[0][1]['anomaly_explanation']
     assert_equal 2, explanation.size
     assert_match(/never seen in training/, explanation.join)
+  end
+
+  # The sidecar says why a record is flagged when its model cannot read it (another log routed
+  # here), or that it was cut; Fluentd's records showed none of it (an explanation of "(missing)"
+  # fields at best), where `logscore score` and Logstash show the notes.
+  test 'the sidecar\'s notes come with the records that have some, and only with them' do
+    syslog = 'Mar  1 10:00:00 web sshd[9]: error: maximum authentication attempts exceeded'
+    records = [{ 'message' => AccessLines.line('/') }, { 'message' => syslog },
+               { 'message' => AccessLines.line("/?q=#{'x' * 70_000}") }, { 'message' => AccessLines.line('/'),
+                                                                          'anomaly_notes' => ['stale'] }]
+    out = scorer(message_key: 'message').score('web', entries(records)).map { |_, r| r }
+    assert_false out[0].key?('anomaly_notes')
+    assert_true out[1]['is_anomaly']
+    assert_match(/did not parse as access/, out[1]['anomaly_notes'].join)
+    assert_match(/truncated/, out[2]['anomaly_notes'].join)
+    assert_false out[3].key?('anomaly_notes') # a previous filter's notes do not stay
   end
 
   test 'a 10,000-record stream goes as pipelined calls of batch_records, every record scored in order' do

@@ -103,7 +103,7 @@ module Logscore
   # checks the sidecar's health every `probe_interval` until it answers, then
   # calls resume. Other failures stop calls after `failure_threshold` in a row.
   class Client
-    Result = Struct.new(:scores, :flags, :model_names, :explanations, :entity_scores, keyword_init: true)
+    Result = Struct.new(:scores, :flags, :model_names, :explanations, :entity_scores, :notes, keyword_init: true)
     # Codes meaning the sidecar is not answering (as opposed to refusing one request).
     SILENT = [GRPC::Core::StatusCodes::DEADLINE_EXCEEDED, GRPC::Core::StatusCodes::UNAVAILABLE].freeze
     PROBE_TIMEOUT = 0.5
@@ -313,7 +313,17 @@ module Logscore
       Result.new(scores: response.scores.to_a, flags: response.is_anomaly.to_a,
                  model_names: response.model_index.map { |i| names[i] },
                  explanations: response.explanations.map { |e| e.features.to_a },
-                 entity_scores: response.entity_scores.to_a)
+                 entity_scores: response.entity_scores.to_a, notes: notes_by_record(response.notes, count))
+    end
+
+    # The sidecar's notes (did not parse, truncated, suppressed or kept by feedback, learning) per
+    # record: nil for records without any (most).
+    def notes_by_record(notes, count)
+      return [] if notes.empty?
+
+      by_record = Array.new(count)
+      notes.each { |note| (by_record[note.index] ||= []) << note.description if note.index < count }
+      by_record
     end
 
     def succeeded

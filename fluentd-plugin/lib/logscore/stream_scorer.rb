@@ -12,7 +12,7 @@ module Logscore
   # its records passes through marked unscored (or, with on_error: error, goes to
   # the caller's error handler).
   class StreamScorer
-    Keys = Struct.new(:score, :flag, :model, :explanation, :unscored, :entity, keyword_init: true)
+    Keys = Struct.new(:score, :flag, :model, :explanation, :unscored, :entity, :notes, keyword_init: true)
     MAX_SPLIT_CALLS = 64 # calls a stream may spend finding the records the sidecar refused (score_slices)
     # A longer text value is sent cut to this: the sidecar cuts far shorter anyway, and notes it
     # (max_record_bytes for a raw line, 8,192 characters for a field), so the score is the same.
@@ -224,6 +224,7 @@ module Logscore
       entity = result.entity_scores && result.entity_scores[index]
       set_or_delete(record, @keys.explanation, explanation)
       set_or_delete(record, @keys.entity, entity && !entity.nan? ? entity.round(6) : nil)
+      set_or_delete(record, @keys.notes, result.notes && result.notes[index])
     end
 
     def set_or_delete(record, key, value)

@@ -74,6 +74,21 @@ class LogscoreFilterTest < Test::Unit::TestCase
     assert_equal 1, d.instance.statistics['filter']['logscore_calls']
   end
 
+  test 'notes by default under anomaly_notes, only on records that have some; an empty notes_key adds none' do
+    syslog = { 'log' => 'Mar  1 10:00:00 web sshd[9]: error: maximum authentication attempts exceeded' }
+    d = create_driver(base_conf('message_key log'))
+    d.run(default_tag: 'web') do
+      d.feed(event_time, { 'log' => AccessLines.line('/') })
+      d.feed(event_time, syslog.dup)
+    end
+    normal, other = d.filtered_records
+    assert_false normal.key?('anomaly_notes')
+    assert_match(/did not parse as access/, other['anomaly_notes'].join)
+    d = create_driver(base_conf("message_key log\nnotes_key \"\""))
+    d.run(default_tag: 'web') { d.feed(event_time, syslog.dup) }
+    assert_false d.filtered_records.first.key?('anomaly_notes')
+  end
+
   test 'raw lines under message_key' do
     d = create_driver(base_conf('message_key log'))
     d.run(default_tag: 'web') { d.feed(event_time, { 'log' => AccessLines.attack }) }

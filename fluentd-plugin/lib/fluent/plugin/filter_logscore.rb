@@ -32,6 +32,9 @@ module Fluent
       config_param :explain, :integer, default: 3
       desc 'Field set to true on records that could not be scored'
       config_param :unscored_key, :string, default: 'anomaly_unscored'
+      desc 'Field receiving the sidecar\'s notes on a record (did not parse as the model\'s format, truncated, ' \
+           'suppressed or kept by feedback, route learning), only on records that have some; empty: not added'
+      config_param :notes_key, :string, default: 'anomaly_notes'
       desc 'Fixed part of each call\'s deadline, in seconds (the deadline grows with the records in the call)'
       config_param :timeout, :time, default: 0.5
       desc 'Most time a call may take per record, in seconds; the allowance adapts to the sidecar\'s observed ' \
@@ -116,7 +119,8 @@ module Fluent
         )
         keys = Logscore::StreamScorer::Keys.new(score: @score_key, flag: @flag_key, model: @model_key,
                                                 explanation: @explanation_key, unscored: @unscored_key,
-                                                entity: @entity_score_key)
+                                                entity: @entity_score_key,
+                                                notes: @notes_key.to_s.empty? ? nil : @notes_key)
         @scorer = Logscore::StreamScorer.new(client: client, keys: keys, message_key: @message_key,
                                              on_error: @on_error, log: log, batch_records: @batch_records,
                                              batch_bytes: @batch_bytes, unscored_log_interval: @unscored_log_interval)
