@@ -211,6 +211,8 @@ def post(sidecar, body: bytes, path: str = "/v1/score", headers: str = "") -> tu
     ("/v1/score", b"[" * 100_000 + b"]" * 100_000, 400, "nested too deeply"),
     ("/v1/score", b'{"records": "x"}', 400, '"records" must be an array of events, not str'),
     ("/v1/score", b'{"records": {"url": "/"}}', 400, "not dict"),
+    # gRPC's request holds the model beside the records: here it was ignored, another model scored them
+    ("/v1/score", b'{"records": ["x"], "model": "syslog"}', 400, "model is not read there (model, tag, explain"),
     # an answer is built whole: 18,000 records with explain=100 made one of 34 MiB
     ("/v1/score?explain=100", json.dumps([{"message": "x"}] * 201).encode(), 400,
      "explain=100 on 201 records asks for 20,100 feature names; at most 20,000 a request"),

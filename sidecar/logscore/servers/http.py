@@ -401,6 +401,13 @@ def decode_events(body: bytes, content_type: str, ticket: Ticket = UNLIMITED) ->
         if not isinstance(value["records"], list):
             raise HttpError(400, f"\"records\" must be an array of events, not {type(value['records']).__name__} "
                             "(to send one event that has a field named records, wrap it in an array)")
+        others = sorted(str(key) for key in value if key != "records")
+        if others:
+            # NOTE: gRPC's request carries model, tag and explain beside the records: sent in the body
+            # here, they were ignored, and the records scored by another model without a word.
+            raise HttpError(400, f"{{\"records\": [...]}} holds nothing else; {', '.join(others)[:200]} is not read "
+                            "there (model, tag, explain and timeout_ms go in the query: /v1/score?model=NAME; "
+                            "to send one event that has a field named records, wrap it in an array)")
         return _check_events(value["records"]), False
     if isinstance(value, dict):
         return _check_events([value]), True
