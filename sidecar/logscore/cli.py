@@ -906,9 +906,15 @@ def run_inspect(args) -> int:
     print(f"{artifact.path}")
     print(f"  name: {meta.get('name')}   version: {artifact.version}   format: {meta.get('format_version')}")
     print(f"  log format: {meta['featurizer']['format']}")
+    from .parsers import FIELD_ALIASES
+
+    shippers = FIELD_ALIASES.get(meta["featurizer"]["format"], {})
     for field in meta["featurizer"]["fields"]:
         kinds = ", ".join(c["kind"] for c in field["converters"])
-        also = f" (also read as {', '.join(field['aliases'])})" if field.get("aliases") else ""
+        # The names records read: the format's (other shippers' parsers: Fluentd's path, code, agent),
+        # then the model's own, in the order RecordNormalizer tries them.
+        names = list(dict.fromkeys((*shippers.get(field["field"], ()), *field.get("aliases", ()))))
+        also = f" (also read as {', '.join(names)})" if names else ""
         print(f"    field {field['field']}{also}: {kinds}")
     print(f"  detectors: {', '.join(d['kind'] for d in meta.get('detectors', []))}")
     print(f"  threshold: {calibration.get('threshold')} (rule {calibration.get('rule')}, target FPR "
