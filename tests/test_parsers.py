@@ -204,3 +204,19 @@ def test_fields_named_with_binary_strings_are_read_and_shown():
     fields, parsed, _ = reading.normalize_one({b"host": b"web", b"ident": b"sshd", b"message": "für x".encode()})
     assert parsed and fields["app"] == b"sshd" and fields["message"] == "für x".encode()
     assert json.loads(record_text({b"message": b"a", "n": {b"k": 1}})) == {"message": "a", "n": {"k": 1}}
+
+
+def test_a_dash_fluentds_apache2_parser_sends_as_null_reads_as_the_line_s_dash():
+    """Fluentd's apache2 parser turns "-" (no user agent, referer, size or user) into nil: read as
+    missing, such records held a feature never seen in training and scored 0.73-0.84 where their
+    raw lines scored 0.0 (140 of 3,004 lines of a real access log)."""
+    from logscore.parsers import ACCESS_DASHES, parse_access
+    from logscore.records import RecordNormalizer
+
+    line = '10.0.0.1 - - [17/May/2015:10:05:03 +0000] "GET /a HTTP/1.1" 304 - "-" "-"'
+    fields = parse_access(line)[0]
+    assert {name: fields[name] for name in ACCESS_DASHES} == ACCESS_DASHES
+    fluentd = {"host": "10.0.0.1", "user": None, "method": "GET", "path": "/a", "code": 304, "size": None,
+               "referer": None, "agent": None}
+    read = RecordNormalizer("access", ["url", "method", "status", "bytes", "user_agent"]).normalize_one(fluentd)[0]
+    assert (read["user_agent"], read["bytes"], read["referer"], read["user"]) == ("-", "", "", "")

@@ -125,6 +125,11 @@ def parse_plain(line: str) -> tuple[Fields, bool]:
     return {"message": line}, True
 
 
+# What an access line's "-" reads as, per field (parse_access): a field map holding null there (Fluentd's
+# apache2 parser turns "-" into nil) reads the same.
+ACCESS_DASHES: dict[str, str] = {"user": "", "referer": "", "bytes": "", "user_agent": "-"}
+
+
 def parse_access(line: str) -> tuple[Fields, bool]:
     fast = _ACCESS_FAST.match(line)
     if fast is not None:

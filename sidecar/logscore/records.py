@@ -16,7 +16,7 @@ import numpy as np
 
 from .admission import UNLIMITED, Ticket
 from .errors import InvalidRequest
-from .parsers import FIELD_ALIASES, Fields, flatten, get_parser, head_reader
+from .parsers import ACCESS_DASHES, FIELD_ALIASES, Fields, flatten, get_parser, head_reader
 from .timestamps import TIME_FIELDS, parse_time
 
 # NOTE: unmatched_line is where Fluentd's in_tail puts a line its parser could not read
@@ -114,6 +114,10 @@ class RecordNormalizer:
                        and not {"time", "level"}.isdisjoint(also))
         self._read_head = head_reader(native)
         self._line_aliases = log_format == "jsonl" and bool(self.aliases)
+        # NOTE: Fluentd's apache2 parser sends null for a "-" (no agent, no referer, no size): read as
+        # missing, every such record held a feature never seen in training ("user_agent tokens:
+        # (missing)"), scoring 0.73-0.84 where its raw line scored 0.0 (140 of 3,004 records).
+        self._dashes = tuple(ACCESS_DASHES.items()) if log_format == "access" else ()
 
     def normalize(self, records: Sequence[object]) -> RecordBatch:
         fields, parsed, truncated = [], [], []
@@ -188,6 +192,9 @@ class RecordNormalizer:
             return self._parse_line(record)
         fields = flatten(record) if any(isinstance(v, dict) for v in record.values()) else dict(record)
         self._alias(fields, self.wanted)
+        for name, dash in self._dashes:
+            if name in fields and fields[name] is None:
+                fields[name] = dash
         if all(name in fields for name in self.wanted):
             return self._alias(self._with_head(fields), self.also), True, False
         if bytes in set(map(type, record)):
