@@ -214,7 +214,12 @@ def test_report_reads_the_time_fluentd_s_out_file_writes_before_each_record(tmp_
         {"host": "LabSZ", "ident": "sshd", "message": f"fatal: buffer overflow {i}", "anomaly_score": 1.0,
          "is_anomaly": True, "anomaly_explanation": ["message alarms: alarm word fatal (never seen in training)"]})
         for i in range(3)]
+    # the filter's notes (notes_key, anomaly_notes by default) count too
+    rows.append("2026-12-03T16:03:00+0000\tssh.syslog\t" + json.dumps(
+        {"message": "session opened", "anomaly_score": 0.4, "is_anomaly": False,
+         "anomaly_notes": ["suppressed by feedback #3"]}))
     (tmp_path / "out_file.log").write_text("\n".join(rows) + "\n")
     done = logscore("report", tmp_path / "out_file.log")
     assert done.returncode == 0, done.stderr
     assert "2026-12-03 16:00:00 .. 2026-12-03 16:02:00" in done.stdout and "record 1" not in done.stdout
+    assert "1 suppressed by feedback" in done.stdout

@@ -139,7 +139,7 @@ def iso_seconds(text: str) -> Optional[float]:
 
 
 def notes_of(record: dict) -> list:
-    value = lookup(record, "notes")
+    value = lookup(record, "notes", "anomaly_notes")  # the Fluentd filter's notes_key
     return value if isinstance(value, list) else [value] if isinstance(value, str) else []
 
 
