@@ -90,8 +90,11 @@ def read_series(path: str) -> Series:
     if len(values) < 10:
         raise InputError(f"{path}: {len(values)} points; a series needs at least 10")
     times_array = np.asarray(times)
-    if np.any(np.diff(times_array) < 0):  # NOTE: equal ones happen (clocks turned back an hour)
-        raise InputError(f"{path}: timestamps must not go back from row to row")
+    back = np.flatnonzero(np.diff(times_array) < 0)  # NOTE: equal ones happen (clocks turned back an hour)
+    if len(back):
+        row = int(back[0]) + 1
+        raise InputError(f"{path}: timestamps must not go back from row to row: line {row + 2} ({stamps[row]}) "
+                         f"is earlier than line {row + 1} ({stamps[row - 1]}); sort the rows by time")
     if np.median(np.diff(times_array)) <= 0:
         raise InputError(f"{path}: most points share their timestamp with the one before; give one point a time")
     return Series(stamps, times_array, np.asarray(values))
