@@ -773,6 +773,32 @@ def test_counts_keep_poisson_noise_a_key_of_zeros_is_not_startled_by_a_two():
         assert deviation == pytest.approx(expected, rel=1e-3)
 
 
+def test_a_measurement_keeps_a_spread_relative_to_its_level_not_a_unit_of_noise():
+    from logscore.forecast import MEASURE_MIN_SHARE
+    from logscore.series import deviations
+    times = START + 300 * np.arange(12 * 24 * 2 + 1)  # two flat days of 5-minute steps, then a 1 % step
+    values = np.full(len(times), 100.5)
+    values[-1] = 101.5
+    # A flat measurement learns no spread: the floor is 2 % of its level on the square-root scale
+    # (no offset), so a 1 % step stands a quarter of a spread out, not one spread of an absolute 0.05.
+    expected = (np.sqrt(101.5) - np.sqrt(100.5)) / (MEASURE_MIN_SHARE * np.sqrt(100.5))
+    assert deviations(times, values)[-1] == pytest.approx(expected, rel=1e-6)
+    assert expected == pytest.approx(0.2481, abs=1e-4)
+
+
+def test_a_measurement_series_scores_the_same_in_any_unit():
+    from logscore.series import score_series
+    rng = np.random.default_rng(7)
+    times = START + 300 * np.arange(12 * 24 * 4)  # four days of 5-minute steps
+    hour = (times // 3600) % 24
+    percent = 2.0 + 0.5 * np.sin(2 * np.pi * hour / 24) + rng.gamma(2.0, 0.05, len(times))  # a CPU %, say
+    percent[288 * 3 + 100: 288 * 3 + 110] += 1.5  # a burst on the last day
+    scores = score_series(times, percent)
+    assert scores.max() > 0.5
+    for factor in (0.01, 1000.0):  # a fraction, or per mille: the same series, the same scores
+        assert np.allclose(score_series(times, percent * factor), scores, atol=1e-9)
+
+
 def test_a_sparse_count_series_alarms_on_a_burst_not_on_a_few_counts_in_its_silence():
     from logscore.series import CONFIRM_STEPS, score_series
     rng = np.random.default_rng(5)

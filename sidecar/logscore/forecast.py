@@ -5,7 +5,10 @@ One model, vectorized over many keys: the windows of the sidecar (counts of a ro
 class, a URL template per minute) and `logscore evaluate --series` (one series) use it alike.
 
     y = transform(value)                     counts: sqrt(count + 3/8), whose noise is near
-                                             constant (Anscombe); other values: as they are
+                                             constant (Anscombe); other non-negative values
+                                             (measurements: CPU %, latency, bytes): sqrt(value),
+                                             with no offset, so their scale is theirs to set;
+                                             values that go negative: as they are
     expected = level + hour[hour of day] + week[hour of week]
     residual = y - expected,  z = residual / scale
     deviation = max(|z|, |mean of the last `run` residuals| / (scale / sqrt(run)))
@@ -19,7 +22,10 @@ hour of day, per week for the hour of week: what sets a Sunday afternoon apart).
 at least ``MIN_SCALE_RATE`` of each window, so with windows shorter than about 42 minutes its
 half-life is 69 windows, not two days (69 minutes of 1-minute windows, 5.75 hours of NAB's
 5-minute steps): measured on NAB, a true two-day memory scores lower (76.1 against 79.5).
-The scale never falls below ``min_scale``: ``COUNT_MIN_SCALE`` for counts (Poisson noise).
+The scale never falls below ``min_scale``: ``COUNT_MIN_SCALE`` for counts (Poisson noise). A
+measurement has no such unit: its spread never falls below ``min_share`` of its level instead
+(``MEASURE_MIN_SHARE``), so the same series in other units (cents or dollars, bytes or megabytes)
+gets the same deviations.
 
 ``ForecastState`` is the state of K keys as numpy arrays; ``step`` advances all of them by one
 window with a handful of numpy operations.
@@ -44,11 +50,24 @@ MIN_SCALE = 0.05  # on the transformed scale: a perfectly flat series still has 
 # of 1/2 whatever the rate. Below it, a key that is mostly zeros (a rare status, a quiet hour) would
 # learn a spread near 0, and a count of 2 would stand 18 spreads out (NAB's Twitter_volume_CVS).
 COUNT_MIN_SCALE = 0.5
+# A measurement's spread is at least this share of its level (on the square-root scale: about 4 % of
+# the value), and MEASURE_MIN_SCALE only keeps a series of zeros from dividing by zero. Measured on
+# the 48 NAB series no parameter was chosen on, shares of 0.3-10 % all beat the absolute 0.05 (which
+# is 1-5 % of the level of a CPU percentage and 5-10 % of an ad exchange's cost per click), and no
+# floor at all loses badly (docs/accuracy.md).
+MEASURE_MIN_SHARE = 0.02
+MEASURE_MIN_SCALE = 1e-9
 
 
 def count_transform(counts: np.ndarray) -> np.ndarray:
     """Anscombe's variance-stabilizing transform of Poisson counts."""
     return np.sqrt(np.maximum(counts, 0.0) + 0.375)
+
+
+def measure_transform(values: np.ndarray) -> np.ndarray:
+    """Non-negative measurements: the square root without an offset, so scaling a series by c scales
+    its transform (and so its level, residuals and spread) by sqrt(c) and leaves deviations alone."""
+    return np.sqrt(np.maximum(values, 0.0))
 
 
 def count_inverse(y: np.ndarray) -> np.ndarray:
@@ -75,11 +94,14 @@ class ForecastState:
     seen: np.ndarray  # int64 [K]: windows observed
     window_s: float = 3600.0  # the length of a step (sets the seasonal learning rates)
     min_scale: float = MIN_SCALE
+    min_share: float = 0.0  # the spread is at least this share of |level| too (measurements)
 
     @classmethod
-    def empty(cls, keys: int, window_s: float = 3600.0, min_scale: float = MIN_SCALE) -> "ForecastState":
+    def empty(cls, keys: int, window_s: float = 3600.0, min_scale: float = MIN_SCALE,
+              min_share: float = 0.0) -> "ForecastState":
         return cls(np.zeros(keys), np.zeros((keys, HOURS)), np.zeros((keys, WEEK_HOURS)),
-                   np.full(keys, np.nan), np.zeros((keys, RUN)), np.zeros(keys, dtype=np.int64), window_s, min_scale)
+                   np.full(keys, np.nan), np.zeros((keys, RUN)), np.zeros(keys, dtype=np.int64), window_s, min_scale,
+                   min_share)
 
     def rate(self, half_life_s: float) -> float:
         """The per-window update rate of a half-life in seconds."""
@@ -100,7 +122,11 @@ class ForecastState:
 
     def spread(self, rows: Optional[np.ndarray] = None) -> np.ndarray:
         scale = self.scale if rows is None else self.scale[rows]
-        return np.maximum(np.nan_to_num(scale, nan=self.min_scale), self.min_scale)
+        spread = np.maximum(np.nan_to_num(scale, nan=self.min_scale), self.min_scale)
+        if self.min_share:
+            level = self.level if rows is None else self.level[rows]
+            spread = np.maximum(spread, self.min_share * np.abs(level))
+        return spread
 
     def step(self, y: np.ndarray, hour: np.ndarray, week: np.ndarray,
              rows: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray]:

@@ -36,7 +36,8 @@ from typing import Optional, Sequence
 import numpy as np
 
 from .errors import InputError
-from .forecast import COUNT_MIN_SCALE, MIN_SCALE, ForecastState, count_transform, slots
+from .forecast import (COUNT_MIN_SCALE, MEASURE_MIN_SCALE, MEASURE_MIN_SHARE, ForecastState, count_transform,
+                       measure_transform, slots)
 from .inputs import read_lines
 from .timestamps import parse_time
 
@@ -112,9 +113,13 @@ def deviations(times: np.ndarray, values: np.ndarray) -> np.ndarray:
     step = float(np.median(np.diff(times)))
     nonnegative = bool(np.all(values >= 0))
     counts = nonnegative and bool(np.all(values == np.round(values)))  # whole numbers: Poisson noise at least
-    state = ForecastState.empty(1, step, COUNT_MIN_SCALE if counts else MIN_SCALE)
+    if counts:
+        state = ForecastState.empty(1, step, COUNT_MIN_SCALE)
+        y = count_transform(values)
+    else:  # measurements: no unit of noise, a floor relative to their level (forecast.py)
+        state = ForecastState.empty(1, step, MEASURE_MIN_SCALE, MEASURE_MIN_SHARE)
+        y = measure_transform(values) if nonnegative else values.astype(np.float64)
     hours, weeks = slots(times)
-    y = count_transform(values) if nonnegative else values.astype(np.float64)
     found = np.zeros(len(values))
     for i in range(len(values)):
         found[i] = state.step(y[i: i + 1], hours[i: i + 1], weeks[i: i + 1])[1][0]
