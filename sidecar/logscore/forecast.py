@@ -52,9 +52,9 @@ MIN_SCALE = 0.05  # on the transformed scale: a perfectly flat series still has 
 COUNT_MIN_SCALE = 0.5
 # A measurement's spread is at least this share of its level (on the square-root scale: about 4 % of
 # the value), and MEASURE_MIN_SCALE only keeps a series of zeros from dividing by zero. Measured on
-# the 48 NAB series no parameter was chosen on, shares of 0.3-10 % all beat the absolute 0.05 (which
-# is 1-5 % of the level of a CPU percentage and 5-10 % of an ad exchange's cost per click), and no
-# floor at all loses badly (docs/accuracy.md).
+# the 48 NAB series no parameter was chosen on, shares of 0.3-10 % all beat the absolute 0.05 with
+# the 3/8 offset (fixed in whatever unit the series is written in), and no floor at all loses badly
+# (docs/accuracy.md).
 MEASURE_MIN_SHARE = 0.02
 MEASURE_MIN_SCALE = 1e-9
 
