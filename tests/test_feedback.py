@@ -358,3 +358,30 @@ def test_a_full_disk_is_named_in_feedback_errors_and_writes_resume_once_room_is_
     assert "set --feedback-store to a file on another disk" in str(failure.value)
     filler.unlink()
     assert store.add(Entry(0, "normal", {"field": "user_agent", "value": "probe/2"}, "ana")).id == 2
+
+
+def test_a_mark_retried_with_the_same_duration_is_one_entry_and_an_expired_one_says_so(sidecar):
+    """`--expires 7d` becomes a time when the command runs: run again (a retry, a second operator)
+    it asked for a time seconds later, and made a second entry of the same rule each time. An
+    entry past its expiry no longer applies, and the list and the page said only `expires <time>`."""
+    connection = ("--socket", sidecar.socket)
+    line = compare_lines(1, seed=31)[0]
+    first = logscore("feedback", "add", "normal", "--line", line, "--expires", "7d", *connection)
+    assert first.returncode == 0 and first.stdout.startswith("#1 normal"), first.stderr
+    time.sleep(1.1)  # the retry's duration ends a second later
+    again = logscore("feedback", "add", "normal", "--line", line, "--expires", "7d", *connection)
+    assert again.returncode == 0 and again.stdout.startswith("already marked: #1 normal"), again.stdout
+    longer = logscore("feedback", "add", "normal", "--line", line, "--expires", "8d", *connection)
+    assert longer.stdout.startswith("#2 normal"), longer.stdout  # another expiry: another decision
+
+    short = {"verdict": "normal", "author": "ana", "records": monitor_lines(1, seed=32),
+             "expires_at": time.time() + 1.0}
+    status, body = feedback(sidecar, "POST", short)
+    assert status == 200, body
+    time.sleep(1.5)
+    assert all(r["is_anomaly"] for r in score(sidecar, monitor_lines(3, seed=33)))  # expired: no longer applied
+    listed = logscore("feedback", "list", *connection).stdout.splitlines()
+    assert listed[-1].startswith("#3 normal") and "; expired 20" in listed[-1], listed
+    assert "; expires 20" in listed[0]
+    page = sidecar.http_get("/ui/")[1].decode()
+    assert f"expired {body['feedback']['expires_at']}" in page

@@ -157,6 +157,11 @@ def as_json(entry) -> dict:
     return MessageToDict(entry, preserving_proto_field_name=True)
 
 
+def expiry_word(expires_at: float) -> str:
+    """'expired' once past (the entry no longer applies, though listed until removed), else 'expires'."""
+    return "expired" if expires_at <= time.time() else "expires"
+
+
 def describe(entry) -> str:
     from .feedback import iso_time
     from .generated.logscore.v1 import scorer_pb2 as pb
@@ -168,7 +173,7 @@ def describe(entry) -> str:
         pattern = "; ".join(entry.features[:3]) + f" ({entry.feature_count} features)"
     scope = ", ".join(f"{k} {getattr(entry, k)}" for k in ("model", "route", "entity") if getattr(entry, k)) or "all"
     state = f"removed by {entry.removed_by} {iso_time(entry.removed_at)}" if entry.removed_at else (
-        f"expires {iso_time(entry.expires_at)}" if entry.expires_at else "no expiry")
+        f"{expiry_word(entry.expires_at)} {iso_time(entry.expires_at)}" if entry.expires_at else "no expiry")
     reason = f" ({entry.reason})" if entry.reason else ""
     return (f"#{entry.id} {verdict} [{scope}] {pattern}; by {entry.author} {iso_time(entry.created_at)}{reason}; "
             f"{state}")

@@ -62,6 +62,9 @@ COLUMNS = ("id", "verdict", "model", "route", "entity", "pattern", "example", "a
 
 
 MAX_AUTHOR_CHARS, MAX_REASON_CHARS = 200, 2000
+# Expiries closer than this are one: a mark retried with the same duration (--expires 7d) asks
+# for a time a few seconds later, and is the same decision.
+EXPIRY_SAME_WITHIN_S = 60.0
 STATEMENT_TIMEOUT_MS = 5000  # PostgreSQL: past it a statement fails (StoreUnavailable), a write 503
 
 
@@ -202,7 +205,7 @@ class FeedbackStore:
         wanted = json.loads(json.dumps(entry.rule()))  # as stored: tuples read back as lists
         for row in cursor.fetchall():
             stored = entry_from_row(row)
-            if stored.expires_at == entry.expires_at and stored.rule() == wanted:
+            if same_expiry(stored.expires_at, entry.expires_at) and stored.rule() == wanted:
                 stored.existing = True
                 return stored
         return None
@@ -256,6 +259,17 @@ class FeedbackStore:
     def close(self) -> None:
         """Release what the store holds between operations."""
 
+
+
+def same_expiry(stored: Optional[float], wanted: Optional[float]) -> bool:
+    """Whether two expiries say the same: both none, or within EXPIRY_SAME_WITHIN_S of each other.
+
+    `logscore feedback add --expires 7d` turns the duration into a time when it runs: a retried
+    command (or a second operator marking the group for as long) asks for an expiry seconds
+    later, and exact equality made a second entry of the same rule each time."""
+    if stored is None or wanted is None:
+        return stored is None and wanted is None
+    return abs(stored - wanted) < EXPIRY_SAME_WITHIN_S
 
 class SqliteStore(FeedbackStore):
     def __init__(self, path: str):

@@ -369,6 +369,14 @@ def render_group_examples(group: Group) -> str:
         for e in reversed(group.examples))
 
 
+def expiry_cell(entry) -> str:
+    """An entry's expiry; one past says so: it no longer applies, though listed (with undo) until removed."""
+    if entry.expires_at is None:
+        return "never"
+    when = entry.as_json()["expires_at"]
+    return f"<span class=muted>expired {when}</span>" if entry.expires_at <= time.time() else when
+
+
 def render_feedback(entries: list) -> str:
     if not entries:
         return "<p class=muted id=no-feedback>No feedback yet.</p>"
@@ -384,6 +392,6 @@ def render_feedback(entries: list) -> str:
         rows.append(f'<tr id="feedback-{entry.id}"><td>{entry.id}</td><td><span class="badge {escape(entry.verdict)}">'
                     f'{escape(entry.verdict)}</span></td><td>{escape(entry.describe())}</td><td>{scope}</td>'
                     f'<td>{escape(entry.author)}, {data["created_at"]}<br><span class=muted>{escape(entry.reason)}'
-                    f'</span></td><td>{data["expires_at"] or "never"}</td><td>{undo}</td></tr>')
+                    f'</span></td><td>{expiry_cell(entry)}</td><td>{undo}</td></tr>')
     rows.append("</table>")
     return "".join(rows)
