@@ -1214,3 +1214,21 @@ def test_the_numbered_levels_of_bunyan_and_pino_are_named():
 
     assert [level_name(value, None, None) for value in ("50", "30", " 60 ", "35", "WARN")] == \
         ["error", "info", "error", "35", "warn"]
+
+
+def test_a_client_event_names_its_figures_against_the_normal_clients_bound_and_says_when_only_their_mix_is_rare():
+    """A field trial's crawler event read `errors 10% (normal clients: 52%)` for every feature: the
+    figure beside each was the 99th percentile of normal clients (no typical value), and with every
+    feature under it the event gave no reason at all."""
+    from logscore.entities import describe_client
+
+    bound = np.array([46.0, 0.52, 23.0, 0.10, 0.81])
+    crawler = describe_client(np.array([30.0, 0.10, 26.0, 0.0, 0.42]), bound)
+    assert "errors 10% (normal clients: up to 52%)" in crawler
+    assert "30 requests recently (normal clients: up to 46)" in crawler
+    assert "their combination is what is rare" not in crawler  # 26 distinct paths is beyond 23
+    mix = describe_client(np.array([30.0, 0.10, 20.0, 0.0, 0.42]), bound)
+    assert mix.endswith("each within what 99 % of normal clients show: their combination is what is rare")
+    scanner = describe_client(np.array([5.0, 0.84, 5.0, 0.18, 0.90]), bound)
+    assert "rare" not in scanner and "never-seen features 18% (normal clients: up to 10%)" in scanner
+    assert describe_client(np.array([5.0, 0.84, 5.0, 0.18, 0.90])).startswith("5 requests recently, errors 84%")

@@ -288,16 +288,25 @@ def client_features(sums: dict[str, np.ndarray]) -> np.ndarray:
 
 
 def describe_client(features: np.ndarray, typical: Optional[np.ndarray] = None) -> str:
-    """``errors 85 % (normal clients: 3 %), 37 distinct paths, ...``"""
+    """``errors 85 % (normal clients: up to 3 %), 37 distinct paths (...), ...``
+
+    ``typical`` is the 99th percentile of each feature over normal clients: an upper bound, not a
+    typical value (shown bare, "errors 10 % (normal clients: 52 %)" read as if normal clients had
+    52 % errors). A client can cross with every feature under it (the detector weighs them
+    together): then the explanation says so, or it reads as no reason at all."""
     parts = []
+    beyond = 0
     for j, name in enumerate(FEATURES):
         text = DESCRIPTIONS[name].format(float(features[j]))
         if typical is not None:
-            text += f" (normal clients: {DESCRIPTIONS[name].format(float(typical[j])).split(' ')[0]})" \
-                if name in ("rate", "new_paths") else \
-                f" (normal clients: {DESCRIPTIONS[name].format(float(typical[j])).split(' ')[-1]})"
+            bound = DESCRIPTIONS[name].format(float(typical[j])).split(" ")
+            text += f" (normal clients: up to {bound[0] if name in ('rate', 'new_paths') else bound[-1]})"
+            beyond += bool(features[j] > typical[j])
         parts.append(text)
-    return ", ".join(parts)
+    described = ", ".join(parts)
+    if typical is not None and not beyond:
+        described += "; each within what 99 % of normal clients show: their combination is what is rare"
+    return described
 
 
 @dataclass
