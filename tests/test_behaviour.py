@@ -1137,7 +1137,6 @@ def test_windows_hold_when_trained_keys_outnumber_the_limit_and_values_are_not_t
     assert clients.clients == ["['10.0.0.1']"] and clients.errors.tolist() == [1.0]
 
 
-
 @pytest.mark.parametrize("url, template", [
     ("/users/123/posts?x=1", "/users/{id}/posts"), ("/DEADBEEF1/x", "/{id}/x"), ("/abcdef1", "/abcdef1"),
     ("https://shop.example.com/cart/0a1b2c3d-0000-4000-8000-00aabbccddee", "/cart/{id}"), ("123/abc", "123/abc"),

@@ -583,7 +583,6 @@ def test_setup_sh_does_not_reinstall_when_nothing_changed():
     assert again.returncode == 0 and "[setup] up to date" in again.stdout and again.stderr == ""
 
 
-
 def fresh_server_path(directory) -> str:
     """A PATH like a fresh Debian 12 server's for a user without sudo: no python3, no sudo, no gcc, every
     package missing (dpkg -s fails), id -u says 1000. Only the commands setup.sh uses before installing."""
@@ -605,6 +604,7 @@ def test_setup_sh_on_a_fresh_server_without_sudo_says_what_to_install_as_root(tm
     assert "as root, run: apt-get install -y python3-venv python3-dev tzdata gcc ruby" in result.stderr
 
 # --- memory: the shipped limits hold under the worst input the limits allow ------------------------------
+
 
 DEPLOY = ROOT / "docs" / "deploy"
 

@@ -519,6 +519,8 @@ def check_writable(path: str, flag: str) -> None:
 
 def missing_training_extra(error: ImportError) -> str:
     return f"{error.name} is missing; install the training extra: pip install 'logscore[train]'"
+
+
 def print_warning(message: str) -> None:
     print(f"logscore train: warning: {message}", file=sys.stderr, flush=True)
 

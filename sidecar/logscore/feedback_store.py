@@ -260,7 +260,6 @@ class FeedbackStore:
         """Release what the store holds between operations."""
 
 
-
 def same_expiry(stored: Optional[float], wanted: Optional[float]) -> bool:
     """Whether two expiries say the same: both none, or within EXPIRY_SAME_WITHIN_S of each other.
 
@@ -270,6 +269,7 @@ def same_expiry(stored: Optional[float], wanted: Optional[float]) -> bool:
     if stored is None or wanted is None:
         return stored is None and wanted is None
     return abs(stored - wanted) < EXPIRY_SAME_WITHIN_S
+
 
 class SqliteStore(FeedbackStore):
     def __init__(self, path: str):
