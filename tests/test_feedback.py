@@ -385,3 +385,7 @@ def test_a_mark_retried_with_the_same_duration_is_one_entry_and_an_expired_one_s
     assert "; expires 20" in listed[0]
     page = sidecar.http_get("/ui/")[1].decode()
     assert f"expired {body['feedback']['expires_at']}" in page
+    # Marked again within a minute of that expiry: a new entry that applies, not the expired one.
+    status, body = feedback(sidecar, "POST", {**short, "expires_at": time.time() + 50})
+    assert status == 200 and body["feedback"]["id"] == 4 and not body.get("existing"), body
+    assert not any(r["is_anomaly"] for r in score(sidecar, monitor_lines(3, seed=33)))

@@ -648,10 +648,11 @@ def run_score(args) -> int:
     return 0
 
 
-# Past this share of records flagged (and MODEL_MISMATCH_RATIO times the model's target FPR, with
-# at least MODEL_MISMATCH_RECORDS scored), the model is no model of this log.
+# Past this share of records flagged (and MODEL_MISMATCH_RATIO times the model's target FPR, up to
+# MODEL_MISMATCH_MOST, with at least MODEL_MISMATCH_RECORDS scored), the model is no model of this log.
 MODEL_MISMATCH_SHARE = 0.2
 MODEL_MISMATCH_RATIO = 20
+MODEL_MISMATCH_MOST = 0.5  # (a model trained for 5 % false positives or more: never past all records)
 MODEL_MISMATCH_RECORDS = 100
 
 
@@ -660,7 +661,8 @@ def flood_warning(model, flagged: int, scored: int) -> Optional[str]:
     log scored with it gives no "did not parse" note: 2,942 of 3,000 access lines were flagged by a
     Zookeeper model, silently."""
     target = float(model.metadata.get("calibration", {}).get("target_fpr") or 0.001)
-    if scored < MODEL_MISMATCH_RECORDS or flagged < scored * max(MODEL_MISMATCH_SHARE, MODEL_MISMATCH_RATIO * target):
+    share = max(MODEL_MISMATCH_SHARE, min(MODEL_MISMATCH_MOST, MODEL_MISMATCH_RATIO * target))
+    if scored < MODEL_MISMATCH_RECORDS or flagged < scored * share:
         return None
     training = model.metadata.get("training", {})
     inputs = ", ".join(training.get("inputs") or []) or "its training files"

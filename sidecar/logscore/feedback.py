@@ -35,7 +35,7 @@ from .features import FeatureBatch
 from .features.batch import text_key
 from .features.converters import ValueCache, value_shape
 from .model import SCORE_CHUNK, Model, run_graph
-from .records import text_keys, to_text
+from .records import field_map_json, to_text
 
 NORMAL, KEEP = "normal", "keep"
 VERDICTS = (NORMAL, KEEP)
@@ -122,7 +122,7 @@ def record_text(record: object) -> str:
     try:
         text = json.dumps(record, default=to_text, ensure_ascii=False)
     except TypeError:  # a binary map key (Fluentd's regexp parsers on a non-ASCII line): INTERNAL before
-        text = json.dumps(text_keys(record), default=to_text, ensure_ascii=False, skipkeys=True)
+        text = field_map_json(record)
     return text[:EXAMPLE_CHARS]
 
 

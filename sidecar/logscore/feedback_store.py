@@ -203,9 +203,11 @@ class FeedbackStore:
                                  "AND route = ? AND entity = ? AND removed_at IS NULL ORDER BY id"),
                        (entry.verdict, entry.model, entry.route, entry.entity))
         wanted = json.loads(json.dumps(entry.rule()))  # as stored: tuples read back as lists
+        now = time.time()
         for row in cursor.fetchall():
             stored = entry_from_row(row)
-            if same_expiry(stored.expires_at, entry.expires_at) and stored.rule() == wanted:
+            # (an expired one is no answer: a mark within a minute of its expiry would not apply)
+            if stored.active(now) and same_expiry(stored.expires_at, entry.expires_at) and stored.rule() == wanted:
                 stored.existing = True
                 return stored
         return None

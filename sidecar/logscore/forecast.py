@@ -24,8 +24,10 @@ half-life is 69 windows, not two days (69 minutes of 1-minute windows, 5.75 hour
 5-minute steps): measured on NAB, a true two-day memory scores lower (76.1 against 79.5).
 The scale never falls below ``min_scale``: ``COUNT_MIN_SCALE`` for counts (Poisson noise). A
 measurement has no such unit: its spread never falls below ``min_share`` of its level instead
-(``MEASURE_MIN_SHARE``), so the same series in other units (cents or dollars, bytes or megabytes)
-gets the same deviations.
+(``MEASURE_MIN_SHARE``), so the same measurements in other units (dollars or euros, percent or
+a fraction) get the same deviations. NOTE: which a series is, is read from its values: one written
+in whole numbers (bytes, cents, milliseconds) is taken for counts, with Poisson's floor; in bytes a
+3 % step of a 2 MB series stands 29 spreads out, in megabytes 0.75.
 
 ``ForecastState`` is the state of K keys as numpy arrays; ``step`` advances all of them by one
 window with a handful of numpy operations.

@@ -40,7 +40,7 @@ from typing import Callable, Optional, Sequence
 
 from .decide import decide
 from .model import Model
-from .records import text_keys, to_text
+from .records import field_map_json, to_text
 from .registry import ModelRegistry
 from .resources import default_models_dir
 from .settings import Settings
@@ -388,13 +388,6 @@ def keepable(record: object) -> bool:
     return False
 
 
-def as_json(record: dict) -> str:
-    """A field map as training reads it: binary strings as the text the sidecar scores. NOTE: Fluentd
-    sends every value in_tail read as a binary string (msgpack bin), and `default=str` wrote
-    "b'GET'": a route learned behind the Fluentd filter flagged every record it then scored."""
-    return json.dumps(text_keys(record), default=to_text, skipkeys=True)
-
-
 def write_inputs(directory: Path, records: list, serving: Model) -> dict:
     """The training records (JSON lines: field maps as JSON, raw lines as they are) and the serving
     model's featurizer spec, for `logscore train --json-records --config`."""
@@ -402,7 +395,9 @@ def write_inputs(directory: Path, records: list, serving: Model) -> dict:
     paths = {"records": directory / "records.jsonl", "spec": directory / "spec.json"}
     with open(paths["records"], "w", encoding="utf-8") as out:
         for record in records:
-            out.write((as_json(record) if isinstance(record, dict) else record) + "\n")
+            # NOTE: binary strings as text: written "b'GET'", a route learned behind the Fluentd filter
+            # flagged every record it then scored
+            out.write((field_map_json(record) if isinstance(record, dict) else record) + "\n")
     paths["spec"].write_text(json.dumps(serving.featurizer.spec()), encoding="utf-8")
     return paths
 

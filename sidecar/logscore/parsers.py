@@ -75,7 +75,8 @@ _HEAD_TIME = re.compile(
 # The two read only where a line starts: elsewhere in a head, such digits are ids as often.
 # Android logcat's level is a letter after the process and thread ids: "03-17 16:13:38.811  1702  2395 E ...".
 _LOGCAT_LEVEL = re.compile(r" +\d+ +\d+ +([VDIWEFA]) ", re.ASCII)
-LOGCAT_LEVELS = {"V": "verbose", "D": "debug", "I": "info", "W": "warn", "E": "error", "F": "fatal", "A": "assert"}
+# (A, assert, is logcat's most severe: named fatal, an error level for the windows' error share)
+LOGCAT_LEVELS = {"V": "verbose", "D": "debug", "I": "info", "W": "warn", "E": "error", "F": "fatal", "A": "fatal"}
 _HEAD_LEVEL = re.compile(r"(?<![\w.-])(TRACE|DEBUG|INFO|NOTICE|WARN|WARNING|ERROR|ERR|FATAL|CRIT|CRITICAL|SEVERE|"
                          r"ALERT|EMERG|PANIC)(?![\w.-])", re.IGNORECASE | re.ASCII)
 
@@ -126,8 +127,11 @@ def parse_plain(line: str) -> tuple[Fields, bool]:
 
 
 # What an access line's "-" reads as, per field (parse_access): a field map holding null there (Fluentd's
-# apache2 parser turns "-" into nil) reads the same.
+# apache2 parser turns "-" into nil) reads the same. NOTE: the parser gives null referer and agent to
+# a common-format line too, which has neither: those two read as "-" only where the other is there
+# (RecordNormalizer), else a common-format log's every record was flagged for an agent "-".
 ACCESS_DASHES: dict[str, str] = {"user": "", "referer": "", "bytes": "", "user_agent": "-"}
+COMBINED_ONLY = ("referer", "user_agent")
 
 
 def parse_access(line: str) -> tuple[Fields, bool]:
@@ -152,9 +156,9 @@ def parse_access(line: str) -> tuple[Fields, bool]:
         # A scanner's raw bytes or a truncated request line: keep it as the URL
         # so the URL features see exactly what was sent.
         fields["url"] = match["request"]
-    for dash_means_empty in ("user", "referer", "bytes"):
-        if fields.get(dash_means_empty) == "-":
-            fields[dash_means_empty] = ""
+    for name, dash in ACCESS_DASHES.items():
+        if fields.get(name) == "-":
+            fields[name] = dash
     return fields, True
 
 

@@ -8,6 +8,7 @@ held in ``message``/``log`` parsed when the fields the model needs are absent.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence
@@ -16,7 +17,7 @@ import numpy as np
 
 from .admission import UNLIMITED, Ticket
 from .errors import InvalidRequest
-from .parsers import ACCESS_DASHES, FIELD_ALIASES, Fields, flatten, get_parser, head_reader
+from .parsers import ACCESS_DASHES, COMBINED_ONLY, FIELD_ALIASES, Fields, flatten, get_parser, head_reader
 from .timestamps import TIME_FIELDS, parse_time
 
 # NOTE: unmatched_line is where Fluentd's in_tail puts a line its parser could not read
@@ -54,6 +55,12 @@ def text_keys(record: dict, depth: int = 8) -> dict:
     return {(key if key.__class__ is str or isinstance(key, (int, float)) or key is None else to_text(key)):
             (text_keys(value, depth - 1) if depth > 1 and isinstance(value, dict) else value)
             for key, value in record.items()}
+
+
+def field_map_json(record: dict) -> str:
+    """A field map as one JSON text: binary strings, keys too, as the text the sidecar reads (Fluentd
+    sends what in_tail read as msgpack bin; json.dumps refuses bytes keys, and str() wrote "b'GET'")."""
+    return json.dumps(text_keys(record), default=to_text, ensure_ascii=False, skipkeys=True)
 
 
 def as_text(value: object) -> Optional[str]:
@@ -118,6 +125,14 @@ class RecordNormalizer:
         # missing, every such record held a feature never seen in training ("user_agent tokens:
         # (missing)"), scoring 0.73-0.84 where its raw line scored 0.0 (140 of 3,004 records).
         self._dashes = tuple(ACCESS_DASHES.items()) if log_format == "access" else ()
+
+    def _read_dashes(self, fields: dict) -> None:
+        """Null fields as the line's "-" reads (ACCESS_DASHES); referer and agent only on a combined line
+        (one of them there): both null, the line may be in the common format, which has neither."""
+        combined = any(fields.get(name) is not None for name in COMBINED_ONLY)
+        for name, dash in self._dashes:
+            if name in fields and fields[name] is None and (combined or name not in COMBINED_ONLY):
+                fields[name] = dash
 
     def normalize(self, records: Sequence[object]) -> RecordBatch:
         fields, parsed, truncated = [], [], []
@@ -192,9 +207,8 @@ class RecordNormalizer:
             return self._parse_line(record)
         fields = flatten(record) if any(isinstance(v, dict) for v in record.values()) else dict(record)
         self._alias(fields, self.wanted)
-        for name, dash in self._dashes:
-            if name in fields and fields[name] is None:
-                fields[name] = dash
+        if self._dashes:
+            self._read_dashes(fields)
         if all(name in fields for name in self.wanted):
             return self._alias(self._with_head(fields), self.also), True, False
         if bytes in set(map(type, record)):
