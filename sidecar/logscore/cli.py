@@ -629,7 +629,7 @@ def run_score(args) -> int:
     for chunk in batched(records, max(1, args.batch)):
         result = model.score(chunk, explain=args.explain)
         decision = decide(model, result)
-        flagged += int(sum(map(bool, decision.is_anomaly)))
+        flagged += int(decision.is_anomaly.sum())
         notes = notes_by_record([(i, text) for i, _, text in decision.notes], len(chunk))
         for i in range(len(chunk)):
             line_number += 1

@@ -211,7 +211,7 @@ class RecordNormalizer:
             self._read_dashes(fields)
         if all(name in fields for name in self.wanted):
             return self._alias(self._with_head(fields), self.also), True, False
-        if bytes in set(map(type, record)):
+        if any(key.__class__ is bytes for key in record):
             # NOTE: Fluentd's regexp parsers (regexp, nginx, syslog, ...) name the fields of a line holding
             # a non-ASCII byte with binary strings (msgpack bin): read as bytes, none of them was found,
             # and such a line (Unicode in a message) was flagged as not parsing. Checked only here, so
