@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up (scripts/setup.sh), then run every test suite: the Fluentd plugin's Ruby tests
-# (against the real sidecar), then the Python tests (pytest's summary closes the run).
+# (against the real sidecar) beside the Python tests; a last line gives both verdicts.
 # Real shippers: when ../shared/vendor holds Fluentd, serverengine and Fluent Bit (see its
 # README), the tests run the plugin inside real fluentd processes and Fluent Bit through the
 # sidecar's forward mode; FLUENTD_SOURCE, SERVERENGINE_SOURCE and FLUENT_BIT point elsewhere.
@@ -14,5 +14,19 @@ if [ -d "$vendor" ]; then
   export FLUENT_BIT=${FLUENT_BIT:-$vendor/fluent-bit/bin/fluent-bit}
 fi
 LOGSCORE_WITH_SHIPPERS=$([ -n "${FLUENTD_SOURCE:-}${FLUENT_BIT:-}" ] && echo 1 || echo 0) bash scripts/setup.sh
-(cd fluentd-plugin && LOGSCORE_PYTHON="$PWD/../.venv/bin/python" rake test)
-.venv/bin/python -m pytest "$@"
+# The Ruby tests mostly wait on Fluentd and sidecar processes (about 60 s of CPU in 190 s), so
+# they run beside pytest; their output follows pytest's, and a failure in either fails the run.
+ruby_log="$(mktemp)"
+ruby_tests=""
+trap 'kill "$ruby_tests" 2>/dev/null || true; rm -f "$ruby_log"' EXIT
+(cd fluentd-plugin && LOGSCORE_PYTHON="$PWD/../.venv/bin/python" rake test) >"$ruby_log" 2>&1 &
+ruby_tests=$!
+python_status=0
+.venv/bin/python -m pytest "$@" || python_status=$?
+ruby_status=0
+wait "$ruby_tests" || ruby_status=$?
+echo "== the Fluentd plugin's Ruby tests (ran beside pytest) =="
+cat "$ruby_log"
+verdict() { [ "$1" -eq 0 ] && echo passed || echo "FAILED (exit $1)"; }
+echo "[test] Python tests: $(verdict "$python_status"); Ruby tests: $(verdict "$ruby_status")"
+[ "$python_status" -eq 0 ] && [ "$ruby_status" -eq 0 ]
