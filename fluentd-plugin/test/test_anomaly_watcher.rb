@@ -9,6 +9,50 @@ require_relative 'fluentd_helper'
 class AnomalyWatcherTest < Test::Unit::TestCase
   include FluentdProcesses
 
+  # A fake sidecar's stream: each attempt fails, after holding open for the time given.
+  class FailingStreams
+    def initialize(held_seconds)
+      @held_seconds = held_seconds.dup
+    end
+
+    def watch_anomalies(kinds:)
+      held = @held_seconds.shift || 0.0
+      events = Enumerator.new do |_|
+        sleep held
+        raise GRPC::Unavailable, 'connection refused'
+      end
+      [Struct.new(:cancel).new(nil), events]
+    end
+  end
+
+  class Warnings
+    attr_reader :lines
+
+    def initialize
+      @lines = []
+    end
+
+    def warn(message, **details)
+      @lines << [message, details]
+    end
+  end
+
+  # Quick failures within the interval are counted, not logged; a stream that had been working
+  # (held open) and then failed is a new outage, warned about at once with that count.
+  test 'a second outage within the interval is warned about, naming the failures in between' do
+    log = Warnings.new
+    streams = FailingStreams.new([0.0, 0.0, 0.0, 0.3, 0.0])
+    watcher = Logscore::AnomalyWatcher.new(client: streams, retry_interval: 0.01, log: log,
+                                           failure_log_interval: 60.0, stream_held: 0.2).start { |_| }
+    deadline = Time.now + 5
+    sleep 0.05 until log.lines.size >= 2 || Time.now > deadline
+    watcher.stop
+    assert_equal 2, log.lines.size, log.lines.inspect
+    assert_not_include log.lines[0][1].keys, :failed_since_last_logged
+    assert_equal 2, log.lines[1][1][:failed_since_last_logged]
+    assert_match(/connection refused/, log.lines[1][1][:error])
+  end
+
   # The watcher retries its stream every second; each failure was a warning several hundred
   # characters long (gRPC's debug string): a sidecar down ten minutes wrote 600 of them.
   test 'inside Fluentd: a sidecar that is down is one warning, not one a second' do
