@@ -874,6 +874,10 @@ def test_evaluate_series_scores_online_in_nab_format_and_finds_the_burst(tmp_pat
      "must not go back from row to row: line 3 (2015-01-01 00:58:00) is earlier than line 2 (2015-01-01 00:59:00)"),
     ("timestamp,value\r" + "".join(f"2015-01-01 00:{i:02d}:00,1\r" for i in range(20)), "end lines with LF or CRLF"),
     ("timestamp,value\n2015-01-01 00:00:00,1,000\n", "line 2 has 3 fields"),
+    # Blank lines count: the line named is the file's.
+    ("\ntimestamp,value\n2015-01-01 00:00:00,1\n\n  \nnot a time,2\n", "line 6 is not 'timestamp,value'"),
+    ("timestamp,value\n\n" + "".join(f"2015-01-01 00:{59 - i:02d}:00,1\n" for i in range(20)),
+     "line 4 (2015-01-01 00:58:00) is earlier than line 3 (2015-01-01 00:59:00)"),
     ("timestamp,value\n" + "".join(f"2015-01-01 00:{i:02d}:00,{'inf' if i == 5 else 1}\n" for i in range(20)),
      "line 7 is not 'timestamp,value' with a finite number"),
     ("timestamp,value\n" + "2015-01-01 00:00:00,1\n" * 20, "most points share their timestamp"),

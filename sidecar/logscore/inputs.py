@@ -17,17 +17,18 @@ MAX_LINE_BYTES = 4 * 2**20
 UTF16_MARKS = (b"\xff\xfe", b"\xfe\xff")
 
 
-def read_lines(paths: Iterable[str]) -> Iterator[str]:
+def read_lines(paths: Iterable[str], blank_lines: bool = False) -> Iterator[str]:
     """Lines of every file in order ('-' is stdin); gzip is recognised by its magic bytes.
 
-    Invalid UTF-8 becomes U+FFFD; blank lines are skipped; a line longer than MAX_LINE_BYTES is
+    Invalid UTF-8 becomes U+FFFD; blank lines are skipped (given as '' with ``blank_lines``, for
+    readers that name rows by their line number); a line longer than MAX_LINE_BYTES is
     cut (with a warning); a gzip file that ends early gives the lines before its end (with a
     warning): a log compressed while it was written, or copied half, still counts.
     """
     for path in paths:
         try:
             if path == "-":
-                yield from _lines(sys.stdin.buffer, "stdin")
+                yield from _lines(sys.stdin.buffer, "stdin", blank_lines)
                 continue
             with open(path, "rb") as raw:
                 magic = raw.peek(2)[:2]
@@ -35,7 +36,7 @@ def read_lines(paths: Iterable[str]) -> Iterator[str]:
                     raise InputError(f"{path}: UTF-16 text (it starts with a byte-order mark); convert it first: "
                                      f"iconv -f UTF-16 -t UTF-8 {path}")
                 stream = gzip.GzipFile(fileobj=raw) if magic == GZIP_MAGIC else raw
-                yield from _lines(stream, path)
+                yield from _lines(stream, path, blank_lines)
         except FileNotFoundError:
             raise InputError(f"{path}: no such file") from None
         except EOFError:
@@ -45,7 +46,7 @@ def read_lines(paths: Iterable[str]) -> Iterator[str]:
             raise InputError(f"{path}: cannot read: {error}") from None
 
 
-def _lines(stream, name: str) -> Iterator[str]:
+def _lines(stream, name: str, blank_lines: bool) -> Iterator[str]:
     cut, longest = 0, 0
     while raw_line := stream.readline(MAX_LINE_BYTES):
         if len(raw_line) == MAX_LINE_BYTES and not raw_line.endswith(b"\n"):
@@ -53,6 +54,8 @@ def _lines(stream, name: str) -> Iterator[str]:
         line = raw_line.rstrip(b"\r\n").decode("utf-8", errors="replace")
         if line and not line.isspace():
             yield line
+        elif blank_lines:
+            yield ""
     if cut:
         warn(f"{name}: {cut:,} line(s) longer than {MAX_LINE_BYTES:,} bytes (the longest {longest:,}): only "
              "their first bytes were read")

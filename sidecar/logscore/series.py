@@ -64,14 +64,16 @@ def read_series(path: str) -> Series:
     """A CSV of ``timestamp,value`` rows (a header line first); InputError naming the bad row.
     A timestamp is a date and time (ISO 8601, UTC unless it says otherwise) or Unix seconds."""
     try:
-        rows = list(csv.reader(read_lines([path])))
+        rows = list(csv.reader(read_lines([path], blank_lines=True)))  # blank rows kept: errors name file lines
     except csv.Error as error:  # NOTE: lines ending in a lone CR (old Mac files) come here
         raise InputError(f"{path}: not CSV rows ({error}); end lines with LF or CRLF") from None
-    header = [c.strip().lower().lstrip("\ufeff") for c in rows[0][:2]] if rows else []  # a BOM: Excel's UTF-8
+    header_at = next((index for index, row in enumerate(rows) if row), len(rows))
+    first_row = rows[header_at][:2] if header_at < len(rows) else []
+    header = [c.strip().lower().lstrip("\ufeff") for c in first_row]  # a BOM: Excel's UTF-8
     if header != ["timestamp", "value"]:
         raise InputError(f"{path}: expected a header 'timestamp,value' and one row per point")
-    stamps, times, values = [], [], []
-    for number, row in enumerate(rows[1:], start=2):
+    stamps, times, values, line_numbers = [], [], [], []
+    for number, row in enumerate(rows[header_at + 1:], start=header_at + 2):
         if not row:
             continue
         if len(row) != 2:
@@ -88,14 +90,16 @@ def read_series(path: str) -> Series:
         stamps.append(row[0])
         times.append(seconds)
         values.append(value)
+        line_numbers.append(number)
     if len(values) < 10:
         raise InputError(f"{path}: {len(values)} points; a series needs at least 10")
     times_array = np.asarray(times)
     back = np.flatnonzero(np.diff(times_array) < 0)  # NOTE: equal ones happen (clocks turned back an hour)
     if len(back):
         row = int(back[0]) + 1
-        raise InputError(f"{path}: timestamps must not go back from row to row: line {row + 2} ({stamps[row]}) "
-                         f"is earlier than line {row + 1} ({stamps[row - 1]}); sort the rows by time")
+        raise InputError(f"{path}: timestamps must not go back from row to row: line {line_numbers[row]} "
+                         f"({stamps[row]}) is earlier than line {line_numbers[row - 1]} ({stamps[row - 1]}); "
+                         "sort the rows by time")
     if np.median(np.diff(times_array)) <= 0:
         raise InputError(f"{path}: most points share their timestamp with the one before; give one point a time")
     return Series(stamps, times_array, np.asarray(values))
