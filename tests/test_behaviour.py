@@ -744,6 +744,17 @@ def test_series_scorer_known_answers_typical_day_record_and_hold_off():
     assert len(long.waiting) == CONFIRM_STEPS + 1
 
 
+def test_series_hold_off_spans_at_least_hold_steps_of_an_hourly_series():
+    from logscore.series import HOLD_S, HOLD_STEPS, SeriesScorer
+    assert HOLD_S < 5 * 3600 < HOLD_STEPS * 3600  # five hours: past HOLD_S, within HOLD_STEPS hourly steps
+    first, v = 2 / 3, 1.1 ** 4  # 03:00: yesterday's 02:00 high is past the record and the hold-off: v = 1
+    for step_s, held in ((3600.0, 1 - 0.7 * first), (300.0, 1.0)):  # hourly: still held; 5-minute: not
+        scorer = SeriesScorer(START, step_s)
+        moment = quiet_days_with_a_daily_high(scorer, 5, 2.0, step_s) + 3 * 3600
+        assert scorer.candidate(moment, 4.0) == pytest.approx(first)
+        assert scorer.candidate(moment + 5 * 3600, 4.4) == pytest.approx(2.2 / 3.2 * v / (1 + v) * held)
+
+
 @pytest.mark.parametrize("after, share", [
     ([4.0, 4.0, 4.0], 1.0),  # the burst lasts: its score stays whole
     ([2.0, 1.0, 0.0], 0.5),  # mean 1 = a quarter of 4, half of CONFIRM_SHARE x 4
