@@ -468,7 +468,8 @@ def test_records_of_any_shape_within_the_value_budget_are_relayed_and_scored(cha
     out = receiver.wait_for(3)
     assert [r["message"] for _, r in out] == ["wide", "long", "wide"]
     assert all(isinstance(r["anomaly_score"], float) for _, r in out)
-    assert len(out[0][1]) == 12_001 + 3 and out[1][1]["items"] == list(range(150_000))  # unchanged, and scored
+    # unchanged, and scored (score, flag, model, and the note: 'wide' is no access line)
+    assert len(out[0][1]) == 12_001 + 4 and out[1][1]["items"] == list(range(150_000))
     assert counter(sidecar, "forward_protocol") == 0
 
 
@@ -515,6 +516,39 @@ def test_a_flagged_record_holding_invalid_utf8_leaves_the_review_page_working(ch
     status, page = sidecar.http_get("/ui/")
     assert status == 200, page[:300]
     assert "cu?rl" in page.decode()
+
+
+def test_records_read_together_are_scored_by_their_own_tag_and_say_why_when_not(tmp_path):
+    """Field trial with Fluent Bit: messages read together are scored in one call, and one tag
+    routed to a model not loaded sent every record read with it on unscored (and no record said
+    why). Fluent Bit's group markers (OpenTelemetry's resource, seconds -1 and -2) were scored as
+    records: flagged, two false anomalies a group, and their attributes given anomaly keys."""
+    sidecar, port, receiver = start_chain(tmp_path, tag_routes="sys.*=syslog")  # no syslog model is loaded
+    try:
+        line = blog_lines(1, seed=37)[0]
+        group = [[[event_time(2**32 - 1), {"schema": "otlp"}], {"resource": {"service.name": "shop"}}],
+                 [[event_time(1_700_000_000, 7), {}], {"message": line}],
+                 [[event_time(1_700_000_001, 8), {}], {"renamed": "no field the model reads"}],
+                 [[event_time(2**32 - 2), {}], {}]]
+        frames = (msgpack.packb(["web.access", packed(group), {"chunk": "web"}], use_bin_type=True)
+                  + msgpack.packb(["sys.auth", [[1_700_000_002, {"message": "sshd started"}]], {"chunk": "sys"}]))
+        assert sorted(a["ack"] for a in send(port, frames, acks=2)) == ["sys", "web"]
+        out = receiver.wait_for(5)
+        web = [record for tag, record in out if tag == "web.access"]
+        assert [msgpack.packb(entry[0]) for tag, entry in receiver.entries if tag == "web.access"] == \
+            [msgpack.packb(entry[0]) for entry in group]  # every entry, in its place, its time as sent
+        assert web[0] == group[0][1] and web[3] == {}  # the markers untouched
+        assert web[1]["message"] == line and web[1]["is_anomaly"] is False and "anomaly_notes" not in web[1]
+        assert web[2]["is_anomaly"] is True and web[2]["anomaly_notes"][0].startswith("did not parse as access")
+        (sys_record,) = [record for tag, record in out if tag == "sys.auth"]
+        assert sys_record["anomaly_unscored"] is True and "anomaly_score" not in sys_record
+        assert "syslog" in sys_record["anomaly_notes"][0] and sys_record["anomaly_notes"][0].startswith("unscored: ")
+        assert sidecar.metric('logscore_records_scored_total{model="apache-access"') == 2
+        warned = [json.loads(entry) for entry in sidecar.log().splitlines() if "forwarding records unscored" in entry]
+        assert [(entry["tag"], entry["records"]) for entry in warned] == [("sys.auth", 1)]
+    finally:
+        sidecar.stop()
+        receiver.stop()
 
 
 def test_non_log_signals_pass_on_untouched(chain):

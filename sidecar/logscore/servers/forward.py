@@ -35,7 +35,9 @@ goes on exactly as it came (integer, float, EventTime, Fluent Bit's
   cap), not for the second its decoding takes.
 - **Coalescing.** Messages that arrive together (Fluent Bit's Message mode sends
   one per record) are scored in one call and passed on together.
-- Scoring failures never hold records: they go on marked ``anomaly_unscored``.
+- Scoring failures never hold records: they go on marked ``anomaly_unscored``, the reason
+  in ``anomaly_notes`` (where scored records carry the sidecar's notes). Fluent Bit's group
+  markers (OpenTelemetry resource and scope) go on untouched, unscored.
   When the scoring queue is full the default is to wait (backpressure);
   ``forward_when_busy: pass`` passes such records on unscored instead.
 - Entries that are not ``[time, record]`` are skipped with a warning (as Fluentd's
@@ -59,6 +61,7 @@ from typing import AsyncIterator, Iterable, Iterator, Optional, Union
 
 import msgpack
 
+from ..decide import notes_by_record
 from ..errors import LogscoreError, Overloaded
 from ..records import value_counting_hooks
 from ..scoring import ScoreCall, ScoringService
@@ -68,6 +71,11 @@ log = logging.getLogger("logscore.forward")
 
 SCORE_KEY, FLAG_KEY, MODEL_KEY, UNSCORED_KEY = "anomaly_score", "is_anomaly", "anomaly_model", "anomaly_unscored"
 ENTITY_KEY = "entity_score"
+NOTES_KEY = "anomaly_notes"  # the sidecar's notes on a record, as the Fluentd filter's notes_key; why one is unscored
+# NOTE: Fluent Bit 2+ frames a group of records (OpenTelemetry's resource and scope) by two
+# entries of its own whose time's seconds are -1 (start) and -2 (end); they hold the group's
+# attributes, not a log record.
+GROUP_MARKER_SECONDS = (-1, -2)
 # NOTE: Fluentd's out_forward packs the entries of PackedForward as a msgpack *str*, and
 # records may hold invalid UTF-8: strings are decoded with surrogateescape (and encoded
 # back the same way) so every byte reaches the next hop as it came.
@@ -555,6 +563,23 @@ def _inflate(data: bytes, max_bytes: int) -> Iterator[bytes]:
         if not inflater.eof:
             raise ForwardProtocolError("compressed chunk is truncated (gzip stream ends early)")
         data = inflater.unused_data
+
+
+def is_group_marker(moment) -> bool:
+    """Whether an entry's time marks the start or end of a Fluent Bit group (not a record)."""
+    if _is_array(moment):
+        moment = moment[0] if moment else None
+    if isinstance(moment, msgpack.ExtType):
+        return moment.code == 0 and int.from_bytes(moment.data[:4], "big", signed=True) in GROUP_MARKER_SECONDS
+    return isinstance(moment, int) and moment in GROUP_MARKER_SECONDS
+
+
+def _indexes_by_tag(tags: list[str]) -> list[list[int]]:
+    """The positions of each tag's records, tags in the order first seen."""
+    by_tag: dict[str, list[int]] = {}
+    for i, tag in enumerate(tags):
+        by_tag.setdefault(tag, []).append(i)
+    return list(by_tag.values())
 
 
 def checked_entry(entry) -> list:
@@ -1058,9 +1083,11 @@ class ForwardServer(StreamServer):
             if isinstance(piece, Message):
                 await self._send(relay, [raw_frame(piece.raw)])
                 continue
-            await self._score([entry[1] for _, entry in piece], [tag for tag, _ in piece],
-                              [entry[0] for _, entry in piece])
-            await self._send(relay, packed_frames(piece))
+            records = [(tag, entry) for tag, entry in piece if not is_group_marker(entry[0])]
+            if records:
+                await self._score([entry[1] for _, entry in records], [tag for tag, _ in records],
+                                  [entry[0] for _, entry in records])
+            await self._send(relay, packed_frames(piece))  # group markers go on untouched, in their place
             if relay.held_bytes() > RELAY_WINDOW * self.max_message_bytes:
                 await self._settle(relay)  # a big chunk inflated: keep only a window of it in memory
         await self._settle(relay)
@@ -1166,10 +1193,28 @@ class ForwardServer(StreamServer):
             raise
 
     async def _score(self, records: list[dict], tags: list[str], times: list) -> None:
-        """Add the score to each record in place; mark them unscored if scoring fails. ``times``:
-        the entries' times as sent (windows and clients leave late records out)."""
+        """Add the score (and the sidecar's notes) to each record in place; records that cannot be
+        scored go on marked unscored, with the reason. ``times``: the entries' times as sent
+        (windows and clients leave late records out)."""
         started = time.perf_counter()
-        metrics = self.service.metrics
+        try:
+            error = await self._scored(records, tags, times)
+            if error is not None and len(set(tags)) > 1:
+                # NOTE: messages read together are scored in one call: one tag routed to a model
+                # that is not loaded sent every record read with it on unscored. Each tag alone:
+                for indexes in _indexes_by_tag(tags):
+                    part = [records[i] for i in indexes]
+                    error = await self._scored(part, [tags[i] for i in indexes], [times[i] for i in indexes])
+                    if error is not None:
+                        self._unscored(part, tags[indexes[0]], error)
+            elif error is not None:
+                self._unscored(records, tags[0], error)
+        finally:
+            metrics = self.service.metrics
+            metrics.child(metrics.request_seconds, "forward").observe(time.perf_counter() - started)
+
+    async def _scored(self, records: list[dict], tags: list[str], times: list) -> Optional[str]:
+        """Score the records in place: None, or why they could not be scored (left as they are)."""
         try:
             while True:
                 try:
@@ -1180,33 +1225,36 @@ class ForwardServer(StreamServer):
                         raise
                     await asyncio.sleep(0.02)  # wait: the queue drains, the sender's buffer holds the rest
         except LogscoreError as error:
-            log.warning("forwarding records unscored", extra={"tag": tags[0], "records": len(records),
-                                                             "error": str(error)})
-            self._mark_unscored(records)
-            return
+            return str(error)
         except Exception:  # a bug in scoring: the records still go on (a resend would fail again)
             log.exception("internal error while scoring; forwarding the records unscored",
                           extra={"tag": tags[0], "records": len(records)})
             self._count("internal")
-            self._mark_unscored(records)
-            return
-        finally:
-            metrics.child(metrics.request_seconds, "forward").observe(time.perf_counter() - started)
+            return "internal error in the sidecar (logged there)"
         names = [m.name for m in outcome.models]
         scores, flags, index = outcome.scores.tolist(), outcome.is_anomaly.tolist(), outcome.model_index.tolist()
+        notes = notes_by_record([(i, text) for i, _, text in outcome.notes], len(records))
         for i, record in enumerate(records):
             record[SCORE_KEY] = round(scores[i], 6)
             record[FLAG_KEY] = flags[i]
             record[MODEL_KEY] = names[index[i]]
+            record.pop(UNSCORED_KEY, None)  # a mark left by an earlier hop no longer holds
+            if notes[i]:
+                record[NOTES_KEY] = notes[i]
+            else:
+                record.pop(NOTES_KEY, None)
         if outcome.entity_scores is not None:
             for record, value in zip(records, outcome.entity_scores.tolist()):
                 if value == value:  # not NaN: the record names a client
                     record[ENTITY_KEY] = round(value, 6)
+        return None
 
     @staticmethod
-    def _mark_unscored(records: list[dict]) -> None:
+    def _unscored(records: list[dict], tag: str, reason: str) -> None:
+        log.warning("forwarding records unscored", extra={"tag": tag, "records": len(records), "error": reason})
         for record in records:
             record[UNSCORED_KEY] = True
+            record[NOTES_KEY] = [f"unscored: {reason}"]
 
     def _count(self, kind: str, amount: int = 1) -> None:
         metrics = self.service.metrics
