@@ -219,7 +219,15 @@ def test_report_reads_the_time_fluentd_s_out_file_writes_before_each_record(tmp_
         {"message": "session opened", "anomaly_score": 0.4, "is_anomaly": False,
          "anomaly_notes": ["suppressed by feedback #3"]}))
     (tmp_path / "out_file.log").write_text("\n".join(rows) + "\n")
-    done = logscore("report", tmp_path / "out_file.log")
+    # Fluent Bit's file output (the next hop of a forward-mode sidecar) writes `tag: [time, {record}]`;
+    # its lines were refused as not scored output
+    fluent_bit = [f"app.orders: [{1796313840 + 60 * i}.123456789, " + json.dumps(
+        {"msg": "panic: ledger corrupt", "anomaly_score": 1.0, "is_anomaly": True, "anomaly_model": "app"},
+        separators=(",", ":")) + "]" for i in range(2)]
+    (tmp_path / "fluent-bit.txt").write_text("\n".join(fluent_bit) + "\n")
+    done = logscore("report", tmp_path / "out_file.log", tmp_path / "fluent-bit.txt")
     assert done.returncode == 0, done.stderr
     assert "2026-12-03 16:00:00 .. 2026-12-03 16:02:00" in done.stdout and "record 1" not in done.stdout
     assert "1 suppressed by feedback" in done.stdout
+    assert done.stdout.startswith("6 scored records, 5 anomalies") and "lines not scored output" not in done.stdout
+    assert "app · app.orders  2026-12-03 16:04:00 .. 2026-12-03 16:05:00" in done.stdout, done.stdout

@@ -35,6 +35,10 @@ from .svg import bars, timeline
 ENTITY_FIELDS = ("host", "client", "clientip", "client_ip", "remote", "remote_addr", "source.address", "client.ip",
                  "source.ip")
 RECORD_KEYS = ("message", "log", "record")
+# NOTE: a forward-mode sidecar's next hop is often Fluent Bit writing a file: its lines were
+# refused ("no scored records") though every one held a score.
+FLUENT_BIT_FILE_LINE = re.compile(r"(?P<tag>[^\s\[]+): \[(?P<time>\d+\.\d+), (?P<record>\{.*\})\]")
+FLUENT_BIT_TIME = re.compile(r"\d+\.\d+")
 ACCESS_TIME = re.compile(r"\[(\d{2}/\w{3}/\d{4}:\d{2}:\d{2}:\d{2} [+-]\d{4})\]")
 TIMELINE_BINS = 60
 PROGRESS_EVERY = 200_000
@@ -43,7 +47,8 @@ MAX_GROUPS = 100_000  # groups a report keeps (memory: about 2 KB each with thei
 
 def add_report_command(commands) -> None:
     report = commands.add_parser("report", help="groups, timeline and histogram of scored output",
-                                 description="Summarize scored output (JSON lines from Fluentd, Logstash or "
+                                 description="Summarize scored output (JSON lines from Fluentd, Logstash, Fluent "
+                                 "Bit's file output or "
                                  "`logscore score --record`): anomalies grouped by model, route and what made them "
                                  "unusual, first/last seen, top entities, the anomaly rate over time, the score "
                                  "histogram. Text on stdout; --html writes a self-contained page.")
@@ -88,9 +93,12 @@ def lookup(record: dict, *names: str):
 
 def parse_line(line: str) -> Optional[tuple[str, dict, str]]:
     """(route, record, the time written before it) of one scored line; None when it holds no JSON
-    object. Fluentd's out_file writes `time<TAB>tag<TAB>{json}` by default."""
+    object. Fluentd's out_file writes `time<TAB>tag<TAB>{json}` by default, Fluent Bit's file
+    output `tag: [seconds.nanoseconds, {json}]`."""
     route = written = ""
-    if not line.startswith("{"):
+    if fluent_bit := FLUENT_BIT_FILE_LINE.match(line):
+        route, written, line = fluent_bit.group("tag", "time", "record")
+    elif not line.startswith("{"):
         head, brace, rest = line.partition("{")
         if not brace:
             return None
@@ -128,6 +136,8 @@ def time_of(record: dict, text: str, written: str = "") -> Optional[float]:
             return datetime.strptime(match.group(1), "%d/%b/%Y:%H:%M:%S %z").timestamp()
         except ValueError:
             return None
+    if FLUENT_BIT_TIME.fullmatch(written):
+        return epoch_seconds(float(written))
     return iso_seconds(written) if written else None
 
 
@@ -204,7 +214,8 @@ def read_scored(paths, entity_field: Optional[str], progress=None) -> tuple[Tota
             group.examples.append(Example(when or 0.0, text[:2000], float(score)))
     if totals.records == 0:
         raise InputError(f"no scored records in {', '.join(map(str, paths))}: expected JSON lines with "
-                         "anomaly_score (or score) and is_anomaly, as Fluentd, Logstash or `logscore score` write")
+                         "anomaly_score (or score) and is_anomaly, as Fluentd, Logstash, Fluent Bit or "
+                         "`logscore score` write")
     return totals, groups
 
 
