@@ -419,11 +419,13 @@ def test_a_quiet_new_connection_is_noted_at_info_level_not_warned_about(chain):
     """Quiet was warned about as a likely secure-forward sender, but Docker's fluentd driver and
     Fluent Bit's keep-alive connections are quiet too: the warning misled."""
     sidecar, port, receiver = chain
-    with socket.create_connection(("127.0.0.1", port), timeout=10):
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as quiet:
         sidecar.wait_for(lambda: "forward connection quiet since it opened" in sidecar.log(), timeout=15,
                          what="the info line")
+        own_port = quiet.getsockname()[1]
     noted = [json.loads(line) for line in sidecar.log().splitlines() if "quiet since it opened" in line]
     assert [line["level"] for line in noted] == ["info"]
+    assert noted[0]["peer"] == f"127.0.0.1:{own_port}"  # was a Python tuple's text: "('127.0.0.1', 40858)"
     assert "normal for an idle sender" in noted[0]["message"] and "shared_key" in noted[0]["message"]
     chunk = uuid.uuid4().hex  # the port goes on serving
     assert send_chunk(port, ["web", [[1_700_000_000, {"message": "x"}]], {"chunk": chunk}]) == {"ack": chunk}

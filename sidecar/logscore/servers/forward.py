@@ -565,6 +565,14 @@ def _inflate(data: bytes, max_bytes: int) -> Iterator[bytes]:
         data = inflater.unused_data
 
 
+def address_text(peername) -> str:
+    """A socket's peer as host:port ([host]:port for IPv6), as the log names it."""
+    if isinstance(peername, tuple) and len(peername) >= 2:
+        host, port = peername[0], peername[1]
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    return str(peername)
+
+
 def is_group_marker(moment) -> bool:
     """Whether an entry's time marks the start or end of a Fluent Bit group (not a record)."""
     if _is_array(moment):
@@ -991,7 +999,7 @@ class ForwardServer(StreamServer):
         budget = ValueBudget(MAX_DECODED_VALUES, "a forward message")
         framer = MessageFramer(self.max_message_bytes)
         small = small_unpacker(budget)
-        peer = str(writer.get_extra_info("peername"))
+        peer = address_text(writer.get_extra_info("peername"))
         try:
             data = await self._first_bytes(reader, peer)
             while not self.draining:
