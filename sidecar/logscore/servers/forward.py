@@ -598,7 +598,34 @@ def checked_entry(entry) -> list:
         raise InvalidEntry(f"an entry is not [time, record] but {type(entry).__name__}")
     if not _is_time(entry[0]):
         raise InvalidEntry(f"an entry's time is a {type(entry[0]).__name__}")
+    if (problem := time_problem(entry[0])) is not None:
+        raise InvalidEntry(f"an entry's time {problem}")
     return entry if isinstance(entry, list) else list(entry)
+
+
+def time_problem(moment) -> Optional[str]:
+    """What is wrong with an entry's time that no forward receiver reads as a time, or None.
+
+    NOTE: Fluent Bit as the next hop acknowledges a chunk holding one (a negative or non-finite
+    number, seconds past 2**32 - milliseconds, say -, an EventTime not of 8 bytes or with 10**9
+    nanoseconds or more, metadata that is no map) and drops every record of it: passed on, one
+    such entry lost the up to max_batch_records records sent with it, without a word. Fluentd's
+    in_forward skips them (and floats, which Fluent Bit reads)."""
+    if _is_array(moment):
+        if len(moment) != 2 or not isinstance(moment[1], dict):
+            return "is [time, metadata] with metadata that is no map"
+        moment = moment[0]
+    if isinstance(moment, msgpack.ExtType):
+        if moment.code != 0 or len(moment.data) != 8:
+            return f"is an ext value of type {moment.code} and {len(moment.data)} bytes, not an EventTime"
+        if int.from_bytes(moment.data[4:], "big") >= 10**9:
+            return "is an EventTime of 10**9 nanoseconds or more"
+        return None
+    if is_group_marker(moment):
+        return None
+    if not isinstance(moment, (int, float)) or not 0 <= moment < 2**32:  # False for NaN
+        return f"{moment!r} is no time in seconds (0 to 2**32 - 1)"
+    return None
 
 
 # --- the next hop -----------------------------------------------------------------------
