@@ -76,6 +76,8 @@ NOTES_KEY = "anomaly_notes"  # the sidecar's notes on a record, as the Fluentd f
 # entries of its own whose time's seconds are -1 (start) and -2 (end); they hold the group's
 # attributes, not a log record.
 GROUP_MARKER_SECONDS = (-1, -2)
+GROUP_MARKER_EVENT_SECONDS = tuple(second.to_bytes(4, "big", signed=True) for second in GROUP_MARKER_SECONDS)
+MAX_NANOSECONDS_BYTES = (10**9).to_bytes(4, "big")  # an EventTime's nanoseconds, compared as bytes
 # NOTE: Fluentd's out_forward packs the entries of PackedForward as a msgpack *str*, and
 # records may hold invalid UTF-8: strings are decoded with surrogateescape (and encoded
 # back the same way) so every byte reaches the next hop as it came.
@@ -575,11 +577,13 @@ def address_text(peername) -> str:
 
 def is_group_marker(moment) -> bool:
     """Whether an entry's time marks the start or end of a Fluent Bit group (not a record)."""
-    if _is_array(moment):
+    kind = moment.__class__
+    if kind is list or kind is tuple:
         moment = moment[0] if moment else None
-    if isinstance(moment, msgpack.ExtType):
-        return moment.code == 0 and int.from_bytes(moment.data[:4], "big", signed=True) in GROUP_MARKER_SECONDS
-    return isinstance(moment, int) and moment in GROUP_MARKER_SECONDS
+        kind = moment.__class__
+    if kind is msgpack.ExtType:
+        return moment.code == 0 and moment.data[:4] in GROUP_MARKER_EVENT_SECONDS
+    return kind is int and moment in GROUP_MARKER_SECONDS
 
 
 def _indexes_by_tag(tags: list[str]) -> list[list[int]]:
@@ -610,22 +614,23 @@ def time_problem(moment) -> Optional[str]:
     number, seconds past 2**32 - milliseconds, say -, an EventTime not of 8 bytes or with 10**9
     nanoseconds or more, metadata that is no map) and drops every record of it: passed on, one
     such entry lost the up to max_batch_records records sent with it, without a word. Fluentd's
-    in_forward skips them (and floats, which Fluent Bit reads)."""
-    if _is_array(moment):
-        if len(moment) != 2 or not isinstance(moment[1], dict):
+    in_forward skips them (and floats, which Fluent Bit reads). Checked per record: the usual
+    forms are told apart by their class first."""
+    kind = moment.__class__
+    if kind is list or kind is tuple:
+        if len(moment) != 2 or moment[1].__class__ is not dict:
             return "is [time, metadata] with metadata that is no map"
         moment = moment[0]
-    if isinstance(moment, msgpack.ExtType):
-        if moment.code != 0 or len(moment.data) != 8:
-            return f"is an ext value of type {moment.code} and {len(moment.data)} bytes, not an EventTime"
-        if int.from_bytes(moment.data[4:], "big") >= 10**9:
+        kind = moment.__class__
+    if kind is msgpack.ExtType:
+        if moment.code == 0 and len(moment.data) == 8 and moment.data[4:] < MAX_NANOSECONDS_BYTES:
+            return None
+        if moment.code == 0 and len(moment.data) == 8:
             return "is an EventTime of 10**9 nanoseconds or more"
+        return f"is an ext value of type {moment.code} and {len(moment.data)} bytes, not an EventTime"
+    if (kind is int or kind is float) and (0 <= moment < 2**32 or moment in GROUP_MARKER_SECONDS):  # NaN: False
         return None
-    if is_group_marker(moment):
-        return None
-    if not isinstance(moment, (int, float)) or not 0 <= moment < 2**32:  # False for NaN
-        return f"{moment!r} is no time in seconds (0 to 2**32 - 1)"
-    return None
+    return f"{moment!r} is no time in seconds (0 to 2**32 - 1)"
 
 
 # --- the next hop -----------------------------------------------------------------------
@@ -1268,13 +1273,13 @@ class ForwardServer(StreamServer):
             return "internal error in the sidecar (logged there)"
         names = [m.name for m in outcome.models]
         scores, flags, index = outcome.scores.tolist(), outcome.is_anomaly.tolist(), outcome.model_index.tolist()
-        notes = notes_by_record([(i, text) for i, _, text in outcome.notes], len(records))
+        notes = notes_by_record([(i, text) for i, _, text in outcome.notes], len(records)) if outcome.notes else None
         for i, record in enumerate(records):
             record[SCORE_KEY] = round(scores[i], 6)
             record[FLAG_KEY] = flags[i]
             record[MODEL_KEY] = names[index[i]]
-            record.pop(UNSCORED_KEY, None)  # a mark left by an earlier hop no longer holds
-            if notes[i]:
+            record.pop(UNSCORED_KEY, None)  # marks left by an earlier hop no longer hold
+            if notes is not None and notes[i]:
                 record[NOTES_KEY] = notes[i]
             else:
                 record.pop(NOTES_KEY, None)
