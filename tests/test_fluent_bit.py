@@ -249,15 +249,20 @@ def test_a_record_past_the_value_budget_in_a_gzip_chunk_costs_only_itself(chain)
     assert "could not be decoded (a slice of PackedForward entries holds more than 1,000,000" in sidecar.log()
 
 
-def test_an_entry_whose_time_fluent_bit_cannot_read_costs_only_itself(chain):
+def test_an_entry_fluent_bit_cannot_read_costs_only_itself(chain):
     """Fluent Bit as the next hop acks a chunk holding a time it cannot read (a negative number,
-    milliseconds, an EventTime of 10**9 nanoseconds) and drops all of it: through the sidecar,
-    which passes such times on as they came, one entry lost every record relayed with it (up to
-    max_batch_records, of any sender), without a word. Such entries are skipped and counted."""
+    milliseconds, an EventTime of 10**9 nanoseconds) or a record nested about 60 maps deep, and
+    drops all of it: through the sidecar, which passes such entries on as PackedForward, one of
+    them lost every record relayed with it (up to max_batch_records, of any sender), without a
+    word. Such entries are skipped and counted."""
     workdir, parts, _ = chain
     odd = [-5, float("nan"), 1_796_400_000_123, event_time(1_796_400_000, 10**9),
            msgpack.ExtType(0, b"\x00" * 4), [event_time(1_796_400_000), "metadata"]]
     entries = [[moment, {"message": f"odd {n}"}] for n, moment in enumerate(odd)]
+    deep: dict = {"message": "deep"}
+    for _ in range(70):  # the depth a JSON log line may reach through Fluentd's json parser
+        deep = {"n": deep}
+    entries.append([1_796_400_000, {"message": "deep", "payload": deep}])
     entries += [[event_time(1_796_400_001, 5), {"message": "kept"}], [[1_796_400_002, {}], {"message": "kept too"}]]
     chunk = uuid.uuid4().hex
     assert send_chunk(parts["forward_port"], ["web.access", entries, {"chunk": chunk}]) == {"ack": chunk}
@@ -265,7 +270,7 @@ def test_an_entry_whose_time_fluent_bit_cannot_read_costs_only_itself(chain):
     assert [(moment, r["message"]) for _, moment, r in out] == [("1796400001.000000005", "kept"),
                                                                 ("1796400002.000000000", "kept too")]
     sidecar = parts["sidecar"]
-    assert counter(sidecar, "forward_invalid_entry") == len(odd)
+    assert counter(sidecar, "forward_invalid_entry") == len(odd) + 1
 
 
 def test_a_fluent_bit_sending_tls_is_named_with_the_fix_and_loses_nothing_once_fixed(chain):

@@ -41,7 +41,9 @@ goes on exactly as it came (integer, float, EventTime, Fluent Bit's
   When the scoring queue is full the default is to wait (backpressure);
   ``forward_when_busy: pass`` passes such records on unscored instead.
 - Entries that are not ``[time, record]`` are skipped with a warning (as Fluentd's
-  in_forward does), and so are entries msgpack cannot decode, by their bytes, in every mode;
+  in_forward does), and so are entries whose time no receiver reads or whose record nests
+  past ``MAX_RECORD_DEPTH`` (a Fluent Bit next hop drops a whole chunk holding one), and
+  entries msgpack cannot decode, by their bytes, in every mode;
   bytes that are not the forward protocol close the connection.
   Shared-key handshakes are not supported (keep the port on loopback; docs/operations.md).
 """
@@ -78,6 +80,11 @@ NOTES_KEY = "anomaly_notes"  # the sidecar's notes on a record, as the Fluentd f
 GROUP_MARKER_SECONDS = (-1, -2)
 GROUP_MARKER_EVENT_SECONDS = tuple(second.to_bytes(4, "big", signed=True) for second in GROUP_MARKER_SECONDS)
 MAX_NANOSECONDS_BYTES = (10**9).to_bytes(4, "big")  # an EventTime's nanoseconds, compared as bytes
+# NOTE: Fluent Bit (5.1) as the next hop acknowledges a PackedForward chunk holding a record nested
+# about 60 maps deep and drops every record of it (in Forward mode it refuses the chunk); the
+# sidecar passes everything on as PackedForward, so one such record lost the up to max_batch_records
+# records relayed with it, without a word. Real records nest a few levels.
+MAX_RECORD_DEPTH = 48
 # NOTE: Fluentd's out_forward packs the entries of PackedForward as a msgpack *str*, and
 # records may hold invalid UTF-8: strings are decoded with surrogateescape (and encoded
 # back the same way) so every byte reaches the next hop as it came.
@@ -604,7 +611,26 @@ def checked_entry(entry) -> list:
         raise InvalidEntry(f"an entry's time is a {type(entry[0]).__name__}")
     if (problem := time_problem(entry[0])) is not None:
         raise InvalidEntry(f"an entry's time {problem}")
+    if nested_deeper_than(entry[1], MAX_RECORD_DEPTH):
+        raise InvalidEntry(f"a record nests maps and arrays more than {MAX_RECORD_DEPTH} deep")
     return entry if isinstance(entry, list) else list(entry)
+
+
+def nested_deeper_than(record: dict, limit: int) -> bool:
+    """Whether maps and arrays nest more than ``limit`` deep in the record (the record is 1).
+    A flat record costs one pass over its values."""
+    for value in record.values():
+        if value.__class__ is dict or value.__class__ is list:
+            break
+    else:
+        return False
+    level: list = [record]
+    for _ in range(limit):
+        level = [inner for outer in level for inner in (outer.values() if outer.__class__ is dict else outer)
+                 if inner.__class__ is dict or inner.__class__ is list]
+        if not level:
+            return False
+    return True
 
 
 def time_problem(moment) -> Optional[str]:
