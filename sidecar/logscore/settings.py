@@ -30,7 +30,9 @@ def setting(default: Any, help: str, **extra) -> Any:
 @dataclass
 class Settings:
     models_dir: str = setting(DEFAULT_MODELS_DIR, "directory of .onnx models to load and watch")
-    socket: Optional[str] = setting("/tmp/logscore.sock", "Unix socket path for gRPC; empty to disable")
+    socket: Optional[str] = setting("/tmp/logscore.sock", "Unix socket path for gRPC; empty to disable (then set "
+                                    "--tcp: every sidecar serves gRPC, which logscore client and feedback use, "
+                                    "forward mode too)")
     socket_mode: str = setting("0660", "file mode of the Unix socket (octal)")
     tcp: Optional[str] = setting(None, "host:port for gRPC over TCP (e.g. 127.0.0.1:50051); off by default")
     http: Optional[str] = setting("127.0.0.1:9095", "host:port for HTTP: /metrics, /healthz, /readyz; empty to disable")
@@ -156,7 +158,8 @@ class Settings:
         if not Path(self.models_dir).is_dir():
             raise ConfigError(f"models directory {self.models_dir!r} does not exist; set --models-dir")
         if not (self.socket or self.tcp):
-            raise ConfigError("no gRPC listener: set --socket and/or --tcp")
+            raise ConfigError("no gRPC listener: set --socket and/or --tcp (forward mode needs one too: "
+                              "`logscore feedback` and `logscore client` reach the sidecar through it)")
         if bool(self.forward) != bool(self.forward_to):
             raise ConfigError("--forward (receive) and --forward-to (next hop) go together")
         if self.forward_when_busy not in ("wait", "pass"):
