@@ -134,3 +134,49 @@ def test_graph_calibration_matches_numpy_for_an_ensemble(data):
     np.testing.assert_allclose(score, expected, atol=1e-6)
     assert score.min() == 0.0 and 0.99 <= score.max() <= 1.0
     assert len(np.unique(score)) > 100
+
+
+def test_key_counter_merging_now_and_then_counts_like_one_unique(monkeypatch):
+    from logscore.training import streaming
+
+    monkeypatch.setattr(streaming, "PENDING_KEYS", 50)  # merge often, and past the merged size
+    rng = np.random.default_rng(3)
+    counter, every = streaming.KeyCounter(), []
+    for _ in range(40):
+        keys = rng.integers(0, 400, size=rng.integers(0, 60)) * 7919 - 10**12
+        counter.add(keys)
+        every.append(keys)
+    expected_keys, expected_counts = np.unique(np.concatenate(every), return_counts=True)
+    keys, counts = counter.totals()
+    assert keys.tolist() == expected_keys.tolist() and counts.tolist() == expected_counts.tolist()
+
+
+def test_screening_pairs_hold_exactly_the_rare_and_marked_keys_of_each_record(monkeypatch):
+    """record_key_pairs filters as it goes (small COMPACT_PAIRS: several compactions and a refilter);
+    the result must equal filtering all of each record's distinct pairs at the end."""
+    from logscore.features import Featurizer, load_spec
+    from logscore.training import streaming
+
+    from .generate import shop_lines
+
+    monkeypatch.setattr(streaming, "COMPACT_PAIRS", 3000)
+    lines = shop_lines(3000, seed=4)
+    featurizer = Featurizer(load_spec(None, "access"))
+    featurizer.fit(lines)
+    every_rows, every_keys = [], []
+    for start in range(0, len(lines), 256):
+        batch = featurizer.transform(lines[start: start + 256], dense=False)
+        every_rows.append(batch.rows.astype(np.int64) + start)
+        every_keys.append(batch.keys.astype(np.int64))
+    pairs_all = np.unique(np.stack([np.concatenate(every_rows), np.concatenate(every_keys)]), axis=1)
+    distinct_all, holders_all = np.unique(pairs_all[1], return_counts=True)
+    bound = 0.05 * len(lines)
+    marked = distinct_all[holders_all >= bound][::3]  # some common keys marked: they stay
+    held = np.isin(pairs_all[1], distinct_all[(holders_all < bound)]) | np.isin(pairs_all[1], marked)
+    assert 0 < held.sum() < len(held)
+
+    pairs = streaming.record_key_pairs(featurizer, lines, 256, bound, lambda: marked)
+    assert pairs.rows.tolist() == pairs_all[0][held].tolist() and pairs.keys.tolist() == pairs_all[1][held].tolist()
+    assert pairs.distinct[pairs.key_index].tolist() == pairs.keys.tolist()
+    assert pairs.holders.tolist() == holders_all[np.searchsorted(distinct_all, pairs.distinct)].tolist()
+    assert pairs.records == len(lines)

@@ -30,6 +30,7 @@ import numpy as np
 
 from ..features import FeatureBatch
 from .robust import EXAMPLES, example_text
+from .streaming import KeyPairs
 
 # Substrings of a feature's text (an n-gram, a parameter's value shape, a path template) that
 # injections need: SQL quoting and comments, markup, shell metacharacters, traversal, NUL, ${...}.
@@ -105,14 +106,12 @@ class InjectionPrior(KeyMarker):
     def support(self, records: int) -> float:
         return self.share * records
 
-    def set_aside(self, rows: np.ndarray, keys: np.ndarray, records: int) -> np.ndarray:
+    def set_aside(self, pairs: KeyPairs) -> np.ndarray:
         """bool [records]: holding an injection-like key seen in fewer than ``support`` records
-        (``rows``, ``keys``: each record's distinct keys, all of them observed)."""
-        distinct, index, holders = np.unique(keys, return_inverse=True, return_counts=True)
-        marked = np.isin(distinct, self.marked_keys())
-        rare = marked & (holders < self.support(records))
-        aside = np.zeros(records, dtype=bool)
-        aside[rows[rare[index]]] = True
+        (``pairs``: each record's distinct keys, all of them observed)."""
+        rare = np.isin(pairs.distinct, self.marked_keys()) & (pairs.holders < self.support(pairs.records))
+        aside = np.zeros(pairs.records, dtype=bool)
+        aside[pairs.rows[rare[pairs.key_index]]] = True
         return aside
 
     def describe(self, sample: Sequence[object], aside: np.ndarray) -> dict:
@@ -146,9 +145,9 @@ class AlarmVocabulary(KeyMarker):
     def marks(self, entry, key: int) -> bool:
         return entry.converter.kind == "alarms"
 
-    def holders(self, rows: np.ndarray, keys: np.ndarray, records: int) -> np.ndarray:
-        """bool [records]: holding an alarm key (``rows``, ``keys``: each record's distinct keys, all observed)."""
-        alarm = np.isin(keys, self.marked_keys())
-        marked = np.zeros(records, dtype=bool)
-        marked[rows[alarm]] = True
+    def holders(self, pairs: KeyPairs) -> np.ndarray:
+        """bool [records]: holding an alarm key (``pairs``: each record's distinct keys, all observed)."""
+        alarm = np.isin(pairs.distinct, self.marked_keys())
+        marked = np.zeros(pairs.records, dtype=bool)
+        marked[pairs.rows[alarm[pairs.key_index]]] = True
         return marked

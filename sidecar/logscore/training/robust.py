@@ -61,7 +61,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from ..features import FeatureBatch, Featurizer
-from .streaming import record_key_pairs
+from .streaming import KeyPairs, record_key_pairs
 
 EXAMPLES = 10  # set-aside records named in the metadata, most anomalous first
 MAX_CONTAMINATION = 0.02  # the share of attacks the reference score is computed past
@@ -71,25 +71,28 @@ ALONGSIDE = 1.5  # the lower level may add this many records per record far out 
 UNUSUAL_SHARES = 2.0  # unusual records: the top share of kept scores this many times the target FPR
 #                        (CSIC 2010: 3x holds too; 1x misses FPR 0.5 % on one draw, 4x takes in the tail)
 EXAMPLE_CHARS = 300
+# Screening reads only keys held by fewer records than this share (record_keys' bound, at least the
+# rarity support and the injection prior's): the common ones, most of some 130 keys a record, say
+# nothing of clusters or rare signatures, and held all of them took 5 GB on 1M records.
+COMMON_SHARE = 0.05
 
 
-def record_keys(sample: Sequence[object], spec: dict, chunk: int,
-                observe: Optional[Callable[[FeatureBatch], None]] = None) -> tuple[np.ndarray, np.ndarray]:
-    """(rows, keys): each record's distinct feature keys, sorted by record (``observe``: record_key_pairs)."""
+def record_keys(sample: Sequence[object], spec: dict, chunk: int, bound: float, marked: Callable[[], np.ndarray],
+                observe: Optional[Callable[[FeatureBatch], None]] = None) -> KeyPairs:
+    """Each record's distinct feature keys held by fewer than ``bound`` records, or marked
+    (``record_key_pairs``)."""
     featurizer = Featurizer(spec)
     featurizer.fit(sample)
-    return record_key_pairs(featurizer, sample, chunk, observe)
+    return record_key_pairs(featurizer, sample, chunk, bound, marked, observe)
 
 
-def signature_folds(sample: Sequence[object], rows: np.ndarray, keys: np.ndarray, folds: int,
-                    support: float) -> np.ndarray:
+def signature_folds(sample: Sequence[object], pairs: KeyPairs, folds: int, support: float) -> np.ndarray:
     """Fold of each record: records with the same non-empty set of rare keys (seen in fewer
     than ``support`` records) share a fold; every other record is dealt round-robin."""
-    _, key_index, counts = np.unique(keys, return_inverse=True, return_counts=True)
-    rare = counts[key_index] < support
+    rare = pairs.holders[pairs.key_index] < support
+    rows, rare_keys = pairs.rows[rare], pairs.keys[rare]
     signature = np.zeros(len(sample), dtype=np.uint32)
-    starts = np.searchsorted(rows[rare], np.arange(len(sample) + 1))
-    rare_keys = keys[rare]
+    starts = np.searchsorted(rows, np.arange(len(sample) + 1))
     for record in np.flatnonzero(np.diff(starts)):
         signature[record] = zlib.crc32(rare_keys[starts[record]: starts[record + 1]].tobytes()) or 1
     assigned = np.arange(len(sample)) % folds
@@ -99,15 +102,16 @@ def signature_folds(sample: Sequence[object], rows: np.ndarray, keys: np.ndarray
     return assigned
 
 
-def cluster_mates(set_aside: np.ndarray, raw: np.ndarray, rows: np.ndarray, keys: np.ndarray,
-                  target_fpr: float) -> np.ndarray:
+def cluster_mates(set_aside: np.ndarray, raw: np.ndarray, pairs: KeyPairs, target_fpr: float) -> np.ndarray:
     """Unusual records (above the reference score on a screened detector) holding a key that is held
-    by two records or more, most of them set aside: the rest of a cluster of similar attacks."""
-    _, key_index, holders = np.unique(keys, return_inverse=True, return_counts=True)
-    aside = np.bincount(key_index, weights=set_aside[rows], minlength=len(holders))
+    by two records or more, most of them set aside: the rest of a cluster of similar attacks.
+    (``pairs`` holds no key of ``COMMON_SHARE`` of the records: such a key is a cluster's only when
+    more than half that share is set aside, far past ``MAX_CONTAMINATION``.)"""
+    holders = pairs.holders
+    aside = np.bincount(pairs.key_index, weights=set_aside[pairs.rows], minlength=len(holders))
     tainted = (holders >= 2) & (aside * 2 > holders)
     mates = np.zeros(len(set_aside), dtype=bool)
-    mates[rows[tainted[key_index]]] = True
+    mates[pairs.rows[tainted[pairs.key_index]]] = True
     reference = 1.0 - max(target_fpr, MAX_CONTAMINATION)
     return mates & (raw >= np.quantile(raw, reference, axis=0)).any(axis=1)
 

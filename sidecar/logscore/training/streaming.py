@@ -24,20 +24,23 @@ PENDING_KEYS = 4_000_000  # per-chunk key counts held before they are merged (â‰
 
 
 class KeyCounter:
-    """How often each key occurs (as RarityTable counts a batch's keys), merged now and then
-    (merging every chunk would cost O(distinct keys) each time)."""
+    """How often each key occurs (as RarityTable counts a batch's keys), merged now and then:
+    once the chunks' distinct keys since the last merge outnumber the merged ones (or
+    ``PENDING_KEYS``): past that many distinct keys, merging at every chunk would cost them all
+    per chunk."""
 
     def __init__(self):
         self._keys: list[np.ndarray] = []
         self._counts: list[np.ndarray] = []
         self._pending = 0
+        self._merged = 0
 
     def add(self, keys: np.ndarray) -> None:
         unique, counts = np.unique(keys, return_counts=True)
         self._keys.append(unique)
         self._counts.append(counts)
         self._pending += len(unique)
-        if self._pending > PENDING_KEYS:
+        if self._pending > max(PENDING_KEYS, self._merged):
             self._merge()
 
     def _merge(self) -> None:
@@ -46,7 +49,7 @@ class KeyCounter:
         keys, counts = keys[order], counts[order]
         starts = np.flatnonzero(np.concatenate([[True], keys[1:] != keys[:-1]])) if len(keys) else np.zeros(0, int)
         self._keys, self._counts = [keys[starts]], [np.add.reduceat(counts, starts) if len(keys) else counts]
-        self._pending = len(self._keys[0])
+        self._merged, self._pending = len(self._keys[0]), 0
 
     def totals(self) -> tuple[np.ndarray, np.ndarray]:
         """(distinct keys ascending, how often each occurred)."""
@@ -101,19 +104,91 @@ def raw_scores(session, featurizer: Featurizer, records: Sequence[object], chunk
     return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
 
 
-def record_key_pairs(featurizer: Featurizer, records: Sequence[object], chunk: int,
-                     observe: Optional[Callable[[FeatureBatch], None]] = None) -> tuple[np.ndarray, np.ndarray]:
-    """(rows, keys): each record's distinct feature keys, sorted by record, chunk by chunk
-    (about 30 pairs, 0.2 KB, a record: no weights, no dense block); ``observe`` sees each chunk's batch."""
-    rows, keys = [], []
+@dataclass
+class KeyPairs:
+    """Each record's distinct feature keys (``rows`` ascending, keys ascending within a record),
+    as screening reads them (robust.py, prior.py): only keys held by fewer records than the bound
+    ``record_key_pairs`` was given, and marked ones. Each key is numbered once (``key_index`` into
+    ``distinct``; ``holders``: how many records hold it, among all): every screening step asks how
+    many records hold a key, and sorting all the pairs for each question cost minutes on 1M records
+    (about 130 pairs a record on access lines, most of them keys every record holds)."""
+
+    rows: np.ndarray  # int64 [pairs]
+    keys: np.ndarray  # int64 [pairs]
+    key_index: np.ndarray  # intp [pairs]: the key's position in distinct
+    distinct: np.ndarray  # int64 [keys], ascending
+    holders: np.ndarray  # int64 [keys]: records holding each key
+    records: int
+
+
+COMPACT_PAIRS = 4_000_000  # pairs held before those of keys already too common are dropped (â‰ˆ 64 MB)
+
+
+def record_key_pairs(featurizer: Featurizer, records: Sequence[object], chunk: int, bound: float,
+                     marked: Callable[[], np.ndarray],
+                     observe: Optional[Callable[[FeatureBatch], None]] = None) -> KeyPairs:
+    """Each record's distinct keys held by fewer than ``bound`` records, or in ``marked()`` (sorted
+    keys, known once ``observe`` has seen the chunk holding them), chunk by chunk. Every
+    ``COMPACT_PAIRS`` new pairs lose those of keys already known common; the pairs kept so far are
+    filtered again each time they double (so each pair is looked at a few times, not once per
+    compaction)."""
+    counter = KeyCounter()
+    fresh_rows: list[np.ndarray] = []
+    fresh_keys: list[np.ndarray] = []
+    fresh = 0
+    kept_parts: list[tuple[np.ndarray, np.ndarray]] = []
+    kept, filtered_whole = 0, 0
     for start in range(0, len(records), chunk):
         batch = featurizer.transform(records[start: start + chunk], dense=False)
         if observe is not None:
             observe(batch)
-        pairs = np.unique(np.stack([batch.rows.astype(np.int64) + start, batch.keys.astype(np.int64)]), axis=1)
-        rows.append(pairs[0])
-        keys.append(pairs[1])
-    if not rows:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    return np.concatenate(rows), np.concatenate(keys)
+        chunk_rows, chunk_keys = distinct_pairs(batch.rows, batch.keys)
+        counter.add(chunk_keys)  # a record's keys are distinct: counts are holders
+        fresh_rows.append(chunk_rows + start)
+        fresh_keys.append(chunk_keys)
+        fresh += len(chunk_keys)
+        if fresh > COMPACT_PAIRS:
+            common = common_keys(counter, bound, marked())
+            kept_parts.append(_without(common, np.concatenate(fresh_rows), np.concatenate(fresh_keys)))
+            kept += len(kept_parts[-1][1])
+            fresh_rows, fresh_keys, fresh = [], [], 0
+            if kept > 2 * max(filtered_whole, COMPACT_PAIRS):
+                kept_parts = [_without(common, *_joined(kept_parts))]
+                kept = filtered_whole = len(kept_parts[0][1])
+    common = common_keys(counter, bound, marked())
+    if fresh_rows:
+        kept_parts.append((np.concatenate(fresh_rows), np.concatenate(fresh_keys)))
+    rows, keys = _without(common, *_joined(kept_parts))
+    distinct, key_index = np.unique(keys, return_inverse=True)
+    all_keys, counts = counter.totals()
+    return KeyPairs(rows, keys, key_index, distinct, counts[np.searchsorted(all_keys, distinct)], len(records))
 
+
+def common_keys(counter: KeyCounter, bound: float, marked: np.ndarray) -> np.ndarray:
+    """Keys (ascending) held by ``bound`` records or more so far, less the marked ones: counts only
+    grow, so they are common in the end too."""
+    keys, counts = counter.totals()
+    return np.setdiff1d(keys[counts >= bound], marked, assume_unique=True)
+
+
+def distinct_pairs(rows: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, keys) without repeats, sorted by row, then key."""
+    order = np.lexsort((keys, rows))
+    rows, keys = rows[order].astype(np.int64), keys[order].astype(np.int64)
+    first = np.ones(len(rows), dtype=bool)
+    first[1:] = (rows[1:] != rows[:-1]) | (keys[1:] != keys[:-1])
+    return rows[first], keys[first]
+
+
+def _joined(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    if not parts:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    return np.concatenate([r for r, _ in parts]), np.concatenate([k for _, k in parts])
+
+
+def _without(common: np.ndarray, rows: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The pairs whose key is not in ``common`` (ascending)."""
+    if not len(common) or not len(keys):
+        return rows, keys
+    keep = common[np.minimum(np.searchsorted(common, keys), len(common) - 1)] != keys
+    return rows[keep], keys[keep]

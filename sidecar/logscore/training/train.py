@@ -34,8 +34,8 @@ from ..sessions import SessionSpec, SessionTracker
 from .detectors import DETECTORS, Detector, RarityTable, default_support
 from .graph import GraphBuilder
 from .prior import DEFAULT_SHARE, AlarmVocabulary, InjectionPrior
-from .robust import cluster_mates, example_text, record_keys, screen, signature_folds
-from .streaming import featurize_for_fit, raw_scores
+from .robust import COMMON_SHARE, cluster_mates, example_text, record_keys, screen, signature_folds
+from .streaming import KeyPairs, featurize_for_fit, raw_scores
 
 Progress = Callable[[str, int, Optional[int], str], None]  # stage, done, total, unit
 Warn = Callable[[str], None]
@@ -364,12 +364,16 @@ def train(records: Iterable[object], options: TrainOptions,
         for marker in markers:
             marker.observe(batch)
 
+    def marked() -> np.ndarray:
+        return np.unique(np.concatenate([np.zeros(0, np.int64)] + [m.marked_keys() for m in markers]))
+
     pairs = None
     if prior is not None or screening_on:
         progress("grouping similar records", 0, len(sample), "records")
-        pairs = record_keys(sample, options.spec, options.chunk, observe if markers else None)
-    injection = prior.set_aside(*pairs, len(sample)) if prior is not None else np.zeros(len(sample), dtype=bool)
-    eligible = alarms.holders(*pairs, len(sample)) if alarms is not None else None
+        bound = max(support, COMMON_SHARE * len(sample), prior.support(len(sample)) if prior is not None else 0.0)
+        pairs = record_keys(sample, options.spec, options.chunk, bound, marked, observe if markers else None)
+    injection = prior.set_aside(pairs) if prior is not None else np.zeros(len(sample), dtype=bool)
+    eligible = alarms.holders(pairs) if alarms is not None else None
     folds, screening = screen_sample(sample, options, support, progress, pairs, eligible)
     # Neither learned nor calibrated on (kept in the calibration, a payload family's copies put the
     # threshold among them; docs/accuracy.md measures both).
@@ -475,7 +479,7 @@ def check_feedback(final: Fitted, calibration: dict, threshold: float, options: 
 
 
 def screen_sample(sample: Sequence[object], options: TrainOptions, support: float, progress: Progress,
-                  pairs: Optional[tuple[np.ndarray, np.ndarray]], eligible: Optional[np.ndarray] = None):
+                  pairs: Optional[KeyPairs], eligible: Optional[np.ndarray] = None):
     """(folds, Screening): out-of-fold raw scores, with what looks like attacks set aside
     (``pairs``: the records' distinct keys, ``record_keys``; needed when screening; ``eligible``:
     the records that may be set aside, all when None)."""
@@ -483,8 +487,7 @@ def screen_sample(sample: Sequence[object], options: TrainOptions, support: floa
         folds = np.arange(len(sample)) % options.folds
         raw = out_of_fold_raw_scores(sample, options, progress, folds)
         return folds, screen(lambda *_: raw, len(sample), options.target_fpr, options.set_aside_factor, 0)
-    rows, keys = pairs
-    folds = signature_folds(sample, rows, keys, options.folds, support)
+    folds = signature_folds(sample, pairs, options.folds, support)
     rounds = iter(range(1, options.screening_rounds + 2))
 
     def score_out_of_fold(fit_mask: np.ndarray, vouching: Optional[np.ndarray] = None) -> np.ndarray:
@@ -496,7 +499,7 @@ def screen_sample(sample: Sequence[object], options: TrainOptions, support: floa
 
     return folds, screen(score_out_of_fold, len(sample), options.target_fpr, options.set_aside_factor,
                          options.screening_rounds,
-                         lambda found, raw: cluster_mates(found, raw, rows, keys, options.target_fpr),
+                         lambda found, raw: cluster_mates(found, raw, pairs, options.target_fpr),
                          [options.detectors.index("rarity")], options.contaminated_factor, eligible)
 
 
