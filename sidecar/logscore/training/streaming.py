@@ -20,22 +20,30 @@ from ..model import run_graph
 from .detectors import Features, RarityTable, default_support
 
 Progress = Callable[[str, int, Optional[int], str], None]
-PENDING_KEYS = 4_000_000  # per-chunk key counts held before they are merged (≈ 48 MB)
+PENDING_KEYS = 65_536  # new keys' counts held before they are merged (while fewer are merged)
 
 
 class KeyCounter:
-    """How often each key occurs (as RarityTable counts a batch's keys), merged now and then:
-    once the chunks' distinct keys since the last merge outnumber the merged ones (or
-    ``PENDING_KEYS``): past that many distinct keys, merging at every chunk would cost them all
-    per chunk."""
+    """How often each key occurs (as RarityTable counts a batch's keys). Keys merged before are
+    counted in place (a binary search and np.bincount: a log's keys repeat, and sorting each chunk's
+    keys was a fifth of training); new ones are held per chunk and merged once they outnumber the
+    merged keys (or ``PENDING_KEYS``), so merging costs O(1) a key however many keys there are."""
 
     def __init__(self):
-        self._keys: list[np.ndarray] = []
+        self._keys: list[np.ndarray] = []  # the merged keys first (ascending), then new ones per chunk
         self._counts: list[np.ndarray] = []
         self._pending = 0
         self._merged = 0
 
     def add(self, keys: np.ndarray) -> None:
+        if self._merged and len(keys):
+            merged = self._keys[0]
+            at = np.minimum(np.searchsorted(merged, keys), self._merged - 1)
+            known = merged[at] == keys
+            self._counts[0] += np.bincount(at[known], minlength=self._merged)
+            keys = keys[~known]
+        if not len(keys):
+            return
         unique, counts = np.unique(keys, return_counts=True)
         self._keys.append(unique)
         self._counts.append(counts)
@@ -52,7 +60,7 @@ class KeyCounter:
         self._merged, self._pending = len(self._keys[0]), 0
 
     def totals(self) -> tuple[np.ndarray, np.ndarray]:
-        """(distinct keys ascending, how often each occurred)."""
+        """(distinct keys ascending, how often each occurred): valid until the next ``add``."""
         if not self._keys:
             return np.zeros(0, np.int64), np.zeros(0, np.int64)
         self._merge()
