@@ -25,6 +25,7 @@ python_status=0
 .venv/bin/python -m pytest "$@" || python_status=$?
 ruby_status=0
 wait "$ruby_tests" || ruby_status=$?
+ruby_tests=""  # reaped: its number may be another process's now
 echo "== the Fluentd plugin's Ruby tests (ran beside pytest) =="
 cat "$ruby_log"
 verdict() { [ "$1" -eq 0 ] && echo passed || echo "FAILED (exit $1)"; }
