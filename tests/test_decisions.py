@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from urllib.parse import quote
 
 import numpy as np
@@ -130,6 +131,35 @@ def test_attacks_mixed_into_training_are_set_aside_and_still_caught(tmp_path, at
     assert f"rule: {set_aside['rule']}" in shown
     # The data holds attacks: the kept records near the top vouch for no feature only they hold.
     assert f"not vouching for their features (the data holds attacks): {set_aside['unusual_not_vouching']} " in shown
+
+
+def scanner_lines(normal: list[str], count: int, seed: int) -> list[str]:
+    """A scanner's requests: guessed paths, 404s, one user agent (a key most of its lines share)."""
+    rng = random.Random(seed)
+    words = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(4, 9))) for _ in range(500)]
+    lines = []
+    for i in range(count):
+        path = f"/{rng.choice(words)}/{rng.choice(words)}.php" if i % 2 else f"/products/{rng.choice(words)}"
+        line = re.sub(r'"(GET|POST) [^ ]+ (HTTP/[0-9.]+)" [0-9]+ ', rf'"GET {path} \2" 404 ', rng.choice(normal), count=1)
+        lines.append(re.sub(r'"[^"]*"$', '"Mozilla/5.00 (Nikto/2.1.6) (Evasions:None)"', line))
+    return lines
+
+
+def test_screening_reads_only_the_keys_it_can_use_and_trains_the_same_model(tmp_path, monkeypatch):
+    """Screening's key pairs leave out keys past screening_bound; with a target FPR well above
+    MAX_CONTAMINATION (more records may be set aside, their common keys are cluster keys) the
+    model must equal the one trained with every key kept."""
+    import logscore.training.train as training
+
+    normal = shop_lines(4000, seed=11)
+    lines = normal + scanner_lines(normal, 320, seed=5)  # 7.4 %: a key of the scanner's beyond 5 %
+    random.Random(5).shuffle(lines)
+    options = dict(spec=load_spec(None, "access"), name="m", target_fpr=0.1, seed=1)
+    bounded, metadata = train(lines, TrainOptions(**options))
+    monkeypatch.setattr(training, "screening_bound", lambda records, target_fpr: float("inf"))
+    every_key, _ = train(lines, TrainOptions(**options))
+    assert metadata["training"]["set_aside"]["records"] > 0.025 * len(lines)  # past the default bound's reach
+    assert bounded.graph.SerializeToString() == every_key.graph.SerializeToString()
 
 
 DOUBTFUL, MATES = np.arange(980, 992), [10, 20, 30, 40]

@@ -71,10 +71,10 @@ ALONGSIDE = 1.5  # the lower level may add this many records per record far out 
 UNUSUAL_SHARES = 2.0  # unusual records: the top share of kept scores this many times the target FPR
 #                        (CSIC 2010: 3x holds too; 1x misses FPR 0.5 % on one draw, 4x takes in the tail)
 EXAMPLE_CHARS = 300
-# Screening reads only keys held by fewer records than this share (record_keys' bound, at least the
-# rarity support and the injection prior's): the common ones, most of some 130 keys a record, say
-# nothing of clusters or rare signatures, and held all of them took 5 GB on 1M records.
-COMMON_SHARE = 0.05
+# Screening reads only keys held by fewer records than screening_bound (and the rarity support and
+# the injection prior's): the common ones, most of some 130 keys a record, say nothing of clusters
+# or rare signatures, and holding all of them took 5 GB on 1M records.
+CLUSTER_MARGIN = 2.5
 
 
 def record_keys(sample: Sequence[object], spec: dict, chunk: int, bound: float, marked: Callable[[], np.ndarray],
@@ -84,6 +84,14 @@ def record_keys(sample: Sequence[object], spec: dict, chunk: int, bound: float, 
     featurizer = Featurizer(spec)
     featurizer.fit(sample)
     return record_key_pairs(featurizer, sample, chunk, bound, marked, observe)
+
+
+def screening_bound(records: int, target_fpr: float) -> float:
+    """Records holding a key past which the key plays no part in screening. ``outliers`` flags only
+    records above the reference quantile, at most ``max(target_fpr, MAX_CONTAMINATION)`` of them,
+    and ``cluster_mates`` takes a key for a cluster's when more than half its holders are flagged:
+    a key held by twice that share never is (``CLUSTER_MARGIN``: 2.5 times, a margin)."""
+    return CLUSTER_MARGIN * max(target_fpr, MAX_CONTAMINATION) * records
 
 
 def signature_folds(sample: Sequence[object], pairs: KeyPairs, folds: int, support: float) -> np.ndarray:
@@ -105,8 +113,7 @@ def signature_folds(sample: Sequence[object], pairs: KeyPairs, folds: int, suppo
 def cluster_mates(set_aside: np.ndarray, raw: np.ndarray, pairs: KeyPairs, target_fpr: float) -> np.ndarray:
     """Unusual records (above the reference score on a screened detector) holding a key that is held
     by two records or more, most of them set aside: the rest of a cluster of similar attacks.
-    (``pairs`` holds no key of ``COMMON_SHARE`` of the records: such a key is a cluster's only when
-    more than half that share is set aside, far past ``MAX_CONTAMINATION``.)"""
+    (``pairs`` holds no key past ``screening_bound``: none of those is a cluster's.)"""
     holders = pairs.holders
     aside = np.bincount(pairs.key_index, weights=set_aside[pairs.rows], minlength=len(holders))
     tainted = (holders >= 2) & (aside * 2 > holders)

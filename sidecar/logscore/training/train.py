@@ -34,7 +34,7 @@ from ..sessions import SessionSpec, SessionTracker
 from .detectors import DETECTORS, Detector, RarityTable, default_support
 from .graph import GraphBuilder
 from .prior import DEFAULT_SHARE, AlarmVocabulary, InjectionPrior
-from .robust import COMMON_SHARE, cluster_mates, example_text, record_keys, screen, signature_folds
+from .robust import cluster_mates, example_text, record_keys, screen, screening_bound, signature_folds
 from .streaming import KeyPairs, featurize_for_fit, raw_scores
 
 Progress = Callable[[str, int, Optional[int], str], None]  # stage, done, total, unit
@@ -370,7 +370,8 @@ def train(records: Iterable[object], options: TrainOptions,
     pairs = None
     if prior is not None or screening_on:
         progress("grouping similar records", 0, len(sample), "records")
-        bound = max(support, COMMON_SHARE * len(sample), prior.support(len(sample)) if prior is not None else 0.0)
+        bound = max(support, screening_bound(len(sample), options.target_fpr),
+                    prior.support(len(sample)) if prior is not None else 0.0)
         pairs = record_keys(sample, options.spec, options.chunk, bound, marked, observe if markers else None)
     injection = prior.set_aside(pairs) if prior is not None else np.zeros(len(sample), dtype=bool)
     eligible = alarms.holders(pairs) if alarms is not None else None
