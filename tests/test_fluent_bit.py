@@ -257,7 +257,8 @@ def test_an_entry_fluent_bit_cannot_read_costs_only_itself(chain):
     word. Such entries are skipped and counted."""
     workdir, parts, _ = chain
     odd = [-5, float("nan"), 1_796_400_000_123, event_time(1_796_400_000, 10**9),
-           msgpack.ExtType(0, b"\x00" * 4), [event_time(1_796_400_000), "metadata"]]
+           msgpack.ExtType(0, b"\x00" * 4), [event_time(1_796_400_000), "metadata"],
+           -1, -2, -1.0]  # a group marker's seconds outside Fluent Bit's [time, metadata] form
     entries = [[moment, {"message": f"odd {n}"}] for n, moment in enumerate(odd)]
     deep: dict = {"message": "deep"}
     for _ in range(70):  # the depth a JSON log line may reach through Fluentd's json parser

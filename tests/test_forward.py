@@ -533,7 +533,9 @@ def test_records_read_together_are_scored_by_their_own_tag_and_say_why_when_not(
                  [[event_time(1_700_000_001, 8), {}], {"renamed": "no field the model reads"}],
                  [[event_time(2**32 - 2), {}], {}]]
         frames = (msgpack.packb(["web.access", packed(group), {"chunk": "web"}], use_bin_type=True)
-                  + msgpack.packb(["sys.auth", [[1_700_000_002, {"message": "sshd started"}]], {"chunk": "sys"}]))
+                  + msgpack.packb(["sys.auth", [[1_700_000_002, {"message": "sshd started", "anomaly_score": 0.5,
+                                                                  "is_anomaly": False}]],  # an earlier hop's
+                                   {"chunk": "sys"}]))
         assert sorted(a["ack"] for a in send(port, frames, acks=2)) == ["sys", "web"]
         out = receiver.wait_for(5)
         web = [record for tag, record in out if tag == "web.access"]
@@ -544,6 +546,7 @@ def test_records_read_together_are_scored_by_their_own_tag_and_say_why_when_not(
         assert web[2]["is_anomaly"] is True and web[2]["anomaly_notes"][0].startswith("did not parse as access")
         (sys_record,) = [record for tag, record in out if tag == "sys.auth"]
         assert sys_record["anomaly_unscored"] is True and "anomaly_score" not in sys_record
+        assert "is_anomaly" not in sys_record
         assert "syslog" in sys_record["anomaly_notes"][0] and sys_record["anomaly_notes"][0].startswith("unscored: ")
         assert sidecar.metric('logscore_records_scored_total{model="apache-access"') == 2
         warned = [json.loads(entry) for entry in sidecar.log().splitlines() if "forwarding records unscored" in entry]

@@ -64,7 +64,7 @@ from typing import AsyncIterator, Iterable, Iterator, Optional, Union
 import msgpack
 
 from ..decide import notes_by_record
-from ..errors import LogscoreError, Overloaded
+from ..errors import LogscoreError, ModelNotFound, Overloaded
 from ..records import value_counting_hooks
 from ..scoring import ScoreCall, ScoringService
 from .streams import StreamServer
@@ -583,11 +583,13 @@ def address_text(peername) -> str:
 
 
 def is_group_marker(moment) -> bool:
-    """Whether an entry's time marks the start or end of a Fluent Bit group (not a record)."""
+    """Whether an entry's time marks the start or end of a Fluent Bit group (not a record): only
+    in the [time, metadata] form Fluent Bit frames groups with; a plain -1 is a bad time."""
     kind = moment.__class__
-    if kind is list or kind is tuple:
-        moment = moment[0] if moment else None
-        kind = moment.__class__
+    if kind is not list and kind is not tuple:
+        return False
+    moment = moment[0] if moment else None
+    kind = moment.__class__
     if kind is msgpack.ExtType:
         return moment.code == 0 and moment.data[:4] in GROUP_MARKER_EVENT_SECONDS
     return kind is int and moment in GROUP_MARKER_SECONDS
@@ -646,6 +648,8 @@ def time_problem(moment) -> Optional[str]:
     if kind is list or kind is tuple:
         if len(moment) != 2 or moment[1].__class__ is not dict:
             return "is [time, metadata] with metadata that is no map"
+        if is_group_marker(moment):
+            return None
         moment = moment[0]
         kind = moment.__class__
     if kind is msgpack.ExtType:
@@ -654,7 +658,9 @@ def time_problem(moment) -> Optional[str]:
         if moment.code == 0 and len(moment.data) == 8:
             return "is an EventTime of 10**9 nanoseconds or more"
         return f"is an ext value of type {moment.code} and {len(moment.data)} bytes, not an EventTime"
-    if (kind is int or kind is float) and (0 <= moment < 2**32 or moment in GROUP_MARKER_SECONDS):  # NaN: False
+    if (kind is int or kind is float) and 0 <= moment < 2**32:  # NaN: False
+        return None
+    if kind is msgpack.Timestamp and 0 <= moment.seconds < 2**32:  # msgpack's own timestamp type, accepted before
         return None
     return f"{moment!r} is no time in seconds (0 to 2**32 - 1)"
 
@@ -1265,21 +1271,22 @@ class ForwardServer(StreamServer):
         started = time.perf_counter()
         try:
             error = await self._scored(records, tags, times)
-            if error is not None and len(set(tags)) > 1:
+            if isinstance(error, ModelNotFound) and len(set(tags)) > 1:
                 # NOTE: messages read together are scored in one call: one tag routed to a model
-                # that is not loaded sent every record read with it on unscored. Each tag alone:
+                # that is not loaded sent every record read with it on unscored. Each tag alone
+                # (only then: after any other failure another call would fail the same way):
                 for indexes in _indexes_by_tag(tags):
                     part = [records[i] for i in indexes]
                     error = await self._scored(part, [tags[i] for i in indexes], [times[i] for i in indexes])
                     if error is not None:
-                        self._unscored(part, tags[indexes[0]], error)
+                        self._unscored(part, tags[indexes[0]], str(error))
             elif error is not None:
-                self._unscored(records, tags[0], error)
+                self._unscored(records, tags[0], str(error))
         finally:
             metrics = self.service.metrics
             metrics.child(metrics.request_seconds, "forward").observe(time.perf_counter() - started)
 
-    async def _scored(self, records: list[dict], tags: list[str], times: list) -> Optional[str]:
+    async def _scored(self, records: list[dict], tags: list[str], times: list) -> Optional[LogscoreError]:
         """Score the records in place: None, or why they could not be scored (left as they are)."""
         try:
             while True:
@@ -1291,12 +1298,12 @@ class ForwardServer(StreamServer):
                         raise
                     await asyncio.sleep(0.02)  # wait: the queue drains, the sender's buffer holds the rest
         except LogscoreError as error:
-            return str(error)
+            return error
         except Exception:  # a bug in scoring: the records still go on (a resend would fail again)
             log.exception("internal error while scoring; forwarding the records unscored",
                           extra={"tag": tags[0], "records": len(records)})
             self._count("internal")
-            return "internal error in the sidecar (logged there)"
+            return LogscoreError("internal error in the sidecar (logged there)")
         names = [m.name for m in outcome.models]
         scores, flags, index = outcome.scores.tolist(), outcome.is_anomaly.tolist(), outcome.model_index.tolist()
         notes = notes_by_record([(i, text) for i, _, text in outcome.notes], len(records)) if outcome.notes else None
@@ -1319,6 +1326,8 @@ class ForwardServer(StreamServer):
     def _unscored(records: list[dict], tag: str, reason: str) -> None:
         log.warning("forwarding records unscored", extra={"tag": tag, "records": len(records), "error": reason})
         for record in records:
+            for earlier_hop in (SCORE_KEY, FLAG_KEY, MODEL_KEY, ENTITY_KEY):  # a score that is not this hop's
+                record.pop(earlier_hop, None)
             record[UNSCORED_KEY] = True
             record[NOTES_KEY] = [f"unscored: {reason}"]
 
