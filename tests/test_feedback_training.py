@@ -231,3 +231,8 @@ def test_report_reads_the_time_fluentd_s_out_file_writes_before_each_record(tmp_
     assert "1 suppressed by feedback" in done.stdout
     assert done.stdout.startswith("6 scored records, 5 anomalies") and "lines not scored output" not in done.stdout
     assert "app · app.orders  2026-12-03 16:04:00 .. 2026-12-03 16:05:00" in done.stdout, done.stdout
+    # a JSON line whose values look like Fluent Bit's frame is still read as the JSON object it is
+    (tmp_path / "json.txt").write_text(json.dumps({"pos": [12.5, {"z": 1}], "anomaly_score": 0.9,
+                                                   "is_anomaly": True}) + "\n")
+    done = logscore("report", tmp_path / "json.txt")
+    assert done.returncode == 0 and done.stdout.startswith("1 scored records, 1 anomalies"), done.stdout

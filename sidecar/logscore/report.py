@@ -96,9 +96,11 @@ def parse_line(line: str) -> Optional[tuple[str, dict, str]]:
     object. Fluentd's out_file writes `time<TAB>tag<TAB>{json}` by default, Fluent Bit's file
     output `tag: [seconds.nanoseconds, {json}]`."""
     route = written = ""
-    if fluent_bit := FLUENT_BIT_FILE_LINE.match(line):
+    if line.startswith("{"):
+        pass  # a JSON object: its own route and time
+    elif fluent_bit := FLUENT_BIT_FILE_LINE.fullmatch(line):
         route, written, line = fluent_bit.group("tag", "time", "record")
-    elif not line.startswith("{"):
+    else:
         head, brace, rest = line.partition("{")
         if not brace:
             return None
