@@ -18,9 +18,16 @@ LOGSCORE_WITH_SHIPPERS=$([ -n "${FLUENTD_SOURCE:-}${FLUENT_BIT:-}" ] && echo 1 |
 # they run beside pytest; their output follows pytest's, and a failure in either fails the run.
 ruby_log="$(mktemp)"
 ruby_tests=""
-trap 'kill "$ruby_tests" 2>/dev/null || true; rm -f "$ruby_log"' EXIT
+# The Ruby suite runs in a process group of its own (set -m), so that stopping this script stops
+# rake, its ruby and the Fluentd and sidecar processes the tests started, not rake alone.
+stop_ruby_tests() { [ -n "$ruby_tests" ] && kill -- "-$ruby_tests" 2>/dev/null || true; rm -f "$ruby_log"; }
+trap stop_ruby_tests EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+set -m
 (cd fluentd-plugin && LOGSCORE_PYTHON="$PWD/../.venv/bin/python" rake test) >"$ruby_log" 2>&1 &
 ruby_tests=$!
+set +m
 python_status=0
 .venv/bin/python -m pytest "$@" || python_status=$?
 ruby_status=0

@@ -4,6 +4,7 @@ require 'tmpdir'
 require 'fileutils'
 require_relative 'helper'
 require_relative 'fluentd_helper'
+require 'logscore/anomaly_watcher'
 
 # The anomaly watcher while its sidecar is away, inside real Fluentd.
 class AnomalyWatcherTest < Test::Unit::TestCase

@@ -208,7 +208,9 @@ class SeriesScorer:
 def score_series(times: np.ndarray, values: np.ndarray, progress=None) -> np.ndarray:
     """anomaly_score of each point in [0, 1], online; ``progress(done, total)`` now and then."""
     found = deviations(times, values)
-    step_s = float(np.median(np.diff(times))) if len(times) > 1 else 0.0
+    # The usual step, from the warm-up's points (scored 0 whatever it is): online, as every score.
+    warm_up = max(int(np.searchsorted(times, times[0] + WARM_UP_S)), 2)
+    step_s = float(np.median(np.diff(times[:warm_up]))) if len(times) > 1 else 0.0
     scorer = SeriesScorer(float(times[0]), step_s)
     scores = np.zeros(len(times))
     for i, (moment, deviation) in enumerate(zip(times.tolist(), found.tolist())):

@@ -12,8 +12,9 @@ module Logscore
     # naming how many attempts failed since the last, instead of one a second.
     FAILURE_LOG_INTERVAL = 60.0
     # A stream that stayed open this long was working: its end is a new outage, warned about at
-    # once (a second outage within the interval was otherwise never logged).
-    STREAM_HELD = 5.0
+    # once (a second outage within the interval was otherwise never logged). Longer than gRPC's
+    # 20 s connect timeout: an attempt at an address that drops packets fails after that long.
+    STREAM_HELD = 30.0
 
     def initialize(client:, kinds: [], retry_interval: 1.0, log: nil, failure_log_interval: FAILURE_LOG_INTERVAL,
                    stream_held: STREAM_HELD)
