@@ -17,7 +17,7 @@ import re
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Iterable, Iterator, Optional, Sequence
 
 from .errors import ConfigError
 from .masking import mask_variables
@@ -84,18 +84,25 @@ class SessionTracker:
         return len(self._sessions)
 
     def track(self, records: Sequence[object]) -> list[Fields]:
-        tracked = []
         with self._lock:
-            for record in records:
-                key, event = self.keys.key_and_event(record)
-                if key is None:  # no session: the record is a session of one event
-                    tracked.append({EVENTS_FIELD: event})
-                    continue
-                events = self._sessions.pop(key, None) or []
-                if len(events) < self.spec.max_events:
-                    events.append(event)
-                self._sessions[key] = events  # most recently seen last
-                if len(self._sessions) > self.spec.max_sessions:
-                    self._sessions.popitem(last=False)
-                tracked.append({EVENTS_FIELD: "\n".join(events)})
-        return tracked
+            return [self._track_one(record) for record in records]
+
+    def track_each(self, records: Iterable[object]) -> Iterator[Fields]:
+        """``track``, one record at a time as they are read: training keeps a sample of them, and a
+        list of every line of a large log (and of every session so far) held them all."""
+        for record in records:
+            with self._lock:
+                tracked = self._track_one(record)
+            yield tracked
+
+    def _track_one(self, record: object) -> Fields:
+        key, event = self.keys.key_and_event(record)
+        if key is None:  # no session: the record is a session of one event
+            return {EVENTS_FIELD: event}
+        events = self._sessions.pop(key, None) or []
+        if len(events) < self.spec.max_events:
+            events.append(event)
+        self._sessions[key] = events  # most recently seen last
+        if len(self._sessions) > self.spec.max_sessions:
+            self._sessions.popitem(last=False)
+        return {EVENTS_FIELD: "\n".join(events)}

@@ -232,24 +232,55 @@ def out_of_fold_raw_scores(sample: Sequence[object], options: TrainOptions, prog
         outside = [r for r, f in zip(sample, folds) if f == fold]
         fitted = fit(inside, options, progress, f"{stage}fold {fold + 1}/{options.folds}",
                      vouching=None if vouching is None else vouching[inside_mask])
-        raw[folds == fold] = raw_scores(make_session(fitted.graph().SerializeToString()), fitted.featurizer,
-                                        outside, options.chunk)
+        raw[folds == fold] = scores_with_progress(make_session(fitted.graph().SerializeToString()), fitted, outside,
+                                                  options.chunk, progress,
+                                                  f"{stage}fold {fold + 1}/{options.folds}: scoring held-out records")
     return raw
 
 
-def count_unparsed(sample: Sequence[object], options: TrainOptions, warn: Warn) -> int:
+SCORING_BLOCK_CHUNKS = 16  # chunks scored between two progress reports
+
+
+def scores_with_progress(session, fitted: Fitted, records: Sequence[object], chunk: int, progress: Progress,
+                         stage: str) -> np.ndarray:
+    """``raw_scores`` of ``records``, block by block of whole chunks (the same chunks, the same
+    scores), saying how far: a fold's 200,000 held-out records took 10 s of silence."""
+    block = chunk * SCORING_BLOCK_CHUNKS
+    if len(records) <= block:
+        return raw_scores(session, fitted.featurizer, records, chunk)
+    parts = []
+    for start in range(0, len(records), block):
+        parts.append(raw_scores(session, fitted.featurizer, records[start: start + block], chunk))
+        progress(stage, min(start + block, len(records)), len(records), "records")
+    return np.concatenate(parts)
+
+
+CHECK_BLOCK = 50_000  # records normalized at a time to count those that parse
+
+
+def count_unparsed(sample: Sequence[object], options: TrainOptions, warn: Warn, progress: Progress = quiet) -> int:
     """The number of records that do not parse; refuses input that is mostly unparsed (a wrong
-    --format, a binary file) and warns when more than a few records do not parse."""
+    --format, a binary file) and warns when more than a few records do not parse. Block by
+    block: the fields of 1M JSON records at once held more than a gigabyte."""
     normalizer = Featurizer(options.spec).normalizer
-    batch = normalizer.normalize(sample)
-    if normalizer.log_format == "jsonl" or any(isinstance(record, dict) for record in sample[:100]):
-        warn_missing_fields(batch.fields, batch.parsed, normalizer, warn)  # (records naming their own fields)
-    parsed = batch.parsed
-    unparsed = len(parsed) - sum(parsed)
+    field_maps = normalizer.log_format == "jsonl" or any(isinstance(record, dict) for record in sample[:100])
+    parsed = np.zeros(len(sample), dtype=bool)
+    present = dict.fromkeys(normalizer.wanted, 0)  # parsed records holding each field the model reads
+    for start in range(0, len(sample), CHECK_BLOCK):
+        batch = normalizer.normalize(sample[start: start + CHECK_BLOCK])
+        parsed[start: start + len(batch.parsed)] = batch.parsed
+        if field_maps:
+            for one in (one for one, ok in zip(batch.fields, batch.parsed) if ok):
+                for name in present:
+                    present[name] += one.get(name) is not None
+        progress("checking the records parse", min(start + CHECK_BLOCK, len(sample)), len(sample), "records")
+    if field_maps:  # (records naming their own fields)
+        warn_missing_fields(present, int(parsed.sum()), normalizer, warn)
+    unparsed = len(parsed) - int(parsed.sum())
     if unparsed <= WARN_UNPARSED * len(sample):
         return unparsed
     log_format = normalizer.log_format
-    example = example_text(next(r for r, ok in zip(sample, parsed) if not ok))[:120]
+    example = example_text(sample[int(np.argmin(parsed))])[:120]
     summary = (f"{unparsed:,} of {len(sample):,} records ({unparsed / len(sample):.1%}) do not parse as {log_format} "
                f"(e.g. {example!r})")
     if unparsed > REFUSE_UNPARSED * len(sample):
@@ -259,15 +290,14 @@ def count_unparsed(sample: Sequence[object], options: TrainOptions, warn: Warn) 
     return unparsed
 
 
-def warn_missing_fields(fields: Sequence[dict], parsed: Sequence[bool], normalizer, warn: Warn) -> None:
+def warn_missing_fields(present: dict[str, int], held: int, normalizer, warn: Warn) -> None:
     """A field the model reads that (almost) no parsed record holds is one it cannot see: a JSON
-    logger naming its message otherwise gave a model of the level alone, and said nothing."""
-    held = [one for one, ok in zip(fields, parsed) if ok]
-    for name in normalizer.wanted:
-        present = sum(one.get(name) is not None for one in held)
-        if held and present <= WARN_UNPARSED * len(held):
+    logger naming its message otherwise gave a model of the level alone, and said nothing.
+    ``present``: how many of the ``held`` parsed records hold each field."""
+    for name, count in present.items():
+        if held and count <= WARN_UNPARSED * held:
             names = ", ".join((name, *normalizer.aliases.get(name, ())))
-            warn(f"field {name!r} is in {present:,} of {len(held):,} parsed records (read under {names}): the "
+            warn(f"field {name!r} is in {count:,} of {held:,} parsed records (read under {names}): the "
                  "model cannot see it; name the field your records use in a --config (docs/converters.md)")
 
 
@@ -331,7 +361,7 @@ def train(records: Iterable[object], options: TrainOptions,
     if options.spec.get("sessions"):
         # A session model learns what the sidecar will see: each record as its session so far,
         # built by the same tracker (sidecar/logscore/sessions.py), so unfinished sessions are normal.
-        records = SessionTracker(SessionSpec.from_dict(options.spec["sessions"])).track(list(records))
+        records = SessionTracker(SessionSpec.from_dict(options.spec["sessions"])).track_each(records)
     if options.feedback is not None and options.feedback.keep:
         records = without_kept(records, options.feedback.keep_texts())
     sample, read = reservoir_sample(records, options.max_records, options.seed, progress)
@@ -351,7 +381,7 @@ def train(records: Iterable[object], options: TrainOptions,
                          "(thousands are better)")
     random.Random(options.seed).shuffle(sample)
 
-    unparsed = count_unparsed(sample, options, keep_warning)
+    unparsed = count_unparsed(sample, options, keep_warning, progress)
     # Rare = seen in fewer records than a feature needs to count as normal (screening's grouping).
     support = options.support or default_support(len(sample))
     prior = InjectionPrior(options.injection_share) if options.set_aside and options.injection_share else None
@@ -370,9 +400,17 @@ def train(records: Iterable[object], options: TrainOptions,
     pairs = None
     if prior is not None or screening_on:
         progress("grouping similar records", 0, len(sample), "records")
+        grouped = 0
+
+        def observe_and_report(batch) -> None:  # a minute of silence on 1M records otherwise
+            nonlocal grouped
+            observe(batch)
+            grouped += batch.size
+            progress("grouping similar records", grouped, len(sample), "records")
+
         bound = max(support, screening_bound(len(sample), options.target_fpr),
                     prior.support(len(sample)) if prior is not None else 0.0)
-        pairs = record_keys(sample, options.spec, options.chunk, bound, marked, observe if markers else None)
+        pairs = record_keys(sample, options.spec, options.chunk, bound, marked, observe_and_report)
     injection = prior.set_aside(pairs) if prior is not None else np.zeros(len(sample), dtype=bool)
     eligible = alarms.holders(pairs) if alarms is not None else None
     folds, screening = screen_sample(sample, options, support, progress, pairs, eligible)

@@ -1,0 +1,63 @@
+"""Training as large logs meet it: no silent stage, no list of every line read."""
+
+import itertools
+
+import pytest
+
+from logscore.features import load_spec
+from logscore.features.featurizer import SESSION_FIELDS
+from logscore.training.train import TrainOptions, train
+
+from .generate import session_lines, shop_lines
+
+
+def test_grouping_and_scoring_held_out_records_say_how_far_they_are():
+    stages = []
+
+    def progress(stage, done, total, unit="records"):
+        stages.append((stage, done, total))
+
+    # chunk 64: a fold's 1,200 held-out records are more than one block of 16 chunks
+    train(shop_lines(6000, seed=3), TrainOptions(spec=load_spec(None, "access"), chunk=64, screening_rounds=0),
+          progress)
+    grouping = [done for stage, done, _ in stages if stage == "grouping similar records"]
+    assert 0 < grouping[1] < grouping[-1] == 6000  # reported as it goes, not only at its start
+    scoring = [(done, total) for stage, done, total in stages if stage == "fold 1/5: scoring held-out records"]
+    assert len(scoring) >= 2 and scoring[0][0] < scoring[-1][0] == scoring[-1][1]
+    assert any(stage == "checking the records parse" for stage, _, _ in stages)
+
+
+class Stop(Exception):
+    pass
+
+
+def test_session_training_reads_records_as_it_goes_not_all_first():
+    # 36,000 sessions of three events, a hundred interleaved at a time
+    lines = [f"{step} xfer-1-{session}" for first in range(0, 36_000, 100) for step in ("open", "write", "close")
+             for session in range(first, first + 100)]
+    consumed = 0
+
+    def counted():
+        nonlocal consumed
+        for consumed, line in enumerate(lines, start=1):
+            yield line
+
+    def progress(stage, done, total, unit="records"):
+        if stage == "reading":  # the first report, after 50,000 records read
+            raise Stop(consumed)
+
+    spec = {"format": "plain", "fields": SESSION_FIELDS, "sessions": {"key": r"xfer-\d+-\d+"}}
+    with pytest.raises(Stop) as stopped:
+        train(counted(), TrainOptions(spec=spec, max_records=10_000), progress)
+    # a list of every line (and of every session so far) was built before the first record was sampled
+    assert stopped.value.args[0] == 50_000 < len(lines)
+
+
+def test_records_tracked_one_at_a_time_are_the_sessions_tracked_in_a_batch():
+    from logscore.sessions import SessionSpec, SessionTracker
+
+    lines, _ = session_lines(300, seed=6)
+    spec = SessionSpec.from_dict({"key": r"xfer-\d+-\d+", "max_sessions": 50})
+    batch = SessionTracker(spec).track(lines)
+    one_at_a_time = list(itertools.islice(SessionTracker(spec).track_each(iter(lines)), len(lines)))
+    assert one_at_a_time == batch
