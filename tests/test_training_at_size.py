@@ -61,3 +61,23 @@ def test_records_tracked_one_at_a_time_are_the_sessions_tracked_in_a_batch():
     batch = SessionTracker(spec).track(lines)
     one_at_a_time = list(itertools.islice(SessionTracker(spec).track_each(iter(lines)), len(lines)))
     assert one_at_a_time == batch
+
+
+def test_a_message_is_masked_once_for_its_tokens_and_its_alarms(monkeypatch):
+    from logscore import masking
+    from logscore.features import Featurizer
+
+    masked = []
+
+    class CountingPattern:
+        def sub(self, replace, text):
+            masked.append(text)
+            return pattern.sub(replace, text)
+
+    pattern = masking._HOST
+    monkeypatch.setattr(masking, "_HOST", CountingPattern())
+    masking.mask_variables.cache_clear()
+    lines = [f"Mar  1 10:00:{i % 60:02d} web1 sshd[{i}]: authentication failure for user{i} from 10.0.0.{i % 250}"
+             for i in range(300)]
+    Featurizer(load_spec(None, "syslog")).transform(lines)
+    assert len(masked) == len(set(masked)) == 300  # tokens masked them; alarms (weight 8) found them masked
