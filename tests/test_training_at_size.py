@@ -1,6 +1,7 @@
 """Training as large logs meet it: no silent stage, no list of every line read."""
 
 import itertools
+import json
 
 import pytest
 
@@ -9,6 +10,7 @@ from logscore.features.featurizer import SESSION_FIELDS
 from logscore.training.train import TrainOptions, train
 
 from .generate import session_lines, shop_lines
+from .test_cli import logscore
 
 
 def test_grouping_and_scoring_held_out_records_say_how_far_they_are():
@@ -81,3 +83,12 @@ def test_a_message_is_masked_once_for_its_tokens_and_its_alarms(monkeypatch):
              for i in range(300)]
     Featurizer(load_spec(None, "syslog")).transform(lines)
     assert len(masked) == len(set(masked)) == 300  # tokens masked them; alarms (weight 8) found them masked
+
+
+def test_windows_without_timestamps_are_refused_before_the_record_model_is_trained(tmp_path):
+    records = [json.dumps({"level": "INFO", "message": f"job {i} done in {i % 90} ms"}) for i in range(3000)]
+    result = logscore("train", "--input", "-", "--format", "jsonl", "--json-records", "--windows",
+                      "--out", tmp_path / "m.onnx", stdin="\n".join(records))
+    assert result.returncode == 1
+    assert "--windows: only 0 of 2000 records carry a readable timestamp" in result.stderr
+    assert "fold 1/5" not in result.stderr  # (it trained for ten minutes on 1M lines, then refused)

@@ -479,6 +479,10 @@ def run_train(args) -> int:
     behaviour = behaviour_options(args)
     if behaviour is not None:
         records = list(records)  # read twice: the record model, then behaviour in file order
+        if not args.base and not spec.get("sessions"):
+            from .training.behaviour import check_timestamps
+
+            check_timestamps(records, spec, behaviour)
     if args.base:
         model, metadata = base_model(args.base)
     else:

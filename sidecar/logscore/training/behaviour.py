@@ -75,6 +75,21 @@ def time_ordered(fields: Sequence[dict], what: str) -> tuple[np.ndarray, np.ndar
     return order, times[order]
 
 
+TIME_PROBE = 2000  # records, evenly spread, read for their timestamps before any training
+
+
+def check_timestamps(records: Sequence[object], spec: dict, options: BehaviourOptions) -> None:
+    """Refuse input without timestamps before the record model is trained, not after: on 1M
+    lines that was ten minutes of training, then the refusal. An even sample of the records is
+    read as the behaviour learners will read them (the same rule, on the sample)."""
+    from ..features import Featurizer
+
+    step = max(1, len(records) // TIME_PROBE)
+    probe = records[::step][:TIME_PROBE]
+    fields = Featurizer(spec, also_fields=TIME_FIELDS).normalizer.normalize(probe).fields
+    time_ordered(fields, "--windows" if options.windows else "--entities")
+
+
 def dimensions_of(fields: Sequence[dict], order: np.ndarray, dimensions: Sequence[str]) -> list[str]:
     """The dimensions, but ``host`` where it names the client (Fluentd's apache2 parser calls the
     client host): a window per client repeats the client detector, with a new key for every new
