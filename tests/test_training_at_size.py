@@ -2,6 +2,9 @@
 
 import itertools
 import json
+import signal
+import subprocess
+import sys
 
 import pytest
 
@@ -10,6 +13,7 @@ from logscore.features.featurizer import SESSION_FIELDS
 from logscore.training.train import TrainOptions, train
 
 from .generate import session_lines, shop_lines
+from .sidecar_process import ROOT
 from .test_cli import logscore
 
 
@@ -92,3 +96,19 @@ def test_windows_without_timestamps_are_refused_before_the_record_model_is_train
     assert result.returncode == 1
     assert "--windows: only 0 of 2000 records carry a readable timestamp" in result.stderr
     assert "fold 1/5" not in result.stderr  # (it trained for ten minutes on 1M lines, then refused)
+
+
+def test_ctrl_c_while_training_stops_with_a_line_and_leaves_no_model(tmp_path):
+    source = tmp_path / "access.log"
+    source.write_text("\n".join(shop_lines(6000, seed=4)) + "\n")
+    out = tmp_path / "m.onnx"
+    process = subprocess.Popen([sys.executable, "-m", "logscore", "train", "--input", str(source), "--out", str(out)],
+                               cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    for line in process.stderr:
+        if "fold 1/5" in line:  # training, well past reading
+            break
+    process.send_signal(signal.SIGINT)
+    rest = process.stderr.read()
+    assert process.wait(timeout=30) == 130
+    assert "Traceback" not in rest and rest.rstrip().endswith("logscore train: interrupted")
+    assert not list(tmp_path.glob("*m.onnx*"))

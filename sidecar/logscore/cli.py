@@ -46,7 +46,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 1
     except BrokenPipeError:  # e.g. `logscore score ... | head`
         return 0
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C: said in a line, not a traceback (train writes a model whole or not at all)
+        print(f"logscore {args.command}: interrupted", file=sys.stderr)
         return 130
 
 

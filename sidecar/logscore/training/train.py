@@ -553,3 +553,6 @@ def save_model(model, path: str | Path) -> None:
     except OSError as error:
         temporary.unlink(missing_ok=True)
         raise ConfigError(f"{path}: cannot write the model ({error.strerror or error})") from None
+    except BaseException:  # Ctrl-C while writing: no half-written file left beside the model
+        temporary.unlink(missing_ok=True)
+        raise
