@@ -383,9 +383,13 @@ def learn_behaviour(model: onnx.ModelProto, metadata: dict, records: Sequence[ob
     # (remote_addr for windows too: dimensions_of tells whether a host is the client)
     read = [*((*fields_read(options.dimensions), "remote_addr") if options.windows else ()),
             *((options.entity_key, *CLIENT_FIELDS) if options.entities else ()), *TIME_FIELDS]
+    cross_fit = options.entities and not metadata["featurizer"].get("sessions")
+    # Cross-fitted first: the two half models are trained before every record's fields are held
+    # (1M access lines: 2.9 GB at the peak with both at once).
+    fitted_scores = cross_fitted(records, metadata, progress) if cross_fit else None
     fields, scores, novelty = score_for_behaviour(model.SerializeToString(), metadata, records, progress, also=read)
-    if options.entities and not metadata["featurizer"].get("sessions"):
-        scores, novelty = cross_fitted(records, metadata, progress)
+    if fitted_scores is not None:
+        scores, novelty = fitted_scores
     parts = []
     if options.windows:
         progress("behaviour: learning windows", 0, None, "records")
