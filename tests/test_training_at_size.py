@@ -112,3 +112,30 @@ def test_ctrl_c_while_training_stops_with_a_line_and_leaves_no_model(tmp_path):
     assert process.wait(timeout=30) == 130
     assert "Traceback" not in rest and rest.rstrip().endswith("logscore train: interrupted")
     assert not list(tmp_path.glob("*m.onnx*"))
+
+
+def test_entities_train_the_cross_fitted_halves_before_holding_every_record_s_fields(monkeypatch):
+    import numpy as np
+
+    from logscore.training import behaviour
+
+    calls = []
+
+    def cross_fitted(records, metadata, progress):
+        calls.append("half models trained")
+        return np.zeros(0), np.zeros(0)
+
+    def score_for_behaviour(*args, **kwargs):  # returns every record's fields: held from here on
+        calls.append("fields held")
+        raise Stop
+
+    class Model:
+        def SerializeToString(self):
+            return b""
+
+    monkeypatch.setattr(behaviour, "cross_fitted", cross_fitted)
+    monkeypatch.setattr(behaviour, "score_for_behaviour", score_for_behaviour)
+    with pytest.raises(Stop):
+        behaviour.learn_behaviour(Model(), {"featurizer": {}}, [], behaviour.BehaviourOptions(entities=True),
+                                  lambda *args: None)
+    assert calls == ["half models trained", "fields held"]  # (1M access lines: 2.9 GB with both at once)
