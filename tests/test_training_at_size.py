@@ -139,3 +139,14 @@ def test_entities_train_the_cross_fitted_halves_before_holding_every_record_s_fi
         behaviour.learn_behaviour(Model(), {"featurizer": {}}, [], behaviour.BehaviourOptions(entities=True),
                                   lambda *args: None)
     assert calls == ["half models trained", "fields held"]  # (1M access lines: 2.9 GB with both at once)
+
+
+def test_a_new_stage_is_said_even_right_after_the_last_one(capsys):
+    from logscore.cli import ProgressPrinter
+
+    progress = ProgressPrinter()
+    progress("behaviour: scoring records", 10, 10)
+    progress("behaviour: learning windows", 0, None)
+    progress("behaviour: learning windows", 1, None)  # within half a second of the stage's first line: not said
+    assert capsys.readouterr().err.splitlines() == ["[train] behaviour: scoring records: 10/10 records",
+                                                     "[train] behaviour: learning windows: 0 records"]

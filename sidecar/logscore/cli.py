@@ -420,12 +420,15 @@ class ProgressPrinter:
     def __init__(self, command: str = "train"):
         self.command = command
         self.last = 0.0
+        self.stage = ""
 
     def __call__(self, stage: str, done: int, total: Optional[int], unit: str = "records") -> None:
         now = time.monotonic()
-        if now - self.last < 0.5 and (total is None or done < total):
+        # A new stage is always said: "learning windows" came 0.1 s after the last record scored,
+        # was dropped, and half a minute of learning windows looked like scoring.
+        if now - self.last < 0.5 and stage == self.stage and (total is None or done < total):
             return
-        self.last = now
+        self.last, self.stage = now, stage
         amount = f"{done}/{total}" if total else f"{done}"
         print(f"[{self.command}] {stage}: {amount} {unit}", file=sys.stderr, flush=True)
 
