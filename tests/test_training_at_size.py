@@ -82,7 +82,7 @@ def test_a_message_is_masked_once_for_its_tokens_and_its_alarms(monkeypatch):
 
     pattern = masking._HOST
     monkeypatch.setattr(masking, "_HOST", CountingPattern())
-    masking.mask_variables.cache_clear()
+    masking._remembered.cache_clear()
     lines = [f"Mar  1 10:00:{i % 60:02d} web1 sshd[{i}]: authentication failure for user{i} from 10.0.0.{i % 250}"
              for i in range(300)]
     Featurizer(load_spec(None, "syslog")).transform(lines)

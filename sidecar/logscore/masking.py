@@ -46,12 +46,24 @@ _HOST = re.compile(rf"(?P<host>(?<![\w.\-])(?:[a-z0-9](?:[a-z0-9\-]{{0,61}}[a-z0
 _TOKEN_OF = {"ip6": "ip"}
 
 
-# NOTE: a message's tokens and alarms converters both mask it, one right after the other for a
-# batch's distinct messages: remembered, the second costs a lookup (a fifth of training time on
-# sshd's logs, whose messages are full of alarm words). Bounded: a batch's distinct values and more.
-@functools.lru_cache(maxsize=4096)
+MASK_CACHE_CHARS = 1024  # longer texts are masked each time: the remembered ones stay a few MB
+
+
 def mask_variables(text: str, hosts: bool = False) -> str:
     """``conn from 10.1.2.3:22 id 0xdead took 1.5s`` → ``conn from <ip> id <hex> took <num>s``;
     ``open /var/log/x.log`` → ``open <path>``; ``[req-74d58b45-…]`` → ``[req-<uuid>]``; with
     ``hosts``, ``from host8.topspot.net`` → ``from <host>`` too (a reverse-DNS name is a value)."""
+    return _masked(text, hosts) if len(text) > MASK_CACHE_CHARS else _remembered(text, hosts)
+
+
+# NOTE: a message's tokens and alarms converters both mask it, one right after the other for a
+# batch's distinct messages: remembered, the second costs a lookup (a fifth of training time on
+# sshd's logs, whose messages are full of alarm words). Bounded: 4,096 texts of at most
+# MASK_CACHE_CHARS (4,096 of 64 KiB records would have held half a gigabyte in the sidecar).
+@functools.lru_cache(maxsize=4096)
+def _remembered(text: str, hosts: bool) -> str:
+    return _masked(text, hosts)
+
+
+def _masked(text: str, hosts: bool) -> str:
     return (_HOST if hosts else _VARIABLE).sub(lambda m: f"<{_TOKEN_OF.get(m.lastgroup, m.lastgroup)}>", text)
