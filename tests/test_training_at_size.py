@@ -102,8 +102,10 @@ def test_ctrl_c_while_training_stops_with_a_line_and_leaves_no_model(tmp_path):
     source = tmp_path / "access.log"
     source.write_text("\n".join(shop_lines(6000, seed=4)) + "\n")
     out = tmp_path / "m.onnx"
+    # SIGINT as a terminal gives it: a run in the background (CI) inherits it ignored
     process = subprocess.Popen([sys.executable, "-m", "logscore", "train", "--input", str(source), "--out", str(out)],
-                               cwd=ROOT, stderr=subprocess.PIPE, text=True)
+                               cwd=ROOT, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     for line in process.stderr:
         if "fold 1/5" in line:  # training, well past reading
             break
