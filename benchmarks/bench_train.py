@@ -2,11 +2,11 @@
 
     python benchmarks/bench_train.py [--records 100000,1000000] [--detectors rarity] [--json benchmarks/results/train.json]
 
-Writes generated shop lines (tests/generate.py: long tail, a third of the requests never seen
-before) to a file, runs `logscore train --input FILE --format access` in a child process and
-reports its wall and CPU time, its peak resident memory, and the memory per record above a
-2,000-line run (what does not grow with the records). The load average is printed with each
-run (the machine is shared).
+Writes generated shop lines (tests/generate.py: a long tail of requests) to a file, runs
+`logscore train --input FILE --format access` in a child process and reports its wall and CPU
+time, its peak resident memory, and the memory per record above a 2,000-line run in the same
+invocation (what does not grow with the records). Each run states the share of lines whose
+request line is the first of its kind in the file, and the load average (the machine is shared).
 """
 
 from __future__ import annotations
@@ -56,7 +56,10 @@ def main() -> int:
     baseline = None
     for count in [BASELINE_RECORDS, *(int(n) for n in args.records.split(","))]:
         data = workdir / f"access-{count}.log"
-        data.write_text("\n".join(shop_lines(count, seed=12)) + "\n")
+        lines = shop_lines(count, seed=12)
+        data.write_text("\n".join(lines) + "\n")
+        # how new the data is: the share of lines whose request line comes first in the file
+        first_seen = len({line.split('"', 2)[1] for line in lines}) / count
         model = workdir / f"model-{count}.onnx"
         run = run_child([logscore, "train", "--input", str(data), "--format", "access", "--detectors",
                          args.detectors, "--out", str(model)])
@@ -68,10 +71,12 @@ def main() -> int:
                "peak_rss_mib": round(run["peak_rss_mib"], 1),
                "bytes_per_record": round((run["peak_rss_mib"] - baseline["peak_rss_mib"]) * 2 ** 20
                                          / max(count - BASELINE_RECORDS, 1)),
-               "model_bytes": model.stat().st_size, "load_average": load_average()}
+               "model_bytes": model.stat().st_size, "request_lines_first_seen_share": round(first_seen, 3),
+               "load_average": load_average()}
         results["runs"].append(row)
         print(f"{count:>9} lines: {row['wall_s']} s wall, {row['cpu_s']} s CPU, peak RSS {row['peak_rss_mib']} MiB "
               f"({row['bytes_per_record']} bytes a record above a {BASELINE_RECORDS}-line run)  "
+              f"request lines first seen {first_seen:.1%}  "
               f"load {row['load_average']}",
               flush=True)
         data.unlink()

@@ -609,8 +609,6 @@ def checked_entry(entry) -> list:
         raise entry
     if not (isinstance(entry, (list, tuple)) and len(entry) == 2 and isinstance(entry[1], dict)):
         raise InvalidEntry(f"an entry is not [time, record] but {type(entry).__name__}")
-    if not _is_time(entry[0]):
-        raise InvalidEntry(f"an entry's time is a {type(entry[0]).__name__}")
     if (problem := time_problem(entry[0])) is not None:
         raise InvalidEntry(f"an entry's time {problem}")
     if nested_deeper_than(entry[1], MAX_RECORD_DEPTH):

@@ -63,7 +63,8 @@ class KeyCounter:
         """(distinct keys ascending, how often each occurred): valid until the next ``add``."""
         if not self._keys:
             return np.zeros(0, np.int64), np.zeros(0, np.int64)
-        self._merge()
+        if len(self._keys) > 1:  # (one array is merged already: the merged keys, or a first chunk's unique ones)
+            self._merge()
         return self._keys[0], self._counts[0]
 
 
@@ -156,26 +157,24 @@ def record_key_pairs(featurizer: Featurizer, records: Sequence[object], chunk: i
         fresh_keys.append(chunk_keys)
         fresh += len(chunk_keys)
         if fresh > COMPACT_PAIRS:
-            common = common_keys(counter, bound, marked())
+            common = common_keys(*counter.totals(), bound, marked())
             kept_parts.append(_without(common, np.concatenate(fresh_rows), np.concatenate(fresh_keys)))
             kept += len(kept_parts[-1][1])
             fresh_rows, fresh_keys, fresh = [], [], 0
             if kept > 2 * max(filtered_whole, COMPACT_PAIRS):
                 kept_parts = [_without(common, *_joined(kept_parts))]
                 kept = filtered_whole = len(kept_parts[0][1])
-    common = common_keys(counter, bound, marked())
+    all_keys, counts = counter.totals()
     if fresh_rows:
         kept_parts.append((np.concatenate(fresh_rows), np.concatenate(fresh_keys)))
-    rows, keys = _without(common, *_joined(kept_parts))
+    rows, keys = _without(common_keys(all_keys, counts, bound, marked()), *_joined(kept_parts))
     distinct, key_index = np.unique(keys, return_inverse=True)
-    all_keys, counts = counter.totals()
     return KeyPairs(rows, keys, key_index, distinct, counts[np.searchsorted(all_keys, distinct)], len(records))
 
 
-def common_keys(counter: KeyCounter, bound: float, marked: np.ndarray) -> np.ndarray:
+def common_keys(keys: np.ndarray, counts: np.ndarray, bound: float, marked: np.ndarray) -> np.ndarray:
     """Keys (ascending) held by ``bound`` records or more so far, less the marked ones: counts only
     grow, so they are common in the end too."""
-    keys, counts = counter.totals()
     return np.setdiff1d(keys[counts >= bound], marked, assume_unique=True)
 
 

@@ -261,7 +261,7 @@ CHECK_BLOCK = 50_000  # records normalized at a time to count those that parse
 def count_unparsed(sample: Sequence[object], options: TrainOptions, warn: Warn, progress: Progress = quiet) -> int:
     """The number of records that do not parse; refuses input that is mostly unparsed (a wrong
     --format, a binary file) and warns when more than a few records do not parse. Block by
-    block: the fields of 1M JSON records at once held more than a gigabyte."""
+    block, saying how far (11 s of silence on 1M JSON records)."""
     normalizer = Featurizer(options.spec).normalizer
     field_maps = normalizer.log_format == "jsonl" or any(isinstance(record, dict) for record in sample[:100])
     parsed = np.zeros(len(sample), dtype=bool)
