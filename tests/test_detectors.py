@@ -160,6 +160,7 @@ def test_screening_pairs_hold_exactly_the_rare_and_marked_keys_of_each_record(mo
     from .generate import shop_lines
 
     monkeypatch.setattr(streaming, "COMPACT_PAIRS", 3000)
+    monkeypatch.setattr(streaming.KeySet, "SLOT_BITS", 6)  # common keys sharing slots, looked up apart
     lines = shop_lines(3000, seed=4)
     featurizer = Featurizer(load_spec(None, "access"))
     featurizer.fit(lines)
@@ -180,3 +181,72 @@ def test_screening_pairs_hold_exactly_the_rare_and_marked_keys_of_each_record(mo
     assert pairs.distinct[pairs.key_index].tolist() == pairs.keys.tolist()
     assert pairs.holders.tolist() == holders_all[np.searchsorted(distinct_all, pairs.distinct)].tolist()
     assert pairs.records == len(lines)
+    every_key, occurrences = np.unique(np.concatenate(every_keys), return_counts=True)
+    assert pairs.every_key.tolist() == every_key.tolist() and pairs.occurrences.tolist() == occurrences.tolist()
+    assert (occurrences > np.unique(pairs_all[1], return_counts=True)[1]).any()  # keys two converters share
+
+
+def test_a_url_plan_learns_what_fitting_the_masked_urls_learns():
+    """EnumerationPlan (each URL split once, then array operations per mask) against the rule
+    written out: a slot is an enumeration with at most max_enum_values values, each used
+    min_enum_support times on average."""
+    from logscore.features.converters import UrlConverter
+
+    rng = np.random.default_rng(5)
+    urls = [f"/p{rng.integers(3)}?sort={rng.integers(9 + (i % 3))}&id={i}&x" if i % 17 else None
+            for i in range(600)]
+    converter = UrlConverter("url")
+    plan = converter.fit_plan(urls)
+    for _ in range(20):
+        mask = rng.random(len(urls)) < rng.uniform(0.05, 1.0)
+        values, uses = {}, {}
+        for url in (u for u, keep in zip(urls, mask) if keep and u is not None):
+            template, params, _ = converter._split(url)
+            for name, value in params:
+                values.setdefault(f"{template}?{name}", set()).add(value)
+                uses[f"{template}?{name}"] = uses.get(f"{template}?{name}", 0) + 1
+        expected = sorted(slot for slot, seen in values.items() if len(seen) <= 8 and uses[slot] >= 5 * len(seen))
+        assert plan.learned(mask) == {"enumerated": expected}
+        assert 0 < len(expected) < len(values)
+
+
+def test_crossfit_tables_equal_fitting_on_the_masked_records():
+    """The fold models from the sample's key counts (training/crossfit.py) are the models fit on
+    the fold's records: the same table key for key and the same featurizer, also where a fold
+    learns other enumerations than the whole sample (a 9th value of ``tab`` in three records only)
+    and with records vouching for nothing."""
+    from logscore.features import Featurizer, load_spec
+    from logscore.training import streaming
+    from logscore.training.crossfit import CrossFit
+    from logscore.training.train import TrainOptions, fit, quiet
+
+    from .generate import access_line, shop_lines
+
+    import random
+
+    lines_rng, rng = random.Random(2), np.random.default_rng(2)
+    odd = [access_line(lines_rng, "GET", f"/list?tab={'ninth' if i < 3 else i // 4 % 8}&page={i}") for i in range(300)]
+    sample = shop_lines(1500, seed=6) + odd
+    options = TrainOptions(spec=load_spec(None, "access"), chunk=128)
+    reference = Featurizer(options.spec)
+    plan = reference.fit_plan(sample)
+    reference.apply(plan.learned())
+    pairs = streaming.record_key_pairs(reference, sample, options.chunk, len(sample), lambda: np.zeros(0, np.int64))
+    crossfit = CrossFit(sample, options.spec, plan, reference, pairs.every_key, pairs.occurrences, options.chunk,
+                        None)
+    folds = np.arange(len(sample)) % 4
+    ninth = np.zeros(len(sample), dtype=bool)
+    ninth[1500:1503] = True
+    for fold, aside, vouching in [(0, ninth, None), (1, ninth, ~(rng.random(len(sample)) < 0.05)), (2, None, None)]:
+        held_out = folds == fold
+        mask = ~held_out & (~aside if aside is not None else True)
+        featurizer, features = crossfit.features(mask, quiet, "test", vouching, held_out)
+        fitted = fit([r for r, use in zip(sample, mask) if use], options, quiet, "test",
+                     vouching=None if vouching is None else vouching[mask])
+        assert featurizer.spec() == fitted.featurizer.spec()
+        assert features.table.keys.tolist() == fitted.table.keys.tolist()
+        assert features.table.surprise.tolist() == fitted.table.surprise.tolist()
+        assert features.table.records == fitted.table.records and features.table.support == fitted.table.support
+        learned_here = "/list?tab" in featurizer.spec()["fields"][0]["converters"][0]["enumerated"]
+        assert learned_here == (aside is not None)  # without the three, tab is an enumeration
+        assert (featurizer is reference) == (aside is None)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import re
 import weakref
-from collections import Counter, defaultdict
+from collections import Counter
 from typing import Iterable, Iterator, Optional, Sequence
 from urllib.parse import unquote_plus
 
@@ -181,7 +181,16 @@ class Converter:
                 **self.config, **self.learned()}
 
     def fit(self, values: Values) -> None:
-        """Learn from training values; most converters learn nothing."""
+        """Learn from training values (``fit_plan``)."""
+        self.apply(self.fit_plan(values).learned())
+
+    def fit_plan(self, values: Values) -> "FitPlan":
+        """What ``fit`` learns from any subset of ``values`` (training fits a model on each fold);
+        most converters learn nothing."""
+        return NOTHING_LEARNED
+
+    def apply(self, learned: dict) -> None:
+        """Take on a state ``learned()`` returned (of this converter or a twin)."""
 
     def learned(self) -> dict:
         return {}
@@ -298,6 +307,70 @@ def length_bucket(length: int) -> int:
     return length.bit_length()
 
 
+class FitPlan:
+    """What a converter learns from the records of any mask over the values it was made from."""
+
+    def learned(self, mask: Optional[np.ndarray] = None) -> dict:
+        """``Converter.learned()`` after fitting on the values where ``mask`` (all when None)."""
+        return {}
+
+    def touched(self, first: dict, second: dict) -> np.ndarray:
+        """Positions (ascending) of the values whose features differ between two learned states."""
+        return np.zeros(0, dtype=np.int64)
+
+
+NOTHING_LEARNED = FitPlan()
+
+
+class EnumerationPlan(FitPlan):
+    """``UrlConverter``'s fit for any subset of its values: each distinct URL is split once, into
+    (URL, slot, parameter value) triples, so a fold's enumerations are a few array operations
+    (splitting 800,000 URLs for each of ten fold models was a fifth of training 1M records).
+
+    A slot ``{template}?{name}`` is an enumeration when it takes at most ``max_enum_values``
+    distinct values and is used at least ``min_enum_support`` times per value."""
+
+    def __init__(self, values: Values, split, max_values: int, min_support: float):
+        """``split(url)`` → (template, [(name, value)], flags), as ``UrlConverter`` reads a URL."""
+        index: dict = {}
+        self.value_ids = np.fromiter((index.setdefault(v, len(index)) for v in values), dtype=np.int64,
+                                     count=len(values))
+        slots: dict[str, int] = {}
+        params: dict[str, int] = {}
+        triples: list[tuple[int, int, int]] = []
+        for url_id, value in enumerate(index):
+            if value is None:
+                continue
+            template, pairs, _ = split(value)
+            for name, param_value in pairs:
+                slot = slots.setdefault(f"{template}?{name}", len(slots))
+                triples.append((url_id, slot, params.setdefault(param_value, len(params))))
+        self.slots = list(slots)
+        url, slot, param = np.array(triples, dtype=np.int64).reshape(-1, 3).T
+        self.url, self.slot, self.param = url, slot, param
+        self.distinct_values, self.distinct_params = len(index), len(params)
+        self.max_values, self.min_support = int(max_values), float(min_support)
+
+    def learned(self, mask: Optional[np.ndarray] = None) -> dict:
+        ids = self.value_ids if mask is None else self.value_ids[mask]
+        records = np.bincount(ids, minlength=self.distinct_values)[self.url]  # per triple: records holding it
+        present = records > 0
+        slot = self.slot[present]
+        uses = np.bincount(slot, weights=records[present], minlength=len(self.slots))
+        slot_values = np.unique(slot * self.distinct_params + self.param[present])
+        distinct = np.bincount(slot_values // max(self.distinct_params, 1), minlength=len(self.slots))
+        chosen = (distinct > 0) & (distinct <= self.max_values) & (uses >= self.min_support * distinct)
+        return {"enumerated": sorted(self.slots[s] for s in np.flatnonzero(chosen))}
+
+    def touched(self, first: dict, second: dict) -> np.ndarray:
+        changed = set(first["enumerated"]).symmetric_difference(second["enumerated"])
+        if not changed:
+            return np.zeros(0, dtype=np.int64)
+        slots = np.array([s in changed for s in self.slots], dtype=bool)
+        urls = np.unique(self.url[slots[self.slot]])
+        return np.flatnonzero(np.isin(self.value_ids, urls))
+
+
 class UrlConverter(Converter):
     """Structure of a request URL (or a form body, with ``part: query``).
 
@@ -335,23 +408,11 @@ class UrlConverter(Converter):
     def learned(self) -> dict:
         return {"enumerated": sorted(self.enumerated)}
 
-    def fit(self, values: Values) -> None:
-        seen: dict[str, set[str]] = defaultdict(set)
-        uses: dict[str, int] = defaultdict(int)
-        # Each distinct URL split once (which slots are enumerations does not depend on order).
-        for value, count in Counter(values).items():
-            if value is None:
-                continue
-            template, params, _ = self._split(value)
-            for name, param_value in params:
-                slot = f"{template}?{name}"
-                uses[slot] += count
-                if len(seen[slot]) <= self.config["max_enum_values"]:
-                    seen[slot].add(param_value)
-        self.enumerated = frozenset(
-            slot for slot, values_seen in seen.items()
-            if len(values_seen) <= self.config["max_enum_values"]
-            and uses[slot] >= self.config["min_enum_support"] * len(values_seen))
+    def apply(self, learned: dict) -> None:
+        self.enumerated = frozenset(learned["enumerated"])
+
+    def fit_plan(self, values: Values) -> "EnumerationPlan":
+        return EnumerationPlan(values, self._split, self.config["max_enum_values"], self.config["min_enum_support"])
 
     def _split(self, value: str) -> tuple[str, list[tuple[str, str]], list[str]]:
         flags = []

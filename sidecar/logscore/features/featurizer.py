@@ -19,7 +19,7 @@ from ..records import DEFAULT_MAX_LINE_CHARS, RecordNormalizer, text_columns, to
 from ..sessions import SessionSpec
 from .batch import FeatureBatch, FeatureSink
 from . import native as compiled
-from .converters import Converter, make_converter
+from .converters import Converter, FitPlan as ConverterPlan, make_converter
 
 # A never-seen word of failure in a message weighs as much as 8 never-seen words (converters.py:
 # AlarmsConverter); models from before keep their own spec.
@@ -119,6 +119,22 @@ def load_spec(path: Optional[str], log_format: str) -> dict:
     return spec
 
 
+class FitPlan:
+    """What ``Featurizer.fit`` learns from the records of any mask over the records the plan was made
+    from (training fits a model on each fold, and again each screening round)."""
+
+    def __init__(self, converters: list[ConverterPlan]):
+        self.converters = converters
+
+    def learned(self, mask: Optional[np.ndarray] = None) -> list[dict]:
+        return [plan.learned(mask) for plan in self.converters]
+
+    def touched(self, first: list[dict], second: list[dict]) -> np.ndarray:
+        """Positions (ascending) of the records whose features differ between two learned states."""
+        parts = [plan.touched(a, b) for plan, a, b in zip(self.converters, first, second)]
+        return np.unique(np.concatenate([np.zeros(0, np.int64), *parts]))
+
+
 class Featurizer:
     def __init__(self, spec: dict, max_line_chars: int = DEFAULT_MAX_LINE_CHARS, native: Optional[bool] = None,
                  also_fields: Sequence[str] = (), message_levels: bool = True):
@@ -199,10 +215,21 @@ class Featurizer:
         return values, batch.parsed, truncated, batch.fields if with_fields else None, extra
 
     def fit(self, records: Sequence[object]) -> None:
+        self.apply(self.fit_plan(records).learned())
+
+    def fit_plan(self, records: Sequence[object]) -> "FitPlan":
+        """What ``fit`` learns from any subset of ``records``."""
         values, _, _ = self.field_values(records)
-        for converter in self.converters:
-            converter.fit(values[converter.field])
+        return FitPlan([converter.fit_plan(values[converter.field]) for converter in self.converters])
+
+    def apply(self, learned: list[dict]) -> None:
+        """Take on the converters' states a ``FitPlan`` learned."""
+        for converter, state in zip(self.converters, learned):
+            converter.apply(state)
             converter.forget()
+
+    def learned(self) -> list[dict]:
+        return [converter.learned() for converter in self.converters]
 
     def transform(self, records: Sequence[object], dense: bool = True, with_fields: bool = False,
                   columns: Sequence[str] = ()) -> FeatureBatch:

@@ -56,12 +56,11 @@ from __future__ import annotations
 import json
 import zlib
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
-from ..features import FeatureBatch, Featurizer
-from .streaming import KeyPairs, record_key_pairs
+from .streaming import KeyPairs
 
 EXAMPLES = 10  # set-aside records named in the metadata, most anomalous first
 MAX_CONTAMINATION = 0.02  # the share of attacks the reference score is computed past
@@ -75,15 +74,6 @@ EXAMPLE_CHARS = 300
 # the injection prior's): the common ones, most of some 130 keys a record, say nothing of clusters
 # or rare signatures, and holding all of them took 5 GB on 1M records.
 CLUSTER_MARGIN = 2.5
-
-
-def record_keys(sample: Sequence[object], spec: dict, chunk: int, bound: float, marked: Callable[[], np.ndarray],
-                observe: Optional[Callable[[FeatureBatch], None]] = None) -> KeyPairs:
-    """Each record's distinct feature keys held by fewer than ``bound`` records, or marked
-    (``record_key_pairs``)."""
-    featurizer = Featurizer(spec)
-    featurizer.fit(sample)
-    return record_key_pairs(featurizer, sample, chunk, bound, marked, observe)
 
 
 def screening_bound(records: int, target_fpr: float) -> float:

@@ -31,11 +31,12 @@ from ..errors import ConfigError, InputError
 from ..features import Featurizer
 from ..model import make_session, run_graph
 from ..sessions import SessionSpec, SessionTracker
-from .detectors import DETECTORS, Detector, RarityTable, default_support
+from .detectors import DETECTORS, Detector, Features, RarityTable, default_support
 from .graph import GraphBuilder
 from .prior import DEFAULT_SHARE, AlarmVocabulary, InjectionPrior
-from .robust import cluster_mates, example_text, record_keys, screen, screening_bound, signature_folds
-from .streaming import KeyPairs, featurize_for_fit, raw_scores
+from .crossfit import CrossFit
+from .robust import cluster_mates, example_text, screen, screening_bound, signature_folds
+from .streaming import KeyPairs, featurize_for_fit, raw_scores, record_key_pairs
 
 Progress = Callable[[str, int, Optional[int], str], None]  # stage, done, total, unit
 Warn = Callable[[str], None]
@@ -199,12 +200,21 @@ def fit(records: Sequence[object], options: TrainOptions, progress: Progress, st
     per record), features none of the vouching records hold stay never seen (robust.py)."""
     featurizer = Featurizer(options.spec)
     featurizer.fit(records if featurizer_records is None else featurizer_records)
+    # Bounded memory: key counts and (for vector detectors) the dense block, not every key.
+    streamed = featurize_for_fit(featurizer, records, options.chunk, reads_vectors(options),
+                                 options.support, progress, f"{stage}: featurizing", vouching)
+    return fit_detectors(featurizer, streamed.features, options, progress, stage)
+
+
+def reads_vectors(options: TrainOptions) -> bool:
+    """Whether a detector reads the dense block (else the key counts are the whole model: crossfit.py)."""
+    return any(DETECTORS[kind].uses_dense for kind in options.detectors)
+
+
+def fit_detectors(featurizer: Featurizer, data: Features, options: TrainOptions, progress: Progress,
+                  stage: str) -> Fitted:
     detectors = [DETECTORS[kind](seed=options.seed, **dict(options.detector_params.get(kind, {})))
                  for kind in options.detectors]
-    # Bounded memory: key counts and (for vector detectors) the dense block, not every key.
-    streamed = featurize_for_fit(featurizer, records, options.chunk, any(d.uses_dense for d in detectors),
-                                 options.support, progress, f"{stage}: featurizing", vouching)
-    data = streamed.features
     for done, detector in enumerate(detectors, start=1):
         detector.progress = detector_progress(progress, f"{stage}: fitting {detector.kind}")
         detector.fit(data)
@@ -212,12 +222,25 @@ def fit(records: Sequence[object], options: TrainOptions, progress: Progress, st
     return Fitted(featurizer, data.table, detectors)
 
 
+def fit_masked(sample: Sequence[object], mask: np.ndarray, options: TrainOptions, progress: Progress, stage: str,
+             vouching: Optional[np.ndarray], crossfit: Optional[CrossFit],
+             held_out: Optional[np.ndarray] = None) -> Fitted:
+    """``fit`` on the records of ``mask`` (``vouching``: bool per record of the sample), from the
+    sample's key counts when ``crossfit`` is given (``held_out``: as ``CrossFit.features`` takes it)."""
+    if crossfit is not None:
+        return fit_detectors(*crossfit.features(mask, progress, stage, vouching, held_out), options, progress,
+                             stage)
+    return fit([r for r, use in zip(sample, mask) if use], options, progress, stage,
+               vouching=None if vouching is None else vouching[mask])
+
+
 def out_of_fold_raw_scores(sample: Sequence[object], options: TrainOptions, progress: Progress,
                            folds: Optional[np.ndarray] = None, fit_mask: Optional[np.ndarray] = None,
-                           stage: str = "", vouching: Optional[np.ndarray] = None) -> np.ndarray:
+                           stage: str = "", vouching: Optional[np.ndarray] = None,
+                           crossfit: Optional[CrossFit] = None) -> np.ndarray:
     """Raw scores of every record from a model that never saw it (k-fold cross-fitting);
     the fold models are fit on the records of ``fit_mask`` only (default: all), with ``vouching``
-    as ``fit`` takes it.
+    (bool per record) as ``fit`` takes it, from the sample's key counts with ``crossfit``.
 
     Calibrating on all records instead of one small held-out split puts the
     threshold on a 5x larger sample: the 99.9th percentile of 10,000 records
@@ -227,11 +250,9 @@ def out_of_fold_raw_scores(sample: Sequence[object], options: TrainOptions, prog
     fit_mask = np.ones(len(sample), dtype=bool) if fit_mask is None else fit_mask
     raw = np.zeros((len(sample), len(options.detectors)), dtype=np.float32)
     for fold in range(options.folds):
-        inside_mask = fit_mask & (folds != fold)
-        inside = [r for r, use in zip(sample, inside_mask) if use]
         outside = [r for r, f in zip(sample, folds) if f == fold]
-        fitted = fit(inside, options, progress, f"{stage}fold {fold + 1}/{options.folds}",
-                     vouching=None if vouching is None else vouching[inside_mask])
+        fitted = fit_masked(sample, fit_mask & (folds != fold), options, progress,
+                            f"{stage}fold {fold + 1}/{options.folds}", vouching, crossfit, folds == fold)
         raw[folds == fold] = scores_with_progress(make_session(fitted.graph().SerializeToString()), fitted, outside,
                                                   options.chunk, progress,
                                                   f"{stage}fold {fold + 1}/{options.folds}: scoring held-out records")
@@ -262,14 +283,18 @@ def count_unparsed(sample: Sequence[object], options: TrainOptions, warn: Warn, 
     """The number of records that do not parse; refuses input that is mostly unparsed (a wrong
     --format, a binary file) and warns when more than a few records do not parse. Block by
     block, saying how far (11 s of silence on 1M JSON records)."""
-    normalizer = Featurizer(options.spec).normalizer
+    featurizer = Featurizer(options.spec)
+    normalizer = featurizer.normalizer
     field_maps = normalizer.log_format == "jsonl" or any(isinstance(record, dict) for record in sample[:100])
     parsed = np.zeros(len(sample), dtype=bool)
     present = dict.fromkeys(normalizer.wanted, 0)  # parsed records holding each field the model reads
     for start in range(0, len(sample), CHECK_BLOCK):
-        batch = normalizer.normalize(sample[start: start + CHECK_BLOCK])
-        parsed[start: start + len(batch.parsed)] = batch.parsed
-        if field_maps:
+        block = sample[start: start + CHECK_BLOCK]
+        if not field_maps:  # lines: the compiled parser where there is one (the Python one took 5 s on 1M)
+            parsed[start: start + len(block)] = featurizer.field_values(block)[1]
+        else:
+            batch = normalizer.normalize(block)
+            parsed[start: start + len(block)] = batch.parsed
             for one in (one for one, ok in zip(batch.fields, batch.parsed) if ok):
                 for name in present:
                     present[name] += one.get(name) is not None
@@ -397,7 +422,7 @@ def train(records: Iterable[object], options: TrainOptions,
     def marked() -> np.ndarray:
         return np.unique(np.concatenate([np.zeros(0, np.int64)] + [m.marked_keys() for m in markers]))
 
-    pairs = None
+    pairs, crossfit = None, None
     if prior is not None or screening_on:
         progress("grouping similar records", 0, len(sample), "records")
         grouped = 0
@@ -410,10 +435,16 @@ def train(records: Iterable[object], options: TrainOptions,
 
         bound = max(support, screening_bound(len(sample), options.target_fpr),
                     prior.support(len(sample)) if prior is not None else 0.0)
-        pairs = record_keys(sample, options.spec, options.chunk, bound, marked, observe_and_report)
+        reference = Featurizer(options.spec)
+        plan = reference.fit_plan(sample)
+        reference.apply(plan.learned())
+        pairs = record_key_pairs(reference, sample, options.chunk, bound, marked, observe_and_report)
+        if not reads_vectors(options):
+            crossfit = CrossFit(sample, options.spec, plan, reference, pairs.every_key, pairs.occurrences,
+                                options.chunk, options.support)
     injection = prior.set_aside(pairs) if prior is not None else np.zeros(len(sample), dtype=bool)
     eligible = alarms.holders(pairs) if alarms is not None else None
-    folds, screening = screen_sample(sample, options, support, progress, pairs, eligible)
+    folds, screening = screen_sample(sample, options, support, progress, pairs, eligible, crossfit)
     # Neither learned nor calibrated on (kept in the calibration, a payload family's copies put the
     # threshold among them; docs/accuracy.md measures both).
     kept = ~screening.set_aside & ~injection
@@ -422,12 +453,12 @@ def train(records: Iterable[object], options: TrainOptions,
     threshold = choose_threshold(calibrated, options)
     flagged = float((calibrated >= threshold).mean())
     held_back = held_back_fpr(screening.raw, folds, kept, options)
-    kept_records = [r for r, keep in zip(sample, kept) if keep]
-    vouching = None if screening.vouching is None else screening.vouching[kept]
     if options.feedback is None:
-        final = fit(kept_records, options, progress, "final model", vouching=vouching)
+        final = fit_masked(sample, kept, options, progress, "final model", screening.vouching, crossfit)
     else:  # learned as normal, left out of calibration (training/feedback.py)
         copies = options.feedback.copies(support)
+        kept_records = [r for r, keep in zip(sample, kept) if keep]
+        vouching = None if screening.vouching is None else screening.vouching[kept]
         if vouching is not None:  # an operator's verdict vouches for its records
             vouching = np.concatenate([vouching, np.ones(len(copies), dtype=bool)])
         final = fit(kept_records + copies, options, progress, "final model",
@@ -518,10 +549,12 @@ def check_feedback(final: Fitted, calibration: dict, threshold: float, options: 
 
 
 def screen_sample(sample: Sequence[object], options: TrainOptions, support: float, progress: Progress,
-                  pairs: Optional[KeyPairs], eligible: Optional[np.ndarray] = None):
+                  pairs: Optional[KeyPairs], eligible: Optional[np.ndarray] = None,
+                  crossfit: Optional[CrossFit] = None):
     """(folds, Screening): out-of-fold raw scores, with what looks like attacks set aside
-    (``pairs``: the records' distinct keys, ``record_keys``; needed when screening; ``eligible``:
-    the records that may be set aside, all when None)."""
+    (``pairs``: the records' distinct keys, ``record_key_pairs``; needed when screening; ``eligible``:
+    the records that may be set aside, all when None; ``crossfit``: fold models from the sample's
+    key counts)."""
     if not options.set_aside or "rarity" not in options.detectors:
         folds = np.arange(len(sample)) % options.folds
         raw = out_of_fold_raw_scores(sample, options, progress, folds)
@@ -534,7 +567,7 @@ def screen_sample(sample: Sequence[object], options: TrainOptions, support: floa
             stage = "unusual records vouching for nothing, "
         else:
             stage = f"screening round {next(rounds)}, " if not fit_mask.all() else ""
-        return out_of_fold_raw_scores(sample, options, progress, folds, fit_mask, stage, vouching)
+        return out_of_fold_raw_scores(sample, options, progress, folds, fit_mask, stage, vouching, crossfit)
 
     return folds, screen(score_out_of_fold, len(sample), options.target_fpr, options.set_aside_factor,
                          options.screening_rounds,
