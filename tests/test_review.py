@@ -14,7 +14,8 @@ from logscore.decide import decide
 from logscore.feedback import NORMAL, Entry, FeedbackStep, RuleSet, path_family, pattern_from_records, similar
 from logscore.metrics import Metrics
 from logscore.model import Model
-from logscore.review import NEW_TOKENS, Groups, ReviewRing, render_page, with_new_keys
+from logscore.feedback_store import FeedbackService, Mark, SqliteStore
+from logscore.review import NEW_TOKENS, Groups, ReviewRing, render_group, render_page, with_new_keys
 
 from .generate import access_line, shop_lines
 from .sidecar_process import ROOT
@@ -81,6 +82,40 @@ def test_new_plain_files_of_a_section_are_one_group_whatever_their_type_and_its_
     # The suppressed files join the marked group; the .php, still flagged, starts a group of its own.
     assert (downloads.count, downloads.suppressed) == (7, 2)
     assert [g.count for g in ring.snapshot() if any("setup-" in e.text for e in g.examples)] == [1]
+
+
+def test_a_group_another_mark_covers_is_offered_after_those_awaiting_a_verdict_until_that_mark_is_undone(
+        shop_model_path, tmp_path):
+    """Fonts with a version parameter (.woff, .ttf) and new plain .ttf fonts are two groups; the first
+    one's mark covers the second (its pattern names their kind), so the page offers it after the
+    groups still awaiting a verdict, saying so: an operator's next mark goes to one of those. A font
+    of a type the mark does not cover joining the group, or the mark undone, offers it again."""
+    model = Model.load(shop_model_path)
+    rng = random.Random(130)
+
+    def files(template: str, count: int) -> list[str]:
+        return [access_line(rng, "GET", template.format(rng.randint(1, 5000))) for _ in range(count)]
+
+    ring = ReviewRing()
+    service = FeedbackService(SqliteStore(str(tmp_path / "feedback.sqlite3")), 1.0, review=ring)
+    service.store.migrate()
+    observe(model, ring, files("/fonts/icons-{}.woff?v=4.7.0", 3) + files("/fonts/icons-{}.ttf?v=4.7.0", 1)
+            + files("/fonts/body-{}.ttf", 2) + [access_line(rng, "GET", "/fonts/body'--.ttf")]
+            + shop_lines(100, seed=131))
+    versioned, plain, odd = ring.offered()[:3]
+    assert [versioned.count, plain.count, odd.count] == [4, 2, 1] and plain.kind == {"path /fonts/…"}
+
+    entry = service.mark(Mark(verdict=NORMAL, author="ana", group=versioned.id))
+    assert plain.covered_by == [entry.id] and odd.covered_by == [] and versioned.covered_by == []
+    assert ring.offered()[:3] == [odd, versioned, plain]
+    assert f"covered by #{entry.id}" in render_group(plain, 0.0, 60.0)
+
+    service.remove(entry.id, "ana")
+    assert plain.covered_by == [] and ring.offered()[:3] == [versioned, plain, odd]
+    entry = service.mark(Mark(verdict=NORMAL, author="ana", group=versioned.id))
+    assert plain.covered_by == [entry.id]
+    observe(model, ring, files("/fonts/body-{}.otf", 1), service.rules)
+    assert plain.count == 3 and plain.covered_by == [] and ring.offered()[:3] == [plain, odd, versioned]
 
 
 def test_a_path_family_leaves_out_only_a_plain_new_paths_file_type():

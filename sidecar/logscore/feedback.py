@@ -85,16 +85,8 @@ class Entry:
 
     def examples(self) -> list[object]:
         """The records the entry was made from (field maps back as dicts), for training."""
-        found = []
-        for text in self.pattern.get("examples") or ([self.example] if self.example else []):
-            if text.startswith("{"):
-                try:
-                    found.append(json.loads(text))
-                    continue
-                except ValueError:
-                    pass
-            found.append(text)
-        return found
+        texts = self.pattern.get("examples") or ([self.example] if self.example else [])
+        return [record_from_text(text) for text in texts]
 
     def as_json(self) -> dict:
         pattern = {k: v for k, v in self.pattern.items() if k not in ("keys", "kind", "examples")}
@@ -124,6 +116,16 @@ def record_text(record: object) -> str:
     except TypeError:  # a binary map key (Fluentd's regexp parsers on a non-ASCII line): INTERNAL before
         text = field_map_json(record)
     return text[:EXAMPLE_CHARS]
+
+
+def record_from_text(text: str) -> object:
+    """A record back from ``record_text``: a field map's JSON as a dict, a line as it is."""
+    if text.startswith("{"):
+        try:
+            return json.loads(text)
+        except ValueError:
+            pass
+    return text
 
 
 def base_name(model_name: str) -> str:

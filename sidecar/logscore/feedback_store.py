@@ -473,6 +473,11 @@ class FeedbackService:
             self._reachable()
         log.info("feedback loaded", extra={"store": self.store.description, "revision": revision,
                                            "active_entries": len(self.rules)})
+        if self.review is not None:
+            try:
+                self.review.recheck(self.rules)
+            except Exception:  # a bug: the page's coverage stays as it was; the rules are in force
+                log.exception("review groups not checked against the new feedback")
         self.on_reload(self)
         return True
 
@@ -529,10 +534,11 @@ class FeedbackService:
             else:
                 pattern = pattern_from_records(model, mark.records)
                 example = record_text(mark.records[0])
-        entry = self.add(Entry(0, mark.verdict, pattern, mark.author, mark.reason, model_name, route, mark.entity,
-                               expires_at=mark.expires_at, example=example))
+        entry = self.store.add(Entry(0, mark.verdict, pattern, mark.author, mark.reason, model_name, route,
+                                     mark.entity, expires_at=mark.expires_at, example=example))
         if mark.group and self.review is not None:
-            self.review.marked(mark.group, entry.id, entry.verdict)
+            self.review.marked(mark.group, entry.id, entry.verdict)  # first: the others are checked against it
+        self._reload_after_write()
         return entry
 
     def add(self, entry: Entry) -> Entry:
@@ -542,9 +548,9 @@ class FeedbackService:
 
     def remove(self, entry_id: int, by: str) -> Entry:
         removed = self.store.remove(entry_id, by)
-        self._reload_after_write()
         if self.review is not None:
-            self.review.unmarked(entry_id)
+            self.review.unmarked(entry_id)  # first: the groups are checked against the feedback left
+        self._reload_after_write()
         return removed
 
     def entries(self, include_removed: bool = False) -> list[Entry]:

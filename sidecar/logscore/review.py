@@ -11,12 +11,18 @@ new plain files of a section being alike whatever their file type (feedback.path
 operator calls `config.xsl` and `config.xml` of a new project one kind). Assigning a record costs
 a dictionary lookup per feature of its kind (no clustering pass).
 `logscore report` groups scored files with the same ``Groups``, by feature names instead of keys.
+
+Whenever the feedback changes, the ring checks the groups no one has marked: a group whose recent
+examples the feedback now suppresses is *covered* (by a mark of another group whose pattern names
+its kind), and the page lists it after the groups still awaiting a verdict, so an operator's next
+mark goes to a group that needs one (ReviewRing.offered).
 """
 
 from __future__ import annotations
 
 import threading
 import time
+import weakref
 from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
 from html import escape
@@ -24,8 +30,9 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from .feedback import (MAX_KIND_TOKENS, NO_KEYS, FeedbackStep, Flagged, base_name, path_family, record_text,
-                       similar_counts, strip_rarity)
+from .decide import decide
+from .feedback import (EXAMPLE_CHARS, MAX_KIND_TOKENS, NO_KEYS, FeedbackStep, Flagged, RuleSet, base_name,
+                       path_family, record_from_text, record_text, similar_counts, strip_rarity)
 from .svg import bars, timeline
 
 EXAMPLES = 5
@@ -64,6 +71,7 @@ class Group:
     unusual_keys: np.ndarray = field(default_factory=lambda: NO_KEYS)
     kinds: dict = field(default_factory=dict)  # union of the members' kinds (bounded)
     feedback: list = field(default_factory=list)  # (entry id, verdict) given on this group
+    covered_by: list = field(default_factory=list)  # normal entries that suppress its examples (not marked itself)
     max_buckets: int = TIMELINE_BUCKETS
     number: int = 0  # in order of creation: of groups of one count, the one seen first is listed first
 
@@ -99,6 +107,11 @@ def grouping_kind(kind: frozenset) -> frozenset:
 
 def marked_normal(group: Group) -> bool:
     return any(verdict == "normal" for _, verdict in group.feedback)
+
+
+def awaiting_verdict(group: Group) -> bool:
+    """Neither marked nor covered by a mark of another group: what an operator still has to judge."""
+    return not group.feedback and not group.covered_by
 
 
 class Groups:
@@ -205,6 +218,9 @@ class ReviewRing:
         self._tokens, self._refilled = inspect_per_s, time.monotonic()
         self.not_grouped: Counter = Counter()  # model -> flagged records over the budget
         self.on_not_grouped = on_not_grouped or (lambda model, n: None)
+        # Per base name (a group's model), the model that last sent records, to check groups against
+        # new feedback (a weak reference: an unloaded model goes; its groups are then not checked).
+        self._models: dict[str, weakref.ref] = {}
 
     def admit(self, model_name: str, wanted: int) -> int:
         """How many of ``wanted`` flagged records may be inspected now; the rest are counted."""
@@ -223,6 +239,7 @@ class ReviewRing:
     def observe(self, model, records: Sequence[object], flagged: list[Flagged], step: FeedbackStep) -> None:
         now = time.time()
         with self.lock:
+            self._models[base_name(model.name)] = weakref.ref(model)
             for item in flagged:
                 route = step.route(item.index)
                 created = self.groups.created
@@ -241,6 +258,8 @@ class ReviewRing:
                     group.unusual_keys = with_new_keys(group.unusual_keys, item.unusual_keys, room)
                     group.kinds.update(dict.fromkeys(item.kind))
                 note = ""
+                if not item.suppressed_by:  # the feedback leaves it flagged: its group needs a verdict again
+                    group.covered_by = []
                 if item.suppressed_by:
                     group.suppressed += 1
                     note = "suppressed by feedback " + ", ".join(f"#{i}" for i in item.suppressed_by)
@@ -270,6 +289,52 @@ class ReviewRing:
         with self.lock:
             return self.groups.largest()
 
+    def offered(self) -> list[Group]:
+        """The groups in the page's order: those awaiting a verdict first, each part largest first."""
+        return sorted(self.snapshot(), key=lambda group: not awaiting_verdict(group))
+
+    def recheck(self, rules: RuleSet) -> None:
+        """Which unmarked groups the feedback now covers: every example of theirs, scored again with
+        ``rules`` in force, is no longer flagged, some suppressed by an entry. Examples are the
+        group's most recent records, without their entity (entity-scoped entries cover none); one
+        cut for display is not the record it was, and its group is not covered."""
+        with self.lock:
+            every = list(self.groups.by_id.values())
+            pending = [(group, [e.text for e in group.examples]) for group in every if not group.feedback]
+            models = {name: ref() for name, ref in self._models.items()}
+        covered: dict[str, list[int]] = {}
+        by_model: dict[str, list] = {}
+        for group, texts in pending:
+            whole = texts and all(len(text) < EXAMPLE_CHARS for text in texts)
+            if whole and len(rules) and models.get(group.model) is not None:
+                by_model.setdefault(group.model, []).append((group, texts))
+        for name, groups in by_model.items():
+            covered.update(covered_by_rules(models[name], groups, rules))
+        with self.lock:
+            for group in every:
+                group.covered_by = covered.get(group.id, [])
+
+
+def covered_by_rules(model, groups: list[tuple[Group, list[str]]], rules: RuleSet) -> dict[str, list[int]]:
+    """Group id -> the normal entries suppressing every one of its examples, for the groups they cover."""
+    records = [record_from_text(text) for _, texts in groups for text in texts]
+    routes = [group.route for group, texts in groups for _ in texts]
+    suppressors: dict[int, list[int]] = {}
+
+    def seen(model, records, flagged: list[Flagged], step) -> None:
+        suppressors.update((item.index, item.suppressed_by) for item in flagged if item.suppressed_by)
+
+    step = FeedbackStep(rules, records, routes, observe=seen)
+    flags = decide(model, model.score(records), feedback=step).is_anomaly
+    found, start = {}, 0
+    for group, texts in groups:
+        span = range(start, start + len(texts))
+        start += len(texts)
+        ids = sorted({i for row in span for i in suppressors.get(row, ())})
+        if ids and not flags[span.start: span.stop].any():
+            found[group.id] = ids
+    return found
+
 
 # --- the page ------------------------------------------------------------------------------------
 
@@ -296,7 +361,7 @@ def render_page(ring: ReviewRing, entries: list, histograms: dict, thresholds: d
     """The review page: groups of recent anomalies, the score histogram per model, the feedback list."""
     from .metrics import SCORE_BUCKETS
 
-    groups = ring.snapshot()
+    groups = ring.offered()
     now = time.time()
     parts = [f"<!doctype html><html lang=en><head><meta charset=utf-8><title>logscore review</title>"
              f"<style>{STYLE}</style></head><body>",
@@ -337,6 +402,8 @@ def render_page(ring: ReviewRing, entries: list, histograms: dict, thresholds: d
 
 def render_group(group: Group, now: float, bucket_s: float) -> str:
     marks = "".join(f' <span class="badge {escape(v)}">marked {escape(v)} #{i}</span>' for i, v in group.feedback)
+    if group.covered_by and not group.feedback:
+        marks += f' <span class="badge normal">covered by {", ".join(f"#{i}" for i in group.covered_by)}</span>'
     share = f"{group.suppressed:,} suppressed" + (f", {group.kept:,} kept" if group.kept else "")
     start = now - TIMELINE_BUCKETS * bucket_s
     end = now + bucket_s
@@ -346,7 +413,7 @@ def render_group(group: Group, now: float, bucket_s: float) -> str:
             points += [(bucket, 0), (bucket, count), (bucket + bucket_s, count), (bucket + bucket_s, 0)]
     points.append((end, 0))
     names = "".join(f"<li>{escape(n)}</li>" for n in group.names) or "<li>(no feature named: a session model)</li>"
-    css = "group suppressed" if group.feedback and group.feedback[-1][1] == "normal" else "group"
+    css = "group suppressed" if (group.feedback[-1][1] == "normal" if group.feedback else group.covered_by) else "group"
     return (f'<div class="{css}" id="{group.id}" data-group="{group.id}"><div class=head>'
             f'<span class=count>{group.count:,}</span>'
             f'<span><b>{escape(group.model)}</b>{" · route " + escape(group.route) if group.route else ""}'
