@@ -9,8 +9,10 @@ Data: the Elastic example Apache log (10,000 real lines, 17-20 May 2015, Apache-
     (SQL injection, XSS, path traversal, command execution: the default model card's families);
     scored through the same decide step as the sidecar, flagged records grouped by the review
     page's ring; the --groups largest groups holding no injected line (false positives, by the
-    labels) are marked normal through the feedback service (a SQLite store); the review lines are
-    then scored again with the feedback in force (the records of the marked kinds, coming again);
+    labels) are marked normal through the feedback service (a SQLite store), one after another as
+    the page offers them (a group an earlier mark covers is listed after those awaiting a verdict,
+    and not marked); the review lines are then scored again with the feedback in force (the
+    records of the marked kinds, coming again);
   - evaluation: the rest of the lines (later traffic, never reviewed), injected the same way, scored
     without and with the feedback in force;
   - retraining, the loop's last step: models trained on the training and the reviewed lines (their
@@ -47,7 +49,7 @@ from logscore.feedback_store import FeedbackService, Mark, SqliteStore  # noqa: 
 from logscore.features import load_spec  # noqa: E402
 from logscore.inputs import read_lines  # noqa: E402
 from logscore.model import Model  # noqa: E402
-from logscore.review import ReviewRing  # noqa: E402
+from logscore.review import ReviewRing, awaiting_verdict  # noqa: E402
 from logscore.training.feedback import load_feedback  # noqa: E402
 from logscore.training.train import TrainOptions, save_model, train  # noqa: E402
 
@@ -143,16 +145,20 @@ def main() -> int:
         service.store.migrate()
         service.reload(force=True)
         marked = []
-        for group in ring.snapshot():
-            if len(marked) == args.groups:
+        while len(marked) < args.groups:
+            # As the page offers them after each mark: groups awaiting a verdict, largest first (one
+            # that an earlier mark now covers is not offered).
+            group = next((g for g in ring.offered() if awaiting_verdict(g)
+                          and not any(e.text in injected for e in g.examples)), None)
+            if group is None:
                 break
-            if any(e.text in injected for e in group.examples):
-                continue
             members = [i for i, (when, gid) in enumerate(ring.recent) if gid == group.id]
             entry = service.mark(Mark(verdict="normal", author="benchmark", reason="false positives", group=group.id))
             marked.append({"group": group.id, "count": group.count, "entry": entry.id,
                            "features": group.names[:3], "example": group.examples[-1].text[:160],
                            "records_seen": len(members)})
+        covered = [{"group": g.id, "count": g.count, "covered_by": g.covered_by,
+                    "example": g.examples[-1].text[:160]} for g in ring.snapshot() if g.covered_by and not g.feedback]
         after_review = run_period(model, review, service.rules)
         left = [review[i] for i in np.flatnonzero(after_review & ~review_labels)]
         lost = [review[i] for i in np.flatnonzero(before_review & ~after_review & review_labels)]
@@ -184,7 +190,7 @@ def main() -> int:
                  "attack_share": args.attack_share, "payload_families": list(PAYLOAD_FILES),
                  "payloads": len(pool)},
         "model": {"target_fpr": args.target_fpr, "threshold": model.threshold, "train_seconds": round(train_seconds, 1)},
-        "groups_in_review": len(ring.snapshot()), "groups_marked": marked,
+        "groups_in_review": len(ring.snapshot()), "groups_marked": marked, "groups_covered_by_marks": covered,
         "review_normal_lines_still_flagged": [line.split('"')[1][:160] for line in left],
         "review_attacks_no_longer_flagged": [line.split('"')[1][:200] for line in lost],
         "review": {"before": review_before, "after": review_after, "fall_factor": fall(review_before, review_after)},
