@@ -810,6 +810,40 @@ def test_a_measurement_series_scores_the_same_in_any_unit():
         assert np.allclose(score_series(times, percent * factor), scores, atol=1e-9)
 
 
+def test_series_scores_from_the_past_only_whatever_the_file_goes_on_with():
+    """The first part of a file scores the same alone as followed by a tail of another step (hourly,
+    most of the file's steps) and another kind (fractions and negatives after counts): the step and
+    the kind settle from the warm-up, not from the whole file."""
+    from logscore.series import score_series
+    rng = np.random.default_rng(11)
+    times = START + 300 * np.arange(288 * 3)  # three days of 5-minute counts
+    hour = (times // 3600) % 24
+    values = rng.poisson(20 + 10 * np.sin(2 * np.pi * hour / 24)).astype(float)
+    values[288 * 2 + 100: 288 * 2 + 106] *= 5  # a burst on the third day: scores that are not all 0
+    first = score_series(times, values)
+    assert first.max() > 0.5
+    tail_times = times[-1] + 3600 * np.arange(1, 24 * 40 + 1)  # forty days of hourly points
+    tail = rng.normal(20.0, 5.0, len(tail_times)) - 30.0 * (np.arange(len(tail_times)) % 97 == 50)
+    whole = score_series(np.concatenate([times, tail_times]), np.concatenate([values, tail]))
+    assert np.array_equal(whole[: len(times)], first)
+    assert np.all((whole >= 0) & (whole <= 1))
+
+
+@pytest.mark.parametrize("last, expected", [
+    # counts to measurements: the same square-root scale, Anscombe's 3/8 leaves the level (sqrt(100));
+    # the spread is 2 % of that level: (sqrt(100.5) - 10) / 0.2, not 0.031 against sqrt(100.375)
+    (100.5, (np.sqrt(100.5) - 10.0) / 0.2),
+    # counts to signed values: the level becomes 100 itself, the spread 2 % of it: 101 / 2
+    (-1.0, 50.5),
+])
+def test_a_series_of_counts_widens_its_kind_at_a_value_that_contradicts_it(last, expected):
+    from logscore.series import deviations
+    times = START + 300 * np.arange(288 * 2 + 1)  # two flat days of counts, then a fraction or a negative
+    values = np.full(len(times), 100.0)
+    values[-1] = last
+    assert deviations(times, values)[-1] == pytest.approx(expected, rel=1e-6)
+
+
 def test_a_sparse_count_series_alarms_on_a_burst_not_on_a_few_counts_in_its_silence():
     from logscore.series import CONFIRM_STEPS, score_series
     rng = np.random.default_rng(5)

@@ -25,7 +25,8 @@ half-life is 69 windows, not two days (69 minutes of 1-minute windows, 5.75 hour
 The scale never falls below ``min_scale``: ``COUNT_MIN_SCALE`` for counts (Poisson noise). A
 measurement has no such unit: its spread never falls below ``min_share`` of its level instead
 (``MEASURE_MIN_SHARE``), so the same measurements in other units (dollars or euros, percent or
-a fraction) get the same deviations. NOTE: which a series is, is read from its values: one written
+a fraction) get the same deviations. NOTE: which a series is, is read from its values (for
+`evaluate --series`, from its first day's, widened later by a fraction or a negative: series.py): one written
 in whole numbers (bytes, cents, milliseconds) is taken for counts, with Poisson's floor; in bytes a
 3 % step of a 2 MB series stands 29 spreads out, in megabytes 0.75.
 

@@ -22,7 +22,9 @@ series' steps; then four questions about each point's deviation, all answered fr
 The score written for a point is therefore the alarm about the point ``CONFIRM_STEPS`` steps
 before it: the alarm comes that many steps late, from the past only.
 
-The first day only learns (its deviations are not scored). Measured on NAB's series, and why
+The first day only learns (its deviations are not scored); the series' usual step and its kind
+(counts, measurements, or values that go negative: ``Kind``) settle from that day's points, and the
+kind widens from the first later value that contradicts it. Measured on NAB's series, and why
 these questions and not others, in docs/accuracy.md (benchmarks/nab_evaluate.py).
 """
 
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import collections
 import csv
+import enum
 import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -118,21 +121,93 @@ def unix_seconds(text: str) -> Optional[float]:
         return None
 
 
+class Kind(enum.IntEnum):
+    """What a series' values are. It settles from the warm-up and only widens (COUNTS → MEASUREMENTS
+    → SIGNED) when a later value contradicts it, never narrows back."""
+
+    COUNTS = 0  # whole numbers, none negative: Anscombe's transform, Poisson noise at least
+    MEASUREMENTS = 1  # non-negative: the square root without offset, a spread relative to the level
+    SIGNED = 2  # some negative: the values as they are, a spread relative to the level
+
+
+def kind_of(values) -> Kind:
+    """The narrowest kind that holds every value (a number or an array)."""
+    if np.any(np.less(values, 0)):
+        return Kind.SIGNED
+    return Kind.COUNTS if np.all(np.equal(values, np.round(values))) else Kind.MEASUREMENTS
+
+
+def warm_up_points(times: np.ndarray) -> int:
+    """How many points the warm-up holds: the first day's (scored 0), and at least 2 (a step)."""
+    return max(int(np.searchsorted(times, times[0] + WARM_UP_S)), 2)
+
+
+def usual_step(times: np.ndarray) -> float:
+    """The series' usual step: the median step of the warm-up's points, so online, as every score."""
+    return float(np.median(np.diff(times[:warm_up_points(times)]))) if len(times) > 1 else 0.0
+
+
+class SeriesForecast:
+    """One series' forecaster (forecast.py on one key), its step and kind given by the warm-up; its
+    kind widens the first time a value contradicts it (a fraction or a negative after a day of counts)."""
+
+    def __init__(self, step_s: float, kind: Kind) -> None:
+        self.kind = kind
+        self.state = ForecastState.empty(1, step_s, *self.floors(kind))
+
+    @staticmethod
+    def floors(kind: Kind) -> tuple[float, float]:
+        """(min_scale, min_share): Poisson noise for counts; measurements have no unit of noise, only a
+        floor relative to their level (forecast.py)."""
+        return (COUNT_MIN_SCALE, 0.0) if kind is Kind.COUNTS else (MEASURE_MIN_SCALE, MEASURE_MIN_SHARE)
+
+    def transform(self, values: np.ndarray) -> np.ndarray:
+        if self.kind is Kind.COUNTS:
+            return count_transform(values)
+        return measure_transform(values) if self.kind is Kind.MEASUREMENTS else values.astype(np.float64)
+
+    def deviation(self, value: float, hour: np.ndarray, week: np.ndarray) -> float:
+        """This value's deviation from the forecast made before it; then the forecast learns it."""
+        kind = max(self.kind, kind_of(value))
+        if kind > self.kind:
+            self.widen(kind)
+        return float(self.state.step(self.transform(np.array([value])), hour, week)[1][0])
+
+    def widen(self, kind: Kind) -> None:
+        """Carry what was learned over to the wider kind's scale, at the level: counts to
+        measurements keep their square-root scale, only Anscombe's 3/8 leaves the level; to values
+        as they are, near a level y on a square-root scale (y = sqrt(value + offset)) a step of the
+        root is 2y in value, so the seasonal offsets, the spread and the recent residuals grow 2y."""
+        state = self.state
+        root = state.level.copy()
+        offset = 0.375 if self.kind is Kind.COUNTS else 0.0
+        if kind is Kind.MEASUREMENTS:
+            state.level = measure_transform(np.square(root) - offset)
+        else:
+            state.level = np.square(root) - offset
+            factor = 2.0 * np.maximum(root, 0.0)
+            state.hour *= factor[:, None]
+            state.week *= factor[:, None]
+            state.recent *= factor[:, None]
+            state.scale *= factor
+        state.min_scale, state.min_share = self.floors(kind)
+        self.kind = kind
+
+
 def deviations(times: np.ndarray, values: np.ndarray) -> np.ndarray:
-    """Each point's deviation from its forecast, the forecast made from the points before it."""
-    step = float(np.median(np.diff(times)))
-    nonnegative = bool(np.all(values >= 0))
-    counts = nonnegative and bool(np.all(values == np.round(values)))  # whole numbers: Poisson noise at least
-    if counts:
-        state = ForecastState.empty(1, step, COUNT_MIN_SCALE)
-        y = count_transform(values)
-    else:  # measurements: no unit of noise, a floor relative to their level (forecast.py)
-        state = ForecastState.empty(1, step, MEASURE_MIN_SCALE, MEASURE_MIN_SHARE)
-        y = measure_transform(values) if nonnegative else values.astype(np.float64)
+    """Each point's deviation from its forecast, the forecast made from the points before it.
+
+    The series' step and kind settle from the warm-up (the first day): its points are forecast
+    with what the whole warm-up says, and no score depends on them before the warm-up is over
+    (its points are scored 0; its daily maximum and record count from the first point after it).
+    A later value that contradicts the kind widens it from that point on (``SeriesForecast``);
+    nothing after a point changes that point's score."""
+    warm_up = warm_up_points(times)
+    forecast = SeriesForecast(usual_step(times), kind_of(values[:warm_up]))
     hours, weeks = slots(times)
     found = np.zeros(len(values))
-    for i in range(len(values)):
-        found[i] = state.step(y[i: i + 1], hours[i: i + 1], weeks[i: i + 1])[1][0]
+    for i, value in enumerate(values.tolist()):
+        found[i] = forecast.deviation(value, hours[i: i + 1], weeks[i: i + 1])
     return found
 
 
@@ -208,10 +283,7 @@ class SeriesScorer:
 def score_series(times: np.ndarray, values: np.ndarray, progress=None) -> np.ndarray:
     """anomaly_score of each point in [0, 1], online; ``progress(done, total)`` now and then."""
     found = deviations(times, values)
-    # The usual step, from the warm-up's points (scored 0 whatever it is): online, as every score.
-    warm_up = max(int(np.searchsorted(times, times[0] + WARM_UP_S)), 2)
-    step_s = float(np.median(np.diff(times[:warm_up]))) if len(times) > 1 else 0.0
-    scorer = SeriesScorer(float(times[0]), step_s)
+    scorer = SeriesScorer(float(times[0]), usual_step(times))
     scores = np.zeros(len(times))
     for i, (moment, deviation) in enumerate(zip(times.tolist(), found.tolist())):
         scores[i] = scorer.score(moment, deviation)
