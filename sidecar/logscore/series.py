@@ -130,11 +130,16 @@ class Kind(enum.IntEnum):
     SIGNED = 2  # some negative: the values as they are, a spread relative to the level
 
 
-def kind_of(values) -> Kind:
-    """The narrowest kind that holds every value (a number or an array)."""
-    if np.any(np.less(values, 0)):
-        return Kind.SIGNED
-    return Kind.COUNTS if np.all(np.equal(values, np.round(values))) else Kind.MEASUREMENTS
+def kinds_of(values: np.ndarray) -> np.ndarray:
+    """Each value's narrowest kind (as ints)."""
+    whole = np.where(values == np.round(values), Kind.COUNTS, Kind.MEASUREMENTS)
+    return np.where(values < 0, Kind.SIGNED, whole)
+
+
+def transform(kinds: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Each value on the scale of its kind."""
+    return np.select([kinds == Kind.COUNTS, kinds == Kind.MEASUREMENTS],
+                     [count_transform(values), measure_transform(values)], values.astype(np.float64))
 
 
 def warm_up_points(times: np.ndarray) -> int:
@@ -161,17 +166,12 @@ class SeriesForecast:
         floor relative to their level (forecast.py)."""
         return (COUNT_MIN_SCALE, 0.0) if kind is Kind.COUNTS else (MEASURE_MIN_SCALE, MEASURE_MIN_SHARE)
 
-    def transform(self, values: np.ndarray) -> np.ndarray:
-        if self.kind is Kind.COUNTS:
-            return count_transform(values)
-        return measure_transform(values) if self.kind is Kind.MEASUREMENTS else values.astype(np.float64)
-
-    def deviation(self, value: float, hour: np.ndarray, week: np.ndarray) -> float:
-        """This value's deviation from the forecast made before it; then the forecast learns it."""
-        kind = max(self.kind, kind_of(value))
+    def deviation(self, kind: int, y: np.ndarray, hour: np.ndarray, week: np.ndarray) -> float:
+        """The deviation of a value (``y``: on the scale of ``kind``, at least as wide as the series')
+        from the forecast made before it; then the forecast learns it."""
         if kind > self.kind:
-            self.widen(kind)
-        return float(self.state.step(self.transform(np.array([value])), hour, week)[1][0])
+            self.widen(Kind(kind))
+        return float(self.state.step(y, hour, week)[1][0])
 
     def widen(self, kind: Kind) -> None:
         """Carry what was learned over to the wider kind's scale, at the level: counts to
@@ -202,12 +202,14 @@ def deviations(times: np.ndarray, values: np.ndarray) -> np.ndarray:
     (its points are scored 0; its daily maximum and record count from the first point after it).
     A later value that contradicts the kind widens it from that point on (``SeriesForecast``);
     nothing after a point changes that point's score."""
-    warm_up = warm_up_points(times)
-    forecast = SeriesForecast(usual_step(times), kind_of(values[:warm_up]))
+    settled = kinds_of(values[:warm_up_points(times)]).max()
+    kinds = np.maximum.accumulate(np.maximum(kinds_of(values), settled))  # the widest so far: the past only
+    forecast = SeriesForecast(usual_step(times), Kind(settled))
+    y = transform(kinds, values)
     hours, weeks = slots(times)
     found = np.zeros(len(values))
-    for i, value in enumerate(values.tolist()):
-        found[i] = forecast.deviation(value, hours[i: i + 1], weeks[i: i + 1])
+    for i, kind in enumerate(kinds.tolist()):
+        found[i] = forecast.deviation(kind, y[i: i + 1], hours[i: i + 1], weeks[i: i + 1])
     return found
 
 
