@@ -47,6 +47,18 @@ def test_explanations_name_the_unusual_parts(shop_model):
     assert all(len(e) <= 5 for e in normal.explanations)
 
 
+def test_explanations_cut_the_names_of_long_values(shop_model):
+    """A 4,800-character path segment is named by its first characters, not whole: each of its
+    record's explanations was 5 KB (and the converter's remembered names 80 MiB at most)."""
+    from logscore.features.converters import MAX_NAME_CHARS
+
+    line = shop_lines(1, seed=11)[0].split('"')[0] + f'"GET /{"abcdefgh" * 600}/x.php HTTP/1.1" 200 10 "-" "x"'
+    explanation = shop_model.score([line], explain=5).explanations[0]
+    cut = [e for e in explanation if "abcdefgh" in e]
+    assert cut and all(len(name.partition(" (")[0]) == MAX_NAME_CHARS and "… (never seen" in name for name in cut)
+    assert any(e.startswith("url: segment x.php") for e in explanation)  # short names whole
+
+
 def test_threshold_can_be_overridden_per_call(shop_model):
     lines = shop_lines(200, seed=13)
     assert shop_model.score(lines, threshold=0.0).is_anomaly.all()

@@ -34,6 +34,9 @@ CACHE_SIZE = 16_384  # distinct values remembered per cache, at most
 # so entries alone would not bound memory. A converter has one to two caches.
 CACHE_BYTES = 4 << 20
 MAX_NAMES = 16_384  # feature names remembered per converter for explanations (≈ 2 MiB at most)
+# A name is cut to this many characters: a 5,000-character path segment, named whole, made each of
+# its record's explanations 5 KB (and the names remembered above 80 MiB).
+MAX_NAME_CHARS = 120
 
 
 def key_bytes(key) -> int:
@@ -239,7 +242,7 @@ class Converter:
         """
         name = self._names.get(key)
         if name is None:
-            name = self._describe(value, key)
+            name = cut_name(self._describe(value, key))
             if len(self._names) >= MAX_NAMES:
                 self._names.clear()
             self._names[key] = name
@@ -305,6 +308,10 @@ def percent_decode(text: str, max_rounds: int) -> tuple[str, int]:
 
 def length_bucket(length: int) -> int:
     return length.bit_length()
+
+
+def cut_name(name: str) -> str:
+    return name if len(name) <= MAX_NAME_CHARS else name[:MAX_NAME_CHARS - 1] + "…"
 
 
 class FitPlan:
