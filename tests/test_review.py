@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import random
 import re
+import time
 
 import numpy as np
 
@@ -237,3 +238,30 @@ def test_the_grafana_dashboard_asks_for_metrics_the_sidecar_exports():
     titles = " ".join(panel["title"] for panel in dashboard["panels"]).lower()
     for subject in ("anomaly rate", "suppressed", "unscored", "latency", "queue"):
         assert subject in titles
+
+
+def test_a_group_places_its_records_at_the_time_their_shipper_sent_else_at_their_arrival(shop_model_path):
+    """The page showed when records arrived: a backlog (a shipper catching up after an outage)
+    read as a burst of now. Forward mode's entries and the Fluentd filter's event streams carry
+    each record's time; a time later than its arrival (a clock ahead) or none is arrival."""
+    import msgpack
+
+    model = Model.load(shop_model_path)
+    ring = ReviewRing()
+    now = time.time()
+    sent = [msgpack.ExtType(0, int(now - 600).to_bytes(4, "big") + (0).to_bytes(4, "big")),  # EventTime
+            int(now - 7200),  # earlier, arriving later: the timeline is in time order all the same
+            int(now + 3600),  # a sender's clock an hour ahead
+            "not a time"]
+    lines = compare_lines(len(sent), seed=130)
+    step = FeedbackStep(RuleSet(), lines, observe=ring.observe, inspect_always=True, times=sent)
+    decide(model, model.score(lines), feedback=step)
+    arrived = time.time()
+    group, = ring.snapshot()
+    assert group.count == 4 and group.first_seen == int(now - 7200)
+    assert now <= group.last_seen <= arrived
+    assert [e.time for e in group.examples][:2] == [int(now - 600), int(now - 7200)]
+    page = render_group(group, arrived, ring.bucket_s)
+    assert f"first {time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(now - 7200))}" in page
+    xs = [float(point.split(",")[0]) for point in re.search(r'points="([^"]*)"', page).group(1).split()]
+    assert xs == sorted(xs) and len(xs) == 2 + 4 * 3  # three buckets: 2 h ago, 10 min ago, now

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional, Sequence
@@ -35,7 +36,7 @@ from .features import FeatureBatch
 from .features.batch import text_key
 from .features.converters import ValueCache, value_shape
 from .model import SCORE_CHUNK, Model, run_graph
-from .records import field_map_json, to_text
+from .records import event_seconds, field_map_json, to_text
 
 NORMAL, KEEP = "normal", "keep"
 VERDICTS = (NORMAL, KEEP)
@@ -508,12 +509,19 @@ class FeedbackStep:
     # callable(model name, n) -> how many of n flagged records the review page may inspect now (it
     # counts the rest as not grouped); None: all
     admit: Optional[Callable[[str, int], int]] = None
+    # Per record, its time as the shipper sent it (forward mode's entries, the Fluentd filter's event
+    # streams: records.event_seconds reads it); empty: none was sent.
+    times: Sequence[object] = ()
 
     def route(self, i: int) -> str:
         return self.routes[i] if self.routes else ""
 
     def entity(self, i: int) -> Optional[str]:
         return self.entities[i] if self.entities else None
+
+    def time(self, i: int) -> float:
+        """Record i's own time in Unix seconds as its shipper sent it, NaN when it sent none."""
+        return event_seconds(self.times[i]) if self.times else math.nan
 
     def apply(self, model: Model, candidates: np.ndarray, scores: np.ndarray,
               flags: np.ndarray, notes: list) -> np.ndarray:

@@ -81,7 +81,9 @@ class Group:
         bucket = int(when // bucket_s * bucket_s)
         self.timeline[bucket] = self.timeline.get(bucket, 0) + 1
         if len(self.timeline) > self.max_buckets:
-            self.timeline.popitem(last=False)
+            # The earliest bucket goes, not the first added: records come with their own times, a
+            # backlog's after later ones.
+            del self.timeline[min(self.timeline)]
         if entity:
             self.entities[entity] += 1
             if len(self.entities) > 10 * TOP_ENTITIES:  # keep the heavy hitters, bounded
@@ -91,6 +93,13 @@ class Group:
         """The feedback pattern of the whole group: every member's unusual features."""
         return {"keys": self.unusual_keys.tolist(), "kind": list(self.kinds)[:MAX_KIND_TOKENS],
                 "features": [strip_rarity(n) for n in self.names], "examples": [e.text for e in self.examples]}
+
+
+def record_time(sent: float, arrival: float) -> float:
+    """When a flagged record happened, for its group's timeline, first and last seen and example: the
+    time its shipper sent with it (NaN: none), or its arrival when there is none or it is later (a
+    sender's clock ahead would keep a group "last seen" in the future)."""
+    return sent if 0 < sent <= arrival else arrival
 
 
 def with_new_keys(keys: np.ndarray, more: np.ndarray, room: int) -> np.ndarray:
@@ -238,18 +247,19 @@ class ReviewRing:
 
     def observe(self, model, records: Sequence[object], flagged: list[Flagged], step: FeedbackStep) -> None:
         now = time.time()
+        when = [record_time(step.time(item.index), now) for item in flagged]
         with self.lock:
             self._models[base_name(model.name)] = weakref.ref(model)
-            for item in flagged:
+            for item, moment in zip(flagged, when):
                 route = step.route(item.index)
                 created = self.groups.created
                 # A record still flagged is not of a kind marked normal: it does not join such a group.
                 kind = grouping_kind(item.kind)
-                group = self.groups.assign(base_name(model.name), route, kind, item.names, now,
+                group = self.groups.assign(base_name(model.name), route, kind, item.names, moment,
                                            avoid=None if item.suppressed_by else marked_normal)
                 if self.groups.created != created:
                     self.on_new_group(model.name)
-                group.add(now, self.bucket_s, step.entity(item.index))
+                group.add(moment, self.bucket_s, step.entity(item.index))
                 # The group's pattern (what a mark makes normal) takes only members of the first one's
                 # kind exactly (a plain new file's type aside): a member adding a token of its own (an
                 # attack's character) adds nothing; a member of another file type adds that type too.
@@ -266,7 +276,7 @@ class ReviewRing:
                 elif item.kept_by:
                     group.kept += 1
                     note = "kept by feedback " + ", ".join(f"#{i}" for i in item.kept_by)
-                group.examples.append(Example(now, record_text(records[item.index]), item.score, note))
+                group.examples.append(Example(moment, record_text(records[item.index]), item.score, note))
                 self.recent.append((now, group.id))
 
     def group(self, group_id: str) -> Optional[Group]:
@@ -408,7 +418,7 @@ def render_group(group: Group, now: float, bucket_s: float) -> str:
     start = now - TIMELINE_BUCKETS * bucket_s
     end = now + bucket_s
     points = [(start, 0)]
-    for bucket, count in group.timeline.items():  # a step per bucket: zero between them
+    for bucket, count in sorted(group.timeline.items()):  # a step per bucket: zero between them
         if bucket >= start:
             points += [(bucket, 0), (bucket, count), (bucket + bucket_s, count), (bucket + bucket_s, 0)]
     points.append((end, 0))
@@ -417,7 +427,7 @@ def render_group(group: Group, now: float, bucket_s: float) -> str:
     return (f'<div class="{css}" id="{group.id}" data-group="{group.id}"><div class=head>'
             f'<span class=count>{group.count:,}</span>'
             f'<span><b>{escape(group.model)}</b>{" · route " + escape(group.route) if group.route else ""}'
-            f' · <span class=muted>{share}; last {time.strftime("%H:%M:%S", time.gmtime(group.last_seen))}'
+            f' · <span class=muted>{share}; first {utc_text(group.first_seen)}, last {utc_text(group.last_seen)} UTC'
             f'</span>{marks}</span>'
             f'{timeline(points, start, end, label=f"{group.id}: records per minute, last 3 hours")}'
             f'<form class=inline method=post action="/ui/feedback">'
@@ -428,11 +438,15 @@ def render_group(group: Group, now: float, bucket_s: float) -> str:
             f'<ul class=features>{names}</ul>{render_group_examples(group)}</div>')
 
 
+def utc_text(seconds: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(seconds))
+
+
 def render_group_examples(group: Group) -> str:
     return "".join(
         f"<div class=example>{escape(e.text)}\n<span class=muted>score {e.score:.4f}"
         f"{' · ' + escape(e.note) if e.note else ''}"
-        f"{' · ' + time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(e.time)) if e.time else ''}</span></div>"
+        f"{' · ' + utc_text(e.time) if e.time else ''}</span></div>"
         for e in reversed(group.examples))
 
 
