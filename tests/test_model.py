@@ -59,6 +59,17 @@ def test_explanations_cut_the_names_of_long_values(shop_model):
     assert any(e.startswith("url: segment x.php") for e in explanation)  # short names whole
 
 
+def test_flagged_records_alone_are_explained_as_every_record_is(shop_model):
+    """Forward mode names features for the flagged records only (featurized again on their own):
+    the same names as explaining every record gives them, and none for the others."""
+    lines = shop_lines(400, seed=15) + [line for _, line in attack_lines(shop_lines(20, seed=16), 8, seed=17)]
+    every = shop_model.score(lines, explain=3)
+    flagged = shop_model.score(lines, explain_flagged=3)
+    assert every.is_anomaly.sum() >= 8 and (flagged.is_anomaly == every.is_anomaly).all()
+    expected = [names if flag else [] for names, flag in zip(every.explanations, every.is_anomaly)]
+    assert [list(names) for names in flagged.explanations] == expected
+
+
 def test_threshold_can_be_overridden_per_call(shop_model):
     lines = shop_lines(200, seed=13)
     assert shop_model.score(lines, threshold=0.0).is_anomaly.all()

@@ -153,7 +153,7 @@ def test_the_batcher_scores_parallel_chunks_at_once_and_answers_in_order():
     barrier = threading.Barrier(2, timeout=30)
     model = type("FakeModel", (), {"name": "fake"})()
 
-    def score_chunk(records, explain):
+    def score_chunk(records, explain, explain_flagged):
         if len(records) == SCORE_CHUNK:
             barrier.wait()  # the first two chunks meet here, or the test fails
         values = np.array(records, dtype=np.float32)

