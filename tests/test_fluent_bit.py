@@ -20,7 +20,9 @@ from pathlib import Path
 import msgpack
 import pytest
 
-from .generate import blog_lines, syslog_lines, timed_shop_lines
+from logscore.report import read_scored, text_summary
+
+from .generate import attack_lines, blog_lines, syslog_lines, timed_shop_lines
 from .sidecar_process import ROOT, SidecarProcess, free_port
 from .test_forward import counter, event_time, send_chunk
 
@@ -201,6 +203,32 @@ def test_every_record_arrives_once_with_its_time_and_a_score(chain, mode):
     assert all(isinstance(r.get("anomaly_score"), float) and "anomaly_unscored" not in r for _, _, r in out)
     expected_tags = {f"web.k{r['n'] % 3}" for _, _, r in out} if mode.startswith("message") else {"web.access"}
     assert {tag for tag, _, _ in out} == expected_tags
+
+
+def test_flagged_records_say_why_and_are_grouped_by_it_at_their_own_time(chain):
+    """Forward mode added no explanation: `logscore report` over Fluent Bit's output put every
+    anomaly of a model in one group ("no explanation in the output"), and the review page placed
+    them at their arrival. Flagged records now say why (others do not), and both group by it; the
+    page at each record's own time (the lines' stamps, days ago)."""
+    workdir, parts, start_sender = chain
+    lines = stamped_lines(400)
+    attacked = {40 * k + 20: line for k, (_, line) in enumerate(attack_lines(blog_lines(50, seed=51), 8, seed=52))}
+    for n, attack in attacked.items():
+        lines[n] = json.dumps({**json.loads(lines[n]), "message": attack})
+    start_sender(lines, "    Require_ack_response true")
+    out = wait_for_lines(workdir, len(lines), timeout=60)
+    flagged = {r["n"]: r for _, _, r in out if r["is_anomaly"]}
+    assert set(attacked) <= set(flagged), sorted(flagged)
+    assert all(len(r["anomaly_explanation"]) == 3 for r in flagged.values())
+    assert not any("anomaly_explanation" in r for _, _, r in out if not r["is_anomaly"])
+
+    totals, groups = read_scored([workdir / "received" / "records.txt"], None)
+    assert totals.anomalies == len(flagged) and len(groups.by_id) >= 4  # four kinds of attack at least
+    assert "no explanation in the output" not in text_summary(totals, groups, 20)
+    status, page = parts["sidecar"].http_get("/ui/")
+    assert status == 200
+    for n in attacked:
+        assert time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(stamp(n)[0])) in page.decode(), n
 
 
 @pytest.mark.parametrize("acks", [True, False], ids=["acks", "no acks"])

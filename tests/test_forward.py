@@ -188,6 +188,10 @@ def test_fluent_logger_messages_arrive_scored(chain):
     assert all(tag == "web.access" for tag, _ in records)
     assert [r["is_anomaly"] for _, r in records] == [False] * 5 + [True]
     assert all(0 <= r["anomaly_score"] <= 1 and r["anomaly_model"] == "apache-access" for _, r in records)
+    # Why, as the Fluentd filter's explanation_key says it: on the flagged record only (it was on none).
+    assert ["anomaly_explanation" in r for _, r in records] == [False] * 5 + [True]
+    explanation = records[-1][1]["anomaly_explanation"]
+    assert len(explanation) == 3 and all(name.endswith(")") for name in explanation), explanation
 
 
 # Every form of time a sender may use; each must reach the next hop exactly as sent.

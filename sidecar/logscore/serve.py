@@ -148,7 +148,8 @@ class Sidecar:
             host, port = split_host_port(s.forward, "--forward")
             self.forward_server = ForwardServer(self.service, NextHop(s.forward_to, s.forward_ack_timeout_s),
                                                 s.forward_max_message_bytes, s.forward_idle_timeout_s,
-                                                s.forward_when_busy, s.forward_events_tag, s.max_connections)
+                                                s.forward_when_busy, s.forward_events_tag, s.max_connections,
+                                                s.forward_explain)
             await listening(self.forward_server.start(host, port), "--forward", s.forward)
             self.bound["forward"] = f"{host}:{self.forward_server.port}"
         for name in ("", SERVICE_NAME):

@@ -50,6 +50,8 @@ class Settings:
                                              "inflate to 64 times this")
     forward_when_busy: str = setting("wait", "when the scoring queue is full: 'wait' (hold the sender, whose "
                                      "buffer keeps the backlog) or 'pass' (pass records on marked unscored)")
+    forward_explain: int = setting(3, "features forward mode names in anomaly_explanation of each flagged record "
+                                   "(unflagged records get none, and cost nothing for it); 0: none")
     tls_cert: Optional[str] = setting(None, "PEM certificate for TLS on the TCP and HTTP listeners")
     tls_key: Optional[str] = setting(None, "PEM private key for --tls-cert")
     tls_client_ca: Optional[str] = setting(None, "PEM CA bundle: require client certificates signed by it (mutual TLS)")
@@ -154,6 +156,13 @@ class Settings:
         settings.validate()
         return settings
 
+    def _validate_forward_explain(self) -> None:
+        from .scoring import MAX_EXPLAIN  # here, not at the top: scoring imports this module
+
+        if not 0 <= self.forward_explain <= MAX_EXPLAIN:
+            raise ConfigError(f"forward_explain {self.forward_explain}: name 0 to {MAX_EXPLAIN} features "
+                              "per flagged record")
+
     def validate(self) -> None:
         if not Path(self.models_dir).is_dir():
             raise ConfigError(f"models directory {self.models_dir!r} does not exist; set --models-dir")
@@ -164,6 +173,7 @@ class Settings:
             raise ConfigError("--forward (receive) and --forward-to (next hop) go together")
         if self.forward_when_busy not in ("wait", "pass"):
             raise ConfigError(f"forward_when_busy: {self.forward_when_busy!r}; use 'wait' or 'pass'")
+        self._validate_forward_explain()
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ConfigError("--tls-cert and --tls-key go together")
         if self.tls_client_ca and not self.tls_cert:

@@ -73,6 +73,7 @@ log = logging.getLogger("logscore.forward")
 
 SCORE_KEY, FLAG_KEY, MODEL_KEY, UNSCORED_KEY = "anomaly_score", "is_anomaly", "anomaly_model", "anomaly_unscored"
 ENTITY_KEY = "entity_score"
+EXPLANATION_KEY = "anomaly_explanation"  # what made a flagged record unusual, as the Fluentd filter's explanation_key
 NOTES_KEY = "anomaly_notes"  # the sidecar's notes on a record, as the Fluentd filter's notes_key; why one is unscored
 # NOTE: Fluent Bit 2+ frames a group of records (OpenTelemetry's resource and scope) by two
 # entries of its own whose time's seconds are -1 (start) and -2 (end); they hold the group's
@@ -1003,8 +1004,9 @@ class ForwardServer(StreamServer):
 
     def __init__(self, service: ScoringService, next_hop: NextHop, max_message_bytes: int,
                  idle_timeout_s: float = 60.0, when_busy: str = "wait", events_tag: Optional[str] = None,
-                 max_connections: int = 512):
+                 max_connections: int = 512, explain: int = 3):
         super().__init__(max_connections, service.metrics)
+        self.explain = explain  # features named on each flagged record (settings.forward_explain)
         self.events_tag = events_tag  # anomaly events go on to the next hop under this tag
         self._injector: Optional[asyncio.Task] = None
         self.service = service
@@ -1289,7 +1291,8 @@ class ForwardServer(StreamServer):
         try:
             while True:
                 try:
-                    outcome = await self.service.score(ScoreCall(records, surface="forward", tags=tags, times=times))
+                    outcome = await self.service.score(ScoreCall(records, surface="forward", tags=tags, times=times,
+                                                                explain_flagged=self.explain))
                     break
                 except Overloaded:
                     if self.when_busy == "pass":
@@ -1305,6 +1308,7 @@ class ForwardServer(StreamServer):
         names = [m.name for m in outcome.models]
         scores, flags, index = outcome.scores.tolist(), outcome.is_anomaly.tolist(), outcome.model_index.tolist()
         notes = notes_by_record([(i, text) for i, _, text in outcome.notes], len(records)) if outcome.notes else None
+        explanations = outcome.explanations
         for i, record in enumerate(records):
             record[SCORE_KEY] = round(scores[i], 6)
             record[FLAG_KEY] = flags[i]
@@ -1314,6 +1318,11 @@ class ForwardServer(StreamServer):
                 record[NOTES_KEY] = notes[i]
             else:
                 record.pop(NOTES_KEY, None)
+            # Flagged records only: the model named features of records the feedback then unflagged too.
+            if flags[i] and explanations is not None and explanations[i]:
+                record[EXPLANATION_KEY] = explanations[i]
+            else:
+                record.pop(EXPLANATION_KEY, None)
         if outcome.entity_scores is not None:
             for record, value in zip(records, outcome.entity_scores.tolist()):
                 if value == value:  # not NaN: the record names a client
@@ -1324,7 +1333,7 @@ class ForwardServer(StreamServer):
     def _unscored(records: list[dict], tag: str, reason: str) -> None:
         log.warning("forwarding records unscored", extra={"tag": tag, "records": len(records), "error": reason})
         for record in records:
-            for earlier_hop in (SCORE_KEY, FLAG_KEY, MODEL_KEY, ENTITY_KEY):  # a score that is not this hop's
+            for earlier_hop in (SCORE_KEY, FLAG_KEY, MODEL_KEY, ENTITY_KEY, EXPLANATION_KEY):  # not this hop's
                 record.pop(earlier_hop, None)
             record[UNSCORED_KEY] = True
             record[NOTES_KEY] = [f"unscored: {reason}"]
