@@ -56,7 +56,7 @@ class Scored:
     raw_scores: np.ndarray  # float32 [N, detectors]
     truncated: np.ndarray  # bool [N]
     unparsed: np.ndarray  # bool [N]
-    explanations: Optional[list[list[str]]] = field(default=None)
+    explanations: Optional[list[Sequence[str]]] = field(default=None)  # [] or () where none is named
     fields: Optional[list] = None  # normalized field maps (training windows and clients: Model.needs_fields)
     novelty: Optional[np.ndarray] = None  # float [N] share of keys never seen in training (models with clients)
     columns: Optional[dict] = None  # the fields windows and clients read, as text (Model.behaviour_fields)
@@ -190,7 +190,8 @@ class Model:
         """Explanations of the flagged records, none for the others. The flagged ones are featurized
         again on their own (their values are in the featurizer's caches): naming a key of a batch
         works out where each of its keys came from. Explaining the flagged records within their
-        batches cost 1.4 µs a record of the real access log (0.23 % flagged), this 0.4 (2.1 to score)."""
+        batches cost 1.4 µs a record more of the real access log (0.23 % flagged), this 0.25 (1.9 to
+        score; docs/performance.md)."""
         # NOTE: one empty tuple shared by the records not flagged: a list each made the garbage
         # collector run more often, 0.2 µs a record (about all this cost when nothing was flagged).
         explanations: list[Sequence[str]] = [()] * len(records)
