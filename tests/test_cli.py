@@ -228,7 +228,7 @@ def test_the_flood_warning_speaks_for_models_trained_for_many_false_positives_to
     every record, so a model trained that way never warned, even with all 3,000 flagged."""
     from types import SimpleNamespace
 
-    from logscore.cli import flood_warning
+    from logscore.flood import flood_warning
 
     def model(target):
         return SimpleNamespace(metadata={"calibration": {"target_fpr": target}}, name="m",

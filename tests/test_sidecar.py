@@ -23,7 +23,7 @@ from logscore.generated.logscore.v1 import scorer_pb2_grpc as pb_grpc
 from logscore.parsers import parse_access
 from logscore.registry import UNLOAD_GRACE_S
 
-from .generate import attack_lines, shop_lines
+from .generate import attack_lines, blog_lines, shop_lines
 from .sidecar_process import ROOT, SidecarProcess, free_port, make_certificates, models_dir_with
 
 DEFAULT_MODEL = ROOT / "models" / "apache-access.onnx"
@@ -461,3 +461,29 @@ def test_startup_with_no_loadable_model_fails_clearly(tmp_path):
                             cwd=ROOT, capture_output=True, text=True, timeout=30)
     assert result.returncode == 1
     assert "no model could be loaded" in result.stderr and "broken.onnx" in result.stderr
+
+
+def test_a_model_flooding_another_sites_traffic_is_reported_in_the_log_and_readyz(tmp_path):
+    """The default model on a shop's traffic flagged 22 % of it (223 per 1,000 of real Fluentd
+    records on day one) and the sidecar said nothing: no log line, /readyz plain ready."""
+    models = models_dir_with(tmp_path, ROOT / "models" / "apache-access.onnx", "apache-access")
+    process = SidecarProcess(models, tmp_path).start()
+    try:
+        def send(lines):
+            status, body = process.http_post("/v1/score", {"records": [{"message": line} for line in lines]})
+            assert status == 200, body
+            return sum(result["is_anomaly"] for result in body["results"])
+
+        assert send(blog_lines(1000, seed=5)) < 20  # the site it knows: no flood
+        assert "flooding" not in json.loads(process.http_get("/readyz")[1])
+        assert send(shop_lines(1000, seed=5)) > 200
+        flooding = json.loads(process.http_get("/readyz")[1])["flooding"]["apache-access"]
+        assert flooding["flagged"] > 200 and flooding["of_records"] == 1000 and flooding["expected_share"] == 0.002
+        assert send(shop_lines(1000, seed=6)) > 200
+        warnings = [json.loads(line) for line in process.log().splitlines() if "far more records" in line]
+        assert len(warnings) == 1, "logged once per interval, not once per block"
+        assert warnings[0]["model"] == "apache-access" and "--learn" in warnings[0]["message"]
+        send(blog_lines(1000, seed=7))
+        assert "flooding" not in json.loads(process.http_get("/readyz")[1]), "a normal block clears it"
+    finally:
+        process.stop()

@@ -650,34 +650,12 @@ def run_score(args) -> int:
                 entry["record"] = chunk[i]
             out.write(json.dumps(entry) + "\n")
     out.flush()
+    from .flood import flood_warning
+
     warning = flood_warning(model, flagged, line_number)
     if warning:
         print(f"logscore score: warning: {warning}", file=sys.stderr, flush=True)
     return 0
-
-
-# Past this share of records flagged (and MODEL_MISMATCH_RATIO times the model's target FPR, up to
-# MODEL_MISMATCH_MOST, with at least MODEL_MISMATCH_RECORDS scored), the model is no model of this log.
-MODEL_MISMATCH_SHARE = 0.2
-MODEL_MISMATCH_RATIO = 20
-MODEL_MISMATCH_MOST = 0.5  # (a model trained for 5 % false positives or more: never past all records)
-MODEL_MISMATCH_RECORDS = 100
-
-
-def flood_warning(model, flagged: int, scored: int) -> Optional[str]:
-    """What to check when most records are flagged. NOTE: a plain model reads any line, so another
-    log scored with it gives no "did not parse" note: 2,942 of 3,000 access lines were flagged by a
-    Zookeeper model, silently."""
-    target = float(model.metadata.get("calibration", {}).get("target_fpr") or 0.001)
-    share = max(MODEL_MISMATCH_SHARE, min(MODEL_MISMATCH_MOST, MODEL_MISMATCH_RATIO * target))
-    if scored < MODEL_MISMATCH_RECORDS or flagged < scored * share:
-        return None
-    training = model.metadata.get("training", {})
-    inputs = ", ".join(training.get("inputs") or []) or "its training files"
-    return (f"{flagged:,} of {scored:,} records flagged ({flagged / scored:.1%}), where the model expects about "
-            f"{target:.1%} of normal records: check that {model.name} (trained on {inputs}, format "
-            f"{model.featurizer.log_format}) is the model for this log, or train one on it "
-            f"(logscore train --input FILE --format ...)")
 
 
 def result_entry(line_number: int, score: float, is_anomaly: bool, model: str, version: str, notes: list[str],

@@ -12,6 +12,8 @@ import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import HistogramMetricFamily
 
+from .flood import FloodWatch
+
 SCORE_BUCKETS = (0.5, 0.9, 0.99, 0.995, 0.998, 0.999, 0.9995, 0.9999, 1.0)
 REFUSAL_LOG_INTERVAL_S = 10.0  # one log line per kind of refusal and surface at most this often
 
@@ -81,6 +83,7 @@ class Metrics:
                                        registry=r, buckets=(.0001, .0005, .001, .005, .01, .05, .1, .5, 1))
         self.scores = ScoreHistogram()
         r.register(self.scores)
+        self.floods = FloodWatch()
         # NOTE: no file path label: /metrics answers without the token, paths stay behind it (ListModels).
         self.model_info = Gauge("logscore_model_loaded", "1 for each loaded model version",
                                 ["model", "version"], registry=r)
@@ -162,18 +165,20 @@ class Metrics:
         if outcome.notes:
             self._observe_feedback_notes(outcome)
         if len(outcome.models) == 1:  # the usual case: no selection (~3 µs of numpy calls on one record)
-            self._observe_model(outcome.models[0].name, surface, outcome.scores, outcome.is_anomaly)
+            self._observe_model(outcome.models[0], surface, outcome.scores, outcome.is_anomaly)
             return
         for position, model in enumerate(outcome.models):
             mine = outcome.model_index == position
-            self._observe_model(model.name, surface, outcome.scores[mine], outcome.is_anomaly[mine])
+            self._observe_model(model, surface, outcome.scores[mine], outcome.is_anomaly[mine])
 
-    def _observe_model(self, name: str, surface: str, scores: np.ndarray, flags: np.ndarray) -> None:
+    def _observe_model(self, model, surface: str, scores: np.ndarray, flags: np.ndarray) -> None:
+        name = model.name
         self.child(self.records, name, surface).inc(len(scores))
-        anomalies = np.count_nonzero(flags)
+        anomalies = int(np.count_nonzero(flags))
         if anomalies:
             self.child(self.anomalies, name).inc(anomalies)
         self.scores.observe(name, scores)
+        self.floods.observe(model, len(scores), anomalies)
 
     def _observe_feedback_notes(self, outcome) -> None:
         for index, _, description in outcome.notes:

@@ -564,6 +564,9 @@ class SidecarHttp:
                 "rejected_files": without_directories(snapshot.errors)}
         if self.service.learner is not None:
             body["learning"] = self.service.learner.status()
+        flooding = self.service.metrics.floods.status()
+        if flooding:  # still ready: the model works, it is the wrong one for this traffic (log: what to do)
+            body["flooding"] = flooding
         if self.service.feedback is not None:  # an unreachable store does not make the sidecar unready
             body["feedback"] = self.service.feedback.status(public=True)
         if self.service.processes is not None:  # nor does one being replaced: the others score meanwhile

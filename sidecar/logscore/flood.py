@@ -1,0 +1,95 @@
+"""When a model flags far more records than it was trained to, it is likely another site's or
+another log's model: `logscore score` says so at the end of a file, the sidecar in its log and
+/readyz (the shipped default model flagged 22 % of a shop's requests, and the sidecar said nothing)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Optional
+
+# Past this share of records flagged (and MISMATCH_RATIO times the model's target FPR, up to
+# MISMATCH_MOST, with at least MISMATCH_RECORDS scored), the model is no model of this log.
+MISMATCH_SHARE = 0.2
+MISMATCH_RATIO = 20
+MISMATCH_MOST = 0.5  # (a model trained for 5 % false positives or more: never past all records)
+MISMATCH_RECORDS = 100
+
+# The sidecar judges each model on blocks of this many records, and logs at most once per interval.
+SERVE_BLOCK_RECORDS = 1000
+SERVE_LOG_INTERVAL_S = 600.0
+
+log = logging.getLogger("logscore.serve")
+
+
+def target_fpr(model) -> float:
+    return float(model.metadata.get("calibration", {}).get("target_fpr") or 0.001)
+
+
+def mismatch_share(model) -> float:
+    """The share of flagged records past which the model is taken for the wrong one."""
+    return max(MISMATCH_SHARE, min(MISMATCH_MOST, MISMATCH_RATIO * target_fpr(model)))
+
+
+def is_flood(model, flagged: int, scored: int) -> bool:
+    return scored >= MISMATCH_RECORDS and flagged >= scored * mismatch_share(model)
+
+
+def flood_warning(model, flagged: int, scored: int) -> Optional[str]:
+    """What to check when most records are flagged (`logscore score`). NOTE: a plain model reads any
+    line, so another log scored with it gives no "did not parse" note: 2,942 of 3,000 access lines
+    were flagged by a Zookeeper model, silently."""
+    if not is_flood(model, flagged, scored):
+        return None
+    training = model.metadata.get("training", {})
+    inputs = ", ".join(training.get("inputs") or []) or "its training files"
+    return (f"{flagged:,} of {scored:,} records flagged ({flagged / scored:.1%}), where the model expects about "
+            f"{target_fpr(model):.1%} of normal records: check that {model.name} (trained on {inputs}, format "
+            f"{model.featurizer.log_format}) is the model for this log, or train one on it "
+            f"(logscore train --input FILE --format ...)")
+
+
+class FloodWatch:
+    """Per model, the flagged share of its last complete block of records; a block past the
+    mismatch share is logged (once per SERVE_LOG_INTERVAL_S per model) and shown on /readyz."""
+
+    def __init__(self, block_records: int = SERVE_BLOCK_RECORDS, log_interval_s: float = SERVE_LOG_INTERVAL_S):
+        self.block_records = block_records
+        self.log_interval_s = log_interval_s
+        self._lock = threading.Lock()
+        self._counts: dict[str, list[int]] = {}  # model name -> [scored, flagged] of the open block
+        self._flooding: dict[str, dict] = {}  # model name -> its last block, while that block flooded
+        self._logged_at: dict[str, float] = {}
+
+    def observe(self, model, scored: int, flagged: int) -> None:
+        with self._lock:
+            counts = self._counts.setdefault(model.name, [0, 0])
+            counts[0] += scored
+            counts[1] += flagged
+            if counts[0] < self.block_records:
+                return
+            block_scored, block_flagged = counts
+            counts[0] = counts[1] = 0
+            if not is_flood(model, block_flagged, block_scored):
+                self._flooding.pop(model.name, None)
+                return
+            self._flooding[model.name] = {"flagged": block_flagged, "of_records": block_scored,
+                                          "expected_share": target_fpr(model)}
+            now = time.monotonic()
+            if now - self._logged_at.get(model.name, float("-inf")) < self.log_interval_s:
+                return
+            self._logged_at[model.name] = now
+        log.warning("model flags far more records than it was trained to: it is likely not a model of this "
+                    "traffic (another site or log); train one on your own log (logscore train --input FILE "
+                    "--format FORMAT --out MODELS_DIR/NAME.onnx) and send the records to it (the Fluentd filter's "
+                    "`model NAME`, --tag-routes or --default-model), or serve with --learn "
+                    "(docs/operations.md: Learning on arrival)",
+                    extra={"model": model.name, "flagged": block_flagged, "of_records": block_scored,
+                           "flagged_share": round(block_flagged / block_scored, 4),
+                           "expected_share": target_fpr(model)})
+
+    def status(self) -> dict:
+        """Models whose last block of records flooded, for /readyz."""
+        with self._lock:
+            return {name: dict(block) for name, block in self._flooding.items()}
