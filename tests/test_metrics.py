@@ -47,3 +47,25 @@ def test_refusals_are_all_counted_and_logged_once_an_interval_per_kind(caplog, m
                       ("InvalidRequest", "grpc", "no records", 4)]
     text = metrics.render().decode()
     assert 'logscore_errors_total{kind="InvalidRequest",surface="grpc"} 6.0' in text
+
+
+def test_a_new_version_of_a_flooding_model_is_judged_afresh(caplog):
+    """A flooding model replaced (retrained, learned) was still reported flooding from the old
+    version's block, and a new version flooding too went unsaid for the rest of 10 minutes."""
+    from types import SimpleNamespace
+
+    from logscore.flood import FloodWatch
+
+    def model(version):
+        return SimpleNamespace(name="web", version=version, metadata={"calibration": {"target_fpr": 0.002}})
+    watch = FloodWatch(block_records=100)
+    with caplog.at_level(logging.WARNING, logger="logscore.serve"):
+        watch.observe(model("v1"), 100, 30)
+        assert watch.status()["web"]["version"] == "v1"
+        watch.observe(model("v2"), 50, 0)
+        assert watch.status() == {}, "the new version has scored no block yet"
+        watch.observe(model("v2"), 50, 40)
+        watch.observe(model("v2"), 100, 40)  # the same version again: within the interval, not logged
+    warned = [r for r in caplog.records if "far more records" in r.getMessage()]
+    assert [r.version for r in warned] == ["v1", "v2"]
+    assert watch.status()["web"] == {"version": "v2", "flagged": 40, "of_records": 100, "expected_share": 0.002}

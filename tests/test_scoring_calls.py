@@ -73,7 +73,7 @@ def metric_values(metrics: Metrics) -> dict:
 
 
 def test_one_models_outcome_counts_as_the_same_records_split_between_models():
-    model = SimpleNamespace(name="m")
+    model = SimpleNamespace(name="m", version="v1")
     scores = np.array([0.1, 0.9995, 0.5, 1.0, 0.3], dtype=np.float32)
     flags = scores > 0.999
     whole, split = Metrics(), Metrics()

@@ -59,12 +59,15 @@ class FloodWatch:
         self.log_interval_s = log_interval_s
         self._lock = threading.Lock()
         self._counts: dict[str, list[int]] = {}  # model name -> [scored, flagged] of the open block
+        self._versions: dict[str, str] = {}  # model name -> the version counted
         self._flooding: dict[str, dict] = {}  # model name -> its last block, while that block flooded
         self._logged_at: dict[str, float] = {}
 
     def observe(self, model, scored: int, flagged: int) -> None:
         with self._lock:
-            counts = self._counts.setdefault(model.name, [0, 0])
+            if self._versions.get(model.name) != model.version:
+                self._start_version(model)
+            counts = self._counts[model.name]
             counts[0] += scored
             counts[1] += flagged
             if counts[0] < self.block_records:
@@ -74,8 +77,8 @@ class FloodWatch:
             if not is_flood(model, block_flagged, block_scored):
                 self._flooding.pop(model.name, None)
                 return
-            self._flooding[model.name] = {"flagged": block_flagged, "of_records": block_scored,
-                                          "expected_share": target_fpr(model)}
+            self._flooding[model.name] = {"version": model.version, "flagged": block_flagged,
+                                          "of_records": block_scored, "expected_share": target_fpr(model)}
             now = time.monotonic()
             if now - self._logged_at.get(model.name, float("-inf")) < self.log_interval_s:
                 return
@@ -85,9 +88,17 @@ class FloodWatch:
                     "--format FORMAT --out MODELS_DIR/NAME.onnx) and send the records to it (the Fluentd filter's "
                     "`model NAME`, --tag-routes or --default-model), or serve with --learn "
                     "(docs/operations.md: Learning on arrival)",
-                    extra={"model": model.name, "flagged": block_flagged, "of_records": block_scored,
-                           "flagged_share": round(block_flagged / block_scored, 4),
+                    extra={"model": model.name, "version": model.version, "flagged": block_flagged,
+                           "of_records": block_scored, "flagged_share": round(block_flagged / block_scored, 4),
                            "expected_share": target_fpr(model)})
+
+    def _start_version(self, model) -> None:
+        """A new version (retrained, learned, replaced) is judged afresh: the operator who replaced a
+        flooding model hears at once whether the new one floods too, not 10 minutes later."""
+        self._versions[model.name] = model.version
+        self._counts[model.name] = [0, 0]
+        self._flooding.pop(model.name, None)
+        self._logged_at.pop(model.name, None)
 
     def status(self) -> dict:
         """Models whose last block of records flooded, for /readyz."""
