@@ -83,8 +83,10 @@ class FloodWatch:
             if now - self._logged_at.get(model.name, float("-inf")) < self.log_interval_s:
                 return
             self._logged_at[model.name] = now
-        log.warning("model flags far more records than it was trained to: it is likely not a model of this "
-                    "traffic (another site or log); train one on your own log (logscore train --input FILE "
+        # NOTE: an attack in full swing floods a block too: the review page tells the two apart.
+        log.warning("model flags far more records than it was trained to: unless an attack or an incident "
+                    "fills this traffic (the review page at /ui/ shows what is flagged), it is not a model of "
+                    "it (another site or log); train one on your own log (logscore train --input FILE "
                     "--format FORMAT --out MODELS_DIR/NAME.onnx) and send the records to it (the Fluentd filter's "
                     "`model NAME`, --tag-routes or --default-model), or serve with --learn "
                     "(docs/operations.md: Learning on arrival)",
