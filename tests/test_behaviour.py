@@ -1322,3 +1322,19 @@ def test_the_long_tail_of_urls_is_learned_as_the_other_row_the_sidecar_counts_it
         counter.observe({"url": [f["url"] for f in fields], "status": [f["status"] for f in fields]}, len(lines))
         events += counter.close_due(START + k + 1)
     assert [e.explanation for e in events] == []
+
+
+def test_windows_learned_from_less_than_a_day_say_so():
+    """A field trial trained --windows on 6,580 lines (4 one-minute windows) and nothing said the
+    forecast had no hour of day to learn from; a day of logs or more says nothing."""
+    from logscore.training.behaviour import BehaviourOptions, fit_windows
+
+    def warnings_over(hours: float) -> list[str]:
+        fields = [{"time": START + t, "status": "200"} for t in np.arange(0, hours * 3600, 30.0)]
+        said: list[str] = []
+        fit_windows(fields, "web", BehaviourOptions(windows=True, window_s=60.0), said.append)
+        return said
+
+    short = warnings_over(2)
+    assert len(short) == 1 and "120 windows of 60 s (2.0 h)" in short[0] and "a day of logs" in short[0]
+    assert warnings_over(25) == []

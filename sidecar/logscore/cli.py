@@ -494,7 +494,7 @@ def run_train(args) -> int:
     if behaviour is not None:
         from .training.behaviour import learn_behaviour
 
-        model, metadata = learn_behaviour(model, metadata, records, behaviour, ProgressPrinter())
+        model, metadata = learn_behaviour(model, metadata, records, behaviour, ProgressPrinter(), print_warning)
     save_model(model, args.out)
     print_training_summary(args.out, metadata)
     return 0

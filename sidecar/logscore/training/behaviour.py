@@ -34,6 +34,7 @@ from .graph import GraphBuilder
 from .train import apply_ecdf, ecdf_table
 
 MAX_WINDOWS = 2_000_000
+DAY_S = 86400.0
 ENTITY_KNOTS, ENTITY_EXACT_TAIL = 256, 64  # knots of the client detector's per-feature empirical CDFs
 NEW_KEY_SCALE = 0.35  # a never-seen key's spread on the transformed scale (~Poisson noise of small counts)
 
@@ -124,7 +125,7 @@ def ranked_keys(by_key: dict[str, list], dimensions: Sequence[str], max_keys: in
     return ranked
 
 
-def fit_windows(fields: Sequence[dict], route: str, options: BehaviourOptions) -> Learned:
+def fit_windows(fields: Sequence[dict], route: str, options: BehaviourOptions, warn=lambda message: None) -> Learned:
     order, times = time_ordered(fields, "--windows")
     window_s = float(options.window_s)
     first = np.floor(times[0] / window_s) * window_s
@@ -133,6 +134,10 @@ def fit_windows(fields: Sequence[dict], route: str, options: BehaviourOptions) -
     if windows > MAX_WINDOWS:
         raise InputError(f"--window-s {window_s:g} over {(times[-1] - times[0]) / 86400:.0f} days makes {windows:,} "
                          f"windows; use longer windows (at most {MAX_WINDOWS:,})")
+    if windows * window_s < DAY_S:  # (a field trial's 6,580 lines made 4 windows, and nothing said so)
+        warn(f"--windows: the logs span {windows:,} windows of {window_s:g} s ({windows * window_s / 3600:.1f} h): "
+             "counts are forecast without their hour of day (a day of logs teaches it, a week the day of week), "
+             "and the threshold comes from few windows; train on a day of logs or more")
     namer = KeyNamer(dimensions_of(fields, order, options.dimensions))
     by_key: dict[str, list] = {f"route={route}": window_of.tolist()}
     columns = text_columns([fields[i] for i in order.tolist()], fields_read(namer.dimensions))
@@ -145,7 +150,7 @@ def fit_windows(fields: Sequence[dict], route: str, options: BehaviourOptions) -
     counts = np.stack([np.bincount(by_key[k], minlength=windows) for k in ranked]).astype(np.float64)
     hours, weeks = slots(first + window_s * np.arange(windows))
     state = ForecastState.empty(len(ranked), window_s, COUNT_MIN_SCALE)
-    warm_up = min(windows // 4, int(86400 // window_s))
+    warm_up = min(windows // 4, int(DAY_S // window_s))
     deviations = []
     for w in range(windows):
         _, deviation = state.step(count_transform(counts[:, w]), np.full(len(ranked), hours[w]),
@@ -378,7 +383,7 @@ def cross_fitted(records: Sequence[object], metadata: dict, progress) -> tuple[n
 
 
 def learn_behaviour(model: onnx.ModelProto, metadata: dict, records: Sequence[object], options: BehaviourOptions,
-                    progress) -> tuple[onnx.ModelProto, dict]:
+                    progress, warn=lambda message: None) -> tuple[onnx.ModelProto, dict]:
     """Learn the window and/or client detectors from ``records`` (in file order) and add them to ``model``."""
     # (remote_addr for windows too: dimensions_of tells whether a host is the client)
     read = [*((*fields_read(options.dimensions), "remote_addr") if options.windows else ()),
@@ -393,7 +398,7 @@ def learn_behaviour(model: onnx.ModelProto, metadata: dict, records: Sequence[ob
     parts = []
     if options.windows:
         progress("behaviour: learning windows", 0, None, "records")
-        parts.append(fit_windows(fields, str(metadata.get("name", "model")), options))
+        parts.append(fit_windows(fields, str(metadata.get("name", "model")), options, warn))
     if options.entities:
         progress("behaviour: learning clients", 0, None, "records")
         parts.append(fit_entities(fields, scores, novelty, options))
