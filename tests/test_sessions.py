@@ -75,3 +75,21 @@ def test_the_sidecar_keeps_sessions_across_requests(session_model, tmp_path):
         assert any("never seen" in e for e in explained["explanation"]), explained
     finally:
         sidecar.stop()
+
+
+def test_checking_review_groups_against_new_feedback_leaves_sessions_as_they_were(session_model):
+    """The review ring scores its groups' examples again when the feedback changes; a session
+    model's examples, scored again, would join their sessions a second time."""
+    from logscore.decide import decide
+    from logscore.feedback import NORMAL, Entry, FeedbackStep, RuleSet
+    from logscore.review import ReviewRing
+
+    model = Model.load(session_model)
+    lines, _ = session_lines(400, seed=3, broken=0.2)
+    ring = ReviewRing()
+    decide(model, model.score(lines), feedback=FeedbackStep(RuleSet(), lines, observe=ring.observe,
+                                                            inspect_always=True))
+    assert ring.snapshot()  # flagged records grouped, examples kept
+    sessions = {key: list(events) for key, events in model.sessions._sessions.items()}
+    ring.recheck(RuleSet([Entry(1, NORMAL, {"field": "message", "value": "x"}, "ana", model="another")]))
+    assert {key: list(events) for key, events in model.sessions._sessions.items()} == sessions

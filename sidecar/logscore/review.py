@@ -316,7 +316,9 @@ class ReviewRing:
         by_model: dict[str, list] = {}
         for group, texts in pending:
             whole = texts and all(len(text) < EXAMPLE_CHARS for text in texts)
-            if whole and len(rules) and models.get(group.model) is not None:
+            model = models.get(group.model)
+            # (a session model's records are its sessions so far: scored again, they would join them)
+            if whole and len(rules) and model is not None and model.sessions is None:
                 by_model.setdefault(group.model, []).append((group, texts))
         for name, groups in by_model.items():
             covered.update(covered_by_rules(models[name], groups, rules))
