@@ -174,7 +174,8 @@ class FeatureSink:
                             self.truncated, self.unparsed, SingleRecordOrigins(self._entries, held))
 
     def add_numeric(self, column: np.ndarray) -> None:
-        self._numeric.append(column.astype(np.float32, copy=False))
+        # NOTE: made float32 only when a dense block is built: models of rarity alone build none (needs_dense)
+        self._numeric.append(column)
 
     def build(self, dense: bool = True) -> FeatureBatch:
         """The batch; ``dense=False`` (no vector detector in the model) skips the dense block."""
@@ -213,7 +214,8 @@ class FeatureSink:
                origins: KeyOrigins) -> FeatureBatch:
         if dense:
             hashed = hashed_block(rows, keys, weights, self.size, self.dense_dims)
-            block = np.column_stack([hashed, *self._numeric]) if self._numeric else hashed
+            block = (np.column_stack([hashed, *(column.astype(np.float32, copy=False) for column in self._numeric)])
+                     if self._numeric else hashed)
         else:
             block = np.zeros((self.size, 0), dtype=np.float32)
         return FeatureBatch(rows, keys, weights, np.ascontiguousarray(block, dtype=np.float32),
