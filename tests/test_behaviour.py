@@ -6,6 +6,7 @@ import asyncio
 import datetime
 import json
 import math
+import os
 import socket
 import subprocess
 import sys
@@ -84,6 +85,18 @@ def test_client_tracker_decays_counts_and_stays_bounded():
     for start in range(0, 1000, 50):  # 1,000 distinct clients through 100 slots
         tracker.observe(batch([f"c{i}" for i in range(start, start + 50)], [20.0 + start] * 50))
     assert len(tracker) <= 100 and tracker.evicted >= 900
+
+
+def test_a_clients_new_paths_are_the_same_in_every_process():
+    """Paths are hashed the same whatever the interpreter's hash seed: the client detector that
+    ``train --entities`` learns from new_paths is the same run after run."""
+    script = ("import numpy as np; from logscore.entities import client_batch; "
+              "urls = [f'/p{i}?q=1' for i in range(40)] + [None]; "
+              "batch = client_batch({'c': ['a'] * 41, 'status': ['200'] * 41, 'url': urls}, 'c', np.zeros(41), "
+              "np.zeros(41), np.zeros(41)); print((batch.paths % 64).tolist())")
+    printed = {subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=ROOT,
+                              env={**os.environ, "PYTHONHASHSEED": seed}).stdout for seed in ("1", "2")}
+    assert len(printed) == 1
 
 
 def test_a_slow_watcher_loses_its_oldest_events_and_is_told_how_many():

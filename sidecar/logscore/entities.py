@@ -25,6 +25,7 @@ eighth least recently seen clients are evicted.
 from __future__ import annotations
 
 import math
+import zlib
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -51,7 +52,7 @@ class ClientBatch:
     clients: list  # client ids (str; None: no client)
     times: np.ndarray  # float64 [N] Unix seconds
     errors: np.ndarray  # float64 [N] 1 for a 4xx/5xx answer
-    paths: np.ndarray  # int64 [N] a hash of the path
+    paths: np.ndarray  # int64 [N] a hash of the path (path_hash)
     novelty: np.ndarray  # float64 [N] share of features never seen in training
     scores: np.ndarray  # float64 [N] record scores
 
@@ -64,10 +65,16 @@ def client_batch(columns: dict[str, list], key: str, times: np.ndarray, novelty:
     """What a batch says about each record's client; ``columns``: the fields as text (``text_columns``)."""
     errors = np.fromiter(((status or "")[:1] in ("4", "5") for status in columns["status"]), dtype=np.float64,
                          count=len(times))
-    paths = np.fromiter((hash((url or "").partition("?")[0]) for url in columns["url"]), dtype=np.int64,
-                        count=len(times))
+    paths = np.fromiter((path_hash(url) for url in columns["url"]), dtype=np.int64, count=len(times))
     return ClientBatch(columns[key], times, errors, paths, np.asarray(novelty, dtype=np.float64),
                        np.asarray(scores, dtype=np.float64))
+
+
+def path_hash(url: Optional[str]) -> int:
+    """The URL's path hashed the same in every process: Python's ``hash`` of a str is seeded per
+    process, so the paths sharing a sketch bit, hence ``new_paths`` and the client detector trained
+    on it, changed from one ``logscore train --entities`` run to the next."""
+    return zlib.crc32((url or "").partition("?")[0].encode("utf-8", "surrogatepass"))
 
 
 def segment_starts(groups: np.ndarray) -> np.ndarray:
