@@ -59,6 +59,15 @@ def test_clear_errors_and_exit_codes(tmp_path):
     (tmp_path / "a.log").write_text("\n".join(shop_lines(200)) + "\n")
     bad = logscore("train", "--input", tmp_path / "a.log", "--out", tmp_path / "m.onnx", "--detectors", "magic")
     assert bad.returncode == 1 and "unknown detector(s) magic" in bad.stderr
+    no_config = logscore("train", "--input", tmp_path / "a.log", "--out", tmp_path / "m.onnx", "--config",
+                         tmp_path / "absent.yaml")
+    assert no_config.returncode == 1 and "cannot read the converter config" in no_config.stderr
+    assert "Traceback" not in no_config.stderr
+    (tmp_path / "fields.jsonl").write_text("".join(json.dumps({"a": i, "b": "x"}) + "\n" for i in range(100)))
+    no_message = logscore("train", "--input", tmp_path / "fields.jsonl", "--format", "jsonl", "--json-records",
+                          "--out", tmp_path / "m.onnx")
+    assert no_message.returncode == 1 and "need a message or level field" in no_message.stderr
+    assert "try --format syslog or plain" in no_message.stderr  # not the jsonl it was given
     (tmp_path / "broken.onnx").write_bytes(b"\x00" * 10)
     corrupt = logscore("score", "--model", tmp_path / "broken.onnx", tmp_path / "a.log")
     assert corrupt.returncode == 1 and "broken.onnx: " in corrupt.stderr

@@ -102,7 +102,11 @@ def load_spec(path: Optional[str], log_format: str) -> dict:
             raise ConfigError(f"unknown log format {log_format!r}; use one of: "
                               f"{', '.join(sorted(DEFAULT_SPECS))}")
         return copy.deepcopy(DEFAULT_SPECS[log_format])
-    text = Path(path).read_text(encoding="utf-8")
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        reason = error.strerror if isinstance(error, OSError) else "not UTF-8 text"
+        raise ConfigError(f"--config {path}: cannot read the converter config ({reason})") from None
     try:
         if path.endswith(".json"):
             spec = json.loads(text)

@@ -336,7 +336,11 @@ def suggest_format(sample: Sequence[object], log_format: str) -> str:
     best = max(shares, key=shares.get) if shares else None
     if best is not None and shares[best] >= 0.5:
         return f"They parse as {best} ({shares[best]:.0%}): try --format {best}."
-    return ("Try --format syslog or jsonl, --format plain to read each line as text, or --config naming "
+    others = " or ".join(name for name in ("syslog", "jsonl") if name != log_format)
+    if log_format == "jsonl":  # JSON lines that name none of the fields the model reads
+        return (f"Records that are JSON need a message or level field (or their aliases: docs/converters.md); "
+                f"try --format {others} or plain, or --config naming your own fields.")
+    return (f"Try --format {others}, --format plain to read each line as text, or --config naming "
             "your own fields (docs/converters.md); check the file is a text log.")
 
 
