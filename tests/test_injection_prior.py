@@ -11,7 +11,7 @@ import pytest
 from logscore.model import Model
 from logscore.training.prior import injection_like
 
-from .generate import ATTACKS, access_line, inject, shop_lines, shop_request
+from .generate import ATTACKS, access_line, attack_lines, inject, shop_lines, shop_request
 from .test_cli import logscore
 from .test_decisions import trained
 
@@ -73,3 +73,28 @@ def test_a_site_whose_urls_all_carry_a_quote_learns_it(tmp_path):
     model, metadata = trained(quoted_lines(3000, seed=130), tmp_path, "quoted", target_fpr=0.002)
     assert metadata["training"]["injection_prior"]["records"] == 0
     assert model.score(quoted_lines(3000, seed=131)).is_anomaly.mean() <= 0.005
+
+
+def test_the_prior_marks_every_injection_like_key_once_over_many_batches():
+    """KeyMarker.observe looks at each new key once, batch after batch (keys merged into those looked
+    at, a value's keys named together): the keys it marks are those that naming every key of the
+    whole sample at once marks."""
+    import numpy as np
+
+    from logscore.features import Featurizer, load_spec
+    from logscore.training.prior import InjectionPrior
+
+    normal = shop_lines(600, seed=81)
+    lines = normal + [line for _, line in attack_lines(normal, 60, seed=82)]
+    random.Random(83).shuffle(lines)
+    featurizer = Featurizer(load_spec(None, "access"))
+    featurizer.fit(lines)
+    prior = InjectionPrior()
+    for start in range(0, len(lines), 64):
+        prior.observe(featurizer.transform(lines[start: start + 64], dense=False))
+    whole = featurizer.transform(lines, dense=False)
+    origins = whole.origins.resolve()
+    expected = {int(key) for index, key in enumerate(whole.keys.tolist())
+                if prior.marks(origins.entries[int(origins.entry_of_key[index])], int(key))}
+    assert expected and set(prior.marked_keys().tolist()) == expected
+    assert len(prior._looked_at) == len(np.unique(whole.keys)) and (np.diff(prior._looked_at) > 0).all()

@@ -676,6 +676,7 @@ class NgramConverter(Converter):
     def _new_caches(self) -> None:
         super()._new_caches()
         self._by_encoding = self._new_cache() if self.config["shape"] else None  # see featurize
+        self._last_windows: Optional[tuple] = None  # (value, its encoding, its n-gram keys) for _ngram
 
     def _encode(self, value: Optional[str]) -> bytes:
         if value is None:
@@ -763,9 +764,13 @@ class NgramConverter(Converter):
         return None if found is None else found[1]
 
     def _ngram(self, value: Optional[str], key: int) -> Optional[tuple[int, str]]:
-        """(n, the n-gram hashed to ``key``, the value's start and end shown as ^ and $), or None."""
-        encoded = self._encode(value)
-        windows, _ = self._windows([encoded])
+        """(n, the n-gram hashed to ``key``, the value's start and end shown as ^ and $), or None.
+        NOTE: the last value's n-gram keys are kept: the keys of one value are named one after the other."""
+        last = self._last_windows
+        if last is None or last[0] != value:
+            encoded = self._encode(value)
+            last = self._last_windows = (value, encoded, self._windows([encoded])[0])
+        _, encoded, windows = last
         offset = 0
         for n in self.sizes:
             positions = max(len(encoded) - n + 1, 0)

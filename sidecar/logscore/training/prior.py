@@ -80,13 +80,22 @@ class KeyMarker:
     def observe(self, batch: FeatureBatch) -> None:
         """Look at the keys of ``batch`` not seen before (each named once, from one record)."""
         keys, first = np.unique(batch.keys, return_index=True)
-        fresh = ~np.isin(keys, self._looked_at, assume_unique=True)
+        looked_at = self._looked_at
+        fresh = (looked_at[np.minimum(np.searchsorted(looked_at, keys), len(looked_at) - 1)] != keys
+                 if len(looked_at) else np.ones(len(keys), dtype=bool))
         if not fresh.any():
             return
-        self._looked_at = np.union1d(self._looked_at, keys[fresh])
+        # Merged in place of a sort of all of them (np.union1d: 40 % of training on novel URLs).
+        self._looked_at = np.insert(looked_at, np.searchsorted(looked_at, keys[fresh]), keys[fresh])
         origins = batch.origins.resolve()
-        for key, index in zip(keys[fresh].tolist(), first[fresh].tolist()):
-            if self.marks(origins.entries[int(origins.entry_of_key[index])], key):
+        keys, first = keys[fresh], first[fresh]
+        # A value's keys one after the other: naming a key featurizes its value again unless the last
+        # key named was of the same value (in key order, a value each time: 42 of 49 s of training
+        # 60,000 lines of novel URLs).
+        entries = origins.entry_of_key[first]
+        for at in np.argsort(entries, kind="stable").tolist():
+            key = int(keys[at])
+            if self.marks(origins.entries[int(entries[at])], key):
                 self._marked.add(key)
 
     def marked_keys(self) -> np.ndarray:
