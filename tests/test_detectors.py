@@ -250,3 +250,15 @@ def test_crossfit_tables_equal_fitting_on_the_masked_records():
         learned_here = "/list?tab" in featurizer.spec()["fields"][0]["converters"][0]["enumerated"]
         assert learned_here == (aside is not None)  # without the three, tab is an enumeration
         assert (featurizer is reference) == (aside is None)
+
+
+def test_record_pairs_refuse_keys_past_32_bits():
+    """Row and key share one int64 while a record's keys are sorted: a key past 32 bits would
+    take another record's row (rows [0, 0, 1], keys [5, 2^32 + 5, 7] came back as rows [0, 1, 1])."""
+    from logscore.training.streaming import distinct_pairs
+
+    rows, keys, repeats = distinct_pairs(np.array([1, 0, 0, 1]), np.array([7, 5, 2**32 - 1, 7]))
+    assert rows.tolist() == [0, 0, 1] and keys.tolist() == [5, 2**32 - 1, 7] and repeats.tolist() == [7]
+    for bad in (2**32 + 5, -1):
+        with pytest.raises(ValueError, match="32-bit"):
+            distinct_pairs(np.array([0, 0, 1]), np.array([5, bad, 7]))

@@ -69,3 +69,30 @@ def test_a_new_version_of_a_flooding_model_is_judged_afresh(caplog):
     warned = [r for r in caplog.records if "far more records" in r.getMessage()]
     assert [r.version for r in warned] == ["v1", "v2"]
     assert watch.status()["web"] == {"version": "v2", "flagged": 40, "of_records": 100, "expected_share": 0.002}
+
+
+def test_a_flooding_model_sent_no_more_records_no_longer_floods_and_old_versions_count_on(monkeypatch, caplog):
+    """/readyz said a model flooded forever once its records went to a model trained for the site
+    (the warning's own advice); and while a model is replaced its old and new versions score side by
+    side for a moment: the old one's records judged the old version afresh and repeated the warning."""
+    from types import SimpleNamespace
+
+    from logscore import flood
+
+    def model(name, version="v1"):
+        return SimpleNamespace(name=name, version=version, metadata={"calibration": {"target_fpr": 0.002}})
+    clock = [1000.0]
+    monkeypatch.setattr(flood.time, "monotonic", lambda: clock[0])
+    watch = flood.FloodWatch(block_records=100)
+    with caplog.at_level(logging.WARNING, logger="logscore.serve"):
+        watch.observe(model("web"), 100, 30)
+        watch.observe(model("web", "v2"), 100, 30)
+        watch.observe(model("web"), 100, 30)  # the old version, a last call
+        watch.observe(model("web", "v2"), 100, 30)
+    assert [r.version for r in caplog.records if "far more records" in r.getMessage()] == ["v1", "v2"]
+    clock[0] += flood.IDLE_S / 2
+    watch.observe(model("site"), 100, 0)
+    assert "web" in watch.status()
+    clock[0] += flood.IDLE_S
+    watch.observe(model("site"), 100, 0)
+    assert watch.status() == {}

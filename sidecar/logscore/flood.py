@@ -19,6 +19,7 @@ MISMATCH_RECORDS = 100
 # The sidecar judges each model on blocks of this many records, and logs at most once per interval.
 SERVE_BLOCK_RECORDS = 1000
 SERVE_LOG_INTERVAL_S = 600.0
+IDLE_S = 60.0  # a model sent no records this long no longer floods (its records routed to another)
 
 log = logging.getLogger("logscore.serve")
 
@@ -59,13 +60,17 @@ class FloodWatch:
         self.log_interval_s = log_interval_s
         self._lock = threading.Lock()
         self._counts: dict[str, list[int]] = {}  # model name -> [scored, flagged] of the open block
-        self._versions: dict[str, str] = {}  # model name -> the version counted
+        self._versions: dict[str, set] = {}  # model name -> the versions judged (old and new score a moment
+        #                                      side by side while a model is replaced)
         self._flooding: dict[str, dict] = {}  # model name -> its last block, while that block flooded
         self._logged_at: dict[str, float] = {}
+        self._seen_at: dict[str, float] = {}  # model name -> when it last scored records
 
     def observe(self, model, scored: int, flagged: int) -> None:
+        now = time.monotonic()
         with self._lock:
-            if self._versions.get(model.name) != model.version:
+            self._seen_at[model.name] = now
+            if model.version not in self._versions.get(model.name, ()):
                 self._start_version(model)
             counts = self._counts[model.name]
             counts[0] += scored
@@ -79,7 +84,6 @@ class FloodWatch:
                 return
             self._flooding[model.name] = {"version": model.version, "flagged": block_flagged,
                                           "of_records": block_scored, "expected_share": target_fpr(model)}
-            now = time.monotonic()
             if now - self._logged_at.get(model.name, float("-inf")) < self.log_interval_s:
                 return
             self._logged_at[model.name] = now
@@ -97,12 +101,14 @@ class FloodWatch:
     def _start_version(self, model) -> None:
         """A new version (retrained, learned, replaced) is judged afresh: the operator who replaced a
         flooding model hears at once whether the new one floods too, not 10 minutes later."""
-        self._versions[model.name] = model.version
+        self._versions.setdefault(model.name, set()).add(model.version)
         self._counts[model.name] = [0, 0]
         self._flooding.pop(model.name, None)
         self._logged_at.pop(model.name, None)
 
     def status(self) -> dict:
-        """Models whose last block of records flooded, for /readyz."""
+        """Models whose last block of records flooded and that still score records, for /readyz."""
+        now = time.monotonic()
         with self._lock:
-            return {name: dict(block) for name, block in self._flooding.items()}
+            return {name: dict(block) for name, block in self._flooding.items()
+                    if now - self._seen_at.get(name, now) <= IDLE_S}

@@ -13,9 +13,10 @@ a dictionary lookup per feature of its kind (no clustering pass).
 `logscore report` groups scored files with the same ``Groups``, by feature names instead of keys.
 
 Whenever the feedback changes, the ring checks the groups no one has marked: a group whose recent
-examples the feedback now suppresses is *covered* (by a mark of another group whose pattern names
-its kind), and the page lists it after the groups still awaiting a verdict, so an operator's next
-mark goes to a group that needs one (ReviewRing.offered).
+examples the feedback now suppresses is *covered* (by an entry made otherwise: another group's
+mark whose pattern names its kind, a field value, an entry sent through the API), and the page
+lists it after the groups still awaiting a verdict, so an operator's next mark goes to a group
+that needs one (ReviewRing.offered).
 """
 
 from __future__ import annotations
@@ -227,9 +228,11 @@ class ReviewRing:
         self._tokens, self._refilled = inspect_per_s, time.monotonic()
         self.not_grouped: Counter = Counter()  # model -> flagged records over the budget
         self.on_not_grouped = on_not_grouped or (lambda model, n: None)
-        # Per base name (a group's model), the model that last sent records, to check groups against
-        # new feedback (a weak reference: an unloaded model goes; its groups are then not checked).
+        # Per base name (a group's model), the model of that name that last sent records, to check
+        # groups against new feedback (a weak reference: an unloaded model goes; its groups are then
+        # not checked). Not an entity's model (base@entity): its tables are its own.
         self._models: dict[str, weakref.ref] = {}
+        self._rechecking = threading.Lock()  # one recheck at a time: the last rules' result stays
 
     def admit(self, model_name: str, wanted: int) -> int:
         """How many of ``wanted`` flagged records may be inspected now; the rest are counted."""
@@ -249,7 +252,8 @@ class ReviewRing:
         now = time.time()
         when = [record_time(step.time(item.index), now) for item in flagged]
         with self.lock:
-            self._models[base_name(model.name)] = weakref.ref(model)
+            if model.name == base_name(model.name):
+                self._models[model.name] = weakref.ref(model)
             for item, moment in zip(flagged, when):
                 route = step.route(item.index)
                 created = self.groups.created
@@ -308,9 +312,13 @@ class ReviewRing:
         ``rules`` in force, is no longer flagged, some suppressed by an entry. Examples are the
         group's most recent records, without their entity (entity-scoped entries cover none); one
         cut for display is not the record it was, and its group is not covered."""
+        with self._rechecking:
+            self._recheck(rules)
+
+    def _recheck(self, rules: RuleSet) -> None:
         with self.lock:
-            every = list(self.groups.by_id.values())
-            pending = [(group, [e.text for e in group.examples]) for group in every if not group.feedback]
+            every = [(group, group.count) for group in self.groups.by_id.values()]
+            pending = [(group, [e.text for e in group.examples]) for group, _ in every if not group.feedback]
             models = {name: ref() for name, ref in self._models.items()}
         covered: dict[str, list[int]] = {}
         by_model: dict[str, list] = {}
@@ -323,8 +331,9 @@ class ReviewRing:
         for name, groups in by_model.items():
             covered.update(covered_by_rules(models[name], groups, rules))
         with self.lock:
-            for group in every:
-                group.covered_by = covered.get(group.id, [])
+            for group, count in every:
+                if group.count == count:  # (a record that joined meanwhile was not checked)
+                    group.covered_by = covered.get(group.id, [])
 
 
 def covered_by_rules(model, groups: list[tuple[Group, list[str]]], rules: RuleSet) -> dict[str, list[int]]:

@@ -187,7 +187,7 @@ class Converter:
         """Learn from training values (``fit_plan``)."""
         self.apply(self.fit_plan(values).learned())
 
-    def fit_plan(self, values: Values) -> "FitPlan":
+    def fit_plan(self, values: Values) -> "ConverterFitPlan":
         """What ``fit`` learns from any subset of ``values`` (training fits a model on each fold);
         most converters learn nothing."""
         return NOTHING_LEARNED
@@ -314,7 +314,7 @@ def cut_name(name: str) -> str:
     return name if len(name) <= MAX_NAME_CHARS else name[:MAX_NAME_CHARS - 1] + "…"
 
 
-class FitPlan:
+class ConverterFitPlan:
     """What a converter learns from the records of any mask over the values it was made from."""
 
     def learned(self, mask: Optional[np.ndarray] = None) -> dict:
@@ -326,10 +326,10 @@ class FitPlan:
         return np.zeros(0, dtype=np.int64)
 
 
-NOTHING_LEARNED = FitPlan()
+NOTHING_LEARNED = ConverterFitPlan()
 
 
-class EnumerationPlan(FitPlan):
+class EnumerationPlan(ConverterFitPlan):
     """``UrlConverter``'s fit for any subset of its values: each distinct URL is split once, into
     (URL, slot, parameter value) triples, so a fold's enumerations are a few array operations
     (splitting 800,000 URLs for each of ten fold models was a fifth of training 1M records).

@@ -19,7 +19,7 @@ from ..records import DEFAULT_MAX_LINE_CHARS, RecordNormalizer, text_columns, to
 from ..sessions import SessionSpec
 from .batch import FeatureBatch, FeatureSink
 from . import native as compiled
-from .converters import Converter, FitPlan as ConverterPlan, make_converter
+from .converters import Converter, ConverterFitPlan, make_converter
 
 # A never-seen word of failure in a message weighs as much as 8 never-seen words (converters.py:
 # AlarmsConverter); models from before keep their own spec.
@@ -127,7 +127,7 @@ class FitPlan:
     """What ``Featurizer.fit`` learns from the records of any mask over the records the plan was made
     from (training fits a model on each fold, and again each screening round)."""
 
-    def __init__(self, converters: list[ConverterPlan]):
+    def __init__(self, converters: list[ConverterFitPlan]):
         self.converters = converters
 
     def learned(self, mask: Optional[np.ndarray] = None) -> list[dict]:

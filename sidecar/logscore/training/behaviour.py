@@ -31,7 +31,7 @@ from ..timestamps import TIME_FIELDS, record_times
 from ..records import text_columns
 from ..windows import DIMENSIONS, LEVELS_READ, OTHER, SHARES, KeyNamer, fields_read, share_deviation, share_name
 from .graph import GraphBuilder
-from .train import apply_ecdf, ecdf_table
+from .train import Warn, apply_ecdf, ecdf_table, ignore
 
 MAX_WINDOWS = 2_000_000
 DAY_S = 86400.0
@@ -125,7 +125,7 @@ def ranked_keys(by_key: dict[str, list], dimensions: Sequence[str], max_keys: in
     return ranked
 
 
-def fit_windows(fields: Sequence[dict], route: str, options: BehaviourOptions, warn=lambda message: None) -> Learned:
+def fit_windows(fields: Sequence[dict], route: str, options: BehaviourOptions, warn: Warn = ignore) -> Learned:
     order, times = time_ordered(fields, "--windows")
     window_s = float(options.window_s)
     first = np.floor(times[0] / window_s) * window_s
@@ -383,7 +383,7 @@ def cross_fitted(records: Sequence[object], metadata: dict, progress) -> tuple[n
 
 
 def learn_behaviour(model: onnx.ModelProto, metadata: dict, records: Sequence[object], options: BehaviourOptions,
-                    progress, warn=lambda message: None) -> tuple[onnx.ModelProto, dict]:
+                    progress, warn: Warn = ignore) -> tuple[onnx.ModelProto, dict]:
     """Learn the window and/or client detectors from ``records`` (in file order) and add them to ``model``."""
     # (remote_addr for windows too: dimensions_of tells whether a host is the client)
     read = [*((*fields_read(options.dimensions), "remote_addr") if options.windows else ()),

@@ -95,8 +95,7 @@ class CrossFit:
         for start in range(0, len(positions), self.chunk):
             chunk = positions[start: start + self.chunk]
             counter.add(featurizer.transform([self.sample[i] for i in chunk], dense=False).keys)
-            progress(f"{stage}: counting the records left out", min(start + self.chunk, len(positions)),
-                     len(positions), "records")
+            progress(f"{stage}: counting keys", min(start + self.chunk, len(positions)), len(positions), "records")
         return counter.totals()
 
 

@@ -204,6 +204,8 @@ KEY_BITS = 32  # feature keys are CRC-32s (features/batch.py: text_key)
 def distinct_pairs(rows: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(rows, keys) without repeats, sorted by row, then key; and the keys of the repeats. (One sort
     of row and key in one int64, not ``np.lexsort`` of two: the sort was a seventh of training.)"""
+    if len(keys) and (int(keys.min()) < 0 or int(keys.max()) >> KEY_BITS):
+        raise ValueError(f"feature keys must be {KEY_BITS}-bit (CRC-32s); got {int(keys.min())}..{int(keys.max())}")
     pairs = np.sort((rows.astype(np.int64) << KEY_BITS) | keys.astype(np.int64), kind="stable")
     first = np.ones(len(pairs), dtype=bool)
     first[1:] = pairs[1:] != pairs[:-1]
