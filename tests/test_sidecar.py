@@ -479,6 +479,8 @@ def test_a_model_flooding_another_sites_traffic_is_reported_in_the_log_and_ready
         assert send(shop_lines(1000, seed=5)) > 200
         flooding = json.loads(process.http_get("/readyz")[1])["flooding"]["apache-access"]
         assert flooding["flagged"] > 200 and flooding["of_records"] == 1000 and flooding["expected_share"] == 0.002
+        status, page = process.http_get("/ui/")
+        assert status == 200 and b"id=flooding>apache-access flagged" in page, "the review page says so too"
         assert send(shop_lines(1000, seed=6)) > 200
         warnings = [json.loads(line) for line in process.log().splitlines() if "far more records" in line]
         assert len(warnings) == 1, "logged once per interval, not once per block"

@@ -378,8 +378,9 @@ border-radius:4px}
 
 
 def render_page(ring: ReviewRing, entries: list, histograms: dict, thresholds: dict, status: dict,
-                message: str = "", max_groups: int = 50) -> str:
-    """The review page: groups of recent anomalies, the score histogram per model, the feedback list."""
+                message: str = "", max_groups: int = 50, flooding: Optional[dict] = None) -> str:
+    """The review page: groups of recent anomalies, the score histogram per model, the feedback list;
+    ``flooding``: the models flagging far more than trained to (``FloodWatch.status``)."""
     from .metrics import SCORE_BUCKETS
 
     groups = ring.offered()
@@ -399,6 +400,12 @@ def render_page(ring: ReviewRing, entries: list, histograms: dict, thresholds: d
                      f"the page inspects ({ring.inspect_per_s:g} a second, review_inspect_per_s), so the groups "
                      "below are a sample. A model flagging this much is likely meeting traffic it was not "
                      "trained on: retrain it, or serve it with --learn.</p>")
+    for model, block in sorted((flooding or {}).items()):
+        parts.append(f"<p class=flash id=flooding>{escape(model)} flagged {block['flagged']:,} of its last "
+                     f"{block['of_records']:,} records, where it expects about {block['expected_share']:.1%}: "
+                     "unless an attack or an incident fills this traffic (the groups below show which), it is "
+                     "not a model of it. Train one on your own log and send the records to it, or serve with "
+                     "--learn.</p>")
     if message:
         parts.append(f"<p class=flash id=message>{escape(message)}</p>")
     parts.append("<h2>Groups</h2>")

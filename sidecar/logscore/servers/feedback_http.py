@@ -102,7 +102,8 @@ class FeedbackHttp:
         models = self.service.registry.snapshot.models
         html = render_page(self.service.review, entries, self.service.metrics.histograms(),
                            {name: m.threshold for name, m in models.items()}, status,
-                           self.notes.get(request.query.get("note", "")))
+                           self.notes.get(request.query.get("note", "")),
+                           flooding=self.service.metrics.floods.status())
         return Response.html(html, headers={"Cache-Control": "no-store"})
 
     async def page_mark(self, request: Request) -> Response:
