@@ -230,18 +230,26 @@ def test_a_log_scored_with_another_log_s_model_is_said_to_be(tmp_path):
     assert other.returncode == 0 and len(other.stdout.splitlines()) == 300
     assert "of 300 records flagged" in other.stderr and "check that sys (trained on" in other.stderr
     assert "format plain) is the model for this log" in other.stderr and "Traceback" not in other.stderr
+    # The same through a sidecar (`logscore client`): it printed no warning at all.
+    sidecar = SidecarProcess(models_dir_with(tmp_path, tmp_path / "sys.onnx", "sys"), tmp_path).start()
+    try:
+        through = logscore("client", "--socket", sidecar.socket, tmp_path / "other.log")
+        assert through.returncode == 0 and len(through.stdout.splitlines()) == 300
+        assert "logscore client: warning: " in through.stderr and "of 300 records flagged" in through.stderr
+        assert "check that sys (format plain) is the model for this log" in through.stderr
+        quiet = logscore("client", "--socket", sidecar.socket, tmp_path / "same.log")
+        assert quiet.returncode == 0 and quiet.stderr == ""
+    finally:
+        sidecar.stop()
 
 
 def test_the_flood_warning_speaks_for_models_trained_for_many_false_positives_too():
     """Past 20 times the model's target FPR it warned; at a target of 5 % or more that was past
     every record, so a model trained that way never warned, even with all 3,000 flagged."""
-    from types import SimpleNamespace
-
     from logscore.flood import flood_warning
 
-    def model(target):
-        return SimpleNamespace(metadata={"calibration": {"target_fpr": target}}, name="m",
-                               featurizer=SimpleNamespace(log_format="plain"))
-    assert flood_warning(model(0.1), 3000, 3000) and flood_warning(model(0.05), 2900, 3000)
-    assert flood_warning(model(0.001), 2900, 3000) and not flood_warning(model(0.001), 500, 3000)
-    assert not flood_warning(model(0.1), 1400, 3000)
+    def warned(target, flagged, scored):
+        return flood_warning("m", "plain", target, flagged, scored)
+    assert warned(0.1, 3000, 3000) and warned(0.05, 2900, 3000)
+    assert warned(0.001, 2900, 3000) and not warned(0.001, 500, 3000)
+    assert not warned(0.1, 1400, 3000)

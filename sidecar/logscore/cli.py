@@ -344,6 +344,7 @@ def run_client(args) -> int:
     records = read_json_records(args.inputs) if args.json_records else read_lines(args.inputs)
     records = (cut_past(record, args.max_record_bytes) for record in records)
     line_number = 0
+    counted: dict[str, list[int]] = {}  # model name -> [records scored, flagged]
     with channel:
         stub = pb_grpc.ScorerStub(channel)
         for chunk in batched(records, records_per_call(args.batch, args.explain), CLIENT_CALL_BYTES):
@@ -361,7 +362,33 @@ def run_client(args) -> int:
                 explanation = list(response.explanations[i].features) if response.explanations else None
                 print(json.dumps(result_entry(line_number, response.scores[i], response.is_anomaly[i], model.name,
                                               model.version, notes[i], explanation)))
+                tally = counted.setdefault(model.name, [0, 0])
+                tally[0] += 1
+                tally[1] += bool(response.is_anomaly[i])
+        warn_of_floods(stub, metadata, args.timeout, counted)
     return 0
+
+
+def warn_of_floods(stub, metadata: list, timeout: float, counted: dict[str, list[int]]) -> None:
+    """`logscore score`'s warning, for a model that flagged far more of the records than it was
+    trained to (its target FPR from ListModels; a sidecar too old to say is not asked further)."""
+    import grpc
+
+    from .flood import flood_warning, is_flood
+    from .generated.logscore.v1 import scorer_pb2 as pb
+
+    if not any(flagged for _, flagged in counted.values()):
+        return
+    try:
+        models = {m.name: m for m in stub.ListModels(pb.ListModelsRequest(), timeout=timeout, metadata=metadata).models}
+    except grpc.RpcError:
+        return
+    for name, (scored, flagged) in sorted(counted.items()):
+        info = models.get(name)
+        if info is None or not info.target_fpr or not is_flood(info.target_fpr, flagged, scored):
+            continue
+        print(f"logscore client: warning: {flood_warning(name, info.log_format, info.target_fpr, flagged, scored)}",
+              file=sys.stderr, flush=True)
 
 
 def records_per_call(batch: int, explain: int) -> int:
@@ -650,9 +677,10 @@ def run_score(args) -> int:
                 entry["record"] = chunk[i]
             out.write(json.dumps(entry) + "\n")
     out.flush()
-    from .flood import flood_warning
+    from .flood import flood_warning, target_fpr
 
-    warning = flood_warning(model, flagged, line_number)
+    warning = flood_warning(model.name, model.featurizer.log_format, target_fpr(model), flagged, line_number,
+                            model.metadata.get("training", {}).get("inputs") or ["its training files"])
     if warning:
         print(f"logscore score: warning: {warning}", file=sys.stderr, flush=True)
     return 0

@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Optional
+from typing import Optional, Sequence
 
 # Past this share of records flagged (and MISMATCH_RATIO times the model's target FPR, up to
 # MISMATCH_MOST, with at least MISMATCH_RECORDS scored), the model is no model of this log.
@@ -28,27 +28,26 @@ def target_fpr(model) -> float:
     return float(model.metadata.get("calibration", {}).get("target_fpr") or 0.001)
 
 
-def mismatch_share(model) -> float:
-    """The share of flagged records past which the model is taken for the wrong one."""
-    return max(MISMATCH_SHARE, min(MISMATCH_MOST, MISMATCH_RATIO * target_fpr(model)))
+def mismatch_share(target: float) -> float:
+    """The share of flagged records past which a model trained for ``target`` is taken for the wrong one."""
+    return max(MISMATCH_SHARE, min(MISMATCH_MOST, MISMATCH_RATIO * target))
 
 
-def is_flood(model, flagged: int, scored: int) -> bool:
-    return scored >= MISMATCH_RECORDS and flagged >= scored * mismatch_share(model)
+def is_flood(target: float, flagged: int, scored: int) -> bool:
+    return scored >= MISMATCH_RECORDS and flagged >= scored * mismatch_share(target)
 
 
-def flood_warning(model, flagged: int, scored: int) -> Optional[str]:
-    """What to check when most records are flagged (`logscore score`). NOTE: a plain model reads any
-    line, so another log scored with it gives no "did not parse" note: 2,942 of 3,000 access lines
-    were flagged by a Zookeeper model, silently."""
-    if not is_flood(model, flagged, scored):
+def flood_warning(name: str, log_format: str, target: float, flagged: int, scored: int,
+                  trained_on: Sequence[str] = ()) -> Optional[str]:
+    """What to check when most records are flagged (`logscore score` and `logscore client`). NOTE: a
+    plain model reads any line, so another log scored with it gives no "did not parse" note: 2,942
+    of 3,000 access lines were flagged by a Zookeeper model, silently."""
+    if not is_flood(target, flagged, scored):
         return None
-    training = model.metadata.get("training", {})
-    inputs = ", ".join(training.get("inputs") or []) or "its training files"
+    inputs = f" (trained on {', '.join(trained_on)}, format {log_format})" if trained_on else f" (format {log_format})"
     return (f"{flagged:,} of {scored:,} records flagged ({flagged / scored:.1%}), where the model expects about "
-            f"{target_fpr(model):.1%} of normal records: check that {model.name} (trained on {inputs}, format "
-            f"{model.featurizer.log_format}) is the model for this log, or train one on it "
-            f"(logscore train --input FILE --format ...)")
+            f"{target:.1%} of normal records: check that {name}{inputs} is the model for this log, or train "
+            f"one on it (logscore train --input FILE --format ...)")
 
 
 class FloodWatch:
@@ -79,7 +78,7 @@ class FloodWatch:
                 return
             block_scored, block_flagged = counts
             counts[0] = counts[1] = 0
-            if not is_flood(model, block_flagged, block_scored):
+            if not is_flood(target_fpr(model), block_flagged, block_scored):
                 self._flooding.pop(model.name, None)
                 return
             self._flooding[model.name] = {"version": model.version, "flagged": block_flagged,

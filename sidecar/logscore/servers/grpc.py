@@ -15,6 +15,7 @@ from ..errors import (DeadlineExceeded, FeedbackNotFound, InvalidRequest, Logsco
                       ScorerUnavailable, ShuttingDown, StoreUnavailable, Unauthenticated)
 from ..generated.logscore.v1 import scorer_pb2 as pb
 from ..events import KINDS
+from ..flood import target_fpr
 from ..records import decode_event_stream
 from ..scoring import ScoreCall, ScoreOutcome, ScoringService, check_record_count
 from ..settings import bearer_matches
@@ -131,7 +132,8 @@ class ScorerServicer:
         response = pb.ListModelsResponse()
         for name, model in sorted(self.service.registry.snapshot.models.items()):
             response.models.add(name=name, version=model.version, log_format=model.featurizer.log_format,
-                                threshold=model.threshold, detectors=model.detectors, path=model.artifact.path)
+                                threshold=model.threshold, detectors=model.detectors, path=model.artifact.path,
+                                target_fpr=target_fpr(model))
         return response
 
     async def WatchAnomalies(self, request, context):

@@ -33,6 +33,7 @@ from ..admission import UNLIMITED, Admission, Ticket
 from ..decide import notes_by_record
 from ..errors import (DeadlineExceeded, FeedbackNotFound, InvalidRequest, LogscoreError, ModelNotFound, Overloaded,
                       ScorerUnavailable, ShuttingDown, StoreUnavailable, Unauthenticated)
+from ..flood import target_fpr
 from ..metrics import Metrics
 from ..resources import openapi_path
 from ..scoring import ScoreCall, ScoreOutcome, ScoringService
@@ -544,7 +545,7 @@ class SidecarHttp:
             return Response.error(401, str(error))
         return Response.json({"models": [
             {"name": name, "version": m.version, "log_format": m.featurizer.log_format,
-             "threshold": m.threshold, "detectors": m.detectors}
+             "threshold": m.threshold, "detectors": m.detectors, "target_fpr": target_fpr(m)}
             for name, m in sorted(self.service.registry.snapshot.models.items())]})
 
     async def openapi(self, request: Request) -> Response:

@@ -59,6 +59,7 @@ Google::Protobuf::DescriptorPool.generated_pool.build do
       optional :threshold, :float, 4
       repeated :detectors, :string, 5
       optional :path, :string, 6
+      optional :target_fpr, :double, 7
     end
     add_message "logscore.v1.FeedbackRequest" do
       optional :verdict, :enum, 1, "logscore.v1.Verdict"

@@ -114,20 +114,22 @@ class ListModelsResponse(_message.Message):
     def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "version", "log_format", "threshold", "detectors", "path")
+    __slots__ = ("name", "version", "log_format", "threshold", "detectors", "path", "target_fpr")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     LOG_FORMAT_FIELD_NUMBER: _ClassVar[int]
     THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     DETECTORS_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FPR_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     log_format: str
     threshold: float
     detectors: _containers.RepeatedScalarFieldContainer[str]
     path: str
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., log_format: _Optional[str] = ..., threshold: _Optional[float] = ..., detectors: _Optional[_Iterable[str]] = ..., path: _Optional[str] = ...) -> None: ...
+    target_fpr: float
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., log_format: _Optional[str] = ..., threshold: _Optional[float] = ..., detectors: _Optional[_Iterable[str]] = ..., path: _Optional[str] = ..., target_fpr: _Optional[float] = ...) -> None: ...
 
 class FeedbackRequest(_message.Message):
     __slots__ = ("verdict", "author", "reason", "model", "route", "entity", "expires_at", "lines", "structured", "group", "field")
