@@ -119,7 +119,7 @@ def test_without_the_train_extra_learning_is_off_and_said_so(tmp_path):
 
 
 def test_routes_per_entity_are_bounded_and_held_until_their_own_model_serves(tmp_path, shop_model_path):
-    from logscore.learning import CHECK_INTERVAL_S, Learner
+    from logscore.learning import Learner
     from logscore.registry import ModelRegistry
     from logscore.settings import Settings
 
@@ -148,7 +148,7 @@ def test_entity_values_unfit_for_a_file_name_and_models_with_windows_are_not_lea
     one; and a model with windows or clients is not replaced by a learned model without them."""
     from types import SimpleNamespace
 
-    from logscore.learning import CHECK_INTERVAL_S, Learner
+    from logscore.learning import Learner
     from logscore.model import Model
     from logscore.settings import Settings
 

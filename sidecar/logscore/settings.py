@@ -98,8 +98,8 @@ class Settings:
     learn_window: int = setting(10_000, "recent records kept per route for learning and retraining (memory: about "
                                 "0.3 KB per access line, 1 KB per field map)")
     learn_retrain_records: int = setting(100_000, "retrain a learned route on its recent window after this many "
-                                         "new records (drift), and once its window holds 1.5 times what its model learned from; "
-                                         "0: never")
+                                         "new records (drift), and once its window holds 1.5 times what its "
+                                         "model learned from; 0: never")
     learn_max_flag_ratio: float = setting(3.0, "a candidate flagging more than this many times the serving "
                                           "model's share of recent records (or of its target FPR) is kept aside "
                                           "and reported, not swapped")
