@@ -26,6 +26,7 @@ import numpy as np
 
 from .errors import ConfigError, InputError
 from .feedback import strip_rarity
+from .flood import is_flood
 from .inputs import read_lines
 from .metrics import SCORE_BUCKETS
 from .review import TOP_ENTITIES, Example, Groups, render_group_examples
@@ -72,6 +73,10 @@ class Totals:
     timed: int = 0  # records with a time of their own
     entities: Counter = field(default_factory=Counter)
     models: Counter = field(default_factory=Counter)
+    # (model, route) -> records scored and flagged: which model floods which route, the one thing the
+    # sidecar's flood warning cannot say (it counts per model) and the operator's --tag-routes needs
+    route_records: Counter = field(default_factory=Counter)
+    route_anomalies: Counter = field(default_factory=Counter)
 
 
 def lookup(record: dict, *names: str):
@@ -201,6 +206,8 @@ def read_scored(paths, entity_field: Optional[str], progress=None) -> tuple[Tota
         totals.histogram[int(np.searchsorted(SCORE_BUCKETS, float(score), side="left"))] += 1
         model = str(lookup(record, "model", "anomaly_model") or "(model not recorded)")
         totals.models[model] += 1
+        totals.route_records[model, route] += 1
+        totals.route_anomalies[model, route] += flag
         suppressed = any(str(n).startswith("suppressed by feedback") for n in notes)
         totals.suppressed += suppressed
         if not flag:
@@ -255,6 +262,7 @@ def text_summary(totals: Totals, groups: Groups, top: int) -> str:
         lines.append(f"more than {groups.max_groups:,} groups: the {groups.dropped_groups:,} smallest "
                      f"({groups.dropped_records:,} anomalies) are left out of the groups below")
     lines.append("models: " + ", ".join(f"{m} ({c:,})" for m, c in totals.models.most_common()))
+    lines += flood_lines(totals)
     if totals.entities:
         lines.append("top entities: " + ", ".join(f"{e} ({c:,})" for e, c in totals.entities.most_common(TOP_ENTITIES)))
     lines.append("")
@@ -266,6 +274,22 @@ def text_summary(totals: Totals, groups: Groups, top: int) -> str:
         for name in group.names or ["(no explanation in the output: score with explanations to group by them)"]:
             lines.append(f"          {name}")
     return "\n".join(lines)
+
+
+def flood_lines(totals: Totals) -> list[str]:
+    """A line per model and route flagging far more than any model is trained to: the output holds no
+    model's target, so the rule is the sidecar's for any target under 1 % (a fifth of the records)."""
+    lines = []
+    for (model, route), records in totals.route_records.most_common():
+        flagged = totals.route_anomalies[model, route]
+        if is_flood(0.0, flagged, records):
+            where = f"route {route}" if route else "its records"
+            lines.append(f"{model} flagged {flagged:,} of {records:,} records of {where} ({flagged / records:.1%}): "
+                         f"unless an attack fills them, it is not a model of this log; train one on it "
+                         f"(logscore train --input FILE --format FORMAT) and send "
+                         f"{'this route' if route else 'them'} to it (--tag-routes, --default-model or the "
+                         f"Fluentd filter's `model NAME`)")
+    return lines
 
 
 def rate_timeline(totals: Totals) -> tuple[list[tuple[float, float]], float, float]:
