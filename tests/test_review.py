@@ -265,3 +265,17 @@ def test_a_group_places_its_records_at_the_time_their_shipper_sent_else_at_their
     assert f"first {time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(now - 7200))}" in page
     xs = [float(point.split(",")[0]) for point in re.search(r'points="([^"]*)"', page).group(1).split()]
     assert xs == sorted(xs) and len(xs) == 2 + 4 * 3  # three buckets: 2 h ago, 10 min ago, now
+
+
+def test_a_group_of_records_older_than_its_timeline_says_none_there_not_peak_1(shop_model_path):
+    """Fluent Bit replaying a 2015 log through forward mode: every group's timeline was flat and said
+    "peak 1" (the scale's floor), as if one record a minute had come (fbday trial)."""
+    model = Model.load(shop_model_path)
+    ring = ReviewRing()
+    old = int(time.time()) - 10 * 365 * 86400
+    lines = compare_lines(2, seed=131)
+    step = FeedbackStep(RuleSet(), lines, observe=ring.observe, inspect_always=True, times=[old, old + 60])
+    decide(model, model.score(lines), feedback=step)
+    group, = ring.snapshot()
+    page = render_group(group, time.time(), ring.bucket_s)
+    assert "peak 1<" not in page and ">none in the last 3 hours<" in page

@@ -440,6 +440,9 @@ def render_group(group: Group, now: float, bucket_s: float) -> str:
         if bucket >= start:
             points += [(bucket, 0), (bucket, count), (bucket + bucket_s, count), (bucket + bucket_s, 0)]
     points.append((end, 0))
+    # records timed before the timeline (a shipper replaying old logs) leave it flat: it says so
+    recent = timeline(points, start, end, label=f"{group.id}: records per minute, last 3 hours",
+                      empty_text="none in the last 3 hours")
     names = "".join(f"<li>{escape(n)}</li>" for n in group.names) or "<li>(no feature named: a session model)</li>"
     css = "group suppressed" if (group.feedback[-1][1] == "normal" if group.feedback else group.covered_by) else "group"
     return (f'<div class="{css}" id="{group.id}" data-group="{group.id}"><div class=head>'
@@ -447,7 +450,7 @@ def render_group(group: Group, now: float, bucket_s: float) -> str:
             f'<span><b>{escape(group.model)}</b>{" · route " + escape(group.route) if group.route else ""}'
             f' · <span class=muted>{share}; first {utc_text(group.first_seen)}, last {utc_text(group.last_seen)} UTC'
             f'</span>{marks}</span>'
-            f'{timeline(points, start, end, label=f"{group.id}: records per minute, last 3 hours")}'
+            f'{recent}'
             f'<form class=inline method=post action="/ui/feedback">'
             f'<input type=hidden name=group value="{group.id}">'
             f'<input type=text name=reason placeholder="why (optional)" aria-label="reason"> '

@@ -42,17 +42,19 @@ def bars(labels: Sequence[str], values: Sequence[float], width: int = 520, heigh
 
 
 def timeline(points: Sequence[tuple[float, float]], start: float, end: float, width: int = 260, height: int = 48,
-             label: str = "", colour: str = BAR, as_rate: bool = False) -> str:
-    """A line over time: (x, y) points with x in [start, end]; a sparkline when small."""
+             label: str = "", colour: str = BAR, as_rate: bool = False, empty_text: str = "none") -> str:
+    """A line over time: (x, y) points with x in [start, end]; a sparkline when small. A line with
+    nothing on it says ``empty_text``, not "peak 1" (the scale's floor)."""
     top, bottom, left = 4, 14, 2
     plot_h, plot_w = height - top - bottom, width - left - 2
     span = max(end - start, 1e-9)
-    peak = max((y for _, y in points), default=0) or 1
+    highest = max((y for _, y in points), default=0)
+    peak = highest or 1
     coordinates = " ".join(f"{left + plot_w * (x - start) / span:.1f},{top + plot_h - plot_h * y / peak:.1f}"
                            for x, y in points)
-    peak_text = f"{peak:.2%}" if as_rate else f"{peak:,.0f}"
+    peak_text = (f"peak {highest:.2%}" if as_rate else f"peak {highest:,.0f}") if highest else empty_text
     return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
             f'aria-label="{escape(label)}"><title>{escape(label)}</title>'
             f'<line x1="{left}" y1="{top + plot_h}" x2="{width - 2}" y2="{top + plot_h}" stroke="{AXIS}"/>'
             f'<polyline fill="none" stroke="{colour}" stroke-width="1.5" points="{coordinates}"/>'
-            f'<text x="{left}" y="{height - 2}" font-size="9" fill="{AXIS}">peak {peak_text}</text></svg>')
+            f'<text x="{left}" y="{height - 2}" font-size="9" fill="{AXIS}">{escape(peak_text)}</text></svg>')
