@@ -189,7 +189,7 @@ def test_report_keeps_its_largest_groups_past_its_group_limit_and_says_what_it_l
     kept = int(out[0].split(" in ")[1].split(" groups")[0].replace(",", ""))
     assert kept + dropped == 1001 and kept <= 100
     first_group = out[out.index("") + 1]  # after the summary (which warns: every record is flagged)
-    assert first_group.split()[:2] == ["500", "g1"], out  # the attack's group, not a one-off
+    assert first_group.split()[:2] == ["500", "r1"], out  # the attack's group, not a one-off (r: not a page id)
 
 
 def test_report_reads_odd_times_and_notes_and_refuses_an_unwritable_html_path(tmp_path):

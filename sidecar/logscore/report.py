@@ -185,7 +185,8 @@ def entity_of(record: dict, name: Optional[str]) -> Optional[str]:
 def read_scored(paths, entity_field: Optional[str], progress=None) -> tuple[Totals, Groups]:
     totals = Totals()
     # A file: its whole span, and its biggest groups (one of 50,000 records outlives 150,000 of one).
-    groups = Groups(max_groups=MAX_GROUPS, prefix="g", max_buckets=1_000_000, keep_largest=True)
+    # "r": a report's groups are numbered on their own, not the review page's (feedback add --group takes those)
+    groups = Groups(max_groups=MAX_GROUPS, prefix="r", max_buckets=1_000_000, keep_largest=True)
     for number, line in enumerate(read_lines(paths), start=1):
         if progress is not None and number % PROGRESS_EVERY == 0:
             progress(number)
