@@ -91,8 +91,8 @@ class FloodWatch:
                     "fills this traffic (the review page at /ui/ shows what is flagged), it is not a model of "
                     "it (another site or log); train one on your own log (logscore train --input FILE "
                     "--format FORMAT --out MODELS_DIR/NAME.onnx) and send the records to it (the Fluentd filter's "
-                    "`model NAME`, --tag-routes or --default-model), or serve with --learn "
-                    "(docs/operations.md: Learning on arrival)",
+                    "`model NAME`, or --tag-routes / --default-model when the sidecar next starts), or serve "
+                    "with --learn (docs/operations.md: Learning on arrival)",
                     extra={"model": model.name, "version": model.version, "flagged": block_flagged,
                            "of_records": block_scored, "flagged_share": round(block_flagged / block_scored, 4),
                            "expected_share": target_fpr(model)})
