@@ -374,7 +374,7 @@ def warn_of_floods(stub, metadata: list, timeout: float, counted: dict[str, list
     trained to (its target FPR from ListModels; a sidecar too old to say is not asked further)."""
     import grpc
 
-    from .flood import flood_warning, is_flood
+    from .flood import flood_warning
     from .generated.logscore.v1 import scorer_pb2 as pb
 
     if not any(flagged for _, flagged in counted.values()):
@@ -385,10 +385,9 @@ def warn_of_floods(stub, metadata: list, timeout: float, counted: dict[str, list
         return
     for name, (scored, flagged) in sorted(counted.items()):
         info = models.get(name)
-        if info is None or not info.target_fpr or not is_flood(info.target_fpr, flagged, scored):
-            continue
-        print(f"logscore client: warning: {flood_warning(name, info.log_format, info.target_fpr, flagged, scored)}",
-              file=sys.stderr, flush=True)
+        warning = flood_warning(name, info.log_format, info.target_fpr, flagged, scored) if info else None
+        if warning and info.target_fpr:  # (0: a sidecar from before target_fpr said none)
+            print(f"logscore client: warning: {warning}", file=sys.stderr, flush=True)
 
 
 def records_per_call(batch: int, explain: int) -> int:

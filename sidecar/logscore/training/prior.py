@@ -29,6 +29,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from ..features import FeatureBatch
+from ..feedback import among
 from .robust import EXAMPLES, example_text
 from .streaming import KeyPairs
 
@@ -81,8 +82,7 @@ class KeyMarker:
         """Look at the keys of ``batch`` not seen before (each named once, from one record)."""
         keys, first = np.unique(batch.keys, return_index=True)
         looked_at = self._looked_at
-        fresh = (looked_at[np.minimum(np.searchsorted(looked_at, keys), len(looked_at) - 1)] != keys
-                 if len(looked_at) else np.ones(len(keys), dtype=bool))
+        fresh = ~among(keys, looked_at)
         if not fresh.any():
             return
         # Merged in place of a sort of all of them (np.union1d: 40 % of training on novel URLs).
@@ -119,9 +119,7 @@ class InjectionPrior(KeyMarker):
         """bool [records]: holding an injection-like key seen in fewer than ``support`` records
         (``pairs``: each record's distinct keys, all of them observed)."""
         rare = np.isin(pairs.distinct, self.marked_keys()) & (pairs.holders < self.support(pairs.records))
-        aside = np.zeros(pairs.records, dtype=bool)
-        aside[pairs.rows[rare[pairs.key_index]]] = True
-        return aside
+        return pairs.holding(rare)
 
     def describe(self, sample: Sequence[object], aside: np.ndarray) -> dict:
         return {"share": self.share, "support": round(self.support(len(sample)), 2),
@@ -156,7 +154,4 @@ class AlarmVocabulary(KeyMarker):
 
     def holders(self, pairs: KeyPairs) -> np.ndarray:
         """bool [records]: holding an alarm key (``pairs``: each record's distinct keys, all observed)."""
-        alarm = np.isin(pairs.distinct, self.marked_keys())
-        marked = np.zeros(pairs.records, dtype=bool)
-        marked[pairs.rows[alarm[pairs.key_index]]] = True
-        return marked
+        return pairs.holding(np.isin(pairs.distinct, self.marked_keys()))

@@ -107,8 +107,7 @@ def cluster_mates(set_aside: np.ndarray, raw: np.ndarray, pairs: KeyPairs, targe
     holders = pairs.holders
     aside = np.bincount(pairs.key_index, weights=set_aside[pairs.rows], minlength=len(holders))
     tainted = (holders >= 2) & (aside * 2 > holders)
-    mates = np.zeros(len(set_aside), dtype=bool)
-    mates[pairs.rows[tainted[pairs.key_index]]] = True
+    mates = pairs.holding(tainted)
     reference = 1.0 - max(target_fpr, MAX_CONTAMINATION)
     return mates & (raw >= np.quantile(raw, reference, axis=0)).any(axis=1)
 

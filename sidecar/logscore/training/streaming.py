@@ -140,6 +140,12 @@ class KeyPairs:
     occurrences: np.ndarray  # int64: how often each of every_key occurs (a key two converters share
     #                          counts twice in a record): what a rarity table of all the records counts
 
+    def holding(self, chosen: np.ndarray) -> np.ndarray:
+        """bool [records]: the records holding a key of ``chosen`` (bool per key of ``distinct``)."""
+        held = np.zeros(self.records, dtype=bool)
+        held[self.rows[chosen[self.key_index]]] = True
+        return held
+
 
 COMPACT_PAIRS = 4_000_000  # pairs held before those of keys already too common are dropped (≈ 64 MB)
 
