@@ -241,7 +241,7 @@ class ClientTracker:
         # clients' hashes (Python's, seeded per process), and the groups' order sets the rounding of
         # the cumulative sums below (train --entities differed from run to run by it).
         _, first_seen, slot_of_row = np.unique(slots, return_index=True, return_inverse=True)
-        order = np.lexsort((times, np.argsort(np.argsort(first_seen))[slot_of_row]))
+        order = np.lexsort((times, first_seen[slot_of_row]))
         slots, times, rows = slots[order], times[order], positions[order]
         starts = segment_starts(slots)
         group = np.repeat(np.arange(len(starts)), np.diff(np.append(starts, len(slots))))

@@ -44,7 +44,8 @@ import numpy as np
 HOURS, WEEK_HOURS = 24, 168
 LEVEL_HALF_LIFE_S = 6 * 3600.0  # the level forgets half of what it knew in six hours
 SEASON_RATE_PER_PERIOD = 0.3  # a seasonal offset learns this much from each hour of data it sees
-SCALE_HALF_LIFE_S = 2 * 86400.0
+DAY_S = 86400.0
+SCALE_HALF_LIFE_S = 2 * DAY_S
 MIN_SCALE_RATE = 0.01  # the scale learns at least this much of each window (see above)
 CLIP = 3.0
 RUN = 6  # windows averaged for the sustained-shift term

@@ -156,8 +156,10 @@ class ScoringService:
         # Entity values as text, as routing names them (<model>@<value>) and entries store them.
         entities = [None if v is None else to_text(v) for v in
                     (r.get(entity) if isinstance(r, dict) else None for r in mine)] if entity else ()
-        times = (call.times if whole else [call.times[i] for i in positions]) if call.times is not None else ()
         review = self.review
+        # (only the review page reads them: no copy per model when it is off)
+        times = ((call.times if whole else [call.times[i] for i in positions])
+                 if call.times is not None and review is not None else ())
         return FeedbackStep(self.feedback.rules if self.feedback is not None else RuleSet(), mine, routes, entities,
                             review.observe if review is not None else None, review is not None,
                             review.admit if review is not None else None, times)

@@ -40,14 +40,13 @@ from typing import Optional, Sequence
 import numpy as np
 
 from .errors import InputError
-from .forecast import (COUNT_MIN_SCALE, MEASURE_MIN_SCALE, MEASURE_MIN_SHARE, ForecastState, count_transform,
+from .forecast import (COUNT_MIN_SCALE, DAY_S, MEASURE_MIN_SCALE, MEASURE_MIN_SHARE, ForecastState, count_transform,
                        measure_transform, slots)
 from .inputs import read_lines
 from .timestamps import parse_time
 
 WARM_UP_S = 86400.0  # deviations of the first day (seasons unknown) are not scored
 PROGRESS_POINTS = 100_000
-DAY_S = 86400.0
 TYPICAL_DAYS = 30  # daily maxima remembered for "a typical day's strangest"
 RECORD_S = 86400.0  # "the previous day" of the record factor
 RECORD_POWER = 4.0  # how sharply the record factor rises past yesterday's strangest (0.5 at it)

@@ -26,7 +26,7 @@ from onnx import TensorProto, helper, numpy_helper
 from ..artifact import HASH_KEY, METADATA_KEY, content_hash
 from ..entities import CLIENT_FIELDS, FEATURES, ClientTracker, client_batch
 from ..errors import InputError
-from ..forecast import COUNT_MIN_SCALE, ForecastState, count_transform, slots
+from ..forecast import COUNT_MIN_SCALE, DAY_S, ForecastState, count_transform, slots
 from ..timestamps import TIME_FIELDS, record_times
 from ..records import text_columns
 from ..windows import DIMENSIONS, LEVELS_READ, OTHER, SHARES, KeyNamer, fields_read, share_deviation, share_name
@@ -34,7 +34,6 @@ from .graph import GraphBuilder
 from .train import Warn, apply_ecdf, ecdf_table, ignore
 
 MAX_WINDOWS = 2_000_000
-DAY_S = 86400.0
 ENTITY_KNOTS, ENTITY_EXACT_TAIL = 256, 64  # knots of the client detector's per-feature empirical CDFs
 NEW_KEY_SCALE = 0.35  # a never-seen key's spread on the transformed scale (~Poisson noise of small counts)
 
@@ -132,7 +131,7 @@ def fit_windows(fields: Sequence[dict], route: str, options: BehaviourOptions, w
     window_of = ((times - first) // window_s).astype(np.int64)
     windows = int(window_of[-1]) + 1
     if windows > MAX_WINDOWS:
-        raise InputError(f"--window-s {window_s:g} over {(times[-1] - times[0]) / 86400:.0f} days makes {windows:,} "
+        raise InputError(f"--window-s {window_s:g} over {(times[-1] - times[0]) / DAY_S:.0f} days makes {windows:,} "
                          f"windows; use longer windows (at most {MAX_WINDOWS:,})")
     if windows * window_s < DAY_S:  # (a field trial's 6,580 lines made 4 windows, and nothing said so)
         warn(f"--windows: the logs span {windows:,} windows of {window_s:g} s ({windows * window_s / 3600:.1f} h): "
