@@ -68,7 +68,33 @@ def test_a_new_version_of_a_flooding_model_is_judged_afresh(caplog):
         watch.observe(model("v2"), 100, 40)  # the same version again: within the interval, not logged
     warned = [r for r in caplog.records if "far more records" in r.getMessage()]
     assert [r.version for r in warned] == ["v1", "v2"]
-    assert watch.status()["web"] == {"version": "v2", "flagged": 40, "of_records": 100, "expected_share": 0.002}
+    assert watch.status()["web"] == {"version": "v2", "flagged": 40, "of_records": 100, "expected_share": 0.002,
+                                     "routes": [""]}
+
+
+def test_a_tag_flooding_is_seen_beside_a_busy_tag_the_same_model_scores_well(caplog):
+    """One model serves every tag by default: an app log's tag routed to the access-log model flagged
+    half its records, but the access log's busier tag filled the same blocks and the model's share
+    stayed under the mismatch share, so nothing was said."""
+    from types import SimpleNamespace
+
+    model = SimpleNamespace(name="web", version="v1", metadata={"calibration": {"target_fpr": 0.002}})
+    metrics = Metrics()
+    metrics.floods.block_records = 100
+    flags = np.zeros(100, dtype=bool)
+    flags[90:95] = True  # the app's 10 records: 5 flagged; the access log's 90: none
+    routes = ["web.access"] * 90 + ["app.worker"] * 10
+    outcome = SimpleNamespace(notes=[], models=[model], scores=flags.astype(np.float32), is_anomaly=flags,
+                              model_index=np.zeros(100, dtype=np.uint32))
+    with caplog.at_level(logging.WARNING, logger="logscore.serve"):
+        for _ in range(10):
+            metrics.observe_outcome(outcome, "forward", routes)
+    flooding = metrics.floods.status()["web"]
+    assert flooding["routes"] == ["app.worker"] and (flooding["flagged"], flooding["of_records"]) == (50, 100)
+    assert [r.route for r in caplog.records if "far more records" in r.getMessage()] == ["app.worker"]
+    clean = SimpleNamespace(**{**vars(outcome), "is_anomaly": np.zeros(100, dtype=bool)})
+    metrics.observe_outcome(clean, "grpc", "app.worker")  # a call's one tag: its block is judged alike
+    assert metrics.floods.status() == {}, "a clean block of the tag clears it"
 
 
 def test_a_flooding_model_sent_no_more_records_no_longer_floods_and_old_versions_count_on(monkeypatch, caplog):

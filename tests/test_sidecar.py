@@ -465,27 +465,31 @@ def test_startup_with_no_loadable_model_fails_clearly(tmp_path):
 
 def test_a_model_flooding_another_sites_traffic_is_reported_in_the_log_and_readyz(tmp_path):
     """The default model on a shop's traffic flagged 22 % of it (223 per 1,000 of real Fluentd
-    records on day one) and the sidecar said nothing: no log line, /readyz plain ready."""
+    records on day one) and the sidecar said nothing: no log line, /readyz plain ready. Each tag is
+    judged on its own, and named."""
     models = models_dir_with(tmp_path, ROOT / "models" / "apache-access.onnx", "apache-access")
     process = SidecarProcess(models, tmp_path).start()
     try:
-        def send(lines):
-            status, body = process.http_post("/v1/score", {"records": [{"message": line} for line in lines]})
+        def send(lines, tag):
+            status, body = process.http_post(f"/v1/score?tag={tag}", {"records": [{"message": line} for line in lines]})
             assert status == 200, body
             return sum(result["is_anomaly"] for result in body["results"])
 
-        assert send(blog_lines(1000, seed=5)) < 20  # the site it knows: no flood
+        assert send(blog_lines(1000, seed=5), "blog") < 20  # the site it knows: no flood
         assert "flooding" not in json.loads(process.http_get("/readyz")[1])
-        assert send(shop_lines(1000, seed=5)) > 200
+        assert send(shop_lines(1000, seed=5), "shop") > 200
         flooding = json.loads(process.http_get("/readyz")[1])["flooding"]["apache-access"]
         assert flooding["flagged"] > 200 and flooding["of_records"] == 1000 and flooding["expected_share"] == 0.002
+        assert flooding["routes"] == ["shop"]
         status, page = process.http_get("/ui/")
         assert status == 200 and b"id=flooding>apache-access flagged" in page, "the review page says so too"
-        assert send(shop_lines(1000, seed=6)) > 200
+        assert b"records tagged shop," in page
+        assert send(shop_lines(1000, seed=6), "shop") > 200
         warnings = [json.loads(line) for line in process.log().splitlines() if "far more records" in line]
         assert len(warnings) == 1, "logged once per interval, not once per block"
         assert warnings[0]["model"] == "apache-access" and "--learn" in warnings[0]["message"]
-        send(blog_lines(1000, seed=7))
+        assert warnings[0]["route"] == "shop"
+        send(blog_lines(1000, seed=7), "shop")
         assert "flooding" not in json.loads(process.http_get("/readyz")[1]), "a normal block clears it"
     finally:
         process.stop()

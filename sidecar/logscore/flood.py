@@ -51,27 +51,32 @@ def flood_warning(name: str, log_format: str, target: float, flagged: int, score
 
 
 class FloodWatch:
-    """Per model, the flagged share of its last complete block of records; a block past the
-    mismatch share is logged (once per SERVE_LOG_INTERVAL_S per model) and shown on /readyz."""
+    """Per model and route (the records' tag), the flagged share of its last complete block of
+    records; a block past the mismatch share is logged (once per SERVE_LOG_INTERVAL_S per model and
+    route) and shown on /readyz. Routes are judged apart because one model often serves several
+    logs (the default model, every tag): a tag of another log's records flooded unseen when a busy
+    tag of the model's own log filled the same block with records it scored well."""
 
     def __init__(self, block_records: int = SERVE_BLOCK_RECORDS, log_interval_s: float = SERVE_LOG_INTERVAL_S):
         self.block_records = block_records
         self.log_interval_s = log_interval_s
         self._lock = threading.Lock()
-        self._counts: dict[str, list[int]] = {}  # model name -> [scored, flagged] of the open block
+        self._counts: dict[tuple, list[int]] = {}  # (model name, route) -> [scored, flagged] of the open block
         self._versions: dict[str, set] = {}  # model name -> the versions judged (old and new score a moment
         #                                      side by side while a model is replaced)
-        self._flooding: dict[str, dict] = {}  # model name -> its last block, while that block flooded
-        self._logged_at: dict[str, float] = {}
-        self._seen_at: dict[str, float] = {}  # model name -> when it last scored records
+        self._flooding: dict[tuple, dict] = {}  # (model name, route) -> its last block, while that block flooded
+        self._logged_at: dict[tuple, float] = {}
+        self._seen_at: dict[tuple, float] = {}  # (model name, route) -> when it last scored records
 
-    def observe(self, model, scored: int, flagged: int) -> None:
+    def observe(self, model, scored: int, flagged: int, route: str = "") -> None:
+        """``route``: the records' tag ("" when they came without one)."""
         now = time.monotonic()
+        key = (model.name, route)
         with self._lock:
-            self._seen_at[model.name] = now
+            self._seen_at[key] = now
             if model.version not in self._versions.get(model.name, ()):
                 self._start_version(model)
-            counts = self._counts[model.name]
+            counts = self._counts.setdefault(key, [0, 0])
             counts[0] += scored
             counts[1] += flagged
             if counts[0] < self.block_records:
@@ -79,35 +84,44 @@ class FloodWatch:
             block_scored, block_flagged = counts
             counts[0] = counts[1] = 0
             if not is_flood(target_fpr(model), block_flagged, block_scored):
-                self._flooding.pop(model.name, None)
+                self._flooding.pop(key, None)
                 return
-            self._flooding[model.name] = {"version": model.version, "flagged": block_flagged,
-                                          "of_records": block_scored, "expected_share": target_fpr(model)}
-            if now - self._logged_at.get(model.name, float("-inf")) < self.log_interval_s:
+            self._flooding[key] = {"version": model.version, "flagged": block_flagged,
+                                   "of_records": block_scored, "expected_share": target_fpr(model)}
+            if now - self._logged_at.get(key, float("-inf")) < self.log_interval_s:
                 return
-            self._logged_at[model.name] = now
+            self._logged_at[key] = now
         # NOTE: an attack in full swing floods a block too: the review page tells the two apart.
         log.warning("model flags far more records than it was trained to: unless an attack or an incident "
                     "fills this traffic (the review page at /ui/ shows what is flagged), it is not a model of "
                     "it (another site or log); train one on your own log (logscore train --input FILE "
                     "--format FORMAT --out MODELS_DIR/NAME.onnx) and send the records to it (the Fluentd filter's "
-                    "`model NAME`, or --tag-routes / --default-model when the sidecar next starts), or serve "
-                    "with --learn (docs/operations.md: Learning on arrival)",
-                    extra={"model": model.name, "version": model.version, "flagged": block_flagged,
-                           "of_records": block_scored, "flagged_share": round(block_flagged / block_scored, 4),
+                    "`model NAME`, or --tag-routes 'TAG=NAME' / --default-model when the sidecar next starts), "
+                    "or serve with --learn (docs/operations.md: Learning on arrival)",
+                    extra={"model": model.name, "route": route or None, "version": model.version,
+                           "flagged": block_flagged, "of_records": block_scored,
+                           "flagged_share": round(block_flagged / block_scored, 4),
                            "expected_share": target_fpr(model)})
 
     def _start_version(self, model) -> None:
         """A new version (retrained, learned, replaced) is judged afresh: the operator who replaced a
         flooding model hears at once whether the new one floods too, not 10 minutes later."""
         self._versions.setdefault(model.name, set()).add(model.version)
-        self._counts[model.name] = [0, 0]
-        self._flooding.pop(model.name, None)
-        self._logged_at.pop(model.name, None)
+        for judged in (self._counts, self._flooding, self._logged_at):
+            for key in [key for key in judged if key[0] == model.name]:
+                del judged[key]
 
     def status(self) -> dict:
-        """Models whose last block of records flooded and that still score records, for /readyz."""
+        """Models with a route whose last block of records flooded and that still sends records, for
+        /readyz: the blocks of those routes added up, and the routes by name ("" for untagged records)."""
         now = time.monotonic()
+        flooding: dict[str, dict] = {}
         with self._lock:
-            return {name: dict(block) for name, block in self._flooding.items()
-                    if now - self._seen_at.get(name, now) <= IDLE_S}
+            for (name, route), block in sorted(self._flooding.items()):
+                if now - self._seen_at.get((name, route), now) > IDLE_S:
+                    continue
+                total = flooding.setdefault(name, dict(block, flagged=0, of_records=0, routes=[]))
+                total["flagged"] += block["flagged"]
+                total["of_records"] += block["of_records"]
+                total["routes"].append(route)
+        return flooding

@@ -7,6 +7,7 @@ import logging
 import threading
 import time
 from collections import Counter as Counter_of
+from typing import Sequence, Union
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -161,24 +162,33 @@ class Metrics:
     def observe_abandoned(self, model, records: int, reason: str) -> None:
         self.child(self.abandoned, model.name, reason).inc(records)
 
-    def observe_outcome(self, outcome, surface: str) -> None:
+    def observe_outcome(self, outcome, surface: str, routes: Union[str, Sequence[str]] = "") -> None:
+        """``routes``: the records' tag, or a tag per record (forward Message mode)."""
         if outcome.notes:
             self._observe_feedback_notes(outcome)
         if len(outcome.models) == 1:  # the usual case: no selection (~3 µs of numpy calls on one record)
-            self._observe_model(outcome.models[0], surface, outcome.scores, outcome.is_anomaly)
+            self._observe_model(outcome.models[0], surface, outcome.scores, outcome.is_anomaly, routes)
             return
         for position, model in enumerate(outcome.models):
             mine = outcome.model_index == position
-            self._observe_model(model, surface, outcome.scores[mine], outcome.is_anomaly[mine])
+            model_routes = routes if isinstance(routes, str) else [routes[i] for i in np.flatnonzero(mine)]
+            self._observe_model(model, surface, outcome.scores[mine], outcome.is_anomaly[mine], model_routes)
 
-    def _observe_model(self, model, surface: str, scores: np.ndarray, flags: np.ndarray) -> None:
+    def _observe_model(self, model, surface: str, scores: np.ndarray, flags: np.ndarray,
+                       routes: Union[str, Sequence[str]]) -> None:
         name = model.name
         self.child(self.records, name, surface).inc(len(scores))
         anomalies = int(np.count_nonzero(flags))
         if anomalies:
             self.child(self.anomalies, name).inc(anomalies)
         self.scores.observe(name, scores)
-        self.floods.observe(model, len(scores), anomalies)
+        if isinstance(routes, str):
+            self.floods.observe(model, len(scores), anomalies, routes)
+            return
+        routes = np.asarray(routes, dtype=object)
+        for route in set(routes):
+            mine = routes == route
+            self.floods.observe(model, int(np.count_nonzero(mine)), int(np.count_nonzero(flags[mine])), route)
 
     def _observe_feedback_notes(self, outcome) -> None:
         for index, _, description in outcome.notes:

@@ -401,8 +401,10 @@ def render_page(ring: ReviewRing, entries: list, histograms: dict, thresholds: d
                      "below are a sample. A model flagging this much is likely meeting traffic it was not "
                      "trained on: retrain it, or serve it with --learn.</p>")
     for model, block in sorted((flooding or {}).items()):
+        tagged = [route for route in block["routes"] if route]
+        records = f"records tagged {', '.join(map(escape, tagged))}" if tagged else "records"
         parts.append(f"<p class=flash id=flooding>{escape(model)} flagged {block['flagged']:,} of its last "
-                     f"{block['of_records']:,} records, where it expects about {block['expected_share']:.1%}: "
+                     f"{block['of_records']:,} {records}, where it expects about {block['expected_share']:.1%}: "
                      "unless an attack or an incident fills this traffic (the groups below show which), it is "
                      "not a model of it. Train one on your own log and send the records to it, or serve with "
                      "--learn.</p>")

@@ -140,7 +140,7 @@ class ScoringService:
                     self.executor, lambda: self.behaviour.observe(groups, results, count, tags, times=call.times))
             else:
                 outcome.entity_scores = self.behaviour.observe(groups, results, count, tags, times=call.times)
-        self.metrics.observe_outcome(outcome, call.surface)
+        self.metrics.observe_outcome(outcome, call.surface, call.tags if call.tags is not None else call.tag)
         return outcome
 
     def _feedback_step(self, call: ScoreCall, records: Sequence[object], positions: Sequence[int], whole: bool):
