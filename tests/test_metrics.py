@@ -122,3 +122,21 @@ def test_a_flooding_model_sent_no_more_records_no_longer_floods_and_old_versions
     clock[0] += flood.IDLE_S
     watch.observe(model("site"), 100, 0)
     assert watch.status() == {}
+
+
+def test_tags_past_the_most_judged_apart_are_judged_together(monkeypatch):
+    """Tags come from shippers, one per record in forward Message mode: a tag per record must not
+    grow the watch without end."""
+    from types import SimpleNamespace
+
+    from logscore import flood
+
+    monkeypatch.setattr(flood, "MAX_ROUTES", 2)
+    model = SimpleNamespace(name="web", version="v1", metadata={"calibration": {"target_fpr": 0.002}})
+    watch = flood.FloodWatch(block_records=100)
+    watch.observe(model, 10, 0, "a")
+    watch.observe(model, 10, 0, "b")
+    for n in range(100):
+        watch.observe(model, 1, 1, f"random-{n}")
+    assert watch.status()["web"]["routes"] == [flood.OTHER_ROUTES]
+    assert len(watch._seen_at) == 3

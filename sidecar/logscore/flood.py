@@ -20,6 +20,10 @@ MISMATCH_RECORDS = 100
 SERVE_BLOCK_RECORDS = 1000
 SERVE_LOG_INTERVAL_S = 600.0
 IDLE_S = 60.0  # a model sent no records this long no longer floods (its records routed to another)
+# Routes judged apart, at most (tags come from shippers, some of them per record): records of
+# further tags are judged together, under OTHER_ROUTES.
+MAX_ROUTES = 256
+OTHER_ROUTES = "*"
 
 log = logging.getLogger("logscore.serve")
 
@@ -73,9 +77,11 @@ class FloodWatch:
         now = time.monotonic()
         key = (model.name, route)
         with self._lock:
-            self._seen_at[key] = now
             if model.version not in self._versions.get(model.name, ()):
                 self._start_version(model)
+            if key not in self._counts and len(self._counts) >= MAX_ROUTES:
+                key = (model.name, OTHER_ROUTES)
+            self._seen_at[key] = now
             counts = self._counts.setdefault(key, [0, 0])
             counts[0] += scored
             counts[1] += flagged
@@ -107,7 +113,7 @@ class FloodWatch:
         """A new version (retrained, learned, replaced) is judged afresh: the operator who replaced a
         flooding model hears at once whether the new one floods too, not 10 minutes later."""
         self._versions.setdefault(model.name, set()).add(model.version)
-        for judged in (self._counts, self._flooding, self._logged_at):
+        for judged in (self._counts, self._flooding, self._logged_at, self._seen_at):
             for key in [key for key in judged if key[0] == model.name]:
                 del judged[key]
 
