@@ -207,6 +207,22 @@ def test_report_reads_odd_times_and_notes_and_refuses_an_unwritable_html_path(tm
     assert unwritable.returncode == 1 and "--html" in unwritable.stderr and "Traceback" not in unwritable.stderr
 
 
+def test_report_charts_span_the_records_not_a_far_out_time():
+    """One record with a time of 0 among a week's put every other record into one of the 60 bins of
+    the rate chart: a week drawn as a single bar at the right end of 56 years."""
+    from array import array
+
+    from logscore.report import TIMELINE_BINS, Totals, rate_timeline
+
+    week = 1796313840 + np.sort(np.random.default_rng(3).uniform(0, 7 * 86400, 5000))
+    totals = Totals(times=array("d", [0.0, *week]), flags=array("b", [0] * 5001))
+    points, start, end, outside = rate_timeline(totals)
+    assert (start, end, outside) == (week[0], week[-1], 1)
+    assert len(points) == TIMELINE_BINS
+    plain = Totals(times=array("d", week), flags=array("b", [0] * 5000))
+    assert rate_timeline(plain)[1:] == (week[0], week[-1], 0), "without it, every record is charted"
+
+
 def test_report_names_the_route_a_model_floods(tmp_path):
     """A forward-mode sidecar's default model met a new site on one tag: it flagged 22 % of that
     route's records; the sidecar's warning names the model only, and the report said nothing (fbday trial)."""

@@ -42,6 +42,10 @@ FLUENT_BIT_FILE_LINE = re.compile(r"(?P<tag>[^\s\[]+): \[(?P<time>\d+\.\d+), (?P
 FLUENT_BIT_TIME = re.compile(r"\d+\.\d+")
 ACCESS_TIME = re.compile(r"\[(\d{2}/\w{3}/\d{4}:\d{2}:\d{2}:\d{2} [+-]\d{4})\]")
 TIMELINE_BINS = 60
+# Records whose times lie far out (further than FAR_OUT_STRETCH times the span of all but a
+# FAR_OUT_SHARE at either end, beyond it) are left out of the charts (chart_span).
+FAR_OUT_SHARE = 0.001
+FAR_OUT_STRETCH = 0.5
 PROGRESS_EVERY = 200_000
 MAX_GROUPS = 100_000  # groups a report keeps (memory: about 2 KB each with their examples)
 
@@ -73,8 +77,8 @@ class Totals:
     timed: int = 0  # records with a time of their own
     entities: Counter = field(default_factory=Counter)
     models: Counter = field(default_factory=Counter)
-    # (model, route) -> records scored and flagged: which model floods which route, the one thing the
-    # sidecar's flood warning cannot say (it counts per model) and the operator's --tag-routes needs
+    # (model, route) -> records scored and flagged: which model floods which route (the operator's
+    # --tag-routes needs it)
     route_records: Counter = field(default_factory=Counter)
     route_anomalies: Counter = field(default_factory=Counter)
 
@@ -293,30 +297,44 @@ def flood_lines(totals: Totals) -> list[str]:
     return lines
 
 
-def rate_timeline(totals: Totals) -> tuple[list[tuple[float, float]], float, float]:
+def chart_span(times: np.ndarray) -> tuple[float, float]:
+    """The span the charts cover: all the records' times, but where a few lie far out (a time field
+    of 0, a wrong year), only the span of the rest; one such record put every other record of a
+    week's log into a single one of the 60 bins."""
+    core_low, core_high = (float(q) for q in np.quantile(times, [FAR_OUT_SHARE, 1 - FAR_OUT_SHARE]))
+    reach = max(core_high - core_low, 1.0) * FAR_OUT_STRETCH
+    near = times[(times >= core_low - reach) & (times <= core_high + reach)]
+    start, end = float(near.min()), float(near.max())
+    return start, end if end > start else start + 1
+
+
+def rate_timeline(totals: Totals) -> tuple[list[tuple[float, float]], float, float, int]:
+    """The share of records flagged over the chart's span, the span, and how many records lie outside it."""
     times = np.frombuffer(totals.times, dtype=np.float64)
     flags = np.frombuffer(totals.flags, dtype=np.int8).astype(np.float64)
-    start, end = float(times.min()), float(times.max())
-    edges = np.linspace(start, end if end > start else start + 1, TIMELINE_BINS + 1)
+    start, end = chart_span(times)
+    edges = np.linspace(start, end, TIMELINE_BINS + 1)
     counts, _ = np.histogram(times, edges)
     anomalies, _ = np.histogram(times, edges, weights=flags)
     rates = np.divide(anomalies, counts, out=np.zeros_like(anomalies), where=counts > 0)
     centres = (edges[:-1] + edges[1:]) / 2
-    return list(zip(centres.tolist(), rates.tolist())), float(edges[0]), float(edges[-1])
+    return list(zip(centres.tolist(), rates.tolist())), start, end, len(times) - int(counts.sum())
 
 
 def html_report(totals: Totals, groups: Groups, top: int, inputs) -> str:
     from .review import STYLE
 
     timed = totals.timed == totals.records
-    points, start, end = rate_timeline(totals)
+    points, start, end, outside = rate_timeline(totals)
     edges = np.linspace(start, end, TIMELINE_BINS + 1)
     labels = [f"≤{edge:g}" for edge in SCORE_BUCKETS]
     parts = [f"<!doctype html><html lang=en><head><meta charset=utf-8><title>logscore report</title>"
              f"<style>{STYLE}</style></head><body><h1>logscore report</h1>",
              f"<pre>{escape(text_summary(totals, groups, 0))}</pre>",
              f"<p class=muted>{escape(', '.join(map(str, inputs)))}; "
-             f"{when_text(start, timed)} .. {when_text(end, timed)}</p>",
+             f"{when_text(start, timed)} .. {when_text(end, timed)}"
+             + (f"; {outside:,} records lie far outside this span and are left out of the charts (check their "
+                "time fields: a time of 0 or a wrong year)" if outside else "") + "</p>",
              "<h2>Anomaly rate over time</h2>",
              timeline(points, start, end, width=900, height=160, label="share of records flagged",
                       colour="#c0392b", as_rate=True),
