@@ -172,7 +172,8 @@ def test_explanations_name_each_records_most_contributing_features_in_order():
         weights = rng.choice([-1.0, 0.0, 0.5, 1.0, 2.0], count).astype(np.float32)
         surprise = rng.choice([0.0, 0.3, 1.0, np.nan], count).astype(np.float32)
         top = int(rng.integers(1, 5))
-        batch = SimpleNamespace(rows=rows, weights=weights, size=size, name=lambda i: f"k{i}")
+        batch = SimpleNamespace(rows=rows, weights=weights, size=size,
+                                names=lambda chosen: [f"k{i}" for i in chosen.tolist()])
         model = SimpleNamespace(describe_rarity=lambda s: f"{s:.1f}")
         contribution = weights * surprise
         expected = []

@@ -213,10 +213,14 @@ class Model:
         counted = np.cumsum(named)
         starts = np.searchsorted(rows, rows, side="left")
         rank = counted - np.where(starts > 0, counted[starts - 1], 0)
+        chosen = order[named & (rank <= top)]
         explanations: list[list[str]] = [[] for _ in range(batch.size)]
-        for index in order[named & (rank <= top)].tolist():
-            explanations[int(batch.rows[index])].append(
-                f"{batch.name(index)} ({self.describe_rarity(surprise[index])})")
+        rarities: dict[float, str] = {}  # (a flood's flagged records share most of their rarities)
+        for row, name, rarity in zip(batch.rows[chosen].tolist(), batch.names(chosen), surprise[chosen].tolist()):
+            described = rarities.get(rarity)
+            if described is None:
+                described = rarities[rarity] = self.describe_rarity(rarity)
+            explanations[row].append(f"{name} ({described})")
         return explanations
 
     def describe_rarity(self, surprise: float) -> str:

@@ -62,6 +62,11 @@ class KeyOrigins:
     def name(self, index: int) -> str:
         return self.entries[int(self.entry_of_key[index])].describe(int(self.position[index]))
 
+    def names(self, indices: np.ndarray) -> list[str]:
+        entries = self.entries
+        return [entries[entry].describe(position) for entry, position in
+                zip(self.entry_of_key[indices].tolist(), self.position[indices].tolist())]
+
     def resolve(self) -> "KeyOrigins":
         return self
 
@@ -75,6 +80,9 @@ class LazyOrigins:
 
     def name(self, index: int) -> str:
         return self.resolve().name(index)
+
+    def names(self, indices: np.ndarray) -> list[str]:
+        return self.resolve().names(indices)
 
     def resolve(self) -> KeyOrigins:
         if self._origins is None:
@@ -97,6 +105,9 @@ class SingleRecordOrigins:
                 return self.entries[entry_id].describe(index)
             index -= size
         raise IndexError(index)
+
+    def names(self, indices: np.ndarray) -> list[str]:
+        return [self.name(index) for index in indices.tolist()]
 
     def resolve(self) -> KeyOrigins:
         entries = [self.entries[entry_id] for entry_id in self.held]
@@ -123,6 +134,10 @@ class FeatureBatch:
 
     def name(self, index: int) -> str:
         return self.origins.name(index)
+
+    def names(self, indices: np.ndarray) -> list[str]:
+        """The names of keys ``indices`` (one call: a flood names thousands)."""
+        return self.origins.names(indices)
 
     def without_keys(self, keep: np.ndarray, dense_dims: int) -> np.ndarray:
         """The dense block as if only the ``keep`` keys were present (numeric columns unchanged)."""
