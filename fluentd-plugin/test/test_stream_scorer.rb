@@ -223,6 +223,20 @@ class StreamScorerTest < Test::Unit::TestCase
     assert s.client.circuit_open?
   end
 
+  test 'records for a model not loaded pass unscored as not_found; the circuit stays closed for the others' do
+    # NOT_FOUND is the sidecar's answer about one route (a tag routed to no model, a model not trained yet):
+    # it opened the circuit after three in a row, so records of every other tag passed unscored meanwhile, and
+    # "sidecar not answering" was logged 282 times in 25 s beside three files of a new service (appday trial).
+    s = scorer(model: 'not-trained-yet', message_key: 'message', probe_interval: 60)
+    5.times do
+      out = s.score('new.service', entries([{ 'message' => 'service started' }]))
+      assert(out.all? { |_, r| r['anomaly_unscored'] == true })
+    end
+    assert_false s.client.circuit_open?, 'the sidecar answered: no reason to stop calls'
+    assert_equal [0, 5], s.client.stats.values_at(:circuit_opened, :unscored)
+    assert_equal 5, s.unscored_log.counts['not_found']
+  end
+
   # A sidecar of the test's own, which it may stop (SIGSTOP); continued and stopped at the end.
   def with_own_sidecar
     dir = Dir.mktmpdir('logscore-own')

@@ -257,6 +257,7 @@ module Logscore
     rescue GRPC::BadStatus => e
       @deadlines.observe(count + ahead, allowed) if e.code == GRPC::Core::StatusCodes::DEADLINE_EXCEEDED
       refused('invalid_argument', e.details) if e.code == GRPC::Core::StatusCodes::INVALID_ARGUMENT
+      refused('not_found', e.details) if e.code == GRPC::Core::StatusCodes::NOT_FOUND
       refused('message_too_large', e.details) if too_large?(e)
       failed(status_name(e.code), e.details, silent: SILENT.include?(e.code))
     rescue ScoringFailed => e
@@ -330,9 +331,9 @@ module Logscore
       @lock.synchronize { @consecutive_failures = 0 }
     end
 
-    # The sidecar answered, refusing this call's records (it could not decode them, or the call
-    # was over its max_message_bytes): it works, so refusals never stop the calls, however many
-    # come in a row.
+    # The sidecar answered, refusing this call's records (it could not decode them, the call
+    # was over its max_message_bytes, or their tag routes to no loaded model): it works, so
+    # refusals never stop the calls, however many come in a row.
     def refused(reason, details)
       count(:failures)
       succeeded
