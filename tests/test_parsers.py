@@ -46,6 +46,19 @@ def test_syslog_3164_and_5424():
     assert "pid" not in fields  # "-" means absent
 
 
+def test_syslog_tags_with_a_version_or_no_colon_parse_as_fluentds_syslog_parser_reads_them():
+    """sysklogd writes its own tag with its version ("syslogd 1.4.1: restart."), login "-- root[2421]:",
+    and RFC 3164 ends a tag at a space too: each was unparsed (8 of loghub's 2,000 Linux lines), read
+    as a record with no app and noted `did not parse as syslog` (appday trial)."""
+    fields, ok = parse_syslog("Jun 19 04:09:11 combo syslogd 1.4.1: restart.")
+    assert ok and (fields["host"], fields["app"], fields["message"]) == ("combo", "syslogd", "restart.")
+    fields, ok = parse_syslog("Jul  7 08:06:15 combo  -- root[2421]: ROOT LOGIN ON tty2")
+    assert ok and (fields["host"], fields["message"]) == ("combo", "ROOT LOGIN ON tty2")
+    fields, ok = parse_syslog("Jul  7 08:06:15 combo logger disk usage: 91%")
+    assert ok and (fields["app"], fields["message"]) == ("logger", "disk usage: 91%")
+    assert parse_syslog("Jul  7 08:06:15 combo")[1] is False
+
+
 def test_jsonl_flattens_and_rejects_non_objects():
     assert parse_jsonl('{"a": {"b": 1}, "c": "x"}') == ({"a.b": 1, "c": "x"}, True)
     assert parse_jsonl("[1, 2]") == ({"message": "[1, 2]"}, False)

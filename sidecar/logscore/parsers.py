@@ -39,9 +39,12 @@ _ACCESS_LENIENT = re.compile(
 )
 _REQUEST = re.compile(r"(?P<method>[A-Za-z]+) (?P<url>\S+)(?: (?P<protocol>HTTP/[\d.]+))?$")
 
+# The tag (app[pid]) ends at its colon; sysklogd writes its own with its version ("syslogd 1.4.1:
+# restart."), login "-- root[2421]:", so one word may stand between them (dropped, as Fluentd's
+# syslog parser drops it); a tag with no colon ends at a space (RFC 3164).
 _SYSLOG_3164 = re.compile(
     r"(?:<(?P<pri>\d{1,3})>)?(?P<time>[A-Z][a-z]{2} [ \d]\d \d\d:\d\d:\d\d) "
-    r"(?P<host>\S+) (?P<app>[^\s\[:]+)(?:\[(?P<pid>[^\]]*)\])?: ?(?P<message>.*)",
+    r"(?P<host>\S+) +(?P<app>[^\s\[:]+)(?:\[(?P<pid>[^\]]*)\])?(?:: ?| [^\s:]+: ?| )(?P<message>.*)",
     re.DOTALL,
 )
 _SYSLOG_5424 = re.compile(
