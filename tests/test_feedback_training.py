@@ -269,3 +269,32 @@ def test_report_reads_the_time_fluentd_s_out_file_writes_before_each_record(tmp_
                                                    "is_anomaly": True}) + "\n")
     done = logscore("report", tmp_path / "json.txt")
     assert done.returncode == 0 and done.stdout.startswith("1 scored records, 1 anomalies"), done.stdout
+
+
+def test_report_counts_unscored_records_by_route_and_lists_anomaly_events_apart(tmp_path):
+    """Behind forward mode, Fluent Bit's file holds records passed on unscored (a tag routed to no
+    model) and the sidecar's anomaly events (tag logscore.anomaly): the report called the first
+    "lines not scored output (skipped)", without their route or why, and counted each event as a
+    scored record of its model (appday trial)."""
+    def line(tag, record):
+        return f"{tag}: [1796414748.991280342, " + json.dumps(record, separators=(",", ":")) + "]"
+    rows = [line("app.zookeeper", {"log": f"INFO session {n}", "anomaly_score": 0.0, "is_anomaly": False,
+                                   "anomaly_model": "zookeeper"}) for n in range(3)]
+    reason = "unscored: no model named in the request and no default model: set default_model or name one of: zookeeper"
+    rows += [line("app.openstack", {"log": f"nova-api {n}", "anomaly_unscored": True, "anomaly_notes": [reason]})
+             for n in range(2)]
+    rows.append(line("app.kafka", {"log": "kafka up", "anomaly_unscored": True}))  # the Fluentd filter's: no note
+    rows.append(line("logscore.anomaly", {
+        "kind": "window", "model": "zookeeper", "key": "level=error share", "score": 1.0, "observed": 0.4,
+        "expected_low": 0.0, "expected_high": 0.02, "explanation": "error share 40 %, expected 0 %-2 %",
+        "start": 1796414760.0, "end": 1796414820.0, "id": 7, "dropped_before": 0}))
+    (tmp_path / "records.txt").write_text("\n".join(rows) + "\n")
+    done = logscore("report", tmp_path / "records.txt", "--html", tmp_path / "report.html")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("3 scored records, 0 anomalies"), done.stdout
+    assert "not scored output" not in done.stdout
+    assert f"2 records of route app.openstack passed on unscored: {reason.removeprefix('unscored: ')}" in done.stdout
+    assert "1 record of route app.kafka passed on unscored (no reason in the output" in done.stdout
+    assert "models: zookeeper (3)" in done.stdout
+    assert "1 anomaly event: 2026-12-04 20:06:00 zookeeper window: error share 40 %, expected 0 %-2 %" in done.stdout
+    assert "error share 40 %" in (tmp_path / "report.html").read_text()

@@ -48,6 +48,8 @@ FAR_OUT_SHARE = 0.001
 FAR_OUT_STRETCH = 0.5
 PROGRESS_EVERY = 200_000
 MAX_GROUPS = 100_000  # groups a report keeps (memory: about 2 KB each with their examples)
+EVENTS_LISTED = 20  # the latest anomaly events the summary lists (all are counted)
+EVENT_KINDS = ("window", "client")
 
 
 def add_report_command(commands) -> None:
@@ -71,6 +73,10 @@ class Totals:
     anomalies: int = 0
     suppressed: int = 0
     unreadable: int = 0
+    # records passed on without a score, per (route, the reason its note gives): a route to no model shows here
+    unscored: Counter = field(default_factory=Counter)
+    events: int = 0  # anomaly events (forward mode's and the Fluentd filter's anomaly_tag records)
+    latest_events: list = field(default_factory=list)  # the last EVENTS_LISTED of them, as read
     histogram: np.ndarray = field(default_factory=lambda: np.zeros(len(SCORE_BUCKETS) + 1, dtype=np.int64))
     times: array = field(default_factory=lambda: array("d"))  # per record: its time (or its position)
     flags: array = field(default_factory=lambda: array("b"))
@@ -195,6 +201,8 @@ def read_scored(paths, entity_field: Optional[str], progress=None) -> tuple[Tota
         if progress is not None and number % PROGRESS_EVERY == 0:
             progress(number)
         parsed = parse_line(line.strip()) if line.strip() else None
+        if parsed is not None and count_unscored_or_event(totals, parsed[0], parsed[1]):
+            continue
         score = lookup(parsed[1], "anomaly_score", "score") if parsed else None
         if parsed is None or not isinstance(score, (int, float)):
             totals.unreadable += bool(line.strip())
@@ -226,11 +234,56 @@ def read_scored(paths, entity_field: Optional[str], progress=None) -> tuple[Tota
         group.add(when if when is not None else float(number), 60.0, entity)
         if len(group.examples) < group.examples.maxlen:
             group.examples.append(Example(when or 0.0, text[:2000], float(score)))
+    if totals.records == 0 and totals.unscored:
+        raise InputError(f"no scored records in {', '.join(map(str, paths))}: " + "; ".join(unscored_lines(totals)))
     if totals.records == 0:
         raise InputError(f"no scored records in {', '.join(map(str, paths))}: expected JSON lines with "
                          "anomaly_score (or score) and is_anomaly, as Fluentd, Logstash, Fluent Bit or "
                          "`logscore score` write")
     return totals, groups
+
+
+def is_anomaly_event(record: dict) -> bool:
+    """An anomaly event (a window or a client, events.py) as forward mode and the Fluentd filter's
+    anomaly_tag pass it on: no record of a log, though it holds a score and a model."""
+    return record.get("kind") in EVENT_KINDS and "key" in record and isinstance(record.get("explanation"), str)
+
+
+def count_unscored_or_event(totals: Totals, route: str, record: dict) -> bool:
+    """Count a record passed on unscored, or an anomaly event, in their own place; False for others."""
+    if is_anomaly_event(record):
+        totals.events += 1
+        totals.latest_events.append(record)
+        del totals.latest_events[:-EVENTS_LISTED]
+        return True
+    if lookup(record, "anomaly_unscored", "unscored") is not True:
+        return False
+    reason = next((str(n).removeprefix("unscored: ") for n in notes_of(record) if str(n).startswith("unscored")), "")
+    totals.unscored[route, reason] += 1
+    return True
+
+
+def unscored_lines(totals: Totals) -> list[str]:
+    lines = []
+    for (route, reason), count in totals.unscored.most_common():
+        where = f"{count:,} record{'s' if count != 1 else ''} of route {route or '(none)'} passed on unscored"
+        lines.append(f"{where}: {reason}" if reason else
+                     f"{where} (no reason in the output: the shipper's log or the sidecar's names it)")
+    return lines
+
+
+def event_lines(totals: Totals) -> list[str]:
+    if not totals.events:
+        return []
+    lines = [f"{totals.events:,} anomaly event{'s' if totals.events != 1 else ''}"
+             + (f" (the last {len(totals.latest_events)}):" if totals.events > len(totals.latest_events) else ":")]
+    for event in totals.latest_events:
+        start = event.get("start")
+        when = when_text(float(start), True) if isinstance(start, (int, float)) else "(no time)"
+        lines.append(f"  {when} {event.get('model', '')} {event['kind']}: {event['explanation']}")  # it names the key
+    if len(lines) == 2:
+        return [lines[0].rstrip(":") + ": " + lines[1].strip()]
+    return lines
 
 
 def run_report(args) -> int:
@@ -268,6 +321,8 @@ def text_summary(totals: Totals, groups: Groups, top: int) -> str:
                      f"({groups.dropped_records:,} anomalies) are left out of the groups below")
     lines.append("models: " + ", ".join(f"{m} ({c:,})" for m, c in totals.models.most_common()))
     lines += flood_lines(totals)
+    lines += unscored_lines(totals)
+    lines += event_lines(totals)
     if totals.entities:
         lines.append("top entities: " + ", ".join(f"{e} ({c:,})" for e, c in totals.entities.most_common(TOP_ENTITIES)))
     lines.append("")
