@@ -118,6 +118,20 @@ def test_evaluate_sessions(tmp_path, shop_model_path):
                       "--session-key", r"session=\w+")
     assert report["unit"] == "session" and report["records"] == 50 and report["anomalous"] == 10
 
+    # A log as it comes (HDFS's), its labels per session only: every line went in as normal, and
+    # evaluate refused "the data has one class only" before reading the session labels (appday trial)
+    (tmp_path / "all.log").write_text("\n".join(lines + attacks) + "\n")
+    (tmp_path / "sessions.csv").write_text("Session,Label\n" + "".join(f"session=x{i},Anomaly\n" for i in range(10)))
+    by_session = evaluate("--model", shop_model_path, "--normal", tmp_path / "all.log", "--session-key",
+                          r"session=\w+", "--session-labels", tmp_path / "sessions.csv")
+    assert (by_session["records"], by_session["anomalous"]) == (50, 10)
+    assert by_session["roc_auc"] == report["roc_auc"]
+    (tmp_path / "none.csv").write_text("Session,Label\n")
+    one_class = subprocess.run([sys.executable, "-m", "logscore", "evaluate", "--model", shop_model_path, "--normal",
+                                tmp_path / "all.log", "--session-key", r"session=\w+", "--session-labels",
+                                tmp_path / "none.csv"], capture_output=True, text=True, cwd=ROOT)
+    assert one_class.returncode == 1 and "sessions have one class only" in one_class.stderr, one_class.stderr
+
 
 def test_published_accuracy_tables_are_the_recorded_results():
     """docs/accuracy.md shows what benchmarks/evaluate_all.py last wrote, not hand-edited figures."""

@@ -736,7 +736,9 @@ def read_labeled(args) -> tuple[list, list[int], Optional[list[str]]]:
                 types.append(kind if label else "")
     if not records:
         raise InputError("no records: give --normal/--anomalous files or --labeled FILE")
-    if len(set(labels)) < 2:
+    # NOTE: session labels (--session-labels) label sessions, not lines: a log given whole as
+    # --normal is checked once its sessions are grouped
+    if len(set(labels)) < 2 and not args.session_labels:
         raise InputError("the data has one class only; evaluation needs normal and anomalous records")
     return records, labels, types
 
@@ -790,6 +792,7 @@ def run_evaluate(args) -> int:
         return run_series(args)
 
     from .decide import decide
+    from .errors import InputError
     from .evaluation import Evaluation, group_sessions, plot
 
     records, labels, types = read_labeled(args)
@@ -817,6 +820,10 @@ def run_evaluate(args) -> int:
                 session_labels[session.strip()] = int(value.split(",")[0].strip().lower() in anomalous)
         ids, score_array, label_array = group_sessions(texts, score_array, label_array, args.session_key,
                                                        session_labels)
+        if len(set(label_array.tolist())) < 2:
+            raise InputError(f"the sessions have one class only ({len(ids):,} sessions matched --session-key): "
+                             "evaluation needs normal and anomalous ones; check --session-labels' ids and "
+                             "--anomalous-values")
         types, flag_array = None, None  # a session is flagged by its most anomalous record's score
         report["unit"] = "session"
     else:
