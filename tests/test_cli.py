@@ -253,3 +253,32 @@ def test_the_flood_warning_speaks_for_models_trained_for_many_false_positives_to
     assert warned(0.1, 3000, 3000) and warned(0.05, 2900, 3000)
     assert warned(0.001, 2900, 3000) and not warned(0.001, 500, 3000)
     assert not warned(0.1, 1400, 3000)
+
+
+def test_json_records_are_read_from_the_files_shippers_write(tmp_path):
+    """The docs send an operator to train on "the records the shipper makes" (--json-records): the
+    files they have are Fluentd out_file's `time<TAB>tag<TAB>{record}` and Fluent Bit's file output
+    `tag: [time, {record}]` (behind forward mode, scored), and both were refused, 100 % "do not
+    parse as syslog", though `logscore report` reads them (appday trial)."""
+    from .generate import syslog_lines
+
+    lines = syslog_lines(400, seed=9)
+    (tmp_path / "raw.log").write_text("\n".join(lines) + "\n")
+    (tmp_path / "fluentd.log").write_text("".join(
+        f"2026-12-04T20:06:17+00:00\tsys.auth\t{json.dumps({'message': line})}\n" for line in lines))
+    (tmp_path / "fluent-bit.txt").write_text("".join(
+        f"sys.auth: [1796414748.991280342, {json.dumps({'log': line, 'anomaly_score': 0.0, 'is_anomaly': False})}]\n"
+        for line in lines))
+    probe = tmp_path / "probe.log"
+    probe.write_text("Mar  3 10:00:00 host1 sshd[77]: fatal: Read from socket failed: Connection reset\n"
+                     + "\n".join(lines[:20]) + "\n")
+    scores = {}
+    for name, flags in (("raw.log", ()), ("fluentd.log", ("--json-records",)), ("fluent-bit.txt", ("--json-records",))):
+        out = tmp_path / f"{name}.onnx"
+        trained = logscore("train", "--input", tmp_path / name, "--format", "syslog", *flags, "--out", out)
+        assert trained.returncode == 0, trained.stderr
+        assert "400 read, 400 used, 0 unparsed" in trained.stdout
+        scored = logscore("score", "--model", out, probe)
+        scores[name] = [json.loads(row)["score"] for row in scored.stdout.splitlines()]
+    assert scores["fluentd.log"] == scores["raw.log"] == scores["fluent-bit.txt"]
+    assert scores["raw.log"][0] > 0.99

@@ -97,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("inputs", nargs="*", default=["-"], metavar="FILE",
                        help="log files (plain or gzip); default stdin")
     score.add_argument("--json-records", action="store_true",
-                       help="each input line is a JSON field map (as a shipper sends), not a raw line")
+                       help="each input line is a JSON field map (as a shipper sends), not a raw line; "
+                       "lines of Fluentd's out_file and Fluent Bit's file output give their records")
     score.add_argument("--explain", type=int, default=0, metavar="K",
                        help="name the K features that made each record unusual")
     score.add_argument("--only-anomalies", action="store_true", help="print only records over the threshold")
@@ -159,7 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     client.add_argument("inputs", nargs="*", default=["-"], metavar="FILE")
     client.add_argument("--model", default="", help="model name (default: the sidecar routes)")
     client.add_argument("--tag", default="", help="tag for the sidecar's tag routes")
-    client.add_argument("--json-records", action="store_true", help="input lines are JSON field maps")
+    client.add_argument("--json-records", action="store_true", help="input lines are JSON field maps (or "
+                        "Fluentd out_file / Fluent Bit file output lines, their records)")
     client.add_argument("--explain", type=int, default=0, metavar="K")
     client.add_argument("--batch", type=int, default=1000, metavar="N",
                         help="records per call (fewer when they would pass 1 MiB: the sidecar takes 2 MiB)")
@@ -192,7 +194,8 @@ def add_connection_flags(parser: argparse.ArgumentParser) -> None:
 def add_robustness_flags(parser: argparse.ArgumentParser) -> None:
     """Training flags of issue #11: input as field maps, contamination screening, the learner's route."""
     parser.add_argument("--json-records", action="store_true",
-                        help="each input line is a JSON field map (as a shipper sends), not a raw line")
+                        help="each input line is a JSON field map (as a shipper sends), not a raw line; "
+                       "lines of Fluentd's out_file and Fluent Bit's file output give their records")
     parser.add_argument("--keep-outliers", action="store_true",
                         help="learn every record as normal; by default records that stand far above the rest "
                         "(attacks in the training data) are set aside and listed by `logscore inspect`")

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 import sys
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Optional
 
 from .errors import InputError
 
@@ -76,15 +77,39 @@ def warn(message: str) -> None:
 
 
 def read_json_records(paths: Iterable[str]) -> Iterator[object]:
-    """Each line a JSON object (a field map, as a shipper would send); other lines stay raw text."""
+    """Each line a JSON object (a field map, as a shipper would send), or a line of the files
+    shippers write (shipper_line); other lines stay raw text."""
     for line in read_lines(paths):
         yield json_record(line)
 
 
 def json_record(line: str) -> object:
-    """A line holding a JSON object as that field map; any other line as raw text."""
+    """A line holding a JSON object, or a shipper's file line, as that field map; any other line as raw text."""
+    parsed = shipper_line(line)
+    return parsed[1] if parsed is not None else line
+
+
+# Fluent Bit's file output: `tag: [seconds.nanoseconds, {json}]` (a forward-mode sidecar's next hop)
+FLUENT_BIT_FILE_LINE = re.compile(r"(?P<tag>[^\s\[]+): \[(?P<time>\d+\.\d+), (?P<record>\{.*\})\]")
+
+
+def shipper_line(line: str) -> Optional[tuple[str, dict, str]]:
+    """(tag, record, the time written before it) of a line holding one record: a JSON object (no tag
+    or time of its own), Fluentd out_file's `time<TAB>tag<TAB>{json}` or Fluent Bit's file output
+    `tag: [time, {json}]`; None for any other line."""
+    tag = written = ""
+    if not line.startswith("{"):
+        if fluent_bit := FLUENT_BIT_FILE_LINE.fullmatch(line):
+            tag, written, line = fluent_bit.group("tag", "time", "record")
+        else:
+            head, brace, rest = line.partition("{")
+            parts = head.rstrip("\t ").split("\t")
+            if not brace or len(parts) != 2:
+                return None
+            written, tag = parts
+            line = brace + rest
     try:
-        value = json.loads(line)
+        record = json.loads(line)
     except ValueError:
-        return line
-    return value if isinstance(value, dict) else line
+        return None
+    return (tag, record, written) if isinstance(record, dict) else None

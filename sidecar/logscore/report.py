@@ -27,7 +27,7 @@ import numpy as np
 from .errors import ConfigError, InputError
 from .feedback import strip_rarity
 from .flood import is_flood
-from .inputs import read_lines
+from .inputs import read_lines, shipper_line
 from .metrics import SCORE_BUCKETS
 from .review import TOP_ENTITIES, Example, Groups, render_group_examples
 from .timestamps import epoch_seconds
@@ -36,9 +36,8 @@ from .svg import bars, timeline
 ENTITY_FIELDS = ("host", "client", "clientip", "client_ip", "remote", "remote_addr", "source.address", "client.ip",
                  "source.ip")
 RECORD_KEYS = ("message", "log", "record")
-# NOTE: a forward-mode sidecar's next hop is often Fluent Bit writing a file: its lines were
-# refused ("no scored records") though every one held a score.
-FLUENT_BIT_FILE_LINE = re.compile(r"(?P<tag>[^\s\[]+): \[(?P<time>\d+\.\d+), (?P<record>\{.*\})\]")
+# NOTE: a forward-mode sidecar's next hop is often Fluent Bit writing a file (inputs.shipper_line
+# reads its lines): they were refused ("no scored records") though every one held a score.
 FLUENT_BIT_TIME = re.compile(r"\d+\.\d+")
 ACCESS_TIME = re.compile(r"\[(\d{2}/\w{3}/\d{4}:\d{2}:\d{2}:\d{2} [+-]\d{4})\]")
 TIMELINE_BINS = 60
@@ -107,28 +106,12 @@ def lookup(record: dict, *names: str):
 
 
 def parse_line(line: str) -> Optional[tuple[str, dict, str]]:
-    """(route, record, the time written before it) of one scored line; None when it holds no JSON
-    object. Fluentd's out_file writes `time<TAB>tag<TAB>{json}` by default, Fluent Bit's file
-    output `tag: [seconds.nanoseconds, {json}]`."""
-    route = written = ""
-    if line.startswith("{"):
-        pass  # a JSON object: its own route and time
-    elif fluent_bit := FLUENT_BIT_FILE_LINE.fullmatch(line):
-        route, written, line = fluent_bit.group("tag", "time", "record")
-    else:
-        head, brace, rest = line.partition("{")
-        if not brace:
-            return None
-        parts = head.rstrip("\t ").split("\t")
-        route = parts[1] if len(parts) >= 2 else ""
-        written = parts[0] if len(parts) >= 2 else ""
-        line = brace + rest
-    try:
-        record = json.loads(line)
-    except ValueError:
+    """(route, record, the time written before it) of one scored line (inputs.shipper_line: a JSON
+    object, Fluentd out_file's or Fluent Bit's file output); None when it holds no record."""
+    parsed = shipper_line(line)
+    if parsed is None:
         return None
-    if not isinstance(record, dict):
-        return None
+    route, record, written = parsed
     return str(record.get("tag") or route), record, written
 
 
