@@ -555,6 +555,15 @@ def test_records_read_together_are_scored_by_their_own_tag_and_say_why_when_not(
         assert sidecar.metric('logscore_records_scored_total{model="apache-access"') == 2
         warned = [json.loads(entry) for entry in sidecar.log().splitlines() if "forwarding records unscored" in entry]
         assert [(entry["tag"], entry["records"]) for entry in warned] == [("sys.auth", 1)]
+        # A tag routed to no model sends a chunk a second: each was a warning (41 in 20 s of one new
+        # service's file behind Fluent Bit, appday trial); once per tag and reason every 10 s, counted
+        for n in range(4):
+            chunk = msgpack.packb(["sys.auth", [[1_700_000_003 + n, {"message": "sshd started"}]], {"chunk": f"s{n}"}])
+            assert [a["ack"] for a in send(port, chunk, acks=1)] == [f"s{n}"]
+        assert len(receiver.wait_for(9)) == 9
+        warned = [entry for entry in sidecar.log().splitlines() if "forwarding records unscored" in entry]
+        assert len(warned) == 1, warned
+        assert sidecar.metric('logscore_errors_total{kind="ModelNotFound",surface="forward"}') == 5
     finally:
         sidecar.stop()
         receiver.stop()

@@ -65,12 +65,14 @@ import msgpack
 
 from ..decide import notes_by_record
 from ..errors import LogscoreError, ModelNotFound, Overloaded
+from ..metrics import REFUSAL_LOG_INTERVAL_S
 from ..records import value_counting_hooks
 from ..scoring import ScoreCall, ScoringService
 from .streams import StreamServer
 
 log = logging.getLogger("logscore.forward")
 
+MAX_UNSCORED_SAID = 1000  # (tag, reason) pairs whose unscored records are logged once per interval
 SCORE_KEY, FLAG_KEY, MODEL_KEY, UNSCORED_KEY = "anomaly_score", "is_anomaly", "anomaly_model", "anomaly_unscored"
 ENTITY_KEY = "entity_score"
 EXPLANATION_KEY = "anomaly_explanation"  # what made a flagged record unusual, as the Fluentd filter's explanation_key
@@ -1016,6 +1018,8 @@ class ForwardServer(StreamServer):
         self.when_busy = when_busy
         self.slice_records = service.settings.max_batch_records
         self._admission = asyncio.Semaphore(ACTIVE_CONNECTIONS)
+        # (tag, reason) -> when last logged, records and chunks passed on unscored since
+        self._unscored_said: dict[tuple[str, str], tuple[float, int, int]] = {}
 
     async def start(self, host: str, port: int, ssl=None) -> None:
         await super().start(host, port, ssl)
@@ -1279,9 +1283,9 @@ class ForwardServer(StreamServer):
                     part = [records[i] for i in indexes]
                     error = await self._scored(part, [tags[i] for i in indexes], [times[i] for i in indexes])
                     if error is not None:
-                        self._unscored(part, tags[indexes[0]], str(error))
+                        self._unscored(part, tags[indexes[0]], error)
             elif error is not None:
-                self._unscored(records, tags[0], str(error))
+                self._unscored(records, tags[0], error)
         finally:
             metrics = self.service.metrics
             metrics.child(metrics.request_seconds, "forward").observe(time.perf_counter() - started)
@@ -1303,8 +1307,7 @@ class ForwardServer(StreamServer):
         except Exception:  # a bug in scoring: the records still go on (a resend would fail again)
             log.exception("internal error while scoring; forwarding the records unscored",
                           extra={"tag": tags[0], "records": len(records)})
-            self._count("internal")
-            return LogscoreError("internal error in the sidecar (logged there)")
+            return LogscoreError("internal error in the sidecar (logged there)")  # counted as kind internal
         names = [m.name for m in outcome.models]
         scores, flags, index = outcome.scores.tolist(), outcome.is_anomaly.tolist(), outcome.model_index.tolist()
         notes = notes_by_record([(i, text) for i, _, text in outcome.notes], len(records)) if outcome.notes else None
@@ -1329,14 +1332,31 @@ class ForwardServer(StreamServer):
                     record[ENTITY_KEY] = round(value, 6)
         return None
 
-    @staticmethod
-    def _unscored(records: list[dict], tag: str, reason: str) -> None:
-        log.warning("forwarding records unscored", extra={"tag": tag, "records": len(records), "error": reason})
+    def _unscored(self, records: list[dict], tag: str, error: LogscoreError) -> None:
+        reason = str(error)
+        self._count("internal" if type(error) is LogscoreError else type(error).__name__)
+        self._say_unscored(tag, reason, len(records))
         for record in records:
             for earlier_hop in (SCORE_KEY, FLAG_KEY, MODEL_KEY, ENTITY_KEY, EXPLANATION_KEY):  # not this hop's
                 record.pop(earlier_hop, None)
             record[UNSCORED_KEY] = True
             record[NOTES_KEY] = [f"unscored: {reason}"]
+
+    def _say_unscored(self, tag: str, reason: str, records: int) -> None:
+        """Log records passed on unscored once per tag and reason every REFUSAL_LOG_INTERVAL_S, with
+        what came since: a tag routed to no model sends a chunk a second, and each was a warning."""
+        now = time.monotonic()
+        key = (tag, reason)
+        last, records_since, chunks_since = self._unscored_said.get(key, (float("-inf"), 0, 0))
+        if now - last < REFUSAL_LOG_INTERVAL_S:
+            self._unscored_said[key] = (last, records_since + records, chunks_since + 1)
+            return
+        if len(self._unscored_said) >= MAX_UNSCORED_SAID:  # tags are the senders' to choose: bounded
+            self._unscored_said.clear()
+        self._unscored_said[key] = (now, 0, 0)
+        log.warning("forwarding records unscored", extra={"tag": tag, "records": records, "error": reason,
+                                                          "records_since_last_logged": records_since,
+                                                          "chunks_since_last_logged": chunks_since})
 
     def _count(self, kind: str, amount: int = 1) -> None:
         metrics = self.service.metrics
