@@ -284,6 +284,7 @@ def test_report_counts_unscored_records_by_route_and_lists_anomaly_events_apart(
     rows += [line("app.openstack", {"log": f"nova-api {n}", "anomaly_unscored": True, "anomaly_notes": [reason]})
              for n in range(2)]
     rows.append(line("app.kafka", {"log": "kafka up", "anomaly_unscored": True}))  # the Fluentd filter's: no note
+    rows.append(json.dumps({"message": "GET /", "tag": "web", "tags": ["_httprequestfailure", "_logscore_unscored"]}))
     rows.append(line("logscore.anomaly", {
         "kind": "window", "model": "zookeeper", "key": "level=error share", "score": 1.0, "observed": 0.4,
         "expected_low": 0.0, "expected_high": 0.02, "explanation": "error share 40 %, expected 0 %-2 %",
@@ -295,6 +296,7 @@ def test_report_counts_unscored_records_by_route_and_lists_anomaly_events_apart(
     assert "not scored output" not in done.stdout
     assert f"2 records of route app.openstack passed on unscored: {reason.removeprefix('unscored: ')}" in done.stdout
     assert "1 record of route app.kafka passed on unscored (no reason in the output" in done.stdout
+    assert "1 record of route web passed on unscored: _httprequestfailure" in done.stdout  # Logstash's
     assert "models: zookeeper (3)" in done.stdout
     assert "1 anomaly event: 2026-12-04 20:06:00 zookeeper window: error share 40 %, expected 0 %-2 %" in done.stdout
     assert "error share 40 %" in (tmp_path / "report.html").read_text()

@@ -49,6 +49,7 @@ PROGRESS_EVERY = 200_000
 MAX_GROUPS = 100_000  # groups a report keeps (memory: about 2 KB each with their examples)
 EVENTS_LISTED = 20  # the latest anomaly events the summary lists (all are counted)
 EVENT_KINDS = ("window", "client")
+LOGSTASH_UNSCORED = "_logscore_unscored"  # the tag logstash-config's pipelines give an event left unscored
 
 
 def add_report_command(commands) -> None:
@@ -239,9 +240,11 @@ def count_unscored_or_event(totals: Totals, route: str, record: dict) -> bool:
         totals.latest_events.append(record)
         del totals.latest_events[:-EVENTS_LISTED]
         return True
-    if lookup(record, "anomaly_unscored", "unscored") is not True:
+    tags = record.get("tags") if isinstance(record.get("tags"), list) else []
+    if lookup(record, "anomaly_unscored", "unscored") is not True and LOGSTASH_UNSCORED not in tags:
         return False
-    reason = next((str(n).removeprefix("unscored: ") for n in notes_of(record) if str(n).startswith("unscored")), "")
+    reason = next((str(n).removeprefix("unscored: ") for n in notes_of(record) if str(n).startswith("unscored")),
+                  ", ".join(str(t) for t in tags if t != LOGSTASH_UNSCORED))  # Logstash's failure tags say why
     totals.unscored[route, reason] += 1
     return True
 
