@@ -33,6 +33,9 @@ def test_tag_routes_from_a_flag(models):
 @pytest.mark.parametrize("flags, message", [
     ({"max_batch_records": "many"}, "not a valid int"),
     ({"max_batch_records": "0"}, "at least 1"),
+    # a glob without its model said "'app.*' is not a valid dict" (appday trial)
+    ({"tag_routes": "app.*"}, r"tag_routes: 'app\.\*' .*GLOB=MODEL pairs, e\.g\. 'web\.\*=apache-access"),
+    ({"tag_routes": "app.*=,sys.*=syslog"}, "GLOB=MODEL"),
     ({"socket": "", "tcp": None}, "no gRPC listener"),
     ({"tls_cert": "/etc/hostname"}, "go together"),
     ({"token_file": "/nonexistent/token"}, "not a readable file"),

@@ -311,16 +311,24 @@ def _boolean(name: str, value: Any) -> bool:
     raise ConfigError(f"setting {name}: {value!r} is not true or false")
 
 
+def _mapping(name: str, value: Any) -> dict:
+    """A YAML mapping, or 'glob=model,glob=model' from a flag or the environment (tag routes)."""
+    if not isinstance(value, str):
+        return dict(value)
+    pairs = [[part.strip() for part in item.split("=", 1)] for item in value.split(",") if item.strip()]
+    if any(len(pair) != 2 or not all(pair) for pair in pairs):
+        raise ConfigError(f"setting {name}: {value!r} is not a list of GLOB=MODEL pairs, e.g. "
+                          "'web.*=apache-access,sys.*=syslog'")
+    return dict(pairs)
+
+
 def _coerce(spec, value: Any) -> Any:
     kind = spec.type if isinstance(spec.type, str) else getattr(spec.type, "__name__", "")
     try:
         if kind == "bool":
             return _boolean(spec.name, value)
         if "dict" in kind:
-            if isinstance(value, str):
-                pairs = [item.split("=", 1) for item in value.split(",") if item.strip()]
-                return {k.strip(): v.strip() for k, v in pairs}
-            return dict(value)
+            return _mapping(spec.name, value)
         if "int" in kind:
             return int(value)
         if "float" in kind:
