@@ -300,3 +300,20 @@ def test_report_counts_unscored_records_by_route_and_lists_anomaly_events_apart(
     assert "models: zookeeper (3)" in done.stdout
     assert "1 anomaly event: 2026-12-04 20:06:00 zookeeper window: error share 40 %, expected 0 %-2 %" in done.stdout
     assert "error share 40 %" in (tmp_path / "report.html").read_text()
+
+
+def test_report_places_raw_application_lines_at_the_time_written_in_them(tmp_path):
+    """Fluent Bit's tail without a parser (forward mode's usual sender) stamps each line with the
+    moment it read it: a day of Hadoop and syslog lines caught up in a second showed every group
+    at that second ("20:05:48 .. 20:05:48"), though each line holds its own time, which the
+    sidecar's windows read first (appday trial)."""
+    lines = ["2015-10-18 18:01:47,978 ERROR [main] org.apache.hadoop.mapred.YarnChild: java.lang.OutOfMemoryError",
+             "2015-10-18 18:09:01,202 ERROR [main] org.apache.hadoop.mapred.YarnChild: java.lang.OutOfMemoryError"]
+    rows = [f"app.hadoop: [1796414748.99128{n}, " + json.dumps(
+        {"log": line, "anomaly_score": 1.0, "is_anomaly": True, "anomaly_model": "hadoop",
+         "anomaly_explanation": ["message alarms: alarm word java.lang.OutOfMemoryError (never seen in training)"]})
+        + "]" for n, line in enumerate(lines)]
+    (tmp_path / "records.txt").write_text("\n".join(rows) + "\n")
+    done = logscore("report", tmp_path / "records.txt")
+    assert done.returncode == 0, done.stderr
+    assert "2015-10-18 18:01:47 .. 2015-10-18 18:09:01" in done.stdout, done.stdout

@@ -30,7 +30,8 @@ from .flood import is_flood
 from .inputs import read_lines, shipper_line
 from .metrics import SCORE_BUCKETS
 from .review import TOP_ENTITIES, Example, Groups, render_group_examples
-from .timestamps import epoch_seconds
+from .parsers import line_head
+from .timestamps import epoch_seconds, parse_time
 from .svg import bars, timeline
 
 ENTITY_FIELDS = ("host", "client", "clientip", "client_ip", "remote", "remote_addr", "source.address", "client.ip",
@@ -124,8 +125,10 @@ def explanation_of(record: dict) -> list[str]:
 
 
 def time_of(record: dict, text: str, written: str = "") -> Optional[float]:
-    """The record's time: its own field, else an access line's, else the time its line begins with
-    (Fluentd's out_file: its event time, which its records do not hold)."""
+    """The record's time: its own field, else an access line's, else the time at the head of an
+    application or syslog line (as the sidecar's windows read it first: a shipper that did not parse
+    the line wrote the moment it read it), else the time its line begins with (Fluentd's out_file:
+    its event time, which its records do not hold)."""
     value = lookup(record, "@timestamp", "timestamp", "time")
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return epoch_seconds(float(value))
@@ -137,6 +140,9 @@ def time_of(record: dict, text: str, written: str = "") -> Optional[float]:
             return datetime.strptime(match.group(1), "%d/%b/%Y:%H:%M:%S %z").timestamp()
         except ValueError:
             return None
+    head = line_head(text).get("time")
+    if head is not None and (when := parse_time(head)) is not None:
+        return when
     if FLUENT_BIT_TIME.fullmatch(written):
         return epoch_seconds(float(written))
     return iso_seconds(written) if written else None
