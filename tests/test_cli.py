@@ -282,6 +282,10 @@ def test_json_records_are_read_from_the_files_shippers_write(tmp_path):
         scores[name] = [json.loads(row)["score"] for row in scored.stdout.splitlines()]
     assert scores["fluentd.log"] == scores["raw.log"] == scores["fluent-bit.txt"]
     assert scores["raw.log"][0] > 0.99
+    from logscore.inputs import json_record
+
+    assert json_record('  {"message": "indented"}') == {"message": "indented"}  # as json.loads reads it
+    assert json_record('2015-10-18 INFO payload {"user": 1}') == '2015-10-18 INFO payload {"user": 1}'
 
 
 def test_a_syslog_model_of_a_host_whose_syslogd_logs_its_restarts_still_flags_lines_of_another_format(tmp_path):

@@ -98,7 +98,7 @@ def shipper_line(line: str) -> Optional[tuple[str, dict, str]]:
     or time of its own), Fluentd out_file's `time<TAB>tag<TAB>{json}` or Fluent Bit's file output
     `tag: [time, {json}]`; None for any other line."""
     tag = written = ""
-    if not line.startswith("{"):
+    if not line.lstrip().startswith("{"):
         if fluent_bit := FLUENT_BIT_FILE_LINE.fullmatch(line):
             tag, written, line = fluent_bit.group("tag", "time", "record")
         else:
