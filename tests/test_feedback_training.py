@@ -299,7 +299,8 @@ def test_report_counts_unscored_records_by_route_and_lists_anomaly_events_apart(
     assert "1 record of route web passed on unscored: _httprequestfailure" in done.stdout  # Logstash's
     assert "models: zookeeper (3)" in done.stdout
     assert "1 anomaly event: 2026-12-04 20:06:00 zookeeper window: error share 40 %, expected 0 %-2 %" in done.stdout
-    assert "error share 40 %" in (tmp_path / "report.html").read_text()
+    page = (tmp_path / "report.html").read_text()
+    assert "error share 40 %" in page and "<pre style='white-space:pre-wrap'>" in page  # long reasons wrap
 
 
 def test_report_places_raw_application_lines_at_the_time_written_in_them(tmp_path):

@@ -377,7 +377,8 @@ def html_report(totals: Totals, groups: Groups, top: int, inputs) -> str:
     labels = [f"≤{edge:g}" for edge in SCORE_BUCKETS]
     parts = [f"<!doctype html><html lang=en><head><meta charset=utf-8><title>logscore report</title>"
              f"<style>{STYLE}</style></head><body><h1>logscore report</h1>",
-             f"<pre>{escape(text_summary(totals, groups, 0))}</pre>",
+             # (wrapped: a long line, an unscored route's reason, widened the whole page)
+             f"<pre style='white-space:pre-wrap'>{escape(text_summary(totals, groups, 0))}</pre>",
              f"<p class=muted>{escape(', '.join(map(str, inputs)))}; "
              f"{when_text(start, timed)} .. {when_text(end, timed)}"
              + (f"; {outside:,} records lie far outside this span and are left out of the charts (check their "
