@@ -318,3 +318,30 @@ def test_report_places_raw_application_lines_at_the_time_written_in_them(tmp_pat
     done = logscore("report", tmp_path / "records.txt")
     assert done.returncode == 0, done.stderr
     assert "2015-10-18 18:01:47 .. 2015-10-18 18:09:01" in done.stdout, done.stdout
+
+
+def test_report_counts_records_passed_unscored_or_held_and_says_when_the_output_holds_no_time(tmp_path):
+    """A week behind real Fluentd with the shipped example (`<format> @type json`): the records the
+    filter passed unscored during a sidecar restart were counted as "lines not scored output", the
+    records scored while learning were not told apart, and the groups were placed "record 7,359 ..
+    record 55,574" without a word on why (weekone trial)."""
+    scored = {"host": "1.2.3.4", "path": "/x", "anomaly_score": 0.2, "is_anomaly": False,
+              "anomaly_model": "apache-access"}
+    rows = [json.dumps(scored)] * 5
+    rows += [json.dumps({**scored, "anomaly_notes": ["learning: route apache-access is learning its own model "
+                                                     "(5 of 5000 records seen)"]})] * 2
+    rows += [json.dumps({"host": "1.2.3.4", "path": "/y", "anomaly_unscored": True})] * 3
+    rows += [json.dumps({"message": "GET /", "tags": ["_logscore_unscored"]})]  # Logstash's mark
+    rows += ["not json"]
+    (tmp_path / "scored.log").write_text("\n".join(rows) + "\n")
+    done = logscore("report", tmp_path / "scored.log")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("7 scored records, 0 anomalies"), done.stdout
+    assert "1 lines not scored output" in done.stdout
+    assert "4 records of route (none) passed on unscored (no reason in the output" in done.stdout
+    assert "2 records scored while their route learned its own model" in done.stdout
+    assert "7 of 7 records hold no time" in done.stdout and "<inject> time_key time" in done.stdout
+    (tmp_path / "down.log").write_text("\n".join(rows[7:10]) + "\n")
+    down = logscore("report", tmp_path / "down.log")
+    assert down.returncode == 1 and "only records passed on unscored (was the sidecar running?" in down.stderr, \
+        down.stderr

@@ -250,6 +250,8 @@ class FluentdFieldTest < Test::Unit::TestCase
     ids = out.map { |r| (r['path'] || r['unmatched_line']).to_s.b[/L\d/] }
     assert_equal %w[L0 L1 L2 L3 L4 L5 L6 L7], ids.sort, log_tail(@work, 'example')
     assert(out.all? { |r| r['anomaly_score'].is_a?(Float) }, out.map { |r| r.reject { |k, _| k == 'unmatched_line' } }.inspect)
+    # the line's own time, for logscore report (the json format left it out: "record 7,359 .. record 55,574")
+    assert(out.all? { |r| r['time'].to_s.match?(/\A\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4}\z/) }, out.map { |r| r['time'] }.inspect)
     assert_not_match(/error/, File.read(File.join(@work, 'example.log')))
   end
 

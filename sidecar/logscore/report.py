@@ -78,6 +78,7 @@ class Totals:
     unscored: Counter = field(default_factory=Counter)
     events: int = 0  # anomaly events (forward mode's and the Fluentd filter's anomaly_tag records)
     latest_events: list = field(default_factory=list)  # the last EVENTS_LISTED of them, as read
+    held: int = 0  # records scored while their route learned its own model: not flagged (note `learning: …`)
     histogram: np.ndarray = field(default_factory=lambda: np.zeros(len(SCORE_BUCKETS) + 1, dtype=np.int64))
     times: array = field(default_factory=lambda: array("d"))  # per record: its time (or its position)
     flags: array = field(default_factory=lambda: array("b"))
@@ -213,6 +214,7 @@ def read_scored(paths, entity_field: Optional[str], progress=None) -> tuple[Tota
         totals.route_anomalies[model, route] += flag
         suppressed = any(str(n).startswith("suppressed by feedback") for n in notes)
         totals.suppressed += suppressed
+        totals.held += any(str(n).startswith("learning:") for n in notes)
         if not flag:
             continue
         totals.anomalies += 1
@@ -225,7 +227,8 @@ def read_scored(paths, entity_field: Optional[str], progress=None) -> tuple[Tota
         if len(group.examples) < group.examples.maxlen:
             group.examples.append(Example(when or 0.0, text[:2000], float(score)))
     if totals.records == 0 and totals.unscored:
-        raise InputError(f"no scored records in {', '.join(map(str, paths))}: " + "; ".join(unscored_lines(totals)))
+        raise InputError(f"no scored records in {', '.join(map(str, paths))}, only records passed on unscored "
+                         "(was the sidecar running? its log and the shipper's say why): " + "; ".join(unscored_lines(totals)))
     if totals.records == 0:
         raise InputError(f"no scored records in {', '.join(map(str, paths))}: expected JSON lines with "
                          "anomaly_score (or score) and is_anomaly, as Fluentd, Logstash, Fluent Bit or "
@@ -311,6 +314,14 @@ def text_summary(totals: Totals, groups: Groups, top: int) -> str:
     if groups.dropped_groups:
         lines.append(f"more than {groups.max_groups:,} groups: the {groups.dropped_groups:,} smallest "
                      f"({groups.dropped_records:,} anomalies) are left out of the groups below")
+    if totals.held:
+        lines.append(f"{totals.held:,} records scored while their route learned its own model (note `learning`): "
+                     "none of them flagged")
+    if totals.records and totals.timed < totals.records:
+        lines.append(f"{totals.records - totals.timed:,} of {totals.records:,} records hold no time: placed by "
+                     "their position (Fluentd's `<format> @type json` leaves the event time out: add "
+                     "`<inject> time_key time time_type string time_format %Y-%m-%dT%H:%M:%S%z </inject>` "
+                     "to the output, or keep out_file's default format)")
     lines.append("models: " + ", ".join(f"{m} ({c:,})" for m, c in totals.models.most_common()))
     lines += flood_lines(totals)
     lines += unscored_lines(totals)
