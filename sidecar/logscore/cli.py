@@ -592,8 +592,11 @@ def describe_left_out(left_out: dict) -> str:
     said = (f"left out as flagged by the previous model {left_out['model']} ({left_out['version']}): "
             f"{left_out['records']} records")
     if left_out.get("ignored"):
+        clients = left_out.get("clients") or []
         return (f"{said}: it flags {left_out['fraction']:.1%} of them, more than {left_out['limit']:.0%}, so its "
-                "flags were not used")
+                "flags were not used" + (f", but for every record of the {left_out['client_count']} clients it flags "
+                                         f"{left_out['client_flags']} times or more (an attack or a scanner: "
+                                         f"{', '.join(clients)})" if clients else ""))
     return f"{said} ({left_out['fraction']:.3%}); `logscore inspect` lists examples"
 
 
