@@ -269,7 +269,7 @@ def test_a_route_learned_from_fluentds_binary_strings_scores_them_as_text(tmp_pa
 
     asyncio.run(learner._learn(learner.routes_by_name["shop"]))
 
-    assert learner.status()["shop"]["last"]["outcome"] == "swapped", learner.status()
+    assert learner.status()["shop"]["last"]["outcome"] == "swapped", learner.status()["shop"]["last"]
     fresh = shop_lines(300, seed=12)
     learned = Model.load(models / "shop.onnx")
     assert learned.score([fluentd_apache2(line) for line in fresh]).is_anomaly.mean() <= 0.02
@@ -308,3 +308,24 @@ def test_a_route_learned_from_its_first_records_learns_again_from_a_fuller_windo
         assert learning_status(sidecar)["apache-access"]["last"]["records"] == 600
     finally:
         assert sidecar.stop() == 0
+
+
+def test_what_the_training_child_warns_of_reaches_the_sidecar_s_log(tmp_path, shop_model_path, caplog):
+    """`logscore train` warns by hand of what an operator must know (the previous model's flags not
+    used, records that do not parse); run by the learner, its warnings went nowhere, and a retrain
+    that learned a whole window, an attack's day among it, looked like any other (weekone trial)."""
+    from logscore.feedback_store import open_store
+
+    models, settings, registry = shop_learning(tmp_path, shop_model_path, 220)
+    open_store(str(models / "feedback.sqlite3")).migrate()
+    learner = Learner(settings, registry, lambda: None)
+    lines = shop_lines(200, seed=8) + [f"garbage line {i} that is no access line" for i in range(20)]
+    learner.observe(learner.routes(registry.snapshot.models["shop"], lines), lines)
+
+    with caplog.at_level("WARNING", logger="logscore.learning"):
+        asyncio.run(learner._learn(learner.routes_by_name["shop"]))
+
+    assert learner.status()["shop"]["last"]["outcome"] == "swapped", learner.status()["shop"]["last"]
+    warned = [r for r in caplog.records if r.getMessage() == "learning: the training warned"]
+    assert warned and all(r.route == "shop" for r in warned), caplog.text
+    assert "records (9.1%) do not parse as access" in warned[-1].warning, warned[-1].warning

@@ -51,6 +51,7 @@ WORK_DIR = ".learning"
 HOLDOUT = 0.1  # the most recent share of a window, scored to validate a candidate
 OUTGROWN = 1.5  # a learned route retrains once its window holds this many times the records its model
 #               learned from (once: a model learned from a full window never has more to learn from)
+TRAIN_WARNING = "logscore train: warning: "  # how the child's warnings begin (cli.py)
 MAX_RECORD_CHARS = 16_384  # longer records are not kept in windows (memory stays bounded)
 TRAIN_TIMEOUT_S = 3600.0
 CHECK_INTERVAL_S = 0.5
@@ -334,9 +335,14 @@ class Learner:
             return f"training took longer than {TRAIN_TIMEOUT_S:.0f} s"
         finally:
             code, self._child = self._child.returncode, None
+        lines = stderr.decode("utf-8", "replace").strip().splitlines()
         if code != 0:
-            lines = stderr.decode("utf-8", "replace").strip().splitlines()
             return lines[-1] if lines else f"logscore train exited with {code}"
+        # NOTE: what `logscore train` warns an operator of by hand (the previous model's flags not used,
+        # attacks set aside, records that did not parse) went nowhere: a retrain that learned a whole
+        # window, an attack's day among it, looked like any other (weekone trial)
+        for warning in (line[len(TRAIN_WARNING):] for line in lines if line.startswith(TRAIN_WARNING)):
+            log.warning("learning: the training warned", extra={"route": name, "warning": warning})
         return None
 
     def _validate(self, path: Path, serving: Model, recent: list) -> tuple[float, float]:
