@@ -367,3 +367,23 @@ def test_past_the_previous_model_s_limit_its_attackers_and_scanners_stay_out_of_
     assert set(new_section) <= set(kept)  # the new section is learned, as before
     assert sorted(left_out["clients"]) == attackers and left_out["records"] == len(attacks), left_out
     assert "but for the 60 records of the 2 clients it flags 10 times or more" in warnings[0], warnings
+
+
+def test_report_tells_a_week_day_by_day(tmp_path):
+    """A week's scored output: the text named groups only, so a new section flagged from its day on and
+    the day of an attack showed only in the HTML's timeline (weekone trial)."""
+    day = 86400
+    rows = [f"{time_text(1795651200 + d * day + i * 60)}\tweb.access\t" + json.dumps(
+        {"host": "1.2.3.4", "path": f"/p{i}", "anomaly_score": 1.0 if flagged else 0.1, "is_anomaly": flagged})
+        for d, flags in enumerate([0, 3, 40]) for i, flagged in enumerate([True] * flags + [False] * (100 - flags))]
+    (tmp_path / "week.log").write_text("\n".join(rows) + "\n")
+    done = logscore("report", tmp_path / "week.log")
+    assert done.returncode == 0, done.stderr
+    assert "per day (UTC):\n  2026-11-26         100 records         0 anomalies (0.00%)\n" in done.stdout, done.stdout
+    assert "  2026-11-28         100 records        40 anomalies (40.00%)\n" in done.stdout
+
+
+def time_text(seconds: float) -> str:
+    import time
+
+    return time.strftime("%Y-%m-%dT%H:%M:%S+0000", time.gmtime(seconds))

@@ -47,6 +47,7 @@ TIMELINE_BINS = 60
 FAR_OUT_SHARE = 0.001
 FAR_OUT_STRETCH = 0.5
 PROGRESS_EVERY = 200_000
+DAILY_MAX_DAYS = 62  # a report spanning more days has no per-day lines (its HTML timeline still draws them)
 MAX_GROUPS = 100_000  # groups a report keeps (memory: about 2 KB each with their examples)
 EVENTS_LISTED = 20  # the latest anomaly events the summary lists (all are counted)
 EVENT_KINDS = ("window", "client")
@@ -328,6 +329,7 @@ def text_summary(totals: Totals, groups: Groups, top: int) -> str:
     lines += event_lines(totals)
     if totals.entities:
         lines.append("top entities: " + ", ".join(f"{e} ({c:,})" for e, c in totals.entities.most_common(TOP_ENTITIES)))
+    lines += daily_lines(totals)
     lines.append("")
     for group in groups.largest()[:top]:
         entities = ", ".join(f"{e} ({c})" for e, c in group.entities.most_common(3))
@@ -337,6 +339,26 @@ def text_summary(totals: Totals, groups: Groups, top: int) -> str:
         for name in group.names or ["(no explanation in the output: score with explanations to group by them)"]:
             lines.append(f"          {name}")
     return "\n".join(lines)
+
+
+def daily_lines(totals: Totals) -> list[str]:
+    """Records and anomalies per UTC day, where every record has a time and they span 2 to DAILY_MAX_DAYS
+    days: the text told a week by its groups alone (a new section's flags from its day on, the day of
+    an attack: only the HTML's timeline drew them)."""
+    if not totals.records or totals.timed < totals.records:
+        return []
+    days = (np.frombuffer(totals.times, dtype=np.float64) // 86400).astype(np.int64)
+    first = int(days.min())
+    if not 1 <= int(days.max()) - first < DAILY_MAX_DAYS:
+        return []
+    records = np.bincount(days - first)
+    anomalies = np.bincount(days - first, weights=np.frombuffer(totals.flags, dtype=np.int8))
+    lines = ["per day (UTC):"]
+    for offset, (count, flagged) in enumerate(zip(records.tolist(), anomalies.tolist())):
+        day = time.strftime("%Y-%m-%d", time.gmtime((first + offset) * 86400))
+        lines.append(f"  {day}  {count:>10,} records  {int(flagged):>8,} anomalies"
+                     + (f" ({flagged / count:.2%})" if count else ""))
+    return lines
 
 
 def flood_lines(totals: Totals) -> list[str]:
