@@ -500,7 +500,8 @@ def run_train(args) -> int:
         if not location:
             raise ConfigError("--feedback env: LOGSCORE_FEEDBACK_STORE is not set; give the store's location")
         options.feedback = load_feedback(location, options.name)
-        if not options.feedback.entries:
+        # (the learner's store, `env`, holds no entry until an operator gives one: no typo to warn of)
+        if not options.feedback.entries and args.feedback != "env":
             others = ", ".join(f"{m or '(any)'} ({n})" for m, n in options.feedback.other_models.most_common())
             print_warning(f"--feedback {options.feedback.store}: no active entry for model {options.name!r}"
                           + (f"; it holds entries for {others} (--name sets the model's name)" if others else ""))
