@@ -229,7 +229,8 @@ def read_scored(paths, entity_field: Optional[str], progress=None) -> tuple[Tota
             group.examples.append(Example(when or 0.0, text[:2000], float(score)))
     if totals.records == 0 and totals.unscored:
         raise InputError(f"no scored records in {', '.join(map(str, paths))}, only records passed on unscored "
-                         "(was the sidecar running? its log and the shipper's say why): " + "; ".join(unscored_lines(totals)))
+                         "(was the sidecar running? its log and the shipper's say why): "
+                         + "; ".join(unscored_lines(totals)))
     if totals.records == 0:
         raise InputError(f"no scored records in {', '.join(map(str, paths))}: expected JSON lines with "
                          "anomaly_score (or score) and is_anomaly, as Fluentd, Logstash, Fluent Bit or "
