@@ -137,6 +137,10 @@ def test_bad_feedback_gets_a_clear_error_and_stores_nothing(sidecar, shop_model_
     for body, status, message in BAD_FEEDBACK:
         got, answer = feedback(sidecar, "POST", body)
         assert got == status and message in answer["error"], (body, answer)
+    # JSON nested deeper than Python's parser recurses: a 400 saying so, not an internal error.
+    got, raw = http_request(sidecar.http_port, "POST", "/v1/feedback", b"[" * 100_000 + b"]" * 100_000,
+                            {"Content-Type": "application/json"})
+    assert got == 400 and "nested too deeply" in json.loads(raw)["error"], raw
     # A record holding nothing unusual (every feature common in training) gives nothing to mark.
     model = Model.load(shop_model_path)
     ordinary = next(line for line in shop_training_lines if not (inspect(model, [line]).contribution > 0).any())

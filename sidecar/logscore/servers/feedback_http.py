@@ -256,6 +256,9 @@ def decode_mark(body: bytes) -> Mark:
         data = json.loads(body.decode("utf-8", "replace") or "null")
     except ValueError as error:
         raise InvalidRequest(f"body is not valid JSON: {error}") from None
+    except RecursionError:  # a hostile body of a hundred thousand '[': a 400, not an internal error
+        raise InvalidRequest("body is JSON nested too deeply; send a flat object such as "
+                             '{"verdict": "normal", "author": "ana", "records": ["<a log line>"]}') from None
     if not isinstance(data, dict):
         raise InvalidRequest('body must be a JSON object such as {"verdict": "normal", "author": "ana", '
                              '"records": ["<a log line>"]}')
