@@ -393,3 +393,34 @@ def test_a_mark_retried_with_the_same_duration_is_one_entry_and_an_expired_one_s
     status, body = feedback(sidecar, "POST", {**short, "expires_at": time.time() + 50})
     assert status == 200 and body["feedback"]["id"] == 4 and not body.get("existing"), body
     assert not any(r["is_anomaly"] for r in score(sidecar, monitor_lines(3, seed=33)))
+
+
+def test_thousands_of_entries_keep_notes_short_and_field_entries_cost_a_lookup(shop_model_path, shop_training_lines):
+    """Hostile scale: many entries naming one common unusual feature made every suppressed record's
+    note list them all (25 KB a record at 10,000 entries), and each flagged record was compared
+    with every field-value entry (its cost grew with their number)."""
+    import numpy as np
+
+    from logscore.feedback import Entry, FeedbackStep, RuleSet, pattern_from_records
+    from logscore.model import Model
+
+    model = Model.load(shop_model_path)
+    attacks = [line for _, line in attack_lines(shop_training_lines, 40, seed=3)]
+    scores = np.asarray(model.score(attacks).scores, dtype=np.float64)
+    flagged = np.flatnonzero(scores >= model.threshold)
+    pattern = pattern_from_records(model, [attacks[flagged[0]]])
+    same = [Entry(i, "normal", pattern, "a", model="shop") for i in range(1, 41)]
+    notes: list = []
+    FeedbackStep(RuleSet(same), attacks).apply(model, flagged[:1], scores, scores >= model.threshold, notes)
+    assert notes[0][2] == "suppressed by feedback #1, #2, #3, #4, #5 and 35 more", notes
+
+    def cpu_per_call(field_entries: int) -> float:
+        rules = RuleSet([Entry(i, "normal", {"field": "user_agent", "value": f"bot-{i}"}, "a", model="shop")
+                         for i in range(1, field_entries + 1)])
+        step = FeedbackStep(rules, attacks)
+        step.apply(model, flagged, scores, scores >= model.threshold, [])  # warm the featurizer's caches
+        started = time.process_time()
+        for _ in range(5):
+            step.apply(model, flagged, scores, scores >= model.threshold, [])
+        return time.process_time() - started
+    assert cpu_per_call(20_000) < 2 * cpu_per_call(1)

@@ -429,13 +429,15 @@ class ModelRules:
     normal_by_kind: Index = field(default_factory=Index)
     keep_by_key: Index = field(default_factory=Index)
     keep_by_kind: Index = field(default_factory=Index)
-    by_field: dict[tuple[str, str], list[Entry]] = field(default_factory=dict)
+    # field -> value -> entries: a record's value is looked up, not compared with every entry's (a
+    # thousand field entries cost a thousand comparisons per flagged record)
+    by_field: dict[str, dict[str, list[Entry]]] = field(default_factory=dict)
     normal_keys: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # sorted
 
     def add(self, entry: Entry) -> None:
         pattern = entry.pattern
         if "field" in pattern:
-            self.by_field.setdefault((pattern["field"], pattern["value"]), []).append(entry)
+            self.by_field.setdefault(pattern["field"], {}).setdefault(pattern["value"], []).append(entry)
             return
         normal = entry.verdict == NORMAL
         by_key, by_kind = (self.normal_by_key, self.normal_by_kind) if normal else (self.keep_by_key, self.keep_by_kind)
@@ -443,6 +445,11 @@ class ModelRules:
             by_key.add(int(key), entry)
         for token in dict.fromkeys(pattern.get("kind", [])):
             by_kind.add(token, entry)
+
+    def field_entries(self, found: "Inspection", row: int) -> list[Entry]:
+        """The field-value entries naming one of the record's values."""
+        return [entry for name, by_value in self.by_field.items()
+                for entry in by_value.get(found.values[name][row], ())]
 
     def finish(self) -> "ModelRules":
         self.normal_keys = np.array(sorted({*self.normal_by_key.unscoped, *self.normal_by_key.scoped}), dtype=np.int64)
@@ -648,14 +655,14 @@ class FeedbackStep:
         """(keys of fields whose value normal entries name [stop - start], those entries)."""
         named = np.zeros(stop - start, dtype=bool)
         used: set[int] = set()
+        names: set[str] = set()
         for rules in model_rules:
-            for (name, value), entries in rules.by_field.items():
-                if found.values[name][row] != value:
-                    continue
-                for entry in entries:
-                    if entry.verdict == NORMAL and in_scope(entry, route, entity):
-                        named |= np.fromiter((f == name for f in fields[start:stop]), dtype=bool, count=stop - start)
-                        used.add(entry.id)
+            for entry in rules.field_entries(found, row):
+                if entry.verdict == NORMAL and in_scope(entry, route, entity):
+                    names.add(entry.pattern["field"])
+                    used.add(entry.id)
+        for name in names:
+            named |= np.fromiter((f == name for f in fields[start:stop]), dtype=bool, count=stop - start)
         return named, used
 
     def _kept(self, found: Inspection, row: int, kind: frozenset, model_rules, route, entity):
@@ -674,9 +681,8 @@ class FeedbackStep:
             if rules.keep_by_key:
                 keys = set(found.batch.keys[start:stop].tolist()) if keys is None else keys
                 protected.update(k for k in rules.keep_by_key.present(keys) if rules.keep_by_key.ids(k, route, entity))
-            for (name, value), entries in rules.by_field.items():
-                if found.values[name][row] == value:
-                    kept.update(e.id for e in entries if e.verdict == KEEP and in_scope(e, route, entity))
+            kept.update(e.id for e in rules.field_entries(found, row)
+                        if e.verdict == KEEP and in_scope(e, route, entity))
         return protected, kept
 
 
@@ -699,5 +705,11 @@ def similar_counts(shared: int, union: int) -> bool:
     return union > 0 and shared >= SIMILARITY * union
 
 
+RULES_NAMED = 5  # entries a note names; the rest are counted
+
+
 def rule_list(ids: Sequence[int]) -> str:
-    return ", ".join(f"#{i}" for i in ids)
+    """"#3, #9" — at most RULES_NAMED of them, then how many more: with thousands of entries sharing a
+    common unusual feature, every suppressed record's note named thousands (25 KB a record)."""
+    named = ", ".join(f"#{i}" for i in ids[:RULES_NAMED])
+    return named if len(ids) <= RULES_NAMED else f"{named} and {len(ids) - RULES_NAMED:,} more"

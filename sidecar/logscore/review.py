@@ -33,7 +33,7 @@ import numpy as np
 
 from .decide import decide
 from .feedback import (EXAMPLE_CHARS, MAX_KIND_TOKENS, NO_KEYS, FeedbackStep, Flagged, RuleSet, base_name,
-                       path_family, record_from_text, record_text, similar_counts, strip_rarity)
+                       path_family, record_from_text, record_text, rule_list, similar_counts, strip_rarity)
 from .svg import bars, timeline
 
 EXAMPLES = 5
@@ -276,10 +276,10 @@ class ReviewRing:
                     group.covered_by = []
                 if item.suppressed_by:
                     group.suppressed += 1
-                    note = "suppressed by feedback " + ", ".join(f"#{i}" for i in item.suppressed_by)
+                    note = f"suppressed by feedback {rule_list(item.suppressed_by)}"
                 elif item.kept_by:
                     group.kept += 1
-                    note = "kept by feedback " + ", ".join(f"#{i}" for i in item.kept_by)
+                    note = f"kept by feedback {rule_list(item.kept_by)}"
                 group.examples.append(Example(moment, record_text(records[item.index]), item.score, note))
                 self.recent.append((now, group.id))
 
@@ -433,7 +433,7 @@ def render_page(ring: ReviewRing, entries: list, histograms: dict, thresholds: d
 def render_group(group: Group, now: float, bucket_s: float) -> str:
     marks = "".join(f' <span class="badge {escape(v)}">marked {escape(v)} #{i}</span>' for i, v in group.feedback)
     if group.covered_by and not group.feedback:
-        marks += f' <span class="badge normal">covered by {", ".join(f"#{i}" for i in group.covered_by)}</span>'
+        marks += f' <span class="badge normal">covered by {rule_list(group.covered_by)}</span>'
     share = f"{group.suppressed:,} suppressed" + (f", {group.kept:,} kept" if group.kept else "")
     start = now - TIMELINE_BUCKETS * bucket_s
     end = now + bucket_s
