@@ -424,3 +424,32 @@ def test_thousands_of_entries_keep_notes_short_and_field_entries_cost_a_lookup(s
             step.apply(model, flagged, scores, scores >= model.threshold, [])
         return time.process_time() - started
     assert cpu_per_call(20_000) < 2 * cpu_per_call(1)
+
+
+def test_an_unreadable_stored_pattern_is_listed_never_applied_and_stops_nothing(tmp_path, shop_model_path):
+    """A row no logscore wrote (by hand, another version, damage) once stopped every sidecar sharing
+    the store from starting (a KeyError at load) and turned every later write into a 500."""
+    import sqlite3
+
+    from logscore.feedback_store import SqliteStore
+
+    models = models_dir_with(tmp_path, shop_model_path, "shop")
+    SqliteStore(str(models / "feedback.sqlite3")).migrate()
+    with sqlite3.connect(models / "feedback.sqlite3") as db:
+        for pattern in ('{"kind": [1]}', "not json", '{"keys": ["a"], "kind": []}', '{"field": 3, "value": "x"}'):
+            db.execute("INSERT INTO feedback (verdict, model, pattern, author, created_at) "
+                       "VALUES ('normal', 'shop', ?, 'dba', 1)", (pattern,))
+    process = SidecarProcess(models, tmp_path, feedback_poll_s="0.2").start()
+    try:
+        status, body = feedback(process, "POST", {"verdict": "normal", "author": "a", "field": "user_agent",
+                                                  "value": "sqlmap/1.7"})
+        assert status == 200 and body["feedback"]["id"] == 5, body
+        listed = feedback(process, "GET")[1]
+        assert listed["store"]["reachable"] and listed["store"]["active_entries"] == 1, listed["store"]
+        assert [e["pattern"].get("unreadable", "")[:6] for e in listed["feedback"]] == ["no 'ke", "not JS", "no 'ke",
+                                                                                       "a fiel", ""]
+        assert feedback(process, "DELETE", query="?id=1")[0] == 200
+        assert '"unreadable_entries": 4' in process.log_path.read_text()
+        assert score(process, shop_lines(3, seed=4))
+    finally:
+        assert process.stop() == 0

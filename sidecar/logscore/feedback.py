@@ -50,6 +50,7 @@ DETAIL_KINDS = ("ngrams", "numeric")  # converters whose features differ for nea
 NAMED = 5  # features named in a pattern, for people
 EXAMPLE_CHARS = 2000
 EXAMPLES = 5  # records a pattern keeps, for people and for training (`logscore train --feedback`)
+UNREADABLE = "unreadable"  # a stored pattern this logscore cannot read: {"unreadable": why} (never applied)
 
 
 @dataclass
@@ -80,6 +81,8 @@ class Entry:
 
     def describe(self) -> str:
         """The pattern in a few words, for lists and notes."""
+        if UNREADABLE in self.pattern:
+            return f"unreadable pattern ({self.pattern[UNREADABLE]}): not applied; remove it"
         if "field" in self.pattern:
             return f"{self.pattern['field']} = {self.pattern['value']!r}"
         return "; ".join(self.pattern.get("features", [])[:3]) or f"{len(self.pattern.get('keys', []))} features"
@@ -461,7 +464,7 @@ class RuleSet:
 
     def __init__(self, entries: Iterable[Entry] = (), now: Optional[float] = None):
         now = time.time() if now is None else now
-        self.entries = [e for e in entries if e.active(now)]
+        self.entries = [e for e in entries if e.active(now) and UNREADABLE not in e.pattern]
         self.by_model: dict[str, ModelRules] = {}
         for entry in self.entries:
             self.by_model.setdefault(entry.model, ModelRules()).add(entry)

@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from .errors import ConfigError, FeedbackNotFound, InvalidRequest, StoreUnavailable
-from .feedback import EXAMPLES, VERDICTS, Entry, RuleSet, pattern_from_field, pattern_from_records, record_text
+from .feedback import (EXAMPLES, UNREADABLE, VERDICTS, Entry, RuleSet, pattern_from_field, pattern_from_records,
+                       record_text)
 from .timestamps import LATEST_TIME
 
 log = logging.getLogger("logscore.feedback")
@@ -70,8 +71,39 @@ STATEMENT_TIMEOUT_MS = 5000  # PostgreSQL: past it a statement fails (StoreUnava
 
 def entry_from_row(row) -> Entry:
     values = dict(zip(COLUMNS, row))
-    values["pattern"] = json.loads(values["pattern"])
+    values["pattern"] = read_pattern(values["pattern"])
     return Entry(**values)
+
+
+def read_pattern(text) -> dict:
+    """A stored pattern; one this logscore cannot read (a row written by hand, by another version,
+    or damaged) becomes ``{"unreadable": why}``: listed and removable, never applied. One such row
+    once stopped every sidecar sharing the store from starting, and failed every later write."""
+    try:
+        pattern = json.loads(text)
+    except (TypeError, ValueError) as error:
+        return {UNREADABLE: f"not JSON ({one_line(error)[:80]})"}
+    problem = pattern_problem(pattern)
+    return {UNREADABLE: problem} if problem else pattern
+
+
+def pattern_problem(pattern) -> Optional[str]:
+    """What keeps a stored pattern from being applied, or None (see feedback.Entry)."""
+    if not isinstance(pattern, dict):
+        return f"a JSON {type(pattern).__name__}, not an object"
+    if "field" in pattern:
+        if not (isinstance(pattern["field"], str) and isinstance(pattern.get("value"), str)):
+            return "a field entry whose field or value is no string"
+        return None
+    keys, kind = pattern.get("keys"), pattern.get("kind")
+    if not isinstance(keys, list) or not all(type(k) is int for k in keys):
+        return "no 'keys' list of integers"
+    if not isinstance(kind, list) or not all(type(t) in (int, str) for t in kind):
+        return "no 'kind' list of integers and strings"
+    for name in ("features", "examples"):
+        if not isinstance(pattern.get(name, []), list) or not all(isinstance(t, str) for t in pattern.get(name, [])):
+            return f"'{name}' is no list of strings"
+    return None
 
 
 def check_entry(entry: Entry) -> None:
@@ -471,6 +503,12 @@ class FeedbackService:
             self.rules = RuleSet(entries)
             self.revision, self.loaded_at = revision, time.time()
             self._reachable()
+        unreadable = [e for e in entries if UNREADABLE in e.pattern]
+        if unreadable:
+            log.warning("feedback entries not applied: their patterns are unreadable; remove them "
+                        "(logscore feedback remove ID) and mark their records again",
+                        extra={"store": self.store.description, "ids": [e.id for e in unreadable][:20],
+                               "unreadable_entries": len(unreadable), "why": unreadable[0].pattern[UNREADABLE]})
         log.info("feedback loaded", extra={"store": self.store.description, "revision": revision,
                                            "active_entries": len(self.rules)})
         if self.review is not None:

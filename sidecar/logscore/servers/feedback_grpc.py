@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 
 from ..errors import InvalidRequest, LogscoreError
-from ..feedback import KEEP, NORMAL, Entry
+from ..feedback import KEEP, NORMAL, UNREADABLE, Entry
 from ..feedback_store import Mark
 from ..generated.logscore.v1 import scorer_pb2 as pb
 
@@ -43,7 +43,9 @@ def encode_entry(entry: Entry) -> pb.FeedbackEntry:
         created_at=entry.created_at, expires_at=entry.expires_at or 0.0, removed_at=entry.removed_at or 0.0,
         removed_by=entry.removed_by or "", example=entry.example, existing=entry.existing)
     pattern = entry.pattern
-    if "field" in pattern:
+    if UNREADABLE in pattern:  # a row this logscore cannot read: say so where features are listed
+        message.features.append(entry.describe())
+    elif "field" in pattern:
         message.field.field, message.field.value = pattern["field"], pattern["value"]
     else:
         message.features.extend(pattern.get("features", []))
