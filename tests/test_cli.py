@@ -132,6 +132,12 @@ def test_input_without_line_breaks_blank_lines_utf16_and_a_cut_gzip(tmp_path):
     cut = logscore("score", "--model", model, tmp_path / "cut.log.gz")
     assert cut.returncode == 0 and "the gzip stream ends early" in cut.stderr
     assert 100 < len(cut.stdout.splitlines()) < 300
+    middle = len(packed) // 2  # damaged inside: zlib's error (once a traceback), or a wrong checksum
+    for name, damage in (("zlib", b"\x00" * 64), ("crc", b"\xff" * 64)):
+        (tmp_path / f"{name}.log.gz").write_bytes(packed[:middle] + damage + packed[middle + 64:])
+        damaged = logscore("score", "--model", model, tmp_path / f"{name}.log.gz")
+        assert damaged.returncode == 0 and "the gzip stream is damaged" in damaged.stderr, damaged.stderr
+        assert 50 < len(damaged.stdout.splitlines()) <= 300
 
 
 def json_logger_lines(count: int, seed: int, naming: dict) -> list[str]:

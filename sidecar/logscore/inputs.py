@@ -6,6 +6,7 @@ import gzip
 import json
 import re
 import sys
+import zlib
 from typing import Iterable, Iterator, Optional
 
 from .errors import InputError
@@ -23,8 +24,8 @@ def read_lines(paths: Iterable[str], blank_lines: bool = False) -> Iterator[str]
 
     Invalid UTF-8 becomes U+FFFD; blank lines are skipped (given as '' with ``blank_lines``, for
     readers that name rows by their line number); a line longer than MAX_LINE_BYTES is
-    cut (with a warning); a gzip file that ends early gives the lines before its end (with a
-    warning): a log compressed while it was written, or copied half, still counts.
+    cut (with a warning); a gzip file that ends early or is damaged gives the lines before its end
+    or the damage (with a warning): a log compressed while it was written, or copied half, still counts.
     """
     for path in paths:
         try:
@@ -43,6 +44,9 @@ def read_lines(paths: Iterable[str], blank_lines: bool = False) -> Iterator[str]
         except EOFError:
             warn(f"{path}: the gzip stream ends early (cut off while written or copied?): the lines before "
                  "its end are read, the rest is lost")
+        except (zlib.error, gzip.BadGzipFile) as error:  # damaged inside, not cut (zlib's error is no OSError)
+            warn(f"{path}: the gzip stream is damaged ({error}): the lines before the damage are read, the "
+                 "rest is lost")
         except OSError as error:
             raise InputError(f"{path}: cannot read: {error}") from None
 
