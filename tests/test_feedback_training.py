@@ -387,3 +387,19 @@ def time_text(seconds: float) -> str:
     import time
 
     return time.strftime("%Y-%m-%dT%H:%M:%S+0000", time.gmtime(seconds))
+
+
+def test_report_prints_what_logs_hold_without_their_terminal_escapes(tmp_path, capsys):
+    """A log's escape sequence in a model, route, entity or explanation retitled and cleared the
+    operator's terminal, and its '\\r\\n' forged a line of the report."""
+    from logscore.cli import main
+
+    hostile = "\x1b]0;pwned\x07\x1b[2J\r\nFAKE\u202e"
+    (tmp_path / "hostile.jsonl").write_text(json.dumps(
+        {"score": 1.0, "is_anomaly": True, "model": hostile, "tag": hostile, "host": hostile, "time": 1796313840,
+         "explanation": [f"url: {hostile}"]}) + "\n")
+    assert main(["report", str(tmp_path / "hostile.jsonl")]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\r" not in out and "\u202e" not in out
+    assert r"\x1b]0;pwned\x07\x1b[2J\r\nFAKE\u202e" in out and "\nFAKE" not in out
+    assert len(out.splitlines()) == 6, out

@@ -164,6 +164,7 @@ def expiry_word(expires_at: float) -> str:
 
 def describe(entry) -> str:
     from .feedback import iso_time
+    from .report import printable
     from .generated.logscore.v1 import scorer_pb2 as pb
 
     verdict = pb.Verdict.Name(entry.verdict).lower()
@@ -175,5 +176,5 @@ def describe(entry) -> str:
     state = f"removed by {entry.removed_by} {iso_time(entry.removed_at)}" if entry.removed_at else (
         f"{expiry_word(entry.expires_at)} {iso_time(entry.expires_at)}" if entry.expires_at else "no expiry")
     reason = f" ({entry.reason})" if entry.reason else ""
-    return (f"#{entry.id} {verdict} [{scope}] {pattern}; by {entry.author} {iso_time(entry.created_at)}{reason}; "
-            f"{state}")
+    return printable(f"#{entry.id} {verdict} [{scope}] {pattern}; by {entry.author} {iso_time(entry.created_at)}"
+                     f"{reason}; {state}")

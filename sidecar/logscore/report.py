@@ -263,8 +263,9 @@ def count_unscored_or_event(totals: Totals, route: str, record: dict) -> bool:
 def unscored_lines(totals: Totals) -> list[str]:
     lines = []
     for (route, reason), count in totals.unscored.most_common():
-        where = f"{count:,} record{'s' if count != 1 else ''} of route {route or '(none)'} passed on unscored"
-        lines.append(f"{where}: {reason}" if reason else
+        where = (f"{count:,} record{'s' if count != 1 else ''} of route {printable(route or '(none)')} "
+                 "passed on unscored")
+        lines.append(f"{where}: {printable(reason)}" if reason else
                      f"{where} (no reason in the output: the shipper's log or the sidecar's names it)")
     return lines
 
@@ -277,7 +278,8 @@ def event_lines(totals: Totals) -> list[str]:
     for event in totals.latest_events:
         start = event.get("start")
         when = when_text(float(start), True) if isinstance(start, (int, float)) else "(no time)"
-        lines.append(f"  {when} {event.get('model', '')} {event['kind']}: {event['explanation']}")  # it names the key
+        lines.append(f"  {when} {printable(event.get('model', ''))} {event['kind']}: "
+                     f"{printable(event['explanation'])}")  # (the explanation names the key)
     if len(lines) == 2:
         return [lines[0].rstrip(":") + ": " + lines[1].strip()]
     return lines
@@ -307,6 +309,17 @@ def when_text(seconds: float, timed: bool) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(seconds)) if timed else f"record {int(seconds):,}"
 
 
+# Control characters (C0, DEL, C1) and the bidirectional overrides: a log line's escape sequence
+# printed as it is retitles or clears the operator's terminal, a '\r\n' forges a line of the report,
+# and U+202E shows text reversed.
+UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def printable(text: object) -> str:
+    """Text from the logs, safe to print to a terminal: unprintable characters as escapes (\\x1b)."""
+    return UNPRINTABLE.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), str(text))
+
+
 def text_summary(totals: Totals, groups: Groups, top: int) -> str:
     timed = totals.timed == totals.records
     rate = totals.anomalies / totals.records
@@ -324,21 +337,23 @@ def text_summary(totals: Totals, groups: Groups, top: int) -> str:
                      "their position (Fluentd's `<format> @type json` leaves the event time out: add "
                      "`<inject> time_key time time_type string time_format %Y-%m-%dT%H:%M:%S%z </inject>` "
                      "to the output, or keep out_file's default format)")
-    lines.append("models: " + ", ".join(f"{m} ({c:,})" for m, c in totals.models.most_common()))
+    lines.append("models: " + ", ".join(f"{printable(m)} ({c:,})" for m, c in totals.models.most_common()))
     lines += flood_lines(totals)
     lines += unscored_lines(totals)
     lines += event_lines(totals)
     if totals.entities:
-        lines.append("top entities: " + ", ".join(f"{e} ({c:,})" for e, c in totals.entities.most_common(TOP_ENTITIES)))
+        lines.append("top entities: " + ", ".join(f"{printable(e)} ({c:,})"
+                                                  for e, c in totals.entities.most_common(TOP_ENTITIES)))
     lines += daily_lines(totals)
     lines.append("")
     for group in groups.largest()[:top]:
-        entities = ", ".join(f"{e} ({c})" for e, c in group.entities.most_common(3))
-        lines.append(f"{group.count:>8,}  {group.id}  {group.model}{' · ' + group.route if group.route else ''}  "
+        entities = ", ".join(f"{printable(e)} ({c})" for e, c in group.entities.most_common(3))
+        route = f" · {printable(group.route)}" if group.route else ""
+        lines.append(f"{group.count:>8,}  {group.id}  {printable(group.model)}{route}  "
                      f"{when_text(group.first_seen, timed)} .. {when_text(group.last_seen, timed)}"
                      + (f"  entities: {entities}" if entities else ""))
         for name in group.names or ["(no explanation in the output: score with explanations to group by them)"]:
-            lines.append(f"          {name}")
+            lines.append(f"          {printable(name)}")
     return "\n".join(lines)
 
 
@@ -369,8 +384,9 @@ def flood_lines(totals: Totals) -> list[str]:
     for (model, route), records in totals.route_records.most_common():
         flagged = totals.route_anomalies[model, route]
         if is_flood(0.0, flagged, records):
-            where = f"route {route}" if route else "its records"
-            lines.append(f"{model} flagged {flagged:,} of {records:,} records of {where} ({flagged / records:.1%}): "
+            where = f"route {printable(route)}" if route else "its records"
+            lines.append(f"{printable(model)} flagged {flagged:,} of {records:,} records of {where} "
+                         f"({flagged / records:.1%}): "
                          f"unless an attack fills them, it is not a model of this log; train one on it "
                          f"(logscore train --input FILE --format FORMAT) and send "
                          f"{'this route' if route else 'them'} to it (--tag-routes, --default-model or the "
