@@ -198,10 +198,12 @@ def test_report_reads_odd_times_and_notes_and_refuses_an_unwritable_html_path(tm
     rows = [json.dumps({**base, "time": t}) for t in times]  # nanoseconds, NaN: what shippers write
     rows += [json.dumps({**base, "notes": 5}), json.dumps({**base, "is_anomaly": False,
                                                            "notes": "suppressed by feedback #3"})]
+    # is_anomaly as text (a pipeline that stringifies fields): "false" is no anomaly
+    rows += [json.dumps({**base, "is_anomaly": "false"}), json.dumps({**base, "is_anomaly": "True"})]
     (tmp_path / "odd.jsonl").write_text("\n".join(rows) + "\n")
     done = logscore("report", tmp_path / "odd.jsonl", "--html", tmp_path / "odd.html")
     assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
-    assert done.stdout.startswith(f"{len(rows)} scored records, {len(rows) - 1} anomalies")
+    assert done.stdout.startswith(f"{len(rows)} scored records, {len(rows) - 2} anomalies")
     assert "1 suppressed by feedback" in done.stdout  # a note given as one string, not a list
     unwritable = logscore("report", tmp_path / "odd.jsonl", "--html", tmp_path / "missing" / "x.html")
     assert unwritable.returncode == 1 and "--html" in unwritable.stderr and "Traceback" not in unwritable.stderr

@@ -184,6 +184,14 @@ def entity_of(record: dict, name: Optional[str]) -> Optional[str]:
     return str(value) if value is not None else None
 
 
+def is_flagged(value) -> bool:
+    """is_anomaly as written: a boolean, or text (a pipeline that turned fields into strings wrote
+    "false", which as any non-empty text counted as an anomaly)."""
+    if isinstance(value, str):
+        return value.strip().lower() in ("true", "1")
+    return bool(value)
+
+
 def read_scored(paths, entity_field: Optional[str], progress=None) -> tuple[Totals, Groups]:
     totals = Totals()
     # A file: its whole span, and its biggest groups (one of 50,000 records outlives 150,000 of one).
@@ -200,7 +208,7 @@ def read_scored(paths, entity_field: Optional[str], progress=None) -> tuple[Tota
             totals.unreadable += bool(line.strip())
             continue
         route, record, written = parsed
-        flag = bool(lookup(record, "is_anomaly"))
+        flag = is_flagged(lookup(record, "is_anomaly"))
         notes = notes_of(record)
         text = text_of(record)
         when = time_of(record, text, written)
