@@ -158,6 +158,12 @@ def test_bad_feedback_gets_a_clear_error_and_stores_nothing(sidecar, shop_model_
     for origin in ("http://evil.example", "null"):
         got, answer = feedback(sidecar, "POST", valid, headers={"Origin": origin})
         assert got == 401 and f"the web page {origin} may not change feedback" in answer["error"]
+    # DNS rebinding: a page whose name points at 127.0.0.1 is of its requests' origin; without a
+    # token, a loopback sidecar answers feedback and the page only to loopback names.
+    rebound = f"rebind.example:{sidecar.http_port}"
+    got, answer = feedback(sidecar, "POST", valid, headers={"Host": rebound, "Origin": f"http://{rebound}"})
+    assert got == 403 and "DNS-rebinding" in answer["error"], answer
+    assert http_request(sidecar.http_port, "GET", "/ui/", headers={"Host": rebound})[0] == 403
     assert feedback(sidecar, "GET")[1]["feedback"] == []
     assert feedback(sidecar, "GET", query="?all=1")[1]["feedback"] == []
 

@@ -139,7 +139,7 @@ class Sidecar:
         await self._start_grpc()
         if s.http:
             host, port = split_host_port(s.http, "--http")
-            surface = SidecarHttp(self.service, s.token())
+            surface = SidecarHttp(self.service, s.token(), host)
             self.http_server = HttpServer(surface.routes(), s.max_message_bytes, self.service.admission,
                                           self.service.metrics, s.max_connections, surface.gate)
             await listening(self.http_server.start(host, port, ssl=self._http_ssl()), "--http", s.http)

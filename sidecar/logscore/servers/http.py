@@ -53,7 +53,7 @@ STATUS_CODES: dict[type, int] = {  # the twin of servers.grpc.STATUS_CODES
     StoreUnavailable: 503,
     ScorerUnavailable: 503,
 }
-REASONS = {200: "OK", 303: "See Other", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found",
+REASONS = {200: "OK", 303: "See Other", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
            405: "Method Not Allowed", 408: "Request Timeout", 411: "Length Required", 413: "Payload Too Large",
            415: "Unsupported Media Type", 429: "Too Many Requests", 431: "Request Header Fields Too Large",
            500: "Internal Server Error", 501: "Not Implemented", 503: "Service Unavailable",
@@ -479,11 +479,12 @@ PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/openapi.json"})  
 class SidecarHttp:
     """Routes of the sidecar's HTTP port; scoring goes through the same core as gRPC."""
 
-    def __init__(self, service: ScoringService, token: Optional[str]):
+    def __init__(self, service: ScoringService, token: Optional[str], host: str = ""):
         from .feedback_http import FeedbackHttp
 
         self.service = service
         self.token = token
+        self.host = host  # the address listened on (the review page guards a loopback one by name)
         self.feedback = FeedbackHttp(self)
 
     def routes(self) -> dict[tuple[str, str], Handler]:
