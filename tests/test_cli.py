@@ -310,3 +310,16 @@ def test_a_syslog_model_of_a_host_whose_syslogd_logs_its_restarts_still_flags_li
     probe = "\x00\x01garbage\n2015-07-29 17:41:44,747 - INFO  [main:QuorumPeer@913] - tickTime set to 2000\n"
     scored = logscore("score", "--model", tmp_path / "m.onnx", "-", stdin=probe)
     assert [json.loads(row)["is_anomaly"] for row in scored.stdout.splitlines()] == [True, True], scored.stdout
+
+
+def test_a_line_of_json_nested_thousands_deep_is_a_line_not_a_traceback(tmp_path, capsys):
+    """json.loads recurses per level: such a line ended `score --json-records`, `feedback add
+    --json-records` and `report` in a RecursionError traceback."""
+    from logscore.cli import main
+
+    deep = tmp_path / "deep.jsonl"
+    deep.write_text('{"a": ' + "[" * 100_000 + "\n" + json.dumps({"score": 0.9, "is_anomaly": True}) + "\n")
+    assert main(["score", "--model", str(ROOT / "models" / "apache-access.onnx"), "--json-records", str(deep)]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 2
+    assert main(["report", str(deep)]) == 0
+    assert "1 lines not scored output (skipped)" in capsys.readouterr().out

@@ -114,6 +114,6 @@ def shipper_line(line: str) -> Optional[tuple[str, dict, str]]:
             line = brace + rest
     try:
         record = json.loads(line)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested thousands deep, as no field map is
         return None
     return (tag, record, written) if isinstance(record, dict) else None

@@ -176,7 +176,7 @@ def parse_syslog(line: str) -> tuple[Fields, bool]:
 def parse_jsonl(line: str) -> tuple[Fields, bool]:
     try:
         value = json.loads(line)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested thousands deep, as no event is
         return _unparsed(line)
     if not isinstance(value, dict):
         return _unparsed(line)
