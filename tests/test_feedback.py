@@ -121,6 +121,8 @@ BAD_FEEDBACK = [
     ({"verdict": "normal", "author": "a", "records": ["x"], "expires_at": "soon"}, 400, "expires_at 'soon'"),
     ({"verdict": "normal", "author": "a", "records": ["x"], "expires_at": 1000}, 400, "in the past"),
     ({"verdict": "normal", "author": "a", "records": ["x"], "colour": 1}, 400, "unknown field(s) colour"),
+    # flagged whatever the feedback (the model's training data parsed): an entry that never applied
+    ({"verdict": "normal", "author": "a", "records": ["x"]}, 400, "record 1 ('x') does not parse as access"),
     ([1, 2], 400, "must be a JSON object"),
     # Times no platform can show: such an entry once broke every listing and the page, fleet-wide.
     ({"verdict": "normal", "author": "a", "records": ["x"], "expires_at": 1e20}, 400, "no time before 9999-12-31"),

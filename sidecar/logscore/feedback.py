@@ -369,6 +369,23 @@ def pattern_from_records(model: Model, records: Sequence[object]) -> dict:
             "examples": [record_text(r) for r in records[:EXAMPLES]]}
 
 
+def refuse_unparsed(model: Model, records: Sequence[object]) -> None:
+    """Marking normal a record that does not parse, for a model that flags such records whatever
+    the feedback (its training data parsed), made an entry that never applied: refused, saying why."""
+    from .decide import flags_unparsed
+
+    if not flags_unparsed(model):
+        return
+    parsed = model.featurizer.field_values(records)[1]
+    failed = next((i for i, ok in enumerate(parsed) if not ok), None)
+    if failed is not None:
+        raise InvalidRequest(
+            f"record {failed + 1} ({record_text(records[failed])[:80]!r}) does not parse as "
+            f"{model.featurizer.log_format}: model {model.name!r} flags such records whatever the feedback (its "
+            "training data parsed), so marking it normal would change nothing; send that log to a model of its "
+            "own (a route: --tag-routes), or mark a field value")
+
+
 def refuse_sessions(model: Model) -> None:
     if model.sessions is not None:
         raise InvalidRequest(f"model {model.name!r} scores each record as its session so far: feedback "

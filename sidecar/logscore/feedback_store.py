@@ -27,7 +27,7 @@ from typing import Callable, Optional, Sequence
 
 from .errors import ConfigError, FeedbackNotFound, InvalidRequest, StoreUnavailable
 from .feedback import (EXAMPLES, UNREADABLE, VERDICTS, Entry, RuleSet, pattern_from_field, pattern_from_records,
-                       record_text)
+                       record_text, refuse_unparsed)
 from .timestamps import LATEST_TIME
 
 log = logging.getLogger("logscore.feedback")
@@ -553,6 +553,8 @@ class FeedbackService:
     def mark(self, mark: Mark) -> Entry:
         """Turn a mark into a stored entry: the pattern of its records, group or field value."""
         mark.check()
+        # who, why, verdict and expiry first: what is wrong with them is said before the records are read
+        check_entry(Entry(0, mark.verdict, {}, mark.author, mark.reason, expires_at=mark.expires_at))
         if mark.group:
             group = self.review.group(mark.group) if self.review is not None else None
             if group is None:
@@ -570,6 +572,8 @@ class FeedbackService:
                 pattern = pattern_from_field(model, mark.field, mark.value)
                 example = ""
             else:
+                if mark.verdict == "normal":
+                    refuse_unparsed(model, mark.records)
                 pattern = pattern_from_records(model, mark.records)
                 example = record_text(mark.records[0])
         entry = self.store.add(Entry(0, mark.verdict, pattern, mark.author, mark.reason, model_name, route,
