@@ -461,3 +461,22 @@ def test_an_unreadable_stored_pattern_is_listed_never_applied_and_stops_nothing(
         assert score(process, shop_lines(3, seed=4))
     finally:
         assert process.stop() == 0
+
+
+def test_a_store_locked_by_another_process_says_so_and_what_to_do(tmp_path):
+    """SQLite says only "database is locked" (after waiting): the error says who may hold it."""
+    import sqlite3
+
+    from logscore.errors import StoreUnavailable
+    from logscore.feedback import Entry
+    from logscore.feedback_store import SqliteStore
+
+    store = SqliteStore(str(tmp_path / "feedback.sqlite3"))
+    store.migrate()
+    store.lock_wait_s = 0.05
+    holder = sqlite3.connect(tmp_path / "feedback.sqlite3", isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")  # a shell with a write transaction open
+    with pytest.raises(StoreUnavailable, match="another process held its write lock for over 0.05 s"):
+        store.add(Entry(0, "normal", {"field": "user_agent", "value": "probe/1"}, "ana"))
+    holder.execute("ROLLBACK")
+    assert store.add(Entry(0, "normal", {"field": "user_agent", "value": "probe/1"}, "ana")).id == 1

@@ -306,6 +306,8 @@ def same_expiry(stored: Optional[float], wanted: Optional[float]) -> bool:
 
 
 class SqliteStore(FeedbackStore):
+    lock_wait_s = 10.0  # how long a write waits for another writer's lock
+
     def __init__(self, path: str):
         self.path = Path(path)
         self.description = str(self.path)
@@ -317,7 +319,8 @@ class SqliteStore(FeedbackStore):
         if not self.path.exists() and not os.access(self.path.parent, os.W_OK):
             raise StoreUnavailable(f"feedback store {self.path}: cannot create it, {self.path.parent} is not "
                                    "writable; set --feedback-store to a file in a directory of yours")
-        connection = sqlite3.connect(self.path, timeout=10.0, isolation_level=None)  # we begin ourselves
+        # (isolation_level None: we begin transactions ourselves)
+        connection = sqlite3.connect(self.path, timeout=self.lock_wait_s, isolation_level=None)
         try:
             connection.execute("PRAGMA journal_mode=WAL")  # readers never wait for a writer
         except Exception:
@@ -329,6 +332,9 @@ class SqliteStore(FeedbackStore):
         """SQLite says "disk I/O error" or "database or disk is full" whatever the disk's state: say
         how much room the disk holding the file has, and what to do."""
         text = one_line(error)
+        if isinstance(error, sqlite3.OperationalError) and "locked" in text:
+            return (f"{text} (another process held its write lock for over {self.lock_wait_s:g} s: a sqlite3 "
+                    "shell or a backup with a transaction open? Retry once it ends; `fuser FILE` names it)")
         if not isinstance(error, sqlite3.OperationalError) or not any(
                 word in text for word in ("disk", "readonly", "read-only")):
             return text
