@@ -463,8 +463,9 @@ def test_an_unreadable_stored_pattern_is_listed_never_applied_and_stops_nothing(
         assert process.stop() == 0
 
 
-def test_a_store_locked_by_another_process_says_so_and_what_to_do(tmp_path):
-    """SQLite says only "database is locked" (after waiting): the error says who may hold it."""
+def test_a_store_locked_by_another_process_or_damaged_says_so_and_what_to_do(tmp_path):
+    """SQLite says only "database is locked" (after waiting) or "file is not a database": the errors
+    say who may hold it, and what to do."""
     import sqlite3
 
     from logscore.errors import StoreUnavailable
@@ -480,3 +481,6 @@ def test_a_store_locked_by_another_process_says_so_and_what_to_do(tmp_path):
         store.add(Entry(0, "normal", {"field": "user_agent", "value": "probe/1"}, "ana"))
     holder.execute("ROLLBACK")
     assert store.add(Entry(0, "normal", {"field": "user_agent", "value": "probe/1"}, "ana")).id == 1
+    (tmp_path / "garbage.sqlite3").write_bytes(os.urandom(8192))  # overwritten, or no store at all
+    with pytest.raises(StoreUnavailable, match="no SQLite file, or a damaged one: restore it from a backup"):
+        SqliteStore(str(tmp_path / "garbage.sqlite3")).migrate()

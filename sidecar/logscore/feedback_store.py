@@ -332,6 +332,9 @@ class SqliteStore(FeedbackStore):
         """SQLite says "disk I/O error" or "database or disk is full" whatever the disk's state: say
         how much room the disk holding the file has, and what to do."""
         text = one_line(error)
+        if isinstance(error, sqlite3.DatabaseError) and ("not a database" in text or "malformed" in text):
+            return (f"{text} (it is no SQLite file, or a damaged one: restore it from a backup, or move it "
+                    "aside and restart to begin an empty store; the rules last loaded stay in force meanwhile)")
         if isinstance(error, sqlite3.OperationalError) and "locked" in text:
             return (f"{text} (another process held its write lock for over {self.lock_wait_s:g} s: a sqlite3 "
                     "shell or a backup with a transaction open? Retry once it ends; `fuser FILE` names it)")
