@@ -150,7 +150,9 @@ def test_bad_feedback_gets_a_clear_error_and_stores_nothing(sidecar, shop_model_
     assert got == 400 and "hold no unusual feature" in answer["error"]
     for query, status, message in (("?id=abc", 400, "give the number of a feedback entry"),
                                    ("?id=42", 404, "no feedback entry #42"),
-                                   ("?id=99999999999999999999999", 404, "no feedback entry #99999999999999999999999")):
+                                   ("?id=99999999999999999999999", 404, "no feedback entry #99999999999999999999999"),
+                                   # who undid it is kept with the entry, as who gave it
+                                   ("?id=1&author=" + "a" * 201, 400, "author holds 201 characters; at most 200")):
         got, answer = feedback(sidecar, "DELETE", query=query)
         assert got == status and message in answer["error"]
     # What another web page can send without asking (no token is the default): refused.

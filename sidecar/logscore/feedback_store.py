@@ -256,6 +256,8 @@ class FeedbackStore:
     def remove(self, entry_id: int, by: str) -> Entry:
         """Undo: the entry stays (for the record and for training) but no longer applies."""
         check_id(entry_id)
+        if len(by) > MAX_AUTHOR_CHARS:  # kept with the entry, listed by every sidecar sharing the store
+            raise InvalidRequest(f"author holds {len(by)} characters; at most {MAX_AUTHOR_CHARS}")
 
         def work(cursor):
             cursor.execute(self._sql(f"SELECT {', '.join(COLUMNS)} FROM feedback WHERE id = ?"), (entry_id,))
