@@ -129,6 +129,10 @@ BAD_FEEDBACK = [
     ({"verdict": "normal", "author": "a", "records": ["x"], "expires_at": float("nan")}, 400, "expires_at nan"),
     ({"verdict": "normal", "author": "a" * 201, "records": ["x"]}, 400, "author holds 201 characters; at most 200"),
     ({"verdict": "normal", "author": "a", "reason": "r" * 2001, "records": ["x"]}, 400, "at most 2000"),
+    # kept with the entry and listed everywhere, as author and reason: a 2 MB body made a 3.5 MB page
+    ({"verdict": "normal", "author": "a", "route": "r" * 1001, "records": ["x"]}, 400, "route holds 1001"),
+    ({"verdict": "normal", "author": "a", "entity": "e" * 1001, "records": ["x"]}, 400, "entity holds 1001"),
+    ({"verdict": "normal", "author": "a", "field": "user_agent", "value": "v" * 2001}, 400, "holds 2001 characters"),
 ]
 
 

@@ -63,6 +63,8 @@ COLUMNS = ("id", "verdict", "model", "route", "entity", "pattern", "example", "a
 
 
 MAX_AUTHOR_CHARS, MAX_REASON_CHARS = 200, 2000
+MAX_SCOPE_CHARS = 1000  # a route (a shipper's tag) or an entity value
+MAX_VALUE_CHARS = 2000  # a field value marked (a user agent, say)
 # Expiries closer than this are one: a mark retried with the same duration (--expires 7d) asks
 # for a time a few seconds later, and is the same decision.
 EXPIRY_SAME_WITHIN_S = 60.0
@@ -113,9 +115,13 @@ def check_entry(entry: Entry) -> None:
         raise InvalidRequest(f"verdict {entry.verdict!r}: use 'normal' (a false positive) or 'keep' (a true anomaly)")
     if not entry.author.strip():
         raise InvalidRequest("say who gives the feedback (author)")
-    for name, most in (("author", MAX_AUTHOR_CHARS), ("reason", MAX_REASON_CHARS)):
+    for name, most in (("author", MAX_AUTHOR_CHARS), ("reason", MAX_REASON_CHARS), ("route", MAX_SCOPE_CHARS),
+                       ("entity", MAX_SCOPE_CHARS)):
         if len(getattr(entry, name)) > most:
             raise InvalidRequest(f"{name} holds {len(getattr(entry, name))} characters; at most {most}")
+    if len(str(entry.pattern.get("value", ""))) > MAX_VALUE_CHARS:
+        raise InvalidRequest(f"the value marked holds {len(entry.pattern['value'])} characters; at most "
+                             f"{MAX_VALUE_CHARS}")
     if entry.expires_at is not None:
         if not math.isfinite(entry.expires_at) or entry.expires_at > LATEST_TIME:
             raise InvalidRequest(f"expires_at {entry.expires_at!r} is no time before 9999-12-31; give a time "
@@ -565,7 +571,8 @@ class FeedbackService:
         """Turn a mark into a stored entry: the pattern of its records, group or field value."""
         mark.check()
         # who, why, verdict and expiry first: what is wrong with them is said before the records are read
-        check_entry(Entry(0, mark.verdict, {}, mark.author, mark.reason, expires_at=mark.expires_at))
+        check_entry(Entry(0, mark.verdict, {"value": mark.value or ""}, mark.author, mark.reason, route=mark.route,
+                          entity=mark.entity, expires_at=mark.expires_at))
         if mark.group:
             group = self.review.group(mark.group) if self.review is not None else None
             if group is None:
