@@ -487,6 +487,9 @@ def test_a_store_locked_by_another_process_or_damaged_says_so_and_what_to_do(tmp
         store.add(Entry(0, "normal", {"field": "user_agent", "value": "probe/1"}, "ana"))
     holder.execute("ROLLBACK")
     assert store.add(Entry(0, "normal", {"field": "user_agent", "value": "probe/1"}, "ana")).id == 1
+    # a file it may not write (chattr +i, another user's) on a disk with room: no "free some room"
+    readonly = sqlite3.OperationalError("attempt to write a readonly database")
+    assert "this process may not write" in store._explain(readonly) and "free some room" not in store._explain(readonly)
     (tmp_path / "garbage.sqlite3").write_bytes(os.urandom(8192))  # overwritten, or no store at all
     with pytest.raises(StoreUnavailable, match="no SQLite file, or a damaged one: restore it from a backup"):
         SqliteStore(str(tmp_path / "garbage.sqlite3")).migrate()

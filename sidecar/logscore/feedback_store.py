@@ -68,6 +68,7 @@ MAX_VALUE_CHARS = 2000  # a field value marked (a user agent, say)
 # Expiries closer than this are one: a mark retried with the same duration (--expires 7d) asks
 # for a time a few seconds later, and is the same decision.
 EXPIRY_SAME_WITHIN_S = 60.0
+ROOM_TO_WRITE = 16 * 2**20  # free bytes past which a SQLite write that fails is no full disk's doing
 STATEMENT_TIMEOUT_MS = 5000  # PostgreSQL: past it a statement fails (StoreUnavailable), a write 503
 
 
@@ -353,6 +354,10 @@ class SqliteStore(FeedbackStore):
             free = shutil.disk_usage(self.path.parent).free
         except OSError:
             return text
+        if "readonly" in text and free > ROOM_TO_WRITE:  # room enough: it is the file that may not be written
+            return (f"{text} (this process may not write {self.path}, its directory or its -wal/-shm files: a "
+                    "read-only or immutable file, or another user's; give it write access, or set "
+                    "--feedback-store to a file of this user's)")
         return (f"{text} ({free / 2**20:.1f} MiB free on the disk holding {self.path.parent}; free some room, "
                 "or set --feedback-store to a file on another disk)")
 
