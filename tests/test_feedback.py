@@ -493,3 +493,17 @@ def test_a_store_locked_by_another_process_or_damaged_says_so_and_what_to_do(tmp
     (tmp_path / "garbage.sqlite3").write_bytes(os.urandom(8192))  # overwritten, or no store at all
     with pytest.raises(StoreUnavailable, match="no SQLite file, or a damaged one: restore it from a backup"):
         SqliteStore(str(tmp_path / "garbage.sqlite3")).migrate()
+
+
+def test_feedback_add_file_reads_no_further_than_a_mark_takes(tmp_path, capsys):
+    """A log of millions of lines given to --file by mistake was read whole into memory, sent, and
+    refused by the sidecar as too big; an empty one was 'mark exactly one of ...'."""
+    from logscore.cli import main
+
+    big, empty = tmp_path / "access.log", tmp_path / "empty.log"
+    big.write_bytes(b"GET /x HTTP/1.1\n" * 2_000_000)
+    empty.write_bytes(b"\n\n")
+    for path, message in ((big, "holds more than 100 lines; mark at most 100"), (empty, "holds no lines to mark")):
+        started = time.process_time()
+        assert main(["feedback", "add", "normal", "--file", str(path), "--socket", str(tmp_path / "none.sock")]) == 1
+        assert message in capsys.readouterr().err and time.process_time() - started < 1.0

@@ -105,7 +105,7 @@ def call(args, method: str, request):
 def run_feedback_add(args) -> int:
     from .cli import fill_records
     from .generated.logscore.v1 import scorer_pb2 as pb
-    from .inputs import json_record, read_json_records, read_lines
+    from .inputs import json_record
 
     request = pb.FeedbackRequest(verdict=pb.NORMAL if args.verdict == "normal" else pb.KEEP,
                                  author=args.author or login(), reason=args.reason, model=args.model,
@@ -122,11 +122,28 @@ def run_feedback_add(args) -> int:
         if args.line:
             records = [json_record(line) for line in args.line] if args.json_records else list(args.line)
         else:
-            records = list((read_json_records if args.json_records else read_lines)([args.file]))
+            records = file_records(args.file, args.json_records)
         fill_records(request, records, args.json_records)
     entry = call(args, "Feedback", request)
     print(f"already marked: {describe(entry)}" if entry.existing else describe(entry))
     return 0
+
+
+def file_records(path: str, json_records: bool) -> list:
+    """The lines of --file, read no further than the most a mark takes (a log of millions of lines
+    given by mistake was read whole into memory, then refused)."""
+    from itertools import islice
+
+    from .feedback_store import MAX_MARKED_RECORDS
+    from .inputs import read_json_records, read_lines
+
+    records = list(islice((read_json_records if json_records else read_lines)([path]), MAX_MARKED_RECORDS + 1))
+    if not records:
+        raise ConfigError(f"--file {path}: it holds no lines to mark")
+    if len(records) > MAX_MARKED_RECORDS:
+        raise ConfigError(f"--file {path}: it holds more than {MAX_MARKED_RECORDS} lines; mark at most "
+                          f"{MAX_MARKED_RECORDS} (the unusual ones: a review group, --group, covers more)")
+    return records
 
 
 def run_feedback_list(args) -> int:
