@@ -461,6 +461,11 @@ class Mark:
     value: Optional[str] = None
 
     def check(self) -> None:
+        for name in ("group", "field", "model"):
+            # (errors name what was asked for: one of a megabyte was more than gRPC's error could carry)
+            if len(getattr(self, name)) > MAX_NAME_CHARS:
+                raise InvalidRequest(f"{name} holds {len(getattr(self, name))} characters: no {name} is named so "
+                                     f"long (at most {MAX_NAME_CHARS})")
         targets = [bool(self.records), bool(self.group), bool(self.field)]
         if sum(targets) != 1:
             raise InvalidRequest("mark exactly one of: records (lines or field maps), a review group (group), "
@@ -473,6 +478,7 @@ class Mark:
 
 
 MAX_MARKED_RECORDS = 100
+MAX_NAME_CHARS = 200  # a review group's id, a field's or a model's name
 
 
 class FeedbackService:
