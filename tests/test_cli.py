@@ -97,9 +97,14 @@ def test_client_scores_through_a_running_sidecar(tmp_path, shop_model_path):
 
 
 def scored_with_peak_memory(*args) -> tuple[subprocess.CompletedProcess, float]:
-    """`logscore score ...` in a child that reports its own peak resident memory (MiB) last on stderr."""
-    code = ("import resource, sys\nfrom logscore.cli import main\ntry:\n    code = main(sys.argv[1:])\nfinally:\n"
-            "    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, file=sys.stderr)\nsys.exit(code)")
+    """`logscore score ...` in a child that reports its own peak resident memory (MiB) last on stderr.
+
+    NOTE: VmHWM, not getrusage's ru_maxrss: Linux keeps ru_maxrss across exec, and a child that
+    Python starts by vfork inherits the parent's peak (a pytest process at 300 MiB failed the test)."""
+    code = ("import re, sys\nfrom logscore.cli import main\ntry:\n    code = main(sys.argv[1:])\nfinally:\n"
+            "    status = open('/proc/self/status').read()\n"
+            "    print(int(re.search(r'VmHWM:\\s+(\\d+) kB', status).group(1)) / 1024, file=sys.stderr)\n"
+            "sys.exit(code)")
     done = subprocess.run([sys.executable, "-c", code, "score", *map(str, args)], cwd=ROOT, capture_output=True,
                           text=True, timeout=300)
     return done, float(done.stderr.split()[-1])
