@@ -5,6 +5,7 @@ all. And `logscore report` over scored output: groups, counts, entities, timelin
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 
@@ -369,6 +370,39 @@ def test_past_the_previous_model_s_limit_its_attackers_and_scanners_stay_out_of_
     assert set(new_section) <= set(kept)  # the new section is learned, as before
     assert sorted(left_out["clients"]) == attackers and left_out["records"] == len(attacks), left_out
     assert "but for the 60 records of the 2 clients it flags 10 times or more" in warnings[0], warnings
+
+
+def test_a_kind_flagged_across_many_clients_is_learned_a_probe_from_few_and_sprayed_payloads_are_not(
+        shop_model_path):
+    """A section deployed after a learned route's first model stayed flagged through six retrains (30-43 %
+    of its requests a day): each retrain left out every record the serving model flagged (weekone
+    trial). A kind flagged across WIDESPREAD_CLIENTS clients is learned now; not a probe from a few
+    addresses (each under CONCENTRATED_FLAGS), nor payloads the injection prior marks, however many send."""
+    from logscore.cli import describe_left_out
+    from logscore.training.feedback import leave_out_flagged
+
+    model = Model.load(shop_model_path)
+    new_section = compare_lines(50, seed=81)  # each from a client of its own
+    probers = [f"203.0.113.{n}" for n in range(1, 6)]  # fewer than WIDESPREAD_CLIENTS
+    probes = [f'{probers[i % len(probers)]} - - [0{1 + i % 9}/Mar/2026:10:00:00 +0000] "GET /wp-admin/setup-config.php '
+              f'HTTP/1.1" 404 210 "-" "Mozilla/5.0"' for i in range(3 * len(probers))]
+    sprayed = [re.sub(r"with=\d+", "with=%3Cscript%3Ealert(1)%3C/script%3E", line)  # from as many clients
+               for line in compare_lines(15, seed=84)]
+    records = shop_lines(1200, seed=80) + new_section + probes + sprayed
+    flagged = set(flagged_texts(model, records))
+    assert set(new_section) <= flagged and set(probes) <= flagged
+    kept, left_out = leave_out_flagged(records, model, None, [].append)
+    assert not left_out.get("ignored"), left_out
+    assert set(new_section) <= set(kept), "the new section was left out"
+    assert not set(probes) & set(kept), "a probe from a few addresses was learned"
+    assert not set(sprayed) & set(kept), "an injection sent from many clients was learned"
+    assert left_out["learned_widespread"]["records"] >= len(new_section), left_out
+    assert "learned all the same" in describe_left_out(left_out)  # as `logscore inspect` says it
+
+
+def flagged_texts(model: Model, records: list[str]) -> list[str]:
+    flags = decide(model, model.score(records)).is_anomaly
+    return [r for r, flag in zip(records, flags) if flag]
 
 
 def test_report_tells_a_week_day_by_day(tmp_path):

@@ -598,7 +598,10 @@ def describe_left_out(left_out: dict) -> str:
                 "flags were not used" + (f", but for every record of the {left_out['client_count']} clients it flags "
                                          f"{left_out['client_flags']} times or more (an attack or a scanner: "
                                          f"{', '.join(clients)})" if clients else ""))
-    return f"{said} ({left_out['fraction']:.3%}); `logscore inspect` lists examples"
+    learned = left_out.get("learned_widespread")
+    also = (f"; {learned['records']} flagged records learned all the same, what made them unusual flagged "
+            f"across {learned['min_clients']} clients or more (a new kind of normal traffic)" if learned else "")
+    return f"{said} ({left_out['fraction']:.3%} flagged){also}; `logscore inspect` lists examples"
 
 
 def describe_injection_prior(prior: dict) -> str:
