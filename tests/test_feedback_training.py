@@ -412,9 +412,11 @@ def test_report_tells_a_week_day_by_day(tmp_path):
     rows = [f"{time_text(1795651200 + d * day + i * 60)}\tweb.access\t" + json.dumps(
         {"host": "1.2.3.4", "path": f"/p{i}", "anomaly_score": 1.0 if flagged else 0.1, "is_anomaly": flagged})
         for d, flags in enumerate([0, 3, 40]) for i, flagged in enumerate([True] * flags + [False] * (100 - flags))]
+    rows.append(f"{time_text(0)}\tweb.access\t" + json.dumps({"path": "/", "anomaly_score": 0.1, "is_anomaly": False}))
     (tmp_path / "week.log").write_text("\n".join(rows) + "\n")
     done = logscore("report", tmp_path / "week.log")
     assert done.returncode == 0, done.stderr
+    # (the record of time 0 among them, a broken clock's, is left out of the days as of the charts)
     assert "per day (UTC):\n  2026-11-26         100 records         0 anomalies (0.00%)\n" in done.stdout, done.stdout
     assert "  2026-11-28         100 records        40 anomalies (40.00%)\n" in done.stdout
 

@@ -43,7 +43,7 @@ FLUENT_BIT_TIME = re.compile(r"\d+\.\d+")
 ACCESS_TIME = re.compile(r"\[(\d{2}/\w{3}/\d{4}:\d{2}:\d{2}:\d{2} [+-]\d{4})\]")
 TIMELINE_BINS = 60
 # Records whose times lie far out (further than FAR_OUT_STRETCH times the span of all but a
-# FAR_OUT_SHARE at either end, beyond it) are left out of the charts (chart_span).
+# FAR_OUT_SHARE at either end, one at least, beyond it) are left out of the charts (chart_span).
 FAR_OUT_SHARE = 0.001
 FAR_OUT_STRETCH = 0.5
 PROGRESS_EVERY = 200_000
@@ -371,12 +371,15 @@ def daily_lines(totals: Totals) -> list[str]:
     an attack: only the HTML's timeline drew them)."""
     if not totals.records or totals.timed < totals.records:
         return []
-    days = (np.frombuffer(totals.times, dtype=np.float64) // 86400).astype(np.int64)
+    times = np.frombuffer(totals.times, dtype=np.float64)
+    start, end = chart_span(times)  # (a record of time 0 among a week's is no 56 years of days)
+    near = (times >= start) & (times <= end)
+    days = (times[near] // 86400).astype(np.int64)
     first = int(days.min())
     if not 1 <= int(days.max()) - first < DAILY_MAX_DAYS:
         return []
     records = np.bincount(days - first)
-    anomalies = np.bincount(days - first, weights=np.frombuffer(totals.flags, dtype=np.int8))
+    anomalies = np.bincount(days - first, weights=np.frombuffer(totals.flags, dtype=np.int8)[near])
     lines = ["per day (UTC):"]
     for offset, (count, flagged) in enumerate(zip(records.tolist(), anomalies.tolist())):
         day = time.strftime("%Y-%m-%d", time.gmtime((first + offset) * 86400))
@@ -406,10 +409,15 @@ def chart_span(times: np.ndarray) -> tuple[float, float]:
     """The span the charts cover: all the records' times, but where a few lie far out (a time field
     of 0, a wrong year), only the span of the rest; one such record put every other record of a
     week's log into a single one of the 60 bins."""
-    core_low, core_high = (float(q) for q in np.quantile(times, [FAR_OUT_SHARE, 1 - FAR_OUT_SHARE]))
-    reach = max(core_high - core_low, 1.0) * FAR_OUT_STRETCH
-    near = times[(times >= core_low - reach) & (times <= core_high + reach)]
-    start, end = float(near.min()), float(near.max())
+    ordered = np.sort(times)
+    start, end = float(ordered[0]), float(ordered[-1])
+    cut = max(1, int(len(ordered) * FAR_OUT_SHARE))
+    if len(ordered) > 2 * cut + 1:
+        # (records' own times, not an interpolated quantile: among 300, one of time 0 pulled that far out)
+        core_low, core_high = float(ordered[cut]), float(ordered[-1 - cut])
+        reach = max(core_high - core_low, 1.0) * FAR_OUT_STRETCH
+        near = ordered[(ordered >= core_low - reach) & (ordered <= core_high + reach)]
+        start, end = float(near[0]), float(near[-1])
     return start, end if end > start else start + 1
 
 
