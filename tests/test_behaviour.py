@@ -666,7 +666,7 @@ def collect(call, events: list) -> None:
 def read_sse(port: int, lines: list) -> None:
     """Read GET /v1/anomalies as server-sent events until the connection ends (bounded in time)."""
     with socket.create_connection(("127.0.0.1", port), timeout=30) as connection:
-        connection.sendall(b"GET /v1/anomalies?kinds=window HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n")
+        connection.sendall(b"GET /v1/anomalies?kinds=window HTTP/1.1\r\nHost: localhost\r\nAccept: text/event-stream\r\n\r\n")
         buffer = b""
         deadline = time.monotonic() + 30
         try:
@@ -681,7 +681,7 @@ def read_sse(port: int, lines: list) -> None:
 def open_sse(port: int) -> tuple[socket.socket, bytes]:
     """An event stream's connection and the head of its answer."""
     connection = socket.create_connection(("127.0.0.1", port), timeout=10)
-    connection.sendall(b"GET /v1/anomalies?stream=1 HTTP/1.1\r\nHost: x\r\n\r\n")
+    connection.sendall(b"GET /v1/anomalies?stream=1 HTTP/1.1\r\nHost: localhost\r\n\r\n")
     return connection, connection.recv(4096)
 
 

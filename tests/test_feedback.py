@@ -174,6 +174,12 @@ def test_bad_feedback_gets_a_clear_error_and_stores_nothing(sidecar, shop_model_
     got, answer = feedback(sidecar, "POST", valid, headers={"Host": rebound, "Origin": f"http://{rebound}"})
     assert got == 403 and "DNS-rebinding" in answer["error"], answer
     assert http_request(sidecar.http_port, "GET", "/ui/", headers={"Host": rebound})[0] == 403
+    # every path but the public ones: the anomaly events and scoring too (a body refused unread)
+    assert http_request(sidecar.http_port, "GET", "/v1/anomalies", headers={"Host": rebound})[0] == 403
+    assert http_request(sidecar.http_port, "POST", "/v1/score", b'{"records": ["GET / HTTP/1.1"]}',
+                        headers={"Host": rebound, "Content-Type": "application/json"})[0] == 403
+    assert http_request(sidecar.http_port, "GET", "/healthz", headers={"Host": rebound})[0] == 200
+    assert http_request(sidecar.http_port, "GET", "/v1/anomalies", headers={"Host": "127.0.0.1"})[0] == 200
     with grpc.insecure_channel(f"unix:{sidecar.socket}") as channel:
         with pytest.raises(grpc.RpcError) as refused:
             channel.unary_unary("/logscore.v1.Scorer/Feedback", request_serializer=pb.FeedbackRequest.SerializeToString,

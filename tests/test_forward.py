@@ -609,7 +609,7 @@ def test_garbage_in_a_loop_is_counted_each_time_and_logged_once_in_a_while(chain
     sidecar, port, receiver = chain
     for _ in range(50):
         with socket.create_connection(("127.0.0.1", port), timeout=5) as connection:
-            connection.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            connection.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
             assert connection.recv(100) == b""
     assert counter(sidecar, "forward_protocol") == 50
     logged = [json.loads(line) for line in sidecar.log().splitlines() if '"forward_protocol"' in line]

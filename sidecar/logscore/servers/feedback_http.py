@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import calendar
 import hmac
-import ipaddress
 import json
 import secrets
 import time
@@ -40,28 +39,9 @@ class FeedbackHttp:
         self.notes = PageNotes()
 
     def routes(self) -> dict:
-        routes = {("POST", "/v1/feedback"): self.add, ("GET", "/v1/feedback"): self.list,
-                  ("DELETE", "/v1/feedback"): self.remove, ("GET", "/ui/"): self.page, ("GET", "/ui"): self.to_page,
-                  ("POST", "/ui/feedback"): self.page_mark, ("POST", "/ui/feedback/remove"): self.page_remove}
-        return {key: self._by_loopback_name(handler) for key, handler in routes.items()}
-
-    def _by_loopback_name(self, handler):
-        """Without a token, a sidecar listening on loopback answers these only to requests naming a
-        loopback host. DNS rebinding: a web page whose name the attacker points at 127.0.0.1 is of
-        the same origin as its own requests (Origin and Host both name it), and read the page's log
-        lines and marked or undid feedback from any browser on the machine."""
-        async def checked(request: Request) -> Response:
-            named = request.headers.get("host")  # (a browser always names one)
-            if self.http.token is None and is_loopback(self.http.host) and named is not None \
-                    and not is_loopback(host_name(request)):
-                message = (f"Host {request.headers.get('host', '')!r} names no loopback address, and this "
-                           f"sidecar listens on {self.http.host} without a token: open it as "
-                           "http://localhost:PORT/ (a page under another name may be a DNS-rebinding attack), "
-                           "or give the sidecar a token (--token-file) to be reached by other names")
-                self.service.metrics.refused("Unauthenticated", "http", message)
-                return Response.error(403, message)
-            return await handler(request)
-        return checked
+        return {("POST", "/v1/feedback"): self.add, ("GET", "/v1/feedback"): self.list,
+                ("DELETE", "/v1/feedback"): self.remove, ("GET", "/ui/"): self.page, ("GET", "/ui"): self.to_page,
+                ("POST", "/ui/feedback"): self.page_mark, ("POST", "/ui/feedback/remove"): self.page_remove}
 
     # --- JSON API ---------------------------------------------------------------------------
     async def add(self, request: Request) -> Response:
@@ -225,24 +205,6 @@ def check_same_origin(request: Request) -> None:
     if origin is not None and urlsplit(origin).netloc != host:
         raise Unauthenticated(f"a request from the web page {origin} may not change feedback here "
                               f"(only the review page on {host} and non-browser clients may)")
-
-
-def host_name(request: Request) -> str:
-    """The host a request names (its Host header), without port or brackets."""
-    try:
-        return urlsplit("//" + request.headers.get("host", "")).hostname or ""
-    except ValueError:  # an unbalanced '[': no name
-        return ""
-
-
-def is_loopback(host: str) -> bool:
-    """Whether a host name or address means this machine only."""
-    if host.lower() == "localhost" or host.lower().endswith(".localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def check_json_from_here(request: Request) -> None:

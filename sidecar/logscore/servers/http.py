@@ -19,6 +19,7 @@ answers whenever the request was read whole.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import logging
 import math
@@ -473,6 +474,24 @@ def encode_result(outcome: ScoreOutcome, i: int, notes: list[str]) -> dict:
     return result
 
 
+def host_name(request: Request) -> str:
+    """The host a request names (its Host header), without port or brackets."""
+    try:
+        return urlsplit("//" + request.headers.get("host", "")).hostname or ""
+    except ValueError:  # an unbalanced '[': no name
+        return ""
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a host name or address means this machine only."""
+    if host.lower() == "localhost" or host.lower().endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/openapi.json"})  # no token asked (probes, scrapers)
 
 
@@ -484,21 +503,51 @@ class SidecarHttp:
 
         self.service = service
         self.token = token
-        self.host = host  # the address listened on (the review page guards a loopback one by name)
+        self.host = host  # the address listened on (on loopback without a token: rebinding_refusal)
         self.feedback = FeedbackHttp(self)
 
     def routes(self) -> dict[tuple[str, str], Handler]:
-        return {("POST", "/v1/score"): self.score, ("GET", "/v1/models"): self.models,
-                ("GET", "/openapi.json"): self.openapi, ("GET", "/metrics"): self.metrics,
-                ("GET", "/healthz"): self.healthz, ("GET", "/readyz"): self.readyz,
-                ("GET", "/v1/anomalies"): self.anomalies, **self.feedback.routes()}
+        routes = {("POST", "/v1/score"): self.score, ("GET", "/v1/models"): self.models,
+                  ("GET", "/openapi.json"): self.openapi, ("GET", "/metrics"): self.metrics,
+                  ("GET", "/healthz"): self.healthz, ("GET", "/readyz"): self.readyz,
+                  ("GET", "/v1/anomalies"): self.anomalies, **self.feedback.routes()}
+        return {key: handler if key[1] in PUBLIC_PATHS else self._by_loopback_name(handler)
+                for key, handler in routes.items()}
+
+    def _by_loopback_name(self, handler: Handler) -> Handler:
+        async def checked(request: Request) -> Response:
+            refusal = self.rebinding_refusal(request)
+            if refusal is not None:
+                self.service.metrics.refused("Unauthenticated", "http", refusal)
+                return Response.error(403, refusal)
+            return await handler(request)
+        return checked
+
+    def rebinding_refusal(self, request: Request) -> Optional[str]:
+        """Why a request is refused, or None. Without a token, a sidecar listening on loopback answers
+        only requests naming a loopback host (the public paths aside). DNS rebinding: a web page whose
+        name the attacker points at 127.0.0.1 is of the same origin as its own requests (Origin and
+        Host both name it), and read the review page's log lines, marked or undid feedback, read the
+        anomaly events and scored records, from any browser on the machine."""
+        named = request.headers.get("host")  # (a browser always names one)
+        if self.token is not None or not is_loopback(self.host) or named is None or is_loopback(host_name(request)):
+            return None
+        return (f"Host {named!r} names no loopback address, and this sidecar listens on {self.host} without a "
+                "token: open it as http://localhost:PORT/ (a page under another name may be a DNS-rebinding "
+                "attack), or give the sidecar a token (--token-file) to be reached by other names")
 
     def gate(self, path: str, headers: dict[str, str]) -> None:
         """A request with a body comes from a holder of the token (the review page's forms: its
         cookie), or is refused before any of its body is read or charged to the budget. Public
         paths answer anyone, body or not, as their handlers do."""
         request = Request("", path, {}, headers)
-        if self.token is None or path in PUBLIC_PATHS:
+        if path in PUBLIC_PATHS:
+            return
+        refusal = self.rebinding_refusal(request)
+        if refusal is not None:
+            self.service.metrics.refused("Unauthenticated", "http", refusal)
+            raise HttpError(403, refusal, close=True)
+        if self.token is None:
             return
         if path.startswith("/ui/") and self.feedback.page_allowed(request):
             return
