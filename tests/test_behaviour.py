@@ -666,7 +666,8 @@ def collect(call, events: list) -> None:
 def read_sse(port: int, lines: list) -> None:
     """Read GET /v1/anomalies as server-sent events until the connection ends (bounded in time)."""
     with socket.create_connection(("127.0.0.1", port), timeout=30) as connection:
-        connection.sendall(b"GET /v1/anomalies?kinds=window HTTP/1.1\r\nHost: localhost\r\nAccept: text/event-stream\r\n\r\n")
+        connection.sendall(b"GET /v1/anomalies?kinds=window HTTP/1.1\r\nHost: localhost\r\n"
+                           b"Accept: text/event-stream\r\n\r\n")
         buffer = b""
         deadline = time.monotonic() + 30
         try:
