@@ -1028,6 +1028,25 @@ def test_an_episode_is_one_event_and_the_window_a_sidecar_starts_in_is_no_drop(b
     assert [e.key for e in late.close_due(START + spec.window_s)] == ["route=shop count"]  # a rise is one
 
 
+def test_a_model_sent_no_record_since_the_start_raises_no_drop(behaviour_model):
+    """A sidecar started on a host that does not run the model's service (one config for a fleet)
+    raised "0 records in 1 min, expected 122-191" about 3 minutes after each start (appday trial).
+    Once records came, their stopping is a drop."""
+    from logscore.behaviour import window_spec
+    from logscore.windows import KeyNamer, WindowCounter
+
+    spec = window_spec(Model.load(behaviour_model))
+    dense = spec.keys.index("route=shop")  # as a busy service's model: 150 records a window, none is a drop
+    spec.state.level[dense] = count_transform(np.array([150.0]))[0]
+    spec.state.hour[dense] = spec.state.week[dense] = 0.0
+    silent = WindowCounter(spec, "shop", KeyNamer(spec.dimensions), max_keys=1000, now=START)
+    assert [silent.close_due(START + (k + 1) * spec.window_s) for k in range(5)] == [[]] * 5
+    heard = WindowCounter(spec, "shop", KeyNamer(spec.dimensions), max_keys=1000, now=START)
+    heard.add({"route=shop": 150}, 150)
+    events = [heard.close_due(START + (k + 1) * spec.window_s) for k in range(5)]
+    assert any(e.key == "route=shop count" and e.observed == 0 for window in events for e in window), events
+
+
 @pytest.mark.parametrize("native", [True, False])
 def test_the_client_is_found_under_every_shipper_s_name_for_it(behaviour_model, native):
     """Fluentd's apache2 parser names the client host, nginx's remote, Logstash's grok clientip: the
