@@ -443,16 +443,18 @@ def test_thousands_of_entries_keep_notes_short_and_field_entries_cost_a_lookup(s
     FeedbackStep(RuleSet(same), attacks).apply(model, flagged[:1], scores, scores >= model.threshold, notes)
     assert notes[0][2] == "suppressed by feedback #1, #2, #3, #4, #5 and 35 more", notes
 
-    def cpu_per_call(field_entries: int) -> float:
-        rules = RuleSet([Entry(i, "normal", {"field": "user_agent", "value": f"bot-{i}"}, "a", model="shop")
-                         for i in range(1, field_entries + 1)])
-        step = FeedbackStep(rules, attacks)
-        step.apply(model, flagged, scores, scores >= model.threshold, [])  # warm the featurizer's caches
-        started = time.process_time()
-        for _ in range(5):
-            step.apply(model, flagged, scores, scores >= model.threshold, [])
-        return time.process_time() - started
-    assert cpu_per_call(20_000) < 2 * cpu_per_call(1)
+    # Field-value entries by field, then value: a record's value is one lookup among 20,000 (what it
+    # saves in CPU is measured, not asserted: a timed ratio failed CI under load), and the entry
+    # naming the record's value still applies.
+    user_agent = Model.load(shop_model_path).featurizer.field_values([attacks[flagged[0]]])[0]["user_agent"][0]
+    many = [Entry(i, "normal", {"field": "user_agent", "value": f"bot-{i}"}, "a", model="shop")
+            for i in range(1, 20_001)]
+    rules = RuleSet(many + [Entry(20_001, "keep", {"field": "user_agent", "value": user_agent}, "a", model="shop")])
+    by_field = [r.by_field for r in rules.for_model("shop") if r.by_field]
+    assert [list(b) for b in by_field] == [["user_agent"]] and len(by_field[0]["user_agent"]) == 20_001
+    notes = []
+    FeedbackStep(rules, attacks).apply(model, flagged[:1], scores, scores >= model.threshold, notes)
+    assert any("#20001" in note[2] for note in notes), notes
 
 
 def test_an_unreadable_stored_pattern_is_listed_never_applied_and_stops_nothing(tmp_path, shop_model_path):
@@ -510,15 +512,24 @@ def test_a_store_locked_by_another_process_or_damaged_says_so_and_what_to_do(tmp
         SqliteStore(str(tmp_path / "garbage.sqlite3")).migrate()
 
 
-def test_feedback_add_file_reads_no_further_than_a_mark_takes(tmp_path, capsys):
+def test_feedback_add_file_reads_no_further_than_a_mark_takes(tmp_path, capsys, monkeypatch):
     """A log of millions of lines given to --file by mistake was read whole into memory, sent, and
     refused by the sidecar as too big; an empty one was 'mark exactly one of ...'."""
+    from logscore import inputs
     from logscore.cli import main
 
+    read = []
+    reader = inputs.read_lines
+
+    def counted(paths, *args, **kwargs):
+        for line in reader(paths, *args, **kwargs):
+            read.append(line)
+            yield line
+    monkeypatch.setattr(inputs, "read_lines", counted)
     big, empty = tmp_path / "access.log", tmp_path / "empty.log"
     big.write_bytes(b"GET /x HTTP/1.1\n" * 2_000_000)
     empty.write_bytes(b"\n\n")
     for path, message in ((big, "holds more than 100 lines; mark at most 100"), (empty, "holds no lines to mark")):
-        started = time.process_time()
         assert main(["feedback", "add", "normal", "--file", str(path), "--socket", str(tmp_path / "none.sock")]) == 1
-        assert message in capsys.readouterr().err and time.process_time() - started < 1.0
+        assert message in capsys.readouterr().err
+    assert len(read) == 101, "read no further than one line past the most a mark takes"
