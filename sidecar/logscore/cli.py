@@ -559,8 +559,11 @@ def missing_training_extra(error: ImportError) -> str:
     return f"{error.name} is missing; install the training extra: pip install 'logscore[train]'"
 
 
+TRAIN_WARNING = "logscore train: warning: "  # (the learner relays its child's lines starting so)
+
+
 def print_warning(message: str) -> None:
-    print(f"logscore train: warning: {message}", file=sys.stderr, flush=True)
+    print(f"{TRAIN_WARNING}{message}", file=sys.stderr, flush=True)
 
 
 def print_training_summary(path: str, metadata: dict) -> None:

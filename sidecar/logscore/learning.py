@@ -51,7 +51,6 @@ WORK_DIR = ".learning"
 HOLDOUT = 0.1  # the most recent share of a window, scored to validate a candidate
 OUTGROWN = 1.5  # a learned route retrains once its window holds this many times the records its model
 #               learned from (once: a model learned from a full window never has more to learn from)
-TRAIN_WARNING = "logscore train: warning: "  # how the child's warnings begin (cli.py)
 MAX_RECORD_CHARS = 16_384  # longer records are not kept in windows (memory stays bounded)
 TRAIN_TIMEOUT_S = 3600.0
 CHECK_INTERVAL_S = 0.5
@@ -335,6 +334,8 @@ class Learner:
             return f"training took longer than {TRAIN_TIMEOUT_S:.0f} s"
         finally:
             code, self._child = self._child.returncode, None
+        from .cli import TRAIN_WARNING
+
         lines = stderr.decode("utf-8", "replace").strip().splitlines()
         if code != 0:
             return lines[-1] if lines else f"logscore train exited with {code}"

@@ -7,7 +7,7 @@ import logging
 import threading
 import time
 from collections import Counter as Counter_of
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -67,6 +67,32 @@ class ScoreHistogram:
         yield family
 
 
+class OncePerInterval:
+    """Whether to say a thing now: per key at most once an interval, with what went unsaid since
+    (a refusal, records passed on unscored: the same warning a chunk or a call was a flood).
+    Keys may be the senders' to choose (tags): past ``max_keys`` the keys said are forgotten."""
+
+    def __init__(self, interval_s: float = REFUSAL_LOG_INTERVAL_S, max_keys: int = 1000):
+        self.interval_s = interval_s
+        self.max_keys = max_keys
+        self._lock = threading.Lock()
+        self._said: dict = {}  # key -> (when last said, the amounts unsaid since)
+
+    def due(self, key, *amounts: int) -> Optional[tuple[int, ...]]:
+        """None while ``key`` was said within the interval (``amounts`` add to what goes unsaid);
+        else the amounts unsaid since it was last said (zeros the first time)."""
+        now = time.monotonic()
+        with self._lock:
+            said = self._said.get(key)
+            if said is not None and now - said[0] < self.interval_s:
+                self._said[key] = (said[0], tuple(a + b for a, b in zip(said[1], amounts)))
+                return None
+            if said is None and len(self._said) >= self.max_keys:
+                self._said.clear()
+            self._said[key] = (now, (0,) * len(amounts))
+        return said[1] if said is not None else (0,) * len(amounts)
+
+
 class Metrics:
     def __init__(self):
         self.registry = CollectorRegistry(auto_describe=True)
@@ -119,8 +145,7 @@ class Metrics:
                                     "they arrived long after their own time (a backlog, a replayed log)",
                                     ["model"], registry=r)
         self._children: dict = {}
-        self._refusal_lock = threading.Lock()
-        self._refusals_logged: dict[tuple[str, str], tuple[float, int]] = {}
+        self._refusals = OncePerInterval()
         self.window_observed = Gauge("logscore_window_observed", "Records in the last closed window per key "
                                      "(models with window detectors)", ["model", "key"], registry=r)
         self.window_expected = Gauge("logscore_window_expected", "Forecast of the same window per key",
@@ -136,16 +161,10 @@ class Metrics:
         in the log, once per interval per kind and surface: the caller sees the reason, the
         operator of a shipper that marks records unscored needs it too, without a flood."""
         self.child(self.errors, kind, surface).inc()
-        now = time.monotonic()
-        key = (kind, surface)
-        with self._refusal_lock:
-            last, since = self._refusals_logged.get(key, (float("-inf"), 0))
-            if now - last < REFUSAL_LOG_INTERVAL_S:
-                self._refusals_logged[key] = (last, since + 1)
-                return
-            self._refusals_logged[key] = (now, 0)
-        log.warning("request refused", extra={"kind": kind, "surface": surface, "reason": reason[:500],
-                                              "refused_since_last_logged": since})
+        unsaid = self._refusals.due((kind, surface), 1)
+        if unsaid is not None:
+            log.warning("request refused", extra={"kind": kind, "surface": surface, "reason": reason[:500],
+                                                  "refused_since_last_logged": unsaid[0]})
 
     def child(self, metric, *labels):
         """metric.labels(*labels), remembered: the lookup costs more than the update."""

@@ -65,14 +65,13 @@ import msgpack
 
 from ..decide import notes_by_record
 from ..errors import LogscoreError, ModelNotFound, Overloaded
-from ..metrics import REFUSAL_LOG_INTERVAL_S
+from ..metrics import OncePerInterval
 from ..records import value_counting_hooks
 from ..scoring import ScoreCall, ScoringService
 from .streams import StreamServer
 
 log = logging.getLogger("logscore.forward")
 
-MAX_UNSCORED_SAID = 1000  # (tag, reason) pairs whose unscored records are logged once per interval
 SCORE_KEY, FLAG_KEY, MODEL_KEY, UNSCORED_KEY = "anomaly_score", "is_anomaly", "anomaly_model", "anomaly_unscored"
 ENTITY_KEY = "entity_score"
 EXPLANATION_KEY = "anomaly_explanation"  # what made a flagged record unusual, as the Fluentd filter's explanation_key
@@ -1018,8 +1017,7 @@ class ForwardServer(StreamServer):
         self.when_busy = when_busy
         self.slice_records = service.settings.max_batch_records
         self._admission = asyncio.Semaphore(ACTIVE_CONNECTIONS)
-        # (tag, reason) -> when last logged, records and chunks passed on unscored since
-        self._unscored_said: dict[tuple[str, str], tuple[float, int, int]] = {}
+        self._unscored_said = OncePerInterval()  # per (tag, reason): records and chunks passed on unscored
 
     async def start(self, host: str, port: int, ssl=None) -> None:
         await super().start(host, port, ssl)
@@ -1343,20 +1341,13 @@ class ForwardServer(StreamServer):
             record[NOTES_KEY] = [f"unscored: {reason}"]
 
     def _say_unscored(self, tag: str, reason: str, records: int) -> None:
-        """Log records passed on unscored once per tag and reason every REFUSAL_LOG_INTERVAL_S, with
-        what came since: a tag routed to no model sends a chunk a second, and each was a warning."""
-        now = time.monotonic()
-        key = (tag, reason)
-        last, records_since, chunks_since = self._unscored_said.get(key, (float("-inf"), 0, 0))
-        if now - last < REFUSAL_LOG_INTERVAL_S:
-            self._unscored_said[key] = (last, records_since + records, chunks_since + 1)
-            return
-        if len(self._unscored_said) >= MAX_UNSCORED_SAID:  # tags are the senders' to choose: bounded
-            self._unscored_said.clear()
-        self._unscored_said[key] = (now, 0, 0)
-        log.warning("forwarding records unscored", extra={"tag": tag, "records": records, "error": reason,
-                                                          "records_since_last_logged": records_since,
-                                                          "chunks_since_last_logged": chunks_since})
+        """Log records passed on unscored once per tag and reason an interval, with what came since:
+        a tag routed to no model sends a chunk a second, and each was a warning."""
+        unsaid = self._unscored_said.due((tag, reason), records, 1)
+        if unsaid is not None:
+            log.warning("forwarding records unscored", extra={"tag": tag, "records": records, "error": reason,
+                                                              "records_since_last_logged": unsaid[0],
+                                                              "chunks_since_last_logged": unsaid[1]})
 
     def _count(self, kind: str, amount: int = 1) -> None:
         metrics = self.service.metrics

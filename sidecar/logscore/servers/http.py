@@ -517,24 +517,24 @@ class SidecarHttp:
     def _by_loopback_name(self, handler: Handler) -> Handler:
         async def checked(request: Request) -> Response:
             refusal = self.rebinding_refusal(request)
-            if refusal is not None:
-                self.service.metrics.refused("Unauthenticated", "http", refusal)
-                return Response.error(403, refusal)
-            return await handler(request)
+            return Response.error(403, refusal) if refusal is not None else await handler(request)
         return checked
 
     def rebinding_refusal(self, request: Request) -> Optional[str]:
-        """Why a request is refused, or None. Without a token, a sidecar listening on loopback answers
-        only requests naming a loopback host (the public paths aside). DNS rebinding: a web page whose
-        name the attacker points at 127.0.0.1 is of the same origin as its own requests (Origin and
-        Host both name it), and read the review page's log lines, marked or undid feedback, read the
-        anomaly events and scored records, from any browser on the machine."""
+        """Why a request is refused (counted and logged as a refusal), or None. Without a token, a
+        sidecar listening on loopback answers only requests naming a loopback host (the public paths
+        aside). DNS rebinding: a web page whose name the attacker points at 127.0.0.1 is of the same
+        origin as its own requests (Origin and Host both name it), and read the review page's log
+        lines, marked or undid feedback, read the anomaly events and scored records, from any
+        browser on the machine."""
         named = request.headers.get("host")  # (a browser always names one)
         if self.token is not None or not is_loopback(self.host) or named is None or is_loopback(host_name(request)):
             return None
-        return (f"Host {named!r} names no loopback address, and this sidecar listens on {self.host} without a "
-                "token: open it as http://localhost:PORT/ (a page under another name may be a DNS-rebinding "
-                "attack), or give the sidecar a token (--token-file) to be reached by other names")
+        refusal = (f"Host {named!r} names no loopback address, and this sidecar listens on {self.host} without a "
+                   "token: open it as http://localhost:PORT/ (a page under another name may be a DNS-rebinding "
+                   "attack), or give the sidecar a token (--token-file) to be reached by other names")
+        self.service.metrics.refused("Unauthenticated", "http", refusal)
+        return refusal
 
     def gate(self, path: str, headers: dict[str, str]) -> None:
         """A request with a body comes from a holder of the token (the review page's forms: its
@@ -545,7 +545,6 @@ class SidecarHttp:
             return
         refusal = self.rebinding_refusal(request)
         if refusal is not None:
-            self.service.metrics.refused("Unauthenticated", "http", refusal)
             raise HttpError(403, refusal, close=True)
         if self.token is None:
             return
