@@ -70,6 +70,21 @@ def test_flagged_records_alone_are_explained_as_every_record_is(shop_model):
     assert [list(names) for names in flagged.explanations] == expected
 
 
+def test_explanations_name_each_records_most_unusual_features_in_order(shop_model):
+    """Known answer: per record, its ``top`` features that contributed (a NaN too), most first; a
+    feature that did not contribute is never named, whatever order the batch holds the records in."""
+    from types import SimpleNamespace
+
+    rows = np.array([1, 0, 0, 2, 0, 1, 0, 1, 0])
+    surprise = np.array([0.3, 0.2, 0.9, 0.0, 0.5, np.nan, 1.0, 0.1, 0.05], dtype=np.float32)
+    weights = np.array([1, 1, 1, 1, 1, 1, 0, 1, 1], dtype=np.float32)  # feature 6: weight 0
+    batch = SimpleNamespace(rows=rows, weights=weights, size=3, names=lambda chosen: [f"f{i}" for i in chosen])
+    explained = shop_model._explain(batch, surprise, top=3)
+    names = [[e.partition(" (")[0] for e in record] for record in explained]
+    assert names == [["f2", "f4", "f1"], ["f0", "f7", "f5"], []]
+    assert explained[1][2] == "f5 (rarity unknown)"  # a damaged model's NaN: named, not a failed call
+
+
 def test_threshold_can_be_overridden_per_call(shop_model):
     lines = shop_lines(200, seed=13)
     assert shop_model.score(lines, threshold=0.0).is_anomaly.all()
