@@ -247,6 +247,10 @@ def add_behaviour_flags(parser: argparse.ArgumentParser) -> None:
                        help="share of normal clients allowed to cross the threshold (default 0.005)")
     group.add_argument("--base", metavar="MODEL.onnx",
                        help="keep this model's record detector and learn only --windows/--entities into --out")
+    group.add_argument("--behaviour-from", metavar="MODEL.onnx",
+                       help="keep this model's window forecasters and client detector as they were trained and "
+                       "learn only the record model from --input (the sidecar's --learn does: a window of recent "
+                       "records cannot teach seasonality)")
     group.add_argument("--time-zone", default="local", metavar="ZONE",
                        help="zone of timestamps written without one (syslog's, ISO 8601 without an offset): "
                        "'local' (this machine's, the default), 'UTC', or a name such as Europe/Berlin; give the "
@@ -257,6 +261,9 @@ def behaviour_options(args):
     """The behaviour options of `logscore train`, or None when neither --windows nor --entities is asked."""
     from .errors import ConfigError
 
+    if args.behaviour_from and (args.windows or args.entities or args.base):
+        raise ConfigError("--behaviour-from keeps a model's windows and clients, --windows/--entities learn them "
+                          "and --base keeps a record model: give --behaviour-from alone")
     if not (args.windows or args.entities):
         if args.base:
             raise ConfigError("--base learns behaviour onto a model: add --windows and/or --entities")
@@ -271,6 +278,16 @@ def behaviour_options(args):
                             window_target_fpr=args.window_target_fpr, entities=args.entities,
                             entity_key=args.entity_key, half_life_s=args.half_life_s,
                             client_target_fpr=args.client_target_fpr)
+
+
+def behaviour_source(path: str, spec: dict):
+    """The artifact whose windows and clients --behaviour-from keeps, checked before any training."""
+    from .artifact import read_artifact
+    from .training.behaviour import check_behaviour_source
+
+    artifact = read_artifact(path)
+    check_behaviour_source(artifact.metadata, spec)
+    return artifact
 
 
 def base_model(path: str):
@@ -517,10 +534,15 @@ def run_train(args) -> int:
             from .training.behaviour import check_timestamps
 
             check_timestamps(records, spec, behaviour)
+    kept = behaviour_source(args.behaviour_from, spec) if args.behaviour_from else None
     if args.base:
         model, metadata = base_model(args.base)
     else:
         model, metadata = train(records, options, ProgressPrinter(), print_warning)
+    if kept is not None:
+        from .training.behaviour import carry_behaviour
+
+        model, metadata = carry_behaviour(model, metadata, kept)
     if behaviour is not None:
         from .training.behaviour import learn_behaviour
 
@@ -1001,6 +1023,10 @@ def describe_behaviour(meta: dict) -> list[str]:
         lines.append(f"clients: by {clients['key']}, half-life {clients['half_life_s']:g} s, features "
                      f"{', '.join(clients['features'])}; learned from {learned.get('clients')} clients; threshold "
                      f"{clients['threshold']:.4f} ({learned.get('clients_over_threshold')} training clients reach it)")
+    kept = meta.get("training", {}).get("behaviour_from")
+    if kept and (windows or clients):
+        lines.append(f"windows and clients kept from model {kept['model']} ({kept['version']}): only the record "
+                     "model was learned from this training's records")
     return lines
 
 

@@ -23,9 +23,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from ..artifact import HASH_KEY, METADATA_KEY, content_hash
+from ..artifact import HASH_KEY, METADATA_KEY, Artifact, content_hash
 from ..entities import CLIENT_FIELDS, FEATURES, ClientTracker, client_batch
-from ..errors import InputError
+from ..errors import ConfigError, InputError
 from ..forecast import COUNT_MIN_SCALE, DAY_S, ForecastState, count_transform, slots
 from ..timestamps import TIME_FIELDS, record_times
 from ..records import text_columns
@@ -299,25 +299,69 @@ def entity_nodes(g: GraphBuilder, learned: Learned) -> tuple[list, list]:
             [helper.make_tensor_value_info("entity_score", TensorProto.FLOAT, ["N"])])
 
 
+BEHAVIOUR_PARTS = {"windows": ("window_",), "entities": ("entity_",)}  # metadata entry -> its graph names' prefixes
+
+
+def behaviour_subgraph(graph: onnx.GraphProto, prefixes: tuple) -> tuple[list[int], set[str]]:
+    """(positions of the nodes computing the graph outputs named with ``prefixes``, the tensors
+    those nodes read that no node makes: initializers and inputs). The parts attach_behaviour adds
+    read only their own inputs and constants, never a record tensor."""
+    producer = {name: i for i, node in enumerate(graph.node) for name in node.output}
+    wanted = [output.name for output in graph.output if output.name.startswith(prefixes)]
+    positions: set[int] = set()
+    read: set[str] = set()
+    while wanted:
+        name = wanted.pop()
+        position = producer.get(name)
+        if position is None:
+            read.add(name)
+        elif position not in positions:
+            positions.add(position)
+            wanted += [source for source in graph.node[position].input if source]
+    return sorted(positions), read
+
+
+def drop_behaviour(graph: onnx.GraphProto, prefixes: tuple) -> None:
+    """Remove the part of the graph computing the outputs named with ``prefixes``: its nodes, the
+    constants only they read, its inputs and outputs."""
+    positions, read = behaviour_subgraph(graph, prefixes)
+    dropped = set(positions)
+    kept_nodes = [node for i, node in enumerate(graph.node) if i not in dropped]
+    still_read = {name for node in kept_nodes for name in node.input}
+    del graph.node[:]
+    graph.node.extend(kept_nodes)
+    kept = [t for t in graph.initializer if t.name not in read or t.name in still_read]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    for collection in (graph.input, graph.output):
+        kept_values = [v for v in collection if not v.name.startswith(prefixes)]
+        del collection[:]
+        collection.extend(kept_values)
+
+
+def sealed(model: onnx.ModelProto, metadata: dict) -> tuple[onnx.ModelProto, dict]:
+    """The model with ``metadata`` written into it and its content hash renewed, checked."""
+    text = json.dumps(metadata, sort_keys=True)
+    del model.metadata_props[:]
+    model.metadata_props.add(key=METADATA_KEY, value=text)
+    model.metadata_props.add(key=HASH_KEY, value=content_hash(model.graph.SerializeToString(), text))
+    onnx.checker.check_model(model)
+    return model, metadata
+
+
 def attach_behaviour(model: onnx.ModelProto, metadata: dict, parts: Sequence[Learned]) -> tuple[onnx.ModelProto, dict]:
     """The model with window and/or client detectors added to its graph and metadata (replacing
     any it had), and its content hash renewed."""
     model = onnx.ModelProto.FromString(model.SerializeToString())
     graph = model.graph
-    replaced = {"windows": ("window_",), "entities": ("entity_",)}
     for part in parts:
         for entry in part.metadata:
-            prefixes = replaced[entry]
-            keep_nodes = [n for n in graph.node if not any(o.startswith(prefixes) for o in n.output)]
-            del graph.node[:]
-            graph.node.extend(keep_nodes)
-            for collection in (graph.input, graph.output):
-                kept = [v for v in collection if not v.name.startswith(prefixes)]
-                del collection[:]
-                collection.extend(kept)
+            drop_behaviour(graph, BEHAVIOUR_PARTS[entry])
             metadata.pop(entry, None)
     g = PrefixedBuilder(0)
-    g._count = sum(1 for _ in graph.node) + 1000
+    # Past every name the graph holds: the part kept from before (--base with windows, learning
+    # clients) was named by a builder that started where this one would.
+    g._count = sum(1 for _ in graph.node) + sum(1 for _ in graph.initializer) + 1000
     for part in parts:
         nodes = window_nodes if part.window_calibration is not None else entity_nodes
         inputs, outputs = nodes(g, part)
@@ -326,12 +370,52 @@ def attach_behaviour(model: onnx.ModelProto, metadata: dict, parts: Sequence[Lea
         metadata.update(part.metadata)
     graph.node.extend(g.nodes)
     graph.initializer.extend(g.initializers)
-    text = json.dumps(metadata, sort_keys=True)
-    del model.metadata_props[:]
-    model.metadata_props.add(key=METADATA_KEY, value=text)
-    model.metadata_props.add(key=HASH_KEY, value=content_hash(graph.SerializeToString(), text))
-    onnx.checker.check_model(model)
-    return model, metadata
+    return sealed(model, metadata)
+
+
+def check_behaviour_source(source: dict, spec: dict, flag: str = "--behaviour-from") -> None:
+    """The model whose windows and clients a training keeps must carry some, and read records as
+    the training does: its windows count fields (URL, status, level) and its clients read a client
+    field of records parsed its way."""
+    if not (source.get("windows") or source.get("entities")):
+        raise ConfigError(f"{flag} {source.get('name')!r} carries neither windows nor clients: nothing to keep "
+                          "(learn them from timestamped logs with --windows/--entities)")
+    featurizer = source.get("featurizer", {})
+    if featurizer.get("format") != spec.get("format") or bool(featurizer.get("sessions")) != bool(spec.get("sessions")):
+        reads = featurizer.get("format") if not featurizer.get("sessions") else "sessions"
+        trains = spec.get("format") if not spec.get("sessions") else "sessions"
+        raise ConfigError(f"{flag} {source.get('name')!r} reads {reads} records; this training reads {trains}: "
+                          "give a model trained on records of this kind")
+
+
+def carry_behaviour(model: onnx.ModelProto, metadata: dict, source: Artifact) -> tuple[onnx.ModelProto, dict]:
+    """The record model with the window forecasters and client detector of ``source`` as they were
+    trained (their graph part and metadata): what the sidecar's learner keeps when it learns a
+    route's record model from a window of recent records, too few and too recent to learn
+    seasonality or clients from."""
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    donor = onnx.ModelProto.FromString(source.model_bytes)
+    prefixes = tuple(p for entry in BEHAVIOUR_PARTS for p in BEHAVIOUR_PARTS[entry] if source.metadata.get(entry))
+    for entry, entry_prefixes in BEHAVIOUR_PARTS.items():  # (a record model carries none: train() makes it)
+        drop_behaviour(model.graph, entry_prefixes)
+        metadata.pop(entry, None)
+    positions, read = behaviour_subgraph(donor.graph, prefixes)
+    nodes = [donor.graph.node[i] for i in positions]
+    made = {name for node in model.graph.node for name in node.output} | {t.name for t in model.graph.initializer}
+    clashing = made & ({name for node in nodes for name in node.output} | read)
+    if clashing:
+        raise ConfigError(f"--behaviour-from {source.path}: its window/client part names tensors the record model "
+                          f"names too ({', '.join(sorted(clashing)[:3])}); retrain it with this logscore")
+    model.graph.node.extend(nodes)
+    model.graph.initializer.extend(t for t in donor.graph.initializer if t.name in read)
+    model.graph.input.extend(v for v in donor.graph.input if v.name.startswith(prefixes))
+    model.graph.output.extend(v for v in donor.graph.output if v.name.startswith(prefixes))
+    for entry in BEHAVIOUR_PARTS:
+        if source.metadata.get(entry):
+            metadata[entry] = source.metadata[entry]
+    metadata["training"]["behaviour_from"] = source.metadata.get("training", {}).get("behaviour_from") or {
+        "model": source.metadata.get("name"), "version": source.version}
+    return sealed(model, metadata)
 
 
 def score_for_behaviour(model_bytes: bytes, metadata: dict, records: Sequence[object], progress, chunk: int = 2048,
@@ -339,7 +423,6 @@ def score_for_behaviour(model_bytes: bytes, metadata: dict, records: Sequence[ob
     """(normalized fields, scores, novelty) of every record, by the record model being trained;
     ``also``: the fields windows and clients will read, named as the sidecar names them (Fluentd's
     apache2 parser's ``host`` is the client, ``remote_addr``)."""
-    from ..artifact import Artifact
     from ..model import Model
 
     model = Model(Artifact("(training)", model_bytes, metadata, ""), also_fields=also, levels_read=LEVELS_READ)
