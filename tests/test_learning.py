@@ -18,7 +18,7 @@ from logscore.learning import CHECK_INTERVAL_S, Learner
 from logscore.registry import ModelRegistry
 from logscore.settings import Settings
 
-from .generate import attack_lines, shop_lines
+from .generate import attack_lines, shop_lines, timed_shop_lines
 from .sidecar_process import ROOT, SidecarProcess
 
 DEFAULT_MODEL = ROOT / "models" / "apache-access.onnx"
@@ -143,9 +143,10 @@ def test_routes_per_entity_are_bounded_and_held_until_their_own_model_serves(tmp
     assert learner.status()["shop@a"]["window"] == 1 and learner.status()["shop@a"]["flags_held"] == 1
 
 
-def test_entity_values_unfit_for_a_file_name_and_models_with_windows_are_not_learned(tmp_path, shop_model_path):
+def test_entity_values_unfit_for_a_file_name_and_per_entity_routes_of_models_with_windows_are_not_learned(
+        tmp_path, shop_model_path):
     """A per-entity route is a file name under the models directory: `../x` or `a/b` must not become
-    one; and a model with windows or clients is not replaced by a learned model without them."""
+    one; and a model with windows forecasts all of its traffic: models per entity would split it."""
     from types import SimpleNamespace
 
     from logscore.learning import Learner
@@ -161,7 +162,45 @@ def test_entity_values_unfit_for_a_file_name_and_models_with_windows_are_not_lea
     assert learner.routes(model, records) == ["shop@web1", None, None, None, "shop"]
     assert sorted(learner.routes_by_name) == ["shop", "shop@web1"]
     model.artifact.metadata["windows"] = {"window_s": 60}  # as a model trained with --windows carries
-    assert learner.routes(model, records) == [None] * len(records)
+    assert learner.routes(model, records) == [None, None, None, None, "shop"]
+    del model.artifact.metadata["windows"]
+    model.artifact.metadata["entities"] = {"key": "remote_addr"}  # clients alone: each entity's model keeps them
+    assert learner.routes(model, records[:1]) == ["shop@web1"]
+
+
+def test_a_route_learned_from_a_model_with_windows_and_clients_keeps_them(tmp_path, behaviour_model):
+    """Learning refused a model trained with --windows/--entities (a learned model would have
+    dropped them): a new site's operator who had trained them from history got no learning at all.
+    The learned model keeps them as trained (a window of recent records cannot teach seasonality)."""
+    from .test_behaviour import START, burst_lines
+
+    models = tmp_path / "models"
+    models.mkdir()
+    shutil.copy(behaviour_model, models / "shop.onnx")
+    trained = read_artifact(models / "shop.onnx")
+    sidecar = SidecarProcess(models, tmp_path, learn="true", learn_records=1000, learn_window=1000,
+                             learn_retrain_records=0).start()
+    try:
+        stub = sidecar.stub()
+        # Written months ago (late: left out of windows and clients), learned all the same.
+        learning = timed_shop_lines(600, 2.0, START, seed=20)[:1000]
+        _, flags, _ = score(stub, learning)
+        assert not flags.any()  # held while the route learns
+        sidecar.wait_for(lambda: sidecar.model_versions()["shop"] != trained.version, 60, "the learned model")
+        learned = read_artifact(models / "shop.onnx").metadata
+        assert learned["training"]["learned_route"] == "shop" and learned["training"]["records_used"] == 1000
+        assert learned["windows"] == trained.metadata["windows"] and learned["entities"] == trained.metadata["entities"]
+        assert learned["training"]["behaviour_from"] == {"model": "shop", "version": trained.version}
+        assert json.loads(sidecar.http_get("/v1/anomalies?kinds=window")[1])["events"] == []
+
+        response = stub.Score(pb.ScoreRequest(lines=pb.RawLines(lines=[x.encode() for x in burst_lines(400)])),
+                              timeout=30)
+        assert len(response.entity_scores) == 400 and all(0 <= e <= 1 for e in response.entity_scores)
+        events = sidecar.wait_for(lambda: json.loads(sidecar.http_get("/v1/anomalies?kinds=window")[1])["events"],
+                                  15, "a window event")
+        assert events[0]["model"] == "shop" and "expected" in events[0]["explanation"]
+    finally:
+        assert sidecar.stop() == 0
 
 
 class RefitFails(Learner):

@@ -8,7 +8,8 @@
         ─► the window, but for its most recent tenth (kept for validation), goes to a file
         ─► `logscore train` in a child process: the same code as the command, niced, one thread;
            a retrain passes the route's learned model as --previous-model (what it flags, feedback
-           applied, is not learned: attacks in the window are not learned as normal)
+           applied, is not learned: attacks in the window are not learned as normal); a serving
+           model with windows or clients (trained from history) passes them on, --behaviour-from
         ─► validation: candidate and serving model score the held-back recent records; a candidate
            flagging more than ``learn_max_flag_ratio`` × max(serving model's share, target FPR) is
            kept aside in the work directory and reported, not swapped
@@ -109,18 +110,23 @@ class Learner:
     # --- on the scoring path (cheap) ---------------------------------------------
     def routes(self, model: Model, records: Sequence[object]) -> list[Optional[str]]:
         """Each record's route; None for records not learned (entities beyond learn_max_routes or
-        with names unfit for a file, and models with windows or clients)."""
-        if model.metadata.get("windows") or model.metadata.get("entities"):
-            self._not_learned(model.name, "its model carries windows or clients, which learning would drop; "
-                                          "retrain it with logscore train --windows/--entities")
-            return [None] * len(records)
+        with names unfit for a file, and per-entity routes of models with windows)."""
         entity = self.registry.entity_field
         if not entity:
             return [model.name] * len(records)
         names = []
         for record in records:
             value = record.get(entity) if isinstance(record, dict) else None
-            names.append(self._admit(model.name if value is None else f"{model.name}@{to_text(value)}"))
+            if value is None:
+                names.append(self._admit(model.name))
+            elif model.metadata.get("windows"):
+                # NOTE: its windows forecast the model's whole traffic: a learned model per entity would
+                # carry them for a part of it (a drop every window), leaving the model a part too.
+                self._not_learned(f"{model.name}@*", f"per-{entity} routes of a model with windows are not learned: "
+                                  "its windows forecast all of its traffic, which models per entity would split")
+                names.append(None)
+            else:
+                names.append(self._admit(f"{model.name}@{to_text(value)}"))
         return names
 
     def _admit(self, name: str) -> Optional[str]:
@@ -316,6 +322,9 @@ class Learner:
                    "--out", str(out), "--feedback", "env"]
         if learned_for(serving, name):  # retraining the route's own model: what it flags is not learned
             command += ["--previous-model", str(serving.artifact.path)]
+        if serving.metadata.get("windows") or serving.metadata.get("entities"):
+            # Trained from history with its timestamps: a window of recent records cannot teach them again.
+            command += ["--behaviour-from", str(serving.artifact.path)]
         # The store's location (a URL may hold a password) goes by environment, not the process list.
         environment = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
                        "LOGSCORE_FEEDBACK_STORE": feedback_location(self.settings)}
