@@ -190,6 +190,40 @@ def test_the_artifact_carries_window_and_client_models_in_graph_and_metadata(beh
     assert "windows: 1 s, " in shown and "clients: by remote_addr" in shown
 
 
+def test_a_model_keeps_another_s_windows_and_clients_or_learns_its_clients_again_replacing_them_whole(
+        behaviour_model, shop_model_path, tmp_path, capsys):
+    """--behaviour-from keeps a model's windows and clients as trained (the learner's way), checked
+    before training; --base of a model with clients, learning --entities again, failed with a
+    traceback: the replaced part's constants stayed ('entity_features initializer name is not unique')."""
+    import onnx
+
+    from logscore.cli import main
+
+    log = tmp_path / "history.log"
+    log.write_text("\n".join(timed_shop_lines(600, 3.0, START, seed=8)) + "\n")
+    out = tmp_path / "out.onnx"
+    train = ["train", "--input", str(log), "--out", str(out)]
+    for extra, said in [(["--behaviour-from", str(shop_model_path)], "carries neither windows nor clients"),
+                        (["--behaviour-from", str(behaviour_model), "--format", "syslog"],
+                         "reads access records; this training reads syslog"),
+                        (["--behaviour-from", str(behaviour_model), "--entities"], "give --behaviour-from alone")]:
+        assert main(train + extra) == 1 and said in capsys.readouterr().err
+    assert not out.exists()
+
+    assert main(train + ["--base", str(behaviour_model), "--entities"]) == 0
+    before, after = (onnx.load(str(path)).graph for path in (behaviour_model, out))
+    assert len(after.node) == len(before.node) and len(after.initializer) == len(before.initializer)
+    relearned = Model.load(out)
+    assert relearned.metadata["windows"] == Model.load(behaviour_model).metadata["windows"]
+    assert relearned.metadata["entities"]["training"]["records"] < 2000  # learned from this log's 1,800
+
+    assert main(train + ["--behaviour-from", str(behaviour_model), "--name", "shop"]) == 0
+    kept = Model.load(out)
+    assert kept.metadata["entities"] == Model.load(behaviour_model).metadata["entities"]
+    capsys.readouterr()
+    assert main(["inspect", str(out)]) == 0 and "windows and clients kept from model shop" in capsys.readouterr().out
+
+
 def burst_lines(count: int, status: str = "503") -> list[str]:
     """One request ``count`` times, written now (a burst happening)."""
     line = stamped(timed_shop_lines(1, 5.0, START, seed=3)[0], time.time())
