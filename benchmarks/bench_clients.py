@@ -12,6 +12,11 @@ through the record model and the product's ClientWatch, in batches as the sideca
 Reported: client-level ROC-AUC (a client's score: the highest entity_score of its requests) and
 the requests each scanner made before its first entity_score at the threshold, beside the floor
 of the same run: record scores alone (per line, and per client as its highest record score).
+
+``--learned-records N``: as `serve --learn` would serve it, the record model is learned from the
+first half's last N lines only and keeps the client detector learned from the whole first half
+(`train --behaviour-from`): does the detector hold when its novelty and mean_score features come
+from a record model that saw fewer records?
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ from logscore.features import load_spec  # noqa: E402
 from logscore.inputs import read_lines  # noqa: E402
 from logscore.model import Model  # noqa: E402
 from logscore.timestamps import parse_time  # noqa: E402
-from logscore.training.behaviour import BehaviourOptions, learn_behaviour  # noqa: E402
+from logscore.training.behaviour import BehaviourOptions, carry_behaviour, learn_behaviour  # noqa: E402
 from logscore.training.train import TrainOptions, train  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -107,7 +112,10 @@ def main() -> int:
     parser.add_argument("--scanners", type=int, default=60)
     parser.add_argument("--batch", type=int, default=256, help="records per scoring call in the replay")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="benchmarks/results/clients.json")
+    parser.add_argument("--learned-records", type=int, default=0, metavar="N",
+                        help="replay with a record model learned from the first half's last N lines, keeping the "
+                        "client detector of the whole first half (as --learn does)")
+    parser.add_argument("--out", help="default benchmarks/results/clients.json (clients-learned-N.json)")
     args = parser.parse_args()
     rng = random.Random(args.seed)
     lines = sorted(read_lines([args.log]), key=line_time)
@@ -121,6 +129,11 @@ def main() -> int:
     model_proto, metadata = train(training, TrainOptions(spec=load_spec(None, "access"), name="apache-access"))
     model_proto, metadata = learn_behaviour(model_proto, metadata, training, BehaviourOptions(entities=True),
                                             lambda *a: None)
+    if args.learned_records:
+        history = Artifact("(history)", model_proto.SerializeToString(), metadata, "")
+        learned, learned_metadata = train(training[-args.learned_records:],
+                                          TrainOptions(spec=load_spec(None, "access"), name="apache-access"))
+        model_proto, metadata = carry_behaviour(learned, learned_metadata, history)
     model = Model(Artifact("(benchmark)", model_proto.SerializeToString(), metadata, ""))
     training_seconds = time.process_time() - started
 
@@ -155,6 +168,7 @@ def main() -> int:
     normal_flagged = int(((entity_max >= threshold) & (labels == 0)).sum())
     results = {
         "machine": machine(), "load_average": os.getloadavg(), "seed": args.seed,
+        "record_model_learned_from": args.learned_records or len(training),
         "training_lines": len(training), "test_lines": len(testing),
         "normal_clients": int((labels == 0).sum()), "scanners": len(scanners),
         "scanner_requests": sum(len(r) for r in scanners.values()),
@@ -176,7 +190,8 @@ def main() -> int:
     for key, value in results.items():
         if key != "machine":
             print(f"{key}: {value}")
-    write_results(args.out, results)
+    write_results(args.out or ("benchmarks/results/" + (f"clients-learned-{args.learned_records}.json"
+                                                        if args.learned_records else "clients.json")), results)
     return 0
 
 
