@@ -407,6 +407,8 @@ def carry_behaviour(model: onnx.ModelProto, metadata: dict, source: Artifact) ->
         raise ConfigError(f"--behaviour-from {source.path}: its window/client part names tensors the record model "
                           f"names too ({', '.join(sorted(clashing)[:3])}); retrain it with this logscore")
     model.graph.node.extend(nodes)
+    domains = {o.domain for o in model.opset_import}
+    model.opset_import.extend(o for o in donor.opset_import if o.domain not in domains)  # (ai.onnx.ml: ECDFs)
     model.graph.initializer.extend(t for t in donor.graph.initializer if t.name in read)
     model.graph.input.extend(v for v in donor.graph.input if v.name.startswith(prefixes))
     model.graph.output.extend(v for v in donor.graph.output if v.name.startswith(prefixes))
