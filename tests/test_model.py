@@ -2,13 +2,15 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from logscore.artifact import FORMAT_VERSION, METADATA_KEY, read_artifact
+from logscore.artifact import FORMAT_VERSION, HASH_KEY, METADATA_KEY, _scan_model, content_hash, read_artifact
 from logscore.errors import ModelLoadError
 from logscore.model import Model
+from logscore.windows import LEVELS_READ
 
 from .generate import attack_lines, shop_lines
 
@@ -143,7 +145,8 @@ def test_foreign_onnx_model_is_refused(tmp_path):
         Model.load(path)
 
 
-def rewrite_metadata(source, target, change):
+def rewrite_metadata(source, target, change, rehash=False):
+    """``rehash``: store the new content hash too, as a logscore that wrote such metadata would."""
     import onnx
 
     model = onnx.load(str(source))
@@ -152,13 +155,40 @@ def rewrite_metadata(source, target, change):
             meta = json.loads(prop.value)
             change(meta)
             prop.value = json.dumps(meta, sort_keys=True)
+            metadata_json = prop.value
     onnx.save(model, str(target))
+    if rehash:
+        graph, _ = _scan_model(Path(target).read_bytes())
+        for prop in model.metadata_props:
+            if prop.key == HASH_KEY:
+                prop.value = content_hash(graph, metadata_json)
+        onnx.save(model, str(target))
 
 
 def test_newer_format_is_refused(shop_model_path, tmp_path):
     path = tmp_path / "newer.onnx"
     rewrite_metadata(shop_model_path, path, lambda m: m.update(format_version=FORMAT_VERSION + 1))
     with pytest.raises(ModelLoadError, match="newer.onnx: made by a newer logscore"):
+        Model.load(path)
+
+
+def test_windows_reading_levels_as_a_newer_logscore_does_are_refused(behaviour_model, tmp_path):
+    # Read the older way, its windows would count level=error against trained level=50, silently.
+    path = tmp_path / "newer-windows.onnx"
+    rewrite_metadata(behaviour_model, path, lambda m: m["windows"].update(levels_read=LEVELS_READ + 1), rehash=True)
+    with pytest.raises(ModelLoadError, match="newer-windows.onnx: made by a newer logscore .*upgrade logscore"):
+        Model.load(path)
+
+
+def test_an_option_this_logscore_does_not_know_says_a_newer_one_may_have_made_the_model(shop_model_path, tmp_path):
+    # A rolling upgrade: a model a newer logscore trained reaches a sidecar not yet upgraded.
+    def add_option(meta):
+        meta["featurizer"]["fields"][0]["converters"][0]["an_option_of_later_versions"] = 1
+
+    path = tmp_path / "later.onnx"
+    rewrite_metadata(shop_model_path, path, add_option, rehash=True)
+    with pytest.raises(ModelLoadError, match="an_option_of_later_versions.*a model made by a newer logscore needs "
+                                             "that version here"):
         Model.load(path)
 
 

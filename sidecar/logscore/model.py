@@ -21,7 +21,7 @@ from .records import DEFAULT_MAX_LINE_CHARS
 from .entities import CLIENT_FIELDS
 from .sessions import SessionTracker
 from .timestamps import TIME_FIELDS
-from .windows import fields_read
+from .windows import LEVELS_READ, fields_read
 
 
 SCORE_CHUNK = 512  # records featurized and run at once (bounds the working memory of big batches)
@@ -100,6 +100,18 @@ def behaviour_fields(metadata: dict, client_key: Optional[str] = None) -> tuple[
     return tuple(dict.fromkeys(names + list(TIME_FIELDS)))
 
 
+def trained_levels_read(path: str, metadata: dict) -> int:
+    """How the model's windows read levels (windows.LEVELS_READ as trained; 1 before it existed).
+    A newer reading than this logscore knows is refused: read the older way, its windows would
+    count keys it never learned (level=error against trained level=50), and say nothing of it."""
+    levels_read = int((metadata.get("windows") or {}).get("levels_read", 1))
+    if levels_read > LEVELS_READ:
+        raise ModelLoadError(f"{path}: made by a newer logscore (its windows read levels as version {levels_read}; "
+                             f"this logscore reads up to {LEVELS_READ}); upgrade logscore here, or serve a model "
+                             "this version trained")
+    return levels_read
+
+
 def novelty_shares(batch: FeatureBatch, surprise: np.ndarray) -> np.ndarray:
     """Per record, the share of its feature keys never seen in training (surprise 1)."""
     keys = np.bincount(batch.rows, minlength=batch.size)
@@ -126,7 +138,7 @@ class Model:
             # Windows and clients (behaviour.py) read a few fields as text columns, read with the
             # rest; whole field maps only for training them (timestamps).
             self.behaviour_fields = behaviour_fields(meta, client_key)
-            levels_read = levels_read or int((meta.get("windows") or {}).get("levels_read", 1))
+            levels_read = levels_read or trained_levels_read(artifact.path, meta)
             self.featurizer = Featurizer(meta["featurizer"], max_line_chars,
                                          also_fields=(*self.behaviour_fields, *also_fields),
                                          message_levels=levels_read >= 2)
@@ -139,9 +151,15 @@ class Model:
             self.needs_fields = False
             sessions = self.featurizer.sessions
             self.sessions = SessionTracker(sessions) if sessions is not None else None
-        except Exception as error:  # any malformed metadata is the file's fault
+        except ModelLoadError:
+            raise
+        except Exception as error:  # malformed metadata, or metadata a newer logscore wrote
+            # NOTE: a rolling upgrade serves new models on old sidecars for a while: an option this
+            # version does not know is most often a newer logscore's, not damage.
             raise ModelLoadError(f"{artifact.path}: logscore metadata is incomplete or invalid "
-                                 f"({type(error).__name__}: {error}); re-export it") from None
+                                 f"({type(error).__name__}: {error}); a model made by a newer logscore needs "
+                                 "that version here (upgrade logscore before copying its models in), else "
+                                 "re-export it") from None
         self.name = str(meta.get("name") or Path(artifact.path).stem)
         try:
             self.session = make_session(artifact.model_bytes, threads)
