@@ -486,6 +486,24 @@ def test_an_unreadable_stored_pattern_is_listed_never_applied_and_stops_nothing(
         assert process.stop() == 0
 
 
+def test_feedback_left_in_the_models_directory_when_another_store_is_named_is_said_at_start(tmp_path,
+                                                                                             shop_model_path):
+    """Upgrading to the shipped unit (LOGSCORE_FEEDBACK_STORE in its state directory) started from an
+    empty store, the entries given before left unapplied in the models directory, and nothing said so."""
+    from logscore.feedback import Entry
+    from logscore.feedback_store import SqliteStore
+
+    models = models_dir_with(tmp_path, shop_model_path, "shop")
+    earlier = SqliteStore(str(models / "feedback.sqlite3"))
+    earlier.migrate()
+    earlier.add(Entry(0, "normal", {"field": "user_agent", "value": "m/1"}, "a"))
+    process = SidecarProcess(models, tmp_path, feedback_store=str(tmp_path / "state.sqlite3")).start()
+    assert process.stop() == 0
+    said = [json.loads(line) for line in process.log_path.read_text().splitlines() if "left_behind" in line]
+    assert [entry["left_behind"] for entry in said] == [str(models / "feedback.sqlite3")], process.log()
+    assert "move that file to the store's path" in said[0]["message"]
+
+
 def test_a_store_locked_by_another_process_or_damaged_says_so_and_what_to_do(tmp_path):
     """SQLite says only "database is locked" (after waiting) or "file is not a database": the errors
     say who may hold it, and what to do."""

@@ -443,6 +443,17 @@ def default_location(models_dir: str) -> str:
     return str(Path(models_dir) / DEFAULT_FILE)
 
 
+def left_behind(models_dir: str, location: str) -> Optional[str]:
+    """The default store's file when another store is in use and that file holds something: an
+    operator who sets --feedback-store on upgrading (the shipped unit and manifest do) starts from an
+    empty store while the entries given before stay there, applied by no one."""
+    default = Path(default_location(models_dir))
+    if not default.is_file() or default.stat().st_size == 0:
+        return None
+    in_use = not location.startswith(("postgresql://", "postgres://")) and Path(location).exists()
+    return None if in_use and default.samefile(location) else str(default)
+
+
 @dataclass
 class Mark:
     """A feedback request as every surface decodes it: a verdict on records, a review group or a

@@ -437,7 +437,14 @@ def make_review(settings: Settings, metrics: Metrics):
 
 def make_feedback(settings: Settings, registry: ModelRegistry, review, metrics: Metrics):
     """The feedback service on --feedback-store (default: a SQLite file beside the models)."""
-    from .feedback_store import FeedbackService, default_location, open_store
+    from .feedback_store import FeedbackService, default_location, left_behind, open_store
 
-    store = open_store(settings.feedback_store or default_location(settings.models_dir))
+    location = settings.feedback_store or default_location(settings.models_dir)
+    store = open_store(location)
+    earlier = left_behind(settings.models_dir, location)
+    if earlier:
+        log.warning("feedback given before is not applied: it is in the models directory's store, and "
+                    "--feedback-store names another; to keep it, stop the sidecar and move that file to the "
+                    "store's path (a SQLite store with no entries yet), or mark those records again; move it "
+                    "aside to silence this", extra={"left_behind": earlier, "store": store.description})
     return FeedbackService(store, settings.feedback_poll_s, metrics.observe_feedback, registry, review)
