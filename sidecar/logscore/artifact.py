@@ -19,6 +19,10 @@ from pathlib import Path
 
 from .errors import ModelLoadError
 
+# NOTE: raise it only when a logscore reading up to the previous version would misread a new file;
+# every older sidecar then refuses every new model. A key older readers may ignore needs none; one
+# that changes how a part of the file is read carries a version of its own, which the reader checks
+# (windows.levels_read: model.trained_levels_read), or an option older readers refuse.
 FORMAT_VERSION = 1
 METADATA_KEY = "logscore.metadata"
 HASH_KEY = "logscore.content_hash"

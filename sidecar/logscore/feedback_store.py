@@ -37,6 +37,9 @@ CHANNEL = "logscore_feedback"
 
 # Numbered migrations: each runs once, in order, in one transaction. {serial} and {real} are the
 # dialect's auto-increment key and floating-point types.
+# NOTE: a migration may only add (a table, a column with a default): in a rolling upgrade the
+# sidecars not yet upgraded go on reading and writing the migrated store, and check its version
+# only when they start.
 MIGRATIONS: list[tuple[int, list[str]]] = [
     (1, [
         """CREATE TABLE feedback (
