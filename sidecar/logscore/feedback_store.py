@@ -451,10 +451,25 @@ def left_behind(models_dir: str, location: str) -> Optional[str]:
     operator who sets --feedback-store on upgrading (the shipped unit and manifest do) starts from an
     empty store while the entries given before stay there, applied by no one."""
     default = Path(default_location(models_dir))
-    if not default.is_file() or default.stat().st_size == 0:
+    if not default.is_file():
         return None
     in_use = not location.startswith(("postgresql://", "postgres://")) and Path(location).exists()
-    return None if in_use and default.samefile(location) else str(default)
+    if in_use and default.samefile(location):
+        return None
+    return str(default) if holds_entries(default) else None
+
+
+def holds_entries(path: Path) -> bool:
+    """The SQLite store holds an entry in force (read only: a sidecar that once ran with the default
+    store left its schema behind, no feedback; one that cannot be read is said to hold some)."""
+    try:
+        connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=1.0)
+        try:
+            return connection.execute("SELECT 1 FROM feedback WHERE removed_at IS NULL LIMIT 1").fetchone() is not None
+        finally:
+            connection.close()
+    except sqlite3.Error:
+        return True
 
 
 @dataclass
