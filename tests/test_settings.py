@@ -51,8 +51,14 @@ def test_bad_settings_are_clear_errors(models, flags, message):
 def test_unknown_setting_in_a_file(tmp_path, models):
     config = tmp_path / "s.yaml"
     config.write_text(f"models_dir: {models}\nbatch_size: 5\n")
-    with pytest.raises(ConfigError, match="unknown setting.*batch_size"):
+    with pytest.raises(ConfigError, match="unknown setting.*batch_size") as raised:
         Settings.load(str(config), {}, {})
+    assert str(config) in str(raised.value) and "newer logscore" in str(raised.value)
+
+
+def test_a_mistyped_setting_names_the_one_it_most_likely_meant(models):
+    with pytest.raises(ConfigError, match=r"max_batch_record \(did you mean max_batch_records\?\)"):
+        Settings.load(None, {"models_dir": models, "max_batch_record": "5"}, {})
 
 
 def test_the_client_tracker_must_hold_one_request(tmp_path):

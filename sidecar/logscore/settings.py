@@ -6,6 +6,7 @@ prints and what docs/operations.md lists.
 
 from __future__ import annotations
 
+import difflib
 import hmac
 import os
 from dataclasses import dataclass, field, fields
@@ -25,6 +26,18 @@ def setting(default: Any, help: str, **extra) -> Any:
     if factory is not None:
         return field(default_factory=factory, metadata={"help": help, **extra})
     return field(default=default, metadata={"help": help, **extra})
+
+
+def unknown_settings(unknown: list[str], known: list[str], file: Optional[str]) -> str:
+    """What was not understood, the setting each most likely meant (a typo is the usual cause), and
+    the other causes: a key of a newer logscore's documentation."""
+    guesses = []
+    for name in unknown:
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+        guesses.append(f"{name} (did you mean {close[0]}?)" if close else name)
+    where = f" in {file}" if file else ""
+    return (f"unknown setting(s){where}: {', '.join(guesses)}; `logscore serve --help` and docs/operations.md "
+            "list this version's settings (a setting of a newer logscore needs that version)")
 
 
 @dataclass
@@ -149,7 +162,7 @@ class Settings:
         values.update({k: v for k, v in (flags or {}).items() if v is not None})
         unknown = set(values) - {f.name for f in fields(cls)}
         if unknown:
-            raise ConfigError(f"unknown setting(s): {', '.join(sorted(unknown))}")
+            raise ConfigError(unknown_settings(sorted(unknown), [f.name for f in fields(cls)], file))
         settings = cls()
         for spec in fields(cls):
             if spec.name in values:
