@@ -244,7 +244,7 @@ class FluentdFieldTest < Test::Unit::TestCase
                     .sub('/var/lib/fluentd/apache-access.pos', "#{@work}/access.pos")
                     .sub('unix:///run/logscore/logscore.sock', "unix://#{@sidecar.socket}")
                     .sub('/var/log/fluentd/scored-access', "#{@work}/out/scored")
-                    .sub("  </format>\n", "  </format>\n  <buffer>\n    flush_mode interval\n    flush_interval 0.5s\n  </buffer>\n")
+                    .sub('flush_interval 10s', 'flush_interval 0.5s')
     @pids << spawn_fluentd(@work, 'example', config)
     out = wait_for_records(File.join(@work, 'out'), 8, timeout: 30)
     ids = out.map { |r| (r['path'] || r['unmatched_line']).to_s.b[/L\d/] }
