@@ -483,6 +483,27 @@ def test_metrics_and_readyz_name_no_model_paths(tmp_path, shop_models):
         assert process.stop() == 0
 
 
+def test_readyz_names_a_learned_model_by_its_file_name_not_its_directory(tmp_path, shop_models):
+    """/readyz's learning outcome named the learned file by its full path, to callers without the token."""
+    (tmp_path / "token").write_text("s3cret\n")
+    process = SidecarProcess(shop_models, tmp_path, token_file=tmp_path / "token", learn="true",
+                             learn_records=100).start()
+    try:
+        body = json.dumps({"records": shop_lines(120, seed=95)}).encode()
+        status, _ = raw_request(process.http_port, http_bytes(process.http_port, body,
+                                                              extra="Authorization: Bearer s3cret\r\n"))
+        assert status == 200
+
+        def learned():
+            return (json.loads(process.http_get("/readyz")[1])["learning"]["shop"]["last"] or {}).get("file")
+
+        process.wait_for(learned, 120, "the learned model")
+        assert learned() == "shop.onnx"
+        assert str(shop_models) not in process.http_get("/readyz")[1].decode()
+    finally:
+        assert process.stop() == 0
+
+
 # --- the client against a secured sidecar ------------------------------------------------------------
 
 def test_client_reaches_a_sidecar_with_token_and_mutual_tls(tmp_path, shop_models, certificates):

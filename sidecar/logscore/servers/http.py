@@ -448,6 +448,20 @@ def without_directories(errors: dict[str, str]) -> dict[str, str]:
     return named
 
 
+def learning_without_directories(status: dict, models_dir: str) -> dict:
+    """Learned routes' last outcomes with their files named within the models directory (the learned
+    model, a candidate kept aside, a failed training's error): /readyz answers without the token."""
+    prefix = os.path.join(os.path.abspath(models_dir), "")
+    public = {}
+    for route, state in status.items():
+        last = state.get("last")
+        if last:
+            last = {key: value.replace(prefix, "").replace(os.path.join(models_dir, ""), "")
+                    if isinstance(value, str) else value for key, value in last.items()}
+        public[route] = {**state, "last": last}
+    return public
+
+
 def deadline_from(timeout_ms: Optional[str]) -> Optional[float]:
     """The time.monotonic() deadline of the ``timeout_ms`` query parameter (None: no deadline)."""
     if not timeout_ms:
@@ -613,7 +627,8 @@ class SidecarHttp:
         body = {"ready": ready, "models": {n: m.version for n, m in sorted(snapshot.models.items())},
                 "rejected_files": without_directories(snapshot.errors)}
         if self.service.learner is not None:
-            body["learning"] = self.service.learner.status()
+            body["learning"] = learning_without_directories(self.service.learner.status(),
+                                                            self.service.settings.models_dir)
         flooding = self.service.metrics.floods.status()
         if flooding:  # still ready: the model works, it is the wrong one for this traffic (log: what to do)
             body["flooding"] = flooding
