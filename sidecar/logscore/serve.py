@@ -34,7 +34,7 @@ from .scoring import ScoringService
 from .servers.forward import ForwardServer, NextHop
 from .servers.grpc import SERVICE_NAME, ScorerServicer, TokenInterceptor
 from .servers.http import HttpServer, SidecarHttp
-from .settings import Settings, split_host_port
+from .settings import Settings, split_host_port, unknown_variables
 from .timestamps import read_zoneless_in, zone_description
 
 log = logging.getLogger("logscore.serve")
@@ -415,6 +415,8 @@ def notify_systemd(state: bytes) -> None:
 
 def main(settings: Settings) -> int:
     configure_logging(settings.log_level)
+    for name, meant in unknown_variables():
+        log.warning("environment variable names no setting; ignored", extra={"variable": name, "did_you_mean": meant})
     tune_allocator()
     try:
         return asyncio.run(run(settings))

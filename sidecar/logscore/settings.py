@@ -293,6 +293,23 @@ def bearer_matches(presented: str, token: str) -> bool:
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
+# LOGSCORE_* variables that are not settings: read by the featurizer, the setup and test scripts.
+OTHER_VARIABLES = {"LOGSCORE_PURE_PYTHON", "LOGSCORE_PYTHON", "LOGSCORE_FUZZ_EXAMPLES", "LOGSCORE_BENCH_TRAINING",
+                   "LOGSCORE_WITH_RUBY", "LOGSCORE_WITH_BROWSER_AND_DB", "LOGSCORE_WITH_SHIPPERS"}
+
+
+def unknown_variables(environ: Optional[Mapping[str, str]] = None) -> list[tuple[str, Optional[str]]]:
+    """LOGSCORE_* variables that name no setting, each with the setting's variable it likely meant:
+    a typo in a unit's or manifest's environment (LOGSCORE_TOKENFILE) was ignored without a word, and the
+    sidecar ran without what it asked for (a token, here)."""
+    import difflib
+
+    environ = os.environ if environ is None else environ
+    known = {ENV_PREFIX + spec.name.upper() for spec in fields(Settings)}
+    unknown = sorted(name for name in environ if name.startswith(ENV_PREFIX) and name not in known | OTHER_VARIABLES)
+    return [(name, next(iter(difflib.get_close_matches(name, sorted(known), n=1)), None)) for name in unknown]
+
+
 def split_host_port(address: str, flag: str) -> tuple[str, int]:
     """(host, port) of 'host:port'; a ConfigError naming ``flag`` otherwise."""
     host, _, port = address.rpartition(":")
