@@ -224,6 +224,24 @@ def test_a_model_keeps_another_s_windows_and_clients_or_learns_its_clients_again
     assert main(["inspect", str(out)]) == 0 and "windows and clients kept from model shop" in capsys.readouterr().out
 
 
+def test_base_relearns_windows_of_a_model_that_has_them_and_keeps_its_clients(behaviour_model, tmp_path):
+    """As operations.md shows: `--base` on a model trained with --windows --entities (it failed, the
+    ONNX checker finding the old part's tensors beside the new one's: "window_deviation initializer
+    name is not unique")."""
+    from logscore.behaviour import entity_spec, window_spec
+
+    relearned = tmp_path / "shop.onnx"
+    done = subprocess.run([sys.executable, "-m", "logscore", "train", "--input",
+                           str(behaviour_model.parent.parent / "train.log"), "--base", str(behaviour_model),
+                           "--windows", "--window-s", "2", "--out", str(relearned)],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    model = Model.load(relearned)
+    assert model.metadata["windows"]["window_s"] == 2.0 and window_spec(model).calibrate(np.array([50.0]))[0] == 1.0
+    scanner = np.array([[20, 0.9, 20, 0.6, 0.99]], np.float32)
+    assert entity_spec(model).score(scanner)[0] >= model.metadata["entities"]["threshold"]
+
+
 def burst_lines(count: int, status: str = "503") -> list[str]:
     """One request ``count`` times, written now (a burst happening)."""
     line = stamped(timed_shop_lines(1, 5.0, START, seed=3)[0], time.time())
