@@ -11,7 +11,7 @@ import hmac
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Iterable, Mapping, Optional
 
 from .admission import WIRE_COPIES
 from .errors import ConfigError
@@ -28,13 +28,18 @@ def setting(default: Any, help: str, **extra) -> Any:
     return field(default=default, metadata={"help": help, **extra})
 
 
+def likely_meant(name: str, known: Iterable[str]) -> Optional[str]:
+    """The known name a mistyped one most likely meant, if any is close."""
+    return next(iter(difflib.get_close_matches(name, sorted(known), n=1)), None)
+
+
 def unknown_settings(unknown: list[str], known: list[str], file: Optional[str]) -> str:
     """What was not understood, the setting each most likely meant (a typo is the usual cause), and
     the other causes: a key of a newer logscore's documentation."""
     guesses = []
     for name in unknown:
-        close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
-        guesses.append(f"{name} (did you mean {close[0]}?)" if close else name)
+        meant = likely_meant(name, known)
+        guesses.append(f"{name} (did you mean {meant}?)" if meant else name)
     where = f" in {file}" if file else ""
     return (f"unknown setting(s){where}: {', '.join(guesses)}; `logscore serve --help` and docs/operations.md "
             "list this version's settings (a setting of a newer logscore needs that version)")
@@ -302,12 +307,10 @@ def unknown_variables(environ: Optional[Mapping[str, str]] = None) -> list[tuple
     """LOGSCORE_* variables that name no setting, each with the setting's variable it likely meant:
     a typo in a unit's or manifest's environment (LOGSCORE_TOKENFILE) was ignored without a word, and the
     sidecar ran without what it asked for (a token, here)."""
-    import difflib
-
     environ = os.environ if environ is None else environ
     known = {ENV_PREFIX + spec.name.upper() for spec in fields(Settings)}
     unknown = sorted(name for name in environ if name.startswith(ENV_PREFIX) and name not in known | OTHER_VARIABLES)
-    return [(name, next(iter(difflib.get_close_matches(name, sorted(known), n=1)), None)) for name in unknown]
+    return [(name, likely_meant(name, known)) for name in unknown]
 
 
 def split_host_port(address: str, flag: str) -> tuple[str, int]:
