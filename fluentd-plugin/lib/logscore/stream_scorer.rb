@@ -22,12 +22,14 @@ module Logscore
     attr_reader :client, :unscored_log
 
     # message_key: nil sends the records themselves (msgpack); a key name sends that
-    # field as a raw line.
-    def initialize(client:, keys:, message_key: nil, on_error: :pass, log: nil, batch_records: 2000,
-                   batch_bytes: 1024 * 1024, unscored_log_interval: UnscoredLog::INTERVAL)
+    # field as a raw line. message_reader: how to find that field in a record (Fluentd's
+    # record_accessor for `$.log.message`); by default the top-level key message_key.
+    def initialize(client:, keys:, message_key: nil, message_reader: nil, on_error: :pass, log: nil,
+                   batch_records: 2000, batch_bytes: 1024 * 1024, unscored_log_interval: UnscoredLog::INTERVAL)
       @client = client
       @keys = keys
       @message_key = message_key
+      @message_reader = message_reader || ->(record) { record[message_key] }
       @on_error = on_error
       @log = log
       @batch_records = batch_records
@@ -172,7 +174,7 @@ module Logscore
       slices = [[[], nil]]
       bytes = 0
       entries.each do |entry|
-        line = entry[1][@message_key]
+        line = message_of(entry[1])
         unless line.is_a?(String)
           slices << [[entry], ScoringFailed.new('no_message', "no text under message_key #{@message_key.inspect} " \
                                                               "(#{line.nil? ? 'none' : line.class}): not a log line")]
@@ -193,10 +195,18 @@ module Logscore
 
     def request(tag, slice, packed)
       if @message_key
-        return client.lines_request(tag, slice.map { |_, record| record[@message_key].byteslice(0, CUT_VALUE_BYTES) })
+        return client.lines_request(tag, slice.map { |_, record| message_of(record).byteslice(0, CUT_VALUE_BYTES) })
       end
 
       client.event_stream_request(tag, packed)
+    end
+
+    # NOTE: a nested path whose middle is no map (`$.log.message` where log is a string) is no
+    # message, not an error: Hash#dig raises TypeError there.
+    def message_of(record)
+      @message_reader.call(record)
+    rescue StandardError
+      nil
     end
 
     # NOTE: the fields the plugin sets are its own: a record arriving with them (a second filter in

@@ -95,6 +95,19 @@ class LogscoreFilterTest < Test::Unit::TestCase
     assert_equal true, d.filtered_records.first['is_anomaly']
   end
 
+  # JSON application logs parsed by Fluentd hold their line one level down
+  test 'message_key as a record_accessor path: the nested line is scored; a record without it passes unscored' do
+    d = create_driver(base_conf('message_key $.log.message'))
+    d.run(default_tag: 'web') do
+      d.feed(event_time, { 'log' => { 'message' => AccessLines.attack } })
+      d.feed(event_time, { 'log' => { 'message' => AccessLines.normal(1).first } })
+      d.feed(event_time, { 'log' => 'a string where a map was expected' })
+    end
+    attack, normal, flat = d.filtered_records
+    assert_equal [true, false], [attack['is_anomaly'], normal['is_anomaly']]
+    assert_equal [true, nil], [flat['anomaly_unscored'], flat['anomaly_score']]
+  end
+
   test 'sidecar down: records pass through marked, none lost' do
     d = create_driver("endpoint unix://#{self.class.dir}/absent.sock\ntimeout 50ms")
     d.run(default_tag: 'web') { 100.times { |i| d.feed(event_time, { 'n' => i }) } }

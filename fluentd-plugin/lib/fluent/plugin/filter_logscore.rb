@@ -12,13 +12,14 @@ module Fluent
     class LogscoreFilter < Filter
       Fluent::Plugin.register_filter('logscore', self)
 
-      helpers :event_emitter, :timer
+      helpers :event_emitter, :timer, :record_accessor
 
       desc 'Sidecar address: unix:///path/to.sock (default) or host:port'
       config_param :endpoint, :string, default: 'unix:///tmp/logscore.sock'
       desc 'Model name; empty lets the sidecar route by tag and entity'
       config_param :model, :string, default: ''
-      desc 'Score this field as a raw log line; unset scores the whole record (its fields)'
+      desc 'Score this field as a raw log line (a key, or a record_accessor path such as $.log.message); ' \
+           'unset scores the whole record (its fields)'
       config_param :message_key, :string, default: nil
       desc 'Field receiving the score in [0, 1]'
       config_param :score_key, :string, default: 'anomaly_score'
@@ -80,6 +81,7 @@ module Fluent
           raise Fluent::ConfigError, "#{name} must be at least 1" unless instance_variable_get("@#{name}") >= 1
         end
         limit_batch_to_explanations
+        @message_reader = record_accessor_create(@message_key) if @message_key
         if @tls_cert_path.nil? != @tls_key_path.nil?
           raise Fluent::ConfigError, 'tls_cert_path and tls_key_path go together'
         end
@@ -122,6 +124,7 @@ module Fluent
                                                 entity: @entity_score_key,
                                                 notes: @notes_key.to_s.empty? ? nil : @notes_key)
         @scorer = Logscore::StreamScorer.new(client: client, keys: keys, message_key: @message_key,
+                                             message_reader: @message_reader,
                                              on_error: @on_error, log: log, batch_records: @batch_records,
                                              batch_bytes: @batch_bytes, unscored_log_interval: @unscored_log_interval)
         # The summary of unscored records comes at the end of its interval even when none follow.
