@@ -339,6 +339,12 @@ class StreamScorerTest < Test::Unit::TestCase
     refused.score('web', entries.call) { |_, _, error| failed << error }
     assert_equal [], failed # on_error pass: no handler called
     assert_equal 1, refused.client.stats[:failures]
+    # a missing token is the config's fault, not a silent sidecar: the circuit must not flap
+    # open and closed (its health check needs no token), writing two lines a call
+    4.times { refused.score('web', entries.call) }
+    assert_equal [5, 0, false], [refused.client.stats[:failures], refused.client.stats[:circuit_opened],
+                                 refused.client.circuit_open?]
+    assert_equal 5, refused.unscored_log.counts['unauthenticated']
   ensure
     sidecar&.stop
     FileUtils.rm_rf(dir)

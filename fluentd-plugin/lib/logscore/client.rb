@@ -106,6 +106,10 @@ module Logscore
     Result = Struct.new(:scores, :flags, :model_names, :explanations, :entity_scores, :notes, keyword_init: true)
     # Codes meaning the sidecar is not answering (as opposed to refusing one request).
     SILENT = [GRPC::Core::StatusCodes::DEADLINE_EXCEEDED, GRPC::Core::StatusCodes::UNAVAILABLE].freeze
+    # Codes of a call the sidecar refused for its token (or certificate): the setting is wrong, the
+    # sidecar works. Its health check needs no token, so a circuit opened for these closed and opened
+    # again on every few calls (two log lines each, 122 in 8 s).
+    NOT_ALLOWED = [GRPC::Core::StatusCodes::UNAUTHENTICATED, GRPC::Core::StatusCodes::PERMISSION_DENIED].freeze
     PROBE_TIMEOUT = 0.5
     DEADLINE_GRACE = 0.1 # seconds past a call's deadline before the client gives up on it itself
     COUNTERS = %i[calls scored unscored failures skipped_circuit_open circuit_opened probes busy].freeze
@@ -258,6 +262,7 @@ module Logscore
       @deadlines.observe(count + ahead, allowed) if e.code == GRPC::Core::StatusCodes::DEADLINE_EXCEEDED
       refused('invalid_argument', e.details) if e.code == GRPC::Core::StatusCodes::INVALID_ARGUMENT
       refused('not_found', e.details) if e.code == GRPC::Core::StatusCodes::NOT_FOUND
+      refused('unauthenticated', e.details) if NOT_ALLOWED.include?(e.code)
       refused('message_too_large', e.details) if too_large?(e)
       failed(status_name(e.code), e.details, silent: SILENT.include?(e.code))
     rescue ScoringFailed => e
@@ -332,7 +337,8 @@ module Logscore
     end
 
     # The sidecar answered, refusing this call's records (it could not decode them, the call
-    # was over its max_message_bytes, or their tag routes to no loaded model): it works, so
+    # was over its max_message_bytes, their tag routes to no loaded model, or the token is
+    # missing or wrong): it works, so
     # refusals never stop the calls, however many come in a row.
     def refused(reason, details)
       count(:failures)
