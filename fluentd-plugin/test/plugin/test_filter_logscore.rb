@@ -49,6 +49,7 @@ class LogscoreFilterTest < Test::Unit::TestCase
     data('cert without key' => "tls_cert_path /etc/hostname\ntls_ca_path /etc/hostname",
          'cert without ca' => "tls_cert_path /etc/hostname\ntls_key_path /etc/hostname",
          'unreadable ca' => 'tls_ca_path /nonexistent/ca.pem',
+         'TLS over the Unix socket' => 'tls_ca_path /etc/hostname',
          'bad on_error' => 'on_error drop',
          'no time per record' => 'timeout_per_record 0',
          'empty batches' => 'batch_records 0',

@@ -91,8 +91,11 @@ module Fluent
         if [@tls_ca_path, @tls_cert_path, @tls_key_path].any? { |p| p && !File.readable?(p) }
           raise Fluent::ConfigError, 'a tls_*_path file is not readable'
         end
-        if @endpoint.start_with?('unix:') && (@tls_ca_path || @token)
-          log.info('logscore: TLS/token over a Unix socket: the socket file mode already limits access')
+        # NOTE: the sidecar's Unix socket is plaintext: TLS there failed every call (handshake,
+        # `unavailable`). A token is another matter: the sidecar asks for it on the socket too.
+        if @tls_ca_path && Logscore::Client.target(@endpoint).start_with?('unix:')
+          raise Fluent::ConfigError, "tls_ca_path needs a host:port endpoint (the sidecar's --tcp); its Unix " \
+                                     "socket #{@endpoint} has no TLS: drop the tls_*_path settings for it"
         end
       end
 
