@@ -182,6 +182,9 @@ class StreamScorerTest < Test::Unit::TestCase
       assert_equal 24, out.count { |_, r| r['anomaly_score'].is_a?(Float) }, message_key.inspect
       assert_equal [0, 0], s.client.stats.values_at(:failures, :circuit_opened)
     end
+    # Cut where it lies: a parsed JSON app log holds its line one level down, or in a list.
+    nested = [{ 'log' => { 'message' => huge[0]['message'] } }, { 'lines' => [huge[1]['message']] }]
+    assert_equal [Float, Float], scorer.score('web', entries(nested)).map { |_, r| r['anomaly_score'].class }
     # Too big even cut (five fields of 300 KB do not fit 1 MiB): that record alone passes unscored.
     wide = ('a'..'e').to_h { |name| [name, 'y' * 300_000] }.merge('n' => 'wide')
     out = scorer.score('web', entries([wide] + normal.map(&:dup)))

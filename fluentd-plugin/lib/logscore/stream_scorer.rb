@@ -162,9 +162,14 @@ module Logscore
       fresh
     end
 
-    def cut_values(record)
-      record.transform_values do |value|
-        value.is_a?(String) && value.bytesize > CUT_VALUE_BYTES ? value.byteslice(0, CUT_VALUE_BYTES) : value
+    # NOTE: nested values too: a JSON app log parsed by Fluentd holds its line one level down
+    # (`{"log": {"message": ...}}`), and a 5 MB one passed unscored as too large.
+    def cut_values(value)
+      case value
+      when String then value.bytesize > CUT_VALUE_BYTES ? value.byteslice(0, CUT_VALUE_BYTES) : value
+      when Hash then value.transform_values { |inner| cut_values(inner) }
+      when Array then value.map { |inner| cut_values(inner) }
+      else value
       end
     end
 
