@@ -1,6 +1,7 @@
 # frozen_string_literal: true
 
 require_relative 'helper'
+require 'grpc/health/checker'
 
 # The plugin's scoring logic against the real sidecar process (no Fluentd needed).
 class StreamScorerTest < Test::Unit::TestCase
@@ -396,16 +397,36 @@ class MisbehavingSidecarTest < Test::Unit::TestCase
     end
   end
 
-  def with_fake(behaviour)
+  # A log that keeps its lines: [level, message].
+  class KeptLog
+    attr_reader :lines
+
+    def initialize
+      @lines = []
+    end
+
+    def warn(message, **) = @lines << [:warn, message]
+    def info(message, **) = @lines << [:info, message]
+  end
+
+  # healthy: also serve a health check that passes (the fake's calls may fail all the same)
+  def with_fake(behaviour, healthy: false)
     server = GRPC::RpcServer.new
     port = server.add_http2_port('127.0.0.1:0', :this_port_is_insecure)
     server.handle(FakeScorer.new(behaviour))
+    server.handle(passing_health_check) if healthy
     thread = Thread.new { server.run }
     server.wait_till_running(5)
     yield "127.0.0.1:#{port}"
   ensure
     server.stop
     thread.join
+  end
+
+  def passing_health_check
+    checker = Grpc::Health::Checker.new
+    checker.add_status('logscore.v1.Scorer', Grpc::Health::V1::HealthCheckResponse::ServingStatus::SERVING)
+    checker
   end
 
   def score_with(endpoint, timeout)
@@ -428,6 +449,22 @@ class MisbehavingSidecarTest < Test::Unit::TestCase
     with_fake(:short) do |endpoint|
       out, = score_with(endpoint, 2.0)
       assert(out.all? { |_, r| r['anomaly_unscored'] && !r.key?('anomaly_score') })
+    end
+  end
+
+  test 'calls failing while the health check passes: the circuit reopens, but is logged once an interval' do
+    with_fake(:short, healthy: true) do |endpoint|
+      log = KeptLog.new
+      client = Logscore::Client.new(endpoint: endpoint, timeout: 2.0, failure_threshold: 1, probe_interval: 0.01,
+                                    log: log)
+      scorer = Logscore::StreamScorer.new(client: client, keys: StreamScorerTest::KEYS, message_key: 'm')
+      12.times do
+        scorer.score('t', [[1, { 'm' => 'a' }], [2, { 'm' => 'b' }]])
+        sleep 0.03 # the probe closes the circuit again
+      end
+      assert_operator client.stats[:circuit_opened], :>=, 3
+      assert_equal [[:warn, 1], [:info, 1]], log.lines.map(&:first).tally.to_a
+      client.close
     end
   end
 

@@ -119,7 +119,7 @@ module Logscore
 
     def initialize(endpoint:, timeout: 0.5, timeout_per_record: 0.0005, in_flight: 2, model: '', explain: 0,
                    token: nil, tls_ca: nil, tls_cert: nil, tls_key: nil, failure_threshold: 3,
-                   probe_interval: 0.2, log: nil)
+                   probe_interval: 0.2, log: nil, log_interval: 30)
       @deadlines = Deadlines.new(base: timeout, per_record_max: timeout_per_record)
       @in_flight = in_flight
       @model = model.to_s
@@ -134,6 +134,9 @@ module Logscore
       @open = false
       @probe = nil
       @closed = false
+      @log_interval = log_interval
+      @opening_logged_at = nil
+      @openings_not_logged = 0
       @slots = CallSlots.new(CALLS_PER_CONNECTION)
       connect(endpoint, credentials(tls_ca, tls_cert, tls_key))
     end
@@ -365,16 +368,36 @@ module Logscore
     # Until the sidecar's health check passes, ask it every probe_interval; then close the circuit.
     def start_probe(reason)
       count(:circuit_opened)
-      @log&.warn('logscore: sidecar not answering; records pass unscored until its health check passes',
-                 reason: reason)
+      logged = log_opening(reason)
       @probe = Thread.new do
         sleep @probe_interval until @closed || healthy?
         @lock.synchronize do
           @open = false
           @consecutive_failures = 0
         end
-        @log&.info('logscore: sidecar answers again; scoring resumed') unless @closed
+        @log&.info('logscore: sidecar answers again; scoring resumed') if logged && !@closed
       end
+    end
+
+    # NOTE: a sidecar whose health check passes while its calls fail (overloaded, refusing the
+    # token before that was a refusal) opens the circuit again every few calls: it wrote two lines
+    # each time, 122 in 8 s. One opening is logged per log_interval, the next one saying how many
+    # were not; true when this one is logged (its "scoring resumed" line then follows).
+    def log_opening(reason)
+      now = Process.clock_gettime(Process::CLOCK_MONOTONIC)
+      not_logged = @lock.synchronize do
+        if @opening_logged_at && now - @opening_logged_at < @log_interval
+          @openings_not_logged += 1
+          next nil
+        end
+        @opening_logged_at = now
+        @openings_not_logged.tap { @openings_not_logged = 0 }
+      end
+      return false if not_logged.nil?
+
+      details = not_logged.positive? ? { reason: reason, openings_not_logged: not_logged } : { reason: reason }
+      @log&.warn('logscore: sidecar not answering; records pass unscored until its health check passes', **details)
+      true
     end
 
     def healthy?

@@ -120,7 +120,8 @@ module Fluent
           endpoint: @endpoint, timeout: @timeout, timeout_per_record: @timeout_per_record,
           in_flight: @calls_in_flight, model: @model, explain: @explanation_key ? @explain : 0, token: @token,
           tls_ca: @tls_ca_path, tls_cert: @tls_cert_path, tls_key: @tls_key_path,
-          failure_threshold: @failure_threshold, probe_interval: @probe_interval, log: log
+          failure_threshold: @failure_threshold, probe_interval: @probe_interval, log: log,
+          log_interval: @unscored_log_interval
         )
         keys = Logscore::StreamScorer::Keys.new(score: @score_key, flag: @flag_key, model: @model_key,
                                                 explanation: @explanation_key, unscored: @unscored_key,
