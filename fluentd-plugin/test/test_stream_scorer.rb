@@ -405,8 +405,8 @@ class MisbehavingSidecarTest < Test::Unit::TestCase
       @lines = []
     end
 
-    def warn(message, **) = @lines << [:warn, message]
-    def info(message, **) = @lines << [:info, message]
+    def warn(message, **fields) = @lines << [:warn, message, fields]
+    def info(message, **fields) = @lines << [:info, message, fields]
   end
 
   # healthy: also serve a health check that passes (the fake's calls may fail all the same)
@@ -421,6 +421,10 @@ class MisbehavingSidecarTest < Test::Unit::TestCase
   ensure
     server.stop
     thread.join
+  end
+
+  def now
+    Process.clock_gettime(Process::CLOCK_MONOTONIC)
   end
 
   def passing_health_check
@@ -452,18 +456,21 @@ class MisbehavingSidecarTest < Test::Unit::TestCase
     end
   end
 
-  test 'calls failing while the health check passes: the circuit reopens, but is logged once an interval' do
+  test 'calls failing while the health check passes: the circuit reopening at once is logged once' do
     with_fake(:short, healthy: true) do |endpoint|
       log = KeptLog.new
-      client = Logscore::Client.new(endpoint: endpoint, timeout: 2.0, failure_threshold: 1, probe_interval: 0.01,
+      client = Logscore::Client.new(endpoint: endpoint, timeout: 2.0, failure_threshold: 1, probe_interval: 0.02,
                                     log: log)
       scorer = Logscore::StreamScorer.new(client: client, keys: StreamScorerTest::KEYS, message_key: 'm')
-      12.times do
-        scorer.score('t', [[1, { 'm' => 'a' }], [2, { 'm' => 'b' }]])
-        sleep 0.03 # the probe closes the circuit again
-      end
-      assert_operator client.stats[:circuit_opened], :>=, 3
-      assert_equal [[:warn, 1], [:info, 1]], log.lines.map(&:first).tally.to_a
+      stream = -> { scorer.score('t', [[1, { 'm' => 'a' }], [2, { 'm' => 'b' }]]) }
+      started = now
+      stream.call until client.stats[:circuit_opened] >= 6 || now - started > 3 # each probe that passes reopens it
+      assert_equal [:warn, :info], log.lines.map(&:first)
+      sleep 0.2 until !client.circuit_open? || now - started > 5 # calls resumed, and stayed so (> 5 probes)
+      sleep 0.2
+      stream.call # trouble of its own: logged, with the openings that were not
+      warnings = log.lines.select { |level, _| level == :warn }
+      assert_equal [2, client.stats[:circuit_opened] - 2], [warnings.size, warnings.last[2][:openings_not_logged]]
       client.close
     end
   end

@@ -111,6 +111,7 @@ module Logscore
     # again on every few calls (two log lines each, 122 in 8 s).
     NOT_ALLOWED = [GRPC::Core::StatusCodes::UNAUTHENTICATED, GRPC::Core::StatusCodes::PERMISSION_DENIED].freeze
     PROBE_TIMEOUT = 0.5
+    FLAP_PROBES = 5 # an opening within this many probe intervals of calls resuming is the same trouble going on
     DEADLINE_GRACE = 0.1 # seconds past a call's deadline before the client gives up on it itself
     COUNTERS = %i[calls scored unscored failures skipped_circuit_open circuit_opened probes busy].freeze
     CALLS_PER_CONNECTION = 4 # half the sidecar's streams per connection (serve.py STREAMS_PER_CONNECTION)
@@ -137,6 +138,7 @@ module Logscore
       @log_interval = log_interval
       @opening_logged_at = nil
       @openings_not_logged = 0
+      @resumed_at = nil
       @slots = CallSlots.new(CALLS_PER_CONNECTION)
       connect(endpoint, credentials(tls_ca, tls_cert, tls_key))
     end
@@ -374,6 +376,7 @@ module Logscore
         @lock.synchronize do
           @open = false
           @consecutive_failures = 0
+          @resumed_at = Process.clock_gettime(Process::CLOCK_MONOTONIC)
         end
         @log&.info('logscore: sidecar answers again; scoring resumed') if logged && !@closed
       end
@@ -381,12 +384,14 @@ module Logscore
 
     # NOTE: a sidecar whose health check passes while its calls fail (overloaded, refusing the
     # token before that was a refusal) opens the circuit again every few calls: it wrote two lines
-    # each time, 122 in 8 s. One opening is logged per log_interval, the next one saying how many
-    # were not; true when this one is logged (its "scoring resumed" line then follows).
+    # each time, 122 in 8 s. An opening within FLAP_PROBES probes of the last resumption is logged once
+    # per log_interval, the next logged one saying how many were not (an outage of its own, later,
+    # is logged as ever); true when this one is logged (its "scoring resumed" line then follows).
     def log_opening(reason)
       now = Process.clock_gettime(Process::CLOCK_MONOTONIC)
       not_logged = @lock.synchronize do
-        if @opening_logged_at && now - @opening_logged_at < @log_interval
+        flapping = @resumed_at && now - @resumed_at < FLAP_PROBES * @probe_interval
+        if flapping && @opening_logged_at && now - @opening_logged_at < @log_interval
           @openings_not_logged += 1
           next nil
         end
