@@ -21,8 +21,12 @@ Parser = Callable[[str], tuple[Fields, bool]]
 # NOTE: quoted parts use the unrolled form [^"\\]*(?:\\.[^"\\]*)* : same language as
 # (?:[^"\\]|\\.)* but several times faster in Python's backtracking engine.
 _QUOTED = r'[^"\\]*(?:\\.[^"\\]*)*'
+# Apache's vhost_combined (Debian's other_vhosts_access.log) starts with "%v:%p ": the server name
+# and port, one token more before the time. Read as the optional `vhost`: the three tokens the
+# rest needs before "[" tell it from a client address (an IPv6 one ends in ":digits" too).
+_VHOST = r'(?:(?P<vhost>\S+:\d+) )?'
 _ACCESS = re.compile(
-    rf'(?P<remote_addr>\S+) (?P<ident>\S+) (?P<user>\S+) \[(?P<time>[^\]]*)\] '
+    rf'{_VHOST}(?P<remote_addr>\S+) (?P<ident>\S+) (?P<user>\S+) \[(?P<time>[^\]]*)\] '
     rf'"(?P<request>{_QUOTED})" (?P<status>\d{{3}}|-) (?P<bytes>\d+|-)'
     rf'(?: "(?P<referer>{_QUOTED})" "(?P<user_agent>{_QUOTED})")?'
 )
@@ -34,7 +38,7 @@ _ACCESS_FAST = re.compile(
 # Second chance for logs that do not escape quotes inside the request (some
 # nginx formats, hand-made lines): the request runs to the last '" status bytes'.
 _ACCESS_LENIENT = re.compile(
-    r'(?P<remote_addr>\S+) (?P<ident>\S+) (?P<user>\S+) \[(?P<time>[^\]]*)\] '
+    _VHOST + r'(?P<remote_addr>\S+) (?P<ident>\S+) (?P<user>\S+) \[(?P<time>[^\]]*)\] '
     r'"(?P<request>.*)" (?P<status>\d{3}|-) (?P<bytes>\d+|-)(?: "(?P<referer>.*?)" "(?P<user_agent>.*)")?$'
 )
 _REQUEST = re.compile(r"(?P<method>[A-Za-z]+) (?P<url>\S+)(?: (?P<protocol>HTTP/[\d.]+))?$")
@@ -137,6 +141,16 @@ ACCESS_DASHES: dict[str, str] = {"user": "", "referer": "", "bytes": "", "user_a
 COMBINED_ONLY = ("referer", "user_agent")
 
 
+def request_fields(request: str) -> Fields:
+    """method, url and protocol of a request line ("GET /a HTTP/1.1", HTTP/0.9's "GET /").
+    A scanner's raw bytes, "-" or "" (what servers log for a connection that sent no request) or a
+    truncated line stays whole as the url, so the URL features see exactly what was sent."""
+    parts = _REQUEST.match(request)
+    if parts is None:
+        return {"url": request}
+    return {k: v for k, v in parts.groupdict().items() if v is not None}
+
+
 def parse_access(line: str) -> tuple[Fields, bool]:
     fast = _ACCESS_FAST.match(line)
     if fast is not None:
@@ -152,13 +166,7 @@ def parse_access(line: str) -> tuple[Fields, bool]:
     if match is None:
         return _unparsed(line)
     fields = {k: v for k, v in match.groupdict().items() if v is not None and k != "ident"}
-    request = _REQUEST.match(match["request"])
-    if request is not None:
-        fields.update({k: v for k, v in request.groupdict().items() if v is not None})
-    else:
-        # A scanner's raw bytes or a truncated request line: keep it as the URL
-        # so the URL features see exactly what was sent.
-        fields["url"] = match["request"]
+    fields.update(request_fields(match["request"]))
     for name, dash in ACCESS_DASHES.items():
         if fields.get(name) == "-":
             fields[name] = dash
