@@ -264,3 +264,19 @@ def test_apache_vhost_combined_lines_parse_as_their_combined_line():
     fields, ok = parse_access('[::1]:80 10.0.0.1 - - [17/May/2015:10:05:07 +0000] "\\x16\\x03\\x01" 400 226 "-" "-"')
     assert ok and (fields["vhost"], fields["remote_addr"], fields["url"]) == ("[::1]:80", "10.0.0.1", "\\x16\\x03\\x01")
 
+
+def test_a_json_access_log_s_request_line_reads_as_a_raw_line_s_request():
+    """nginx's JSON access logs (escape=json) name the whole request line `request`: read through the
+    url alias, the url held "GET ... HTTP/1.1" and the method was missing (the shipped model flagged
+    2,000 of 2,000 normal records). Logstash's grok names the path alone `request`, beside `verb`."""
+    reading = RecordNormalizer("access", ["url", "method", "status", "bytes", "referer", "user_agent"])
+    line = '10.0.0.1 - - [17/May/2015:10:05:03 +0000] "GET /a?b=1 HTTP/1.1" 200 12 "-" "curl/8"'
+    nginx_json = {"time_local": "17/May/2015:10:05:03 +0000", "remote_addr": "10.0.0.1",
+                  "request": "GET /a?b=1 HTTP/1.1", "status": "200", "body_bytes_sent": "12",
+                  "http_referrer": "", "http_user_agent": "curl/8"}
+    read = reading.normalize_one(nginx_json)[0]
+    raw = parse_access(line)[0]
+    assert {name: read[name] for name in reading.wanted} == {name: raw[name] for name in reading.wanted}
+    assert reading.normalize_one({**nginx_json, "request": ""})[0]["url"] == ""  # a connection that sent nothing
+    grok = {"verb": "POST", "request": "/login", "httpversion": "1.1", "response": "302", "bytes": "5", "agent": "x"}
+    assert (reading.normalize_one(grok)[0]["url"], reading.normalize_one(grok)[0]["method"]) == ("/login", "POST")

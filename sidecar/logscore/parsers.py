@@ -221,7 +221,7 @@ FIELD_ALIASES: dict[str, dict[str, tuple[str, ...]]] = {
         "method": ("verb", "http.request.method", "request_method"),
         "status": ("code", "response", "status_code", "http.response.status_code"),
         "bytes": ("size", "body_bytes_sent", "http.response.body.bytes"),
-        "referer": ("referrer", "http_referer", "http.request.referrer"),
+        "referer": ("referrer", "http_referer", "http_referrer", "http.request.referrer"),
         "user_agent": ("agent", "http_user_agent", "user_agent.original"),
         "protocol": ("httpversion", "http.version"),
         # The client (windows and clients read it): nginx's parser names it remote, Logstash's
