@@ -328,3 +328,26 @@ def test_a_line_of_json_nested_thousands_deep_is_a_line_not_a_traceback(tmp_path
     assert len(capsys.readouterr().out.splitlines()) == 2
     assert main(["report", str(deep)]) == 0
     assert "1 lines not scored output (skipped)" in capsys.readouterr().out
+
+
+def test_score_says_when_lines_do_not_parse_and_what_they_are(tmp_path):
+    """Lines of another layout were each noted `unparsed` and all flagged, and the only summary said
+    to check the model: nothing said the lines did not parse, nor that a JSON access log (nginx's
+    escape=json) needs --json-records, where train's advice was `--format jsonl`, a message model."""
+    from logscore.parsers import parse_access
+
+    lines = shop_lines(200, seed=31)
+    haproxy = [f"May 17 10:05:03 lb haproxy[12]: {f['remote_addr']}:4711 [{f['time']}] http-in www/web1 0/0/1/5/6 "
+               f"{f['status']} {f['bytes'] or 0} - - ---- 1/1/0/0/0 0/0 \"{f['request']}\""
+               for f in (parse_access(line)[0] for line in lines)]
+    nginx_json = [json.dumps({"time_local": f["time"], "request": f["request"], "status": f["status"]})
+                  for f in (parse_access(line)[0] for line in lines)]
+    model = ROOT / "models" / "apache-access.onnx"
+    for name, rendered, advice in [("haproxy", haproxy, "They parse as syslog (100%): try --format syslog"),
+                                   ("nginx", nginx_json, "give --json-records to read each as a field map")]:
+        (tmp_path / name).write_text("\n".join(rendered[:150] + lines[:50]) + "\n")
+        done = logscore("score", "--model", model, tmp_path / name)
+        assert done.returncode == 0 and "150 of 200 records (75.0%) did not parse as access (e.g. " in done.stderr
+        assert advice in done.stderr and "Traceback" not in done.stderr, done.stderr
+    quiet = logscore("score", "--model", model, "--json-records", tmp_path / "nginx")
+    assert "did not parse" not in quiet.stderr, quiet.stderr

@@ -695,11 +695,15 @@ def run_score(args) -> int:
     model = Model.load(args.model, max_line_chars=args.max_record_bytes)
     records = read_json_records(args.inputs) if args.json_records else read_lines(args.inputs)
     out = sys.stdout
-    line_number = flagged = 0
+    line_number = flagged = unparsed = 0
+    unparsed_examples: list = []  # a few records that did not parse, for the format they may be
     for chunk in batched(records, max(1, args.batch)):
         result = model.score(chunk, explain=args.explain)
         decision = decide(model, result)
         flagged += int(decision.is_anomaly.sum())
+        unparsed += int(result.unparsed.sum())
+        if len(unparsed_examples) < UNPARSED_EXAMPLES:
+            unparsed_examples += [record for record, bad in zip(chunk, result.unparsed) if bad][:UNPARSED_EXAMPLES]
         notes = notes_by_record([(i, text) for i, _, text in decision.notes], len(chunk))
         for i in range(len(chunk)):
             line_number += 1
@@ -718,7 +722,27 @@ def run_score(args) -> int:
                             model.metadata.get("training", {}).get("inputs") or ["its training files"])
     if warning:
         print(f"logscore score: warning: {warning}", file=sys.stderr, flush=True)
+    if unparsed > WARN_UNPARSED_SHARE * line_number:
+        print(f"logscore score: warning: {unparsed_warning(model, unparsed, line_number, unparsed_examples)}",
+              file=sys.stderr, flush=True)
     return 0
+
+
+# NOTE: a line that does not parse is noted per record (`unparsed`), and flagged when the model's
+# training data parsed: a log of another layout (Apache's vhost_combined, HAProxy's) was all
+# flagged, and the only summary said to check the model, not that the lines did not parse.
+WARN_UNPARSED_SHARE = 0.01
+UNPARSED_EXAMPLES = 500
+
+
+def unparsed_warning(model, unparsed: int, scored: int, examples: list) -> str:
+    from .parsers import suggest_format
+
+    log_format = model.featurizer.log_format
+    example = examples[0] if isinstance(examples[0], str) else json.dumps(examples[0], default=str)
+    return (f"{unparsed:,} of {scored:,} records ({unparsed / scored:.1%}) did not parse as {log_format} "
+            f"(e.g. {example[:120]!r}), the format of {model.name}: they are scored with its fields missing. "
+            f"{suggest_format(examples, log_format)}")
 
 
 def result_entry(line_number: int, score: float, is_anomaly: bool, model: str, version: str, notes: list[str],

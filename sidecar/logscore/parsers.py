@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Callable
+from typing import Callable, Sequence
 
 from .errors import ConfigError
 
@@ -238,6 +238,34 @@ FIELD_ALIASES: dict[str, dict[str, tuple[str, ...]]] = {
     "jsonl": {},
     "plain": {"message": ("log", "msg", "event.original")},
 }
+
+
+def suggest_format(sample: Sequence[object], log_format: str) -> str:
+    """What to try instead of ``log_format`` for records that do not parse as it: the format most of a
+    few of them parse as, if any."""
+    probe = [r if isinstance(r, str) else json.dumps(r, default=str) for r in sample[:500]]
+    shares = {name: sum(parse(line)[1] for line in probe) / max(len(probe), 1)
+              for name, parse in PARSERS.items() if name not in (log_format, "plain")}
+    best = max(shares, key=shares.get) if shares else None
+    if best == "jsonl" and shares[best] >= 0.5:
+        # NOTE: a JSON access log (nginx's escape=json, Traefik's, Caddy's) read as lines suggested
+        # --format jsonl, whose model reads a message and a level: the access model reads them as maps.
+        return (f"They are JSON objects ({shares[best]:.0%}): give --json-records to read each as a field map "
+                f"(the {log_format} format finds its fields under the names shippers and servers give them, "
+                f"docs/converters.md), or --format jsonl for an application's JSON log.")
+    if best is not None and shares[best] >= 0.5:
+        return f"They parse as {best} ({shares[best]:.0%}): try --format {best}."
+    others = " or ".join(name for name in ("syslog", "jsonl") if name != log_format)
+    if log_format == "jsonl":  # JSON lines that name none of the fields the model reads
+        return (f"Records that are JSON need a message or level field (or their aliases: docs/converters.md); "
+                f"try --format {others} or plain, or --config naming your own fields.")
+    if log_format == "access":
+        return (f"The access format reads Apache's and nginx's common, combined and vhost_combined lines, with "
+                f"anything after the user agent (docs/converters.md); for another layout try --format {others}, "
+                f"--format plain to read each line as text, or --config naming your own fields; check the file "
+                f"is a text log.")
+    return (f"Try --format {others}, --format plain to read each line as text, or --config naming "
+            "your own fields (docs/converters.md); check the file is a text log.")
 
 
 def get_parser(log_format: str) -> Parser:

@@ -28,6 +28,7 @@ import numpy as np
 from .. import __version__
 from ..artifact import FORMAT_VERSION, HASH_KEY, METADATA_KEY, content_hash
 from ..errors import ConfigError, InputError
+from ..parsers import suggest_format
 from ..features import Featurizer
 from ..model import make_session, run_graph
 from ..sessions import SessionSpec, SessionTracker
@@ -324,24 +325,6 @@ def warn_missing_fields(present: dict[str, int], held: int, normalizer, warn: Wa
             names = ", ".join((name, *normalizer.aliases.get(name, ())))
             warn(f"field {name!r} is in {count:,} of {held:,} parsed records (read under {names}): the "
                  "model cannot see it; name the field your records use in a --config (docs/converters.md)")
-
-
-def suggest_format(sample: Sequence[object], log_format: str) -> str:
-    """What to try instead: the format most of a few records parse as, if any."""
-    from ..parsers import PARSERS
-
-    probe = [r if isinstance(r, str) else json.dumps(r) for r in sample[:500]]
-    shares = {name: sum(parse(line)[1] for line in probe) / max(len(probe), 1)
-              for name, parse in PARSERS.items() if name not in (log_format, "plain")}
-    best = max(shares, key=shares.get) if shares else None
-    if best is not None and shares[best] >= 0.5:
-        return f"They parse as {best} ({shares[best]:.0%}): try --format {best}."
-    others = " or ".join(name for name in ("syslog", "jsonl") if name != log_format)
-    if log_format == "jsonl":  # JSON lines that name none of the fields the model reads
-        return (f"Records that are JSON need a message or level field (or their aliases: docs/converters.md); "
-                f"try --format {others} or plain, or --config naming your own fields.")
-    return (f"Try --format {others}, --format plain to read each line as text, or --config naming "
-            "your own fields (docs/converters.md); check the file is a text log.")
 
 
 def held_back_fpr(raw: np.ndarray, folds: np.ndarray, kept: np.ndarray, options: TrainOptions) -> dict:
