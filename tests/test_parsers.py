@@ -280,3 +280,25 @@ def test_a_json_access_log_s_request_line_reads_as_a_raw_line_s_request():
     assert reading.normalize_one({**nginx_json, "request": ""})[0]["url"] == ""  # a connection that sent nothing
     grok = {"verb": "POST", "request": "/login", "httpversion": "1.1", "response": "302", "bytes": "5", "agent": "x"}
     assert (reading.normalize_one(grok)[0]["url"], reading.normalize_one(grok)[0]["method"]) == ("/login", "POST")
+
+
+@pytest.mark.parametrize("request_line", ["\\x16\\x03\\x01\\x00\\xa5\\x01", "-"])
+def test_a_request_line_with_no_space_reads_from_a_shippers_parser_as_from_the_raw_line(request_line):
+    """Fluentd's and Fluent Bit's apache2/nginx parsers read a request line with no space (a TLS
+    handshake on the plain port, nginx's and Apache's "-" for a request that never came) whole as the
+    method, with no path: the shipped model scored such a record 0.98, unflagged, where the raw line
+    scored 1.0, flagged."""
+    from logscore.model import Model
+
+    from .sidecar_process import ROOT
+
+    line = f'10.0.0.1 - - [18/May/2015:11:05:45 +0000] "{request_line}" 400 226 "-" "-"'
+    fluent_bit = {"host": "10.0.0.1", "user": "-", "method": request_line, "code": "400", "size": "226",
+                  "referer": "-", "agent": "-"}
+    model = Model.load(ROOT / "models" / "apache-access.onnx")
+    read = model.featurizer.normalizer.normalize_one(fluent_bit)[0]
+    assert read["url"] == parse_access(line)[0]["url"] and "method" not in read
+    scored = model.score([line, fluent_bit])
+    assert scored.scores[0] == scored.scores[1]
+    if request_line != "-":
+        assert scored.is_anomaly.all()

@@ -126,6 +126,7 @@ class RecordNormalizer:
         # missing, every such record held a feature never seen in training ("user_agent tokens:
         # (missing)"), scoring 0.73-0.84 where its raw line scored 0.0 (140 of 3,004 records).
         self._dashes = tuple(ACCESS_DASHES.items()) if log_format == "access" else ()
+        self._reads_url = "url" in self.wanted
         # NOTE: nginx's JSON access logs (log_format ... escape=json, as commonly written) name the whole
         # request line `request` ("GET /a?b=1 HTTP/1.1"), with no method or path of their own: read
         # through the url alias, the URL held the method and protocol and the method was missing, and
@@ -218,6 +219,8 @@ class RecordNormalizer:
         self._alias(fields, self.wanted)
         if self._dashes:
             self._read_dashes(fields)
+            if self._reads_url and "url" not in fields and "method" in fields:
+                self._read_lone_method(fields)
         if all(name in fields for name in self.wanted):
             return self._alias(self._with_head(fields), self.also), True, False
         if any(key.__class__ is bytes for key in record):
@@ -243,6 +246,15 @@ class RecordNormalizer:
         # format (a shipper's message key renamed, another log routed here): unparsed, as such a
         # line is, not scored quietly as a record with every field missing.
         return self._alias(fields, self.also), any(name in fields for name in self.wanted), False
+
+    @staticmethod
+    def _read_lone_method(fields: dict) -> None:
+        """A method with no url is a request line with no space: Fluentd's and Fluent Bit's apache2 and
+        nginx parsers read it whole as the method ("(?<method>\\S+)", the path optional). The raw
+        line keeps it as its url (parsers.request_fields); so does the map."""
+        # NOTE: read as a method, a TLS handshake sent to the plain port ("\x16\x03\x01...", 400)
+        # or a request that never came ("-", 408) scored 0.98, unflagged, where its raw line scored 1.0.
+        fields["url"] = fields.pop("method")
 
     def _read_request_line(self, fields: dict) -> None:
         """method, url and protocol of a map's request line (``request``) where no other field gives
