@@ -302,3 +302,14 @@ def test_a_request_line_with_no_space_reads_from_a_shippers_parser_as_from_the_r
     assert scored.scores[0] == scored.scores[1]
     if request_line != "-":
         assert scored.is_anomaly.all()
+
+
+def test_the_times_of_nginx_json_access_logs_are_read():
+    """nginx's JSON access logs name their time after its variables, time_local or time_iso8601: no
+    record of such a log had a time (`logscore train --windows --json-records` refused it)."""
+    from logscore.timestamps import record_times
+
+    reading = RecordNormalizer("access", ["url", "status"], also=("time_local", "time_iso8601"))
+    records = [{"time_local": "17/May/2015:10:05:03 +0000", "request": "GET / HTTP/1.1", "status": "200"},
+               {"time_iso8601": "2015-05-17T10:05:03+00:00", "request": "GET / HTTP/1.1", "status": "200"}]
+    assert record_times(reading.normalize(records).fields).tolist() == [1431857103.0, 1431857103.0]
