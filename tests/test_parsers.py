@@ -295,11 +295,13 @@ def test_a_request_line_with_no_space_reads_from_a_shippers_parser_as_from_the_r
     line = f'10.0.0.1 - - [18/May/2015:11:05:45 +0000] "{request_line}" 400 226 "-" "-"'
     fluent_bit = {"host": "10.0.0.1", "user": "-", "method": request_line, "code": "400", "size": "226",
                   "referer": "-", "agent": "-"}
+    fluentd = {**fluent_bit, "path": None, "user": None}  # Fluentd's apache2 parser: null where nothing matched
     model = Model.load(ROOT / "models" / "apache-access.onnx")
-    read = model.featurizer.normalizer.normalize_one(fluent_bit)[0]
-    assert read["url"] == parse_access(line)[0]["url"] and "method" not in read
-    scored = model.score([line, fluent_bit])
-    assert scored.scores[0] == scored.scores[1]
+    for record in (fluent_bit, fluentd):
+        read = model.featurizer.normalizer.normalize_one(record)[0]
+        assert read["url"] == parse_access(line)[0]["url"] and "method" not in read
+    scored = model.score([line, fluent_bit, fluentd])
+    assert scored.scores[0] == scored.scores[1] == scored.scores[2]
     if request_line != "-":
         assert scored.is_anomaly.all()
 

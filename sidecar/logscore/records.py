@@ -219,7 +219,7 @@ class RecordNormalizer:
         self._alias(fields, self.wanted)
         if self._dashes:
             self._read_dashes(fields)
-            if self._reads_url and "url" not in fields and "method" in fields:
+            if self._reads_url and fields.get("url") is None and fields.get("method") is not None:
                 self._read_lone_method(fields)
         if all(name in fields for name in self.wanted):
             return self._alias(self._with_head(fields), self.also), True, False
