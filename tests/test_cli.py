@@ -351,3 +351,7 @@ def test_score_says_when_lines_do_not_parse_and_what_they_are(tmp_path):
         assert advice in done.stderr and "Traceback" not in done.stderr, done.stderr
     quiet = logscore("score", "--model", model, "--json-records", tmp_path / "nginx")
     assert "did not parse" not in quiet.stderr, quiet.stderr
+    # The report of scored output says so too (it said only that the model flagged them).
+    (tmp_path / "scored.jsonl").write_text(logscore("score", "--model", model, tmp_path / "haproxy").stdout)
+    report = logscore("report", tmp_path / "scored.jsonl")
+    assert "apache-access: 150 of 200 records (75.0%) did not parse as its format" in report.stdout, report.stdout

@@ -90,6 +90,7 @@ class Totals:
     # --tag-routes needs it)
     route_records: Counter = field(default_factory=Counter)
     route_anomalies: Counter = field(default_factory=Counter)
+    route_unparsed: Counter = field(default_factory=Counter)  # (model, route) -> records noted "did not parse"
 
 
 def lookup(record: dict, *names: str):
@@ -221,6 +222,8 @@ def read_scored(paths, entity_field: Optional[str], progress=None) -> tuple[Tota
         totals.models[model] += 1
         totals.route_records[model, route] += 1
         totals.route_anomalies[model, route] += flag
+        if record.get("unparsed") is True or any(str(n).startswith("did not parse") for n in notes):
+            totals.route_unparsed[model, route] += 1
         suppressed = any(str(n).startswith("suppressed by feedback") for n in notes)
         totals.suppressed += suppressed
         totals.held += any(str(n).startswith("learning:") for n in notes)
@@ -347,6 +350,7 @@ def text_summary(totals: Totals, groups: Groups, top: int) -> str:
                      "to the output, or keep out_file's default format)")
     lines.append("models: " + ", ".join(f"{printable(m)} ({c:,})" for m, c in totals.models.most_common()))
     lines += flood_lines(totals)
+    lines += unparsed_lines(totals)
     lines += unscored_lines(totals)
     lines += event_lines(totals)
     if totals.entities:
@@ -395,13 +399,33 @@ def flood_lines(totals: Totals) -> list[str]:
     for (model, route), records in totals.route_records.most_common():
         flagged = totals.route_anomalies[model, route]
         if is_flood(0.0, flagged, records):
-            where = f"route {printable(route)}" if route else "its records"
-            lines.append(f"{printable(model)} flagged {flagged:,} of {records:,} records of {where} "
+            where = f" of route {printable(route)}" if route else ""
+            lines.append(f"{printable(model)} flagged {flagged:,} of {records:,} records{where} "
                          f"({flagged / records:.1%}): "
                          f"unless an attack fills them, it is not a model of this log; train one on it "
                          f"(logscore train --input FILE --format FORMAT) and send "
                          f"{'this route' if route else 'them'} to it (--tag-routes, --default-model or the "
                          f"Fluentd filter's `model NAME`)")
+    return lines
+
+
+# NOTE: each record of another layout is noted "did not parse as FORMAT", but the report said only
+# that the model flagged them all (a vhost_combined or HAProxy log under the access model).
+UNPARSED_SHARE = 0.01  # past this share of a route's records, the report names them
+
+
+def unparsed_lines(totals: Totals) -> list[str]:
+    """A line per model and route where more than UNPARSED_SHARE of the records did not parse as the
+    model's format."""
+    lines = []
+    for (model, route), unparsed in totals.route_unparsed.most_common():
+        records = totals.route_records[model, route]
+        if unparsed > UNPARSED_SHARE * records:
+            where = f" of route {printable(route)}" if route else ""
+            lines.append(f"{printable(model)}: {unparsed:,} of {records:,} records{where} ({unparsed / records:.1%}) "
+                         f"did not parse as its format (note 'did not parse as ...'): they are another log's or "
+                         f"another layout's; `logscore score` on a few of their lines says what they parse as "
+                         f"(docs/converters.md: access log layouts)")
     return lines
 
 
