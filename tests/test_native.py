@@ -95,14 +95,32 @@ EDGE_LINES = [
     '1.2.3.4\t- - [x] "GET / HTTP/1.1" 200 1', '1.2.3.4 - - [x] "GET / HTTP/1.1" 200 12a "r" "a"',
     '1.2.3.4 - - [] "GET /é HTTP/1.1" 200 1', '1.2.3.4 - - [x] "GET / HTTP/1.1" 200 1 "r\x85" "a"',
     "", "-", '"', '1.2.3.4 - - [x] "GET / HTTP/1.1" 200', '1.2.3.4 - - [x] "GET / HTTP/1.1" 200 1 "a\\\\" "b"',
+    # Apache's vhost_combined ("%v:%p " first), and first tokens that end in ":digits" without being one
+    'www.example.com:443 1.2.3.4 - - [x] "GET / HTTP/1.1" 200 1 "r" "a"', '::1 - - [x] "GET / HTTP/1.1" 200 1',
+    'a:1 ::1 - - [x] "GET / HTTP/1.1" 200 1', ':1 1.2.3.4 - - [x] "GET / HTTP/1.1" 200 1',
+    'a:1 - - [x] "GET / HTTP/1.1" 200 1',
+    '::1 - bob x [x] "GET / HTTP/1.1" 200 1', 'h:1: 1.2.3.4 - - [x] "GET / HTTP/1.1" 200 1', 'h:80 - - [x] "-" 408 -',
 ]
 
 
 def test_access_lines_at_the_edges_parse_the_same():
     compiled, reference = both(DEFAULT_SPECS["access"])
-    wide = [*compiled.fields, "remote_addr", "user", "time", "request", "protocol", "referer"]
+    wide = [*compiled.fields, "remote_addr", "user", "time", "request", "protocol", "referer", "vhost"]
     compiled.fields = reference.fields = wide
     assert compiled.field_values(EDGE_LINES) == reference.field_values(EDGE_LINES)
+
+
+def test_vhost_combined_lines_are_read_by_the_compiled_parser_itself():
+    """Apache's vhost_combined lines went to the Python parser one by one (a call back per line):
+    7.9 µs of CPU a line where a combined line took 1.6."""
+    lines = ['www.example.com:443 1.2.3.4 - - [17/May/2015:10:05:03 +0000] "GET /a HTTP/1.1" 200 1 "-" "curl/8"',
+             'h:80 2001:db8::1 - bob [17/May/2015:10:05:03 +0000] "POST /b?c=d HTTP/2.0" 404 - "r" "a"']
+    called_back = []
+    columns, parsed, _ = native._native.access_columns(
+        lines, ("vhost", "remote_addr", "url", "user_agent"), True, 100, 1000,
+        lambda record: called_back.append(record) or ({}, False, False), str)
+    assert not called_back and parsed == [True, True]
+    assert columns == [["www.example.com:443", "h:80"], ["1.2.3.4", "2001:db8::1"], ["/a", "/b?c=d"], ["curl/8", "a"]]
 
 
 def both(spec: dict) -> tuple[Featurizer, Featurizer]:
@@ -149,7 +167,7 @@ def test_truncation_and_non_text_values_are_the_same(column, limit):
 
 
 LINE_PARTS = st.fixed_dictionaries({
-    "addr": st.sampled_from(["1.2.3.4", "::1", "-", "", "a b", "host\x1c"]),
+    "addr": st.sampled_from(["1.2.3.4", "::1", "-", "", "a b", "host\x1c", "www.x:80 1.2.3.4", "h:8 ::1", "a:1 b c"]),
     "user": st.sampled_from(["-", "bob", "", "x y"]),
     "time": st.sampled_from(["17/May/2015:10:05:03 +0000", "", "x]y", "["]),
     "method": st.sampled_from(["GET", "POST", "get", "", "G3T", "PROPFIND"]),
@@ -172,7 +190,7 @@ def access_line(p: dict) -> str:
 def test_access_lines_parse_the_same(lines):
     spec = DEFAULT_SPECS["access"]
     compiled, reference = both(spec)
-    wide = [*compiled.fields, "remote_addr", "user", "time", "request", "protocol", "referer"]
+    wide = [*compiled.fields, "remote_addr", "user", "time", "request", "protocol", "referer", "vhost"]
     compiled.fields = reference.fields = wide  # every field the fast path extracts
     assert compiled.field_values(lines) == reference.field_values(lines)
     assert_same_features(spec, lines)

@@ -30,9 +30,10 @@ _ACCESS = re.compile(
     rf'"(?P<request>{_QUOTED})" (?P<status>\d{{3}}|-) (?P<bytes>\d+|-)'
     rf'(?: "(?P<referer>{_QUOTED})" "(?P<user_agent>{_QUOTED})")?'
 )
-# The common case in one match: a well-formed request line, combined or common format.
+# The common case in one match: a well-formed request line, combined, common or vhost_combined format.
+# (features/_native.c match_access is this regex by hand: change both)
 _ACCESS_FAST = re.compile(
-    rf'(\S+) \S+ (\S+) \[([^\]]*)\] "([A-Z]+) ([^ "\\]+) (HTTP/[\d.]+)" (\d{{3}}) (\d+|-)'
+    rf'(?:(\S+:\d+) )?(\S+) \S+ (\S+) \[([^\]]*)\] "([A-Z]+) ([^ "\\]+) (HTTP/[\d.]+)" (\d{{3}}) (\d+|-)'
     rf'(?: "({_QUOTED})" "({_QUOTED})")?'
 )
 # Second chance for logs that do not escape quotes inside the request (some
@@ -154,13 +155,15 @@ def request_fields(request: str) -> Fields:
 def parse_access(line: str) -> tuple[Fields, bool]:
     fast = _ACCESS_FAST.match(line)
     if fast is not None:
-        addr, user, time, method, url, protocol, status, size, referer, agent = fast.groups()
+        vhost, addr, user, time, method, url, protocol, status, size, referer, agent = fast.groups()
         fields: Fields = {"remote_addr": addr, "user": "" if user == "-" else user, "time": time,
                           "request": f"{method} {url} {protocol}", "method": method, "url": url,
                           "protocol": protocol, "status": status, "bytes": "" if size == "-" else size}
         if referer is not None:
             fields["referer"] = "" if referer == "-" else referer
             fields["user_agent"] = agent
+        if vhost is not None:
+            fields["vhost"] = vhost
         return fields, True
     match = _ACCESS.match(line) or _ACCESS_LENIENT.match(line)
     if match is None:

@@ -1776,11 +1776,12 @@ fail:
 }
 
 /* parsers._ACCESS_FAST on an ASCII line, by hand:
- *   (\S+) \S+ (\S+) \[([^\]]*)\] "([A-Z]+) ([^ "\\]+) (HTTP/[\d.]+)" (\d{3}) (\d+|-)
+ *   (?:(\S+:\d+) )?(\S+) \S+ (\S+) \[([^\]]*)\] "([A-Z]+) ([^ "\\]+) (HTTP/[\d.]+)" (\d{3}) (\d+|-)
  *   (?: "(QUOTED)" "(QUOTED)")?        QUOTED = [^"\\]*(?:\\.[^"\\]*)*
- * Every part is deterministic (no backtracking can change the match), so scanning left to
- * right gives the regex's groups. */
-enum { G_ADDR, G_USER, G_TIME, G_METHOD, G_URL, G_PROTOCOL, G_STATUS, G_BYTES, G_REFERER, G_AGENT, GROUPS };
+ * Past the optional vhost (tried first, as the regex does, then without), every part is
+ * deterministic (no backtracking can change the match), so scanning left to right gives the
+ * regex's groups. */
+enum { G_ADDR, G_USER, G_TIME, G_METHOD, G_URL, G_PROTOCOL, G_STATUS, G_BYTES, G_REFERER, G_AGENT, G_VHOST, GROUPS };
 
 static int is_space(unsigned char c) { return Py_UNICODE_ISSPACE(c); }
 
@@ -1803,8 +1804,8 @@ static Py_ssize_t scan_quoted(const unsigned char *s, Py_ssize_t i, Py_ssize_t n
     return -1;
 }
 
-static int match_access(const unsigned char *s, Py_ssize_t n, Py_ssize_t span[GROUPS][2]) {
-    Py_ssize_t i = 0, e;
+static int match_access_from(const unsigned char *s, Py_ssize_t i, Py_ssize_t n, Py_ssize_t span[GROUPS][2]) {
+    Py_ssize_t e;
 #define EXPECT(c) do { if (i >= n || s[i] != (c)) return 0; i++; } while (0)
 #define GROUP(g, a, b) do { span[g][0] = (a); span[g][1] = (b); } while (0)
     if ((e = scan_nonspace(s, i, n)) < 0) return 0;
@@ -1851,12 +1852,33 @@ static int match_access(const unsigned char *s, Py_ssize_t n, Py_ssize_t span[GR
     return 1;
 }
 
-enum { F_NONE, F_ADDR, F_USER, F_TIME, F_REQUEST, F_METHOD, F_URL, F_PROTOCOL, F_STATUS, F_BYTES, F_REFERER, F_AGENT };
+/* \S+:\d+ over the whole token s[0:end]: digits to its end, a colon before them, something before that */
+static int ends_in_port(const unsigned char *s, Py_ssize_t end) {
+    Py_ssize_t j = end;
+    while (j > 0 && s[j - 1] >= '0' && s[j - 1] <= '9') j--;
+    return j < end && j >= 2 && s[j - 1] == ':';
+}
+
+/* Apache's vhost_combined puts "%v:%p " before the client: a first token ending in ":digits" is
+ * the vhost where the rest matches after it (an IPv6 client ends so too: then the rest does not). */
+static int match_access(const unsigned char *s, Py_ssize_t n, Py_ssize_t span[GROUPS][2]) {
+    Py_ssize_t e = scan_nonspace(s, 0, n);
+    if (e > 0 && e < n && s[e] == ' ' && ends_in_port(s, e) && match_access_from(s, e + 1, n, span)) {
+        span[G_VHOST][0] = 0;
+        span[G_VHOST][1] = e;
+        return 1;
+    }
+    span[G_VHOST][0] = -1;
+    return match_access_from(s, 0, n, span);
+}
+
+enum { F_NONE, F_ADDR, F_USER, F_TIME, F_REQUEST, F_METHOD, F_URL, F_PROTOCOL, F_STATUS, F_BYTES, F_REFERER, F_AGENT,
+       F_VHOST };
 
 static int access_field_code(PyObject *name) {
     static const char *names[] = {"remote_addr", "user", "time", "request", "method", "url", "protocol",
-                                  "status", "bytes", "referer", "user_agent"};
-    for (int k = 0; k < 11; k++)
+                                  "status", "bytes", "referer", "user_agent", "vhost"};
+    for (int k = 0; k < 12; k++)
         if (PyUnicode_CompareWithASCIIString(name, names[k]) == 0) return k + 1;
     return F_NONE;
 }
@@ -1875,6 +1897,7 @@ static PyObject *access_field(PyObject *line, const unsigned char *s, Py_ssize_t
     case F_BYTES: group = G_BYTES; break;
     case F_REFERER: group = G_REFERER; break;
     case F_AGENT: group = G_AGENT; break;
+    case F_VHOST: group = G_VHOST; break;
     case F_REQUEST: {  /* f"{method} {url} {protocol}": three adjacent groups, one space apart */
         Py_ssize_t a = span[G_METHOD][0], b = span[G_PROTOCOL][1];
         return PyUnicode_Substring(line, a, b);
