@@ -315,3 +315,29 @@ def test_the_times_of_nginx_json_access_logs_are_read():
     records = [{"time_local": "17/May/2015:10:05:03 +0000", "request": "GET / HTTP/1.1", "status": "200"},
                {"time_iso8601": "2015-05-17T10:05:03+00:00", "request": "GET / HTTP/1.1", "status": "200"}]
     assert record_times(reading.normalize(records).fields).tolist() == [1431857103.0, 1431857103.0]
+
+
+def test_fluentd_s_null_referer_and_agent_read_as_a_combined_model_s_dashes(tmp_path):
+    """Fluentd's apache2 parser sends null for both of a combined line's "-" "-" and for a common line's
+    missing pair. Read as the common format, 32 of 2,000 normal combined lines scored up to 0.96 behind
+    Fluentd where their raw lines scored less. A model now knows its log's layout (from training)."""
+    from logscore.features import load_spec
+    from logscore.model import Model
+    from logscore.training.train import TrainOptions, save_model, train
+
+    from .generate import shop_lines
+
+    lines = shop_lines(1200, seed=61)
+    for layout, training in (("combined", lines), ("common", [line.rsplit(' "', 2)[0] for line in lines])):
+        model, _ = train(training, TrainOptions(spec=load_spec(None, "access"), name=layout))
+        save_model(model, tmp_path / f"{layout}.onnx")
+        scorer = Model.load(tmp_path / f"{layout}.onnx")
+        raw = '10.0.0.1 - - [17/May/2015:10:05:03 +0000] "GET /index.html HTTP/1.1" 200 512'
+        fluentd = {"host": "10.0.0.1", "user": None, "method": "GET", "path": "/index.html", "code": 200,
+                   "size": 512, "referer": None, "agent": None}
+        read = scorer.featurizer.normalizer.normalize_one(fluentd)[0]
+        same_as = raw + ' "-" "-"' if layout == "combined" else raw
+        assert read.get("user_agent") == parse_access(same_as)[0].get("user_agent")
+        scores = scorer.score([same_as, fluentd]).scores
+        assert scores[0] == scores[1]
+        assert scorer.metadata["featurizer"]["access_layout"] == layout  # (kept in the model)

@@ -95,12 +95,14 @@ class RecordNormalizer:
     """Normalizes records for one log format and the fields its featurizer reads."""
 
     def __init__(self, log_format: str, wanted_fields: Iterable[str], max_line_chars: int = DEFAULT_MAX_LINE_CHARS,
-                 also: Iterable[str] = (), native=None, aliases: Optional[dict] = None, message_levels: bool = True):
+                 also: Iterable[str] = (), native=None, aliases: Optional[dict] = None, message_levels: bool = True,
+                 combined: bool = False):
         """``also``: fields read besides the wanted ones (windows and clients): a field map lacking
         one gets it from an alias, after its raw line was parsed (a line's own value wins).
         ``native``: the compiled featurizer's module, or None (the Python reference). ``aliases``:
         field -> other names, the model's own (its spec's), beside the format's FIELD_ALIASES.
-        ``message_levels``: a syslog message's level word counts (windows.LEVELS_READ 2)."""
+        ``message_levels``: a syslog message's level word counts (windows.LEVELS_READ 2). ``combined``: the
+        model's access log is in the combined format, so a null referer and agent are its "-" "-"."""
         self.log_format = log_format
         self.parse = get_parser(log_format)
         self.wanted = tuple(wanted_fields)
@@ -126,6 +128,7 @@ class RecordNormalizer:
         # missing, every such record held a feature never seen in training ("user_agent tokens:
         # (missing)"), scoring 0.73-0.84 where its raw line scored 0.0 (140 of 3,004 records).
         self._dashes = tuple(ACCESS_DASHES.items()) if log_format == "access" else ()
+        self._combined = combined
         self._reads_url = "url" in self.wanted
         # NOTE: nginx's JSON access logs (log_format ... escape=json, as commonly written) name the whole
         # request line `request` ("GET /a?b=1 HTTP/1.1"), with no method or path of their own: read
@@ -136,8 +139,9 @@ class RecordNormalizer:
 
     def _read_dashes(self, fields: dict) -> None:
         """Null fields as the line's "-" reads (ACCESS_DASHES); referer and agent only on a combined line
-        (one of them there): both null, the line may be in the common format, which has neither."""
-        combined = any(fields.get(name) is not None for name in COMBINED_ONLY)
+        (one of them there, or the model's log is combined): both null, the line may be in the common
+        format, which has neither."""
+        combined = self._combined or any(fields.get(name) is not None for name in COMBINED_ONLY)
         for name, dash in self._dashes:
             if name in fields and fields[name] is None and (combined or name not in COMBINED_ONLY):
                 fields[name] = dash

@@ -278,6 +278,7 @@ def scores_with_progress(session, fitted: Fitted, records: Sequence[object], chu
 
 
 CHECK_BLOCK = 50_000  # records normalized at a time to count those that parse
+AGENT = {"user_agent"}  # the field of lines counted there: whether the log is in the combined format
 
 
 def count_unparsed(sample: Sequence[object], options: TrainOptions, warn: Warn, progress: Progress = quiet) -> int:
@@ -292,7 +293,9 @@ def count_unparsed(sample: Sequence[object], options: TrainOptions, warn: Warn, 
     for start in range(0, len(sample), CHECK_BLOCK):
         block = sample[start: start + CHECK_BLOCK]
         if not field_maps:  # lines: the compiled parser where there is one (the Python one took 5 s on 1M)
-            parsed[start: start + len(block)] = featurizer.field_values(block)[1]
+            columns, parsed[start: start + len(block)], _ = featurizer.field_values(block)
+            for name in present.keys() & AGENT:
+                present[name] += sum(value is not None for value in columns[name])
         else:
             batch = normalizer.normalize(block)
             parsed[start: start + len(block)] = batch.parsed
@@ -302,6 +305,10 @@ def count_unparsed(sample: Sequence[object], options: TrainOptions, warn: Warn, 
         progress("checking the records parse", min(start + CHECK_BLOCK, len(sample)), len(sample), "records")
     if field_maps:  # (records naming their own fields)
         warn_missing_fields(present, int(parsed.sum()), normalizer, warn)
+    if normalizer.log_format == "access" and "user_agent" in present and "access_layout" not in options.spec:
+        # (records.RecordNormalizer: a shipper's null referer and agent read as "-" "-" in a combined log)
+        combined = present["user_agent"] * 2 >= int(parsed.sum())
+        options.spec = {**options.spec, "access_layout": "combined" if combined else "common"}
     unparsed = len(parsed) - int(parsed.sum())
     if unparsed <= WARN_UNPARSED * len(sample):
         return unparsed
