@@ -143,10 +143,11 @@ def test_routes_per_entity_are_bounded_and_held_until_their_own_model_serves(tmp
     assert learner.status()["shop@a"]["window"] == 1 and learner.status()["shop@a"]["flags_held"] == 1
 
 
-def test_entity_values_unfit_for_a_file_name_and_per_entity_routes_of_models_with_windows_are_not_learned(
+def test_entity_values_unfit_for_a_file_name_are_not_learned_and_a_model_with_windows_learns_all_its_records(
         tmp_path, shop_model_path):
     """A per-entity route is a file name under the models directory: `../x` or `a/b` must not become
-    one; and a model with windows forecasts all of its traffic: models per entity would split it."""
+    one; and a model with windows forecasts all of its traffic: models per entity would split it, so
+    its own route learns from every record it scores (it learned only from those without an entity)."""
     from types import SimpleNamespace
 
     from logscore.learning import Learner
@@ -162,7 +163,7 @@ def test_entity_values_unfit_for_a_file_name_and_per_entity_routes_of_models_wit
     assert learner.routes(model, records) == ["shop@web1", None, None, None, "shop"]
     assert sorted(learner.routes_by_name) == ["shop", "shop@web1"]
     model.artifact.metadata["windows"] = {"window_s": 60}  # as a model trained with --windows carries
-    assert learner.routes(model, records) == [None, None, None, None, "shop"]
+    assert learner.routes(model, records) == ["shop"] * len(records)
     del model.artifact.metadata["windows"]
     model.artifact.metadata["entities"] = {"key": "remote_addr"}  # clients alone: each entity's model keeps them
     assert learner.routes(model, records[:1]) == ["shop@web1"]

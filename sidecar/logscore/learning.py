@@ -110,23 +110,17 @@ class Learner:
     # --- on the scoring path (cheap) ---------------------------------------------
     def routes(self, model: Model, records: Sequence[object]) -> list[Optional[str]]:
         """Each record's route; None for records not learned (entities beyond learn_max_routes or
-        with names unfit for a file, and per-entity routes of models with windows)."""
+        with names unfit for a file)."""
         entity = self.registry.entity_field
-        if not entity:
+        # NOTE: a model with windows is learned as one route from all of its records: its windows
+        # forecast its whole traffic, which models per entity would split (a drop every window); and
+        # that one model goes on scoring every entity's records, so it learns from them all.
+        if not entity or model.metadata.get("windows"):
             return [model.name] * len(records)
         names = []
         for record in records:
             value = record.get(entity) if isinstance(record, dict) else None
-            if value is None:
-                names.append(self._admit(model.name))
-            elif model.metadata.get("windows"):
-                # NOTE: its windows forecast the model's whole traffic: a learned model per entity would
-                # carry them for a part of it (a drop every window), leaving the model a part too.
-                self._not_learned(f"{model.name}@*", f"per-{entity} routes of a model with windows are not learned: "
-                                  "its windows forecast all of its traffic, which models per entity would split")
-                names.append(None)
-            else:
-                names.append(self._admit(f"{model.name}@{to_text(value)}"))
+            names.append(self._admit(model.name if value is None else f"{model.name}@{to_text(value)}"))
         return names
 
     def _admit(self, name: str) -> Optional[str]:
