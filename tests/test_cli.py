@@ -351,6 +351,11 @@ def test_score_says_when_lines_do_not_parse_and_what_they_are(tmp_path):
         assert advice in done.stderr and "Traceback" not in done.stderr, done.stderr
     quiet = logscore("score", "--model", model, "--json-records", tmp_path / "nginx")
     assert "did not parse" not in quiet.stderr, quiet.stderr
+    # Field maps naming no access field: given --json-records already, they were told to give it.
+    (tmp_path / "maps").write_text("\n".join(json.dumps({"foo": i}) for i in range(20)) + "\n")
+    maps = logscore("score", "--model", model, "--json-records", tmp_path / "maps")
+    assert "They are field maps naming none of the fields the access format reads" in maps.stderr, maps.stderr
+    assert "--json-records" not in maps.stderr and "they are flagged: its training data parsed" in maps.stderr
     # The report of scored output says so too (it said only that the model flagged them).
     (tmp_path / "scored.jsonl").write_text(logscore("score", "--model", model, tmp_path / "haproxy").stdout)
     report = logscore("report", tmp_path / "scored.jsonl")

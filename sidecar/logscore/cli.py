@@ -691,6 +691,7 @@ def cut_past(record, limit: int):
 def run_score(args) -> int:
     from .decide import decide, notes_by_record
     from .model import Model
+    from .parsers import SUGGEST_SAMPLE, WARN_UNPARSED_SHARE
 
     model = Model.load(args.model, max_line_chars=args.max_record_bytes)
     records = read_json_records(args.inputs) if args.json_records else read_lines(args.inputs)
@@ -702,8 +703,8 @@ def run_score(args) -> int:
         decision = decide(model, result)
         flagged += int(decision.is_anomaly.sum())
         unparsed += int(result.unparsed.sum())
-        if len(unparsed_examples) < UNPARSED_EXAMPLES:
-            unparsed_examples += [record for record, bad in zip(chunk, result.unparsed) if bad][:UNPARSED_EXAMPLES]
+        if len(unparsed_examples) < SUGGEST_SAMPLE:
+            unparsed_examples += [record for record, bad in zip(chunk, result.unparsed) if bad][:SUGGEST_SAMPLE]
         notes = notes_by_record([(i, text) for i, _, text in decision.notes], len(chunk))
         for i in range(len(chunk)):
             line_number += 1
@@ -731,17 +732,15 @@ def run_score(args) -> int:
 # NOTE: a line that does not parse is noted per record (`unparsed`), and flagged when the model's
 # training data parsed: a log of another layout (Apache's vhost_combined, HAProxy's) was all
 # flagged, and the only summary said to check the model, not that the lines did not parse.
-WARN_UNPARSED_SHARE = 0.01
-UNPARSED_EXAMPLES = 500
-
-
 def unparsed_warning(model, unparsed: int, scored: int, examples: list) -> str:
+    from .decide import flags_unparsed
+    from .feedback import record_text
     from .parsers import suggest_format
 
     log_format = model.featurizer.log_format
-    example = examples[0] if isinstance(examples[0], str) else json.dumps(examples[0], default=str)
+    fate = ("flagged: its training data parsed" if flags_unparsed(model) else "scored with its fields missing")
     return (f"{unparsed:,} of {scored:,} records ({unparsed / scored:.1%}) did not parse as {log_format} "
-            f"(e.g. {example[:120]!r}), the format of {model.name}: they are scored with its fields missing. "
+            f"(e.g. {record_text(examples[0])[:120]!r}), the format of {model.name}: they are {fate}. "
             f"{suggest_format(examples, log_format)}")
 
 

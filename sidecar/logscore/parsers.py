@@ -243,10 +243,18 @@ FIELD_ALIASES: dict[str, dict[str, tuple[str, ...]]] = {
 }
 
 
+WARN_UNPARSED_SHARE = 0.01  # past this share of records not parsing as their format, train, score and report say so
+SUGGEST_SAMPLE = 500  # records suggest_format tries other formats on
+
+
 def suggest_format(sample: Sequence[object], log_format: str) -> str:
     """What to try instead of ``log_format`` for records that do not parse as it: the format most of a
     few of them parse as, if any."""
-    probe = [r if isinstance(r, str) else json.dumps(r, default=str) for r in sample[:500]]
+    if any(isinstance(record, dict) for record in sample[:100]):
+        # Field maps (--json-records, a shipper's): another line format cannot read them; their names can.
+        return (f"They are field maps naming none of the fields the {log_format} format reads, or their "
+                f"aliases (docs/converters.md): name yours in a --config, or check the model's format.")
+    probe = [r if isinstance(r, str) else json.dumps(r, default=str) for r in sample[:SUGGEST_SAMPLE]]
     shares = {name: sum(parse(line)[1] for line in probe) / max(len(probe), 1)
               for name, parse in PARSERS.items() if name not in (log_format, "plain")}
     best = max(shares, key=shares.get) if shares else None

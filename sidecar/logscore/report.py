@@ -30,7 +30,7 @@ from .flood import is_flood
 from .inputs import read_lines, shipper_line
 from .metrics import SCORE_BUCKETS
 from .review import TOP_ENTITIES, Example, Groups, render_group_examples
-from .parsers import line_head
+from .parsers import WARN_UNPARSED_SHARE, line_head
 from .timestamps import epoch_seconds, parse_time
 from .svg import bars, timeline
 
@@ -411,16 +411,13 @@ def flood_lines(totals: Totals) -> list[str]:
 
 # NOTE: each record of another layout is noted "did not parse as FORMAT", but the report said only
 # that the model flagged them all (a vhost_combined or HAProxy log under the access model).
-UNPARSED_SHARE = 0.01  # past this share of a route's records, the report names them
-
-
 def unparsed_lines(totals: Totals) -> list[str]:
-    """A line per model and route where more than UNPARSED_SHARE of the records did not parse as the
+    """A line per model and route where more than WARN_UNPARSED_SHARE of the records did not parse as the
     model's format."""
     lines = []
     for (model, route), unparsed in totals.route_unparsed.most_common():
         records = totals.route_records[model, route]
-        if unparsed > UNPARSED_SHARE * records:
+        if unparsed > WARN_UNPARSED_SHARE * records:
             where = f" of route {printable(route)}" if route else ""
             lines.append(f"{printable(model)}: {unparsed:,} of {records:,} records{where} ({unparsed / records:.1%}) "
                          f"did not parse as its format (note 'did not parse as ...'): they are another log's or "

@@ -19,7 +19,7 @@ import json
 import os
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional, Sequence
 
@@ -28,7 +28,7 @@ import numpy as np
 from .. import __version__
 from ..artifact import FORMAT_VERSION, HASH_KEY, METADATA_KEY, content_hash
 from ..errors import ConfigError, InputError
-from ..parsers import suggest_format
+from ..parsers import WARN_UNPARSED_SHARE, suggest_format
 from ..features import Featurizer
 from ..model import make_session, run_graph
 from ..sessions import SessionSpec, SessionTracker
@@ -43,7 +43,6 @@ Progress = Callable[[str, int, Optional[int], str], None]  # stage, done, total,
 Warn = Callable[[str], None]
 
 REFUSE_UNPARSED = 0.5  # most records do not parse: wrong --format, refuse
-WARN_UNPARSED = 0.01  # more than this do not parse: say so
 
 
 def quiet(stage: str, done: int, total: Optional[int], unit: str = "records") -> None:
@@ -281,10 +280,12 @@ CHECK_BLOCK = 50_000  # records normalized at a time to count those that parse
 AGENT = {"user_agent"}  # the field of lines counted there: whether the log is in the combined format
 
 
-def count_unparsed(sample: Sequence[object], options: TrainOptions, warn: Warn, progress: Progress = quiet) -> int:
-    """The number of records that do not parse; refuses input that is mostly unparsed (a wrong
-    --format, a binary file) and warns when more than a few records do not parse. Block by
-    block, saying how far (11 s of silence on 1M JSON records)."""
+def count_unparsed(sample: Sequence[object], options: TrainOptions, warn: Warn,
+                   progress: Progress = quiet) -> tuple[int, dict]:
+    """(the number of records that do not parse, the featurizer spec with the access layout they
+    show); refuses input that is mostly unparsed (a wrong --format, a binary file) and warns when
+    more than a few records do not parse. Block by block, saying how far (11 s of silence on 1M
+    JSON records)."""
     featurizer = Featurizer(options.spec)
     normalizer = featurizer.normalizer
     field_maps = normalizer.log_format == "jsonl" or any(isinstance(record, dict) for record in sample[:100])
@@ -305,13 +306,14 @@ def count_unparsed(sample: Sequence[object], options: TrainOptions, warn: Warn, 
         progress("checking the records parse", min(start + CHECK_BLOCK, len(sample)), len(sample), "records")
     if field_maps:  # (records naming their own fields)
         warn_missing_fields(present, int(parsed.sum()), normalizer, warn)
-    if normalizer.log_format == "access" and "user_agent" in present and "access_layout" not in options.spec:
+    spec = options.spec
+    if normalizer.log_format == "access" and "user_agent" in present and "access_layout" not in spec:
         # (records.RecordNormalizer: a shipper's null referer and agent read as "-" "-" in a combined log)
         combined = present["user_agent"] * 2 >= int(parsed.sum())
-        options.spec = {**options.spec, "access_layout": "combined" if combined else "common"}
+        spec = {**spec, "access_layout": "combined" if combined else "common"}
     unparsed = len(parsed) - int(parsed.sum())
-    if unparsed <= WARN_UNPARSED * len(sample):
-        return unparsed
+    if unparsed <= WARN_UNPARSED_SHARE * len(sample):
+        return unparsed, spec
     log_format = normalizer.log_format
     example = example_text(sample[int(np.argmin(parsed))])[:120]
     summary = (f"{unparsed:,} of {len(sample):,} records ({unparsed / len(sample):.1%}) do not parse as {log_format} "
@@ -320,7 +322,7 @@ def count_unparsed(sample: Sequence[object], options: TrainOptions, warn: Warn, 
         raise InputError(f"{summary}: this is not {log_format} input. {suggest_format(sample, log_format)}")
     warn(f"{summary}; they are learned with their fields missing, and records that do not parse "
          "will not be flagged for it")
-    return unparsed
+    return unparsed, spec
 
 
 def warn_missing_fields(present: dict[str, int], held: int, normalizer, warn: Warn) -> None:
@@ -328,7 +330,7 @@ def warn_missing_fields(present: dict[str, int], held: int, normalizer, warn: Wa
     logger naming its message otherwise gave a model of the level alone, and said nothing.
     ``present``: how many of the ``held`` parsed records hold each field."""
     for name, count in present.items():
-        if held and count <= WARN_UNPARSED * held:
+        if held and count <= WARN_UNPARSED_SHARE * held:
             names = ", ".join((name, *normalizer.aliases.get(name, ())))
             warn(f"field {name!r} is in {count:,} of {held:,} parsed records (read under {names}): the "
                  "model cannot see it; name the field your records use in a --config (docs/converters.md)")
@@ -400,7 +402,8 @@ def train(records: Iterable[object], options: TrainOptions,
                          "(thousands are better)")
     random.Random(options.seed).shuffle(sample)
 
-    unparsed = count_unparsed(sample, options, keep_warning, progress)
+    unparsed, spec = count_unparsed(sample, options, keep_warning, progress)
+    options = replace(options, spec=spec)  # (the caller's options stay as given: a second log may differ)
     # Rare = seen in fewer records than a feature needs to count as normal (screening's grouping).
     support = options.support or default_support(len(sample))
     prior = InjectionPrior(options.injection_share) if options.set_aside and options.injection_share else None
