@@ -222,6 +222,10 @@ def test_a_model_keeps_another_s_windows_and_clients_or_learns_its_clients_again
     assert kept.metadata["entities"] == Model.load(behaviour_model).metadata["entities"]
     capsys.readouterr()
     assert main(["inspect", str(out)]) == 0 and "windows and clients kept from model shop" in capsys.readouterr().out
+    # Its clients learned again: no longer kept from another model, and inspect no longer says so.
+    relearned_out = tmp_path / "relearned.onnx"
+    assert main(train[:-2] + ["--out", str(relearned_out), "--base", str(out), "--entities"]) == 0
+    assert "behaviour_from" not in Model.load(relearned_out).metadata["training"]
 
 
 def test_base_relearns_windows_of_a_model_that_has_them_and_keeps_its_clients(behaviour_model, tmp_path):

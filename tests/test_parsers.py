@@ -253,6 +253,13 @@ def test_a_common_format_line_parsed_by_fluentd_reads_as_its_raw_line():
     assert "user_agent" not in raw and read.get("user_agent") is None and read.get("referer") is None
 
 
+def test_a_null_url_alias_leaves_the_url_to_the_request_line():
+    """A shipper's null is no field: {"request": "GET /a HTTP/1.1", "path": null} read its url as null."""
+    reading = RecordNormalizer("access", ["url", "method", "protocol", "status"])
+    fields = reading.normalize_one({"request": "GET /a?x=1 HTTP/1.1", "path": None, "status": 200})[0]
+    assert (fields["method"], fields["url"], fields["protocol"]) == ("GET", "/a?x=1", "HTTP/1.1")
+
+
 def test_apache_vhost_combined_lines_parse_as_their_combined_line():
     """Apache's vhost_combined (Debian's other_vhosts_access.log) starts with "%v:%p ": no line of it
     parsed, so the shipped model flagged 2,000 of 2,000 normal lines and train refused the log. An

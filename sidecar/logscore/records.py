@@ -264,10 +264,12 @@ class RecordNormalizer:
         """method, url and protocol of a map's request line (``request``) where no other field gives
         the url; a map's own method or protocol wins."""
         request = fields.get("request")
-        if request is None or any(alias in fields for alias in self._url_only_in_request):
+        # (a shipper's null is no field: {"request": "GET /a HTTP/1.1", "path": null} read its url as null)
+        if request is None or any(fields.get(alias) is not None for alias in self._url_only_in_request):
             return
         for name, value in request_fields(to_text(request)).items():
-            fields.setdefault(name, value)
+            if fields.get(name) is None:
+                fields[name] = value
 
     def _with_head(self, fields: Fields) -> Fields:
         """The time and level a record's message begins with (parsers.line_head), where it has none

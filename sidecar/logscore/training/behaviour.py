@@ -358,6 +358,9 @@ def attach_behaviour(model: onnx.ModelProto, metadata: dict, parts: Sequence[Lea
         for entry in part.metadata:
             drop_behaviour(graph, BEHAVIOUR_PARTS[entry])
             metadata.pop(entry, None)
+    # Learned here: no longer kept from another model (inspect said so of parts just relearned, and a
+    # later --behaviour-from passed that origin on).
+    metadata.get("training", {}).pop("behaviour_from", None)
     g = PrefixedBuilder(0)
     # Past every name the graph holds: the part kept from before (--base with windows, learning
     # clients) was named by a builder that started where this one would.
