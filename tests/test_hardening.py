@@ -110,11 +110,15 @@ def test_startup_mistakes_are_one_line_naming_the_flag(tmp_path, shop_models, bu
 
 def test_a_mistyped_environment_variable_is_warned_about_with_the_one_meant(tmp_path, shop_models):
     """LOGSCORE_TOKENFILE in a unit's environment was ignored without a word: the sidecar ran without a token."""
-    env = {**os.environ, "LOGSCORE_TOKENFILE": str(tmp_path / "token"), "LOGSCORE_PURE_PYTHON": "0"}
+    # Names past the shared prefix: LOGSCORE_FOO was "likely" LOGSCORE_FORWARD; a Service named
+    # logscore gives every pod of its namespace LOGSCORE_SERVICE_HOST and LOGSCORE_PORT*: not ours.
+    env = {**os.environ, "LOGSCORE_TOKENFILE": str(tmp_path / "token"), "LOGSCORE_PURE_PYTHON": "0",
+           "LOGSCORE_FOO": "1", "LOGSCORE_SERVICE_HOST": "10.0.0.9", "LOGSCORE_PORT_9095_TCP": "tcp://10.0.0.9:9095"}
     result = logscore("serve", "--models-dir", shop_models, "--socket", tmp_path / "s.sock", "--http", "",
                       "--default-model", "nosuch", env=env)  # a quick way out once started
     warned = [json.loads(line) for line in result.stderr.splitlines() if "names no setting" in line]
-    assert [(w["variable"], w["did_you_mean"]) for w in warned] == [("LOGSCORE_TOKENFILE", "LOGSCORE_TOKEN_FILE")]
+    assert [(w["variable"], w["did_you_mean"]) for w in warned] == [("LOGSCORE_FOO", None),
+                                                                    ("LOGSCORE_TOKENFILE", "LOGSCORE_TOKEN_FILE")]
 
 
 def test_a_tag_route_to_a_model_not_loaded_is_warned_about_at_start(tmp_path, shop_models):

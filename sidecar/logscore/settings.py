@@ -29,8 +29,9 @@ def setting(default: Any, help: str, **extra) -> Any:
 
 
 def likely_meant(name: str, known: Iterable[str]) -> Optional[str]:
-    """The known name a mistyped one most likely meant, if any is close."""
-    return next(iter(difflib.get_close_matches(name, sorted(known), n=1)), None)
+    """The known name a mistyped one most likely meant, if any is close (TOKENFILE: TOKEN_FILE; FOO:
+    none, though a few of its letters are FORWARD's)."""
+    return next(iter(difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.75)), None)
 
 
 def unknown_settings(unknown: list[str], known: list[str], file: Optional[str]) -> str:
@@ -299,6 +300,8 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 # LOGSCORE_* variables that are not settings: read by the featurizer, the setup and test scripts.
+# Kubernetes sets these in every pod of a namespace holding a Service named logscore.
+KUBERNETES_SERVICE_VARIABLES = ("LOGSCORE_SERVICE_", "LOGSCORE_PORT")
 OTHER_VARIABLES = {"LOGSCORE_PURE_PYTHON", "LOGSCORE_PYTHON", "LOGSCORE_FUZZ_EXAMPLES", "LOGSCORE_BENCH_TRAINING",
                    "LOGSCORE_WITH_RUBY", "LOGSCORE_WITH_BROWSER_AND_DB", "LOGSCORE_WITH_SHIPPERS"}
 
@@ -308,9 +311,12 @@ def unknown_variables(environ: Optional[Mapping[str, str]] = None) -> list[tuple
     a typo in a unit's or manifest's environment (LOGSCORE_TOKENFILE) was ignored without a word, and the
     sidecar ran without what it asked for (a token, here)."""
     environ = os.environ if environ is None else environ
-    known = {ENV_PREFIX + spec.name.upper() for spec in fields(Settings)}
-    unknown = sorted(name for name in environ if name.startswith(ENV_PREFIX) and name not in known | OTHER_VARIABLES)
-    return [(name, likely_meant(name, known)) for name in unknown]
+    known = {spec.name.upper() for spec in fields(Settings)}
+    unknown = sorted(name for name in environ if name.startswith(ENV_PREFIX) and name[len(ENV_PREFIX):] not in known
+                     and name not in OTHER_VARIABLES and not name.startswith(KUBERNETES_SERVICE_VARIABLES))
+    # (names compared past the prefix they share: with it, every name was close to some setting's)
+    meant = [likely_meant(name[len(ENV_PREFIX):], known) for name in unknown]
+    return [(name, ENV_PREFIX + guess if guess else None) for name, guess in zip(unknown, meant)]
 
 
 def split_host_port(address: str, flag: str) -> tuple[str, int]:
