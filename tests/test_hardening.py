@@ -517,6 +517,19 @@ def test_readyz_names_a_learned_model_by_its_file_name_not_its_directory(tmp_pat
         assert process.stop() == 0
 
 
+def test_readyz_texts_name_no_directory_wherever_it_is():
+    """A failed training's error named the feedback store in its state directory: only the models
+    directory was taken out of /readyz's learning outcomes. URLs and ratios stay as they are."""
+    from logscore.servers.http import learning_without_directories, rejected_without_directories
+
+    status = {"shop": {"last": {"error": "cannot open /var/lib/logscore/feedback.sqlite3: database is locked",
+                                "file": "/srv/models/.learning/shop/kept-aside-1.onnx", "flagged": 3}}}
+    assert learning_without_directories(status)["shop"]["last"] == {
+        "error": "cannot open feedback.sqlite3: database is locked", "file": "kept-aside-1.onnx", "flagged": 3}
+    assert rejected_without_directories({"/srv/models/x.onnx": "/srv/models/x.onnx: see http://h/doc, 1/2"}) == {
+        "x.onnx": "x.onnx: see http://h/doc, 1/2"}
+
+
 # --- the client against a secured sidecar ------------------------------------------------------------
 
 def test_client_reaches_a_sidecar_with_token_and_mutual_tls(tmp_path, shop_models, certificates):

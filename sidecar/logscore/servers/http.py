@@ -439,25 +439,29 @@ def _without_unresolved(event: dict) -> dict:
     return {k: v for k, v in event.items() if not (isinstance(v, str) and _UNRESOLVED.fullmatch(v))}
 
 
-def without_directories(errors: dict[str, str]) -> dict[str, str]:
-    """Rejected files by file name: /readyz answers without the token, so it names no directories."""
-    named = {}
-    for path, error in errors.items():
-        name = os.path.basename(path)
-        named[name] = error.replace(path, name)
-    return named
+# An absolute path in a message (not a URL's): its directories, then its file name (group 1).
+ABSOLUTE_PATH = re.compile(r"(?<![\w.~:/])/(?:[^\s'\"`,;:()\[\]/]+/)*([^\s'\"`,;:()\[\]/]*)")
 
 
-def learning_without_directories(status: dict, models_dir: str) -> dict:
-    """Learned routes' last outcomes with their files named within the models directory (the learned
-    model, a candidate kept aside, a failed training's error): /readyz answers without the token."""
-    prefix = os.path.join(os.path.abspath(models_dir), "")
+def without_directories(text: str) -> str:
+    """``text`` with each absolute path cut to its file name: /readyz answers without the token, so
+    it names no directories (a models directory, a feedback store's state directory in an error)."""
+    return ABSOLUTE_PATH.sub(lambda path: path[1], text)
+
+
+def rejected_without_directories(errors: dict[str, str]) -> dict[str, str]:
+    """Rejected files by file name, their errors naming no directory."""
+    return {os.path.basename(path): without_directories(error) for path, error in errors.items()}
+
+
+def learning_without_directories(status: dict) -> dict:
+    """Learned routes' last outcomes (the learned model, a candidate kept aside, a failed training's
+    error) naming files, not their directories."""
     public = {}
     for route, state in status.items():
         last = state.get("last")
         if last:
-            last = {key: value.replace(prefix, "").replace(os.path.join(models_dir, ""), "")
-                    if isinstance(value, str) else value for key, value in last.items()}
+            last = {key: without_directories(value) if isinstance(value, str) else value for key, value in last.items()}
         public[route] = {**state, "last": last}
     return public
 
@@ -625,10 +629,9 @@ class SidecarHttp:
         snapshot = self.service.registry.snapshot
         ready = bool(snapshot.models) and self.service.accepting
         body = {"ready": ready, "models": {n: m.version for n, m in sorted(snapshot.models.items())},
-                "rejected_files": without_directories(snapshot.errors)}
+                "rejected_files": rejected_without_directories(snapshot.errors)}
         if self.service.learner is not None:
-            body["learning"] = learning_without_directories(self.service.learner.status(),
-                                                            self.service.settings.models_dir)
+            body["learning"] = learning_without_directories(self.service.learner.status())
         flooding = self.service.metrics.floods.status()
         if flooding:  # still ready: the model works, it is the wrong one for this traffic (log: what to do)
             body["flooding"] = flooding
