@@ -186,6 +186,11 @@ class StreamScorerTest < Test::Unit::TestCase
     # Cut where it lies: a parsed JSON app log holds its line one level down, or in a list.
     nested = [{ 'log' => { 'message' => huge[0]['message'] } }, { 'lines' => [huge[1]['message']] }]
     assert_equal [Float, Float], scorer.score('web', entries(nested)).map { |_, r| r['anomaly_score'].class }
+    short = { 'log' => { 'message' => 'GET /' }, 'lines' => ['a', { 'b' => 'c' }] }
+    assert_same short, scorer.send(:cut_values, short), 'nothing cut: no copy of every record packed'
+    cut = scorer.send(:cut_values, nested[1])
+    assert_equal Logscore::StreamScorer::CUT_VALUE_BYTES, cut['lines'][0].bytesize
+    assert_operator nested[1]['lines'][0].bytesize, :>, Logscore::StreamScorer::CUT_VALUE_BYTES, 'the record is left whole'
     # Too big even cut (five fields of 300 KB do not fit 1 MiB): that record alone passes unscored.
     wide = ('a'..'e').to_h { |name| [name, 'y' * 300_000] }.merge('n' => 'wide')
     out = scorer.score('web', entries([wide] + normal.map(&:dup)))
@@ -410,11 +415,12 @@ class MisbehavingSidecarTest < Test::Unit::TestCase
   end
 
   # healthy: also serve a health check that passes (the fake's calls may fail all the same)
-  def with_fake(behaviour, healthy: false)
+  def with_fake(behaviour, healthy: false, health: nil)
     server = GRPC::RpcServer.new
     port = server.add_http2_port('127.0.0.1:0', :this_port_is_insecure)
     server.handle(FakeScorer.new(behaviour))
-    server.handle(passing_health_check) if healthy
+    health ||= passing_health_check if healthy
+    server.handle(health) if health
     thread = Thread.new { server.run }
     server.wait_till_running(5)
     yield "127.0.0.1:#{port}"
@@ -465,12 +471,33 @@ class MisbehavingSidecarTest < Test::Unit::TestCase
       stream = -> { scorer.score('t', [[1, { 'm' => 'a' }], [2, { 'm' => 'b' }]]) }
       started = now
       stream.call until client.stats[:circuit_opened] >= 3 || now - started > 3 # each probe that passes reopens it
+      assert_operator client.stats[:circuit_opened], :>=, 3
       assert_equal [:warn, :info], log.lines.map(&:first)
       sleep 0.2 until !client.circuit_open? || now - started > 5 # calls resumed, and stayed so (> 5 probes)
+      assert_false client.circuit_open?
       sleep 0.2
       stream.call # trouble of its own: logged, with the openings that were not
       warnings = log.lines.select { |level, _| level == :warn }
       assert_equal [2, client.stats[:circuit_opened] - 2], [warnings.size, warnings.last[2][:openings_not_logged]]
+      client.close
+    end
+  end
+
+  test 'an opening left unsaid as part of a flap is logged once its health check fails too: an outage' do
+    checker = passing_health_check
+    with_fake(:short, health: checker) do |endpoint|
+      log = KeptLog.new
+      client = Logscore::Client.new(endpoint: endpoint, timeout: 2.0, failure_threshold: 1, probe_interval: 0.1,
+                                    log: log)
+      scorer = Logscore::StreamScorer.new(client: client, keys: StreamScorerTest::KEYS, message_key: 'm')
+      started = now
+      stream = -> { scorer.score('t', [[1, { 'm' => 'a' }]]) }
+      stream.call # logged: warn, then info once the probe passes
+      sleep 0.02 until !client.circuit_open? || now - started > 5
+      checker.add_status('logscore.v1.Scorer', Grpc::Health::V1::HealthCheckResponse::ServingStatus::NOT_SERVING)
+      stream.call # within 5 probes of resuming: a flap's opening, not logged at once
+      sleep 0.05 until log.lines.size >= 3 || now - started > 5
+      assert_equal %i[warn info warn], log.lines.map(&:first), 'the outage that followed is said'
       client.close
     end
   end

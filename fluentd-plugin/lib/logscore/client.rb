@@ -372,7 +372,13 @@ module Logscore
       count(:circuit_opened)
       logged = log_opening(reason)
       @probe = Thread.new do
-        sleep @probe_interval until @closed || healthy?
+        failed_probes = 0
+        until @closed || healthy?
+          failed_probes += 1
+          # An opening left unsaid as part of a flap, whose health check now fails too: an outage.
+          logged ||= failed_probes == FLAP_PROBES && log_opening(reason, outage: true)
+          sleep @probe_interval
+        end
         @lock.synchronize do
           @open = false
           @consecutive_failures = 0
@@ -386,11 +392,12 @@ module Logscore
     # token before that was a refusal) opens the circuit again every few calls: it wrote two lines
     # each time, 122 in 8 s. An opening within FLAP_PROBES probes of the last resumption is logged once
     # per log_interval, the next logged one saying how many were not (an outage of its own, later,
-    # is logged as ever); true when this one is logged (its "scoring resumed" line then follows).
-    def log_opening(reason)
+    # or one whose health check fails FLAP_PROBES times, is logged as ever); true when this one is
+    # logged (its "scoring resumed" line then follows).
+    def log_opening(reason, outage: false)
       now = Process.clock_gettime(Process::CLOCK_MONOTONIC)
       not_logged = @lock.synchronize do
-        flapping = @resumed_at && now - @resumed_at < FLAP_PROBES * @probe_interval
+        flapping = !outage && @resumed_at && now - @resumed_at < FLAP_PROBES * @probe_interval
         if flapping && @opening_logged_at && now - @opening_logged_at < @log_interval
           @openings_not_logged += 1
           next nil

@@ -164,13 +164,23 @@ module Logscore
 
     # NOTE: nested values too: a JSON app log parsed by Fluentd holds its line one level down
     # (`{"log": {"message": ...}}`), and a 5 MB one passed unscored as too large.
+    # The value itself when nothing in it is cut: every record is packed through here.
     def cut_values(value)
       case value
       when String then value.bytesize > CUT_VALUE_BYTES ? value.byteslice(0, CUT_VALUE_BYTES) : value
-      when Hash then value.transform_values { |inner| cut_values(inner) }
-      when Array then value.map { |inner| cut_values(inner) }
+      when Hash then cut_within(value, value.each_pair)
+      when Array then cut_within(value, value.each_with_index.map { |inner, i| [i, inner] })
       else value
       end
+    end
+
+    def cut_within(container, pairs)
+      cut = nil
+      pairs.each do |at, inner|
+        shorter = cut_values(inner)
+        (cut ||= container.dup)[at] = shorter unless shorter.equal?(inner)
+      end
+      cut || container
     end
 
     # [entries, nil] per call of raw lines, bounded the same way (lines sent cut to CUT_VALUE_BYTES);
