@@ -260,6 +260,15 @@ def test_a_null_url_alias_leaves_the_url_to_the_request_line():
     assert (fields["method"], fields["url"], fields["protocol"]) == ("GET", "/a?x=1", "HTTP/1.1")
 
 
+def test_an_access_layout_other_than_combined_or_common_is_refused():
+    """"Combined" was silently read as the common layout."""
+    from logscore.features import Featurizer
+    from logscore.features.featurizer import DEFAULT_SPECS
+
+    with pytest.raises(ConfigError, match="access_layout 'Combined': give combined or common"):
+        Featurizer({**DEFAULT_SPECS["access"], "access_layout": "Combined"})
+
+
 def test_apache_vhost_combined_lines_parse_as_their_combined_line():
     """Apache's vhost_combined (Debian's other_vhosts_access.log) starts with "%v:%p ": no line of it
     parsed, so the shipped model flagged 2,000 of 2,000 normal lines and train refused the log. An

@@ -169,6 +169,9 @@ class Featurizer:
         # pair; read as the common format, 32 of 2,000 normal combined lines scored up to 0.96 behind
         # Fluentd where their raw lines scored less. Only the model knows which layout its log writes.
         self.access_layout = spec.get("access_layout")
+        if self.access_layout not in (None, "combined", "common"):
+            raise ConfigError(f"access_layout {self.access_layout!r}: give combined or common, or leave it out "
+                              "(train sets it from the log)")
         self.normalizer = RecordNormalizer(self.log_format, self.fields, max_line_chars, also_fields, self.native,
                                            self.aliases, message_levels, combined=self.access_layout == "combined")
         self.sessions = SessionSpec.from_dict(spec["sessions"]) if spec.get("sessions") else None
