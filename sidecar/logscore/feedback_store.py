@@ -433,9 +433,13 @@ def one_line(error: Exception) -> str:
     return text[:300]
 
 
+def is_postgresql(location: str) -> bool:
+    return location.startswith(("postgresql://", "postgres://"))
+
+
 def open_store(location: str, flag: str = "--feedback-store") -> FeedbackStore:
     """A store from ``--feedback-store``: postgresql://… (or postgres://…), else a SQLite file path."""
-    if location.startswith(("postgresql://", "postgres://")):
+    if is_postgresql(location):
         return PostgresStore(location)
     if "://" in location:
         raise ConfigError(f"{flag} {redact(location)}: give a file path or a postgresql:// URL")
@@ -453,7 +457,7 @@ def left_behind(models_dir: str, location: str) -> Optional[str]:
     default = Path(default_location(models_dir))
     if not default.is_file():
         return None
-    in_use = not location.startswith(("postgresql://", "postgres://")) and Path(location).exists()
+    in_use = not is_postgresql(location) and Path(location).exists()
     if in_use and default.samefile(location):
         return None
     return str(default) if holds_entries(default) else None
