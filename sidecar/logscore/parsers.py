@@ -250,7 +250,7 @@ SUGGEST_SAMPLE = 500  # records suggest_format tries other formats on
 def suggest_format(sample: Sequence[object], log_format: str) -> str:
     """What to try instead of ``log_format`` for records that do not parse as it: the format most of a
     few of them parse as, if any."""
-    if any(isinstance(record, dict) for record in sample[:100]):
+    if log_format != "jsonl" and any(isinstance(record, dict) for record in sample[:100]):
         # Field maps (--json-records, a shipper's): another line format cannot read them; their names can.
         return (f"They are field maps naming none of the fields the {log_format} format reads, or their "
                 f"aliases (docs/converters.md): name yours in a --config, or check the model's format.")
