@@ -124,6 +124,19 @@ def test_a_flooding_model_sent_no_more_records_no_longer_floods_and_old_versions
     assert watch.status() == {}
 
 
+def test_a_model_retrained_for_days_keeps_only_its_recent_versions():
+    """A learned route swaps in a new version at every retrain: each one was remembered for the
+    life of the process (one a minute on a busy route with --learn-retrain-records small)."""
+    from types import SimpleNamespace
+
+    from logscore import flood
+
+    watch = flood.FloodWatch(block_records=100)
+    for n in range(1000):
+        watch.observe(SimpleNamespace(name="web", version=f"v{n}", metadata={}), 10, 0)
+    assert watch._versions["web"] == [f"v{n}" for n in range(1000 - flood.RECENT_VERSIONS, 1000)]
+
+
 def test_tags_past_the_most_judged_apart_are_judged_together(monkeypatch):
     """Tags come from shippers, one per record in forward Message mode: a tag per record must not
     grow the watch without end."""

@@ -24,6 +24,9 @@ IDLE_S = 60.0  # a model sent no records this long no longer floods (its records
 # further tags are judged together, under OTHER_ROUTES.
 MAX_ROUTES = 256
 OTHER_ROUTES = "*"
+# Versions of one model remembered as judged: the old and new score side by side only for a
+# moment while a model is replaced, and a learned route swaps in a new version at every retrain.
+RECENT_VERSIONS = 4
 
 log = logging.getLogger("logscore.serve")
 
@@ -66,8 +69,8 @@ class FloodWatch:
         self.log_interval_s = log_interval_s
         self._lock = threading.Lock()
         self._counts: dict[tuple, list[int]] = {}  # (model name, route) -> [scored, flagged] of the open block
-        self._versions: dict[str, set] = {}  # model name -> the versions judged (old and new score a moment
-        #                                      side by side while a model is replaced)
+        self._versions: dict[str, list] = {}  # model name -> the last RECENT_VERSIONS versions judged (old
+        #                                       and new score a moment side by side while a model is replaced)
         self._flooding: dict[tuple, dict] = {}  # (model name, route) -> its last block, while that block flooded
         self._logged_at: dict[tuple, float] = {}
         self._seen_at: dict[tuple, float] = {}  # (model name, route) -> when it last scored records
@@ -112,7 +115,9 @@ class FloodWatch:
     def _start_version(self, model) -> None:
         """A new version (retrained, learned, replaced) is judged afresh: the operator who replaced a
         flooding model hears at once whether the new one floods too, not 10 minutes later."""
-        self._versions.setdefault(model.name, set()).add(model.version)
+        versions = self._versions.setdefault(model.name, [])
+        versions.append(model.version)
+        del versions[:-RECENT_VERSIONS]
         for judged in (self._counts, self._flooding, self._logged_at, self._seen_at):
             for key in [key for key in judged if key[0] == model.name]:
                 del judged[key]
