@@ -144,6 +144,31 @@ def test_events_are_encoded_once_for_all_watchers_but_one_saying_what_it_lost_ap
     assert pb.AnomalyEvent.FromString(original.encoded_for("grpc", event_bytes)).dropped_before == 0
 
 
+def test_a_slow_grpc_watcher_leaving_mid_write_ends_quietly(behaviour_model, tmp_path):
+    """A watcher that reads slowly has its window full and the sidecar always in the middle of
+    sending it an event: when it left, grpc logged an error with a traceback (ExecuteBatchError,
+    seen at the end of the soak trial), once per such watcher."""
+    sidecar = SidecarProcess(behaviour_model.parent, tmp_path, anomaly_watcher_queue=500).start()
+    try:
+        # NOTE: no BDP probing: the watcher's window stays at 64 KiB, which a few hundred events fill.
+        channel = grpc.insecure_channel(f"unix:{sidecar.socket}", options=[("grpc.http2.bdp_probe", 0)])
+        call = sidecar.stub(channel).WatchAnomalies(pb.WatchAnomaliesRequest(kinds=["client"]), timeout=60)
+        call.initial_metadata()  # in place, and never read
+        # 1,000 clients probing 6 pages each that do not exist: each a client event
+        lines = [stamped(f'10.9.{n // 250}.{n % 250} - - [] "GET /probe/{n}/{k}.php HTTP/1.1" 404 0 "-" "curl/8.0"',
+                         time.time()).encode() for n in range(1000) for k in range(6)]
+        sidecar.stub().Score(pb.ScoreRequest(model="shop", lines=pb.RawLines(lines=lines)), timeout=30)
+        # its queue (500) overflows in the burst, and holds more than the window takes
+        sidecar.wait_for(lambda: sidecar.metric("logscore_anomaly_events_dropped_total") > 0, 15,
+                         "the watcher's queue full")
+        time.sleep(0.5)  # the sidecar sends what the window takes
+        call.cancel()
+        time.sleep(1)  # the sidecar sees it go
+    finally:
+        sidecar.stop()
+    assert [line for line in sidecar.log().splitlines() if '"level": "error"' in line] == []
+
+
 def test_a_watcher_resuming_gets_every_event_kept_since_and_is_told_of_a_gap_even_over_a_restart():
     """Ids began at 1 in every process: a watcher resuming with since=59 after a restart missed
     the new process's first 59 events; a resume got at most `limit` of them, and no word of a gap."""

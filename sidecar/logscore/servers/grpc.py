@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
@@ -97,6 +98,22 @@ def event_bytes(event) -> bytes:
     return encode_event(event).SerializeToString()
 
 
+async def sent(context, message: bytes) -> bool:
+    """Write one message of a server stream; False when the caller went away meanwhile.
+
+    NOTE: written, not yielded: a slow watcher's window is full, so the sidecar is always in the
+    middle of a write when it leaves, and a yielded message failing so is logged by grpc as an
+    error with a traceback (ExecuteBatchError). Here it is the end of the stream, said at debug."""
+    try:
+        await context.write(message)
+        return True
+    except asyncio.CancelledError:
+        raise
+    except Exception as error:  # grpc's own (private) error type for a call that is over
+        log.debug("event stream ended: the watcher went away", extra={"error": f"{type(error).__name__}: {error}"})
+        return False
+
+
 class ScorerServicer:
     """The Scorer service. Requests arrive as bytes and are parsed here, so that a
     malformed protobuf is answered INVALID_ARGUMENT (grpc's own decoding says UNKNOWN)."""
@@ -156,9 +173,8 @@ class ScorerServicer:
             await context.send_initial_metadata(())  # the caller knows the watch is in place
             while True:
                 event = await watcher.next()
-                if event is None:
-                    return
-                yield event.encoded_for("grpc", event_bytes)  # serialized once for every watcher
+                if event is None or not await sent(context, event.encoded_for("grpc", event_bytes)):
+                    return  # (serialized once for every watcher)
         finally:
             self.watchers -= 1
             behaviour.hub.unwatch(watcher)
