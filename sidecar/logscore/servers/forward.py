@@ -53,6 +53,7 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import logging
+import re
 import struct
 import termios
 import time
@@ -92,6 +93,7 @@ MAX_RECORD_DEPTH = 48
 # back the same way) so every byte reaches the next hop as it came.
 EXACT = "surrogateescape"
 READ_BYTES = 256 * 1024  # what a connection may read before it is admitted
+SKIPPER_START_BYTES = 16 * 1024  # a connection's message framer's first buffer (it grows as needed)
 ACTIVE_CONNECTIONS = 2  # read, scored and relayed at once; the rest wait unread (backpressure)
 INFLATE_STEP = 1024 * 1024
 PARTIAL_MESSAGE_TIMEOUT_S = 10.0  # an admitted connection must finish the message it started (and read its acks)
@@ -928,6 +930,14 @@ class NextHop:
 
 # --- the server -----------------------------------------------------------------------
 
+def new_skipper() -> msgpack.Unpacker:
+    """An Unpacker that only skips over messages. NOTE: max_buffer_size 0 is no limit (_pending has
+    one); its buffer starts at read_size, by default 1 MiB then (msgpack's min(max_buffer_size,
+    1 MiB)): each forward connection held 1 MiB from its first byte (soak trial: 470 connections of
+    a Fluent Bit waiting for acks from a saturated sidecar, ~500 MiB). It grows as a message needs."""
+    return msgpack.Unpacker(max_buffer_size=0, read_size=SKIPPER_START_BYTES)
+
+
 class MessageFramer:
     """Cuts a connection's bytes into complete messages without decoding them: msgpack skips over
     each, building no Python objects, so what a message decodes into is only built later, slice
@@ -936,7 +946,7 @@ class MessageFramer:
     def __init__(self, max_message_bytes: int):
         self.max_message_bytes = max_message_bytes
         self.fed = 0  # bytes of the connection fed so far
-        self._skipper = msgpack.Unpacker(max_buffer_size=0)  # NOTE: 0 is no limit; _pending has one
+        self._skipper = new_skipper()
         self._pending = bytearray()  # the bytes of the message under way (and any after it)
         self._start = 0  # where _pending starts in the bytes fed to the skipper
 
@@ -965,7 +975,7 @@ class MessageFramer:
         if not self._pending and self._start > READ_BYTES:
             # NOTE: msgpack's buffer keeps the size of the biggest str or bin it waited for whole
             # (a PackedForward payload): a new skipper lets it go
-            self._skipper = msgpack.Unpacker(max_buffer_size=0)
+            self._skipper = new_skipper()
             self._start = 0
         if len(self._pending) > self.max_message_bytes:
             raise ForwardProtocolError(f"a forward message exceeds {self.max_message_bytes} bytes "
@@ -1018,8 +1028,8 @@ class ForwardServer(StreamServer):
         self.slice_records = service.settings.max_batch_records
         self._admission = asyncio.Semaphore(ACTIVE_CONNECTIONS)
         self._unscored_said = OncePerInterval()  # per (tag, reason): records and chunks passed on unscored
-        # NOTE: while the next hop is down every sender's every chunk fails: one line per interval
-        # (a 60 s outage behind one Fluent Bit retrying its chunks logged 1,090 lines)
+        # NOTE: while the next hop is down every sender's every chunk fails: one line per interval and
+        # kind of failure (a 60 s outage behind one Fluent Bit retrying its chunks logged 1,090 lines)
         self._unacknowledged_said = OncePerInterval()
 
     async def start(self, host: str, port: int, ssl=None) -> None:
@@ -1103,7 +1113,8 @@ class ForwardServer(StreamServer):
                                          f"forward protocol ({type(error).__name__}: {error})".replace(": )", ")"))
         except NextHopError as error:
             self._count("forward_next_hop")
-            unsaid = self._unacknowledged_said.due("next_hop", 1)
+            # (per kind of failure: its text without the numbers, which name ports and backoffs)
+            unsaid = self._unacknowledged_said.due(re.sub(r"\d+(\.\d+)?", "N", str(error))[:200], 1)
             if unsaid is not None:
                 log.warning("next hop failed; the sender was not acknowledged and will resend",
                             extra={"peer": peer, "error": str(error), "failed_since_last_logged": unsaid[0]})
