@@ -22,7 +22,7 @@ import numpy as np
 
 from .entities import ClientWatch, EntitySpec
 from .events import EventHub
-from .model import Model
+from .model import Model, carries_behaviour
 from .records import event_times
 from .timestamps import column_times
 from .windows import KeyNamer, WindowCounter, WindowSpec
@@ -300,7 +300,7 @@ class Behaviour:
     def watch_models(self, models) -> None:
         """Start watching models that carry window models (so their windows close even before traffic)."""
         for model in models:
-            if model.metadata.get("windows") or model.metadata.get("entities"):
+            if carries_behaviour(model.metadata):
                 self.of(model)
 
     def tick_seconds(self) -> float:

@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from .decide import decide
-from .model import Model
+from .model import Model, carries_behaviour
 from .records import field_map_json, to_text
 from .registry import ModelRegistry
 from .resources import default_models_dir
@@ -316,7 +316,7 @@ class Learner:
                    "--out", str(out), "--feedback", "env"]
         if learned_for(serving, name):  # retraining the route's own model: what it flags is not learned
             command += ["--previous-model", str(serving.artifact.path)]
-        if serving.metadata.get("windows") or serving.metadata.get("entities"):
+        if carries_behaviour(serving.metadata):
             # Trained from history with its timestamps: a window of recent records cannot teach them again.
             command += ["--behaviour-from", str(serving.artifact.path)]
         # The store's location (a URL may hold a password) goes by environment, not the process list.

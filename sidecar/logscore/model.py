@@ -87,10 +87,15 @@ class Scored:
                       if parts[0].columns is not None else None)
 
 
+def carries_behaviour(metadata: dict) -> bool:
+    """Whether a model's metadata holds window forecasters or a client detector."""
+    return bool(metadata.get("windows") or metadata.get("entities"))
+
+
 def behaviour_fields(metadata: dict, client_key: Optional[str] = None) -> tuple[str, ...]:
     """The record fields a model's window and client detectors read (none without them): their
     keys, and the record's own time (a late record is left out of both: behaviour.Lateness)."""
-    if not (metadata.get("windows") or metadata.get("entities")):
+    if not carries_behaviour(metadata):
         return ()
     names: list[str] = []
     if metadata.get("windows"):

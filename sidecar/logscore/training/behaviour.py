@@ -380,7 +380,9 @@ def check_behaviour_source(source: dict, spec: dict, flag: str = "--behaviour-fr
     """The model whose windows and clients a training keeps must carry some, and read records as
     the training does: its windows count fields (URL, status, level) and its clients read a client
     field of records parsed its way."""
-    if not (source.get("windows") or source.get("entities")):
+    from ..model import carries_behaviour
+
+    if not carries_behaviour(source):
         raise ConfigError(f"{flag} {source.get('name')!r} carries neither windows nor clients: nothing to keep "
                           "(learn them from timestamped logs with --windows/--entities)")
     featurizer = source.get("featurizer", {})
