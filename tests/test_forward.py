@@ -1052,3 +1052,34 @@ def test_a_gzip_entry_that_cannot_be_decoded_is_skipped_only_while_its_bytes_are
             with pytest.raises(forward.ForwardProtocolError, match="entry of more than 1114112 bytes inflated could "
                                                                    "not be decoded \\(ValueError"):
                 decoded(bad + good)
+
+
+def test_anomaly_events_raised_just_before_a_stop_still_reach_the_next_hop():
+    """Cancelled at once on stop, the injector lost the events raised as the last chunks came (a
+    burst's, at a shutdown): what its watcher holds now goes on within the grace period."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from logscore.events import AnomalyEvent, EventHub
+    from logscore.servers.forward import ForwardServer, NextHop
+
+    receiver = ForwardReceiver(free_port()).start()
+
+    async def raise_then_stop() -> None:
+        hub = EventHub()
+        hub.attach(asyncio.get_running_loop())
+        service = SimpleNamespace(metrics=None, settings=SimpleNamespace(max_batch_records=1000),
+                                  behaviour=SimpleNamespace(hub=hub))
+        server = ForwardServer(service, NextHop(f"127.0.0.1:{receiver.port}"), 2**20, events_tag="logscore.anomaly")
+        await server.start("127.0.0.1", 0)
+        hub.publish([AnomalyEvent("window", "shop", f"route=shop {n}", 1.0, 400, 1, 3, "400 records", 0, 60)
+                     for n in range(3)])
+        hub.close()  # as serve.run does before stopping the servers
+        await server.stop(grace_s=5)
+
+    try:
+        asyncio.run(raise_then_stop())
+        assert sorted(r["key"] for tag, r in receiver.records if tag == "logscore.anomaly") == [
+            "route=shop 0", "route=shop 1", "route=shop 2"]
+    finally:
+        receiver.stop()

@@ -1020,6 +1020,7 @@ class ForwardServer(StreamServer):
         self.explain = explain  # features named on each flagged record (settings.forward_explain)
         self.events_tag = events_tag  # anomaly events go on to the next hop under this tag
         self._injector: Optional[asyncio.Task] = None
+        self._events = None  # the injector's watcher of the event hub
         self.service = service
         self.next_hop = next_hop
         self.max_message_bytes = max_message_bytes
@@ -1036,25 +1037,35 @@ class ForwardServer(StreamServer):
         await super().start(host, port, ssl)
         behaviour = self.service.behaviour
         if self.events_tag and behaviour is not None:
-            self._injector = asyncio.create_task(self._inject_events(behaviour.hub))
+            self._events = behaviour.hub.watch()
+            self._injector = asyncio.create_task(self._inject_events(behaviour.hub, self._events))
 
     async def stop(self, grace_s: float = 10.0) -> None:
-        """Take no new connections or messages; let relays under way finish (up to grace_s).
+        """Take no new connections or messages; let relays under way finish (up to grace_s), then
+        the anomaly events raised until then go on to the next hop (in what is left of grace_s).
 
         Connections idle or waiting unread are closed: their senders resend what they sent.
         """
-        if self._injector is not None:
-            self._injector.cancel()
+        started = time.monotonic()
         await super().stop(grace_s)
+        if self._injector is not None:
+            # NOTE: cancelled at once, the events raised just before a stop (a burst's, as the
+            # shipper's last chunks came) were lost to the next hop (soak trial). A closed watcher
+            # hands out what it holds, then ends the injector; a next hop down cuts it at grace_s.
+            self._events.close()
+            try:
+                await asyncio.wait_for(self._injector, max(0.1, grace_s - (time.monotonic() - started)))
+            except asyncio.TimeoutError:
+                log.warning("anomaly events not passed on at shutdown: the next hop did not take them in time",
+                            extra={"grace_s": grace_s})
         await self.next_hop.close()
 
-    async def _inject_events(self, hub) -> None:
+    async def _inject_events(self, hub, watcher) -> None:
         """Pass anomaly events on to the next hop as records of ``events_tag``, as they happen.
 
         While the next hop is down they wait in this watcher's bounded queue (the oldest are
         dropped past anomaly_watcher_queue, and counted); sent ones are retried until acked.
         """
-        watcher = hub.watch()
         try:
             while True:
                 event = await watcher.next()
