@@ -53,7 +53,7 @@ module Logscore
     # array of one count, shared down the halves) bounds the extra calls when many are refused.
     def score_slices(tag, slices, budget, &on_unscored)
       sendable = slices.reject { |_, packed| packed.is_a?(ScoringFailed) }
-      calls = sendable.map { |slice, packed| [request(tag, slice, packed), slice.size] }
+      calls = sendable.map { |slice, packed| [request(tag, packed), slice.size] }
       answers = calls.empty? ? [] : client.score_all(calls)
       results = slices.map { |_, packed| packed.is_a?(ScoringFailed) ? packed : answers.shift }
       passed = []
@@ -183,37 +183,35 @@ module Logscore
       cut || container
     end
 
-    # [entries, nil] per call of raw lines, bounded the same way (lines sent cut to CUT_VALUE_BYTES);
-    # a record with no text under message_key is a slice of its own, with its ScoringFailed.
+    # [entries, their lines cut to CUT_VALUE_BYTES] per call of raw lines, bounded the same way; a
+    # record with no text under message_key is a slice of its own, with its ScoringFailed.
     def line_batches(entries)
-      slices = [[[], nil]]
+      slices = [[[], []]]
       bytes = 0
       entries.each do |entry|
         line = message_of(entry[1])
         unless line.is_a?(String)
           slices << [[entry], ScoringFailed.new('no_message', "no text under message_key #{@message_key.inspect} " \
                                                               "(#{line.nil? ? 'none' : line.class}): not a log line")]
-          slices << [[], nil]
+          slices << [[], []]
           bytes = 0
           next
         end
-        size = [line.bytesize, CUT_VALUE_BYTES].min
-        if !slices.last[0].empty? && (slices.last[0].size >= @batch_records || bytes + size > @batch_bytes)
-          slices << [[], nil]
+        line = line.byteslice(0, CUT_VALUE_BYTES) if line.bytesize > CUT_VALUE_BYTES
+        if !slices.last[0].empty? && (slices.last[0].size >= @batch_records || bytes + line.bytesize > @batch_bytes)
+          slices << [[], []]
           bytes = 0
         end
         slices.last[0] << entry
-        bytes += size
+        slices.last[1] << line
+        bytes += line.bytesize
       end
       slices.reject { |slice, _| slice.empty? }
     end
 
-    def request(tag, slice, packed)
-      if @message_key
-        return client.lines_request(tag, slice.map { |_, record| message_of(record).byteslice(0, CUT_VALUE_BYTES) })
-      end
-
-      client.event_stream_request(tag, packed)
+    # packed: the slice's lines (message_key) or its msgpack bytes
+    def request(tag, packed)
+      @message_key ? client.lines_request(tag, packed) : client.event_stream_request(tag, packed)
     end
 
     # NOTE: a nested path whose middle is no map (`$.log.message` where log is a string) is no
