@@ -206,24 +206,42 @@ def share_model(counts: np.ndarray, totals: np.ndarray) -> tuple[float, float]:
     return p, float(max(np.mean(variance), 1.0))
 
 
-def fit_entities(fields: Sequence[dict], scores: np.ndarray, novelty: np.ndarray,
-                 options: BehaviourOptions, batch: int = 2048) -> Learned:
+def client_replay(fields: Sequence[dict], scores: np.ndarray, novelty: np.ndarray, key: str, half_life_s: float,
+                  batch: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+    """(features [N, 5] of each record's client after it, the client's hash [N]): the records
+    replayed in time order through the sidecar's ClientTracker, as it will see them."""
     order, times = time_ordered(fields, "--entities")
-    if not any(fields[i].get(options.entity_key) for i in order[:1000].tolist()):
-        raise InputError(f"--entities: the records have no {options.entity_key!r} field; name the field that "
-                         "identifies a client with --entity-key")
-    tracker = ClientTracker(options.half_life_s, max_clients=1 << 20)
+    if not any(fields[i].get(key) for i in order[:1000].tolist()):
+        raise InputError(f"--entities: the records have no {key!r} field; name the field that identifies a client "
+                         "with --entity-key")
+    tracker = ClientTracker(half_life_s, max_clients=1 << 20)
     features, owners = [], []
     for start in range(0, len(order), batch):
         chosen = order[start: start + batch]
-        part = text_columns([fields[i] for i in chosen.tolist()], (options.entity_key, *CLIENT_FIELDS))
-        found, slots_, _ = tracker.observe(client_batch(part, options.entity_key, times[start: start + batch],
-                                                        novelty[chosen], scores[chosen]))
+        part = text_columns([fields[i] for i in chosen.tolist()], (key, *CLIENT_FIELDS))
+        found, slots_, _ = tracker.observe(client_batch(part, key, times[start: start + batch], novelty[chosen],
+                                                        scores[chosen]))
         known = slots_ >= 0
         features.append(found[known])
         owners.append(tracker.owner[slots_[known]])
-    matrix = np.concatenate(features).astype(np.float32)
-    owner = np.concatenate(owners)
+    return np.concatenate(features).astype(np.float32), np.concatenate(owners)
+
+
+def client_threshold(entity_scores: np.ndarray, owner: np.ndarray, target_fpr: float) -> tuple[float, int, int]:
+    """(threshold, clients, clients reaching it): the threshold at most ``target_fpr`` of the
+    clients ever reach, from each client's highest calibrated entity_score: an order statistic of
+    the clients (at 0.5 %, the 5th highest of 1,000), so each abnormal client among them moves it up
+    a place, and the top places lie far apart (operations.md: why the learner does not set it again)."""
+    _, inverse = np.unique(owner, return_inverse=True)
+    client_max = np.zeros(inverse.max() + 1)
+    np.maximum.at(client_max, inverse, entity_scores)
+    threshold = float(min(np.quantile(client_max, 1 - target_fpr, method="higher") + 1e-6, 1.0))
+    return threshold, int(len(client_max)), int((client_max >= threshold).sum())
+
+
+def fit_entities(fields: Sequence[dict], scores: np.ndarray, novelty: np.ndarray,
+                 options: BehaviourOptions) -> Learned:
+    matrix, owner = client_replay(fields, scores, novelty, options.entity_key, options.half_life_s)
     if len(matrix) < 100:
         raise InputError(f"--entities: only {len(matrix)} records name a client; the detector needs normal "
                          "clients' traffic (thousands of records)")
@@ -232,12 +250,7 @@ def fit_entities(fields: Sequence[dict], scores: np.ndarray, novelty: np.ndarray
     tables = [ecdf_table(matrix[:, j], ENTITY_KNOTS, ENTITY_EXACT_TAIL) for j in range(matrix.shape[1])]
     surprise = entity_surprise(matrix, tables)
     calibration = ecdf_table(surprise, 2 * ENTITY_KNOTS, 2 * ENTITY_EXACT_TAIL)
-    calibrated = apply_ecdf(surprise, *calibration)
-    # The threshold: at most client_target_fpr of the normal clients ever reach it.
-    _, inverse = np.unique(owner, return_inverse=True)
-    client_max = np.zeros(inverse.max() + 1)
-    np.maximum.at(client_max, inverse, calibrated)
-    threshold = float(min(np.quantile(client_max, 1 - options.client_target_fpr, method="higher") + 1e-6, 1.0))
+    threshold, clients, over = client_threshold(apply_ecdf(surprise, *calibration), owner, options.client_target_fpr)
     learned = Learned()
     learned.entity_tables = tables
     learned.entity_calibration = calibration
@@ -245,8 +258,7 @@ def fit_entities(fields: Sequence[dict], scores: np.ndarray, novelty: np.ndarray
         "key": options.entity_key, "half_life_s": options.half_life_s, "features": list(FEATURES),
         "threshold": threshold, "target_fpr": options.client_target_fpr,
         "typical": [round(float(v), 4) for v in np.quantile(matrix, 0.99, axis=0)],
-        "training": {"records": int(len(matrix)), "clients": int(len(client_max)),
-                     "clients_over_threshold": int((client_max >= threshold).sum())},
+        "training": {"records": int(len(matrix)), "clients": clients, "clients_over_threshold": over},
     }
     return learned
 
