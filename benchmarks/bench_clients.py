@@ -17,6 +17,11 @@ of the same run: record scores alone (per line, and per client as its highest re
 first half's last N lines only and keeps the client detector learned from the whole first half
 (`train --behaviour-from`): does the detector hold when its novelty and mean_score features come
 from a record model that saw fewer records?
+
+An experiment the product does not run (operations.md says why): ``--recalibrate`` sets the client
+threshold again on the N lines' clients, each line scored by a record model that never saw it (the
+cross-fitted halves training scores clients with), at training's quantile; ``--window-scanners K``
+puts K scanners among those N lines (the record model learns from them too, as the learner would).
 """
 
 from __future__ import annotations
@@ -41,7 +46,10 @@ from logscore.features import load_spec  # noqa: E402
 from logscore.inputs import read_lines  # noqa: E402
 from logscore.model import Model  # noqa: E402
 from logscore.timestamps import parse_time  # noqa: E402
-from logscore.training.behaviour import BehaviourOptions, carry_behaviour, learn_behaviour  # noqa: E402
+from logscore.entities import CLIENT_FIELDS  # noqa: E402
+from logscore.timestamps import TIME_FIELDS  # noqa: E402
+from logscore.training.behaviour import (BehaviourOptions, carry_behaviour, client_replay,  # noqa: E402
+                                         client_threshold, cross_fitted, learn_behaviour, score_for_behaviour)
 from logscore.training.train import TrainOptions, train  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -105,6 +113,29 @@ def scanner_lines(normal: list[str], payload_lists: dict, count: int, start: flo
     return scanners
 
 
+def with_scanners(window: list[str], payload_lists: dict, count: int) -> list[str]:
+    """The window's lines with ``count`` scanners' requests among them, in time order."""
+    if not count:
+        return window
+    moments = [line_time(line) for line in window]
+    added = scanner_lines(window, payload_lists, count, moments[0], moments[-1], random.Random(1))
+    return [line for _, line in sorted([*zip(moments, window), *(r for rs in added.values() for r in rs)])]
+
+
+def window_threshold(model_proto, metadata: dict, window: list[str]) -> dict:
+    """The client threshold set again on the window's clients: each line scored by a record model
+    that never saw it (training's cross-fitted halves), clients replayed, training's quantile."""
+    clients = metadata["entities"]
+    quiet = lambda *a: None  # noqa: E731
+    fields, _, _ = score_for_behaviour(model_proto.SerializeToString(), metadata, window, quiet,
+                                       also=(clients["key"], *CLIENT_FIELDS, *TIME_FIELDS))
+    scores, novelty = cross_fitted(window, metadata, quiet)
+    matrix, owner = client_replay(fields, scores, novelty, clients["key"], float(clients["half_life_s"]))
+    scorer = entity_spec(Model(Artifact("(window)", model_proto.SerializeToString(), metadata, ""))).score
+    threshold, count, reaching = client_threshold(scorer(matrix), owner, float(clients["target_fpr"]))
+    return {"threshold": threshold, "clients": count, "clients_reaching": reaching}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--log", default=str(SHARED / "elastic_apache_access_logs" / "apache_logs"))
@@ -115,6 +146,10 @@ def main() -> int:
     parser.add_argument("--learned-records", type=int, default=0, metavar="N",
                         help="replay with a record model learned from the first half's last N lines, keeping the "
                         "client detector of the whole first half (as --learn does)")
+    parser.add_argument("--recalibrate", action="store_true",
+                        help="with --learned-records: set the client threshold again on the N lines' clients")
+    parser.add_argument("--window-scanners", type=int, default=0, metavar="K",
+                        help="with --learned-records: K scanners among the N lines")
     parser.add_argument("--out", help="default benchmarks/results/clients.json (clients-learned-N.json)")
     args = parser.parse_args()
     rng = random.Random(args.seed)
@@ -129,18 +164,23 @@ def main() -> int:
     model_proto, metadata = train(training, TrainOptions(spec=load_spec(None, "access"), name="apache-access"))
     model_proto, metadata = learn_behaviour(model_proto, metadata, training, BehaviourOptions(entities=True),
                                             lambda *a: None)
+    recalibrated = None
+    payload_lists = payloads(Path(args.payloads), rng)
     if args.learned_records:
         history = Artifact("(history)", model_proto.SerializeToString(), metadata, "")
-        learned, learned_metadata = train(training[-args.learned_records:],
-                                          TrainOptions(spec=load_spec(None, "access"), name="apache-access"))
+        window = with_scanners(training[-args.learned_records:], payload_lists, args.window_scanners)
+        learned, learned_metadata = train(window, TrainOptions(spec=load_spec(None, "access"), name="apache-access"))
         model_proto, metadata = carry_behaviour(learned, learned_metadata, history)
+        if args.recalibrate:
+            recalibrated = window_threshold(model_proto, metadata, window)
     model = Model(Artifact("(benchmark)", model_proto.SerializeToString(), metadata, ""))
     training_seconds = time.process_time() - started
 
-    scanners = scanner_lines([line for _, line in testing], payloads(Path(args.payloads), rng), args.scanners,
-                             middle, times[-1], rng)
+    scanners = scanner_lines([line for _, line in testing], payload_lists, args.scanners, middle, times[-1], rng)
     stream = sorted(testing + [request for requests in scanners.values() for request in requests])
     watch = ClientWatch(entity_spec(model), model.name)
+    if recalibrated is not None:
+        watch.spec.threshold = recalibrated["threshold"]
     by_client: dict[str, list] = {}
     line_scores, line_labels = [], []
     started = time.process_time()
@@ -175,7 +215,8 @@ def main() -> int:
         "client_roc_auc": round(roc_auc(labels, entity_max), 4),
         "floor_client_roc_auc_max_record_score": round(roc_auc(labels, record_max), 4),
         "floor_line_roc_auc_record_score": round(roc_auc(np.array(line_labels), np.array(line_scores)), 4),
-        "threshold": threshold,
+        "threshold": threshold, "trained_threshold": metadata["entities"]["threshold"],
+        "recalibrated_on_window": recalibrated, "window_scanners": args.window_scanners,
         "scanners_detected": len(detected),
         "detected_within_20_requests": sum(1 for n in detected if n <= 20),
         "requests_to_detection_median": float(np.median(detected)) if detected else None,
@@ -190,7 +231,9 @@ def main() -> int:
     for key, value in results.items():
         if key != "machine":
             print(f"{key}: {value}")
-    write_results(args.out or ("benchmarks/results/" + (f"clients-learned-{args.learned_records}.json"
+    experiment = ("-recalibrated" if args.recalibrate else "") + (
+        f"-window-scanners-{args.window_scanners}" if args.window_scanners else "")
+    write_results(args.out or ("benchmarks/results/" + (f"clients-learned-{args.learned_records}{experiment}.json"
                                                         if args.learned_records else "clients.json")), results)
     return 0
 
