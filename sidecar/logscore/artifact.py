@@ -103,6 +103,12 @@ def _scan_model(data: bytes) -> tuple[bytes, dict[str, str]]:
     return graph, props
 
 
+def fields_but_metadata(data: bytes) -> list[tuple[int, object]]:
+    """Every top-level field of a model file but its metadata, as (field number, value) in order: what a
+    rewrite of the metadata alone must leave as it was, byte for byte (scripts/set_access_layout.py)."""
+    return [(number, value) for number, _, value in _fields(data) if number != _METADATA_FIELD]
+
+
 def read_artifact(path: str | Path) -> Artifact:
     """Read and verify a model file; every failure is a ModelLoadError naming the file."""
     path = str(path)
