@@ -33,6 +33,8 @@ def test_train_from_gzip_and_stdin_then_inspect(tmp_path):
     assert "[train] final model: fitted pca" in result.stderr  # progress
     shown = logscore("inspect", out)
     assert "detectors: rarity, pca" in shown.stdout
+    assert 'log format: access, combined layout: a record\'s null referer and agent read as the line\'s "-" "-"' \
+        in shown.stdout
     # the names shippers' parsers give (Fluentd's apache2: path), then the model's own (proxies' JSON logs)
     assert ("field url (also read as path, request_uri, url.original, uri, request, RequestPath, request.uri): "
             "url, ngrams, ngrams") in shown.stdout

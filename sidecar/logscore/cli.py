@@ -988,7 +988,7 @@ def run_inspect(args) -> int:
     training, calibration = meta.get("training", {}), meta.get("calibration", {})
     print(f"{artifact.path}")
     print(f"  name: {meta.get('name')}   version: {artifact.version}   format: {meta.get('format_version')}")
-    print(f"  log format: {meta['featurizer']['format']}")
+    print(f"  log format: {meta['featurizer']['format']}{describe_layout(meta['featurizer'])}")
     from .parsers import FIELD_ALIASES
 
     shippers = FIELD_ALIASES.get(meta["featurizer"]["format"], {})
@@ -1030,6 +1030,18 @@ def run_inspect(args) -> int:
     for line in describe_behaviour(meta):
         print(f"  {line}")
     return 0
+
+
+def describe_layout(spec: dict) -> str:
+    """An access model's layout: how the null referer and agent of Fluentd's apache2 parser read."""
+    if spec.get("format") != "access":
+        return ""
+    layout = spec.get("access_layout")
+    if layout is None:  # (trained before training recorded it)
+        return (", layout not recorded: a record's null referer and agent read as a common-format line's "
+                "(retrain it, or record it with scripts/set_access_layout.py)")
+    return f", {layout} layout: a record's null referer and agent read as " + (
+        'the line\'s "-" "-"' if layout == "combined" else "a common-format line's (none)")
 
 
 def describe_behaviour(meta: dict) -> list[str]:
