@@ -315,6 +315,20 @@ def test_a_route_learned_from_fluentds_binary_strings_scores_them_as_text(tmp_pa
     assert learned.score([fluentd_apache2(line) for line in fresh]).is_anomaly.mean() <= 0.02
 
 
+def test_a_common_format_site_learning_from_the_shipped_combined_model_learns_its_own_layout(tmp_path):
+    """The shipped model records the combined layout; the learner handed its spec, layout and all, to
+    training, which keeps a layout it is given: a common-format site's model read its records' null
+    referer and agent as "-" "-"."""
+    from logscore.learning import write_inputs
+    from logscore.model import Model
+    from logscore.training.train import TrainOptions, count_unparsed
+
+    lines = [line.rsplit(' "', 2)[0] for line in shop_lines(200, seed=14)]  # the common format
+    paths = write_inputs(tmp_path / "inputs", lines, Model.load(DEFAULT_MODEL))
+    _, spec = count_unparsed(lines, TrainOptions(spec=json.loads(paths["spec"].read_text())), warn=print)
+    assert spec["access_layout"] == "common"
+
+
 def test_a_route_learned_from_its_first_records_learns_again_from_a_fuller_window_once(tmp_path):
     """A first model learns from learn_records; it waited for learn_retrain_records more while a
     fuller window would have taught it more (a new shop's injected attacks: 86 % flagged with 5,000
