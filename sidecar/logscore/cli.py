@@ -1041,7 +1041,8 @@ def describe_layout(spec: dict) -> str:
         return (", layout not recorded: a record's null referer and agent read as a common-format line's "
                 "(retrain it, or record it with scripts/set_access_layout.py)")
     return f", {layout} layout: a record's null referer and agent read as " + (
-        'the line\'s "-" "-"' if layout == "combined" else "a common-format line's (none)")
+        'the line\'s "-" "-"' if layout == "combined" else "a common-format line's (none), and lines and records "
+        "that carry them are scored without them")
 
 
 def describe_behaviour(meta: dict) -> list[str]:

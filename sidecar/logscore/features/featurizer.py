@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 
 from ..errors import ConfigError
+from ..parsers import COMBINED_ONLY
 from ..records import DEFAULT_MAX_LINE_CHARS, RecordNormalizer, text_columns, to_text
 from ..sessions import SessionSpec
 from .batch import FeatureBatch, FeatureSink
@@ -174,6 +176,12 @@ class Featurizer:
                               "(train sets it from the log)")
         self.normalizer = RecordNormalizer(self.log_format, self.fields, max_line_chars, also_fields, self.native,
                                            self.aliases, message_levels, combined=self.access_layout == "combined")
+        # NOTE: a model of a common-format log learned no referer nor agent: every agent was new to it, and
+        # once the site's LogFormat became combined it flagged 102 of 2,000 normal lines (5 as common).
+        # It reads them as the lines it learned, without those two; the first such records are logged.
+        self._unlearned = tuple(name for name in COMBINED_ONLY if name in self.fields) \
+            if self.access_layout == "common" else ()
+        self._unlearned_said = False
         self.sessions = SessionSpec.from_dict(spec["sessions"]) if spec.get("sessions") else None
 
     def spec(self) -> dict:
@@ -214,7 +222,7 @@ class Featurizer:
             extra = dict(zip(columns, found[len(self.fields):])) if columns else None
             if extra:
                 normalizer.carried_raw_lines(records, lines, extra)
-            return dict(zip(self.fields, found)), parsed, truncated, None, extra
+            return self._as_learned(dict(zip(self.fields, found))), parsed, truncated, None, extra
         batch = self.normalizer.normalize(records)
         truncated = batch.truncated
         limit = self.max_field_chars
@@ -226,7 +234,20 @@ class Featurizer:
                         column[row] = value[:limit]
                         truncated[row] = True
         extra = text_columns(batch.fields, columns) if columns else None
-        return values, batch.parsed, truncated, batch.fields if with_fields else None, extra
+        return self._as_learned(values), batch.parsed, truncated, batch.fields if with_fields else None, extra
+
+    def _as_learned(self, values: dict[str, list]) -> dict[str, list]:
+        """The columns as the model's log wrote them: a common-format model's without a referer or agent."""
+        for name in self._unlearned:
+            column = values[name]
+            if not self._unlearned_said and any(value is not None for value in column):
+                self._unlearned_said = True
+                logging.getLogger("logscore").warning(
+                    "records carry %s, which this model's common-format log did not: they are scored without "
+                    "them; to score them too, retrain on the log as it is now written (logscore train)",
+                    " and ".join(self._unlearned), extra={"fields": list(self._unlearned)})
+            values[name] = [None] * len(column)
+        return values
 
     def fit(self, records: Sequence[object]) -> None:
         self.apply(self.fit_plan(records).learned())
