@@ -589,7 +589,8 @@ class FeedbackService:
 
     def _unreachable(self, error: Exception) -> None:
         if self.reachable or self.error is None:
-            log.error("feedback store unreachable; the rules last loaded stay in force",
+            log.error("feedback store unreachable; the rules last loaded stay in force" if self.loaded_at else
+                      "feedback store unreachable; no feedback is applied until it is reached",
                       extra={"store": self.store.description, "error": str(error),
                              "active_entries": len(self.rules)})
         self.reachable, self.error = False, str(error)
@@ -601,9 +602,13 @@ class FeedbackService:
             if self._stop.is_set():
                 return
             try:
-                if self.revision is None:
+                if self.revision is None or not self.reachable:
+                    # Back after an outage, the store may be another database (dropped and created
+                    # again, restored from a backup): make its schema, and load it whatever its revision
                     self.store.migrate()
-                self.reload()
+                    self.reload(force=True)
+                else:
+                    self.reload()
             except (StoreUnavailable, ConfigError) as error:  # ConfigError: its directory went away, say
                 self._unreachable(error)
             except Exception as error:  # a bug: say so, keep the rules, keep watching
