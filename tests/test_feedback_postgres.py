@@ -201,3 +201,23 @@ def wait_until(condition, what: str, timeout: float = 10.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.05)
+
+
+def test_training_refuses_a_database_no_sidecar_made_and_leaves_it_untouched(cluster, tmp_path):
+    """`logscore train --feedback postgresql://…/a-typo` trained with no feedback and made the
+    store's tables in whatever database the URL named (the SQLite store refuses a missing file)."""
+    import subprocess
+    import sys
+
+    import psycopg
+
+    url = cluster.create_database("typo")
+    (tmp_path / "train.log").write_text("\n".join(compare_lines(50, seed=43)) + "\n")
+    result = subprocess.run([sys.executable, "-m", "logscore", "train", "-i", str(tmp_path / "train.log"),
+                             "--feedback", url, "--name", "shop", "--out", str(tmp_path / "shop.onnx")],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1, result.stderr
+    assert "holds no logscore feedback" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "shop.onnx").exists()
+    with psycopg.connect(url) as connection:
+        assert connection.execute("SELECT to_regclass('schema_migrations')").fetchone()[0] is None

@@ -517,7 +517,7 @@ def run_train(args) -> int:
         location = os.environ.get("LOGSCORE_FEEDBACK_STORE", "") if args.feedback == "env" else args.feedback
         if not location:
             raise ConfigError("--feedback env: LOGSCORE_FEEDBACK_STORE is not set; give the store's location")
-        options.feedback = load_feedback(location, options.name)
+        options.feedback = load_feedback(location, options.name, must_exist=args.feedback != "env")
         # (the learner's store, `env`, holds no entry until an operator gives one: no typo to warn of)
         if not options.feedback.entries and args.feedback != "env":
             others = ", ".join(f"{m or '(any)'} ({n})" for m, n in options.feedback.other_models.most_common())

@@ -145,6 +145,7 @@ class FeedbackStore:
     placeholder = "?"
     types = {"serial": "INTEGER", "real": "REAL"}
     description = ""  # where it is, for logs and the token-protected views
+    schema_query = "SELECT max(name) FROM sqlite_master WHERE type = 'table' AND name = 'schema_migrations'"
     public_name = ""  # ...and for /readyz, which answers without the token
 
     def _connect(self):  # a DB-API connection (a transaction is open after connect, until commit)
@@ -292,6 +293,13 @@ class FeedbackStore:
             return [entry_from_row(row) for row in cursor.fetchall()]
         return self._run(work)
 
+    def holds_schema(self) -> bool:
+        """Whether a logscore made its tables here (readers check: a typo in a URL names an empty database)."""
+        def work(cursor):
+            cursor.execute(self.schema_query)
+            return cursor.fetchone()[0] is not None
+        return self._run(work)
+
     def revision(self) -> int:
         def work(cursor):
             cursor.execute("SELECT revision FROM feedback_revision")
@@ -372,6 +380,7 @@ class SqliteStore(FeedbackStore):
 
 class PostgresStore(FeedbackStore):
     placeholder = "%s"
+    schema_query = "SELECT to_regclass('schema_migrations')"
     types = {"serial": "BIGSERIAL", "real": "DOUBLE PRECISION"}
 
     def __init__(self, url: str, connect_timeout: float = 3.0):

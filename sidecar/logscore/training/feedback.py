@@ -71,14 +71,18 @@ class TrainingFeedback:
         return [record for record in self.normal for _ in range(repeat)]
 
 
-def load_feedback(location: str, model_name: str) -> TrainingFeedback:
-    """The active entries of the store that apply to ``model_name`` (or to every model)."""
+def load_feedback(location: str, model_name: str, must_exist: bool = True) -> TrainingFeedback:
+    """The active entries of the store that apply to ``model_name`` (or to every model); ``must_exist``:
+    a store no sidecar made is refused (a typo would train with an empty store, and make its tables)."""
     from ..feedback_store import open_store
 
     if "://" not in location and not os.path.isfile(location):  # a typo would make an empty store
         raise ConfigError(f"--feedback {location}: no such file; a sidecar keeps its feedback beside its models "
                           "(models/feedback.sqlite3) unless --feedback-store says where")
     store = open_store(location, "--feedback")
+    if must_exist and not store.holds_schema():
+        raise ConfigError(f"--feedback {store.description}: this database holds no logscore feedback (no "
+                          "schema_migrations table); check the URL: the sidecars' --feedback-store names it")
     store.migrate()
     active = store.entries()
     entries = [e for e in active if not e.model or base_name(e.model) == base_name(model_name)]
