@@ -555,3 +555,22 @@ def test_feedback_add_file_reads_no_further_than_a_mark_takes(tmp_path, capsys, 
         assert main(["feedback", "add", "normal", "--file", str(path), "--socket", str(tmp_path / "none.sock")]) == 1
         assert message in capsys.readouterr().err
     assert len(read) == 101, "read no further than one line past the most a mark takes"
+
+
+
+def test_a_group_unusual_in_details_only_says_so_when_marked(tmp_path):
+    """A group whose records are unusual in n-grams only (seen in a fleet trial: a page's records once
+    its model had learned the page's shape from a few marked examples) has no kind a mark could
+    name: marking it was refused as 'a session model', which it was not."""
+    from types import SimpleNamespace
+
+    from logscore.errors import InvalidRequest
+    from logscore.feedback_store import FeedbackService, Mark, SqliteStore
+
+    class Review:  # the page's memory, holding one such group
+        def group(self, group_id):
+            return SimpleNamespace(kind=frozenset(), model="shop", route="web.access")
+
+    service = FeedbackService(SqliteStore(str(tmp_path / "f.sqlite3")), poll_s=1.0, review=Review())
+    with pytest.raises(InvalidRequest, match="unusual in details only .*mark its records or a field value"):
+        service.mark(Mark(verdict="normal", author="ana", group="g5"))

@@ -636,7 +636,8 @@ class FeedbackService:
             if group is None:
                 raise FeedbackNotFound(f"no review group {mark.group!r} (groups live in memory: list them at /ui/)")
             if not group.kind:
-                raise InvalidRequest(f"group {mark.group} names no feature (a session model): mark a field value")
+                raise InvalidRequest(f"group {mark.group} is unusual in details only (n-grams, or a session "
+                                     "model's records): it names no kind to mark; mark its records or a field value")
             model_name = mark.model or group.model
             pattern = group.pattern()
             example = group.examples[-1].text if group.examples else ""
