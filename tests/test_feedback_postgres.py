@@ -221,3 +221,31 @@ def test_training_refuses_a_database_no_sidecar_made_and_leaves_it_untouched(clu
     assert not (tmp_path / "shop.onnx").exists()
     with psycopg.connect(url) as connection:
         assert connection.execute("SELECT to_regclass('schema_migrations')").fetchone()[0] is None
+
+
+def test_a_listening_sidecar_polls_rarely_yet_applies_writes_and_expiries_at_once(cluster):
+    """Each poll is a new connection (a backend forked and authenticated): every 0.5 s per sidecar, a
+    fleet of 100 forked 200 a second, about a core of the database's, though LISTEN brings changes."""
+    url = cluster.create_database("quiet")
+    store = PostgresStore(url)
+    connections = []
+    connect = store._connect
+    store._connect = lambda: connections.append(1) or connect()
+    service = FeedbackService(store, poll_s=0.05)
+    service.start()
+    try:
+        rule = {"keys": [1, 2], "kind": [1, "path /a/<a>"], "features": ["url: x"]}
+        writer = PostgresStore(url)
+        writer.add(Entry(0, NORMAL, rule, "ana", model="shop", expires_at=time.time() + 1.0))
+        wait_until(lambda: len(service.rules) == 1, "the entry, notified")
+        polls_before = len(connections)
+        wait_until(lambda: len(service.rules) == 0, "the entry's expiry", timeout=4.0)
+        time.sleep(1.0)
+        # 1 s of 0.05-s polls would be 20 connections; listening, none but the reload at the expiry
+        assert len(connections) - polls_before <= 3, len(connections) - polls_before
+        writer.add(Entry(0, NORMAL, {**rule, "keys": [3]}, "ben", model="shop"))
+        wait_until(lambda: len(service.rules) == 1, "the second entry, notified", timeout=3.0)
+    finally:
+        started = time.monotonic()
+        service.stop()
+        assert time.monotonic() - started < 2.0  # the listening wait is cut into polls' slices

@@ -73,6 +73,10 @@ MAX_VALUE_CHARS = 2000  # a field value marked (a user agent, say)
 EXPIRY_SAME_WITHIN_S = 60.0
 ROOM_TO_WRITE = 16 * 2**20  # free bytes past which a SQLite write that fails is no full disk's doing
 STATEMENT_TIMEOUT_MS = 5000  # PostgreSQL: past it a statement fails (StoreUnavailable), a write 503
+# PostgreSQL: while a sidecar LISTENs, changes come as notifications and a poll is only the check for a
+# notification lost, so it is made this often (each poll is a new connection: a backend forked and
+# authenticated; every 0.5 s that was 2 a second per sidecar, about 1 % of a core of the database's).
+LISTENING_POLL_S = 5.0
 
 
 def entry_from_row(row) -> Entry:
@@ -306,8 +310,9 @@ class FeedbackStore:
             return int(cursor.fetchone()[0])
         return self._run(work)
 
-    def watch(self, timeout: float, stop: threading.Event) -> None:
-        """Return when the store may have changed, or after ``timeout`` seconds (a poll)."""
+    def watch(self, timeout: float, stop: threading.Event, listening_timeout: float = 0.0) -> None:
+        """Return when the store may have changed, or after ``timeout`` seconds (a poll); a store that
+        pushes changes, after ``listening_timeout`` while it listens."""
         stop.wait(timeout)
 
     def close(self) -> None:
@@ -406,15 +411,21 @@ class PostgresStore(FeedbackStore):
     def _lock_for_migration(self, cursor) -> None:
         cursor.execute("SELECT pg_advisory_xact_lock(7462033)")  # any constant of our own
 
-    def watch(self, timeout: float, stop: threading.Event) -> None:
-        """LISTEN: returns as soon as another writer notifies, else after ``timeout`` (a poll)."""
+    def watch(self, timeout: float, stop: threading.Event, listening_timeout: float = 0.0) -> None:
+        """LISTEN: returns as soon as another writer notifies, else after ``listening_timeout`` (a
+        poll; after ``timeout`` when not listening, and at once on listening anew: what was written
+        meanwhile was notified to no one)."""
         try:
             if self._listener is None or self._listener.closed:
                 self._listener = self._psycopg.connect(self.url, autocommit=True,
                                                        connect_timeout=max(1, int(self.connect_timeout)))
                 self._listener.execute(f"LISTEN {CHANNEL}")
-            for _ in self._listener.notifies(timeout=timeout, stop_after=1):
-                pass
+                return
+            deadline = time.monotonic() + max(timeout, listening_timeout)
+            while not stop.is_set():  # in slices of ``timeout``: a sidecar stopping is not kept waiting
+                left = deadline - time.monotonic()
+                if left <= 0 or any(True for _ in self._listener.notifies(timeout=min(timeout, left), stop_after=1)):
+                    return
         except Exception:  # the poll that follows says what is wrong
             self.close()
             stop.wait(timeout)
@@ -607,7 +618,7 @@ class FeedbackService:
 
     def _watch(self) -> None:
         while not self._stop.is_set():
-            self.store.watch(self.poll_s, self._stop)
+            self.store.watch(self.poll_s, self._stop, self._listening_poll_s())
             if self._stop.is_set():
                 return
             try:
@@ -623,6 +634,13 @@ class FeedbackService:
             except Exception as error:  # a bug: say so, keep the rules, keep watching
                 log.exception("feedback reload failed")
                 self._unreachable(error)
+
+    def _listening_poll_s(self) -> float:
+        """How long a store that pushes its changes is left unasked: up to the next expiry at most."""
+        wait = LISTENING_POLL_S
+        if self.rules.next_expiry is not None:
+            wait = min(wait, self.rules.next_expiry - time.time())
+        return max(self.poll_s, wait)
 
     # --- writes (called from the surfaces, off the event loop) --------------------------
     def mark(self, mark: Mark) -> Entry:

@@ -125,8 +125,9 @@ class Settings:
     feedback_store: Optional[str] = setting(None, "where feedback lives: a SQLite file path, or a postgresql:// URL "
                                             "shared by a fleet (needs the postgres extra); default: "
                                             "feedback.sqlite3 in --models-dir")
-    feedback_poll_s: float = setting(0.5, "how often the feedback store is checked for changes (PostgreSQL also "
-                                     "pushes them at once with LISTEN/NOTIFY)")
+    feedback_poll_s: float = setting(0.5, "how often the feedback store is checked for changes (PostgreSQL "
+                                     "pushes them at once with LISTEN/NOTIFY, and is checked every 5 s while "
+                                     "it does)")
     review_records: int = setting(2000, "recent flagged records the review page (/ui/) keeps and groups; "
                                   "0: no review page")
     review_inspect_per_s: float = setting(200.0, "flagged records per second the review page inspects and groups "
