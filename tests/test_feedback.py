@@ -557,7 +557,6 @@ def test_feedback_add_file_reads_no_further_than_a_mark_takes(tmp_path, capsys, 
     assert len(read) == 101, "read no further than one line past the most a mark takes"
 
 
-
 def test_a_group_unusual_in_details_only_says_so_when_marked(tmp_path):
     """A group whose records are unusual in n-grams only (seen in a fleet trial: a page's records once
     its model had learned the page's shape from a few marked examples) has no kind a mark could
