@@ -59,6 +59,21 @@ def test_syslog_tags_with_a_version_or_no_colon_parse_as_fluentds_syslog_parser_
     assert parse_syslog("Jul  7 08:06:15 combo")[1] is False
 
 
+def test_syslog_lines_with_rsyslogs_rfc3339_time_parse_with_their_offset():
+    """rsyslog's RSYSLOG_FileFormat (/var/log/syslog on Debian 12) writes an RFC 3339 time in the
+    RFC 3164 head: every line was unparsed, so `logscore train --format syslog` refused the file
+    ("this is not syslog input") and --windows found no timestamp (syslog trial)."""
+    from logscore.timestamps import parse_time
+
+    line = "2024-01-15T10:23:45.123456+01:00 combo sshd[812]: Accepted password for bob from 10.0.0.7"
+    fields, ok = parse_syslog(line)
+    assert ok and (fields["host"], fields["app"], fields["pid"]) == ("combo", "sshd", "812")
+    assert fields["message"] == "Accepted password for bob from 10.0.0.7"
+    assert parse_time(fields["time"]) == pytest.approx(1705310625.123456)  # 09:23:45.123456 UTC
+    fields, ok = parse_syslog("2024-01-15T09:23:45Z combo kernel: Out of memory: Killed process 4242 (httpd)")
+    assert ok and (fields["app"], fields["message"]) == ("kernel", "Out of memory: Killed process 4242 (httpd)")
+
+
 def test_jsonl_flattens_and_rejects_non_objects():
     assert parse_jsonl('{"a": {"b": 1}, "c": "x"}') == ({"a.b": 1, "c": "x"}, True)
     assert parse_jsonl("[1, 2]") == ({"message": "[1, 2]"}, False)
