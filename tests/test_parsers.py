@@ -403,3 +403,19 @@ def test_a_common_format_model_reads_combined_lines_without_their_referer_and_ag
     for native in (True, False):
         values, _, _ = Featurizer(scorer.metadata["featurizer"], native=native).field_values([combined, fluentd])
         assert values["user_agent"] == [None, None]
+
+
+def test_nginx_error_log_and_go_log_heads_give_their_time_and_level():
+    """nginx's error log ("2024/01/15 10:23:45 [error] ...") and Go's log package write yyyy/MM/dd:
+    no time was read, so `logscore train --format plain --windows` refused nginx's error log
+    ("only 0 of 1500 records carry a readable timestamp") (syslog trial)."""
+    from logscore.parsers import line_head
+    from logscore.timestamps import parse_time, read_zoneless_in
+
+    read_zoneless_in("UTC")
+    head = line_head('2024/01/15 10:23:45 [error] 812#812: *5 open() "/srv/www/x.ico" failed (2: No such file)')
+    assert head == {"time": "2024/01/15 10:23:45", "level": "error"}
+    assert parse_time(head["time"]) == 1705314225.0
+    head = line_head("2024/01/15 10:23:45.250000 http: TLS handshake error from 10.0.0.7:51234: EOF")
+    assert parse_time(head["time"]) == 1705314225.25
+    assert parse_time("2024/13/15 10:23:45") is None

@@ -68,7 +68,8 @@ def _unparsed(line: str) -> tuple[Fields, bool]:
 
 # An application line's head holds its time and level: log4j's and Python logging's
 # "2015-10-18 18:01:47,978 INFO [main] ...", Zookeeper's "... - INFO  [...", Apache's error log
-# "[Sun Dec 04 04:47:44 2005] [notice] ...", a syslog line, "... sshd[9]: error: ...", HDFS's
+# "[Sun Dec 04 04:47:44 2005] [notice] ...", nginx's "2024/01/15 10:23:45 [error] ...", a syslog
+# line, "... sshd[9]: error: ...", HDFS's
 # "081109 203615 148 INFO dfs.DataNode: ...", Android's "03-17 16:13:38.811  1702  2395 D ..." (its
 # level letter after the ids, named: debug). Windows
 # count per level and learn from the time (`logscore train --windows` refused such logs: no
@@ -78,11 +79,13 @@ TIME_WITHIN = 64  # characters from the line's start where its time may begin
 LEVEL_WITHIN = 48  # characters after the time (or from the start) where its level may begin
 _HEAD_TIME = re.compile(
     r"\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}:\d{2}(?:[.,]\d{1,9})?(?:Z|[+-]\d{2}:?\d{2}(?![\d:]))?"  # ISO 8601, log4j
+    r"|\d{4}/\d{2}/\d{2} \d{2}:\d{2}:\d{2}(?:\.\d{1,9})?"  # nginx's error log, Go's log package
     r"|[A-Z][a-z]{2} [A-Z][a-z]{2} [ \d]\d \d{2}:\d{2}:\d{2}(?:\.\d{1,9})? \d{4}"  # C's ctime (Apache's errors)
     r"|[A-Z][a-z]{2} {1,2}\d{1,2} \d{2}:\d{2}:\d{2}"  # syslog
     r"|^\d{6} \d{6}(?!\d)"  # HDFS's yyMMdd HHmmss, where a line starts
     r"|^\d{2}-\d{2} \d{2}:\d{2}:\d{2}(?:\.\d{1,9})?", re.ASCII)  # Android logcat's MM-dd, where a line starts
-# NOTE: yy/MM/dd (Spark's default) is not read: the same text is dd/MM/yy or MM/dd/yy elsewhere.
+# NOTE: yy/MM/dd (Spark's default) is not read: the same text is dd/MM/yy or MM/dd/yy elsewhere;
+# yyyy/MM/dd (nginx's error log "2024/01/15 10:23:45 [error] ...", Go's log) is no other date.
 # The two read only where a line starts: elsewhere in a head, such digits are ids as often.
 # Android logcat's level is a letter after the process and thread ids: "03-17 16:13:38.811  1702  2395 E ...".
 _LOGCAT_LEVEL = re.compile(r" +\d+ +\d+ +([VDIWEFA]) ", re.ASCII)

@@ -3,7 +3,7 @@
 Reads Apache's ``17/May/2015:10:05:03 +0000``, ISO 8601 (``2015-05-17T10:05:03Z``, with a
 space, fractions, offsets; syslog RFC 5424, JSON logs, log4j's ``2015-05-17 10:05:03,978``),
 syslog RFC 3164's ``May 17 10:05:03`` (no year: the latest that is not days ahead), C's ctime
-``Sun May 17 10:05:03 2015`` (Apache's error log), NAB's ``2015-02-26 21:42:53``, HDFS's
+``Sun May 17 10:05:03 2015`` (Apache's error log), nginx's error log's ``2015/05/17 10:05:03``, NAB's ``2015-02-26 21:42:53``, HDFS's
 ``081109 203615`` (yyMMdd HHmmss), Android logcat's ``03-17 16:13:38.811`` (no year, as syslog's), and
 Unix seconds (or milli-, micro-, nanoseconds) since 2001 as numbers or digits. Times written without a zone
 are read in the zone ``read_zoneless_in`` set (``--time-zone``; UTC until it is called).
@@ -34,6 +34,8 @@ _APACHE = re.compile(r"(\d{1,2})/([A-Z][a-z]{2})/(\d{4}):(\d{2}):(\d{2}):(\d{2})
 _SYSLOG = re.compile(r"([A-Z][a-z]{2}) +(\d{1,2}) (\d{2}):(\d{2}):(\d{2})")
 # C's ctime, as Apache's error log writes it: "Sun Dec 04 04:47:44 2005" (2.4: with microseconds)
 _CTIME = re.compile(r"[A-Z][a-z]{2} ([A-Z][a-z]{2}) +(\d{1,2}) (\d{2}):(\d{2}):(\d{2})(\.\d{1,9})? (\d{4})$")
+# nginx's error log and Go's log package: "2024/01/15 10:23:45" (Go's with microseconds)
+_SLASHED = re.compile(r"(\d{4})/(\d{2})/(\d{2}) (\d{2}):(\d{2}):(\d{2})(\.\d{1,9})?$")
 # HDFS's (log4j's yyMMdd HHmmss): "081109 203615"
 _COMPACT = re.compile(r"(\d{2})(\d{2})(\d{2}) (\d{2})(\d{2})(\d{2})$")
 # Android logcat's MM-dd, without a year: "03-17 16:13:38.811"
@@ -200,6 +202,10 @@ def _read_whole(value: str, now: Optional[float]) -> Optional[float]:
     if match and match.group(1) in MONTHS:
         month, day, hour, minute, second = match.groups()
         return _latest_year((MONTHS[month], int(day), int(hour), int(minute), int(second)), now)
+    match = _SLASHED.match(value)
+    if match:
+        wall = calendar.timegm(_checked(tuple(map(int, match.groups()[:6]))))
+        return _from_wall_clock(wall + float(match.group(7) or 0))
     match = _COMPACT.match(value)
     if match:
         year, month, day, hour, minute, second = map(int, match.groups())

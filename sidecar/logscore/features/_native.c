@@ -2378,6 +2378,15 @@ static Py_ssize_t iso_time_at(const Head *t, Py_ssize_t i) {
     return end;
 }
 
+/* \d{4}/\d{2}/\d{2} \d{2}:\d{2}:\d{2}(?:\.\d{1,9})? at i (nginx's error log, Go's log): its end, or -1 */
+static Py_ssize_t slashed_time_at(const Head *t, Py_ssize_t i) {
+    if (!(digits_at(t, i, 4) && text_at(t, i + 4) == '/' && digits_at(t, i + 5, 2) && text_at(t, i + 7) == '/' &&
+          digits_at(t, i + 8, 2) && text_at(t, i + 10) == ' ' && clock_at(t, i + 11)))
+        return -1;
+    Py_ssize_t end = i + 19;
+    return text_at(t, end) == '.' && ascii_digit(text_at(t, end + 1)) ? some_digits(t, end + 1, 9) : end;
+}
+
 /* [A-Z][a-z]{2} [A-Z][a-z]{2} [ \d]\d \d{2}:\d{2}:\d{2}(?:\.\d{1,9})? \d{4} at i (C's ctime) */
 static Py_ssize_t ctime_at(const Head *t, Py_ssize_t i) {
     Py_UCS4 day = text_at(t, i + 8);
@@ -2451,6 +2460,7 @@ static PyObject *line_head(PyObject *module, PyObject *args) {
     Py_ssize_t time_start = -1, time_end = -1, level_start = -1, level_end = -1;
     for (Py_ssize_t i = 0; i < time_within && i < t.n && time_start < 0; i++) {
         Py_ssize_t end = iso_time_at(&t, i);
+        if (end < 0) end = slashed_time_at(&t, i);
         if (end < 0) end = ctime_at(&t, i);
         if (end < 0) end = syslog_time_at(&t, i);
         if (end < 0) end = compact_time_at(&t, i);
