@@ -1,12 +1,13 @@
 """Record timestamps → Unix seconds, for learning windows and clients from historical logs.
 
-Reads Apache's ``17/May/2015:10:05:03 +0000``, ISO 8601 (``2015-05-17T10:05:03Z``, with a
-space, fractions, offsets; syslog RFC 5424, JSON logs, log4j's ``2015-05-17 10:05:03,978``),
-syslog RFC 3164's ``May 17 10:05:03`` (no year: the latest that is not days ahead), C's ctime
-``Sun May 17 10:05:03 2015`` (Apache's error log), nginx's error log's ``2015/05/17 10:05:03``, NAB's ``2015-02-26 21:42:53``, HDFS's
-``081109 203615`` (yyMMdd HHmmss), Android logcat's ``03-17 16:13:38.811`` (no year, as syslog's), and
-Unix seconds (or milli-, micro-, nanoseconds) since 2001 as numbers or digits. Times written without a zone
-are read in the zone ``read_zoneless_in`` set (``--time-zone``; UTC until it is called).
+Reads Apache's ``17/May/2015:10:05:03 +0000``, ISO 8601 (``2015-05-17T10:05:03Z``, with a space,
+fractions, offsets; syslog RFC 5424, JSON logs, log4j's ``2015-05-17 10:05:03,978``), syslog RFC
+3164's ``May 17 10:05:03`` (no year: the latest that is not days ahead), C's ctime ``Sun May 17
+10:05:03 2015`` (Apache's error log), nginx's error log's ``2015/05/17 10:05:03``, NAB's
+``2015-02-26 21:42:53``, HDFS's ``081109 203615`` (yyMMdd HHmmss), Android logcat's ``03-17
+16:13:38.811`` (no year, as syslog's), and Unix seconds (or milli-, micro-, nanoseconds) since 2001
+as numbers or digits. Times written without a zone are read in the zone ``read_zoneless_in`` set
+(``--time-zone``; UTC until it is called).
 Cached per distinct text.
 """
 
