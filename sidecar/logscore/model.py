@@ -111,7 +111,7 @@ def trained_levels_read(path: str, metadata: dict) -> int:
     count keys it never learned (level=error against trained level=50), and say nothing of it."""
     levels_read = int((metadata.get("windows") or {}).get("levels_read", 1))
     if levels_read > LEVELS_READ:
-        raise ModelLoadError(f"{path}: made by a newer logscore (its windows read levels as version {levels_read}; "
+        raise ModelLoadError(f"{path}: made by a newer logscore (its windows read records as version {levels_read}; "
                              f"this logscore reads up to {LEVELS_READ}); upgrade logscore here, or serve a model "
                              "this version trained")
     return levels_read
