@@ -60,8 +60,8 @@ def test_syslog_tags_with_a_version_or_no_colon_parse_as_fluentds_syslog_parser_
 
 
 def test_syslog_lines_with_rsyslogs_rfc3339_time_parse_with_their_offset():
-    """rsyslog's RSYSLOG_FileFormat (/var/log/syslog on Debian 12) writes an RFC 3339 time in the
-    RFC 3164 head: every line was unparsed, so `logscore train --format syslog` refused the file
+    """rsyslog's RSYSLOG_FileFormat (/var/log/syslog on Debian 12) and `journalctl -o short-iso` write
+    an ISO 8601 time in the RFC 3164 head: every line was unparsed, so `logscore train --format syslog` refused the file
     ("this is not syslog input") and --windows found no timestamp (syslog trial)."""
     from logscore.timestamps import parse_time
 
@@ -72,6 +72,8 @@ def test_syslog_lines_with_rsyslogs_rfc3339_time_parse_with_their_offset():
     assert parse_time(fields["time"]) == pytest.approx(1705310625.123456)  # 09:23:45.123456 UTC
     fields, ok = parse_syslog("2024-01-15T09:23:45Z combo kernel: Out of memory: Killed process 4242 (httpd)")
     assert ok and (fields["app"], fields["message"]) == ("kernel", "Out of memory: Killed process 4242 (httpd)")
+    fields, ok = parse_syslog("2024-01-15T10:23:45+0100 combo sshd[812]: Connection closed")  # journalctl short-iso
+    assert ok and fields["app"] == "sshd" and parse_time(fields["time"]) == 1705310625.0
 
 
 def test_jsonl_flattens_and_rejects_non_objects():

@@ -48,10 +48,11 @@ _REQUEST = re.compile(r"(?P<method>[A-Za-z]+) (?P<url>\S+)(?: (?P<protocol>HTTP/
 # restart."), login "-- root[2421]:", so one word may stand between them (dropped, as Fluentd's
 # syslog parser drops it); a tag with no colon ends at a space (RFC 3164). The time is RFC 3164's
 # or RFC 3339's: rsyslog's RSYSLOG_FileFormat, /var/log/syslog's on Debian 12 and Ubuntu 24.04
-# ("2024-01-15T10:23:45.123456+01:00 host app[pid]: ..."), whose lines did not parse at all.
+# ("2024-01-15T10:23:45.123456+01:00 host app[pid]: ..."), whose lines did not parse at all, and
+# `journalctl -o short-iso`'s ("2024-01-15T10:23:45+0100 host app[pid]: ...").
 _SYSLOG_3164 = re.compile(
     r"(?:<(?P<pri>\d{1,3})>)?(?P<time>[A-Z][a-z]{2} [ \d]\d \d\d:\d\d:\d\d"
-    r"|\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d{1,9})?(?:Z|[+-]\d\d:\d\d)) "
+    r"|\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d{1,9})?(?:Z|[+-]\d\d:?\d\d)) "
     r"(?P<host>\S+) +(?P<app>[^\s\[:]+)(?:\[(?P<pid>[^\]]*)\])?(?:: ?| [^\s:]+: ?| )(?P<message>.*)",
     re.DOTALL,
 )
