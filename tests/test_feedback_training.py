@@ -441,3 +441,19 @@ def test_report_prints_what_logs_hold_without_their_terminal_escapes(tmp_path, c
     assert "\x1b" not in out and "\r" not in out and "\u202e" not in out
     assert r"\x1b]0;pwned\x07\x1b[2J\r\nFAKE\u202e" in out and "\nFAKE" not in out
     assert len(out.splitlines()) == 6, out
+
+
+def test_report_names_the_hosts_of_syslog_lines_scored_whole():
+    """Syslog tailed whole (Fluent Bit without a parser: {"log": line}; `logscore score --record`:
+    "record": line) gave `logscore report` no entity: its top entities were empty."""
+    from logscore.report import entity_of
+
+    rfc3164 = "Jun 14 15:16:01 combo sshd(pam_unix)[19939]: authentication failure; rhost=218.188.2.4"
+    rfc3339 = "2024-01-15T10:23:45.123456+01:00 web-2 kernel: Out of memory: Killed process 812 (java)"
+    assert entity_of({"log": rfc3164, "anomaly_score": 0.999}, None) == "combo"
+    assert entity_of({"record": rfc3339, "score": 0.999}, None) == "web-2"
+    assert entity_of({"record": {"message": rfc3164}}, None) == "combo"
+    access = '10.0.0.9 - - [17/May/2015:10:05:03 +0000] "GET / HTTP/1.1" 200 512'
+    assert entity_of({"log": access}, None) == "10.0.0.9"
+    assert entity_of({"log": "2024-01-15 10:23:45,978 ERROR [main] pool exhausted"}, None) is None
+    assert entity_of({"host": "db-1", "log": rfc3164}, None) == "db-1"  # (a field of its own wins)

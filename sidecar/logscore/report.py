@@ -29,8 +29,9 @@ from .feedback import strip_rarity
 from .flood import is_flood
 from .inputs import read_lines, shipper_line
 from .metrics import SCORE_BUCKETS
+from .records import RAW_LINE_KEYS
 from .review import TOP_ENTITIES, Example, Groups, render_group_examples
-from .parsers import WARN_UNPARSED_SHARE, line_head
+from .parsers import WARN_UNPARSED_SHARE, line_head, parse_syslog
 from .timestamps import epoch_seconds, parse_time
 from .svg import bars, timeline
 
@@ -180,9 +181,23 @@ def entity_of(record: dict, name: Optional[str]) -> Optional[str]:
         inner = lookup(record, "record")
         if isinstance(inner, dict):
             value = lookup(inner, *ENTITY_FIELDS)
+            line = lookup(inner, *RAW_LINE_KEYS) if value is None else None
+            value = line_entity(line) if isinstance(line, str) else value
         elif isinstance(inner, str):
-            value = inner.split(" ", 1)[0] if ACCESS_TIME.search(inner) else None  # an access line's client
+            value = line_entity(inner)
+        if value is None:  # (a shipper's record with its fields at the top, a raw line among them)
+            line = lookup(record, *RAW_LINE_KEYS)
+            value = line_entity(line) if isinstance(line, str) else None
     return str(value) if value is not None else None
+
+
+def line_entity(line: str) -> Optional[str]:
+    """A raw line's entity: an access line's client, a syslog line's host. NOTE: a shipper that tails
+    syslog whole (Fluent Bit without a parser: {"log": ...}) left `top entities` empty."""
+    if ACCESS_TIME.search(line):
+        return line.split(" ", 1)[0]
+    fields, parsed = parse_syslog(line)
+    return fields.get("host") if parsed else None
 
 
 def is_flagged(value) -> bool:
