@@ -381,6 +381,33 @@ def test_a_next_hop_that_never_acks_fails_fast_and_says_why(tmp_path):
         silent.stop()
 
 
+def test_a_next_hop_that_reads_every_chunk_but_acks_none_is_not_said_to_ack_others(tmp_path):
+    """Field trial: a next hop reading on but acking nothing (a listener that does not answer the
+    `chunk` option), behind two chunks in flight, was logged as "no ack ... while it acked others:
+    it dropped them", sending the operator after a lost frame instead of the hop's acks."""
+    silent = ForwardReceiver(free_port(), ack=False).start()
+    sidecar, port, _ = start_chain(tmp_path, silent, forward_ack_timeout_s=1)
+    answers: list = []
+
+    def send_one(n: int) -> None:
+        answers.append(send_chunk(port, ["web", [[1_700_000_000, {"message": f"x {n}"}]], {"chunk": f"c{n}"}]))
+
+    senders = [threading.Thread(target=send_one, args=(n,)) for n in range(2)]
+    try:
+        senders[0].start()
+        time.sleep(0.6)  # the second chunk's bytes are read after the first's, while it waits
+        senders[1].start()
+        for thread in senders:
+            thread.join(30)
+        assert answers == [None, None]  # neither sender acked: both resend
+        log = sidecar.log()
+        assert "while it acked others" not in log
+        assert "and it acked none: check that it answers acks (the forward `chunk` option)" in log
+    finally:
+        sidecar.stop()
+        silent.stop()
+
+
 def test_a_next_hop_that_reads_slowly_is_waited_for_not_failed(tmp_path):
     """A fixed wait over a whole window failed a next hop reading 16 KB/s for good (each resend
     delivered nothing), and one reading faster got 41-66 % of its records twice."""

@@ -808,8 +808,14 @@ class NextHop:
             for ack in acks:
                 await self._while_progressing(ack, relay)
         except _RelayStalled:
-            if time.monotonic() - max(self._acked_at, relay.others_read_at) < self.ack_timeout_s:
-                raise self._dropped(acks) from None  # the next hop serves others: it lost these frames
+            now = time.monotonic()
+            if now - self._acked_at < self.ack_timeout_s:
+                raise self._dropped(acks, "while it acked others: it dropped them") from None
+            if now - relay.others_read_at < self.ack_timeout_s:
+                # It reads on but acks nobody: not down, yet nothing it took was confirmed. Said
+                # apart from a dropped ack: "acked others" sent operators looking for a lost frame.
+                raise self._dropped(acks, "though it read them and frames sent after them, and it acked none: "
+                                          "check that it answers acks (the forward `chunk` option)") from None
             raise self._stalled() from None  # it serves nobody: down
         except _HopStalled:
             raise self._stalled() from None
@@ -841,12 +847,12 @@ class NextHop:
     def _stalled(self) -> NextHopError:
         return self.failed(f"no progress (acks, bytes read) for {self.ack_timeout_s:g} s (forward_ack_timeout_s)")
 
-    def _dropped(self, acks: list[Ack]) -> NextHopError:
+    def _dropped(self, acks: list[Ack], why: str) -> NextHopError:
         """Fail one relay's frames (their acks will not come) and leave the connection to the
-        relays it serves: the next hop acked others meanwhile, so it is up."""
+        relays it serves: the next hop acked or read others meanwhile, so it is up."""
         missing = [ack for ack in acks if ack.cancelled() or not ack.done()]  # the one waited for is cancelled
         reason = (f"no ack for {len(missing)} of {len(acks)} frames for {self.ack_timeout_s:g} s "
-                  "(forward_ack_timeout_s) while it acked others: it dropped them")
+                  f"(forward_ack_timeout_s) {why}")
         self.last_error = reason
         error = NextHopError(f"next hop {self.address}: {reason}")
         failing = set(map(id, missing))
