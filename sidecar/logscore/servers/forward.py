@@ -768,7 +768,10 @@ class NextHop:
         self._taken = 0  # of those, read by the next hop when last looked at
         self.down_until = 0.0
         self.last_error = ""
-        self.reachable = False  # the last connection attempt succeeded (a failure since was a refusal)
+        self.reachable = False  # the last connection attempt succeeded
+        # The last failure was the hop making no progress for anybody (paused, overloaded): no
+        # refusal of the frames it held, which it may well take once it moves again.
+        self.stalled = False
 
     async def send(self, frames: list[Frame]) -> list[asyncio.Future]:
         """Write frames; each returned future completes when the next hop acked its frame."""
@@ -812,10 +815,14 @@ class NextHop:
             if now - self._acked_at < self.ack_timeout_s:
                 raise self._dropped(acks, "while it acked others: it dropped them") from None
             if now - relay.others_read_at < self.ack_timeout_s:
-                # It reads on but acks nobody: not down, yet nothing it took was confirmed. Said
-                # apart from a dropped ack: "acked others" sent operators looking for a lost frame.
-                raise self._dropped(acks, "though it read them and frames sent after them, and it acked none: "
-                                          "check that it answers acks (the forward `chunk` option)") from None
+                # Its socket takes bytes but nobody is acked: paused (its kernel still reads), or
+                # no acks at all. Said apart from a dropped ack ("acked others" sent operators
+                # looking for a lost frame), and no refusal of these frames either.
+                error = self._dropped(acks, "though its connection took them and frames sent after them, and it "
+                                            "acked none: it is paused or overloaded, or does not answer acks "
+                                            "(the forward `chunk` option)")
+                self.stalled = True
+                raise error from None
             raise self._stalled() from None  # it serves nobody: down
         except _HopStalled:
             raise self._stalled() from None
@@ -845,7 +852,9 @@ class NextHop:
                 waited.cancel()
 
     def _stalled(self) -> NextHopError:
-        return self.failed(f"no progress (acks, bytes read) for {self.ack_timeout_s:g} s (forward_ack_timeout_s)")
+        error = self.failed(f"no progress (acks, bytes read) for {self.ack_timeout_s:g} s (forward_ack_timeout_s)")
+        self.stalled = True
+        return error
 
     def _dropped(self, acks: list[Ack], why: str) -> NextHopError:
         """Fail one relay's frames (their acks will not come) and leave the connection to the
@@ -853,7 +862,7 @@ class NextHop:
         missing = [ack for ack in acks if ack.cancelled() or not ack.done()]  # the one waited for is cancelled
         reason = (f"no ack for {len(missing)} of {len(acks)} frames for {self.ack_timeout_s:g} s "
                   f"(forward_ack_timeout_s) {why}")
-        self.last_error = reason
+        self.last_error, self.stalled = reason, False
         error = NextHopError(f"next hop {self.address}: {reason}")
         failing = set(map(id, missing))
         for chunk in [chunk for chunk, ack in self._pending.items() if id(ack) in failing]:
@@ -891,7 +900,7 @@ class NextHop:
     def failed(self, reason: str) -> NextHopError:
         """Close the connection, fail every frame waiting for an ack, count the hop down for a while
         (the backoff doubles once per attempt, not once per relay that saw the failure)."""
-        self.last_error = reason
+        self.last_error, self.stalled = reason, False
         now = time.monotonic()
         if now >= self.down_until:
             self.down_until = now + self._backoff
@@ -1278,7 +1287,11 @@ class ForwardServer(StreamServer):
         try:
             while pending:
                 self._count("forward_next_hop")
-                refusals = refusals + 1 if self.next_hop.reachable else 0
+                # A refusal is a hop that is up and turns these frames away (closes the connection
+                # on them, acks others but not them). A paused one was given up on after 5 tries,
+                # about 40 s, losing what it would have taken once it moved again.
+                turned_away = self.next_hop.reachable and not self.next_hop.stalled
+                refusals = refusals + 1 if turned_away else 0
                 if refusals >= MAX_REFUSALS:
                     self._count("forward_refused", len(pending))
                     log.error("the next hop takes connections but drops these records; giving up on them",
