@@ -316,6 +316,38 @@ def test_a_fluent_bit_sending_tls_is_named_with_the_fix_and_loses_nothing_once_f
     assert len(wait_for_lines(workdir, 20, timeout=60)) == 20  # from the head of the file again
 
 
+def test_a_next_hop_asking_for_secure_forward_is_named_with_the_fix(tmp_path):
+    """A Fluent Bit next hop with `Shared_Key` on its forward input greets with a HELO: the sidecar
+    logged "connection failed: UnicodeDecodeError 'utf-8' codec can't decode byte 0x86" (its
+    nonce), naming neither the cause nor the fix. Nothing is acked meanwhile: the sender resends."""
+    hop, forward = free_port(), free_port()
+    secure = FluentBit(tmp_path, "secure-receiver", f"""
+[INPUT]
+    Name forward
+    Listen 127.0.0.1
+    Port {hop}
+    Shared_Key secret
+    Self_Hostname hop
+[OUTPUT]
+    Name stdout
+    Match *
+""").start()
+    sidecar = SidecarProcess(ROOT / "models", tmp_path, forward=f"127.0.0.1:{forward}", forward_to=f"127.0.0.1:{hop}",
+                             forward_ack_timeout_s=2).start()
+    try:
+        sidecar.wait_for(lambda: secure.log.exists() and "listening on" in secure.log.read_text(), timeout=20,
+                         what="the next hop to listen")
+        for _ in range(5):  # as a sender resends (a try may see the hop's reset before its HELO)
+            assert send_chunk(forward, ["web.access", [[1_796_400_000, {"message": "x"}]], {"chunk": "c1"}]) is None
+            if "it asks for secure forward" in sidecar.log():
+                break
+            time.sleep(1)  # the hop counts as down for a backoff
+        assert "remove the shared_key there" in sidecar.log() and "UnicodeDecodeError" not in sidecar.log()
+    finally:
+        sidecar.stop()
+        secure.stop()
+
+
 def test_the_fluent_bit_example_passes_its_dry_run():
     example = ROOT / "fluentd-plugin" / "examples" / "fluent-bit-forward.yaml"
     result = subprocess.run([str(FLUENT_BIT), "-c", str(example), "--dry-run"], capture_output=True, text=True,

@@ -732,6 +732,16 @@ class RelayProgress:
         self.acked, self.taken = acked, taken
 
 
+# A next hop whose forward input has a shared_key greets with a HELO and waits for a PING: it was
+# logged as "connection failed: UnicodeDecodeError ..." (the HELO's nonce), naming neither.
+SECURE_FORWARD_HOP = ("it asks for secure forward (its HELO: a shared_key on its forward input), which the "
+                      "sidecar does not speak: remove the shared_key there and keep that port on a private network")
+
+
+def _is_helo(answer) -> bool:
+    return isinstance(answer, (list, tuple)) and len(answer) > 0 and answer[0] == "HELO"
+
+
 class NextHop:
     """One connection to the next forward receiver; frames are pipelined, each waits for its ack.
 
@@ -772,6 +782,7 @@ class NextHop:
         # The last failure was the hop making no progress for anybody (paused, overloaded): no
         # refusal of the frames it held, which it may well take once it moves again.
         self.stalled = False
+        self._greeted = False  # this connection's next hop sent a HELO (the reset that follows says less)
 
     async def send(self, frames: list[Frame]) -> list[asyncio.Future]:
         """Write frames; each returned future completes when the next hop acked its frame."""
@@ -783,7 +794,7 @@ class NextHop:
                     self.reachable = False
                     reader, self._writer = await asyncio.wait_for(
                         asyncio.open_connection(self.host, self.port), self.ack_timeout_s)
-                    self.reachable = True
+                    self.reachable, self._greeted = True, False
                     self._written = self._taken = 0
                     self._reader_task = asyncio.create_task(self._read_acks(reader, self._writer))
                 loop = asyncio.get_running_loop()
@@ -900,6 +911,7 @@ class NextHop:
     def failed(self, reason: str) -> NextHopError:
         """Close the connection, fail every frame waiting for an ack, count the hop down for a while
         (the backoff doubles once per attempt, not once per relay that saw the failure)."""
+        reason = SECURE_FORWARD_HOP if self._greeted else reason
         self.last_error, self.stalled = reason, False
         now = time.monotonic()
         if now >= self.down_until:
@@ -910,16 +922,20 @@ class NextHop:
         return error
 
     async def _read_acks(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        unpacker = msgpack.Unpacker(raw=False, max_buffer_size=1024 * 1024)
+        # NOTE: surrogateescape: a HELO's nonce comes as a msgpack str of random bytes
+        unpacker = msgpack.Unpacker(raw=False, unicode_errors=EXACT, max_buffer_size=1024 * 1024)
+        reason = "closed the connection"
         try:
-            while data := await reader.read(65536):
+            while reason == "closed the connection" and (data := await reader.read(65536)):
                 unpacker.feed(data)
                 for answer in unpacker:
+                    if _is_helo(answer):
+                        reason, self._greeted = SECURE_FORWARD_HOP, True
+                        break
                     acked = self._pending.pop(answer.get("ack"), None) if isinstance(answer, dict) else None
                     if acked is not None and not acked.done():
                         acked.set_result(None)
                         self._progress_at = self._acked_at = time.monotonic()
-            reason = "closed the connection"
         except (OSError, ValueError, msgpack.UnpackException) as error:
             reason = f"connection failed: {type(error).__name__} {error}".rstrip()
         if writer is self._writer:  # not a connection already replaced
