@@ -364,7 +364,7 @@ def test_past_the_previous_model_s_limit_its_attackers_and_scanners_stay_out_of_
                for i, line in enumerate(attacks_on(shop_lines(60, seed=72), seed=73))]
     records = shop_lines(800, seed=70) + new_section + attacks
     warnings = []
-    kept, left_out = leave_out_flagged(records, model, None, warnings.append)
+    kept, left_out, _ = leave_out_flagged(records, model, None, warnings.append)
     assert left_out["ignored"] and left_out["fraction"] > 0.1, left_out
     assert not set(attacks) & set(kept), "an attacker's records were learned"
     assert set(new_section) <= set(kept)  # the new section is learned, as before
@@ -391,7 +391,7 @@ def test_a_kind_flagged_across_many_clients_is_learned_a_probe_from_few_and_spra
     records = shop_lines(1200, seed=80) + new_section + probes + sprayed
     flagged = set(flagged_texts(model, records))
     assert set(new_section) <= flagged and set(probes) <= flagged
-    kept, left_out = leave_out_flagged(records, model, None, [].append)
+    kept, left_out, _ = leave_out_flagged(records, model, None, [].append)
     assert not left_out.get("ignored"), left_out
     assert set(new_section) <= set(kept), "the new section was left out"
     assert not set(probes) & set(kept), "a probe from a few addresses was learned"
@@ -457,3 +457,31 @@ def test_report_names_the_hosts_of_syslog_lines_scored_whole():
     assert entity_of({"log": access}, None) == "10.0.0.9"
     assert entity_of({"log": "2024-01-15 10:23:45,978 ERROR [main] pool exhausted"}, None) is None
     assert entity_of({"host": "db-1", "log": rfc3164}, None) == "db-1"  # (a field of its own wins)
+
+
+def test_a_retrain_learns_every_record_a_normal_entry_s_rule_suppresses_not_only_its_examples(tmp_path,
+                                                                                                shop_model_path):
+    """Retraining on recent logs that hold a kind marked normal (the usual flow): screening took the
+    kind's records for a cluster of attacks and set them aside (5 of 30 among 10,000 lines), so
+    only the entry's examples vouched for the kind. The records its rule suppresses under the
+    previous model are vouched for now: never set aside, learned."""
+    from logscore.cli import describe_left_out
+    from logscore.features import load_spec
+    from logscore.training.feedback import load_feedback
+    from logscore.training.train import TrainOptions, train
+
+    model = Model.load(shop_model_path)
+    store = SqliteStore(str(tmp_path / "feedback.sqlite3"))
+    store.migrate()
+    store.add(Entry(0, NORMAL, pattern_from_records(model, compare_lines(3, seed=90)), "ana", model="shop"))
+    marked_kind = compare_lines(12, seed=91)
+    _, metadata = train(shop_lines(2000, seed=92) + marked_kind,
+                        TrainOptions(spec=load_spec(None, "access"), name="shop", target_fpr=0.01,
+                                     feedback=load_feedback(str(tmp_path / "feedback.sqlite3"), "shop"),
+                                     previous=model))
+    training = metadata["training"]
+    set_aside = json.dumps([training["set_aside"]["examples"], training["injection_prior"]["examples"]])
+    assert "compare" not in set_aside, set_aside
+    assert training["left_out_flagged"]["vouched_by_feedback"] == len(marked_kind), training["left_out_flagged"]
+    assert "12 flagged records learned as normal, the feedback's normal entries" in describe_left_out(
+        training["left_out_flagged"])

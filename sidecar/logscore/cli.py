@@ -627,6 +627,9 @@ def describe_left_out(left_out: dict) -> str:
     learned = left_out.get("learned_widespread")
     also = (f"; {learned['records']} flagged records learned all the same, what made them unusual flagged "
             f"across {learned['min_clients']} clients or more (a new kind of normal traffic)" if learned else "")
+    if left_out.get("vouched_by_feedback"):
+        also += (f"; {left_out['vouched_by_feedback']} flagged records learned as normal, the feedback's normal "
+                 "entries suppressing their flags (never set aside)")
     return f"{said} ({left_out['fraction']:.3%} flagged){also}; `logscore inspect` lists examples"
 
 

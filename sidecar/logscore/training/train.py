@@ -392,15 +392,18 @@ def train(records: Iterable[object], options: TrainOptions,
         warnings.append(message)
         warn(message)
 
-    left_out = None
+    left_out, vouched = None, np.zeros(len(sample), dtype=bool)
     if options.previous is not None:
         from .feedback import leave_out_flagged
 
-        sample, left_out = leave_out_flagged(sample, options.previous, options.feedback, keep_warning, progress)
+        sample, left_out, vouched = leave_out_flagged(sample, options.previous, options.feedback, keep_warning,
+                                                      progress)
     if len(sample) < 10 * options.folds:
         raise InputError(f"only {len(sample)} records to train on; give at least {10 * options.folds} "
                          "(thousands are better)")
-    random.Random(options.seed).shuffle(sample)
+    order = list(range(len(sample)))
+    random.Random(options.seed).shuffle(order)
+    sample, vouched = [sample[i] for i in order], vouched[order]
 
     unparsed, spec = count_unparsed(sample, options, keep_warning, progress)
     options = replace(options, spec=spec)  # (the caller's options stay as given: a second log may differ)
@@ -441,6 +444,9 @@ def train(records: Iterable[object], options: TrainOptions,
                                 options.chunk, options.support)
     injection = prior.set_aside(pairs) if prior is not None else np.zeros(len(sample), dtype=bool)
     eligible = alarms.holders(pairs) if alarms is not None else None
+    if vouched.any():  # an operator's verdict vouches for the records its rule suppresses (training/feedback.py)
+        eligible = ~vouched if eligible is None else eligible & ~vouched
+        injection &= ~vouched
     folds, screening = screen_sample(sample, options, support, progress, pairs, eligible, crossfit)
     # Neither learned nor calibrated on (kept in the calibration, a payload family's copies put the
     # threshold among them; docs/accuracy.md measures both).
@@ -450,12 +456,13 @@ def train(records: Iterable[object], options: TrainOptions,
     threshold = choose_threshold(calibrated, options)
     flagged = float((calibrated >= threshold).mean())
     held_back = held_back_fpr(screening.raw, folds, kept, options)
+    vouching = screening.vouching if screening.vouching is None or not vouched.any() else screening.vouching | vouched
     if options.feedback is None:
-        final = fit_masked(sample, kept, options, progress, "final model", screening.vouching, crossfit)
+        final = fit_masked(sample, kept, options, progress, "final model", vouching, crossfit)
     else:  # learned as normal, left out of calibration (training/feedback.py)
         copies = options.feedback.copies(support)
         kept_records = [r for r, keep in zip(sample, kept) if keep]
-        vouching = None if screening.vouching is None else screening.vouching[kept]
+        vouching = None if vouching is None else vouching[kept]
         if vouching is not None:  # an operator's verdict vouches for its records
             vouching = np.concatenate([vouching, np.ones(len(copies), dtype=bool)])
         final = fit(kept_records + copies, options, progress, "final model",
