@@ -485,3 +485,31 @@ def test_a_retrain_learns_every_record_a_normal_entry_s_rule_suppresses_not_only
     assert training["left_out_flagged"]["vouched_by_feedback"] == len(marked_kind), training["left_out_flagged"]
     assert "12 flagged records learned as normal, the feedback's normal entries" in describe_left_out(
         training["left_out_flagged"])
+
+
+def test_a_retrain_on_a_log_without_a_marked_kind_teaches_the_kind_not_only_its_examples(tmp_path,
+                                                                                           shop_model_path):
+    """A fleet trial marked compare pages normal, retrained on later lines that held none, then undid
+    the entry: most of the kind's records were flagged again (the five examples, repeated, taught
+    their own ids' n-grams and lengths). Their copies are variants now, other digits in the URL, the
+    structure kept; an attack on the kind's page stays flagged."""
+    from logscore.features import load_spec
+    from logscore.training.feedback import load_feedback
+    from logscore.training.train import TrainOptions, save_model, train
+
+    model = Model.load(shop_model_path)
+    store = SqliteStore(str(tmp_path / "feedback.sqlite3"))
+    store.migrate()
+    examples = compare_lines(5, seed=100)
+    store.add(Entry(0, NORMAL, {**pattern_from_records(model, examples), "examples": examples}, "ana", model="shop"))
+    proto, _ = train(shop_lines(3000, seed=101), TrainOptions(
+        spec=load_spec(None, "access"), name="shop", target_fpr=0.01,
+        feedback=load_feedback(str(tmp_path / "feedback.sqlite3"), "shop")))
+    save_model(proto, tmp_path / "retrained.onnx")
+    retrained = Model.load(tmp_path / "retrained.onnx")
+    later = compare_lines(200, seed=102)
+    # No rule in force: 72 % flagged with the examples repeated as they were, 8.5 % now (ids' digit
+    # 3-grams that 3,000 lines of training never held, on any page)
+    assert decide(retrained, retrained.score(later)).is_anomaly.mean() <= 0.15
+    assert decide(retrained, retrained.score(attacks_on(later[:60], seed=103))).is_anomaly.mean() >= 0.9
+    assert decide(retrained, retrained.score(shop_lines(1000, seed=104))).is_anomaly.mean() <= 0.02

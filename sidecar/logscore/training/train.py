@@ -460,7 +460,7 @@ def train(records: Iterable[object], options: TrainOptions,
     if options.feedback is None:
         final = fit_masked(sample, kept, options, progress, "final model", vouching, crossfit)
     else:  # learned as normal, left out of calibration (training/feedback.py)
-        copies = options.feedback.copies(support)
+        copies = options.feedback.copies(support, options.spec)
         kept_records = [r for r, keep in zip(sample, kept) if keep]
         vouching = None if vouching is None else vouching[kept]
         if vouching is not None:  # an operator's verdict vouches for its records
