@@ -464,7 +464,7 @@ def test_a_retrain_learns_every_record_a_normal_entry_s_rule_suppresses_not_only
     """Retraining on recent logs that hold a kind marked normal (the usual flow): screening took the
     kind's records for a cluster of attacks and set them aside (5 of 30 among 10,000 lines), so
     only the entry's examples vouched for the kind. The records its rule suppresses under the
-    previous model are vouched for now: never set aside, learned."""
+    previous model are vouched for now: never set aside by screening, learned."""
     from logscore.cli import describe_left_out
     from logscore.features import load_spec
     from logscore.training.feedback import load_feedback

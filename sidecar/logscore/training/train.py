@@ -444,9 +444,11 @@ def train(records: Iterable[object], options: TrainOptions,
                                 options.chunk, options.support)
     injection = prior.set_aside(pairs) if prior is not None else np.zeros(len(sample), dtype=bool)
     eligible = alarms.holders(pairs) if alarms is not None else None
-    if vouched.any():  # an operator's verdict vouches for the records its rule suppresses (training/feedback.py)
+    # An operator's verdict vouches for the records its rule suppresses (training/feedback.py), but for
+    # those the injection prior marks: a payload a rule let through is not learned for it.
+    vouched &= ~injection
+    if vouched.any():
         eligible = ~vouched if eligible is None else eligible & ~vouched
-        injection &= ~vouched
     folds, screening = screen_sample(sample, options, support, progress, pairs, eligible, crossfit)
     # Neither learned nor calibrated on (kept in the calibration, a payload family's copies put the
     # threshold among them; docs/accuracy.md measures both).
