@@ -102,9 +102,11 @@ def kind_variants(records: Sequence[object], spec: dict, repeat: int) -> list:
     (docs/accuracy.md). Records without digits in a URL are repeated as they are."""
     from ..features import Featurizer
 
+    if not records:
+        return []
     featurizer = Featurizer(spec)
     urls = {c.field: c for c in featurizer.converters if c.kind == "url" and hasattr(c, "_structure")}
-    if not urls or not records:
+    if not urls:
         return [record for record in records for _ in range(repeat)]
     values = featurizer.field_values(list(records))[0]
     copies = []
