@@ -454,11 +454,11 @@ class UrlConverter(Converter):
                                                      self.enumerated, self._enumerated_templates)
             return self._by_structure.lookup(list(values), structures, lambda todo, keys: self._native.url_features(
                 todo, keys, full, self.seed, self.weight, self._weigher, self._ref))
-        structures = [self._structure(v) if v is not None else None for v in values]
+        structures = [self.structure(v) if v is not None else None for v in values]
         return self._by_structure.lookup(values, structures, lambda todo, keys: self._hash(
             todo, [self._structure_features(k) if k is not None else (MISSING,) for k in keys]))
 
-    def _structure(self, value: str) -> tuple:
+    def structure(self, value: str) -> tuple:
         """All a URL's features depend on: flags, path template, and per parameter its name,
         value shape, enumerated value (else None) and length bucket."""
         template, params, flags = self._split(value)
@@ -469,7 +469,7 @@ class UrlConverter(Converter):
             for name, param_value in params))
 
     def features(self, value: str) -> Iterator[str]:
-        return self._structure_features(self._structure(value))
+        return self._structure_features(self.structure(value))
 
     def _structure_features(self, structure: tuple) -> Iterator[str]:
         # Most telling first: explanations keep this order among equally rare features.

@@ -95,8 +95,9 @@ KIND_VARIANTS = 20
 
 def kind_variants(records: Sequence[object], spec: dict, repeat: int) -> list:
     """Each record ``repeat`` times: itself, then variants whose URL has other digits (each digit run
-    redrawn, as long or shorter; KIND_VARIANTS copies at least), its structure kept (template,
-    parameter names, value shapes and enumerated values). A kind marked normal is its structure:
+    redrawn, as long or shorter; KIND_VARIANTS copies at least), its structure kept (flags, template,
+    parameter names and value shapes, as an unfitted featurizer reads them: a parameter's enumerated
+    values are learned only with the model, after). A kind marked normal is its structure:
     repeated as they were, the examples taught their own ids' n-grams and lengths, and after a
     retrain on a log without the kind half of its other records stayed flagged for those details
     (docs/accuracy.md). Records without digits in a URL are repeated as they are."""
@@ -105,7 +106,7 @@ def kind_variants(records: Sequence[object], spec: dict, repeat: int) -> list:
     if not records:
         return []
     featurizer = Featurizer(spec)
-    urls = {c.field: c for c in featurizer.converters if c.kind == "url" and hasattr(c, "_structure")}
+    urls = {c.field: c for c in featurizer.converters if c.kind == "url"}
     if not urls:
         return [record for record in records for _ in range(repeat)]
     values = featurizer.field_values(list(records))[0]
@@ -138,7 +139,7 @@ def url_variant(converter, url: str, rng: random.Random) -> str:
 
 def structure_of(converter, url: str) -> tuple:
     """A URL's structure without its length classes: what a kind of URL is made of."""
-    flags, template, params = converter._structure(url)
+    flags, template, params = converter.structure(url)
     return flags, template, tuple((name, shape, enumerated) for name, shape, enumerated, _ in params)
 
 
