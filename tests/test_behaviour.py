@@ -506,6 +506,21 @@ def test_hdfs_times_read_their_two_digit_year_as_posix_does():
     assert parse_time("081309 203615") is None and parse_time("081109 250000") is None
 
 
+def test_a_time_no_calendar_holds_is_no_time_in_every_format():
+    """Syslog's, ctime's and Apache's readers rolled '31 Feb', day 00, hour 24 or second 60 into
+    another moment (Jan 99 99:99:99 was 13 April) where ISO 8601's, HDFS's and logcat's read them as
+    no time (found fuzzing line heads with times at their bounds)."""
+    from logscore.timestamps import parse_time
+
+    leap_day_2024 = 1_709_208_000.0  # 2024-02-29 12:00 UTC
+    for text in ("Nov 31 10:00:00", "Jan 99 99:99:99", "Jan  1 24:00:00", "Dec 31 23:59:60", "Sun Feb 31 10:00:00 2015",
+                 "Sun Dec 31 23:59:60 2016", "31/Feb/2015:10:00:00 +0000", "00/Jan/2015:10:00:00 +0000",
+                 "17/May/2015:10:05:60 +0000", "17/May/2015:24:00:00 +0000", "2016-12-31T23:59:60Z", "12-31 23:59:60"):
+        assert parse_time(text, now=leap_day_2024) is None, text
+    for text in ("Feb 29 12:00:00", "Thu Feb 29 12:00:00 2024", "29/Feb/2024:12:00:00 +0000", "2024-02-29T12:00:00Z"):
+        assert parse_time(text, now=leap_day_2024) == leap_day_2024, text
+
+
 def test_json_loggers_time_fields_are_read(tmp_path):
     """Serilog's compact JSON writes its time as @t, python-json-logger as asctime (log4j's text)."""
     from logscore.timestamps import record_times

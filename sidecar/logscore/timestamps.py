@@ -157,13 +157,16 @@ _UNSEEN = object()
 
 def _apache_by_minute(value: str, now: Optional[float]) -> Optional[float]:
     """parse_time of ``17/May/2015:10:05:03 +0000``: its minute's start, cached, plus its seconds."""
+    seconds = int(value[18:20])
+    if seconds > 59:  # (its minute is checked whole below; a second past 59 would roll into the next)
+        return None
     minute = f"{value[:18]}00{value[20:]}"
     start = _MINUTES.get(minute, _UNSEEN)
     if start is _UNSEEN:
         if len(_MINUTES) >= MINUTES_CACHED:
             _MINUTES.clear()
         start = _MINUTES[minute] = _parsed(minute, now)
-    return None if start is None else start + int(value[18:20])
+    return None if start is None else start + seconds
 
 
 def _parsed(value: str, now: Optional[float]) -> Optional[float]:
@@ -181,7 +184,7 @@ def _read_whole(value: str, now: Optional[float]) -> Optional[float]:
         day, month, year, hour, minute, second, sign, off_h, off_m = match.groups()
         if month not in MONTHS:
             return None
-        seconds = calendar.timegm((int(year), MONTHS[month], int(day), int(hour), int(minute), int(second)))
+        seconds = calendar.timegm(_checked((int(year), MONTHS[month], int(day), int(hour), int(minute), int(second))))
         if not sign:
             return _from_wall_clock(float(seconds))
         offset = int(off_h) * 3600 + int(off_m) * 60
@@ -197,12 +200,13 @@ def _read_whole(value: str, now: Optional[float]) -> Optional[float]:
     match = _CTIME.match(value)
     if match and match.group(1) in MONTHS:
         month, day, hour, minute, second, fraction, year = match.groups()
-        wall = calendar.timegm((int(year), MONTHS[month], int(day), int(hour), int(minute), int(second)))
+        wall = calendar.timegm(_checked((int(year), MONTHS[month], int(day), int(hour), int(minute), int(second))))
         return _from_wall_clock(wall + float(fraction or 0))
     match = _SYSLOG.match(value)
     if match and match.group(1) in MONTHS:
         month, day, hour, minute, second = match.groups()
-        return _latest_year((MONTHS[month], int(day), int(hour), int(minute), int(second)), now)
+        # (checked in 2000, a leap year: 29 February is a date, placed in a year that has one)
+        return _latest_year(_checked((2000, MONTHS[month], int(day), int(hour), int(minute), int(second)))[1:], now)
     match = _SLASHED.match(value)
     if match:
         wall = calendar.timegm(_checked(tuple(map(int, match.groups()[:6]))))
@@ -221,7 +225,9 @@ def _read_whole(value: str, now: Optional[float]) -> Optional[float]:
 
 
 def _checked(moment: tuple[int, ...]) -> tuple[int, ...]:
-    """A (year, month, day, hour, minute, second) a calendar holds (timegm rolls 13/45 over: ValueError)."""
+    """A (year, month, day, hour, minute, second) a calendar holds (timegm rolls 13/45 over: ValueError).
+    Every format's time is checked so: a line's '31 Feb', day 00, hour 24 or second 60 (a leap second,
+    which ISO 8601's reader refuses too) is no time, not a moment days or months away."""
     datetime.datetime(*moment)
     return moment
 
