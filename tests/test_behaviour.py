@@ -1095,6 +1095,24 @@ def test_window_keys_stay_bounded_and_new_keys_need_two_records_in_the_window(be
     assert START + 10_000 - 61 <= counter.start <= START + 10_000
 
 
+@pytest.mark.parametrize("native", [False, True])
+def test_window_value_cache_keeps_no_long_value(native):
+    """The soak's memory check: 65,536 never-seen messages of 8,000 characters (message_template)
+    held 500 MiB in the key namer's cache; a long value is named each time, not kept."""
+    from logscore.features import native as compiled
+    from logscore.windows import CACHED_VALUE_CHARS, KeyNamer
+
+    if native and not compiled.built():
+        pytest.skip("the compiled featurizer is not built")
+    namer = KeyNamer(["message_template", "host"], native=native)
+    long_messages = [f"job {i} failed: " + "x" * CACHED_VALUE_CHARS for i in range(50)]
+    counts = namer.key_counts("message_template", long_messages + ["disk full on sda1"] * 2)
+    assert sum(counts.values()) == 52 and counts["message_template=disk full on sda<num>"] == 2
+    assert list(namer._cache["message_template"]) == ["disk full on sda1"]  # the short one only
+    assert namer.name("host", "h" * (CACHED_VALUE_CHARS + 1)) == "host=" + "h" * 160
+    assert namer._cache["host"] == {}
+
+
 def test_a_new_flood_gets_a_row_of_its_own_in_a_table_filled_by_keys_long_gone(behaviour_model):
     """3,000 junk templates filled the table; a later flood of one new URL stayed anonymous as
     url_template=(other) window after window."""

@@ -60,6 +60,10 @@ MAX_NAMED = 4  # improbable keys named in one window event
 MAX_CATCH_UP = 60  # after a pause, the windows older than this many are skipped (so 1 + 60 close at most)
 SHARE_ADAPT_IN_EPISODE = 0.1  # how fast an improbable share becomes the expected one, against a usual one
 VALUE_CACHE = 65_536  # distinct field values remembered per dimension (their key names)
+# A longer value is named each time, not remembered: the cache holds each value's text, and 65,536
+# never-seen log messages of 8,000 characters (a message_template dimension) held 500 MiB; of at
+# most 256 characters, about 25 MiB. Long values rarely repeat, and naming one costs its length anyway.
+CACHED_VALUE_CHARS = 256
 TAG_WARM_UP_S = 3600.0  # see tag_warm_up
 
 
@@ -150,6 +154,8 @@ class KeyNamer:
         """The key of one value, or None when the value says nothing."""
         if value is None:
             return None
+        if len(value) > CACHED_VALUE_CHARS:
+            return self._name(dimension, value) or None
         cache = self._cache[dimension]
         key = cache.get(value)
         if key is None:
@@ -173,7 +179,8 @@ class KeyNamer:
         """Records per key of one dimension, keys in the order their first value appears."""
         if self._native is not None:
             return self._native.key_counts(values, NATIVE_NAMING.get(dimension, 0), f"{dimension}=",
-                                           self._cache[dimension], VALUE_CACHE, self._namers[dimension])
+                                           self._cache[dimension], VALUE_CACHE, self._namers[dimension],
+                                           CACHED_VALUE_CHARS)
         return self._key_counts(dimension, values)
 
     def _key_counts(self, dimension: str, values: list) -> dict[str, int]:

@@ -2112,9 +2112,10 @@ static PyObject *window_key(PyObject *value, int code, PyObject *prefix, PyObjec
     return key;
 }
 
-/* key_counts(column, code, prefix, cache, max_cache, name): windows.KeyNamer.key_counts. Each
- * distinct value of the column is named once: from cache (value -> key, "" for none; cleared
- * when a miss finds it holding max_cache) else by name(value) (code 0), or here without a
+/* key_counts(column, code, prefix, cache, max_cache, name[, max_chars]): windows.KeyNamer.key_counts.
+ * Each distinct value of the column is named once: from cache (value -> key, "" for none; cleared
+ * when a miss finds it holding max_cache; a value longer than max_chars is named and not kept:
+ * the cache holds its keys' text) else by name(value) (code 0), or here without a
  * cache (code 1 status class, 2 URL template: working one out costs less than a lookup in a
  * big cache when every URL is new). Returns {key: records}, keys in the order their first
  * value appears; None values are skipped. */
@@ -2123,9 +2124,9 @@ typedef struct { Py_hash_t hash; PyObject *value; Py_ssize_t at; } ValueSlot;  /
 static PyObject *key_counts(PyObject *module, PyObject *args) {
     PyObject *column, *prefix, *cache, *name;
     int code;
-    Py_ssize_t max_cache;
-    if (!PyArg_ParseTuple(args, "O!iUO!nO", &PyList_Type, &column, &code, &prefix, &PyDict_Type, &cache,
-                          &max_cache, &name))
+    Py_ssize_t max_cache, max_chars = -1;  /* -1: a value of any length is kept */
+    if (!PyArg_ParseTuple(args, "O!iUO!nO|n", &PyList_Type, &column, &code, &prefix, &PyDict_Type, &cache,
+                          &max_cache, &name, &max_chars))
         return NULL;
     column = own_items(column);  /* name() may change the caller's */
     if (!column) return NULL;
@@ -2158,7 +2159,8 @@ static PyObject *key_counts(PyObject *module, PyObject *args) {
                 at = slot->at;
             } else {
                 PyObject *key;
-                if (code == NAME_BY_CALL) {
+                int kept = max_chars < 0 || !PyUnicode_Check(value) || PyUnicode_GET_LENGTH(value) <= max_chars;
+                if (code == NAME_BY_CALL && kept) {
                     key = PyDict_GetItemWithError(cache, value);
                     if (key) {
                         Py_INCREF(key);
@@ -2499,7 +2501,7 @@ static PyMethodDef module_methods[] = {
     {"access_columns", access_columns, METH_VARARGS,
      "access_columns(records, wanted, fast, limit, max_line, normalize_one, to_text[, cut])"},
     {"assemble", assemble, METH_VARARGS, "assemble(held, entries, size, with_origins)"},
-    {"key_counts", key_counts, METH_VARARGS, "key_counts(column, code, prefix, cache, max_cache, name)"},
+    {"key_counts", key_counts, METH_VARARGS, "key_counts(column, code, prefix, cache, max_cache, name[, max_chars])"},
     {"line_head", line_head, METH_VARARGS, "line_head(line, time_within, level_within) -> (time_start, time_end, "
      "level_start, level_end)"},
     {NULL}};
