@@ -101,6 +101,11 @@ SILENT_SENDER_S = 5.0  # a new connection sending nothing this long is noted in 
 TLS_HANDSHAKE = b"\x16\x03"  # a TLS record of type handshake, version 3.x: a ClientHello (no msgpack array)
 MAX_INVALID_ENTRIES = 1000  # skipped like Fluentd's in_forward does; this many means it is not a chunk
 MAX_REFUSALS = 5  # a reachable next hop that drops held records this often refuses them: give up
+# A next hop that takes connections and bytes but acks nothing (paused, overloaded, or answering no
+# acks) is held for this many forward_ack_timeout_s (5 minutes by default), then given up on: it was
+# given up on after 5 tries (a 40-s pause lost records it would have taken), then never (a hop that
+# answers no acks got a sender's records again on every try, for good).
+STALLED_HOLD_ACK_TIMEOUTS = 30
 # NOTE: a payload is inflated once to count it (so a refused one relays nothing), then again in
 # steps as it is decoded; memory stays bounded either way. Access logs inflate 8-12 times and
 # repetitive ones far more, while gzip's own limit is about 1,000: a lower cap refuses real
@@ -1299,19 +1304,23 @@ class ForwardServer(StreamServer):
     async def _retry(self, relay: Relay) -> None:
         """Resend the frames not yet acknowledged until the next hop takes them all."""
         pending = relay.unacknowledged()
-        refusals = 0
+        refusals, stalled_since = 0, None
+        hold_s = STALLED_HOLD_ACK_TIMEOUTS * self.next_hop.ack_timeout_s
         try:
             while pending:
                 self._count("forward_next_hop")
                 # A refusal is a hop that is up and turns these frames away (closes the connection
-                # on them, acks others but not them). A paused one was given up on after 5 tries,
-                # about 40 s, losing what it would have taken once it moved again.
-                turned_away = self.next_hop.reachable and not self.next_hop.stalled
-                refusals = refusals + 1 if turned_away else 0
+                # on them, acks others but not them); a stalled one may take them once it moves again.
+                up, stalled = self.next_hop.reachable, self.next_hop.stalled
+                refusals = refusals + 1 if up and not stalled else 0
+                stalled_since = (stalled_since or time.monotonic()) if up and stalled else None
                 if refusals >= MAX_REFUSALS:
-                    self._count("forward_refused", len(pending))
-                    log.error("the next hop takes connections but drops these records; giving up on them",
-                              extra={"frames": len(pending), "attempts": refusals, "error": self.next_hop.last_error})
+                    self._give_up(pending, "the next hop takes connections but drops these records; giving up on them",
+                                  attempts=refusals)
+                    return
+                if stalled_since is not None and time.monotonic() - stalled_since >= hold_s:
+                    self._give_up(pending, f"the next hop took these records' bytes but acked none for {hold_s:g} s "
+                                           "(paused, overloaded, or answering no acks); giving up on them")
                     return
                 log.warning("next hop failed; holding records for a sender that takes no acks",
                             extra={"frames": len(pending), "error": self.next_hop.last_error})
@@ -1327,6 +1336,10 @@ class ForwardServer(StreamServer):
             log.error("stopped while the next hop was down: records of a sender that takes no acks are lost",
                       extra={"frames": len(pending), "error": self.next_hop.last_error})
             raise
+
+    def _give_up(self, pending: list, message: str, **details) -> None:
+        self._count("forward_refused", len(pending))
+        log.error(message, extra={"frames": len(pending), **details, "error": self.next_hop.last_error})
 
     async def _score(self, records: list[dict], tags: list[str], times: list) -> None:
         """Add the score (and the sidecar's notes) to each record in place; records that cannot be
