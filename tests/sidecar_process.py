@@ -158,13 +158,17 @@ class SidecarProcess:
             time.sleep(0.05)
         raise AssertionError(f"timed out waiting for {what}; sidecar log:\n{self.log()[-3000:]}")
 
-    def wait_for_scoring_to_begin(self, timeout: float = 30.0) -> None:
-        """Until the sidecar has scored a first chunk: a big call sent just before is then under way.
+    def chunks_scored(self) -> float:
+        return self.metric("logscore_batch_records_count")
+
+    def wait_for_scoring_to_begin(self, timeout: float = 30.0, chunks_before: float = 0) -> None:
+        """Until the sidecar has scored a chunk more than chunks_before (chunks_scored() when the
+        call was sent): a big call sent just before is then under way.
 
         A fixed sleep after sending is not enough on a loaded machine: the call may not have
         reached the sidecar yet when the test signals it.
         """
-        self.wait_for(lambda: self.metric("logscore_batch_records_count") > 0, timeout, "a first chunk scored")
+        self.wait_for(lambda: self.chunks_scored() > chunks_before, timeout, "a first chunk scored")
 
     def model_versions(self) -> dict[str, str]:
         response = self.stub().ListModels(pb.ListModelsRequest(), timeout=5)

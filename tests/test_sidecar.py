@@ -239,26 +239,43 @@ def test_expired_deadline_and_overload(models_dir, tmp_path):
         stub = process.stub()
         heavy = pb.ScoreRequest(model="shop", lines=pb.RawLines(
             lines=[line.encode() for line in shop_lines(20_000, seed=46)]))
-        futures = [stub.Score.future(heavy, timeout=60) for _ in range(3)]
-        # The first runs, the second waits, the third finds the queue full; the late one comes
-        # while they run (20,000 records take ≈ 0.1 s each with the compiled featurizer): once
-        # the first is being scored (after a fixed 30 ms, on a loaded machine, the late one came
-        # first, found the model idle and was answered at once).
-        process.wait_for_scoring_to_begin()
-        late = stub.Score.future(pb.ScoreRequest(model="shop", lines=pb.RawLines(lines=[b"x"])), timeout=0.05)
-        outcomes = []
-        for future in futures + [late]:
-            try:
-                future.result()
-                outcomes.append("OK")
-            except grpc.RpcError as error:
-                outcomes.append(error.code().name)
-        # Which of the three concurrent calls reaches the queue first is up to the scheduler.
-        assert "RESOURCE_EXHAUSTED" in outcomes[:3] and "OK" in outcomes[:3]
-        assert outcomes[3] == "DEADLINE_EXCEEDED"
+        # NOTE: the third of three calls sent at once finds the queue full only when it arrives
+        # before the first is scored; on a loaded machine it came later, once, and all three were
+        # answered. A queue without a limit never refuses one: three tries tell the two apart.
+        tries = []
+        for _ in range(3):
+            tries.append(overload_outcomes(process, stub, heavy))
+            if "RESOURCE_EXHAUSTED" in tries[-1][:3]:
+                break
+        for outcomes in tries:
+            assert "OK" in outcomes[:3] and outcomes[3] == "DEADLINE_EXCEEDED", tries
+        assert "RESOURCE_EXHAUSTED" in tries[-1][:3], tries
         assert len(stub.Score(pb.ScoreRequest(model="shop", lines=pb.RawLines(lines=[b"x"])), timeout=10).scores) == 1
     finally:
         process.stop()
+
+
+def overload_outcomes(process, stub, heavy: pb.ScoreRequest) -> list[str]:
+    """The status names of three heavy calls sent at once, then of a late one with a 50 ms deadline.
+
+    The first runs, the second waits, the third finds the queue full (which of them reaches the
+    queue first is up to the scheduler); the late one comes while they run (20,000 records take
+    ≈ 0.1 s each with the compiled featurizer): once the first is being scored (after a fixed
+    30 ms, on a loaded machine, the late one came first, found the model idle and was answered
+    at once).
+    """
+    chunks_before = process.chunks_scored()
+    futures = [stub.Score.future(heavy, timeout=60) for _ in range(3)]
+    process.wait_for_scoring_to_begin(chunks_before=chunks_before)
+    late = stub.Score.future(pb.ScoreRequest(model="shop", lines=pb.RawLines(lines=[b"x"])), timeout=0.05)
+    outcomes = []
+    for future in futures + [late]:
+        try:
+            future.result()
+            outcomes.append("OK")
+        except grpc.RpcError as error:
+            outcomes.append(error.code().name)
+    return outcomes
 
 
 def records_scored_for_a_caller_gone(process, heavy, *calibrations) -> float:
