@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from typing import Optional
 
 import grpc
 import msgpack
@@ -278,10 +279,13 @@ def overload_outcomes(process, stub, heavy: pb.ScoreRequest) -> list[str]:
     return outcomes
 
 
-def records_scored_for_a_caller_gone(process, heavy, *calibrations) -> float:
+def records_scored_for_a_caller_gone(process, heavy, *calibrations) -> Optional[float]:
     """Records of `heavy` (20,000) scored when its caller gives up a quarter of the way through.
 
     A quarter of the quicker of the calibration calls (the same kind of lines, not the same).
+    None when the try tells nothing, the caller having left before or after the sidecar scored:
+    the call answered in time, or every record scored and none dropped (the sidecar ran four
+    times as fast a moment later), or none reached the scorer (its message still being sent).
     """
     def seconds_for(calibration: pb.ScoreRequest) -> float:
         started = time.monotonic()
@@ -291,11 +295,24 @@ def records_scored_for_a_caller_gone(process, heavy, *calibrations) -> float:
     whole = min(seconds_for(calibration) for calibration in calibrations)
     scored_before = process.metric('logscore_batch_records_sum{model="shop"}')
     abandoned_before = process.metric("logscore_abandoned_records_total")
-    expect_status(lambda: process.stub().Score(heavy, timeout=whole / 4), grpc.StatusCode.DEADLINE_EXCEEDED, "")
-    abandoned = process.wait_for(lambda: process.metric("logscore_abandoned_records_total") - abandoned_before,
-                                 what="abandoned records counted")
-    assert abandoned == 20_000
-    return process.metric('logscore_batch_records_sum{model="shop"}') - scored_before
+
+    def counted() -> tuple[float, float]:
+        return (process.metric('logscore_batch_records_sum{model="shop"}') - scored_before,
+                process.metric("logscore_abandoned_records_total") - abandoned_before)
+
+    def settled() -> Optional[tuple[float, float]]:  # the call's records dropped, or all scored
+        scored, abandoned = counted()
+        return (scored, abandoned) if abandoned or scored >= 20_000 else None
+    try:
+        process.stub().Score(heavy, timeout=whole / 4)
+        return None
+    except grpc.RpcError as error:
+        assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED, error
+    scored, abandoned = process.wait_for(settled, what="the call dropped or scored", required=False) or counted()
+    if not abandoned and scored in (0, 20_000):
+        return None
+    assert abandoned == 20_000, (scored, abandoned)
+    return scored
 
 
 def test_work_of_a_caller_that_gave_up_is_dropped_and_counted(models_dir, tmp_path):
@@ -309,18 +326,20 @@ def test_work_of_a_caller_that_gave_up_is_dropped_and_counted(models_dir, tmp_pa
         score_one(process, {"url": "/"}, model="shop")  # sets up the channel and the model
         # NOTE: the caller's deadline is a quarter of what the whole call took just before; on a
         # loaded machine the sidecar may run twice as fast a moment later and score half the call
-        # before the deadline (seen once: 11,776 records). A sidecar that finished the work of a
+        # before the deadline (seen once: 11,776 records), or the deadline may pass before or after
+        # the sidecar scored (seen once: nothing dropped). A sidecar that finished the work of a
         # caller gone scores all 20,000 every time: three tries tell the two apart.
         scored = []
         for attempt in range(3):
             seeds = 47 + 3 * attempt
             scored.append(records_scored_for_a_caller_gone(process, request(seeds), request(seeds + 1),
                                                            request(seeds + 2)))
-            if scored[-1] < 20_000 / 2:
+            if scored[-1] is not None and scored[-1] < 20_000 / 2:
                 break
         # Scoring stopped within a chunk or two of the caller leaving (a quarter of the way), not
         # after 20,000 records.
-        assert min(scored) < 20_000 / 2, scored
+        told = [records for records in scored if records is not None]
+        assert told and min(told) < 20_000 / 2, scored
     finally:
         process.stop()
 
