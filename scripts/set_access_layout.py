@@ -8,7 +8,7 @@ trained before it was recorded read such records as the common format. This writ
 the model's metadata, and nothing else: the graph, its weights and every other field of the file
 stay byte for byte as they were (checked before the file is written), and the content hash is
 renewed over the new metadata. With --from-log the layout is the one `logscore train` records for
-that log (combined where most parsed lines hold a user agent). Needs the onnx package (training's
+that log (combined where 1 % or more of the parsed lines hold a user agent). Needs the onnx package (training's
 dependencies).
 
 models/apache-access.onnx was given its layout with

@@ -421,3 +421,18 @@ def test_nginx_error_log_and_go_log_heads_give_their_time_and_level():
     head = line_head("2024/01/15 10:23:45.250000 http: TLS handshake error from 10.0.0.7:51234: EOF")
     assert parse_time(head["time"]) == 1705314225.25
     assert parse_time("2024/13/15 10:23:45") is None
+
+
+def test_a_combined_log_whose_agents_are_mostly_null_is_learned_as_combined():
+    """Fluentd sends null for a "-" agent. A combined log of API clients (90 % without an agent) was
+    called common ("most records hold an agent"), and a common model reads no agent: a scanner's
+    `sqlmap/1.7` went unread. A common-format log holds no agent at all."""
+    from logscore.features import load_spec
+    from logscore.training.train import TrainOptions, count_unparsed
+
+    records = [{"host": f"10.0.0.{i % 250}", "method": "GET", "path": f"/api/items/{i}", "code": 200, "size": 10,
+                "referer": None, "agent": "sqlmap/1.7" if i % 10 == 0 else None} for i in range(500)]
+    options = TrainOptions(spec=load_spec(None, "access"))
+    assert count_unparsed(records, options, warn=print)[1]["access_layout"] == "combined"
+    common = [{**record, "agent": None} for record in records]
+    assert count_unparsed(common, options, warn=print)[1]["access_layout"] == "common"

@@ -280,6 +280,9 @@ CHECK_BLOCK = 50_000  # records normalized at a time to count those that parse
 AGENT = {"user_agent"}  # the field of lines counted there: whether the log is in the combined format
 
 
+COMBINED_AGENT_SHARE = 0.01  # of parsed records holding a user agent, from which an access log is combined
+
+
 def count_unparsed(sample: Sequence[object], options: TrainOptions, warn: Warn,
                    progress: Progress = quiet) -> tuple[int, dict]:
     """(the number of records that do not parse, the featurizer spec with the access layout they
@@ -308,8 +311,11 @@ def count_unparsed(sample: Sequence[object], options: TrainOptions, warn: Warn,
         warn_missing_fields(present, int(parsed.sum()), normalizer, warn)
     spec = options.spec
     if normalizer.log_format == "access" and "user_agent" in present and "access_layout" not in spec:
-        # (records.RecordNormalizer: a shipper's null referer and agent read as "-" "-" in a combined log)
-        combined = present["user_agent"] * 2 >= int(parsed.sum())
+        # (records.RecordNormalizer: a shipper's null referer and agent read as "-" "-" in a combined log).
+        # NOTE: a common-format log holds no agent at all, while a combined one's may be mostly null
+        # (API clients sending none: Fluentd's "-"): "most records" called such a log common, and a
+        # common model reads no agent (featurizer.py), so a scanner's agent went unread.
+        combined = present["user_agent"] >= max(1, COMBINED_AGENT_SHARE * int(parsed.sum()))
         spec = {**spec, "access_layout": "combined" if combined else "common"}
     unparsed = len(parsed) - int(parsed.sum())
     if unparsed <= WARN_UNPARSED_SHARE * len(sample):
