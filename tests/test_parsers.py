@@ -436,3 +436,13 @@ def test_a_combined_log_whose_agents_are_mostly_null_is_learned_as_combined():
     assert count_unparsed(records, options, warn=print)[1]["access_layout"] == "combined"
     common = [{**record, "agent": None} for record in records]
     assert count_unparsed(common, options, warn=print)[1]["access_layout"] == "common"
+
+
+def test_a_line_starting_with_an_rfc_3339_time_is_syslog_only_with_a_tag_and_its_colon():
+    """rsyslog and journalctl write "host app[pid]:" after an RFC 3339 time; with a tag ending at a
+    space, Kubernetes' container lines and any logger's "time LEVEL message" were read as syslog."""
+    assert parse_syslog("2024-01-15T10:23:45.123456+01:00 web-2 sshd[812]: Accepted publickey")[0]["host"] == "web-2"
+    assert parse_syslog("2024-01-15T10:23:45+0100 web-2 kernel: Out of memory")[0]["app"] == "kernel"
+    for line in ("2024-01-15T10:23:45.123456789Z stdout F GET /healthz 200",
+                 "2024-01-15T10:23:45Z INFO server started on :8080"):
+        assert not parse_syslog(line)[1], line

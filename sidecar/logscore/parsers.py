@@ -46,14 +46,20 @@ _REQUEST = re.compile(r"(?P<method>[A-Za-z]+) (?P<url>\S+)(?: (?P<protocol>HTTP/
 
 # The tag (app[pid]) ends at its colon; sysklogd writes its own with its version ("syslogd 1.4.1:
 # restart."), login "-- root[2421]:", so one word may stand between them (dropped, as Fluentd's
-# syslog parser drops it); a tag with no colon ends at a space (RFC 3164). The time is RFC 3164's
-# or RFC 3339's: rsyslog's RSYSLOG_FileFormat, /var/log/syslog's on Debian 12 and Ubuntu 24.04
-# ("2024-01-15T10:23:45.123456+01:00 host app[pid]: ..."), whose lines did not parse at all, and
-# `journalctl -o short-iso`'s ("2024-01-15T10:23:45+0100 host app[pid]: ...").
+# syslog parser drops it); a tag with no colon ends at a space (RFC 3164).
 _SYSLOG_3164 = re.compile(
-    r"(?:<(?P<pri>\d{1,3})>)?(?P<time>[A-Z][a-z]{2} [ \d]\d \d\d:\d\d:\d\d"
-    r"|\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d{1,9})?(?:Z|[+-]\d\d:?\d\d)) "
+    r"(?:<(?P<pri>\d{1,3})>)?(?P<time>[A-Z][a-z]{2} [ \d]\d \d\d:\d\d:\d\d) "
     r"(?P<host>\S+) +(?P<app>[^\s\[:]+)(?:\[(?P<pid>[^\]]*)\])?(?:: ?| [^\s:]+: ?| )(?P<message>.*)",
+    re.DOTALL,
+)
+# The same with an RFC 3339 time: rsyslog's RSYSLOG_FileFormat, /var/log/syslog's on Debian 12 and
+# Ubuntu 24.04 ("2024-01-15T10:23:45.123456+01:00 host app[pid]: ..."), whose lines did not parse at
+# all, and `journalctl -o short-iso`'s ("2024-01-15T10:23:45+0100 host app[pid]: ..."). Its tag ends
+# at its colon, as both write it: with a tag ending at a space, any line starting with such a time
+# was syslog (Kubernetes' "...Z stdout F message", "...Z INFO server started").
+_SYSLOG_3339 = re.compile(
+    r"(?P<time>\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d{1,9})?(?:Z|[+-]\d\d:?\d\d)) "
+    r"(?P<host>\S+) +(?P<app>[^\s\[:]+)(?:\[(?P<pid>[^\]]*)\])?: ?(?P<message>.*)",
     re.DOTALL,
 )
 _SYSLOG_5424 = re.compile(
@@ -184,7 +190,7 @@ def parse_access(line: str) -> tuple[Fields, bool]:
 
 
 def parse_syslog(line: str) -> tuple[Fields, bool]:
-    for pattern in (_SYSLOG_5424, _SYSLOG_3164):
+    for pattern in (_SYSLOG_5424, _SYSLOG_3164, _SYSLOG_3339):
         match = pattern.match(line)
         if match is not None:
             return {k: v for k, v in match.groupdict().items() if v is not None and v != "-"}, True
