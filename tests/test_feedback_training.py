@@ -457,6 +457,9 @@ def test_report_names_the_hosts_of_syslog_lines_scored_whole():
     assert entity_of({"log": access}, None) == "10.0.0.9"
     assert entity_of({"log": "2024-01-15 10:23:45,978 ERROR [main] pool exhausted"}, None) is None
     assert entity_of({"host": "db-1", "log": rfc3164}, None) == "db-1"  # (a field of its own wins)
+    quoting = "Jun 14 15:16:01 web1 apache2: " + access  # (a syslog message quoting an access line)
+    assert entity_of({"log": quoting}, None) == "web1"
+    assert entity_of({"log": "www.example.com:443 " + access}, None) == "10.0.0.9"  # vhost_combined
 
 
 def test_a_retrain_learns_every_record_a_normal_entry_s_rule_suppresses_not_only_its_examples(tmp_path,
@@ -513,3 +516,28 @@ def test_a_retrain_on_a_log_without_a_marked_kind_teaches_the_kind_not_only_its_
     assert decide(retrained, retrained.score(later)).is_anomaly.mean() <= 0.15
     assert decide(retrained, retrained.score(attacks_on(later[:60], seed=103))).is_anomaly.mean() >= 0.9
     assert decide(retrained, retrained.score(shop_lines(1000, seed=104))).is_anomaly.mean() <= 0.02
+
+
+def test_kind_variants_reach_a_url_under_an_alias_or_in_a_carried_line_and_spare_runs_that_must_stay():
+    """The variants replaced only a field named `url` or a raw line: Fluentd's apache2 record (its URL
+    is `path`) and a shipper's {"log": line} got 20 copies of the record itself, 4 times the weight
+    an example had. And all digit runs were redrawn at once, so one that must stay (a hash's digits
+    in a file name) left no variant at all."""
+    from logscore.features import load_spec
+    from logscore.training.feedback import kind_variants
+
+    line = '10.0.0.1 - - [17/May/2015:10:05:03 +0000] "GET /products/4711/compare?with=93 HTTP/1.1" 200 5 "-" "x"'
+    fluentd = {"host": "10.0.0.1", "method": "GET", "path": "/products/4711/compare?with=93", "code": 200}
+    versioned = '10.0.0.1 - - [17/May/2015:10:05:03 +0000] "GET /api/v2/items/4711 HTTP/1.1" 200 5 "-" "x"'
+    static = '10.0.0.1 - - [17/May/2015:10:05:03 +0000] "GET /static/js/app.3f9a2b1c.js HTTP/1.1" 200 5 "-" "x"'
+    spec = load_spec(None, "access")
+    for record in (line, fluentd, {"log": line}):
+        copies = kind_variants([record], spec, repeat=5)
+        assert copies[0] == record and len({json.dumps(c, sort_keys=True) for c in copies}) >= 15, record
+        if isinstance(record, dict):
+            assert all(set(c) == set(record) for c in copies)
+    copies = kind_variants([versioned], spec, repeat=5)
+    assert len(set(copies)) >= 10 and all("/api/v2/items/" in c for c in copies), "the id changes, v2 stays"
+    assert kind_variants([static], spec, repeat=5) == [static] * 5  # (its digits are its template's)
+    plain = '10.0.0.1 - - [17/May/2015:10:05:03 +0000] "GET /about HTTP/1.1" 200 5 "-" "x"'
+    assert kind_variants([plain], spec, repeat=5) == [plain] * 5

@@ -31,7 +31,7 @@ from .inputs import read_lines, shipper_line
 from .metrics import SCORE_BUCKETS
 from .records import RAW_LINE_KEYS
 from .review import TOP_ENTITIES, Example, Groups, render_group_examples
-from .parsers import WARN_UNPARSED_SHARE, line_head, parse_syslog
+from .parsers import WARN_UNPARSED_SHARE, line_head, parse_access, parse_syslog
 from .timestamps import epoch_seconds, parse_time
 from .svg import bars, timeline
 
@@ -194,10 +194,11 @@ def entity_of(record: dict, name: Optional[str]) -> Optional[str]:
 def line_entity(line: str) -> Optional[str]:
     """A raw line's entity: an access line's client, a syslog line's host. NOTE: a shipper that tails
     syslog whole (Fluent Bit without a parser: {"log": ...}) left `top entities` empty."""
-    if ACCESS_TIME.search(line):
-        return line.split(" ", 1)[0]
-    fields, parsed = parse_syslog(line)
-    return fields.get("host") if parsed else None
+    fields, parsed = parse_syslog(line)  # (first: a syslog message may quote an access line)
+    if parsed:
+        return fields.get("host")
+    fields, parsed = parse_access(line)
+    return fields.get("remote_addr") if parsed else None
 
 
 def is_flagged(value) -> bool:

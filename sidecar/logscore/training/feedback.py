@@ -46,7 +46,7 @@ from ..errors import ConfigError
 from ..feedback import (KEEP, KIND_SIZE, NORMAL, FeedbackStep, RuleSet, base_name, inspect, record_text,
                         url_features)
 from ..model import SCORE_CHUNK, Model
-from ..records import RecordNormalizer, as_text
+from ..records import RAW_LINE_KEYS, RecordNormalizer, as_text
 from ..review import grouping_kind
 from .prior import InjectionPrior
 from .robust import EXAMPLES, example_text
@@ -110,30 +110,37 @@ def kind_variants(records: Sequence[object], spec: dict, repeat: int) -> list:
     if not urls:
         return [record for record in records for _ in range(repeat)]
     values = featurizer.field_values(list(records))[0]
+    aliases = featurizer.normalizer.aliases
     copies = []
     for row, record in enumerate(records):
         found = {name: values[name][row] for name in urls if values[name][row] and URL_DIGITS.search(values[name][row])}
-        if not found:
-            copies += [record] * repeat
-            continue
         rng = random.Random(zlib.crc32(record_text(record).encode("utf-8", "replace")))  # the same model each time
-        copies.append(record)
-        for _ in range(max(repeat, KIND_VARIANTS) - 1):
+        variants = []
+        for _ in range(max(repeat, KIND_VARIANTS) - 1 if found else 0):
             variant = record
             for name, url in found.items():
-                variant = with_url(variant, name, url, url_variant(urls[name], url, rng))
-            copies.append(variant)
+                variant = with_url(variant, (name, *aliases.get(name, ())), url, url_variant(urls[name], url, rng))
+            variants.append(variant)
+        if any(variant is not record for variant in variants):
+            copies += [record, *variants]
+        else:  # (no digits, or none that can change without changing the URL's structure)
+            copies += [record] * repeat
     return copies
 
 
 def url_variant(converter, url: str, rng: random.Random) -> str:
-    """``url`` with its digit runs redrawn, or ``url`` itself when no draw keeps its structure."""
+    """``url`` with each digit run redrawn (as long, or shorter) where a draw keeps its structure: one
+    run at a time, so a run that cannot change (a version, a hash's digits) leaves the others free."""
     structure = structure_of(converter, url)
-    for _ in range(VARIANT_TRIES):
-        variant = URL_DIGITS.sub(lambda m: "".join(rng.choice("0123456789")
-                                                   for _ in range(rng.randint(1, len(m.group())))), url)
-        if structure_of(converter, variant) == structure:
-            return variant
+    for run in reversed(list(URL_DIGITS.finditer(url))):  # (from the end: the runs before keep their place)
+        for _ in range(VARIANT_TRIES):
+            # as long half the time: the kind's own lengths stay as common as its examples made them
+            length = len(run.group()) if rng.random() < 0.5 else rng.randint(1, len(run.group()))
+            digits = "".join(rng.choice("0123456789") for _ in range(length))
+            variant = url[:run.start()] + digits + url[run.end():]
+            if structure_of(converter, variant) == structure:
+                url = variant
+                break
     return url
 
 
@@ -143,14 +150,21 @@ def structure_of(converter, url: str) -> tuple:
     return flags, template, tuple((name, shape, enumerated) for name, shape, enumerated, _ in params)
 
 
-def with_url(record: object, name: str, url: str, variant: str) -> object:
-    """``record`` with its URL field's value ``url`` replaced by ``variant`` (a line, or a field map)."""
+def with_url(record: object, names: Sequence[str], url: str, variant: str) -> object:
+    """``record`` with its URL ``url`` replaced by ``variant``: in a raw line, in the field map's URL
+    field under one of its ``names`` (Fluentd's apache2 names it ``path``), or in the raw line a
+    field map carries (``log``, ``message``: a shipper tailing lines whole)."""
     if variant == url:
         return record
     if isinstance(record, str):  # the URL as a whole word ("/20" is in a timestamp's "/2026" too)
         return re.sub(rf"(?<![\w/]){re.escape(url)}(?=[\s\"']|$)", lambda _: variant, record, count=1)
-    if isinstance(record, dict) and record.get(name) == url:
-        return {**record, name: variant}
+    if isinstance(record, dict):
+        for key in names:
+            if record.get(key) == url:
+                return {**record, key: variant}
+        for key in RAW_LINE_KEYS:
+            if isinstance(record.get(key), str):
+                return {**record, key: with_url(record[key], names, url, variant)}
     return record
 
 
