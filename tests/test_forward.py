@@ -507,6 +507,39 @@ def test_relays_failing_together_double_the_backoff_once():
     assert down_for <= NextHop.MIN_BACKOFF_S
 
 
+def test_a_next_hop_s_helo_names_its_connection_not_a_refusal_by_the_hop_that_replaced_it():
+    """A HELO (a next hop asking for secure forward) was remembered until a connection succeeded:
+    once that hop was gone, every refused connection was still said to ask for secure forward."""
+    import asyncio
+
+    from logscore.servers.forward import SECURE_FORWARD_HOP, Frame, NextHop, NextHopError
+
+    async def greeted_then_refused() -> tuple[str, str]:
+        async def greet(reader, writer):
+            writer.write(msgpack.packb(["HELO", {"nonce": b"\x86" * 16, "auth": b"", "keepalive": True}]))
+            await writer.drain()
+            await reader.read()  # (until the sidecar closes it)
+
+        server = await asyncio.start_server(greet, "127.0.0.1", 0)
+        hop = NextHop(f"127.0.0.1:{server.sockets[0].getsockname()[1]}", ack_timeout_s=5)
+        try:
+            first = await asyncio.gather(*await hop.send([Frame(uuid.uuid4().hex, b"")]), return_exceptions=True)
+        except NextHopError as error:  # (the HELO may come before the frame is written)
+            first = [error]
+        server.close()
+        await server.wait_closed()
+        hop.down_until = 0.0  # (no backoff to sit out)
+        try:
+            await hop.send([Frame(uuid.uuid4().hex, b"")])
+        except NextHopError as error:
+            return str(first[0]), str(error)
+        return str(first[0]), "sent"
+
+    greeted, refused = asyncio.run(greeted_then_refused())
+    assert SECURE_FORWARD_HOP in greeted
+    assert SECURE_FORWARD_HOP not in refused and "next hop" in refused
+
+
 def test_a_quiet_new_connection_is_noted_at_info_level_not_warned_about(chain):
     """Quiet was warned about as a likely secure-forward sender, but Docker's fluentd driver and
     Fluent Bit's keep-alive connections are quiet too: the warning misled."""

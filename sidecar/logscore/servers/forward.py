@@ -784,10 +784,11 @@ class NextHop:
         self.down_until = 0.0
         self.last_error = ""
         self.reachable = False  # the last connection attempt succeeded
-        # The last failure was the hop making no progress for anybody (paused, overloaded): no
-        # refusal of the frames it held, which it may well take once it moves again.
+        # The hop's last failure, whichever relay met it, was making no progress though it took
+        # connections and bytes (paused, overloaded, no acks): no refusal of the frames it held,
+        # which it may well take once it moves again (ForwardServer._retry holds them a while).
         self.stalled = False
-        self._greeted = False  # this connection's next hop sent a HELO (the reset that follows says less)
+        self._greeted = False  # the last connection's next hop sent a HELO (the reset that follows says less)
 
     async def send(self, frames: list[Frame]) -> list[asyncio.Future]:
         """Write frames; each returned future completes when the next hop acked its frame."""
@@ -796,10 +797,12 @@ class NextHop:
             self._refuse_while_down()  # another relay may have failed while this one waited
             try:
                 if self._writer is None:
-                    self.reachable = False
+                    # (a new attempt: a HELO names the connection it came on and its reset, not a
+                    # refusal of the next, which said "secure forward" of a hop since replaced)
+                    self.reachable, self._greeted = False, False
                     reader, self._writer = await asyncio.wait_for(
                         asyncio.open_connection(self.host, self.port), self.ack_timeout_s)
-                    self.reachable, self._greeted = True, False
+                    self.reachable = True
                     self._written = self._taken = 0
                     self._reader_task = asyncio.create_task(self._read_acks(reader, self._writer))
                 loop = asyncio.get_running_loop()
@@ -929,18 +932,18 @@ class NextHop:
     async def _read_acks(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         # NOTE: surrogateescape: a HELO's nonce comes as a msgpack str of random bytes
         unpacker = msgpack.Unpacker(raw=False, unicode_errors=EXACT, max_buffer_size=1024 * 1024)
-        reason = "closed the connection"
         try:
-            while reason == "closed the connection" and (data := await reader.read(65536)):
+            while not self._greeted and (data := await reader.read(65536)):
                 unpacker.feed(data)
                 for answer in unpacker:
                     if _is_helo(answer):
-                        reason, self._greeted = SECURE_FORWARD_HOP, True
+                        self._greeted = True  # (failed() names it)
                         break
                     acked = self._pending.pop(answer.get("ack"), None) if isinstance(answer, dict) else None
                     if acked is not None and not acked.done():
                         acked.set_result(None)
                         self._progress_at = self._acked_at = time.monotonic()
+            reason = "closed the connection"
         except (OSError, ValueError, msgpack.UnpackException) as error:
             reason = f"connection failed: {type(error).__name__} {error}".rstrip()
         if writer is self._writer:  # not a connection already replaced
