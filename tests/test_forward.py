@@ -386,7 +386,7 @@ def test_a_next_hop_that_reads_every_chunk_but_acks_none_is_not_said_to_ack_othe
     `chunk` option), behind two chunks in flight, was logged as "no ack ... while it acked others:
     it dropped them", sending the operator after a lost frame instead of the hop's acks."""
     silent = ForwardReceiver(free_port(), ack=False).start()
-    sidecar, port, _ = start_chain(tmp_path, silent, forward_ack_timeout_s=1)
+    sidecar, port, _ = start_chain(tmp_path, silent, forward_ack_timeout_s=2)
     answers: list = []
 
     def send_one(n: int) -> None:
@@ -395,7 +395,8 @@ def test_a_next_hop_that_reads_every_chunk_but_acks_none_is_not_said_to_ack_othe
     senders = [threading.Thread(target=send_one, args=(n,)) for n in range(2)]
     try:
         senders[0].start()
-        time.sleep(0.6)  # the second chunk's bytes are read after the first's, while it waits
+        # the second chunk's bytes are read after the first's, while it waits for its ack
+        sidecar.wait_for(lambda: silent.frames >= 1, timeout=10, what="the first chunk at the next hop")
         senders[1].start()
         for thread in senders:
             thread.join(30)
