@@ -41,8 +41,11 @@ def layout_of_log(path: str, spec: dict) -> str:
     from logscore.training.train import TrainOptions, count_unparsed
 
     lines = list(read_lines([path]))
-    _, with_layout = count_unparsed(lines, TrainOptions(spec=spec), warn=lambda message: None)
-    return with_layout["access_layout"]
+    _, learned = count_unparsed(lines, TrainOptions(spec=spec), warn=lambda message: None)
+    if "access_layout" not in learned:
+        raise ConfigError("the model reads no user agent, so no layout changes how it reads a record: "
+                          "nothing to record")
+    return learned["access_layout"]
 
 
 def with_layout(data: bytes, metadata: dict, layout: str) -> bytes:

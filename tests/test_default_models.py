@@ -69,8 +69,18 @@ def test_the_layout_script_rewrites_metadata_only_and_keeps_a_recorded_layout(tm
     import subprocess
     import sys
 
+    import onnx
+
+    from logscore.artifact import read_artifact
+    from logscore.training.behaviour import sealed
+
     shipped, script = ROOT / "models" / "apache-access.onnx", ROOT / "scripts" / "set_access_layout.py"
-    again = subprocess.run([sys.executable, str(script), str(shipped), "--layout", "combined",
+    artifact = read_artifact(shipped)  # the shipped model as it was before it recorded its layout:
+    before = {**artifact.metadata, "featurizer": {k: v for k, v in artifact.metadata["featurizer"].items()
+                                                  if k != "access_layout"}}
+    (tmp_path / "before.onnx").write_bytes(sealed(onnx.ModelProto.FromString(artifact.model_bytes),
+                                                  before)[0].SerializeToString())
+    again = subprocess.run([sys.executable, str(script), str(tmp_path / "before.onnx"), "--layout", "combined",
                             "--out", str(tmp_path / "again.onnx")], capture_output=True, text=True)
     assert again.returncode == 0, again.stderr
     assert (tmp_path / "again.onnx").read_bytes() == shipped.read_bytes()
@@ -78,3 +88,22 @@ def test_the_layout_script_rewrites_metadata_only_and_keeps_a_recorded_layout(tm
                             "--out", str(tmp_path / "other.onnx")], capture_output=True, text=True)
     assert other.returncode == 2 and "already records access_layout 'combined'" in other.stderr
     assert not (tmp_path / "other.onnx").exists()
+
+
+def test_the_layout_script_refuses_a_model_that_reads_no_agent_without_a_traceback(tmp_path):
+    """--from-log on an access model whose spec reads no user agent raised KeyError 'access_layout'."""
+    import importlib.util
+
+    from logscore.errors import ConfigError
+    from logscore.features import load_spec
+
+    from .generate import shop_lines
+
+    loaded = importlib.util.spec_from_file_location("set_access_layout", ROOT / "scripts" / "set_access_layout.py")
+    script = importlib.util.module_from_spec(loaded)
+    loaded.loader.exec_module(script)
+    spec = load_spec(None, "access")
+    no_agent = {**spec, "fields": [f for f in spec["fields"] if f["field"] != "user_agent"]}
+    (tmp_path / "access.log").write_text("\n".join(shop_lines(50, seed=3)) + "\n")
+    with pytest.raises(ConfigError, match="reads no user agent"):
+        script.layout_of_log(str(tmp_path / "access.log"), no_agent)
