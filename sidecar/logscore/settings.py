@@ -127,7 +127,7 @@ class Settings:
                                             "feedback.sqlite3 in --models-dir")
     feedback_poll_s: float = setting(0.5, "how often the feedback store is checked for changes (PostgreSQL "
                                      "pushes them at once with LISTEN/NOTIFY, and is checked every 5 s while "
-                                     "it does)")
+                                     "it does, or at an entry's expiry)")
     review_records: int = setting(2000, "recent flagged records the review page (/ui/) keeps and groups; "
                                   "0: no review page")
     review_inspect_per_s: float = setting(200.0, "flagged records per second the review page inspects and groups "

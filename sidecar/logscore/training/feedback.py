@@ -8,7 +8,8 @@ learner, which runs the same command).
   the URL's structure kept, so the entry teaches its kind, not only its examples' ids.
 - Records marked **keep** (true anomalies) are left out of training wherever they appear in the
   input, and the new model must flag them: the summary and the metadata say how many it does.
-- Field-value entries stay rules: they name no records to learn from.
+- Field-value entries stay rules: they keep no examples to learn from (with ``--previous-model``, the
+  records they unflag in the input are vouched for, as below).
 - With the model serving now (``--previous-model``; the learner passes its route's learned model),
   the records it flags, after the feedback's rules, are left out: what an operator saw flagged
   and did not mark normal is not learned as normal. The records it flags that a normal entry's
@@ -95,7 +96,7 @@ KIND_VARIANTS = 20
 
 def kind_variants(records: Sequence[object], spec: dict, repeat: int) -> list:
     """Each record ``repeat`` times: itself, then variants whose URL has other digits (each digit run
-    redrawn, as long or shorter; KIND_VARIANTS copies at least), its structure kept (flags, template,
+    redrawn in turn, as long or shorter; KIND_VARIANTS copies at least), its structure kept (flags, template,
     parameter names and value shapes, as an unfitted featurizer reads them: a parameter's enumerated
     values are learned only with the model, after). A kind marked normal is its structure:
     repeated as they were, the examples taught their own ids' n-grams and lengths, and after a
