@@ -229,3 +229,35 @@ def timed_app_lines(seconds: int, per_second: float, start: float, seed: int = 0
         lines.append(app_line(moment, level, logger, text.format(n=rng.randint(1, 99999), ms=rng.randint(1, 900),
                                                                    k=rng.randint(1, 9))))
     return lines
+
+
+# An office application's day on its local wall clock (share of its busiest hour): staff come in
+# from 07:00, lunch, leave from 17:00.
+DAY_HOURS = (0, 7, 8, 12, 13, 14, 17, 18, 24)
+DAY_SHAPE = (0.05, 0.05, 1.0, 1.0, 0.7, 1.0, 1.0, 0.1, 0.05)
+
+
+def local_clock_rate(moment: float, zone: datetime.tzinfo, peak_per_hour: float) -> float:
+    """Requests per hour at Unix time ``moment`` of a site whose visitors follow ``zone``'s clock."""
+    local = datetime.datetime.fromtimestamp(moment, zone)
+    hour = local.hour + local.minute / 60
+    right = next(i for i, h in enumerate(DAY_HOURS) if h > hour)
+    h0, h1, s0, s1 = DAY_HOURS[right - 1], DAY_HOURS[right], DAY_SHAPE[right - 1], DAY_SHAPE[right]
+    return peak_per_hour * (s0 + (s1 - s0) * (hour - h0) / (h1 - h0))
+
+
+def local_clock_lines(start: float, seconds: int, zone: datetime.tzinfo, peak_per_hour: float,
+                      seed: int = 0) -> list[str]:
+    """Access lines of such a site (Poisson each minute), stamped with the zone's offset as Apache writes them."""
+    rng = random.Random(seed)
+    lines = []
+    for minute in range(int(start), int(start + seconds), 60):
+        moment = float(minute)
+        while True:
+            moment += rng.expovariate(local_clock_rate(minute, zone, peak_per_hour) / 3600)
+            if moment >= minute + 60:
+                break
+            line = access_line(rng, *shop_request(rng))
+            stamp = datetime.datetime.fromtimestamp(moment, zone).strftime("%d/%b/%Y:%H:%M:%S %z")
+            lines.append(f"{line[:line.index('[') + 1]}{stamp}{line[line.index(']'):]}")
+    return lines

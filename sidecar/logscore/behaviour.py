@@ -67,7 +67,7 @@ def window_spec(model: Model) -> Optional[WindowSpec]:
             return np.zeros(0, np.float32)
         return model.session.run(["window_score"], {**feeds, "window_deviation": deviation.astype(np.float32)})[0]
 
-    return WindowSpec.from_model(meta, tensors, calibrate)
+    return WindowSpec.from_model(meta, tensors, calibrate, model.season_zone)
 
 
 def entity_spec(model: Model) -> Optional[EntitySpec]:

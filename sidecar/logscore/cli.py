@@ -277,7 +277,21 @@ def behaviour_options(args):
     return BehaviourOptions(windows=args.windows, window_s=args.window_s, max_keys=args.window_max_keys,
                             window_target_fpr=args.window_target_fpr, entities=args.entities,
                             entity_key=args.entity_key, half_life_s=args.half_life_s,
-                            client_target_fpr=args.client_target_fpr)
+                            client_target_fpr=args.client_target_fpr, season_zone=seasons_of(args.time_zone))
+
+
+def seasons_of(time_zone: str) -> str:
+    """The zone whose wall clock the windows learn hours in: --time-zone's (the sites' zone); UTC, said
+    so, when 'local' is a zone without a name zoneinfo loads."""
+    from .timestamps import SEASONS_UTC, season_zone_name
+
+    name = season_zone_name(time_zone)
+    if name is None:
+        print("logscore train: warning: this machine's time zone has no IANA name (TZ is a POSIX rule?): windows "
+              "learn hours of day on UTC, and a daylight-saving change moves their pattern an hour; give "
+              "--time-zone Europe/Berlin (the sites' zone)", file=sys.stderr)
+        return SEASONS_UTC
+    return name
 
 
 def behaviour_source(path: str, spec: dict):
@@ -1048,6 +1062,13 @@ def describe_layout(spec: dict) -> str:
         "that carry them are scored without them")
 
 
+def season_clock(windows: dict) -> str:
+    zone = windows.get("season_zone")
+    if zone is None:
+        return "hours of day and week on UTC (trained before windows recorded their zone)"
+    return f"hours of day and week on the {zone} wall clock"
+
+
 def describe_behaviour(meta: dict) -> list[str]:
     """What `logscore inspect` says of a model's window and client detectors."""
     lines = []
@@ -1057,7 +1078,7 @@ def describe_behaviour(meta: dict) -> list[str]:
         lines.append(f"windows: {windows['window_s']:g} s, {len(windows['keys'])} keys ({', '.join(windows['keys'][:4])}"
                      f"{', ...' if len(windows['keys']) > 4 else ''}), shares {', '.join(windows['shares']) or 'none'}; "
                      f"learned from {learned.get('windows')} windows; threshold {windows['threshold']:.4f} "
-                     f"(target FPR {windows['target_fpr']} of key-windows)")
+                     f"(target FPR {windows['target_fpr']} of key-windows); {season_clock(windows)}")
     if clients:
         learned = clients.get("training", {})
         lines.append(f"clients: by {clients['key']}, half-life {clients['half_life_s']:g} s, features "

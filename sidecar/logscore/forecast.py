@@ -36,6 +36,7 @@ window with a handful of numpy operations.
 
 from __future__ import annotations
 
+import datetime
 from dataclasses import dataclass
 from typing import Optional
 
@@ -78,12 +79,29 @@ def count_inverse(y: np.ndarray) -> np.ndarray:
     return np.maximum(np.square(np.maximum(y, 0.0)) - 0.375, 0.0)
 
 
-def slots(seconds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(hour of day, hour of week) of Unix times (UTC); the week starts on Monday 00:00."""
+def slots(seconds: np.ndarray, zone: Optional[datetime.tzinfo] = None) -> tuple[np.ndarray, np.ndarray]:
+    """(hour of day, hour of week) of Unix times on the wall clock of ``zone`` (None: UTC); the week
+    starts on Monday 00:00.
+
+    People follow their local clock: on UTC slots a site in a daylight-saving zone had its whole
+    daily pattern move an hour twice a year, and the ramp hours were forecast an hour off for days
+    (docs/accuracy.md). On the wall clock the hour skipped in spring is no slot that day (01:59 is
+    followed by slot 3) and the hour repeated in autumn is slot 2 twice (two hours of updates)."""
     whole = np.floor(np.asarray(seconds, dtype=np.float64)).astype(np.int64)
+    if zone is not None:
+        whole = whole + zone_offsets(whole, zone)
     hour = (whole // 3600) % HOURS
     weekday = (whole // 86400 + 3) % 7  # 1970-01-01 was a Thursday: Monday = 0
     return hour, weekday * HOURS + hour
+
+
+def zone_offsets(whole: np.ndarray, zone: datetime.tzinfo) -> np.ndarray:
+    """Seconds ``zone`` is ahead of UTC at each Unix time: looked up once per distinct quarter hour
+    (zones change their offset on a quarter hour), so a window close costs one lookup."""
+    quarters, inverse = np.unique(whole // 900, return_inverse=True)
+    offsets = [datetime.datetime.fromtimestamp(q * 900, datetime.timezone.utc).astimezone(zone).utcoffset()
+               for q in quarters.tolist()]
+    return np.asarray([o.total_seconds() for o in offsets], dtype=np.int64)[inverse.reshape(whole.shape)]
 
 
 @dataclass

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import calendar
 import datetime
+import os
 import re
 import time
 from typing import Optional, Sequence
@@ -98,6 +99,48 @@ def zone_description(name: str) -> str:
     zone = zone_named(name)
     shown = "UTC" if zone is None else "/".join(sorted(set(time.tzname))) if zone == LOCAL else str(zone)
     return f"local ({shown})" if str(name).strip().lower() == LOCAL else shown
+
+
+# The zone whose wall clock a model's windows learn hours of day and of week in (metadata
+# windows.season_zone; the sidecar follows the model's). Models trained before it was recorded have
+# none: their seasons stay on UTC, as they were learned.
+SEASONS_UTC = "UTC"
+
+
+def season_zone_name(name: str) -> Optional[str]:
+    """The IANA name (or 'UTC') of the zone a --time-zone value names, to record in a model: for
+    'local', this machine's zone's name (TZ, else the /etc/localtime link, else /etc/timezone);
+    None when the machine's zone has no name zoneinfo loads (a POSIX TZ string)."""
+    zone = zone_named(name)
+    if zone is None:
+        return SEASONS_UTC
+    if zone != LOCAL:
+        return str(zone)
+    candidates = [os.environ["TZ"].lstrip(":")] if os.environ.get("TZ") else [os.path.realpath("/etc/localtime")]
+    if not os.environ.get("TZ") and os.path.exists("/etc/timezone"):
+        with open("/etc/timezone", encoding="utf-8", errors="replace") as file:
+            candidates.append(file.read().strip())
+    for text in candidates:
+        key = text.split("/zoneinfo/", 1)[-1].removeprefix("posix/")
+        try:
+            return str(season_zone(key) or SEASONS_UTC)
+        except ConfigError:
+            continue
+    return None
+
+
+def season_zone(name: Optional[str]) -> Optional[datetime.tzinfo]:
+    """The zone of a recorded season_zone (None: UTC, and for models trained before it was recorded);
+    a ConfigError when this machine cannot load it."""
+    if name is None or str(name).upper() in ("UTC", "ETC/UTC", "Z", "GMT"):
+        return None
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    try:
+        return ZoneInfo(str(name))
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ConfigError(f"time zone {name!r} cannot be loaded here; install the IANA time zone database "
+                          "(Debian's tzdata package, or pip install tzdata)") from None
 
 
 def read_zoneless_in(name: str) -> None:

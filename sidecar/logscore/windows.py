@@ -17,11 +17,14 @@ keys; untrained keys with the least traffic are evicted, and keys past the bound
 
 Windows use the sidecar's clock (arrival time): live streams arrive as they are written; records
 arriving long after their own time are left out before they get here (``behaviour.Lateness``).
-Training uses the records' own timestamps (``timestamps.py``).
+Training uses the records' own timestamps (``timestamps.py``). Hours of day and of week are read
+on the wall clock of the model's zone (metadata ``season_zone``, from training's ``--time-zone``;
+UTC for models trained before it was recorded): ``forecast.slots``.
 """
 
 from __future__ import annotations
 
+import datetime
 import math
 import re
 import time
@@ -233,9 +236,12 @@ class WindowSpec:
     min_change: float  # a window is reported only if its count differs this much from the expected
     calibrate: Callable[[np.ndarray], np.ndarray]  # deviation -> calibrated score (the graph)
     levels_read: int = 1  # LEVELS_READ as trained (1: models from before it)
+    season_zone: Optional[datetime.tzinfo] = None  # whose wall clock the hours follow (None: UTC)
 
     @classmethod
-    def from_model(cls, metadata: dict, tensors: dict[str, np.ndarray], calibrate) -> "WindowSpec":
+    def from_model(cls, metadata: dict, tensors: dict[str, np.ndarray], calibrate,
+                   season_zone: Optional[datetime.tzinfo] = None) -> "WindowSpec":
+        """``season_zone``: the model's (model.trained_season_zone, checked when it was loaded)."""
         state = ForecastState.empty(len(metadata["keys"]), float(metadata["window_s"]), COUNT_MIN_SCALE)
         state.level[:] = tensors["window_level"]
         state.hour[:] = tensors["window_hour"]
@@ -247,7 +253,8 @@ class WindowSpec:
                    list(metadata["shares"]), tensors["window_share_expected"].astype(np.float64),
                    tensors["window_share_dispersion"].astype(np.float64), float(metadata["new_key"]["level"]),
                    float(metadata["new_key"]["scale"]), float(metadata["threshold"]),
-                   float(metadata.get("min_change", 5)), calibrate, int(metadata.get("levels_read", 1)))
+                   float(metadata.get("min_change", 5)), calibrate, int(metadata.get("levels_read", 1)),
+                   season_zone)
 
 
 def share_deviation(count: np.ndarray, total: np.ndarray, expected: np.ndarray,
@@ -463,7 +470,8 @@ class WindowCounter:
         the other improbable ones named."""
         size = len(self.keys)
         counts = self.counts[:size].copy()
-        hour, week = slots(np.full(size, start))
+        hour, week = slots(np.array([start]), self.spec.season_zone)  # (once a window: off the record path)
+        hour, week = np.full(size, hour[0]), np.full(size, week[0])
         y = count_transform(counts)
         expected_y, deviation = self.state.step(y, hour, week, np.arange(size))
         scale = self.state.spread(np.arange(size))

@@ -27,7 +27,7 @@ from ..artifact import HASH_KEY, METADATA_KEY, Artifact, content_hash
 from ..entities import CLIENT_FIELDS, FEATURES, ClientTracker, client_batch
 from ..errors import ConfigError, InputError
 from ..forecast import COUNT_MIN_SCALE, DAY_S, ForecastState, count_transform, slots
-from ..timestamps import TIME_FIELDS, record_times
+from ..timestamps import SEASONS_UTC, TIME_FIELDS, record_times, season_zone
 from ..records import text_columns
 from ..windows import DIMENSIONS, LEVELS_READ, OTHER, SHARES, KeyNamer, fields_read, share_deviation, share_name
 from .graph import GraphBuilder
@@ -50,6 +50,7 @@ class BehaviourOptions:
     half_life_s: float = 60.0
     client_target_fpr: float = 0.005  # of normal clients
     dimensions: Sequence[str] = DIMENSIONS
+    season_zone: str = SEASONS_UTC  # whose wall clock hours of day and week follow (timestamps.season_zone_name)
 
 
 @dataclass
@@ -148,7 +149,7 @@ def fit_windows(fields: Sequence[dict], route: str, options: BehaviourOptions, w
                 by_key.setdefault(key, []).append(w)
     ranked = ranked_keys(by_key, namer.dimensions, options.max_keys)
     counts = np.stack([np.bincount(by_key[k], minlength=windows) for k in ranked]).astype(np.float64)
-    hours, weeks = slots(first + window_s * np.arange(windows))
+    hours, weeks = slots(first + window_s * np.arange(windows), season_zone(options.season_zone))
     state = ForecastState.empty(len(ranked), window_s, COUNT_MIN_SCALE)
     warm_up = min(windows // 4, int(DAY_S // window_s))
     deviations = []
@@ -187,6 +188,7 @@ def fit_windows(fields: Sequence[dict], route: str, options: BehaviourOptions, w
         "dimensions": ["route", "tag"] + [d for d in namer.dimensions if any(k.startswith(d + "=") for k in by_key)],
         "seen": state.seen.tolist(), "shares": shares, "threshold": threshold,
         "target_fpr": options.window_target_fpr, "min_change": options.min_change, "levels_read": LEVELS_READ,
+        "season_zone": options.season_zone,
         "new_key": {"level": float(count_transform(np.zeros(1))[0]), "scale": NEW_KEY_SCALE},
         "calibration": f"empirical CDF of {len(pooled):,} key-window deviations after a warm-up of {warm_up} windows",
         "training": {"records": int(len(order)), "windows": windows, "start": float(first),
