@@ -252,9 +252,10 @@ def add_behaviour_flags(parser: argparse.ArgumentParser) -> None:
                        "learn only the record model from --input (the sidecar's --learn does: a window of recent "
                        "records cannot teach seasonality)")
     group.add_argument("--time-zone", default="local", metavar="ZONE",
-                       help="zone of timestamps written without one (syslog's, ISO 8601 without an offset): "
-                       "'local' (this machine's, the default), 'UTC', or a name such as Europe/Berlin; give the "
-                       "zone of the hosts that wrote the logs, as their sidecars' --time-zone")
+                       help="zone of timestamps written without one (syslog's, ISO 8601 without an offset), "
+                       "and whose wall clock the windows' hours of day follow: 'local' (this machine's, the "
+                       "default), 'UTC', or a name such as Europe/Berlin; give the zone of the hosts that wrote "
+                       "the logs, as their sidecars' --time-zone")
 
 
 def behaviour_options(args):
