@@ -288,9 +288,9 @@ def seasons_of(time_zone: str) -> str:
 
     name = season_zone_name(time_zone)
     if name is None:
-        print("logscore train: warning: this machine's time zone has no IANA name (TZ is a POSIX rule?): windows "
-              "learn hours of day on UTC, and a daylight-saving change moves their pattern an hour; give "
-              "--time-zone Europe/Berlin (the sites' zone)", file=sys.stderr)
+        print_warning("this machine's time zone has no IANA name (TZ is a POSIX rule?): windows learn hours of day "
+                      "on UTC, and a daylight-saving change moves their pattern an hour; give --time-zone "
+                      "Europe/Berlin (the sites' zone)")
         return SEASONS_UTC
     return name
 
