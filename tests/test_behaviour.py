@@ -1239,6 +1239,117 @@ def test_an_episode_is_one_event_and_the_window_a_sidecar_starts_in_is_no_drop(b
     assert [e.key for e in late.close_due(START + spec.window_s)] == ["route=shop count"]  # a rise is one
 
 
+class Reloads:
+    """A models directory serving the behaviour model as ``shop``, reloaded as the sidecar reloads
+    it (registry, then the scoring service's prune), with a clock of whole seconds ahead of the real
+    one (a model loaded now starts its windows before it)."""
+
+    def __init__(self, behaviour_model, directory):
+        import shutil
+
+        from logscore.behaviour import Behaviour
+        from logscore.metrics import Metrics
+        from logscore.registry import ModelRegistry
+        from logscore.scoring import ScoringService
+        from logscore.settings import Settings
+
+        self.models = directory / "models"
+        self.models.mkdir()
+        shutil.copy(behaviour_model, self.models / "shop.onnx")
+        self.registry = ModelRegistry(str(self.models))
+        settings = Settings.load(flags={"models_dir": str(self.models)}, environ={})
+        self.behaviour = Behaviour(settings, EventHub())
+        self.service = ScoringService(self.registry, settings, Metrics(), behaviour=self.behaviour)
+        self.now = math.floor(time.time()) + 30.0
+        self.swap_in(None)
+
+    def swap_in(self, path) -> Model:
+        import shutil
+
+        if path is not None:  # as the learner swaps a model in: one rename
+            shutil.copy(path, self.models / ".next.onnx")
+            os.replace(self.models / ".next.onnx", self.models / "shop.onnx")
+        self.registry.reload()
+        asyncio.run(self.service.prune())
+        return self.registry.snapshot.models["shop"]
+
+    def send(self, model: Model, records: list, at: float) -> None:
+        self.behaviour.observe({model: list(range(len(records)))}, [model.score(records)], len(records), None,
+                               self.now + at)
+
+    def events(self, kind: str) -> list:
+        return [e for e in self.behaviour.hub.recent if e.kind == kind]
+
+
+FIVE_XX = [{"url": "/products/7", "status": "503"}] * 40  # (no client: the clients are the scanner alone)
+
+
+def scanning(start: int, count: int) -> list[dict]:
+    return [{"url": f"/admin/{i}?id={i}'--", "status": "404", "remote_addr": "10.66.6.6"}
+            for i in range(start, start + count)]
+
+
+def burst_and_scan(behaviour_model, directory, swaps: list) -> tuple[list, list]:
+    """A 5xx burst over three windows and a scanner going on, ``swaps[k]`` swapped in during window
+    k + 1 (None: no swap); (the events, the open window's count of route=shop before each closes)."""
+    reloads = Reloads(behaviour_model, directory)
+    serving = reloads.registry.snapshot.models["shop"]
+    counts = []
+    for k, swap in enumerate([None] + swaps):
+        reloads.send(serving, FIVE_XX + scanning(24 * k, 12), k + 0.2)
+        if swap is not None:
+            serving = reloads.swap_in(swap)
+        reloads.send(serving, FIVE_XX + scanning(24 * k + 12, 12), k + 0.6)
+        windows = reloads.behaviour.of(serving).windows
+        counts.append(windows.counts[windows.row["route=shop"]])
+        reloads.behaviour.tick(reloads.now + k + 1)
+    assert set(reloads.behaviour._models) == {serving}  # the replaced models' state went with them
+    return [(e.kind, e.key, e.start - reloads.now) for e in reloads.behaviour.hub.recent], counts
+
+
+def test_a_model_swapped_in_with_the_same_detectors_goes_on_with_the_windows_and_clients_under_way(
+        behaviour_model, tmp_path):
+    """serve --learn swaps a learned model in about once a minute, keeping the windows and clients
+    it was trained with (--behaviour-from); each swap started them afresh: the open window lost what
+    it had counted (every window counted in part: no drop was ever seen), an episode under way was
+    raised again (a 3-minute 5xx burst: 3-4 events) and every client was forgotten (a slow scanner
+    announced again after each swap, 100-140 events an hour)."""
+    from logscore.cli import main
+
+    log = tmp_path / "recent.log"
+    log.write_text("\n".join(timed_shop_lines(300, 3.0, START, seed=8)) + "\n")
+    learned = tmp_path / "learned.onnx"
+    assert main(["train", "--input", str(log), "--out", str(learned), "--behaviour-from", str(behaviour_model),
+                 "--name", "shop"]) == 0
+    (tmp_path / "served").mkdir()
+    (tmp_path / "swapped").mkdir()
+    events, counts = burst_and_scan(behaviour_model, tmp_path / "served", [None, None])
+    assert [kind for kind, _, _ in events] == ["client", "window"]  # each episode once
+    # The learned model, then the one trained from history again (an operator's reload).
+    assert burst_and_scan(behaviour_model, tmp_path / "swapped", [learned, behaviour_model]) == (events, counts)
+    assert counts == [2 * (len(FIVE_XX) + 12)] * 3  # each window whole
+
+
+def test_a_model_swapped_in_with_other_detectors_starts_them_afresh(behaviour_model, tmp_path):
+    """Windows learned again (here 2-s windows): their forecasts and keys are not the replaced ones';
+    the model starts from its trained state, clients too, as at a restart."""
+    from logscore.cli import main
+
+    log = tmp_path / "history.log"
+    log.write_text("\n".join(timed_shop_lines(600, 3.0, START, seed=8)) + "\n")
+    relearned = tmp_path / "relearned.onnx"
+    assert main(["train", "--input", str(log), "--out", str(relearned), "--base", str(behaviour_model),
+                 "--windows", "--window-s", "2"]) == 0
+    reloads = Reloads(behaviour_model, tmp_path)
+    serving = reloads.registry.snapshot.models["shop"]
+    reloads.send(serving, FIVE_XX + scanning(0, 12), 0.2)
+    before = reloads.behaviour.of(serving)
+    swapped = reloads.swap_in(relearned)
+    after = reloads.behaviour.of(swapped)
+    assert after.windows is not before.windows and after.windows.window_s == 2.0
+    assert not after.windows.counts.any() and len(after.clients.tracker) == 0
+
+
 def test_a_model_sent_no_record_since_the_start_raises_no_drop(behaviour_model):
     """A sidecar started on a host that does not run the model's service (one config for a fleet)
     raised "0 records in 1 min, expected 122-191" about 3 minutes after each start (appday trial).

@@ -6,12 +6,18 @@
 
 A model carries these detectors when it was trained with ``logscore train --windows`` and/or
 ``--entities`` (metadata ``windows`` / ``entities``, tensors in its graph). Each loaded model
-version has its own state; a reloaded model starts from its trained state.
+has its live state (the open window's counts, forecasters moved on online, episodes under way,
+clients, lateness). A model replacing one of its name whose detectors are the same ones
+(``detectors_fingerprint``: a learned model keeps its predecessor's, ``train --behaviour-from``;
+a file reloaded unchanged) takes over that live state; one with other detectors starts from its
+trained state.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import logging
 import math
 import threading
@@ -83,6 +89,25 @@ def entity_spec(model: Model) -> Optional[EntitySpec]:
         return np.concatenate(parts) if parts else np.zeros(0, np.float32)
 
     return EntitySpec.from_model(meta, score)
+
+
+def detectors_fingerprint(model: Model, spec: Optional[WindowSpec], clients: Optional[EntitySpec]) -> Optional[str]:
+    """What defines a model's window and client detectors, hashed (None: it has neither): their
+    metadata, the forecasters' trained state, and the client detector's answers to fixed features
+    (its tables are graph constants no session hands out; its answers are what they define)."""
+    if spec is None and clients is None:
+        return None
+    digest = hashlib.sha256()
+    for entry in ("windows", "entities"):
+        digest.update(json.dumps(model.metadata.get(entry), sort_keys=True).encode())
+    if spec is not None:
+        for array in (spec.state.level, spec.state.hour, spec.state.week, spec.state.scale, spec.share_expected,
+                      spec.share_dispersion):
+            digest.update(np.ascontiguousarray(array, dtype=np.float64).tobytes())
+    if clients is not None:
+        probe = np.outer([0.0, 0.5, 1.0, 2.0, 4.0], clients.typical).astype(np.float32)
+        digest.update(np.asarray(clients.score(probe), dtype=np.float64).tobytes())
+    return digest.hexdigest()
 
 
 def own_times(columns: dict, size: int, carried: Optional[np.ndarray]) -> Optional[np.ndarray]:
@@ -166,21 +191,27 @@ class Lateness:
 
 
 class ModelBehaviour:
-    """The windows and clients of one loaded model."""
+    """The windows and clients of one loaded model: its own, or those of the model it replaced."""
 
-    def __init__(self, model: Model, settings, metrics=None):
+    def __init__(self, model: Model, settings, metrics=None, replaced: Optional["ModelBehaviour"] = None):
+        """``replaced``: the state of the model of this name served before (None: none is)."""
         self.model = model
         self.windows: Optional[WindowCounter] = None
         self.clients: Optional[ClientWatch] = None
         self.lateness: Optional[Lateness] = None
+        self.fingerprint: Optional[str] = None  # detectors_fingerprint
         if not settings.windows:
             return
         try:
             spec = window_spec(model)
             clients = entity_spec(model)
+            self.fingerprint = detectors_fingerprint(model, spec, clients)
         except Exception as error:  # the record model serves on; its behaviour detectors cannot
             log.error("window/client detectors of this model cannot be used; it scores records as ever",
                       extra={"model": model.name, "error": f"{type(error).__name__}: {error}"})
+            return
+        if self.fingerprint is not None and replaced is not None and replaced.fingerprint == self.fingerprint:
+            self._take_over(replaced, spec, clients)
             return
         if spec is not None:
             gauges = metrics.observe_window if metrics is not None else None
@@ -191,6 +222,22 @@ class ModelBehaviour:
         if spec is not None or clients is not None:
             window_s = spec.window_s if spec is not None else 0.0
             self.lateness = Lateness(max(LATE_GRACE_WINDOWS * window_s, MIN_LATE_GRACE_S))
+
+    def _take_over(self, replaced: "ModelBehaviour", spec: Optional[WindowSpec],
+                   clients: Optional[EntitySpec]) -> None:
+        """Go on with the live state of the model replaced, whose detectors are these: the open
+        window, the forecasters, episodes under way, clients and sources' delays. Learned models are
+        swapped in about once a minute (learn_retrain_records): each fresh start lost the open window
+        (every window was counted in part, so no drop was ever seen), raised ongoing episodes again,
+        and forgot every client. The detectors are now called through this model's graph (so the
+        replaced model can go)."""
+        self.windows, self.clients, self.lateness = replaced.windows, replaced.clients, replaced.lateness
+        if self.windows is not None:
+            self.windows.spec = spec
+        if self.clients is not None:
+            self.clients.spec = clients
+        log.info("model replaced by one with the same window and client detectors: their live state carries over",
+                 extra={"model": self.model.name, "version": self.model.version})
 
 
 class Behaviour:
@@ -207,10 +254,20 @@ class Behaviour:
         self._late_said: dict[str, float] = {}  # model -> when late records were last logged
 
     def of(self, model: Model) -> ModelBehaviour:
+        with self._lock:
+            return self._watched(model)
+
+    def _watched(self, model: Model) -> ModelBehaviour:
+        """The model's state, made at its first sight (the lock held)."""
         found = self._models.get(model)
         if found is None:
-            found = self._models[model] = ModelBehaviour(model, self.settings, self.metrics)
+            found = self._models[model] = ModelBehaviour(model, self.settings, self.metrics, self._replaced(model))
         return found
+
+    def _replaced(self, model: Model) -> Optional[ModelBehaviour]:
+        """The state of the model of this name watched before this one, the latest (None: none)."""
+        return next((watched for other, watched in reversed(self._models.items())
+                     if other.name == model.name and other is not model), None)
 
     def observe(self, groups: dict, results: list, count: int, tags: Optional[Sequence[str]],
                 now: Optional[float] = None, times: Optional[Sequence[object]] = None) -> Optional[np.ndarray]:
@@ -233,7 +290,7 @@ class Behaviour:
         events = []
         carried: Optional[np.ndarray] = None  # the times the shipper sent, read once a model needs them
         for (model, positions), scored in zip(groups.items(), results):
-            watched = self.of(model)
+            watched = self._watched(model)
             if watched.windows is None and watched.clients is None:
                 continue
             if watched.windows is not None:
@@ -283,6 +340,8 @@ class Behaviour:
         now = time.time() if now is None else now
         events = []
         with self._lock:
+            # (a model and the one replacing it share their windows until the reload prunes it:
+            # closed once, the second close finds nothing due)
             for watched in list(self._models.values()):
                 if watched.windows is not None:
                     events += watched.windows.close_due(now)
@@ -293,18 +352,21 @@ class Behaviour:
             self.metrics.observe_events(events)
         self.hub.publish(events)
 
-    def prune(self, loaded: set) -> None:
-        for model in [m for m in self._models if m not in loaded]:
-            del self._models[model]
-
-    def watch_models(self, models) -> None:
-        """Start watching models that carry window models (so their windows close even before traffic)."""
-        for model in models:
-            if carries_behaviour(model.metadata):
-                self.of(model)
+    def follow(self, loaded) -> None:
+        """The loaded models, after a (re)load: those that carry windows or clients are watched (their
+        windows close even before traffic; one replacing a model of its name takes over its state
+        when their detectors are the same), then the state of models no longer loaded goes."""
+        loaded = set(loaded)
+        with self._lock:
+            for model in loaded:
+                if carries_behaviour(model.metadata):
+                    self._watched(model)
+            for model in [m for m in self._models if m not in loaded]:
+                del self._models[model]
 
     def tick_seconds(self) -> float:
-        lengths = [w.windows.window_s for w in self._models.values() if w.windows is not None]
+        with self._lock:  # (the scoring thread may be adding a model)
+            lengths = [w.windows.window_s for w in self._models.values() if w.windows is not None]
         return max(0.05, min(lengths + [4.0]) / 4)
 
     async def run(self, stopping: asyncio.Event) -> None:

@@ -247,8 +247,7 @@ class ScoringService:
         for model in [m for m in self._batchers if m not in loaded]:
             await self._batchers.pop(model).close()
         if self.behaviour is not None:
-            self.behaviour.prune(loaded)
-            self.behaviour.watch_models(loaded)
+            self.behaviour.follow(loaded)
 
     def queued_records(self) -> int:
         return sum(b.queued_records for b in self._batchers.values())

@@ -135,7 +135,7 @@ class Sidecar:
         self.metrics.set_models(self.registry.snapshot.models)
         await loop.run_in_executor(None, self.feedback.start)
         self.hub.attach(loop)
-        self.behaviour.watch_models(self.registry.snapshot.models.values())
+        self.behaviour.follow(self.registry.snapshot.models.values())
         await self._start_grpc()
         if s.http:
             host, port = split_host_port(s.http, "--http")
