@@ -7,6 +7,7 @@ import datetime
 import json
 import math
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -1245,8 +1246,6 @@ class Reloads:
     one (a model loaded now starts its windows before it)."""
 
     def __init__(self, behaviour_model, directory):
-        import shutil
-
         from logscore.behaviour import Behaviour
         from logscore.metrics import Metrics
         from logscore.registry import ModelRegistry
@@ -1264,8 +1263,6 @@ class Reloads:
         self.swap_in(None)
 
     def swap_in(self, path) -> Model:
-        import shutil
-
         if path is not None:  # as the learner swaps a model in: one rename
             shutil.copy(path, self.models / ".next.onnx")
             os.replace(self.models / ".next.onnx", self.models / "shop.onnx")
