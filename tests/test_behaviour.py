@@ -1345,6 +1345,11 @@ def test_a_model_swapped_in_with_other_detectors_starts_them_afresh(behaviour_mo
     after = reloads.behaviour.of(swapped)
     assert after.windows is not before.windows and after.windows.window_s == 2.0
     assert not after.windows.counts.any() and len(after.clients.tracker) == 0
+    # A batch the replaced model scored, observed after the reload (a big request in the scoring
+    # thread): it was watched again, and as the latest of its name its stale state went to the next swap.
+    reloads.send(serving, FIVE_XX, 0.4)
+    assert serving not in reloads.behaviour._models and not after.windows.counts.any()
+    assert reloads.behaviour._replaced(swapped) is None
 
 
 def test_a_model_sent_no_record_since_the_start_raises_no_drop(behaviour_model):

@@ -22,6 +22,7 @@ import logging
 import math
 import threading
 import time
+import weakref
 from typing import Optional, Sequence
 
 import numpy as np
@@ -194,13 +195,14 @@ class ModelBehaviour:
     """The windows and clients of one loaded model: its own, or those of the model it replaced."""
 
     def __init__(self, model: Model, settings, metrics=None, replaced: Optional["ModelBehaviour"] = None):
-        """``replaced``: the state of the model of this name served before (None: none is)."""
+        """``replaced``: the state of the model of this name served before (None: none is). No
+        ``settings``: no state (a model retired whose state no successor took over)."""
         self.model = model
         self.windows: Optional[WindowCounter] = None
         self.clients: Optional[ClientWatch] = None
         self.lateness: Optional[Lateness] = None
         self.fingerprint: Optional[str] = None  # detectors_fingerprint
-        if not settings.windows:
+        if settings is None or not settings.windows:
             return
         try:
             spec = window_spec(model)
@@ -231,6 +233,8 @@ class ModelBehaviour:
         (every window was counted in part, so no drop was ever seen), raised ongoing episodes again,
         and forgot every client. The detectors are now called through this model's graph (so the
         replaced model can go)."""
+        # NOTE: the counter and the watch read from their spec at construction only what the
+        # fingerprint covers (keys, window length, route): they can go on under the new spec.
         self.windows, self.clients, self.lateness = replaced.windows, replaced.clients, replaced.lateness
         if self.windows is not None:
             self.windows.spec = spec
@@ -248,6 +252,11 @@ class Behaviour:
         self.hub = hub
         self.metrics = metrics
         self._models: dict[Model, ModelBehaviour] = {}
+        # Models no longer loaded whose scored batches may still come (a big request observed in the
+        # scoring thread after the reload): their records count in their successor's state when it
+        # took theirs over, else nowhere. NOTE: looked up as any model, a retired one was watched
+        # again and, the latest of its name, handed its stale state to the next swap.
+        self._retired: "weakref.WeakKeyDictionary[Model, ModelBehaviour]" = weakref.WeakKeyDictionary()
         # NOTE: big requests are observed in the scoring thread while the clock closes windows
         # on the event loop: one lock keeps the counters consistent.
         self._lock = threading.Lock()
@@ -259,7 +268,7 @@ class Behaviour:
 
     def _watched(self, model: Model) -> ModelBehaviour:
         """The model's state, made at its first sight (the lock held)."""
-        found = self._models.get(model)
+        found = self._models.get(model) or self._retired.get(model)
         if found is None:
             found = self._models[model] = ModelBehaviour(model, self.settings, self.metrics, self._replaced(model))
         return found
@@ -362,7 +371,14 @@ class Behaviour:
                 if carries_behaviour(model.metadata):
                     self._watched(model)
             for model in [m for m in self._models if m not in loaded]:
-                del self._models[model]
+                self._retired[model] = self._successor(self._models.pop(model)) or ModelBehaviour(model, None)
+
+    def _successor(self, state: ModelBehaviour) -> Optional[ModelBehaviour]:
+        """The loaded model's state that took ``state`` over (None: none did)."""
+        if state.windows is None and state.clients is None:
+            return None
+        return next((other for other in self._models.values()
+                     if other.windows is state.windows and other.clients is state.clients), None)
 
     def tick_seconds(self) -> float:
         with self._lock:  # (the scoring thread may be adding a model)
