@@ -656,12 +656,12 @@ def test_windows_follow_the_sites_clock_over_a_daylight_saving_change(berlin_sit
     assert "on the Europe/Berlin wall clock" in " ".join(describe_behaviour(berlin_site_model.metadata))
 
 
-def test_windows_trained_before_their_zone_was_recorded_keep_utc_hours_and_an_unknown_zone_is_refused(
-        berlin_site_model):
+def test_windows_trained_before_their_zone_was_recorded_keep_utc_hours_and_an_unknown_zone_turns_them_off(
+        berlin_site_model, tmp_path, caplog):
     from logscore.artifact import Artifact
-    from logscore.behaviour import window_spec
+    from logscore.behaviour import ModelBehaviour, window_spec
     from logscore.cli import describe_behaviour
-    from logscore.errors import ModelLoadError
+    from logscore.settings import Settings
 
     artifact = berlin_site_model.artifact
 
@@ -678,8 +678,15 @@ def test_windows_trained_before_their_zone_was_recorded_keep_utc_hours_and_an_un
     # Its hours read on UTC, as before: this pattern, learned on Berlin's clock, read two hours off
     # on summer time ('Sun 08:00: route=site: 93 records in 60 min, expected 1.62–16.6').
     assert any(event[4:6] in RAMP_HOURS for event in events_after_spring_change(old))
-    with pytest.raises(ModelLoadError, match="'Europe/Atlantis' cannot be loaded here; install"):
-        Model(Artifact(artifact.path, artifact.model_bytes, with_zone("Europe/Atlantis"), artifact.content_hash))
+    # A zone this machine cannot load (no tzdata) turns off the windows alone: it refused the whole
+    # model, `logscore score` too, which reads no window.
+    elsewhere = Model(Artifact(artifact.path, artifact.model_bytes, with_zone("Europe/Atlantis"),
+                               artifact.content_hash))
+    assert len(elsewhere.score(["x"]).scores) == 1
+    settings = Settings.load(flags={"models_dir": str(tmp_path)}, environ={})
+    with caplog.at_level("ERROR", logger="logscore"):
+        assert ModelBehaviour(elsewhere, settings).windows is None
+    assert any("'Europe/Atlantis' cannot be loaded here; install" in getattr(r, "error", "") for r in caplog.records)
 
 
 @pytest.mark.parametrize("line, head", [

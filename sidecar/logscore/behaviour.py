@@ -28,10 +28,11 @@ from typing import Optional, Sequence
 import numpy as np
 
 from .entities import ClientWatch, EntitySpec
+from .errors import ConfigError
 from .events import EventHub
 from .model import Model, carries_behaviour
 from .records import event_times
-from .timestamps import column_times
+from .timestamps import column_times, season_zone
 from .windows import KeyNamer, WindowCounter, WindowSpec
 
 log = logging.getLogger("logscore.behaviour")
@@ -74,7 +75,9 @@ def window_spec(model: Model) -> Optional[WindowSpec]:
             return np.zeros(0, np.float32)
         return model.session.run(["window_score"], {**feeds, "window_deviation": deviation.astype(np.float32)})[0]
 
-    return WindowSpec.from_model(meta, tensors, calibrate, model.season_zone)
+    # NOTE: a zone this machine cannot load turns off the windows alone (ModelBehaviour logs it): it
+    # refused the whole model at load, `logscore score` too, which reads no window.
+    return WindowSpec.from_model(meta, tensors, calibrate, season_zone(meta.get("season_zone")))
 
 
 def entity_spec(model: Model) -> Optional[EntitySpec]:
@@ -205,8 +208,13 @@ class ModelBehaviour:
         if settings is None or not settings.windows:
             return
         try:
-            spec = window_spec(model)
             clients = entity_spec(model)
+            try:
+                spec = window_spec(model)
+            except ConfigError as error:  # its zone cannot be loaded here: the clients need none
+                log.error("this model's windows cannot be used here; its records and clients are scored as ever",
+                          extra={"model": model.name, "error": str(error)})
+                spec = None
             self.fingerprint = detectors_fingerprint(model, spec, clients)
         except Exception as error:  # the record model serves on; its behaviour detectors cannot
             log.error("window/client detectors of this model cannot be used; it scores records as ever",

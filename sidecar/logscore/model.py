@@ -15,12 +15,12 @@ import numpy as np
 import onnxruntime as ort
 
 from .artifact import Artifact, read_artifact
-from .errors import ConfigError, ModelLoadError
+from .errors import ModelLoadError
 from .features import FeatureBatch, Featurizer
 from .records import DEFAULT_MAX_LINE_CHARS
 from .entities import CLIENT_FIELDS
 from .sessions import SessionTracker
-from .timestamps import TIME_FIELDS, season_zone
+from .timestamps import TIME_FIELDS
 from .windows import LEVELS_READ, fields_read
 
 
@@ -117,17 +117,6 @@ def trained_levels_read(path: str, metadata: dict) -> int:
     return levels_read
 
 
-def trained_season_zone(path: str, metadata: dict):
-    """The zone whose wall clock the model's windows learned hours of day and week in (None: UTC,
-    also for models trained before it was recorded); refused when this machine cannot load it: on
-    UTC slots instead, every hour would be forecast from another hour's pattern."""
-    name = (metadata.get("windows") or {}).get("season_zone")
-    try:
-        return season_zone(name)
-    except ConfigError as error:
-        raise ModelLoadError(f"{path}: its windows follow the wall clock of {name!r}: {error}") from None
-
-
 def novelty_shares(batch: FeatureBatch, surprise: np.ndarray) -> np.ndarray:
     """Per record, the share of its feature keys never seen in training (surprise 1)."""
     keys = np.bincount(batch.rows, minlength=batch.size)
@@ -155,7 +144,6 @@ class Model:
             # rest; whole field maps only for training them (timestamps).
             self.behaviour_fields = behaviour_fields(meta, client_key)
             levels_read = levels_read or trained_levels_read(artifact.path, meta)
-            self.season_zone = trained_season_zone(artifact.path, meta)
             self.featurizer = Featurizer(meta["featurizer"], max_line_chars,
                                          also_fields=(*self.behaviour_fields, *also_fields),
                                          message_levels=levels_read >= 2)

@@ -241,7 +241,7 @@ class WindowSpec:
     @classmethod
     def from_model(cls, metadata: dict, tensors: dict[str, np.ndarray], calibrate,
                    season_zone: Optional[datetime.tzinfo] = None) -> "WindowSpec":
-        """``season_zone``: the model's (model.trained_season_zone, checked when it was loaded)."""
+        """``season_zone``: the zone of the model's metadata ``season_zone`` (timestamps.season_zone)."""
         state = ForecastState.empty(len(metadata["keys"]), float(metadata["window_s"]), COUNT_MIN_SCALE)
         state.level[:] = tensors["window_level"]
         state.hour[:] = tensors["window_hour"]
