@@ -656,6 +656,20 @@ def test_windows_follow_the_sites_clock_over_a_daylight_saving_change(berlin_sit
     assert "on the Europe/Berlin wall clock" in " ".join(describe_behaviour(berlin_site_model.metadata))
 
 
+def test_the_zone_recorded_for_local_time_is_named_from_tz_or_the_zone_file_it_links_to(tmp_path, zone, monkeypatch):
+    """systemd units often set TZ=:/etc/localtime: a path, which was taken for a zone's name, failed,
+    and training learned UTC hours ("TZ is a POSIX rule?")."""
+    from logscore.timestamps import season_zone_name
+
+    link = tmp_path / "localtime"
+    link.symlink_to(f"/usr/share/zoneinfo/{BERLIN}")
+    for tz, named in ((f":{link}", BERLIN), (BERLIN, BERLIN), (f":{BERLIN}", BERLIN), ("UTC0", "UTC"),
+                      ("CET-1CEST,M3.5.0,M10.5.0/3", None)):  # (a POSIX rule: no name to record)
+        monkeypatch.setenv("TZ", tz)
+        assert season_zone_name("local") == named, tz
+    assert season_zone_name("America/New_York") == "America/New_York"
+
+
 def test_windows_trained_before_their_zone_was_recorded_keep_utc_hours_and_an_unknown_zone_turns_them_off(
         berlin_site_model, tmp_path, caplog):
     from logscore.artifact import Artifact

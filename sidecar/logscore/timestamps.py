@@ -109,17 +109,21 @@ SEASONS_UTC = "UTC"
 
 def season_zone_name(name: str) -> Optional[str]:
     """The IANA name (or 'UTC') of the zone a --time-zone value names, to record in a model: for
-    'local', this machine's zone's name (TZ, else the /etc/localtime link, else /etc/timezone);
-    None when the machine's zone has no name zoneinfo loads (a POSIX TZ string)."""
+    'local', this machine's zone's name (TZ's, or the zone file it or /etc/localtime links to, else
+    /etc/timezone's); None when the machine's zone has no name zoneinfo loads (a POSIX TZ string)."""
     zone = zone_named(name)
     if zone is None:
         return SEASONS_UTC
     if zone != LOCAL:
         return str(zone)
-    candidates = [os.environ["TZ"].lstrip(":")] if os.environ.get("TZ") else [os.path.realpath("/etc/localtime")]
-    if not os.environ.get("TZ") and os.path.exists("/etc/timezone"):
-        with open("/etc/timezone", encoding="utf-8", errors="replace") as file:
-            candidates.append(file.read().strip())
+    given = os.environ.get("TZ", "").lstrip(":")
+    if given and not given.startswith("/"):  # a name (Europe/Berlin), or a POSIX rule
+        candidates = [given]
+    else:  # a file (systemd units set TZ=:/etc/localtime): the zone it links to, else /etc/timezone's
+        candidates = [os.path.realpath(given or "/etc/localtime")]
+        if os.path.exists("/etc/timezone"):
+            with open("/etc/timezone", encoding="utf-8", errors="replace") as file:
+                candidates.append(file.read().strip())
     for text in candidates:
         key = text.split("/zoneinfo/", 1)[-1].removeprefix("posix/")
         try:
