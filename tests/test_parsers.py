@@ -444,5 +444,7 @@ def test_a_line_starting_with_an_rfc_3339_time_is_syslog_only_with_a_tag_and_its
     assert parse_syslog("2024-01-15T10:23:45.123456+01:00 web-2 sshd[812]: Accepted publickey")[0]["host"] == "web-2"
     assert parse_syslog("2024-01-15T10:23:45+0100 web-2 kernel: Out of memory")[0]["app"] == "kernel"
     for line in ("2024-01-15T10:23:45.123456789Z stdout F GET /healthz 200",
-                 "2024-01-15T10:23:45Z INFO server started on :8080"):
+                 "2024-01-15T10:23:45Z INFO server started on :8080",
+                 "2024-01-15T10:23:45.123456Z ERROR my_app::db: connection refused",  # Rust's tracing
+                 "2024-01-15T10:23:45.123456Z ERROR db: connection refused"):
         assert not parse_syslog(line)[1], line

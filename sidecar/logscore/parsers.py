@@ -55,11 +55,13 @@ _SYSLOG_3164 = re.compile(
 # The same with an RFC 3339 time: rsyslog's RSYSLOG_FileFormat, /var/log/syslog's on Debian 12 and
 # Ubuntu 24.04 ("2024-01-15T10:23:45.123456+01:00 host app[pid]: ..."), whose lines did not parse at
 # all, and `journalctl -o short-iso`'s ("2024-01-15T10:23:45+0100 host app[pid]: ..."). Its tag ends
-# at its colon, as both write it: with a tag ending at a space, any line starting with such a time
-# was syslog (Kubernetes' "...Z stdout F message", "...Z INFO server started").
+# at a colon and a space, as both write it, and its host is no level word: else any line starting
+# with such a time was syslog (Kubernetes' "...Z stdout F message", "...Z INFO server started",
+# Rust tracing's "...Z ERROR my_app::db: refused", host ERROR).
 _SYSLOG_3339 = re.compile(
     r"(?P<time>\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d{1,9})?(?:Z|[+-]\d\d:?\d\d)) "
-    r"(?P<host>\S+) +(?P<app>[^\s\[:]+)(?:\[(?P<pid>[^\]]*)\])?: ?(?P<message>.*)",
+    r"(?!(?i:trace|debug|info|notice|warn|warning|error|err|crit|critical|fatal|alert|emerg) )"
+    r"(?P<host>\S+) +(?P<app>[^\s\[:]+)(?:\[(?P<pid>[^\]]*)\])?:(?: |$)(?P<message>.*)",
     re.DOTALL,
 )
 _SYSLOG_5424 = re.compile(
