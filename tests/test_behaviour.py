@@ -689,8 +689,8 @@ def test_windows_trained_before_their_zone_was_recorded_keep_utc_hours_and_an_un
     old = Model(Artifact(artifact.path, artifact.model_bytes, with_zone(None), artifact.content_hash))
     assert window_spec(old).season_zone is None
     assert "hours of day and week on UTC" in " ".join(describe_behaviour(old.metadata))
-    # Its hours read on UTC, as before: this pattern, learned on Berlin's clock, read two hours off
-    # on summer time ('Sun 08:00: route=site: 93 records in 60 min, expected 1.62–16.6').
+    # Its hours read on UTC, as before: this pattern, learned on Berlin's clock, is read two hours
+    # off on summer time (events at the ramp hours).
     assert any(event[4:6] in RAMP_HOURS for event in events_after_spring_change(old))
     # A zone this machine cannot load (no tzdata) turns off the windows alone: it refused the whole
     # model, `logscore score` too, which reads no window.

@@ -273,12 +273,14 @@ def behaviour_options(args):
         raise ConfigError("--window-s and --half-life-s must be positive, --window-max-keys at least 1")
     if not (0 < args.window_target_fpr < 0.5 and 0 < args.client_target_fpr < 0.5):
         raise ConfigError("--window-target-fpr and --client-target-fpr must be fractions between 0 and 0.5")
+    from .timestamps import SEASONS_UTC
     from .training.behaviour import BehaviourOptions
 
     return BehaviourOptions(windows=args.windows, window_s=args.window_s, max_keys=args.window_max_keys,
                             window_target_fpr=args.window_target_fpr, entities=args.entities,
                             entity_key=args.entity_key, half_life_s=args.half_life_s,
-                            client_target_fpr=args.client_target_fpr, season_zone=seasons_of(args.time_zone))
+                            client_target_fpr=args.client_target_fpr,
+                            season_zone=seasons_of(args.time_zone) if args.windows else SEASONS_UTC)
 
 
 def seasons_of(time_zone: str) -> str:
