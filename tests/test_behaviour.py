@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import gc
 import json
 import math
 import os
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 
 import grpc
 import numpy as np
@@ -1371,6 +1373,10 @@ def test_a_model_swapped_in_with_other_detectors_starts_them_afresh(behaviour_mo
     reloads.send(serving, FIVE_XX, 0.4)
     assert serving not in reloads.behaviour._models and not after.windows.counts.any()
     assert reloads.behaviour._replaced(swapped) is None
+    retired = weakref.ref(serving)
+    del serving, before
+    gc.collect()
+    assert retired() is None, "a model retired is not kept for its late batches"
 
 
 def test_a_model_sent_no_record_since_the_start_raises_no_drop(behaviour_model):

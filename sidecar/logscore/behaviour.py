@@ -197,9 +197,9 @@ class Lateness:
 class ModelBehaviour:
     """The windows and clients of one loaded model: its own, or those of the model it replaced."""
 
-    def __init__(self, model: Model, settings, metrics=None, replaced: Optional["ModelBehaviour"] = None):
+    def __init__(self, model: Optional[Model], settings, metrics=None, replaced: Optional["ModelBehaviour"] = None):
         """``replaced``: the state of the model of this name served before (None: none is). No
-        ``settings``: no state (a model retired whose state no successor took over)."""
+        ``settings``: no state (for models retired whose state no successor took over)."""
         self.model = model
         self.windows: Optional[WindowCounter] = None
         self.clients: Optional[ClientWatch] = None
@@ -265,6 +265,7 @@ class Behaviour:
         # took theirs over, else nowhere. NOTE: looked up as any model, a retired one was watched
         # again and, the latest of its name, handed its stale state to the next swap.
         self._retired: "weakref.WeakKeyDictionary[Model, ModelBehaviour]" = weakref.WeakKeyDictionary()
+        self._nothing = ModelBehaviour(None, None)  # (holds no model: a value holding its key would keep it)
         # NOTE: big requests are observed in the scoring thread while the clock closes windows
         # on the event loop: one lock keeps the counters consistent.
         self._lock = threading.Lock()
@@ -379,7 +380,7 @@ class Behaviour:
                 if carries_behaviour(model.metadata):
                     self._watched(model)
             for model in [m for m in self._models if m not in loaded]:
-                self._retired[model] = self._successor(self._models.pop(model)) or ModelBehaviour(model, None)
+                self._retired[model] = self._successor(self._models.pop(model)) or self._nothing
 
     def _successor(self, state: ModelBehaviour) -> Optional[ModelBehaviour]:
         """The loaded model's state that took ``state`` over (None: none did)."""
