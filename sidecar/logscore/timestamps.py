@@ -80,18 +80,29 @@ def zone_named(name: str) -> Optional[object]:
     """The zone `read_zoneless_in` takes for ``name``: 'UTC', 'local' or an IANA name (Europe/Berlin);
     a ConfigError saying what to give otherwise."""
     text = str(name).strip()
-    if text.upper() in ("UTC", "Z", "GMT"):
+    if text.upper() in UTC_NAMES:
         return None
     if text.lower() == LOCAL:
         time.tzset()  # TZ as the process has it now
         return None if time.timezone == 0 and not time.daylight else LOCAL
+    zone = zone_info(text)
+    if zone is None:
+        raise ConfigError(f"--time-zone {text!r}: no such time zone; give an IANA name such as Europe/Berlin "
+                          "(from Debian's tzdata package), 'UTC', or 'local' (this machine's zone)")
+    return zone
+
+
+UTC_NAMES = ("UTC", "ETC/UTC", "Z", "GMT")  # (upper case)
+
+
+def zone_info(name: str) -> Optional[datetime.tzinfo]:
+    """The IANA zone ``name`` names, or None when this machine has no such zone."""
     from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
     try:
-        return ZoneInfo(text)
+        return ZoneInfo(name)
     except (ZoneInfoNotFoundError, ValueError):
-        raise ConfigError(f"--time-zone {text!r}: no such time zone; give an IANA name such as Europe/Berlin "
-                          "(from Debian's tzdata package), 'UTC', or 'local' (this machine's zone)") from None
+        return None
 
 
 def zone_description(name: str) -> str:
@@ -126,25 +137,23 @@ def season_zone_name(name: str) -> Optional[str]:
                 candidates.append(file.read().strip())
     for text in candidates:
         key = text.split("/zoneinfo/", 1)[-1].removeprefix("posix/")
-        try:
-            return str(season_zone(key) or SEASONS_UTC)
-        except ConfigError:
-            continue
+        if key.upper() in UTC_NAMES:
+            return SEASONS_UTC
+        if zone_info(key) is not None:
+            return key
     return None
 
 
 def season_zone(name: Optional[str]) -> Optional[datetime.tzinfo]:
     """The zone of a recorded season_zone (None: UTC, and for models trained before it was recorded);
     a ConfigError when this machine cannot load it."""
-    if name is None or str(name).upper() in ("UTC", "ETC/UTC", "Z", "GMT"):
+    if name is None or str(name).upper() in UTC_NAMES:
         return None
-    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
-
-    try:
-        return ZoneInfo(str(name))
-    except (ZoneInfoNotFoundError, ValueError):
+    zone = zone_info(str(name))
+    if zone is None:
         raise ConfigError(f"time zone {name!r} cannot be loaded here; install the IANA time zone database "
-                          "(Debian's tzdata package, or pip install tzdata)") from None
+                          "(Debian's tzdata package, or pip install tzdata)")
+    return zone
 
 
 def read_zoneless_in(name: str) -> None:
