@@ -124,6 +124,7 @@ def replay(timed: list, learned: list[Path], minutes: int, how: str) -> dict:
     for moment, line, ip in timed:
         by_second[int(moment)].append((line, ip))
     fed, detected, client_events = Counter(), {}, Counter()
+    novel = scored_records = 0  # records holding a feature the serving record model never saw
     swaps = 0
     with SimulatedClock() as clock:
         model = swap_in(behaviour, learned[0], how)
@@ -139,8 +140,10 @@ def replay(timed: list, learned: list[Path], minutes: int, how: str) -> dict:
             if batch:
                 seen = len(hub.events)
                 lines = [line for line, _ in batch]
-                behaviour.observe({model: list(range(len(lines)))}, [model.score(lines)], len(lines),
-                                  ["access"] * len(lines), now)
+                scored = model.score(lines)
+                novel += int((scored.novelty > 0).sum())
+                scored_records += len(lines)
+                behaviour.observe({model: list(range(len(lines)))}, [scored], len(lines), ["access"] * len(lines), now)
                 fed.update(ip for _, ip in batch if ip)
                 for event in hub.events[seen:]:
                     if event.kind == "client":
@@ -151,7 +154,8 @@ def replay(timed: list, learned: list[Path], minutes: int, how: str) -> dict:
             while now >= next_tick:
                 behaviour.tick(now)
                 next_tick += TICK_S
-    return summary(hub.events, fed, detected, client_events, swaps)
+    return {**summary(hub.events, fed, detected, client_events, swaps),
+            "never_seen_share": round(novel / max(scored_records, 1), 4)}
 
 
 def swap_in(behaviour: Behaviour, path: Path, how: str) -> Model:
