@@ -728,7 +728,14 @@ def test_windows_trained_before_their_zone_was_recorded_keep_utc_hours_and_an_un
     ("03-17 16:13:38.811  1702 E x: info", {"time": "03-17 16:13:38.811", "level": "info"}),  # no thread id
     ("Received block 081109 203615 ERROR", {"level": "ERROR"}),  # the two read only where a line starts
     ("0811090 203615 INFO", {"level": "INFO"}),
-    ("17/06/09 20:10:40 INFO executor.Backend: registered", {"level": "INFO"}),  # yy/MM/dd: ambiguous, unread
+    ("17/06/09 20:10:40 INFO executor.Backend: registered", {"time": "17/06/09 20:10:40", "level": "INFO"}),  # Spark
+    ("Spark 17/06/09 20:10:40 INFO x", {"level": "INFO"}),  # yy/MM/dd read only where a line starts
+    ("2024-01-02 10:11:12.345 UTC [123] ERROR:  relation \"t\" does not exist", {  # PostgreSQL's
+        "time": "2024-01-02 10:11:12.345 UTC", "level": "ERROR"}),
+    ("W1223 22:15:29.606000  1234 file.cc:12] disk almost full", {  # glog's: its level letter first
+        "time": "W1223 22:15:29.606000", "level": "warn"}),
+    ("20171223-22:15:29:606|Step_LSC|30002312|onStandStepChanged 3579", {"time": "20171223-22:15:29:606"}),
+    ("[10.30 16:49:06] chrome.exe - proxy.cse.cuhk.edu.hk:5070 open through proxy", {"time": "10.30 16:49:06"}),
     ("2015-10-18 18:01:47,978 [main] org.apache.hadoop.Main: " + "x" * 60 + " ERROR later", {
         "time": "2015-10-18 18:01:47,978"}),  # a level word deep in the message is no level
     ("user info from org.apache.ERROR.Handler: information", {"level": "info"}),
@@ -1539,7 +1546,7 @@ def test_a_window_model_of_routes_alone_counts_every_record(tmp_path):
 
 
 @pytest.mark.parametrize("lines, flags, complaint", [
-    (["17/06/09 20:10:40 INFO executor.Backend: registered"] * 50, ["--format", "plain", "--windows"],
+    (["09.06.2017 20:10:40 INFO executor.Backend: registered"] * 50, ["--format", "plain", "--windows"],
      "carry a readable timestamp"),
     (["x"] * 50, ["--format", "plain", "--base", "ignored.onnx"], "--base learns behaviour onto a model"),
     (["x"] * 50, ["--windows", "--time-zone", "Europe/Atlantis"], "--time-zone 'Europe/Atlantis': no such time zone"),

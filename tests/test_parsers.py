@@ -423,6 +423,47 @@ def test_nginx_error_log_and_go_log_heads_give_their_time_and_level():
     assert parse_time("2024/13/15 10:23:45") is None
 
 
+@pytest.mark.parametrize("line, written, seconds", [
+    ("20171223-22:15:29:606|Step_LSC|30002312|onStandStepChanged 3579", "20171223-22:15:29:606", 1514067329.606),
+    ("20171223-22:16:0:11|Step_SPUtils|30002312| getTodayTotalDetailSteps", "20171223-22:16:0:11", 1514067360.011),
+    ("[10.30 16:49:06] chrome.exe - proxy.cse.cuhk.edu.hk:5070 open through proxy", "10.30 16:49:06", 1761842946.0),
+    ("2024-01-02 10:11:12.345 UTC [123] LOG:  checkpoint starting: time", "2024-01-02 10:11:12.345 UTC",
+     1704190272.345),
+    ("I1223 22:15:29.606000  1234 file.cc:12] msg", "I1223 22:15:29.606000", 1766528129.606),
+    ("17/06/09 20:10:40 INFO executor.CoarseGrainedExecutorBackend: Registered", "17/06/09 20:10:40", 1497039040.0),
+])
+def test_application_heads_of_loghub_s_and_postgres_s_formats_give_their_time(line, written, seconds):
+    """HealthApp's, Proxifier's, glog's and Spark's heads gave no time, so `logscore train --windows`
+    refused their logs ("only 0 of 2000 records carry a readable timestamp"), and PostgreSQL's `UTC`
+    was left out: its time was read in --time-zone (syslog trial). The compiled reader agrees
+    (tests/test_native.py); year-less times are placed as syslog's."""
+    from logscore.features import native
+    from logscore.parsers import head_reader, line_head
+    from logscore.timestamps import parse_time, read_zoneless_in
+
+    now = 1766966400.0  # 2025-12-29: December's glog line is this year's, Proxifier's October too
+    assert line_head(line)["time"] == head_reader(native.module(True))(line)["time"] == written
+    read_zoneless_in("Etc/GMT-1")  # (UTC+1 all year)
+    try:
+        zoned = parse_time(written, now)
+    finally:
+        read_zoneless_in("UTC")
+    assert parse_time(written, now) == pytest.approx(seconds, abs=1e-6)
+    assert zoned == pytest.approx(seconds if "UTC" in written else seconds - 3600, abs=1e-6)
+
+
+def test_impossible_dates_of_the_new_heads_are_no_time():
+    from logscore.timestamps import parse_time
+
+    now = 1766966400.0
+    for text in ("20171232-22:15:29:606", "20171223-24:15:29", "13.30 16:49:06", "02.30 16:49:06",
+                 "I1323 22:15:29.606", "E0230 22:15:29", "17/13/09 20:10:40", "17/02/30 20:10:40",
+                 "2024-02-30 10:11:12 UTC", "2024-01-02 10:11:12+01:00 UTC"):
+        assert parse_time(text, now) is None, text
+    assert parse_time("2024-01-02 10:11:12 GMT") == 1704190272.0
+    assert parse_time("I0229 10:00:00", now) == parse_time("2024-02-29T10:00:00Z")  # in a year that has one
+
+
 def test_a_combined_log_whose_agents_are_mostly_null_is_learned_as_combined():
     """Fluentd sends null for a "-" agent. A combined log of API clients (90 % without an agent) was
     called common ("most records hold an agent"), and a common model reads no agent: a scanner's

@@ -80,26 +80,37 @@ def _unparsed(line: str) -> tuple[Fields, bool]:
 # "[Sun Dec 04 04:47:44 2005] [notice] ...", nginx's "2024/01/15 10:23:45 [error] ...", a syslog
 # line, "... sshd[9]: error: ...", HDFS's
 # "081109 203615 148 INFO dfs.DataNode: ...", Android's "03-17 16:13:38.811  1702  2395 D ..." (its
-# level letter after the ids, named: debug). Windows
+# level letter after the ids, named: debug), glog's (and Kubernetes' klog's)
+# "I1223 22:15:29.606000  1234 file.cc:12] ..." (its level letter first), PostgreSQL's
+# "2024-01-02 10:11:12.345 UTC [123] LOG: ...", Spark's "17/06/09 20:10:40 INFO ...", HealthApp's
+# "20171223-22:15:29:606|..." and Proxifier's "[10.30 16:49:06] ...". Windows
 # count per level and learn from the time (`logscore train --windows` refused such logs: no
 # timestamp). The message stays the whole line: the record's features are those of before.
 # (RecordNormalizer reads a head only for models whose windows or clients read it: a few µs a line.)
 TIME_WITHIN = 64  # characters from the line's start where its time may begin
 LEVEL_WITHIN = 48  # characters after the time (or from the start) where its level may begin
 _HEAD_TIME = re.compile(
-    r"\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}:\d{2}(?:[.,]\d{1,9})?(?:Z|[+-]\d{2}:?\d{2}(?![\d:]))?"  # ISO 8601, log4j
+    # ISO 8601, log4j; PostgreSQL's %m and %t end in the zone's name: UTC's is read (others are ambiguous)
+    r"\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}:\d{2}(?:[.,]\d{1,9})?(?:Z|[+-]\d{2}:?\d{2}(?![\d:])| UTC(?!\w)| GMT(?!\w))?"
     r"|\d{4}/\d{2}/\d{2} \d{2}:\d{2}:\d{2}(?:\.\d{1,9})?"  # nginx's error log, Go's log package
     r"|[A-Z][a-z]{2} [A-Z][a-z]{2} [ \d]\d \d{2}:\d{2}:\d{2}(?:\.\d{1,9})? \d{4}"  # C's ctime (Apache's errors)
     r"|[A-Z][a-z]{2} {1,2}\d{1,2} \d{2}:\d{2}:\d{2}"  # syslog
     r"|^\d{6} \d{6}(?!\d)"  # HDFS's yyMMdd HHmmss, where a line starts
-    r"|^\d{2}-\d{2} \d{2}:\d{2}:\d{2}(?:\.\d{1,9})?", re.ASCII)  # Android logcat's MM-dd, where a line starts
-# NOTE: yy/MM/dd (Spark's default) is not read: the same text is dd/MM/yy or MM/dd/yy elsewhere;
+    r"|^\d{2}-\d{2} \d{2}:\d{2}:\d{2}(?:\.\d{1,9})?"  # Android logcat's MM-dd, where a line starts
+    r"|^[IWEF]\d{4} \d{2}:\d{2}:\d{2}(?:\.\d{1,9})?"  # glog's level letter and MMdd, where a line starts
+    r"|^\d{2}/\d{2}/\d{2} \d{2}:\d{2}:\d{2}"  # Spark's (log4j's) yy/MM/dd, where a line starts
+    r"|^\d{8}-\d{1,2}:\d{1,2}:\d{1,2}(?::\d{1,3})?"  # HealthApp's yyyyMMdd-H:m:s:S, where a line starts
+    r"|(?<=^\[)\d{2}\.\d{2} \d{2}:\d{2}:\d{2}(?=\])", re.ASCII)  # Proxifier's [MM.dd HH:mm:ss], where a line starts
+# NOTE: yy/MM/dd is read only where a line starts, as Spark's and Hadoop's log4j layouts write it:
+# a line starting with dd/MM/yy or MM/dd/yy is misread where its numbers make a date read so, and
+# is no time where they do not (17/06/09 is 2017-06-09; 09/06/17 would be 2009-06-17).
 # yyyy/MM/dd (nginx's error log "2024/01/15 10:23:45 [error] ...", Go's log) is no other date.
-# The two read only where a line starts: elsewhere in a head, such digits are ids as often.
-# Android logcat's level is a letter after the process and thread ids: "03-17 16:13:38.811  1702  2395 E ...".
+# The digit-led formats read only where a line starts: elsewhere in a head, such digits are ids as often.
+# Android logcat's level is a letter after the process and thread ids: "03-17 16:13:38.811  1702  2395 E ...";
+# glog's is the time's first letter: "E1223 22:15:29.606000  1234 file.cc:12] ...".
 _LOGCAT_LEVEL = re.compile(r" +\d+ +\d+ +([VDIWEFA]) ", re.ASCII)
 # (A, assert, is logcat's most severe: named fatal, an error level for the windows' error share)
-LOGCAT_LEVELS = {"V": "verbose", "D": "debug", "I": "info", "W": "warn", "E": "error", "F": "fatal", "A": "fatal"}
+LEVEL_LETTERS = {"V": "verbose", "D": "debug", "I": "info", "W": "warn", "E": "error", "F": "fatal", "A": "fatal"}
 _HEAD_LEVEL = re.compile(r"(?<![\w.-])(TRACE|DEBUG|INFO|NOTICE|WARN|WARNING|ERROR|ERR|FATAL|CRIT|CRITICAL|SEVERE|"
                          r"ALERT|EMERG|PANIC)(?![\w.-])", re.IGNORECASE | re.ASCII)
 
@@ -117,8 +128,11 @@ def line_head(line: str) -> Fields:
         if found["time"][2] == "-":  # logcat's MM-dd
             letter = _LOGCAT_LEVEL.match(line, start, start + LEVEL_WITHIN)
             if letter is not None:
-                found["level"] = LOGCAT_LEVELS[letter.group(1)]
+                found["level"] = LEVEL_LETTERS[letter.group(1)]
                 return found
+        elif found["time"][0] in "IWEF" and found["time"][1].isdigit():  # glog's
+            found["level"] = LEVEL_LETTERS[found["time"][0]]
+            return found
     level = _HEAD_LEVEL.search(line, start, start + LEVEL_WITHIN + 9)
     if level is not None and level.start() < start + LEVEL_WITHIN:
         found["level"] = level.group()
@@ -139,8 +153,8 @@ def head_reader(native=None) -> Callable[[str], Fields]:
             found["time"] = line[time_start:time_end]
         if level_start >= 0:
             level = line[level_start:level_end]
-            # (a level word has 3 letters or more: one letter is logcat's)
-            found["level"] = LOGCAT_LEVELS[level] if level_end - level_start == 1 else level
+            # (a level word has 3 letters or more: one letter is logcat's or glog's)
+            found["level"] = LEVEL_LETTERS[level] if level_end - level_start == 1 else level
         return found
     return read
 

@@ -5,9 +5,11 @@ fractions, offsets; syslog RFC 5424, JSON logs, log4j's ``2015-05-17 10:05:03,97
 3164's ``May 17 10:05:03`` (no year: the latest that is not days ahead), C's ctime ``Sun May 17
 10:05:03 2015`` (Apache's error log), nginx's error log's ``2015/05/17 10:05:03``, NAB's
 ``2015-02-26 21:42:53``, HDFS's ``081109 203615`` (yyMMdd HHmmss), Android logcat's ``03-17
-16:13:38.811`` (no year, as syslog's), and Unix seconds (or milli-, micro-, nanoseconds) since 2001
-as numbers or digits. Times written without a zone are read in the zone ``read_zoneless_in`` set
-(``--time-zone``; UTC until it is called).
+16:13:38.811``, glog's ``I1223 22:15:29.606000`` and Proxifier's ``10.30 16:49:06`` (no year, as
+syslog's), Spark's ``17/06/09 20:10:40`` (yy/MM/dd), HealthApp's ``20171223-22:15:29:606``,
+PostgreSQL's ``2024-01-02 10:11:12.345 UTC`` (a zone named UTC or GMT), and Unix seconds (or milli-,
+micro-, nanoseconds) since 2001 as numbers or digits. Times written without a zone are read in the
+zone ``read_zoneless_in`` set (``--time-zone``; UTC until it is called).
 Cached per distinct text.
 """
 
@@ -42,6 +44,17 @@ _SLASHED = re.compile(r"(\d{4})/(\d{2})/(\d{2}) (\d{2}):(\d{2}):(\d{2})(\.\d{1,9
 _COMPACT = re.compile(r"(\d{2})(\d{2})(\d{2}) (\d{2})(\d{2})(\d{2})$")
 # Android logcat's MM-dd, without a year: "03-17 16:13:38.811"
 _MONTH_DAY = re.compile(r"(\d{2})-(\d{2}) (\d{2}):(\d{2}):(\d{2})(\.\d{1,9})?$")
+# glog's (klog's) level letter and MMdd, without a year: "I1223 22:15:29.606000"
+_GLOG = re.compile(r"[IWEF](\d{2})(\d{2}) (\d{2}):(\d{2}):(\d{2})(\.\d{1,9})?$")
+# Proxifier's MM.dd, without a year: "10.30 16:49:06"
+_DOTTED_MONTH_DAY = re.compile(r"(\d{2})\.(\d{2}) (\d{2}):(\d{2}):(\d{2})$")
+# Spark's (log4j's yy/MM/dd HH:mm:ss): "17/06/09 20:10:40"
+_SHORT_SLASHED = re.compile(r"(\d{2})/(\d{2})/(\d{2}) (\d{2}):(\d{2}):(\d{2})$")
+# HealthApp's yyyyMMdd-H:m:s:S, every number after the date unpadded (S: milliseconds):
+# "20171223-22:15:29:606", "20171223-22:16:0:11"
+_DASHED_COMPACT = re.compile(r"(\d{4})(\d{2})(\d{2})-(\d{1,2}):(\d{1,2}):(\d{1,2})(?::(\d{1,3}))?$")
+# A time that ends in UTC's name, as PostgreSQL's log writes it: "2024-01-02 10:11:12.345 UTC"
+UTC_SUFFIXES = (" UTC", " GMT")
 
 
 def epoch_seconds(value: float) -> Optional[float]:
@@ -245,8 +258,11 @@ def _read_whole(value: str, now: Optional[float]) -> Optional[float]:
             return _from_wall_clock(float(seconds))
         offset = int(off_h) * 3600 + int(off_m) * 60
         return float(seconds - offset if sign == "+" else seconds + offset)
+    iso = value.replace("Z", "+00:00")
+    if iso[-4:] in UTC_SUFFIXES:
+        iso = iso[:-4] + "+00:00"  # (one with an offset besides is two zones: refused below)
     try:
-        moment = datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))
+        moment = datetime.datetime.fromisoformat(iso)
     except ValueError:
         moment = None
     if moment is not None:
@@ -267,17 +283,30 @@ def _read_whole(value: str, now: Optional[float]) -> Optional[float]:
     if match:
         wall = calendar.timegm(_checked(tuple(map(int, match.groups()[:6]))))
         return _from_wall_clock(wall + float(match.group(7) or 0))
-    match = _COMPACT.match(value)
+    match = _COMPACT.match(value) or _SHORT_SLASHED.match(value)
     if match:
         year, month, day, hour, minute, second = map(int, match.groups())
         year += 1900 if year >= 69 else 2000  # as POSIX's strptime reads %y
         return _from_wall_clock(float(calendar.timegm(_checked((year, month, day, hour, minute, second)))))
-    match = _MONTH_DAY.match(value)
+    match = _MONTH_DAY.match(value) or _GLOG.match(value)
     if match:
-        month, day, hour, minute, second = map(int, match.groups()[:5])
-        seconds = _latest_year(_checked((2000, month, day, hour, minute, second))[1:], now)
-        return None if seconds is None else seconds + float(match.group(6) or 0)
+        return _year_less(tuple(map(int, match.groups()[:5])), match.group(6), now)
+    match = _DOTTED_MONTH_DAY.match(value)
+    if match:
+        return _year_less(tuple(map(int, match.groups())), None, now)
+    match = _DASHED_COMPACT.match(value)
+    if match:
+        wall = calendar.timegm(_checked(tuple(map(int, match.groups()[:6]))))
+        return _from_wall_clock(wall + int(match.group(7) or 0) / 1000)
     return None
+
+
+def _year_less(moment: tuple[int, ...], fraction: Optional[str], now: Optional[float]) -> Optional[float]:
+    """Unix seconds of a (month, day, hour, minute, second) and its fraction of a second (".811"),
+    written without a year, as syslog's: in the latest year that does not place it days ahead."""
+    # (checked in 2000, a leap year: 29 February is a date, placed in a year that has one)
+    seconds = _latest_year(_checked((2000, *moment))[1:], now)
+    return None if seconds is None else seconds + float(fraction or 0)
 
 
 def _checked(moment: tuple[int, ...]) -> tuple[int, ...]:

@@ -2356,6 +2356,13 @@ static Py_ssize_t some_digits(const Head *t, Py_ssize_t i, int most) {
     return k > i ? k : -1;
 }
 
+/* " UTC" or " GMT" at i, not joined to a word ( UTC(?!\w)| GMT(?!\w) in ASCII: PostgreSQL's zone name) */
+static int utc_named_at(const Head *t, Py_ssize_t i) {
+    Py_UCS4 a = text_at(t, i + 1), b = text_at(t, i + 2), c = text_at(t, i + 3), after = text_at(t, i + 4);
+    int named = (a == 'U' && b == 'T' && c == 'C') || (a == 'G' && b == 'M' && c == 'T');
+    return text_at(t, i) == ' ' && named && !ascii_letter(after) && !ascii_digit(after) && after != '_';
+}
+
 /* \d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}:\d{2}(?:[.,]\d{1,9})?(?:Z|[+-]\d{2}:?\d{2}(?![\d:]))? at i: its end, or -1 */
 static Py_ssize_t iso_time_at(const Head *t, Py_ssize_t i) {
     if (!(digits_at(t, i, 4) && text_at(t, i + 4) == '-' && digits_at(t, i + 5, 2) && text_at(t, i + 7) == '-' &&
@@ -2377,7 +2384,7 @@ static Py_ssize_t iso_time_at(const Head *t, Py_ssize_t i) {
             if (!ascii_digit(after) && after != ':') return end + 5;
         }
     }
-    return end;
+    return utc_named_at(t, end) ? end + 4 : end;
 }
 
 /* \d{4}/\d{2}/\d{2} \d{2}:\d{2}:\d{2}(?:\.\d{1,9})? at i (nginx's error log, Go's log): its end, or -1 */
@@ -2424,6 +2431,42 @@ static Py_ssize_t month_day_time_at(const Head *t, Py_ssize_t i) {
     return text_at(t, 14) == '.' && ascii_digit(text_at(t, 15)) ? some_digits(t, 15, 9) : 14;
 }
 
+/* ^[IWEF]\d{4} \d{2}:\d{2}:\d{2}(?:\.\d{1,9})? (glog's level letter and MMdd), only where the line starts */
+static Py_ssize_t glog_time_at(const Head *t, Py_ssize_t i) {
+    Py_UCS4 letter = text_at(t, 0);
+    if (!(i == 0 && (letter == 'I' || letter == 'W' || letter == 'E' || letter == 'F') && digits_at(t, 1, 4) &&
+          text_at(t, 5) == ' ' && clock_at(t, 6)))
+        return -1;
+    return text_at(t, 14) == '.' && ascii_digit(text_at(t, 15)) ? some_digits(t, 15, 9) : 14;
+}
+
+/* ^\d{2}/\d{2}/\d{2} \d{2}:\d{2}:\d{2} (Spark's yy/MM/dd), only where the line starts */
+static Py_ssize_t short_slashed_time_at(const Head *t, Py_ssize_t i) {
+    return i == 0 && digits_at(t, 0, 2) && text_at(t, 2) == '/' && digits_at(t, 3, 2) && text_at(t, 5) == '/' &&
+                   digits_at(t, 6, 2) && text_at(t, 8) == ' ' && clock_at(t, 9)
+               ? 17 : -1;
+}
+
+/* ^\d{8}-\d{1,2}:\d{1,2}:\d{1,2}(?::\d{1,3})? (HealthApp's yyyyMMdd-H:m:s:S, each number after the date
+ * unpadded), only where the line starts */
+static Py_ssize_t dashed_compact_time_at(const Head *t, Py_ssize_t i) {
+    if (!(i == 0 && digits_at(t, 0, 8) && text_at(t, 8) == '-')) return -1;
+    Py_ssize_t end = 8;
+    for (int part = 0; part < 3; part++) {  /* hours, minutes, seconds: each after its separator */
+        if (part > 0 && text_at(t, end) != ':') return -1;
+        end = some_digits(t, end + 1, 2);
+        if (end < 0) return -1;
+    }
+    return text_at(t, end) == ':' && ascii_digit(text_at(t, end + 1)) ? some_digits(t, end + 1, 3) : end;
+}
+
+/* (?<=^\[)\d{2}\.\d{2} \d{2}:\d{2}:\d{2}(?=\]) (Proxifier's [MM.dd HH:mm:ss]), only where the line starts */
+static Py_ssize_t bracketed_month_day_time_at(const Head *t, Py_ssize_t i) {
+    return i == 1 && text_at(t, 0) == '[' && digits_at(t, 1, 2) && text_at(t, 3) == '.' && digits_at(t, 4, 2) &&
+                   text_at(t, 6) == ' ' && clock_at(t, 7) && text_at(t, 15) == ']'
+               ? 15 : -1;
+}
+
 static const char *LEVEL_WORDS[] = {"trace", "debug", "info", "notice", "warn", "warning", "error", "err", "fatal",
                                     "crit", "critical", "severe", "alert", "emerg", "panic", NULL};
 
@@ -2467,11 +2510,17 @@ static PyObject *line_head(PyObject *module, PyObject *args) {
         if (end < 0) end = syslog_time_at(&t, i);
         if (end < 0) end = compact_time_at(&t, i);
         if (end < 0) end = month_day_time_at(&t, i);
+        if (end < 0) end = glog_time_at(&t, i);
+        if (end < 0) end = short_slashed_time_at(&t, i);
+        if (end < 0) end = dashed_compact_time_at(&t, i);
+        if (end < 0) end = bracketed_month_day_time_at(&t, i);
         if (end >= 0) time_start = i, time_end = end;
     }
     if (time_start == 0 && text_at(&t, 2) == '-') {  /* logcat's MM-dd: its level is a letter after the ids */
         Py_ssize_t letter = logcat_level_at(&t, time_end, time_end + level_within);
         if (letter >= 0) return Py_BuildValue("nnnn", time_start, time_end, letter, letter + 1);
+    } else if (time_start == 0 && ascii_upper(text_at(&t, 0)) && ascii_digit(text_at(&t, 1))) {
+        return Py_BuildValue("nnnn", time_start, time_end, (Py_ssize_t)0, (Py_ssize_t)1);  /* glog's level letter */
     }
     Py_ssize_t from = time_start >= 0 ? time_end : 0;
     for (Py_ssize_t i = from; i < from + level_within && i < t.n; i++) {
