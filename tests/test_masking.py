@@ -111,3 +111,23 @@ def test_host_names_are_variable_parts_where_asked_and_code_names_are_not():
                  "ran build.pl, deploy.sh and notes.md", "java.io.IOException: closed"):
         assert mask_variables(code, hosts=True) == code
     assert mask_variables("lookup ip-10-0-0-1.ec2.internal failed", hosts=True) == "lookup <host> failed"
+
+
+@pytest.mark.parametrize("text, masked", [
+    ("DHCPACK on 10.0.0.5 to 00:1a:2b:3c:4d:5e via eth0", "DHCPACK on <ip> to <mac> via eth<num>"),
+    ("wlan0: STA 0a:1B:2c:3d:4e:5f IEEE 802.11: authenticated", "wlan<num>: STA <mac> IEEE <num>: authenticated"),
+    ("IN=eth0 OUT= MAC=00:16:3e:4a:11:22:52:54:00:12:35:02:08:00 SRC=10.0.0.1",  # iptables: dst, src, type
+     "IN=eth<num> OUT= MAC=<mac> SRC=<ip>"),
+    ("adapter 00-1A-2B-3C-4D-5E up", "adapter <mac> up"),  # Windows
+    ("port Gi0/1 learned 001a.2b3c.4d5e", "port Gi<num>/<num> learned <mac>"),  # Cisco
+    # No MACs: five bytes, seven dashed ones (5E-6 a number), a time of day, IPv6
+    ("x 00:1a:2b:3c:4d at 12:30:45 from fe80::1 id 00-1A-2B-3C-4D-5E-6F",
+     "x <num>a:<num>b:<num>c:<num>d at <num> from <ip> id <num>-<num>A-<num>B-<num>C-<num>D-<num>F"),
+])
+def test_mac_addresses_are_masked_where_asked_and_read_as_before_elsewhere(text, masked):
+    """A DHCP server's or an access point's log named a new device in every line: unmasked, each MAC
+    was a message template and never-seen words of its own (<num>a:<num>b:...; syslog trial)."""
+    assert mask_variables(text, hosts=True, macs=True) == masked
+    assert mask_variables(text, macs=True) == masked
+    if "<mac>" in masked:  # the reading of models from before
+        assert "<mac>" not in mask_variables(text, hosts=True) and mask_variables(text) != masked

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from logscore.artifact import FORMAT_VERSION, HASH_KEY, METADATA_KEY, _scan_model, content_hash, read_artifact
-from logscore.errors import ModelLoadError
+from logscore.errors import ConfigError, ModelLoadError
 from logscore.model import Model
 from logscore.windows import LEVELS_READ
 
@@ -178,6 +178,25 @@ def test_windows_reading_levels_as_a_newer_logscore_does_are_refused(behaviour_m
     rewrite_metadata(behaviour_model, path, lambda m: m["windows"].update(levels_read=LEVELS_READ + 1), rehash=True)
     with pytest.raises(ModelLoadError, match="newer-windows.onnx: made by a newer logscore .*upgrade logscore"):
         Model.load(path)
+
+
+def test_a_logscore_from_before_mac_masking_refuses_the_models_trained_since(behaviour_model, monkeypatch):
+    """Models trained since mask MAC addresses in their windows' templates (windows.levels_read 4) and
+    their messages' tokens (the tokens and alarms option `macs`): a logscore from before would
+    count and score them unmasked, silently; it refuses them, saying why."""
+    from logscore.features import Featurizer, load_spec
+    from logscore.features.converters import AlarmsConverter, TokensConverter
+
+    assert Model.load(behaviour_model).metadata["windows"]["levels_read"] == LEVELS_READ == 4
+    monkeypatch.setattr("logscore.model.LEVELS_READ", 3)  # as a logscore from before reads
+    with pytest.raises(ModelLoadError, match="version 4; this logscore reads up to 3.*upgrade logscore"):
+        Model.load(behaviour_model)
+    syslog = load_spec(None, "syslog")
+    assert [c.get("macs") for c in syslog["fields"][1]["converters"]] == [True, True]
+    for converter in (TokensConverter, AlarmsConverter):
+        monkeypatch.setattr(converter, "options", {k: v for k, v in converter.options.items() if k != "macs"})
+    with pytest.raises(ConfigError, match="unknown option.*macs"):
+        Featurizer(syslog)
 
 
 def test_an_option_this_logscore_does_not_know_says_a_newer_one_may_have_made_the_model(shop_model_path, tmp_path):

@@ -80,8 +80,8 @@ def test_a_message_is_masked_once_for_its_tokens_and_its_alarms(monkeypatch):
             masked.append(text)
             return pattern.sub(replace, text)
 
-    pattern = masking._HOST
-    monkeypatch.setattr(masking, "_HOST", CountingPattern())
+    pattern = masking._PATTERNS[True, True]  # (the syslog spec's message: hosts and MACs masked)
+    monkeypatch.setitem(masking._PATTERNS, (True, True), CountingPattern())
     masking._remembered.cache_clear()
     lines = [f"Mar  1 10:00:{i % 60:02d} web1 sshd[{i}]: authentication failure for user{i} from 10.0.0.{i % 250}"
              for i in range(300)]

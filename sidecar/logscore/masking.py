@@ -18,6 +18,12 @@ _HEX4 = r"[0-9a-fA-F]{1,4}"
 _GROUPS = rf"(?:{_HEX4}(?::{_HEX4})*)"
 _MONTH = "(?:Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec)"
 
+# MAC addresses: 00:1a:2b:3c:4d:5e (and iptables' MAC= of 14 bytes: destination, source, type),
+# 00-1A-2B-3C-4D-5E (Windows), 001a.2b3c.4d5e (Cisco). Unmasked, each was a template of its own and
+# its pieces never-seen words ("<num>a:<num>b:..."): a DHCP server's log, new at every new device.
+_MAC = (r"(?P<mac>(?<![0-9A-Za-z:.-])(?:(?:[0-9a-fA-F]{2}:){5,}[0-9a-fA-F]{2}(?![0-9A-Za-z:])"
+        r"|(?:[0-9a-fA-F]{2}-){5}[0-9a-fA-F]{2}(?![0-9A-Za-z-])|[0-9a-fA-F]{4}\.[0-9a-fA-F]{4}\.[0-9a-fA-F]{4}"
+        r"(?![0-9A-Za-z.])))|")
 _VARIABLE = re.compile(
     # File paths of two segments or more.
     r"(?P<path>(?<![\w/])(?:/[\w.\-]+){2,}/?)"
@@ -40,8 +46,10 @@ _VARIABLE = re.compile(
 # A list, not any last label: file names (run.sh, notes.md, build.pl) would otherwise be hosts.
 _TLD = ("com|net|org|edu|gov|mil|int|info|biz|io|co|us|uk|de|fr|jp|cn|ru|br|nl|au|ca|es|se|ch|it|be|at|dk|"
         "fi|no|kr|tw|hk|sg|nz|za|mx|ar|cz|eu|local|localdomain|lan|internal|intranet|corp|home|arpa")
-_HOST = re.compile(rf"(?P<host>(?<![\w.\-])(?:[a-z0-9](?:[a-z0-9\-]{{0,61}}[a-z0-9])?\.)+(?:{_TLD})"
-                   rf"(?![\w\-(]|\.[\w\-]))|{_VARIABLE.pattern}")
+_HOST = rf"(?P<host>(?<![\w.\-])(?:[a-z0-9](?:[a-z0-9\-]{{0,61}}[a-z0-9])?\.)+(?:{_TLD})(?![\w\-(]|\.[\w\-]))|"
+# One pattern per reading: (hosts, macs) -> the rules, MACs and hosts first where masked.
+_PATTERNS = {(hosts, macs): re.compile((_MAC if macs else "") + (_HOST if hosts else "") + _VARIABLE.pattern)
+             for hosts in (False, True) for macs in (False, True)}
 
 _TOKEN_OF = {"ip6": "ip"}
 
@@ -49,11 +57,12 @@ _TOKEN_OF = {"ip6": "ip"}
 MASK_CACHE_CHARS = 1024  # longer texts are masked each time: the remembered ones stay a few MB
 
 
-def mask_variables(text: str, hosts: bool = False) -> str:
+def mask_variables(text: str, hosts: bool = False, macs: bool = False) -> str:
     """``conn from 10.1.2.3:22 id 0xdead took 1.5s`` → ``conn from <ip> id <hex> took <num>s``;
     ``open /var/log/x.log`` → ``open <path>``; ``[req-74d58b45-…]`` → ``[req-<uuid>]``; with
-    ``hosts``, ``from host8.topspot.net`` → ``from <host>`` too (a reverse-DNS name is a value)."""
-    return _masked(text, hosts) if len(text) > MASK_CACHE_CHARS else _remembered(text, hosts)
+    ``hosts``, ``from host8.topspot.net`` → ``from <host>`` too (a reverse-DNS name is a value);
+    with ``macs``, ``to 00:1a:2b:3c:4d:5e`` → ``to <mac>``."""
+    return _masked(text, hosts, macs) if len(text) > MASK_CACHE_CHARS else _remembered(text, hosts, macs)
 
 
 # NOTE: a message's tokens and alarms converters both mask it, one right after the other for a
@@ -61,9 +70,9 @@ def mask_variables(text: str, hosts: bool = False) -> str:
 # sshd's logs, whose messages are full of alarm words). Bounded: 4,096 texts of at most
 # MASK_CACHE_CHARS (4,096 of 64 KiB records would have held half a gigabyte in the sidecar).
 @functools.lru_cache(maxsize=4096)
-def _remembered(text: str, hosts: bool) -> str:
-    return _masked(text, hosts)
+def _remembered(text: str, hosts: bool, macs: bool) -> str:
+    return _masked(text, hosts, macs)
 
 
-def _masked(text: str, hosts: bool) -> str:
-    return (_HOST if hosts else _VARIABLE).sub(lambda m: f"<{_TOKEN_OF.get(m.lastgroup, m.lastgroup)}>", text)
+def _masked(text: str, hosts: bool, macs: bool) -> str:
+    return _PATTERNS[hosts, macs].sub(lambda m: f"<{_TOKEN_OF.get(m.lastgroup, m.lastgroup)}>", text)

@@ -54,10 +54,12 @@ NUMBERED_LEVELS = {"10": "trace", "20": "debug", "30": "info", "40": "warn", "50
 # masked in message templates (<host>), as the message's tokens mask them: each reverse-DNS peer
 # was a template of its own ("connection from <ip> (host8.topspot.net)": 28 of the 64 templates
 # learned from loghub's Linux log, 6 once masked), and a burst of one message from many hosts was
-# no key's burst. A model keeps the reading it was trained with: its trained keys (level=30) and
+# no key's burst; 4 (models trained since), also MAC addresses masked (<mac>), as the message's
+# tokens mask them: each device in a DHCP server's or a Wi-Fi access point's log was a template of
+# its own. A model keeps the reading it was trained with: its trained keys (level=30) and
 # shares would not meet the others'; an older logscore refuses a newer reading
 # (model.trained_levels_read).
-LEVELS_READ = 3
+LEVELS_READ = 4
 MAX_TEMPLATE_CHARS = 160
 MAX_NAMED = 4  # improbable keys named in one window event
 MAX_CATCH_UP = 60  # after a pause, the windows older than this many are skipped (so 1 + 60 close at most)
@@ -139,6 +141,7 @@ class KeyNamer:
         self.dimensions = [d for d in dimensions if d not in ("route", "tag")]
         self.numbered_levels = levels_read >= 2
         self.hosts_in_templates = levels_read >= 3
+        self.macs_in_templates = levels_read >= 4
         self._cache: dict[str, dict] = {d: {} for d in self.dimensions}
         self._native = compiled.module(native)
         self._namers = {d: partial(self._name, d) for d in self.dimensions}
@@ -173,7 +176,7 @@ class KeyNamer:
         elif dimension == "url_template":
             text = url_template(value)[:MAX_TEMPLATE_CHARS]
         elif dimension == "message_template":
-            text = mask_variables(value, self.hosts_in_templates)[:MAX_TEMPLATE_CHARS]
+            text = mask_variables(value, self.hosts_in_templates, self.macs_in_templates)[:MAX_TEMPLATE_CHARS]
         else:
             text = value[:MAX_TEMPLATE_CHARS]
         return f"{dimension}={text}" if text else ""

@@ -501,14 +501,14 @@ _TOKEN = re.compile(r"<\w+>|[^\W\d][\w.\-]*|[^\w\s]")
 class TokensConverter(Converter):
     """Words after masking variable parts, plus the whole masked line as a template.
 
-    ``hosts``: host names are variable parts too (messages of syslog and applications; off in
-    models from before the option, which learned them as words)."""
+    ``hosts``, ``macs``: host names, MAC addresses are variable parts too (messages of syslog and
+    applications; off in models from before each option, which learned them as words)."""
 
     kind = "tokens"
-    options = {"template": True, "lowercase": False, "max_chars": 2048, "hosts": False}
+    options = {"template": True, "lowercase": False, "max_chars": 2048, "hosts": False, "macs": False}
 
     def features(self, value: str) -> Iterator[str]:
-        masked = mask_variables(value[: self.config["max_chars"]], self.config["hosts"])
+        masked = mask_variables(value[: self.config["max_chars"]], self.config["hosts"], self.config["macs"])
         if self.config["lowercase"]:
             masked = masked.lower()
         for token in _TOKEN.findall(masked):
@@ -560,14 +560,16 @@ class AlarmsConverter(Converter):
     bringing new alarm words raises it."""
 
     kind = "alarms"
-    options = {"max_chars": 2048, "hosts": True}
+    # (``macs`` changes no alarm word, a MAC holding no alarm stem: it masks as its message's tokens
+    # converter does, whose masked text is remembered)
+    options = {"max_chars": 2048, "hosts": True, "macs": False}
 
     def features(self, value: str) -> Iterator[str]:
         text = value[: self.config["max_chars"]]
         lowered = text.lower()
         if not any(mark in lowered for mark in _ALARM_MARKS):  # most messages: nothing to mask
             return
-        for token in _TOKEN.findall(mask_variables(text, self.config["hosts"])):
+        for token in _TOKEN.findall(mask_variables(text, self.config["hosts"], self.config["macs"])):
             stems = alarm_stems(token)
             if stems:
                 yield f"alarm word {token}"

@@ -25,7 +25,9 @@ from .converters import Converter, ConverterFitPlan, make_converter
 
 # A never-seen word of failure in a message weighs as much as 8 never-seen words (converters.py:
 # AlarmsConverter); models from before keep their own spec.
-ALARMS = {"kind": "alarms", "weight": 8.0}
+# (a message's two converters mask it alike: the second finds it masked, remembered)
+MESSAGE_TOKENS = {"kind": "tokens", "hosts": True, "macs": True}
+ALARMS = {"kind": "alarms", "weight": 8.0, "macs": True}
 
 DEFAULT_SPECS: dict[str, dict] = {
     # NOTE: besides the names of parsers.FIELD_ALIASES, the JSON access logs of proxies (`--json-records`):
@@ -55,7 +57,7 @@ DEFAULT_SPECS: dict[str, dict] = {
         "format": "syslog",
         "fields": [
             {"field": "app", "converters": [{"kind": "categorical"}]},
-            {"field": "message", "converters": [{"kind": "tokens", "hosts": True}, ALARMS]},
+            {"field": "message", "converters": [MESSAGE_TOKENS, ALARMS]},
         ],
     },
     # NOTE: JSON loggers name the message and the level their own way (logrus, zap, pino, bunyan
@@ -71,12 +73,12 @@ DEFAULT_SPECS: dict[str, dict] = {
              "converters": [{"kind": "categorical"}]},
             {"field": "message", "aliases": ["msg", "@m", "@mt", "short_message", "textPayload",
                                              "RenderedMessage"],
-             "converters": [{"kind": "tokens", "hosts": True}, ALARMS]},
+             "converters": [MESSAGE_TOKENS, ALARMS]},
         ],
     },
     "plain": {
         "format": "plain",
-        "fields": [{"field": "message", "converters": [{"kind": "tokens", "hosts": True}, ALARMS]}],
+        "fields": [{"field": "message", "converters": [MESSAGE_TOKENS, ALARMS]}],
     },
 }
 
