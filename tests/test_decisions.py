@@ -456,9 +456,12 @@ def test_a_never_seen_error_stands_out_in_a_log_full_of_new_words(tmp_path):
               "app[77]: segfault at 10 ip 00007f3a2b1c4d5e sp 00007ffd9a8b7c60 error 4 in libc.so",
               "systemd[1]: Failed to start Session 12 of user alice.",
               "app[90]: database disk image is malformed, refusing to start",
-              "CRON[5]: pam_unix(cron:session): authentication failure; user=bob"]
+              "CRON[5]: pam_unix(cron:session): authentication failure; user=bob",
+              # (no word of failure before the alarms' word list 2: syslog trial)
+              "com.apple.xpc.launchd[1]: (com.apple.mdworker[12345]) Service exited due to SIGSEGV",
+              "sandboxd[129]: QQ(10018) deny file-read-data /private/etc/master.passwd"]
     later = [f"Mar  4 11:00:{i:02d} host1 {line}" for i, line in enumerate(errors)]
     (tmp_path / "later.log").write_text("\n".join(later + syslog_lines(100, seed=92) + chatty(100)) + "\n")
     scored = [json.loads(line) for line in logscore("score", "--model", model, tmp_path / "later.log").stdout.splitlines()]
-    assert [r["is_anomaly"] for r in scored[:7]] == [True] * 7, [r["score"] for r in scored[:7]]
-    assert not any(r["is_anomaly"] for r in scored[7:])  # new words alone: as in training
+    assert [r["is_anomaly"] for r in scored[:9]] == [True] * 9, [r["score"] for r in scored[:9]]
+    assert not any(r["is_anomaly"] for r in scored[9:])  # new words alone: as in training

@@ -188,3 +188,18 @@ def test_sequence_counts_reach_the_weights():
     batch = Featurizer(spec).transform([{"events": "a b a a"}])
     weights = {batch.name(i): float(batch.weights[i]) for i in range(len(batch.keys))}
     assert weights["events sequence: 1-gram a"] == 3 and weights["events sequence: 1-gram b"] == 1
+
+
+def test_the_alarms_word_list_is_the_model_s_own():
+    """SIGSEGV and deny were no words of failure (a launchd crash, the macOS sandbox's refusals went
+    unflagged in a Mac log: syslog trial). Models trained since read word list 2; those trained
+    before keep list 1, else a normal "deny" line of theirs would hold never-seen alarms."""
+    from logscore.features.converters import AlarmsConverter
+
+    text = "Service exited due to SIGSEGV; QQ(10018) deny file-read-data, access denied"
+    assert DEFAULT_SPECS["syslog"]["fields"][1]["converters"][1]["words"] == 2
+    assert list(AlarmsConverter("message", words=2).features(text)) == [
+        "alarm word SIGSEGV", "alarm sigsegv", "alarm word deny", "alarm deny", "alarm word denied", "alarm denied"]
+    assert list(AlarmsConverter("message").features(text)) == ["alarm word denied", "alarm denied"]
+    with pytest.raises(ConfigError, match="no word list 3; this logscore knows 1, 2"):
+        AlarmsConverter("message", words=3)

@@ -527,26 +527,37 @@ ALARM_STEMS = ("error", "fail", "fatal", "panic", "exception", "segfault", "segm
                "emerg", "severe", "expired", "lockup", "stuck", "unhandled", "illegal", "malformed", "mismatch",
                "rejected", "lost")
 ALARM_WORDS = frozenset(("err", "oom", "bug", "kill"))
-_ALARM_STEM = re.compile("|".join(ALARM_STEMS))
-# What a message must hold (lowercased) to hold an alarm: the stems and words no other one starts with.
-_ALARM_MARKS = tuple(sorted({s for s in ALARM_STEMS + tuple(ALARM_WORDS)
-                             if not any(o != s and s.startswith(o) for o in ALARM_STEMS + tuple(ALARM_WORDS))}))
 _WORD_PIECE = re.compile(r"[A-Z]?[a-z]+|[A-Z]+(?![a-z])")
 
 
-def alarm_stems(word: str) -> list[str]:
-    """The alarm stems ``word``'s pieces start with, in order (``LedgerCorruptedException`` →
-    corrupt, exception)."""
-    found = []
-    for piece in _WORD_PIECE.findall(word):
-        piece = piece.lower()
-        if piece in ALARM_WORDS:
-            found.append(piece)
-        else:
-            match = _ALARM_STEM.match(piece)
-            if match is not None:
-                found.append(match.group())
-    return found
+class AlarmVocabulary:
+    """One word list: its stems, and what a message must hold (lowercased) to hold an alarm."""
+
+    def __init__(self, stems: tuple[str, ...]):
+        self.pattern = re.compile("|".join(stems))
+        # (the stems and words no other one starts with)
+        every = stems + tuple(ALARM_WORDS)
+        self.marks = tuple(sorted({s for s in every if not any(o != s and s.startswith(o) for o in every)}))
+
+    def stems(self, word: str) -> list[str]:
+        """The alarm stems ``word``'s pieces start with, in order (``LedgerCorruptedException`` →
+        corrupt, exception)."""
+        found = []
+        for piece in _WORD_PIECE.findall(word):
+            piece = piece.lower()
+            if piece in ALARM_WORDS:
+                found.append(piece)
+            else:
+                match = self.pattern.match(piece)
+                if match is not None:
+                    found.append(match.group())
+        return found
+
+
+# The word lists, by the alarms option `words`: a model keeps the list it learned with (a stem it
+# never knew would give never-seen alarms in its normal lines). 2 adds the macOS sandbox's
+# "deny file-read-data" and launchd's "exited due to SIGSEGV" (syslog trial).
+ALARM_LISTS = {1: AlarmVocabulary(ALARM_STEMS), 2: AlarmVocabulary(ALARM_STEMS + ("sigsegv", "deny"))}
 
 
 class AlarmsConverter(Converter):
@@ -561,16 +572,26 @@ class AlarmsConverter(Converter):
 
     kind = "alarms"
     # (``macs`` changes no alarm word, a MAC holding no alarm stem: it masks as its message's tokens
-    # converter does, whose masked text is remembered)
-    options = {"max_chars": 2048, "hosts": True, "macs": False}
+    # converter does, whose masked text is remembered. ``words``: the word list, ALARM_LISTS; 1 in
+    # models from before the option.)
+    options = {"max_chars": 2048, "hosts": True, "macs": False, "words": 1}
+
+    def __init__(self, field: str, **options):
+        super().__init__(field, **options)
+        words = self.config["words"]
+        if words not in ALARM_LISTS:
+            raise ConfigError(f"converter 'alarms' on field {field!r}: no word list {words!r}; this logscore "
+                              f"knows {', '.join(map(str, sorted(ALARM_LISTS)))} (a model made by a newer "
+                              "logscore needs that version)")
+        self._vocabulary = ALARM_LISTS[words]
 
     def features(self, value: str) -> Iterator[str]:
         text = value[: self.config["max_chars"]]
         lowered = text.lower()
-        if not any(mark in lowered for mark in _ALARM_MARKS):  # most messages: nothing to mask
+        if not any(mark in lowered for mark in self._vocabulary.marks):  # most messages: nothing to mask
             return
         for token in _TOKEN.findall(mask_variables(text, self.config["hosts"], self.config["macs"])):
-            stems = alarm_stems(token)
+            stems = self._vocabulary.stems(token)
             if stems:
                 yield f"alarm word {token}"
                 for stem in stems:

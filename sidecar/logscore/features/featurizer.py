@@ -27,7 +27,7 @@ from .converters import Converter, ConverterFitPlan, make_converter
 # AlarmsConverter); models from before keep their own spec.
 # (a message's two converters mask it alike: the second finds it masked, remembered)
 MESSAGE_TOKENS = {"kind": "tokens", "hosts": True, "macs": True}
-ALARMS = {"kind": "alarms", "weight": 8.0, "macs": True}
+ALARMS = {"kind": "alarms", "weight": 8.0, "macs": True, "words": 2}
 
 DEFAULT_SPECS: dict[str, dict] = {
     # NOTE: besides the names of parsers.FIELD_ALIASES, the JSON access logs of proxies (`--json-records`):
