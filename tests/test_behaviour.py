@@ -275,6 +275,77 @@ def test_base_relearns_windows_of_a_model_that_has_them_and_keeps_its_clients(be
     assert entity_spec(model).score(scanner)[0] >= model.metadata["entities"]["threshold"]
 
 
+def a_busy_route(spec, calibrate_up_to: float):
+    """``spec`` with route=shop expected at 240 records a window and status_class=2xx at 220, and a
+    calibration that tops out under the threshold until a deviation of ``calibrate_up_to`` spreads
+    (as a model trained from 4 hours of a shop's traffic: a silent route deviated 21 spreads and
+    scored 0.9995, under its 0.9999 threshold, until its 4th silent window)."""
+    for key, count in (("route=shop", 240.0), ("status_class=2xx", 220.0)):
+        row = spec.keys.index(key)
+        spec.state.level[row] = count_transform(np.array([count]))[0]
+        spec.state.hour[row] = spec.state.week[row] = 0.0
+        spec.state.scale[row] = 0.7
+    calibrate = spec.calibrate
+    spec.calibrate = lambda deviation: np.where(deviation >= calibrate_up_to, np.float32(1.0),
+                                                np.minimum(calibrate(deviation), np.float32(0.9995)))
+    return spec
+
+
+def test_a_silent_route_is_one_drop_of_the_route_at_the_end_of_its_first_silent_window(behaviour_model):
+    """A 4-minute outage of a shop (bench_swaps) was reported once, as a status_class=2xx drop in
+    its last window: the route's silence scored under the threshold until the mean of its last
+    windows deviated more than any training window, and the 2xx key crossed it first."""
+    from logscore.behaviour import window_spec
+    from logscore.windows import KeyNamer, WindowCounter
+
+    spec = a_busy_route(window_spec(Model.load(behaviour_model)), calibrate_up_to=28.0)
+    counter = WindowCounter(spec, "shop", KeyNamer(spec.dimensions), max_keys=1000, now=START)
+    events, alarmed = [], set()
+    for k, (route, ok) in enumerate([(240, 220)] * 3 + [(0, 0)] * 4 + [(240, 220)] * 3):
+        counter.add({"route=shop": route, "status_class=2xx": ok}, route)
+        events.append([(e.key, e.observed) for e in counter.close_due(START + (k + 1) * spec.window_s)])
+        alarmed |= counter.alarmed
+    assert events == [[]] * 3 + [[("route=shop count", 0.0)]] + [[]] * 6, events
+    assert "status_class=2xx" in alarmed  # its drop crossed later, within the route's episode
+    # A route merely quiet at night (about 2 records expected a window) raises nothing when silent.
+    night = window_spec(Model.load(behaviour_model))
+    night.state.level[night.keys.index("route=shop")] = count_transform(np.array([2.0]))[0]
+    counter = WindowCounter(night, "shop", KeyNamer(night.dimensions), max_keys=1000, now=START)
+    counter.add({"route=shop": 2}, 2)
+    assert [counter.close_due(START + (k + 1) * night.window_s) for k in range(5)] == [[]] * 5
+
+
+def test_a_real_sidecar_reports_a_silenced_route_at_the_end_of_its_first_silent_window(tmp_path):
+    """No record arrives after the route falls silent: the sidecar's clock closes the window and
+    the drop is on /v1/anomalies. Its training log holds a 3-s outage of its own, so the silent
+    window deviates no more than a training window did: reported in the 3rd silent window before."""
+    from logscore.cli import main
+
+    lines = timed_shop_lines(150, 30.0, START, seed=4) + timed_shop_lines(147, 30.0, START + 153, seed=5)
+    history = tmp_path / "history.log"
+    history.write_text("\n".join(lines) + "\n")
+    models = tmp_path / "models"
+    models.mkdir()
+    assert main(["train", "--input", str(history), "--out", str(models / "shop.onnx"), "--windows",
+                 "--window-s", "1"]) == 0
+    sidecar = SidecarProcess(models, tmp_path).start()
+    try:
+        for k in range(10):  # 2.5 s of 32 records a second
+            sidecar.http_post("/v1/score?model=shop", timed_shop_lines(1, 32.0, time.time() - 0.25, seed=k)[:8])
+            time.sleep(0.25)
+        silenced = time.time()
+
+        def drops():
+            events = json.loads(sidecar.http_get("/v1/anomalies?kinds=window")[1])["events"]
+            return [e for e in events if e["observed"] < e["expected_low"]]
+
+        found = sidecar.wait_for(drops, 10, "the route's drop")
+        assert [(e["key"], e["observed"]) for e in found] == [("route=shop count", 0.0)]
+        assert found[0]["start"] < silenced + 1.0, found[0]["start"] - silenced  # the first wholly silent window
+    finally:
+        sidecar.stop()
+
+
 def burst_lines(count: int, status: str = "503") -> list[str]:
     """One request ``count`` times, written now (a burst happening)."""
     line = stamped(timed_shop_lines(1, 5.0, START, seed=3)[0], time.time())

@@ -281,6 +281,16 @@ def percent(share: float) -> str:
     return f"{value:.2g} %" if value < 10 else f"{value:.0f} %"
 
 
+def silence_score(count: float, low: float) -> float:
+    """How improbable a window without any record of a route is, by Poisson's odds of none when at
+    least ``low`` were expected (its forecast less two spreads): 1 - e^-low (0 when records came).
+    NOTE: beside the calibrated score, which rises only as far as the training windows' deviations
+    reach: on a shop trained from 4 hours, a route that fell from about 240 records a minute to
+    none deviated 21 spreads and scored 0.9995, under the 0.9999 threshold, until its 4th silent
+    window. A route expected near zero (a quiet night) scores near zero here."""
+    return -math.expm1(-low) if count == 0 else 0.0
+
+
 def describe_count(key: str, observed: float, low: float, high: float, window_s: float) -> str:
     per = f"{window_s:g} s" if window_s < 60 or window_s % 60 else f"{window_s / 60:g} min"
     return f"{key}: {observed:g} records in {per}, expected {low:.3g}–{high:.3g}"
@@ -478,9 +488,12 @@ class WindowCounter:
         y = count_transform(counts)
         expected_y, deviation = self.state.step(y, hour, week, np.arange(size))
         scale = self.state.spread(np.arange(size))
-        scores = self.spec.calibrate(deviation)
         expected = count_inverse(expected_y)
         low, high = count_inverse(expected_y - 2 * scale), count_inverse(expected_y + 2 * scale)
+        scores = self.spec.calibrate(deviation)
+        route = self.row.get(f"route={self.route}")
+        if route is not None:  # (the model's whole traffic: a key of its own falling silent is no outage)
+            scores[route] = max(scores[route], silence_score(counts[route], low[route]))
         change = np.abs(counts - expected)
         found = []  # (score, deviation, key, observed, low, high, explanation)
         for i in np.flatnonzero((scores >= self.spec.threshold) & (change >= self.spec.min_change)).tolist():
@@ -497,10 +510,14 @@ class WindowCounter:
         self.activity[:size] = 0.9 * self.activity[:size] + counts
         self.counts[:] = 0.0
         self.candidates.clear()
-        ongoing, self.alarmed = self.alarmed, {subject(f[2]) for f in found}
-        if all(subject(f[2]) in ongoing for f in found):
+        episodes = self._episodes(found)
+        ongoing, self.alarmed = self.alarmed, set().union(*episodes.values())
+        known = {key: bool(subjects & ongoing) for key, subjects in episodes.items()}
+        if all(known.values()):
             return []
-        found.sort(key=lambda f: (subject(f[2]) in ongoing, -f[0], -f[1]))
+        route_drop = f"route={self.route} count"
+        # (scores saturate at 1: the route's drop names the outage better than its keys' drops)
+        found.sort(key=lambda f: (known[f[2]], -f[0], not (f[2] == route_drop and f[3] < f[4]), -f[1]))
         score, _, key, observed, low_, high_, text = found[0]
         if len(found) > 1:
             others = "; ".join(f[6] for f in found[1:MAX_NAMED])
@@ -508,6 +525,17 @@ class WindowCounter:
             text = f"{text}; also {others}{more}"
         return [AnomalyEvent("window", self.model_name, key, score, observed, low_, high_, text, start,
                              start + self.window_s)]
+
+    def _episodes(self, found: list[tuple]) -> dict[str, set[str]]:
+        """The subjects of each improbable key's episode: its own, and while the route's count drops,
+        the route's for every drop (an outage took every key down, and each key crossing the
+        threshold in a later window raised an event of its own: ``status_class=2xx`` after
+        ``route=shop``). A key goes on in its own episode after the route's ends: after traffic
+        comes back its recent windows' mean still lies far below."""
+        route_drop = f"route={self.route} count"
+        dropping = any(f[2] == route_drop and f[3] < f[4] for f in found)
+        return {f[2]: {subject(f[2]), subject(route_drop)} if dropping and f[3] < f[4] and f[2].endswith(" count")
+                else {subject(f[2])} for f in found}
 
     def _learning_tag(self, row: int) -> bool:
         return (not self.trained[row] and self.state.seen[row] <= self.tag_warm_up
