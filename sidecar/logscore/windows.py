@@ -64,6 +64,7 @@ MAX_TEMPLATE_CHARS = 160
 MAX_NAMED = 4  # improbable keys named in one window event
 MAX_CATCH_UP = 60  # after a pause, the windows older than this many are skipped (so 1 + 60 close at most)
 SHARE_ADAPT_IN_EPISODE = 0.1  # how fast an improbable share becomes the expected one, against a usual one
+NEAR_SILENCE = 0.1  # a route's window of at most this share of its least expected count is silent (silence_score)
 VALUE_CACHE = 65_536  # distinct field values remembered per dimension (their key names)
 # A longer value is named each time, not remembered: the cache holds each value's text, and 65,536
 # never-seen log messages of 8,000 characters (a message_template dimension) held 500 MiB; of at
@@ -282,13 +283,18 @@ def percent(share: float) -> str:
 
 
 def silence_score(count: float, low: float) -> float:
-    """How improbable a window without any record of a route is, by Poisson's odds of none when at
-    least ``low`` were expected (its forecast less two spreads): 1 - e^-low (0 when records came).
+    """How improbable a window of a route without any record, or with at most a tenth of the least
+    expected (``low``: its forecast less two spreads), is: 1 - Chernoff's bound on Poisson's odds
+    of so few, e^-low (low e / count)^count (0 for more records). A trickle counts as silence:
+    health checks or a scanner still logged while the service is down.
     NOTE: beside the calibrated score, which rises only as far as the training windows' deviations
     reach: on a shop trained from 4 hours, a route that fell from about 240 records a minute to
     none deviated 21 spreads and scored 0.9995, under the 0.9999 threshold, until its 4th silent
     window. A route expected near zero (a quiet night) scores near zero here."""
-    return -math.expm1(-low) if count == 0 else 0.0
+    if count > NEAR_SILENCE * low:
+        return 0.0
+    log_odds = -low + (count * (1.0 + math.log(low / count)) if count > 0 else 0.0)
+    return -math.expm1(log_odds)
 
 
 def describe_count(key: str, observed: float, low: float, high: float, window_s: float) -> str:
