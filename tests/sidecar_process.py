@@ -76,7 +76,9 @@ class SidecarProcess:
         self.client_cert = client_cert  # (certificate, key) when it asks for client certificates
         self.socket = str(workdir / "logscore.sock")
         self.http_port = free_port()
+        # (episodes under way are the test's own: tests share model directories)
         self.settings = {"socket": self.socket, "http": f"127.0.0.1:{self.http_port}", "reload_interval_s": "0.2",
+                         "episodes_file": str(workdir / "episodes.json"),
                          **({"models_dir": str(models_dir)} if models_dir is not None else {}), **settings}
         self.log_path = workdir / "sidecar.log"
         self.process: Optional[subprocess.Popen] = None

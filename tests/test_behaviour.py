@@ -30,7 +30,7 @@ from logscore.windows import LEVELS_READ, describe_share, share_deviation, url_t
 
 from .generate import (access_line, app_line, attack_lines, local_clock_lines, stamped, timed_app_lines,
                        timed_shop_lines)
-from .sidecar_process import ROOT, SidecarProcess, free_port
+from .sidecar_process import ROOT, SidecarProcess, free_port, models_dir_with
 from .test_forward import ForwardReceiver, packed, send_chunk
 
 START = 1_772_323_200.0  # 2026-03-01 00:00 UTC, a Sunday
@@ -390,6 +390,66 @@ def test_a_burst_is_one_window_event_on_grpc_http_and_forward_mode(behaviour_mod
         receiver.stop()
 
 
+def test_a_burst_under_way_at_a_restart_is_not_announced_again(behaviour_model, tmp_path):
+    """A 5xx burst going on while the sidecar restarts was announced by each process: the episodes
+    under way are kept in a file (episodes_file) and the restarted sidecar goes on with them."""
+    models = models_dir_with(tmp_path, behaviour_model, "shop")
+
+    def burst_for(sidecar, seconds: float) -> None:
+        until = time.monotonic() + seconds
+        while time.monotonic() < until:
+            sidecar.http_post("/v1/score?model=shop", burst_lines(60))
+            time.sleep(0.2)
+
+    def window_events(sidecar) -> list:
+        return [e["key"] for e in json.loads(sidecar.http_get("/v1/anomalies?kinds=window")[1])["events"]]
+
+    first = SidecarProcess(models, tmp_path).start()
+    try:
+        burst_for(first, 1.5)
+        assert len(first.wait_for(lambda: window_events(first), 5, "the burst's event")) == 1
+        burst_for(first, 0.4)  # (still on as it stops)
+    finally:
+        first.stop()
+    assert json.loads((tmp_path / "episodes.json").read_text())["models"]["shop"]["subjects"]
+    second = SidecarProcess(models, tmp_path).start()
+    try:
+        burst_for(second, 1.5)
+        assert window_events(second) == [], second.log()[-2000:]
+        assert "window episodes under way before the restart go on" in second.log()
+    finally:
+        second.stop()
+
+
+def test_episodes_kept_over_a_restart_go_on_only_if_recent_and_of_the_same_detectors(behaviour_model, tmp_path,
+                                                                                      caplog):
+    """An unreadable file is warned about and written anew; an entry goes on only for the model's
+    own detectors and when its last window ended shortly before the restart."""
+    from logscore.behaviour import Behaviour
+    from logscore.settings import Settings
+
+    models = models_dir_with(tmp_path, behaviour_model, "shop")
+    kept = models / ".episodes.json"
+    kept.write_text("{not json")
+    settings = Settings.load(flags={"models_dir": str(models)}, environ={})
+    behaviour = Behaviour(settings, EventHub())
+    assert "cannot be read; starting without it" in caplog.text
+    model = Model.load(models / "shop.onnx")
+    behaviour.follow({model})
+    windows = behaviour.of(model).windows
+    windows.alarmed = {"status_class=5xx"}
+    behaviour.tick(windows.start)  # no window closed: the file is written anew all the same
+    saved = json.loads(kept.read_text())["models"]["shop"]
+    assert saved == {"fingerprint": behaviour.of(model).fingerprint, "subjects": ["status_class=5xx"],
+                     "until": windows.start}
+    for entry, goes_on in ((saved, True), ({**saved, "fingerprint": "other detectors"}, False),
+                           ({**saved, "until": saved["until"] - 61}, False)):
+        kept.write_text(json.dumps({"version": 1, "models": {"shop": entry}}))
+        restarted = Behaviour(settings, EventHub())
+        restarted.follow({Model.load(models / "shop.onnx")})
+        assert [bool(w.windows.alarmed) for w in restarted._models.values()] == [goes_on], entry
+
+
 def apache2_record(line: str) -> dict:
     """An access line as Fluentd's apache2 parser gives it: no time field (the time became the
     event's time), the client under ``host``."""
@@ -533,7 +593,7 @@ def test_behind_an_aggregator_each_host_is_a_source_of_its_own(tmp_path):
     assert done.returncode == 0, done.stderr
     model = Model.load(tmp_path / "m.onnx")
     assert "host" in model.metadata["windows"]["dimensions"]
-    behaviour = Behaviour(Settings(), EventHub(100, 100))
+    behaviour = Behaviour(Settings(episodes_file=None), EventHub(100, 100))
     windows = behaviour.of(model).windows
     now = time.time()
     for step in range(int(CLOCK_SETTLE_S // 30) + 2):  # every 30 s, for a little over 5 minutes
@@ -1618,7 +1678,7 @@ def test_a_window_model_of_routes_alone_counts_every_record(tmp_path):
     assert done.returncode == 0, done.stderr
     model = Model.load(tmp_path / "m.onnx")
     assert model.metadata["windows"]["dimensions"] == ["route", "tag"]
-    behaviour = Behaviour(Settings(), EventHub(10, 10))
+    behaviour = Behaviour(Settings(episodes_file=None), EventHub(10, 10))
     now = time.time()
     records = [{"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now - i % 20)), "user": f"u{i % 7}"}
                for i in range(50)]  # live: written in the last 20 s

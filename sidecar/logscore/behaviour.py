@@ -20,9 +20,11 @@ import hashlib
 import json
 import logging
 import math
+import os
 import threading
 import time
 import weakref
+from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
@@ -194,6 +196,61 @@ class Lateness:
         return delays > floor + self.grace_s
 
 
+class EpisodeFile:
+    """The window episodes under way, per model, kept in a small file so that a restarted sidecar
+    goes on with them instead of raising them again (a 5xx burst under way at a restart was
+    announced twice). Each entry: the model's detectors (``detectors_fingerprint``: a model
+    trained again starts afresh), the subjects improbable in its last closed window (at most
+    MAX_SAVED_SUBJECTS) and when that window ended. Written when they change (at a window close);
+    a missing file is no episode, an unreadable one is warned about and replaced."""
+
+    VERSION = 1
+
+    def __init__(self, path: Optional[str], models_dir: str = "."):
+        """``path``: settings.episodes_file (relative: in ``models_dir``; None: none kept)."""
+        self.path = Path(models_dir) / path if path else None
+        self._written: Optional[dict] = {}
+        self._failed = False  # a write failed (warned once)
+
+    def load(self) -> dict[str, dict]:
+        """Model name -> its saved episodes (empty: none, or no file)."""
+        if self.path is None:
+            return {}
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+            models = data["models"] if data.get("version") == self.VERSION else None
+            if not isinstance(models, dict) or not all(isinstance(e, dict) for e in models.values()):
+                raise ValueError(f"not a version {self.VERSION} episodes file")
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+            self._written = None  # (written anew at the next window close, episodes or not)
+            log.warning("the file of window episodes under way cannot be read; starting without it (an episode "
+                        "under way may be announced again) and writing it anew",
+                        extra={"path": str(self.path), "error": f"{type(error).__name__}: {error}"})
+            return {}
+        self._written = models
+        return models
+
+    def save(self, models: dict[str, dict]) -> None:
+        """Write the episodes under way when they changed (atomically: a crash mid-write leaves the last)."""
+        if self.path is None or models == self._written:
+            return
+        staging = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
+        try:
+            staging.write_text(json.dumps({"version": self.VERSION, "models": models}), encoding="utf-8")
+            os.replace(staging, self.path)
+        except OSError as error:
+            if not self._failed:
+                log.warning("window episodes under way cannot be kept over a restart (a restart may announce "
+                            "them again); set --episodes-file to a writable path, or empty to keep none",
+                            extra={"path": str(self.path), "error": str(error)})
+            self._failed = True
+            return
+        self._written = models
+        self._failed = False
+
+
 class ModelBehaviour:
     """The windows and clients of one loaded model: its own, or those of the model it replaced."""
 
@@ -270,6 +327,8 @@ class Behaviour:
         # on the event loop: one lock keeps the counters consistent.
         self._lock = threading.Lock()
         self._late_said: dict[str, float] = {}  # model -> when late records were last logged
+        self.episodes = EpisodeFile(settings.episodes_file if settings.windows else None, settings.models_dir)
+        self._saved = self.episodes.load()  # model name -> episodes under way before a restart (_resume_episodes)
 
     def of(self, model: Model) -> ModelBehaviour:
         with self._lock:
@@ -280,7 +339,27 @@ class Behaviour:
         found = self._models.get(model) or self._retired.get(model)
         if found is None:
             found = self._models[model] = ModelBehaviour(model, self.settings, self.metrics, self._replaced(model))
+            self._resume_episodes(found)
         return found
+
+    def _resume_episodes(self, watched: ModelBehaviour) -> None:
+        """A model's first sight since the start: its windows go on with the episodes the sidecar had
+        under way before its restart, when its detectors are the same ones and they are recent."""
+        saved = self._saved.pop(watched.model.name, None)
+        if saved is None or watched.windows is None or saved.get("fingerprint") != watched.fingerprint:
+            return
+        if watched.windows.resume(saved):
+            log.info("window episodes under way before the restart go on (not announced again)",
+                     extra={"model": watched.model.name, "subjects": sorted(watched.windows.alarmed)})
+
+    def _episodes_under_way(self) -> dict[str, dict]:
+        """Model name -> its episodes under way, as EpisodeFile keeps them (the lock held)."""
+        models = {}
+        for watched in self._models.values():
+            under_way = watched.windows.episodes() if watched.windows is not None else None
+            if under_way is not None:
+                models[watched.model.name] = {"fingerprint": watched.fingerprint, **under_way}
+        return models
 
     def _replaced(self, model: Model) -> Optional[ModelBehaviour]:
         """The state of the model of this name watched before this one, the latest (None: none)."""
@@ -363,6 +442,8 @@ class Behaviour:
             for watched in list(self._models.values()):
                 if watched.windows is not None:
                     events += watched.windows.close_due(now)
+            under_way = self._episodes_under_way()
+        self.episodes.save(under_way)  # (when they changed: at a window close)
         self._publish(events)
 
     def _publish(self, events: list) -> None:

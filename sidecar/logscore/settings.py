@@ -146,6 +146,9 @@ class Settings:
                                         "e.g. remote_addr)")
     entity_max_clients: int = setting(65_536, "clients tracked per model at most (about 100 bytes each); the least "
                                       "recently seen are evicted")
+    episodes_file: Optional[str] = setting(".episodes.json", "file keeping the window episodes under way over a "
+                                           "restart, so that one is not announced again (a relative path is in "
+                                           "--models-dir); empty: none kept")
     anomaly_recent: int = setting(1000, "anomaly events kept for GET /v1/anomalies")
     anomaly_watcher_queue: int = setting(1000, "events a slow watcher may have waiting; past it its oldest are "
                                          "dropped and the next one it gets says how many (dropped_before)")

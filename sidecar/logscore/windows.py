@@ -64,7 +64,12 @@ MAX_TEMPLATE_CHARS = 160
 MAX_NAMED = 4  # improbable keys named in one window event
 MAX_CATCH_UP = 60  # after a pause, the windows older than this many are skipped (so 1 + 60 close at most)
 SHARE_ADAPT_IN_EPISODE = 0.1  # how fast an improbable share becomes the expected one, against a usual one
+# Episodes under way when the sidecar stopped go on after its restart when the last window it
+# closed ended at most this long before the first one it opens (EpisodeFile): a restart takes seconds.
+EPISODE_RESUME_S = 60.0
+EPISODE_RESUME_WINDOWS = 2
 NEAR_SILENCE = 0.1  # a route's window of at most this share of its least expected count is silent (silence_score)
+MAX_SAVED_SUBJECTS = 64  # subjects of episodes under way kept per model over a restart
 VALUE_CACHE = 65_536  # distinct field values remembered per dimension (their key names)
 # A longer value is named each time, not remembered: the cache holds each value's text, and 65,536
 # never-seen log messages of 8,000 characters (a message_template dimension) held 500 MiB; of at
@@ -349,6 +354,26 @@ class WindowCounter:
         # 122-191" about 3 minutes after each start, and it cannot tell that host from one whose
         # service stopped before it started (appday trial).
         self.heard = False
+
+    def episodes(self) -> Optional[dict]:
+        """The episodes under way (None: none), as ``resume`` takes them after a restart."""
+        if not self.alarmed:
+            return None
+        return {"subjects": sorted(self.alarmed)[:MAX_SAVED_SUBJECTS], "until": self.start}
+
+    def resume(self, saved: dict) -> bool:
+        """Go on with the episodes of the process before this one (``episodes``), when the last window
+        it closed ended shortly before this one's open window: the first windows after a restart
+        raised a burst under way again (its share; a count too, the window counted in part). False:
+        they are too old to be going on, or ``saved`` is not what ``episodes`` gives."""
+        try:
+            until, subjects = float(saved["until"]), [str(s) for s in saved["subjects"]][:MAX_SAVED_SUBJECTS]
+        except (KeyError, TypeError, ValueError):
+            return False
+        if not 0 <= self.start - until <= max(EPISODE_RESUME_WINDOWS * self.window_s, EPISODE_RESUME_S):
+            return False
+        self.alarmed = set(subjects)
+        return True
 
     def _window_start(self, now: float) -> float:
         return math.floor(now / self.window_s) * self.window_s
