@@ -14,7 +14,8 @@ into a window, through Behaviour.follow as a reload does; and the same swaps wit
 started from its trained state (``fresh``: what every swap did before a model with the same
 detectors took over the live state). Reported per run: window events (5xx ones and drops named),
 requests each scanner made until its client event, scanners announced again, normal clients'
-client events.
+client events. The outage's minutes hold the scanners' requests still (a service down whose
+front still logs them).
 """
 
 from __future__ import annotations
@@ -117,7 +118,7 @@ def traffic(minutes: int, seed: int, slower: float, attacks: Path) -> list[tuple
 
 def replay(timed: list, learned: list[Path], minutes: int, how: str) -> dict:
     """``how``: "served" (no swap), "carried" (swaps), "fresh" (swaps, each model from its trained state)."""
-    settings = Settings.load(flags={"models_dir": str(learned[0].parent)}, environ={})
+    settings = Settings.load(flags={"models_dir": str(learned[0].parent), "episodes_file": ""}, environ={})
     hub = Events()
     behaviour = Behaviour(settings, hub)
     by_second = defaultdict(list)
@@ -175,6 +176,7 @@ def summary(events: list, fed: Counter, detected: dict, client_events: Counter, 
             "5xx_event_windows_s": [round(e.start - T0) for e in windows if "5xx" in e.key],
             "burst_events": sum(BURST[0] - SWAP_S < e.start < BURST[1] and "5xx" in e.key for e in windows),
             "drop_events_s": [round(e.start - T0) for e in windows if e.observed < e.expected_low],
+            "drop_event_keys": [e.key for e in windows if e.observed < e.expected_low],
             "scanners_detected": len(delays), "requests_to_detection": delays,
             "mean_requests_to_detection": round(sum(delays) / len(delays), 1) if delays else None,
             "scanners_announced_again": sum(n - 1 for ip, n in client_events.items() if ip in fed),
