@@ -794,14 +794,20 @@ def test_grpc_calls_past_the_cap_are_refused_at_once_and_watchers_take_at_most_a
         assert scored(stub)
         # the cap itself: six calls held open beside the two watchers (on a connection of their own:
         # past STREAMS_PER_CONNECTION, calls wait in the client, not refused by the sidecar), each in
-        # place before the next starts. One may be refused and is opened again: a call already
-        # answered still counts for a moment in gRPC's cap (on a loaded machine the sixth was refused
-        # so in one run of six, and every call after it scored, seven being held).
+        # place before the next starts. One may be refused and is opened again: a call just answered
+        # counts until its handler's task has ended, which its client need not wait for.
         process.wait_for(one_more_held_open, timeout=30, what="six calls held open")
+        assert process.metric('logscore_calls_in_flight{surface="grpc"}') == 6  # the watchers do not score
+        refused_before = process.metric(TOO_MANY_CALLS)
         assert not scored(stub)
         with pytest.raises(grpc.RpcError) as failure:
             health.Check(health_pb2.HealthCheckRequest(), timeout=5)
         assert failure.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "8 gRPC calls are in progress" in failure.value.details() and "max_grpc_calls" in failure.value.details()
+        # grpcio's own cap answered these without our code knowing: neither counted nor logged
+        assert process.metric(TOO_MANY_CALLS) == refused_before + 2
+        refusals = [json.loads(line) for line in process.log().splitlines() if '"too_many_calls"' in line]
+        assert refusals and refusals[0]["message"] == "request refused" and refusals[0]["surface"] == "grpc", refusals
         watchers[0].cancel()
         process.wait_for(lambda: scored(stub), what="a place freed")
     finally:
@@ -811,6 +817,9 @@ def test_grpc_calls_past_the_cap_are_refused_at_once_and_watchers_take_at_most_a
         channel.close()
         other.close()
         assert process.stop() == 0
+
+
+TOO_MANY_CALLS = 'logscore_errors_total{kind="too_many_calls",surface="grpc"}'
 
 
 def held_score_stream(stub, release: threading.Event):

@@ -7,11 +7,11 @@ import logging
 import threading
 import time
 from collections import Counter as Counter_of
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 
 from .flood import FloodWatch
 
@@ -64,6 +64,25 @@ class ScoreHistogram:
                 buckets = [(str(edge), int(c)) for edge, c in zip(SCORE_BUCKETS, cumulative)]
                 buckets.append(("+Inf", int(cumulative[-1])))
                 family.add_metric([model], buckets, self._sums[model])
+        yield family
+
+
+class CallsInFlight:
+    """Scoring calls under way per surface, read from the surfaces' own counts when scraped
+    (nothing is updated per call for the metric itself)."""
+
+    def __init__(self):
+        self._counts: dict[str, Callable[[], int]] = {}
+
+    def watch(self, surface: str, count: Callable[[], int]) -> None:
+        self._counts[surface] = count
+
+    def collect(self):
+        family = GaugeMetricFamily("logscore_calls_in_flight", "Scoring calls under way: gRPC Score and "
+                                   "ScoreStream calls in progress, HTTP POST /v1/score requests from their "
+                                   "first line to their answer", labels=["surface"])
+        for surface, count in self._counts.items():
+            family.add_metric([surface], count())
         yield family
 
 
@@ -121,6 +140,8 @@ class Metrics:
         self.scoring_process_restarts = Counter("logscore_scoring_process_restarts", "Scoring processes "
                                                 "replaced after they failed while scoring (scoring_processes)",
                                                 registry=r)
+        self.calls_in_flight = CallsInFlight()
+        r.register(self.calls_in_flight)
         self.queued = Gauge("logscore_queued_records", "Records waiting to be scored", registry=r)
         self.learning_outcomes = Counter("logscore_learning_candidates", "Models learned on arrival, by outcome: "
                                          "swapped, kept_aside, failed", ["route", "outcome"], registry=r)

@@ -32,8 +32,8 @@ from .metrics import Metrics
 from .registry import UNLOAD_GRACE_S, ModelRegistry
 from .scoring import ScoringService
 from .servers.forward import ForwardServer, NextHop
-from .servers.grpc import SERVICE_NAME, ScorerServicer, TokenInterceptor
-from .servers.http import HttpServer, SidecarHttp
+from .servers.grpc import SERVICE_NAME, CallLimitInterceptor, ScorerServicer, TokenInterceptor
+from .servers.http import SCORING_PATHS, HttpServer, SidecarHttp
 from .settings import Settings, split_host_port, unknown_variables
 from .timestamps import read_zoneless_in, zone_description
 
@@ -141,7 +141,8 @@ class Sidecar:
             host, port = split_host_port(s.http, "--http")
             surface = SidecarHttp(self.service, s.token(), host)
             self.http_server = HttpServer(surface.routes(), s.max_message_bytes, self.service.admission,
-                                          self.service.metrics, s.max_connections, surface.gate)
+                                          self.service.metrics, s.max_connections, surface.gate,
+                                          scoring_paths=SCORING_PATHS)
             await listening(self.http_server.start(host, port, ssl=self._http_ssl()), "--http", s.http)
             self.bound["http"] = f"{host}:{self.http_server.port}"
         if s.forward:
@@ -198,8 +199,11 @@ class Sidecar:
                    # counts here for a moment, and one past the limit is refused (RST_STREAM), which
                    # its gRPC reports as an unavailable sidecar.
                    ("grpc.max_concurrent_streams", STREAMS_PER_CONNECTION)]
-        interceptors = [TokenInterceptor(token)] if token else []
-        server = grpc.aio.server(options=options, interceptors=interceptors, maximum_concurrent_rpcs=s.max_grpc_calls)
+        # NOTE: the cap first: a call past it is refused whatever its token, before its message is read
+        interceptors = [CallLimitInterceptor(s.max_grpc_calls, self.metrics)]
+        if token:
+            interceptors.append(TokenInterceptor(token))
+        server = grpc.aio.server(options=options, interceptors=interceptors)
         server.add_generic_rpc_handlers((ScorerServicer(self.service).handler(),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(

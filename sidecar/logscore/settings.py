@@ -104,8 +104,9 @@ class Settings:
                                    "28 KiB each while idle); past it a new one is closed at once, counted and logged")
     max_grpc_calls: int = setting(64, "gRPC calls in progress at once, event watchers included (at most a quarter "
                                   "of them: WatchAnomalies past that is refused); past it a call "
-                                  "is refused RESOURCE_EXHAUSTED at once (gRPC holds each call's message, up to "
-                                  "max_message_bytes, while it arrives, before the in-flight budget sees it)")
+                                  "is refused RESOURCE_EXHAUSTED at once, before its message is read, counted and "
+                                  "logged (gRPC holds each call's message, up to max_message_bytes, while it "
+                                  "arrives, before the in-flight budget sees it)")
     reload_interval_s: float = setting(2.0, "how often the models directory is checked for changes (0: "
                                        "only on SIGHUP)")
     shutdown_grace_s: float = setting(10.0, "on SIGTERM, time given to in-flight calls")

@@ -209,6 +209,48 @@ class ScorerServicer:
 
 
 DENIED = "missing or wrong bearer token: send metadata 'authorization: Bearer <token>'"
+SCORING_METHODS = frozenset(f"/{SERVICE_NAME}/{name}" for name in ("Score", "ScoreStream"))
+
+
+class CallLimitInterceptor(grpc.aio.ServerInterceptor):
+    """At most ``max_calls`` gRPC calls in progress; past it a call is refused RESOURCE_EXHAUSTED
+    without its message being read, counted and logged like every other refusal.
+
+    NOTE: in place of grpcio's own maximum_concurrent_rpcs, whose refusals reached none of our
+    code (neither counted nor logged). A call counts from when its handler is looked up (before its
+    message is read) until its handler's task ends: grpcio runs the interceptors inside that task,
+    so one done-callback per call is all it costs, nothing wraps the handler."""
+
+    def __init__(self, max_calls: int, metrics):
+        self.max_calls = max_calls
+        self.metrics = metrics
+        self.calls = 0  # every method, health checks and event watchers included
+        self.scoring_calls = 0  # Score and ScoreStream: the in-flight gauge
+        metrics.calls_in_flight.watch("grpc", lambda: self.scoring_calls)
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None:  # no such method: answered UNIMPLEMENTED at once
+            return None
+        if self.calls >= self.max_calls:
+            reason = (f"{self.calls} gRPC calls are in progress, the limit (max_grpc_calls); retry, close idle "
+                      "event watchers, or raise max_grpc_calls")
+            self.metrics.refused("too_many_calls", "grpc", reason)
+            return refusing(handler, grpc.StatusCode.RESOURCE_EXHAUSTED, reason)
+        self.calls += 1
+        if details.method in SCORING_METHODS:
+            self.scoring_calls += 1
+            asyncio.current_task().add_done_callback(self._scoring_call_ended)
+        else:
+            asyncio.current_task().add_done_callback(self._call_ended)
+        return handler
+
+    def _call_ended(self, _task) -> None:
+        self.calls -= 1
+
+    def _scoring_call_ended(self, _task) -> None:
+        self.calls -= 1
+        self.scoring_calls -= 1
 
 
 class TokenInterceptor(grpc.aio.ServerInterceptor):
@@ -224,21 +266,22 @@ class TokenInterceptor(grpc.aio.ServerInterceptor):
         presented = dict(details.invocation_metadata or ()).get("authorization", "")
         if bearer_matches(str(presented), self._token):
             return handler
-        return _denying(handler)
+        return refusing(handler, grpc.StatusCode.UNAUTHENTICATED, DENIED)
 
 
-def _denying(handler):
-    """A handler answering UNAUTHENTICATED without reading the request: gRPC reads a whole unary
+def refusing(handler, code: grpc.StatusCode, details: str):
+    """A handler answering ``code`` without reading the request: gRPC reads a whole unary
     message before calling its handler, so calls without the token, each sending all but the
     last byte of a 2 MiB message, held hundreds of MiB. A request-streaming handler reads nothing
     until it asks."""
-    async def deny(request_iterator, context):
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, DENIED)
+    async def refuse(request_iterator, context):
+        await context.abort(code, details)
 
-    async def deny_streaming(request_iterator, context):
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, DENIED)
+    async def refuse_streaming(request_iterator, context):
+        await context.abort(code, details)
         yield  # unreachable; makes this an async generator
 
     if handler.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(deny_streaming, response_serializer=handler.response_serializer)
-    return grpc.stream_unary_rpc_method_handler(deny, response_serializer=handler.response_serializer)
+        return grpc.stream_stream_rpc_method_handler(refuse_streaming,
+                                                     response_serializer=handler.response_serializer)
+    return grpc.stream_unary_rpc_method_handler(refuse, response_serializer=handler.response_serializer)

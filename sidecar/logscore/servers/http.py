@@ -27,7 +27,7 @@ import os
 import re
 import time
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Awaitable, Callable, Optional
+from typing import AsyncIterator, Awaitable, Callable, Optional, Union
 from urllib.parse import parse_qs, urlsplit
 
 from ..admission import UNLIMITED, Admission, Ticket
@@ -125,8 +125,12 @@ class HttpServer(StreamServer):
 
     def __init__(self, routes: dict[tuple[str, str], Handler], max_body_bytes: int,
                  admission: Optional[Admission] = None, metrics: Optional[Metrics] = None,
-                 max_connections: int = 512, gate: Optional[Gate] = None):
+                 max_connections: int = 512, gate: Optional[Gate] = None, scoring_paths: frozenset = frozenset()):
         super().__init__(max_connections, metrics)  # metrics: requests refused before they reach a route
+        self.scoring_paths = frozenset(path.encode() for path in scoring_paths)
+        self.scoring_calls = 0  # requests to scoring_paths under way: the in-flight gauge
+        if metrics is not None:
+            metrics.calls_in_flight.watch("http", lambda: self.scoring_calls)
         self.streams: set[asyncio.Task] = set()  # connections writing a stream (server-sent events)
         self.max_streams = max(1, max_connections // 4)
         self.routes = routes
@@ -147,16 +151,42 @@ class HttpServer(StreamServer):
         """Read one request and answer it; False when the connection is to close."""
         try:
             line = await asyncio.wait_for(read_line(reader, "request line"), IDLE_TIMEOUT_S)
-            if not line:
-                return False
-            self.busy.add(task)
+        except HttpError as error:
+            return await self._refuse(reader, writer, error)
+        except (asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError):
+            return False
+        if not line:
+            return False
+        self.busy.add(task)
+        scoring = self._is_scoring(line)
+        self.scoring_calls += scoring
+        try:
+            answered = await self._answer_request(line, reader, writer, task)
+        finally:
+            self.scoring_calls -= scoring
+        if isinstance(answered, HttpError):  # refused once no longer counted: the refusal lingers
+            return await self._refuse(reader, writer, answered)
+        return answered
+
+    def _is_scoring(self, line: bytes) -> bool:
+        """Whether a request line asks for a scoring path (counted in flight from here, its body's
+        reading included: a slow upload is a call under way)."""
+        parts = line.split(b" ", 2)
+        return len(parts) == 3 and parts[1].split(b"?", 1)[0] in self.scoring_paths
+
+    async def _refuse(self, reader, writer, error: HttpError) -> bool:
+        if self.metrics is not None:
+            self.metrics.refused(f"http_{error.status}", "http", str(error))
+        await self._write(writer, Response.error(error.status, str(error)), keep_alive=False)
+        await linger(reader, writer)
+        return False
+
+    async def _answer_request(self, line: bytes, reader, writer, task) -> Union[bool, HttpError]:
+        """Whether the connection stays open once the request is answered, or the error to refuse it with."""
+        try:
             request = await asyncio.wait_for(self._read_request(line, reader, writer), REQUEST_TIMEOUT_S)
         except HttpError as error:
-            if self.metrics is not None:
-                self.metrics.refused(f"http_{error.status}", "http", str(error))
-            await self._write(writer, Response.error(error.status, str(error)), keep_alive=False)
-            await linger(reader, writer)
-            return False
+            return error
         except (asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError):
             return False
         with request.ticket:
@@ -511,6 +541,7 @@ def is_loopback(host: str) -> bool:
 
 
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/openapi.json"})  # no token asked (probes, scrapers)
+SCORING_PATHS = frozenset({"/v1/score"})  # counted in logscore_calls_in_flight
 
 
 class SidecarHttp:
