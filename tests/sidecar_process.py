@@ -163,6 +163,14 @@ class SidecarProcess:
             return value
         raise AssertionError(f"timed out waiting for {what}; sidecar log:\n{self.log()[-3000:]}")
 
+    def wait_for_model_checks(self, checks: int = 2, timeout: float = 30.0) -> None:
+        """Until the models directory has been checked ``checks`` times more (one check may be under
+        way when this is called: two make sure a whole one began after). A fixed sleep spanned no
+        check at all on a loaded machine, and proved nothing."""
+        done = self.metric("logscore_model_checks_total") + checks
+        self.wait_for(lambda: self.metric("logscore_model_checks_total") >= done, timeout,
+                      f"{checks} more checks of the models directory")
+
     def chunks_scored(self) -> float:
         return self.metric("logscore_batch_records_count")
 

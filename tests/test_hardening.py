@@ -467,7 +467,10 @@ def test_bodies_from_callers_without_the_token_are_refused_before_they_are_read(
             connection = socket.create_connection(("127.0.0.1", process.http_port), timeout=10)
             connection.sendall((head + token + "\r\n").encode() + b"[")  # then nothing more
             announcing.append(connection)
-        time.sleep(0.5)
+        # every head taken in: those without the token refused at once, those with it reading their body
+        process.wait_for(lambda: http_in_flight(process) + http_refusals(process) == 21, timeout=30,
+                         what="the 20 heads read")
+        assert http_in_flight(process) == 10 and http_refusals(process, "http_401") == 11
         # public paths answer without the token, with a body or without (a probe that sends one)
         status, answer = raw_request(process.http_port, b"GET /healthz HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}")
         assert status == 200 and answer == {"status": "ok"}
@@ -480,6 +483,17 @@ def test_bodies_from_callers_without_the_token_are_refused_before_they_are_read(
         for connection in announcing:
             connection.close()
         assert process.stop() == 0
+
+
+def http_in_flight(process: SidecarProcess) -> float:
+    return process.metric('logscore_calls_in_flight{surface="http"}')
+
+
+def http_refusals(process: SidecarProcess, kind: str = "") -> float:
+    """Requests refused on the HTTP port, of one kind or all."""
+    lines = process.http_get("/metrics")[1].decode().splitlines()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith(
+        f'logscore_errors_total{{kind="{kind}' if kind else "logscore_errors_total{") and 'surface="http"' in line)
 
 
 def test_metrics_and_readyz_name_no_model_paths(tmp_path, shop_models):

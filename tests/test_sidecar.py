@@ -411,8 +411,8 @@ def test_hot_reload_adds_rejects_and_keeps_serving(tmp_path, shop_model_path, sh
         # Removed and copied in again (no rename): it serves throughout, whatever checks fall between.
         (models / "shop.onnx").unlink()
         process.wait_for(lambda: "model file gone" in process.log(), what="the removal noticed")
+        process.wait_for_model_checks()  # checks while it is gone keep it serving
         assert score_one(process, {"url": "/"}, model="shop").models[0].name == "shop"
-        time.sleep(0.5)  # checks every 0.2 s
         shutil.copy(shop_model_path, models / "shop.onnx")
         assert score_one(process, {"url": "/"}, model="shop").models[0].name == "shop"
         # Removed for good: unloaded once the grace has passed.
@@ -421,7 +421,7 @@ def test_hot_reload_adds_rejects_and_keeps_serving(tmp_path, shop_model_path, sh
         process.wait_for(lambda: "apache-access" not in process.model_versions(), what="unload",
                          timeout=UNLOAD_GRACE_S + 10)
         assert time.monotonic() - removed >= UNLOAD_GRACE_S
-        time.sleep(1)  # the grace of the shop model's removal, long passed: it was never unloaded
+        process.wait_for_model_checks()  # the grace of the shop model's removal, long passed: never unloaded
         unloads = [line for line in process.log().splitlines() if "model unloaded" in line]
         assert "shop" in process.model_versions() and len(unloads) == 1 and "apache-access" in unloads[0], unloads
     finally:

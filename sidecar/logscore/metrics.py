@@ -142,6 +142,8 @@ class Metrics:
                                                 registry=r)
         self.calls_in_flight = CallsInFlight()
         r.register(self.calls_in_flight)
+        self.model_checks = Counter("logscore_model_checks", "Checks of the models directory for new, changed "
+                                    "and removed files (every reload_interval_s, and on SIGHUP)", registry=r)
         self.queued = Gauge("logscore_queued_records", "Records waiting to be scored", registry=r)
         self.learning_outcomes = Counter("logscore_learning_candidates", "Models learned on arrival, by outcome: "
                                          "swapped, kept_aside, failed", ["route", "outcome"], registry=r)

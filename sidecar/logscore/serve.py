@@ -253,6 +253,7 @@ class Sidecar:
             if self.stopping.is_set():
                 return
             changed = await loop.run_in_executor(None, self.registry.reload)
+            self.metrics.model_checks.inc()
             if changed:
                 self.metrics.set_models(self.registry.snapshot.models)
                 await self.service.prune()
