@@ -479,6 +479,9 @@ def test_bodies_from_callers_without_the_token_are_refused_before_they_are_read(
             status, answer = raw_request(process.http_port, http_bytes(process.http_port, lines,
                                                                        extra=f"Authorization: {scheme} s3cret\r\n"))
             assert status == 200 and len(answer["results"]) == 3, answer
+        for connection in announcing:
+            connection.close()
+        process.wait_for(lambda: http_in_flight(process) == 0, what="the announcers gone from the count")
     finally:
         for connection in announcing:
             connection.close()
@@ -824,6 +827,9 @@ def test_grpc_calls_past_the_cap_are_refused_at_once_and_watchers_take_at_most_a
         assert refusals and refusals[0]["message"] == "request refused" and refusals[0]["surface"] == "grpc", refusals
         watchers[0].cancel()
         process.wait_for(lambda: scored(stub), what="a place freed")
+        release.set()  # the held streams end, and so does their count
+        process.wait_for(lambda: process.metric('logscore_calls_in_flight{surface="grpc"}') == 0,
+                         what="no scoring call counted once all have ended")
     finally:
         release.set()
         for call in watchers + streams:
