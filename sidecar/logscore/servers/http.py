@@ -169,10 +169,10 @@ class HttpServer(StreamServer):
         return answered
 
     def _is_scoring(self, line: bytes) -> bool:
-        """Whether a request line asks for a scoring path (counted in flight from here, its body's
+        """Whether a request line posts to a scoring path (counted in flight from here, its body's
         reading included: a slow upload is a call under way)."""
         parts = line.split(b" ", 2)
-        return len(parts) == 3 and parts[1].split(b"?", 1)[0] in self.scoring_paths
+        return len(parts) == 3 and parts[0] == b"POST" and parts[1].split(b"?", 1)[0] in self.scoring_paths
 
     async def _refuse(self, reader, writer, error: HttpError) -> bool:
         if self.metrics is not None:
