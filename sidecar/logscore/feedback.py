@@ -409,35 +409,63 @@ def strip_rarity(name: str) -> str:
 # --- rules in memory ---------------------------------------------------------------------------
 
 class Index:
-    """Item (a feature key, a kind token) -> the entries naming it; entries without a route or entity
-    scope (the usual ones) are kept as plain ids, so a lookup costs the same for one entry or many."""
+    """Item (a feature key, a kind token) -> the entries naming it, by scope: entries without a route
+    or entity (the usual ones) as one set of ids, scoped ones per (route, entity), so a lookup costs
+    a few dictionary lookups however many entries name the item (thousands do name a common one: a
+    method, a bot's user agent) or are scoped."""
 
     def __init__(self):
         self.unscoped: dict[object, set[int]] = {}
-        self.scoped: dict[object, list[Entry]] = {}
+        self.scoped: dict[object, dict[tuple[str, str], set[int]]] = {}
         self.entries: dict[int, Entry] = {}
 
     def __bool__(self) -> bool:
         return bool(self.entries)
 
-    def add(self, item, entry: Entry) -> None:
+    def add(self, items: Iterable, entry: Entry) -> None:
+        """Index ``entry`` under each of ``items`` (one call per entry: a sidecar reloading 10,000
+        entries indexes millions of keys)."""
         self.entries[entry.id] = entry
         if entry.route or entry.entity:
-            self.scoped.setdefault(item, []).append(entry)
-        else:
-            self.unscoped.setdefault(item, set()).add(entry.id)
+            scope = (entry.route, entry.entity)
+            for item in items:
+                scopes = self.scoped.get(item)
+                if scopes is None:
+                    self.scoped[item] = {scope: {entry.id}}
+                elif scope in scopes:
+                    scopes[scope].add(entry.id)
+                else:
+                    scopes[scope] = {entry.id}
+            return
+        unscoped = self.unscoped
+        for item in items:
+            ids = unscoped.get(item)
+            if ids is None:
+                unscoped[item] = {entry.id}
+            else:
+                ids.add(entry.id)
 
     def present(self, items: set) -> set:
         """Those of ``items`` some entry names, in or out of scope (set operations in C: a record's
         keys are many, the entries' few)."""
         return (items & self.unscoped.keys()) | (items & self.scoped.keys())
 
-    def ids(self, item, route: str, entity: Optional[str]) -> set[int]:
-        found = self.unscoped.get(item, set())
+    def groups(self, item, route: str, entity: Optional[str]) -> list[set[int]]:
+        """The ids of the entries naming ``item`` in scope of a record sent with ``route`` and
+        ``entity``, as the index's own sets (not copied: a caller joins them only when it needs the
+        ids, for a note). Empty when none is."""
+        found = [self.unscoped[item]] if item in self.unscoped else []
         scoped = self.scoped.get(item)
         if scoped:
-            found = found | {e.id for e in scoped if in_scope(e, route, entity)}
+            # an entry is in scope when each of its route and entity is unset or the record's
+            for scope in dict.fromkeys(((route, ""), ("", entity), (route, entity))):
+                ids = scoped.get(scope)
+                if ids:
+                    found.append(ids)
         return found
+
+    def ids(self, item, route: str, entity: Optional[str]) -> set[int]:
+        return set().union(*self.groups(item, route, entity))
 
 
 @dataclass
@@ -448,7 +476,8 @@ class ModelRules:
     normal_by_key: Index = field(default_factory=Index)
     normal_by_kind: Index = field(default_factory=Index)
     keep_by_key: Index = field(default_factory=Index)
-    keep_by_kind: Index = field(default_factory=Index)
+    keep_kinds: "AlikeKinds" = field(default_factory=lambda: AlikeKinds([]))  # made by finish
+    keep_entries: list[Entry] = field(default_factory=list)
     # field -> value -> entries: a record's value is looked up, not compared with every entry's (a
     # thousand field entries cost a thousand comparisons per flagged record)
     by_field: dict[str, dict[str, list[Entry]]] = field(default_factory=dict)
@@ -459,12 +488,13 @@ class ModelRules:
         if "field" in pattern:
             self.by_field.setdefault(pattern["field"], {}).setdefault(pattern["value"], []).append(entry)
             return
-        normal = entry.verdict == NORMAL
-        by_key, by_kind = (self.normal_by_key, self.normal_by_kind) if normal else (self.keep_by_key, self.keep_by_kind)
-        for key in pattern["keys"]:
-            by_key.add(int(key), entry)
-        for token in dict.fromkeys(pattern.get("kind", [])):
-            by_kind.add(token, entry)
+        keys = map(int, pattern["keys"])
+        if entry.verdict == NORMAL:
+            self.normal_by_key.add(keys, entry)
+            self.normal_by_kind.add(pattern.get("kind", []), entry)
+            return
+        self.keep_by_key.add(keys, entry)
+        self.keep_entries.append(entry)
 
     def field_entries(self, found: "Inspection", row: int) -> list[Entry]:
         """The field-value entries naming one of the record's values."""
@@ -472,8 +502,51 @@ class ModelRules:
                 for entry in by_value.get(found.values[name][row], ())]
 
     def finish(self) -> "ModelRules":
+        self.keep_kinds = AlikeKinds(self.keep_entries)
         self.normal_keys = np.array(sorted({*self.normal_by_key.unscoped, *self.normal_by_key.scoped}), dtype=np.int64)
         return self
+
+
+class AlikeKinds:
+    """Entries found by a kind alike theirs (``similar``) without comparing it with every entry sharing
+    one of its tokens (a common token is in thousands): by prefix filtering. Tokens are ordered rarest
+    first (by how many entries name them); two kinds sharing at least SIMILARITY of their union share
+    a token among the first ``len - ceil(SIMILARITY * len) + 1`` of each, so entries are indexed by
+    those of their kind only, and a record looks up those of its own, then compares the few found."""
+
+    def __init__(self, entries: list[Entry]):
+        self.counts: dict[object, int] = {}
+        kinds = [(entry, set(entry.pattern.get("kind", []))) for entry in entries]
+        for _, kind in kinds:
+            for token in kind:
+                self.counts[token] = self.counts.get(token, 0) + 1
+        self.by_token: dict[object, list[tuple[Entry, set]]] = {}
+        for entry, kind in kinds:
+            for token in self.prefix(kind):
+                self.by_token.setdefault(token, []).append((entry, kind))
+
+    def __bool__(self) -> bool:
+        return bool(self.by_token)
+
+    def prefix(self, kind: set) -> list:
+        # (repr: one order for ints and strings alike; the rarest first keeps the lists looked up short)
+        ordered = sorted(kind, key=lambda token: (self.counts.get(token, 0), repr(token)))
+        return ordered[:len(ordered) - math.ceil(SIMILARITY * len(ordered)) + 1]
+
+    def alike(self, kind: frozenset) -> list[Entry]:
+        """The entries whose kind is alike ``kind`` (whatever their scope)."""
+        if not self.by_token or not kind:
+            return []
+        seen: set[int] = set()
+        found = []
+        for token in self.prefix(kind):
+            for entry, theirs in self.by_token.get(token, ()):
+                if entry.id not in seen:
+                    seen.add(entry.id)
+                    shared = len(kind & theirs)
+                    if similar_counts(shared, len(kind) + len(theirs) - shared):
+                        found.append(entry)
+        return found
 
 
 class RuleSet:
@@ -587,8 +660,8 @@ class FeedbackStep:
             elif rescored is not None and suppressors[row] and rescored[row] < model.threshold:
                 scores[i] = rescored[row]
                 flags[i] = False
-                item.score, item.suppressed_by = float(rescored[row]), suppressors[row]
-                notes.append((i, "record", f"suppressed by feedback {rule_list(suppressors[row])}"))
+                item.score, item.suppressed_by = float(rescored[row]), sorted(set().union(*suppressors[row]))
+                notes.append((i, "record", f"suppressed by feedback {rule_list(item.suppressed_by)}"))
             flagged.append(item)
         if self.observe is not None:
             self.observe(model, self.records, flagged, self)
@@ -596,8 +669,9 @@ class FeedbackStep:
 
     def _matches(self, found: Inspection, candidates: np.ndarray, kinds: list[frozenset],
                  model_rules: list[ModelRules]):
-        """(keys to drop [nnz], per record the normal entries that dropped some, the keep entries it
-        falls under).
+        """(keys to drop [nnz], per record the normal entries that dropped some (as the index's sets
+        of ids: joined only for the records they suppress, as thousands of entries may name a common
+        feature), the keep entries it falls under).
 
         A record of kinds marked normal (every token of its kind named by in-scope normal entries)
         loses all its unusual features: it is scored as if they had been seen in training. Otherwise
@@ -605,7 +679,7 @@ class FeedbackStep:
         payload's). A keep entry's features never go, and records of its kind are kept."""
         keys = found.batch.keys
         drop = np.zeros(len(keys), dtype=bool)
-        suppressors: list[list[int]] = [[] for _ in candidates]
+        suppressors: list[list[set[int]]] = [[] for _ in candidates]
         keepers: list[list[int]] = [[] for _ in candidates]
         if not model_rules:
             return drop, suppressors, keepers
@@ -625,38 +699,40 @@ class FeedbackStep:
             mine = unusual[start:stop]
             if protected:
                 mine = mine & ~np.isin(keys[start:stop], np.fromiter(protected, dtype=np.int64))
-            used: set[int] = set()
+            used: list[set[int]] = []
             named = np.zeros(stop - start, dtype=bool)
             for offset in np.flatnonzero(hits[start:stop] & mine).tolist():
                 for rules in model_rules:
-                    ids = rules.normal_by_key.ids(int(keys[start + offset]), route, entity)
+                    ids = rules.normal_by_key.groups(int(keys[start + offset]), route, entity)
                     if ids:
-                        used |= ids
+                        used += ids
                         named[offset] = True
             whole = self._marked_kind(found, row, kinds[row], model_rules, route, entity)
             if fields is not None:
                 by_field = self._field_values(found, row, start, stop, fields, model_rules, route, entity)
                 named |= by_field[0] & mine
-                used.update(by_field[1])
+                if by_field[1]:
+                    used.append(by_field[1])
             if whole:
-                used.update(whole)
+                used += whole
                 drop[start:stop] = mine
             else:
                 drop[start:stop] = named
-            suppressors[row] = sorted(used) if drop[start:stop].any() else []
+            suppressors[row] = used if drop[start:stop].any() else []
         return drop, suppressors, keepers
 
-    def _marked_kind(self, found: Inspection, row: int, kind: frozenset, model_rules, route, entity) -> set[int]:
-        """The normal entries the record is of the kind of: they name every token of its kind; or, for
-        a record unusual in details only, it holds most of an entry's kind (after retraining, a kind's
-        features are seen, only new details of it stay unusual)."""
-        named: set[int] = set()
+    def _marked_kind(self, found: Inspection, row: int, kind: frozenset, model_rules, route,
+                     entity) -> list[set[int]]:
+        """The normal entries the record is of the kind of (as sets of ids, empty if none): they name
+        every token of its kind; or, for a record unusual in details only, it holds most of an entry's
+        kind (after retraining, a kind's features are seen, only new details of it stay unusual)."""
+        named: list[set[int]] = []
         for token in kind:
-            ids = set().union(*(rules.normal_by_kind.ids(token, route, entity) for rules in model_rules))
+            ids = [found for rules in model_rules for found in rules.normal_by_kind.groups(token, route, entity)]
             if not ids:
-                named = set()
+                named = []
                 break
-            named |= ids
+            named += ids
         if named or any(not found.detail[i] for i in found.unusual(row, KIND_SIZE)):
             return named
         start, stop = int(found.bounds[row]), int(found.bounds[row + 1])
@@ -668,8 +744,9 @@ class FeedbackStep:
                 for i in rules.normal_by_kind.ids(key, route, entity):
                     counts[i] = counts.get(i, 0) + 1
                     entries[i] = rules.normal_by_kind.entries[i]
-        return {i for i, count in counts.items()
-                if count >= SIMILARITY * sum(isinstance(t, int) for t in entries[i].pattern["kind"])}
+        alike = {i for i, count in counts.items()
+                 if count >= SIMILARITY * sum(isinstance(t, int) for t in entries[i].pattern["kind"])}
+        return [alike] if alike else []
 
     def _field_values(self, found: Inspection, row, start, stop, fields, model_rules, route, entity):
         """(keys of fields whose value normal entries name [stop - start], those entries)."""
@@ -693,14 +770,13 @@ class FeedbackStep:
         kept: set[int] = set()
         keys: Optional[set] = None  # the record's keys, read once if any rules protect keys
         for rules in model_rules:
-            if not (rules.keep_by_key or rules.keep_by_kind or rules.by_field):
+            if not (rules.keep_by_key or rules.keep_kinds or rules.by_field):
                 continue
-            for token in kind:
-                kept.update(i for i in rules.keep_by_kind.ids(token, route, entity)
-                            if similar(kind, rules.keep_by_kind.entries[i].pattern["kind"]))
+            kept.update(e.id for e in rules.keep_kinds.alike(kind) if in_scope(e, route, entity))
             if rules.keep_by_key:
                 keys = set(found.batch.keys[start:stop].tolist()) if keys is None else keys
-                protected.update(k for k in rules.keep_by_key.present(keys) if rules.keep_by_key.ids(k, route, entity))
+                protected.update(k for k in rules.keep_by_key.present(keys)
+                                 if rules.keep_by_key.groups(k, route, entity))
             kept.update(e.id for e in rules.field_entries(found, row)
                         if e.verdict == KEEP and in_scope(e, route, entity))
         return protected, kept

@@ -1,0 +1,154 @@
+"""Feedback at scale (issue #14): the rules are indexed by what they match on, so a flagged record
+checks only the entries that can match it. Checked against a matcher that compares every record
+with every entry, straight from the definitions: the same flags, scores, notes and entries named."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+
+from logscore import feedback
+from logscore.errors import InvalidRequest
+from logscore.feedback import (KEEP, NORMAL, SIMILARITY, Entry, FeedbackStep, RuleSet, base_name, in_scope,
+                               pattern_from_records, similar)
+from logscore.model import Model
+
+from .generate import access_line, attack_lines
+
+ROUTES = ("", "web", "shop")
+ENTITIES = (None, "", "tenant-a", "tenant-b")
+AGENTS = ("internal-monitor/2.0", "uptime-bot/1.1", "curl/8.0")
+
+
+def odd_lines(rng: random.Random, count: int) -> list[str]:
+    """Requests of pages and agents the shop never saw, of a few kinds that repeat (so entries match)."""
+    lines = []
+    for _ in range(count):
+        section = rng.choice(["compare", "wishlist", "gift", "press"])
+        url = rng.choice([f"/{section}/{rng.randint(1, 9)}.html", f"/products/{rng.randint(1, 500)}/{section}?"
+                          f"{rng.choice(['with', 'view', 'ref'])}={rng.randint(1, 99)}", f"/api/{section}/..%2f"])
+        line = access_line(rng, rng.choice(["GET", "POST"]), url)
+        if rng.random() < 0.3:
+            line = line.rsplit('"', 2)[0] + f'"{rng.choice(AGENTS)}"'
+        lines.append(line)
+    return lines
+
+
+class ReferenceStep(FeedbackStep):
+    """The matching done the straightforward way: every in-scope entry of the model checked per record."""
+
+    def _matches(self, found, candidates, kinds, model_rules):
+        keys = found.batch.keys
+        drop = np.zeros(len(keys), dtype=bool)
+        suppressors = [[] for _ in candidates]
+        keepers = [[] for _ in candidates]
+        names = {found.model.name, base_name(found.model.name), ""}
+        entries = [e for e in self.rules.entries if e.model in names]
+        if not model_rules:
+            return drop, suppressors, keepers
+        fields = found.key_fields()
+        for row, i in enumerate(candidates.tolist()):
+            start, stop = int(found.bounds[row]), int(found.bounds[row + 1])
+            mine_keys = keys[start:stop].tolist()
+            scope = [e for e in entries if in_scope(e, self.route(i), self.entity(i))]
+            by_keys = [e for e in scope if "keys" in e.pattern]
+            by_field = [e for e in scope if "field" in e.pattern and found.values[e.pattern["field"]][row]
+                        == e.pattern["value"]]
+            kept = {e.id for e in by_keys if e.verdict == KEEP and similar(kinds[row], e.pattern["kind"])}
+            kept |= {e.id for e in by_field if e.verdict == KEEP}
+            if kept:
+                keepers[row] = sorted(kept)
+                continue
+            protected = {k for e in by_keys if e.verdict == KEEP for k in e.pattern["keys"]}
+            mine = (found.contribution[start:stop] > 0) & ~np.isin(keys[start:stop], list(protected))
+            normal = [e for e in by_keys if e.verdict == NORMAL]
+            used, named = set(), np.zeros(stop - start, dtype=bool)
+            for offset, key in enumerate(mine_keys):
+                naming = {e.id for e in normal if key in e.pattern["keys"]}
+                if mine[offset] and naming:
+                    used |= naming
+                    named[offset] = True
+            whole = set()
+            for token in kinds[row]:
+                naming = {e.id for e in normal if token in e.pattern["kind"]}
+                if not naming:
+                    whole = set()
+                    break
+                whole |= naming
+            if not whole and all(found.detail[k] for k in found.unusual(row, feedback.KIND_SIZE)):
+                for e in normal:
+                    shared = len(set(mine_keys) & {t for t in e.pattern["kind"] if isinstance(t, int)})
+                    if shared and shared >= SIMILARITY * sum(isinstance(t, int) for t in e.pattern["kind"]):
+                        whole.add(e.id)
+            for e in by_field:
+                if e.verdict == NORMAL:
+                    named |= np.array([f == e.pattern["field"] for f in fields[start:stop]], dtype=bool) & mine
+                    used.add(e.id)
+            drop[start:stop] = mine if whole else named
+            suppressors[row] = [used | whole] if drop[start:stop].any() else []
+        return drop, suppressors, keepers
+
+
+def random_entries(rng: random.Random, model: Model, normal: list[str], keep: list[str], count: int) -> list[Entry]:
+    """Entries of records marked normal (pages and agents) or keep (attacks), of field values; scoped or not."""
+    entries = []
+    values = model.featurizer.field_values(normal + keep)[0]
+    while len(entries) < count:
+        verdict = rng.choice([NORMAL] * 4 + [KEEP])
+        if rng.random() < 0.1:
+            field = rng.choice(["user_agent", "status"])
+            pattern = {"field": field, "value": rng.choice(values[field])}
+        else:
+            try:
+                pattern = pattern_from_records(model, rng.sample(normal if verdict == NORMAL else keep,
+                                                                 rng.choice([1, 1, 2])))
+            except InvalidRequest:  # nothing unusual in them
+                continue
+        entries.append(Entry(len(entries) + 1, verdict, pattern, "t", model=rng.choice(["shop", "shop", ""]),
+                             route=rng.choice(ROUTES + ("", "")), entity=rng.choice(["", "", "", "tenant-a"])))
+    return entries
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_indexed_rules_decide_as_a_matcher_comparing_every_entry(shop_model_path, shop_training_lines, seed):
+    model = Model.load(shop_model_path)
+    rng = random.Random(seed)
+    odd = odd_lines(rng, 160)
+    attacks = [line for _, line in attack_lines(shop_training_lines, 80, seed=seed)]
+    rules = RuleSet(random_entries(rng, model, odd[:60], attacks[:40], 60))
+    records = odd[40:] + attacks[20:] + rng.sample(shop_training_lines, 40)
+    routes = [rng.choice(ROUTES) for _ in records]
+    entities = [rng.choice(ENTITIES) for _ in records]
+    scored = model.score(records)
+    candidates = np.flatnonzero(scored.is_anomaly)
+    assert len(candidates) > 50
+    outcomes = []
+    for step in (FeedbackStep, ReferenceStep):
+        observed, notes, flags = [], [], scored.is_anomaly.copy()
+        made = step(rules, records, routes, entities, observe=lambda m, r, flagged, s: observed.extend(flagged))
+        scores = made.apply(model, candidates, scored.scores, flags, notes)
+        outcomes.append((flags.tolist(), scores.tolist(), notes,
+                         [(f.index, f.suppressed_by, f.kept_by) for f in observed]))
+    assert outcomes[0] == outcomes[1]
+    suppressed = sum("suppressed" in note[2] for note in outcomes[0][2])
+    kept = sum("kept" in note[2] for note in outcomes[0][2])
+    assert suppressed > 5 and kept > 1, (suppressed, kept)  # both kinds of decision were exercised
+
+
+def test_a_kind_is_compared_with_few_keep_entries_when_thousands_share_a_token(monkeypatch):
+    """A token common to thousands of keep entries (a bot's user agent on pages of every kind): a
+    record's kind was compared with every entry naming it (the per-record cost grew with their number)."""
+    common = 7
+    entries = [Entry(i, KEEP, {"keys": [i + 100], "kind": [common, i + 100, i + 20_000]}, "t", model="m")
+               for i in range(1, 3001)]
+    rules = RuleSet(entries)
+    compared = []
+    monkeypatch.setattr(feedback, "similar_counts", lambda shared, union: compared.append(1) or
+                        shared >= SIMILARITY * union)
+    (model_rules,) = rules.for_model("m")
+    found = model_rules.keep_kinds.alike(frozenset([common, 1500 + 100, 99]))
+    assert [e.id for e in found] == [1500]
+    assert len(compared) <= 3, len(compared)
+    assert model_rules.keep_kinds.alike(frozenset([common])) == []
