@@ -23,6 +23,7 @@ then makes them part of the model).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import time
@@ -412,38 +413,35 @@ class Index:
     """Item (a feature key, a kind token) -> the entries naming it, by scope: entries without a route
     or entity (the usual ones) as one set of ids, scoped ones per (route, entity), so a lookup costs
     a few dictionary lookups however many entries name the item (thousands do name a common one: a
-    method, a bot's user agent) or are scoped."""
+    method, a bot's user agent) or are scoped. Built whole (``of``), never changed."""
 
     def __init__(self):
-        self.unscoped: dict[object, set[int]] = {}
-        self.scoped: dict[object, dict[tuple[str, str], set[int]]] = {}
+        # item -> the ids of the entries naming it: a set, or an id alone (integer_sets)
+        self.unscoped: dict[object, set[int] | int] = {}
+        self.scoped: dict[object, dict[tuple[str, str], set[int] | int]] = {}
         self.entries: dict[int, Entry] = {}
+
+    @classmethod
+    def of(cls, entries: list[Entry], items_of: Callable[[Entry], Iterable], numeric: bool = False) -> "Index":
+        """The index of ``entries`` by their ``items_of``; ``numeric``: the items are integers (feature
+        keys), grouped with numpy (10,000 entries name 400,000 keys: one set operation each cost a
+        sidecar most of a second on every feedback change)."""
+        index = cls()
+        by_scope: dict[tuple[str, str], list[Entry]] = {}
+        for entry in entries:
+            index.entries[entry.id] = entry
+            by_scope.setdefault((entry.route, entry.entity), []).append(entry)
+        for scope, members in by_scope.items():
+            sets = (integer_sets if numeric else item_sets)(members, items_of)
+            if scope == ("", ""):
+                index.unscoped = sets
+                continue
+            for item, ids in sets.items():
+                index.scoped.setdefault(item, {})[scope] = ids
+        return index
 
     def __bool__(self) -> bool:
         return bool(self.entries)
-
-    def add(self, items: Iterable, entry: Entry) -> None:
-        """Index ``entry`` under each of ``items`` (one call per entry: a sidecar reloading 10,000
-        entries indexes millions of keys)."""
-        self.entries[entry.id] = entry
-        if entry.route or entry.entity:
-            scope = (entry.route, entry.entity)
-            for item in items:
-                scopes = self.scoped.get(item)
-                if scopes is None:
-                    self.scoped[item] = {scope: {entry.id}}
-                elif scope in scopes:
-                    scopes[scope].add(entry.id)
-                else:
-                    scopes[scope] = {entry.id}
-            return
-        unscoped = self.unscoped
-        for item in items:
-            ids = unscoped.get(item)
-            if ids is None:
-                unscoped[item] = {entry.id}
-            else:
-                ids.add(entry.id)
 
     def present(self, items: set) -> set:
         """Those of ``items`` some entry names, in or out of scope (set operations in C: a record's
@@ -454,18 +452,51 @@ class Index:
         """The ids of the entries naming ``item`` in scope of a record sent with ``route`` and
         ``entity``, as the index's own sets (not copied: a caller joins them only when it needs the
         ids, for a note). Empty when none is."""
-        found = [self.unscoped[item]] if item in self.unscoped else []
+        ids = self.unscoped.get(item)
+        found = [] if ids is None else [ids if isinstance(ids, set) else {ids}]
         scoped = self.scoped.get(item)
         if scoped:
             # an entry is in scope when each of its route and entity is unset or the record's
             for scope in dict.fromkeys(((route, ""), ("", entity), (route, entity))):
                 ids = scoped.get(scope)
-                if ids:
-                    found.append(ids)
+                if ids is not None:
+                    found.append(ids if isinstance(ids, set) else {ids})
         return found
 
     def ids(self, item, route: str, entity: Optional[str]) -> set[int]:
         return set().union(*self.groups(item, route, entity))
+
+
+def item_sets(entries: list[Entry], items_of: Callable[[Entry], Iterable]) -> dict[object, set[int]]:
+    """Item -> ids of the entries naming it."""
+    sets: dict[object, set[int]] = {}
+    for entry in entries:
+        for item in items_of(entry):
+            ids = sets.get(item)
+            if ids is None:
+                sets[item] = {entry.id}
+            else:
+                ids.add(entry.id)
+    return sets
+
+
+def integer_sets(entries: list[Entry], items_of: Callable[[Entry], Iterable]) -> dict[int, set[int]]:
+    """``item_sets`` for integer items, grouped by one sort; an item only one entry names (most: a
+    page's own keys) maps to its id, not a set (300,000 sets took a reload most of a second)."""
+    lists = [list(items_of(entry)) for entry in entries]
+    items = np.fromiter(itertools.chain.from_iterable(lists), dtype=np.int64, count=sum(map(len, lists)))
+    ids = np.repeat(np.fromiter((e.id for e in entries), dtype=np.int64, count=len(entries)), list(map(len, lists)))
+    order = np.argsort(items, kind="stable")
+    items, ids = items[order], ids[order]
+    starts = np.flatnonzero(np.r_[True, items[1:] != items[:-1]]) if len(items) else np.zeros(0, dtype=np.int64)
+    bounds = np.r_[starts, len(items)]
+    single = np.diff(bounds) == 1
+    sets: dict = dict(zip(items[starts[single]].tolist(), ids[starts[single]].tolist()))
+    several = np.flatnonzero(~single)
+    ids = ids.tolist()
+    sets.update((item, set(ids[a:b])) for item, a, b in zip(items[starts[several]].tolist(), bounds[several].tolist(),
+                                                             bounds[several + 1].tolist()))
+    return sets
 
 
 @dataclass
@@ -476,7 +507,8 @@ class ModelRules:
     normal_by_key: Index = field(default_factory=Index)
     normal_by_kind: Index = field(default_factory=Index)
     keep_by_key: Index = field(default_factory=Index)
-    keep_kinds: "AlikeKinds" = field(default_factory=lambda: AlikeKinds([]))  # made by finish
+    keep_kinds: "AlikeKinds" = field(default_factory=lambda: AlikeKinds([]))
+    normal_entries: list[Entry] = field(default_factory=list)  # of patterns of features (what the indexes are of)
     keep_entries: list[Entry] = field(default_factory=list)
     # field -> value -> entries: a record's value is looked up, not compared with every entry's (a
     # thousand field entries cost a thousand comparisons per flagged record)
@@ -484,17 +516,14 @@ class ModelRules:
     normal_keys: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # sorted
 
     def add(self, entry: Entry) -> None:
+        """Take an entry in (indexed by ``finish``)."""
         pattern = entry.pattern
         if "field" in pattern:
             self.by_field.setdefault(pattern["field"], {}).setdefault(pattern["value"], []).append(entry)
-            return
-        keys = map(int, pattern["keys"])
-        if entry.verdict == NORMAL:
-            self.normal_by_key.add(keys, entry)
-            self.normal_by_kind.add(pattern.get("kind", []), entry)
-            return
-        self.keep_by_key.add(keys, entry)
-        self.keep_entries.append(entry)
+        elif entry.verdict == NORMAL:
+            self.normal_entries.append(entry)
+        else:
+            self.keep_entries.append(entry)
 
     def field_entries(self, found: "Inspection", row: int) -> list[Entry]:
         """The field-value entries naming one of the record's values."""
@@ -502,6 +531,10 @@ class ModelRules:
                 for entry in by_value.get(found.values[name][row], ())]
 
     def finish(self) -> "ModelRules":
+        keys = lambda entry: entry.pattern["keys"]  # noqa: E731
+        self.normal_by_key = Index.of(self.normal_entries, keys, numeric=True)
+        self.normal_by_kind = Index.of(self.normal_entries, lambda entry: entry.pattern.get("kind", []))
+        self.keep_by_key = Index.of(self.keep_entries, keys, numeric=True)
         self.keep_kinds = AlikeKinds(self.keep_entries)
         self.normal_keys = np.array(sorted({*self.normal_by_key.unscoped, *self.normal_by_key.scoped}), dtype=np.int64)
         return self
