@@ -152,3 +152,36 @@ def test_a_kind_is_compared_with_few_keep_entries_when_thousands_share_a_token(m
     assert [e.id for e in found] == [1500]
     assert len(compared) <= 3, len(compared)
     assert model_rules.keep_kinds.alike(frozenset([common])) == []
+
+
+def test_a_reload_parses_only_the_patterns_that_changed(tmp_path, monkeypatch):
+    """A sidecar reads every entry on each feedback change: 10,000 patterns were parsed again each time."""
+    from logscore import feedback_store
+    from logscore.feedback_store import SqliteStore
+
+    store = SqliteStore(str(tmp_path / "feedback.db"))
+    store.migrate()
+    for i in range(3):
+        store.add(Entry(0, NORMAL, {"keys": [i, 10 + i], "kind": [i], "features": [], "examples": [f"a{i}"]}, "t"))
+    first = store.entries()
+    parsed = []
+    reading = feedback_store.read_pattern
+    monkeypatch.setattr(feedback_store, "read_pattern", lambda text: parsed.append(text) or reading(text))
+    assert store.entries() == first and parsed == []
+    # A second mark of entry 1's rule adds its example: that pattern alone is read again.
+    again = store.add(Entry(0, NORMAL, {"keys": [0, 10], "kind": [0], "features": [], "examples": ["b0"]}, "t"))
+    assert again.existing and again.id == 1
+    parsed.clear()
+    entries = store.entries()
+    assert len(parsed) == 1 and entries[0].pattern["examples"] == ["a0", "b0"]
+    assert entries[1:] == first[1:] and entries[1].pattern is not first[1].pattern  # each entry's own
+
+
+def test_the_review_page_lists_the_most_recent_entries_and_says_where_the_rest_are():
+    from logscore.review import FEEDBACK_ROWS, render_feedback
+
+    entries = [Entry(i, NORMAL, {"field": "status", "value": str(i)}, "t") for i in range(1, 1001)]
+    html = render_feedback(entries)
+    assert html.count("<tr id=\"feedback-") == FEEDBACK_ROWS and 'id="feedback-1000"' in html
+    assert 'id="feedback-800"' not in html and "most recent of 1,000 entries" in html
+    assert "feedback-more" not in render_feedback(entries[:FEEDBACK_ROWS])
