@@ -573,3 +573,41 @@ def test_a_group_unusual_in_details_only_says_so_when_marked(tmp_path):
     service = FeedbackService(SqliteStore(str(tmp_path / "f.sqlite3")), poll_s=1.0, review=Review())
     with pytest.raises(InvalidRequest, match="unusual in details only .*mark its records or a field value"):
         service.mark(Mark(verdict="normal", author="ana", group="g5"))
+
+
+def test_the_entries_are_listed_a_page_at_a_time_over_http_grpc_and_the_command_line(sidecar, capsys, monkeypatch):
+    """A fleet's 10,000 entries came in one answer: 5 MB of JSON, and over gRPC more than a client's 4 MB
+    message limit (`logscore feedback list` failed). Pages: after an id, at most a limit."""
+    from logscore import feedback_cli
+    from logscore.cli import main
+
+    for value in ("201", "202", "203", "204", "205"):
+        status, body = feedback(sidecar, "POST", {"verdict": "normal", "author": "ana",
+                                                  "field": "status", "value": value})
+        assert status == 200, body
+    status, _ = feedback(sidecar, "DELETE", query="?id=3")
+    assert status == 200
+    pages, after = [], 0
+    while after is not None:
+        status, body = feedback(sidecar, "GET", query=f"?limit=2&after={after}&all=1")
+        assert status == 200, body
+        pages.append([e["id"] for e in body["feedback"]])
+        after = body["next_after"]
+    assert pages == [[1, 2], [3, 4], [5]]
+    status, body = feedback(sidecar, "GET", query="?limit=2&after=2")  # removed ones left out
+    assert [e["id"] for e in body["feedback"]] == [4, 5] and body["next_after"] is None
+    status, body = feedback(sidecar, "GET")
+    assert [e["id"] for e in body["feedback"]] == [1, 2, 4, 5] and body["next_after"] is None
+    status, body = feedback(sidecar, "GET", query="?limit=two")
+    assert status == 400 and "limit='two': give a whole number" in body["error"], body
+
+    stub = sidecar.stub()
+    first = stub.ListFeedback(pb.ListFeedbackRequest(limit=3), timeout=10)
+    assert [e.id for e in first.entries] == [1, 2, 4] and first.next_after_id == 4
+    last = stub.ListFeedback(pb.ListFeedbackRequest(limit=3, after_id=4), timeout=10)
+    assert [e.id for e in last.entries] == [5] and last.next_after_id == 0
+    assert [e.id for e in stub.ListFeedback(pb.ListFeedbackRequest(), timeout=10).entries] == [1, 2, 4, 5]
+
+    monkeypatch.setattr(feedback_cli, "LIST_PAGE", 2)
+    assert main(["feedback", "list", "--all", "--json", "--socket", sidecar.socket]) == 0
+    assert [json.loads(line)["id"] for line in capsys.readouterr().out.splitlines()] == ["1", "2", "3", "4", "5"]

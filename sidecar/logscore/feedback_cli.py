@@ -149,15 +149,25 @@ def file_records(path: str, json_records: bool) -> list:
 def run_feedback_list(args) -> int:
     from .generated.logscore.v1 import scorer_pb2 as pb
 
-    response = call(args, "ListFeedback", pb.ListFeedbackRequest(include_removed=args.all))
-    if not response.store_reachable:
-        print(f"logscore feedback: warning: the store {response.store} is unreachable ({response.store_error}); "
-              "the sidecar applies the entries it last loaded", file=sys.stderr)
-    for entry in response.entries:
-        print(json.dumps(as_json(entry)) if args.json else describe(entry))
-    if not response.entries and not args.json:
+    after, listed = 0, 0
+    while True:  # a page at a time: 10,000 entries outgrow a gRPC message (4 MB)
+        response = call(args, "ListFeedback", pb.ListFeedbackRequest(include_removed=args.all, after_id=after,
+                                                                     limit=LIST_PAGE))
+        if not response.store_reachable and not after:
+            print(f"logscore feedback: warning: the store {response.store} is unreachable "
+                  f"({response.store_error}); the sidecar applies the entries it last loaded", file=sys.stderr)
+        for entry in response.entries:
+            print(json.dumps(as_json(entry)) if args.json else describe(entry))
+        listed += len(response.entries)
+        after = response.next_after_id
+        if not after:
+            break
+    if not listed and not args.json:
         print(f"no feedback entries in {response.store}")
     return 0
+
+
+LIST_PAGE = 1000  # entries a `feedback list` call asks for at once
 
 
 def run_feedback_remove(args) -> int:

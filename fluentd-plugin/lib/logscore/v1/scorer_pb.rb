@@ -100,12 +100,15 @@ Google::Protobuf::DescriptorPool.generated_pool.build do
     end
     add_message "logscore.v1.ListFeedbackRequest" do
       optional :include_removed, :bool, 1
+      optional :after_id, :uint64, 2
+      optional :limit, :uint32, 3
     end
     add_message "logscore.v1.ListFeedbackResponse" do
       repeated :entries, :message, 1, "logscore.v1.FeedbackEntry"
       optional :store, :string, 2
       optional :store_reachable, :bool, 3
       optional :store_error, :string, 4
+      optional :next_after_id, :uint64, 5
     end
     add_message "logscore.v1.DeleteFeedbackRequest" do
       optional :id, :uint64, 1

@@ -202,22 +202,28 @@ class FeedbackEntry(_message.Message):
     def __init__(self, id: _Optional[int] = ..., verdict: _Optional[_Union[Verdict, str]] = ..., author: _Optional[str] = ..., reason: _Optional[str] = ..., model: _Optional[str] = ..., route: _Optional[str] = ..., entity: _Optional[str] = ..., created_at: _Optional[float] = ..., expires_at: _Optional[float] = ..., removed_at: _Optional[float] = ..., removed_by: _Optional[str] = ..., features: _Optional[_Iterable[str]] = ..., feature_count: _Optional[int] = ..., field: _Optional[_Union[FieldValue, _Mapping]] = ..., example: _Optional[str] = ..., existing: _Optional[bool] = ...) -> None: ...
 
 class ListFeedbackRequest(_message.Message):
-    __slots__ = ("include_removed",)
+    __slots__ = ("include_removed", "after_id", "limit")
     INCLUDE_REMOVED_FIELD_NUMBER: _ClassVar[int]
+    AFTER_ID_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
     include_removed: bool
-    def __init__(self, include_removed: _Optional[bool] = ...) -> None: ...
+    after_id: int
+    limit: int
+    def __init__(self, include_removed: _Optional[bool] = ..., after_id: _Optional[int] = ..., limit: _Optional[int] = ...) -> None: ...
 
 class ListFeedbackResponse(_message.Message):
-    __slots__ = ("entries", "store", "store_reachable", "store_error")
+    __slots__ = ("entries", "store", "store_reachable", "store_error", "next_after_id")
     ENTRIES_FIELD_NUMBER: _ClassVar[int]
     STORE_FIELD_NUMBER: _ClassVar[int]
     STORE_REACHABLE_FIELD_NUMBER: _ClassVar[int]
     STORE_ERROR_FIELD_NUMBER: _ClassVar[int]
+    NEXT_AFTER_ID_FIELD_NUMBER: _ClassVar[int]
     entries: _containers.RepeatedCompositeFieldContainer[FeedbackEntry]
     store: str
     store_reachable: bool
     store_error: str
-    def __init__(self, entries: _Optional[_Iterable[_Union[FeedbackEntry, _Mapping]]] = ..., store: _Optional[str] = ..., store_reachable: _Optional[bool] = ..., store_error: _Optional[str] = ...) -> None: ...
+    next_after_id: int
+    def __init__(self, entries: _Optional[_Iterable[_Union[FeedbackEntry, _Mapping]]] = ..., store: _Optional[str] = ..., store_reachable: _Optional[bool] = ..., store_error: _Optional[str] = ..., next_after_id: _Optional[int] = ...) -> None: ...
 
 class DeleteFeedbackRequest(_message.Message):
     __slots__ = ("id", "author")
