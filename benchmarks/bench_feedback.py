@@ -17,11 +17,16 @@
 from __future__ import annotations
 
 import argparse
+import gc
+import hashlib
+import json
 import os
 import random
 import shutil
+import sqlite3
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -33,14 +38,119 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.common import machine, percentiles_ms, write_results  # noqa: E402
 from benchmarks.feedback_loop import payloads, with_attacks  # noqa: E402
 from logscore.decide import decide  # noqa: E402
-from logscore.feedback import NORMAL, Entry, FeedbackStep, RuleSet  # noqa: E402
+from logscore.errors import InvalidRequest  # noqa: E402
+from logscore.feedback import KEEP, NORMAL, Entry, FeedbackStep, RuleSet, pattern_from_records  # noqa: E402
+from logscore.feedback_store import COLUMNS, FeedbackService, SqliteStore  # noqa: E402
 from logscore.features import load_spec  # noqa: E402
+from logscore.generated.logscore.v1 import scorer_pb2 as pb  # noqa: E402
 from logscore.inputs import read_lines  # noqa: E402
 from logscore.model import Model  # noqa: E402
-from logscore.review import ReviewRing  # noqa: E402
+from logscore.review import ReviewRing, render_feedback  # noqa: E402
+from logscore.servers.feedback_grpc import encode_entry  # noqa: E402
 from logscore.training.train import TrainOptions, save_model, train  # noqa: E402
 
 BATCH = 500
+SCALE = (10, 200, 1000, 10_000)
+ROUTES = ("web.access", "shop.access", "api.access", "static.access", "admin.access")
+WORDS = ("catalog", "orders", "invoice", "press", "careers", "wiki", "forum", "status", "billing", "media", "assets",
+         "partners", "support", "legal", "events", "labs", "mirror", "builds", "reports", "gallery", "feeds", "tickets")
+EXTENSIONS = ("html", "php", "json", "xml", "css", "js", "png", "pdf", "tar.gz", "deb", "rpm", "txt", "")
+PARAMETERS = ("page", "sort", "lang", "ref", "q", "utm_source", "session", "filter", "limit", "offset", "fmt", "v")
+
+
+def made_up_request(rng: random.Random, serial: int) -> str:
+    """A request of a page never seen: each its own kind (a new section, file, parameter set or odd path)."""
+    word = f"{rng.choice(WORDS)}{serial}"  # the serial makes every entry's pattern its own
+    extension = rng.choice(EXTENSIONS)
+    file = f"{rng.choice(WORDS)}-{rng.randrange(100)}" + (f".{extension}" if extension else "")
+    style = rng.randrange(5)
+    if style == 0:  # a new section
+        return f"/{word}/{file}"
+    if style == 1:  # a known section, a new page with parameters
+        query = "&".join(f"{p}{serial % 7 or ''}={rng.choice(['1', 'asc', 'en', 'x9f3', 'true', '2015-05'])}"
+                         for p in rng.sample(PARAMETERS, rng.randint(1, 3)))
+        return f"/presentations/{word}/{file}?{query}"
+    if style == 2:  # an API path with an id
+        return f"/api/v{rng.randint(1, 4)}/{word}/{rng.randrange(10**6)}"
+    if style == 3:  # an odd path: a shape of its own
+        return f"/{word}/{rng.choice(['~', '@', '+', '%7E', '..;'])}{file}"
+    return f"/{word}/{rng.choice(WORDS)}/{file}?id={rng.randrange(10**4)}"
+
+
+def made_up_line(template: str, rng: random.Random, serial: int) -> str:
+    """A line of the log with its request (and, a time in five, its user agent) made up."""
+    head, request, tail = template.split('"', 2)
+    method, _, protocol = request.split(" ", 2)
+    line = f'{head}"{rng.choice([method, method, "POST", "HEAD"])} {made_up_request(rng, serial)} {protocol}"{tail}'
+    if rng.random() < 0.2:
+        quoted = line.rsplit('"', 2)
+        line = f'{quoted[0]}"{rng.choice(WORDS).title()}Bot/{serial % 50}.{rng.randrange(10)} (+https://example.com)"' \
+               f"{quoted[2]}"
+    return line
+
+
+def many_entries(model: Model, count: int, groups: list, lines: list[str], seed: int = 0) -> list[Entry]:
+    """``count`` distinct entries, each its own pattern, as months of marks leave them: the review
+    groups' patterns first (they match the records scored), then records of made-up pages marked
+    one by one, and a field value in twenty; a tenth "keep"; a fifth scoped to a route, a tenth to
+    an entity; a fifth expiring within a day, one in twenty expired (not in force)."""
+    rng = random.Random(seed)
+    now = time.time()
+    fields = [name for name in model.featurizer.fields if name in ("agent", "user_agent", "ip", "client", "status")]
+    entries: list[Entry] = []
+    serial = 0
+    while len(entries) < count:
+        number = len(entries) + 1
+        if number <= len(groups):
+            pattern, verdict = groups[number - 1].pattern(), NORMAL
+            example = groups[number - 1].examples[-1].text
+        elif fields and rng.random() < 0.05:
+            pattern, verdict = {"field": rng.choice(fields), "value": f"{rng.choice(WORDS)}-{serial}"}, NORMAL
+            example = ""
+            serial += 1
+        else:
+            serial += 1
+            example = made_up_line(rng.choice(lines), rng, serial)
+            try:
+                pattern = pattern_from_records(model, [example])
+            except InvalidRequest:  # nothing unusual in it: another one
+                continue
+            verdict = KEEP if rng.random() < 0.1 else NORMAL
+        scoped = number > len(groups)
+        entry = Entry(number, verdict, pattern, "bench", reason=f"bench entry {number}", model=model.name,
+                      route=rng.choice(ROUTES) if scoped and rng.random() < 0.2 else "",
+                      entity=f"tenant-{rng.randrange(20)}" if scoped and rng.random() < 0.1 else "",
+                      created_at=now - rng.uniform(0, 90 * 86400), example=example)
+        luck = rng.random()
+        if scoped and luck < 0.05:
+            entry.expires_at = now - rng.uniform(1, 86400)
+        elif scoped and luck < 0.25:
+            entry.expires_at = now + rng.uniform(3600, 86400)
+        entries.append(entry)
+    return entries
+
+
+def store_with(path: Path, entries: list[Entry]) -> SqliteStore:
+    """A SQLite store holding ``entries``, written in one transaction (marking 10,000 one by one
+    would measure the marks, not what reading them back costs)."""
+    store = SqliteStore(str(path))
+    store.migrate()
+    connection = sqlite3.connect(path)
+    with connection:
+        connection.executemany(
+            f"INSERT INTO feedback ({', '.join(COLUMNS)}) VALUES ({', '.join('?' for _ in COLUMNS)})",
+            [(e.id, e.verdict, e.model, e.route, e.entity, json.dumps(e.pattern), e.example, e.author, e.reason,
+              e.created_at, e.expires_at, e.removed_at, e.removed_by) for e in entries])
+        connection.execute("UPDATE feedback_revision SET revision = revision + 1")
+    connection.close()
+    return store
+
+
+def cpu_ms(work, repeats: int = 1) -> float:
+    started = time.process_time()
+    for _ in range(repeats):
+        work()
+    return round((time.process_time() - started) / repeats * 1000, 2)
 
 
 def cpu_us_per_record(work, chunks, repeats: int = 3) -> float:
@@ -51,7 +161,7 @@ def cpu_us_per_record(work, chunks, repeats: int = 3) -> float:
     return round((time.process_time() - started) / repeats / sum(len(c[0]) for c in chunks) * 1e6, 2)
 
 
-def cost(data: Path, work: Path) -> dict:
+def cost(data: Path, work: Path, counts: tuple = ()) -> dict:
     lines = list(read_lines([str(data / "elastic_apache_access_logs" / "apache_logs")]))
     first, second = int(0.1 * len(lines)), int(0.55 * len(lines))
     rng = random.Random(0)
@@ -90,7 +200,80 @@ def cost(data: Path, work: Path) -> dict:
     per_flagged = (figures["decide_us_per_record"]["5_entries"] - figures["decide_us_per_record"]["without_feedback"]) \
         / max(flagged, 1e-9)
     figures["decide_us_per_flagged_record_5_entries"] = round(per_flagged, 1)
+    if counts:
+        figures["scale"] = {str(count): at_scale(model, count, groups, lines[:first], chunks, work) for count in counts}
     return figures
+
+
+def at_scale(model: Model, count: int, groups: list, lines: list[str], chunks: list, work: Path) -> dict:
+    """The cost of ``count`` distinct entries: on the scoring path, on reload, on a mark, in the lists."""
+    entries = many_entries(model, count, groups, lines)
+    rules = RuleSet(entries)
+
+    def decide_with(chunk, notes=None):
+        routes = [ROUTES[i % len(ROUTES)] for i in range(len(chunk[0]))]
+        decision = decide(model, chunk[1], feedback=FeedbackStep(rules, chunk[0], routes))
+        if notes is not None:
+            notes.append((decision.is_anomaly.tolist(), decision.notes, np.round(decision.scores, 6).tolist()))
+        return decision
+
+    decisions: list = []
+    for chunk in chunks:
+        decide_with(chunk, decisions)
+    suppressed = sum(str(note).count("suppressed by") for _, notes, _ in decisions for note in notes)
+    path = work / f"feedback-{count}.db"
+    store = store_with(path, entries)
+    service = FeedbackService(store, 1.0)
+    started = time.perf_counter()
+    loaded = cpu_ms(lambda: service.reload(force=True))  # a sidecar starting
+    load_wall = round((time.perf_counter() - started) * 1000, 1)
+    # ...and on each feedback change, with the collection of what it made (the collector may be put off)
+    reloaded = cpu_ms(lambda: (service.reload(force=True), gc.collect(1)), 3)
+    started = time.perf_counter()
+    store.add(Entry(0, NORMAL, {"field": "status", "value": "299"}, "bench", model=model.name))
+    mark_ms = round((time.perf_counter() - started) * 1000, 1)
+    listed = store.entries(include_removed=True)
+    body: list = []
+    alone, during = scoring_beside_reloads(model, rules, chunks, store)
+    return {"active_entries": len(rules), "keep_entries": sum(e.verdict == KEEP for e in rules.entries),
+            "decide_us_per_record": cpu_us_per_record(decide_with, chunks),
+            "suppressed_records": suppressed,
+            "decisions_digest": hashlib.sha256(repr(decisions).encode()).hexdigest()[:16],
+            "build_rules_ms": cpu_ms(lambda: RuleSet(entries)),
+            "load_from_sqlite_cpu_ms": loaded, "load_from_sqlite_wall_ms": load_wall,
+            "reload_from_sqlite_cpu_ms": reloaded,
+            "one_mark_more_ms": mark_ms,
+            "list_json_ms": cpu_ms(lambda: body.append(json.dumps({"feedback": [e.as_json() for e in listed]}))),
+            "list_json_bytes": len(body[-1]),
+            "grpc_list_bytes": pb.ListFeedbackResponse(entries=[encode_entry(e) for e in listed]).ByteSize(),
+            "page_table_ms": cpu_ms(lambda: body.append(render_feedback(listed))),
+            "page_table_bytes": len(body[-1]),
+            "scoring_wall_ms_alone": alone, "scoring_wall_ms_during_reloads": during}
+
+
+def scoring_beside_reloads(model: Model, rules: RuleSet, chunks: list, store: SqliteStore) -> tuple[float, float]:
+    """Wall time of scoring the chunks (with the rules) alone, then while another thread reloads the store
+    again and again (as the sidecar's watch thread does on each change): what a reload takes from scoring."""
+    def scoring() -> float:
+        started = time.perf_counter()
+        for records, scored in chunks:
+            decide(model, scored, feedback=FeedbackStep(rules, records))
+        return round((time.perf_counter() - started) * 1000, 1)
+
+    alone = min(scoring() for _ in range(3))
+    stop = threading.Event()
+
+    def reloading():
+        while not stop.is_set():
+            RuleSet(store.entries())
+    thread = threading.Thread(target=reloading)
+    thread.start()
+    try:
+        during = min(scoring() for _ in range(3))
+    finally:
+        stop.set()
+        thread.join()
+    return alone, during
 
 
 def fleet(trials: int, work: Path, model: Path) -> dict:
@@ -144,12 +327,14 @@ def main() -> int:
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
     parser.add_argument("--trials", type=int, default=20)
     parser.add_argument("--no-fleet", action="store_true", help="skip the PostgreSQL fleet part")
+    parser.add_argument("--scale", default=",".join(map(str, SCALE)),
+                        help="entry counts measured at scale, comma-separated ('' for none)")
     parser.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "feedback.json"))
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="logscore-bench-feedback-"))
     try:
         results = {"benchmark": "feedback", "machine": machine(), "load_average_before": os.getloadavg(),
-                   "cost": cost(Path(args.data), work)}
+                   "cost": cost(Path(args.data), work, tuple(int(c) for c in args.scale.split(",") if c))}
         if not args.no_fleet:
             from tests.generate import shop_lines
 
@@ -160,8 +345,6 @@ def main() -> int:
         results["load_average_after"] = os.getloadavg()
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    import json
-
     print(json.dumps(results, indent=2))
     write_results(args.results, results)
     return 0
