@@ -5,6 +5,7 @@ with every entry, straight from the definitions: the same flags, scores, notes a
 from __future__ import annotations
 
 import random
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -87,7 +88,8 @@ class ReferenceStep(FeedbackStep):
                     named |= np.array([f == e.pattern["field"] for f in fields[start:stop]], dtype=bool) & mine
                     used.add(e.id)
             drop[start:stop] = mine if whole else named
-            suppressors[row] = [used | whole] if drop[start:stop].any() else []
+            if drop[start:stop].any():
+                suppressors[row] = SimpleNamespace(ids=lambda ids=sorted(used | whole): ids)
         return drop, suppressors, keepers
 
 

@@ -514,6 +514,7 @@ class ModelRules:
     # thousand field entries cost a thousand comparisons per flagged record)
     by_field: dict[str, dict[str, list[Entry]]] = field(default_factory=dict)
     normal_keys: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # sorted
+    unscoped_keys: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # ...of no scope
 
     def add(self, entry: Entry) -> None:
         """Take an entry in (indexed by ``finish``)."""
@@ -537,6 +538,7 @@ class ModelRules:
         self.keep_by_key = Index.of(self.keep_entries, keys, numeric=True)
         self.keep_kinds = AlikeKinds(self.keep_entries)
         self.normal_keys = np.array(sorted({*self.normal_by_key.unscoped, *self.normal_by_key.scoped}), dtype=np.int64)
+        self.unscoped_keys = np.array(sorted(self.normal_by_key.unscoped), dtype=np.int64)
         return self
 
 
@@ -693,7 +695,7 @@ class FeedbackStep:
             elif rescored is not None and suppressors[row] and rescored[row] < model.threshold:
                 scores[i] = rescored[row]
                 flags[i] = False
-                item.score, item.suppressed_by = float(rescored[row]), sorted(set().union(*suppressors[row]))
+                item.score, item.suppressed_by = float(rescored[row]), suppressors[row].ids()
                 notes.append((i, "record", f"suppressed by feedback {rule_list(item.suppressed_by)}"))
             flagged.append(item)
         if self.observe is not None:
@@ -702,9 +704,9 @@ class FeedbackStep:
 
     def _matches(self, found: Inspection, candidates: np.ndarray, kinds: list[frozenset],
                  model_rules: list[ModelRules]):
-        """(keys to drop [nnz], per record the normal entries that dropped some (as the index's sets
-        of ids: joined only for the records they suppress, as thousands of entries may name a common
-        feature), the keep entries it falls under).
+        """(keys to drop [nnz], per record the normal entries that dropped some (a ``Naming``: looked
+        up only for the records they suppress, as thousands of entries may name a common feature), the
+        keep entries it falls under).
 
         A record of kinds marked normal (every token of its kind named by in-scope normal entries)
         loses all its unusual features: it is scored as if they had been seen in training. Otherwise
@@ -712,14 +714,16 @@ class FeedbackStep:
         payload's). A keep entry's features never go, and records of its kind are kept."""
         keys = found.batch.keys
         drop = np.zeros(len(keys), dtype=bool)
-        suppressors: list[list[set[int]]] = [[] for _ in candidates]
+        suppressors: list = [[] for _ in candidates]  # a Naming where something was dropped
         keepers: list[list[int]] = [[] for _ in candidates]
         if not model_rules:
             return drop, suppressors, keepers
         unusual = found.contribution > 0
         hits = np.zeros(len(keys), dtype=bool)
+        everywhere = np.zeros(len(keys), dtype=bool)  # named by an entry of no scope: in every record's
         for rules in model_rules:
             hits |= among(keys, rules.normal_keys)
+            everywhere |= among(keys, rules.unscoped_keys)
         hits &= unusual
         fields = found.key_fields() if any(r.by_field for r in model_rules) else None
         for row, i in enumerate(candidates.tolist()):
@@ -732,26 +736,20 @@ class FeedbackStep:
             mine = unusual[start:stop]
             if protected:
                 mine = mine & ~np.isin(keys[start:stop], np.fromiter(protected, dtype=np.int64))
-            used: list[set[int]] = []
-            named = np.zeros(stop - start, dtype=bool)
-            for offset in np.flatnonzero(hits[start:stop] & mine).tolist():
-                for rules in model_rules:
-                    ids = rules.normal_by_key.groups(int(keys[start + offset]), route, entity)
-                    if ids:
-                        used += ids
-                        named[offset] = True
-            whole = self._marked_kind(found, row, kinds[row], model_rules, route, entity)
+            named = everywhere[start:stop] & mine
+            for offset in np.flatnonzero(hits[start:stop] & mine & ~named).tolist():  # scoped entries' keys
+                key = int(keys[start + offset])
+                named[offset] = any(rules.normal_by_key.groups(key, route, entity) for rules in model_rules)
+            naming = Naming(model_rules, keys[start:stop][named], route, entity)  # (before field values')
+            naming.sets += self._marked_kind(found, row, kinds[row], model_rules, route, entity)
+            whole = bool(naming.sets)
             if fields is not None:
                 by_field = self._field_values(found, row, start, stop, fields, model_rules, route, entity)
                 named |= by_field[0] & mine
                 if by_field[1]:
-                    used.append(by_field[1])
-            if whole:
-                used += whole
-                drop[start:stop] = mine
-            else:
-                drop[start:stop] = named
-            suppressors[row] = used if drop[start:stop].any() else []
+                    naming.sets.append(by_field[1])
+            drop[start:stop] = mine if whole else named
+            suppressors[row] = naming if drop[start:stop].any() else []
         return drop, suppressors, keepers
 
     def _marked_kind(self, found: Inspection, row: int, kind: frozenset, model_rules, route,
@@ -813,6 +811,21 @@ class FeedbackStep:
             kept.update(e.id for e in rules.field_entries(found, row)
                         if e.verdict == KEEP and in_scope(e, route, entity))
         return protected, kept
+
+
+class Naming:
+    """The normal entries that dropped features of a record: those naming its ``keys`` in its scope,
+    and ``sets`` of ids (of its kind, its field values). Worked out only for a record they suppress:
+    most flagged records hold features common entries name, and are not suppressed."""
+
+    def __init__(self, model_rules: list[ModelRules], keys: np.ndarray, route: str, entity: Optional[str]):
+        self.model_rules, self.keys, self.route, self.entity = model_rules, keys, route, entity
+        self.sets: list[set[int]] = []
+
+    def ids(self) -> list[int]:
+        found = [ids for key in self.keys.tolist() for rules in self.model_rules
+                 for ids in rules.normal_by_key.groups(key, self.route, self.entity)]
+        return sorted(set().union(*found, *self.sets))
 
 
 def among(keys: np.ndarray, sorted_keys: np.ndarray) -> np.ndarray:
