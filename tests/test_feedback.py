@@ -576,7 +576,7 @@ def test_a_group_unusual_in_details_only_says_so_when_marked(tmp_path):
 
 
 def test_the_entries_are_listed_a_page_at_a_time_over_http_grpc_and_the_command_line(sidecar, capsys, monkeypatch):
-    """A fleet's 10,000 entries came in one answer: 5 MB of JSON, and over gRPC more than a client's 4 MB
+    """A fleet's 10,000 entries came in one answer: 7 MB of JSON, and over gRPC more than a client's 4 MB
     message limit (`logscore feedback list` failed). Pages: after an id, at most a limit."""
     from logscore import feedback_cli
     from logscore.cli import main

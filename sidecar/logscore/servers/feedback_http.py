@@ -60,7 +60,7 @@ class FeedbackHttp:
             feedback = self._feedback()
             after, limit = (parse_count(request.query, name) for name in ("after", "limit"))
 
-            def listing() -> dict:  # off the event loop: 10,000 entries take 200 ms to describe
+            def listing() -> dict:  # off the event loop: 10,000 entries take 100 ms to describe
                 entries, following = feedback.page(request.query.get("all") in ("1", "true"), after, limit)
                 return {"feedback": [e.as_json() for e in entries], "next_after": following or None}
             return Response.json({**await off_loop(listing), "store": feedback.status()})
