@@ -611,3 +611,19 @@ def test_the_entries_are_listed_a_page_at_a_time_over_http_grpc_and_the_command_
     monkeypatch.setattr(feedback_cli, "LIST_PAGE", 2)
     assert main(["feedback", "list", "--all", "--json", "--socket", sidecar.socket]) == 0
     assert [json.loads(line)["id"] for line in capsys.readouterr().out.splitlines()] == ["1", "2", "3", "4", "5"]
+
+
+def test_the_review_page_shows_reversing_and_invisible_characters_as_escapes(sidecar):
+    """A U+202E in a record's URL or a feedback reason showed the rest of it reversed on the page where
+    an operator decides what is normal (`/files/\\u202etxt.exe` read `/files/exe.txt`); a zero-width
+    space made two values look the same; a NUL went out raw."""
+    tricks = "\u202etxt.exe\u200b\x00"
+    line = monitor_lines(1, seed=41)[0].replace(" HTTP/1.1", f"<script>{tricks} HTTP/1.1", 1)
+    assert score(sidecar, [line])[0]["is_anomaly"]
+    status, body = feedback(sidecar, "POST", {"verdict": "keep", "author": f"ana{tricks}", "reason": f"why{tricks}",
+                                              "field": "user_agent", "value": f"agent{tricks}"})
+    assert status == 200, body
+    page = sidecar.http_get("/ui/")[1].decode()
+    assert not any(c in page for c in "\u202e\u200b\x00"), "raw reversing, invisible or NUL characters"
+    assert page.count(r"\u202etxt.exe\u200b\x00") >= 4  # example line, author, reason, value
+    assert "&lt;script&gt;" in page and "<script" not in page

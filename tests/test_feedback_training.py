@@ -443,6 +443,22 @@ def test_report_prints_what_logs_hold_without_their_terminal_escapes(tmp_path, c
     assert len(out.splitlines()) == 6, out
 
 
+def test_report_html_shows_what_logs_hold_as_escapes_not_reversed_or_hidden(tmp_path):
+    """The HTML report wrote a record's U+202E (the rest of the line shown reversed), zero-width space,
+    escape sequence and NUL raw, where the terminal report shows them as escapes."""
+    from logscore.cli import main
+
+    hostile = "\x1b]0;pwned\x07\u202etxt.exe\u200b\x00"
+    (tmp_path / "hostile.jsonl").write_text(json.dumps(
+        {"score": 1.0, "is_anomaly": True, "model": hostile, "tag": hostile, "host": hostile, "time": 1796313840,
+         "explanation": [f"url: {hostile}"], "message": f"GET /{hostile}<script>"}) + "\n")
+    assert main(["report", str(tmp_path / "hostile.jsonl"), "--html", str(tmp_path / "report.html")]) == 0
+    html = (tmp_path / "report.html").read_text()
+    assert not any(c in html for c in "\x1b\x07\u202e\u200b\x00"), "raw control or invisible characters"
+    assert html.count(r"\x1b]0;pwned\x07\u202etxt.exe\u200b\x00") >= 4  # model, route, entity, feature, example
+    assert "&lt;script&gt;" in html and "<script" not in html
+
+
 def test_report_names_the_hosts_of_syslog_lines_scored_whole():
     """Syslog tailed whole (Fluent Bit without a parser: {"log": line}; `logscore score --record`:
     "record": line) gave `logscore report` no entity: its top entities were empty."""

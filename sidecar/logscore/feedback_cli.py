@@ -191,7 +191,7 @@ def expiry_word(expires_at: float) -> str:
 
 def describe(entry) -> str:
     from .feedback import iso_time
-    from .report import printable
+    from .shown import printable
     from .generated.logscore.v1 import scorer_pb2 as pb
 
     verdict = pb.Verdict.Name(entry.verdict).lower()

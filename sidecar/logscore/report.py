@@ -30,6 +30,7 @@ from .flood import is_flood
 from .inputs import read_lines, shipper_line
 from .metrics import SCORE_BUCKETS
 from .records import RAW_LINE_KEYS
+from .shown import html_text, printable
 from .review import TOP_ENTITIES, Example, Groups, render_group_examples
 from .parsers import WARN_UNPARSED_SHARE, line_head, parse_access, parse_syslog
 from .timestamps import epoch_seconds, parse_time
@@ -336,17 +337,6 @@ def when_text(seconds: float, timed: bool) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(seconds)) if timed else f"record {int(seconds):,}"
 
 
-# Control characters (C0, DEL, C1) and the bidirectional overrides: a log line's escape sequence
-# printed as it is retitles or clears the operator's terminal, a '\r\n' forges a line of the report,
-# and U+202E shows text reversed.
-UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
-
-
-def printable(text: object) -> str:
-    """Text from the logs, safe to print to a terminal: unprintable characters as escapes (\\x1b)."""
-    return UNPRINTABLE.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), str(text))
-
-
 def text_summary(totals: Totals, groups: Groups, top: int) -> str:
     timed = totals.timed == totals.records
     rate = totals.anomalies / totals.records
@@ -482,7 +472,7 @@ def html_report(totals: Totals, groups: Groups, top: int, inputs) -> str:
              f"<style>{STYLE}</style></head><body><h1>logscore report</h1>",
              # (wrapped: a long line, an unscored route's reason, widened the whole page)
              f"<pre style='white-space:pre-wrap'>{escape(text_summary(totals, groups, 0))}</pre>",
-             f"<p class=muted>{escape(', '.join(map(str, inputs)))}; "
+             f"<p class=muted>{html_text(', '.join(map(str, inputs)))}; "
              f"{when_text(start, timed)} .. {when_text(end, timed)}"
              + (f"; {outside:,} records lie far outside this span and are left out of the charts (check their "
                 "time fields: a time of 0 or a wrong year)" if outside else "") + "</p>",
@@ -493,12 +483,13 @@ def html_report(totals: Totals, groups: Groups, top: int, inputs) -> str:
              bars(labels, [int(c) for c in totals.histogram[:len(labels)]], width=700, title="scores"),
              f"<h2>Groups ({len(groups.by_id):,}; the {min(top, len(groups.by_id))} largest)</h2>"]
     for group in groups.largest()[:top]:
-        entities = ", ".join(f"{escape(e)} ({c:,})" for e, c in group.entities.most_common(TOP_ENTITIES))
-        names = "".join(f"<li>{escape(n)}</li>" for n in group.names) or "<li>(no explanation)</li>"
+        entities = ", ".join(f"{html_text(e)} ({c:,})" for e, c in group.entities.most_common(TOP_ENTITIES))
+        names = "".join(f"<li>{html_text(n)}</li>" for n in group.names) or "<li>(no explanation)</li>"
         counts, _ = np.histogram(list(group.timeline), edges, weights=list(group.timeline.values()))
         points = list(zip(((edges[:-1] + edges[1:]) / 2).tolist(), counts.tolist()))
         parts.append(f'<div class=group id="{group.id}"><div class=head><span class=count>{group.count:,}</span>'
-                     f'<span><b>{escape(group.model)}</b>{" · route " + escape(group.route) if group.route else ""}'
+                     f'<span><b>{html_text(group.model)}</b>'
+                     f'{" · route " + html_text(group.route) if group.route else ""}'
                      f' · <span class=muted>first {when_text(group.first_seen, timed)}, last '
                      f'{when_text(group.last_seen, timed)}</span>'
                      f'{"<br>top entities: " + entities if entities else ""}</span>'

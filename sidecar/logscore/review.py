@@ -27,7 +27,6 @@ import time
 import weakref
 from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
-from html import escape
 from typing import Callable, Optional, Sequence
 
 import numpy as np
@@ -35,6 +34,7 @@ import numpy as np
 from .decide import decide
 from .feedback import (EXAMPLE_CHARS, MAX_KIND_TOKENS, NO_KEYS, FeedbackStep, Flagged, RuleSet, base_name,
                        path_family, record_from_text, record_text, rule_list, similar_counts, strip_rarity)
+from .shown import html_text
 from .svg import bars, timeline
 
 EXAMPLES = 5
@@ -393,25 +393,25 @@ def render_page(ring: ReviewRing, entries: list, histograms: dict, thresholds: d
              f"<p class=muted>{sum(g.count for g in groups):,} flagged records in {len(groups)} groups since "
              f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(ring.started))} (the most recent "
              f"{ring.recent.maxlen:,} records and {ring.groups.max_groups} groups are kept). "
-             f"Feedback store: {escape(str(status.get('store')))}, "
-             f"{'reachable' if status.get('reachable') else 'UNREACHABLE: ' + escape(str(status.get('error')))}, "
+             f"Feedback store: {html_text(str(status.get('store')))}, "
+             f"{'reachable' if status.get('reachable') else 'UNREACHABLE: ' + html_text(str(status.get('error')))}, "
              f"{status.get('active_entries', 0)} active entries.</p>"]
     if ring.not_grouped:
-        counts = ", ".join(f"{escape(model)}: {n:,}" for model, n in sorted(ring.not_grouped.items()))
+        counts = ", ".join(f"{html_text(model)}: {n:,}" for model, n in sorted(ring.not_grouped.items()))
         parts.append(f"<p class=flash id=not-grouped>Flagged but not grouped ({counts}): more were flagged than "
                      f"the page inspects ({ring.inspect_per_s:g} a second, review_inspect_per_s), so the groups "
                      "below are a sample. A model flagging this much is likely meeting traffic it was not "
                      "trained on: retrain it, or serve it with --learn.</p>")
     for model, block in sorted((flooding or {}).items()):
         tagged = [route for route in block["routes"] if route]
-        records = f"records tagged {', '.join(map(escape, tagged))}" if tagged else "records"
-        parts.append(f"<p class=flash id=flooding>{escape(model)} flagged {block['flagged']:,} of its last "
+        records = f"records tagged {', '.join(map(html_text, tagged))}" if tagged else "records"
+        parts.append(f"<p class=flash id=flooding>{html_text(model)} flagged {block['flagged']:,} of its last "
                      f"{block['of_records']:,} {records}, where it expects about {block['expected_share']:.1%}: "
                      "unless an attack or an incident fills this traffic (the groups below show which), it is "
                      "not a model of it. Train one on your own log and send the records to it, or serve with "
                      "--learn.</p>")
     if message:
-        parts.append(f"<p class=flash id=message>{escape(message)}</p>")
+        parts.append(f"<p class=flash id=message>{html_text(message)}</p>")
     parts.append("<h2>Groups</h2>")
     if not groups:
         parts.append("<p class=muted id=no-groups>No anomalies yet.</p>")
@@ -423,7 +423,7 @@ def render_page(ring: ReviewRing, entries: list, histograms: dict, thresholds: d
         threshold = thresholds.get(model)
         first_alert = next((i + 1 for i, edge in enumerate(SCORE_BUCKETS) if threshold is not None
                             and edge >= threshold), None)
-        parts.append(f"<p>{escape(model)} (threshold {threshold}; red: over it)</p>")
+        parts.append(f"<p>{html_text(model)} (threshold {threshold}; red: over it)</p>")
         parts.append(bars(labels, [int(c) for c in counts[:len(labels)]], highlight_from=first_alert,
                           title=f"scores of {model}"))
     parts.append("<h2 id=feedback-list>Feedback</h2>")
@@ -433,7 +433,8 @@ def render_page(ring: ReviewRing, entries: list, histograms: dict, thresholds: d
 
 
 def render_group(group: Group, now: float, bucket_s: float) -> str:
-    marks = "".join(f' <span class="badge {escape(v)}">marked {escape(v)} #{i}</span>' for i, v in group.feedback)
+    marks = "".join(f' <span class="badge {html_text(v)}">marked {html_text(v)} #{i}</span>'
+                    for i, v in group.feedback)
     if group.covered_by and not group.feedback:
         marks += f' <span class="badge normal">covered by {rule_list(group.covered_by)}</span>'
     share = f"{group.suppressed:,} suppressed" + (f", {group.kept:,} kept" if group.kept else "")
@@ -447,11 +448,12 @@ def render_group(group: Group, now: float, bucket_s: float) -> str:
     # records timed before the timeline (a shipper replaying old logs) leave it flat: it says so
     recent = timeline(points, start, end, label=f"{group.id}: records per minute, last 3 hours",
                       empty_text="none in the last 3 hours")
-    names = "".join(f"<li>{escape(n)}</li>" for n in group.names) or "<li>(no feature named: a session model)</li>"
+    names = ("".join(f"<li>{html_text(n)}</li>" for n in group.names)
+             or "<li>(no feature named: a session model)</li>")
     css = "group suppressed" if (group.feedback[-1][1] == "normal" if group.feedback else group.covered_by) else "group"
     return (f'<div class="{css}" id="{group.id}" data-group="{group.id}"><div class=head>'
             f'<span class=count>{group.count:,}</span>'
-            f'<span><b>{escape(group.model)}</b>{" · route " + escape(group.route) if group.route else ""}'
+            f'<span><b>{html_text(group.model)}</b>{" · route " + html_text(group.route) if group.route else ""}'
             f' · <span class=muted>{share}; first {utc_text(group.first_seen)}, last {utc_text(group.last_seen)} UTC'
             f'</span>{marks}</span>'
             f'{recent}'
@@ -469,8 +471,8 @@ def utc_text(seconds: float) -> str:
 
 def render_group_examples(group: Group) -> str:
     return "".join(
-        f"<div class=example>{escape(e.text)}\n<span class=muted>score {e.score:.4f}"
-        f"{' · ' + escape(e.note) if e.note else ''}"
+        f"<div class=example>{html_text(e.text)}\n<span class=muted>score {e.score:.4f}"
+        f"{' · ' + html_text(e.note) if e.note else ''}"
         f"{' · ' + utc_text(e.time) if e.time else ''}</span></div>"
         for e in reversed(group.examples))
 
@@ -491,15 +493,17 @@ def render_feedback(entries: list) -> str:
     # The most recent only: a fleet's months of marks made a 5 MB page (10,000 rows) built on the event loop
     for entry in heapq.nsmallest(FEEDBACK_ROWS, entries, key=lambda e: -e.id):
         data = entry.as_json()
-        scope = " · ".join(f"{k} {escape(str(data[k]))}" for k in ("model", "route", "entity") if data[k]) or "all"
-        undo = ("<span class=muted>removed by " + escape(str(entry.removed_by)) + "</span>"
+        scope = " · ".join(f"{k} {html_text(str(data[k]))}" for k in ("model", "route", "entity") if data[k]) or "all"
+        undo = ("<span class=muted>removed by " + html_text(str(entry.removed_by)) + "</span>"
                 if entry.removed_at is not None else
                 f'<form class=inline method=post action="/ui/feedback/remove"><input type=hidden name=id '
                 f'value="{entry.id}"><button name=undo value="{entry.id}">undo</button></form>')
-        rows.append(f'<tr id="feedback-{entry.id}"><td>{entry.id}</td><td><span class="badge {escape(entry.verdict)}">'
-                    f'{escape(entry.verdict)}</span></td><td>{escape(entry.describe())}</td><td>{scope}</td>'
-                    f'<td>{escape(entry.author)}, {data["created_at"]}<br><span class=muted>{escape(entry.reason)}'
-                    f'</span></td><td>{expiry_cell(entry)}</td><td>{undo}</td></tr>')
+        verdict = html_text(entry.verdict)
+        rows.append(f'<tr id="feedback-{entry.id}"><td>{entry.id}</td><td><span class="badge {verdict}">'
+                    f'{verdict}</span></td><td>{html_text(entry.describe())}</td><td>{scope}</td>'
+                    f'<td>{html_text(entry.author)}, {data["created_at"]}<br>'
+                    f'<span class=muted>{html_text(entry.reason)}</span></td><td>{expiry_cell(entry)}</td>'
+                    f'<td>{undo}</td></tr>')
     rows.append("</table>")
     if len(entries) > FEEDBACK_ROWS:
         rows.append(f"<p class=muted id=feedback-more>The {FEEDBACK_ROWS} most recent of {len(entries):,} entries "
