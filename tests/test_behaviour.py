@@ -353,6 +353,23 @@ def burst_lines(count: int, status: str = "503") -> list[str]:
     return [line.replace('" 200 ', f'" {status} ').replace('" 404 ', f'" {status} ') for _ in range(count)]
 
 
+def test_an_empty_request_to_a_model_watching_windows_is_answered_without_an_error_logged(behaviour_model,
+                                                                                         tmp_path):
+    """An empty event stream or list of lines logged `observing windows and clients failed` with a
+    traceback (numpy read the empty positions as floats) and counted an error, once per request."""
+    sidecar = SidecarProcess(behaviour_model.parent, tmp_path).start()
+    try:
+        for request in (pb.ScoreRequest(model="shop", event_stream=b""),
+                        pb.ScoreRequest(model="shop", lines=pb.RawLines()),
+                        pb.ScoreRequest(model="shop", structured=pb.StructuredRecords())):
+            assert len(sidecar.stub().Score(request, timeout=10).scores) == 0
+        assert sidecar.http_post("/v1/score?model=shop", {"records": []}) == (200, {"results": [], "notes": []})
+        assert sidecar.metric('logscore_errors_total{kind="behaviour"') == 0
+    finally:
+        sidecar.stop()
+    assert "Traceback" not in sidecar.log()
+
+
 def test_a_burst_is_one_window_event_on_grpc_http_and_forward_mode(behaviour_model, tmp_path):
     receiver = ForwardReceiver(free_port()).start()
     forward_port = free_port()

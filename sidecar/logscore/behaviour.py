@@ -400,7 +400,8 @@ class Behaviour:
             record_scores = scored.scores
             if times is not None and carried is None:
                 carried = event_times(times)
-            own = own_times(columns, size, None if carried is None else carried[np.asarray(positions)])
+            # (intp: positions of an empty request are an empty list, which numpy reads as floats)
+            own = own_times(columns, size, None if carried is None else carried[np.asarray(positions, np.intp)])
             late = None if own is None else watched.lateness.late(own, lateness_sources(columns, mine), now)
             live = np.arange(size)
             if late is not None:
