@@ -222,6 +222,10 @@ def post(sidecar, body: bytes, path: str = "/v1/score", headers: str = "") -> tu
     ("/v1/score?timeout_ms=abc", b'{"message": "x"}', 400, "timeout_ms='abc': give a positive number"),
     ("/v1/score?timeout_ms=-5", b'{"message": "x"}', 400, "timeout_ms='-5'"),
     ("/v1/score", b"[" * 100_000 + b"]" * 100_000, 400, "nested too deeply"),
+    # Python's own words past 4,300 digits told the caller to call sys.set_int_max_str_digits()
+    ("/v1/score", b'{"bytes": ' + b"9" * 5000 + b"}", 400, "a number has more than 4,300 digits; send such a value "
+     "as a string"),
+    ("/v1/feedback", b'{"verdict": "normal", "expires_at": ' + b"9" * 5000 + b"}", 400, "more than 4,300 digits"),
     ("/v1/score", b'{"records": "x"}', 400, '"records" must be an array of events, not str'),
     ("/v1/score", b'{"records": {"url": "/"}}', 400, "not dict"),
     # gRPC's request holds the model beside the records: here it was ignored, another model scored them

@@ -26,7 +26,7 @@ from urllib.parse import parse_qs, quote, unquote, urlsplit
 from ..errors import InvalidRequest, LogscoreError, Unauthenticated
 from ..feedback_store import Mark
 from .feedback_grpc import count_mark, off_loop
-from .http import STATUS_CODES, Request, Response, digits
+from .http import STATUS_CODES, Request, Response, digits, json_error
 
 COOKIE = "logscore_token"
 PAGE_AUTHOR = "review page"
@@ -268,7 +268,7 @@ def decode_mark(body: bytes) -> Mark:
     try:
         data = json.loads(body.decode("utf-8", "replace") or "null")
     except ValueError as error:
-        raise InvalidRequest(f"body is not valid JSON: {error}") from None
+        raise InvalidRequest(f"body is not valid JSON: {json_error(error)}") from None
     except RecursionError:  # a hostile body of a hundred thousand '[': a 400, not an internal error
         raise InvalidRequest("body is JSON nested too deeply; send a flat object such as "
                              '{"verdict": "normal", "author": "ana", "records": ["<a log line>"]}') from None

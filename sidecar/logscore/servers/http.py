@@ -25,6 +25,7 @@ import logging
 import math
 import os
 import re
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Awaitable, Callable, Optional, Union
@@ -417,6 +418,14 @@ async def linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
 
 # --- the sidecar's HTTP surface ---------------------------------------------------
 
+def json_error(error: ValueError) -> str:
+    """What is wrong with a JSON body, in the caller's terms: Python's own words for an integer past
+    its digit limit tell the caller to call sys.set_int_max_str_digits()."""
+    if "integer string conversion" in str(error):
+        return (f"a number has more than {sys.get_int_max_str_digits():,} digits; send such a value as a string")
+    return str(error)
+
+
 def decode_events(body: bytes, content_type: str, ticket: Ticket = UNLIMITED) -> tuple[list, bool]:
     """(records, single): one JSON object, an array of them, or {"records": [...]}."""
     if content_type and "json" not in content_type.split(";")[0]:
@@ -426,7 +435,7 @@ def decode_events(body: bytes, content_type: str, ticket: Ticket = UNLIMITED) ->
     try:
         value = json.loads(body.decode("utf-8", "replace")) if body else None
     except ValueError as error:
-        raise HttpError(400, f"body is not valid JSON: {error}") from None
+        raise HttpError(400, f"body is not valid JSON: {json_error(error)}") from None
     except RecursionError:
         raise HttpError(400, "body is JSON nested too deeply; send events as flat objects") from None
     if isinstance(value, dict) and "records" in value:
