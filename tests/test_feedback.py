@@ -627,3 +627,21 @@ def test_the_review_page_shows_reversing_and_invisible_characters_as_escapes(sid
     assert not any(c in page for c in "\u202e\u200b\x00"), "raw reversing, invisible or NUL characters"
     assert page.count(r"\u202etxt.exe\u200b\x00") >= 4  # example line, author, reason, value
     assert "&lt;script&gt;" in page and "<script" not in page
+
+
+def test_a_line_that_does_not_parse_stays_flagged_whatever_the_feedback(sidecar):
+    """The shop's model parsed its training data, so a line it cannot read is flagged (a binary
+    payload, another log). Once the review page's group of such lines was marked normal, its entry
+    (the missing fields) suppressed every later one, though the note still said flagged."""
+    import re
+    import urllib.parse
+
+    assert score(sidecar, ["not an access line", "nor this one"])[0]["is_anomaly"]
+    group = re.search(r'name=group value="(g\d+)"', sidecar.http_get("/ui/")[1].decode()).group(1)
+    form = urllib.parse.urlencode({"group": group, "verdict": "normal"}).encode()
+    status, page = http_request(sidecar.http_port, "POST", "/ui/feedback", form,
+                                {"Content-Type": "application/x-www-form-urlencoded"})
+    assert status == 200 and f"Group {group} marked normal" in page.decode()
+    result = score(sidecar, ["\x16\x03\x01\x02\x00 binary handshake", "GET /../../etc/passwd"])
+    assert all(r["is_anomaly"] for r in result), result
+    assert all(r["notes"] == ["did not parse as access; flagged: the model's training data parsed"] for r in result)

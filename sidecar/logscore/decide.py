@@ -7,7 +7,7 @@ The one step after scoring, on every path (the sidecar's ScoringService, `logsco
 
 - the threshold (already compared by ``Model.score``, which may take a per-call threshold);
 - records that did not parse: flagged when the model's training data parsed (a line its
-  parser cannot read is then itself anomalous), noted either way;
+  parser cannot read is then itself anomalous; no feedback unflags it), noted either way;
 - truncation: noted (the rule is in ``records.RecordNormalizer``: one rule everywhere);
 - learning: while a route's own model is being learned (sidecar/logscore/learning.py), its
   records keep their score but are not flagged, and say so;
@@ -64,11 +64,15 @@ def decide(model: Model, scored: Scored, learning: Optional[Sequence[Optional[st
     operators' feedback to the batch's records."""
     flags = scored.is_anomaly.copy()
     notes: list[tuple[int, str, str]] = []
+    # Lines flagged for not parsing stay flagged: their unusual features are the fields they lack, and a
+    # mark of those (the review page's group of such lines) suppressed every line the model cannot read.
+    held = None
     # NOTE: count_nonzero, not any(): ~1 µs less a call on a few records (any() is a ufunc reduction)
     if np.count_nonzero(scored.unparsed):
         log_format = model.featurizer.log_format
         if flags_unparsed(model):
             flags |= scored.unparsed
+            held = scored.unparsed
             text = f"did not parse as {log_format}; flagged: the model's training data parsed"
         else:
             text = f"did not parse as {log_format}; scored with its fields missing"
@@ -85,7 +89,7 @@ def decide(model: Model, scored: Scored, learning: Optional[Sequence[Optional[st
     scores = None
     if feedback is not None:
         candidates = np.flatnonzero(flags & scored.is_anomaly)  # flagged by their score
-        scores = feedback.apply(model, candidates, scored.scores, flags, notes)
+        scores = feedback.apply(model, candidates, scored.scores, flags, notes, held)
         notes.sort(key=lambda note: note[0])
     return Decision(flags, notes, scores)
 

@@ -659,9 +659,11 @@ class FeedbackStep:
         return event_seconds(self.times[i]) if self.times else math.nan
 
     def apply(self, model: Model, candidates: np.ndarray, scores: np.ndarray,
-              flags: np.ndarray, notes: list) -> np.ndarray:
+              flags: np.ndarray, notes: list, held: Optional[np.ndarray] = None) -> np.ndarray:
         """Suppress what normal rules explain among ``candidates`` (indices of records flagged by their
-        score); clears their flags and adds notes in place; returns the scores (lowered ones replaced)."""
+        score); clears their flags and adds notes in place; returns the scores (lowered ones replaced).
+        ``held``: records flagged whatever the feedback (lines the model cannot read), still inspected
+        for the review page."""
         model_rules = self.rules.for_model(model.name) if len(self.rules) else []
         if not len(candidates) or not (model_rules or self.inspect_always) or model.sessions is not None:
             if self.observe is not None and len(candidates):
@@ -674,11 +676,12 @@ class FeedbackStep:
             if allowed < len(candidates):
                 candidates = candidates[np.linspace(0, len(candidates) - 1, allowed).astype(np.int64)]
         for start in range(0, len(candidates), SCORE_CHUNK):  # bounded working memory, as Model.score
-            scores = self._apply(model, candidates[start: start + SCORE_CHUNK], scores, flags, notes, model_rules)
+            scores = self._apply(model, candidates[start: start + SCORE_CHUNK], scores, flags, notes, model_rules,
+                                 held)
         return scores
 
     def _apply(self, model: Model, candidates: np.ndarray, scores: np.ndarray, flags: np.ndarray, notes: list,
-               model_rules: list) -> np.ndarray:
+               model_rules: list, held: Optional[np.ndarray]) -> np.ndarray:
         found = inspect(model, [self.records[i] for i in candidates])
         kinds = [found.kind(row) for row in range(len(candidates))]
         drop, suppressors, keepers = self._matches(found, candidates, kinds, model_rules)
@@ -692,7 +695,8 @@ class FeedbackStep:
             if keepers[row]:
                 item.kept_by = keepers[row]
                 notes.append((i, "record", f"kept by feedback {rule_list(keepers[row])}"))
-            elif rescored is not None and suppressors[row] and rescored[row] < model.threshold:
+            elif (rescored is not None and suppressors[row] and rescored[row] < model.threshold
+                  and (held is None or not held[i])):
                 scores[i] = rescored[row]
                 flags[i] = False
                 item.score, item.suppressed_by = float(rescored[row]), suppressors[row].ids()
