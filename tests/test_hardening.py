@@ -412,6 +412,12 @@ SCORE_HEAD = "POST /v1/score HTTP/1.1\r\nHost: localhost\r\nContent-Type: applic
     (SCORE_HEAD + "Transfer-Encoding: chunked\r\n\r\n0x2\r\n{}\r\n0\r\n\r\n", 400, "hexadecimal digits"),
     (SCORE_HEAD + "Transfer-Encoding: chunked\r\n\r\n" + "1" * 40_000 + "\r\n", 400, "chunk size line longer"),
     (SCORE_HEAD + "Transfer-Encoding: chunked\r\n\r\n2\r\n{}junk\r\n0\r\n\r\n", 400, "ends with CRLF"),
+    # a proxy reads ' Transfer-Encoding' as a folded line and 'Content-Length :' as another header: framing
+    # read two ways again
+    (SCORE_HEAD + "X-A: a\r\n Transfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n", 400,
+     "malformed header line ' Transfer-Encoding: chunked"),
+    (SCORE_HEAD + "Content-Length : 2\r\n\r\n{}", 400, "without spaces before the colon or folded lines"),
+    (SCORE_HEAD + "Content-Length: 2\r\nX-A: a\x00b\r\n\r\n{}", 400, "header X-A holds a NUL byte"),
     ("POST /v1/score?explain=%C2%B2 HTTP/1.1\r\nHost: localhost\r\nContent-Length: 2\r\n\r\n{}", 400,
      "give a whole number of features"),
     ("GET /v1/anomalies?since=%C2%B2 HTTP/1.1\r\nHost: localhost\r\n\r\n", 400, "since='\u00b2': give a whole number"),

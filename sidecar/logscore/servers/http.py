@@ -67,6 +67,8 @@ BODY_PIECE = 64 * 1024  # a body is charged to the in-flight budget as it arrive
 LINGER_S, LINGER_BYTES = 2.0, 16 * 2**20  # what is read and dropped, after an error, before closing
 CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,8}(;[^\r\n]*)?\r?\n")
 SINGLE_HEADERS = ("content-length", "transfer-encoding", "authorization", "host")
+# A header's name: RFC 9110's token, nothing around it (no space before the colon, no folded line)
+HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 
 
 def digits(text: str) -> bool:
@@ -241,8 +243,16 @@ class HttpServer(StreamServer):
                 raise HttpError(431, f"headers exceed {MAX_HEADER_BYTES} bytes", close=True)
             if header in (b"\r\n", b"\n", b""):
                 return headers
-            name, _, value = header.decode("latin-1").partition(":")
-            name = name.strip().lower()
+            text = header.decode("latin-1").rstrip("\r\n")
+            name, colon, value = text.partition(":")
+            if not colon or not HEADER_NAME.fullmatch(name):
+                # NOTE: read leniently (' Transfer-Encoding' as a folded line to a proxy, a header to us),
+                # a request's framing differs between the two: how requests are smuggled
+                raise HttpError(400, f"malformed header line {text[:60]!r}: send 'Name: value', without "
+                                "spaces before the colon or folded lines", close=True)
+            if "\x00" in value:
+                raise HttpError(400, f"header {name} holds a NUL byte", close=True)
+            name = name.lower()
             if name in headers and name in SINGLE_HEADERS:
                 # NOTE: two of these are read differently by different servers (request smuggling
                 # behind a proxy, or which token counts): refused, not guessed
