@@ -631,17 +631,21 @@ def test_the_review_page_shows_reversing_and_invisible_characters_as_escapes(sid
 
 def test_a_line_that_does_not_parse_stays_flagged_whatever_the_feedback(sidecar):
     """The shop's model parsed its training data, so a line it cannot read is flagged (a binary
-    payload, another log). Once the review page's group of such lines was marked normal, its entry
-    (the missing fields) suppressed every later one, though the note still said flagged."""
+    payload, another log). An entry of the fields such lines lack (here a field map holding only a
+    byte count) suppressed every later one, though the note still said flagged; the review page's
+    group of such lines was offered, and taken, as such an entry."""
     import re
     import urllib.parse
 
-    assert score(sidecar, ["not an access line", "nor this one"])[0]["is_anomaly"]
+    status, body = feedback(sidecar, "POST", {"verdict": "normal", "author": "ana", "records": [{"bytes": "5"}]})
+    assert status == 200 and "url: (missing)" in body["feedback"]["pattern"]["features"], body
+    result = score(sidecar, ["not an access line", "nor is this one"])
+    assert all(r["is_anomaly"] for r in result), result
+    assert all(r["notes"] == ["did not parse as access; flagged: the model's training data parsed"] for r in result)
+
     group = re.search(r'name=group value="(g\d+)"', sidecar.http_get("/ui/")[1].decode()).group(1)
     form = urllib.parse.urlencode({"group": group, "verdict": "normal"}).encode()
     status, page = http_request(sidecar.http_port, "POST", "/ui/feedback", form,
                                 {"Content-Type": "application/x-www-form-urlencoded"})
-    assert status == 200 and f"Group {group} marked normal" in page.decode()
-    result = score(sidecar, ["\x16\x03\x01\x02\x00 binary handshake", "GET /../../etc/passwd"])
-    assert all(r["is_anomaly"] for r in result), result
-    assert all(r["notes"] == ["did not parse as access; flagged: the model's training data parsed"] for r in result)
+    assert status == 200 and f"Not done: group {group}: its record 1 (" in page.decode(), page.decode()[-2000:]
+    assert "flags such records whatever the feedback" in page.decode()

@@ -29,7 +29,7 @@ from typing import Callable, Optional, Sequence
 
 from .errors import ConfigError, FeedbackNotFound, InvalidRequest, StoreUnavailable
 from .feedback import (EXAMPLES, UNREADABLE, VERDICTS, Entry, RuleSet, pattern_from_field, pattern_from_records,
-                       record_text, refuse_unparsed)
+                       record_from_text, record_text, refuse_unparsed)
 from .timestamps import LATEST_TIME
 
 log = logging.getLogger("logscore.feedback")
@@ -690,6 +690,8 @@ class FeedbackService:
                 raise InvalidRequest(f"group {mark.group} is unusual in details only (n-grams, or a session "
                                      "model's records): it names no kind to mark; mark its records or a field value")
             model_name = mark.model or group.model
+            if mark.verdict == "normal":
+                self._refuse_unparsed_group(mark.group, model_name, group)
             pattern = group.pattern()
             example = group.examples[-1].text if group.examples else ""
             route = mark.route or group.route
@@ -710,6 +712,17 @@ class FeedbackService:
             self.review.marked(mark.group, entry.id, entry.verdict)  # first: the others are checked against it
         self._reload_after_write()
         return entry
+
+    def _refuse_unparsed_group(self, group_id: str, model_name: str, group) -> None:
+        """A group of lines its model cannot read (a binary payload, another log), which such a model
+        flags whatever the feedback: marked normal, it made an entry that never applied."""
+        model = self.registry.snapshot.models.get(model_name) if self.registry is not None else None
+        if model is None or not group.examples:
+            return
+        try:
+            refuse_unparsed(model, [record_from_text(example.text) for example in group.examples])
+        except InvalidRequest as error:
+            raise InvalidRequest(f"group {group_id}: its {error}") from None
 
     def add(self, entry: Entry) -> Entry:
         stored = self.store.add(entry)
