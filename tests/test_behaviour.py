@@ -1883,7 +1883,7 @@ def test_the_long_tail_of_urls_is_learned_as_the_other_row_the_sidecar_counts_it
 def test_windows_learned_from_less_than_a_day_say_so():
     """A field trial trained --windows on 6,580 lines (4 one-minute windows) and nothing said the
     forecast had no hour of day to learn from; a day of logs or more says nothing."""
-    from logscore.training.behaviour import BehaviourOptions, fit_windows
+    from logscore.training.behaviour import BehaviourOptions, calibration_warm_up, fit_windows
 
     def warnings_over(hours: float) -> list[str]:
         fields = [{"time": START + t, "status": "200"} for t in np.arange(0, hours * 3600, 30.0)]
@@ -1894,3 +1894,50 @@ def test_windows_learned_from_less_than_a_day_say_so():
     short = warnings_over(2)
     assert len(short) == 1 and "120 windows of 60 s (2.0 h)" in short[0] and "a day of logs" in short[0]
     assert warnings_over(25) == []
+
+
+def nightly_failures_site(days: int, seed: int = 0) -> list[dict]:
+    """Records of a site in 5-minute windows: ~60 a window by day, one at night (00-09) where a
+    batch job fails one time in twenty (a 5xx alone in its window)."""
+    rng = np.random.default_rng(seed)
+    fields = []
+    for w in range(days * 288):
+        start = START + 300.0 * w
+        night = (w % 288) < 108
+        n = int(rng.poisson(1.0 if night else 60.0))
+        failed = rng.random(n) < (0.05 if night else 0.0)
+        for t, bad in zip(np.sort(start + 300.0 * rng.random(n)).tolist(), failed.tolist()):
+            fields.append({"time": t, "status": "500" if bad else "200"})
+    return fields
+
+
+def test_window_threshold_is_placed_among_windows_the_sidecar_could_report():
+    """The threshold came from the top of every training key-window's deviation: a night's lone
+    5xx stands 10-20 spreads out in its share, a window the sidecar never reports (fewer than
+    min_change records), so a drop of the day's traffic stood under it (on synthesized sites a
+    deviation of 8 was needed, docs/accuracy.md). It is placed among the windows whose count
+    differs from the forecast by min_change records or more (a share: whose count reaches it),
+    once every hour-of-week slot was seen twice (at most half the log left out)."""
+    from logscore.training.behaviour import BehaviourOptions, calibration_warm_up, fit_windows
+    from logscore.training.train import apply_ecdf
+
+    assert calibration_warm_up(28 * 1440, 60.0) == 14 * 1440
+    assert calibration_warm_up(3 * 1440, 60.0) == 36 * 60
+    learned = fit_windows(nightly_failures_site(10), "web", BehaviourOptions(windows=True, window_s=300.0))
+    windows = learned.metadata["windows"]
+    knots, levels = learned.window_calibration
+    needed = float(knots[np.searchsorted(levels[1:], windows["threshold"])])  # the least deviation reported
+    assert 3.0 < needed < 6.0, needed  # before: 40-50, a lone night 5xx's share
+    assert apply_ecdf(np.array([6.0]), knots, levels)[0] >= windows["threshold"]
+    assert windows["calibration"].startswith("empirical CDF of") and " reportable " in windows["calibration"]
+
+
+def test_window_threshold_of_a_log_with_few_reportable_windows_pools_every_key_window():
+    """A quiet log (a few records a window) has almost no window the sidecar could report: their
+    maximum would be the threshold, so every key-window is pooled as before (a higher threshold)."""
+    from logscore.training.behaviour import MIN_REPORTABLE, BehaviourOptions, fit_windows
+
+    fields = [f for f in nightly_failures_site(3) if int(f["time"]) % 10 == 0]
+    learned = fit_windows(fields, "web", BehaviourOptions(windows=True, window_s=300.0))
+    calibration = learned.metadata["windows"]["calibration"]
+    assert "reportable) all key-window" in calibration and MIN_REPORTABLE == 1000, calibration

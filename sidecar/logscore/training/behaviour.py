@@ -2,8 +2,9 @@
 
     records (in file order) ─► normalized fields + timestamps (timestamps.py)
         windows: counts per key per window ─► forecast.py replayed over every window
-                 (online, as the sidecar will run it) ─► deviations after a warm-up
-                 ─► empirical CDF (calibration) ─► threshold from --window-target-fpr
+                 (online, as the sidecar will run it) ─► deviations of the key-windows the
+                 sidecar could report, once the seasonal offsets settled ─► empirical CDF
+                 (calibration) ─► threshold from --window-target-fpr
         clients: the record model scores every record ─► entities.ClientTracker replayed in
                  time order ─► per-feature empirical CDFs ─► summed log tails ─► calibration
                  ─► threshold: at most --client-target-fpr of normal clients ever cross it
@@ -26,7 +27,7 @@ from onnx import TensorProto, helper, numpy_helper
 from ..artifact import HASH_KEY, METADATA_KEY, Artifact, content_hash
 from ..entities import CLIENT_FIELDS, FEATURES, ClientTracker, client_batch
 from ..errors import ConfigError, InputError
-from ..forecast import COUNT_MIN_SCALE, DAY_S, ForecastState, count_transform, slots
+from ..forecast import COUNT_MIN_SCALE, DAY_S, ForecastState, count_inverse, count_transform, slots
 from ..timestamps import SEASONS_UTC, TIME_FIELDS, record_times, season_zone
 from ..records import text_columns
 from ..windows import DIMENSIONS, LEVELS_READ, OTHER, SHARES, KeyNamer, fields_read, share_deviation, share_name
@@ -151,13 +152,14 @@ def fit_windows(fields: Sequence[dict], route: str, options: BehaviourOptions, w
     counts = np.stack([np.bincount(by_key[k], minlength=windows) for k in ranked]).astype(np.float64)
     hours, weeks = slots(first + window_s * np.arange(windows), season_zone(options.season_zone))
     state = ForecastState.empty(len(ranked), window_s, COUNT_MIN_SCALE)
-    warm_up = min(windows // 4, int(DAY_S // window_s))
-    deviations = []
+    warm_up = calibration_warm_up(windows, window_s)
+    deviations, reportable = [], []
     for w in range(windows):
-        _, deviation = state.step(count_transform(counts[:, w]), np.full(len(ranked), hours[w]),
-                                  np.full(len(ranked), weeks[w]))
+        expected, deviation = state.step(count_transform(counts[:, w]), np.full(len(ranked), hours[w]),
+                                         np.full(len(ranked), weeks[w]))
         if w >= warm_up:
             deviations.append(deviation)
+            reportable.append(np.abs(counts[:, w] - count_inverse(expected)) >= options.min_change)
     route_counts = counts[0]
     shares, expected, dispersion = [], [], []
     for dimension, value in SHARES:
@@ -169,10 +171,11 @@ def fit_windows(fields: Sequence[dict], route: str, options: BehaviourOptions, w
         deviation, _ = share_deviation(share_counts[warm_up:], route_counts[warm_up:], np.full(windows - warm_up, p),
                                        np.full(windows - warm_up, phi))
         deviations.append(deviation)
+        reportable.append(share_counts[warm_up:] >= options.min_change)
         shares.append(share_name(dimension, value))
         expected.append(p)
         dispersion.append(phi)
-    pooled = np.concatenate([np.ravel(d) for d in deviations]) if deviations else np.zeros(1)
+    pooled, calibrated_on = calibration_pool(deviations, reportable)
     knots, levels = ecdf_table(pooled)
     threshold = float(1.0 - options.window_target_fpr)
     learned = Learned()
@@ -190,12 +193,47 @@ def fit_windows(fields: Sequence[dict], route: str, options: BehaviourOptions, w
         "target_fpr": options.window_target_fpr, "min_change": options.min_change, "levels_read": LEVELS_READ,
         "season_zone": options.season_zone,
         "new_key": {"level": float(count_transform(np.zeros(1))[0]), "scale": NEW_KEY_SCALE},
-        "calibration": f"empirical CDF of {len(pooled):,} key-window deviations after a warm-up of {warm_up} windows",
+        "calibration": f"empirical CDF of {len(pooled):,} {calibrated_on} key-window deviations after a warm-up of "
+                       f"{warm_up} windows",
         "training": {"records": int(len(order)), "windows": windows, "start": float(first),
                      "end": float(first + windows * window_s), "keys_seen": len(by_key), "keys_kept": len(ranked),
-                     "flagged_fraction": round(flagged, 6)},
+                     "flagged_fraction": round(flagged, 6),
+                     "threshold_deviation": round(float(np.quantile(pooled, threshold, method="higher")), 3)},
     }
     return learned
+
+
+SETTLING_WEEKS = 2  # visits of each hour-of-week slot before the replay's deviations calibrate
+MIN_REPORTABLE = 1000  # reportable key-windows below which the calibration pools every key-window
+
+
+def calibration_warm_up(windows: int, window_s: float) -> int:
+    """Windows of the training replay left out of the calibration: those before each hour-of-week
+    slot has been seen twice, but never more than half the log (a short log keeps its second half)
+    and at least its first day (or quarter). While the seasonal offsets are still learned (0.3 of a
+    residual per visit: a site's weekend mornings were forecast as its weekdays' for two weeks),
+    deviations are larger than a trained model's: they raised the threshold (docs/accuracy.md)."""
+    settling = int(SETTLING_WEEKS * 7 * DAY_S // window_s)
+    first_day = min(windows // 4, int(DAY_S // window_s))
+    return max(first_day, min(settling, windows // 2))
+
+
+def calibration_pool(deviations: list, reportable: list) -> tuple[np.ndarray, str]:
+    """(deviations the threshold is placed among, what they are): the key-windows the sidecar
+    could report, those whose count differs from its forecast by ``min_change`` records or more
+    (a share: whose count reaches it). Pooled with the rest, the top of the training deviations
+    was windows never reported — a share of one 5xx among two night-time records stands 10-14
+    spreads out — and a 60 % drop of a site's traffic stood under the threshold (a deviation of 8
+    was needed on the shop site; 6 on its reportable windows). With fewer than ``MIN_REPORTABLE``
+    such windows their tail is no tail (the threshold would be their maximum): every key-window
+    is pooled instead, as models trained before, a higher threshold."""
+    if not deviations:
+        return np.zeros(1), "no"
+    values = np.concatenate([np.ravel(d) for d in deviations])
+    chosen = values[np.concatenate([np.ravel(r) for r in reportable])]
+    if len(chosen) >= MIN_REPORTABLE:
+        return chosen, "reportable"
+    return values, f"(only {len(chosen)} reportable) all"
 
 
 def share_model(counts: np.ndarray, totals: np.ndarray) -> tuple[float, float]:
