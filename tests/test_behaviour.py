@@ -1883,7 +1883,7 @@ def test_the_long_tail_of_urls_is_learned_as_the_other_row_the_sidecar_counts_it
 def test_windows_learned_from_less_than_a_day_say_so():
     """A field trial trained --windows on 6,580 lines (4 one-minute windows) and nothing said the
     forecast had no hour of day to learn from; a day of logs or more says nothing."""
-    from logscore.training.behaviour import BehaviourOptions, calibration_warm_up, fit_windows
+    from logscore.training.behaviour import BehaviourOptions, fit_windows
 
     def warnings_over(hours: float) -> list[str]:
         fields = [{"time": START + t, "status": "200"} for t in np.arange(0, hours * 3600, 30.0)]
@@ -1917,12 +1917,16 @@ def test_window_threshold_is_placed_among_windows_the_sidecar_could_report():
     min_change records), so a drop of the day's traffic stood under it (on synthesized sites a
     deviation of 8 was needed, docs/accuracy.md). It is placed among the windows whose count
     differs from the forecast by min_change records or more (a share: whose count reaches it),
-    once every hour-of-week slot was seen twice (at most half the log left out)."""
-    from logscore.training.behaviour import BehaviourOptions, calibration_warm_up, fit_windows
+    from the window every hour-of-week slot was seen twice (at most half the log left out), or
+    earlier to hold 1/target_fpr of them."""
+    from logscore.training.behaviour import BehaviourOptions, calibration_start, calibration_warm_up, fit_windows
     from logscore.training.train import apply_ecdf
 
     assert calibration_warm_up(28 * 1440, 60.0) == 14 * 1440
     assert calibration_warm_up(3 * 1440, 60.0) == 36 * 60
+    assert calibration_start(np.full(100, 50), 60, 1e-3) == 60  # the settled part holds 2,000
+    assert calibration_start(np.full(100, 50), 90, 1e-3) == 80  # 1,000 from window 80 on
+    assert calibration_start(np.full(100, 50), 60, 1e-4) == 0  # never 10,000: all after the first day
     learned = fit_windows(nightly_failures_site(10), "web", BehaviourOptions(windows=True, window_s=300.0))
     windows = learned.metadata["windows"]
     knots, levels = learned.window_calibration

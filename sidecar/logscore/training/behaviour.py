@@ -152,14 +152,15 @@ def fit_windows(fields: Sequence[dict], route: str, options: BehaviourOptions, w
     counts = np.stack([np.bincount(by_key[k], minlength=windows) for k in ranked]).astype(np.float64)
     hours, weeks = slots(first + window_s * np.arange(windows), season_zone(options.season_zone))
     state = ForecastState.empty(len(ranked), window_s, COUNT_MIN_SCALE)
-    warm_up = calibration_warm_up(windows, window_s)
-    deviations, reportable = [], []
+    first_day = min(windows // 4, int(DAY_S // window_s))  # never calibrated on: the level is still set
+    deviations, reportable = [], []  # per kind (counts, then each share): [windows after the first day, ...]
     for w in range(windows):
         expected, deviation = state.step(count_transform(counts[:, w]), np.full(len(ranked), hours[w]),
                                          np.full(len(ranked), weeks[w]))
-        if w >= warm_up:
+        if w >= first_day:
             deviations.append(deviation)
             reportable.append(np.abs(counts[:, w] - count_inverse(expected)) >= options.min_change)
+    deviations, reportable = [np.stack(deviations)], [np.stack(reportable)]
     route_counts = counts[0]
     shares, expected, dispersion = [], [], []
     for dimension, value in SHARES:
@@ -168,14 +169,18 @@ def fit_windows(fields: Sequence[dict], route: str, options: BehaviourOptions, w
             continue  # the records never carry this dimension (no status, no level)
         share_counts = np.bincount(by_key.get(key, []), minlength=windows).astype(np.float64)
         p, phi = share_model(share_counts, route_counts)
-        deviation, _ = share_deviation(share_counts[warm_up:], route_counts[warm_up:], np.full(windows - warm_up, p),
-                                       np.full(windows - warm_up, phi))
-        deviations.append(deviation)
-        reportable.append(share_counts[warm_up:] >= options.min_change)
+        deviation, _ = share_deviation(share_counts[first_day:], route_counts[first_day:],
+                                       np.full(windows - first_day, p), np.full(windows - first_day, phi))
+        deviations.append(deviation[:, None])
+        reportable.append(share_counts[first_day:, None] >= options.min_change)
         shares.append(share_name(dimension, value))
         expected.append(p)
         dispersion.append(phi)
-    pooled, calibrated_on = calibration_pool(deviations, reportable)
+    deviations, reportable = np.concatenate(deviations, axis=1), np.concatenate(reportable, axis=1)
+    settled = calibration_warm_up(windows, window_s) - first_day
+    start = calibration_start(reportable.sum(axis=1), settled, options.window_target_fpr)
+    pooled, calibrated_on = calibration_pool(deviations[start:], reportable[start:], deviations[settled:])
+    warm_up = first_day + (start if calibrated_on == "reportable" else settled)
     knots, levels = ecdf_table(pooled)
     threshold = float(1.0 - options.window_target_fpr)
     learned = Learned()
@@ -208,32 +213,42 @@ MIN_REPORTABLE = 1000  # reportable key-windows below which the calibration pool
 
 
 def calibration_warm_up(windows: int, window_s: float) -> int:
-    """Windows of the training replay left out of the calibration: those before each hour-of-week
-    slot has been seen twice, but never more than half the log (a short log keeps its second half)
-    and at least its first day (or quarter). While the seasonal offsets are still learned (0.3 of a
-    residual per visit: a site's weekend mornings were forecast as its weekdays' for two weeks),
-    deviations are larger than a trained model's: they raised the threshold (docs/accuracy.md)."""
+    """Windows of the training replay before its seasonal offsets have settled: until each
+    hour-of-week slot has been seen twice, but never more than half the log (a short log keeps its
+    second half) and at least its first day (or quarter). While the offsets are still learned (0.3
+    of a residual per visit: a site's weekend mornings were forecast as its weekdays' for two
+    weeks), deviations are larger than a trained model's: on an office site of hourly windows they
+    set the threshold at 11.8, a trained model's own deviations reached 4.8 (docs/accuracy.md)."""
     settling = int(SETTLING_WEEKS * 7 * DAY_S // window_s)
     first_day = min(windows // 4, int(DAY_S // window_s))
     return max(first_day, min(settling, windows // 2))
 
 
-def calibration_pool(deviations: list, reportable: list) -> tuple[np.ndarray, str]:
+def calibration_start(reportable: np.ndarray, settled: int, target_fpr: float) -> int:
+    """The window the calibration starts at, given the reportable key-windows of each window: the
+    settled one, or earlier where the settled part holds fewer than 1/target_fpr reportable
+    key-windows, the least that places the target's quantile among them rather than at their
+    maximum (on an office site 6,022 after two weeks: its threshold was the maximum, and ramp hours
+    of ordinary days crossed it, 0.3-0.4 events a day)."""
+    held_from = np.cumsum(reportable[::-1])[::-1]  # reportable key-windows from each window on
+    enough = np.flatnonzero(held_from >= 1.0 / target_fpr)
+    return min(settled, int(enough[-1])) if len(enough) else 0
+
+
+def calibration_pool(deviations: np.ndarray, reportable: np.ndarray, settled: np.ndarray) -> tuple[np.ndarray, str]:
     """(deviations the threshold is placed among, what they are): the key-windows the sidecar
     could report, those whose count differs from its forecast by ``min_change`` records or more
     (a share: whose count reaches it). Pooled with the rest, the top of the training deviations
     was windows never reported — a share of one 5xx among two night-time records stands 10-14
     spreads out — and a 60 % drop of a site's traffic stood under the threshold (a deviation of 8
-    was needed on the shop site; 6 on its reportable windows). With fewer than ``MIN_REPORTABLE``
-    such windows their tail is no tail (the threshold would be their maximum): every key-window
-    is pooled instead, as models trained before, a higher threshold."""
-    if not deviations:
-        return np.zeros(1), "no"
-    values = np.concatenate([np.ravel(d) for d in deviations])
-    chosen = values[np.concatenate([np.ravel(r) for r in reportable])]
+    was needed on a shop site; 6 among its reportable windows). With fewer than ``MIN_REPORTABLE``
+    such windows their tail is no tail: every key-window once the offsets settled (``settled``)
+    is pooled instead, a higher threshold."""
+    chosen = deviations[reportable]
     if len(chosen) >= MIN_REPORTABLE:
         return chosen, "reportable"
-    return values, f"(only {len(chosen)} reportable) all"
+    values = np.ravel(settled)
+    return (values if len(values) else np.zeros(1)), f"(only {len(chosen)} reportable) all"
 
 
 def share_model(counts: np.ndarray, totals: np.ndarray) -> tuple[float, float]:
