@@ -1927,21 +1927,23 @@ def test_window_threshold_is_placed_among_windows_the_sidecar_could_report():
     assert calibration_start(np.full(100, 50), 60, 1e-3) == 60  # the settled part holds 2,000
     assert calibration_start(np.full(100, 50), 90, 1e-3) == 80  # 1,000 from window 80 on
     assert calibration_start(np.full(100, 50), 60, 1e-4) == 0  # never 10,000: all after the first day
-    learned = fit_windows(nightly_failures_site(10), "web", BehaviourOptions(windows=True, window_s=300.0))
+    options = BehaviourOptions(windows=True, window_s=300.0, window_target_fpr=0.001)  # 1,000 windows suffice
+    learned = fit_windows(nightly_failures_site(10), "web", options)
     windows = learned.metadata["windows"]
     knots, levels = learned.window_calibration
-    needed = float(knots[np.searchsorted(levels[1:], windows["threshold"])])  # the least deviation reported
+    needed = windows["training"]["threshold_deviation"]
     assert 3.0 < needed < 6.0, needed  # before: 40-50, a lone night 5xx's share
     assert apply_ecdf(np.array([6.0]), knots, levels)[0] >= windows["threshold"]
     assert windows["calibration"].startswith("empirical CDF of") and " reportable " in windows["calibration"]
 
 
 def test_window_threshold_of_a_log_with_few_reportable_windows_pools_every_key_window():
-    """A quiet log (a few records a window) has almost no window the sidecar could report: their
-    maximum would be the threshold, so every key-window is pooled as before (a higher threshold)."""
-    from logscore.training.behaviour import MIN_REPORTABLE, BehaviourOptions, fit_windows
+    """A quiet log (a few records a window) has few windows the sidecar could report, fewer than
+    1/target_fpr: their maximum would be the threshold, so every key-window is pooled as before
+    (a higher threshold)."""
+    from logscore.training.behaviour import BehaviourOptions, fit_windows
 
     fields = [f for f in nightly_failures_site(3) if int(f["time"]) % 10 == 0]
     learned = fit_windows(fields, "web", BehaviourOptions(windows=True, window_s=300.0))
     calibration = learned.metadata["windows"]["calibration"]
-    assert "reportable) all key-window" in calibration and MIN_REPORTABLE == 1000, calibration
+    assert "reportable) all key-window" in calibration, calibration

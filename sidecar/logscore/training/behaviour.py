@@ -179,7 +179,8 @@ def fit_windows(fields: Sequence[dict], route: str, options: BehaviourOptions, w
     deviations, reportable = np.concatenate(deviations, axis=1), np.concatenate(reportable, axis=1)
     settled = calibration_warm_up(windows, window_s) - first_day
     start = calibration_start(reportable.sum(axis=1), settled, options.window_target_fpr)
-    pooled, calibrated_on = calibration_pool(deviations[start:], reportable[start:], deviations[settled:])
+    pooled, calibrated_on = calibration_pool(deviations[start:], reportable[start:], deviations[settled:],
+                                             options.window_target_fpr)
     warm_up = first_day + (start if calibrated_on == "reportable" else settled)
     knots, levels = ecdf_table(pooled)
     threshold = float(1.0 - options.window_target_fpr)
@@ -203,13 +204,20 @@ def fit_windows(fields: Sequence[dict], route: str, options: BehaviourOptions, w
         "training": {"records": int(len(order)), "windows": windows, "start": float(first),
                      "end": float(first + windows * window_s), "keys_seen": len(by_key), "keys_kept": len(ranked),
                      "flagged_fraction": round(flagged, 6),
-                     "threshold_deviation": round(float(np.quantile(pooled, threshold, method="higher")), 3)},
+                     "threshold_deviation": round(threshold_deviation(knots, levels, threshold), 3)},
     }
     return learned
 
 
 SETTLING_WEEKS = 2  # visits of each hour-of-week slot before the replay's deviations calibrate
-MIN_REPORTABLE = 1000  # reportable key-windows below which the calibration pools every key-window
+
+
+def threshold_deviation(knots: np.ndarray, levels: np.ndarray, threshold: float) -> float:
+    """The deviation a window must exceed to reach the threshold (the knot below the first one
+    that reaches it)."""
+    reached = np.flatnonzero(apply_ecdf(knots, knots, levels) >= threshold)
+    first = int(reached[0]) if len(reached) else len(knots)
+    return float(knots[first - 1]) if first else 0.0
 
 
 def calibration_warm_up(windows: int, window_s: float) -> int:
@@ -235,17 +243,19 @@ def calibration_start(reportable: np.ndarray, settled: int, target_fpr: float) -
     return min(settled, int(enough[-1])) if len(enough) else 0
 
 
-def calibration_pool(deviations: np.ndarray, reportable: np.ndarray, settled: np.ndarray) -> tuple[np.ndarray, str]:
+def calibration_pool(deviations: np.ndarray, reportable: np.ndarray, settled: np.ndarray,
+                     target_fpr: float) -> tuple[np.ndarray, str]:
     """(deviations the threshold is placed among, what they are): the key-windows the sidecar
     could report, those whose count differs from its forecast by ``min_change`` records or more
     (a share: whose count reaches it). Pooled with the rest, the top of the training deviations
     was windows never reported — a share of one 5xx among two night-time records stands 10-14
     spreads out — and a 60 % drop of a site's traffic stood under the threshold (a deviation of 8
-    was needed on a shop site; 6 among its reportable windows). With fewer than ``MIN_REPORTABLE``
-    such windows their tail is no tail: every key-window once the offsets settled (``settled``)
-    is pooled instead, a higher threshold."""
+    was needed on a shop site; 6 among its reportable windows). With fewer than 1/target_fpr such
+    windows the target's quantile is beyond them (the threshold would be their maximum, crossed
+    every few days: a short log's): every key-window once the offsets settled (``settled``) is
+    pooled instead, a higher threshold, as before."""
     chosen = deviations[reportable]
-    if len(chosen) >= MIN_REPORTABLE:
+    if len(chosen) >= 1.0 / target_fpr:
         return chosen, "reportable"
     values = np.ravel(settled)
     return (values if len(values) else np.zeros(1)), f"(only {len(chosen)} reportable) all"
