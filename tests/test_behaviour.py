@@ -879,6 +879,8 @@ def test_windows_trained_before_their_zone_was_recorded_keep_utc_hours_and_an_un
     ("0811090 203615 INFO", {"level": "INFO"}),
     ("17/06/09 20:10:40 INFO executor.Backend: registered", {"time": "17/06/09 20:10:40", "level": "INFO"}),  # Spark
     ("Spark 17/06/09 20:10:40 INFO x", {"level": "INFO"}),  # yy/MM/dd read only where a line starts
+    ("09/06/17 20:10:40 user ana logged in", {}),  # nor without a level after it: dd/MM/yy elsewhere
+    ("09/06/17 20:10:40 INFOS x", {}),
     ("2024-01-02 10:11:12.345 UTC [123] ERROR:  relation \"t\" does not exist", {  # PostgreSQL's
         "time": "2024-01-02 10:11:12.345 UTC", "level": "ERROR"}),
     ("W1223 22:15:29.606000  1234 file.cc:12] disk almost full", {  # glog's: its level letter first

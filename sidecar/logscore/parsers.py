@@ -89,6 +89,7 @@ def _unparsed(line: str) -> tuple[Fields, bool]:
 # (RecordNormalizer reads a head only for models whose windows or clients read it: a few µs a line.)
 TIME_WITHIN = 64  # characters from the line's start where its time may begin
 LEVEL_WITHIN = 48  # characters after the time (or from the start) where its level may begin
+_LEVEL_WORDS = "TRACE|DEBUG|INFO|NOTICE|WARN|WARNING|ERROR|ERR|FATAL|CRIT|CRITICAL|SEVERE|ALERT|EMERG|PANIC"
 _HEAD_TIME = re.compile(
     # ISO 8601, log4j; PostgreSQL's %m and %t end in the zone's name: UTC's is read (others are ambiguous)
     r"\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}:\d{2}(?:[.,]\d{1,9})?(?:Z|[+-]\d{2}:?\d{2}(?![\d:])| UTC(?!\w)| GMT(?!\w))?"
@@ -98,12 +99,13 @@ _HEAD_TIME = re.compile(
     r"|^\d{6} \d{6}(?!\d)"  # HDFS's yyMMdd HHmmss, where a line starts
     r"|^\d{2}-\d{2} \d{2}:\d{2}:\d{2}(?:\.\d{1,9})?"  # Android logcat's MM-dd, where a line starts
     r"|^[IWEF]\d{4} \d{2}:\d{2}:\d{2}(?:\.\d{1,9})?"  # glog's level letter and MMdd, where a line starts
-    r"|^\d{2}/\d{2}/\d{2} \d{2}:\d{2}:\d{2}"  # Spark's (log4j's) yy/MM/dd, where a line starts
+    # Spark's (log4j's) yy/MM/dd, where a line starts and a level word follows
+    rf"|^\d{{2}}/\d{{2}}/\d{{2}} \d{{2}}:\d{{2}}:\d{{2}}(?= (?i:{_LEVEL_WORDS})(?![\w.-]))"
     r"|^\d{8}-\d{1,2}:\d{1,2}:\d{1,2}(?::\d{1,3})?"  # HealthApp's yyyyMMdd-H:m:s:S, where a line starts
     r"|(?<=^\[)\d{2}\.\d{2} \d{2}:\d{2}:\d{2}(?=\])", re.ASCII)  # Proxifier's [MM.dd HH:mm:ss], where a line starts
-# NOTE: yy/MM/dd is read only where a line starts, as Spark's and Hadoop's log4j layouts write it:
-# a line starting with dd/MM/yy or MM/dd/yy is misread where its numbers make a date read so, and
-# is no time where they do not (17/06/09 is 2017-06-09; 09/06/17 would be 2009-06-17).
+# NOTE: yy/MM/dd is read only where a line starts and a level word follows, as Spark's and Hadoop's
+# log4j layouts write it: a line starting with dd/MM/yy or MM/dd/yy and no level is no time rather
+# than a wrong one (17/06/09 is 2017-06-09; 09/06/17 would be 2009-06-17, its records years late).
 # yyyy/MM/dd (nginx's error log "2024/01/15 10:23:45 [error] ...", Go's log) is no other date.
 # The digit-led formats read only where a line starts: elsewhere in a head, such digits are ids as often.
 # Android logcat's level is a letter after the process and thread ids: "03-17 16:13:38.811  1702  2395 E ...";
@@ -111,8 +113,7 @@ _HEAD_TIME = re.compile(
 _LOGCAT_LEVEL = re.compile(r" +\d+ +\d+ +([VDIWEFA]) ", re.ASCII)
 # (A, assert, is logcat's most severe: named fatal, an error level for the windows' error share)
 LEVEL_LETTERS = {"V": "verbose", "D": "debug", "I": "info", "W": "warn", "E": "error", "F": "fatal", "A": "fatal"}
-_HEAD_LEVEL = re.compile(r"(?<![\w.-])(TRACE|DEBUG|INFO|NOTICE|WARN|WARNING|ERROR|ERR|FATAL|CRIT|CRITICAL|SEVERE|"
-                         r"ALERT|EMERG|PANIC)(?![\w.-])", re.IGNORECASE | re.ASCII)
+_HEAD_LEVEL = re.compile(rf"(?<![\w.-])({_LEVEL_WORDS})(?![\w.-])", re.IGNORECASE | re.ASCII)
 
 
 def line_head(line: str) -> Fields:

@@ -2440,11 +2440,19 @@ static Py_ssize_t glog_time_at(const Head *t, Py_ssize_t i) {
     return text_at(t, 14) == '.' && ascii_digit(text_at(t, 15)) ? some_digits(t, 15, 9) : 14;
 }
 
-/* ^\d{2}/\d{2}/\d{2} \d{2}:\d{2}:\d{2} (Spark's yy/MM/dd), only where the line starts */
+static int level_word(const Head *t, Py_ssize_t i, Py_ssize_t end);
+
+/* ^\d{2}/\d{2}/\d{2} \d{2}:\d{2}:\d{2}(?= LEVEL(?![\w.-])) (Spark's yy/MM/dd), only where the line starts and
+ * a level word follows: a line starting with dd/MM/yy or MM/dd/yy is no time rather than a wrong one */
 static Py_ssize_t short_slashed_time_at(const Head *t, Py_ssize_t i) {
-    return i == 0 && digits_at(t, 0, 2) && text_at(t, 2) == '/' && digits_at(t, 3, 2) && text_at(t, 5) == '/' &&
-                   digits_at(t, 6, 2) && text_at(t, 8) == ' ' && clock_at(t, 9)
-               ? 17 : -1;
+    if (!(i == 0 && digits_at(t, 0, 2) && text_at(t, 2) == '/' && digits_at(t, 3, 2) && text_at(t, 5) == '/' &&
+          digits_at(t, 6, 2) && text_at(t, 8) == ' ' && clock_at(t, 9) && text_at(t, 17) == ' '))
+        return -1;
+    Py_ssize_t end = 18;
+    while (ascii_letter(text_at(t, end))) end++;
+    Py_UCS4 after = text_at(t, end);
+    int bounded = !ascii_letter(after) && !ascii_digit(after) && after != '_' && after != '.' && after != '-';
+    return end > 18 && bounded && level_word(t, 18, end) ? 17 : -1;
 }
 
 /* ^\d{8}-\d{1,2}:\d{1,2}:\d{1,2}(?::\d{1,3})? (HealthApp's yyyyMMdd-H:m:s:S, each number after the date
