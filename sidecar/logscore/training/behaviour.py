@@ -72,8 +72,9 @@ def time_ordered(fields: Sequence[dict], what: str) -> tuple[np.ndarray, np.ndar
                          "(a time, timestamp, @timestamp, @t or asctime field; in a plain line, near its start, "
                          "ISO 8601 or log4j's 2015-10-18 18:01:47,978, nginx's 2015/10/18 18:01:47, syslog's or C's "
                          "ctime; where it starts, HDFS's 081109 203615, Android's 03-17 16:13:38.811, glog's "
-                         "I1223 22:15:29.606, Spark's 17/06/09 20:10:40 (yy/MM/dd), HealthApp's 20171223-22:15:29:606 "
-                         "or Proxifier's [10.30 16:49:06]); learning over time needs them")
+                         "I1223 22:15:29.606, Spark's 17/06/09 20:10:40 INFO (yy/MM/dd, a level after it), "
+                         "HealthApp's 20171223-22:15:29:606 or Proxifier's [10.30 16:49:06]); learning over time "
+                         "needs them")
     order = known[np.argsort(times[known], kind="stable")]
     return order, times[order]
 
