@@ -430,7 +430,7 @@ def test_nginx_error_log_and_go_log_heads_give_their_time_and_level():
     ("2024-01-02 10:11:12.345 UTC [123] LOG:  checkpoint starting: time", "2024-01-02 10:11:12.345 UTC",
      1704190272.345),
     ("I1223 22:15:29.606000  1234 file.cc:12] msg", "I1223 22:15:29.606000", 1766528129.606),
-    ("17/06/09 20:10:40 INFO executor.CoarseGrainedExecutorBackend: Registered", "17/06/09 20:10:40", 1497039040.0),
+    ("17/06/09 20:10:40 INFO executor.CoarseGrainedExecutorBackend: Registered", "2017-06-09 20:10:40", 1497039040.0),
 ])
 def test_application_heads_of_loghub_s_and_postgres_s_formats_give_their_time(line, written, seconds):
     """HealthApp's, Proxifier's, glog's and Spark's heads gave no time, so `logscore train --windows`
@@ -453,15 +453,30 @@ def test_application_heads_of_loghub_s_and_postgres_s_formats_give_their_time(li
 
 
 def test_impossible_dates_of_the_new_heads_are_no_time():
+    from logscore.parsers import line_head
     from logscore.timestamps import parse_time
 
     now = 1766966400.0
     for text in ("20171232-22:15:29:606", "20171223-24:15:29", "13.30 16:49:06", "02.30 16:49:06",
-                 "I1323 22:15:29.606", "E0230 22:15:29", "17/13/09 20:10:40", "17/02/30 20:10:40",
-                 "2024-02-30 10:11:12 UTC", "2024-01-02 10:11:12+01:00 UTC"):
+                 "I1323 22:15:29.606", "E0230 22:15:29", "2024-02-30 10:11:12 UTC", "2024-01-02 10:11:12+01:00 UTC"):
         assert parse_time(text, now) is None, text
+    for line in ("17/13/09 20:10:40 INFO x", "17/02/30 20:10:40 WARN x"):  # Spark's, as its head gives it
+        assert parse_time(line_head(line)["time"], now) is None, line
     assert parse_time("2024-01-02 10:11:12 GMT") == 1704190272.0
     assert parse_time("I0229 10:00:00", now) == parse_time("2024-02-29T10:00:00Z")  # in a year that has one
+
+
+def test_a_time_field_written_mm_dd_yy_is_no_time_and_healthapp_s_last_number_is_milliseconds():
+    """yy/MM/dd was read in any time field once Spark's heads were: a JSON record's `time` of
+    strftime('%x %X') (12/11/24 08:30:00, MM/dd/yy) became 2012-11-24, years late, left out of windows.
+    Only a line's head tells Spark's from the others (a level word after it). And ISO's reader took
+    HealthApp's 22:15:29:6 for 0.6 s, where its last number is milliseconds (its unpadded 22:16:0:11)."""
+    from logscore.timestamps import column_times, parse_time
+
+    assert parse_time("12/11/24 08:30:00") is None
+    assert np.isnan(column_times({"time": ["12/11/24 08:30:00"]}, 1)[0])
+    assert parse_time("20171223-22:15:29:6") == pytest.approx(1514067329.006)
+    assert parse_time("20171223-22:15:29:60") == pytest.approx(1514067329.060)
 
 
 def test_a_combined_log_whose_agents_are_mostly_null_is_learned_as_combined():

@@ -116,15 +116,26 @@ LEVEL_LETTERS = {"V": "verbose", "D": "debug", "I": "info", "W": "warn", "E": "e
 _HEAD_LEVEL = re.compile(rf"(?<![\w.-])({_LEVEL_WORDS})(?![\w.-])", re.IGNORECASE | re.ASCII)
 
 
+def unambiguous(time: str) -> str:
+    """A head's time as written, but Spark's yy/MM/dd as ISO 8601 (two-digit years as POSIX's %y reads
+    them: 69-99 are 19xx): the head reader is the one place that tells it from dd/MM/yy or MM/dd/yy
+    (a level word after it), so a record's time field holding such text is not read as yy/MM/dd."""
+    if time[2:3] != "/":
+        return time
+    year = int(time[:2])
+    return f"{1900 + year if year >= 69 else 2000 + year}-{time[3:5]}-{time[6:8]}{time[8:]}"
+
+
 def line_head(line: str) -> Fields:
-    """The ``time`` (as written) and ``level`` an application line's first characters hold."""
+    """The ``time`` (as written; Spark's as ISO 8601: ``unambiguous``) and ``level`` an application
+    line's first characters hold."""
     found: Fields = {}
     # NOTE: each search ends past the longest match that may begin in its range, and past the
     # character after it (its lookahead must see that character, not the end of the range).
     time = _HEAD_TIME.search(line, 0, TIME_WITHIN + 40)
     start = 0
     if time is not None and time.start() < TIME_WITHIN:
-        found["time"] = time.group()
+        found["time"] = unambiguous(time.group())
         start = time.end()
         if found["time"][2] == "-":  # logcat's MM-dd
             letter = _LOGCAT_LEVEL.match(line, start, start + LEVEL_WITHIN)
@@ -151,7 +162,7 @@ def head_reader(native=None) -> Callable[[str], Fields]:
         time_start, time_end, level_start, level_end = spans(line, TIME_WITHIN, LEVEL_WITHIN)
         found: Fields = {}
         if time_start >= 0:
-            found["time"] = line[time_start:time_end]
+            found["time"] = unambiguous(line[time_start:time_end])
         if level_start >= 0:
             level = line[level_start:level_end]
             # (a level word has 3 letters or more: one letter is logcat's or glog's)

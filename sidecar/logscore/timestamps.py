@@ -6,11 +6,12 @@ fractions, offsets; syslog RFC 5424, JSON logs, log4j's ``2015-05-17 10:05:03,97
 10:05:03 2015`` (Apache's error log), nginx's error log's ``2015/05/17 10:05:03``, NAB's
 ``2015-02-26 21:42:53``, HDFS's ``081109 203615`` (yyMMdd HHmmss), Android logcat's ``03-17
 16:13:38.811``, glog's ``I1223 22:15:29.606000`` and Proxifier's ``10.30 16:49:06`` (no year, as
-syslog's), Spark's ``17/06/09 20:10:40`` (yy/MM/dd), HealthApp's ``20171223-22:15:29:606``,
+syslog's), HealthApp's ``20171223-22:15:29:606`` (its last number milliseconds),
 PostgreSQL's ``2024-01-02 10:11:12.345 UTC`` (a zone named UTC or GMT), and Unix seconds (or milli-,
 micro-, nanoseconds) since 2001 as numbers or digits. Times written without a zone are read in the
-zone ``read_zoneless_in`` set (``--time-zone``; UTC until it is called).
-Cached per distinct text.
+zone ``read_zoneless_in`` set (``--time-zone``; UTC until it is called). Spark's yy/MM/dd is not read
+here (the same text is dd/MM/yy or MM/dd/yy in other fields): a line's head gives it as ISO 8601
+(``parsers.unambiguous``). Cached per distinct text.
 """
 
 from __future__ import annotations
@@ -48,8 +49,6 @@ _MONTH_DAY = re.compile(r"(\d{2})-(\d{2}) (\d{2}):(\d{2}):(\d{2})(\.\d{1,9})?$")
 _GLOG = re.compile(r"[IWEF](\d{2})(\d{2}) (\d{2}):(\d{2}):(\d{2})(\.\d{1,9})?$")
 # Proxifier's MM.dd, without a year: "10.30 16:49:06"
 _DOTTED_MONTH_DAY = re.compile(r"(\d{2})\.(\d{2}) (\d{2}):(\d{2}):(\d{2})$")
-# Spark's (log4j's yy/MM/dd HH:mm:ss): "17/06/09 20:10:40"
-_SHORT_SLASHED = re.compile(r"(\d{2})/(\d{2})/(\d{2}) (\d{2}):(\d{2}):(\d{2})$")
 # HealthApp's yyyyMMdd-H:m:s:S, every number after the date unpadded (S: milliseconds):
 # "20171223-22:15:29:606", "20171223-22:16:0:11"
 _DASHED_COMPACT = re.compile(r"(\d{4})(\d{2})(\d{2})-(\d{1,2}):(\d{1,2}):(\d{1,2})(?::(\d{1,3}))?$")
@@ -258,6 +257,10 @@ def _read_whole(value: str, now: Optional[float]) -> Optional[float]:
             return _from_wall_clock(float(seconds))
         offset = int(off_h) * 3600 + int(off_m) * 60
         return float(seconds - offset if sign == "+" else seconds + offset)
+    match = _DASHED_COMPACT.match(value)
+    if match:  # (before ISO's reader, which takes "20171223-22:15:29:6" for 0.6 s, not HealthApp's 6 ms)
+        wall = calendar.timegm(_checked(tuple(map(int, match.groups()[:6]))))
+        return _from_wall_clock(wall + int(match.group(7) or 0) / 1000)
     iso = value.replace("Z", "+00:00")
     if iso[-4:] in UTC_SUFFIXES:
         iso = iso[:-4] + "+00:00"  # (one with an offset besides is two zones: refused below)
@@ -283,7 +286,7 @@ def _read_whole(value: str, now: Optional[float]) -> Optional[float]:
     if match:
         wall = calendar.timegm(_checked(tuple(map(int, match.groups()[:6]))))
         return _from_wall_clock(wall + float(match.group(7) or 0))
-    match = _COMPACT.match(value) or _SHORT_SLASHED.match(value)
+    match = _COMPACT.match(value)
     if match:
         year, month, day, hour, minute, second = map(int, match.groups())
         year += 1900 if year >= 69 else 2000  # as POSIX's strptime reads %y
@@ -294,10 +297,6 @@ def _read_whole(value: str, now: Optional[float]) -> Optional[float]:
     match = _DOTTED_MONTH_DAY.match(value)
     if match:
         return _year_less(tuple(map(int, match.groups())), None, now)
-    match = _DASHED_COMPACT.match(value)
-    if match:
-        wall = calendar.timegm(_checked(tuple(map(int, match.groups()[:6]))))
-        return _from_wall_clock(wall + int(match.group(7) or 0) / 1000)
     return None
 
 
