@@ -120,6 +120,8 @@ def test_host_names_are_variable_parts_where_asked_and_code_names_are_not():
      "IN=eth<num> OUT= MAC=<mac> SRC=<ip>"),
     ("adapter 00-1A-2B-3C-4D-5E up", "adapter <mac> up"),  # Windows
     ("port Gi0/1 learned 001a.2b3c.4d5e", "port Gi<num>/<num> learned <mac>"),  # Cisco
+    ("port Gi0/1 learned 0011.2233.445f", "port Gi<num>/<num> learned <mac>"),  # its hex letter last
+    ("firmware 2024.0101.1200 loaded", "firmware <num> loaded"),  # digits alone: a version
     # No MACs: five bytes, seven dashed ones (5E-6 a number), a time of day, IPv6
     ("x 00:1a:2b:3c:4d at 12:30:45 from fe80::1 id 00-1A-2B-3C-4D-5E-6F",
      "x <num>a:<num>b:<num>c:<num>d at <num> from <ip> id <num>-<num>A-<num>B-<num>C-<num>D-<num>F"),

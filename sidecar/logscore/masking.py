@@ -21,9 +21,10 @@ _MONTH = "(?:Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec)"
 # MAC addresses: 00:1a:2b:3c:4d:5e (and iptables' MAC= of 14 bytes: destination, source, type),
 # 00-1A-2B-3C-4D-5E (Windows), 001a.2b3c.4d5e (Cisco). Unmasked, each was a template of its own and
 # its pieces never-seen words ("<num>a:<num>b:..."): a DHCP server's log, new at every new device.
+# Cisco's form holds a hex letter: of digits alone it is a version (2024.0101.1200) as often.
 _MAC = (r"(?P<mac>(?<![0-9A-Za-z:.-])(?:(?:[0-9a-fA-F]{2}:){5,}[0-9a-fA-F]{2}(?![0-9A-Za-z:])"
-        r"|(?:[0-9a-fA-F]{2}-){5}[0-9a-fA-F]{2}(?![0-9A-Za-z-])|[0-9a-fA-F]{4}\.[0-9a-fA-F]{4}\.[0-9a-fA-F]{4}"
-        r"(?![0-9A-Za-z.])))|")
+        r"|(?:[0-9a-fA-F]{2}-){5}[0-9a-fA-F]{2}(?![0-9A-Za-z-])"
+        r"|(?=[0-9.]{0,13}[a-fA-F])[0-9a-fA-F]{4}\.[0-9a-fA-F]{4}\.[0-9a-fA-F]{4}(?![0-9A-Za-z.])))|")
 _VARIABLE = re.compile(
     # File paths of two segments or more.
     r"(?P<path>(?<![\w/])(?:/[\w.\-]+){2,}/?)"
