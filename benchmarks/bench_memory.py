@@ -4,10 +4,11 @@
 
 For each shape of tests/worst_inputs.py (many tiny values, long lines, ...) a fresh
 `logscore serve` on the default model with the shipped defaults gets that payload
-from 2 gRPC connections (8 calls each, twice the streams a connection may have open)
-or 16 HTTP connections at once; then all shapes at once; then the same with every
-line new (the featurizer's value caches fill). Prints the peak RSS (VmHWM) of each
-run beside the idle baseline of the same run, with the load average; writes JSON.
+from 2 gRPC connections (8 calls each) or 16 HTTP connections at once; then all shapes at
+once (64 gRPC calls: max_grpc_calls, which bounds gRPC's messages over any number of
+connections); then the same with every line new (the featurizer's value caches fill). Prints
+the peak RSS (VmHWM) of each run beside the idle baseline of the same run, with the load
+average; writes JSON.
 """
 
 from __future__ import annotations

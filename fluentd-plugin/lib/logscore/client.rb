@@ -53,11 +53,12 @@ module Logscore
     end
   end
 
-  # At most `size` calls at once on the client's connection. The sidecar takes 8 streams a
-  # connection and refuses more (RST_STREAM REFUSED_STREAM, reported as UNAVAILABLE: a silent
-  # sidecar to the circuit), and a stream closed here still counts there for a moment: half of
-  # it. Fluentd calls a filter from every input's thread at once (six in_tail sources left 19 %
-  # of records unscored). Calls past it wait here, a bounded time.
+  # At most `size` calls at once on the client's connection: Fluentd calls a filter from every
+  # input's thread at once, and a connection past the sidecar's streams is refused (RST_STREAM
+  # REFUSED_STREAM, reported as UNAVAILABLE: a silent sidecar to the circuit; six in_tail sources
+  # left 19 % of records unscored when it took 4). It takes 4 x max_grpc_calls (256) now; keeping
+  # to few calls leaves the sidecar's max_grpc_calls to the other shippers. Calls past it wait
+  # here, a bounded time.
   class CallSlots
     def initialize(size)
       @free = size
@@ -114,7 +115,7 @@ module Logscore
     FLAP_PROBES = 5 # an opening within this many probe intervals of calls resuming is the same trouble going on
     DEADLINE_GRACE = 0.1 # seconds past a call's deadline before the client gives up on it itself
     COUNTERS = %i[calls scored unscored failures skipped_circuit_open circuit_opened probes busy].freeze
-    CALLS_PER_CONNECTION = 4 # half the sidecar's streams per connection (serve.py STREAMS_PER_CONNECTION)
+    CALLS_PER_CONNECTION = 4 # a share of the sidecar's max_grpc_calls (64), far below its streams a connection
 
     attr_reader :deadlines
 
