@@ -133,6 +133,22 @@ def test_a_tag_route_to_a_model_not_loaded_is_warned_about_at_start(tmp_path, sh
         assert sidecar.stop() == 0
 
 
+def test_a_second_model_leaving_no_default_is_warned_about_once_when_it_loads(tmp_path, shop_models):
+    """Without default_model the only model is the default: a second one dropped in made every request
+    naming no model pass unscored, said only per request."""
+    sidecar = SidecarProcess(shop_models, tmp_path).start()
+    try:
+        shutil.copy(shop_models / "shop.onnx", shop_models / ".orders.onnx")
+        (shop_models / ".orders.onnx").rename(shop_models / "orders.onnx")  # whole, as a deploy renames
+        sidecar.wait_for(lambda: "no default model" in sidecar.log(), timeout=30, what="the warning")
+        sidecar.wait_for_model_checks()  # later checks, nothing changed: not warned again
+        warned = [json.loads(line) for line in sidecar.log().splitlines() if '"no default model' in line]
+        assert [(w["level"], w["models"]) for w in warned] == [("warning", ["orders", "shop"])], warned
+        assert "set default_model" in warned[0]["message"] and "tag_routes" in warned[0]["message"]
+    finally:
+        assert sidecar.stop() == 0
+
+
 def test_run_sh_fails_in_one_line_and_leaves_no_socket_when_the_port_is_taken(tmp_path, busy_port):
     socket_path = tmp_path / "run.sock"
     env = {**os.environ, "LOGSCORE_SOCKET": str(socket_path), "LOGSCORE_HTTP": f"127.0.0.1:{busy_port}"}

@@ -25,7 +25,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from .behaviour import Behaviour
-from .errors import ConfigError
+from .errors import ConfigError, ModelNotFound
 from .events import EventHub
 from .generated.logscore.v1 import scorer_pb2
 from .metrics import Metrics
@@ -119,6 +119,7 @@ class Sidecar:
         self.forward_server: Optional[ForwardServer] = None
         self.bound: dict[str, str] = {}
         self.socket_identity: Optional[tuple[int, int]] = None  # (device, inode) of the socket we made
+        self._no_default_warned: Optional[str] = None  # why no model is the default, as last warned
 
     def _model_event(self, event: str, name: str, detail: str) -> None:
         if event == "rejected":
@@ -138,6 +139,7 @@ class Sidecar:
             raise ConfigError(f"no model could be loaded from {s.models_dir}: {problems}")
         self._check_default_model()
         self._warn_unloaded_routes()
+        self._warn_when_no_default()
         await loop.run_in_executor(None, self.service.start_processes)
         self.metrics.set_models(self.registry.snapshot.models)
         await loop.run_in_executor(None, self.feedback.start)
@@ -193,6 +195,26 @@ class Sidecar:
                             "(NOT_FOUND; shippers pass them unscored) until it is; fix the route or add the model",
                             extra={"route": pattern, "model": name, "detail": f"add {name}.onnx to "
                                    f"{self.settings.models_dir}; loaded: {', '.join(sorted(models))}"})
+
+    def _warn_when_no_default(self) -> None:
+        """Say so, once per change, when requests naming no model have none to go to.
+
+        NOTE: without default_model, the only model loaded is the default; a second one dropped in
+        made every request naming no model (and matching no tag route) pass unscored, said only per
+        request, at debug level in shippers' logs. Warned again when the loaded models change."""
+        models = self.registry.snapshot.models
+        try:
+            default = self.registry.default(models)
+        except ModelNotFound as error:
+            if str(error) != self._no_default_warned:
+                log.warning("no default model: requests naming no model and matching no tag route are refused "
+                            "(NOT_FOUND; shippers pass them unscored); set default_model, or tag_routes for "
+                            "their tags", extra={"models": sorted(models), "detail": str(error)})
+            self._no_default_warned = str(error)
+            return
+        if self._no_default_warned is not None:
+            log.info("requests naming no model go to the default model again", extra={"model": default.name})
+        self._no_default_warned = None
 
     async def _start_grpc(self) -> None:
         s = self.settings
@@ -262,6 +284,7 @@ class Sidecar:
             self.metrics.model_checks.inc()
             if changed:
                 self.metrics.set_models(self.registry.snapshot.models)
+                self._warn_when_no_default()
                 await self.service.prune()
 
     async def stop(self) -> None:
