@@ -557,6 +557,19 @@ def test_a_quiet_new_connection_is_noted_at_info_level_not_warned_about(chain):
     assert send_chunk(port, ["web", [[1_700_000_000, {"message": "x"}]], {"chunk": chunk}]) == {"ack": chunk}
 
 
+def test_a_secure_forward_ping_is_answered_by_closing_with_the_fix_named(chain):
+    """A PING (secure forward's, valid only after a HELO, which the sidecar never sends) was read as
+    PackedForward entries: 'skipped entries' warned, nothing acknowledged, the connection left open."""
+    sidecar, port, _ = chain
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as connection:
+        connection.sendall(msgpack.packb(["PING", "client.host", "salt", "ab" * 64, "", ""]))
+        assert connection.recv(1000) == b""  # closed, not left waiting
+    sidecar.wait_for(lambda: counter(sidecar, "forward_protocol") == 1, what="the PING counted")
+    refused = [json.loads(line) for line in sidecar.log().splitlines() if '"forward_protocol"' in line]
+    assert "secure-forward PING" in refused[0]["reason"] and "remove the shared_key" in refused[0]["reason"]
+    assert "skipped entries" not in sidecar.log()
+
+
 def test_a_tls_sender_is_told_apart_and_warned_about_with_the_fix(chain):
     """A sender set up for TLS opens with a ClientHello (0x16 0x03): name that, and what to do."""
     import ssl
