@@ -316,6 +316,49 @@ def test_a_silent_route_is_one_drop_of_the_route_at_the_end_of_its_first_silent_
     assert [counter.close_due(START + (k + 1) * night.window_s) for k in range(5)] == [[]] * 5
 
 
+def restart_under_way(behaviour_model, before: list[dict], after: list[dict], resumed: bool) -> tuple[list, list]:
+    """The window events of a sidecar over ``before`` (counts a window, from START), then of one
+    restarted half a window after (its first window counted in part: ``after[0]`` is half a
+    window's), going on with the first one's episodes if ``resumed``. Simulated clock, in process."""
+    from logscore.behaviour import window_spec
+    from logscore.windows import KeyNamer, WindowCounter
+
+    def counter(now: float) -> WindowCounter:
+        spec = a_busy_route(window_spec(Model.load(behaviour_model)), calibrate_up_to=28.0)
+        return WindowCounter(spec, "shop", KeyNamer(spec.dimensions), max_keys=1000, now=now)
+
+    def run(windows: WindowCounter, counts: list[dict], end: float) -> list:
+        events = []
+        for k, window in enumerate(counts):
+            windows.add(window, window.get("route=shop", 0))
+            events.append([e.key for e in windows.close_due(end + k * windows.window_s)])
+        return events
+
+    first = counter(START)
+    window_s = first.window_s
+    first_events = run(first, before, START + window_s)
+    second = counter(START + (len(before) + 0.5) * window_s)
+    if resumed:
+        assert second.resume(first.episodes())
+    return first_events, run(second, after, START + (len(before) + 1) * window_s)
+
+
+def test_an_outage_or_a_burst_under_way_at_a_restart_is_not_announced_again(behaviour_model):
+    """An outage under way at a restart was announced again one window later: the window the
+    restarted sidecar starts in (counted in part), or any before its first record, is no drop,
+    and the episode was dropped with it. Without the episodes kept, each is announced again."""
+    busy, trickle, silent = {"route=shop": 240, "status_class=2xx": 220}, {"route=shop": 12}, {}
+    burst = {"route=shop": 240, "status_class=2xx": 40, "status_class=5xx": 200}
+    half_burst = {key: count // 2 for key, count in burst.items()}
+    for before, after, again in (
+            ([busy] * 3 + [trickle] * 2, [{"route=shop": 6}, trickle, trickle], "route=shop count"),
+            ([busy] * 3 + [trickle] * 2, [silent, silent, trickle], "route=shop count"),  # nothing heard at first
+            ([busy] * 3 + [burst] * 2, [half_burst, burst, burst], "status_class=5xx share")):
+        first, announced = restart_under_way(behaviour_model, before, after, resumed=False)
+        assert [e for e in first if e] == [[again]] and [again] in announced, (first, announced)
+        assert restart_under_way(behaviour_model, before, after, resumed=True)[1] == [[]] * 3
+
+
 def test_a_real_sidecar_reports_a_silenced_route_at_the_end_of_its_first_silent_window(tmp_path):
     """No record arrives after the route falls silent: the sidecar's clock closes the window and
     the drop is on /v1/anomalies. Its training log holds a 3-s outage of its own, so the silent

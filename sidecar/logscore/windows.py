@@ -533,8 +533,12 @@ class WindowCounter:
             found.append((float(scores[i]), float(deviation[i]), f"{self.keys[i]} count", float(counts[i]),
                           float(low[i]), float(high[i]),
                           describe_count(self.keys[i], counts[i], low[i], high[i], self.window_s)))
+        held: set[str] = set()  # subjects of drops under way that this window cannot tell of
         if start < self.first_whole or not self.heard:
-            found = [f for f in found if f[3] > f[5]]  # rises only: counted in part, or nothing heard yet
+            # Rises only: counted in part, or nothing heard yet. An episode under way goes on through
+            # its drops here (an outage at a restart was announced again one window later).
+            held = set().union(*self._episodes([f for f in found if f[3] <= f[5]]).values()) & self.alarmed
+            found = [f for f in found if f[3] > f[5]]
         found += self._close_shares()
         if self.observe_gauges is not None:
             self.observe_gauges(self.model_name, self.keys, counts, expected)
@@ -542,7 +546,7 @@ class WindowCounter:
         self.counts[:] = 0.0
         self.candidates.clear()
         episodes = self._episodes(found)
-        ongoing, self.alarmed = self.alarmed, set().union(*episodes.values())
+        ongoing, self.alarmed = self.alarmed, set().union(held, *episodes.values())
         known = {key: bool(subjects & ongoing) for key, subjects in episodes.items()}
         if all(known.values()):
             return []
