@@ -718,6 +718,38 @@ def shipped_memory_limit() -> int:
     return unit_limit * 1024 * 1024
 
 
+def shipped_environments() -> list[tuple[dict, list[str]]]:
+    """Each deploy file's environment for logscore and the paths it mounts read-only."""
+    import yaml
+
+    unit = (DEPLOY / "logscore.service").read_text().splitlines()
+    unit_env = dict(line.removeprefix("Environment=").split("=", 1) for line in unit
+                    if line.startswith("Environment="))
+    unit_read_only = [path for line in unit if line.startswith("ReadOnlyPaths=") for path in line[14:].split()]
+    manifest = yaml.safe_load((DEPLOY / "kubernetes-sidecar.yaml").read_text())
+    container = next(c for c in manifest["spec"]["template"]["spec"]["containers"] if c["name"] == "logscore")
+    pod_env = {item["name"]: item["value"] for item in container["env"]}
+    pod_read_only = [mount["mountPath"] for mount in container["volumeMounts"] if mount.get("readOnly")]
+    return [(unit_env, unit_read_only), (pod_env, pod_read_only)]
+
+
+def test_the_shipped_deploy_files_keep_what_the_sidecar_writes_out_of_the_read_only_models(monkeypatch):
+    """Both mount the models read-only; the episodes file's default is in that directory: it could
+    not be written, and every restart announced the window episodes under way again."""
+    from pathlib import Path
+
+    from logscore.behaviour import EpisodeFile
+    from logscore.learning import feedback_location
+    from logscore.settings import Settings
+
+    monkeypatch.setattr(Settings, "validate", lambda settings: None)  # (their directories are not here)
+    for environ, read_only in shipped_environments():
+        settings = Settings.load(environ=environ)
+        written = [Path(feedback_location(settings)), EpisodeFile(settings.episodes_file, settings.models_dir).path]
+        assert read_only and all(path.is_absolute() for path in written), (written, read_only)
+        assert not [path for path in written for directory in read_only if path.is_relative_to(directory)], environ
+
+
 def test_the_shipped_memory_limit_holds_under_the_worst_input(tmp_path):
     from .worst_inputs import flood, worst_payloads
 
