@@ -510,6 +510,23 @@ def test_episodes_kept_over_a_restart_go_on_only_if_recent_and_of_the_same_detec
         assert [bool(w.windows.alarmed) for w in restarted._models.values()] == [goes_on], entry
 
 
+def test_episodes_that_cannot_be_written_are_tried_again_only_when_they_change(tmp_path, monkeypatch, caplog):
+    """A models directory mounted read-only was written to on every tick while an episode lasted."""
+    from logscore.behaviour import EpisodeFile
+
+    (tmp_path / "taken").mkdir()  # a directory where the file goes: it cannot be replaced (even by root)
+    kept = EpisodeFile("taken", str(tmp_path))
+    tries, replace = [], os.replace
+    monkeypatch.setattr(os, "replace", lambda *paths: (tries.append(paths), replace(*paths)))
+    entry = {"fingerprint": "f", "subjects": ["route=shop"], "until": START}
+    for k in range(8):  # two windows of ticks: the end of its last window moves on
+        kept.save({"shop": {**entry, "until": START + k // 4}})
+    assert len(tries) == 1
+    kept.save({"shop": {**entry, "subjects": ["route=shop", "status_class=2xx"]}})
+    assert len(tries) == 2
+    assert caplog.text.count("cannot be kept over a restart") == 1
+
+
 def apache2_record(line: str) -> dict:
     """An access line as Fluentd's apache2 parser gives it: no time field (the time became the
     event's time), the client under ``host``."""

@@ -210,7 +210,7 @@ class EpisodeFile:
         """``path``: settings.episodes_file (relative: in ``models_dir``; None: none kept)."""
         self.path = Path(models_dir) / path if path else None
         self._written: Optional[dict] = {}
-        self._failed = False  # a write failed (warned once)
+        self._refused: Optional[dict] = None  # what a failed write held (_waited_for); warned once
 
     def load(self) -> dict[str, dict]:
         """Model name -> its saved episodes (empty: none, or no file)."""
@@ -234,21 +234,28 @@ class EpisodeFile:
 
     def save(self, models: dict[str, dict]) -> None:
         """Write the episodes under way when they changed (atomically: a crash mid-write leaves the last)."""
-        if self.path is None or models == self._written:
+        if self.path is None or models == self._written or self._waited_for(models) == self._refused:
             return
         staging = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
         try:
             staging.write_text(json.dumps({"version": self.VERSION, "models": models}), encoding="utf-8")
             os.replace(staging, self.path)
         except OSError as error:
-            if not self._failed:
+            if self._refused is None:
                 log.warning("window episodes under way cannot be kept over a restart (a restart may announce "
                             "them again); set --episodes-file to a writable path, or empty to keep none",
                             extra={"path": str(self.path), "error": str(error)})
-            self._failed = True
+            self._refused = self._waited_for(models)
             return
         self._written = models
-        self._failed = False
+        self._refused = None
+
+    @staticmethod
+    def _waited_for(models: dict[str, dict]) -> dict:
+        """What must change before a write that failed is tried again: each model's subjects (the end of
+        its last window moves on every window while an episode lasts: a read-only models directory was
+        written to on every tick for as long)."""
+        return {name: entry.get("subjects") for name, entry in models.items()}
 
 
 class ModelBehaviour:
