@@ -525,6 +525,7 @@ def test_episodes_that_cannot_be_written_are_tried_again_only_when_they_change(t
     kept.save({"shop": {**entry, "subjects": ["route=shop", "status_class=2xx"]}})
     assert len(tries) == 2
     assert caplog.text.count("cannot be kept over a restart") == 1
+    assert [path.name for path in tmp_path.iterdir()] == ["taken"]  # no copy left staged (taken.<pid>.tmp)
 
 
 def apache2_record(line: str) -> dict:

@@ -16,6 +16,7 @@ trained state.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
@@ -241,6 +242,8 @@ class EpisodeFile:
             staging.write_text(json.dumps({"version": self.VERSION, "models": models}), encoding="utf-8")
             os.replace(staging, self.path)
         except OSError as error:
+            with contextlib.suppress(OSError):  # (a half-written copy, or a whole one not put in place)
+                staging.unlink(missing_ok=True)
             if self._refused is None:
                 log.warning("window episodes under way cannot be kept over a restart (a restart may announce "
                             "them again); set --episodes-file to a writable path, or empty to keep none",
