@@ -476,7 +476,8 @@ def test_a_burst_under_way_at_a_restart_is_not_announced_again(behaviour_model, 
         burst_for(first, 0.4)  # (still on as it stops)
     finally:
         first.stop()
-    assert json.loads((tmp_path / "episodes.json").read_text())["models"]["shop"]["subjects"]
+    kept = json.loads((tmp_path / "episodes.json").read_text())["models"]["shop"]
+    assert kept["subjects"]
     second = SidecarProcess(models, tmp_path).start()
     try:
         burst_for(second, 1.5)
@@ -484,6 +485,10 @@ def test_a_burst_under_way_at_a_restart_is_not_announced_again(behaviour_model, 
         assert "window episodes under way before the restart go on" in second.log()
     finally:
         second.stop()
+    # The burst was improbable in the second process's windows too (its episode went on through a
+    # later window): without the episodes kept, that process would have announced it.
+    went_on = json.loads((tmp_path / "episodes.json").read_text())["models"].get("shop", {"until": 0, "subjects": []})
+    assert went_on["until"] > kept["until"] and set(kept["subjects"]) & set(went_on["subjects"]), (kept, went_on)
 
 
 def test_episodes_kept_over_a_restart_go_on_only_if_recent_and_of_the_same_detectors(behaviour_model, tmp_path,
