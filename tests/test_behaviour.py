@@ -948,7 +948,8 @@ def test_windows_trained_before_their_zone_was_recorded_keep_utc_hours_and_an_un
     ("03-17 16:13:38.811  1702 E x: info", {"time": "03-17 16:13:38.811", "level": "info"}),  # no thread id
     ("Received block 081109 203615 ERROR", {"level": "ERROR"}),  # the two read only where a line starts
     ("0811090 203615 INFO", {"level": "INFO"}),
-    ("17/06/09 20:10:40 INFO executor.Backend: registered", {"time": "2017-06-09 20:10:40", "level": "INFO"}),  # Spark's, as ISO
+    ("17/06/09 20:10:40 INFO executor.Backend: registered", {  # Spark's, as ISO
+        "time": "2017-06-09 20:10:40", "level": "INFO"}),
     ("Spark 17/06/09 20:10:40 INFO x", {"level": "INFO"}),  # yy/MM/dd read only where a line starts
     ("09/06/17 20:10:40 user ana logged in", {}),  # nor without a level after it: dd/MM/yy elsewhere
     ("09/06/17 20:10:40 INFOS x", {}),
