@@ -576,8 +576,8 @@ def test_a_group_unusual_in_details_only_says_so_when_marked(tmp_path):
 
 
 def test_the_entries_are_listed_a_page_at_a_time_over_http_grpc_and_the_command_line(sidecar, capsys, monkeypatch):
-    """A fleet's 10,000 entries came in one answer: 7 MB of JSON, and over gRPC more than a client's 4 MB
-    message limit (`logscore feedback list` failed). Pages: after an id, at most a limit."""
+    """A fleet's 10,000 entries came in one answer: 7 MB of JSON, and over gRPC more than the sidecar's
+    max_message_bytes (`logscore feedback list` failed). Pages: after an id, at most a limit."""
     from logscore import feedback_cli
     from logscore.cli import main
 
@@ -649,3 +649,37 @@ def test_a_line_that_does_not_parse_stays_flagged_whatever_the_feedback(sidecar)
                                 {"Content-Type": "application/x-www-form-urlencoded"})
     assert status == 200 and f"Not done: group {group}: its record 1 (" in page.decode(), page.decode()[-2000:]
     assert "flags such records whatever the feedback" in page.decode()
+
+
+def test_a_page_of_long_entries_stays_under_the_sidecars_own_message_limit(tmp_path, shop_model_path, capsys):
+    """A page of 1,000 entries with 2,000-character reasons was past max_message_bytes, which the
+    sidecar's gRPC server applies to what it sends too: `logscore feedback list` failed with
+    RESOURCE_EXHAUSTED. A page now ends where its size nears that limit, limit or none."""
+    from logscore.cli import main
+    from logscore.feedback import NORMAL, Entry
+    from logscore.feedback_store import SqliteStore
+
+    store = SqliteStore(str(tmp_path / "long.sqlite3"))
+    store.migrate()
+    for i in range(40):  # 5.4 kB of UTF-8 each: 216 kB in all
+        store.add(Entry(0, NORMAL, {"field": "user_agent", "value": f"bot-{i}"}, "ana", reason="理由" * 900))
+    limit = 64 * 1024
+    process = SidecarProcess(models_dir_with(tmp_path, shop_model_path, "shop"), tmp_path,
+                             feedback_store=str(tmp_path / "long.sqlite3"), max_message_bytes=str(limit)).start()
+    try:
+        stub = process.stub()
+        for request in (pb.ListFeedbackRequest(limit=1000), pb.ListFeedbackRequest()):
+            listed, after = [], 0
+            while True:
+                request.after_id = after
+                page = stub.ListFeedback(request, timeout=10)
+                assert 0 < page.ByteSize() <= limit
+                listed += [e.id for e in page.entries]
+                after = page.next_after_id
+                if not after:
+                    break
+            assert listed == list(range(1, 41))
+        assert main(["feedback", "list", "--json", "--socket", process.socket]) == 0
+        assert len(capsys.readouterr().out.splitlines()) == 40
+    finally:
+        assert process.stop() == 0

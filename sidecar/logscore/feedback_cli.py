@@ -150,7 +150,7 @@ def run_feedback_list(args) -> int:
     from .generated.logscore.v1 import scorer_pb2 as pb
 
     after, listed = 0, 0
-    while True:  # a page at a time: 10,000 entries outgrow a gRPC message (4 MB)
+    while True:  # a page at a time: 10,000 entries outgrow a gRPC message (max_message_bytes)
         response = call(args, "ListFeedback", pb.ListFeedbackRequest(include_removed=args.all, after_id=after,
                                                                      limit=LIST_PAGE))
         if not response.store_reachable and not after:

@@ -80,9 +80,10 @@ class FeedbackServicer:
             def listing() -> pb.ListFeedbackResponse:  # off the event loop: 10,000 entries take a while
                 entries, following = feedback.page(request.include_removed, request.after_id, request.limit)
                 status = feedback.status()
-                return pb.ListFeedbackResponse(entries=[encode_entry(e) for e in entries], store=status["store"],
-                                               store_reachable=status["reachable"],
-                                               store_error=status["error"] or "", next_after_id=following)
+                response = pb.ListFeedbackResponse(store=status["store"], store_reachable=status["reachable"],
+                                                   store_error=status["error"] or "")
+                fill_page(response, entries, following, self.service.settings.max_message_bytes)
+                return response
             return await off_loop(listing)
         return await self._answer(work, context)
 
@@ -106,6 +107,28 @@ class FeedbackServicer:
             self.service.metrics.errors.labels("internal", "grpc").inc()
             log.exception("internal error in a feedback call")
         await context.abort(*failure)
+
+
+# NOTE: room left in an answer for what fill_page does not count: each entry's tag and length
+# (6 bytes at most for an entry under 2 MiB) and next_after_id (11 bytes).
+ENTRY_FRAMING_BYTES, PAGE_FRAMING_BYTES = 6, 16
+
+
+def fill_page(response: pb.ListFeedbackResponse, entries: list, following: int, max_message_bytes: int) -> None:
+    """Add entries to the answer while it stays under max_message_bytes, which the sidecar's gRPC
+    server also applies to what it sends: a page of 1,000 entries with 2,000-character reasons and
+    examples made 6 MB and failed with RESOURCE_EXHAUSTED. A page cut short (with a limit or
+    without) ends at the last entry added; its next_after_id says where the next one starts.
+    One entry always goes in, so that a page always moves the listing on."""
+    room = max_message_bytes - response.ByteSize() - PAGE_FRAMING_BYTES
+    for entry in entries:
+        encoded = encode_entry(entry)
+        room -= encoded.ByteSize() + ENTRY_FRAMING_BYTES
+        if room < 0 and len(response.entries):
+            response.next_after_id = response.entries[-1].id
+            return
+        response.entries.append(encoded)
+    response.next_after_id = following
 
 
 def count_mark(metrics, entry: Entry) -> None:
