@@ -433,7 +433,14 @@ SCORE_HEAD = "POST /v1/score HTTP/1.1\r\nHost: localhost\r\nContent-Type: applic
     (SCORE_HEAD + "X-A: a\r\n Transfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n", 400,
      "malformed header line ' Transfer-Encoding: chunked"),
     (SCORE_HEAD + "Content-Length : 2\r\n\r\n{}", 400, "without spaces before the colon or folded lines"),
-    (SCORE_HEAD + "Content-Length: 2\r\nX-A: a\x00b\r\n\r\n{}", 400, "header X-A holds a NUL byte"),
+    (SCORE_HEAD + "Content-Length: 2\r\nX-A: a\x00b\r\n\r\n{}", 400, "header X-A holds the control character '\\x00'"),
+    # str.strip() trimmed these (all of Unicode's whitespace): 'chunked\x85' was framed chunked, '2\x1c' read as 2;
+    # a bare CR ends a line to some
+    ((SCORE_HEAD + "Transfer-Encoding: chunked\x85\r\n\r\n2\r\n{}\r\n0\r\n\r\n").encode("latin-1"), 501,
+     "Transfer-Encoding 'chunked\\x85'"),
+    (SCORE_HEAD + "Content-Length: 2\x1c\r\n\r\n{}", 400, "header Content-Length holds the control character"),
+    (SCORE_HEAD + "X-A: b\rTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n", 400,
+     "header X-A holds the control character '\\r'"),
     ("POST /v1/score?explain=%C2%B2 HTTP/1.1\r\nHost: localhost\r\nContent-Length: 2\r\n\r\n{}", 400,
      "give a whole number of features"),
     ("GET /v1/anomalies?since=%C2%B2 HTTP/1.1\r\nHost: localhost\r\n\r\n", 400, "since='\u00b2': give a whole number"),
@@ -447,7 +454,7 @@ SCORE_HEAD = "POST /v1/score HTTP/1.1\r\nHost: localhost\r\nContent-Type: applic
 def test_malformed_framing_gets_one_clear_answer(sidecar, data, status, message):
     """These closed the connection without an answer, or answered 500, logging a traceback; some
     were read two ways (request smuggling behind a proxy)."""
-    got, answer = raw_request(sidecar.http_port, data.encode("utf-8"))
+    got, answer = raw_request(sidecar.http_port, data if isinstance(data, bytes) else data.encode("utf-8"))
     assert got == status and message in answer["error"], answer
     assert "Unhandled exception" not in sidecar.log() and "Traceback" not in sidecar.log()
 

@@ -69,6 +69,7 @@ CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,8}(;[^\r\n]*)?\r?\n")
 SINGLE_HEADERS = ("content-length", "transfer-encoding", "authorization", "host")
 # A header's name: RFC 9110's token, nothing around it (no space before the colon, no folded line)
 HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+HEADER_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # in a header's value: all control characters but tab
 
 
 def digits(text: str) -> bool:
@@ -243,21 +244,25 @@ class HttpServer(StreamServer):
                 raise HttpError(431, f"headers exceed {MAX_HEADER_BYTES} bytes", close=True)
             if header in (b"\r\n", b"\n", b""):
                 return headers
-            text = header.decode("latin-1").rstrip("\r\n")
+            text = header.decode("latin-1").removesuffix("\n").removesuffix("\r")  # the line's end only
             name, colon, value = text.partition(":")
             if not colon or not HEADER_NAME.fullmatch(name):
                 # NOTE: read leniently (' Transfer-Encoding' as a folded line to a proxy, a header to us),
                 # a request's framing differs between the two: how requests are smuggled
                 raise HttpError(400, f"malformed header line {text[:60]!r}: send 'Name: value', without "
                                 "spaces before the colon or folded lines", close=True)
-            if "\x00" in value:
-                raise HttpError(400, f"header {name} holds a NUL byte", close=True)
+            control = HEADER_CONTROL.search(value)
+            if control:
+                # NOTE: read as whitespace, a separator or a line's end by some (str.strip takes \x1c-\x1f
+                # and \x85: 'chunked\x85' was framed chunked), as part of the value by others: refused
+                raise HttpError(400, f"header {name} holds the control character {control.group()!r}; send "
+                                "visible characters, spaces and tabs", close=True)
             name = name.lower()
             if name in headers and name in SINGLE_HEADERS:
                 # NOTE: two of these are read differently by different servers (request smuggling
                 # behind a proxy, or which token counts): refused, not guessed
                 raise HttpError(400, f"{name} given twice", close=True)
-            headers[name] = value.strip()
+            headers[name] = value.strip(" \t")  # what RFC 9110 calls whitespace around a value, no more
 
     @staticmethod
     def _charge(ticket: Ticket, nbytes: int) -> None:
