@@ -441,6 +441,9 @@ SCORE_HEAD = "POST /v1/score HTTP/1.1\r\nHost: localhost\r\nContent-Type: applic
     (SCORE_HEAD + "Content-Length: 2\x1c\r\n\r\n{}", 400, "header Content-Length holds the control character"),
     (SCORE_HEAD + "X-A: b\rTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n", 400,
      "header X-A holds the control character '\\r'"),
+    # served as POST, yet not counted in logscore_calls_in_flight: methods are case-sensitive
+    ("post /v1/score HTTP/1.1\r\nHost: localhost\r\nContent-Length: 2\r\n\r\n{}", 405,
+     "post not allowed on /v1/score; use POST (methods are case-sensitive)"),
     ("POST /v1/score?explain=%C2%B2 HTTP/1.1\r\nHost: localhost\r\nContent-Length: 2\r\n\r\n{}", 400,
      "give a whole number of features"),
     ("GET /v1/anomalies?since=%C2%B2 HTTP/1.1\r\nHost: localhost\r\n\r\n", 400, "since='\u00b2': give a whole number"),

@@ -231,7 +231,9 @@ class HttpServer(StreamServer):
             ticket.release()
             raise
         query = {k: v[-1] for k, v in parse_qs(url.query).items()}
-        return Request(method.upper(), url.path, query, headers, body, ticket, version)
+        # NOTE: as sent: methods are case-sensitive (RFC 9110); 'post' was served as POST yet not counted
+        # as a scoring call (logscore_calls_in_flight): now it is 405, naming the method to use
+        return Request(method, url.path, query, headers, body, ticket, version)
 
     @staticmethod
     async def _read_headers(reader: asyncio.StreamReader) -> dict[str, str]:
@@ -336,8 +338,9 @@ class HttpServer(StreamServer):
         if handler is None:
             allowed = sorted(m for m, p in self.routes if p == request.path)
             if allowed:
+                case = " (methods are case-sensitive)" if request.method.upper() in allowed else ""
                 response = Response.error(405, f"{request.method} not allowed on {request.path}; use "
-                                          f"{', '.join(allowed)}")
+                                          f"{', '.join(allowed)}{case}")
                 response.headers["Allow"] = ", ".join(allowed)
                 return response
             known = ", ".join(sorted({p for _, p in self.routes}))
