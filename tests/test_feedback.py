@@ -607,6 +607,10 @@ def test_the_entries_are_listed_a_page_at_a_time_over_http_grpc_and_the_command_
     last = stub.ListFeedback(pb.ListFeedbackRequest(limit=3, after_id=4), timeout=10)
     assert [e.id for e in last.entries] == [5] and last.next_after_id == 0
     assert [e.id for e in stub.ListFeedback(pb.ListFeedbackRequest(), timeout=10).entries] == [1, 2, 4, 5]
+    # past what an id column holds: the empty last page (was UNAVAILABLE, a bad argument read as an outage)
+    for after in (2**63 - 1, 2**63, 2**64 - 1):
+        beyond = stub.ListFeedback(pb.ListFeedbackRequest(limit=3, after_id=after), timeout=10)
+        assert not beyond.entries and beyond.next_after_id == 0
 
     monkeypatch.setattr(feedback_cli, "LIST_PAGE", 2)
     assert main(["feedback", "list", "--all", "--json", "--socket", sidecar.socket]) == 0

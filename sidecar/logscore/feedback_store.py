@@ -145,8 +145,11 @@ def check_entry(entry: Entry) -> None:
             raise InvalidRequest("expires_at is in the past; give a future time, or none to keep the entry")
 
 
+ID_LIMIT = 2**63  # both stores' id columns hold less: SQLite's INTEGER, PostgreSQL's BIGINT
+
+
 def check_id(entry_id: int) -> None:
-    if not 0 < entry_id < 2**63:  # what both stores' id columns hold
+    if not 0 < entry_id < ID_LIMIT:
         raise FeedbackNotFound(f"no feedback entry #{entry_id}; list them with GET /v1/feedback")
 
 
@@ -742,6 +745,8 @@ class FeedbackService:
     def page(self, include_removed: bool, after: int, limit: int) -> tuple[list[Entry], int]:
         """(up to ``limit`` entries numbered after ``after``, the ``after`` of the next page: 0 at the end);
         ``limit`` 0: all of them."""
+        if after >= ID_LIMIT:  # no entry is numbered past it: an empty last page, not a store's error (503)
+            return [], 0
         if not limit:
             return self.entries(include_removed, after), 0
         entries = self.entries(include_removed, after, limit + 1)  # one more: is there a next page?
