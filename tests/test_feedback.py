@@ -462,25 +462,32 @@ def test_an_unreadable_stored_pattern_is_listed_never_applied_and_stops_nothing(
     the store from starting (a KeyError at load) and turned every later write into a 500."""
     import sqlite3
 
+    from logscore.errors import InvalidRequest
+    from logscore.feedback import NORMAL, Entry
     from logscore.feedback_store import SqliteStore
 
     models = models_dir_with(tmp_path, shop_model_path, "shop")
-    SqliteStore(str(models / "feedback.sqlite3")).migrate()
+    store = SqliteStore(str(models / "feedback.sqlite3"))
+    store.migrate()
+    # a key past int64 made every reload fail (OverflowError): refused when written, skipped when read
+    with pytest.raises(InvalidRequest, match="a key or kind past a 64-bit signed integer"):
+        store.add(Entry(0, NORMAL, {"keys": [2**64], "kind": [1]}, "dba"))
     with sqlite3.connect(models / "feedback.sqlite3") as db:
-        for pattern in ('{"kind": [1]}', "not json", '{"keys": ["a"], "kind": []}', '{"field": 3, "value": "x"}'):
+        for pattern in ('{"kind": [1]}', "not json", '{"keys": ["a"], "kind": []}', '{"field": 3, "value": "x"}',
+                        '{"keys": [%d], "kind": [1]}' % 2**64):
             db.execute("INSERT INTO feedback (verdict, model, pattern, author, created_at) "
                        "VALUES ('normal', 'shop', ?, 'dba', 1)", (pattern,))
     process = SidecarProcess(models, tmp_path, feedback_poll_s="0.2").start()
     try:
         status, body = feedback(process, "POST", {"verdict": "normal", "author": "a", "field": "user_agent",
                                                   "value": "sqlmap/1.7"})
-        assert status == 200 and body["feedback"]["id"] == 5, body
+        assert status == 200 and body["feedback"]["id"] == 6, body
         listed = feedback(process, "GET")[1]
         assert listed["store"]["reachable"] and listed["store"]["active_entries"] == 1, listed["store"]
         assert [e["pattern"].get("unreadable", "")[:6] for e in listed["feedback"]] == ["no 'ke", "not JS", "no 'ke",
-                                                                                       "a fiel", ""]
+                                                                                       "a fiel", "a key ", ""]
         assert feedback(process, "DELETE", query="?id=1")[0] == 200
-        assert '"unreadable_entries": 4' in process.log_path.read_text()
+        assert '"unreadable_entries": 5' in process.log_path.read_text()
         assert score(process, shop_lines(3, seed=4))
     finally:
         assert process.stop() == 0

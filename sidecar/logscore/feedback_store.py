@@ -117,10 +117,16 @@ def pattern_problem(pattern) -> Optional[str]:
         return "no 'keys' list of integers"
     if not isinstance(kind, list) or not all(type(t) in (int, str) for t in kind):
         return "no 'kind' list of integers and strings"
+    # the rules index keys and kinds as int64: one past it failed every reload (OverflowError)
+    if not all(-KEY_LIMIT <= k < KEY_LIMIT for k in keys + [t for t in kind if type(t) is int]):
+        return "a key or kind past a 64-bit signed integer (made by no logscore)"
     for name in ("features", "examples"):
         if not isinstance(pattern.get(name, []), list) or not all(isinstance(t, str) for t in pattern.get(name, [])):
             return f"'{name}' is no list of strings"
     return None
+
+
+KEY_LIMIT = 2**63
 
 
 def check_entry(entry: Entry) -> None:
@@ -242,6 +248,9 @@ class FeedbackStore:
         """Store an entry, or return the active one that already says the same (``existing`` set):
         a button clicked twice, a retried request or two operators marking one group make one rule."""
         check_entry(entry)
+        problem = pattern_problem(entry.pattern)
+        if problem:  # what a sidecar could not apply is not written (it would be listed as unreadable)
+            raise InvalidRequest(f"the entry's pattern: {problem}; mark records, a review group or a field value")
         entry.created_at = entry.created_at or time.time()
 
         def work(cursor):
