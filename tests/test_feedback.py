@@ -694,3 +694,27 @@ def test_a_page_of_long_entries_stays_under_the_sidecars_own_message_limit(tmp_p
         assert len(capsys.readouterr().out.splitlines()) == 40
     finally:
         assert process.stop() == 0
+
+
+def test_the_collector_is_paused_while_entries_are_parsed_never_while_the_store_is_read(tmp_path):
+    """A reload paused Python's garbage collector (process-wide) around the store's query too: with
+    PostgreSQL, network I/O of seconds (connect and statement timeouts) with the collector off."""
+    import gc
+
+    from logscore.feedback import NORMAL, Entry
+    from logscore.feedback_store import FeedbackService, SqliteStore
+
+    class WatchedStore(SqliteStore):
+        collector_on_connect: list = []
+
+        def _connect(self):
+            self.collector_on_connect.append(gc.isenabled())
+            return super()._connect()
+
+    store = WatchedStore(str(tmp_path / "f.sqlite3"))
+    store.migrate()
+    store.add(Entry(0, NORMAL, {"field": "status", "value": "201"}, "ana"))
+    WatchedStore.collector_on_connect.clear()
+    assert FeedbackService(store, poll_s=100.0).reload(force=True)
+    assert WatchedStore.collector_on_connect and all(WatchedStore.collector_on_connect)
+    assert gc.isenabled()

@@ -320,7 +320,8 @@ class FeedbackStore:
         def work(cursor):
             cursor.execute(self._sql(f"SELECT {', '.join(COLUMNS)} FROM feedback {where} ORDER BY id{page}"), (after,))
             rows = cursor.fetchall()
-            entries = [entry_from_row(row, self._read) for row in rows]
+            with collector_paused():  # the rows first: reading them from PostgreSQL may take seconds
+                entries = [entry_from_row(row, self._read) for row in rows]
             if not (after or page):  # (a page would leave out the others' patterns)
                 self._read = {row[PATTERN]: entry.pattern for row, entry in zip(rows, entries)
                               if isinstance(row[PATTERN], str) and UNREADABLE not in entry.pattern}
@@ -568,7 +569,8 @@ MAX_NAME_CHARS = 200  # a review group's id, a field's or a model's name
 def collector_paused():
     """Python's cyclic garbage collector off meanwhile: reading and indexing 10,000 entries makes
     hundreds of thousands of objects, none of them garbage, and the collections their making set off
-    took 150 of a reload's 400 ms (more in a sidecar, whose heap holds its models too)."""
+    took 150 of a reload's 400 ms (more in a sidecar, whose heap holds its models too). Never around
+    a store's I/O: it is off process-wide, and PostgreSQL's connect and statement timeouts are seconds."""
     enabled = gc.isenabled()
     gc.disable()
     try:
@@ -624,8 +626,8 @@ class FeedbackService:
             if not (force or expired or revision != self.revision):
                 self._reachable()
                 return False
+            entries = self.store.entries()  # (pauses the collector while it parses, not while it waits)
             with collector_paused():
-                entries = self.store.entries()
                 self.rules = RuleSet(entries)
             self.revision, self.loaded_at = revision, time.time()
             self._reachable()
