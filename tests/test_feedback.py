@@ -718,3 +718,18 @@ def test_the_collector_is_paused_while_entries_are_parsed_never_while_the_store_
     assert FeedbackService(store, poll_s=100.0).reload(force=True)
     assert WatchedStore.collector_on_connect and all(WatchedStore.collector_on_connect)
     assert gc.isenabled()
+
+
+def test_invisible_characters_are_escaped_by_their_unicode_category():
+    """A hand-picked list let through the soft hyphen, tag characters, U+FFF9-FFFB, the combining
+    grapheme joiner and the Hangul fillers: two values that differ looked the same on the page."""
+    from logscore.shown import html_text, printable
+
+    hidden = ["\u00ad", "\U000e0001", "\U000e0041", "\U000e007f", "\ufff9", "\ufffb", "\u034f", "\u3164",
+              "\u115f", "\u1160", "\uffa0", "\u202e", "\u200b", "\x1b", "\x85", "\u2028", "\u2029", "\x00"]
+    for char in hidden:
+        escaped = char.encode("unicode_escape").decode("ascii")
+        assert printable(f"a{char}b") == f"a{escaped}b" and html_text(f"a{char}b") == f"a{escaped}b", repr(char)
+    assert printable("x\ty\nz") == "x\\ty\\nz" and html_text("x\ty\n<z>") == "x\ty\n&lt;z&gt;"
+    shown = "café 東京 Ünïcode ¿ — «» \u00a0 ✓ 😀 가"  # visible text, a no-break space included, as it is
+    assert printable(shown) == shown and html_text(shown) == shown
