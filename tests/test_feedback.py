@@ -733,3 +733,21 @@ def test_invisible_characters_are_escaped_by_their_unicode_category():
     assert printable("x\ty\nz") == "x\\ty\\nz" and html_text("x\ty\n<z>") == "x\ty\n&lt;z&gt;"
     shown = "café 東京 Ünïcode ¿ — «» \u00a0 ✓ 😀 가"  # visible text, a no-break space included, as it is
     assert printable(shown) == shown and html_text(shown) == shown
+
+
+def test_a_group_of_long_lines_that_parse_can_be_marked_normal(sidecar):
+    """Marking a group normal parsed its examples again to refuse lines that do not parse; an example
+    is cut to 2,000 characters, and a long ordinary line cut mid-way does not parse: refused, saying
+    the lines "do not parse". Now decided by what was recorded when they were scored."""
+    import re
+    import urllib.parse
+
+    line = monitor_lines(1, seed=43)[0].replace(" HTTP/1.1", "?q=" + "a" * 2100 + " HTTP/1.1", 1)
+    result = score(sidecar, [line])[0]
+    assert result["is_anomaly"] and not result.get("notes"), result
+    group = re.search(r'name=group value="(g\d+)"', sidecar.http_get("/ui/")[1].decode()).group(1)
+    form = urllib.parse.urlencode({"group": group, "verdict": "normal"}).encode()
+    status, page = http_request(sidecar.http_port, "POST", "/ui/feedback", form,
+                                {"Content-Type": "application/x-www-form-urlencoded"})
+    assert status == 200 and "Not done" not in page.decode(), page.decode()[-2000:]
+    assert len(feedback(sidecar, "GET")[1]["feedback"]) == 1

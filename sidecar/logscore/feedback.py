@@ -624,9 +624,14 @@ class Flagged:
     names: Callable[[], list[str]]  # the most unusual features' names
     suppressed_by: list[int] = field(default_factory=list)
     kept_by: list[int] = field(default_factory=list)
+    held: bool = False  # flagged whatever the feedback: a line its model could not read (decide's ``held``)
 
 
 NO_KEYS = np.zeros(0, dtype=np.int64)
+
+
+def is_held(held: Optional[np.ndarray], index: int) -> bool:
+    return held is not None and bool(held[index])
 
 
 @dataclass
@@ -668,7 +673,8 @@ class FeedbackStep:
         if not len(candidates) or not (model_rules or self.inspect_always) or model.sessions is not None:
             if self.observe is not None and len(candidates):
                 self.observe(model, self.records, [Flagged(int(i), float(scores[i]), float(scores[i]), frozenset(),
-                                                           NO_KEYS, list) for i in candidates], self)
+                                                           NO_KEYS, list, held=is_held(held, i))
+                                                   for i in candidates], self)
             return scores
         if not model_rules and self.admit is not None:
             # Only the review page wants them inspected: within its budget, a flood sampled evenly.
@@ -691,12 +697,11 @@ class FeedbackStep:
         for row, i in enumerate(candidates.tolist()):
             unusual = found.unusual(row)
             item = Flagged(i, float(scores[i]), float(scores[i]), kinds[row], found.batch.keys[unusual],
-                           found.names(row, SHORT_KIND))
+                           found.names(row, SHORT_KIND), held=is_held(held, i))
             if keepers[row]:
                 item.kept_by = keepers[row]
                 notes.append((i, "record", f"kept by feedback {rule_list(keepers[row])}"))
-            elif (rescored is not None and suppressors[row] and rescored[row] < model.threshold
-                  and (held is None or not held[i])):
+            elif rescored is not None and suppressors[row] and rescored[row] < model.threshold and not item.held:
                 scores[i] = rescored[row]
                 flags[i] = False
                 item.score, item.suppressed_by = float(rescored[row]), suppressors[row].ids()

@@ -29,7 +29,7 @@ from typing import Callable, Optional, Sequence
 
 from .errors import ConfigError, FeedbackNotFound, InvalidRequest, StoreUnavailable
 from .feedback import (EXAMPLES, UNREADABLE, VERDICTS, Entry, RuleSet, pattern_from_field, pattern_from_records,
-                       record_from_text, record_text, refuse_unparsed)
+                       record_text, refuse_unparsed)
 from .timestamps import LATEST_TIME
 
 log = logging.getLogger("logscore.feedback")
@@ -728,15 +728,20 @@ class FeedbackService:
         return entry
 
     def _refuse_unparsed_group(self, group_id: str, model_name: str, group) -> None:
-        """A group of lines its model cannot read (a binary payload, another log), which such a model
-        flags whatever the feedback: marked normal, it made an entry that never applied."""
-        model = self.registry.snapshot.models.get(model_name) if self.registry is not None else None
-        if model is None or not group.examples:
+        """A group of lines its model could not read (a binary payload, another log), which such a model
+        flags whatever the feedback: marked normal, it made an entry that never applied. Decided by what
+        was recorded when they were scored, not by parsing the examples again: an example is cut to
+        2,000 characters, and a long ordinary line cut mid-way no longer parses."""
+        number, example = next(((n, e) for n, e in enumerate(group.examples, 1) if e.unparsed), (0, None))
+        if example is None:
             return
-        try:
-            refuse_unparsed(model, [record_from_text(example.text) for example in group.examples])
-        except InvalidRequest as error:
-            raise InvalidRequest(f"group {group_id}: its {error}") from None
+        model = self.registry.snapshot.models.get(model_name) if self.registry is not None else None
+        log_format = f" as {model.featurizer.log_format}" if model is not None else ""
+        raise InvalidRequest(
+            f"group {group_id}: its record {number} ({example.text[:80]!r}) did not parse{log_format} when "
+            f"scored: model {model_name!r} flags such records whatever the feedback (its training data parsed), "
+            "so marking them normal would change nothing; send that log to a model of its own (a route: "
+            "--tag-routes), or mark a field value")
 
     def add(self, entry: Entry) -> Entry:
         stored = self.store.add(entry)

@@ -52,6 +52,7 @@ class Example:
     text: str
     score: float
     note: str = ""  # suppressed by / kept by
+    unparsed: bool = False  # its model could not read it when it was scored (flagged whatever the feedback)
 
 
 @dataclass
@@ -282,7 +283,8 @@ class ReviewRing:
                 elif item.kept_by:
                     group.kept += 1
                     note = f"kept by feedback {rule_list(item.kept_by)}"
-                group.examples.append(Example(moment, record_text(records[item.index]), item.score, note))
+                group.examples.append(Example(moment, record_text(records[item.index]), item.score, note,
+                                              unparsed=item.held))
                 self.recent.append((now, group.id))
 
     def group(self, group_id: str) -> Optional[Group]:
