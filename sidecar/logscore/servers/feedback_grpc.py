@@ -117,7 +117,7 @@ ENTRY_FRAMING_BYTES, PAGE_FRAMING_BYTES = 6, 16
 def fill_page(response: pb.ListFeedbackResponse, entries: list, following: int, max_message_bytes: int) -> None:
     """Add entries to the answer while it stays under max_message_bytes, which the sidecar's gRPC
     server also applies to what it sends: a page of 1,000 entries with 2,000-character reasons and
-    examples made 6 MB and failed with RESOURCE_EXHAUSTED. A page cut short (with a limit or
+    examples made 2.1-11.5 MiB (CJK the most) and failed with RESOURCE_EXHAUSTED. A page cut short (with a limit or
     without) ends at the last entry added; its next_after_id says where the next one starts.
     One entry always goes in, so that a page always moves the listing on."""
     room = max_message_bytes - response.ByteSize() - PAGE_FRAMING_BYTES
