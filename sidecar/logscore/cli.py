@@ -1072,6 +1072,19 @@ def season_clock(windows: dict) -> str:
     return f"hours of day and week on the {zone} wall clock"
 
 
+def window_coverage(learned: dict) -> str:
+    """What of the day and the week the windows' training log covered (models trained before it
+    was recorded: nothing said)."""
+    from .training.behaviour import DAY_NAMES, hour_ranges
+
+    hours, days = learned.get("hours_of_day"), learned.get("days_of_week")
+    if hours is None:
+        return ""
+    said = "every hour of day" if len(hours) == 24 else f"hours {hour_ranges(hours) or 'none'} only"
+    week = "every day of the week" if len(days) == 7 else ", ".join(DAY_NAMES[d] for d in days) or "no whole day"
+    return f"; the log covered {said}, {week}"
+
+
 def describe_behaviour(meta: dict) -> list[str]:
     """What `logscore inspect` says of a model's window and client detectors."""
     lines = []
@@ -1081,7 +1094,8 @@ def describe_behaviour(meta: dict) -> list[str]:
         lines.append(f"windows: {windows['window_s']:g} s, {len(windows['keys'])} keys ({', '.join(windows['keys'][:4])}"
                      f"{', ...' if len(windows['keys']) > 4 else ''}), shares {', '.join(windows['shares']) or 'none'}; "
                      f"learned from {learned.get('windows')} windows; threshold {windows['threshold']:.4f} "
-                     f"(target FPR {windows['target_fpr']} of key-windows); {season_clock(windows)}")
+                     f"(target FPR {windows['target_fpr']} of key-windows); {season_clock(windows)}"
+                     f"{window_coverage(learned)}")
     if clients:
         learned = clients.get("training", {})
         lines.append(f"clients: by {clients['key']}, half-life {clients['half_life_s']:g} s, features "

@@ -78,9 +78,12 @@ CACHED_VALUE_CHARS = 256
 TAG_WARM_UP_S = 3600.0  # see tag_warm_up
 # An hour of day the training log never covered is forecast at the level of the hours it did, and
 # learns 0.3 of its own each day: a model trained on 15:00-03:00 raised 6 drops at 03:00 the first
-# night, 3 the second (docs/accuracy.md). Its counts raise no event until it has been seen on this
-# many days (its forecast then two thirds of the way); shares are watched from the start.
+# night, 3 the second (docs/accuracy.md). Until it has been seen on this many days (its forecast
+# then two thirds of the way) its counts' spread is UNSEEN_HOUR_SPREAD times wider: what the level
+# cannot tell (a night's tenth of the day's traffic) raises nothing, a flood or a silence still
+# does; shares do not depend on the hour and are watched as always.
 UNSEEN_HOUR_DAYS = 3
+UNSEEN_HOUR_SPREAD = 3.0
 
 
 def tag_warm_up(window_s: float) -> int:
@@ -274,9 +277,12 @@ class WindowSpec:
 
 def hours_unseen(metadata: dict) -> frozenset:
     """The hours of day a model's training log never covered (its windows' ``training.hours_of_day``;
-    models trained before it was recorded: none)."""
+    models trained before it was recorded: none). A log covering under two hours learned no hour of
+    day: its forecast is the level at every hour, as at the one it covered (train says so)."""
     covered = metadata.get("training", {}).get("hours_of_day")
-    return frozenset() if covered is None else frozenset(range(24)) - frozenset(int(h) for h in covered)
+    if covered is None or len(covered) < 2:
+        return frozenset()
+    return frozenset(range(24)) - frozenset(int(h) for h in covered)
 
 
 def share_deviation(count: np.ndarray, total: np.ndarray, expected: np.ndarray,
@@ -534,7 +540,9 @@ class WindowCounter:
         hour, week = np.full(size, hour[0]), np.full(size, week[0])
         y = count_transform(counts)
         expected_y, deviation = self.state.step(y, hour, week, np.arange(size))
-        scale = self.state.spread(np.arange(size))
+        widen = UNSEEN_HOUR_SPREAD if self._hour_unlearned(int(hour[0])) else 1.0
+        deviation = deviation / widen  # (the forecaster's deviation with a spread `widen` times its own)
+        scale = self.state.spread(np.arange(size)) * widen
         expected = count_inverse(expected_y)
         low, high = count_inverse(expected_y - 2 * scale), count_inverse(expected_y + 2 * scale)
         scores = self.spec.calibrate(deviation)
@@ -555,8 +563,6 @@ class WindowCounter:
             # its drops here (an outage at a restart was announced again one window later).
             held = set().union(*self._episodes([f for f in found if f[3] <= f[5]]).values()) & self.alarmed
             found = [f for f in found if f[3] > f[5]]
-        if self._hour_unlearned(int(hour[0])):
-            found = []
         found += self._close_shares()
         if self.observe_gauges is not None:
             self.observe_gauges(self.model_name, self.keys, counts, expected)
@@ -591,7 +597,7 @@ class WindowCounter:
                 else {subject(f[2])} for f in found}
 
     def _hour_unlearned(self, hour: int) -> bool:
-        """Whether counts in ``hour`` (of day) still raise no event, counting this window as seen."""
+        """Whether ``hour`` (of day) is still learned (see UNSEEN_HOUR_DAYS), counting this window as seen."""
         if hour not in self.unlearned_hours:
             return False
         self.unlearned_hours[hour] += 1

@@ -137,10 +137,6 @@ def fit_windows(fields: Sequence[dict], route: str, options: BehaviourOptions, w
     if windows > MAX_WINDOWS:
         raise InputError(f"--window-s {window_s:g} over {(times[-1] - times[0]) / DAY_S:.0f} days makes {windows:,} "
                          f"windows; use longer windows (at most {MAX_WINDOWS:,})")
-    if windows * window_s < DAY_S:  # (a field trial's 6,580 lines made 4 windows, and nothing said so)
-        warn(f"--windows: the logs span {windows:,} windows of {window_s:g} s ({windows * window_s / 3600:.1f} h): "
-             "counts are forecast without their hour of day (a day of logs teaches it, a week the day of week), "
-             "and the threshold comes from few windows; train on a day of logs or more")
     namer = KeyNamer(dimensions_of(fields, order, options.dimensions))
     by_key: dict[str, list] = {f"route={route}": window_of.tolist()}
     columns = text_columns([fields[i] for i in order.tolist()], fields_read(namer.dimensions))
@@ -152,6 +148,10 @@ def fit_windows(fields: Sequence[dict], route: str, options: BehaviourOptions, w
     ranked = ranked_keys(by_key, namer.dimensions, options.max_keys)
     counts = np.stack([np.bincount(by_key[k], minlength=windows) for k in ranked]).astype(np.float64)
     hours, weeks = slots(first + window_s * np.arange(windows), season_zone(options.season_zone))
+    said = coverage_warning(windows, window_s, covered_slots(hours, 24, window_s), covered_days(weeks, window_s),
+                            options.season_zone)
+    if said:  # (a field trial's 6,580 lines made 4 windows, and nothing said so)
+        warn(said)
     state = ForecastState.empty(len(ranked), window_s, COUNT_MIN_SCALE)
     seasonal_start(state, counts, hours, weeks)
     first_day = min(windows // 4, int(DAY_S // window_s))  # never calibrated on: the level is still set
@@ -208,7 +208,7 @@ def fit_windows(fields: Sequence[dict], route: str, options: BehaviourOptions, w
                        f"{warm_up} windows",
         "training": {"records": int(len(order)), "windows": windows, "start": float(first),
                      "end": float(first + windows * window_s), "keys_seen": len(by_key), "keys_kept": len(ranked),
-                     "hours_of_day": sorted(set(hours.tolist())), "days_of_week": sorted(set((weeks // 24).tolist())),
+                     "hours_of_day": covered_slots(hours, 24, window_s), "days_of_week": covered_days(weeks, window_s),
                      "flagged_fraction": round(flagged, 6),
                      "threshold_deviation": round(threshold_deviation(knots, levels, threshold), 3)},
     }
@@ -248,6 +248,53 @@ def slot_means(counts: np.ndarray, slot_of: np.ndarray, slots_in_period: int) ->
                      for row in counts])
     covered = windows > 0
     return sums / np.maximum(windows, 1), covered
+
+
+DAY_NAMES = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
+
+
+def coverage_warning(windows: int, window_s: float, hours: list[int], days: list[int], zone: str) -> Optional[str]:
+    """What windows learned from a log of under a week cannot know (None: a week or more)."""
+    span = windows * window_s
+    if span < DAY_S:
+        covered = f"hours {hour_ranges(hours)} of the {zone} day" if len(hours) >= 2 else "no whole hour of day"
+        return (f"--windows: the logs span {windows:,} windows of {window_s:g} s ({span / 3600:.1f} h), {covered}: "
+                "the other hours are forecast at the level of these (a night's tenth of the day's traffic would read "
+                "as a drop), so for their first 3 days their counts' spread is 3 times wider (a flood or a silence "
+                "is still seen there, a drop of half is not), and no day of the week is known; train on a day of logs "
+                "or more (a week teaches the days of the week)")
+    if span < 7 * DAY_S:
+        missing = [DAY_NAMES[d] for d in range(7) if d not in days]
+        return (f"--windows: the logs span {span / DAY_S:.1f} days: every hour of day is learned from them, but "
+                f"{', '.join(missing)} are forecast as the days they cover (a weekend's lower traffic may read as a "
+                "drop until the sidecar has seen it); a week of logs or more teaches the days of the week")
+    return None
+
+
+def hour_ranges(hours: list[int]) -> str:
+    """Hours of day as ranges of the clock: [9, 10, 11, 14] -> '09:00-12:00, 14:00-15:00'."""
+    ranges, start = [], None
+    for hour in range(25):
+        inside = hour < 24 and hour in hours
+        if inside and start is None:
+            start = hour
+        elif not inside and start is not None:
+            ranges.append(f"{start:02d}:00-{hour:02d}:00")
+            start = None
+    return ", ".join(ranges)
+
+
+def covered_slots(slot_of: np.ndarray, slots_in_period: int, window_s: float) -> list[int]:
+    """The slots (hours of day) holding half an hour of the log's windows or more: what the
+    sidecar and `logscore inspect` call the hours the log covered."""
+    windows = np.bincount(slot_of, minlength=slots_in_period)
+    return np.flatnonzero(windows * window_s >= 1800.0).tolist()
+
+
+def covered_days(weeks: np.ndarray, window_s: float) -> list[int]:
+    """The days of the week (Monday 0) holding half a day of the log's windows or more."""
+    windows = np.bincount(weeks // 24, minlength=7)
+    return np.flatnonzero(windows * window_s >= DAY_S / 2).tolist()
 
 
 SETTLING_WEEKS = 2  # visits of each hour-of-week slot before the replay's deviations calibrate
