@@ -2090,8 +2090,8 @@ def test_window_threshold_is_placed_among_windows_the_sidecar_could_report():
 
 def test_window_threshold_of_a_log_with_few_reportable_windows_pools_every_key_window():
     """A quiet log (a few records a window) has few windows the sidecar could report, fewer than
-    1/target_fpr: their maximum would be the threshold, so every key-window is pooled as before
-    (a higher threshold)."""
+    1/target_fpr and too few (under 100) to extrapolate their tail from: every key-window is
+    pooled as before (a higher threshold)."""
     from logscore.training.behaviour import BehaviourOptions, fit_windows
 
     fields = [f for f in nightly_failures_site(3) if int(f["time"]) % 10 == 0]
