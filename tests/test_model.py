@@ -12,7 +12,7 @@ from logscore.errors import ConfigError, ModelLoadError
 from logscore.model import Model
 from logscore.windows import LEVELS_READ
 
-from .generate import attack_lines, shop_lines
+from .generate import attack_lines, blog_lines, shop_lines
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +70,27 @@ def test_flagged_records_alone_are_explained_as_every_record_is(shop_model):
     assert every.is_anomaly.sum() >= 8 and (flagged.is_anomaly == every.is_anomaly).all()
     expected = [names if flag else [] for names, flag in zip(every.explanations, every.is_anomaly)]
     assert [list(names) for names in flagged.explanations] == expected
+
+
+def test_a_flood_is_named_from_the_batch_scored_each_feature_described_once(shop_model, monkeypatch):
+    """Most of a batch flagged (another site's traffic): the flagged records are named from the
+    batch scored, not featurized and run again, and each distinct feature of a value is described
+    once however many records name it; the names are those explaining every record gives."""
+    from logscore.features.converters import Converter
+
+    lines = blog_lines(300, seed=18) + [line for _, line in attack_lines(blog_lines(40, seed=19), 40, seed=20)]
+    every = shop_model.score(lines, explain=3)
+    transforms, described = [], []
+    featurize, describe = shop_model.featurizer.transform, Converter.describe
+    monkeypatch.setattr(shop_model.featurizer, "transform", lambda *a, **k: transforms.append(1) or featurize(*a, **k))
+    monkeypatch.setattr(Converter, "describe", lambda self, *a: described.append(1) or describe(self, *a))
+    flagged = shop_model.score(lines, explain_flagged=3)
+    assert flagged.is_anomaly.mean() > 0.5 and (flagged.is_anomaly == every.is_anomaly).all()
+    expected = [names if flag else [] for names, flag in zip(every.explanations, every.is_anomaly)]
+    assert [list(names) for names in flagged.explanations] == expected
+    assert len(transforms) == 1  # the batch scored, not the flagged records again
+    named = sum(len(names) for names in flagged.explanations)
+    assert len(described) < named / 3, (len(described), named)
 
 
 def test_explanations_name_each_records_most_unusual_features_in_order(shop_model):

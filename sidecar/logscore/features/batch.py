@@ -63,9 +63,17 @@ class KeyOrigins:
         return self.entries[int(self.entry_of_key[index])].describe(int(self.position[index]))
 
     def names(self, indices: np.ndarray) -> list[str]:
+        """Each distinct (value, key) is described once: in a flood the flagged records' top
+        features are mostly of the same few values (one call a key was 3.4 µs a flagged record)."""
         entries = self.entries
-        return [entries[entry].describe(position) for entry, position in
-                zip(self.entry_of_key[indices].tolist(), self.position[indices].tolist())]
+        entry_of_key, position = self.entry_of_key[indices], self.position[indices]
+        if not position.size:
+            return []
+        origin = entry_of_key * (int(position.max()) + 1) + position
+        _, first, where = np.unique(origin, return_index=True, return_inverse=True)
+        named = [entries[entry].describe(at) for entry, at in
+                 zip(entry_of_key[first].tolist(), position[first].tolist())]
+        return [named[i] for i in where.ravel().tolist()]
 
     def resolve(self) -> "KeyOrigins":
         return self
