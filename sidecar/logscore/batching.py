@@ -174,7 +174,7 @@ class Batcher:
                 self.abandon(self.model, len(job.records), "cancelled")
             elif not job.future.done():
                 pieces = [result.slice(max(first, start) - start, min(last, start + len(result.scores)) - start,
-                                       job.named)
+                                       job.named, max(explain, explain_flagged))
                           for start, result in parts if start < last and start + len(result.scores) > first]
                 job.future.set_result(Scored.concatenate(pieces, job.named > 0))
 
