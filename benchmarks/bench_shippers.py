@@ -1,6 +1,7 @@
 """Real shippers with and without the scoring stage: lines/s and CPU seconds per process.
 
     python benchmarks/bench_shippers.py [--lines 400000] [--rounds 3] [--quick] [--scoring-processes N] [--explain]
+                                        [--flood]
                                         [--filter NAME=VALUE ...] [--tail NAME=VALUE ...] [--json PATH]
 
 Pipelines, each run with the stage and without it, paired and interleaved (with, without,
@@ -13,6 +14,11 @@ with, ...), every run on a fresh sidecar (cold caches) and fresh shippers:
   the floor of any stage in that place, a third Fluent Bit relaying forward to forward (a relay in
   C that does nothing else; the vendored build has no filters, so it does not even add a field)
 - the same in Message mode (a Tag per record: one forward message per record)
+
+With ``--flood`` every line carries an attack (the tests' generated payloads in the shop's
+lines), so that the stage flags nearly every record, as a model meeting traffic it was not trained
+on or an attack does: forward mode then names each one's features and the review page inspects
+them. ``sidecar_us_per_line`` is the sidecar's CPU per line of each run.
 
 Throughput is lines / (time from appending the lines to the tailed file until the last one is
 in the output). CPU seconds are read from /proc for each process over that window. The load
@@ -38,7 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import child_pids, cpu_seconds, machine, write_results  # noqa: E402
-from tests.generate import shop_lines  # noqa: E402
+from tests.generate import attack_lines, shop_lines  # noqa: E402
 from tests.sidecar_process import SidecarProcess, free_port  # noqa: E402
 
 VENDOR = ROOT.parent / "shared" / "vendor"
@@ -80,7 +86,8 @@ def count_marked(directory: Path) -> dict:
     gives up under load would otherwise look fast."""
     texts = [p.read_bytes() for p in output_files(directory)]
     return {"scored": sum(t.count(b'"anomaly_score"') for t in texts),
-            "unscored": sum(t.count(b'"anomaly_unscored"') for t in texts)}
+            "unscored": sum(t.count(b'"anomaly_unscored"') for t in texts),
+            "flagged": sum(t.count(b'"is_anomaly":true') for t in texts)}
 
 
 class Run:
@@ -121,7 +128,8 @@ class Run:
             time.sleep(0.05)
         elapsed = time.monotonic() - started
         cpu = {name: round(cpu_of[name](pid) - before[name], 2) for name, pid in pids.items()}
-        return {"lines_per_s": round(len(lines) / elapsed), "seconds": round(elapsed, 2), "cpu_s": cpu,
+        per_line = ({"sidecar_us_per_line": round(cpu["sidecar"] / len(lines) * 1e6, 2)} if "sidecar" in cpu else {})
+        return {"lines_per_s": round(len(lines) / elapsed), "seconds": round(elapsed, 2), "cpu_s": cpu, **per_line,
                 "load_before": load_before, "load_after": load_average(), **count_marked(output)}
 
     def stop(self) -> None:
@@ -304,6 +312,8 @@ def main() -> int:
                         help="a further setting of the logscore filter (say batch_records=500); repeatable")
     parser.add_argument("--tail", action="append", default=[], metavar="NAME=VALUE",
                         help="a setting of Fluentd's in_tail, with and without the stage (say read_lines_limit=4000)")
+    parser.add_argument("--flood", action="store_true", help="every line carries an attack: the stage flags "
+                        "nearly every record")
     parser.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "shippers.json"))
     args = parser.parse_args()
     if args.explain:
@@ -324,11 +334,14 @@ def main() -> int:
         print(f"bench_shippers: missing {', '.join(missing)}; see ../shared/vendor/README.md", file=sys.stderr)
         return 2
     lines = shop_lines(args.lines, seed=90)
-    results = {"machine": machine(), "lines": args.lines, "rounds": args.rounds, "traffic": "generated shop",
+    if args.flood:
+        lines = [line for _, line in attack_lines(lines, args.lines, seed=91)]
+    traffic = "generated shop, every line attacked (a flood)" if args.flood else "generated shop"
+    results = {"machine": machine(), "lines": args.lines, "rounds": args.rounds, "traffic": traffic,
                "scoring_processes": args.scoring_processes, "explain": args.explain,
                "filter_settings": dict(FILTER_SETTINGS), "tail_settings": dict(TAIL_SETTINGS),
                "novel_share": novel_share(lines), "pipelines": {}}
-    print(f"{args.lines} lines of generated shop traffic, {results['novel_share']:.0%} of requests never seen "
+    print(f"{args.lines} lines of {traffic} traffic, {results['novel_share']:.0%} of requests never seen "
           f"earlier in the run; {args.rounds} paired rounds; {machine()['cpu']}, {os.cpu_count()} cores")
     for name, pipeline in PIPELINES.items():
         if args.only and name != args.only:
@@ -342,7 +355,7 @@ def main() -> int:
                 runs[kind].append(measured)
                 print(f"  {name:10s} round {round_number + 1} {kind:7s} stage: {measured['lines_per_s']:>7,} lines/s "
                       f"in {measured['seconds']:6.2f} s, CPU s {measured['cpu_s']}, scored {measured['scored']:,} "
-                      f"unscored {measured['unscored']:,}, load "
+                      f"unscored {measured['unscored']:,}, flagged {measured['flagged']:,}, load "
                       f"{measured['load_before']} -> {measured['load_after']}")
         ratios = [w["lines_per_s"] / wo["lines_per_s"] for w, wo in zip(runs["with"], runs["without"])]
         summary = {"lines": count, "with_lines_per_s": statistics.median(r["lines_per_s"] for r in runs["with"]),
