@@ -5,8 +5,9 @@
 For each shape of tests/worst_inputs.py (many tiny values, long lines, ...) a fresh
 `logscore serve` on the default model with the shipped defaults gets that payload
 from 2 gRPC connections (8 calls each) or 16 HTTP connections at once; then all shapes at
-once (64 gRPC calls: max_grpc_calls, which bounds gRPC's messages over any number of
-connections); then the same with every line new (the featurizer's value caches fill). Prints
+once (32 gRPC calls a connection, twice the streams one may have open: gRPC takes in a stream's
+data before the sidecar sees the call, so the streams a connection may open bound what it holds);
+then the same with every line new (the featurizer's value caches fill). Prints
 the peak RSS (VmHWM) of each run beside the idle baseline of the same run, with the load
 average; writes JSON.
 """

@@ -39,14 +39,15 @@ from .timestamps import read_zoneless_in, zone_description
 
 log = logging.getLogger("logscore.serve")
 
-# Streams one gRPC connection may open, per call the sidecar takes (max_grpc_calls). NOTE: far above
-# 1, so that CallLimitInterceptor, not the transport, refuses a call past the cap: RESOURCE_EXHAUSTED,
-# counted and logged. A transport limit a client reaches is refused anonymously (REFUSED_STREAM,
-# which grpc's clients report as UNAVAILABLE and do not retry): a stream its client has seen
-# answered still counts in the server for a while, so a client at the limit had calls refused
-# under steady load (8 a connection: 22 % of Score calls from 8 threads; 2 x 64: 2 of 2,000 calls
-# from 100 threads).
-STREAMS_PER_CALL_ALLOWED = 4
+# Streams one gRPC connection may open at once. NOTE: gRPC's transport takes in a stream's data
+# before any of our code sees the call (the cap's interceptor included), so this is what bounds the
+# memory one connection holds: 256 a connection let one client with 4 connections of 256 calls hold
+# 1.4 GiB (8: 236 MiB). A client reaching it has calls refused anonymously (REFUSED_STREAM, which
+# grpc's clients report as UNAVAILABLE and do not retry), as a stream its client has seen answered
+# still counts here for a while: at 8, a client of 8 threads on one connection had 22 % of its
+# Score calls refused. So twice what a client should keep open on one connection (8; the Fluentd
+# filter keeps 4).
+STREAMS_PER_CONNECTION = 16
 
 
 class JsonFormatter(logging.Formatter):
@@ -222,11 +223,9 @@ class Sidecar:
         options = [("grpc.max_receive_message_length", s.max_message_bytes),
                    ("grpc.max_send_message_length", s.max_message_bytes),
                    ("grpc.so_reuseport", 0),
-                   # NOTE: gRPC reads a call's whole message before our admission sees it; what bounds
-                   # that memory is max_grpc_calls (CallLimitInterceptor refuses a call past it before its
-                   # message is read), over all connections. This bounds only the streams one connection
-                   # keeps waiting for a place (each may hold a flow-control window of data).
-                   ("grpc.max_concurrent_streams", STREAMS_PER_CALL_ALLOWED * s.max_grpc_calls)]
+                   # NOTE: what one connection may hold before admission (see STREAMS_PER_CONNECTION);
+                   # max_grpc_calls refuses calls past it over all connections, counted and logged.
+                   ("grpc.max_concurrent_streams", STREAMS_PER_CONNECTION)]
         # NOTE: the cap first: a call past it is refused whatever its token, before its message is read
         interceptors = [CallLimitInterceptor(s.max_grpc_calls, self.metrics)]
         if token:

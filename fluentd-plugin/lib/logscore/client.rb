@@ -56,9 +56,9 @@ module Logscore
   # At most `size` calls at once on the client's connection: Fluentd calls a filter from every
   # input's thread at once, and a connection past the sidecar's streams is refused (RST_STREAM
   # REFUSED_STREAM, reported as UNAVAILABLE: a silent sidecar to the circuit; six in_tail sources
-  # left 19 % of records unscored when it took 4). It takes 4 x max_grpc_calls (256) now; keeping
-  # to few calls leaves the sidecar's max_grpc_calls to the other shippers. Calls past it wait
-  # here, a bounded time.
+  # left 19 % of records unscored when it took 4). It takes 16 a connection, and a stream closed
+  # here still counts there for a moment: a client keeping 8 is never refused so. Calls past
+  # `size` wait here, a bounded time.
   class CallSlots
     def initialize(size)
       @free = size
@@ -115,7 +115,7 @@ module Logscore
     FLAP_PROBES = 5 # an opening within this many probe intervals of calls resuming is the same trouble going on
     DEADLINE_GRACE = 0.1 # seconds past a call's deadline before the client gives up on it itself
     COUNTERS = %i[calls scored unscored failures skipped_circuit_open circuit_opened probes busy].freeze
-    CALLS_PER_CONNECTION = 4 # a share of the sidecar's max_grpc_calls (64), far below its streams a connection
+    CALLS_PER_CONNECTION = 4 # a quarter of the sidecar's streams a connection (serve.py STREAMS_PER_CONNECTION)
 
     attr_reader :deadlines
 
