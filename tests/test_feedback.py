@@ -696,6 +696,32 @@ def test_a_page_of_long_entries_stays_under_the_sidecars_own_message_limit(tmp_p
         assert process.stop() == 0
 
 
+def test_the_command_line_lists_pages_larger_than_grpcs_default_receive_limit(tmp_path, shop_model_path, capsys):
+    """Pages are filled up to the sidecar's max_message_bytes; with that above 4 MiB, grpcio's default
+    receive limit in `logscore feedback list` refused the page (Received message larger than max)."""
+    import sqlite3
+
+    from logscore.cli import main
+    from logscore.feedback import NORMAL
+    from logscore.feedback_store import SqliteStore
+
+    SqliteStore(str(tmp_path / "big.sqlite3")).migrate()
+    with sqlite3.connect(tmp_path / "big.sqlite3") as database:  # (one transaction: add() checks each for a twin)
+        database.executemany(
+            "INSERT INTO feedback (verdict, model, route, entity, pattern, example, author, reason, created_at, "
+            "expires_at) VALUES (?, '', '', '', ?, '', 'ana', ?, ?, NULL)",
+            [(NORMAL, json.dumps({"field": "user_agent", "value": f"bot-{i}"}), "理由" * 1000, 1.7e9 + i)
+             for i in range(900)])  # 6 kB of UTF-8 each: 5.4 MB in all
+    process = SidecarProcess(models_dir_with(tmp_path, shop_model_path, "shop"), tmp_path,
+                             feedback_store=str(tmp_path / "big.sqlite3"),
+                             max_message_bytes=str(8 * 1024 * 1024), max_inflight_bytes=str(64 * 1024 * 1024)).start()
+    try:
+        assert main(["feedback", "list", "--json", "--socket", process.socket]) == 0
+        assert len(capsys.readouterr().out.splitlines()) == 900
+    finally:
+        assert process.stop() == 0
+
+
 def test_the_collector_is_paused_while_entries_are_parsed_never_while_the_store_is_read(tmp_path):
     """A reload paused Python's garbage collector (process-wide) around the store's query too: with
     PostgreSQL, network I/O of seconds (connect and statement timeouts) with the collector off."""

@@ -467,15 +467,18 @@ def client_channel(args, target: str):
         metadata.append(("authorization", f"Bearer {token}"))
     if bool(args.tls_cert) != bool(args.tls_key):
         raise ConfigError("--tls-cert and --tls-key go together")
+    # The sidecar bounds what it sends by its own max_message_bytes (a page of feedback entries is
+    # filled up to it): grpcio's default 4 MiB here refused a page from a sidecar allowing more.
+    options = [("grpc.max_receive_message_length", -1)]
     if not (args.tls_ca or args.tls_cert):
-        return grpc.insecure_channel(target), metadata
+        return grpc.insecure_channel(target, options=options), metadata
     if not args.tcp:
         raise ConfigError("TLS needs --tcp HOST:PORT (the Unix socket is never TLS)")
     credentials = grpc.ssl_channel_credentials(
         root_certificates=read(args.tls_ca) if args.tls_ca else None,
         private_key=read(args.tls_key) if args.tls_key else None,
         certificate_chain=read(args.tls_cert) if args.tls_cert else None)
-    return grpc.secure_channel(target, credentials), metadata
+    return grpc.secure_channel(target, credentials, options=options), metadata
 
 
 class ProgressPrinter:
