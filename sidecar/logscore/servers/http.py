@@ -67,9 +67,10 @@ BODY_PIECE = 64 * 1024  # a body is charged to the in-flight budget as it arrive
 LINGER_S, LINGER_BYTES = 2.0, 16 * 2**20  # what is read and dropped, after an error, before closing
 CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,8}(;[^\r\n]*)?\r?\n")
 SINGLE_HEADERS = ("content-length", "transfer-encoding", "authorization", "host")
-# A header's name: RFC 9110's token, nothing around it (no space before the colon, no folded line)
+# A header's name (and a method): RFC 9110's token, nothing around it (no space before the colon, no folded line)
 HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-HEADER_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # in a header's value: all control characters but tab
+# In a header's value: all control characters but tab, C1's too (latin-1 \x85 is whitespace to str.strip)
+HEADER_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
 
 
 def digits(text: str) -> bool:
@@ -208,8 +209,9 @@ class HttpServer(StreamServer):
 
     async def _read_request(self, line: bytes, reader: asyncio.StreamReader,
                             writer: asyncio.StreamWriter) -> Request:
-        parts = line.decode("latin-1").strip().split(" ")
-        if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
+        # (only the line's end goes: " POST ..." or "\x1cPOST ..." was served, yet not counted in flight)
+        parts = line.decode("latin-1").removesuffix("\n").removesuffix("\r").split(" ")
+        if len(parts) != 3 or parts[2] not in ("HTTP/1.0", "HTTP/1.1") or not HEADER_NAME.fullmatch(parts[0]):
             raise HttpError(400, "malformed request line; expected 'METHOD /path HTTP/1.1'", close=True)
         method, target, version = parts
         headers = await self._read_headers(reader)
