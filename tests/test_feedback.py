@@ -752,7 +752,8 @@ def test_invisible_characters_are_escaped_by_their_unicode_category():
     from logscore.shown import html_text, printable
 
     hidden = ["\u00ad", "\U000e0001", "\U000e0041", "\U000e007f", "\ufff9", "\ufffb", "\u034f", "\u3164",
-              "\u115f", "\u1160", "\uffa0", "\u202e", "\u200b", "\x1b", "\x85", "\u2028", "\u2029", "\x00"]
+              "\u115f", "\u1160", "\uffa0", "\u202e", "\u200b", "\x1b", "\x85", "\u2028", "\u2029", "\x00",
+              "\ufe0f", "\U000e0100", "\u180b", "\u17b4"]  # and the variation selectors, default-ignorable marks
     for char in hidden:
         escaped = char.encode("unicode_escape").decode("ascii")
         assert printable(f"a{char}b") == f"a{escaped}b" and html_text(f"a{char}b") == f"a{escaped}b", repr(char)

@@ -19,8 +19,11 @@ from html import escape
 # Control (Cc), format (Cf: bidirectional controls, zero-width, soft hyphen, tags), line and
 # paragraph separators (Zl, Zp), and unassigned code points (Cn: no glyph in this Unicode).
 HIDDEN_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp", "Cn"})
-# ...and a mark and letters that show nothing: the combining grapheme joiner, the Hangul fillers.
-HIDDEN_CHARACTERS = frozenset("\u034f\u115f\u1160\u3164\uffa0")
+# ...and the marks and letters Unicode calls default-ignorable (they show nothing): the combining
+# grapheme joiner, the Hangul fillers, Khmer's inherent vowels, the Mongolian and other variation
+# selectors ("a\ufe0fb" looked like "ab").
+HIDDEN_CHARACTERS = frozenset("\u034f\u115f\u1160\u17b4\u17b5\u3164\uffa0").union(
+    map(chr, range(0x180b, 0x1810)), map(chr, range(0xfe00, 0xfe10)), map(chr, range(0xe0100, 0xe01f0)))
 
 
 def hidden(char: str) -> bool:
