@@ -380,11 +380,15 @@ def refuse_unparsed(model: Model, records: Sequence[object]) -> None:
     parsed = model.featurizer.field_values(records)[1]
     failed = next((i for i, ok in enumerate(parsed) if not ok), None)
     if failed is not None:
-        raise InvalidRequest(
-            f"record {failed + 1} ({record_text(records[failed])[:80]!r}) does not parse as "
-            f"{model.featurizer.log_format}: model {model.name!r} flags such records whatever the feedback (its "
-            "training data parsed), so marking it normal would change nothing; send that log to a model of its "
-            "own (a route: --tag-routes), or mark a field value")
+        raise unparsed_refusal(f"record {failed + 1} ({record_text(records[failed])[:80]!r}) does not parse as "
+                               f"{model.featurizer.log_format}", model.name)
+
+
+def unparsed_refusal(what: str, model_name: str) -> InvalidRequest:
+    """The refusal of a mark of lines the model could not read (``what``: which, and how it failed)."""
+    return InvalidRequest(f"{what}: model {model_name!r} flags such records whatever the feedback (its training "
+                          "data parsed), so marking them normal would change nothing; send that log to a model of "
+                          "its own (a route: --tag-routes), or mark a field value")
 
 
 def refuse_sessions(model: Model) -> None:

@@ -29,7 +29,7 @@ from typing import Callable, Optional, Sequence
 
 from .errors import ConfigError, FeedbackNotFound, InvalidRequest, StoreUnavailable
 from .feedback import (EXAMPLES, UNREADABLE, VERDICTS, Entry, RuleSet, pattern_from_field, pattern_from_records,
-                       record_text, refuse_unparsed)
+                       record_text, refuse_unparsed, unparsed_refusal)
 from .timestamps import LATEST_TIME
 
 log = logging.getLogger("logscore.feedback")
@@ -705,7 +705,7 @@ class FeedbackService:
                                      "model's records): it names no kind to mark; mark its records or a field value")
             model_name = mark.model or group.model
             if mark.verdict == "normal":
-                self._refuse_unparsed_group(mark.group, model_name, group)
+                self._refuse_unparsed_group(mark.group, group)
             pattern = group.pattern()
             example = group.examples[-1].text if group.examples else ""
             route = mark.route or group.route
@@ -727,7 +727,7 @@ class FeedbackService:
         self._reload_after_write()
         return entry
 
-    def _refuse_unparsed_group(self, group_id: str, model_name: str, group) -> None:
+    def _refuse_unparsed_group(self, group_id: str, group) -> None:
         """A group of lines its model could not read (a binary payload, another log), which such a model
         flags whatever the feedback: marked normal, it made an entry that never applied. Decided by what
         was recorded when they were scored, not by parsing the examples again: an example is cut to
@@ -735,13 +735,11 @@ class FeedbackService:
         number, example = next(((n, e) for n, e in enumerate(group.examples, 1) if e.unparsed), (0, None))
         if example is None:
             return
-        model = self.registry.snapshot.models.get(model_name) if self.registry is not None else None
+        # (the group's own model: what recorded its lines as unread, whatever model the mark names)
+        model = self.registry.snapshot.models.get(group.model) if self.registry is not None else None
         log_format = f" as {model.featurizer.log_format}" if model is not None else ""
-        raise InvalidRequest(
-            f"group {group_id}: its record {number} ({example.text[:80]!r}) did not parse{log_format} when "
-            f"scored: model {model_name!r} flags such records whatever the feedback (its training data parsed), "
-            "so marking them normal would change nothing; send that log to a model of its own (a route: "
-            "--tag-routes), or mark a field value")
+        raise unparsed_refusal(f"group {group_id}: its record {number} ({example.text[:80]!r}) did not parse"
+                               f"{log_format} when scored", group.model)
 
     def add(self, entry: Entry) -> Entry:
         stored = self.store.add(entry)
