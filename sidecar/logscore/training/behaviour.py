@@ -181,12 +181,10 @@ def fit_windows(fields: Sequence[dict], route: str, options: BehaviourOptions, w
     deviations, reportable = np.concatenate(deviations, axis=1), np.concatenate(reportable, axis=1)
     settled = calibration_warm_up(windows, window_s) - first_day
     start = calibration_start(reportable.sum(axis=1), settled, options.window_target_fpr)
-    pooled, calibrated_on = calibration_pool(deviations[start:], reportable[start:], deviations[settled:],
-                                             options.window_target_fpr)
-    warm_up = first_day + (settled if calibrated_on.endswith(" all") else start)
-    knots, levels = (ecdf_table(pooled) if calibrated_on == "reportable"
-                     else tail_table(pooled, options.window_target_fpr) if calibrated_on.endswith("tail")
-                     else ecdf_table(pooled))
+    pooled, pool_kind = calibration_pool(deviations[start:], reportable[start:], deviations[settled:],
+                                         options.window_target_fpr)
+    warm_up = first_day + (settled if pool_kind == "all" else start)
+    knots, levels = (tail_table(pooled, options.window_target_fpr) if pool_kind == "tail" else ecdf_table(pooled))
     threshold = float(1.0 - options.window_target_fpr)
     state.seen -= 1  # (the seasonal start counted as a window: the sidecar reads how many were seen)
     learned = Learned()
@@ -204,8 +202,8 @@ def fit_windows(fields: Sequence[dict], route: str, options: BehaviourOptions, w
         "target_fpr": options.window_target_fpr, "min_change": options.min_change, "levels_read": LEVELS_READ,
         "season_zone": options.season_zone,
         "new_key": {"level": float(count_transform(np.zeros(1))[0]), "scale": NEW_KEY_SCALE},
-        "calibration": f"empirical CDF of {len(pooled):,} {calibrated_on} key-window deviations after a warm-up of "
-                       f"{warm_up} windows",
+        "calibration": calibration_description(pool_kind, len(pooled), int(reportable[start:].sum()),
+                                               options.window_target_fpr, warm_up),
         "training": {"records": int(len(order)), "windows": windows, "start": float(first),
                      "end": float(first + windows * window_s), "keys_seen": len(by_key), "keys_kept": len(ranked),
                      "hours_of_day": covered_slots(hours, 24, window_s), "days_of_week": covered_days(weeks, window_s),
@@ -333,22 +331,37 @@ def calibration_start(reportable: np.ndarray, settled: int, target_fpr: float) -
 
 def calibration_pool(deviations: np.ndarray, reportable: np.ndarray, settled: np.ndarray,
                      target_fpr: float) -> tuple[np.ndarray, str]:
-    """(deviations the threshold is placed among, what they are): the key-windows the sidecar
-    could report, those whose count differs from its forecast by ``min_change`` records or more
+    """(deviations the threshold is placed among, their kind: "reportable", "tail" or "all"): the
+    key-windows the sidecar could report, those whose count differs from its forecast by ``min_change`` records or more
     (a share: whose count reaches it). Pooled with the rest, the top of the training deviations
     was windows never reported — a share of one 5xx among two night-time records stands 10-14
     spreads out — and a 60 % drop of a site's traffic stood under the threshold (a deviation of 8
     was needed on a shop site; 6 among its reportable windows). With fewer than 1/target_fpr such
     windows the target's quantile is beyond them (the threshold would be their maximum, crossed
     every few days: a short log's): every key-window once the offsets settled (``settled``) is
-    pooled instead, a higher threshold, as before."""
+    pooled instead, a higher threshold, as before. Between the two (``MIN_TAIL_WINDOWS`` or more),
+    the reportable ones' tail is extrapolated ("tail": ``tail_table``)."""
     chosen = deviations[reportable]
     if len(chosen) >= 1.0 / target_fpr:
         return chosen, "reportable"
     if len(chosen) >= MIN_TAIL_WINDOWS:
-        return chosen, f"(only {len(chosen)} of {1.0 / target_fpr:,.0f} needed) reportable, tail"
+        return chosen, "tail"
     values = np.ravel(settled)
-    return (values if len(values) else np.zeros(1)), f"(only {len(chosen)} reportable) all"
+    return (values if len(values) else np.zeros(1)), "all"
+
+
+def calibration_description(pool_kind: str, pooled: int, reportable: int, target_fpr: float, warm_up: int) -> str:
+    """The model metadata's account of how the window threshold was placed (for people: nothing parses it)."""
+    needed = f"{1.0 / target_fpr:,.0f}"
+    if pool_kind == "reportable":
+        how = f"empirical CDF of {pooled:,} reportable key-window deviations"
+    elif pool_kind == "tail":
+        how = (f"exponential tail above the top tenth of {pooled:,} reportable key-window deviations "
+               f"(fewer than the {needed} the target needs)")
+    else:
+        how = (f"empirical CDF of all {pooled:,} key-window deviations once the offsets settled (only {reportable:,} "
+               f"reportable, under {MIN_TAIL_WINDOWS} to extrapolate from)")
+    return f"{how} after a warm-up of {warm_up} windows"
 
 
 MIN_TAIL_WINDOWS = 100  # reportable key-windows a tail is fitted to: fewer, every key-window is pooled
