@@ -2050,6 +2050,16 @@ def test_hours_a_short_log_never_covered_are_forecast_with_a_wider_spread_for_th
     assert any("route=web: 8 records" in e for e in night_events(spec))
 
 
+def test_a_tail_whose_top_tenth_is_one_value_repeated_is_extrapolated_from_the_values_under_it():
+    """With a tenth or more of the values tied at the top nothing lay above the top tenth's start:
+    the threshold was their maximum. The tail then starts at the next lower value."""
+    from logscore.training.behaviour import tail_threshold
+
+    tied = np.r_[np.random.default_rng(0).exponential(1.0, 170), np.full(30, 8.0)]
+    assert tail_threshold(tied, 1e-4) > 8.0 + 1.0
+    assert tail_threshold(np.full(200, 2.5), 1e-4) == 2.5  # nothing to extrapolate from
+
+
 def test_an_hour_the_log_never_covered_has_its_spread_back_after_three_days_of_it():
     """The 3x spread of an hour never covered lasts its first 3 days (UNSEEN_HOUR_DAYS): then the
     hour is learned and a drop of half is news again."""
