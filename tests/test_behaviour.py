@@ -2060,6 +2060,18 @@ def test_a_tail_whose_top_tenth_is_one_value_repeated_is_extrapolated_from_the_v
     assert tail_threshold(np.full(200, 2.5), 1e-4) == 2.5  # nothing to extrapolate from
 
 
+def test_windows_of_an_hour_or_more_cover_every_hour_they_overlap():
+    """Counted at its start hour, a 2-hour window covered one hour: 8 days of 2-hour windows were
+    said to cover the even hours only, and the odd ones had the spread of hours never seen."""
+    from logscore.training.behaviour import BehaviourOptions, fit_windows
+
+    fields = [{"time": START + 600.0 * i, "status": "200"} for i in range(8 * 144)]  # 8 days
+    for window_s in (5400.0, 7200.0):
+        learned = fit_windows(fields, "web", BehaviourOptions(windows=True, window_s=window_s))
+        assert learned.metadata["windows"]["training"]["hours_of_day"] == list(range(24)), window_s
+        assert learned_spec(learned).hours_unseen == frozenset()
+
+
 def test_an_hour_the_log_never_covered_has_its_spread_back_after_three_days_of_it():
     """The 3x spread of an hour never covered lasts its first 3 days (UNSEEN_HOUR_DAYS): then the
     hour is learned and a drop of half is news again."""

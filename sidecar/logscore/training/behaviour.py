@@ -16,7 +16,9 @@ The sidecar's side of the same models: sidecar/logscore/windows.py, entities.py,
 
 from __future__ import annotations
 
+import datetime
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -147,9 +149,10 @@ def fit_windows(fields: Sequence[dict], route: str, options: BehaviourOptions, w
                 by_key.setdefault(key, []).append(w)
     ranked = ranked_keys(by_key, namer.dimensions, options.max_keys)
     counts = np.stack([np.bincount(by_key[k], minlength=windows) for k in ranked]).astype(np.float64)
-    hours, weeks = slots(first + window_s * np.arange(windows), season_zone(options.season_zone))
-    said = coverage_warning(windows, window_s, covered_slots(hours, 24, window_s), covered_days(weeks, window_s),
-                            options.season_zone)
+    zone = season_zone(options.season_zone)
+    hours, weeks = slots(first + window_s * np.arange(windows), zone)
+    hours_covered, days_covered = covered_hours_and_days(first + window_s * np.arange(windows), window_s, zone)
+    said = coverage_warning(windows, window_s, hours_covered, days_covered, options.season_zone)
     if said:  # (a field trial's 6,580 lines made 4 windows, and nothing said so)
         warn(said)
     state = ForecastState.empty(len(ranked), window_s, COUNT_MIN_SCALE)
@@ -206,7 +209,7 @@ def fit_windows(fields: Sequence[dict], route: str, options: BehaviourOptions, w
                                                options.window_target_fpr, warm_up),
         "training": {"records": int(len(order)), "windows": windows, "start": float(first),
                      "end": float(first + windows * window_s), "keys_seen": len(by_key), "keys_kept": len(ranked),
-                     "hours_of_day": covered_slots(hours, 24, window_s), "days_of_week": covered_days(weeks, window_s),
+                     "hours_of_day": hours_covered, "days_of_week": days_covered,
                      "flagged_fraction": round(flagged, 6),
                      "threshold_deviation": round(threshold_deviation(knots, levels, threshold), 3)},
     }
@@ -282,17 +285,23 @@ def hour_ranges(hours: list[int]) -> str:
     return ", ".join(ranges)
 
 
-def covered_slots(slot_of: np.ndarray, slots_in_period: int, window_s: float) -> list[int]:
-    """The slots (hours of day) holding half an hour of the log's windows or more: what the
-    sidecar and `logscore inspect` call the hours the log covered."""
-    windows = np.bincount(slot_of, minlength=slots_in_period)
-    return np.flatnonzero(windows * window_s >= 1800.0).tolist()
+COVERAGE_STEP_S = 900.0  # windows longer than this are split in steps of at most this to tell what they cover
 
 
-def covered_days(weeks: np.ndarray, window_s: float) -> list[int]:
-    """The days of the week (Monday 0) holding half a day of the log's windows or more."""
-    windows = np.bincount(weeks // 24, minlength=7)
-    return np.flatnonzero(windows * window_s >= DAY_S / 2).tolist()
+def covered_hours_and_days(window_starts: np.ndarray, window_s: float,
+                           zone: Optional[datetime.tzinfo]) -> tuple[list[int], list[int]]:
+    """(the hours of day holding half an hour of the log's windows or more, the days of the week
+    (Monday 0) holding half a day or more) on the season zone's wall clock: what the sidecar and
+    `logscore inspect` call the hours and days the log covered. A window counts toward every hour
+    it overlaps: counted at its start, 2-hour windows of 8 days covered the even hours only (the
+    odd ones got the spread of hours never seen)."""
+    steps = max(1, math.ceil(window_s / COVERAGE_STEP_S))
+    step_s = window_s / steps
+    points = (np.asarray(window_starts, dtype=np.float64)[:, None] + step_s * np.arange(steps)).ravel()
+    hours, weeks = slots(points, zone)
+    hour_s = np.bincount(hours, minlength=24) * step_s
+    day_s = np.bincount(weeks // 24, minlength=7) * step_s
+    return np.flatnonzero(hour_s >= 1800.0).tolist(), np.flatnonzero(day_s >= DAY_S / 2).tolist()
 
 
 SETTLING_WEEKS = 2  # visits of each hour-of-week slot before the replay's deviations calibrate
