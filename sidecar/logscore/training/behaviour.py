@@ -223,7 +223,10 @@ def seasonal_start(state: ForecastState, counts: np.ndarray, hours: np.ndarray, 
     taught its hours a third of their level (an office site forecast 11.5-19.7 records a minute for
     hours holding 2.5-31), the spread doubled on the lag, and a 60 % drop of the next days and a
     5-minute outage stood under a threshold placed among those lagging deviations
-    (docs/accuracy.md). A long log ends where it would have: its replay still moves the offsets.
+    (docs/accuracy.md). A long log ends elsewhere than it would have from zero, nearer its truth:
+    on a 4-week shop log the hour-of-week offsets moved by up to 0.85 (square-root scale), the
+    weekend's forecast error went from +49 % to -7 % (over the hours of the week 21.6 % -> 5.8 %
+    on average), its threshold and events unchanged: retraining a site changes its forecasts.
 
     ``counts``: [keys, windows]; the state's windows seen start at 1 (not fresh: a fresh key's
     first window would set its level to that window's count)."""
