@@ -185,7 +185,8 @@ def cost(data: Path, work: Path, counts: tuple = ()) -> dict:
     novel = np.mean([line.split('"')[1] not in trained_urls for line in later if line.count('"') >= 2])
 
     steady = ReviewRing()  # one ring, as in the sidecar: groups persist across calls
-    figures = {"records": len(later), "flagged_share": round(flagged, 4), "never_seen_request_share": round(float(novel), 4),
+    figures = {"records": len(later), "flagged_share": round(flagged, 4),
+               "never_seen_request_share": round(float(novel), 4),
                "score_us_per_record": cpu_us_per_record(lambda c: model.score(c[0]), chunks, 1),
                "decide_us_per_record": {"without_feedback": cpu_us_per_record(lambda c: decide(model, c[1]), chunks),
                                         "review_ring_only": cpu_us_per_record(lambda c: decide(
