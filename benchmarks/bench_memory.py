@@ -31,7 +31,10 @@ from tests.worst_inputs import flood, worst_payloads  # noqa: E402
 MIB = 1024 * 1024
 
 
-def run(payloads: dict, label: str) -> dict:
+CALLS_PER_PAYLOAD = 16  # worst_inputs.flood: 8 calls on each of 2 gRPC connections, or 16 HTTP connections
+
+
+def run(payloads: dict, label: str, distinct: bool = False) -> dict:
     with tempfile.TemporaryDirectory() as workdir:
         process = SidecarProcess(ROOT / "models", Path(workdir)).start()
         try:
@@ -40,11 +43,15 @@ def run(payloads: dict, label: str) -> dict:
             peak = process.peak_rss_bytes()
         finally:
             process.stop()
+    # Never-seen lines: with ``distinct`` each line of a payload is new once, its payload sent
+    # CALLS_PER_PAYLOAD times; else a payload repeats one line.
+    never_seen = 1 / CALLS_PER_PAYLOAD if distinct else 0.0
     row = {"run": label, "idle_peak_mib": round(idle / MIB), "peak_mib": round(peak / MIB),
+           "never_seen_line_share": round(never_seen, 4),
            "outcomes": {name: sorted(set(results)) for name, results in outcomes.items()},
            "load_average": os.getloadavg()[0]}
     print(f"{label:24s} idle {row['idle_peak_mib']:4d} MiB  peak {row['peak_mib']:4d} MiB  "
-          f"load {row['load_average']:.1f}  {row['outcomes']}", flush=True)
+          f"never-seen lines {never_seen:.1%}  load {row['load_average']:.1f}  {row['outcomes']}", flush=True)
     return row
 
 
@@ -58,7 +65,7 @@ def main() -> None:
     payloads = worst_payloads(defaults.max_message_bytes)
     rows = [run({name: payload}, name) for name, payload in payloads.items()]
     rows.append(run(payloads, "all at once"))
-    rows.append(run(worst_payloads(defaults.max_message_bytes, distinct=True), "all at once, all new"))
+    rows.append(run(worst_payloads(defaults.max_message_bytes, distinct=True), "all at once, all new", distinct=True))
     write_results(args.json, {"machine": machine(), "max_message_bytes": defaults.max_message_bytes,
                               "max_inflight_bytes": defaults.max_inflight_bytes, "runs": rows})
 
