@@ -215,9 +215,9 @@ class RefitFails(Learner):
     async def _train_child(self, name, inputs, serving, out):
         self.trainings.append(sum(1 for _ in open(inputs["records"], encoding="utf-8")))
         if len(self.trainings) > 1:
-            return "logscore train exited with 1"
+            return "logscore train exited with 1", []
         shutil.copy(self.model, out)
-        return None
+        return None, []
 
 
 def shop_learning(tmp_path, shop_model_path, records: int) -> tuple[Path, Settings, ModelRegistry]:

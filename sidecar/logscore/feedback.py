@@ -736,8 +736,10 @@ class FeedbackStep:
         everywhere = np.zeros(len(keys), dtype=bool)  # named by an entry of no scope: in every record's
         for rules in model_rules:
             hits |= among(keys, rules.normal_keys)
-            everywhere |= among(keys, rules.unscoped_keys)
         hits &= unusual
+        at = np.flatnonzero(hits)  # (only these are read below: unscoped keys are among the normal ones)
+        for rules in model_rules:
+            everywhere[at] |= among(keys[at], rules.unscoped_keys)
         fields = found.key_fields() if any(r.by_field for r in model_rules) else None
         for row, i in enumerate(candidates.tolist()):
             route, entity = self.route(i), self.entity(i)

@@ -59,8 +59,10 @@ def add_feedback_command(commands) -> None:
 
 def entry_id(text: str) -> int:
     """An entry's number as argparse takes it (a clear error, not a traceback, for what is none)."""
+    from .feedback_store import INT64_LIMIT
+
     number = text.strip().lstrip("#")
-    if not number.isdigit() or not 0 < int(number) < 2**63:
+    if not number.isdigit() or not 0 < int(number) < INT64_LIMIT:
         raise argparse.ArgumentTypeError(f"{text!r} is no feedback entry number (feedback list shows them)")
     return int(number)
 

@@ -118,15 +118,13 @@ def pattern_problem(pattern) -> Optional[str]:
     if not isinstance(kind, list) or not all(type(t) in (int, str) for t in kind):
         return "no 'kind' list of integers and strings"
     # the rules index keys and kinds as int64: one past it failed every reload (OverflowError)
-    if not all(-KEY_LIMIT <= k < KEY_LIMIT for k in keys + [t for t in kind if type(t) is int]):
+    if not all(-INT64_LIMIT <= k < INT64_LIMIT for k in keys + [t for t in kind if type(t) is int]):
         return "a key or kind past a 64-bit signed integer (made by no logscore)"
     for name in ("features", "examples"):
         if not isinstance(pattern.get(name, []), list) or not all(isinstance(t, str) for t in pattern.get(name, [])):
             return f"'{name}' is no list of strings"
     return None
 
-
-KEY_LIMIT = 2**63
 
 
 def check_entry(entry: Entry) -> None:
@@ -151,11 +149,13 @@ def check_entry(entry: Entry) -> None:
             raise InvalidRequest("expires_at is in the past; give a future time, or none to keep the entry")
 
 
-ID_LIMIT = 2**63  # both stores' id columns hold less: SQLite's INTEGER, PostgreSQL's BIGINT
+# Past a 64-bit signed integer: no key or kind the rules index (int64), no id of either store's
+# column (SQLite's INTEGER, PostgreSQL's BIGINT)
+INT64_LIMIT = 2**63
 
 
 def check_id(entry_id: int) -> None:
-    if not 0 < entry_id < ID_LIMIT:
+    if not 0 < entry_id < INT64_LIMIT:
         raise FeedbackNotFound(f"no feedback entry #{entry_id}; list them with GET /v1/feedback")
 
 
@@ -759,7 +759,7 @@ class FeedbackService:
     def page(self, include_removed: bool, after: int, limit: int) -> tuple[list[Entry], int]:
         """(up to ``limit`` entries numbered after ``after``, the ``after`` of the next page: 0 at the end);
         ``limit`` 0: all of them."""
-        if after >= ID_LIMIT:  # no entry is numbered past it: an empty last page, not a store's error (503)
+        if after >= INT64_LIMIT:  # no entry is numbered past it: an empty last page, not a store's error (503)
             return [], 0
         if not limit:
             return self.entries(include_removed, after), 0

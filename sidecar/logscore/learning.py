@@ -106,7 +106,6 @@ class Learner:
         self.routes_by_name: dict[str, Route] = {}
         self._refused: set[str] = set()  # routes said not to be learned (bounded)
         self._child: Optional[asyncio.subprocess.Process] = None
-        self._warnings: list[str] = []  # what the last training child warned of (_train_child)
         self._stopping = asyncio.Event()
 
     # --- on the scoring path (cheap) ---------------------------------------------
@@ -263,8 +262,7 @@ class Learner:
         log.info("learning: training a candidate", extra={"route": route.name, "records": len(records) - holdout})
         loop = asyncio.get_running_loop()
         candidate_path = directory / "candidate.onnx"
-        error = await self._train(route.name, directory, records[:-holdout], serving, candidate_path)
-        warnings = self._warnings
+        error, warnings = await self._train(route.name, directory, records[:-holdout], serving, candidate_path)
         if error is not None:
             self._failed(route, error)
             return
@@ -286,11 +284,11 @@ class Learner:
         # 91.7 %; a blog's following lines flagged 0.62 % → 0.44 %). Should the refit fail, the
         # validated candidate serves.
         refit_path = directory / "refit.onnx"
-        error = await self._train(route.name, directory, records, serving, refit_path)
+        error, refit_warnings = await self._train(route.name, directory, records, serving, refit_path)
         if error is None:
             os.replace(refit_path, candidate_path)
             detail["records"] = len(records)
-            warnings = self._warnings
+            warnings = refit_warnings
         else:
             refit_path.unlink(missing_ok=True)
             log.warning("learning: refit on the whole window failed; the validated candidate serves",
@@ -303,20 +301,21 @@ class Learner:
         self._finish(route, "swapped", {**detail, "file": str(target)})
         self.request_reload()
 
-    async def _train(self, name: str, directory: Path, records: list, serving: Model, out: Path) -> Optional[str]:
-        """Write the records and train on them in a child process; the error text or None."""
+    async def _train(self, name: str, directory: Path, records: list, serving: Model,
+                     out: Path) -> tuple[Optional[str], list[str]]:
+        """Write the records and train on them in a child process: (the error text or None, what it warned of)."""
         try:
             inputs = await asyncio.get_running_loop().run_in_executor(None, write_inputs, directory, records,
                                                                       serving)
         except OSError as error:  # a full or vanished work directory: what was written goes, not to fill it
             for partial in ("records.jsonl", "spec.json"):
                 (directory / partial).unlink(missing_ok=True)
-            return f"cannot write the training records: {error}"
-        self._warnings = []
+            return f"cannot write the training records: {error}", []
         return await self._train_child(name, inputs, serving, out)
 
-    async def _train_child(self, name: str, inputs: dict, serving: Model, out: Path) -> Optional[str]:
-        """`logscore train` in a niced, single-threaded child process; the error text or None."""
+    async def _train_child(self, name: str, inputs: dict, serving: Model,
+                           out: Path) -> tuple[Optional[str], list[str]]:
+        """`logscore train` in a niced, single-threaded child process: (the error text or None, its warnings)."""
         command = [sys.executable, "-m", "logscore", "train", "--input", str(inputs["records"]), "--json-records",
                    "--config", str(inputs["spec"]), "--detectors", ",".join(serving.detectors),
                    "--target-fpr", str(target_fpr(serving)), "--name", name, "--learned-route", name,
@@ -341,16 +340,15 @@ class Learner:
         except asyncio.TimeoutError:
             self._child.kill()
             await self._child.wait()
-            return f"training took longer than {TRAIN_TIMEOUT_S:.0f} s"
+            return f"training took longer than {TRAIN_TIMEOUT_S:.0f} s", []
         finally:
             code, self._child = self._child.returncode, None
         from .cli import TRAIN_WARNING
 
         lines = stderr.decode("utf-8", "replace").strip().splitlines()
         if code != 0:
-            return lines[-1] if lines else f"logscore train exited with {code}"
-        self._warnings = [line[len(TRAIN_WARNING):] for line in lines if line.startswith(TRAIN_WARNING)]
-        return None
+            return (lines[-1] if lines else f"logscore train exited with {code}"), []
+        return None, [line[len(TRAIN_WARNING):] for line in lines if line.startswith(TRAIN_WARNING)]
 
     def _relay(self, route: Route, warnings: list[str]) -> None:
         """Log what the training of the model swapped in (or kept aside) warned of, each warning once

@@ -280,8 +280,7 @@ def _read_whole(value: str, now: Optional[float]) -> Optional[float]:
     match = _SYSLOG.match(value)
     if match and match.group(1) in MONTHS:
         month, day, hour, minute, second = match.groups()
-        # (checked in 2000, a leap year: 29 February is a date, placed in a year that has one)
-        return _latest_year(_checked((2000, MONTHS[month], int(day), int(hour), int(minute), int(second)))[1:], now)
+        return _year_less((MONTHS[month], int(day), int(hour), int(minute), int(second)), None, now)
     match = _SLASHED.match(value)
     if match:
         wall = calendar.timegm(_checked(tuple(map(int, match.groups()[:6]))))

@@ -574,9 +574,8 @@ class WindowCounter:
         known = {key: bool(subjects & ongoing) for key, subjects in episodes.items()}
         if all(known.values()):
             return []
-        route_drop = f"route={self.route} count"
         # (scores saturate at 1: the route's drop names the outage better than its keys' drops)
-        found.sort(key=lambda f: (known[f[2]], -f[0], not (f[2] == route_drop and f[3] < f[4]), -f[1]))
+        found.sort(key=lambda f: (known[f[2]], -f[0], not self._route_drop(f), -f[1]))
         score, _, key, observed, low_, high_, text = found[0]
         if len(found) > 1:
             others = "; ".join(f[6] for f in found[1:MAX_NAMED])
@@ -591,10 +590,14 @@ class WindowCounter:
         threshold in a later window raised an event of its own: ``status_class=2xx`` after
         ``route=shop``). A key goes on in its own episode after the route's ends: after traffic
         comes back its recent windows' mean still lies far below."""
-        route_drop = f"route={self.route} count"
-        dropping = any(f[2] == route_drop and f[3] < f[4] for f in found)
-        return {f[2]: {subject(f[2]), subject(route_drop)} if dropping and f[3] < f[4] and f[2].endswith(" count")
+        route = subject(f"route={self.route} count")
+        dropping = any(self._route_drop(f) for f in found)
+        return {f[2]: {subject(f[2]), route} if dropping and f[3] < f[4] and f[2].endswith(" count")
                 else {subject(f[2])} for f in found}
+
+    def _route_drop(self, found: tuple) -> bool:
+        """Whether an improbable key of ``_close`` is the route's count below its expected low."""
+        return found[2] == f"route={self.route} count" and found[3] < found[4]
 
     def _hour_unlearned(self, hour: int) -> bool:
         """Whether ``hour`` (of day) is still learned (see UNSEEN_HOUR_DAYS), counting this window as seen."""

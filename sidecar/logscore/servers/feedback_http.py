@@ -26,7 +26,7 @@ from urllib.parse import parse_qs, quote, unquote, urlsplit
 from ..errors import InvalidRequest, LogscoreError, Unauthenticated
 from ..feedback_store import Mark
 from .feedback_grpc import count_mark, off_loop
-from .http import STATUS_CODES, Request, Response, digits, json_error
+from .http import STATUS_CODES, Request, Response, digits, json_error, query_count
 
 COOKIE = "logscore_token"
 PAGE_AUTHOR = "review page"
@@ -58,7 +58,7 @@ class FeedbackHttp:
         async def work():
             self.http._authorize(request)
             feedback = self._feedback()
-            after, limit = (parse_count(request.query, name) for name in ("after", "limit"))
+            after, limit = (query_count(request.query, name, 0, PAGE_HINT) for name in ("after", "limit"))
 
             def listing() -> dict:  # off the event loop: 10,000 entries take 100 ms to describe
                 entries, following = feedback.page(request.query.get("all") in ("1", "true"), after, limit)
@@ -232,13 +232,9 @@ def cookies(request: Request) -> dict[str, str]:
     return {k: unquote(v) for k, v in found.items()}
 
 
-def parse_count(query: dict, name: str) -> int:
-    """A page's ``after`` (an entry's id) or ``limit`` (0 or none: all)."""
-    text = query.get(name, "").strip() or "0"
-    if not digits(text) or len(text) > 18:
-        raise InvalidRequest(f"{name}={query[name]!r}: give a whole number (after: the id the last page ended "
-                             "with, its next_after; limit: how many entries a page holds, 0 for all)")
-    return int(text)
+# A page's ``after`` (an entry's id) or ``limit`` (0 or none: all)
+PAGE_HINT = (" (after: the id the last page ended with, its next_after; limit: how many entries a page holds, "
+             "0 for all)")
 
 
 def parse_id(text: str) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import time
@@ -237,20 +238,15 @@ class CallLimitInterceptor(grpc.aio.ServerInterceptor):
                       "event watchers, or raise max_grpc_calls")
             self.metrics.refused("too_many_calls", "grpc", reason)
             return refusing(handler, grpc.StatusCode.RESOURCE_EXHAUSTED, reason)
+        scoring = details.method in SCORING_METHODS
         self.calls += 1
-        if details.method in SCORING_METHODS:
-            self.scoring_calls += 1
-            asyncio.current_task().add_done_callback(self._scoring_call_ended)
-        else:
-            asyncio.current_task().add_done_callback(self._call_ended)
+        self.scoring_calls += scoring
+        asyncio.current_task().add_done_callback(functools.partial(self._call_ended, scoring))
         return handler
 
-    def _call_ended(self, _task) -> None:
+    def _call_ended(self, scoring: bool, _task) -> None:
         self.calls -= 1
-
-    def _scoring_call_ended(self, _task) -> None:
-        self.calls -= 1
-        self.scoring_calls -= 1
+        self.scoring_calls -= scoring
 
 
 class TokenInterceptor(grpc.aio.ServerInterceptor):

@@ -766,10 +766,13 @@ def anomaly_query(query: dict[str, str]) -> tuple[list[str], int, int]:
     unknown = set(kinds) - set(KINDS)
     if unknown:
         raise InvalidRequest(f"kinds={','.join(sorted(unknown))}: use {', '.join(KINDS)} (comma-separated)")
-    numbers = {}
-    for name, default in (("limit", 100), ("since", 0)):
-        text = query.get(name, str(default))
-        if not digits(text) or len(text) > 18:
-            raise InvalidRequest(f"{name}={text!r}: give a whole number")
-        numbers[name] = int(text)
-    return kinds, min(numbers["limit"], RECENT_EVENTS), numbers["since"]
+    limit, since = (query_count(query, name, default) for name, default in (("limit", 100), ("since", 0)))
+    return kinds, min(limit, RECENT_EVENTS), since
+
+
+def query_count(query: dict, name: str, default: int, hint: str = "") -> int:
+    """A whole number a query gives (at most 18 digits: whatever a store or a list holds)."""
+    text = query.get(name, "").strip() or str(default)
+    if not digits(text) or len(text) > 18:
+        raise InvalidRequest(f"{name}={query[name]!r}: give a whole number{hint}")
+    return int(text)

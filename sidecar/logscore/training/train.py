@@ -464,7 +464,7 @@ def train(records: Iterable[object], options: TrainOptions,
     threshold = choose_threshold(calibrated, options)
     flagged = float((calibrated >= threshold).mean())
     held_back = held_back_fpr(screening.raw, folds, kept, options)
-    vouching = screening.vouching if screening.vouching is None or not vouched.any() else screening.vouching | vouched
+    vouching = None if screening.vouching is None else screening.vouching | vouched
     if options.feedback is None:
         final = fit_masked(sample, kept, options, progress, "final model", vouching, crossfit)
     else:  # learned as normal, left out of calibration (training/feedback.py)
