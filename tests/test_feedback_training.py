@@ -163,11 +163,14 @@ def test_report_shows_progress_on_big_inputs(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(report, "PROGRESS_EVERY", 1000)
     rows = [json.dumps({"score": float(s), "is_anomaly": bool(s > 0.99), "explanation": ["url: x"]})
             for s in np.linspace(0, 1, 2500)]
-    (tmp_path / "big.jsonl").write_text("\n".join(rows) + "\n")
-    assert main(["report", str(tmp_path / "big.jsonl")]) == 0
+    # two files: the lines read are counted across them (each file's records are placed once it is read)
+    (tmp_path / "big.jsonl").write_text("\n".join(rows[:1250]) + "\n")
+    (tmp_path / "more.jsonl").write_text("\n".join(rows[1250:]) + "\n")
+    assert main(["report", str(tmp_path / "big.jsonl"), str(tmp_path / "more.jsonl")]) == 0
     captured = capsys.readouterr()
     assert "[report] 1,000 lines read" in captured.err and "[report] 2,000 lines read" in captured.err
     assert captured.out.startswith("2,500 scored records, 25 anomalies")
+    assert f"r1  (model not recorded)  {tmp_path / 'more.jsonl'} line 1,226 .. 1,250" in captured.out
 
 
 def test_report_keeps_its_largest_groups_past_its_group_limit_and_says_what_it_left_out(tmp_path, monkeypatch,
@@ -213,17 +216,13 @@ def test_report_reads_odd_times_and_notes_and_refuses_an_unwritable_html_path(tm
 def test_report_charts_span_the_records_not_a_far_out_time():
     """One record with a time of 0 among a week's put every other record into one of the 60 bins of
     the rate chart: a week drawn as a single bar at the right end of 56 years."""
-    from array import array
-
-    from logscore.report import TIMELINE_BINS, Totals, rate_timeline
+    from logscore.report import TIMELINE_BINS, rate_timeline
 
     week = 1796313840 + np.sort(np.random.default_rng(3).uniform(0, 7 * 86400, 5000))
-    totals = Totals(times=array("d", [0.0, *week]), flags=array("b", [0] * 5001))
-    points, start, end, outside = rate_timeline(totals)
+    points, start, end, outside = rate_timeline(np.array([0.0, *week]), np.zeros(5001))
     assert (start, end, outside) == (week[0], week[-1], 1)
     assert len(points) == TIMELINE_BINS
-    plain = Totals(times=array("d", week), flags=array("b", [0] * 5000))
-    assert rate_timeline(plain)[1:] == (week[0], week[-1], 0), "without it, every record is charted"
+    assert rate_timeline(week, np.zeros(5000))[1:] == (week[0], week[-1], 0), "without it, every record is charted"
 
 
 def test_report_names_the_route_a_model_floods(tmp_path):

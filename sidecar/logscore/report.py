@@ -11,6 +11,7 @@ score histogram. A text summary on stdout; with --html, one self-contained HTML 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import sys
@@ -83,9 +84,14 @@ class Totals:
     latest_events: list = field(default_factory=list)  # the last EVENTS_LISTED of them, as read
     held: int = 0  # records scored while their route learned its own model: not flagged (note `learning: …`)
     histogram: np.ndarray = field(default_factory=lambda: np.zeros(len(SCORE_BUCKETS) + 1, dtype=np.int64))
-    times: array = field(default_factory=lambda: array("d"))  # per record: its time (or its position)
+    times: array = field(default_factory=lambda: array("d"))  # per record: its own time, NaN when it holds none
+    lines: array = field(default_factory=lambda: array("I"))  # per record: its line in its file
     flags: array = field(default_factory=lambda: array("b"))
     timed: int = 0  # records with a time of their own
+    files: list = field(default_factory=list)  # InputFile, in the order read
+    anomaly_records: array = field(default_factory=lambda: array("q"))  # per anomaly: its record's index
+    anomaly_groups: array = field(default_factory=lambda: array("q"))  # per anomaly: its group's number
+    placement: Optional["Placement"] = None  # once every file is read (place_records)
     entities: Counter = field(default_factory=Counter)
     models: Counter = field(default_factory=Counter)
     # (model, route) -> records scored and flagged: which model floods which route (the operator's
@@ -93,6 +99,26 @@ class Totals:
     route_records: Counter = field(default_factory=Counter)
     route_anomalies: Counter = field(default_factory=Counter)
     route_unparsed: Counter = field(default_factory=Counter)  # (model, route) -> records noted "did not parse"
+
+
+@dataclass
+class InputFile:
+    name: str
+    first: int  # the index of its first record in Totals' per-record arrays
+    end: int = 0  # past its last record
+
+
+@dataclass
+class Placement:
+    """Where each record goes on the report's two axes. A record without a time in a file that holds
+    times takes the time of the record before it in that file (the file's first time, before it): a
+    line a parser could not read, or whose time field is missing or unreadable, was written between its
+    neighbours. The records of a file holding no time at all are on an axis of their own, by position
+    (file, line), shown apart: no time of another file says when they were written."""
+    times: np.ndarray  # per record: its time, its neighbour's when it has none; NaN on the position axis
+    by_position: np.ndarray  # per record: True when its file holds no time (the position axis)
+    placed: int  # records without a time placed at a neighbour's
+    positioned: np.ndarray  # the indices of the records on the position axis, as read (its x: their rank)
 
 
 def lookup(record: dict, *names: str):
@@ -214,47 +240,18 @@ def read_scored(paths, entity_field: Optional[str], progress=None) -> tuple[Tota
     totals = Totals()
     # A file: its whole span, and its biggest groups (one of 50,000 records outlives 150,000 of one).
     # "r": a report's groups are numbered on their own, not the review page's (feedback add --group takes those)
-    groups = Groups(max_groups=MAX_GROUPS, prefix="r", max_buckets=1_000_000, keep_largest=True)
-    for number, line in enumerate(read_lines(paths), start=1):
-        if progress is not None and number % PROGRESS_EVERY == 0:
-            progress(number)
-        parsed = parse_line(line.strip()) if line.strip() else None
-        if parsed is not None and count_unscored_or_event(totals, parsed[0], parsed[1]):
-            continue
-        score = lookup(parsed[1], "anomaly_score", "score") if parsed else None
-        if parsed is None or not isinstance(score, (int, float)):
-            totals.unreadable += bool(line.strip())
-            continue
-        route, record, written = parsed
-        flag = is_flagged(lookup(record, "is_anomaly"))
-        notes = notes_of(record)
-        text = text_of(record)
-        when = time_of(record, text, written)
-        totals.records += 1
-        totals.timed += when is not None
-        totals.times.append(when if when is not None else float(number))
-        totals.flags.append(flag)
-        totals.histogram[int(np.searchsorted(SCORE_BUCKETS, float(score), side="left"))] += 1
-        model = str(lookup(record, "model", "anomaly_model") or "(model not recorded)")
-        totals.models[model] += 1
-        totals.route_records[model, route] += 1
-        totals.route_anomalies[model, route] += flag
-        if record.get("unparsed") is True or any(str(n).startswith("did not parse") for n in notes):
-            totals.route_unparsed[model, route] += 1
-        suppressed = any(str(n).startswith("suppressed by feedback") for n in notes)
-        totals.suppressed += suppressed
-        totals.held += any(str(n).startswith("learning:") for n in notes)
-        if not flag:
-            continue
-        totals.anomalies += 1
-        entity = entity_of(record, entity_field)
-        if entity:
-            totals.entities[entity] += 1
-        names = [strip_rarity(n) for n in explanation_of(record)]
-        group = groups.assign(model, route, frozenset(names), lambda names=names: names, when or float(number))
-        group.add(when if when is not None else float(number), 60.0, entity)
-        if len(group.examples) < group.examples.maxlen:
-            group.examples.append(Example(when or 0.0, text[:2000], float(score)))
+    # Their times are not kept on the groups (max_buckets=1): the report places records once read (Placement).
+    groups = Groups(max_groups=MAX_GROUPS, prefix="r", max_buckets=1, keep_largest=True)
+    lines_read = 0
+    for path in paths:
+        totals.files.append(InputFile("stdin" if path == "-" else str(path), len(totals.flags)))
+        # (blank lines given too: a record's place is its line in its file)
+        for line_number, line in enumerate(read_lines([path], blank_lines=True), start=1):
+            lines_read += 1
+            if progress is not None and lines_read % PROGRESS_EVERY == 0:
+                progress(lines_read)
+            read_scored_line(totals, groups, line, line_number, entity_field)
+        totals.files[-1].end = len(totals.flags)
     if totals.records == 0 and totals.unscored:
         raise InputError(f"no scored records in {', '.join(map(str, paths))}, only records passed on unscored "
                          "(was the sidecar running? its log and the shipper's say why): "
@@ -263,7 +260,71 @@ def read_scored(paths, entity_field: Optional[str], progress=None) -> tuple[Tota
         raise InputError(f"no scored records in {', '.join(map(str, paths))}: expected JSON lines with "
                          "anomaly_score (or score) and is_anomaly, as Fluentd, Logstash, Fluent Bit or "
                          "`logscore score` write")
+    totals.placement = place_records(totals)
     return totals, groups
+
+
+def read_scored_line(totals: Totals, groups: Groups, line: str, line_number: int,
+                     entity_field: Optional[str]) -> None:
+    parsed = parse_line(line.strip()) if line.strip() else None
+    if parsed is not None and count_unscored_or_event(totals, parsed[0], parsed[1]):
+        return
+    score = lookup(parsed[1], "anomaly_score", "score") if parsed else None
+    if parsed is None or not isinstance(score, (int, float)):
+        totals.unreadable += bool(line.strip())
+        return
+    route, record, written = parsed
+    flag = is_flagged(lookup(record, "is_anomaly"))
+    notes = notes_of(record)
+    text = text_of(record)
+    when = time_of(record, text, written)
+    totals.records += 1
+    totals.timed += when is not None
+    totals.times.append(when if when is not None else math.nan)
+    totals.lines.append(line_number)
+    totals.flags.append(flag)
+    totals.histogram[int(np.searchsorted(SCORE_BUCKETS, float(score), side="left"))] += 1
+    model = str(lookup(record, "model", "anomaly_model") or "(model not recorded)")
+    totals.models[model] += 1
+    totals.route_records[model, route] += 1
+    totals.route_anomalies[model, route] += flag
+    if record.get("unparsed") is True or any(str(n).startswith("did not parse") for n in notes):
+        totals.route_unparsed[model, route] += 1
+    suppressed = any(str(n).startswith("suppressed by feedback") for n in notes)
+    totals.suppressed += suppressed
+    totals.held += any(str(n).startswith("learning:") for n in notes)
+    if not flag:
+        return
+    totals.anomalies += 1
+    entity = entity_of(record, entity_field)
+    if entity:
+        totals.entities[entity] += 1
+    names = [strip_rarity(n) for n in explanation_of(record)]
+    # (the group's own first/last seen are not used: group_spans places its members once all is read)
+    group = groups.assign(model, route, frozenset(names), lambda names=names: names, 0.0)
+    group.count_member(entity)
+    totals.anomaly_records.append(totals.records - 1)
+    totals.anomaly_groups.append(group.number)
+    if len(group.examples) < group.examples.maxlen:
+        group.examples.append(Example(when or 0.0, text[:2000], float(score)))
+
+
+def place_records(totals: Totals) -> Placement:
+    """Place every record on the time axis or, in a file holding no time, the position axis (Placement)."""
+    times = np.frombuffer(totals.times, dtype=np.float64).copy()
+    by_position = np.zeros(len(times), dtype=bool)
+    for file in totals.files:
+        own = times[file.first:file.end]  # (a view: filled in place)
+        known = ~np.isnan(own)
+        if not known.any():
+            by_position[file.first:file.end] = True
+            continue
+        # each record's latest timed record at or before it; before the file's first time, that time's
+        latest = np.maximum.accumulate(np.where(known, np.arange(len(own)), -1))
+        latest[latest < 0] = int(np.argmax(known))
+        own[:] = own[latest]
+    untimed = len(times) - totals.timed
+    return Placement(times, by_position, untimed - int(by_position.sum()), np.flatnonzero(by_position))
 
 
 def is_anomaly_event(record: dict) -> bool:
@@ -305,7 +366,7 @@ def event_lines(totals: Totals) -> list[str]:
              + (f" (the last {len(totals.latest_events)}):" if totals.events > len(totals.latest_events) else ":")]
     for event in totals.latest_events:
         start = event.get("start")
-        when = when_text(float(start), True) if isinstance(start, (int, float)) else "(no time)"
+        when = when_text(float(start)) if isinstance(start, (int, float)) else "(no time)"
         lines.append(f"  {when} {printable(event.get('model', ''))} {event['kind']}: "
                      f"{printable(event['explanation'])}")  # (the explanation names the key)
     if len(lines) == 2:
@@ -333,12 +394,77 @@ def run_report(args) -> int:
     return 0
 
 
-def when_text(seconds: float, timed: bool) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(seconds)) if timed else f"record {int(seconds):,}"
+def when_text(seconds: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(seconds))
+
+
+def position_text(totals: Totals, low: int, high: int) -> str:
+    """Where the records of ranks ``low`` to ``high`` on the position axis are: file and line."""
+    placement = totals.placement
+    first, last = (int(placement.positioned[rank]) for rank in (low, high))
+    first_file, last_file = file_of(totals, first), file_of(totals, last)
+    start = f"{printable(first_file.name)} line {totals.lines[first]:,}"
+    if first_file is last_file:
+        return start if first == last else f"{start} .. {totals.lines[last]:,}"
+    return f"{start} .. {printable(last_file.name)} line {totals.lines[last]:,}"
+
+
+def file_of(totals: Totals, record: int) -> InputFile:
+    return next(file for file in totals.files if file.first <= record < file.end)
+
+
+@dataclass
+class GroupSpan:
+    times: np.ndarray  # its members' times on the time axis (Placement)
+    ranks: np.ndarray  # its members' ranks on the position axis
+
+
+def group_spans(totals: Totals, shown: list) -> dict[int, GroupSpan]:
+    """Per group shown (by number): where its members are on the report's two axes."""
+    placement = totals.placement
+    records = np.frombuffer(totals.anomaly_records, dtype=np.int64)
+    numbers = np.frombuffer(totals.anomaly_groups, dtype=np.int64)
+    spans = {}
+    for group in shown:
+        members = records[numbers == group.number]
+        apart = placement.by_position[members]
+        spans[group.number] = GroupSpan(placement.times[members[~apart]],
+                                        np.searchsorted(placement.positioned, members[apart]))
+    return spans
+
+
+def span_text(totals: Totals, span: GroupSpan) -> str:
+    """A group's first and last seen: in time, and (apart) by position for its members without a time."""
+    parts = []
+    if span.times.size:
+        parts.append(f"{when_text(span.times.min())} .. {when_text(span.times.max())}")
+    if span.ranks.size:
+        where = position_text(totals, int(span.ranks.min()), int(span.ranks.max()))
+        parts.append(f"and {span.ranks.size:,} without a time: {where}" if parts else where)
+    return " ".join(parts)
+
+
+def untimed_lines(totals: Totals) -> list[str]:
+    placement = totals.placement
+    lines = []
+    if placement.placed:
+        lines.append(f"{placement.placed:,} of {totals.records:,} records hold no time of their own (a time "
+                     "field missing or unreadable, a line its parser could not read) in files that hold times: "
+                     "each is placed at the time of the record before it in its file (before the file's first "
+                     "time, at that time)")
+    positioned = len(placement.positioned)
+    if positioned:
+        names = ", ".join(printable(f.name) for f in totals.files
+                          if f.end > f.first and placement.by_position[f.first])
+        lines.append(f"{positioned:,} of {totals.records:,} records hold no time, in files holding none ({names}): "
+                     "shown apart, by their file and line (`logscore score` writes a line's time with "
+                     "--record only, as the line; Fluentd's `<format> @type json` leaves the event time "
+                     "out: add `<inject> time_key time time_type string time_format %Y-%m-%dT%H:%M:%S%z "
+                     "</inject>` to the output, or keep out_file's default format)")
+    return lines
 
 
 def text_summary(totals: Totals, groups: Groups, top: int) -> str:
-    timed = totals.timed == totals.records
     rate = totals.anomalies / totals.records
     lines = [f"{totals.records:,} scored records, {totals.anomalies:,} anomalies ({rate:.3%}) in "
              f"{len(groups.by_id):,} groups; {totals.suppressed:,} suppressed by feedback"
@@ -349,11 +475,7 @@ def text_summary(totals: Totals, groups: Groups, top: int) -> str:
     if totals.held:
         lines.append(f"{totals.held:,} records scored while their route learned its own model (note `learning`): "
                      "none of them flagged")
-    if totals.records and totals.timed < totals.records:
-        lines.append(f"{totals.records - totals.timed:,} of {totals.records:,} records hold no time: placed by "
-                     "their position (Fluentd's `<format> @type json` leaves the event time out: add "
-                     "`<inject> time_key time time_type string time_format %Y-%m-%dT%H:%M:%S%z </inject>` "
-                     "to the output, or keep out_file's default format)")
+    lines += untimed_lines(totals)
     lines.append("models: " + ", ".join(f"{printable(m)} ({c:,})" for m, c in totals.models.most_common()))
     lines += flood_lines(totals)
     lines += unparsed_lines(totals)
@@ -364,11 +486,13 @@ def text_summary(totals: Totals, groups: Groups, top: int) -> str:
                                                   for e, c in totals.entities.most_common(TOP_ENTITIES)))
     lines += daily_lines(totals)
     lines.append("")
-    for group in groups.largest()[:top]:
+    shown = groups.largest()[:top]
+    spans = group_spans(totals, shown)
+    for group in shown:
         entities = ", ".join(f"{printable(e)} ({c})" for e, c in group.entities.most_common(3))
         route = f" · {printable(group.route)}" if group.route else ""
         lines.append(f"{group.count:>8,}  {group.id}  {printable(group.model)}{route}  "
-                     f"{when_text(group.first_seen, timed)} .. {when_text(group.last_seen, timed)}"
+                     f"{span_text(totals, spans[group.number])}"
                      + (f"  entities: {entities}" if entities else ""))
         for name in group.names or ["(no explanation in the output: score with explanations to group by them)"]:
             lines.append(f"          {printable(name)}")
@@ -376,12 +500,12 @@ def text_summary(totals: Totals, groups: Groups, top: int) -> str:
 
 
 def daily_lines(totals: Totals) -> list[str]:
-    """Records and anomalies per UTC day, where every record has a time and they span 2 to DAILY_MAX_DAYS
+    """Records and anomalies per UTC day, where the records on the time axis span 2 to DAILY_MAX_DAYS
     days: the text told a week by its groups alone (a new section's flags from its day on, the day of
     an attack: only the HTML's timeline drew them)."""
-    if not totals.records or totals.timed < totals.records:
+    times, flags = time_axis(totals)
+    if not len(times):
         return []
-    times = np.frombuffer(totals.times, dtype=np.float64)
     start, end = chart_span(times)  # (a record of time 0 among a week's is no 56 years of days)
     near = (times >= start) & (times <= end)
     days = (times[near] // 86400).astype(np.int64)
@@ -389,8 +513,10 @@ def daily_lines(totals: Totals) -> list[str]:
     if not 1 <= int(days.max()) - first < DAILY_MAX_DAYS:
         return []
     records = np.bincount(days - first)
-    anomalies = np.bincount(days - first, weights=np.frombuffer(totals.flags, dtype=np.int8)[near])
-    lines = ["per day (UTC):"]
+    anomalies = np.bincount(days - first, weights=flags[near])
+    positioned = len(totals.placement.positioned)
+    lines = ["per day (UTC" + (f"; the {positioned:,} records without a time in their file are not in it):"
+                               if positioned else "):")]
     for offset, (count, flagged) in enumerate(zip(records.tolist(), anomalies.tolist())):
         day = time.strftime("%Y-%m-%d", time.gmtime((first + offset) * 86400))
         lines.append(f"  {day}  {count:>10,} records  {int(flagged):>8,} anomalies"
@@ -448,10 +574,21 @@ def chart_span(times: np.ndarray) -> tuple[float, float]:
     return start, end if end > start else start + 1
 
 
-def rate_timeline(totals: Totals) -> tuple[list[tuple[float, float]], float, float, int]:
+def time_axis(totals: Totals) -> tuple[np.ndarray, np.ndarray]:
+    """The times and flags (0/1) of the records on the time axis."""
+    on_time = ~totals.placement.by_position
+    return totals.placement.times[on_time], np.frombuffer(totals.flags, dtype=np.int8)[on_time].astype(np.float64)
+
+
+def position_axis(totals: Totals) -> tuple[np.ndarray, np.ndarray]:
+    """The ranks and flags (0/1) of the records on the position axis."""
+    positioned = totals.placement.positioned
+    flags = np.frombuffer(totals.flags, dtype=np.int8)[positioned].astype(np.float64)
+    return np.arange(len(positioned), dtype=np.float64), flags
+
+
+def rate_timeline(times: np.ndarray, flags: np.ndarray) -> tuple[list[tuple[float, float]], float, float, int]:
     """The share of records flagged over the chart's span, the span, and how many records lie outside it."""
-    times = np.frombuffer(totals.times, dtype=np.float64)
-    flags = np.frombuffer(totals.flags, dtype=np.int8).astype(np.float64)
     start, end = chart_span(times)
     edges = np.linspace(start, end, TIMELINE_BINS + 1)
     counts, _ = np.histogram(times, edges)
@@ -461,39 +598,86 @@ def rate_timeline(totals: Totals) -> tuple[list[tuple[float, float]], float, flo
     return list(zip(centres.tolist(), rates.tolist())), start, end, len(times) - int(counts.sum())
 
 
+@dataclass
+class ChartAxis:
+    heading: str
+    points: list  # (x, share of records flagged) per bin
+    start: float
+    end: float
+    outside: int  # records left out of the charts: far outside the span (chart_span)
+
+    @property
+    def edges(self) -> np.ndarray:
+        return np.linspace(self.start, self.end, TIMELINE_BINS + 1)
+
+
+def chart_axes(totals: Totals) -> dict[str, ChartAxis]:
+    """The charts' axes the records are on: "time", and "position" for files holding no time."""
+    axes = {}
+    times, flags = time_axis(totals)
+    if len(times):
+        axes["time"] = ChartAxis("Anomaly rate over time", *rate_timeline(times, flags))
+    ranks, flags = position_axis(totals)
+    if len(ranks):
+        axes["position"] = ChartAxis("Anomaly rate by position (records of files holding no time, apart)",
+                                     *rate_timeline(ranks, flags))
+    return axes
+
+
+def span_paragraph(totals: Totals, axes: dict[str, ChartAxis], inputs) -> str:
+    parts = [html_text(", ".join(map(str, inputs)))]
+    if "time" in axes:
+        axis = axes["time"]
+        parts.append(f"{when_text(axis.start)} .. {when_text(axis.end)}"
+                     + (f"; {axis.outside:,} records lie far outside this span and are left out of the charts "
+                        "(check their time fields: a time of 0 or a wrong year)" if axis.outside else ""))
+    if "position" in axes:
+        positioned = len(totals.placement.positioned)
+        parts.append(f"{positioned:,} records without a time, charted apart by their position: "
+                     f"{escape(position_text(totals, 0, positioned - 1))}")
+    return f"<p class=muted>{'; '.join(parts)}</p>"
+
+
+def group_sparkline(values: np.ndarray, axis: ChartAxis, label: str) -> str:
+    counts, edges = np.histogram(values, axis.edges)
+    points = list(zip(((edges[:-1] + edges[1:]) / 2).tolist(), counts.tolist()))
+    return timeline(points, axis.start, axis.end, label=label)
+
+
 def html_report(totals: Totals, groups: Groups, top: int, inputs) -> str:
     from .review import STYLE
 
-    timed = totals.timed == totals.records
-    points, start, end, outside = rate_timeline(totals)
-    edges = np.linspace(start, end, TIMELINE_BINS + 1)
+    axes = chart_axes(totals)
     labels = [f"≤{edge:g}" for edge in SCORE_BUCKETS]
     parts = [f"<!doctype html><html lang=en><head><meta charset=utf-8><title>logscore report</title>"
              f"<style>{STYLE}</style></head><body><h1>logscore report</h1>",
              # (wrapped: a long line, an unscored route's reason, widened the whole page)
              f"<pre style='white-space:pre-wrap'>{escape(text_summary(totals, groups, 0))}</pre>",
-             f"<p class=muted>{html_text(', '.join(map(str, inputs)))}; "
-             f"{when_text(start, timed)} .. {when_text(end, timed)}"
-             + (f"; {outside:,} records lie far outside this span and are left out of the charts (check their "
-                "time fields: a time of 0 or a wrong year)" if outside else "") + "</p>",
-             "<h2>Anomaly rate over time</h2>",
-             timeline(points, start, end, width=900, height=160, label="share of records flagged",
-                      colour="#c0392b", as_rate=True),
-             "<h2>Score histogram</h2>",
-             bars(labels, [int(c) for c in totals.histogram[:len(labels)]], width=700, title="scores"),
-             f"<h2>Groups ({len(groups.by_id):,}; the {min(top, len(groups.by_id))} largest)</h2>"]
-    for group in groups.largest()[:top]:
+             span_paragraph(totals, axes, inputs)]
+    for name, axis in axes.items():
+        parts += [f"<h2>{axis.heading}</h2>",
+                  timeline(axis.points, axis.start, axis.end, width=900, height=160,
+                           label=f"share of records flagged, by {name}", colour="#c0392b", as_rate=True)]
+    parts += ["<h2>Score histogram</h2>",
+              bars(labels, [int(c) for c in totals.histogram[:len(labels)]], width=700, title="scores"),
+              f"<h2>Groups ({len(groups.by_id):,}; the {min(top, len(groups.by_id))} largest)</h2>"]
+    shown = groups.largest()[:top]
+    spans = group_spans(totals, shown)
+    for group in shown:
+        span = spans[group.number]
         entities = ", ".join(f"{html_text(e)} ({c:,})" for e, c in group.entities.most_common(TOP_ENTITIES))
         names = "".join(f"<li>{html_text(n)}</li>" for n in group.names) or "<li>(no explanation)</li>"
-        counts, _ = np.histogram(list(group.timeline), edges, weights=list(group.timeline.values()))
-        points = list(zip(((edges[:-1] + edges[1:]) / 2).tolist(), counts.tolist()))
+        sparklines = ""
+        if "time" in axes:
+            sparklines += group_sparkline(span.times, axes["time"], f"{group.id} over the whole report, by time")
+        if "position" in axes:
+            sparklines += group_sparkline(span.ranks, axes["position"],
+                                          f"{group.id} over the whole report, by position")
         parts.append(f'<div class=group id="{group.id}"><div class=head><span class=count>{group.count:,}</span>'
                      f'<span><b>{html_text(group.model)}</b>'
                      f'{" · route " + html_text(group.route) if group.route else ""}'
-                     f' · <span class=muted>first {when_text(group.first_seen, timed)}, last '
-                     f'{when_text(group.last_seen, timed)}</span>'
-                     f'{"<br>top entities: " + entities if entities else ""}</span>'
-                     f'{timeline(points, start, end, label=group.id + " over the whole report")}'
+                     f' · <span class=muted>seen {escape(span_text(totals, span))}</span>'
+                     f'{"<br>top entities: " + entities if entities else ""}</span>{sparklines}'
                      f'</div><ul class=features>{names}</ul>{render_group_examples(group)}</div>')
     parts.append("</body></html>")
     return "".join(parts)

@@ -80,7 +80,7 @@ class Group:
     number: int = 0  # in order of creation: of groups of one count, the one seen first is listed first
 
     def add(self, when: float, bucket_s: float, entity: Optional[str] = None) -> None:
-        self.count += 1
+        self.count_member(entity)
         self.first_seen, self.last_seen = min(self.first_seen, when), max(self.last_seen, when)
         bucket = int(when // bucket_s * bucket_s)
         self.timeline[bucket] = self.timeline.get(bucket, 0) + 1
@@ -88,6 +88,11 @@ class Group:
             # The earliest bucket goes, not the first added: records come with their own times, a
             # backlog's after later ones.
             del self.timeline[min(self.timeline)]
+
+    def count_member(self, entity: Optional[str]) -> None:
+        """Count a member and its entity, not its time (`logscore report` places its records once
+        each file is read whole: a record without a time takes its neighbours')."""
+        self.count += 1
         if entity:
             self.entities[entity] += 1
             if len(self.entities) > 10 * TOP_ENTITIES:  # keep the heavy hitters, bounded
