@@ -515,8 +515,7 @@ def daily_lines(totals: Totals) -> list[str]:
     records = np.bincount(days - first)
     anomalies = np.bincount(days - first, weights=flags[near])
     positioned = len(totals.placement.positioned)
-    lines = ["per day (UTC" + (f"; the {positioned:,} records without a time in their file are not in it):"
-                               if positioned else "):")]
+    lines = ["per day (UTC" + (f"; not the {positioned:,} records of files holding no time):" if positioned else "):")]
     for offset, (count, flagged) in enumerate(zip(records.tolist(), anomalies.tolist())):
         day = time.strftime("%Y-%m-%d", time.gmtime((first + offset) * 86400))
         lines.append(f"  {day}  {count:>10,} records  {int(flagged):>8,} anomalies"
