@@ -240,8 +240,9 @@ def read_scored(paths, entity_field: Optional[str], progress=None) -> tuple[Tota
     totals = Totals()
     # A file: its whole span, and its biggest groups (one of 50,000 records outlives 150,000 of one).
     # "r": a report's groups are numbered on their own, not the review page's (feedback add --group takes those)
-    # Their times are not kept on the groups (max_buckets=1): the report places records once read (Placement).
-    groups = Groups(max_groups=MAX_GROUPS, prefix="r", max_buckets=1, keep_largest=True)
+    # Members are counted on the groups, not placed (Group.count_member): the report places records once
+    # each file is read (Placement), and group_spans its groups' members.
+    groups = Groups(max_groups=MAX_GROUPS, prefix="r", keep_largest=True)
     lines_read = 0
     for path in paths:
         totals.files.append(InputFile("stdin" if path == "-" else str(path), len(totals.flags)))
