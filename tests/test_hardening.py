@@ -912,6 +912,37 @@ def test_grpc_calls_past_the_cap_are_refused_at_once_and_watchers_take_at_most_a
         assert process.stop() == 0
 
 
+def test_grpc_connections_past_the_limit_are_closed_counted_and_logged(tmp_path, shop_models):
+    """gRPC connections were not counted: each may hold 16 streams of messages taken in before any of our
+    code sees them, so a client opening ever more connections grew the memory without bound (96
+    connections of 16 stalled 2 MB calls: 1.3 GiB)."""
+    port = free_port()
+    process = SidecarProcess(shop_models, tmp_path, tcp=f"127.0.0.1:{port}", max_grpc_connections="2").start()
+    channels = [grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)])
+                for _ in range(3)]  # three connections
+    request = pb.ScoreRequest(lines=pb.RawLines(lines=[b"x"]))
+    try:
+        for channel in channels[:2]:
+            process.stub(channel).Score(request, timeout=10)
+        with pytest.raises(grpc.RpcError) as refused:
+            process.stub(channels[2]).Score(request, timeout=10)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        process.wait_for(lambda: process.metric(TOO_MANY_CONNECTIONS) >= 1, what="the full listener counted")
+        assert process.metric('logscore_grpc_connections{listener="tcp"}') == 2
+        refusals = [json.loads(line) for line in process.log().splitlines() if '"too_many_connections"' in line]
+        assert refusals[0]["surface"] == "grpc" and "max_grpc_connections" in refusals[0]["reason"], refusals
+        process.stub(channels[1]).Score(request, timeout=10)  # the connections in place are served
+        channels[0].close()  # a place freed: the third connects on its next try
+        assert len(process.stub(channels[2]).Score(request, timeout=10, wait_for_ready=True).scores) == 1
+    finally:
+        for channel in channels:
+            channel.close()
+        assert process.stop() == 0
+
+
+TOO_MANY_CONNECTIONS = 'logscore_errors_total{kind="too_many_connections",surface="grpc"}'
+
+
 def test_eight_threads_sharing_one_channel_are_answered_not_refused_by_the_transport(tmp_path, shop_models):
     """8 streams a connection: 8 threads sharing a channel had 22 % of Score and 79 % of ListFeedback
     calls refused UNAVAILABLE (REFUSED_STREAM: a stream its client saw closed still counted). The

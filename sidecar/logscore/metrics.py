@@ -140,6 +140,8 @@ class Metrics:
         self.scoring_process_restarts = Counter("logscore_scoring_process_restarts", "Scoring processes "
                                                 "replaced after they failed while scoring (scoring_processes)",
                                                 registry=r)
+        self.grpc_connections = Gauge("logscore_grpc_connections", "Connections open on each gRPC listener "
+                                      "(tcp, unix; checked every second)", ["listener"], registry=r)
         self.calls_in_flight = CallsInFlight()
         r.register(self.calls_in_flight)
         self.model_checks = Counter("logscore_model_checks", "Checks of the models directory for new, changed "

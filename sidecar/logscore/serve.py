@@ -32,7 +32,7 @@ from .metrics import Metrics
 from .registry import UNLOAD_GRACE_S, ModelRegistry
 from .scoring import ScoringService
 from .servers.forward import ForwardServer, NextHop
-from .servers.grpc import SERVICE_NAME, CallLimitInterceptor, ScorerServicer, TokenInterceptor
+from .servers.grpc import SERVICE_NAME, CallLimitInterceptor, ConnectionWatch, ScorerServicer, TokenInterceptor
 from .servers.http import SCORING_PATHS, HttpServer, SidecarHttp
 from .settings import Settings, split_host_port, unknown_variables
 from .timestamps import read_zoneless_in, zone_description
@@ -225,7 +225,15 @@ class Sidecar:
                    ("grpc.so_reuseport", 0),
                    # NOTE: what one connection may hold before admission (see STREAMS_PER_CONNECTION);
                    # max_grpc_calls refuses calls past it over all connections, counted and logged.
-                   ("grpc.max_concurrent_streams", STREAMS_PER_CONNECTION)]
+                   ("grpc.max_concurrent_streams", STREAMS_PER_CONNECTION),
+                   # NOTE: the connections one listener takes at once: what each may hold bounded above,
+                   # this bounds the sum (its refusals are counted by ConnectionWatch)
+                   ("grpc.max_allowed_incoming_connections", s.max_grpc_connections),
+                   # NOTE: no BDP probing: it widens a connection's windows to megabytes, and the streams
+                   # past max_grpc_calls filled them before being refused (32 connections of 16 stalled
+                   # calls: peak 729 MiB with it, 293 without). A call being read still gets a window
+                   # the size of its message; loopback transfers of 2 MB messages were no slower.
+                   ("grpc.http2.bdp_probe", 0)]
         # NOTE: the cap first: a call past it is refused whatever its token, before its message is read
         interceptors = [CallLimitInterceptor(s.max_grpc_calls, self.metrics)]
         if token:
@@ -418,6 +426,8 @@ async def run(settings: Settings) -> int:
     watcher = asyncio.create_task(sidecar.watch_models())
     learning = asyncio.create_task(sidecar.learner.run()) if sidecar.learner is not None else None
     clock = asyncio.create_task(sidecar.behaviour.run(sidecar.stopping))
+    connections = asyncio.create_task(ConnectionWatch(settings.max_grpc_connections, sidecar.metrics)
+                                      .run(sidecar.stopping))
     await sidecar.stopping.wait()
     if learning is not None:
         await sidecar.learner.stop()
@@ -428,6 +438,7 @@ async def run(settings: Settings) -> int:
     await sidecar.stop()
     await watcher
     await clock
+    await connections
     return 0
 
 

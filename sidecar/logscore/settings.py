@@ -102,6 +102,11 @@ class Settings:
                                       "past it a request is refused RESOURCE_EXHAUSTED / 429")
     max_connections: int = setting(512, "connections open at once on each of the HTTP and forward ports (about "
                                    "28 KiB each while idle); past it a new one is closed at once, counted and logged")
+    max_grpc_connections: int = setting(32, "connections open at once on each gRPC listener (TCP, Unix socket); "
+                                        "past it gRPC closes a new one at once (its client sees UNAVAILABLE 'Socket "
+                                        "closed'), and the sidecar counts and logs each second a listener is full. "
+                                        "Each connection may hold about 2.4 MiB of messages its calls have not "
+                                        "been admitted for yet")
     max_grpc_calls: int = setting(64, "gRPC calls in progress at once, event watchers included (at most a quarter "
                                   "of them: WatchAnomalies past that is refused); past it a call "
                                   "is refused RESOURCE_EXHAUSTED at once, before its message is read, counted and "
@@ -208,7 +213,7 @@ class Settings:
             if path and not Path(path).is_file():
                 raise ConfigError(f"{name.replace('_', '-')}: {path!r} is not a readable file")
         for name in ("max_batch_records", "max_queued_records", "max_records_per_request", "max_record_bytes",
-                     "forward_max_message_bytes", "max_grpc_calls"):
+                     "forward_max_message_bytes", "max_grpc_calls", "max_grpc_connections"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")
         if self.max_message_bytes * WIRE_COPIES > self.max_inflight_bytes:

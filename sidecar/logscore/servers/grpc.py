@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import logging
 import math
 import time
 from typing import Optional
 
 import grpc
+from grpc._cython import cygrpc
 from google.protobuf.message import DecodeError
 
 from ..admission import UNLIMITED, Ticket
@@ -281,3 +283,61 @@ def refusing(handler, code: grpc.StatusCode, details: str):
         return grpc.stream_stream_rpc_method_handler(refuse_streaming,
                                                      response_serializer=handler.response_serializer)
     return grpc.stream_unary_rpc_method_handler(refuse, response_serializer=handler.response_serializer)
+
+
+class ConnectionWatch:
+    """Counts the connections open on each gRPC listener, and says when one is full.
+
+    NOTE: gRPC's core closes a connection past max_grpc_connections ("grpc.max_allowed_incoming_connections",
+    a limit of each listener) as soon as it accepts it, where none of our code runs; grpcio reports no
+    such refusal. What the sidecar can see is the connections open (channelz, which grpc keeps on by
+    default): a listener found full is counted as one refusal (too_many_connections) at every check
+    and logged like the HTTP and forward ports' refusals."""
+
+    INTERVAL_S = 1.0
+
+    def __init__(self, limit: int, metrics):
+        self.limit = limit
+        self.metrics = metrics
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        while not stopping.is_set():
+            try:
+                counts = open_connections()
+            except Exception as error:  # channelz gone from a later grpcio: the limit itself still holds
+                log.warning("gRPC connections cannot be counted; the limit (max_grpc_connections) still holds, "
+                            "unlogged", extra={"error": f"{type(error).__name__}: {error}"})
+                return
+            self.check(counts)
+            try:
+                await asyncio.wait_for(stopping.wait(), self.INTERVAL_S)
+            except asyncio.TimeoutError:
+                pass
+
+    def check(self, counts: dict[str, int]) -> None:
+        for listener in ("tcp", "unix"):
+            count = counts.get(listener, 0)
+            self.metrics.child(self.metrics.grpc_connections, listener).set(count)
+            if count >= self.limit:
+                self.metrics.refused("too_many_connections", "grpc",
+                                     f"{count} connections open on the gRPC {listener} listener, the limit "
+                                     "(max_grpc_connections): gRPC closes new ones at once; a client opens "
+                                     "connections without closing them, or raise the limit")
+
+
+def open_connections() -> dict[str, int]:
+    """Connections open on the process's gRPC server, by listener kind ("tcp", "unix"), from channelz.
+
+    NOTE: grpcio-channelz's servicer reads the same functions (it is not a dependency of ours)."""
+    counts: dict[str, int] = {}
+    for server in json.loads(cygrpc.channelz_get_servers(0)).get("server", []):
+        server_id, start = int(server["ref"]["serverId"]), 0
+        while True:
+            page = json.loads(cygrpc.channelz_get_server_sockets(server_id, start, 0))
+            for socket in page.get("socketRef", []):
+                kind = "unix" if " unix" in socket.get("name", "") else "tcp"  # "chttp2 unix:", "chttp2 ipv4:..."
+                counts[kind] = counts.get(kind, 0) + 1
+                start = int(socket["socketId"]) + 1
+            if page.get("end", True) or not page.get("socketRef"):
+                break
+    return counts
