@@ -665,7 +665,9 @@ def test_a_line_that_does_not_parse_stays_flagged_whatever_the_feedback(sidecar)
 def test_a_page_of_long_entries_stays_under_the_sidecars_own_message_limit(tmp_path, shop_model_path, capsys):
     """A page of 1,000 entries with 2,000-character reasons was past max_message_bytes, which the
     sidecar's gRPC server applies to what it sends too: `logscore feedback list` failed with
-    RESOURCE_EXHAUSTED. A page now ends where its size nears that limit, limit or none."""
+    RESOURCE_EXHAUSTED. A page now ends where its size nears that limit, limit or none. An entry
+    larger than the limit alone was sent whole, failed so, and the listing could not go past it:
+    it is sent cut down now, flagged, and shown whole over HTTP."""
     from logscore.cli import main
     from logscore.feedback import NORMAL, Entry
     from logscore.feedback_store import SqliteStore
@@ -674,24 +676,36 @@ def test_a_page_of_long_entries_stays_under_the_sidecars_own_message_limit(tmp_p
     store.migrate()
     for i in range(40):  # 5.4 kB of UTF-8 each: 216 kB in all
         store.add(Entry(0, NORMAL, {"field": "user_agent", "value": f"bot-{i}"}, "ana", reason="理由" * 900))
-    limit = 64 * 1024
+    # the longest an entry may be: 18 kB of UTF-8, alone past the limit
+    huge = Entry(0, NORMAL, {"field": "user_agent", "value": "値" * 2000}, "ana", reason="理由" * 1000,
+                 example="例" * 2000)
+    store.add(huge)
+    store.add(Entry(0, NORMAL, {"field": "user_agent", "value": "bot-41"}, "ana"))
+    limit = 16 * 1024
     process = SidecarProcess(models_dir_with(tmp_path, shop_model_path, "shop"), tmp_path,
                              feedback_store=str(tmp_path / "long.sqlite3"), max_message_bytes=str(limit)).start()
     try:
         stub = process.stub()
         for request in (pb.ListFeedbackRequest(limit=1000), pb.ListFeedbackRequest()):
-            listed, after = [], 0
+            listed, cut, after = [], [], 0
             while True:
                 request.after_id = after
                 page = stub.ListFeedback(request, timeout=10)
                 assert 0 < page.ByteSize() <= limit
                 listed += [e.id for e in page.entries]
+                cut += [e for e in page.entries if e.cut]
                 after = page.next_after_id
                 if not after:
                     break
-            assert listed == list(range(1, 41))
-        assert main(["feedback", "list", "--json", "--socket", process.socket]) == 0
-        assert len(capsys.readouterr().out.splitlines()) == 40
+            assert listed == list(range(1, 43))
+            assert [e.id for e in cut] == [41] and huge.reason.startswith(cut[0].reason.rstrip("…"))
+            assert cut[0].field.field == "user_agent" and huge.example.startswith(cut[0].example.rstrip("…"))
+        assert main(["feedback", "list", "--socket", process.socket]) == 0
+        lines = capsys.readouterr().out.splitlines()
+        assert len(lines) == 42 and lines[40].startswith("#41 ") and "cut to fit" in lines[40]
+        assert "GET /v1/feedback?after=40&limit=1 shows it whole" in lines[40]
+        whole = json.loads(process.http_get("/v1/feedback?after=40&limit=1")[1])["feedback"]
+        assert [e["id"] for e in whole] == [41] and whole[0]["reason"] == huge.reason
     finally:
         assert process.stop() == 0
 

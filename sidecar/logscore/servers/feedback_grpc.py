@@ -72,7 +72,7 @@ class FeedbackServicer:
         async def work(feedback):
             entry = await off_loop(feedback.mark, decode_mark(request))
             count_mark(self.service.metrics, entry)
-            return encode_entry(entry)
+            return self._answer_entry(entry)
         return await self._answer(work, context)
 
     async def ListFeedback(self, request, context):
@@ -91,8 +91,14 @@ class FeedbackServicer:
         async def work(feedback):
             entry = await off_loop(feedback.remove, request.id, request.author or "grpc")
             self.service.metrics.feedback_writes.labels("removed", entry.verdict).inc()
-            return encode_entry(entry)
+            return self._answer_entry(entry)
         return await self._answer(work, context)
+
+    def _answer_entry(self, entry: Entry) -> pb.FeedbackEntry:
+        """The entry as an answer, cut down when it alone is larger than the sidecar sends."""
+        encoded = encode_entry(entry)
+        limit = self.service.settings.max_message_bytes
+        return encoded if encoded.ByteSize() <= limit else cut_down(encoded, limit)
 
     async def _answer(self, work, context):
         try:
@@ -119,16 +125,50 @@ def fill_page(response: pb.ListFeedbackResponse, entries: list, following: int, 
     server also applies to what it sends: a page of 1,000 entries with 2,000-character reasons and
     examples made 2.1-11.5 MiB (CJK the most) and failed with RESOURCE_EXHAUSTED. A page cut short (with a limit or
     without) ends at the last entry added; its next_after_id says where the next one starts.
-    One entry always goes in, so that a page always moves the listing on."""
+    One entry always goes in, so that a page always moves the listing on: one that alone does not
+    fit is cut down (flagged ``cut``), else no page could ever carry it and the listing stopped there."""
     room = max_message_bytes - response.ByteSize() - PAGE_FRAMING_BYTES
     for entry in entries:
         encoded = encode_entry(entry)
-        room -= encoded.ByteSize() + ENTRY_FRAMING_BYTES
-        if room < 0 and len(response.entries):
-            response.next_after_id = response.entries[-1].id
-            return
+        size = encoded.ByteSize() + ENTRY_FRAMING_BYTES
+        if size > room:
+            if len(response.entries):
+                response.next_after_id = response.entries[-1].id
+                return
+            encoded = cut_down(encoded, room - ENTRY_FRAMING_BYTES)
+            size = room
+        room -= size
         response.entries.append(encoded)
     response.next_after_id = following
+
+
+CUT_FIRST_CHARS = 4096  # the longest a cut entry's texts are tried at first; a quarter of it at each try more
+
+
+def cut_down(encoded: pb.FeedbackEntry, room: int) -> pb.FeedbackEntry:
+    """The entry, flagged ``cut``, with its free texts (reason, example, author, removed_by, field value,
+    feature names) cut to ever fewer characters until it takes at most ``room`` bytes (at worst to none:
+    its id, verdict and scope, each under 200 characters, are always sent)."""
+    characters = CUT_FIRST_CHARS
+    while True:
+        cut = pb.FeedbackEntry()
+        cut.CopyFrom(encoded)
+        cut.cut = True
+        for name in ("reason", "example", "author", "removed_by"):
+            setattr(cut, name, shortened(getattr(encoded, name), characters))
+        if encoded.HasField("field"):
+            cut.field.value = shortened(encoded.field.value, characters)
+        del cut.features[:]
+        cut.features.extend(shortened(feature, characters) for feature in encoded.features[:characters])
+        if cut.ByteSize() <= room or not characters:
+            return cut
+        characters //= 4
+
+
+def shortened(text: str, characters: int) -> str:
+    if len(text) <= characters:
+        return text
+    return text[:characters] + "…" if characters else ""
 
 
 def count_mark(metrics, entry: Entry) -> None:

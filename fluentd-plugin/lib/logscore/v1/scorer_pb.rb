@@ -97,6 +97,7 @@ Google::Protobuf::DescriptorPool.generated_pool.build do
       optional :field, :message, 14, "logscore.v1.FieldValue"
       optional :example, :string, 15
       optional :existing, :bool, 16
+      optional :cut, :bool, 17
     end
     add_message "logscore.v1.ListFeedbackRequest" do
       optional :include_removed, :bool, 1

@@ -166,7 +166,7 @@ class FieldValue(_message.Message):
     def __init__(self, field: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
 
 class FeedbackEntry(_message.Message):
-    __slots__ = ("id", "verdict", "author", "reason", "model", "route", "entity", "created_at", "expires_at", "removed_at", "removed_by", "features", "feature_count", "field", "example", "existing")
+    __slots__ = ("id", "verdict", "author", "reason", "model", "route", "entity", "created_at", "expires_at", "removed_at", "removed_by", "features", "feature_count", "field", "example", "existing", "cut")
     ID_FIELD_NUMBER: _ClassVar[int]
     VERDICT_FIELD_NUMBER: _ClassVar[int]
     AUTHOR_FIELD_NUMBER: _ClassVar[int]
@@ -183,6 +183,7 @@ class FeedbackEntry(_message.Message):
     FIELD_FIELD_NUMBER: _ClassVar[int]
     EXAMPLE_FIELD_NUMBER: _ClassVar[int]
     EXISTING_FIELD_NUMBER: _ClassVar[int]
+    CUT_FIELD_NUMBER: _ClassVar[int]
     id: int
     verdict: Verdict
     author: str
@@ -199,7 +200,8 @@ class FeedbackEntry(_message.Message):
     field: FieldValue
     example: str
     existing: bool
-    def __init__(self, id: _Optional[int] = ..., verdict: _Optional[_Union[Verdict, str]] = ..., author: _Optional[str] = ..., reason: _Optional[str] = ..., model: _Optional[str] = ..., route: _Optional[str] = ..., entity: _Optional[str] = ..., created_at: _Optional[float] = ..., expires_at: _Optional[float] = ..., removed_at: _Optional[float] = ..., removed_by: _Optional[str] = ..., features: _Optional[_Iterable[str]] = ..., feature_count: _Optional[int] = ..., field: _Optional[_Union[FieldValue, _Mapping]] = ..., example: _Optional[str] = ..., existing: _Optional[bool] = ...) -> None: ...
+    cut: bool
+    def __init__(self, id: _Optional[int] = ..., verdict: _Optional[_Union[Verdict, str]] = ..., author: _Optional[str] = ..., reason: _Optional[str] = ..., model: _Optional[str] = ..., route: _Optional[str] = ..., entity: _Optional[str] = ..., created_at: _Optional[float] = ..., expires_at: _Optional[float] = ..., removed_at: _Optional[float] = ..., removed_by: _Optional[str] = ..., features: _Optional[_Iterable[str]] = ..., feature_count: _Optional[int] = ..., field: _Optional[_Union[FieldValue, _Mapping]] = ..., example: _Optional[str] = ..., existing: _Optional[bool] = ..., cut: _Optional[bool] = ...) -> None: ...
 
 class ListFeedbackRequest(_message.Message):
     __slots__ = ("include_removed", "after_id", "limit")
