@@ -148,7 +148,7 @@ CUT_FIRST_CHARS = 4096  # the longest a cut entry's texts are tried at first; a 
 def cut_down(encoded: pb.FeedbackEntry, room: int) -> pb.FeedbackEntry:
     """The entry, flagged ``cut``, with its free texts (reason, example, author, removed_by, field value,
     feature names) cut to ever fewer characters until it takes at most ``room`` bytes (at worst to none;
-    its id, verdict and scope are always sent whole: under 2.5 kB)."""
+    its id, verdict and scope are always sent whole: 2,200 characters at most)."""
     characters = CUT_FIRST_CHARS
     while True:
         cut = pb.FeedbackEntry()
