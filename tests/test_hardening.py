@@ -943,6 +943,24 @@ def test_grpc_connections_past_the_limit_are_closed_counted_and_logged(tmp_path,
 TOO_MANY_CONNECTIONS = 'logscore_errors_total{kind="too_many_connections",surface="grpc"}'
 
 
+def test_a_grpcio_without_channelz_stops_the_connection_watch_not_the_sidecar(monkeypatch, caplog):
+    """The watch reads grpcio's private channelz functions: a grpcio without them must cost the count
+    of connections only (said once), never the sidecar's start or its event loop."""
+    import asyncio
+
+    from logscore.metrics import Metrics
+    from logscore.servers import grpc as grpc_surface
+
+    def gone():
+        raise ImportError("cannot import name 'cygrpc'")
+
+    monkeypatch.setattr(grpc_surface, "open_connections", gone)
+    watch = grpc_surface.ConnectionWatch(2, Metrics())
+    asyncio.run(asyncio.wait_for(watch.run(asyncio.Event()), 5))  # returns: it does not loop on the error
+    said = [r for r in caplog.records if "cannot be counted" in r.getMessage()]
+    assert len(said) == 1 and "cygrpc" in said[0].error
+
+
 def test_eight_threads_sharing_one_channel_are_answered_not_refused_by_the_transport(tmp_path, shop_models):
     """8 streams a connection: 8 threads sharing a channel had 22 % of Score and 79 % of ListFeedback
     calls refused UNAVAILABLE (REFUSED_STREAM: a stream its client saw closed still counted). The

@@ -11,7 +11,6 @@ import time
 from typing import Optional
 
 import grpc
-from grpc._cython import cygrpc
 from google.protobuf.message import DecodeError
 
 from ..admission import UNLIMITED, Ticket
@@ -328,7 +327,11 @@ class ConnectionWatch:
 def open_connections() -> dict[str, int]:
     """Connections open on the process's gRPC server, by listener kind ("tcp", "unix"), from channelz.
 
-    NOTE: grpcio-channelz's servicer reads the same functions (it is not a dependency of ours)."""
+    NOTE: grpcio-channelz's servicer reads the same functions (it is not a dependency of ours). They are
+    grpcio's private module: imported here, so that a grpcio without them fails this count (the watch
+    stops, saying so), not the sidecar's start."""
+    from grpc._cython import cygrpc
+
     counts: dict[str, int] = {}
     for server in json.loads(cygrpc.channelz_get_servers(0)).get("server", []):
         server_id, start = int(server["ref"]["serverId"]), 0
