@@ -41,6 +41,7 @@ def test_tag_routes_from_a_flag(models):
     ({"token_file": "/nonexistent/token"}, "not a readable file"),
     ({"forward": "127.0.0.1:24224"}, "go together"),
     ({"models_dir": "/nonexistent/models"}, "does not exist"),
+    ({"models_dir": "/etc/hostname"}, "is a file, not a directory; set --models-dir to the directory holding"),
     ({"time_zone": "Mars/Olympus"}, "no such time zone; give an IANA name such as Europe/Berlin"),
 ])
 def test_bad_settings_are_clear_errors(models, flags, message):

@@ -194,6 +194,11 @@ class Settings:
                               "per flagged record")
 
     def validate(self) -> None:
+        if Path(self.models_dir).exists() and not Path(self.models_dir).is_dir():
+            # a model's own path given for its directory (--models-dir models/apache-access.onnx) was
+            # reported as a directory that "does not exist", beside the file the operator could see
+            raise ConfigError(f"models directory {self.models_dir!r} is a file, not a directory; set --models-dir "
+                              "to the directory holding the .onnx models")
         if not Path(self.models_dir).is_dir():
             raise ConfigError(f"models directory {self.models_dir!r} does not exist; set --models-dir")
         if not (self.socket or self.tcp):
