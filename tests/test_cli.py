@@ -94,6 +94,10 @@ def test_client_scores_through_a_running_sidecar(tmp_path, shop_model_path):
         assert too_many.returncode == 2 and "--explain 101: name 0 to 100 features" in too_many.stderr
         down = logscore("client", "--socket", tmp_path / "absent.sock", "--timeout", 1, tmp_path / "in.log")
         assert down.returncode == 1 and "UNAVAILABLE" in down.stderr
+        # gRPC's words alone ("failed to connect to all addresses") left a new operator guessing
+        assert "no sidecar answers there" in down.stderr and "start one (logscore serve)" in down.stderr
+        listed = logscore("feedback", "list", "--socket", tmp_path / "absent.sock", "--timeout", 1)
+        assert listed.returncode == 1 and "no sidecar answers there" in listed.stderr, listed.stderr
     finally:
         sidecar.stop()
 

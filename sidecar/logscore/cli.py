@@ -392,7 +392,7 @@ def run_client(args) -> int:
             try:
                 response = stub.Score(request, timeout=args.timeout, metadata=metadata)
             except grpc.RpcError as error:
-                print(f"logscore client: {target}: {error.code().name}: {error.details()}", file=sys.stderr)
+                print(f"logscore client: {call_failure(target, error)}", file=sys.stderr)
                 return 1
             notes = notes_by_record([(n.index, n.description) for n in response.notes], len(chunk))
             for i in range(len(chunk)):
@@ -445,6 +445,19 @@ def fill_records(request, records: list, as_fields: bool) -> None:
             request.structured.records.add(fields={k: str(v) for k, v in fields.items()})
     else:
         request.lines.lines.extend(line.encode("utf-8") for line in records)
+
+
+def call_failure(target: str, error) -> str:
+    """A failed call to the sidecar in one line; one that reached no sidecar says what to do."""
+    import grpc
+
+    said = f"{error.code().name}: {error.details()}"
+    # gRPC's own words for a socket file or port where nothing listens (a sidecar that answers may
+    # say UNAVAILABLE too: its feedback store is down, which its details say)
+    if error.code() == grpc.StatusCode.UNAVAILABLE and "failed to connect" in (error.details() or ""):
+        return (f"{target}: no sidecar answers there ({said}); start one (logscore serve) or give the --socket "
+                f"or --tcp of the one running (its log's \"serving\" line names its listeners)")
+    return f"{target}: {said}"
 
 
 def client_channel(args, target: str):

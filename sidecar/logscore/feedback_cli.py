@@ -92,7 +92,7 @@ def call(args, method: str, request):
     """One gRPC call to the sidecar; a clear one-line error when it fails."""
     import grpc
 
-    from .cli import client_channel
+    from .cli import call_failure, client_channel
     from .generated.logscore.v1 import scorer_pb2_grpc as pb_grpc
 
     target = args.tcp or f"unix:{args.socket}"
@@ -101,7 +101,7 @@ def call(args, method: str, request):
         try:
             return getattr(pb_grpc.ScorerStub(channel), method)(request, timeout=args.timeout, metadata=metadata)
         except grpc.RpcError as error:
-            raise ConfigError(f"{target}: {error.code().name}: {error.details()}") from None
+            raise ConfigError(call_failure(target, error)) from None
 
 
 def run_feedback_add(args) -> int:
