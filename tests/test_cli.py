@@ -355,6 +355,8 @@ def test_score_says_when_lines_do_not_parse_and_what_they_are(tmp_path):
         done = logscore("score", "--model", model, tmp_path / name)
         assert done.returncode == 0 and "150 of 200 records (75.0%) did not parse as access (e.g. " in done.stderr
         assert advice in done.stderr and "Traceback" not in done.stderr, done.stderr
+        # score has no --format: the advice says whose flag it is
+        assert "--format and --config are logscore train's" in done.stderr, done.stderr
     quiet = logscore("score", "--model", model, "--json-records", tmp_path / "nginx")
     assert "did not parse" not in quiet.stderr, quiet.stderr
     # Field maps naming no access field: given --json-records already, they were told to give it.

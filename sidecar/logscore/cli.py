@@ -776,9 +776,14 @@ def unparsed_warning(model, unparsed: int, scored: int, examples: list) -> str:
 
     log_format = model.featurizer.log_format
     fate = ("flagged: its training data parsed" if flags_unparsed(model) else "scored with its fields missing")
+    advice = suggest_format(examples, log_format)
+    if "--format" in advice or "--config" in advice:
+        # `logscore score` reads lines as its model's format: "try --format syslog" sent an operator
+        # to a flag score does not have
+        advice += (" (--format and --config are logscore train's: train a model on this log, then score with it: "
+                   "logscore train --input FILE --format FORMAT --out M.onnx)")
     return (f"{unparsed:,} of {scored:,} records ({unparsed / scored:.1%}) did not parse as {log_format} "
-            f"(e.g. {record_text(examples[0])[:120]!r}), the format of {model.name}: they are {fate}. "
-            f"{suggest_format(examples, log_format)}")
+            f"(e.g. {record_text(examples[0])[:120]!r}), the format of {model.name}: they are {fate}. {advice}")
 
 
 def result_entry(line_number: int, score: float, is_anomaly: bool, model: str, version: str, notes: list[str],
