@@ -279,3 +279,6 @@ def test_a_group_of_records_older_than_its_timeline_says_none_there_not_peak_1(s
     group, = ring.snapshot()
     page = render_group(group, time.time(), ring.bucket_s)
     assert "peak 1<" not in page and ">none in the last 3 hours<" in page
+    # the id `feedback add --group` takes is on the page as text, not only in the timeline's tooltip
+    visible = re.sub(r"<title>.*?</title>|<[^>]+>", " ", page)
+    assert re.search(rf"\b{group.id}\s+·\s+{model.name}\b", visible), visible

@@ -460,7 +460,9 @@ def render_group(group: Group, now: float, bucket_s: float) -> str:
     css = "group suppressed" if (group.feedback[-1][1] == "normal" if group.feedback else group.covered_by) else "group"
     return (f'<div class="{css}" id="{group.id}" data-group="{group.id}"><div class=head>'
             f'<span class=count>{group.count:,}</span>'
-            f'<span><b>{html_text(group.model)}</b>{" · route " + html_text(group.route) if group.route else ""}'
+            # the id `logscore feedback add --group` takes: it was only in the timeline's tooltip
+            f'<span><span class=gid>{group.id}</span> · '
+            f'<b>{html_text(group.model)}</b>{" · route " + html_text(group.route) if group.route else ""}'
             f' · <span class=muted>{share}; first {utc_text(group.first_seen)}, last {utc_text(group.last_seen)} UTC'
             f'</span>{marks}</span>'
             f'{recent}'
