@@ -8,12 +8,19 @@ LOGSCORE_WITH_RUBY=${LOGSCORE_WITH_RUBY:-0} LOGSCORE_WITH_BROWSER_AND_DB=${LOGSC
 
 socket=${LOGSCORE_SOCKET:-/tmp/logscore.sock}
 http=${LOGSCORE_HTTP:-127.0.0.1:9095}
+ready() { .venv/bin/python -c "import urllib.request; urllib.request.urlopen('http://$http/readyz', timeout=1)" 2>/dev/null; }
+# A sidecar already serving there would pass the readiness check below for this one, which then
+# fails to listen after the example's scores were asked of a socket nobody serves.
+if ready; then
+  echo "a sidecar already answers on http://$http: stop it, or set LOGSCORE_HTTP and LOGSCORE_SOCKET to free ones" >&2
+  exit 1
+fi
 .venv/bin/logscore serve --models-dir models --socket "$socket" --http "$http" &
 server=$!
 trap 'kill -TERM $server 2>/dev/null; wait $server 2>/dev/null' EXIT INT TERM
 
 for _ in $(seq 100); do
-  if .venv/bin/python -c "import urllib.request,sys; urllib.request.urlopen('http://$http/readyz', timeout=1)" 2>/dev/null; then
+  if ready; then
     break
   fi
   kill -0 $server 2>/dev/null || { echo "the sidecar did not start" >&2; exit 1; }

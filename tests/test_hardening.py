@@ -160,6 +160,31 @@ def test_run_sh_fails_in_one_line_and_leaves_no_socket_when_the_port_is_taken(tm
     assert not socket_path.exists()
 
 
+def test_run_sh_says_a_sidecar_already_answers_on_its_port_before_starting_its_own(tmp_path):
+    """A sidecar already running on the HTTP port passed run.sh's readiness check for the one it
+    started: the example's scores were asked of a socket nobody served (gRPC's 'failed to connect'),
+    and only then did the new sidecar say the port was taken."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Ready(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    with ThreadingHTTPServer(("127.0.0.1", 0), Ready) as running:
+        threading.Thread(target=running.serve_forever, daemon=True).start()
+        env = {**os.environ, "LOGSCORE_SOCKET": str(tmp_path / "run.sock"),
+               "LOGSCORE_HTTP": f"127.0.0.1:{running.server_address[1]}"}
+        result = subprocess.run(["bash", "scripts/run.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
+                                timeout=300)
+        running.shutdown()
+    assert result.returncode == 1 and "a sidecar already answers on http://127.0.0.1:" in result.stderr
+    assert "failed to connect" not in result.stderr and "== scores" not in result.stderr, result.stderr
+
+
 # --- shutdown --------------------------------------------------------------------------------------
 
 def http_bytes(port: int, body: bytes, path: str = "/v1/score", extra: str = "") -> bytes:
