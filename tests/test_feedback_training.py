@@ -213,6 +213,17 @@ def test_report_reads_odd_times_and_notes_and_refuses_an_unwritable_html_path(tm
     assert unwritable.returncode == 1 and "--html" in unwritable.stderr and "Traceback" not in unwritable.stderr
 
 
+def test_report_of_score_output_without_records_says_to_score_with_record(tmp_path):
+    """`logscore score` output (no --record) was told to add Fluentd's <inject> to get its times."""
+    from logscore.report import read_scored, text_summary
+
+    rows = [{"line": n, "score": 0.2, "is_anomaly": False, "model": "shop", "version": "v1"} for n in (1, 2)]
+    (tmp_path / "scored.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    summary = text_summary(*read_scored([str(tmp_path / "scored.jsonl")], None), top=10)
+    assert "2 of 2 records hold no time" in summary and "score with --record" in summary, summary
+    assert "<inject>" not in summary
+
+
 def test_report_charts_span_the_records_not_a_far_out_time():
     """One record with a time of 0 among a week's put every other record into one of the 60 bins of
     the rate chart: a week drawn as a single bar at the right end of 56 years."""

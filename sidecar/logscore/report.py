@@ -92,6 +92,7 @@ class Totals:
     anomaly_records: array = field(default_factory=lambda: array("q"))  # per anomaly: its record's index
     anomaly_groups: array = field(default_factory=lambda: array("q"))  # per anomaly: its group's number
     placement: Optional["Placement"] = None  # once every file is read (place_records)
+    bare: int = 0  # lines of `logscore score` or `client` output without --record: a score, no record or time
     entities: Counter = field(default_factory=Counter)
     models: Counter = field(default_factory=Counter)
     # (model, route) -> records scored and flagged: which model floods which route (the operator's
@@ -281,6 +282,7 @@ def read_scored_line(totals: Totals, groups: Groups, line: str, line_number: int
     when = time_of(record, text, written)
     totals.records += 1
     totals.timed += when is not None
+    totals.bare += "line" in record and "score" in record and "record" not in record
     totals.times.append(when if when is not None else math.nan)
     totals.lines.append(line_number)
     totals.flags.append(flag)
@@ -457,11 +459,14 @@ def untimed_lines(totals: Totals) -> list[str]:
     if positioned:
         names = ", ".join(printable(f.name) for f in totals.files
                           if f.end > f.first and placement.by_position[f.first])
+        # (`logscore score` output was told to fix a Fluentd output it did not come from)
+        fix = ("`logscore score` and `client` write no record nor time unless asked: score with --record, and "
+               "--explain 3 to group by the features named" if totals.bare >= positioned else
+               "Fluentd's `<format> @type json` leaves the event time out: add `<inject> time_key time time_type "
+               "string time_format %Y-%m-%dT%H:%M:%S%z </inject>` to the output, or keep out_file's default "
+               "format; `logscore score` writes a line's time with --record only")
         lines.append(f"{positioned:,} of {totals.records:,} records hold no time, in files holding none ({names}): "
-                     "shown apart, by their file and line (`logscore score` writes a line's time with "
-                     "--record only, as the line; Fluentd's `<format> @type json` leaves the event time "
-                     "out: add `<inject> time_key time time_type string time_format %Y-%m-%dT%H:%M:%S%z "
-                     "</inject>` to the output, or keep out_file's default format)")
+                     f"shown apart, by their file and line ({fix})")
     return lines
 
 
