@@ -220,7 +220,7 @@ def test_report_of_score_output_without_records_says_to_score_with_record(tmp_pa
     rows = [{"line": n, "score": 0.2, "is_anomaly": False, "model": "shop", "version": "v1"} for n in (1, 2)]
     (tmp_path / "scored.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     summary = text_summary(*read_scored([str(tmp_path / "scored.jsonl")], None), top=10)
-    assert "2 of 2 records hold no time" in summary and "score with --record" in summary, summary
+    assert "2 of 2 records hold no time" in summary and "logscore score --record" in summary, summary
     assert "<inject>" not in summary
 
 
