@@ -468,6 +468,9 @@ SCORE_HEAD = "POST /v1/score HTTP/1.1\r\nHost: localhost\r\nContent-Type: applic
     # trimmed the same way, these request lines were served, yet not counted in logscore_calls_in_flight
     (" " + SCORE_HEAD + "Content-Length: 2\r\n\r\n{}", 400, "malformed request line"),
     ("\x1c" + SCORE_HEAD + "Content-Length: 2\r\n\r\n{}", 400, "malformed request line"),
+    # Fluent Bit's forward output given the HTTP port: no line end, so it waited 75 s, and nothing was logged
+    (b"\x93\xaaweb.access\x91\x92\xce\x00\x00\x00\x01\x81\xa3log\xa1x\x80", 400,
+     "point the sender at the sidecar's --forward port, not --http"),
     (SCORE_HEAD + "Content-Length: 2\x1c\r\n\r\n{}", 400, "header Content-Length holds the control character"),
     (SCORE_HEAD + "X-A: b\rTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n", 400,
      "header X-A holds the control character '\\r'"),

@@ -155,7 +155,7 @@ class HttpServer(StreamServer):
     async def _answer_one(self, reader, writer, task) -> bool:
         """Read one request and answer it; False when the connection is to close."""
         try:
-            line = await asyncio.wait_for(read_line(reader, "request line"), IDLE_TIMEOUT_S)
+            line = await asyncio.wait_for(read_request_line(reader), IDLE_TIMEOUT_S)
         except HttpError as error:
             return await self._refuse(reader, writer, error)
         except (asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError):
@@ -411,6 +411,18 @@ class HttpServer(StreamServer):
 
     def long_lived(self) -> int:
         return len(self.streams)
+
+
+async def read_request_line(reader: asyncio.StreamReader) -> bytes:
+    """A request's first line. Bytes no request line starts with (msgpack's arrays and maps: a Fluent
+    Bit or Fluentd forward output given the HTTP port) are refused at once: they hold no line end, so
+    the sender waited 75 s for an ack and retried, and neither log said why."""
+    first = await reader.read(1)
+    if first and first[0] >= 0x80:
+        raise HttpError(400, f"malformed request line: it starts with byte 0x{first[0]:02x}, as the forward "
+                             "protocol's messages do; point the sender at the sidecar's --forward port, not --http",
+                        close=True)
+    return first + await read_line(reader, "request line") if first else first
 
 
 async def read_line(reader: asyncio.StreamReader, what: str, status: int = 431) -> bytes:
