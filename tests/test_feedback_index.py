@@ -13,7 +13,7 @@ import pytest
 from logscore import feedback
 from logscore.errors import InvalidRequest
 from logscore.feedback import (KEEP, NORMAL, SIMILARITY, Entry, FeedbackStep, RuleSet, base_name, in_scope,
-                               pattern_from_records, similar)
+                               pattern_from_records, similar_counts)
 from logscore.model import Model
 
 from .generate import access_line, attack_lines
@@ -57,7 +57,9 @@ class ReferenceStep(FeedbackStep):
             by_keys = [e for e in scope if "keys" in e.pattern]
             by_field = [e for e in scope if "field" in e.pattern and found.values[e.pattern["field"]][row]
                         == e.pattern["value"]]
-            kept = {e.id for e in by_keys if e.verdict == KEEP and similar(kinds[row], e.pattern["kind"])}
+            kind = kinds[row]
+            kept = {e.id for e in by_keys if e.verdict == KEEP
+                    and similar_counts(len(kind & set(e.pattern["kind"])), len(kind | set(e.pattern["kind"])))}
             kept |= {e.id for e in by_field if e.verdict == KEEP}
             if kept:
                 keepers[row] = sorted(kept)

@@ -12,7 +12,7 @@ import time
 import numpy as np
 
 from logscore.decide import decide
-from logscore.feedback import NORMAL, Entry, FeedbackStep, RuleSet, path_family, pattern_from_records, similar
+from logscore.feedback import NORMAL, Entry, FeedbackStep, RuleSet, path_family, pattern_from_records, similar_counts
 from logscore.metrics import Metrics
 from logscore.model import Model
 from logscore.feedback_store import FeedbackService, Mark, SqliteStore
@@ -137,7 +137,7 @@ def test_groups_of_one_size_are_listed_in_the_order_first_seen():
 
 def test_a_record_joins_the_most_alike_group_as_the_definition_says():
     """Groups.assign counts shared tokens through its index; the definition compares the sets: of
-    the groups of the record's scope whose kind equals its kind, or is alike (feedback.similar) and
+    the groups of the record's scope whose kind equals its kind, or is alike (feedback.similar_counts) and
     lacks at most NEW_TOKENS of its tokens, the one sharing the largest share of their union (ties:
     the first id in text order), skipping groups ``avoid`` refuses; none: a new group."""
     rng = random.Random(7)
@@ -149,7 +149,8 @@ def test_a_record_joins_the_most_alike_group_as_the_definition_says():
         kind = frozenset(rng.sample(vocabulary, rng.choice([0, 1, 2, 3, 3, 4, 6])))
         alike = {g.id: len(g.kind & kind) / max(len(g.kind | kind), 1) for g in groups.by_id.values()
                  if (g.model, g.route) == scope and g.id not in refused
-                 and (g.kind == kind or (len(kind - g.kind) <= NEW_TOKENS and similar(g.kind, kind)))}
+                 and (g.kind == kind or (len(kind - g.kind) <= NEW_TOKENS
+                                         and similar_counts(len(g.kind & kind), len(g.kind | kind))))}
         expected = max(sorted(alike), key=lambda i: alike[i], default=None)  # max keeps the first of ties
         group = groups.assign(*scope, kind, list, float(step), avoid=lambda g: g.id in refused)
         if expected is None:

@@ -547,7 +547,7 @@ class ModelRules:
 
 
 class AlikeKinds:
-    """Entries found by a kind alike theirs (``similar``) without comparing it with every entry sharing
+    """Entries found by a kind alike theirs (``similar_counts``) without comparing it with every entry sharing
     one of its tokens (a common token is in thousands): by prefix filtering. Tokens are ordered rarest
     first (by how many entries name them); two kinds sharing at least SIMILARITY of their union share
     a token among the first ``len - ceil(SIMILARITY * len) + 1`` of each, so entries are indexed by
@@ -851,14 +851,10 @@ def among(keys: np.ndarray, sorted_keys: np.ndarray) -> np.ndarray:
     return sorted_keys[np.minimum(np.searchsorted(sorted_keys, keys), len(sorted_keys) - 1)] == keys
 
 
-def similar(a: Sequence, b: Sequence) -> bool:
-    """Two kinds (sets of features) are alike when they share at least SIMILARITY of their union."""
-    a, b = set(a), set(b)
-    return similar_counts(len(a & b), len(a | b))
-
-
 def similar_counts(shared: int, union: int) -> bool:
-    """``similar`` from the sizes of two kinds' intersection and union."""
+    """Two kinds (sets of features) are alike when they share at least SIMILARITY of their union:
+    decided from the sizes of their intersection (``shared``) and union, which callers count as
+    they go (an index's hits), never building the sets."""
     return union > 0 and shared >= SIMILARITY * union
 
 

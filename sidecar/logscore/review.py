@@ -5,7 +5,7 @@
                 the score histogram, the feedback list with undo          (servers/feedback_http.py)
 
 A group is a kind of anomaly: records of one model and route whose unusual structural features
-(URL template, parameter shapes and characters, tokens: their kind) are alike (feedback.similar:
+(URL template, parameter shapes and characters, tokens: their kind) are alike (feedback.similar_counts:
 half of their union shared, and at most one token of their own) with the group's first record's,
 new plain files of a section being alike whatever their file type (feedback.path_family: an
 operator calls `config.xsl` and `config.xml` of a new project one kind). Assigning a record costs
@@ -134,7 +134,7 @@ def awaiting_verdict(group: Group) -> bool:
 
 class Groups:
     """Leader grouping: a record joins the most alike group of its scope (model, route) when alike
-    enough (feedback.similar), else it starts a new group. At most ``max_groups``: the group seen
+    enough (feedback.similar_counts), else it starts a new group. At most ``max_groups``: the group seen
     least recently goes first, or with ``keep_largest`` (a report over a whole file) the smallest
     go, a tenth of them at a time, and are counted in ``dropped_groups`` / ``dropped_records``."""
 
