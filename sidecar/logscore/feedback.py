@@ -51,6 +51,7 @@ DETAIL_KINDS = ("ngrams", "numeric")  # converters whose features differ for nea
 NAMED = 5  # features named in a pattern, for people
 EXAMPLE_CHARS = 2000
 EXAMPLES = 5  # records a pattern keeps, for people and for training (`logscore train --feedback`)
+NO_KEYS = np.zeros(0, dtype=np.int64)
 UNREADABLE = "unreadable"  # a stored pattern this logscore cannot read: {"unreadable": why} (never applied)
 
 
@@ -420,10 +421,13 @@ class Index:
     method, a bot's user agent) or are scoped. Built whole (``of``), never changed."""
 
     def __init__(self):
-        # item -> the ids of the entries naming it: a set, or an id alone (integer_sets)
+        # item -> the ids of the entries naming it: a set, or an id alone (integer_groups)
         self.unscoped: dict[object, set[int] | int] = {}
         self.scoped: dict[object, dict[tuple[str, str], set[int] | int]] = {}
         self.entries: dict[int, Entry] = {}
+        # of an index of integers (numeric): every item, and those of unscoped entries, sorted unique
+        # (the feedback step finds a call's named keys in them by binary search: ``among``)
+        self.keys = self.unscoped_keys = NO_KEYS
 
     @classmethod
     def of(cls, entries: list[Entry], items_of: Callable[[Entry], Iterable], numeric: bool = False) -> "Index":
@@ -435,9 +439,12 @@ class Index:
         for entry in entries:
             index.entries[entry.id] = entry
             by_scope.setdefault((entry.route, entry.entity), []).append(entry)
+        if numeric:
+            index.unscoped, index.scoped, index.keys, index.unscoped_keys = integer_groups(by_scope, items_of)
+            return index
         for scope, members in by_scope.items():
-            sets = (integer_sets if numeric else item_sets)(members, items_of)
-            if scope == ("", ""):
+            sets = item_sets(members, items_of)
+            if scope == UNSCOPED:
                 index.unscoped = sets
                 continue
             for item, ids in sets.items():
@@ -484,23 +491,47 @@ def item_sets(entries: list[Entry], items_of: Callable[[Entry], Iterable]) -> di
     return sets
 
 
-def integer_sets(entries: list[Entry], items_of: Callable[[Entry], Iterable]) -> dict[int, set[int]]:
-    """``item_sets`` for integer items, grouped by one sort; an item only one entry names (most: a
-    page's own keys) maps to its id, not a set (300,000 sets took a reload most of a second)."""
-    lists = [list(items_of(entry)) for entry in entries]
-    items = np.fromiter(itertools.chain.from_iterable(lists), dtype=np.int64, count=sum(map(len, lists)))
-    ids = np.repeat(np.fromiter((e.id for e in entries), dtype=np.int64, count=len(entries)), list(map(len, lists)))
+def integer_groups(by_scope: dict[tuple[str, str], list[Entry]], items_of: Callable[[Entry], Iterable]):
+    """``Index.of`` for integer items, every scope's grouped by one sort: (unscoped item -> ids, scoped
+    item -> scope -> ids, every item sorted, the unscoped ones sorted). An item only one entry of a
+    scope names (most: a page's own keys) maps to its id, not a set (300,000 sets took a reload most
+    of a second); the sorted items come from the same sort (sorting the dictionaries' keys again in
+    Python took a reload of 10,000 entries 15 ms more)."""
+    scopes = list(by_scope)
+    members = [entry for scope in scopes for entry in by_scope[scope]]
+    lists = [list(items_of(entry)) for entry in members]
+    lengths = list(map(len, lists))
+    items = np.fromiter(itertools.chain.from_iterable(lists), dtype=np.int64, count=sum(lengths))
+    ids = np.repeat(np.fromiter((e.id for e in members), dtype=np.int64, count=len(members)), lengths)
+    scope_of = np.repeat(np.repeat(np.arange(len(scopes)), [len(by_scope[scope]) for scope in scopes]), lengths)
+    # by item, then scope: the entries come scope by scope, and a stable sort keeps that order
     order = np.argsort(items, kind="stable")
-    items, ids = items[order], ids[order]
-    starts = np.flatnonzero(np.r_[True, items[1:] != items[:-1]]) if len(items) else np.zeros(0, dtype=np.int64)
+    items, ids, scope_of = items[order], ids[order], scope_of[order]
+    if len(items):
+        starts = np.flatnonzero(np.r_[True, (items[1:] != items[:-1]) | (scope_of[1:] != scope_of[:-1])])
+    else:
+        starts = NO_KEYS
     bounds = np.r_[starts, len(items)]
-    single = np.diff(bounds) == 1
-    sets: dict = dict(zip(items[starts[single]].tolist(), ids[starts[single]].tolist()))
-    several = np.flatnonzero(~single)
+    group_items, group_scopes = items[starts], scope_of[starts]
+    unscoped_code = scopes.index(UNSCOPED) if UNSCOPED in scopes else -1
+    single, of_unscoped = np.diff(bounds) == 1, group_scopes == unscoped_code
+    alone = single & of_unscoped  # most groups: made in C (a loop over them cost what the sort saved)
+    unscoped: dict = dict(zip(group_items[alone].tolist(), ids[starts[alone]].tolist()))
+    scoped: dict = {}
     ids = ids.tolist()
-    sets.update((item, set(ids[a:b])) for item, a, b in zip(items[starts[several]].tolist(), bounds[several].tolist(),
-                                                             bounds[several + 1].tolist()))
-    return sets
+    rest = np.flatnonzero(~alone)
+    for item, code, a, b in zip(group_items[rest].tolist(), group_scopes[rest].tolist(), bounds[rest].tolist(),
+                                bounds[rest + 1].tolist()):
+        named = ids[a] if b - a == 1 else set(ids[a:b])
+        if code == unscoped_code:
+            unscoped[item] = named
+        else:
+            scoped.setdefault(item, {})[scopes[code]] = named
+    every = group_items[np.r_[True, group_items[1:] != group_items[:-1]]] if len(group_items) else NO_KEYS
+    return unscoped, scoped, every, group_items[group_scopes == unscoped_code]
+
+
+UNSCOPED = ("", "")  # (route, entity) of an entry applying to every record
 
 
 @dataclass
@@ -517,8 +548,6 @@ class ModelRules:
     # field -> value -> entries: a record's value is looked up, not compared with every entry's (a
     # thousand field entries cost a thousand comparisons per flagged record)
     by_field: dict[str, dict[str, list[Entry]]] = field(default_factory=dict)
-    normal_keys: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # sorted
-    unscoped_keys: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # ...of no scope
 
     def add(self, entry: Entry) -> None:
         """Take an entry in (indexed by ``finish``)."""
@@ -541,8 +570,6 @@ class ModelRules:
         self.normal_by_kind = Index.of(self.normal_entries, lambda entry: entry.pattern.get("kind", []))
         self.keep_by_key = Index.of(self.keep_entries, keys, numeric=True)
         self.keep_kinds = AlikeKinds(self.keep_entries)
-        self.normal_keys = np.array(sorted({*self.normal_by_key.unscoped, *self.normal_by_key.scoped}), dtype=np.int64)
-        self.unscoped_keys = np.array(sorted(self.normal_by_key.unscoped), dtype=np.int64)
         return self
 
 
@@ -630,8 +657,6 @@ class Flagged:
     kept_by: list[int] = field(default_factory=list)
     held: bool = False  # flagged whatever the feedback: a line its model could not read (decide's ``held``)
 
-
-NO_KEYS = np.zeros(0, dtype=np.int64)
 
 
 def is_held(held: Optional[np.ndarray], index: int) -> bool:
@@ -735,11 +760,11 @@ class FeedbackStep:
         hits = np.zeros(len(keys), dtype=bool)
         everywhere = np.zeros(len(keys), dtype=bool)  # named by an entry of no scope: in every record's
         for rules in model_rules:
-            hits |= among(keys, rules.normal_keys)
+            hits |= among(keys, rules.normal_by_key.keys)
         hits &= unusual
         at = np.flatnonzero(hits)  # (only these are read below: unscoped keys are among the normal ones)
         for rules in model_rules:
-            everywhere[at] |= among(keys[at], rules.unscoped_keys)
+            everywhere[at] |= among(keys[at], rules.normal_by_key.unscoped_keys)
         fields = found.key_fields() if any(r.by_field for r in model_rules) else None
         for row, i in enumerate(candidates.tolist()):
             route, entity = self.route(i), self.entity(i)
