@@ -45,7 +45,7 @@ from logscore.features import load_spec  # noqa: E402
 from logscore.generated.logscore.v1 import scorer_pb2 as pb  # noqa: E402
 from logscore.inputs import read_lines  # noqa: E402
 from logscore.model import Model  # noqa: E402
-from logscore.review import ReviewRing, render_feedback  # noqa: E402
+from logscore.review import FEEDBACK_ROWS, ReviewRing, render_feedback  # noqa: E402
 from logscore.servers.feedback_grpc import encode_entry  # noqa: E402
 from logscore.training.train import TrainOptions, save_model, train  # noqa: E402
 
@@ -247,7 +247,7 @@ def at_scale(model: Model, count: int, groups: list, lines: list[str], chunks: l
             "list_json_ms": cpu_ms(lambda: body.append(json.dumps({"feedback": [e.as_json() for e in listed]}))),
             "list_json_bytes": len(body[-1]),
             "grpc_list_bytes": pb.ListFeedbackResponse(entries=[encode_entry(e) for e in listed]).ByteSize(),
-            "page_table_ms": cpu_ms(lambda: body.append(render_feedback(listed))),
+            "page_table_ms": cpu_ms(lambda: body.append(render_feedback(*service.latest(FEEDBACK_ROWS)))),
             "page_table_bytes": len(body[-1]),
             "scoring_wall_ms_alone": alone, "scoring_wall_ms_during_reloads": during}
 

@@ -181,14 +181,35 @@ def test_a_reload_parses_only_the_patterns_that_changed(tmp_path, monkeypatch):
     assert entries[1:] == first[1:] and entries[1].pattern is not first[1].pattern  # each entry's own
 
 
-def test_the_review_page_lists_the_most_recent_entries_and_says_where_the_rest_are():
+def test_the_review_page_reads_only_the_most_recent_entries_and_says_where_the_rest_are(tmp_path, monkeypatch):
+    """The page lists the FEEDBACK_ROWS most recent entries: it read and parsed all of them (10,000 in a
+    fleet's store) to show those; now only those are read, and the count it gives is the store's."""
+    from logscore import feedback_store
+    from logscore.feedback_store import FeedbackService, SqliteStore
     from logscore.review import FEEDBACK_ROWS, render_feedback
 
-    entries = [Entry(i, NORMAL, {"field": "status", "value": str(i)}, "t") for i in range(1, 1001)]
-    html = render_feedback(entries)
+    import json
+    import sqlite3
+
+    store = SqliteStore(str(tmp_path / "feedback.db"))
+    store.migrate()
+    with sqlite3.connect(tmp_path / "feedback.db") as connection:  # (one transaction: 1,000 marks take seconds)
+        connection.executemany("INSERT INTO feedback (verdict, pattern, author, created_at) VALUES ('normal', ?, "
+                               "'t', 0)", [(json.dumps({"field": "status", "value": str(i)}),) for i in range(1000)])
+    connection.close()
+    service = FeedbackService(store, 1.0)
+    service.remove(1000, "ana")  # removed ones are listed too, with who removed them
+    read = []
+    reading = feedback_store.entry_from_row
+    monkeypatch.setattr(feedback_store, "entry_from_row", lambda row, known=None: read.append(1) or reading(row, known))
+    entries, total = service.latest(FEEDBACK_ROWS)
+    assert len(read) == FEEDBACK_ROWS and total == 1000
+    assert [e.id for e in entries] == list(range(1000, 1000 - FEEDBACK_ROWS, -1))
+    html = render_feedback(entries, total)
     assert html.count("<tr id=\"feedback-") == FEEDBACK_ROWS and 'id="feedback-1000"' in html
-    assert 'id="feedback-800"' not in html and "most recent of 1,000 entries" in html
-    assert "feedback-more" not in render_feedback(entries[:FEEDBACK_ROWS])
+    assert "removed by ana" in html and 'id="feedback-800"' not in html
+    assert "The 200 most recent of 1,000 entries" in html
+    assert "feedback-more" not in render_feedback(*service.latest(1000))
 
 
 def test_a_reload_sets_off_no_garbage_collection(tmp_path):

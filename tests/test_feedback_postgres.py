@@ -106,6 +106,8 @@ def test_both_stores_hold_one_schema_with_versioned_migrations(cluster, tmp_path
         assert again.existing and again.id == first.id and again.author == "ana"
         kept = [e for e in store.entries() if e.id == first.id][0]
         assert kept.examples() == [f"GET /b/{i}" for i in range(1, 1 + EXAMPLES)]
+        # the review page's list: the last numbered first, removed ones too, and how many there are
+        assert [e.id for e in store.latest(1)[0]] == [first.id] and store.latest(5)[1] == 2
 
     # A schema newer than this logscore knows is refused, not guessed at.
     def newer(cursor):

@@ -213,7 +213,7 @@ def test_a_flood_is_sampled_within_the_inspection_budget_and_records_under_rules
     assert not_grouped == [flagged - 10] and ring.not_grouped == {"shop": flagged - 10}
     positions = np.flatnonzero(scored.is_anomaly)
     assert observed[0] == positions[0] and observed[-1] == positions[-1]  # spread over the batch
-    assert "Flagged but not grouped (shop: " in render_page(ring, [], {}, {}, {"reachable": True})
+    assert "Flagged but not grouped (shop: " in render_page(ring, [], 0, {}, {}, {"reachable": True})
 
     rules = RuleSet([Entry(1, NORMAL, pattern_from_records(model, flood[:2]), "a", model="shop")])
     calls.clear()

@@ -328,6 +328,17 @@ class FeedbackStore:
             return entries
         return self._run(work)
 
+    def latest(self, limit: int) -> tuple[list[Entry], int]:
+        """(the ``limit`` entries numbered last, removed ones included, the last first; how many entries
+        the store holds), read in one transaction: the review page lists these, and only these are
+        read (a fleet's 10,000 entries were all read and parsed for the page's 200)."""
+        def work(cursor):
+            cursor.execute("SELECT count(*) FROM feedback")
+            total = int(cursor.fetchone()[0])
+            cursor.execute(self._sql(f"SELECT {', '.join(COLUMNS)} FROM feedback ORDER BY id DESC LIMIT {int(limit)}"))
+            return [entry_from_row(row, self._read) for row in cursor.fetchall()], total
+        return self._run(work)
+
     def holds_schema(self) -> bool:
         """Whether a logscore made its tables here (readers check: a typo in a URL names an empty database)."""
         def work(cursor):
@@ -755,6 +766,9 @@ class FeedbackService:
 
     def entries(self, include_removed: bool = False, after: int = 0, limit: Optional[int] = None) -> list[Entry]:
         return self.store.entries(include_removed, after, limit)
+
+    def latest(self, limit: int) -> tuple[list[Entry], int]:
+        return self.store.latest(limit)
 
     def page(self, include_removed: bool, after: int, limit: int) -> tuple[list[Entry], int]:
         """(up to ``limit`` entries numbered after ``after``, the ``after`` of the next page: 0 at the end);

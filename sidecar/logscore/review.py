@@ -21,7 +21,6 @@ that needs one (ReviewRing.offered).
 
 from __future__ import annotations
 
-import heapq
 import threading
 import time
 import weakref
@@ -386,10 +385,11 @@ border-radius:4px}
 """
 
 
-def render_page(ring: ReviewRing, entries: list, histograms: dict, thresholds: dict, status: dict,
-                message: str = "", max_groups: int = 50, flooding: Optional[dict] = None) -> str:
-    """The review page: groups of recent anomalies, the score histogram per model, the feedback list;
-    ``flooding``: the models flagging far more than trained to (``FloodWatch.status``)."""
+def render_page(ring: ReviewRing, entries: list, total_entries: int, histograms: dict, thresholds: dict,
+                status: dict, message: str = "", max_groups: int = 50, flooding: Optional[dict] = None) -> str:
+    """The review page: groups of recent anomalies, the score histogram per model, the feedback list
+    (``entries``, ``total_entries``: as ``render_feedback``); ``flooding``: the models flagging far more
+    than trained to (``FloodWatch.status``)."""
     from .metrics import SCORE_BUCKETS
 
     groups = ring.offered()
@@ -434,7 +434,7 @@ def render_page(ring: ReviewRing, entries: list, histograms: dict, thresholds: d
         parts.append(bars(labels, [int(c) for c in counts[:len(labels)]], highlight_from=first_alert,
                           title=f"scores of {model}"))
     parts.append("<h2 id=feedback-list>Feedback</h2>")
-    parts.append(render_feedback(entries))
+    parts.append(render_feedback(entries, total_entries))
     parts.append("</body></html>")
     return "".join(parts)
 
@@ -494,13 +494,15 @@ def expiry_cell(entry) -> str:
     return f"<span class=muted>expired {when}</span>" if entry.expires_at <= time.time() else when
 
 
-def render_feedback(entries: list) -> str:
+def render_feedback(entries: list, total_entries: int) -> str:
+    """The feedback table: ``entries``, the most recent first (``FeedbackService.latest``: at most
+    FEEDBACK_ROWS, as a fleet's months of marks made a 5 MB page, 10,000 rows, built on the event
+    loop), of ``total_entries`` in the store, removed ones included."""
     if not entries:
         return "<p class=muted id=no-feedback>No feedback yet.</p>"
     rows = ["<table id=feedback><tr><th>#</th><th>verdict</th><th>pattern</th><th>scope</th><th>who, when, why</th>"
             "<th>expires</th><th></th></tr>"]
-    # The most recent only: a fleet's months of marks made a 5 MB page (10,000 rows) built on the event loop
-    for entry in heapq.nsmallest(FEEDBACK_ROWS, entries, key=lambda e: -e.id):
+    for entry in entries:
         data = entry.as_json()
         scope = " · ".join(f"{k} {html_text(str(data[k]))}" for k in ("model", "route", "entity") if data[k]) or "all"
         undo = ("<span class=muted>removed by " + html_text(str(entry.removed_by)) + "</span>"
@@ -514,8 +516,8 @@ def render_feedback(entries: list) -> str:
                     f'<span class=muted>{html_text(entry.reason)}</span></td><td>{expiry_cell(entry)}</td>'
                     f'<td>{undo}</td></tr>')
     rows.append("</table>")
-    if len(entries) > FEEDBACK_ROWS:
-        rows.append(f"<p class=muted id=feedback-more>The {FEEDBACK_ROWS} most recent of {len(entries):,} entries "
+    if total_entries > len(entries):
+        rows.append(f"<p class=muted id=feedback-more>The {len(entries):,} most recent of {total_entries:,} entries "
                     "(removed ones included); all of them: <code>logscore feedback list --all</code> or "
                     "<code>GET /v1/feedback?all=1</code>, a page at a time.</p>")
     return "".join(rows)

@@ -91,20 +91,21 @@ class FeedbackHttp:
             return response
         if not self.page_allowed(request):
             return self._token_form("This sidecar asks for its token.", 401)
-        from ..review import render_page
+        from ..review import FEEDBACK_ROWS, render_page
 
         feedback = self.service.feedback
-        entries, status = [], {"store": "(none)", "reachable": False, "error": "feedback is off"}
+        entries, total = [], 0
+        status = {"store": "(none)", "reachable": False, "error": "feedback is off"}
         if feedback is not None:
             status = feedback.status()
             try:
-                entries = await off_loop(feedback.entries, True)
+                entries, total = await off_loop(feedback.latest, FEEDBACK_ROWS)
             except LogscoreError as error:
                 status = {**status, "reachable": False, "error": str(error)}
         if self.service.review is None:
             return Response.error(404, "the review page is off (review_records is 0)")
         models = self.service.registry.snapshot.models
-        html = render_page(self.service.review, entries, self.service.metrics.histograms(),
+        html = render_page(self.service.review, entries, total, self.service.metrics.histograms(),
                            {name: m.threshold for name, m in models.items()}, status,
                            self.notes.get(request.query.get("note", "")),
                            flooding=self.service.metrics.floods.status())
