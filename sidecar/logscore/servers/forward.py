@@ -846,11 +846,9 @@ class NextHop:
                 # Its socket takes bytes but nobody is acked: paused (its kernel still reads), or
                 # no acks at all. Said apart from a dropped ack ("acked others" sent operators
                 # looking for a lost frame), and no refusal of these frames either.
-                error = self._dropped(acks, "though its connection took them and frames sent after them, and it "
-                                            "acked none: it is paused or overloaded, or does not answer acks "
-                                            "(the forward `chunk` option)")
-                self.stalled = True
-                raise error from None
+                raise self._dropped(acks, "though its connection took them and frames sent after them, and it "
+                                          "acked none: it is paused or overloaded, or does not answer acks "
+                                          "(the forward `chunk` option)", stalled=True) from None
             raise self._stalled() from None  # it serves nobody: down
         except _HopStalled:
             raise self._stalled() from None
@@ -880,17 +878,17 @@ class NextHop:
                 waited.cancel()
 
     def _stalled(self) -> NextHopError:
-        error = self.failed(f"no progress (acks, bytes read) for {self.ack_timeout_s:g} s (forward_ack_timeout_s)")
-        self.stalled = True
-        return error
+        return self.failed(f"no progress (acks, bytes read) for {self.ack_timeout_s:g} s (forward_ack_timeout_s)",
+                           stalled=True)
 
-    def _dropped(self, acks: list[Ack], why: str) -> NextHopError:
+    def _dropped(self, acks: list[Ack], why: str, stalled: bool = False) -> NextHopError:
         """Fail one relay's frames (their acks will not come) and leave the connection to the
-        relays it serves: the next hop acked or read others meanwhile, so it is up."""
+        relays it serves: the next hop acked or read others meanwhile, so it is up. ``stalled``:
+        it read them but acked nobody (``self.stalled``)."""
         missing = [ack for ack in acks if ack.cancelled() or not ack.done()]  # the one waited for is cancelled
         reason = (f"no ack for {len(missing)} of {len(acks)} frames for {self.ack_timeout_s:g} s "
                   f"(forward_ack_timeout_s) {why}")
-        self.last_error, self.stalled = reason, False
+        self.last_error, self.stalled = reason, stalled
         error = NextHopError(f"next hop {self.address}: {reason}")
         failing = set(map(id, missing))
         for chunk in [chunk for chunk, ack in self._pending.items() if id(ack) in failing]:
@@ -925,11 +923,12 @@ class NextHop:
             raise NextHopError(f"next hop {self.address} is down ({self.last_error}); next try in "
                                f"{self.down_until - now:.1f} s")
 
-    def failed(self, reason: str) -> NextHopError:
+    def failed(self, reason: str, stalled: bool = False) -> NextHopError:
         """Close the connection, fail every frame waiting for an ack, count the hop down for a while
-        (the backoff doubles once per attempt, not once per relay that saw the failure)."""
+        (the backoff doubles once per attempt, not once per relay that saw the failure). ``stalled``:
+        it made no progress though it took connections and bytes (``self.stalled``)."""
         reason = SECURE_FORWARD_HOP if self._greeted else reason
-        self.last_error, self.stalled = reason, False
+        self.last_error, self.stalled = reason, stalled
         now = time.monotonic()
         if now >= self.down_until:
             self.down_until = now + self._backoff
