@@ -119,6 +119,36 @@ def test_a_group_another_mark_covers_is_offered_after_those_awaiting_a_verdict_u
     assert plain.count == 3 and plain.covered_by == [] and ring.offered()[:3] == [plain, odd, versioned]
 
 
+def test_a_group_whose_mark_covers_a_larger_one_is_offered_first_and_spares_a_mark(shop_model_path, tmp_path):
+    """New plain .ttf fonts (4) and fonts with a version parameter, one a .ttf (2): a mark of the
+    second covers the first (its pattern names their kind), not the reverse. Largest first, an
+    operator spent two marks on them; offered first, with the records its mark reaches, one does,
+    and its entry keeps the covered group's examples to learn from. A font with a quote in its name
+    is of another kind: neither reaches it."""
+    model = Model.load(shop_model_path)
+    rng = random.Random(140)
+
+    def files(template: str, count: int) -> list[str]:
+        return [access_line(rng, "GET", template.format(rng.randint(1, 5000))) for _ in range(count)]
+
+    ring = ReviewRing()
+    service = FeedbackService(SqliteStore(str(tmp_path / "feedback.sqlite3")), 1.0, review=ring)
+    service.store.migrate()
+    observe(model, ring, files("/fonts/body-{}.ttf", 4) + files("/fonts/icons-{}.woff?v=4.7.0", 1)
+            + files("/fonts/icons-{}.ttf?v=4.7.0", 1) + [access_line(rng, "GET", "/fonts/body'--.ttf")]
+            + shop_lines(100, seed=141))
+    versioned, plain, odd = ring.offered()[:3]
+    assert [versioned.count, plain.count, odd.count] == [2, 4, 1] and plain.kind == {"path /fonts/…"}
+    assert [versioned.reach, plain.reach, odd.reach] == [6, 4, 1]
+    assert "a mark also covers 4 records of other groups" in render_group(versioned, 0.0, 60.0)
+
+    entry = service.mark(Mark(verdict=NORMAL, author="ana", group=versioned.id))
+    assert plain.covered_by == [entry.id] and odd.covered_by == []
+    assert [g for g in ring.offered() if not g.feedback and not g.covered_by][0] is odd
+    # Its examples, which `logscore train --feedback` learns, hold the records of the kind it covers too.
+    assert sum("/fonts/body-" in text for text in entry.pattern["examples"]) == 4
+
+
 def test_a_path_family_leaves_out_only_a_plain_new_paths_file_type():
     assert path_family("path /files/…deb") == "path /files/…"
     for token in ("path /files/…", 'path /scripts/…<"a:>', "path /presentations/…<a_a-a.a) a(\"a\">",

@@ -717,7 +717,7 @@ class FeedbackService:
             model_name = mark.model or group.model
             if mark.verdict == "normal":
                 self._refuse_unparsed_group(mark.group, group)
-            pattern = group.pattern()
+            pattern = self.review.pattern(group, mark.verdict)
             example = group.examples[-1].text if group.examples else ""
             route = mark.route or group.route
         else:

@@ -16,7 +16,10 @@ Whenever the feedback changes, the ring checks the groups no one has marked: a g
 examples the feedback now suppresses is *covered* (by an entry made otherwise: another group's
 mark whose pattern names its kind, a field value, an entry sent through the API), and the page
 lists it after the groups still awaiting a verdict, so an operator's next mark goes to a group
-that needs one (ReviewRing.offered).
+that needs one (ReviewRing.offered). Before that, the page orders the groups awaiting a verdict by
+the records a mark would make normal (``reaches``): a group whose members' kinds another's pattern
+names whole counts for that one too, so the mark that covers both comes first and one mark does,
+and its entry keeps the covered group's examples, which `logscore train --feedback` learns.
 """
 
 from __future__ import annotations
@@ -31,12 +34,13 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from .decide import decide
-from .feedback import (EXAMPLE_CHARS, MAX_KIND_TOKENS, NO_KEYS, FeedbackStep, Flagged, RuleSet, base_name,
+from .feedback import (EXAMPLE_CHARS, MAX_KIND_TOKENS, NO_KEYS, NORMAL, FeedbackStep, Flagged, RuleSet, base_name,
                        path_family, record_from_text, record_text, rule_list, similar_counts, strip_rarity)
 from .shown import html_text
 from .svg import bars, timeline
 
 EXAMPLES = 5
+MARK_EXAMPLES = 4 * EXAMPLES  # a normal mark's examples: its group's and those of the groups it reaches
 NEW_TOKENS = 1  # a record joins a group when alike and adding at most this many tokens to its kind
 NAME_CHARS = 240
 GROUP_KEYS = 512  # unusual features a group gathers for its pattern (bounded: 500 groups live at once)
@@ -77,6 +81,7 @@ class Group:
     covered_by: list = field(default_factory=list)  # normal entries that suppress its examples (not marked itself)
     max_buckets: int = TIMELINE_BUCKETS
     number: int = 0  # in order of creation: of groups of one count, the one seen first is listed first
+    reach: int = 0  # the records a mark of it would make normal, as the page was last ordered (reaches)
 
     def add(self, when: float, bucket_s: float, entity: Optional[str] = None) -> None:
         self.count_member(entity)
@@ -295,6 +300,19 @@ class ReviewRing:
         with self.lock:
             return self.groups.by_id.get(group_id)
 
+    def pattern(self, group: Group, verdict: str) -> dict:
+        """What a mark of ``group`` stores: the group's pattern; a normal mark's examples are joined by
+        those of the groups awaiting a verdict it reaches (``reached``), at most MARK_EXAMPLES: its
+        rule makes their kinds normal, and `logscore train --feedback` learns an entry's kinds from its
+        examples (a versioned fonts group's mark taught no new plain font it covered)."""
+        with self.lock:
+            pattern = group.pattern()
+            if verdict == NORMAL:
+                awaiting = [g for g in self.groups.largest() if g is group or awaiting_verdict(g)]
+                pattern["examples"] += [e.text for other in reached(awaiting)[group.id] for e in other.examples]
+                pattern["examples"] = pattern["examples"][:MARK_EXAMPLES]
+        return pattern
+
     def marked(self, group_id: str, entry_id: int, verdict: str) -> None:
         with self.lock:
             group = self.groups.by_id.get(group_id)
@@ -312,8 +330,14 @@ class ReviewRing:
             return self.groups.largest()
 
     def offered(self) -> list[Group]:
-        """The groups in the page's order: those awaiting a verdict first, each part largest first."""
-        return sorted(self.snapshot(), key=lambda group: not awaiting_verdict(group))
+        """The groups in the page's order: those awaiting a verdict first, the one whose mark would
+        reach the most records first (``reach``); then the others, largest first."""
+        with self.lock:  # (observe changes the groups' kinds)
+            groups = self.groups.largest()
+            reach = reaches([group for group in groups if awaiting_verdict(group)])
+            for group in groups:
+                group.reach = reach.get(group.id, group.count)
+        return sorted(groups, key=lambda group: (not awaiting_verdict(group), -group.reach))
 
     def recheck(self, rules: RuleSet) -> None:
         """Which unmarked groups the feedback now covers: every example of theirs, scored again with
@@ -342,6 +366,34 @@ class ReviewRing:
             for group, count in every:
                 if group.count == count:  # (a record that joined meanwhile was not checked)
                     group.covered_by = covered.get(group.id, [])
+
+
+def reached(groups: list[Group]) -> dict[str, list[Group]]:
+    """Group id -> the other ``groups`` of its model and route a mark of it would make normal: those
+    whose members' kinds its pattern names whole (a group of new fonts under a section, and one of
+    fonts with a version parameter that held such a font: the second's mark covers the first, so
+    marking it first spares a mark). Found by kind tokens, as the feedback step matches a marked
+    kind, without scoring."""
+    holding: dict[tuple, list[Group]] = {}  # (model, route, kind token) -> the groups whose kinds hold it
+    for group in groups:
+        for token in group.kinds:
+            holding.setdefault((group.model, group.route, token), []).append(group)
+    found: dict[str, list[Group]] = {group.id: [] for group in groups}
+    for covered in groups:
+        if not covered.kinds:  # unusual in details only, or a session model's: no kind to name
+            continue
+        rarest = min(covered.kinds, key=lambda token: len(holding[(covered.model, covered.route, token)]))
+        for group in holding[(covered.model, covered.route, rarest)]:
+            if group is not covered and covered.kinds.keys() <= group.kinds.keys():
+                found[group.id].append(covered)
+    return found
+
+
+def reaches(groups: list[Group]) -> dict[str, int]:
+    """Group id -> the records a mark of it would make normal: its own and those of the ``groups``
+    it reaches (``reached``)."""
+    found = reached(groups)
+    return {group.id: group.count + sum(other.count for other in found[group.id]) for group in groups}
 
 
 def covered_by_rules(model, groups: list[tuple[Group, list[str]]], rules: RuleSet) -> dict[str, list[int]]:
@@ -445,6 +497,8 @@ def render_group(group: Group, now: float, bucket_s: float) -> str:
     if group.covered_by and not group.feedback:
         marks += f' <span class="badge normal">covered by {rule_list(group.covered_by)}</span>'
     share = f"{group.suppressed:,} suppressed" + (f", {group.kept:,} kept" if group.kept else "")
+    if group.reach > group.count:  # why a smaller group comes first: its mark covers groups of its kind too
+        share += f"; a mark also covers {group.reach - group.count:,} records of other groups"
     start = now - TIMELINE_BUCKETS * bucket_s
     end = now + bucket_s
     points = [(start, 0)]
