@@ -8,11 +8,11 @@ Data: the Elastic example Apache log (10,000 real lines, 17-20 May 2015, Apache-
   - review: the next --review share, with fuzzdb payloads injected into --attack-share of its lines
     (SQL injection, XSS, path traversal, command execution: the default model card's families);
     scored through the same decide step as the sidecar, flagged records grouped by the review
-    page's ring; the --groups largest groups holding no injected line (false positives, by the
+    page's ring; the first --groups groups holding no injected line (false positives, by the
     labels) are marked normal through the feedback service (a SQLite store), one after another as
-    the page offers them (a group an earlier mark covers is listed after those awaiting a verdict,
-    and not marked); the review lines are then scored again with the feedback in force (the
-    records of the marked kinds, coming again);
+    the page offers them (by the records a mark would make normal; a group an earlier mark covers
+    is listed after those awaiting a verdict, and not marked); the review lines are then scored
+    again with the feedback in force (the records of the marked kinds, coming again);
   - evaluation: the rest of the lines (later traffic, never reviewed), injected the same way, scored
     without and with the feedback in force;
   - retraining, the loop's last step: models trained on the training and the reviewed lines (their
@@ -118,7 +118,7 @@ def main() -> int:
     parser.add_argument("--train", type=float, default=0.1, help="share of the log trained on (default 0.1)")
     parser.add_argument("--review", type=float, default=0.45, help="share reviewed next (default 0.45)")
     parser.add_argument("--attack-share", type=float, default=0.05)
-    parser.add_argument("--groups", type=int, default=5, help="largest false-positive groups marked normal")
+    parser.add_argument("--groups", type=int, default=5, help="false-positive groups marked normal (as offered)")
     parser.add_argument("--target-fpr", type=float, default=0.002, help="as the default model (0.002)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--retrain", nargs="*", help="retrained models to make (default: all)")
@@ -150,8 +150,8 @@ def main() -> int:
         service.reload(force=True)
         marked = []
         while len(marked) < args.groups:
-            # As the page offers them after each mark: groups awaiting a verdict, largest first (one
-            # that an earlier mark now covers is not offered).
+            # As the page offers them after each mark: groups awaiting a verdict, those whose mark reaches
+            # the most records first (one that an earlier mark now covers is not offered).
             group = next((g for g in ring.offered() if awaiting_verdict(g)
                           and not any(e.text in injected for e in g.examples)), None)
             if group is None:
