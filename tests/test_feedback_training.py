@@ -567,3 +567,23 @@ def test_kind_variants_reach_a_url_under_an_alias_or_in_a_carried_line_and_spare
     assert kind_variants([static], spec, repeat=5) == [static] * 5  # (its digits are its template's)
     plain = '10.0.0.1 - - [17/May/2015:10:05:03 +0000] "GET /about HTTP/1.1" 200 5 "-" "x"'
     assert kind_variants([plain], spec, repeat=5) == [plain] * 5
+
+
+def test_report_names_the_clients_and_times_of_records_nginx_parsers_made(tmp_path):
+    """Fluentd's and Fluent Bit's nginx parsers name the client `remote` and the ident field `host`
+    ("-"), and a time kept or injected in the log's own format is the access log's: a field trial's
+    report (nginx -> in_tail @type nginx -> filter -> out_file) said every record held no time and
+    named one entity, "-"."""
+    rows = []
+    for second in range(40):
+        client = f"203.0.113.{second % 4 + 1}"
+        rows.append(json.dumps({
+            "remote": client, "host": "-", "user": "-", "method": "GET", "path": f"/search?q={second}'--",
+            "code": "200", "size": "3", "referer": "-", "agent": "curl/8.0", "anomaly_score": 0.9995,
+            "is_anomaly": True, "time": f"05/Dec/2026:06:12:{second:02d} +0000"}))
+    (tmp_path / "scored.jsonl").write_text("\n".join(rows) + "\n")
+    done = logscore("report", tmp_path / "scored.jsonl")
+    assert done.returncode == 0, done.stderr
+    assert "hold no time" not in done.stdout
+    assert "top entities: 203.0.113.1 (10), 203.0.113.2 (10)" in done.stdout, done.stdout
+    assert "2026-12-05 06:12:00 .. 2026-12-05 06:12:39" in done.stdout, done.stdout

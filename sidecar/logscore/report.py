@@ -37,8 +37,11 @@ from .parsers import WARN_UNPARSED_SHARE, line_head, parse_access, parse_syslog
 from .timestamps import epoch_seconds, parse_time
 from .svg import bars, timeline
 
-ENTITY_FIELDS = ("host", "client", "clientip", "client_ip", "remote", "remote_addr", "source.address", "client.ip",
-                 "source.ip")
+# The client's names first and host last, as the sidecar reads them (parsers.FIELD_ALIASES): the nginx
+# parsers of Fluentd and Fluent Bit name the client remote and the ident field host, always "-" (a
+# report of their records named one entity, "-"); Fluentd's apache2 parser and syslog name theirs host.
+ENTITY_FIELDS = ("remote", "remote_addr", "client", "clientip", "client_ip", "client.ip", "source.address",
+                 "source.ip", "host")
 RECORD_KEYS = ("message", "log", "record")
 # NOTE: a forward-mode sidecar's next hop is often Fluent Bit writing a file (inputs.shipper_line
 # reads its lines): they were refused ("no scored records") though every one held a score.
@@ -164,8 +167,13 @@ def time_of(record: dict, text: str, written: str = "") -> Optional[float]:
     value = lookup(record, "@timestamp", "timestamp", "time")
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return epoch_seconds(float(value))
-    if isinstance(value, str) and (when := iso_seconds(value)) is not None:
-        return when
+    if isinstance(value, str):
+        # ISO 8601 (out_file's inject as the docs give it), else any time the sidecar reads: the access
+        # log's own (Fluent Bit's nginx parser with Time_Keep, an inject in the log's format), syslog's
+        when = iso_seconds(value)
+        when = parse_time(value) if when is None else when
+        if when is not None:
+            return when
     match = ACCESS_TIME.search(text)
     if match:
         try:
