@@ -275,6 +275,37 @@ def test_base_relearns_windows_of_a_model_that_has_them_and_keeps_its_clients(be
     assert entity_spec(model).score(scanner)[0] >= model.metadata["entities"]["threshold"]
 
 
+def test_relearned_windows_are_named_past_every_name_the_kept_part_holds(behaviour_model, tmp_path):
+    """Relearned windows were named from the graph's count of nodes and initializers + 1000: a kept
+    part named past that (by a builder that started further, or a larger relearned part) collided,
+    "behaviour_c_1098 initializer name is not unique", and the model failed the ONNX check."""
+    import onnx
+    from onnx import numpy_helper
+
+    from logscore.artifact import METADATA_KEY
+    from logscore.training.behaviour import BEHAVIOUR_PARTS, drop_behaviour, sealed
+
+    model = onnx.load(str(behaviour_model))
+    metadata = json.loads(next(p.value for p in model.metadata_props if p.key == METADATA_KEY))
+    kept = onnx.ModelProto.FromString(model.SerializeToString()).graph
+    drop_behaviour(kept, BEHAVIOUR_PARTS["windows"])
+    added = 200  # constants of a kept part, numbered where a builder counting the graph's size starts
+    start = len(kept.node) + len(kept.initializer) + added + 1000
+    held = {t.name for t in model.graph.initializer} | {name for node in model.graph.node for name in node.output}
+    model.graph.initializer.extend(numpy_helper.from_array(np.zeros(1, np.float32), name)
+                                   for name in (f"behaviour_c_{n}" for n in range(start, start + added))
+                                   if name not in held)
+    crowded = tmp_path / "crowded.onnx"
+    onnx.save(sealed(model, metadata)[0], str(crowded))
+    relearned = tmp_path / "shop.onnx"
+    done = subprocess.run([sys.executable, "-m", "logscore", "train", "--input",
+                           str(behaviour_model.parent.parent / "train.log"), "--base", str(crowded),
+                           "--windows", "--window-s", "2", "--out", str(relearned)],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert Model.load(relearned).metadata["windows"]["window_s"] == 2.0
+
+
 def a_busy_route(spec, calibrate_up_to: float):
     """``spec`` with route=shop expected at 240 records a window and status_class=2xx at 220, and a
     calibration that tops out under the threshold until a deviation of ``calibrate_up_to`` spreads

@@ -578,6 +578,13 @@ def sealed(model: onnx.ModelProto, metadata: dict) -> tuple[onnx.ModelProto, dic
     return model, metadata
 
 
+def last_number(graph: onnx.GraphProto) -> int:
+    """The highest number ending a name of the graph's tensors (GraphBuilder names them hint_<n>)."""
+    names = [name for node in graph.node for name in node.output] + [t.name for t in graph.initializer]
+    numbers = [int(tail) for tail in (name.rsplit("_", 1)[-1] for name in names) if tail.isdigit()]
+    return max(numbers, default=0)
+
+
 def attach_behaviour(model: onnx.ModelProto, metadata: dict, parts: Sequence[Learned]) -> tuple[onnx.ModelProto, dict]:
     """The model with window and/or client detectors added to its graph and metadata (replacing
     any it had), and its content hash renewed."""
@@ -592,8 +599,9 @@ def attach_behaviour(model: onnx.ModelProto, metadata: dict, parts: Sequence[Lea
     metadata.get("training", {}).pop("behaviour_from", None)
     g = PrefixedBuilder(0)
     # Past every name the graph holds: the part kept from before (--base with windows, learning
-    # clients) was named by a builder that started where this one would.
-    g._count = sum(1 for _ in graph.node) + sum(1 for _ in graph.initializer) + 1000
+    # clients) was named by a builder that started where this one would. (Past the count of its
+    # nodes was not enough once a relearned part named more tensors than the part it replaced.)
+    g._count = max(sum(1 for _ in graph.node) + sum(1 for _ in graph.initializer), last_number(graph)) + 1000
     for part in parts:
         nodes = window_nodes if part.window_calibration is not None else entity_nodes
         inputs, outputs = nodes(g, part)
