@@ -368,3 +368,40 @@ def test_score_says_when_lines_do_not_parse_and_what_they_are(tmp_path):
     (tmp_path / "scored.jsonl").write_text(logscore("score", "--model", model, tmp_path / "haproxy").stdout)
     report = logscore("report", tmp_path / "scored.jsonl")
     assert "apache-access: 150 of 200 records (75.0%) did not parse as its format" in report.stdout, report.stdout
+
+
+def test_train_and_inspect_warn_of_a_calibration_too_small_for_its_target(tmp_path):
+    """Retrained on 403 access lines, a model's held-back false-positive rate was 0.005 against its
+    0.001 target and it missed `/../../etc/passwd` (0.98): `train` said nothing, and the README's
+    `logscore train ... && mv` swapped it in. 300 records cannot place a 0.001 quantile."""
+    (tmp_path / "small.log").write_text("\n".join(shop_lines(300, seed=5)) + "\n")
+    small = logscore("train", "--input", tmp_path / "small.log", "--out", tmp_path / "small.onnx")
+    assert small.returncode == 0, small.stderr
+    warning = "logscore train: warning: weak calibration: realized false-positive rate "
+    assert warning in small.stderr and "against a target of 0.001; calibrated on 300 records" in small.stderr
+    assert "fewer than the 999 a target of 0.001 needs" in small.stderr, small.stderr
+    assert "Train on more lines (a longer log" in small.stderr and "--target-fpr to 0.0034 or more" in small.stderr
+    shown = logscore("inspect", tmp_path / "small.onnx")
+    assert "  warning: weak calibration: realized false-positive rate " in shown.stdout, shown.stdout
+    # a target the same records can place: no warning (nor for the shipped model, 7,977 records at 0.002)
+    placed = logscore("train", "--input", tmp_path / "small.log", "--out", tmp_path / "placed.onnx",
+                      "--target-fpr", 0.01)
+    assert placed.returncode == 0 and "weak calibration" not in placed.stderr, placed.stderr
+    assert "weak calibration" not in logscore("inspect", ROOT / "models" / "apache-access.onnx").stdout
+
+
+def test_a_realized_rate_far_above_the_target_is_a_weak_calibration_only_past_chance():
+    from logscore.training.shortfall import calibration_shortfall, describe_shortfall
+
+    def calibration(flagged: int, records: int = 8000) -> dict:
+        return {"rule": "fpr", "target_fpr": 0.001, "records": records,
+                "held_back": {"records": records, "flagged": flagged, "fpr": flagged / records}}
+
+    worse = calibration_shortfall(calibration(32))  # 0.004: 4 times the target
+    assert worse is not None and not worse["too_few_records"]
+    assert describe_shortfall(worse).startswith("weak calibration: realized false-positive rate 0.004 on held-back "
+                                                "folds (32 of 8000 records) against a target of 0.001, 4 times")
+    assert calibration_shortfall(calibration(16)) is None  # twice the target: within what 8,000 records measure
+    assert calibration_shortfall(calibration(4, records=1000)) is None  # 4 of 1,000: chance, at a mean of 1
+    assert calibration_shortfall(calibration(1, records=999)) is None  # 999 records place 0.001's quantile
+    assert calibration_shortfall({**calibration(1, records=998), "rule": "sigma"}) is None

@@ -1020,6 +1020,7 @@ def train_for_evaluation(args, records: list):
 
 def run_inspect(args) -> int:
     from .artifact import read_artifact
+    from .training.shortfall import calibration_shortfall, describe_shortfall
 
     artifact = read_artifact(args.model)
     meta = artifact.metadata
@@ -1049,6 +1050,9 @@ def run_inspect(args) -> int:
           f"{', '.join(training.get('inputs', [])) or 'stdin'}; {training.get('distinct_features')} "
           "distinct features")
     print(f"  {describe_realized_fpr(calibration)}")
+    shortfall = calibration_shortfall(calibration)
+    if shortfall is not None:
+        print(f"  warning: {describe_shortfall(shortfall)}")
     print(f"  {describe_set_aside(training)}")
     if (training.get("set_aside") or {}).get("rule"):
         print(f"    rule: {training['set_aside']['rule']}")

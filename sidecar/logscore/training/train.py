@@ -37,6 +37,7 @@ from .graph import GraphBuilder
 from .prior import DEFAULT_SHARE, AlarmVocabulary, InjectionPrior
 from .crossfit import CrossFit
 from .robust import cluster_mates, example_text, screen, screening_bound, signature_folds
+from .shortfall import calibration_shortfall, describe_shortfall
 from .streaming import KeyPairs, featurize_for_fit, raw_scores, record_key_pairs
 
 Progress = Callable[[str, int, Optional[int], str], None]  # stage, done, total, unit
@@ -523,6 +524,9 @@ def train(records: Iterable[object], options: TrainOptions,
             "seed": options.seed,
         },
     }
+    shortfall = calibration_shortfall(metadata["calibration"])
+    if shortfall is not None:  # (not kept in the warnings: `logscore inspect` tells it from the calibration)
+        warn(describe_shortfall(shortfall))
     if options.learned_route:
         metadata["training"]["learned_route"] = options.learned_route
     if left_out is not None:
