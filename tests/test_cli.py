@@ -405,3 +405,21 @@ def test_a_realized_rate_far_above_the_target_is_a_weak_calibration_only_past_ch
     assert calibration_shortfall(calibration(4, records=1000)) is None  # 4 of 1,000: chance, at a mean of 1
     assert calibration_shortfall(calibration(1, records=999)) is None  # 999 records place 0.001's quantile
     assert calibration_shortfall({**calibration(1, records=998), "rule": "sigma"}) is None
+
+
+def test_each_training_progress_line_says_which_records_it_counts():
+    """`screening round 1, fold 2/5: counting keys: 2/2 records` read as a fold of 2 records: a fit
+    counts the keys of only the records it differs by from the sample (its held-out fold, those set
+    aside, those its featurizer reads otherwise), each said as such."""
+    from logscore.features import load_spec
+    from logscore.training.crossfit import HELD_OUT, LEFT_OUT
+    from logscore.training.train import TrainOptions, train
+
+    normal = shop_lines(1500, seed=61)
+    records = normal + [line for _, line in attack_lines(normal, 15, seed=62)]
+    stages = []
+    train(records, TrainOptions(spec=load_spec(None, "access")), lambda stage, *_: stages.append(stage))
+    counting = {stage.split(": ", 1)[1] for stage in stages if "keys" in stage or "counting" in stage}
+    assert HELD_OUT in counting and LEFT_OUT in counting, counting
+    assert not any(stage.endswith("counting keys") for stage in stages), counting
+    assert any(stage.startswith("screening round 1, fold 2/5: counting") for stage in stages)

@@ -26,6 +26,13 @@ from .streaming import KeyCounter, Progress
 
 Counts = tuple[np.ndarray, np.ndarray]  # (keys ascending, how often each occurs)
 
+# What each count of keys is of, in the progress lines: a fit counts only the records it differs
+# by from the whole sample, and "fold 2/5: counting keys: 2/2 records" read as a fold of 2 records.
+HELD_OUT = "counting the keys of its held-out records, to take off the sample's counts"
+LEFT_OUT = "counting the keys of records it is not fit on (set aside, or read otherwise), to take off"
+READ_OTHERWISE = "counting again the records its featurizer reads otherwise"
+DOUBTED = "counting the rare keys of unusual records, not to learn them"
+
 
 class CrossFit:
     def __init__(self, sample: Sequence[object], spec: dict, plan: FitPlan, reference: Featurizer,
@@ -57,8 +64,8 @@ class CrossFit:
         if held_out is not None:
             terms.append((self.block_counts(held_out, progress, stage), -1))
             left_out &= ~held_out
-        terms += [(self.count(self.reference, np.flatnonzero(left_out), progress, stage), -1),
-                  (self.count(featurizer, np.flatnonzero(changed), progress, stage), 1)]
+        terms += [(self.count(self.reference, np.flatnonzero(left_out), progress, f"{stage}: {LEFT_OUT}"), -1),
+                  (self.count(featurizer, np.flatnonzero(changed), progress, f"{stage}: {READ_OTHERWISE}"), 1)]
         counts = combined(self.totals, terms)
         records = int(mask.sum())
         support = self.support if self.support is not None else default_support(records)
@@ -74,6 +81,7 @@ class CrossFit:
                     support: float, progress: Progress, stage: str) -> Counts:
         """``counts`` less the rare keys that only ``doubted`` records hold (robust.py:
         ``unusual_records``): a key seen in ``support`` records is normal whoever holds it."""
+        stage = f"{stage}: {DOUBTED}"
         vouched = combined(counts, [
             (self.count(self.reference, np.flatnonzero(doubted & ~changed), progress, stage), -1),
             (self.count(featurizer, np.flatnonzero(doubted & changed), progress, stage), -1)])
@@ -85,17 +93,18 @@ class CrossFit:
         """``count`` of the reference featurizer over the records of ``block``, counted once."""
         name = hashlib.blake2b(np.packbits(block).tobytes(), digest_size=16).digest()
         if name not in self._blocks:
-            self._blocks[name] = self.count(self.reference, np.flatnonzero(block), progress, stage)[1].astype(np.int32)
+            self._blocks[name] = self.count(self.reference, np.flatnonzero(block), progress,
+                                            f"{stage}: {HELD_OUT}")[1].astype(np.int32)
         return self.totals[0], self._blocks[name]
 
     def count(self, featurizer: Featurizer, positions: np.ndarray, progress: Progress, stage: str) -> Counts:
         """Key counts of the sample's records at ``positions``, chunk by chunk (the reference's: of
-        every key it counted over all records, zero or not)."""
+        every key it counted over all records, zero or not); ``stage`` says which records they are."""
         counter = KeyCounter(self.totals[0] if featurizer is self.reference else None)
         for start in range(0, len(positions), self.chunk):
             chunk = positions[start: start + self.chunk]
             counter.add(featurizer.transform([self.sample[i] for i in chunk], dense=False).keys)
-            progress(f"{stage}: counting keys", min(start + self.chunk, len(positions)), len(positions), "records")
+            progress(stage, min(start + self.chunk, len(positions)), len(positions), "records")
         return counter.totals()
 
 
