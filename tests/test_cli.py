@@ -423,3 +423,19 @@ def test_each_training_progress_line_says_which_records_it_counts():
     assert HELD_OUT in counting and LEFT_OUT in counting, counting
     assert not any(stage.endswith("counting keys") for stage in stages), counting
     assert any(stage.startswith("screening round 1, fold 2/5: counting") for stage in stages)
+
+
+@pytest.mark.parametrize("args, usage, hint", [
+    (["serve", "--model-dir", "models"], "usage: logscore serve ", "--model-dir; did you mean --models-dir?"),
+    (["train", "--inptu", "a.log", "--out", "m.onnx"], "usage: logscore train ", "--inptu; did you mean --input?"),
+    (["feedback", "add", "normal", "--group", "g3", "--modle", "web"], "usage: logscore feedback add ",
+     "--modle; did you mean --model?"),
+    (["score", "--model=m.onnx", "--only-anomaly"], "usage: logscore score ",
+     "--only-anomaly; did you mean --only-anomalies?"),
+])
+def test_a_wrong_flag_gets_its_command_s_usage_and_the_flag_it_resembles(args, usage, hint):
+    """`logscore serve --model-dir models` printed `usage: logscore [-h] COMMAND ...`: no flag of
+    serve's, nor which was meant; `train --inptu` was told only that --input is required."""
+    done = logscore(*args)
+    assert done.returncode == 2 and done.stderr.startswith(usage), done.stderr
+    assert f"error: unrecognized arguments: {hint}" in done.stderr, done.stderr

@@ -51,8 +51,52 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 130
 
 
+class CommandParser(argparse.ArgumentParser):
+    """The parser of `logscore` and of each of its commands (add_subparsers makes theirs of this class).
+
+    An unknown flag is refused by the command that was given it, with that command's usage and the
+    flag it most resembles: argparse let it rise to `logscore` itself, whose usage names no flag of
+    any command (`logscore serve --model-dir models` got `usage: logscore [-h] COMMAND ...`)."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self._subparsers is None:  # a command's own parser: its flags are all it takes
+            # (before argparse's checks: `train --inptu F` was told only that --input is required)
+            unknown = [flag for flag in self.flags(sys.argv[1:] if args is None else args)
+                       if not any(option.startswith(flag) for option in self.options())]
+            if unknown:
+                self.error(f"unrecognized arguments: {' '.join(unknown)}{self.suggestion(unknown)}")
+        namespace, extras = super().parse_known_args(args, namespace)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}{self.suggestion(extras)}")
+        return namespace, extras
+
+    @staticmethod
+    def flags(args: Sequence[str]) -> list[str]:
+        """The long flags among ``args`` (without an ``=value``), up to a ``--`` ending them."""
+        found = []
+        for arg in args:
+            if arg == "--":
+                break
+            if arg.startswith("--"):
+                found.append(arg.split("=", 1)[0])
+        return found
+
+    def options(self) -> list[str]:
+        return [option for action in self._actions for option in action.option_strings]
+
+    def suggestion(self, extras: Sequence[str]) -> str:
+        """'; did you mean --models-dir?' for the first unknown flag close to one of this parser's."""
+        import difflib
+
+        for flag in self.flags(extras):
+            close = difflib.get_close_matches(flag, self.options(), n=1, cutoff=0.6)
+            if close:
+                return f"; did you mean {close[0]}?"
+        return ""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="logscore", description="Anomaly scores for log records.")
+    parser = CommandParser(prog="logscore", description="Anomaly scores for log records.")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     train = commands.add_parser("train", help="learn normal traffic and export one ONNX model",
