@@ -98,8 +98,24 @@ def test_client_scores_through_a_running_sidecar(tmp_path, shop_model_path):
         assert "no sidecar answers there" in down.stderr and "start one (logscore serve)" in down.stderr
         listed = logscore("feedback", "list", "--socket", tmp_path / "absent.sock", "--timeout", 1)
         assert listed.returncode == 1 and "no sidecar answers there" in listed.stderr, listed.stderr
+        # Lines of another layout: `score` summed them up at the end, `client` said nothing.
+        (tmp_path / "haproxy.log").write_text("\n".join(haproxy_lines(shop_lines(30, seed=75)) + lines) + "\n")
+        through = logscore("client", "--socket", sidecar.socket, tmp_path / "haproxy.log")
+        offline = logscore("score", "--model", shop_model_path, tmp_path / "haproxy.log")
+        said = "warning: 30 of 36 records (83.3%) did not parse as access (e.g. "
+        assert through.returncode == 0 and said in through.stderr and said in offline.stderr, through.stderr
+        assert through.stderr.replace("logscore client: ", "") == offline.stderr.replace("logscore score: ", "")
     finally:
         sidecar.stop()
+
+
+def haproxy_lines(access_lines: list[str]) -> list[str]:
+    """The requests of access lines as HAProxy logs them (through syslog): no access line parses them."""
+    from logscore.parsers import parse_access
+
+    return [f"May 17 10:05:03 lb haproxy[12]: {f['remote_addr']}:4711 [{f['time']}] http-in www/web1 0/0/1/5/6 "
+            f"{f['status']} {f['bytes'] or 0} - - ---- 1/1/0/0/0 0/0 \"{f['request']}\""
+            for f in (parse_access(line)[0] for line in access_lines)]
 
 
 def scored_with_peak_memory(*args) -> tuple[subprocess.CompletedProcess, float]:
@@ -343,9 +359,7 @@ def test_score_says_when_lines_do_not_parse_and_what_they_are(tmp_path):
     from logscore.parsers import parse_access
 
     lines = shop_lines(200, seed=31)
-    haproxy = [f"May 17 10:05:03 lb haproxy[12]: {f['remote_addr']}:4711 [{f['time']}] http-in www/web1 0/0/1/5/6 "
-               f"{f['status']} {f['bytes'] or 0} - - ---- 1/1/0/0/0 0/0 \"{f['request']}\""
-               for f in (parse_access(line)[0] for line in lines)]
+    haproxy = haproxy_lines(lines)
     nginx_json = [json.dumps({"time_local": f["time"], "request": f["request"], "status": f["status"]})
                   for f in (parse_access(line)[0] for line in lines)]
     model = ROOT / "models" / "apache-access.onnx"
@@ -363,7 +377,8 @@ def test_score_says_when_lines_do_not_parse_and_what_they_are(tmp_path):
     (tmp_path / "maps").write_text("\n".join(json.dumps({"foo": i}) for i in range(20)) + "\n")
     maps = logscore("score", "--model", model, "--json-records", tmp_path / "maps")
     assert "They are field maps naming none of the fields the access format reads" in maps.stderr, maps.stderr
-    assert "--json-records" not in maps.stderr and "they are flagged: its training data parsed" in maps.stderr
+    assert "--json-records" not in maps.stderr
+    assert "they are flagged: the model's training data parsed" in maps.stderr
     # The report of scored output says so too (it said only that the model flagged them).
     (tmp_path / "scored.jsonl").write_text(logscore("score", "--model", model, tmp_path / "haproxy").stdout)
     report = logscore("report", tmp_path / "scored.jsonl")

@@ -428,6 +428,7 @@ def run_client(args) -> int:
     records = (cut_past(record, args.max_record_bytes) for record in records)
     line_number = 0
     counted: dict[str, list[int]] = {}  # model name -> [records scored, flagged]
+    unparsed = UnparsedRecords()
     with channel:
         stub = pb_grpc.ScorerStub(channel)
         for chunk in batched(records, records_per_call(args.batch, args.explain), CLIENT_CALL_BYTES):
@@ -448,7 +449,9 @@ def run_client(args) -> int:
                 tally = counted.setdefault(model.name, [0, 0])
                 tally[0] += 1
                 tally[1] += bool(response.is_anomaly[i])
+                unparsed.add(model.name, chunk[i], notes[i])
         warn_of_floods(stub, metadata, args.timeout, counted)
+    unparsed.warn("client")
     return 0
 
 
@@ -772,23 +775,20 @@ def cut_past(record, limit: int):
 def run_score(args) -> int:
     from .decide import decide, notes_by_record
     from .model import Model
-    from .parsers import SUGGEST_SAMPLE, WARN_UNPARSED_SHARE
 
     model = Model.load(args.model, max_line_chars=args.max_record_bytes)
     records = read_json_records(args.inputs) if args.json_records else read_lines(args.inputs)
     out = sys.stdout
-    line_number = flagged = unparsed = 0
-    unparsed_examples: list = []  # a few records that did not parse, for the format they may be
+    line_number = flagged = 0
+    unparsed = UnparsedRecords()
     for chunk in batched(records, max(1, args.batch)):
         result = model.score(chunk, explain=args.explain)
         decision = decide(model, result)
         flagged += int(decision.is_anomaly.sum())
-        unparsed += int(result.unparsed.sum())
-        if len(unparsed_examples) < SUGGEST_SAMPLE:
-            unparsed_examples += [record for record, bad in zip(chunk, result.unparsed) if bad][:SUGGEST_SAMPLE]
         notes = notes_by_record([(i, text) for i, _, text in decision.notes], len(chunk))
         for i in range(len(chunk)):
             line_number += 1
+            unparsed.add(model.name, chunk[i], notes[i])
             if args.only_anomalies and not decision.is_anomaly[i]:
                 continue
             explanation = result.explanations[i] if result.explanations is not None else None
@@ -804,22 +804,51 @@ def run_score(args) -> int:
                             model.metadata.get("training", {}).get("inputs") or ["its training files"])
     if warning:
         print(f"logscore score: warning: {warning}", file=sys.stderr, flush=True)
-    if unparsed > WARN_UNPARSED_SHARE * line_number:
-        print(f"logscore score: warning: {unparsed_warning(model, unparsed, line_number, unparsed_examples)}",
-              file=sys.stderr, flush=True)
+    unparsed.warn("score")
     return 0
 
 
-# NOTE: a line that does not parse is noted per record (`unparsed`), and flagged when the model's
-# training data parsed: a log of another layout (Apache's vhost_combined, HAProxy's) was all
-# flagged, and the only summary said to check the model, not that the lines did not parse.
-def unparsed_warning(model, unparsed: int, scored: int, examples: list) -> str:
-    from .decide import flags_unparsed
+class UnparsedRecords:
+    """Records that did not parse as their model's format, per model, from the notes each record's
+    output line carries: `logscore score` and `logscore client` say the same of them at the end.
+
+    NOTE: a line that does not parse is noted per record (`unparsed`), and flagged when the model's
+    training data parsed: a log of another layout (Apache's vhost_combined, HAProxy's) was all
+    flagged, and the only summary said to check the model, not that the lines did not parse; through
+    a sidecar (`logscore client`) nothing was said at all."""
+
+    def __init__(self):
+        self.models: dict[str, dict] = {}  # name -> scored, unparsed, note, examples
+
+    def add(self, model: str, record: object, notes: list[str]) -> None:
+        from .parsers import SUGGEST_SAMPLE
+
+        counts = self.models.setdefault(model, {"scored": 0, "unparsed": 0, "note": "", "examples": []})
+        counts["scored"] += 1
+        note = next((n for n in notes if n.startswith(UNPARSED_NOTE)), None)
+        if note is not None:
+            counts["unparsed"] += 1
+            counts["note"] = note
+            if len(counts["examples"]) < SUGGEST_SAMPLE:  # for the format they may be
+                counts["examples"].append(record)
+
+    def warn(self, command: str) -> None:
+        from .parsers import WARN_UNPARSED_SHARE
+
+        for name, counts in sorted(self.models.items()):
+            if counts["unparsed"] > WARN_UNPARSED_SHARE * counts["scored"]:
+                print(f"logscore {command}: warning: {unparsed_warning(name, **counts)}", file=sys.stderr, flush=True)
+
+
+UNPARSED_NOTE = "did not parse as "  # decide.py's note: "did not parse as FORMAT; what was done with it"
+
+
+def unparsed_warning(name: str, scored: int, unparsed: int, note: str, examples: list) -> str:
+    """What `logscore score` and `logscore client` say of a model's records that did not parse."""
     from .feedback import record_text
     from .parsers import suggest_format
 
-    log_format = model.featurizer.log_format
-    fate = ("flagged: its training data parsed" if flags_unparsed(model) else "scored with its fields missing")
+    log_format, _, fate = note[len(UNPARSED_NOTE):].partition("; ")
     advice = suggest_format(examples, log_format)
     if "--format" in advice or "--config" in advice:
         # `logscore score` reads lines as its model's format: "try --format syslog" sent an operator
@@ -827,7 +856,7 @@ def unparsed_warning(model, unparsed: int, scored: int, examples: list) -> str:
         advice += (" (--format and --config are logscore train's: train a model on this log, then score with it: "
                    "logscore train --input FILE --format FORMAT --out M.onnx)")
     return (f"{unparsed:,} of {scored:,} records ({unparsed / scored:.1%}) did not parse as {log_format} "
-            f"(e.g. {record_text(examples[0])[:120]!r}), the format of {model.name}: they are {fate}. {advice}")
+            f"(e.g. {record_text(examples[0])[:120]!r}), the format of {name}: they are {fate}. {advice}")
 
 
 def result_entry(line_number: int, score: float, is_anomaly: bool, model: str, version: str, notes: list[str],
