@@ -454,3 +454,33 @@ def test_a_wrong_flag_gets_its_command_s_usage_and_the_flag_it_resembles(args, u
     done = logscore(*args)
     assert done.returncode == 2 and done.stderr.startswith(usage), done.stderr
     assert f"error: unrecognized arguments: {hint}" in done.stderr, done.stderr
+
+
+def test_no_default_model_names_the_callers_own_way_to_name_one(tmp_path, shop_model_path):
+    """With two models and no default, `logscore feedback add` said "set default_model or name one
+    of …", where its flag is --model: the CLI names its flag, gRPC and HTTP callers their field."""
+    import shutil
+
+    import grpc
+
+    from logscore.generated.logscore.v1 import scorer_pb2 as pb
+    from logscore.generated.logscore.v1 import scorer_pb2_grpc as pb_grpc
+
+    directory = models_dir_with(tmp_path, shop_model_path, "shop")
+    shutil.copy(shop_model_path, directory / "other.onnx")
+    sidecar = SidecarProcess(directory, tmp_path).start()
+    try:
+        line = shop_lines(1, seed=76)[0]
+        marked = logscore("feedback", "add", "normal", "--socket", sidecar.socket, "--line", line)
+        assert marked.returncode == 1, marked.stderr
+        assert "no default model: give --model one of: other, shop (or set the sidecar's default_model" \
+            in marked.stderr, marked.stderr
+        (tmp_path / "one.log").write_text(line + "\n")
+        scored = logscore("client", "--socket", sidecar.socket, tmp_path / "one.log")
+        assert scored.returncode == 1 and "give --model one of: other, shop" in scored.stderr, scored.stderr
+        with grpc.insecure_channel(f"unix:{sidecar.socket}") as channel, pytest.raises(grpc.RpcError) as refused:
+            pb_grpc.ScorerStub(channel).Score(pb.ScoreRequest(lines=pb.RawLines(lines=[line.encode()])), timeout=10)
+        assert refused.value.code() == grpc.StatusCode.NOT_FOUND
+        assert "give the request's `model` one of: other, shop" in refused.value.details()
+    finally:
+        sidecar.stop()

@@ -495,10 +495,13 @@ def fill_records(request, records: list, as_fields: bool) -> None:
 
 
 def call_failure(target: str, error) -> str:
-    """A failed call to the sidecar in one line; one that reached no sidecar says what to do."""
+    """A failed call to the sidecar in one line; one that reached no sidecar says what to do, and
+    one naming a request's field (no default model: name one) names the flag that sets it here."""
     import grpc
 
-    said = f"{error.code().name}: {error.details()}"
+    from .registry import REQUEST_MODEL
+
+    said = f"{error.code().name}: {(error.details() or '').replace(REQUEST_MODEL, '--model')}"
     # gRPC's own words for a socket file or port where nothing listens (a sidecar that answers may
     # say UNAVAILABLE too: its feedback store is down, which its details say)
     if error.code() == grpc.StatusCode.UNAVAILABLE and "failed to connect" in (error.details() or ""):

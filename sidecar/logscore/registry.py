@@ -45,6 +45,11 @@ class Snapshot:
     errors: dict[str, str] = field(default_factory=dict)  # path -> why it was rejected
 
 
+# How a caller names a model: the gRPC field and HTTP parameter `model` (the Fluentd filter's `model`
+# too); `logscore client` and `logscore feedback` say their flag, --model, in its place (cli.call_failure).
+REQUEST_MODEL = "the request's `model`"
+
+
 class ModelRegistry:
     def __init__(self, models_dir: str, default_model: Optional[str] = None,
                  tag_routes: Optional[dict] = None, entity_field: Optional[str] = None,
@@ -161,8 +166,8 @@ class ModelRegistry:
         global_models = [m for n, m in models.items() if "@" not in n]
         if len(global_models) == 1:
             return global_models[0]
-        raise ModelNotFound("no model named in the request and no default model: set default_model or "
-                            f"name one of: {self._names(models)}")
+        raise ModelNotFound(f"no model named in the request and no default model: give {REQUEST_MODEL} one of: "
+                            f"{self._names(models)} (or set the sidecar's default_model, or tag_routes for tags)")
 
     def for_entity(self, model: Model, value: object) -> Model:
         """``<model>@<value>`` when loaded, else the model itself. NOTE: the value as text: Fluentd
