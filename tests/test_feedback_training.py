@@ -293,7 +293,8 @@ def test_report_counts_unscored_records_by_route_and_lists_anomaly_events_apart(
         return f"{tag}: [1796414748.991280342, " + json.dumps(record, separators=(",", ":")) + "]"
     rows = [line("app.zookeeper", {"log": f"INFO session {n}", "anomaly_score": 0.0, "is_anomaly": False,
                                    "anomaly_model": "zookeeper"}) for n in range(3)]
-    reason = "unscored: no model named in the request and no default model: set default_model or name one of: zookeeper"
+    reason = ("unscored: no model named in the request and no default model: give the request's `model` one of: "
+              "zookeeper (or set the sidecar's default_model, or tag_routes for tags)")
     rows += [line("app.openstack", {"log": f"nova-api {n}", "anomaly_unscored": True, "anomaly_notes": [reason]})
              for n in range(2)]
     rows.append(line("app.kafka", {"log": "kafka up", "anomaly_unscored": True}))  # the Fluentd filter's: no note
