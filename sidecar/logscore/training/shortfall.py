@@ -71,7 +71,8 @@ def describe_shortfall(shortfall: dict) -> str:
                 f"of {target} needs: the threshold can only sit above all of them, flagging at best "
                 f"{best_fpr(records):.2%} of normal records, and attacks scoring just under are missed. Train on more "
                 f"lines (a longer log: {needed:,} normal records at least, better {10 * (needed + 1):,}), or raise "
-                f"--target-fpr to {rounded_up(best_fpr(records)):g} or more, before serving this model")
+                f"--target-fpr to {rounded_up(max(best_fpr(records), shortfall['realized_fpr'] or 0.0)):g} or more "
+                "(what this log measures), before serving this model")
     return (f"weak calibration: {measured}, {shortfall['realized_fpr'] / target:.0f} times the target, calibrated on "
             f"{records} records. Train on more lines (a longer log, {10 * (needed + 1):,} normal records or more) "
             "before serving this model, or expect that many false positives")
