@@ -85,13 +85,14 @@ class CommandParser(argparse.ArgumentParser):
         return [option for action in self._actions for option in action.option_strings]
 
     def suggestion(self, extras: Sequence[str]) -> str:
-        """'; did you mean --models-dir?' for the first unknown flag close to one of this parser's."""
-        import difflib
+        """'; did you mean --models-dir?' for the first unknown flag close to one of this parser's
+        (as a mistyped setting's name is: settings.likely_meant)."""
+        from .settings import likely_meant
 
         for flag in self.flags(extras):
-            close = difflib.get_close_matches(flag, self.options(), n=1, cutoff=0.6)
-            if close:
-                return f"; did you mean {close[0]}?"
+            meant = likely_meant(flag, self.options())
+            if meant:
+                return f"; did you mean {meant}?"
         return ""
 
 
