@@ -825,12 +825,15 @@ class UnparsedRecords:
         self.models: dict[str, dict] = {}  # name -> scored, unparsed, note, examples
 
     def add(self, model: str, record: object, notes: list[str]) -> None:
-        from .parsers import SUGGEST_SAMPLE
-
-        counts = self.models.setdefault(model, {"scored": 0, "unparsed": 0, "note": "", "examples": []})
+        """Count a record of ``model`` with its notes (per record of every output: kept cheap)."""
+        counts = self.models.get(model)
+        if counts is None:
+            counts = self.models[model] = {"scored": 0, "unparsed": 0, "note": "", "examples": []}
         counts["scored"] += 1
-        note = next((n for n in notes if n.startswith(UNPARSED_NOTE)), None)
+        note = next((n for n in notes if n.startswith(UNPARSED_NOTE)), None) if notes else None
         if note is not None:
+            from .parsers import SUGGEST_SAMPLE
+
             counts["unparsed"] += 1
             counts["note"] = note
             if len(counts["examples"]) < SUGGEST_SAMPLE:  # for the format they may be
