@@ -156,7 +156,7 @@ def run(connections: int, seconds: float) -> dict:
                    "closed_by_sidecar": sum(client.closed for client in clients),
                    "streams_ended_by_sidecar": sum(client.ended for client in clients), "ordinary_call": ordinary,
                    "too_many_calls": process.metric('logscore_errors_total{kind="too_many_calls"'),
-                   "too_many_connections": process.metric('logscore_errors_total{kind="too_many_connections"'),
+                   "listener_full_warnings": process.log().count('"gRPC listener full"'),
                    "load_average": os.getloadavg()[0]}
         finally:
             process.stop()

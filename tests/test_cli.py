@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from .generate import attack_lines, shop_lines
-from .sidecar_process import ROOT, SidecarProcess, models_dir_with
+from .sidecar_process import ROOT, SidecarProcess, free_port, models_dir_with
 
 
 def logscore(*args, stdin: str | None = None) -> subprocess.CompletedProcess:
@@ -98,6 +98,8 @@ def test_client_scores_through_a_running_sidecar(tmp_path, shop_model_path):
         assert "no sidecar answers there" in down.stderr and "start one (logscore serve)" in down.stderr
         listed = logscore("feedback", "list", "--socket", tmp_path / "absent.sock", "--timeout", 1)
         assert listed.returncode == 1 and "no sidecar answers there" in listed.stderr, listed.stderr
+        refused = logscore("client", "--tcp", f"127.0.0.1:{free_port()}", "--timeout", 1, tmp_path / "in.log")
+        assert refused.returncode == 1 and "no sidecar answers there" in refused.stderr, refused.stderr
         # Lines of another layout: `score` summed them up at the end, `client` said nothing.
         (tmp_path / "haproxy.log").write_text("\n".join(haproxy_lines(shop_lines(30, seed=75)) + lines) + "\n")
         through = logscore("client", "--socket", sidecar.socket, tmp_path / "haproxy.log")

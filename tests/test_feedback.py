@@ -703,8 +703,11 @@ def test_a_page_of_long_entries_stays_under_the_sidecars_own_message_limit(tmp_p
         assert main(["feedback", "list", "--socket", process.socket]) == 0
         lines = capsys.readouterr().out.splitlines()
         assert len(lines) == 42 and lines[40].startswith("#41 ") and "cut to fit" in lines[40]
-        assert "GET /v1/feedback?after=40&limit=1 shows it whole" in lines[40]
-        whole = json.loads(process.http_get("/v1/feedback?after=40&limit=1")[1])["feedback"]
+        assert "GET /v1/feedback?after=40&limit=1&all=1 shows it whole" in lines[40]
+        # removed, it is still the one the hint names (without all=1 the page skipped to #42)
+        assert main(["feedback", "remove", "41", "--socket", process.socket]) == 0
+        capsys.readouterr()
+        whole = json.loads(process.http_get("/v1/feedback?after=40&limit=1&all=1")[1])["feedback"]
         assert [e["id"] for e in whole] == [41] and whole[0]["reason"] == huge.reason
     finally:
         assert process.stop() == 0

@@ -940,10 +940,11 @@ def test_grpc_calls_past_the_cap_are_refused_at_once_and_watchers_take_at_most_a
         assert process.stop() == 0
 
 
-def test_grpc_connections_past_the_limit_are_closed_counted_and_logged(tmp_path, shop_models):
+def test_grpc_connections_past_the_limit_are_closed_and_a_full_listener_is_said(tmp_path, shop_models):
     """gRPC connections were not counted: each may hold 16 streams of messages taken in before any of our
     code sees them, so a client opening ever more connections grew the memory without bound (96
-    connections of 16 stalled 2 MB calls: 1.3 GiB)."""
+    connections of 16 stalled 2 MB calls: 1.3 GiB). A full listener is a gauge and a warning, not an
+    error count: clients holding exactly the limit are served (it counted one "refusal" a second)."""
     port = free_port()
     process = SidecarProcess(shop_models, tmp_path, tcp=f"127.0.0.1:{port}", max_grpc_connections="2").start()
     channels = [grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)])
@@ -955,11 +956,17 @@ def test_grpc_connections_past_the_limit_are_closed_counted_and_logged(tmp_path,
         with pytest.raises(grpc.RpcError) as refused:
             process.stub(channels[2]).Score(request, timeout=10)
         assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
-        process.wait_for(lambda: process.metric(TOO_MANY_CONNECTIONS) >= 1, what="the full listener counted")
+        process.wait_for(lambda: '"gRPC listener full"' in process.log(), what="the full listener said")
         assert process.metric('logscore_grpc_connections{listener="tcp"}') == 2
-        refusals = [json.loads(line) for line in process.log().splitlines() if '"too_many_connections"' in line]
-        assert refusals[0]["surface"] == "grpc" and "max_grpc_connections" in refusals[0]["reason"], refusals
+        full = [json.loads(line) for line in process.log().splitlines() if '"gRPC listener full"' in line]
+        assert full[0]["listener"] == "tcp" and full[0]["limit"] == 2 and "max_grpc_connections" in full[0]["reason"]
+        assert process.metric(TOO_MANY_CONNECTIONS) == 0  # nothing the sidecar saw refused
         process.stub(channels[1]).Score(request, timeout=10)  # the connections in place are served
+        # the CLI told an operator to start a sidecar: one answers, its listener is full
+        listed = subprocess.run([sys.executable, "-m", "logscore", "feedback", "list", "--tcp", f"127.0.0.1:{port}",
+                                 "--timeout", "2"], capture_output=True, text=True, timeout=60, cwd=ROOT)
+        assert listed.returncode == 1 and "gRPC listener is full" in listed.stderr, listed.stderr
+        assert "no sidecar answers" not in listed.stderr
         channels[0].close()  # a place freed: the third connects on its next try
         assert len(process.stub(channels[2]).Score(request, timeout=10, wait_for_ready=True).scores) == 1
     finally:
@@ -983,10 +990,13 @@ def test_a_grpcio_without_channelz_stops_the_connection_watch_not_the_sidecar(mo
         raise ImportError("cannot import name 'cygrpc'")
 
     monkeypatch.setattr(grpc_surface, "open_connections", gone)
-    watch = grpc_surface.ConnectionWatch(2, Metrics())
+    metrics = Metrics()
+    metrics.grpc_connections.labels("tcp").set(3)  # counted before channelz went
+    watch = grpc_surface.ConnectionWatch(2, metrics)
     asyncio.run(asyncio.wait_for(watch.run(asyncio.Event()), 5))  # returns: it does not loop on the error
     said = [r for r in caplog.records if "cannot be counted" in r.getMessage()]
     assert len(said) == 1 and "cygrpc" in said[0].error
+    assert not metrics.grpc_connections.collect()[0].samples  # no count frozen as if live
 
 
 def test_eight_threads_sharing_one_channel_are_answered_not_refused_by_the_transport(tmp_path, shop_models):

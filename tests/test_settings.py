@@ -43,6 +43,8 @@ def test_tag_routes_from_a_flag(models):
     ({"models_dir": "/nonexistent/models"}, "does not exist"),
     ({"models_dir": "/etc/hostname"}, "is a file, not a directory; set --models-dir to the directory holding"),
     ({"time_zone": "Mars/Olympus"}, "no such time zone; give an IANA name such as Europe/Berlin"),
+    # a feedback entry cut down still sends its scope whole (up to ~9 kB): a tiny limit failed its pages again
+    ({"max_message_bytes": "4096"}, "max_message_bytes must be at least 16384"),
 ])
 def test_bad_settings_are_clear_errors(models, flags, message):
     with pytest.raises(ConfigError, match=message):

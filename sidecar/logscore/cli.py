@@ -502,13 +502,19 @@ def call_failure(target: str, error) -> str:
 
     from .registry import REQUEST_MODEL
 
-    said = f"{error.code().name}: {(error.details() or '').replace(REQUEST_MODEL, '--model')}"
-    # gRPC's own words for a socket file or port where nothing listens (a sidecar that answers may
-    # say UNAVAILABLE too: its feedback store is down, which its details say)
-    if error.code() == grpc.StatusCode.UNAVAILABLE and "failed to connect" in (error.details() or ""):
+    details = error.details() or ""
+    said = f"{error.code().name}: {details.replace(REQUEST_MODEL, '--model')}"
+    if error.code() != grpc.StatusCode.UNAVAILABLE or "failed to connect" not in details:
+        return f"{target}: {said}"  # (a sidecar that answers may say UNAVAILABLE too: its feedback store is down)
+    # gRPC's own words say which: nothing listens, TLS disagrees, or the sidecar closed the connection
+    if "Connection refused" in details or "No such file or directory" in details:
         return (f"{target}: no sidecar answers there ({said}); start one (logscore serve) or give the --socket "
                 f"or --tcp of the one running (its log's \"serving\" line names its listeners)")
-    return f"{target}: {said}"
+    if "handshake" in details.lower():
+        return (f"{target}: the TLS handshake failed ({said}); give the sidecar's CA with --tls-ca (and --tls-cert "
+                "and --tls-key where it asks for client certificates), or none where it serves plain gRPC")
+    return (f"{target}: the sidecar closed the connection at once ({said}): its gRPC listener is full "
+            "(max_grpc_connections; its log says \"gRPC listener full\"), or it serves TLS (give --tls-ca)")
 
 
 def client_channel(args, target: str):

@@ -205,7 +205,7 @@ def describe(entry) -> str:
     state = f"removed by {entry.removed_by} {iso_time(entry.removed_at)}" if entry.removed_at else (
         f"{expiry_word(entry.expires_at)} {iso_time(entry.expires_at)}" if entry.expires_at else "no expiry")
     reason = f" ({entry.reason})" if entry.reason else ""
-    cut = (f"; cut to fit the sidecar's max_message_bytes (GET /v1/feedback?after={entry.id - 1}&limit=1 shows "
+    cut = (f"; cut to fit the sidecar's max_message_bytes (GET /v1/feedback?after={entry.id - 1}&limit=1&all=1 shows "
            "it whole)" if entry.cut else "")
     return printable(f"#{entry.id} {verdict} [{scope}] {pattern}; by {entry.author} {iso_time(entry.created_at)}"
                      f"{reason}; {state}{cut}")

@@ -46,6 +46,9 @@ def unknown_settings(unknown: list[str], known: list[str], file: Optional[str]) 
             "list this version's settings (a setting of a newer logscore needs that version)")
 
 
+MIN_MESSAGE_BYTES = 16 * 1024
+
+
 @dataclass
 class Settings:
     models_dir: str = setting(DEFAULT_MODELS_DIR, "directory of .onnx models to load and watch")
@@ -221,6 +224,10 @@ class Settings:
                      "forward_max_message_bytes", "max_grpc_calls", "max_grpc_connections"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")
+        if self.max_message_bytes < MIN_MESSAGE_BYTES:
+            # (a feedback entry's scope, sent whole even when the entry is cut down, needs up to ~9 kB)
+            raise ConfigError(f"max_message_bytes must be at least {MIN_MESSAGE_BYTES} (16 KiB), not "
+                              f"{self.max_message_bytes}")
         if self.max_message_bytes * WIRE_COPIES > self.max_inflight_bytes:
             raise ConfigError(f"max_inflight_bytes {self.max_inflight_bytes} cannot admit a message of "
                               f"max_message_bytes {self.max_message_bytes} ({WIRE_COPIES} copies once decoded); "

@@ -17,6 +17,7 @@ from ..admission import UNLIMITED, Ticket
 from ..errors import (DeadlineExceeded, FeedbackNotFound, InvalidRequest, LogscoreError, ModelNotFound, Overloaded,
                       ScorerUnavailable, ShuttingDown, StoreUnavailable, Unauthenticated)
 from ..generated.logscore.v1 import scorer_pb2 as pb
+from ..metrics import OncePerInterval
 from ..events import KINDS
 from ..flood import target_fpr
 from ..records import decode_event_stream
@@ -290,38 +291,48 @@ class ConnectionWatch:
     NOTE: gRPC's core closes a connection past max_grpc_connections ("grpc.max_allowed_incoming_connections",
     a limit of each listener) as soon as it accepts it, where none of our code runs; grpcio reports no
     such refusal. What the sidecar can see is the connections open (channelz, which grpc keeps on by
-    default): a listener found full is counted as one refusal (too_many_connections) at every check
-    and logged like the HTTP and forward ports' refusals."""
+    default): the gauge, and a warning once an interval while a listener is full. Not an error count:
+    clients holding exactly the limit are served, and a full listener refuses only what comes next."""
 
     INTERVAL_S = 1.0
+    LISTENERS = ("tcp", "unix")
 
     def __init__(self, limit: int, metrics):
         self.limit = limit
         self.metrics = metrics
+        self._said = OncePerInterval()
 
     async def run(self, stopping: asyncio.Event) -> None:
-        while not stopping.is_set():
-            try:
-                counts = open_connections()
-            except Exception as error:  # channelz gone from a later grpcio: the limit itself still holds
-                log.warning("gRPC connections cannot be counted; the limit (max_grpc_connections) still holds, "
-                            "unlogged", extra={"error": f"{type(error).__name__}: {error}"})
-                return
-            self.check(counts)
-            try:
-                await asyncio.wait_for(stopping.wait(), self.INTERVAL_S)
-            except asyncio.TimeoutError:
-                pass
+        try:
+            while not stopping.is_set():
+                try:
+                    counts = open_connections()
+                except Exception as error:  # channelz gone from a later grpcio: the limit itself still holds
+                    log.warning("gRPC connections cannot be counted; the limit (max_grpc_connections) still "
+                                "holds, unwatched", extra={"error": f"{type(error).__name__}: {error}"})
+                    return
+                self.check(counts)
+                try:
+                    await asyncio.wait_for(stopping.wait(), self.INTERVAL_S)
+                except asyncio.TimeoutError:
+                    pass
+        finally:  # a count no longer taken is no count: a frozen gauge would read as live
+            for listener in self.LISTENERS:
+                try:
+                    self.metrics.grpc_connections.remove(listener)
+                except KeyError:
+                    pass
 
     def check(self, counts: dict[str, int]) -> None:
-        for listener in ("tcp", "unix"):
+        for listener in self.LISTENERS:
             count = counts.get(listener, 0)
-            self.metrics.child(self.metrics.grpc_connections, listener).set(count)
-            if count >= self.limit:
-                self.metrics.refused("too_many_connections", "grpc",
-                                     f"{count} connections open on the gRPC {listener} listener, the limit "
-                                     "(max_grpc_connections): gRPC closes new ones at once; a client opens "
-                                     "connections without closing them, or raise the limit")
+            self.metrics.grpc_connections.labels(listener).set(count)
+            if count >= self.limit and self._said.due(listener) is not None:
+                log.warning("gRPC listener full", extra={
+                    "listener": listener, "connections": count, "limit": self.limit,
+                    "reason": "gRPC closes new connections at once (their clients see UNAVAILABLE 'Socket "
+                              "closed'): clients open connections without closing them (one channel per "
+                              "client is enough), or raise max_grpc_connections"})
 
 
 def open_connections() -> dict[str, int]:
