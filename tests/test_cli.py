@@ -418,6 +418,10 @@ def test_a_realized_rate_far_above_the_target_is_a_weak_calibration_only_past_ch
     assert worse is not None and not worse["too_few_records"]
     assert describe_shortfall(worse).startswith("weak calibration: realized false-positive rate 0.004 on held-back "
                                                 "folds (32 of 8000 records) against a target of 0.001, 4 times")
+    assert "Train on more lines" in describe_shortfall(worse)  # under 10,010 records
+    # with records plenty, more lines would not help: a log of 200,000 was told to bring 10,000
+    plenty = describe_shortfall(calibration_shortfall(calibration(800, records=200_000)))
+    assert "Train on more lines" not in plenty and "The folds disagree" in plenty and "--target-fpr to 0.004" in plenty
     assert calibration_shortfall(calibration(16)) is None  # twice the target: within what 8,000 records measure
     assert calibration_shortfall(calibration(4, records=1000)) is None  # 4 of 1,000: chance, at a mean of 1
     assert calibration_shortfall(calibration(1, records=999)) is None  # 999 records place 0.001's quantile
@@ -458,6 +462,47 @@ def test_a_wrong_flag_gets_its_command_s_usage_and_the_flag_it_resembles(args, u
     assert f"error: unrecognized arguments: {hint}" in done.stderr, done.stderr
 
 
+@pytest.mark.parametrize("details, said", [
+    ("failed to connect to all addresses; last error: UNKNOWN: unix:/x.sock: No such file or directory",
+     "no sidecar answers there"),
+    ("failed to connect to all addresses; last error: UNAVAILABLE: ipv4:127.0.0.1:1: Connection refused",
+     "no sidecar answers there"),
+    ("failed to connect to all addresses; last error: UNKNOWN: unix:/x.sock: Permission denied",
+     "may not open the sidecar's socket"),
+    ("failed to connect to all addresses; last error: UNAVAILABLE: ipv4:127.0.0.1:1: Socket closed",
+     "gRPC listener is full"),
+    ("failed to connect to all addresses; last error: UNKNOWN: ipv4:127.0.0.1:1: Tls handshake failed",
+     "the TLS handshake failed"),
+    ("failed to connect to all addresses; last error: UNAVAILABLE: ipv4:10.9.9.9:1: No route to host",
+     "127.0.0.1:1: UNAVAILABLE: failed to connect"),  # gRPC's own words, no guess
+])
+def test_a_failed_connection_is_told_apart_by_grpc_s_words(details, said):
+    """Every "failed to connect" was "no sidecar answers there; start one", a full listener, a TLS
+    mismatch and a socket this user may not open included."""
+    import grpc
+
+    from logscore.cli import call_failure
+
+    class Failed(grpc.RpcError):
+        def code(self):
+            return grpc.StatusCode.UNAVAILABLE
+
+        def details(self):
+            return details
+
+    told = call_failure("127.0.0.1:1", Failed())
+    assert said in told and ("start one" in told) == (said == "no sidecar answers there"), told
+
+
+def test_a_value_starting_with_two_dashes_is_no_flag():
+    """Login's syslog lines start "-- root[2421]:": as a --line value the flag check refused it."""
+    from logscore.cli import build_parser
+
+    args = build_parser().parse_args(["feedback", "add", "normal", "--line", "-- root[2421]: ROOT LOGIN ON tty1",
+                                      "--reason", "--force was fine"])
+    assert args.line == ["-- root[2421]: ROOT LOGIN ON tty1"] and args.reason == "--force was fine"
+
+
 def test_no_default_model_names_the_callers_own_way_to_name_one(tmp_path, shop_model_path):
     """With two models and no default, `logscore feedback add` said "set default_model or name one
     of …", where its flag is --model: the CLI names its flag, gRPC and HTTP callers their field."""
@@ -475,14 +520,15 @@ def test_no_default_model_names_the_callers_own_way_to_name_one(tmp_path, shop_m
         line = shop_lines(1, seed=76)[0]
         marked = logscore("feedback", "add", "normal", "--socket", sidecar.socket, "--line", line)
         assert marked.returncode == 1, marked.stderr
-        assert "no default model: give --model one of: other, shop (or set the sidecar's default_model" \
-            in marked.stderr, marked.stderr
+        assert ("no default model: give --model one of: other, shop; or route tags to them (tag_routes: forward "
+                "mode), or set the sidecar's default_model") in marked.stderr, marked.stderr
         (tmp_path / "one.log").write_text(line + "\n")
         scored = logscore("client", "--socket", sidecar.socket, tmp_path / "one.log")
         assert scored.returncode == 1 and "give --model one of: other, shop" in scored.stderr, scored.stderr
         with grpc.insecure_channel(f"unix:{sidecar.socket}") as channel, pytest.raises(grpc.RpcError) as refused:
             pb_grpc.ScorerStub(channel).Score(pb.ScoreRequest(lines=pb.RawLines(lines=[line.encode()])), timeout=10)
         assert refused.value.code() == grpc.StatusCode.NOT_FOUND
-        assert "give the request's `model` one of: other, shop" in refused.value.details()
+        assert ("give the request's `model` (gRPC and HTTP; the Fluentd filter's `model` setting) one of: other, "
+                "shop") in refused.value.details()
     finally:
         sidecar.stop()

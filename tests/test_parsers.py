@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from logscore.errors import ConfigError
-from logscore.parsers import get_parser, parse_access, parse_jsonl, parse_syslog
+from logscore.parsers import get_parser, parse_access, parse_jsonl, parse_syslog, request_fields
 from logscore.records import RecordNormalizer
 
 
@@ -525,3 +525,8 @@ def test_a_request_target_holding_spaces_reads_from_a_shippers_parser_as_from_th
         scored = model.score([line, nginx])
         assert scored.scores[0] == scored.scores[1], (target, scored.scores)
     assert parse_access('10.0.0.1 - - [18/May/2015:11:05:45 +0000] "GET /a b" 400 157 "-" "-"')[0]["url"] == "GET /a b"
+    # runs of spaces belong to the separators (a lazy regex retried them quadratically: 14 s for 64 KiB)
+    assert request_fields("GET  /a  b   HTTP/1.1") == {"method": "GET", "url": "/a  b", "protocol": "HTTP/1.1"}
+    assert request_fields("GET /" + " " * 65_000 + "x HTTP/1.1")["url"] == "/" + " " * 65_000 + "x"
+    for whole in ("GET \t/a b HTTP/1.1", "G3T /a b HTTP/1.1", "GET /a b HTTP/1.1 ", "GET a\nb HTTP/1.1"):
+        assert request_fields(whole) == {"url": whole}

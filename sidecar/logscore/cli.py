@@ -72,12 +72,13 @@ class CommandParser(argparse.ArgumentParser):
 
     @staticmethod
     def flags(args: Sequence[str]) -> list[str]:
-        """The long flags among ``args`` (without an ``=value``), up to a ``--`` ending them."""
+        """The long flags among ``args`` (without an ``=value``), up to a ``--`` ending them. One holding
+        a space is a value, as argparse reads it (login's syslog lines start "-- root[2421]:")."""
         found = []
         for arg in args:
             if arg == "--":
                 break
-            if arg.startswith("--"):
+            if arg.startswith("--") and " " not in arg:
                 found.append(arg.split("=", 1)[0])
         return found
 
@@ -510,11 +511,16 @@ def call_failure(target: str, error) -> str:
     if "Connection refused" in details or "No such file or directory" in details:
         return (f"{target}: no sidecar answers there ({said}); start one (logscore serve) or give the --socket "
                 f"or --tcp of the one running (its log's \"serving\" line names its listeners)")
+    if "Permission denied" in details:
+        return (f"{target}: this user may not open the sidecar's socket ({said}); check the socket's owner and mode "
+                "(the sidecar's --socket-mode, 0660 by default: join its group) or run as its user")
     if "handshake" in details.lower():
         return (f"{target}: the TLS handshake failed ({said}); give the sidecar's CA with --tls-ca (and --tls-cert "
                 "and --tls-key where it asks for client certificates), or none where it serves plain gRPC")
-    return (f"{target}: the sidecar closed the connection at once ({said}): its gRPC listener is full "
-            "(max_grpc_connections; its log says \"gRPC listener full\"), or it serves TLS (give --tls-ca)")
+    if "Socket closed" in details or "reset" in details:
+        return (f"{target}: the sidecar closed the connection at once ({said}): its gRPC listener is full "
+                "(max_grpc_connections; its log says \"gRPC listener full\"), or it serves TLS (give --tls-ca)")
+    return f"{target}: {said}"
 
 
 def client_channel(args, target: str):
@@ -828,7 +834,10 @@ class UnparsedRecords:
     a sidecar (`logscore client`) nothing was said at all."""
 
     def __init__(self):
+        from .decide import UNPARSED_NOTE
+
         self.models: dict[str, dict] = {}  # name -> scored, unparsed, note, examples
+        self.prefix = UNPARSED_NOTE
 
     def add(self, model: str, record: object, notes: list[str]) -> None:
         """Count a record of ``model`` with its notes (per record of every output: kept cheap)."""
@@ -836,7 +845,7 @@ class UnparsedRecords:
         if counts is None:
             counts = self.models[model] = {"scored": 0, "unparsed": 0, "note": "", "examples": []}
         counts["scored"] += 1
-        note = next((n for n in notes if n.startswith(UNPARSED_NOTE)), None) if notes else None
+        note = next((n for n in notes if n.startswith(self.prefix)), None) if notes else None
         if note is not None:
             from .parsers import SUGGEST_SAMPLE
 
@@ -853,11 +862,9 @@ class UnparsedRecords:
                 print(f"logscore {command}: warning: {unparsed_warning(name, **counts)}", file=sys.stderr, flush=True)
 
 
-UNPARSED_NOTE = "did not parse as "  # decide.py's note: "did not parse as FORMAT; what was done with it"
-
-
 def unparsed_warning(name: str, scored: int, unparsed: int, note: str, examples: list) -> str:
     """What `logscore score` and `logscore client` say of a model's records that did not parse."""
+    from .decide import UNPARSED_NOTE
     from .feedback import record_text
     from .parsers import suggest_format
 

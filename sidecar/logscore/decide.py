@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 # Note descriptions start with one of these; clients turn them into flags (`unparsed: true`).
 NOTE_KINDS = {"did not parse": "unparsed", "truncated": "truncated", "learning": "learning",
               "suppressed by feedback": "suppressed", "kept by feedback": "kept"}
+UNPARSED_NOTE = "did not parse as "  # + "FORMAT; what was done with it" (`logscore score` and client read it back)
 TRUNCATED = ("truncated: a raw line was cut to {line} characters or a field to {field} characters "
              "before scoring")
 
@@ -73,9 +74,9 @@ def decide(model: Model, scored: Scored, learning: Optional[Sequence[Optional[st
         if flags_unparsed(model):
             flags |= scored.unparsed
             held = scored.unparsed
-            text = f"did not parse as {log_format}; flagged: the model's training data parsed"
+            text = f"{UNPARSED_NOTE}{log_format}; flagged: the model's training data parsed"
         else:
-            text = f"did not parse as {log_format}; scored with its fields missing"
+            text = f"{UNPARSED_NOTE}{log_format}; scored with its fields missing"
         notes += [(int(i), "record", text) for i in np.flatnonzero(scored.unparsed)]
     if np.count_nonzero(scored.truncated):
         text = TRUNCATED.format(line=model.featurizer.normalizer.max_line_chars,

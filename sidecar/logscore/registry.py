@@ -47,7 +47,7 @@ class Snapshot:
 
 # How a caller names a model: the gRPC field and HTTP parameter `model` (the Fluentd filter's `model`
 # too); `logscore client` and `logscore feedback` say their flag, --model, in its place (cli.call_failure).
-REQUEST_MODEL = "the request's `model`"
+REQUEST_MODEL = "the request's `model` (gRPC and HTTP; the Fluentd filter's `model` setting)"
 
 
 class ModelRegistry:
@@ -166,8 +166,10 @@ class ModelRegistry:
         global_models = [m for n, m in models.items() if "@" not in n]
         if len(global_models) == 1:
             return global_models[0]
+        # (forward mode has no model field: its records are routed by tag)
         raise ModelNotFound(f"no model named in the request and no default model: give {REQUEST_MODEL} one of: "
-                            f"{self._names(models)} (or set the sidecar's default_model, or tag_routes for tags)")
+                            f"{self._names(models)}; or route tags to them (tag_routes: forward mode), or set the "
+                            "sidecar's default_model")
 
     def for_entity(self, model: Model, value: object) -> Model:
         """``<model>@<value>`` when loaded, else the model itself. NOTE: the value as text: Fluentd

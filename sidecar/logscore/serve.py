@@ -227,7 +227,7 @@ class Sidecar:
                    # max_grpc_calls refuses calls past it over all connections, counted and logged.
                    ("grpc.max_concurrent_streams", STREAMS_PER_CONNECTION),
                    # NOTE: the connections one listener takes at once: what each may hold bounded above,
-                   # this bounds the sum (its refusals are counted by ConnectionWatch)
+                   # this bounds the sum (ConnectionWatch gauges the connections open and warns when full)
                    ("grpc.max_allowed_incoming_connections", s.max_grpc_connections),
                    # NOTE: no BDP probing: it widens a connection's windows to megabytes, and the streams
                    # past max_grpc_calls filled them before being refused (32 connections of 16 stalled

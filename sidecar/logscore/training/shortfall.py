@@ -73,6 +73,12 @@ def describe_shortfall(shortfall: dict) -> str:
                 f"lines (a longer log: {needed:,} normal records at least, better {10 * (needed + 1):,}), or raise "
                 f"--target-fpr to {rounded_up(max(best_fpr(records), shortfall['realized_fpr'] or 0.0)):g} or more "
                 "(what this log measures), before serving this model")
+    plenty = 10 * (needed + 1)
+    # (with records enough, a rate far above the target is no sample's size: more lines would not help)
+    remedy = (f"Train on more lines (a longer log, {plenty:,} normal records or more) before serving this model"
+              if records < plenty else
+              "The folds disagree: the log changes over its span (train on a stretch of one kind of traffic) or "
+              "holds attacks or bursts of one kind (look at the held-back records flagged); or raise --target-fpr "
+              f"to {rounded_up(shortfall['realized_fpr']):g}")
     return (f"weak calibration: {measured}, {shortfall['realized_fpr'] / target:.0f} times the target, calibrated on "
-            f"{records} records. Train on more lines (a longer log, {10 * (needed + 1):,} normal records or more) "
-            "before serving this model, or expect that many false positives")
+            f"{records:,} records. {remedy}, or expect that many false positives")
