@@ -9,7 +9,7 @@ from urllib.parse import quote
 import pytest
 
 from logscore.model import Model
-from logscore.training.prior import injection_like
+from logscore.injection import injection_like
 
 from .generate import ATTACKS, access_line, attack_lines, inject, shop_lines, shop_request
 from .test_cli import logscore

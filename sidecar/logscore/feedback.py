@@ -656,6 +656,7 @@ class Flagged:
     kind: frozenset
     unusual_keys: np.ndarray  # int64: its unusual features' keys
     names: Callable[[], list[str]]  # the most unusual features' names
+    kind_names: Callable[[], list[str]] = list  # the names of the unusual features its kind is made of
     suppressed_by: list[int] = field(default_factory=list)
     kept_by: list[int] = field(default_factory=list)
     held: bool = False  # flagged whatever the feedback: a line its model could not read (decide's ``held``)
@@ -729,7 +730,7 @@ class FeedbackStep:
         for row, i in enumerate(candidates.tolist()):
             unusual = found.unusual(row)
             item = Flagged(i, float(scores[i]), float(scores[i]), kinds[row], found.batch.keys[unusual],
-                           found.names(row, SHORT_KIND), held=is_held(held, i))
+                           found.names(row, SHORT_KIND), found.names(row, KIND_SIZE), held=is_held(held, i))
             if keepers[row]:
                 item.kept_by = keepers[row]
                 notes.append((i, "record", f"kept by feedback {rule_list(keepers[row])}"))

@@ -36,6 +36,7 @@ import numpy as np
 from .decide import decide
 from .feedback import (EXAMPLE_CHARS, MAX_KIND_TOKENS, NO_KEYS, NORMAL, FeedbackStep, Flagged, RuleSet, base_name,
                        path_family, record_from_text, record_text, rule_list, similar_counts, strip_rarity)
+from .injection import injection_like
 from .shown import html_text
 from .svg import bars, timeline
 
@@ -82,6 +83,8 @@ class Group:
     max_buckets: int = TIMELINE_BUCKETS
     number: int = 0  # in order of creation: of groups of one count, the one seen first is listed first
     reach: int = 0  # the records a mark of it would make normal, as the page was last ordered (reaches)
+    attack_like: bool = False  # its first record's kind names an injection-like feature (kind_reading)
+    kind_fields: frozenset = frozenset()  # the fields its first record's kind names features of (kind_reading)
 
     def add(self, when: float, bucket_s: float, entity: Optional[str] = None) -> None:
         self.count_member(entity)
@@ -274,6 +277,7 @@ class ReviewRing:
                 group = self.groups.assign(base_name(model.name), route, kind, item.names, moment,
                                            avoid=None if item.suppressed_by else marked_normal)
                 if self.groups.created != created:
+                    group.attack_like, group.kind_fields = kind_reading(item.kind_names())
                     self.on_new_group(model.name)
                 group.add(moment, self.bucket_s, step.entity(item.index))
                 # The group's pattern (what a mark makes normal) takes only members of the first one's
@@ -308,8 +312,10 @@ class ReviewRing:
         with self.lock:
             pattern = group.pattern()
             if verdict == NORMAL:
-                awaiting = [g for g in self.groups.largest() if g is group or awaiting_verdict(g)]
-                pattern["examples"] += [e.text for other in reached(awaiting)[group.id] for e in other.examples]
+                # (the group may have been evicted since the page was fetched: then it reaches none)
+                awaiting = [g for g in self.groups.largest() if g is not group and awaiting_verdict(g)]
+                pattern["examples"] += [e.text for other in reached([group, *awaiting])[group.id]
+                                        for e in other.examples]
                 pattern["examples"] = pattern["examples"][:MARK_EXAMPLES]
         return pattern
 
@@ -368,23 +374,40 @@ class ReviewRing:
                     group.covered_by = covered.get(group.id, [])
 
 
+def kind_reading(kind_names: list[str]) -> tuple[bool, frozenset]:
+    """(whether a record's kind names an injection-like feature, in any field: a quote after a digit,
+    an angle bracket, a traversal (injection.py); the fields it names features of), read from the
+    names of its unusual features ("url: shape q=<a>a(9)</a> (never seen in training)"). N-grams
+    ("url 3-gram 'fon'") are details, not named by field: left out."""
+    features = [strip_rarity(name).partition(": ") for name in kind_names]
+    features = [(field_name, text) for field_name, colon, text in features if colon]
+    return (any(injection_like(text) for _, text in features),
+            frozenset(field_name for field_name, _ in features))
+
+
 def reached(groups: list[Group]) -> dict[str, list[Group]]:
     """Group id -> the other ``groups`` of its model and route a mark of it would make normal: those
     whose members' kinds its pattern names whole (a group of new fonts under a section, and one of
     fonts with a version parameter that held such a font: the second's mark covers the first, so
     marking it first spares a mark). Found by kind tokens, as the feedback step matches a marked
-    kind, without scoring."""
+    kind, without scoring. An attack-like group reaches none and is reached by none: an attack on a
+    new path holds that path's kind, and listing it first as a saving would ask an operator to mark
+    an attack normal (and its examples would teach `logscore train --feedback` the attack). Nor does
+    a group reach one unusual in fewer fields (a new path, and the path with a scanner's user agent,
+    which no mark tells): what a mark of it adds lies in the fields the other is unusual in."""
+    found: dict[str, list[Group]] = {group.id: [] for group in groups}
+    groups = [group for group in groups if not group.attack_like]
     holding: dict[tuple, list[Group]] = {}  # (model, route, kind token) -> the groups whose kinds hold it
     for group in groups:
         for token in group.kinds:
             holding.setdefault((group.model, group.route, token), []).append(group)
-    found: dict[str, list[Group]] = {group.id: [] for group in groups}
     for covered in groups:
         if not covered.kinds:  # unusual in details only, or a session model's: no kind to name
             continue
         rarest = min(covered.kinds, key=lambda token: len(holding[(covered.model, covered.route, token)]))
         for group in holding[(covered.model, covered.route, rarest)]:
-            if group is not covered and covered.kinds.keys() <= group.kinds.keys():
+            if (group is not covered and covered.kinds.keys() <= group.kinds.keys()
+                    and group.kind_fields <= covered.kind_fields):
                 found[group.id].append(covered)
     return found
 

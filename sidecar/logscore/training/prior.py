@@ -14,51 +14,23 @@ copies put the threshold among them again). A payload family in a few percent of
 unseen; a site whose requests carry a quote everywhere still learns it. The exported graph is
 built as before (no new input); the metadata lists what was set aside.
 
-Marks are read in context (``injection_like``): an apostrophe after a letter is language, and
-a parameter's per-page features are as rare as the page. ``;`` is not a mark: Apache's
-directory listings (``?C=M;O=D``) and ``;jsessionid=`` put it in ordinary requests (0.8 % of the
-blog log of models/apache-access.onnx). Measured in docs/accuracy.md ("A first training log
-holding attacks: the injection prior").
+Marks are read in context (``injection_like``, in injection.py: the review page reads them too).
+Measured in docs/accuracy.md ("A first training log holding attacks: the injection prior").
 """
 
 from __future__ import annotations
 
-import re
-from typing import Optional, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from ..features import FeatureBatch
 from ..feedback import among
+from ..injection import INJECTION_MARKS, injection_like
 from .robust import EXAMPLES, example_text
 from .streaming import KeyPairs
 
-# Substrings of a feature's text (an n-gram, a parameter's value shape, a path template) that
-# injections need: SQL quoting and comments, markup, shell metacharacters, traversal, NUL, ${...}.
-INJECTION_MARKS = ("'", '"', "<", ">", "`", "|", "\\", "\x00", "..", "--", "/*", "*/", "${", "$(")
 DEFAULT_SHARE = 0.01  # of the training records: a feature seen in fewer is not the site's own
-
-
-# Quotes of the feature names themselves (UrlConverter's flag "parameter without '=': ...").
-FEATURE_QUOTES = ("'='",)
-# An apostrophe after a letter is language (O'Brien, L'Hospitalet: 0.3 % of CSIC 2010's normal
-# requests); at the start of a text (an n-gram, one character of a value) its context is unknown.
-LANGUAGE_APOSTROPHE = re.compile(r"(?:(?<=[^\W\d_])|^)'")
-
-
-def injection_like(text: Optional[str]) -> bool:
-    if text is None:
-        return False
-    for quoted in FEATURE_QUOTES:
-        text = text.replace(quoted, "")
-    if text.startswith("value ") or (text.startswith("shape ") and "?" in text.partition("=")[0]):
-        # UrlConverter's twins, per page, of a parameter's features ("value {template}?{name}=...") are
-        # as rare as the page: the parameter's own features tell whether the site uses the mark.
-        return False
-    if text.startswith("character "):  # UrlConverter: one character of a parameter's values
-        text = text.rpartition("=")[2]
-    text = LANGUAGE_APOSTROPHE.sub("", text)
-    return any(mark in text for mark in INJECTION_MARKS)
 
 
 def reads_requests(converter) -> bool:
