@@ -149,6 +149,74 @@ def test_a_group_whose_mark_covers_a_larger_one_is_offered_first_and_spares_a_ma
     assert sum("/fonts/body-" in text for text in entry.pattern["examples"]) == 4
 
 
+
+def test_an_attack_on_a_new_path_is_not_offered_first_as_a_saving_nor_its_examples_kept_by_a_mark(
+        shop_model_path, tmp_path):
+    """An attack on a new path holds the path's kind (and adds its payload's): counted as reaching
+    the plain group, a one-record attack was listed first, "a mark also covers 4 records", asking
+    an operator to mark it normal. A quote, angle brackets, a traversal, a quote in the user agent,
+    a scanner's user agent (no mark, but unusual in another field): none reaches the plain fonts,
+    none is listed above them; the versioned fonts still are, and their mark keeps no attack."""
+    model = Model.load(shop_model_path)
+    rng = random.Random(140)
+
+    def files(template: str, count: int) -> list[str]:
+        return [access_line(rng, "GET", template.format(rng.randint(1, 5000))) for _ in range(count)]
+
+    def with_agent(path: str, agent: str) -> str:
+        return access_line(rng, "GET", path).rpartition(' "')[0] + f' "{agent}"'
+
+    attacks = [access_line(rng, "GET", url) for url in (
+        "/fonts/body-9.ttf?id=1'%20OR%201=1--", "/fonts/x.ttf?q=<script>alert(1)</script>", "/fonts/../../etc/passwd")]
+    attacks += [with_agent("/fonts/body-78.ttf", "Mozilla/5.0' AND SLEEP(5)--"),
+                with_agent("/fonts/body-77.ttf", "sqlmap/1.5.2#stable (http://sqlmap.org)")]
+    ring = ReviewRing()
+    service = FeedbackService(SqliteStore(str(tmp_path / "feedback.sqlite3")), 1.0, review=ring)
+    service.store.migrate()
+    observe(model, ring, files("/fonts/body-{}.ttf", 4) + files("/fonts/icons-{}.woff?v=4.7.0", 1)
+            + files("/fonts/icons-{}.ttf?v=4.7.0", 1) + attacks + shop_lines(100, seed=141))
+    offered = ring.offered()
+    versioned, plain = offered[:2]
+    assert [versioned.count, versioned.reach, plain.count, plain.reach] == [2, 6, 4, 4]
+    attack_groups = [g for g in offered if any(a in [e.text for e in g.examples] for a in attacks)]
+    assert len(attack_groups) == 5 and all(g.reach == g.count == 1 for g in attack_groups)
+    assert sum(g.attack_like for g in attack_groups) == 4  # the scanner's agent has no injection mark
+    assert not any("also covers" in render_group(g, 0.0, 60.0) for g in attack_groups)
+
+    entry = service.mark(Mark(verdict=NORMAL, author="ana", group=versioned.id))
+    assert not set(entry.pattern["examples"]) & set(attacks)
+    assert sum("/fonts/body-" in text for text in entry.pattern["examples"]) == 4
+
+
+def test_a_mark_of_a_group_evicted_since_the_page_was_fetched_keeps_its_own_pattern():
+    """The ring drops its least recently seen group when full; a mark of a group fetched before
+    (the page, then new kinds on the scoring path) stores that group's own pattern."""
+    ring = ReviewRing(max_groups=2)
+    fetched = ring.groups.assign("m", "", frozenset({"a"}), lambda: ["a"], 1.0)
+    fetched.add(1.0, 60.0)
+    fetched.kinds["a"] = None
+    for token in "bc":
+        ring.groups.assign("m", "", frozenset({token}), lambda: [token], 2.0).add(2.0, 60.0)
+    assert ring.group(fetched.id) is None
+    assert ring.pattern(fetched, NORMAL) == fetched.pattern()
+
+
+def test_groups_of_equal_reach_are_listed_larger_first_then_in_the_order_first_seen():
+    """A mark of the first group covers the second: both reach 3 records, as does the third; of
+    equal reach the larger group comes first (more of what its mark covers is its own), then of
+    one size the one seen first."""
+    ring = ReviewRing()
+
+    def group(kinds: set, count: int):
+        made = ring.groups.assign("m", "", frozenset(kinds), lambda: sorted(kinds), 1.0)
+        for _ in range(count):
+            made.add(1.0, 60.0)
+        made.kinds.update(dict.fromkeys(kinds))
+        return made
+
+    first, covered, larger, later = group({"x", "y", "q"}, 1), group({"x"}, 2), group({"z"}, 3), group({"w"}, 3)
+    assert [(g, g.reach) for g in ring.offered()] == [(larger, 3), (later, 3), (first, 3), (covered, 2)]
+
 def test_a_path_family_leaves_out_only_a_plain_new_paths_file_type():
     assert path_family("path /files/…deb") == "path /files/…"
     for token in ("path /files/…", 'path /scripts/…<"a:>', "path /presentations/…<a_a-a.a) a(\"a\">",
