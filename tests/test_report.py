@@ -120,3 +120,19 @@ def test_report_of_records_all_timed_or_all_without_a_time_draws_one_axis(tmp_pa
     assert f"; 40 records without a time, charted apart by their position: {plain} line 1 .. 40</p>" in untimed
     assert charts(untimed)["r1 over the whole report, by position"] == ([bin_of(4, 0, 39), bin_of(19, 0, 39)],
                                                                          "peak 1")
+
+
+def test_report_over_many_files_without_a_time_names_the_first_few(tmp_path, capsys):
+    """30 files of `logscore score` output without a time: the summary named every one (a line of
+    1,452 characters); it names the first three and counts the rest."""
+    from logscore.cli import main
+
+    paths = []
+    for n in range(30):
+        path = tmp_path / f"scored-{n:02d}.jsonl"
+        path.write_text(json.dumps(scored(ADMIN if n == 0 else None, line=1)) + "\n")
+        paths.append(str(path))
+    assert main(["report", *paths]) == 0
+    line = next(line for line in capsys.readouterr().out.splitlines() if "hold no time" in line)
+    assert f"in files holding none ({paths[0]}, {paths[1]}, {paths[2]} and 27 more)" in line
+    assert paths[3] not in line and len(line) < 600

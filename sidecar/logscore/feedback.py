@@ -38,6 +38,7 @@ from .features.batch import text_key
 from .features.converters import ValueCache, value_shape
 from .model import SCORE_CHUNK, Model, run_graph
 from .records import event_seconds, field_map_json, to_text
+from .shown import named_first
 
 NORMAL, KEEP = "normal", "keep"
 VERDICTS = (NORMAL, KEEP)
@@ -893,5 +894,4 @@ RULES_NAMED = 5  # entries a note names; the rest are counted
 def rule_list(ids: Sequence[int]) -> str:
     """"#3, #9" — at most RULES_NAMED of them, then how many more: with thousands of entries sharing a
     common unusual feature, every suppressed record's note named thousands (25 KB a record)."""
-    named = ", ".join(f"#{i}" for i in ids[:RULES_NAMED])
-    return named if len(ids) <= RULES_NAMED else f"{named} and {len(ids) - RULES_NAMED:,} more"
+    return named_first(ids, RULES_NAMED, lambda i: f"#{i}")

@@ -31,7 +31,7 @@ from .flood import is_flood
 from .inputs import read_lines, shipper_line
 from .metrics import SCORE_BUCKETS
 from .records import RAW_LINE_KEYS
-from .shown import html_text, printable
+from .shown import html_text, named_first, printable
 from .review import TOP_ENTITIES, Example, Groups, render_group_examples
 from .parsers import WARN_UNPARSED_SHARE, line_head, parse_access, parse_syslog
 from .timestamps import epoch_seconds, parse_time
@@ -56,6 +56,7 @@ PROGRESS_EVERY = 200_000
 DAILY_MAX_DAYS = 62  # a report spanning more days has no per-day lines (its HTML timeline still draws them)
 MAX_GROUPS = 100_000  # groups a report keeps (memory: about 2 KB each with their examples)
 EVENTS_LISTED = 20  # the latest anomaly events the summary lists (all are counted)
+FILES_NAMED = 3  # files without a time the summary names (a report over 30 such files wrote a 1,452-character line)
 EVENT_KINDS = ("window", "client")
 LOGSTASH_UNSCORED = "_logscore_unscored"  # the tag logstash-config's pipelines give an event left unscored
 
@@ -465,8 +466,8 @@ def untimed_lines(totals: Totals) -> list[str]:
                      "time, at that time)")
     positioned = len(placement.positioned)
     if positioned:
-        names = ", ".join(printable(f.name) for f in totals.files
-                          if f.end > f.first and placement.by_position[f.first])
+        names = named_first([printable(f.name) for f in totals.files
+                             if f.end > f.first and placement.by_position[f.first]], FILES_NAMED)
         # (`logscore score` output was told to fix a Fluentd output it did not come from)
         fix = ("`logscore score` writes no record unless asked, `logscore client` none: score with "
                "`logscore score --record`, and --explain 3 to group by the features named" if totals.bare >= positioned else

@@ -15,6 +15,7 @@ from __future__ import annotations
 import re
 import unicodedata
 from html import escape
+from typing import Callable, Sequence
 
 # Control (Cc), format (Cf: bidirectional controls, zero-width, soft hyphen, tags), line and
 # paragraph separators (Zl, Zp), and unassigned code points (Cn: no glyph in this Unicode).
@@ -66,3 +67,10 @@ def printable(text: object) -> str:
 def html_text(text: object) -> str:
     """Text from the logs or an operator, safe inside an HTML element or a quoted attribute."""
     return escape(LOOKED_UP_IN_HTML.sub(as_escape, str(text)))
+
+
+def named_first(items: Sequence, shown: int, name: Callable[[object], str] = str) -> str:
+    """The first ``shown`` of ``items``, named, and how many more: "a, b, c and 27 more" (a list of
+    thousands is neither named whole nor shown whole)."""
+    more = len(items) - shown
+    return ", ".join(name(item) for item in items[:shown]) + (f" and {more:,} more" if more > 0 else "")
