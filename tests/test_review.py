@@ -212,6 +212,7 @@ def test_groups_of_equal_reach_are_listed_larger_first_then_in_the_order_first_s
         for _ in range(count):
             made.add(1.0, 60.0)
         made.kinds.update(dict.fromkeys(kinds))
+        made.kind_fields = frozenset({"url"})
         return made
 
     first, covered, larger, later = group({"x", "y", "q"}, 1), group({"x"}, 2), group({"z"}, 3), group({"w"}, 3)

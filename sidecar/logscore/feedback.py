@@ -194,9 +194,18 @@ class Inspection:
 
     def names(self, row: int, limit: int = NAMED) -> "FeatureNames":
         """The names of the record's most unusual features, worked out when first asked for."""
+        return self.named(self.unusual(row, limit))
+
+    def kind_names(self, row: int) -> "FeatureNames":
+        """The names of the structural features its kind is made of (``kind``; none when unusual in
+        details only), worked out when first asked for."""
+        unusual = self.unusual(row, KIND_SIZE)
+        return self.named(unusual[~self.detail[unusual]])
+
+    def named(self, unusual: np.ndarray) -> "FeatureNames":
         origins = self.batch.origins.resolve()
         return FeatureNames(self.model, [(origins.entries[int(origins.entry_of_key[i])], int(origins.position[i]),
-                                          float(self.surprise[i])) for i in self.unusual(row, limit)])
+                                          float(self.surprise[i])) for i in unusual])
 
     def value_of(self, converter, row: int) -> Optional[str]:
         """The value ``converter`` featurized for the record (its features keep it: nothing is parsed):
@@ -657,7 +666,7 @@ class Flagged:
     kind: frozenset
     unusual_keys: np.ndarray  # int64: its unusual features' keys
     names: Callable[[], list[str]]  # the most unusual features' names
-    kind_names: Callable[[], list[str]] = list  # the names of the unusual features its kind is made of
+    kind_names: Callable[[], list[str]] = list  # the names of the structural features its kind is made of
     suppressed_by: list[int] = field(default_factory=list)
     kept_by: list[int] = field(default_factory=list)
     held: bool = False  # flagged whatever the feedback: a line its model could not read (decide's ``held``)
@@ -731,7 +740,7 @@ class FeedbackStep:
         for row, i in enumerate(candidates.tolist()):
             unusual = found.unusual(row)
             item = Flagged(i, float(scores[i]), float(scores[i]), kinds[row], found.batch.keys[unusual],
-                           found.names(row, SHORT_KIND), found.names(row, KIND_SIZE), held=is_held(held, i))
+                           found.names(row, SHORT_KIND), found.kind_names(row), held=is_held(held, i))
             if keepers[row]:
                 item.kept_by = keepers[row]
                 notes.append((i, "record", f"kept by feedback {rule_list(keepers[row])}"))

@@ -377,8 +377,7 @@ class ReviewRing:
 def kind_reading(kind_names: list[str]) -> tuple[bool, frozenset]:
     """(whether a record's kind names an injection-like feature, in any field: a quote after a digit,
     an angle bracket, a traversal (injection.py); the fields it names features of), read from the
-    names of its unusual features ("url: shape q=<a>a(9)</a> (never seen in training)"). N-grams
-    ("url 3-gram 'fon'") are details, not named by field: left out."""
+    names of its structural features ("url: shape q=<a>a(9)</a> (never seen in training)")."""
     features = [strip_rarity(name).partition(": ") for name in kind_names]
     features = [(field_name, text) for field_name, colon, text in features if colon]
     return (any(injection_like(text) for _, text in features),
@@ -394,9 +393,10 @@ def reached(groups: list[Group]) -> dict[str, list[Group]]:
     new path holds that path's kind, and listing it first as a saving would ask an operator to mark
     an attack normal (and its examples would teach `logscore train --feedback` the attack). Nor does
     a group reach one unusual in fewer fields (a new path, and the path with a scanner's user agent,
-    which no mark tells): what a mark of it adds lies in the fields the other is unusual in."""
+    which no mark tells): what a mark of it adds lies in the fields the other is unusual in. A group
+    unusual in details only names no field (nothing to read): it neither reaches nor is reached."""
     found: dict[str, list[Group]] = {group.id: [] for group in groups}
-    groups = [group for group in groups if not group.attack_like]
+    groups = [group for group in groups if group.kind_fields and not group.attack_like]
     holding: dict[tuple, list[Group]] = {}  # (model, route, kind token) -> the groups whose kinds hold it
     for group in groups:
         for token in group.kinds:
