@@ -154,8 +154,9 @@ def test_an_attack_on_a_new_path_is_not_offered_first_as_a_saving_nor_its_exampl
         shop_model_path, tmp_path):
     """An attack on a new path holds the path's kind (and adds its payload's): counted as reaching
     the plain group, a one-record attack was listed first, "a mark also covers 4 records", asking
-    an operator to mark it normal. A quote, angle brackets, a traversal, a quote in the user agent,
-    a scanner's user agent (no mark, but unusual in another field): none reaches the plain fonts,
+    an operator to mark it normal. A quote, angle brackets, a traversal, fuzzdb's encoded quote and
+    traversal (no mark in their shapes, but no plain value), a quote in the user agent, a scanner's
+    user agent (no mark, but unusual in another field): none reaches the plain fonts,
     none is listed above them; the versioned fonts still are, and their mark keeps no attack."""
     model = Model.load(shop_model_path)
     rng = random.Random(140)
@@ -167,7 +168,8 @@ def test_an_attack_on_a_new_path_is_not_offered_first_as_a_saving_nor_its_exampl
         return access_line(rng, "GET", path).rpartition(' "')[0] + f' "{agent}"'
 
     attacks = [access_line(rng, "GET", url) for url in (
-        "/fonts/body-9.ttf?id=1'%20OR%201=1--", "/fonts/x.ttf?q=<script>alert(1)</script>", "/fonts/../../etc/passwd")]
+        "/fonts/body-9.ttf?id=1'%20OR%201=1--", "/fonts/x.ttf?q=<script>alert(1)</script>", "/fonts/../../etc/passwd",
+        "/fonts/body-8.ttf?id=%27%20union%20select", "/fonts/body-7.ttf?file=%2F%25uff0e%25uff0e%2Fetc")]
     attacks += [with_agent("/fonts/body-78.ttf", "Mozilla/5.0' AND SLEEP(5)--"),
                 with_agent("/fonts/body-77.ttf", "sqlmap/1.5.2#stable (http://sqlmap.org)")]
     ring = ReviewRing()
@@ -179,8 +181,8 @@ def test_an_attack_on_a_new_path_is_not_offered_first_as_a_saving_nor_its_exampl
     versioned, plain = offered[:2]
     assert [versioned.count, versioned.reach, plain.count, plain.reach] == [2, 6, 4, 4]
     attack_groups = [g for g in offered if any(a in [e.text for e in g.examples] for a in attacks)]
-    assert len(attack_groups) == 5 and all(g.reach == g.count == 1 for g in attack_groups)
-    assert sum(g.attack_like for g in attack_groups) == 4  # the scanner's agent has no injection mark
+    assert len(attack_groups) == 7 and all(g.reach == g.count == 1 for g in attack_groups)
+    assert sum(g.attack_like for g in attack_groups) == 6  # the scanner's agent has no injection mark
     assert not any("also covers" in render_group(g, 0.0, 60.0) for g in attack_groups)
 
     entry = service.mark(Mark(verdict=NORMAL, author="ana", group=versioned.id))

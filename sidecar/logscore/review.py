@@ -45,6 +45,10 @@ MARK_EXAMPLES = 4 * EXAMPLES  # a normal mark's examples: its group's and those 
 NEW_TOKENS = 1  # a record joins a group when alike and adding at most this many tokens to its kind
 NAME_CHARS = 240
 GROUP_KEYS = 512  # unusual features a group gathers for its pattern (bounded: 500 groups live at once)
+# What a parameter value of a plain variant (a version, a name, a number) holds, by its shape's symbols
+# (letters are "a", digits "9"): a group adding a parameter holding any other reaches no other group.
+PLAIN_VALUE_SYMBOLS = frozenset("a9.-_")
+ENCODED_TWICE = ("value encoded more than once", "path encoded more than once")  # an evasion: not plain
 TIMELINE_BUCKETS = 180  # per group: counts per bucket, the most recent kept
 TOP_ENTITIES = 5
 FEEDBACK_ROWS = 200  # entries the page lists, the most recent
@@ -83,7 +87,7 @@ class Group:
     max_buckets: int = TIMELINE_BUCKETS
     number: int = 0  # in order of creation: of groups of one count, the one seen first is listed first
     reach: int = 0  # the records a mark of it would make normal, as the page was last ordered (reaches)
-    attack_like: bool = False  # its first record's kind names an injection-like feature (kind_reading)
+    attack_like: bool = False  # its first record's kind names what an attack may be (kind_reading)
     kind_fields: frozenset = frozenset()  # the fields its first record's kind names features of (kind_reading)
 
     def add(self, when: float, bucket_s: float, entity: Optional[str] = None) -> None:
@@ -375,13 +379,25 @@ class ReviewRing:
 
 
 def kind_reading(kind_names: list[str]) -> tuple[bool, frozenset]:
-    """(whether a record's kind names an injection-like feature, in any field: a quote after a digit,
-    an angle bracket, a traversal (injection.py); the fields it names features of), read from the
-    names of its structural features ("url: shape q=<a>a(9)</a> (never seen in training)")."""
+    """(whether a record's kind names what an attack may be, the fields it names features of), read
+    from the names of its structural features ("url: shape q=<a>a(9)</a> (never seen in training)").
+    An attack may be: an injection-like feature in any field (a quote after a digit, an angle
+    bracket, a traversal: injection.py), or a parameter value that is no plain name or version
+    (fuzzdb's encoded traversals and quotes read "character file=/", "character id='", "value
+    encoded more than once: q", which the injection rule lets through: an apostrophe's context is
+    unknown, ``%2e%2e`` decodes to no ``..`` in a shape)."""
     features = [strip_rarity(name).partition(": ") for name in kind_names]
     features = [(field_name, text) for field_name, colon, text in features if colon]
-    return (any(injection_like(text) for _, text in features),
+    return (any(injection_like(text) or not plain_parameter(text) for _, text in features),
             frozenset(field_name for field_name, _ in features))
+
+
+def plain_parameter(text: str) -> bool:
+    """Whether a feature's text (UrlConverter's) says nothing of a parameter beyond a plain value:
+    no character of a value other than PLAIN_VALUE_SYMBOLS, nothing encoded twice."""
+    if text.startswith(ENCODED_TWICE):
+        return False
+    return not text.startswith("character ") or text.partition("=")[2] in PLAIN_VALUE_SYMBOLS
 
 
 def reached(groups: list[Group]) -> dict[str, list[Group]]:
