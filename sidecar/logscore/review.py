@@ -19,7 +19,9 @@ lists it after the groups still awaiting a verdict, so an operator's next mark g
 that needs one (ReviewRing.offered). Before that, the page orders the groups awaiting a verdict by
 the records a mark would make normal (``reaches``): a group whose members' kinds another's pattern
 names whole counts for that one too, so the mark that covers both comes first and one mark does,
-and its entry keeps the covered group's examples, which `logscore train --feedback` learns.
+and its entry keeps the covered group's examples, which `logscore train --feedback` learns. A
+group whose kind names what an attack may be reaches none (``kind_reading``): an attack on a new
+path holds that path's kind, and must not be offered first as a saving.
 """
 
 from __future__ import annotations
