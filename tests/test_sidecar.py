@@ -225,7 +225,7 @@ def test_bad_input_gets_documented_statuses_and_the_server_keeps_serving(sidecar
 
 
 def test_message_over_the_size_limit(models_dir, tmp_path):
-    process = SidecarProcess(models_dir, tmp_path, max_message_bytes=10_000).start()
+    process = SidecarProcess(models_dir, tmp_path, max_message_bytes=16_384).start()
     try:
         big = pb.ScoreRequest(model="shop", lines=pb.RawLines(lines=[b"x" * 20_000]))
         expect_status(lambda: process.stub().Score(big, timeout=5), grpc.StatusCode.RESOURCE_EXHAUSTED, "")
