@@ -257,19 +257,23 @@ def test_a_model_keeps_another_s_windows_and_clients_or_learns_its_clients_again
     assert "behaviour_from" not in Model.load(relearned_out).metadata["training"]
 
 
+def relearn_windows(base, log, tmp_path):
+    """`logscore train --base BASE --windows` on ``log``: the model written."""
+    relearned = tmp_path / "shop.onnx"
+    done = subprocess.run([sys.executable, "-m", "logscore", "train", "--input", str(log), "--base", str(base),
+                           "--windows", "--window-s", "2", "--out", str(relearned)],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    return relearned
+
+
 def test_base_relearns_windows_of_a_model_that_has_them_and_keeps_its_clients(behaviour_model, tmp_path):
     """As operations.md shows: `--base` on a model trained with --windows --entities (it failed, the
     ONNX checker finding the old part's tensors beside the new one's: "window_deviation initializer
     name is not unique")."""
     from logscore.behaviour import entity_spec, window_spec
 
-    relearned = tmp_path / "shop.onnx"
-    done = subprocess.run([sys.executable, "-m", "logscore", "train", "--input",
-                           str(behaviour_model.parent.parent / "train.log"), "--base", str(behaviour_model),
-                           "--windows", "--window-s", "2", "--out", str(relearned)],
-                          capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert done.returncode == 0, done.stderr
-    model = Model.load(relearned)
+    model = Model.load(relearn_windows(behaviour_model, behaviour_model.parent.parent / "train.log", tmp_path))
     assert model.metadata["windows"]["window_s"] == 2.0 and window_spec(model).calibrate(np.array([50.0]))[0] == 1.0
     scanner = np.array([[20, 0.9, 20, 0.6, 0.99]], np.float32)
     assert entity_spec(model).score(scanner)[0] >= model.metadata["entities"]["threshold"]
@@ -297,12 +301,7 @@ def test_relearned_windows_are_named_past_every_name_the_kept_part_holds(behavio
                                    if name not in held)
     crowded = tmp_path / "crowded.onnx"
     onnx.save(sealed(model, metadata)[0], str(crowded))
-    relearned = tmp_path / "shop.onnx"
-    done = subprocess.run([sys.executable, "-m", "logscore", "train", "--input",
-                           str(behaviour_model.parent.parent / "train.log"), "--base", str(crowded),
-                           "--windows", "--window-s", "2", "--out", str(relearned)],
-                          capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert done.returncode == 0, done.stderr
+    relearned = relearn_windows(crowded, behaviour_model.parent.parent / "train.log", tmp_path)
     assert Model.load(relearned).metadata["windows"]["window_s"] == 2.0
 
 

@@ -52,6 +52,21 @@ def test_groups_put_alike_anomalies_together_and_attacks_apart_within_bounds(sho
     assert ring.groups.created >= 20 and len(ring.groups._index) <= 12 * 64
 
 
+def file_lines(rng: random.Random):
+    """files(template, count): access lines of ``count`` new files named by ``template`` ({} a number)."""
+    def files(template: str, count: int) -> list[str]:
+        return [access_line(rng, "GET", template.format(rng.randint(1, 5000))) for _ in range(count)]
+    return files
+
+
+def ring_with_store(tmp_path) -> tuple[ReviewRing, FeedbackService]:
+    """A review ring and the feedback service marking its groups, over a SQLite store."""
+    ring = ReviewRing()
+    service = FeedbackService(SqliteStore(str(tmp_path / "feedback.sqlite3")), 1.0, review=ring)
+    service.store.migrate()
+    return ring, service
+
+
 def test_new_plain_files_of_a_section_are_one_group_whatever_their_type_and_its_mark_covers_those_types(
         shop_model_path):
     """New catalogues (.pdf) and price lists (.xlsx) under a new /downloads section: one group, as an
@@ -60,8 +75,7 @@ def test_new_plain_files_of_a_section_are_one_group_whatever_their_type_and_its_
     model = Model.load(shop_model_path)
     rng = random.Random(120)
 
-    def files(template: str, count: int) -> list[str]:
-        return [access_line(rng, "GET", template.format(rng.randint(1, 5000))) for _ in range(count)]
+    files = file_lines(rng)
 
     odd = access_line(rng, "GET", "/downloads/catalog'--.pdf")
     ring = ReviewRing()
@@ -94,12 +108,9 @@ def test_a_group_another_mark_covers_is_offered_after_those_awaiting_a_verdict_u
     model = Model.load(shop_model_path)
     rng = random.Random(130)
 
-    def files(template: str, count: int) -> list[str]:
-        return [access_line(rng, "GET", template.format(rng.randint(1, 5000))) for _ in range(count)]
+    files = file_lines(rng)
 
-    ring = ReviewRing()
-    service = FeedbackService(SqliteStore(str(tmp_path / "feedback.sqlite3")), 1.0, review=ring)
-    service.store.migrate()
+    ring, service = ring_with_store(tmp_path)
     observe(model, ring, files("/fonts/icons-{}.woff?v=4.7.0", 3) + files("/fonts/icons-{}.ttf?v=4.7.0", 1)
             + files("/fonts/body-{}.ttf", 2) + [access_line(rng, "GET", "/fonts/body'--.ttf")]
             + shop_lines(100, seed=131))
@@ -128,12 +139,9 @@ def test_a_group_whose_mark_covers_a_larger_one_is_offered_first_and_spares_a_ma
     model = Model.load(shop_model_path)
     rng = random.Random(140)
 
-    def files(template: str, count: int) -> list[str]:
-        return [access_line(rng, "GET", template.format(rng.randint(1, 5000))) for _ in range(count)]
+    files = file_lines(rng)
 
-    ring = ReviewRing()
-    service = FeedbackService(SqliteStore(str(tmp_path / "feedback.sqlite3")), 1.0, review=ring)
-    service.store.migrate()
+    ring, service = ring_with_store(tmp_path)
     observe(model, ring, files("/fonts/body-{}.ttf", 4) + files("/fonts/icons-{}.woff?v=4.7.0", 1)
             + files("/fonts/icons-{}.ttf?v=4.7.0", 1) + [access_line(rng, "GET", "/fonts/body'--.ttf")]
             + shop_lines(100, seed=141))
@@ -161,8 +169,7 @@ def test_an_attack_on_a_new_path_is_not_offered_first_as_a_saving_nor_its_exampl
     model = Model.load(shop_model_path)
     rng = random.Random(140)
 
-    def files(template: str, count: int) -> list[str]:
-        return [access_line(rng, "GET", template.format(rng.randint(1, 5000))) for _ in range(count)]
+    files = file_lines(rng)
 
     def with_agent(path: str, agent: str) -> str:
         return access_line(rng, "GET", path).rpartition(' "')[0] + f' "{agent}"'
@@ -172,9 +179,7 @@ def test_an_attack_on_a_new_path_is_not_offered_first_as_a_saving_nor_its_exampl
         "/fonts/body-8.ttf?id=%27%20union%20select", "/fonts/body-7.ttf?file=%2F%25uff0e%25uff0e%2Fetc")]
     attacks += [with_agent("/fonts/body-78.ttf", "Mozilla/5.0' AND SLEEP(5)--"),
                 with_agent("/fonts/body-77.ttf", "sqlmap/1.5.2#stable (http://sqlmap.org)")]
-    ring = ReviewRing()
-    service = FeedbackService(SqliteStore(str(tmp_path / "feedback.sqlite3")), 1.0, review=ring)
-    service.store.migrate()
+    ring, service = ring_with_store(tmp_path)
     observe(model, ring, files("/fonts/body-{}.ttf", 4) + files("/fonts/icons-{}.woff?v=4.7.0", 1)
             + files("/fonts/icons-{}.ttf?v=4.7.0", 1) + attacks + shop_lines(100, seed=141))
     offered = ring.offered()
