@@ -74,9 +74,7 @@ def test_new_plain_files_of_a_section_are_one_group_whatever_their_type_and_its_
     group never held, an odd file name and an attack on a catalogue stay flagged."""
     model = Model.load(shop_model_path)
     rng = random.Random(120)
-
     files = file_lines(rng)
-
     odd = access_line(rng, "GET", "/downloads/catalog'--.pdf")
     ring = ReviewRing()
     observe(model, ring, files("/downloads/catalog-{}.pdf", 3) + files("/downloads/price-list-{}.xlsx", 2) + [odd]
@@ -107,9 +105,7 @@ def test_a_group_another_mark_covers_is_offered_after_those_awaiting_a_verdict_u
     of a type the mark does not cover joining the group, or the mark undone, offers it again."""
     model = Model.load(shop_model_path)
     rng = random.Random(130)
-
     files = file_lines(rng)
-
     ring, service = ring_with_store(tmp_path)
     observe(model, ring, files("/fonts/icons-{}.woff?v=4.7.0", 3) + files("/fonts/icons-{}.ttf?v=4.7.0", 1)
             + files("/fonts/body-{}.ttf", 2) + [access_line(rng, "GET", "/fonts/body'--.ttf")]
@@ -138,9 +134,7 @@ def test_a_group_whose_mark_covers_a_larger_one_is_offered_first_and_spares_a_ma
     is of another kind: neither reaches it."""
     model = Model.load(shop_model_path)
     rng = random.Random(140)
-
     files = file_lines(rng)
-
     ring, service = ring_with_store(tmp_path)
     observe(model, ring, files("/fonts/body-{}.ttf", 4) + files("/fonts/icons-{}.woff?v=4.7.0", 1)
             + files("/fonts/icons-{}.ttf?v=4.7.0", 1) + [access_line(rng, "GET", "/fonts/body'--.ttf")]
@@ -168,9 +162,7 @@ def test_an_attack_on_a_new_path_is_not_offered_first_as_a_saving_nor_its_exampl
     none is listed above them; the versioned fonts still are, and their mark keeps no attack."""
     model = Model.load(shop_model_path)
     rng = random.Random(140)
-
     files = file_lines(rng)
-
     def with_agent(path: str, agent: str) -> str:
         return access_line(rng, "GET", path).rpartition(' "')[0] + f' "{agent}"'
 
