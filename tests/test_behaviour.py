@@ -380,10 +380,14 @@ def test_an_outage_or_a_burst_under_way_at_a_restart_is_not_announced_again(beha
     busy, trickle, silent = {"route=shop": 240, "status_class=2xx": 220}, {"route=shop": 12}, {}
     burst = {"route=shop": 240, "status_class=2xx": 40, "status_class=5xx": 200}
     half_burst = {key: count // 2 for key, count in burst.items()}
+    moment = {"route=shop": 2, "status_class=5xx": 2}
     for before, after, again in (
             ([busy] * 3 + [trickle] * 2, [{"route=shop": 6}, trickle, trickle], "route=shop count"),
             ([busy] * 3 + [trickle] * 2, [silent, silent, trickle], "route=shop count"),  # nothing heard at first
-            ([busy] * 3 + [burst] * 2, [half_burst, burst, burst], "status_class=5xx share")):
+            ([busy] * 3 + [burst] * 2, [half_burst, burst, burst], "status_class=5xx share"),
+            # the restart's window counted for a moment only: too few records to stand out, it ended
+            # the burst's episode, which its next window announced again (a CI run's real sidecar)
+            ([busy] * 3 + [burst] * 2, [moment, burst, burst], "status_class=5xx share")):
         first, announced = restart_under_way(behaviour_model, before, after, resumed=False)
         assert [e for e in first if e] == [[again]] and [again] in announced, (first, announced)
         assert restart_under_way(behaviour_model, before, after, resumed=True)[1] == [[]] * 3

@@ -557,11 +557,13 @@ class WindowCounter:
             found.append((float(scores[i]), float(deviation[i]), f"{self.keys[i]} count", float(counts[i]),
                           float(low[i]), float(high[i]),
                           describe_count(self.keys[i], counts[i], low[i], high[i], self.window_s)))
-        held: set[str] = set()  # subjects of drops under way that this window cannot tell of
+        held: set[str] = set()  # subjects of episodes under way that this window cannot tell of
         if start < self.first_whole or not self.heard:
-            # Rises only: counted in part, or nothing heard yet. An episode under way goes on through
-            # its drops here (an outage at a restart was announced again one window later).
-            held = set().union(*self._episodes([f for f in found if f[3] <= f[5]]).values()) & self.alarmed
+            # Rises only: counted in part, or nothing heard yet. Every episode under way goes on
+            # through such a window, which can end none: an outage at a restart was announced again
+            # one window later, and a 5xx burst whose first window after the restart was counted for
+            # a moment only (too few records to stand out) ended there and was announced again.
+            held = set(self.alarmed)
             found = [f for f in found if f[3] > f[5]]
         found += self._close_shares()
         if self.observe_gauges is not None:
