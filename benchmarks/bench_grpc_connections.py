@@ -9,7 +9,10 @@ connections, each keeping 16 Score streams open (the most one may open) that ann
 allows, opening a new stream for each one the sidecar ends (refused past max_grpc_calls). Meanwhile
 an ordinary client makes one Score call on a connection of its own. Prints the peak RSS (VmHWM)
 beside the idle one, the connections the sidecar let stay open, the ordinary call's outcome and
-the sidecar's refusal counters, with the load average; writes JSON.
+the sidecar's refusal counters, with the load average; writes JSON. The idle RSS is the floor of
+the same run. No stalled message is ever complete, so none is decoded or scored: what is held is
+gRPC's transport buffers, whatever the bytes (zeros), and a share of never-seen values does not
+apply (printed as such; `bench_memory.py` measures memory under never-seen records).
 """
 
 from __future__ import annotations
@@ -157,11 +160,13 @@ def run(connections: int, seconds: float) -> dict:
                    "streams_ended_by_sidecar": sum(client.ended for client in clients), "ordinary_call": ordinary,
                    "too_many_calls": process.metric('logscore_errors_total{kind="too_many_calls"'),
                    "listener_full_warnings": process.log().count('"gRPC listener full"'),
+                   "never_seen_share": "n/a: no message is completed, none decoded",
                    "load_average": os.getloadavg()[0]}
         finally:
             process.stop()
     print(f"{connections:4d} connections: idle {row['idle_peak_mib']} MiB, peak {row['peak_mib']} MiB, "
-          f"{row['closed_by_sidecar']} closed by the sidecar; ordinary call {ordinary}; load "
+          f"{row['closed_by_sidecar']} closed by the sidecar; ordinary call {ordinary}; never-seen share n/a "
+          f"(no message completed); load "
           f"{row['load_average']:.1f}", flush=True)
     return row
 
