@@ -835,9 +835,11 @@ class UnparsedRecords:
 
     def __init__(self):
         from .decide import UNPARSED_NOTE
+        from .parsers import SUGGEST_SAMPLE
 
         self.models: dict[str, dict] = {}  # name -> scored, unparsed, note, examples
-        self.prefix = UNPARSED_NOTE
+        # (imported here, once, not per record: the CLI imports what a command needs when it runs)
+        self.note_prefix, self.examples_kept = UNPARSED_NOTE, SUGGEST_SAMPLE
 
     def add(self, model: str, record: object, notes: list[str]) -> None:
         """Count a record of ``model`` with its notes (per record of every output: kept cheap)."""
@@ -845,13 +847,11 @@ class UnparsedRecords:
         if counts is None:
             counts = self.models[model] = {"scored": 0, "unparsed": 0, "note": "", "examples": []}
         counts["scored"] += 1
-        note = next((n for n in notes if n.startswith(self.prefix)), None) if notes else None
+        note = next((n for n in notes if n.startswith(self.note_prefix)), None)
         if note is not None:
-            from .parsers import SUGGEST_SAMPLE
-
             counts["unparsed"] += 1
             counts["note"] = note
-            if len(counts["examples"]) < SUGGEST_SAMPLE:  # for the format they may be
+            if len(counts["examples"]) < self.examples_kept:  # for the format they may be
                 counts["examples"].append(record)
 
     def warn(self, command: str) -> None:

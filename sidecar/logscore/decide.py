@@ -33,9 +33,9 @@ if TYPE_CHECKING:
     from .feedback import FeedbackStep
 
 # Note descriptions start with one of these; clients turn them into flags (`unparsed: true`).
-NOTE_KINDS = {"did not parse": "unparsed", "truncated": "truncated", "learning": "learning",
-              "suppressed by feedback": "suppressed", "kept by feedback": "kept"}
 UNPARSED_NOTE = "did not parse as "  # + "FORMAT; what was done with it" (`logscore score` and client read it back)
+NOTE_KINDS = {UNPARSED_NOTE.strip(): "unparsed", "truncated": "truncated", "learning": "learning",
+              "suppressed by feedback": "suppressed", "kept by feedback": "kept"}
 TRUNCATED = ("truncated: a raw line was cut to {line} characters or a field to {field} characters "
              "before scoring")
 

@@ -740,7 +740,8 @@ class FeedbackStep:
         for row, i in enumerate(candidates.tolist()):
             unusual = found.unusual(row)
             item = Flagged(i, float(scores[i]), float(scores[i]), kinds[row], found.batch.keys[unusual],
-                           found.names(row, SHORT_KIND), found.kind_names(row), held=is_held(held, i))
+                           found.names(row, SHORT_KIND), lambda row=row: found.kind_names(row)(),
+                           held=is_held(held, i))  # (kind names: read only when the record starts a group)
             if keepers[row]:
                 item.kept_by = keepers[row]
                 notes.append((i, "record", f"kept by feedback {rule_list(keepers[row])}"))

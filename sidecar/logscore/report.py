@@ -27,6 +27,7 @@ import numpy as np
 
 from .errors import ConfigError, InputError
 from .feedback import strip_rarity
+from .decide import UNPARSED_NOTE
 from .flood import is_flood
 from .inputs import read_lines, shipper_line
 from .metrics import SCORE_BUCKETS
@@ -91,7 +92,6 @@ class Totals:
     times: array = field(default_factory=lambda: array("d"))  # per record: its own time, NaN when it holds none
     lines: array = field(default_factory=lambda: array("I"))  # per record: its line in its file
     flags: array = field(default_factory=lambda: array("b"))
-    timed: int = 0  # records with a time of their own
     files: list = field(default_factory=list)  # InputFile, in the order read
     anomaly_records: array = field(default_factory=lambda: array("q"))  # per anomaly: its record's index
     anomaly_groups: array = field(default_factory=lambda: array("q"))  # per anomaly: its group's number
@@ -290,7 +290,6 @@ def read_scored_line(totals: Totals, groups: Groups, line: str, line_number: int
     text = text_of(record)
     when = time_of(record, text, written)
     totals.records += 1
-    totals.timed += when is not None
     totals.bare += "line" in record and "score" in record and "record" not in record
     totals.times.append(when if when is not None else math.nan)
     totals.lines.append(line_number)
@@ -300,7 +299,7 @@ def read_scored_line(totals: Totals, groups: Groups, line: str, line_number: int
     totals.models[model] += 1
     totals.route_records[model, route] += 1
     totals.route_anomalies[model, route] += flag
-    if record.get("unparsed") is True or any(str(n).startswith("did not parse") for n in notes):
+    if record.get("unparsed") is True or any(str(n).startswith(UNPARSED_NOTE) for n in notes):
         totals.route_unparsed[model, route] += 1
     suppressed = any(str(n).startswith("suppressed by feedback") for n in notes)
     totals.suppressed += suppressed
@@ -324,6 +323,7 @@ def read_scored_line(totals: Totals, groups: Groups, line: str, line_number: int
 def place_records(totals: Totals) -> Placement:
     """Place every record on the time axis or, in a file holding no time, the position axis (Placement)."""
     times = np.frombuffer(totals.times, dtype=np.float64).copy()
+    untimed = int(np.isnan(times).sum())
     by_position = np.zeros(len(times), dtype=bool)
     for file in totals.files:
         own = times[file.first:file.end]  # (a view: filled in place)
@@ -335,7 +335,6 @@ def place_records(totals: Totals) -> Placement:
         latest = np.maximum.accumulate(np.where(known, np.arange(len(own)), -1))
         latest[latest < 0] = int(np.argmax(known))
         own[:] = own[latest]
-    untimed = len(times) - totals.timed
     return Placement(times, by_position, untimed - int(by_position.sum()), np.flatnonzero(by_position))
 
 

@@ -38,6 +38,7 @@ import numpy as np
 from .decide import decide
 from .feedback import (EXAMPLE_CHARS, MAX_KIND_TOKENS, NO_KEYS, NORMAL, FeedbackStep, Flagged, RuleSet, base_name,
                        path_family, record_from_text, record_text, rule_list, similar_counts, strip_rarity)
+from .features.converters import PATH_ENCODED_TWICE, VALUE_ENCODED_TWICE
 from .injection import injection_like
 from .shown import html_text
 from .svg import bars, timeline
@@ -50,7 +51,7 @@ GROUP_KEYS = 512  # unusual features a group gathers for its pattern (bounded: 5
 # What a parameter value of a plain variant (a version, a name, a number) holds, by its shape's symbols
 # (letters are "a", digits "9"): a group adding a parameter holding any other reaches no other group.
 PLAIN_VALUE_SYMBOLS = frozenset("a9.-_")
-ENCODED_TWICE = ("value encoded more than once", "path encoded more than once")  # an evasion: not plain
+ENCODED_TWICE = (VALUE_ENCODED_TWICE, PATH_ENCODED_TWICE)  # an evasion: not plain
 TIMELINE_BUCKETS = 180  # per group: counts per bucket, the most recent kept
 TOP_ENTITIES = 5
 FEEDBACK_ROWS = 200  # entries the page lists, the most recent
@@ -86,7 +87,6 @@ class Group:
     kinds: dict = field(default_factory=dict)  # union of the members' kinds (bounded)
     feedback: list = field(default_factory=list)  # (entry id, verdict) given on this group
     covered_by: list = field(default_factory=list)  # normal entries that suppress its examples (not marked itself)
-    max_buckets: int = TIMELINE_BUCKETS
     number: int = 0  # in order of creation: of groups of one count, the one seen first is listed first
     reach: int = 0  # the records a mark of it would make normal, as the page was last ordered (reaches)
     attack_like: bool = False  # its first record's kind names what an attack may be (kind_reading)
@@ -97,7 +97,7 @@ class Group:
         self.first_seen, self.last_seen = min(self.first_seen, when), max(self.last_seen, when)
         bucket = int(when // bucket_s * bucket_s)
         self.timeline[bucket] = self.timeline.get(bucket, 0) + 1
-        if len(self.timeline) > self.max_buckets:
+        if len(self.timeline) > TIMELINE_BUCKETS:
             # The earliest bucket goes, not the first added: records come with their own times, a
             # backlog's after later ones.
             del self.timeline[min(self.timeline)]
@@ -151,12 +151,10 @@ class Groups:
     least recently goes first, or with ``keep_largest`` (a report over a whole file) the smallest
     go, a tenth of them at a time, and are counted in ``dropped_groups`` / ``dropped_records``."""
 
-    def __init__(self, max_groups: int = 500, prefix: str = "g", max_buckets: int = TIMELINE_BUCKETS,
-                 keep_largest: bool = False):
+    def __init__(self, max_groups: int = 500, prefix: str = "g", keep_largest: bool = False):
         self.max_groups = max_groups
         self.keep_largest = keep_largest
         self.dropped_groups = self.dropped_records = 0
-        self.max_buckets = max_buckets  # per group: timeline buckets kept (the most recent)
         self.prefix = prefix
         self.by_id: OrderedDict[str, Group] = OrderedDict()  # least recently seen first
         self._index: dict[tuple, set[str]] = {}  # (scope..., a feature of its kind) -> group ids
@@ -193,7 +191,7 @@ class Groups:
         # NOTE: named now, and cut: a name can hold a whole value (a 64 KiB URL), and a group lives long.
         named = [n if len(n) <= NAME_CHARS else n[:NAME_CHARS] + "…" for n in names()]
         group = Group(f"{self.prefix}{self._next}", model, route, kind, named, when, when,
-                      max_buckets=self.max_buckets, number=self._next)
+                      number=self._next)
         self._next += 1
         self.created += 1
         self.by_id[group.id] = group

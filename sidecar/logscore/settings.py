@@ -107,7 +107,7 @@ class Settings:
                                    "28 KiB each while idle); past it a new one is closed at once, counted and logged")
     max_grpc_connections: int = setting(32, "connections open at once on each gRPC listener (TCP, Unix socket); "
                                         "past it gRPC closes a new one at once (its client sees UNAVAILABLE 'Socket "
-                                        "closed'), and the sidecar counts and logs each second a listener is full. "
+                                        "closed'), and the sidecar warns, at most every 10 s, while a listener is full. "
                                         "Each connection may hold about 2.4 MiB of messages its calls have not "
                                         "been admitted for yet")
     max_grpc_calls: int = setting(64, "gRPC calls in progress at once, event watchers included (at most a quarter "
@@ -197,12 +197,12 @@ class Settings:
                               "per flagged record")
 
     def validate(self) -> None:
-        if Path(self.models_dir).exists() and not Path(self.models_dir).is_dir():
+        if not Path(self.models_dir).is_dir():
             # a model's own path given for its directory (--models-dir models/apache-access.onnx) was
             # reported as a directory that "does not exist", beside the file the operator could see
-            raise ConfigError(f"models directory {self.models_dir!r} is a file, not a directory; set --models-dir "
-                              "to the directory holding the .onnx models")
-        if not Path(self.models_dir).is_dir():
+            if Path(self.models_dir).exists():
+                raise ConfigError(f"models directory {self.models_dir!r} is a file, not a directory; set "
+                                  "--models-dir to the directory holding the .onnx models")
             raise ConfigError(f"models directory {self.models_dir!r} does not exist; set --models-dir")
         if not (self.socket or self.tcp):
             raise ConfigError("no gRPC listener: set --socket and/or --tcp (forward mode needs one too: "

@@ -563,7 +563,7 @@ class WindowCounter:
             # through such a window, which can end none: an outage at a restart was announced again
             # one window later, and a 5xx burst whose first window after the restart was counted for
             # a moment only (too few records to stand out) ended there and was announced again.
-            held = set(self.alarmed)
+            held = self.alarmed
             found = [f for f in found if f[3] > f[5]]
         found += self._close_shares()
         if self.observe_gauges is not None:

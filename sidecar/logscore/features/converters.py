@@ -37,6 +37,8 @@ MAX_NAMES = 16_384  # feature names remembered per converter for explanations (â
 # A name is cut to this many characters: a 5,000-character path segment, named whole, made each of
 # its record's explanations 5 KB (and the names remembered above 80 MiB).
 MAX_NAME_CHARS = 120
+# UrlConverter's flags of an evasion (the review page reads them: review.plain_parameter)
+PATH_ENCODED_TWICE, VALUE_ENCODED_TWICE = "path encoded more than once", "value encoded more than once"
 
 
 def key_bytes(key) -> int:
@@ -431,14 +433,14 @@ class UrlConverter(Converter):
                 path = "/" + path.split("://", 1)[1].partition("/")[2]
             path, rounds = percent_decode(path, self.config["decode_rounds"])
             if rounds > 1:
-                flags.append("path encoded more than once")
+                flags.append(PATH_ENCODED_TWICE)
         template = "/".join(mask_segment(s) for s in path.split("/"))
         params = []
         for pair in filter(None, _PARAMETER_SEPARATOR.split(query)):
             name, has_value, raw_value = pair.partition("=")
             decoded, rounds = percent_decode(raw_value, self.config["decode_rounds"])
             if rounds > 1:
-                flags.append(f"value encoded more than once: {name}")
+                flags.append(f"{VALUE_ENCODED_TWICE}: {name}")
             if not has_value:
                 flags.append(f"parameter without '=': {value_shape(name)}")
             params.append((percent_decode(name, 1)[0][:64], decoded))

@@ -44,12 +44,13 @@ def calibration_shortfall(calibration: dict) -> Optional[dict]:
     if calibration.get("rule", "fpr") != "fpr" or not target or records is None:
         return None
     held = calibration.get("held_back") or {}
-    too_few = records < records_needed(float(target))
+    needed = records_needed(float(target))
+    too_few = records < needed
     worse = (held.get("fpr") is not None and held["fpr"] >= WORSE_RATIO * target
              and held.get("flagged", 0) >= WORSE_FLAGS)
     if not (too_few or worse):
         return None
-    return {"target_fpr": target, "records": records, "records_needed": records_needed(float(target)),
+    return {"target_fpr": target, "records": records, "records_needed": needed,
             "too_few_records": too_few, "realized_fpr": held.get("fpr"), "held_back_flagged": held.get("flagged"),
             "held_back_records": held.get("records")}
 
@@ -63,6 +64,7 @@ def rounded_up(value: float) -> float:
 def describe_shortfall(shortfall: dict) -> str:
     """The warning `logscore train` gives and `logscore inspect` shows: what was measured, what to do."""
     target, records, needed = shortfall["target_fpr"], shortfall["records"], shortfall["records_needed"]
+    plenty = 10 * (needed + 1)  # records that place the target's quantile well
     measured = (f"realized false-positive rate {shortfall['realized_fpr']} on held-back folds "
                 f"({shortfall['held_back_flagged']} of {shortfall['held_back_records']} records) against a target "
                 f"of {target}" if shortfall["realized_fpr"] is not None else f"target false-positive rate {target}")
@@ -70,10 +72,9 @@ def describe_shortfall(shortfall: dict) -> str:
         return (f"weak calibration: {measured}; calibrated on {records} records, fewer than the {needed:,} a target "
                 f"of {target} needs: the threshold can only sit above all of them, flagging at best "
                 f"{best_fpr(records):.2%} of normal records, and attacks scoring just under are missed. Train on more "
-                f"lines (a longer log: {needed:,} normal records at least, better {10 * (needed + 1):,}), or raise "
+                f"lines (a longer log: {needed:,} normal records at least, better {plenty:,}), or raise "
                 f"--target-fpr to {rounded_up(max(best_fpr(records), shortfall['realized_fpr'] or 0.0)):g} or more "
                 "(what this log measures), before serving this model")
-    plenty = 10 * (needed + 1)
     # (with records enough, a rate far above the target is no sample's size: more lines would not help)
     remedy = (f"Train on more lines (a longer log, {plenty:,} normal records or more) before serving this model"
               if records < plenty else
