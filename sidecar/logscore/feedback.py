@@ -196,11 +196,19 @@ class Inspection:
         """The names of the record's most unusual features, worked out when first asked for."""
         return self.named(self.unusual(row, limit))
 
-    def kind_names(self, row: int) -> "FeatureNames":
-        """The names of the structural features its kind is made of (``kind``; none when unusual in
-        details only), worked out when first asked for."""
+    def kind_features(self, row: int) -> list[tuple[str, str]]:
+        """(converter label, feature text) of each structural feature its kind is made of (``kind``;
+        none when unusual in details only), as their converters tell them: "url", "shape q=<a>a(9)</a>"."""
         unusual = self.unusual(row, KIND_SIZE)
-        return self.named(unusual[~self.detail[unusual]])
+        origins = self.batch.origins.resolve()
+        found = []
+        for i in unusual[~self.detail[unusual]].tolist():
+            entry = origins.entries[int(origins.entry_of_key[i])]
+            converter = entry.converter  # (None once a compiled feature's converter is gone: nothing to tell)
+            if converter is not None:
+                text = converter.feature_text(entry.value, int(self.batch.keys[i]))
+                found.append((converter.label, text if text is not None else ""))
+        return found
 
     def named(self, unusual: np.ndarray) -> "FeatureNames":
         origins = self.batch.origins.resolve()
@@ -666,7 +674,7 @@ class Flagged:
     kind: frozenset
     unusual_keys: np.ndarray  # int64: its unusual features' keys
     names: Callable[[], list[str]]  # the most unusual features' names
-    kind_names: Callable[[], list[str]] = list  # the names of the structural features its kind is made of
+    kind_features: Callable[[], list[tuple[str, str]]] = list  # (label, text) of its kind's structural features
     suppressed_by: list[int] = field(default_factory=list)
     kept_by: list[int] = field(default_factory=list)
     held: bool = False  # flagged whatever the feedback: a line its model could not read (decide's ``held``)
@@ -740,8 +748,8 @@ class FeedbackStep:
         for row, i in enumerate(candidates.tolist()):
             unusual = found.unusual(row)
             item = Flagged(i, float(scores[i]), float(scores[i]), kinds[row], found.batch.keys[unusual],
-                           found.names(row, SHORT_KIND), lambda row=row: found.kind_names(row)(),
-                           held=is_held(held, i))  # (kind names: read only when the record starts a group)
+                           found.names(row, SHORT_KIND), lambda row=row: found.kind_features(row),
+                           held=is_held(held, i))  # (kind features: read only when the record starts a group)
             if keepers[row]:
                 item.kept_by = keepers[row]
                 notes.append((i, "record", f"kept by feedback {rule_list(keepers[row])}"))

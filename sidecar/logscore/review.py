@@ -281,7 +281,7 @@ class ReviewRing:
                 group = self.groups.assign(base_name(model.name), route, kind, item.names, moment,
                                            avoid=None if item.suppressed_by else marked_normal)
                 if self.groups.created != created:
-                    group.attack_like, group.kind_fields = kind_reading(item.kind_names())
+                    group.attack_like, group.kind_fields = kind_reading(item.kind_features())
                     self.on_new_group(model.name)
                 group.add(moment, self.bucket_s, step.entity(item.index))
                 # The group's pattern (what a mark makes normal) takes only members of the first one's
@@ -378,18 +378,16 @@ class ReviewRing:
                     group.covered_by = covered.get(group.id, [])
 
 
-def kind_reading(kind_names: list[str]) -> tuple[bool, frozenset]:
-    """(whether a record's kind names what an attack may be, the fields it names features of), read
-    from the names of its structural features ("url: shape q=<a>a(9)</a> (never seen in training)").
+def kind_reading(kind_features: list[tuple[str, str]]) -> tuple[bool, frozenset]:
+    """(whether a record's kind names what an attack may be, the fields it names features of), from
+    its structural features' (converter label, text) (``Inspection.kind_features``).
     An attack may be: an injection-like feature in any field (a quote after a digit, an angle
     bracket, a traversal: injection.py), or a parameter value that is no plain name or version
     (fuzzdb's encoded traversals and quotes read "character file=/", "character id='", "value
     encoded more than once: q", which the injection rule lets through: an apostrophe's context is
     unknown, ``%2e%2e`` decodes to no ``..`` in a shape)."""
-    features = [strip_rarity(name).partition(": ") for name in kind_names]
-    features = [(field_name, text) for field_name, colon, text in features if colon]
-    return (any(injection_like(text) or not plain_parameter(text) for _, text in features),
-            frozenset(field_name for field_name, _ in features))
+    return (any(injection_like(text) or not plain_parameter(text) for _, text in kind_features),
+            frozenset(label for label, _ in kind_features))
 
 
 def plain_parameter(text: str) -> bool:
