@@ -34,23 +34,13 @@ import grpc  # noqa: E402
 from benchmarks.common import machine, write_results  # noqa: E402
 from logscore.generated.logscore.v1 import scorer_pb2 as pb  # noqa: E402
 from logscore.generated.logscore.v1 import scorer_pb2_grpc as pb_grpc  # noqa: E402
+from tests.http2 import (ACK, DATA, END_HEADERS, END_STREAM, GOAWAY, HEADERS, MAX_DATA, PING, PREFACE,  # noqa: E402
+                         RST_STREAM, SETTINGS, WINDOW_UPDATE, frame, score_headers, whole_frames)
 from tests.sidecar_process import SidecarProcess, free_port  # noqa: E402
 
 MIB = 1024 * 1024
 STREAMS = 16  # serve.STREAMS_PER_CONNECTION
 ANNOUNCED = 2_000_000  # each message's announced size: under max_message_bytes
-DATA, HEADERS, RST_STREAM, SETTINGS, PING, GOAWAY, WINDOW_UPDATE = 0, 1, 3, 4, 6, 7, 8
-
-
-def frame(kind: int, flags: int, stream: int, payload: bytes = b"") -> bytes:
-    return len(payload).to_bytes(3, "big") + bytes([kind, flags]) + stream.to_bytes(4, "big") + payload
-
-
-def score_headers() -> bytes:
-    """A Score call's headers, as HPACK literals without indexing (no Huffman coding)."""
-    fields = [(":method", "POST"), (":scheme", "http"), (":path", "/logscore.v1.Scorer/Score"),
-              (":authority", "localhost"), ("content-type", "application/grpc"), ("te", "trailers")]
-    return b"".join(b"\x00" + bytes([len(n)]) + n.encode() + bytes([len(v)]) + v.encode() for n, v in fields)
 
 
 class StalledConnection:
@@ -58,7 +48,7 @@ class StalledConnection:
 
     def __init__(self, port: int):
         self.socket = socket.create_connection(("127.0.0.1", port), timeout=10)
-        self.socket.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + frame(SETTINGS, 0, 0))
+        self.socket.sendall(PREFACE + frame(SETTINGS, 0, 0))
         self.connection_window, self.initial_window = 65_535, 65_535
         self.windows: dict[int, int] = {}  # open stream -> its send window
         self.sent: dict[int, int] = {}  # open stream -> bytes of its message sent
@@ -77,14 +67,14 @@ class StalledConnection:
     def _open_streams(self) -> None:
         while len(self.sent) < STREAMS:
             stream, self.next_stream = self.next_stream, self.next_stream + 2
-            self.socket.sendall(frame(HEADERS, 4, stream, score_headers()))
+            self.socket.sendall(frame(HEADERS, END_HEADERS, stream, score_headers()))
             self.windows[stream], self.sent[stream] = self.initial_window, 0
 
     def _send_data(self) -> None:
         total, frames = ANNOUNCED + 5 - 1, []
         for stream in self.sent:
             while self.sent[stream] < total and min(self.connection_window, self.windows[stream]) > 0:
-                size = min(16_384, total - self.sent[stream], self.connection_window, self.windows[stream])
+                size = min(MAX_DATA, total - self.sent[stream], self.connection_window, self.windows[stream])
                 prefix = b"\x00" + ANNOUNCED.to_bytes(4, "big") if not self.sent[stream] else b""
                 frames.append(frame(DATA, 0, stream, prefix + b"\x00" * (size - len(prefix))))
                 self.sent[stream] += size
@@ -100,30 +90,27 @@ class StalledConnection:
         except socket.timeout:
             return
         self.closed = not data
-        self.buffer += data
-        while len(self.buffer) >= 9 and len(self.buffer) >= 9 + int.from_bytes(self.buffer[:3], "big"):
-            length, kind, flags = int.from_bytes(self.buffer[:3], "big"), self.buffer[3], self.buffer[4]
-            stream = int.from_bytes(self.buffer[5:9], "big") & 0x7FFFFFFF
-            payload, self.buffer = self.buffer[9:9 + length], self.buffer[9 + length:]
+        frames, self.buffer = whole_frames(self.buffer + data)
+        for kind, flags, stream, payload in frames:
             self._on_frame(kind, flags, stream, payload)
 
     def _on_frame(self, kind: int, flags: int, stream: int, payload: bytes) -> None:
-        if kind == SETTINGS and not flags & 1:
+        if kind == SETTINGS and not flags & ACK:
             for at in range(0, len(payload), 6):
                 if int.from_bytes(payload[at:at + 2], "big") == 4:  # SETTINGS_INITIAL_WINDOW_SIZE
                     value = int.from_bytes(payload[at + 2:at + 6], "big")
                     self.windows = {s: w + value - self.initial_window for s, w in self.windows.items()}
                     self.initial_window = value
-            self.socket.sendall(frame(SETTINGS, 1, 0))
+            self.socket.sendall(frame(SETTINGS, ACK, 0))
         elif kind == WINDOW_UPDATE:
             increment = int.from_bytes(payload, "big") & 0x7FFFFFFF
             if not stream:
                 self.connection_window += increment
             elif stream in self.windows:
                 self.windows[stream] += increment
-        elif kind == PING and not flags & 1:
-            self.socket.sendall(frame(PING, 1, 0, payload))
-        elif (kind == RST_STREAM or (kind == HEADERS and flags & 1)) and stream in self.sent:
+        elif kind == PING and not flags & ACK:
+            self.socket.sendall(frame(PING, ACK, 0, payload))
+        elif (kind == RST_STREAM or (kind == HEADERS and flags & END_STREAM)) and stream in self.sent:
             del self.sent[stream], self.windows[stream]
             self.ended += 1
         elif kind == GOAWAY:

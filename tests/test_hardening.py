@@ -19,6 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from logscore.generated.logscore.v1 import scorer_pb2 as pb
 
+from . import http2
 from .generate import shop_lines
 from .sidecar_process import ROOT, SidecarProcess, free_port, make_certificates, models_dir_with
 
@@ -824,25 +825,15 @@ def test_the_shipped_memory_limit_holds_under_the_worst_input(tmp_path):
 
 # --- gRPC: calls without the token, and the cap on calls ---------------------------------------------
 
-def http2_frame(kind: int, flags: int, stream: int, payload: bytes = b"") -> bytes:
-    return len(payload).to_bytes(3, "big") + bytes([kind, flags]) + stream.to_bytes(4, "big") + payload
-
-
-def hpack_literal(name: str, value: str) -> bytes:
-    """A header "literal without indexing, new name", no Huffman coding (lengths under 127)."""
-    return b"\x00" + bytes([len(name)]) + name.encode() + bytes([len(value)]) + value.encode()
-
-
 def stalled_score_call(port: int) -> socket.socket:
     """A Score call over raw HTTP/2 that announces a 2,000,000-byte message and sends its first
     60,000 bytes only (what a gRPC client library cannot be made to do)."""
-    headers = b"".join(hpack_literal(name, value) for name, value in [
-        (":method", "POST"), (":scheme", "http"), (":path", "/logscore.v1.Scorer/Score"),
-        (":authority", "localhost"), ("content-type", "application/grpc"), ("te", "trailers")])
     message = b"\x00" + (2_000_000).to_bytes(4, "big") + b"\x00" * 60_000
     connection = socket.create_connection(("127.0.0.1", port), timeout=5)
-    connection.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + http2_frame(4, 0, 0) + http2_frame(1, 4, 1, headers)
-                       + b"".join(http2_frame(0, 0, 1, message[i:i + 16_384]) for i in range(0, len(message), 16_384)))
+    connection.sendall(http2.PREFACE + http2.frame(http2.SETTINGS, 0, 0)
+                       + http2.frame(http2.HEADERS, http2.END_HEADERS, 1, http2.score_headers())
+                       + b"".join(http2.frame(http2.DATA, 0, 1, message[i:i + http2.MAX_DATA])
+                                  for i in range(0, len(message), http2.MAX_DATA)))
     return connection
 
 
@@ -857,15 +848,13 @@ def stream_ended(connection: socket.socket, stream: int, within_s: float) -> boo
             return False
         if not data:
             return True
-        buffer += data
-        while len(buffer) >= 9 and len(buffer) >= 9 + int.from_bytes(buffer[:3], "big"):
-            length, kind, flags = int.from_bytes(buffer[:3], "big"), buffer[3], buffer[4]
-            frame_stream = int.from_bytes(buffer[5:9], "big") & 0x7FFFFFFF
-            if kind == 4 and not flags & 1:
-                connection.sendall(http2_frame(4, 1, 0))  # acknowledge the server's settings
-            if frame_stream == stream and (kind == 3 or (kind == 1 and flags & 1)):
+        frames, buffer = http2.whole_frames(buffer + data)
+        for kind, flags, frame_stream, _ in frames:
+            if kind == http2.SETTINGS and not flags & http2.ACK:
+                connection.sendall(http2.frame(http2.SETTINGS, http2.ACK, 0))  # acknowledge the server's settings
+            if frame_stream == stream and (kind == http2.RST_STREAM or (kind == http2.HEADERS
+                                                                         and flags & http2.END_STREAM)):
                 return True
-            buffer = buffer[9 + length:]
     return False
 
 
