@@ -34,15 +34,15 @@ from .metrics import SCORE_BUCKETS
 from .records import RAW_LINE_KEYS
 from .shown import html_text, named_first, printable
 from .review import TOP_ENTITIES, Example, Groups, render_group_examples
-from .parsers import WARN_UNPARSED_SHARE, line_head, parse_access, parse_syslog
+from .parsers import FIELD_ALIASES, WARN_UNPARSED_SHARE, line_head, parse_access, parse_syslog
 from .timestamps import epoch_seconds, parse_time
 from .svg import bars, timeline
 
-# The client's names first and host last, as the sidecar reads them (parsers.FIELD_ALIASES): the nginx
-# parsers of Fluentd and Fluent Bit name the client remote and the ident field host, always "-" (a
-# report of their records named one entity, "-"); Fluentd's apache2 parser and syslog name theirs host.
-ENTITY_FIELDS = ("remote", "remote_addr", "client", "clientip", "client_ip", "client.ip", "source.address",
-                 "source.ip", "host")
+# The client's names first and host last, as the sidecar reads them (parsers.FIELD_ALIASES), and a
+# plain "client": the nginx parsers of Fluentd and Fluent Bit name the client remote and the ident
+# field host, always "-" (a report of their records named one entity, "-"); Fluentd's apache2 parser
+# and syslog name theirs host.
+ENTITY_FIELDS = ("remote_addr", "client", *FIELD_ALIASES["access"]["remote_addr"])
 RECORD_KEYS = ("message", "log", "record")
 # NOTE: a forward-mode sidecar's next hop is often Fluent Bit writing a file (inputs.shipper_line
 # reads its lines): they were refused ("no scored records") though every one held a score.
