@@ -429,8 +429,7 @@ def run_client(args) -> int:
     records = read_json_records(args.inputs) if args.json_records else read_lines(args.inputs)
     records = (cut_past(record, args.max_record_bytes) for record in records)
     line_number = 0
-    counted: dict[str, list[int]] = {}  # model name -> [records scored, flagged]
-    unparsed = UnparsedRecords()
+    tally = RecordTally()
     with channel:
         stub = pb_grpc.ScorerStub(channel)
         for chunk in batched(records, records_per_call(args.batch, args.explain), CLIENT_CALL_BYTES):
@@ -448,16 +447,13 @@ def run_client(args) -> int:
                 explanation = list(response.explanations[i].features) if response.explanations else None
                 print(json.dumps(result_entry(line_number, response.scores[i], response.is_anomaly[i], model.name,
                                               model.version, notes[i], explanation)))
-                tally = counted.setdefault(model.name, [0, 0])
-                tally[0] += 1
-                tally[1] += bool(response.is_anomaly[i])
-                unparsed.add(model.name, chunk[i], notes[i])
-        warn_of_floods(stub, metadata, args.timeout, counted)
-    unparsed.warn("client")
+                tally.add(model.name, chunk[i], notes[i], flagged=response.is_anomaly[i])
+        warn_of_floods(stub, metadata, args.timeout, tally)
+    tally.warn_unparsed("client")
     return 0
 
 
-def warn_of_floods(stub, metadata: list, timeout: float, counted: dict[str, list[int]]) -> None:
+def warn_of_floods(stub, metadata: list, timeout: float, tally: "RecordTally") -> None:
     """`logscore score`'s warning, for a model that flagged far more of the records than it was
     trained to (its target FPR from ListModels; a sidecar too old to say is not asked further)."""
     import grpc
@@ -465,15 +461,16 @@ def warn_of_floods(stub, metadata: list, timeout: float, counted: dict[str, list
     from .flood import flood_warning
     from .generated.logscore.v1 import scorer_pb2 as pb
 
-    if not any(flagged for _, flagged in counted.values()):
+    if not any(counts["flagged"] for counts in tally.models.values()):
         return
     try:
         models = {m.name: m for m in stub.ListModels(pb.ListModelsRequest(), timeout=timeout, metadata=metadata).models}
     except grpc.RpcError:
         return
-    for name, (scored, flagged) in sorted(counted.items()):
+    for name, counts in sorted(tally.models.items()):
         info = models.get(name)
-        warning = flood_warning(name, info.log_format, info.target_fpr, flagged, scored) if info else None
+        warning = (flood_warning(name, info.log_format, info.target_fpr, counts["flagged"], counts["scored"])
+                   if info else None)
         if warning and info.target_fpr:  # (0: a sidecar from before target_fpr said none)
             print(f"logscore client: warning: {warning}", file=sys.stderr, flush=True)
 
@@ -796,7 +793,7 @@ def run_score(args) -> int:
     records = read_json_records(args.inputs) if args.json_records else read_lines(args.inputs)
     out = sys.stdout
     line_number = flagged = 0
-    unparsed = UnparsedRecords()
+    tally = RecordTally()
     for chunk in batched(records, max(1, args.batch)):
         result = model.score(chunk, explain=args.explain)
         decision = decide(model, result)
@@ -804,7 +801,7 @@ def run_score(args) -> int:
         notes = notes_by_record([(i, text) for i, _, text in decision.notes], len(chunk))
         for i in range(len(chunk)):
             line_number += 1
-            unparsed.add(model.name, chunk[i], notes[i])
+            tally.add(model.name, chunk[i], notes[i])
             if args.only_anomalies and not decision.is_anomaly[i]:
                 continue
             explanation = result.explanations[i] if result.explanations is not None else None
@@ -820,13 +817,14 @@ def run_score(args) -> int:
                             model.metadata.get("training", {}).get("inputs") or ["its training files"])
     if warning:
         print(f"logscore score: warning: {warning}", file=sys.stderr, flush=True)
-    unparsed.warn("score")
+    tally.warn_unparsed("score")
     return 0
 
 
-class UnparsedRecords:
-    """Records that did not parse as their model's format, per model, from the notes each record's
-    output line carries: `logscore score` and `logscore client` say the same of them at the end.
+class RecordTally:
+    """Per model, the records scored, flagged (`logscore client`'s flood warning) and not parsing as
+    the model's format, from the notes each record's output line carries: `logscore score` and
+    `logscore client` say the same of those at the end.
 
     NOTE: a line that does not parse is noted per record (`unparsed`), and flagged when the model's
     training data parsed: a log of another layout (Apache's vhost_combined, HAProxy's) was all
@@ -837,16 +835,17 @@ class UnparsedRecords:
         from .decide import UNPARSED_NOTE
         from .parsers import SUGGEST_SAMPLE
 
-        self.models: dict[str, dict] = {}  # name -> scored, unparsed, note, examples
+        self.models: dict[str, dict] = {}  # name -> scored, flagged, unparsed, note, examples
         # (imported here, once, not per record: the CLI imports what a command needs when it runs)
         self.note_prefix, self.examples_kept = UNPARSED_NOTE, SUGGEST_SAMPLE
 
-    def add(self, model: str, record: object, notes: list[str]) -> None:
+    def add(self, model: str, record: object, notes: list[str], flagged: bool = False) -> None:
         """Count a record of ``model`` with its notes (per record of every output: kept cheap)."""
         counts = self.models.get(model)
         if counts is None:
-            counts = self.models[model] = {"scored": 0, "unparsed": 0, "note": "", "examples": []}
+            counts = self.models[model] = {"scored": 0, "flagged": 0, "unparsed": 0, "note": "", "examples": []}
         counts["scored"] += 1
+        counts["flagged"] += bool(flagged)
         note = next((n for n in notes if n.startswith(self.note_prefix)), None)
         if note is not None:
             counts["unparsed"] += 1
@@ -854,12 +853,14 @@ class UnparsedRecords:
             if len(counts["examples"]) < self.examples_kept:  # for the format they may be
                 counts["examples"].append(record)
 
-    def warn(self, command: str) -> None:
+    def warn_unparsed(self, command: str) -> None:
         from .parsers import WARN_UNPARSED_SHARE
 
         for name, counts in sorted(self.models.items()):
             if counts["unparsed"] > WARN_UNPARSED_SHARE * counts["scored"]:
-                print(f"logscore {command}: warning: {unparsed_warning(name, **counts)}", file=sys.stderr, flush=True)
+                warning = unparsed_warning(name, counts["scored"], counts["unparsed"], counts["note"],
+                                           counts["examples"])
+                print(f"logscore {command}: warning: {warning}", file=sys.stderr, flush=True)
 
 
 def unparsed_warning(name: str, scored: int, unparsed: int, note: str, examples: list) -> str:
