@@ -96,9 +96,7 @@ class FeedbackServicer:
 
     def _answer_entry(self, entry: Entry) -> pb.FeedbackEntry:
         """The entry as an answer, cut down when it alone is larger than the sidecar sends."""
-        encoded = encode_entry(entry)
-        limit = self.service.settings.max_message_bytes
-        return encoded if encoded.ByteSize() <= limit else cut_down(encoded, limit)
+        return within(encode_entry(entry), self.service.settings.max_message_bytes)
 
     async def _answer(self, work, context):
         try:
@@ -135,8 +133,7 @@ def fill_page(response: pb.ListFeedbackResponse, entries: list, following: int, 
             if len(response.entries):
                 response.next_after_id = response.entries[-1].id
                 return
-            encoded = cut_down(encoded, room - ENTRY_FRAMING_BYTES)
-            size = room
+            encoded, size = within(encoded, room - ENTRY_FRAMING_BYTES), room  # the page's only entry
         room -= size
         response.entries.append(encoded)
     response.next_after_id = following
@@ -145,10 +142,12 @@ def fill_page(response: pb.ListFeedbackResponse, entries: list, following: int, 
 CUT_FIRST_CHARS = 4096  # the longest a cut entry's texts are tried at first; a quarter of it at each try more
 
 
-def cut_down(encoded: pb.FeedbackEntry, room: int) -> pb.FeedbackEntry:
-    """The entry, flagged ``cut``, with its free texts (reason, example, author, removed_by, field value,
-    feature names) cut to ever fewer characters until it takes at most ``room`` bytes (at worst to none;
-    its id, verdict and scope are always sent whole: 2,200 characters at most)."""
+def within(encoded: pb.FeedbackEntry, room: int) -> pb.FeedbackEntry:
+    """The entry when it takes at most ``room`` bytes; else a copy flagged ``cut``, with its free texts
+    (reason, example, author, removed_by, field value, feature names) cut to ever fewer characters until
+    it does (at worst to none; its id, verdict and scope are always sent whole: 2,200 characters at most)."""
+    if encoded.ByteSize() <= room:
+        return encoded
     characters = CUT_FIRST_CHARS
     while True:
         cut = pb.FeedbackEntry()
