@@ -67,6 +67,18 @@ def ring_with_store(tmp_path) -> tuple[ReviewRing, FeedbackService]:
     return ring, service
 
 
+def fonts_seen(shop_model_path, tmp_path, seed: int, fonts: list[tuple[str, int]]):
+    """(model, ring, feedback service, file maker) once new fonts were scored: each (template, count)
+    of ``fonts`` in turn, then a font with a quote in its name and 100 of the shop's lines."""
+    model = Model.load(shop_model_path)
+    rng = random.Random(seed)
+    files = file_lines(rng)
+    ring, service = ring_with_store(tmp_path)
+    lines = [line for template, count in fonts for line in files(template, count)]
+    observe(model, ring, lines + [access_line(rng, "GET", "/fonts/body'--.ttf")] + shop_lines(100, seed=seed + 1))
+    return model, ring, service, files
+
+
 def test_new_plain_files_of_a_section_are_one_group_whatever_their_type_and_its_mark_covers_those_types(
         shop_model_path):
     """New catalogues (.pdf) and price lists (.xlsx) under a new /downloads section: one group, as an
@@ -103,13 +115,8 @@ def test_a_group_another_mark_covers_is_offered_after_those_awaiting_a_verdict_u
     one's mark covers the second (its pattern names their kind), so the page offers it after the
     groups still awaiting a verdict, saying so: an operator's next mark goes to one of those. A font
     of a type the mark does not cover joining the group, or the mark undone, offers it again."""
-    model = Model.load(shop_model_path)
-    rng = random.Random(130)
-    files = file_lines(rng)
-    ring, service = ring_with_store(tmp_path)
-    observe(model, ring, files("/fonts/icons-{}.woff?v=4.7.0", 3) + files("/fonts/icons-{}.ttf?v=4.7.0", 1)
-            + files("/fonts/body-{}.ttf", 2) + [access_line(rng, "GET", "/fonts/body'--.ttf")]
-            + shop_lines(100, seed=131))
+    model, ring, service, files = fonts_seen(shop_model_path, tmp_path, 130, [
+        ("/fonts/icons-{}.woff?v=4.7.0", 3), ("/fonts/icons-{}.ttf?v=4.7.0", 1), ("/fonts/body-{}.ttf", 2)])
     versioned, plain, odd = ring.offered()[:3]
     assert [versioned.count, plain.count, odd.count] == [4, 2, 1] and plain.kind == {"path /fonts/…"}
 
@@ -132,13 +139,9 @@ def test_a_group_whose_mark_covers_a_larger_one_is_offered_first_and_spares_a_ma
     operator spent two marks on them; offered first, with the records its mark reaches, one does,
     and its entry keeps the covered group's examples to learn from. A font with a quote in its name
     is of another kind: neither reaches it."""
-    model = Model.load(shop_model_path)
-    rng = random.Random(140)
-    files = file_lines(rng)
-    ring, service = ring_with_store(tmp_path)
-    observe(model, ring, files("/fonts/body-{}.ttf", 4) + files("/fonts/icons-{}.woff?v=4.7.0", 1)
-            + files("/fonts/icons-{}.ttf?v=4.7.0", 1) + [access_line(rng, "GET", "/fonts/body'--.ttf")]
-            + shop_lines(100, seed=141))
+    # (the model held: the ring keeps a weak reference, and rechecks groups with it while it lives)
+    model, ring, service, _ = fonts_seen(shop_model_path, tmp_path, 140, [
+        ("/fonts/body-{}.ttf", 4), ("/fonts/icons-{}.woff?v=4.7.0", 1), ("/fonts/icons-{}.ttf?v=4.7.0", 1)])
     versioned, plain, odd = ring.offered()[:3]
     assert [versioned.count, plain.count, odd.count] == [2, 4, 1] and plain.kind == {"path /fonts/…"}
     assert [versioned.reach, plain.reach, odd.reach] == [6, 4, 1]
