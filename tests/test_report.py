@@ -136,3 +136,20 @@ def test_report_over_many_files_without_a_time_names_the_first_few(tmp_path, cap
     line = next(line for line in capsys.readouterr().out.splitlines() if "hold no time" in line)
     assert f"in files holding none ({paths[0]}, {paths[1]}, {paths[2]} and 27 more)" in line
     assert paths[3] not in line and len(line) < 600
+
+
+def test_report_names_a_record_s_client_under_every_name_the_sidecar_reads():
+    """The report kept its own list of client fields, which missed remote_ip (the sidecar's alias
+    for it): such records were all named "-" or by their host. It now reads the sidecar's aliases."""
+    from logscore.parsers import FIELD_ALIASES
+    from logscore.report import entity_of
+
+    for alias in FIELD_ALIASES["access"]["remote_addr"]:
+        record = {"host": "-", "path": "/a"}
+        if "." in alias:  # (a nested ECS name, as the shipper sends it)
+            outer, inner = alias.split(".", 1)
+            record[outer] = {inner: "10.0.0.7"}
+        else:
+            record[alias] = "10.0.0.7"
+        assert entity_of(record, None) == "10.0.0.7", alias
+    assert entity_of({"remote_addr": "10.0.0.8", "remote": "10.9.9.9", "host": "-"}, None) == "10.0.0.8"

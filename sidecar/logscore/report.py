@@ -213,11 +213,11 @@ def text_of(record: dict) -> str:
 
 
 def entity_of(record: dict, name: Optional[str]) -> Optional[str]:
-    value = lookup(record, name) if name else lookup(record, *ENTITY_FIELDS)
+    value = lookup(record, name) if name else client_in(record)
     if value is None and not name:
         inner = lookup(record, "record")
         if isinstance(inner, dict):
-            value = lookup(inner, *ENTITY_FIELDS)
+            value = client_in(inner)
             line = lookup(inner, *RAW_LINE_KEYS) if value is None else None
             value = line_entity(line) if isinstance(line, str) else value
         elif isinstance(inner, str):
@@ -226,6 +226,16 @@ def entity_of(record: dict, name: Optional[str]) -> Optional[str]:
             line = lookup(record, *RAW_LINE_KEYS)
             value = line_entity(line) if isinstance(line, str) else None
     return str(value) if value is not None else None
+
+
+def client_in(record: dict):
+    """The first of ENTITY_FIELDS holding a value, not a map: ECS's ``client`` is a map whose ``ip``
+    is the client (a plain ``client`` named the map itself)."""
+    for name in ENTITY_FIELDS:
+        value = lookup(record, name)
+        if value is not None and not isinstance(value, (dict, list)):
+            return value
+    return None
 
 
 def line_entity(line: str) -> Optional[str]:
