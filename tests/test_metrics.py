@@ -69,7 +69,28 @@ def test_a_new_version_of_a_flooding_model_is_judged_afresh(caplog):
     warned = [r for r in caplog.records if "far more records" in r.getMessage()]
     assert [r.version for r in warned] == ["v1", "v2"]
     assert watch.status()["web"] == {"version": "v2", "flagged": 40, "of_records": 100, "expected_share": 0.002,
-                                     "routes": [""]}
+                                     "learned_here": False, "routes": [""]}
+
+
+def test_a_learned_model_flooding_is_not_called_another_logs(caplog):
+    """A route learned with --learn flooded when its host logged 400 lines of one never-seen error in
+    10 s (syslog field trial): the warning and the review page said the model was another site's or
+    log's and told the operator to train one on their own log or serve with --learn, which it did."""
+    from types import SimpleNamespace
+
+    from logscore.flood import FloodWatch
+    from logscore.review import ReviewRing, render_page
+
+    learned = SimpleNamespace(name="syslog", version="v2", metadata={
+        "calibration": {"target_fpr": 0.001}, "training": {"learned_route": "syslog"}})
+    watch = FloodWatch(block_records=100)
+    with caplog.at_level(logging.WARNING, logger="logscore.serve"):
+        watch.observe(learned, 100, 47, "sys.newhost")
+    [warning] = [r.getMessage() for r in caplog.records if "far more records" in r.getMessage()]
+    assert "learned from this traffic" in warning and "--learn" not in warning and "another site" not in warning
+    page = render_page(ReviewRing(10), [], 0, {}, {}, {"store": "s", "reachable": True}, flooding=watch.status())
+    banner = page.split("id=flooding>", 1)[1].split("</p>", 1)[0]
+    assert "it learned from this traffic" in banner and "--learn" not in banner
 
 
 def test_a_tag_flooding_is_seen_beside_a_busy_tag_the_same_model_scores_well(caplog):

@@ -57,6 +57,30 @@ def flood_warning(name: str, log_format: str, target: float, flagged: int, score
             f"one on it (logscore train --input FILE --format ...)")
 
 
+ANOTHER_LOG = ("model flags far more records than it was trained to: unless an attack or an incident fills this "
+               "traffic (the review page at /ui/ shows what is flagged), it is not a model of it (another site or "
+               "log); train one on your own log (logscore train --input FILE --format FORMAT --out "
+               "MODELS_DIR/NAME.onnx) and send the records to it (the Fluentd filter's `model NAME`, or --tag-routes "
+               "'TAG=NAME' / --default-model when the sidecar next starts), or serve with --learn (docs/operations.md: "
+               "Learning on arrival)")
+LEARNED_HERE = ("model learned from this traffic flags far more records than it was trained to: an incident, an "
+                "attack or a new kind of traffic fills it (the review page at /ui/ shows what is flagged; a burst of "
+                "one error also raises a window event); records marked normal there are learned at the next retrain")
+
+
+def flood_message(model) -> str:
+    """The warning for a flooding block. NOTE: an attack in full swing floods a block too (the review page
+    tells the two apart); and a model learned from the route's own traffic is no other site's model: told to
+    train on its own log or serve with --learn, the operator of a learned syslog route whose host logged 400
+    lines of one error in 10 s (a field trial) was sent to do what the sidecar was already doing."""
+    return LEARNED_HERE if learned_here(model) else ANOTHER_LOG
+
+
+def learned_here(model) -> bool:
+    """Whether the model was learned from its route's own traffic (serve --learn)."""
+    return bool(model.metadata.get("training", {}).get("learned_route"))
+
+
 class FloodWatch:
     """Per model and route (the records' tag), the flagged share of its last complete block of
     records; a block past the mismatch share is logged (once per SERVE_LOG_INTERVAL_S per model and
@@ -96,21 +120,15 @@ class FloodWatch:
                 self._flooding.pop(key, None)
                 return
             self._flooding[key] = {"version": model.version, "flagged": block_flagged,
-                                   "of_records": block_scored, "expected_share": target_fpr(model)}
+                                   "of_records": block_scored, "expected_share": target_fpr(model),
+                                   "learned_here": learned_here(model)}
             if now - self._logged_at.get(key, float("-inf")) < self.log_interval_s:
                 return
             self._logged_at[key] = now
-        # NOTE: an attack in full swing floods a block too: the review page tells the two apart.
-        log.warning("model flags far more records than it was trained to: unless an attack or an incident "
-                    "fills this traffic (the review page at /ui/ shows what is flagged), it is not a model of "
-                    "it (another site or log); train one on your own log (logscore train --input FILE "
-                    "--format FORMAT --out MODELS_DIR/NAME.onnx) and send the records to it (the Fluentd filter's "
-                    "`model NAME`, or --tag-routes 'TAG=NAME' / --default-model when the sidecar next starts), "
-                    "or serve with --learn (docs/operations.md: Learning on arrival)",
-                    extra={"model": model.name, "route": route or None, "version": model.version,
-                           "flagged": block_flagged, "of_records": block_scored,
-                           "flagged_share": round(block_flagged / block_scored, 4),
-                           "expected_share": target_fpr(model)})
+        log.warning(flood_message(model), extra={"model": model.name, "route": route or None, "version": model.version,
+                                                 "flagged": block_flagged, "of_records": block_scored,
+                                                 "flagged_share": round(block_flagged / block_scored, 4),
+                                                 "expected_share": target_fpr(model)})
 
     def _start_version(self, model) -> None:
         """A new version (retrained, learned, replaced) is judged afresh: the operator who replaced a

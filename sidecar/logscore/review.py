@@ -474,6 +474,12 @@ border-radius:4px}
 """
 
 
+OTHER_LOG_FLOODING = ("unless an attack or an incident fills this traffic (the groups below show which), it is not a "
+                      "model of it. Train one on your own log and send the records to it, or serve with --learn.")
+LEARNED_FLOODING = ("it learned from this traffic, so an incident, an attack or a new kind of traffic fills it (the "
+                    "groups below show which); mark a new kind normal and the next retrain learns it.")
+
+
 def render_page(ring: ReviewRing, entries: list, total_entries: int, histograms: dict, thresholds: dict,
                 status: dict, message: str = "", max_groups: int = 50, flooding: Optional[dict] = None) -> str:
     """The review page: groups of recent anomalies, the score histogram per model, the feedback list
@@ -503,9 +509,7 @@ def render_page(ring: ReviewRing, entries: list, total_entries: int, histograms:
         records = f"records tagged {', '.join(map(html_text, tagged))}" if tagged else "records"
         parts.append(f"<p class=flash id=flooding>{html_text(model)} flagged {block['flagged']:,} of its last "
                      f"{block['of_records']:,} {records}, where it expects about {block['expected_share']:.1%}: "
-                     "unless an attack or an incident fills this traffic (the groups below show which), it is "
-                     "not a model of it. Train one on your own log and send the records to it, or serve with "
-                     "--learn.</p>")
+                     f"{LEARNED_FLOODING if block.get('learned_here') else OTHER_LOG_FLOODING}</p>")
     if message:
         parts.append(f"<p class=flash id=message>{html_text(message)}</p>")
     parts.append("<h2>Groups</h2>")
