@@ -329,6 +329,24 @@ def test_a_common_format_site_learning_from_the_shipped_combined_model_learns_it
     assert spec["access_layout"] == "common"
 
 
+def test_records_holding_bytes_that_are_not_utf8_are_written_for_training(tmp_path):
+    """Forward mode reads bytes that are not UTF-8 as lone surrogates: one such syslog line (Latin-1
+    from an old daemon) in a route's window made every training fail with UnicodeEncodeError, and the
+    route never learned (syslog field trial, behind real Fluent Bit)."""
+    from logscore.inputs import read_lines
+    from logscore.learning import write_inputs
+    from logscore.model import Model
+
+    latin1 = b"Dec  5 10:00:00 host sshd[1]: caf\xe9".decode("utf-8", "surrogateescape")
+    records = ["Dec  5 10:00:00 host sshd[1]: ok", latin1, {"message": latin1, "ident": "sshd"},
+               {"message": "half a pair \ud83d"}]  # (a JSON escape of half a surrogate pair, over HTTP)
+    paths = write_inputs(tmp_path / "inputs", records, Model.load(DEFAULT_MODEL))
+    lines = list(read_lines([str(paths["records"])]))
+    assert lines[:2] == ["Dec  5 10:00:00 host sshd[1]: ok", "Dec  5 10:00:00 host sshd[1]: caf\ufffd"]
+    assert json.loads(lines[2]) == {"message": "Dec  5 10:00:00 host sshd[1]: caf\ufffd", "ident": "sshd"}
+    assert json.loads(lines[3]) == {"message": "half a pair ?"}
+
+
 def test_a_route_learned_from_its_first_records_learns_again_from_a_fuller_window_once(tmp_path):
     """A first model learns from learn_records; it waited for learn_retrain_records more while a
     fuller window would have taught it more (a new shop's injected attacks: 86 % flagged with 5,000

@@ -431,11 +431,11 @@ def write_inputs(directory: Path, records: list, serving: Model) -> dict:
     model's featurizer spec, for `logscore train --json-records --config`."""
     directory.mkdir(parents=True, exist_ok=True)
     paths = {"records": directory / "records.jsonl", "spec": directory / "spec.json"}
-    with open(paths["records"], "w", encoding="utf-8") as out:
+    with open(paths["records"], "wb") as out:
         for record in records:
             # NOTE: binary strings as text: written "b'GET'", a route learned behind the Fluentd filter
             # flagged every record it then scored
-            out.write((field_map_json(record) if isinstance(record, dict) else record) + "\n")
+            out.write(storable((field_map_json(record) if isinstance(record, dict) else record) + "\n"))
     spec = serving.featurizer.spec()
     # NOTE: an access log's layout is the site's, not the featurizer's: kept, a common-format site
     # learning from the shipped model (combined) got a model reading its records' null referer and
@@ -443,6 +443,18 @@ def write_inputs(directory: Path, records: list, serving: Model) -> dict:
     spec.pop("access_layout", None)
     paths["spec"].write_text(json.dumps(spec), encoding="utf-8")
     return paths
+
+
+def storable(text: str) -> bytes:
+    """A record's line for the training file. NOTE: forward mode reads bytes that are not UTF-8 as lone
+    surrogates (passed on as they came); written as UTF-8 they raised, and one such syslog line in a
+    route's window failed every training of it (syslog field trial). They go as their own bytes, which
+    training reads as it reads them in a log file (U+FFFD); any other lone surrogate (a JSON escape of
+    half a pair) as '?'."""
+    try:
+        return text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "replace")
 
 
 def swap_in(candidate: Path, target: Path, directory: Path) -> None:
