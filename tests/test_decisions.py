@@ -60,6 +60,20 @@ def test_records_that_do_not_parse_are_flagged_when_the_training_data_parsed(pat
         assert not result.is_anomaly[:3].any()
 
 
+def test_a_record_that_does_not_parse_is_not_said_flagged_while_its_route_learns(shop_model):
+    """Behind Fluent Bit, a learning syslog route's empty line was noted "did not parse as syslog;
+    flagged: ..." beside is_anomaly false (the route's flags were held): the note said the opposite of
+    the decision. Once the route has its model, the note says flagged again."""
+    records = ["", "\x00\x01 binary"]
+    result = shop_model.score(records)
+    held = decide(shop_model, result, learning=["route shop is learning", None])
+    assert held.is_anomaly.tolist() == [False, True]
+    notes = {i: text for i, _, text in held.notes if text.startswith("did not parse")}
+    assert notes == {0: "did not parse as access; not flagged while its route learns (flagged after: the model's "
+                        "training data parsed)",
+                     1: "did not parse as access; flagged: the model's training data parsed"}
+
+
 def test_when_the_training_data_did_not_parse_either_such_records_are_only_noted(tmp_path):
     lines = shop_lines(1500, seed=81)
     lines += [f"free text line number {i}" for i in range(60)]  # 3.8 % unparsed in training
