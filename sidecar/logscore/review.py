@@ -477,7 +477,8 @@ border-radius:4px}
 OTHER_LOG_FLOODING = ("unless an attack or an incident fills this traffic (the groups below show which), it is not a "
                       "model of it. Train one on your own log and send the records to it, or serve with --learn.")
 LEARNED_FLOODING = ("it learned from this traffic, so an incident, an attack or a new kind of traffic fills it (the "
-                    "groups below show which); mark a new kind normal and the next retrain learns it.")
+                    "groups below show which); a kind marked normal is no longer flagged, and is learned at the next "
+                    "retrain.")
 
 
 def render_page(ring: ReviewRing, entries: list, total_entries: int, histograms: dict, thresholds: dict,
