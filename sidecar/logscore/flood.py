@@ -65,8 +65,8 @@ ANOTHER_LOG = ("model flags far more records than it was trained to: unless an a
                "Learning on arrival)")
 LEARNED_HERE = ("model learned from this traffic flags far more records than it was trained to: an incident, an "
                 "attack or a new kind of traffic fills it (the review page at /ui/ shows what is flagged; a burst of "
-                "one error also raises a window event); a kind marked normal there is no longer flagged, and is learned "
-                "at the next retrain")
+                "one error also raises a window event); a kind marked normal there is no longer flagged, and is "
+                "learned at the next retrain")
 
 
 def flood_message(model) -> str:
