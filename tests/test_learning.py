@@ -413,3 +413,38 @@ def test_what_the_training_child_warns_of_reaches_the_sidecar_s_log(tmp_path, sh
         learner._relay(route, list(route.warned))
         learner._relay(route, list(route.warned) + ["something new"])
     assert [r.warning for r in caplog.records] == ["something new"], caplog.text
+
+
+def test_a_training_child_ends_with_the_sidecar_that_started_it(tmp_path):
+    """A SIGKILLed sidecar left its learner's `logscore train` child running to the end, while the
+    restarted sidecar's learner wrote the same route's files (syslog field trial)."""
+    import subprocess
+    import sys
+
+    data = tmp_path / "train.log"
+    data.write_text("\n".join(shop_lines(3000, seed=5)) + "\n")
+    out = tmp_path / "learned.onnx"
+    # A stand-in for the sidecar: it starts the training as the learner does, says its pid, and waits.
+    sidecar = subprocess.Popen(
+        [sys.executable, "-c", "import os, subprocess, sys, time\n"
+         "child = subprocess.Popen([sys.executable, '-m', 'logscore', 'train', '--input', sys.argv[1], '--out',"
+         " sys.argv[2], '--learner-pid', str(os.getpid())])\n"
+         "print(child.pid, flush=True)\ntime.sleep(120)\n", str(data), str(out)],
+        stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    child = int(sidecar.stdout.readline())
+    sidecar.kill()
+    sidecar.wait()
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and alive(child):
+        time.sleep(0.1)
+    assert not alive(child)
+    assert not out.exists()
+
+
+def alive(pid: int) -> bool:
+    """Whether the process runs (a zombie nobody reaped has ended)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False

@@ -252,6 +252,7 @@ def add_robustness_flags(parser: argparse.ArgumentParser) -> None:
                         "payload family in a few percent of the log stays unseen); 0 turns it off, as "
                         "--keep-outliers does (default 0.01)")
     parser.add_argument("--learned-route", metavar="ROUTE", help=argparse.SUPPRESS)  # set by the sidecar's learner
+    parser.add_argument("--learner-pid", type=int, help=argparse.SUPPRESS)  # the sidecar that started this training
     parser.add_argument("--feedback", metavar="STORE",
                         help="fold in operators' feedback (a SQLite file or postgresql:// URL, as the sidecar's "
                         "--feedback-store; 'env' reads it from LOGSCORE_FEEDBACK_STORE, keeping a password out of "
@@ -574,9 +575,29 @@ class ProgressPrinter:
         print(f"[{self.command}] {stage}: {amount} {unit}", file=sys.stderr, flush=True)
 
 
+def end_with_learner(sidecar_pid: int) -> None:
+    """A training the sidecar's learner started ends when that sidecar does (Linux: the kernel sends
+    SIGTERM). NOTE: a SIGKILLed sidecar left its child training on, while the restarted sidecar's
+    learner wrote the same route's files (syslog field trial)."""
+    import ctypes
+    import ctypes.util
+    import os
+    import signal
+
+    pr_set_pdeathsig = 1
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").prctl(pr_set_pdeathsig, int(signal.SIGTERM))
+    except (OSError, AttributeError):
+        pass  # (not Linux: the sidecar's own stop still ends it)
+    if os.getppid() != sidecar_pid:  # gone before the line above took hold
+        raise SystemExit("logscore train: error: the sidecar that started this training has stopped")
+
+
 def run_train(args) -> int:
     from pathlib import Path
 
+    if args.learner_pid:
+        end_with_learner(args.learner_pid)
     try:
         from .features import load_spec
         from .features.featurizer import SESSION_FIELDS

@@ -319,7 +319,7 @@ class Learner:
         command = [sys.executable, "-m", "logscore", "train", "--input", str(inputs["records"]), "--json-records",
                    "--config", str(inputs["spec"]), "--detectors", ",".join(serving.detectors),
                    "--target-fpr", str(target_fpr(serving)), "--name", name, "--learned-route", name,
-                   "--out", str(out), "--feedback", "env"]
+                   "--out", str(out), "--feedback", "env", "--learner-pid", str(os.getpid())]
         if learned_for(serving, name):  # retraining the route's own model: what it flags is not learned
             command += ["--previous-model", str(serving.artifact.path)]
         if carries_behaviour(serving.metadata):
