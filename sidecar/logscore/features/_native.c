@@ -1139,13 +1139,13 @@ fail:
     return NULL;
 }
 
-/* Ascending sort of 32-bit keys through `spare` (as long): they are uniform hashes, so one
- * pass on the top byte spreads them over 256 buckets of a few keys each, and an insertion
- * sort finishes each bucket (qsort's callback, or a full radix sort, cost more than hashing). */
-/* Ascending. Up to RADIX_FROM keys: one pass on the top byte, then insertion sort (keys are
- * hashes, so a bucket holds a few). More: least-significant-digit radix sort, a byte a pass;
- * the buckets grow with the value (a 64 KiB value took 0.16 s), the passes do not, but they
- * cost twice as much on the short values most fields hold. */
+/* Ascending sort of 32-bit keys through `spare` (as long). Up to RADIX_FROM keys: one pass on
+ * their top bits into about as many buckets as keys (they are uniform hashes, so a bucket holds
+ * a key or two), then an insertion sort finishes each bucket. NOTE: the buckets scale with n:
+ * 256 of them for a URL's ~75 windows made summing the bucket counts cost more than the sort.
+ * More keys: least-significant-digit radix sort, a byte a pass; the buckets grow with the value
+ * (a 64 KiB value took 0.16 s), the passes do not, but they cost twice as much on the short
+ * values most fields hold. (qsort's callback cost more than hashing.) */
 #define RADIX_FROM 4096
 static void sort_keys(uint32_t *a, uint32_t *spare, Py_ssize_t n) {
     if (n > RADIX_FROM) {
@@ -1161,12 +1161,13 @@ static void sort_keys(uint32_t *a, uint32_t *spare, Py_ssize_t n) {
         return;  /* four passes: the keys are back in a */
     }
     if (n > 32) {
-        Py_ssize_t starts[257] = {0};
-        for (Py_ssize_t i = 0; i < n; i++) starts[(a[i] >> 24) + 1]++;
-        for (int b = 0; b < 256; b++) starts[b + 1] += starts[b];
-        Py_ssize_t next[256];
-        memcpy(next, starts, sizeof next);
-        for (Py_ssize_t i = 0; i < n; i++) spare[next[a[i] >> 24]++] = a[i];
+        int bits = 5;  /* buckets: the power of two at or below n, at most 256 */
+        while (bits < 8 && (Py_ssize_t)2 << bits <= n) bits++;
+        const int shift = 32 - bits;
+        uint32_t next[257] = {0};  /* n <= RADIX_FROM fits */
+        for (Py_ssize_t i = 0; i < n; i++) next[(a[i] >> shift) + 1]++;
+        for (int b = 1; b < 1 << bits; b++) next[b] += next[b - 1];
+        for (Py_ssize_t i = 0; i < n; i++) spare[next[a[i] >> shift]++] = a[i];
         memcpy(a, spare, n * sizeof *a);
     }
     for (Py_ssize_t i = 1; i < n; i++) {  /* each key is at most a bucket away from its place */
