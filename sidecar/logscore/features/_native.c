@@ -29,6 +29,9 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#if defined(__SSE2__)
+#include <emmintrin.h>  /* x86-64 always has it: four code points a step where URLs are read */
+#endif
 
 /* ------------------------------------------------------------------ buffers */
 
@@ -134,11 +137,24 @@ static int text_set(Text *t, const Py_UCS4 *src, Py_ssize_t n) {
 }
 
 static int text_from_str(Text *t, PyObject *s) {
-    Py_ssize_t n = PyUnicode_GET_LENGTH(s);
+    Py_ssize_t n = PyUnicode_GET_LENGTH(s), i = 0;
     if (text_reserve(t, n) < 0) return -1;
     int kind = PyUnicode_KIND(s);
     const void *data = PyUnicode_DATA(s);
-    for (Py_ssize_t i = 0; i < n; i++) t->data[i] = PyUnicode_READ(kind, data, i);
+#if defined(__SSE2__)
+    if (kind == PyUnicode_1BYTE_KIND) {  /* most values: bytes widened 16 at a time */
+        const __m128i zero = _mm_setzero_si128();
+        for (; i + 16 <= n; i += 16) {
+            __m128i bytes = _mm_loadu_si128((const __m128i *)((const Py_UCS1 *)data + i));
+            __m128i low = _mm_unpacklo_epi8(bytes, zero), high = _mm_unpackhi_epi8(bytes, zero);
+            _mm_storeu_si128((__m128i *)(t->data + i), _mm_unpacklo_epi16(low, zero));
+            _mm_storeu_si128((__m128i *)(t->data + i + 4), _mm_unpackhi_epi16(low, zero));
+            _mm_storeu_si128((__m128i *)(t->data + i + 8), _mm_unpacklo_epi16(high, zero));
+            _mm_storeu_si128((__m128i *)(t->data + i + 12), _mm_unpackhi_epi16(high, zero));
+        }
+    }
+#endif
+    for (; i < n; i++) t->data[i] = PyUnicode_READ(kind, data, i);
     t->len = n;
     return 0;
 }
@@ -166,7 +182,20 @@ static PyObject *text_to_str(const Py_UCS4 *data, Py_ssize_t n) {
 static int utf8_add(Bytes *b, const Py_UCS4 *data, Py_ssize_t n) {
     if (bytes_reserve(b, 4 * n) < 0) return -1;
     unsigned char *out = (unsigned char *)b->data + b->len;
-    for (Py_ssize_t i = 0; i < n; i++) {
+    Py_ssize_t i = 0;
+#if defined(__SSE2__)
+    /* ASCII, 8 code points a step: each is its own byte (packing saturates only values >= 0x80) */
+    const __m128i high_bits = _mm_set1_epi32(~0x7F);
+    for (; i + 8 <= n; i += 8) {
+        __m128i first = _mm_loadu_si128((const __m128i *)(data + i)), second = _mm_loadu_si128((const __m128i *)(data + i + 4));
+        __m128i beyond = _mm_and_si128(_mm_or_si128(first, second), high_bits);
+        if (_mm_movemask_epi8(_mm_cmpeq_epi32(beyond, _mm_setzero_si128())) != 0xFFFF) break;
+        __m128i words = _mm_packs_epi32(first, second);
+        _mm_storel_epi64((__m128i *)out, _mm_packus_epi16(words, words));
+        out += 8;
+    }
+#endif
+    for (; i < n; i++) {
         Py_UCS4 c = data[i];
         if (c < 0x80) {
             *out++ = (unsigned char)c;
@@ -1034,7 +1063,16 @@ static int unquote_plus_once(const Text *in, Text *out, Bytes *scratch) {
 }
 
 static int text_has(const Text *t, Py_UCS4 a, Py_UCS4 b) {
-    for (Py_ssize_t i = 0; i < t->len; i++)
+    Py_ssize_t i = 0;
+#if defined(__SSE2__)
+    const __m128i wanted_a = _mm_set1_epi32((int)a), wanted_b = _mm_set1_epi32((int)b);
+    for (; i + 4 <= t->len; i += 4) {
+        __m128i four = _mm_loadu_si128((const __m128i *)(t->data + i));
+        if (_mm_movemask_epi8(_mm_or_si128(_mm_cmpeq_epi32(four, wanted_a), _mm_cmpeq_epi32(four, wanted_b))))
+            return 1;
+    }
+#endif
+    for (; i < t->len; i++)
         if (t->data[i] == a || t->data[i] == b) return 1;
     return 0;
 }
