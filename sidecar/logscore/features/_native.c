@@ -1249,13 +1249,21 @@ static PyObject *ngram_features(PyObject *module, PyObject *args) {
         if (bytes_reserve(&windows, most * 8) < 0) goto done;
         uint32_t *w = (uint32_t *)windows.data;
         Py_ssize_t count = 0;
-        for (int size = low; size <= high; size++) {
-            for (Py_ssize_t start = 0; start + size <= length; start++) {
-                uint64_t h = seed * 8 + (uint64_t)size;
-                for (int k = 0; k < size; k++) h = h * prime + p[start + k];
+        /* A window's hash, (seed * 8 + size) * prime^size + its bytes as a polynomial in prime
+         * (mod 2^64, as the reference computes it byte by byte), is rolled from the previous
+         * window's: drop the first byte's term, shift, add the next byte. */
+        for (int size = low; size <= high && size <= length; size++) {
+            uint64_t first_power = 1, polynomial = 0;  /* prime^(size - 1); the first window's bytes */
+            for (int k = 1; k < size; k++) first_power *= prime;
+            const uint64_t base = (seed * 8 + (uint64_t)size) * first_power * prime;
+            for (int k = 0; k < size; k++) polynomial = polynomial * prime + p[k];
+            for (Py_ssize_t start = 0;; start++) {
+                uint64_t h = base + polynomial;
                 h ^= h >> 29;
                 h *= mix;
                 w[count++] = (uint32_t)(h >> 32);
+                if (start + size >= length) break;
+                polynomial = (polynomial - p[start] * first_power) * prime + p[start + size];
             }
         }
         sort_keys(w, w + most, count);
