@@ -1093,16 +1093,24 @@ static int percent_decode(Text *t, int max_rounds, Text *spare, Bytes *scratch) 
 
 /* converters.value_shape without the length cut: ASCII letters -> 'a', digits -> '9', runs of
  * one character collapsed. */
+static Py_UCS4 ascii_shape[128];  /* ASCII code point -> its class ('a', '9' or itself), made at import */
+
+static void shape_init(void) {
+    for (Py_UCS4 c = 0; c < 128; c++)
+        ascii_shape[c] = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') ? 'a' : c >= '0' && c <= '9' ? '9' : c;
+}
+
 static int shape_of(const Py_UCS4 *data, Py_ssize_t n, Text *out) {
     out->len = 0;
     if (text_reserve(out, n) < 0) return -1;
+    Py_UCS4 *shaped = out->data, previous = 0xFFFFFFFFu;  /* no code point */
+    Py_ssize_t length = 0;
     for (Py_ssize_t i = 0; i < n; i++) {
-        Py_UCS4 c = data[i];
-        if ((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z')) c = 'a';
-        else if (c >= '0' && c <= '9') c = '9';
-        if (out->len && out->data[out->len - 1] == c) continue;
-        out->data[out->len++] = c;
+        Py_UCS4 c = data[i] < 128 ? ascii_shape[data[i]] : data[i];
+        if (c == previous) continue;
+        shaped[length++] = previous = c;
     }
+    out->len = length;
     return 0;
 }
 
@@ -1202,7 +1210,8 @@ static void sort_keys(uint32_t *a, uint32_t *spare, Py_ssize_t n) {
         int bits = 5;  /* buckets: the power of two at or below n, at most 256 */
         while (bits < 8 && (Py_ssize_t)2 << bits <= n) bits++;
         const int shift = 32 - bits;
-        uint32_t next[257] = {0};  /* n <= RADIX_FROM fits */
+        uint32_t next[257];  /* n <= RADIX_FROM fits */
+        memset(next, 0, ((1 << bits) + 1) * sizeof *next);
         for (Py_ssize_t i = 0; i < n; i++) next[(a[i] >> shift) + 1]++;
         for (int b = 1; b < 1 << bits; b++) next[b] += next[b - 1];
         for (Py_ssize_t i = 0; i < n; i++) spare[next[a[i] >> shift]++] = a[i];
@@ -2632,6 +2641,7 @@ static struct PyModuleDef native_module = {
 
 PyMODINIT_FUNC PyInit__native(void) {
     crc_init();
+    shape_init();
     if (PyType_Ready(&FeaturesType) < 0 || PyType_Ready(&CacheType) < 0) return NULL;
     PyObject *numpy = PyImport_ImportModule("numpy");
     if (!numpy) return NULL;
