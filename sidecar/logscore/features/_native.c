@@ -1386,9 +1386,10 @@ static int url_structure(PyObject *value, int full, int rounds_allowed, PyObject
         if (text_set(path, s, path_end) < 0) return -1;
         if (q < 0) query->len = 0;
         else if (text_set(query, s + q + 1, n - q - 1) < 0) return -1;
-        /* "://" in path[:12] */
-        Py_ssize_t scheme = -1;
-        for (Py_ssize_t i = 0; i + 3 <= path->len; i++)
+        /* "://" in path[:12]: only a scheme that ends within the first 12 characters counts, so
+         * the rest of a long path is not searched */
+        Py_ssize_t scheme = -1, scheme_within = path->len < 12 ? path->len : 12;
+        for (Py_ssize_t i = 0; i + 3 <= scheme_within; i++)
             if (path->data[i] == ':' && path->data[i + 1] == '/' && path->data[i + 2] == '/') { scheme = i; break; }
         if (scheme >= 0 && scheme + 3 <= 12) {
             Py_ssize_t after = scheme + 3;
