@@ -362,6 +362,19 @@ def test_a_missing_extension_falls_back_and_is_logged_once(monkeypatch, caplog):
     assert_same_batches(first.transform(lines), Featurizer(DEFAULT_SPECS["access"], native=False).transform(lines))
 
 
+@SETTINGS
+@given(column=st.lists(values, max_size=40), copies=st.lists(st.integers(0, 39), max_size=20))
+def test_distinct_values_are_found_as_a_dict_finds_them(column, copies):
+    """The compiled distinct uses a table of its own: the same ids, and each distinct value the
+    object first seen, as the reference's dict gives; equal strs that are other objects too."""
+    column = list(column) + ["".join(list(column[i])) for i in copies if i < len(column) and column[i] is not None]
+    ids, found = native._native.distinct(column)
+    index: dict = {}
+    expected = [index.setdefault(value, len(index)) for value in column]
+    assert np.frombuffer(ids, dtype=np.int64).tolist() == expected
+    assert len(found) == len(index) and all(a is b for a, b in zip(found, index))
+
+
 def test_bad_values_are_clear_errors_not_crashes():
     with pytest.raises(TypeError, match="str or None"):
         native._native.ngram_encode([b"bytes"], False, False, False, 10)
