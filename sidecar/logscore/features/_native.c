@@ -1413,19 +1413,26 @@ static int url_structure(PyObject *value, int full, int rounds_allowed, PyObject
     /* template: "/".join(mask_segment(s) for s in path.split("/")) */
     Text *template_ = &w->template_;
     template_->len = 0;
+    /* room for the longest template once (a masked segment, at least one character, grows by at
+     * most 3 as "{id}"), so each character is written without a check */
+    if (text_reserve(template_, 4 * (path->len + 1)) < 0) return -1;
+    Py_UCS4 *written = template_->data;
     for (Py_ssize_t start = 0;;) {
         Py_ssize_t end = find_char(path->data, start, path->len, '/');
         if (end < 0) end = path->len;
-        if (start > 0 && text_push(template_, '/') < 0) return -1;
+        if (start > 0) *written++ = '/';
         if (is_id_segment(path->data + start, end - start)) {
             static const Py_UCS4 id[] = {'{', 'i', 'd', '}'};
-            for (int k = 0; k < 4; k++) if (text_push(template_, id[k]) < 0) return -1;
-        } else {
-            for (Py_ssize_t k = start; k < end; k++) if (text_push(template_, path->data[k]) < 0) return -1;
+            memcpy(written, id, sizeof id);
+            written += 4;
+        } else if (end > start) {
+            memcpy(written, path->data + start, (end - start) * sizeof(Py_UCS4));
+            written += end - start;
         }
         if (end >= path->len) break;
         start = end + 1;
     }
+    template_->len = written - template_->data;
     /* parameters: flags go to the key first, the parameters after the template */
     Bytes *params = &w->params;
     params->len = 0;
