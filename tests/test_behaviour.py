@@ -1340,6 +1340,40 @@ def test_series_scores_from_the_past_only_whatever_the_file_goes_on_with():
     assert np.all((whole >= 0) & (whole <= 1))
 
 
+def test_series_scores_a_never_seen_shape_at_the_usual_level_above_the_usual_spikes():
+    """Spikes of 20 twice a day, then for six hours one an hour: each spike deviates as every spike
+    before (so the deviation alone scores them as one more spike), but the windows full of spikes are
+    a shape the series never had. Its novelty lifts them above every usual spike."""
+    from logscore.series import score_series
+    times = START + 300 * np.arange(288 * 7)  # a week of 5-minute counts
+    values = np.zeros(len(times))
+    values[::144] = 20.0  # every 12 hours
+    event = 288 * 6
+    values[event: event + 72] = 0.0
+    values[event: event + 72: 12] = 20.0  # every hour, for six hours
+    scores = score_series(times, values)
+    during = scores[event: event + 78].max()  # the last spike's alarm is written CONFIRM_STEPS later
+    usual = np.r_[scores[288: event], scores[event + 78:]].max()  # after the warm-up
+    assert during > usual + 0.1, (during, usual)
+
+
+def test_shape_novelty_knows_a_repeated_day_finds_a_plateau_and_stays_bounded():
+    from logscore.series import SHAPE_BLOCKS, SHAPE_PROTOTYPES, SHAPE_VIGILANCE, ShapeNovelty
+    daily = 10.0 + 5.0 * np.sin(2 * np.pi * np.arange(288 * 4) / 288)  # 5-minute steps: blocks of 6
+    daily[288 * 3 + 60: 288 * 3 + 160] = 10.0  # the fourth day stays at its mean for 8 hours
+    shapes = ShapeNovelty(300.0)
+    found = np.array([shapes.novelty(value) for value in daily[: 288 * 2].tolist()])
+    assert found[: SHAPE_BLOCKS * 6 - 1].max() == 0.0  # no whole window yet
+    known = shapes.known
+    found = np.array([shapes.novelty(value) for value in daily[288 * 2:].tolist()])
+    assert found[:288].max() < SHAPE_VIGILANCE  # the third day: every window near a shape seen before
+    assert found[288 + 60: 288 + 160].max() > SHAPE_VIGILANCE and shapes.known > known  # the plateau: new shapes
+    noise = ShapeNovelty(300.0)
+    for value in np.random.default_rng(2).uniform(0, 1, 20_000).tolist():
+        noise.novelty(value)
+    assert noise.known == SHAPE_PROTOTYPES and noise.shapes.shape == (SHAPE_BLOCKS, SHAPE_PROTOTYPES)
+
+
 @pytest.mark.parametrize("last, expected", [
     # counts to measurements: the same square-root scale, Anscombe's 3/8 leaves the level (sqrt(100));
     # the spread is 2 % of that level: (sqrt(100.5) - 10) / 0.2, not 0.031 against sqrt(100.375)

@@ -4,7 +4,9 @@ The same forecaster the sidecar's windows use (forecast.py), on one key whose wi
 series' steps; then four questions about each point's deviation, all answered from the past:
 
     typical   u = deviation / a typical day's strangest (the median of the daily maxima of the
-              deviation over the last ``TYPICAL_DAYS`` days): how strange for this series
+              deviation over the last ``TYPICAL_DAYS`` days): how strange for this series; or, if
+              larger, n = the point's novelty of shape / a typical day's largest novelty (the same
+              median, of its daily maxima): how new the last hours' shape is (``ShapeNovelty``)
     record    v = deviation / the largest deviation of the previous day: is it beyond anything
               since yesterday (so a long anomaly, or a noisy stretch, raises one alarm, not one
               at every point)
@@ -15,17 +17,19 @@ series' steps; then four questions about each point's deviation, all answered fr
               their mean deviation reaches ``CONFIRM_SHARE`` of its own (at most x 1): a burst that
               lasts keeps its score, a lone spike (one point, then the usual) loses most of it
 
-    candidate     = u / (1 + u)  x  v^4 / (1 + v^4)  x  (1 - HOLD x the highest candidate of the hold-off)
+    candidate     = m / (1 + m)  x  v^4 / (1 + v^4)  x  (1 - HOLD x the highest candidate of the hold-off),
+                    m = max(u, n)
     anomaly_score = the candidate of the point CONFIRM_STEPS back
                     x min(1, the mean deviation since / (CONFIRM_SHARE x its deviation))
 
 The score written for a point is therefore the alarm about the point ``CONFIRM_STEPS`` steps
 before it: the alarm comes that many steps late, from the past only.
 
-The first day only learns (its deviations are not scored); the series' usual step and its kind
-(counts, measurements, or values that go negative: ``Kind``) settle from that day's points, and the
-kind widens from the first later value that contradicts it. Measured on NAB's series, and why
-these questions and not others, in docs/accuracy.md (benchmarks/nab_evaluate.py).
+The first day only learns (its deviations are not scored); the series' usual step (the forecaster's,
+the hold-off's and the shape blocks') and its kind (counts, measurements, or values that go negative:
+``Kind``) settle from that day's points, and the kind widens from the first later value that
+contradicts it. Measured on NAB's series, and why these questions and not others, in docs/accuracy.md
+(benchmarks/nab_evaluate.py).
 """
 
 from __future__ import annotations
@@ -59,6 +63,14 @@ HOLD = 0.7  # ... and how far: x (1 - HOLD x the alarm's score)
 HOLD_STEPS = 24
 CONFIRM_STEPS = 3  # a point's score waits for this many points after it ...
 CONFIRM_SHARE = 0.5  # ... whose mean deviation keeps its score whole from this share of its own up
+# Novelty of shape (ARTime's idea, written anew): a point's window is its last SHAPE_BLOCKS blocks of
+# SHAPE_BLOCK_S (at least a step each), each block the mean of its values, matched against the shapes
+# seen before. Chosen on the 48 NAB series held out from the other settings (docs/accuracy.md).
+SHAPE_BLOCK_S = 1800.0
+SHAPE_BLOCKS = 8
+SHAPE_PROTOTYPES = 256  # shapes remembered; the least recently matched makes room for a new one
+SHAPE_VIGILANCE = 0.1  # a window farther than this share of the range of values from every shape is a new shape
+SHAPE_RATE = 0.1  # how far a matched shape moves toward the window that matched it
 
 
 @dataclass
@@ -231,10 +243,62 @@ class RunningMax:
         self.kept.append((moment, value))
 
 
+class ShapeNovelty:
+    """How new each point's recent shape is, online and bounded: the window of the last
+    ``SHAPE_BLOCKS`` block means against at most ``SHAPE_PROTOTYPES`` shapes seen before (leader
+    clustering). The novelty is the largest block difference to the nearest shape, over the range of
+    the values so far: a plateau or a flattened day at the usual level and range is far from every
+    daily shape the series had, where its deviation from the forecast may stay ordinary."""
+
+    def __init__(self, step_s: float) -> None:
+        """``step_s``: the series' usual step from its warm-up, as the forecaster's (a block spans at
+        least one)."""
+        self.block = max(1, int(round(SHAPE_BLOCK_S / step_s))) if step_s > 0 else 1
+        self.last_block = np.zeros(self.block)  # the last ``block`` values, a ring
+        self.block_means = np.zeros((SHAPE_BLOCKS - 1) * self.block + 1)  # the mean ending at each recent point
+        self.offsets = np.arange(SHAPE_BLOCKS) * self.block  # where the window's blocks end in that ring, oldest first
+        self.seen = 0
+        self.low, self.high = math.inf, -math.inf
+        # One shape a column: the largest difference is then a reduction over rows, 3x faster than over columns
+        self.shapes = np.zeros((SHAPE_BLOCKS, SHAPE_PROTOTYPES))
+        self.last_matched = np.zeros(SHAPE_PROTOTYPES)
+        self.known = 0  # shapes in use
+
+    def novelty(self, value: float) -> float:
+        """This point's novelty (0 until a whole window has been seen); then the shapes learn its window."""
+        self.low, self.high = min(self.low, value), max(self.high, value)
+        self.last_block[self.seen % self.block] = value
+        # Summed anew, not a running sum: a flat stretch then gives equal means, never rounding noise
+        self.block_means[self.seen % len(self.block_means)] = self.last_block.sum() / self.block
+        self.seen += 1
+        if self.seen < SHAPE_BLOCKS * self.block:
+            return 0.0
+        window = self.block_means[(self.seen + self.offsets) % len(self.block_means)]
+        if self.known == 0:
+            self.remember(window)
+            return 0.0
+        scale = max(self.high - self.low, 1e-12)
+        distances = np.abs(self.shapes[:, :self.known] - window[:, None]).max(axis=0) / scale
+        nearest = int(np.argmin(distances))
+        found = float(distances[nearest])
+        if found > SHAPE_VIGILANCE:
+            self.remember(window)
+        else:
+            self.shapes[:, nearest] += SHAPE_RATE * (window - self.shapes[:, nearest])
+            self.last_matched[nearest] = self.seen
+        return found
+
+    def remember(self, window: np.ndarray) -> None:
+        """A new shape, in place of the least recently matched once the memory is full."""
+        slot = self.known if self.known < SHAPE_PROTOTYPES else int(np.argmin(self.last_matched))
+        self.known = min(self.known + 1, SHAPE_PROTOTYPES)
+        self.shapes[:, slot], self.last_matched[slot] = window, self.seen
+
+
 class SeriesScorer:
-    """One series' deviations in, anomaly scores out, online; the state is bounded (running maxima
-    of a day or of ``HOLD_STEPS`` steps at most, ``TYPICAL_DAYS`` daily maxima, and the last
-    ``CONFIRM_STEPS`` points)."""
+    """One series' deviations (and novelties of shape) in, anomaly scores out, online; the state is
+    bounded (running maxima of a day or of ``HOLD_STEPS`` steps at most, ``TYPICAL_DAYS`` daily maxima
+    of each, and the last ``CONFIRM_STEPS`` points)."""
 
     def __init__(self, start: float, step_s: float = 0.0) -> None:
         """``step_s``: the series' usual step (the hold-off spans at least ``HOLD_STEPS`` of them)."""
@@ -245,10 +309,13 @@ class SeriesScorer:
         self.record = RunningMax(RECORD_S)
         self.held = RunningMax(max(HOLD_S, HOLD_STEPS * step_s))
         self.waiting: collections.deque = collections.deque(maxlen=CONFIRM_STEPS + 1)  # (candidate, deviation)
+        self.novelty_day_max = 0.0
+        self.novelty_maxima: collections.deque = collections.deque(maxlen=TYPICAL_DAYS)
+        self.novelty_typical = 0.0
 
-    def score(self, moment: float, deviation: float) -> float:
+    def score(self, moment: float, deviation: float, novelty: float = 0.0) -> float:
         """The score of the point ``CONFIRM_STEPS`` back, now that the points after it are known."""
-        self.waiting.append((self.candidate(moment, deviation), deviation))
+        self.waiting.append((self.candidate(moment, deviation, novelty), deviation))
         if len(self.waiting) <= CONFIRM_STEPS:
             return 0.0
         candidate, its_deviation = self.waiting[0]
@@ -257,19 +324,23 @@ class SeriesScorer:
         since = (sum(later for _, later in self.waiting) - its_deviation) / CONFIRM_STEPS
         return candidate * min(1.0, since / (CONFIRM_SHARE * its_deviation))
 
-    def candidate(self, moment: float, deviation: float) -> float:
-        """This point's score before it is confirmed (typical x record x hold-off); updates the state."""
+    def candidate(self, moment: float, deviation: float, novelty: float = 0.0) -> float:
+        """This point's score before it is confirmed (typical x record x hold-off); updates the state.
+        ``novelty``: its novelty of shape (``ShapeNovelty``), 0 for none."""
         since = moment - self.start
         self._close_days(int(since // DAY_S))
         strangest = self.record.peek(moment)
         score = 0.0
         if since >= WARM_UP_S and self.maxima and strangest is not None:
-            beyond_typical = deviation / max(self.typical, 1e-9)
+            # A new shape is strange for the day as a large deviation is; only the record factor
+            # (a deviation beyond yesterday's) keeps a new shape on an ordinary day from alarming.
+            beyond_typical = max(deviation / max(self.typical, 1e-9), novelty / max(self.novelty_typical, 1e-9))
             beyond_record = (deviation / max(strangest, 1e-9)) ** RECORD_POWER
             held = 1.0 - HOLD * (self.held.peek(moment) or 0.0)
             score = beyond_typical / (1.0 + beyond_typical) * beyond_record / (1.0 + beyond_record) * held
             self.held.push(moment, score)
         self.day_max = max(self.day_max, deviation)
+        self.novelty_day_max = max(self.novelty_day_max, novelty)
         if since >= WARM_UP_S / 2:  # the first hours' forecast is still rough: not a record to beat
             self.record.push(moment, deviation)
         return score
@@ -278,16 +349,20 @@ class SeriesScorer:
         if day > self.day:
             self.maxima.append(self.day_max)
             self.typical = float(np.median(self.maxima))
-            self.day, self.day_max = day, 0.0
+            self.novelty_maxima.append(self.novelty_day_max)
+            self.novelty_typical = float(np.median(self.novelty_maxima))
+            self.day, self.day_max, self.novelty_day_max = day, 0.0, 0.0
 
 
 def score_series(times: np.ndarray, values: np.ndarray, progress=None) -> np.ndarray:
     """anomaly_score of each point in [0, 1], online; ``progress(done, total)`` now and then."""
     found = deviations(times, values)
-    scorer = SeriesScorer(float(times[0]), usual_step(times))
+    step_s = usual_step(times)  # the warm-up's: the forecaster's, the hold-off's and the shapes' blocks
+    scorer = SeriesScorer(float(times[0]), step_s)
+    shapes = ShapeNovelty(step_s)
     scores = np.zeros(len(times))
-    for i, (moment, deviation) in enumerate(zip(times.tolist(), found.tolist())):
-        scores[i] = scorer.score(moment, deviation)
+    for i, (moment, deviation, value) in enumerate(zip(times.tolist(), found.tolist(), values.tolist())):
+        scores[i] = scorer.score(moment, deviation, shapes.novelty(value))
         if progress is not None and i % PROGRESS_POINTS == 0:
             progress(i, len(times))
     return scores
