@@ -1355,6 +1355,11 @@ def test_series_scores_a_never_seen_shape_at_the_usual_level_above_the_usual_spi
     during = scores[event: event + 78].max()  # the last spike's alarm is written CONFIRM_STEPS later
     usual = np.r_[scores[288: event], scores[event + 78:]].max()  # after the warm-up
     assert during > usual + 0.1, (during, usual)
+    # From the past only: the shapes' blocks keep the warm-up's step whatever the file goes on with
+    tail_times = times[-1] + 3600 * np.arange(1, 24 * 90 + 1)  # ninety days of hourly fractions: most steps
+    tail = np.random.default_rng(4).uniform(0.0, 40.0, len(tail_times))
+    whole = score_series(np.concatenate([times, tail_times]), np.concatenate([values, tail]))
+    assert np.array_equal(whole[: len(times)], scores)
 
 
 def test_shape_novelty_knows_a_repeated_day_finds_a_plateau_and_stays_bounded():
