@@ -626,11 +626,13 @@ def test_a_message_mode_entry_that_is_not_time_and_record_is_skipped_and_counted
     assert counter(sidecar, "forward_protocol") == 0
 
 
-def test_a_broken_first_entry_is_skipped_not_taken_for_a_message_mode_time(chain):
-    # ["web", ["bad", [time, record]], option] is Forward mode with one bad entry, as Fluentd reads it.
+@pytest.mark.parametrize("bad", ["bad", 5, 1.5], ids=["str", "int", "float"])
+def test_a_broken_first_entry_is_skipped_not_taken_for_a_message_mode_time(chain, bad):
+    # ["web", [bad, [time, record]], option] is Forward mode with one bad entry, as Fluentd reads it. A
+    # number there was taken for Fluent Bit's [time, metadata]: the good entry dropped, the chunk never acked.
     sidecar, port, receiver = chain
     chunk = uuid.uuid4().hex
-    message = ["web", ["bad", [1_700_000_000, {"message": "good"}]], {"chunk": chunk}]
+    message = ["web", [bad, [1_700_000_000, {"message": "good"}]], {"chunk": chunk}]
     assert send_chunk(port, message) == {"ack": chunk}
     assert [r["message"] for _, r in receiver.wait_for(1)] == ["good"]
     assert counter(sidecar, "forward_invalid_entry") == 1

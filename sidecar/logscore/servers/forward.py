@@ -440,9 +440,15 @@ def _is_array(value) -> bool:
 
 
 def _is_time(value) -> bool:
-    """An event time: a number, an EventTime, or Fluent Bit's [time, metadata] (an array whose first item is one)."""
+    """An event time: a number, an EventTime, or Fluent Bit's [time, metadata] (two items, the second a map).
+
+    NOTE: any array whose first item was a time counted: a Forward chunk whose first entry was a bare
+    number (["web", [5, [time, record]], option]) was read as one Message-mode record, its option
+    map, whose time was skipped; its good entries were dropped and the chunk never acknowledged."""
     if _is_array(value):
-        value = value[0] if value else None
+        if len(value) != 2 or not isinstance(value[1], dict):
+            return False
+        value = value[0]
     return isinstance(value, (int, float, msgpack.ExtType, msgpack.Timestamp)) and not isinstance(value, bool)
 
 
