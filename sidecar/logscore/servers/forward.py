@@ -1035,6 +1035,11 @@ class MessageFramer:
                                        "(forward_max_message_bytes); send smaller chunks")
         return messages
 
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of the message under way (and any after it) held so far."""
+        return len(self._pending)
+
     def _skip_message(self) -> Optional[int]:
         """Where the message under way ends in _pending, once all of it is here."""
         try:
@@ -1044,6 +1049,18 @@ class MessageFramer:
         except (ValueError, msgpack.UnpackException) as error:
             raise undecodable(error) from None
         return self._skipper.tell() - self._start
+
+
+async def read_more(reader: asyncio.StreamReader, deadline: float) -> bytes:
+    """More of a message under way, which must be whole by ``deadline`` (loop time)."""
+    try:
+        async with asyncio.timeout_at(deadline):
+            data = await reader.read(READ_BYTES)
+    except asyncio.TimeoutError:
+        raise ForwardProtocolError(f"a message stayed incomplete for {PARTIAL_MESSAGE_TIMEOUT_S:g} s") from None
+    if not data:
+        raise ForwardProtocolError("the connection closed in the middle of a message")
+    return data
 
 
 @dataclass
@@ -1160,13 +1177,16 @@ class ForwardServer(StreamServer):
                     raise SpeaksTls("it opened with a TLS ClientHello; forward mode speaks the plain forward "
                                     "protocol: turn TLS off on the sender towards the sidecar, put a TLS "
                                     "terminator in front of the forward port, or use the gRPC surface with TLS")
+                framed, cut_off = await self._whole_messages_unadmitted(reader, framer, data)
                 async with self._admission:
                     task = asyncio.current_task()
                     self.busy.add(task)
                     try:
-                        await self._take_messages(reader, writer, framer, budget, small, data)
+                        await self._take_messages(reader, writer, framer, budget, small, framed, cut_off is None)
                     finally:
                         self.busy.discard(task)
+                if cut_off is not None:  # the whole messages before it went on
+                    raise cut_off
                 data = None
         except SpeaksTls as error:  # counted and logged apart: the fix is the sender's setup, not its data
             self.service.metrics.refused("forward_tls", "forward", f"connection from {peer} closed: {error}")
@@ -1201,9 +1221,31 @@ class ForwardServer(StreamServer):
                      extra={"peer": peer, "quiet_s": SILENT_SENDER_S})
             return None
 
+    @staticmethod
+    async def _whole_messages_unadmitted(reader, framer: MessageFramer,
+                                         data: bytes) -> tuple[list[memoryview], Optional[ForwardProtocolError]]:
+        """The messages ``data`` completes, reading on before admission while the last is only
+        partly here, until READ_BYTES are held (then the rest is read once admitted); and why the
+        connection ends once they are relayed, if the last never came whole.
+
+        NOTE: admitted with a message's first bytes, a sender trickling the rest held one of the
+        ACTIVE_CONNECTIONS places for PARTIAL_MESSAGE_TIMEOUT_S: twenty such connections, a byte
+        every 2 s each, held a valid sender's ack back 99 s. Unadmitted, they hold no place."""
+        deadline = asyncio.get_running_loop().time() + PARTIAL_MESSAGE_TIMEOUT_S
+        framed = framer.feed(data)
+        while framer.partial and framer.held_bytes + sum(len(message) for message in framed) < READ_BYTES:
+            try:
+                framed += framer.feed(await read_more(reader, deadline))
+            except ForwardProtocolError as error:
+                if not framed:
+                    raise
+                return framed, error
+        return framed, None
+
     async def _take_messages(self, reader, writer, framer: MessageFramer, budget: ValueBudget,
-                             small: msgpack.Unpacker, data: bytes) -> None:
-        """Relay the complete messages in the buffer; read on while one is only partly here.
+                             small: msgpack.Unpacker, framed: list[memoryview], read_on: bool = True) -> None:
+        """Relay the complete messages framed so far; read on while one is only partly here (if
+        ``read_on``).
 
         NOTE: the time a message may take to arrive counts from its first bytes, not per read: a
         sender trickling a byte every few seconds would otherwise hold its admission for good."""
@@ -1211,24 +1253,17 @@ class ForwardServer(StreamServer):
         deadline = loop.time() + PARTIAL_MESSAGE_TIMEOUT_S
         while True:
             messages = []
-            for framed in framer.feed(data):
-                message = await read_message(framed, self.max_message_bytes, budget, small)
+            for one in framed:
+                message = await read_message(one, self.max_message_bytes, budget, small)
                 await message.check_size(self.max_message_bytes)
                 messages.append(message)
             if messages:
                 await self._relay(messages, writer)
                 budget.release(budget.count)  # relayed: let go
                 deadline = loop.time() + PARTIAL_MESSAGE_TIMEOUT_S  # what is left began in the last bytes
-            if not framer.partial:
+            if not (framer.partial and read_on):
                 return
-            try:
-                async with asyncio.timeout_at(deadline):
-                    data = await reader.read(READ_BYTES)
-            except asyncio.TimeoutError:
-                raise ForwardProtocolError(f"a message stayed incomplete for {PARTIAL_MESSAGE_TIMEOUT_S:g} s") \
-                    from None
-            if not data:
-                raise ForwardProtocolError("the connection closed in the middle of a message")
+            framed = framer.feed(await read_more(reader, deadline))
 
     async def _relay(self, messages: list[Message], writer: asyncio.StreamWriter) -> None:
         """Score and pass on a group of messages, then acknowledge the sender's chunks."""
