@@ -268,8 +268,11 @@ def post(sidecar, body: bytes, path: str = "/v1/score", headers: str = "") -> tu
     ("/v1/score", b'{"bytes": ' + b"9" * 5000 + b"}", 400, "a number has more than 4,300 digits; send such a value "
      "as a string"),
     ("/v1/feedback", b'{"verdict": "normal", "expires_at": ' + b"9" * 5000 + b"}", 400, "more than 4,300 digits"),
-    ("/v1/score", b'{"records": "x"}', 400, '"records" must be an array of events, not str'),
-    ("/v1/score", b'{"records": {"url": "/"}}', 400, "not dict"),
+    ("/v1/score", b'{"records": "x"}', 400, '"records" must be an array of events, not a string'),
+    ("/v1/score", b'{"records": {"url": "/"}}', 400, "not an object"),
+    # Python's type names: "not NoneType"
+    ("/v1/score", b'[{"message": "x"}, null]', 400, "records[1] must be an object (an event) or a string (a raw "
+     "line), not null"),
     # gRPC's request holds the model beside the records: here it was ignored, another model scored them
     ("/v1/score", b'{"records": ["x"], "model": "syslog"}', 400, "model is not read there (model, tag, explain"),
     # an answer is built whole: 18,000 records with explain=100 made one of 34 MiB

@@ -122,9 +122,10 @@ def test_an_event_stream_charges_every_array_and_map_it_decodes():
         decode_event_stream(stream + b"\x92\x01\x81\x91\x01\x02")  # [1, {[1]: 2}]
 
 
-@pytest.mark.parametrize("entry, said", [("x", "got a str"), ([1, {"a": 1}, 3], "got an array of 3 items"),
-                                         ([1, "line"], "got a str for its record"),
-                                         ([1, None], "got nil for its record")])
+@pytest.mark.parametrize("entry, said", [("x", "got a string"), ([1, {"a": 1}, 3], "got an array of 3 items"),
+                                         ([1, "line"], "got a string for its record"),
+                                         ([1, None], "got nil for its record"), (None, "got nil"),
+                                         (5, "got an integer")])
 def test_an_event_stream_entry_that_is_not_time_and_record_is_named_for_what_it_is(entry, said):
     """Every such entry was "expected [time, record], got list": what was wrong went unsaid."""
     import msgpack

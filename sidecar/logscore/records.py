@@ -302,13 +302,24 @@ class RecordNormalizer:
         return fields
 
 
+# A decoded value's type as its sender wrote it (msgpack's words; JSON's where they differ): errors
+# named Python's (an event stream entry that was nil: "got a NoneType").
+MSGPACK_TYPES = {type(None): "nil", bool: "a boolean", int: "an integer", float: "a float", str: "a string",
+                 bytes: "binary", list: "an array", tuple: "an array", dict: "a map"}
+JSON_TYPES = {**MSGPACK_TYPES, type(None): "null", int: "a number", float: "a number", dict: "an object"}
+
+
+def type_name(value: object, names: dict = MSGPACK_TYPES) -> str:
+    return names.get(type(value), "an ext value")
+
+
 def describe_entry(entry: object) -> str:
     """What an event stream entry that is not [time, record] is, for the error that names it."""
     if not isinstance(entry, (list, tuple)):
-        return f"a {type(entry).__name__}"
+        return type_name(entry)
     if len(entry) != 2:
         return f"an array of {len(entry)} items"
-    return f"a {type(entry[1]).__name__} for its record" if entry[1] is not None else "nil for its record"
+    return f"{type_name(entry[1])} for its record"
 
 
 def value_counting_hooks(charge) -> dict:

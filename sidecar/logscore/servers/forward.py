@@ -67,7 +67,7 @@ import msgpack
 from ..decide import notes_by_record
 from ..errors import LogscoreError, ModelNotFound, Overloaded
 from ..metrics import OncePerInterval
-from ..records import value_counting_hooks
+from ..records import type_name, value_counting_hooks
 from ..scoring import ScoreCall, ScoringService
 from .streams import StreamServer
 
@@ -191,7 +191,7 @@ HANDSHAKE_MESSAGES = ("PING", "PONG")
 def decode_message(message, max_message_bytes: int) -> Message:
     """A message decoded whole (all but Forward mode's entries, see ``read_message``)."""
     if not isinstance(message, (list, tuple)) or len(message) < 2 or not isinstance(message[0], str):
-        raise ForwardProtocolError(f"expected [tag, ...], got {type(message).__name__}")
+        raise ForwardProtocolError(f"expected [tag, ...], got {type_name(message)}")
     tag, payload = message[0], message[1]
     if tag in HANDSHAKE_MESSAGES and len(message) > 4:
         raise ForwardProtocolError(f"a secure-forward {tag} (the sender has a shared_key), which the sidecar does not "
@@ -632,7 +632,7 @@ def checked_entry(entry) -> list:
     if isinstance(entry, InvalidEntry):  # one that could not be decoded (forward_entries)
         raise entry
     if not (isinstance(entry, (list, tuple)) and len(entry) == 2 and isinstance(entry[1], dict)):
-        raise InvalidEntry(f"an entry is not [time, record] but {type(entry).__name__}")
+        raise InvalidEntry(f"an entry is not [time, record] but {type_name(entry)}")
     if (problem := time_problem(entry[0])) is not None:
         raise InvalidEntry(f"an entry's time {problem}")
     if nested_deeper_than(entry[1], MAX_RECORD_DEPTH):

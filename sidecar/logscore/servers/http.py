@@ -37,6 +37,7 @@ from ..errors import (DeadlineExceeded, FeedbackNotFound, InvalidRequest, Logsco
                       ScorerUnavailable, ShuttingDown, StoreUnavailable, Unauthenticated)
 from ..flood import target_fpr
 from ..metrics import Metrics
+from ..records import JSON_TYPES, type_name
 from ..resources import openapi_path
 from ..scoring import ScoreCall, ScoreOutcome, ScoringService
 from ..settings import bearer_matches
@@ -472,8 +473,9 @@ def decode_events(body: bytes, content_type: str, ticket: Ticket = UNLIMITED) ->
         raise HttpError(400, "body is JSON nested too deeply; send events as flat objects") from None
     if isinstance(value, dict) and "records" in value:
         if not isinstance(value["records"], list):
-            raise HttpError(400, f"\"records\" must be an array of events, not {type(value['records']).__name__} "
-                            "(to send one event that has a field named records, wrap it in an array)")
+            raise HttpError(400, "\"records\" must be an array of events, not "
+                            f"{type_name(value['records'], JSON_TYPES)} (to send one event that has a field named "
+                            "records, wrap it in an array)")
         others = sorted(str(key) for key in value if key != "records")
         if others:
             # NOTE: gRPC's request carries model, tag and explain beside the records: sent in the body
@@ -499,7 +501,7 @@ def _check_events(events: list) -> list:
             events[i] = _without_unresolved(event)
         elif not isinstance(event, str):
             raise HttpError(400, f"records[{i}] must be an object (an event) or a string (a raw line), "
-                            f"not {type(event).__name__}")
+                            f"not {type_name(event, JSON_TYPES)}")
     return events
 
 
