@@ -199,6 +199,22 @@ def expect_status(call, code: grpc.StatusCode, text: str):
     assert text in error.value.details()
 
 
+@pytest.mark.parametrize("method, message", [("Feedback", "FeedbackRequest"), ("ListFeedback", "ListFeedbackRequest"),
+                                             ("DeleteFeedback", "DeleteFeedbackRequest"),
+                                             ("ListModels", "ListModelsRequest")])
+def test_a_malformed_request_to_any_method_is_invalid_argument_naming_it(sidecar, method, message):
+    # grpc's own parsing answered UNKNOWN "Unexpected <class 'google.protobuf.message.DecodeError'>: ..."
+    raw = sidecar.channel().unary_unary(f"/logscore.v1.Scorer/{method}")
+    expect_status(lambda: raw(b"\xff\xff\xff\x0f garbage", timeout=5), grpc.StatusCode.INVALID_ARGUMENT,
+                  f"malformed {message} protobuf")
+
+
+def test_a_malformed_watch_request_is_invalid_argument_naming_it(sidecar):
+    raw = sidecar.channel().unary_stream("/logscore.v1.Scorer/WatchAnomalies")
+    expect_status(lambda: list(raw(b"\xff\xff\xff\x0f garbage", timeout=5)), grpc.StatusCode.INVALID_ARGUMENT,
+                  "malformed WatchAnomaliesRequest protobuf")
+
+
 def test_bad_input_gets_documented_statuses_and_the_server_keeps_serving(sidecar):
     stub = sidecar.stub()
     raw = sidecar.channel().unary_unary("/logscore.v1.Scorer/Score")

@@ -12,6 +12,7 @@ from ..errors import InvalidRequest, LogscoreError
 from ..feedback import KEEP, NORMAL, UNREADABLE, Entry
 from ..feedback_store import Mark
 from ..generated.logscore.v1 import scorer_pb2 as pb
+from .grpc_requests import parsed_unary
 
 log = logging.getLogger("logscore.grpc")
 
@@ -61,12 +62,12 @@ class FeedbackServicer:
         self.status_codes = status_codes  # servers.grpc.STATUS_CODES
 
     def methods(self) -> dict:
-        def unary(method, request_type, response_type):
-            return grpc.unary_unary_rpc_method_handler(method, request_deserializer=request_type.FromString,
-                                                       response_serializer=response_type.SerializeToString)
-        return {"Feedback": unary(self.Feedback, pb.FeedbackRequest, pb.FeedbackEntry),
-                "ListFeedback": unary(self.ListFeedback, pb.ListFeedbackRequest, pb.ListFeedbackResponse),
-                "DeleteFeedback": unary(self.DeleteFeedback, pb.DeleteFeedbackRequest, pb.FeedbackEntry)}
+        metrics = self.service.metrics
+        return {"Feedback": parsed_unary(self.Feedback, pb.FeedbackRequest, pb.FeedbackEntry, metrics),
+                "ListFeedback": parsed_unary(self.ListFeedback, pb.ListFeedbackRequest, pb.ListFeedbackResponse,
+                                             metrics),
+                "DeleteFeedback": parsed_unary(self.DeleteFeedback, pb.DeleteFeedbackRequest, pb.FeedbackEntry,
+                                               metrics)}
 
     async def Feedback(self, request, context):
         async def work(feedback):

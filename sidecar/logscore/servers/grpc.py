@@ -11,7 +11,6 @@ import time
 from typing import Optional
 
 import grpc
-from google.protobuf.message import DecodeError
 
 from ..admission import UNLIMITED, Ticket
 from ..errors import (DeadlineExceeded, FeedbackNotFound, InvalidRequest, LogscoreError, ModelNotFound, Overloaded,
@@ -24,6 +23,7 @@ from ..records import decode_event_stream
 from ..scoring import ScoreCall, ScoreOutcome, ScoringService, check_record_count
 from ..settings import bearer_matches
 from .feedback_grpc import FeedbackServicer
+from .grpc_requests import parse_message, parsed_unary
 
 log = logging.getLogger("logscore.grpc")
 
@@ -40,14 +40,6 @@ STATUS_CODES: dict[type, grpc.StatusCode] = {
     ScorerUnavailable: grpc.StatusCode.UNAVAILABLE,
 }
 SERVICE_NAME = "logscore.v1.Scorer"
-
-
-def parse_request(data: bytes) -> pb.ScoreRequest:
-    try:
-        return pb.ScoreRequest.FromString(data)
-    except DecodeError as error:
-        raise InvalidRequest(f"malformed ScoreRequest protobuf ({error}); build it from "
-                             "proto/logscore/v1/scorer.proto") from None
 
 
 def decode_request(request: pb.ScoreRequest, deadline: Optional[float], ticket: Ticket = UNLIMITED,
@@ -135,13 +127,11 @@ class ScorerServicer:
             # NOTE: _score itself, not Score (which awaits it): one coroutine less a call
             "Score": grpc.unary_unary_rpc_method_handler(self._score, response_serializer=respond),
             "ScoreStream": grpc.stream_stream_rpc_method_handler(self.ScoreStream, response_serializer=respond),
-            "ListModels": grpc.unary_unary_rpc_method_handler(
-                self.ListModels, request_deserializer=pb.ListModelsRequest.FromString,
-                response_serializer=pb.ListModelsResponse.SerializeToString),
+            "ListModels": parsed_unary(self.ListModels, pb.ListModelsRequest, pb.ListModelsResponse,
+                                       self.service.metrics),
             **FeedbackServicer(self.service, STATUS_CODES).methods(),
             "WatchAnomalies": grpc.unary_stream_rpc_method_handler(
-                self.WatchAnomalies, request_deserializer=pb.WatchAnomaliesRequest.FromString,
-                response_serializer=None),  # the events come serialized (event_bytes)
+                self.WatchAnomalies, response_serializer=None),  # the events come serialized (event_bytes)
         })
 
     async def ScoreStream(self, request_iterator, context):
@@ -156,8 +146,13 @@ class ScorerServicer:
                                 target_fpr=target_fpr(model))
         return response
 
-    async def WatchAnomalies(self, request, context):
+    async def WatchAnomalies(self, data: bytes, context):
         """Events as they are published, until the caller cancels or the sidecar stops."""
+        try:
+            request = parse_message(pb.WatchAnomaliesRequest, data)
+        except InvalidRequest as error:
+            self.service.metrics.refused(type(error).__name__, "grpc", str(error))
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
         behaviour = self.service.behaviour
         unknown = set(request.kinds) - set(KINDS)
         if unknown:
@@ -204,7 +199,7 @@ class ScorerServicer:
         await context.abort(*failure)
 
     def _decode(self, data: bytes, context, ticket: Ticket) -> tuple[ScoreCall, str]:
-        request = parse_request(data)
+        request = parse_message(pb.ScoreRequest, data)
         remaining = context.time_remaining()
         deadline = time.monotonic() + remaining if remaining is not None else None
         call = decode_request(request, deadline, ticket, self.service.settings.max_records_per_request)
