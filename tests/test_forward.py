@@ -820,15 +820,17 @@ def test_senders_trickling_their_messages_hold_no_place_and_are_cut_off(tmp_path
         receiver.stop()
 
 
-def test_whole_messages_before_one_cut_short_go_on(chain):
-    # A sender asking for no acks cannot resend: its whole messages go on though the last never came whole.
+def test_whole_messages_go_on_at_once_while_the_next_is_under_way(chain):
     sidecar, port, receiver = chain
-    whole = msgpack.packb(["web", 1_700_000_000, {"message": "whole"}])
-    cut = msgpack.packb(["web", 1_700_000_001, {"message": "cut short"}])
+    whole = msgpack.packb(["web", 1_700_000_000, {"message": "whole"}, {"chunk": "whole"}])
+    cut = msgpack.packb(["web", 1_700_000_001, {"message": "cut short"}, {"chunk": "cut"}])
     with socket.create_connection(("127.0.0.1", port), timeout=10) as connection:
         connection.sendall(whole + cut[:10])
+        assert msgpack.unpackb(connection.recv(100)) == {"ack": "whole"}  # not held while the next one comes
+        assert counter(sidecar, "forward_protocol") == 0
     assert [r["message"] for _, r in receiver.wait_for(1)] == ["whole"]
     sidecar.wait_for(lambda: counter(sidecar, "forward_protocol") == 1, what="the cut message counted")
+    assert "closed in the middle of a message" in sidecar.log()
 
 
 def send_at_once(port: int, frames: list[bytes], timeout: float = 240) -> list[list[dict]]:

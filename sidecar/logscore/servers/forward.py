@@ -1163,6 +1163,8 @@ class ForwardServer(StreamServer):
         try:
             data = await self._first_bytes(reader, peer)
             while not self.draining:
+                if data is None and framer.partial:  # the rest of a message begun with the last messages
+                    data = await read_more(reader, asyncio.get_running_loop().time() + PARTIAL_MESSAGE_TIMEOUT_S)
                 if data is None:
                     try:
                         async with asyncio.timeout(self.idle_timeout_s):
@@ -1177,16 +1179,14 @@ class ForwardServer(StreamServer):
                     raise SpeaksTls("it opened with a TLS ClientHello; forward mode speaks the plain forward "
                                     "protocol: turn TLS off on the sender towards the sidecar, put a TLS "
                                     "terminator in front of the forward port, or use the gRPC surface with TLS")
-                framed, cut_off = await self._whole_messages_unadmitted(reader, framer, data)
+                framed = await self._whole_messages_unadmitted(reader, framer, data)
                 async with self._admission:
                     task = asyncio.current_task()
                     self.busy.add(task)
                     try:
-                        await self._take_messages(reader, writer, framer, budget, small, framed, cut_off is None)
+                        await self._take_messages(reader, writer, framer, budget, small, framed)
                     finally:
                         self.busy.discard(task)
-                if cut_off is not None:  # the whole messages before it went on
-                    raise cut_off
                 data = None
         except SpeaksTls as error:  # counted and logged apart: the fix is the sender's setup, not its data
             self.service.metrics.refused("forward_tls", "forward", f"connection from {peer} closed: {error}")
@@ -1222,30 +1222,23 @@ class ForwardServer(StreamServer):
             return None
 
     @staticmethod
-    async def _whole_messages_unadmitted(reader, framer: MessageFramer,
-                                         data: bytes) -> tuple[list[memoryview], Optional[ForwardProtocolError]]:
-        """The messages ``data`` completes, reading on before admission while the last is only
-        partly here, until READ_BYTES are held (then the rest is read once admitted); and why the
-        connection ends once they are relayed, if the last never came whole.
+    async def _whole_messages_unadmitted(reader, framer: MessageFramer, data: bytes) -> list[memoryview]:
+        """The messages ``data`` completes; while it completes none, read on before admission until
+        one is whole or READ_BYTES of it are held (then the rest is read once admitted).
 
         NOTE: admitted with a message's first bytes, a sender trickling the rest held one of the
         ACTIVE_CONNECTIONS places for PARTIAL_MESSAGE_TIMEOUT_S: twenty such connections, a byte
         every 2 s each, held a valid sender's ack back 99 s. Unadmitted, they hold no place."""
         deadline = asyncio.get_running_loop().time() + PARTIAL_MESSAGE_TIMEOUT_S
         framed = framer.feed(data)
-        while framer.partial and framer.held_bytes + sum(len(message) for message in framed) < READ_BYTES:
-            try:
-                framed += framer.feed(await read_more(reader, deadline))
-            except ForwardProtocolError as error:
-                if not framed:
-                    raise
-                return framed, error
-        return framed, None
+        while not framed and framer.partial and framer.held_bytes < READ_BYTES:
+            framed = framer.feed(await read_more(reader, deadline))
+        return framed
 
     async def _take_messages(self, reader, writer, framer: MessageFramer, budget: ValueBudget,
-                             small: msgpack.Unpacker, framed: list[memoryview], read_on: bool = True) -> None:
-        """Relay the complete messages framed so far; read on while one is only partly here (if
-        ``read_on``).
+                             small: msgpack.Unpacker, framed: list[memoryview]) -> None:
+        """Relay the complete messages framed so far; read on while READ_BYTES or more of one are
+        here (less is read on unadmitted: _whole_messages_unadmitted).
 
         NOTE: the time a message may take to arrive counts from its first bytes, not per read: a
         sender trickling a byte every few seconds would otherwise hold its admission for good."""
@@ -1261,7 +1254,7 @@ class ForwardServer(StreamServer):
                 await self._relay(messages, writer)
                 budget.release(budget.count)  # relayed: let go
                 deadline = loop.time() + PARTIAL_MESSAGE_TIMEOUT_S  # what is left began in the last bytes
-            if not (framer.partial and read_on):
+            if framer.held_bytes < READ_BYTES:
                 return
             framed = framer.feed(await read_more(reader, deadline))
 
