@@ -833,6 +833,41 @@ def test_whole_messages_go_on_at_once_while_the_next_is_under_way(chain):
     assert "closed in the middle of a message" in sidecar.log()
 
 
+def test_a_message_has_its_ten_seconds_from_its_first_byte_and_waits_unadmitted_in_bounded_memory(monkeypatch):
+    """Each step of reading a message (before admission, the rest after a whole one, once admitted)
+    gave it 10 s of its own: a message begun after an ack and trickled stayed open 19.5 s. And a
+    connection waiting for admission read on to twice READ_BYTES, held twice (framer and msgpack's
+    skipper): 300 waiting senders of 2 MiB chunks took 532 MiB instead of 268."""
+    import asyncio
+
+    from logscore.servers import forward
+
+    clock = [1000.0]
+    monkeypatch.setattr(forward.time, "monotonic", lambda: clock[0])
+    whole = msgpack.packb(["web", 1_700_000_000, {"message": "whole"}])
+    cut = msgpack.packb(["web", 1_700_000_001, {"message": "cut short"}])
+    framer = forward.MessageFramer(1 << 20)
+    assert len(framer.feed(whole + cut[:1])) == 1 and framer.began == 1000.0  # the rest began with the whole one
+    clock[0] = 1009.0
+    assert framer.feed(cut[1:5]) == [] and framer.began == 1000.0  # more of it: still its first byte's time
+    clock[0] = 1011.0
+
+    async def rest_of_the_message(framer, first: bytes, rest: bytes = b""):
+        reader = asyncio.StreamReader()
+        reader.feed_data(rest)
+        try:
+            return await forward.ForwardServer._whole_messages_unadmitted(reader, framer, first)
+        except forward.ForwardProtocolError as error:
+            return str(error)
+
+    assert "stayed incomplete" in asyncio.run(rest_of_the_message(framer, b""))  # at once: its 10 s are gone
+    clock[0] = 2000.0
+    big = msgpack.packb(["web", b"x" * (2 << 20)])
+    waiting = forward.MessageFramer(4 << 20)
+    assert asyncio.run(rest_of_the_message(waiting, big[:100], big[100:])) == []  # (the rest once admitted)
+    assert waiting.held_bytes == forward.UNADMITTED_BYTES
+
+
 def send_at_once(port: int, frames: list[bytes], timeout: float = 240) -> list[list[dict]]:
     """Each frame on its own connection, all at the same time; the answers, in frame order."""
     answers: dict[int, list] = {}

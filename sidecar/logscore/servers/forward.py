@@ -19,8 +19,8 @@ goes on exactly as it came (integer, float, EventTime, Fluent Bit's
   for no acks cannot resend, so its records are held and retried until the next
   hop takes them.
 - **Bounded memory, backpressure.** At most ``ACTIVE_CONNECTIONS`` connections are
-  read past their first block at a time; the others wait unread, so a backlog
-  stays in the senders' buffers. A message's bytes are read whole (``MessageFramer``: msgpack
+  read past a message's first ``UNADMITTED_BYTES`` at a time; the others wait unread
+  past that, so a backlog stays in the senders' buffers. A message's bytes are read whole (``MessageFramer``: msgpack
   skips over them, building nothing) before any of it is decoded. A big chunk is then decoded,
   scored and passed on in slices (Forward and PackedForward entries are decoded as they are
   needed; compressed payloads are inflated in steps, refused past ``INFLATION`` times
@@ -92,7 +92,10 @@ MAX_RECORD_DEPTH = 48
 # records may hold invalid UTF-8: strings are decoded with surrogateescape (and encoded
 # back the same way) so every byte reaches the next hop as it came.
 EXACT = "surrogateescape"
-READ_BYTES = 256 * 1024  # what a connection may read before it is admitted
+READ_BYTES = 256 * 1024  # what an admitted connection reads at a time
+# What a connection may hold of a message before it is admitted: held twice (the framer's buffer and
+# msgpack's skipper), as much as one unframed read of READ_BYTES held before
+UNADMITTED_BYTES = READ_BYTES // 2
 SKIPPER_START_BYTES = 16 * 1024  # a connection's message framer's first buffer (it grows as needed)
 ACTIVE_CONNECTIONS = 2  # read, scored and relayed at once; the rest wait unread (backpressure)
 INFLATE_STEP = 1024 * 1024
@@ -1002,6 +1005,7 @@ class MessageFramer:
         self._skipper = new_skipper()
         self._pending = bytearray()  # the bytes of the message under way (and any after it)
         self._start = 0  # where _pending starts in the bytes fed to the skipper
+        self.began = 0.0  # when the message under way began to arrive (time.monotonic())
 
     @property
     def partial(self) -> bool:
@@ -1011,6 +1015,8 @@ class MessageFramer:
     def feed(self, data: bytes) -> list[memoryview]:
         """The messages these bytes complete, in order; ForwardProtocolError if they are not msgpack
         or one grows past max_message_bytes."""
+        if not self._pending:
+            self.began = time.monotonic()
         self._pending += data
         self.fed += len(data)
         self._skipper.feed(data)
@@ -1025,6 +1031,7 @@ class MessageFramer:
             # record, and cutting each off the buffer copied the rest (2.1 s of CPU per 20,000)
             self._pending = self._pending[begin:]  # a new buffer: the messages' views keep the old
             self._start += begin
+            self.began = time.monotonic()  # what is left began in these bytes
         if not self._pending and self._start > READ_BYTES:
             # NOTE: msgpack's buffer keeps the size of the biggest str or bin it waited for whole
             # (a PackedForward payload): a new skipper lets it go
@@ -1051,11 +1058,12 @@ class MessageFramer:
         return self._skipper.tell() - self._start
 
 
-async def read_more(reader: asyncio.StreamReader, deadline: float) -> bytes:
-    """More of a message under way, which must be whole by ``deadline`` (loop time)."""
+async def read_more(reader: asyncio.StreamReader, framer: MessageFramer, limit: int = READ_BYTES) -> bytes:
+    """Up to ``limit`` more bytes of the message under way, which must be whole within
+    PARTIAL_MESSAGE_TIMEOUT_S of its first byte (whatever was read, admitted or not, in between)."""
     try:
-        async with asyncio.timeout_at(deadline):
-            data = await reader.read(READ_BYTES)
+        async with asyncio.timeout(framer.began + PARTIAL_MESSAGE_TIMEOUT_S - time.monotonic()):
+            data = await reader.read(limit)
     except asyncio.TimeoutError:
         raise ForwardProtocolError(f"a message stayed incomplete for {PARTIAL_MESSAGE_TIMEOUT_S:g} s") from None
     if not data:
@@ -1164,11 +1172,11 @@ class ForwardServer(StreamServer):
             data = await self._first_bytes(reader, peer)
             while not self.draining:
                 if data is None and framer.partial:  # the rest of a message begun with the last messages
-                    data = await read_more(reader, asyncio.get_running_loop().time() + PARTIAL_MESSAGE_TIMEOUT_S)
+                    data = await read_more(reader, framer, UNADMITTED_BYTES - framer.held_bytes)
                 if data is None:
                     try:
                         async with asyncio.timeout(self.idle_timeout_s):
-                            data = await reader.read(READ_BYTES)
+                            data = await reader.read(UNADMITTED_BYTES)
                     except asyncio.TimeoutError:
                         log.info("forward connection idle; closed", extra={"peer": peer,
                                                                            "idle_timeout_s": self.idle_timeout_s})
@@ -1213,7 +1221,7 @@ class ForwardServer(StreamServer):
         sides only time out, a minute later. A TLS sender speaks first and is told apart (serve)."""
         try:
             async with asyncio.timeout(min(SILENT_SENDER_S, self.idle_timeout_s)):
-                return await reader.read(READ_BYTES)
+                return await reader.read(UNADMITTED_BYTES)
         except asyncio.TimeoutError:
             log.info("forward connection quiet since it opened: normal for an idle sender; a sender set "
                      "up for secure forward (shared_key, Shared_Key) would wait here for a HELO the sidecar "
@@ -1224,26 +1232,23 @@ class ForwardServer(StreamServer):
     @staticmethod
     async def _whole_messages_unadmitted(reader, framer: MessageFramer, data: bytes) -> list[memoryview]:
         """The messages ``data`` completes; while it completes none, read on before admission until
-        one is whole or READ_BYTES of it are held (then the rest is read once admitted).
+        one is whole or UNADMITTED_BYTES of it are held (then the rest is read once admitted).
 
         NOTE: admitted with a message's first bytes, a sender trickling the rest held one of the
         ACTIVE_CONNECTIONS places for PARTIAL_MESSAGE_TIMEOUT_S: twenty such connections, a byte
         every 2 s each, held a valid sender's ack back 99 s. Unadmitted, they hold no place."""
-        deadline = asyncio.get_running_loop().time() + PARTIAL_MESSAGE_TIMEOUT_S
         framed = framer.feed(data)
-        while not framed and framer.partial and framer.held_bytes < READ_BYTES:
-            framed = framer.feed(await read_more(reader, deadline))
+        while not framed and framer.partial and framer.held_bytes < UNADMITTED_BYTES:
+            framed = framer.feed(await read_more(reader, framer, UNADMITTED_BYTES - framer.held_bytes))
         return framed
 
     async def _take_messages(self, reader, writer, framer: MessageFramer, budget: ValueBudget,
                              small: msgpack.Unpacker, framed: list[memoryview]) -> None:
-        """Relay the complete messages framed so far; read on while READ_BYTES or more of one are
-        here (less is read on unadmitted: _whole_messages_unadmitted).
+        """Relay the complete messages framed so far; read on while UNADMITTED_BYTES or more of one
+        are here (less is read on unadmitted: _whole_messages_unadmitted).
 
         NOTE: the time a message may take to arrive counts from its first bytes, not per read: a
         sender trickling a byte every few seconds would otherwise hold its admission for good."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + PARTIAL_MESSAGE_TIMEOUT_S
         while True:
             messages = []
             for one in framed:
@@ -1253,10 +1258,9 @@ class ForwardServer(StreamServer):
             if messages:
                 await self._relay(messages, writer)
                 budget.release(budget.count)  # relayed: let go
-                deadline = loop.time() + PARTIAL_MESSAGE_TIMEOUT_S  # what is left began in the last bytes
-            if framer.held_bytes < READ_BYTES:
+            if framer.held_bytes < UNADMITTED_BYTES:
                 return
-            framed = framer.feed(await read_more(reader, deadline))
+            framed = framer.feed(await read_more(reader, framer))
 
     async def _relay(self, messages: list[Message], writer: asyncio.StreamWriter) -> None:
         """Score and pass on a group of messages, then acknowledge the sender's chunks."""
