@@ -868,6 +868,17 @@ def test_a_message_has_its_ten_seconds_from_its_first_byte_and_waits_unadmitted_
     assert waiting.held_bytes == forward.UNADMITTED_BYTES
 
 
+@pytest.mark.parametrize("message, said", [
+    ({"tag": "web"}, "got a map"), (["web"], "got an array of 1 item"),
+    ([1, 2, 3], "got an array whose first item is an integer, not a tag string")])
+def test_a_message_that_is_not_tag_first_is_refused_naming_what_it_is(message, said):
+    """[1, 2, 3] was refused as "expected [tag, ...], got an array", which reads as what was asked."""
+    from logscore.servers.forward import ForwardProtocolError, decode_message
+
+    with pytest.raises(ForwardProtocolError, match=said):
+        decode_message(message, 1 << 20)
+
+
 def send_at_once(port: int, frames: list[bytes], timeout: float = 240) -> list[list[dict]]:
     """Each frame on its own connection, all at the same time; the answers, in frame order."""
     answers: dict[int, list] = {}

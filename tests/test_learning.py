@@ -339,12 +339,14 @@ def test_records_holding_bytes_that_are_not_utf8_are_written_for_training(tmp_pa
 
     latin1 = b"Dec  5 10:00:00 host sshd[1]: caf\xe9".decode("utf-8", "surrogateescape")
     records = ["Dec  5 10:00:00 host sshd[1]: ok", latin1, {"message": latin1, "ident": "sshd"},
-               {"message": "half a pair \ud83d"}]  # (a JSON escape of half a surrogate pair, over HTTP)
+               {"message": "half a pair \ud83d"},  # (a JSON escape of half a surrogate pair, over HTTP)
+               latin1 + " and half a pair \ud83d"]  # (both in one line: the byte kept all the same)
     paths = write_inputs(tmp_path / "inputs", records, Model.load(DEFAULT_MODEL))
     lines = list(read_lines([str(paths["records"])]))
     assert lines[:2] == ["Dec  5 10:00:00 host sshd[1]: ok", "Dec  5 10:00:00 host sshd[1]: caf\ufffd"]
     assert json.loads(lines[2]) == {"message": "Dec  5 10:00:00 host sshd[1]: caf\ufffd", "ident": "sshd"}
     assert json.loads(lines[3]) == {"message": "half a pair ?"}
+    assert lines[4] == "Dec  5 10:00:00 host sshd[1]: caf\ufffd and half a pair ?"
 
 
 def test_a_route_learned_from_its_first_records_learns_again_from_a_fuller_window_once(tmp_path):

@@ -813,16 +813,15 @@ def run_score(args) -> int:
     model = Model.load(args.model, max_line_chars=args.max_record_bytes)
     records = read_json_records(args.inputs) if args.json_records else read_lines(args.inputs)
     out = sys.stdout
-    line_number = flagged = 0
+    line_number = 0
     tally = RecordTally()
     for chunk in batched(records, max(1, args.batch)):
         result = model.score(chunk, explain=args.explain)
         decision = decide(model, result)
-        flagged += int(decision.is_anomaly.sum())
         notes = notes_by_record([(i, text) for i, _, text in decision.notes], len(chunk))
         for i in range(len(chunk)):
             line_number += 1
-            tally.add(model.name, chunk[i], notes[i])
+            tally.add(model.name, chunk[i], notes[i], flagged=decision.is_anomaly[i])
             if args.only_anomalies and not decision.is_anomaly[i]:
                 continue
             explanation = result.explanations[i] if result.explanations is not None else None
@@ -834,7 +833,8 @@ def run_score(args) -> int:
     out.flush()
     from .flood import flood_warning, target_fpr
 
-    warning = flood_warning(model.name, model.featurizer.log_format, target_fpr(model), flagged, line_number,
+    counts = tally.models.get(model.name, {"flagged": 0})
+    warning = flood_warning(model.name, model.featurizer.log_format, target_fpr(model), counts["flagged"], line_number,
                             model.metadata.get("training", {}).get("inputs") or ["its training files"])
     if warning:
         print(f"logscore score: warning: {warning}", file=sys.stderr, flush=True)

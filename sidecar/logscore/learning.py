@@ -26,6 +26,7 @@ directories).
 from __future__ import annotations
 
 import asyncio
+import codecs
 import importlib.util
 import json
 import logging
@@ -451,10 +452,17 @@ def storable(text: str) -> bytes:
     route's window failed every training of it (syslog field trial). They go as their own bytes, which
     training reads as it reads them in a log file (U+FFFD); any other lone surrogate (a JSON escape of
     half a pair) as '?'."""
-    try:
-        return text.encode("utf-8", "surrogateescape")
-    except UnicodeEncodeError:
-        return text.encode("utf-8", "replace")
+    return text.encode("utf-8", "logscore-own-bytes")
+
+
+def own_bytes_or_question_mark(error: UnicodeEncodeError) -> tuple[bytes, int]:
+    """Each unencodable character of ``error``: a byte that was not UTF-8 (U+DC80-U+DCFF) as itself,
+    any other lone surrogate as '?' (per character: one of each in a line kept the byte too)."""
+    bad = error.object[error.start:error.end]
+    return bytes(ord(c) - 0xDC00 if 0xDC80 <= ord(c) <= 0xDCFF else ord("?") for c in bad), error.end
+
+
+codecs.register_error("logscore-own-bytes", own_bytes_or_question_mark)
 
 
 def swap_in(candidate: Path, target: Path, directory: Path) -> None:

@@ -191,10 +191,19 @@ class Message:
 HANDSHAKE_MESSAGES = ("PING", "PONG")
 
 
+def describe_message(message) -> str:
+    """What a message that is not [tag, ...] is, for the error that names it."""
+    if not isinstance(message, (list, tuple)):
+        return type_name(message)
+    if len(message) < 2:
+        return f"an array of {len(message)} item{'s' if len(message) != 1 else ''}"
+    return f"an array whose first item is {type_name(message[0])}, not a tag string"
+
+
 def decode_message(message, max_message_bytes: int) -> Message:
     """A message decoded whole (all but Forward mode's entries, see ``read_message``)."""
     if not isinstance(message, (list, tuple)) or len(message) < 2 or not isinstance(message[0], str):
-        raise ForwardProtocolError(f"expected [tag, ...], got {type_name(message)}")
+        raise ForwardProtocolError(f"expected [tag, ...], got {describe_message(message)}")
     tag, payload = message[0], message[1]
     if tag in HANDSHAKE_MESSAGES and len(message) > 4:
         raise ForwardProtocolError(f"a secure-forward {tag} (the sender has a shared_key), which the sidecar does not "

@@ -23,7 +23,7 @@ from ..records import decode_event_stream
 from ..scoring import ScoreCall, ScoreOutcome, ScoringService, check_record_count
 from ..settings import bearer_matches
 from .feedback_grpc import FeedbackServicer
-from .grpc_requests import parse_message, parsed_unary
+from .grpc_requests import parse_message, parsed_or_refused, parsed_unary
 
 log = logging.getLogger("logscore.grpc")
 
@@ -148,11 +148,7 @@ class ScorerServicer:
 
     async def WatchAnomalies(self, data: bytes, context):
         """Events as they are published, until the caller cancels or the sidecar stops."""
-        try:
-            request = parse_message(pb.WatchAnomaliesRequest, data)
-        except InvalidRequest as error:
-            self.service.metrics.refused(type(error).__name__, "grpc", str(error))
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        request = await parsed_or_refused(pb.WatchAnomaliesRequest, data, context, self.service.metrics)
         behaviour = self.service.behaviour
         unknown = set(request.kinds) - set(KINDS)
         if unknown:

@@ -18,13 +18,17 @@ def parse_message(message_type, data: bytes):
                              "proto/logscore/v1/scorer.proto") from None
 
 
+async def parsed_or_refused(message_type, data: bytes, context, metrics):
+    """``data`` as a ``message_type``; a malformed one is counted, logged and answered INVALID_ARGUMENT."""
+    try:
+        return parse_message(message_type, data)
+    except InvalidRequest as error:
+        metrics.refused(type(error).__name__, "grpc", str(error))
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+
+
 def parsed_unary(method, request_type, response_type, metrics) -> grpc.RpcMethodHandler:
     """A unary method called with its request parsed, a malformed one answered INVALID_ARGUMENT."""
     async def call(data: bytes, context):
-        try:
-            request = parse_message(request_type, data)
-        except InvalidRequest as error:
-            metrics.refused(type(error).__name__, "grpc", str(error))
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
-        return await method(request, context)
+        return await method(await parsed_or_refused(request_type, data, context, metrics), context)
     return grpc.unary_unary_rpc_method_handler(call, response_serializer=response_type.SerializeToString)
