@@ -1373,10 +1373,33 @@ def test_shape_novelty_knows_a_repeated_day_finds_a_plateau_and_stays_bounded():
     found = np.array([shapes.novelty(value) for value in daily[288 * 2:].tolist()])
     assert found[:288].max() < SHAPE_VIGILANCE  # the third day: every window near a shape seen before
     assert found[288 + 60: 288 + 160].max() > SHAPE_VIGILANCE and shapes.known > known  # the plateau: new shapes
-    noise = ShapeNovelty(300.0)
-    for value in np.random.default_rng(2).uniform(0, 1, 20_000).tolist():
-        noise.novelty(value)
-    assert noise.known == SHAPE_PROTOTYPES and noise.shapes.shape == (SHAPE_BLOCKS, SHAPE_PROTOTYPES)
+    # Full, a new shape takes the place of the least recently matched: of 600 windows of noise, each a
+    # new shape, the last are still known when the same values come again.
+    memory = ShapeNovelty(300.0)
+    noise = np.random.default_rng(2).uniform(0, 15, 600).tolist()
+    for value in daily[: 288 * 2].tolist() + noise:
+        memory.novelty(value)
+    assert memory.known == SHAPE_PROTOTYPES
+    replayed = np.array([memory.novelty(value) for value in noise[-200:]])[-150:]  # (the same windows)
+    assert np.mean(replayed < SHAPE_VIGILANCE) > 0.9
+
+
+def test_shape_novelty_keeps_its_blocks_bounded_and_passes_over_values_that_are_no_number():
+    """Blocks of 30 minutes in a series of 10-µs steps were 180 million points (11.5 GB; at 1 µs a
+    98 GiB allocation, a traceback); one value of 1e308 made a shape infinite and every later match NaN."""
+    from logscore.series import SHAPE_BLOCK_MOST_POINTS, SHAPE_BLOCKS, ShapeNovelty, score_series
+
+    fine = ShapeNovelty(1e-5)
+    assert fine.block == SHAPE_BLOCK_MOST_POINTS and fine.block_means.size <= SHAPE_BLOCKS * fine.block
+    shapes = ShapeNovelty(300.0)
+    values = (10.0 + np.sin(np.arange(2000) / 9.0)).tolist()
+    for value in values[:1000] + [float("inf"), float("nan")] + values[1000:1500]:
+        found = shapes.novelty(value)
+    assert np.isfinite(found) and np.isfinite(shapes.shapes[:, :shapes.known]).all()
+    times = START + 300.0 * np.arange(288 * 3)
+    huge = np.full(len(times), 1e300)
+    huge[-20:] = 1e306
+    assert np.isfinite(score_series(times, huge)).all()  # (the record factor overflowed: a traceback)
 
 
 @pytest.mark.parametrize("last, expected", [

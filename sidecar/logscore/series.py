@@ -54,6 +54,7 @@ PROGRESS_POINTS = 100_000
 TYPICAL_DAYS = 30  # daily maxima remembered for "a typical day's strangest"
 RECORD_S = 86400.0  # "the previous day" of the record factor
 RECORD_POWER = 4.0  # how sharply the record factor rises past yesterday's strangest (0.5 at it)
+RECORD_MOST = 1e12  # the record factor is 1 within float precision long before (v^4 / (1 + v^4))
 HOLD_S = 3 * 3600.0  # how long an alarm holds the scores after it down ...
 HOLD = 0.7  # ... and how far: x (1 - HOLD x the alarm's score)
 # ... and over at least this many steps: 3 hours are 36 five-minute steps but 3 hourly ones, too few
@@ -65,12 +66,16 @@ CONFIRM_STEPS = 3  # a point's score waits for this many points after it ...
 CONFIRM_SHARE = 0.5  # ... whose mean deviation keeps its score whole from this share of its own up
 # Novelty of shape (ARTime's idea, written anew): a point's window is its last SHAPE_BLOCKS blocks of
 # SHAPE_BLOCK_S (at least a step each), each block the mean of its values, matched against the shapes
-# seen before. Chosen on the 48 NAB series held out from the other settings (docs/accuracy.md).
+# seen before. Blocks are counted in points of the warm-up's step (past only), not in time: across a
+# gap, or where the series later samples more sparsely, a window spans more time. Chosen on the 48 NAB series held out from the other settings (docs/accuracy.md).
 SHAPE_BLOCK_S = 1800.0
 SHAPE_BLOCKS = 8
 SHAPE_PROTOTYPES = 256  # shapes remembered; the least recently matched makes room for a new one
 SHAPE_VIGILANCE = 0.1  # a window farther than this share of the range of values from every shape is a new shape
 SHAPE_RATE = 0.1  # how far a matched shape moves toward the window that matched it
+# A block is SHAPE_BLOCK_S of the warm-up's step, at most this many points: a series of millisecond
+# steps made blocks of 1.8 million points (10 us steps: 11.5 GB, 1 us: a 98 GiB allocation)
+SHAPE_BLOCK_MOST_POINTS = 256
 
 
 @dataclass
@@ -253,7 +258,7 @@ class ShapeNovelty:
     def __init__(self, step_s: float) -> None:
         """``step_s``: the series' usual step from its warm-up, as the forecaster's (a block spans at
         least one)."""
-        self.block = max(1, int(round(SHAPE_BLOCK_S / step_s))) if step_s > 0 else 1
+        self.block = min(max(1, int(round(SHAPE_BLOCK_S / step_s))) if step_s > 0 else 1, SHAPE_BLOCK_MOST_POINTS)
         self.last_block = np.zeros(self.block)  # the last ``block`` values, a ring
         self.block_means = np.zeros((SHAPE_BLOCKS - 1) * self.block + 1)  # the mean ending at each recent point
         self.offsets = np.arange(SHAPE_BLOCKS) * self.block  # where the window's blocks end in that ring, oldest first
@@ -265,7 +270,10 @@ class ShapeNovelty:
         self.known = 0  # shapes in use
 
     def novelty(self, value: float) -> float:
-        """This point's novelty (0 until a whole window has been seen); then the shapes learn its window."""
+        """This point's novelty (0 until a whole window has been seen); then the shapes learn its window.
+        A value that is no finite number is passed over: one in a shape made every later match NaN."""
+        if not math.isfinite(value):
+            return 0.0
         self.low, self.high = min(self.low, value), max(self.high, value)
         self.last_block[self.seen % self.block] = value
         # Summed anew, not a running sum: a flat stretch then gives equal means, never rounding noise
@@ -335,7 +343,8 @@ class SeriesScorer:
             # A new shape is strange for the day as a large deviation is; only the record factor
             # (a deviation beyond yesterday's) keeps a new shape on an ordinary day from alarming.
             beyond_typical = max(deviation / max(self.typical, 1e-9), novelty / max(self.novelty_typical, 1e-9))
-            beyond_record = (deviation / max(strangest, 1e-9)) ** RECORD_POWER
+            # (bounded before the power: values near 1e300 overflowed it, a traceback)
+            beyond_record = min(deviation / max(strangest, 1e-9), RECORD_MOST) ** RECORD_POWER
             held = 1.0 - HOLD * (self.held.peek(moment) or 0.0)
             score = beyond_typical / (1.0 + beyond_typical) * beyond_record / (1.0 + beyond_record) * held
             self.held.push(moment, score)
