@@ -67,7 +67,8 @@ CONFIRM_SHARE = 0.5  # ... whose mean deviation keeps its score whole from this 
 # Novelty of shape (ARTime's idea, written anew): a point's window is its last SHAPE_BLOCKS blocks of
 # SHAPE_BLOCK_S (at least a step each), each block the mean of its values, matched against the shapes
 # seen before. Blocks are counted in points of the warm-up's step (past only), not in time: across a
-# gap, or where the series later samples more sparsely, a window spans more time. Chosen on the 48 NAB series held out from the other settings (docs/accuracy.md).
+# gap, or where the series later samples more sparsely, a window spans more time. Chosen on the 48
+# NAB series held out from the other settings (docs/accuracy.md).
 SHAPE_BLOCK_S = 1800.0
 SHAPE_BLOCKS = 8
 SHAPE_PROTOTYPES = 256  # shapes remembered; the least recently matched makes room for a new one
