@@ -478,7 +478,9 @@ static int check_key(PyObject *key) {
  * it is used. */
 static int cache_put_item(CacheObject *self, PyObject *key, PyObject *entry) {
     if (PyDict_GET_SIZE(self->newer) >= self->half_entries || self->newer_bytes >= self->half_bytes) {
-        PyObject *fresh = PyDict_New();
+        /* As large as the generation it follows grew: on novel traffic a generation fills at once,
+         * and growing a dict to thousands of entries resized it (and rehashed it) nine times. */
+        PyObject *fresh = _PyDict_NewPresized(PyDict_GET_SIZE(self->newer));
         if (!fresh) return -1;
         PyObject *dropped = self->older;
         self->older = self->newer;
