@@ -297,6 +297,39 @@ def test_compiled_cache_keeps_what_the_python_cache_keeps(operations):
     assert len(compiled) == len(reference) and compiled.nbytes <= 6000 + 400
 
 
+# Keys as the featurizer makes them: strs (ASCII or not; equal ones that are other objects), the
+# bytes of URL structures and encodings (equal in text to a str, yet another key), None.
+CACHE_KEYS = st.one_of(st.integers(0, 400).map(str), st.integers(0, 400).map(lambda i: "".join(["k", str(i)])),
+                       st.integers(0, 60).map(lambda i: f"é{i}"), st.integers(0, 60).map(lambda i: str(i).encode()),
+                       st.none())
+
+
+@SETTINGS
+@given(operations=st.lists(st.tuples(st.booleans(), CACHE_KEYS), max_size=400), half=st.sampled_from([2, 16, 300]))
+def test_the_compiled_cache_finds_each_key_as_a_dict_does(operations, half):
+    """The compiled cache's own tables (grown from 8 slots to hundreds) hold what the Python
+    cache's dicts hold: the same entry object for each key, the same count and bytes."""
+    compiled, reference = native._native.Cache(2 * half, 1 << 30), ValueCache(2 * half, 1 << 30)
+    entries = entries_of(3)
+    for step, (is_put, key) in enumerate(operations):
+        if is_put:
+            compiled.put(key, entries[step % 3])
+            reference.put(key, entries[step % 3])
+        else:
+            assert compiled.get(key) is reference.get(key)
+        assert len(compiled) == len(reference) and compiled.nbytes == reference.nbytes
+    for _, key in operations:
+        assert compiled.get(key) is reference.get(key)
+
+
+def test_the_compiled_cache_tells_a_str_from_its_bytes():
+    """hash("1") == hash(b"1"): the two share a probe sequence, yet are two keys, as in a dict."""
+    cache, entries = native._native.Cache(64, 1 << 30), entries_of(2)
+    cache.put("1", entries[0])
+    cache.put(b"1", entries[1])
+    assert cache.get("1") is entries[0] and cache.get(b"1") is entries[1] and len(cache) == 2
+
+
 @SETTINGS
 @given(calls=st.lists(st.sets(st.integers(0, 40), max_size=12), max_size=30))
 def test_compiled_lookup_of_distinct_keys_matches_the_python_one(calls):

@@ -417,12 +417,105 @@ static PyObject *shown(PyObject *list) {
 
 /* Twin of converters.ValueCache: a value found in the older generation moves to the newer;
  * when the newer holds half the entries or half the bytes allowed, it becomes the older and
- * the older is dropped. */
+ * the older is dropped.
+ * NOTE: each generation is a table of our own (hash, key, entry), not a dict: on novel traffic
+ * every value misses both generations and is then stored, and a dict's lookup, insert and growth
+ * cost several times this table's probe. Keys are hashed by Python (the hash a str or bytes keeps,
+ * computed once) so crafted values collide no more here than in a dict. Nothing in a table's
+ * lookups or inserts runs Python code: only releasing a key or entry may (a finalizer). */
+typedef struct {
+    Py_hash_t hash;
+    PyObject *key, *entry;  /* our references; key NULL: the slot is free */
+} CacheSlot;
+
+typedef struct {
+    CacheSlot *slots;  /* NULL while empty */
+    Py_ssize_t size, used;  /* size: a power of two, 0 while empty */
+} CacheTable;
+
 typedef struct {
     PyObject_HEAD
-    PyObject *newer, *older;
+    CacheTable newer, older;
     Py_ssize_t half_entries, half_bytes, newer_bytes, older_bytes;
 } CacheObject;
+
+#define CACHE_TABLE_MIN 8
+
+/* Keys are exact str, bytes or None (check_key): equal ones are of one type, and equal strs of
+ * one kind. */
+static int same_key(PyObject *a, PyObject *b) {
+    if (a == b) return 1;
+    if (Py_TYPE(a) != Py_TYPE(b) || a == Py_None) return 0;
+    if (PyBytes_CheckExact(a))
+        return PyBytes_GET_SIZE(a) == PyBytes_GET_SIZE(b) &&
+               memcmp(PyBytes_AS_STRING(a), PyBytes_AS_STRING(b), PyBytes_GET_SIZE(a)) == 0;
+    Py_ssize_t n = PyUnicode_GET_LENGTH(a);
+    int kind = PyUnicode_KIND(a);
+    return n == PyUnicode_GET_LENGTH(b) && kind == PyUnicode_KIND(b) &&
+           memcmp(PyUnicode_DATA(a), PyUnicode_DATA(b), n * kind) == 0;
+}
+
+/* The slot holding key, or the free slot where it goes (the table must have one). */
+static CacheSlot *table_slot(const CacheTable *t, PyObject *key, Py_hash_t hash) {
+    size_t mask = (size_t)t->size - 1, i = (size_t)hash & mask;
+    for (;;) {
+        CacheSlot *slot = &t->slots[i];
+        if (!slot->key || (slot->hash == hash && same_key(slot->key, key))) return slot;
+        i = (i + 1) & mask;
+    }
+}
+
+static PyObject *table_get(const CacheTable *t, PyObject *key, Py_hash_t hash) {
+    return t->used ? table_slot(t, key, hash)->entry : NULL;
+}
+
+/* Room for `entries` keys with a third of the slots left free (probes stay short). */
+static int table_reserve(CacheTable *t, Py_ssize_t entries) {
+    Py_ssize_t size = t->size ? t->size : CACHE_TABLE_MIN;
+    while (size - size / 3 <= entries) size *= 2;
+    if (size == t->size) return 0;
+    CacheSlot *slots = PyMem_Calloc(size, sizeof *slots);
+    if (!slots) { PyErr_NoMemory(); return -1; }
+    CacheTable grown = {slots, size, t->used};
+    for (Py_ssize_t i = 0; i < t->size; i++)
+        if (t->slots[i].key) *table_slot(&grown, t->slots[i].key, t->slots[i].hash) = t->slots[i];
+    PyMem_Free(t->slots);
+    *t = grown;
+    return 0;
+}
+
+/* Store key -> entry (new references taken). A key already there gets the new entry, as a dict's. */
+static int table_put(CacheTable *t, PyObject *key, Py_hash_t hash, PyObject *entry) {
+    if (table_reserve(t, t->used + 1) < 0) return -1;
+    CacheSlot *slot = table_slot(t, key, hash);
+    if (slot->key) {
+        PyObject *replaced = slot->entry;
+        slot->entry = Py_NewRef(entry);
+        Py_DECREF(replaced);  /* last: its finalizer may use the cache */
+        return 0;
+    }
+    *slot = (CacheSlot){hash, Py_NewRef(key), Py_NewRef(entry)};
+    t->used++;
+    return 0;
+}
+
+/* Release a table taken out of its cache first (finalizers of what it held may use the cache). */
+static void table_release(CacheTable t) {
+    for (Py_ssize_t i = 0; i < t.size; i++) {
+        if (!t.slots[i].key) continue;
+        Py_DECREF(t.slots[i].key);
+        Py_DECREF(t.slots[i].entry);
+    }
+    PyMem_Free(t.slots);
+}
+
+static void cache_forget(CacheObject *self) {
+    CacheTable newer = self->newer, older = self->older;
+    self->newer = self->older = (CacheTable){NULL, 0, 0};
+    self->newer_bytes = self->older_bytes = 0;
+    table_release(newer);
+    table_release(older);
+}
 
 /* converters.key_bytes: 1 byte a character for ASCII, else 4 (whatever the str's kind). */
 static Py_ssize_t key_bytes(PyObject *key) {
@@ -442,12 +535,9 @@ static Py_ssize_t entry_bytes(PyObject *entry) {
 }
 
 static PyObject *cache_new(PyTypeObject *type, PyObject *args, PyObject *kwargs) {
-    CacheObject *self = (CacheObject *)type->tp_alloc(type, 0);
+    CacheObject *self = (CacheObject *)type->tp_alloc(type, 0);  /* zeroed: two empty tables */
     if (!self) return NULL;
     self->half_entries = self->half_bytes = 1;
-    self->newer = PyDict_New();
-    self->older = PyDict_New();
-    if (!self->newer || !self->older) { Py_DECREF(self); return NULL; }
     return (PyObject *)self;
 }
 
@@ -457,10 +547,8 @@ static int cache_init(CacheObject *self, PyObject *args, PyObject *kwargs) {
     if (!PyArg_ParseTupleAndKeywords(args, kwargs, "nn", names, &entries, &max_bytes)) return -1;
     self->half_entries = entries / 2 > 1 ? entries / 2 : 1;
     self->half_bytes = max_bytes / 2 > 1 ? max_bytes / 2 : 1;
-    Py_XSETREF(self->newer, PyDict_New());
-    Py_XSETREF(self->older, PyDict_New());
-    self->newer_bytes = self->older_bytes = 0;
-    return self->newer && self->older ? 0 : -1;
+    cache_forget(self);
+    return 0;
 }
 
 /* Keys are what the featurizer makes: exact str, bytes or None. Their hashing and comparing run
@@ -473,47 +561,43 @@ static int check_key(PyObject *key) {
 }
 
 /* NOTE: Python code can still run in here (an entry's nbytes, the finalizer of a value dropped with
- * the older generation, or of garbage a dict allocation collects), and may use this cache again:
- * the generations are swapped before the dropped one is released, and each dict is held while
- * it is used. */
-static int cache_put_item(CacheObject *self, PyObject *key, PyObject *entry) {
-    if (PyDict_GET_SIZE(self->newer) >= self->half_entries || self->newer_bytes >= self->half_bytes) {
-        /* As large as the generation it follows grew: on novel traffic a generation fills at once,
-         * and growing a dict to thousands of entries resized it (and rehashed it) nine times. */
-        PyObject *fresh = _PyDict_NewPresized(PyDict_GET_SIZE(self->newer));
-        if (!fresh) return -1;
-        PyObject *dropped = self->older;
+ * the older generation or of an entry replaced), and may use this cache again: the generations
+ * are swapped before the dropped one is released, and the entry is stored before its size is
+ * asked. */
+static int cache_put_item(CacheObject *self, PyObject *key, Py_hash_t hash, PyObject *entry) {
+    if (self->newer.used >= self->half_entries || self->newer_bytes >= self->half_bytes) {
+        /* As large as the generation it follows grew: on novel traffic a generation fills at once. */
+        CacheTable fresh = {NULL, 0, 0};
+        if (table_reserve(&fresh, self->newer.used) < 0) return -1;
+        CacheTable dropped = self->older;
         self->older = self->newer;
         self->newer = fresh;
         self->older_bytes = self->newer_bytes;
         self->newer_bytes = 0;
-        Py_DECREF(dropped);
+        table_release(dropped);
     }
-    PyObject *newer = Py_NewRef(self->newer);
-    int failed = PyDict_SetItem(newer, key, entry) < 0;
-    Py_DECREF(newer);
-    if (failed) return -1;
+    if (table_put(&self->newer, key, hash, entry) < 0) return -1;
     self->newer_bytes += key_bytes(key) + entry_bytes(entry);
     return 0;
-}
-
-/* A new reference to the entry of key in one generation, or NULL (with an exception on failure). */
-static PyObject *generation_get(PyObject *generation, PyObject *key) {
-    Py_INCREF(generation);
-    PyObject *entry = Py_XNewRef(PyDict_GetItemWithError(generation, key));
-    Py_DECREF(generation);
-    return entry;
 }
 
 /* A new reference to the entry of key, or NULL: absent (no exception) or failed (*error set). */
 static PyObject *cache_get_item(CacheObject *self, PyObject *key, int *error) {
     *error = 0;
-    PyObject *entry = generation_get(self->newer, key);
-    if (entry || PyErr_Occurred()) { *error = entry == NULL; return entry; }
-    entry = generation_get(self->older, key);
-    if (!entry) { *error = PyErr_Occurred() != NULL; return NULL; }
-    if (cache_put_item(self, key, entry) < 0) { Py_DECREF(entry); *error = 1; return NULL; }
+    Py_hash_t hash = PyObject_Hash(key);  /* a str or bytes keeps it: computed once */
+    if (hash == -1) { *error = 1; return NULL; }
+    PyObject *entry = table_get(&self->newer, key, hash);
+    if (entry) return Py_NewRef(entry);
+    entry = Py_XNewRef(table_get(&self->older, key, hash));
+    if (!entry) return NULL;
+    if (cache_put_item(self, key, hash, entry) < 0) { Py_DECREF(entry); *error = 1; return NULL; }
     return entry;
+}
+
+/* cache_put_item for a key not hashed yet. */
+static int cache_store(CacheObject *self, PyObject *key, PyObject *entry) {
+    Py_hash_t hash = PyObject_Hash(key);
+    return hash == -1 ? -1 : cache_put_item(self, key, hash, entry);
 }
 
 static PyObject *cache_get(CacheObject *self, PyObject *key) {
@@ -527,17 +611,12 @@ static PyObject *cache_get(CacheObject *self, PyObject *key) {
 static PyObject *cache_put(CacheObject *self, PyObject *args) {
     PyObject *key, *entry;
     if (!PyArg_ParseTuple(args, "OO", &key, &entry) || check_key(key) < 0) return NULL;
-    if (cache_put_item(self, key, entry) < 0) return NULL;
+    if (cache_store(self, key, entry) < 0) return NULL;
     Py_RETURN_NONE;
 }
 
 static PyObject *cache_clear_method(CacheObject *self, PyObject *unused) {
-    /* fresh dicts in place before the old ones are released (their entries' finalizers may use the cache) */
-    PyObject *newer = PyDict_New(), *older = PyDict_New();
-    if (!newer || !older) { Py_XDECREF(newer); Py_XDECREF(older); return NULL; }
-    Py_SETREF(self->newer, newer);
-    Py_SETREF(self->older, older);
-    self->newer_bytes = self->older_bytes = 0;
+    cache_forget(self);
     Py_RETURN_NONE;
 }
 
@@ -632,7 +711,7 @@ static PyObject *cache_lookup(CacheObject *self, PyObject *args) {
     PyDict_Clear(todo);  /* now key -> computed entry */
     for (Py_ssize_t j = 0; j < distinct; j++) {
         PyObject *key = PyTuple_GET_ITEM(distinct_keys, j), *entry = PyTuple_GET_ITEM(computed, j);
-        if (PyDict_SetItem(todo, key, entry) < 0 || cache_put_item(self, key, entry) < 0) goto fail;
+        if (PyDict_SetItem(todo, key, entry) < 0 || cache_store(self, key, entry) < 0) goto fail;
     }
     for (Py_ssize_t i = 0; i < n; i++) {
         if (PyList_GET_ITEM(found, i)) continue;
@@ -687,7 +766,7 @@ static PyObject *cache_lookup_distinct(CacheObject *self, PyObject *args) {
     if (!computed) goto fail;
     for (Py_ssize_t j = 0; j < missing; j++) {
         PyObject *entry = PyTuple_GET_ITEM(computed, j);
-        if (cache_put_item(self, PyTuple_GET_ITEM(missed, j), entry) < 0) goto fail;
+        if (cache_store(self, PyTuple_GET_ITEM(missed, j), entry) < 0) goto fail;
         PyList_SET_ITEM(found, misses[j], Py_NewRef(entry));
     }
 done:
@@ -708,22 +787,28 @@ fail:
 }
 
 static Py_ssize_t cache_len(CacheObject *self) {
-    return PyDict_GET_SIZE(self->newer) + PyDict_GET_SIZE(self->older);
+    return self->newer.used + self->older.used;
 }
 
 static PyObject *cache_nbytes(CacheObject *self, void *closure) {
     return PyLong_FromSsize_t(self->newer_bytes + self->older_bytes);
 }
 
-static int cache_traverse(CacheObject *self, visitproc visit, void *arg) {
-    Py_VISIT(self->newer);
-    Py_VISIT(self->older);
+static int table_traverse(const CacheTable *t, visitproc visit, void *arg) {
+    for (Py_ssize_t i = 0; i < t->size; i++) {
+        Py_VISIT(t->slots[i].key);
+        Py_VISIT(t->slots[i].entry);
+    }
     return 0;
 }
 
+static int cache_traverse(CacheObject *self, visitproc visit, void *arg) {
+    int failed = table_traverse(&self->newer, visit, arg);
+    return failed ? failed : table_traverse(&self->older, visit, arg);
+}
+
 static int cache_clear_gc(CacheObject *self) {
-    Py_CLEAR(self->newer);
-    Py_CLEAR(self->older);
+    cache_forget(self);
     return 0;
 }
 
