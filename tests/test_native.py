@@ -774,6 +774,16 @@ def test_the_compiled_cache_counts_the_bytes_of_non_ascii_keys_as_the_python_one
         assert compiled.nbytes == reference.nbytes, key
 
 
+def test_enumerated_values_are_found_behind_templates_of_any_width():
+    """The compiled path finds a URL's template among the enumerated slots' by its code points,
+    whatever the width a str of them would have (ASCII, Latin-1, two and four bytes)."""
+    slots = ["/a?sort", "/é?q", "/日本/{id}?p", "/😀?e", "?id", "/{id}/b?x"]
+    spec = {"format": "jsonl", "fields": [{"field": "f", "converters": [{"kind": "url", "enumerated": slots}]}]}
+    urls = ["/a?sort=up", "/é?q=1", "/%C3%A9?q=2", "/日本/12345?p=x", "/日本/12345?q=x", "/😀?e=ok", "/😀?f=no",
+            "?id=7", "/999/b?x=1", "/999/c?x=1", "/b?x=1", "/é/?q=3", "/日?p=1"]
+    assert_same_features(spec, [{"f": url} for url in urls])
+
+
 def test_empty_feature_texts_are_hashed_as_the_python_path_hashes_them():
     """An empty text counted first hashed a null arena, and a URL's empty path was split at a null
     pointer (undefined behaviour, clang's UBSan)."""

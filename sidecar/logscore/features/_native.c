@@ -1458,8 +1458,70 @@ static Py_ssize_t find_char(const Py_UCS4 *s, Py_ssize_t from, Py_ssize_t n, Py_
  * depend on: flags, template, per parameter its name, shape, enumerated value, length class.
  * enumerated_templates: every "{template}" that some enumerated "{template}?{name}" starts
  * with, so that most URLs need one set lookup, not one per parameter. */
+/* The templates some enumerated slot starts with, found by a hash of their code points: making a
+ * str of each URL's template for a set lookup cost more than the rest of its parameters. The
+ * templates are a model's few and fixed, so a plain hash is enough: a crafted URL can at worst be
+ * compared with each of them. */
+typedef struct {
+    PyObject *strs;  /* a tuple of exact strs, ours */
+    Py_ssize_t *slots;  /* index into strs, -1 where free */
+    Py_ssize_t size;  /* a power of two, at least twice the strs */
+} TemplateSet;
+
+static uint64_t code_points_hash(int kind, const void *data, Py_ssize_t n) {
+    uint64_t h = 0xcbf29ce484222325u;  /* FNV-1a over code points */
+    for (Py_ssize_t i = 0; i < n; i++) h = (h ^ PyUnicode_READ(kind, data, i)) * 0x100000001b3u;
+    return h;
+}
+
+static int same_code_points(PyObject *str, const Py_UCS4 *s, Py_ssize_t n) {
+    if (PyUnicode_GET_LENGTH(str) != n) return 0;
+    int kind = PyUnicode_KIND(str);
+    const void *data = PyUnicode_DATA(str);
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (PyUnicode_READ(kind, data, i) != s[i]) return 0;
+    return 1;
+}
+
+static void template_set_free(TemplateSet *t) {
+    Py_CLEAR(t->strs);
+    PyMem_Free(t->slots);
+    t->slots = NULL;
+}
+
+static int template_set_make(TemplateSet *t, PyObject *templates) {
+    t->slots = NULL;
+    t->strs = PySequence_Tuple(templates);
+    if (!t->strs) return -1;
+    Py_ssize_t count = PyTuple_GET_SIZE(t->strs);
+    for (t->size = 8; t->size < 2 * count; t->size *= 2) {}
+    t->slots = PyMem_Malloc(t->size * sizeof *t->slots);
+    if (!t->slots) { PyErr_NoMemory(); template_set_free(t); return -1; }
+    for (Py_ssize_t i = 0; i < t->size; i++) t->slots[i] = -1;
+    for (Py_ssize_t j = 0; j < count; j++) {
+        PyObject *str = PyTuple_GET_ITEM(t->strs, j);
+        if (!PyUnicode_Check(str)) {  /* (a subclass's own __eq__ is not asked: its code points are compared) */
+            PyErr_Format(PyExc_TypeError, "enumerated templates must be str; got %.100s", Py_TYPE(str)->tp_name);
+            template_set_free(t);
+            return -1;
+        }
+        size_t i = code_points_hash(PyUnicode_KIND(str), PyUnicode_DATA(str), PyUnicode_GET_LENGTH(str));
+        while (t->slots[i & (t->size - 1)] >= 0) i++;
+        t->slots[i & (t->size - 1)] = j;
+    }
+    return 0;
+}
+
+static int template_set_has(const TemplateSet *t, const Py_UCS4 *s, Py_ssize_t n) {
+    for (size_t i = code_points_hash(PyUnicode_4BYTE_KIND, s, n);; i++) {
+        Py_ssize_t j = t->slots[i & (t->size - 1)];
+        if (j < 0) return 0;
+        if (same_code_points(PyTuple_GET_ITEM(t->strs, j), s, n)) return 1;
+    }
+}
+
 static int url_structure(PyObject *value, int full, int rounds_allowed, PyObject *enumerated,
-                         PyObject *enumerated_templates, UrlWork *w) {
+                         const TemplateSet *enumerated_templates, UrlWork *w) {
     Text *path = &w->path, *query = &w->query;
     Bytes *key = &w->key;
     key->len = 0;
@@ -1526,11 +1588,7 @@ static int url_structure(PyObject *value, int full, int rounds_allowed, PyObject
     int maybe_enumerated = 0;
     /* NOTE: a parameter without '=' (an empty value) can be enumerated too */
     if (PySet_GET_SIZE(enumerated) > 0 && query->len > 0) {
-        PyObject *template_str = text_to_str(template_->data, template_->len);
-        if (!template_str) return -1;
-        maybe_enumerated = PySet_Contains(enumerated_templates, template_str);
-        Py_DECREF(template_str);
-        if (maybe_enumerated < 0) return -1;
+        maybe_enumerated = template_set_has(enumerated_templates, template_->data, template_->len);
     }
     for (Py_ssize_t start = 0; start < query->len;) {
         Py_ssize_t end = start;
@@ -1601,8 +1659,10 @@ static PyObject *url_structures(PyObject *module, PyObject *args) {
     if (!values) return NULL;
     if (check_values(values) < 0) { Py_DECREF(values); return NULL; }
     Py_ssize_t n = PyTuple_GET_SIZE(values);
+    TemplateSet templates;
+    if (template_set_make(&templates, enumerated_templates) < 0) { Py_DECREF(values); return NULL; }
     PyObject *out = hidden_list(n);
-    if (!out) { Py_DECREF(values); return NULL; }
+    if (!out) { template_set_free(&templates); Py_DECREF(values); return NULL; }
     UrlWork work;
     url_work_take(&work);
     for (Py_ssize_t i = 0; i < n; i++) {
@@ -1610,17 +1670,19 @@ static PyObject *url_structures(PyObject *module, PyObject *args) {
         if (value == Py_None) {
             item = Py_NewRef(Py_None);
         } else {
-            if (url_structure(value, full, rounds, enumerated, enumerated_templates, &work) < 0) goto fail;
+            if (url_structure(value, full, rounds, enumerated, &templates, &work) < 0) goto fail;
             item = PyBytes_FromStringAndSize(work.key.data, work.key.len);
             if (!item) goto fail;
         }
         PyList_SET_ITEM(out, i, item);
     }
     url_work_free(&work);
+    template_set_free(&templates);
     Py_DECREF(values);
     return shown(out);
 fail:
     url_work_free(&work);
+    template_set_free(&templates);
     Py_DECREF(values);
     Py_DECREF(out);
     return NULL;
