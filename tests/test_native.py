@@ -123,6 +123,22 @@ def test_vhost_combined_lines_are_read_by_the_compiled_parser_itself():
     assert columns == [["www.example.com:443", "h:80"], ["1.2.3.4", "2001:db8::1"], ["/a", "/b?c=d"], ["curl/8", "a"]]
 
 
+def test_repeated_and_look_alike_field_values_are_read_as_they_are():
+    """The compiled parser hands a column's repeated value the str it made for it before; values of one
+    length with the same first, middle and last characters (one memo slot) must each stay themselves."""
+    agents = ["Mozilla/5.0 (A) X", "Mozilla/5.0 (B) X", "Mozilla/5.0 (A) X", "Mozilla/5.0 (C) X", "Mozilla/5.0 (B) X"]
+    methods, statuses = ["GET", "PUT", "GET"] * 5, ["200", "201"] * 8
+    lines = [f'1.2.3.4 - - [x] "{method} /{i % 2} HTTP/1.1" {status} {i % 3} "r" "{agent}"'
+             for i, (agent, method, status) in enumerate(zip(agents * 3, methods, statuses))]
+    compiled, reference = both(DEFAULT_SPECS["access"])
+    wide = [*compiled.fields, "request", "referer"]
+    compiled.fields = reference.fields = wide
+    assert compiled.field_values(lines) == reference.field_values(lines)
+    columns, parsed, _ = native._native.access_columns(lines, ("user_agent", "method"), True, 100, 1000, None, str)
+    assert all(parsed) and columns == [agents * 3, methods]
+    assert columns[1][0] is columns[1][2]  # made once, so hashed once
+
+
 def both(spec: dict) -> tuple[Featurizer, Featurizer]:
     return Featurizer(spec, native=True), Featurizer(spec, native=False)
 

@@ -2129,8 +2129,36 @@ static int access_field_code(PyObject *name) {
     return F_NONE;
 }
 
-/* A field of a fast-matched line, as parse_access builds it ("-" -> "" for user, bytes, referer). */
-static PyObject *access_field(PyObject *line, const unsigned char *s, Py_ssize_t span[GROUPS][2], int code) {
+/* Strs made of a column's recent values, by a hash of their length and a few of their bytes: a
+ * field whose values repeat (a method, a status, a client's user agent) gets the str made before,
+ * neither made nor hashed again (a str keeps its hash; distinct values are then found by
+ * identity). A slot holds the last value that fell in it. */
+#define RECENT_SLOTS 16
+
+static PyObject *recent_substring(PyObject *line, Py_ssize_t a, Py_ssize_t b, PyObject **recent) {
+    const unsigned char *s = PyUnicode_1BYTE_DATA(line);  /* the fast path reads ASCII lines only */
+    Py_ssize_t n = b - a;
+    if (n <= 0) return PyUnicode_Substring(line, a, b);
+    size_t slot = ((size_t)n ^ ((size_t)s[a] << 1) ^ ((size_t)s[a + n / 2] << 2) ^ ((size_t)s[b - 1] << 3)) &
+                  (RECENT_SLOTS - 1);
+    PyObject *made = recent[slot];
+    if (made && PyUnicode_GET_LENGTH(made) == n && memcmp(PyUnicode_1BYTE_DATA(made), s + a, n) == 0)
+        return Py_NewRef(made);
+    made = PyUnicode_Substring(line, a, b);
+    if (made) Py_XSETREF(recent[slot], Py_NewRef(made));
+    return made;
+}
+
+static void recent_free(PyObject **recent, Py_ssize_t slots) {
+    if (!recent) return;
+    for (Py_ssize_t i = 0; i < slots; i++) Py_XDECREF(recent[i]);
+    PyMem_Free(recent);
+}
+
+/* A field of a fast-matched line, as parse_access builds it ("-" -> "" for user, bytes, referer);
+ * recent: the column's RECENT_SLOTS. */
+static PyObject *access_field(PyObject *line, const unsigned char *s, Py_ssize_t span[GROUPS][2], int code,
+                              PyObject **recent) {
     int group;
     switch (code) {
     case F_ADDR: group = G_ADDR; break;
@@ -2146,7 +2174,7 @@ static PyObject *access_field(PyObject *line, const unsigned char *s, Py_ssize_t
     case F_VHOST: group = G_VHOST; break;
     case F_REQUEST: {  /* f"{method} {url} {protocol}": three adjacent groups, one space apart */
         Py_ssize_t a = span[G_METHOD][0], b = span[G_PROTOCOL][1];
-        return PyUnicode_Substring(line, a, b);
+        return recent_substring(line, a, b, recent);
     }
     default: Py_RETURN_NONE;
     }
@@ -2154,7 +2182,7 @@ static PyObject *access_field(PyObject *line, const unsigned char *s, Py_ssize_t
     if (a < 0) Py_RETURN_NONE;
     if ((code == F_USER || code == F_BYTES || code == F_REFERER) && b - a == 1 && s[a] == '-')
         return PyUnicode_FromStringAndSize("", 0);
-    return PyUnicode_Substring(line, a, b);
+    return recent_substring(line, a, b, recent);
 }
 
 /* access_columns(records, wanted, fast, limit, max_line, normalize_one, to_text[, cut]):
@@ -2189,7 +2217,9 @@ static PyObject *access_columns(PyObject *module, PyObject *args) {
     if (!records) return NULL;
     n = PyTuple_GET_SIZE(records);
     PyObject *columns = hidden_list(fields), *parsed = hidden_list(n), *truncated = hidden_list(n);
-    if (!columns || !parsed || !truncated) goto fail;
+    PyObject **recent = PyMem_Calloc(fields * RECENT_SLOTS + 1, sizeof *recent);
+    if (!recent) PyErr_NoMemory();
+    if (!columns || !parsed || !truncated || !recent) goto fail;
     for (Py_ssize_t f = 0; f < fields; f++) {
         PyObject *column = PyList_New(n);
         if (!column) goto fail;
@@ -2206,7 +2236,7 @@ static PyObject *access_columns(PyObject *module, PyObject *args) {
             match_access(PyUnicode_DATA(record), PyUnicode_GET_LENGTH(record), span)) {
             for (Py_ssize_t f = 0; f < fields; f++) {
                 if (same[f] >= 0) continue;
-                PyObject *value = access_field(record, PyUnicode_DATA(record), span, codes[f]);
+                PyObject *value = access_field(record, PyUnicode_DATA(record), span, codes[f], recent + f * RECENT_SLOTS);
                 if (!value) goto fail;
                 PyList_SetItem(PyList_GET_ITEM(columns, f), r, value);
             }
@@ -2259,9 +2289,11 @@ static PyObject *access_columns(PyObject *module, PyObject *args) {
         PyList_SET_ITEM(parsed, r, PyBool_FromLong(ok));
         PyList_SET_ITEM(truncated, r, PyBool_FromLong(cut));
     }
+    recent_free(recent, fields * RECENT_SLOTS);
     Py_DECREF(records);
     return Py_BuildValue("NNN", columns, shown(parsed), shown(truncated));
 fail:
+    recent_free(recent, fields * RECENT_SLOTS);
     Py_DECREF(records);
     if (parsed) for (Py_ssize_t r = 0; r < n; r++) if (!PyList_GET_ITEM(parsed, r)) PyList_SET_ITEM(parsed, r, Py_NewRef(Py_None));
     if (truncated) for (Py_ssize_t r = 0; r < n; r++) if (!PyList_GET_ITEM(truncated, r)) PyList_SET_ITEM(truncated, r, Py_NewRef(Py_None));
