@@ -1206,6 +1206,48 @@ static int shape_of(const Py_UCS4 *data, Py_ssize_t n, Text *out) {
 
 /* ------------------------------------------------------------------ n-grams */
 
+/* encoded[:max_bytes] (a negative max_bytes as Python reads it) after the start byte, then the end byte. */
+static int encoded_end(Bytes *encoded, Py_ssize_t max_bytes) {
+    Py_ssize_t body = encoded->len - 1;
+    Py_ssize_t keep = max_bytes >= 0 ? (body < max_bytes ? body : max_bytes)
+                                     : (body + max_bytes > 0 ? body + max_bytes : 0);
+    encoded->len = 1 + keep;
+    return bytes_byte(encoded, 3);
+}
+
+/* Whether percent-decoding would read an ASCII str at all ('%' or '+' in it). */
+static int ascii_has_escapes(PyObject *ascii) {
+    const void *data = PyUnicode_1BYTE_DATA(ascii);
+    Py_ssize_t n = PyUnicode_GET_LENGTH(ascii);
+    return memchr(data, '%', n) != NULL || memchr(data, '+', n) != NULL;
+}
+
+/* The encoding of an ASCII value that decoding leaves as it is (most URLs), from its bytes: not
+ * widened to code points and encoded back to UTF-8 as other values are. */
+static int encode_ascii(PyObject *ascii, int lowercase, int shape, Bytes *encoded) {
+    const unsigned char *p = PyUnicode_1BYTE_DATA(ascii);
+    Py_ssize_t n = PyUnicode_GET_LENGTH(ascii);
+    encoded->len = 0;
+    if (bytes_reserve(encoded, n + 2) < 0) return -1;
+    unsigned char *out = (unsigned char *)encoded->data;
+    Py_ssize_t m = 0;
+    out[m++] = 2;
+    if (shape) {  /* lowercasing first changes no shape */
+        int previous = -1;
+        for (Py_ssize_t i = 0; i < n; i++) {
+            int c = (int)ascii_shape[p[i]];
+            if (c != previous) out[m++] = (unsigned char)(previous = c);
+        }
+    } else if (lowercase) {
+        for (Py_ssize_t i = 0; i < n; i++) out[m++] = p[i] >= 'A' && p[i] <= 'Z' ? p[i] + 32 : p[i];
+    } else {
+        memcpy(out + m, p, n);
+        m += n;
+    }
+    encoded->len = m;
+    return 0;
+}
+
 /* ngram_encode(values, decode, lowercase, shape, max_bytes): NgramConverter._encode. */
 static PyObject *ngram_encode(PyObject *module, PyObject *args) {
     PyObject *values;
@@ -1227,6 +1269,9 @@ static PyObject *ngram_encode(PyObject *module, PyObject *args) {
         PyObject *item;
         if (value == Py_None) {
             item = PyBytes_FromStringAndSize("\x02\x00\x03", 3);
+        } else if (PyUnicode_IS_ASCII(value) && !(decode && ascii_has_escapes(value))) {
+            if (encode_ascii(value, lowercase, shape, &encoded) < 0 || encoded_end(&encoded, max_bytes) < 0) goto fail;
+            item = PyBytes_FromStringAndSize(encoded.data, encoded.len);
         } else {
             if (text_from_str(&text, value) < 0) goto fail;
             if (decode && percent_decode(&text, 3, &spare, &scratch) < 0) goto fail;
@@ -1251,12 +1296,9 @@ static PyObject *ngram_encode(PyObject *module, PyObject *args) {
                     goto fail;
             }
             encoded.len = 0;
-            if (bytes_byte(&encoded, 2) < 0 || utf8_add(&encoded, text.data, text.len) < 0) goto fail;
-            Py_ssize_t body = encoded.len - 1;  /* encoded[:max_bytes], a negative max_bytes as Python reads it */
-            Py_ssize_t keep = max_bytes >= 0 ? (body < max_bytes ? body : max_bytes)
-                                             : (body + max_bytes > 0 ? body + max_bytes : 0);
-            encoded.len = 1 + keep;
-            if (bytes_byte(&encoded, 3) < 0) goto fail;
+            if (bytes_byte(&encoded, 2) < 0 || utf8_add(&encoded, text.data, text.len) < 0 ||
+                encoded_end(&encoded, max_bytes) < 0)
+                goto fail;
             item = PyBytes_FromStringAndSize(encoded.data, encoded.len);
         }
         if (!item) goto fail;
