@@ -1251,7 +1251,7 @@ def test_series_scorer_known_answers_typical_day_record_and_hold_off():
     # Bounded: TYPICAL_DAYS daily maxima, no more than a day of running maxima, CONFIRM_STEPS points waiting
     long = SeriesScorer(START)
     quiet_days_with_a_daily_high(long, TYPICAL_DAYS + 10, 2.0)
-    assert len(long.maxima) == TYPICAL_DAYS and len(long.record.kept) <= 288 and len(long.held.kept) <= 36
+    assert len(long.deviations.maxima) == TYPICAL_DAYS and len(long.record.kept) <= 288 and len(long.held.kept) <= 36
     assert len(long.waiting) == CONFIRM_STEPS + 1
 
 

@@ -860,7 +860,7 @@ class RecordTally:
         # (imported here, once, not per record: the CLI imports what a command needs when it runs)
         self.note_prefix, self.examples_kept = UNPARSED_NOTE, SUGGEST_SAMPLE
 
-    def add(self, model: str, record: object, notes: list[str], flagged: bool = False) -> None:
+    def add(self, model: str, record: object, notes: list[str], flagged: bool) -> None:
         """Count a record of ``model`` with its notes (per record of every output: kept cheap)."""
         counts = self.models.get(model)
         if counts is None:

@@ -34,8 +34,6 @@ if TYPE_CHECKING:
 
 # Note descriptions start with one of these; clients turn them into flags (`unparsed: true`).
 UNPARSED_NOTE = "did not parse as "  # + "FORMAT; what was done with it" (`logscore score` and client read it back)
-UNPARSED_WHILE_LEARNING = (UNPARSED_NOTE + "{format}; not flagged while its route learns (flagged after: the model's "
-                           "training data parsed)")
 NOTE_KINDS = {UNPARSED_NOTE.strip(): "unparsed", "truncated": "truncated", "learning": "learning",
               "suppressed by feedback": "suppressed", "kept by feedback": "kept"}
 TRUNCATED = ("truncated: a raw line was cut to {line} characters or a field to {field} characters "
@@ -77,11 +75,12 @@ def decide(model: Model, scored: Scored, learning: Optional[Sequence[Optional[st
             flags |= scored.unparsed
             held = scored.unparsed
             text = f"{UNPARSED_NOTE}{log_format}; flagged: the model's training data parsed"
+            # NOTE: a route still learning holds this flag too (below): "flagged" beside is_anomaly false
+            # (an empty syslog line behind Fluent Bit, syslog field trial) said the opposite of the decision
+            while_learning = (f"{UNPARSED_NOTE}{log_format}; not flagged while its route learns (flagged after: "
+                              "the model's training data parsed)")
         else:
-            text = f"{UNPARSED_NOTE}{log_format}; scored with its fields missing"
-        # NOTE: a route still learning holds this flag too (below): "flagged" beside is_anomaly false
-        # (an empty syslog line behind Fluent Bit, syslog field trial) said the opposite of the decision
-        while_learning = UNPARSED_WHILE_LEARNING.format(format=log_format) if held is not None else text
+            text = while_learning = f"{UNPARSED_NOTE}{log_format}; scored with its fields missing"
         notes += [(int(i), "record", while_learning if learning is not None and learning[i] else text)
                   for i in np.flatnonzero(scored.unparsed)]
     if np.count_nonzero(scored.truncated):

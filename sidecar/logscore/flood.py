@@ -68,6 +68,17 @@ LEARNED_HERE = ("model learned from this traffic flags far more records than it 
                 "one error also raises a window event); a kind marked normal there is no longer flagged, and is "
                 "learned at the next retrain")
 
+# The same two pieces of advice on the review page's banner, below its count of flagged records
+OTHER_LOG_FLOODING = ("unless an attack or an incident fills this traffic (the groups below show which), it is not a "
+                      "model of it. Train one on your own log and send the records to it, or serve with --learn.")
+LEARNED_FLOODING = ("it learned from this traffic, so an incident, an attack or a new kind of traffic fills it (the "
+                    "groups below show which); a kind marked normal is no longer flagged, and is learned at the next "
+                    "retrain.")
+
+
+def flood_advice_on_page(learned: bool) -> str:
+    return LEARNED_FLOODING if learned else OTHER_LOG_FLOODING
+
 
 def flood_message(model) -> str:
     """The warning for a flooding block. NOTE: an attack in full swing floods a block too (the review page

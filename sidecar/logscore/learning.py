@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from .decide import decide
+from .flood import target_fpr
 from .model import Model, carries_behaviour
 from .records import field_map_json, to_text
 from .registry import ModelRegistry
@@ -413,10 +414,6 @@ def feedback_location(settings: Settings) -> str:
 
 def learned_for(model: Model, route: Optional[str]) -> bool:
     return model.metadata.get("training", {}).get("learned_route") == route
-
-
-def target_fpr(model: Model) -> float:
-    return float(model.metadata.get("calibration", {}).get("target_fpr") or 0.001)
 
 
 def keepable(record: object) -> bool:

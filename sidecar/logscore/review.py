@@ -39,6 +39,7 @@ from .decide import decide
 from .feedback import (EXAMPLE_CHARS, MAX_KIND_TOKENS, NO_KEYS, NORMAL, FeedbackStep, Flagged, RuleSet, base_name,
                        path_family, record_from_text, record_text, rule_list, similar_counts, strip_rarity)
 from .features.converters import PATH_ENCODED_TWICE, VALUE_ENCODED_TWICE
+from .flood import flood_advice_on_page
 from .injection import injection_like
 from .shown import html_text
 from .svg import bars, timeline
@@ -474,13 +475,6 @@ border-radius:4px}
 """
 
 
-OTHER_LOG_FLOODING = ("unless an attack or an incident fills this traffic (the groups below show which), it is not a "
-                      "model of it. Train one on your own log and send the records to it, or serve with --learn.")
-LEARNED_FLOODING = ("it learned from this traffic, so an incident, an attack or a new kind of traffic fills it (the "
-                    "groups below show which); a kind marked normal is no longer flagged, and is learned at the next "
-                    "retrain.")
-
-
 def render_page(ring: ReviewRing, entries: list, total_entries: int, histograms: dict, thresholds: dict,
                 status: dict, message: str = "", max_groups: int = 50, flooding: Optional[dict] = None) -> str:
     """The review page: groups of recent anomalies, the score histogram per model, the feedback list
@@ -510,7 +504,7 @@ def render_page(ring: ReviewRing, entries: list, total_entries: int, histograms:
         records = f"records tagged {', '.join(map(html_text, tagged))}" if tagged else "records"
         parts.append(f"<p class=flash id=flooding>{html_text(model)} flagged {block['flagged']:,} of its last "
                      f"{block['of_records']:,} {records}, where it expects about {block['expected_share']:.1%}: "
-                     f"{LEARNED_FLOODING if block.get('learned_here') else OTHER_LOG_FLOODING}</p>")
+                     f"{flood_advice_on_page(block['learned_here'])}</p>")
     if message:
         parts.append(f"<p class=flash id=message>{html_text(message)}</p>")
     parts.append("<h2>Groups</h2>")

@@ -304,6 +304,23 @@ class ShapeNovelty:
         self.shapes[:, slot], self.last_matched[slot] = window, self.seen
 
 
+class DailyTypical:
+    """A typical day's strangest: the median of the last ``TYPICAL_DAYS`` daily maxima of a value."""
+
+    def __init__(self) -> None:
+        self.day_max = 0.0
+        self.maxima: collections.deque = collections.deque(maxlen=TYPICAL_DAYS)
+        self.typical = 0.0
+
+    def push(self, value: float) -> None:
+        self.day_max = max(self.day_max, value)
+
+    def close_day(self) -> None:
+        self.maxima.append(self.day_max)
+        self.typical = float(np.median(self.maxima))
+        self.day_max = 0.0
+
+
 class SeriesScorer:
     """One series' deviations (and novelties of shape) in, anomaly scores out, online; the state is
     bounded (running maxima of a day or of ``HOLD_STEPS`` steps at most, ``TYPICAL_DAYS`` daily maxima
@@ -312,15 +329,11 @@ class SeriesScorer:
     def __init__(self, start: float, step_s: float = 0.0) -> None:
         """``step_s``: the series' usual step (the hold-off spans at least ``HOLD_STEPS`` of them)."""
         self.start = start
-        self.day, self.day_max = 0, 0.0
-        self.maxima: collections.deque = collections.deque(maxlen=TYPICAL_DAYS)
-        self.typical = 0.0
+        self.day = 0
+        self.deviations, self.novelties = DailyTypical(), DailyTypical()
         self.record = RunningMax(RECORD_S)
         self.held = RunningMax(max(HOLD_S, HOLD_STEPS * step_s))
         self.waiting: collections.deque = collections.deque(maxlen=CONFIRM_STEPS + 1)  # (candidate, deviation)
-        self.novelty_day_max = 0.0
-        self.novelty_maxima: collections.deque = collections.deque(maxlen=TYPICAL_DAYS)
-        self.novelty_typical = 0.0
 
     def score(self, moment: float, deviation: float, novelty: float = 0.0) -> float:
         """The score of the point ``CONFIRM_STEPS`` back, now that the points after it are known."""
@@ -340,28 +353,27 @@ class SeriesScorer:
         self._close_days(int(since // DAY_S))
         strangest = self.record.peek(moment)
         score = 0.0
-        if since >= WARM_UP_S and self.maxima and strangest is not None:
+        if since >= WARM_UP_S and self.deviations.maxima and strangest is not None:
             # A new shape is strange for the day as a large deviation is; only the record factor
             # (a deviation beyond yesterday's) keeps a new shape on an ordinary day from alarming.
-            beyond_typical = max(deviation / max(self.typical, 1e-9), novelty / max(self.novelty_typical, 1e-9))
+            beyond_typical = max(deviation / max(self.deviations.typical, 1e-9),
+                                 novelty / max(self.novelties.typical, 1e-9))
             # (bounded before the power: values near 1e300 overflowed it, a traceback)
             beyond_record = min(deviation / max(strangest, 1e-9), RECORD_MOST) ** RECORD_POWER
             held = 1.0 - HOLD * (self.held.peek(moment) or 0.0)
             score = beyond_typical / (1.0 + beyond_typical) * beyond_record / (1.0 + beyond_record) * held
             self.held.push(moment, score)
-        self.day_max = max(self.day_max, deviation)
-        self.novelty_day_max = max(self.novelty_day_max, novelty)
+        self.deviations.push(deviation)
+        self.novelties.push(novelty)
         if since >= WARM_UP_S / 2:  # the first hours' forecast is still rough: not a record to beat
             self.record.push(moment, deviation)
         return score
 
     def _close_days(self, day: int) -> None:
         if day > self.day:
-            self.maxima.append(self.day_max)
-            self.typical = float(np.median(self.maxima))
-            self.novelty_maxima.append(self.novelty_day_max)
-            self.novelty_typical = float(np.median(self.novelty_maxima))
-            self.day, self.day_max, self.novelty_day_max = day, 0.0, 0.0
+            self.deviations.close_day()
+            self.novelties.close_day()
+            self.day = day
 
 
 def score_series(times: np.ndarray, values: np.ndarray, progress=None) -> np.ndarray:

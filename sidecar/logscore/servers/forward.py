@@ -67,7 +67,7 @@ import msgpack
 from ..decide import notes_by_record
 from ..errors import LogscoreError, ModelNotFound, Overloaded
 from ..metrics import OncePerInterval
-from ..records import type_name, value_counting_hooks
+from ..records import describe_entry, type_name, value_counting_hooks
 from ..scoring import ScoreCall, ScoringService
 from .streams import StreamServer
 
@@ -644,7 +644,7 @@ def checked_entry(entry) -> list:
     if isinstance(entry, InvalidEntry):  # one that could not be decoded (forward_entries)
         raise entry
     if not (isinstance(entry, (list, tuple)) and len(entry) == 2 and isinstance(entry[1], dict)):
-        raise InvalidEntry(f"an entry is not [time, record] but {type_name(entry)}")
+        raise InvalidEntry(f"an entry is not [time, record] but {describe_entry(entry)}")
     if (problem := time_problem(entry[0])) is not None:
         raise InvalidEntry(f"an entry's time {problem}")
     if nested_deeper_than(entry[1], MAX_RECORD_DEPTH):
