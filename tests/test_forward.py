@@ -879,6 +879,25 @@ def test_a_message_that_is_not_tag_first_is_refused_naming_what_it_is(message, s
         decode_message(message, 1 << 20)
 
 
+def test_a_message_cut_short_does_not_get_the_next_chunk_acked_without_its_records(chain):
+    """A cut message reads the bytes after it: here its entries take the next chunk's tag and payload
+    (broken entries, skipped) and its option is the next chunk's. That chunk was acked and its two
+    records never passed on (fuzz trial). Now it is not acked (the chunk before it is), and resent it arrives."""
+    sidecar, port, receiver = chain
+    first = msgpack.packb(["web", [[1_700_000_000, {"message": "first"}]], {"chunk": "first", "size": 1}])
+    good = ["web", packed([[1_700_000_001, {"message": "good 1"}], [1_700_000_002, {"message": "good 2"}]]),
+            {"chunk": "good", "size": 2}]
+    # Forward mode of 4 entries cut after one; a str of 1 byte that takes the next message's array header
+    cut = b"\x93\xa3web\x94" + msgpack.packb([1_700_000_000, {"message": "cut"}]) + b"\xa1"
+    answers = send(port, first + cut + msgpack.packb(good), acks=2)
+    assert answers == [{"ack": "first"}]
+    sidecar.wait_for(lambda: counter(sidecar, "forward_protocol") == 1, what="the stream refused")
+    assert "size 2 came with 4 entries, 3 of them broken" in sidecar.log()
+    assert send_until_acked(port, good) == {"ack": "good"}
+    messages = [r["message"] for _, r in receiver.wait_for(4)]
+    assert sorted(messages) == ["cut", "first", "good 1", "good 2"]
+
+
 def send_at_once(port: int, frames: list[bytes], timeout: float = 240) -> list[list[dict]]:
     """Each frame on its own connection, all at the same time; the answers, in frame order."""
     answers: dict[int, list] = {}

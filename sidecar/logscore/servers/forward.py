@@ -177,6 +177,19 @@ class Message:
     is_log: bool = True  # Fluent Bit also forwards metrics and traces (option fluent_signal)
     compressed: Optional[bytes] = None  # a gzip payload, to be checked before it is decoded
     budget: Optional["ValueBudget"] = None  # what lazily decoded entries may hold (Forward, PackedForward)
+    size: Optional[int] = None  # the entries its sender says the chunk holds (option size), if it says
+    entries_read: int = 0  # entries taken from it so far, skipped ones too
+    entries_skipped: int = 0
+
+    def read_into(self) -> bool:
+        """Bytes of another message were read as this one's: some of its entries were broken and
+        their number is not the one its option gives.
+
+        NOTE: a message cut short swallows the bytes after it until its own structure is complete,
+        and may end with the next message's option: the next chunk's id acked, its records skipped
+        as broken entries of this one (a fuzz trial: valid records acked, never passed on). A sender
+        counts every entry it packs, broken ones too, so a broken entry alone changes nothing."""
+        return self.entries_skipped > 0 and self.size is not None and self.size != self.entries_read
 
     async def check_size(self, max_message_bytes: int) -> None:
         """Refuse a compressed payload that inflates past INFLATION x max_message_bytes (counted
@@ -223,13 +236,18 @@ def decode_message(message, max_message_bytes: int) -> Message:
         entries = [[payload, message[2]]]
     else:
         raise ForwardProtocolError("not a Message, Forward or PackedForward message")
-    return Message(tag, entries, _chunk(option), message, _is_log(option), compressed, budget)
+    return Message(tag, entries, _chunk(option), message, _is_log(option), compressed, budget, _size(option))
 
 
 def _chunk(option: dict) -> object:
     # NOTE: like Fluentd's in_forward, any chunk id but nil (and false) asks for an ack, echoed as it came
     chunk = option.get("chunk")
     return None if chunk is False else chunk
+
+
+def _size(option: dict) -> Optional[int]:
+    size = option.get("size")
+    return size if isinstance(size, int) and not isinstance(size, bool) else None
 
 
 def _is_log(option: dict) -> bool:
@@ -256,7 +274,7 @@ async def read_message(data: memoryview, max_message_bytes: int, budget: "ValueB
             tag = str(data[tag_at + _str_header_size(data[tag_at]):payload_at], "utf-8", EXACT)
             slice_budget = ValueBudget(MAX_DECODED_VALUES, "a slice of Forward entries")
             entries_read = forward_entries(data, entries[1], entries[0], max_message_bytes, slice_budget)
-            return Message(tag, entries_read, _chunk(option), budget=slice_budget)
+            return Message(tag, entries_read, _chunk(option), budget=slice_budget, size=_size(option))
     if len(data) <= DECODE_STEP:
         return decode_message(decode_small(data, small), max_message_bytes)
     raw = await SteppedDecoder(data, 0, max_message_bytes, budget).next()
@@ -1290,8 +1308,10 @@ class ForwardServer(StreamServer):
             self._count("forward_invalid_entry", relay.skipped)
             log.warning("skipped entries that are not [time, record] or could not be decoded",
                         extra={"entries": relay.skipped, "last": relay.skipped_why})
+        chunks = [m for m in messages if m.chunk is not None]
+        read_into = [m for m in chunks if m.read_into()]
         acks = [msgpack.packb({"ack": m.chunk}, use_bin_type=True, unicode_errors=EXACT)
-                for m in messages if m.chunk is not None]
+                for m in chunks if not m.read_into()]
         if acks:
             writer.write(b"".join(acks))
             try:
@@ -1299,6 +1319,12 @@ class ForwardServer(StreamServer):
                     await writer.drain()
             except asyncio.TimeoutError:
                 raise ForwardProtocolError(f"the sender read no acks for {PARTIAL_MESSAGE_TIMEOUT_S:g} s") from None
+        if read_into:  # the stream is out of step: what follows cannot be trusted either
+            first = read_into[0]
+            raise ForwardProtocolError(
+                f"a chunk whose option gives size {first.size} came with {first.entries_read} entries, "
+                f"{first.entries_skipped} of them broken: the message before it was cut short and read "
+                "this one's bytes; not acknowledged, the sender resends it")
 
     async def _pieces(self, messages: list[Message], relay: Relay) -> AsyncIterator:
         """In order: slices of (tag, entry) pairs to score, and non-log messages to pass on as they are.
@@ -1328,9 +1354,11 @@ class ForwardServer(StreamServer):
     def _took(self, piece: list, message: Message, entry, relay: Relay) -> bool:
         """Add an entry to the slice (one that is not [time, record] is skipped and counted); True
         once the slice is full."""
+        message.entries_read += 1
         try:
             piece.append((message.tag, checked_entry(entry)))
         except InvalidEntry as error:
+            message.entries_skipped += 1
             relay.skipped += 1
             relay.skipped_why = str(error)
             if relay.skipped >= MAX_INVALID_ENTRIES:
