@@ -246,8 +246,9 @@ def _chunk(option: dict) -> object:
 
 
 def _size(option: dict) -> Optional[int]:
+    # NOTE: 0 is no count: Fluentd's file buffer chunk restored without its metadata says size 0
     size = option.get("size")
-    return size if isinstance(size, int) and not isinstance(size, bool) else None
+    return size if isinstance(size, int) and not isinstance(size, bool) and size > 0 else None
 
 
 def _is_log(option: dict) -> bool:
