@@ -1266,3 +1266,13 @@ def test_anomaly_events_raised_just_before_a_stop_still_reach_the_next_hop():
             "route=shop 0", "route=shop 1", "route=shop 2"]
     finally:
         receiver.stop()
+
+
+def test_a_chunk_refused_as_read_into_is_acked_when_it_comes_again_as_it_was(chain):
+    """A sender's own chunk whose size miscounts its broken entries looks read into: refused at every
+    resend, it would stall that sender for good. Refused once, it is acked when it comes again."""
+    sidecar, port, receiver = chain
+    own = ["web", [[1_700_000_000, {"message": "kept"}], "broken"], {"chunk": "own", "size": 5}]
+    assert send_chunk(port, own) is None
+    assert send_chunk(port, own) == {"ack": "own"}
+    assert [r["message"] for _, r in receiver.wait_for(2)] == ["kept", "kept"]  # (at least once)

@@ -51,6 +51,7 @@ goes on exactly as it came (integer, float, EventTime, Fluent Bit's
 from __future__ import annotations
 
 import asyncio
+import collections
 import fcntl
 import logging
 import re
@@ -100,6 +101,7 @@ SKIPPER_START_BYTES = 16 * 1024  # a connection's message framer's first buffer 
 ACTIVE_CONNECTIONS = 2  # read, scored and relayed at once; the rest wait unread (backpressure)
 INFLATE_STEP = 1024 * 1024
 PARTIAL_MESSAGE_TIMEOUT_S = 10.0  # an admitted connection must finish the message it started (and read its acks)
+REFUSED_CHUNKS_KEPT = 1024  # chunk ids refused as read into, acknowledged when they come again as they were
 SILENT_SENDER_S = 5.0  # a new connection sending nothing this long is noted in the log (info: idle is normal)
 TLS_HANDSHAKE = b"\x16\x03"  # a TLS record of type handshake, version 3.x: a ClientHello (no msgpack array)
 MAX_INVALID_ENTRIES = 1000  # skipped like Fluentd's in_forward does; this many means it is not a chunk
@@ -1139,6 +1141,7 @@ class ForwardServer(StreamServer):
         # NOTE: while the next hop is down every sender's every chunk fails: one line per interval and
         # kind of failure (a 60 s outage behind one Fluent Bit retrying its chunks logged 1,090 lines)
         self._unacknowledged_said = OncePerInterval()
+        self._refused_read_into: collections.OrderedDict = collections.OrderedDict()  # chunk ids, the latest
 
     async def start(self, host: str, port: int, ssl=None) -> None:
         await super().start(host, port, ssl)
@@ -1311,9 +1314,10 @@ class ForwardServer(StreamServer):
             log.warning("skipped entries that are not [time, record] or could not be decoded",
                         extra={"entries": relay.skipped, "last": relay.skipped_why})
         chunks = [m for m in messages if m.chunk is not None]
-        read_into = [m for m in chunks if m.read_into()]
+        read_into = [m for m in chunks if m.read_into() and self._first_refusal(m.chunk)]
+        refused = {id(m) for m in read_into}
         acks = [msgpack.packb({"ack": m.chunk}, use_bin_type=True, unicode_errors=EXACT)
-                for m in chunks if not m.read_into()]
+                for m in chunks if id(m) not in refused]
         if acks:
             writer.write(b"".join(acks))
             try:
@@ -1327,6 +1331,20 @@ class ForwardServer(StreamServer):
                 f"a chunk whose option gives size {first.size} came with {first.entries_read} entries, "
                 f"{first.entries_skipped} of them broken: the message before it was cut short and read "
                 "this one's bytes; not acknowledged, the sender resends it")
+
+    def _first_refusal(self, chunk) -> bool:
+        """Whether this chunk id was not refused as read into before. NOTE: resent alone, a chunk
+        that was read into arrives whole and matches its size; one that comes again as it was is the
+        sender's own (broken entries it miscounted): acknowledged then, its broken entries skipped,
+        rather than refused at every resend, a sender stalled for good."""
+        key = chunk if isinstance(chunk, (str, bytes)) else repr(chunk)
+        if key in self._refused_read_into:
+            del self._refused_read_into[key]
+            return False
+        self._refused_read_into[key] = True
+        if len(self._refused_read_into) > REFUSED_CHUNKS_KEPT:
+            self._refused_read_into.popitem(last=False)
+        return True
 
     async def _pieces(self, messages: list[Message], relay: Relay) -> AsyncIterator:
         """In order: slices of (tag, entry) pairs to score, and non-log messages to pass on as they are.
