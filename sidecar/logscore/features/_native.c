@@ -413,6 +413,23 @@ static PyObject *shown(PyObject *list) {
     return list;
 }
 
+/* ------------------------------------------------------------------ open addressing */
+
+/* The slots a hash visits, in the order CPython's dict visits them: every bit of the hash soon
+ * takes part. Probing on from hash & mask instead lets keys that merely share their low bits
+ * (easy to find when the hash seed is known, as performance runs fix it) pile into one run of
+ * thousands of slots that every lookup of them walks. Every table of this module probes so. */
+typedef struct { size_t at, perturb, mask; } Probe;
+
+static inline Probe probe_start(size_t hash, size_t mask) {
+    return (Probe){hash & mask, hash, mask};
+}
+
+static inline void probe_next(Probe *p) {
+    p->perturb >>= 5;
+    p->at = (p->at * 5 + p->perturb + 1) & p->mask;
+}
+
 /* ------------------------------------------------------------------ Cache */
 
 /* Twin of converters.ValueCache: a value found in the older generation moves to the newer;
@@ -421,8 +438,9 @@ static PyObject *shown(PyObject *list) {
  * NOTE: each generation is a table of our own (hash, key, entry), not a dict: on novel traffic
  * every value misses both generations and is then stored, and a dict's lookup, insert and growth
  * cost several times this table's probe. Keys are hashed by Python (the hash a str or bytes keeps,
- * computed once) so crafted values collide no more here than in a dict. Nothing in a table's
- * lookups or inserts runs Python code: only releasing a key or entry may (a finalizer). */
+ * computed once) and probed in a dict's order (Probe), so crafted values collide no more here than
+ * in a dict. Nothing in a table's lookups or inserts runs Python code: only releasing a key or
+ * entry may (a finalizer). */
 typedef struct {
     Py_hash_t hash;
     PyObject *key, *entry;  /* our references; key NULL: the slot is free */
@@ -457,11 +475,9 @@ static int same_key(PyObject *a, PyObject *b) {
 
 /* The slot holding key, or the free slot where it goes (the table must have one). */
 static CacheSlot *table_slot(const CacheTable *t, PyObject *key, Py_hash_t hash) {
-    size_t mask = (size_t)t->size - 1, i = (size_t)hash & mask;
-    for (;;) {
-        CacheSlot *slot = &t->slots[i];
+    for (Probe p = probe_start((size_t)hash, (size_t)t->size - 1);; probe_next(&p)) {
+        CacheSlot *slot = &t->slots[p.at];
         if (!slot->key || (slot->hash == hash && same_key(slot->key, key))) return slot;
-        i = (i + 1) & mask;
     }
 }
 
@@ -989,9 +1005,9 @@ static int counter_grow(Counter *c) {
     c->table_size = cap * 2;
     for (Py_ssize_t i = 0; i < c->table_size; i++) c->table[i] = -1;
     for (Py_ssize_t s = 0; s < c->used; s++) {
-        Py_ssize_t h = c->slots[s].key & (c->table_size - 1);
-        while (c->table[h] >= 0) h = (h + 1) & (c->table_size - 1);
-        c->table[h] = s;
+        Probe p = probe_start(c->slots[s].key, (size_t)c->table_size - 1);
+        while (c->table[p.at] >= 0) probe_next(&p);
+        c->table[p.at] = s;
     }
     return 0;
 }
@@ -1001,17 +1017,16 @@ static int counter_commit(Counter *c, Py_ssize_t start) {
     if (c->used >= c->cap && counter_grow(c) < 0) return -1;
     Py_ssize_t length = c->arena.len - start;
     uint32_t key = crc32_update(c->seed, (const unsigned char *)c->arena.data + start, length);
-    Py_ssize_t h = key & (c->table_size - 1);
-    while (c->table[h] >= 0) {
-        Slot *s = &c->slots[c->table[h]];
+    Probe p = probe_start(key, (size_t)c->table_size - 1);
+    for (; c->table[p.at] >= 0; probe_next(&p)) {
+        Slot *s = &c->slots[c->table[p.at]];
         if (s->key == key && s->length == length && memcmp(c->arena.data + s->offset, c->arena.data + start, length) == 0) {
             s->count += 1;
             c->arena.len = start;
             return 0;
         }
-        h = (h + 1) & (c->table_size - 1);
     }
-    c->table[h] = c->used;
+    c->table[p.at] = c->used;
     c->slots[c->used++] = (Slot){key, start, length, 1.0f};
     return 0;
 }
@@ -1547,16 +1562,17 @@ static int template_set_make(TemplateSet *t, PyObject *templates) {
             template_set_free(t);
             return -1;
         }
-        size_t i = code_points_hash(PyUnicode_KIND(str), PyUnicode_DATA(str), PyUnicode_GET_LENGTH(str));
-        while (t->slots[i & (t->size - 1)] >= 0) i++;
-        t->slots[i & (t->size - 1)] = j;
+        Probe p = probe_start(code_points_hash(PyUnicode_KIND(str), PyUnicode_DATA(str), PyUnicode_GET_LENGTH(str)),
+                              (size_t)t->size - 1);
+        while (t->slots[p.at] >= 0) probe_next(&p);
+        t->slots[p.at] = j;
     }
     return 0;
 }
 
 static int template_set_has(const TemplateSet *t, const Py_UCS4 *s, Py_ssize_t n) {
-    for (size_t i = code_points_hash(PyUnicode_4BYTE_KIND, s, n);; i++) {
-        Py_ssize_t j = t->slots[i & (t->size - 1)];
+    for (Probe p = probe_start(code_points_hash(PyUnicode_4BYTE_KIND, s, n), (size_t)t->size - 1);; probe_next(&p)) {
+        Py_ssize_t j = t->slots[p.at];
         if (j < 0) return 0;
         if (same_code_points(PyTuple_GET_ITEM(t->strs, j), s, n)) return 1;
     }
@@ -2024,16 +2040,16 @@ static PyObject *distinct(PyObject *module, PyObject *column) {
         }
         Py_hash_t hash = value == Py_None ? 0 : PyObject_Hash(value);
         if (hash == -1 && PyErr_Occurred()) goto fail;
-        Py_ssize_t slot = (Py_ssize_t)((size_t)hash & (size_t)(size - 1));
-        while (table[slot].id >= 0 &&
-               !(table[slot].hash == hash && same_value(PyList_GET_ITEM(values, table[slot].id), value)))
-            slot = (slot + 1) & (size - 1);
-        if (table[slot].id < 0) {
-            table[slot].hash = hash;
-            table[slot].id = PyList_GET_SIZE(values);
+        Probe p = probe_start((size_t)hash, (size_t)size - 1);
+        while (table[p.at].id >= 0 &&
+               !(table[p.at].hash == hash && same_value(PyList_GET_ITEM(values, table[p.at].id), value)))
+            probe_next(&p);
+        if (table[p.at].id < 0) {
+            table[p.at].hash = hash;
+            table[p.at].id = PyList_GET_SIZE(values);
             if (PyList_Append(values, value) < 0) goto fail;
         }
-        id[i] = previous_id = table[slot].id;
+        id[i] = previous_id = table[p.at].id;
         previous = value;
     }
     PyMem_Free(table);
@@ -2470,10 +2486,9 @@ static PyObject *key_counts(PyObject *module, PyObject *args) {
         if (value != previous) {
             Py_hash_t hash = PyObject_Hash(value);
             if (hash == -1) goto fail;
-            size_t place = (size_t)hash & (size_t)(size - 1);
             ValueSlot *slot;
-            for (;; place = (place + 1) & (size_t)(size - 1)) {
-                slot = &slots[place];
+            for (Probe p = probe_start((size_t)hash, (size_t)size - 1);; probe_next(&p)) {
+                slot = &slots[p.at];
                 if (!slot->value) break;
                 if (slot->hash == hash) {
                     int same = slot->value == value ? 1 : PyObject_RichCompareBool(slot->value, value, Py_EQ);
