@@ -1511,10 +1511,6 @@ static Py_ssize_t find_char(const Py_UCS4 *s, Py_ssize_t from, Py_ssize_t n, Py_
     return -1;
 }
 
-/* UrlConverter._split + _structure of one URL, as a bytes key holding all its features
- * depend on: flags, template, per parameter its name, shape, enumerated value, length class.
- * enumerated_templates: every "{template}" that some enumerated "{template}?{name}" starts
- * with, so that most URLs need one set lookup, not one per parameter. */
 /* The templates some enumerated slot starts with, found by a hash of their code points: making a
  * str of each URL's template for a set lookup cost more than the rest of its parameters. The
  * templates are a model's few and fixed, so a plain hash is enough: a crafted URL can at worst be
@@ -1578,6 +1574,11 @@ static int template_set_has(const TemplateSet *t, const Py_UCS4 *s, Py_ssize_t n
     }
 }
 
+/* UrlConverter._split + _structure of one URL, as a bytes key holding all its features
+ * depend on: flags, template, per parameter its name, shape, enumerated value, length class.
+ * enumerated_templates: every "{template}" that some enumerated "{template}?{name}" starts
+ * with, so that a URL whose template none starts with (most) is looked up once there, by its
+ * code points, and its parameters never in the enumerated set. */
 static int url_structure(PyObject *value, int full, int rounds_allowed, PyObject *enumerated,
                          const TemplateSet *enumerated_templates, UrlWork *w) {
     Text *path = &w->path, *query = &w->query;
@@ -2558,12 +2559,6 @@ fail:
 
 /* ------------------------------------------------------------------ assembly */
 
-/* assemble(held, offsets, entries, size, with_origins): FeatureSink.build's expansion. held: one int64
- * buffer [size] per converter, indices into that converter's entries, which start at its offset (an int)
- * in entries (all Features). Record-major: record 0's keys of every
- * converter in converter order, then record 1's, ... Returns bytearrays
- * (rows int64, keys int64, weights float32, entry_of_key int64, position int64); the last two
- * empty unless with_origins (only explanations need them). */
 /* out[0:n] = v, four a step with SSE2 (x86-64 always has it). */
 static void fill_i64(int64_t *out, Py_ssize_t n, int64_t v) {
     Py_ssize_t i = 0;
@@ -2577,6 +2572,11 @@ static void fill_i64(int64_t *out, Py_ssize_t n, int64_t v) {
     for (; i < n; i++) out[i] = v;
 }
 
+/* assemble(held, offsets, entries, size, with_origins): FeatureSink.build's expansion. held: one int64
+ * buffer [size] per converter, indices into that converter's entries, which start at its offset (an int)
+ * in entries (all Features). Record-major: record 0's keys of every converter in converter order, then
+ * record 1's, ... Returns bytearrays (rows int64, keys int64, weights float32, entry_of_key int64,
+ * position int64); the last two empty unless with_origins (only explanations need them). */
 static PyObject *assemble(PyObject *module, PyObject *args) {
     PyObject *held, *offset_list, *entries;
     Py_ssize_t size;
