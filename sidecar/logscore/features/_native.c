@@ -459,8 +459,8 @@ typedef struct {
 
 #define CACHE_TABLE_MIN 8
 
-/* Keys are exact str, bytes or None (check_key): equal ones are of one type, and equal strs of
- * one kind. */
+/* Equal as dict keys, for the cache's keys (exact str, bytes or None: check_key) and distinct()'s
+ * values (exact str or None): equal ones are of one type, and equal strs of one kind. */
 static int same_key(PyObject *a, PyObject *b) {
     if (a == b) return 1;
     if (Py_TYPE(a) != Py_TYPE(b) || a == Py_None) return 0;
@@ -2003,16 +2003,6 @@ fail:
 
 /* ------------------------------------------------------------------ columns, distinct */
 
-/* Equal as dict keys: the same str (exact str or None; equal strs share their kind). */
-static int same_value(PyObject *a, PyObject *b) {
-    if (a == b) return 1;
-    if (a == Py_None || b == Py_None) return 0;
-    Py_ssize_t n = PyUnicode_GET_LENGTH(a);
-    int kind = PyUnicode_KIND(a);
-    return n == PyUnicode_GET_LENGTH(b) && kind == PyUnicode_KIND(b) &&
-           memcmp(PyUnicode_DATA(a), PyUnicode_DATA(b), n * kind) == 0;
-}
-
 /* distinct(column): (ids int64 bytearray, distinct values in first-seen order).
  * NOTE: the values are found in a table of our own (hash, id), sized once for the column, not a
  * dict of ints: the dict's inserts, its growth and an int object per value were two thirds of
@@ -2043,7 +2033,7 @@ static PyObject *distinct(PyObject *module, PyObject *column) {
         if (hash == -1 && PyErr_Occurred()) goto fail;
         Probe p = probe_start((size_t)hash, (size_t)size - 1);
         while (table[p.at].id >= 0 &&
-               !(table[p.at].hash == hash && same_value(PyList_GET_ITEM(values, table[p.at].id), value)))
+               !(table[p.at].hash == hash && same_key(PyList_GET_ITEM(values, table[p.at].id), value)))
             probe_next(&p);
         if (table[p.at].id < 0) {
             table[p.at].hash = hash;
