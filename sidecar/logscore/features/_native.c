@@ -2029,8 +2029,8 @@ static PyObject *distinct(PyObject *module, PyObject *column) {
                          Py_TYPE(value)->tp_name);
             goto fail;
         }
-        Py_hash_t hash = value == Py_None ? 0 : PyObject_Hash(value);
-        if (hash == -1 && PyErr_Occurred()) goto fail;
+        Py_hash_t hash = PyObject_Hash(value);
+        if (hash == -1) goto fail;
         Probe p = probe_start((size_t)hash, (size_t)size - 1);
         while (table[p.at].id >= 0 &&
                !(table[p.at].hash == hash && same_key(PyList_GET_ITEM(values, table[p.at].id), value)))
@@ -2272,7 +2272,7 @@ static PyObject *access_columns(PyObject *module, PyObject *args) {
     if (!records) return NULL;
     n = PyTuple_GET_SIZE(records);
     PyObject *columns = hidden_list(fields), *parsed = hidden_list(n), *truncated = hidden_list(n);
-    PyObject **recent = PyMem_Calloc(fields * RECENT_SLOTS + 1, sizeof *recent);
+    PyObject **recent = PyMem_Calloc(fields * RECENT_SLOTS, sizeof *recent);
     if (!recent) PyErr_NoMemory();
     if (!columns || !parsed || !truncated || !recent) goto fail;
     for (Py_ssize_t f = 0; f < fields; f++) {
