@@ -616,7 +616,8 @@ def test_a_set_member_whose_eq_shrinks_the_urls_changes_nothing():
             del urls[1:]
             return False
 
-    structures = native._native.url_structures(urls, True, 3, frozenset({"/a?x"}), frozenset({Template("z")}))
+    templates = native._native.template_set(frozenset({Template("z")}))
+    structures = native._native.url_structures(urls, True, 3, frozenset({"/a?x"}), templates)
     assert len(structures) == 64 and len(set(structures)) == 1
 
 
@@ -647,7 +648,8 @@ def test_callbacks_that_walk_the_heap_find_no_half_made_list():
             walk_lists()
             return False
 
-    structures = native._native.url_structures(["/a?x=1"] * 3, True, 3, frozenset({"/a?x"}), frozenset({Template()}))
+    structures = native._native.url_structures(["/a?x=1"] * 3, True, 3, frozenset({"/a?x"}),
+                                               native._native.template_set(frozenset({Template()})))
     assert len(set(structures)) == 1
 
 
@@ -772,9 +774,10 @@ def test_only_plain_str_reaches_the_compiled_featurizer():
             featurizer = Featurizer(spec, native=native_path)
             assert_same_batches(featurizer.transform([odd, odd]), featurizer.transform([plain, plain]))
     compiled = native._native
+    no_templates = compiled.template_set(frozenset())
     for refused in (lambda: compiled.Cache(8, 1000).get(Odd("k")), lambda: compiled.distinct([Odd("a"), "a"]),
                     lambda: compiled.ngram_encode([Odd("a")], False, False, False, 10),
-                    lambda: compiled.url_structures([Odd("/a")], True, 3, frozenset(), frozenset()),
+                    lambda: compiled.url_structures([Odd("/a")], True, 3, frozenset(), no_templates),
                     lambda: compiled.numeric_labels(["1"], Odd("(missing)")),
                     lambda: compiled.text_features(["v"], [[Odd("t")]], 0, 1.0, 0, ref_of(KEEP))):
         with pytest.raises(TypeError, match="not a subclass"):
@@ -893,3 +896,22 @@ def test_keys_sharing_their_low_hash_bits_cost_the_compiled_cache_no_more_than_a
     compiled = min(cpu_seconds(native._native.Cache(8192, 1 << 40)) for _ in range(3))
     python = min(cpu_seconds(ValueCache(8192, 1 << 40)) for _ in range(3))
     assert compiled < 2 * python, f"{compiled:.4f} s compiled, {python:.4f} s python"
+
+
+def test_a_url_scored_alone_does_not_rebuild_the_enumerated_templates_table():
+    # The compiled table of the templates enumerated slots start with was made on every call:
+    # per record when records come one at a time, its cost growing with the model's slots.
+    def cpu_seconds_a_url(slots: int) -> float:
+        spec = {"format": "jsonl", "fields": [{"field": "f", "converters": [
+            {"kind": "url", "enumerated": [f"/t{i}/x?p" for i in range(slots)]}]}]}
+        featurizer = Featurizer(spec, native=True)
+        records = [{"f": f"/a/{i}?q={i}"} for i in range(300)]
+        featurizer.transform(records[:1])  # the table is made once, here
+        start = time.process_time()
+        for record in records:
+            featurizer.transform([record])
+        return (time.process_time() - start) / len(records)
+
+    few = min(cpu_seconds_a_url(1) for _ in range(3))
+    many = min(cpu_seconds_a_url(20_000) for _ in range(3))
+    assert many < 1.5 * few, f"{many * 1e6:.1f} us a URL with 20,000 slots, {few * 1e6:.1f} us with 1"

@@ -1706,22 +1706,49 @@ static int url_structure(PyObject *value, int full, int rounds_allowed, PyObject
     return 0;
 }
 
-/* url_structures(values, full, decode_rounds, enumerated): one bytes key per value (None stays). */
-static PyObject *url_structures(PyObject *module, PyObject *args) {
-    PyObject *values, *enumerated;
-    int full, rounds;
-    PyObject *enumerated_templates;
-    if (!PyArg_ParseTuple(args, "O!piO!O!", &PyList_Type, &values, &full, &rounds, &PyFrozenSet_Type, &enumerated,
-                          &PyFrozenSet_Type, &enumerated_templates))
+#define TEMPLATE_SET_CAPSULE "logscore.features._native.TemplateSet"
+
+static void template_set_capsule_free(PyObject *capsule) {
+    TemplateSet *t = PyCapsule_GetPointer(capsule, TEMPLATE_SET_CAPSULE);
+    template_set_free(t);
+    PyMem_Free(t);
+}
+
+/* template_set(templates): the enumerated templates' table, made once a model (a converter keeps it)
+ * rather than on every url_structures call, which is every record when records come one at a time. */
+static PyObject *template_set(PyObject *module, PyObject *templates) {
+    if (!PyFrozenSet_Check(templates)) {
+        PyErr_Format(PyExc_TypeError, "enumerated templates must be a frozenset; got %.100s", Py_TYPE(templates)->tp_name);
         return NULL;
+    }
+    TemplateSet *t = PyMem_Malloc(sizeof *t);
+    if (!t) return PyErr_NoMemory();
+    if (template_set_make(t, templates) < 0) { PyMem_Free(t); return NULL; }
+    PyObject *capsule = PyCapsule_New(t, TEMPLATE_SET_CAPSULE, template_set_capsule_free);
+    if (!capsule) { template_set_free(t); PyMem_Free(t); }
+    return capsule;
+}
+
+/* url_structures(values, full, decode_rounds, enumerated, enumerated_templates): one bytes key per
+ * value (None stays); enumerated_templates: template_set(the templates enumerated's slots start with). */
+static PyObject *url_structures(PyObject *module, PyObject *args) {
+    PyObject *values, *enumerated, *templates_capsule;
+    int full, rounds;
+    if (!PyArg_ParseTuple(args, "O!piO!O", &PyList_Type, &values, &full, &rounds, &PyFrozenSet_Type, &enumerated,
+                          &templates_capsule))
+        return NULL;
+    /* the capsule lives as long as this call's arguments: Python code run meanwhile cannot free it */
+    const TemplateSet *templates = PyCapsule_GetPointer(templates_capsule, TEMPLATE_SET_CAPSULE);
+    if (!templates) {
+        PyErr_SetString(PyExc_TypeError, "enumerated_templates must be made by template_set(frozenset)");
+        return NULL;
+    }
     values = own_items(values);  /* the sets' __eq__ and allocations may run Python code */
     if (!values) return NULL;
     if (check_values(values) < 0) { Py_DECREF(values); return NULL; }
     Py_ssize_t n = PyTuple_GET_SIZE(values);
-    TemplateSet templates;
-    if (template_set_make(&templates, enumerated_templates) < 0) { Py_DECREF(values); return NULL; }
     PyObject *out = hidden_list(n);
-    if (!out) { template_set_free(&templates); Py_DECREF(values); return NULL; }
+    if (!out) { Py_DECREF(values); return NULL; }
     UrlWork work;
     url_work_take(&work);
     for (Py_ssize_t i = 0; i < n; i++) {
@@ -1729,19 +1756,17 @@ static PyObject *url_structures(PyObject *module, PyObject *args) {
         if (value == Py_None) {
             item = Py_NewRef(Py_None);
         } else {
-            if (url_structure(value, full, rounds, enumerated, &templates, &work) < 0) goto fail;
+            if (url_structure(value, full, rounds, enumerated, templates, &work) < 0) goto fail;
             item = PyBytes_FromStringAndSize(work.key.data, work.key.len);
             if (!item) goto fail;
         }
         PyList_SET_ITEM(out, i, item);
     }
     url_work_free(&work);
-    template_set_free(&templates);
     Py_DECREF(values);
     return shown(out);
 fail:
     url_work_free(&work);
-    template_set_free(&templates);
     Py_DECREF(values);
     Py_DECREF(out);
     return NULL;
@@ -2897,6 +2922,7 @@ static PyMethodDef module_methods[] = {
     {"ngram_features", ngram_features, METH_VARARGS,
      "ngram_features(values, encoded, seed, low, high, weight, weigher, converter_ref)"},
     {"url_structures", url_structures, METH_VARARGS, "url_structures(values, full, decode_rounds, enumerated, enumerated_templates)"},
+    {"template_set", template_set, METH_O, "template_set(templates): the table url_structures takes"},
     {"url_features", url_features, METH_VARARGS, "url_features(values, structures, full, seed, weight, weigher, converter_ref)"},
     {"numeric_labels", numeric_labels, METH_VARARGS, "numeric_labels(values, missing_label)"},
     {"distinct", distinct, METH_O, "distinct(column) -> (ids, values)"},

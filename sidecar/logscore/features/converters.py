@@ -409,6 +409,7 @@ class UrlConverter(Converter):
         # can hold "?" once decoded): the compiled path checks a URL's template once.
         self._enumerated_templates = frozenset(
             slot[:i] for slot in slots for i, char in enumerate(slot) if char == "?")
+        self._template_set = None  # the compiled table of them, made on first use
 
     def _new_caches(self) -> None:
         super()._new_caches()
@@ -452,8 +453,10 @@ class UrlConverter(Converter):
         if self._native is not None:
             # The same, compiled: each structure is a bytes key holding what the tuple holds.
             full = self.config["part"] == "full"
+            if self._template_set is None:
+                self._template_set = self._native.template_set(self._enumerated_templates)
             structures = self._native.url_structures(list(values), full, int(self.config["decode_rounds"]),
-                                                     self.enumerated, self._enumerated_templates)
+                                                     self.enumerated, self._template_set)
             return self._by_structure.lookup(list(values), structures, lambda todo, keys: self._native.url_features(
                 todo, keys, full, self.seed, self.weight, self._weigher, self._ref))
         structures = [self.structure(v) if v is not None else None for v in values]
