@@ -10,7 +10,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 import weakref
 
 import numpy as np
@@ -878,40 +877,26 @@ def test_a_json_logger_s_own_names_give_the_columns_of_the_python_path():
     assert Featurizer(older, native=True).field_values(lines[:3])[0]["message"] == [None] * 3
 
 
-def test_keys_sharing_their_low_hash_bits_cost_the_compiled_cache_no_more_than_a_dict():
-    # Whoever knows the hash seed can pick values whose hashes share their low bits; probed on
-    # from hash & mask they made one run that every lookup walked (8x the dict-backed cache).
-    crafted = [k for k in map("/u/{}".format, range(600_000)) if hash(k) & 4095 < 16][:2000]
-    entry = entries_of(1)[0]
-
-    def cpu_seconds(cache):
-        for key in crafted:
-            cache.put(key, entry)
-        start = time.process_time()
-        for _ in range(20):
-            for key in crafted:
-                cache.get(key)
-        return time.process_time() - start
-
-    compiled = min(cpu_seconds(native._native.Cache(8192, 1 << 40)) for _ in range(3))
-    python = min(cpu_seconds(ValueCache(8192, 1 << 40)) for _ in range(3))
-    assert compiled < 2 * python, f"{compiled:.4f} s compiled, {python:.4f} s python"
-
-
 def test_a_url_scored_alone_does_not_rebuild_the_enumerated_templates_table():
-    # The compiled table of the templates enumerated slots start with was made on every call:
-    # per record when records come one at a time, its cost growing with the model's slots.
-    def cpu_seconds_a_url(slots: int) -> float:
-        spec = {"format": "jsonl", "fields": [{"field": "f", "converters": [
-            {"kind": "url", "enumerated": [f"/t{i}/x?p" for i in range(slots)]}]}]}
-        featurizer = Featurizer(spec, native=True)
-        records = [{"f": f"/a/{i}?q={i}"} for i in range(300)]
-        featurizer.transform(records[:1])  # the table is made once, here
-        start = time.process_time()
-        for record in records:
-            featurizer.transform([record])
-        return (time.process_time() - start) / len(records)
+    """The compiled table of the templates enumerated slots start with was made on every call: per
+    record when records come one at a time, its cost growing with the model's slots (20,000 slots:
+    732 µs a URL against 14). It is made once per converter."""
+    class CountingTables:
+        def __init__(self, module):
+            self.module, self.made = module, 0
 
-    few = min(cpu_seconds_a_url(1) for _ in range(3))
-    many = min(cpu_seconds_a_url(20_000) for _ in range(3))
-    assert many < 1.5 * few, f"{many * 1e6:.1f} us a URL with 20,000 slots, {few * 1e6:.1f} us with 1"
+        def template_set(self, templates):
+            self.made += 1
+            return self.module.template_set(templates)
+
+        def __getattr__(self, name):
+            return getattr(self.module, name)
+
+    spec = {"format": "jsonl", "fields": [{"field": "f", "converters": [
+        {"kind": "url", "enumerated": [f"/t{i}/x?p" for i in range(50)]}]}]}
+    featurizer = Featurizer(spec, native=True)
+    url = next(converter for converter in featurizer.converters if converter.kind == "url")
+    counting = CountingTables(url._native)
+    url.accelerate(counting)
+    alone = [featurizer.transform([{"f": f"/t{i}/x?p={i}"}]) for i in range(5)]
+    assert counting.made == 1 and len(alone) == 5
