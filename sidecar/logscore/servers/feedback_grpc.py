@@ -12,7 +12,7 @@ from ..errors import InvalidRequest, LogscoreError
 from ..feedback import KEEP, NORMAL, UNREADABLE, Entry
 from ..feedback_store import Mark
 from ..generated.logscore.v1 import scorer_pb2 as pb
-from .grpc_requests import parsed_unary
+from .grpc_requests import parsed_unary, refusal
 
 log = logging.getLogger("logscore.grpc")
 
@@ -105,8 +105,7 @@ class FeedbackServicer:
                 raise InvalidRequest("feedback is off in this sidecar")
             return await work(self.service.feedback)
         except LogscoreError as error:
-            failure = self.status_codes.get(type(error), grpc.StatusCode.INVALID_ARGUMENT), str(error)
-            self.service.metrics.refused(type(error).__name__, "grpc", str(error))
+            failure = refusal(error, self.service.metrics, self.status_codes)
         except Exception:
             failure = grpc.StatusCode.INTERNAL, "internal error in the sidecar (logged)"
             self.service.metrics.errors.labels("internal", "grpc").inc()

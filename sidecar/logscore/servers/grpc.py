@@ -23,7 +23,7 @@ from ..records import decode_event_stream
 from ..scoring import ScoreCall, ScoreOutcome, ScoringService, check_record_count
 from ..settings import bearer_matches
 from .feedback_grpc import FeedbackServicer
-from .grpc_requests import parse_message, parsed_or_refused, parsed_unary
+from .grpc_requests import parse_message, parsed_or_refused, parsed_unary, refusal
 
 log = logging.getLogger("logscore.grpc")
 
@@ -182,8 +182,7 @@ class ScorerServicer:
                 outcome = await self.service.score(call)
                 return encode_response(outcome, request_id)
         except LogscoreError as error:
-            failure = STATUS_CODES.get(type(error), grpc.StatusCode.INVALID_ARGUMENT), str(error)
-            metrics.refused(type(error).__name__, "grpc", str(error))
+            failure = refusal(error, metrics, STATUS_CODES)
         except Exception:
             failure = grpc.StatusCode.INTERNAL, "internal error in the sidecar (logged)"
             metrics.errors.labels("internal", "grpc").inc()

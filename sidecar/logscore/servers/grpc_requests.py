@@ -6,7 +6,7 @@ from __future__ import annotations
 import grpc
 from google.protobuf.message import DecodeError
 
-from ..errors import InvalidRequest
+from ..errors import InvalidRequest, LogscoreError
 
 
 def parse_message(message_type, data: bytes):
@@ -18,13 +18,20 @@ def parse_message(message_type, data: bytes):
                              "proto/logscore/v1/scorer.proto") from None
 
 
+def refusal(error: LogscoreError, metrics, codes: dict) -> tuple:
+    """The (status code, text) a refused call is answered with (``codes`` by error type, else
+    INVALID_ARGUMENT); counted and logged as a refusal."""
+    metrics.refused(type(error).__name__, "grpc", str(error))
+    return codes.get(type(error), grpc.StatusCode.INVALID_ARGUMENT), str(error)
+
+
 async def parsed_or_refused(message_type, data: bytes, context, metrics):
     """``data`` as a ``message_type``; a malformed one is counted, logged and answered INVALID_ARGUMENT."""
     try:
         return parse_message(message_type, data)
     except InvalidRequest as error:
-        metrics.refused(type(error).__name__, "grpc", str(error))
-        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        failure = refusal(error, metrics, {})
+    await context.abort(*failure)
 
 
 def parsed_unary(method, request_type, response_type, metrics) -> grpc.RpcMethodHandler:
