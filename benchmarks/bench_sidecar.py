@@ -265,7 +265,9 @@ def start_mlserver(python: str, workdir: Path, parallel_workers: int = 1) -> tup
     grpc_port, http_port = free_port(), free_port()
     (folder / "settings.json").write_text(json.dumps({
         "host": "127.0.0.1", "grpc_port": grpc_port, "http_port": http_port, "metrics_port": free_port(),
-        "debug": False, "parallel_workers": parallel_workers}))
+        "debug": False, "parallel_workers": parallel_workers,
+        # its worker pool's Prometheus files; by default in .metrics under the current directory (the checkout)
+        "metrics_dir": str(folder / "metrics")}))
     (folder / "naive" / "model-settings.json").write_text(json.dumps({
         "name": "naive", "implementation": "benchmarks.mlserver_naive.NaivePipeline"}))
     training = workdir / "naive-training.txt"
@@ -387,8 +389,13 @@ def main() -> int:
         targets["logscore tcp"], targets["logscore 2 processes tcp"] = tcp, processes_tcp
         runs += MLSERVER_RUNS
         latency_servers += ["logscore tcp", "mlserver"]
-    results = {"machine": machine(), "throughput": [], "latency": {}}
-    print(f"machine: {results['machine']}; load average at start {load_average()}")
+    # The sidecar imports the featurizer from the same path as this process: a worktree without the
+    # compiled one built runs the pure-Python path, several times slower, and the figures must say so.
+    from logscore.features.native import status as featurizer_status
+
+    results = {"machine": machine(), "featurizer": featurizer_status(), "throughput": [], "latency": {}}
+    print(f"machine: {results['machine']}; featurizer: {results['featurizer']}; load average at start "
+          f"{load_average()}")
     seen: dict = {}
     try:
         for run, (traffic, (server, batch, clients)) in enumerate(
