@@ -1232,22 +1232,29 @@ def quiet_days_with_a_daily_high(scorer, days: int, high: float, step_s: float =
     return moment
 
 
+def record_factor(ratio: float) -> float:
+    """v^p / (1 + v^p), v = a deviation / the previous day's largest, p = RECORD_POWER."""
+    from logscore.series import RECORD_POWER
+    return ratio ** RECORD_POWER / (1 + ratio ** RECORD_POWER)
+
+
 def test_series_scorer_known_answers_typical_day_record_and_hold_off():
-    from logscore.series import CONFIRM_STEPS, HOLD_S, TYPICAL_DAYS, SeriesScorer
+    from logscore.series import CONFIRM_STEPS, HOLD, HOLD_S, RECORD_POWER, TYPICAL_DAYS, SeriesScorer
+    assert (HOLD, RECORD_POWER) == (0.65, 4.5)  # the answers below are worked out for these
     scorer = SeriesScorer(START)
     moment = quiet_days_with_a_daily_high(scorer, 5, 2.0) + 3600  # typical 2; the record: 2, 23 hours ago
-    # u = 4 / 2, v = (4 / 2)^4; nothing within the hold-off before it
-    assert scorer.candidate(moment, 4.0) == pytest.approx(2 / 3 * 16 / 17)
-    # An hour later, 4.4: u = 2.2, v = 1.1^4 against the 4 just seen, held by the first alarm
-    v = 1.1 ** 4
-    held = 2.2 / 3.2 * v / (1 + v) * (1 - 0.7 * 2 / 3 * 16 / 17)
+    # u = 4 / 2, v = 4 / 2; nothing within the hold-off before it
+    first = 2 / 3 * record_factor(2.0)
+    assert scorer.candidate(moment, 4.0) == pytest.approx(first) == pytest.approx(0.6385, abs=1e-4)
+    # An hour later, 4.4: u = 2.2, v = 1.1 against the 4 just seen, held by the first alarm
+    held = 2.2 / 3.2 * record_factor(1.1) * (1 - 0.65 * first)
     assert scorer.candidate(moment + 3600, 4.4) == pytest.approx(held)
     # Past the hold-off (measured from the second alarm), 4.4 again: only as strange as the record
     assert scorer.candidate(moment + 3600 + HOLD_S + 300, 4.4) == pytest.approx(2.2 / 3.2 * 0.5)
     # The same deviation in a series whose every day reaches 10 is ordinary there
     noisy = SeriesScorer(START)
     moment = quiet_days_with_a_daily_high(noisy, 5, 10.0) + 3600
-    assert noisy.candidate(moment, 4.0) == pytest.approx(0.4 / 1.4 * 0.4 ** 4 / (1 + 0.4 ** 4))
+    assert noisy.candidate(moment, 4.0) == pytest.approx(0.4 / 1.4 * record_factor(0.4))
     # Bounded: TYPICAL_DAYS daily maxima, no more than a day of running maxima, CONFIRM_STEPS points waiting
     long = SeriesScorer(START)
     quiet_days_with_a_daily_high(long, TYPICAL_DAYS + 10, 2.0)
@@ -1258,12 +1265,12 @@ def test_series_scorer_known_answers_typical_day_record_and_hold_off():
 def test_series_hold_off_spans_at_least_hold_steps_of_an_hourly_series():
     from logscore.series import HOLD_S, HOLD_STEPS, SeriesScorer
     assert HOLD_S < 5 * 3600 < HOLD_STEPS * 3600  # five hours: past HOLD_S, within HOLD_STEPS hourly steps
-    first, v = 2 / 3, 1.1 ** 4  # 03:00: yesterday's 02:00 high is past the record and the hold-off: v = 1
-    for step_s, held in ((3600.0, 1 - 0.7 * first), (300.0, 1.0)):  # hourly: still held; 5-minute: not
+    first = 2 / 3  # 03:00: yesterday's 02:00 high is past the record and the hold-off: the record factor 1
+    for step_s, held in ((3600.0, 1 - 0.65 * first), (300.0, 1.0)):  # hourly: still held; 5-minute: not
         scorer = SeriesScorer(START, step_s)
         moment = quiet_days_with_a_daily_high(scorer, 5, 2.0, step_s) + 3 * 3600
         assert scorer.candidate(moment, 4.0) == pytest.approx(first)
-        assert scorer.candidate(moment + 5 * 3600, 4.4) == pytest.approx(2.2 / 3.2 * v / (1 + v) * held)
+        assert scorer.candidate(moment + 5 * 3600, 4.4) == pytest.approx(2.2 / 3.2 * record_factor(1.1) * held)
 
 
 @pytest.mark.parametrize("after, share", [
@@ -1276,10 +1283,23 @@ def test_series_score_waits_for_the_points_after_and_keeps_what_holds_up(after, 
     from logscore.series import CONFIRM_SHARE, CONFIRM_STEPS, SeriesScorer
     assert CONFIRM_STEPS == len(after) and CONFIRM_SHARE == 0.5  # the answers below are worked out for these
     scorer = SeriesScorer(START)
-    moment = quiet_days_with_a_daily_high(scorer, 5, 2.0) + 3600  # the candidate of 4 is 2/3 x 16/17
+    moment = quiet_days_with_a_daily_high(scorer, 5, 2.0) + 3600  # the candidate of 4 is 2/3 x the record factor
     written = [scorer.score(moment + 300 * k, deviation) for k, deviation in enumerate([4.0] + after)]
     assert written[:CONFIRM_STEPS] == [0.0] * CONFIRM_STEPS  # the quiet points before it: nothing
-    assert written[CONFIRM_STEPS] == pytest.approx(2 / 3 * 16 / 17 * share)  # its alarm, CONFIRM_STEPS late
+    assert written[CONFIRM_STEPS] == pytest.approx(2 / 3 * record_factor(2.0) * share)  # CONFIRM_STEPS late
+
+
+def test_a_burst_rising_over_a_few_points_is_one_alarm_at_its_peak():
+    from logscore.series import CONFIRM_STEPS, HOLD, SeriesScorer
+    scorer = SeriesScorer(START)
+    moment = quiet_days_with_a_daily_high(scorer, 5, 2.0) + 3600  # typical 2, the record 2
+    burst = [2.4, 8.0, 8.0, 8.0, 8.0]  # a first rise, then the burst; written CONFIRM_STEPS late
+    written = [scorer.score(moment + 300 * k, deviation) for k, deviation in enumerate(burst)]
+    rise = 1.2 / 2.2 * record_factor(1.2)  # u = v = 2.4 / 2: an alarm of its own (0.379) ...
+    peak = 4 / 5 * record_factor(8.0 / 2.4) * (1 - HOLD * rise)  # ... but the next point's is higher
+    assert rise == pytest.approx(0.3788, abs=1e-4) and peak == pytest.approx(0.6004, abs=1e-4)
+    assert written[CONFIRM_STEPS] == 0.0  # the rise: no alarm (it was written as 0.379 before)
+    assert written[CONFIRM_STEPS + 1] == pytest.approx(peak)  # the peak, held up by the 8s after it
 
 
 def test_counts_keep_poisson_noise_a_key_of_zeros_is_not_startled_by_a_two():
