@@ -532,3 +532,28 @@ def test_no_default_model_names_the_callers_own_way_to_name_one(tmp_path, shop_m
                 "shop") in refused.value.details()
     finally:
         sidecar.stop()
+
+
+def test_an_output_that_is_one_of_the_inputs_is_refused_before_any_work(tmp_path):
+    """`train --input v.log --out v.log` ran to the end and left the model where the log was;
+    `report s.jsonl --html s.jsonl` replaced the scored lines with HTML."""
+    log = tmp_path / "v.log"
+    log.write_text("\n".join(shop_lines(300, seed=3)) + "\n")
+    kept = log.read_bytes()
+    (tmp_path / "link.log").symlink_to(log)
+    trained = logscore("train", "--input", log, "--out", tmp_path / "link.log")
+    assert trained.returncode == 1 and "Traceback" not in trained.stderr
+    assert f"--out {tmp_path / 'link.log'}: is the same file as --input {log}" in trained.stderr
+    assert "give --out another file name" in trained.stderr
+    config = tmp_path / "fields.yaml"
+    config.write_text("format: access\n")
+    with_config = logscore("train", "--input", log, "--config", config, "--out", config)
+    assert with_config.returncode == 1 and f"is the same file as --config {config}" in with_config.stderr
+    scored = tmp_path / "s.jsonl"
+    scored.write_text(json.dumps({"line": 1, "score": 0.5, "is_anomaly": False}) + "\n")
+    reported = logscore("report", scored, "--html", scored)
+    assert reported.returncode == 1 and f"is the same file as SCORED.jsonl {scored}" in reported.stderr
+    evaluated = logscore("evaluate", "--model", tmp_path / "m.onnx", "--normal", log, "--anomalous", scored,
+                         "--report", log)
+    assert evaluated.returncode == 1 and f"--report {log}: is the same file as --normal {log}" in evaluated.stderr
+    assert log.read_bytes() == kept and scored.read_text().startswith('{"line": 1')

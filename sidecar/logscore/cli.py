@@ -605,7 +605,9 @@ def run_train(args) -> int:
     except ImportError as error:
         print(f"logscore train: error: {missing_training_extra(error)}", file=sys.stderr)
         return 1
-    check_writable(args.out, "--out")
+    check_writable(args.out, "--out", input_flags("--input", args.input) + [
+        ("--config", args.config), ("--feedback", args.feedback), ("--base", args.base),
+        ("--previous-model", args.previous_model), ("--behaviour-from", args.behaviour_from)])
     read_zoneless_in(args.time_zone)  # the records' timestamps, for --windows and --entities
     spec = load_spec(args.config, args.format)
     if args.session_key:
@@ -668,8 +670,12 @@ def run_train(args) -> int:
     return 0
 
 
-def check_writable(path: str, flag: str) -> None:
-    """Fail before a long run, not after it, when its output cannot be written."""
+def check_writable(path: str, flag: str, inputs: Sequence[tuple[str, Optional[str]]] = ()) -> None:
+    """Fail before a long run, not after it, when its output cannot be written or would overwrite one
+    of its ``inputs`` ((flag, path) pairs: every file the command reads).
+
+    NOTE: `train --input v.log --out v.log` ran to the end and replaced the log with the model; `report
+    s.jsonl --html s.jsonl` replaced the scored file with HTML."""
     import os
     from pathlib import Path
 
@@ -677,12 +683,16 @@ def check_writable(path: str, flag: str) -> None:
 
     target = Path(path)
     if target.is_dir():
-        raise ConfigError(f"{flag} {path}: is a directory; give a file name such as {target / 'model.onnx'}")
+        raise ConfigError(f"{flag} {path}: is a directory; give a file name inside it")
     if target.exists() and not target.is_file():
         # NOTE: the model is written beside the path and renamed onto it: as root, `--out /dev/null`
         # replaced the machine's /dev/null with a regular file.
-        raise ConfigError(f"{flag} {path}: is not a regular file (a device, a pipe or a socket), and the model "
+        raise ConfigError(f"{flag} {path}: is not a regular file (a device, a pipe or a socket), and the output "
                           "would replace it; give a file name")
+    for input_flag, input_path in inputs:
+        if input_path and input_path != "-" and same_file(path, input_path):
+            raise ConfigError(f"{flag} {path}: is the same file as {input_flag} {input_path}, which writing it "
+                              f"would destroy; give {flag} another file name")
     probe = target.with_name(f".{target.name}.check")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -691,6 +701,19 @@ def check_writable(path: str, flag: str) -> None:
     except OSError as error:
         raise ConfigError(f"{flag} {path}: cannot write there ({error.strerror or error}); choose a path in a "
                           "directory you may write") from None
+
+
+def same_file(first: str, second: str) -> bool:
+    """Whether two paths name one file: through links (samefile) when both exist, else by real path."""
+    try:
+        return os.path.samefile(first, second)
+    except OSError:
+        return os.path.realpath(first) == os.path.realpath(second)
+
+
+def input_flags(flag: str, paths: Optional[Sequence[str]]) -> list[tuple[str, Optional[str]]]:
+    """(flag, path) pairs of a flag taking files, for check_writable."""
+    return [(flag, path) for path in paths or ()]
 
 
 def missing_training_extra(error: ImportError) -> str:
@@ -1001,9 +1024,25 @@ def run_series(args) -> int:
     return 0
 
 
+def check_evaluation_outputs(args) -> None:
+    """--report, --plots' files and --series-out: writable and none of evaluate's inputs, before any scoring."""
+    from .evaluation import PLOT_SUFFIXES
+
+    inputs = (input_flags("--normal", args.normal) + input_flags("--anomalous", args.anomalous)
+              + input_flags("--train", args.train) + [
+                  ("--model", args.model), ("--labeled", args.labeled), ("--session-labels", args.session_labels),
+                  ("--config", args.config), ("--series", args.series), ("--series-windows", args.series_windows)])
+    outputs = [("--report", args.report), ("--series-out", args.series_out)]
+    outputs += [("--plots", args.plots + suffix) for suffix in PLOT_SUFFIXES] if args.plots else []
+    for flag, path in outputs:
+        if path:
+            check_writable(path, flag, inputs)
+
+
 def run_evaluate(args) -> int:
     import numpy as np
 
+    check_evaluation_outputs(args)
     if args.series:
         return run_series(args)
 

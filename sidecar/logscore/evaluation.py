@@ -182,6 +182,9 @@ def sequence_ceiling(sessions: Sequence[tuple], labels: Sequence[int],
             "anomalies_like_a_normal_session": sum(1 for s, label in zip(sessions, truth) if label and s in normal)}
 
 
+PLOT_SUFFIXES = ("_histogram.png", "_roc.png")  # the files --plots PREFIX writes
+
+
 def plot(labels: np.ndarray, scores: np.ndarray, path_prefix: str, title: str) -> list[str]:
     """Score histograms (normal vs anomalous) and the ROC curve as PNG; needs matplotlib."""
     import matplotlib
@@ -199,8 +202,8 @@ def plot(labels: np.ndarray, scores: np.ndarray, path_prefix: str, title: str) -
     axes.set_title(title)
     axes.legend()
     figure.tight_layout()
-    figure.savefig(f"{path_prefix}_histogram.png", dpi=90)
-    written.append(f"{path_prefix}_histogram.png")
+    figure.savefig(path_prefix + PLOT_SUFFIXES[0], dpi=90)
+    written.append(path_prefix + PLOT_SUFFIXES[0])
     plt.close(figure)
     points = operating_points(labels, scores)
     fpr = np.concatenate([[0], points["fp"] / max(int((~labels).sum()), 1)])
@@ -213,7 +216,7 @@ def plot(labels: np.ndarray, scores: np.ndarray, path_prefix: str, title: str) -
     axes.set_ylabel("true-positive rate")
     axes.set_title(f"ROC — {title}")
     figure.tight_layout()
-    figure.savefig(f"{path_prefix}_roc.png", dpi=90)
-    written.append(f"{path_prefix}_roc.png")
+    figure.savefig(path_prefix + PLOT_SUFFIXES[1], dpi=90)
+    written.append(path_prefix + PLOT_SUFFIXES[1])
     plt.close(figure)
     return written

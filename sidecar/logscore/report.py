@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import sys
 import time
@@ -401,8 +400,10 @@ def run_report(args) -> int:
     def progress(lines: int) -> None:
         print(f"[report] {lines:,} lines read ({time.monotonic() - started:.0f} s)", file=sys.stderr, flush=True)
 
-    if args.html and not os.access(os.path.dirname(os.path.abspath(args.html)), os.W_OK):
-        raise ConfigError(f"--html {args.html}: its directory does not exist or is not writable")
+    if args.html:
+        from .cli import check_writable, input_flags
+
+        check_writable(args.html, "--html", input_flags("SCORED.jsonl", args.inputs))
     totals, groups = read_scored(args.inputs, args.entity, progress)
     print(text_summary(totals, groups, args.top))
     if args.html:
