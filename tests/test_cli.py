@@ -91,7 +91,23 @@ def test_client_scores_through_a_running_sidecar(tmp_path, shop_model_path):
         assert explained.returncode == 0, explained.stderr
         assert [json.loads(line)["line"] for line in explained.stdout.splitlines()] == list(range(1, 251))
         too_many = logscore("client", "--socket", sidecar.socket, "--explain", 101, tmp_path / "in.log")
-        assert too_many.returncode == 2 and "--explain 101: name 0 to 100 features" in too_many.stderr
+        assert too_many.returncode == 1 and "--explain 101: name 0 to 100 features" in too_many.stderr
+        # a line the client cuts below the sidecar's own limit is scored as cut: it says so itself
+        long_line = lines[0].replace(" HTTP/1.1", "?q=" + "a" * 300 + " HTTP/1.1")
+        (tmp_path / "long.log").write_text("\n".join(["a short line", long_line, "b" * 70_000]) + "\n")
+        cut = [json.loads(line) for line in logscore("client", "--socket", sidecar.socket, "--max-record-bytes", 100,
+                                                     tmp_path / "long.log").stdout.splitlines()]
+        assert [row.get("truncated", False) for row in cut] == [False, True, True]
+        assert "logscore client cut a raw line or a field to 101 characters" in cut[1]["notes"][-1]
+        # cut past the sidecar's limit (the default here), the sidecar cuts and notes it: one note, its own
+        whole = [json.loads(line) for line in logscore("client", "--socket", sidecar.socket,
+                                                       tmp_path / "long.log").stdout.splitlines()]
+        assert [row.get("truncated", False) for row in whole] == [False, False, True]
+        assert [note for note in whole[2]["notes"] if note.startswith("truncated")] == [
+            "truncated: a raw line was cut to 65536 characters or a field to 8192 characters before scoring"]
+        for limit in (0, -1):
+            refused = logscore("client", "--socket", sidecar.socket, "--max-record-bytes", limit, tmp_path / "in.log")
+            assert refused.returncode == 1 and f"--max-record-bytes {limit}: give at least 1" in refused.stderr
         down = logscore("client", "--socket", tmp_path / "absent.sock", "--timeout", 1, tmp_path / "in.log")
         assert down.returncode == 1 and "UNAVAILABLE" in down.stderr
         # gRPC's words alone ("failed to connect to all addresses") left a new operator guessing

@@ -213,7 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="records per call (fewer when they would pass 1 MiB: the sidecar takes 2 MiB)")
     client.add_argument("--max-record-bytes", type=int, default=DEFAULT_MAX_LINE_CHARS, metavar="N",
                         help="the sidecar's setting of the same name: longer lines are sent cut just past it "
-                             "(the sidecar cuts and notes them as ever); default %(default)s")
+                             "(the sidecar cuts and notes them; one it would keep whole, its own limit being "
+                             "higher, is noted `truncated` by the client); default %(default)s")
     add_connection_flags(client)
     client.set_defaults(run=run_client)
 
@@ -416,19 +417,16 @@ def run_client(args) -> int:
     import grpc
 
     from .decide import notes_by_record
-    from .scoring import MAX_EXPLAIN
 
     from .generated.logscore.v1 import scorer_pb2 as pb
     from .generated.logscore.v1 import scorer_pb2_grpc as pb_grpc
 
-    if not 0 <= args.explain <= MAX_EXPLAIN:
-        print(f"logscore client: --explain {args.explain}: name 0 to {MAX_EXPLAIN} features per record",
-              file=sys.stderr)
-        return 2
+    check_scoring_flags(args)
     target = args.tcp or f"unix:{args.socket}"
     channel, metadata = client_channel(args, target)
     records = read_json_records(args.inputs) if args.json_records else read_lines(args.inputs)
-    records = (cut_past(record, args.max_record_bytes) for record in records)
+    cutter = RecordCutter(args.max_record_bytes)
+    records = cutter.cut_all(records)
     line_number = 0
     tally = RecordTally()
     with channel:
@@ -442,6 +440,7 @@ def run_client(args) -> int:
                 print(f"logscore client: {call_failure(target, error)}", file=sys.stderr)
                 return 1
             notes = notes_by_record([(n.index, n.description) for n in response.notes], len(chunk))
+            cutter.note_cuts(notes)
             for i in range(len(chunk)):
                 line_number += 1
                 model = response.models[response.model_index[i]]
@@ -819,20 +818,61 @@ def batched(items, size: int, max_chars: Optional[int] = None) -> Iterator[list]
         yield chunk
 
 
-def cut_past(record, limit: int):
-    """A line (or each field) cut to limit + 1 characters: the sidecar, cutting at limit, scores it
-    exactly as it would the whole and notes it truncated; the call stays small."""
+def cut_past(record, limit: int) -> tuple[object, bool]:
+    """(a line, or each field, cut to limit + 1 characters; whether anything was cut): the sidecar,
+    cutting at limit, scores it exactly as it would the whole and notes it truncated; the call stays small."""
     if isinstance(record, str):
-        return record[: limit + 1]
+        return record[: limit + 1], len(record) > limit + 1
     if isinstance(record, dict):
-        return {k: v[: limit + 1] if isinstance(v, str) else v for k, v in record.items()}
-    return record
+        cut = {k: v[: limit + 1] if isinstance(v, str) else v for k, v in record.items()}
+        return cut, any(isinstance(v, str) and len(v) > limit + 1 for v in record.values())
+    return record, False
+
+
+class RecordCutter:
+    """`logscore client`'s cut of long lines (cut_past), remembering which records it cut, in order.
+
+    NOTE: a sidecar whose --max-record-bytes is higher than the client's scored the cut line as sent,
+    unparsed and flagged, with no `truncated` note. Sending lines whole instead would let one 4 MiB line
+    fail a whole call (the sidecar takes 2 MiB), so the client keeps cutting and notes the cut itself."""
+
+    def __init__(self, limit: int):
+        from collections import deque
+
+        self.limit, self.cut = limit, deque()
+
+    def cut_all(self, records) -> Iterator[object]:
+        for record in records:
+            record, was_cut = cut_past(record, self.limit)
+            self.cut.append(was_cut)
+            yield record
+
+    def note_cuts(self, notes: list[list[str]]) -> None:
+        """Add the client's `truncated` note to the records of the last chunk (``notes``: theirs, from the
+        sidecar) that it cut and the sidecar did not note (batched reads one record past a chunk: popped in order)."""
+        for record_notes in notes:
+            if self.cut.popleft() and not any(note.startswith("truncated") for note in record_notes):
+                record_notes.append(f"truncated: logscore client cut a raw line or a field to {self.limit + 1} "
+                                    f"characters (its --max-record-bytes {self.limit}) before sending, and the "
+                                    "sidecar scored it as cut; give the sidecar's --max-record-bytes to the client")
+
+
+def check_scoring_flags(args) -> None:
+    """--explain and --max-record-bytes, as `logscore score` and `logscore client` both take them."""
+    from .scoring import MAX_EXPLAIN
+
+    if not 0 <= args.explain <= MAX_EXPLAIN:
+        raise ConfigError(f"--explain {args.explain}: name 0 to {MAX_EXPLAIN} features per record")
+    if args.max_record_bytes < 1:
+        raise ConfigError(f"--max-record-bytes {args.max_record_bytes}: give at least 1 (the characters of a raw "
+                          f"line or a field scored; default {DEFAULT_MAX_LINE_CHARS})")
 
 
 def run_score(args) -> int:
     from .decide import decide, notes_by_record
     from .model import Model
 
+    check_scoring_flags(args)
     model = Model.load(args.model, max_line_chars=args.max_record_bytes)
     records = read_json_records(args.inputs) if args.json_records else read_lines(args.inputs)
     out = sys.stdout
