@@ -145,3 +145,52 @@ def test_published_accuracy_tables_are_the_recorded_results():
                              ("learning", learning_section(learning))):
         between = published.split(f"<!-- {marker}:start -->")[1].split(f"<!-- {marker}:end -->")[0]
         assert between.strip() == expected, f"rerun benchmarks/evaluate_all.py (it rewrites the {marker} table)"
+
+
+def labeled_args(*flags):
+    from logscore.cli import build_parser
+
+    return build_parser().parse_args(["evaluate", *map(str, flags)])
+
+
+def test_labeled_rows_that_do_not_parse_are_counted_and_csv_is_known_by_its_name_before_gz(tmp_path, capsys):
+    """A JSON line cut short or holding a list was dropped without a word; lab.csv.gz and lab.CSV
+    were read as JSON lines and every row dropped ("no records")."""
+    import gzip
+
+    from logscore.cli import read_labeled
+    from logscore.errors import InputError
+
+    rows = [{"message": f"GET /item/{i}", "label": "attack" if i % 10 == 0 else "normal"} for i in range(200)]
+    lines = [json.dumps(row) for row in rows]
+    lines[57] = lines[57][:20]  # cut while written
+    (tmp_path / "lab.jsonl").write_text("\n".join(lines[:100] + [""] + lines[100:]) + "\n")  # a blank line 101
+    records, labels, _ = read_labeled(labeled_args("--labeled", tmp_path / "lab.jsonl"))
+    assert len(records) == 199 and sum(labels) == 20
+    said = capsys.readouterr().err
+    assert "1 of 200 rows (0.5%) are not JSON objects (the first at line 58): they are left out" in said
+    lines[150] = "[1, 2]"
+    lines[151] = lines[151][:-1]
+    (tmp_path / "lab.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(InputError, match=r"3 of 200 rows \(1\.5%\) are not JSON objects \(the first at line 58\): "
+                       r"more than 1%; fix or remove them"):
+        read_labeled(labeled_args("--labeled", tmp_path / "lab.jsonl"))
+    table = "message,label,split\n" + "".join(f"{r['message']},{r['label']},{'train' if i % 2 else 'test'}\n"
+                                              for i, r in enumerate(rows))
+    with gzip.open(tmp_path / "lab.csv.gz", "wt") as out:
+        out.write(table)
+    (tmp_path / "LAB.CSV").write_text(table.replace("GET /item/7,", "GET /item/7,extra,"))
+    records, labels, _ = read_labeled(labeled_args("--labeled", tmp_path / "lab.csv.gz", "--where", "split=test"))
+    assert len(records) == 100 and records[0] == {"message": "GET /item/0", "split": "test"} and sum(labels) == 20
+    records, _, _ = read_labeled(labeled_args("--labeled", tmp_path / "LAB.CSV"))
+    assert len(records) == 199
+    assert "1 of 200 rows (0.5%) are not CSV rows with the header's number of columns (the first at line 9)" \
+        in capsys.readouterr().err
+
+
+def test_a_where_without_its_value_is_refused_when_the_flags_are_read(capsys):
+    with pytest.raises(SystemExit) as raised:
+        labeled_args("--labeled", "x.csv", "--where", "split")
+    assert raised.value.code == 2
+    assert "argument --where: 'split': give COLUMN=VALUE, e.g. split=test" in capsys.readouterr().err
+    assert labeled_args("--labeled", "x.csv", "--where", "note=a=b").where == [("note", "a=b")]

@@ -171,13 +171,14 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--model", "-m", metavar="FILE.onnx", help="the model to evaluate (or --train)")
     evaluate.add_argument("--normal", nargs="+", default=[], metavar="FILE", help="files of normal lines")
     evaluate.add_argument("--anomalous", nargs="+", default=[], metavar="FILE", help="files of anomalous lines")
-    evaluate.add_argument("--labeled", metavar="FILE", help="CSV or JSON lines with a label column; the other "
-                          "columns are the record's fields")
+    evaluate.add_argument("--labeled", metavar="FILE", help="CSV (a name ending in .csv or .csv.gz, in any case) "
+                          "or JSON lines with a label column; the other columns are the record's fields. Rows that "
+                          "do not parse are left out with a warning; more than 1 %% of them is refused")
     evaluate.add_argument("--label-column", default="label")
     evaluate.add_argument("--anomalous-values", default="anomalous,anomaly,1,true,attack",
                           help="label values that mean anomalous (case-insensitive; comma-separated)")
     evaluate.add_argument("--type-column", help="column naming the attack type, for recall per type")
-    evaluate.add_argument("--where", action="append", default=[], metavar="COLUMN=VALUE",
+    evaluate.add_argument("--where", action="append", default=[], metavar="COLUMN=VALUE", type=column_value,
                           help="keep only rows where COLUMN equals VALUE (e.g. split=test)")
     evaluate.add_argument("--session-key", metavar="REGEX",
                           help="evaluate per session: records grouped by this regex's match (e.g. 'blk_-?\\d+'); "
@@ -224,6 +225,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_feedback_command(commands)
     add_report_command(commands)
     return parser
+
+
+def column_value(text: str) -> tuple[str, str]:
+    """evaluate's --where COLUMN=VALUE, as (column, value); argparse says what is wrong with another."""
+    column, equals, value = text.partition("=")
+    if not equals or not column:
+        raise argparse.ArgumentTypeError(f"{text!r}: give COLUMN=VALUE, e.g. split=test")
+    return column, value
 
 
 def add_connection_flags(parser: argparse.ArgumentParser) -> None:
@@ -981,8 +990,6 @@ def result_entry(line_number: int, score: float, is_anomaly: bool, model: str, v
 
 def read_labeled(args) -> tuple[list, list[int], Optional[list[str]]]:
     """Records, labels (1 anomalous) and attack types from the evaluate command's inputs."""
-    import csv
-
     from .errors import InputError
 
     records: list = []
@@ -996,14 +1003,9 @@ def read_labeled(args) -> tuple[list, list[int], Optional[list[str]]]:
                 types.append("anomalous" if label else "")
     if args.labeled:
         anomalous = {v.strip().lower() for v in args.anomalous_values.split(",")}
-        filters = [item.split("=", 1) for item in args.where]
-        if args.labeled.endswith(".csv"):
-            csv.field_size_limit(16 * 1024 * 1024)
-            rows = csv.DictReader(line + "\n" for line in read_lines([args.labeled]))
-        else:
-            rows = (r for r in read_json_records([args.labeled]) if isinstance(r, dict))
+        rows = LabeledRows(args.labeled)
         for row in rows:
-            if any(str(row.get(column)) != value for column, value in filters):
+            if any(str(row.get(column)) != value for column, value in args.where):
                 continue
             if args.label_column not in row:
                 raise InputError(f"{args.labeled}: no column {args.label_column!r}; use --label-column")
@@ -1013,6 +1015,7 @@ def read_labeled(args) -> tuple[list, list[int], Optional[list[str]]]:
             labels.append(label)
             if types is not None:
                 types.append(kind if label else "")
+        rows.check()
     if not records:
         raise InputError("no records: give --normal/--anomalous files or --labeled FILE")
     # NOTE: session labels (--session-labels) label sessions, not lines: a log given whole as
@@ -1020,6 +1023,66 @@ def read_labeled(args) -> tuple[list, list[int], Optional[list[str]]]:
     if len(set(labels)) < 2 and not args.session_labels:
         raise InputError("the data has one class only; evaluation needs normal and anomalous records")
     return records, labels, types
+
+
+LABELED_UNPARSED_LIMIT = 0.01  # share of --labeled rows that may fail to parse: left out, with a warning
+
+
+class LabeledRows:
+    """The rows of evaluate's --labeled file as field maps: CSV when its name ends in .csv (before any .gz,
+    in any case), else JSON lines; rows that do not parse are counted, with the first one's line number.
+
+    NOTE: a JSON line cut short or holding a list was dropped without a word, and lab.csv.gz or lab.CSV
+    was read as JSON lines (every row dropped: "no records")."""
+
+    def __init__(self, path: str):
+        name = path.lower()
+        self.path, self.is_csv = path, name.removesuffix(".gz").endswith(".csv")
+        self.rows = self.unparsed = 0
+        self.first_unparsed: Optional[int] = None
+
+    def __iter__(self) -> Iterator[dict]:
+        for line_number, row in (self.csv_rows() if self.is_csv else self.json_rows()):
+            self.rows += 1
+            if row is None:
+                self.unparsed += 1
+                self.first_unparsed = self.first_unparsed or line_number
+            else:
+                yield row
+
+    def csv_rows(self) -> Iterator[tuple[int, Optional[dict]]]:
+        """(line number, row, or None for one whose field count is not the header's)."""
+        import csv
+
+        csv.field_size_limit(16 * 1024 * 1024)
+        reader = csv.DictReader(line + "\n" for line in read_lines([self.path], blank_lines=True))
+        for row in reader:
+            fits = None not in row and None not in row.values()  # (DictReader's marks of too many, too few)
+            yield reader.line_num, row if fits else None
+
+    def json_rows(self) -> Iterator[tuple[int, Optional[dict]]]:
+        """(line number, the line's JSON object, or None for a line holding none)."""
+        from .inputs import json_record
+
+        for line_number, line in enumerate(read_lines([self.path], blank_lines=True), 1):
+            if line:
+                record = json_record(line)
+                yield line_number, record if isinstance(record, dict) else None
+
+    def check(self) -> None:
+        """Say how many rows were left out for not parsing; refuse past LABELED_UNPARSED_LIMIT of them."""
+        from .errors import InputError
+
+        if not self.unparsed:
+            return
+        kind = "CSV rows with the header's number of columns" if self.is_csv else "JSON objects"
+        said = (f"--labeled {self.path}: {self.unparsed:,} of {self.rows:,} rows ({self.unparsed / self.rows:.1%}) "
+                f"are not {kind} (the first at line {self.first_unparsed})")
+        if self.unparsed > LABELED_UNPARSED_LIMIT * self.rows:
+            raise InputError(f"{said}: more than {LABELED_UNPARSED_LIMIT:.0%}; fix or remove them (a file cut "
+                             "while written, or of another format: a name ending in .csv, or .csv.gz, is read as "
+                             "CSV, any other as JSON lines)")
+        print(f"logscore evaluate: warning: {said}: they are left out", file=sys.stderr, flush=True)
 
 
 def add_series_flags(evaluate: argparse.ArgumentParser) -> None:
