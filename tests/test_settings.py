@@ -68,3 +68,25 @@ def test_the_client_tracker_must_hold_one_request(tmp_path):
     with pytest.raises(ConfigError, match="entity_max_clients .* must hold at least one request"):
         Settings.load(flags={"models_dir": str(tmp_path), "entity_max_clients": "100",
                              "max_records_per_request": "1000"}, environ={})
+
+
+@pytest.mark.parametrize("name, value, message", [
+    # -1 was taken: the sidecar checked its models in a busy loop (45,000 checks in 8 s)
+    ("reload_interval_s", "-1", r"reload_interval_s -1: give 0 or more seconds \(--reload-interval-s\)"),
+    ("max_wait_ms", "-0.5", r"max_wait_ms -0.5: give 0 or more milliseconds"),
+    ("shutdown_grace_s", "nan", r"shutdown_grace_s nan: give 0 or more seconds"),
+    ("forward_ack_timeout_s", "0", r"forward_ack_timeout_s 0: give above 0 seconds"),
+    ("forward_idle_timeout_s", "-3", r"forward_idle_timeout_s -3: give above 0 seconds"),
+])
+def test_negative_waits_and_intervals_are_refused(models, name, value, message):
+    with pytest.raises(ConfigError, match=message):
+        Settings.load(None, {"models_dir": models, name: value}, {})
+    turned_off = {key: "0" for key in Settings.MAY_BE_ZERO}  # 0 stays a meaning of its own: none
+    assert Settings.load(None, {"models_dir": models, **turned_off}, {}).reload_interval_s == 0
+
+
+def test_a_settings_file_that_is_no_text_is_a_clear_error(tmp_path, models):
+    binary = tmp_path / "model.onnx"
+    binary.write_bytes(b"\x08\x07\x12\x0bskl2onnx\xff\xfe\x80")
+    with pytest.raises(ConfigError, match=rf"settings file {binary}: not UTF-8 text \(byte 12: invalid start byte\)"):
+        Settings.load(str(binary), {"models_dir": models}, {})

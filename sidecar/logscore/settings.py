@@ -235,6 +235,7 @@ class Settings:
         if not 0 <= self.scoring_processes <= 64:
             raise ConfigError(f"scoring_processes must be 0 (score in the sidecar itself) to 64, "
                               f"not {self.scoring_processes}")
+        self._validate_durations()
         if self.feedback_poll_s <= 0 or self.review_records < 0:
             raise ConfigError("feedback_poll_s must be above 0 and review_records at least 0")
         if self.review_inspect_per_s < 1:
@@ -252,6 +253,20 @@ class Settings:
             if not token:
                 raise ConfigError(f"--token-file {self.token_file}: the file is empty; write the token into it, "
                                   "or drop --token-file to run without authentication")
+
+    # Waits that 0 turns off (no reload but on SIGHUP, no wait to fill a batch, no grace), and the forward
+    # timeouts, after which a next hop or a sender counts as gone: 0 would fail every one at once.
+    MAY_BE_ZERO = ("reload_interval_s", "max_wait_ms", "shutdown_grace_s")
+    ABOVE_ZERO = ("forward_ack_timeout_s", "forward_idle_timeout_s")
+
+    def _validate_durations(self) -> None:
+        """NOTE: reload_interval_s -1 was taken: the sidecar checked its models in a busy loop (45,000
+        checks in 8 s, 65 % of a core). `not value >= 0` refuses NaN too."""
+        for name in self.MAY_BE_ZERO + self.ABOVE_ZERO:
+            value, least = getattr(self, name), "above 0" if name in self.ABOVE_ZERO else "0 or more"
+            if not (value > 0 if name in self.ABOVE_ZERO else value >= 0):
+                unit = "milliseconds" if name.endswith("_ms") else "seconds"
+                raise ConfigError(f"{name} {value:g}: give {least} {unit} (--{name.replace('_', '-')})")
 
     def _validate_listeners(self) -> None:
         """Syntax of addresses, modes and levels: wrong ones are refused before anything binds."""
@@ -356,6 +371,9 @@ def _read_yaml(path: str) -> dict:
         data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
     except (OSError, yaml.YAMLError) as error:
         raise ConfigError(f"settings file {path}: {error}") from None
+    except UnicodeDecodeError as error:  # (a model's path given for --config: a traceback)
+        raise ConfigError(f"settings file {path}: not UTF-8 text (byte {error.start}: {error.reason}); give "
+                          "the YAML settings file") from None
     if not isinstance(data, dict):
         raise ConfigError(f"settings file {path}: expected a mapping of setting: value")
     return {k.replace("-", "_"): v for k, v in data.items()}
