@@ -105,6 +105,10 @@ def test_client_scores_through_a_running_sidecar(tmp_path, shop_model_path):
         assert [row.get("truncated", False) for row in whole] == [False, False, True]
         assert [note for note in whole[2]["notes"] if note.startswith("truncated")] == [
             "truncated: a raw line was cut to 65536 characters or a field to 8192 characters before scoring"]
+        both = [json.loads(line) for line in logscore("client", "--socket", sidecar.socket, tmp_path / "in.log",
+                                                      tmp_path / "long.log").stdout.splitlines()]
+        assert [(row["file"], row["line"]) for row in both[-3:]] == [(str(tmp_path / "long.log"), n) for n in (1, 2, 3)]
+        assert both[0]["file"] == str(tmp_path / "in.log") and len(both) == len(lines) + 3
         for limit in (0, -1):
             refused = logscore("client", "--socket", sidecar.socket, "--max-record-bytes", limit, tmp_path / "in.log")
             assert refused.returncode == 1 and f"--max-record-bytes {limit}: give at least 1" in refused.stderr
@@ -573,3 +577,23 @@ def test_an_output_that_is_one_of_the_inputs_is_refused_before_any_work(tmp_path
                          "--report", log)
     assert evaluated.returncode == 1 and f"--report {log}: is the same file as --normal {log}" in evaluated.stderr
     assert log.read_bytes() == kept and scored.read_text().startswith('{"line": 1')
+
+
+def test_line_is_the_line_number_in_its_file_and_file_names_it_when_several_are_given(tmp_path, shop_model_path):
+    """`line` counted records: blank lines skipped and counting on across files, "line": 2 named
+    the third line of a file whose second was blank."""
+    normal = shop_lines(3, seed=90)
+    (tmp_path / "a.log").write_text(f"{normal[0]}\n\nzzz bad line\n")
+    (tmp_path / "b.log").write_text(f"\n{normal[1]}\n{normal[2]}\nqqq another bad line\n")
+    one = logscore("score", "--model", shop_model_path, "--only-anomalies", tmp_path / "a.log")
+    assert [json.loads(line) for line in one.stdout.splitlines()][0]["line"] == 3
+    assert "file" not in json.loads(one.stdout.splitlines()[0])
+    both = logscore("score", "--model", shop_model_path, tmp_path / "a.log", tmp_path / "b.log")
+    rows = [json.loads(line) for line in both.stdout.splitlines()]
+    assert [(row["file"], row["line"]) for row in rows] == [
+        (str(tmp_path / "a.log"), 1), (str(tmp_path / "a.log"), 3), (str(tmp_path / "b.log"), 2),
+        (str(tmp_path / "b.log"), 3), (str(tmp_path / "b.log"), 4)]
+    assert [row["is_anomaly"] for row in rows] == [False, True, False, False, True]
+    for explain in (-1, 101):
+        refused = logscore("score", "--model", shop_model_path, "--explain", explain, tmp_path / "a.log")
+        assert refused.returncode == 1 and f"--explain {explain}: name 0 to 100 features" in refused.stderr

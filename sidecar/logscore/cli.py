@@ -25,10 +25,10 @@ import json  # noqa: E402
 import os  # noqa: E402
 import time  # noqa: E402
 from itertools import islice
-from typing import Iterator, Optional, Sequence
+from typing import Iterator, NamedTuple, Optional, Sequence
 
 from .errors import ConfigError, LogscoreError
-from .inputs import read_json_records, read_lines
+from .inputs import NumberedRecord, numbered_records, read_json_records, read_lines
 from .records import DEFAULT_MAX_LINE_CHARS
 from .timestamps import read_zoneless_in
 
@@ -433,30 +433,29 @@ def run_client(args) -> int:
     check_scoring_flags(args)
     target = args.tcp or f"unix:{args.socket}"
     channel, metadata = client_channel(args, target)
-    records = read_json_records(args.inputs) if args.json_records else read_lines(args.inputs)
-    cutter = RecordCutter(args.max_record_bytes)
-    records = cutter.cut_all(records)
-    line_number = 0
+    limit, several = args.max_record_bytes, len(args.inputs) > 1
+    records = (cut_past(numbered, limit) for numbered in numbered_records(args.inputs, args.json_records))
     tally = RecordTally()
     with channel:
         stub = pb_grpc.ScorerStub(channel)
-        for chunk in batched(records, records_per_call(args.batch, args.explain), CLIENT_CALL_BYTES):
+        for chunk in batched(records, records_per_call(args.batch, args.explain), CLIENT_CALL_BYTES,
+                             measure=lambda cut: record_chars(cut.record)):
             request = pb.ScoreRequest(model=args.model, tag=args.tag, explain=args.explain)
-            fill_records(request, chunk, args.json_records)
+            fill_records(request, [cut.record for cut in chunk], args.json_records)
             try:
                 response = stub.Score(request, timeout=args.timeout, metadata=metadata)
             except grpc.RpcError as error:
                 print(f"logscore client: {call_failure(target, error)}", file=sys.stderr)
                 return 1
             notes = notes_by_record([(n.index, n.description) for n in response.notes], len(chunk))
-            cutter.note_cuts(notes)
-            for i in range(len(chunk)):
-                line_number += 1
+            for i, cut in enumerate(chunk):
+                if cut.was_cut:
+                    note_client_cut(notes[i], limit)
                 model = response.models[response.model_index[i]]
                 explanation = list(response.explanations[i].features) if response.explanations else None
-                print(json.dumps(result_entry(line_number, response.scores[i], response.is_anomaly[i], model.name,
-                                              model.version, notes[i], explanation)))
-                tally.add(model.name, chunk[i], notes[i], flagged=response.is_anomaly[i])
+                print(json.dumps(result_entry(cut.numbered, several, response.scores[i], response.is_anomaly[i],
+                                              model.name, model.version, notes[i], explanation)))
+                tally.add(model.name, cut.record, notes[i], flagged=response.is_anomaly[i])
         warn_of_floods(stub, metadata, args.timeout, tally)
     tally.warn_unparsed("client")
     return 0
@@ -808,16 +807,18 @@ def describe_set_aside(training: dict) -> str:
 CLIENT_CALL_BYTES = 1024 * 1024  # half the sidecar's default max_message_bytes
 
 
-def batched(items, size: int, max_chars: Optional[int] = None) -> Iterator[list]:
-    """Lists of at most ``size`` items and, when given, about ``max_chars`` characters (one item at least)."""
+def batched(items, size: int, max_chars: Optional[int] = None, measure=None) -> Iterator[list]:
+    """Lists of at most ``size`` items and, when given, about ``max_chars`` characters (one item at least;
+    an item's characters are ``measure(item)``, record_chars by default)."""
     if max_chars is None:
         iterator = iter(items)
         while chunk := list(islice(iterator, size)):
             yield chunk
         return
+    measure = measure or record_chars
     chunk, chars = [], 0
     for item in items:
-        length = len(item) if isinstance(item, str) else sum(len(str(v)) + len(k) for k, v in item.items())
+        length = measure(item)
         if chunk and (len(chunk) >= size or chars + length > max_chars):
             yield chunk
             chunk, chars = [], 0
@@ -827,43 +828,40 @@ def batched(items, size: int, max_chars: Optional[int] = None) -> Iterator[list]
         yield chunk
 
 
-def cut_past(record, limit: int) -> tuple[object, bool]:
-    """(a line, or each field, cut to limit + 1 characters; whether anything was cut): the sidecar,
-    cutting at limit, scores it exactly as it would the whole and notes it truncated; the call stays small."""
-    if isinstance(record, str):
-        return record[: limit + 1], len(record) > limit + 1
-    if isinstance(record, dict):
-        cut = {k: v[: limit + 1] if isinstance(v, str) else v for k, v in record.items()}
-        return cut, any(isinstance(v, str) and len(v) > limit + 1 for v in record.values())
-    return record, False
+def record_chars(record) -> int:
+    """The characters a record (a line or a field map) takes in a call, about."""
+    return len(record) if isinstance(record, str) else sum(len(str(v)) + len(k) for k, v in record.items())
 
 
-class RecordCutter:
-    """`logscore client`'s cut of long lines (cut_past), remembering which records it cut, in order.
+class CutRecord(NamedTuple):
+    numbered: NumberedRecord  # the record as read, with its file and line
+    record: object  # as sent: cut just past the client's --max-record-bytes
+    was_cut: bool
+
+
+def cut_past(numbered: NumberedRecord, limit: int) -> CutRecord:
+    """A line (or each field) cut to limit + 1 characters: the sidecar, cutting at limit, scores it
+    exactly as it would the whole and notes it truncated; the call stays small.
 
     NOTE: a sidecar whose --max-record-bytes is higher than the client's scored the cut line as sent,
     unparsed and flagged, with no `truncated` note. Sending lines whole instead would let one 4 MiB line
-    fail a whole call (the sidecar takes 2 MiB), so the client keeps cutting and notes the cut itself."""
+    fail a whole call (the sidecar takes 2 MiB), so the client keeps cutting and notes the cut itself
+    (note_client_cut) where the sidecar did not."""
+    record = numbered.record
+    if isinstance(record, str):
+        return CutRecord(numbered, record[: limit + 1], len(record) > limit + 1)
+    if isinstance(record, dict):
+        cut = {k: v[: limit + 1] if isinstance(v, str) else v for k, v in record.items()}
+        return CutRecord(numbered, cut, any(isinstance(v, str) and len(v) > limit + 1 for v in record.values()))
+    return CutRecord(numbered, record, False)
 
-    def __init__(self, limit: int):
-        from collections import deque
 
-        self.limit, self.cut = limit, deque()
-
-    def cut_all(self, records) -> Iterator[object]:
-        for record in records:
-            record, was_cut = cut_past(record, self.limit)
-            self.cut.append(was_cut)
-            yield record
-
-    def note_cuts(self, notes: list[list[str]]) -> None:
-        """Add the client's `truncated` note to the records of the last chunk (``notes``: theirs, from the
-        sidecar) that it cut and the sidecar did not note (batched reads one record past a chunk: popped in order)."""
-        for record_notes in notes:
-            if self.cut.popleft() and not any(note.startswith("truncated") for note in record_notes):
-                record_notes.append(f"truncated: logscore client cut a raw line or a field to {self.limit + 1} "
-                                    f"characters (its --max-record-bytes {self.limit}) before sending, and the "
-                                    "sidecar scored it as cut; give the sidecar's --max-record-bytes to the client")
+def note_client_cut(notes: list[str], limit: int) -> None:
+    """The client's `truncated` note on a record it cut, unless the sidecar (cutting it too) noted one."""
+    if not any(note.startswith("truncated") for note in notes):
+        notes.append(f"truncated: logscore client cut a raw line or a field to {limit + 1} characters (its "
+                     f"--max-record-bytes {limit}) before sending, and the sidecar scored it as cut; give the "
+                     "sidecar's --max-record-bytes to the client")
 
 
 def check_scoring_flags(args) -> None:
@@ -883,30 +881,30 @@ def run_score(args) -> int:
 
     check_scoring_flags(args)
     model = Model.load(args.model, max_line_chars=args.max_record_bytes)
-    records = read_json_records(args.inputs) if args.json_records else read_lines(args.inputs)
+    several = len(args.inputs) > 1
     out = sys.stdout
-    line_number = 0
     tally = RecordTally()
-    for chunk in batched(records, max(1, args.batch)):
-        result = model.score(chunk, explain=args.explain)
+    for chunk in batched(numbered_records(args.inputs, args.json_records), max(1, args.batch)):
+        records = [numbered.record for numbered in chunk]
+        result = model.score(records, explain=args.explain)
         decision = decide(model, result)
         notes = notes_by_record([(i, text) for i, _, text in decision.notes], len(chunk))
-        for i in range(len(chunk)):
-            line_number += 1
-            tally.add(model.name, chunk[i], notes[i], flagged=decision.is_anomaly[i])
+        for i, numbered in enumerate(chunk):
+            tally.add(model.name, records[i], notes[i], flagged=decision.is_anomaly[i])
             if args.only_anomalies and not decision.is_anomaly[i]:
                 continue
             explanation = result.explanations[i] if result.explanations is not None else None
-            entry = result_entry(line_number, result.scores[i], decision.is_anomaly[i], model.name, model.version,
-                                 notes[i], explanation)
+            entry = result_entry(numbered, several, result.scores[i], decision.is_anomaly[i], model.name,
+                                 model.version, notes[i], explanation)
             if args.record:
-                entry["record"] = chunk[i]
+                entry["record"] = records[i]
             out.write(json.dumps(entry) + "\n")
     out.flush()
     from .flood import flood_warning, target_fpr
 
-    counts = tally.models.get(model.name, {"flagged": 0})
-    warning = flood_warning(model.name, model.featurizer.log_format, target_fpr(model), counts["flagged"], line_number,
+    counts = tally.models.get(model.name, {"flagged": 0, "scored": 0})
+    warning = flood_warning(model.name, model.featurizer.log_format, target_fpr(model), counts["flagged"],
+                            counts["scored"],
                             model.metadata.get("training", {}).get("inputs") or ["its training files"])
     if warning:
         print(f"logscore score: warning: {warning}", file=sys.stderr, flush=True)
@@ -973,12 +971,17 @@ def unparsed_warning(name: str, scored: int, unparsed: int, note: str, examples:
             f"(e.g. {record_text(examples[0])[:120]!r}), the format of {name}: they are {fate}. {advice}")
 
 
-def result_entry(line_number: int, score: float, is_anomaly: bool, model: str, version: str, notes: list[str],
-                 explanation: Optional[list[str]]) -> dict:
-    """One JSON line of `logscore score` and `logscore client` (the same keys either way)."""
+def result_entry(numbered: NumberedRecord, several_files: bool, score: float, is_anomaly: bool, model: str,
+                 version: str, notes: list[str], explanation: Optional[list[str]]) -> dict:
+    """One JSON line of `logscore score` and `logscore client` (the same keys either way): `line` is the
+    record's line number in its file, `file` names that file when several were given.
+
+    NOTE: `line` counted records (blank lines skipped, on across files): the 3rd line of a file with
+    a blank 2nd was "line": 2."""
     from .decide import note_flags
 
-    entry = {"line": line_number, "score": round(float(score), 6), "is_anomaly": bool(is_anomaly),
+    entry = {"file": numbered.file} if several_files else {}
+    entry |= {"line": numbered.line, "score": round(float(score), 6), "is_anomaly": bool(is_anomaly),
              "model": model, "version": version}
     if notes:
         entry.update(note_flags(notes))

@@ -7,7 +7,7 @@ import json
 import re
 import sys
 import zlib
-from typing import Iterable, Iterator, Optional
+from typing import Iterable, Iterator, NamedTuple, Optional
 
 from .errors import InputError
 
@@ -85,6 +85,23 @@ def read_json_records(paths: Iterable[str]) -> Iterator[object]:
     shippers write (shipper_line); other lines stay raw text."""
     for line in read_lines(paths):
         yield json_record(line)
+
+
+class NumberedRecord(NamedTuple):
+    """A record with where it was read: its file ('-' for stdin) and line number in it (from 1)."""
+
+    file: str
+    line: int
+    record: object
+
+
+def numbered_records(paths: Iterable[str], as_json: bool) -> Iterator[NumberedRecord]:
+    """The records of read_lines (json_record's of read_json_records when ``as_json``), each with its
+    file and its line number in that file, blank lines counted."""
+    for path in paths:
+        for line_number, line in enumerate(read_lines([path], blank_lines=True), 1):
+            if line:
+                yield NumberedRecord(path, line_number, json_record(line) if as_json else line)
 
 
 def json_record(line: str) -> object:

@@ -207,7 +207,7 @@ def text_of(record: dict) -> str:
     if isinstance(value, dict):
         return json.dumps(value, ensure_ascii=False)
     plain = {k: v for k, v in record.items() if k not in ("logscore", "anomaly_score", "is_anomaly", "explanation",
-                                                           "notes", "score", "line", "model", "version")}
+                                                           "notes", "score", "line", "file", "model", "version")}
     return json.dumps(plain, ensure_ascii=False, default=str)
 
 
