@@ -194,3 +194,18 @@ def test_a_where_without_its_value_is_refused_when_the_flags_are_read(capsys):
     assert raised.value.code == 2
     assert "argument --where: 'split': give COLUMN=VALUE, e.g. split=test" in capsys.readouterr().err
     assert labeled_args("--labeled", "x.csv", "--where", "note=a=b").where == [("note", "a=b")]
+
+
+def test_outputs_that_cannot_be_written_are_refused_before_the_model_is_read(tmp_path):
+    """--report /nodir/x/r.json and --plots /nodir/x/p failed with tracebacks after all the scoring."""
+    (tmp_path / "a.log").write_text("GET /\n")
+    (tmp_path / "file").write_text("")
+    for flag, path, said in (("--report", tmp_path / "file" / "x" / "r.json", "--report"),
+                             ("--plots", tmp_path / "file" / "x" / "p", "--plots"),
+                             ("--report", tmp_path, "--report")):
+        result = subprocess.run([sys.executable, "-m", "logscore", "evaluate", "--model", tmp_path / "absent.onnx",
+                                 "--normal", tmp_path / "a.log", "--anomalous", tmp_path / "a.log", flag, path],
+                                cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 1 and "Traceback" not in result.stderr
+        assert result.stderr.startswith(f"logscore evaluate: error: {said} {path}")
+        assert "absent.onnx" not in result.stderr
