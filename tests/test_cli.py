@@ -597,3 +597,32 @@ def test_line_is_the_line_number_in_its_file_and_file_names_it_when_several_are_
     for explain in (-1, 101):
         refused = logscore("score", "--model", shop_model_path, "--explain", explain, tmp_path / "a.log")
         assert refused.returncode == 1 and f"--explain {explain}: name 0 to 100 features" in refused.stderr
+
+
+def test_train_refuses_a_support_sigma_or_max_records_it_cannot_use_before_reading(tmp_path):
+    """--support -1 died of a math domain error after reading; --support 0 meant the default without
+    a word; --sigma -5 wrote a model flagging every record; --max-records 10 was told to give 50
+    records without being named."""
+    (tmp_path / "a.log").write_text("\n".join(shop_lines(300, seed=4)) + "\n")
+    for flags, said in ((["--support", -1], "--support -1: give a number of records above 0"),
+                        (["--support", 0], "--support 0: give a number of records above 0"),
+                        (["--threshold-rule", "sigma", "--sigma", -5], "--sigma -5: give 0 or more"),
+                        (["--max-records", 10], "--max-records 10: train on at least 50 records (10 per fold, "
+                                                "--folds 5")):
+        # stdin is never read: the flags are refused first
+        result = logscore("train", "--input", tmp_path / "a.log", "-", "--out", tmp_path / "m.onnx", *flags,
+                          stdin="this is no access line\n" * 10_000)
+        assert result.returncode == 1 and said in result.stderr and "Traceback" not in result.stderr
+        assert "[train]" not in result.stderr and not (tmp_path / "m.onnx").exists()
+
+
+def test_inspect_refuses_metadata_score_refuses_in_the_same_words(tmp_path, shop_model_path):
+    from .test_model import rewrite_metadata
+
+    path = tmp_path / "lacking.onnx"
+    rewrite_metadata(shop_model_path, path, lambda meta: meta.pop("featurizer"), rehash=True)
+    shown, scored = logscore("inspect", path), logscore("score", "--model", path, stdin="GET /\n")
+    assert shown.returncode == scored.returncode == 1 and "Traceback" not in shown.stderr
+    said = f"{path}: logscore metadata is incomplete or invalid (KeyError: 'featurizer')"
+    assert said in shown.stderr and said in scored.stderr
+    assert "featurizer" not in json.loads(logscore("inspect", "--json", path).stdout)["metadata"]

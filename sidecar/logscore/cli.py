@@ -634,6 +634,7 @@ def run_train(args) -> int:
         name=args.name or (previous.name if previous is not None else Path(args.out).stem), inputs=args.input,
         learned_route=args.learned_route,
         **robustness_options(args))
+    options.validate()  # (train validates again: here, before any record is read)
     records = read_json_records(args.input) if args.json_records else read_lines(args.input)
     if args.feedback:
         from .training.feedback import load_feedback
@@ -1288,6 +1289,11 @@ def run_inspect(args) -> int:
         print(json.dumps({"path": artifact.path, "version": artifact.version,
                           "content_hash": artifact.content_hash, "metadata": meta}, indent=2))
         return 0
+    from .model import Model
+
+    # NOTE: metadata whose hash is right but which lacks `featurizer` (or holds it malformed) raised a
+    # KeyError traceback here, where score refused it in a line: the same check (--json still shows it)
+    Model(artifact)
     training, calibration = meta.get("training", {}), meta.get("calibration", {})
     print(f"{artifact.path}")
     print(f"  name: {meta.get('name')}   version: {artifact.version}   format: {meta.get('format_version')}")

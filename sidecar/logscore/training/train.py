@@ -91,9 +91,26 @@ class TrainOptions:
             raise ConfigError(f"threshold rule must be 'fpr' or 'sigma', not {self.threshold_rule!r}")
         if not 0.0 <= self.injection_share < 0.5:
             raise ConfigError(f"injection share must be between 0 (off) and 0.5, not {self.injection_share}")
+        self.validate_counts()
         if not 1.0 < self.contaminated_factor <= self.set_aside_factor:
             raise ConfigError(f"set-aside factors must be above 1, the contaminated one ({self.contaminated_factor}) "
                               f"at most the first ({self.set_aside_factor})")
+
+
+    def validate_counts(self) -> None:
+        """--support, --sigma and --max-records, named as `logscore train` takes them.
+
+        NOTE: --support -1 died of a math domain error after reading every record, --support 0 meant the
+        default without a word, and --sigma -5 wrote a model flagging every record."""
+        if self.support is not None and not self.support > 0:
+            raise ConfigError(f"--support {self.support:g}: give a number of records above 0, or leave --support "
+                              "out for the default (max(5, 0.05 % of the records))")
+        if not self.sigma >= 0:
+            raise ConfigError(f"--sigma {self.sigma:g}: give 0 or more (the threshold is the mean plus this many "
+                              "standard deviations of the calibrated scores: below the mean it flags most records)")
+        if self.max_records < 10 * self.folds:
+            raise ConfigError(f"--max-records {self.max_records}: train on at least {10 * self.folds} records "
+                              f"(10 per fold, --folds {self.folds}; thousands are better)")
 
 
 def reservoir_sample(records: Iterable[object], size: int, seed: int,
