@@ -626,3 +626,33 @@ def test_inspect_refuses_metadata_score_refuses_in_the_same_words(tmp_path, shop
     said = f"{path}: logscore metadata is incomplete or invalid (KeyError: 'featurizer')"
     assert said in shown.stderr and said in scored.stderr
     assert "featurizer" not in json.loads(logscore("inspect", "--json", path).stdout)["metadata"]
+
+
+def test_the_sidecars_words_for_a_batch_too_big_and_an_unknown_entry_name_the_clients_way(tmp_path):
+    """`client --batch 1000` against a sidecar taking 100 records a request was told to "split the
+    batch", and `feedback remove 99999` to GET /v1/feedback, neither a thing the command line does."""
+    import grpc
+
+    from logscore.cli import call_failure
+    from logscore.errors import LogscoreError
+    from logscore.feedback_store import check_id
+    from logscore.scoring import check_record_count
+
+    class Failed(grpc.RpcError):
+        def __init__(self, raising):
+            try:
+                raising()
+            except LogscoreError as error:
+                self.said = str(error)
+
+        def code(self):
+            return grpc.StatusCode.INVALID_ARGUMENT
+
+        def details(self):
+            return self.said
+
+    too_many = call_failure("unix:/s", Failed(lambda: check_record_count(1000, 100)))
+    assert too_many == ("unix:/s: INVALID_ARGUMENT: 1000 records in one request; the limit is 100 "
+                        "(give a smaller --batch)")
+    unknown = call_failure("unix:/s", Failed(lambda: check_id(-1)))
+    assert unknown.endswith("no feedback entry #-1; list them with `logscore feedback list`")

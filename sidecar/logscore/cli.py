@@ -503,13 +503,19 @@ def fill_records(request, records: list, as_fields: bool) -> None:
 
 def call_failure(target: str, error) -> str:
     """A failed call to the sidecar in one line; one that reached no sidecar says what to do, and
-    one naming a request's field (no default model: name one) names the flag that sets it here."""
+    one naming a request's field (no default model: name one), its size or the HTTP list of feedback
+    names the flag or the command that does it here."""
     import grpc
 
+    from .feedback_store import LIST_FEEDBACK
     from .registry import REQUEST_MODEL
+    from .scoring import SPLIT_BATCH
 
     details = error.details() or ""
-    said = f"{error.code().name}: {details.replace(REQUEST_MODEL, '--model')}"
+    for sidecars, ours in ((REQUEST_MODEL, "--model"), (SPLIT_BATCH, "(give a smaller --batch)"),
+                           (LIST_FEEDBACK, "list them with `logscore feedback list`")):
+        details = details.replace(sidecars, ours)
+    said = f"{error.code().name}: {details}"
     if error.code() != grpc.StatusCode.UNAVAILABLE or "failed to connect" not in details:
         return f"{target}: {said}"  # (a sidecar that answers may say UNAVAILABLE too: its feedback store is down)
     # gRPC's own words say which: nothing listens, TLS disagrees, or the sidecar closed the connection

@@ -154,9 +154,12 @@ def check_entry(entry: Entry) -> None:
 INT64_LIMIT = 2**63
 
 
+LIST_FEEDBACK = "list them with GET /v1/feedback"  # (`logscore feedback` names its own list: cli.call_failure)
+
+
 def check_id(entry_id: int) -> None:
     if not 0 < entry_id < INT64_LIMIT:
-        raise FeedbackNotFound(f"no feedback entry #{entry_id}; list them with GET /v1/feedback")
+        raise FeedbackNotFound(f"no feedback entry #{entry_id}; {LIST_FEEDBACK}")
 
 
 class FeedbackStore:
@@ -301,7 +304,7 @@ class FeedbackStore:
             cursor.execute(self._sql(f"SELECT {', '.join(COLUMNS)} FROM feedback WHERE id = ?"), (entry_id,))
             row = cursor.fetchone()
             if row is None:
-                raise FeedbackNotFound(f"no feedback entry #{entry_id}; list them with GET /v1/feedback")
+                raise FeedbackNotFound(f"no feedback entry #{entry_id}; {LIST_FEEDBACK}")
             entry = entry_from_row(row)
             if entry.removed_at is not None:
                 raise InvalidRequest(f"feedback #{entry_id} was already removed (by {entry.removed_by} at "

@@ -60,10 +60,13 @@ MAX_EXPLANATIONS = 20_000
 MAX_EXPLAIN = 100  # feature names for one record
 
 
+SPLIT_BATCH = "(split the batch)"  # (`logscore client` names its --batch instead: cli.call_failure)
+
+
 def check_record_count(count: int, limit: int) -> None:
     """Surfaces call this as soon as they know a request's size, before decoding its records."""
     if count > limit:
-        raise InvalidRequest(f"{count} records in one request; the limit is {limit} (split the batch)")
+        raise InvalidRequest(f"{count} records in one request; the limit is {limit} {SPLIT_BATCH}")
 
 
 class ScoringService:
