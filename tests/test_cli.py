@@ -577,6 +577,14 @@ def test_an_output_that_is_one_of_the_inputs_is_refused_before_any_work(tmp_path
                          "--report", log)
     assert evaluated.returncode == 1 and f"--report {log}: is the same file as --normal {log}" in evaluated.stderr
     assert log.read_bytes() == kept and scored.read_text().startswith('{"line": 1')
+    # A model read whole before the write may be replaced in place, as a served model is
+    model = tmp_path / "m.onnx"
+    assert logscore("train", "--input", log, "--out", model).returncode == 0
+    first = model.read_bytes()
+    log.write_text("\n".join(shop_lines(300, seed=4)) + "\n")
+    replaced = logscore("train", "--input", log, "--previous-model", model, "--out", model)
+    assert replaced.returncode == 0, replaced.stderr
+    assert model.read_bytes() != first and logscore("inspect", model).returncode == 0  # a new model, whole
 
 
 def test_line_is_the_line_number_in_its_file_and_file_names_it_when_several_are_given(tmp_path, shop_model_path):

@@ -618,9 +618,10 @@ def run_train(args) -> int:
     except ImportError as error:
         print(f"logscore train: error: {missing_training_extra(error)}", file=sys.stderr)
         return 1
+    # NOTE: --base, --previous-model and --behaviour-from may name --out: each model is read whole before
+    # the new one is written beside it and renamed onto it, so a served model can be replaced in place.
     check_writable(args.out, "--out", input_flags("--input", args.input) + [
-        ("--config", args.config), ("--feedback", args.feedback), ("--base", args.base),
-        ("--previous-model", args.previous_model), ("--behaviour-from", args.behaviour_from)])
+        ("--config", args.config), ("--feedback", args.feedback)])
     read_zoneless_in(args.time_zone)  # the records' timestamps, for --windows and --entities
     spec = load_spec(args.config, args.format)
     if args.session_key:
