@@ -96,7 +96,6 @@ class TrainOptions:
             raise ConfigError(f"set-aside factors must be above 1, the contaminated one ({self.contaminated_factor}) "
                               f"at most the first ({self.set_aside_factor})")
 
-
     def validate_counts(self) -> None:
         """--support, --sigma and --max-records, named as `logscore train` takes them.
 
