@@ -333,6 +333,38 @@ class FluentdFieldTest < Test::Unit::TestCase
     assert_not_match(/Traceback|emit transaction failed/, File.read(File.join(@work, 'http.log')))
   end
 
+  test 'in_http: a record nested 40,000 deep passes unscored; the worker lives, the records around it are scored' do
+    # msgpack overflowed the input thread's stack (SystemStackError): the worker died, restarted,
+    # and died again on the same request (24 crashes in 25 s under the supervisor, nothing delivered).
+    @sidecar = SidecarProcess.new(@work).start
+    port = SidecarProcess.free_port
+    http = <<~CONF
+      <source>
+        @type http
+        bind 127.0.0.1
+        port #{port}
+      </source>
+    CONF
+    drop_deep = <<~CONF
+      <filter web.**>
+        @type record_transformer
+        remove_keys x
+      </filter>
+    CONF
+    @pids << spawn_fluentd(@work, 'http', http + default_filter + drop_deep + file_output("#{@work}/out/scored"))
+    deep = %({"seq":1,"x":#{'{"x":' * 40_000}1#{'}' * 40_000}})
+    body = "[#{JSON.generate({ 'message' => AccessLines.line('/'), 'seq' => 0 })},#{deep}," \
+           "#{JSON.generate({ 'message' => AccessLines.line('/robots.txt'), 'seq' => 2 })}]"
+    answer = post_when_up(port, 'web.http', body)
+    assert_equal '200', answer.code, log_tail(@work, 'http')
+    out = wait_for_records(File.join(@work, 'out'), 3, timeout: 30).sort_by { |r| r['seq'] }
+    assert_equal [0, 1, 2], out.map { |r| r['seq'] }, log_tail(@work, 'http')
+    assert_equal [false, true, false], out.map { |r| r.key?('anomaly_unscored') }
+    assert(out.values_at(0, 2).all? { |r| r['anomaly_score'].is_a?(Float) })
+    assert_nil Process.wait(@pids.last, Process::WNOHANG), 'the fluentd worker is still running'
+    assert_match(/reason="unpackable" .*nested too deep/, File.read(File.join(@work, 'http.log')))
+  end
+
   test 'unscored for two reasons from many tags: one line each at once, then a summary; counted by reason' do
     # One warning per "last reason" logged every record when two reasons alternated, and none
     # for web.b (same reason as web.a, another tag): the log could not tell which records went

@@ -172,6 +172,21 @@ class StreamScorerTest < Test::Unit::TestCase
     assert_equal 0, s.client.stats[:circuit_opened]
   end
 
+  test 'a record nested 40,000 deep passes unscored alone, in an input\'s thread; the records around it are scored' do
+    # msgpack overflowed the stack of the thread (SystemStackError, no StandardError): it raised out
+    # of the filter and the Fluentd worker died, again after every restart. Fluentd calls filters
+    # from its inputs' threads, whose stack is smaller than the main thread's.
+    deep = (0...40_000).reduce({ 'leaf' => 1 }) { |inner, _| { 'x' => inner } }
+    records = [{ 'message' => AccessLines.line('/'), 'n' => 0 }, deep.merge('n' => 'deep'),
+               { 'message' => AccessLines.line('/robots.txt'), 'n' => 2 }]
+    s = scorer
+    out = Thread.new { s.score('web', entries(records)) }.value
+    assert_equal [0, 'deep', 2], out.map { |_, r| r['n'] }
+    assert_equal ['deep'], out.select { |_, r| r['anomaly_unscored'] }.map { |_, r| r['n'] }
+    assert_equal 2, out.count { |_, r| r['anomaly_score'].is_a?(Float) }
+    assert_equal 1, s.unscored_log.counts['unpackable']
+  end
+
   test 'records bigger than a call are sent cut, not refused: the circuit stays closed' do
     # Four 3 MB records at the head of a stream were refused as too large, opened the circuit,
     # and the 200 records after them passed unscored.

@@ -123,7 +123,7 @@ module Logscore
       return [packer, nil] if packer.size - before <= @batch_bytes
 
       [packer_before(packer, before), too_large(entry[1], packer.size - before)]
-    rescue StandardError => e # RangeError for an integer past 64 bits, NoMethodError for an object
+    rescue StandardError, SystemStackError => e # RangeError for an integer past 64 bits, NoMethodError for an object
       [packer_before(packer, before), unpackable(entry[1], e)]
     end
 
@@ -136,9 +136,16 @@ module Logscore
                                             "uncut) does not fit batch_bytes #{@batch_bytes}")
     end
 
+    # NOTE: SystemStackError is no StandardError: a record nested some 40,000 deep (one JSON line
+    # through in_tail or in_http) overflowed the input thread's stack in msgpack, raised out of the
+    # filter, and the Fluentd worker died and crashed again on the same record after each restart.
     def unpackable(record, error)
       field = record.is_a?(Hash) ? record.each_key.find { |key| packed_size(key, record[key]).nil? } : nil
       where = field.nil? ? 'a value' : "field #{field_name(field)} (#{record[field].class})"
+      if error.is_a?(SystemStackError)
+        return ScoringFailed.new('unpackable', "#{where}: nested too deep to send (#{error.message}); flatten it or " \
+                                               'convert it to a string before this filter')
+      end
       # NOTE: the first line only: Ruby's error_highlight adds the failing source line below it
       ScoringFailed.new('unpackable', "#{where}: msgpack cannot send it (#{error.message.lines.first.to_s.strip}); " \
                                       'convert it to a string before this filter')
@@ -152,7 +159,7 @@ module Logscore
 
     def packed_size(key, value)
       MessagePack.pack(key => value).bytesize
-    rescue StandardError
+    rescue StandardError, SystemStackError
       nil
     end
 
