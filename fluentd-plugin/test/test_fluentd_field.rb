@@ -183,6 +183,62 @@ class FluentdFieldTest < Test::Unit::TestCase
     assert_equal 0, out.count { |r| r['anomaly_unscored'] }, log_tail(@work, 'fluentd')
   end
 
+  # Fluentd (in_forward -> filter -> a slow record_transformer -> out_file with a memory buffer)
+  # stopped once a stream of 20,000 records is inside the filter (its first call made); the
+  # records out_file wrote. The filter after it stands for the output's own work on the stream
+  # (formatting, writing its buffer) that follows the filter in the input's thread.
+  def stop_with_stream_inside(sidecar_stopped: false)
+    @sidecar = SidecarProcess.new(@work).start
+    port = SidecarProcess.free_port
+    monitor = SidecarProcess.free_port
+    @pids << spawn_fluentd(@work, 'fluentd', monitor_source(monitor) + forward_source(port) + default_filter + <<~OUT)
+      <filter web.**>
+        @type record_transformer
+        enable_ruby true
+        <record>
+          after ${sleep 0.0005 if record['seq'] % 10 == 0; 1}
+        </record>
+      </filter>
+      <match web.**>
+        @type file
+        path #{@work}/out/scored
+        <format>
+          @type json
+        </format>
+        <buffer>
+          @type memory
+          flush_mode interval
+          flush_interval 60s
+        </buffer>
+      </match>
+    OUT
+    sender = sender_when_up(port)
+    Process.kill('STOP', @sidecar.pid) if sidecar_stopped
+    sender.send_batch(20_000)
+    deadline = Time.now + 30
+    sleep 0.01 until plugin_counters(monitor, 'logscore')['logscore_calls'].positive? || Time.now > deadline
+    stop_processes(@pids)
+    Process.kill('CONT', @sidecar.pid) if sidecar_stopped
+    read_records(File.join(@work, 'out'))
+  end
+
+  test 'fluentd stopped while in_forward\'s stream is inside the filter: every record reaches the output\'s last flush' do
+    # Fluentd shuts inputs down, then filters, then outputs (whose last flush is in before_shutdown),
+    # but in_forward's thread was still in the filter: its records left it after that flush, and a
+    # memory buffer lost all 20,000 of them, silently.
+    out = stop_with_stream_inside
+    assert_equal [20_000, 20_000], [out.size, out.map { |r| r['seq'] }.uniq.size], log_tail(@work, 'fluentd')
+    unscored = out.select { |r| r['anomaly_unscored'] }
+    assert(unscored.all? { |r| !r.key?('anomaly_score') })
+    assert_operator out.size - unscored.size, :>, 0, 'a healthy sidecar scores records while fluentd stops'
+  end
+
+  test 'fluentd stopped with the sidecar hung while a stream is inside the filter: every record passes unscored' do
+    out = stop_with_stream_inside(sidecar_stopped: true)
+    assert_equal [20_000, 20_000], [out.size, out.map { |r| r['seq'] }.uniq.size], log_tail(@work, 'fluentd')
+    assert(out.all? { |r| r['anomaly_unscored'] && !r.key?('anomaly_score') })
+  end
+
   # Lines with what a hostile or broken writer leaves in an access log, each with its id "L<n>".
   def hostile_lines
     line = ->(n) { AccessLines.line("/p?id=L#{n}").b }

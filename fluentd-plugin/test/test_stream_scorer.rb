@@ -261,6 +261,15 @@ class StreamScorerTest < Test::Unit::TestCase
     assert_equal 5, s.unscored_log.counts['not_found']
   end
 
+  test 'once fluentd stops calls (shutdown past the bound), records pass unscored at once, no failure counted' do
+    s = scorer(message_key: 'message')
+    s.client.stop_calls
+    out = s.score('web', entries(AccessLines.normal(3).map { |line| { 'message' => line } }))
+    assert(out.all? { |_, r| r['anomaly_unscored'] && !r.key?('anomaly_score') })
+    assert_equal [0, 0, 0], s.client.stats.values_at(:calls, :failures, :circuit_opened)
+    assert_equal 3, s.unscored_log.counts['shutting_down']
+  end
+
   # A sidecar of the test's own, which it may stop (SIGSTOP); continued and stopped at the end.
   def with_own_sidecar
     dir = Dir.mktmpdir('logscore-own')

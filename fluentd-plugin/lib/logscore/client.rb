@@ -136,6 +136,7 @@ module Logscore
       @open = false
       @probe = nil
       @closed = false
+      @stopping = false
       @log_interval = log_interval
       @opening_logged_at = nil
       @openings_not_logged = 0
@@ -207,6 +208,12 @@ module Logscore
       hash
     end
 
+    # From now on calls not yet started fail at once ('shutting_down'): Fluentd is stopping, and
+    # the records of the streams still in the filter must reach the outputs before their last flush.
+    def stop_calls
+      @stopping = true
+    end
+
     def close
       @closed = true
       @probe&.join(PROBE_TIMEOUT + @probe_interval)
@@ -255,10 +262,7 @@ module Logscore
     end
 
     def call(request, count, ahead)
-      if @open
-        count(:skipped_circuit_open)
-        raise ScoringFailed.new('circuit_open', 'sidecar not answering; calls resume when its health check passes')
-      end
+      refuse_when_stopped
       allowed = @deadlines.for(count, ahead: ahead)
       # NOTE: the wait for a slot is bounded by the call's own allowance, and the call then gets
       # its whole allowance: a filter returns within twice it (and a little more).
@@ -272,9 +276,20 @@ module Logscore
       refused('message_too_large', e.details) if too_large?(e)
       failed(status_name(e.code), e.details, silent: SILENT.include?(e.code))
     rescue ScoringFailed => e
-      raise if %w[circuit_open busy].include?(e.reason)
+      raise if %w[circuit_open busy shutting_down].include?(e.reason)
 
       failed(e.reason, e.message, silent: false)
+    end
+
+    def refuse_when_stopped
+      if @open
+        count(:skipped_circuit_open)
+        raise ScoringFailed.new('circuit_open', 'sidecar not answering; calls resume when its health check passes')
+      end
+      return unless @stopping
+
+      raise ScoringFailed.new('shutting_down', 'fluentd is stopping and the stream took longer than the stated ' \
+                                               'bound; raise timeout if the sidecar is merely slow')
     end
 
     def timed_call(request, count, ahead, allowed)

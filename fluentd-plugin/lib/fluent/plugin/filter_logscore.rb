@@ -116,6 +116,11 @@ module Fluent
 
       def start
         super
+        @streams_inside = 0
+        @streams_lock = Mutex.new
+        @stream_left = ConditionVariable.new
+        @shutting_down = false
+        @left_during_shutdown = [] # the threads of streams that left the filter since shutdown began
         client = Logscore::Client.new(
           endpoint: @endpoint, timeout: @timeout, timeout_per_record: @timeout_per_record,
           in_flight: @calls_in_flight, model: @model, explain: @explanation_key ? @explain : 0, token: @token,
@@ -136,14 +141,71 @@ module Fluent
         watch_anomalies(client) if @anomaly_tag && fluentd_worker_id.zero?
       end
 
+      # NOTE: the streams already inside the filter are waited for here. Fluentd shuts down every
+      # input, then every filter, then every output, each kind joined before the next (RootAgent#
+      # shutdown), and an output's last flush is in its before_shutdown; but an input's shutdown does
+      # not wait for its thread: in_forward's event loop was still in filter_stream, its records left
+      # after that flush, and a memory buffer lost all 20,000 of a stream, silently. Within a
+      # <label>, Fluentd shuts the label's filters and outputs down at once: this wait cannot order
+      # them there.
       def shutdown
         @anomaly_watcher&.stop
+        wait_for_streams_inside
         super
       end
 
-      # NOTE: not in shutdown: inputs' threads may still be in filter_stream then (Fluentd shuts
-      # plugins down while in_forward's event loop finishes its stream): closing the connection
-      # there left their records unscored ('closed!'). By close, inputs have waited for them.
+      # A stream ends within the stated bound (a hung sidecar's first call, then the circuit), but
+      # a slow sidecar's can take longer: past the bound, calls not yet started pass unscored
+      # ('shutting_down'), and the calls under way end by their own deadline (the same bound).
+      def wait_for_streams_inside
+        return unless @scorer # never started
+
+        @streams_lock.synchronize { @shutting_down = true }
+        bound = @timeout + @timeout_per_record * @batch_records * @calls_in_flight
+        unless streams_left_within(bound)
+          log.warn("logscore: event streams still in the filter #{bound.round(2)} s into shutdown; " \
+                   'their records not yet sent pass unscored (shutting_down)', streams: @streams_inside)
+          @scorer.client.stop_calls
+          streams_left_within(bound + Logscore::Client::DEADLINE_GRACE)
+        end
+        emitted_within(EMIT_WAIT)
+      end
+
+      def streams_left_within(seconds)
+        deadline = Process.clock_gettime(Process::CLOCK_MONOTONIC) + seconds
+        @streams_lock.synchronize do
+          while @streams_inside.positive?
+            left = deadline - Process.clock_gettime(Process::CLOCK_MONOTONIC)
+            return false if left <= 0
+
+            @stream_left.wait(@streams_lock, left)
+          end
+        end
+        true
+      end
+
+      # NOTE: leaving the filter is not reaching the output: the input's thread then runs the filters
+      # after this one and writes the stream into the output's buffer (20,000 records: a good part of
+      # a second), and the outputs' last flush began meanwhile, losing the stream 1 run in 3. Nothing
+      # tells when that is done but the thread itself: once it is out of Fluentd's event router. Not
+      # the plugin's bound: that work is Fluentd's; EMIT_WAIT only keeps a blocked output from
+      # holding the shutdown for good.
+      EMIT_WAIT = 10 # seconds
+
+      def emitted_within(seconds)
+        deadline = Process.clock_gettime(Process::CLOCK_MONOTONIC) + seconds
+        threads = @streams_lock.synchronize { @left_during_shutdown.uniq }
+        threads.each do |thread|
+          sleep 0.01 while in_event_router?(thread) && Process.clock_gettime(Process::CLOCK_MONOTONIC) < deadline
+        end
+      end
+
+      def in_event_router?(thread)
+        (thread.backtrace_locations || []).any? { |frame| frame.path.to_s.end_with?('fluent/event_router.rb') }
+      end
+
+      # NOTE: not in shutdown: the connection stays open until the streams inside have left (see
+      # shutdown); closing it earlier left their records unscored ('closed!').
       def close
         @scorer&.client&.close
         @scorer&.unscored_log&.flush(all: true)
@@ -162,6 +224,17 @@ module Fluent
       end
 
       def filter_stream(tag, es)
+        @streams_lock.synchronize { @streams_inside += 1 }
+        score_stream(tag, es)
+      ensure
+        @streams_lock.synchronize do
+          @streams_inside -= 1
+          @left_during_shutdown << Thread.current if @shutting_down
+          @stream_left.broadcast
+        end
+      end
+
+      def score_stream(tag, es)
         entries = []
         es.each { |time, record| entries << [time, record] }
         result = MultiEventStream.new
