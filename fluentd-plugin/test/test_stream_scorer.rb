@@ -307,6 +307,31 @@ class StreamScorerTest < Test::Unit::TestCase
     end
   end
 
+  test 'a hung sidecar: calls_in_flight past the connection\'s 4 places, or calls waiting for a place, make no more calls' do
+    # calls_in_flight 8 made 8 calls for 4 places; the 4 that waited for one called the stopped
+    # sidecar when it freed, though the circuit had opened meanwhile: a stream was held twice its
+    # stated bound (17.9 s against 8.5 s inside Fluentd).
+    with_own_sidecar do |sidecar|
+      s = scorer(endpoint: "unix://#{sidecar.socket}", timeout: 0.3, timeout_per_record: 0.001, message_key: 'message',
+                 batch_records: 100, in_flight: 8, probe_interval: 60)
+      chunk = -> { entries(AccessLines.normal(2000).map { |line| { 'message' => line } }) }
+      Process.kill('STOP', sidecar.pid)
+      started = now
+      out = s.score('web', chunk.call)
+      assert(out.all? { |_, r| r['anomaly_unscored'] })
+      assert_operator now - started, :<=, 0.3 + 0.001 * 100 * 4 + 0.2 # timeout + per record x batch x 4 places
+      assert_equal 4, s.client.stats[:calls]
+      # Two streams at once (two inputs): the second one's calls wait for places the first holds.
+      s = scorer(endpoint: "unix://#{sidecar.socket}", timeout: 0.3, timeout_per_record: 0.001, message_key: 'message',
+                 batch_records: 100, in_flight: 4, probe_interval: 60)
+      first = Thread.new { s.score('web', chunk.call) }
+      sleep 0.05 until s.client.stats[:calls] == 4
+      second = s.score('web', chunk.call)
+      assert((first.value + second).all? { |_, r| r['anomaly_unscored'] })
+      assert_equal 4, s.client.stats[:calls], 'a call that found a place after the circuit opened was made'
+    end
+  end
+
   test 'a hung sidecar holds a big call no longer than the bound either (its bytes fill the socket)' do
     # NOTE: a call bigger than the Unix socket's buffer (about 200 KB) blocks gRPC's write while
     # the sidecar is stopped, and gRPC's own deadline then never fires: the client bounds it itself.

@@ -123,7 +123,9 @@ module Logscore
                    token: nil, tls_ca: nil, tls_cert: nil, tls_key: nil, failure_threshold: 3,
                    probe_interval: 0.2, log: nil, log_interval: 30)
       @deadlines = Deadlines.new(base: timeout, per_record_max: timeout_per_record)
-      @in_flight = in_flight
+      # NOTE: more calls of a stream than places on the connection only wait for a place: 8 held a
+      # stream twice its stated bound while the sidecar hung.
+      @in_flight = in_flight.clamp(1, CALLS_PER_CONNECTION)
       @model = model.to_s
       @explain = explain.to_i
       @metadata = token ? { 'authorization' => "Bearer #{token}" } : {}
@@ -265,8 +267,12 @@ module Logscore
       refuse_when_stopped
       allowed = @deadlines.for(count, ahead: ahead)
       # NOTE: the wait for a slot is bounded by the call's own allowance, and the call then gets
-      # its whole allowance: a filter returns within twice it (and a little more).
-      result = @slots.hold(allowed) { timed_call(request, count, ahead, allowed) }
+      # its whole allowance: a filter returns within twice it (and a little more). Calls may have
+      # stopped during the wait (the calls holding the slots found the sidecar hung): asked again.
+      result = @slots.hold(allowed) do
+        refuse_when_stopped
+        timed_call(request, count, ahead, allowed)
+      end
       result || busy(allowed)
     rescue GRPC::BadStatus => e
       @deadlines.observe(count + ahead, allowed) if e.code == GRPC::Core::StatusCodes::DEADLINE_EXCEEDED

@@ -40,7 +40,9 @@ class LogscoreFilterTest < Test::Unit::TestCase
                                                                            on_error: :error }],
          # the sidecar names at most 20,000 features a call: batches shrink to fit what is asked
          'many explanations' => ["explanation_key why\nexplain 50", { batch_records: 400 }],
-         'explanations off' => ["explain 50", { batch_records: 2000 }])
+         'explanations off' => ["explain 50", { batch_records: 2000 }],
+         # the client keeps 4 calls on its connection: 8 held a stream twice its stated bound
+         'calls_in_flight past 4' => ["calls_in_flight 8", { calls_in_flight: 4 }])
     test 'parameters' do |(conf, expected)|
       d = create_driver(base_conf(conf))
       expected.each { |name, value| assert_equal value, d.instance.public_send(name) }

@@ -46,7 +46,7 @@ module Fluent
       config_param :batch_records, :integer, default: 2000
       desc 'Bytes per call (keep it under the sidecar\'s max_message_bytes, 2 MiB by default)'
       config_param :batch_bytes, :size, default: 1024 * 1024
-      desc 'Calls of one event stream under way at once'
+      desc 'Calls of one event stream under way at once (1 to 4: the places the client keeps on its connection)'
       config_param :calls_in_flight, :integer, default: 2
       desc 'On failure: pass (records continue, marked unscored) or error (records go to @ERROR)'
       config_param :on_error, :enum, list: %i[pass error], default: :pass
@@ -81,6 +81,7 @@ module Fluent
           raise Fluent::ConfigError, "#{name} must be at least 1" unless instance_variable_get("@#{name}") >= 1
         end
         limit_batch_to_explanations
+        limit_calls_in_flight
         @message_reader = record_accessor_create(@message_key) if @message_key
         if @tls_cert_path.nil? != @tls_key_path.nil?
           raise Fluent::ConfigError, 'tls_cert_path and tls_key_path go together'
@@ -112,6 +113,15 @@ module Fluent
         log.warn("logscore: batch_records #{@batch_records} with explain #{@explain} asks for more than " \
                  "#{MAX_EXPLANATIONS} feature names a call; using batch_records #{most}")
         @batch_records = most
+      end
+
+      def limit_calls_in_flight
+        most = Logscore::Client::CALLS_PER_CONNECTION
+        return if @calls_in_flight <= most
+
+        log.warn("logscore: calls_in_flight #{@calls_in_flight} is more than the #{most} calls the client keeps on " \
+                 "its connection (the others would only wait, past the stated bound); using #{most}")
+        @calls_in_flight = most
       end
 
       def start
