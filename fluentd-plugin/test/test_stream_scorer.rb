@@ -434,6 +434,8 @@ end
 # Failures only a fake server can stage: a slow answer and a malformed one.
 class MisbehavingSidecarTest < Test::Unit::TestCase
   class FakeScorer < Logscore::V1::Scorer::Service
+    NONSENSE_SCORES = { nan: Float::NAN, above_one: 7.5, negative: -3.0 }.freeze
+
     def initialize(behaviour)
       super()
       @behaviour = behaviour
@@ -446,8 +448,9 @@ class MisbehavingSidecarTest < Test::Unit::TestCase
       end
       count = request.lines.lines.size
       count -= 1 if @behaviour == :short
-      Logscore::V1::ScoreResponse.new(scores: [0.5] * count, is_anomaly: [false] * count,
-                                      model_index: [0] * count, models: [{ name: 'fake', version: 'x' }])
+      Logscore::V1::ScoreResponse.new(scores: [NONSENSE_SCORES.fetch(@behaviour, 0.5)] * count,
+                                      is_anomaly: [false] * count, model_index: [@behaviour == :no_model ? 5 : 0] * count,
+                                      models: [{ name: 'fake', version: 'x' }])
     end
   end
 
@@ -508,6 +511,17 @@ class MisbehavingSidecarTest < Test::Unit::TestCase
     with_fake(:short) do |endpoint|
       out, = score_with(endpoint, 2.0)
       assert(out.all? { |_, r| r['anomaly_unscored'] && !r.key?('anomaly_score') })
+    end
+  end
+
+  # They went out as scores: "anomaly_score":NaN (no JSON: out_file wrote a line nothing reads), 7.5,
+  # -3.0, and a model name of null for a model index past the answer's models.
+  data('NaN' => :nan, 'above 1' => :above_one, 'negative' => :negative, 'no such model' => :no_model)
+  test 'an answer of nonsense scores, or of a model it does not name, is not trusted' do |behaviour|
+    with_fake(behaviour) do |endpoint|
+      out, client = score_with(endpoint, 2.0)
+      assert(out.all? { |_, r| r['anomaly_unscored'] && !r.key?('anomaly_score') }, out.inspect)
+      assert_equal 1, client.stats[:failures]
     end
   end
 
