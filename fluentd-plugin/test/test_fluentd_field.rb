@@ -218,11 +218,12 @@ class FluentdFieldTest < Test::Unit::TestCase
     deadline = Time.now + 30
     sleep 0.01 until plugin_counters(monitor, 'logscore')['logscore_calls'].positive? || Time.now > deadline
     stop_processes(@pids)
-    Process.kill('CONT', @sidecar.pid) if sidecar_stopped
     read_records(File.join(@work, 'out'))
+  ensure
+    Process.kill('CONT', @sidecar.pid) if sidecar_stopped && @sidecar&.pid
   end
 
-  test 'fluentd stopped while in_forward\'s stream is inside the filter: every record reaches the output\'s last flush' do
+  test 'fluentd stopped with in_forward\'s stream inside the filter: every record reaches the last flush' do
     # Fluentd shuts inputs down, then filters, then outputs (whose last flush is in before_shutdown),
     # but in_forward's thread was still in the filter: its records left it after that flush, and a
     # memory buffer lost all 20,000 of them, silently.
