@@ -499,6 +499,31 @@ def test_malformed_framing_gets_one_clear_answer(sidecar, data, status, message)
     assert "Unhandled exception" not in sidecar.log() and "Traceback" not in sidecar.log()
 
 
+def chunked(body: bytes, size: int) -> bytes:
+    """``body`` in chunks of ``size`` bytes, then the last chunk."""
+    pieces = (body[i:i + size] for i in range(0, len(body), size))
+    return b"".join(b"%x\r\n%s\r\n" % (len(piece), piece) for piece in pieces) + b"0\r\n\r\n"
+
+
+CHUNKED_HEAD = (SCORE_HEAD + "Transfer-Encoding: chunked\r\n\r\n").encode()
+
+
+def test_a_body_in_tiny_chunks_is_refused_and_one_in_small_chunks_scored(sidecar):
+    """Each chunk was kept as its own bytes object (~56 bytes for a 2-byte chunk, charged 6) and
+    cost reads on the event loop: 8 bodies of 2-byte chunks within the body limit took the sidecar
+    from 221 to 488 MiB and 29 s of CPU; 1-byte chunks timed out unanswered."""
+    body = json.dumps(shop_lines(1500, seed=95)).encode()
+    assert len(body) > 150_000  # over 128 KiB of framing in 1- and 2-byte chunks
+    for size in (1, 2):
+        status, answer = raw_request(sidecar.http_port, CHUNKED_HEAD + chunked(body, size), timeout=30)
+        assert status == 400 and "send larger chunks (at least 1 KiB)" in answer["error"], answer
+    near_the_limit = json.dumps(shop_lines(9600, seed=96)).encode()
+    assert 2_000_000 < len(near_the_limit) <= 2 * 1024 * 1024  # max_message_bytes
+    for size in (100, 4096):  # what a client streaming one event a chunk sends
+        status, answer = raw_request(sidecar.http_port, CHUNKED_HEAD + chunked(near_the_limit, size), timeout=60)
+        assert status == 200 and len(answer["results"]) == 9600, answer
+
+
 def test_a_refused_body_is_answered_not_reset(sidecar):
     """A 413 (the body announced too big) closed at once: the client, still sending, read a reset."""
     body = b"[" + b'{"message": "x"},' * 600_000 + b"{}]"  # 10 MB

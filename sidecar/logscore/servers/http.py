@@ -283,7 +283,13 @@ class HttpServer(StreamServer):
             writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # the client waits for this before sending
         if "transfer-encoding" not in headers:
             return await self._read_exactly(reader, length, ticket)
-        chunks, total = [], 0
+        return await self._read_chunked(reader, ticket)
+
+    async def _read_chunked(self, reader: asyncio.StreamReader, ticket: Ticket) -> bytes:
+        # NOTE: one buffer, not a list of chunks: 2-byte chunks kept apart cost ~56 bytes of objects
+        # each, 8 bodies of them took the sidecar from 221 to 488 MiB while charged 3 × 2 bytes a chunk
+        body = bytearray()
+        chunks, framing, most_framing = 0, 0, self.max_framing_bytes()
         while True:
             size_line = await read_line(reader, "chunk size line", 400)
             if not CHUNK_SIZE.fullmatch(size_line):
@@ -291,13 +297,25 @@ class HttpServer(StreamServer):
             size = int(size_line.split(b";")[0], 16)
             if size == 0:
                 await self._read_trailers(reader)
-                return b"".join(chunks)
-            total += size
-            if total > self.max_body_bytes:
+                return bytes(body)
+            if len(body) + size > self.max_body_bytes:
                 raise HttpError(413, f"body exceeds {self.max_body_bytes} bytes; send smaller batches", close=True)
-            chunks.append(await self._read_exactly(reader, size, ticket))
-            if (await read_line(reader, "chunk's end", 400)) not in (b"\r\n", b"\n"):
+            body += await self._read_exactly(reader, size, ticket)
+            end = await read_line(reader, "chunk's end", 400)
+            if end not in (b"\r\n", b"\n"):
                 raise HttpError(400, "malformed chunked body: a chunk's data ends with CRLF", close=True)
+            chunks, framing = chunks + 1, framing + len(size_line) + len(end)
+            if framing > most_framing:
+                raise HttpError(400, f"chunked body in chunks too small: {chunks} chunks of {len(body) // chunks} "
+                                f"bytes on average took over {most_framing} bytes of chunk size lines and line "
+                                "ends; send larger chunks (at least 1 KiB), or the body with Content-Length",
+                                close=True)
+
+    def max_framing_bytes(self) -> int:
+        """What a chunked body's size lines and line ends may take in all (128 KiB for a 2 MiB body:
+        chunks of 100 bytes fit). Each chunk costs a few reads on the event loop (≈ 4 µs): 8 bodies
+        of 2-byte chunks within the body limit took 29 s of CPU and kept health checks waiting 6 s."""
+        return max(MAX_HEADER_BYTES, self.max_body_bytes // 16)
 
     async def _read_exactly(self, reader: asyncio.StreamReader, length: int, ticket: Ticket) -> bytes:
         """``length`` bytes, charged to the budget as they come (what a sender announced but has not
