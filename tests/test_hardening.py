@@ -524,6 +524,20 @@ def test_a_body_in_tiny_chunks_is_refused_and_one_in_small_chunks_scored(sidecar
         assert status == 200 and len(answer["results"]) == 9600, answer
 
 
+@pytest.mark.parametrize("cut", [b'5\r\n{"mes', b'5\r\n{"mes\r', b'2\r\n{}\r\n1', b"2\r\n{}\r\n0\r\nX-T: a"])
+def test_a_client_hanging_up_within_a_chunked_body_is_not_a_malformed_request(sidecar, cut):
+    """Its connection's end was read as a line: counted and logged as 'malformed chunked body: a
+    chunk's data ends with CRLF'. A hang-up within a Content-Length body is silent; so is this one."""
+    refused_before, scored_before = sidecar.metric("logscore_errors_total{"), scored_records(sidecar)
+    with socket.create_connection(("127.0.0.1", sidecar.http_port), timeout=10) as connection:
+        connection.sendall(CHUNKED_HEAD + cut)
+        sidecar.wait_for(lambda: http_in_flight(sidecar) == 1, what="the request being read")
+    sidecar.wait_for(lambda: http_in_flight(sidecar) == 0, what="the hang-up taken in")
+    # (a refusal is counted, and logged, in the step that takes the request from the in-flight count;
+    # a request cut within its trailers was scored)
+    assert (sidecar.metric("logscore_errors_total{"), scored_records(sidecar)) == (refused_before, scored_before)
+
+
 def test_a_refused_body_is_answered_not_reset(sidecar):
     """A 413 (the body announced too big) closed at once: the client, still sending, read a reset."""
     body = b"[" + b'{"message": "x"},' * 600_000 + b"{}]"  # 10 MB

@@ -247,7 +247,7 @@ class HttpServer(StreamServer):
             size += len(header)
             if size > MAX_HEADER_BYTES:
                 raise HttpError(431, f"headers exceed {MAX_HEADER_BYTES} bytes", close=True)
-            if header in (b"\r\n", b"\n", b""):
+            if header in (b"\r\n", b"\n"):
                 return headers
             text = header.decode("latin-1").removesuffix("\n").removesuffix("\r")  # the line's end only
             name, colon, value = text.partition(":")
@@ -331,7 +331,7 @@ class HttpServer(StreamServer):
     @staticmethod
     async def _read_trailers(reader: asyncio.StreamReader) -> None:
         size = 0
-        while (line := await read_line(reader, "trailer line")) not in (b"\r\n", b"\n", b""):
+        while (line := await read_line(reader, "trailer line")) not in (b"\r\n", b"\n"):
             size += len(line)
             if size > MAX_HEADER_BYTES:
                 raise HttpError(431, f"trailers exceed {MAX_HEADER_BYTES} bytes", close=True)
@@ -445,11 +445,17 @@ async def read_request_line(reader: asyncio.StreamReader) -> bytes:
 
 
 async def read_line(reader: asyncio.StreamReader, what: str, status: int = 431) -> bytes:
-    """One line of a request; a line longer than the reader's limit is refused, naming which line it was."""
+    """One line of a request; a line longer than the reader's limit is refused, naming which line it was.
+    IncompleteReadError when the connection ends before the line does: its client went away, as one
+    that hangs up within a Content-Length body (a hang-up within a chunked body was counted and
+    logged as a malformed request, 'a chunk's data ends with CRLF')."""
     try:
-        return await reader.readline()
+        line = await reader.readline()
     except ValueError:  # asyncio's readline raises it for a line over the limit
         raise HttpError(status, f"{what} longer than {MAX_HEADER_BYTES} bytes", close=True) from None
+    if not line.endswith(b"\n"):
+        raise asyncio.IncompleteReadError(line, None)
+    return line
 
 
 async def linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
