@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -536,6 +537,22 @@ def test_a_client_hanging_up_within_a_chunked_body_is_not_a_malformed_request(si
     # (a refusal is counted, and logged, in the step that takes the request from the in-flight count;
     # a request cut within its trailers was scored)
     assert (sidecar.metric("logscore_errors_total{"), scored_records(sidecar)) == (refused_before, scored_before)
+
+
+def test_a_tls_client_on_the_plain_port_is_refused_at_once_and_told_in_the_log(sidecar):
+    """A TLS hello holding no line end waited 75 s for the server's hello and was closed, and
+    neither log said why."""
+    hello = b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(range(11, 75))  # the start of one
+    assert b"\n" not in hello
+    told = "this port speaks plain HTTP; use http:// or start the sidecar with --tls-cert"
+    status, answer = raw_request(sidecar.http_port, hello, timeout=20)  # (a guard: answered at once)
+    assert status == 400 and told in answer["error"]
+    with socket.create_connection(("127.0.0.1", sidecar.http_port), timeout=20) as connection:
+        with pytest.raises(ssl.SSLError):  # a real client: the plain answer is no TLS record
+            ssl.create_default_context().wrap_socket(connection, server_hostname="localhost")
+    refusals = [json.loads(line) for line in sidecar.log().splitlines() if '"request refused"' in line]
+    assert any(r["kind"] == "tls_on_plain_http" and told in r["reason"] for r in refusals), refusals
+    assert sidecar.metric('logscore_errors_total{kind="tls_on_plain_http"') >= 1
 
 
 def test_a_refused_body_is_answered_not_reset(sidecar):

@@ -66,6 +66,7 @@ IDLE_TIMEOUT_S = 75.0  # a keep-alive connection waits this long for its next re
 REQUEST_TIMEOUT_S = 30.0  # from a request line to the last byte of its body, and to write its answer
 BODY_PIECE = 64 * 1024  # a body is charged to the in-flight budget as it arrives, a piece at a time
 LINGER_S, LINGER_BYTES = 2.0, 16 * 2**20  # what is read and dropped, after an error, before closing
+TLS_HANDSHAKE = b"\x16"  # the content type of a TLS record that opens a connection (ClientHello)
 CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,8}(;[^\r\n]*)?\r?\n")
 SINGLE_HEADERS = ("content-length", "transfer-encoding", "authorization", "host")
 # A header's name (and a method): RFC 9110's token, nothing around it (no space before the colon, no folded line)
@@ -117,9 +118,10 @@ Handler = Callable[[Request], Awaitable[Response]]
 
 
 class HttpError(Exception):
-    def __init__(self, status: int, message: str, close: bool = False):
+    def __init__(self, status: int, message: str, close: bool = False, kind: str = ""):
         super().__init__(message)
         self.status, self.close = status, close
+        self.kind = kind or f"http_{status}"  # counted and logged as (logged once per interval a kind)
 
 
 Gate = Callable[[str, dict[str, str]], None]  # (path, headers): raises HttpError for a caller not let in
@@ -182,7 +184,7 @@ class HttpServer(StreamServer):
 
     async def _refuse(self, reader, writer, error: HttpError) -> bool:
         if self.metrics is not None:
-            self.metrics.refused(f"http_{error.status}", "http", str(error))
+            self.metrics.refused(error.kind, "http", str(error))
         await self._write(writer, Response.error(error.status, str(error)), keep_alive=False)
         await linger(reader, writer)
         return False
@@ -434,13 +436,18 @@ class HttpServer(StreamServer):
 
 async def read_request_line(reader: asyncio.StreamReader) -> bytes:
     """A request's first line. Bytes no request line starts with (msgpack's arrays and maps: a Fluent
-    Bit or Fluentd forward output given the HTTP port) are refused at once: they hold no line end, so
-    the sender waited 75 s for an ack and retried, and neither log said why."""
+    Bit or Fluentd forward output given the HTTP port; a TLS handshake record) are refused at once:
+    they hold no line end, so the sender waited 75 s for an ack, or for the server's TLS hello, and
+    neither log said why."""
     first = await reader.read(1)
     if first and first[0] >= 0x80:
         raise HttpError(400, f"malformed request line: it starts with byte 0x{first[0]:02x}, as the forward "
                              "protocol's messages do; point the sender at the sidecar's --forward port, not --http",
                         close=True)
+    if first == TLS_HANDSHAKE:
+        # (a kind of its own: logged even when other 400s were, a moment before)
+        raise HttpError(400, "a TLS handshake on a plain HTTP port: this port speaks plain HTTP; use http:// or "
+                             "start the sidecar with --tls-cert", close=True, kind="tls_on_plain_http")
     return first + await read_line(reader, "request line") if first else first
 
 
@@ -695,7 +702,7 @@ class SidecarHttp:
             return Response.json({"results": [encode_result(outcome, i, by_record[i]) for i in range(len(records))],
                                   "notes": notes})
         except HttpError as error:
-            metrics.refused(f"http_{error.status}", "http", str(error))
+            metrics.refused(error.kind, "http", str(error))
             return Response.error(error.status, str(error))
         except LogscoreError as error:
             metrics.refused(type(error).__name__, "http", str(error))
