@@ -285,10 +285,20 @@ def test_http_edge_cases_get_a_clear_4xx(sidecar, path, body, status, message):
     assert answer[0] == status and message in answer[1]["error"], answer
 
 
-def test_a_compressed_body_is_refused_by_name(sidecar):
-    status, answer = post(sidecar, gzip.compress(b'{"message": "x"}'), headers="Content-Encoding: gzip\r\n")
-    assert status == 415 and "Content-Encoding 'gzip' is not supported" in answer["error"], answer
-    assert post(sidecar, b'{"message": "x"}')[0] == 200
+def test_a_compressed_body_is_refused_by_name_and_the_connection_goes_on(sidecar):
+    """The body read whole, the connection survives the 415 (the module's promise): it closed, and a
+    request pipelined after it was never answered."""
+    with socket.create_connection(("127.0.0.1", sidecar.http_port), timeout=30) as connection:
+        connection.sendall(http_bytes(sidecar.http_port, gzip.compress(b'{"message": "x"}'),
+                                      extra="Content-Encoding: gzip\r\n")
+                           + http_bytes(sidecar.http_port, b'{"message": "x"}'))  # pipelined
+        status, headers, raw = read_response(connection)
+        assert status == 415 and "Content-Encoding 'gzip' is not supported" in json.loads(raw)["error"], raw
+        assert headers["connection"] == "keep-alive"
+        status, _, raw = read_response(connection)
+        assert status == 200 and "anomaly_score" in json.loads(raw), raw
+    refusals = [json.loads(line) for line in sidecar.log().splitlines() if '"request refused"' in line]
+    assert any(r["kind"] == "http_415" and "Content-Encoding 'gzip'" in r["reason"] for r in refusals), refusals
 
 
 def test_deeply_nested_events_are_scored_not_crashing(sidecar):

@@ -228,10 +228,6 @@ class HttpServer(StreamServer):
         ticket = Ticket(self.admission)
         try:
             body = await self._read_body(reader, writer, headers, length, ticket)
-            encoding = headers.get("content-encoding", "identity").lower()
-            if encoding not in ("", "identity"):  # read first, so the client reads the answer, not a reset
-                raise HttpError(415, f"Content-Encoding {encoding!r} is not supported; send the body "
-                                "uncompressed (the sidecar runs beside its caller)")
         except BaseException:
             ticket.release()
             raise
@@ -357,6 +353,13 @@ class HttpServer(StreamServer):
         return length
 
     async def _dispatch(self, request: Request) -> Response:
+        encoding = request.headers.get("content-encoding", "identity").lower()
+        if encoding not in ("", "identity"):
+            # NOTE: answered once the body is read (the client reads the answer, not a reset), as a
+            # response: raised while reading, it closed the connection, and a request pipelined after
+            # it was never answered
+            return self._refusal(415, f"Content-Encoding {encoding!r} is not supported; send the body "
+                                 "uncompressed (the sidecar runs beside its caller)")
         handler = self.routes.get((request.method, request.path))
         if handler is None:
             allowed = sorted(m for m, p in self.routes if p == request.path)
@@ -373,6 +376,12 @@ class HttpServer(StreamServer):
         except Exception:
             log.exception("internal error in HTTP handler", extra={"path": request.path})
             return Response.error(500, "internal error in the sidecar (logged)")
+
+    def _refusal(self, status: int, message: str) -> Response:
+        """An error answer for the caller's fault, counted and logged; the connection goes on."""
+        if self.metrics is not None:
+            self.metrics.refused(f"http_{status}", "http", message)
+        return Response.error(status, message)
 
     @staticmethod
     async def _write(writer: asyncio.StreamWriter, response: Response, keep_alive: bool) -> bool:
