@@ -301,6 +301,25 @@ def test_a_compressed_body_is_refused_by_name_and_the_connection_goes_on(sidecar
     assert any(r["kind"] == "http_415" and "Content-Encoding 'gzip'" in r["reason"] for r in refusals), refusals
 
 
+@pytest.mark.parametrize("charset, body, status", [
+    ("latin-1", b'{"message": "caf\xe9"}', 415),  # was scored as 'caf\ufffd', 200, without a word
+    ("utf-16", '{"message": "café"}'.encode("utf-16"), 415),
+    ("klingon", b'{"message": "x"}', 415),
+    ("utf-8", '{"message": "café"}'.encode(), 200),
+    ('"UTF-8"', '{"message": "café"}'.encode(), 200),
+    ("us-ascii", b'{"message": "caf\\u00e9"}', 200),  # UTF-8's subset, which some clients declare
+])
+def test_a_declared_charset_other_than_utf8_is_refused_by_name(sidecar, charset, body, status):
+    head = (f"POST /v1/score HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json; charset={charset}\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    got, answer = raw_request(sidecar.http_port, head + body)
+    assert got == status, answer
+    if status == 415:
+        assert f"declares charset {charset!r}; send the body in UTF-8" in answer["error"], answer
+    else:
+        assert "anomaly_score" in answer
+
+
 def test_deeply_nested_events_are_scored_not_crashing(sidecar):
     nested = '{"a":' * 900 + '"x"' + "}" * 900
     status, answer = post(sidecar, f'[{nested}, {{"url": {"[" * 900}"x"{"]" * 900}}}]'.encode())

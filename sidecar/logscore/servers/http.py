@@ -19,6 +19,7 @@ answers whenever the request was read whole.
 from __future__ import annotations
 
 import asyncio
+import codecs
 import ipaddress
 import json
 import logging
@@ -499,10 +500,33 @@ def json_error(error: ValueError) -> str:
     return str(error)
 
 
+def declared_charset(content_type: str) -> Optional[str]:
+    """The charset parameter of a Content-Type (unquoted), or None."""
+    for parameter in content_type.split(";")[1:]:
+        name, _, value = parameter.partition("=")
+        if name.strip().lower() == "charset":
+            return value.strip().strip('"')
+    return None
+
+
+def read_as_utf8(charset: str) -> bool:
+    """Whether a body in this charset reads right as UTF-8: UTF-8 by any of its names, or US-ASCII (its
+    subset, which some clients declare for JSON)."""
+    try:
+        return codecs.lookup(charset).name in ("utf-8", "ascii")
+    except LookupError:  # no charset Python knows
+        return False
+
+
 def decode_events(body: bytes, content_type: str, ticket: Ticket = UNLIMITED) -> tuple[list, bool]:
     """(records, single): one JSON object, an array of them, or {"records": [...]}."""
     if content_type and "json" not in content_type.split(";")[0]:
         raise HttpError(415, f"Content-Type {content_type!r} is not JSON; send application/json")
+    charset = declared_charset(content_type)
+    if charset is not None and not read_as_utf8(charset):
+        # NOTE: decoded as UTF-8 all the same, 'caf\xe9' sent as latin-1 was scored as 'caf\ufffd', unsaid
+        raise HttpError(415, f"Content-Type {content_type!r} declares charset {charset!r}; send the body in "
+                        "UTF-8 (charset=utf-8, or no charset: JSON is UTF-8)")
     # At most one value per comma, bracket and brace: charged before json.loads builds them.
     ticket.charge_values(body.count(b",") + body.count(b"[") + body.count(b"{"))
     try:
