@@ -66,6 +66,7 @@ MAX_HEADER_BYTES = 32 * 1024
 IDLE_TIMEOUT_S = 75.0  # a keep-alive connection waits this long for its next request
 REQUEST_TIMEOUT_S = 30.0  # from a request line to the last byte of its body, and to write its answer
 BODY_PIECE = 64 * 1024  # a body is charged to the in-flight budget as it arrives, a piece at a time
+YIELD_EVERY_CHUNKS = 512  # a chunked body gives other connections a turn this often (small chunks only)
 LINGER_S, LINGER_BYTES = 2.0, 16 * 2**20  # what is read and dropped, after an error, before closing
 TLS_HANDSHAKE = b"\x16"  # the content type of a TLS record that opens a connection (ClientHello)
 CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,8}(;[^\r\n]*)?\r?\n")
@@ -304,6 +305,10 @@ class HttpServer(StreamServer):
             if end not in (b"\r\n", b"\n"):
                 raise HttpError(400, "malformed chunked body: a chunk's data ends with CRLF", close=True)
             chunks, framing = chunks + 1, framing + len(size_line) + len(end)
+            if chunks % YIELD_EVERY_CHUNKS == 0:
+                # buffered chunks are read without a turn of the event loop: 64 KiB of 1-byte
+                # chunks held every other connection (health checks) for ~50 ms at a time
+                await asyncio.sleep(0)
             if framing > most_framing:
                 raise HttpError(400, f"chunked body in chunks too small: {chunks} chunks of {len(body) // chunks} "
                                 f"bytes on average took over {most_framing} bytes of chunk size lines and line "
