@@ -123,7 +123,7 @@ class HttpError(Exception):
     def __init__(self, status: int, message: str, close: bool = False, kind: str = ""):
         super().__init__(message)
         self.status, self.close = status, close
-        self.kind = kind or f"http_{status}"  # counted and logged as (logged once per interval a kind)
+        self.kind = kind or f"http_{status}"  # in logscore_errors_total and the log (logged once a kind per interval)
 
 
 Gate = Callable[[str, dict[str, str]], None]  # (path, headers): raises HttpError for a caller not let in
