@@ -209,7 +209,8 @@ def test_report_reads_odd_times_and_notes_and_refuses_an_unwritable_html_path(tm
     assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
     assert done.stdout.startswith(f"{len(rows)} scored records, {len(rows) - 2} anomalies")
     assert "1 suppressed by feedback" in done.stdout  # a note given as one string, not a list
-    unwritable = logscore("report", tmp_path / "odd.jsonl", "--html", tmp_path / "missing" / "x.html")
+    # (a missing directory is made, as for train --out; a regular file is not a directory to write in)
+    unwritable = logscore("report", tmp_path / "odd.jsonl", "--html", tmp_path / "odd.html" / "x.html")
     assert unwritable.returncode == 1 and "--html" in unwritable.stderr and "Traceback" not in unwritable.stderr
 
 

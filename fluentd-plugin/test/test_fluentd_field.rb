@@ -187,7 +187,7 @@ class FluentdFieldTest < Test::Unit::TestCase
   # stopped once a stream of 20,000 records is inside the filter (its first call made); the
   # records out_file wrote. The filter after it stands for the output's own work on the stream
   # (formatting, writing its buffer) that follows the filter in the input's thread.
-  def stop_with_stream_inside(sidecar_stopped: false)
+  def stop_with_stream_inside(sidecar_stopped: false, calls_before_stop: 1)
     @sidecar = SidecarProcess.new(@work).start
     port = SidecarProcess.free_port
     monitor = SidecarProcess.free_port
@@ -216,7 +216,7 @@ class FluentdFieldTest < Test::Unit::TestCase
     Process.kill('STOP', @sidecar.pid) if sidecar_stopped
     sender.send_batch(20_000)
     deadline = Time.now + 30
-    sleep 0.01 until plugin_counters(monitor, 'logscore')['logscore_calls'].positive? || Time.now > deadline
+    sleep 0.01 until plugin_counters(monitor, 'logscore')['logscore_calls'] >= calls_before_stop || Time.now > deadline
     stop_processes(@pids)
     read_records(File.join(@work, 'out'))
   ensure
@@ -232,6 +232,14 @@ class FluentdFieldTest < Test::Unit::TestCase
     unscored = out.select { |r| r['anomaly_unscored'] }
     assert(unscored.all? { |r| !r.key?('anomaly_score') })
     assert_operator out.size - unscored.size, :>, 0, 'a healthy sidecar scores records while fluentd stops'
+  end
+
+  test 'fluentd stopped once the stream has left the filter for a slow one after it: every record reaches the flush' do
+    # Its ten calls made, the stream was in the record_transformer after the filter when TERM came;
+    # the filter's shutdown looked only at streams leaving it during shutdown, and CI lost all 20,000.
+    out = stop_with_stream_inside(calls_before_stop: 10)
+    assert_equal [20_000, 20_000], [out.size, out.map { |r| r['seq'] }.uniq.size], log_tail(@work, 'fluentd')
+    assert(out.none? { |r| r['anomaly_unscored'] })
   end
 
   test 'fluentd stopped with the sidecar hung while a stream is inside the filter: every record passes unscored' do

@@ -1,5 +1,6 @@
 # frozen_string_literal: true
 
+require 'set'
 require 'fluent/plugin/filter'
 require 'logscore/stream_scorer'
 require 'logscore/anomaly_watcher'
@@ -129,8 +130,7 @@ module Fluent
         @streams_inside = 0
         @streams_lock = Mutex.new
         @stream_left = ConditionVariable.new
-        @shutting_down = false
-        @left_during_shutdown = [] # the threads of streams that left the filter since shutdown began
+        @stream_threads = Set.new # the threads that brought streams here (an input's: a few in all)
         client = Logscore::Client.new(
           endpoint: @endpoint, timeout: @timeout, timeout_per_record: @timeout_per_record,
           in_flight: @calls_in_flight, model: @model, explain: @explanation_key ? @explain : 0, token: @token,
@@ -170,7 +170,6 @@ module Fluent
       def wait_for_streams_inside
         return unless @scorer # never started
 
-        @streams_lock.synchronize { @shutting_down = true }
         bound = @timeout + @timeout_per_record * @batch_records * @calls_in_flight
         unless streams_left_within(bound)
           log.warn("logscore: event streams still in the filter #{bound.round(2)} s into shutdown; " \
@@ -198,13 +197,15 @@ module Fluent
       # after this one and writes the stream into the output's buffer (20,000 records: a good part of
       # a second), and the outputs' last flush began meanwhile: the stream was lost in 2 of 9 runs, in
       # every run with a slow filter after this one. Nothing tells when that is done but the thread
-      # itself: once it is out of Fluentd's event router. Not the plugin's bound: that work is
+      # itself: once it is out of Fluentd's event router. Every thread that brought a stream is
+      # looked at, not only those leaving during shutdown: a stream that left just before it (the
+      # sidecar quick, TERM slow to be handled) was lost in CI. Not the plugin's bound: that work is
       # Fluentd's; EMIT_WAIT only keeps a blocked output from holding the shutdown for good.
       EMIT_WAIT = 10 # seconds
 
       def emitted_within(seconds)
         deadline = Process.clock_gettime(Process::CLOCK_MONOTONIC) + seconds
-        threads = @streams_lock.synchronize { @left_during_shutdown.uniq }
+        threads = @streams_lock.synchronize { @stream_threads.to_a }
         threads.each do |thread|
           sleep 0.01 while in_event_router?(thread) && Process.clock_gettime(Process::CLOCK_MONOTONIC) < deadline
         end
@@ -234,12 +235,15 @@ module Fluent
       end
 
       def filter_stream(tag, es)
-        @streams_lock.synchronize { @streams_inside += 1 }
+        @streams_lock.synchronize do
+          @streams_inside += 1
+          @stream_threads.select!(&:alive?) if @stream_threads.size > 64 # (an input with a thread a connection)
+          @stream_threads << Thread.current
+        end
         score_stream(tag, es)
       ensure
         @streams_lock.synchronize do
           @streams_inside -= 1
-          @left_during_shutdown << Thread.current if @shutting_down
           @stream_left.broadcast
         end
       end
