@@ -450,3 +450,25 @@ def alive(pid: int) -> bool:
             return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_a_window_keeps_no_record_longer_than_its_limit_as_written_for_training_nested_fields_included(tmp_path):
+    """Only top-level texts were measured: a probe posting {"meta": {"blob": 90 KB}} grew a sidecar
+    from 113 to 454 MiB with 4,000 of a window's 10,000 records (the same blob at top level: not kept)."""
+    from logscore.learning import MAX_RECORD_CHARS
+    from logscore.records import field_map_json
+
+    settings = Settings(models_dir=str(tmp_path), learn="true", learn_records=100, learn_window=100)
+    learner = Learner(settings, registry=None, request_reload=lambda: None)
+    blob = "x" * (MAX_RECORD_CHARS + 1)
+    too_long = [{"method": "GET", "meta": {"blob": blob}}, {"method": "GET", "parts": [b"y" * (MAX_RECORD_CHARS + 1)]},
+                {"method": "GET", "deep": {"a": {"b": [{"c": blob.encode()}]}}},
+                {"method": "GET", "control": "\x01" * (MAX_RECORD_CHARS // 5)}]  # (written six times as long)
+    fitting = [{"method": "GET", "meta": {"blob": "x" * 1000, "tags": [b"a", b"b"]}},
+               {"method": b"GET", "url": b"/" + b"a" * 8000, "code": 200},
+               {"method": "GET", "control": "\x01" * (MAX_RECORD_CHARS // 7)}]
+    assert all(len(field_map_json(r)) > MAX_RECORD_CHARS for r in too_long)
+    assert all(len(field_map_json(r)) <= MAX_RECORD_CHARS for r in fitting)
+    learner.observe(["shop"] * 7, too_long + fitting)
+    window = learner.routes_by_name["shop"].window
+    assert list(window) == fitting and learner.routes_by_name["shop"].seen == 7
