@@ -472,3 +472,54 @@ def test_a_window_keeps_no_record_longer_than_its_limit_as_written_for_training_
     learner.observe(["shop"] * 7, too_long + fitting)
     window = learner.routes_by_name["shop"].window
     assert list(window) == fitting and learner.routes_by_name["shop"].seen == 7
+
+
+class TrainsACopy(Learner):
+    """Every training "learns" a copy of a given model (no child process)."""
+
+    def __init__(self, *args, model: Path, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.model = model
+
+    async def _train_child(self, name, inputs, serving, out):
+        shutil.copy(self.model, out)
+        return None, []
+
+
+def test_a_swap_on_a_full_disk_keeps_the_last_backup_removes_what_it_wrote_and_warns(tmp_path, shop_model_path,
+                                                                                    monkeypatch, caplog):
+    """The backup was copied straight onto previous.onnx: a full disk left it truncated, with the
+    candidate and the records (503 KB) on the full disk, and an error-level traceback in the log."""
+    import errno
+    import logging
+
+    from logscore import learning
+
+    models, settings, registry = shop_learning(tmp_path, shop_model_path, 200)
+    work = models / ".learning" / "shop"
+    work.mkdir(parents=True)
+    (work / "previous.onnx").write_bytes(b"the last complete backup")
+    serving_bytes = (models / "shop.onnx").read_bytes()
+
+    def full_disk(source, destination):
+        with open(destination, "wb") as out:
+            out.write(Path(source).read_bytes()[:1000])  # as far as the disk allowed
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(learning.shutil, "copy2", full_disk)
+    reloads = []
+    learner = TrainsACopy(settings, registry, lambda: reloads.append(1), model=shop_model_path)
+    lines = shop_lines(200, seed=9)
+    learner.observe(learner.routes(registry.snapshot.models["shop"], lines), lines)
+    with caplog.at_level(logging.INFO, logger="logscore.learning"):
+        asyncio.run(learner._learn(learner.routes_by_name["shop"]))
+
+    assert sorted(p.name for p in work.iterdir()) == ["previous.onnx"]
+    assert (work / "previous.onnx").read_bytes() == b"the last complete backup"
+    assert (models / "shop.onnx").read_bytes() == serving_bytes and reloads == []
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+    failed = [r for r in caplog.records if r.getMessage().startswith("learning: swap failed")]
+    assert len(failed) == 1 and failed[0].levelno == logging.WARNING
+    assert "No space left on device" in failed[0].error and "free space on" in failed[0].error
+    last = learner.status()["shop"]["last"]
+    assert last["outcome"] == "failed" and "No space left on device" in last["error"]

@@ -297,7 +297,13 @@ class Learner:
                         extra={"route": route.name, "error": error})
         self._relay(route, warnings)
         target = Path(self.settings.models_dir) / f"{route.name}.onnx"
-        await loop.run_in_executor(None, swap_in, candidate_path, target, directory)
+        try:
+            await loop.run_in_executor(None, swap_in, candidate_path, target, directory)
+        except OSError as error:  # a full disk: what this cycle wrote goes, not to keep it full
+            remove_cycle_files(directory)
+            self._failed(route, f"cannot swap the learned model in: {error}; the serving model is unchanged: free "
+                         f"space on (or fix the permissions of) {target.parent}", stage="swap")
+            return
         route.learned_from = detail["records"]
         log.info("learning: learned model swapped in", extra={"route": route.name, "file": str(target), **detail})
         self._finish(route, "swapped", {**detail, "file": str(target)})
@@ -372,11 +378,11 @@ class Learner:
         current = Model(serving.artifact, max_line_chars=self.registry.max_line_chars)
         return tuple(float(decide(m, m.score(recent)).is_anomaly.mean()) for m in (candidate, current))
 
-    def _failed(self, route: Route, error: str) -> None:
+    def _failed(self, route: Route, error: str, stage: str = "training") -> None:
         route.failures += 1
         self._finish(route, "failed", {"error": error})
         holding = route.failures < MAX_HELD_FAILURES
-        log.warning("learning: training failed; " + ("the route's flags stay held" if holding else
+        log.warning(f"learning: {stage} failed; " + ("the route's flags stay held" if holding else
                     "the route's flags are no longer held: the model it falls back to flags its records"),
                     extra={"route": route.name, "error": error, "failures_in_a_row": route.failures,
                            "next_try_after_records": self._retry_after(route)})
@@ -492,11 +498,32 @@ def own_bytes_or_question_mark(error: UnicodeEncodeError) -> tuple[bytes, int]:
 codecs.register_error("logscore-own-bytes", own_bytes_or_question_mark)
 
 
+BACKUP_PARTIAL = "previous.onnx.partial"
+
+
 def swap_in(candidate: Path, target: Path, directory: Path) -> None:
-    """The previous file is kept as previous.onnx in the work directory; the swap is one rename."""
+    """The previous file is kept as previous.onnx in the work directory; the swap is one rename.
+    NOTE: copied straight onto previous.onnx, a full disk left it truncated (77,824 of 152,279 bytes)
+    in place of the last good backup: it is written beside it and renamed, or removed."""
     if target.exists():
-        shutil.copy2(target, directory / "previous.onnx")
+        partial = directory / BACKUP_PARTIAL
+        try:
+            shutil.copy2(target, partial)
+            os.replace(partial, directory / "previous.onnx")
+        except OSError:
+            partial.unlink(missing_ok=True)
+            raise
     os.replace(candidate, target)
+
+
+def remove_cycle_files(directory: Path) -> None:
+    """What a learning cycle writes to its route's work directory (kept-aside candidates and the
+    last complete previous.onnx stay)."""
+    for name in ("candidate.onnx", "refit.onnx", "records.jsonl", "spec.json", BACKUP_PARTIAL):
+        try:
+            (directory / name).unlink(missing_ok=True)
+        except OSError:  # (a directory made read-only: the failure's warning says what to fix)
+            pass
 
 
 def keep_aside(directory: Path, candidate: Path) -> Path:
