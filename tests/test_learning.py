@@ -523,3 +523,40 @@ def test_a_swap_on_a_full_disk_keeps_the_last_backup_removes_what_it_wrote_and_w
     assert "No space left on device" in failed[0].error and "free space on" in failed[0].error
     last = learner.status()["shop"]["last"]
     assert last["outcome"] == "failed" and "No space left on device" in last["error"]
+
+
+def test_a_learned_model_retrained_by_hand_from_itself_stays_the_route_s_own(tmp_path):
+    """Retrained with --previous-model as the docs advise, a learned model lost training.learned_route:
+    the sidecar held the route's flags again and, 1,500 records later, replaced the operator's
+    model with a first model of its own (probe)."""
+    import subprocess
+    import sys
+
+    def train(*args: object) -> dict:
+        done = subprocess.run([sys.executable, "-m", "logscore", "train", *map(str, args)], cwd=ROOT,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        return read_artifact(args[args.index("--out") + 1]).metadata
+
+    models = tmp_path / "models"
+    models.mkdir()
+    log = tmp_path / "shop.log"
+    log.write_text("\n".join(shop_lines(600, seed=30)) + "\n")
+    learned = models / "shop.onnx"
+    train("--input", log, "--name", "shop", "--learned-route", "shop", "--out", learned)  # as the learner does
+    log.write_text("\n".join(shop_lines(600, seed=31)) + "\n")
+    assert train("--input", log, "--previous-model", learned, "--out", learned)["training"]["learned_route"] == "shop"
+    elsewhere = train("--input", log, "--previous-model", learned, "--out", tmp_path / "other.onnx")
+    assert elsewhere["name"] == "shop" and elsewhere["training"]["learned_route"] == "shop"  # (named as the model)
+    assert "learned_route" not in train("--input", log, "--out", tmp_path / "other.onnx")["training"]
+
+    settings = Settings(models_dir=str(models), learn="true", learn_records=100, learn_window=100)
+    registry = ModelRegistry(str(models))
+    registry.reload()
+    learner = Learner(settings, registry, lambda: None)
+    model = registry.snapshot.models["shop"]
+    lines = shop_lines(150, seed=32)
+    routes = learner.routes(model, lines)
+    learner.observe(routes, lines)
+    assert learner.holds(model, routes) is None and learner._due() is None  # not learned again from scratch
+    assert learner.status()["shop"]["state"] == "learned"

@@ -606,6 +606,14 @@ def end_with_learner(sidecar_pid: int) -> None:
         raise SystemExit("logscore train: error: the sidecar that started this training has stopped")
 
 
+def learned_route_kept(previous):
+    """The route a model retrained by hand from a learned one (--previous-model, whose name the new
+    model must have: check_previous) stays learned for.
+    NOTE: not carried, a route's retrained model was no longer its own to the sidecar: its flags were
+    held again and the learner replaced the operator's model with a first model of its own (probe)."""
+    return None if previous is None else previous.metadata.get("training", {}).get("learned_route")
+
+
 def run_train(args) -> int:
     from pathlib import Path
 
@@ -639,7 +647,7 @@ def run_train(args) -> int:
         target_fpr=args.target_fpr, threshold_rule=args.threshold_rule, sigma=args.sigma,
         folds=args.folds, max_records=args.max_records, support=args.support, seed=args.seed,
         name=args.name or (previous.name if previous is not None else Path(args.out).stem), inputs=args.input,
-        learned_route=args.learned_route,
+        learned_route=args.learned_route or learned_route_kept(previous),
         **robustness_options(args))
     options.validate()  # (train validates again: here, before any record is read)
     records = read_json_records(args.input) if args.json_records else read_lines(args.input)
