@@ -560,3 +560,42 @@ def test_a_learned_model_retrained_by_hand_from_itself_stays_the_route_s_own(tmp
     learner.observe(routes, lines)
     assert learner.holds(model, routes) is None and learner._due() is None  # not learned again from scratch
     assert learner.status()["shop"]["state"] == "learned"
+
+
+def test_a_first_window_the_serving_model_flags_nearly_all_of_is_not_learned_and_its_flags_are_not_held(
+        tmp_path, shop_model_path, caplog):
+    """A probe posted 1,200 injection, XSS and traversal records under a new entity: the serving model
+    flagged all of them, the route learned them as normal (fresh attacks: 60 of 500 flagged), and
+    the window's records were never flagged (held while the route learned)."""
+    import logging
+
+    models, settings, registry = shop_learning(tmp_path, shop_model_path, 200)
+    shop = registry.snapshot.models["shop"]
+    attacks = [line for _, line in attack_lines(shop_lines(200, seed=50), 200, seed=51)]
+    # (a copy of the shop model stands in for the candidate: the check is on the window)
+    learner = TrainsACopy(settings, registry, lambda: None, model=shop_model_path)
+    serving_bytes = (models / "shop.onnx").read_bytes()
+    learner.observe(learner.routes(shop, attacks), attacks)
+    assert learner.holds(shop, ["shop"]) is not None  # held while the route learns
+    with caplog.at_level(logging.WARNING, logger="logscore.learning"):
+        asyncio.run(learner._learn(learner.routes_by_name["shop"]))
+
+    status = learner.status()["shop"]
+    assert status["last"]["outcome"] == "kept_aside" and status["last"]["reason"] == "first_window_flagged"
+    assert status["last"]["window_flagged"] > settings.learn_max_first_flagged
+    assert status["state"] == "learning" and status["holding_flags"] is False
+    assert learner.holds(shop, ["shop"]) is None  # the model it falls back to flags its records
+    assert (models / "shop.onnx").read_bytes() == serving_bytes
+    assert list((models / ".learning" / "shop").glob("kept-aside-*.onnx"))
+    warned = [r.getMessage() for r in caplog.records if "kept aside" in r.getMessage()]
+    assert len(warned) == 1 and "looks like an attack" in warned[0] and "learn_max_first_flagged" in warned[0]
+
+    # The site's own traffic, the same way: learned and swapped in (the serving model flags little of it).
+    (tmp_path / "site").mkdir()
+    _, settings, registry = shop_learning(tmp_path / "site", shop_model_path, 200)
+    normal = TrainsACopy(settings, registry, lambda: None, model=shop_model_path)
+    lines = shop_lines(200, seed=52)
+    normal.observe(normal.routes(shop, lines), lines)
+    asyncio.run(normal._learn(normal.routes_by_name["shop"]))
+    assert normal.status()["shop"]["last"]["outcome"] == "swapped"
+    assert normal.status()["shop"]["last"]["window_flagged"] <= 0.1

@@ -95,6 +95,9 @@ class Route:
     failures: int = 0  # trainings failed in a row
     learned_from: int = 0  # window records the model it last swapped in was trained on
     warned: tuple = ()  # what the training of the last model swapped in (or kept aside) warned of
+    # Its last first candidate learned from records the serving model flagged nearly all of (an
+    # attack, not the site's traffic): its flags are not held, the model it falls back to flags them.
+    suspect_window: bool = False
 
 
 class Learner:
@@ -151,7 +154,7 @@ class Learner:
         for name in routes:
             if name not in reasons:
                 route = self.routes_by_name.get(name)
-                failing = route is not None and route.failures >= MAX_HELD_FAILURES
+                failing = route is not None and (route.failures >= MAX_HELD_FAILURES or route.suspect_window)
                 reasons[name] = None if failing or learned_for(model, name) else self._reason(name)
             held.append(reasons[name])
         if not any(held):
@@ -268,19 +271,21 @@ class Learner:
         if error is not None:
             self._failed(route, error)
             return
-        candidate_rate, serving_rate = await loop.run_in_executor(None, self._validate, candidate_path, serving,
-                                                                  records[-holdout:])
-        limit = self.settings.learn_max_flag_ratio * max(serving_rate, target_fpr(serving))
-        detail = {"records": len(records) - holdout, "validated_on": holdout,
-                  "candidate_flagged": round(candidate_rate, 5), "serving_flagged": round(serving_rate, 5),
-                  "serving_model": serving.name}
-        if candidate_rate > limit:
+        first = not learned_for(serving, route.name)
+        detail = {"records": len(records) - holdout, "validated_on": holdout, "serving_model": serving.name,
+                  **await loop.run_in_executor(None, self._validate, candidate_path, serving, records[-holdout:],
+                                               records[:-holdout] if first else [])}
+        rejected = self._rejection(route, serving, detail)
+        if rejected is not None:
+            reason, why = rejected
             kept = keep_aside(directory, candidate_path)
             self._relay(route, warnings)
-            log.warning("learning: candidate kept aside, not swapped: it flags far more of recent traffic than "
-                        "the serving model", extra={"route": route.name, "kept_as": str(kept), **detail})
-            self._finish(route, "kept_aside", {**detail, "kept_as": str(kept)})
+            route.suspect_window = reason == "first_window_flagged"
+            log.warning(f"learning: candidate kept aside, not swapped: {why}",
+                        extra={"route": route.name, "kept_as": str(kept), "reason": reason, **detail})
+            self._finish(route, "kept_aside", {**detail, "reason": reason, "kept_as": str(kept)})
             return
+        route.suspect_window = False
         # Validated, the candidate is refit on the whole window, its recent tenth too: a tenth more
         # traffic measurably helps (a shop's first 5,000 lines: injected attacks flagged 90.0 % →
         # 91.7 %; a blog's following lines flagged 0.62 % → 0.44 %). Should the refit fail, the
@@ -371,12 +376,32 @@ class Learner:
                 log.warning("learning: the training warned", extra={"route": route.name, "warning": warning})
         route.warned = tuple(warnings)
 
-    def _validate(self, path: Path, serving: Model, recent: list) -> tuple[float, float]:
-        """The shares of the held-back recent records flagged by the candidate and by the serving model
-        (fresh instances of both: no caches or sessions shared with the scoring thread)."""
+    def _validate(self, path: Path, serving: Model, recent: list, learned: list) -> dict:
+        """The shares of the held-back recent records flagged by the candidate and by the serving model,
+        and of the records ``learned`` (a first model's) by the serving model (fresh instances of both:
+        no caches or sessions shared with the scoring thread)."""
         candidate = Model.load(path, max_line_chars=self.registry.max_line_chars)
         current = Model(serving.artifact, max_line_chars=self.registry.max_line_chars)
-        return tuple(float(decide(m, m.score(recent)).is_anomaly.mean()) for m in (candidate, current))
+        found = {"candidate_flagged": round(flagged_share(candidate, recent), 5),
+                 "serving_flagged": round(flagged_share(current, recent), 5)}
+        if learned:
+            found["window_flagged"] = round(flagged_share(current, learned), 5)
+        return found
+
+    def _rejection(self, route: Route, serving: Model, detail: dict) -> Optional[tuple[str, str]]:
+        """Why the validated candidate must not serve (a reason for /readyz, a sentence for the log), or None."""
+        s = self.settings
+        if detail.get("window_flagged", 0.0) > s.learn_max_first_flagged:
+            return "first_window_flagged", (
+                f"the serving model flags {detail['window_flagged']:.0%} of the records the route's first model "
+                f"would learn from (over learn_max_first_flagged {s.learn_max_first_flagged:g}): such a window "
+                "looks like an attack, not the site's own traffic, so the route's flags are no longer held. If "
+                f"the traffic is the site's, copy the kept-aside model to {s.models_dir}/{route.name}.onnx (it "
+                "serves as the route's own), or raise learn_max_first_flagged (1: never kept aside)")
+        limit = s.learn_max_flag_ratio * max(detail["serving_flagged"], target_fpr(serving))
+        if detail["candidate_flagged"] > limit:
+            return "flags_recent_traffic", "it flags far more of recent traffic than the serving model"
+        return None
 
     def _failed(self, route: Route, error: str, stage: str = "training") -> None:
         route.failures += 1
@@ -404,7 +429,10 @@ class Learner:
         """Per route: learning, training or learned, with counts and the last outcome (for /readyz)."""
         return {name: {"state": "training" if r.training else "learned" if self._serving_learned(name)
                        else "learning",
-                       "records_seen": r.seen, "window": len(r.window), "flags_held": r.held, "last": r.last}
+                       "records_seen": r.seen, "window": len(r.window), "flags_held": r.held,
+                       "holding_flags": not (self._serving_learned(name) or r.suspect_window
+                                             or r.failures >= MAX_HELD_FAILURES),
+                       "last": r.last}
                 for name, r in sorted(self.routes_by_name.items())}
 
 
@@ -416,6 +444,10 @@ def feedback_location(settings: Settings) -> str:
     from .feedback_store import default_location
 
     return settings.feedback_store or default_location(settings.models_dir)
+
+
+def flagged_share(model: Model, records: list) -> float:
+    return float(decide(model, model.score(records)).is_anomaly.mean())
 
 
 def learned_for(model: Model, route: Optional[str]) -> bool:

@@ -131,6 +131,10 @@ class Settings:
     learn_max_flag_ratio: float = setting(3.0, "a candidate flagging more than this many times the serving "
                                           "model's share of recent records (or of its target FPR) is kept aside "
                                           "and reported, not swapped")
+    learn_max_first_flagged: float = setting(0.7, "a route's first candidate is kept aside, and the route's flags "
+                                             "no longer held, when the serving model flags more than this share "
+                                             "of the records it learned from (a window of attacks, not the site's "
+                                             "traffic); 1: never")
     feedback_store: Optional[str] = setting(None, "where feedback lives: a SQLite file path, or a postgresql:// URL "
                                             "shared by a fleet (needs the postgres extra); default: "
                                             "feedback.sqlite3 in --models-dir")
@@ -307,6 +311,9 @@ class Settings:
         if self.learn_window < self.learn_records:
             raise ConfigError(f"learn_window ({self.learn_window}) must hold at least learn_records "
                               f"({self.learn_records})")
+        if not 0.0 < self.learn_max_first_flagged <= 1.0:
+            raise ConfigError(f"learn_max_first_flagged is a share of records, above 0 and at most 1 (1: never "
+                              f"kept aside), not {self.learn_max_first_flagged}")
         if self.learn_max_flag_ratio <= 1.0 or self.learn_max_routes < 1 or self.learn_retrain_records < 0:
             raise ConfigError("learn_max_flag_ratio must be above 1, learn_max_routes at least 1 and "
                               "learn_retrain_records at least 0")
