@@ -599,3 +599,49 @@ def test_a_first_window_the_serving_model_flags_nearly_all_of_is_not_learned_and
     asyncio.run(normal._learn(normal.routes_by_name["shop"]))
     assert normal.status()["shop"]["last"]["outcome"] == "swapped"
     assert normal.status()["shop"]["last"]["window_flagged"] <= 0.1
+
+
+def test_a_candidate_flagging_fewer_records_marked_keep_than_the_serving_model_is_kept_aside(
+        tmp_path, shop_model_path, shop_training_lines, caplog):
+    """`logscore train` only warned that a new model missed records marked keep: a probe's learner
+    swapped in a model flagging none of the 5 keep-marked attacks in its window (the serving model
+    flagged all 5), though the docs say the new model must flag them."""
+    import logging
+
+    from logscore.feedback import Entry, pattern_from_records
+    from logscore.feedback_store import open_store
+    from logscore.features import load_spec
+    from logscore.model import Model
+    from logscore.training.train import TrainOptions, save_model, train
+
+    attacks = [line for _, line in attack_lines(shop_lines(40, seed=60), 40, seed=61)]
+    marked, unmarked = attacks[:5], attacks[5:10]
+    # A candidate that learned the marked attacks as normal (no screening), and flags the others.
+    blind, _ = train(shop_training_lines + marked * 20, TrainOptions(spec=load_spec(None, "access"), name="shop",
+                                                                     target_fpr=0.01, set_aside=False))
+    save_model(blind, tmp_path / "blind.onnx")
+    candidate, serving = Model.load(tmp_path / "blind.onnx"), Model.load(shop_model_path)
+    assert candidate.score(marked).is_anomaly.sum() < serving.score(marked).is_anomaly.sum() == 5
+    assert candidate.score(unmarked).is_anomaly.sum() == serving.score(unmarked).is_anomaly.sum() == 5
+
+    def learn(keep: list[str], name: str) -> dict:
+        (tmp_path / name).mkdir()
+        models, settings, registry = shop_learning(tmp_path / name, shop_model_path, 300)
+        store = open_store(str(models / "feedback.sqlite3"))
+        store.migrate()
+        store.add(Entry(0, "keep", pattern_from_records(serving, keep), "ana", model="shop"))
+        learner = TrainsACopy(settings, registry, lambda: None, model=tmp_path / "blind.onnx")
+        window = shop_lines(290, seed=62) + keep + keep  # (each marked record twice in the window)
+        learner.observe(learner.routes(registry.snapshot.models["shop"], window), window)
+        asyncio.run(learner._learn(learner.routes_by_name["shop"]))
+        return learner.status()["shop"]["last"]
+
+    with caplog.at_level(logging.WARNING, logger="logscore.learning"):
+        missed = learn(marked, "missed")
+    assert missed["outcome"] == "kept_aside" and missed["reason"] == "keep_records_missed", missed
+    assert missed["keep_records"] == 10 and missed["keep_flagged_serving"] == 10
+    assert missed["keep_flagged_candidate"] < 10
+    assert any("records marked keep" in r.getMessage() and "logscore feedback list" in r.getMessage()
+               for r in caplog.records)
+    flagged = learn(unmarked, "flagged")  # the same candidate, other records marked keep: it flags them
+    assert flagged["outcome"] == "swapped" and flagged["keep_flagged_candidate"] == 10, flagged

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from .decide import decide
+from .errors import LogscoreError
 from .flood import target_fpr
 from .model import Model, carries_behaviour
 from .records import field_map_json, to_text
@@ -272,9 +273,10 @@ class Learner:
             self._failed(route, error)
             return
         first = not learned_for(serving, route.name)
+        kept_marked = await loop.run_in_executor(None, self._marked_keep, route.name, records)
         detail = {"records": len(records) - holdout, "validated_on": holdout, "serving_model": serving.name,
                   **await loop.run_in_executor(None, self._validate, candidate_path, serving, records[-holdout:],
-                                               records[:-holdout] if first else [])}
+                                               records[:-holdout] if first else [], kept_marked)}
         rejected = self._rejection(route, serving, detail)
         if rejected is not None:
             reason, why = rejected
@@ -376,17 +378,38 @@ class Learner:
                 log.warning("learning: the training warned", extra={"route": route.name, "warning": warning})
         route.warned = tuple(warnings)
 
-    def _validate(self, path: Path, serving: Model, recent: list, learned: list) -> dict:
+    def _validate(self, path: Path, serving: Model, recent: list, learned: list, kept_marked: list) -> dict:
         """The shares of the held-back recent records flagged by the candidate and by the serving model,
-        and of the records ``learned`` (a first model's) by the serving model (fresh instances of both:
-        no caches or sessions shared with the scoring thread)."""
+        of the records ``learned`` (a first model's) by the serving model, and how many of the window's
+        records marked keep each flags (fresh instances of both: no caches or sessions shared with the
+        scoring thread)."""
         candidate = Model.load(path, max_line_chars=self.registry.max_line_chars)
         current = Model(serving.artifact, max_line_chars=self.registry.max_line_chars)
         found = {"candidate_flagged": round(flagged_share(candidate, recent), 5),
                  "serving_flagged": round(flagged_share(current, recent), 5)}
         if learned:
             found["window_flagged"] = round(flagged_share(current, learned), 5)
+        if kept_marked:
+            found["keep_records"] = len(kept_marked)
+            found["keep_flagged_candidate"] = round(flagged_share(candidate, kept_marked) * len(kept_marked))
+            found["keep_flagged_serving"] = round(flagged_share(current, kept_marked) * len(kept_marked))
         return found
+
+    def _marked_keep(self, route_name: str, records: list) -> list:
+        """The window's records an operator marked keep (true anomalies) for the route's model."""
+        from .feedback import record_text
+        from .training.feedback import load_feedback
+
+        location = feedback_location(self.settings)
+        if "://" not in location and not os.path.isfile(location):
+            return []  # no feedback given yet
+        try:
+            marked = {record_text(r) for r in load_feedback(location, route_name, must_exist=False).keep}
+        except (LogscoreError, OSError) as error:  # (the training read it a moment ago: seldom)
+            log.warning("learning: cannot read the records marked keep; the candidate is validated without them",
+                        extra={"route": route_name, "error": str(error)})
+            return []
+        return [r for r in records if record_text(r) in marked] if marked else []
 
     def _rejection(self, route: Route, serving: Model, detail: dict) -> Optional[tuple[str, str]]:
         """Why the validated candidate must not serve (a reason for /readyz, a sentence for the log), or None."""
@@ -401,6 +424,14 @@ class Learner:
         limit = s.learn_max_flag_ratio * max(detail["serving_flagged"], target_fpr(serving))
         if detail["candidate_flagged"] > limit:
             return "flags_recent_traffic", "it flags far more of recent traffic than the serving model"
+        # Fewer than the serving model, not fewer than all: a keep record no model flags would stop the
+        # route's learning for good, and the candidate is then no worse than what serves.
+        if detail.get("keep_flagged_candidate", 0) < detail.get("keep_flagged_serving", 0):
+            return "keep_records_missed", (
+                f"it flags {detail['keep_flagged_candidate']} of the window's {detail['keep_records']} records "
+                f"marked keep, the serving model {detail['keep_flagged_serving']}: it would let through "
+                "what an operator marked as true anomalies. Check those entries (logscore feedback list); "
+                f"to serve it anyway, copy the kept-aside model to {s.models_dir}/{route.name}.onnx")
         return None
 
     def _failed(self, route: Route, error: str, stage: str = "training") -> None:
