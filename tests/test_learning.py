@@ -645,3 +645,41 @@ def test_a_candidate_flagging_fewer_records_marked_keep_than_the_serving_model_i
                for r in caplog.records)
     flagged = learn(unmarked, "flagged")  # the same candidate, other records marked keep: it flags them
     assert flagged["outcome"] == "swapped" and flagged["keep_flagged_candidate"] == 10, flagged
+
+
+def test_a_second_sidecar_refuses_to_learn_into_a_models_directory_another_learns_into(tmp_path, shop_model_path):
+    """Two sidecars learning into one models directory wrote the same work files and swapped into the
+    same <route>.onnx: each served the model learned from the other's traffic (probe, 3 of 3 runs)."""
+    import os
+    import subprocess
+    import sys
+
+    import pytest
+
+    from logscore.errors import ConfigError
+    from logscore.metrics import Metrics
+    from logscore.serve import make_learner
+
+    models, settings, registry = shop_learning(tmp_path, shop_model_path, 200)
+    other = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom logscore.learning import Learner\n"
+         "from logscore.settings import Settings\n"
+         "Learner(Settings(models_dir=sys.argv[1], learn='true'), None, None).claim_models_dir()\n"
+         "print('learning', flush=True)\ntime.sleep(120)\n", str(models)],
+        stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        assert other.stdout.readline().strip() == "learning"
+        with pytest.raises(ConfigError) as refused:
+            make_learner(settings, registry, lambda: None, Metrics())
+        message = str(refused.value)
+        assert f"another sidecar (pid {other.pid}) learns into the models directory {models}" in message
+        assert "a --models-dir of its own, or learn on one only" in message
+        # One that does not learn shares the directory as before (it serves the learned models).
+        assert make_learner(Settings(models_dir=str(models)), registry, lambda: None, Metrics()) is None
+    finally:
+        other.kill()
+        other.wait()
+    learner = make_learner(settings, registry, lambda: None, Metrics())  # the lock went with its holder
+    assert (models / ".learning" / "lock").read_text().strip() == str(os.getpid())
+    asyncio.run(learner.stop())
+    asyncio.run(make_learner(settings, registry, lambda: None, Metrics()).stop())  # released at stop

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import fcntl
 import importlib.util
 import json
 import logging
@@ -41,7 +42,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from .decide import decide
-from .errors import LogscoreError
+from .errors import ConfigError, LogscoreError
 from .flood import target_fpr
 from .model import Model, carries_behaviour
 from .records import field_map_json, to_text
@@ -52,6 +53,7 @@ from .settings import Settings
 log = logging.getLogger("logscore.learning")
 
 WORK_DIR = ".learning"
+LOCK_FILE = "lock"  # in WORK_DIR: held by the one sidecar learning into the models directory
 HOLDOUT = 0.1  # the most recent share of a window, scored to validate a candidate
 OUTGROWN = 1.5  # a learned route retrains once its window holds this many times the records its model
 #               learned from (once: a model learned from a full window never has more to learn from)
@@ -113,6 +115,28 @@ class Learner:
         self._refused: set[str] = set()  # routes said not to be learned (bounded)
         self._child: Optional[asyncio.subprocess.Process] = None
         self._stopping = asyncio.Event()
+        self._lock: Optional[int] = None  # the lock file's descriptor, held for the process's life
+
+    def claim_models_dir(self) -> None:
+        """Take the models directory's learning lock, or refuse (ConfigError naming the holder).
+        NOTE: two sidecars learning into one models directory wrote the same work files and swapped
+        into the same <route>.onnx: each served the model learned from the other's traffic (probe)."""
+        self.work.mkdir(parents=True, exist_ok=True)
+        path = self.work / LOCK_FILE
+        descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # (BlockingIOError: another process holds it)
+            holder = os.read(descriptor, 32).decode("ascii", "replace").strip()
+            os.close(descriptor)
+            raise ConfigError(
+                f"--learn: another sidecar{f' (pid {holder})' if holder.isdigit() else ''} learns into the "
+                f"models directory {self.settings.models_dir} (it holds {path}); give each learning sidecar "
+                "a --models-dir of its own, or learn on one only (--learn false on the others: they serve "
+                "the models it learns)") from None
+        os.ftruncate(descriptor, 0)
+        os.write(descriptor, f"{os.getpid()}\n".encode())
+        self._lock = descriptor
 
     # --- on the scoring path (cheap) ---------------------------------------------
     def routes(self, model: Model, records: Sequence[object]) -> list[Optional[str]]:
@@ -455,6 +479,9 @@ class Learner:
         self._stopping.set()
         if self._child is not None and self._child.returncode is None:
             self._child.kill()
+        if self._lock is not None:  # (the process ends next; in process, a sidecar started again may learn)
+            os.close(self._lock)
+            self._lock = None
 
     def status(self) -> dict:
         """Per route: learning, training or learned, with counts and the last outcome (for /readyz)."""

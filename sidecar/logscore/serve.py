@@ -398,7 +398,8 @@ def bind_grpc(add_port, flag: str, address: str) -> int:
 
 
 def make_learner(settings: Settings, registry: ModelRegistry, request_reload, metrics: Metrics):
-    """The learner when `learn` is on and can run; says clearly at startup why not, never fails."""
+    """The learner when `learn` is on and can run; says clearly at startup why not, and fails only
+    when another sidecar learns into the same models directory (ConfigError)."""
     if not settings.learn:
         return None
     from .learning import Learner, learning_unavailable
@@ -407,9 +408,11 @@ def make_learner(settings: Settings, registry: ModelRegistry, request_reload, me
     if reason is not None:
         log.warning(f"learning is off: {reason}", extra={"setting": "learn"})
         return None
+    learner = Learner(settings, registry, request_reload, metrics)
+    learner.claim_models_dir()
     log.info("learning is on", extra={"learn_records": settings.learn_records, "learn_window": settings.learn_window,
                                       "learn_retrain_records": settings.learn_retrain_records})
-    return Learner(settings, registry, request_reload, metrics)
+    return learner
 
 
 async def run(settings: Settings) -> int:
