@@ -250,6 +250,49 @@ def test_message_over_the_size_limit(models_dir, tmp_path):
         process.stop()
 
 
+def novel_text(seed: int) -> str:
+    """Ten CJK characters no training line held (each 3 bytes of UTF-8)."""
+    return "".join(chr(0x4E00 + (seed * 7919 + k * 104729) % 20_000) for k in range(10))
+
+
+def test_an_answer_over_the_size_limit_keeps_every_score_and_notes_the_explanations_left_out(models_dir, tmp_path):
+    """An answer over max_message_bytes (explanations of long lines) failed after scoring: the caller,
+    whose message was within every limit, lost the whole batch (RESOURCE_EXHAUSTED 'Sent message
+    larger than max'), and the log had a traceback."""
+    limit = 16_384
+    process = SidecarProcess(models_dir, tmp_path, max_message_bytes=limit).start()
+    try:
+        lines = [line.replace("GET /", f"GET /{novel_text(i)}/{novel_text(i + 1)}?{novel_text(i + 2)}=", 1).encode()
+                 for i, line in enumerate(shop_lines(40, seed=61))]
+        plain = pb.ScoreRequest(model="shop", lines=pb.RawLines(lines=lines))
+        explained = pb.ScoreRequest(model="shop", explain=20, lines=pb.RawLines(lines=lines))
+        assert explained.ByteSize() < limit
+        stub = process.stub()
+        wanted = stub.Score(plain, timeout=30)
+        for answer in (stub.Score(explained, timeout=30), next(stub.ScoreStream(iter([explained]), timeout=30))):
+            assert answer.ByteSize() <= limit
+            assert list(answer.scores) == list(wanted.scores)
+            assert len(answer.explanations) == len(lines)
+            kept = [i for i, e in enumerate(answer.explanations) if e.features]
+            left_out = [n.index for n in answer.notes if n.description.startswith("explanation left out")]
+            assert kept and left_out and max(kept) < min(left_out)  # the last records' left out, each noted
+            assert left_out == list(range(min(left_out), len(lines)))
+            assert not any(answer.explanations[i].features for i in left_out)
+            assert [n.index for n in answer.notes] == sorted(n.index for n in answer.notes)
+        assert process.metric('logscore_errors_total{kind="explanations_left_out",surface="grpc"}') == 2
+        warned = [json.loads(line) for line in process.log().splitlines() if '"explanations left out' in line]
+        assert warned and warned[0]["records"] == len(lines) and warned[0]["left_out"] == len(left_out)
+        # scores alone over the limit: refused, saying so, counted; never sent and lost
+        many = pb.ScoreRequest(model="shop", lines=pb.RawLines(lines=[b"x"] * 5_000))
+        assert many.ByteSize() < limit
+        expect_status(lambda: stub.Score(many, timeout=30), grpc.StatusCode.INVALID_ARGUMENT,
+                      "over max_message_bytes (16,384) even without explanations: send smaller batches")
+        assert process.metric('logscore_errors_total{kind="InvalidRequest",surface="grpc"}') == 1
+        assert "Traceback" not in process.log() and "ExecuteBatchError" not in process.log()
+    finally:
+        assert process.stop() == 0
+
+
 def test_expired_deadline_and_overload(models_dir, tmp_path):
     process = SidecarProcess(models_dir, tmp_path, max_queued_records=25_000, **BIG_REQUESTS).start()
     try:

@@ -81,6 +81,54 @@ def encode_response(outcome: ScoreOutcome, request_id: str) -> pb.ScoreResponse:
     return response
 
 
+# What a record whose explanation did not fit in the answer gets instead (a note; its explanation is empty).
+EXPLANATION_LEFT_OUT = ("explanation left out: the answer reached max_message_bytes; ask for fewer features "
+                        "(explain) or send smaller batches")
+
+
+def answer_bytes(response: pb.ScoreResponse, max_bytes: int) -> tuple[bytes, int]:
+    """``response`` serialized in at most ``max_bytes`` (gRPC refuses to send more), and how many of
+    its records' explanations were left out to fit: those of its last records, each of them noted.
+    Raises InvalidRequest when it does not fit even without any explanation.
+
+    NOTE: the scores are what the caller cannot do without: a shipper passes a refused batch on
+    unscored, so refusing a whole scored batch for its explanations (1,000 records of CJK URLs with
+    explain=20 made 2.7 MB: a 900 KB request within every limit) loses the most. Left out from the
+    end, so that the records keeping theirs are one run and the notes say exactly which lost them."""
+    data = response.SerializeToString()  # (once: the handler sends these bytes as they are)
+    if len(data) <= max_bytes:
+        return data, 0
+    explained = [framed(e.ByteSize()) for e in response.explanations]
+    notes = [framed(pb.RecordNote(index=i, field="explain", description=EXPLANATION_LEFT_OUT).ByteSize())
+             for i in range(len(explained))]
+    # keep = records keeping their explanation; each one left out costs an empty explanation and a note
+    size, keep = len(data), len(explained)
+    while keep and size > max_bytes:
+        keep -= 1
+        size += framed(0) + notes[keep] - explained[keep]
+    if size > max_bytes:
+        raise InvalidRequest(f"the answer would be {len(data):,} bytes, over max_message_bytes "
+                             f"({max_bytes:,}) even without explanations: send smaller batches")
+    leave_out(response, keep)
+    return response.SerializeToString(), len(explained) - keep
+
+
+def leave_out(response: pb.ScoreResponse, keep: int) -> None:
+    """Empty the explanations from record ``keep`` on, and note each; notes stay in record order."""
+    for i in range(keep, len(response.explanations)):
+        del response.explanations[i].features[:]
+    notes = [(n.index, n.field, n.description) for n in response.notes]
+    notes += [(i, "explain", EXPLANATION_LEFT_OUT) for i in range(keep, len(response.explanations))]
+    del response.notes[:]
+    for index, field, description in sorted(notes, key=lambda note: note[0]):
+        response.notes.add(index=index, field=field, description=description)
+
+
+def framed(length: int) -> int:
+    """Bytes an embedded message of ``length`` bytes takes in a repeated field numbered under 16."""
+    return 1 + max(1, (length.bit_length() + 6) // 7) + length
+
+
 def encode_event(event) -> pb.AnomalyEvent:
     """An events.AnomalyEvent as the proto message."""
     return pb.AnomalyEvent(id=event.id, kind=event.kind, model=event.model, key=event.key, score=event.score,
@@ -120,13 +168,14 @@ class ScorerServicer:
         # scoring and health checks always find a place (the HTTP port keeps its streams apart alike)
         self.max_watchers = max(1, service.settings.max_grpc_calls // 4)
         self._request_seconds = service.metrics.child(service.metrics.request_seconds, "grpc")
+        self._left_out_said = OncePerInterval()
 
     def handler(self) -> grpc.GenericRpcHandler:
-        respond = pb.ScoreResponse.SerializeToString
         return grpc.method_handlers_generic_handler(SERVICE_NAME, {
-            # NOTE: _score itself, not Score (which awaits it): one coroutine less a call
-            "Score": grpc.unary_unary_rpc_method_handler(self._score, response_serializer=respond),
-            "ScoreStream": grpc.stream_stream_rpc_method_handler(self.ScoreStream, response_serializer=respond),
+            # NOTE: _score itself, not Score (which awaits it): one coroutine less a call. Its answers
+            # come serialized (answer_bytes: their size is checked before they are sent)
+            "Score": grpc.unary_unary_rpc_method_handler(self._score, response_serializer=None),
+            "ScoreStream": grpc.stream_stream_rpc_method_handler(self.ScoreStream, response_serializer=None),
             "ListModels": parsed_unary(self.ListModels, pb.ListModelsRequest, pb.ListModelsResponse,
                                        self.service.metrics),
             **FeedbackServicer(self.service, STATUS_CODES).methods(),
@@ -173,14 +222,18 @@ class ScorerServicer:
             self.watchers -= 1
             behaviour.hub.unwatch(watcher)
 
-    async def _score(self, data: bytes, context) -> pb.ScoreResponse:
+    async def _score(self, data: bytes, context) -> bytes:
         started = time.perf_counter()
         metrics = self.service.metrics
         try:
             with self.service.admission.admit(len(data)) as ticket:
                 call, request_id = self._decode(data, context, ticket)
                 outcome = await self.service.score(call)
-                return encode_response(outcome, request_id)
+                response = encode_response(outcome, request_id)
+                answer, left_out = answer_bytes(response, self.service.settings.max_message_bytes)
+                if left_out:
+                    self._say_left_out(left_out, len(response.scores))
+                return answer
         except LogscoreError as error:
             failure = refusal(error, metrics, STATUS_CODES)
         except Exception:
@@ -192,6 +245,18 @@ class ScorerServicer:
         # NOTE: aborted outside the except clause, so that the exception's traceback (and with it
         # the decoded request) is freed before this call yields to others.
         await context.abort(*failure)
+
+    def _say_left_out(self, left_out: int, records: int) -> None:
+        """Counted as a partial failure of the call, and warned about once an interval."""
+        self.service.metrics.child(self.service.metrics.errors, "explanations_left_out", "grpc").inc()
+        unsaid = self._left_out_said.due("grpc", 1, left_out)
+        if unsaid is not None:
+            log.warning("explanations left out: the answer reached max_message_bytes; the callers get every "
+                        "score and a note on each record without its explanation: they should ask for fewer "
+                        "features (explain) or send smaller batches",
+                        extra={"records": records, "left_out": left_out, "answers_since_last_logged": unsaid[0],
+                               "left_out_since_last_logged": unsaid[1],
+                               "max_message_bytes": self.service.settings.max_message_bytes})
 
     def _decode(self, data: bytes, context, ticket: Ticket) -> tuple[ScoreCall, str]:
         request = parse_message(pb.ScoreRequest, data)
