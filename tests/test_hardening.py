@@ -960,6 +960,16 @@ def test_grpc_calls_without_the_token_are_refused_before_their_message_arrives(t
             process.stub(grpc.insecure_channel(f"127.0.0.1:{port}")).Score(
                 pb.ScoreRequest(lines=pb.RawLines(lines=[b"x"])), timeout=10)
         assert failure.value.code() == grpc.StatusCode.UNAUTHENTICATED and "bearer token" in failure.value.details()
+        # counted and logged as HTTP's 401s are (they were neither)
+        wrong = grpc.insecure_channel(f"127.0.0.1:{port}")
+        with pytest.raises(grpc.RpcError):
+            process.stub(wrong).ListModels(pb.ListModelsRequest(), metadata=[("authorization", "Bearer wrong")],
+                                           timeout=10)
+        wrong.close()
+        assert process.metric('logscore_errors_total{kind="Unauthenticated",surface="grpc"}') == 3
+        refusals = [json.loads(line) for line in process.log().splitlines() if '"request refused"' in line]
+        assert refusals and {(r["kind"], r["surface"]) for r in refusals} == {("Unauthenticated", "grpc")}
+        assert "bearer token" in refusals[0]["reason"] and "/logscore.v1.Scorer/Score" in refusals[0]["reason"]
     finally:
         assert process.stop() == 0
 

@@ -237,7 +237,7 @@ class Sidecar:
         # NOTE: the cap first: a call past it is refused whatever its token, before its message is read
         interceptors = [CallLimitInterceptor(s.max_grpc_calls, self.metrics)]
         if token:
-            interceptors.append(TokenInterceptor(token))
+            interceptors.append(TokenInterceptor(token, self.metrics))
         server = grpc.aio.server(options=options, interceptors=interceptors)
         server.add_generic_rpc_handlers((ScorerServicer(self.service).handler(),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)

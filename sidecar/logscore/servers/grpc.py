@@ -307,10 +307,13 @@ class CallLimitInterceptor(grpc.aio.ServerInterceptor):
 
 
 class TokenInterceptor(grpc.aio.ServerInterceptor):
-    """Every call but health checks must carry ``authorization: Bearer <token>``."""
+    """Every call but health checks must carry ``authorization: Bearer <token>``; calls without it
+    are counted and logged as every refusal (HTTP's 401s are: a shipper with a stale token must
+    show in the sidecar's metrics, not only in its own log)."""
 
-    def __init__(self, token: str):
+    def __init__(self, token: str, metrics):
         self._token = token
+        self.metrics = metrics
 
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
@@ -319,6 +322,7 @@ class TokenInterceptor(grpc.aio.ServerInterceptor):
         presented = dict(details.invocation_metadata or ()).get("authorization", "")
         if bearer_matches(str(presented), self._token):
             return handler
+        self.metrics.refused("Unauthenticated", "grpc", f"{DENIED} ({details.method})")
         return refusing(handler, grpc.StatusCode.UNAUTHENTICATED, DENIED)
 
 
