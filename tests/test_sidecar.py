@@ -240,6 +240,41 @@ def test_bad_input_gets_documented_statuses_and_the_server_keeps_serving(sidecar
     assert any(r["kind"] == "InvalidRequest" and r["surface"] == "grpc" for r in refusals), refusals
 
 
+def with_bytes(message, placeholder: str, replacement: bytes) -> bytes:
+    """``message`` serialized with ``placeholder`` replaced by bytes of the same length (no protobuf
+    library of ours writes a string that is not UTF-8; C++ clients and Ruby binary strings can)."""
+    assert len(placeholder.encode()) == len(replacement)
+    data = message.SerializeToString()
+    assert data.count(placeholder.encode()) == 1
+    return data.replace(placeholder.encode(), replacement)
+
+
+@pytest.mark.parametrize("where", ["value", "key", "model", "tag"])
+def test_a_string_that_is_not_utf8_is_refused_naming_what_and_what_to_send(sidecar, where):
+    """It was refused as a 'malformed ScoreRequest protobuf (... bad UTF-8)', naming neither the
+    field nor the way to send such bytes; the guide said invalid UTF-8 is scored."""
+    line = shop_lines(1, seed=62)[0]
+    request = pb.ScoreRequest(model="MODEL_" if where == "model" else "shop", tag="TAG_" if where == "tag" else "",
+                              request_id="r1")
+    request.structured.records.add(fields={"KEY_": line} if where == "key" else {"message": "VALUE_" + line})
+    placeholder = {"value": "VALUE_", "key": "KEY_", "model": "MODEL_", "tag": "TAG_"}[where]
+    data = with_bytes(request, placeholder, b"\xff\xfe" + b"x" * (len(placeholder) - 2))
+    raw = sidecar.channel().unary_unary("/logscore.v1.Scorer/Score")
+    expect_status(lambda: raw(data, timeout=5), grpc.StatusCode.INVALID_ARGUMENT,
+                  "ScoreRequest: a structured record's field (key or value), the model or the tag is not UTF-8: "
+                  "send text, or send such records as bytes, in lines or event_stream")
+    as_lines = pb.ScoreRequest(model="shop", lines=pb.RawLines(lines=[b"\xff\xfe" + line.encode()]))
+    assert len(sidecar.stub().Score(as_lines, timeout=5).scores) == 1  # what it says to do is scored
+
+
+def test_a_feedback_string_that_is_not_utf8_is_refused_naming_what(sidecar):
+    request = pb.FeedbackRequest(verdict=pb.NORMAL, author="AUTHOR", lines=pb.RawLines(lines=[b"x"]))
+    raw = sidecar.channel().unary_unary("/logscore.v1.Scorer/Feedback")
+    expect_status(lambda: raw(with_bytes(request, "AUTHOR", b"\xffAUTHO"), timeout=5),
+                  grpc.StatusCode.INVALID_ARGUMENT, "FeedbackRequest: a structured record's field (key or value), "
+                  "or the author, reason")
+
+
 def test_message_over_the_size_limit(models_dir, tmp_path):
     process = SidecarProcess(models_dir, tmp_path, max_message_bytes=16_384).start()
     try:

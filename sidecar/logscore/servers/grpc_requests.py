@@ -9,12 +9,27 @@ from google.protobuf.message import DecodeError
 from ..errors import InvalidRequest, LogscoreError
 
 
+# What a request with a string that is not UTF-8 holds, and what to send instead. NOTE: protobuf
+# refuses the whole message ("String field had bad UTF-8", no field named): clients that build
+# maps of bytes (C++, Ruby's binary strings) hit it, and were told their protobuf was malformed.
+NOT_UTF8 = {
+    "ScoreRequest": "a structured record's field (key or value), the model or the tag is not UTF-8: send text, "
+                    "or send such records as bytes, in lines or event_stream (scored, invalid UTF-8 as U+FFFD)",
+    "FeedbackRequest": "a structured record's field (key or value), or the author, reason, model, route, entity, "
+                       "group or field is not UTF-8: send text, or mark raw lines as bytes, in lines",
+}
+
+
 def parse_message(message_type, data: bytes):
     """``data`` as a ``message_type`` protobuf; InvalidRequest naming what is malformed."""
     try:
         return message_type.FromString(data)
     except DecodeError as error:
-        raise InvalidRequest(f"malformed {message_type.DESCRIPTOR.name} protobuf ({error}); build it from "
+        name = message_type.DESCRIPTOR.name
+        if "UTF-8" in str(error):
+            raise InvalidRequest(f"{name}: " + NOT_UTF8.get(name, "a text field is not UTF-8: send text "
+                                                               "(protobuf strings are UTF-8)")) from None
+        raise InvalidRequest(f"malformed {name} protobuf ({error}); build it from "
                              "proto/logscore/v1/scorer.proto") from None
 
 
