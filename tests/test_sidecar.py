@@ -557,6 +557,52 @@ def test_sigterm_drains_in_flight_calls(tmp_path, shop_only):
     assert not (tmp_path / "logscore.sock").exists()
 
 
+def test_sigterm_ends_score_streams_after_their_current_answer_not_after_the_grace(tmp_path, shop_only):
+    """A stream waiting for its next message (a shipper between batches) held the whole
+    shutdown_grace_s, then ended with grpc's 'Cancelling all calls'; messages sent on it after SIGTERM
+    were still scored. With a 60 s grace, both streams must end well before (the calls' own 50 s
+    timeout ends them DEADLINE_EXCEEDED otherwise)."""
+    process = SidecarProcess(shop_only, tmp_path, shutdown_grace_s="60", **BIG_REQUESTS).start()
+    small = pb.ScoreRequest(model="shop", lines=pb.RawLines(lines=[b"x"]))
+    heavy = pb.ScoreRequest(model="shop", lines=pb.RawLines(
+        lines=[line.encode() for line in shop_lines(20_000, seed=49)]))
+    release = threading.Event()
+
+    def held_after(*requests):  # a shipper's stream: its messages, then open until released
+        yield from requests
+        release.wait(50)
+    stub = process.stub()
+    busy_outcome: dict = {}
+
+    def busy_stream():  # the heavy message is being scored at SIGTERM, a second one sent after it
+        call = stub.ScoreStream(held_after(heavy, small), timeout=50)
+        busy_outcome["answers"] = []
+        try:
+            for answer in call:
+                busy_outcome["answers"].append(len(answer.scores))
+        except grpc.RpcError as error:
+            busy_outcome["end"] = (error.code(), error.details())
+    try:
+        idle = stub.ScoreStream(held_after(small), timeout=50)
+        assert len(next(idle).scores) == 1  # in place, and waiting for its next message
+        chunks_before = process.chunks_scored()
+        busy = threading.Thread(target=busy_stream)
+        busy.start()
+        process.wait_for_scoring_to_begin(chunks_before=chunks_before)
+        process.signal(signal.SIGTERM)
+        with pytest.raises(grpc.RpcError) as ended:
+            next(idle)
+        stopped = (grpc.StatusCode.UNAVAILABLE, "the sidecar is shutting down; retry on another instance")
+        assert (ended.value.code(), ended.value.details()) == stopped
+        busy.join(50)
+        assert busy_outcome == {"answers": [20_000], "end": stopped}  # answered; the next message not scored
+        assert process.process.wait(50) == 0
+        assert "Traceback" not in process.log()
+    finally:
+        release.set()
+        process.stop()
+
+
 def test_token_and_mutual_tls(tmp_path, shop_only, certificates):
     (tmp_path / "token").write_text("s3cret\n")
     process = SidecarProcess(shop_only, tmp_path, ca_file=certificates["ca.pem"], token_file=tmp_path / "token",

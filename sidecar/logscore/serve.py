@@ -116,6 +116,7 @@ class Sidecar:
                                       self.behaviour)
         self.health = health.aio.HealthServicer()
         self.grpc_server: Optional[grpc.aio.Server] = None
+        self.scorer: Optional[ScorerServicer] = None
         self.http_server: Optional[HttpServer] = None
         self.forward_server: Optional[ForwardServer] = None
         self.bound: dict[str, str] = {}
@@ -239,7 +240,8 @@ class Sidecar:
         if token:
             interceptors.append(TokenInterceptor(token, self.metrics))
         server = grpc.aio.server(options=options, interceptors=interceptors)
-        server.add_generic_rpc_handlers((ScorerServicer(self.service).handler(),))
+        self.scorer = ScorerServicer(self.service)
+        server.add_generic_rpc_handlers((self.scorer.handler(),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             [scorer_pb2.DESCRIPTOR.services_by_name["Scorer"].full_name, health.SERVICE_NAME,
@@ -300,6 +302,8 @@ class Sidecar:
         log.info("shutting down", extra={"grace_s": grace})
         await self.health.enter_graceful_shutdown()
         self.service.accepting = False
+        if self.scorer is not None:
+            self.scorer.end_streams()  # (a stream between messages holds no work to finish)
         # The surfaces take no new calls and give those already received the grace to be answered;
         # the forward port finishes the relays under way (and acknowledges them).
         await asyncio.gather(*(server.stop(grace) for server in (self.grpc_server, self.http_server,

@@ -40,6 +40,7 @@ STATUS_CODES: dict[type, grpc.StatusCode] = {
     ScorerUnavailable: grpc.StatusCode.UNAVAILABLE,
 }
 SERVICE_NAME = "logscore.v1.Scorer"
+STREAM_STOPPED = "the sidecar is shutting down; retry on another instance"
 
 
 def decode_request(request: pb.ScoreRequest, deadline: Optional[float], ticket: Ticket = UNLIMITED,
@@ -169,6 +170,8 @@ class ScorerServicer:
         self.max_watchers = max(1, service.settings.max_grpc_calls // 4)
         self._request_seconds = service.metrics.child(service.metrics.request_seconds, "grpc")
         self._left_out_said = OncePerInterval()
+        self.stopping = False  # set by end_streams
+        self._waiting_streams: set[asyncio.Task] = set()  # ScoreStream calls waiting for their next message
 
     def handler(self) -> grpc.GenericRpcHandler:
         return grpc.method_handlers_generic_handler(SERVICE_NAME, {
@@ -184,8 +187,36 @@ class ScorerServicer:
         })
 
     async def ScoreStream(self, request_iterator, context):
-        async for data in request_iterator:
+        """Each message answered in order; once the sidecar stops, the stream ends after its current
+        answer, UNAVAILABLE, whether a message comes or not.
+
+        NOTE: a shipper keeps its stream open between batches: its handler waiting for the next
+        message held the whole shutdown_grace_s (10 s by default) and then ended with grpc's own
+        'Cancelling all calls', and messages sent after SIGTERM were still scored. A stream waiting
+        is cancelled by end_streams (nothing of it is under way); one scoring finishes first."""
+        messages = request_iterator.__aiter__()
+        task = asyncio.current_task()
+        while not self.stopping:
+            self._waiting_streams.add(task)
+            try:
+                data = await messages.__anext__()
+            except StopAsyncIteration:
+                return
+            except asyncio.CancelledError:
+                if not self.stopping:
+                    raise  # the caller went away, or grpc ends the call
+                task.uncancel()  # ours: ended below, with a status that says why
+                break
+            finally:
+                self._waiting_streams.discard(task)
             yield await self._score(data, context)
+        await context.abort(grpc.StatusCode.UNAVAILABLE, STREAM_STOPPED)
+
+    def end_streams(self) -> None:
+        """The sidecar stops: ScoreStream calls end after their current answer (see ScoreStream)."""
+        self.stopping = True
+        for task in list(self._waiting_streams):
+            task.cancel()
 
     async def ListModels(self, request, context):
         response = pb.ListModelsResponse()

@@ -87,6 +87,8 @@ class ScorerServicer:
         """For long-lived shippers: each request on the stream is answered by one
         response, in order (request_id is echoed). Cheaper than unary calls for
         single records. An error in one request ends the stream with its status.
+        When the sidecar stops, the stream ends after its current answer (at once
+        when waiting for a message): UNAVAILABLE, retry on another instance.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
