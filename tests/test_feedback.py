@@ -155,7 +155,7 @@ def test_bad_feedback_gets_a_clear_error_and_stores_nothing(sidecar, shop_model_
     got, answer = feedback(sidecar, "POST", {"verdict": "normal", "author": "a", "records": [ordinary]})
     assert got == 400 and "hold no unusual feature" in answer["error"]
     for query, status, message in (("?id=abc", 400, "give the number of a feedback entry"),
-                                   ("?id=42", 404, "no feedback entry #42"),
+                                   ("?id=42", 404, "no feedback entry #42; list them with GET /v1/feedback"),
                                    ("?id=99999999999999999999999", 404, "no feedback entry #99999999999999999999999"),
                                    # who undid it is kept with the entry, as who gave it
                                    ("?id=1&author=" + "a" * 201, 400, "author holds 201 characters; at most 200")):
@@ -303,6 +303,17 @@ def test_grpc_and_the_command_line(sidecar):
     with pytest.raises(grpc.RpcError) as failure:
         stub.DeleteFeedback(pb.DeleteFeedbackRequest(id=2**64 - 1), timeout=10)
     assert failure.value.code() == grpc.StatusCode.NOT_FOUND and "no feedback entry" in failure.value.details()
+    # each caller is pointed at its own way to list the entries (gRPC callers were sent to GET /v1/feedback)
+    with pytest.raises(grpc.RpcError) as failure:
+        stub.DeleteFeedback(pb.DeleteFeedbackRequest(id=99999), timeout=10)
+    assert failure.value.code() == grpc.StatusCode.NOT_FOUND
+    assert failure.value.details() == "no feedback entry #99999; list them with ListFeedback"
+    unknown = logscore("feedback", "remove", "99999", *connection)
+    assert unknown.returncode == 1 and "no feedback entry #99999; list them with `logscore feedback list`" in \
+        unknown.stderr, unknown.stderr
+    with pytest.raises(grpc.RpcError) as failure:  # an unknown review group: NOT_FOUND too, as the proto says
+        stub.Feedback(pb.FeedbackRequest(verdict=pb.NORMAL, author="a", group="g999"), timeout=10)
+    assert failure.value.code() == grpc.StatusCode.NOT_FOUND and "no review group 'g999'" in failure.value.details()
     # A --line that is no JSON object is a raw line, as in a --file.
     odd = logscore("feedback", "add", "normal", "--json-records", "--line", "{bad", *connection)
     assert "Traceback" not in odd.stderr, odd.stderr

@@ -154,7 +154,9 @@ def check_entry(entry: Entry) -> None:
 INT64_LIMIT = 2**63
 
 
-LIST_FEEDBACK = "list them with GET /v1/feedback"  # (`logscore feedback` names its own list: cli.call_failure)
+# In gRPC's words, as the errors reach gRPC callers; HTTP's feedback routes say GET /v1/feedback
+# (feedback_http.http_words), `logscore feedback` its own list command (cli.call_failure).
+LIST_FEEDBACK = "list them with ListFeedback"
 
 
 def check_id(entry_id: int) -> None:

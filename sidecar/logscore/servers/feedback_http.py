@@ -24,7 +24,7 @@ from typing import Optional
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 from ..errors import InvalidRequest, LogscoreError, Unauthenticated
-from ..feedback_store import Mark
+from ..feedback_store import LIST_FEEDBACK, Mark
 from .feedback_grpc import count_mark, off_loop
 from .http import STATUS_CODES, Request, Response, digits, json_error, query_count
 
@@ -147,11 +147,12 @@ class FeedbackHttp:
         try:
             return await work()
         except LogscoreError as error:
-            metrics.refused(type(error).__name__, "http", str(error))
+            said = http_words(str(error))
+            metrics.refused(type(error).__name__, "http", said)
             status = STATUS_CODES.get(type(error), 400)
             if page and status != 401:
-                return self._back(f"Not done: {error}")
-            return Response.error(status, str(error))
+                return self._back(f"Not done: {said}")
+            return Response.error(status, said)
 
     def page_allowed(self, request: Request) -> bool:
         token = self.http.token
@@ -290,3 +291,8 @@ def decode_mark(body: bytes) -> Mark:
                 model=data.get("model", ""), route=data.get("route", ""), entity=data.get("entity", ""),
                 expires_at=parse_expiry(data.get("expires_at")), records=records, group=data.get("group", ""),
                 field=data.get("field", ""), value=value)
+
+
+def http_words(said: str) -> str:
+    """An error of the feedback store as HTTP callers get it: the list is theirs, not gRPC's ListFeedback."""
+    return said.replace(LIST_FEEDBACK, "list them with GET /v1/feedback")

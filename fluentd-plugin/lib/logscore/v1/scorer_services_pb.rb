@@ -49,13 +49,15 @@ module Logscore
         # on: a later flagged record whose unusual features it covers is scored again
         # without them and, under the threshold, not flagged (note "suppressed by
         # feedback #id"). INVALID_ARGUMENT: no or several targets, no author, an
-        # unknown verdict, records with nothing unusual; NOT_FOUND: the model;
+        # unknown verdict, records with nothing unusual; NOT_FOUND: the model, or
+        # the review group (groups live in the sidecar's memory: its /ui/ page);
         # UNAVAILABLE: the feedback store cannot be reached.
         rpc :Feedback, ::Logscore::V1::FeedbackRequest, ::Logscore::V1::FeedbackEntry
         # The feedback entries (removed ones too when asked) and the store's state.
         rpc :ListFeedback, ::Logscore::V1::ListFeedbackRequest, ::Logscore::V1::ListFeedbackResponse
         # Undo an entry: it stops applying at once (it stays listed as removed).
-        # INVALID_ARGUMENT: no such entry, or already removed.
+        # NOT_FOUND: no such entry (ListFeedback lists them); INVALID_ARGUMENT:
+        # already removed.
         rpc :DeleteFeedback, ::Logscore::V1::DeleteFeedbackRequest, ::Logscore::V1::FeedbackEntry
         # Anomaly events of behaviour over time, as they happen: a window whose count
         # or share is improbable given its forecast, a client whose behaviour crosses

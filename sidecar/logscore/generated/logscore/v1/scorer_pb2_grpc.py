@@ -108,7 +108,8 @@ class ScorerServicer:
         on: a later flagged record whose unusual features it covers is scored again
         without them and, under the threshold, not flagged (note "suppressed by
         feedback #id"). INVALID_ARGUMENT: no or several targets, no author, an
-        unknown verdict, records with nothing unusual; NOT_FOUND: the model;
+        unknown verdict, records with nothing unusual; NOT_FOUND: the model, or
+        the review group (groups live in the sidecar's memory: its /ui/ page);
         UNAVAILABLE: the feedback store cannot be reached.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -124,7 +125,8 @@ class ScorerServicer:
 
     def DeleteFeedback(self, request, context):
         """Undo an entry: it stops applying at once (it stays listed as removed).
-        INVALID_ARGUMENT: no such entry, or already removed.
+        NOT_FOUND: no such entry (ListFeedback lists them); INVALID_ARGUMENT:
+        already removed.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
