@@ -11,12 +11,16 @@
 #   OK                  every record scored (per-record notes in ScoreResponse.notes)
 #   INVALID_ARGUMENT    malformed payload (bad msgpack, no records field, too many
 #                       records); the message names the problem
-#   NOT_FOUND           the named model is not loaded; the message lists loaded ones
+#   NOT_FOUND           the named model is not loaded (the message lists loaded
+#                       ones), or the feedback entry or review group is unknown
 #   UNAUTHENTICATED     a bearer token is configured and the call lacks it
 #   RESOURCE_EXHAUSTED  the sidecar's queue is full; retry later
 #   DEADLINE_EXCEEDED   the caller's deadline passed before scoring finished
 #   UNAVAILABLE         the sidecar is shutting down
-#   INTERNAL            a bug; logged once by the sidecar
+#   INTERNAL            a bug (logged once by the sidecar), or a client's
+#                       compression error (a message flagged compressed with no
+#                       or an unknown grpc-encoding, corrupt gzip): answered by
+#                       gRPC's transport, not logged; send it uncompressed or gzip
 
 require 'grpc'
 require 'logscore/v1/scorer_pb'
