@@ -363,6 +363,26 @@ class FluentdFieldTest < Test::Unit::TestCase
     when_up { Sender.new(port) }
   end
 
+  def http_source(port)
+    <<~CONF
+      <source>
+        @type http
+        bind 127.0.0.1
+        port #{port}
+      </source>
+    CONF
+  end
+
+  # A filter after logscore's dropping a field (one the output's JSON could not write)
+  def removing(key)
+    <<~CONF
+      <filter web.**>
+        @type record_transformer
+        remove_keys #{key}
+      </filter>
+    CONF
+  end
+
   # POSTs a JSON body to in_http once it listens; the answer.
   def post_when_up(port, tag, body)
     when_up { Net::HTTP.post(URI("http://127.0.0.1:#{port}/#{tag}"), body, 'Content-Type' => 'application/json') }
@@ -372,20 +392,8 @@ class FluentdFieldTest < Test::Unit::TestCase
     # It raised out of the filter: in_http answered 500 and every record of the request was lost.
     @sidecar = SidecarProcess.new(@work).start
     port = SidecarProcess.free_port
-    http = <<~CONF
-      <source>
-        @type http
-        bind 127.0.0.1
-        port #{port}
-      </source>
-    CONF
-    drop_count = <<~CONF
-      <filter web.**>
-        @type record_transformer
-        remove_keys count
-      </filter>
-    CONF
-    @pids << spawn_fluentd(@work, 'http', http + default_filter + drop_count + file_output("#{@work}/out/scored"))
+    @pids << spawn_fluentd(@work, 'http', http_source(port) + default_filter + removing('count') +
+                                          file_output("#{@work}/out/scored"))
     body = '[' + AccessLines.normal(3).each_with_index.map do |line, i|
       JSON.generate({ 'message' => line, 'seq' => i }).sub(/}\z/, i == 1 ? ',"count":1180591620717411303424}' : '}')
     end.join(',') + ']'
@@ -403,20 +411,8 @@ class FluentdFieldTest < Test::Unit::TestCase
     # and died again on the same request (24 crashes in 25 s under the supervisor, nothing delivered).
     @sidecar = SidecarProcess.new(@work).start
     port = SidecarProcess.free_port
-    http = <<~CONF
-      <source>
-        @type http
-        bind 127.0.0.1
-        port #{port}
-      </source>
-    CONF
-    drop_deep = <<~CONF
-      <filter web.**>
-        @type record_transformer
-        remove_keys x
-      </filter>
-    CONF
-    @pids << spawn_fluentd(@work, 'http', http + default_filter + drop_deep + file_output("#{@work}/out/scored"))
+    @pids << spawn_fluentd(@work, 'http', http_source(port) + default_filter + removing('x') +
+                                          file_output("#{@work}/out/scored"))
     deep = %({"seq":1,"x":#{'{"x":' * 40_000}1#{'}' * 40_000}})
     body = "[#{JSON.generate({ 'message' => AccessLines.line('/'), 'seq' => 0 })},#{deep}," \
            "#{JSON.generate({ 'message' => AccessLines.line('/robots.txt'), 'seq' => 2 })}]"
