@@ -17,7 +17,8 @@ module Logscore
     # Reasons counted from the start (monitor_agent shows every counter, zero or not); others
     # (gRPC status names) appear once they happen.
     KNOWN_REASONS = %w[circuit_open busy deadline_exceeded unavailable invalid_argument message_too_large
-                       not_found unauthenticated unpackable record_too_large no_message].freeze
+                       not_found unauthenticated unpackable record_too_large no_message malformed_response
+                       shutting_down].freeze
 
     # A reason's interval: when it began, and what came after its first batch.
     Window = Struct.new(:started, :records, :batches, :tags, :example)

@@ -151,16 +151,19 @@ module Fluent
         watch_anomalies(client) if @anomaly_tag && fluentd_worker_id.zero?
       end
 
-      # NOTE: the streams already inside the filter are waited for here. Fluentd shuts down every
-      # input, then every filter, then every output, each kind joined before the next (RootAgent#
-      # shutdown), and an output's last flush is in its before_shutdown; but an input's shutdown does
-      # not wait for its thread: in_forward's event loop was still in filter_stream, its records left
-      # after that flush, and a memory buffer lost all 20,000 of a stream, silently. Within a
-      # <label>, Fluentd shuts the label's filters and outputs down at once: this wait cannot order
-      # them there.
+      # NOTE: the streams already inside the filter are waited for in stop, which Fluentd calls for
+      # every plugin before any plugin's before_shutdown, where outputs make their last flush (RootAgent#
+      # shutdown): an input's shutdown does not wait for its thread, in_forward's event loop was still
+      # in filter_stream, its records left after that flush, and a memory buffer lost all 20,000 of a
+      # stream, silently. Not in shutdown: labels (a relabel's, @ERROR's) shut down before top-level
+      # filters, and their outputs' flush came first: 0 of 20,000 reached them.
+      def stop
+        wait_for_streams_inside
+        super
+      end
+
       def shutdown
         @anomaly_watcher&.stop
-        wait_for_streams_inside
         super
       end
 
