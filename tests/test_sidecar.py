@@ -309,14 +309,25 @@ def test_an_answer_over_the_size_limit_keeps_every_score_and_notes_the_explanati
             assert list(answer.scores) == list(wanted.scores)
             assert len(answer.explanations) == len(lines)
             kept = [i for i, e in enumerate(answer.explanations) if e.features]
-            left_out = [n.index for n in answer.notes if n.description.startswith("explanation left out")]
-            assert kept and left_out and max(kept) < min(left_out)  # the last records' left out, each noted
-            assert left_out == list(range(min(left_out), len(lines)))
-            assert not any(answer.explanations[i].features for i in left_out)
+            first = len(kept)  # the last records' are left out, one note on the first of them
+            assert kept == list(range(first)) and 0 < first < len(lines)
+            assert not any(e.features for e in answer.explanations[first:])
+            noted = [n for n in answer.notes if n.description.startswith("explanations left out")]
+            assert [(n.index, n.field) for n in noted] == [(first, "explain")]
+            assert f"({len(lines) - first} records)" in noted[0].description
             assert [n.index for n in answer.notes] == sorted(n.index for n in answer.notes)
         assert process.metric('logscore_errors_total{kind="explanations_left_out",surface="grpc"}') == 2
         warned = [json.loads(line) for line in process.log().splitlines() if '"explanations left out' in line]
-        assert warned and warned[0]["records"] == len(lines) and warned[0]["left_out"] == len(left_out)
+        assert warned and warned[0]["records"] == len(lines) and warned[0]["left_out"] == len(lines) - first
+        # Many records whose explanations do not fit though their scores do: kept (a note a record
+        # left out took more than the explanations it replaced, and the batch was refused)
+        short = [f'10.0.0.{i % 250} - - [05/Dec/2026:10:00:00 +0000] "GET /p{i} HTTP/1.1" 200 5 "-" "c"'.encode()
+                 for i in range(190)]
+        many_explained = pb.ScoreRequest(model="shop", explain=20, lines=pb.RawLines(lines=short))
+        assert many_explained.ByteSize() < limit < 190 * 100  # (a note a record: about 125 bytes each)
+        answer = stub.Score(many_explained, timeout=30)
+        assert len(answer.scores) == 190 and answer.ByteSize() <= limit
+        assert sum(n.description.startswith("explanations left out") for n in answer.notes) == 1
         # scores alone over the limit: refused, saying so, counted; never sent and lost
         many = pb.ScoreRequest(model="shop", lines=pb.RawLines(lines=[b"x"] * 5_000))
         assert many.ByteSize() < limit
