@@ -634,7 +634,11 @@ def test_a_candidate_flagging_fewer_records_marked_keep_than_the_serving_model_i
         window = shop_lines(290, seed=62) + keep + keep  # (each marked record twice in the window)
         learner.observe(learner.routes(registry.snapshot.models["shop"], window), window)
         asyncio.run(learner._learn(learner.routes_by_name["shop"]))
-        return learner.status()["shop"]["last"]
+        model = registry.snapshot.models["shop"]
+        later = shop_lines(5, seed=63)
+        held = learner.holds(model, learner.routes(model, later))  # the records scored next
+        return {**learner.status()["shop"]["last"], "holding_flags": learner.status()["shop"]["holding_flags"],
+                "held": held}
 
     with caplog.at_level(logging.WARNING, logger="logscore.learning"):
         missed = learn(marked, "missed")
@@ -643,6 +647,9 @@ def test_a_candidate_flagging_fewer_records_marked_keep_than_the_serving_model_i
     assert missed["keep_flagged_candidate"] < 10
     assert any("records marked keep" in r.getMessage() and "logscore feedback list" in r.getMessage()
                for r in caplog.records)
+    # A first model kept aside: the route's flags are no longer held (they were, for good), and it says so
+    assert missed["holding_flags"] is False and missed["held"] is None
+    assert any("flags are no longer held" in r.getMessage() for r in caplog.records)
     flagged = learn(unmarked, "flagged")  # the same candidate, other records marked keep: it flags them
     assert flagged["outcome"] == "swapped" and flagged["keep_flagged_candidate"] == 10, flagged
 

@@ -98,9 +98,14 @@ class Route:
     failures: int = 0  # trainings failed in a row
     learned_from: int = 0  # window records the model it last swapped in was trained on
     warned: tuple = ()  # what the training of the last model swapped in (or kept aside) warned of
-    # Its last first candidate learned from records the serving model flagged nearly all of (an
-    # attack, not the site's traffic): its flags are not held, the model it falls back to flags them.
-    suspect_window: bool = False
+    # Its last first candidate was kept aside (learned from a window of attacks, flagging far more than
+    # the serving model, or missing keep-marked records): its flags are not held, the model it falls
+    # back to flags them, until a later first candidate passes. (Held, they stayed held for good.)
+    first_kept_aside: bool = False
+
+    def releases_flags(self) -> bool:
+        """Whether the route's flags are no longer held although it has no model of its own."""
+        return self.failures >= MAX_HELD_FAILURES or self.first_kept_aside
 
 
 class Learner:
@@ -179,8 +184,8 @@ class Learner:
         for name in routes:
             if name not in reasons:
                 route = self.routes_by_name.get(name)
-                failing = route is not None and (route.failures >= MAX_HELD_FAILURES or route.suspect_window)
-                reasons[name] = None if failing or learned_for(model, name) else self._reason(name)
+                released = route is not None and route.releases_flags()
+                reasons[name] = None if released or learned_for(model, name) else self._reason(name)
             held.append(reasons[name])
         if not any(held):
             return None
@@ -306,12 +311,16 @@ class Learner:
             reason, why = rejected
             kept = keep_aside(directory, candidate_path)
             self._relay(route, warnings)
-            route.suspect_window = reason == "first_window_flagged"
+            route.first_kept_aside = first
+            if first:
+                why += ("; it was the route's first model, so the route's flags are no longer held: the model "
+                        "it falls back to flags its records until a later first model passes (tried after "
+                        f"{self.settings.learn_records} more records)")
             log.warning(f"learning: candidate kept aside, not swapped: {why}",
                         extra={"route": route.name, "kept_as": str(kept), "reason": reason, **detail})
             self._finish(route, "kept_aside", {**detail, "reason": reason, "kept_as": str(kept)})
             return
-        route.suspect_window = False
+        route.first_kept_aside = False
         # Validated, the candidate is refit on the whole window, its recent tenth too: a tenth more
         # traffic measurably helps (a shop's first 5,000 lines: injected attacks flagged 90.0 % →
         # 91.7 %; a blog's following lines flagged 0.62 % → 0.44 %). Should the refit fail, the
@@ -442,7 +451,7 @@ class Learner:
             return "first_window_flagged", (
                 f"the serving model flags {detail['window_flagged']:.0%} of the records the route's first model "
                 f"would learn from (over learn_max_first_flagged {s.learn_max_first_flagged:g}): such a window "
-                "looks like an attack, not the site's own traffic, so the route's flags are no longer held. If "
+                "looks like an attack, not the site's own traffic. If "
                 f"the traffic is the site's, copy the kept-aside model to {s.models_dir}/{route.name}.onnx (it "
                 "serves as the route's own), or raise learn_max_first_flagged (1: never kept aside)")
         limit = s.learn_max_flag_ratio * max(detail["serving_flagged"], target_fpr(serving))
@@ -488,8 +497,7 @@ class Learner:
         return {name: {"state": "training" if r.training else "learned" if self._serving_learned(name)
                        else "learning",
                        "records_seen": r.seen, "window": len(r.window), "flags_held": r.held,
-                       "holding_flags": not (self._serving_learned(name) or r.suspect_window
-                                             or r.failures >= MAX_HELD_FAILURES),
+                       "holding_flags": not (self._serving_learned(name) or r.releases_flags()),
                        "last": r.last}
                 for name, r in sorted(self.routes_by_name.items())}
 
