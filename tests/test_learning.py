@@ -687,6 +687,11 @@ def test_a_second_sidecar_refuses_to_learn_into_a_models_directory_another_learn
         other.kill()
         other.wait()
     learner = make_learner(settings, registry, lambda: None, Metrics())  # the lock went with its holder
-    assert (models / ".learning" / "lock").read_text().strip() == str(os.getpid())
+    assert (models / ".learning" / ".lock").read_text().strip() == str(os.getpid())
     asyncio.run(learner.stop())
     asyncio.run(make_learner(settings, registry, lambda: None, Metrics()).stop())  # released at stop
+    # A lock that cannot be taken (here .learning is a file) is said so, not a traceback nor "another sidecar"
+    shutil.rmtree(models / ".learning")
+    (models / ".learning").write_text("not a directory")
+    with pytest.raises(ConfigError, match=r"--learn: cannot take the learning lock .*serve without --learn"):
+        make_learner(settings, registry, lambda: None, Metrics())

@@ -398,7 +398,8 @@ def setting_metavar(name: str) -> str:
     named = {"forward_when_busy": "wait|pass", "learn": "true|false", "learn_window": "N", "windows": "true|false",
              "window_max_keys": "N", "entity_max_clients": "N", "anomaly_recent": "N", "anomaly_watcher_queue": "N",
              "forward_events_tag": "TAG", "entity_key": "FIELD", "learn_max_routes": "N",
-             "learn_max_flag_ratio": "RATIO", "feedback_store": "PATH|postgresql://...", "scoring_processes": "N",
+             "learn_max_flag_ratio": "RATIO", "learn_max_first_flagged": "FRACTION",
+             "feedback_store": "PATH|postgresql://...", "scoring_processes": "N",
              "max_connections": "N", "max_grpc_calls": "N", "max_grpc_connections": "N", "time_zone": "ZONE",
              "forward_explain": "N",
              "review_inspect_per_s": "N"}  # a rate, not a duration (its name ends in _s)

@@ -53,7 +53,9 @@ from .settings import Settings
 log = logging.getLogger("logscore.learning")
 
 WORK_DIR = ".learning"
-LOCK_FILE = "lock"  # in WORK_DIR: held by the one sidecar learning into the models directory
+# In WORK_DIR, held by the one sidecar learning into the models directory (a dot: no route's directory
+# is named so, where "lock" was a model lock.onnx's)
+LOCK_FILE = ".lock"
 HOLDOUT = 0.1  # the most recent share of a window, scored to validate a candidate
 OUTGROWN = 1.5  # a learned route retrains once its window holds this many times the records its model
 #               learned from (once: a model learned from a full window never has more to learn from)
@@ -123,15 +125,17 @@ class Learner:
         self._lock: Optional[int] = None  # the lock file's descriptor, held for the process's life
 
     def claim_models_dir(self) -> None:
-        """Take the models directory's learning lock, or refuse (ConfigError naming the holder).
+        """Take the models directory's learning lock, or refuse (ConfigError naming the holder, or what
+        keeps the lock from being taken).
         NOTE: two sidecars learning into one models directory wrote the same work files and swapped
         into the same <route>.onnx: each served the model learned from the other's traffic (probe)."""
-        self.work.mkdir(parents=True, exist_ok=True)
         path = self.work / LOCK_FILE
-        descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        descriptor = None
         try:
+            self.work.mkdir(parents=True, exist_ok=True)
+            descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
             fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:  # (BlockingIOError: another process holds it)
+        except BlockingIOError:  # another process holds it
             holder = os.read(descriptor, 32).decode("ascii", "replace").strip()
             os.close(descriptor)
             raise ConfigError(
@@ -139,8 +143,17 @@ class Learner:
                 f"models directory {self.settings.models_dir} (it holds {path}); give each learning sidecar "
                 "a --models-dir of its own, or learn on one only (--learn false on the others: they serve "
                 "the models it learns)") from None
-        os.ftruncate(descriptor, 0)
-        os.write(descriptor, f"{os.getpid()}\n".encode())
+        except OSError as error:  # an unwritable directory, a full disk, no locks on this file system
+            if descriptor is not None:
+                os.close(descriptor)
+            raise ConfigError(f"--learn: cannot take the learning lock {path} ({error.strerror or error}); "
+                              "learning needs a models directory it may write: fix its permissions or free "
+                              "space, or serve without --learn") from None
+        try:  # the holder's pid, for the message above: best effort
+            os.ftruncate(descriptor, 0)
+            os.write(descriptor, f"{os.getpid()}\n".encode())
+        except OSError:
+            pass
         self._lock = descriptor
 
     # --- on the scoring path (cheap) ---------------------------------------------

@@ -402,8 +402,9 @@ def bind_grpc(add_port, flag: str, address: str) -> int:
 
 
 def make_learner(settings: Settings, registry: ModelRegistry, request_reload, metrics: Metrics):
-    """The learner when `learn` is on and can run; says clearly at startup why not, and fails only
-    when another sidecar learns into the same models directory (ConfigError)."""
+    """The learner when `learn` is on and can run; says clearly at startup why not, and fails
+    (ConfigError) when another sidecar learns into the same models directory or its learning lock
+    cannot be taken there."""
     if not settings.learn:
         return None
     from .learning import Learner, learning_unavailable
