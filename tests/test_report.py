@@ -153,3 +153,14 @@ def test_report_names_a_record_s_client_under_every_name_the_sidecar_reads():
             record[alias] = "10.0.0.7"
         assert entity_of(record, None) == "10.0.0.7", alias
     assert entity_of({"remote_addr": "10.0.0.8", "remote": "10.9.9.9", "host": "-"}, None) == "10.0.0.8"
+
+
+def test_a_shippers_own_file_field_stays_in_the_records_text():
+    """`logscore score` writes where a line was ("line", "file"): left out of the text; a shipper's
+    record holding its own "file" (in_tail's path_key) kept it out too, and the report lost it."""
+    from logscore.report import text_of
+
+    shipped = {"host": "a", "file": "/var/log/app.log", "anomaly_score": 0.99, "is_anomaly": True}
+    assert json.loads(text_of(shipped)) == {"host": "a", "file": "/var/log/app.log"}
+    scored = {"line": 3, "file": "access.log", "score": 0.99, "is_anomaly": True, "host": "a"}
+    assert json.loads(text_of(scored)) == {"host": "a"}

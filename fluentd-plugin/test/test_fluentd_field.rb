@@ -187,7 +187,8 @@ class FluentdFieldTest < Test::Unit::TestCase
   # stopped once a stream of 20,000 records is inside the filter (its first call made); the
   # records out_file wrote. The filter after it stands for the output's own work on the stream
   # (formatting, writing its buffer) that follows the filter in the input's thread.
-  def stop_with_stream_inside(sidecar_stopped: false, calls_before_stop: 1, relabel: false)
+  # stop_after: the counter of the filter (monitor_agent) that says it is time to stop Fluentd, and its value
+  def stop_with_stream_inside(sidecar_stopped: false, stop_after: ['logscore_calls', 1], relabel: false)
     @sidecar = SidecarProcess.new(@work).start
     port = SidecarProcess.free_port
     monitor = SidecarProcess.free_port
@@ -198,7 +199,8 @@ class FluentdFieldTest < Test::Unit::TestCase
     Process.kill('STOP', @sidecar.pid) if sidecar_stopped
     sender.send_batch(20_000)
     deadline = Time.now + 30
-    sleep 0.01 until plugin_counters(monitor, 'logscore')['logscore_calls'] >= calls_before_stop || Time.now > deadline
+    counter, least = stop_after
+    sleep 0.01 until plugin_counters(monitor, 'logscore')[counter] >= least || Time.now > deadline
     stop_processes(@pids)
     read_records(File.join(@work, 'out'))
   ensure
@@ -248,9 +250,9 @@ class FluentdFieldTest < Test::Unit::TestCase
   end
 
   test 'fluentd stopped once the stream has left the filter for a slow one after it: every record reaches the flush' do
-    # Its ten calls made, the stream was in the record_transformer after the filter when TERM came;
+    # All its records scored, the stream was in the record_transformer after the filter when TERM came;
     # the filter's shutdown looked only at streams leaving it during shutdown, and CI lost all 20,000.
-    out = stop_with_stream_inside(calls_before_stop: 10)
+    out = stop_with_stream_inside(stop_after: ['logscore_scored', 20_000])
     assert_equal [20_000, 20_000], [out.size, out.map { |r| r['seq'] }.uniq.size], log_tail(@work, 'fluentd')
     assert(out.none? { |r| r['anomaly_unscored'] })
   end

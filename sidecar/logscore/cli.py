@@ -1082,12 +1082,8 @@ class LabeledRows:
 
     def json_rows(self) -> Iterator[tuple[int, Optional[dict]]]:
         """(line number, the line's JSON object, or None for a line holding none)."""
-        from .inputs import json_record
-
-        for line_number, line in enumerate(read_lines([self.path], blank_lines=True), 1):
-            if line:
-                record = json_record(line)
-                yield line_number, record if isinstance(record, dict) else None
+        for numbered in numbered_records([self.path], as_json=True):
+            yield numbered.line, numbered.record if isinstance(numbered.record, dict) else None
 
     def check(self) -> None:
         """Say how many rows were left out for not parsing; refuse past LABELED_UNPARSED_LIMIT of them."""

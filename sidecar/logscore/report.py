@@ -200,14 +200,19 @@ def notes_of(record: dict) -> list:
     return value if isinstance(value, list) else [value] if isinstance(value, str) else []
 
 
+SCORE_OUTPUT_KEYS = ("logscore", "anomaly_score", "is_anomaly", "explanation", "notes", "score", "line", "model",
+                     "version")  # what scoring added to a record: not its text
+
+
 def text_of(record: dict) -> str:
     value = lookup(record, *RECORD_KEYS)
     if isinstance(value, str):
         return value
     if isinstance(value, dict):
         return json.dumps(value, ensure_ascii=False)
-    plain = {k: v for k, v in record.items() if k not in ("logscore", "anomaly_score", "is_anomaly", "explanation",
-                                                           "notes", "score", "line", "file", "model", "version")}
+    # `logscore score` writes where a line was ("line", "file"); a shipper's record may hold its own "file"
+    ours = SCORE_OUTPUT_KEYS + (("file",) if "score" in record and "line" in record else ())
+    plain = {k: v for k, v in record.items() if k not in ours}
     return json.dumps(plain, ensure_ascii=False, default=str)
 
 

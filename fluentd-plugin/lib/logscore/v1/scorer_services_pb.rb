@@ -43,7 +43,8 @@ module Logscore
         # response, in order (request_id is echoed). Cheaper than unary calls for
         # single records. An error in one request ends the stream with its status.
         # When the sidecar stops, the stream ends after its current answer (at once
-        # when waiting for a message): UNAVAILABLE, retry on another instance.
+        # when waiting for a message): UNAVAILABLE, retry on another instance (a
+        # request sent as it stops may go unanswered: resend what was not answered).
         rpc :ScoreStream, stream(::Logscore::V1::ScoreRequest), stream(::Logscore::V1::ScoreResponse)
         # The loaded models, their versions and thresholds.
         rpc :ListModels, ::Logscore::V1::ListModelsRequest, ::Logscore::V1::ListModelsResponse

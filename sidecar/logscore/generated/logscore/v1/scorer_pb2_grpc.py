@@ -88,7 +88,8 @@ class ScorerServicer:
         response, in order (request_id is echoed). Cheaper than unary calls for
         single records. An error in one request ends the stream with its status.
         When the sidecar stops, the stream ends after its current answer (at once
-        when waiting for a message): UNAVAILABLE, retry on another instance.
+        when waiting for a message): UNAVAILABLE, retry on another instance (a
+        request sent as it stops may go unanswered: resend what was not answered).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
