@@ -25,7 +25,7 @@ from logscore.parsers import parse_access
 from logscore.registry import UNLOAD_GRACE_S
 
 from .generate import attack_lines, blog_lines, shop_lines
-from .sidecar_process import ROOT, SidecarProcess, free_port, make_certificates, models_dir_with
+from .sidecar_process import ROOT, SidecarProcess, free_port, http_request, make_certificates, models_dir_with
 
 DEFAULT_MODEL = ROOT / "models" / "apache-access.onnx"
 # 20,000-line requests (about 4 MB) are over the default max_message_bytes.
@@ -338,6 +338,52 @@ def test_an_answer_over_the_size_limit_keeps_every_score_and_notes_the_explanati
     finally:
         assert process.stop() == 0
 
+
+def post_score(process, records: list, query: str) -> tuple[int, bytes]:
+    """Status and raw body of POST /v1/score?QUERY with these records (UTF-8 JSON, as sent by shippers)."""
+    body = json.dumps(records, ensure_ascii=False).encode()
+    return http_request(process.http_port, "POST", f"/v1/score?{query}", body, {"Content-Type": "application/json"})
+
+
+def test_an_http_answer_over_the_size_limit_keeps_every_score_and_notes_the_explanations_left_out(models_dir,
+                                                                                                    tmp_path):
+    """HTTP answers had no cap: 1,000 lines of CJK URLs with explain=20 made a 4.6 MB answer from a
+    request within max_message_bytes. Now gRPC's rule: every score, the last explanations left out."""
+    limit = 16_384
+    process = SidecarProcess(models_dir, tmp_path, max_message_bytes=limit).start()
+    try:
+        lines = [line.replace("GET /", f"GET /{novel_text(i)}/{novel_text(i + 1)}?{novel_text(i + 2)}=", 1)
+                 for i, line in enumerate(shop_lines(40, seed=61))]
+        status, raw = post_score(process, lines, "model=shop")
+        assert status == 200, raw
+        wanted = [r["anomaly_score"] for r in json.loads(raw)["results"]]
+        status, raw = post_score(process, lines, "model=shop&explain=20")
+        assert status == 200 and len(raw) <= limit, (status, len(raw))
+        answer = json.loads(raw)
+        assert [r["anomaly_score"] for r in answer["results"]] == wanted
+        explained = [r["explanation"] for r in answer["results"]]
+        first = sum(1 for e in explained if e)  # the last records' are left out, one note on the first of them
+        assert all(explained[:first]) and not any(explained[first:]) and 0 < first < len(lines)
+        noted = [n for n in answer["notes"] if n["description"].startswith("explanations left out")]
+        assert [(n["index"], n["field"]) for n in noted] == [(first, "explain")]
+        assert f"({len(lines) - first} records)" in noted[0]["description"]
+        assert answer["results"][first]["notes"] == [noted[0]["description"]]
+        assert process.metric('logscore_errors_total{kind="explanations_left_out",surface="http"}') == 1
+        warned = [json.loads(line) for line in process.log().splitlines() if '"explanations left out' in line]
+        assert [(w["surface"], w["records"], w["left_out"]) for w in warned] == [("http", 40, len(lines) - first)]
+        # many short records: one note, not one a record
+        short = [f'10.0.0.{i % 250} - - [05/Dec/2026:10:00:00 +0000] "GET /p{i} HTTP/1.1" 200 5 "-" "c"'
+                 for i in range(150)]
+        status, raw = post_score(process, short, "model=shop&explain=20")
+        assert status == 200 and len(raw) <= limit and len(json.loads(raw)["results"]) == 150
+        assert sum(n["description"].startswith("explanations left out") for n in json.loads(raw)["notes"]) == 1
+        # scores alone over the limit: refused, saying so
+        status, raw = post_score(process, ["x"] * 3_000, "model=shop")
+        assert status == 400 and "over max_message_bytes (16,384) even without explanations: send smaller " \
+            "batches" in json.loads(raw)["error"], raw
+        assert "Traceback" not in process.log()
+    finally:
+        assert process.stop() == 0
 
 def test_expired_deadline_and_overload(models_dir, tmp_path):
     process = SidecarProcess(models_dir, tmp_path, max_queued_records=25_000, **BIG_REQUESTS).start()

@@ -22,6 +22,7 @@ from ..flood import target_fpr
 from ..records import decode_event_stream
 from ..scoring import ScoreCall, ScoreOutcome, ScoringService, check_record_count
 from ..settings import bearer_matches
+from .answers import explanations_kept, left_out_note, say_left_out
 from .feedback_grpc import FeedbackServicer
 from .grpc_requests import parse_message, parsed_or_refused, parsed_unary, refusal
 
@@ -82,35 +83,20 @@ def encode_response(outcome: ScoreOutcome, request_id: str) -> pb.ScoreResponse:
     return response
 
 
-# The note on the first record whose explanation did not fit in the answer (its and the later ones' are empty).
-EXPLANATIONS_LEFT_OUT = ("explanations left out from this record on ({count} records): the answer reached "
-                         "max_message_bytes; ask for fewer features (explain) or send smaller batches")
-
-
 def answer_bytes(response: pb.ScoreResponse, max_bytes: int) -> tuple[bytes, int]:
     """``response`` serialized in at most ``max_bytes`` (gRPC refuses to send more), and how many of
-    its records' explanations were left out to fit: those of its last records, one note on the first
-    of them. Raises InvalidRequest when it does not fit even without any explanation.
-
-    NOTE: the scores are what the caller cannot do without: a shipper passes a refused batch on
-    unscored, so refusing a whole scored batch for its explanations (1,000 records of CJK URLs with
-    explain=20 made 2.7 MB: a 900 KB request within every limit) loses the most. Left out from the
-    end, so that the records keeping theirs are one run; one note, not one a record: 20,000 notes
-    took more than the 2 MiB the explanations they replaced did."""
+    its records' explanations were left out to fit (answers.explanations_kept: those of its last
+    records, one note on the first of them). Raises InvalidRequest when it does not fit even without
+    any explanation."""
     data = response.SerializeToString()  # (once: the handler sends these bytes as they are)
     if len(data) <= max_bytes:
         return data, 0
-    explained = [framed(e.ByteSize()) for e in response.explanations]
-    count = len(explained)
+    growths = [framed(e.ByteSize()) - framed(0) for e in response.explanations]
+    count = len(growths)
     note = framed(pb.RecordNote(index=count, field="explain",  # (the largest numbers it may hold)
-                                description=EXPLANATIONS_LEFT_OUT.format(count=count)).ByteSize())
-    size, keep = len(data) + note, count  # keep = records keeping their explanation
-    while keep and size > max_bytes:
-        keep -= 1
-        size += framed(0) - explained[keep]
-    if size > max_bytes:
-        raise InvalidRequest(f"the answer would be {len(data):,} bytes, over max_message_bytes "
-                             f"({max_bytes:,}) even without explanations: send smaller batches")
+                                description=left_out_note(0, count)).ByteSize())
+    keep = explanations_kept(max_bytes - (len(data) - sum(growths)), growths, note, max_bytes)
+    keep = count if keep is None else keep  # (None only when it fit whole: not here)
     leave_out(response, keep)
     return response.SerializeToString(), count - keep
 
@@ -121,7 +107,7 @@ def leave_out(response: pb.ScoreResponse, keep: int) -> None:
     for i in range(keep, count):
         del response.explanations[i].features[:]
     notes = [(n.index, n.field, n.description) for n in response.notes]
-    notes.append((keep, "explain", EXPLANATIONS_LEFT_OUT.format(count=count - keep)))
+    notes.append((keep, "explain", left_out_note(keep, count)))
     del response.notes[:]
     for index, field, description in sorted(notes, key=lambda note: note[0]):
         response.notes.add(index=index, field=field, description=description)
@@ -265,7 +251,8 @@ class ScorerServicer:
                 response = encode_response(outcome, request_id)
                 answer, left_out = answer_bytes(response, self.service.settings.max_message_bytes)
                 if left_out:
-                    self._say_left_out(left_out, len(response.scores))
+                    say_left_out(metrics, self._left_out_said, "grpc", left_out, len(response.scores),
+                                 self.service.settings.max_message_bytes)
                 return answer
         except LogscoreError as error:
             failure = refusal(error, metrics, STATUS_CODES)
@@ -278,18 +265,6 @@ class ScorerServicer:
         # NOTE: aborted outside the except clause, so that the exception's traceback (and with it
         # the decoded request) is freed before this call yields to others.
         await context.abort(*failure)
-
-    def _say_left_out(self, left_out: int, records: int) -> None:
-        """Counted as a partial failure of the call, and warned about once an interval."""
-        self.service.metrics.child(self.service.metrics.errors, "explanations_left_out", "grpc").inc()
-        unsaid = self._left_out_said.due("grpc", 1, left_out)
-        if unsaid is not None:
-            log.warning("explanations left out: the answer reached max_message_bytes; the callers get every "
-                        "score and a note on each record without its explanation: they should ask for fewer "
-                        "features (explain) or send smaller batches",
-                        extra={"records": records, "left_out": left_out, "answers_since_last_logged": unsaid[0],
-                               "left_out_since_last_logged": unsaid[1],
-                               "max_message_bytes": self.service.settings.max_message_bytes})
 
     def _decode(self, data: bytes, context, ticket: Ticket) -> tuple[ScoreCall, str]:
         request = parse_message(pb.ScoreRequest, data)
