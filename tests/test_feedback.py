@@ -138,6 +138,21 @@ BAD_FEEDBACK = [
 ]
 
 
+def test_feedback_over_http_in_a_charset_other_than_utf8_is_refused_by_name(sidecar):
+    """/v1/feedback read a latin-1 body as UTF-8 all the same: 'caf\xe9' was marked as 'caf\ufffd',
+    unsaid. Now refused as /v1/score refuses it (415, naming the charset), and nothing stored."""
+    mark = {"verdict": "normal", "author": "ana", "field": "user_agent", "value": "café-bot/1.0"}
+    for charset, encoding in (("latin-1", "latin-1"), ("utf-16", "utf-16")):
+        got, raw = http_request(sidecar.http_port, "POST", "/v1/feedback", json.dumps(mark, ensure_ascii=False)
+                                .encode(encoding), {"Content-Type": f"application/json; charset={charset}"})
+        assert got == 415, raw
+        assert f"declares charset {charset!r}; send the body in UTF-8" in json.loads(raw)["error"]
+    assert feedback(sidecar, "GET")[1]["feedback"] == []
+    assert sidecar.metric('logscore_errors_total{kind="http_415",surface="http"}') == 2
+    got, raw = http_request(sidecar.http_port, "POST", "/v1/feedback", json.dumps(mark, ensure_ascii=False).encode(),
+                            {"Content-Type": "application/json; charset=UTF-8"})
+    assert got == 200 and json.loads(raw)["feedback"]["pattern"]["value"] == "café-bot/1.0", raw
+
 def test_bad_feedback_gets_a_clear_error_and_stores_nothing(sidecar, shop_model_path, shop_training_lines):
     from logscore.feedback import inspect
     from logscore.model import Model

@@ -26,7 +26,7 @@ from urllib.parse import parse_qs, quote, unquote, urlsplit
 from ..errors import InvalidRequest, LogscoreError, Unauthenticated
 from ..feedback_store import LIST_FEEDBACK, Mark
 from .feedback_grpc import count_mark, off_loop
-from .http import STATUS_CODES, Request, Response, digits, json_error, query_count
+from .http import STATUS_CODES, HttpError, Request, Response, check_utf8, digits, json_error, query_count
 
 COOKIE = "logscore_token"
 PAGE_AUTHOR = "review page"
@@ -146,6 +146,9 @@ class FeedbackHttp:
         metrics = self.service.metrics
         try:
             return await work()
+        except HttpError as error:  # (a body in another charset than UTF-8: as /v1/score answers it)
+            metrics.refused(error.kind, "http", str(error))
+            return Response.error(error.status, str(error))
         except LogscoreError as error:
             said = http_words(str(error))
             metrics.refused(type(error).__name__, "http", said)
@@ -216,9 +219,11 @@ def check_same_origin(request: Request) -> None:
 def check_json_from_here(request: Request) -> None:
     """JSON only: a page of another origin can post text/plain without asking, not application/json."""
     check_same_origin(request)
-    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    declared = request.headers.get("content-type", "")
+    content_type = declared.split(";")[0].strip().lower()
     if content_type != "application/json":
         raise InvalidRequest(f"Content-Type {content_type or '(none)'!r}: send the feedback as application/json")
+    check_utf8(declared)
 
 
 def redirect(location: str) -> Response:

@@ -524,15 +524,20 @@ def read_as_utf8(charset: str) -> bool:
         return False
 
 
+def check_utf8(content_type: str) -> None:
+    """Refuse (415) a JSON body declared in a charset other than UTF-8 (/v1/score, /v1/feedback)."""
+    charset = declared_charset(content_type)
+    if charset is not None and not read_as_utf8(charset):
+        # NOTE: decoded as UTF-8 all the same, 'caf\xe9' sent as latin-1 was scored (or marked) as 'caf\ufffd', unsaid
+        raise HttpError(415, f"Content-Type {content_type!r} declares charset {charset!r}; send the body in "
+                        "UTF-8 (charset=utf-8, or no charset: JSON is UTF-8)")
+
+
 def decode_events(body: bytes, content_type: str, ticket: Ticket = UNLIMITED) -> tuple[list, bool]:
     """(records, single): one JSON object, an array of them, or {"records": [...]}."""
     if content_type and "json" not in content_type.split(";")[0]:
         raise HttpError(415, f"Content-Type {content_type!r} is not JSON; send application/json")
-    charset = declared_charset(content_type)
-    if charset is not None and not read_as_utf8(charset):
-        # NOTE: decoded as UTF-8 all the same, 'caf\xe9' sent as latin-1 was scored as 'caf\ufffd', unsaid
-        raise HttpError(415, f"Content-Type {content_type!r} declares charset {charset!r}; send the body in "
-                        "UTF-8 (charset=utf-8, or no charset: JSON is UTF-8)")
+    check_utf8(content_type)
     # At most one value per comma, bracket and brace: charged before json.loads builds them.
     ticket.charge_values(body.count(b",") + body.count(b"[") + body.count(b"{"))
     try:
