@@ -307,6 +307,15 @@ class StreamScorerTest < Test::Unit::TestCase
     end
   end
 
+  # A failure recorded a moment after the call ends: a call waiting for the failed call's place
+  # took it before the circuit opened (and called the stopped sidecar) when the place was freed first.
+  module SlowFailureRecord
+    def failed(*args, **options)
+      sleep 0.02
+      super
+    end
+  end
+
   test 'a hung sidecar: calls_in_flight past 4 places, or calls that waited for a place, make no more calls' do
     # calls_in_flight 8 made 8 calls for 4 places; the 4 that waited for one called the stopped
     # sidecar when it freed, though the circuit had opened meanwhile: a stream was held twice its
@@ -321,13 +330,19 @@ class StreamScorerTest < Test::Unit::TestCase
       assert(out.all? { |_, r| r['anomaly_unscored'] })
       assert_operator now - started, :<=, 0.3 + 0.001 * 100 * 4 + 0.2 # timeout + per record x batch x 4 places
       assert_equal 4, s.client.stats[:calls]
-      # Two streams at once (two inputs): the second one's calls wait for places the first holds.
+      # Two streams at once (two inputs): the second one's calls wait for places the first holds;
+      # the first's failures open the circuit before they free their places, so the second's calls
+      # find it open (circuit_open), neither calling the stopped sidecar nor waiting out (busy).
       s = scorer(endpoint: "unix://#{sidecar.socket}", timeout: 0.3, timeout_per_record: 0.001, message_key: 'message',
-                 batch_records: 100, in_flight: 4, probe_interval: 60)
+                 batch_records: 100, in_flight: 4, probe_interval: 60, on_error: :error)
+      s.client.singleton_class.prepend(SlowFailureRecord)
       first = Thread.new { s.score('web', chunk.call) }
       sleep 0.05 until s.client.stats[:calls] == 4
-      second = s.score('web', chunk.call)
-      assert((first.value + second).all? { |_, r| r['anomaly_unscored'] })
+      sleep 0.1 # (the second's waits, each its allowance, end well after the first's calls fail)
+      reasons = []
+      assert_equal [], s.score('web', chunk.call) { |_, _, error| reasons << error.reason }
+      assert(first.value.all? { |_, r| r['anomaly_unscored'] })
+      assert_equal ['circuit_open'] * 2000, reasons
       assert_equal 4, s.client.stats[:calls], 'a call that found a place after the circuit opened was made'
     end
   end

@@ -271,9 +271,16 @@ module Logscore
       # stopped during the wait (the calls holding the slots found the sidecar hung): asked again.
       result = @slots.hold(allowed) do
         refuse_when_stopped
-        timed_call(request, count, ahead, allowed)
+        recorded_call(request, count, ahead, allowed)
       end
       result || busy(allowed)
+    end
+
+    # The call, its failure recorded (the circuit opened) while it still holds its slot.
+    # NOTE: recorded once the slot was freed, a call waiting for that slot could take it first and,
+    # the circuit not open yet, call the hung sidecar too (and hold its stream another allowance).
+    def recorded_call(request, count, ahead, allowed)
+      timed_call(request, count, ahead, allowed)
     rescue GRPC::BadStatus => e
       @deadlines.observe(count + ahead, allowed) if e.code == GRPC::Core::StatusCodes::DEADLINE_EXCEEDED
       refused('invalid_argument', e.details) if e.code == GRPC::Core::StatusCodes::INVALID_ARGUMENT
@@ -281,9 +288,7 @@ module Logscore
       refused('unauthenticated', e.details) if NOT_ALLOWED.include?(e.code)
       refused('message_too_large', e.details) if too_large?(e)
       failed(status_name(e.code), e.details, silent: SILENT.include?(e.code))
-    rescue ScoringFailed => e
-      raise if %w[circuit_open busy shutting_down].include?(e.reason)
-
+    rescue ScoringFailed => e # an answer that is not one (malformed_response)
       failed(e.reason, e.message, silent: false)
     end
 
