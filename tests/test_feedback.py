@@ -821,3 +821,40 @@ def test_a_group_of_long_lines_that_parse_can_be_marked_normal(sidecar):
                                 {"Content-Type": "application/x-www-form-urlencoded"})
     assert status == 200 and "Not done" not in page.decode(), page.decode()[-2000:]
     assert len(feedback(sidecar, "GET")[1]["feedback"]) == 1
+
+
+def test_a_database_password_is_hidden_wherever_the_url_holds_it(tmp_path, shop_model_path):
+    """`?password=secretpw` was shown whole on /readyz (which answers without the token), GET
+    /v1/feedback and the logs; `user:sec@ret@host` made libpq resolve the host 'ret@host'."""
+    from logscore.errors import ConfigError, StoreUnavailable
+    from logscore.feedback_store import redact
+
+    forms = {
+        "postgresql://ana:secretpw@db:5432/logscore": "postgresql://ana:***@db:5432/logscore",
+        "postgresql://ana@db/logscore?password=secretpw": "postgresql://ana@db/logscore?password=***",
+        "postgres://ana@db/logscore?sslmode=require&password=secretpw&connect_timeout=3":
+            "postgres://ana@db/logscore?sslmode=require&password=***&connect_timeout=3",
+        "postgresql://ana:sec@ret@db/logscore": "postgresql://ana:***@db/logscore",
+        "postgresql://ana:se/cr?et@db/logscore?password=secretpw": "postgresql://ana:***@db/logscore?password=***",
+        "postgresql://ana@db/logscore": "postgresql://ana@db/logscore",
+    }
+    assert {url: redact(url) for url in forms} == forms
+    pytest.importorskip("psycopg", reason="psycopg (the postgres extra) makes PostgreSQL stores")
+    from logscore.feedback_store import PostgresStore
+
+    with pytest.raises(ConfigError) as refused:  # libpq would take 'ret@db' for the host
+        PostgresStore("postgresql://ana:sec@ret@db/logscore")
+    assert "%40" in str(refused.value) and "sec" not in str(refused.value) and "ret" not in str(refused.value)
+    with pytest.raises(StoreUnavailable) as failure:  # (the driver's own words pass through _explain)
+        PostgresStore("postgresql://ana@127.0.0.1:1/none?password=secretpw", connect_timeout=1).revision()
+    assert "secretpw" not in str(failure.value) and "password=***" in str(failure.value)
+
+    url = "postgresql://ana@127.0.0.1:1/none?password=secretpw&connect_timeout=1"
+    process = SidecarProcess(models_dir_with(tmp_path, shop_model_path, "shop"), tmp_path, feedback_store=url).start()
+    try:
+        status, ready = process.http_get("/readyz")
+        listed = feedback(process, "GET")
+    finally:
+        assert process.stop() == 0
+    assert b"secretpw" not in ready and b"password=***" in ready
+    assert "secretpw" not in json.dumps(listed) and "secretpw" not in process.log()

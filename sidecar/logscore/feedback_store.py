@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import sqlite3
 import threading
@@ -26,6 +27,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
+from urllib.parse import unquote
 
 from .errors import ConfigError, FeedbackNotFound, InvalidRequest, StoreUnavailable
 from .feedback import (EXAMPLES, UNREADABLE, VERDICTS, Entry, RuleSet, pattern_from_field, pattern_from_records,
@@ -441,10 +443,19 @@ class PostgresStore(FeedbackStore):
         except ImportError:
             raise ConfigError("--feedback-store postgresql://… needs psycopg: pip install 'logscore[postgres]'") from None
         self._psycopg = psycopg
+        credentials = url.partition("://")[2].split("/", 1)[0]
+        if credentials.count("@") > 1:  # libpq splits at the first: the rest of the password became the host
+            raise ConfigError(f"--feedback-store {redact(url)}: its password holds an '@'; write it %40 in the URL, "
+                              "or leave it out and put it in ~/.pgpass or PGPASSWORD")
         self.url = url
+        self._passwords = url_passwords(url)
         self.connect_timeout = connect_timeout
         self.description = self.public_name = redact(url)
         self._listener = None
+
+    def _explain(self, error: Exception) -> str:
+        """The driver's words, without the password (libpq may quote a part of the URL)."""
+        return without_passwords(one_line(error), self._passwords)
 
     def _connect(self):
         # NOTE: a statement bounded too: a lock held elsewhere (a DBA's open transaction) would
@@ -487,12 +498,45 @@ class PostgresStore(FeedbackStore):
 
 
 def redact(url: str) -> str:
-    """A database URL without its password (for logs, errors and /readyz)."""
+    """A database URL without its password wherever it holds one (for logs, errors and /readyz): after
+    ``user:`` up to the last ``@`` of the user part (a password may hold an ``@``, and libpq's split at
+    the first one put the rest in the host name), and every ``password=`` of the query."""
+    scheme, head, tail = split_url(url)
+    credentials, at, host = head.rpartition("@")
+    if at and ":" in credentials:
+        head = f"{credentials.split(':', 1)[0]}:***@{host}"
+    tail = QUERY_PASSWORD.sub(r"\g<1>***", tail)
+    return f"{scheme}{head}{tail}"
+
+
+def split_url(url: str) -> tuple[str, str, str]:
+    """(the scheme with its "://"; user, host and database; the query from its "?")"""
     scheme, sep, rest = url.partition("://")
-    credentials, at, host = rest.rpartition("@")
-    if not at or ":" not in credentials:
-        return url
-    return f"{scheme}{sep}{credentials.split(':', 1)[0]}:***@{host}"
+    query = QUERY_START.search(rest)
+    head, tail = (rest[:query.start()], rest[query.start():]) if query else (rest, "")
+    return scheme + sep, head, tail
+
+
+# (a query begins at a "?" followed by a parameter's name and "=": a "?" in a password begins none)
+QUERY_START = re.compile(r"\?[A-Za-z_]+=")
+QUERY_PASSWORD = re.compile(r"([?&]password=)[^&]*")
+
+
+def url_passwords(url: str) -> list[str]:
+    """The passwords a URL holds (user part and query), as written and as decoded: an error of the
+    driver's may quote either."""
+    _, head, tail = split_url(url)
+    credentials, at, _ = head.rpartition("@")
+    found = [credentials.split(":", 1)[1]] if at and ":" in credentials else []
+    found += [m.group(0).split("=", 1)[1] for m in re.finditer(r"(?<=[?&])password=[^&]*", tail)]
+    found += [unquote(p) for p in found]
+    return sorted({p for p in found if p}, key=len, reverse=True)  # (longest first: one may hold another)
+
+
+def without_passwords(text: str, passwords: Sequence[str]) -> str:
+    for password in passwords:
+        text = text.replace(password, "***")
+    return text
 
 
 def one_line(error: Exception) -> str:
