@@ -653,16 +653,16 @@ def test_the_entries_are_listed_a_page_at_a_time_over_http_grpc_and_the_command_
 def test_the_review_page_shows_reversing_and_invisible_characters_as_escapes(sidecar):
     """A U+202E in a record's URL or a feedback reason showed the rest of it reversed on the page where
     an operator decides what is normal (`/files/\\u202etxt.exe` read `/files/exe.txt`); a zero-width
-    space made two values look the same; a NUL went out raw."""
-    tricks = "\u202etxt.exe\u200b\x00"
-    line = monitor_lines(1, seed=41)[0].replace(" HTTP/1.1", f"<script>{tricks} HTTP/1.1", 1)
+    space made two values look the same; a NUL went out raw (a NUL only in the line: a mark's text refuses one)."""
+    tricks = "\u202etxt.exe\u200b"
+    line = monitor_lines(1, seed=41)[0].replace(" HTTP/1.1", f"<script>{tricks}\x00 HTTP/1.1", 1)
     assert score(sidecar, [line])[0]["is_anomaly"]
     status, body = feedback(sidecar, "POST", {"verdict": "keep", "author": f"ana{tricks}", "reason": f"why{tricks}",
                                               "field": "user_agent", "value": f"agent{tricks}"})
     assert status == 200, body
     page = sidecar.http_get("/ui/")[1].decode()
     assert not any(c in page for c in "\u202e\u200b\x00"), "raw reversing, invisible or NUL characters"
-    assert page.count(r"\u202etxt.exe\u200b\x00") >= 4  # example line, author, reason, value
+    assert page.count(r"\u202etxt.exe\u200b") >= 4 and r"\u200b\x00" in page  # example line, author, reason, value
     assert "&lt;script&gt;" in page and "<script" not in page
 
 
@@ -858,3 +858,35 @@ def test_a_database_password_is_hidden_wherever_the_url_holds_it(tmp_path, shop_
         assert process.stop() == 0
     assert b"secretpw" not in ready and b"password=***" in ready
     assert "secretpw" not in json.dumps(listed) and "secretpw" not in process.log()
+
+
+def test_text_no_store_keeps_is_refused_by_name_whatever_the_store():
+    """A NUL in a mark's reason or author was PostgreSQL's 503 "store unavailable", a lone surrogate
+    (a JSON "\\ud800") both stores' 503: refused here before any store is asked, saying where."""
+    from logscore.errors import InvalidRequest
+    from logscore.feedback import Entry
+    from logscore.feedback_store import Mark, check_entry, storable, unstorable
+
+    assert unstorable("GET /a HTTP/1.1 caf\u00e9 \U0001f600") is None
+    assert "NUL" in unstorable("a\x00b") and "character 1" in unstorable("a\x00b")
+    assert "U+D800" in unstorable("p\ud800") and "U+DC00" in unstorable("\udc00")
+    assert storable("a\x00b\udfff\U0001f600") == "a\ufffdb\ufffd\U0001f600"
+    for name in ("author", "reason", "route", "entity", "example"):
+        entry = Entry(0, "normal", {"keys": [1], "kind": [1]}, "ana")
+        setattr(entry, name, getattr(entry, name) + "x\x00")
+        with pytest.raises(InvalidRequest, match=f"^{name} holds a NUL"):
+            check_entry(entry)
+    with pytest.raises(InvalidRequest, match="^group holds a lone surrogate"):
+        Mark("normal", "ana", group="g\ud83d").check()
+
+
+def test_a_mark_holding_nul_or_half_a_character_gets_a_400_saying_so_and_stores_nothing(sidecar):
+    line = compare_lines(1, seed=44)[0]
+    for body, named in (({"verdict": "normal", "author": "ana", "reason": "a\x00b", "records": [line]}, "reason"),
+                        ({"verdict": "normal", "author": "p\ud800", "records": [line]}, "author")):
+        status, answer = feedback(sidecar, "POST", body)
+        assert status == 400 and answer["error"].startswith(f"{named} holds a "), answer
+    assert feedback(sidecar, "GET")[1]["feedback"] == []
+    # a record logged with a NUL is marked as it was; its example is shown with U+FFFD in its place
+    status, answer = feedback(sidecar, "POST", {"verdict": "keep", "author": "ana", "records": [line + "\x00"]})
+    assert status == 200 and answer["feedback"]["example"] == line + "\ufffd", answer

@@ -134,6 +134,7 @@ def check_entry(entry: Entry) -> None:
     store lists and shows each entry it loads."""
     if entry.verdict not in VERDICTS:
         raise InvalidRequest(f"verdict {entry.verdict!r}: use 'normal' (a false positive) or 'keep' (a true anomaly)")
+    refuse_unstorable(entry, ("author", "reason", "model", "route", "entity", "example"))
     if not entry.author.strip():
         raise InvalidRequest("say who gives the feedback (author)")
     for name, most in (("author", MAX_AUTHOR_CHARS), ("reason", MAX_REASON_CHARS), ("route", MAX_SCOPE_CHARS),
@@ -149,6 +150,36 @@ def check_entry(entry: Entry) -> None:
                                  "such as 2026-12-31T00:00:00Z, or none to keep the entry")
         if entry.expires_at <= time.time():
             raise InvalidRequest("expires_at is in the past; give a future time, or none to keep the entry")
+
+
+def refuse_unstorable(holder, names: Sequence[str]) -> None:
+    """Refuse text either store would fail on (a 503, the store blamed): PostgreSQL's text holds no
+    NUL, and neither store's UTF-8 a lone surrogate (a JSON "\\ud800" with no low half after it).
+    Checked whatever the store, so that a mark refused on one is refused on all."""
+    for name in names:
+        problem = unstorable(getattr(holder, name))
+        if problem:
+            raise InvalidRequest(f"{name} holds {problem}: no feedback store keeps it; remove it and send again")
+
+
+def unstorable(text: str) -> Optional[str]:
+    """What in ``text`` no store can keep, with where it is, or None."""
+    found = UNSTORABLE.search(text)
+    if found is None:
+        return None
+    if found.group() == "\x00":
+        return f"a NUL character (0x00) at character {found.start()}"
+    return (f"a lone surrogate (U+{ord(found.group()):04X}) at character {found.start()}, which no UTF-8 text "
+            "holds (a \\u escape of half a character)")
+
+
+UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+
+
+def storable(text: str) -> str:
+    """A copy of a marked record (an entry's example, for display) with what no store keeps as U+FFFD:
+    a record is marked as it was logged, NUL and all; its pattern (JSON) keeps it escaped."""
+    return UNSTORABLE.sub("\ufffd", text)
 
 
 # Past a 64-bit signed integer: no key or kind the rules index (int64), no id of either store's
@@ -605,6 +636,7 @@ class Mark:
     value: Optional[str] = None
 
     def check(self) -> None:
+        refuse_unstorable(self, ("author", "reason", "model", "route", "entity", "group", "field"))
         for name in ("group", "field", "model"):
             # (errors name what was asked for: one of a megabyte was more than gRPC's error could carry)
             if len(getattr(self, name)) > MAX_NAME_CHARS:
@@ -767,7 +799,7 @@ class FeedbackService:
             if mark.verdict == "normal":
                 self._refuse_unparsed_group(mark.group, group)
             pattern = self.review.pattern(group, mark.verdict)
-            example = group.examples[-1].text if group.examples else ""
+            example = storable(group.examples[-1].text) if group.examples else ""
             route = mark.route or group.route
         else:
             model = self.registry.resolve(mark.model, mark.route)
@@ -779,7 +811,7 @@ class FeedbackService:
                 if mark.verdict == "normal":
                     refuse_unparsed(model, mark.records)
                 pattern = pattern_from_records(model, mark.records)
-                example = record_text(mark.records[0])
+                example = storable(record_text(mark.records[0]))
         entry = self.store.add(Entry(0, mark.verdict, pattern, mark.author, mark.reason, model_name, route,
                                      mark.entity, expires_at=mark.expires_at, example=example))
         if mark.group and self.review is not None:
