@@ -890,3 +890,37 @@ def test_a_mark_holding_nul_or_half_a_character_gets_a_400_saying_so_and_stores_
     # a record logged with a NUL is marked as it was; its example is shown with U+FFFD in its place
     status, answer = feedback(sidecar, "POST", {"verdict": "keep", "author": "ana", "records": [line + "\x00"]})
     assert status == 200 and answer["feedback"]["example"] == line + "\ufffd", answer
+
+
+def test_an_entry_expires_on_time_while_its_store_is_unreachable(tmp_path):
+    """The rules were rebuilt only once the store had been read: an entry marked for a while stayed
+    in force for as long as the store was down."""
+    from logscore.errors import StoreUnavailable
+    from logscore.feedback import Entry
+    from logscore.feedback_store import FeedbackService, SqliteStore
+
+    class DownStore(SqliteStore):
+        down = False
+
+        def _connect(self):
+            if self.down:
+                raise StoreUnavailable("feedback store: down (the test's)")
+            return super()._connect()
+
+    store = DownStore(str(tmp_path / "feedback.sqlite3"))
+    store.migrate()
+    rule = {"keys": [1, 2], "kind": [1, "path /a/<a>"], "features": ["url: x"]}
+    store.add(Entry(0, "normal", rule, "ana", model="shop", expires_at=time.time() + 1.0))
+    store.add(Entry(0, "normal", {**rule, "keys": [3]}, "ana", model="shop"))
+    service = FeedbackService(store, poll_s=0.05)
+    service.start()
+    try:
+        assert len(service.rules) == 2 and service.reachable
+        store.down = True
+        deadline = time.monotonic() + 30  # (a bound on waiting, not on the expiry: it passes in 1 s)
+        while len(service.rules) == 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert [e.pattern["keys"] for e in service.rules.entries] == [[3]], "the expired entry stayed in force"
+        assert not service.reachable and "down" in service.error and service.rules.next_expiry is None
+    finally:
+        service.stop()

@@ -731,13 +731,30 @@ class FeedbackService:
                                "unreadable_entries": len(unreadable), "why": unreadable[0].pattern[UNREADABLE]})
         log.info("feedback loaded", extra={"store": self.store.description, "revision": revision,
                                            "active_entries": len(self.rules)})
+        self._recheck_review()
+        self.on_reload(self)
+        return True
+
+    def _recheck_review(self) -> None:
         if self.review is not None:
             try:
                 self.review.recheck(self.rules)
             except Exception:  # a bug: the page's coverage stays as it was; the rules are in force
                 log.exception("review groups not checked against the new feedback")
-        self.on_reload(self)
-        return True
+
+    def _drop_expired(self) -> None:
+        """The rules last loaded without the entries expired since: an expiry needs no store, and one
+        unreachable kept entries in force past their time (a mark 'for 20 s' for as long as it was down)."""
+        with self._lock:
+            if self.rules.next_expiry is None or self.rules.next_expiry > time.time():
+                return
+            before = len(self.rules)
+            with collector_paused():
+                self.rules = RuleSet(self.rules.entries)
+        log.info("expired feedback entries dropped while the store is unreachable",
+                 extra={"store": self.store.description, "expired_entries": before - len(self.rules),
+                        "active_entries": len(self.rules)})
+        self._recheck_review()
 
     def _reachable(self) -> None:
         back = not self.reachable and self.error is not None
@@ -747,6 +764,7 @@ class FeedbackService:
             self.on_reload(self)
 
     def _unreachable(self, error: Exception) -> None:
+        self._drop_expired()
         if self.reachable or self.error is None:
             log.error("feedback store unreachable; the rules last loaded stay in force" if self.loaded_at else
                       "feedback store unreachable; no feedback is applied until it is reached",
