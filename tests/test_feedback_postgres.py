@@ -5,6 +5,7 @@ last loaded and says so; both stores share one schema and its migrations."""
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 
@@ -257,3 +258,29 @@ def test_a_listening_sidecar_polls_rarely_yet_applies_writes_and_expiries_at_onc
     waiting.join(timeout=30)
     assert not waiting.is_alive(), "a stopping sidecar waited for its next poll"
     store.close()
+
+
+def test_connections_give_up_on_a_dead_server_in_seconds_not_the_kernels_hours(cluster):
+    """statement_timeout is the server's: a server whose host went down never applies it, and a
+    connection waited for the kernel's defaults (no keepalive for 2 hours, retransmissions for 15
+    minutes). Read back from the sockets themselves: the setting is what the kernel applies."""
+    import socket
+
+    store = PostgresStore(cluster.create_database("deadpeer"))
+    stop = threading.Event()
+    store.watch(0.05, stop)  # (opens the listener)
+    connection = store._connect()
+    try:
+        for fileno in (connection.fileno(), store._listener.fileno()):
+            sock = socket.socket(fileno=os.dup(fileno))
+            try:
+                assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+                assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 5
+                assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL) == 2
+                assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == 3
+                assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 10000
+            finally:
+                sock.close()
+    finally:
+        connection.close()
+        store.close()

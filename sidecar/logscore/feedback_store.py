@@ -78,6 +78,13 @@ MAX_VALUE_CHARS = 2000  # a field value marked (a user agent, say)
 EXPIRY_SAME_WITHIN_S = 60.0
 ROOM_TO_WRITE = 16 * 2**20  # free bytes past which a SQLite write that fails is no full disk's doing
 STATEMENT_TIMEOUT_MS = 5000  # PostgreSQL: past it a statement fails (StoreUnavailable), a write 503
+# PostgreSQL, the client's side (libpq's parameters): statement_timeout is the server's, and a server
+# gone (a host down, a network cut) never applies it. Data unacknowledged 10 s, or an idle connection
+# whose peer answers no keepalive within 5 + 3 * 2 s, fails (StoreUnavailable) instead of waiting for
+# the kernel's defaults (15 minutes, 2 hours). A server whose kernel still acknowledges (its process
+# stopped, a proxy gone silent) is not detected by these.
+DEAD_PEER = {"keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 2, "keepalives_count": 3,
+             "tcp_user_timeout": 10000}
 # PostgreSQL: while a sidecar LISTENs, changes come as notifications and a poll is only the check for a
 # notification lost, so it is made this often (each poll is a new connection: a backend forked and
 # authenticated; every 0.5 s that was 2 a second per sidecar, about 1 % of a core of the database's).
@@ -492,7 +499,7 @@ class PostgresStore(FeedbackStore):
         # NOTE: a statement bounded too: a lock held elsewhere (a DBA's open transaction) would
         # otherwise hold every write and listing for as long, the store reported reachable.
         return self._psycopg.connect(self.url, connect_timeout=max(1, int(self.connect_timeout)),
-                                     options=f"-c statement_timeout={STATEMENT_TIMEOUT_MS}")
+                                     options=f"-c statement_timeout={STATEMENT_TIMEOUT_MS}", **DEAD_PEER)
 
     def _after_write(self, cursor) -> None:
         cursor.execute(f"NOTIFY {CHANNEL}")
@@ -507,7 +514,7 @@ class PostgresStore(FeedbackStore):
         try:
             if self._listener is None or self._listener.closed:
                 self._listener = self._psycopg.connect(self.url, autocommit=True,
-                                                       connect_timeout=max(1, int(self.connect_timeout)))
+                                                       connect_timeout=max(1, int(self.connect_timeout)), **DEAD_PEER)
                 self._listener.execute(f"LISTEN {CHANNEL}")
                 return
             deadline = time.monotonic() + max(timeout, listening_timeout)
