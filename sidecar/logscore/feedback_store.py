@@ -752,12 +752,17 @@ class FeedbackService:
     def _drop_expired(self) -> None:
         """The rules last loaded without the entries expired since: an expiry needs no store, and one
         unreachable kept entries in force past their time (a mark 'for 20 s' for as long as it was down)."""
-        with self._lock:
+        # (never waits for the lock: a reload holding it may be stuck on the store; the next poll retries)
+        if not self._lock.acquire(blocking=False):
+            return
+        try:
             if self.rules.next_expiry is None or self.rules.next_expiry > time.time():
                 return
             before = len(self.rules)
             with collector_paused():
                 self.rules = RuleSet(self.rules.entries)
+        finally:
+            self._lock.release()
         log.info("expired feedback entries dropped while the store is unreachable",
                  extra={"store": self.store.description, "expired_entries": before - len(self.rules),
                         "active_entries": len(self.rules)})
