@@ -284,3 +284,28 @@ def test_connections_give_up_on_a_dead_server_in_seconds_not_the_kernels_hours(c
     finally:
         connection.close()
         store.close()
+
+
+def test_a_role_with_rights_on_the_tables_only_uses_a_current_store_and_one_without_them_is_told_what(cluster):
+    """migrate() ran CREATE TABLE IF NOT EXISTS first, which PostgreSQL refuses a role without CREATE on
+    the schema even when the table exists: such a role never reached the store (`permission denied for
+    schema public`, retried for ever), and nothing said which rights it needs."""
+    import psycopg
+
+    url = cluster.create_database("rights")
+    PostgresStore(url).migrate()  # by the owner, once
+    with psycopg.connect(url, autocommit=True) as connection:
+        connection.execute("REVOKE CREATE ON SCHEMA public FROM PUBLIC")
+        for role in ("writer", "reader"):
+            connection.execute(f"CREATE ROLE {role} LOGIN")
+        connection.execute("GRANT SELECT, INSERT, UPDATE ON feedback, feedback_revision, schema_migrations TO writer")
+        connection.execute("GRANT USAGE ON SEQUENCE feedback_id_seq TO writer")
+    writer = PostgresStore(url.replace("postgres@", "writer@"))
+    assert writer.migrate() == SCHEMA_VERSION
+    added = writer.add(Entry(0, NORMAL, {"keys": [1, 2], "kind": [1, "path /a/<a>"], "features": ["url: x"]}, "ana",
+                             model="shop"))
+    assert [e.id for e in writer.entries()] == [added.id] and writer.revision() == 1
+    with pytest.raises(StoreUnavailable) as refused:
+        PostgresStore(url.replace("postgres@", "reader@")).migrate()
+    said = str(refused.value)
+    assert "permission denied" in said and "the role needs SELECT, INSERT and UPDATE" in said

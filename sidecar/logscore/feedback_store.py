@@ -226,6 +226,10 @@ class FeedbackStore:
     def _lock_for_migration(self, cursor) -> None:
         """Keep two sidecars from migrating at once."""
 
+    def _has_table(self, cursor, name: str) -> bool:
+        cursor.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,))
+        return cursor.fetchone() is not None
+
     def _sql(self, text: str) -> str:
         return text.replace("?", self.placeholder)
 
@@ -270,8 +274,12 @@ class FeedbackStore:
         """Apply the migrations not yet applied; returns the schema version."""
         def work(cursor):
             self._lock_for_migration(cursor)
-            cursor.execute(f"CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, "
-                           f"applied_at {self.types['real']} NOT NULL)")
+            # NOTE: looked for before any CREATE: PostgreSQL checks the right to create in the schema
+            # before it sees the table exists, and a role with only SELECT/INSERT/UPDATE on the tables
+            # could never use a store that was current
+            if not self._has_table(cursor, "schema_migrations"):
+                cursor.execute(f"CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, "
+                               f"applied_at {self.types['real']} NOT NULL)")
             cursor.execute("SELECT version FROM schema_migrations")
             applied = {row[0] for row in cursor.fetchall()}
             newer = [v for v in applied if v > SCHEMA_VERSION]
@@ -492,8 +500,14 @@ class PostgresStore(FeedbackStore):
         self._listener = None
 
     def _explain(self, error: Exception) -> str:
-        """The driver's words, without the password (libpq may quote a part of the URL)."""
-        return without_passwords(one_line(error), self._passwords)
+        """The driver's words, without the password (libpq may quote a part of the URL); a refused
+        privilege says which the store's role needs."""
+        text = without_passwords(one_line(error), self._passwords)
+        if isinstance(error, self._psycopg.errors.InsufficientPrivilege):
+            text += ("; the role needs SELECT, INSERT and UPDATE on feedback, feedback_revision and "
+                     "schema_migrations, USAGE on feedback_id_seq, and CREATE on the schema while it creates or "
+                     "migrates them (or start one sidecar once as a role that may)")
+        return text
 
     def _connect(self):
         # NOTE: a statement bounded too: a lock held elsewhere (a DBA's open transaction) would
@@ -506,6 +520,10 @@ class PostgresStore(FeedbackStore):
 
     def _lock_for_migration(self, cursor) -> None:
         cursor.execute("SELECT pg_advisory_xact_lock(7462033)")  # any constant of our own
+
+    def _has_table(self, cursor, name: str) -> bool:
+        cursor.execute("SELECT to_regclass(%s) IS NOT NULL", (name,))
+        return bool(cursor.fetchone()[0])
 
     def watch(self, timeout: float, stop: threading.Event, listening_timeout: float = 0.0) -> None:
         """LISTEN: returns as soon as another writer notifies, else after ``listening_timeout`` (a
