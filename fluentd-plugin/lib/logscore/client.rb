@@ -53,6 +53,19 @@ module Logscore
     end
   end
 
+  # With `lock` held: waits on `condition` while the block says so, `seconds` at most; false if the
+  # time ran out first.
+  def self.wait_while(lock, condition, seconds)
+    deadline = Process.clock_gettime(Process::CLOCK_MONOTONIC) + seconds
+    while yield
+      left = deadline - Process.clock_gettime(Process::CLOCK_MONOTONIC)
+      return false if left <= 0
+
+      condition.wait(lock, left)
+    end
+    true
+  end
+
   # At most `size` calls at once on the client's connection: Fluentd calls a filter from every
   # input's thread at once, and a connection past the sidecar's streams is refused (RST_STREAM
   # REFUSED_STREAM, reported as UNAVAILABLE: a silent sidecar to the circuit; six in_tail sources
@@ -83,14 +96,9 @@ module Logscore
     private
 
     def take(timeout)
-      deadline = Process.clock_gettime(Process::CLOCK_MONOTONIC) + timeout
       @lock.synchronize do
-        while @free.zero?
-          left = deadline - Process.clock_gettime(Process::CLOCK_MONOTONIC)
-          return false if left <= 0
+        return false unless Logscore.wait_while(@lock, @freed, timeout) { @free.zero? }
 
-          @freed.wait(@lock, left)
-        end
         @free -= 1
       end
       true

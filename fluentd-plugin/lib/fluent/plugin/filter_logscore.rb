@@ -184,16 +184,9 @@ module Fluent
       end
 
       def streams_left_within(seconds)
-        deadline = Process.clock_gettime(Process::CLOCK_MONOTONIC) + seconds
         @streams_lock.synchronize do
-          while @streams_inside.positive?
-            left = deadline - Process.clock_gettime(Process::CLOCK_MONOTONIC)
-            return false if left <= 0
-
-            @stream_left.wait(@streams_lock, left)
-          end
+          Logscore.wait_while(@streams_lock, @stream_left, seconds) { @streams_inside.positive? }
         end
-        true
       end
 
       # NOTE: leaving the filter is not reaching the output: the input's thread then runs the filters
