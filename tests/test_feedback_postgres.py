@@ -309,3 +309,140 @@ def test_a_role_with_rights_on_the_tables_only_uses_a_current_store_and_one_with
         PostgresStore(url.replace("postgres@", "reader@")).migrate()
     said = str(refused.value)
     assert "permission denied" in said and "the role needs SELECT, INSERT and UPDATE" in said
+
+
+class SilentProxy:
+    """A TCP proxy to the cluster that forwards bytes both ways until told to go silent: then it
+    still accepts (the kernel acknowledges) but reads nothing, like a stopped `postgres` or a proxy
+    hung on the way. ``silence(new_too=False)`` silences only the connections open now (one stopped
+    backend: new connections are served)."""
+
+    def __init__(self, port: int):
+        import socket
+
+        self._upstream = ("127.0.0.1", port)
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self._open: list[threading.Event] = []  # each connection's "speaking"
+        self._new_speak = True
+        self._sockets = []
+        self._closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def url(self, database: str) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
+
+    def silence(self, new_too: bool = True) -> None:
+        self._new_speak = not new_too
+        for speaking in self._open:
+            speaking.clear()
+
+    def speak(self) -> None:
+        self._new_speak = True
+        for speaking in self._open:
+            speaking.set()
+
+    def close(self) -> None:
+        self._closed = True
+        self.speak()
+        for sock in [self._listener, *self._sockets]:
+            sock.close()
+
+    def _accept(self) -> None:
+        import socket
+
+        while not self._closed:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(self._upstream)
+            speaking = threading.Event()
+            if self._new_speak:
+                speaking.set()
+            self._open.append(speaking)
+            self._sockets += [client, server]
+            for source, sink in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(source, sink, speaking), daemon=True).start()
+
+    def _pump(self, source, sink, speaking: threading.Event) -> None:
+        import select
+
+        try:
+            while not self._closed:
+                if not speaking.wait(0.1) or not select.select([source], [], [], 0.1)[0]:
+                    continue
+                data = source.recv(65536)
+                if not data:
+                    break
+                while not speaking.wait(0.1):  # (read just as it went silent: held until it speaks)
+                    if self._closed:
+                        return
+                sink.sendall(data)
+        except (OSError, ValueError):  # (ValueError: closed by close() meanwhile)
+            pass
+        finally:
+            source.close()
+            sink.close()
+
+
+def waiting_on_a_lock(cluster, database: str) -> int:
+    """How many backends of ``database`` wait for a lock."""
+    import psycopg
+
+    with psycopg.connect(cluster.url(), autocommit=True) as admin:
+        return admin.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = %s",
+                             (database,)).fetchone()[0]
+
+
+def run_in_thread(call) -> tuple[threading.Thread, list]:
+    """``call()`` on a thread of its own; the list gets its result or the exception it raised."""
+    outcome = []
+
+    def run():
+        try:
+            outcome.append(call())
+        except Exception as error:
+            outcome.append(error)
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, outcome
+
+
+RULE = {"keys": [1, 2], "kind": [1, "path /a/<a>"], "features": ["url: x"]}
+
+
+def test_a_database_that_accepts_and_answers_nothing_fails_each_call_and_the_next_call_reconnects(cluster):
+    """A server stopped (SIGSTOP) or a proxy gone silent while its kernel still acknowledges: the
+    statement timeout is the server's, keepalives are answered, and a write, a listing or a reload
+    (under the service's lock) waited for ever. Each now ends with the store's unavailable error."""
+    import psycopg
+
+    url = cluster.create_database("silent")
+    PostgresStore(url).migrate()
+    proxy = SilentProxy(cluster.port)
+    store = PostgresStore(proxy.url("silent"))
+    service = FeedbackService(store, poll_s=60)  # (not started: its calls are made here)
+    holder = psycopg.connect(url)
+    try:
+        # the calls are on their way (each waits for the tables the holder locked) when the proxy goes silent
+        holder.execute("LOCK TABLE feedback, feedback_revision IN ACCESS EXCLUSIVE MODE")
+        calls = [run_in_thread(lambda: store.add(Entry(0, NORMAL, RULE, "ana", model="shop"))),
+                 run_in_thread(store.entries), run_in_thread(lambda: service.reload(force=True))]
+        wait_until(lambda: waiting_on_a_lock(cluster, "silent") == 3, "the three calls to wait for the lock")
+        proxy.silence()
+        holder.rollback()  # (the server answers now; the proxy passes nothing on)
+        listing, listed = run_in_thread(store.entries)  # a connection to the silent proxy
+        for thread, outcome in calls + [(listing, listed)]:
+            thread.join(60)  # a hang check, not a time limit: unbounded, these never ended
+            assert not thread.is_alive(), "a store call waited for ever on a silent server"
+            assert isinstance(outcome[0], StoreUnavailable), outcome
+        assert all("no answer within" in str(outcome[0]) for _, outcome in calls), calls
+        assert "cannot connect" in str(listed[0])
+
+        proxy.speak()
+        assert store.add(Entry(0, NORMAL, RULE, "ana", model="shop")).id == 1
+        assert service.reload() and len(service.rules) == 1  # (the lock was let go)
+    finally:
+        holder.close()
+        proxy.close()

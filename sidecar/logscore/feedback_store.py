@@ -20,6 +20,7 @@ import math
 import os
 import re
 import shutil
+import socket
 import sqlite3
 import threading
 import time
@@ -82,9 +83,13 @@ STATEMENT_TIMEOUT_MS = 5000  # PostgreSQL: past it a statement fails (StoreUnava
 # gone (a host down, a network cut) never applies it. Data unacknowledged 10 s, or an idle connection
 # whose peer answers no keepalive within 5 + 3 * 2 s, fails (StoreUnavailable) instead of waiting for
 # the kernel's defaults (15 minutes, 2 hours). A server whose kernel still acknowledges (its process
-# stopped, a proxy gone silent) is not detected by these.
+# stopped, a proxy gone silent) is not detected by these: CALL_DEADLINE_S is.
 DEAD_PEER = {"keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 2, "keepalives_count": 3,
              "tcp_user_timeout": 10000}
+# PostgreSQL, the client's own bound on a call, its connecting included: a server that answers with an
+# error does so by the statement timeout, and a call still unanswered this long after it began is cut
+# (Watchdog), whatever the kernel acknowledges. (connect_timeout, 3 s, bounds the connecting alone.)
+CALL_DEADLINE_S = STATEMENT_TIMEOUT_MS / 1000 + 3.0
 # PostgreSQL: while a sidecar LISTENs, changes come as notifications and a poll is only the check for a
 # notification lost, so it is made this often (each poll is a new connection: a backend forked and
 # authenticated; every 0.5 s that was 2 a second per sidecar, about 1 % of a core of the database's).
@@ -240,15 +245,22 @@ class FeedbackStore:
         """What failed, in one line, for a 503 and the logs."""
         return one_line(error)
 
+    def _deadline(self, connection, started: float) -> "Optional[Watchdog]":
+        """A watchdog bounding a call begun at ``started`` (time.monotonic(), before it connected) on
+        ``connection`` (stopped after it), or None: no bound needed."""
+        return None
+
     def _run(self, work: Callable, write: bool = False, exclusive: bool = False):
         """``work(cursor)`` in one transaction (``exclusive``: one writer at a time); errors reaching
         the database become StoreUnavailable."""
+        started = time.monotonic()
         try:
             connection = self._connect()
         except (ConfigError, StoreUnavailable):
             raise
         except Exception as error:
             raise StoreUnavailable(f"feedback store {self.description}: cannot connect ({self._explain(error)})") from None
+        watchdog = self._deadline(connection, started)
         try:
             cursor = connection.cursor()
             self._begin(cursor, write or exclusive)
@@ -262,13 +274,16 @@ class FeedbackStore:
             connection.rollback()
             raise
         except Exception as error:
+            cause = watchdog.failure() if watchdog is not None and watchdog.fired else error
             try:
                 connection.rollback()
             except Exception:
                 pass
-            raise StoreUnavailable(f"feedback store {self.description}: {self._explain(error)}") from None
+            raise StoreUnavailable(f"feedback store {self.description}: {self._explain(cause)}") from None
         finally:
-            connection.close()
+            if watchdog is not None:
+                watchdog.stop()
+            connection.close()  # (one cut by the watchdog is dead: each call connects anew)
 
     def migrate(self) -> int:
         """Apply the migrations not yet applied; returns the schema version."""
@@ -483,7 +498,7 @@ class PostgresStore(FeedbackStore):
     schema_query = "SELECT to_regclass('schema_migrations')"
     types = {"serial": "BIGSERIAL", "real": "DOUBLE PRECISION"}
 
-    def __init__(self, url: str, connect_timeout: float = 3.0):
+    def __init__(self, url: str, connect_timeout: float = 3.0, call_deadline_s: float = CALL_DEADLINE_S):
         try:
             import psycopg
         except ImportError:
@@ -496,6 +511,7 @@ class PostgresStore(FeedbackStore):
         self.url = url
         self._passwords = url_passwords(url)
         self.connect_timeout = connect_timeout
+        self.call_deadline_s = call_deadline_s
         self.description = self.public_name = redact(url)
         self._listener = None
 
@@ -515,6 +531,10 @@ class PostgresStore(FeedbackStore):
         return self._psycopg.connect(self.url, connect_timeout=max(1, int(self.connect_timeout)),
                                      options=f"-c statement_timeout={STATEMENT_TIMEOUT_MS}", **DEAD_PEER)
 
+    def _deadline(self, connection, started: float) -> "Watchdog":
+        # (counted from before connecting: a call's whole time is bounded, not its time after a slow connect)
+        return Watchdog(connection.fileno(), self.call_deadline_s, started)
+
     def _after_write(self, cursor) -> None:
         cursor.execute(f"NOTIFY {CHANNEL}")
 
@@ -533,7 +553,12 @@ class PostgresStore(FeedbackStore):
             if self._listener is None or self._listener.closed:
                 self._listener = self._psycopg.connect(self.url, autocommit=True,
                                                        connect_timeout=max(1, int(self.connect_timeout)), **DEAD_PEER)
-                self._listener.execute(f"LISTEN {CHANNEL}")
+                # (a silent server held the watching thread for good)
+                watchdog = self._deadline(self._listener, time.monotonic())
+                try:
+                    self._listener.execute(f"LISTEN {CHANNEL}")
+                finally:
+                    watchdog.stop()
                 return
             deadline = time.monotonic() + max(timeout, listening_timeout)
             while not stop.is_set():  # in slices of ``timeout``: a sidecar stopping is not kept waiting
@@ -551,6 +576,46 @@ class PostgresStore(FeedbackStore):
             except Exception:
                 pass
             self._listener = None
+
+
+class Watchdog:
+    """Cuts a connection's socket (shutdown) if the call on it is still running after ``seconds``:
+    libpq waits for an answer for as long as the peer's kernel acknowledges, and a server process
+    stopped (SIGSTOP) or a proxy gone silent never answers. The shutdown ends the blocked read with an
+    error at once; the connection is dead then, and closed by its caller."""
+
+    def __init__(self, fileno: int, seconds: float, started: float):
+        self.seconds = seconds
+        self.fired = False
+        # (a descriptor of its own: the connection's may be closed and its number reused meanwhile)
+        self._socket = socket.socket(fileno=os.dup(fileno))
+        self._guard = threading.Lock()  # the cut and the stop never overlap: no cut after a stop
+        self._stopped = False
+        self._timer = threading.Timer(max(0.0, started + seconds - time.monotonic()), self._cut)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _cut(self) -> None:
+        with self._guard:
+            if self._stopped:
+                return
+            self.fired = True
+            try:
+                self._socket.shutdown(socket.SHUT_RDWR)
+            except OSError:  # (already closed by the peer)
+                pass
+
+    def stop(self) -> None:
+        self._timer.cancel()
+        with self._guard:
+            self._stopped = True
+            self._socket.close()
+
+    def failure(self) -> Exception:
+        return TimeoutError(f"no answer within {self.seconds:g} s (the server's statement timeout is "
+                            f"{STATEMENT_TIMEOUT_MS / 1000:g} s): the database server or a proxy on the way is "
+                            "stopped or hung while its machine still accepts; the connection was dropped, and "
+                            "the next call connects anew")
 
 
 def redact(url: str) -> str:
