@@ -446,3 +446,38 @@ def test_a_database_that_accepts_and_answers_nothing_fails_each_call_and_the_nex
     finally:
         holder.close()
         proxy.close()
+
+
+def test_a_reload_stuck_on_the_store_holds_up_no_other_feedback_call_nor_replaces_newer_rules(cluster):
+    """reload held the service's lock while it asked the store: one stuck there (its backend
+    stopped, say) held every mark's reload behind it for as long."""
+    import psycopg
+
+    url = cluster.create_database("behind")
+    PostgresStore(url).migrate()
+    proxy = SilentProxy(cluster.port)
+    # (a deadline past this test's waits: the stuck reload stays stuck until the proxy speaks)
+    service = FeedbackService(PostgresStore(proxy.url("behind"), call_deadline_s=600), poll_s=60)
+    holder = psycopg.connect(url)
+    try:
+        assert service.reload() and service.revision == 0
+        holder.execute("LOCK TABLE feedback IN ACCESS EXCLUSIVE MODE")
+        # (forced, as after an outage: it reads the store whatever its revision) it reads revision 0,
+        # then waits for the lock to read the entries of that state
+        stuck, stuck_outcome = run_in_thread(lambda: service.reload(force=True))
+        wait_until(lambda: waiting_on_a_lock(cluster, "behind") == 1, "the reload to wait for the lock")
+        proxy.silence(new_too=False)  # its connection alone: the server answers the others
+        holder.rollback()
+        marking, marked = run_in_thread(lambda: service.add(Entry(0, NORMAL, RULE, "ana", model="shop")))
+        marking.join(60)  # a hang check: before, it waited behind the stuck reload
+        assert not marking.is_alive() and not isinstance(marked[0], Exception), marked
+        assert stuck.is_alive(), "the first reload was not stuck: the test proves nothing"
+        assert service.revision == 1 and len(service.rules) == 1  # the mark's reload applied it
+
+        proxy.speak()  # the stuck reload ends with what it read before the mark: revision 0, no entry
+        stuck.join(60)
+        assert not stuck.is_alive() and not isinstance(stuck_outcome[0], Exception), stuck_outcome
+        assert service.revision == 1 and [e.id for e in service.rules.entries] == [marked[0].id]
+    finally:
+        holder.close()
+        proxy.close()

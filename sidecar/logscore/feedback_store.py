@@ -231,6 +231,9 @@ class FeedbackStore:
     def _lock_for_migration(self, cursor) -> None:
         """Keep two sidecars from migrating at once."""
 
+    def _read_consistently(self, cursor) -> None:
+        """Make the transaction's statements read one state (SQLite's WAL transaction does by itself)."""
+
     def _has_table(self, cursor, name: str) -> bool:
         cursor.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,))
         return cursor.fetchone() is not None
@@ -382,19 +385,29 @@ class FeedbackStore:
 
     def entries(self, include_removed: bool = False, after: int = 0, limit: Optional[int] = None) -> list[Entry]:
         """The entries in the order of their ids; a page: those numbered after ``after``, ``limit`` at most."""
+        return self._run(lambda cursor: self._read_entries(cursor, include_removed, after, limit))
+
+    def loaded(self) -> tuple[int, list[Entry]]:
+        """(the revision, the entries in force) of one state of the store: what a sidecar's rules are
+        made of, and which revision they are."""
+        def work(cursor):
+            self._read_consistently(cursor)
+            cursor.execute("SELECT revision FROM feedback_revision")
+            return int(cursor.fetchone()[0]), self._read_entries(cursor)
+        return self._run(work)
+
+    def _read_entries(self, cursor, include_removed: bool = False, after: int = 0,
+                      limit: Optional[int] = None) -> list[Entry]:
         where = "WHERE id > ?" + ("" if include_removed else " AND removed_at IS NULL")
         page = "" if limit is None else f" LIMIT {int(limit)}"
-
-        def work(cursor):
-            cursor.execute(self._sql(f"SELECT {', '.join(COLUMNS)} FROM feedback {where} ORDER BY id{page}"), (after,))
-            rows = cursor.fetchall()
-            with collector_paused():  # the rows first: reading them from PostgreSQL may take seconds
-                entries = [entry_from_row(row, self._read) for row in rows]
-            if not (after or page):  # (a page would leave out the others' patterns)
-                self._read = {row[PATTERN]: entry.pattern for row, entry in zip(rows, entries)
-                              if isinstance(row[PATTERN], str) and UNREADABLE not in entry.pattern}
-            return entries
-        return self._run(work)
+        cursor.execute(self._sql(f"SELECT {', '.join(COLUMNS)} FROM feedback {where} ORDER BY id{page}"), (after,))
+        rows = cursor.fetchall()
+        with collector_paused():  # the rows first: reading them from PostgreSQL may take seconds
+            entries = [entry_from_row(row, self._read) for row in rows]
+        if not (after or page):  # (a page would leave out the others' patterns)
+            self._read = {row[PATTERN]: entry.pattern for row, entry in zip(rows, entries)
+                          if isinstance(row[PATTERN], str) and UNREADABLE not in entry.pattern}
+        return entries
 
     def latest(self, limit: int) -> tuple[list[Entry], int]:
         """(the ``limit`` entries numbered last, removed ones included, the last first; how many entries
@@ -540,6 +553,11 @@ class PostgresStore(FeedbackStore):
 
     def _lock_for_migration(self, cursor) -> None:
         cursor.execute("SELECT pg_advisory_xact_lock(7462033)")  # any constant of our own
+
+    def _read_consistently(self, cursor) -> None:
+        # (READ COMMITTED, the default, gives each statement a state of its own: a write between two
+        # would pair a revision with entries of another)
+        cursor.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
 
     def _has_table(self, cursor, name: str) -> bool:
         cursor.execute("SELECT to_regclass(%s) IS NOT NULL", (name,))
@@ -782,7 +800,12 @@ class FeedbackService:
         self.on_reload = on_reload or (lambda service: None)
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
-        self._lock = threading.Lock()  # one reload at a time
+        # Held only to swap the rules in (never while the store is asked: a call stuck on it held up
+        # every other reload and mark); reads are numbered so that one begun earlier never replaces
+        # the rules of one begun later.
+        self._lock = threading.Lock()
+        self._reads_begun = 0
+        self._applied_read = 0
 
     def start(self) -> None:
         """Migrate and load once (an unreachable store is reported, not fatal), then watch."""
@@ -803,16 +826,23 @@ class FeedbackService:
     def reload(self, force: bool = False) -> bool:
         """Load the entries if the revision moved (or an entry expired); whether the rules changed."""
         with self._lock:
-            revision = self.store.revision()
-            expired = self.rules.next_expiry is not None and self.rules.next_expiry <= time.time()
-            if not (force or expired or revision != self.revision):
-                self._reachable()
-                return False
-            entries = self.store.entries()  # (pauses the collector while it parses, not while it waits)
-            with collector_paused():
-                self.rules = RuleSet(entries)
-            self.revision, self.loaded_at = revision, time.time()
+            self._reads_begun += 1
+            read = self._reads_begun
+        revision = self.store.revision()
+        expired = self.rules.next_expiry is not None and self.rules.next_expiry <= time.time()
+        if not (force or expired or revision != self.revision):
             self._reachable()
+            return False
+        revision, entries = self.store.loaded()  # (pauses the collector while it parses, not while it waits)
+        with collector_paused():
+            rules = RuleSet(entries)
+        with self._lock:
+            newer = self._newer(revision, read, force)
+            if newer:
+                self.rules, self.revision, self.loaded_at, self._applied_read = rules, revision, time.time(), read
+        self._reachable()
+        if not newer:  # another reload, begun later or reading later, put newer rules in
+            return False
         unreadable = [e for e in entries if UNREADABLE in e.pattern]
         if unreadable:
             log.warning("feedback entries not applied: their patterns are unreadable; remove them "
@@ -825,6 +855,14 @@ class FeedbackService:
         self.on_reload(self)
         return True
 
+    def _newer(self, revision: int, read: int, force: bool) -> bool:
+        """Whether rules read at ``revision`` by read number ``read`` replace those in force. Revisions
+        only grow in one store; ``force`` (a store back after an outage: perhaps another database,
+        its revisions anew) is taken unless a read begun later was."""
+        if self.revision is None or revision > self.revision:
+            return True
+        return read > self._applied_read and (force or revision == self.revision)
+
     def _recheck_review(self) -> None:
         if self.review is not None:
             try:
@@ -835,17 +873,12 @@ class FeedbackService:
     def _drop_expired(self) -> None:
         """The rules last loaded without the entries expired since: an expiry needs no store, and one
         unreachable kept entries in force past their time (a mark 'for 20 s' for as long as it was down)."""
-        # (never waits for the lock: a reload holding it may be stuck on the store; the next poll retries)
-        if not self._lock.acquire(blocking=False):
-            return
-        try:
+        with self._lock:  # (held by reloads only to swap rules in, never while they wait for the store)
             if self.rules.next_expiry is None or self.rules.next_expiry > time.time():
                 return
             before = len(self.rules)
             with collector_paused():
                 self.rules = RuleSet(self.rules.entries)
-        finally:
-            self._lock.release()
         log.info("expired feedback entries dropped while the store is unreachable",
                  extra={"store": self.store.description, "expired_entries": before - len(self.rules),
                         "active_entries": len(self.rules)})
