@@ -481,3 +481,62 @@ def test_a_reload_stuck_on_the_store_holds_up_no_other_feedback_call_nor_replace
     finally:
         holder.close()
         proxy.close()
+
+
+def test_a_refused_write_says_whether_it_was_saved_and_a_refused_password_where_to_give_one(cluster, tmp_path,
+                                                                                             monkeypatch):
+    """A 503 said what failed, not what it meant for the mark (saved or not) nor what to do; a
+    refused password named none of the places libpq takes one from."""
+    import psycopg
+
+    url = cluster.create_database("said")
+    PostgresStore(url).migrate()
+    unreachable = PostgresStore("postgresql://postgres@127.0.0.1:1/said", connect_timeout=1)
+    for write in (lambda store: store.add(Entry(0, NORMAL, RULE, "ana", model="shop")),
+                  lambda store: store.remove(1, "ben")):
+        with pytest.raises(StoreUnavailable, match="cannot connect.*was not saved: retry once the store is back"):
+            write(unreachable)
+    with pytest.raises(StoreUnavailable) as listing:
+        unreachable.entries()
+    assert "saved" not in str(listing.value)  # (a read changes nothing)
+
+    # A commit asked for and never answered may have been made: a deferred trigger holds the commit
+    # on a lock the test holds while the proxy goes silent; then the test lets it commit.
+    with psycopg.connect(url, autocommit=True) as owner:
+        owner.execute("CREATE FUNCTION held() RETURNS trigger LANGUAGE plpgsql AS "
+                      "$$ BEGIN PERFORM pg_advisory_xact_lock(42); RETURN NULL; END $$")
+        owner.execute("CREATE CONSTRAINT TRIGGER held AFTER UPDATE ON feedback_revision DEFERRABLE INITIALLY "
+                      "DEFERRED FOR EACH ROW EXECUTE FUNCTION held()")
+    proxy = SilentProxy(cluster.port)
+    holder = psycopg.connect(url)
+    try:
+        holder.execute("SELECT pg_advisory_xact_lock(42)")
+        writing, written = run_in_thread(lambda: PostgresStore(proxy.url("said")).add(
+            Entry(0, NORMAL, RULE, "ana", model="shop")))
+        wait_until(lambda: waiting_on_a_lock(cluster, "said") == 1, "the commit to wait for the lock")
+        proxy.silence()
+        holder.rollback()
+        writing.join(60)  # a hang check
+        assert not writing.is_alive() and isinstance(written[0], StoreUnavailable), written
+        assert "the store did not confirm the change, which may have been saved" in str(written[0])
+        assert [e.author for e in PostgresStore(url).entries()] == ["ana"]  # it was
+    finally:
+        holder.close()
+        proxy.close()
+
+    # A password refused, or none given where the server asks for one
+    with psycopg.connect(url, autocommit=True) as owner:
+        owner.execute("CREATE ROLE secretive LOGIN PASSWORD 'right one'")
+    hba = cluster.directory / "data" / "pg_hba.conf"
+    hba.write_text("host all secretive 127.0.0.1/32 scram-sha-256\n" + hba.read_text())
+    with psycopg.connect(url, autocommit=True) as owner:
+        owner.execute("SELECT pg_reload_conf()")
+    monkeypatch.delenv("PGPASSWORD", raising=False)
+    monkeypatch.setenv("PGPASSFILE", str(tmp_path / "no-such-pgpass"))
+    for credentials in ("secretive", "secretive:wrong%40one"):
+        with pytest.raises(StoreUnavailable) as refused:
+            PostgresStore(url.replace("postgres@", credentials + "@")).revision()
+        said = str(refused.value)
+        assert "PGPASSWORD" in said and "~/.pgpass" in said and "postgresql://USER:PASSWORD@" in said, said
+        assert "wrong" not in said
+    assert PostgresStore(url.replace("postgres@", "secretive:right%20one@")).holds_schema()

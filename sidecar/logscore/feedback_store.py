@@ -202,6 +202,11 @@ INT64_LIMIT = 2**63
 # In gRPC's words, as the errors reach gRPC callers; HTTP's feedback routes say GET /v1/feedback
 # (feedback_http.http_words), `logscore feedback` its own list command (cli.call_failure).
 LIST_FEEDBACK = "list them with ListFeedback"
+# What a write the store refused means for its caller, by whether the commit had been asked for: a
+# commit unanswered may have been made (and a mark made again makes no second entry: Store.add).
+NOT_SAVED = "; the change was not saved: retry once the store is back"
+MAYBE_SAVED = ("; the store did not confirm the change, which may have been saved: once the store is back, "
+               f"see whether it was ({LIST_FEEDBACK}) or retry (a mark made again makes no second entry)")
 
 
 def check_id(entry_id: int) -> None:
@@ -248,6 +253,10 @@ class FeedbackStore:
         """What failed, in one line, for a 503 and the logs."""
         return one_line(error)
 
+    def _lost(self, connection) -> bool:
+        """Whether the connection was lost (a commit's outcome then unknown; SQLite's is never)."""
+        return False
+
     def _deadline(self, connection, started: float) -> "Optional[Watchdog]":
         """A watchdog bounding a call begun at ``started`` (time.monotonic(), before it connected) on
         ``connection`` (stopped after it), or None: no bound needed."""
@@ -262,8 +271,10 @@ class FeedbackStore:
         except (ConfigError, StoreUnavailable):
             raise
         except Exception as error:
-            raise StoreUnavailable(f"feedback store {self.description}: cannot connect ({self._explain(error)})") from None
+            raise StoreUnavailable(f"feedback store {self.description}: cannot connect ({self._explain(error)})"
+                                   + (NOT_SAVED if write else "")) from None
         watchdog = self._deadline(connection, started)
+        committing = False
         try:
             cursor = connection.cursor()
             self._begin(cursor, write or exclusive)
@@ -271,6 +282,7 @@ class FeedbackStore:
             if write:
                 cursor.execute("UPDATE feedback_revision SET revision = revision + 1")
                 self._after_write(cursor)
+            committing = True
             connection.commit()
             return result
         except (InvalidRequest, FeedbackNotFound, ConfigError):
@@ -282,7 +294,8 @@ class FeedbackStore:
                 connection.rollback()
             except Exception:
                 pass
-            raise StoreUnavailable(f"feedback store {self.description}: {self._explain(cause)}") from None
+            said = "" if not write else MAYBE_SAVED if committing and self._lost(connection) else NOT_SAVED
+            raise StoreUnavailable(f"feedback store {self.description}: {self._explain(cause)}{said}") from None
         finally:
             if watchdog is not None:
                 watchdog.stop()
@@ -532,6 +545,10 @@ class PostgresStore(FeedbackStore):
         """The driver's words, without the password (libpq may quote a part of the URL); a refused
         privilege says which the store's role needs."""
         text = without_passwords(one_line(error), self._passwords)
+        if any(words in text for words in ("password authentication failed", "no password supplied")):
+            text += ("; give the role's password in PGPASSWORD or ~/.pgpass of the user the sidecar runs as "
+                     "(PGPASSFILE names another file), or in the URL: postgresql://USER:PASSWORD@HOST/DATABASE, "
+                     "its '@' and '/' written %40 and %2F")
         if isinstance(error, self._psycopg.errors.InsufficientPrivilege):
             text += ("; the role needs SELECT, INSERT and UPDATE on feedback, feedback_revision and "
                      "schema_migrations, USAGE on feedback_id_seq, and CREATE on the schema while it creates or "
@@ -543,6 +560,9 @@ class PostgresStore(FeedbackStore):
         # otherwise hold every write and listing for as long, the store reported reachable.
         return self._psycopg.connect(self.url, connect_timeout=max(1, int(self.connect_timeout)),
                                      options=f"-c statement_timeout={STATEMENT_TIMEOUT_MS}", **DEAD_PEER)
+
+    def _lost(self, connection) -> bool:
+        return connection.broken  # (cut by the watchdog too; a commit the server refused is not lost)
 
     def _deadline(self, connection, started: float) -> "Watchdog":
         # (counted from before connecting: a call's whole time is bounded, not its time after a slow connect)
