@@ -620,40 +620,70 @@ class Watchdog:
     """Cuts a connection's socket (shutdown) if the call on it is still running after ``seconds``:
     libpq waits for an answer for as long as the peer's kernel acknowledges, and a server process
     stopped (SIGSTOP) or a proxy gone silent never answers. The shutdown ends the blocked read with an
-    error at once; the connection is dead then, and closed by its caller."""
+    error at once; the connection is dead then, and closed by its caller, after stop()."""
 
     def __init__(self, fileno: int, seconds: float, started: float):
         self.seconds = seconds
         self.fired = False
-        # (a descriptor of its own: the connection's may be closed and its number reused meanwhile)
-        self._socket = socket.socket(fileno=os.dup(fileno))
-        self._guard = threading.Lock()  # the cut and the stop never overlap: no cut after a stop
-        self._stopped = False
-        self._timer = threading.Timer(max(0.0, started + seconds - time.monotonic()), self._cut)
-        self._timer.daemon = True
-        self._timer.start()
+        self._fileno = fileno
+        DEADLINES.add(self, started + seconds)
 
-    def _cut(self) -> None:
-        with self._guard:
-            if self._stopped:
-                return
-            self.fired = True
+    def cut(self) -> None:
+        """(by DEADLINES, under its lock: never after stop(), so the descriptor is still the connection's)"""
+        self.fired = True
+        # (a socket object of a descriptor of its own: closing it leaves libpq's open)
+        with socket.socket(fileno=os.dup(self._fileno)) as sock:
             try:
-                self._socket.shutdown(socket.SHUT_RDWR)
+                sock.shutdown(socket.SHUT_RDWR)
             except OSError:  # (already closed by the peer)
                 pass
 
     def stop(self) -> None:
-        self._timer.cancel()
-        with self._guard:
-            self._stopped = True
-            self._socket.close()
+        DEADLINES.discard(self)
 
     def failure(self) -> Exception:
         return TimeoutError(f"no answer within {self.seconds:g} s (the server's statement timeout is "
                             f"{STATEMENT_TIMEOUT_MS / 1000:g} s): the database server or a proxy on the way is "
                             "stopped or hung while its machine still accepts; the connection was dropped, and "
                             "the next call connects anew")
+
+
+class Deadlines:
+    """One thread that cuts every watchdog's connection past its time: a timer thread per call cost
+    0.4 ms of CPU per call (measured: 1.04 against 0.66 ms for a revision read)."""
+
+    def __init__(self):
+        self._due: dict[Watchdog, float] = {}
+        self._changed = threading.Condition()
+        self._thread: Optional[threading.Thread] = None
+        self._wakes_at = 0.0  # when the thread looks next, unwoken
+
+    def add(self, watchdog: Watchdog, at: float) -> None:
+        with self._changed:
+            self._due[watchdog] = at
+            if self._thread is None or not self._thread.is_alive():  # (none yet, or this is a forked child)
+                self._thread = threading.Thread(target=self._cut_when_due, name="store-deadlines", daemon=True)
+                self._thread.start()
+            elif at < self._wakes_at:  # (rarely: a call's deadline is seconds, past the thread's next look)
+                self._changed.notify()
+
+    def discard(self, watchdog: Watchdog) -> None:
+        with self._changed:
+            self._due.pop(watchdog, None)
+
+    def _cut_when_due(self) -> None:
+        with self._changed:
+            while True:
+                now = time.monotonic()
+                for watchdog in [w for w, at in self._due.items() if at <= now]:
+                    del self._due[watchdog]
+                    watchdog.cut()
+                # (idle, it looks every second: waking it for each call cost more than that)
+                self._wakes_at = min(self._due.values(), default=now + 1.0)
+                self._changed.wait(self._wakes_at - now)
+
+
+DEADLINES = Deadlines()
 
 
 def redact(url: str) -> str:
