@@ -680,7 +680,7 @@ def test_a_line_that_does_not_parse_stays_flagged_whatever_the_feedback(sidecar)
     assert all(r["is_anomaly"] for r in result), result
     assert all(r["notes"] == ["did not parse as access; flagged: the model's training data parsed"] for r in result)
 
-    group = re.search(r'name=group value="(g\d+)"', sidecar.http_get("/ui/")[1].decode()).group(1)
+    group = re.search(r'name=group value="(g\d+-[0-9a-f]+)"', sidecar.http_get("/ui/")[1].decode()).group(1)
     form = urllib.parse.urlencode({"group": group, "verdict": "normal"}).encode()
     status, page = http_request(sidecar.http_port, "POST", "/ui/feedback", form,
                                 {"Content-Type": "application/x-www-form-urlencoded"})
@@ -815,7 +815,7 @@ def test_a_group_of_long_lines_that_parse_can_be_marked_normal(sidecar):
     line = monitor_lines(1, seed=43)[0].replace(" HTTP/1.1", "?q=" + "a" * 2100 + " HTTP/1.1", 1)
     result = score(sidecar, [line])[0]
     assert result["is_anomaly"] and not result.get("notes"), result
-    group = re.search(r'name=group value="(g\d+)"', sidecar.http_get("/ui/")[1].decode()).group(1)
+    group = re.search(r'name=group value="(g\d+-[0-9a-f]+)"', sidecar.http_get("/ui/")[1].decode()).group(1)
     form = urllib.parse.urlencode({"group": group, "verdict": "normal"}).encode()
     status, page = http_request(sidecar.http_port, "POST", "/ui/feedback", form,
                                 {"Content-Type": "application/x-www-form-urlencoded"})
@@ -924,3 +924,40 @@ def test_an_entry_expires_on_time_while_its_store_is_unreachable(tmp_path):
         assert not service.reachable and "down" in service.error and service.rules.next_expiry is None
     finally:
         service.stop()
+
+
+def test_a_group_id_from_before_a_restart_is_refused_as_out_of_date_not_given_to_the_group_now_numbered_so(
+        sidecar, tmp_path):
+    """Group numbers start again in each process: a page opened before a restart (or its id given to
+    `feedback add --group`) marked whatever group the new process had numbered so (probe: an unseen
+    bot's user agent was marked normal from the compare page's button)."""
+    import re
+    import urllib.parse
+
+    def page_groups() -> list[str]:
+        return re.findall(r'name=group value="([^"]+)"', sidecar.http_get("/ui/")[1].decode())
+
+    assert all(r["is_anomaly"] for r in score(sidecar, compare_lines(6, seed=61)))
+    seen, = page_groups()
+    assert sidecar.stop() == 0
+    sidecar.start()
+    assert all(r["is_anomaly"] for r in score(sidecar, monitor_lines(3, seed=62, agent="totally-new-bot/1.0")))
+    now, = page_groups()
+    assert now != seen and now.split("-")[0] == seen.split("-")[0] == "g1"  # the same number, another process
+
+    status, body = feedback(sidecar, "POST", {"verdict": "normal", "author": "ana", "group": seen})
+    assert status == 409 and "the page is out of date: reload /ui/" in body["error"], body
+    form = urllib.parse.urlencode({"group": seen, "verdict": "normal"}).encode()
+    status, page = http_request(sidecar.http_port, "POST", "/ui/feedback", form,
+                                {"Content-Type": "application/x-www-form-urlencoded"})
+    assert status == 409 and "the page is out of date: reload /ui/" in page.decode(), page.decode()
+    with pytest.raises(grpc.RpcError) as failure:
+        sidecar.stub().Feedback(pb.FeedbackRequest(verdict=pb.NORMAL, author="a", group=seen), timeout=10)
+    assert failure.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    said = logscore("feedback", "add", "normal", "--group", seen, "--socket", str(sidecar.socket))
+    assert said.returncode == 1 and "list the groups at /ui/ again" in said.stderr, said.stderr
+    assert feedback(sidecar, "GET", query="?all=1")[1]["feedback"] == []  # nothing marked
+    assert all(r["is_anomaly"] for r in score(sidecar, monitor_lines(3, seed=63, agent="totally-new-bot/1.0")))
+    # the group shown now is marked by its own id
+    status, body = feedback(sidecar, "POST", {"verdict": "normal", "author": "ana", "group": now})
+    assert status == 200 and "totally-new-bot" in body["feedback"]["example"], body

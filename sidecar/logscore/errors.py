@@ -29,6 +29,10 @@ class FeedbackNotFound(LogscoreError):
     """The request names a feedback entry or a review group that does not exist."""
 
 
+class GroupOutOfDate(LogscoreError):
+    """The request names a review group of a page the sidecar showed before it restarted."""
+
+
 class Overloaded(LogscoreError):
     """The sidecar's queue is full; the caller should retry later."""
 

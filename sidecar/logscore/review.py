@@ -26,6 +26,8 @@ path holds that path's kind, and must not be offered first as a saving.
 
 from __future__ import annotations
 
+import re
+import secrets
 import threading
 import time
 import weakref
@@ -36,6 +38,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from .decide import decide
+from .errors import GroupOutOfDate
 from .feedback import (EXAMPLE_CHARS, MAX_KIND_TOKENS, NO_KEYS, NORMAL, FeedbackStep, Flagged, RuleSet, base_name,
                        path_family, record_from_text, record_text, rule_list, similar_counts, strip_rarity)
 from .features.converters import PATH_ENCODED_TWICE, VALUE_ENCODED_TWICE
@@ -56,6 +59,11 @@ ENCODED_TWICE = (VALUE_ENCODED_TWICE, PATH_ENCODED_TWICE)  # an evasion: not pla
 TIMELINE_BUCKETS = 180  # per group: counts per bucket, the most recent kept
 TOP_ENTITIES = 5
 FEEDBACK_ROWS = 200  # entries the page lists, the most recent
+# A review group's id: its number, then the tag of the sidecar process that made it ("g3-5f0c2a").
+# Numbers start again at g1 in each process: a page (or `feedback add --group`) from before a
+# restart named whatever group now had its number, and marked a group the operator never saw.
+GROUP_ID = re.compile(r"g(\d+)-([0-9a-f]+)")
+RUN_TAG_BYTES = 3  # six hex digits: a restart reuses a tag once in 16 million
 
 
 @dataclass
@@ -152,11 +160,11 @@ class Groups:
     least recently goes first, or with ``keep_largest`` (a report over a whole file) the smallest
     go, a tenth of them at a time, and are counted in ``dropped_groups`` / ``dropped_records``."""
 
-    def __init__(self, max_groups: int = 500, prefix: str = "g", keep_largest: bool = False):
+    def __init__(self, max_groups: int = 500, prefix: str = "g", keep_largest: bool = False, suffix: str = ""):
         self.max_groups = max_groups
         self.keep_largest = keep_largest
         self.dropped_groups = self.dropped_records = 0
-        self.prefix = prefix
+        self.prefix, self.suffix = prefix, suffix  # a group's id: prefix, number, suffix
         self.by_id: OrderedDict[str, Group] = OrderedDict()  # least recently seen first
         self._index: dict[tuple, set[str]] = {}  # (scope..., a feature of its kind) -> group ids
         self._next = 1
@@ -191,7 +199,7 @@ class Groups:
             return best
         # NOTE: named now, and cut: a name can hold a whole value (a 64 KiB URL), and a group lives long.
         named = [n if len(n) <= NAME_CHARS else n[:NAME_CHARS] + "…" for n in names()]
-        group = Group(f"{self.prefix}{self._next}", model, route, kind, named, when, when,
+        group = Group(f"{self.prefix}{self._next}{self.suffix}", model, route, kind, named, when, when,
                       number=self._next)
         self._next += 1
         self.created += 1
@@ -235,7 +243,8 @@ class ReviewRing:
     def __init__(self, max_records: int = 2000, max_groups: int = 500, bucket_s: float = 60.0,
                  entity_field: Optional[str] = None, on_new_group: Optional[Callable[[str], None]] = None,
                  inspect_per_s: float = 200.0, on_not_grouped: Optional[Callable[[str, int], None]] = None):
-        self.groups = Groups(max_groups)
+        self.run = secrets.token_hex(RUN_TAG_BYTES)  # this process's: in every group id (GROUP_ID)
+        self.groups = Groups(max_groups, suffix=f"-{self.run}")
         self.recent: deque = deque(maxlen=max_records)  # (time, group id)
         self.bucket_s = bucket_s
         self.entity_field = entity_field
@@ -306,8 +315,18 @@ class ReviewRing:
                 self.recent.append((now, group.id))
 
     def group(self, group_id: str) -> Optional[Group]:
+        """The group of that id; None when there is none (never made, or forgotten since). An id of
+        another process (a page from before a restart) is refused: its number is another group now."""
         with self.lock:
-            return self.groups.by_id.get(group_id)
+            found = self.groups.by_id.get(group_id)
+        parts = GROUP_ID.fullmatch(group_id)
+        if found is None and parts is not None and parts.group(2) != self.run:
+            raise GroupOutOfDate(
+                f"group {group_id} is from a page this sidecar showed before it restarted (its groups are now "
+                f"numbered g<N>-{self.run}, and g{parts.group(1)}-{self.run} may be another group): the page is "
+                "out of date: reload /ui/ (with `logscore feedback add --group`, list the groups at /ui/ again "
+                "and give an id from there)")
+        return found
 
     def pattern(self, group: Group, verdict: str) -> dict:
         """What a mark of ``group`` stores: the group's pattern; a normal mark's examples are joined by

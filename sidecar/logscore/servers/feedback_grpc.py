@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 
-from ..errors import InvalidRequest, LogscoreError
+from ..errors import GroupOutOfDate, InvalidRequest, LogscoreError
 from ..feedback import KEEP, NORMAL, UNREADABLE, Entry
 from ..feedback_store import Mark
 from ..generated.logscore.v1 import scorer_pb2 as pb
@@ -59,7 +59,8 @@ class FeedbackServicer:
 
     def __init__(self, service, status_codes: dict):
         self.service = service  # scoring.ScoringService: its feedback and metrics
-        self.status_codes = status_codes  # servers.grpc.STATUS_CODES
+        # servers.grpc.STATUS_CODES, and a group of a page shown before a restart: no longer this sidecar's
+        self.status_codes = {**status_codes, GroupOutOfDate: grpc.StatusCode.FAILED_PRECONDITION}
 
     def methods(self) -> dict:
         metrics = self.service.metrics

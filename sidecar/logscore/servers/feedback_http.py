@@ -23,13 +23,17 @@ from collections import OrderedDict
 from typing import Optional
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
-from ..errors import InvalidRequest, LogscoreError, Unauthenticated
+from ..errors import GroupOutOfDate, InvalidRequest, LogscoreError, Unauthenticated
 from ..feedback_store import LIST_FEEDBACK, Mark
+from ..shown import html_text
 from .feedback_grpc import count_mark, off_loop
 from .http import STATUS_CODES, HttpError, Request, Response, check_utf8, digits, json_error, query_count
 
 COOKIE = "logscore_token"
 PAGE_AUTHOR = "review page"
+# Errors of feedback alone, beside servers.http.STATUS_CODES: a group of a page shown before a
+# restart is a conflict with what the sidecar holds now, not a malformed request.
+FEEDBACK_STATUS_CODES = {**STATUS_CODES, GroupOutOfDate: 409}
 
 
 class FeedbackHttp:
@@ -152,7 +156,9 @@ class FeedbackHttp:
         except LogscoreError as error:
             said = http_words(str(error))
             metrics.refused(type(error).__name__, "http", said)
-            status = STATUS_CODES.get(type(error), 400)
+            status = FEEDBACK_STATUS_CODES.get(type(error), 400)
+            if page and status == 409:  # back to the page would show it anew: say what happened, link to it
+                return self._out_of_date(said)
             if page and status != 401:
                 return self._back(f"Not done: {said}")
             return Response.error(status, said)
@@ -174,6 +180,13 @@ class FeedbackHttp:
             raise Unauthenticated("open /ui/ and give the sidecar's token first")
         check_same_origin(request)
         return {k: v[-1] for k, v in parse_qs(request.body.decode("utf-8", "replace")).items()}
+
+    @staticmethod
+    def _out_of_date(said: str) -> Response:
+        html = ("<!doctype html><html lang=en><head><meta charset=utf-8><title>logscore review</title></head>"
+                f"<body style='font:14px system-ui;margin:24px'><p id=out-of-date>Not done: {html_text(said)}</p>"
+                "<p><a href='/ui/'>reload /ui/</a></p></body></html>")
+        return Response.html(html, 409)
 
     @staticmethod
     def _token_form(message: str, status: int) -> Response:
