@@ -589,3 +589,44 @@ def test_report_names_the_clients_and_times_of_records_nginx_parsers_made(tmp_pa
     assert "hold no time" not in done.stdout
     assert "top entities: 203.0.113.1 (10), 203.0.113.2 (10)" in done.stdout, done.stdout
     assert "2026-12-05 06:12:00 .. 2026-12-05 06:12:39" in done.stdout, done.stdout
+
+
+def test_training_leaves_out_entries_past_their_expiry_and_says_how_many(tmp_path, shop_model_path,
+                                                                        shop_training_lines):
+    """A mark given for a while (a migration tool's traffic, `--expires 15s`) still taught `train
+    --feedback` once expired (probe: 0 of 20 of the tool's lines flagged after the retrain, 20 of 20
+    without the feedback): expired entries are left out, as removed ones are, and counted."""
+    import time
+
+    from logscore.training.feedback import load_feedback
+
+    model = Model.load(shop_model_path)
+    marked, migration = compare_lines(3, seed=70), monitor_lines(3, seed=71, agent="migration-tool/0.9")
+    location = str(tmp_path / "feedback.sqlite3")
+    store = SqliteStore(location)
+    store.migrate()
+    store.add(Entry(0, NORMAL, pattern_from_records(model, marked), "ana", model="shop"))
+    until = time.time() + 1
+    store.add(Entry(0, NORMAL, pattern_from_records(model, migration), "ops", model="shop", expires_at=until))
+    store.add(Entry(0, NORMAL, pattern_from_records(model, monitor_lines(1, seed=72)), "ops", model="other-model",
+                    expires_at=until))
+
+    before = load_feedback(location, "shop", now=until - 0.5)
+    assert (before.entries, before.expired, len(before.normal)) == (2, 0, 6)
+    after = load_feedback(location, "shop", now=until)
+    assert (after.entries, after.expired, len(after.normal)) == (1, 1, 3)  # the other model's is not counted
+    assert after.normal == marked and len(after.rules) == 1
+
+    while time.time() <= until:  # the migration's entry expires
+        time.sleep(until - time.time() + 0.05)
+    training = tmp_path / "train.log"
+    training.write_text("\n".join(shop_training_lines) + "\n")
+    result = logscore("train", "--input", training, "--target-fpr", "0.01", "--name", "shop",
+                      "--out", tmp_path / "taught.onnx", "--feedback", location)
+    assert result.returncode == 0, result.stderr
+    assert "1 entries; 1 past their expiry left out): 3 records learned as normal" in result.stdout, result.stdout
+    taught = Model.load(tmp_path / "taught.onnx")
+    assert decide(taught, taught.score(monitor_lines(20, seed=73, agent="migration-tool/0.9"))).is_anomaly.all()
+    assert not decide(taught, taught.score(marked)).is_anomaly.any()
+    summary = json.loads(logscore("inspect", tmp_path / "taught.onnx", "--json").stdout)["metadata"]["training"]
+    assert summary["feedback"]["expired_entries"] == 1

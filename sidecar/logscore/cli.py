@@ -662,7 +662,9 @@ def run_train(args) -> int:
         # (the learner's store, `env`, holds no entry until an operator gives one: no typo to warn of)
         if not options.feedback.entries and args.feedback != "env":
             others = ", ".join(f"{m or '(any)'} ({n})" for m, n in options.feedback.other_models.most_common())
+            expired = options.feedback.expired
             print_warning(f"--feedback {options.feedback.store}: no active entry for model {options.name!r}"
+                          + (f" ({expired} past their expiry, left out)" if expired else "")
                           + (f"; it holds entries for {others} (--name sets the model's name)" if others else ""))
     if previous is not None:
         from .training.feedback import check_previous
@@ -770,9 +772,12 @@ def print_training_summary(path: str, metadata: dict) -> None:
         print(f"  {describe_injection_prior(training['injection_prior'])}")
     feedback = training.get("feedback")
     if feedback:
-        print(f"  feedback ({feedback['store']}, {feedback['entries']} entries): {feedback['normal_records']} records "
-              f"learned as normal ({feedback['normal_flagged']} still flagged), {feedback['keep_records']} kept out "
-              f"as true anomalies ({feedback['keep_flagged']} flagged by the new model)")
+        expired = (f"; {feedback['expired_entries']} past their expiry left out" if feedback.get("expired_entries")
+                   else "")
+        print(f"  feedback ({feedback['store']}, {feedback['entries']} entries{expired}): "
+              f"{feedback['normal_records']} records learned as normal ({feedback['normal_flagged']} still flagged), "
+              f"{feedback['keep_records']} kept out as true anomalies ({feedback['keep_flagged']} flagged by the new "
+              "model)")
     if training.get("left_out_flagged"):
         print(f"  {describe_left_out(training['left_out_flagged'])}")
 

@@ -8,6 +8,9 @@ learner, which runs the same command).
   the URL's structure kept, so the entry teaches its kind, not only its examples' ids.
 - Records marked **keep** (true anomalies) are left out of training wherever they appear in the
   input, and the new model must flag them: the summary and the metadata say how many it does.
+- Entries past their expiry are left out, as removed ones are: a mark given for a while (a
+  migration's traffic, `--expires 2h`) must not become part of the model for good; the summary
+  says how many were.
 - Field-value entries stay rules: they keep no examples to learn from (with ``--previous-model``, the
   records they unflag in the input are vouched for, as below).
 - With the model serving now (``--previous-model``; the learner passes its route's learned model),
@@ -35,6 +38,7 @@ import math
 import os
 import random
 import re
+import time
 import zlib
 from collections import Counter
 from dataclasses import dataclass, field
@@ -74,6 +78,7 @@ class TrainingFeedback:
     entries: int = 0
     rules: RuleSet = field(default_factory=RuleSet)  # the entries, as the sidecar applies them
     other_models: dict = field(default_factory=dict)  # model name -> active entries this training leaves
+    expired: int = 0  # entries of the model past their expiry, left out
 
     def keep_texts(self) -> set[str]:
         return {record_text(r) for r in self.keep}
@@ -169,9 +174,11 @@ def with_url(record: object, names: Sequence[str], url: str, variant: str) -> ob
     return record
 
 
-def load_feedback(location: str, model_name: str, must_exist: bool = True) -> TrainingFeedback:
-    """The active entries of the store that apply to ``model_name`` (or to every model); ``must_exist``:
-    a store no sidecar made is refused (a typo would train with an empty store, and make its tables)."""
+def load_feedback(location: str, model_name: str, must_exist: bool = True,
+                  now: Optional[float] = None) -> TrainingFeedback:
+    """The active entries of the store that apply to ``model_name`` (or to every model), at ``now``
+    (default: the time): neither removed nor expired; ``must_exist``: a store no sidecar made is
+    refused (a typo would train with an empty store, and make its tables)."""
     from ..feedback_store import open_store
 
     if "://" not in location and not os.path.isfile(location):  # a typo would make an empty store
@@ -182,10 +189,14 @@ def load_feedback(location: str, model_name: str, must_exist: bool = True) -> Tr
         raise ConfigError(f"--feedback {store.description}: this database holds no logscore feedback (no "
                           "schema_migrations table); check the URL: the sidecars' --feedback-store names it")
     store.migrate()
-    active = store.entries()
-    entries = [e for e in active if not e.model or base_name(e.model) == base_name(model_name)]
+    now = time.time() if now is None else now
+    stored = store.entries()  # (removed ones left out)
+    active = [e for e in stored if e.active(now)]
+    mine = [e for e in stored if not e.model or base_name(e.model) == base_name(model_name)]
+    entries = [e for e in mine if e.active(now)]
     others = Counter(e.model for e in active if e.model and base_name(e.model) != base_name(model_name))
-    found = TrainingFeedback(store.description, entries=len(entries), rules=RuleSet(entries), other_models=others)
+    found = TrainingFeedback(store.description, entries=len(entries), rules=RuleSet(entries, now), other_models=others,
+                             expired=len(mine) - len(entries))
     for entry in entries:
         examples = entry.examples()
         if entry.verdict == NORMAL:

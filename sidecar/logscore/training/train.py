@@ -576,8 +576,11 @@ def check_feedback(final: Fitted, calibration: dict, threshold: float, options: 
     if keep_flagged < len(feedback.keep):
         warn(f"{len(feedback.keep) - keep_flagged} of {len(feedback.keep)} records marked keep (true anomalies) "
              "are not flagged by the new model")
-    return {"store": feedback.store, "entries": feedback.entries, "normal_records": len(feedback.normal),
-            "normal_flagged": normal_flagged, "keep_records": len(feedback.keep), "keep_flagged": keep_flagged}
+    summary = {"store": feedback.store, "entries": feedback.entries, "normal_records": len(feedback.normal),
+               "normal_flagged": normal_flagged, "keep_records": len(feedback.keep), "keep_flagged": keep_flagged}
+    if feedback.expired:  # (left out as removed ones are: a mark for a while is not learned for good)
+        summary["expired_entries"] = feedback.expired
+    return summary
 
 
 def screen_sample(sample: Sequence[object], options: TrainOptions, support: float, progress: Progress,
