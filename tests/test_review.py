@@ -384,3 +384,27 @@ def test_a_group_of_records_older_than_its_timeline_says_none_there_not_peak_1(s
     # the id `feedback add --group` takes is on the page as text, not only in the timeline's tooltip
     visible = re.sub(r"<title>.*?</title>|<[^>]+>", " ", page)
     assert re.search(rf"\b{group.id}\s+·\s+{model.name}\b", visible), visible
+
+
+def test_a_group_marked_again_while_its_suppressed_records_keep_joining_answers_its_first_entry(
+        shop_model_path, tmp_path):
+    """Two operators marking one group while traffic flows: the records the first mark suppressed
+    joined the group and widened its pattern, so the second mark made a second entry, and undoing
+    the first left the second in force (probe: #7 of 9 features, then #8 of 12)."""
+    model = Model.load(shop_model_path)
+    ring, service = ring_with_store(tmp_path)
+    agent = "fleet-checker/3.1"
+    assert observe(model, ring, monitor_lines(4, seed=140, agent=agent)).is_anomaly.all()
+    group, = ring.snapshot()
+    first = service.mark(Mark(verdict=NORMAL, author="ana", group=group.id))
+    keys_marked = len(group.unusual_keys)
+
+    later = observe(model, ring, monitor_lines(6, seed=141, agent=agent), service.rules)
+    assert not later.is_anomaly.any() and group.suppressed == 6 and ring.snapshot() == [group]
+    assert len(group.unusual_keys) > keys_marked  # what the suppressed records add: the case to answer
+
+    second = service.mark(Mark(verdict=NORMAL, author="ben", group=group.id))
+    assert second.existing and second.id == first.id and second.author == "ana"
+    assert len(service.entries()) == 1
+    service.remove(first.id, "ana")  # undone: nothing else keeps the group's records unflagged
+    assert observe(model, ring, monitor_lines(3, seed=142, agent=agent), service.rules).is_anomaly.all()

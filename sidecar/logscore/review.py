@@ -100,6 +100,9 @@ class Group:
     reach: int = 0  # the records a mark of it would make normal, as the page was last ordered (reaches)
     attack_like: bool = False  # its first record's kind names what an attack may be (kind_reading)
     kind_fields: frozenset = frozenset()  # the fields its first record's kind names features of (kind_reading)
+    # The rule (keys, kind, features) of the pattern its mark last took: marked again, it is given again,
+    # so the store answers the entry made (records the mark suppressed go on joining, widening the pattern).
+    marked_rule: Optional[dict] = None
 
     def add(self, when: float, bucket_s: float, entity: Optional[str] = None) -> None:
         self.count_member(entity)
@@ -329,12 +332,17 @@ class ReviewRing:
         return found
 
     def pattern(self, group: Group, verdict: str) -> dict:
-        """What a mark of ``group`` stores: the group's pattern; a normal mark's examples are joined by
+        """What a mark of ``group`` stores: the group's pattern (a group marked already: the rule of that
+        mark, so that a second operator's mark is answered with its entry); a normal mark's examples are joined by
         those of the groups awaiting a verdict it reaches (``reached``), at most MARK_EXAMPLES: its
         rule makes their kinds normal, and `logscore train --feedback` learns an entry's kinds from its
         examples (a versioned fonts group's mark taught no new plain font it covered)."""
         with self.lock:
             pattern = group.pattern()
+            if group.feedback and group.marked_rule is not None:
+                pattern.update(group.marked_rule)
+            else:
+                group.marked_rule = {name: pattern[name] for name in ("keys", "kind", "features")}
             if verdict == NORMAL:
                 # (the group may have been evicted since the page was fetched: then it reaches none)
                 awaiting = [g for g in self.groups.largest() if g is not group and awaiting_verdict(g)]
