@@ -164,11 +164,14 @@ def test_bad_feedback_gets_a_clear_error_and_stores_nothing(sidecar, shop_model_
     got, raw = http_request(sidecar.http_port, "POST", "/v1/feedback", b"[" * 100_000 + b"]" * 100_000,
                             {"Content-Type": "application/json"})
     assert got == 400 and "nested too deeply" in json.loads(raw)["error"], raw
-    # A record holding nothing unusual (every feature common in training) gives nothing to mark.
+    # A record holding nothing unusual (every feature common in training) gives nothing to mark
+    # (marked normal, it is refused first as not flagged).
     model = Model.load(shop_model_path)
     ordinary = next(line for line in shop_training_lines if not (inspect(model, [line]).contribution > 0).any())
-    got, answer = feedback(sidecar, "POST", {"verdict": "normal", "author": "a", "records": [ordinary]})
+    got, answer = feedback(sidecar, "POST", {"verdict": "keep", "author": "a", "records": [ordinary]})
     assert got == 400 and "hold no unusual feature" in answer["error"]
+    got, answer = feedback(sidecar, "POST", {"verdict": "normal", "author": "a", "records": [ordinary]})
+    assert got == 400 and "is not flagged by model 'shop' (score 0.0000" in answer["error"]
     for query, status, message in (("?id=abc", 400, "give the number of a feedback entry"),
                                    ("?id=42", 404, "no feedback entry #42; list them with GET /v1/feedback"),
                                    ("?id=99999999999999999999999", 404, "no feedback entry #99999999999999999999999"),
@@ -604,7 +607,7 @@ def test_a_group_unusual_in_details_only_says_so_when_marked(tmp_path):
             return SimpleNamespace(kind=frozenset(), model="shop", route="web.access")
 
     service = FeedbackService(SqliteStore(str(tmp_path / "f.sqlite3")), poll_s=1.0, review=Review())
-    with pytest.raises(InvalidRequest, match="unusual in details only .*mark its records or a field value"):
+    with pytest.raises(InvalidRequest, match="unusual in details only .*no kind to mark; mark a field value"):
         service.mark(Mark(verdict="normal", author="ana", group="g5"))
 
 
@@ -961,3 +964,34 @@ def test_a_group_id_from_before_a_restart_is_refused_as_out_of_date_not_given_to
     # the group shown now is marked by its own id
     status, body = feedback(sidecar, "POST", {"verdict": "normal", "author": "ana", "group": now})
     assert status == 200 and "totally-new-bot" in body["feedback"]["example"], body
+
+
+def test_a_record_not_flagged_or_unusual_in_details_only_is_refused_when_marked_normal(sidecar):
+    """A record under the threshold could be marked normal; its entry, of n-grams only, then let
+    through flagged records unusual in n-grams only that shared half of them, whatever else was
+    unusual in them (probe: /products/3782/… at 0.60 made an entry of '782' and '378', which then
+    suppressed /products/978278278/… at 0.998). Refused, as a group unusual in details only is."""
+    rng = random.Random(80)
+    quiet, ngrams = (access_line(rng, "GET", f"/products/{n}/reviews?page=34&sort=top") for n in (3782, 978278278))
+    structural = compare_lines(1, seed=81)[0]
+    before = score(sidecar, [quiet, ngrams, structural])
+    assert [r["is_anomaly"] for r in before] == [False, True, True], before
+
+    status, body = feedback(sidecar, "POST", {"verdict": "normal", "author": "ana", "records": [structural, quiet]})
+    assert status == 400 and "record 2 (" in body["error"] and "is not flagged by model 'shop'" in body["error"], body
+    assert "mark a field value" in body["error"]
+    status, body = feedback(sidecar, "POST", {"verdict": "normal", "author": "ana", "records": [ngrams]})
+    assert status == 400 and "record 1 (" in body["error"] and "unusual in details only" in body["error"], body
+    with pytest.raises(grpc.RpcError) as failure:
+        sidecar.stub().Feedback(pb.FeedbackRequest(verdict=pb.NORMAL, author="a", lines=pb.RawLines(
+            lines=[quiet.encode()])), timeout=10)
+    assert failure.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "not flagged" in failure.value.details()
+    assert feedback(sidecar, "GET", query="?all=1")[1]["feedback"] == []
+    assert score(sidecar, [ngrams])[0]["is_anomaly"]  # nothing lets it through
+
+    # A flagged record with a kind to name is marked as before, and a keep mark needs no flag
+    # (training must flag what an operator keeps, missed or not).
+    status, body = feedback(sidecar, "POST", {"verdict": "normal", "author": "ana", "records": [structural]})
+    assert status == 200 and not body["existing"], body
+    status, body = feedback(sidecar, "POST", {"verdict": "keep", "author": "sec", "records": [quiet]})
+    assert status == 200, body

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import shutil
 import time
 from pathlib import Path
@@ -73,10 +74,12 @@ def test_a_new_site_is_learned_on_arrival_and_a_bad_retrain_is_kept_aside(tmp_pa
         # Drift retraining, guarded: a window swamped by one health check teaches a model that
         # flags most normal traffic; it is kept aside, the learned model keeps serving.
         learned_version = sidecar.model_versions()["apache-access"]
-        health = shop_lines(1, seed=104)[0].replace("/favicon.ico", "/health")
+        # (a path the learned model never saw: flagged, so it can be marked normal; the replace of a
+        # "/favicon.ico" the line did not hold left an ordinary page, not flagged)
+        health = re.sub(r'"GET \S+', '"GET /health', shop_lines(1, seed=104)[0], count=1)
         # An operator marks the health check normal: retraining folds the entry in (issue #14).
-        status, _ = sidecar.http_post("/v1/feedback", {"verdict": "normal", "author": "ops", "records": [health]})
-        assert status == 200
+        status, body = sidecar.http_post("/v1/feedback", {"verdict": "normal", "author": "ops", "records": [health]})
+        assert status == 200, body
         # Attacks in the window too (under a tenth of it): the route's own model flags them, so the
         # retrain leaves them out.
         window_attacks = [line for _, line in attack_lines(shop_lines(50, seed=106), 50, seed=107)]

@@ -403,6 +403,31 @@ def refuse_unparsed(model: Model, records: Sequence[object]) -> None:
                                f"{model.featurizer.log_format}", model.name)
 
 
+def refuse_unflagged(model: Model, records: Sequence[object]) -> None:
+    """A record marked normal must be one its model flags, for what names a kind: a record under the
+    threshold, or flagged for its n-grams only (details: different for nearly every value), made an
+    entry of n-grams, which then unflagged records sharing half of them whatever else was unusual in
+    them (probe: ``/products/3782/…``, score 0.60, made an entry of '782' and '378' that suppressed
+    ``/products/978278278/…``, score 0.998). Refused, as a review group unusual in details only is."""
+    from .decide import decide
+
+    refuse_sessions(model)  # (first: scoring a session model's records would join them to its sessions)
+    scored = model.score(records)
+    quiet = np.flatnonzero(~decide(model, scored).is_anomaly)
+    if len(quiet):
+        row = int(quiet[0])
+        raise InvalidRequest(f"record {row + 1} ({record_text(records[row])[:80]!r}) is not flagged by model "
+                             f"{model.name!r} (score {scored.scores[row]:.4f}, threshold {model.threshold:.4f}): "
+                             "mark normal only records it flags; to let a value through, mark a field value")
+    found = inspect(model, records)
+    for row in range(found.batch.size):
+        unusual = found.unusual(row, KIND_SIZE)
+        if len(unusual) and found.detail[unusual].all():
+            raise InvalidRequest(f"record {row + 1} ({record_text(records[row])[:80]!r}) is unusual in details only "
+                                 "(n-grams of its values): it names no kind to mark, and its n-grams would let "
+                                 "through other records sharing them; mark a field value")
+
+
 def unparsed_refusal(what: str, model_name: str) -> InvalidRequest:
     """The refusal of a mark of lines the model could not read (``what``: which, and how it failed)."""
     return InvalidRequest(f"{what}: model {model_name!r} flags such records whatever the feedback (its training "

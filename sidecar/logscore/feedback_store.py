@@ -32,7 +32,7 @@ from urllib.parse import unquote
 
 from .errors import ConfigError, FeedbackNotFound, InvalidRequest, StoreUnavailable
 from .feedback import (EXAMPLES, UNREADABLE, VERDICTS, Entry, RuleSet, pattern_from_field, pattern_from_records,
-                       record_text, refuse_unparsed, unparsed_refusal)
+                       record_text, refuse_unflagged, refuse_unparsed, unparsed_refusal)
 from .timestamps import LATEST_TIME
 
 log = logging.getLogger("logscore.feedback")
@@ -990,7 +990,7 @@ class FeedbackService:
                 raise FeedbackNotFound(f"no review group {mark.group!r} (groups live in memory: list them at /ui/)")
             if not group.kind:
                 raise InvalidRequest(f"group {mark.group} is unusual in details only (n-grams, or a session "
-                                     "model's records): it names no kind to mark; mark its records or a field value")
+                                     "model's records): it names no kind to mark; mark a field value")
             model_name = mark.model or group.model
             if mark.verdict == "normal":
                 self._refuse_unparsed_group(mark.group, group)
@@ -1006,6 +1006,7 @@ class FeedbackService:
             else:
                 if mark.verdict == "normal":
                     refuse_unparsed(model, mark.records)
+                    refuse_unflagged(model, mark.records)
                 pattern = pattern_from_records(model, mark.records)
                 example = storable(record_text(mark.records[0]))
         entry = self.store.add(Entry(0, mark.verdict, pattern, mark.author, mark.reason, model_name, route,
