@@ -995,3 +995,12 @@ def test_a_record_not_flagged_or_unusual_in_details_only_is_refused_when_marked_
     assert status == 200 and not body["existing"], body
     status, body = feedback(sidecar, "POST", {"verdict": "keep", "author": "sec", "records": [quiet]})
     assert status == 200, body
+
+
+def test_every_status_the_http_surfaces_answer_has_its_reason_phrase():
+    """A status without one went out as 'HTTP/1.1 409 Status' (the review page's out-of-date 409)."""
+    from logscore.servers.feedback_http import FEEDBACK_STATUS_CODES
+    from logscore.servers.http import REASONS, STATUS_CODES
+
+    answered = set(STATUS_CODES.values()) | set(FEEDBACK_STATUS_CODES.values())
+    assert answered - set(REASONS) == set()

@@ -59,10 +59,10 @@ STATUS_CODES: dict[type, int] = {  # the twin of servers.grpc.STATUS_CODES
     ScorerUnavailable: 503,
 }
 REASONS = {200: "OK", 303: "See Other", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
-           405: "Method Not Allowed", 408: "Request Timeout", 411: "Length Required", 413: "Payload Too Large",
-           415: "Unsupported Media Type", 429: "Too Many Requests", 431: "Request Header Fields Too Large",
-           500: "Internal Server Error", 501: "Not Implemented", 503: "Service Unavailable",
-           504: "Gateway Timeout"}
+           405: "Method Not Allowed", 408: "Request Timeout", 409: "Conflict", 411: "Length Required",
+           413: "Payload Too Large", 415: "Unsupported Media Type", 429: "Too Many Requests",
+           431: "Request Header Fields Too Large", 500: "Internal Server Error", 501: "Not Implemented",
+           503: "Service Unavailable", 504: "Gateway Timeout"}
 MAX_HEADER_BYTES = 32 * 1024
 IDLE_TIMEOUT_S = 75.0  # a keep-alive connection waits this long for its next request
 REQUEST_TIMEOUT_S = 30.0  # from a request line to the last byte of its body, and to write its answer
