@@ -41,7 +41,7 @@ def layout_of_log(path: str, spec: dict) -> str:
     from logscore.training.train import TrainOptions, count_unparsed
 
     lines = list(read_lines([path]))
-    _, learned = count_unparsed(lines, TrainOptions(spec=spec), warn=lambda message: None)
+    _, _, learned = count_unparsed(lines, TrainOptions(spec=spec), warn=lambda message: None)
     if "access_layout" not in learned:
         raise ConfigError("the model reads no user agent, so no layout changes how it reads a record: "
                           "nothing to record")

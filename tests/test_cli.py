@@ -104,7 +104,9 @@ def test_client_scores_through_a_running_sidecar(tmp_path, shop_model_path):
                                                        tmp_path / "long.log").stdout.splitlines()]
         assert [row.get("truncated", False) for row in whole] == [False, False, True]
         assert [note for note in whole[2]["notes"] if note.startswith("truncated")] == [
-            "truncated: a raw line was cut to 65536 characters or a field to 8192 characters before scoring"]
+            "truncated: a raw line was cut to 65536 characters or a field to 8192 characters before scoring; "
+            "flagged: the rest was not scored and the model's training held no record that long (a log whose "
+            "records are that long: train on it, `logscore train` counts them)"]
         both = [json.loads(line) for line in logscore("client", "--socket", sidecar.socket, tmp_path / "in.log",
                                                       tmp_path / "long.log").stdout.splitlines()]
         assert [(row["file"], row["line"]) for row in both[-3:]] == [(str(tmp_path / "long.log"), n) for n in (1, 2, 3)]

@@ -7,12 +7,13 @@ from __future__ import annotations
 import json
 import random
 import re
+from types import SimpleNamespace
 from urllib.parse import quote
 
 import numpy as np
 import pytest
 
-from logscore.decide import decide, flags_unparsed
+from logscore.decide import decide, flags_truncated, flags_unparsed
 from logscore.features import load_spec
 from logscore.model import Model, make_session
 from logscore.training.robust import screen
@@ -419,6 +420,56 @@ def test_a_huge_line_scores_the_same_offline_over_grpc_and_http(tmp_path, shop_m
     for row, result in zip(answers["score"], http["results"]):
         assert (result["anomaly_score"], result["is_anomaly"]) == (row["score"], row["is_anomaly"])
         assert result.get("notes", []) == row.get("notes", [])
+
+
+def with_long_agents(lines: list[str], chars: int) -> list[str]:
+    """The lines with each user agent repeated past ``chars`` characters: normal words, cut when scored."""
+    longer = []
+    for line in lines:
+        head, agent = line.rsplit(' "', 1)
+        agent = agent.rstrip('"') + " "
+        longer.append(f'{head} "{agent * (chars // len(agent) + 1)}"')
+    return longer
+
+
+def test_a_record_cut_before_scoring_is_flagged_when_training_held_none_that_long(shop_model):
+    """What lies past max_field_chars is never scored: an attack placed there passed, noted
+    `truncated` but not flagged (probe s26: 0 of 30 past 8,300 characters of padding)."""
+    cut = with_long_agents(shop_lines(8, seed=120), 8300)
+    result = shop_model.score(cut + shop_lines(1, seed=121))
+    assert result.truncated.tolist() == [True] * 8 + [False]
+    assert not result.is_anomaly[:8].all()  # by score alone some pass: what the rule is for
+    assert shop_model.metadata["training"]["truncated_records"] == 0 and flags_truncated(shop_model)
+    decision = decide(shop_model, result)
+    assert decision.is_anomaly[:8].all() and not decision.is_anomaly[8]
+    notes = {i: text for i, _, text in decision.notes}
+    assert sorted(notes) == list(range(8))
+    assert all("; flagged: the rest was not scored" in text and "train on it" in text for text in notes.values())
+    learning = decide(shop_model, result, learning=["route shop is learning"] + [None] * 8)
+    assert not learning.is_anomaly[0] and learning.is_anomaly[1]
+    assert "not flagged while its route learns" in [t for i, _, t in learning.notes if i == 0][0]
+
+
+def test_a_model_trained_on_records_that_long_only_notes_the_cut(tmp_path):
+    lines = shop_lines(1500, seed=122) + with_long_agents(shop_lines(60, seed=123), 9000)  # 3.8 % cut
+    model, metadata = trained(lines, tmp_path, target_fpr=0.01)
+    assert metadata["training"]["truncated_records"] == 60 and not flags_truncated(model)
+    result = model.score(with_long_agents(shop_lines(20, seed=124), 9000))
+    decision = decide(model, result)
+    assert result.truncated.all() and decision.is_anomaly.tolist() == result.is_anomaly.tolist()
+    assert all("flagged" not in text for _, _, text in decision.notes)
+
+
+def test_the_shipped_model_counted_no_cut_records_and_flags_them_as_an_access_model():
+    """Trained before the count was kept: an access model flags them (Apache refuses a request
+    line or header over 8,190 bytes by default); a model of another format does not."""
+    model = Model.load(ROOT / "models" / "apache-access.onnx")
+    assert "truncated_records" not in model.metadata["training"] and flags_truncated(model)
+    result = model.score(with_long_agents(blog_lines(5, seed=125), 8300))
+    assert result.truncated.all() and decide(model, result).is_anomaly.all()
+    older_syslog = SimpleNamespace(metadata={"training": {"records_used": 5000}, "calibration": {}},
+                                   featurizer=SimpleNamespace(sessions=None, log_format="syslog"))
+    assert not flags_truncated(older_syslog)  # a long message may be normal there: retrain to count them
 
 
 def test_a_syslog_model_reads_host_names_as_values_not_words(tmp_path):

@@ -328,7 +328,7 @@ def test_a_common_format_site_learning_from_the_shipped_combined_model_learns_it
 
     lines = [line.rsplit(' "', 2)[0] for line in shop_lines(200, seed=14)]  # the common format
     paths = write_inputs(tmp_path / "inputs", lines, Model.load(DEFAULT_MODEL))
-    _, spec = count_unparsed(lines, TrainOptions(spec=json.loads(paths["spec"].read_text())), warn=print)
+    _, _, spec = count_unparsed(lines, TrainOptions(spec=json.loads(paths["spec"].read_text())), warn=print)
     assert spec["access_layout"] == "common"
 
 

@@ -490,9 +490,9 @@ def test_a_combined_log_whose_agents_are_mostly_null_is_learned_as_combined():
     records = [{"host": f"10.0.0.{i % 250}", "method": "GET", "path": f"/api/items/{i}", "code": 200, "size": 10,
                 "referer": None, "agent": "sqlmap/1.7" if i % 10 == 0 else None} for i in range(500)]
     options = TrainOptions(spec=load_spec(None, "access"))
-    assert count_unparsed(records, options, warn=print)[1]["access_layout"] == "combined"
+    assert count_unparsed(records, options, warn=print)[2]["access_layout"] == "combined"
     common = [{**record, "agent": None} for record in records]
-    assert count_unparsed(common, options, warn=print)[1]["access_layout"] == "common"
+    assert count_unparsed(common, options, warn=print)[2]["access_layout"] == "common"
 
 
 def test_a_line_starting_with_an_rfc_3339_time_is_syslog_only_with_a_tag_and_its_colon():

@@ -757,7 +757,7 @@ def print_training_summary(path: str, metadata: dict) -> None:
     training, calibration = metadata["training"], metadata["calibration"]
     print(f"wrote {path}")
     print(f"  records: {training['records_read']} read, {training['records_used']} used, "
-          f"{training['unparsed_records']} unparsed")
+          f"{training['unparsed_records']} unparsed, {training['truncated_records']} cut before scoring")
     print(f"  features: {training['distinct_features']} distinct keys, dense width {training['dense_width']}")
     print(f"  detectors: {', '.join(d['kind'] for d in metadata['detectors'])}")
     print(f"  fit time: {training['fit_seconds']} s")

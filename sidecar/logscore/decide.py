@@ -8,7 +8,9 @@ The one step after scoring, on every path (the sidecar's ScoringService, `logsco
 - the threshold (already compared by ``Model.score``, which may take a per-call threshold);
 - records that did not parse: flagged when the model's training data parsed (a line its
   parser cannot read is then itself anomalous; no feedback unflags it), noted either way;
-- truncation: noted (the rule is in ``records.RecordNormalizer``: one rule everywhere);
+- truncation (the cut is in ``records.RecordNormalizer`` and the featurizer: one rule everywhere):
+  flagged when the model's training held no record that long (what lies past the cut is never
+  scored: an attack placed there passed), noted either way;
 - learning: while a route's own model is being learned (sidecar/logscore/learning.py), its
   records keep their score but are not flagged, and say so;
 - feedback (sidecar/logscore/feedback.py): a flagged record whose unusual features an operator
@@ -38,6 +40,10 @@ NOTE_KINDS = {UNPARSED_NOTE.strip(): "unparsed", "truncated": "truncated", "lear
               "suppressed by feedback": "suppressed", "kept by feedback": "kept"}
 TRUNCATED = ("truncated: a raw line was cut to {line} characters or a field to {field} characters "
              "before scoring")
+# why a cut record is flagged and what to do (a log whose normal records run that long: retrain on it)
+TRUNCATED_FLAGGED = ("; flagged: the rest was not scored and the model's training held no record that long "
+                     "(a log whose records are that long: train on it, `logscore train` counts them)")
+TRUNCATED_WHILE_LEARNING = "; not flagged while its route learns (flagged after: the rest was not scored)"
 
 
 @dataclass
@@ -56,6 +62,22 @@ def flags_unparsed(model: Model) -> bool:
     if not used or model.featurizer.sessions is not None:
         return False  # session models read every record's text; nothing is unparsed
     return training.get("unparsed_records", 0) / used <= float(calibration.get("target_fpr") or 0.001)
+
+
+def flags_truncated(model: Model) -> bool:
+    """Whether a record cut before scoring is flagged: when its training held cut records more
+    rarely than the false-positive rate the model allows (as ``flags_unparsed``). A model trained
+    before the count was kept: flagged for access logs only (Apache refuses a request line or
+    header over 8,190 bytes by default, so no served request is that long), else not."""
+    meta = model.metadata
+    training, calibration = meta.get("training", {}), meta.get("calibration", {})
+    used = training.get("records_used") or 0
+    if not used or model.featurizer.sessions is not None:
+        return False  # session models: each record is its session so far, cut by design
+    cut = training.get("truncated_records")
+    if cut is None:
+        return model.featurizer.log_format == "access"
+    return cut / used <= float(calibration.get("target_fpr") or 0.001)
 
 
 def decide(model: Model, scored: Scored, learning: Optional[Sequence[Optional[str]]] = None,
@@ -84,9 +106,15 @@ def decide(model: Model, scored: Scored, learning: Optional[Sequence[Optional[st
         notes += [(int(i), "record", while_learning if learning is not None and learning[i] else text)
                   for i in np.flatnonzero(scored.unparsed)]
     if np.count_nonzero(scored.truncated):
-        text = TRUNCATED.format(line=model.featurizer.normalizer.max_line_chars,
-                                field=model.featurizer.max_field_chars)
-        notes += [(int(i), "record", text) for i in np.flatnonzero(scored.truncated)]
+        text = while_learning = TRUNCATED.format(line=model.featurizer.normalizer.max_line_chars,
+                                                 field=model.featurizer.max_field_chars)
+        if flags_truncated(model):
+            # held like unparsed records: a mark of the part that was scored says nothing of the rest
+            flags |= scored.truncated
+            held = scored.truncated if held is None else held | scored.truncated
+            text, while_learning = text + TRUNCATED_FLAGGED, text + TRUNCATED_WHILE_LEARNING
+        notes += [(int(i), "record", while_learning if learning is not None and learning[i] else text)
+                  for i in np.flatnonzero(scored.truncated)]
     if learning is not None:
         for i, why in enumerate(learning):
             if why is not None:

@@ -29,6 +29,7 @@ from .. import __version__
 from ..artifact import FORMAT_VERSION, HASH_KEY, METADATA_KEY, content_hash
 from ..errors import ConfigError, InputError
 from ..parsers import WARN_UNPARSED_SHARE, suggest_format
+from ..records import text_columns
 from ..features import Featurizer
 from ..model import make_session, run_graph
 from ..sessions import SessionSpec, SessionTracker
@@ -301,25 +302,28 @@ COMBINED_AGENT_SHARE = 0.01  # of parsed records holding a user agent, from whic
 
 
 def count_unparsed(sample: Sequence[object], options: TrainOptions, warn: Warn,
-                   progress: Progress = quiet) -> tuple[int, dict]:
-    """(the number of records that do not parse, the featurizer spec with the access layout they
-    show); refuses input that is mostly unparsed (a wrong --format, a binary file) and warns when
-    more than a few records do not parse. Block by block, saying how far (11 s of silence on 1M
+                   progress: Progress = quiet) -> tuple[int, int, dict]:
+    """(the number of records that do not parse, of those cut before scoring (decide.flags_truncated),
+    the featurizer spec with the access layout they show); refuses input that is mostly unparsed (a
+    wrong --format, a binary file) and warns when more than a few records do not parse. Block by block, saying how far (11 s of silence on 1M
     JSON records)."""
     featurizer = Featurizer(options.spec)
     normalizer = featurizer.normalizer
     field_maps = normalizer.log_format == "jsonl" or any(isinstance(record, dict) for record in sample[:100])
     parsed = np.zeros(len(sample), dtype=bool)
+    truncated = 0
     present = dict.fromkeys(normalizer.wanted, 0)  # parsed records holding each field the model reads
     for start in range(0, len(sample), CHECK_BLOCK):
         block = sample[start: start + CHECK_BLOCK]
         if not field_maps:  # lines: the compiled parser where there is one (the Python one took 5 s on 1M)
-            columns, parsed[start: start + len(block)], _ = featurizer.field_values(block)
+            columns, parsed[start: start + len(block)], cut = featurizer.field_values(block)
+            truncated += sum(cut)
             for name in present.keys() & AGENT:
                 present[name] += sum(value is not None for value in columns[name])
         else:
             batch = normalizer.normalize(block)
             parsed[start: start + len(block)] = batch.parsed
+            truncated += count_cut(batch, featurizer)
             for one in (one for one, ok in zip(batch.fields, batch.parsed) if ok):
                 for name in present:
                     present[name] += one.get(name) is not None
@@ -336,7 +340,7 @@ def count_unparsed(sample: Sequence[object], options: TrainOptions, warn: Warn,
         spec = {**spec, "access_layout": "combined" if combined else "common"}
     unparsed = len(parsed) - int(parsed.sum())
     if unparsed <= WARN_UNPARSED_SHARE * len(sample):
-        return unparsed, spec
+        return unparsed, truncated, spec
     log_format = normalizer.log_format
     example = example_text(sample[int(np.argmin(parsed))])[:120]
     summary = (f"{unparsed:,} of {len(sample):,} records ({unparsed / len(sample):.1%}) do not parse as {log_format} "
@@ -345,7 +349,16 @@ def count_unparsed(sample: Sequence[object], options: TrainOptions, warn: Warn,
         raise InputError(f"{summary}: this is not {log_format} input. {suggest_format(sample, log_format)}")
     warn(f"{summary}; they are learned with their fields missing, and records that do not parse "
          "will not be flagged for it")
-    return unparsed, spec
+    return unparsed, truncated, spec
+
+
+def count_cut(batch, featurizer: Featurizer) -> int:
+    """How many normalized records the featurizer cuts (a raw line over max_line_chars, or a field
+    it reads over max_field_chars), as ``Featurizer.normalized_values`` does when scoring."""
+    limit = featurizer.max_field_chars
+    columns = text_columns(batch.fields, featurizer.fields).values()
+    return sum(1 for row, cut in enumerate(batch.truncated)
+               if cut or any(column[row] is not None and len(column[row]) > limit for column in columns))
 
 
 def warn_missing_fields(present: dict[str, int], held: int, normalizer, warn: Warn) -> None:
@@ -428,7 +441,7 @@ def train(records: Iterable[object], options: TrainOptions,
     random.Random(options.seed).shuffle(order)
     sample, vouched = [sample[i] for i in order], vouched[order]
 
-    unparsed, spec = count_unparsed(sample, options, keep_warning, progress)
+    unparsed, truncated, spec = count_unparsed(sample, options, keep_warning, progress)
     options = replace(options, spec=spec)  # (the caller's options stay as given: a second log may differ)
     # Rare = seen in fewer records than a feature needs to count as normal (screening's grouping).
     support = options.support or default_support(len(sample))
@@ -523,6 +536,7 @@ def train(records: Iterable[object], options: TrainOptions,
             "records_read": read,
             "records_used": len(sample),
             "unparsed_records": unparsed,
+            "truncated_records": truncated,  # decide.flags_truncated
             "set_aside": screening.describe(sample) if screening_on else None,
             "set_aside_only_alarms": (None if alarms is None else  # prior.AlarmVocabulary
                                       {"eligible_records": int(eligible.sum())}),
