@@ -305,8 +305,8 @@ def count_unparsed(sample: Sequence[object], options: TrainOptions, warn: Warn,
                    progress: Progress = quiet) -> tuple[int, int, dict]:
     """(the number of records that do not parse, of those cut before scoring (decide.flags_truncated),
     the featurizer spec with the access layout they show); refuses input that is mostly unparsed (a
-    wrong --format, a binary file) and warns when more than a few records do not parse. Block by block, saying how far (11 s of silence on 1M
-    JSON records)."""
+    wrong --format, a binary file) and warns when more than a few records do not parse. Block by
+    block, saying how far (11 s of silence on 1M JSON records)."""
     featurizer = Featurizer(options.spec)
     normalizer = featurizer.normalizer
     field_maps = normalizer.log_format == "jsonl" or any(isinstance(record, dict) for record in sample[:100])
