@@ -8,13 +8,14 @@ import json
 import re
 
 import numpy as np
+import pytest
 
 from logscore.decide import decide
 from logscore.feedback import KEEP, NORMAL, Entry, FeedbackStep, RuleSet, pattern_from_records
 from logscore.feedback_store import SqliteStore
 from logscore.model import Model
 
-from .generate import shop_lines
+from .generate import blog_lines, shop_lines
 from .sidecar_process import ROOT
 from .test_cli import logscore
 from .test_feedback import attacks_on, compare_lines, monitor_lines
@@ -630,3 +631,50 @@ def test_training_leaves_out_entries_past_their_expiry_and_says_how_many(tmp_pat
     assert not decide(taught, taught.score(marked)).is_anomaly.any()
     summary = json.loads(logscore("inspect", tmp_path / "taught.onnx", "--json").stdout)["metadata"]["training"]
     assert summary["feedback"]["expired_entries"] == 1
+
+
+def with_clients(lines: list[str], clients: int, prefix: str = "10.0.0.") -> list[str]:
+    """The lines sent by ``clients`` addresses in turn (a site whose visitors make many requests each)."""
+    return [f"{prefix}{i % clients} {line.split(' ', 1)[1]}" for i, line in enumerate(lines)]
+
+
+def test_past_the_limit_only_clients_flagged_far_above_the_rest_are_left_out(shop_model_path):
+    """Another site's model flagging 40-45 % of a new site's records flags each of its frequent
+    clients 10 times or more: every one was left out (probe s26: a CSIC log's 120 clients, all 8,000
+    records, then "only 0 records to train on"). Now only a client flagged far above the rest is."""
+    from logscore.training.feedback import leave_out_flagged
+
+    default = Model.load(ROOT / "models" / "apache-access.onnx")
+    visitors = with_clients(shop_lines(2000, seed=130), 40)  # 50 requests each
+    scanner = with_clients(attacks_on(shop_lines(60, seed=131), seed=132), 1, prefix="203.0.113.")
+    warnings = []
+    kept, left_out, _ = leave_out_flagged(visitors + scanner, default, None, warnings.append)
+    assert left_out["ignored"] and 0.3 < left_out["fraction"] < 0.5, left_out
+    assert left_out["clients"] == ["203.0.113.0"] and left_out["records"] == len(scanner), left_out
+    assert kept == visitors
+    assert "clients it flags 10 times or more and far above that share" in warnings[0], warnings
+
+
+def test_a_previous_model_flagging_most_records_leaves_no_client_out(shop_model_path):
+    """At 97 % flagged every frequent client is flagged far more than 10 times (the real blog log under
+    the shop's model: its crawlers and feed readers, 2,391 of 5,000 records, were left out)."""
+    from logscore.training.feedback import leave_out_flagged
+
+    records = with_clients(blog_lines(600, seed=133), 20)
+    warnings = []
+    kept, left_out, _ = leave_out_flagged(records, Model.load(shop_model_path), None, warnings.append)
+    assert left_out["fraction"] > 0.5 and left_out["records"] == 0 and kept == records, left_out
+    assert "it flags most of them, so no client stands out either" in warnings[0], warnings
+
+
+def test_too_few_records_left_by_the_previous_model_name_it_and_what_to_do(shop_model_path):
+    from logscore.features import load_spec
+    from logscore.errors import InputError
+    from logscore.training.train import TrainOptions, train
+
+    records = shop_lines(46, seed=134) + attacks_on(shop_lines(4, seed=135), seed=136)  # 8 % flagged
+    options = TrainOptions(spec=load_spec(None, "access"), name="shop", previous=Model.load(shop_model_path))
+    with pytest.raises(InputError) as refused:
+        train(records, options)
+    assert "--previous-model 'shop' left out" in str(refused.value)
+    assert "train without --previous-model" in str(refused.value)

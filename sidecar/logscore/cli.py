@@ -789,8 +789,8 @@ def describe_left_out(left_out: dict) -> str:
         clients = left_out.get("clients") or []
         return (f"{said}: it flags {left_out['fraction']:.1%} of them, more than {left_out['limit']:.0%}, so its "
                 "flags were not used" + (f", but for every record of the {left_out['client_count']} clients it flags "
-                                         f"{left_out['client_flags']} times or more (an attack or a scanner: "
-                                         f"{', '.join(clients)})" if clients else ""))
+                                         f"{left_out['client_flags']} times or more and far above that share (an "
+                                         f"attack or a scanner: {', '.join(clients)})" if clients else ""))
     learned = left_out.get("learned_widespread")
     also = (f"; {learned['records']} flagged records learned all the same, what made them unusual flagged "
             f"across {learned['min_clients']} clients or more (a new kind of normal traffic)" if learned else "")

@@ -435,8 +435,7 @@ def train(records: Iterable[object], options: TrainOptions,
         sample, left_out, vouched = leave_out_flagged(sample, options.previous, options.feedback, keep_warning,
                                                       progress)
     if len(sample) < 10 * options.folds:
-        raise InputError(f"only {len(sample)} records to train on; give at least {10 * options.folds} "
-                         "(thousands are better)")
+        raise InputError(too_few_records(len(sample), options, left_out))
     order = list(range(len(sample)))
     random.Random(options.seed).shuffle(order)
     sample, vouched = [sample[i] for i in order], vouched[order]
@@ -564,6 +563,16 @@ def train(records: Iterable[object], options: TrainOptions,
     if options.feedback is not None:
         metadata["training"]["feedback"] = check_feedback(final, calibration, threshold, options, keep_warning)
     return final.graph(calibration, metadata), metadata
+
+
+def too_few_records(count: int, options: TrainOptions, left_out: Optional[dict]) -> str:
+    """Why training stops for too few records, naming --previous-model when its flags left them out."""
+    needed = f"give at least {10 * options.folds} (thousands are better)"
+    if not left_out or not left_out.get("records"):
+        return f"only {count} records to train on; {needed}"
+    return (f"only {count} records to train on: --previous-model {left_out['model']!r} left out "
+            f"{left_out['records']:,} of {count + left_out['records']:,} as flagged; train without "
+            f"--previous-model (a model of another site or of traffic since changed), or {needed}")
 
 
 def without_kept(records: Iterable[object], kept: set[str]) -> Iterator[object]:
