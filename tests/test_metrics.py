@@ -174,3 +174,54 @@ def test_tags_past_the_most_judged_apart_are_judged_together(monkeypatch):
         watch.observe(model, 1, 1, f"random-{n}")
     assert watch.status()["web"]["routes"] == [flood.OTHER_ROUTES]
     assert len(watch._seen_at) == 3
+
+
+def test_with_learning_on_the_flood_warning_says_what_applies_not_to_serve_with_learn(tmp_path, shop_model_path,
+                                                                                     caplog):
+    """`serve --learn`, the shop's model serving a blog: its first candidate was kept aside (97 % of its
+    window flagged) and the route's flags released; the flood warning then ended "or serve with --learn"
+    (probe s26). It names the kept-aside model and learn_max_first_flagged instead."""
+    import shutil
+    from types import SimpleNamespace
+
+    from logscore.learning import Learner
+    from logscore.registry import ModelRegistry
+    from logscore.scoring import ScoringService
+    from logscore.settings import Settings
+
+    from .generate import blog_lines
+
+    models = tmp_path / "models"
+    models.mkdir()
+    shutil.copy(shop_model_path, models / "shop.onnx")
+    settings = Settings(models_dir=str(models), learn="true", learn_records=200, learn_window=200)
+    registry = ModelRegistry(str(models))
+    registry.reload()
+    learner = Learner(settings, registry, lambda: None)
+    metrics = Metrics()
+    metrics.floods.block_records = 100
+    ScoringService(registry, settings, metrics, learner=learner)  # --learn: the watch hears of the learner
+    model = registry.snapshot.models["shop"]
+    lines = blog_lines(100, seed=140)
+    learner.observe(learner.routes(model, lines), lines)
+    flags = np.ones(100, dtype=bool)
+    outcome = SimpleNamespace(notes=[], models=[model], scores=flags.astype(np.float32), is_anomaly=flags,
+                              model_index=np.zeros(100, dtype=np.uint32))
+
+    def warning_after(route_state: dict) -> str:
+        for name, value in route_state.items():
+            setattr(learner.routes_by_name["shop"], name, value)
+        metrics.floods._logged_at.clear()  # (said once per 10 minutes: each state's warning heard here)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="logscore.serve"):
+            metrics.observe_outcome(outcome, "http", "blog.access")
+        [said] = [r.getMessage() for r in caplog.records if "far more records" in r.getMessage()]
+        assert "serve with --learn" not in said
+        return said
+
+    kept = str(models / ".learning" / "shop" / "kept-1.onnx")
+    said = warning_after({"first_kept_aside": True, "last": {"outcome": "kept_aside", "kept_as": kept}})
+    assert f"copy the kept-aside model {kept} to {models}/shop.onnx" in said
+    assert "learn_max_first_flagged 0.7" in said and "train one on your own log" in said
+    assert "failed 3 times" in warning_after({"first_kept_aside": False, "failures": 3})
+    assert "how far route shop is" in warning_after({"failures": 0})

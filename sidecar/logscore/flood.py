@@ -57,12 +57,21 @@ def flood_warning(name: str, log_format: str, target: float, flagged: int, score
             f"one on it (logscore train --input FILE --format ...)")
 
 
-ANOTHER_LOG = ("model flags far more records than it was trained to: unless an attack or an incident fills this "
-               "traffic (the review page at /ui/ shows what is flagged), it is not a model of it (another site or "
-               "log); train one on your own log (logscore train --input FILE --format FORMAT --out "
-               "MODELS_DIR/NAME.onnx) and send the records to it (the Fluentd filter's `model NAME`, or --tag-routes "
-               "'TAG=NAME' / --default-model when the sidecar next starts), or serve with --learn (docs/operations.md: "
-               "Learning on arrival)")
+TRAIN_YOUR_OWN = ("model flags far more records than it was trained to: unless an attack or an incident fills this "
+                  "traffic (the review page at /ui/ shows what is flagged), it is not a model of it (another site or "
+                  "log); train one on your own log (logscore train --input FILE --format FORMAT --out "
+                  "MODELS_DIR/NAME.onnx) and send the records to it (the Fluentd filter's `model NAME`, or "
+                  "--tag-routes 'TAG=NAME' / --default-model when the sidecar next starts)")
+ANOTHER_LOG = TRAIN_YOUR_OWN + ", or serve with --learn (docs/operations.md: Learning on arrival)"
+# With --learn on, what applies instead of "serve with --learn" (the route's state: learning.Route)
+FIRST_KEPT_ASIDE = ("; --learn is on, but route {route}'s first learned model was kept aside (the serving model "
+                    "flagged more of its window than learn_max_first_flagged {limit:g}: it looked like an attack), "
+                    "so its flags are no longer held. If this traffic is the site's own, copy the kept-aside model "
+                    "{kept} to {models_dir}/{route}.onnx (it serves as the route's own), or raise "
+                    "learn_max_first_flagged (1: never kept aside)")
+TRAININGS_FAILED = ("; --learn is on, but route {route}'s trainings failed {failures} times in a row, so its flags "
+                    "are no longer held: /readyz `learning` says why")
+STILL_LEARNING = "; --learn is on: /readyz `learning` says how far route {route} is from a model of its own"
 LEARNED_HERE = ("model learned from this traffic flags far more records than it was trained to: an incident, an "
                 "attack or a new kind of traffic fills it (the review page at /ui/ shows what is flagged; a burst of "
                 "one error also raises a window event); a kind marked normal there is no longer flagged, and is "
@@ -80,12 +89,29 @@ def flood_advice_on_page(learned: bool) -> str:
     return LEARNED_FLOODING if learned else OTHER_LOG_FLOODING
 
 
-def flood_message(model) -> str:
+def flood_message(model, learner=None) -> str:
     """The warning for a flooding block. NOTE: an attack in full swing floods a block too (the review page
     tells the two apart); and a model learned from the route's own traffic is no other site's model: told to
     train on its own log or serve with --learn, the operator of a learned syslog route whose host logged 400
-    lines of one error in 10 s (a field trial) was sent to do what the sidecar was already doing."""
-    return LEARNED_HERE if learned_here(model) else ANOTHER_LOG
+    lines of one error in 10 s (a field trial) was sent to do what the sidecar was already doing. With
+    ``learner`` (learning.Learner: --learn on), the route's state says what applies instead (probe s26: a
+    first model kept aside, its flags released, the warning said "or serve with --learn")."""
+    if learned_here(model):
+        return LEARNED_HERE
+    return ANOTHER_LOG if learner is None else TRAIN_YOUR_OWN + learning_advice(learner, model)
+
+
+def learning_advice(learner, model) -> str:
+    """What applies to the flooding model's own route while --learn is on (learning.Route's state)."""
+    route = learner.routes_by_name.get(model.name)
+    if route is not None and route.first_kept_aside:
+        settings = learner.settings
+        return FIRST_KEPT_ASIDE.format(route=model.name, limit=settings.learn_max_first_flagged,
+                                       kept=(route.last or {}).get("kept_as", "(see /readyz `learning`)"),
+                                       models_dir=settings.models_dir)
+    if route is not None and route.releases_flags():
+        return TRAININGS_FAILED.format(route=model.name, failures=route.failures)
+    return STILL_LEARNING.format(route=model.name)
 
 
 def learned_here(model) -> bool:
@@ -110,6 +136,7 @@ class FloodWatch:
         self._flooding: dict[tuple, dict] = {}  # (model name, route) -> its last block, while that block flooded
         self._logged_at: dict[tuple, float] = {}
         self._seen_at: dict[tuple, float] = {}  # (model name, route) -> when it last scored records
+        self.learner = None  # learning.Learner when --learn is on (ScoringService sets it): flood_message
 
     def observe(self, model, scored: int, flagged: int, route: str = "") -> None:
         """``route``: the records' tag ("" when they came without one)."""
@@ -137,10 +164,11 @@ class FloodWatch:
             if now - self._logged_at.get(key, float("-inf")) < self.log_interval_s:
                 return
             self._logged_at[key] = now
-        log.warning(flood_message(model), extra={"model": model.name, "route": route or None, "version": model.version,
-                                                 "flagged": block_flagged, "of_records": block_scored,
-                                                 "flagged_share": round(block_flagged / block_scored, 4),
-                                                 "expected_share": target_fpr(model)})
+        log.warning(flood_message(model, self.learner),
+                    extra={"model": model.name, "route": route or None, "version": model.version,
+                           "flagged": block_flagged, "of_records": block_scored,
+                           "flagged_share": round(block_flagged / block_scored, 4),
+                           "expected_share": target_fpr(model)})
 
     def _start_version(self, model) -> None:
         """A new version (retrained, learned, replaced) is judged afresh: the operator who replaced a

@@ -76,6 +76,8 @@ class ScoringService:
         self.settings = settings
         self.metrics = metrics
         self.learner = learner  # learning.Learner when `learn` is on: sees every record, may hold flags
+        if learner is not None:
+            metrics.floods.learner = learner  # its flood warning says what applies while routes learn
         self.feedback = feedback  # feedback_store.FeedbackService: the rules decide applies
         self.review = review  # review.ReviewRing: sees flagged records (the review page)
         # One scoring thread: on 2 cores the other core serves the protocol surfaces.
