@@ -225,3 +225,10 @@ def test_with_learning_on_the_flood_warning_says_what_applies_not_to_serve_with_
     assert "learn_max_first_flagged 0.7" in said and "train one on your own log" in said
     assert "failed 3 times" in warning_after({"first_kept_aside": False, "failures": 3})
     assert "how far route shop is" in warning_after({"failures": 0})
+
+    from logscore.review import ReviewRing, render_page
+
+    page = render_page(ReviewRing(10), [], 0, {}, {}, {"store": "s", "reachable": True},
+                       flooding=metrics.floods.status(), learning_on=True)
+    banner = page.split("id=flooding>", 1)[1].split("</p>", 1)[0]
+    assert "serve with --learn" not in banner and "--learn is on: /readyz `learning`" in banner, banner

@@ -85,8 +85,16 @@ LEARNED_FLOODING = ("it learned from this traffic, so an incident, an attack or 
                     "retrain.")
 
 
-def flood_advice_on_page(learned: bool) -> str:
-    return LEARNED_FLOODING if learned else OTHER_LOG_FLOODING
+# ... and while --learn is on (it cannot be told to serve with --learn: what FloodWatch's log line says, shorter)
+LEARNING_ON_FLOODING = ("unless an attack or an incident fills this traffic (the groups below show which), it is not a "
+                        "model of it. --learn is on: /readyz `learning` says how far its route is from a model of "
+                        "its own, or why its flags are no longer held.")
+
+
+def flood_advice_on_page(learned: bool, learning_on: bool = False) -> str:
+    if learned:
+        return LEARNED_FLOODING
+    return LEARNING_ON_FLOODING if learning_on else OTHER_LOG_FLOODING
 
 
 def flood_message(model, learner=None) -> str:

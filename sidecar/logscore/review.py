@@ -503,10 +503,11 @@ border-radius:4px}
 
 
 def render_page(ring: ReviewRing, entries: list, total_entries: int, histograms: dict, thresholds: dict,
-                status: dict, message: str = "", max_groups: int = 50, flooding: Optional[dict] = None) -> str:
+                status: dict, message: str = "", max_groups: int = 50, flooding: Optional[dict] = None,
+                learning_on: bool = False) -> str:
     """The review page: groups of recent anomalies, the score histogram per model, the feedback list
     (``entries``, ``total_entries``: as ``render_feedback``); ``flooding``: the models flagging far more
-    than trained to (``FloodWatch.status``)."""
+    than trained to (``FloodWatch.status``); ``learning_on``: serve --learn (the advice differs)."""
     from .metrics import SCORE_BUCKETS
 
     groups = ring.offered()
@@ -522,16 +523,17 @@ def render_page(ring: ReviewRing, entries: list, total_entries: int, histograms:
              f"{status.get('active_entries', 0)} active entries.</p>"]
     if ring.not_grouped:
         counts = ", ".join(f"{html_text(model)}: {n:,}" for model, n in sorted(ring.not_grouped.items()))
+        advice = "see /readyz `learning`" if learning_on else "retrain it, or serve it with --learn"
         parts.append(f"<p class=flash id=not-grouped>Flagged but not grouped ({counts}): more were flagged than "
                      f"the page inspects ({ring.inspect_per_s:g} a second, review_inspect_per_s), so the groups "
                      "below are a sample. A model flagging this much is likely meeting traffic it was not "
-                     "trained on: retrain it, or serve it with --learn.</p>")
+                     f"trained on: {advice}.</p>")
     for model, block in sorted((flooding or {}).items()):
         tagged = [route for route in block["routes"] if route]
         records = f"records tagged {', '.join(map(html_text, tagged))}" if tagged else "records"
         parts.append(f"<p class=flash id=flooding>{html_text(model)} flagged {block['flagged']:,} of its last "
                      f"{block['of_records']:,} {records}, where it expects about {block['expected_share']:.1%}: "
-                     f"{flood_advice_on_page(block['learned_here'])}</p>")
+                     f"{flood_advice_on_page(block['learned_here'], learning_on)}</p>")
     if message:
         parts.append(f"<p class=flash id=message>{html_text(message)}</p>")
     parts.append("<h2>Groups</h2>")

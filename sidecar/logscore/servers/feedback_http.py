@@ -112,7 +112,8 @@ class FeedbackHttp:
         html = render_page(self.service.review, entries, total, self.service.metrics.histograms(),
                            {name: m.threshold for name, m in models.items()}, status,
                            self.notes.get(request.query.get("note", "")),
-                           flooding=self.service.metrics.floods.status())
+                           flooding=self.service.metrics.floods.status(),
+                           learning_on=self.service.metrics.floods.learner is not None)
         return Response.html(html, headers={"Cache-Control": "no-store"})
 
     async def page_mark(self, request: Request) -> Response:
