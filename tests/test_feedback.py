@@ -123,6 +123,10 @@ BAD_FEEDBACK = [
     ({"verdict": "normal", "author": "a", "records": ["x"], "colour": 1}, 400, "unknown field(s) colour"),
     # flagged whatever the feedback (the model's training data parsed): an entry that never applied
     ({"verdict": "normal", "author": "a", "records": ["x"]}, 400, "record 1 ('x') does not parse as access"),
+    # ... and so is a record cut to the sidecar's limits (its training held none): the mark never applied
+    ({"verdict": "normal", "author": "a", "records": ['10.0.0.1 - - [05/Dec/2026:10:00:00 +0000] "GET /search?q='
+                                                      + "a" * 9000 + ' HTTP/1.1" 200 512 "-" "curl/8.0"']},
+     400, "is longer than the sidecar reads (max_line_chars, max_field_chars)"),
     ([1, 2], 400, "must be a JSON object"),
     # Times no platform can show: such an entry once broke every listing and the page, fleet-wide.
     ({"verdict": "normal", "author": "a", "records": ["x"], "expires_at": 1e20}, 400, "no time before 9999-12-31"),

@@ -390,17 +390,22 @@ def pattern_from_records(model: Model, records: Sequence[object]) -> dict:
 
 
 def refuse_unparsed(model: Model, records: Sequence[object]) -> None:
-    """Marking normal a record that does not parse, for a model that flags such records whatever
-    the feedback (its training data parsed), made an entry that never applied: refused, saying why."""
-    from .decide import flags_unparsed
+    """Marking normal a record that does not parse, or one cut to the sidecar's limits, for a model
+    that flags such records whatever the feedback (its training data held none), made an entry that
+    never applied: refused, saying why."""
+    from .decide import flags_truncated, flags_unparsed
 
-    if not flags_unparsed(model):
+    unparsed, truncated = flags_unparsed(model), flags_truncated(model)
+    if not (unparsed or truncated):
         return
-    parsed = model.featurizer.field_values(records)[1]
-    failed = next((i for i, ok in enumerate(parsed) if not ok), None)
-    if failed is not None:
-        raise unparsed_refusal(f"record {failed + 1} ({record_text(records[failed])[:80]!r}) does not parse as "
-                               f"{model.featurizer.log_format}", model.name)
+    _, parsed, cut = model.featurizer.field_values(records)
+    for row, (ok, shortened) in enumerate(zip(parsed, cut)):
+        what = f"record {row + 1} ({record_text(records[row])[:80]!r})"
+        if unparsed and not ok:
+            raise unparsed_refusal(f"{what} does not parse as {model.featurizer.log_format}", model.name)
+        if truncated and shortened:
+            raise unparsed_refusal(f"{what} is longer than the sidecar reads (max_line_chars, max_field_chars)",
+                                   model.name)
 
 
 def refuse_unflagged(model: Model, records: Sequence[object]) -> None:
@@ -431,7 +436,7 @@ def refuse_unflagged(model: Model, records: Sequence[object]) -> None:
 def unparsed_refusal(what: str, model_name: str) -> InvalidRequest:
     """The refusal of a mark of lines the model could not read (``what``: which, and how it failed)."""
     return InvalidRequest(f"{what}: model {model_name!r} flags such records whatever the feedback (its training "
-                          "data parsed), so marking them normal would change nothing; send that log to a model of "
+                          "data held none), so marking them normal would change nothing; send that log to a model of "
                           "its own (a route: --tag-routes), or mark a field value")
 
 
