@@ -1037,6 +1037,13 @@ class MessageFramer:
         self._pending = bytearray()  # the bytes of the message under way (and any after it)
         self._start = 0  # where _pending starts in the bytes fed to the skipper
         self.began = 0.0  # when the message under way began to arrive (time.monotonic())
+        self._broken: Optional[ForwardProtocolError] = None  # bad bytes met after messages handed out
+
+    def raise_if_broken(self) -> None:
+        """Raise the error of bad bytes found after the messages the last feed returned (which
+        go on first)."""
+        if self._broken is not None:
+            raise self._broken
 
     @property
     def partial(self) -> bool:
@@ -1045,18 +1052,37 @@ class MessageFramer:
 
     def feed(self, data: bytes) -> list[memoryview]:
         """The messages these bytes complete, in order; ForwardProtocolError if they are not msgpack
-        or one grows past max_message_bytes."""
+        or one grows past max_message_bytes.
+
+        NOTE: bad bytes after complete messages of the same read raise only once those messages are
+        handed out (raise_if_broken, or the next feed): raised at once, they were lost with them (a
+        sender taking no acks lost 30,000 records sent just before one bad byte)."""
+        self.raise_if_broken()
+        messages: list[memoryview] = []
+        try:
+            self._frame(data, messages)
+        except ForwardProtocolError as error:
+            if not messages:
+                raise
+            self._broken = error
+        return messages
+
+    def _frame(self, data: bytes, messages: list[memoryview]) -> None:
+        """Append the messages these bytes complete to ``messages`` (as they are found, so they
+        are kept whatever is raised after them)."""
         if not self._pending:
             self.began = time.monotonic()
         self._pending += data
         self.fed += len(data)
         self._skipper.feed(data)
-        messages, begin = [], 0
+        begin = 0
         held = memoryview(self._pending)
-        while (end := self._skip_message()) is not None:
-            messages.append(held[begin:end])
-            begin = end
-        held.release()  # NOTE: a bytearray with a view cannot grow
+        try:
+            while (end := self._skip_message()) is not None:
+                messages.append(held[begin:end])
+                begin = end
+        finally:
+            held.release()  # NOTE: a bytearray with a view cannot grow
         if begin:
             # NOTE: once per feed, not per message: Fluent Bit's Message mode sends a message per
             # record, and cutting each off the buffer copied the rest (2.1 s of CPU per 20,000)
@@ -1071,7 +1097,6 @@ class MessageFramer:
         if len(self._pending) > self.max_message_bytes:
             raise ForwardProtocolError(f"a forward message exceeds {self.max_message_bytes} bytes "
                                        "(forward_max_message_bytes); send smaller chunks")
-        return messages
 
     @property
     def held_bytes(self) -> int:
@@ -1290,6 +1315,7 @@ class ForwardServer(StreamServer):
             if messages:
                 await self._relay(messages, writer)
                 budget.release(budget.count)  # relayed: let go
+            framer.raise_if_broken()  # bad bytes after them: refused now that they went on
             if framer.held_bytes < UNADMITTED_BYTES:
                 return
             framed = framer.feed(await read_more(reader, framer))
