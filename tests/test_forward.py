@@ -1293,3 +1293,21 @@ def test_messages_complete_before_bad_bytes_of_the_same_read_go_on_and_are_acked
         assert list(unpacker) == [{"ack": "before"}]  # then closed
     assert sorted(r["message"] for _, r in receiver.wait_for(2)) == ["acked", "no ack"]
     sidecar.wait_for(lambda: counter(sidecar, "forward_protocol") == 1, what="the bad bytes refused")
+
+
+def test_refused_chunk_ids_are_kept_in_bounded_memory_whatever_their_size():
+    """A sender picks its chunk ids: kept whole, 1024 refused ids of 16 MiB could hold 16 GiB (probe:
+    80 ids of 15 MiB took the sidecar from 204 MiB to 1.41 GiB). Each id is kept as a short digest,
+    and one that comes again is still known, whatever its type."""
+    from logscore.servers.forward import RefusedChunks
+
+    refused = RefusedChunks(kept=8)
+    huge = [bytes([i]) * (4 << 20) for i in range(12)]
+    assert all(refused.first_refusal(chunk) for chunk in huge)
+    assert len(refused) == 8 and refused.held_bytes() <= 8 * 64
+    assert refused.first_refusal(huge[-1]) is False  # came again as it was: acknowledged
+    assert refused.first_refusal(huge[0]) is True  # the oldest were let go
+    for chunk in ("id", b"id", {"k": [1, 2]}, 7):
+        assert refused.first_refusal(chunk) is True
+    assert refused.first_refusal(b"id") is False and refused.first_refusal("id") is False
+    assert refused.first_refusal({"k": [1, 2]}) is False
