@@ -1311,3 +1311,18 @@ def test_refused_chunk_ids_are_kept_in_bounded_memory_whatever_their_size():
         assert refused.first_refusal(chunk) is True
     assert refused.first_refusal(b"id") is False and refused.first_refusal("id") is False
     assert refused.first_refusal({"k": [1, 2]}) is False
+
+
+@pytest.mark.parametrize("compression", ["zstd", ["gzip"]])
+def test_a_payload_compressed_other_than_gzip_is_refused_naming_the_fix(chain, compression):
+    """Fluentd 1.19's `compress zstd` was read as plain entries: its chunks were acked with none of
+    their records passed on (probe: 4 of 60), or refused as entries cut short, naming neither."""
+    sidecar, port, receiver = chain
+    # a zstd frame's magic number then bytes msgpack reads as small values (entries that are not [time, record])
+    zstd_like = b"\x28\xb5\x2f\xfd" + bytes(range(0x10, 0x30))
+    assert send_chunk(port, ["web", zstd_like, {"chunk": "z", "compressed": compression}]) is None
+    sidecar.wait_for(lambda: counter(sidecar, "forward_protocol") == 1, what="the chunk refused")
+    assert f"compressed as {compression!r}" in sidecar.log() and "set `compress gzip`" in sidecar.log()
+    text = ["web", packed([[1_700_000_000, {"message": "plain"}]]), {"chunk": "t", "compressed": "text"}]
+    assert send_chunk(port, text) == {"ack": "t"}
+    assert [r["message"] for _, r in receiver.wait_for(1)] == ["plain"]

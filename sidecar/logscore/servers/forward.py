@@ -9,7 +9,8 @@ the sidecar's forward output at the real aggregator.
 Modes received: Message ``[tag, time, record(, option)]``, Forward
 ``[tag, [[time, record], ...](, option)]`` (Fluent Bit's ``[[time, metadata],
 record]`` entries too), PackedForward ``[tag, bytes(, option)]`` and
-CompressedPackedForward (``option.compressed == "gzip"``). Each entry's time
+CompressedPackedForward (``option.compressed == "gzip"``; any compression but gzip and "text" is
+refused, naming the fix). Each entry's time
 goes on exactly as it came (integer, float, EventTime, Fluent Bit's
 ``[time, metadata]`` pair). The next hop receives PackedForward.
 
@@ -230,7 +231,7 @@ def decode_message(message, max_message_bytes: int) -> Message:
     if isinstance(payload, (bytes, str)):  # PackedForward (str when the sender packed it as str)
         data = payload.encode("utf-8", EXACT) if isinstance(payload, str) else payload
         budget = ValueBudget(MAX_DECODED_VALUES, "a slice of PackedForward entries")
-        compressed = data if option.get("compressed") == "gzip" else None
+        compressed = data if _compression(option) == "gzip" else None
         entries: Union[list, AsyncIterator] = packed_entries(data, compressed is not None, max_message_bytes,
                                                              budget)
     elif _is_array(payload) and not _is_time(payload) and len(message) <= 3:
@@ -241,6 +242,27 @@ def decode_message(message, max_message_bytes: int) -> Message:
     else:
         raise ForwardProtocolError("not a Message, Forward or PackedForward message")
     return Message(tag, entries, _chunk(option), message, _is_log(option), compressed, budget, _size(option))
+
+
+# What option.compressed may say: Fluentd's out_forward sends "text" or "gzip" (and "zstd" since 1.19:
+# read as plain entries, its chunks were refused as entries cut short, or acked with none of their
+# records passed on); Fluent Bit sends "gzip" or nothing.
+READABLE_COMPRESSION = (None, "text", "gzip")
+
+
+def _compression(option: dict) -> Optional[str]:
+    """The PackedForward payload's compression; refused, naming the fix, if the sidecar cannot read it."""
+    compressed = option.get("compressed")
+    if compressed not in READABLE_COMPRESSION:
+        raise ForwardProtocolError(f"a PackedForward payload compressed as {_cut(repr(compressed))}, which the "
+                                   "sidecar cannot read (it reads gzip): set `compress gzip` (or `compress text`) "
+                                   "on the sender's forward output towards the sidecar")
+    return compressed
+
+
+def _cut(text: str, limit: int = 64) -> str:
+    """A value the sender chose, cut for an error message or the log."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def _chunk(option: dict) -> object:
