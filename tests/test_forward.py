@@ -1326,3 +1326,22 @@ def test_a_payload_compressed_other_than_gzip_is_refused_naming_the_fix(chain, c
     text = ["web", packed([[1_700_000_000, {"message": "plain"}]]), {"chunk": "t", "compressed": "text"}]
     assert send_chunk(port, text) == {"ack": "t"}
     assert [r["message"] for _, r in receiver.wait_for(1)] == ["plain"]
+
+
+def test_a_tag_over_the_limit_leaves_only_its_own_records_unscored_and_is_logged_cut(chain):
+    """A sender's huge tags were kept per tag and logged whole, twice a line (probe: 30 tags of
+    12 MiB, 755 MB of log). The scoring service refuses a tag over 1,024 characters; here its
+    records go on unscored, saying why, and the records read with them are scored."""
+    sidecar, port, receiver = chain
+    too_long = "web." + "x" * 200_000
+    frames = (msgpack.packb([too_long, [[1_700_000_000, {"message": "long tag"}]], {"chunk": "long"}])
+              + msgpack.packb(["web", [[1_700_000_001, {"message": "short tag"}]], {"chunk": "short"}]))
+    assert sorted(a["ack"] for a in send(port, frames, acks=2)) == ["long", "short"]
+    records = dict((record["message"], record) for _, record in receiver.wait_for(2))
+    assert records["long tag"]["anomaly_unscored"] is True and "anomaly_score" not in records["long tag"]
+    assert "a tag of 200,004 characters" in records["long tag"]["anomaly_notes"][0]
+    assert "anomaly_score" in records["short tag"] and "anomaly_unscored" not in records["short tag"]
+    warned = [json.loads(line) for line in sidecar.log().splitlines() if "forwarding records unscored" in line]
+    assert len(warned) == 1 and warned[0]["tag"].endswith("(200,004 characters)")
+    assert max(len(line) for line in sidecar.log().splitlines()) < 2_000
+    assert counter(sidecar, "TagTooLong") == 1

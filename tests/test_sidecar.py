@@ -240,6 +240,26 @@ def test_bad_input_gets_documented_statuses_and_the_server_keeps_serving(sidecar
     assert any(r["kind"] == "InvalidRequest" and r["surface"] == "grpc" for r in refusals), refusals
 
 
+def test_a_tag_over_1024_characters_is_refused_on_every_surface_and_logged_cut(models_dir, tmp_path):
+    """A sender picks its tags: each distinct one was kept and logged whole (probe: 30 tags of
+    12 MiB, 845 MiB of memory and 755 MB of log). The scoring service refuses them for every surface
+    (forward mode: tests/test_forward.py)."""
+    process = SidecarProcess(models_dir, tmp_path, tag_routes="apache.*=apache-access").start()
+    try:
+        record = parse_access(shop_lines(1, seed=47)[0])[0]
+        longest_allowed, too_long = "apache." + "a" * 1017, "apache." + "b" * 20_000
+        assert score_one(process, record, tag=longest_allowed).models[0].name == "apache-access"
+        expect_status(lambda: score_one(process, record, tag=too_long), grpc.StatusCode.INVALID_ARGUMENT,
+                      "a tag of 20,007 characters (starting 'apache.bbb")
+        status, raw = post_score(process, [record], f"tag={too_long}")
+        assert status == 400 and "the limit is 1,024: set a shorter tag" in raw.decode(), raw
+        assert post_score(process, [record], f"tag={longest_allowed}")[0] == 200
+        refusals = [line for line in process.log().splitlines() if '"TagTooLong"' in line]
+        assert len(refusals) == 2 and max(map(len, refusals)) < 1_000, refusals  # the tag cut in the log
+    finally:
+        process.stop()
+
+
 def with_bytes(message, placeholder: str, replacement: bytes) -> bytes:
     """``message`` serialized with ``placeholder`` replaced by bytes of the same length (no protobuf
     library of ours writes a string that is not UTF-8; C++ clients and Ruby binary strings can)."""

@@ -21,6 +21,10 @@ class InvalidRequest(LogscoreError):
     """A request is malformed (bad msgpack, missing records, too many records)."""
 
 
+class TagTooLong(InvalidRequest):
+    """A call's tag is longer than scoring.MAX_TAG_CHARACTERS."""
+
+
 class ModelNotFound(LogscoreError):
     """The request names (or routes to) a model that is not loaded."""
 

@@ -34,6 +34,15 @@ MAX_CONTAINER_VALUES = 65_536
 # is cut before it is parsed, wherever it is scored (sidecar: setting max_record_bytes).
 DEFAULT_MAX_LINE_CHARS = 65_536
 
+LOGGED_TAG_CHARACTERS = 100  # what a log line or an error shows of a tag (the sender chose it)
+
+
+def cut_tag(tag: str) -> str:
+    """A tag as logs and errors show it: at most LOGGED_TAG_CHARACTERS, saying how long it was."""
+    if len(tag) <= LOGGED_TAG_CHARACTERS:
+        return tag
+    return f"{tag[:LOGGED_TAG_CHARACTERS]}... ({len(tag):,} characters)"
+
 
 def to_text(value: object) -> str:
     """Any field value as text (a plain str); undecodable bytes become U+FFFD, never an error."""

@@ -17,10 +17,10 @@ import numpy as np
 from .admission import Admission
 from .batching import Batcher
 from .decide import decide
-from .errors import InvalidRequest, ShuttingDown
+from .errors import InvalidRequest, ShuttingDown, TagTooLong
 from .metrics import Metrics
 from .model import Model
-from .records import to_text
+from .records import LOGGED_TAG_CHARACTERS, to_text
 from .registry import ModelRegistry
 from .settings import Settings
 
@@ -61,6 +61,23 @@ MAX_EXPLAIN = 100  # feature names for one record
 
 
 SPLIT_BATCH = "(split the batch)"  # (`logscore client` names its --batch instead: cli.call_failure)
+
+
+# NOTE: a sender picks its tags, and each distinct one was kept (per-tag counters, routes, the log's
+# once-per-interval keys) and logged whole: 30 tags of 12 MiB took 845 MiB and 755 MB of log (probe).
+# Real tags are far shorter: Kubernetes' longest (kube.var.log.containers.<pod 253>_<namespace 63>_
+# <container 63>-<id 64>.log) is under 500 characters; Fluentd sets no limit, Fluent Bit cuts at 64 KiB.
+MAX_TAG_CHARACTERS = 1024
+
+
+def check_tags(call: "ScoreCall") -> None:
+    """Refuse a call whose tag (or any record's) is longer than MAX_TAG_CHARACTERS, before any of
+    it is routed, counted or kept."""
+    tags = call.tags if call.tags is not None else (call.tag,)
+    longest = max(tags, key=len, default="")
+    if len(longest) > MAX_TAG_CHARACTERS:
+        raise TagTooLong(f"a tag of {len(longest):,} characters (starting {longest[:LOGGED_TAG_CHARACTERS]!r}); "
+                         f"the limit is {MAX_TAG_CHARACTERS:,}: set a shorter tag on the sender")
 
 
 def check_record_count(count: int, limit: int) -> None:
@@ -105,6 +122,7 @@ class ScoringService:
             raise ShuttingDown("the sidecar is shutting down; retry on another instance or later")
         count = len(call.records)
         check_record_count(count, self.settings.max_records_per_request)
+        check_tags(call)
         if max(call.explain, call.explain_flagged) > MAX_EXPLAIN:
             raise InvalidRequest(f"explain={max(call.explain, call.explain_flagged)}: name at most {MAX_EXPLAIN} "
                                  "features per record")

@@ -68,9 +68,9 @@ from typing import AsyncIterator, Iterable, Iterator, Optional, Union
 import msgpack
 
 from ..decide import notes_by_record
-from ..errors import LogscoreError, ModelNotFound, Overloaded
+from ..errors import LogscoreError, ModelNotFound, Overloaded, TagTooLong
 from ..metrics import OncePerInterval
-from ..records import describe_entry, type_name, value_counting_hooks
+from ..records import cut_tag, describe_entry, type_name, value_counting_hooks
 from ..scoring import ScoreCall, ScoringService
 from .streams import StreamServer
 
@@ -1525,10 +1525,10 @@ class ForwardServer(StreamServer):
         started = time.perf_counter()
         try:
             error = await self._scored(records, tags, times)
-            if isinstance(error, ModelNotFound) and len(set(tags)) > 1:
+            if isinstance(error, (ModelNotFound, TagTooLong)) and len(set(tags)) > 1:
                 # NOTE: messages read together are scored in one call: one tag routed to a model
-                # that is not loaded sent every record read with it on unscored. Each tag alone
-                # (only then: after any other failure another call would fail the same way):
+                # that is not loaded (or too long) sent every record read with it on unscored. Each
+                # tag alone (only then: after any other failure another call would fail the same way):
                 for indexes in _indexes_by_tag(tags):
                     part = [records[i] for i in indexes]
                     error = await self._scored(part, [tags[i] for i in indexes], [times[i] for i in indexes])
@@ -1556,7 +1556,7 @@ class ForwardServer(StreamServer):
             return error
         except Exception:  # a bug in scoring: the records still go on (a resend would fail again)
             log.exception("internal error while scoring; forwarding the records unscored",
-                          extra={"tag": tags[0], "records": len(records)})
+                          extra={"tag": cut_tag(tags[0]), "records": len(records)})
             return LogscoreError("internal error in the sidecar (logged there)")  # counted as kind internal
         names = [m.name for m in outcome.models]
         scores, flags, index = outcome.scores.tolist(), outcome.is_anomaly.tolist(), outcome.model_index.tolist()
@@ -1595,6 +1595,7 @@ class ForwardServer(StreamServer):
     def _say_unscored(self, tag: str, reason: str, records: int) -> None:
         """Log records passed on unscored once per tag and reason an interval, with what came since:
         a tag routed to no model sends a chunk a second, and each was a warning."""
+        tag = cut_tag(tag)  # chosen by the sender: kept as a key and logged, so cut
         unsaid = self._unscored_said.due((tag, reason), records, 1)
         if unsaid is not None:
             log.warning("forwarding records unscored", extra={"tag": tag, "records": records, "error": reason,
