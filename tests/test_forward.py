@@ -1345,3 +1345,54 @@ def test_a_tag_over_the_limit_leaves_only_its_own_records_unscored_and_is_logged
     assert len(warned) == 1 and warned[0]["tag"].endswith("(200,004 characters)")
     assert max(len(line) for line in sidecar.log().splitlines()) < 2_000
     assert counter(sidecar, "TagTooLong") == 1
+
+
+def ack_then_answer(answers_before: list, chunk: str, pending=None) -> tuple[str, float]:
+    """A next hop answering ``answers_before`` then acking ``chunk``: what acknowledged() did
+    ("acked" or its error) and how long the hop is down for afterwards. ``pending``: a stand-in for
+    the hop's table of frames waiting for acks."""
+    import asyncio
+
+    from logscore.servers.forward import Frame, NextHop, NextHopError
+
+    async def run() -> tuple[str, float]:
+        async def answer(reader, writer):
+            await reader.read(1)
+            writer.write(b"".join(msgpack.packb(a) for a in answers_before) + msgpack.packb({"ack": chunk}))
+            await writer.drain()
+            await reader.read()
+
+        server = await asyncio.start_server(answer, "127.0.0.1", 0)
+        hop = NextHop(f"127.0.0.1:{server.sockets[0].getsockname()[1]}", ack_timeout_s=3)
+        if pending is not None:
+            hop._pending = pending
+        try:
+            await hop.acknowledged(await hop.send([Frame(chunk, msgpack.packb(["web", b"", {"chunk": chunk}]))]))
+            outcome = "acked"
+        except NextHopError as error:
+            outcome = str(error)
+        down_for = hop.down_until - time.monotonic()
+        await hop.close()
+        server.close()
+        await server.wait_closed()
+        return outcome, down_for
+
+    return asyncio.run(run())
+
+
+def test_an_ack_of_an_array_or_a_map_is_skipped_and_the_acks_after_it_are_read():
+    """{"ack": [1, 2]} from a next hop raised TypeError in the ack reader, which ended unsaid: the
+    valid ack after it was never read, and the relay failed 10 s later as "no progress"."""
+    outcome, _ = ack_then_answer([{"ack": [1, 2]}, {"ack": {"a": 1}}, [1], {"other": 1}], "c1")
+    assert outcome == "acked"
+
+
+def test_any_failure_of_the_ack_reader_fails_the_next_hop_with_its_reason(caplog):
+    class Broken(dict):
+        def pop(self, *args):
+            raise RuntimeError("a bug in the ack reader")
+
+    outcome, down_for = ack_then_answer([], "c2", pending=Broken())
+    assert "reading its acks failed: RuntimeError a bug in the ack reader" in outcome, outcome
+    assert down_for > 0  # counted down: relays are turned away meanwhile, not made to wait
+    assert any("reading the next hop's acks failed" in r.getMessage() for r in caplog.records)

@@ -1010,15 +1010,30 @@ class NextHop:
                     if _is_helo(answer):
                         self._greeted = True  # (failed() names it)
                         break
-                    acked = self._pending.pop(answer.get("ack"), None) if isinstance(answer, dict) else None
+                    acked = self._acked_frame(answer)
                     if acked is not None and not acked.done():
                         acked.set_result(None)
                         self._progress_at = self._acked_at = time.monotonic()
             reason = "closed the connection"
         except (OSError, ValueError, msgpack.UnpackException) as error:
             reason = f"connection failed: {type(error).__name__} {error}".rstrip()
+        except Exception as error:
+            # NOTE: anything else ended this task unsaid, the hop never marked failed: its relays
+            # waited forward_ack_timeout_s and were told "no progress", its later acks unread
+            log.exception("reading the next hop's acks failed", extra={"next_hop": self.address})
+            reason = f"reading its acks failed: {type(error).__name__} {error}".rstrip()
         if writer is self._writer:  # not a connection already replaced
             self.failed(reason)
+
+    def _acked_frame(self, answer) -> Optional[Ack]:
+        """The frame waiting for the ack this answer holds; None if it holds none (an ack whose
+        value is an array or a map, which no frame's chunk id is, is skipped)."""
+        if not isinstance(answer, dict):
+            return None
+        try:
+            return self._pending.pop(answer.get("ack"), None)
+        except TypeError:  # unhashable: no chunk id this sidecar sent
+            return None
 
     def _close(self, error: Exception) -> None:
         if self._writer is not None:
