@@ -1396,3 +1396,15 @@ def test_any_failure_of_the_ack_reader_fails_the_next_hop_with_its_reason(caplog
     assert "reading its acks failed: RuntimeError a bug in the ack reader" in outcome, outcome
     assert down_for > 0  # counted down: relays are turned away meanwhile, not made to wait
     assert any("reading the next hop's acks failed" in r.getMessage() for r in caplog.records)
+
+
+def test_fields_a_sender_or_an_earlier_hop_set_do_not_survive_this_hop_s_scoring(chain):
+    """An entity_score set before the sidecar reached the next hop on a record the sidecar scored
+    (probe), as if this hop's model had scored the record's client."""
+    sidecar, port, receiver = chain
+    spoofed = {"message": blog_lines(1, seed=48)[0], "entity_score": 0.1, "anomaly_score": 0.99,
+               "is_anomaly": True, "anomaly_unscored": True}
+    assert send_chunk(port, ["web", [[1_700_000_000, spoofed]], {"chunk": "s"}]) == {"ack": "s"}
+    (record,) = [r for _, r in receiver.wait_for(1)]
+    assert "entity_score" not in record and "anomaly_unscored" not in record  # no client model loaded here
+    assert record["anomaly_model"] and record["anomaly_score"] != 0.99

@@ -1582,6 +1582,7 @@ class ForwardServer(StreamServer):
             record[FLAG_KEY] = flags[i]
             record[MODEL_KEY] = names[index[i]]
             record.pop(UNSCORED_KEY, None)  # marks left by an earlier hop no longer hold
+            record.pop(ENTITY_KEY, None)  # this hop's, set below when its model watches the record's client
             if notes is not None and notes[i]:
                 record[NOTES_KEY] = notes[i]
             else:
