@@ -1146,8 +1146,46 @@ def test_a_time_far_ahead_of_the_clock_is_unknown_and_leaves_the_rest_on_time():
     assert lateness.late(np.array([START + 365 * 86400, START]), ["s", "s"], START) is None
     assert lateness.late(np.array([START + 1, START + 1 - 30]), ["s", "s"], START + 1) is None
     assert lateness.late(np.array([START + 2 + MAX_AHEAD_S / 2]), ["s"], START + 2) is None  # a bit ahead: fine
-    # (within the hour it is believed: that source's clock runs ahead, so a record of its on the clock is late)
-    assert lateness.late(np.array([START + 3]), ["s"], START + 3).tolist() == [True]
+    # (within the hour it is no sooner either: the clock of what sent it runs ahead, and the records
+    # on the clock after it are on time, not late)
+    assert lateness.late(np.array([START + 3, START + 3 - 30]), ["s", "s"], START + 3) is None
+
+
+def test_a_record_stamped_ahead_leaves_its_source_on_time_and_names_the_sender_ahead(behaviour_model, caplog):
+    """One record stamped 50 minutes ahead dropped its source's least delay to -3,000 s: every
+    on-time record after it was late (no windows, no entity_score) for 5 minutes; behind one tag, a
+    sender 10 minutes ahead among on-time ones left them all out for good. The log blamed a sender
+    behind."""
+    from logscore.behaviour import CLOCK_SETTLE_S, Behaviour, Lateness
+    from logscore.settings import Settings
+
+    lateness = Lateness(grace_s=60.0)
+    assert lateness.late(np.array([START + 3000.0]), ["s"], START) is None
+    assert lateness.take_ahead() == ("s", 3000.0) and lateness.take_ahead() is None
+    assert all(lateness.late(np.array([START + k - 1.0]), ["s"], START + k) is None for k in range(1, 400, 10))
+    # A backlog of that source is still late (its least delay stayed at 0, not at -3,000 s).
+    assert lateness.late(np.array([START + 400 - 600.0]), ["s"], START + 400).tolist() == [True]
+    # One tag, no sender named: one sender 10 minutes ahead every 2 s among on-time records.
+    mixed = [lateness.late(np.array([START + k + 600.0, START + k - 1.0]), ["agg", "agg"], START + k)
+             for k in range(0, int(CLOCK_SETTLE_S) + 120, 2)]
+    assert all(mask is None for mask in mixed)
+    # On a sidecar: the on-time records count in windows and carry their entity_score; the log names the cause.
+    settings = Settings.load(flags={"models_dir": str(behaviour_model.parent), "episodes_file": ""}, environ={})
+    model = Model.load(behaviour_model)
+    behaviour = Behaviour(settings, EventHub())
+    now = time.time()
+    lines = timed_shop_lines(2, 3.0, start=now, seed=4)
+    ahead = [stamped(lines[0], now + 3000)]
+    with caplog.at_level("WARNING", logger="logscore.behaviour"):
+        behaviour.observe({model: [0]}, [model.score(ahead)], 1, ["web"], now=now)
+    assert any("ahead of the sidecar's clock" in r.getMessage() and r.ahead_s >= 2990 for r in caplog.records)
+    assert not any("arriving long after" in r.getMessage() for r in caplog.records)
+    on_time = [stamped(line, now + 10) for line in lines]
+    entity = behaviour.observe({model: list(range(len(on_time)))}, [model.score(on_time)], len(on_time),
+                               ["web"] * len(on_time), now=now + 10)
+    assert not np.isnan(entity).any()
+    windows = behaviour.of(model).windows
+    assert windows.counts[windows.row["route=shop"]] == len(on_time)  # (the window of the one ahead closed)
 
 
 def collect(call, events: list) -> None:

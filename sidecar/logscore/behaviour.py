@@ -55,6 +55,7 @@ LATE_LOG_INTERVAL_S = 60.0
 # A record time further ahead of the clock than this is unknown (a syslog time read in the wrong
 # year, a clock far ahead): it would hold its source's least delay down and make the rest late.
 MAX_AHEAD_S = 3600.0
+MAX_LOGGED_SOURCE_CHARS = 200  # a source (tag and host) named in a log line is cut to this
 MAX_SOURCES = 1024  # sources (tags) whose delay is tracked apart; past it, untracked tags share one
 WINDOW_TENSORS = ("window_level", "window_hour", "window_week", "window_scale", "window_share_expected",
                   "window_share_dispersion")
@@ -150,13 +151,23 @@ class Lateness:
     late: scored as ever, but left out of windows and clients. A new source's least delay is 0
     (clocks agree), so a backlog met first (the sidecar restarted while shippers held their
     buffers) is late too; a source late for CLOCK_SETTLE_S has a clock that is off, and its offset
-    becomes its least delay. Records without a time are never late.
+    becomes its least delay. Records without a time are never late. A record stamped ahead of the
+    clock (a sender whose clock runs ahead) does not lower its source's least delay below 0: one
+    such record held the floor down and left every on-time record of its tag out for minutes, and
+    behind an aggregator a sender ahead left the others out for good. It is counted on arrival;
+    the latest source more than the grace ahead is kept in ``ahead`` (for the log).
     """
 
     def __init__(self, grace_s: float):
         self.grace_s = grace_s
         # source -> [least delay, when it was last seen, since when all its records were late (or None)]
         self._sources: dict[str, list] = {}
+        self.ahead: Optional[tuple[str, float]] = None  # (source, seconds ahead) seen since last taken
+
+    def take_ahead(self) -> Optional[tuple[str, float]]:
+        """The source last seen more than the grace ahead of the clock, and how far (None: none), once."""
+        ahead, self.ahead = self.ahead, None
+        return ahead
 
     def late(self, times: np.ndarray, sources: Optional[Sequence[str]], now: float) -> Optional[np.ndarray]:
         """A mask of the late records (None: none is), ``times`` in Unix seconds (NaN: unknown)."""
@@ -185,6 +196,10 @@ class Lateness:
             source = ""
         state = self._sources.setdefault(source, [0.0, now, None])
         least = float(known.min())
+        if least < -self.grace_s:
+            self.ahead = (source, -least)
+        # (clamped: a time ahead says the sender's clock is off, not that its records come sooner)
+        least = max(least, 0.0)
         floor = state[0] = min(least, state[0] + DELAY_FLOOR_RISE * max(now - state[1], 0.0))
         state[1] = now
         if least <= floor + self.grace_s:
@@ -337,6 +352,7 @@ class Behaviour:
         # on the event loop: one lock keeps the counters consistent.
         self._lock = threading.Lock()
         self._late_said: dict[str, float] = {}  # model -> when late records were last logged
+        self._ahead_said: dict[str, float] = {}  # model -> when records ahead of the clock were last logged
         self.episodes = EpisodeFile(settings.episodes_file if settings.windows else None, settings.models_dir)
         self._saved = self.episodes.load()  # model name -> episodes under way before a restart (_resume_episodes)
 
@@ -413,6 +429,8 @@ class Behaviour:
             # (intp: positions of an empty request are an empty list, which numpy reads as floats)
             own = own_times(columns, size, None if carried is None else carried[np.asarray(positions, np.intp)])
             late = None if own is None else watched.lateness.late(own, lateness_sources(columns, mine), now)
+            if own is not None:
+                self._say_ahead(model.name, watched.lateness.take_ahead(), now)
             live = np.arange(size)
             if late is not None:
                 self._left_out_late(model.name, own[late], now)
@@ -442,6 +460,17 @@ class Behaviour:
                         "the others of its tag: set its clock right): they are no burst of traffic",
                         extra={"model": model, "records": len(times),
                                "delay_s": round(float(np.median(now - times)), 1)})
+
+    def _say_ahead(self, model: str, ahead: Optional[tuple[str, float]], now: float) -> None:
+        """Log (at most once a minute a model) a source whose records are stamped ahead of the clock."""
+        if ahead is None or now - self._ahead_said.get(model, -math.inf) < LATE_LOG_INTERVAL_S:
+            return
+        self._ahead_said[model] = now
+        source, seconds = ahead
+        log.warning("records stamped ahead of the sidecar's clock: a sender whose clock is ahead (set its clock "
+                    "right, or the sidecar's if it is behind); they are counted on arrival and leave the others "
+                    "of their source on time",
+                    extra={"model": model, "source": source[:MAX_LOGGED_SOURCE_CHARS], "ahead_s": round(seconds, 1)})
 
     def tick(self, now: Optional[float] = None) -> None:
         """Close the windows that ended (also when no records arrive: a drop to zero is news)."""
