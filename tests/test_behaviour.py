@@ -8,6 +8,7 @@ import gc
 import json
 import math
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -1867,6 +1868,44 @@ def test_a_burst_read_as_a_share_then_as_a_count_too_is_one_event(behaviour_mode
     assert "status_class=5xx: " not in events[0][0][1]  # the first window's count alone was not improbable
     assert "status_class=5xx: 20 records" in events[4][0][1]  # as the next windows' were
     assert [len(e) for e in events] == [1, 0, 0, 0, 1], events  # a quiet window ends the episode
+
+
+def test_a_burst_over_many_urls_is_one_event_while_a_quiet_window_or_an_outage_is_news(behaviour_model):
+    """The keys of a burst spread over a shop's URLs move in and out of improbability: each URL
+    key crossing while the 5xx share was still improbable raised an event of its own (a 12-s 503
+    burst: 5 events). Keys crossing while an episode is under way now join it; a quiet window
+    still ends it, and a drop of the route during a burst is still an outage of its own."""
+    from logscore.behaviour import window_spec
+    from logscore.windows import KeyNamer, WindowCounter
+
+    model = Model.load(behaviour_model)
+    spec = window_spec(model)  # 1-s windows, about 3 records a window
+    counter = WindowCounter(spec, "shop", KeyNamer(spec.dimensions), max_keys=1000, now=START)
+
+    def window(k: int, rate: float, failing: bool) -> list[str]:
+        lines = [stamped(line, START + k + 0.5) for line in timed_shop_lines(1, rate, start=START + k, seed=k)]
+        return [re.sub(r'" \d{3} ', '" 503 ', line, count=1) for line in lines] if failing else lines
+
+    plan = [(3, False)] * 5 + [(30, True)] * 12 + [(3, False)] * 5 + [(30, True)] * 3 + [(3, False)] * 2
+    events, crossed = [], set()
+    for k, (rate, failing) in enumerate(plan):
+        lines = window(k, rate, failing)
+        counter.observe(model.score(lines).columns, len(lines), ["web"] * len(lines))
+        events.append([e.key for e in counter.close_due(START + k + 1)])
+        crossed |= {key for key in counter.alarmed if key.startswith("url_template=")}
+    assert len(crossed) >= 2, crossed  # (the burst's URL keys crossed on their own: what is tested)
+    raised = [(k, keys) for k, keys in enumerate(events) if keys]
+    assert raised == [(5, ["status_class=5xx share"]), (22, ["status_class=5xx share"])], raised
+    # A route's outage during a 5xx burst is news of its own.
+    spec = a_busy_route(window_spec(model), calibrate_up_to=28.0)
+    counter = WindowCounter(spec, "shop", KeyNamer(spec.dimensions), max_keys=1000, now=START)
+    busy, silent = {"route=shop": 240, "status_class=2xx": 220}, {}
+    burst = {"route=shop": 240, "status_class=2xx": 40, "status_class=5xx": 200}
+    events = []
+    for k, counts in enumerate([busy] * 3 + [burst] * 2 + [silent] * 2):
+        counter.add(counts, counts.get("route=shop", 0))
+        events.append([e.key for e in counter.close_due(START + (k + 1) * spec.window_s)])
+    assert events == [[]] * 3 + [["status_class=5xx share"], [], ["route=shop count"], []], events
 
 
 def test_a_long_burst_does_not_become_the_expected_share_within_minutes(behaviour_model):

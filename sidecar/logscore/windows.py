@@ -25,6 +25,7 @@ UTC for models trained before it was recorded): ``forecast.slots``.
 from __future__ import annotations
 
 import datetime
+import logging
 import math
 import re
 import time
@@ -40,6 +41,8 @@ from .features import native as compiled
 from .features.converters import ID_SEGMENT
 from .forecast import COUNT_MIN_SCALE, ForecastState, count_inverse, count_transform, slots
 from .masking import mask_variables
+
+log = logging.getLogger("logscore.windows")
 
 DIMENSIONS = ("route", "tag", "status_class", "host", "level", "url_template", "message_template")
 SHARES = (("status_class", "5xx"), ("status_class", "4xx"), ("level", "error"))
@@ -531,9 +534,10 @@ class WindowCounter:
         return events
 
     def _close(self, start: float) -> list[AnomalyEvent]:
-        """One event at most per window: its most improbable key that was not improbable in the
-        window before (one event an episode: a burst, or traffic stopped, may last many windows),
-        the other improbable ones named."""
+        """One event at most per window: its most improbable key, when no key was improbable in the
+        window before (one event an episode: a burst, or traffic stopped, may last many windows;
+        keys crossing meanwhile join it, ``_join_ongoing``, but for the route's drop), the other
+        improbable ones named."""
         size = len(self.keys)
         counts = self.counts[:size].copy()
         hour, week = slots(np.array([start]), self.spec.season_zone)  # (once a window: off the record path)
@@ -574,6 +578,8 @@ class WindowCounter:
         episodes = self._episodes(found)
         ongoing, self.alarmed = self.alarmed, set().union(held, *episodes.values())
         known = {key: bool(subjects & ongoing) for key, subjects in episodes.items()}
+        if ongoing:
+            known = self._join_ongoing(found, known, ongoing)
         if all(known.values()):
             return []
         # (scores saturate at 1: the route's drop names the outage better than its keys' drops)
@@ -585,6 +591,20 @@ class WindowCounter:
             text = f"{text}; also {others}{more}"
         return [AnomalyEvent("window", self.model_name, key, score, observed, low_, high_, text, start,
                              start + self.window_s)]
+
+    def _join_ongoing(self, found: list[tuple], known: dict[str, bool], ongoing: set[str]) -> dict[str, bool]:
+        """While an episode of the model is under way, a key's count newly crossing joins it (logged,
+        no event): the keys of a burst or storm move in and out of improbability, and each move was
+        announced as news (a 12-s 503 burst over a shop's URLs raised 5 events). Still news: the
+        route's drop (an outage is another incident than the burst it may follow) and a share
+        crossing (a 5xx burst coming back after quiet windows, in a flood of traffic that went on)."""
+        joining = [f[2] for f in found
+                   if not known[f[2]] and f[2].endswith(" count") and not self._route_drop(f)]
+        if joining:
+            log.info("keys crossing while an episode is under way join it (no new event)",
+                     extra={"model": self.model_name, "keys": joining[:MAX_NAMED], "joined": len(joining),
+                            "episode": sorted(ongoing)[:MAX_NAMED]})
+        return {key: was or key in joining for key, was in known.items()}
 
     def _episodes(self, found: list[tuple]) -> dict[str, set[str]]:
         """The subjects of each improbable key's episode: its own, and while the route's count drops,
