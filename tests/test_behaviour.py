@@ -1908,6 +1908,34 @@ def test_a_burst_over_many_urls_is_one_event_while_a_quiet_window_or_an_outage_i
     assert events == [[]] * 3 + [["status_class=5xx share"], [], ["route=shop count"], []], events
 
 
+def test_a_clock_stepped_back_restarts_the_open_window_and_raises_no_burst(behaviour_model, caplog):
+    """The sidecar's clock stepped back 300 s: no window closed for 300 s (an outage then went
+    unseen), then one closed with all those records: "status_class=2xx: 903 records in 1 s"."""
+    from logscore.behaviour import window_spec
+    from logscore.windows import KeyNamer, WindowCounter
+
+    spec = window_spec(Model.load(behaviour_model))  # 1-s windows, about 3 records a window
+    counter = WindowCounter(spec, "shop", KeyNamer(spec.dimensions), max_keys=1000, now=START)
+
+    def steady(since: float, seconds: int) -> list[tuple]:
+        events, behind = [], []
+        for k in range(seconds):
+            now = since + k + 0.5
+            counter.add({"route=shop": 3, "status_class=2xx": 3}, 3)
+            events += [(k, e.key, e.observed) for e in counter.close_due(now)]
+            behind.append(now - counter.start)  # how far the open window lags the clock
+        return events, behind
+
+    assert steady(START, 120)[0] == []
+    with caplog.at_level("WARNING", logger="logscore.windows"):
+        events, behind = steady(START + 120 - 300, 400)  # an NTP step 5 minutes back
+    assert events == [], events[:3]
+    assert max(behind) < 2 * spec.window_s  # windows go on closing on the clock's time
+    assert [r.back_s for r in caplog.records if "clock stepped back" in r.getMessage()] == [pytest.approx(300, abs=2)]
+    # A step back within a window is no step to act on (the window closes when the clock reaches its end).
+    assert steady(START + 520 - 0.7, 3)[0] == []
+
+
 def test_a_long_burst_does_not_become_the_expected_share_within_minutes(behaviour_model):
     """The expected 5xx share followed a burst at full speed: 15 % expected within ten windows, so
     a second burst soon after the first raised no 5xx event."""

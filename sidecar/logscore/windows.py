@@ -16,7 +16,8 @@ keys; untrained keys with the least traffic are evicted, and keys past the bound
 ``dimension=(other)``.
 
 Windows use the sidecar's clock (arrival time): live streams arrive as they are written; records
-arriving long after their own time are left out before they get here (``behaviour.Lateness``).
+arriving long after their own time are left out before they get here (``behaviour.Lateness``). A
+clock stepped back by more than a window restarts the open window (``WindowCounter._restart_at``).
 Training uses the records' own timestamps (``timestamps.py``). Hours of day and of week are read
 on the wall clock of the model's zone (metadata ``season_zone``, from training's ``--time-zone``;
 UTC for models trained before it was recorded): ``forecast.slots``.
@@ -523,6 +524,8 @@ class WindowCounter:
 
     def close_due(self, now: float) -> list[AnomalyEvent]:
         """Close every window that ended by ``now``; the events of improbable ones."""
+        if now < self.start - self.window_s:
+            self._restart_at(now)
         events: list[AnomalyEvent] = []
         while now >= self.start + self.window_s:
             events += self._close(self.start)
@@ -532,6 +535,23 @@ class WindowCounter:
                 # are skipped (one closed empty window already says the traffic dropped).
                 self.start = self._window_start(now) - MAX_CATCH_UP * self.window_s
         return events
+
+    def _restart_at(self, now: float) -> None:
+        """The sidecar's clock stepped back (an NTP step, a VM restored) by more than a window: the
+        open window restarts at ``now``, without an event. Left open, no window closed until the clock
+        caught up again (an outage meanwhile went unseen), and the one that then closed held all
+        those minutes' records: a false burst. Its counts so far go (they are of a window cut
+        short), so the restarted window is counted in part: a rise there is news, a drop is not.
+        Episodes under way go on."""
+        log.warning("the sidecar's clock stepped back: the open window restarts at the clock's time (no event); "
+                    "keep the clock slewed (NTP) rather than stepped",
+                    extra={"model": self.model_name, "back_s": round(self.start - now, 1)})
+        self.start = self._window_start(now)
+        self.first_whole = self.start + self.window_s
+        self.counts[:] = 0.0
+        self.candidates.clear()
+        self.share_counts[:] = 0.0
+        self.share_totals[:] = 0.0
 
     def _close(self, start: float) -> list[AnomalyEvent]:
         """One event at most per window: its most improbable key, when no key was improbable in the
