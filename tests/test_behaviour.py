@@ -1936,6 +1936,33 @@ def test_a_clock_stepped_back_restarts_the_open_window_and_raises_no_burst(behav
     assert steady(START + 520 - 0.7, 3)[0] == []
 
 
+def test_a_window_event_raised_by_the_last_windows_mean_says_so(behaviour_model):
+    """A steady rise raised "route=shop: 20 records in 5 s, expected 6.04–25.9": the mean of the
+    last windows deviated, the text showed only the window's own band, which held its count."""
+    from logscore.behaviour import window_spec
+    from logscore.windows import KeyNamer, WindowCounter
+
+    def events(counts: list[int]) -> list:
+        spec = a_busy_route(window_spec(Model.load(behaviour_model)), calibrate_up_to=28.0)  # 240 expected
+        spec.calibrate = lambda deviation: np.where(deviation >= 4.0, np.float32(1.0), np.float32(0.5))
+        counter = WindowCounter(spec, "shop", KeyNamer(spec.dimensions), max_keys=1000, now=START)
+        raised = []
+        for k, count in enumerate(counts):
+            counter.add({"route=shop": count, "status_class=2xx": 220}, count)
+            raised += counter.close_due(START + (k + 1) * spec.window_s)
+        return raised
+
+    steady = events([280] * 12)  # each window within its own band, their mean not
+    assert [e.key for e in steady] == ["route=shop count"]
+    event = steady[0]
+    assert event.expected_low <= event.observed <= event.expected_high
+    mean, low, high = re.search(r"the last 6 windows about (\S+) a window, expected (\S+)–(\S+) for their mean",
+                                event.explanation).groups()
+    assert float(mean) == pytest.approx(280, abs=1) and float(low) < 240 < float(high) < 280
+    jump = events([240, 600])  # the window's own count: its band says it all
+    assert [e.key for e in jump] == ["route=shop count"] and "the last" not in jump[0].explanation
+
+
 def test_a_long_burst_does_not_become_the_expected_share_within_minutes(behaviour_model):
     """The expected 5xx share followed a burst at full speed: 15 % expected within ten windows, so
     a second burst soon after the first raised no 5xx event."""
@@ -2342,19 +2369,19 @@ def test_an_hour_the_log_never_covered_has_its_spread_back_after_three_days_of_i
     assert 2 in spec.hours_unseen and 14 not in spec.hours_unseen
     midnight = START + 86400
     counter = WindowCounter(spec, "web", KeyNamer(spec.dimensions), 500, now=midnight)
-    forecast, calibrate = counter.state.step, spec.calibrate
+    forecast, calibrate = counter.state.step_terms, spec.calibrate
     forecast_deviations, calibrated_deviations = [], []  # every key's, summed (then the shares' calibrated)
 
     def recorded_forecast(*args, **kwargs):
-        expected, deviation = forecast(*args, **kwargs)
-        forecast_deviations.append(np.abs(deviation).sum())
-        return expected, deviation
+        terms = forecast(*args, **kwargs)
+        forecast_deviations.append(np.abs(np.maximum(terms[1], terms[2])).sum())
+        return terms
 
     def recorded_calibration(deviation):
         calibrated_deviations.append(np.abs(deviation).sum())
         return calibrate(deviation)
 
-    counter.state.step, spec.calibrate = recorded_forecast, recorded_calibration
+    counter.state.step_terms, spec.calibrate = recorded_forecast, recorded_calibration
     widen = {2: [], 14: []}  # per window of 02:00-03:00 (never covered) and of 14:00-15:00
     for window in range((UNSEEN_HOUR_DAYS + 1) * 144):
         forecast_deviations.clear(), calibrated_deviations.clear()

@@ -155,6 +155,14 @@ class ForecastState:
         """Observe one window of keys ``rows`` (default all): (expected, deviation) before updating.
 
         A key's first observation sets its level (deviation 0)."""
+        expected, single, sustained, _, _ = self.step_terms(y, hour, week, rows)
+        return expected, np.maximum(single, sustained)
+
+    def step_terms(self, y: np.ndarray, hour: np.ndarray, week: np.ndarray, rows: Optional[np.ndarray] = None
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """``step``'s deviation in its two terms, for explaining which raised it: (expected, this
+        window's deviation, the sustained shift's (the mean residual of the last ``filled`` windows
+        against its own spread), that mean residual, ``filled``)."""
         rows = np.arange(len(self)) if rows is None else rows
         expected = self.expected(hour, week, rows)
         fresh = self.seen[rows] == 0
@@ -165,10 +173,10 @@ class ForecastState:
         self.recent[rows, position] = residual
         filled = np.minimum(self.seen[rows] + 1, RUN)
         run_mean = self.recent[rows].sum(axis=1) / filled
-        deviation = np.maximum(np.abs(residual) / scale, np.abs(run_mean) / (scale / np.sqrt(filled)))
-        deviation = np.where(fresh, 0.0, deviation)
+        single = np.where(fresh, 0.0, np.abs(residual) / scale)
+        sustained = np.where(fresh, 0.0, np.abs(run_mean) / (scale / np.sqrt(filled)))
         self._update(rows, residual, scale, hour, week, fresh, y)
-        return expected, deviation
+        return expected, single, sustained, run_mean, filled
 
     def _update(self, rows, residual, scale, hour, week, fresh, y) -> None:
         clipped = np.clip(residual, -CLIP * scale, CLIP * scale)

@@ -330,6 +330,12 @@ def describe_count(key: str, observed: float, low: float, high: float, window_s:
     return f"{key}: {observed:g} records in {per}, expected {low:.3g}–{high:.3g}"
 
 
+def describe_sustained(windows: int, mean: float, low: float, high: float) -> str:
+    """What a sustained shift adds to a count's explanation: the typical count of the last windows
+    (their mean residual about the forecast, read back as a count) and the band for such a mean."""
+    return f"; the last {windows} windows about {mean:.3g} a window, expected {low:.3g}–{high:.3g} for their mean"
+
+
 class WindowCounter:
     """The open window's counts for one model, and closing windows into events.
 
@@ -563,9 +569,10 @@ class WindowCounter:
         hour, week = slots(np.array([start]), self.spec.season_zone)  # (once a window: off the record path)
         hour, week = np.full(size, hour[0]), np.full(size, week[0])
         y = count_transform(counts)
-        expected_y, deviation = self.state.step(y, hour, week, np.arange(size))
+        expected_y, single, sustained, run_mean, filled = self.state.step_terms(y, hour, week, np.arange(size))
         widen = UNSEEN_HOUR_SPREAD if self._hour_unlearned(int(hour[0])) else 1.0
-        deviation = deviation / widen  # (the forecaster's deviation with a spread `widen` times its own)
+        # (the forecaster's deviation with a spread `widen` times its own)
+        deviation = np.maximum(single, sustained) / widen
         scale = self.state.spread(np.arange(size)) * widen
         expected = count_inverse(expected_y)
         low, high = count_inverse(expected_y - 2 * scale), count_inverse(expected_y + 2 * scale)
@@ -578,9 +585,13 @@ class WindowCounter:
         for i in np.flatnonzero((scores >= self.spec.threshold) & (change >= self.spec.min_change)).tolist():
             if self._learning_tag(i):
                 continue
+            text = describe_count(self.keys[i], counts[i], low[i], high[i], self.window_s)
+            if sustained[i] > single[i]:  # the shift of the last windows raised it, not this one's count
+                spread = 2 * scale[i] / math.sqrt(filled[i])
+                text += describe_sustained(int(filled[i]), count_inverse(expected_y[i] + run_mean[i]),
+                                           count_inverse(expected_y[i] - spread), count_inverse(expected_y[i] + spread))
             found.append((float(scores[i]), float(deviation[i]), f"{self.keys[i]} count", float(counts[i]),
-                          float(low[i]), float(high[i]),
-                          describe_count(self.keys[i], counts[i], low[i], high[i], self.window_s)))
+                          float(low[i]), float(high[i]), text))
         held: set[str] = set()  # subjects of episodes under way that this window cannot tell of
         if start < self.first_whole or not self.heard:
             # Rises only: counted in part, or nothing heard yet. Every episode under way goes on
