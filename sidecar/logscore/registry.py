@@ -34,6 +34,11 @@ UNLOAD_GRACE_S = 5.0
 class FileState:
     mtime_ns: int
     size: int
+    refusal: str = ""  # why the entry cannot be loaded before it is read (an unusable link); "" when readable
+
+
+# Said once per entry when a look at it fails (a symbolic link loop, a link the sidecar may not follow).
+UNUSABLE_ENTRY = "{path}: cannot look at this entry of the models directory ({reason}); fix or remove it"
 
 
 @dataclass
@@ -94,6 +99,10 @@ class ModelRegistry:
                 if old.files.get(path) == state:
                     continue
                 name = Path(path).stem
+                if state.refusal:
+                    errors[path] = state.refusal
+                    self._on_change("rejected", name, state.refusal)
+                    continue
                 try:
                     model = Model.load(path, max_line_chars=self.max_line_chars, client_key=self.client_key)
                     model.name = name  # the file name routes, whatever name the model was trained with
@@ -130,10 +139,28 @@ class ModelRegistry:
             log.error("cannot list models directory", extra={"dir": str(self.models_dir), "error": str(error)})
             return dict(self.snapshot.files)
         for entry in entries:
-            if entry.name.endswith(".onnx") and not entry.name.startswith(".") and entry.is_file():
-                stat = entry.stat()
-                states[entry.path] = FileState(stat.st_mtime_ns, stat.st_size)
+            if entry.name.endswith(".onnx") and not entry.name.startswith("."):
+                state = self._entry_state(entry)
+                if state is not None:
+                    states[entry.path] = state
         return states
+
+    @staticmethod
+    def _entry_state(entry: os.DirEntry) -> Optional[FileState]:
+        """The entry's state; None when it is no file to load or is gone since the listing.
+
+        NOTE: an OSError here (a symlink loop, a link into a directory the sidecar may not enter, a file
+        deleted between the listing and its stat) used to end hot reload for good, unlogged; it now
+        concerns that entry alone, which is refused (said once) while the others load."""
+        try:
+            if not entry.is_file():
+                return None
+            stat = entry.stat()
+        except FileNotFoundError:  # deleted since the listing: as if not listed
+            return None
+        except OSError as error:
+            return FileState(0, 0, UNUSABLE_ENTRY.format(path=entry.path, reason=error.strerror or error))
+        return FileState(stat.st_mtime_ns, stat.st_size)
 
     # --- routing ---------------------------------------------------------------
     def resolve(self, name: str = "", tag: str = "") -> Model:

@@ -289,12 +289,21 @@ class Sidecar:
             self.reload_requested.clear()
             if self.stopping.is_set():
                 return
-            changed = await loop.run_in_executor(None, self.registry.reload)
-            self.metrics.model_checks.inc()
-            if changed:
-                self.metrics.set_models(self.registry.snapshot.models)
-                self._warn_when_no_default()
-                await self.service.prune()
+            try:
+                await self._check_models(loop)
+            except Exception:  # NOTE: one failed pass used to end this task, and hot reload, unlogged
+                log.exception("model check failed; the loaded models keep serving and the next check "
+                              "(reload_interval_s, or SIGHUP) tries again; if this repeats, report it with "
+                              "the exception", extra={"dir": self.settings.models_dir})
+
+    async def _check_models(self, loop: asyncio.AbstractEventLoop) -> None:
+        """One pass of the watch: reload, then what follows a change."""
+        changed = await loop.run_in_executor(None, self.registry.reload)
+        self.metrics.model_checks.inc()
+        if changed:
+            self.metrics.set_models(self.registry.snapshot.models)
+            self._warn_when_no_default()
+            await self.service.prune()
 
     async def stop(self) -> None:
         """Drain: health says NOT_SERVING, new calls are refused, in-flight ones finish."""

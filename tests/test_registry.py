@@ -1,0 +1,101 @@
+"""The models directory as the registry sees it: entries it cannot use, and the watch that reloads it."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+from types import SimpleNamespace
+
+import pytest
+
+from logscore import registry as registry_module
+from logscore.metrics import Metrics
+from logscore.registry import ModelRegistry
+from logscore.serve import Sidecar
+
+from .sidecar_process import ROOT
+
+DEFAULT_MODEL = ROOT / "models" / "apache-access.onnx"
+
+
+class Events:
+    """The registry's on_change calls, as (event, name, detail)."""
+
+    def __init__(self):
+        self.seen: list[tuple[str, str, str]] = []
+
+    def __call__(self, event: str, name: str, detail: str) -> None:
+        self.seen.append((event, name, detail))
+
+    def of(self, event: str) -> list[tuple[str, str]]:
+        return [(name, detail) for kind, name, detail in self.seen if kind == event]
+
+
+@pytest.fixture()
+def models(tmp_path):
+    directory = tmp_path / "models"
+    directory.mkdir()
+    shutil.copy(DEFAULT_MODEL, directory / "apache-access.onnx")
+    return directory
+
+
+def test_a_symlink_loop_is_refused_once_and_the_directory_is_still_watched(models):
+    (models / "loop.onnx").symlink_to("loop.onnx")
+    events = Events()
+    registry = ModelRegistry(str(models), on_change=events)
+    assert registry.reload()
+    assert set(registry.snapshot.models) == {"apache-access"}
+    [(name, detail)] = events.of("rejected")
+    assert name == "loop" and "loop.onnx" in detail and "fix or remove it" in detail
+    assert registry.snapshot.errors[str(models / "loop.onnx")] == detail
+    assert not registry.reload() and len(events.of("rejected")) == 1  # said once
+    # Hot reload goes on: the link removed, a new model dropped in is loaded.
+    (models / "loop.onnx").unlink()
+    shutil.copy(DEFAULT_MODEL, models / "second.onnx")
+    assert registry.reload()
+    assert set(registry.snapshot.models) == {"apache-access", "second"} and not registry.snapshot.errors
+
+
+def test_a_file_deleted_between_the_listing_and_its_stat_is_as_if_never_listed(models, monkeypatch):
+    shutil.copy(DEFAULT_MODEL, models / "brief.onnx")
+    listed = os.scandir
+
+    def listing_then_deleting(path):  # the race: the entry listed, the file gone before it is looked at
+        entries = list(listed(path))
+        (models / "brief.onnx").unlink()
+        return iter(entries)
+
+    monkeypatch.setattr(registry_module.os, "scandir", listing_then_deleting)
+    registry = ModelRegistry(str(models))
+    assert registry.reload()
+    assert set(registry.snapshot.models) == {"apache-access"} and not registry.snapshot.errors
+
+
+def test_a_failed_check_is_logged_and_the_watch_goes_on(caplog):
+    """One pass that raised ended the watch task: no reload ever again, nothing logged until SIGTERM."""
+    stopping = asyncio.Event()
+    reloads = []
+
+    def reload():
+        reloads.append(len(reloads))
+        if len(reloads) == 1:
+            raise OSError(40, "Too many levels of symbolic links")
+        stopping.set()  # the second pass ran: enough
+        return False
+
+    async def check_twice():
+        sidecar = SimpleNamespace(stopping=stopping, reload_requested=asyncio.Event(), metrics=Metrics(),
+                                  settings=SimpleNamespace(reload_interval_s=0.001, models_dir="/srv/models"),
+                                  registry=SimpleNamespace(reload=reload))
+        sidecar._check_models = lambda loop: Sidecar._check_models(sidecar, loop)
+        await asyncio.wait_for(Sidecar.watch_models(sidecar), 10)
+        return sidecar
+
+    with caplog.at_level(logging.ERROR, logger="logscore.serve"):
+        sidecar = asyncio.run(check_twice())
+    assert reloads == [0, 1]
+    [logged] = [r for r in caplog.records if r.getMessage().startswith("model check failed")]
+    assert "Too many levels" in logged.exc_text and "tries again" in logged.getMessage()
+    assert b"logscore_model_checks_total 1.0" in sidecar.metrics.render()
