@@ -99,3 +99,20 @@ def test_a_failed_check_is_logged_and_the_watch_goes_on(caplog):
     [logged] = [r for r in caplog.records if r.getMessage().startswith("model check failed")]
     assert "Too many levels" in logged.exc_text and "tries again" in logged.getMessage()
     assert b"logscore_model_checks_total 1.0" in sidecar.metrics.render()
+
+
+def test_a_file_name_that_is_not_utf8_is_refused_saying_to_rename_it(models):
+    """Its name, a model's name, made /metrics answer 500 until restart and ListModels fail UNKNOWN."""
+    shutil.copy(DEFAULT_MODEL, os.path.join(os.fsencode(models), b"caf\xe9.onnx"))
+    events = Events()
+    registry = ModelRegistry(str(models), on_change=events)
+    assert registry.reload()
+    assert set(registry.snapshot.models) == {"apache-access"}
+    [(name, detail)] = events.of("rejected")
+    assert name == "caf\\xe9" and "not UTF-8" in detail and "rename the file" in detail
+    assert list(registry.snapshot.errors) == [f"{models}/caf\\xe9.onnx"]
+    metrics = Metrics()  # the sidecar counts each rejection under its name: /metrics must still render
+    metrics.model_rejections.labels(name).inc()
+    metrics.set_models(registry.snapshot.models)
+    assert 'file="caf\\\\xe9"' in metrics.render().decode()
+    assert not registry.reload() and len(events.of("rejected")) == 1

@@ -37,6 +37,24 @@ class FileState:
     refusal: str = ""  # why the entry cannot be loaded before it is read (an unusable link); "" when readable
 
 
+NOT_UTF8_NAME = ("{path}: the file name is not UTF-8, and a model is named after its file (metrics, ListModels, "
+                 "routes); rename the file to a UTF-8 name")
+
+
+def is_utf8(name: str) -> bool:
+    """Whether a name read from the file system was UTF-8 (Python keeps other bytes as lone surrogates)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def shown_path(path: str) -> str:
+    """A path as UTF-8 text, its other bytes as \\xNN: for logs, metrics' labels and /readyz."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
 # Said once per entry when a look at it fails (a symbolic link loop, a link the sidecar may not follow).
 UNUSABLE_ENTRY = "{path}: cannot look at this entry of the models directory ({reason}); fix or remove it"
 
@@ -140,6 +158,11 @@ class ModelRegistry:
             return dict(self.snapshot.files)
         for entry in entries:
             if entry.name.endswith(".onnx") and not entry.name.startswith("."):
+                if not is_utf8(entry.name):
+                    # NOTE: its name, a model's name, broke /metrics (500 until restart) and ListModels
+                    shown = shown_path(entry.path)
+                    states[shown] = FileState(0, 0, NOT_UTF8_NAME.format(path=shown))
+                    continue
                 state = self._entry_state(entry)
                 if state is not None:
                     states[entry.path] = state
