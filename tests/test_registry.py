@@ -6,11 +6,13 @@ import asyncio
 import logging
 import os
 import shutil
+import tracemalloc
 from types import SimpleNamespace
 
 import pytest
 
 from logscore import registry as registry_module
+from logscore.artifact import DEFAULT_MAX_MODEL_BYTES
 from logscore.metrics import Metrics
 from logscore.registry import ModelRegistry
 from logscore.serve import Sidecar
@@ -116,3 +118,31 @@ def test_a_file_name_that_is_not_utf8_is_refused_saying_to_rename_it(models):
     metrics.set_models(registry.snapshot.models)
     assert 'file="caf\\\\xe9"' in metrics.render().decode()
     assert not registry.reload() and len(events.of("rejected")) == 1
+
+
+def test_a_file_over_max_model_bytes_is_refused_before_it_is_read(models):
+    """A 1.5 GB file was read whole: the sidecar grew by 1.5 GB, past its shipped memory limit (350 MB)."""
+    huge = models / "huge.onnx"
+    with open(huge, "wb") as file:  # sparse: no disk used
+        file.truncate(DEFAULT_MAX_MODEL_BYTES + 16 * 1024 * 1024)
+    events = Events()
+    registry = ModelRegistry(str(models), on_change=events)
+    tracemalloc.start()
+    try:
+        registry.reload()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < DEFAULT_MAX_MODEL_BYTES // 4, f"{peak:,} bytes held while checking"
+    [(name, detail)] = events.of("rejected")
+    assert name == "huge" and f"{huge.stat().st_size:,} bytes" in detail
+    assert f"over max_model_bytes ({DEFAULT_MAX_MODEL_BYTES:,})" in detail and "raise max_model_bytes" in detail
+    # The limit is the setting's: a real model just over it is refused too, and loads under a higher one.
+    size = (models / "apache-access.onnx").stat().st_size
+    strict = ModelRegistry(str(models), max_model_bytes=size - 1)
+    strict.reload()
+    assert not strict.snapshot.models
+    assert f"over max_model_bytes ({size - 1:,})" in strict.snapshot.errors[str(models / "apache-access.onnx")]
+    relaxed = ModelRegistry(str(models), max_model_bytes=size)
+    relaxed.reload()
+    assert set(relaxed.snapshot.models) == {"apache-access"}

@@ -33,6 +33,7 @@ def test_tag_routes_from_a_flag(models):
 @pytest.mark.parametrize("flags, message", [
     ({"max_batch_records": "many"}, "not a valid int"),
     ({"max_batch_records": "0"}, "at least 1"),
+    ({"max_model_bytes": "0"}, "max_model_bytes must be at least 1"),
     # a glob without its model said "'app.*' is not a valid dict" (appday trial)
     ({"tag_routes": "app.*"}, r"tag_routes: 'app\.\*' .*GLOB=MODEL pairs, e\.g\. 'web\.\*=apache-access"),
     ({"tag_routes": "app.*=,sys.*=syslog"}, "GLOB=MODEL"),

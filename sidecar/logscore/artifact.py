@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 from .errors import ModelLoadError
 
@@ -26,6 +28,11 @@ from .errors import ModelLoadError
 FORMAT_VERSION = 1
 METADATA_KEY = "logscore.metadata"
 HASH_KEY = "logscore.content_hash"
+
+# NOTE: a file is read whole into memory before it is checked; a 1.5 GB file took the sidecar from 99 MB to
+# 1.6 GB (the shipped systemd unit and Kubernetes limits, 350 MB, kill it there, and again at each restart
+# while the file stays). The biggest models logscore makes are a few MB (a 2^20 rarity table is 4 MB).
+DEFAULT_MAX_MODEL_BYTES = 64 * 1024 * 1024
 
 _GRAPH_FIELD = 7  # ModelProto.graph
 _METADATA_FIELD = 14  # ModelProto.metadata_props (StringStringEntryProto: key=1, value=2)
@@ -48,6 +55,28 @@ class Artifact:
     def version(self) -> str:
         """Short content hash: two files with the same version score identically."""
         return self.content_hash[:12]
+
+
+def read_at_most(path: str, max_bytes: Optional[int]) -> bytes:
+    """The file's bytes; ModelLoadError when it holds more than max_bytes (None: no limit), its size
+    checked before reading and its reading stopped past the limit (a file still growing)."""
+    limit = max_bytes if max_bytes is not None else float("inf")
+    with open(path, "rb") as file:
+        size = os.fstat(file.fileno()).st_size
+        if size > limit:
+            raise too_big(path, size, max_bytes)
+        data = file.read(size)  # NOTE: read(n) allocates n bytes at once: never more than the file holds
+        while more := file.read(1024 * 1024):  # it grew since its stat
+            data += more
+            if len(data) > limit:
+                raise too_big(path, len(data), max_bytes)
+    return data
+
+
+def too_big(path: str, size: int, max_bytes: int) -> ModelLoadError:
+    return ModelLoadError(f"{path}: {size:,} bytes, over max_model_bytes ({max_bytes:,}): not read, as it "
+                          "would be held in memory whole; if it is a model, raise max_model_bytes and the "
+                          "sidecar's memory limit by its size; else move it out of the models directory")
 
 
 class _WireError(ValueError):
@@ -109,11 +138,12 @@ def fields_but_metadata(data: bytes) -> list[tuple[int, object]]:
     return [(number, value) for number, _, value in _fields(data) if number != _METADATA_FIELD]
 
 
-def read_artifact(path: str | Path) -> Artifact:
-    """Read and verify a model file; every failure is a ModelLoadError naming the file."""
+def read_artifact(path: str | Path, max_bytes: Optional[int] = None) -> Artifact:
+    """Read and verify a model file; every failure is a ModelLoadError naming the file. A file over
+    ``max_bytes`` is refused before it is read."""
     path = str(path)
     try:
-        data = Path(path).read_bytes()
+        data = read_at_most(path, max_bytes)
     except OSError as error:
         raise ModelLoadError(f"{path}: cannot read model file: {error.strerror or error}") from None
     try:

@@ -177,8 +177,8 @@ class Model:
 
     @classmethod
     def load(cls, path: str | Path, threads: int = 1, max_line_chars: int = DEFAULT_MAX_LINE_CHARS,
-             client_key: Optional[str] = None) -> "Model":
-        return cls(read_artifact(path), threads, max_line_chars, client_key)
+             client_key: Optional[str] = None, max_bytes: Optional[int] = None) -> "Model":
+        return cls(read_artifact(path, max_bytes), threads, max_line_chars, client_key)
 
     @property
     def version(self) -> str:

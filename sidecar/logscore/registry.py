@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from .artifact import DEFAULT_MAX_MODEL_BYTES
 from .errors import ModelLoadError, ModelNotFound
 from .model import Model
 from .records import DEFAULT_MAX_LINE_CHARS, cut_tag, to_text
@@ -77,8 +78,9 @@ class ModelRegistry:
     def __init__(self, models_dir: str, default_model: Optional[str] = None,
                  tag_routes: Optional[dict] = None, entity_field: Optional[str] = None,
                  on_change=None, max_line_chars: int = DEFAULT_MAX_LINE_CHARS, client_key: Optional[str] = None,
-                 unload_grace_s: float = 0.0):
+                 unload_grace_s: float = 0.0, max_model_bytes: int = DEFAULT_MAX_MODEL_BYTES):
         self.models_dir = Path(models_dir)
+        self.max_model_bytes = max_model_bytes
         self.max_line_chars = max_line_chars
         self.client_key = client_key  # the field naming a client, when not the models' own (entity_key)
         self.default_model = default_model
@@ -122,7 +124,8 @@ class ModelRegistry:
                     self._on_change("rejected", name, state.refusal)
                     continue
                 try:
-                    model = Model.load(path, max_line_chars=self.max_line_chars, client_key=self.client_key)
+                    model = Model.load(path, max_line_chars=self.max_line_chars, client_key=self.client_key,
+                                       max_bytes=self.max_model_bytes)
                     model.name = name  # the file name routes, whatever name the model was trained with
                     model.score(PROBE_RECORDS, explain=1)
                 except ModelLoadError as error:

@@ -104,7 +104,8 @@ class Sidecar:
         self.registry = ModelRegistry(settings.models_dir, settings.default_model, settings.tag_routes,
                                       settings.entity_field, self._model_event, settings.max_record_bytes,
                                       settings.entity_key,
-                                      unload_grace_s=UNLOAD_GRACE_S if settings.reload_interval_s else 0.0)
+                                      unload_grace_s=UNLOAD_GRACE_S if settings.reload_interval_s else 0.0,
+                                      max_model_bytes=settings.max_model_bytes)
         self.learner = make_learner(settings, self.registry, self.reload_requested.set, self.metrics)
         self.review = make_review(settings, self.metrics)
         self.feedback = make_feedback(settings, self.registry, self.review, self.metrics)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional
 
 from .admission import WIRE_COPIES
+from .artifact import DEFAULT_MAX_MODEL_BYTES
 from .errors import ConfigError
 from .resources import default_models_dir
 
@@ -115,6 +116,8 @@ class Settings:
                                   "is refused RESOURCE_EXHAUSTED at once, before its message is read, counted and "
                                   "logged (gRPC holds each call's message, up to max_message_bytes, while it "
                                   "arrives, before the in-flight budget sees it)")
+    max_model_bytes: int = setting(DEFAULT_MAX_MODEL_BYTES, "a model file larger than this is refused before it "
+                                   "is read (files are read whole into memory; logscore's models are a few MB)")
     reload_interval_s: float = setting(2.0, "how often the models directory is checked for changes (0: "
                                        "only on SIGHUP)")
     shutdown_grace_s: float = setting(10.0, "on SIGTERM, time given to in-flight calls")
@@ -225,7 +228,7 @@ class Settings:
             if path and not Path(path).is_file():
                 raise ConfigError(f"{name.replace('_', '-')}: {path!r} is not a readable file")
         for name in ("max_batch_records", "max_queued_records", "max_records_per_request", "max_record_bytes",
-                     "forward_max_message_bytes", "max_grpc_calls", "max_grpc_connections"):
+                     "forward_max_message_bytes", "max_grpc_calls", "max_grpc_connections", "max_model_bytes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")
         if self.max_message_bytes < MIN_MESSAGE_BYTES:
