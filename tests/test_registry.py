@@ -7,7 +7,7 @@ import logging
 import os
 import shutil
 import tracemalloc
-from types import SimpleNamespace
+from types import MethodType, SimpleNamespace
 
 import pytest
 
@@ -80,7 +80,7 @@ def test_a_failed_check_is_logged_and_the_watch_goes_on(caplog):
     stopping = asyncio.Event()
     reloads = []
 
-    def reload():
+    def reload(retry_rejected=False):
         reloads.append(len(reloads))
         if len(reloads) == 1:
             raise OSError(40, "Too many levels of symbolic links")
@@ -88,10 +88,10 @@ def test_a_failed_check_is_logged_and_the_watch_goes_on(caplog):
         return False
 
     async def check_twice():
-        sidecar = SimpleNamespace(stopping=stopping, reload_requested=asyncio.Event(), metrics=Metrics(),
+        sidecar = SimpleNamespace(stopping=stopping, reload_requested=asyncio.Event(), metrics=Metrics(), hangup=False,
                                   settings=SimpleNamespace(reload_interval_s=0.001, models_dir="/srv/models"),
                                   registry=SimpleNamespace(reload=reload))
-        sidecar._check_models = lambda loop: Sidecar._check_models(sidecar, loop)
+        sidecar._check_models = MethodType(Sidecar._check_models, sidecar)
         await asyncio.wait_for(Sidecar.watch_models(sidecar), 10)
         return sidecar
 
@@ -146,3 +146,67 @@ def test_a_file_over_max_model_bytes_is_refused_before_it_is_read(models):
     relaxed = ModelRegistry(str(models), max_model_bytes=size)
     relaxed.reload()
     assert set(relaxed.snapshot.models) == {"apache-access"}
+
+
+def test_a_symlink_swapped_to_a_file_of_the_same_size_and_mtime_is_loaded(models, tmp_path):
+    """Reproducible builds give equal mtimes: the swap went unnoticed, the old file's model served on."""
+    for build in ("a", "b"):
+        (tmp_path / build).mkdir()
+        shutil.copy(DEFAULT_MODEL, tmp_path / build / "m.onnx")
+        os.utime(tmp_path / build / "m.onnx", ns=(10**9, 10**9))
+    (models / "m.onnx").symlink_to(tmp_path / "a" / "m.onnx")
+    events = Events()
+    registry = ModelRegistry(str(models), on_change=events)
+    registry.reload()
+    before = registry.snapshot.models["m"]
+    (models / ".m.tmp").symlink_to(tmp_path / "b" / "m.onnx")
+    os.replace(models / ".m.tmp", models / "m.onnx")  # the atomic swap `mv -T` makes
+    assert registry.reload()
+    assert registry.snapshot.models["m"] is not before and [n for n, _ in events.of("loaded")].count("m") == 2
+
+
+def test_a_rejected_file_is_tried_again_on_sighup_though_it_looks_unchanged(models, monkeypatch):
+    """A file refused for a cause outside it (a read error, a parent directory's permissions) and fixed
+    there was refused until touched, SIGHUP or not."""
+    from logscore.errors import ModelLoadError
+    from logscore.model import Model
+
+    real_load, failures = Model.load, [OSError(5, "Input/output error")]
+
+    def load_failing_once(path, **options):
+        if failures:
+            raise ModelLoadError(f"{path}: cannot read model file: {failures.pop().strerror}")
+        return real_load(path, **options)
+
+    monkeypatch.setattr(registry_module.Model, "load", load_failing_once)
+    registry = ModelRegistry(str(models))
+    registry.reload()
+    assert not registry.snapshot.models and registry.snapshot.errors
+    assert not registry.reload()  # a check of the interval: unchanged, not read again
+    assert registry.reload(retry_rejected=True)  # SIGHUP
+    assert set(registry.snapshot.models) == {"apache-access"} and not registry.snapshot.errors
+
+
+def test_sighup_asks_the_next_check_to_retry_rejected_files_and_the_interval_does_not():
+    stopping = asyncio.Event()
+    passes = []
+
+    async def watch():
+        sidecar = SimpleNamespace(stopping=stopping, reload_requested=asyncio.Event(), metrics=Metrics(), hangup=False,
+                                  settings=SimpleNamespace(reload_interval_s=0.001, models_dir="/srv/models"))
+
+        def reload(retry_rejected=False):
+            passes.append(retry_rejected)
+            if len(passes) == 1:
+                sidecar.loop.call_soon_threadsafe(Sidecar.on_hangup, sidecar)
+            elif len(passes) == 3:
+                stopping.set()
+            return False
+
+        sidecar.loop = asyncio.get_running_loop()
+        sidecar.registry = SimpleNamespace(reload=reload)
+        sidecar._check_models = MethodType(Sidecar._check_models, sidecar)
+        await asyncio.wait_for(Sidecar.watch_models(sidecar), 10)
+
+    asyncio.run(watch())
+    assert passes == [False, True, False]

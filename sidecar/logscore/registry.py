@@ -33,8 +33,13 @@ UNLOAD_GRACE_S = 5.0
 
 @dataclass(frozen=True)
 class FileState:
+    """What tells a changed file. NOTE: mtime and size alone missed a symlink swap to a file of the same
+    size and mtime (reproducible builds set mtimes), and a fix by chmod: the inode and ctime tell them."""
     mtime_ns: int
     size: int
+    inode: int = 0
+    device: int = 0
+    ctime_ns: int = 0
     refusal: str = ""  # why the entry cannot be loaded before it is read (an unusable link); "" when readable
 
 
@@ -93,11 +98,13 @@ class ModelRegistry:
         self._on_change = on_change or (lambda event, name, detail: None)
 
     # --- loading ---------------------------------------------------------------
-    def reload(self) -> bool:
+    def reload(self, retry_rejected: bool = False) -> bool:
         """Load new and changed files, drop removed ones; returns whether anything changed.
 
         A file that fails to load or to score the probe is reported and leaves
-        the model it would replace serving.
+        the model it would replace serving. ``retry_rejected`` (SIGHUP) tries rejected files again
+        though they look unchanged: what failed may lie outside the file (a read error, a parent
+        directory's permissions).
         """
         with self._reload_lock:
             old = self.snapshot
@@ -105,7 +112,8 @@ class ModelRegistry:
             by_path = {m.artifact.path: name for name, m in old.models.items()}
             serving_on = self._within_grace(set(old.files) - set(current), by_path)
             current.update({path: old.files[path] for path in serving_on})
-            if current == old.files:
+            retried = set(old.errors) & set(current) if retry_rejected else set()
+            if current == old.files and not retried:
                 return False
             models = dict(old.models)
             errors = {p: e for p, e in old.errors.items() if p in current}
@@ -116,7 +124,7 @@ class ModelRegistry:
                     self._on_change("unloaded", name, path)
                 errors.pop(path, None)
             for path, state in current.items():
-                if old.files.get(path) == state:
+                if old.files.get(path) == state and path not in retried:
                     continue
                 name = Path(path).stem
                 if state.refusal:
@@ -164,7 +172,7 @@ class ModelRegistry:
                 if not is_utf8(entry.name):
                     # NOTE: its name, a model's name, broke /metrics (500 until restart) and ListModels
                     shown = shown_path(entry.path)
-                    states[shown] = FileState(0, 0, NOT_UTF8_NAME.format(path=shown))
+                    states[shown] = FileState(0, 0, refusal=NOT_UTF8_NAME.format(path=shown))
                     continue
                 state = self._entry_state(entry)
                 if state is not None:
@@ -185,8 +193,8 @@ class ModelRegistry:
         except FileNotFoundError:  # deleted since the listing: as if not listed
             return None
         except OSError as error:
-            return FileState(0, 0, UNUSABLE_ENTRY.format(path=entry.path, reason=error.strerror or error))
-        return FileState(stat.st_mtime_ns, stat.st_size)
+            return FileState(0, 0, refusal=UNUSABLE_ENTRY.format(path=entry.path, reason=error.strerror or error))
+        return FileState(stat.st_mtime_ns, stat.st_size, stat.st_ino, stat.st_dev, stat.st_ctime_ns)
 
     # --- routing ---------------------------------------------------------------
     def resolve(self, name: str = "", tag: str = "") -> Model:

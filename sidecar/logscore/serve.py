@@ -101,6 +101,7 @@ class Sidecar:
         self.metrics = Metrics()
         self.stopping = asyncio.Event()
         self.reload_requested = asyncio.Event()
+        self.hangup = False  # a SIGHUP came since the last check: rejected files are tried again
         self.registry = ModelRegistry(settings.models_dir, settings.default_model, settings.tag_routes,
                                       settings.entity_field, self._model_event, settings.max_record_bytes,
                                       settings.entity_key,
@@ -288,18 +289,19 @@ class Sidecar:
             except asyncio.TimeoutError:
                 pass
             self.reload_requested.clear()
+            retry_rejected, self.hangup = self.hangup, False
             if self.stopping.is_set():
                 return
             try:
-                await self._check_models(loop)
+                await self._check_models(loop, retry_rejected)
             except Exception:  # NOTE: one failed pass used to end this task, and hot reload, unlogged
                 log.exception("model check failed; the loaded models keep serving and the next check "
                               "(reload_interval_s, or SIGHUP) tries again; if this repeats, report it with "
                               "the exception", extra={"dir": self.settings.models_dir})
 
-    async def _check_models(self, loop: asyncio.AbstractEventLoop) -> None:
+    async def _check_models(self, loop: asyncio.AbstractEventLoop, retry_rejected: bool = False) -> None:
         """One pass of the watch: reload, then what follows a change."""
-        changed = await loop.run_in_executor(None, self.registry.reload)
+        changed = await loop.run_in_executor(None, self.registry.reload, retry_rejected)
         self.metrics.model_checks.inc()
         if changed:
             self.metrics.set_models(self.registry.snapshot.models)
@@ -322,6 +324,11 @@ class Sidecar:
         await asyncio.get_running_loop().run_in_executor(None, self.feedback.stop)
         self._remove_socket()
         log.info("stopped")
+
+    def on_hangup(self) -> None:
+        """SIGHUP: check the models now, and try rejected files again (the learner's requests do not)."""
+        self.hangup = True
+        self.reload_requested.set()
 
     async def abandon_start(self) -> None:
         """After a failed start: close what did start, quietly; leave no socket file behind."""
@@ -435,7 +442,7 @@ async def run(settings: Settings) -> int:
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, sidecar.stopping.set)
     loop.add_signal_handler(signal.SIGINT, sidecar.stopping.set)
-    loop.add_signal_handler(signal.SIGHUP, sidecar.reload_requested.set)
+    loop.add_signal_handler(signal.SIGHUP, sidecar.on_hangup)
     try:
         await sidecar.start()
     except BaseException:
