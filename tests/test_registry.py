@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import shutil
@@ -210,3 +211,39 @@ def test_sighup_asks_the_next_check_to_retry_rejected_files_and_the_interval_doe
 
     asyncio.run(watch())
     assert passes == [False, True, False]
+
+
+def test_a_route_left_without_its_model_by_a_reload_is_warned_once_and_listed_in_readyz(models, caplog):
+    """A route's model removed later: every record of its tags refused NOT_FOUND, said only per request."""
+    from logscore.servers.http import SidecarHttp
+
+    shutil.copy(DEFAULT_MODEL, models / "linux.onnx")
+    registry = ModelRegistry(str(models), tag_routes={"syslog.*": "linux", "web.*": "apache-access"})
+    registry.reload()
+    sidecar = SimpleNamespace(registry=registry, settings=SimpleNamespace(models_dir=str(models)),
+                              _unloaded_routes_warned={})
+    service = SimpleNamespace(registry=registry, accepting=True, learner=None, feedback=None, processes=None,
+                              metrics=SimpleNamespace(floods=SimpleNamespace(status=dict)))
+    http = SidecarHttp(service, None)
+
+    def readyz() -> tuple[int, dict]:
+        response = asyncio.run(http.readyz(None))
+        return response.status, json.loads(response.body)
+
+    def warned_after_a_reload() -> list[str]:
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="logscore.serve"):
+            registry.reload()
+            Sidecar._warn_unloaded_routes(sidecar)
+        return [f"{r.levelname} {r.getMessage()} {getattr(r, 'route', '')}" for r in caplog.records]
+
+    assert warned_after_a_reload() == [] and "unloaded_routes" not in readyz()[1]
+    (models / "linux.onnx").unlink()
+    [warning] = warned_after_a_reload()
+    assert warning.startswith("WARNING tag route to a model that is not loaded") and warning.endswith("syslog.*")
+    status, body = readyz()
+    assert status == 200 and body["ready"] and body["unloaded_routes"] == {"syslog.*": "linux"}
+    assert warned_after_a_reload() == []  # once per change
+    shutil.copy(DEFAULT_MODEL, models / "linux.onnx")
+    assert warned_after_a_reload() == ["INFO tag route's model is loaded again syslog.*"]
+    assert "unloaded_routes" not in readyz()[1]

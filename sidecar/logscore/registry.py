@@ -215,6 +215,11 @@ class ModelRegistry:
                     return model
         return self.default(models)
 
+    def unloaded_routes(self) -> dict[str, str]:
+        """Tag routes (glob: model) naming a model that is not loaded: their records are refused NOT_FOUND."""
+        models = self.snapshot.models
+        return {pattern: name for pattern, name in self.tag_routes if name not in models}
+
     def default(self, models: dict[str, Model]) -> Model:
         if self.default_model:
             model = models.get(self.default_model)

@@ -124,6 +124,7 @@ class Sidecar:
         self.bound: dict[str, str] = {}
         self.socket_identity: Optional[tuple[int, int]] = None  # (device, inode) of the socket we made
         self._no_default_warned: Optional[str] = None  # why no model is the default, as last warned
+        self._unloaded_routes_warned: dict[str, str] = {}  # tag routes to no loaded model, as last warned
 
     def _model_event(self, event: str, name: str, detail: str) -> None:
         if event == "rejected":
@@ -189,16 +190,22 @@ class Sidecar:
                               f"(loaded: {', '.join(sorted(models))}); name one of them or add {name}.onnx")
 
     def _warn_unloaded_routes(self) -> None:
-        """A tag route naming a model that is not loaded (a typo, a file not copied yet): its records
-        are refused NOT_FOUND (shippers pass them unscored), and nothing said so until they came.
+        """A tag route naming a model that is not loaded (a typo, a file not copied yet, its file removed
+        since): its records are refused NOT_FOUND (shippers pass them unscored), and nothing said so until
+        they came. At start and at each reload, once per change; /readyz lists them (`unloaded_routes`).
         NOTE: a warning, not a refusal: the model may arrive later through hot reload."""
         models = self.registry.snapshot.models
-        for pattern, name in (self.settings.tag_routes or {}).items():
-            if name not in models:
+        unloaded = self.registry.unloaded_routes()
+        for pattern, name in self._unloaded_routes_warned.items():
+            if pattern not in unloaded:
+                log.info("tag route's model is loaded again", extra={"route": pattern, "model": name})
+        for pattern, name in unloaded.items():
+            if self._unloaded_routes_warned.get(pattern) != name:
                 log.warning("tag route to a model that is not loaded: records with such tags are refused "
                             "(NOT_FOUND; shippers pass them unscored) until it is; fix the route or add the model",
                             extra={"route": pattern, "model": name, "detail": f"add {name}.onnx to "
                                    f"{self.settings.models_dir}; loaded: {', '.join(sorted(models))}"})
+        self._unloaded_routes_warned = unloaded
 
     def _warn_when_no_default(self) -> None:
         """Say so, once per change, when requests naming no model have none to go to.
@@ -306,6 +313,7 @@ class Sidecar:
         if changed:
             self.metrics.set_models(self.registry.snapshot.models)
             self._warn_when_no_default()
+            self._warn_unloaded_routes()
             await self.service.prune()
 
     async def stop(self) -> None:

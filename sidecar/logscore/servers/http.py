@@ -854,6 +854,9 @@ class SidecarHttp:
         ready = bool(snapshot.models) and self.service.accepting
         body = {"ready": ready, "models": {n: m.version for n, m in sorted(snapshot.models.items())},
                 "rejected_files": rejected_without_directories(snapshot.errors)}
+        unloaded_routes = self.service.registry.unloaded_routes()
+        if unloaded_routes:  # still ready: other records score; these are refused NOT_FOUND (log: what to do)
+            body["unloaded_routes"] = unloaded_routes
         if self.service.learner is not None:
             body["learning"] = learning_without_directories(self.service.learner.status())
         flooding = self.service.metrics.floods.status()
