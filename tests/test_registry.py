@@ -247,3 +247,40 @@ def test_a_route_left_without_its_model_by_a_reload_is_warned_once_and_listed_in
     shutil.copy(DEFAULT_MODEL, models / "linux.onnx")
     assert warned_after_a_reload() == ["INFO tag route's model is loaded again syslog.*"]
     assert "unloaded_routes" not in readyz()[1]
+
+
+@pytest.mark.parametrize("make, said", [
+    (lambda path: path.mkdir(), "a directory, not a model file (Docker makes one"),
+    (lambda path: path.symlink_to(path.parent / "nowhere.onnx"), "nowhere.onnx', which does not exist; fix or"),
+    (lambda path: os.mkfifo(path), "not a regular file"),
+])
+def test_an_onnx_entry_that_is_no_file_is_refused_once_saying_what_to_do(tmp_path, make, said):
+    """Skipped without a word: a directory of Docker's alone made the start say 'no .onnx files'."""
+    models = tmp_path / "models"
+    models.mkdir()
+    make(models / "apache-access.onnx")
+    events = Events()
+    registry = ModelRegistry(str(models), on_change=events)
+    registry.reload()
+    assert not registry.snapshot.models  # the start error joins these errors: it names the entry
+    [(name, detail)] = events.of("rejected")
+    assert name == "apache-access" and said in detail and detail.startswith(str(models / "apache-access.onnx"))
+    assert list(registry.snapshot.errors.values()) == [detail]
+    assert not registry.reload() and len(events.of("rejected")) == 1
+
+
+def test_a_models_directory_gone_is_said_once_and_once_when_it_is_back(models, caplog):
+    """Said at error level at every check (1,800 lines an hour at the default), nothing when it came back."""
+    registry = ModelRegistry(str(models))
+    registry.reload()
+    with caplog.at_level(logging.INFO, logger="logscore.registry"):
+        models.rename(models.with_name("away"))
+        for _ in range(3):
+            assert not registry.reload()
+        assert set(registry.snapshot.models) == {"apache-access"}  # they serve on
+        models.with_name("away").rename(models)
+        for _ in range(2):
+            registry.reload()
+    said = [(r.levelname, r.getMessage().split(";")[0]) for r in caplog.records]
+    assert said == [("ERROR", "cannot list models directory"), ("INFO", "models directory listed again")]
+    assert "restore the directory" in caplog.records[0].getMessage()

@@ -145,7 +145,8 @@ def read_artifact(path: str | Path, max_bytes: Optional[int] = None) -> Artifact
     try:
         data = read_at_most(path, max_bytes)
     except OSError as error:
-        raise ModelLoadError(f"{path}: cannot read model file: {error.strerror or error}") from None
+        raise ModelLoadError(f"{path}: cannot read model file: {error.strerror or error}; make it readable by "
+                             "the sidecar's user (a fix that leaves the file unchanged: send SIGHUP)") from None
     try:
         graph, props = _scan_model(data)
     except _WireError as error:

@@ -47,6 +47,21 @@ NOT_UTF8_NAME = ("{path}: the file name is not UTF-8, and a model is named after
                  "routes); rename the file to a UTF-8 name")
 
 
+def not_a_file(entry: os.DirEntry) -> Optional[FileState]:
+    """A `*.onnx` entry that is no file: refused, said once (it was skipped without a word, and a models
+    directory holding only such entries failed the start saying "no .onnx files"); None when gone."""
+    if not os.path.lexists(entry.path):  # deleted since the listing
+        return None
+    if entry.is_dir():
+        why = ("a directory, not a model file (Docker makes one where it bind-mounts a file that does not "
+               "exist on the host); mount the model file by its real path, or remove the directory")
+    elif entry.is_symlink():
+        why = f"a symbolic link to {os.readlink(entry.path)!r}, which does not exist; fix or remove the link"
+    else:
+        why = "not a regular file (a socket, a FIFO or a device); remove it"
+    return FileState(0, 0, refusal=f"{entry.path}: {why}")
+
+
 def is_utf8(name: str) -> bool:
     """Whether a name read from the file system was UTF-8 (Python keeps other bytes as lone surrogates)."""
     try:
@@ -94,6 +109,7 @@ class ModelRegistry:
         self.snapshot = Snapshot()
         self._reload_lock = threading.Lock()
         self.unload_grace_s = unload_grace_s
+        self._unlisted_because: Optional[str] = None  # why the directory could not be listed, as last said
         self._missing_since: dict[str, float] = {}  # loaded models' files found missing: since when
         self._on_change = on_change or (lambda event, name, detail: None)
 
@@ -141,7 +157,8 @@ class ModelRegistry:
                     self._on_change("rejected", name, str(error))
                     continue
                 except Exception as error:  # the probe failed: a broken graph or featurizer
-                    errors[path] = f"{path}: failed the probe batch: {type(error).__name__}: {error}"
+                    errors[path] = (f"{path}: failed the probe batch: {type(error).__name__}: {error}; re-export it "
+                                    "with `logscore train`, or serve it with the logscore version that made it")
                     self._on_change("rejected", name, errors[path])
                     continue
                 errors.pop(path, None)
@@ -165,8 +182,9 @@ class ModelRegistry:
         try:
             entries = list(os.scandir(self.models_dir))
         except OSError as error:
-            log.error("cannot list models directory", extra={"dir": str(self.models_dir), "error": str(error)})
+            self._listed(error)
             return dict(self.snapshot.files)
+        self._listed(None)
         for entry in entries:
             if entry.name.endswith(".onnx") and not entry.name.startswith("."):
                 if not is_utf8(entry.name):
@@ -188,13 +206,25 @@ class ModelRegistry:
         concerns that entry alone, which is refused (said once) while the others load."""
         try:
             if not entry.is_file():
-                return None
+                return not_a_file(entry)
             stat = entry.stat()
         except FileNotFoundError:  # deleted since the listing: as if not listed
             return None
         except OSError as error:
             return FileState(0, 0, refusal=UNUSABLE_ENTRY.format(path=entry.path, reason=error.strerror or error))
         return FileState(stat.st_mtime_ns, stat.st_size, stat.st_ino, stat.st_dev, stat.st_ctime_ns)
+
+    def _listed(self, error: Optional[OSError]) -> None:
+        """Say once that the directory cannot be listed (it was every check: 1,800 lines an hour), and
+        once when it can be again."""
+        said = self._unlisted_because
+        if error is not None and str(error) != said:
+            log.error("cannot list models directory; the models loaded serve on and hot reload waits for it: "
+                      "restore the directory (or make it readable by the sidecar's user)",
+                      extra={"dir": str(self.models_dir), "error": str(error)})
+        elif error is None and said is not None:
+            log.info("models directory listed again; hot reload goes on", extra={"dir": str(self.models_dir)})
+        self._unlisted_because = str(error) if error is not None else None
 
     # --- routing ---------------------------------------------------------------
     def resolve(self, name: str = "", tag: str = "") -> Model:
