@@ -450,9 +450,11 @@ def test_a_record_cut_before_scoring_is_flagged_when_training_held_none_that_lon
     assert "not flagged while its route learns" in [t for i, _, t in learning.notes if i == 0][0]
 
 
-def test_a_model_trained_on_records_that_long_only_notes_the_cut(tmp_path):
+@pytest.mark.parametrize("shipped", [False, True])
+def test_a_model_trained_on_records_that_long_only_notes_the_cut(tmp_path, shipped):
     lines = shop_lines(1500, seed=122) + with_long_agents(shop_lines(60, seed=123), 9000)  # 3.8 % cut
-    model, metadata = trained(lines, tmp_path, target_fpr=0.01)
+    records = [{"log": line} for line in lines] if shipped else lines  # (Fluent Bit's field maps: counted apart)
+    model, metadata = trained(records, tmp_path, target_fpr=0.01)
     assert metadata["training"]["truncated_records"] == 60 and not flags_truncated(model)
     result = model.score(with_long_agents(shop_lines(20, seed=124), 9000))
     decision = decide(model, result)

@@ -29,7 +29,6 @@ from .. import __version__
 from ..artifact import FORMAT_VERSION, HASH_KEY, METADATA_KEY, content_hash
 from ..errors import ConfigError, InputError
 from ..parsers import WARN_UNPARSED_SHARE, suggest_format
-from ..records import text_columns
 from ..features import Featurizer
 from ..model import make_session, run_graph
 from ..sessions import SessionSpec, SessionTracker
@@ -321,10 +320,9 @@ def count_unparsed(sample: Sequence[object], options: TrainOptions, warn: Warn,
             for name in present.keys() & AGENT:
                 present[name] += sum(value is not None for value in columns[name])
         else:
-            batch = normalizer.normalize(block)
-            parsed[start: start + len(block)] = batch.parsed
-            truncated += count_cut(batch, featurizer)
-            for one in (one for one, ok in zip(batch.fields, batch.parsed) if ok):
+            _, parsed[start: start + len(block)], cut, fields, _ = featurizer.normalized_values(block)
+            truncated += sum(cut)
+            for one in (one for one, ok in zip(fields, parsed[start: start + len(block)]) if ok):
                 for name in present:
                     present[name] += one.get(name) is not None
         progress("checking the records parse", min(start + CHECK_BLOCK, len(sample)), len(sample), "records")
@@ -350,15 +348,6 @@ def count_unparsed(sample: Sequence[object], options: TrainOptions, warn: Warn,
     warn(f"{summary}; they are learned with their fields missing, and records that do not parse "
          "will not be flagged for it")
     return unparsed, truncated, spec
-
-
-def count_cut(batch, featurizer: Featurizer) -> int:
-    """How many normalized records the featurizer cuts (a raw line over max_line_chars, or a field
-    it reads over max_field_chars), as ``Featurizer.normalized_values`` does when scoring."""
-    limit = featurizer.max_field_chars
-    columns = text_columns(batch.fields, featurizer.fields).values()
-    return sum(1 for row, cut in enumerate(batch.truncated)
-               if cut or any(column[row] is not None and len(column[row]) > limit for column in columns))
 
 
 def warn_missing_fields(present: dict[str, int], held: int, normalizer, warn: Warn) -> None:
