@@ -195,19 +195,21 @@ def http_bytes(port: int, body: bytes, path: str = "/v1/score", extra: str = "")
 
 
 def read_response(connection: socket.socket) -> tuple[int, dict, bytes]:
-    """Status, headers and body of one HTTP response (Content-Length framed)."""
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = connection.recv(65536)
-        if not chunk:
-            raise ConnectionError(f"closed after {data!r}")
-        data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
+    """Status, headers and body of one HTTP response (Content-Length framed). Reads no byte past it:
+    a pipelined response arriving in the same segment belongs to the next call (read a byte at a time
+    up to the blank line, then exactly the body)."""
+    head = b""
+    while not head.endswith(b"\r\n\r\n"):
+        byte = connection.recv(1)
+        if not byte:
+            raise ConnectionError(f"closed after {head!r}")
+        head += byte
+    lines = head.decode("latin-1").rstrip("\r\n").split("\r\n")
     headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
     length = int(headers.get("content-length", 0))
+    body = b""
     while len(body) < length:
-        chunk = connection.recv(65536)
+        chunk = connection.recv(length - len(body))
         if not chunk:
             raise ConnectionError("closed mid-body")
         body += chunk
