@@ -550,6 +550,24 @@ static Py_ssize_t entry_bytes(PyObject *entry) {
     return size;
 }
 
+/* converters.held_bytes: the value an entry names its features by, counted unless it is the key (the
+ * URL structure cache's entries keep a URL that their bytes key does not count). */
+static Py_ssize_t held_bytes(PyObject *key, PyObject *entry) {
+    PyObject *held;
+    if (Py_TYPE(entry) == &FeaturesType) {
+        held = Py_NewRef(((FeaturesObject *)entry)->value);
+    } else {
+        held = PyObject_GetAttrString(entry, "value");
+        if (!held) { PyErr_Clear(); return 0; }
+    }
+    int same = held == Py_None || held == key ||
+               (Py_TYPE(held) == Py_TYPE(key) && (PyUnicode_CheckExact(held) || PyBytes_CheckExact(held)) &&
+                same_key(held, key));
+    Py_ssize_t size = same ? 0 : key_bytes(held);
+    Py_DECREF(held);
+    return size;
+}
+
 static PyObject *cache_new(PyTypeObject *type, PyObject *args, PyObject *kwargs) {
     CacheObject *self = (CacheObject *)type->tp_alloc(type, 0);  /* zeroed: two empty tables */
     if (!self) return NULL;
@@ -593,7 +611,7 @@ static int cache_put_item(CacheObject *self, PyObject *key, Py_hash_t hash, PyOb
         table_release(dropped);
     }
     if (table_put(&self->newer, key, hash, entry) < 0) return -1;
-    self->newer_bytes += key_bytes(key) + entry_bytes(entry);
+    self->newer_bytes += key_bytes(key) + entry_bytes(entry) + held_bytes(key, entry);
     return 0;
 }
 
@@ -844,7 +862,8 @@ static PyMethodDef cache_methods[] = {
     {NULL}};
 
 static PyGetSetDef cache_getset[] = {
-    {"nbytes", (getter)cache_nbytes, NULL, "bytes held (keys and entries, estimated)", NULL}, {NULL}};
+    {"nbytes", (getter)cache_nbytes, NULL, "bytes held (keys, entries and the values they name, estimated)", NULL},
+    {NULL}};
 
 static PySequenceMethods cache_as_sequence = {.sq_length = (lenfunc)cache_len};
 

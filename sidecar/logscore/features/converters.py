@@ -52,9 +52,20 @@ def key_bytes(key) -> int:
     return 64
 
 
+def held_bytes(key, entry) -> int:
+    """Memory of the value an entry names its features by (``entry.value``), unless that value is its
+    key: the URL converter's structure cache keys an entry by a URL's structure, and the entry keeps
+    the first URL of that structure, up to 8,192 characters that the key does not count (probe: 40,000
+    such URLs held 530 MiB in caches counted at 2.8 MiB). The compiled Cache counts it the same way."""
+    held = getattr(entry, "value", None)
+    if held is None or held is key or (type(held) is type(key) and type(held) in (str, bytes) and held == key):
+        return 0
+    return key_bytes(held)
+
+
 class ValueCache:
     """Features of recently seen values, in two generations of at most ``size // 2`` entries
-    and ``max_bytes // 2`` bytes each.
+    and ``max_bytes // 2`` bytes each (keys, entries and the values entries hold: ``held_bytes``).
 
     A value found in the older generation moves to the newer; when the newer is full it
     becomes the older and the older is dropped. So memory stays bounded, values in steady
@@ -89,7 +100,7 @@ class ValueCache:
             self._old, self._new = self._new, {}
             self._old_bytes, self._new_bytes = self._new_bytes, 0
         self._new[value] = entry
-        self._new_bytes += key_bytes(value) + entry.nbytes
+        self._new_bytes += key_bytes(value) + entry.nbytes + held_bytes(value, entry)
 
     def clear(self) -> None:
         self._new, self._old = {}, {}
