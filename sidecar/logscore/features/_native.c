@@ -1080,7 +1080,13 @@ static int same_text(const Counter *c, const Slot *s, Py_ssize_t start, Py_ssize
 static int counter_spill(Counter *c, Py_ssize_t start, uint32_t key, float repeat) {
     if (spill_reserve(c) < 0) return -1;
     Py_ssize_t length = c->arena.len - start;
-    Py_hash_t hash = _Py_HashBytes(c->arena.data + start, length);
+    /* Python's bytes hash (seeded per process, as a dict's), through a bytes object: only texts whose
+       crc32 an earlier, different text has come here, and the private _Py_HashBytes is no stable API */
+    PyObject *text = PyBytes_FromStringAndSize((const char *)c->arena.data + start, length);
+    if (text == NULL) return -1;
+    Py_hash_t hash = PyObject_Hash(text);
+    Py_DECREF(text);
+    if (hash == -1) return -1;
     Probe p = probe_start((size_t)hash, (size_t)c->spill_size - 1);
     for (; c->spill[p.at].slot >= 0; probe_next(&p)) {
         Slot *s = &c->slots[c->spill[p.at].slot];
