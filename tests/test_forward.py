@@ -1295,6 +1295,25 @@ def test_messages_complete_before_bad_bytes_of_the_same_read_go_on_and_are_acked
     sidecar.wait_for(lambda: counter(sidecar, "forward_protocol") == 1, what="the bad bytes refused")
 
 
+def test_messages_read_before_a_refused_message_of_the_same_read_go_on_and_are_acked(chain):
+    """A message refused whole (here a zstd chunk) threw away the messages decoded before it in the
+    same read (review: an acked chunk and a no-ack record, then a `compressed: "zstd"` chunk: no ack,
+    nothing relayed, the no-ack record lost unmarked). They go on first; then the connection is refused."""
+    sidecar, port, receiver = chain
+    acked = msgpack.packb(["web", [[1_700_000_000, {"message": "acked"}]], {"chunk": "before"}])
+    no_ack = msgpack.packb(["web", 1_700_000_001, {"message": "no ack"}])
+    zstd = msgpack.packb(["web", b"\x28\xb5\x2f\xfd" + bytes(range(0x10, 0x30)), {"chunk": "z", "compressed": "zstd"}])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as connection:
+        connection.sendall(acked + no_ack + zstd)
+        unpacker = msgpack.Unpacker(raw=False)
+        while data := connection.recv(65536):
+            unpacker.feed(data)
+        assert list(unpacker) == [{"ack": "before"}]  # not "z": then closed
+    assert sorted(r["message"] for _, r in receiver.wait_for(2)) == ["acked", "no ack"]
+    sidecar.wait_for(lambda: counter(sidecar, "forward_protocol") == 1, what="the zstd chunk refused")
+    assert "compressed as 'zstd'" in sidecar.log()
+
+
 def test_refused_chunk_ids_are_kept_in_bounded_memory_whatever_their_size():
     """A sender picks its chunk ids: kept whole, 1024 refused ids of 16 MiB could hold 16 GiB (probe:
     80 ids of 15 MiB took the sidecar from 204 MiB to 1.41 GiB). Each id is kept as a short digest,

@@ -1381,14 +1381,20 @@ class ForwardServer(StreamServer):
         NOTE: the time a message may take to arrive counts from its first bytes, not per read: a
         sender trickling a byte every few seconds would otherwise hold its admission for good."""
         while True:
-            messages = []
+            messages, refused = [], None
             for one in framed:
-                message = await read_message(one, self.max_message_bytes, budget, small)
-                await message.check_size(self.max_message_bytes)
+                try:
+                    message = await read_message(one, self.max_message_bytes, budget, small)
+                    await message.check_size(self.max_message_bytes)
+                except (ForwardProtocolError, ValueError, TypeError, msgpack.UnpackException) as error:
+                    refused = error  # raised once the messages before it went on (they were lost with it)
+                    break
                 messages.append(message)
             if messages:
                 await self._relay(messages, writer)
                 budget.release(budget.count)  # relayed: let go
+            if refused is not None:
+                raise refused
             framer.raise_if_broken()  # bad bytes after them: refused now that they went on
             if framer.held_bytes < UNADMITTED_BYTES:
                 return
