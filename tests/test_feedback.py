@@ -108,6 +108,10 @@ def test_marking_records_normal_unflags_later_records_of_their_kind_at_once_and_
     assert [e["removed_by"] for e in feedback(sidecar, "GET", query="?all=1")[1]["feedback"]] == ["ben"]
 
 
+# an access line whose query is longer than a field is read (max_field_chars, 8,192 by default)
+LONG_QUERY_LINE = ('10.0.0.1 - - [05/Dec/2026:10:00:00 +0000] "GET /search?q=' + "a" * 9000
+                   + ' HTTP/1.1" 200 512 "-" "curl/8.0"')
+
 BAD_FEEDBACK = [
     ({"verdict": "normal", "records": ["x"]}, 400, "say who gives the feedback"),
     ({"verdict": "maybe", "author": "a", "records": ["x"]}, 400, "verdict 'maybe'"),
@@ -123,10 +127,12 @@ BAD_FEEDBACK = [
     ({"verdict": "normal", "author": "a", "records": ["x"], "colour": 1}, 400, "unknown field(s) colour"),
     # flagged whatever the feedback (the model's training data parsed): an entry that never applied
     ({"verdict": "normal", "author": "a", "records": ["x"]}, 400, "record 1 ('x') does not parse as access"),
-    # ... and so is a record cut to the sidecar's limits (its training held none): the mark never applied
-    ({"verdict": "normal", "author": "a", "records": ['10.0.0.1 - - [05/Dec/2026:10:00:00 +0000] "GET /search?q='
-                                                      + "a" * 9000 + ' HTTP/1.1" 200 512 "-" "curl/8.0"']},
-     400, "is longer than the sidecar reads (max_line_chars, max_field_chars)"),
+    # ... and so is a record cut to the sidecar's limits (its training held none): the mark never applied;
+    # its remedy is the cut's (train on that log, or raise the limit by its real name), not a route
+    ({"verdict": "normal", "author": "a", "records": [LONG_QUERY_LINE]},
+     400, "was cut before scoring: model 'shop' flags records cut before scoring whatever the feedback"),
+    ({"verdict": "normal", "author": "a", "records": [LONG_QUERY_LINE]},
+     400, "sidecar's max_record_bytes (65,536 characters of a raw line) or the model's max_field_chars (8,192 "),
     ([1, 2], 400, "must be a JSON object"),
     # Times no platform can show: such an entry once broke every listing and the page, fleet-wide.
     ({"verdict": "normal", "author": "a", "records": ["x"], "expires_at": 1e20}, 400, "no time before 9999-12-31"),
@@ -693,6 +699,27 @@ def test_a_line_that_does_not_parse_stays_flagged_whatever_the_feedback(sidecar)
                                 {"Content-Type": "application/x-www-form-urlencoded"})
     assert status == 200 and f"Not done: group {group}: its record 1 (" in page.decode(), page.decode()[-2000:]
     assert "flags such records whatever the feedback" in page.decode()
+
+
+def test_a_review_group_of_cut_records_is_refused_with_the_cut_remedy_not_a_route(sidecar):
+    """Records cut before scoring were kept as "unparsed": marking their review group normal was
+    refused as lines that "did not parse", sending the operator to route the log to another model
+    (review: three long sqlmap queries). Their group is refused naming the cut and its remedy."""
+    import re
+    import urllib.parse
+
+    lines = [LONG_QUERY_LINE.replace("q=a", f"q={i}a", 1) for i in range(3)]
+    result = score(sidecar, lines)
+    assert all(r["is_anomaly"] and r["notes"][0].startswith("truncated") for r in result), result
+    group = re.search(r'name=group value="(g\d+-[0-9a-f]+)"', sidecar.http_get("/ui/")[1].decode()).group(1)
+    form = urllib.parse.urlencode({"group": group, "verdict": "normal"}).encode()
+    status, page = http_request(sidecar.http_port, "POST", "/ui/feedback", form,
+                                {"Content-Type": "application/x-www-form-urlencoded"})
+    said = page.decode()
+    assert status == 200 and f"Not done: group {group}: its record 1 (" in said, said[-2000:]
+    assert "was cut before scoring" in said and "max_field_chars (8,192 characters" in said, said[-2000:]
+    assert "did not parse" not in said and "--tag-routes" not in said
+    assert feedback(sidecar, "GET")[1]["feedback"] == []
 
 
 def test_a_page_of_long_entries_stays_under_the_sidecars_own_message_limit(tmp_path, shop_model_path, capsys):

@@ -44,6 +44,10 @@ TRUNCATED = ("truncated: a raw line was cut to {line} characters or a field to {
 TRUNCATED_FLAGGED = ("; flagged: the rest was not scored and the model's training held no record that long "
                      "(a log whose records are that long: train on it, `logscore train` counts them)")
 TRUNCATED_WHILE_LEARNING = "; not flagged while its route learns (flagged after: the rest was not scored)"
+# Why a record is flagged whatever the feedback (decide's ``held``, kept by the review page): each
+# has its own remedy, so a refused normal mark names the right one.
+HELD_UNPARSED = "unparsed"  # the line did not parse: another log, to route to a model of its own
+HELD_CUT = "cut"  # cut before scoring: a log whose records run that long, to train on or read further
 
 
 @dataclass
@@ -89,13 +93,13 @@ def decide(model: Model, scored: Scored, learning: Optional[Sequence[Optional[st
     notes: list[tuple[int, str, str]] = []
     # Lines flagged for not parsing stay flagged: their unusual features are the fields they lack, and a
     # mark of those (the review page's group of such lines) suppressed every line the model cannot read.
-    held = None
+    held = None  # per record why it is flagged whatever the feedback: HELD_UNPARSED, HELD_CUT or ""
     # NOTE: count_nonzero, not any(): ~1 µs less a call on a few records (any() is a ufunc reduction)
     if np.count_nonzero(scored.unparsed):
         log_format = model.featurizer.log_format
         if flags_unparsed(model):
             flags |= scored.unparsed
-            held = scored.unparsed
+            held = np.where(scored.unparsed, HELD_UNPARSED, "")
             text = f"{UNPARSED_NOTE}{log_format}; flagged: the model's training data parsed"
             # NOTE: a route still learning holds this flag too (below): "flagged" beside is_anomaly false
             # (an empty syslog line behind Fluent Bit, syslog field trial) said the opposite of the decision
@@ -111,7 +115,8 @@ def decide(model: Model, scored: Scored, learning: Optional[Sequence[Optional[st
         if flags_truncated(model):
             # held like unparsed records: a mark of the part that was scored says nothing of the rest
             flags |= scored.truncated
-            held = scored.truncated if held is None else held | scored.truncated
+            # (cut wins: a line cut short may fail to parse for the cut, and its remedy is the cut's)
+            held = np.where(scored.truncated, HELD_CUT, "" if held is None else held)
             text, while_learning = text + TRUNCATED_FLAGGED, text + TRUNCATED_WHILE_LEARNING
         notes += [(int(i), "record", while_learning if learning is not None and learning[i] else text)
                   for i in np.flatnonzero(scored.truncated)]

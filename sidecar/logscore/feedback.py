@@ -404,8 +404,7 @@ def refuse_unparsed(model: Model, records: Sequence[object]) -> None:
         if unparsed and not ok:
             raise unparsed_refusal(f"{what} does not parse as {model.featurizer.log_format}", model.name)
         if truncated and shortened:
-            raise unparsed_refusal(f"{what} is longer than the sidecar reads (max_line_chars, max_field_chars)",
-                                   model.name)
+            raise cut_refusal(f"{what} was cut before scoring", model)
 
 
 def refuse_unflagged(model: Model, records: Sequence[object]) -> None:
@@ -438,6 +437,18 @@ def unparsed_refusal(what: str, model_name: str) -> InvalidRequest:
     return InvalidRequest(f"{what}: model {model_name!r} flags such records whatever the feedback (its training "
                           "data held none), so marking them normal would change nothing; send that log to a model of "
                           "its own (a route: --tag-routes), or mark a field value")
+
+
+def cut_refusal(what: str, model: Model) -> InvalidRequest:
+    """The refusal of a mark of records cut before scoring (``what``: which): the rest of them was
+    never scored, so the remedy is to read or train on records that long, not to route them away."""
+    line, field = model.featurizer.normalizer.max_line_chars, model.featurizer.max_field_chars
+    return InvalidRequest(f"{what}: model {model.name!r} flags records cut before scoring whatever the feedback "
+                          "(its training held none that long: the rest of them was never scored), so marking them "
+                          "normal would change nothing; if that log's normal records are that long, train the model "
+                          "on it (`logscore train` counts them), or raise the limit that cut it: the sidecar's "
+                          f"max_record_bytes ({line:,} characters of a raw line) or the model's max_field_chars "
+                          f"({field:,} characters of a field; set in the training --config); or mark a field value")
 
 
 def refuse_sessions(model: Model) -> None:
@@ -707,12 +718,13 @@ class Flagged:
     kind_features: Callable[[], list[tuple[str, str]]] = list  # (label, text) of its kind's structural features
     suppressed_by: list[int] = field(default_factory=list)
     kept_by: list[int] = field(default_factory=list)
-    held: bool = False  # flagged whatever the feedback: a line its model could not read (decide's ``held``)
+    held: str = ""  # why flagged whatever the feedback: decide's HELD_UNPARSED or HELD_CUT ("": not held)
 
 
 
-def is_held(held: Optional[np.ndarray], index: int) -> bool:
-    return held is not None and bool(held[index])
+def is_held(held: Optional[np.ndarray], index: int) -> str:
+    """Why record ``index`` is held (decide's ``held``), "" when it is not."""
+    return "" if held is None else str(held[index])
 
 
 @dataclass
@@ -748,8 +760,8 @@ class FeedbackStep:
               flags: np.ndarray, notes: list, held: Optional[np.ndarray] = None) -> np.ndarray:
         """Suppress what normal rules explain among ``candidates`` (indices of records flagged by their
         score); clears their flags and adds notes in place; returns the scores (lowered ones replaced).
-        ``held``: records flagged whatever the feedback (lines the model cannot read), still inspected
-        for the review page."""
+        ``held``: per record why it is flagged whatever the feedback (decide's HELD_UNPARSED or
+        HELD_CUT, "" when not), still inspected for the review page."""
         model_rules = self.rules.for_model(model.name) if len(self.rules) else []
         if not len(candidates) or not (model_rules or self.inspect_always) or model.sessions is not None:
             if self.observe is not None and len(candidates):

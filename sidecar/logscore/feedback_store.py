@@ -30,9 +30,10 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 from urllib.parse import unquote
 
+from .decide import HELD_CUT
 from .errors import ConfigError, FeedbackNotFound, InvalidRequest, StoreUnavailable
-from .feedback import (EXAMPLES, UNREADABLE, VERDICTS, Entry, RuleSet, pattern_from_field, pattern_from_records,
-                       record_text, refuse_unflagged, refuse_unparsed, unparsed_refusal)
+from .feedback import (EXAMPLES, UNREADABLE, VERDICTS, Entry, RuleSet, cut_refusal, pattern_from_field,
+                       pattern_from_records, record_text, refuse_unflagged, refuse_unparsed, unparsed_refusal)
 from .timestamps import LATEST_TIME
 
 log = logging.getLogger("logscore.feedback")
@@ -1017,18 +1018,26 @@ class FeedbackService:
         return entry
 
     def _refuse_unparsed_group(self, group_id: str, group) -> None:
-        """A group of lines its model could not read (a binary payload, another log), which such a model
-        flags whatever the feedback: marked normal, it made an entry that never applied. Decided by what
-        was recorded when they were scored, not by parsing the examples again: an example is cut to
-        2,000 characters, and a long ordinary line cut mid-way no longer parses."""
-        number, example = next(((n, e) for n, e in enumerate(group.examples, 1) if e.unparsed), (0, None))
+        """A group of lines its model could not read (a binary payload, another log) or cut before
+        scoring, which such a model flags whatever the feedback: marked normal, it made an entry that
+        never applied. Decided by what was recorded when they were scored, not by parsing the examples
+        again: an example is cut to 2,000 characters, and a long ordinary line cut mid-way no longer
+        parses. Each reason gets its own remedy (route another log away; train on or read further a
+        log whose records run long)."""
+        number, example = next(((n, e) for n, e in enumerate(group.examples, 1) if e.held), (0, None))
         if example is None:
             return
         # (the group's own model: what recorded its lines as unread, whatever model the mark names)
         model = self.registry.snapshot.models.get(group.model) if self.registry is not None else None
+        what = f"group {group_id}: its record {number} ({example.text[:80]!r})"
+        if example.held == HELD_CUT and model is not None:
+            raise cut_refusal(f"{what} was cut before scoring", model)
+        if example.held == HELD_CUT:  # (its model unloaded since: the limits' values are not known)
+            raise InvalidRequest(f"{what} was cut before scoring: model {group.model!r} flags such records "
+                                 "whatever the feedback, so marking them normal would change nothing; train it on "
+                                 "that log, or raise the sidecar's max_record_bytes or the model's max_field_chars")
         log_format = f" as {model.featurizer.log_format}" if model is not None else ""
-        raise unparsed_refusal(f"group {group_id}: its record {number} ({example.text[:80]!r}) did not parse"
-                               f"{log_format} when scored", group.model)
+        raise unparsed_refusal(f"{what} did not parse{log_format} when scored", group.model)
 
     def add(self, entry: Entry) -> Entry:
         stored = self.store.add(entry)

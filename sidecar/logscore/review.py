@@ -72,7 +72,7 @@ class Example:
     text: str
     score: float
     note: str = ""  # suppressed by / kept by
-    unparsed: bool = False  # its model could not read it when it was scored (flagged whatever the feedback)
+    held: str = ""  # why its model flagged it whatever the feedback when scored: HELD_UNPARSED, HELD_CUT or ""
 
 
 @dataclass
@@ -314,7 +314,7 @@ class ReviewRing:
                     group.kept += 1
                     note = f"kept by feedback {rule_list(item.kept_by)}"
                 group.examples.append(Example(moment, record_text(records[item.index]), item.score, note,
-                                              unparsed=item.held))
+                                              held=item.held))
                 self.recent.append((now, group.id))
 
     def group(self, group_id: str) -> Optional[Group]:
