@@ -981,6 +981,8 @@ def test_a_group_id_from_before_a_restart_is_refused_as_out_of_date_not_given_to
 
     status, body = feedback(sidecar, "POST", {"verdict": "normal", "author": "ana", "group": seen})
     assert status == 409 and "the page is out of date: reload /ui/" in body["error"], body
+    # (a fleet's other sidecar gets the same answer: it must not claim a restart that never happened)
+    assert "from another sidecar process (a restart, or another sidecar of the fleet)" in body["error"], body
     form = urllib.parse.urlencode({"group": seen, "verdict": "normal"}).encode()
     status, page = http_request(sidecar.http_port, "POST", "/ui/feedback", form,
                                 {"Content-Type": "application/x-www-form-urlencoded"})

@@ -34,7 +34,8 @@ class FeedbackNotFound(LogscoreError):
 
 
 class GroupOutOfDate(LogscoreError):
-    """The request names a review group of a page the sidecar showed before it restarted."""
+    """The request names a review group of another sidecar process (before a restart, or another
+    sidecar of the fleet)."""
 
 
 class Overloaded(LogscoreError):

@@ -319,16 +319,18 @@ class ReviewRing:
 
     def group(self, group_id: str) -> Optional[Group]:
         """The group of that id; None when there is none (never made, or forgotten since). An id of
-        another process (a page from before a restart) is refused: its number is another group now."""
+        another process (a page from before a restart, or from another sidecar of a fleet) is refused:
+        its number is another group here."""
         with self.lock:
             found = self.groups.by_id.get(group_id)
         parts = GROUP_ID.fullmatch(group_id)
         if found is None and parts is not None and parts.group(2) != self.run:
             raise GroupOutOfDate(
-                f"group {group_id} is from a page this sidecar showed before it restarted (its groups are now "
-                f"numbered g<N>-{self.run}, and g{parts.group(1)}-{self.run} may be another group): the page is "
-                "out of date: reload /ui/ (with `logscore feedback add --group`, list the groups at /ui/ again "
-                "and give an id from there)")
+                f"group {group_id} is from another sidecar process (a restart, or another sidecar of the "
+                f"fleet): this one numbers its groups g<N>-{self.run}, and g{parts.group(1)}-{self.run} may be "
+                "another group; the page is out of date: reload /ui/ (on a fleet, send the mark to the sidecar "
+                "whose page you read; with `logscore feedback add --group`, list the groups at /ui/ again and "
+                "give an id from there)")
         return found
 
     def pattern(self, group: Group, verdict: str) -> dict:

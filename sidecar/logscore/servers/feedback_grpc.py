@@ -59,7 +59,7 @@ class FeedbackServicer:
 
     def __init__(self, service, status_codes: dict):
         self.service = service  # scoring.ScoringService: its feedback and metrics
-        # servers.grpc.STATUS_CODES, and a group of a page shown before a restart: no longer this sidecar's
+        # servers.grpc.STATUS_CODES, and a group of another sidecar process (a restart, a fleet): not this one's
         self.status_codes = {**status_codes, GroupOutOfDate: grpc.StatusCode.FAILED_PRECONDITION}
 
     def methods(self) -> dict:
