@@ -1037,3 +1037,55 @@ def test_every_status_the_http_surfaces_answer_has_its_reason_phrase():
 
     answered = set(STATUS_CODES.values()) | set(FEEDBACK_STATUS_CODES.values())
     assert answered - set(REASONS) == set()
+
+
+def test_stored_entries_are_parsed_after_the_stores_transaction(tmp_path, monkeypatch):
+    """A store's call is cut past its deadline (PostgreSQL: Watchdog), and the parsing of every entry
+    read ran inside the transaction, counted against the server: a big store could be cut while
+    the server answered, blamed on the server. The rows are read in the transaction, parsed after."""
+    import logscore.feedback_store as feedback_store
+    from logscore.feedback import Entry
+
+    class Watched(feedback_store.SqliteStore):
+        in_transaction = False
+
+        def _run(self, work, write=False, exclusive=False):
+            Watched.in_transaction = True
+            try:
+                return super()._run(work, write, exclusive)
+            finally:
+                Watched.in_transaction = False
+
+    store = Watched(str(tmp_path / "feedback.sqlite3"))
+    store.migrate()
+    for agent in ("probe/1", "probe/2"):
+        store.add(Entry(0, "normal", {"field": "user_agent", "value": agent}, "ana"))
+    parsed_within = []
+    real = feedback_store.entry_from_row
+
+    def recording(row, read=None):
+        parsed_within.append(Watched.in_transaction)
+        return real(row, read)
+
+    monkeypatch.setattr(feedback_store, "entry_from_row", recording)
+    revision, entries = store.loaded()
+    assert [e.pattern["value"] for e in entries] == ["probe/1", "probe/2"] and revision == 2
+    assert [e.pattern["value"] for e in store.entries(after=1)] == ["probe/2"]
+    assert [e.pattern["value"] for e in store.latest(5)[0]] == ["probe/2", "probe/1"]
+    assert parsed_within == [False] * 5, parsed_within
+
+
+def test_a_call_past_the_store_deadline_is_not_blamed_on_a_stopped_server_alone():
+    """A slow but live server (a statement waiting on another writer's lock, then the commit) is cut
+    by the same deadline as a stopped one: the error said "stopped or hung", sending the operator
+    to look for a dead server that was answering."""
+    import socket
+
+    from logscore.feedback_store import Watchdog
+
+    ours, _theirs = socket.socketpair()
+    with ours, _theirs:
+        watchdog = Watchdog(ours.fileno(), 8.0, time.monotonic())
+        watchdog.stop()
+        said = str(watchdog.failure())
+    assert "no answer within 8 s" in said and "stopped, hung or too slow" in said, said

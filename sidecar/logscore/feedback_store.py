@@ -399,7 +399,8 @@ class FeedbackStore:
 
     def entries(self, include_removed: bool = False, after: int = 0, limit: Optional[int] = None) -> list[Entry]:
         """The entries in the order of their ids; a page: those numbered after ``after``, ``limit`` at most."""
-        return self._run(lambda cursor: self._read_entries(cursor, include_removed, after, limit))
+        rows = self._run(lambda cursor: self._entry_rows(cursor, include_removed, after, limit))
+        return self._entries_of(rows, whole=not after and limit is None)
 
     def loaded(self) -> tuple[int, list[Entry]]:
         """(the revision, the entries in force) of one state of the store: what a sidecar's rules are
@@ -407,18 +408,24 @@ class FeedbackStore:
         def work(cursor):
             self._read_consistently(cursor)
             cursor.execute("SELECT revision FROM feedback_revision")
-            return int(cursor.fetchone()[0]), self._read_entries(cursor)
-        return self._run(work)
+            return int(cursor.fetchone()[0]), self._entry_rows(cursor)
+        revision, rows = self._run(work)
+        return revision, self._entries_of(rows, whole=True)
 
-    def _read_entries(self, cursor, include_removed: bool = False, after: int = 0,
-                      limit: Optional[int] = None) -> list[Entry]:
+    def _entry_rows(self, cursor, include_removed: bool = False, after: int = 0,
+                    limit: Optional[int] = None) -> list:
         where = "WHERE id > ?" + ("" if include_removed else " AND removed_at IS NULL")
         page = "" if limit is None else f" LIMIT {int(limit)}"
         cursor.execute(self._sql(f"SELECT {', '.join(COLUMNS)} FROM feedback {where} ORDER BY id{page}"), (after,))
-        rows = cursor.fetchall()
-        with collector_paused():  # the rows first: reading them from PostgreSQL may take seconds
+        return cursor.fetchall()
+
+    def _entries_of(self, rows: list, whole: bool) -> list[Entry]:
+        """The entries of rows read (``whole``: every entry in force, not a page). Parsed once the
+        transaction is over: the call's deadline then bounds the store's time, not ours (a big
+        store's parsing was counted against the server, and blamed on it)."""
+        with collector_paused():
             entries = [entry_from_row(row, self._read) for row in rows]
-        if not (after or page):  # (a page would leave out the others' patterns)
+        if whole:  # (a page would leave out the others' patterns)
             self._read = {row[PATTERN]: entry.pattern for row, entry in zip(rows, entries)
                           if isinstance(row[PATTERN], str) and UNREADABLE not in entry.pattern}
         return entries
@@ -431,8 +438,9 @@ class FeedbackStore:
             cursor.execute("SELECT count(*) FROM feedback")
             total = int(cursor.fetchone()[0])
             cursor.execute(self._sql(f"SELECT {', '.join(COLUMNS)} FROM feedback ORDER BY id DESC LIMIT {int(limit)}"))
-            return [entry_from_row(row, self._read) for row in cursor.fetchall()], total
-        return self._run(work)
+            return cursor.fetchall(), total
+        rows, total = self._run(work)
+        return [entry_from_row(row, self._read) for row in rows], total  # (parsed after the transaction)
 
     def holds_schema(self) -> bool:
         """Whether a logscore made its tables here (readers check: a typo in a URL names an empty database)."""
@@ -644,8 +652,9 @@ class Watchdog:
 
     def failure(self) -> Exception:
         return TimeoutError(f"no answer within {self.seconds:g} s (the server's statement timeout is "
-                            f"{STATEMENT_TIMEOUT_MS / 1000:g} s): the database server or a proxy on the way is "
-                            "stopped or hung while its machine still accepts; the connection was dropped, and "
+                            f"{STATEMENT_TIMEOUT_MS / 1000:g} s, per statement): the database server or a proxy "
+                            "on the way is stopped, hung or too slow (a call waiting on another writer's lock, "
+                            "then committing) while its machine still accepts; the connection was dropped, and "
                             "the next call connects anew")
 
 
