@@ -1089,3 +1089,45 @@ def test_a_call_past_the_store_deadline_is_not_blamed_on_a_stopped_server_alone(
         watchdog.stop()
         said = str(watchdog.failure())
     assert "no answer within 8 s" in said and "stopped, hung or too slow" in said, said
+
+
+def test_a_store_deadline_cuts_the_connections_socket_not_one_that_took_its_number_since():
+    """The watchdog kept the connection's descriptor as a number: had libpq closed it (a lost
+    connection) before the deadline fired, the number could name another socket by then, and that
+    one was shut down. The watchdog holds a duplicate of its own, closed when it stops or cuts."""
+    import socket
+
+    from logscore.feedback_store import Watchdog
+
+    connection, server = socket.socketpair()
+    watchdog = Watchdog(connection.fileno(), 3600.0, time.monotonic())  # (never due: cut by hand here)
+    number = connection.fileno()
+    connection.close()  # as libpq closes a lost connection's
+    other, other_peer = socket.socketpair()  # the lowest free number: the one just let go
+    try:
+        assert number in (other.fileno(), other_peer.fileno())
+        watchdog.cut()
+        watchdog.stop()
+        other.sendall(b"still open")
+        assert other_peer.recv(16) == b"still open"  # the socket that took the number is untouched
+        server.settimeout(10)  # (a hang check: cut, the connection's peer reads its end at once)
+        assert server.recv(16) == b""  # the connection's own socket was shut down
+    finally:
+        for sock in (server, other, other_peer):
+            sock.close()
+
+
+def test_a_store_deadline_stopped_in_time_leaves_no_descriptor_open():
+    """The duplicate descriptor the watchdog holds is closed when its call ends in time."""
+    import socket
+
+    from logscore.feedback_store import Watchdog
+
+    connection, server = socket.socketpair()
+    with connection, server:
+        before = len(os.listdir("/proc/self/fd"))
+        for _ in range(50):
+            Watchdog(connection.fileno(), 3600.0, time.monotonic()).stop()
+        assert len(os.listdir("/proc/self/fd")) == before
+        connection.sendall(b"open")  # and the connection's own is left open
+        assert server.recv(4) == b"open"

@@ -629,26 +629,36 @@ class Watchdog:
     """Cuts a connection's socket (shutdown) if the call on it is still running after ``seconds``:
     libpq waits for an answer for as long as the peer's kernel acknowledges, and a server process
     stopped (SIGSTOP) or a proxy gone silent never answers. The shutdown ends the blocked read with an
-    error at once; the connection is dead then, and closed by its caller, after stop()."""
+    error at once; the connection is dead then, and closed by its caller, after stop().
+
+    NOTE: the descriptor is duplicated when the watchdog is made: libpq may close its own on a lost
+    connection, and the number, kept raw, could then name another socket when the deadline fires.
+    The duplicate names the connection's socket until stop() or cut() closes it."""
 
     def __init__(self, fileno: int, seconds: float, started: float):
         self.seconds = seconds
         self.fired = False
-        self._fileno = fileno
+        # (a socket object of a descriptor of its own: closing it leaves libpq's open)
+        self._socket: Optional[socket.socket] = socket.socket(fileno=os.dup(fileno))
         DEADLINES.add(self, started + seconds)
 
     def cut(self) -> None:
-        """(by DEADLINES, under its lock: never after stop(), so the descriptor is still the connection's)"""
+        """(by DEADLINES, under its lock: never after stop() has returned)"""
         self.fired = True
-        # (a socket object of a descriptor of its own: closing it leaves libpq's open)
-        with socket.socket(fileno=os.dup(self._fileno)) as sock:
+        if self._socket is None:
+            return
+        with self._socket as sock:
             try:
                 sock.shutdown(socket.SHUT_RDWR)
             except OSError:  # (already closed by the peer)
                 pass
+        self._socket = None
 
     def stop(self) -> None:
-        DEADLINES.discard(self)
+        DEADLINES.discard(self)  # (once it returns, cut() has run or never will: no race on the socket)
+        if self._socket is not None:
+            self._socket.close()
+            self._socket = None
 
     def failure(self) -> Exception:
         return TimeoutError(f"no answer within {self.seconds:g} s (the server's statement timeout is "
