@@ -37,11 +37,12 @@ DEFAULT_MAX_LINE_CHARS = 65_536
 LOGGED_TAG_CHARACTERS = 100  # what a log line or an error shows of a tag (the sender chose it)
 
 
-def cut_tag(tag: str) -> str:
-    """A tag as logs and errors show it: at most LOGGED_TAG_CHARACTERS, saying how long it was."""
-    if len(tag) <= LOGGED_TAG_CHARACTERS:
-        return tag
-    return f"{tag[:LOGGED_TAG_CHARACTERS]}... ({len(tag):,} characters)"
+def cut_text(text: str, limit: int = LOGGED_TAG_CHARACTERS) -> str:
+    """A text the sender chose (a tag, an option's value) as logs and errors show it: at most
+    ``limit`` characters, saying how long it was."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text):,} characters)"
 
 
 def to_text(value: object) -> str:

@@ -19,7 +19,7 @@ from typing import Optional
 from .artifact import DEFAULT_MAX_MODEL_BYTES
 from .errors import ModelLoadError, ModelNotFound
 from .model import Model
-from .records import DEFAULT_MAX_LINE_CHARS, cut_tag, to_text
+from .records import DEFAULT_MAX_LINE_CHARS, cut_text, to_text
 
 log = logging.getLogger("logscore.registry")
 
@@ -240,7 +240,7 @@ class ModelRegistry:
                 if fnmatch.fnmatchcase(tag, pattern):
                     model = models.get(target)
                     if model is None:
-                        raise ModelNotFound(f"tag {cut_tag(tag)!r} routes to model {target!r}, which is not loaded; "
+                        raise ModelNotFound(f"tag {cut_text(tag)!r} routes to model {target!r}, which is not loaded; "
                                             f"loaded: {self._names(models)}")
                     return model
         return self.default(models)

@@ -70,7 +70,7 @@ import msgpack
 from ..decide import notes_by_record
 from ..errors import LogscoreError, ModelNotFound, Overloaded, TagTooLong
 from ..metrics import OncePerInterval
-from ..records import cut_tag, describe_entry, type_name, value_counting_hooks
+from ..records import cut_text, describe_entry, type_name, value_counting_hooks
 from ..scoring import ScoreCall, ScoringService
 from .streams import StreamServer
 
@@ -254,15 +254,10 @@ def _compression(option: dict) -> Optional[str]:
     """The PackedForward payload's compression; refused, naming the fix, if the sidecar cannot read it."""
     compressed = option.get("compressed")
     if compressed not in READABLE_COMPRESSION:
-        raise ForwardProtocolError(f"a PackedForward payload compressed as {_cut(repr(compressed))}, which the "
+        raise ForwardProtocolError(f"a PackedForward payload compressed as {cut_text(repr(compressed), 64)}, which the "
                                    "sidecar cannot read (it reads gzip): set `compress gzip` (or `compress text`) "
                                    "on the sender's forward output towards the sidecar")
     return compressed
-
-
-def _cut(text: str, limit: int = 64) -> str:
-    """A value the sender chose, cut for an error message or the log."""
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def _chunk(option: dict) -> object:
@@ -1577,7 +1572,7 @@ class ForwardServer(StreamServer):
             return error
         except Exception:  # a bug in scoring: the records still go on (a resend would fail again)
             log.exception("internal error while scoring; forwarding the records unscored",
-                          extra={"tag": cut_tag(tags[0]), "records": len(records)})
+                          extra={"tag": cut_text(tags[0]), "records": len(records)})
             return LogscoreError("internal error in the sidecar (logged there)")  # counted as kind internal
         names = [m.name for m in outcome.models]
         scores, flags, index = outcome.scores.tolist(), outcome.is_anomaly.tolist(), outcome.model_index.tolist()
@@ -1617,7 +1612,7 @@ class ForwardServer(StreamServer):
     def _say_unscored(self, tag: str, reason: str, records: int) -> None:
         """Log records passed on unscored once per tag and reason an interval, with what came since:
         a tag routed to no model sends a chunk a second, and each was a warning."""
-        tag = cut_tag(tag)  # chosen by the sender: kept as a key and logged, so cut
+        tag = cut_text(tag)  # chosen by the sender: kept as a key and logged, so cut
         unsaid = self._unscored_said.due((tag, reason), records, 1)
         if unsaid is not None:
             log.warning("forwarding records unscored", extra={"tag": tag, "records": records, "error": reason,
