@@ -1323,7 +1323,8 @@ def test_refused_chunk_ids_are_kept_in_bounded_memory_whatever_their_size():
     refused = RefusedChunks(kept=8)
     huge = [bytes([i]) * (4 << 20) for i in range(12)]
     assert all(refused.first_refusal(chunk) for chunk in huge)
-    assert len(refused) == 8 and refused.held_bytes() <= 8 * 64
+    assert len(refused) == 8  # the latest kept, each as its digest, not the 4 MiB id
+    assert all(type(key) is bytes and len(key) == 16 for key in refused._digests), list(refused._digests)[:2]
     assert refused.first_refusal(huge[-1]) is False  # came again as it was: acknowledged
     assert refused.first_refusal(huge[0]) is True  # the oldest were let go
     for chunk in ("id", b"id", {"k": [1, 2]}, 7):

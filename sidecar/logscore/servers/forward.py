@@ -1189,9 +1189,6 @@ class RefusedChunks:
     def __len__(self) -> int:
         return len(self._digests)
 
-    def held_bytes(self) -> int:
-        return sum(len(digest) for digest in self._digests)
-
     def first_refusal(self, chunk) -> bool:
         """Whether this chunk id was not refused as read into before. NOTE: resent alone, a chunk
         that was read into arrives whole and matches its size; one that comes again as it was is the
