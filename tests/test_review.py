@@ -408,3 +408,17 @@ def test_a_group_marked_again_while_its_suppressed_records_keep_joining_answers_
     assert len(service.entries()) == 1
     service.remove(first.id, "ana")  # undone: nothing else keeps the group's records unflagged
     assert observe(model, ring, monitor_lines(3, seed=142, agent=agent), service.rules).is_anomaly.all()
+
+
+def test_long_flagged_lines_weigh_more_against_the_inspection_budget():
+    """Inspecting grows with the line (a 2,400-segment URL took 4.5 ms against 0.15 for an ordinary
+    line: probe s26), and the budget counted records: 200 such lines a second took most of a core.
+    A line counts one record per feedback.INSPECT_CHARS characters."""
+    from logscore.feedback import INSPECT_CHARS, inspect_cost
+
+    ordinary, long = "x" * (INSPECT_CHARS - 1), "y" * (9 * INSPECT_CHARS)
+    assert inspect_cost([ordinary, {"message": long}]) == 2 and inspect_cost([long]) == 10
+    ring = ReviewRing(inspect_per_s=20)
+    assert ring.admit("shop", 4, inspect_cost([long] * 4)) == 2  # 40 asked of a budget of 20
+    assert ring.not_grouped == {"shop": 2} and ring._tokens < 1  # spent (but what refilled since)
+    assert ReviewRing(inspect_per_s=20).admit("shop", 4) == 4  # ordinary records, as before

@@ -266,14 +266,17 @@ class ReviewRing:
         self._models: dict[str, weakref.ref] = {}
         self._rechecking = threading.Lock()  # one recheck at a time: the last rules' result stays
 
-    def admit(self, model_name: str, wanted: int) -> int:
-        """How many of ``wanted`` flagged records may be inspected now; the rest are counted."""
+    def admit(self, model_name: str, wanted: int, cost: Optional[int] = None) -> int:
+        """How many of ``wanted`` flagged records may be inspected now; the rest are counted. ``cost``:
+        what the ``wanted`` weigh together, in records of up to feedback.INSPECT_CHARS (``feedback.inspect_cost``);
+        those admitted are taken to weigh their share of it."""
+        cost = wanted if cost is None else max(cost, wanted)
         with self.lock:
             now = time.monotonic()
             self._tokens = min(self.inspect_per_s, self._tokens + (now - self._refilled) * self.inspect_per_s)
             self._refilled = now
-            allowed = min(wanted, int(self._tokens))
-            self._tokens -= allowed
+            allowed = wanted if cost <= self._tokens else int(wanted * max(self._tokens, 0) / cost)
+            self._tokens -= allowed * cost / wanted if wanted else 0
             if wanted > allowed:
                 self.not_grouped[base_name(model_name)] += wanted - allowed
         if wanted > allowed:
