@@ -1908,6 +1908,25 @@ def test_a_burst_over_many_urls_is_one_event_while_a_quiet_window_or_an_outage_i
     assert events == [[]] * 3 + [["status_class=5xx share"], [], ["route=shop count"], []], events
 
 
+def test_an_unrelated_flood_during_a_burst_is_an_event_of_its_own(behaviour_model):
+    """While a 5xx-share episode went on, every count crossing joined it: a flood of 1,000 records a
+    window more (5x the route) raised nothing. A route's count is not of the dimension the episode
+    is about: news; the 2xx count rising with it is (a status class, as the 5xx subject)."""
+    from logscore.behaviour import window_spec
+    from logscore.windows import KeyNamer, WindowCounter
+
+    spec = a_busy_route(window_spec(Model.load(behaviour_model)), calibrate_up_to=28.0)
+    counter = WindowCounter(spec, "shop", KeyNamer(spec.dimensions), max_keys=1000, now=START)
+    busy = {"route=shop": 240, "status_class=2xx": 220}
+    failing = {"route=shop": 240, "status_class=2xx": 180, "status_class=5xx": 40}
+    flood = {"route=shop": 1240, "status_class=2xx": 1180, "status_class=5xx": 40}
+    events = []
+    for k, counts in enumerate([busy] * 5 + [failing] * 10 + [flood] * 3):
+        counter.add(counts, counts["route=shop"])
+        events += [(k, e.key) for e in counter.close_due(START + (k + 1) * spec.window_s)]
+    assert events == [(5, "status_class=5xx share"), (15, "route=shop count")], events
+
+
 def test_a_clock_stepped_back_restarts_the_open_window_and_raises_no_burst(behaviour_model, caplog):
     """The sidecar's clock stepped back 300 s: no window closed for 300 s (an outage then went
     unseen), then one closed with all those records: "status_class=2xx: 903 records in 1 s"."""

@@ -48,6 +48,9 @@ log = logging.getLogger("logscore.windows")
 DIMENSIONS = ("route", "tag", "status_class", "host", "level", "url_template", "message_template")
 SHARES = (("status_class", "5xx"), ("status_class", "4xx"), ("level", "error"))
 OTHER = "(other)"
+# Dimensions of many keys that move in and out of improbability within one incident (a burst over
+# a shop's URLs): their keys crossing while an episode is under way join it (_join_ongoing).
+CHURNING_DIMENSIONS = frozenset({"url_template", "message_template"})
 ERROR_LEVELS = {"error", "err", "crit", "critical", "fatal", "alert", "emerg", "emergency", "severe", "panic"}
 SYSLOG_SEVERITIES = ("emerg", "alert", "crit", "error", "warning", "notice", "info", "debug")
 # bunyan's and pino's levels are numbers (their JSON logs write "level": 50 for an error)
@@ -231,6 +234,11 @@ class KeyNamer:
 
 def share_name(dimension: str, value: str) -> str:
     return f"{dimension}={value} share"
+
+
+def dimension_of(key: str) -> str:
+    """The dimension of a key, event key or subject: ``status_class`` of ``status_class=5xx share``."""
+    return key.split("=", 1)[0]
 
 
 def subject(event_key: str) -> str:
@@ -562,7 +570,7 @@ class WindowCounter:
     def _close(self, start: float) -> list[AnomalyEvent]:
         """One event at most per window: its most improbable key, when no key was improbable in the
         window before (one event an episode: a burst, or traffic stopped, may last many windows;
-        keys crossing meanwhile join it, ``_join_ongoing``, but for the route's drop), the other
+        keys of templates or of its subjects' dimensions crossing meanwhile join it, ``_join_ongoing``), the other
         improbable ones named."""
         size = len(self.keys)
         counts = self.counts[:size].copy()
@@ -625,12 +633,18 @@ class WindowCounter:
 
     def _join_ongoing(self, found: list[tuple], known: dict[str, bool], ongoing: set[str]) -> dict[str, bool]:
         """While an episode of the model is under way, a key's count newly crossing joins it (logged,
-        no event): the keys of a burst or storm move in and out of improbability, and each move was
-        announced as news (a 12-s 503 burst over a shop's URLs raised 5 events). Still news: the
-        route's drop (an outage is another incident than the burst it may follow) and a share
-        crossing (a 5xx burst coming back after quiet windows, in a flood of traffic that went on)."""
+        no event) if it is of a dimension whose keys churn within one incident: a template
+        (CHURNING_DIMENSIONS), or the dimension of a subject in the episode. The keys of a burst or
+        storm move in and out of improbability, and each move was announced as news (a 12-s 503
+        burst over a shop's URLs raised 5 events). Still news: the route's drop (an outage is
+        another incident than the burst it may follow), a share crossing (a 5xx burst coming back
+        after quiet windows, in a flood of traffic that went on), and the count of a route, tag,
+        host, status class or level the episode is not about (joined, a flood 5x the traffic during
+        a 5xx-share episode raised nothing)."""
+        churning = CHURNING_DIMENSIONS | {dimension_of(s) for s in ongoing}
         joining = [f[2] for f in found
-                   if not known[f[2]] and f[2].endswith(" count") and not self._route_drop(f)]
+                   if not known[f[2]] and f[2].endswith(" count") and not self._route_drop(f)
+                   and dimension_of(f[2]) in churning]
         if joining:
             log.info("keys crossing while an episode is under way join it (no new event)",
                      extra={"model": self.model_name, "keys": joining[:MAX_NAMED], "joined": len(joining),
