@@ -1951,8 +1951,40 @@ def test_a_clock_stepped_back_restarts_the_open_window_and_raises_no_burst(behav
     assert events == [], events[:3]
     assert max(behind) < 2 * spec.window_s  # windows go on closing on the clock's time
     assert [r.back_s for r in caplog.records if "clock stepped back" in r.getMessage()] == [pytest.approx(300, abs=2)]
-    # A step back within a window is no step to act on (the window closes when the clock reaches its end).
-    assert steady(START + 520 - 0.7, 3)[0] == []
+    # A step back that stays within the open window only lengthens it (it closes when the clock reaches its end).
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="logscore.windows"):
+        assert steady(START + 219.5 - 0.3 - 0.5, 3)[0] == []  # (the last tick was at START + 219.5)
+    assert not [r for r in caplog.records if "clock stepped back" in r.getMessage()]
+
+
+@pytest.mark.parametrize("back, at", [(0.0, 0.5), (0.9, 0.5), (1.5, 0.7)])
+def test_a_clock_stepped_back_less_than_a_window_or_late_in_one_raises_no_burst(behaviour_model, caplog, back, at):
+    """Only a step back by more than a window restarted the open window (by more than a window and
+    the time spent in it, in fact): 0.9 of a window back gave "route=shop: 456 records in 1 s,
+    expected 204–279", and 1.5 windows back 0.7 into the window gave 600 records. Any step back to
+    before the open window's start restarts it. (back=0: the same traffic without a step, quiet.)"""
+    from logscore.behaviour import window_spec
+    from logscore.windows import KeyNamer, WindowCounter
+
+    spec = window_spec(Model.load(behaviour_model))
+    for key, count in (("route=shop", 240.0), ("status_class=2xx", 220.0)):  # busy: a burst stands out
+        row = spec.keys.index(key)
+        spec.state.level[row] = count_transform(np.array([count]))[0]
+        spec.state.hour[row] = spec.state.week[row] = 0.0
+        spec.state.scale[row] = 0.7
+    counter = WindowCounter(spec, "shop", KeyNamer(spec.dimensions), max_keys=1000, now=START)
+    events, clock, tick_s = [], START, spec.window_s / 10
+    with caplog.at_level("WARNING", logger="logscore.windows"):
+        for tick in range(400):  # 10 ticks a window, 24 records each
+            if tick == 200 + round(at * 10):
+                clock -= back * spec.window_s
+            counter.add({"route=shop": 24, "status_class=2xx": 22}, 24)
+            events += [(tick, e.key, e.observed) for e in counter.close_due(clock)]
+            clock += tick_s
+    assert events == []
+    stepped = [r.back_s for r in caplog.records if "clock stepped back" in r.getMessage()]
+    assert len(stepped) == (1 if back else 0)
 
 
 def test_a_window_event_raised_by_the_last_windows_mean_says_so(behaviour_model):

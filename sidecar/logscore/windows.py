@@ -17,7 +17,7 @@ keys; untrained keys with the least traffic are evicted, and keys past the bound
 
 Windows use the sidecar's clock (arrival time): live streams arrive as they are written; records
 arriving long after their own time are left out before they get here (``behaviour.Lateness``). A
-clock stepped back by more than a window restarts the open window (``WindowCounter._restart_at``).
+clock stepped back to before the open window's start restarts the open window (``WindowCounter._restart_at``).
 Training uses the records' own timestamps (``timestamps.py``). Hours of day and of week are read
 on the wall clock of the model's zone (metadata ``season_zone``, from training's ``--time-zone``;
 UTC for models trained before it was recorded): ``forecast.slots``.
@@ -538,7 +538,7 @@ class WindowCounter:
 
     def close_due(self, now: float) -> list[AnomalyEvent]:
         """Close every window that ended by ``now``; the events of improbable ones."""
-        if now < self.start - self.window_s:
+        if now < self.start:  # (the clock never goes back in use: closing moves start to at most now)
             self._restart_at(now)
         events: list[AnomalyEvent] = []
         while now >= self.start + self.window_s:
@@ -551,10 +551,11 @@ class WindowCounter:
         return events
 
     def _restart_at(self, now: float) -> None:
-        """The sidecar's clock stepped back (an NTP step, a VM restored) by more than a window: the
-        open window restarts at ``now``, without an event. Left open, no window closed until the clock
-        caught up again (an outage meanwhile went unseen), and the one that then closed held all
-        those minutes' records: a false burst. Its counts so far go (they are of a window cut
+        """The sidecar's clock stepped back (an NTP step, a VM restored) to before the open window's
+        start: the open window restarts at ``now``'s window, without an event. Left open, no window
+        closed until the clock caught up again (an outage meanwhile went unseen), and the one that
+        then closed held all those minutes' records: a false burst (a step of 0.9 of a window too:
+        456 records in a window of 240 expected). Its counts so far go (they are of a window cut
         short), so the restarted window is counted in part: a rise there is news, a drop is not.
         Episodes under way go on."""
         log.warning("the sidecar's clock stepped back: the open window restarts at the clock's time (no event); "
