@@ -119,6 +119,39 @@ def test_a_new_worker_facing_a_broken_model_file_scores_the_version_the_sidecar_
         pool.close()
 
 
+def test_a_worker_reads_no_model_file_over_max_model_bytes(shop_model_path, tmp_path):
+    """A worker (re)started while an oversized file sat at a served model's path read it whole (the
+    sidecar refuses such a file before reading it): a 1.5 GB file, under the same memory limit."""
+    from logscore.scoring_processes import ModelCache
+
+    path = tmp_path / "m.onnx"
+    shutil.copy(shop_model_path, path)
+    version = Model.load(path).version
+    size = path.stat().st_size
+    assert ModelCache(65_536, None, max_model_bytes=size - 1).get(str(path), version) is None
+    assert ModelCache(65_536, None, max_model_bytes=size).get(str(path), version).version == version
+
+
+def test_a_worker_reads_a_file_swapped_at_the_same_size_and_mtime_after_one_that_did_not_load(shop_model_path,
+                                                                                              tmp_path):
+    """The file a worker could not load was told by its size and mtime: a fix of the same size and
+    mtime (a symlink or rename swap; reproducible builds set mtimes) was never read, and the worker
+    answered "stale" for good (its chunks scored in the sidecar's process, unlogged)."""
+    from logscore.scoring_processes import ModelCache
+
+    path = tmp_path / "m.onnx"
+    good = tmp_path / "good.onnx"
+    shutil.copy(shop_model_path, good)
+    version = Model.load(good).version
+    path.write_bytes(os.urandom(good.stat().st_size))  # broken, of the same size
+    stamp = good.stat().st_mtime_ns
+    os.utime(path, ns=(stamp, stamp))
+    cache = ModelCache(65_536, None)
+    assert cache.get(str(path), version) is None
+    os.replace(good, path)  # the fix: same size, same mtime, another inode
+    assert cache.get(str(path), version).version == version
+
+
 def test_a_worker_that_dies_costs_at_most_its_chunk_and_is_replaced(shop_model_path):
     restarts = []
     pool = ScoringProcesses(1, max_line_chars=65_536, on_restart=restarts.append)

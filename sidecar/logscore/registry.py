@@ -42,6 +42,10 @@ class FileState:
     ctime_ns: int = 0
     refusal: str = ""  # why the entry cannot be loaded before it is read (an unusable link); "" when readable
 
+    @classmethod
+    def of(cls, stat: os.stat_result) -> "FileState":
+        return cls(stat.st_mtime_ns, stat.st_size, stat.st_ino, stat.st_dev, stat.st_ctime_ns)
+
 
 NOT_UTF8_NAME = ("{path}: the file name is not UTF-8, and a model is named after its file (metrics, ListModels, "
                  "routes); rename the file to a UTF-8 name")
@@ -212,7 +216,7 @@ class ModelRegistry:
             return None
         except OSError as error:
             return FileState(0, 0, refusal=UNUSABLE_ENTRY.format(path=entry.path, reason=error.strerror or error))
-        return FileState(stat.st_mtime_ns, stat.st_size, stat.st_ino, stat.st_dev, stat.st_ctime_ns)
+        return FileState.of(stat)
 
     def _listed(self, error: Optional[OSError]) -> None:
         """Say once that the directory cannot be listed (it was every check: 1,800 lines an hour), and

@@ -114,7 +114,8 @@ class ScoringService:
 
         self.processes = ScoringProcesses(self.settings.scoring_processes, self.settings.max_record_bytes,
                                           self.registry.client_key,
-                                          lambda reason: self.metrics.scoring_process_restarts.inc())
+                                          lambda reason: self.metrics.scoring_process_restarts.inc(),
+                                          self.settings.max_model_bytes)
         self.processes.warm(list(self.registry.snapshot.models.values()))
 
     async def score(self, call: ScoreCall) -> ScoreOutcome:

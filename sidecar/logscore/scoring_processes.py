@@ -41,8 +41,10 @@ from typing import Optional, Sequence
 import msgpack
 import numpy as np
 
+from .artifact import DEFAULT_MAX_MODEL_BYTES
 from .errors import ConfigError, LogscoreError, ScorerUnavailable
 from .model import Model, Scored
+from .registry import FileState
 
 log = logging.getLogger("logscore.scoring_processes")
 
@@ -155,11 +157,12 @@ class Worker:
 class ScoringProcesses:
     """N worker processes; ``score`` (blocking, in ``executor``'s threads) sends a chunk to an idle one."""
 
-    def __init__(self, count: int, max_line_chars: int, client_key: Optional[str] = None, on_restart=None):
+    def __init__(self, count: int, max_line_chars: int, client_key: Optional[str] = None, on_restart=None,
+                 max_model_bytes: int = DEFAULT_MAX_MODEL_BYTES):
         self.count = count
         self._code = code_fingerprint()  # the code this process imported (workers check theirs against it)
-        self._arguments = ["--max-line-chars", str(max_line_chars), "--code", self._code] + (
-            ["--client-key", client_key] if client_key else [])
+        self._arguments = ["--max-line-chars", str(max_line_chars), "--max-model-bytes", str(max_model_bytes),
+                           "--code", self._code] + (["--client-key", client_key] if client_key else [])
         self._other_code_said = False
         self._on_restart = on_restart or (lambda reason: None)
         self._idle: queue.Queue[Worker] = queue.Queue()
@@ -274,11 +277,16 @@ class ScoringProcesses:
 class ModelCache:
     """The worker's models, by path; a path is reloaded when the sidecar asks for another version."""
 
-    def __init__(self, max_line_chars: int, client_key: Optional[str]):
+    def __init__(self, max_line_chars: int, client_key: Optional[str], max_model_bytes: int = DEFAULT_MAX_MODEL_BYTES):
         self.max_line_chars = max_line_chars
         self.client_key = client_key
+        # NOTE: the sidecar's bound too: a worker (re)started while an oversized file sat at a served
+        # model's path read it whole, under the same memory limit, at every restart.
+        self.max_model_bytes = max_model_bytes
         self.models: dict[str, Model] = {}
-        self.unloadable: dict[str, tuple] = {}  # path -> (size, mtime) of a file that did not load
+        # path -> the state of a file that did not load; its inode and ctime tell a same-size,
+        # same-mtime swap (size and mtime alone left such a fix unread: "stale" for good)
+        self.unloadable: dict[str, FileState] = {}
 
     def get(self, path: str, version: str) -> Optional[Model]:
         """The model of that file at that version, or None when the file now holds another, or
@@ -298,11 +306,12 @@ class ModelCache:
             stat = os.stat(path)
         except OSError:
             return None
-        signature = (stat.st_size, stat.st_mtime_ns)
+        signature = FileState.of(stat)
         if self.unloadable.get(path) == signature:
             return None  # tried, and it has not changed since: not read again for every chunk
         try:
-            model = Model.load(path, max_line_chars=self.max_line_chars, client_key=self.client_key)
+            model = Model.load(path, max_line_chars=self.max_line_chars, client_key=self.client_key,
+                               max_bytes=self.max_model_bytes)
         except LogscoreError:  # the sidecar says what is wrong with it, where it rejects it
             self.unloadable[path] = signature
             return None
@@ -339,6 +348,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--fd", type=int, required=True)
     parser.add_argument("--max-line-chars", type=int, required=True)
     parser.add_argument("--client-key", default=None)
+    parser.add_argument("--max-model-bytes", type=int, default=DEFAULT_MAX_MODEL_BYTES)
     parser.add_argument("--code", default=None, help="the sidecar's code_fingerprint()")
     args = parser.parse_args(argv)
     mine = code_fingerprint()
@@ -347,7 +357,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, signal.SIG_IGN)
     os.set_blocking(args.fd, True)
-    serve_worker(Connection(args.fd), ModelCache(args.max_line_chars, args.client_key),
+    serve_worker(Connection(args.fd), ModelCache(args.max_line_chars, args.client_key, args.max_model_bytes),
                  mine if args.code not in (None, mine) else None)
     return 0
 
