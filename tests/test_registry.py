@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
 import os
@@ -284,3 +285,77 @@ def test_a_models_directory_gone_is_said_once_and_once_when_it_is_back(models, c
     said = [(r.levelname, r.getMessage().split(";")[0]) for r in caplog.records]
     assert said == [("ERROR", "cannot list models directory"), ("INFO", "models directory listed again")]
     assert "restore the directory" in caplog.records[0].getMessage()
+
+
+@pytest.mark.parametrize("error, said, not_said", [
+    (PermissionError(errno.EACCES, "Permission denied"), "readable by this process's user", "check the path"),
+    (FileNotFoundError(errno.ENOENT, "No such file or directory"), "check the path", "readable"),
+    (OSError(errno.EIO, "Input/output error"), "Input/output error", "readable"),
+])
+def test_a_model_file_that_cannot_be_read_is_given_the_remedy_of_its_error(tmp_path, monkeypatch, error, said,
+                                                                           not_said):
+    """Every OSError got one remedy, and one meant for the sidecar: `logscore inspect no-such.onnx` said
+    "No such file or directory; make it readable by the sidecar's user (…: send SIGHUP)"."""
+    from logscore import artifact
+    from logscore.errors import ModelLoadError
+
+    def failing(path, max_bytes):
+        raise error
+
+    monkeypatch.setattr(artifact, "read_at_most", failing)
+    with pytest.raises(ModelLoadError) as raised:
+        artifact.read_artifact(tmp_path / "m.onnx")
+    message = str(raised.value)
+    assert message.startswith(f"{tmp_path / 'm.onnx'}: cannot read model file: {error.strerror}")
+    assert said in message and not_said not in message and "SIGHUP" not in message
+
+
+def test_a_missing_path_is_said_to_be_checked(tmp_path):
+    from logscore.artifact import read_artifact
+    from logscore.errors import ModelLoadError
+
+    with pytest.raises(ModelLoadError, match=r"No such file or directory; check the path"):
+        read_artifact(tmp_path / "no-such.onnx")
+
+
+def test_an_unreadable_model_file_is_rejected_in_the_registry_with_the_sighup_hint(models, monkeypatch):
+    from logscore import artifact
+
+    def denied(path, max_bytes):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(artifact, "read_at_most", denied)
+    events = Events()
+    ModelRegistry(str(models), on_change=events).reload()
+    [(name, detail)] = events.of("rejected")
+    assert name == "apache-access" and "readable by this process's user" in detail and "send SIGHUP" in detail
+
+
+def test_a_file_removed_between_the_scan_and_its_reading_is_gone_not_rejected(models, monkeypatch):
+    """It was rejected: an ERROR line, model_load_errors_total + 1, and a remedy of permissions."""
+    from logscore.model import Model
+
+    real_load = Model.load
+
+    def removed_first(path, **options):
+        if os.path.basename(path) in removing:
+            os.remove(path)
+        return real_load(path, **options)
+
+    monkeypatch.setattr(registry_module.Model, "load", removed_first)
+    removing = {"new.onnx"}
+    shutil.copy(DEFAULT_MODEL, models / "new.onnx")
+    events = Events()
+    registry = ModelRegistry(str(models), on_change=events)
+    assert registry.reload()
+    assert set(registry.snapshot.models) == {"apache-access"} and not registry.snapshot.errors
+    assert not events.of("rejected") and not registry.reload()
+    # A served model's file changed, then removed as it was read: it serves on, and goes as a removed file does.
+    removing = {"apache-access.onnx"}
+    serving = registry.snapshot.models["apache-access"]
+    shutil.copy(DEFAULT_MODEL, models / ".tmp")
+    os.replace(models / ".tmp", models / "apache-access.onnx")
+    registry.reload()
+    assert registry.snapshot.models["apache-access"] is serving and not registry.snapshot.errors
+    assert registry.reload() and not registry.snapshot.models  # the next check: gone, unloaded (no grace)
+    assert not events.of("rejected") and [n for n, _ in events.of("unloaded")] == ["apache-access"]

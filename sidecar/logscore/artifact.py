@@ -12,6 +12,7 @@ nothing in a model file is ever executed.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -77,6 +78,22 @@ def too_big(path: str, size: int, max_bytes: int) -> ModelLoadError:
     return ModelLoadError(f"{path}: {size:,} bytes, over max_model_bytes ({max_bytes:,}): not read, as it "
                           "would be held in memory whole; if it is a model, raise max_model_bytes and the "
                           "sidecar's memory limit by its size; else move it out of the models directory")
+
+
+class UnreadableModelFile(ModelLoadError):
+    """The file could not be opened or read; ``errno`` says why (the remedy depends on it: one remedy,
+    "make it readable", was given for a mistyped path and a disk error alike)."""
+
+    def __init__(self, path: str, error: OSError):
+        self.errno = error.errno
+        reason = error.strerror or str(error)
+        if error.errno in (errno.EACCES, errno.EPERM):
+            remedy = "; make it, and the directories above it, readable by this process's user"
+        elif error.errno in (errno.ENOENT, errno.ENOTDIR):
+            remedy = "; check the path (or the file was removed as it was opened)"
+        else:
+            remedy = ""  # (a disk or file system error: the error says what there is to know)
+        super().__init__(f"{path}: cannot read model file: {reason}{remedy}")
 
 
 class _WireError(ValueError):
@@ -145,8 +162,7 @@ def read_artifact(path: str | Path, max_bytes: Optional[int] = None) -> Artifact
     try:
         data = read_at_most(path, max_bytes)
     except OSError as error:
-        raise ModelLoadError(f"{path}: cannot read model file: {error.strerror or error}; make it readable by "
-                             "the sidecar's user (a fix that leaves the file unchanged: send SIGHUP)") from None
+        raise UnreadableModelFile(path, error) from None
     try:
         graph, props = _scan_model(data)
     except _WireError as error:

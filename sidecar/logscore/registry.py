@@ -7,6 +7,7 @@ holds V is scored by ``<model>@V`` when such a model is loaded (per-host models)
 
 from __future__ import annotations
 
+import errno
 import fnmatch
 import logging
 import os
@@ -16,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from .artifact import DEFAULT_MAX_MODEL_BYTES
+from .artifact import DEFAULT_MAX_MODEL_BYTES, UnreadableModelFile
 from .errors import ModelLoadError, ModelNotFound
 from .model import Model
 from .records import DEFAULT_MAX_LINE_CHARS, cut_text, to_text
@@ -143,7 +144,7 @@ class ModelRegistry:
                     del models[name]
                     self._on_change("unloaded", name, path)
                 errors.pop(path, None)
-            for path, state in current.items():
+            for path, state in list(current.items()):
                 if old.files.get(path) == state and path not in retried:
                     continue
                 name = Path(path).stem
@@ -156,6 +157,13 @@ class ModelRegistry:
                                        max_bytes=self.max_model_bytes)
                     model.name = name  # the file name routes, whatever name the model was trained with
                     model.score(PROBE_RECORDS, explain=1)
+                except UnreadableModelFile as error:
+                    if error.errno == errno.ENOENT:  # removed since the scan: gone, not rejected
+                        self._gone_before_read(path, old, current, errors)
+                        continue
+                    errors[path] = f"{error} (a fix that leaves the file unchanged, as of its directory: send SIGHUP)"
+                    self._on_change("rejected", name, errors[path])
+                    continue
                 except ModelLoadError as error:
                     errors[path] = str(error)
                     self._on_change("rejected", name, str(error))
@@ -170,6 +178,18 @@ class ModelRegistry:
                 self._on_change("loaded", name, f"{path} version {model.version}")
             self.snapshot = Snapshot(models, current, errors)  # the atomic swap
             return True
+
+    @staticmethod
+    def _gone_before_read(path: str, old: "Snapshot", current: dict[str, FileState], errors: dict[str, str]) -> None:
+        """A file removed between the scan and its open: as the scan had found it then (its model, if
+        any, serves on; the next check finds it missing and unloads it, after the grace). It was
+        rejected: an ERROR, a load error counted, and a remedy of permissions."""
+        log.info("model file removed as it was read; the next check sees it gone", extra={"path": path})
+        if path in old.files:
+            current[path] = old.files[path]
+        else:
+            del current[path]
+            errors.pop(path, None)
 
     def _within_grace(self, missing: set[str], by_path: dict[str, str]) -> set[str]:
         """The loaded models' files found missing that serve on: missing for less than the grace."""
