@@ -150,11 +150,30 @@ def test_a_file_over_max_model_bytes_is_refused_before_it_is_read(models):
     assert set(relaxed.snapshot.models) == {"apache-access"}
 
 
+def resaved_with_another_threshold(source, target) -> None:
+    """``source`` re-saved to ``target`` with its threshold's last digit changed: another version of
+    the same byte length (a build of the same size)."""
+    import onnx
+
+    from logscore.artifact import read_artifact
+    from logscore.training.behaviour import sealed
+
+    artifact = read_artifact(source)
+    metadata = json.loads(json.dumps(artifact.metadata))
+    threshold = repr(metadata["calibration"]["threshold"])
+    metadata["calibration"]["threshold"] = float(threshold[:-1] + ("1" if threshold[-1] != "1" else "2"))
+    target.write_bytes(sealed(onnx.ModelProto.FromString(artifact.model_bytes), metadata)[0].SerializeToString())
+    assert target.stat().st_size == os.stat(source).st_size  # (what the swap's test needs)
+    assert read_artifact(target).version != artifact.version
+
+
 def test_a_symlink_swapped_to_a_file_of_the_same_size_and_mtime_is_loaded(models, tmp_path):
     """Reproducible builds give equal mtimes: the swap went unnoticed, the old file's model served on."""
     for build in ("a", "b"):
         (tmp_path / build).mkdir()
-        shutil.copy(DEFAULT_MODEL, tmp_path / build / "m.onnx")
+    shutil.copy(DEFAULT_MODEL, tmp_path / "a" / "m.onnx")
+    resaved_with_another_threshold(DEFAULT_MODEL, tmp_path / "b" / "m.onnx")
+    for build in ("a", "b"):
         os.utime(tmp_path / build / "m.onnx", ns=(10**9, 10**9))
     (models / "m.onnx").symlink_to(tmp_path / "a" / "m.onnx")
     events = Events()
@@ -164,7 +183,22 @@ def test_a_symlink_swapped_to_a_file_of_the_same_size_and_mtime_is_loaded(models
     (models / ".m.tmp").symlink_to(tmp_path / "b" / "m.onnx")
     os.replace(models / ".m.tmp", models / "m.onnx")  # the atomic swap `mv -T` makes
     assert registry.reload()
-    assert registry.snapshot.models["m"] is not before and [n for n, _ in events.of("loaded")].count("m") == 2
+    assert registry.snapshot.models["m"].version != before.version
+    assert [n for n, _ in events.of("loaded")].count("m") == 2
+
+
+def test_a_chmod_of_a_model_file_keeps_its_model_serving_as_it_was(models):
+    """A chmod or chown (ctime only) reloaded the unchanged model: a new Model, and with it a session
+    model's open sessions started afresh, at every blind chmod of a config management run."""
+    events = Events()
+    registry = ModelRegistry(str(models), on_change=events)
+    registry.reload()
+    serving = registry.snapshot.models["apache-access"]
+    path = models / "apache-access.onnx"
+    os.chmod(path, path.stat().st_mode & 0o777)  # the same mode: only the ctime moves
+    registry.reload()
+    assert registry.snapshot.models["apache-access"] is serving and len(events.of("loaded")) == 1
+    assert not registry.reload()  # its new state stored: not read again
 
 
 def test_a_rejected_file_is_tried_again_on_sighup_though_it_looks_unchanged(models, monkeypatch):

@@ -155,6 +155,12 @@ class ModelRegistry:
                 try:
                     model = Model.load(path, max_line_chars=self.max_line_chars, client_key=self.client_key,
                                        max_bytes=self.max_model_bytes)
+                    serving = old.models.get(by_path.get(path, ""))
+                    if serving is not None and serving.version == model.version:
+                        # NOTE: the file's state changed, not its content (a chmod or chown: ctime only):
+                        # it serves on. A new Model started a session model's open sessions afresh.
+                        errors.pop(path, None)
+                        continue
                     model.name = name  # the file name routes, whatever name the model was trained with
                     model.score(PROBE_RECORDS, explain=1)
                 except UnreadableModelFile as error:
