@@ -150,6 +150,36 @@ def test_a_file_over_max_model_bytes_is_refused_before_it_is_read(models):
     assert set(relaxed.snapshot.models) == {"apache-access"}
 
 
+def test_a_file_growing_as_it_is_read_is_held_once_and_refused_past_the_limit(tmp_path, monkeypatch):
+    """A file still being written (a `cp` straight into the models directory) was read a MiB at a time
+    into a bytes object copied whole at each MiB: two copies held, twice max_model_bytes before it
+    was refused."""
+    from logscore import artifact
+    from logscore.errors import ModelLoadError
+
+    limit = 8 * 1024 * 1024
+    grown = tmp_path / "growing.onnx"
+    grown.write_bytes(os.urandom(2 * limit))
+    real_fstat, stats = os.fstat, []
+
+    def stat_before_it_grew(fd):  # as if the file held 1,000 bytes when it was opened
+        stats.append(fd)
+        found = real_fstat(fd)
+        return os.stat_result((*found[:6], 1000, *found[7:])) if len(stats) == 1 else found
+
+    monkeypatch.setattr(artifact.os, "fstat", stat_before_it_grew)
+    tracemalloc.start()
+    try:
+        with pytest.raises(ModelLoadError, match=f"{2 * limit:,} bytes, over max_model_bytes"):
+            artifact.read_at_most(str(grown), limit)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1.5 * limit, f"{peak:,} bytes held while reading"
+    stats.clear()  # under the limit, all of it is read
+    assert artifact.read_at_most(str(grown), 2 * limit) == grown.read_bytes()
+
+
 def resaved_with_another_threshold(source, target) -> None:
     """``source`` re-saved to ``target`` with its threshold's last digit changed: another version of
     the same byte length (a build of the same size)."""

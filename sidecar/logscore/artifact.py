@@ -34,6 +34,7 @@ HASH_KEY = "logscore.content_hash"
 # 1.6 GB (the shipped systemd unit and Kubernetes limits, 350 MB, kill it there, and again at each restart
 # while the file stays). The biggest models logscore makes are a few MB (a 2^20 rarity table is 4 MB).
 DEFAULT_MAX_MODEL_BYTES = 64 * 1024 * 1024
+GROWTH_CHUNK = 1024 * 1024  # read at a time past the size a file had when it was opened
 
 _GRAPH_FIELD = 7  # ModelProto.graph
 _METADATA_FIELD = 14  # ModelProto.metadata_props (StringStringEntryProto: key=1, value=2)
@@ -60,18 +61,22 @@ class Artifact:
 
 def read_at_most(path: str, max_bytes: Optional[int]) -> bytes:
     """The file's bytes; ModelLoadError when it holds more than max_bytes (None: no limit), its size
-    checked before reading and its reading stopped past the limit (a file still growing)."""
+    checked before reading and its reading stopped past the limit (a file still growing: a `cp` of a
+    big model straight into the models directory)."""
     limit = max_bytes if max_bytes is not None else float("inf")
     with open(path, "rb") as file:
         size = os.fstat(file.fileno()).st_size
         if size > limit:
             raise too_big(path, size, max_bytes)
-        data = file.read(size)  # NOTE: read(n) allocates n bytes at once: never more than the file holds
-        while more := file.read(1024 * 1024):  # it grew since its stat
+        # NOTE: one buffer, of the stat's size, extended in place as the file grows: `bytes += chunk`
+        # copied the whole for every chunk and held two copies, twice the limit before refusing.
+        data = bytearray(size)
+        del data[file.readinto(data):]
+        while more := file.read(min(GROWTH_CHUNK, limit + 1 - len(data))):  # it grew since its stat
             data += more
             if len(data) > limit:
-                raise too_big(path, len(data), max_bytes)
-    return data
+                raise too_big(path, max(len(data), os.fstat(file.fileno()).st_size), max_bytes)
+    return bytes(data)  # (one copy of an accepted file: onnxruntime copies the bytes it is given too)
 
 
 def too_big(path: str, size: int, max_bytes: int) -> ModelLoadError:
