@@ -1145,6 +1145,7 @@ def test_a_time_far_ahead_of_the_clock_is_unknown_and_leaves_the_rest_on_time():
     # A year ahead (a syslog time read in the wrong year, a clock far off) would have held the
     # source's least delay a year down, and every record on time after it would have been late.
     assert lateness.late(np.array([START + 365 * 86400, START]), ["s", "s"], START) is None
+    assert lateness.take_ahead() == ("s", 365 * 86400)  # named in the log all the same (it was not)
     assert lateness.late(np.array([START + 1, START + 1 - 30]), ["s", "s"], START + 1) is None
     assert lateness.late(np.array([START + 2 + MAX_AHEAD_S / 2]), ["s"], START + 2) is None  # a bit ahead: fine
     # (within the hour it is no sooner either: the clock of what sent it runs ahead, and the records
@@ -1163,6 +1164,8 @@ def test_a_record_stamped_ahead_leaves_its_source_on_time_and_names_the_sender_a
     lateness = Lateness(grace_s=60.0)
     assert lateness.late(np.array([START + 3000.0]), ["s"], START) is None
     assert lateness.take_ahead() == ("s", 3000.0) and lateness.take_ahead() is None
+    lateness.late(np.array([START + 3000.0, START + 600.0]), ["far", "near"], START)
+    assert lateness.take_ahead() == ("far", 3000.0)  # the farthest is named, not the last seen
     assert all(lateness.late(np.array([START + k - 1.0]), ["s"], START + k) is None for k in range(1, 400, 10))
     # A backlog of that source is still late (its least delay stayed at 0, not at -3,000 s).
     assert lateness.late(np.array([START + 400 - 600.0]), ["s"], START + 400).tolist() == [True]

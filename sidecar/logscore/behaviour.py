@@ -155,7 +155,7 @@ class Lateness:
     clock (a sender whose clock runs ahead) does not lower its source's least delay below 0: one
     such record held the floor down and left every on-time record of its tag out for minutes, and
     behind an aggregator a sender ahead left the others out for good. It is counted on arrival;
-    the latest source more than the grace ahead is kept in ``ahead`` (for the log).
+    the source farthest ahead by more than the grace (an hour or more too) is kept in ``ahead`` (for the log).
     """
 
     def __init__(self, grace_s: float):
@@ -165,14 +165,25 @@ class Lateness:
         self.ahead: Optional[tuple[str, float]] = None  # (source, seconds ahead) seen since last taken
 
     def take_ahead(self) -> Optional[tuple[str, float]]:
-        """The source last seen more than the grace ahead of the clock, and how far (None: none), once."""
+        """The source seen farthest (and more than the grace) ahead of the clock since last taken, and how far
+        (None: none), once."""
         ahead, self.ahead = self.ahead, None
         return ahead
+
+    def _saw_ahead(self, source: str, seconds: float) -> None:
+        """Keep the source farthest ahead since last taken (a sender a year ahead, the worst case, was
+        never named: its times were dropped as unknown before this)."""
+        if self.ahead is None or seconds > self.ahead[1]:
+            self.ahead = (source, seconds)
 
     def late(self, times: np.ndarray, sources: Optional[Sequence[str]], now: float) -> Optional[np.ndarray]:
         """A mask of the late records (None: none is), ``times`` in Unix seconds (NaN: unknown)."""
         delays = now - times
-        delays[delays < -MAX_AHEAD_S] = np.nan  # a time far ahead of the clock is none we can use
+        far = delays < -MAX_AHEAD_S
+        if far.any():  # a time far ahead of the clock is none we can use; its sender is named all the same
+            first = int(np.argmin(delays))
+            self._saw_ahead(sources[first] if sources else "", float(-delays[first]))
+            delays[far] = np.nan
         known = ~np.isnan(delays)
         if not known.any():
             return None
@@ -197,7 +208,7 @@ class Lateness:
         state = self._sources.setdefault(source, [0.0, now, None])
         least = float(known.min())
         if least < -self.grace_s:
-            self.ahead = (source, -least)
+            self._saw_ahead(source, -least)
         # (clamped: a time ahead says the sender's clock is off, not that its records come sooner)
         least = max(least, 0.0)
         floor = state[0] = min(least, state[0] + DELAY_FLOOR_RISE * max(now - state[1], 0.0))
