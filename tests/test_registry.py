@@ -77,6 +77,16 @@ def test_a_file_deleted_between_the_listing_and_its_stat_is_as_if_never_listed(m
     assert set(registry.snapshot.models) == {"apache-access"} and not registry.snapshot.errors
 
 
+def watching_sidecar(stopping: asyncio.Event, registry, **parts) -> SimpleNamespace:
+    """What Sidecar.watch_models needs of a sidecar, with ``registry`` and ``parts`` (service, ...)."""
+    sidecar = SimpleNamespace(stopping=stopping, reload_requested=asyncio.Event(), metrics=Metrics(), hangup=False,
+                              settings=SimpleNamespace(reload_interval_s=0.001, models_dir="/srv/models"),
+                              registry=registry, follow_up_pending=False, check_failure=None, **parts)
+    sidecar._check_models = MethodType(Sidecar._check_models, sidecar)
+    sidecar._check_failed = MethodType(Sidecar._check_failed, sidecar)
+    return sidecar
+
+
 def test_a_failed_check_is_logged_and_the_watch_goes_on(caplog):
     """One pass that raised ended the watch task: no reload ever again, nothing logged until SIGTERM."""
     stopping = asyncio.Event()
@@ -90,10 +100,7 @@ def test_a_failed_check_is_logged_and_the_watch_goes_on(caplog):
         return False
 
     async def check_twice():
-        sidecar = SimpleNamespace(stopping=stopping, reload_requested=asyncio.Event(), metrics=Metrics(), hangup=False,
-                                  settings=SimpleNamespace(reload_interval_s=0.001, models_dir="/srv/models"),
-                                  registry=SimpleNamespace(reload=reload))
-        sidecar._check_models = MethodType(Sidecar._check_models, sidecar)
+        sidecar = watching_sidecar(stopping, SimpleNamespace(reload=reload))
         await asyncio.wait_for(Sidecar.watch_models(sidecar), 10)
         return sidecar
 
@@ -103,6 +110,41 @@ def test_a_failed_check_is_logged_and_the_watch_goes_on(caplog):
     [logged] = [r for r in caplog.records if r.getMessage().startswith("model check failed")]
     assert "Too many levels" in logged.exc_text and "tries again" in logged.getMessage()
     assert b"logscore_model_checks_total 1.0" in sidecar.metrics.render()
+
+
+def test_what_follows_a_change_is_done_by_the_next_check_after_one_failing_in_it_logged_once(caplog):
+    """A pass failing after a reload changed the models (in the batchers' pruning, say) left what
+    follows a change undone for good: the next pass saw no change. And a failure that repeats was
+    logged with its traceback at every check (1,800 an hour at the default interval)."""
+    stopping = asyncio.Event()
+    changes = iter([True, False, False, False, False])
+    pruned = []
+
+    def reload(retry_rejected=False):
+        changed = next(changes, None)
+        if changed is None:
+            stopping.set()
+            return False
+        return changed
+
+    async def prune():
+        pruned.append(len(pruned))
+        if len(pruned) <= 3:
+            raise RuntimeError("the batcher could not be pruned")
+
+    async def watch():
+        sidecar = watching_sidecar(stopping, SimpleNamespace(reload=reload, snapshot=SimpleNamespace(models={})),
+                                   service=SimpleNamespace(prune=prune), _warn_when_no_default=lambda: None,
+                                   _warn_unloaded_routes=lambda: None)
+        await asyncio.wait_for(Sidecar.watch_models(sidecar), 10)
+        return sidecar
+
+    with caplog.at_level(logging.INFO, logger="logscore.serve"):
+        sidecar = asyncio.run(watch())
+    assert pruned == [0, 1, 2, 3]  # the change's follow-up was tried until it ran through, then no more
+    assert not sidecar.follow_up_pending
+    said = [r.getMessage().split(";")[0] for r in caplog.records]
+    assert said == ["model check failed", "model check works again"], said
 
 
 def test_a_file_name_that_is_not_utf8_is_refused_saying_to_rename_it(models):
@@ -258,20 +300,16 @@ def test_sighup_asks_the_next_check_to_retry_rejected_files_and_the_interval_doe
     passes = []
 
     async def watch():
-        sidecar = SimpleNamespace(stopping=stopping, reload_requested=asyncio.Event(), metrics=Metrics(), hangup=False,
-                                  settings=SimpleNamespace(reload_interval_s=0.001, models_dir="/srv/models"))
-
         def reload(retry_rejected=False):
             passes.append(retry_rejected)
             if len(passes) == 1:
-                sidecar.loop.call_soon_threadsafe(Sidecar.on_hangup, sidecar)
+                loop.call_soon_threadsafe(Sidecar.on_hangup, sidecar)
             elif len(passes) == 3:
                 stopping.set()
             return False
 
-        sidecar.loop = asyncio.get_running_loop()
-        sidecar.registry = SimpleNamespace(reload=reload)
-        sidecar._check_models = MethodType(Sidecar._check_models, sidecar)
+        loop = asyncio.get_running_loop()
+        sidecar = watching_sidecar(stopping, SimpleNamespace(reload=reload))
         await asyncio.wait_for(Sidecar.watch_models(sidecar), 10)
 
     asyncio.run(watch())

@@ -102,6 +102,8 @@ class Sidecar:
         self.stopping = asyncio.Event()
         self.reload_requested = asyncio.Event()
         self.hangup = False  # a SIGHUP came since the last check: rejected files are tried again
+        self.follow_up_pending = False  # a reload changed the models and what follows has not run through yet
+        self.check_failure: Optional[tuple[str, str]] = None  # the model check's failure as last logged
         self.registry = ModelRegistry(settings.models_dir, settings.default_model, settings.tag_routes,
                                       settings.entity_field, self._model_event, settings.max_record_bytes,
                                       settings.entity_key,
@@ -301,20 +303,38 @@ class Sidecar:
                 return
             try:
                 await self._check_models(loop, retry_rejected)
-            except Exception:  # NOTE: one failed pass used to end this task, and hot reload, unlogged
-                log.exception("model check failed; the loaded models keep serving and the next check "
-                              "(reload_interval_s, or SIGHUP) tries again; if this repeats, report it with "
-                              "the exception", extra={"dir": self.settings.models_dir})
+            except Exception as error:  # NOTE: one failed pass used to end this task, and hot reload, unlogged
+                self._check_failed(error)
+            else:
+                if self.check_failure is not None:
+                    log.info("model check works again", extra={"dir": self.settings.models_dir})
+                    self.check_failure = None
+
+    def _check_failed(self, error: Exception) -> None:
+        """Log a failed model check, once while it fails the same way (a traceback every
+        reload_interval_s was 1,800 an hour)."""
+        failure = (type(error).__name__, str(error))
+        if failure == self.check_failure:
+            return
+        self.check_failure = failure
+        log.exception("model check failed; the loaded models keep serving and the next check "
+                      "(reload_interval_s, or SIGHUP) tries again (the same failure again is not logged; "
+                      "'model check works again' when it clears); if this repeats, report it with the "
+                      "exception", extra={"dir": self.settings.models_dir})
 
     async def _check_models(self, loop: asyncio.AbstractEventLoop, retry_rejected: bool = False) -> None:
-        """One pass of the watch: reload, then what follows a change."""
+        """One pass of the watch: reload, then what follows a change. NOTE: what follows stays pending
+        until it runs through: a pass failing in it after a change left it undone for good (the next
+        pass saw no change): /metrics' models, the warnings, the batchers' pruning."""
         changed = await loop.run_in_executor(None, self.registry.reload, retry_rejected)
         self.metrics.model_checks.inc()
-        if changed:
+        self.follow_up_pending = self.follow_up_pending or changed
+        if self.follow_up_pending:
             self.metrics.set_models(self.registry.snapshot.models)
             self._warn_when_no_default()
             self._warn_unloaded_routes()
             await self.service.prune()
+            self.follow_up_pending = False
 
     async def stop(self) -> None:
         """Drain: health says NOT_SERVING, new calls are refused, in-flight ones finish."""
