@@ -37,6 +37,15 @@ class Events:
         return [(name, detail) for kind, name, detail in self.seen if kind == event]
 
 
+def assert_refused_once(registry: ModelRegistry, events: Events, name: str, *phrases: str) -> str:
+    """The one rejection so far is of ``name`` and says each phrase; the next check (nothing changed)
+    does not say it again. Returns what it said."""
+    [(refused, detail)] = events.of("rejected")
+    assert refused == name and all(phrase in detail for phrase in phrases), detail
+    assert not registry.reload() and len(events.of("rejected")) == 1  # said once
+    return detail
+
+
 @pytest.fixture()
 def models(tmp_path):
     directory = tmp_path / "models"
@@ -51,10 +60,8 @@ def test_a_symlink_loop_is_refused_once_and_the_directory_is_still_watched(model
     registry = ModelRegistry(str(models), on_change=events)
     assert registry.reload()
     assert set(registry.snapshot.models) == {"apache-access"}
-    [(name, detail)] = events.of("rejected")
-    assert name == "loop" and "loop.onnx" in detail and "fix or remove it" in detail
+    detail = assert_refused_once(registry, events, "loop", "loop.onnx", "fix or remove it")
     assert registry.snapshot.errors[str(models / "loop.onnx")] == detail
-    assert not registry.reload() and len(events.of("rejected")) == 1  # said once
     # Hot reload goes on: the link removed, a new model dropped in is loaded.
     (models / "loop.onnx").unlink()
     shutil.copy(DEFAULT_MODEL, models / "second.onnx")
@@ -154,14 +161,12 @@ def test_a_file_name_that_is_not_utf8_is_refused_saying_to_rename_it(models):
     registry = ModelRegistry(str(models), on_change=events)
     assert registry.reload()
     assert set(registry.snapshot.models) == {"apache-access"}
-    [(name, detail)] = events.of("rejected")
-    assert name == "caf\\xe9" and "not UTF-8" in detail and "rename the file" in detail
+    assert_refused_once(registry, events, "caf\\xe9", "not UTF-8", "rename the file")
     assert list(registry.snapshot.errors) == [f"{models}/caf\\xe9.onnx"]
     metrics = Metrics()  # the sidecar counts each rejection under its name: /metrics must still render
-    metrics.model_rejections.labels(name).inc()
+    metrics.model_rejections.labels("caf\\xe9").inc()
     metrics.set_models(registry.snapshot.models)
     assert 'file="caf\\\\xe9"' in metrics.render().decode()
-    assert not registry.reload() and len(events.of("rejected")) == 1
 
 
 def test_a_file_over_max_model_bytes_is_refused_before_it_is_read(models):
@@ -366,10 +371,9 @@ def test_an_onnx_entry_that_is_no_file_is_refused_once_saying_what_to_do(tmp_pat
     registry = ModelRegistry(str(models), on_change=events)
     registry.reload()
     assert not registry.snapshot.models  # the start error joins these errors: it names the entry
-    [(name, detail)] = events.of("rejected")
-    assert name == "apache-access" and said in detail and detail.startswith(str(models / "apache-access.onnx"))
+    detail = assert_refused_once(registry, events, "apache-access", said)
+    assert detail.startswith(str(models / "apache-access.onnx"))
     assert list(registry.snapshot.errors.values()) == [detail]
-    assert not registry.reload() and len(events.of("rejected")) == 1
 
 
 def test_a_models_directory_gone_is_said_once_and_once_when_it_is_back(models, caplog):
