@@ -10,9 +10,13 @@
 # Status codes of every RPC:
 #   OK                  every record scored (per-record notes in ScoreResponse.notes)
 #   INVALID_ARGUMENT    malformed payload (bad msgpack, no records field, too many
-#                       records); the message names the problem
+#                       records, a tag over 1,024 characters), or a mark Feedback
+#                       refuses (see Feedback); the message names the problem
 #   NOT_FOUND           the named model is not loaded (the message lists loaded
 #                       ones), or the feedback entry or review group is unknown
+#   FAILED_PRECONDITION (Feedback) the review group id is from another sidecar
+#                       process (a restart, or another sidecar of the fleet):
+#                       the page is out of date, reload /ui/; nothing is marked
 #   UNAUTHENTICATED     a bearer token is configured and the call lacks it
 #   RESOURCE_EXHAUSTED  the sidecar's queue is full; retry later
 #   DEADLINE_EXCEEDED   the caller's deadline passed before scoring finished
@@ -54,8 +58,14 @@ module Logscore
         # on: a later flagged record whose unusual features it covers is scored again
         # without them and, under the threshold, not flagged (note "suppressed by
         # feedback #id"). INVALID_ARGUMENT: no or several targets, no author, an
-        # unknown verdict, records with nothing unusual; NOT_FOUND: the model, or
-        # the review group (groups live in the sidecar's memory: its /ui/ page);
+        # unknown verdict, records with nothing unusual; marked normal: a record the
+        # model does not flag, a record or group unusual in details (n-grams) only,
+        # or records (or a group) the model flags whatever the feedback: lines that
+        # did not parse (route that log to a model of its own) or records cut before
+        # scoring (train on that log, or raise max_record_bytes / max_field_chars).
+        # NOT_FOUND: the model, or the review group (groups live in the sidecar's
+        # memory: its /ui/ page); FAILED_PRECONDITION: a group id from another
+        # sidecar process (a restart, or another sidecar of the fleet): reload /ui/;
         # UNAVAILABLE: the feedback store cannot be reached.
         rpc :Feedback, ::Logscore::V1::FeedbackRequest, ::Logscore::V1::FeedbackEntry
         # The feedback entries (removed ones too when asked) and the store's state.

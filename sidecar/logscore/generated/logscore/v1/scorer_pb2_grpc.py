@@ -109,8 +109,14 @@ class ScorerServicer:
         on: a later flagged record whose unusual features it covers is scored again
         without them and, under the threshold, not flagged (note "suppressed by
         feedback #id"). INVALID_ARGUMENT: no or several targets, no author, an
-        unknown verdict, records with nothing unusual; NOT_FOUND: the model, or
-        the review group (groups live in the sidecar's memory: its /ui/ page);
+        unknown verdict, records with nothing unusual; marked normal: a record the
+        model does not flag, a record or group unusual in details (n-grams) only,
+        or records (or a group) the model flags whatever the feedback: lines that
+        did not parse (route that log to a model of its own) or records cut before
+        scoring (train on that log, or raise max_record_bytes / max_field_chars).
+        NOT_FOUND: the model, or the review group (groups live in the sidecar's
+        memory: its /ui/ page); FAILED_PRECONDITION: a group id from another
+        sidecar process (a restart, or another sidecar of the fleet): reload /ui/;
         UNAVAILABLE: the feedback store cannot be reached.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
