@@ -485,9 +485,9 @@ class Behaviour:
 
     def tick(self, now: Optional[float] = None) -> None:
         """Close the windows that ended (also when no records arrive: a drop to zero is news)."""
-        now = time.time() if now is None else now
         events = []
         with self._lock:
+            now = time.time() if now is None else now  # (read under the lock: observe closes windows too)
             # (a model and the one replacing it share their windows until the reload prunes it:
             # closed once, the second close finds nothing due)
             for watched in list(self._models.values()):

@@ -70,6 +70,7 @@ LEVELS_READ = 4
 MAX_TEMPLATE_CHARS = 160
 MAX_NAMED = 4  # improbable keys named in one window event
 MAX_CATCH_UP = 60  # after a pause, the windows older than this many are skipped (so 1 + 60 close at most)
+STEP_BACK_TOLERANCE = 0.25  # of a window: a clock this little behind the open window's start is no step back
 SHARE_ADAPT_IN_EPISODE = 0.1  # how fast an improbable share becomes the expected one, against a usual one
 # Episodes under way when the sidecar stopped go on after its restart when the last window it
 # closed ended at most this long before the first one it opens (EpisodeFile): a restart takes seconds.
@@ -538,7 +539,10 @@ class WindowCounter:
 
     def close_due(self, now: float) -> list[AnomalyEvent]:
         """Close every window that ended by ``now``; the events of improbable ones."""
-        if now < self.start:  # (the clock never goes back in use: closing moves start to at most now)
+        # (the clock never goes back in use: closing moves start to at most now. A little behind is not a
+        # step: a tick whose clock was read just before a record closed the window meets a start a few ms
+        # ahead of it, and restarting there dropped the open window's counts and closed one twice.)
+        if now < self.start - STEP_BACK_TOLERANCE * self.window_s:
             self._restart_at(now)
         events: list[AnomalyEvent] = []
         while now >= self.start + self.window_s:
