@@ -1146,6 +1146,9 @@ def test_a_time_far_ahead_of_the_clock_is_unknown_and_leaves_the_rest_on_time():
     # source's least delay a year down, and every record on time after it would have been late.
     assert lateness.late(np.array([START + 365 * 86400, START]), ["s", "s"], START) is None
     assert lateness.take_ahead() == ("s", 365 * 86400)  # named in the log all the same (it was not)
+    # ... also beside a record of no time (NaN won the search for the farthest: review)
+    assert lateness.late(np.array([np.nan, START + 365 * 86400]), ["no-time", "year-ahead"], START) is None
+    assert lateness.take_ahead() == ("year-ahead", 365 * 86400)
     assert lateness.late(np.array([START + 1, START + 1 - 30]), ["s", "s"], START + 1) is None
     assert lateness.late(np.array([START + 2 + MAX_AHEAD_S / 2]), ["s"], START + 2) is None  # a bit ahead: fine
     # (within the hour it is no sooner either: the clock of what sent it runs ahead, and the records

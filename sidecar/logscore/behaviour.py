@@ -181,7 +181,7 @@ class Lateness:
         delays = now - times
         far = delays < -MAX_AHEAD_S
         if far.any():  # a time far ahead of the clock is none we can use; its sender is named all the same
-            first = int(np.argmin(delays))
+            first = int(np.flatnonzero(far)[np.argmin(delays[far])])  # (argmin of all picked an unknown time: NaN)
             self._saw_ahead(sources[first] if sources else "", float(-delays[first]))
             delays[far] = np.nan
         known = ~np.isnan(delays)
