@@ -68,15 +68,20 @@ def read_at_most(path: str, max_bytes: Optional[int]) -> bytes:
         size = os.fstat(file.fileno()).st_size
         if size > limit:
             raise too_big(path, size, max_bytes)
-        # NOTE: one buffer, of the stat's size, extended in place as the file grows: `bytes += chunk`
-        # copied the whole for every chunk and held two copies, twice the limit before refusing.
-        data = bytearray(size)
-        del data[file.readinto(data):]
-        while more := file.read(min(GROWTH_CHUNK, limit + 1 - len(data))):  # it grew since its stat
-            data += more
-            if len(data) > limit:
-                raise too_big(path, max(len(data), os.fstat(file.fileno()).st_size), max_bytes)
-    return bytes(data)  # (one copy of an accepted file: onnxruntime copies the bytes it is given too)
+        data = file.read(size)  # (bytes: an accepted file is held once; onnxruntime copies it too)
+        more = file.read(min(GROWTH_CHUNK, limit + 1 - len(data)))
+        if not more:
+            return data
+        # NOTE: it grew since its stat: one buffer, extended in place (`bytes += chunk` copied the whole for
+        # every chunk and held two copies, twice the limit before refusing).
+        grown = bytearray(data)
+        del data
+        while more:
+            grown += more
+            if len(grown) > limit:
+                raise too_big(path, max(len(grown), os.fstat(file.fileno()).st_size), max_bytes)
+            more = file.read(min(GROWTH_CHUNK, limit + 1 - len(grown)))
+    return bytes(grown)
 
 
 def too_big(path: str, size: int, max_bytes: int) -> ModelLoadError:
