@@ -133,6 +133,10 @@ BAD_FEEDBACK = [
      400, "was cut before scoring: model 'shop' flags records cut before scoring whatever the feedback"),
     ({"verdict": "normal", "author": "a", "records": [LONG_QUERY_LINE]},
      400, "sidecar's max_record_bytes (65,536 characters of a raw line) or the model's max_field_chars (8,192 "),
+    # a raw line over max_record_bytes, cut mid-way so that it does not parse either: the cut's remedy too,
+    # as its review group gets (it was told to route the log to a model of its own: review)
+    ({"verdict": "normal", "author": "a", "records": [LONG_QUERY_LINE.replace("?q=", "?q=" + "b" * 70_000, 1)]},
+     400, "was cut before scoring: model 'shop' flags records cut before scoring whatever the feedback"),
     ([1, 2], 400, "must be a JSON object"),
     # Times no platform can show: such an entry once broke every listing and the page, fleet-wide.
     ({"verdict": "normal", "author": "a", "records": ["x"], "expires_at": 1e20}, 400, "no time before 9999-12-31"),

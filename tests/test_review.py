@@ -422,3 +422,6 @@ def test_long_flagged_lines_weigh_more_against_the_inspection_budget():
     assert ring.admit("shop", 4, inspect_cost([long] * 4)) == 2  # 40 asked of a budget of 20
     assert ring.not_grouped == {"shop": 2} and ring._tokens < 1  # spent (but what refilled since)
     assert ReviewRing(inspect_per_s=20).admit("shop", 4) == 4  # ordinary records, as before
+    # One line weighing more than the whole bucket is admitted when the bucket is full (it never was).
+    heavy = ReviewRing(inspect_per_s=20)
+    assert heavy.admit("shop", 1, inspect_cost([long * 3])) == 1 and heavy._tokens < 0

@@ -401,10 +401,10 @@ def refuse_unparsed(model: Model, records: Sequence[object]) -> None:
     _, parsed, cut = model.featurizer.field_values(records)
     for row, (ok, shortened) in enumerate(zip(parsed, cut)):
         what = f"record {row + 1} ({record_text(records[row])[:80]!r})"
+        if truncated and shortened:  # (first, as decide holds it: the cut may be why it does not parse)
+            raise cut_refusal(f"{what} was cut before scoring", model)
         if unparsed and not ok:
             raise unparsed_refusal(f"{what} does not parse as {model.featurizer.log_format}", model.name)
-        if truncated and shortened:
-            raise cut_refusal(f"{what} was cut before scoring", model)
 
 
 def refuse_unflagged(model: Model, records: Sequence[object]) -> None:

@@ -276,6 +276,8 @@ class ReviewRing:
             self._tokens = min(self.inspect_per_s, self._tokens + (now - self._refilled) * self.inspect_per_s)
             self._refilled = now
             allowed = wanted if cost <= self._tokens else int(wanted * max(self._tokens, 0) / cost)
+            if not allowed and wanted and self._tokens >= self.inspect_per_s:
+                allowed = 1  # one line weighing more than the whole bucket was never admitted: it runs a debt
             self._tokens -= allowed * cost / wanted if wanted else 0
             if wanted > allowed:
                 self.not_grouped[base_name(model_name)] += wanted - allowed
