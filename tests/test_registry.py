@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import shutil
+import time
 import tracemalloc
 from types import MethodType, SimpleNamespace
 
@@ -280,8 +281,11 @@ def test_a_chmod_of_a_model_file_keeps_its_model_serving_as_it_was(models):
     registry.reload()
     serving = registry.snapshot.models["apache-access"]
     path = models / "apache-access.onnx"
-    os.chmod(path, path.stat().st_mode & 0o777)  # the same mode: only the ctime moves
-    registry.reload()
+    before = path.stat().st_ctime_ns
+    while path.stat().st_ctime_ns == before:  # (the kernel's clock for ctime moves in ticks)
+        os.chmod(path, path.stat().st_mode & 0o777)  # the same mode: only the ctime moves
+        time.sleep(0.005)
+    assert registry.reload()  # the file's state changed (else this tested nothing: review)
     assert registry.snapshot.models["apache-access"] is serving and len(events.of("loaded")) == 1
     assert not registry.reload()  # its new state stored: not read again
 
