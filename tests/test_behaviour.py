@@ -1933,6 +1933,20 @@ def test_an_unrelated_flood_during_a_burst_is_an_event_of_its_own(behaviour_mode
     assert events == [(5, "status_class=5xx share"), (15, "route=shop count")], events
 
 
+def test_a_host_flood_during_another_hosts_episode_is_an_event_of_its_own():
+    """A key of a dimension the episode is about joined it too: a second host's flood during the
+    first host's episode went unsaid (review). Only the templates' keys churn within one incident."""
+    from logscore.windows import WindowCounter
+
+    counter = object.__new__(WindowCounter)  # (only what _join_ongoing reads)
+    counter.model_name, counter._route_drop = "shop", lambda found: False
+
+    def joins(key: str) -> bool:
+        return counter._join_ongoing([(0, 0, key, 900.0, 100.0)], {key: False}, {"host=a"})[key]
+
+    assert not joins("host=b count") and joins("url_template=/cart/{id} count")
+
+
 def test_a_clock_stepped_back_restarts_the_open_window_and_raises_no_burst(behaviour_model, caplog):
     """The sidecar's clock stepped back 300 s: no window closed for 300 s (an outage then went
     unseen), then one closed with all those records: "status_class=2xx: 903 records in 1 s"."""

@@ -639,17 +639,17 @@ class WindowCounter:
     def _join_ongoing(self, found: list[tuple], known: dict[str, bool], ongoing: set[str]) -> dict[str, bool]:
         """While an episode of the model is under way, a key's count newly crossing joins it (logged,
         no event) if it is of a dimension whose keys churn within one incident: a template
-        (CHURNING_DIMENSIONS), or the dimension of a subject in the episode. The keys of a burst or
+        (CHURNING_DIMENSIONS). The keys of a burst or
         storm move in and out of improbability, and each move was announced as news (a 12-s 503
         burst over a shop's URLs raised 5 events). Still news: the route's drop (an outage is
         another incident than the burst it may follow), a share crossing (a 5xx burst coming back
         after quiet windows, in a flood of traffic that went on), and the count of a route, tag,
-        host, status class or level the episode is not about (joined, a flood 5x the traffic during
-        a 5xx-share episode raised nothing)."""
-        churning = CHURNING_DIMENSIONS | {dimension_of(s) for s in ongoing}
+        host, status class or level (joined, a flood 5x the traffic during a 5xx-share episode raised
+        nothing; joined for being of a dimension in the episode, a host's flood during another
+        host's went unsaid: review)."""
         joining = [f[2] for f in found
                    if not known[f[2]] and f[2].endswith(" count") and not self._route_drop(f)
-                   and dimension_of(f[2]) in churning]
+                   and dimension_of(f[2]) in CHURNING_DIMENSIONS]
         if joining:
             log.info("keys crossing while an episode is under way join it (no new event)",
                      extra={"model": self.model_name, "keys": joining[:MAX_NAMED], "joined": len(joining),
