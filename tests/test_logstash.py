@@ -202,6 +202,35 @@ def test_access_pipeline_requests_merge_scores_over_one_keep_alive_connection(si
     assert [e["logscore"]["is_anomaly"] for e in results] == [False] * 30 + [True] * 4
 
 
+# A syslog line as Logstash's syslog input splits it: time, host, program[pid]: message.
+SYSLOG_LINE = re.compile(r"^(\w{3} +\d+ [\d:]{8}) (\S+) ([^\[:]+)\[(\d+)\]: (.*)$")
+
+
+def syslog_events(lines: list[str], ecs: bool) -> list[dict]:
+    """The events Logstash's syslog input makes of `lines`: with ecs_compatibility v8 (Logstash 8's
+    default) the program and host are in [process][name] and [host][hostname], else [program], [logsource]."""
+    events = []
+    for line in lines:
+        _, host, program, pid, message = SYSLOG_LINE.match(line).groups()
+        if ecs:
+            events.append({"message": message, "process": {"name": program, "pid": int(pid)},
+                           "host": {"hostname": host, "ip": "10.0.0.9"}, "@timestamp": "2026-03-01T10:00:00.000Z"})
+        else:
+            events.append({"message": message, "program": program, "pid": pid, "logsource": host,
+                           "@timestamp": "2026-03-01T10:00:00.000Z"})
+    return events
+
+
+@pytest.mark.parametrize("ecs", [True, False], ids=["ecs-v8", "legacy"])
+def test_syslog_pipeline_scores_the_models_own_lines_in_both_event_shapes(sidecar, ecs):
+    config = http_filter(ROOT / "logstash-config" / "syslog.conf")
+    conn = connection(sidecar)
+    scored = [filter_request(conn, config, event)[2]["logscore"]
+              for event in syslog_events(syslog_lines(1500)[:200], ecs)]
+    flagged = [answer for answer in scored if answer["is_anomaly"]]
+    assert len(scored) == 200 and flagged == [], flagged[:3]
+
+
 def test_syslog_pipeline_with_a_missing_field(sidecar):
     config = http_filter(ROOT / "logstash-config" / "syslog.conf")
     conn = connection(sidecar)
