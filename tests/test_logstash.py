@@ -112,12 +112,22 @@ def test_config_structure_matches_the_sidecar_api(path):
     # event's own time (a backlog is then no burst in the sidecar's windows).
     log_format = MODEL_FORMATS[query["model"]]
     wanted = {f["field"] for f in DEFAULT_SPECS[log_format]["fields"]}
-    known = wanted | {a for names in FIELD_ALIASES[log_format].values() for a in names} | set(RAW_LINE_KEYS)
+    spec_aliases = {a for f in DEFAULT_SPECS[log_format]["fields"] for a in f.get("aliases", ())}
+    known = (wanted | spec_aliases | {a for names in FIELD_ALIASES[log_format].values() for a in names}
+             | set(RAW_LINE_KEYS))
     assert set(config["body"]) <= known | {"@timestamp"}, config["body"]
     assert config["body"]["@timestamp"] == "%{[@timestamp]}"
     for reference in config["body"].values():
         assert re.fullmatch(r"%\{\[[\w.@\]\[]+\]\}", reference), reference
     assert plugin_blocks_without_id(config["text"]) == []
+
+
+def test_jsonl_pipeline_sends_every_name_the_jsonl_format_reads():
+    """JSON loggers name the level and message their own way: an event naming them otherwise than
+    the body does lacks them, and is flagged as not parsing."""
+    body = http_filter(ROOT / "logstash-config" / "jsonl.conf")["body"]
+    for field in DEFAULT_SPECS["jsonl"]["fields"]:
+        assert {field["field"], *field.get("aliases", ())} <= set(body), field
 
 
 def test_configs_are_documented():
@@ -159,6 +169,23 @@ def filter_request(conn: http.client.HTTPConnection, config: dict, event: dict) 
     return response.status, headers, merged
 
 
+def pino_events(count: int, seed: int) -> list[dict]:
+    """What pino writes: a numbered level, the message under msg."""
+    rng = random.Random(seed)
+    return [{"level": rng.choice([30, 30, 20]), "time": 1765000000000 + i, "pid": 7, "hostname": "web1",
+             "msg": f"request {rng.randint(1, 999)} served in {rng.randint(1, 90)} ms"} for i in range(count)]
+
+
+def python_json_logger_events(count: int, seed: int) -> list[dict]:
+    """What python-json-logger writes: the level under levelname."""
+    rng = random.Random(seed)
+    return [{"levelname": rng.choice(["INFO", "INFO", "DEBUG"]), "name": "app",
+             "message": f"job {rng.randint(1, 999)} done in {rng.randint(1, 90)} ms"} for _ in range(count)]
+
+
+JSON_LOGGER_EVENTS = {"pino": pino_events(1500, seed=4), "pylog": python_json_logger_events(1500, seed=5)}
+
+
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     directory = tmp_path_factory.mktemp("logstash-models")
@@ -167,7 +194,10 @@ def models(tmp_path_factory):
     app_lines = [json.dumps({"level": rng.choice(["info", "info", "debug"]),
                              "message": f"request {rng.randint(1, 999)} served in {rng.randint(1, 90)} ms"})
                  for _ in range(1500)]
-    for name, log_format, lines in (("syslog", "syslog", syslog_lines(1500)), ("app", "jsonl", app_lines)):
+    trained = [("syslog", "syslog", syslog_lines(1500)), ("app", "jsonl", app_lines),
+               *((name, "jsonl", [json.dumps(event) for event in events])
+                 for name, events in JSON_LOGGER_EVENTS.items())]
+    for name, log_format, lines in trained:
         model, _ = train(lines, TrainOptions(spec=load_spec(None, log_format), name=name, folds=2))
         save_model(model, directory / f"{name}.onnx")
     return directory
@@ -250,6 +280,22 @@ def test_jsonl_pipeline(sidecar):
     assert not normal["logscore"]["is_anomaly"] and odd["logscore"]["is_anomaly"]
 
 
+@pytest.mark.parametrize("model", sorted(JSON_LOGGER_EVENTS))
+def test_jsonl_pipeline_scores_json_loggers_own_lines(sidecar, model):
+    """A pino or python-json-logger app's model, fed its own training events through jsonl.conf."""
+    config = http_filter(ROOT / "logstash-config" / "jsonl.conf")
+    config["url"] = config["url"].replace("model=app", f"model={model}")
+    conn = connection(sidecar)
+    events = [{**event, "@timestamp": "2026-03-01T10:00:00.000Z"} for event in JSON_LOGGER_EVENTS[model][:200]]
+    scored = [filter_request(conn, config, event)[2]["logscore"] for event in events]
+    assert {answer["model"] for answer in scored} == {model}
+    flagged = [answer for answer in scored if answer["is_anomaly"]]
+    assert flagged == [], flagged[:3]
+    # The message is read, not only found: a never-seen failure stands out.
+    odd = {**events[0], "msg" if "msg" in events[0] else "message": "segfault in worker 3, core dumped"}
+    assert filter_request(conn, config, odd)[2]["logscore"]["is_anomaly"]
+
+
 def test_batches_answer_in_order_with_notes(sidecar):
     lines = blog_lines(5, seed=10)
     for body in (lines, {"records": [{"message": line} for line in lines] + ["\udcff not access"]}):
@@ -290,4 +336,4 @@ def test_openapi_document_is_served_and_describes_the_routes(sidecar):
     assert {"/v1/score", "/v1/models", "/healthz", "/readyz", "/metrics"} <= set(document["paths"])
     assert document == json.loads((ROOT / "docs" / "openapi.json").read_text())
     status, body = sidecar.http_get("/v1/models")
-    assert {m["name"] for m in json.loads(body)["models"]} == {"apache-access", "syslog", "app"}
+    assert {m["name"] for m in json.loads(body)["models"]} == {"apache-access", "syslog", "app", *JSON_LOGGER_EVENTS}
