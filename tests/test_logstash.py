@@ -261,15 +261,24 @@ def test_syslog_pipeline_scores_the_models_own_lines_in_both_event_shapes(sideca
     assert len(scored) == 200 and flagged == [], flagged[:3]
 
 
-def test_syslog_pipeline_with_a_missing_field(sidecar):
-    config = http_filter(ROOT / "logstash-config" / "syslog.conf")
+@pytest.mark.parametrize("conf, event, missing", [
+    ("syslog.conf", {"message": "Accepted publickey for bob from 10.0.0.1 port 2222 ssh2", "program": "sshd",
+                     "logsource": "host1"}, "program"),
+    ("syslog.conf", {"message": "Accepted publickey for bob from 10.0.0.1 port 2222 ssh2",
+                     "process": {"name": "sshd"}, "host": {"hostname": "host1"}}, "process"),
+    ("jsonl.conf", {"level": "info", "message": "request 12 served in 40 ms"}, "level"),
+], ids=["syslog-legacy", "syslog-ecs", "jsonl"])
+def test_a_normal_event_without_a_needed_field_is_flagged_with_a_note(sidecar, conf, event, missing):
+    """As logstash-config/README.md says: Logstash sends the literal "%{[field]}", the sidecar drops it,
+    and reads the message as a whole line of the model's format, which it is not."""
+    config = http_filter(ROOT / "logstash-config" / conf)
     conn = connection(sidecar)
-    status, _, event = filter_request(conn, config, {"message": "Accepted publickey for bob from 10.0.0.1 port 2222 ssh2",
-                                                     "program": "sshd", "logsource": "host1"})
-    assert status == 200 and not event["logscore"]["is_anomaly"]
-    # No [program]: Logstash sends the literal "%{[program]}"; the sidecar treats it as absent.
-    status, _, unusual = filter_request(conn, config, {"message": "kernel panic: not syncing: VFS unable to mount root"})
-    assert status == 200 and unusual["logscore"]["is_anomaly"]
+    _, _, whole = filter_request(conn, config, event)
+    assert not whole["logscore"]["is_anomaly"] and "notes" not in whole["logscore"], whole["logscore"]
+    status, _, lacking = filter_request(conn, config, {k: v for k, v in event.items() if k != missing})
+    log_format = MODEL_FORMATS[re.search(r"model=([\w-]+)", config["url"]).group(1)]
+    assert status == 200 and lacking["logscore"]["is_anomaly"], lacking["logscore"]
+    assert lacking["logscore"]["notes"] == [f"did not parse as {log_format}; flagged: the model's training data parsed"]
 
 
 def test_jsonl_pipeline(sidecar):
