@@ -79,6 +79,27 @@ def plugin_blocks_without_id(text: str) -> list[str]:
     return missing
 
 
+def top_level_statements(text: str) -> list[str]:
+    """The heads of the statements directly inside a section: `if ...`, `else if ...`, `else`, or a plugin name."""
+    heads, depth, head_start = [], 0, 0
+    for i, char in enumerate(text):
+        if char == "{":
+            if depth == 0:
+                heads.append(re.sub(r"(?m)#.*$", "", text[head_start:i]).split("}")[-1].strip())
+            depth += 1
+        elif char == "}":
+            depth -= 1
+            if depth == 0:
+                head_start = i + 1
+    return heads
+
+
+def every_event_reaches_an_output(output: str) -> bool:
+    """True when an output runs unconditionally, or a chain of conditionals ends with `else`."""
+    heads = top_level_statements(output)
+    return any(not head.startswith(("if ", "else")) for head in heads) or "else" in heads
+
+
 def test_configs_are_shipped():
     assert {p.name for p in CONFIGS} >= {"apache-access.conf", "syslog.conf", "jsonl.conf"}
 
@@ -128,6 +149,18 @@ def test_jsonl_pipeline_sends_every_name_the_jsonl_format_reads():
     body = http_filter(ROOT / "logstash-config" / "jsonl.conf")["body"]
     for field in DEFAULT_SPECS["jsonl"]["fields"]:
         assert {field["field"], *field.get("aliases", ())} <= set(body), field
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_event_continues_to_an_output(path):
+    """Events a conditional output does not catch are dropped: scored, normal events must go on too."""
+    assert every_event_reaches_an_output(block(path.read_text(), "output")), path.name
+
+
+def test_output_check_tells_a_chain_without_else():
+    assert not every_event_reaches_an_output('if "x" in [tags] { stdout { id => "a" } }\n'
+                                             'else if [logscore][is_anomaly] { file { id => "b" } }')
+    assert every_event_reaches_an_output('if [logscore][is_anomaly] { file { id => "b" } } else { stdout {} }')
 
 
 def test_configs_are_documented():
