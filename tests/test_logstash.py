@@ -8,8 +8,10 @@ import os
 import random
 import re
 import shutil
+import ssl
 import subprocess
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -19,7 +21,7 @@ from logscore.records import RAW_LINE_KEYS
 from logscore.training.train import TrainOptions, save_model, train
 
 from .generate import attack_lines, blog_lines, syslog_lines
-from .sidecar_process import ROOT, SidecarProcess
+from .sidecar_process import ROOT, SidecarProcess, make_certificates
 
 CONFIGS = sorted((ROOT / "logstash-config").glob("*.conf"))
 MODEL_FORMATS = {"apache-access": "access", "syslog": "syslog", "app": "jsonl"}
@@ -187,10 +189,10 @@ def sprintf(template: str, event: dict) -> str:
 def filter_request(conn: http.client.HTTPConnection, config: dict, event: dict) -> tuple[int, dict, dict]:
     """What logstash-filter-http sends for `event`, and the event after it merged the answer."""
     body = json.dumps({k: sprintf(v, event) for k, v in config["body"].items()})
-    path = config["url"].split("127.0.0.1:9095", 1)[1]
-    conn.request(config["verb"], path, body, headers={
+    url = urlsplit(config["url"])
+    conn.request(config["verb"], f"{url.path}?{url.query}", body, headers={
         "content-type": "application/json", "Connection": "Keep-Alive", "User-Agent": "Manticore 0.9.1",
-        "Accept-Encoding": "gzip,deflate"})
+        "Accept-Encoding": "gzip,deflate", **config.get("headers", {})})
     response = conn.getresponse()
     raw = response.read()
     headers = {k.lower(): v for k, v in response.getheaders()}
@@ -336,6 +338,62 @@ def test_jsonl_pipeline_scores_json_loggers_own_lines(sidecar, model):
     # The message is read, not only found: a never-seen failure stands out.
     odd = {**events[0], "msg" if "msg" in events[0] else "message": "segfault in worker 3, core dumped"}
     assert filter_request(conn, config, odd)[2]["logscore"]["is_anomaly"]
+
+
+# --- a sidecar with a token and TLS, as logstash-config/README.md says to reach it ------------------
+
+def readme_secure_example() -> str:
+    """The README's `http` filter settings for a sidecar with a token and TLS."""
+    readme = (ROOT / "logstash-config" / "README.md").read_text()
+    examples = [text for text in re.findall(r"```ruby\n(.*?)```", readme, re.S)
+                if "ssl_certificate_authorities" in text]
+    assert len(examples) == 1, "the README shows no (or several) token and TLS examples"
+    return examples[0]
+
+
+def logstash_substitute(value: str, environment: dict) -> str:
+    """Logstash's ${VAR} substitution at pipeline load (a variable it cannot find stops the load)."""
+    return re.sub(r"\$\{(\w+)\}", lambda match: environment[match.group(1)], value)
+
+
+def test_readme_secure_example_is_valid_logstash(tmp_path):
+    if not (GRAMMAR and Path(GRAMMAR).is_file() and shutil.which("ruby")):
+        pytest.skip("set LOGSTASH_LSCL_GRAMMAR (and install ruby) to check syntax")
+    example = tmp_path / "secure.conf"
+    example.write_text(readme_secure_example())
+    result = subprocess.run(["ruby", str(ROOT / "tests" / "logstash" / "lscl_check.rb"), GRAMMAR, str(example)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_readme_secure_example_reaches_a_sidecar_with_token_and_tls(models, tmp_path):
+    """A pipeline changed as the README says scores through a sidecar with --token-file and
+    --tls-cert; without the header every event is tagged."""
+    certificates = make_certificates(tmp_path / "tls")
+    (tmp_path / "token").write_text("s3cret-for-logstash\n")
+    process = SidecarProcess(models, tmp_path, token_file=tmp_path / "token", tls_cert=certificates["server.pem"],
+                             tls_key=certificates["server.key"], ca_file=certificates["ca.pem"]).start()
+    try:
+        example = readme_secure_example()
+        config = http_filter(ROOT / "logstash-config" / "apache-access.conf")
+        url = urlsplit(setting(example, "url").strip('"'))
+        assert url.scheme == "https"
+        config["url"] = url._replace(netloc=f"127.0.0.1:{process.http_port}").geturl()
+        headers = dict(re.findall(r'"([^"]+)"\s*=>\s*"([^"]*)"', block(example, "headers =>")))
+        environment = {"LOGSCORE_TOKEN": "s3cret-for-logstash"}
+        config["headers"] = {name: logstash_substitute(value, environment) for name, value in headers.items()}
+        authorities = json.loads(setting(example, "ssl_certificate_authorities"))
+        assert len(authorities) == 1 and authorities[0].endswith(".pem")
+        context = ssl.create_default_context(cafile=str(certificates["ca.pem"]))  # the file named there
+        conn = http.client.HTTPSConnection("127.0.0.1", process.http_port, timeout=10, context=context)
+        event = {"message": blog_lines(1, seed=12)[0]}
+        status, _, scored = filter_request(conn, config, event)
+        assert status == 200 and scored["logscore"]["model"] == "apache-access", scored
+        del config["headers"]
+        status, _, refused = filter_request(conn, config, event)
+        assert status == 401 and "_logscore_unscored" in refused["tags"] and "logscore" not in refused
+    finally:
+        assert process.stop() == 0
 
 
 def test_batches_answer_in_order_with_notes(sidecar):
