@@ -586,6 +586,36 @@ def test_a_tls_client_on_the_plain_port_is_refused_at_once_and_told_in_the_log(s
     assert sidecar.metric('logscore_errors_total{kind="tls_on_plain_http"') >= 1
 
 
+def test_a_plain_http_client_on_the_tls_port_is_answered_and_told_in_the_log(tmp_path, shop_models, certificates):
+    """The reverse case: asyncio's TLS closed a plain-HTTP client at its first bytes, without an
+    answer, a log line or a count (an http:// Logstash pipeline pointed at a --tls-cert sidecar)."""
+    process = SidecarProcess(shop_models, tmp_path, tls_cert=certificates["server.pem"],
+                             tls_key=certificates["server.key"], ca_file=certificates["ca.pem"]).start()
+    try:
+        told = "this port speaks HTTPS; use https://"
+        for _ in range(3):  # each one answered, not reset (the request's body is left unread)
+            status, answer = raw_request(process.http_port, http_bytes(process.http_port, b'{"message": "x"}'))
+            assert status == 400 and told in answer["error"], answer
+        with socket.create_connection(("127.0.0.1", process.http_port), timeout=20):
+            pass  # a client that sends nothing and leaves: no request, nothing counted
+        # TLS clients are served as before, a slow one too (its first byte is waited for, not taken).
+        with socket.create_connection(("127.0.0.1", process.http_port), timeout=20) as connection:
+            time.sleep(0.2)
+            context = ssl.create_default_context(cafile=str(certificates["ca.pem"]))
+            with context.wrap_socket(connection, server_hostname="localhost") as secure:
+                secure.sendall(http_bytes(process.http_port, json.dumps({"message": shop_lines(1)[0]}).encode()))
+                assert read_response(secure)[0] == 200
+        status, body = process.http_post("/v1/score", {"message": shop_lines(1)[0]})
+        assert status == 200 and body["model"] == "shop"
+        refusals = [json.loads(line) for line in process.log().splitlines() if '"request refused"' in line]
+        assert any(r["kind"] == "plain_http_on_tls" and told in r["reason"] for r in refusals), refusals
+        assert process.metric('logscore_errors_total{kind="plain_http_on_tls"') == 3
+        assert process.metric("logscore_errors_total{") == 3
+    finally:
+        assert process.stop() == 0
+    assert "Traceback" not in process.log()
+
+
 def test_a_refused_body_is_answered_not_reset(sidecar):
     """A 413 (the body announced too big) closed at once: the client, still sending, read a reset."""
     body = b"[" + b'{"message": "x"},' * 600_000 + b"{}]"  # 10 MB

@@ -43,7 +43,7 @@ from ..resources import openapi_path
 from ..scoring import ScoreCall, ScoreOutcome, ScoringService
 from ..settings import bearer_matches
 from .answers import explanations_kept, left_out_note, say_left_out
-from .streams import StreamServer
+from .streams import TLS_HANDSHAKE_RECORD, StreamServer
 
 log = logging.getLogger("logscore.http")
 
@@ -69,7 +69,6 @@ REQUEST_TIMEOUT_S = 30.0  # from a request line to the last byte of its body, an
 BODY_PIECE = 64 * 1024  # a body is charged to the in-flight budget as it arrives, a piece at a time
 YIELD_EVERY_CHUNKS = 512  # a chunked body gives other connections a turn this often (small chunks only)
 LINGER_S, LINGER_BYTES = 2.0, 16 * 2**20  # what is read and dropped, after an error, before closing
-TLS_HANDSHAKE = b"\x16"  # the content type of a TLS record that opens a connection (ClientHello)
 CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,8}(;[^\r\n]*)?\r?\n")
 SINGLE_HEADERS = ("content-length", "transfer-encoding", "authorization", "host")
 # A header's name (and a method): RFC 9110's token, nothing around it (no space before the colon, no folded line)
@@ -184,6 +183,13 @@ class HttpServer(StreamServer):
         reading included: a slow upload is a call under way)."""
         parts = line.split(b" ", 2)
         return len(parts) == 3 and parts[0] == b"POST" and parts[1].split(b"?", 1)[0] in self.scoring_paths
+
+    async def refuse_plain_on_tls(self, reader, writer) -> None:
+        """A plain-HTTP request on the TLS port is answered in plain HTTP, as a TLS client on a plain
+        port is (tls_on_plain_http): the client reads why, and the log says so."""
+        await self._refuse(reader, writer, HttpError(
+            400, "a plain HTTP request on a TLS port: this port speaks HTTPS; use https:// (trusting the "
+                 "sidecar's CA), or start the sidecar without --tls-cert", close=True, kind="plain_http_on_tls"))
 
     async def _refuse(self, reader, writer, error: HttpError) -> bool:
         if self.metrics is not None:
@@ -460,7 +466,7 @@ async def read_request_line(reader: asyncio.StreamReader) -> bytes:
         raise HttpError(400, f"malformed request line: it starts with byte 0x{first[0]:02x}, as the forward "
                              "protocol's messages do; point the sender at the sidecar's --forward port, not --http",
                         close=True)
-    if first == TLS_HANDSHAKE:
+    if first == TLS_HANDSHAKE_RECORD:
         # (a kind of its own: logged even when other 400s were, a moment before)
         raise HttpError(400, "a TLS handshake on a plain HTTP port: this port speaks plain HTTP; use http:// or "
                              "start the sidecar with --tls-cert", close=True, kind="tls_on_plain_http")
