@@ -1,5 +1,6 @@
 """Session models: trained on whole sessions, served record by record with bounded state."""
 
+import random
 import re
 import subprocess
 import sys
@@ -7,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 
+from logscore.decide import decide, notes_by_record
 from logscore.model import Model
 from logscore.sessions import SessionSpec, SessionTracker
 
@@ -90,6 +92,59 @@ def test_checking_review_groups_against_new_feedback_leaves_sessions_as_they_wer
     decide(model, model.score(lines), feedback=FeedbackStep(RuleSet(), lines, observe=ring.observe,
                                                             inspect_always=True))
     assert ring.snapshot()  # flagged records grouped, examples kept
-    sessions = {key: list(events) for key, events in model.sessions._sessions.items()}
+    sessions = {key: list(session.events) for key, session in model.sessions._sessions.items()}
     ring.recheck(RuleSet([Entry(1, NORMAL, {"field": "message", "value": "x"}, "ana", model="another")]))
-    assert {key: list(events) for key, events in model.sessions._sessions.items()} == sessions
+    assert {key: list(session.events) for key, session in model.sessions._sessions.items()} == sessions
+
+
+def test_a_session_of_huge_lines_holds_at_most_its_bound_in_characters():
+    """Bounded in bytes, not only in records: each line is cut to the sidecar's line limit before it
+    joins its session, and a session keeps only its last events that fit in max_chars (it held
+    every whole line: 142 lines of 1.9 MB took a sidecar from 156 to 377 MiB)."""
+    tracker = SessionTracker(SessionSpec(key=r"s\d+", max_events=1024), max_chars=1000, max_line_chars=5000)
+    huge = [f"a s1 {'x' * 100_000} {i}" for i in range(50)]
+    tracked, notes = tracker.track_noting(huge)
+    assert all(len(fields["events"]) <= 1000 for fields in tracked)
+    assert sum(len(event) for session in tracker._sessions.values() for event in session.events) <= 1000
+    assert "line was cut to 5000 characters" in notes[0][0]
+    assert any("the session was cut" in note for note in notes[-1])
+    small = tracker.track_noting(["b s1"])
+    assert small[0][0]["events"].endswith("b <session>") and len(small[0][0]["events"]) <= 1000  # newest counts
+
+
+def long_transfer_lines(sessions: int, seed: int, writes: tuple[int, int]) -> list[str]:
+    """Interleaved transfers of many writes each: sessions far longer than a field's 8,192 characters."""
+    rng = random.Random(seed)
+    pending = []
+    for number in range(sessions):
+        key = f"xfer-{seed}-{number}"
+        steps = [f"open {key} from 10.0.0.{rng.randint(1, 254)}"]
+        steps += [f"write {key} chunk {i} size {rng.randint(100, 9000)}" for i in range(rng.randint(*writes))]
+        pending.append(steps + [f"checksum {key} ok", f"close {key} after {rng.randint(1, 90)} s"])
+    lines = []
+    while pending:
+        steps = pending[rng.randrange(len(pending))]
+        lines.append(steps.pop(0))
+        pending = [p for p in pending if p]
+    return lines
+
+
+def test_an_anomalous_event_late_in_a_long_session_is_flagged(tmp_path):
+    """Events past the first ~8,192 characters of a session were never scored: the events field was
+    cut from its head. The session keeps its last events instead, so the newest always counts."""
+    source, path = tmp_path / "long.log", tmp_path / "long.onnx"
+    source.write_text("\n".join(long_transfer_lines(60, seed=1, writes=(1, 400))) + "\n")
+    result = subprocess.run([sys.executable, "-m", "logscore", "train", "--input", str(source), "--format", "plain",
+                             "--session-key", r"xfer-\d+-\d+", "--target-fpr", "0.01", "--out", str(path)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    model = Model.load(path)
+    key = "xfer-9-1"
+    lines = [f"open {key} from 10.0.0.7"] + [f"write {key} chunk {i} size {100 + i}" for i in range(400)]
+    lines.insert(300, f"error {key} connection reset after 3 s")  # ~11,000 characters into the session
+    scored = model.score(lines)
+    assert scored.is_anomaly[300], scored.scores[295:305]
+    assert not scored.is_anomaly[290:300].any()  # what came before it, cut the same way, is ordinary
+    notes = notes_by_record([(i, text) for i, _, text in decide(model, scored).notes], len(lines))
+    assert any(text.startswith("truncated: the session was cut") for text in notes[300]), notes[300]
+    assert not any("raw line" in text for text in notes[300])

@@ -120,6 +120,8 @@ def decide(model: Model, scored: Scored, learning: Optional[Sequence[Optional[st
             text, while_learning = text + TRUNCATED_FLAGGED, text + TRUNCATED_WHILE_LEARNING
         notes += [(int(i), "record", while_learning if learning is not None and learning[i] else text)
                   for i in np.flatnonzero(scored.truncated)]
+    if scored.session_notes is not None:  # session models: a session or a line cut
+        notes += [(i, "record", text) for i, texts in enumerate(scored.session_notes) for text in texts]
     if learning is not None:
         for i, why in enumerate(learning):
             if why is not None:

@@ -60,6 +60,7 @@ class Scored:
     fields: Optional[list] = None  # normalized field maps (training windows and clients: Model.needs_fields)
     novelty: Optional[np.ndarray] = None  # float [N] share of keys never seen in training (models with clients)
     columns: Optional[dict] = None  # the fields windows and clients read, as text (Model.behaviour_fields)
+    session_notes: Optional[list] = None  # session models: per record, what to note (sessions.SessionTracker)
 
     def slice(self, start: int, stop: int, explain: int, named: int = 0) -> "Scored":
         """Records start..stop, with at most ``explain`` features named each (``named``: the most
@@ -75,7 +76,8 @@ class Scored:
                       self.fields[start:stop] if self.fields is not None else None,
                       self.novelty[start:stop] if self.novelty is not None else None,
                       {name: column[start:stop] for name, column in self.columns.items()}
-                      if self.columns is not None else None)
+                      if self.columns is not None else None,
+                      self.session_notes[start:stop] if self.session_notes is not None else None)
 
     @staticmethod
     def concatenate(parts: Sequence["Scored"], explained: bool) -> "Scored":
@@ -88,7 +90,8 @@ class Scored:
                       [f for p in parts for f in p.fields] if parts[0].fields is not None else None,
                       np.concatenate([p.novelty for p in parts]) if parts[0].novelty is not None else None,
                       {name: [v for p in parts for v in p.columns[name]] for name in parts[0].columns}
-                      if parts[0].columns is not None else None)
+                      if parts[0].columns is not None else None,
+                      [n for p in parts for n in p.session_notes] if parts[0].session_notes is not None else None)
 
 
 def carries_behaviour(metadata: dict) -> bool:
@@ -159,7 +162,8 @@ class Model:
             self.tracks_novelty = bool(meta.get("entities"))  # the client detector reads it
             self.needs_fields = False
             sessions = self.featurizer.sessions
-            self.sessions = SessionTracker(sessions) if sessions is not None else None
+            self.sessions = (SessionTracker(sessions, self.featurizer.max_field_chars, max_line_chars)
+                             if sessions is not None else None)
         except ModelLoadError:
             raise
         except Exception as error:  # malformed metadata, or metadata a newer logscore wrote
@@ -197,14 +201,15 @@ class Model:
             parts = [self.score(records[i: i + SCORE_CHUNK], explain, explain_flagged, threshold)
                      for i in range(0, len(records), SCORE_CHUNK)]
             return Scored.concatenate(parts, explain > 0 or explain_flagged > 0)
+        session_notes = None
         if self.sessions is not None:
-            records = self.sessions.track(records)  # each record scored as its session so far
+            records, session_notes = self.sessions.track_noting(records)  # each record as its session so far
         batch = self.featurizer.transform(records, dense=self.needs_dense, with_fields=self.needs_fields,
                                           columns=self.behaviour_fields)
         score, raw, surprise = run_graph(self.session, batch)
         cut = self.threshold if threshold is None else threshold
         result = Scored(score, score >= cut, raw, batch.truncated, batch.unparsed, fields=batch.fields,
-                        columns=batch.columns)
+                        columns=batch.columns, session_notes=session_notes)
         if self.tracks_novelty:
             result.novelty = novelty_shares(batch, surprise)
         if explain > 0:

@@ -15,16 +15,25 @@ from __future__ import annotations
 
 import re
 import threading
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Optional, Sequence
 
 from .errors import ConfigError
 from .masking import mask_variables
 from .parsers import Fields
-from .records import RAW_LINE_KEYS, to_text
+from .records import DEFAULT_MAX_LINE_CHARS, RAW_LINE_KEYS, to_text
 
 EVENTS_FIELD = "events"
+DEFAULT_SESSION_CHARS = 8192  # = the featurizer's default max_field_chars (what of a session is scored)
+# Distinct event texts the sessions share one copy of (SessionTracker._shared), and the longest
+# shared: at most ≈ 10,000 × 512 characters, however many distinct events a log has.
+MAX_SHARED_EVENTS = 10_000
+MAX_SHARED_EVENT_CHARS = 512
+# Notes (decide.NOTE_KINDS turns their first word into a flag: truncated)
+LINE_CUT_NOTE = "truncated: a line was cut to {line} characters before it joined its session"
+SESSION_CUT_NOTE = ("truncated: the session was cut: scored on its last events that fit in {chars} characters "
+                    "(at most {events}); its older events were left out")
 
 
 @dataclass(frozen=True)
@@ -63,46 +72,102 @@ class SessionKeys:
             return ""
         return to_text(record)
 
-    def key_and_event(self, record: object) -> tuple[Optional[str], str]:
-        text = self.text(record)
+    def key_and_event(self, text: str) -> tuple[Optional[str], str]:
         match = self._key.search(text)
         key = match.group(0) if match else None
         event = mask_variables(self._key.sub("<session>", text)) if key else mask_variables(text)
         return key, " ".join(event.split())
 
 
-class SessionTracker:
-    """Open sessions of a serving model: each record becomes its session so far."""
+class Session:
+    """One open session's kept events, the newest last, and their length joined (what the featurizer reads)."""
 
-    def __init__(self, spec: SessionSpec):
+    __slots__ = ("events", "chars", "cut")
+
+    def __init__(self):
+        self.events: deque[str] = deque()
+        self.chars = 0  # len("\n".join(events))
+        self.cut = False  # older events were left out: what is scored is its end, not the whole
+
+    def add(self, event: str, max_events: int, max_chars: int) -> None:
+        """Keep the last events that fit, so a new event always counts (cutting the joined text at
+        its head instead left every event past ~8,192 characters unscored: probe, session 26)."""
+        event = event[:max_chars]  # one event longer than the limit: its start, as a cut field
+        self.events.append(event)
+        self.chars += len(event) + (1 if len(self.events) > 1 else 0)
+        while len(self.events) > max_events or (self.chars > max_chars and len(self.events) > 1):
+            self.chars -= len(self.events.popleft()) + 1
+            self.cut = True
+
+
+class SessionTracker:
+    """Open sessions of a serving model: each record becomes its session so far.
+
+    Bounded in bytes, not only in counts: a record's text is cut to ``max_line_chars`` (the
+    sidecar's max_record_bytes) before it is masked, and a session keeps its last events that fit
+    in ``max_chars`` (the featurizer's max_field_chars). So the sidecar holds at most
+    max_sessions × max_chars characters of events (measured before: 142 records of 1.9 MB in one
+    session took it from 156 to 377 MiB)."""
+
+    def __init__(self, spec: SessionSpec, max_chars: int = DEFAULT_SESSION_CHARS,
+                 max_line_chars: int = DEFAULT_MAX_LINE_CHARS):
         self.spec = spec
         self.keys = SessionKeys(spec)
-        self._sessions: OrderedDict[str, list[str]] = OrderedDict()
+        self.max_chars = max_chars
+        self.max_line_chars = max_line_chars
+        self._sessions: OrderedDict[str, Session] = OrderedDict()
         self._lock = threading.Lock()
+        # One copy of each event text shared by the sessions holding it (a log has few distinct
+        # events once masked: HDFS 15): a session then costs little more than a pointer an event.
+        self._event_texts: dict[str, str] = {}
+        self._session_cut_note = SESSION_CUT_NOTE.format(events=spec.max_events, chars=max_chars)
+        self._line_cut_note = LINE_CUT_NOTE.format(line=max_line_chars)
 
     def __len__(self) -> int:
         return len(self._sessions)
 
     def track(self, records: Sequence[object]) -> list[Fields]:
+        return self.track_noting(records)[0]
+
+    def track_noting(self, records: Sequence[object]) -> tuple[list[Fields], list[tuple[str, ...]]]:
+        """Each record as its session so far, and what to note of each (a cut)."""
         with self._lock:
-            return [self._track_one(record) for record in records]
+            tracked = [self._track_one(record) for record in records]
+        return [fields for fields, _ in tracked], [notes for _, notes in tracked]
 
     def track_each(self, records: Iterable[object]) -> Iterator[Fields]:
         """``track``, one record at a time as they are read: training keeps a sample of them, and a
         list of every line of a large log (and of every session so far) held them all."""
         for record in records:
             with self._lock:
-                tracked = self._track_one(record)
+                tracked, _ = self._track_one(record)
             yield tracked
 
-    def _track_one(self, record: object) -> Fields:
-        key, event = self.keys.key_and_event(record)
+    def _track_one(self, record: object) -> tuple[Fields, tuple[str, ...]]:
+        text = self.keys.text(record)
+        notes: tuple[str, ...] = ()
+        if len(text) > self.max_line_chars:
+            text = text[: self.max_line_chars]
+            notes += (self._line_cut_note,)
+        key, event = self.keys.key_and_event(text)
         if key is None:  # no session: the record is a session of one event
-            return {EVENTS_FIELD: event}
-        events = self._sessions.pop(key, None) or []
-        if len(events) < self.spec.max_events:
-            events.append(event)
-        self._sessions[key] = events  # most recently seen last
+            return {EVENTS_FIELD: event[: self.max_chars]}, notes
+        session = self._sessions.pop(key, None)
+        if session is None:
+            session = Session()
+        session.add(self._shared(event), self.spec.max_events, self.max_chars)
+        self._sessions[key] = session  # most recently seen last
         if len(self._sessions) > self.spec.max_sessions:
             self._sessions.popitem(last=False)
-        return {EVENTS_FIELD: "\n".join(events)}
+        if session.cut:
+            notes += (self._session_cut_note,)
+        return {EVENTS_FIELD: "\n".join(session.events)}, notes
+
+    def _shared(self, event: str) -> str:
+        event = event[: self.max_chars]
+        if len(event) > MAX_SHARED_EVENT_CHARS:
+            return event
+        shared = self._event_texts.setdefault(event, event)
+        if len(self._event_texts) > MAX_SHARED_EVENTS:  # many distinct events: start the table afresh
+            self._event_texts = {event: event}
+        return shared

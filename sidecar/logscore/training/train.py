@@ -30,6 +30,7 @@ from ..artifact import FORMAT_VERSION, HASH_KEY, METADATA_KEY, content_hash
 from ..errors import ConfigError, InputError
 from ..parsers import WARN_UNPARSED_SHARE, suggest_format
 from ..features import Featurizer
+from ..features.featurizer import DEFAULT_MAX_FIELD_CHARS
 from ..model import make_session, run_graph
 from ..sessions import SessionSpec, SessionTracker
 from .detectors import DETECTORS, Detector, Features, RarityTable, default_support
@@ -407,7 +408,9 @@ def train(records: Iterable[object], options: TrainOptions,
     if options.spec.get("sessions"):
         # A session model learns what the sidecar will see: each record as its session so far,
         # built by the same tracker (sidecar/logscore/sessions.py), so unfinished sessions are normal.
-        records = SessionTracker(SessionSpec.from_dict(options.spec["sessions"])).track_each(records)
+        # Cut as the sidecar cuts (its default max_record_bytes, the model's max_field_chars).
+        max_chars = int(options.spec.get("max_field_chars", DEFAULT_MAX_FIELD_CHARS))
+        records = SessionTracker(SessionSpec.from_dict(options.spec["sessions"]), max_chars).track_each(records)
     if options.feedback is not None and options.feedback.keep:
         records = without_kept(records, options.feedback.keep_texts())
     sample, read = reservoir_sample(records, options.max_records, options.seed, progress)
