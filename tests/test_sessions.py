@@ -4,11 +4,13 @@ import random
 import re
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 from logscore.decide import decide, notes_by_record
+from logscore.metrics import Metrics
 from logscore.model import Model
 from logscore.sessions import SessionSpec, SessionTracker
 
@@ -148,3 +150,23 @@ def test_an_anomalous_event_late_in_a_long_session_is_flagged(tmp_path):
     notes = notes_by_record([(i, text) for i, _, text in decide(model, scored).notes], len(lines))
     assert any(text.startswith("truncated: the session was cut") for text in notes[300]), notes[300]
     assert not any("raw line" in text for text in notes[300])
+
+
+def test_evicted_sessions_are_counted_said_once_an_interval_and_noted_when_they_return(caplog):
+    """A flood of new ids evicted open sessions silently, and they then flagged as new."""
+    tracker = SessionTracker(SessionSpec(key=r"s\d+", max_sessions=2))
+    with caplog.at_level("WARNING", logger="logscore.sessions"):
+        tracker.track(["a s1", "a s2", "a s3"])  # s1 evicted
+        fields, notes = tracker.track_noting(["b s1", "b s1", "b s3"])  # s1 back (s2 evicted), s3 still open
+        tracker.track([f"a s{n}" for n in range(10, 20)])  # ten more evicted, within the interval
+    assert fields[0]["events"] == "b <session>"  # its earlier event was forgotten
+    assert [bool(n) and n[0].startswith("session restarted") for n in notes] == [True, False, False]
+    assert "max_sessions" in notes[0][0]
+    assert tracker.counts.restarted == 1 and tracker.counts.evicted == 12
+    said = [r for r in caplog.records if "open sessions evicted" in r.getMessage()]
+    assert len(said) == 1 and said[0].evicted_since_last_logged == 1
+    metrics = Metrics()
+    metrics.set_models({"blocks": SimpleNamespace(sessions=tracker, version="1")})
+    scraped = metrics.render().decode()
+    assert 'logscore_session_evictions_total{model="blocks"} 12.0' in scraped
+    assert 'logscore_session_restarts_total{model="blocks"} 1.0' in scraped

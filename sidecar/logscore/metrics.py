@@ -11,7 +11,7 @@ from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 from .flood import FloodWatch
 
@@ -86,6 +86,31 @@ class CallsInFlight:
         yield family
 
 
+class SessionCollector:
+    """What session models' trackers did that changes scores, read from the trackers when scraped
+    (sessions.SessionCounts; a reloaded model starts its sessions, and these counts, afresh)."""
+
+    FAMILIES = (("evicted", "logscore_session_evictions", "Open sessions forgotten to make room (over the "
+                 "model's max_sessions): a record of one is then scored as a new session"),
+                ("restarted", "logscore_session_restarts", "Records whose session had been evicted, scored as a "
+                 "new session (noted 'session restarted')"))
+
+    def __init__(self):
+        self._models: dict = {}
+
+    def set_models(self, models: dict) -> None:
+        self._models = {name: model.sessions.counts for name, model in models.items()
+                        if getattr(model, "sessions", None) is not None}
+
+    def collect(self):
+        models = self._models
+        for attribute, name, documentation in self.FAMILIES:
+            family = CounterMetricFamily(name, documentation, labels=["model"])
+            for model, counts in models.items():
+                family.add_metric([model], getattr(counts, attribute))
+            yield family
+
+
 class OncePerInterval:
     """Whether to say a thing now: per key at most once an interval, with what went unsaid since
     (a refusal, records passed on unscored: the same warning a chunk or a call was a flood).
@@ -144,6 +169,8 @@ class Metrics:
                                       "(tcp, unix; checked every second)", ["listener"], registry=r)
         self.calls_in_flight = CallsInFlight()
         r.register(self.calls_in_flight)
+        self.sessions = SessionCollector()
+        r.register(self.sessions)
         self.model_checks = Counter("logscore_model_checks", "Checks of the models directory for new, changed "
                                     "and removed files (every reload_interval_s, and on SIGHUP)", registry=r)
         self.queued = Gauge("logscore_queued_records", "Records waiting to be scored", registry=r)
@@ -272,6 +299,7 @@ class Metrics:
             self.child(self.anomaly_events, event.model, event.kind).inc()
 
     def set_models(self, models: dict) -> None:
+        self.sessions.set_models(models)
         self.model_info.clear()
         for name, model in models.items():
             self.model_info.labels(name, model.version).set(1)

@@ -13,8 +13,11 @@ same message for another block are the same event.
 
 from __future__ import annotations
 
+import logging
+import math
 import re
 import threading
+import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Optional, Sequence
@@ -24,16 +27,31 @@ from .masking import mask_variables
 from .parsers import Fields
 from .records import DEFAULT_MAX_LINE_CHARS, RAW_LINE_KEYS, to_text
 
+log = logging.getLogger("logscore.sessions")
+
 EVENTS_FIELD = "events"
 DEFAULT_SESSION_CHARS = 8192  # = the featurizer's default max_field_chars (what of a session is scored)
+EVICTIONS_LOG_INTERVAL_S = 60.0
 # Distinct event texts the sessions share one copy of (SessionTracker._shared), and the longest
 # shared: at most ≈ 10,000 × 512 characters, however many distinct events a log has.
 MAX_SHARED_EVENTS = 10_000
 MAX_SHARED_EVENT_CHARS = 512
-# Notes (decide.NOTE_KINDS turns their first word into a flag: truncated)
+# Notes (decide.NOTE_KINDS turns their first words into flags: truncated, session_restarted)
 LINE_CUT_NOTE = "truncated: a line was cut to {line} characters before it joined its session"
 SESSION_CUT_NOTE = ("truncated: the session was cut: scored on its last events that fit in {chars} characters "
                     "(at most {events}); its older events were left out")
+RESTARTED_NOTE = ("session restarted: its earlier events were forgotten (over {sessions} open sessions, the least "
+                  "recently seen were evicted: raise max_sessions, or look for a flood of new ids); scored as new")
+
+
+class SessionCounts:
+    """What a tracker did that changes scores, for /metrics (metrics.SessionCollector reads them)."""
+
+    __slots__ = ("evicted", "restarted")
+
+    def __init__(self):
+        self.evicted = 0  # open sessions forgotten to make room (max_sessions)
+        self.restarted = 0  # records whose session had been evicted: scored as a new session
 
 
 @dataclass(frozen=True)
@@ -116,12 +134,18 @@ class SessionTracker:
         self.max_chars = max_chars
         self.max_line_chars = max_line_chars
         self._sessions: OrderedDict[str, Session] = OrderedDict()
+        # Hashes of the sessions evicted last (as many as max_sessions): a record of one of them is
+        # noted, its session starting afresh (a flood of new ids turned every open session into alerts).
+        self._evicted: OrderedDict[int, None] = OrderedDict()
         self._lock = threading.Lock()
+        self.counts = SessionCounts()
         # One copy of each event text shared by the sessions holding it (a log has few distinct
         # events once masked: HDFS 15): a session then costs little more than a pointer an event.
         self._event_texts: dict[str, str] = {}
         self._session_cut_note = SESSION_CUT_NOTE.format(events=spec.max_events, chars=max_chars)
         self._line_cut_note = LINE_CUT_NOTE.format(line=max_line_chars)
+        self._evictions_said = 0
+        self._evictions_said_at = -math.inf
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -130,9 +154,10 @@ class SessionTracker:
         return self.track_noting(records)[0]
 
     def track_noting(self, records: Sequence[object]) -> tuple[list[Fields], list[tuple[str, ...]]]:
-        """Each record as its session so far, and what to note of each (a cut)."""
+        """Each record as its session so far, and what to note of each (cut, restarted)."""
         with self._lock:
             tracked = [self._track_one(record) for record in records]
+        self._say_evictions()
         return [fields for fields, _ in tracked], [notes for _, notes in tracked]
 
     def track_each(self, records: Iterable[object]) -> Iterator[Fields]:
@@ -155,10 +180,12 @@ class SessionTracker:
         session = self._sessions.pop(key, None)
         if session is None:
             session = Session()
+            if self._evicted:
+                notes += self._restarted(key)
         session.add(self._shared(event), self.spec.max_events, self.max_chars)
         self._sessions[key] = session  # most recently seen last
         if len(self._sessions) > self.spec.max_sessions:
-            self._sessions.popitem(last=False)
+            self._evict()
         if session.cut:
             notes += (self._session_cut_note,)
         return {EVENTS_FIELD: "\n".join(session.events)}, notes
@@ -171,3 +198,29 @@ class SessionTracker:
         if len(self._event_texts) > MAX_SHARED_EVENTS:  # many distinct events: start the table afresh
             self._event_texts = {event: event}
         return shared
+
+    def _evict(self) -> None:
+        key, _ = self._sessions.popitem(last=False)
+        self._evicted[hash(key)] = None
+        if len(self._evicted) > self.spec.max_sessions:
+            self._evicted.popitem(last=False)
+        self.counts.evicted += 1
+
+    def _restarted(self, key: str) -> tuple[str, ...]:
+        evicted = hash(key)
+        if evicted not in self._evicted:
+            return ()
+        del self._evicted[evicted]
+        self.counts.restarted += 1
+        return (RESTARTED_NOTE.format(sessions=self.spec.max_sessions),)
+
+    def _say_evictions(self) -> None:
+        """One log line an interval while sessions are evicted, with how many since the last."""
+        evicted, now = self.counts.evicted, time.monotonic()
+        if evicted == self._evictions_said or now - self._evictions_said_at < EVICTIONS_LOG_INTERVAL_S:
+            return
+        log.warning("open sessions evicted: more than max_sessions open; a record of an evicted session is "
+                    "scored as a new session and noted 'session restarted'",
+                    extra={"evicted_since_last_logged": evicted - self._evictions_said,
+                           "max_sessions": self.spec.max_sessions, "open_sessions": len(self._sessions)})
+        self._evictions_said, self._evictions_said_at = evicted, now
