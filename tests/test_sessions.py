@@ -77,6 +77,11 @@ def test_the_sidecar_keeps_sessions_across_requests(session_model, tmp_path):
         assert [a["is_anomaly"] for a in answers] == [False, False, True]
         explained = sidecar.http_post("/v1/score?explain=2", {"message": f"close {key} after 4 s"})[1]
         assert any("never seen" in e for e in explained["explanation"]), explained
+        # A record with no text is an empty event: said so, and counted.
+        answer = sidecar.http_post("/v1/score", {"records": [{"foo": "bar"}, {"message": None}]})[1]
+        notes = [r["notes"] for r in answer["results"]]
+        assert all(any(n.startswith("no text") and "message" in n for n in mine) for mine in notes), answer
+        assert sidecar.metric('logscore_session_records_without_text_total{model="transfers"}') == 2
     finally:
         sidecar.stop()
 
@@ -170,3 +175,12 @@ def test_evicted_sessions_are_counted_said_once_an_interval_and_noted_when_they_
     scraped = metrics.render().decode()
     assert 'logscore_session_evictions_total{model="blocks"} 12.0' in scraped
     assert 'logscore_session_restarts_total{model="blocks"} 1.0' in scraped
+
+
+def test_a_record_without_text_is_noted_and_counted():
+    tracker = SessionTracker(SessionSpec(key=r"s\d+", field="msg"))
+    fields, notes = tracker.track_noting([{"foo": "bar"}, {"msg": None}, {"msg": ""}, {"msg": "a s1"}, ""])
+    assert [bool(n) for n in notes] == [True, True, True, False, True]
+    assert notes[0][0].startswith("no text: the record has no msg / message / log / unmatched_line field")
+    assert tracker.counts.without_text == 4
+    assert fields[3]["events"] == "a <session>"

@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 UNPARSED_NOTE = "did not parse as "  # + "FORMAT; what was done with it" (`logscore score` and client read it back)
 NOTE_KINDS = {UNPARSED_NOTE.strip(): "unparsed", "truncated": "truncated", "learning": "learning",
               "suppressed by feedback": "suppressed", "kept by feedback": "kept",
-              "session restarted": "session_restarted"}
+              "session restarted": "session_restarted", "no text": "no_text"}
 TRUNCATED = ("truncated: a raw line was cut to {line} characters or a field to {field} characters "
              "before scoring")
 # why a cut record is flagged and what to do (a log whose normal records run that long: retrain on it)
@@ -121,7 +121,7 @@ def decide(model: Model, scored: Scored, learning: Optional[Sequence[Optional[st
             text, while_learning = text + TRUNCATED_FLAGGED, text + TRUNCATED_WHILE_LEARNING
         notes += [(int(i), "record", while_learning if learning is not None and learning[i] else text)
                   for i in np.flatnonzero(scored.truncated)]
-    if scored.session_notes is not None:  # session models: a cut session, one restarted
+    if scored.session_notes is not None:  # session models: a cut session, one restarted, a record without text
         notes += [(i, "record", text) for i, texts in enumerate(scored.session_notes) for text in texts]
     if learning is not None:
         for i, why in enumerate(learning):

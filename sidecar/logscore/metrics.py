@@ -93,7 +93,9 @@ class SessionCollector:
     FAMILIES = (("evicted", "logscore_session_evictions", "Open sessions forgotten to make room (over the "
                  "model's max_sessions): a record of one is then scored as a new session"),
                 ("restarted", "logscore_session_restarts", "Records whose session had been evicted, scored as a "
-                 "new session (noted 'session restarted')"))
+                 "new session (noted 'session restarted')"),
+                ("without_text", "logscore_session_records_without_text", "Records of a session model with no "
+                 "text, scored as an empty event (noted 'no text')"))
 
     def __init__(self):
         self._models: dict = {}

@@ -21,6 +21,7 @@ from .artifact import DEFAULT_MAX_MODEL_BYTES, UnreadableModelFile
 from .errors import ModelLoadError, ModelNotFound
 from .model import Model
 from .records import DEFAULT_MAX_LINE_CHARS, cut_text, to_text
+from .sessions import SessionCounts
 
 log = logging.getLogger("logscore.registry")
 
@@ -179,6 +180,8 @@ class ModelRegistry:
                                     "with `logscore train`, or serve it with the logscore version that made it")
                     self._on_change("rejected", name, errors[path])
                     continue
+                if model.sessions is not None:  # the probe is no traffic: its empty record is not counted
+                    model.sessions.counts = SessionCounts()
                 errors.pop(path, None)
                 models[name] = model
                 self._on_change("loaded", name, f"{path} version {model.version}")

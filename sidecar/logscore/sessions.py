@@ -36,22 +36,25 @@ EVICTIONS_LOG_INTERVAL_S = 60.0
 # shared: at most ≈ 10,000 × 512 characters, however many distinct events a log has.
 MAX_SHARED_EVENTS = 10_000
 MAX_SHARED_EVENT_CHARS = 512
-# Notes (decide.NOTE_KINDS turns their first words into flags: truncated, session_restarted)
+# Notes (decide.NOTE_KINDS turns their first words into flags: truncated, session_restarted, no_text)
 LINE_CUT_NOTE = "truncated: a line was cut to {line} characters before it joined its session"
 SESSION_CUT_NOTE = ("truncated: the session was cut: scored on its last events that fit in {chars} characters "
                     "(at most {events}); its older events were left out")
 RESTARTED_NOTE = ("session restarted: its earlier events were forgotten (over {sessions} open sessions, the least "
                   "recently seen were evicted: raise max_sessions, or look for a flood of new ids); scored as new")
+NO_TEXT_NOTE = ("no text: the record has no {fields} field (or it is null or empty); scored as an empty event "
+                "of a session of its own")
 
 
 class SessionCounts:
     """What a tracker did that changes scores, for /metrics (metrics.SessionCollector reads them)."""
 
-    __slots__ = ("evicted", "restarted")
+    __slots__ = ("evicted", "restarted", "without_text")
 
     def __init__(self):
         self.evicted = 0  # open sessions forgotten to make room (max_sessions)
         self.restarted = 0  # records whose session had been evicted: scored as a new session
+        self.without_text = 0  # records with no text: scored as an empty event
 
 
 @dataclass(frozen=True)
@@ -82,13 +85,17 @@ class SessionKeys:
         self.spec = spec
         self._key = re.compile(spec.key)
 
-    def text(self, record: object) -> str:
+    def text(self, record: object) -> Optional[str]:
+        """The record's text; None when it has none (a map without the field, null, or empty)."""
         if isinstance(record, dict):
-            for name in (self.spec.field, *RAW_LINE_KEYS):
+            for name in dict.fromkeys((self.spec.field, *RAW_LINE_KEYS)):
                 if record.get(name) is not None:
-                    return to_text(record[name])
-            return ""
-        return to_text(record)
+                    return to_text(record[name]) or None
+            return None
+        return to_text(record) or None
+
+    def no_text_note(self) -> str:
+        return NO_TEXT_NOTE.format(fields=" / ".join(dict.fromkeys((self.spec.field, *RAW_LINE_KEYS))))
 
     def key_and_event(self, text: str) -> tuple[Optional[str], str]:
         match = self._key.search(text)
@@ -154,7 +161,7 @@ class SessionTracker:
         return self.track_noting(records)[0]
 
     def track_noting(self, records: Sequence[object]) -> tuple[list[Fields], list[tuple[str, ...]]]:
-        """Each record as its session so far, and what to note of each (cut, restarted)."""
+        """Each record as its session so far, and what to note of each (cut, restarted, no text)."""
         with self._lock:
             tracked = [self._track_one(record) for record in records]
         self._say_evictions()
@@ -171,7 +178,11 @@ class SessionTracker:
     def _track_one(self, record: object) -> tuple[Fields, tuple[str, ...]]:
         text = self.keys.text(record)
         notes: tuple[str, ...] = ()
-        if len(text) > self.max_line_chars:
+        if text is None:
+            self.counts.without_text += 1
+            notes += (self.keys.no_text_note(),)
+            text = ""
+        elif len(text) > self.max_line_chars:
             text = text[: self.max_line_chars]
             notes += (self._line_cut_note,)
         key, event = self.keys.key_and_event(text)
