@@ -618,7 +618,7 @@ def test_a_group_unusual_in_details_only_says_so_when_marked(tmp_path):
 
     class Review:  # the page's memory, holding one such group
         def group(self, group_id):
-            return SimpleNamespace(kind=frozenset(), model="shop", route="web.access")
+            return SimpleNamespace(kind=frozenset(), model="shop", route="web.access", sessions=False)
 
     service = FeedbackService(SqliteStore(str(tmp_path / "f.sqlite3")), poll_s=1.0, review=Review())
     with pytest.raises(InvalidRequest, match="unusual in details only .*no kind to mark; mark a field value"):

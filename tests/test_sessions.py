@@ -1,5 +1,6 @@
 """Session models: trained on whole sessions, served record by record with bounded state."""
 
+import json
 import random
 import re
 import subprocess
@@ -15,7 +16,7 @@ from logscore.model import Model
 from logscore.sessions import SessionSpec, SessionTracker
 
 from .generate import session_lines
-from .sidecar_process import ROOT, SidecarProcess, models_dir_with
+from .sidecar_process import ROOT, SidecarProcess, http_request, models_dir_with
 
 SPEC = SessionSpec(key=r"xfer-\d+-\d+")
 
@@ -82,6 +83,16 @@ def test_the_sidecar_keeps_sessions_across_requests(session_model, tmp_path):
         notes = [r["notes"] for r in answer["results"]]
         assert all(any(n.startswith("no text") and "message" in n for n in mine) for mine in notes), answer
         assert sidecar.metric('logscore_session_records_without_text_total{model="transfers"}') == 2
+        # Feedback does not apply: the review page offers no marks on its groups, and both refusals say why.
+        page = sidecar.http_get("/ui/")[1].decode()
+        group = re.search(r'data-group="([^"]+)"', page).group(1)
+        assert "feedback does not apply to session models; retrain (logscore train --session-key" in page
+        assert "value=normal" not in page and "value=keep" not in page
+        for mark in ({"group": group}, {"field": "message", "value": "x"}):
+            status, raw = http_request(sidecar.http_port, "POST", "/v1/feedback", json.dumps(
+                {"verdict": "normal", "author": "ana", "model": "transfers", **mark}).encode(),
+                {"Content-Type": "application/json"})
+            assert status == 400 and "feedback does not apply to session models; retrain" in raw.decode(), raw
     finally:
         sidecar.stop()
 

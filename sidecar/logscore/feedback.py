@@ -451,10 +451,14 @@ def cut_refusal(what: str, model: Model) -> InvalidRequest:
                           f"({field:,} characters of a field; set in the training --config); or mark a field value")
 
 
+# A session model scores each record as its session so far: a mark of its features would name a
+# path of events, and scoring a record again joins it to its session a second time.
+SESSIONS_REFUSAL = "feedback does not apply to session models; retrain (logscore train --session-key ...)"
+
+
 def refuse_sessions(model: Model) -> None:
     if model.sessions is not None:
-        raise InvalidRequest(f"model {model.name!r} scores each record as its session so far: feedback "
-                             "applies to models of single records only")
+        raise InvalidRequest(f"model {model.name!r} scores each record as its session so far: {SESSIONS_REFUSAL}")
 
 
 def pattern_from_field(model: Model, name: str, value: str) -> dict:

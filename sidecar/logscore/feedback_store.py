@@ -32,8 +32,9 @@ from urllib.parse import unquote
 
 from .decide import HELD_CUT
 from .errors import ConfigError, FeedbackNotFound, InvalidRequest, StoreUnavailable
-from .feedback import (EXAMPLES, UNREADABLE, VERDICTS, Entry, RuleSet, cut_refusal, pattern_from_field,
-                       pattern_from_records, record_text, refuse_unflagged, refuse_unparsed, unparsed_refusal)
+from .feedback import (EXAMPLES, SESSIONS_REFUSAL, UNREADABLE, VERDICTS, Entry, RuleSet, cut_refusal,
+                       pattern_from_field, pattern_from_records, record_text, refuse_unflagged, refuse_unparsed,
+                       unparsed_refusal)
 from .timestamps import LATEST_TIME
 
 log = logging.getLogger("logscore.feedback")
@@ -1008,9 +1009,11 @@ class FeedbackService:
             group = self.review.group(mark.group) if self.review is not None else None
             if group is None:
                 raise FeedbackNotFound(f"no review group {mark.group!r} (groups live in memory: list them at /ui/)")
+            if group.sessions:
+                raise InvalidRequest(f"group {mark.group} is of session model {group.model!r}: {SESSIONS_REFUSAL}")
             if not group.kind:
-                raise InvalidRequest(f"group {mark.group} is unusual in details only (n-grams, or a session "
-                                     "model's records): it names no kind to mark; mark a field value")
+                raise InvalidRequest(f"group {mark.group} is unusual in details only (n-grams): it names no "
+                                     "kind to mark; mark a field value")
             model_name = mark.model or group.model
             if mark.verdict == "normal":
                 self._refuse_unparsed_group(mark.group, group)

@@ -39,8 +39,9 @@ import numpy as np
 
 from .decide import decide
 from .errors import GroupOutOfDate
-from .feedback import (EXAMPLE_CHARS, MAX_KIND_TOKENS, NO_KEYS, NORMAL, FeedbackStep, Flagged, RuleSet, base_name,
-                       path_family, record_from_text, record_text, rule_list, similar_counts, strip_rarity)
+from .feedback import (EXAMPLE_CHARS, MAX_KIND_TOKENS, NO_KEYS, NORMAL, SESSIONS_REFUSAL, FeedbackStep, Flagged,
+                       RuleSet, base_name, path_family, record_from_text, record_text, rule_list, similar_counts,
+                       strip_rarity)
 from .features.converters import PATH_ENCODED_TWICE, VALUE_ENCODED_TWICE
 from .flood import flood_advice_on_page
 from .injection import injection_like
@@ -100,6 +101,7 @@ class Group:
     reach: int = 0  # the records a mark of it would make normal, as the page was last ordered (reaches)
     attack_like: bool = False  # its first record's kind names what an attack may be (kind_reading)
     kind_fields: frozenset = frozenset()  # the fields its first record's kind names features of (kind_reading)
+    sessions: bool = False  # a session model's: feedback does not apply to it (no marks offered)
     # The rule (keys, kind, features) of the pattern its mark last took: marked again, it is given again,
     # so the store answers the entry made (records the mark suppressed go on joining, widening the pattern).
     marked_rule: Optional[dict] = None
@@ -300,6 +302,7 @@ class ReviewRing:
                                            avoid=None if item.suppressed_by else marked_normal)
                 if self.groups.created != created:
                     group.attack_like, group.kind_fields = kind_reading(item.kind_features())
+                    group.sessions = getattr(model, "sessions", None) is not None
                     self.on_new_group(model.name)
                 group.add(moment, self.bucket_s, step.entity(item.index))
                 # The group's pattern (what a mark makes normal) takes only members of the first one's
@@ -591,13 +594,19 @@ def render_group(group: Group, now: float, bucket_s: float) -> str:
             f'<b>{html_text(group.model)}</b>{" · route " + html_text(group.route) if group.route else ""}'
             f' · <span class=muted>{share}; first {utc_text(group.first_seen)}, last {utc_text(group.last_seen)} UTC'
             f'</span>{marks}</span>'
-            f'{recent}'
-            f'<form class=inline method=post action="/ui/feedback">'
+            f'{recent}{render_marks(group)}</div>'
+            f'<ul class=features>{names}</ul>{render_group_examples(group)}</div>')
+
+
+def render_marks(group: Group) -> str:
+    """The group's normal/keep buttons; none for a session model's, whose marks are refused."""
+    if group.sessions:
+        return f'<span class="muted no-marks">{html_text(SESSIONS_REFUSAL)}</span>'
+    return (f'<form class=inline method=post action="/ui/feedback">'
             f'<input type=hidden name=group value="{group.id}">'
             f'<input type=text name=reason placeholder="why (optional)" aria-label="reason"> '
             f'<button class=normal name=verdict value=normal>normal</button> '
-            f'<button class=keep name=verdict value=keep>keep</button></form></div>'
-            f'<ul class=features>{names}</ul>{render_group_examples(group)}</div>')
+            f'<button class=keep name=verdict value=keep>keep</button></form>')
 
 
 def utc_text(seconds: float) -> str:
