@@ -131,8 +131,8 @@ class SessionTracker:
     Bounded in bytes, not only in counts: a record's text is cut to ``max_line_chars`` (the
     sidecar's max_record_bytes) before it is masked, and a session keeps its last events that fit
     in ``max_chars`` (the featurizer's max_field_chars). So the sidecar holds at most
-    max_sessions × max_chars characters of events (measured before: 142 records of 1.9 MB in one
-    session took it from 156 to 377 MiB)."""
+    max_sessions × max_chars characters of events, plus a pointer a kept event (before: 142 records
+    of 1.9 MB in one session took it from 156 to 377 MiB; docs/operations.md has the sizing)."""
 
     def __init__(self, spec: SessionSpec, max_chars: int = DEFAULT_SESSION_CHARS,
                  max_line_chars: int = DEFAULT_MAX_LINE_CHARS):
