@@ -1916,8 +1916,8 @@ def test_a_burst_over_many_urls_is_one_event_while_a_quiet_window_or_an_outage_i
 
 def test_an_unrelated_flood_during_a_burst_is_an_event_of_its_own(behaviour_model):
     """While a 5xx-share episode went on, every count crossing joined it: a flood of 1,000 records a
-    window more (5x the route) raised nothing. A route's count is not of the dimension the episode
-    is about: news; the 2xx count rising with it is (a status class, as the 5xx subject)."""
+    window more (5x the route) raised nothing. A route's count is no template's: news (the 2xx count
+    rising with it in the same window is named in that event)."""
     from logscore.behaviour import window_spec
     from logscore.windows import KeyNamer, WindowCounter
 

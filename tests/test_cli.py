@@ -666,3 +666,17 @@ def test_the_sidecars_words_for_a_batch_too_big_and_an_unknown_entry_name_the_cl
                         "(give a smaller --batch)")
     unknown = call_failure("unix:/s", Failed(lambda: check_id(-1)))
     assert unknown.endswith("no feedback entry #-1; list them with `logscore feedback list`")
+
+
+def test_the_clients_cut_note_gives_way_only_to_the_sidecars_note_of_a_cut_line():
+    """Any `truncated` note hid the client's: a session model's "the session was cut", on most records
+    of a long session, left a record the client cut without its note (review)."""
+    from logscore.cli import note_client_cut
+    from logscore.decide import TRUNCATED
+
+    session_cut = ["truncated: the session was cut: scored on its last events that fit in 8192 characters"]
+    note_client_cut(session_cut, 100)
+    assert "logscore client cut a raw line or a field to 101 characters" in session_cut[-1]
+    sidecar_cut = [TRUNCATED.format(line=65536, field=8192)]
+    note_client_cut(sidecar_cut, 100)
+    assert len(sidecar_cut) == 1

@@ -616,6 +616,36 @@ def test_a_plain_http_client_on_the_tls_port_is_answered_and_told_in_the_log(tmp
     assert "Traceback" not in process.log()
 
 
+def test_connections_waiting_for_their_first_byte_on_the_tls_port_are_capped(tmp_path, shop_models, certificates):
+    """Each connection waiting for its first byte holds two descriptors (its own and the peek's), and
+    they were counted against no limit (review): past max_connections of them, a new one is closed."""
+    process = SidecarProcess(shop_models, tmp_path, tls_cert=certificates["server.pem"],
+                             tls_key=certificates["server.key"], ca_file=certificates["ca.pem"],
+                             max_connections=2).start()
+    try:
+        silent = [socket.create_connection(("127.0.0.1", process.http_port), timeout=20) for _ in range(2)]
+        with socket.create_connection(("127.0.0.1", process.http_port), timeout=20) as third:
+            assert third.recv(1) == b""  # closed by the sidecar, not left waiting
+        for connection in silent:
+            connection.close()
+        context = ssl.create_default_context(cafile=str(certificates["ca.pem"]))
+        deadline = time.monotonic() + 20
+        while True:  # (the sidecar sees the silent ones leave a moment after they close)
+            try:
+                with socket.create_connection(("127.0.0.1", process.http_port), timeout=20) as connection:
+                    with context.wrap_socket(connection, server_hostname="localhost") as secure:
+                        secure.sendall(http_bytes(process.http_port,
+                                                  json.dumps({"message": shop_lines(1)[0]}).encode()))
+                        assert read_response(secure)[0] == 200
+                break
+            except (ssl.SSLError, ConnectionError):
+                assert time.monotonic() < deadline, "still refused after the silent connections left"
+                time.sleep(0.1)
+        assert process.metric('logscore_errors_total{kind="too_many_connections"') >= 1
+    finally:
+        assert process.stop() == 0
+
+
 def test_a_refused_body_is_answered_not_reset(sidecar):
     """A 413 (the body announced too big) closed at once: the client, still sending, read a reset."""
     body = b"[" + b'{"message": "x"},' * 600_000 + b"{}]"  # 10 MB

@@ -195,6 +195,19 @@ def test_a_record_without_text_is_noted_and_counted():
     assert notes[0][0].startswith("no text: the record has no msg / message / log / unmatched_line field")
     assert tracker.counts.without_text == 4
     assert fields[3]["events"] == "a <session>"
+    # an empty field is none: the next name holding the line is read (review: noted "no text")
+    fields, notes = tracker.track_noting([{"msg": "", "log": "b s2"}])
+    assert fields[0]["events"] == "b <session>" and notes == [()]
+
+
+def test_an_event_cut_to_what_a_session_keeps_is_noted():
+    """A record longer than max_chars but under the line limit lost its tail without a note (the
+    featurizer, which noted it before, now meets an event already cut: review)."""
+    tracker = SessionTracker(SessionSpec(key=r"s\d+"), max_chars=1000, max_line_chars=5000)
+    (keyed, single), notes = tracker.track_noting(["a s1 " + "x" * 3000, "no key " + "y" * 3000])
+    assert len(keyed["events"]) <= 1000 and len(single["events"]) <= 1000
+    assert all(any("its event was cut to the 1000 characters" in note for note in n) for n in notes), notes
+    assert tracker.track_noting(["b s1"])[1] != [()]  # (its session, cut, says so on)
 
 
 def test_a_session_model_is_not_learned_on_arrival_and_says_why(session_model, tmp_path, caplog):

@@ -38,6 +38,7 @@ MAX_SHARED_EVENTS = 10_000
 MAX_SHARED_EVENT_CHARS = 512
 # Notes (decide.NOTE_KINDS turns their first words into flags: truncated, session_restarted, no_text)
 LINE_CUT_NOTE = "truncated: a line was cut to {line} characters before it joined its session"
+EVENT_CUT_NOTE = "truncated: its event was cut to the {chars} characters a session keeps"
 SESSION_CUT_NOTE = ("truncated: the session was cut: scored on its last events that fit in {chars} characters "
                     "(at most {events}); its older events were left out")
 RESTARTED_NOTE = ("session restarted: its earlier events were forgotten (over {sessions} open sessions, the least "
@@ -89,8 +90,10 @@ class SessionKeys:
         """The record's text; None when it has none (a map without the field, null, or empty)."""
         if isinstance(record, dict):
             for name in dict.fromkeys((self.spec.field, *RAW_LINE_KEYS)):
-                if record.get(name) is not None:
-                    return to_text(record[name]) or None
+                value = record.get(name)
+                text = to_text(value) if value is not None else ""
+                if text:  # (an empty field is none: the next name may hold the line)
+                    return text
             return None
         return to_text(record) or None
 
@@ -151,6 +154,7 @@ class SessionTracker:
         self._event_texts: dict[str, str] = {}
         self._session_cut_note = SESSION_CUT_NOTE.format(events=spec.max_events, chars=max_chars)
         self._line_cut_note = LINE_CUT_NOTE.format(line=max_line_chars)
+        self._event_cut_note = EVENT_CUT_NOTE.format(chars=max_chars)
         self._evictions_said = 0
         self._evictions_said_at = -math.inf
 
@@ -164,7 +168,7 @@ class SessionTracker:
         """Each record as its session so far, and what to note of each (cut, restarted, no text)."""
         with self._lock:
             tracked = [self._track_one(record) for record in records]
-        self._say_evictions()
+            self._say_evictions()  # (under the lock: two scoring threads logged twice)
         return [fields for fields, _ in tracked], [notes for _, notes in tracked]
 
     def track_each(self, records: Iterable[object]) -> Iterator[Fields]:
@@ -186,6 +190,8 @@ class SessionTracker:
             text = text[: self.max_line_chars]
             notes += (self._line_cut_note,)
         key, event = self.keys.key_and_event(text)
+        if len(event) > self.max_chars:  # (cut to what a session keeps: its tail goes unscored, so said)
+            notes += (self._event_cut_note,)
         if key is None:  # no session: the record is a session of one event
             return {EVENTS_FIELD: event[: self.max_chars]}, notes
         session = self._sessions.pop(key, None)

@@ -575,7 +575,7 @@ class WindowCounter:
     def _close(self, start: float) -> list[AnomalyEvent]:
         """One event at most per window: its most improbable key, when no key was improbable in the
         window before (one event an episode: a burst, or traffic stopped, may last many windows;
-        keys of templates or of its subjects' dimensions crossing meanwhile join it, ``_join_ongoing``), the other
+        template keys crossing meanwhile join it, ``_join_ongoing``), the other
         improbable ones named."""
         size = len(self.keys)
         counts = self.counts[:size].copy()

@@ -93,13 +93,16 @@ class StreamServer:
         """Read a TLS port's connection's first byte without taking it, then hand the connection on:
         to the TLS handshake and ``_connection``, or to ``refuse_plain_on_tls``."""
         loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.first_byte_timeout_s  # (one for the first byte and the handshake)
         try:
             first = await asyncio.wait_for(peek_first_byte(transport), self.first_byte_timeout_s)
             reader = asyncio.StreamReader(limit=self.read_limit, loop=loop)
             if first == TLS_HANDSHAKE_RECORD:
                 protocol = asyncio.StreamReaderProtocol(reader, self._connection, loop=loop)
                 # (start_tls leaves connection_made to its caller: it calls the client_connected_cb)
-                protocol.connection_made(await loop.start_tls(transport, protocol, context, server_side=True))
+                protocol.connection_made(await loop.start_tls(
+                    transport, protocol, context, server_side=True,
+                    ssl_handshake_timeout=max(0.1, deadline - loop.time())))
             elif first:
                 protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
                 transport.set_protocol(protocol)
@@ -148,6 +151,14 @@ class _FirstByteProtocol(asyncio.Protocol):
         self.context = context
 
     def connection_made(self, transport: asyncio.Transport) -> None:
+        server = self.server
+        if len(server._unsorted) >= server.max_connections:  # (each holds two descriptors while it waits)
+            if server.metrics is not None:
+                server.metrics.refused("too_many_connections", server.surface,
+                                       f"{len(server._unsorted)} connections waiting for their first byte, "
+                                       "the limit (max_connections); retry later")
+            transport.abort()
+            return
         transport.pause_reading()  # before asyncio reads anything: the first byte is peeked at, not taken
         task = asyncio.get_running_loop().create_task(self.server._sort(transport, self.context))
         self.server._unsorted.add(task)
