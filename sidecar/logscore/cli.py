@@ -881,7 +881,11 @@ def cut_past(numbered: NumberedRecord, limit: int) -> CutRecord:
 def note_client_cut(notes: list[str], limit: int) -> None:
     """The client's `truncated` note on a record it cut, unless the sidecar noted cutting its line too
     (not any `truncated` note: a session model's "the session was cut" hid the client's)."""
-    if not any(note.startswith(("truncated: a raw line was cut", "truncated: a line was cut")) for note in notes):
+    from .decide import TRUNCATED
+    from .sessions import LINE_CUT_NOTE
+
+    line_cut = tuple(note.partition("{")[0] for note in (TRUNCATED, LINE_CUT_NOTE))  # (their fixed start)
+    if not any(note.startswith(line_cut) for note in notes):
         notes.append(f"truncated: logscore client cut a raw line or a field to {limit + 1} characters (its "
                      f"--max-record-bytes {limit}) before sending, and the sidecar scored it as cut; give the "
                      "sidecar's --max-record-bytes to the client")
