@@ -126,6 +126,15 @@ class Worker:
                 pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL)
         self.connection = Connection(ours.detach())
 
+    def idle_and_alive(self) -> bool:
+        """Whether an idle worker can take a chunk. An idle worker never writes, so anything readable is its end
+        of the socket closing: a killed process closes it before it can be reaped, so this sees a death that
+        ``poll()`` would not see yet (a chunk sent then was lost)."""
+        try:
+            return self.process.poll() is None and not self.connection.poll(0)
+        except OSError:
+            return False
+
     def call(self, packed: bytes) -> dict:
         """Send one packed request, wait for its reply (WorkerFailed: the worker is gone or stuck)."""
         try:
@@ -134,11 +143,12 @@ class Worker:
                 raise WorkerFailed(f"no answer in {CHUNK_TIMEOUT_S:.0f} s")
             return unpack(self.connection.recv_bytes())
         except (OSError, EOFError) as error:
-            raise WorkerFailed(self._exit_description(error)) from None
+            raise WorkerFailed(self.exit_description(error)) from None
         except (ValueError, msgpack.UnpackException) as error:
             raise WorkerFailed(f"unreadable reply ({error})") from None
 
-    def _exit_description(self, error: Exception) -> str:
+    def exit_description(self, error: Exception) -> str:
+        """How it ended (waiting a moment for a dying process), or how its socket failed."""
         try:
             return describe_exit(self.process.wait(timeout=1.0))
         except subprocess.TimeoutExpired:
@@ -217,8 +227,8 @@ class ScoringProcesses:
         except (TypeError, ValueError, OverflowError):  # a value msgpack cannot carry: score it here
             return model.score(records, explain, explain_flagged)
         worker = self._take_idle()
-        while worker.process.poll() is not None:  # it died while idle (say, the OOM killer): no chunk lost
-            self._replace(worker, f"exited while idle ({describe_exit(worker.process.returncode)})")
+        while not worker.idle_and_alive():  # it died while idle (say, the OOM killer): no chunk lost
+            self._replace(worker, f"exited while idle ({worker.exit_description(EOFError())})")
             worker = self._take_idle()
         try:
             reply = worker.call(packed)
