@@ -425,3 +425,15 @@ def test_long_flagged_lines_weigh_more_against_the_inspection_budget():
     # One line weighing more than the whole bucket is admitted when the bucket is full (it never was).
     heavy = ReviewRing(inspect_per_s=20)
     assert heavy.admit("shop", 1, inspect_cost([long * 3])) == 1 and heavy._tokens < 0
+
+
+def test_a_flood_of_flagged_records_is_weighed_from_an_even_sample_close_to_the_whole():
+    """Weighing each of a flood's flagged records cost more than inspecting the few the budget admits."""
+    from logscore.feedback import INSPECT_CHARS, WEIGHED, flagged_cost, inspect_cost
+
+    records = ["y" * (9 * INSPECT_CHARS) if i % 10 == 0 else "x" for i in range(20_000)]
+    few = np.arange(0, 3 * WEIGHED, 3)[:WEIGHED]
+    assert flagged_cost(records, few) == inspect_cost([records[i] for i in few])  # up to WEIGHED: exact
+    for candidates in (np.arange(20_000), np.arange(1, 20_000, 3)):
+        exact = inspect_cost([records[i] for i in candidates])
+        assert abs(flagged_cost(records, candidates) - exact) <= 0.05 * exact

@@ -140,9 +140,17 @@ def record_time(sent: float, arrival: float) -> float:
 
 def with_new_keys(keys: np.ndarray, more: np.ndarray, room: int) -> np.ndarray:
     """``keys`` and then, in their order, at most ``room`` of ``more`` not among them yet."""
-    fresh = more[~np.isin(more, keys)]
-    _, first = np.unique(fresh, return_index=True)
-    return np.concatenate([keys, fresh[np.sort(first)][:room]])
+    # NOTE: sets, not np.isin and np.unique: on a record's few dozen keys numpy's fixed costs were most
+    # of the review page's grouping under a flood (docs/performance.md).
+    known = set(keys.tolist())
+    fresh = []
+    for key in more.tolist():
+        if key not in known:
+            known.add(key)
+            fresh.append(key)
+            if len(fresh) == room:
+                break
+    return np.concatenate([keys, np.array(fresh, dtype=np.int64)]) if fresh else keys
 
 
 def grouping_kind(kind: frozenset) -> frozenset:
