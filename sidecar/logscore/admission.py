@@ -7,15 +7,16 @@ it is decoded, ``VALUE_BYTES`` for each value it turns out to hold (a Python obj
 and its slot in a list or map). So a request of many tiny values costs what it
 really takes, not what it weighs on the wire: 3-byte JSON values expand about 20
 times once decoded. A request that would take the total over the limit is refused
-(Overloaded: RESOURCE_EXHAUSTED / 429) and frees what it held; the limit and the
-measured worst cases are in docs/operations.md ("Memory").
+(Overloaded: RESOURCE_EXHAUSTED / 429, retry later) and frees what it held; one that
+alone exceeds the limit, which no wait would let in, is refused as invalid (INVALID_ARGUMENT /
+400). The limit and the measured worst cases are in docs/operations.md ("Memory").
 """
 
 from __future__ import annotations
 
 from typing import Optional
 
-from .errors import Overloaded
+from .errors import InvalidRequest, Overloaded
 
 WIRE_COPIES = 3
 VALUE_BYTES = 80
@@ -49,6 +50,10 @@ class Ticket:
         if admission.in_flight_bytes + nbytes > admission.limit_bytes:
             needed, others = self.bytes + nbytes, admission.in_flight_bytes - self.bytes
             self.release()
+            if needed > admission.limit_bytes:  # never fits, however long the caller waits: retrying cannot help
+                raise InvalidRequest(f"this request needs about {needed} bytes once decoded, more than "
+                                     f"max_inflight_bytes ({admission.limit_bytes}) even with nothing else in "
+                                     "flight; send smaller batches, or raise max_inflight_bytes")
             raise Overloaded(f"this request needs about {needed} bytes once decoded, other requests in flight "
                              f"hold {others}, and max_inflight_bytes is {admission.limit_bytes}; retry later, "
                              "send smaller batches, or raise max_inflight_bytes")
