@@ -298,8 +298,9 @@ def test_the_worst_input_through_a_scoring_process_leaves_it_serving(tmp_path):
     sidecar = SidecarProcess(ROOT / "models", tmp_path, scoring_processes=1).start()
     try:
         outcomes = flood(sidecar, worst_payloads(2 * 1024 * 1024), calls_per_connection=1, grpc_connections=1)
+        refusals = {"RESOURCE_EXHAUSTED", "INVALID_ARGUMENT", "429", "400"}
         for name, results in outcomes.items():
-            assert set(results) <= {"OK", "RESOURCE_EXHAUSTED", "INVALID_ARGUMENT", "200", "429", "400"}, (name, results)
+            assert set(results) <= {"OK", "200"} | refusals, (name, results)
         assert "OK" in outcomes["grpc_long_lines"] + outcomes["grpc_short_lines"]  # scored by the process
         request = pb.ScoreRequest(lines=pb.RawLines(lines=[b"GET / HTTP/1.1"]))
         assert len(sidecar.stub().Score(request, timeout=10).scores) == 1
