@@ -596,6 +596,22 @@ def test_invalid_entries_are_skipped_and_counted_the_rest_pass(chain):
     assert counter(sidecar, "forward_invalid_entry") == 3
 
 
+def test_a_record_nested_a_thousand_deep_is_skipped_and_the_others_scored_without_a_traceback(chain):
+    """gRPC's event_stream failed a whole call on such a record (the review page's json.dumps
+    recursed); forward mode skips records nested past records.MAX_RECORD_DEPTH before scoring."""
+    sidecar, port, receiver = chain
+    deep = b"\x92\x01\x82\xa6status\xa3200\xa3url" + b"\x91" * 1000 + b"\xa1x"  # [1, {status, url: [[..]]}]
+    entries = packed([[1_700_000_000, {"message": "good 1"}]]) + deep + packed([[1_700_000_001, {"message": "good 2"}]])
+    chunk = uuid.uuid4().hex
+    header = msgpack.packb("web") + b"\xdb" + len(entries).to_bytes(4, "big")  # PackedForward: tag, str 32
+    assert send(port, b"\x93" + header + entries + msgpack.packb({"chunk": chunk})) == [{"ack": chunk}]
+    out = receiver.wait_for(2)
+    assert [r["message"] for _, r in out] == ["good 1", "good 2"]
+    assert all(isinstance(r["anomaly_score"], float) for _, r in out)
+    assert counter(sidecar, "forward_invalid_entry") == 1
+    assert "Traceback" not in sidecar.log() and '"level": "error"' not in sidecar.log()
+
+
 def test_records_of_any_shape_within_the_value_budget_are_relayed_and_scored(chain):
     """msgpack's caps on one map or array (10,000 keys, 100,000 items) applied at every depth: a
     record past them closed the connection, so its chunk could never be relayed (Fluent Bit

@@ -113,7 +113,7 @@ def test_an_event_stream_charges_every_array_and_map_it_decodes():
     values = 3 + 7 + 3 + 3 + 3 + 3
     admission = Admission(limit_bytes=10 ** 9)
     with admission.admit(0) as ticket:
-        assert decode_event_stream(stream, ticket=ticket) == (records, [1700000000, 1700000001])
+        assert decode_event_stream(stream, ticket=ticket) == (records, [1700000000, 1700000001], [])
         assert ticket.bytes == values * VALUE_BYTES
     # One value short of the budget: it would never fit, however long it waited (it was "retry later").
     with pytest.raises(InvalidRequest, match="even with nothing else in flight; send smaller batches"):
@@ -128,6 +128,48 @@ def test_an_event_stream_charges_every_array_and_map_it_decodes():
     assert shared.in_flight_bytes == 0
     with pytest.raises(InvalidRequest, match="entry 2: a map key is an array or a map"):
         decode_event_stream(stream + b"\x92\x01\x81\x91\x01\x02")  # [1, {[1]: 2}]
+
+
+def deep_entry(depth: int) -> bytes:
+    """[1, {"status": "200", "request": [[...["x"]...]]}], arrays nested ``depth`` deep: raw msgpack,
+    which decodes 1,024 levels (msgpack-python's packer writes 512 at most)."""
+    return b"\x92\x01\x82\xa6status\xa3200\xa7request" + b"\x91" * depth + b"\xa1x"
+
+
+def test_an_event_stream_record_nested_past_the_limit_is_cut_there_and_noted():
+    """One record 1,000 levels deep failed its whole gRPC call INTERNAL (json.dumps recursing on the
+    review page); past MAX_RECORD_DEPTH it is cut to NESTED_TOO_DEEP there, noted, and scored."""
+    import msgpack
+
+    from logscore.feedback import record_text
+    from logscore.records import MAX_RECORD_DEPTH, NESTED_TOO_DEEP, decode_event_stream
+
+    at_limit = MAX_RECORD_DEPTH - 1  # arrays: the record is level 1, its outermost array 2
+    stream = msgpack.packb([1, {"url": "/a"}]) + deep_entry(1000) + deep_entry(at_limit)
+    records, _, notes = decode_event_stream(stream)
+    assert [(index, field) for index, field, _ in notes] == [(1, "record")]
+    assert "nested more than 48" in notes[0][2] and "send flatter records" in notes[0][2]
+    cut = records[1]["request"]
+    for _ in range(MAX_RECORD_DEPTH - 2):
+        cut = cut[0]
+    assert cut == [NESTED_TOO_DEEP]  # level 48 kept, its array (49) cut
+    kept = records[2]["request"]
+    for _ in range(at_limit):
+        kept = kept[0]
+    assert kept == "x"
+    assert record_text(records[1]).count("[") == MAX_RECORD_DEPTH - 1
+
+
+def test_a_record_nested_past_what_json_recurses_is_shown_cut_not_raised():
+    from logscore.feedback import record_text
+    from logscore.records import MAX_RECORD_DEPTH, NESTED_TOO_DEEP
+
+    deep: object = "x"
+    for _ in range(5000):
+        deep = [deep]
+    text = record_text({"status": "200", "request": deep})
+    assert text.startswith('{"status": "200", "request": [[') and NESTED_TOO_DEEP in text
+    assert text.count("[") == MAX_RECORD_DEPTH - 1
 
 
 @pytest.mark.parametrize("entry, said", [("x", "got a string"), ([1, {"a": 1}, 3], "got an array of 3 items"),

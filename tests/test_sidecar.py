@@ -240,6 +240,25 @@ def test_bad_input_gets_documented_statuses_and_the_server_keeps_serving(sidecar
     assert any(r["kind"] == "InvalidRequest" and r["surface"] == "grpc" for r in refusals), refusals
 
 
+def deep_entry(field: str, depth: int) -> bytes:
+    """[1, {"status": "200", field: [[...["x"]...]]}], arrays nested ``depth`` deep: raw msgpack,
+    which decodes 1,024 levels (msgpack-python's packer writes 512 at most)."""
+    return b"\x92\x01\x82\xa6status\xa3200" + msgpack.packb(field) + b"\x91" * depth + b"\xa1x"
+
+
+def test_a_record_nested_a_thousand_deep_is_scored_noted_and_so_are_the_others(sidecar):
+    """Probe: one such record in an event_stream failed the whole call INTERNAL, logging a traceback
+    (the review page's json.dumps recursed past Python's limit); the other records went unscored."""
+    logged = len(sidecar.log())
+    good = event_stream([{"url": f"/item/{i}", "status": "200"} for i in range(20)])
+    data = good + deep_entry("request", 1000) + deep_entry("url", 1000) + good
+    response = sidecar.stub().Score(pb.ScoreRequest(model="apache-access", event_stream=data), timeout=30)
+    assert len(response.scores) == 42
+    deep_notes = [n.index for n in response.notes if "nested more than 48" in n.description]
+    assert deep_notes == [20, 21] and all(response.is_anomaly[i] for i in deep_notes)
+    assert "Traceback" not in sidecar.log()[logged:] and '"level": "error"' not in sidecar.log()[logged:]
+
+
 def test_a_tag_over_1024_characters_is_refused_on_every_surface_and_logged_cut(models_dir, tmp_path):
     """A sender picks its tags: each distinct one was kept and logged whole (probe: 30 tags of
     12 MiB, 845 MiB of memory and 755 MB of log). The scoring service refuses them for every surface

@@ -37,7 +37,7 @@ from .features import FeatureBatch
 from .features.batch import text_key
 from .features.converters import ValueCache, value_shape
 from .model import SCORE_CHUNK, Model, run_graph
-from .records import event_seconds, field_map_json, to_text
+from .records import cut_nesting, event_seconds, field_map_json, to_text
 from .shown import named_first
 
 NORMAL, KEEP = "normal", "keep"
@@ -122,6 +122,8 @@ def record_text(record: object) -> str:
         text = json.dumps(record, default=to_text, ensure_ascii=False)
     except TypeError:  # a binary map key (Fluentd's regexp parsers on a non-ASCII line): INTERNAL before
         text = field_map_json(record)
+    except RecursionError:  # nested past what json.dumps recurses (msgpack decodes 1,024 levels): INTERNAL before
+        text = field_map_json(cut_nesting(record))
     return text[:EXAMPLE_CHARS]
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, NamedTuple, Optional, Sequence
 
 import numpy as np
 
@@ -27,6 +27,15 @@ from .timestamps import TIME_FIELDS, parse_time
 RAW_LINE_KEYS = ("message", "log", "unmatched_line")
 _TIME_KEYS = frozenset(TIME_FIELDS)
 NESTED_TOO_DEEP = "(nested too deep)"
+# NOTE: the one bound on how deep maps and arrays nest in a record, for every surface that decodes
+# msgpack (gRPC's event_stream, forward mode). msgpack decodes 1,024 levels, past Python's recursion
+# limit: a record 1,000 levels deep failed its whole gRPC call INTERNAL where json.dumps read it (the
+# review page), and a Fluent Bit (5.1) next hop acknowledges a PackedForward chunk holding a record about
+# 60 maps deep and drops every record of it (forward mode relays PackedForward: one such record lost
+# the records relayed with it). gRPC's event_stream cuts such a record there and notes it; forward
+# mode skips it. (HTTP's JSON is bounded by Python's parser: nested too deeply, a body is refused.)
+# Real records nest a few levels (the featurizer flattens 8: parsers.FLATTEN_DEPTH).
+MAX_RECORD_DEPTH = 48
 # One array or map of an event stream holds at most this many values: a container is
 # built whole before it is charged (admission.py), so this bounds what one may take.
 MAX_CONTAINER_VALUES = 65_536
@@ -58,6 +67,33 @@ def to_text(value: object) -> str:
         return str(value)
     except RecursionError:  # a hostile value nested a thousand levels deep
         return NESTED_TOO_DEEP
+
+
+def nested_deeper_than(record: dict, limit: int) -> bool:
+    """Whether maps and arrays nest more than ``limit`` deep in the record (the record is 1).
+    A flat record costs one pass over its values."""
+    for value in record.values():
+        if value.__class__ is dict or value.__class__ is list:
+            break
+    else:
+        return False
+    level: list = [record]
+    for _ in range(limit):
+        level = [inner for outer in level for inner in (outer.values() if outer.__class__ is dict else outer)
+                 if inner.__class__ is dict or inner.__class__ is list]
+        if not level:
+            return False
+    return True
+
+
+def cut_nesting(value: object, limit: int = MAX_RECORD_DEPTH) -> object:
+    """``value`` with each map or array nested past ``limit`` levels (``value`` is 1) replaced by
+    NESTED_TOO_DEEP; recurses ``limit`` levels at most, so it is safe on any record."""
+    if value.__class__ is dict:
+        return NESTED_TOO_DEEP if limit <= 0 else {key: cut_nesting(inner, limit - 1) for key, inner in value.items()}
+    if value.__class__ is list or value.__class__ is tuple:
+        return NESTED_TOO_DEEP if limit <= 0 else [cut_nesting(inner, limit - 1) for inner in value]
+    return value
 
 
 def text_keys(record: dict, depth: int = 8) -> dict:
@@ -332,17 +368,22 @@ def describe_entry(entry: object) -> str:
     return f"{type_name(entry[1])} for its record"
 
 
-def value_counting_hooks(charge) -> dict:
+def value_counting_hooks(charge, built: Optional[list[int]] = None) -> dict:
     """msgpack Unpacker hooks that ``charge`` each array and map as it is built with the values it
-    holds (itself and its items; a map's keys too), before the next is decoded."""
+    holds (itself and its items; a map's keys too), before the next is decoded; ``built[0]`` counts
+    the arrays and maps built."""
+    built = [0] if built is None else built
+
     def counted_list(values: list) -> list:
         charge(len(values) + 1)
+        built[0] += 1
         return values
 
     # NOTE: object_hook, not object_pairs_hook: msgpack builds the dict itself, 0.3 µs a record less;
     # a map that names a key twice is charged for the keys it keeps, which is what it holds
     def counted_map(pairs: dict) -> dict:
         charge(2 * len(pairs) + 1)
+        built[0] += 1
         return pairs
 
     return {"list_hook": counted_list, "object_hook": counted_map}
@@ -383,10 +424,19 @@ def event_times(values: Sequence[object]) -> np.ndarray:
     return np.array([event_seconds(v) for v in values], dtype=np.float64)
 
 
-def decode_event_stream(data: bytes, max_records: float = math.inf,
-                        ticket: Ticket = UNLIMITED) -> tuple[list[dict], list[object]]:
-    """Records of a Fluentd event stream (msgpack ``[time, record]`` arrays back to back), and
-    their times as sent (``event_times`` reads them).
+TOO_DEEP_NOTE = (f"nested more than {MAX_RECORD_DEPTH} maps and arrays deep: scored with what lies deeper read as "
+                 f"{NESTED_TOO_DEEP!r}; send flatter records")
+
+
+class EventStream(NamedTuple):
+    records: list[dict]
+    times: list[object]  # as sent (``event_times`` reads them)
+    notes: list[tuple[int, str, str]]  # (record, field, description): records nested past MAX_RECORD_DEPTH
+
+
+def decode_event_stream(data: bytes, max_records: float = math.inf, ticket: Ticket = UNLIMITED) -> EventStream:
+    """Records of a Fluentd event stream (msgpack ``[time, record]`` arrays back to back), their
+    times as sent, and a note on each record nested past MAX_RECORD_DEPTH (cut there: ``cut_nesting``).
 
     Raises InvalidRequest naming the entry that is not ``[time, record]`` or
     where the bytes stop making sense, or past ``max_records`` entries; every
@@ -395,20 +445,31 @@ def decode_event_stream(data: bytes, max_records: float = math.inf,
     """
     import msgpack
 
+    built = [0]  # arrays and maps decoded: an entry of at most MAX_RECORD_DEPTH nests no deeper
     unpacker = msgpack.Unpacker(raw=False, unicode_errors="replace", strict_map_key=False,
-                                max_buffer_size=max(len(data), 1024), **value_counting_hooks(ticket.charge_values),
+                                max_buffer_size=max(len(data), 1024),
+                                **value_counting_hooks(ticket.charge_values, built),
                                 max_array_len=MAX_CONTAINER_VALUES, max_map_len=MAX_CONTAINER_VALUES)
     unpacker.feed(data)
     records: list[dict] = []
     times: list[object] = []
+    notes: list[tuple[int, str, str]] = []
     consumed = 0  # NOTE: tell() after the loop counts a partial last entry too
+    containers_before = 0
     try:
         for entry in unpacker:
             consumed = unpacker.tell()
             if not (isinstance(entry, (list, tuple)) and len(entry) == 2 and isinstance(entry[1], dict)):
                 raise InvalidRequest(f"event_stream entry {len(records)}: expected [time, record] (a map), "
                                      f"got {describe_entry(entry)}")
-            records.append(entry[1])
+            record = entry[1]
+            # NOTE: looked into only when the entry holds enough arrays and maps to nest so deep:
+            # looking into every record cost 0.3 µs a flat one, 2 µs one with Kubernetes' metadata
+            if built[0] - containers_before > MAX_RECORD_DEPTH and nested_deeper_than(record, MAX_RECORD_DEPTH):
+                record = cut_nesting(record)
+                notes.append((len(records), "record", TOO_DEEP_NOTE))
+            containers_before = built[0]
+            records.append(record)
             times.append(entry[0])
             if len(records) > max_records:
                 raise InvalidRequest(f"event_stream holds more than {max_records} records, the limit "
@@ -422,4 +483,4 @@ def decode_event_stream(data: bytes, max_records: float = math.inf,
     if consumed != len(data):
         raise InvalidRequest(f"event_stream: truncated after entry {len(records)} "
                              f"({len(data) - consumed} bytes left over)")
-    return records, times
+    return EventStream(records, times, notes)

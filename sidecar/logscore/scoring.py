@@ -36,6 +36,7 @@ class ScoreCall:
     tags: Optional[Sequence[str]] = None  # a tag per record (forward Message mode); overrides ``tag``
     times: Optional[Sequence[object]] = None  # each record's own time as the shipper sent it (records.event_times)
     explain_flagged: int = 0  # features named for each record its model flags, none for the others (forward mode)
+    notes: Sequence[tuple[int, str, str]] = ()  # the surface's own, from decoding (records.EventStream.notes)
 
 
 @dataclass
@@ -155,6 +156,8 @@ class ScoringService:
         else:
             decisions = [decide(*args) for args in work]
         outcome = self._assemble(count, groups, results, decisions, call.explain > 0 or call.explain_flagged > 0)
+        if call.notes:
+            outcome.notes = sorted([*outcome.notes, *call.notes], key=lambda note: note[0])
         if routes:
             self.learner.observe(routes, records)
         if self.behaviour is not None:

@@ -70,7 +70,7 @@ import msgpack
 from ..decide import notes_by_record
 from ..errors import LogscoreError, ModelNotFound, Overloaded, TagTooLong
 from ..metrics import OncePerInterval
-from ..records import cut_text, describe_entry, type_name, value_counting_hooks
+from ..records import MAX_RECORD_DEPTH, cut_text, describe_entry, nested_deeper_than, type_name, value_counting_hooks
 from ..scoring import ScoreCall, ScoringService
 from .streams import StreamServer
 
@@ -86,11 +86,7 @@ NOTES_KEY = "anomaly_notes"  # the sidecar's notes on a record, as the Fluentd f
 GROUP_MARKER_SECONDS = (-1, -2)
 GROUP_MARKER_EVENT_SECONDS = tuple(second.to_bytes(4, "big", signed=True) for second in GROUP_MARKER_SECONDS)
 MAX_NANOSECONDS_BYTES = (10**9).to_bytes(4, "big")  # an EventTime's nanoseconds, compared as bytes
-# NOTE: Fluent Bit (5.1) as the next hop acknowledges a PackedForward chunk holding a record nested
-# about 60 maps deep and drops every record of it (in Forward mode it refuses the chunk); the
-# sidecar passes everything on as PackedForward, so one such record lost the up to max_batch_records
-# records relayed with it, without a word. Real records nest a few levels.
-MAX_RECORD_DEPTH = 48
+# (MAX_RECORD_DEPTH, records.py: a Fluent Bit next hop drops a whole chunk holding a record about 60 maps deep)
 # NOTE: Fluentd's out_forward packs the entries of PackedForward as a msgpack *str*, and
 # records may hold invalid UTF-8: strings are decoded with surrogateescape (and encoded
 # back the same way) so every byte reaches the next hop as it came.
@@ -690,23 +686,6 @@ def checked_entry(entry) -> list:
     if nested_deeper_than(entry[1], MAX_RECORD_DEPTH):
         raise InvalidEntry(f"a record nests maps and arrays more than {MAX_RECORD_DEPTH} deep")
     return entry if isinstance(entry, list) else list(entry)
-
-
-def nested_deeper_than(record: dict, limit: int) -> bool:
-    """Whether maps and arrays nest more than ``limit`` deep in the record (the record is 1).
-    A flat record costs one pass over its values."""
-    for value in record.values():
-        if value.__class__ is dict or value.__class__ is list:
-            break
-    else:
-        return False
-    level: list = [record]
-    for _ in range(limit):
-        level = [inner for outer in level for inner in (outer.values() if outer.__class__ is dict else outer)
-                 if inner.__class__ is dict or inner.__class__ is list]
-        if not level:
-            return False
-    return True
 
 
 def time_problem(moment) -> Optional[str]:

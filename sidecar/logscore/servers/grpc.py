@@ -49,7 +49,7 @@ def decode_request(request: pb.ScoreRequest, deadline: Optional[float], ticket: 
     """The ScoreCall of a request; its count is checked and its values charged to ``ticket`` first."""
     kind = request.WhichOneof("records")
     limit = max_records if max_records is not None else math.inf
-    times = None
+    times, notes = None, ()
     if kind == "structured":
         structured = request.structured.records
         check_record_count(len(structured), limit)
@@ -60,10 +60,10 @@ def decode_request(request: pb.ScoreRequest, deadline: Optional[float], ticket: 
         ticket.charge_values(len(request.lines.lines))
         records = [line.decode("utf-8", "replace") for line in request.lines.lines]
     elif kind == "event_stream":
-        records, times = decode_event_stream(request.event_stream, limit, ticket)
+        records, times, notes = decode_event_stream(request.event_stream, limit, ticket)
     else:
         raise InvalidRequest("the request has no records: set one of structured, lines or event_stream")
-    return ScoreCall(records, request.model, request.tag, request.explain, deadline, "grpc", times=times)
+    return ScoreCall(records, request.model, request.tag, request.explain, deadline, "grpc", times=times, notes=notes)
 
 
 def encode_response(outcome: ScoreOutcome, request_id: str) -> pb.ScoreResponse:
