@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -136,6 +137,26 @@ def test_stream_answers_each_request_in_order(sidecar):
     assert [r.request_id for r in responses] == ["0", "1", "2", "3", "4"]
     unary = sidecar.stub().Score(pb.ScoreRequest(model="shop", lines=pb.RawLines(lines=[line.encode() for line in lines])))
     assert [r.scores[0] for r in responses] == list(unary.scores)
+
+
+def test_a_score_stream_cancelled_while_its_answers_are_written_ends_without_an_error(sidecar):
+    """Probe: a shipper cancelling (or killed) while big answers were written logged grpc's
+    ExecuteBatchError traceback at error level, 10 times in 10: shipper restarts paged someone."""
+    logged = len(sidecar.log())
+    lines = [line.encode() for line in shop_lines(1000, seed=44)]
+    request = pb.ScoreRequest(model="shop", lines=pb.RawLines(lines=lines), explain=20)
+    for _ in range(3):
+        call = sidecar.stub().ScoreStream(itertools.repeat(request), timeout=60)
+        for answered, _ in enumerate(call, 1):
+            time.sleep(0.2)  # (the sidecar fills the window meanwhile: it is writing when the call ends)
+            if answered == 3:
+                call.cancel()
+                break
+    sidecar.wait_for(lambda: sidecar.metric('logscore_calls_in_flight{surface="grpc"}') == 0,
+                     what="the cancelled streams' handlers to end")
+    assert len(sidecar.stub().Score(pb.ScoreRequest(model="shop", lines=pb.RawLines(lines=lines[:2]))).scores) == 2
+    after = sidecar.log()[logged:]
+    assert "ExecuteBatchError" not in after and '"level": "error"' not in after, after[-3000:]
 
 
 def test_explanations_come_back(sidecar):

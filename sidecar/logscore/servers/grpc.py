@@ -130,19 +130,22 @@ def event_bytes(event) -> bytes:
     return encode_event(event).SerializeToString()
 
 
-async def sent(context, message: bytes) -> bool:
-    """Write one message of a server stream; False when the caller went away meanwhile.
+async def sent(context, message: bytes, stream: str) -> bool:
+    """Write one message of a server stream (``stream``: which, for the log); False when the caller
+    went away meanwhile. The one way every server stream (ScoreStream, WatchAnomalies) writes.
 
     NOTE: written, not yielded: a slow watcher's window is full, so the sidecar is always in the
     middle of a write when it leaves, and a yielded message failing so is logged by grpc as an
-    error with a traceback (ExecuteBatchError). Here it is the end of the stream, said at debug."""
+    error with a traceback (ExecuteBatchError); so was a shipper cancelling (or killed) while its
+    ScoreStream answers were written. Here it is the end of the stream, said at debug."""
     try:
         await context.write(message)
         return True
     except asyncio.CancelledError:
         raise
     except Exception as error:  # grpc's own (private) error type for a call that is over
-        log.debug("event stream ended: the watcher went away", extra={"error": f"{type(error).__name__}: {error}"})
+        log.debug("stream ended: its caller went away", extra={"stream": stream,
+                                                                "error": f"{type(error).__name__}: {error}"})
         return False
 
 
@@ -197,7 +200,8 @@ class ScorerServicer:
                 break
             finally:
                 self._waiting_streams.discard(task)
-            yield await self._score(data, context)
+            if not await sent(context, await self._score(data, context), "ScoreStream"):
+                return
         await context.abort(grpc.StatusCode.UNAVAILABLE, STREAM_STOPPED)
 
     def end_streams(self) -> None:
@@ -235,7 +239,7 @@ class ScorerServicer:
             await context.send_initial_metadata(())  # the caller knows the watch is in place
             while True:
                 event = await watcher.next()
-                if event is None or not await sent(context, event.encoded_for("grpc", event_bytes)):
+                if event is None or not await sent(context, event.encoded_for("grpc", event_bytes), "WatchAnomalies"):
                     return  # (serialized once for every watcher)
         finally:
             self.watchers -= 1

@@ -49,6 +49,7 @@ module Logscore
         # When the sidecar stops, the stream ends after its current answer (at once
         # when waiting for a message): UNAVAILABLE, retry on another instance (a
         # request sent as it stops may go unanswered: resend what was not answered).
+        # A client that cancels or goes away ends it: answers not yet sent are dropped.
         rpc :ScoreStream, stream(::Logscore::V1::ScoreRequest), stream(::Logscore::V1::ScoreResponse)
         # The loaded models, their versions and thresholds.
         rpc :ListModels, ::Logscore::V1::ListModelsRequest, ::Logscore::V1::ListModelsResponse

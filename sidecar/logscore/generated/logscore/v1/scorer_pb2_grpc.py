@@ -90,6 +90,7 @@ class ScorerServicer:
         When the sidecar stops, the stream ends after its current answer (at once
         when waiting for a message): UNAVAILABLE, retry on another instance (a
         request sent as it stops may go unanswered: resend what was not answered).
+        A client that cancels or goes away ends it: answers not yet sent are dropped.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
