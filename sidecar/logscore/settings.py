@@ -112,7 +112,8 @@ class Settings:
                                         "Each connection may hold about 2.4 MiB of messages its calls have not "
                                         "been admitted for yet")
     max_grpc_calls: int = setting(64, "gRPC calls in progress at once, event watchers included (at most a quarter "
-                                  "of them: WatchAnomalies past that is refused); past it a call "
+                                  "of them: WatchAnomalies past that is refused) and each ScoreStream for as long "
+                                  "as it is open, idle or not; health checks take no place; past it a call "
                                   "is refused RESOURCE_EXHAUSTED at once, before its message is read, counted and "
                                   "logged (gRPC holds each call's message, up to max_message_bytes, while it "
                                   "arrives, before the in-flight budget sees it)")

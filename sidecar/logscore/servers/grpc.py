@@ -157,7 +157,8 @@ class ScorerServicer:
         self.service = service
         self.watchers = 0
         # NOTE: watchers hold their call for hours; a quarter of max_grpc_calls at most, so that
-        # scoring and health checks always find a place (the HTTP port keeps its streams apart alike)
+        # scoring always finds a place (the HTTP port keeps its streams apart alike; health checks
+        # take none: CallLimitInterceptor)
         self.max_watchers = max(1, service.settings.max_grpc_calls // 4)
         self._request_seconds = service.metrics.child(service.metrics.request_seconds, "grpc")
         self._left_out_said = OncePerInterval()
@@ -280,6 +281,8 @@ class ScorerServicer:
 
 DENIED = "missing or wrong bearer token: send metadata 'authorization: Bearer <token>'"
 SCORING_METHODS = frozenset(f"/{SERVICE_NAME}/{name}" for name in ("Score", "ScoreStream"))
+STREAM_METHOD, WATCH_METHOD = f"/{SERVICE_NAME}/ScoreStream", f"/{SERVICE_NAME}/WatchAnomalies"
+HEALTH_SERVICE = "/grpc.health.v1.Health/"
 
 
 class CallLimitInterceptor(grpc.aio.ServerInterceptor):
@@ -289,33 +292,49 @@ class CallLimitInterceptor(grpc.aio.ServerInterceptor):
     NOTE: in place of grpcio's own maximum_concurrent_rpcs, whose refusals reached none of our
     code (neither counted nor logged). A call counts from when its handler is looked up (before its
     message is read) until its handler's task ends: grpcio runs the interceptors inside that task,
-    so one done-callback per call is all it costs, nothing wraps the handler."""
+    so one done-callback per call is all it costs, nothing wraps the handler.
+
+    Health checks take no place: idle ScoreStreams (a shipper's, held open between batches) filled
+    the cap and an orchestrator's health check was refused with the scoring (probe: 64 streams)."""
 
     def __init__(self, max_calls: int, metrics):
         self.max_calls = max_calls
         self.metrics = metrics
-        self.calls = 0  # every method, health checks and event watchers included
+        self.calls = 0  # every method but health checks, event watchers included
         self.scoring_calls = 0  # Score and ScoreStream: the in-flight gauge
+        self.streams = 0  # ScoreStream calls open, idle or not: named when the cap refuses a call
+        self.watchers = 0  # WatchAnomalies calls open
         metrics.calls_in_flight.watch("grpc", lambda: self.scoring_calls)
 
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
-        if handler is None:  # no such method: answered UNIMPLEMENTED at once
-            return None
+        if handler is None or details.method.startswith(HEALTH_SERVICE):  # (no such method: UNIMPLEMENTED at once)
+            return handler
         if self.calls >= self.max_calls:
-            reason = (f"{self.calls} gRPC calls are in progress, the limit (max_grpc_calls); retry, close idle "
-                      "event watchers, or raise max_grpc_calls")
+            reason = self.refusal()
             self.metrics.refused("too_many_calls", "grpc", reason)
             return refusing(handler, grpc.StatusCode.RESOURCE_EXHAUSTED, reason)
-        scoring = details.method in SCORING_METHODS
+        method = details.method
+        scoring, stream, watcher = method in SCORING_METHODS, method == STREAM_METHOD, method == WATCH_METHOD
         self.calls += 1
         self.scoring_calls += scoring
-        asyncio.current_task().add_done_callback(functools.partial(self._call_ended, scoring))
+        self.streams += stream
+        self.watchers += watcher
+        asyncio.current_task().add_done_callback(functools.partial(self._call_ended, scoring, stream, watcher))
         return handler
 
-    def _call_ended(self, scoring: bool, _task) -> None:
+    def refusal(self) -> str:
+        """Why a call is refused at the cap: what holds the places, and what to do."""
+        return (f"{self.calls} gRPC calls are in progress, the limit (max_grpc_calls): {self.streams} ScoreStream "
+                f"and {self.watchers} WatchAnomalies calls among them, each holding its place while open, idle or "
+                "not; retry, close idle streams (a shipper needs one ScoreStream, not one per batch) and watchers, "
+                "or raise max_grpc_calls")
+
+    def _call_ended(self, scoring: bool, stream: bool, watcher: bool, _task) -> None:
         self.calls -= 1
         self.scoring_calls -= scoring
+        self.streams -= stream
+        self.watchers -= watcher
 
 
 class TokenInterceptor(grpc.aio.ServerInterceptor):
