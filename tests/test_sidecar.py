@@ -211,6 +211,28 @@ def test_unknown_model_is_not_found_and_names_loaded_ones(sidecar):
     assert "apache-access" in error.value.details() and "shop" in error.value.details()
 
 
+@pytest.mark.parametrize("length, code", [(200, grpc.StatusCode.NOT_FOUND), (201, grpc.StatusCode.INVALID_ARGUMENT),
+                                          (20_000, grpc.StatusCode.INVALID_ARGUMENT)])
+def test_a_model_name_too_long_to_be_one_is_invalid_argument_and_echoed_cut(sidecar, length, code):
+    """Probe: the NOT_FOUND message repeated the whole name, past gRPC's metadata limit: the caller got
+    RESOURCE_EXHAUSTED ("queue full; retry later") for a permanent error, always at 20,000 characters."""
+    with pytest.raises(grpc.RpcError) as error:
+        score_one(sidecar, {"url": "/"}, model="d" * length)
+    assert error.value.code() == code, error.value.details()[:300]
+    assert len(error.value.details()) < 600 and "shop" in error.value.details()
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        assert f"({length:,} characters)" in error.value.details() and "at most 200" in error.value.details()
+
+
+def test_unknown_watch_kinds_are_invalid_argument_and_echoed_cut(sidecar):
+    call = sidecar.stub().WatchAnomalies(pb.WatchAnomaliesRequest(kinds=["k" * 20_000, "other"]), timeout=10)
+    with pytest.raises(grpc.RpcError) as error:
+        next(call)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT, error.value.details()[:300]
+    assert "unknown kind(s) kkk" in error.value.details() and "(20,007 characters)" in error.value.details()
+    assert len(error.value.details()) < 600
+
+
 # --- bad input ---------------------------------------------------------------------------
 
 def expect_status(call, code: grpc.StatusCode, text: str):

@@ -32,6 +32,7 @@ from urllib.parse import unquote
 
 from .decide import HELD_CUT
 from .errors import ConfigError, FeedbackNotFound, InvalidRequest, StoreUnavailable
+from .records import MAX_NAME_CHARS  # a review group's id, a field's or a model's name
 from .feedback import (EXAMPLES, SESSIONS_REFUSAL, UNREADABLE, VERDICTS, Entry, RuleSet, cut_refusal,
                        pattern_from_field, pattern_from_records, record_text, refuse_unflagged, refuse_unparsed,
                        unparsed_refusal)
@@ -833,7 +834,6 @@ class Mark:
 
 
 MAX_MARKED_RECORDS = 100
-MAX_NAME_CHARS = 200  # a review group's id, a field's or a model's name
 
 
 @contextmanager

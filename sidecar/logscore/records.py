@@ -44,6 +44,7 @@ MAX_CONTAINER_VALUES = 65_536
 DEFAULT_MAX_LINE_CHARS = 65_536
 
 LOGGED_TAG_CHARACTERS = 100  # what a log line or an error shows of a tag (the sender chose it)
+MAX_NAME_CHARS = 200  # the longest name a caller may give: a model's, a review group's id, a field's
 
 
 def cut_text(text: str, limit: int = LOGGED_TAG_CHARACTERS) -> str:

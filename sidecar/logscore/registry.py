@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Optional
 
 from .artifact import DEFAULT_MAX_MODEL_BYTES, UnreadableModelFile
-from .errors import ModelLoadError, ModelNotFound
+from .errors import InvalidRequest, ModelLoadError, ModelNotFound
 from .model import Model
-from .records import DEFAULT_MAX_LINE_CHARS, cut_text, to_text
+from .records import DEFAULT_MAX_LINE_CHARS, MAX_NAME_CHARS, cut_text, to_text
 from .sessions import SessionCounts
 
 log = logging.getLogger("logscore.registry")
@@ -266,6 +266,11 @@ class ModelRegistry:
         if name:
             model = models.get(name)
             if model is None:
+                # NOTE: echoed whole, a name of 9,000 characters made the error longer than gRPC's
+                # metadata takes: the caller got RESOURCE_EXHAUSTED ("retry later") for a wrong name
+                if len(name) > MAX_NAME_CHARS:
+                    raise InvalidRequest(f"model {cut_text(name)!r}: no model is named so long (at most "
+                                         f"{MAX_NAME_CHARS} characters); loaded: {self._names(models)}")
                 raise ModelNotFound(f"model {name!r} is not loaded; loaded: {self._names(models)}")
             return model
         if tag:

@@ -19,7 +19,7 @@ from ..generated.logscore.v1 import scorer_pb2 as pb
 from ..metrics import OncePerInterval
 from ..events import KINDS
 from ..flood import target_fpr
-from ..records import decode_event_stream
+from ..records import MAX_NAME_CHARS, cut_text, decode_event_stream
 from ..scoring import ScoreCall, ScoreOutcome, ScoringService, check_record_count
 from ..settings import bearer_matches
 from .answers import explanations_kept, left_out_note, say_left_out
@@ -225,8 +225,9 @@ class ScorerServicer:
         behaviour = self.service.behaviour
         unknown = set(request.kinds) - set(KINDS)
         if unknown:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"unknown kind(s) {', '.join(sorted(unknown))}; use {', '.join(KINDS)}")
+            # (cut: echoed whole, 20,000 characters overflowed gRPC's metadata, RESOURCE_EXHAUSTED to the caller)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"unknown kind(s) "
+                                f"{cut_text(', '.join(sorted(unknown)), MAX_NAME_CHARS)}; use {', '.join(KINDS)}")
         if behaviour is None:
             return
         if self.watchers >= self.max_watchers:
