@@ -1,3 +1,4 @@
+import gzip
 import json
 
 import numpy as np
@@ -128,6 +129,29 @@ def test_an_event_stream_charges_every_array_and_map_it_decodes():
     assert shared.in_flight_bytes == 0
     with pytest.raises(InvalidRequest, match="entry 2: a map key is an array or a map"):
         decode_event_stream(stream + b"\x92\x01\x81\x91\x01\x02")  # [1, {[1]: 2}]
+
+
+GOOD_ENTRY = b"\x92\x01\x81\xa1a\x01"  # [1, {"a": 1}]
+
+
+@pytest.mark.parametrize("data, said", [
+    (b"\x92\x01" + b"\x91" * 100_000 + b"\x01",
+     "entry 0: nested more than 1,024 arrays and maps deep (msgpack's limit): send flatter records"),
+    (GOOD_ENTRY + b"\x92\x01\x81\xa1a\xc1",
+     "entry 1: byte 0xc1 at offset 11 starts no msgpack value: check the shipper's msgpack encoder"),
+    (GOOD_ENTRY + b"\x92\x01\xdd\x00\x10\x00\x01", "entry 1: an array or map of 1,048,577 values, more than 65,536: "
+     "split the record"),
+    (gzip.compress(GOOD_ENTRY * 3), "gzip-compressed (Fluentd's CompressedPackedForward): not supported; send the "
+     "msgpack uncompressed"),
+], ids=["too deep for msgpack", "invalid byte", "huge array", "gzip"])
+def test_an_event_stream_msgpack_cannot_read_is_refused_saying_what_and_what_to_do(data, said):
+    """Probe: 'invalid msgpack at entry 0: StackError' (or FormatError), and gzip read as 'got an integer'."""
+    from logscore.errors import InvalidRequest
+    from logscore.records import decode_event_stream
+
+    with pytest.raises(InvalidRequest) as refused:
+        decode_event_stream(data)
+    assert said in str(refused.value)
 
 
 def deep_entry(depth: int) -> bytes:

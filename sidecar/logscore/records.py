@@ -435,6 +435,26 @@ class EventStream(NamedTuple):
     notes: list[tuple[int, str, str]]  # (record, field, description): records nested past MAX_RECORD_DEPTH
 
 
+GZIP_MAGIC = b"\x1f\x8b"
+
+
+def msgpack_problem(error: Exception, data: bytes, offset: int) -> str:
+    """What msgpack's ``error`` decoding ``data`` means and what to do; ``offset``: where decoding
+    stopped (the unpacker's tell(): the offending byte for a FormatError). msgpack's own errors
+    name a class only (StackError, FormatError)."""
+    import msgpack
+
+    if isinstance(error, msgpack.StackError):
+        return "nested more than 1,024 arrays and maps deep (msgpack's limit): send flatter records"
+    if isinstance(error, msgpack.FormatError) and offset < len(data):
+        return (f"byte 0x{data[offset]:02x} at offset {offset:,} starts no msgpack value: check the shipper's "
+                "msgpack encoder")
+    count = str(error).split()[0]
+    if "exceeds max_" in str(error) and count.isdigit():  # msgpack: "1048577 exceeds max_array_len(65536)"
+        return f"an array or map of {int(count):,} values, more than {MAX_CONTAINER_VALUES:,}: split the record"
+    return f"{type(error).__name__} {error}".rstrip() + ": check the shipper's msgpack encoder"
+
+
 def decode_event_stream(data: bytes, max_records: float = math.inf, ticket: Ticket = UNLIMITED) -> EventStream:
     """Records of a Fluentd event stream (msgpack ``[time, record]`` arrays back to back), their
     times as sent, and a note on each record nested past MAX_RECORD_DEPTH (cut there: ``cut_nesting``).
@@ -446,6 +466,9 @@ def decode_event_stream(data: bytes, max_records: float = math.inf, ticket: Tick
     """
     import msgpack
 
+    if data[:2] == GZIP_MAGIC:  # (read as msgpack: "entry 0: ... got an integer", compression unsaid)
+        raise InvalidRequest("event_stream is gzip-compressed (Fluentd's CompressedPackedForward): not supported; "
+                             "send the msgpack uncompressed (gRPC's own compression, grpc-encoding gzip, is)")
     built = [0]  # arrays and maps decoded: an entry of at most MAX_RECORD_DEPTH nests no deeper
     unpacker = msgpack.Unpacker(raw=False, unicode_errors="replace", strict_map_key=False,
                                 max_buffer_size=max(len(data), 1024),
@@ -480,7 +503,7 @@ def decode_event_stream(data: bytes, max_records: float = math.inf, ticket: Tick
                              "a map key is an array or a map") from None
     except (ValueError, msgpack.UnpackException) as error:
         raise InvalidRequest(f"event_stream: invalid msgpack at entry {len(records)}: "
-                             f"{type(error).__name__} {error}".rstrip()) from None
+                             f"{msgpack_problem(error, data, unpacker.tell())}") from None
     if consumed != len(data):
         raise InvalidRequest(f"event_stream: truncated after entry {len(records)} "
                              f"({len(data) - consumed} bytes left over)")
