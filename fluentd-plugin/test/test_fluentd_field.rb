@@ -346,13 +346,13 @@ class FluentdFieldTest < Test::Unit::TestCase
       @sent = 0
     end
 
-    def send_batch(records)
+    def send_batch(records, tag: 'web.access')
       now = Time.now.to_f
       entries = Array.new(records) do
         @sent += 1
         [now.to_i, { 'message' => AccessLines.line("/robots.txt?n=#{@sent}"), 'seq' => @sent, 'sent_at' => now }]
       end
-      @socket.write(['web.access', entries].to_msgpack)
+      @socket.write([tag, entries].to_msgpack)
     end
 
     def close
@@ -436,6 +436,31 @@ class FluentdFieldTest < Test::Unit::TestCase
     three_records_through_http('x', body)
     assert_nil Process.wait(@pids.last, Process::WNOHANG), 'the fluentd worker is still running'
     assert_match(/reason="unpackable" .*nested too deep/, File.read(File.join(@work, 'http.log')))
+  end
+
+  test 'in_forward: a tag that is not UTF-8 passes its records unscored, logged once; the connection goes on' do
+    # The request could not be built (protobuf strings are UTF-8) and the error raised out of the
+    # filter: in_forward lost that chunk and every later one of its connection. A tag sent as
+    # msgpack bin (ASCII-8BIT in Ruby) that is valid UTF-8 failed the same way: it is text.
+    @sidecar = SidecarProcess.new(@work).start
+    port = SidecarProcess.free_port
+    @pids << spawn_fluentd(@work, 'fluentd', forward_source(port) + default_filter + file_output("#{@work}/out/scored"))
+    sender = sender_when_up(port)
+    sender.send_batch(3, tag: "web.bad\xFF".b) # seq 1-3
+    sender.send_batch(3, tag: "web.bin\xC3\xA9".b) # seq 4-6
+    sender.send_batch(3, tag: "web.bad\xFE".b) # seq 7-9
+    sender.send_batch(3) # seq 10-12
+    sender.close
+    out = wait_for_records(File.join(@work, 'out'), 12, timeout: 30).sort_by { |r| r['seq'] }
+    assert_equal (1..12).to_a, out.map { |r| r['seq'] }, log_tail(@work, 'fluentd')
+    assert_equal [true] * 3 + [false] * 3 + [true] * 3 + [false] * 3, out.map { |r| r.key?('anomaly_unscored') }
+    assert(out.reject { |r| r['anomaly_unscored'] }.all? { |r| r['anomaly_score'].is_a?(Float) })
+    log = File.read(File.join(@work, 'fluentd.log'))
+    assert_not_match(/emit transaction failed|unexpected error/, log)
+    warned = log.lines.grep(/records passed through unscored/)
+    assert_equal 1, warned.size, log
+    assert_match(/reason="invalid_tag" tag="web.bad\uFFFD" records=3 detail="the tag .*web\.bad.*xFF.* is not UTF-8/,
+                 warned.first)
   end
 
   test 'unscored for two reasons from many tags: one line each at once, then a summary; counted by reason' do

@@ -379,6 +379,28 @@ class StreamScorerTest < Test::Unit::TestCase
     assert_false s.client.circuit_open?, 'a refusal is no sign of a sidecar down'
   end
 
+  test 'a tag that is not UTF-8 passes its records unscored, logged once; a binary tag holding UTF-8 is scored' do
+    warnings = []
+    log = Object.new
+    log.define_singleton_method(:warn) { |message, fields = {}| warnings << [message, fields] }
+    client = Logscore::Client.new(endpoint: "unix://#{self.class.sidecar.socket}", timeout: 2.0)
+    [nil, 'message'].each do |message_key|
+      warnings.clear
+      shared = Logscore::StreamScorer.new(client: client, keys: KEYS, log: log, message_key: message_key)
+      records = -> { AccessLines.normal(2).map { |line| { 'message' => line } } }
+      bad = ["web.bad\xFF".b, "web.bad\xFF".dup.force_encoding(Encoding::UTF_8)]
+      bad.each { |tag| assert_equal [true, true], shared.score(tag, entries(records.call)).map { |_, r| r['anomaly_unscored'] } }
+      scored = shared.score("web.bin\xC3\xA9".b, entries(records.call))
+      assert(scored.all? { |_, r| r['anomaly_score'].is_a?(Float) && !r.key?('anomaly_unscored') }, message_key.inspect)
+      assert_equal [['invalid_tag', "web.bad\uFFFD", 2]], warnings.map { |_, w| w.values_at(:reason, :tag, :records) }
+      assert_match(/\Athe tag "web.bad\\xFF" is not UTF-8 text/, warnings.first[1][:detail])
+      assert_equal 4, shared.unscored_log.counts['invalid_tag']
+      shared.unscored_log.flush(all: true) # the summary names the tag as text, beside other tags
+      assert_equal "web.bad\uFFFD=2", warnings.last[1][:tags]
+    end
+    assert_false client.circuit_open?
+  end
+
   test 'on_error error hands unscored records to the error handler instead' do
     s = scorer(endpoint: "unix://#{self.class.dir}/nobody-here.sock", timeout: 0.05, on_error: :error)
     failed = []

@@ -53,6 +53,22 @@ module Logscore
     end
   end
 
+  # `text` as UTF-8, when its bytes are UTF-8 (whatever encoding Ruby labels it with: in_forward
+  # gives a tag sent as msgpack bin in ASCII-8BIT); nil when they are not.
+  def self.utf8_text(text)
+    text = text.to_s
+    return text if text.encoding == Encoding::UTF_8 && text.valid_encoding?
+
+    text = text.dup.force_encoding(Encoding::UTF_8)
+    text.valid_encoding? ? text : nil
+  end
+
+  # `text` fit for a log line: bytes that are not UTF-8 replaced (joining a binary string with
+  # UTF-8 ones in a summary line raised Encoding::CompatibilityError).
+  def self.printable(text)
+    utf8_text(text) || text.to_s.dup.force_encoding(Encoding::UTF_8).scrub
+  end
+
   # With `lock` held: waits on `condition` while the block says so, `seconds` at most; false if the
   # time ran out first.
   def self.wait_while(lock, condition, seconds)
@@ -134,7 +150,7 @@ module Logscore
       # NOTE: more calls of a stream than places on the connection only wait for a place: 8 held a
       # stream twice its stated bound while the sidecar hung.
       @in_flight = in_flight.clamp(1, CALLS_PER_CONNECTION)
-      @model = model.to_s
+      @model = Logscore.utf8_text(model) or raise ArgumentError, "model #{model.to_s.b.inspect} is not UTF-8 text"
       @explain = explain.to_i
       @metadata = token ? { 'authorization' => "Bearer #{token}" } : {}
       @failure_threshold = failure_threshold

@@ -42,7 +42,10 @@ module Logscore
     def score(tag, entries, &on_unscored)
       return entries if entries.empty?
 
-      score_slices(tag, batches(entries), [MAX_SPLIT_CALLS], &on_unscored)
+      text_tag = Logscore.utf8_text(tag)
+      return unscored(tag, entries, not_text_tag(tag), &on_unscored) unless text_tag
+
+      score_slices(text_tag, batches(entries), [MAX_SPLIT_CALLS], &on_unscored)
     end
 
     private
@@ -52,10 +55,10 @@ module Logscore
     # the refused records pass unscored, not the up to batch_records sent with them; `budget` (an
     # array of one count, shared down the halves) bounds the extra calls when many are refused.
     def score_slices(tag, slices, budget, &on_unscored)
-      sendable = slices.reject { |_, packed| packed.is_a?(ScoringFailed) }
-      calls = sendable.map { |slice, packed| [request(tag, packed), slice.size] }
+      requests = slices.map { |_, packed| packed.is_a?(ScoringFailed) ? packed : request(tag, packed) }
+      calls = slices.zip(requests).reject { |_, req| req.is_a?(ScoringFailed) }.map { |(slice, _), req| [req, slice.size] }
       answers = calls.empty? ? [] : client.score_all(calls)
-      results = slices.map { |_, packed| packed.is_a?(ScoringFailed) ? packed : answers.shift }
+      results = requests.map { |req| req.is_a?(ScoringFailed) ? req : answers.shift }
       passed = []
       slices.zip(results) do |(slice, _), result|
         if refused?(result) && slice.size > 1 && budget[0] >= 2
@@ -216,9 +219,23 @@ module Logscore
       slices.reject { |slice, _| slice.empty? }
     end
 
-    # packed: the slice's lines (message_key) or its msgpack bytes
+    # packed: the slice's lines (message_key) or its msgpack bytes. The request, or the ScoringFailed
+    # of a request that could not be built.
+    # NOTE: built outside the call's rescue, a failure here (protobuf refusing a string that is not
+    # UTF-8) raised out of the filter: in_forward lost the chunk and the rest of its connection.
     def request(tag, packed)
       @message_key ? client.lines_request(tag, packed) : client.event_stream_request(tag, packed)
+    rescue StandardError => e
+      client.count(:failures)
+      ScoringFailed.new('bad_request', "the request for tag #{field_name(tag)} could not be built " \
+                                       "(#{e.class}: #{e.message.lines.first.to_s.strip}); please report it")
+    end
+
+    # NOTE: the sidecar reads a tag as text (protobuf string); bytes that are not UTF-8 cannot be
+    # sent, and replacing them would score the records under a tag they do not have.
+    def not_text_tag(tag)
+      ScoringFailed.new('invalid_tag', "the tag #{tag.to_s.b.inspect} is not UTF-8 text, and the sidecar reads " \
+                                       'tags as text: have the sender set a UTF-8 tag (or rewrite it before this filter)')
     end
 
     # NOTE: a nested path whose middle is no map (`$.log.message` where log is a string) is no
@@ -233,7 +250,7 @@ module Logscore
     # a chain, records read back) must not leave marked both scored and unscored, or with a stale score.
     def unscored(tag, slice, error, &on_unscored)
       client.count(:unscored, slice.size)
-      @unscored_log.note(tag, slice.size, error)
+      @unscored_log.note(Logscore.printable(tag), slice.size, error)
       if @on_error == :pass || on_unscored.nil?
         return slice.each do |_, record|
           @keys.to_h.each { |name, key| record.delete(key) if key && name != :unscored }

@@ -18,7 +18,7 @@ module Logscore
     # (gRPC status names) appear once they happen.
     KNOWN_REASONS = %w[circuit_open busy deadline_exceeded unavailable invalid_argument message_too_large
                        not_found unauthenticated unpackable record_too_large no_message malformed_response
-                       shutting_down].freeze
+                       shutting_down invalid_tag].freeze
 
     # A reason's interval: when it began, and what came after its first batch.
     Window = Struct.new(:started, :records, :batches, :tags, :example)
