@@ -248,18 +248,21 @@ module Logscore
 
     # NOTE: the fields the plugin sets are its own: a record arriving with them (a second filter in
     # a chain, records read back) must not leave marked both scored and unscored, or with a stale score.
+    # Marked whichever way they go: @ERROR got them with the stale score they arrived with and
+    # without the mark, read there as scored and normal.
     def unscored(tag, slice, error, &on_unscored)
       client.count(:unscored, slice.size)
       @unscored_log.note(Logscore.printable(tag), slice.size, error)
-      if @on_error == :pass || on_unscored.nil?
-        return slice.each do |_, record|
-          @keys.to_h.each { |name, key| record.delete(key) if key && name != :unscored }
-          record[@keys.unscored] = true
-        end
-      end
+      slice.each { |_, record| mark_unscored(record) }
+      return slice if @on_error == :pass || on_unscored.nil?
 
       slice.each { |time, record| on_unscored.call(time, record, error) }
       []
+    end
+
+    def mark_unscored(record)
+      @keys.to_h.each { |name, key| record.delete(key) if key && name != :unscored }
+      record[@keys.unscored] = true
     end
 
     def annotate(record, result, index)

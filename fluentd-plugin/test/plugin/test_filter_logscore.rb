@@ -119,11 +119,15 @@ class LogscoreFilterTest < Test::Unit::TestCase
     assert_equal 100, d.instance.statistics['filter']['logscore_unscored']
   end
 
-  test 'on_error error routes unscored records to @ERROR' do
-    d = create_driver("endpoint unix://#{self.class.dir}/absent.sock\ntimeout 50ms\non_error error")
-    d.run(default_tag: 'web') { d.feed(event_time, { 'n' => 1 }) }
+  test 'on_error error routes unscored records to @ERROR, marked, without the scores they arrived with' do
+    # They reached @ERROR with a stale score and flag and without the mark: read there as scored and normal.
+    d = create_driver("endpoint unix://#{self.class.dir}/absent.sock\ntimeout 50ms\non_error error\n" \
+                      "model_key model\nexplanation_key why")
+    stale = { 'anomaly_score' => 0.01, 'is_anomaly' => false, 'model' => 'stale', 'why' => ['stale'],
+              'entity_score' => 0.5, 'anomaly_notes' => ['stale'] }
+    d.run(default_tag: 'web') { d.feed(event_time, { 'n' => 1 }.merge(stale)) }
     assert_equal [], d.filtered_records
-    assert_equal 1, d.error_events.size
+    assert_equal [{ 'n' => 1, 'anomaly_unscored' => true }], d.error_events.map { |_tag, _time, record, _error| record }
   end
 
   test 'the summary of unscored records comes when its interval is over, with no record after it' do
