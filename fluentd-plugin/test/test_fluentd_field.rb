@@ -463,6 +463,35 @@ class FluentdFieldTest < Test::Unit::TestCase
                  warned.first)
   end
 
+  test 'on_error error, the sidecar away: @ERROR gets every record marked, Fluentd warns once a stream, not a record' do
+    # router.emit_error_event for each record: Fluentd wrote one warning each, 10,000 lines for two chunks.
+    port = SidecarProcess.free_port
+    @pids << spawn_fluentd(@work, 'fluentd', forward_source(port) + <<~CONF)
+      <filter web.**>
+        @type logscore
+        endpoint unix://#{@work}/nobody-here.sock
+        timeout 50ms
+        batch_records 100
+        on_error error
+      </filter>
+      <match web.**>
+        @type null
+      </match>
+      <label @ERROR>
+        #{file_output("#{@work}/out/errors").gsub("\n", "\n  ")}
+      </label>
+    CONF
+    sender = sender_when_up(port)
+    2.times { sender.send_batch(500) }
+    sender.close
+    out = wait_for_records(File.join(@work, 'out'), 1000, timeout: 30)
+    assert_equal (1..1000).to_a, out.map { |r| r['seq'] }.sort, log_tail(@work, 'fluentd')
+    assert(out.all? { |r| r['anomaly_unscored'] == true && !r.key?('anomaly_score') })
+    warned = File.read(File.join(@work, 'fluentd.log')).lines.grep(/send an error event/)
+    assert_operator warned.size, :<=, 4, warned.first(5).join # at most one a reason (unavailable, circuit_open) a stream
+    assert_operator warned.size, :>=, 2, warned.join
+  end
+
   test 'unscored for two reasons from many tags: one line each at once, then a summary; counted by reason' do
     # One warning per "last reason" logged every record when two reasons alternated, and none
     # for web.b (same reason as web.a, another tag): the log could not tell which records went

@@ -403,11 +403,16 @@ class StreamScorerTest < Test::Unit::TestCase
 
   test 'on_error error hands unscored records to the error handler instead' do
     s = scorer(endpoint: "unix://#{self.class.dir}/nobody-here.sock", timeout: 0.05, on_error: :error)
-    failed = []
-    out = s.score('web', entries([{ 'a' => 1 }, { 'a' => 2 }])) { |time, record, error| failed << [time, record, error] }
+    handed = []
+    out = s.score('web', entries([{ 'a' => 1 }, { 'a' => 2 }])) { |failed, error| handed << [failed, error] }
     assert_equal [], out
-    assert_equal [1, 2], failed.map { |_, r, _| r['a'] }
-    assert_equal 'unavailable', failed[0][2].reason
+    assert_equal [[[1, 2], 'unavailable']], handed.map { |failed, error| [failed.map { |_, r| r['a'] }, error.reason] }
+    # a stream of several calls: one hand-over a reason (the first call unavailable, the others skipped)
+    handed.clear
+    s = scorer(endpoint: "unix://#{self.class.dir}/nobody-here.sock", timeout: 0.05, on_error: :error, batch_records: 10)
+    s.score('web', entries(Array.new(50) { |i| { 'a' => i } })) { |failed, error| handed << [failed, error] }
+    assert_equal [%w[unavailable circuit_open], 50], [handed.map { |_, e| e.reason }, handed.sum { |f, _| f.size }]
+    assert(handed.all? { |failed, _| failed.all? { |_, r| r['anomaly_unscored'] } })
   end
 
   test 'TLS with a bearer token' do

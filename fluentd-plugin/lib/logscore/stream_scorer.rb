@@ -37,15 +37,20 @@ module Logscore
       @unscored_log = UnscoredLog.new(log, interval: unscored_log_interval)
     end
 
-    # entries: [[time, record], ...]. Yields (time, record, error) for records that could not be
-    # scored when on_error is :error; returns the entries to pass on.
+    # entries: [[time, record], ...]. When on_error is :error, yields (entries, error) for the records
+    # that could not be scored, once a reason a stream; returns the entries to pass on.
     def score(tag, entries, &on_unscored)
       return entries if entries.empty?
 
+      to_error = @on_error == :error && on_unscored ? [] : nil
       text_tag = Logscore.utf8_text(tag)
-      return unscored(tag, entries, not_text_tag(tag), &on_unscored) unless text_tag
-
-      score_slices(text_tag, batches(entries), [MAX_SPLIT_CALLS], &on_unscored)
+      passed = if text_tag
+                 score_slices(text_tag, batches(entries), [MAX_SPLIT_CALLS], to_error)
+               else
+                 unscored(tag, entries, not_text_tag(tag), to_error)
+               end
+      hand_on(to_error, &on_unscored) if to_error
+      passed
     end
 
     private
@@ -54,7 +59,8 @@ module Logscore
     # array, nesting deeper than it reads) is split in halves and each half sent again, so that only
     # the refused records pass unscored, not the up to batch_records sent with them; `budget` (an
     # array of one count, shared down the halves) bounds the extra calls when many are refused.
-    def score_slices(tag, slices, budget, &on_unscored)
+    # to_error: where records for the error handler go, [entries, ScoringFailed] a slice (nil: none do)
+    def score_slices(tag, slices, budget, to_error)
       requests = slices.map { |_, packed| packed.is_a?(ScoringFailed) ? packed : request(tag, packed) }
       calls = slices.zip(requests).reject { |_, req| req.is_a?(ScoringFailed) }.map { |(slice, _), req| [req, slice.size] }
       answers = calls.empty? ? [] : client.score_all(calls)
@@ -64,9 +70,9 @@ module Logscore
         if refused?(result) && slice.size > 1 && budget[0] >= 2
           budget[0] -= 2
           halves = slice.each_slice((slice.size + 1) / 2).flat_map { |half| batches(half) }
-          passed.concat(score_slices(tag, halves, budget, &on_unscored))
+          passed.concat(score_slices(tag, halves, budget, to_error))
         elsif result.is_a?(ScoringFailed)
-          passed.concat(unscored(tag, slice, result, &on_unscored))
+          passed.concat(unscored(tag, slice, result, to_error))
         else
           slice.each_with_index { |(_, record), i| annotate(record, result, i) }
           client.count(:scored, slice.size)
@@ -250,14 +256,22 @@ module Logscore
     # a chain, records read back) must not leave marked both scored and unscored, or with a stale score.
     # Marked whichever way they go: @ERROR got them with the stale score they arrived with and
     # without the mark, read there as scored and normal.
-    def unscored(tag, slice, error, &on_unscored)
+    def unscored(tag, slice, error, to_error)
       client.count(:unscored, slice.size)
       @unscored_log.note(Logscore.printable(tag), slice.size, error)
       slice.each { |_, record| mark_unscored(record) }
-      return slice if @on_error == :pass || on_unscored.nil?
+      return slice unless to_error
 
-      slice.each { |time, record| on_unscored.call(time, record, error) }
+      to_error << [slice, error]
       []
+    end
+
+    # NOTE: one hand-over a reason a stream, not one a record: Fluentd logs a warning for each, and one a
+    # record wrote 10,000 lines (2.7 MB) for two chunks while the sidecar was stopped.
+    def hand_on(to_error)
+      to_error.group_by { |_, error| error.reason }.each_value do |failed|
+        yield failed.flat_map(&:first), failed.first[1]
+      end
     end
 
     def mark_unscored(record)

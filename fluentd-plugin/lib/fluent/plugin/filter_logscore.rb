@@ -252,12 +252,27 @@ module Fluent
         entries = []
         es.each { |time, record| entries << [time, record] }
         result = MultiEventStream.new
-        passed = @scorer.score(tag, entries) do |time, record, error|
-          router.emit_error_event(tag, time, record, error)
-        end
+        passed = @scorer.score(tag, entries) { |failed, error| to_error_label(tag, failed, error) }
         passed.each { |time, record| result.add(time, record) }
         result
       end
+
+      # NOTE: as one stream, through Fluentd's own call for a failed stream (RootAgent#handle_emits_error),
+      # which logs one warning a stream: router.emit_error_event logs one a record (10,000 lines for two
+      # chunks while the sidecar was stopped). That call raises when there is no @ERROR label: then each
+      # record goes as Fluentd sends a failed one (dumped into its log), as under Fluentd's test driver.
+      def to_error_label(tag, failed, error)
+        root = Fluent::Engine.root_agent
+        unless router.is_a?(Fluent::EventRouter) && root&.labels&.key?(ERROR_LABEL)
+          return failed.each { |time, record| router.emit_error_event(tag, time, record, error) }
+        end
+
+        stream = MultiEventStream.new
+        failed.each { |time, record| stream.add(time, record) }
+        root.handle_emits_error(tag, stream, error)
+      end
+
+      ERROR_LABEL = '@ERROR'
 
       # Counters for monitor_agent (/api/plugins.json merges the 'filter' hash into
       # this plugin's entry): logscore_scored, logscore_unscored, logscore_calls,
