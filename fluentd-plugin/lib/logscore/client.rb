@@ -177,6 +177,27 @@ module Logscore
       path.start_with?('/') ? "unix:#{path}" : endpoint
     end
 
+    ENDPOINT_FORMS = 'unix:///path/to.sock (or the absolute path alone), host:port or [IPv6 address]:port, ' \
+                     'the port a number from 1 to 65535'
+    HOST_PORT = /\A(?:\[[0-9A-Fa-f:.]+(?:%[\w.-]+)?\]|[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_])?):(\d{1,5})\z/
+
+    # What is wrong with `endpoint` (nil: nothing).
+    # NOTE: gRPC takes almost anything as a target and fails each call later: `localhost` dialled
+    # port 443, `http://127.0.0.1:1` failed DNS resolution; every record then passed unscored.
+    def self.endpoint_problem(endpoint)
+      text = endpoint.to_s
+      return 'it is empty' if text.strip.empty?
+      return nil if target(text).match?(%r{\Aunix:/[^/]})
+      return "a Unix socket needs an absolute path (unix:///run/x.sock: three slashes)" if text.start_with?('unix:')
+
+      port = text[HOST_PORT, 1]
+      return nil if port && (1..65_535).cover?(port.to_i)
+      return "port #{port} is not from 1 to 65535" if port
+
+      'it is neither a Unix socket path nor host:port (a scheme such as http:// is not one, an IPv6 address ' \
+        'needs brackets)'
+    end
+
     # Requests for one batch each: the msgpack bytes of [time, record] entries, or raw lines.
     def event_stream_request(tag, msgpack_bytes)
       Logscore::V1::ScoreRequest.new(model: @model, tag: tag.to_s, explain: @explain, event_stream: msgpack_bytes)

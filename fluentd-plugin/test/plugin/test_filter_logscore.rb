@@ -59,6 +59,28 @@ class LogscoreFilterTest < Test::Unit::TestCase
     test 'bad combinations are configuration errors' do |conf|
       assert_raise(Fluent::ConfigError) { create_driver(base_conf(conf)) }
     end
+
+    # They passed configure and --dry-run; every call then failed (`localhost` dialled port 443).
+    data('a scheme' => ['http://127.0.0.1:1', /neither a Unix socket path nor host:port/],
+         'no port' => ['localhost', /neither/],
+         'a port that is no number' => ['localhost:grpc', /neither/],
+         'a port out of range' => ['127.0.0.1:70000', /port 70000 is not from 1 to 65535/],
+         'IPv6 without brackets' => ['::1:50051', /IPv6 address needs brackets/],
+         'a relative socket path' => ['unix://tmp/x.sock', /absolute path \(unix:\/\/\/run/],
+         'empty' => ['""', /it is empty/])
+    test 'a malformed endpoint is a configuration error naming it and the accepted forms' do |(endpoint, why)|
+      error = assert_raise(Fluent::ConfigError) { create_driver("endpoint #{endpoint}") }
+      assert_match(/\Aendpoint "#{Regexp.escape(endpoint.delete('"'))}": /, error.message)
+      assert_match(why, error.message)
+      assert_match(/write unix:\/\/\/path\/to.sock .* host:port or \[IPv6 address\]:port/, error.message)
+    end
+
+    data('unix URI' => 'unix:///run/logscore.sock', 'unix path' => 'unix:/run/logscore.sock',
+         'absolute path' => '/run/logscore.sock', 'host:port' => 'logscore.internal:50051',
+         'IPv4' => '127.0.0.1:50051', 'IPv6 (quoted: Fluentd reads a bare [ as a JSON array)' => '"[::1]:50051"')
+    test 'well-formed endpoints pass configure' do |endpoint|
+      assert_equal endpoint.delete('"'), create_driver("endpoint #{endpoint}").instance.endpoint
+    end
   end
 
   test 'one call scores the whole stream; records keep their fields' do

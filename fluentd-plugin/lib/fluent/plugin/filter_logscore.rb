@@ -81,6 +81,10 @@ module Fluent
         %i[batch_records batch_bytes calls_in_flight failure_threshold].each do |name|
           raise Fluent::ConfigError, "#{name} must be at least 1" unless instance_variable_get("@#{name}") >= 1
         end
+        if (problem = Logscore::Client.endpoint_problem(@endpoint))
+          raise Fluent::ConfigError, "endpoint #{@endpoint.inspect}: #{problem}; write " \
+                                     "#{Logscore::Client::ENDPOINT_FORMS}"
+        end
         unless Logscore.utf8_text(@model)
           raise Fluent::ConfigError, "model #{@model.b.inspect} is not UTF-8 text: write the model's name as it is " \
                                      'in the models directory'
