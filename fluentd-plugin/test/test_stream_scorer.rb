@@ -401,6 +401,21 @@ class StreamScorerTest < Test::Unit::TestCase
     assert_false client.circuit_open?
   end
 
+  test 'close ends the probe at once, however long probe_interval is' do
+    # The probe slept probe_interval between checks and close joined it: with probe_interval 60,
+    # Fluentd's shutdown waited 57.5 s. A hang guard, 100 times under the interval, not a speed figure.
+    client = Logscore::Client.new(endpoint: "unix://#{self.class.dir}/nobody-here.sock", timeout: 0.05,
+                                  probe_interval: 3600)
+    scorer = Logscore::StreamScorer.new(client: client, keys: KEYS)
+    scorer.score('web', entries([{ 'a' => 1 }]))
+    assert_true client.circuit_open?
+    probe = client.instance_variable_get(:@probe)
+    Thread.pass until client.stats[:probes] >= 1 && probe.status == 'sleep' # checked once, waiting for the next
+    closer = Thread.new { client.close }
+    assert_not_nil closer.join(36), 'close waited for the probe interval'
+    assert_false probe.alive?
+  end
+
   test 'on_error error hands unscored records to the error handler instead' do
     s = scorer(endpoint: "unix://#{self.class.dir}/nobody-here.sock", timeout: 0.05, on_error: :error)
     handed = []

@@ -162,6 +162,7 @@ module Logscore
       @open = false
       @probe = nil
       @closed = false
+      @closing = ConditionVariable.new # signalled by close: the probe stops waiting for its next check
       @stopping = false
       @log_interval = log_interval
       @opening_logged_at = nil
@@ -262,8 +263,11 @@ module Logscore
     end
 
     def close
-      @closed = true
-      @probe&.join(PROBE_TIMEOUT + @probe_interval)
+      @lock.synchronize do
+        @closed = true
+        @closing.broadcast
+      end
+      @probe&.join(PROBE_TIMEOUT + DEADLINE_GRACE)
       @channel.close
       @watch_channel.close
     end
@@ -467,7 +471,7 @@ module Logscore
           failed_probes += 1
           # An opening left unsaid as part of a flap, whose health check now fails too: an outage.
           logged ||= failed_probes == FLAP_PROBES && log_opening(reason, outage: true)
-          sleep @probe_interval
+          wait_for_next_probe
         end
         @lock.synchronize do
           @open = false
@@ -476,6 +480,12 @@ module Logscore
         end
         @log&.info('logscore: sidecar answers again; scoring resumed') if logged && !@closed
       end
+    end
+
+    # NOTE: on what close signals, not a sleep: with probe_interval 60, Fluentd's shutdown waited out
+    # the sleep (57.5 s), the sidecar long back.
+    def wait_for_next_probe
+      @lock.synchronize { Logscore.wait_while(@lock, @closing, @probe_interval) { !@closed } }
     end
 
     # NOTE: a sidecar whose health check passes while its calls fail (overloaded, refusing the
