@@ -60,6 +60,23 @@ class LogscoreFilterTest < Test::Unit::TestCase
       assert_raise(Fluent::ConfigError) { create_driver(base_conf(conf)) }
     end
 
+    # They said "timeout must be positive" (of `timeout abc`), "a tls_*_path file is not readable".
+    data('not a duration' => ['timeout abc', /\Atimeout "abc" is not a positive duration in seconds, such as 0.5/],
+         'zero seconds' => ['probe_interval 0', /\Aprobe_interval "0" is not a positive duration/],
+         'no records' => ['batch_records 0', /\Abatch_records "0" is not a whole number of records, at least 1/],
+         'no bytes' => ['batch_bytes 0', /\Abatch_bytes "0" is not a size of at least 1 byte, such as 1m/],
+         'an unreadable CA' => ["endpoint 127.0.0.1:50051\ntls_ca_path /nonexistent/ca.pem",
+                                %r{\Atls_ca_path "/nonexistent/ca.pem" \(/nonexistent/ca.pem\) cannot be read \(ENOENT: No such file or directory\): give}],
+         'a relative key path' => ["endpoint 127.0.0.1:50051\ntls_ca_path /etc/hostname\ntls_cert_path /etc/hostname\n" \
+                                   'tls_key_path no/such.key', %r{\Atls_key_path "no/such.key" \(/.+/no/such.key\) cannot be read}],
+         'a cert without its key' => ["tls_ca_path /etc/hostname\ntls_cert_path /etc/hostname",
+                                      /\Atls_cert_path is set without tls_key_path: mutual TLS needs/],
+         'too many explanations' => ["explanation_key why\nexplain 101", /\Aexplain 101 is not a whole number of features from 1 to 100/])
+    test 'configuration errors name the parameter, the value as written and the form expected' do |(conf, message)|
+      error = assert_raise(Fluent::ConfigError) { create_driver(base_conf(conf)) }
+      assert_match(message, error.message)
+    end
+
     # They passed configure and --dry-run; every call then failed (`localhost` dialled port 443).
     data('a scheme' => ['http://127.0.0.1:1', /neither a Unix socket path nor host:port/],
          'no port' => ['localhost', /neither/],

@@ -75,12 +75,7 @@ module Fluent
 
       def configure(conf)
         super
-        %i[timeout timeout_per_record probe_interval unscored_log_interval].each do |name|
-          raise Fluent::ConfigError, "#{name} must be positive" unless instance_variable_get("@#{name}").positive?
-        end
-        %i[batch_records batch_bytes calls_in_flight failure_threshold].each do |name|
-          raise Fluent::ConfigError, "#{name} must be at least 1" unless instance_variable_get("@#{name}") >= 1
-        end
+        check_numbers(conf)
         if (problem = Logscore::Client.endpoint_problem(@endpoint))
           raise Fluent::ConfigError, "endpoint #{@endpoint.inspect}: #{problem}; write " \
                                      "#{Logscore::Client::ENDPOINT_FORMS}"
@@ -92,21 +87,62 @@ module Fluent
         limit_batch_to_explanations
         limit_calls_in_flight
         @message_reader = record_accessor_create(@message_key) if @message_key
+        check_tls
+      end
+
+      # What each number must be, as said in a configuration error.
+      POSITIVE = { timeout: 'a positive duration in seconds, such as 0.5 or 2s',
+                   timeout_per_record: 'a positive number of seconds, such as 0.0005',
+                   probe_interval: 'a positive duration in seconds, such as 0.2 or 1s',
+                   unscored_log_interval: 'a positive duration in seconds, such as 30 or 1m' }.freeze
+      AT_LEAST_ONE = { batch_records: 'a whole number of records, at least 1 (such as 2000)',
+                       batch_bytes: 'a size of at least 1 byte, such as 1m or 512k',
+                       calls_in_flight: 'a whole number from 1 to 4',
+                       failure_threshold: 'a whole number of calls, at least 1 (such as 3)' }.freeze
+
+      # NOTE: the value as written, not as Fluentd read it: `timeout abc` reads as 0, and "timeout must
+      # be positive" did not say the value was no duration at all.
+      def check_numbers(conf)
+        POSITIVE.each do |name, form|
+          raise_value_error(conf, name, form) unless instance_variable_get("@#{name}").positive?
+        end
+        AT_LEAST_ONE.each do |name, form|
+          raise_value_error(conf, name, form) unless instance_variable_get("@#{name}") >= 1
+        end
+      end
+
+      def raise_value_error(conf, name, form)
+        written = conf.key?(name.to_s) ? conf[name.to_s] : instance_variable_get("@#{name}")
+        raise Fluent::ConfigError, "#{name} #{written.to_s.inspect} is not #{form}"
+      end
+
+      def check_tls
         if @tls_cert_path.nil? != @tls_key_path.nil?
-          raise Fluent::ConfigError, 'tls_cert_path and tls_key_path go together'
+          given, missing = @tls_cert_path ? %w[tls_cert_path tls_key_path] : %w[tls_key_path tls_cert_path]
+          raise Fluent::ConfigError, "#{given} is set without #{missing}: mutual TLS needs the client's certificate " \
+                                     'and its private key; set both, or neither'
         end
         if @tls_cert_path && @tls_ca_path.nil?
-          raise Fluent::ConfigError, 'tls_cert_path needs tls_ca_path (mutual TLS is TLS first)'
+          raise Fluent::ConfigError, 'tls_cert_path needs tls_ca_path (mutual TLS is TLS first): set tls_ca_path to ' \
+                                     "the CA certificate (PEM) that signed the sidecar's"
         end
-        if [@tls_ca_path, @tls_cert_path, @tls_key_path].any? { |p| p && !File.readable?(p) }
-          raise Fluent::ConfigError, 'a tls_*_path file is not readable'
+        { tls_ca_path: @tls_ca_path, tls_cert_path: @tls_cert_path, tls_key_path: @tls_key_path }.each do |name, path|
+          check_readable(name, path) if path
         end
         # NOTE: the sidecar's Unix socket is plaintext: TLS there failed every call (handshake,
         # `unavailable`). A token is another matter: the sidecar asks for it on the socket too.
-        if @tls_ca_path && Logscore::Client.target(@endpoint).start_with?('unix:')
-          raise Fluent::ConfigError, "tls_ca_path needs a host:port endpoint (the sidecar's --tcp); its Unix " \
-                                     "socket #{@endpoint} has no TLS: drop the tls_*_path settings for it"
-        end
+        return unless @tls_ca_path && Logscore::Client.target(@endpoint).start_with?('unix:')
+
+        raise Fluent::ConfigError, "tls_ca_path needs a host:port endpoint (the sidecar's --tcp); its Unix " \
+                                   "socket #{@endpoint} has no TLS: drop the tls_*_path settings for it"
+      end
+
+      def check_readable(name, path)
+        File.open(path, &:getbyte)
+      rescue SystemCallError, IOError => e
+        raise Fluent::ConfigError, "#{name} #{path.inspect} (#{File.expand_path(path)}) cannot be read " \
+                                   "(#{e.class.name.split('::').last}: #{e.message.sub(/ @ .*| - .*/, '')}): " \
+                                   'give the path of a readable PEM file'
       end
 
       # The sidecar names at most this many features a call (records x explain), and refuses more.
@@ -114,7 +150,9 @@ module Fluent
 
       def limit_batch_to_explanations
         return unless @explanation_key
-        raise Fluent::ConfigError, 'explain must be 1 to 100' unless (1..100).cover?(@explain)
+        unless (1..100).cover?(@explain)
+          raise Fluent::ConfigError, "explain #{@explain} is not a whole number of features from 1 to 100"
+        end
 
         most = MAX_EXPLANATIONS / @explain
         return if @batch_records <= most
