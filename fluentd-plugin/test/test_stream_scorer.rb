@@ -401,6 +401,45 @@ class StreamScorerTest < Test::Unit::TestCase
     assert_false client.circuit_open?
   end
 
+  test 'a health check failing in the client itself (not a gRPC status) does not end the probe' do
+    # Only GRPC::BadStatus was rescued: any other error ended the probe's thread, and the circuit
+    # stayed open for good (every record unscored until Fluentd restarted).
+    warnings = []
+    log = Object.new
+    log.define_singleton_method(:warn) { |message, fields = {}| warnings << [message, fields] }
+    log.define_singleton_method(:info) { |_message| nil }
+    client = Logscore::Client.new(endpoint: "unix://#{self.class.sidecar.socket}", timeout: 2.0, probe_interval: 0.01,
+                                  log: log)
+    health = client.instance_variable_get(:@health)
+    failing = Object.new
+    calls = 0
+    failing.define_singleton_method(:check) do |*args, **options|
+      calls += 1
+      raise GRPC::Core::CallError, 'call#run_batch failed somehow' if calls <= 3
+
+      health.check(*args, **options)
+    end
+    client.instance_variable_set(:@health, failing)
+    assert_raise(Logscore::ScoringFailed) { client.send(:failed, 'unavailable', 'made to fail', silent: true) }
+    assert_true client.circuit_open?
+    client.instance_variable_get(:@probe).join # raised the CallError here before
+    assert_false client.circuit_open?
+    assert_equal 4, calls
+    assert_equal 1, warnings.count { |message, _| message.include?('health check failed in the client itself') }
+    assert_match(/GRPC::Core::CallError: call#run_batch failed somehow/, warnings.last[1][:error])
+    client.close
+  end
+
+  test 'a call failing in gRPC\'s core (CallError, no StandardError) passes its records unscored' do
+    client = Logscore::Client.new(endpoint: "unix://#{self.class.sidecar.socket}", timeout: 2.0)
+    failing = Object.new
+    failing.define_singleton_method(:score) { |*_args, **_options| raise GRPC::Core::CallError, 'call#run_batch failed' }
+    client.instance_variable_set(:@stub, failing)
+    out = Logscore::StreamScorer.new(client: client, keys: KEYS).score('web', entries([{ 'a' => 1 }, { 'a' => 2 }]))
+    assert_equal [true, true], out.map { |_, record| record['anomaly_unscored'] }
+    client.close
+  end
+
   test 'close ends the probe at once, however long probe_interval is' do
     # The probe slept probe_interval between checks and close joined it: with probe_interval 60,
     # Fluentd's shutdown waited 57.5 s. A hang guard, 100 times under the interval, not a speed figure.

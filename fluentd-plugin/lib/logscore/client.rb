@@ -307,7 +307,7 @@ module Logscore
       call(request, count, ahead)
     rescue ScoringFailed => e
       e
-    rescue StandardError => e # a failure of the client itself must not lose records either
+    rescue StandardError, GRPC::Core::CallError => e # a failure of the client itself must not lose records either
       count(:failures)
       ScoringFailed.new('client_error', "#{e.class}: #{e.message}")
     end
@@ -465,6 +465,7 @@ module Logscore
     def start_probe(reason)
       count(:circuit_opened)
       logged = log_opening(reason)
+      @probe_error_logged = false
       @probe = Thread.new do
         failed_probes = 0
         until @closed || healthy?
@@ -519,6 +520,20 @@ module Logscore
       response.status == :SERVING
     rescue GRPC::BadStatus
       false
+    rescue StandardError, GRPC::Core::CallError => e # a failure of the client itself
+      # NOTE: raised out of the probe, it ended the probe's thread, and the circuit stayed open for good.
+      # gRPC's CallError (a call its core refused) is no StandardError.
+      probe_failed(e)
+      false
+    end
+
+    # Logged once a circuit opening: the probe goes on every probe_interval.
+    def probe_failed(error)
+      return if @probe_error_logged
+
+      @probe_error_logged = true
+      @log&.warn('logscore: the health check failed in the client itself; checking again every probe_interval',
+                 error: "#{error.class}: #{error.message.lines.first.to_s.strip}")
     end
   end
 end
