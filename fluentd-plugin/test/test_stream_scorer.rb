@@ -340,7 +340,7 @@ class StreamScorerTest < Test::Unit::TestCase
       sleep 0.05 until s.client.stats[:calls] == 4
       sleep 0.1 # (the second's waits, each its allowance, end well after the first's calls fail)
       reasons = []
-      assert_equal [], s.score('web', chunk.call) { |_, _, error| reasons << error.reason }
+      assert_equal [], s.score('web', chunk.call) { |failed, error| reasons.concat([error.reason] * failed.size) }
       assert(first.value.all? { |_, r| r['anomaly_unscored'] })
       assert_equal ['circuit_open'] * 2000, reasons
       assert_equal 4, s.client.stats[:calls], 'a call that found a place after the circuit opened was made'
@@ -490,7 +490,7 @@ class StreamScorerTest < Test::Unit::TestCase
     assert_equal true, ok.score('web', entries.call)[0][1]['is_anomaly']
     refused = scorer(endpoint: "localhost:#{port}", message_key: 'message', tls_ca: "#{dir}/ca.pem")
     failed = []
-    refused.score('web', entries.call) { |_, _, error| failed << error }
+    refused.score('web', entries.call) { |_, error| failed << error }
     assert_equal [], failed # on_error pass: no handler called
     assert_equal 1, refused.client.stats[:failures]
     # a missing token is the config's fault, not a silent sidecar: the circuit must not flap
