@@ -680,3 +680,27 @@ def test_the_clients_cut_note_gives_way_only_to_the_sidecars_note_of_a_cut_line(
     sidecar_cut = [TRUNCATED.format(line=65536, field=8192)]
     note_client_cut(sidecar_cut, 100)
     assert len(sidecar_cut) == 1
+
+
+def test_a_lone_surrogate_is_sent_as_u_fffd_and_the_batch_is_scored(tmp_path, shop_model_path):
+    """A JSON "\\ud800" with no low half (or an argument's byte that was not UTF-8) raised UnicodeEncodeError
+    while `logscore client` or `feedback add --json-records` built its request: a traceback, the batch and
+    every later one lost (probe)."""
+    from logscore.cli import fill_records
+    from logscore.generated.logscore.v1 import scorer_pb2 as pb
+
+    fields = pb.ScoreRequest()
+    fill_records(fields, [{"message": "bad \ud800 x", "odd\udcff": "ok"}, "a raw \udc80 line"], as_fields=True)
+    assert [dict(r.fields) for r in fields.structured.records] == [{"message": "bad \ufffd x", "odd\ufffd": "ok"},
+                                                                 {"message": "a raw \ufffd line"}]
+    lines = pb.FeedbackRequest()
+    fill_records(lines, ["GET /\udcff HTTP/1.1", "kept"], as_fields=False)
+    assert list(lines.lines.lines) == ["GET /\ufffd HTTP/1.1".encode(), b"kept"]
+    (tmp_path / "s.jsonl").write_text('{"message": "ok"}\n{"message": "bad \\ud800 x"}\n{"message": "ok2"}\n')
+    sidecar = SidecarProcess(models_dir_with(tmp_path, shop_model_path, "shop"), tmp_path).start()
+    try:
+        scored = logscore("client", "--socket", sidecar.socket, "--json-records", tmp_path / "s.jsonl")
+    finally:
+        sidecar.stop()
+    assert scored.returncode == 0 and "Traceback" not in scored.stderr, scored.stderr
+    assert [json.loads(line)["line"] for line in scored.stdout.splitlines()] == [1, 2, 3]

@@ -28,7 +28,7 @@ from itertools import islice
 from typing import Iterator, NamedTuple, Optional, Sequence
 
 from .errors import ConfigError, LogscoreError
-from .inputs import NumberedRecord, numbered_records, read_json_records, read_lines
+from .inputs import NumberedRecord, numbered_records, read_json_records, read_lines, sendable
 from .records import DEFAULT_MAX_LINE_CHARS
 from .timestamps import read_zoneless_in
 
@@ -493,13 +493,14 @@ def records_per_call(batch: int, explain: int) -> int:
 
 
 def fill_records(request, records: list, as_fields: bool) -> None:
-    """Put records into a request's ``structured`` (field maps) or ``lines`` (raw lines) field."""
+    """Put records into a request's ``structured`` (field maps) or ``lines`` (raw lines) field, a lone
+    surrogate as U+FFFD (inputs.sendable: a request holds UTF-8 only)."""
     if as_fields:
         for record in records:
             fields = record if isinstance(record, dict) else {"message": record}
-            request.structured.records.add(fields={k: str(v) for k, v in fields.items()})
+            request.structured.records.add(fields={sendable(str(k)): sendable(str(v)) for k, v in fields.items()})
     else:
-        request.lines.lines.extend(line.encode("utf-8") for line in records)
+        request.lines.lines.extend(sendable(line).encode("utf-8") for line in records)
 
 
 def call_failure(target: str, error) -> str:

@@ -76,6 +76,19 @@ def _skip_to_line_end(stream) -> int:
     return skipped
 
 
+# Python's str may hold a surrogate alone (a JSON "\\ud800" with no low half, or bytes that were not
+# UTF-8 in a command's arguments); UTF-8, and so protobuf's strings, hold none.
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def sendable(text: str) -> str:
+    """``text`` with each lone surrogate as U+FFFD, as read_lines reads bytes that are not UTF-8.
+
+    NOTE: `logscore client` and `feedback add --json-records` put records as they were into a request:
+    one lone surrogate raised UnicodeEncodeError, a traceback that lost the whole batch and every later one."""
+    return LONE_SURROGATE.sub("\ufffd", text)
+
+
 def warn(message: str) -> None:
     print(f"logscore: warning: {message}", file=sys.stderr, flush=True)
 
