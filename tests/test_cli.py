@@ -704,3 +704,31 @@ def test_a_lone_surrogate_is_sent_as_u_fffd_and_the_batch_is_scored(tmp_path, sh
         sidecar.stop()
     assert scored.returncode == 0 and "Traceback" not in scored.stderr, scored.stderr
     assert [json.loads(line)["line"] for line in scored.stdout.splitlines()] == [1, 2, 3]
+
+
+def test_a_record_larger_than_the_sidecar_takes_is_printed_unscored_and_the_client_goes_on(tmp_path, shop_model_path):
+    """`client` stopped at the first record larger than the sidecar's max_message_bytes (RESOURCE_EXHAUSTED
+    for its whole call) and lost it and every later record, with gRPC's words only (probe)."""
+    lines = shop_lines(10, seed=91)
+    big = lines[0].replace(" HTTP/1.1", "?q=" + "a" * 100_000 + " HTTP/1.1")
+    (tmp_path / "in.log").write_text("\n".join(lines[:5] + [big] + lines[5:]) + "\n")
+    sidecar = SidecarProcess(models_dir_with(tmp_path, shop_model_path, "shop"), tmp_path,
+                             max_message_bytes=65_536, max_record_bytes=200_000, max_records_per_request=4).start()
+    try:
+        scored = logscore("client", "--socket", sidecar.socket, "--max-record-bytes", 200_000, "--batch", 4,
+                          tmp_path / "in.log")
+        refused = logscore("client", "--socket", sidecar.socket, "--batch", 5, tmp_path / "in.log")
+    finally:
+        sidecar.stop()
+    assert scored.returncode == 0, scored.stderr
+    rows = [json.loads(line) for line in scored.stdout.splitlines()]
+    assert [row["line"] for row in rows] == list(range(1, 12))
+    assert [row.get("unscored", False) for row in rows] == [False] * 5 + [True] + [False] * 5
+    assert "score" not in rows[5] and rows[5]["notes"][0].startswith("unscored: the record (100,")
+    assert "raise the sidecar's max_message_bytes" in rows[5]["notes"][0]
+    assert all(isinstance(row["score"], float) for row in rows[:5] + rows[6:])
+    assert "1 record larger than the sidecar takes printed unscored" in scored.stderr
+    # refused for another reason (more records than the sidecar takes a call): what to do, and from where
+    assert refused.returncode == 1 and refused.stdout == "" and "(give a smaller --batch)" in refused.stderr
+    assert f"the records from {tmp_path / 'in.log'} line 1 on were not scored" in refused.stderr
+    assert f"tail -n +1 {tmp_path / 'in.log'} | logscore client" in refused.stderr

@@ -211,7 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "Fluentd out_file / Fluent Bit file output lines, their records)")
     client.add_argument("--explain", type=int, default=0, metavar="K")
     client.add_argument("--batch", type=int, default=1000, metavar="N",
-                        help="records per call (fewer when they would pass 1 MiB: the sidecar takes 2 MiB)")
+                        help="records per call (fewer when they would pass 1 MiB: the sidecar takes 2 MiB; a call "
+                        "refused as larger than the sidecar's max_message_bytes is sent again in halves, and a record "
+                        "larger alone is printed unscored with a note)")
     client.add_argument("--max-record-bytes", type=int, default=DEFAULT_MAX_LINE_CHARS, metavar="N",
                         help="the sidecar's setting of the same name: longer lines are sent cut just past it "
                              "(the sidecar cuts and notes them; one it would keep whole, its own limit being "
@@ -426,9 +428,6 @@ def run_serve(args) -> int:
 def run_client(args) -> int:
     import grpc
 
-    from .decide import notes_by_record
-
-    from .generated.logscore.v1 import scorer_pb2 as pb
     from .generated.logscore.v1 import scorer_pb2_grpc as pb_grpc
 
     check_scoring_flags(args)
@@ -436,30 +435,106 @@ def run_client(args) -> int:
     channel, metadata = client_channel(args, target)
     limit, several = args.max_record_bytes, len(args.inputs) > 1
     records = (cut_past(numbered, limit) for numbered in numbered_records(args.inputs, args.json_records))
-    tally = RecordTally()
+    tally, too_large = RecordTally(), 0
     with channel:
         stub = pb_grpc.ScorerStub(channel)
+        call = ScoreCall(stub, args, metadata)
         for chunk in batched(records, records_per_call(args.batch, args.explain), CLIENT_CALL_BYTES,
                              measure=lambda cut: record_chars(cut.record)):
-            request = pb.ScoreRequest(model=args.model, tag=args.tag, explain=args.explain)
-            fill_records(request, [cut.record for cut in chunk], args.json_records)
+            printed = 0
             try:
-                response = stub.Score(request, timeout=args.timeout, metadata=metadata)
+                for part, response in call.in_parts(chunk):
+                    too_large += print_scored(part, response, several, limit, tally)
+                    printed += len(part)
             except grpc.RpcError as error:
-                print(f"logscore client: {call_failure(target, error)}", file=sys.stderr)
+                print(f"logscore client: {call_failure(target, error)}; {not_scored_from(chunk[printed].numbered)}",
+                      file=sys.stderr)
                 return 1
-            notes = notes_by_record([(n.index, n.description) for n in response.notes], len(chunk))
-            for i, cut in enumerate(chunk):
-                if cut.was_cut:
-                    note_client_cut(notes[i], limit)
-                model = response.models[response.model_index[i]]
-                explanation = list(response.explanations[i].features) if response.explanations else None
-                print(json.dumps(result_entry(cut.numbered, several, response.scores[i], response.is_anomaly[i],
-                                              model.name, model.version, notes[i], explanation)))
-                tally.add(model.name, cut.record, notes[i], flagged=response.is_anomaly[i])
         warn_of_floods(stub, metadata, args.timeout, tally)
     tally.warn_unparsed("client")
+    if too_large:
+        print(f"logscore client: warning: {too_large:,} record{'s' if too_large != 1 else ''} larger than the "
+              "sidecar takes printed unscored (\"unscored\": true; the note says what to do)", file=sys.stderr,
+              flush=True)
     return 0
+
+
+# gRPC's words for a message past the receiver's limit: "Received message larger than max (2500091 vs. 2097152)"
+MESSAGE_TOO_LARGE = "larger than max"
+
+
+class ScoreCall:
+    """`logscore client`'s Score calls. NOTE: one record larger than the sidecar's max_message_bytes
+    failed its whole call with RESOURCE_EXHAUSTED, and the client stopped there: every record from
+    that batch on was lost (probe). A call refused as too large is sent again in halves; a record
+    too large alone is given back unscored, to be printed with a note saying what to do."""
+
+    def __init__(self, stub, args, metadata: list):
+        self.stub, self.args, self.metadata = stub, args, metadata
+
+    def in_parts(self, chunk: list) -> Iterator[tuple[list, object]]:
+        """(records, the sidecar's response, or None for a record too large to send alone) covering chunk."""
+        import grpc
+
+        try:
+            yield chunk, self.score(chunk)
+            return
+        except grpc.RpcError as error:
+            if error.code() != grpc.StatusCode.RESOURCE_EXHAUSTED or MESSAGE_TOO_LARGE not in (error.details() or ""):
+                raise
+        if len(chunk) == 1:
+            yield chunk, None
+            return
+        half = len(chunk) // 2
+        yield from self.in_parts(chunk[:half])
+        yield from self.in_parts(chunk[half:])
+
+    def score(self, chunk: list):
+        from .generated.logscore.v1 import scorer_pb2 as pb
+
+        request = pb.ScoreRequest(model=self.args.model, tag=self.args.tag, explain=self.args.explain)
+        fill_records(request, [cut.record for cut in chunk], self.args.json_records)
+        return self.stub.Score(request, timeout=self.args.timeout, metadata=self.metadata)
+
+
+def print_scored(chunk: list, response, several: bool, limit: int, tally: "RecordTally") -> int:
+    """One JSON line per record of a call; a record the sidecar would not take (response None) unscored.
+    The records printed unscored."""
+    from .decide import notes_by_record
+
+    if response is None:
+        for cut in chunk:
+            entry = {"file": cut.numbered.file} if several else {}
+            print(json.dumps(entry | {"line": cut.numbered.line, "unscored": True,
+                                      "notes": [too_large_note(cut.record, limit)]}))
+        return len(chunk)
+    notes = notes_by_record([(n.index, n.description) for n in response.notes], len(chunk))
+    for i, cut in enumerate(chunk):
+        if cut.was_cut:
+            note_client_cut(notes[i], limit)
+        model = response.models[response.model_index[i]]
+        explanation = list(response.explanations[i].features) if response.explanations else None
+        print(json.dumps(result_entry(cut.numbered, several, response.scores[i], response.is_anomaly[i],
+                                      model.name, model.version, notes[i], explanation)))
+        tally.add(model.name, cut.record, notes[i], flagged=response.is_anomaly[i])
+    return 0
+
+
+def too_large_note(record, limit: int) -> str:
+    return (f"unscored: the record ({record_chars(record):,} characters as sent) is larger than the sidecar's "
+            "largest message (its max_message_bytes, 2 MiB by default), which refused it; give the client a "
+            f"--max-record-bytes below that (it sends lines cut just past it; now {limit:,}), or raise the "
+            "sidecar's max_message_bytes above the record")
+
+
+def not_scored_from(numbered: NumberedRecord) -> str:
+    """What a client that stopped at a failed call left unscored, and how to score just that."""
+    if numbered.file == "-":
+        return (f"stdin's records from line {numbered.line} on were not scored (those before were printed): "
+                f"once fixed, send them again from there (tail -n +{numbered.line})")
+    return (f"the records from {numbered.file} line {numbered.line} on were not scored (those before were "
+            f"printed): once fixed, score them with tail -n +{numbered.line} {numbered.file} | logscore client "
+            "... (then any later files)")
 
 
 def warn_of_floods(stub, metadata: list, timeout: float, tally: "RecordTally") -> None:
