@@ -732,3 +732,23 @@ def test_a_record_larger_than_the_sidecar_takes_is_printed_unscored_and_the_clie
     assert refused.returncode == 1 and refused.stdout == "" and "(give a smaller --batch)" in refused.stderr
     assert f"the records from {tmp_path / 'in.log'} line 1 on were not scored" in refused.stderr
     assert f"tail -n +1 {tmp_path / 'in.log'} | logscore client" in refused.stderr
+
+
+def test_a_flag_taking_several_files_given_again_adds_them(tmp_path):
+    """`train -i access.log -i a500.log` trained on a500.log's 500 lines only, and `evaluate --normal a
+    --normal b` counted b's, without a word: argparse's nargs="+" keeps the last flag's values (probe)."""
+    from logscore.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["train", "-i", "a", "b", "--input", "c", "-o", "m.onnx"]).input == ["a", "b", "c"]
+    evaluated = parser.parse_args(["evaluate", "--normal", "n1", "--anomalous", "a1", "--normal", "n2",
+                                   "--anomalous", "a2", "a3", "--train", "t1", "--train", "t2"])
+    assert (evaluated.normal, evaluated.anomalous, evaluated.train) == (["n1", "n2"], ["a1", "a2", "a3"], ["t1", "t2"])
+    assert parser.parse_args(["evaluate", "--labeled", "l.csv"]).normal == []  # (the default list is not shared)
+    marked = parser.parse_args(["feedback", "add", "normal", "--line", "GET /a", "--line", "GET /b"])
+    assert marked.line == ["GET /a", "GET /b"]
+    lines = shop_lines(300, seed=93)
+    (tmp_path / "a.log").write_text("\n".join(lines[:200]) + "\n")
+    (tmp_path / "b.log").write_text("\n".join(lines[200:]) + "\n")
+    trained = logscore("train", "-i", tmp_path / "a.log", "-i", tmp_path / "b.log", "-o", tmp_path / "m.onnx")
+    assert trained.returncode == 0 and "records: 300 read" in trained.stdout, trained.stderr

@@ -104,8 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="learn normal traffic and export one ONNX model",
                                 description="Learn normal traffic from log files (normal records only) "
                                 "and export a self-describing ONNX model.")
-    train.add_argument("--input", "-i", nargs="+", required=True, metavar="FILE",
-                       help="log files (plain or gzip); '-' reads stdin")
+    train.add_argument("--input", "-i", nargs="+", action="extend", required=True, metavar="FILE",
+                       help="log files (plain or gzip); '-' reads stdin; given again, adds files")
     train.add_argument("--format", "-f", default="access", choices=["access", "syslog", "jsonl", "plain"],
                        help="how to parse lines (default: access = Apache/nginx combined/common)")
     train.add_argument("--config", "-c", metavar="FILE",
@@ -169,8 +169,12 @@ def build_parser() -> argparse.ArgumentParser:
         "precision/recall/F1 at the model's threshold and at the best one, confusion counts and recall "
         "per attack type; optionally per session, as JSON and PNG plots.")
     evaluate.add_argument("--model", "-m", metavar="FILE.onnx", help="the model to evaluate (or --train)")
-    evaluate.add_argument("--normal", nargs="+", default=[], metavar="FILE", help="files of normal lines")
-    evaluate.add_argument("--anomalous", nargs="+", default=[], metavar="FILE", help="files of anomalous lines")
+    # NOTE: action="extend" on every flag taking several files: a flag given twice kept its last files only
+    # (`train -i access.log -i a500.log` trained on 500 lines, without a word)
+    evaluate.add_argument("--normal", nargs="+", action="extend", default=[], metavar="FILE",
+                          help="files of normal lines (given again, adds files)")
+    evaluate.add_argument("--anomalous", nargs="+", action="extend", default=[], metavar="FILE",
+                          help="files of anomalous lines (given again, adds files)")
     evaluate.add_argument("--labeled", metavar="FILE", help="CSV (a name ending in .csv or .csv.gz, in any case) "
                           "or JSON lines with a label column; the other columns are the record's fields. Rows that "
                           "do not parse are left out with a warning; more than 1 %% of them is refused")
@@ -1311,7 +1315,8 @@ def add_evaluation_training_flags(evaluate: argparse.ArgumentParser) -> None:
     """`logscore evaluate --train`: train here (the `logscore train` code), optionally on data
     contaminated with some of the anomalous records, then evaluate on the rest."""
     group = evaluate.add_argument_group("training a model to evaluate (instead of --model)")
-    group.add_argument("--train", nargs="+", metavar="FILE", help="normal training lines (plain or gzip)")
+    group.add_argument("--train", nargs="+", action="extend", metavar="FILE",
+                       help="normal training lines (plain or gzip; given again, adds files)")
     group.add_argument("--format", "-f", default="access", choices=["access", "syslog", "jsonl", "plain"],
                        help="how to parse the training lines (default: access)")
     group.add_argument("--config", "-c", metavar="FILE", help="converter config, as for `logscore train`")

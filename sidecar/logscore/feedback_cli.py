@@ -29,7 +29,8 @@ def add_feedback_command(commands) -> None:
                              "value (--field NAME=VALUE) normal (a false positive) or keep (a true anomaly).")
     add.add_argument("verdict", choices=["normal", "keep"])
     target = add.add_mutually_exclusive_group(required=True)
-    target.add_argument("--line", nargs="+", metavar="LINE", help="log lines to mark (quote each)")
+    target.add_argument("--line", nargs="+", action="extend", metavar="LINE",
+                        help="log lines to mark (quote each; given again, adds lines)")
     target.add_argument("--file", metavar="FILE", help="a file of log lines to mark (at most 100; '-': stdin)")
     target.add_argument("--group", metavar="ID", help="a group of the review page (e.g. g3-5f0c2a)")
     target.add_argument("--field", metavar="NAME=VALUE", help="a field's value (e.g. user_agent=curl/8.0)")
