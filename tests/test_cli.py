@@ -752,3 +752,31 @@ def test_a_flag_taking_several_files_given_again_adds_them(tmp_path):
     (tmp_path / "b.log").write_text("\n".join(lines[200:]) + "\n")
     trained = logscore("train", "-i", tmp_path / "a.log", "-i", tmp_path / "b.log", "-o", tmp_path / "m.onnx")
     assert trained.returncode == 0 and "records: 300 read" in trained.stdout, trained.stderr
+
+
+def test_a_zstd_xz_or_bzip2_log_is_refused_with_how_to_decompress_it(tmp_path):
+    """Only gzip was recognised: `train -f plain -i access.log.zst` learned 800 "records" of binary and
+    wrote a model without a word (probe). The advice given, decompress into stdin ('-'), is followed."""
+    import bz2
+    import lzma
+
+    text = "\n".join(shop_lines(300, seed=94)) + "\n"
+    zstd_frame = b"\x28\xb5\x2f\xfd\x24\x05\x29\x00\x00hello\x00"  # (its magic number, then a frame)
+    files = {"a.log.xz": (lzma.compress(text.encode()), "xz -dc"),
+             "a.log.bz2": (bz2.compress(text.encode()), "bzip2 -dc"), "a.log.zst": (zstd_frame, "zstd -dc")}
+    for name, (data, decompress) in files.items():
+        (tmp_path / name).write_bytes(data)
+        for command in (["train", "-f", "plain", "-i", tmp_path / name, "-o", tmp_path / "m.onnx"],
+                        ["report", tmp_path / name]):
+            refused = logscore(*command)
+            assert refused.returncode == 1 and "Traceback" not in refused.stderr, refused.stderr
+            assert f"{name}: {name.split('.')[-1].replace('zst', 'zstd').replace('bz2', 'bzip2')}-compressed" \
+                in refused.stderr
+            assert f"{decompress} {tmp_path / name} | logscore train -i - ..." in refused.stderr
+        assert not (tmp_path / "m.onnx").exists()
+    piped = logscore("train", "-f", "plain", "-i", "-", "-o", tmp_path / "m.onnx",
+                     stdin=lzma.decompress((tmp_path / "a.log.xz").read_bytes()).decode())
+    assert piped.returncode == 0 and "records: 300 read" in piped.stdout, piped.stderr
+    (tmp_path / "text.log").write_text("BZh9 is how a line may start\n" + text)  # text is still read
+    assert "records: 301 read" in logscore("train", "-f", "plain", "-i", tmp_path / "text.log", "-o",
+                                           tmp_path / "m2.onnx").stdout

@@ -105,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 description="Learn normal traffic from log files (normal records only) "
                                 "and export a self-describing ONNX model.")
     train.add_argument("--input", "-i", nargs="+", action="extend", required=True, metavar="FILE",
-                       help="log files (plain or gzip); '-' reads stdin; given again, adds files")
+                       help="log files (plain or gzip; zstd, xz, bzip2: decompress into '-'); '-' reads stdin; given "
+                       "again, adds files")
     train.add_argument("--format", "-f", default="access", choices=["access", "syslog", "jsonl", "plain"],
                        help="how to parse lines (default: access = Apache/nginx combined/common)")
     train.add_argument("--config", "-c", metavar="FILE",

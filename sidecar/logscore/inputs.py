@@ -17,6 +17,12 @@ GZIP_MAGIC = b"\x1f\x8b"
 # are cut far shorter anyway (--max-record-bytes, 64 KiB by default, noted `truncated`).
 MAX_LINE_BYTES = 4 * 2**20
 UTF16_MARKS = (b"\xff\xfe", b"\xfe\xff")
+# Compressions read_lines does not undo, by their magic bytes, with the command that does.
+# NOTE: read as text, a zstd log gave 800 "records" of binary, and train wrote a model of them (probe).
+COMPRESSED_MAGIC = (("zstd", re.compile(b"\\x28\\xb5\\x2f\\xfd"), "zstd -dc"),
+                    ("xz", re.compile(b"\\xfd7zXZ\\x00"), "xz -dc"),
+                    ("bzip2", re.compile(b"BZh[1-9](1AY&SY|\\x17rE8P\\x90)"), "bzip2 -dc"))
+MAGIC_BYTES = 10  # the longest start COMPRESSED_MAGIC and GZIP_MAGIC look at
 
 
 def read_lines(paths: Iterable[str], blank_lines: bool = False) -> Iterator[str]:
@@ -33,10 +39,12 @@ def read_lines(paths: Iterable[str], blank_lines: bool = False) -> Iterator[str]
                 yield from _lines(sys.stdin.buffer, "stdin", blank_lines)
                 continue
             with open(path, "rb") as raw:
-                magic = raw.peek(2)[:2]
+                start = raw.peek(MAGIC_BYTES)[:MAGIC_BYTES]
+                magic = start[:2]
                 if magic in UTF16_MARKS:
                     raise InputError(f"{path}: UTF-16 text (it starts with a byte-order mark); convert it first: "
                                      f"iconv -f UTF-16 -t UTF-8 {path}")
+                refuse_compressed(path, start)
                 stream = gzip.GzipFile(fileobj=raw) if magic == GZIP_MAGIC else raw
                 yield from _lines(stream, path, blank_lines)
         except FileNotFoundError:
@@ -49,6 +57,16 @@ def read_lines(paths: Iterable[str], blank_lines: bool = False) -> Iterator[str]
                  "rest is lost")
         except OSError as error:
             raise InputError(f"{path}: cannot read: {error}") from None
+
+
+def refuse_compressed(path: str, start: bytes) -> None:
+    """Refuse a file compressed otherwise than with gzip, saying how to read it ('-' is stdin for every
+    command reading log files through read_lines)."""
+    for name, magic, decompress in COMPRESSED_MAGIC:
+        if magic.match(start):
+            raise InputError(f"{path}: {name}-compressed, which is read only when decompressed (gzip is read as it "
+                             f"is); decompress it first: {decompress} {path} > FILE, or pipe it in as stdin ('-'): "
+                             f"{decompress} {path} | logscore train -i - ...")
 
 
 def _lines(stream, name: str, blank_lines: bool) -> Iterator[str]:
