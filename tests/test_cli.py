@@ -780,3 +780,34 @@ def test_a_zstd_xz_or_bzip2_log_is_refused_with_how_to_decompress_it(tmp_path):
     (tmp_path / "text.log").write_text("BZh9 is how a line may start\n" + text)  # text is still read
     assert "records: 301 read" in logscore("train", "-f", "plain", "-i", tmp_path / "text.log", "-o",
                                            tmp_path / "m2.onnx").stdout
+
+
+@pytest.mark.parametrize("flags, said", [
+    (["--windows", "--window-s", "nan"], "argument --window-s: 'nan': give a finite number"),
+    (["--windows", "--window-s", "inf"], "argument --window-s: 'inf': give a finite number"),
+    (["--windows", "--window-s", "0"], "argument --window-s: '0': give a number above 0"),
+    (["--entities", "--half-life-s", "nan"], "argument --half-life-s: 'nan': give a finite number"),
+    (["--entities", "--half-life-s", "-1"], "argument --half-life-s: '-1': give a number above 0"),
+    (["--threshold-rule", "sigma", "--sigma", "inf"], "argument --sigma: 'inf': give a finite number"),
+    (["--support", "inf"], "argument --support: 'inf': give a finite number"),
+    (["--window-target-fpr", "abc"], "argument --window-target-fpr: 'abc': give a number"),
+])
+def test_a_number_flag_that_is_nan_or_inf_is_refused_before_any_training(tmp_path, flags, said):
+    """--window-s nan died in a traceback after the record model was trained; --half-life-s nan wrote a client
+    detector that scored every client 0; nan passed `<= 0` (probe)."""
+    (tmp_path / "a.log").write_text("\n".join(shop_lines(300, seed=95)) + "\n")
+    refused = logscore("train", "-i", tmp_path / "a.log", "-o", tmp_path / "m.onnx", *flags)
+    assert refused.returncode == 2 and said in refused.stderr and "Traceback" not in refused.stderr, refused.stderr
+    assert "[train]" not in refused.stderr and not (tmp_path / "m.onnx").exists()
+
+
+def test_evaluate_and_client_number_flags_refuse_nan_and_inf_too():
+    from logscore.cli import build_parser
+
+    parser = build_parser()
+    for command in (["evaluate", "--train", "t.log", "--contaminate", "nan"], ["client", "--timeout", "inf"],
+                    ["client", "--timeout", "0"], ["feedback", "list", "--timeout", "nan"]):
+        with pytest.raises(SystemExit) as refused:
+            parser.parse_args(command)
+        assert refused.value.code == 2
+    assert parser.parse_args(["client", "--timeout", "2.5"]).timeout == 2.5

@@ -22,6 +22,7 @@ if sys.argv[1:2] == ["serve"]:
 
 import argparse  # noqa: E402 (after the guard above)
 import json  # noqa: E402
+import math  # noqa: E402
 import os  # noqa: E402
 import time  # noqa: E402
 from itertools import islice
@@ -122,13 +123,13 @@ def build_parser() -> argparse.ArgumentParser:
                        "lof; several make an ensemble (default: rarity)")
     train.add_argument("--max-records", type=int, default=1_000_000,
                        help="train on all records, or a uniform sample of at most this many (default 1000000)")
-    train.add_argument("--target-fpr", type=float, default=0.001,
+    train.add_argument("--target-fpr", type=finite_number, default=0.001,
                        help="fraction of normal records allowed above the threshold (default 0.001)")
     train.add_argument("--threshold-rule", choices=["fpr", "sigma"], default="fpr",
                        help="fpr: from --target-fpr; sigma: mean + k·σ of calibrated scores")
-    train.add_argument("--sigma", type=float, default=3.0, help="k for --threshold-rule sigma (default 3)")
+    train.add_argument("--sigma", type=finite_number, default=3.0, help="k for --threshold-rule sigma (default 3)")
     train.add_argument("--folds", type=int, default=5, help="cross-fitting folds for calibration (default 5)")
-    train.add_argument("--support", type=float,
+    train.add_argument("--support", type=finite_number,
                        help="a feature seen in this many records counts as fully normal "
                        "(default: max(5, 0.05%% of records))")
     train.add_argument("--name", help="model name (default: --previous-model's, else the output file's stem)")
@@ -242,11 +243,32 @@ def column_value(text: str) -> tuple[str, str]:
     return column, value
 
 
+def finite_number(text: str) -> float:
+    """A number flag's value, nan and inf refused. NOTE: float() takes them, and they passed the range
+    checks (`nan <= 0` is false): --window-s nan ended in a traceback after the record model was
+    trained, --half-life-s nan wrote a client detector scoring every client 0 (probe)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r}: give a finite number")
+    return value
+
+
+def positive_number(text: str) -> float:
+    """A number flag's value that must be finite and above 0 (seconds: a window, a half-life, a timeout)."""
+    value = finite_number(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a number above 0")
+    return value
+
+
 def add_connection_flags(parser: argparse.ArgumentParser) -> None:
     """How a command reaches a running sidecar over gRPC (client, feedback)."""
     parser.add_argument("--socket", default="/tmp/logscore.sock", help="sidecar Unix socket")
     parser.add_argument("--tcp", help="host:port instead of the socket")
-    parser.add_argument("--timeout", type=float, default=10.0, help="seconds per call")
+    parser.add_argument("--timeout", type=positive_number, default=10.0, help="seconds per call")
     parser.add_argument("--token-file", metavar="FILE", help="file holding the sidecar's bearer token "
                         "(its --token-file)")
     parser.add_argument("--tls-ca", metavar="FILE", help="PEM CA bundle to trust: TLS to --tcp")
@@ -262,7 +284,7 @@ def add_robustness_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keep-outliers", action="store_true",
                         help="learn every record as normal; by default records that stand far above the rest "
                         "(attacks in the training data) are set aside and listed by `logscore inspect`")
-    parser.add_argument("--injection-share", type=float, metavar="FRACTION",
+    parser.add_argument("--injection-share", type=finite_number, metavar="FRACTION",
                         help="the injection prior: a request feature holding a quote, <, >, `, |, \\, .., --, "
                         "/*, ${ or a NUL counts as the site's own only when this share of the records holds it; "
                         "records holding one seen less often are set aside as screening sets attacks aside (a "
@@ -295,19 +317,20 @@ def add_behaviour_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--windows", action="store_true",
                        help="learn a forecaster per key (route, status class, host, level, URL and message "
                        "template) of counts per window; the sidecar reports improbable windows as events")
-    group.add_argument("--window-s", type=float, default=60.0, metavar="SECONDS", help="window length (default 60)")
+    group.add_argument("--window-s", type=positive_number, default=60.0, metavar="SECONDS",
+                       help="window length (default 60)")
     group.add_argument("--window-max-keys", type=int, default=500, metavar="N",
                        help="keys learned at most, the busiest first (default 500)")
-    group.add_argument("--window-target-fpr", type=float, default=1e-4, metavar="FRACTION",
+    group.add_argument("--window-target-fpr", type=finite_number, default=1e-4, metavar="FRACTION",
                        help="share of normal key-windows allowed over the threshold (default 0.0001)")
     group.add_argument("--entities", action="store_true",
                        help="learn normal clients' behaviour (rate, errors, distinct paths, novelty, mean score); "
                        "the sidecar adds entity_score to each record and reports clients crossing the threshold")
     group.add_argument("--entity-key", default="remote_addr", metavar="FIELD",
                        help="the field naming a client (default remote_addr)")
-    group.add_argument("--half-life-s", type=float, default=60.0, metavar="SECONDS",
+    group.add_argument("--half-life-s", type=positive_number, default=60.0, metavar="SECONDS",
                        help="how fast a client's features forget (default 60)")
-    group.add_argument("--client-target-fpr", type=float, default=0.005, metavar="FRACTION",
+    group.add_argument("--client-target-fpr", type=finite_number, default=0.005, metavar="FRACTION",
                        help="share of normal clients allowed to cross the threshold (default 0.005)")
     group.add_argument("--base", metavar="MODEL.onnx",
                        help="keep this model's record detector and learn only --windows/--entities into --out")
@@ -333,8 +356,8 @@ def behaviour_options(args):
         if args.base:
             raise ConfigError("--base learns behaviour onto a model: add --windows and/or --entities")
         return None
-    if args.window_s <= 0 or args.half_life_s <= 0 or args.window_max_keys < 1:
-        raise ConfigError("--window-s and --half-life-s must be positive, --window-max-keys at least 1")
+    if args.window_max_keys < 1:  # (--window-s and --half-life-s: positive_number)
+        raise ConfigError(f"--window-max-keys {args.window_max_keys}: give at least 1")
     if not (0 < args.window_target_fpr < 0.5 and 0 < args.client_target_fpr < 0.5):
         raise ConfigError("--window-target-fpr and --client-target-fpr must be fractions between 0 and 0.5")
     from .timestamps import SEASONS_UTC
@@ -1322,11 +1345,12 @@ def add_evaluation_training_flags(evaluate: argparse.ArgumentParser) -> None:
                        help="how to parse the training lines (default: access)")
     group.add_argument("--config", "-c", metavar="FILE", help="converter config, as for `logscore train`")
     group.add_argument("--detectors", "-d", default="rarity", help="as for `logscore train` (default: rarity)")
-    group.add_argument("--target-fpr", type=float, default=0.001, help="as for `logscore train` (default 0.001)")
+    group.add_argument("--target-fpr", type=finite_number, default=0.001,
+                       help="as for `logscore train` (default 0.001)")
     group.add_argument("--keep-outliers", action="store_true", help="as for `logscore train`")
-    group.add_argument("--injection-share", type=float, metavar="FRACTION",
+    group.add_argument("--injection-share", type=finite_number, metavar="FRACTION",
                        help="as for `logscore train` (default 0.01)")
-    group.add_argument("--contaminate", type=float, default=0.0, metavar="FRACTION",
+    group.add_argument("--contaminate", type=finite_number, default=0.0, metavar="FRACTION",
                        help="move this fraction of the anomalous records (chosen at random) into the training "
                        "data, as attacks hide in real logs; they are left out of the evaluation")
     group.add_argument("--seed", type=int, default=0, help="for --contaminate and training (default 0)")
