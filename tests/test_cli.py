@@ -811,3 +811,21 @@ def test_evaluate_and_client_number_flags_refuse_nan_and_inf_too():
             parser.parse_args(command)
         assert refused.value.code == 2
     assert parser.parse_args(["client", "--timeout", "2.5"]).timeout == 2.5
+
+
+@pytest.mark.parametrize("command, flags, said", [
+    *((command, ["--session-key", "("], "argument --session-key: '(' is not a regular expression (missing ), "
+       "unterminated") for command in ("train", "evaluate")),
+    *((command, ["--session-key", "(a*)*$"], "argument --session-key: '(a*)*$' matches an empty text")
+      for command in ("train", "evaluate")),
+    ("evaluate", ["--batch", "0"], "argument --batch: '0': give at least 1"),
+    ("evaluate", ["--batch", "-1"], "argument --batch: '-1': give at least 1"),
+])
+def test_a_bad_session_key_or_batch_is_refused_before_any_record_is_read(tmp_path, command, flags, said):
+    """evaluate --batch 0 died in range(), --batch -1 in numpy's concatenate, and --session-key '(' of
+    re.error once every record was scored (probe)."""
+    inputs = {"train": ["-i", "-", "-o", tmp_path / "m.onnx"],
+              "evaluate": ["--train", "-", "--anomalous", tmp_path / "absent.log"]}[command]
+    refused = logscore(command, *inputs, *flags, stdin="GET / HTTP/1.1\n" * 100)
+    assert refused.returncode == 2 and said in refused.stderr, refused.stderr
+    assert "Traceback" not in refused.stderr and "absent.log" not in refused.stderr

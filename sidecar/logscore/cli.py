@@ -113,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", "-c", metavar="FILE",
                        help="converter config (YAML/JSON) naming fields and converters; "
                        "default: the built-in one for --format (see docs/converters.md)")
-    train.add_argument("--session-key", metavar="REGEX",
+    train.add_argument("--session-key", metavar="REGEX", type=session_key,
                        help="learn sessions: records sharing this regex's match (e.g. 'blk_-?\\d+') form one "
                        "sequence of events; the sidecar then scores each record as its session so far")
     train.add_argument("--session-field", default="message",
@@ -186,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--type-column", help="column naming the attack type, for recall per type")
     evaluate.add_argument("--where", action="append", default=[], metavar="COLUMN=VALUE", type=column_value,
                           help="keep only rows where COLUMN equals VALUE (e.g. split=test)")
-    evaluate.add_argument("--session-key", metavar="REGEX",
+    evaluate.add_argument("--session-key", metavar="REGEX", type=session_key,
                           help="evaluate per session: records grouped by this regex's match (e.g. 'blk_-?\\d+'); "
                           "a session scores its most anomalous record")
     evaluate.add_argument("--session-labels", metavar="FILE.csv",
@@ -194,7 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--report", metavar="FILE.json", help="write the report as JSON")
     evaluate.add_argument("--plots", metavar="PREFIX", help="write PREFIX_histogram.png and PREFIX_roc.png "
                           "(needs matplotlib)")
-    evaluate.add_argument("--batch", type=int, default=2048)
+    evaluate.add_argument("--batch", type=count_of_records, default=2048, metavar="N",
+                          help="records scored at a time (default 2048)")
     add_evaluation_training_flags(evaluate)
     add_series_flags(evaluate)
     evaluate.set_defaults(run=run_evaluate)
@@ -241,6 +242,34 @@ def column_value(text: str) -> tuple[str, str]:
     if not equals or not column:
         raise argparse.ArgumentTypeError(f"{text!r}: give COLUMN=VALUE, e.g. split=test")
     return column, value
+
+
+def count_of_records(text: str) -> int:
+    """A --batch: a whole number, at least 1 (evaluate --batch 0 died in range(), -1 in concatenate)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a whole number of records") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give at least 1")
+    return value
+
+
+def session_key(text: str) -> str:
+    """A --session-key, checked before any record is read: a regular expression that matches no empty
+    text (one that does gives every record lacking the key one session, keyed '').
+    NOTE: evaluate compiled it only after scoring every record, and died of re.error (probe)."""
+    import re
+
+    try:
+        pattern = re.compile(text)
+    except re.error as error:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a regular expression ({error}); give one matching the "
+                                         "session's id, e.g. 'blk_-?\\d+'") from None
+    if pattern.search("") is not None:
+        raise argparse.ArgumentTypeError(f"'{text}' matches an empty text, which would make one session of every "
+                                         "record without a key; give one matching the id itself, e.g. 'blk_-?\\d+'")
+    return text
 
 
 def finite_number(text: str) -> float:
