@@ -209,3 +209,28 @@ def test_outputs_that_cannot_be_written_are_refused_before_the_model_is_read(tmp
         assert result.returncode == 1 and "Traceback" not in result.stderr
         assert result.stderr.startswith(f"logscore evaluate: error: {said} {path}")
         assert "absent.onnx" not in result.stderr
+
+
+def test_a_labeled_column_no_row_holds_or_a_where_no_row_matches_names_what_the_rows_hold(tmp_path):
+    """`--where splot=test` and `--where split=nope` were told "no records: give --normal/--anomalous files
+    or --labeled FILE" (--labeled given), and `--type-column metod` gave an empty recall per type (probe)."""
+    from logscore.cli import read_labeled
+    from logscore.errors import InputError
+
+    table = "method,url,label,split,kind\n" + "".join(
+        f"GET,/item/{i},{'attack' if i % 10 == 0 else 'normal'},{'test' if i % 2 else 'train'},"
+        f"{'sqli' if i % 10 == 0 else ''}\n" for i in range(100))
+    (tmp_path / "lab.csv").write_text(table)
+    columns = "its columns are method, url, label, split, kind"
+    for flags, said in ((["--where", "splot=test"], f"no column named by --where splot; {columns}"),
+                        (["--type-column", "knd"], f"no column named by --type-column knd; {columns}"),
+                        (["--where", "split=nope"], "no row matches split=nope (--where); split holds 'train', 'test'"),
+                        (["--where", "split=test", "--where", "method=POST"],
+                         "no row matches split=test and method=POST (--where); split holds 'train', 'test'; "
+                         "method holds 'GET'")):
+        with pytest.raises(InputError) as refused:
+            read_labeled(labeled_args("--labeled", tmp_path / "lab.csv", *flags))
+        assert f"--labeled {tmp_path / 'lab.csv'}: {said}" == str(refused.value)
+    records, labels, types = read_labeled(labeled_args("--labeled", tmp_path / "lab.csv", "--where", "split=train",
+                                                       "--type-column", "kind"))
+    assert len(records) == 50 and sum(labels) == 10 and set(types) == {"", "sqli"}

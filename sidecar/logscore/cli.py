@@ -183,9 +183,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--label-column", default="label")
     evaluate.add_argument("--anomalous-values", default="anomalous,anomaly,1,true,attack",
                           help="label values that mean anomalous (case-insensitive; comma-separated)")
-    evaluate.add_argument("--type-column", help="column naming the attack type, for recall per type")
+    evaluate.add_argument("--type-column", help="column naming the attack type, for recall per type (one no row "
+                          "holds is refused)")
     evaluate.add_argument("--where", action="append", default=[], metavar="COLUMN=VALUE", type=column_value,
-                          help="keep only rows where COLUMN equals VALUE (e.g. split=test)")
+                          help="keep only rows where COLUMN equals VALUE (e.g. split=test); a COLUMN no row holds, or "
+                          "a --where leaving no row, is refused naming the columns and values the rows hold")
     evaluate.add_argument("--session-key", metavar="REGEX", type=session_key,
                           help="evaluate per session: records grouped by this regex's match (e.g. 'blk_-?\\d+'); "
                           "a session scores its most anomalous record")
@@ -1166,8 +1168,9 @@ def read_labeled(args) -> tuple[list, list[int], Optional[list[str]]]:
                 types.append("anomalous" if label else "")
     if args.labeled:
         anomalous = {v.strip().lower() for v in args.anomalous_values.split(",")}
-        rows = LabeledRows(args.labeled)
+        rows, seen = LabeledRows(args.labeled), LabeledColumns(args.where)
         for row in rows:
+            seen.add(row)
             if any(str(row.get(column)) != value for column, value in args.where):
                 continue
             if args.label_column not in row:
@@ -1178,7 +1181,9 @@ def read_labeled(args) -> tuple[list, list[int], Optional[list[str]]]:
             labels.append(label)
             if types is not None:
                 types.append(kind if label else "")
+            seen.kept += 1
         rows.check()
+        seen.check(args)
     if not records:
         raise InputError("no records: give --normal/--anomalous files or --labeled FILE")
     # NOTE: session labels (--session-labels) label sessions, not lines: a log given whole as
@@ -1186,6 +1191,46 @@ def read_labeled(args) -> tuple[list, list[int], Optional[list[str]]]:
     if len(set(labels)) < 2 and not args.session_labels:
         raise InputError("the data has one class only; evaluation needs normal and anomalous records")
     return records, labels, types
+
+
+class LabeledColumns:
+    """The columns of evaluate's --labeled rows, and the values of its --where columns, to name what a
+    column given by mistake missed.
+
+    NOTE: `--where splot=test` or `--where split=nope` were told "no records: give --normal/--anomalous
+    files or --labeled FILE", --labeled given; `--type-column metod` gave an empty recall per type (probe)."""
+
+    VALUES_SHOWN = 20
+
+    def __init__(self, where: Sequence[tuple[str, str]]):
+        self.columns: dict[str, None] = {}  # in the order first seen
+        self.values: dict[str, dict[str, None]] = {column: {} for column, _ in where}
+        self.kept = 0
+
+    def add(self, row: dict) -> None:
+        if len(row) != len(self.columns) or not self.columns.keys() >= row.keys():
+            self.columns.update(dict.fromkeys(row))
+        for column, values in self.values.items():
+            if column in row and len(values) <= self.VALUES_SHOWN:
+                values[str(row[column])] = None
+
+    def check(self, args) -> None:
+        """Refuse a named column no row holds, and a --where that left no row, naming what the rows hold."""
+        from .errors import InputError
+
+        if not self.columns:
+            return  # (no row: said by the caller)
+        named = [("--where", column) for column in self.values] + [("--type-column", args.type_column)]
+        missing = [f"{flag} {column}" for flag, column in named if column and column not in self.columns]
+        if missing:
+            raise InputError(f"--labeled {args.labeled}: no column named by {', '.join(missing)}; its columns are "
+                             f"{', '.join(self.columns)}")
+        if not self.kept and self.values:
+            said = "; ".join(f"{column} holds {', '.join(repr(v) for v in list(values)[:self.VALUES_SHOWN])}"
+                             + (", ..." if len(values) > self.VALUES_SHOWN else "")
+                             for column, values in self.values.items())
+            raise InputError(f"--labeled {args.labeled}: no row matches "
+                             f"{' and '.join(f'{c}={v}' for c, v in args.where)} (--where); {said}")
 
 
 LABELED_UNPARSED_LIMIT = 0.01  # share of --labeled rows that may fail to parse: left out, with a warning
