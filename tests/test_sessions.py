@@ -227,3 +227,31 @@ def test_a_session_model_is_not_learned_on_arrival_and_says_why(session_model, t
     said = [r for r in caplog.records if r.getMessage() == "learning: route not learned"]
     assert len(said) == 1 and "session model is not learned on arrival" in said[0].reason
     assert "logscore train --session-key" in said[0].reason
+
+
+def test_a_session_key_no_record_holds_is_refused_and_one_few_hold_is_warned_of(tmp_path):
+    """`train --session-key zzz_nomatch` wrote a "session model" of one-event sessions without a word (probe)."""
+    lines, _ = session_lines(600, seed=5)
+    keyed = sum(bool(re.search(r"xfer-\d+-\d+", line)) for line in lines)
+    (tmp_path / "t.log").write_text("\n".join(lines) + "\n")
+
+    def train(key: str, out: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "logscore", "train", "--input", str(tmp_path / "t.log"),
+                               "--format", "plain", "--session-key", key, "--out", str(tmp_path / out)],
+                              cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+    none = train("zzz_nomatch", "none.onnx")
+    assert none.returncode == 1 and "Traceback" not in none.stderr
+    assert (f"session key 'zzz_nomatch': it matches none of the text of {len(lines):,} records (raw lines, or the "
+            "field 'message' of field maps) (or only an empty text)") in none.stderr, none.stderr
+    assert not (tmp_path / "none.onnx").exists()
+    # a key only some records hold (transfers whose id ends in 7): said, with the share
+    few_key = r"xfer-\d+-\d*7\b"
+    few = sum(bool(re.search(few_key, line)) for line in lines)
+    assert 0 < few < 0.5 * len(lines)
+    warned = train(few_key, "few.onnx")
+    assert warned.returncode == 0, warned.stderr
+    assert f"only {few:,} of the text of {len(lines):,} records" in warned.stderr
+    assert f"({few / len(lines):.1%}) hold it" in warned.stderr
+    whole = train(r"xfer-\d+-\d+", "whole.onnx")
+    assert whole.returncode == 0 and keyed == len(lines) and "session key" not in whole.stderr, whole.stderr

@@ -50,12 +50,15 @@ NO_TEXT_NOTE = ("no text: the record has no {fields} field (or it is null or emp
 class SessionCounts:
     """What a tracker did that changes scores, for /metrics (metrics.SessionCollector reads them)."""
 
-    __slots__ = ("evicted", "restarted", "without_text")
+    __slots__ = ("evicted", "restarted", "without_text", "keyed", "unkeyed")
 
     def __init__(self):
         self.evicted = 0  # open sessions forgotten to make room (max_sessions)
         self.restarted = 0  # records whose session had been evicted: scored as a new session
         self.without_text = 0  # records with no text: scored as an empty event
+        # records whose text held the key (an empty match counting as none), and the others (training checks them)
+        self.keyed = 0
+        self.unkeyed = 0
 
 
 @dataclass(frozen=True)
@@ -192,6 +195,10 @@ class SessionTracker:
         key, event = self.keys.key_and_event(text)
         if len(event) > self.max_chars:  # (cut to what a session keeps: its tail goes unscored, so said)
             notes += (self._event_cut_note,)
+        if not key:
+            self.counts.unkeyed += 1
+        else:
+            self.counts.keyed += 1
         if key is None:  # no session: the record is a session of one event
             return {EVENTS_FIELD: event[: self.max_chars]}, notes
         session = self._sessions.pop(key, None)

@@ -400,17 +400,40 @@ def apply_calibration(raw: np.ndarray, calibration: dict) -> np.ndarray:
     return calibrated[:, 0]
 
 
+WARN_KEYED_SHARE = 0.5  # a session model whose key fewer records hold than this is mostly one-event sessions
+
+
+def check_session_keys(tracker: SessionTracker, warn: Warn) -> None:
+    """Refuse a session key no record holds; warn when few do. NOTE: `--session-key zzz_nomatch` wrote a
+    "session model" of one-event sessions without a word, and a key matching an empty text put every
+    record in one session (probe)."""
+    key, field = tracker.spec.key, tracker.spec.field
+    keyed, total = tracker.counts.keyed, tracker.counts.keyed + tracker.counts.unkeyed
+    where = f"the text of {total:,} records (raw lines, or the field {field!r} of field maps)"
+    if total and not keyed:
+        field_hint = ("--session-field names the field" if field != "message"
+                      else "give --session-field when the text is in another field")
+        raise InputError(f"session key {key!r}: it matches none of {where} (or only an empty text): no record "
+                         "would join a session; check it against the log (grep -cP 'KEY' FILE counts the lines "
+                         f"holding it), or train without --session-key; {field_hint}")
+    if total and keyed < WARN_KEYED_SHARE * total:
+        warn(f"session key {key!r}: only {keyed:,} of {where} ({keyed / total:.1%}) hold it; the others are "
+             "sessions of one event each; check the key, or train without --session-key")
+
+
 def train(records: Iterable[object], options: TrainOptions,
           progress: Progress = quiet, warn: Warn = ignore) -> tuple[object, dict]:
     """Fit on the kept records, calibrate on out-of-fold scores; returns (onnx.ModelProto, metadata)."""
     options.validate()
     started = time.perf_counter()
+    tracker = None
     if options.spec.get("sessions"):
         # A session model learns what the sidecar will see: each record as its session so far,
         # built by the same tracker (sidecar/logscore/sessions.py), so unfinished sessions are normal.
         # Cut as the sidecar cuts (its default max_record_bytes, the model's max_field_chars).
         max_chars = int(options.spec.get("max_field_chars", DEFAULT_MAX_FIELD_CHARS))
-        records = SessionTracker(SessionSpec.from_dict(options.spec["sessions"]), max_chars).track_each(records)
+        tracker = SessionTracker(SessionSpec.from_dict(options.spec["sessions"]), max_chars)
+        records = tracker.track_each(records)
     if options.feedback is not None and options.feedback.keep:
         records = without_kept(records, options.feedback.keep_texts())
     sample, read = reservoir_sample(records, options.max_records, options.seed, progress)
@@ -420,6 +443,8 @@ def train(records: Iterable[object], options: TrainOptions,
         warnings.append(message)
         warn(message)
 
+    if tracker is not None:
+        check_session_keys(tracker, keep_warning)
     left_out, vouched = None, np.zeros(len(sample), dtype=bool)
     if options.previous is not None:
         from .feedback import leave_out_flagged
