@@ -164,3 +164,17 @@ def test_a_shippers_own_file_field_stays_in_the_records_text():
     assert json.loads(text_of(shipped)) == {"host": "a", "file": "/var/log/app.log"}
     scored = {"line": 3, "file": "access.log", "score": 0.99, "is_anomaly": True, "host": "a"}
     assert json.loads(text_of(scored)) == {"host": "a"}
+
+
+def test_a_negative_top_is_refused():
+    """--top -1 showed every group but the last (a Python slice), the HTML saying "the -1 largest" (probe)."""
+    import pytest
+
+    from logscore.cli import build_parser
+
+    parser = build_parser()
+    for value in ("-1", "x"):
+        with pytest.raises(SystemExit) as refused:
+            parser.parse_args(["report", "s.jsonl", "--top", value])
+        assert refused.value.code == 2
+    assert parser.parse_args(["report", "s.jsonl", "--top", "0"]).top == 0
