@@ -829,3 +829,22 @@ def test_a_bad_session_key_or_batch_is_refused_before_any_record_is_read(tmp_pat
     refused = logscore(command, *inputs, *flags, stdin="GET / HTTP/1.1\n" * 100)
     assert refused.returncode == 2 and said in refused.stderr, refused.stderr
     assert "Traceback" not in refused.stderr and "absent.log" not in refused.stderr
+
+
+def test_json_the_cli_writes_is_strict_json_without_nan_or_infinity(tmp_path, shop_model_path):
+    """inspect --json wrote a model's NaN and evaluate --report an Infinity threshold: neither Python's strict
+    parse nor JavaScript's JSON.parse reads them (probe)."""
+    from logscore.cli import strict_json
+
+    from .test_model import rewrite_metadata
+
+    def refuse(constant):
+        raise ValueError(f"not strict JSON: {constant}")
+
+    written = strict_json({"a": float("inf"), "b": [float("nan"), 1.5, -float("inf")], "c": {"d": 2}})
+    assert json.loads(written, parse_constant=refuse) == {"a": None, "b": [None, 1.5, None], "c": {"d": 2}}
+    path = tmp_path / "nan.onnx"
+    rewrite_metadata(shop_model_path, path, lambda meta: meta["training"].update(odd=float("nan")), rehash=True)
+    shown = logscore("inspect", "--json", path)
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout, parse_constant=refuse)["metadata"]["training"]["odd"] is None

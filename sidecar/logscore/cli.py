@@ -1400,7 +1400,7 @@ def run_evaluate(args) -> int:
         except ImportError:
             print("logscore evaluate: matplotlib is not installed; no plots (pip install matplotlib)",
                   file=sys.stderr)
-    text = json.dumps(report, indent=2)
+    text = strict_json(report)
     if args.report:
         from pathlib import Path
 
@@ -1481,6 +1481,22 @@ def train_for_evaluation(args, records: list):
     return train(records, options, ProgressPrinter(), print_warning)
 
 
+def strict_json(value) -> str:
+    """JSON (indented) that strict parsers read: NaN and ±Infinity, which Python writes by default and
+    JSON.parse refuses (evaluate's threshold_at_fpr_0.1pct could be Infinity, a model's metadata NaN), as null."""
+    return json.dumps(without_non_finite(value), indent=2, allow_nan=False)
+
+
+def without_non_finite(value):
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: without_non_finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [without_non_finite(item) for item in value]
+    return value
+
+
 def run_inspect(args) -> int:
     from .artifact import read_artifact
     from .training.shortfall import calibration_shortfall, describe_shortfall
@@ -1488,8 +1504,8 @@ def run_inspect(args) -> int:
     artifact = read_artifact(args.model)
     meta = artifact.metadata
     if args.json:
-        print(json.dumps({"path": artifact.path, "version": artifact.version,
-                          "content_hash": artifact.content_hash, "metadata": meta}, indent=2))
+        print(strict_json({"path": artifact.path, "version": artifact.version,
+                           "content_hash": artifact.content_hash, "metadata": meta}))
         return 0
     from .model import Model
 
