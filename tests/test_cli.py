@@ -848,3 +848,18 @@ def test_json_the_cli_writes_is_strict_json_without_nan_or_infinity(tmp_path, sh
     shown = logscore("inspect", "--json", path)
     assert shown.returncode == 0, shown.stderr
     assert json.loads(shown.stdout, parse_constant=refuse)["metadata"]["training"]["odd"] is None
+
+
+def test_a_line_the_reader_cut_is_noted_truncated_even_under_a_higher_max_record_bytes(tmp_path, shop_model_path):
+    """score --max-record-bytes above 4 MiB scored the reader's 4 MiB cut of a longer line as whole: no
+    `truncated`, only a warning at the end (probe)."""
+    from logscore.inputs import MAX_LINE_BYTES
+
+    normal = shop_lines(2, seed=96)
+    long_line = normal[0].replace(" HTTP/1.1", "?q=" + "a" * (MAX_LINE_BYTES + 1000) + " HTTP/1.1")
+    (tmp_path / "in.log").write_text("\n".join([normal[1], long_line, normal[1]]) + "\n")
+    scored = logscore("score", "--model", shop_model_path, "--max-record-bytes", 2 * MAX_LINE_BYTES,
+                      tmp_path / "in.log")
+    rows = [json.loads(line) for line in scored.stdout.splitlines()]
+    assert [row.get("truncated", False) for row in rows] == [False, True, False], scored.stderr
+    assert f"read only to its first {MAX_LINE_BYTES:,} bytes" in rows[1]["notes"][-1]

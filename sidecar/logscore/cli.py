@@ -571,6 +571,7 @@ def print_scored(chunk: list, response, several: bool, limit: int, tally: "Recor
     for i, cut in enumerate(chunk):
         if cut.was_cut:
             note_client_cut(notes[i], limit)
+        note_reader_cut(notes[i], cut.numbered.record)
         model = response.models[response.model_index[i]]
         explanation = list(response.explanations[i].features) if response.explanations else None
         print(json.dumps(result_entry(cut.numbered, several, response.scores[i], response.is_anomaly[i],
@@ -1013,6 +1014,17 @@ def cut_past(numbered: NumberedRecord, limit: int) -> CutRecord:
     return CutRecord(numbered, record, False)
 
 
+def note_reader_cut(notes: list[str], record: object) -> None:
+    """A `truncated` note on a line the reader cut (inputs.MAX_LINE_BYTES), unless one is there.
+    NOTE: with --max-record-bytes above 4 MiB, the reader's cut line was scored as whole, with no
+    `truncated` note, only a warning at the end (probe)."""
+    from .inputs import MAX_LINE_BYTES, cut_by_reader
+
+    if cut_by_reader(record) and not any(note.startswith("truncated") for note in notes):
+        notes.append(f"truncated: the line was read only to its first {MAX_LINE_BYTES:,} bytes (the most logscore "
+                     "reads of a line) and scored as cut; split such records before scoring")
+
+
 def note_client_cut(notes: list[str], limit: int) -> None:
     """The client's `truncated` note on a record it cut, unless the sidecar noted cutting its line too
     (not any `truncated` note: a session model's "the session was cut" hid the client's)."""
@@ -1052,6 +1064,7 @@ def run_score(args) -> int:
         decision = decide(model, result)
         notes = notes_by_record([(i, text) for i, _, text in decision.notes], len(chunk))
         for i, numbered in enumerate(chunk):
+            note_reader_cut(notes[i], records[i])
             tally.add(model.name, records[i], notes[i], flagged=decision.is_anomaly[i])
             if args.only_anomalies and not decision.is_anomaly[i]:
                 continue

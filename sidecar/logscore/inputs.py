@@ -84,6 +84,13 @@ def _lines(stream, name: str, blank_lines: bool) -> Iterator[str]:
              "their first bytes were read")
 
 
+def cut_by_reader(record: object) -> bool:
+    """Whether a raw line read by read_lines is as long as it reads a line (MAX_LINE_BYTES): cut there, the
+    rest skipped (a line of exactly that length is taken for one cut too). Cheap for any shorter line."""
+    return (isinstance(record, str) and len(record) * 4 >= MAX_LINE_BYTES - 3
+            and len(record.encode("utf-8", "surrogatepass")) >= MAX_LINE_BYTES - 3)  # (3: a \r\n stripped, or so)
+
+
 def _skip_to_line_end(stream) -> int:
     """Read past the rest of a line; its length."""
     skipped = 0
