@@ -863,3 +863,14 @@ def test_a_line_the_reader_cut_is_noted_truncated_even_under_a_higher_max_record
     rows = [json.loads(line) for line in scored.stdout.splitlines()]
     assert [row.get("truncated", False) for row in rows] == [False, True, False], scored.stderr
     assert f"read only to its first {MAX_LINE_BYTES:,} bytes" in rows[1]["notes"][-1]
+
+
+def test_a_support_above_the_records_trained_on_is_warned_of(tmp_path):
+    """--support above the record count was accepted without a word: no feature can reach it (probe)."""
+    (tmp_path / "a.log").write_text("\n".join(shop_lines(300, seed=97)) + "\n")
+    high = logscore("train", "-i", tmp_path / "a.log", "-o", tmp_path / "m.onnx", "--support", 1000)
+    assert high.returncode == 0, high.stderr
+    assert "--support 1000 is more than the 300 records trained on" in high.stderr
+    assert "--support 1000 is more than" in logscore("inspect", tmp_path / "m.onnx").stdout  # kept in the model
+    fitting = logscore("train", "-i", tmp_path / "a.log", "-o", tmp_path / "m.onnx", "--support", 300)
+    assert fitting.returncode == 0 and "--support" not in fitting.stderr, fitting.stderr

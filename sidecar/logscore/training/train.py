@@ -461,6 +461,11 @@ def train(records: Iterable[object], options: TrainOptions,
     options = replace(options, spec=spec)  # (the caller's options stay as given: a second log may differ)
     # Rare = seen in fewer records than a feature needs to count as normal (screening's grouping).
     support = options.support or default_support(len(sample))
+    if options.support and options.support > len(sample):
+        # NOTE: accepted without a word: no feature can be seen that often, so none counts as fully normal
+        keep_warning(f"--support {options.support:g} is more than the {len(sample):,} records trained on: no feature "
+                     "can be seen that often, so every one counts as rare; give fewer, or leave --support out for "
+                     f"the default ({default_support(len(sample)):g} here)")
     prior = InjectionPrior(options.injection_share) if options.set_aside and options.injection_share else None
     screening_on = options.set_aside and "rarity" in options.detectors
     alarms = (AlarmVocabulary() if screening_on and AlarmVocabulary.applies(Featurizer(options.spec).converters)
