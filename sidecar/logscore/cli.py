@@ -1333,7 +1333,8 @@ def run_series(args) -> int:
         path = Path(args.series).as_posix()
         matches = [name for name in windows if path.endswith(name)]
         if not matches:
-            raise InputError(f"--series-windows: no entry for {args.series} (names: {', '.join(sorted(windows))[:200]})")
+            names = ", ".join(sorted(windows))[:200]
+            raise InputError(f"--series-windows: no entry for {args.series} (names: {names})")
         labels = labels_from_windows(series, windows[matches[0]])
     progress = ProgressPrinter("evaluate")
     scores = score_series(series.times, series.values, lambda done, total: progress("scoring", done, total, "points"))
@@ -1614,8 +1615,9 @@ def describe_behaviour(meta: dict) -> list[str]:
     windows, clients = meta.get("windows"), meta.get("entities")
     if windows:
         learned = windows.get("training", {})
-        lines.append(f"windows: {windows['window_s']:g} s, {len(windows['keys'])} keys ({', '.join(windows['keys'][:4])}"
-                     f"{', ...' if len(windows['keys']) > 4 else ''}), shares {', '.join(windows['shares']) or 'none'}; "
+        keys = ", ".join(windows["keys"][:4]) + (", ..." if len(windows["keys"]) > 4 else "")
+        lines.append(f"windows: {windows['window_s']:g} s, {len(windows['keys'])} keys ({keys}), shares "
+                     f"{', '.join(windows['shares']) or 'none'}; "
                      f"learned from {learned.get('windows')} windows; threshold {windows['threshold']:.4f} "
                      f"(target FPR {windows['target_fpr']} of key-windows); {season_clock(windows)}"
                      f"{window_coverage(learned)}")
