@@ -696,14 +696,22 @@ def test_a_lone_surrogate_is_sent_as_u_fffd_and_the_batch_is_scored(tmp_path, sh
     lines = pb.FeedbackRequest()
     fill_records(lines, ["GET /\udcff HTTP/1.1", "kept"], as_fields=False)
     assert list(lines.lines.lines) == ["GET /\ufffd HTTP/1.1".encode(), b"kept"]
-    (tmp_path / "s.jsonl").write_text('{"message": "ok"}\n{"message": "bad \\ud800 x"}\n{"message": "ok2"}\n')
+    request = "GET /search?q=%27" + "\\ud800" * 3 + "x HTTP/1.1"  # (JSON escapes: three lone surrogates)
+    (tmp_path / "s.jsonl").write_text('{"message": "ok"}\n{"message": "bad \\ud800 x"}\n{"message": "ok2"}\n'
+                                      f'{{"remote_addr": "10.0.0.1", "request": "{request}", "status": "200"}}\n')
     sidecar = SidecarProcess(models_dir_with(tmp_path, shop_model_path, "shop"), tmp_path).start()
     try:
         scored = logscore("client", "--socket", sidecar.socket, "--json-records", tmp_path / "s.jsonl")
     finally:
         sidecar.stop()
     assert scored.returncode == 0 and "Traceback" not in scored.stderr, scored.stderr
-    assert [json.loads(line)["line"] for line in scored.stdout.splitlines()] == [1, 2, 3]
+    rows = [json.loads(line) for line in scored.stdout.splitlines()]
+    assert [row["line"] for row in rows] == [1, 2, 3, 4]
+    # one way for both: `logscore score` reads the lone surrogate as U+FFFD too, and scores the record alike
+    offline = logscore("score", "--model", shop_model_path, "--json-records", "--record", tmp_path / "s.jsonl")
+    alike = [json.loads(line) for line in offline.stdout.splitlines()]
+    assert alike[1]["record"]["message"] == "bad \ufffd x" and "\ufffd" * 3 in alike[3]["record"]["request"]
+    assert [row["score"] for row in alike] == [row["score"] for row in rows]
 
 
 def test_a_record_larger_than_the_sidecar_takes_is_printed_unscored_and_the_client_goes_on(tmp_path, shop_model_path):

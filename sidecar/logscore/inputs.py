@@ -114,6 +114,15 @@ def sendable(text: str) -> str:
     return text if text.isascii() else LONE_SURROGATE.sub("\ufffd", text)  # (isascii: most logs, 10 times quicker)
 
 
+def is_utf8_text(text: str) -> bool:
+    """Whether ``text`` holds no lone surrogate (encoding 500 characters: 0.8 µs, LONE_SURROGATE's search 3.2)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def warn(message: str) -> None:
     print(f"logscore: warning: {message}", file=sys.stderr, flush=True)
 
@@ -143,9 +152,16 @@ def numbered_records(paths: Iterable[str], as_json: bool) -> Iterator[NumberedRe
 
 
 def json_record(line: str) -> object:
-    """A line holding a JSON object, or a shipper's file line, as that field map; any other line as raw text."""
+    """A line holding a JSON object, or a shipper's file line, as that field map; any other line as raw text.
+    A lone surrogate in its names or text values (a JSON "\\ud800" without its low half) is read as U+FFFD
+    (sendable), as a request to the sidecar carries it: `logscore score` and `logscore client` score it alike."""
     parsed = shipper_line(line)
-    return parsed[1] if parsed is not None else line
+    if parsed is None:
+        return line
+    # (a lone surrogate comes of a \\ud800-\\udfff escape, or was in the line: most lines hold none, and pass as read)
+    if "\\ud" not in line and "\\uD" not in line and (line.isascii() or is_utf8_text(line)):
+        return parsed[1]
+    return {sendable(name): sendable(value) if isinstance(value, str) else value for name, value in parsed[1].items()}
 
 
 # Fluent Bit's file output: `tag: [seconds.nanoseconds, {json}]` (a forward-mode sidecar's next hop)
