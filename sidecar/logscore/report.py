@@ -499,7 +499,8 @@ def untimed_lines(totals: Totals) -> list[str]:
                              if f.end > f.first and placement.by_position[f.first]], FILES_NAMED)
         # (`logscore score` output was told to fix a Fluentd output it did not come from)
         fix = ("`logscore score` writes no record unless asked, `logscore client` none: score with "
-               "`logscore score --record`, and --explain 3 to group by the features named" if totals.bare >= positioned else
+               "`logscore score --record`, and --explain 3 to group by the features named"
+               if totals.bare >= positioned else
                "Fluentd's `<format> @type json` leaves the event time out: add `<inject> time_key time time_type "
                "string time_format %Y-%m-%dT%H:%M:%S%z </inject>` to the output, or keep out_file's default "
                "format; `logscore score` writes a line's time with --record only")
