@@ -714,6 +714,27 @@ def test_a_lone_surrogate_is_sent_as_u_fffd_and_the_batch_is_scored(tmp_path, sh
     assert [row["score"] for row in alike] == [row["score"] for row in rows]
 
 
+def test_a_record_of_more_values_than_the_sidecar_holds_at_once_is_printed_unscored_and_the_rest_scored(
+        tmp_path, shop_model_path):
+    """A record whose values alone take more than max_inflight_bytes once decoded is refused INVALID_ARGUMENT
+    (no wait lets it in): the client sends its call again in halves, as for a message too large."""
+    normal = [{"message": line} for line in shop_lines(8, seed=93)]
+    wide = {"message": "GET / HTTP/1.1", **{f"k{i}": "v" for i in range(30_000)}}  # 60,000 values: ~4.6 MiB
+    (tmp_path / "in.jsonl").write_text("\n".join(json.dumps(r) for r in normal[:4] + [wide] + normal[4:]) + "\n")
+    sidecar = SidecarProcess(models_dir_with(tmp_path, shop_model_path, "shop"), tmp_path,
+                             max_message_bytes=1_048_576, max_inflight_bytes=3_145_728).start()
+    try:
+        scored = logscore("client", "--socket", sidecar.socket, "--json-records", "--batch", 3, tmp_path / "in.jsonl")
+    finally:
+        sidecar.stop()
+    assert scored.returncode == 0, scored.stderr
+    rows = [json.loads(line) for line in scored.stdout.splitlines()]
+    assert [row["line"] for row in rows] == list(range(1, 10))
+    assert [row.get("unscored", False) for row in rows] == [False] * 4 + [True] + [False] * 4
+    assert "max_inflight_bytes" in rows[4]["notes"][0]
+    assert all(isinstance(row["score"], float) for row in rows[:4] + rows[5:])
+
+
 def test_a_record_larger_than_the_sidecar_takes_is_printed_unscored_and_the_client_goes_on(tmp_path, shop_model_path):
     """`client` stopped at the first record larger than the sidecar's max_message_bytes (RESOURCE_EXHAUSTED
     for its whole call) and lost it and every later record, with gRPC's words only (probe)."""

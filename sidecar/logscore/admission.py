@@ -20,6 +20,8 @@ from .errors import InvalidRequest, Overloaded
 
 WIRE_COPIES = 3
 VALUE_BYTES = 80
+# In the refusal of a request too large for max_inflight_bytes alone (`logscore client` sends it again in halves)
+ALONE_OVER_LIMIT = "even with nothing else in flight"
 
 
 class Admission:
@@ -52,8 +54,8 @@ class Ticket:
             self.release()
             if needed > admission.limit_bytes:  # never fits, however long the caller waits: retrying cannot help
                 raise InvalidRequest(f"this request needs about {needed} bytes once decoded, more than "
-                                     f"max_inflight_bytes ({admission.limit_bytes}) even with nothing else in "
-                                     "flight; send smaller batches, or raise max_inflight_bytes")
+                                     f"max_inflight_bytes ({admission.limit_bytes}) {ALONE_OVER_LIMIT}; send "
+                                     "smaller batches, or raise max_inflight_bytes")
             raise Overloaded(f"this request needs about {needed} bytes once decoded, other requests in flight "
                              f"hold {others}, and max_inflight_bytes is {admission.limit_bytes}; retry later, "
                              "send smaller batches, or raise max_inflight_bytes")

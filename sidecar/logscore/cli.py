@@ -221,8 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     client.add_argument("--explain", type=int, default=0, metavar="K")
     client.add_argument("--batch", type=int, default=1000, metavar="N",
                         help="records per call (fewer when they would pass 1 MiB: the sidecar takes 2 MiB; a call "
-                        "refused as larger than the sidecar's max_message_bytes is sent again in halves, and a record "
-                        "larger alone is printed unscored with a note)")
+                        "refused for its size (max_message_bytes, or max_inflight_bytes once decoded) is sent again "
+                        "in halves, and a record too large alone is printed unscored with a note)")
     client.add_argument("--max-record-bytes", type=int, default=DEFAULT_MAX_LINE_CHARS, metavar="N",
                         help="the sidecar's setting of the same name: longer lines are sent cut just past it "
                              "(the sidecar cuts and notes them; one it would keep whole, its own limit being "
@@ -522,6 +522,18 @@ def run_client(args) -> int:
 MESSAGE_TOO_LARGE = "larger than max"
 
 
+def too_large(error) -> bool:
+    """Whether the sidecar refused a call for its size: past max_message_bytes (gRPC's own refusal), or
+    alone over max_inflight_bytes once decoded (many values: its admission's)."""
+    import grpc
+
+    from .admission import ALONE_OVER_LIMIT
+
+    details = error.details() or ""
+    return ((error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and MESSAGE_TOO_LARGE in details)
+            or (error.code() == grpc.StatusCode.INVALID_ARGUMENT and ALONE_OVER_LIMIT in details))
+
+
 class ScoreCall:
     """`logscore client`'s Score calls. NOTE: one record larger than the sidecar's max_message_bytes
     failed its whole call with RESOURCE_EXHAUSTED, and the client stopped there: every record from
@@ -539,7 +551,7 @@ class ScoreCall:
             yield chunk, self.score(chunk)
             return
         except grpc.RpcError as error:
-            if error.code() != grpc.StatusCode.RESOURCE_EXHAUSTED or MESSAGE_TOO_LARGE not in (error.details() or ""):
+            if not too_large(error):
                 raise
         if len(chunk) == 1:
             yield chunk, None
@@ -582,9 +594,10 @@ def print_scored(chunk: list, response, several: bool, limit: int, tally: "Recor
 
 def too_large_note(record, limit: int) -> str:
     return (f"unscored: the record ({record_chars(record):,} characters as sent) is larger than the sidecar's "
-            "largest message (its max_message_bytes, 2 MiB by default), which refused it; give the client a "
-            f"--max-record-bytes below that (it sends lines cut just past it; now {limit:,}), or raise the "
-            "sidecar's max_message_bytes above the record")
+            "largest message (its max_message_bytes, 2 MiB by default), or holds more values than its "
+            "max_inflight_bytes takes once decoded, and it refused it; give the client a --max-record-bytes "
+            f"below that (it sends lines cut just past it; now {limit:,}), or raise the sidecar's "
+            "max_message_bytes (or max_inflight_bytes) above the record")
 
 
 def not_scored_from(numbered: NumberedRecord) -> str:
