@@ -806,6 +806,13 @@ def test_a_zstd_xz_or_bzip2_log_is_refused_with_how_to_decompress_it(tmp_path):
     piped = logscore("train", "-f", "plain", "-i", "-", "-o", tmp_path / "m.onnx",
                      stdin=lzma.decompress((tmp_path / "a.log.xz").read_bytes()).decode())
     assert piped.returncode == 0 and "records: 300 read" in piped.stdout, piped.stderr
+    # stdin is told apart alike (compressed text piped in was read as lines of binary): gzip read, xz refused
+    stdin_train = [sys.executable, "-m", "logscore", "train", "-f", "plain", "-i", "-", "-o", str(tmp_path / "s.onnx")]
+    piped_gzip = subprocess.run(stdin_train, cwd=ROOT, capture_output=True, input=gzip.compress(text.encode()))
+    assert piped_gzip.returncode == 0 and b"records: 300 read" in piped_gzip.stdout, piped_gzip.stderr
+    piped_xz = subprocess.run(stdin_train, cwd=ROOT, capture_output=True, input=(tmp_path / "a.log.xz").read_bytes())
+    assert piped_xz.returncode == 1 and b"Traceback" not in piped_xz.stderr
+    assert b"stdin: xz-compressed" in piped_xz.stderr and b"xz -dc FILE | logscore" in piped_xz.stderr
     (tmp_path / "text.log").write_text("BZh9 is how a line may start\n" + text)  # text is still read
     assert "records: 301 read" in logscore("train", "-f", "plain", "-i", tmp_path / "text.log", "-o",
                                            tmp_path / "m2.onnx").stdout

@@ -26,7 +26,7 @@ MAGIC_BYTES = 10  # the longest start COMPRESSED_MAGIC and GZIP_MAGIC look at
 
 
 def read_lines(paths: Iterable[str], blank_lines: bool = False) -> Iterator[str]:
-    """Lines of every file in order ('-' is stdin); gzip is recognised by its magic bytes.
+    """Lines of every file in order ('-' is stdin, read alike); gzip is recognised by its magic bytes.
 
     Invalid UTF-8 becomes U+FFFD; blank lines are skipped (given as '' with ``blank_lines``, for
     readers that name rows by their line number); a line longer than MAX_LINE_BYTES is
@@ -35,18 +35,11 @@ def read_lines(paths: Iterable[str], blank_lines: bool = False) -> Iterator[str]
     """
     for path in paths:
         try:
-            if path == "-":
-                yield from _lines(sys.stdin.buffer, "stdin", blank_lines)
+            if path == "-":  # as a file: stdin's compressed text was read as lines of binary
+                yield from _file_lines(sys.stdin.buffer, path, blank_lines)
                 continue
             with open(path, "rb") as raw:
-                start = raw.peek(MAGIC_BYTES)[:MAGIC_BYTES]
-                magic = start[:2]
-                if magic in UTF16_MARKS:
-                    raise InputError(f"{path}: UTF-16 text (it starts with a byte-order mark); convert it first: "
-                                     f"iconv -f UTF-16 -t UTF-8 {path}")
-                refuse_compressed(path, start)
-                stream = gzip.GzipFile(fileobj=raw) if magic == GZIP_MAGIC else raw
-                yield from _lines(stream, path, blank_lines)
+                yield from _file_lines(raw, path, blank_lines)
         except FileNotFoundError:
             raise InputError(f"{path}: no such file") from None
         except EOFError:
@@ -59,11 +52,28 @@ def read_lines(paths: Iterable[str], blank_lines: bool = False) -> Iterator[str]
             raise InputError(f"{path}: cannot read: {error}") from None
 
 
+def _file_lines(raw, path: str, blank_lines: bool) -> Iterator[str]:
+    """The lines of one open file (``path`` '-': stdin), told apart by its first bytes: gzip is read,
+    UTF-16 and other compressions are refused saying what to do."""
+    start = raw.peek(MAGIC_BYTES)[:MAGIC_BYTES]
+    magic = start[:2]
+    shown = "stdin" if path == "-" else path
+    if magic in UTF16_MARKS:
+        raise InputError(f"{shown}: UTF-16 text (it starts with a byte-order mark); convert it first: "
+                         f"iconv -f UTF-16 -t UTF-8 {'FILE' if path == '-' else path}")
+    refuse_compressed(path, start)
+    stream = gzip.GzipFile(fileobj=raw) if magic == GZIP_MAGIC else raw
+    yield from _lines(stream, shown, blank_lines)
+
+
 def refuse_compressed(path: str, start: bytes) -> None:
     """Refuse a file compressed otherwise than with gzip, saying how to read it ('-' is stdin for every
     command reading log files through read_lines)."""
     for name, magic, decompress in COMPRESSED_MAGIC:
         if magic.match(start):
+            if path == "-":
+                raise InputError(f"stdin: {name}-compressed, which is read only when decompressed (gzip is read as "
+                                 f"it is); decompress it in the pipe: {decompress} FILE | logscore ... -i -")
             raise InputError(f"{path}: {name}-compressed, which is read only when decompressed (gzip is read as it "
                              f"is); decompress it first: {decompress} {path} > FILE, or pipe it in as stdin ('-'): "
                              f"{decompress} {path} | logscore train -i - ...")
