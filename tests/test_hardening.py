@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import json
+import logging
 import os
 import shutil
 import signal
@@ -530,6 +532,51 @@ def test_malformed_framing_gets_one_clear_answer(sidecar, data, status, message)
     got, answer = raw_request(sidecar.http_port, data if isinstance(data, bytes) else data.encode("utf-8"))
     assert got == status and message in answer["error"], answer
     assert "Unhandled exception" not in sidecar.log() and "Traceback" not in sidecar.log()
+
+
+def test_a_content_length_of_thousands_of_digits_is_answered_400_and_leading_zeros_are_read_as_zeros(sidecar):
+    """int() of more than 4,300 digits raised ValueError: no answer, and asyncio logged a traceback
+    each time (leading zeros counted towards the limit)."""
+    refused_before = sidecar.metric('logscore_errors_total{kind="http_400",surface="http"}')
+    for length in ("9" * 4301, "1" * 19):
+        status, answer = raw_request(sidecar.http_port, f"{SCORE_HEAD}Content-Length: {length}\r\n\r\n".encode())
+        assert status == 400 and f"invalid Content-Length: {len(length):,} digits" in answer["error"], answer
+    body = b'{"message":"x"}'
+    status, answer = raw_request(sidecar.http_port, f"{SCORE_HEAD}Content-Length: {'0' * 4299}{len(body)}\r\n\r\n"
+                                 .encode() + body)
+    assert status == 200 and "anomaly_score" in answer, answer
+    assert sidecar.metric('logscore_errors_total{kind="http_400",surface="http"}') == refused_before + 2
+    assert "Unhandled exception" not in sidecar.log() and "Traceback" not in sidecar.log()
+
+
+def test_a_bug_met_on_a_connection_is_answered_500_and_logged_in_one_line(monkeypatch, caplog):
+    """An exception escaping the connection's handler was logged by asyncio ("Unhandled exception in
+    client_connected_cb", its traceback each time) and its client got no answer."""
+    from logscore.servers.http import HttpServer
+
+    async def broken(self, line, reader, writer):
+        raise RuntimeError("a bug in reading a request")
+    monkeypatch.setattr(HttpServer, "_read_request", broken)
+
+    async def three_requests() -> list[bytes]:
+        server = HttpServer({}, 1024)
+        await server.start("127.0.0.1", 0)
+        answers = []
+        for _ in range(3):
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            writer.write(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            answers.append(await asyncio.wait_for(reader.read(), 10))  # to the connection's end
+            writer.close()
+        await server.stop()
+        return answers
+    with caplog.at_level(logging.INFO):
+        answers = asyncio.run(three_requests())
+    told = b"internal error in the sidecar (logged)"
+    assert all(a.startswith(b"HTTP/1.1 500 ") and told in a for a in answers), answers
+    said = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert [(r.name, r.getMessage()) for r in said] == [("logscore.http", "internal error on an HTTP connection")]
+    assert said[0].error == "RuntimeError: a bug in reading a request" and "in broken" in said[0].at
+    assert not any(r.exc_info for r in caplog.records)
 
 
 def chunked(body: bytes, size: int) -> bytes:

@@ -28,6 +28,7 @@ import os
 import re
 import sys
 import time
+import traceback
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Awaitable, Callable, Optional, Union
 from urllib.parse import parse_qs, urlsplit
@@ -69,6 +70,7 @@ REQUEST_TIMEOUT_S = 30.0  # from a request line to the last byte of its body, an
 BODY_PIECE = 64 * 1024  # a body is charged to the in-flight budget as it arrives, a piece at a time
 YIELD_EVERY_CHUNKS = 512  # a chunked body gives other connections a turn this often (small chunks only)
 LINGER_S, LINGER_BYTES = 2.0, 16 * 2**20  # what is read and dropped, after an error, before closing
+MAX_LENGTH_DIGITS = 18  # a Content-Length's digits, leading zeros aside: more is no body this server reads
 CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,8}(;[^\r\n]*)?\r?\n")
 SINGLE_HEADERS = ("content-length", "transfer-encoding", "authorization", "host")
 # A header's name (and a method): RFC 9110's token, nothing around it (no space before the colon, no folded line)
@@ -147,6 +149,7 @@ class HttpServer(StreamServer):
         self.max_body_bytes = max_body_bytes
         self.admission = admission
         self.gate = gate  # checked on a request carrying a body, before any of it is read
+        self._internal_said = OncePerInterval()
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
@@ -154,8 +157,27 @@ class HttpServer(StreamServer):
             while not self.draining:
                 if not await self._answer_one(reader, writer, task):
                     return
+        except Exception as error:
+            # NOTE: escaping, it was asyncio's "Unhandled exception in client_connected_cb" with its
+            # traceback, for every such request, and its client got no answer
+            self.internal_error(error)
+            if not writer.is_closing():
+                await self._write(writer, Response.error(500, "internal error in the sidecar (logged)"), False)
         finally:
             self.busy.discard(task)
+
+    def internal_error(self, error: Exception, path: str = "") -> None:
+        """A bug met while answering: counted (kind internal), logged in one line once an interval
+        per error and place (a client repeating what caused it writes no flood of tracebacks)."""
+        if self.metrics is not None:
+            self.metrics.child(self.metrics.errors, "internal", "http").inc()
+        frames = traceback.extract_tb(error.__traceback__)
+        where = f"{os.path.basename(frames[-1].filename)}:{frames[-1].lineno} in {frames[-1].name}" if frames else "?"
+        unsaid = self._internal_said.due((type(error), where), 1)
+        if unsaid is not None:
+            log.error("internal error on an HTTP connection", extra={
+                "error": f"{type(error).__name__}: {error}"[:500], "at": where, "path": path,
+                "unlogged_since_last_logged": unsaid[0]})
 
     async def _answer_one(self, reader, writer, task) -> bool:
         """Read one request and answer it; False when the connection is to close."""
@@ -359,7 +381,13 @@ class HttpServer(StreamServer):
         length_text = headers.get("content-length", "0")
         if not digits(length_text):
             raise HttpError(400, "invalid Content-Length", close=True)
-        length = int(length_text)
+        significant = length_text.lstrip("0") or "0"
+        if len(significant) > MAX_LENGTH_DIGITS:
+            # NOTE: int() of more than 4,300 digits raises ValueError: the request went unanswered, and
+            # asyncio logged its traceback each time ('000…015' too: leading zeros count there)
+            raise HttpError(400, f"invalid Content-Length: {len(significant):,} digits; give the body's size in "
+                            f"bytes (at most {self.max_body_bytes})", close=True)
+        length = int(significant)
         if length > self.max_body_bytes:
             raise HttpError(413, f"body of {length} bytes exceeds {self.max_body_bytes}; send smaller batches",
                             close=True)
@@ -386,8 +414,8 @@ class HttpServer(StreamServer):
             return Response.error(404, f"no such path {request.path}; known: {known}")
         try:
             return await handler(request)
-        except Exception:
-            log.exception("internal error in HTTP handler", extra={"path": request.path})
+        except Exception as error:
+            self.internal_error(error, request.path)
             return Response.error(500, "internal error in the sidecar (logged)")
 
     def _refusal(self, status: int, message: str) -> Response:
