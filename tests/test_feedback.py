@@ -186,13 +186,22 @@ def test_bad_feedback_gets_a_clear_error_and_stores_nothing(sidecar, shop_model_
     assert got == 400 and "hold no unusual feature" in answer["error"]
     got, answer = feedback(sidecar, "POST", {"verdict": "normal", "author": "a", "records": [ordinary]})
     assert got == 400 and "is not flagged by model 'shop' (score 0.0000" in answer["error"]
-    for query, status, message in (("?id=abc", 400, "give the number of a feedback entry"),
+    out_of_range = "is no feedback entry number: give a whole number from 1 to 9223372036854775807 (list them with GET"
+    for query, status, message in (("?id=abc", 400, f"id='abc' {out_of_range}"),
                                    ("?id=42", 404, "no feedback entry #42; list them with GET /v1/feedback"),
-                                   ("?id=99999999999999999999999", 404, "no feedback entry #99999999999999999999999"),
+                                   ("?id=99999999999999999999999", 400, out_of_range),
+                                   # int() of more than 4,300 digits raised: 500 and a traceback each time
+                                   ("?id=" + "9" * 4301, 400, "(4,301 characters)' " + out_of_range),
+                                   ("?id=0", 400, out_of_range),
                                    # who undid it is kept with the entry, as who gave it
                                    ("?id=1&author=" + "a" * 201, 400, "author holds 201 characters; at most 200")):
         got, answer = feedback(sidecar, "DELETE", query=query)
-        assert got == status and message in answer["error"]
+        assert got == status and message in answer["error"], answer
+    form = b"id=" + b"9" * 4301  # the page's undo button, its id changed
+    got, page = http_request(sidecar.http_port, "POST", "/ui/feedback/remove", form,
+                             {"Content-Type": "application/x-www-form-urlencoded"})
+    assert got == 200 and "Not done: id=" in page.decode() and "whole number from 1 to" in page.decode()
+    assert "Traceback" not in sidecar.log() and '"level": "error"' not in sidecar.log()
     # What another web page can send without asking (no token is the default): refused.
     valid = {"verdict": "normal", "author": "a", "field": "user_agent", "value": "sqlmap/1.7"}
     got, answer = feedback(sidecar, "POST", valid, headers={"Content-Type": "text/plain"})

@@ -519,7 +519,7 @@ SCORE_HEAD = "POST /v1/score HTTP/1.1\r\nHost: localhost\r\nContent-Type: applic
     ("POST /v1/score?explain=%C2%B2 HTTP/1.1\r\nHost: localhost\r\nContent-Length: 2\r\n\r\n{}", 400,
      "give a whole number of features"),
     ("GET /v1/anomalies?since=%C2%B2 HTTP/1.1\r\nHost: localhost\r\n\r\n", 400, "since='\u00b2': give a whole number"),
-    ("DELETE /v1/feedback?id=%C2%B2 HTTP/1.1\r\nHost: localhost\r\n\r\n", 400, "give the number of a feedback entry"),
+    ("DELETE /v1/feedback?id=%C2%B2 HTTP/1.1\r\nHost: localhost\r\n\r\n", 400, "is no feedback entry number"),
     # these three were all answered 431 "request line too long", whatever was wrong
     ("GET /" + "a" * 40_000 + " HTTP/1.1\r\n\r\n", 431, "request line longer than 32768 bytes"),
     ("GET http://[::1/healthz HTTP/1.1\r\nHost: localhost\r\n\r\n", 400, "malformed request target"),

@@ -10,7 +10,7 @@ import re
 import sys
 import time
 
-from .errors import ConfigError
+from .errors import ConfigError, InvalidRequest
 
 DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhdw])$")
 UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -60,12 +60,12 @@ def add_feedback_command(commands) -> None:
 
 def entry_id(text: str) -> int:
     """An entry's number as argparse takes it (a clear error, not a traceback, for what is none)."""
-    from .feedback_store import INT64_LIMIT
+    from .feedback_store import LIST_FEEDBACK, entry_number
 
-    number = text.strip().lstrip("#")
-    if not number.isdigit() or not 0 < int(number) < INT64_LIMIT:
-        raise argparse.ArgumentTypeError(f"{text!r} is no feedback entry number (feedback list shows them)")
-    return int(number)
+    try:
+        return entry_number(text)
+    except InvalidRequest as error:
+        raise argparse.ArgumentTypeError(str(error).replace(LIST_FEEDBACK, "feedback list shows them")) from None
 
 
 def expiry(text: str, now: float) -> float:

@@ -24,10 +24,10 @@ from typing import Optional
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 from ..errors import GroupOutOfDate, InvalidRequest, LogscoreError, Unauthenticated
-from ..feedback_store import LIST_FEEDBACK, Mark
+from ..feedback_store import LIST_FEEDBACK, Mark, entry_number
 from ..shown import html_text
 from .feedback_grpc import count_mark, off_loop
-from .http import STATUS_CODES, HttpError, Request, Response, check_utf8, digits, json_error, query_count
+from .http import STATUS_CODES, HttpError, Request, Response, check_utf8, json_error, query_count
 
 COOKIE = "logscore_token"
 PAGE_AUTHOR = "review page"
@@ -74,7 +74,7 @@ class FeedbackHttp:
         async def work():
             self.http._authorize(request)
             check_same_origin(request)
-            entry_id = parse_id(request.query.get("id", ""))
+            entry_id = entry_number(request.query.get("id", ""))
             entry = await off_loop(self._feedback().remove, entry_id, request.query.get("author", "") or "http")
             self.service.metrics.feedback_writes.labels("removed", entry.verdict).inc()
             return Response.json({"feedback": entry.as_json()})
@@ -132,7 +132,7 @@ class FeedbackHttp:
     async def page_remove(self, request: Request) -> Response:
         async def work():
             form = self._page_form(request)
-            entry = await off_loop(self._feedback().remove, parse_id(form.get("id", "")), PAGE_AUTHOR)
+            entry = await off_loop(self._feedback().remove, entry_number(form.get("id", "")), PAGE_AUTHOR)
             self.service.metrics.feedback_writes.labels("removed", entry.verdict).inc()
             return self._back(f"Feedback #{entry.id} undone")
         return await self._answer(work, page=True)
@@ -256,12 +256,6 @@ def cookies(request: Request) -> dict[str, str]:
 # A page's ``after`` (an entry's id) or ``limit`` (0 or none: all)
 PAGE_HINT = (" (after: the id the last page ended with, its next_after; limit: how many entries a page holds, "
              "0 for all)")
-
-
-def parse_id(text: str) -> int:
-    if not digits(text.strip().lstrip("#")):
-        raise InvalidRequest(f"id={text!r}: give the number of a feedback entry (GET /v1/feedback lists them)")
-    return int(text.strip().lstrip("#"))
 
 
 def parse_expiry(value) -> Optional[float]:
