@@ -634,6 +634,18 @@ def test_a_tls_client_on_the_plain_port_is_refused_at_once_and_told_in_the_log(s
     assert sidecar.metric('logscore_errors_total{kind="tls_on_plain_http"') >= 1
 
 
+def test_an_http2_client_on_the_http_port_is_told_to_use_the_grpc_address_and_logged_under_its_own_kind(sidecar):
+    """`logscore client --tcp <the HTTP port>` or curl --http2-prior-knowledge got the generic
+    "malformed request line", logged (throttled) with every other 400 as http_400."""
+    preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"  # + empty SETTINGS
+    told = "this port speaks HTTP/1.1 JSON; point gRPC clients at the sidecar's --socket or --tcp address"
+    status, answer = raw_request(sidecar.http_port, preface)
+    assert status == 400 and told in answer["error"], answer
+    refusals = [json.loads(line) for line in sidecar.log().splitlines() if '"request refused"' in line]
+    assert any(r["kind"] == "http2_on_http" and told in r["reason"] for r in refusals), refusals
+    assert sidecar.metric('logscore_errors_total{kind="http2_on_http"') >= 1
+
+
 def test_a_plain_http_client_on_the_tls_port_is_answered_and_told_in_the_log(tmp_path, shop_models, certificates):
     """The reverse case: asyncio's TLS closed a plain-HTTP client at its first bytes, without an
     answer, a log line or a count (an http:// Logstash pipeline pointed at a --tls-cert sidecar)."""

@@ -70,6 +70,7 @@ REQUEST_TIMEOUT_S = 30.0  # from a request line to the last byte of its body, an
 BODY_PIECE = 64 * 1024  # a body is charged to the in-flight budget as it arrives, a piece at a time
 YIELD_EVERY_CHUNKS = 512  # a chunked body gives other connections a turn this often (small chunks only)
 LINGER_S, LINGER_BYTES = 2.0, 16 * 2**20  # what is read and dropped, after an error, before closing
+HTTP2_PREFACE_LINE = ["PRI", "*", "HTTP/2.0"]  # the first line of RFC 9113's connection preface (gRPC's)
 MAX_LENGTH_DIGITS = 18  # a Content-Length's digits, leading zeros aside: more is no body this server reads
 CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,8}(;[^\r\n]*)?\r?\n")
 SINGLE_HEADERS = ("content-length", "transfer-encoding", "authorization", "host")
@@ -245,6 +246,12 @@ class HttpServer(StreamServer):
                             writer: asyncio.StreamWriter) -> Request:
         # (only the line's end goes: " POST ..." or "\x1cPOST ..." was served, yet not counted in flight)
         parts = line.decode("latin-1").removesuffix("\n").removesuffix("\r").split(" ")
+        if parts == HTTP2_PREFACE_LINE:
+            # (a kind of its own: logged even when other 400s were, a moment before; it was
+            # "malformed request line", and a gRPC client read "Failed parsing HTTP/2")
+            raise HttpError(400, "an HTTP/2 connection preface on the HTTP port: this port speaks HTTP/1.1 JSON; "
+                            "point gRPC clients at the sidecar's --socket or --tcp address, and HTTP clients "
+                            "here without HTTP/2 prior knowledge", close=True, kind="http2_on_http")
         if len(parts) != 3 or parts[2] not in ("HTTP/1.0", "HTTP/1.1") or not HEADER_NAME.fullmatch(parts[0]):
             raise HttpError(400, "malformed request line; expected 'METHOD /path HTTP/1.1'", close=True)
         method, target, version = parts
