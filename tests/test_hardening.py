@@ -274,6 +274,15 @@ def post(sidecar, body: bytes, path: str = "/v1/score", headers: str = "") -> tu
      "as a string"),
     ("/v1/feedback", b'{"verdict": "normal", "expires_at": ' + b"9" * 5000 + b"}", 400, "more than 4,300 digits"),
     ("/v1/score", b'{"records": "x"}', 400, '"records" must be an array of events, not a string'),
+    # Python's words: 'Extra data: line 2 column 1', 'Expecting value: line 1 column 1'
+    ("/v1/score", b'{"message": "a"}\n{"message": "b"}\n', 400, "more than one JSON document (Extra data: line 2 "
+     'column 1 (char 17)); send one: an array of events [{...}, {...}] or of raw lines ["...", "..."], not a '
+     "document a line (NDJSON)"),
+    ("/v1/feedback", b'{"verdict": "normal"}\n{"verdict": "keep"}', 400, "not a document a line (NDJSON)"),
+    ("/v1/score", '{"message": "x"}'.encode("utf-16"), 415, "body is in UTF-16 or UTF-32 (a byte order mark, or NUL "
+     "bytes among its first characters); send it in UTF-8"),
+    ("/v1/score", '{"message": "x"}'.encode("utf-16-be"), 415, "body is in UTF-16 or UTF-32"),
+    ("/v1/feedback", '{"verdict": "normal"}'.encode("utf-16-le"), 415, "body is in UTF-16 or UTF-32"),
     ("/v1/score", b'{"records": {"url": "/"}}', 400, "not an object"),
     # Python's type names: "not NoneType"
     ("/v1/score", b'[{"message": "x"}, null]', 400, "records[1] must be an object (an event) or a string (a raw "
@@ -287,6 +296,15 @@ def post(sidecar, body: bytes, path: str = "/v1/score", headers: str = "") -> tu
 def test_http_edge_cases_get_a_clear_4xx(sidecar, path, body, status, message):
     answer = post(sidecar, body, path)
     assert answer[0] == status and message in answer[1]["error"], answer
+
+
+def test_a_body_starting_with_a_utf8_byte_order_mark_is_read_as_without_it(sidecar):
+    """RFC 8259 lets a parser ignore it; Python said 'Unexpected UTF-8 BOM (decode using utf-8-sig)'."""
+    marked = post(sidecar, b"\xef\xbb\xbf" + json.dumps(shop_lines(3, seed=93)).encode())
+    unmarked = post(sidecar, json.dumps(shop_lines(3, seed=93)).encode())
+    assert marked[0] == 200 and marked == unmarked, marked
+    status, answer = post(sidecar, b"\xef\xbb\xbf" + b'{"verdict": "sure"}', "/v1/feedback")
+    assert status == 400 and "BOM" not in answer["error"] and "JSON" not in answer["error"], answer  # read, then judged
 
 
 def test_a_compressed_body_is_refused_by_name_and_the_connection_goes_on(sidecar):

@@ -27,7 +27,7 @@ from ..errors import GroupOutOfDate, InvalidRequest, LogscoreError, Unauthentica
 from ..feedback_store import LIST_FEEDBACK, Mark, entry_number
 from ..shown import html_text
 from .feedback_grpc import count_mark, off_loop
-from .http import STATUS_CODES, HttpError, Request, Response, check_utf8, json_error, query_count
+from .http import STATUS_CODES, HttpError, Request, Response, check_utf8, json_error, json_text, query_count
 
 COOKIE = "logscore_token"
 PAGE_AUTHOR = "review page"
@@ -277,7 +277,7 @@ def parse_expiry(value) -> Optional[float]:
 def decode_mark(body: bytes) -> Mark:
     """A Mark from POST /v1/feedback's JSON body (see docs/openapi.json)."""
     try:
-        data = json.loads(body.decode("utf-8", "replace") or "null")
+        data = json.loads(json_text(body) or "null")
     except ValueError as error:
         raise InvalidRequest(f"body is not valid JSON: {json_error(error)}") from None
     except RecursionError:  # a hostile body of a hundred thousand '[': a 400, not an internal error

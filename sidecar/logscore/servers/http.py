@@ -544,7 +544,20 @@ def json_error(error: ValueError) -> str:
     its digit limit tell the caller to call sys.set_int_max_str_digits()."""
     if "integer string conversion" in str(error):
         return (f"a number has more than {sys.get_int_max_str_digits():,} digits; send such a value as a string")
+    if str(error).startswith("Extra data"):  # NDJSON: Python said only 'Extra data: line 2 column 1'
+        return (f"more than one JSON document ({error}); send one: an array of events [{{...}}, {{...}}] or of "
+                'raw lines ["...", "..."], not a document a line (NDJSON)')
     return str(error)
+
+
+def json_text(body: bytes) -> str:
+    """A JSON body's text. A UTF-8 byte order mark is ignored, as RFC 8259 lets a parser do (Python
+    said "decode using utf-8-sig", words for the server); UTF-16 or UTF-32 sent without a charset is
+    named as such (it was "Expecting value: line 1 column 1")."""
+    if body[:2] in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE) or b"\x00" in body[:4]:
+        raise HttpError(415, "body is in UTF-16 or UTF-32 (a byte order mark, or NUL bytes among its first "
+                        "characters); send it in UTF-8, JSON's encoding")
+    return body.removeprefix(codecs.BOM_UTF8).decode("utf-8", "replace")
 
 
 def declared_charset(content_type: str) -> Optional[str]:
@@ -582,7 +595,7 @@ def decode_events(body: bytes, content_type: str, ticket: Ticket = UNLIMITED) ->
     # At most one value per comma, bracket and brace: charged before json.loads builds them.
     ticket.charge_values(body.count(b",") + body.count(b"[") + body.count(b"{"))
     try:
-        value = json.loads(body.decode("utf-8", "replace")) if body else None
+        value = json.loads(json_text(body)) if body else None
     except ValueError as error:
         raise HttpError(400, f"body is not valid JSON: {json_error(error)}") from None
     except RecursionError:
