@@ -307,6 +307,24 @@ def test_a_body_starting_with_a_utf8_byte_order_mark_is_read_as_without_it(sidec
     assert status == 400 and "BOM" not in answer["error"] and "JSON" not in answer["error"], answer  # read, then judged
 
 
+def test_invalid_utf8_in_a_json_body_is_scored_with_a_note_on_each_record_holding_it(sidecar):
+    """Scored as U+FFFD without a word: 'caf\\xe9' sent as latin-1 without a charset was 200 and
+    silent, while the same body declaring charset=latin-1 got 415."""
+    clean = json.dumps({"message": "GET /cafe.gif"}).encode()
+    broken = b'{"message": "GET /caf\xe9\xff.gif"}'
+    told = "invalid UTF-8 in the body (first at byte {}) read as U+FFFD, this record holding it: send UTF-8"
+    status, answer = post(sidecar, broken)
+    assert status == 200 and told.format(broken.index(b"\xe9")) in " ".join(answer.get("notes", [])), answer
+    body = b"[" + clean + b", " + broken + b"]"
+    status, answer = post(sidecar, body)
+    assert status == 200 and "invalid UTF-8" not in " ".join(answer["results"][0].get("notes", [])), answer
+    assert any(told.format(body.index(b"\xe9")) in note for note in answer["results"][1]["notes"]), answer
+    assert [(n["index"], n["field"]) for n in answer["notes"] if n["field"] == "utf8"] == [(1, "utf8")], answer
+    status, answer = post(sidecar, b"\xef\xbb\xbf" + broken)  # the byte order mark counts in the offset
+    assert status == 200 and told.format(3 + broken.index(b"\xe9")) in " ".join(answer["notes"]), answer
+    assert "invalid UTF-8" not in " ".join(post(sidecar, clean)[1].get("notes", []))
+
+
 def test_a_compressed_body_is_refused_by_name_and_the_connection_goes_on(sidecar):
     """The body read whole, the connection survives the 415 (the module's promise): it closed, and a
     request pipelined after it was never answered."""

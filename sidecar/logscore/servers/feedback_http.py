@@ -277,7 +277,7 @@ def parse_expiry(value) -> Optional[float]:
 def decode_mark(body: bytes) -> Mark:
     """A Mark from POST /v1/feedback's JSON body (see docs/openapi.json)."""
     try:
-        data = json.loads(json_text(body) or "null")
+        data = json.loads(json_text(body)[0] or "null")  # (invalid UTF-8 as U+FFFD: as the records were scored)
     except ValueError as error:
         raise InvalidRequest(f"body is not valid JSON: {json_error(error)}") from None
     except RecursionError:  # a hostile body of a hundred thousand '[': a 400, not an internal error

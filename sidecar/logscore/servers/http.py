@@ -550,14 +550,29 @@ def json_error(error: ValueError) -> str:
     return str(error)
 
 
-def json_text(body: bytes) -> str:
-    """A JSON body's text. A UTF-8 byte order mark is ignored, as RFC 8259 lets a parser do (Python
-    said "decode using utf-8-sig", words for the server); UTF-16 or UTF-32 sent without a charset is
-    named as such (it was "Expecting value: line 1 column 1")."""
+def json_text(body: bytes) -> tuple[str, Optional[int]]:
+    """A JSON body's text, and where its first invalid UTF-8 lies (a byte offset; None: valid), read
+    as U+FFFD. A UTF-8 byte order mark is ignored, as RFC 8259 lets a parser do (Python said "decode
+    using utf-8-sig", words for the server); UTF-16 or UTF-32 sent without a charset is named as such
+    (it was "Expecting value: line 1 column 1")."""
     if body[:2] in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE) or b"\x00" in body[:4]:
         raise HttpError(415, "body is in UTF-16 or UTF-32 (a byte order mark, or NUL bytes among its first "
                         "characters); send it in UTF-8, JSON's encoding")
-    return body.removeprefix(codecs.BOM_UTF8).decode("utf-8", "replace")
+    try:
+        return body.decode("utf-8-sig"), None
+    except UnicodeDecodeError as error:
+        skipped = len(codecs.BOM_UTF8) if body.startswith(codecs.BOM_UTF8) else 0
+        return body.decode("utf-8-sig", "replace"), error.start + skipped
+
+
+def invalid_utf8_notes(records: list, invalid_at: int) -> list[tuple[int, str, str]]:
+    """Notes for the records of a body holding invalid UTF-8: those holding U+FFFD, where it was read.
+    NOTE: scored, as raw lines with invalid UTF-8 are on every surface, but no longer unsaid (latin-1
+    'caf\\xe9' scored as 'caf\\ufffd' without a word, while the same body declared latin-1 got 415)."""
+    note = (f"invalid UTF-8 in the body (first at byte {invalid_at}) read as U+FFFD, this record holding it: "
+            "send UTF-8, JSON's encoding (convert text in other charsets before sending)")
+    return [(i, "utf8", note) for i, record in enumerate(records)
+            if "\ufffd" in (record if isinstance(record, str) else json.dumps(record, ensure_ascii=False))]
 
 
 def declared_charset(content_type: str) -> Optional[str]:
@@ -587,15 +602,17 @@ def check_utf8(content_type: str) -> None:
                         "UTF-8 (charset=utf-8, or no charset: JSON is UTF-8)")
 
 
-def decode_events(body: bytes, content_type: str, ticket: Ticket = UNLIMITED) -> tuple[list, bool]:
-    """(records, single): one JSON object, an array of them, or {"records": [...]}."""
+def decode_events(body: bytes, content_type: str, ticket: Ticket = UNLIMITED) -> tuple[list, bool, Optional[int]]:
+    """(records, single, where the body's first invalid UTF-8 lies or None): one JSON object, an array
+    of them, or {"records": [...]}."""
     if content_type and "json" not in content_type.split(";")[0]:
         raise HttpError(415, f"Content-Type {content_type!r} is not JSON; send application/json")
     check_utf8(content_type)
     # At most one value per comma, bracket and brace: charged before json.loads builds them.
     ticket.charge_values(body.count(b",") + body.count(b"[") + body.count(b"{"))
     try:
-        value = json.loads(json_text(body)) if body else None
+        text, invalid_at = json_text(body) if body else ("", None)
+        value = json.loads(text) if body else None
     except ValueError as error:
         raise HttpError(400, f"body is not valid JSON: {json_error(error)}") from None
     except RecursionError:
@@ -612,11 +629,11 @@ def decode_events(body: bytes, content_type: str, ticket: Ticket = UNLIMITED) ->
             raise HttpError(400, f"{{\"records\": [...]}} holds nothing else; {', '.join(others)[:200]} is not read "
                             "there (model, tag, explain and timeout_ms go in the query: /v1/score?model=NAME; "
                             "to send one event that has a field named records, wrap it in an array)")
-        return _check_events(value["records"]), False
+        return _check_events(value["records"]), False, invalid_at
     if isinstance(value, dict):
-        return _check_events([value]), True
+        return _check_events([value]), True, invalid_at
     if isinstance(value, list):
-        return _check_events(value), False
+        return _check_events(value), False, invalid_at
     raise HttpError(400, "body must be a JSON object (one event), an array of events, or {\"records\": [...]}")
 
 
@@ -861,7 +878,8 @@ class SidecarHttp:
         metrics = self.service.metrics
         try:
             self._authorize(request)
-            records, single = decode_events(request.body, request.headers.get("content-type", ""), request.ticket)
+            records, single, invalid_at = decode_events(request.body, request.headers.get("content-type", ""),
+                                                        request.ticket)
             explain = request.query.get("explain", "0")
             if not (digits(explain) and len(explain) < 6):
                 raise InvalidRequest(f"explain={explain!r}: give a whole number of features")
@@ -869,6 +887,8 @@ class SidecarHttp:
             call = ScoreCall(records, request.query.get("model", ""), request.query.get("tag", ""),
                              int(explain), deadline, "http")
             outcome = await self.service.score(call)
+            if invalid_at is not None:
+                outcome.notes = sorted(outcome.notes + invalid_utf8_notes(records, invalid_at), key=lambda n: n[0])
             max_bytes = self.service.settings.max_message_bytes
             body, left_out = answer_json(outcome, len(records), single, max_bytes)
             if left_out:
