@@ -429,6 +429,35 @@ def test_bad_requests_get_a_json_error_and_the_server_keeps_serving(sidecar, req
     assert again.getresponse().status == 200
 
 
+def test_openapi_lists_every_route_and_the_refusals_the_code_gives_each():
+    """The document is checked against the routes the code serves: it lacked 401 on /v1/models (with
+    a token), 403 on every path but the public ones (a loopback sidecar without a token, asked by a
+    name that is not loopback: DNS rebinding) and 404 on /v1/anomalies (a stream, no behaviour)."""
+    from types import SimpleNamespace
+
+    from logscore.servers.http import PUBLIC_PATHS, SidecarHttp
+
+    paths = json.loads((ROOT / "docs" / "openapi.json").read_text())["paths"]
+    served = SidecarHttp(SimpleNamespace(), token=None).routes()
+    page_forms = {"/ui", "/ui/feedback", "/ui/feedback/remove"}  # the page's own redirect and buttons
+    missing = [(method, path) for method, path in served
+               if path not in page_forms and method.lower() not in paths.get(path, {})]
+    assert not missing, missing
+    wanted = {}
+    for method, path in served:
+        if path in page_forms:
+            continue
+        statuses = wanted.setdefault((method, path), set())
+        if path not in PUBLIC_PATHS:
+            statuses |= {"403"}  # SidecarHttp.rebinding_refusal
+        if path.startswith("/v1/"):
+            statuses |= {"401"}  # SidecarHttp._authorize: every /v1 call with --token-file
+    wanted[("GET", "/v1/anomalies")] |= {"404"}
+    lacking = {f"{method} {path}": sorted(statuses - set(paths[path][method.lower()]["responses"]))
+               for (method, path), statuses in wanted.items()}
+    assert not {k: v for k, v in lacking.items() if v}, lacking
+
+
 def test_openapi_document_is_served_and_describes_the_routes(sidecar):
     status, body = sidecar.http_get("/openapi.json")
     document = json.loads(body)
