@@ -255,3 +255,14 @@ def test_a_session_key_no_record_holds_is_refused_and_one_few_hold_is_warned_of(
     assert f"({few / len(lines):.1%}) hold it" in warned.stderr
     whole = train(r"xfer-\d+-\d+", "whole.onnx")
     assert whole.returncode == 0 and keyed == len(lines) and "session key" not in whole.stderr, whole.stderr
+
+
+def test_an_empty_match_of_the_key_is_no_session_id():
+    """`(?<=req=)\\w*` passes the empty-text check, yet matches '' in "req= ": those records were one growing
+    session keyed '' while counted unkeyed (review, session 27); each is now a session of its own."""
+    tracker = SessionTracker(SessionSpec(key=r"(?<=req=)\w*"))
+    empty_keyed = [f"GET /{page} req= user 1" for page in "abc"]
+    tracked = tracker.track(empty_keyed + ["GET /d req=r7 user 1", "GET /e req=r7 user 2"])
+    events = [fields["events"] for fields in tracked]
+    assert [event.count("\n") for event in events] == [0, 0, 0, 0, 1], events
+    assert (tracker.counts.keyed, tracker.counts.unkeyed, len(tracker)) == (2, 3, 1)

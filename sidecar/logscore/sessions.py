@@ -82,6 +82,15 @@ class SessionSpec:
                 "max_events": self.max_events}
 
 
+def session_id(key: re.Pattern, text: str) -> Optional[str]:
+    """The session id in ``text``: the key's first match, whole (capture groups do not narrow it), or
+    None when there is none or it is empty. Training, the sidecar and evaluate all take it from here
+    (an empty match used as an id made one session of every record lacking the key, and evaluate's
+    findall grouped by the capture groups, so its ids never met the tracker's: review, session 27)."""
+    match = key.search(text)
+    return (match.group(0) or None) if match else None
+
+
 class SessionKeys:
     """The session id and event of a record, the same in training and serving."""
 
@@ -104,8 +113,7 @@ class SessionKeys:
         return NO_TEXT_NOTE.format(fields=" / ".join(dict.fromkeys((self.spec.field, *RAW_LINE_KEYS))))
 
     def key_and_event(self, text: str) -> tuple[Optional[str], str]:
-        match = self._key.search(text)
-        key = match.group(0) if match else None
+        key = session_id(self._key, text)
         event = mask_variables(self._key.sub("<session>", text)) if key else mask_variables(text)
         return key, " ".join(event.split())
 
