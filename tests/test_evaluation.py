@@ -9,6 +9,7 @@ import pytest
 
 from logscore.evaluation import (Evaluation, average_precision, best_f1, confusion, group_sessions, roc_auc,
                                 sequence_ceiling, tpr_at_fpr)
+from logscore.sessions import SessionSpec, SessionTracker
 
 from .generate import ATTACKS, attack_lines, shop_lines
 from .sidecar_process import ROOT
@@ -64,6 +65,18 @@ def test_sessions_take_their_most_anomalous_record():
     assert scores.tolist() == [0.9, 0.1, 0.3] and labels.tolist() == [1, 0, 0]
     _, _, overridden = group_sessions(texts, np.zeros(5), np.zeros(5), r"blk_\d+", {"blk_2": 1})
     assert overridden.tolist() == [0, 1, 0]
+
+
+def test_sessions_are_keyed_as_the_tracker_keys_them():
+    """evaluate grouped by findall: `blk_(\d+)` gave ids '1' and '2', so --session-labels' blk_1 met no
+    session; and an empty match was an id (review, session 27)."""
+    texts = ["a blk_1 x", "b blk_2", "c blk_1 req=", "d req=r9"]
+    tracker = SessionTracker(SessionSpec(key=r"blk_(\d+)"))
+    tracked_ids = {tracker.keys.key_and_event(text)[0] for text in texts} - {None}
+    ids, _, labels = group_sessions(texts, np.zeros(4), np.zeros(4), r"blk_(\d+)", {"blk_2": 1})
+    assert ids == sorted(tracked_ids) == ["blk_1", "blk_2"] and labels.tolist() == [0, 1]
+    ids, _, _ = group_sessions(texts, np.zeros(4), np.zeros(4), r"(?<=req=)\w*")
+    assert ids == ["r9"]
 
 
 def test_sequence_ceiling_ranks_sequences_by_their_share_of_anomalies():

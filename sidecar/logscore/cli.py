@@ -189,7 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="keep only rows where COLUMN equals VALUE (e.g. split=test); a COLUMN no row holds, or "
                           "a --where leaving no row, is refused naming the columns and values the rows hold")
     evaluate.add_argument("--session-key", metavar="REGEX", type=session_key,
-                          help="evaluate per session: records grouped by this regex's match (e.g. 'blk_-?\\d+'); "
+                          help="evaluate per session: records grouped by this regex's first match, whole, as "
+                          "train and the sidecar group them (e.g. 'blk_-?\\d+'; an empty match is no session); "
                           "a session scores its most anomalous record")
     evaluate.add_argument("--session-labels", metavar="FILE.csv",
                           help="CSV of session id, label (else a session is anomalous if any record is)")

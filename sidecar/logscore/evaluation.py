@@ -13,6 +13,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from .sessions import session_id
+
 
 def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
     """Probability that an anomaly outscores a normal record (ties count half): Mann-Whitney U."""
@@ -139,7 +141,8 @@ class Evaluation:
 
 def group_sessions(texts: Sequence[str], scores: np.ndarray, labels: np.ndarray, key: str,
                    session_labels: Optional[dict[str, int]] = None) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """Per session (the first match of regex ``key`` in each record): max score, and the label.
+    """Per session (its id as the session tracker takes it: the first whole, non-empty match of regex
+    ``key`` in each record): max score, and the label.
 
     A session is anomalous if ``session_labels`` says so, else if any of its records is.
     Records without a key are left out.
@@ -148,9 +151,11 @@ def group_sessions(texts: Sequence[str], scores: np.ndarray, labels: np.ndarray,
     best: dict[str, float] = {}
     anomalous: dict[str, int] = {}
     for text, score, label in zip(texts, scores, labels):
-        for match in set(pattern.findall(text)):
-            best[match] = max(best.get(match, 0.0), float(score))
-            anomalous[match] = max(anomalous.get(match, 0), int(label))
+        session = session_id(pattern, text)
+        if session is None:
+            continue
+        best[session] = max(best.get(session, 0.0), float(score))
+        anomalous[session] = max(anomalous.get(session, 0), int(label))
     ids = sorted(best)
     session_scores = np.array([best[i] for i in ids], dtype=np.float64)
     if session_labels is not None:
