@@ -801,7 +801,11 @@ def test_a_zstd_xz_or_bzip2_log_is_refused_with_how_to_decompress_it(tmp_path):
             assert refused.returncode == 1 and "Traceback" not in refused.stderr, refused.stderr
             assert f"{name}: {name.split('.')[-1].replace('zst', 'zstd').replace('bz2', 'bzip2')}-compressed" \
                 in refused.stderr
-            assert f"{decompress} {tmp_path / name} | logscore train -i - ..." in refused.stderr
+            # (the advice named `logscore train -i -` for every command: `score -i -` is refused)
+            assert (f"decompress it first ({decompress} {tmp_path / name} > FILE) and give FILE, or pipe it in and "
+                    f"give '-' (stdin) where {tmp_path / name} was: {decompress} {tmp_path / name} | logscore ... -"
+                    in refused.stderr), refused.stderr
+            assert "train -i -" not in refused.stderr
         assert not (tmp_path / "m.onnx").exists()
     piped = logscore("train", "-f", "plain", "-i", "-", "-o", tmp_path / "m.onnx",
                      stdin=lzma.decompress((tmp_path / "a.log.xz").read_bytes()).decode())
@@ -812,7 +816,11 @@ def test_a_zstd_xz_or_bzip2_log_is_refused_with_how_to_decompress_it(tmp_path):
     assert piped_gzip.returncode == 0 and b"records: 300 read" in piped_gzip.stdout, piped_gzip.stderr
     piped_xz = subprocess.run(stdin_train, cwd=ROOT, capture_output=True, input=(tmp_path / "a.log.xz").read_bytes())
     assert piped_xz.returncode == 1 and b"Traceback" not in piped_xz.stderr
-    assert b"stdin: xz-compressed" in piped_xz.stderr and b"xz -dc FILE | logscore" in piped_xz.stderr
+    assert b"stdin: xz-compressed" in piped_xz.stderr and b"xz -dc FILE | logscore ..." in piped_xz.stderr
+    assert b"-i -" not in piped_xz.stderr
+    # followed for report, its file given as '-': read as text (a log, not scored records: refused as such)
+    piped_report = logscore("report", "-", stdin=lzma.decompress((tmp_path / "a.log.xz").read_bytes()).decode())
+    assert "compressed" not in piped_report.stderr and "no scored records in -" in piped_report.stderr
     (tmp_path / "text.log").write_text("BZh9 is how a line may start\n" + text)  # text is still read
     assert "records: 301 read" in logscore("train", "-f", "plain", "-i", tmp_path / "text.log", "-o",
                                            tmp_path / "m2.onnx").stdout

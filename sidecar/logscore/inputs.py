@@ -67,16 +67,18 @@ def _file_lines(raw, path: str, blank_lines: bool) -> Iterator[str]:
 
 
 def refuse_compressed(path: str, start: bytes) -> None:
-    """Refuse a file compressed otherwise than with gzip, saying how to read it ('-' is stdin for every
-    command reading log files through read_lines)."""
+    """Refuse a file compressed otherwise than with gzip, saying how to read it. The advice names no
+    command: every command reading log files through read_lines takes '-' as stdin, but each where it
+    takes files (`train -i -`, `score -`, `report -`), so it says to put '-' where the file was."""
     for name, magic, decompress in COMPRESSED_MAGIC:
         if magic.match(start):
             if path == "-":
                 raise InputError(f"stdin: {name}-compressed, which is read only when decompressed (gzip is read as "
-                                 f"it is); decompress it in the pipe: {decompress} FILE | logscore ... -i -")
+                                 f"it is); decompress it in the pipe, the command as it was: {decompress} FILE | "
+                                 "logscore ...")
             raise InputError(f"{path}: {name}-compressed, which is read only when decompressed (gzip is read as it "
-                             f"is); decompress it first: {decompress} {path} > FILE, or pipe it in as stdin ('-'): "
-                             f"{decompress} {path} | logscore train -i - ...")
+                             f"is); decompress it first ({decompress} {path} > FILE) and give FILE, or pipe it in "
+                             f"and give '-' (stdin) where {path} was: {decompress} {path} | logscore ... -")
 
 
 def _lines(stream, name: str, blank_lines: bool) -> Iterator[str]:
