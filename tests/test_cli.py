@@ -760,7 +760,25 @@ def test_a_record_larger_than_the_sidecar_takes_is_printed_unscored_and_the_clie
     # refused for another reason (more records than the sidecar takes a call): what to do, and from where
     assert refused.returncode == 1 and refused.stdout == "" and "(give a smaller --batch)" in refused.stderr
     assert f"the records from {tmp_path / 'in.log'} line 1 on were not scored" in refused.stderr
-    assert f"tail -n +1 {tmp_path / 'in.log'} | logscore client" in refused.stderr
+    assert f"tail -n +1 {tmp_path / 'in.log'} | logscore client ... - (its lines are numbered" in refused.stderr
+
+
+def test_the_resume_hint_of_a_stopped_client_decompresses_a_gzip_file(tmp_path):
+    """For big.log.gz the hint was `tail -n +N big.log.gz | logscore client`: compressed bytes (review, session 27).
+    The hint's pipe, run as given, yields the file's lines from N on; plain files alike."""
+    from logscore.cli import not_scored_from
+    from logscore.inputs import NumberedRecord
+
+    lines = [f"line {i}" for i in range(1, 8)]
+    with gzip.open(tmp_path / "big log.gz", "wt") as packed:
+        packed.write("\n".join(lines) + "\n")
+    (tmp_path / "plain.log").write_text("\n".join(lines) + "\n")
+    for name in ("big log.gz", "plain.log"):
+        hint = not_scored_from(NumberedRecord(str(tmp_path / name), 5, "line 5"))
+        pipe = hint.split("score them with ", 1)[1].split(" | logscore client ... -", 1)[0]
+        resumed = subprocess.run(["sh", "-c", pipe], capture_output=True, text=True, timeout=60)
+        assert resumed.stdout.splitlines() == lines[4:], (hint, resumed.stderr)
+        assert "numbered from 1 again: line 1 is line 5" in hint
 
 
 def test_a_flag_taking_several_files_given_again_adds_them(tmp_path):

@@ -602,13 +602,23 @@ def too_large_note(record, limit: int) -> str:
 
 
 def not_scored_from(numbered: NumberedRecord) -> str:
-    """What a client that stopped at a failed call left unscored, and how to score just that."""
+    """What a client that stopped at a failed call left unscored, and how to score just that. A gzip
+    file is decompressed before tail (`tail -n +N big.log.gz | logscore client` piped its compressed
+    bytes from a line of them: review, session 27); the resumed lines are numbered from 1 again."""
+    import shlex
+
+    from .inputs import is_gzip
+
+    renumbered = f"(its lines are numbered from 1 again: line 1 is line {numbered.line})"
     if numbered.file == "-":
         return (f"stdin's records from line {numbered.line} on were not scored (those before were printed): "
-                f"once fixed, send them again from there (tail -n +{numbered.line})")
+                f"once fixed, send them again from there (tail -n +{numbered.line}) {renumbered}")
+    path = shlex.quote(numbered.file)
+    from_line = (f"gzip -dc {path} | tail -n +{numbered.line}" if is_gzip(numbered.file)
+                 else f"tail -n +{numbered.line} {path}")
     return (f"the records from {numbered.file} line {numbered.line} on were not scored (those before were "
-            f"printed): once fixed, score them with tail -n +{numbered.line} {numbered.file} | logscore client "
-            "... (then any later files)")
+            f"printed): once fixed, score them with {from_line} | logscore client ... - {renumbered} (then any "
+            "later files)")
 
 
 def warn_of_floods(stub, metadata: list, timeout: float, tally: "RecordTally") -> None:

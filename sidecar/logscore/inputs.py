@@ -66,6 +66,15 @@ def _file_lines(raw, path: str, blank_lines: bool) -> Iterator[str]:
     yield from _lines(stream, shown, blank_lines)
 
 
+def is_gzip(path: str) -> bool:
+    """Whether the file starts as gzip does (read_lines decompresses it); False for one it cannot open."""
+    try:
+        with open(path, "rb") as raw:
+            return raw.read(len(GZIP_MAGIC)) == GZIP_MAGIC
+    except OSError:
+        return False
+
+
 def refuse_compressed(path: str, start: bytes) -> None:
     """Refuse a file compressed otherwise than with gzip, saying how to read it. The advice names no
     command: every command reading log files through read_lines takes '-' as stdin, but each where it
