@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+from logscore.cli import MESSAGE_TOO_LARGE_NOTE, VALUES_TOO_LARGE_NOTE
+
 from .generate import attack_lines, shop_lines
 from .sidecar_process import ROOT, SidecarProcess, free_port, models_dir_with
 
@@ -731,7 +733,11 @@ def test_a_record_of_more_values_than_the_sidecar_holds_at_once_is_printed_unsco
     rows = [json.loads(line) for line in scored.stdout.splitlines()]
     assert [row["line"] for row in rows] == list(range(1, 10))
     assert [row.get("unscored", False) for row in rows] == [False] * 4 + [True] + [False] * 4
-    assert "max_inflight_bytes" in rows[4]["notes"][0]
+    # told apart from a message too large: its own fixed note, and the sidecar's words kept
+    assert rows[4]["notes"] == [VALUES_TOO_LARGE_NOTE] and "max_message_bytes" not in rows[4]["notes"][0]
+    assert rows[4]["sidecar_error"].startswith("INVALID_ARGUMENT: ") and "even with nothing else in flight" \
+        in rows[4]["sidecar_error"]
+    assert rows[4]["record_chars"] > 3_145_728 // 20 and rows[4]["model"] is None
     assert all(isinstance(row["score"], float) for row in rows[:4] + rows[5:])
 
 
@@ -740,21 +746,35 @@ def test_a_record_larger_than_the_sidecar_takes_is_printed_unscored_and_the_clie
     for its whole call) and lost it and every later record, with gRPC's words only (probe)."""
     lines = shop_lines(10, seed=91)
     big = lines[0].replace(" HTTP/1.1", "?q=" + "a" * 100_000 + " HTTP/1.1")
+    bigger = big.replace("?q=", "?q=bb")
     (tmp_path / "in.log").write_text("\n".join(lines[:5] + [big] + lines[5:]) + "\n")
+    (tmp_path / "two.log").write_text("\n".join([big, lines[0], bigger]) + "\n")
     sidecar = SidecarProcess(models_dir_with(tmp_path, shop_model_path, "shop"), tmp_path,
                              max_message_bytes=65_536, max_record_bytes=200_000, max_records_per_request=4).start()
     try:
         scored = logscore("client", "--socket", sidecar.socket, "--max-record-bytes", 200_000, "--batch", 4,
                           tmp_path / "in.log")
         refused = logscore("client", "--socket", sidecar.socket, "--batch", 5, tmp_path / "in.log")
+        two = logscore("client", "--socket", sidecar.socket, "--max-record-bytes", 200_000, "--model", "shop",
+                       tmp_path / "two.log")
     finally:
         sidecar.stop()
     assert scored.returncode == 0, scored.stderr
     rows = [json.loads(line) for line in scored.stdout.splitlines()]
     assert [row["line"] for row in rows] == list(range(1, 12))
     assert [row.get("unscored", False) for row in rows] == [False] * 5 + [True] + [False] * 5
-    assert "score" not in rows[5] and rows[5]["notes"][0].startswith("unscored: the record (100,")
-    assert "raise the sidecar's max_message_bytes" in rows[5]["notes"][0]
+    assert "score" not in rows[5] and rows[5]["notes"] == [MESSAGE_TOO_LARGE_NOTE]
+    assert rows[5]["record_chars"] == len(big) and rows[5]["sidecar_error"].startswith("RESOURCE_EXHAUSTED: ")
+    assert "larger than max" in rows[5]["sidecar_error"] and "max_inflight_bytes" not in rows[5]["notes"][0]
+    # two records of different sizes: one reason in `logscore report` (the size was in the note: two reasons)
+    assert two.returncode == 0, two.stderr
+    unscored = [json.loads(line) for line in two.stdout.splitlines() if '"unscored"' in line]
+    assert [(row["line"], row["model"], row["record_chars"]) for row in unscored] == [(1, "shop", len(big)),
+                                                                                    (3, "shop", len(bigger))]
+    (tmp_path / "two.jsonl").write_text(two.stdout)
+    reported = logscore("report", tmp_path / "two.jsonl")
+    assert reported.returncode == 0, reported.stderr
+    assert "2 records of route (none) passed on unscored: the record is larger" in reported.stdout, reported.stdout
     assert all(isinstance(row["score"], float) for row in rows[:5] + rows[6:])
     assert "1 record larger than the sidecar takes printed unscored" in scored.stderr
     # refused for another reason (more records than the sidecar takes a call): what to do, and from where

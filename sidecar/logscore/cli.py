@@ -495,7 +495,7 @@ def run_client(args) -> int:
     channel, metadata = client_channel(args, target)
     limit, several = args.max_record_bytes, len(args.inputs) > 1
     records = (cut_past(numbered, limit) for numbered in numbered_records(args.inputs, args.json_records))
-    tally, too_large = RecordTally(), 0
+    tally, unscored = RecordTally(), 0
     with channel:
         stub = pb_grpc.ScorerStub(channel)
         call = ScoreCall(stub, args, metadata)
@@ -504,7 +504,7 @@ def run_client(args) -> int:
             printed = 0
             try:
                 for part, response in call.in_parts(chunk):
-                    too_large += print_scored(part, response, several, limit, tally)
+                    unscored += print_scored(part, response, several, limit, tally, args.model)
                     printed += len(part)
             except grpc.RpcError as error:
                 print(f"logscore client: {call_failure(target, error)}; {not_scored_from(chunk[printed].numbered)}",
@@ -512,8 +512,8 @@ def run_client(args) -> int:
                 return 1
         warn_of_floods(stub, metadata, args.timeout, tally)
     tally.warn_unparsed("client")
-    if too_large:
-        print(f"logscore client: warning: {too_large:,} record{'s' if too_large != 1 else ''} larger than the "
+    if unscored:
+        print(f"logscore client: warning: {unscored:,} record{'s' if unscored != 1 else ''} larger than the "
               "sidecar takes printed unscored (\"unscored\": true; the note says what to do)", file=sys.stderr,
               flush=True)
     return 0
@@ -545,7 +545,7 @@ class ScoreCall:
         self.stub, self.args, self.metadata = stub, args, metadata
 
     def in_parts(self, chunk: list) -> Iterator[tuple[list, object]]:
-        """(records, the sidecar's response, or None for a record too large to send alone) covering chunk."""
+        """(records, the sidecar's response, or its refusal of a record too large to send alone) covering chunk."""
         import grpc
 
         try:
@@ -554,8 +554,9 @@ class ScoreCall:
         except grpc.RpcError as error:
             if not too_large(error):
                 raise
+            refusal = error
         if len(chunk) == 1:
-            yield chunk, None
+            yield chunk, TooLarge(refusal.code().name, refusal.details() or "")
             return
         half = len(chunk) // 2
         yield from self.in_parts(chunk[:half])
@@ -569,16 +570,22 @@ class ScoreCall:
         return self.stub.Score(request, timeout=self.args.timeout, metadata=self.metadata)
 
 
-def print_scored(chunk: list, response, several: bool, limit: int, tally: "RecordTally") -> int:
-    """One JSON line per record of a call; a record the sidecar would not take (response None) unscored.
+class TooLarge(NamedTuple):
+    """The sidecar's refusal of a record too large to send alone: its status and words."""
+
+    code: str
+    details: str
+
+
+def print_scored(chunk: list, response, several: bool, limit: int, tally: "RecordTally", model: str) -> int:
+    """One JSON line per record of a call; a record the sidecar would not take (response TooLarge) unscored.
     The records printed unscored."""
     from .decide import notes_by_record
 
-    if response is None:
+    if isinstance(response, TooLarge):
         for cut in chunk:
             entry = {"file": cut.numbered.file} if several else {}
-            print(json.dumps(entry | {"line": cut.numbered.line, "unscored": True,
-                                      "notes": [too_large_note(cut.record, limit)]}))
+            print(json.dumps(entry | unscored_entry(cut, model, response)))
         return len(chunk)
     notes = notes_by_record([(n.index, n.description) for n in response.notes], len(chunk))
     for i, cut in enumerate(chunk):
@@ -593,12 +600,26 @@ def print_scored(chunk: list, response, several: bool, limit: int, tally: "Recor
     return 0
 
 
-def too_large_note(record, limit: int) -> str:
-    return (f"unscored: the record ({record_chars(record):,} characters as sent) is larger than the sidecar's "
-            "largest message (its max_message_bytes, 2 MiB by default), or holds more values than its "
-            "max_inflight_bytes takes once decoded, and it refused it; give the client a --max-record-bytes "
-            f"below that (it sends lines cut just past it; now {limit:,}), or raise the sidecar's "
-            "max_message_bytes (or max_inflight_bytes) above the record")
+# The note of a record printed unscored for its size: fixed texts, so `logscore report` counts them as one
+# reason (the size and --max-record-bytes were in the text: 3 records gave 3 reasons); the size, and the
+# sidecar's own words, are keys of their own.
+MESSAGE_TOO_LARGE_NOTE = (
+    "unscored: the record is larger than the sidecar's largest message (its max_message_bytes, 2 MiB by "
+    "default), and it refused it; give the client a --max-record-bytes below that (it sends lines cut just past "
+    "it), or raise the sidecar's max_message_bytes above the record (record_chars; sidecar_error)")
+VALUES_TOO_LARGE_NOTE = (
+    "unscored: the record holds more values than the sidecar's max_inflight_bytes takes once decoded, even "
+    "alone, and it refused it; send fewer fields, or raise the sidecar's max_inflight_bytes above the record "
+    "(record_chars; sidecar_error)")
+
+
+def unscored_entry(cut, model: str, refusal: TooLarge) -> dict:
+    """The JSON line of a record the sidecar refused for its size; "model" as the client asked (null: routed)."""
+    from .admission import ALONE_OVER_LIMIT
+
+    note = VALUES_TOO_LARGE_NOTE if ALONE_OVER_LIMIT in refusal.details else MESSAGE_TOO_LARGE_NOTE
+    return {"line": cut.numbered.line, "unscored": True, "model": model or None, "notes": [note],
+            "record_chars": record_chars(cut.record), "sidecar_error": f"{refusal.code}: {refusal.details}"}
 
 
 def not_scored_from(numbered: NumberedRecord) -> str:
