@@ -895,6 +895,19 @@ def test_evaluate_and_client_number_flags_refuse_nan_and_inf_too():
     assert parser.parse_args(["client", "--timeout", "2.5"]).timeout == 2.5
 
 
+def test_a_timeout_longer_than_grpc_takes_is_refused_saying_the_bound(capsys):
+    """`client --timeout 1e10` passed, and gRPC failed every call at once with DEADLINE_EXCEEDED (review)."""
+    from logscore.cli import MAX_CALL_TIMEOUT_S, build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["client", "--timeout", str(MAX_CALL_TIMEOUT_S)]).timeout == MAX_CALL_TIMEOUT_S
+    for command in (["client", "--timeout", "1e10"], ["feedback", "list", "--timeout", "1000001"]):
+        with pytest.raises(SystemExit) as refused:
+            parser.parse_args(command)
+        assert refused.value.code == 2
+        assert f"give at most {MAX_CALL_TIMEOUT_S:,.0f} seconds" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("command, flags, said", [
     *((command, ["--session-key", "("], "argument --session-key: '(' is not a regular expression (missing ), "
        "unterminated") for command in ("train", "evaluate")),

@@ -296,11 +296,26 @@ def positive_number(text: str) -> float:
     return value
 
 
+# NOTE: gRPC takes a deadline of 1e10 s or more as already past: `client --timeout 1e10`, typed to mean no
+# limit, failed every call at once with DEADLINE_EXCEEDED (review, session 27).
+MAX_CALL_TIMEOUT_S = 1e6
+
+
+def call_timeout(text: str) -> float:
+    """A --timeout: above 0 and at most MAX_CALL_TIMEOUT_S."""
+    value = positive_number(text)
+    if value > MAX_CALL_TIMEOUT_S:
+        raise argparse.ArgumentTypeError(f"{text!r}: give at most {MAX_CALL_TIMEOUT_S:,.0f} seconds (gRPC takes "
+                                         "a longer deadline as already past); there is no setting for none")
+    return value
+
+
 def add_connection_flags(parser: argparse.ArgumentParser) -> None:
     """How a command reaches a running sidecar over gRPC (client, feedback)."""
     parser.add_argument("--socket", default="/tmp/logscore.sock", help="sidecar Unix socket")
     parser.add_argument("--tcp", help="host:port instead of the socket")
-    parser.add_argument("--timeout", type=positive_number, default=10.0, help="seconds per call")
+    parser.add_argument("--timeout", type=call_timeout, default=10.0,
+                        help=f"seconds per call, above 0 and at most {MAX_CALL_TIMEOUT_S:,.0f} (about 11 days)")
     parser.add_argument("--token-file", metavar="FILE", help="file holding the sidecar's bearer token "
                         "(its --token-file)")
     parser.add_argument("--tls-ca", metavar="FILE", help="PEM CA bundle to trust: TLS to --tcp")
