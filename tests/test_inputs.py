@@ -1,0 +1,53 @@
+"""Reading log lines (inputs.py): formats told apart on stdin, what the reader cut, JSON records."""
+
+import bz2
+import gzip
+import io
+import sys
+from types import SimpleNamespace
+
+import pytest
+
+from logscore.errors import InputError
+from logscore.inputs import read_lines
+
+
+class OneByteAtATime(io.RawIOBase):
+    """A pipe whose writer sends a byte at a time (ssh, nc, curl): each read gives one byte."""
+
+    def __init__(self, data: bytes):
+        self._data = data
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        data, self._data = self._data[:1], self._data[1:]
+        buffer[:len(data)] = data
+        return len(data)
+
+
+def stdin_of(monkeypatch, data: bytes) -> None:
+    monkeypatch.setattr(sys, "stdin", SimpleNamespace(buffer=io.BufferedReader(OneByteAtATime(data))))
+
+
+def test_stdin_fed_a_byte_at_a_time_is_told_apart_by_all_its_first_bytes(monkeypatch):
+    """peek() saw what one read gave: a gzip whose first byte came alone was read as lines of binary (review)."""
+    lines = [f"GET /item/{i} HTTP/1.1" for i in range(50)]
+    text = ("\n".join(lines) + "\n").encode()
+    stdin_of(monkeypatch, gzip.compress(text))
+    assert list(read_lines(["-"])) == lines
+    stdin_of(monkeypatch, bz2.compress(text))  # (its pattern needs all 10 bytes)
+    with pytest.raises(InputError, match="stdin: bzip2-compressed"):
+        list(read_lines(["-"]))
+    stdin_of(monkeypatch, b"a\n")  # shorter than the magic: read whole
+    assert list(read_lines(["-"])) == ["a"]
+
+
+def test_stdin_is_named_stdin_in_gzip_warnings(monkeypatch, capsys):
+    """"-: the gzip stream ends early" (review): stdin is called stdin, as in every other message."""
+    packed = gzip.compress(("\n".join(f"line {i}" for i in range(2000)) + "\n").encode())
+    stdin_of(monkeypatch, packed[: len(packed) // 2])
+    read = list(read_lines(["-"]))
+    assert 0 < len(read) < 2000 and read[0] == "line 0"
+    assert "logscore: warning: stdin: the gzip stream ends early" in capsys.readouterr().err
