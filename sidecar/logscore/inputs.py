@@ -59,8 +59,9 @@ def _file_lines(raw, path: str, blank_lines: bool) -> Iterator[str]:
     """The lines of one open file (``path`` '-': stdin), told apart by its first bytes: gzip is read,
     UTF-16 and other compressions are refused saying what to do."""
     start = raw.peek(MAGIC_BYTES)[:MAGIC_BYTES]
-    if len(start) < MAGIC_BYTES:  # (a pipe gave less in its first read, or a short file: read on, then replay them; the
-        # replay costs 9 % more CPU reading a plain file, so only then: session 27, load 2.0)
+    # A pipe gave less in its first read, or the file is short: read on, then replay those bytes (the
+    # replay cost 9 % more CPU reading a plain file, so only then: session 27, load 2.0).
+    if len(start) < MAGIC_BYTES:
         start = _first_bytes(raw)
         raw = io.BufferedReader(_Replayed(start, raw), buffer_size=READ_BYTES)
     magic = start[:2]
