@@ -51,3 +51,17 @@ def test_stdin_is_named_stdin_in_gzip_warnings(monkeypatch, capsys):
     read = list(read_lines(["-"]))
     assert 0 < len(read) < 2000 and read[0] == "line 0"
     assert "logscore: warning: stdin: the gzip stream ends early" in capsys.readouterr().err
+
+
+def test_only_the_lines_the_reader_cut_are_marked_cut(tmp_path):
+    """cut_by_reader guessed from the length: 1.5 MB of 0xff, never cut, read as 4.5 MB of U+FFFD, was
+    'cut' and got a false `truncated` note in score and client (review, session 27)."""
+    from logscore.inputs import MAX_LINE_BYTES, cut_by_reader
+
+    invalid = b"\xff" * 1_500_000
+    too_long = b"b" * (MAX_LINE_BYTES + 10)
+    exactly = b"c" * MAX_LINE_BYTES
+    (tmp_path / "in.log").write_bytes(b"\n".join([invalid, too_long, exactly, b"short"]) + b"\n")
+    lines = list(read_lines([str(tmp_path / "in.log")]))
+    assert [len(line) for line in lines] == [1_500_000, MAX_LINE_BYTES, MAX_LINE_BYTES, 5]
+    assert [cut_by_reader(line) for line in lines] == [False, True, False, False]
