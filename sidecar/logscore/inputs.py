@@ -178,6 +178,19 @@ def sendable(text: str) -> str:
     return text if text.isascii() else LONE_SURROGATE.sub("\ufffd", text)  # (isascii: most logs, 10 times quicker)
 
 
+def sendable_value(value: object) -> object:
+    """``value`` with every text in it sendable, at any depth: names, values, and those of nested maps and
+    lists (only the top level's were: `{"k8s": {"pod": "\\ud800"}}` kept it, so `score` and `client`, which
+    sends nested values as text, scored it apart: review, session 27)."""
+    if isinstance(value, str):
+        return sendable(value)
+    if isinstance(value, dict):
+        return {sendable(str(name)): sendable_value(item) for name, item in value.items()}
+    if isinstance(value, list):
+        return [sendable_value(item) for item in value]
+    return value
+
+
 def is_utf8_text(text: str) -> bool:
     """Whether ``text`` holds no lone surrogate (encoding 500 characters: 0.8 µs, LONE_SURROGATE's search 3.2)."""
     try:
@@ -217,15 +230,19 @@ def numbered_records(paths: Iterable[str], as_json: bool) -> Iterator[NumberedRe
 
 def json_record(line: str) -> object:
     """A line holding a JSON object, or a shipper's file line, as that field map; any other line as raw text.
-    A lone surrogate in its names or text values (a JSON "\\ud800" without its low half) is read as U+FFFD
-    (sendable), as a request to the sidecar carries it: `logscore score` and `logscore client` score it alike."""
+    A lone surrogate in its names or text values, nested too (a JSON "\\ud800" without its low half), is read
+    as U+FFFD (sendable_value), as a request to the sidecar carries it: `logscore score` and `logscore client`
+    score it alike."""
     parsed = shipper_line(line)
     if parsed is None:
         return line
     # (a lone surrogate comes of a \\ud800-\\udfff escape, or was in the line: most lines hold none, and pass as read)
     if "\\ud" not in line and "\\uD" not in line and (line.isascii() or is_utf8_text(line)):
         return parsed[1]
-    return {sendable(name): sendable(value) if isinstance(value, str) else value for name, value in parsed[1].items()}
+    try:
+        return sendable_value(parsed[1])
+    except RecursionError:  # (nested almost as deep as json reads: as raw text, as lines that are no field map)
+        return sendable(line)
 
 
 # Fluent Bit's file output: `tag: [seconds.nanoseconds, {json}]` (a forward-mode sidecar's next hop)
