@@ -915,12 +915,18 @@ def test_a_timeout_longer_than_grpc_takes_is_refused_saying_the_bound(capsys):
       for command in ("train", "evaluate")),
     ("evaluate", ["--batch", "0"], "argument --batch: '0': give at least 1"),
     ("evaluate", ["--batch", "-1"], "argument --batch: '-1': give at least 1"),
+    # score and client took 0 or -3 as 1 without a word (review, session 27)
+    *((command, ["--batch", value], f"argument --batch: '{value}': give at least 1")
+      for command in ("score", "client") for value in ("0", "-3")),
+    ("client", ["--batch", "2.5"], "argument --batch: '2.5': give a whole number of records"),
 ])
 def test_a_bad_session_key_or_batch_is_refused_before_any_record_is_read(tmp_path, command, flags, said):
     """evaluate --batch 0 died in range(), --batch -1 in numpy's concatenate, and --session-key '(' of
     re.error once every record was scored (probe)."""
     inputs = {"train": ["-i", "-", "-o", tmp_path / "m.onnx"],
-              "evaluate": ["--train", "-", "--anomalous", tmp_path / "absent.log"]}[command]
+              "evaluate": ["--train", "-", "--anomalous", tmp_path / "absent.log"],
+              "score": ["--model", tmp_path / "absent.onnx"],
+              "client": ["--socket", tmp_path / "absent.sock"]}[command]
     refused = logscore(command, *inputs, *flags, stdin="GET / HTTP/1.1\n" * 100)
     assert refused.returncode == 2 and said in refused.stderr, refused.stderr
     assert "Traceback" not in refused.stderr and "absent.log" not in refused.stderr

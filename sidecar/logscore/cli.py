@@ -152,7 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--only-anomalies", action="store_true", help="print only records over the threshold")
     score.add_argument("--record", action="store_true", help="add each record to its output line (`logscore "
                        "report` then shows examples, entities and times)")
-    score.add_argument("--batch", type=int, default=1000, help="records per batch (default 1000)")
+    score.add_argument("--batch", type=count_of_records, default=1000, metavar="N",
+                       help="records per batch, at least 1 (default 1000)")
     score.add_argument("--max-record-bytes", type=int, default=DEFAULT_MAX_LINE_CHARS, metavar="N",
                        help="cut a longer raw line before parsing, noted `truncated` (the sidecar's setting of the "
                        f"same name; default {DEFAULT_MAX_LINE_CHARS})")
@@ -220,8 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     client.add_argument("--json-records", action="store_true", help="input lines are JSON field maps (or "
                         "Fluentd out_file / Fluent Bit file output lines, their records)")
     client.add_argument("--explain", type=int, default=0, metavar="K")
-    client.add_argument("--batch", type=int, default=1000, metavar="N",
-                        help="records per call (fewer when they would pass 1 MiB: the sidecar takes 2 MiB; a call "
+    client.add_argument("--batch", type=count_of_records, default=1000, metavar="N",
+                        help="records per call, at least 1 (fewer when they would pass 1 MiB: the sidecar takes 2 MiB; a call "
                         "refused for its size (max_message_bytes, or max_inflight_bytes once decoded) is sent again "
                         "in halves, and a record too large alone is printed unscored with a note)")
     client.add_argument("--max-record-bytes", type=int, default=DEFAULT_MAX_LINE_CHARS, metavar="N",
@@ -247,15 +248,23 @@ def column_value(text: str) -> tuple[str, str]:
     return column, value
 
 
-def count_of_records(text: str) -> int:
-    """A --batch: a whole number, at least 1 (evaluate --batch 0 died in range(), -1 in concatenate)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: give a whole number of records") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: give at least 1")
-    return value
+def whole_number(minimum: int, unit: str):
+    """An argparse type: a whole number of ``unit``, at least ``minimum`` (--batch, report's --top).
+    NOTE: evaluate --batch 0 died in range(), -1 in concatenate; score and client took 0 or -3 as 1
+    without a word; report --top -1 showed every group but the last (probes, review)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: give a whole number of {unit}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{text!r}: give at least {minimum}")
+        return value
+
+    return parse
+
+
+count_of_records = whole_number(1, "records")
 
 
 def session_key(text: str) -> str:
@@ -1118,7 +1127,7 @@ def run_score(args) -> int:
     several = len(args.inputs) > 1
     out = sys.stdout
     tally = RecordTally()
-    for chunk in batched(numbered_records(args.inputs, args.json_records), max(1, args.batch)):
+    for chunk in batched(numbered_records(args.inputs, args.json_records), args.batch):
         records = [numbered.record for numbered in chunk]
         result = model.score(records, explain=args.explain)
         decision = decide(model, result)

@@ -62,6 +62,8 @@ LOGSTASH_UNSCORED = "_logscore_unscored"  # the tag logstash-config's pipelines 
 
 
 def add_report_command(commands) -> None:
+    from .cli import whole_number
+
     report = commands.add_parser("report", help="groups, timeline and histogram of scored output",
                                  description="Summarize scored output (JSON lines from Fluentd, Logstash, Fluent "
                                  "Bit's file output or "
@@ -72,22 +74,9 @@ def add_report_command(commands) -> None:
     report.add_argument("--html", metavar="OUT.html", help="also write the report as one HTML file (inline SVG)")
     report.add_argument("--entity", metavar="FIELD", help="the field naming an entity (client, host); default: the "
                         f"first present of {', '.join(ENTITY_FIELDS)}")
-    report.add_argument("--top", type=groups_shown, default=20, metavar="N", help="groups shown (default 20)")
+    report.add_argument("--top", type=whole_number(0, "groups"), default=20, metavar="N",
+                        help="groups shown, 0 or more (default 20)")
     report.set_defaults(run=run_report)
-
-
-def groups_shown(text: str) -> int:
-    """--top: 0 or more. NOTE: --top -1 showed every group but the last (a slice), the page saying "the -1
-    largest" (probe)."""
-    import argparse
-
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: give a whole number of groups") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: give 0 or more")
-    return value
 
 
 @dataclass
