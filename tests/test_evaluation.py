@@ -68,7 +68,7 @@ def test_sessions_take_their_most_anomalous_record():
 
 
 def test_sessions_are_keyed_as_the_tracker_keys_them():
-    """evaluate grouped by findall: `blk_(\d+)` gave ids '1' and '2', so --session-labels' blk_1 met no
+    r"""evaluate grouped by findall: `blk_(\d+)` gave ids '1' and '2', so --session-labels' blk_1 met no
     session; and an empty match was an id (review, session 27)."""
     texts = ["a blk_1 x", "b blk_2", "c blk_1 req=", "d req=r9"]
     tracker = SessionTracker(SessionSpec(key=r"blk_(\d+)"))

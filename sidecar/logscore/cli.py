@@ -222,9 +222,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "Fluentd out_file / Fluent Bit file output lines, their records)")
     client.add_argument("--explain", type=int, default=0, metavar="K")
     client.add_argument("--batch", type=count_of_records, default=1000, metavar="N",
-                        help="records per call, at least 1 (fewer when they would pass 1 MiB: the sidecar takes 2 MiB; a call "
-                        "refused for its size (max_message_bytes, or max_inflight_bytes once decoded) is sent again "
-                        "in halves, and a record too large alone is printed unscored with a note)")
+                        help="records per call, at least 1 (fewer when they would pass 1 MiB: the sidecar takes "
+                        "2 MiB; a call refused for its size (max_message_bytes, or max_inflight_bytes once "
+                        "decoded) is sent again in halves, and a record too large alone is printed unscored with a "
+                        "note)")
     client.add_argument("--max-record-bytes", type=int, default=DEFAULT_MAX_LINE_CHARS, metavar="N",
                         help="the sidecar's setting of the same name: longer lines are sent cut just past it "
                              "(the sidecar cuts and notes them; one it would keep whole, its own limit being "
