@@ -178,25 +178,60 @@ module Logscore
       path.start_with?('/') ? "unix:#{path}" : endpoint
     end
 
-    ENDPOINT_FORMS = 'unix:///path/to.sock (or the absolute path alone), host:port or [IPv6 address]:port, ' \
-                     'the port a number from 1 to 65535'
-    HOST_PORT = /\A(?:\[[0-9A-Fa-f:.]+(?:%[\w.-]+)?\]|[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_])?):(\d{1,5})\z/
+    # gRPC's own name-resolver schemes (its doc/naming.md): a target of one of them goes to gRPC as it is.
+    GRPC_SCHEMES = %w[dns unix unix-abstract ipv4 ipv6 vsock xds].freeze
+    # What the endpoint parameter takes: its description and every configuration error name these.
+    ENDPOINT_FORMS = [
+      'unix:///path/to.sock (or the absolute path alone)',
+      'host:port (a host name, which may end in a dot, or an IPv4 address)',
+      '"[IPv6 address]:port" (quoted: Fluentd reads a bare [ as a JSON array)',
+      "a gRPC target of scheme #{GRPC_SCHEMES.map { |scheme| "#{scheme}:" }.join(', ')} " \
+      '(such as dns:///host:port), passed to gRPC as it is'
+    ].freeze
+    ENDPOINT_FORMS_TEXT = "#{ENDPOINT_FORMS.join('; ')}; the port a number from 1 to 65535".freeze
+    HOST_NAME = /\A[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_])?\.?\z/
+    IPV6_IN_BRACKETS = /\A\[[0-9A-Fa-f:.]+(?:%[\w.-]+)?\]\z/
 
     # What is wrong with `endpoint` (nil: nothing).
     # NOTE: gRPC takes almost anything as a target and fails each call later: `localhost` dialled
-    # port 443, `http://127.0.0.1:1` failed DNS resolution; every record then passed unscored.
+    # port 443, `http://127.0.0.1:1` failed DNS resolution; every record then passed unscored. Only
+    # such forms are refused: a target of gRPC's own schemes (dns:///h:p, ipv4:, a relative
+    # unix:path) worked, and refusing it kept Fluentd from starting.
     def self.endpoint_problem(endpoint)
       text = endpoint.to_s
       return 'it is empty' if text.strip.empty?
-      return nil if target(text).match?(%r{\Aunix:/[^/]})
-      return "a Unix socket needs an absolute path (unix:///run/x.sock: three slashes)" if text.start_with?('unix:')
+      return unix_problem(text) if text.start_with?('unix:', '/')
+      if (scheme = GRPC_SCHEMES.find { |name| text.start_with?("#{name}:") })
+        return text.size > scheme.size + 1 ? nil : "it names no address after #{scheme}:"
+      end
+      if text.match?(%r{\A[A-Za-z][\w+.-]*://})
+        return "its scheme #{text[/\A[^:]*/]}:// is not one of gRPC's (gRPC would look the whole text up as a host)"
+      end
 
-      port = text[HOST_PORT, 1]
-      return nil if port && (1..65_535).cover?(port.to_i)
-      return "port #{port} is not from 1 to 65535" if port
+      host_port_problem(text)
+    end
 
-      'it is neither a Unix socket path nor host:port (a scheme such as http:// is not one, an IPv6 address ' \
-        'needs brackets)'
+    def self.unix_problem(text)
+      path = target(text).delete_prefix('unix:')
+      return nil if path.match?(%r{\A/[^/]}) || (!text.start_with?('unix://') && path.match?(%r{\A[^/]}))
+
+      'a Unix socket needs a path, absolute after unix:// (unix:///run/x.sock: three slashes)'
+    end
+
+    def self.host_port_problem(text)
+      return 'it has no port (gRPC would dial port 443): write host:port' if text.match?(IPV6_IN_BRACKETS)
+      if text.count(':') > 1 && text.match?(/\A[0-9A-Fa-f:.]+(?:%[\w.-]+)?\z/)
+        return 'an IPv6 address needs brackets around it and the port after them, such as "[::1]:50051"'
+      end
+
+      host, colon, port = text.rpartition(':')
+      return 'it has no port (gRPC would dial port 443): write host:port' if colon.empty? || port.empty?
+      return 'it has no host before the port' if host.empty?
+      return "port #{port.inspect} is not a number" unless port.match?(/\A\d+\z/)
+      return "port #{port} is not from 1 to 65535" unless (1..65_535).cover?(port.to_i)
+      return nil if host.match?(HOST_NAME) || host.match?(IPV6_IN_BRACKETS)
+
+      "host #{host.inspect} is neither a host name nor an IP address"
     end
 
     # Requests for one batch each: the msgpack bytes of [time, record] entries, or raw lines.

@@ -78,25 +78,45 @@ class LogscoreFilterTest < Test::Unit::TestCase
     end
 
     # They passed configure and --dry-run; every call then failed (`localhost` dialled port 443).
-    data('a scheme' => ['http://127.0.0.1:1', /neither a Unix socket path nor host:port/],
-         'no port' => ['localhost', /neither/],
-         'a port that is no number' => ['localhost:grpc', /neither/],
+    data('a scheme gRPC does not resolve' => ['http://127.0.0.1:1', %r{its scheme http:// is not one of gRPC's}],
+         'a host without a port' => ['localhost', /it has no port \(gRPC would dial port 443\)/],
+         'a bracketed IPv6 address without a port' => ['"[::1]"', /it has no port/],
+         'a port that is no number' => ['localhost:grpc', /port "grpc" is not a number/],
          'a port out of range' => ['127.0.0.1:70000', /port 70000 is not from 1 to 65535/],
-         'IPv6 without brackets' => ['::1:50051', /IPv6 address needs brackets/],
-         'a relative socket path' => ['unix://tmp/x.sock', /absolute path \(unix:\/\/\/run/],
+         'a port without a host' => [':50051', /it has no host before the port/],
+         'a host with a space' => ['"a b:1"', /host "a b" is neither a host name nor an IP address/],
+         'an IPv6 address without brackets' => ['::1:50051', /an IPv6 address needs brackets around it .* "\[::1\]:50051"/],
+         'a Unix socket path after two slashes' => ['unix://tmp/x.sock', %r{absolute after unix:// \(unix:///run}],
+         'a gRPC scheme with no address' => ['dns:', /it names no address after dns:/],
          'empty' => ['""', /it is empty/])
-    test 'a malformed endpoint is a configuration error naming it and the accepted forms' do |(endpoint, why)|
+    test 'a malformed endpoint is a configuration error naming it, what is wrong, and the accepted forms' do |(endpoint, why)|
       error = assert_raise(Fluent::ConfigError) { create_driver("endpoint #{endpoint}") }
       assert_match(/\Aendpoint "#{Regexp.escape(endpoint.delete('"'))}": /, error.message)
       assert_match(why, error.message)
-      assert_match(/write unix:\/\/\/path\/to.sock .* host:port or \[IPv6 address\]:port/, error.message)
+      assert_include(error.message, "; write #{Logscore::Client::ENDPOINT_FORMS_TEXT}")
     end
 
+    # A target of gRPC's own schemes worked before the endpoint check, which then refused it: Fluentd
+    # did not start after the upgrade.
     data('unix URI' => 'unix:///run/logscore.sock', 'unix path' => 'unix:/run/logscore.sock',
          'absolute path' => '/run/logscore.sock', 'host:port' => 'logscore.internal:50051',
-         'IPv4' => '127.0.0.1:50051', 'IPv6 (quoted: Fluentd reads a bare [ as a JSON array)' => '"[::1]:50051"')
+         'IPv4' => '127.0.0.1:50051', 'IPv6 (quoted: Fluentd reads a bare [ as a JSON array)' => '"[::1]:50051"',
+         'a host name ending in a dot' => 'logscore.ns.svc.cluster.local.:50051',
+         'dns:/// with the authority left out' => 'dns:///logscore:50051', 'dns: without slashes' => 'dns:logscore:50051',
+         'ipv4: scheme' => 'ipv4:127.0.0.1:50051', 'ipv6: scheme' => 'ipv6:[::1]:50051',
+         'unix-abstract: scheme' => 'unix-abstract:logscore', 'a relative unix: path' => 'unix:run/logscore.sock',
+         'vsock: scheme' => 'vsock:3:50051')
     test 'well-formed endpoints pass configure' do |endpoint|
       assert_equal endpoint.delete('"'), create_driver("endpoint #{endpoint}").instance.endpoint
+    end
+
+    # gRPC resolves these itself; the client hands them over unchanged (the unix forms as gRPC reads them).
+    data('dns:///' => ['dns:///logscore:50051', 'dns:///logscore:50051'],
+         'ipv6:' => ['ipv6:[::1]:50051', 'ipv6:[::1]:50051'],
+         'a relative unix: path' => ['unix:run/x.sock', 'unix:run/x.sock'],
+         'unix:// absolute' => ['unix:///run/x.sock', 'unix:/run/x.sock'])
+    test 'gRPC targets reach gRPC as written' do |(endpoint, target)|
+      assert_equal target, Logscore::Client.target(endpoint)
     end
   end
 

@@ -78,7 +78,7 @@ module Fluent
         check_numbers(conf)
         if (problem = Logscore::Client.endpoint_problem(@endpoint))
           raise Fluent::ConfigError, "endpoint #{@endpoint.inspect}: #{problem}; write " \
-                                     "#{Logscore::Client::ENDPOINT_FORMS}"
+                                     "#{Logscore::Client::ENDPOINT_FORMS_TEXT}"
         end
         unless Logscore.utf8_text(@model)
           raise Fluent::ConfigError, "model #{@model.b.inspect} is not UTF-8 text: write the model's name as it is " \
