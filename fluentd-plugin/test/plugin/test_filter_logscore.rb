@@ -110,6 +110,14 @@ class LogscoreFilterTest < Test::Unit::TestCase
       assert_equal endpoint.delete('"'), create_driver("endpoint #{endpoint}").instance.endpoint
     end
 
+    # fluent-plugin-config-format shows this description; it said "unix:///path/to.sock or host:port"
+    # after the endpoint took more forms.
+    test 'the endpoint description names every accepted form and gRPC scheme' do
+      description = Fluent::Plugin::LogscoreFilter.dump_config_definition[:endpoint][:desc]
+      Logscore::Client::ENDPOINT_FORMS.each { |form| assert_include(description, form) }
+      Logscore::Client::GRPC_SCHEMES.each { |scheme| assert_include(description, "#{scheme}:") }
+    end
+
     # gRPC resolves these itself; the client hands them over unchanged (the unix forms as gRPC reads them).
     data('dns:///' => ['dns:///logscore:50051', 'dns:///logscore:50051'],
          'ipv6:' => ['ipv6:[::1]:50051', 'ipv6:[::1]:50051'],

@@ -15,7 +15,7 @@ module Fluent
 
       helpers :event_emitter, :timer, :record_accessor
 
-      desc 'Sidecar address: unix:///path/to.sock (default) or host:port'
+      desc "Sidecar address: #{Logscore::Client::ENDPOINT_FORMS_TEXT}"
       config_param :endpoint, :string, default: 'unix:///tmp/logscore.sock'
       desc 'Model name; empty lets the sidecar route by tag and entity'
       config_param :model, :string, default: ''
