@@ -440,6 +440,54 @@ class StreamScorerTest < Test::Unit::TestCase
     client.close
   end
 
+  # True once the block is, false when `seconds` pass first: a regression fails the test instead of hanging it.
+  def within(seconds)
+    deadline = now + seconds
+    until yield
+      return false if now > deadline
+
+      sleep 0.005
+    end
+    true
+  end
+
+  test 'calls failing in gRPC\'s core open the circuit after failure_threshold; the probe closes it' do
+    # CallError was counted as a failure only: the circuit never opened, and a broken channel made a
+    # call that failed at once every batch, for good, with no probe.
+    warnings = []
+    log = Object.new
+    log.define_singleton_method(:warn) { |message, fields = {}| warnings << [message, fields] }
+    log.define_singleton_method(:info) { |_message| nil }
+    client = Logscore::Client.new(endpoint: "unix://#{self.class.sidecar.socket}", timeout: 2.0, failure_threshold: 3,
+                                  probe_interval: 0.01, log: log)
+    stub, health = client.instance_variable_get(:@stub), client.instance_variable_get(:@health)
+    failing = Object.new
+    failing.define_singleton_method(:score) { |*_args, **_options| raise GRPC::Core::CallError, 'call#run_batch failed' }
+    sidecar_back = false
+    probed = Object.new
+    probed.define_singleton_method(:check) do |*args, **options|
+      raise GRPC::Unavailable, 'still broken' unless sidecar_back
+
+      health.check(*args, **options)
+    end
+    client.instance_variable_set(:@stub, failing)
+    client.instance_variable_set(:@health, probed)
+    scorer = Logscore::StreamScorer.new(client: client, keys: KEYS)
+    3.times { scorer.score('web', entries([{ 'a' => 1 }])) }
+    assert_true client.circuit_open?
+    assert_equal [1, 3, 3], client.stats.values_at(:circuit_opened, :failures, :calls)
+    assert_equal [{ reason: 'client_error' }], warnings.map(&:last)
+    scorer.score('web', entries([{ 'a' => 1 }])) # skipped: no call while the circuit is open
+    assert_equal [3, 1], client.stats.values_at(:calls, :skipped_circuit_open)
+    client.instance_variable_set(:@stub, stub)
+    sidecar_back = true
+    assert_true within(10) { !client.circuit_open? }, 'the probe did not close the circuit'
+    out = scorer.score('web', entries([{ 'message' => 'GET / HTTP/1.1' }]))
+    assert_nil out.first[1]['anomaly_unscored']
+  ensure
+    client&.close
+  end
+
   test 'close ends the probe at once, however long probe_interval is' do
     # The probe slept probe_interval between checks and close joined it: with probe_interval 60,
     # Fluentd's shutdown waited 57.5 s. A hang guard, 100 times under the interval, not a speed figure.

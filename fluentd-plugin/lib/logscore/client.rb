@@ -374,6 +374,11 @@ module Logscore
       failed(status_name(e.code), e.details, silent: SILENT.include?(e.code))
     rescue ScoringFailed => e # an answer that is not one (malformed_response)
       failed(e.reason, e.message, silent: false)
+    rescue GRPC::Core::CallError => e
+      # NOTE: gRPC's core refused the call (no StandardError). Counted only as a failure, it never opened
+      # the circuit: a channel that stays broken made a call that failed at once every batch, with no
+      # probe, for good. It counts toward failure_threshold as other failures do.
+      failed('client_error', "#{e.class}: #{e.message}", silent: false)
     end
 
     def refuse_when_stopped
