@@ -197,6 +197,49 @@ class LogscoreFilterTest < Test::Unit::TestCase
     assert_equal [{ 'n' => 1, 'anomaly_unscored' => true }], d.error_events.map { |_tag, _time, record, _error| record }
   end
 
+  # Stands for Fluentd's RootAgent with an @ERROR label: records what is handed to it.
+  class ErrorLabelRoot
+    attr_reader :streams, :one_by_one
+
+    def initialize
+      @streams = []
+      @one_by_one = []
+    end
+
+    def labels
+      { Fluent::RootAgent::ERROR_LABEL => :label }
+    end
+
+    def handle_emits_error(tag, stream, error)
+      @streams << [tag, stream.map { |_time, record| record['n'] }, error.reason]
+    end
+
+    def emit_error_event(tag, _time, record, _error)
+      @one_by_one << [tag, record['n']]
+    end
+  end
+
+  # Fluentd's Label hands errors on to its root agent.
+  LabelOfRoot = Struct.new(:root_agent) do
+    def emit_error_event(*args)
+      root_agent.emit_error_event(*args)
+    end
+  end
+
+  data('at the top level' => :root, 'inside a <label>' => :label)
+  test 'on_error error hands the stream to the @ERROR of the root agent behind the filter\'s own router' do |where|
+    # It went through Fluent::Engine.root_agent, which a configuration reload swaps before it stops the
+    # old agent (here: Fluentd's test setup, with no @ERROR, so each record was handed on alone).
+    d = create_driver("endpoint unix://#{self.class.dir}/absent.sock\ntimeout 50ms\non_error error")
+    root = ErrorLabelRoot.new
+    d.instance.router = Fluent::EventRouter.new(nil, where == :root ? root : LabelOfRoot.new(root))
+    stream = Fluent::MultiEventStream.new
+    [1, 2].each { |n| stream.add(event_time, { 'n' => n }) }
+    d.run(default_tag: 'web') { d.feed(stream) }
+    assert_equal [], d.filtered_records
+    assert_equal [[['web', [1, 2], 'unavailable']], []], [root.streams, root.one_by_one]
+  end
+
   test 'the summary of unscored records comes when its interval is over, with no record after it' do
     d = create_driver("endpoint unix://#{self.class.dir}/absent.sock\ntimeout 50ms\nunscored_log_interval 1")
     summary = nil

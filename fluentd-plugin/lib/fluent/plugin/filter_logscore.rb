@@ -304,8 +304,8 @@ module Fluent
       # chunks while the sidecar was stopped). That call raises when there is no @ERROR label: then each
       # record goes as Fluentd sends a failed one (dumped into its log), as under Fluentd's test driver.
       def to_error_label(tag, failed, error)
-        root = Fluent::Engine.root_agent
-        unless router.is_a?(Fluent::EventRouter) && root&.labels&.key?(ERROR_LABEL)
+        root = error_root_agent
+        unless root.respond_to?(:labels) && root.labels.key?(Fluent::RootAgent::ERROR_LABEL)
           return failed.each { |time, record| router.emit_error_event(tag, time, record, error) }
         end
 
@@ -314,7 +314,15 @@ module Fluent
         root.handle_emits_error(tag, stream, error)
       end
 
-      ERROR_LABEL = '@ERROR'
+      # The root agent behind this filter's own router (inside a <label>, the label's, which hands errors
+      # to it), not Fluent::Engine.root_agent: during a configuration reload Fluentd swaps that one
+      # before it stops the old agent, whose streams may still be in this filter.
+      def error_root_agent
+        return nil unless router.is_a?(Fluent::EventRouter)
+
+        handler = router.emit_error_handler
+        handler.respond_to?(:root_agent) ? handler.root_agent : handler
+      end
 
       # Counters for monitor_agent (/api/plugins.json merges the 'filter' hash into
       # this plugin's entry): logscore_scored, logscore_unscored, logscore_calls,
