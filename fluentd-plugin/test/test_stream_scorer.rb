@@ -401,6 +401,18 @@ class StreamScorerTest < Test::Unit::TestCase
     assert_false client.circuit_open?
   end
 
+  test 'with on_error error, a stream whose tag is not UTF-8 goes to the error handler (as docs/operations.md says)' do
+    client = Logscore::Client.new(endpoint: "unix://#{self.class.sidecar.socket}", timeout: 2.0)
+    handed = []
+    out = Logscore::StreamScorer.new(client: client, keys: KEYS, on_error: :error)
+                                .score("web.bad\xFF".b, entries([{ 'a' => 1 }, { 'a' => 2 }])) { |failed, error| handed << [failed, error] }
+    assert_equal [], out
+    assert_equal [[[1, 2], 'invalid_tag']], handed.map { |failed, error| [failed.map { |_, r| r['a'] }, error.reason] }
+    assert_equal 0, client.stats[:calls]
+  ensure
+    client&.close
+  end
+
   test 'a health check failing in the client itself (not a gRPC status) does not end the probe' do
     # Only GRPC::BadStatus was rescued: any other error ended the probe's thread, and the circuit
     # stayed open for good (every record unscored until Fluentd restarted).
