@@ -4,7 +4,34 @@ require_relative 'helper'
 require 'grpc/health/checker'
 
 # The plugin's scoring logic against the real sidecar process (no Fluentd needed).
+# What every test here opens is closed after it, and every wait is bounded: a client left open kept its
+# probe thread polling every probe_interval for the rest of the run, and an unbounded wait hung the run
+# instead of failing the test when what it waited for regressed.
+module TidyClients
+  def self.included(test_class)
+    test_class.teardown { (@opened_clients || []).each(&:close) }
+  end
+
+  def new_client(**options)
+    client = Logscore::Client.new(**options)
+    (@opened_clients ||= []) << client
+    client
+  end
+
+  # True once the block is, false when `seconds` pass first.
+  def within(seconds)
+    deadline = Process.clock_gettime(Process::CLOCK_MONOTONIC) + seconds
+    until yield
+      return false if Process.clock_gettime(Process::CLOCK_MONOTONIC) > deadline
+
+      sleep 0.005
+    end
+    true
+  end
+end
+
 class StreamScorerTest < Test::Unit::TestCase
+  include TidyClients
   KEYS = Logscore::StreamScorer::Keys.new(score: 'anomaly_score', flag: 'is_anomaly', model: 'anomaly_model',
                                           explanation: 'anomaly_explanation', unscored: 'anomaly_unscored',
                                           notes: 'anomaly_notes')
@@ -21,7 +48,7 @@ class StreamScorerTest < Test::Unit::TestCase
 
   def scorer(endpoint: "unix://#{self.class.sidecar.socket}", timeout: 2.0, message_key: nil, on_error: :pass,
              explain: 0, batch_records: 2000, batch_bytes: 1024 * 1024, **client_options)
-    client = Logscore::Client.new(endpoint: endpoint, timeout: timeout, explain: explain, **client_options)
+    client = new_client(endpoint: endpoint, timeout: timeout, explain: explain, **client_options)
     Logscore::StreamScorer.new(client: client, keys: KEYS, message_key: message_key, on_error: on_error,
                                batch_records: batch_records, batch_bytes: batch_bytes)
   end
@@ -52,7 +79,7 @@ class StreamScorerTest < Test::Unit::TestCase
     warnings = []
     log = Object.new
     log.define_singleton_method(:warn) { |_message, fields| warnings << fields }
-    client = Logscore::Client.new(endpoint: "unix://#{self.class.sidecar.socket}", timeout: 2.0)
+    client = new_client(endpoint: "unix://#{self.class.sidecar.socket}", timeout: 2.0)
     shared = Logscore::StreamScorer.new(client: client, keys: KEYS, log: log)
     records = [{ 'message' => 'GET /', 'at' => Time.at(0) }, { 'message' => 'GET /', 'n' => -2**70 }]
     out = shared.score('web.a', entries(records))
@@ -74,7 +101,7 @@ class StreamScorerTest < Test::Unit::TestCase
     # made 16 streams on one connection, and those the sidecar refused read as a silent sidecar.
     # NOTE: a generous timeout: a refused stream fails at once whatever the deadline, while 16 calls
     # queueing for 4 places on a loaded machine may wait past a short one (busy, unscored).
-    client = Logscore::Client.new(endpoint: "unix://#{self.class.sidecar.socket}", timeout: 10.0)
+    client = new_client(endpoint: "unix://#{self.class.sidecar.socket}", timeout: 10.0)
     shared = Logscore::StreamScorer.new(client: client, keys: KEYS, message_key: 'message', on_error: :pass,
                                         batch_records: 500, batch_bytes: 1024 * 1024)
     lines = AccessLines.normal(2000).map { |line| { 'message' => line } }
@@ -91,12 +118,12 @@ class StreamScorerTest < Test::Unit::TestCase
     slots = Logscore::CallSlots.new(2)
     release = Queue.new
     holders = Array.new(2) { Thread.new { slots.hold(1) { release.pop } } }
-    sleep 0.05 until holders.all? { |t| t.status == 'sleep' }
+    assert_true(within(10) { holders.all? { |t| t.status == 'sleep' } }, 'the holders did not take the slots')
     started = now
     assert_false slots.hold(0.2) { flunk 'no slot was free' }
     assert_operator now - started, :<, 2 # gave up after its allowance, not after the holders
     2.times { release << :done }
-    holders.each(&:join)
+    assert(holders.all? { |holder| holder.join(10) }, 'a holder did not give its slot back')
     assert_equal :ran, slots.hold(0.2) { :ran }
   end
 
@@ -383,7 +410,7 @@ class StreamScorerTest < Test::Unit::TestCase
     warnings = []
     log = Object.new
     log.define_singleton_method(:warn) { |message, fields = {}| warnings << [message, fields] }
-    client = Logscore::Client.new(endpoint: "unix://#{self.class.sidecar.socket}", timeout: 2.0)
+    client = new_client(endpoint: "unix://#{self.class.sidecar.socket}", timeout: 2.0)
     [nil, 'message'].each do |message_key|
       warnings.clear
       shared = Logscore::StreamScorer.new(client: client, keys: KEYS, log: log, message_key: message_key)
@@ -402,7 +429,7 @@ class StreamScorerTest < Test::Unit::TestCase
   end
 
   test 'with on_error error, a stream whose tag is not UTF-8 goes to the error handler (as docs/operations.md says)' do
-    client = Logscore::Client.new(endpoint: "unix://#{self.class.sidecar.socket}", timeout: 2.0)
+    client = new_client(endpoint: "unix://#{self.class.sidecar.socket}", timeout: 2.0)
     handed = []
     out = Logscore::StreamScorer.new(client: client, keys: KEYS, on_error: :error)
                                 .score("web.bad\xFF".b, entries([{ 'a' => 1 }, { 'a' => 2 }])) { |failed, error| handed << [failed, error] }
@@ -420,7 +447,7 @@ class StreamScorerTest < Test::Unit::TestCase
     log = Object.new
     log.define_singleton_method(:warn) { |message, fields = {}| warnings << [message, fields] }
     log.define_singleton_method(:info) { |_message| nil }
-    client = Logscore::Client.new(endpoint: "unix://#{self.class.sidecar.socket}", timeout: 2.0, probe_interval: 0.01,
+    client = new_client(endpoint: "unix://#{self.class.sidecar.socket}", timeout: 2.0, probe_interval: 0.01,
                                   log: log)
     health = client.instance_variable_get(:@health)
     failing = Object.new
@@ -434,7 +461,7 @@ class StreamScorerTest < Test::Unit::TestCase
     client.instance_variable_set(:@health, failing)
     assert_raise(Logscore::ScoringFailed) { client.send(:failed, 'unavailable', 'made to fail', silent: true) }
     assert_true client.circuit_open?
-    client.instance_variable_get(:@probe).join # raised the CallError here before
+    assert_not_nil client.instance_variable_get(:@probe).join(10), 'the probe went on' # raised the CallError here before
     assert_false client.circuit_open?
     assert_equal 4, calls
     assert_equal 1, warnings.count { |message, _| message.include?('health check failed in the client itself') }
@@ -443,24 +470,13 @@ class StreamScorerTest < Test::Unit::TestCase
   end
 
   test 'a call failing in gRPC\'s core (CallError, no StandardError) passes its records unscored' do
-    client = Logscore::Client.new(endpoint: "unix://#{self.class.sidecar.socket}", timeout: 2.0)
+    client = new_client(endpoint: "unix://#{self.class.sidecar.socket}", timeout: 2.0)
     failing = Object.new
     failing.define_singleton_method(:score) { |*_args, **_options| raise GRPC::Core::CallError, 'call#run_batch failed' }
     client.instance_variable_set(:@stub, failing)
     out = Logscore::StreamScorer.new(client: client, keys: KEYS).score('web', entries([{ 'a' => 1 }, { 'a' => 2 }]))
     assert_equal [true, true], out.map { |_, record| record['anomaly_unscored'] }
     client.close
-  end
-
-  # True once the block is, false when `seconds` pass first: a regression fails the test instead of hanging it.
-  def within(seconds)
-    deadline = now + seconds
-    until yield
-      return false if now > deadline
-
-      sleep 0.005
-    end
-    true
   end
 
   test 'calls failing in gRPC\'s core open the circuit after failure_threshold; the probe closes it' do
@@ -470,7 +486,7 @@ class StreamScorerTest < Test::Unit::TestCase
     log = Object.new
     log.define_singleton_method(:warn) { |message, fields = {}| warnings << [message, fields] }
     log.define_singleton_method(:info) { |_message| nil }
-    client = Logscore::Client.new(endpoint: "unix://#{self.class.sidecar.socket}", timeout: 2.0, failure_threshold: 3,
+    client = new_client(endpoint: "unix://#{self.class.sidecar.socket}", timeout: 2.0, failure_threshold: 3,
                                   probe_interval: 0.01, log: log)
     stub, health = client.instance_variable_get(:@stub), client.instance_variable_get(:@health)
     failing = Object.new
@@ -493,7 +509,7 @@ class StreamScorerTest < Test::Unit::TestCase
     assert_equal [3, 1], client.stats.values_at(:calls, :skipped_circuit_open)
     client.instance_variable_set(:@stub, stub)
     sidecar_back = true
-    assert_true within(10) { !client.circuit_open? }, 'the probe did not close the circuit'
+    assert_true(within(10) { !client.circuit_open? }, 'the probe did not close the circuit')
     out = scorer.score('web', entries([{ 'message' => 'GET / HTTP/1.1' }]))
     assert_nil out.first[1]['anomaly_unscored']
   ensure
@@ -503,13 +519,13 @@ class StreamScorerTest < Test::Unit::TestCase
   test 'close ends the probe at once, however long probe_interval is' do
     # The probe slept probe_interval between checks and close joined it: with probe_interval 60,
     # Fluentd's shutdown waited 57.5 s. A hang guard, 100 times under the interval, not a speed figure.
-    client = Logscore::Client.new(endpoint: "unix://#{self.class.dir}/nobody-here.sock", timeout: 0.05,
+    client = new_client(endpoint: "unix://#{self.class.dir}/nobody-here.sock", timeout: 0.05,
                                   probe_interval: 3600)
     scorer = Logscore::StreamScorer.new(client: client, keys: KEYS)
     scorer.score('web', entries([{ 'a' => 1 }]))
     assert_true client.circuit_open?
     probe = client.instance_variable_get(:@probe)
-    Thread.pass until client.stats[:probes] >= 1 && probe.status == 'sleep' # checked once, waiting for the next
+    assert_true(within(10) { client.stats[:probes] >= 1 && probe.status == 'sleep' }, 'no probe, or not waiting for the next')
     closer = Thread.new { client.close }
     assert_not_nil closer.join(36), 'close waited for the probe interval'
     assert_false probe.alive?
@@ -589,6 +605,7 @@ end
 
 # Failures only a fake server can stage: a slow answer and a malformed one.
 class MisbehavingSidecarTest < Test::Unit::TestCase
+  include TidyClients
   class FakeScorer < Logscore::V1::Scorer::Service
     NONSENSE_SCORES = { nan: Float::NAN, above_one: 7.5, negative: -3.0 }.freeze
 
@@ -635,7 +652,7 @@ class MisbehavingSidecarTest < Test::Unit::TestCase
     yield "127.0.0.1:#{port}"
   ensure
     server.stop
-    thread.join
+    thread.join(10) # bounded: a server that does not stop must not hang the run
   end
 
   def now
@@ -649,7 +666,7 @@ class MisbehavingSidecarTest < Test::Unit::TestCase
   end
 
   def score_with(endpoint, timeout)
-    client = Logscore::Client.new(endpoint: endpoint, timeout: timeout)
+    client = new_client(endpoint: endpoint, timeout: timeout)
     scorer = Logscore::StreamScorer.new(client: client, keys: StreamScorerTest::KEYS, message_key: 'm')
     [scorer.score('t', [[1, { 'm' => 'a' }], [2, { 'm' => 'b' }]]), client]
   end
@@ -685,7 +702,7 @@ class MisbehavingSidecarTest < Test::Unit::TestCase
   test 'calls failing while the health check passes: the circuit reopening at once is logged once' do
     with_fake(:short, healthy: true) do |endpoint|
       log = KeptLog.new
-      client = Logscore::Client.new(endpoint: endpoint, timeout: 2.0, failure_threshold: 1, probe_interval: 0.02,
+      client = new_client(endpoint: endpoint, timeout: 2.0, failure_threshold: 1, probe_interval: 0.02,
                                     log: log)
       scorer = Logscore::StreamScorer.new(client: client, keys: StreamScorerTest::KEYS, message_key: 'm')
       stream = -> { scorer.score('t', [[1, { 'm' => 'a' }], [2, { 'm' => 'b' }]]) }
@@ -707,7 +724,7 @@ class MisbehavingSidecarTest < Test::Unit::TestCase
     checker = passing_health_check
     with_fake(:short, health: checker) do |endpoint|
       log = KeptLog.new
-      client = Logscore::Client.new(endpoint: endpoint, timeout: 2.0, failure_threshold: 1, probe_interval: 0.1,
+      client = new_client(endpoint: endpoint, timeout: 2.0, failure_threshold: 1, probe_interval: 0.1,
                                     log: log)
       scorer = Logscore::StreamScorer.new(client: client, keys: StreamScorerTest::KEYS, message_key: 'm')
       started = now
@@ -724,7 +741,7 @@ class MisbehavingSidecarTest < Test::Unit::TestCase
 
   test 'a refused call of a pipelined stream marks only its own records; the others are scored' do
     with_fake(:picky) do |endpoint|
-      client = Logscore::Client.new(endpoint: endpoint, timeout: 2.0)
+      client = new_client(endpoint: endpoint, timeout: 2.0)
       scorer = Logscore::StreamScorer.new(client: client, keys: StreamScorerTest::KEYS, message_key: 'm',
                                           batch_records: 10)
       records = Array.new(50) { |i| [i, { 'm' => i.between?(20, 29) ? 'refuse me' : 'fine', 'n' => i }] }
@@ -738,7 +755,7 @@ class MisbehavingSidecarTest < Test::Unit::TestCase
 
   test 'refusals in every record: the calls spent finding them are bounded and calls go on' do
     with_fake(:picky) do |endpoint|
-      client = Logscore::Client.new(endpoint: endpoint, timeout: 2.0)
+      client = new_client(endpoint: endpoint, timeout: 2.0)
       scorer = Logscore::StreamScorer.new(client: client, keys: StreamScorerTest::KEYS, message_key: 'm')
       3.times do
         out = scorer.score('t', Array.new(500) { |i| [i, { 'm' => 'refuse me' }] })
