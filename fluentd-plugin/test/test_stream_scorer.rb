@@ -671,6 +671,17 @@ class MisbehavingSidecarTest < Test::Unit::TestCase
     [scorer.score('t', [[1, { 'm' => 'a' }], [2, { 'm' => 'b' }]]), client]
   end
 
+  # The endpoint check refused these, which worked: the client hands them to gRPC as written.
+  data('dns:///' => 'dns:///127.0.0.1:%d', 'dns: without slashes' => 'dns:127.0.0.1:%d',
+       'ipv4:' => 'ipv4:127.0.0.1:%d', 'host:port' => '127.0.0.1:%d')
+  test 'a target of gRPC\'s own schemes passes the endpoint check and reaches the sidecar' do |form|
+    with_fake(:short, healthy: true) do |endpoint|
+      target = format(form, endpoint[/\d+\z/].to_i)
+      assert_nil Logscore::Client.endpoint_problem(target)
+      assert_true new_client(endpoint: target, timeout: 2.0).send(:healthy?), target
+    end
+  end
+
   test 'a slow sidecar hits the deadline and records pass marked' do
     with_fake(:slow) do |endpoint|
       started = Process.clock_gettime(Process::CLOCK_MONOTONIC)
