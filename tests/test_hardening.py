@@ -624,6 +624,55 @@ def test_a_bug_met_on_a_connection_is_answered_500_and_logged_in_one_line(monkey
     assert not any(r.exc_info for r in caplog.records)
 
 
+async def one_answer_from(server, request: bytes, body: bytes = b"") -> bytes:
+    """All the server wrote on one connection, to its end, for ``request`` (then ``body``, sent
+    while the answer is read: a server that closes with it unread resets the connection)."""
+    await server.start("127.0.0.1", 0)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(request + body)
+        answer = await asyncio.wait_for(reader.read(), 20)
+        writer.close()
+        return answer
+    finally:
+        await server.stop()
+
+
+def test_a_bug_met_in_an_event_stream_closes_it_without_a_second_answer(caplog):
+    """The catch-all wrote a whole 'HTTP/1.1 500' response into the text/event-stream body whose
+    200 head and first event had gone out (review A)."""
+    from logscore.servers.http import HttpServer, Response
+
+    async def events():
+        yield b"data: first\n\n"
+        raise KeyError("a bug in the stream")
+
+    async def stream_route(request):
+        return Response(200, b"", "text/event-stream", stream=events())
+    server = HttpServer({("GET", "/events"): stream_route}, 1024)
+    with caplog.at_level(logging.INFO):
+        answer = asyncio.run(one_answer_from(server, b"GET /events HTTP/1.1\r\nHost: localhost\r\n\r\n"))
+    assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b"data: first\n\n"), answer
+    assert answer.count(b"HTTP/1.1 ") == 1, answer
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == [
+        "internal error on an HTTP connection"]
+
+
+def test_a_bug_met_with_a_body_unread_is_answered_500_not_reset(monkeypatch):
+    """The catch-all's 500 closed at once: with the body still coming, the client read a reset, not
+    the answer (a refusal lingers for that reason; review A)."""
+    from logscore.servers.http import HttpServer
+
+    async def broken(self, line, reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        raise RuntimeError("a bug met before the body")
+    monkeypatch.setattr(HttpServer, "_read_request", broken)
+    body = b"x" * (4 << 20)
+    head = f"POST /v1/score HTTP/1.1\r\nHost: localhost\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+    answer = asyncio.run(one_answer_from(HttpServer({}, len(body)), head, body))
+    assert answer.startswith(b"HTTP/1.1 500 ") and b"internal error in the sidecar (logged)" in answer, answer
+
+
 def chunked(body: bytes, size: int) -> bytes:
     """``body`` in chunks of ``size`` bytes, then the last chunk."""
     pieces = (body[i:i + size] for i in range(0, len(body), size))

@@ -151,6 +151,9 @@ class HttpServer(StreamServer):
         self.admission = admission
         self.gate = gate  # checked on a request carrying a body, before any of it is read
         self._internal_said = OncePerInterval()
+        # connections whose current answer has begun to go out: a bug met then is not answered 500
+        # (the bytes would land inside that answer: an event stream's body read a second response)
+        self.answer_begun: set[asyncio.StreamWriter] = set()
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
@@ -162,10 +165,12 @@ class HttpServer(StreamServer):
             # NOTE: escaping, it was asyncio's "Unhandled exception in client_connected_cb" with its
             # traceback, for every such request, and its client got no answer
             self.internal_error(error)
-            if not writer.is_closing():
+            if writer not in self.answer_begun and not writer.is_closing():
                 await self._write(writer, Response.error(500, "internal error in the sidecar (logged)"), False)
+                await linger(reader, writer)  # (met mid-body: closed at once, the client read a reset)
         finally:
             self.busy.discard(task)
+            self.answer_begun.discard(writer)
 
     def internal_error(self, error: Exception, path: str = "") -> None:
         """A bug met while answering: counted (kind internal), logged in one line once an interval
@@ -190,6 +195,7 @@ class HttpServer(StreamServer):
             return False
         if not line:
             return False
+        self.answer_begun.discard(writer)  # a new request: nothing of its answer has gone out
         self.busy.add(task)
         scoring = self._is_scoring(line)
         self.scoring_calls += scoring
@@ -431,14 +437,14 @@ class HttpServer(StreamServer):
             self.metrics.refused(f"http_{status}", "http", message)
         return Response.error(status, message)
 
-    @staticmethod
-    async def _write(writer: asyncio.StreamWriter, response: Response, keep_alive: bool) -> bool:
+    async def _write(self, writer: asyncio.StreamWriter, response: Response, keep_alive: bool) -> bool:
         """Write the answer; False if the client went or did not read it in time (the connection
         is then dropped: an answer left unread held its request's memory for good)."""
         head = [f"HTTP/1.1 {response.status} {REASONS.get(response.status, 'Status')}",
                 f"Content-Type: {response.content_type}", f"Content-Length: {len(response.body)}",
                 f"Connection: {'keep-alive' if keep_alive else 'close'}"]
         head += [f"{k}: {v}" for k, v in response.headers.items()]
+        self.answer_begun.add(writer)
         writer.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + response.body)
         try:
             await asyncio.wait_for(writer.drain(), REQUEST_TIMEOUT_S)
@@ -468,6 +474,7 @@ class HttpServer(StreamServer):
         head = [f"HTTP/1.1 {response.status} {REASONS.get(response.status, 'Status')}",
                 f"Content-Type: {response.content_type}", "Cache-Control: no-cache", "Connection: close"]
         head += [f"{k}: {v}" for k, v in response.headers.items()]
+        self.answer_begun.add(writer)
         writer.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1"))
         self.streams.add(task)
         # NOTE: a stream's client sends nothing more; its read ends when it goes, which ends the
