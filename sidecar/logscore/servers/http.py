@@ -173,15 +173,15 @@ class HttpServer(StreamServer):
             self.answer_begun.discard(writer)
 
     def internal_error(self, error: Exception, path: str = "") -> None:
-        """A bug met while answering: counted (kind internal), logged in one line once an interval
-        per error and place (a client repeating what caused it writes no flood of tracebacks)."""
+        """A bug met while answering: counted (kind internal), logged in one line (its traceback in
+        the line's exception field) once an interval per error and place: a client repeating what
+        caused it writes no flood of tracebacks."""
         if self.metrics is not None:
             self.metrics.child(self.metrics.errors, "internal", "http").inc()
-        frames = traceback.extract_tb(error.__traceback__)
-        where = f"{os.path.basename(frames[-1].filename)}:{frames[-1].lineno} in {frames[-1].name}" if frames else "?"
+        where = sidecar_frame(error)
         unsaid = self._internal_said.due((type(error), where), 1)
         if unsaid is not None:
-            log.error("internal error on an HTTP connection", extra={
+            log.error("internal error on an HTTP connection", exc_info=error, extra={
                 "error": f"{type(error).__name__}: {error}"[:500], "at": where, "path": path,
                 "unlogged_since_last_logged": unsaid[0]})
 
@@ -496,6 +496,19 @@ class HttpServer(StreamServer):
 
     def long_lived(self) -> int:
         return len(self.streams)
+
+
+PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep  # sidecar/logscore/
+
+
+def sidecar_frame(error: BaseException) -> str:
+    """Where the sidecar's own code met ``error``: its innermost frame under sidecar/logscore (the
+    innermost of all is often the standard library's, 'encoder.py:180 in default', which says
+    nothing of which of the sidecar's calls to look at)."""
+    frames = traceback.extract_tb(error.__traceback__)
+    own = [frame for frame in frames if os.path.abspath(frame.filename).startswith(PACKAGE_DIR)]
+    frame = (own or frames or [None])[-1]
+    return f"{os.path.basename(frame.filename)}:{frame.lineno} in {frame.name}" if frame else "?"
 
 
 async def read_request_line(reader: asyncio.StreamReader) -> bytes:
