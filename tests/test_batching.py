@@ -93,3 +93,43 @@ def test_a_deadline_passing_while_its_batch_is_scored_is_told_then_and_the_rest_
     held, after = asyncio.run(scenario())
     assert held and after.scores.tolist() == list(range(20, 30))
     assert abandoned == [(10, "deadline")]
+
+
+class CountedRecord(float):
+    """A record that counts how often it is compared with another record."""
+    compared = 0
+
+    def __eq__(self, other):
+        if isinstance(other, CountedRecord):
+            CountedRecord.compared += 1
+        return float.__eq__(self, other)
+
+    __hash__ = float.__hash__
+
+
+def test_a_queued_call_leaving_at_its_deadline_is_found_without_comparing_records():
+    """The queue found the expiring job by value: each job before it compared their records lists
+    (7.8-11 ms of event-loop CPU an expiry behind 399 jobs of 500 alike records; review A)."""
+    model = type("FakeModel", (), {"name": "fake"})()
+    scorer = HeldScorer(held=0)
+    CountedRecord.compared = 0
+
+    async def scenario():
+        executor = ThreadPoolExecutor(1)
+        batcher = Batcher(model, executor, max_batch_records=4096, max_queued_records=10_000, inline_max_records=0,
+                          score_chunk=scorer)
+        first = asyncio.ensure_future(batcher.score(list(range(0, 10)), 0, None))
+        await asyncio.get_running_loop().run_in_executor(None, scorer.started.wait, GUARD_S)
+        ahead = asyncio.ensure_future(batcher.score([CountedRecord(100 + i) for i in range(5)], 0, None))
+        late = asyncio.ensure_future(batcher.score([CountedRecord(200 + i) for i in range(5)], 0,
+                                                   time.monotonic() + 0.05))
+        with pytest.raises(DeadlineExceeded, match="deadline passed while queued"):
+            await asyncio.wait_for(late, GUARD_S)
+        compared = CountedRecord.compared
+        scorer.release.set()
+        await asyncio.wait_for(asyncio.gather(first, ahead), GUARD_S)
+        await batcher.close()
+        executor.shutdown()
+        return compared
+
+    assert asyncio.run(scenario()) == 0

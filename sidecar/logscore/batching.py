@@ -28,7 +28,7 @@ from .model import SCORE_CHUNK, Model, Scored
 log = logging.getLogger("logscore.batching")
 
 
-@dataclass
+@dataclass(eq=False)  # a job is itself alone: compared by value, _expire's remove compared records lists
 class Job:
     records: Sequence[object]
     explain: int
@@ -103,7 +103,8 @@ class Batcher:
             return
         when = "while queued" if job.queued else "while scoring"
         if job.queued:
-            self._queue.remove(job)  # (a queue holds few jobs: a batch takes them all)
+            # (a scan of the queue: up to max_queued_records records' jobs, but each compared by identity)
+            self._queue.remove(job)
             self._queued_records -= len(job.records)
             job.queued = False
         self._fail_late(job, when)
