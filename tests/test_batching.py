@@ -15,6 +15,7 @@ from logscore.errors import DeadlineExceeded
 from logscore.model import Scored
 
 GUARD_S = 30  # only so that a broken batcher fails the test instead of hanging it
+HELD_S = 2 * GUARD_S  # the scorer's own bound: longer than any wait of the test, so that it never decides it
 
 
 class HeldScorer:
@@ -25,74 +26,91 @@ class HeldScorer:
         self.held = held
         self.started = threading.Event()
         self.release = threading.Event()
+        self.returned = threading.Event()  # the held chunk's scores were returned
         self.chunks: list[list] = []
 
     def __call__(self, records, explain, explain_flagged) -> Scored:
         self.chunks.append(list(records))
         if self.held in records:
             self.started.set()
-            self.release.wait(GUARD_S)
+            self.release.wait(HELD_S)
+            self.returned.set()
         values = np.array(records, dtype=np.float32)
         flags = np.zeros(len(records), dtype=bool)
         return Scored(values, flags, values[:, None], flags, flags)
 
 
+class HeldBatcher:
+    """A batcher (one scoring thread, nothing scored inline) whose scorer holds the chunk with
+    record 0 until released; what it abandoned, and why."""
+
+    def __init__(self):
+        self.scorer = HeldScorer(held=0)
+        self.abandoned: list[tuple[int, str]] = []
+        self.executor = ThreadPoolExecutor(1)
+        self.batcher = Batcher(type("FakeModel", (), {"name": "fake"})(), self.executor, max_batch_records=4096,
+                               max_queued_records=10_000, inline_max_records=0, score_chunk=self.scorer,
+                               abandon=lambda _, records, reason: self.abandoned.append((records, reason)))
+
+    def score(self, records, seconds_left: float | None = None) -> asyncio.Future:
+        deadline = None if seconds_left is None else time.monotonic() + seconds_left
+        return asyncio.ensure_future(self.batcher.score(records, 0, deadline))
+
+    async def holding(self, records) -> asyncio.Future:
+        """A call whose batch is now being scored, and held."""
+        call = self.score(records)
+        await asyncio.get_running_loop().run_in_executor(None, self.scorer.started.wait, GUARD_S)
+        return call
+
+    async def close(self) -> None:
+        self.scorer.release.set()
+        await self.batcher.close()
+        self.executor.shutdown()
+
+
 def test_a_queued_call_is_told_of_its_deadline_while_the_batch_before_it_is_still_being_scored():
     """The deadline was checked only when the job reached the head of the queue: a 504 for
     timeout_ms=500 came behind a busy queue at 0.75–1.1 s, and its records could still be scored."""
-    model = type("FakeModel", (), {"name": "fake"})()
-    scorer = HeldScorer(held=0)
-    abandoned = []
+    held = HeldBatcher()
 
     async def scenario():
-        executor = ThreadPoolExecutor(1)
-        batcher = Batcher(model, executor, max_batch_records=4096, max_queued_records=10_000, inline_max_records=0,
-                          score_chunk=scorer, abandon=lambda _, records, reason: abandoned.append((records, reason)))
-        first = asyncio.ensure_future(batcher.score(list(range(0, 10)), 0, None))
-        await asyncio.get_running_loop().run_in_executor(None, scorer.started.wait, GUARD_S)
-        late = asyncio.ensure_future(batcher.score(list(range(100, 105)), 0, time.monotonic() + 0.05))
+        first = await held.holding(list(range(0, 10)))
+        late = held.score(list(range(100, 105)), seconds_left=0.05)
         await asyncio.sleep(0)  # (the call reaches the queue)
-        queued_then = batcher.queued_records
+        queued_then = held.batcher.queued_records
         with pytest.raises(DeadlineExceeded, match="deadline passed while queued"):
             await asyncio.wait_for(late, GUARD_S)
-        order = ["deadline told", "first batch still held" if not scorer.release.is_set() else "first batch done"]
-        queued_after = batcher.queued_records
-        scorer.release.set()
+        first_held = not first.done()  # told while the batch before it was still being scored
+        queued_after = held.batcher.queued_records
+        held.scorer.release.set()
         scored = await asyncio.wait_for(first, GUARD_S)
-        await batcher.close()
-        executor.shutdown()
-        return order, queued_then, queued_after, scored
+        await held.close()
+        return first_held, queued_then, queued_after, scored
 
-    order, queued_then, queued_after, scored = asyncio.run(scenario())
-    assert order == ["deadline told", "first batch still held"]
+    first_held, queued_then, queued_after, scored = asyncio.run(scenario())
+    assert first_held
     assert (queued_then, queued_after) == (5, 0)  # its place under max_queued_records freed at once
     assert scored.scores.tolist() == list(range(10))
-    assert all(record < 100 for chunk in scorer.chunks for record in chunk), scorer.chunks  # never scored
-    assert abandoned == [(5, "deadline")]  # counted once, as a deadline (not as a caller that cancelled)
+    assert all(record < 100 for chunk in held.scorer.chunks for record in chunk), held.scorer.chunks  # never scored
+    assert held.abandoned == [(5, "deadline")]  # counted once, as a deadline (not as a caller that cancelled)
 
 
 def test_a_deadline_passing_while_its_batch_is_scored_is_told_then_and_the_rest_of_the_batch_answered():
-    model = type("FakeModel", (), {"name": "fake"})()
-    scorer = HeldScorer(held=0)
-    abandoned = []
+    held = HeldBatcher()
 
     async def scenario():
-        executor = ThreadPoolExecutor(1)
-        batcher = Batcher(model, executor, max_batch_records=4096, max_queued_records=10_000, inline_max_records=0,
-                          score_chunk=scorer, abandon=lambda _, records, reason: abandoned.append((records, reason)))
-        late = asyncio.ensure_future(batcher.score(list(range(0, 10)), 0, time.monotonic() + 0.05))
+        late = held.score(list(range(0, 10)), seconds_left=0.05)
         with pytest.raises(DeadlineExceeded, match="deadline passed while scoring"):
             await asyncio.wait_for(late, GUARD_S)
-        held = not scorer.release.is_set()
-        scorer.release.set()
-        after = await asyncio.wait_for(batcher.score(list(range(20, 30)), 0, None), GUARD_S)
-        await batcher.close()
-        executor.shutdown()
-        return held, after
+        still_held = held.scorer.started.is_set() and not held.scorer.returned.is_set()
+        held.scorer.release.set()
+        after = await asyncio.wait_for(held.score(list(range(20, 30))), GUARD_S)
+        await held.close()
+        return still_held, after
 
-    held, after = asyncio.run(scenario())
-    assert held and after.scores.tolist() == list(range(20, 30))
-    assert abandoned == [(10, "deadline")]
+    still_held, after = asyncio.run(scenario())
+    assert still_held and after.scores.tolist() == list(range(20, 30))
+    assert held.abandoned == [(10, "deadline")]
 
 
 class CountedRecord(float):
@@ -110,26 +128,19 @@ class CountedRecord(float):
 def test_a_queued_call_leaving_at_its_deadline_is_found_without_comparing_records():
     """The queue found the expiring job by value: each job before it compared their records lists
     (7.8-11 ms of event-loop CPU an expiry behind 399 jobs of 500 alike records; review A)."""
-    model = type("FakeModel", (), {"name": "fake"})()
-    scorer = HeldScorer(held=0)
+    held = HeldBatcher()
     CountedRecord.compared = 0
 
     async def scenario():
-        executor = ThreadPoolExecutor(1)
-        batcher = Batcher(model, executor, max_batch_records=4096, max_queued_records=10_000, inline_max_records=0,
-                          score_chunk=scorer)
-        first = asyncio.ensure_future(batcher.score(list(range(0, 10)), 0, None))
-        await asyncio.get_running_loop().run_in_executor(None, scorer.started.wait, GUARD_S)
-        ahead = asyncio.ensure_future(batcher.score([CountedRecord(100 + i) for i in range(5)], 0, None))
-        late = asyncio.ensure_future(batcher.score([CountedRecord(200 + i) for i in range(5)], 0,
-                                                   time.monotonic() + 0.05))
+        first = await held.holding(list(range(0, 10)))
+        ahead = held.score([CountedRecord(100 + i) for i in range(5)])
+        late = held.score([CountedRecord(200 + i) for i in range(5)], seconds_left=0.05)
         with pytest.raises(DeadlineExceeded, match="deadline passed while queued"):
             await asyncio.wait_for(late, GUARD_S)
         compared = CountedRecord.compared
-        scorer.release.set()
+        held.scorer.release.set()
         await asyncio.wait_for(asyncio.gather(first, ahead), GUARD_S)
-        await batcher.close()
-        executor.shutdown()
+        await held.close()
         return compared
 
     assert asyncio.run(scenario()) == 0
