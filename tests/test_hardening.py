@@ -1254,8 +1254,12 @@ def test_grpc_calls_past_the_cap_are_refused_at_once_and_watchers_take_at_most_a
         for _ in range(3):  # health checks are answered at the cap, and take no place of it
             assert health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == \
                 health_pb2.HealthCheckResponse.SERVING
+        # a health Watch, an endless stream, does take one (it went uncounted: review A)
+        with pytest.raises(grpc.RpcError) as failure:
+            next(health.Watch(health_pb2.HealthCheckRequest(), timeout=10))
+        assert failure.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "8 gRPC calls" in failure.value.details()
         # grpcio's own cap answered these without our code knowing: neither counted nor logged
-        assert process.metric(TOO_MANY_CALLS) == refused_before + 1
+        assert process.metric(TOO_MANY_CALLS) == refused_before + 2
         refusals = [json.loads(line) for line in process.log().splitlines() if '"too_many_calls"' in line]
         assert refusals and refusals[0]["message"] == "request refused" and refusals[0]["surface"] == "grpc", refusals
         watchers[0].cancel()

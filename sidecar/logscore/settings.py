@@ -113,10 +113,11 @@ class Settings:
                                         "been admitted for yet")
     max_grpc_calls: int = setting(64, "gRPC calls in progress at once, event watchers included (at most a quarter "
                                   "of them: WatchAnomalies past that is refused) and each ScoreStream for as long "
-                                  "as it is open, idle or not; health checks take no place; past it a call "
-                                  "is refused RESOURCE_EXHAUSTED at once, before its message is read, counted and "
-                                  "logged (gRPC holds each call's message, up to max_message_bytes, while it "
-                                  "arrives, before the in-flight budget sees it)")
+                                  "as it is open, idle or not; health checks (Health/Check) take no place, a "
+                                  "Health/Watch stream one; past it a call is refused RESOURCE_EXHAUSTED at once, "
+                                  "before its message is read, counted and logged (gRPC holds each call's "
+                                  "message, up to max_message_bytes, while it arrives, before the in-flight "
+                                  "budget sees it)")
     max_model_bytes: int = setting(DEFAULT_MAX_MODEL_BYTES, "a model file larger than this is refused before it "
                                    "is read (files are read whole into memory; logscore's models are a few MB)")
     reload_interval_s: float = setting(2.0, "how often the models directory is checked for changes (0: "

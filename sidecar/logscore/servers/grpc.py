@@ -283,7 +283,7 @@ class ScorerServicer:
 DENIED = "missing or wrong bearer token: send metadata 'authorization: Bearer <token>'"
 SCORING_METHODS = frozenset(f"/{SERVICE_NAME}/{name}" for name in ("Score", "ScoreStream"))
 STREAM_METHOD, WATCH_METHOD = f"/{SERVICE_NAME}/ScoreStream", f"/{SERVICE_NAME}/WatchAnomalies"
-HEALTH_SERVICE = "/grpc.health.v1.Health/"
+HEALTH_CHECK = "/grpc.health.v1.Health/Check"  # not Health/Watch: an endless stream, it holds a place
 
 
 class CallLimitInterceptor(grpc.aio.ServerInterceptor):
@@ -295,8 +295,9 @@ class CallLimitInterceptor(grpc.aio.ServerInterceptor):
     message is read) until its handler's task ends: grpcio runs the interceptors inside that task,
     so one done-callback per call is all it costs, nothing wraps the handler.
 
-    Health checks take no place: idle ScoreStreams (a shipper's, held open between batches) filled
-    the cap and an orchestrator's health check was refused with the scoring (probe: 64 streams)."""
+    Health checks (Health/Check) take no place: idle ScoreStreams (a shipper's, held open between
+    batches) filled the cap and an orchestrator's health check was refused with the scoring (probe:
+    64 streams). Health/Watch counts: it is a stream held open for good, as WatchAnomalies is."""
 
     def __init__(self, max_calls: int, metrics):
         self.max_calls = max_calls
@@ -309,7 +310,7 @@ class CallLimitInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
-        if handler is None or details.method.startswith(HEALTH_SERVICE):  # (no such method: UNIMPLEMENTED at once)
+        if handler is None or details.method == HEALTH_CHECK:  # (no such method: UNIMPLEMENTED at once)
             return handler
         if self.calls >= self.max_calls:
             reason = self.refusal()
