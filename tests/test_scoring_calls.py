@@ -2,6 +2,7 @@
 a batch without records scored high (no feedback step), one model's metrics."""
 
 import asyncio
+import json
 import shutil
 from types import SimpleNamespace
 
@@ -83,3 +84,30 @@ def test_one_models_outcome_counts_as_the_same_records_split_between_models():
                                           model_index=np.array([0, 1, 0, 1, 1], np.uint32)), "grpc")
     assert metric_values(whole) == metric_values(split)
     assert metric_values(whole)['logscore_anomalies_total{model="m"}'] == 2
+
+
+def test_http_gives_its_invalid_utf8_notes_to_the_service_as_grpc_gives_its_decoding_notes(registry):
+    """HTTP merged its notes into the outcome after scoring, gRPC through ScoreCall.notes: two ways
+    to keep alike (review A). Now both pass them in the call, and the answer holds each once."""
+    from logscore.servers.http import Request, SidecarHttp
+
+    service = ScoringService(registry, Settings(), Metrics())
+    calls = []
+    scored = service.score
+
+    async def recorded(call):
+        calls.append(call)
+        return await scored(call)
+    service.score = recorded
+    body = b'[{"message": "GET /cafe.gif"}, {"message": "GET /caf\xe9.gif"}]'
+    request = Request("POST", "/v1/score", {}, {"content-type": "application/json"}, body)
+    try:
+        response = asyncio.run(SidecarHttp(service, None).score(request))
+    finally:
+        service.executor.shutdown()
+    assert response.status == 200, response.body
+    [call] = calls
+    assert [(i, field) for i, field, _ in call.notes] == [(1, "utf8")]
+    answer = json.loads(response.body)
+    assert [(n["index"], n["field"]) for n in answer["notes"] if n["field"] == "utf8"] == [(1, "utf8")], answer
+    assert sum("invalid UTF-8" in note for note in answer["results"][1]["notes"]) == 1, answer

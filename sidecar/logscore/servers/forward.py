@@ -86,7 +86,6 @@ NOTES_KEY = "anomaly_notes"  # the sidecar's notes on a record, as the Fluentd f
 GROUP_MARKER_SECONDS = (-1, -2)
 GROUP_MARKER_EVENT_SECONDS = tuple(second.to_bytes(4, "big", signed=True) for second in GROUP_MARKER_SECONDS)
 MAX_NANOSECONDS_BYTES = (10**9).to_bytes(4, "big")  # an EventTime's nanoseconds, compared as bytes
-# (MAX_RECORD_DEPTH, records.py: a Fluent Bit next hop drops a whole chunk holding a record about 60 maps deep)
 # NOTE: Fluentd's out_forward packs the entries of PackedForward as a msgpack *str*, and
 # records may hold invalid UTF-8: strings are decoded with surrogateescape (and encoded
 # back the same way) so every byte reaches the next hop as it came.

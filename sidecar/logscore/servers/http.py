@@ -904,11 +904,10 @@ class SidecarHttp:
             if not (digits(explain) and len(explain) < 6):
                 raise InvalidRequest(f"explain={explain!r}: give a whole number of features")
             deadline = deadline_from(request.query.get("timeout_ms"))
+            notes = invalid_utf8_notes(records, invalid_at) if invalid_at is not None else ()
             call = ScoreCall(records, request.query.get("model", ""), request.query.get("tag", ""),
-                             int(explain), deadline, "http")
+                             int(explain), deadline, "http", notes=notes)  # (merged as gRPC's decoding notes are)
             outcome = await self.service.score(call)
-            if invalid_at is not None:
-                outcome.notes = sorted(outcome.notes + invalid_utf8_notes(records, invalid_at), key=lambda n: n[0])
             max_bytes = self.service.settings.max_message_bytes
             body, left_out = answer_json(outcome, len(records), single, max_bytes)
             if left_out:
