@@ -2,7 +2,7 @@
 
 import pytest
 
-from logscore.errors import ConfigError
+from logscore.errors import ConfigError, LogscoreError
 from logscore.settings import Settings
 
 
@@ -91,3 +91,23 @@ def test_a_settings_file_that_is_no_text_is_a_clear_error(tmp_path, models):
     binary.write_bytes(b"\x08\x07\x12\x0bskl2onnx\xff\xfe\x80")
     with pytest.raises(ConfigError, match=rf"settings file {binary}: not UTF-8 text \(byte 12: invalid start byte\)"):
         Settings.load(str(binary), {"models_dir": models}, {})
+
+
+@pytest.mark.parametrize("others_in_flight", [True, False])
+def test_max_inflight_bytes_help_names_the_answers_a_refused_request_gets(others_in_flight):
+    """The help said only RESOURCE_EXHAUSTED / 429, though one request alone over the limit is
+    answered INVALID_ARGUMENT / 400 (review A): each refusal's codes, as both surfaces map its error."""
+    from dataclasses import fields
+
+    from logscore.admission import Admission
+    from logscore.servers import grpc as grpc_surface
+    from logscore.servers import http as http_surface
+
+    admission = Admission(1000)
+    if others_in_flight:
+        admission.admit(200)  # 600 bytes held: 600 more do not fit now, yet would alone
+    with pytest.raises(LogscoreError) as refused:
+        admission.admit(200 if others_in_flight else 400)
+    codes = f"{grpc_surface.STATUS_CODES[type(refused.value)].name} / {http_surface.STATUS_CODES[type(refused.value)]}"
+    [help_text] = [f.metadata["help"] for f in fields(Settings) if f.name == "max_inflight_bytes"]
+    assert codes in help_text, (codes, help_text)

@@ -103,7 +103,8 @@ class Settings:
                                       "may hold, estimated from their size and number of values (gRPC and HTTP; the "
                                       "forward port has its own bounds: two connections read at a time, "
                                       "forward_max_message_bytes); "
-                                      "past it a request is refused RESOURCE_EXHAUSTED / 429")
+                                      "past it a request is refused RESOURCE_EXHAUSTED / 429 (one alone over it, "
+                                      "which no wait lets in: INVALID_ARGUMENT / 400)")
     max_connections: int = setting(512, "connections open at once on each of the HTTP and forward ports (about "
                                    "28 KiB each while idle); past it a new one is closed at once, counted and logged")
     max_grpc_connections: int = setting(32, "connections open at once on each gRPC listener (TCP, Unix socket); "
