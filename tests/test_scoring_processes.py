@@ -21,7 +21,7 @@ from logscore.batching import Batcher
 from logscore.errors import ScorerUnavailable
 from logscore.generated.logscore.v1 import scorer_pb2 as pb
 from logscore.model import SCORE_CHUNK, Model, Scored
-from logscore.scoring_processes import ScoringProcesses
+from logscore.scoring_processes import ScoringProcesses, pack_request
 
 from benchmarks.common import child_pids, cpu_seconds
 
@@ -190,6 +190,29 @@ def test_a_worker_that_dies_costs_at_most_its_chunk_and_is_replaced(shop_model_p
     finally:
         pool.close()
     assert all(not Path(f"/proc/{pid}").exists() for pid in (first, second, third, fourth))
+
+
+def test_a_live_worker_that_wrote_while_idle_is_replaced_and_said_to_be_running_not_to_have_exited(shop_model_path):
+    """A reply come after its call gave up (a warm() timeout) leaves an idle worker's socket readable:
+    it was replaced as 'exited while idle (connection lost)', though it never exited (review A)."""
+    restarts = []
+    pool = ScoringProcesses(1, max_line_chars=65_536, on_restart=restarts.append)
+    try:
+        model = Model.load(shop_model_path)
+        lines = shop_lines(40, seed=54)
+        worker = pool._idle.queue[0]
+        worker.connection.send_bytes(pack_request(model, lines, 0))  # a call whose reply is never read
+        assert worker.connection.poll(30), "the worker never replied"
+        assert_same(pool.score(model, lines, 0), model.score(lines, 0))  # on the worker started in its place
+        assert restarts == ["still running, yet it wrote while idle (a reply come after its call gave up on it)"]
+        # killed while idle, it is said to have exited, as before
+        second, = pool.pids
+        os.kill(second, signal.SIGKILL)
+        wait_dead(second)
+        assert_same(pool.score(model, lines, 0), model.score(lines, 0))
+        assert restarts[1] == "exited while idle (killed by signal 9)"
+    finally:
+        pool.close()
 
 
 def test_the_batcher_scores_parallel_chunks_at_once_and_answers_in_order():

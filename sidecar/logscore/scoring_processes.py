@@ -154,6 +154,15 @@ class Worker:
         except subprocess.TimeoutExpired:
             return f"connection lost ({type(error).__name__})"
 
+    def idle_failure(self) -> str:
+        """Why an idle worker cannot take a chunk (idle_and_alive was False): it exited (waited for
+        a moment: a killed process closes its socket before it is reaped), or, still running, it
+        wrote while idle (a reply come too late for its call): said as such, not as an exit."""
+        try:
+            return f"exited while idle ({describe_exit(self.process.wait(timeout=1.0))})"
+        except subprocess.TimeoutExpired:
+            return "still running, yet it wrote while idle (a reply come after its call gave up on it)"
+
     def close(self, timeout: float = 5.0) -> None:
         """Ask it to exit (end of its input), kill it if it does not."""
         self.connection.close()
@@ -228,7 +237,7 @@ class ScoringProcesses:
             return model.score(records, explain, explain_flagged)
         worker = self._take_idle()
         while not worker.idle_and_alive():  # it died while idle (say, the OOM killer): no chunk lost
-            self._replace(worker, f"exited while idle ({worker.exit_description(EOFError())})")
+            self._replace(worker, worker.idle_failure())
             worker = self._take_idle()
         try:
             reply = worker.call(packed)
