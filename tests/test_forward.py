@@ -1444,3 +1444,39 @@ def test_fields_a_sender_or_an_earlier_hop_set_do_not_survive_this_hop_s_scoring
     (record,) = [r for _, r in receiver.wait_for(1)]
     assert "entity_score" not in record and "anomaly_unscored" not in record  # no client model loaded here
     assert record["anomaly_model"] and record["anomaly_score"] != 0.99
+
+
+def test_bad_entries_unscored_tags_and_lost_connections_are_logged_once_an_interval_not_per_message(tmp_path):
+    """Forward mode logged a line per message with a bad entry, per connection reset and per
+    distinct tag passed on unscored (probe: 3,000 messages were 3,000 lines, with no sender named).
+    Now once an interval per kind of line, naming the sender (peer) and an example tag."""
+    import struct
+
+    sidecar, port, receiver = start_chain(tmp_path, tag_routes="sys.*=syslog")  # no syslog model is loaded
+    try:
+        senders = 12
+        for n in range(senders):  # a connection and a tag of its own each: a pod each
+            chunk = f"c{n}"
+            message = [f"sys.pod-{n}", [[1_700_000_000 + n, {"message": "sshd started"}], "not an entry"],
+                       {"chunk": chunk}]
+            assert send_chunk(port, message) == {"ack": chunk}
+        for _ in range(senders):  # reset mid-message
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as connection:
+                connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                connection.sendall(msgpack.packb(["web", [[1, {"message": "a"}]], {"chunk": "r"}])[:-3])
+                time.sleep(0.01)  # let the sidecar start reading it
+        receiver.wait_for(senders)
+        sidecar.wait_for(lambda: counter(sidecar, "forward_invalid_entry") == senders, what="the bad entries")
+        assert counter(sidecar, "ModelNotFound") == senders
+        lines = [json.loads(line) for line in sidecar.log().splitlines() if line.startswith("{")]
+        skipped = [line for line in lines if line["message"].startswith("skipped entries")]
+        unscored = [line for line in lines if line["message"] == "forwarding records unscored"]
+        lost = [line for line in lines if line["message"] == "forward connection lost"]
+        assert len(skipped) == 1 and len(unscored) == 1, (skipped, unscored)
+        assert len(lost) == 1 and lost[0]["peer"].startswith("127.0.0.1:"), lost
+        for line in skipped + unscored:
+            assert line["peer"].startswith("127.0.0.1:") and line["tag"] == "sys.pod-0"
+        assert skipped[0]["entries"] == 1 and skipped[0]["last"].endswith("but a string")
+    finally:
+        sidecar.stop()
+        receiver.stop()

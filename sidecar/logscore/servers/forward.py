@@ -1146,6 +1146,7 @@ class Relay:
     sent: list[tuple[Frame, Optional[asyncio.Future]]] = field(default_factory=list)  # not yet settled
     skipped: int = 0  # invalid entries
     skipped_why: str = ""  # what the last of them was
+    skipped_tag: str = ""  # and its message's tag
 
     def held_bytes(self) -> int:
         return sum(len(frame.data) for frame, _ in self.sent)
@@ -1206,7 +1207,11 @@ class ForwardServer(StreamServer):
         self.when_busy = when_busy
         self.slice_records = service.settings.max_batch_records
         self._admission = asyncio.Semaphore(ACTIVE_CONNECTIONS)
-        self._unscored_said = OncePerInterval()  # per (tag, reason): records and chunks passed on unscored
+        # NOTE: these throttles are keyed on fixed texts (the kind of failure), never on what a sender
+        # chooses: keyed per tag, 3,000 distinct tags logged 3,000 lines in 2 s (probe-observe)
+        self._unscored_said = OncePerInterval()  # per kind of error: records and chunks passed on unscored
+        self._skipped_said = OncePerInterval()  # entries that are not [time, record]: a line per message was
+        self._lost_said = OncePerInterval()  # connections reset: 1,000 RSTs were 1,000 lines
         # NOTE: while the next hop is down every sender's every chunk fails: one line per interval and
         # kind of failure (a 60 s outage behind one Fluent Bit retrying its chunks logged 1,090 lines)
         self._unacknowledged_said = OncePerInterval()
@@ -1312,7 +1317,10 @@ class ForwardServer(StreamServer):
                 log.warning("next hop failed; the sender was not acknowledged and will resend",
                             extra={"peer": peer, "error": str(error), "failed_since_last_logged": unsaid[0]})
         except (OSError, asyncio.TimeoutError) as error:
-            log.info("forward connection lost", extra={"peer": peer, "error": f"{type(error).__name__} {error}"})
+            unsaid = self._lost_said.due("forward connection lost", 1)
+            if unsaid is not None:
+                log.info("forward connection lost", extra={"peer": peer, "error": f"{type(error).__name__} {error}",
+                                                           "lost_since_last_logged": unsaid[0]})
 
     async def _first_bytes(self, reader: asyncio.StreamReader, peer: str) -> Optional[bytes]:
         """The connection's first bytes, if they come within SILENT_SENDER_S; a sender quiet that
@@ -1373,6 +1381,7 @@ class ForwardServer(StreamServer):
     async def _relay(self, messages: list[Message], writer: asyncio.StreamWriter) -> None:
         """Score and pass on a group of messages, then acknowledge the sender's chunks."""
         relay = Relay(wants_acks=all(m.chunk is not None for m in messages))
+        peer = address_text(writer.get_extra_info("peername"))
         async for piece in self._pieces(messages, relay):
             if isinstance(piece, Message):
                 await self._send(relay, [raw_frame(piece.raw)])
@@ -1380,15 +1389,14 @@ class ForwardServer(StreamServer):
             records = [(tag, entry) for tag, entry in piece if not is_group_marker(entry[0])]
             if records:
                 await self._score([entry[1] for _, entry in records], [tag for tag, _ in records],
-                                  [entry[0] for _, entry in records])
+                                  [entry[0] for _, entry in records], peer)
             await self._send(relay, packed_frames(piece))  # group markers go on untouched, in their place
             if relay.held_bytes() > RELAY_WINDOW * self.max_message_bytes:
                 await self._settle(relay)  # a big chunk inflated: keep only a window of it in memory
         await self._settle(relay)
         if relay.skipped:
             self._count("forward_invalid_entry", relay.skipped)
-            log.warning("skipped entries that are not [time, record] or could not be decoded",
-                        extra={"entries": relay.skipped, "last": relay.skipped_why})
+            self._say_skipped(relay, peer)
         chunks = [m for m in messages if m.chunk is not None]
         read_into = [m for m in chunks if m.read_into() and self._refused_read_into.first_refusal(m.chunk)]
         refused = {id(m) for m in read_into}
@@ -1443,6 +1451,7 @@ class ForwardServer(StreamServer):
             message.entries_skipped += 1
             relay.skipped += 1
             relay.skipped_why = str(error)
+            relay.skipped_tag = message.tag
             if relay.skipped >= MAX_INVALID_ENTRIES:
                 raise ForwardProtocolError(f"{relay.skipped} entries are not [time, record] "
                                            f"(the last: {error}): not forward-protocol data") from None
@@ -1509,7 +1518,7 @@ class ForwardServer(StreamServer):
         self._count("forward_refused", len(pending))
         log.error(message, extra={"frames": len(pending), **details, "error": self.next_hop.last_error})
 
-    async def _score(self, records: list[dict], tags: list[str], times: list) -> None:
+    async def _score(self, records: list[dict], tags: list[str], times: list, peer: str = "") -> None:
         """Add the score (and the sidecar's notes) to each record in place; records that cannot be
         scored go on marked unscored, with the reason. ``times``: the entries' times as sent
         (windows and clients leave late records out)."""
@@ -1524,9 +1533,9 @@ class ForwardServer(StreamServer):
                     part = [records[i] for i in indexes]
                     error = await self._scored(part, [tags[i] for i in indexes], [times[i] for i in indexes])
                     if error is not None:
-                        self._unscored(part, tags[indexes[0]], error)
+                        self._unscored(part, tags[indexes[0]], error, peer)
             elif error is not None:
-                self._unscored(records, tags[0], error)
+                self._unscored(records, tags[0], error, peer)
         finally:
             metrics = self.service.metrics
             metrics.child(metrics.request_seconds, "forward").observe(time.perf_counter() - started)
@@ -1574,25 +1583,34 @@ class ForwardServer(StreamServer):
                     record[ENTITY_KEY] = round(value, 6)
         return None
 
-    def _unscored(self, records: list[dict], tag: str, error: LogscoreError) -> None:
+    def _unscored(self, records: list[dict], tag: str, error: LogscoreError, peer: str = "") -> None:
         reason = str(error)
         self._count("internal" if type(error) is LogscoreError else type(error).__name__)
-        self._say_unscored(tag, reason, len(records))
+        self._say_unscored(tag, error, len(records), peer)
         for record in records:
             for earlier_hop in (SCORE_KEY, FLAG_KEY, MODEL_KEY, ENTITY_KEY, EXPLANATION_KEY):  # not this hop's
                 record.pop(earlier_hop, None)
             record[UNSCORED_KEY] = True
             record[NOTES_KEY] = [f"unscored: {reason}"]
 
-    def _say_unscored(self, tag: str, reason: str, records: int) -> None:
-        """Log records passed on unscored once per tag and reason an interval, with what came since:
-        a tag routed to no model sends a chunk a second, and each was a warning."""
-        tag = cut_text(tag)  # chosen by the sender: kept as a key and logged, so cut
-        unsaid = self._unscored_said.due((tag, reason), records, 1)
+    def _say_unscored(self, tag: str, error: LogscoreError, records: int, peer: str) -> None:
+        """Log records passed on unscored once per kind of error an interval, with what came since
+        and this chunk's sender and tag as the example: a tag routed to no model sends a chunk a
+        second, and each was a warning; a fleet with a tag per pod has thousands of tags."""
+        unsaid = self._unscored_said.due(type(error).__name__, records, 1)
         if unsaid is not None:
-            log.warning("forwarding records unscored", extra={"tag": tag, "records": records, "error": reason,
-                                                              "records_since_last_logged": unsaid[0],
-                                                              "chunks_since_last_logged": unsaid[1]})
+            log.warning("forwarding records unscored", extra={
+                "peer": peer, "tag": cut_text(tag), "records": records, "error": str(error)[:500],
+                "records_since_last_logged": unsaid[0], "chunks_since_last_logged": unsaid[1]})
+
+    def _say_skipped(self, relay: Relay, peer: str) -> None:
+        """Log entries skipped (not [time, record]) once an interval, with how many came since."""
+        unsaid = self._skipped_said.due("skipped entries", relay.skipped, 1)
+        if unsaid is not None:
+            log.warning("skipped entries that are not [time, record] or could not be decoded", extra={
+                "peer": peer, "tag": cut_text(relay.skipped_tag), "entries": relay.skipped,
+                "last": relay.skipped_why[:500], "entries_since_last_logged": unsaid[0],
+                "messages_since_last_logged": unsaid[1]})
 
     def _count(self, kind: str, amount: int = 1) -> None:
         metrics = self.service.metrics
