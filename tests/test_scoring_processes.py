@@ -311,7 +311,10 @@ def test_the_sidecar_with_scoring_processes_scores_as_without_and_survives_a_dea
         assert len(now) == 2 and victim not in now
         assert sidecar.metric("logscore_scoring_process_restarts_total") == 2
         status, ready = sidecar.http_get("/readyz")
-        assert status == 200 and json.loads(ready)["scoring_processes"] == {"wanted": 2, "running": 2, "replaced": 2}
+        processes = json.loads(ready)["scoring_processes"]
+        assert status == 200 and processes["answering"] is True and processes["failed_in_row"] <= 1
+        assert {key: processes[key] for key in ("wanted", "running", "replaced")} == \
+            {"wanted": 2, "running": 2, "replaced": 2}
         assert sidecar.stub().Score(request, timeout=60).scores == answer.scores
         workers |= sidecar_workers(sidecar)
     finally:
@@ -357,5 +360,39 @@ def test_a_worker_running_other_code_than_the_sidecar_scores_nothing(tmp_path, m
             assert_same(pool.score(model, records, 0), model.score(records, 0))
             assert_same(pool.score(model, records, 2), model.score(records, 2))
         assert caplog.text.count("restart the sidecar") == 1  # said once
+    finally:
+        pool.close()
+
+
+def test_workers_that_fail_every_chunk_count_as_not_running_until_one_answers(shop_model_path):
+    """With every worker hung, each call failed while /readyz said ready with `running: 2`: a live
+    process was counted as a working one (probe-observe). Now as many failures in a row as workers,
+    none answered since, and none counts as running, with a reason; an answer, or a quiet spell
+    (no traffic can succeed once a balancer stops sending), ends it."""
+    pool = ScoringProcesses(2, max_line_chars=65_536)
+    try:
+        model = Model.load(shop_model_path)
+        lines = shop_lines(10, seed=59)
+        assert_same(pool.score(model, lines, 0), model.score(lines, 0))
+        for failure in range(2):
+            assert pool.status()["running"] == 2 and pool.not_answering_reason() is None
+            worker = pool._idle.queue[0]
+            pid = worker.process.pid
+            send = worker.connection.send_bytes
+            worker.connection.send_bytes = lambda packed, send=send, pid=pid: (
+                send(packed), os.kill(pid, signal.SIGKILL), wait_dead(pid))
+            with pytest.raises(ScorerUnavailable):
+                pool.score(model, lines, 0)
+        status = pool.status()
+        assert status["running"] == 0 and status["answering"] is False and status["failed_in_row"] == 2
+        assert "no scoring process answers" in pool.not_answering_reason()
+        assert "--scoring-processes 0" in pool.not_answering_reason()
+        failed_at = pool.clock()
+        pool.clock = lambda: failed_at + 11.0  # past NOT_ANSWERING_HOLD_S with nothing sent
+        assert pool.status()["running"] == 2 and pool.not_answering_reason() is None
+        pool.clock = lambda: failed_at
+        assert pool.not_answering_reason() is not None
+        assert_same(pool.score(model, lines, 0), model.score(lines, 0))  # a replaced worker answers
+        assert pool.status() == {"wanted": 2, "running": 2, "replaced": 2, "failed_in_row": 0, "answering": True}
     finally:
         pool.close()

@@ -119,6 +119,20 @@ class ScoringService:
                                           self.settings.max_model_bytes)
         self.processes.warm(list(self.registry.snapshot.models.values()))
 
+    def not_ready_reason(self) -> Optional[str]:
+        """Why the sidecar should be sent no work now, or None when it is ready: the one answer both
+        /readyz (503) and gRPC health (NOT_SERVING) give. NOTE: health said SERVING with no model loaded
+        and with every scoring process hung, while /readyz said 503 or every call failed (probe-observe).
+        Names no directory: /readyz answers without the token."""
+        if not self.accepting:
+            return "shutting down: the calls already received are being answered; send new ones elsewhere"
+        if not self.registry.snapshot.models:
+            return ("no model loaded: put a model file (.onnx, from `logscore export`) in the models directory "
+                    "(--models-dir; the log names it); files there that did not load are under rejected_files")
+        if self.processes is not None:
+            return self.processes.not_answering_reason()
+        return None
+
     async def score(self, call: ScoreCall) -> ScoreOutcome:
         if self._closed:
             raise ShuttingDown("the sidecar is shutting down; retry on another instance or later")

@@ -33,6 +33,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -53,6 +54,12 @@ log = logging.getLogger("logscore.scoring_processes")
 # stuck (a bug, a SIGSTOP): it is killed so its chunk's callers hear of it. NOTE: a batch waits for
 # all its chunks, so this is also how long one stuck worker can hold scoring up (it was 30 s).
 CHUNK_TIMEOUT_S = 5.0
+# NOTE: a live process is not a working one: with every worker hung (SIGSTOP), each call failed
+# while /readyz said ready with `running: 2` (probe-observe). As many chunks failed in a row as there
+# are workers, none answered since: none counts as running, and the sidecar is not ready. Held that
+# long after the last failure only: with no traffic (a balancer that stopped sending) nothing could
+# ever succeed, so readiness comes back, and the next chunks tell again.
+NOT_ANSWERING_HOLD_S = 2 * CHUNK_TIMEOUT_S
 ARRAYS = ("scores", "is_anomaly", "raw_scores", "truncated", "unparsed", "novelty")
 
 
@@ -189,6 +196,9 @@ class ScoringProcesses:
         self._lock = threading.Lock()
         self._closed = False
         self.replaced = 0
+        self._failed_in_row = 0  # chunks failed since one was last answered
+        self._last_failure = 0.0  # time.monotonic() of the last chunk failed
+        self.clock = time.monotonic
         for _ in range(count):
             self._add(Worker(self._arguments))
         self.executor = ThreadPoolExecutor(max_workers=count, thread_name_prefix="scoring-process")
@@ -204,10 +214,26 @@ class ScoringProcesses:
             return [w.process.pid for w in self._workers]
 
     def status(self) -> dict:
-        """For /readyz: how many are wanted, how many run, how many were replaced."""
+        """For /readyz: how many are wanted, how many run (and answer), how many were replaced."""
         with self._lock:
             running = sum(w.process.poll() is None for w in self._workers)
-        return {"wanted": self.count, "running": running, "replaced": self.replaced}
+        answering = self.answering()
+        return {"wanted": self.count, "running": running if answering else 0, "replaced": self.replaced,
+                "failed_in_row": self._failed_in_row, "answering": answering}
+
+    def answering(self) -> bool:
+        """False while the last ``count`` chunks or more all failed, none answered since, the last of
+        them within NOT_ANSWERING_HOLD_S (see there)."""
+        return (self._failed_in_row < self.count
+                or self.clock() - self._last_failure > NOT_ANSWERING_HOLD_S)
+
+    def not_answering_reason(self) -> Optional[str]:
+        """Why the sidecar is not ready because of its scoring processes, or None."""
+        if self.answering():
+            return None
+        return (f"no scoring process answers: the last {self._failed_in_row} chunks failed (hung or exited; "
+                "see 'scoring process failed' in the log) and none was scored since; they are being replaced: "
+                "if this lasts, restart the sidecar or run it with --scoring-processes 0")
 
     @staticmethod
     def takes(model: Model) -> bool:
@@ -242,10 +268,13 @@ class ScoringProcesses:
         try:
             reply = worker.call(packed)
         except WorkerFailed as error:
+            self._failed_in_row += 1
+            self._last_failure = self.clock()
             self._replace(worker, str(error))
             raise ScorerUnavailable(f"a scoring process failed while scoring {len(records)} records ({error}); "
                                     "they are unscored and the process is being restarted: retry") from None
         self._idle.put(worker)
+        self._failed_in_row = 0
         if "stale" in checked(reply):  # the file changed since the sidecar loaded it: score the version it serves
             return model.score(records, explain, explain_flagged)
         if "other_code" in reply:

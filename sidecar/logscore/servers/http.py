@@ -944,8 +944,10 @@ class SidecarHttp:
 
     async def readyz(self, request: Request) -> Response:
         snapshot = self.service.registry.snapshot
-        ready = bool(snapshot.models) and self.service.accepting
-        body = {"ready": ready, "models": {n: m.version for n, m in sorted(snapshot.models.items())},
+        reason = self.service.not_ready_reason()
+        ready = reason is None
+        body = {"ready": ready, **({"reason": reason} if reason else {}),
+                "models": {n: m.version for n, m in sorted(snapshot.models.items())},
                 "rejected_files": rejected_without_directories(snapshot.errors)}
         unloaded_routes = self.service.registry.unloaded_routes()
         if unloaded_routes:  # still ready: other records score; these are refused NOT_FOUND (log: what to do)
