@@ -808,3 +808,32 @@ def test_a_model_flooding_another_sites_traffic_is_reported_in_the_log_and_ready
         assert "flooding" not in json.loads(process.http_get("/readyz")[1]), "a normal block clears it"
     finally:
         process.stop()
+
+
+def test_grpc_health_and_readyz_agree_when_no_model_is_loaded_and_say_why(tmp_path, shop_model_path, shop_only):
+    """With the only model gone, /readyz said 503 with no reason while gRPC health said SERVING
+    (set once at start), and the log advised a default model, which could not help (probe-observe)."""
+    process = SidecarProcess(shop_only, tmp_path).start()
+    try:
+        health = health_pb2_grpc.HealthStub(process.channel())
+
+        def statuses() -> set:
+            return {health.Check(health_pb2.HealthCheckRequest(service=name), timeout=5).status
+                    for name in ("", "logscore.v1.Scorer")}
+
+        assert statuses() == {health_pb2.HealthCheckResponse.SERVING}
+        (shop_only / "shop.onnx").rename(tmp_path / "shop.onnx.away")
+        process.wait_for(lambda: process.http_get("/readyz")[0] == 503, timeout=30, what="/readyz 503")
+        body = json.loads(process.http_get("/readyz")[1])
+        assert body["ready"] is False and body["reason"].startswith("no model loaded")
+        assert "models directory" in body["reason"] and str(shop_only) not in body["reason"]  # no paths here
+        process.wait_for(lambda: statuses() == {health_pb2.HealthCheckResponse.NOT_SERVING}, what="NOT_SERVING")
+        advice = [json.loads(line) for line in process.log().splitlines() if '"no model loaded' in line]
+        assert advice and advice[0]["models_dir"] == str(shop_only)
+        assert not any("no default model" in line for line in process.log().splitlines())
+        (tmp_path / "shop.onnx.away").rename(shop_only / "shop.onnx")
+        process.wait_for(lambda: process.http_get("/readyz")[0] == 200, timeout=30, what="/readyz 200")
+        process.wait_for(lambda: statuses() == {health_pb2.HealthCheckResponse.SERVING}, what="SERVING again")
+        assert "reason" not in json.loads(process.http_get("/readyz")[1])
+    finally:
+        process.stop()

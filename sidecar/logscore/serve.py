@@ -39,6 +39,9 @@ from .timestamps import read_zoneless_in, zone_description
 
 log = logging.getLogger("logscore.serve")
 
+# How often gRPC health is brought in line with /readyz (Sidecar.follow_readiness)
+READINESS_CHECK_S = 1.0
+
 # Streams one gRPC connection may open at once. NOTE: gRPC's transport takes in a stream's data
 # before any of our code sees the call (the cap's interceptor included), so this is what bounds the
 # memory one connection holds: 256 a connection let one client with 4 connections of 256 calls hold
@@ -169,8 +172,7 @@ class Sidecar:
                                                 s.forward_explain)
             await listening(self.forward_server.start(host, port), "--forward", s.forward)
             self.bound["forward"] = f"{host}:{self.forward_server.port}"
-        for name in ("", SERVICE_NAME):
-            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await self._set_health(self.service.not_ready_reason() is None)
         log.info("serving", extra={"listeners": self.bound, "models": sorted(self.registry.snapshot.models),
                                    "times_without_zone_in": zone_description(self.settings.time_zone)})
         notify_systemd(b"READY=1")
@@ -209,6 +211,32 @@ class Sidecar:
                                    f"{self.settings.models_dir}; loaded: {', '.join(sorted(models))}"})
         self._unloaded_routes_warned = unloaded
 
+    async def follow_readiness(self) -> None:
+        """gRPC health says what /readyz says, checked every READINESS_CHECK_S: SERVING for "" and
+        logscore.v1.Scorer while ready, NOT_SERVING while not (no model loaded, no scoring process
+        answering). NOTE: it was set SERVING once at start: with no model loaded, or every scoring
+        process hung, health probes and shippers kept sending while /readyz said 503 (probe-observe)."""
+        serving = True
+        while not self.stopping.is_set():
+            reason = self.service.not_ready_reason()
+            if (reason is None) != serving and not self.stopping.is_set():
+                serving = reason is None
+                await self._set_health(serving)
+                if serving:
+                    log.info("ready again: gRPC health SERVING, /readyz 200")
+                else:
+                    log.warning("not ready: gRPC health NOT_SERVING, /readyz 503", extra={
+                        "reason": reason, "models_dir": str(self.settings.models_dir)})
+            try:
+                await asyncio.wait_for(self.stopping.wait(), READINESS_CHECK_S)
+            except asyncio.TimeoutError:
+                pass
+
+    async def _set_health(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, status)
+
     def _warn_when_no_default(self) -> None:
         """Say so, once per change, when requests naming no model have none to go to.
 
@@ -219,7 +247,13 @@ class Sidecar:
         try:
             default = self.registry.default(models)
         except ModelNotFound as error:
-            if str(error) != self._no_default_warned:
+            if str(error) != self._no_default_warned and not models:  # a default would not help: say what does
+                log.warning("no model loaded: every scoring call is refused (NOT_FOUND; shippers pass records "
+                            "on unscored) and the sidecar is not ready; put a model file (.onnx, from `logscore "
+                            "export`) in the models directory, or fix the files rejected there", extra={
+                                "models_dir": str(self.settings.models_dir),
+                                "rejected_files": sorted(self.registry.snapshot.errors)})
+            elif str(error) != self._no_default_warned:
                 log.warning("no default model: requests naming no model and matching no tag route are refused "
                             "(NOT_FOUND; shippers pass them unscored); set default_model, or tag_routes for "
                             "their tags", extra={"models": sorted(models), "detail": str(error)})
@@ -479,6 +513,7 @@ async def run(settings: Settings) -> int:
     watcher = asyncio.create_task(sidecar.watch_models())
     learning = asyncio.create_task(sidecar.learner.run()) if sidecar.learner is not None else None
     clock = asyncio.create_task(sidecar.behaviour.run(sidecar.stopping))
+    readiness = asyncio.create_task(sidecar.follow_readiness())
     connections = asyncio.create_task(ConnectionWatch(settings.max_grpc_connections, sidecar.metrics)
                                       .run(sidecar.stopping))
     await sidecar.stopping.wait()
@@ -492,6 +527,7 @@ async def run(settings: Settings) -> int:
     await watcher
     await clock
     await connections
+    await readiness
     return 0
 
 
