@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -836,4 +837,40 @@ def test_grpc_health_and_readyz_agree_when_no_model_is_loaded_and_say_why(tmp_pa
         process.wait_for(lambda: statuses() == {health_pb2.HealthCheckResponse.SERVING}, what="SERVING again")
         assert "reason" not in json.loads(process.http_get("/readyz")[1])
     finally:
+        process.stop()
+
+
+def test_sigterm_turns_health_watches_not_serving_and_refuses_new_probe_connections(tmp_path, shop_only):
+    """The docs said /readyz answers 503 after SIGTERM, but the listeners close at once: a new probe
+    is refused (probe-observe), which probes and balancers read as not ready; only health Watch
+    streams open before the signal are told NOT_SERVING. The docs now say so."""
+    process = SidecarProcess(shop_only, tmp_path, **BIG_REQUESTS).start()
+    heavy = pb.ScoreRequest(model="shop", lines=pb.RawLines(
+        lines=[line.encode() for line in shop_lines(20_000, seed=50)]))
+    result = {}
+    caller = threading.Thread(target=lambda: result.update(r=process.stub().Score(heavy, timeout=60)))
+    watch = health_pb2_grpc.HealthStub(process.channel()).Watch(health_pb2.HealthCheckRequest(service=""),
+                                                                timeout=30)
+    try:
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        caller.start()
+        process.wait_for_scoring_to_begin()
+        process.signal(signal.SIGTERM)
+        assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
+        watch.cancel()  # NOTE: an open Watch holds the stop for all of shutdown_grace_s (see the report)
+        answered = []  # /readyz answers until the HTTP listener closes: a moment, then connections are refused
+
+        def refused() -> bool:
+            try:
+                answered.append(process.http_get("/readyz")[0])
+            except OSError as error:  # urllib's URLError is one
+                return "Connection refused" in str(error)
+            return False
+        process.wait_for(refused, timeout=10, what="the HTTP listener closed")
+        assert set(answered) <= {503}, answered
+        caller.join(30)
+        assert len(result["r"].scores) == 20_000  # the call under way was answered all the same
+        assert process.process.wait(30) == 0
+    finally:
+        watch.cancel()
         process.stop()
