@@ -843,8 +843,10 @@ def test_grpc_health_and_readyz_agree_when_no_model_is_loaded_and_say_why(tmp_pa
 def test_sigterm_turns_health_watches_not_serving_and_refuses_new_probe_connections(tmp_path, shop_only):
     """The docs said /readyz answers 503 after SIGTERM, but the listeners close at once: a new probe
     is refused (probe-observe), which probes and balancers read as not ready; only health Watch
-    streams open before the signal are told NOT_SERVING. The docs now say so."""
-    process = SidecarProcess(shop_only, tmp_path, **BIG_REQUESTS).start()
+    streams open before the signal are told NOT_SERVING. The docs now say so. An open Watch held
+    the stop for all of shutdown_grace_s: with 60 s, the process must end well before (the
+    waits below are 30 s)."""
+    process = SidecarProcess(shop_only, tmp_path, shutdown_grace_s="60", **BIG_REQUESTS).start()
     heavy = pb.ScoreRequest(model="shop", lines=pb.RawLines(
         lines=[line.encode() for line in shop_lines(20_000, seed=50)]))
     result = {}
@@ -857,7 +859,6 @@ def test_sigterm_turns_health_watches_not_serving_and_refuses_new_probe_connecti
         process.wait_for_scoring_to_begin()
         process.signal(signal.SIGTERM)
         assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
-        watch.cancel()  # NOTE: an open Watch holds the stop for all of shutdown_grace_s (see the report)
         answered = []  # /readyz answers until the HTTP listener closes: a moment, then connections are refused
 
         def refused() -> bool:
@@ -871,6 +872,7 @@ def test_sigterm_turns_health_watches_not_serving_and_refuses_new_probe_connecti
         caller.join(30)
         assert len(result["r"].scores) == 20_000  # the call under way was answered all the same
         assert process.process.wait(30) == 0
+        assert {answer.status for answer in watch} <= {health_pb2.HealthCheckResponse.NOT_SERVING}  # ended, OK
     finally:
         watch.cancel()
         process.stop()

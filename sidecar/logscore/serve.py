@@ -98,6 +98,48 @@ def tune_allocator() -> None:
         pass
 
 
+class DrainingHealth(health.aio.HealthServicer):
+    """grpc's health servicer (its Check) with a Watch that ends at shutdown, once it has said NOT_SERVING.
+
+    NOTE: grpc's Watch ends only when its client cancels it, and the gRPC server's stop waits for
+    every call: one open Watch (gRPC client-side health checking keeps one per connection) held the
+    stop for all of shutdown_grace_s (10 s idle, in a test). Cancelling grpc's own Watch instead
+    broke the call when it was cut mid-write (GRPC_CALL_ERROR_TOO_MANY_OPERATIONS), so Watch is
+    this class's, over the statuses it is given."""
+
+    def __init__(self):
+        super().__init__()
+        self._statuses = {"": health_pb2.HealthCheckResponse.SERVING}
+        self._changed = asyncio.Condition()
+        self._draining = False
+
+    async def set(self, service: str, status) -> None:
+        await super().set(service, status)
+        if not self._draining:
+            async with self._changed:
+                self._statuses[service] = status
+                self._changed.notify_all()
+
+    async def enter_graceful_shutdown(self) -> None:
+        await super().enter_graceful_shutdown()
+        async with self._changed:
+            self._draining = True
+            self._changed.notify_all()
+
+    async def Watch(self, request, context):
+        said = None
+        async with self._changed:
+            while True:
+                status = (health_pb2.HealthCheckResponse.NOT_SERVING if self._draining else
+                          self._statuses.get(request.service, health_pb2.HealthCheckResponse.SERVICE_UNKNOWN))
+                if status != said:
+                    await context.write(health_pb2.HealthCheckResponse(status=status))
+                    said = status
+                if self._draining:
+                    return
+                await self._changed.wait()
+
+
 class Sidecar:
     def __init__(self, settings: Settings):
         self.settings = settings
@@ -121,7 +163,7 @@ class Sidecar:
         self.behaviour = Behaviour(settings, self.hub, self.metrics)
         self.service = ScoringService(self.registry, settings, self.metrics, self.learner, self.feedback, self.review,
                                       self.behaviour)
-        self.health = health.aio.HealthServicer()
+        self.health = DrainingHealth()
         self.grpc_server: Optional[grpc.aio.Server] = None
         self.scorer: Optional[ScorerServicer] = None
         self.http_server: Optional[HttpServer] = None
