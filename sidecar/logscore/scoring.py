@@ -87,6 +87,21 @@ def check_record_count(count: int, limit: int) -> None:
         raise InvalidRequest(f"{count} records in one request; the limit is {limit} {SPLIT_BATCH}")
 
 
+def not_ready_reason(service) -> Optional[str]:
+    """Why the sidecar should be sent no work now, or None when it is ready: the one answer both
+    /readyz (503) and gRPC health (NOT_SERVING) give. NOTE: health said SERVING with no model loaded
+    and with every scoring process hung, while /readyz said 503 or every call failed (probe-observe).
+    Names no directory: /readyz answers without the token."""
+    if not service.accepting:
+        return "shutting down: the calls already received are being answered; send new ones elsewhere"
+    if not service.registry.snapshot.models:
+        return ("no model loaded: put a model file (.onnx, from `logscore export`) in the models directory "
+                "(--models-dir; the log names it); files there that did not load are under rejected_files")
+    if service.processes is not None:
+        return service.processes.not_answering_reason()
+    return None
+
+
 class ScoringService:
     def __init__(self, registry: ModelRegistry, settings: Settings, metrics: Metrics, learner=None,
                  feedback=None, review=None, behaviour=None):
@@ -118,20 +133,6 @@ class ScoringService:
                                           lambda reason: self.metrics.scoring_process_restarts.inc(),
                                           self.settings.max_model_bytes)
         self.processes.warm(list(self.registry.snapshot.models.values()))
-
-    def not_ready_reason(self) -> Optional[str]:
-        """Why the sidecar should be sent no work now, or None when it is ready: the one answer both
-        /readyz (503) and gRPC health (NOT_SERVING) give. NOTE: health said SERVING with no model loaded
-        and with every scoring process hung, while /readyz said 503 or every call failed (probe-observe).
-        Names no directory: /readyz answers without the token."""
-        if not self.accepting:
-            return "shutting down: the calls already received are being answered; send new ones elsewhere"
-        if not self.registry.snapshot.models:
-            return ("no model loaded: put a model file (.onnx, from `logscore export`) in the models directory "
-                    "(--models-dir; the log names it); files there that did not load are under rejected_files")
-        if self.processes is not None:
-            return self.processes.not_answering_reason()
-        return None
 
     async def score(self, call: ScoreCall) -> ScoreOutcome:
         if self._closed:

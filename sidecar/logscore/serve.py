@@ -30,7 +30,7 @@ from .events import EventHub
 from .generated.logscore.v1 import scorer_pb2
 from .metrics import Metrics
 from .registry import UNLOAD_GRACE_S, ModelRegistry
-from .scoring import ScoringService
+from .scoring import ScoringService, not_ready_reason
 from .servers.forward import ForwardServer, NextHop
 from .servers.grpc import SERVICE_NAME, CallLimitInterceptor, ConnectionWatch, ScorerServicer, TokenInterceptor
 from .servers.http import SCORING_PATHS, HttpServer, SidecarHttp
@@ -214,7 +214,7 @@ class Sidecar:
                                                 s.forward_explain)
             await listening(self.forward_server.start(host, port), "--forward", s.forward)
             self.bound["forward"] = f"{host}:{self.forward_server.port}"
-        await self._set_health(self.service.not_ready_reason() is None)
+        await self._set_health(not_ready_reason(self.service) is None)
         log.info("serving", extra={"listeners": self.bound, "models": sorted(self.registry.snapshot.models),
                                    "times_without_zone_in": zone_description(self.settings.time_zone)})
         notify_systemd(b"READY=1")
@@ -260,7 +260,7 @@ class Sidecar:
         process hung, health probes and shippers kept sending while /readyz said 503 (probe-observe)."""
         serving = True
         while not self.stopping.is_set():
-            reason = self.service.not_ready_reason()
+            reason = not_ready_reason(self.service)
             if (reason is None) != serving and not self.stopping.is_set():
                 serving = reason is None
                 await self._set_health(serving)

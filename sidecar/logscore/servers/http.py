@@ -41,7 +41,7 @@ from ..flood import target_fpr
 from ..metrics import Metrics, OncePerInterval
 from ..records import JSON_TYPES, type_name
 from ..resources import openapi_path
-from ..scoring import ScoreCall, ScoreOutcome, ScoringService
+from ..scoring import ScoreCall, ScoreOutcome, ScoringService, not_ready_reason
 from ..settings import bearer_matches
 from .answers import explanations_kept, left_out_note, say_left_out
 from .streams import TLS_HANDSHAKE_RECORD, StreamServer
@@ -944,7 +944,7 @@ class SidecarHttp:
 
     async def readyz(self, request: Request) -> Response:
         snapshot = self.service.registry.snapshot
-        reason = self.service.not_ready_reason()
+        reason = not_ready_reason(self.service)
         ready = reason is None
         body = {"ready": ready, **({"reason": reason} if reason else {}),
                 "models": {n: m.version for n, m in sorted(snapshot.models.items())},
