@@ -53,6 +53,14 @@ class StreamScorerTest < Test::Unit::TestCase
                                batch_records: batch_records, batch_bytes: batch_bytes)
   end
 
+  # A log that keeps its warnings as [message, fields] and drops its info lines.
+  def warnings_kept_in(warnings)
+    log = Object.new
+    log.define_singleton_method(:warn) { |message, fields = {}| warnings << [message, fields] }
+    log.define_singleton_method(:info) { |_message| nil }
+    log
+  end
+
   def now
     Process.clock_gettime(Process::CLOCK_MONOTONIC)
   end
@@ -408,8 +416,7 @@ class StreamScorerTest < Test::Unit::TestCase
 
   test 'a tag that is not UTF-8 passes its records unscored, logged once; a binary tag holding UTF-8 is scored' do
     warnings = []
-    log = Object.new
-    log.define_singleton_method(:warn) { |message, fields = {}| warnings << [message, fields] }
+    log = warnings_kept_in(warnings)
     client = new_client(endpoint: "unix://#{self.class.sidecar.socket}", timeout: 2.0)
     [nil, 'message'].each do |message_key|
       warnings.clear
@@ -444,9 +451,7 @@ class StreamScorerTest < Test::Unit::TestCase
     # Only GRPC::BadStatus was rescued: any other error ended the probe's thread, and the circuit
     # stayed open for good (every record unscored until Fluentd restarted).
     warnings = []
-    log = Object.new
-    log.define_singleton_method(:warn) { |message, fields = {}| warnings << [message, fields] }
-    log.define_singleton_method(:info) { |_message| nil }
+    log = warnings_kept_in(warnings)
     client = new_client(endpoint: "unix://#{self.class.sidecar.socket}", timeout: 2.0, probe_interval: 0.01,
                                   log: log)
     health = client.instance_variable_get(:@health)
@@ -483,9 +488,7 @@ class StreamScorerTest < Test::Unit::TestCase
     # CallError was counted as a failure only: the circuit never opened, and a broken channel made a
     # call that failed at once every batch, for good, with no probe.
     warnings = []
-    log = Object.new
-    log.define_singleton_method(:warn) { |message, fields = {}| warnings << [message, fields] }
-    log.define_singleton_method(:info) { |_message| nil }
+    log = warnings_kept_in(warnings)
     client = new_client(endpoint: "unix://#{self.class.sidecar.socket}", timeout: 2.0, failure_threshold: 3,
                                   probe_interval: 0.01, log: log)
     stub, health = client.instance_variable_get(:@stub), client.instance_variable_get(:@health)
