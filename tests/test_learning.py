@@ -172,6 +172,38 @@ def test_entity_values_unfit_for_a_file_name_are_not_learned_and_a_model_with_wi
     assert learner.routes(model, records[:1]) == ["shop@web1"]
 
 
+def test_entity_values_past_the_named_thousand_are_said_once_an_interval_with_a_count_not_once_a_record(
+        tmp_path, shop_model_path, caplog):
+    """12,000 distinct IPv6 hosts (no file name) made 12,000 `route not learned` lines in 25 s (soak probe):
+    the names said stopped growing at 1,000 and every further one was warned of on every record."""
+    import logging
+    from types import SimpleNamespace
+
+    from logscore import learning
+    from logscore.model import Model
+
+    settings = Settings.load(flags={"models_dir": str(tmp_path), "learn": "true", "entity_field": "host"},
+                             environ={})
+    learner = Learner(settings, SimpleNamespace(entity_field="host"), request_reload=lambda: None)
+    model = Model.load(shop_model_path)
+    named = learning.NOT_LEARNED_NAMED
+    hosts = [{"host": f"2001:db8::{n:x}"} for n in range(named + 500)]
+    with caplog.at_level(logging.WARNING, logger="logscore.learning"):
+        for start in range(0, len(hosts), 100):
+            assert learner.routes(model, hosts[start:start + 100]) == [None] * 100
+        assert len([r for r in caplog.records if r.name == "logscore.learning"]) == named + 1  # not 1,500
+        learner._refused_past_named.interval_s = 0  # the interval has passed (no clock in the test)
+        learner.routes(model, [{"host": "bad host"}])
+    said = [r for r in caplog.records if r.name == "logscore.learning"]
+    assert [r.route for r in said[:named]] == [f"shop@{h['host']}" for h in hosts[:named]]
+    assert all(r.getMessage() == "learning: route not learned" for r in said[:named])
+    past = said[named:]
+    assert len(past) == 2 and all("past the first 1,000 named" in r.getMessage() for r in past)
+    assert past[0].route == f"shop@{hosts[named]['host']}" and past[0].not_learned_since_last_logged == 0
+    assert past[1].route == "shop@bad host" and past[1].not_learned_since_last_logged == 499
+    assert "not a plain name" in past[1].reason
+
+
 def test_a_route_learned_from_a_model_with_windows_and_clients_keeps_them(tmp_path, behaviour_model):
     """Learning refused a model trained with --windows/--entities (a learned model would have
     dropped them): a new site's operator who had trained them from history got no learning at all.
