@@ -146,6 +146,53 @@ def test_routes_per_entity_are_bounded_and_held_until_their_own_model_serves(tmp
     assert learner.status()["shop@a"]["window"] == 1 and learner.status()["shop@a"]["flags_held"] == 1
 
 
+def access_map(host: str, url: str = "/index.html", agent: str = "Mozilla/5.0 (X11; Linux x86_64) Firefox/120.0"):
+    return {"remote_addr": "10.2.3.4", "method": "GET", "url": url, "status": "200", "bytes": "512",
+            "user_agent": agent, "host": host}
+
+
+def test_a_per_entity_route_too_quiet_to_learn_soon_gives_its_slot_up_and_an_attack_naming_it_is_flagged(tmp_path):
+    """The first learn_max_routes entity values took the slots for good: with 5,000 hosts, 8 quiet ones
+    held their flags for about 6 h, and an SQLi naming one of them as its host was not flagged (soak probe)."""
+    from logscore.decide import decide
+
+    models = tmp_path / "models"
+    models.mkdir()
+    shutil.copy(DEFAULT_MODEL, models / "apache-access.onnx")
+    settings = Settings.load(None, {"models_dir": str(models), "learn": "true", "learn_records": "100",
+                                    "learn_window": "100", "learn_max_routes": "2", "entity_field": "host"}, {})
+    registry = ModelRegistry(str(models), entity_field="host")
+    registry.reload()
+    learner = Learner(settings, registry, lambda: None)
+    model = registry.snapshot.models["apache-access"]
+    sqli = access_map("h1006", "/index.php?id=1' UNION SELECT password FROM users--",
+                      "sqlmap/1.7.2#stable (https://sqlmap.org)")
+
+    def flagged(record) -> bool:
+        routes = learner.routes(model, [record])
+        flag = bool(decide(model, model.score([record]), learner.holds(model, routes)).is_anomaly[0])
+        learner.observe(routes, [record])
+        return flag
+
+    def busy_traffic(records: int) -> None:  # 10 records of each of many other hosts: beyond the slots
+        batch = [access_map(f"h{n // 10}") for n in range(2000, 2000 + records)]
+        learner.observe(learner.routes(model, batch), batch)
+
+    learner.observe(learner.routes(model, [access_map("h1006"), access_map("h1007")]),
+                    [access_map("h1006"), access_map("h1007")])
+    assert sorted(learner.routes_by_name) == ["apache-access@h1006", "apache-access@h1007"]
+    for _ in range(99):  # h1007 is busy: 100 records of its own within 100 × 2 overall
+        learner.observe(["apache-access@h1007"], [access_map("h1007")])
+    busy_traffic(50)  # 151 records overall since the slots were taken: under 100 × 2
+    assert not flagged(sqli)  # held: h1006 may yet learn its own model
+    busy_traffic(50)
+    assert flagged(sqli)  # h1006 gave its slot up: the model it resolves to flags the attack
+    assert "apache-access@h1006" not in learner.routes_by_name and learner.routes(model, [sqli]) == [None]
+    assert "apache-access@h1007" in learner.routes_by_name  # due to train: it keeps its slot
+    assert learner.routes(model, [access_map("h9")]) == ["apache-access@h9"]  # the slot is free for another
+    assert flagged(access_map("zz-other", sqli["url"], sqli["user_agent"]))  # the slots are full again
+
+
 def test_entity_values_unfit_for_a_file_name_are_not_learned_and_a_model_with_windows_learns_all_its_records(
         tmp_path, shop_model_path):
     """A per-entity route is a file name under the models directory: `../x` or `a/b` must not become

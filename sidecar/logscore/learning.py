@@ -78,6 +78,9 @@ MAX_HELD_FAILURES = 3
 # (12,000 distinct IPv6 hosts, fit for no file name, made 12,000 lines in 25 s: one a record, soak probe).
 NOT_LEARNED_NAMED = 1000
 NOT_LEARNED_LOG_INTERVAL_S = 60.0
+# Per-entity routes that gave up their slot (too quiet, see Learner._free_quiet_slots) are remembered, up to
+# this many, so as not to take a slot again; past it the oldest are forgotten.
+GAVE_UP_REMEMBERED = 10_000
 
 
 def learning_unavailable(settings: Settings) -> Optional[str]:
@@ -110,6 +113,7 @@ class Route:
     held: int = 0  # records whose flag was held
     failures: int = 0  # trainings failed in a row
     learned_from: int = 0  # window records the model it last swapped in was trained on
+    admitted_at: int = 0  # records the learner had seen overall when the route took its slot
     warned: tuple = ()  # what the training of the last model swapped in (or kept aside) warned of
     # Its last first candidate was kept aside (learned from a window of attacks, flagging far more than
     # the serving model, or missing keep-marked records): its flags are not held, the model it falls
@@ -132,6 +136,9 @@ class Learner:
         self.routes_by_name: dict[str, Route] = {}
         self._refused: set[str] = set()  # routes said not to be learned by name (bounded)
         self._refused_past_named = OncePerInterval(NOT_LEARNED_LOG_INTERVAL_S)  # the rest: by reason
+        self.records_seen = 0  # every record observed, routed or not: the clock of a slot's patience
+        self._gave_up: dict[str, None] = {}  # per-entity routes that gave up their slot (oldest first, bounded)
+        self._gave_up_said = OncePerInterval(NOT_LEARNED_LOG_INTERVAL_S)
         self._child: Optional[asyncio.subprocess.Process] = None
         self._stopping = asyncio.Event()
         self._lock: Optional[int] = None  # the lock file's descriptor, held for the process's life
@@ -193,7 +200,8 @@ class Learner:
             if not SAFE_ROUTE.fullmatch(name.partition("@")[2]):
                 self._not_learned(name[:80], "the entity value is not a plain name (letters, digits, . _ -)")
                 return None
-            if sum("@" in n for n in self.routes_by_name) >= self.settings.learn_max_routes:
+            if name in self._gave_up or \
+                    sum("@" in n for n in self.routes_by_name) >= self.settings.learn_max_routes:
                 return None
         self._route(name)
         return name
@@ -220,7 +228,8 @@ class Learner:
         for name in routes:
             if name not in reasons:
                 route = self.routes_by_name.get(name)
-                released = route is not None and route.releases_flags()
+                # (a slot given up between this call's routing and now: flagged as from the next call)
+                released = (route is not None and route.releases_flags()) or name in self._gave_up
                 reasons[name] = None if released or learned_for(model, name) else self._reason(name)
             held.append(reasons[name])
         if not any(held):
@@ -249,18 +258,46 @@ class Learner:
 
     def observe(self, routes: Sequence[Optional[str]], records: Sequence[object]) -> None:
         """Keep each route's recent records (bounded); records too long or multi-line are skipped."""
+        self.records_seen += len(records)
         if len(set(routes)) == 1:
-            if routes[0] is not None:
-                self._keep(self._route(routes[0]), records)
-            return
-        by_route: dict[str, list] = {}
-        for name, record in zip(routes, records):
-            if name is not None:
-                by_route.setdefault(name, []).append(record)
-        for name, kept in by_route.items():
-            self._keep(self._route(name), kept)
+            self._keep(routes[0], records)
+        else:
+            by_route: dict[str, list] = {}
+            for name, record in zip(routes, records):
+                if name is not None:
+                    by_route.setdefault(name, []).append(record)
+            for name, kept in by_route.items():
+                self._keep(name, kept)
+        self._free_quiet_slots()
 
-    def _keep(self, route: Route, records: Sequence[object]) -> None:
+    def _free_quiet_slots(self) -> None:
+        """A per-entity route that has not seen learn_records of its own within learn_records ×
+        learn_max_routes records seen overall (less than its even share of the slots) gives its slot up
+        for good: its records are flagged by the model they resolve to, as past learn_max_routes.
+        NOTE: slots went to the first entity values seen and were held for good: with 5,000 hosts, 8
+        quiet ones (13 records a minute) held their flags for about 6 h, and an SQLi naming one of
+        them as its host was not flagged (soak probe, session 27)."""
+        patience = self.settings.learn_records * self.settings.learn_max_routes
+        for route in [r for n, r in self.routes_by_name.items() if "@" in n]:
+            if self.records_seen - route.admitted_at < patience or route.seen >= self.settings.learn_records \
+                    or route.training or self._serving_learned(route.name):
+                continue
+            del self.routes_by_name[route.name]
+            self._gave_up[route.name] = None
+            if len(self._gave_up) > GAVE_UP_REMEMBERED:
+                del self._gave_up[next(iter(self._gave_up))]
+            unsaid = self._gave_up_said.due("gave up", 1)
+            if unsaid is not None:
+                log.warning("learning: a per-entity route gave up its slot: too quiet to learn its own model "
+                            "soon; its records are flagged by the model they resolve to",
+                            extra={"route": route.name, "records_seen": route.seen,
+                                   "records_seen_overall": self.records_seen - route.admitted_at,
+                                   "gave_up_since_last_logged": unsaid[0]})
+
+    def _keep(self, name: Optional[str], records: Sequence[object]) -> None:
+        if name is None or name in self._gave_up:  # not learned, or it gave its slot up since it was routed
+            return
+        route = self._route(name)
         route.seen += len(records)
         # Copies: forward mode adds its scores to the records it passes on, after this.
         route.window.extend(dict(r) if isinstance(r, dict) else r for r in records if keepable(r))
@@ -268,7 +305,8 @@ class Learner:
     def _route(self, name: str) -> Route:
         route = self.routes_by_name.get(name)
         if route is None:
-            route = self.routes_by_name[name] = Route(name, deque(maxlen=self.settings.learn_window))
+            route = self.routes_by_name[name] = Route(name, deque(maxlen=self.settings.learn_window),
+                                                      admitted_at=self.records_seen)
         return route
 
     # --- the background task ---------------------------------------------------------
