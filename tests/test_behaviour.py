@@ -122,6 +122,23 @@ def test_a_slow_watcher_loses_its_oldest_events_and_is_told_how_many():
     assert (first.key, first.dropped_before, dropped, recent) == ("k7", 7, 7, [8, 9])
 
 
+def test_a_flood_of_client_events_does_not_push_the_rarer_window_events_out_of_the_recent_ones():
+    """One recent list for every kind: 2.5 minutes into a soak with 1 window event and 4,078 client
+    events, ?kinds=window answered none, and a gRPC replay had only client events (soak probe, session 27)."""
+    hub = EventHub(recent=5)
+    hub.publish([AnomalyEvent("window", "m", "5xx share", 1.0, 1, 0, 1, "", 0, 1)])
+    hub.publish(AnomalyEvent("client", "m", f"client=c{i}", 1.0, 1, 0, 1, "", 0, 1) for i in range(20))
+    window = hub.list_recent(["window"])
+    assert [e.key for e in window] == ["5xx share"]
+    assert [e.key for e in hub.list_recent()] == ["5xx share"] + [f"client=c{i}" for i in range(15, 20)]
+    assert [e.key for e in hub.list_recent(limit=2)] == ["client=c18", "client=c19"]  # merged in order
+    assert [e.key for e in hub.watch(["window"], replay=3).take_ready(10)] == ["5xx share"]
+    resumed = hub.since(["client"], window[0].id)
+    assert [e.key for e in resumed] == [f"client=c{i}" for i in range(15, 20)] and resumed[0].dropped_before == 15
+    assert [(e.key, e.dropped_before) for e in hub.since(["window"], window[0].id - 1)] == [("5xx share", 0)]
+    assert len(hub.recent) == 6  # bounded per kind
+
+
 def test_events_are_encoded_once_for_all_watchers_but_one_saying_what_it_lost_apart():
     from logscore.generated.logscore.v1 import scorer_pb2 as pb
     from logscore.servers.grpc import event_bytes

@@ -169,7 +169,8 @@ class Settings:
     episodes_file: Optional[str] = setting(".episodes.json", "file keeping the window episodes under way over a "
                                            "restart, so that one is not announced again (a relative path is in "
                                            "--models-dir); empty: none kept")
-    anomaly_recent: int = setting(1000, "anomaly events kept for GET /v1/anomalies")
+    anomaly_recent: int = setting(1000, "anomaly events kept of each kind (window, client) for GET /v1/anomalies "
+                                        "and WatchAnomalies' replay")
     anomaly_watcher_queue: int = setting(1000, "events a slow watcher may have waiting; past it its oldest are "
                                          "dropped and the next one it gets says how many (dropped_before)")
     time_zone: str = setting("local", "zone of record times written without one (syslog's, ISO 8601 without an "
