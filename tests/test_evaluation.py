@@ -79,6 +79,22 @@ def test_sessions_are_keyed_as_the_tracker_keys_them():
     assert ids == ["r9"]
 
 
+def test_field_maps_are_keyed_by_the_text_the_tracker_reads():
+    """evaluate read a field map whole as JSON: another field's id was found first, non-ASCII came escaped
+    (`user=Jos` for José), an anchored key matched nothing (review, session 27)."""
+    from logscore.evaluation import session_texts
+
+    records = [{"host": "blk_9", "message": "got blk_1"}, {"message": "user=José logged in"},
+               {"message": "blk_7 anchored"}, {"log": "raw-line key blk_5"}, {"host": "only a host"}]
+    for key in (r"blk_\d+", r"user=\w+", r"^blk_\d+"):
+        tracker = SessionTracker(SessionSpec(key=key))
+        tracked = [tracker.keys.key_and_event(tracker.keys.text(r) or "")[0] for r in records]
+        texts = session_texts(None, records, key)
+        ids, _, _ = group_sessions(texts, np.zeros(len(records)), np.zeros(len(records)), key)
+        assert ids == sorted(set(tracked) - {None}), key
+    assert session_texts(None, records, r"blk_\d+")[:2] == ["got blk_1", "user=José logged in"]
+
+
 def test_sequence_ceiling_ranks_sequences_by_their_share_of_anomalies():
     # ("a","b"): 3 normal + 1 anomalous; ("a","c"): one anomaly, seen nowhere else; ("a",): 4 normal.
     sessions = [("a", "b")] * 4 + [("a", "c")] + [("a",)] * 4

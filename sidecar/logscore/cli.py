@@ -190,9 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
                           help="keep only rows where COLUMN equals VALUE (e.g. split=test); a COLUMN no row holds, or "
                           "a --where leaving no row, is refused naming the columns and values the rows hold")
     evaluate.add_argument("--session-key", metavar="REGEX", type=session_key,
-                          help="evaluate per session: records grouped by this regex's first match, whole, as "
-                          "train and the sidecar group them (e.g. 'blk_-?\\d+'; an empty match is no session); "
-                          "a session scores its most anomalous record")
+                          help="evaluate per session: records grouped by this regex's first match, whole, in the "
+                          "text train and the sidecar read (a field map's session field, else message; e.g. "
+                          "'blk_-?\\d+'; an empty match is no session); a session scores its most anomalous record")
     evaluate.add_argument("--session-labels", metavar="FILE.csv",
                           help="CSV of session id, label (else a session is anomalous if any record is)")
     evaluate.add_argument("--report", metavar="FILE.json", help="write the report as JSON")
@@ -1439,7 +1439,7 @@ def run_evaluate(args) -> int:
 
     from .decide import decide
     from .errors import InputError
-    from .evaluation import Evaluation, group_sessions, plot
+    from .evaluation import Evaluation, group_sessions, plot, session_texts
 
     records, labels, types = read_labeled(args)
     model, training = evaluation_model(args, records, labels, types)
@@ -1456,7 +1456,7 @@ def run_evaluate(args) -> int:
     if training is not None:
         report["training"] = training
     if args.session_key:
-        texts = [r if isinstance(r, str) else json.dumps(r) for r in records]
+        texts = session_texts(model, records, args.session_key)
         session_labels = None
         if args.session_labels:
             session_labels = {}

@@ -13,7 +13,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from .sessions import session_id
+from .records import DEFAULT_MAX_LINE_CHARS
+from .sessions import SessionKeys, SessionSpec, session_id
 
 
 def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
@@ -137,6 +138,16 @@ class Evaluation:
                 totals[kind][1] += 1
         return {kind: {"recall": round(hits / count, 4), "count": count}
                 for kind, (hits, count) in sorted(totals.items())}
+
+
+def session_texts(model, records: Sequence[object], key: str) -> list[str]:
+    """Each record's text as the session tracker reads it (the model's session field, else `message` and the
+    raw-line keys; cut to its line limit): a field map was read whole as JSON, so evaluate's ids were not the
+    tracker's (a `host` field's id found first, non-ASCII escaped: review, session 27)."""
+    tracker = getattr(model, "sessions", None)
+    keys = tracker.keys if tracker is not None else SessionKeys(SessionSpec(key))
+    limit = tracker.max_line_chars if tracker is not None else DEFAULT_MAX_LINE_CHARS
+    return [(keys.text(record) or "")[:limit] for record in records]
 
 
 def group_sessions(texts: Sequence[str], scores: np.ndarray, labels: np.ndarray, key: str,
