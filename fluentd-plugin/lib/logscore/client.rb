@@ -186,7 +186,7 @@ module Logscore
       'host:port (a host name, which may end in a dot, or an IPv4 address)',
       '"[IPv6 address]:port" (quoted: Fluentd reads a bare [ as a JSON array)',
       "a gRPC target of scheme #{GRPC_SCHEMES.map { |scheme| "#{scheme}:" }.join(', ')} " \
-      '(such as dns:///host:port), passed to gRPC as it is'
+      '(such as dns:///host:port; the addresses of dns:, ipv4: and ipv6: with their port), passed to gRPC as it is'
     ].freeze
     ENDPOINT_FORMS_TEXT = "#{ENDPOINT_FORMS.join('; ')}; the port a number from 1 to 65535".freeze
     HOST_NAME = /\A[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_])?\.?\z/
@@ -202,13 +202,24 @@ module Logscore
       return 'it is empty' if text.strip.empty?
       return unix_problem(text) if text.start_with?('unix:', '/')
       if (scheme = GRPC_SCHEMES.find { |name| text.start_with?("#{name}:") })
-        return text.size > scheme.size + 1 ? nil : "it names no address after #{scheme}:"
+        return scheme_problem(scheme, text.delete_prefix("#{scheme}:"))
       end
       if text.match?(%r{\A[A-Za-z][\w+.-]*://})
         return "its scheme #{text[/\A[^:]*/]}:// is not one of gRPC's (gRPC would look the whole text up as a host)"
       end
 
       host_port_problem(text)
+    end
+
+    # dns:, ipv4: and ipv6: name host:port addresses: one without a port passed and dialled port 443
+    # (dns:///logscore, ipv4:127.0.0.1), every call failing later (review). Other schemes go as they are.
+    def self.scheme_problem(scheme, rest)
+      return "it names no address after #{scheme}:" if rest.empty?
+      return nil unless %w[dns ipv4 ipv6].include?(scheme)
+
+      addresses = scheme == 'dns' ? [rest.sub(%r{\A//[^/]*/}, '')] : rest.split(',')
+      problem = addresses.filter_map { |address| host_port_problem(address) }.first
+      problem && "#{problem} (after #{scheme}:)"
     end
 
     def self.unix_problem(text)

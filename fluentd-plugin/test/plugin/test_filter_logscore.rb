@@ -88,6 +88,10 @@ class LogscoreFilterTest < Test::Unit::TestCase
          'an IPv6 address without brackets' => ['::1:50051', /an IPv6 address needs brackets around it .* "\[::1\]:50051"/],
          'a Unix socket path after two slashes' => ['unix://tmp/x.sock', %r{absolute after unix:// \(unix:///run}],
          'a gRPC scheme with no address' => ['dns:', /it names no address after dns:/],
+         'dns:/// without a port' => ['dns:///logscore', /it has no port \(gRPC would dial port 443\).* \(after dns:\)/],
+         'ipv4: without a port' => ['ipv4:127.0.0.1', /it has no port .* \(after ipv4:\)/],
+         'ipv4: a second address without a port' => ['ipv4:127.0.0.1:1,127.0.0.2', /it has no port .* \(after ipv4:\)/],
+         'ipv6: without brackets' => ['ipv6:::1', /an IPv6 address needs brackets .* \(after ipv6:\)/],
          'empty' => ['""', /it is empty/])
     test 'a malformed endpoint is a configuration error naming it, what is wrong, and the accepted forms' do |(endpoint, why)|
       error = assert_raise(Fluent::ConfigError) { create_driver("endpoint #{endpoint}") }
@@ -104,6 +108,7 @@ class LogscoreFilterTest < Test::Unit::TestCase
          'a host name ending in a dot' => 'logscore.ns.svc.cluster.local.:50051',
          'dns:/// with the authority left out' => 'dns:///logscore:50051', 'dns: without slashes' => 'dns:logscore:50051',
          'ipv4: scheme' => 'ipv4:127.0.0.1:50051', 'ipv6: scheme' => 'ipv6:[::1]:50051',
+         'dns: with an authority' => 'dns://8.8.8.8/logscore:50051', 'ipv4: two addresses' => 'ipv4:127.0.0.1:1,127.0.0.2:2',
          'unix-abstract: scheme' => 'unix-abstract:logscore', 'a relative unix: path' => 'unix:run/logscore.sock',
          'vsock: scheme' => 'vsock:3:50051')
     test 'well-formed endpoints pass configure' do |endpoint|
