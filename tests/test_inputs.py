@@ -44,6 +44,21 @@ def test_stdin_fed_a_byte_at_a_time_is_told_apart_by_all_its_first_bytes(monkeyp
     assert list(read_lines(["-"])) == ["a"]
 
 
+class LiveLines(OneByteAtATime):
+    """A live pipe (tail -f): what was written so far, then a read that would wait for more."""
+
+    def readinto(self, buffer) -> int:
+        if not self._data:
+            raise AssertionError("read past what was written: a live pipe would wait here")
+        return super().readinto(buffer)
+
+
+def test_a_short_first_line_on_a_live_stdin_is_given_without_waiting_for_more(monkeypatch):
+    """The search for the magic read on to 10 bytes: a first line of 3 waited for the next one (review)."""
+    monkeypatch.setattr(sys, "stdin", SimpleNamespace(buffer=io.BufferedReader(LiveLines(b"ok\n"))))
+    assert next(read_lines(["-"])) == "ok"
+
+
 def test_stdin_is_named_stdin_in_gzip_warnings(monkeypatch, capsys):
     """"-: the gzip stream ends early" (review): stdin is called stdin, as in every other message."""
     packed = gzip.compress(("\n".join(f"line {i}" for i in range(2000)) + "\n").encode())

@@ -87,7 +87,8 @@ def _first_bytes(raw) -> bytes:
     """Up to MAGIC_BYTES of a stream's start, or all of it when shorter. NOTE: peek() gives what one read
     gave: a pipe fed a byte at a time (ssh, nc, curl) showed one byte, and a gzip was read as binary lines."""
     start = b""
-    while len(start) < MAGIC_BYTES and (chunk := raw.read1(MAGIC_BYTES - len(start))):
+    # (A line break ends the search: no magic holds one, and a short first line fed live, tail -f, waited.)
+    while len(start) < MAGIC_BYTES and b"\n" not in start and (chunk := raw.read1(MAGIC_BYTES - len(start))):
         start += chunk
     return start
 
