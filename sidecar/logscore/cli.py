@@ -617,11 +617,11 @@ def print_scored(chunk: list, response, several: bool, limit: int, tally: "Recor
         if cut.was_cut:
             note_client_cut(notes[i], limit)
         note_reader_cut(notes[i], cut.numbered.record)
-        model = response.models[response.model_index[i]]
+        scored_by = response.models[response.model_index[i]]
         explanation = list(response.explanations[i].features) if response.explanations else None
         print(json.dumps(result_entry(cut.numbered, several, response.scores[i], response.is_anomaly[i],
-                                      model.name, model.version, notes[i], explanation)))
-        tally.add(model.name, cut.record, notes[i], flagged=response.is_anomaly[i])
+                                      scored_by.name, scored_by.version, notes[i], explanation)))
+        tally.add(scored_by.name, cut.record, notes[i], flagged=response.is_anomaly[i])
     return 0
 
 
