@@ -183,14 +183,65 @@ def test_a_per_entity_route_too_quiet_to_learn_soon_gives_its_slot_up_and_an_att
     assert sorted(learner.routes_by_name) == ["apache-access@h1006", "apache-access@h1007"]
     for _ in range(99):  # h1007 is busy: 100 records of its own within 100 × 2 overall
         learner.observe(["apache-access@h1007"], [access_map("h1007")])
-    busy_traffic(50)  # 151 records overall since the slots were taken: under 100 × 2
+    busy_traffic(700)  # 702 of the model's records with a host since the slots were taken: under 4 × 100 × 2
     assert not flagged(sqli)  # held: h1006 may yet learn its own model
-    busy_traffic(50)
+    busy_traffic(100)
     assert flagged(sqli)  # h1006 gave its slot up: the model it resolves to flags the attack
     assert "apache-access@h1006" not in learner.routes_by_name and learner.routes(model, [sqli]) == [None]
     assert "apache-access@h1007" in learner.routes_by_name  # due to train: it keeps its slot
     assert learner.routes(model, [access_map("h9")]) == ["apache-access@h9"]  # the slot is free for another
     assert flagged(access_map("zz-other", sqli["url"], sqli["user_agent"]))  # the slots are full again
+    busy_traffic(800)  # h9 gives up in turn; h1006 has been given up for the whole patience: it may come back
+    assert learner.routes(model, [access_map("h1006")]) == ["apache-access@h1006"]
+
+
+def entity_learner(tmp_path, max_routes: int) -> tuple[Learner, dict]:
+    """A learner with learn_records 100 over two per-host models (apache-access and a copy, other)."""
+    models = tmp_path / "models"
+    models.mkdir(parents=True)
+    shutil.copy(DEFAULT_MODEL, models / "apache-access.onnx")
+    shutil.copy(DEFAULT_MODEL, models / "other.onnx")
+    settings = Settings.load(None, {"models_dir": str(models), "learn": "true", "learn_records": "100",
+                                    "learn_window": "100", "learn_max_routes": str(max_routes),
+                                    "entity_field": "host"}, {})
+    registry = ModelRegistry(str(models), entity_field="host")
+    registry.reload()
+    return Learner(settings, registry, lambda: None), registry.snapshot.models
+
+
+def send(learner: Learner, model, records: list, reached: set) -> None:
+    """Route and observe ``records`` one at a time; note the per-entity routes that reach learn_records."""
+    for record in records:
+        routes = learner.routes(model, [record])
+        learner.observe(routes, [record])
+        reached.update(n for n, r in learner.routes_by_name.items() if "@" in n and r.seen >= 100)
+
+
+def test_slot_holders_of_equal_traffic_learn_though_more_entities_wait(tmp_path):
+    """20 hosts of equal traffic on 8 slots: giving up at an even share of the slots, all 20 gave up
+    and none learned (review, session 27); the first 8 learn, the others wait."""
+    learner, models = entity_learner(tmp_path, 8)
+    reached: set = set()
+    send(learner, models["apache-access"], [access_map(f"h{n % 20}") for n in range(4000)], reached)
+    assert reached == {f"apache-access@h{n}" for n in range(8)}
+    assert not learner._gave_up
+
+
+def test_slots_are_not_given_up_while_some_are_free_nor_for_other_models_or_records_without_the_field(tmp_path):
+    """4 hosts at 10 % each with 4 slots free all gave up (review, session 27); so did a quiet model's
+    hosts beside a busy model. Records of other models, or without the entity field, are no clock."""
+    learner, models = entity_learner(tmp_path, 8)
+    reached: set = set()
+    mixed = [access_map(f"h{n % 10}") if n % 10 < 4 else {"url": "/no-host"} for n in range(1200)]
+    send(learner, models["apache-access"], mixed, reached)
+    assert reached == {f"apache-access@h{n}" for n in range(4)} and not learner._gave_up
+
+    learner, models = entity_learner(tmp_path / "two", 2)
+    quiet = [access_map("q1"), access_map("q2")]
+    send(learner, models["other"], quiet, reached)
+    # the busy model's own hosts are refused (the slots are full); its records do not run the quiet ones' clock
+    send(learner, models["apache-access"], [access_map(f"b{n}") for n in range(2000)], reached)
+    assert sorted(learner.routes_by_name) == ["other@q1", "other@q2"]
 
 
 def test_entity_values_unfit_for_a_file_name_are_not_learned_and_a_model_with_windows_learns_all_its_records(

@@ -79,8 +79,13 @@ MAX_HELD_FAILURES = 3
 NOT_LEARNED_NAMED = 1000
 NOT_LEARNED_LOG_INTERVAL_S = 60.0
 # Per-entity routes that gave up their slot (too quiet, see Learner._free_quiet_slots) are remembered, up to
-# this many, so as not to take a slot again; past it the oldest are forgotten.
+# this many, so as not to take a slot again at once; past it the oldest are forgotten.
 GAVE_UP_REMEMBERED = 10_000
+# A slot holder gives up (when others wait) once its model has seen this many times learn_records ×
+# learn_max_routes records with the entity field since it took the slot: it keeps the slot with a quarter
+# of its even share. At 1× (an even share), 20 hosts of equal traffic on 8 slots all gave up and none
+# learned (review, session 27); at 4×, entities with 1/32 of their model's traffic learn (defaults).
+PATIENCE_SHARES = 4
 
 
 def learning_unavailable(settings: Settings) -> Optional[str]:
@@ -113,7 +118,8 @@ class Route:
     held: int = 0  # records whose flag was held
     failures: int = 0  # trainings failed in a row
     learned_from: int = 0  # window records the model it last swapped in was trained on
-    admitted_at: int = 0  # records the learner had seen overall when the route took its slot
+    admitted_at: int = 0  # its model's records with the entity field seen when the route took its slot
+    refusals_at: int = 0  # entity values refused a slot (the slots full) when the route took its slot
     warned: tuple = ()  # what the training of the last model swapped in (or kept aside) warned of
     # Its last first candidate was kept aside (learned from a window of attacks, flagging far more than
     # the serving model, or missing keep-marked records): its flags are not held, the model it falls
@@ -136,8 +142,12 @@ class Learner:
         self.routes_by_name: dict[str, Route] = {}
         self._refused: set[str] = set()  # routes said not to be learned by name (bounded)
         self._refused_past_named = OncePerInterval(NOT_LEARNED_LOG_INTERVAL_S)  # the rest: by reason
-        self.records_seen = 0  # every record observed, routed or not: the clock of a slot's patience
-        self._gave_up: dict[str, None] = {}  # per-entity routes that gave up their slot (oldest first, bounded)
+        # Per model, its records with the entity field seen: the clock of a slot's patience.
+        self._entity_records: dict[str, int] = {}
+        self._refusals = 0  # entity values refused a slot because every slot was taken
+        # Per-entity routes that gave up their slot (oldest first, bounded), with their model's
+        # _entity_records then: they may take a slot again once patience has passed since.
+        self._gave_up: dict[str, int] = {}
         self._gave_up_said = OncePerInterval(NOT_LEARNED_LOG_INTERVAL_S)
         self._child: Optional[asyncio.subprocess.Process] = None
         self._stopping = asyncio.Event()
@@ -191,6 +201,8 @@ class Learner:
         names = []
         for record in records:
             value = record.get(entity) if isinstance(record, dict) else None
+            if value is not None:
+                self._entity_records[model.name] = self._entity_records.get(model.name, 0) + 1
             names.append(self._admit(model.name if value is None else f"{model.name}@{to_text(value)}"))
         return names
 
@@ -200,11 +212,25 @@ class Learner:
             if not SAFE_ROUTE.fullmatch(name.partition("@")[2]):
                 self._not_learned(name[:80], "the entity value is not a plain name (letters, digits, . _ -)")
                 return None
-            if name in self._gave_up or \
-                    sum("@" in n for n in self.routes_by_name) >= self.settings.learn_max_routes:
+            if name in self._gave_up:
+                if self._model_clock(name) - self._gave_up[name] < self._patience():
+                    return None  # gave up lately: a slot it takes again would be given up again
+                del self._gave_up[name]
+            if self._slots_taken() >= self.settings.learn_max_routes:
+                self._refusals += 1
                 return None
         self._route(name)
         return name
+
+    def _slots_taken(self) -> int:
+        return sum("@" in n for n in self.routes_by_name)
+
+    def _patience(self) -> int:
+        return PATIENCE_SHARES * self.settings.learn_records * self.settings.learn_max_routes
+
+    def _model_clock(self, name: str) -> int:
+        """Records with the entity field seen so far by the model of the per-entity route ``name``."""
+        return self._entity_records.get(name.partition("@")[0], 0)
 
     def _not_learned(self, name: str, why: str) -> None:
         """Say once per route why it is not learned; past NOT_LEARNED_NAMED routes, once an interval
@@ -228,8 +254,7 @@ class Learner:
         for name in routes:
             if name not in reasons:
                 route = self.routes_by_name.get(name)
-                # (a slot given up between this call's routing and now: flagged as from the next call)
-                released = (route is not None and route.releases_flags()) or name in self._gave_up
+                released = route is not None and route.releases_flags()
                 reasons[name] = None if released or learned_for(model, name) else self._reason(name)
             held.append(reasons[name])
         if not any(held):
@@ -258,7 +283,6 @@ class Learner:
 
     def observe(self, routes: Sequence[Optional[str]], records: Sequence[object]) -> None:
         """Keep each route's recent records (bounded); records too long or multi-line are skipped."""
-        self.records_seen += len(records)
         if len(set(routes)) == 1:
             self._keep(routes[0], records)
         else:
@@ -271,19 +295,26 @@ class Learner:
         self._free_quiet_slots()
 
     def _free_quiet_slots(self) -> None:
-        """A per-entity route that has not seen learn_records of its own within learn_records ×
-        learn_max_routes records seen overall (less than its even share of the slots) gives its slot up
-        for good: its records are flagged by the model they resolve to, as past learn_max_routes.
+        """While every slot is taken and some entity value was refused one since a per-entity route took
+        its slot, the route gives the slot up if it has not seen learn_records of its own within
+        PATIENCE_SHARES × learn_records × learn_max_routes of its model's records with the entity field:
+        its records are then flagged by the model they resolve to, as past learn_max_routes, until that
+        patience has passed again (then it may take a free slot anew).
         NOTE: slots went to the first entity values seen and were held for good: with 5,000 hosts, 8
         quiet ones (13 records a minute) held their flags for about 6 h, and an SQLi naming one of
-        them as its host was not flagged (soak probe, session 27)."""
-        patience = self.settings.learn_records * self.settings.learn_max_routes
+        them as its host was not flagged (soak probe, session 27). Counted in every record of every
+        model and checked with slots free, giving up stopped learning that worked: 20 hosts of equal
+        traffic on 8 slots, or 4 hosts at 10 % with 4 slots free, all gave up (review, session 27)."""
+        if self._slots_taken() < self.settings.learn_max_routes:
+            return
+        patience = self._patience()
         for route in [r for n, r in self.routes_by_name.items() if "@" in n]:
-            if self.records_seen - route.admitted_at < patience or route.seen >= self.settings.learn_records \
-                    or route.training or self._serving_learned(route.name):
+            if route.refusals_at == self._refusals or self._model_clock(route.name) - route.admitted_at < patience \
+                    or route.seen >= self.settings.learn_records or route.training \
+                    or self._serving_learned(route.name):
                 continue
             del self.routes_by_name[route.name]
-            self._gave_up[route.name] = None
+            self._gave_up[route.name] = self._model_clock(route.name)
             if len(self._gave_up) > GAVE_UP_REMEMBERED:
                 del self._gave_up[next(iter(self._gave_up))]
             unsaid = self._gave_up_said.due("gave up", 1)
@@ -291,7 +322,7 @@ class Learner:
                 log.warning("learning: a per-entity route gave up its slot: too quiet to learn its own model "
                             "soon; its records are flagged by the model they resolve to",
                             extra={"route": route.name, "records_seen": route.seen,
-                                   "records_seen_overall": self.records_seen - route.admitted_at,
+                                   "model_records_since_admitted": self._model_clock(route.name) - route.admitted_at,
                                    "gave_up_since_last_logged": unsaid[0]})
 
     def _keep(self, name: Optional[str], records: Sequence[object]) -> None:
@@ -306,7 +337,8 @@ class Learner:
         route = self.routes_by_name.get(name)
         if route is None:
             route = self.routes_by_name[name] = Route(name, deque(maxlen=self.settings.learn_window),
-                                                      admitted_at=self.records_seen)
+                                                      admitted_at=self._model_clock(name),
+                                                      refusals_at=self._refusals)
         return route
 
     # --- the background task ---------------------------------------------------------

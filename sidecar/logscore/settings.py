@@ -154,8 +154,9 @@ class Settings:
                                           "grouped. A model with feedback entries in force has every flagged "
                                           "record inspected")
     learn_max_routes: int = setting(8, "per-entity routes learned at most (with --entity-field); records of further "
-                                    "entities are neither kept nor held. A route without learn_records of its own "
-                                    "within learn_records × learn_max_routes records seen overall gives its slot up")
+                                    "entities are neither kept nor held. While entities wait for a slot, a route "
+                                    "without learn_records of its own within 4 × learn_records × learn_max_routes "
+                                    "of its model's records with the entity field gives its slot up")
     # Behaviour over time (issue #15): models trained with --windows / --entities.
     windows: bool = setting(True, "watch windows and clients of models that carry window or client detectors "
                             "(logscore train --windows/--entities); events on /v1/anomalies and WatchAnomalies")
