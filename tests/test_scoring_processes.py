@@ -364,23 +364,29 @@ def test_a_worker_running_other_code_than_the_sidecar_scores_nothing(tmp_path, m
         pool.close()
 
 
+def fail_next_chunk(pool: ScoringProcesses) -> None:
+    """The idle worker's next chunk is sent, then the worker is killed: the call fails. (Stopped first: a
+    worker quicker than the kill answered its chunk.)"""
+    worker = pool._idle.queue[0]
+    pid = worker.process.pid
+    send = worker.connection.send_bytes
+    worker.connection.send_bytes = lambda packed: (os.kill(pid, signal.SIGSTOP), send(packed),
+                                                   os.kill(pid, signal.SIGKILL), wait_dead(pid))
+
+
 def test_workers_that_fail_every_chunk_count_as_not_running_until_one_answers(shop_model_path):
     """With every worker hung, each call failed while /readyz said ready with `running: 2`: a live
-    process was counted as a working one (probe-observe). Now as many failures in a row as workers,
-    none answered since, and none counts as running, with a reason; an answer, or a quiet spell
-    (no traffic can succeed once a balancer stops sending), ends it."""
+    process was counted as a working one (probe-observe). Now once the replacements too fail, as many
+    in a row as workers, none answered since, none counts as running, with a reason; an answer, or a
+    quiet spell (no traffic can succeed once a balancer stops sending), ends it."""
     pool = ScoringProcesses(2, max_line_chars=65_536)
     try:
         model = Model.load(shop_model_path)
         lines = shop_lines(10, seed=59)
         assert_same(pool.score(model, lines, 0), model.score(lines, 0))
-        for failure in range(2):
+        for failure in range(4):  # the two first workers, then their two replacements
             assert pool.status()["running"] == 2 and pool.not_answering_reason() is None
-            worker = pool._idle.queue[0]
-            pid = worker.process.pid
-            send = worker.connection.send_bytes
-            worker.connection.send_bytes = lambda packed, send=send, pid=pid: (
-                send(packed), os.kill(pid, signal.SIGKILL), wait_dead(pid))
+            fail_next_chunk(pool)
             with pytest.raises(ScorerUnavailable):
                 pool.score(model, lines, 0)
         status = pool.status()
@@ -393,6 +399,64 @@ def test_workers_that_fail_every_chunk_count_as_not_running_until_one_answers(sh
         pool.clock = lambda: failed_at
         assert pool.not_answering_reason() is not None
         assert_same(pool.score(model, lines, 0), model.score(lines, 0))  # a replaced worker answers
-        assert pool.status() == {"wanted": 2, "running": 2, "replaced": 2, "failed_in_row": 0, "answering": True}
+        assert pool.status() == {"wanted": 2, "running": 2, "replaced": 4, "failed_in_row": 0, "answering": True}
+    finally:
+        pool.close()
+
+
+def test_one_worker_killed_mid_chunk_leaves_the_sidecar_ready_while_its_replacement_is_untried(shop_model_path):
+    """With --scoring-processes 1, one worker killed while scoring (OOM, a record that crashes the
+    featurizer) made the sidecar not ready for 10 s, its replacement idle and untried (review, session 27)."""
+    pool = ScoringProcesses(1, max_line_chars=65_536)
+    try:
+        model = Model.load(shop_model_path)
+        lines = shop_lines(10, seed=60)
+        assert_same(pool.score(model, lines, 0), model.score(lines, 0))
+        fail_next_chunk(pool)
+        with pytest.raises(ScorerUnavailable):
+            pool.score(model, lines, 0)
+        assert pool.not_answering_reason() is None and pool.status()["running"] == 1
+        assert_same(pool.score(model, lines, 0), model.score(lines, 0))  # the replacement answers
+        assert pool.not_answering_reason() is None
+        fail_next_chunk(pool)  # a second worker killed: it was tried and answered, so still no reason
+        with pytest.raises(ScorerUnavailable):
+            pool.score(model, lines, 0)
+        assert pool.not_answering_reason() is None
+        fail_next_chunk(pool)  # its replacement fails too, before answering anything: replacing does not help
+        with pytest.raises(ScorerUnavailable):
+            pool.score(model, lines, 0)
+        assert "no scoring process answers" in pool.not_answering_reason()
+    finally:
+        pool.close()
+
+
+def test_with_no_worker_startable_the_sidecar_is_not_ready_and_stays_so_after_the_hold(shop_model_path,
+                                                                                       monkeypatch):
+    """A replacement that could not be started (OSError) left no worker; after the 10 s hold /readyz said
+    ready again with `running: 0` while every call waited 5 s and failed (review, session 27)."""
+    import logscore.scoring_processes as scoring_processes
+
+    pool = ScoringProcesses(1, max_line_chars=65_536)
+    try:
+        model = Model.load(shop_model_path)
+        lines = shop_lines(10, seed=61)
+
+        def cannot_start(arguments):
+            raise OSError(24, "Too many open files")
+
+        monkeypatch.setattr(scoring_processes, "Worker", cannot_start)
+        monkeypatch.setattr(scoring_processes, "CHUNK_TIMEOUT_S", 0.2)  # the wait for an idle worker
+        fail_next_chunk(pool)
+        with pytest.raises(ScorerUnavailable):
+            pool.score(model, lines, 0)
+        assert "no scoring process is running" in pool.not_answering_reason()
+        with pytest.raises(ScorerUnavailable, match="no scoring process is running"):
+            pool.score(model, lines, 0)
+        assert pool.status()["failed_in_row"] == 1  # the wait that ran out counts
+        failed_at = pool.clock()
+        pool.clock = lambda: failed_at + 11.0  # past NOT_ANSWERING_HOLD_S
+        status = pool.status()
+        assert status["answering"] is False and status["running"] == 0
+        assert "no scoring process is running" in pool.not_answering_reason()
     finally:
         pool.close()

@@ -59,6 +59,10 @@ CHUNK_TIMEOUT_S = 5.0
 # are workers, none answered since: none counts as running, and the sidecar is not ready. Held that
 # long after the last failure only: with no traffic (a balancer that stopped sending) nothing could
 # ever succeed, so readiness comes back, and the next chunks tell again.
+# Counted are failures of replacements (workers started after a failure, none answered since) and
+# waits for an idle worker that ran out: one worker killed mid-chunk (OOM, a record that crashes the
+# featurizer) made a sidecar of --scoring-processes 1 not ready for 10 s while its replacement, not
+# yet tried, sat idle (review, session 27).
 NOT_ANSWERING_HOLD_S = 2 * CHUNK_TIMEOUT_S
 ARRAYS = ("scores", "is_anomaly", "raw_scores", "truncated", "unparsed", "novelty")
 
@@ -132,6 +136,9 @@ class Worker:
                 [sys.executable, "-m", "logscore.scoring_processes", "--fd", str(theirs.fileno()), *arguments],
                 pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL)
         self.connection = Connection(ours.detach())
+        # Started after a chunk failed with none answered since: its failure tells that replacing does not help.
+        self.replaces_a_failure = False
+        self.answers_before = 0  # chunks answered by the pool when it started
 
     def idle_and_alive(self) -> bool:
         """Whether an idle worker can take a chunk. An idle worker never writes, so anything readable is its end
@@ -196,7 +203,9 @@ class ScoringProcesses:
         self._lock = threading.Lock()
         self._closed = False
         self.replaced = 0
-        self._failed_in_row = 0  # chunks failed since one was last answered
+        self._failed_in_row = 0  # chunks failed (as counted, see NOT_ANSWERING_HOLD_S) since one was last answered
+        self._unanswered = 0  # chunks failed since one was last answered, counted or not
+        self._answers = 0  # chunks answered
         self._last_failure = 0.0  # time.monotonic() of the last chunk failed
         self.clock = time.monotonic
         for _ in range(count):
@@ -222,8 +231,12 @@ class ScoringProcesses:
                 "failed_in_row": self._failed_in_row, "answering": answering}
 
     def answering(self) -> bool:
-        """False while the last ``count`` chunks or more all failed, none answered since, the last of
-        them within NOT_ANSWERING_HOLD_S (see there)."""
+        """False while no worker runs (none could be started again), or while the last ``count`` chunks
+        or more counted as failed (see NOT_ANSWERING_HOLD_S), none answered since, the last of them
+        within NOT_ANSWERING_HOLD_S."""
+        with self._lock:
+            if not self._workers and not self._closed:
+                return False
         return (self._failed_in_row < self.count
                 or self.clock() - self._last_failure > NOT_ANSWERING_HOLD_S)
 
@@ -231,6 +244,11 @@ class ScoringProcesses:
         """Why the sidecar is not ready because of its scoring processes, or None."""
         if self.answering():
             return None
+        with self._lock:
+            none_running = not self._workers
+        if none_running:
+            return ("no scoring process is running: none could be started again (see 'cannot start a scoring "
+                    "process' in the log); restart the sidecar or run it with --scoring-processes 0")
         return (f"no scoring process answers: the last {self._failed_in_row} chunks failed (hung or exited; "
                 "see 'scoring process failed' in the log) and none was scored since; they are being replaced: "
                 "if this lasts, restart the sidecar or run it with --scoring-processes 0")
@@ -268,13 +286,15 @@ class ScoringProcesses:
         try:
             reply = worker.call(packed)
         except WorkerFailed as error:
-            self._failed_in_row += 1
-            self._last_failure = self.clock()
+            self._unanswered += 1
+            if worker.replaces_a_failure and worker.answers_before == self._answers:
+                self._count_failure()
             self._replace(worker, str(error))
             raise ScorerUnavailable(f"a scoring process failed while scoring {len(records)} records ({error}); "
                                     "they are unscored and the process is being restarted: retry") from None
         self._idle.put(worker)
-        self._failed_in_row = 0
+        self._failed_in_row = self._unanswered = 0
+        self._answers += 1
         if "stale" in checked(reply):  # the file changed since the sidecar loaded it: score the version it serves
             return model.score(records, explain, explain_flagged)
         if "other_code" in reply:
@@ -293,8 +313,13 @@ class ScoringProcesses:
         try:
             return self._idle.get(timeout=CHUNK_TIMEOUT_S)
         except queue.Empty:  # every worker failed and none could be started again
+            self._count_failure()
             raise ScorerUnavailable("no scoring process is running (see the sidecar's log); restart the sidecar "
                                     "or run it with --scoring-processes 0") from None
+
+    def _count_failure(self) -> None:
+        self._failed_in_row += 1
+        self._last_failure = self.clock()
 
     def _replace(self, worker: Worker, reason: str) -> None:
         log.error("scoring process failed; starting another", extra={"pid": worker.process.pid, "reason": reason})
@@ -307,7 +332,9 @@ class ScoringProcesses:
         self.replaced += 1
         self._on_restart(reason)
         try:
-            self._add(Worker(self._arguments))
+            replacement = Worker(self._arguments)
+            replacement.replaces_a_failure, replacement.answers_before = self._unanswered > 0, self._answers
+            self._add(replacement)
         except OSError as error:
             log.error("cannot start a scoring process", extra={"error": str(error)})
 
