@@ -139,6 +139,45 @@ def test_a_flood_of_client_events_does_not_push_the_rarer_window_events_out_of_t
     assert len(hub.recent) == 6  # bounded per kind
 
 
+def test_a_resume_is_told_only_of_events_of_its_kinds_lost_after_its_id():
+    """A kind's events lost before ?since= were counted as lost after it when other kinds' ids lay
+    between: w5..w7 all kept after w4, the resume was told of 4 lost (review, session 27)."""
+    def event(kind, key):
+        return AnomalyEvent(kind, "m", key, 0.9, 1, 0, 1, "x", 0.0, 1.0)
+
+    hub = EventHub(recent=3, watcher_queue=3)
+    hub.publish([event("window", f"w{i}") for i in range(1, 5)])  # w1 is no longer kept
+    w4 = hub.list_recent(["window"], 10)[-1]
+    hub.publish([event("client", f"c{i}") for i in range(1, 6)])  # c1, c2 are no longer kept
+    hub.publish([event("window", f"w{i}") for i in range(5, 8)])  # w2..w4 are no longer kept
+    resumed = hub.since(["window"], w4.id)
+    assert [(e.key, e.dropped_before) for e in resumed] == [("w5", 0), ("w6", 0), ("w7", 0)]
+    both = hub.since([], w4.id)  # c1, c2 were lost after w4, and no window event
+    assert [e.key for e in both] == ["c3", "c4", "c5", "w5", "w6", "w7"] and both[0].dropped_before == 2
+    w1 = hub.since(["window"], w4.id - 3)  # w1's id: w2..w4 lost after it
+    assert [e.key for e in w1] == ["w5", "w6", "w7"] and w1[0].dropped_before == 3
+
+
+def test_a_resume_offers_the_newest_events_its_watcher_holds_and_counts_the_rest_as_not_given():
+    """Each kind keeps anomaly_recent events, so a resume found twice a watcher's queue: offered all,
+    the oldest half went, the first and its own count among them, and the client was told of 999 events
+    lost that it could still GET (review, session 27)."""
+    def events(kind, n):
+        return [AnomalyEvent(kind, "m", f"{kind}{i}", 0.9, 1, 0, 1, "x", 0.0, 1.0) for i in range(n)]
+
+    hub = EventHub(recent=100, watcher_queue=100)
+    hub.publish(events("window", 120))  # window0..window19 no longer kept
+    hub.publish(events("client", 100))
+    since = hub.list_recent(["window"], 200)[0].id - 1  # just before window20: nothing of it lost after
+    resumed = hub.since([], since, 100)
+    assert [e.key for e in resumed] == [f"client{i}" for i in range(100)]
+    assert resumed[0].dropped_before == 100  # window20..window119, still kept but not given
+    watcher = hub.watch([])
+    for event in resumed:
+        assert watcher.offer(event)  # none dropped from the resuming watcher's queue
+    assert watcher.dropped == 0
+
+
 def test_events_are_encoded_once_for_all_watchers_but_one_saying_what_it_lost_apart():
     from logscore.generated.logscore.v1 import scorer_pb2 as pb
     from logscore.servers.grpc import event_bytes

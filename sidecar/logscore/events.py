@@ -123,14 +123,20 @@ class RecentEvents:
         self.maxlen = maxlen  # per kind
         self._by_kind: dict[str, collections.deque] = {}
         self._lost: collections.Counter = collections.Counter()  # per kind: events no longer kept
+        # Per kind, the ids of its first event and of its newest one no longer kept: a kind's lost
+        # events are its oldest, so they all lie between the two.
+        self._first_id: dict[str, int] = {}
+        self._newest_lost_id: dict[str, int] = {}
 
     def extend(self, events: Iterable[AnomalyEvent]) -> None:
         for event in events:
             kept = self._by_kind.get(event.kind)
             if kept is None:
                 kept = self._by_kind[event.kind] = collections.deque(maxlen=self.maxlen)
+                self._first_id[event.kind] = event.id
             if len(kept) == self.maxlen:
                 self._lost[event.kind] += 1
+                self._newest_lost_id[event.kind] = kept[0].id
             kept.append(event)
 
     def of(self, kinds: Iterable[str]) -> list[AnomalyEvent]:
@@ -142,14 +148,20 @@ class RecentEvents:
         return sorted(itertools.chain(*rings), key=operator.attrgetter("id"))
 
     def lost_after(self, kinds: Iterable[str], since_id: int) -> int:
-        """Events of ``kinds`` after ``since_id`` no longer kept: at most the ids between it and each
-        kind's oldest kept event, and at most what that kind lost (exact unless the kinds interleave
-        in what was lost)."""
+        """Events of ``kinds`` after ``since_id`` no longer kept. Per kind exact when ``since_id`` is
+        not among the ids of its lost events (none lost after its newest lost one, all of them before
+        its first); else at most the ids from ``since_id`` to its newest lost one, and what it lost.
+        NOTE: bounded by the ids up to the oldest kept only, a kind's events lost before since_id were
+        counted as lost after it when other kinds' ids lay between (review, session 27)."""
         lost = 0
         for kind in set(kinds):
-            kept = self._by_kind.get(kind)
-            if kept:
-                lost += max(min(self._lost[kind], kept[0].id - since_id - 1), 0)
+            newest_lost = self._newest_lost_id.get(kind)
+            if newest_lost is None or newest_lost <= since_id:
+                continue
+            if since_id < self._first_id[kind]:
+                lost += self._lost[kind]
+            else:
+                lost += min(self._lost[kind], newest_lost - since_id)
         return lost
 
     def __iter__(self):
@@ -234,14 +246,21 @@ class EventHub:
         for watcher in list(self._watchers):
             self.unwatch(watcher)
 
-    def since(self, kinds: Iterable[str], since_id: int) -> list[AnomalyEvent]:
-        """Every kept event after ``since_id`` (a watcher resuming); when events of this process
-        after it are no longer kept, the first carries how many (``dropped_before``)."""
+    def since(self, kinds: Iterable[str], since_id: int, limit: Optional[int] = None) -> list[AnomalyEvent]:
+        """The kept events after ``since_id`` (a watcher resuming), the newest ``limit`` of them if
+        given (what its queue holds); the first carries how many after it are not given
+        (``dropped_before``): those of this process no longer kept, and those past ``limit``.
+        NOTE: offered all to a watcher whose queue held half of them (each kind keeps anomaly_recent),
+        the oldest went, among them the first and its count: a resuming client was told of 999 events
+        lost that were still kept (review, session 27)."""
         chosen = self.list_recent(kinds, len(self.recent), since_id)
+        left_out = max(len(chosen) - limit, 0) if limit is not None else 0
+        chosen = chosen[left_out:]
+        lost = left_out
         if chosen and since_id >= self.first_id:
-            lost = self.recent.lost_after(frozenset(kinds) or frozenset(KINDS), since_id)
-            if lost > 0:
-                chosen[0] = AnomalyEvent(**{**chosen[0].__dict__, "dropped_before": lost})
+            lost += self.recent.lost_after(frozenset(kinds) or frozenset(KINDS), since_id)
+        if chosen and lost > 0:
+            chosen[0] = AnomalyEvent(**{**chosen[0].__dict__, "dropped_before": lost})
         return chosen
 
     def list_recent(self, kinds: Iterable[str] = (), limit: int = 100, since_id: int = 0) -> list[AnomalyEvent]:

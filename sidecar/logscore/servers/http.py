@@ -980,7 +980,7 @@ class SidecarHttp:
         if behaviour is None:
             return Response.error(404, "no behaviour watching in this sidecar (setting windows is off)")
         watcher = behaviour.hub.watch(kinds)
-        for event in behaviour.hub.since(kinds, since) if since else ():
+        for event in behaviour.hub.since(kinds, since, watcher.size) if since else ():
             watcher.offer(event)
         return Response(200, b"", "text/event-stream", stream=server_sent_events(behaviour.hub, watcher),
                         stop=watcher.close)
