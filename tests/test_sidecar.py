@@ -590,6 +590,38 @@ def test_unix_socket_file_mode(sidecar):
     assert stat.S_IMODE(os.stat(sidecar.socket).st_mode) == 0o660
 
 
+def test_a_health_watch_whose_client_does_not_read_blocks_neither_status_changes_nor_shutdown():
+    """Watch wrote while holding its condition's lock: a write blocked by a client not reading would
+    have blocked set() (readiness) and enter_graceful_shutdown(), so the sidecar's stop (review, session 27)."""
+    import asyncio
+
+    from logscore.serve import DrainingHealth
+
+    class StuckClient:
+        def __init__(self):
+            self.written, self.reading = [], asyncio.Event()
+
+        async def write(self, message):
+            self.written.append(message.status)
+            await self.reading.wait()  # the client reads nothing until told to
+
+    async def scenario():
+        health = DrainingHealth()
+        client = StuckClient()
+        watch = asyncio.create_task(health.Watch(health_pb2.HealthCheckRequest(service=""), client))
+        while not client.written:
+            await asyncio.sleep(0)
+        assert not health._changed.locked()  # blocked in its write, the lock is free
+        await health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+        await health.enter_graceful_shutdown()
+        client.reading.set()
+        await watch
+        return client.written
+
+    said = asyncio.run(scenario())
+    assert said == [health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING]
+
+
 def test_health_reflection_and_metrics(sidecar):
     health = health_pb2_grpc.HealthStub(sidecar.channel())
     for service in ("", "logscore.v1.Scorer"):

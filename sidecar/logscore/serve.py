@@ -127,17 +127,25 @@ class DrainingHealth(health.aio.HealthServicer):
             self._changed.notify_all()
 
     async def Watch(self, request, context):
+        """Each change of the service's status, written outside the lock.
+        NOTE: written under it, a client not reading (its write blocked) would block set() and
+        enter_graceful_shutdown(), and so the sidecar's stop (review, session 27)."""
         said = None
-        async with self._changed:
-            while True:
-                status = (health_pb2.HealthCheckResponse.NOT_SERVING if self._draining else
-                          self._statuses.get(request.service, health_pb2.HealthCheckResponse.SERVICE_UNKNOWN))
-                if status != said:
-                    await context.write(health_pb2.HealthCheckResponse(status=status))
-                    said = status
-                if self._draining:
-                    return
-                await self._changed.wait()
+        while True:
+            async with self._changed:
+                while (status := self._status(request.service)) == said and not self._draining:
+                    await self._changed.wait()
+                draining = self._draining
+            if status != said:
+                await context.write(health_pb2.HealthCheckResponse(status=status))
+                said = status
+            if draining:
+                return
+
+    def _status(self, service: str):
+        if self._draining:
+            return health_pb2.HealthCheckResponse.NOT_SERVING
+        return self._statuses.get(service, health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
 
 
 class Sidecar:
