@@ -14,6 +14,7 @@ import uuid
 import msgpack
 import pytest
 from fluent import sender as fluent_sender
+from logscore.metrics import REFUSAL_LOG_INTERVAL_S
 
 from .generate import attack_lines, blog_lines
 from .sidecar_process import ROOT, SidecarProcess, free_port
@@ -1030,6 +1031,24 @@ UNDECODABLE_REASONS = {"an array as a map key": "could not be decoded (TypeError
                        "a reserved ext type": "could not be decoded (ValueError",
                        "more values than the budget": "could not be decoded (a slice of PackedForward entries "
                                                       "holds more than 1,000,000 values"}
+
+
+def test_skipped_entries_logged_since_count_the_messages_of_a_pipelining_sender(chain):
+    """messages_since_last_logged counted one per group of messages read at once: a pipelining
+    sender's many messages counted as a few (review, session 27)."""
+    sidecar, port, receiver = chain
+
+    def bad_message(n: int) -> bytes:
+        return msgpack.packb([f"web.{n}", [[1_700_000_000, {"message": "GET /"}], "not an entry"], {"chunk": f"c{n}"}])
+
+    assert send(port, bad_message(0)) == [{"ack": "c0"}]  # said at once
+    assert len(send(port, b"".join(bad_message(n) for n in range(1, 31)), acks=30)) == 30  # one write
+    time.sleep(REFUSAL_LOG_INTERVAL_S + 0.5)  # (not a timing assertion: the interval for the next line)
+    assert send(port, bad_message(31)) == [{"ack": "c31"}]
+    lines = [json.loads(line) for line in sidecar.log().splitlines() if line.startswith("{")]
+    skipped = [line for line in lines if line["message"].startswith("skipped entries")]
+    assert len(skipped) == 2, skipped
+    assert skipped[1]["messages_since_last_logged"] == 30 and skipped[1]["entries_since_last_logged"] == 30
 
 
 @pytest.fixture()

@@ -165,7 +165,8 @@ class Metrics:
         self.abandoned = Counter("logscore_abandoned_records", "Records not scored because their caller had "
                                  "gone (cancelled, or its deadline passed)", ["model", "reason"], registry=r)
         self.scoring_process_restarts = Counter("logscore_scoring_process_restarts", "Scoring processes "
-                                                "replaced: exited or hung while scoring, or found dead while idle "
+                                                "replaced: exited or hung while scoring, or unusable while idle "
+                                                "(exited, or still running but wrote a late reply) "
                                                 "(scoring_processes)",
                                                 registry=r)
         self.grpc_connections = Gauge("logscore_grpc_connections", "Connections open on each gRPC listener "
