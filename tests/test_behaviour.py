@@ -172,10 +172,21 @@ def test_a_resume_offers_the_newest_events_its_watcher_holds_and_counts_the_rest
     resumed = hub.since([], since, 100)
     assert [e.key for e in resumed] == [f"client{i}" for i in range(100)]
     assert resumed[0].dropped_before == 100  # window20..window119, still kept but not given
-    watcher = hub.watch([])
-    for event in resumed:
-        assert watcher.offer(event)  # none dropped from the resuming watcher's queue
-    assert watcher.dropped == 0
+
+    # The HTTP stream's resume (GET /v1/anomalies?since=ID, event-stream) gives its watcher just those.
+    import types
+
+    from logscore.servers.http import Request, SidecarHttp
+
+    api = types.SimpleNamespace(token=None, service=types.SimpleNamespace(behaviour=types.SimpleNamespace(hub=hub)))
+    api._authorize = types.MethodType(SidecarHttp._authorize, api)
+    request = Request("GET", "/v1/anomalies", {"since": str(since), "stream": "1"}, {})
+    answer = asyncio.run(SidecarHttp.anomalies(api, request))
+    assert answer.status == 200
+    watcher, = hub._watchers
+    queued = watcher.take_ready(1000)
+    assert watcher.dropped == 0 and [e.key for e in queued] == [e.key for e in resumed]
+    assert queued[0].dropped_before == 100
 
 
 def test_events_are_encoded_once_for_all_watchers_but_one_saying_what_it_lost_apart():
