@@ -286,15 +286,18 @@ class ScoringProcesses:
         try:
             reply = worker.call(packed)
         except WorkerFailed as error:
-            self._unanswered += 1
-            if worker.replaces_a_failure and worker.answers_before == self._answers:
+            with self._lock:  # (count threads update the counts at once)
+                self._unanswered += 1
+                counted = worker.replaces_a_failure and worker.answers_before == self._answers
+            if counted:
                 self._count_failure()
             self._replace(worker, str(error))
             raise ScorerUnavailable(f"a scoring process failed while scoring {len(records)} records ({error}); "
                                     "they are unscored and the process is being restarted: retry") from None
         self._idle.put(worker)
-        self._failed_in_row = self._unanswered = 0
-        self._answers += 1
+        with self._lock:
+            self._failed_in_row = self._unanswered = 0
+            self._answers += 1
         if "stale" in checked(reply):  # the file changed since the sidecar loaded it: score the version it serves
             return model.score(records, explain, explain_flagged)
         if "other_code" in reply:
@@ -318,8 +321,9 @@ class ScoringProcesses:
                                     "or run it with --scoring-processes 0") from None
 
     def _count_failure(self) -> None:
-        self._failed_in_row += 1
-        self._last_failure = self.clock()
+        with self._lock:
+            self._failed_in_row += 1
+            self._last_failure = self.clock()
 
     def _replace(self, worker: Worker, reason: str) -> None:
         log.error("scoring process failed; starting another", extra={"pid": worker.process.pid, "reason": reason})
@@ -333,7 +337,8 @@ class ScoringProcesses:
         self._on_restart(reason)
         try:
             replacement = Worker(self._arguments)
-            replacement.replaces_a_failure, replacement.answers_before = self._unanswered > 0, self._answers
+            with self._lock:
+                replacement.replaces_a_failure, replacement.answers_before = self._unanswered > 0, self._answers
             self._add(replacement)
         except OSError as error:
             log.error("cannot start a scoring process", extra={"error": str(error)})
