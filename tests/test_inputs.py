@@ -85,12 +85,13 @@ def test_only_the_lines_the_reader_cut_are_marked_cut(tmp_path):
 def test_a_lone_surrogate_is_replaced_at_any_depth_of_a_json_record():
     """Only the top level's values were replaced: '\\ud800' stayed in {"k8s": {"pod": ...}} and in ["x\\ud800"],
     so `score` kept it while `client` sent U+FFFD (review, session 27)."""
-    from logscore.inputs import is_utf8_text, json_record
+    from logscore.inputs import json_record
+    from logscore.records import is_utf8
 
     line = ('{"message": "a \\ud800", "k8s": {"pod": "p\\udc80", "\\ud801key": [1, "x\\ud800", {"deep": "\\udfff"}]},'
             ' "tags": ["t\\ud800"], "n": 3, "ok": null}')
     record = json_record(line)
     assert record == {"message": "a \ufffd", "k8s": {"pod": "p\ufffd", "\ufffdkey": [1, "x\ufffd", {"deep": "\ufffd"}]},
                       "tags": ["t\ufffd"], "n": 3, "ok": None}
-    assert is_utf8_text(repr(record))
+    assert is_utf8(repr(record))
     assert json_record('{"k8s": {"pod": "p\\u00e9"}}') == {"k8s": {"pod": "p\u00e9"}}  # (a real escape kept)

@@ -20,7 +20,7 @@ from typing import Optional
 from .artifact import DEFAULT_MAX_MODEL_BYTES, UnreadableModelFile
 from .errors import InvalidRequest, ModelLoadError, ModelNotFound
 from .model import Model
-from .records import DEFAULT_MAX_LINE_CHARS, MAX_NAME_CHARS, cut_text, to_text
+from .records import DEFAULT_MAX_LINE_CHARS, MAX_NAME_CHARS, cut_text, is_utf8, to_text
 from .sessions import SessionCounts
 
 log = logging.getLogger("logscore.registry")
@@ -66,15 +66,6 @@ def not_a_file(entry: os.DirEntry) -> Optional[FileState]:
     else:
         why = "not a regular file (a socket, a FIFO or a device); remove it"
     return FileState(0, 0, refusal=f"{entry.path}: {why}")
-
-
-def is_utf8(name: str) -> bool:
-    """Whether a name read from the file system was UTF-8 (Python keeps other bytes as lone surrogates)."""
-    try:
-        name.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def shown_path(path: str) -> str:
