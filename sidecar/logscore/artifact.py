@@ -36,7 +36,7 @@ HASH_KEY = "logscore.content_hash"
 DEFAULT_MAX_MODEL_BYTES = 64 * 1024 * 1024
 GROWTH_CHUNK = 1024 * 1024  # read at a time past the size a file had when it was opened
 
-_GRAPH_FIELD = 7  # ModelProto.graph
+GRAPH_FIELD = 7  # ModelProto.graph
 _METADATA_FIELD = 14  # ModelProto.metadata_props (StringStringEntryProto: key=1, value=2)
 
 
@@ -106,15 +106,15 @@ class UnreadableModelFile(ModelLoadError):
         super().__init__(f"{path}: cannot read model file: {reason}{remedy}")
 
 
-class _WireError(ValueError):
+class WireError(ValueError):
     pass
 
 
-def _varint(data: bytes, pos: int) -> tuple[int, int]:
+def wire_varint(data: bytes, pos: int) -> tuple[int, int]:
     result = shift = 0
     while True:
         if pos >= len(data) or shift > 63:
-            raise _WireError(f"truncated varint at byte {pos}")
+            raise WireError(f"truncated varint at byte {pos}")
         byte = data[pos]
         pos += 1
         result |= (byte & 0x7F) << shift
@@ -123,38 +123,45 @@ def _varint(data: bytes, pos: int) -> tuple[int, int]:
             return result, pos
 
 
-def _fields(data: bytes):
-    """Yield (field number, wire type, value) of one protobuf message; raises _WireError."""
+def wire_field(data: bytes, pos: int) -> tuple[int, int, object, int]:
+    """The field at ``pos`` of a protobuf message: (field number, wire type, value, where the next
+    one starts); raises WireError."""
+    tag, pos = wire_varint(data, pos)
+    number, wire_type = tag >> 3, tag & 7
+    if number == 0:
+        raise WireError(f"field number 0 at byte {pos}")
+    if wire_type == 0:
+        value, pos = wire_varint(data, pos)
+    elif wire_type == 1:
+        value, pos = data[pos: pos + 8], pos + 8
+    elif wire_type == 2:
+        length, pos = wire_varint(data, pos)
+        value, pos = data[pos: pos + length], pos + length
+    elif wire_type == 5:
+        value, pos = data[pos: pos + 4], pos + 4
+    else:
+        raise WireError(f"unsupported wire type {wire_type} at byte {pos}")
+    if pos > len(data):
+        raise WireError("message ends in the middle of a field")
+    return number, wire_type, value, pos
+
+
+def wire_fields(data: bytes):
+    """Yield (field number, wire type, value) of one protobuf message; raises WireError."""
     pos = 0
     while pos < len(data):
-        tag, pos = _varint(data, pos)
-        number, wire_type = tag >> 3, tag & 7
-        if number == 0:
-            raise _WireError(f"field number 0 at byte {pos}")
-        if wire_type == 0:
-            value, pos = _varint(data, pos)
-        elif wire_type == 1:
-            value, pos = data[pos: pos + 8], pos + 8
-        elif wire_type == 2:
-            length, pos = _varint(data, pos)
-            value, pos = data[pos: pos + length], pos + length
-        elif wire_type == 5:
-            value, pos = data[pos: pos + 4], pos + 4
-        else:
-            raise _WireError(f"unsupported wire type {wire_type} at byte {pos}")
-        if pos > len(data):
-            raise _WireError("message ends in the middle of a field")
+        number, wire_type, value, pos = wire_field(data, pos)
         yield number, wire_type, value
 
 
 def _scan_model(data: bytes) -> tuple[bytes, dict[str, str]]:
     graph = b""
     props: dict[str, str] = {}
-    for number, wire_type, value in _fields(data):
-        if number == _GRAPH_FIELD and wire_type == 2:
+    for number, wire_type, value in wire_fields(data):
+        if number == GRAPH_FIELD and wire_type == 2:
             graph = value
         elif number == _METADATA_FIELD and wire_type == 2:
-            entry = {n: v for n, w, v in _fields(value) if w == 2}
+            entry = {n: v for n, w, v in wire_fields(value) if w == 2}
             props[entry.get(1, b"").decode("utf-8", "replace")] = entry.get(2, b"").decode("utf-8", "replace")
     return graph, props
 
@@ -162,7 +169,7 @@ def _scan_model(data: bytes) -> tuple[bytes, dict[str, str]]:
 def fields_but_metadata(data: bytes) -> list[tuple[int, object]]:
     """Every top-level field of a model file but its metadata, as (field number, value) in order: what a
     rewrite of the metadata alone must leave as it was, byte for byte (scripts/set_access_layout.py)."""
-    return [(number, value) for number, _, value in _fields(data) if number != _METADATA_FIELD]
+    return [(number, value) for number, _, value in wire_fields(data) if number != _METADATA_FIELD]
 
 
 def read_artifact(path: str | Path, max_bytes: Optional[int] = None) -> Artifact:
@@ -175,7 +182,7 @@ def read_artifact(path: str | Path, max_bytes: Optional[int] = None) -> Artifact
         raise UnreadableModelFile(path, error) from None
     try:
         graph, props = _scan_model(data)
-    except _WireError as error:
+    except WireError as error:
         raise ModelLoadError(f"{path}: not a valid ONNX file (truncated or corrupt: {error}); "
                              "re-copy or re-export it") from None
     if not graph:

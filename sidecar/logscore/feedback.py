@@ -36,7 +36,7 @@ from .errors import InvalidRequest
 from .features import FeatureBatch
 from .features.batch import text_key
 from .features.converters import ValueCache, value_shape
-from .model import SCORE_CHUNK, Model, run_graph
+from .model import SCORE_CHUNK, Model
 from .records import cut_nesting, event_seconds, field_map_json, to_text
 from .shown import named_first
 
@@ -349,7 +349,7 @@ def inspect(model: Model, records: Sequence[object]) -> Inspection:
     batch = model.featurizer.transform(records, dense=True)  # dense: KeyOrigins name every key's field
     if not model.needs_dense:
         batch = dataclasses.replace(batch, dense=np.zeros((batch.size, 0), dtype=np.float32))
-    scores, _, surprise = run_graph(model.session, batch)
+    scores, _, surprise = model.run_graph(batch)
     bounds = np.searchsorted(batch.rows, np.arange(batch.size + 1))
     origins = batch.origins.resolve()  # every key's converter, whatever built the batch
     detail_entries = np.fromiter((e.converter.kind in DETAIL_KINDS for e in origins.entries), dtype=bool,
@@ -367,7 +367,7 @@ def rescore_without(model: Model, batch: FeatureBatch, drop: np.ndarray) -> np.n
         dense = batch.without_keys(keep, model.featurizer.dense_dims)
     kept = FeatureBatch(batch.rows[keep], batch.keys[keep], batch.weights[keep], dense, batch.truncated,
                         batch.unparsed)
-    scores, _, _ = run_graph(model.session, kept)
+    scores, _, _ = model.run_graph(kept)
     return scores
 
 

@@ -17,6 +17,7 @@ import onnxruntime as ort
 from .artifact import Artifact, read_artifact
 from .errors import ModelLoadError
 from .features import FeatureBatch, Featurizer
+from .graph_shortcut import rarity_shortcut
 from .records import DEFAULT_MAX_LINE_CHARS
 from .entities import CLIENT_FIELDS
 from .sessions import SessionTracker
@@ -178,11 +179,19 @@ class Model:
             self.session = make_session(artifact.model_bytes, threads)
         except Exception as error:
             raise ModelLoadError(f"{artifact.path}: onnxruntime cannot load the graph: {error}") from None
+        # The graph's rarity lookup and sums done by the compiled featurizer, same results (None: run whole).
+        self.shortcut = rarity_shortcut(artifact.model_bytes)
 
     @classmethod
     def load(cls, path: str | Path, threads: int = 1, max_line_chars: int = DEFAULT_MAX_LINE_CHARS,
              client_key: Optional[str] = None, max_bytes: Optional[int] = None) -> "Model":
         return cls(read_artifact(path, max_bytes), threads, max_line_chars, client_key)
+
+    def run_graph(self, batch: FeatureBatch) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(score [N], raw_scores [N, M], key_surprise [nnz]) of a featurized batch."""
+        if self.shortcut is not None:
+            return self.shortcut.run(self.session, batch)
+        return run_graph(self.session, batch)
 
     @property
     def version(self) -> str:
@@ -206,7 +215,7 @@ class Model:
             records, session_notes = self.sessions.track_noting(records)  # each record as its session so far
         batch = self.featurizer.transform(records, dense=self.needs_dense, with_fields=self.needs_fields,
                                           columns=self.behaviour_fields)
-        score, raw, surprise = run_graph(self.session, batch)
+        score, raw, surprise = self.run_graph(batch)
         cut = self.threshold if threshold is None else threshold
         result = Scored(score, score >= cut, raw, batch.truncated, batch.unparsed, fields=batch.fields,
                         columns=batch.columns, session_notes=session_notes)
@@ -238,7 +247,7 @@ class Model:
                     explanations[i] = named
         elif flagged:
             batch = self.featurizer.transform([records[i] for i in flagged], dense=self.needs_dense)
-            _, _, surprise = run_graph(self.session, batch)
+            _, _, surprise = self.run_graph(batch)
             for i, named in zip(flagged, self._explain(batch, surprise, top)):
                 explanations[i] = named
         return explanations

@@ -1,0 +1,208 @@
+"""The rarity part of a model's graph, run by the compiled featurizer's SurpriseTable.
+
+A logscore graph starts the same way whatever its detectors (training/detectors.py, Rarity):
+``key_surprise = LabelEncoder(keys)`` (each feature key's rarity in training, 1 for a key never
+seen), then ``ScatterElements(zeros, rows, key_surprise * key_weights, reduction="add")``: each
+record's sum. On novel traffic onnxruntime spent about 1.4 µs a record there (155 lookups a record,
+most of them misses); the compiled table does the same float32 products and additions, in the same
+order, in about 0.5. The graph then runs on one key a record, one it has never seen (surprise 1)
+weighed by the record's sum: 1 × sum and 0 + sum give the sum back to the bit, and the rest of the
+graph runs as trained on the same values. So the scores, raw scores and surprise are the very ones
+the whole graph gives (tests/test_graph_shortcut.py holds them equal).
+
+A graph whose keys, weights, rows or surprise feed anything else (a detector this version does not
+know) runs whole, as does every graph when the compiled featurizer is not in use.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+from .artifact import GRAPH_FIELD, WireError, wire_field, wire_fields, wire_varint
+from .features import native
+
+# A key no table holds (its keys are 32-bit): the LabelEncoder gives it its default, 1.
+ABSENT_KEY = 1 << 32
+
+_INTS_TAG = 8 << 3 | 0  # AttributeProto.ints, one field a value (ONNX's proto2 does not pack them)
+_FLOATS_TAG = 7 << 3 | 5  # AttributeProto.floats, likewise
+SUBGRAPH_OPS = {"If", "Loop", "Scan"}
+KNOWN_DOMAINS = {"", "ai.onnx.ml"}
+
+
+@dataclass
+class Node:
+    op_type: str
+    domain: str
+    inputs: list[str]
+    outputs: list[str]
+    attributes: dict[str, bytes]  # name -> the AttributeProto's bytes
+
+
+@dataclass
+class RarityShortcut:
+    table: object  # _native.SurpriseTable
+
+    def run(self, session, batch) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(score [N], raw_scores [N, M], key_surprise [nnz]), as model.run_graph gives them."""
+        surprise, sums = self.table.sum_rows(batch.keys, batch.weights, batch.rows, batch.size)
+        feeds = {"keys": np.full(batch.size, ABSENT_KEY, np.int64), "key_weights": np.frombuffer(sums, np.float32),
+                 "rows": np.arange(batch.size, dtype=np.int64), "dense": batch.dense}
+        score, raw = session.run(["score", "raw_scores"], feeds)
+        return score, raw, np.frombuffer(surprise, np.float32)
+
+
+def rarity_shortcut(model_bytes: bytes) -> Optional[RarityShortcut]:
+    """The shortcut for this model's graph, or None: it runs whole (another shape, or the compiled
+    featurizer is not in use)."""
+    compiled = native.module()
+    if compiled is None:
+        return None
+    try:
+        table = rarity_table(model_bytes)
+    except (WireError, ValueError, IndexError):  # (onnxruntime has read the file; this reading is ours)
+        return None
+    if table is None:
+        return None
+    keys, values = table
+    try:
+        return RarityShortcut(compiled.SurpriseTable(keys, values, 1.0))
+    except ValueError:  # keys past 32 bits, or one key given many times
+        return None
+
+
+def rarity_table(model_bytes: bytes) -> Optional[tuple[np.ndarray, np.ndarray]]:
+    """(keys int64, surprise float32) of the graph's LabelEncoder when the graph is of the shape
+    the shortcut reproduces exactly, else None."""
+    graph = next((value for number, wire_type, value in wire_fields(model_bytes)
+                  if number == GRAPH_FIELD and wire_type == 2), b"")
+    nodes = [read_node(value) for number, wire_type, value in wire_fields(graph) if number == 1 and wire_type == 2]
+    if any(node.op_type in SUBGRAPH_OPS or node.domain not in KNOWN_DOMAINS for node in nodes):
+        return None  # (a subgraph may read any tensor of the graph around it)
+    readers: dict[str, list[Node]] = {}
+    for node in nodes:
+        for name in node.inputs:
+            readers.setdefault(name, []).append(node)
+    made_by = {name: node for node in nodes for name in node.outputs}
+
+    def only_reader(name: str) -> Optional[Node]:
+        found = readers.get(name, [])
+        return found[0] if len(found) == 1 else None
+
+    encoder, weigh, add = only_reader("keys"), None, None
+    if encoder and (encoder.op_type, encoder.domain, encoder.inputs) == ("LabelEncoder", "ai.onnx.ml", ["keys"]):
+        weigh = only_reader(encoder.outputs[0])
+    if weigh and (weigh.op_type, weigh.domain) == ("Mul", "") and \
+            sorted(weigh.inputs) == sorted([encoder.outputs[0], "key_weights"]) and only_reader("key_weights"):
+        add = only_reader(weigh.outputs[0])
+    if not (add and (add.op_type, add.domain) == ("ScatterElements", "") and len(add.inputs) == 3 and
+            add.inputs[1:] == ["rows", weigh.outputs[0]] and only_reader("rows") and
+            attribute_int(add, "axis", 0) == 0 and attribute_bytes(add, "reduction", b"none") == b"add" and
+            zeros(made_by.get(add.inputs[0]))):
+        return None
+    if set(encoder.attributes) != {"keys_int64s", "values_floats", "default_float"} or \
+            attribute_float(encoder, "default_float") != 1.0:
+        return None
+    keys = np.array(read_attribute(encoder.attributes["keys_int64s"])["ints"], dtype=np.uint64)
+    values = read_attribute(encoder.attributes["values_floats"])["floats"]
+    if len(keys) != len(values) or (len(keys) and int(keys.max()) >= ABSENT_KEY) or len(np.unique(keys)) != len(keys):
+        return None
+    return keys.astype(np.int64), values
+
+
+def zeros(node: Optional[Node]) -> bool:
+    """Whether ``node`` makes float32 zeros (ConstantOfShape of +0.0): the sums start from them."""
+    if node is None or (node.op_type, node.domain) != ("ConstantOfShape", ""):
+        return False
+    if "value" not in node.attributes:
+        return True  # (its default: float32 0)
+    tensor = read_attribute(node.attributes["value"]).get("t")
+    if tensor is None:
+        return False
+    fields = {number: value for number, _, value in wire_fields(tensor)}
+    data = fields.get(9, fields.get(4, b""))  # raw_data, else float_data (packed)
+    return fields.get(2) == 1 and data == b"\0\0\0\0"  # FLOAT, one +0.0
+
+
+def read_node(data: bytes) -> Node:
+    node = Node("", "", [], [], {})
+    for number, wire_type, value in wire_fields(data):
+        if wire_type != 2:
+            continue
+        if number == 1:
+            node.inputs.append(value.decode("utf-8", "replace"))
+        elif number == 2:
+            node.outputs.append(value.decode("utf-8", "replace"))
+        elif number == 4:
+            node.op_type = value.decode("utf-8", "replace")
+        elif number == 7:
+            node.domain = value.decode("utf-8", "replace")
+        elif number == 5:
+            node.attributes[attribute_name(value)] = value
+    if node.domain == "ai.onnx":
+        node.domain = ""
+    return node
+
+
+def attribute_name(data: bytes) -> str:
+    """An AttributeProto's name (its first field as written), without reading its values."""
+    number, wire_type, value, _ = wire_field(data, 0) if data else (0, 0, b"", 0)
+    if number == 1 and wire_type == 2:
+        return value.decode("utf-8", "replace")
+    return next((v.decode("utf-8", "replace") for n, w, v in wire_fields(data) if n == 1 and w == 2), "")
+
+
+def read_attribute(data: bytes) -> dict:
+    """An AttributeProto's values: f, i, s, t and floats (float32) / ints, packed or not.
+    A run of unpacked values is read in one step: a big model's table holds a million keys."""
+    found: dict = {"floats": [], "ints": []}
+    pos = 0
+    while pos < len(data):
+        if data[pos] == _INTS_TAG:
+            ints = found["ints"]
+            while pos < len(data) and data[pos] == _INTS_TAG:
+                value, pos = wire_varint(data, pos + 1)
+                ints.append(value)
+            continue
+        if data[pos] == _FLOATS_TAG:
+            run = np.frombuffer(data, np.uint8, offset=pos)
+            fields = run[: len(run) // 5 * 5].reshape(-1, 5)
+            tagged = fields[:, 0] == _FLOATS_TAG
+            count = len(tagged) if tagged.all() else int(np.argmin(tagged))
+            found["floats"].append(fields[:count, 1:].copy().view("<f4").ravel())
+            pos += count * 5
+            continue
+        number, wire_type, value, pos = wire_field(data, pos)
+        if number == 2 and wire_type == 5:
+            found["f"] = float(np.frombuffer(value, "<f4")[0])
+        elif number == 3 and wire_type == 0:
+            found["i"] = value - (1 << 64) if value >= 1 << 63 else value
+        elif number == 4 and wire_type == 2:
+            found["s"] = value
+        elif number == 5 and wire_type == 2:
+            found["t"] = value
+        elif number == 7 and wire_type == 2:  # packed floats
+            found["floats"].append(np.frombuffer(value, "<f4"))
+        elif number == 8 and wire_type == 2:  # packed ints
+            at = 0
+            while at < len(value):
+                one, at = wire_varint(value, at)
+                found["ints"].append(one)
+    found["floats"] = np.concatenate(found["floats"]).astype(np.float32) if found["floats"] else \
+        np.zeros(0, np.float32)
+    return found
+
+
+def attribute_int(node: Node, name: str, default: int) -> int:
+    return read_attribute(node.attributes[name]).get("i", default) if name in node.attributes else default
+
+
+def attribute_bytes(node: Node, name: str, default: bytes) -> bytes:
+    return read_attribute(node.attributes[name]).get("s", default) if name in node.attributes else default
+
+
+def attribute_float(node: Node, name: str) -> Optional[float]:
+    return read_attribute(node.attributes[name]).get("f") if name in node.attributes else None

@@ -1,0 +1,217 @@
+"""The graph's rarity part run by the compiled SurpriseTable (graph_shortcut.py) gives the whole
+graph's results to the bit, and graphs of any other shape run whole."""
+
+import random
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+
+from logscore.features import load_spec, native
+from logscore.graph_shortcut import ABSENT_KEY, rarity_shortcut, read_attribute
+from logscore.model import Model, run_graph
+from logscore.training.train import TrainOptions, save_model, train
+
+from .generate import attack_lines, blog_lines, shop_lines
+
+pytestmark = pytest.mark.skipif(not native.built(), reason="the compiled featurizer is not built")
+
+SHIPPED = "models/apache-access.onnx"
+
+
+def novel_lines(count: int, seed: int) -> list[str]:
+    """Shop lines whose URLs carry words and ids never seen: most of their keys miss the table."""
+    rng = random.Random(seed)
+    lines = []
+    for line in shop_lines(count, seed=seed):
+        word = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz%20-_") for _ in range(rng.randint(3, 30)))
+        lines.append(line.replace(" HTTP/", f"{'&' if '?' in line else '?'}{word}={rng.getrandbits(40)} HTTP/", 1))
+    return lines
+
+
+def scoring_lines() -> list[str]:
+    shop = shop_lines(300, seed=21)
+    return shop + [line for _, line in attack_lines(shop, 120)] + blog_lines(60) + novel_lines(300, seed=22)
+
+
+def assert_whole_graph_results(model: Model, lines: list[str]) -> None:
+    assert model.shortcut is not None
+    for size in (1, 7, len(lines)):
+        batch = model.featurizer.transform(lines[:size], dense=model.needs_dense)
+        short, whole = model.run_graph(batch), run_graph(model.session, batch)
+        for mine, theirs in zip(short, whole):
+            assert mine.dtype == theirs.dtype and mine.shape == theirs.shape
+            assert mine.tobytes() == theirs.tobytes()
+
+
+@pytest.fixture(scope="module")
+def detectors_model(tmp_path_factory):
+    """A model with detectors that read the dense block beside rarity (their subgraphs run as trained)."""
+    model, _ = train(shop_lines(1500, seed=3), TrainOptions(spec=load_spec(None, "access"), name="mixed",
+                                                            detectors=("rarity", "isolation_forest", "pca"),
+                                                            folds=2, target_fpr=0.01))
+    path = tmp_path_factory.mktemp("mixed") / "mixed.onnx"
+    save_model(model, path)
+    return path
+
+
+def test_the_shipped_model_gives_the_whole_graphs_results():
+    assert_whole_graph_results(Model.load(SHIPPED), scoring_lines())
+
+
+def test_trained_models_give_the_whole_graphs_results(shop_model_path, detectors_model, behaviour_model):
+    for path in (shop_model_path, detectors_model, behaviour_model):
+        model = Model.load(path)
+        assert_whole_graph_results(model, scoring_lines())
+        # and so the scores and explanations a caller gets
+        plain = Model.load(path)
+        plain.shortcut = None
+        one, two = model.score(scoring_lines(), explain=3), plain.score(scoring_lines(), explain=3)
+        assert one.scores.tobytes() == two.scores.tobytes() and one.raw_scores.tobytes() == two.raw_scores.tobytes()
+        assert one.explanations == two.explanations
+
+
+def test_the_python_path_runs_the_whole_graph(monkeypatch):
+    monkeypatch.setenv("LOGSCORE_PURE_PYTHON", "1")
+    assert Model.load(SHIPPED).shortcut is None
+
+
+def shipped_graph() -> onnx.ModelProto:
+    return onnx.load(SHIPPED)
+
+
+def node(proto: onnx.ModelProto, op_type: str) -> onnx.NodeProto:
+    return next(n for n in proto.graph.node if n.op_type == op_type)
+
+
+def set_attribute(target: onnx.NodeProto, name: str, value) -> None:
+    kept = [a for a in target.attribute if a.name != name]
+    del target.attribute[:]
+    target.attribute.extend(kept + [helper.make_attribute(name, value)])
+
+
+def read_keys_elsewhere(proto):
+    proto.graph.node.append(helper.make_node("Identity", ["keys"], ["keys_again"]))
+    proto.graph.output.append(helper.make_tensor_value_info("keys_again", onnx.TensorProto.INT64, ["nnz"]))
+
+
+def read_rows_elsewhere(proto):
+    proto.graph.node.append(helper.make_node("Identity", ["rows"], ["rows_again"]))
+    proto.graph.output.append(helper.make_tensor_value_info("rows_again", onnx.TensorProto.INT64, ["nnz"]))
+
+
+def weigh_again(proto):
+    proto.graph.node.append(helper.make_node("Identity", [node(proto, "Mul").output[0]], ["weighed_again"]))
+    proto.graph.output.append(helper.make_tensor_value_info("weighed_again", onnx.TensorProto.FLOAT, ["nnz"]))
+
+
+def start_from_ones(proto):
+    set_attribute(node(proto, "ConstantOfShape"), "value", numpy_helper.from_array(np.ones(1, np.float32)))
+
+
+OTHER_SHAPES = {
+    "a default surprise other than 1": lambda p: set_attribute(node(p, "LabelEncoder"), "default_float", 0.5),
+    "keys read by another node": read_keys_elsewhere,
+    "rows read by another node": read_rows_elsewhere,
+    "the weighed surprise read by another node": weigh_again,
+    "sums that start from ones": start_from_ones,
+    "a scatter that replaces instead of adding": lambda p: set_attribute(node(p, "ScatterElements"),
+                                                                          "reduction", "max"),
+    "a key past 32 bits": lambda p: set_attribute(node(p, "LabelEncoder"), "keys_int64s",
+                                                  [ABSENT_KEY + 5] + list(node(p, "LabelEncoder").attribute[0].ints)[1:]),
+    "a Mul by something else": lambda p: node(p, "Mul").input.__setitem__(1, "key_surprise"),
+}
+
+
+@pytest.mark.parametrize("change", list(OTHER_SHAPES), ids=list(OTHER_SHAPES))
+def test_graphs_of_other_shapes_run_whole(change):
+    assert rarity_shortcut(shipped_graph().SerializeToString()) is not None  # (the unchanged graph takes it)
+    proto = shipped_graph()
+    OTHER_SHAPES[change](proto)
+    assert rarity_shortcut(proto.SerializeToString()) is None
+
+
+def test_a_table_reads_back_as_onnx_wrote_it_packed_or_not():
+    proto = shipped_graph()
+    encoder = node(proto, "LabelEncoder")
+    attributes = {a.name: a for a in encoder.attribute}
+    keys, values = list(attributes["keys_int64s"].ints), list(attributes["values_floats"].floats)
+    unpacked = read_attribute(attributes["keys_int64s"].SerializeToString())
+    assert unpacked["ints"] == keys
+    assert read_attribute(attributes["values_floats"].SerializeToString())["floats"].tobytes() == \
+        np.array(values, np.float32).tobytes()
+    varints = b"".join(encode_varint(key) for key in keys)
+    packed = (b"\x0a" + encode_varint(len(b"keys_int64s")) + b"keys_int64s" +
+              bytes([8 << 3 | 2]) + encode_varint(len(varints)) + varints)
+    assert read_attribute(packed)["ints"] == keys
+    floats = np.array(values, "<f4").tobytes()
+    packed_floats = bytes([7 << 3 | 2]) + encode_varint(len(floats)) + floats
+    assert read_attribute(packed_floats)["floats"].tobytes() == floats
+
+
+def encode_varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def reference_lookup(table: dict, keys: np.ndarray) -> np.ndarray:
+    return np.array([table.get(int(k), 1.0) for k in keys], np.float32)
+
+
+def reference_sums(surprise: np.ndarray, weights: np.ndarray, rows: np.ndarray, size: int) -> np.ndarray:
+    """As ScatterElements adds: each row from float32 zero, in the keys' order, in float32."""
+    sums = np.zeros(size, np.float32)
+    for value, weight, row in zip(surprise, weights, rows):
+        sums[row] = np.float32(sums[row] + np.float32(value * weight))
+    return sums
+
+
+@pytest.mark.parametrize("count", [0, 1, 9, 5000, 300_000])
+def test_the_compiled_table_finds_what_a_dict_finds(count):
+    rng = np.random.default_rng(count)
+    keys = rng.choice(1 << 32, size=count, replace=False).astype(np.int64)
+    if count:
+        keys[0], keys[-1] = 0, (1 << 32) - 1  # the edges of 32 bits
+    values = rng.random(count, dtype=np.float32)
+    table = native.module(True).SurpriseTable(keys, values, 1.0)
+    assert len(table) == count
+    wanted = np.concatenate([keys[rng.permutation(count)][:2000], rng.integers(0, 1 << 32, 2000),
+                             keys[:50] + (1 << 32), keys[:50] | np.int64(-(1 << 62)), [-1, ABSENT_KEY, 0]])
+    found = np.frombuffer(table.lookup(wanted.astype(np.int64)), np.float32)
+    assert found.tobytes() == reference_lookup(dict(zip(keys.tolist(), values.tolist())), wanted).tobytes()
+
+
+def test_sums_add_in_the_keys_order_even_when_a_row_comes_back():
+    rng = np.random.default_rng(4)
+    keys = rng.choice(1 << 32, size=400, replace=False).astype(np.int64)
+    values = rng.random(400, dtype=np.float32)
+    table = native.module(True).SurpriseTable(keys, values, 1.0)
+    wanted = np.concatenate([keys[:300], rng.integers(0, 1 << 32, 300)])
+    rng.shuffle(wanted)
+    weights = (rng.random(len(wanted), dtype=np.float32) * 3).astype(np.float32)
+    rows = np.sort(rng.integers(0, 50, len(wanted)))
+    rows[100:140] = 3  # a row met again after others
+    surprise, sums = table.sum_rows(wanted, weights, rows, 60)
+    expected = reference_lookup(dict(zip(keys.tolist(), values.tolist())), wanted)
+    assert np.frombuffer(surprise, np.float32).tobytes() == expected.tobytes()
+    assert np.frombuffer(sums, np.float32).tobytes() == reference_sums(expected, weights, rows, 60).tobytes()
+
+
+def test_the_compiled_table_refuses_what_it_cannot_hold():
+    table_type = native.module(True).SurpriseTable
+    with pytest.raises(ValueError, match="32-bit"):
+        table_type(np.array([ABSENT_KEY], np.int64), np.ones(1, np.float32), 1.0)
+    with pytest.raises(ValueError, match="given many times"):
+        table_type(np.full(9, 7, np.int64), np.ones(9, np.float32), 1.0)
+    with pytest.raises(ValueError, match="one value a key"):
+        table_type(np.arange(3, dtype=np.int64), np.ones(2, np.float32), 1.0)
+    table = table_type(np.arange(3, dtype=np.int64), np.ones(3, np.float32), 1.0)
+    with pytest.raises(ValueError, match="not a record of a batch of 2"):
+        table.sum_rows(np.arange(3, dtype=np.int64), np.ones(3, np.float32), np.array([0, 1, 2]), 2)
+    with pytest.raises(ValueError, match="one each a key"):
+        table.sum_rows(np.arange(3, dtype=np.int64), np.ones(2, np.float32), np.array([0, 1, 1]), 2)
