@@ -9,7 +9,7 @@ import pytest
 from onnx import helper, numpy_helper
 
 from logscore.features import load_spec, native
-from logscore.graph_shortcut import ABSENT_KEY, rarity_shortcut, read_attribute
+from logscore.graph_shortcut import ABSENT_KEY, MIN_RECORDS, rarity_shortcut, read_attribute
 from logscore.model import Model, run_graph
 from logscore.training.train import TrainOptions, save_model, train
 
@@ -37,12 +37,13 @@ def scoring_lines() -> list[str]:
 
 def assert_whole_graph_results(model: Model, lines: list[str]) -> None:
     assert model.shortcut is not None
-    for size in (1, 7, len(lines)):
+    for size in (1, 7, MIN_RECORDS, len(lines)):
         batch = model.featurizer.transform(lines[:size], dense=model.needs_dense)
-        short, whole = model.run_graph(batch), run_graph(model.session, batch)
-        for mine, theirs in zip(short, whole):
-            assert mine.dtype == theirs.dtype and mine.shape == theirs.shape
-            assert mine.tobytes() == theirs.tobytes()
+        whole = run_graph(model.session, batch)
+        for short in (model.shortcut.run(model.session, batch), model.run_graph(batch)):
+            for mine, theirs in zip(short, whole):
+                assert mine.dtype == theirs.dtype and mine.shape == theirs.shape
+                assert mine.tobytes() == theirs.tobytes()
 
 
 @pytest.fixture(scope="module")
@@ -110,6 +111,12 @@ def start_from_ones(proto):
     set_attribute(node(proto, "ConstantOfShape"), "value", numpy_helper.from_array(np.ones(1, np.float32)))
 
 
+def key_past_32_bits(proto):
+    encoder = node(proto, "LabelEncoder")
+    keys = next(a for a in encoder.attribute if a.name == "keys_int64s").ints
+    set_attribute(encoder, "keys_int64s", [ABSENT_KEY + 5] + list(keys)[1:])
+
+
 OTHER_SHAPES = {
     "a default surprise other than 1": lambda p: set_attribute(node(p, "LabelEncoder"), "default_float", 0.5),
     "keys read by another node": read_keys_elsewhere,
@@ -118,8 +125,7 @@ OTHER_SHAPES = {
     "sums that start from ones": start_from_ones,
     "a scatter that replaces instead of adding": lambda p: set_attribute(node(p, "ScatterElements"),
                                                                           "reduction", "max"),
-    "a key past 32 bits": lambda p: set_attribute(node(p, "LabelEncoder"), "keys_int64s",
-                                                  [ABSENT_KEY + 5] + list(node(p, "LabelEncoder").attribute[0].ints)[1:]),
+    "a key past 32 bits": key_past_32_bits,
     "a Mul by something else": lambda p: node(p, "Mul").input.__setitem__(1, "key_surprise"),
 }
 

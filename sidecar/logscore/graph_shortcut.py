@@ -26,6 +26,9 @@ from .features import native
 
 # A key no table holds (its keys are 32-bit): the LabelEncoder gives it its default, 1.
 ABSENT_KEY = 1 << 32
+# Below this many records the graph runs whole: the shortcut's fixed cost (its arrays, about 2 µs a
+# call) is more than it saves (0.2-0.6 µs a record; docs/performance.md).
+MIN_RECORDS = 16
 
 _INTS_TAG = 8 << 3 | 0  # AttributeProto.ints, one field a value (ONNX's proto2 does not pack them)
 _FLOATS_TAG = 7 << 3 | 5  # AttributeProto.floats, likewise

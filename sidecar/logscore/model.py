@@ -17,7 +17,7 @@ import onnxruntime as ort
 from .artifact import Artifact, read_artifact
 from .errors import ModelLoadError
 from .features import FeatureBatch, Featurizer
-from .graph_shortcut import rarity_shortcut
+from .graph_shortcut import MIN_RECORDS as SHORTCUT_MIN_RECORDS, rarity_shortcut
 from .records import DEFAULT_MAX_LINE_CHARS
 from .entities import CLIENT_FIELDS
 from .sessions import SessionTracker
@@ -189,7 +189,7 @@ class Model:
 
     def run_graph(self, batch: FeatureBatch) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(score [N], raw_scores [N, M], key_surprise [nnz]) of a featurized batch."""
-        if self.shortcut is not None:
+        if self.shortcut is not None and batch.size >= SHORTCUT_MIN_RECORDS:
             return self.shortcut.run(self.session, batch)
         return run_graph(self.session, batch)
 
