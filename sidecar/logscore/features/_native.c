@@ -3026,20 +3026,41 @@ static PyObject *line_head(PyObject *module, PyObject *args) {
  * Keys are 32-bit. A bucket holds 8 of them in 32 bytes, filled from its start; a lookup compares
  * all 8 at once and takes the first match, with no branch on found or not (most keys of novel
  * traffic are absent, and such a branch was mispredicted: 5.3 ns a key against 3). An empty slot
- * holds key 0 and the default: a match there gives what a miss gives, and a real 0 sits before it. */
+ * holds key 0 and the default: a match there gives what a miss gives, and a real 0 sits before it.
+ * Buckets hold 2 to 4 keys on average (16-32 bytes a key); the keys of a full bucket (about one
+ * bucket in 50 at 4) go to a sorted spill list, searched only for a key missing from a bucket that
+ * spilled. */
 #define SURPRISE_SLOTS 8
 
 typedef struct {
     PyObject_HEAD
-    uint32_t *keys;    /* SURPRISE_SLOTS a bucket */
-    float *values;     /* SURPRISE_SLOTS a bucket */
-    float fallback;    /* the surprise of a key not in the table */
-    int shift;         /* a key's bucket: (key * golden ratio) >> shift */
-    Py_ssize_t count;
+    uint32_t *keys;          /* SURPRISE_SLOTS a bucket */
+    float *values;           /* SURPRISE_SLOTS a bucket */
+    unsigned char *spilled;  /* a bucket's keys did not all fit */
+    uint64_t *spill;         /* key << 32 | the float's bits, ascending */
+    Py_ssize_t spill_count, count;
+    float fallback;          /* the surprise of a key not in the table */
+    int shift;               /* a key's bucket: (key * golden ratio) >> shift */
 } SurpriseTableObject;
 
 static inline uint64_t surprise_bucket(const SurpriseTableObject *t, uint64_t key) {
     return (key * 0x9E3779B97F4A7C15ULL) >> t->shift;
+}
+
+static float spilled_surprise(const SurpriseTableObject *t, uint32_t key) {
+    Py_ssize_t low = 0, high = t->spill_count;
+    while (low < high) {
+        Py_ssize_t middle = low + (high - low) / 2;
+        uint32_t found = (uint32_t)(t->spill[middle] >> 32);
+        if (found == key) {
+            uint32_t bits = (uint32_t)t->spill[middle];
+            float value;
+            memcpy(&value, &bits, 4);
+            return value;
+        }
+        if (found < key) low = middle + 1; else high = middle;
+    }
+    return t->fallback;
 }
 
 static inline float surprise_of(const SurpriseTableObject *t, int64_t key) {
@@ -3056,38 +3077,19 @@ static inline float surprise_of(const SurpriseTableObject *t, int64_t key) {
     found = 0;
     for (int s = 0; s < SURPRISE_SLOTS; s++) found |= (unsigned)(slots[s] == (uint32_t)key) << s;
 #endif
-    if ((uint64_t)key >> 32) found = 0;  /* (never in the table; its low bits may match a key that is) */
+    int outside = (uint64_t)key >> 32 != 0;  /* (never in the table; its low bits may match a key that is) */
+    if (outside) found = 0;
     unsigned slot = (unsigned)__builtin_ctz(found | 1u << SURPRISE_SLOTS);
     float value = t->values[bucket * SURPRISE_SLOTS + (slot & (SURPRISE_SLOTS - 1))];
+    /* (& not &&: one rarely taken branch, not one on found or not) */
+    if (__builtin_expect(t->spilled[bucket] & (slot == SURPRISE_SLOTS) & !outside, 0))
+        return spilled_surprise(t, (uint32_t)key);
     return slot == SURPRISE_SLOTS ? t->fallback : value;
 }
 
-/* Places every key in 2^bits buckets; 0, or 1 when a bucket would overflow (more buckets needed). */
-static int surprise_fill(SurpriseTableObject *t, int bits, const void *keys, const void *values) {
-    Py_ssize_t slots = ((Py_ssize_t)1 << bits) * SURPRISE_SLOTS;
-    uint32_t *table_keys = PyMem_Calloc(slots, sizeof(uint32_t));
-    float *table_values = PyMem_Malloc(slots * sizeof(float));
-    unsigned char *filled = PyMem_Calloc((size_t)1 << bits, 1);
-    if (!table_keys || !table_values || !filled) {
-        PyMem_Free(table_keys), PyMem_Free(table_values), PyMem_Free(filled);
-        PyErr_NoMemory();
-        return -1;
-    }
-    for (Py_ssize_t s = 0; s < slots; s++) table_values[s] = t->fallback;
-    t->shift = 64 - bits;
-    for (Py_ssize_t i = 0; i < t->count; i++) {
-        uint64_t key = (uint64_t)load_i64(keys, i), bucket = surprise_bucket(t, key);
-        if (filled[bucket] == SURPRISE_SLOTS) {
-            PyMem_Free(table_keys), PyMem_Free(table_values), PyMem_Free(filled);
-            return 1;
-        }
-        Py_ssize_t at = (Py_ssize_t)bucket * SURPRISE_SLOTS + filled[bucket]++;
-        table_keys[at] = (uint32_t)key;
-        table_values[at] = load_f32(values, i);
-    }
-    PyMem_Free(filled);
-    t->keys = table_keys, t->values = table_values;
-    return 0;
+static int compare_spilled(const void *a, const void *b) {
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    return (x > y) - (x < y);
 }
 
 static int surprise_table_init(SurpriseTableObject *t, PyObject *args, PyObject *kwargs) {
@@ -3100,6 +3102,7 @@ static int surprise_table_init(SurpriseTableObject *t, PyObject *args, PyObject 
     }
     if (!PyArg_ParseTupleAndKeywords(args, kwargs, "y*y*f", names, &keys, &values, &fallback)) return -1;
     int result = -1;
+    unsigned char *filled = NULL;
     Py_ssize_t count = keys.len / 8;
     if (keys.len % 8 || values.len != count * 4) {
         PyErr_SetString(PyExc_ValueError, "keys: int64, values: float32, one value a key");
@@ -3112,17 +3115,42 @@ static int surprise_table_init(SurpriseTableObject *t, PyObject *args, PyObject 
             goto done;
         }
     }
-    t->count = count, t->fallback = fallback;
-    int bits = 1;  /* two keys a bucket on average, more buckets when one overflows (and a shift below 64) */
-    while (((Py_ssize_t)2 << bits) < count) bits++;
-    for (int most = bits + 4; bits <= most && result < 0; bits++) {
-        int filled = surprise_fill(t, bits, keys.buf, values.buf);
-        if (filled < 0) goto done;
-        if (filled == 0) result = 0;
+    int bits = 1;  /* (a shift below 64) */
+    while (((Py_ssize_t)4 << bits) < count) bits++;
+    Py_ssize_t buckets = (Py_ssize_t)1 << bits, slots = buckets * SURPRISE_SLOTS;
+    t->keys = PyMem_Calloc(slots, sizeof(uint32_t));
+    t->values = PyMem_Malloc(slots * sizeof(float));
+    t->spilled = PyMem_Calloc(buckets, 1);
+    t->spill = PyMem_Malloc((count ? count : 1) * sizeof(uint64_t));
+    filled = PyMem_Calloc(buckets, 1);
+    if (!t->keys || !t->values || !t->spilled || !t->spill || !filled) {
+        PyMem_Free(t->keys), PyMem_Free(t->values), PyMem_Free(t->spilled), PyMem_Free(t->spill);
+        t->keys = NULL, t->values = NULL, t->spilled = NULL, t->spill = NULL;
+        PyErr_NoMemory();
+        goto done;
     }
-    if (result < 0)  /* (at 1/8 of a key a bucket, only a key given 9 times or more overflows) */
-        PyErr_SetString(PyExc_ValueError, "keys: one key given many times");
+    t->count = count, t->fallback = fallback, t->shift = 64 - bits;
+    for (Py_ssize_t s = 0; s < slots; s++) t->values[s] = fallback;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        uint64_t key = (uint64_t)load_i64(keys.buf, i), bucket = surprise_bucket(t, key);
+        float value = load_f32(values.buf, i);
+        if (filled[bucket] == SURPRISE_SLOTS) {
+            uint32_t bits_of_value;
+            memcpy(&bits_of_value, &value, 4);
+            t->spill[t->spill_count++] = key << 32 | bits_of_value;
+            t->spilled[bucket] = 1;
+            continue;
+        }
+        Py_ssize_t at = (Py_ssize_t)bucket * SURPRISE_SLOTS + filled[bucket]++;
+        t->keys[at] = (uint32_t)key;
+        t->values[at] = value;
+    }
+    qsort(t->spill, t->spill_count, sizeof(uint64_t), compare_spilled);
+    uint64_t *kept = PyMem_Realloc(t->spill, (t->spill_count ? t->spill_count : 1) * sizeof(uint64_t));
+    if (kept) t->spill = kept;  /* (else the larger block stays, as good) */
+    result = 0;
 done:
+    PyMem_Free(filled);
     PyBuffer_Release(&keys);
     PyBuffer_Release(&values);
     return result;
@@ -3198,7 +3226,12 @@ static PyObject *surprise_table_lookup(SurpriseTableObject *t, PyObject *args) {
 
 static PyObject *surprise_table_nbytes(SurpriseTableObject *t, void *closure) {
     Py_ssize_t buckets = t->keys ? (Py_ssize_t)1 << (64 - t->shift) : 0;
-    return PyLong_FromSsize_t(sizeof(*t) + buckets * SURPRISE_SLOTS * (sizeof(uint32_t) + sizeof(float)));
+    return PyLong_FromSsize_t(sizeof(*t) + buckets * (SURPRISE_SLOTS * (sizeof(uint32_t) + sizeof(float)) + 1) +
+                              t->spill_count * sizeof(uint64_t));
+}
+
+static PyObject *surprise_table_spilled(SurpriseTableObject *t, void *closure) {
+    return PyLong_FromSsize_t(t->spill_count);
 }
 
 static Py_ssize_t surprise_table_len(SurpriseTableObject *t) { return t->count; }
@@ -3206,6 +3239,8 @@ static Py_ssize_t surprise_table_len(SurpriseTableObject *t) { return t->count; 
 static void surprise_table_dealloc(SurpriseTableObject *t) {
     PyMem_Free(t->keys);
     PyMem_Free(t->values);
+    PyMem_Free(t->spilled);
+    PyMem_Free(t->spill);
     Py_TYPE(t)->tp_free((PyObject *)t);
 }
 
@@ -3217,6 +3252,7 @@ static PyMethodDef surprise_table_methods[] = {
 
 static PyGetSetDef surprise_table_getset[] = {
     {"nbytes", (getter)surprise_table_nbytes, NULL, "bytes held", NULL},
+    {"spilled", (getter)surprise_table_spilled, NULL, "keys held in the spill list (their buckets were full)", NULL},
     {NULL}};
 
 static PySequenceMethods surprise_table_as_sequence = {.sq_length = (lenfunc)surprise_table_len};
