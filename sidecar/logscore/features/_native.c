@@ -3080,11 +3080,19 @@ static inline float surprise_of(const SurpriseTableObject *t, int64_t key) {
     int outside = (uint64_t)key >> 32 != 0;  /* (never in the table; its low bits may match a key that is) */
     if (outside) found = 0;
     unsigned slot = (unsigned)__builtin_ctz(found | 1u << SURPRISE_SLOTS);
-    float value = t->values[bucket * SURPRISE_SLOTS + (slot & (SURPRISE_SLOTS - 1))];
     /* (& not &&: one rarely taken branch, not one on found or not) */
     if (__builtin_expect(t->spilled[bucket] & (slot == SURPRISE_SLOTS) & !outside, 0))
         return spilled_surprise(t, (uint32_t)key);
-    return slot == SURPRISE_SLOTS ? t->fallback : value;
+    /* The slot's value, or the fallback when none matched (slot 8), chosen by a mask: as `?:` the
+     * compiler made it a branch, mispredicted for about half the keys of novel traffic (6.5 ns a key
+     * against 3.2). */
+    uint32_t value, fallback, missed = 0u - (slot >> 3);
+    memcpy(&value, &t->values[bucket * SURPRISE_SLOTS + (slot & (SURPRISE_SLOTS - 1))], 4);
+    memcpy(&fallback, &t->fallback, 4);
+    value = (value & ~missed) | (fallback & missed);
+    float chosen;
+    memcpy(&chosen, &value, 4);
+    return chosen;
 }
 
 static int compare_spilled(const void *a, const void *b) {
