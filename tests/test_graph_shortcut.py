@@ -156,6 +156,20 @@ def test_a_table_reads_back_as_onnx_wrote_it_packed_or_not():
     assert read_attribute(packed_floats)["floats"].tobytes() == floats
 
 
+@pytest.mark.parametrize("cut", [b"\x40", b"\x40\x85\x80", b"\x3d\x00\x00", b"\x40\x05\x40"],
+                         ids=["tag alone", "varint unfinished", "float cut", "second int missing"])
+def test_attributes_cut_short_are_refused_not_read_for_ever(cut):
+    from logscore.artifact import WireError
+    with pytest.raises(WireError):
+        read_attribute(cut)
+
+
+def test_a_graph_cut_short_runs_whole():
+    data = shipped_graph().SerializeToString()
+    encoder_keys = data.index(b"keys_int64s")
+    assert rarity_shortcut(data[: encoder_keys + 500]) is None
+
+
 def encode_varint(value: int) -> bytes:
     out = bytearray()
     while True:

@@ -3,12 +3,12 @@
 A logscore graph starts the same way whatever its detectors (training/detectors.py, Rarity):
 ``key_surprise = LabelEncoder(keys)`` (each feature key's rarity in training, 1 for a key never
 seen), then ``ScatterElements(zeros, rows, key_surprise * key_weights, reduction="add")``: each
-record's sum. On novel traffic onnxruntime spent about 1.4 µs a record there (155 lookups a record,
-most of them misses); the compiled table does the same float32 products and additions, in the same
-order, in about 0.5. The graph then runs on one key a record, one it has never seen (surprise 1)
-weighed by the record's sum: 1 × sum and 0 + sum give the sum back to the bit, and the rest of the
-graph runs as trained on the same values. So the scores, raw scores and surprise are the very ones
-the whole graph gives (tests/test_graph_shortcut.py holds them equal).
+record's sum. On novel traffic onnxruntime spent about 1.4 µs a record there (155 lookups a record);
+the compiled table does the same float32 products and additions, in the same order, in about 0.7.
+The graph then runs on one key a record, one it has never seen (surprise 1), weighed by the
+record's sum: 1 × sum and 0 + sum give the sum back to the bit, and the rest of the graph runs as
+trained on the same values. So the scores, raw scores and surprise are the very ones the whole
+graph gives (tests/test_graph_shortcut.py holds them equal).
 
 A graph whose keys, weights, rows or surprise feed anything else (a detector this version does not
 know) runs whole, as does every graph when the compiled featurizer is not in use.
@@ -66,14 +66,8 @@ def rarity_shortcut(model_bytes: bytes) -> Optional[RarityShortcut]:
         return None
     try:
         table = rarity_table(model_bytes)
-    except (WireError, ValueError, IndexError):  # (onnxruntime has read the file; this reading is ours)
-        return None
-    if table is None:
-        return None
-    keys, values = table
-    try:
-        return RarityShortcut(compiled.SurpriseTable(keys, values, 1.0))
-    except ValueError:  # keys past 32 bits, or one key given many times
+        return RarityShortcut(compiled.SurpriseTable(*table, 1.0)) if table is not None else None
+    except (WireError, ValueError, IndexError):  # (onnxruntime read the file; this reading is ours)
         return None
 
 
@@ -175,6 +169,8 @@ def read_attribute(data: bytes) -> dict:
             fields = run[: len(run) // 5 * 5].reshape(-1, 5)
             tagged = fields[:, 0] == _FLOATS_TAG
             count = len(tagged) if tagged.all() else int(np.argmin(tagged))
+            if not count:
+                raise WireError(f"a float field cut short at byte {pos}")
             found["floats"].append(fields[:count, 1:].copy().view("<f4").ravel())
             pos += count * 5
             continue
@@ -210,14 +206,17 @@ def tagged_varints(data: bytes, pos: int) -> tuple[np.ndarray, int]:
     tags = first[0: 2 * pairs: 2]
     tagged = (tags == last[0: 2 * pairs: 2]) & (run[tags] == _INTS_TAG)
     count = pairs if tagged.all() else int(np.argmin(tagged))
+    if not count:
+        raise WireError(f"an int field cut short at byte {pos}")
     starts, ends = first[1: 2 * count: 2], last[1: 2 * count: 2]
-    if count and int((ends - starts).max()) >= 10:
-        raise WireError("a varint longer than 10 bytes")
+    longest = int((ends - starts).max()) + 1
+    if longest > 10:
+        raise WireError(f"a varint longer than 10 bytes after byte {pos}")
     values = np.zeros(count, np.uint64)
-    for shift in range(int((ends - starts).max()) + 1 if count else 0):
+    for shift in range(longest):
         more = starts + shift <= ends
         values[more] |= (run[starts[more] + shift] & 0x7F).astype(np.uint64) << np.uint64(7 * shift)
-    return values, pos + (int(ends[-1]) + 1 if count else 0)
+    return values, pos + int(ends[-1]) + 1
 
 
 def attribute_int(node: Node, name: str, default: int) -> int:
