@@ -593,6 +593,43 @@ def test_a_store_locked_by_another_process_or_damaged_says_so_and_what_to_do(tmp
         SqliteStore(str(tmp_path / "garbage.sqlite3")).migrate()
 
 
+def test_a_store_file_deleted_while_serving_is_unreachable_not_made_anew_empty(tmp_path):
+    """`rm feedback.sqlite3*` while serving (or a damaged file moved aside, as its error advised): an
+    empty store was made in its place within a poll, and every entry stopped applying, logged as info."""
+    import shutil
+
+    from logscore.errors import StoreUnavailable
+    from logscore.feedback import Entry
+    from logscore.feedback_store import FeedbackService, SqliteStore
+
+    path = tmp_path / "feedback.sqlite3"
+    store = SqliteStore(str(path))
+    store.migrate()
+    store.add(Entry(0, "normal", {"field": "user_agent", "value": "probe/1"}, "ana", model="shop"))
+    service = FeedbackService(store, poll_s=0.02)
+    service.start()
+    try:
+        assert len(service.rules) == 1 and service.reachable
+        shutil.move(path, tmp_path / "aside.sqlite3")
+        deadline = time.monotonic() + 30  # (a bound on waiting: the next poll, 0.02 s, sees it)
+        while service.reachable and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not service.reachable and "the file is gone" in service.error and "restart the sidecar" in service.error
+        assert len(service.rules) == 1, "the rules last loaded stay in force"
+        assert not path.exists(), "no empty store made in its place"
+        with pytest.raises(StoreUnavailable, match="the file is gone .* the change was not saved"):
+            store.add(Entry(0, "normal", {"field": "user_agent", "value": "probe/2"}, "ana", model="shop"))
+        shutil.move(tmp_path / "aside.sqlite3", path)  # put back: read again at the next poll
+        while not service.reachable and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert service.reachable and len(service.rules) == 1
+    finally:
+        service.stop()
+    path.unlink()
+    SqliteStore(str(path)).migrate()  # a start (a new process's store) makes it
+    assert path.exists()
+
+
 def test_feedback_add_file_reads_no_further_than_a_mark_takes(tmp_path, capsys, monkeypatch):
     """A log of millions of lines given to --file by mistake was read whole into memory, sent, and
     refused by the sidecar as too big; an empty one was 'mark exactly one of ...'."""

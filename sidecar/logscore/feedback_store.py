@@ -285,8 +285,10 @@ class FeedbackStore:
         started = time.monotonic()
         try:
             connection = self._connect()
-        except (ConfigError, StoreUnavailable):
+        except ConfigError:
             raise
+        except StoreUnavailable as error:
+            raise StoreUnavailable(str(error) + (NOT_SAVED if write else "")) from None
         except Exception as error:
             raise StoreUnavailable(f"feedback store {self.description}: cannot connect ({self._explain(error)})"
                                    + (NOT_SAVED if write else "")) from None
@@ -498,15 +500,38 @@ class SqliteStore(FeedbackStore):
         self.path = Path(path)
         self.description = str(self.path)
         self.public_name = self.path.name
+        # Once opened, the file is never made anew: deleted while serving (rm feedback.sqlite3*), an
+        # empty store took its place within a poll, every entry unapplied with only an info log.
+        self._opened = False
 
     def _connect(self):
         if not self.path.parent.is_dir():
             raise ConfigError(f"feedback store {self.path}: the directory {self.path.parent} does not exist")
+        if self._opened:
+            return self._configured(self._open_existing())
         if not self.path.exists() and not os.access(self.path.parent, os.W_OK):
             raise StoreUnavailable(f"feedback store {self.path}: cannot create it, {self.path.parent} is not "
                                    "writable; set --feedback-store to a file in a directory of yours")
         # (isolation_level None: we begin transactions ourselves)
-        connection = sqlite3.connect(self.path, timeout=self.lock_wait_s, isolation_level=None)
+        connection = self._configured(sqlite3.connect(self.path, timeout=self.lock_wait_s, isolation_level=None))
+        self._opened = True
+        return connection
+
+    def _open_existing(self):
+        """The file, never created (mode=rw: no window between a check that it exists and the open)."""
+        try:
+            return sqlite3.connect(f"{self.path.absolute().as_uri()}?mode=rw", uri=True, timeout=self.lock_wait_s,
+                                   isolation_level=None)
+        except sqlite3.OperationalError:
+            if self.path.exists():
+                raise
+            raise StoreUnavailable(f"feedback store {self.path}: the file is gone (deleted or moved since this "
+                                   "process opened it); the rules last loaded stay in force, and no empty store is "
+                                   "made in its place while serving: put the file back (or restore it from a "
+                                   "backup), or restart the sidecar to begin an empty store") from None
+
+    def _configured(self, connection):
+        """A connection opened, in WAL mode."""
         try:
             connection.execute("PRAGMA journal_mode=WAL")  # readers never wait for a writer
         except Exception:
@@ -519,8 +544,9 @@ class SqliteStore(FeedbackStore):
         how much room the disk holding the file has, and what to do."""
         text = one_line(error)
         if isinstance(error, sqlite3.DatabaseError) and ("not a database" in text or "malformed" in text):
-            return (f"{text} (it is no SQLite file, or a damaged one: restore it from a backup, or move it "
-                    "aside and restart to begin an empty store; the rules last loaded stay in force meanwhile)")
+            return (f"{text} (it is no SQLite file, or a damaged one: restore it from a backup, read again at "
+                    "the next poll; or move it aside and restart the sidecar to begin an empty store; until then "
+                    "the rules last loaded stay in force)")
         if isinstance(error, sqlite3.OperationalError) and "locked" in text:
             return (f"{text} (another process held its write lock for over {self.lock_wait_s:g} s: a sqlite3 "
                     "shell or a backup with a transaction open? Retry once it ends; `fuser FILE` names it)")
