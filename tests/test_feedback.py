@@ -141,6 +141,9 @@ BAD_FEEDBACK = [
     # Times no platform can show: such an entry once broke every listing and the page, fleet-wide.
     ({"verdict": "normal", "author": "a", "records": ["x"], "expires_at": 1e20}, 400, "no time before 9999-12-31"),
     ({"verdict": "normal", "author": "a", "records": ["x"], "expires_at": float("nan")}, 400, "expires_at nan"),
+    # an integer past a float's range: float() raised OverflowError, a 500 with a traceback
+    ({"verdict": "normal", "author": "a", "records": ["x"], "expires_at": 10**400}, 400,
+     "expires_at 100000000000…(401 digits) is no time before 9999-12-31"),
     ({"verdict": "normal", "author": "a" * 201, "records": ["x"]}, 400, "author holds 201 characters; at most 200"),
     ({"verdict": "normal", "author": "a", "reason": "r" * 2001, "records": ["x"]}, 400, "at most 2000"),
     # kept with the entry and listed everywhere, as author and reason: a 2 MB body made a 3.5 MB page
@@ -974,6 +977,10 @@ def test_a_mark_holding_nul_or_half_a_character_gets_a_400_saying_so_and_stores_
     # a record logged with a NUL is marked as it was; its example is shown with U+FFFD in its place
     status, answer = feedback(sidecar, "POST", {"verdict": "keep", "author": "ana", "records": [line + "\x00"]})
     assert status == 200 and answer["feedback"]["example"] == line + "\ufffd", answer
+    # who undoes it is checked as who marks: a NUL was stored by SQLite, PostgreSQL's 503 "retry" forever
+    status, undone = feedback(sidecar, "DELETE", query=f"?id={answer['feedback']['id']}&author=ops%00x")
+    assert status == 400 and undone["error"].startswith("author holds a NUL character (0x00) at character 3"), undone
+    assert [e["id"] for e in feedback(sidecar, "GET")[1]["feedback"]] == [answer["feedback"]["id"]], "not removed"
 
 
 def test_an_entry_expires_on_time_while_its_store_is_unreachable(tmp_path):

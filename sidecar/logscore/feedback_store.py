@@ -397,7 +397,10 @@ class FeedbackStore:
     def remove(self, entry_id: int, by: str) -> Entry:
         """Undo: the entry stays (for the record and for training) but no longer applies."""
         check_id(entry_id)
-        if len(by) > MAX_AUTHOR_CHARS:  # kept with the entry, listed by every sidecar sharing the store
+        # kept with the entry, listed by every sidecar sharing the store: checked as a mark's author is
+        # (a NUL was stored by SQLite, and answered by PostgreSQL with a 503 "retry" that never succeeded)
+        refuse_unstorable(Undo(by), ("author",))
+        if len(by) > MAX_AUTHOR_CHARS:
             raise InvalidRequest(f"author holds {len(by)} characters; at most {MAX_AUTHOR_CHARS}")
 
         def work(cursor):
@@ -480,6 +483,13 @@ class FeedbackStore:
 
     def close(self) -> None:
         """Release what the store holds between operations."""
+
+
+@dataclass
+class Undo:
+    """Who undoes an entry, as refuse_unstorable reads it."""
+
+    author: str
 
 
 def same_expiry(stored: Optional[float], wanted: Optional[float]) -> bool:

@@ -26,6 +26,7 @@ from urllib.parse import parse_qs, quote, unquote, urlsplit
 from ..errors import GroupOutOfDate, InvalidRequest, LogscoreError, Unauthenticated
 from ..feedback_store import LIST_FEEDBACK, Mark, entry_number
 from ..shown import html_text
+from ..timestamps import LATEST_TIME
 from .feedback_grpc import count_mark, off_loop
 from .http import STATUS_CODES, HttpError, Request, Response, check_utf8, json_error, json_text, query_count
 
@@ -263,6 +264,11 @@ def parse_expiry(value) -> Optional[float]:
     if value in (None, "", 0):
         return None
     if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if isinstance(value, int) and abs(value) > LATEST_TIME:  # float() of 10**400 raised OverflowError: a 500
+            digits = str(abs(value))
+            shown = digits if len(digits) <= 20 else f"{digits[:12]}…({len(digits):,} digits)"
+            raise InvalidRequest(f"expires_at {'-' if value < 0 else ''}{shown} is no time before 9999-12-31; give "
+                                 "Unix seconds or a UTC time such as 2026-12-31T00:00:00Z, or none to keep the entry")
         return float(value)
     if isinstance(value, str):
         text = value.strip().rstrip("Z")
