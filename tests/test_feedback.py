@@ -656,6 +656,34 @@ def test_feedback_add_file_reads_no_further_than_a_mark_takes(tmp_path, capsys, 
     assert len(read) == 101, "read no further than one line past the most a mark takes"
 
 
+def test_a_mark_the_command_line_stopped_waiting_for_says_it_may_be_saved_and_how_to_check(sidecar, tmp_path,
+                                                                                         capsys):
+    """`feedback add` past its --timeout said only "DEADLINE_EXCEEDED: Deadline Exceeded", though the
+    sidecar saved the mark once the store's lock was free; its default (10 s) was SQLite's lock wait."""
+    import sqlite3
+
+    from logscore.cli import build_parser, main
+    from logscore.feedback_store import CALL_DEADLINE_S, SqliteStore
+
+    for action in (["add", "keep", "--line", "x"], ["remove", "1"]):
+        default = build_parser().parse_args(["feedback", *action]).timeout
+        assert default > SqliteStore.lock_wait_s and default > 2 * CALL_DEADLINE_S, default
+    holder = sqlite3.connect(tmp_path / "models" / "feedback.sqlite3", isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")  # a backup or a sqlite3 shell holding the write lock
+    try:
+        line = attacks_on(compare_lines(1, seed=61), seed=62)[0]
+        assert main(["feedback", "add", "keep", "--line", line, "--timeout", "0.3", "--socket", sidecar.socket]) == 1
+        said = capsys.readouterr().err
+        assert "no answer within --timeout 0.3 s (DEADLINE_EXCEEDED); the mark may have been saved" in said, said
+        assert "`logscore feedback list`" in said and "makes no second entry" in said
+    finally:
+        holder.execute("ROLLBACK")
+    # the retry it advises is safe: the first call's write (saved once the lock was free) and the retry's are one
+    assert main(["feedback", "add", "keep", "--line", line, "--socket", sidecar.socket]) == 0
+    assert "#1 keep" in capsys.readouterr().out
+    assert [e["id"] for e in feedback(sidecar, "GET")[1]["feedback"]] == [1]
+
+
 def test_a_group_unusual_in_details_only_says_so_when_marked(tmp_path):
     """A group whose records are unusual in n-grams only (seen in a fleet trial: a page's records once
     its model had learned the page's shape from a few marked examples) has no kind a mark could

@@ -320,12 +320,13 @@ def call_timeout(text: str) -> float:
     return value
 
 
-def add_connection_flags(parser: argparse.ArgumentParser) -> None:
-    """How a command reaches a running sidecar over gRPC (client, feedback)."""
+def add_connection_flags(parser: argparse.ArgumentParser, timeout: float = 10.0) -> None:
+    """How a command reaches a running sidecar over gRPC (client, feedback); ``timeout``: --timeout's default."""
     parser.add_argument("--socket", default="/tmp/logscore.sock", help="sidecar Unix socket")
     parser.add_argument("--tcp", help="host:port instead of the socket")
-    parser.add_argument("--timeout", type=call_timeout, default=10.0,
-                        help=f"seconds per call, above 0 and at most {MAX_CALL_TIMEOUT_S:,.0f} (about 11 days)")
+    parser.add_argument("--timeout", type=call_timeout, default=timeout,
+                        help=f"seconds per call, above 0 and at most {MAX_CALL_TIMEOUT_S:,.0f} (about 11 days); "
+                        f"default {timeout:g}")
     parser.add_argument("--token-file", metavar="FILE", help="file holding the sidecar's bearer token "
                         "(its --token-file)")
     parser.add_argument("--tls-ca", metavar="FILE", help="PEM CA bundle to trust: TLS to --tcp")

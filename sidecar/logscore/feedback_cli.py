@@ -42,7 +42,7 @@ def add_feedback_command(commands) -> None:
     add.add_argument("--entity", default="", help="only records whose entity field holds this value")
     add.add_argument("--expires", metavar="WHEN", help="stop applying after a duration (30m, 12h, 7d, 2w) or at a "
                      "UTC date/time (2026-12-31 or 2026-12-31T18:00:00Z)")
-    add_connection_flags(add)
+    add_connection_flags(add, timeout=WRITE_TIMEOUT_S)
     add.set_defaults(run=run_feedback_add)
 
     listing = actions.add_parser("list", help="the feedback entries")
@@ -54,8 +54,23 @@ def add_feedback_command(commands) -> None:
     remove = actions.add_parser("remove", help="undo an entry by its id")
     remove.add_argument("id", type=entry_id, help="the entry's number (feedback list shows it)")
     remove.add_argument("--author", default=None, help="who undoes it (default: your login name)")
-    add_connection_flags(remove)
+    add_connection_flags(remove, timeout=WRITE_TIMEOUT_S)
     remove.set_defaults(run=run_feedback_remove)
+
+
+# A write's default --timeout: longer than the sidecar waits for its store, so that the sidecar's own
+# answer (saved, or a 503 saying it was not) arrives first. With 10 s, SQLite's 10 s wait for another
+# writer's lock, the caller always got a bare DEADLINE_EXCEEDED, and the mark was often saved. A write
+# waits on the store twice (the write, then the reload that applies it): 2 x PostgreSQL's 8 s call
+# deadline, or SQLite's 10 s lock wait and a read, plus room for making the pattern.
+WRITE_TIMEOUT_S = 30.0
+# What a write the caller stopped waiting for may have done, by RPC
+UNCONFIRMED = {
+    "Feedback": "the mark may have been saved all the same: see whether it was with `logscore feedback list`, "
+                "or run the same command again (a mark made again makes no second entry)",
+    "DeleteFeedback": "the entry may have been removed all the same: see whether it was with `logscore feedback "
+                      "list --all`, or run the same command again (one already removed says so)",
+}
 
 
 def entry_id(text: str) -> int:
@@ -102,6 +117,10 @@ def call(args, method: str, request):
         try:
             return getattr(pb_grpc.ScorerStub(channel), method)(request, timeout=args.timeout, metadata=metadata)
         except grpc.RpcError as error:
+            if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED and method in UNCONFIRMED:
+                raise ConfigError(f"{target}: no answer within --timeout {args.timeout:g} s (DEADLINE_EXCEEDED); "
+                                  f"{UNCONFIRMED[method]}; a slow store (its log says so) may need a longer "
+                                  "--timeout") from None
             raise ConfigError(call_failure(target, error)) from None
 
 
