@@ -758,6 +758,10 @@ def test_the_review_page_shows_reversing_and_invisible_characters_as_escapes(sid
     assert not any(c in page for c in "\u202e\u200b\x00"), "raw reversing, invisible or NUL characters"
     assert page.count(r"\u202etxt.exe\u200b") >= 4 and r"\u200b\x00" in page  # example line, author, reason, value
     assert "&lt;script&gt;" in page and "<script" not in page
+    # the groups past the first page are reached with ?from= (a bad value says what to give)
+    assert 'data-group="' in sidecar.http_get("/ui/?from=0")[1].decode()
+    status, body = sidecar.http_get("/ui/?from=next")
+    assert status == 400 and "from='next': give a whole number (the number of groups to pass over" in body.decode()
 
 
 def test_a_line_that_does_not_parse_stays_flagged_whatever_the_feedback(sidecar):

@@ -220,6 +220,30 @@ def test_groups_of_equal_reach_are_listed_larger_first_then_in_the_order_first_s
     first, covered, larger, later = group({"x", "y", "q"}, 1), group({"x"}, 2), group({"z"}, 3), group({"w"}, 3)
     assert [(g, g.reach) for g in ring.offered()] == [(larger, 3), (later, 3), (first, 3), (covered, 2)]
 
+def test_the_page_says_how_many_groups_it_shows_of_how_many_and_links_to_the_rest():
+    """3,000 flagged lines made 500 groups, of which the page listed 50 without a word: the others'
+    ids (what `feedback add --group` takes) were nowhere to be read."""
+    ring = ReviewRing()
+    for n in range(120):
+        ring.groups.assign("m", "", frozenset({f"token {n}"}), list, 1.0).add(1.0, 60.0)
+    every = {group.id for group in ring.snapshot()}
+    seen, first, pages = set(), 0, []
+    while first is not None:
+        page = render_page(ring, [], 0, {}, {}, {"reachable": True}, first=first)
+        ids = re.findall(r'data-group="([^"]+)"', page)
+        assert len(ids) <= 50 and not seen & set(ids)
+        seen |= set(ids)
+        pages.append(re.search(r"id=groups-shown>([^<]*)", page).group(1))
+        following = re.search(r'href="/ui/\?from=(\d+)">next', page)
+        first = int(following.group(1)) if following else None
+    assert seen == every, "every group reachable, a page of 50 at a time"
+    assert [p.split(" (")[0] for p in pages] == ["50 of 120 groups shown", "50 of 120 groups shown",
+                                                "20 of 120 groups shown"]
+    assert "(101–120," in pages[2] and 'href="/ui/?from=50">previous 50' in render_page(
+        ring, [], 0, {}, {}, {"reachable": True}, first=100)
+    assert "groups-shown" not in render_page(ReviewRing(), [], 0, {}, {}, {"reachable": True}), "all shown: unsaid"
+
+
 def test_a_path_family_leaves_out_only_a_plain_new_paths_file_type():
     assert path_family("path /files/…deb") == "path /files/…"
     for token in ("path /files/…", 'path /scripts/…<"a:>', "path /presentations/…<a_a-a.a) a(\"a\">",

@@ -60,6 +60,7 @@ ENCODED_TWICE = (VALUE_ENCODED_TWICE, PATH_ENCODED_TWICE)  # an evasion: not pla
 TIMELINE_BUCKETS = 180  # per group: counts per bucket, the most recent kept
 TOP_ENTITIES = 5
 FEEDBACK_ROWS = 200  # entries the page lists, the most recent
+PAGE_GROUPS = 50  # groups a page shows (a page of 500 was 1 MB); /ui/?from=N shows the next
 # A review group's id: its number, then the tag of the sidecar process that made it ("g3-5f0c2a").
 # Numbers start again at g1 in each process: a page (or `feedback add --group`) from before a
 # restart named whatever group now had its number, and marked a group the operator never saw.
@@ -521,11 +522,12 @@ border-radius:4px}
 
 
 def render_page(ring: ReviewRing, entries: list, total_entries: int, histograms: dict, thresholds: dict,
-                status: dict, message: str = "", max_groups: int = 50, flooding: Optional[dict] = None,
-                learning_on: bool = False) -> str:
-    """The review page: groups of recent anomalies, the score histogram per model, the feedback list
-    (``entries``, ``total_entries``: as ``render_feedback``); ``flooding``: the models flagging far more
-    than trained to (``FloodWatch.status``); ``learning_on``: serve --learn (the advice differs)."""
+                status: dict, message: str = "", max_groups: int = PAGE_GROUPS, flooding: Optional[dict] = None,
+                learning_on: bool = False, first: int = 0) -> str:
+    """The review page: groups of recent anomalies (``max_groups`` of them, from number ``first`` in
+    the page's order), the score histogram per model, the feedback list (``entries``, ``total_entries``:
+    as ``render_feedback``); ``flooding``: the models flagging far more than trained to
+    (``FloodWatch.status``); ``learning_on``: serve --learn (the advice differs)."""
     from .metrics import SCORE_BUCKETS
 
     groups = ring.offered()
@@ -557,7 +559,10 @@ def render_page(ring: ReviewRing, entries: list, total_entries: int, histograms:
     parts.append("<h2>Groups</h2>")
     if not groups:
         parts.append("<p class=muted id=no-groups>No anomalies yet.</p>")
-    for group in groups[:max_groups]:
+    shown = groups[first:first + max_groups]
+    if len(shown) < len(groups):
+        parts.append(render_groups_shown(len(shown), len(groups), first, max_groups))
+    for group in shown:
         parts.append(render_group(group, now, ring.bucket_s))
     parts.append("<h2>Score histogram</h2>")
     labels = [f"≤{edge:g}" for edge in SCORE_BUCKETS]  # bucket i: (edge i-1, edge i]
@@ -572,6 +577,19 @@ def render_page(ring: ReviewRing, entries: list, total_entries: int, histograms:
     parts.append(render_feedback(entries, total_entries))
     parts.append("</body></html>")
     return "".join(parts)
+
+
+def render_groups_shown(shown: int, total: int, first: int, per_page: int) -> str:
+    """Which groups the page shows of how many, with links to the others: 50 of 500 were listed, the
+    rest unsaid and their ids (what `feedback add --group` takes) nowhere to be read."""
+    where = f"{first + 1:,}–{first + shown:,}" if shown else f"none from {first + 1:,}"
+    links = []
+    if first > 0:
+        links.append(f'<a href="/ui/?from={max(0, min(first, total) - per_page)}">previous {per_page}</a>')
+    if first + per_page < total:
+        links.append(f'<a href="/ui/?from={first + per_page}">next {min(per_page, total - first - per_page)}</a>')
+    return (f"<p class=muted id=groups-shown>{shown:,} of {total:,} groups shown ({where}, in the page's order: "
+            f"those awaiting a verdict first; the order moves as records arrive). {' · '.join(links)}</p>")
 
 
 def render_group(group: Group, now: float, bucket_s: float) -> str:

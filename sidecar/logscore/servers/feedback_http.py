@@ -109,12 +109,17 @@ class FeedbackHttp:
                 status = {**status, "reachable": False, "error": str(error)}
         if self.service.review is None:
             return Response.error(404, "the review page is off (review_records is 0)")
+        try:
+            first = query_count(request.query, "from", 0, " (the number of groups to pass over: the page's "
+                                "next and previous links give it)")
+        except InvalidRequest as error:
+            return Response.error(400, str(error))
         models = self.service.registry.snapshot.models
         html = render_page(self.service.review, entries, total, self.service.metrics.histograms(),
                            {name: m.threshold for name, m in models.items()}, status,
                            self.notes.get(request.query.get("note", "")),
                            flooding=self.service.metrics.floods.status(),
-                           learning_on=self.service.metrics.floods.learner is not None)
+                           learning_on=self.service.metrics.floods.learner is not None, first=first)
         return Response.html(html, headers={"Cache-Control": "no-store"})
 
     async def page_mark(self, request: Request) -> Response:
