@@ -133,6 +133,22 @@ def test_a_group_another_mark_covers_is_offered_after_those_awaiting_a_verdict_u
     assert plain.count == 3 and plain.covered_by == [] and ring.offered()[:3] == [plain, odd, versioned]
 
 
+def test_a_group_whose_every_member_arrives_suppressed_is_covered_as_they_arrive(shop_model_path, tmp_path):
+    """A group made after the mark that suppresses its records was covered only at the next feedback
+    change: until then it sat at the top of the page, awaiting a verdict already given."""
+    model = Model.load(shop_model_path)
+    ring, service = ring_with_store(tmp_path)
+    agent = "uptime-probe/3.1"
+    entry = service.add(Entry(0, NORMAL, {"field": "user_agent", "value": agent}, "ana", model=model.name))
+    observe(model, ring, compare_lines(3, seed=140) + monitor_lines(4, seed=141, agent=agent), service.rules)
+    probe = next(g for g in ring.snapshot() if g.suppressed)
+    assert probe.count == probe.suppressed == 4 and probe.covered_by == [entry.id]
+    assert ring.offered()[-1] is probe and f"covered by #{entry.id}" in render_group(probe, 0.0, 60.0)
+    # a member the feedback leaves flagged joining it: awaiting a verdict again
+    observe(model, ring, monitor_lines(1, seed=142, agent=agent), RuleSet())
+    assert probe.count == 5 and probe.covered_by == [] and ring.offered()[0] is probe
+
+
 def test_a_group_whose_mark_covers_a_larger_one_is_offered_first_and_spares_a_mark(shop_model_path, tmp_path):
     """New plain .ttf fonts (4) and fonts with a version parameter, one a .ttf (2): a mark of the
     second covers the first (its pattern names their kind), not the reverse. Largest first, an

@@ -16,7 +16,8 @@ Whenever the feedback changes, the ring checks the groups no one has marked: a g
 examples the feedback now suppresses is *covered* (by an entry made otherwise: another group's
 mark whose pattern names its kind, a field value, an entry sent through the API), and the page
 lists it after the groups still awaiting a verdict, so an operator's next mark goes to a group
-that needs one (ReviewRing.offered). Before that, the page orders the groups awaiting a verdict by
+that needs one (ReviewRing.offered); a group whose every member arrives suppressed is covered as
+they arrive (ReviewRing.observe). Before that, the page orders the groups awaiting a verdict by
 the records a mark would make normal (``reaches``): a group whose members' kinds another's pattern
 names whole counts for that one too, so the mark that covers both comes first and one mark does,
 and its entry keeps the covered group's examples, which `logscore train --feedback` learns. A
@@ -327,6 +328,11 @@ class ReviewRing:
                 if item.suppressed_by:
                     group.suppressed += 1
                     note = f"suppressed by feedback {rule_list(item.suppressed_by)}"
+                    # Every member so far suppressed (or covered when the feedback last changed): covered
+                    # now, not at the next feedback change (a group made after a mark sat at the top,
+                    # awaiting a verdict the feedback had already given).
+                    if not group.feedback and (group.covered_by or group.suppressed == group.count):
+                        group.covered_by = sorted(set(group.covered_by).union(item.suppressed_by))
                 elif item.kept_by:
                     group.kept += 1
                     note = f"kept by feedback {rule_list(item.kept_by)}"
