@@ -656,6 +656,44 @@ def test_feedback_add_file_reads_no_further_than_a_mark_takes(tmp_path, capsys, 
     assert len(read) == 101, "read no further than one line past the most a mark takes"
 
 
+def test_entries_in_force_are_capped_with_a_warning_near_the_cap_and_a_clear_refusal_past_it(tmp_path, caplog):
+    """100,000 entries made 2.4 GB in each sidecar and a 30 s mark, without a word: new entries past
+    feedback_max_entries are refused, saying the cap and what to do; each reload warns near it."""
+    import logging
+
+    from logscore.errors import ConfigError, FeedbackFull
+    from logscore.feedback import Entry
+    from logscore.feedback_store import FeedbackService, SqliteStore
+    from logscore.servers.feedback_http import FEEDBACK_STATUS_CODES
+    from logscore.settings import Settings
+
+    store = SqliteStore(str(tmp_path / "feedback.sqlite3"))
+    store.migrate()
+    service = FeedbackService(store, poll_s=1.0, max_entries=10)
+
+    def agent(n: int, **more) -> Entry:
+        return Entry(0, "normal", {"field": "user_agent", "value": f"probe/{n}"}, "ana", model="shop", **more)
+
+    store.add(agent(100, expires_at=time.time() + 0.05))  # expired by the time the cap is reached: not counted
+    with caplog.at_level(logging.WARNING, logger="logscore.feedback"):
+        for n in range(8):
+            service.add(agent(n))
+        assert "near their cap" not in caplog.text
+        service.add(agent(8))  # 9 of 10 in force: past 90 %
+        assert "feedback entries in force near their cap" in caplog.text
+    time.sleep(0.05)
+    service.add(agent(9))
+    assert service.add(agent(9)).existing, "the same mark again is answered, never refused"
+    with pytest.raises(FeedbackFull, match=r"holds 10 entries in force, its cap \(feedback_max_entries 10\): .*"
+                                           r"undo entries no longer needed .*or raise feedback_max_entries"):
+        service.add(agent(10))
+    service.remove(1 + 1, "ana")  # one undone: room again
+    assert service.add(agent(10)).id == 12 and service.status()["max_entries"] == 10
+    assert FEEDBACK_STATUS_CODES[FeedbackFull] == 409  # (gRPC: FAILED_PRECONDITION, not a retry)
+    with pytest.raises(ConfigError, match="feedback_max_entries must be at least 1"):
+        Settings(feedback_max_entries=0).validate()
+
+
 def test_a_mark_the_command_line_stopped_waiting_for_says_it_may_be_saved_and_how_to_check(sidecar, tmp_path,
                                                                                          capsys):
     """`feedback add` past its --timeout said only "DEADLINE_EXCEEDED: Deadline Exceeded", though the

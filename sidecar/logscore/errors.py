@@ -33,6 +33,10 @@ class FeedbackNotFound(LogscoreError):
     """The request names a feedback entry or a review group that does not exist."""
 
 
+class FeedbackFull(LogscoreError):
+    """A new feedback entry would pass the cap on entries in force (feedback_max_entries)."""
+
+
 class GroupOutOfDate(LogscoreError):
     """The request names a review group of another sidecar process (before a restart, or another
     sidecar of the fleet)."""

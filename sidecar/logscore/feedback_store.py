@@ -31,7 +31,7 @@ from typing import Callable, Optional, Sequence
 from urllib.parse import unquote
 
 from .decide import HELD_CUT
-from .errors import ConfigError, FeedbackNotFound, InvalidRequest, StoreUnavailable
+from .errors import ConfigError, FeedbackFull, FeedbackNotFound, InvalidRequest, StoreUnavailable
 from .records import MAX_NAME_CHARS  # a review group's id, a field's or a model's name
 from .feedback import (EXAMPLES, SESSIONS_REFUSAL, UNREADABLE, VERDICTS, Entry, RuleSet, cut_refusal,
                        pattern_from_field, pattern_from_records, record_text, refuse_unflagged, refuse_unparsed,
@@ -304,7 +304,7 @@ class FeedbackStore:
             committing = True
             connection.commit()
             return result
-        except (InvalidRequest, FeedbackNotFound, ConfigError):
+        except (InvalidRequest, FeedbackNotFound, FeedbackFull, ConfigError):
             connection.rollback()
             raise
         except Exception as error:
@@ -347,9 +347,11 @@ class FeedbackStore:
             return SCHEMA_VERSION
         return self._run(work, exclusive=True)
 
-    def add(self, entry: Entry) -> Entry:
+    def add(self, entry: Entry, max_entries: Optional[int] = None) -> Entry:
         """Store an entry, or return the active one that already says the same (``existing`` set):
-        a button clicked twice, a retried request or two operators marking one group make one rule."""
+        a button clicked twice, a retried request or two operators marking one group make one rule.
+        ``max_entries``: a new entry is refused (FeedbackFull) once the store holds that many in force,
+        counted in the write's transaction (so a fleet's sidecars marking at once cannot pass it)."""
         check_entry(entry)
         problem = pattern_problem(entry.pattern)
         if problem:  # what a sidecar could not apply is not written (it would be listed as unreadable)
@@ -361,6 +363,8 @@ class FeedbackStore:
             if same is not None:
                 self._add_examples(cursor, same, entry.pattern.get("examples") or [])
                 return same
+            if max_entries is not None:
+                self._refuse_past_cap(cursor, max_entries)
             cursor.execute(self._sql(
                 "INSERT INTO feedback (verdict, model, route, entity, pattern, example, author, reason, created_at, "
                 "expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id"),
@@ -384,6 +388,19 @@ class FeedbackStore:
                 stored.existing = True
                 return stored
         return None
+
+    def _refuse_past_cap(self, cursor, max_entries: int) -> None:
+        """FeedbackFull when the store already holds ``max_entries`` entries in force: every sidecar keeps
+        and indexes them all, again on each change (100,000 made 2.4 GB a sidecar and a 30 s mark)."""
+        cursor.execute(self._sql("SELECT count(*) FROM feedback WHERE removed_at IS NULL AND "
+                                 "(expires_at IS NULL OR expires_at > ?)"), (time.time(),))
+        active = int(cursor.fetchone()[0])
+        if active >= max_entries:
+            raise FeedbackFull(f"the feedback store holds {active:,} entries in force, its cap (feedback_max_entries "
+                               f"{max_entries:,}): every sidecar keeps them all in memory and reads them all again on "
+                               "each change; undo entries no longer needed (logscore feedback remove ID), give new "
+                               "marks an expiry, or retrain with the feedback (logscore train --feedback STORE) and "
+                               "undo what it learned; or raise feedback_max_entries on every sidecar sharing the store")
 
     def _add_examples(self, cursor, stored: Entry, examples: list[str]) -> None:
         """A second mark's records join the entry's examples, up to EXAMPLES: training learns from them."""
@@ -886,6 +903,12 @@ class Mark:
 MAX_MARKED_RECORDS = 100
 
 
+# Entries in force a store may hold (feedback_max_entries' default): each costs every sidecar memory
+# and a share of every reload (docs/operations.md: the probe's figures at 100,000).
+MAX_ENTRIES = 10_000
+NEAR_CAP = 0.9  # past this share of the cap each reload warns
+
+
 @contextmanager
 def collector_paused():
     """Python's cyclic garbage collector off meanwhile: reading and indexing 10,000 entries makes
@@ -908,8 +931,9 @@ class FeedbackService:
     expires); the scoring path only reads ``self.rules``."""
 
     def __init__(self, store: FeedbackStore, poll_s: float, on_reload: Optional[Callable[["FeedbackService"], None]] = None,
-                 registry=None, review=None):
+                 registry=None, review=None, max_entries: int = MAX_ENTRIES):
         self.store = store
+        self.max_entries = max_entries  # entries in force at most: a new one past it is refused (FeedbackFull)
         self.registry = registry  # to resolve models and make patterns (marks)
         self.review = review  # review.ReviewRing: marks of groups
         self.poll_s = poll_s
@@ -972,9 +996,18 @@ class FeedbackService:
                                "unreadable_entries": len(unreadable), "why": unreadable[0].pattern[UNREADABLE]})
         log.info("feedback loaded", extra={"store": self.store.description, "revision": revision,
                                            "active_entries": len(self.rules)})
+        self._warn_near_cap()
         self._recheck_review()
         self.on_reload(self)
         return True
+
+    def _warn_near_cap(self) -> None:
+        if len(self.rules) >= NEAR_CAP * self.max_entries:
+            log.warning("feedback entries in force near their cap: new marks are refused once it is reached; undo "
+                        "entries no longer needed, give marks an expiry, or retrain with the feedback and undo what "
+                        "it learned (or raise feedback_max_entries)",
+                        extra={"store": self.store.description, "active_entries": len(self.rules),
+                               "feedback_max_entries": self.max_entries})
 
     def _newer(self, revision: int, read: int, force: bool) -> bool:
         """Whether rules read at ``revision`` by read number ``read`` replace those in force. Revisions
@@ -1083,7 +1116,7 @@ class FeedbackService:
                 pattern = pattern_from_records(model, mark.records)
                 example = storable(record_text(mark.records[0]))
         entry = self.store.add(Entry(0, mark.verdict, pattern, mark.author, mark.reason, model_name, route,
-                                     mark.entity, expires_at=mark.expires_at, example=example))
+                                     mark.entity, expires_at=mark.expires_at, example=example), self.max_entries)
         if mark.group and self.review is not None:
             self.review.marked(mark.group, entry.id, entry.verdict)  # first: the others are checked against it
         self._reload_after_write()
@@ -1112,7 +1145,7 @@ class FeedbackService:
         raise unparsed_refusal(f"{what} did not parse{log_format} when scored", group.model)
 
     def add(self, entry: Entry) -> Entry:
-        stored = self.store.add(entry)
+        stored = self.store.add(entry, self.max_entries)
         self._reload_after_write()
         return stored
 
@@ -1153,6 +1186,6 @@ class FeedbackService:
             return {k: v.replace(self.store.description, self.store.public_name) if isinstance(v, str) else v
                     for k, v in status.items()}
         return {"store": self.store.description, "reachable": self.reachable, "error": self.error,
-                "active_entries": len(self.rules), "revision": self.revision,
+                "active_entries": len(self.rules), "max_entries": self.max_entries, "revision": self.revision,
                 "loaded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.loaded_at))
                 if self.loaded_at else None}

@@ -632,4 +632,5 @@ def make_feedback(settings: Settings, registry: ModelRegistry, review, metrics: 
                     "--feedback-store names another; to keep it, stop the sidecar and move that file to the "
                     "store's path (a SQLite store with no entries yet), or mark those records again; move it "
                     "aside to silence this", extra={"left_behind": earlier, "store": store.description})
-    return FeedbackService(store, settings.feedback_poll_s, metrics.observe_feedback, registry, review)
+    return FeedbackService(store, settings.feedback_poll_s, metrics.observe_feedback, registry, review,
+                           max_entries=settings.feedback_max_entries)

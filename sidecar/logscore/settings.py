@@ -147,6 +147,10 @@ class Settings:
     feedback_poll_s: float = setting(0.5, "how often the feedback store is checked for changes (PostgreSQL "
                                      "pushes them at once with LISTEN/NOTIFY, and is checked every 5 s while "
                                      "it does, or at an entry's expiry)")
+    feedback_max_entries: int = setting(10_000, "feedback entries in force the store may hold: a new mark past it is "
+                                        "refused (409 / FAILED_PRECONDITION) saying what to do, and each reload "
+                                        "warns past 90 %; every sidecar keeps every entry in memory and reads them "
+                                        "all again on each change")
     review_records: int = setting(2000, "recent flagged records the review page (/ui/) keeps and groups; "
                                   "0: no review page")
     review_inspect_per_s: float = setting(200.0, "flagged records per second the review page inspects and groups "
@@ -251,6 +255,8 @@ class Settings:
         self._validate_durations()
         if self.feedback_poll_s <= 0 or self.review_records < 0:
             raise ConfigError("feedback_poll_s must be above 0 and review_records at least 0")
+        if self.feedback_max_entries < 1:
+            raise ConfigError(f"feedback_max_entries must be at least 1, not {self.feedback_max_entries}")
         if self.review_inspect_per_s < 1:
             raise ConfigError(f"review_inspect_per_s must be at least 1, not {self.review_inspect_per_s:g} "
                               "(the review page would group nothing); 0 review_records turns the page off")

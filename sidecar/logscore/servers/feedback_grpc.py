@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 
-from ..errors import GroupOutOfDate, InvalidRequest, LogscoreError
+from ..errors import FeedbackFull, GroupOutOfDate, InvalidRequest, LogscoreError
 from ..feedback import KEEP, NORMAL, UNREADABLE, Entry
 from ..feedback_store import Mark
 from ..generated.logscore.v1 import scorer_pb2 as pb
@@ -60,7 +60,8 @@ class FeedbackServicer:
     def __init__(self, service, status_codes: dict):
         self.service = service  # scoring.ScoringService: its feedback and metrics
         # servers.grpc.STATUS_CODES, and a group of another sidecar process (a restart, a fleet): not this one's
-        self.status_codes = {**status_codes, GroupOutOfDate: grpc.StatusCode.FAILED_PRECONDITION}
+        self.status_codes = {**status_codes, GroupOutOfDate: grpc.StatusCode.FAILED_PRECONDITION,
+                             FeedbackFull: grpc.StatusCode.FAILED_PRECONDITION}
 
     def methods(self) -> dict:
         metrics = self.service.metrics

@@ -23,7 +23,7 @@ from collections import OrderedDict
 from typing import Optional
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
-from ..errors import GroupOutOfDate, InvalidRequest, LogscoreError, Unauthenticated
+from ..errors import FeedbackFull, GroupOutOfDate, InvalidRequest, LogscoreError, Unauthenticated
 from ..feedback_store import LIST_FEEDBACK, Mark, entry_number
 from ..shown import html_text
 from ..timestamps import LATEST_TIME
@@ -34,7 +34,7 @@ COOKIE = "logscore_token"
 PAGE_AUTHOR = "review page"
 # Errors of feedback alone, beside servers.http.STATUS_CODES: a group of a page shown before a
 # restart is a conflict with what the sidecar holds now, not a malformed request.
-FEEDBACK_STATUS_CODES = {**STATUS_CODES, GroupOutOfDate: 409}
+FEEDBACK_STATUS_CODES = {**STATUS_CODES, GroupOutOfDate: 409, FeedbackFull: 409}
 
 
 class FeedbackHttp:
@@ -164,7 +164,7 @@ class FeedbackHttp:
             said = http_words(str(error))
             metrics.refused(type(error).__name__, "http", said)
             status = FEEDBACK_STATUS_CODES.get(type(error), 400)
-            if page and status == 409:  # back to the page would show it anew: say what happened, link to it
+            if page and isinstance(error, GroupOutOfDate):  # back to the page would show it anew: say so, link
                 return self._out_of_date(said)
             if page and status != 401:
                 return self._back(f"Not done: {said}")
