@@ -722,6 +722,38 @@ def test_a_mark_the_command_line_stopped_waiting_for_says_it_may_be_saved_and_ho
     assert [e["id"] for e in feedback(sidecar, "GET")[1]["feedback"]] == [1]
 
 
+def test_the_command_line_says_what_to_do_for_a_mark_too_big_an_entity_never_read_or_a_store_down(sidecar, tmp_path,
+                                                                                               capsys):
+    """A 3 MB --file failed with gRPC's bare "larger than max"; --entity on a sidecar without
+    --entity-field was stored and never applied; `feedback list` with the store down said nothing of
+    the entries still in force (its warning was never reached: the listing fails)."""
+    from logscore.cli import main
+
+    connection = ["--socket", sidecar.socket]
+    big = tmp_path / "marked.log"
+    big.write_text("".join(line.replace("?with=", "?with=" + "7" * 30_000, 1) + "\n"
+                           for line in compare_lines(100, seed=63)))
+    assert main(["feedback", "add", "normal", "--file", str(big), *connection]) == 1
+    said = capsys.readouterr().err
+    assert "RESOURCE_EXHAUSTED" in said and "split the file" in said and "raise the sidecar's max_message_bytes" in said
+
+    assert main(["feedback", "add", "normal", "--field", "user_agent=probe/1", "--entity", "web1", *connection]) == 1
+    said = capsys.readouterr().err
+    assert "entity 'web1': this sidecar reads no entity field (--entity-field)" in said, said
+    assert feedback(sidecar, "GET")[1]["feedback"] == [], "nothing stored"
+
+    assert main(["feedback", "add", "normal", "--field", "user_agent=probe/1", *connection]) == 0
+    for path in (tmp_path / "models").glob("feedback.sqlite3*"):
+        path.unlink()
+    deadline = time.monotonic() + 30  # (a bound on waiting: the next poll, 0.2 s, sees it)
+    while json.loads(sidecar.http_get("/readyz")[1])["feedback"]["reachable"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    capsys.readouterr()
+    assert main(["feedback", "list", *connection]) == 1
+    said = capsys.readouterr().err
+    assert "UNAVAILABLE" in said and "the file is gone" in said and "applies the entries it last loaded" in said
+
+
 def test_a_group_unusual_in_details_only_says_so_when_marked(tmp_path):
     """A group whose records are unusual in n-grams only (seen in a fleet trial: a page's records once
     its model had learned the page's shape from a few marked examples) has no kind a mark could

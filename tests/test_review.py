@@ -260,6 +260,16 @@ def test_the_page_says_how_many_groups_it_shows_of_how_many_and_links_to_the_res
     assert "groups-shown" not in render_page(ReviewRing(), [], 0, {}, {}, {"reachable": True}), "all shown: unsaid"
 
 
+def test_the_page_says_the_feedback_cannot_be_listed_while_its_store_is_down_not_that_there_is_none():
+    down = {"store": "fb.sqlite3", "reachable": False, "error": "feedback store fb.sqlite3: disk I/O error",
+            "active_entries": 3}
+    page = render_page(ReviewRing(), [], 0, {}, {}, down)
+    assert "No feedback yet." not in page
+    assert ("The feedback entries cannot be listed: feedback store fb.sqlite3: disk I/O error; the 3 entries last "
+            "loaded stay in force.") in page
+    assert "No feedback yet." in render_page(ReviewRing(), [], 0, {}, {}, {**down, "reachable": True, "error": None})
+
+
 def test_a_path_family_leaves_out_only_a_plain_new_paths_file_type():
     assert path_family("path /files/…deb") == "path /files/…"
     for token in ("path /files/…", 'path /scripts/…<"a:>', "path /presentations/…<a_a-a.a) a(\"a\">",

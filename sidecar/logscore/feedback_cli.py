@@ -7,7 +7,6 @@ import argparse
 import getpass
 import json
 import re
-import sys
 import time
 
 from .errors import ConfigError, InvalidRequest
@@ -39,7 +38,7 @@ def add_feedback_command(commands) -> None:
     add.add_argument("--reason", default="", help="why")
     add.add_argument("--model", default="", help="the model (default: the sidecar routes, as for scoring)")
     add.add_argument("--route", default="", help="only records sent with this tag")
-    add.add_argument("--entity", default="", help="only records whose entity field holds this value")
+    add.add_argument("--entity", default="", help="only records whose entity field (the sidecar's --entity-field) holds this value")
     add.add_argument("--expires", metavar="WHEN", help="stop applying after a duration (30m, 12h, 7d, 2w) or at a "
                      "UTC date/time (2026-12-31 or 2026-12-31T18:00:00Z)")
     add_connection_flags(add, timeout=WRITE_TIMEOUT_S)
@@ -108,7 +107,7 @@ def call(args, method: str, request):
     """One gRPC call to the sidecar; a clear one-line error when it fails."""
     import grpc
 
-    from .cli import call_failure, client_channel
+    from .cli import client_channel
     from .generated.logscore.v1 import scorer_pb2_grpc as pb_grpc
 
     target = args.tcp or f"unix:{args.socket}"
@@ -117,11 +116,28 @@ def call(args, method: str, request):
         try:
             return getattr(pb_grpc.ScorerStub(channel), method)(request, timeout=args.timeout, metadata=metadata)
         except grpc.RpcError as error:
-            if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED and method in UNCONFIRMED:
-                raise ConfigError(f"{target}: no answer within --timeout {args.timeout:g} s (DEADLINE_EXCEEDED); "
-                                  f"{UNCONFIRMED[method]}; a slow store (its log says so) may need a longer "
-                                  "--timeout") from None
-            raise ConfigError(call_failure(target, error)) from None
+            raise ConfigError(failure(target, method, error, args.timeout)) from None
+
+
+def failure(target: str, method: str, error, timeout: float) -> str:
+    """A failed feedback call in one line, saying what it means for the change asked and what to do."""
+    import grpc
+
+    from .cli import MESSAGE_TOO_LARGE, call_failure
+
+    code, details = error.code(), error.details() or ""
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED and method in UNCONFIRMED:
+        return (f"{target}: no answer within --timeout {timeout:g} s (DEADLINE_EXCEEDED); {UNCONFIRMED[method]}; "
+                "a slow store (its log says so) may need a longer --timeout")
+    said = call_failure(target, error)
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and MESSAGE_TOO_LARGE in details and method == "Feedback":
+        return (f"{said}: the mark is larger than the sidecar takes in one message; mark fewer or shorter lines "
+                "(split the file: a review group, --group, covers more), or raise the sidecar's max_message_bytes")
+    if code == grpc.StatusCode.UNAVAILABLE and "failed to connect" not in details and method == "ListFeedback":
+        # (the sidecar answered: its store is down; the list is read from the store, never from memory)
+        return (f"{said}; meanwhile the sidecar applies the entries it last loaded (its /readyz `feedback` "
+                "says how many)")
+    return said
 
 
 def run_feedback_add(args) -> int:
@@ -175,9 +191,6 @@ def run_feedback_list(args) -> int:
     while True:  # a page at a time: 10,000 entries outgrow a gRPC message (max_message_bytes)
         response = call(args, "ListFeedback", pb.ListFeedbackRequest(include_removed=args.all, after_id=after,
                                                                      limit=LIST_PAGE))
-        if not response.store_reachable and not after:
-            print(f"logscore feedback: warning: the store {response.store} is unreachable "
-                  f"({response.store_error}); the sidecar applies the entries it last loaded", file=sys.stderr)
         for entry in response.entries:
             print(json.dumps(as_json(entry)) if args.json else describe(entry))
         listed += len(response.entries)

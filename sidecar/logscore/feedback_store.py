@@ -1088,6 +1088,11 @@ class FeedbackService:
         # who, why, verdict and expiry first: what is wrong with them is said before the records are read
         check_entry(Entry(0, mark.verdict, {"value": mark.value or ""}, mark.author, mark.reason, route=mark.route,
                           entity=mark.entity, expires_at=mark.expires_at))
+        if mark.entity and self.registry is not None and not self.registry.entity_field:
+            # (accepted before, and never applied: no record here has an entity to match)
+            raise InvalidRequest(f"entity {mark.entity[:100]!r}: this sidecar reads no entity field (--entity-field), "
+                                 "so an entry scoped to an entity would never apply here; leave the entity out, or "
+                                 "give the mark to a sidecar run with --entity-field (the one whose records hold it)")
         if mark.group:
             group = self.review.group(mark.group) if self.review is not None else None
             if group is None:

@@ -580,7 +580,8 @@ def render_page(ring: ReviewRing, entries: list, total_entries: int, histograms:
         parts.append(bars(labels, [int(c) for c in counts[:len(labels)]], highlight_from=first_alert,
                           title=f"scores of {model}"))
     parts.append("<h2 id=feedback-list>Feedback</h2>")
-    parts.append(render_feedback(entries, total_entries))
+    parts.append(render_feedback(entries, total_entries) if entries or status.get("reachable")
+                 else render_feedback_unread(status))
     parts.append("</body></html>")
     return "".join(parts)
 
@@ -659,6 +660,15 @@ def expiry_cell(entry) -> str:
         return "never"
     when = entry.as_json()["expires_at"]
     return f"<span class=muted>expired {when}</span>" if entry.expires_at <= time.time() else when
+
+
+def render_feedback_unread(status: dict) -> str:
+    """In place of the feedback table when the store could not be read: "No feedback yet." was shown
+    under "N active entries" while the store was down, the entries in force unlisted."""
+    active = status.get("active_entries", 0)
+    kept = f"; the {active:,} entries last loaded stay in force" if active else ""
+    return (f"<p class=muted id=feedback-unread>The feedback entries cannot be listed: "
+            f"{html_text(str(status.get('error')))}{kept}.</p>")
 
 
 def render_feedback(entries: list, total_entries: int) -> str:
