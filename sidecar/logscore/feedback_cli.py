@@ -38,7 +38,8 @@ def add_feedback_command(commands) -> None:
     add.add_argument("--reason", default="", help="why")
     add.add_argument("--model", default="", help="the model (default: the sidecar routes, as for scoring)")
     add.add_argument("--route", default="", help="only records sent with this tag")
-    add.add_argument("--entity", default="", help="only records whose entity field (the sidecar's --entity-field) holds this value")
+    add.add_argument("--entity", default="", help="only records whose entity field (the sidecar's --entity-field) "
+                     "holds this value")
     add.add_argument("--expires", metavar="WHEN", help="stop applying after a duration (30m, 12h, 7d, 2w) or at a "
                      "UTC date/time (2026-12-31 or 2026-12-31T18:00:00Z)")
     add_connection_flags(add, timeout=WRITE_TIMEOUT_S)
