@@ -674,7 +674,10 @@ def test_entries_in_force_are_capped_with_a_warning_near_the_cap_and_a_clear_ref
     def agent(n: int, **more) -> Entry:
         return Entry(0, "normal", {"field": "user_agent", "value": f"probe/{n}"}, "ana", model="shop", **more)
 
-    store.add(agent(100, expires_at=time.time() + 0.05))  # expired by the time the cap is reached: not counted
+    expiry = time.time() + 0.05
+    store.add(agent(100, expires_at=expiry))
+    while time.time() <= expiry:  # expired before the others are added: never counted
+        time.sleep(0.01)
     with caplog.at_level(logging.WARNING, logger="logscore.feedback"):
         for n in range(8):
             service.add(agent(n))
