@@ -45,10 +45,11 @@ class ReferenceStep(FeedbackStep):
         drop = np.zeros(len(keys), dtype=bool)
         suppressors = [[] for _ in candidates]
         keepers = [[] for _ in candidates]
+        withheld = ["" for _ in candidates]
         names = {found.model.name, base_name(found.model.name), ""}
         entries = [e for e in self.rules.entries if e.model in names]
         if not model_rules:
-            return drop, suppressors, keepers
+            return drop, suppressors, keepers, withheld
         fields = found.key_fields()
         for row, i in enumerate(candidates.tolist()):
             start, stop = int(found.bounds[row]), int(found.bounds[row + 1])
@@ -85,6 +86,12 @@ class ReferenceStep(FeedbackStep):
                     shared = len(set(mine_keys) & {t for t in e.pattern["kind"] if isinstance(t, int)})
                     if shared and shared >= SIMILARITY * sum(isinstance(t, int) for t in e.pattern["kind"]):
                         whole.add(e.id)
+            if whole:  # an attack-like url feature no entry names: only what they name goes
+                attacks = found.attack_like(row, mine & ~named)
+                if attacks:
+                    withheld[row] = (f"not suppressed by feedback {feedback.rule_list(sorted(whole))}: attack-like, "
+                                     f"which it does not name: {attacks[0]}")
+                    whole = set()
             for e in by_field:
                 if e.verdict == NORMAL:
                     named |= np.array([f == e.pattern["field"] for f in fields[start:stop]], dtype=bool) & mine
@@ -92,7 +99,7 @@ class ReferenceStep(FeedbackStep):
             drop[start:stop] = mine if whole else named
             if drop[start:stop].any():
                 suppressors[row] = SimpleNamespace(ids=lambda ids=sorted(used | whole): ids)
-        return drop, suppressors, keepers
+        return drop, suppressors, keepers, withheld
 
 
 def random_entries(rng: random.Random, model: Model, normal: list[str], keep: list[str], count: int) -> list[Entry]:

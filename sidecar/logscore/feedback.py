@@ -7,7 +7,9 @@
       ─► a record of a kind marked normal (normal entries name every token of its kind: its unusual
          structural features, a URL's new path as one path-kind token) is scored again as if its
          unusual features had been seen in training; under the threshold it is not flagged, keeps the
-         lowered score and says `suppressed by feedback #id`
+         lowered score and says `suppressed by feedback #id`; unless it holds an attack-like url
+         feature they do not name (``attack_like_url``: ``//etc/passwd``, ``.git`` under a section marked
+         normal): then, as for a record of another kind, only what they name goes
       ─► a record of another kind loses only the unusual features entries name: an attack on a page
          marked normal keeps its payload's, and stays flagged
       ─► "keep" (a true anomaly): its features are never treated as normal, and records of its kind
@@ -35,7 +37,8 @@ import numpy as np
 from .errors import InvalidRequest
 from .features import FeatureBatch
 from .features.batch import text_key
-from .features.converters import ValueCache, value_shape
+from .features.converters import PATH_ENCODED_TWICE, VALUE_ENCODED_TWICE, ValueCache, value_shape
+from .injection import injection_like
 from .model import SCORE_CHUNK, Model
 from .records import cut_nesting, event_seconds, field_map_json, to_text
 from .shown import named_first
@@ -212,6 +215,21 @@ class Inspection:
                 found.append((converter.label, text if text is not None else ""))
         return found
 
+    def attack_like(self, row: int, among_keys: np.ndarray) -> list[str]:
+        """The texts of the record's url features at ``among_keys`` (bool over its keys) that are
+        attack-like (``attack_like_url``): what a mark of its section does not vouch for."""
+        start = int(self.bounds[row])
+        origins = self.batch.origins.resolve()
+        found = []
+        for i in (start + np.flatnonzero(among_keys)).tolist():
+            converter = origins.entries[int(origins.entry_of_key[i])].converter
+            if converter is not None and converter.kind == "url":
+                text = converter.feature_text(origins.entries[int(origins.entry_of_key[i])].value,
+                                              int(self.batch.keys[i]))
+                if text is not None and attack_like_url(text):
+                    found.append(text)
+        return found
+
     def named(self, unusual: np.ndarray) -> "FeatureNames":
         origins = self.batch.origins.resolve()
         return FeatureNames(self.model, [(origins.entries[int(origins.entry_of_key[i])], int(origins.position[i]),
@@ -338,6 +356,28 @@ def path_family(token: object) -> object:
         return token
     head, ellipsis, extension = token.partition("/…")
     return head + ellipsis if ellipsis and extension.isalnum() else token
+
+
+ENCODED_TWICE = (PATH_ENCODED_TWICE, VALUE_ENCODED_TWICE)
+
+
+def attack_like_url(text: str) -> bool:
+    """Whether a url converter's feature text is attack-like, whatever page it is on: an injection mark
+    (injection.py: quotes, markup, ``..``: the injection prior's and the review page's rule), a value
+    or path encoded more than once (an evasion), an empty segment (``//``: ``%2F`` decoded, or a
+    path glued to another, as in ``/blog//etc/passwd``) or one starting with a dot (``.git``,
+    ``.env``, ``.``: hidden files and dot segments). A mark of a section (its path kind) names none of
+    these, and a probe of that section holding one was suppressed with its ordinary pages."""
+    if injection_like(text) or text.startswith(ENCODED_TWICE):
+        return True
+    if text.startswith("path "):
+        segments = text[len("path "):].split("/")
+        inner = segments[1:-1]  # (the empty text before the leading "/", and after a trailing one, are no segments)
+    elif text.startswith("segment "):  # (an empty one is every path's first: "/x" is "", "x")
+        segments, inner = [text[len("segment "):]], []
+    else:
+        return False
+    return "" in inner or any(segment.startswith(".") for segment in segments)
 
 
 TEMPLATE_FEATURES = ("path ", "segment ", "parameters ")  # the url converter's features of a template
@@ -814,7 +854,7 @@ class FeedbackStep:
                model_rules: list, held: Optional[np.ndarray]) -> np.ndarray:
         found = inspect(model, [self.records[i] for i in candidates])
         kinds = [found.kind(row) for row in range(len(candidates))]
-        drop, suppressors, keepers = self._matches(found, candidates, kinds, model_rules)
+        drop, suppressors, keepers, withheld = self._matches(found, candidates, kinds, model_rules)
         rescored = rescore_without(model, found.batch, drop) if drop.any() else None
         flagged = []
         scores = scores.copy() if rescored is not None else scores
@@ -831,6 +871,8 @@ class FeedbackStep:
                 flags[i] = False
                 item.score, item.suppressed_by = float(rescored[row]), suppressors[row].ids()
                 notes.append((i, "record", f"suppressed by feedback {rule_list(item.suppressed_by)}"))
+            elif withheld[row]:
+                notes.append((i, "record", withheld[row]))
             flagged.append(item)
         if self.observe is not None:
             self.observe(model, self.records, flagged, self)
@@ -840,18 +882,22 @@ class FeedbackStep:
                  model_rules: list[ModelRules]):
         """(keys to drop [nnz], per record the normal entries that dropped some (a ``Naming``: looked
         up only for the records they suppress, as thousands of entries may name a common feature), the
-        keep entries it falls under).
+        keep entries it falls under, per record a note of what was held back from a drop ("" if none):
+        said if it stays flagged).
 
         A record of kinds marked normal (every token of its kind named by in-scope normal entries)
-        loses all its unusual features: it is scored as if they had been seen in training. Otherwise
+        loses all its unusual features: it is scored as if they had been seen in training, unless it
+        holds an attack-like url feature the entries do not name (``attack_like_url``: a mark of a
+        section vouches for its pages, not for ``//etc/passwd`` or ``.git`` under it). Otherwise
         only the unusual features the entries name go (an attack on a page marked normal keeps its
         payload's). A keep entry's features never go, and records of its kind are kept."""
         keys = found.batch.keys
         drop = np.zeros(len(keys), dtype=bool)
         suppressors: list = [[] for _ in candidates]  # a Naming where something was dropped
         keepers: list[list[int]] = [[] for _ in candidates]
+        withheld: list[str] = ["" for _ in candidates]
         if not model_rules:
-            return drop, suppressors, keepers
+            return drop, suppressors, keepers, withheld
         unusual = found.contribution > 0
         hits = np.zeros(len(keys), dtype=bool)
         everywhere = np.zeros(len(keys), dtype=bool)  # named by an entry of no scope: in every record's
@@ -879,6 +925,13 @@ class FeedbackStep:
             naming = Naming(model_rules, keys[start:stop][named], route, entity)  # (before field values')
             naming.sets += self._marked_kind(found, row, kinds[row], model_rules, route, entity)
             whole = bool(naming.sets)
+            if whole:
+                attacks = found.attack_like(row, mine & ~named)
+                if attacks:  # (then only what the entries name goes, as for a record of another kind)
+                    whole = False
+                    withheld[row] = (f"not suppressed by feedback {rule_list(sorted(set().union(*naming.sets)))}: "
+                                     f"attack-like, which it does not name: {shown_feature(attacks[0])}")
+                    naming.sets = []
             if fields is not None:
                 by_field = self._field_values(found, row, start, stop, fields, model_rules, route, entity)
                 named |= by_field[0] & mine
@@ -886,7 +939,7 @@ class FeedbackStep:
                     naming.sets.append(by_field[1])
             drop[start:stop] = mine if whole else named
             suppressors[row] = naming if drop[start:stop].any() else []
-        return drop, suppressors, keepers
+        return drop, suppressors, keepers, withheld
 
     def _marked_kind(self, found: Inspection, row: int, kind: frozenset, model_rules, route,
                      entity) -> list[set[int]]:
@@ -962,6 +1015,13 @@ class Naming:
         found = [ids for key in self.keys.tolist() for rules in self.model_rules
                  for ids in rules.normal_by_key.groups(key, self.route, self.entity)]
         return sorted(set().union(*found, *self.sets))
+
+
+SHOWN_FEATURE_CHARS = 120  # of a feature's text in a note (a path of thousands of segments is one feature)
+
+
+def shown_feature(text: str) -> str:
+    return text if len(text) <= SHOWN_FEATURE_CHARS else text[:SHOWN_FEATURE_CHARS - 1] + "…"
 
 
 def among(keys: np.ndarray, sorted_keys: np.ndarray) -> np.ndarray:
