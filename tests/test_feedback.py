@@ -1359,3 +1359,35 @@ def test_what_is_attack_like_in_a_url_is_the_injection_rule_and_evasions_not_a_p
     for text in ("path /", "path /blog/", "path /blog/{id}/spring-sale-3", "segment ", "segment blog",
                  "segment v1.2", "parameters /blog/{id}/x?page", "shape page=9", "character id=9"):
         assert not attack_like_url(text), text
+
+
+def test_a_keep_of_an_attack_on_a_page_marked_normal_leaves_the_pages_ordinary_lines_suppressed(shop_model_path):
+    """A keep takes every unusual feature of its records, the page's as well as the payload's: kept, an
+    attack on the compare page (marked normal) protected the page's features, and the page's ordinary
+    lines were flagged again, saying nothing. A keep protects only its own features now; the attacks stay
+    flagged, those of its kind saying so, and a record a keep does hold flagged says which."""
+    from logscore.feedback import KEEP, NORMAL, Entry, RuleSet, inspect, pattern_from_records
+    from logscore.model import Model
+
+    model = Model.load(shop_model_path)
+    page = compare_lines(12, seed=3)
+    attacks = attacks_on(compare_lines(6, seed=5), seed=6)
+    marked = Entry(4, NORMAL, pattern_from_records(model, compare_lines(3, seed=1)), "ops")
+    kept = Entry(8, KEEP, pattern_from_records(model, attacks[:2]), "sec")
+    assert len(set(kept.pattern["keys"]) & set(marked.pattern["keys"])) > 10  # the page's features, in both
+    flags, notes = feedback_notes(model, RuleSet([marked]), page)
+    assert not any(flags)
+    flags, notes = feedback_notes(model, RuleSet([marked, kept]), page)
+    assert not any(flags) and all(n == ["suppressed by feedback #4"] for n in notes), notes
+    flags, notes = feedback_notes(model, RuleSet([marked, kept]), attacks)
+    assert all(flags) and notes[1] == ["kept by feedback #8"] and not any("suppressed" in n for n in sum(notes, []))
+
+    # A feature of the page's kind that the keep names and no normal entry does: kept, and said so.
+    found = inspect(model, page[:1])
+    own = [int(found.batch.keys[i]) for i in found.unusual(0) if not found.detail[i]
+           and int(found.batch.keys[i]) not in found.page_keys(0)]
+    assert own
+    partial = Entry(4, NORMAL, {**marked.pattern, "keys": [k for k in marked.pattern["keys"] if k != own[0]]}, "ops")
+    keeping = Entry(8, KEEP, {"keys": [own[0]], "kind": ["elsewhere"]}, "sec")
+    flags, notes = feedback_notes(model, RuleSet([partial, keeping]), page[:1])
+    assert flags == [True] and notes == [["kept by feedback #8"]]

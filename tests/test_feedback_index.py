@@ -65,9 +65,12 @@ class ReferenceStep(FeedbackStep):
             if kept:
                 keepers[row] = sorted(kept)
                 continue
-            protected = {k for e in by_keys if e.verdict == KEEP for k in e.pattern["keys"]}
-            mine = (found.contribution[start:stop] > 0) & ~np.isin(keys[start:stop], list(protected))
             normal = [e for e in by_keys if e.verdict == NORMAL]
+            # a keep protects its keys no normal entry in scope names
+            protected = {k for e in by_keys if e.verdict == KEEP for k in e.pattern["keys"]} - {
+                k for e in normal for k in e.pattern["keys"]}
+            guarded = (found.contribution[start:stop] > 0) & np.isin(keys[start:stop], list(protected))
+            mine = (found.contribution[start:stop] > 0) & ~guarded
             used, named = set(), np.zeros(stop - start, dtype=bool)
             for offset, key in enumerate(mine_keys):
                 naming = {e.id for e in normal if key in e.pattern["keys"]}
@@ -90,13 +93,20 @@ class ReferenceStep(FeedbackStep):
                 attacks = found.attack_like(row, mine & ~named)
                 if attacks:
                     withheld[row] = (f"not suppressed by feedback {feedback.rule_list(sorted(whole))}: attack-like, "
-                                     f"which it does not name: {attacks[0]}")
+                                     f"which it does not name: {attacks[0]}", [])
                     whole = set()
             for e in by_field:
                 if e.verdict == NORMAL:
                     named |= np.array([f == e.pattern["field"] for f in fields[start:stop]], dtype=bool) & mine
                     used.add(e.id)
             drop[start:stop] = mine if whole else named
+            if whole:  # ...except what a kind marked normal stands for: the page's own keys, details
+                released = guarded & (np.isin(keys[start:stop], list(found.page_keys(row))) | found.detail[start:stop])
+                drop[start:stop] |= released
+                held = [k for k in keys[start:stop][guarded & ~released].tolist()]
+                ids = sorted({e.id for e in by_keys if e.verdict == KEEP for k in held if k in e.pattern["keys"]})
+                if ids:
+                    withheld[row] = (f"kept by feedback {feedback.rule_list(ids)}", ids)
             if drop[start:stop].any():
                 suppressors[row] = SimpleNamespace(ids=lambda ids=sorted(used | whole): ids)
         return drop, suppressors, keepers, withheld

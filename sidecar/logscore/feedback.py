@@ -12,8 +12,8 @@
          normal): then, as for a record of another kind, only what they name goes
       ─► a record of another kind loses only the unusual features entries name: an attack on a page
          marked normal keeps its payload's, and stays flagged
-      ─► "keep" (a true anomaly): its features are never treated as normal, and records of its kind
-         say `kept by feedback #id`
+      ─► "keep" (a true anomaly): its own features (those no normal entry names) are never treated as
+         normal, and records of its kind say `kept by feedback #id`, as do records they keep flagged
 
 A pattern is made of what the featurizer already names: the hashed keys of features (URL template
 and parameter shapes, path segments, n-grams, tokens, field values) and the kinds they make, or one
@@ -196,6 +196,17 @@ class Inspection:
             if value is not None:
                 tokens = url_kind(converter, value, tokens)
         return frozenset(tokens)
+
+    def page_keys(self, row: int) -> set[int]:
+        """The keys a path kind stands for (``url_kind``): each URL's template-level features and
+        length classes (a normal entry naming the kind names them for this record)."""
+        found: set[int] = set()
+        for converter in self.model.featurizer.converters:
+            value = self.value_of(converter, row) if converter.kind == "url" else None
+            if value is not None:
+                _, template_level, lengths = url_features(converter, value)
+                found |= template_level | lengths
+        return found
 
     def names(self, row: int, limit: int = NAMED) -> "FeatureNames":
         """The names of the record's most unusual features, worked out when first asked for."""
@@ -872,7 +883,8 @@ class FeedbackStep:
                 item.score, item.suppressed_by = float(rescored[row]), suppressors[row].ids()
                 notes.append((i, "record", f"suppressed by feedback {rule_list(item.suppressed_by)}"))
             elif withheld[row]:
-                notes.append((i, "record", withheld[row]))
+                note, item.kept_by = withheld[row]
+                notes.append((i, "record", note))
             flagged.append(item)
         if self.observe is not None:
             self.observe(model, self.records, flagged, self)
@@ -882,20 +894,22 @@ class FeedbackStep:
                  model_rules: list[ModelRules]):
         """(keys to drop [nnz], per record the normal entries that dropped some (a ``Naming``: looked
         up only for the records they suppress, as thousands of entries may name a common feature), the
-        keep entries it falls under, per record a note of what was held back from a drop ("" if none):
-        said if it stays flagged).
+        keep entries it falls under, per record what was held back from a drop, said if it stays flagged:
+        (note, ids of the keep entries that held it back), or ()).
 
         A record of kinds marked normal (every token of its kind named by in-scope normal entries)
         loses all its unusual features: it is scored as if they had been seen in training, unless it
         holds an attack-like url feature the entries do not name (``attack_like_url``: a mark of a
         section vouches for its pages, not for ``//etc/passwd`` or ``.git`` under it). Otherwise
         only the unusual features the entries name go (an attack on a page marked normal keeps its
-        payload's). A keep entry's features never go, and records of its kind are kept."""
+        payload's). A keep entry's own features (those no normal entry in the record's scope names) never
+        go, and records of its kind are kept: a keep of an attack on a page marked normal holds the
+        page's features too, and protecting those flagged the page's ordinary records again."""
         keys = found.batch.keys
         drop = np.zeros(len(keys), dtype=bool)
         suppressors: list = [[] for _ in candidates]  # a Naming where something was dropped
         keepers: list[list[int]] = [[] for _ in candidates]
-        withheld: list[str] = ["" for _ in candidates]
+        withheld: list[tuple] = [() for _ in candidates]  # (note, ids of keep entries it names)
         if not model_rules:
             return drop, suppressors, keepers, withheld
         unusual = found.contribution > 0
@@ -916,8 +930,10 @@ class FeedbackStep:
                 keepers[row] = sorted(kept)
                 continue
             mine = unusual[start:stop]
+            guarded = None  # bool over the record's keys: unusual ones a keep entry protects
             if protected:
-                mine = mine & ~np.isin(keys[start:stop], np.fromiter(protected, dtype=np.int64))
+                guarded = mine & np.isin(keys[start:stop], np.fromiter(protected, dtype=np.int64))
+                mine = mine & ~guarded
             named = everywhere[start:stop] & mine
             for offset in np.flatnonzero(hits[start:stop] & mine & ~named).tolist():  # scoped entries' keys
                 key = int(keys[start + offset])
@@ -930,7 +946,7 @@ class FeedbackStep:
                 if attacks:  # (then only what the entries name goes, as for a record of another kind)
                     whole = False
                     withheld[row] = (f"not suppressed by feedback {rule_list(sorted(set().union(*naming.sets)))}: "
-                                     f"attack-like, which it does not name: {shown_feature(attacks[0])}")
+                                     f"attack-like, which it does not name: {shown_feature(attacks[0])}", [])
                     naming.sets = []
             if fields is not None:
                 by_field = self._field_values(found, row, start, stop, fields, model_rules, route, entity)
@@ -938,8 +954,32 @@ class FeedbackStep:
                 if by_field[1]:
                     naming.sets.append(by_field[1])
             drop[start:stop] = mine if whole else named
+            if whole and guarded is not None and guarded.any():
+                released, withheld[row] = self._held_by_keeps(found, row, guarded, model_rules, route, entity)
+                drop[start:stop] |= released
             suppressors[row] = naming if drop[start:stop].any() else []
         return drop, suppressors, keepers, withheld
+
+    @staticmethod
+    def _held_by_keeps(found: Inspection, row: int, guarded: np.ndarray, model_rules, route, entity):
+        """For a record of a kind marked normal: (those of ``guarded``, its unusual keys keep entries
+        protect, that the kind stands for, what the rest says if the record stays flagged: (note, ids of
+        the keep entries) or ()).
+
+        The kind stands for the page's own features (its template, slots and length classes: a keep of an
+        attack on the page holds them too) and for its details, in which its records differ (n-grams of
+        an id: "8&v" of "with=2058&view", shared by chance with a kept attack's "with=2938&view", flagged
+        an ordinary line again). The keep protects the rest."""
+        start, stop = int(found.bounds[row]), int(found.bounds[row + 1])
+        keys = found.batch.keys[start:stop]
+        page = np.isin(keys, np.fromiter(found.page_keys(row), dtype=np.int64))
+        released = guarded & (page | found.detail[start:stop])
+        held = guarded & ~released
+        if not held.any():
+            return released, ()
+        ids = sorted(set().union(*(ids for key in keys[held].tolist() for rules in model_rules
+                                   for ids in rules.keep_by_key.groups(key, route, entity))))
+        return released, (f"kept by feedback {rule_list(ids)}", ids)
 
     def _marked_kind(self, found: Inspection, row: int, kind: frozenset, model_rules, route,
                      entity) -> list[set[int]]:
@@ -983,8 +1023,8 @@ class FeedbackStep:
         return named, used
 
     def _kept(self, found: Inspection, row: int, kind: frozenset, model_rules, route, entity):
-        """(keys no normal entry may drop, ids of keep entries the record falls under: alike kinds,
-        or a field value marked keep)."""
+        """(keys no normal entry may drop: keep entries' keys no normal entry in scope names, ids of keep
+        entries the record falls under: alike kinds, or a field value marked keep)."""
         start, stop = int(found.bounds[row]), int(found.bounds[row + 1])
         protected: set[int] = set()
         kept: set[int] = set()
@@ -999,7 +1039,10 @@ class FeedbackStep:
                                  if rules.keep_by_key.groups(k, route, entity))
             kept.update(e.id for e in rules.field_entries(found, row)
                         if e.verdict == KEEP and in_scope(e, route, entity))
-        return protected, kept
+        # A key a normal entry in force names is the marked page's as much as the kept attack's (a keep
+        # takes every unusual feature of its records): the keep protects only its own.
+        return {k for k in protected if not any(rules.normal_by_key.groups(k, route, entity)
+                                                for rules in model_rules)}, kept
 
 
 class Naming:
