@@ -230,15 +230,13 @@ class Inspection:
         """The texts of the record's url features at ``among_keys`` (bool over its keys) that are
         attack-like (``attack_like_url``): what a mark of its section does not vouch for."""
         start = int(self.bounds[row])
-        origins = self.batch.origins.resolve()
+        keys = self.batch.keys[start + np.flatnonzero(among_keys)].tolist()
         found = []
-        for i in (start + np.flatnonzero(among_keys)).tolist():
-            converter = origins.entries[int(origins.entry_of_key[i])].converter
-            if converter is not None and converter.kind == "url":
-                text = converter.feature_text(origins.entries[int(origins.entry_of_key[i])].value,
-                                              int(self.batch.keys[i]))
-                if text is not None and attack_like_url(text):
-                    found.append(text)
+        for converter in self.model.featurizer.converters:
+            value = self.value_of(converter, row) if converter.kind == "url" and keys else None
+            texts = attack_like_texts(converter, value) if value is not None else None
+            if texts:
+                found += [texts[key] for key in keys if key in texts]
         return found
 
     def named(self, unusual: np.ndarray) -> "FeatureNames":
@@ -313,6 +311,31 @@ def url_features(converter, value: str) -> tuple[str, frozenset, frozenset]:
                                    (t.startswith(SLOT_FEATURES) and t.split(" ", 1)[1].startswith(slot)))
         lengths = frozenset(text_key(converter.seed, t) for t in texts if t.startswith("length "))
         found = UrlFeatures((template, template_level, lengths))
+        cache.put(value, found)
+    return found
+
+
+class AttackTexts(dict):
+    """Key -> text of a URL's attack-like features (mostly none)."""
+
+    @property
+    def nbytes(self) -> int:
+        """Memory held, estimated (for the cache's bound)."""
+        return 100 + sum(60 + len(text) for text in self.values())
+
+
+def attack_like_texts(converter, value: str) -> AttackTexts:
+    """The url converter's attack-like features of a URL (``attack_like_url``) by key; cached as
+    ``url_features`` is."""
+    cache = converter.__dict__.get("_feedback_attacks")
+    if cache is None:
+        cache = converter.__dict__.setdefault("_feedback_attacks", ValueCache(URL_CACHE_SIZE))
+    found = cache.get(value)
+    if found is None:
+        found = AttackTexts()
+        for text in converter.features(value):
+            if attack_like_url(text):
+                found.setdefault(text_key(converter.seed, text), text)
         cache.put(value, found)
     return found
 
@@ -1041,8 +1064,14 @@ class FeedbackStep:
                         if e.verdict == KEEP and in_scope(e, route, entity))
         # A key a normal entry in force names is the marked page's as much as the kept attack's (a keep
         # takes every unusual feature of its records): the keep protects only its own.
-        return {k for k in protected if not any(rules.normal_by_key.groups(k, route, entity)
-                                                for rules in model_rules)}, kept
+        if not protected:
+            return protected, kept
+        keys = np.fromiter(protected, dtype=np.int64, count=len(protected))
+        everywhere = np.zeros(len(keys), dtype=bool)  # named by an unscoped normal entry: in every scope
+        for rules in model_rules:
+            everywhere |= among(keys, rules.normal_by_key.unscoped_keys)
+        return {k for k in keys[~everywhere].tolist() if not any(rules.normal_by_key.groups(k, route, entity)
+                                                                 for rules in model_rules)}, kept
 
 
 class Naming:
