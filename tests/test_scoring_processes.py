@@ -152,6 +152,42 @@ def test_a_worker_reads_a_file_swapped_at_the_same_size_and_mtime_after_one_that
     assert cache.get(str(path), version).version == version
 
 
+def test_a_worker_reads_a_file_of_another_version_once_per_state_of_the_file(shop_model_path, tmp_path):
+    """A loadable file of another version than the one served (one the sidecar rejected at its probe)
+    was read again for every chunk: -76 % calls/s until the file was fixed (probe-registry)."""
+    from logscore.scoring_processes import ModelCache
+
+    path = tmp_path / "m.onnx"
+    shutil.copy(shop_model_path, path)
+    served = Model.load(path).version
+    shutil.copy(DEFAULT_MODEL, tmp_path / ".new")
+    os.replace(tmp_path / ".new", path)  # another version, which the sidecar does not serve
+    cache = ModelCache(65_536, None)
+    assert [cache.get(str(path), served) for _ in range(4)] == [None] * 4
+    assert cache.loads == 1
+    shutil.copy(shop_model_path, tmp_path / ".new")
+    os.replace(tmp_path / ".new", path)  # the served version is back: read again, and scored
+    assert cache.get(str(path), served).version == served
+    assert cache.loads == 2
+
+
+def test_chunks_left_to_the_sidecar_are_counted_and_said_once(shop_model_path, tmp_path, caplog):
+    path = tmp_path / "m.onnx"
+    shutil.copy(shop_model_path, path)
+    serving = Model.load(path)
+    shutil.copy(DEFAULT_MODEL, path)
+    seen = []
+    pool = ScoringProcesses(1, max_line_chars=65_536, on_stale=seen.append)
+    try:
+        lines = shop_lines(20, seed=56)
+        for _ in range(3):
+            assert_same(pool.score(serving, lines, 0), serving.score(lines, 0))
+    finally:
+        pool.close()
+    assert pool.stale_chunks == 3 and seen == [serving] * 3
+    assert sum("holds another version" in r.getMessage() for r in caplog.records) == 1
+
+
 def test_a_worker_that_dies_costs_at_most_its_chunk_and_is_replaced(shop_model_path):
     restarts = []
     pool = ScoringProcesses(1, max_line_chars=65_536, on_restart=restarts.append)

@@ -169,6 +169,10 @@ class Metrics:
                                                 "(exited, or still running but wrote a late reply) "
                                                 "(scoring_processes)",
                                                 registry=r)
+        self.scoring_process_stale_chunks = Counter(
+            "logscore_scoring_process_stale_chunks", "Chunks a scoring process left to the sidecar's own process "
+            "because the model's file holds another version than the one served, or none that loads "
+            "(scoring_processes)", ["model"], registry=r)
         self.grpc_connections = Gauge("logscore_grpc_connections", "Connections open on each gRPC listener "
                                       "(tcp, unix; checked every second)", ["listener"], registry=r)
         self.calls_in_flight = CallsInFlight()

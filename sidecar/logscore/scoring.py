@@ -131,7 +131,9 @@ class ScoringService:
         self.processes = ScoringProcesses(self.settings.scoring_processes, self.settings.max_record_bytes,
                                           self.registry.client_key,
                                           lambda reason: self.metrics.scoring_process_restarts.inc(),
-                                          self.settings.max_model_bytes)
+                                          self.settings.max_model_bytes,
+                                          lambda model: self.metrics.scoring_process_stale_chunks.labels(
+                                              model=model.name).inc())
         self.processes.warm(list(self.registry.snapshot.models.values()))
 
     async def score(self, call: ScoreCall) -> ScoreOutcome:

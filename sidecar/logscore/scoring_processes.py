@@ -191,13 +191,16 @@ class ScoringProcesses:
     """N worker processes; ``score`` (blocking, in ``executor``'s threads) sends a chunk to an idle one."""
 
     def __init__(self, count: int, max_line_chars: int, client_key: Optional[str] = None, on_restart=None,
-                 max_model_bytes: int = DEFAULT_MAX_MODEL_BYTES):
+                 max_model_bytes: int = DEFAULT_MAX_MODEL_BYTES, on_stale=None):
         self.count = count
         self._code = code_fingerprint()  # the code this process imported (workers check theirs against it)
         self._arguments = ["--max-line-chars", str(max_line_chars), "--max-model-bytes", str(max_model_bytes),
                            "--code", self._code] + (["--client-key", client_key] if client_key else [])
         self._other_code_said = False
         self._on_restart = on_restart or (lambda reason: None)
+        self._on_stale = on_stale or (lambda model: None)
+        self.stale_chunks = 0  # chunks a worker left to the sidecar: the file holds another version, or none
+        self._stale_said: set[tuple[str, str]] = set()  # (path, version served) already logged
         self._idle: queue.Queue[Worker] = queue.Queue()
         self._workers: list[Worker] = []
         self._lock = threading.Lock()
@@ -299,11 +302,28 @@ class ScoringProcesses:
             self._failed_in_row = self._unanswered = 0
             self._answers += 1
         if "stale" in checked(reply):  # the file changed since the sidecar loaded it: score the version it serves
+            self._stale(model)
             return model.score(records, explain, explain_flagged)
         if "other_code" in reply:
             self._say_other_code(reply["other_code"])
             return model.score(records, explain, explain_flagged)
         return unpack_scored(reply["scored"])
+
+    def _stale(self, model: Model) -> None:
+        """Count a chunk left to the sidecar's process because its model file holds another version (or
+        none that loads); say so once per file and version served. NOTE: nothing told it before: a
+        file the sidecar rejected at its probe left every chunk to one core, unseen (probe-registry)."""
+        with self._lock:
+            self.stale_chunks += 1
+            key = (str(model.artifact.path), model.version)
+            first = key not in self._stale_said
+            self._stale_said.add(key)
+        self._on_stale(model)
+        if first:
+            log.warning("a model file holds another version than the one served (or none that loads): its chunks "
+                        "are scored in the sidecar's own process, on one core, until the file loads or the version "
+                        "served is back; see 'rejected' in the log for that file, and fix or restore it",
+                        extra={"model": model.name, "path": key[0], "version": model.version})
 
     def _say_other_code(self, theirs: str) -> None:
         if not self._other_code_said:
@@ -364,39 +384,49 @@ class ModelCache:
         # model's path read it whole, under the same memory limit, at every restart.
         self.max_model_bytes = max_model_bytes
         self.models: dict[str, Model] = {}
-        # path -> the state of a file that did not load; its inode and ctime tell a same-size,
-        # same-mtime swap (size and mtime alone left such a fix unread: "stale" for good)
-        self.unloadable: dict[str, FileState] = {}
+        # path -> the state of the file when it was last read (loaded or not): a file read in that state
+        # is not read again. Its inode and ctime tell a same-size, same-mtime swap (size and mtime alone
+        # left such a fix unread: "stale" for good). NOTE: only files that failed to load were remembered:
+        # a loadable file of another version than the one served (one the sidecar rejected at its probe)
+        # was read again for every chunk: -76 % calls/s until the file was fixed (probe-registry).
+        self.read_in: dict[str, FileState] = {}
+        self.loads = 0  # files read (Model.load calls)
 
     def get(self, path: str, version: str) -> Optional[Model]:
         """The model of that file at that version, or None when the file now holds another, or
         one that does not load (being written, or broken: the sidecar serves the version it had)."""
         model = self.models.get(path)
         if model is None or model.version != version:
-            for gone in [p for p in self.models if not Path(p).is_file()]:  # unloaded by the sidecar too
-                del self.models[gone]
+            self.forget_removed()
             model = self._load(path)
             if model is None:
                 return None
             self.models[path] = model
         return model if model.version == version else None
 
+    def forget_removed(self) -> None:
+        """Drop the models whose files are gone (the sidecar unloads them too)."""
+        for gone in [p for p in self.models if not Path(p).is_file()]:
+            del self.models[gone]
+            self.read_in.pop(gone, None)
+
     def _load(self, path: str) -> Optional[Model]:
+        """The model the file holds now; the one held already while the file is as when last read
+        (None if it did not load then)."""
         try:
-            stat = os.stat(path)
+            state = FileState.of(os.stat(path))
         except OSError:
             return None
-        signature = FileState.of(stat)
-        if self.unloadable.get(path) == signature:
-            return None  # tried, and it has not changed since: not read again for every chunk
+        if self.read_in.get(path) == state:
+            return self.models.get(path)  # read in this state already: not read again for every chunk
+        self.read_in[path] = state
+        self.loads += 1
         try:
-            model = Model.load(path, max_line_chars=self.max_line_chars, client_key=self.client_key,
-                               max_bytes=self.max_model_bytes)
+            return Model.load(path, max_line_chars=self.max_line_chars, client_key=self.client_key,
+                              max_bytes=self.max_model_bytes)
         except LogscoreError:  # the sidecar says what is wrong with it, where it rejects it
-            self.unloadable[path] = signature
+            self.models.pop(path, None)  # (an older version held: the file no longer holds it)
             return None
-        self.unloadable.pop(path, None)
-        return model
 
 
 def answer(cache: ModelCache, message: list, other_code: Optional[str] = None) -> dict:
