@@ -188,6 +188,43 @@ def test_chunks_left_to_the_sidecar_are_counted_and_said_once(shop_model_path, t
     assert sum("holds another version" in r.getMessage() for r in caplog.records) == 1
 
 
+def test_after_a_reload_workers_drop_the_models_no_longer_served_and_trim_memory(shop_model_path, tmp_path,
+                                                                                   monkeypatch):
+    """Removed models stayed in every worker until it next missed its cache, and glibc kept what they
+    freed: 30 models added, scored and removed left each worker at 212 MiB instead of 87."""
+    from logscore import scoring_processes
+    from logscore.metrics import Metrics
+    from logscore.registry import ModelRegistry
+    from logscore.scoring import ScoringService
+    from logscore.settings import Settings
+
+    models = tmp_path / "models"
+    models.mkdir()
+    for name in ("kept", "removed"):
+        shutil.copy(shop_model_path, models / f"{name}.onnx")
+    registry = ModelRegistry(str(models))
+    registry.reload()
+    settings = Settings.load(flags={"models_dir": str(models), "scoring_processes": 1}, environ={})
+    service = ScoringService(registry, settings, Metrics())
+    service.start_processes()  # loads both in its worker
+    try:
+        (models / "removed.onnx").unlink()
+        registry.reload()
+        held = []
+        monkeypatch.setattr(service.processes, "keep_only",
+                            lambda paths, keep=service.processes.keep_only: held.append(keep(paths)) or held[-1])
+        asyncio.run(service.prune())
+        assert held == [[[str(models / "kept.onnx")]]]
+    finally:
+        service.close_processes()
+    trims = []
+    monkeypatch.setattr(scoring_processes, "give_memory_back", lambda: trims.append(1))
+    cache = scoring_processes.ModelCache(65_536, None)
+    version = Model.load(shop_model_path).version
+    cache.get(str(shop_model_path), version)
+    assert cache.keep_only([]) == [] and trims == [1]
+
+
 def test_a_worker_that_dies_costs_at_most_its_chunk_and_is_replaced(shop_model_path):
     restarts = []
     pool = ScoringProcesses(1, max_line_chars=65_536, on_restart=restarts.append)

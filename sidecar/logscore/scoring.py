@@ -286,10 +286,14 @@ class ScoringService:
         return ScoreOutcome(scores, flags, model_index, models, explanations, notes)
 
     async def prune(self) -> None:
-        """Close batchers of models no longer loaded (after their queues drain)."""
+        """Close batchers of models no longer loaded (after their queues drain); the scoring processes
+        drop the models of files no longer served."""
         loaded = set(self.registry.snapshot.models.values())
         for model in [m for m in self._batchers if m not in loaded]:
             await self._batchers.pop(model).close()
+        if self.processes is not None:
+            paths = {str(m.artifact.path) for m in loaded if m.sessions is None}
+            await asyncio.get_running_loop().run_in_executor(None, self.processes.keep_only, paths)
         if self.behaviour is not None:
             self.behaviour.follow(loaded)
 

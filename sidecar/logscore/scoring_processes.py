@@ -24,6 +24,8 @@ Messages are msgpack over a socket pair, one request and one reply at a time per
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import hashlib
 import logging
 import os
@@ -110,6 +112,11 @@ def pack_request(model: Model, records: Sequence[object], explain: int, explain_
     records = records if isinstance(records, (list, tuple)) else list(records)
     return msgpack.packb([str(model.artifact.path), model.version, explain, explain_flagged, records],
                          use_bin_type=True)
+
+
+def pack_keep(paths: set[str]) -> bytes:
+    """The message telling a worker which model files the sidecar serves: it drops the others."""
+    return msgpack.packb({"keep": sorted(paths)}, use_bin_type=True)
 
 
 def describe_exit(code: int) -> str:
@@ -309,6 +316,30 @@ class ScoringProcesses:
             return model.score(records, explain, explain_flagged)
         return unpack_scored(reply["scored"])
 
+    def keep_only(self, paths: set[str]) -> list[list[str]]:
+        """Have every worker drop the models of files not in ``paths`` (the sidecar's, after a reload) and
+        give their memory back; returns the paths each worker holds then. NOTE: removed models were
+        dropped only when a worker next missed its cache, and glibc kept what they freed: 30 models added,
+        scored and removed left each worker at 212 MiB instead of 87 (probe-registry). Waits for busy
+        workers to finish their chunk, as warm() does; a failed one is left to the next chunk to replace."""
+        workers: list[Worker] = []
+        held = []
+        try:
+            while len(workers) < self.count:
+                workers.append(self._take_idle())
+            for worker in workers:
+                try:
+                    held.append(checked(worker.call(pack_keep(paths))).get("held", []))
+                except (WorkerFailed, RuntimeError) as error:
+                    log.warning("a scoring process did not drop removed models; it is replaced at its next chunk",
+                                extra={"pid": worker.process.pid, "reason": str(error)})
+        except ScorerUnavailable:  # none runs: nothing held
+            pass
+        finally:
+            for worker in workers:
+                self._idle.put(worker)
+        return held
+
     def _stale(self, model: Model) -> None:
         """Count a chunk left to the sidecar's process because its model file holds another version (or
         none that loads); say so once per file and version served. NOTE: nothing told it before: a
@@ -410,6 +441,17 @@ class ModelCache:
             del self.models[gone]
             self.read_in.pop(gone, None)
 
+    def keep_only(self, paths: Sequence[str]) -> list[str]:
+        """Drop the models of files not in ``paths`` and hand the freed memory back to the system;
+        returns the paths held."""
+        wanted = set(paths)
+        for path in [p for p in self.models if p not in wanted]:
+            del self.models[path]
+        self.read_in = {p: state for p, state in self.read_in.items() if p in wanted}
+        gc.collect()  # (a model's objects may hold cycles: freed now, before the trim)
+        give_memory_back()
+        return sorted(self.models)
+
     def _load(self, path: str) -> Optional[Model]:
         """The model the file holds now; the one held already while the file is as when last read
         (None if it did not load then)."""
@@ -429,9 +471,20 @@ class ModelCache:
             return None
 
 
-def answer(cache: ModelCache, message: list, other_code: Optional[str] = None) -> dict:
+def give_memory_back() -> None:
+    """glibc keeps the memory freed by dropped models for the process (265 MiB after dropping 50 models;
+    malloc_trim: 84): trim it. Skipped where the C library has no malloc_trim (musl, macOS)."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def answer(cache: ModelCache, message, other_code: Optional[str] = None) -> dict:
     """The reply to one request; ``other_code``: this worker's code fingerprint when it is not the
     sidecar's (then it scores nothing)."""
+    if isinstance(message, dict):  # pack_keep
+        return {"held": cache.keep_only(message["keep"])}
     if other_code is not None:
         return {"other_code": other_code}
     path, version, explain, explain_flagged, records = message
