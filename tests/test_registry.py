@@ -525,3 +525,30 @@ def test_a_file_of_countless_tiny_fields_is_refused_without_scanning_it_whole(mo
     assert sorted(registry.snapshot.models) == ["apache-access"]  # a real model's few fields pass
     assert_refused_once(registry, events, "junk", "over 1,000 fields in the file's top level", "re-export it")
     assert len(read) < 2000  # the 500,000 fields of junk are not all read
+
+
+def test_a_missing_default_or_route_model_is_refused_saying_what_to_do(models, caplog):
+    """NOT_FOUND for a missing default or tag-route model said what was wrong but not what to do; the
+    log said "set default_model" though it was set, and the no-model reason named a command,
+    `logscore export`, that does not exist."""
+    from logscore.errors import ModelNotFound
+    from logscore.scoring import not_ready_reason
+
+    registry = ModelRegistry(str(models), default_model="web", tag_routes={"syslog.*": "linux"})
+    registry.reload()
+    with pytest.raises(ModelNotFound, match=r"add web\.onnx to the models directory, or change the sidecar's "
+                                            r"default_model \(--default-model\)"):
+        registry.resolve()
+    with pytest.raises(ModelNotFound, match=r"add linux\.onnx to the models directory, or change the sidecar's "
+                                            r"tag_routes \(--tag-routes\)"):
+        registry.resolve(tag="syslog.auth")
+    sidecar = SimpleNamespace(registry=registry, settings=SimpleNamespace(models_dir=str(models)),
+                              _no_default_warned=None)
+    with caplog.at_level(logging.INFO, logger="logscore.serve"):
+        Sidecar._warn_when_no_default(sidecar)
+    [warning] = [r.getMessage() for r in caplog.records]
+    assert warning.startswith("default model not loaded") and "set default_model" not in warning
+    (models / "apache-access.onnx").unlink()
+    registry.reload()
+    reason = not_ready_reason(SimpleNamespace(accepting=True, registry=registry, processes=None))
+    assert "`logscore train --out DIR/NAME.onnx`" in reason and "export" not in reason

@@ -273,7 +273,8 @@ class ModelRegistry:
                     model = models.get(target)
                     if model is None:
                         raise ModelNotFound(f"tag {cut_text(tag)!r} routes to model {target!r}, which is not loaded; "
-                                            f"loaded: {self._names(models)}")
+                                            f"loaded: {self._names(models)}; add {target}.onnx to the models "
+                                            "directory, or change the sidecar's tag_routes (--tag-routes)")
                     return model
         return self.default(models, snapshot.leaving)
 
@@ -289,7 +290,8 @@ class ModelRegistry:
             model = models.get(self.default_model)
             if model is None:
                 raise ModelNotFound(f"default model {self.default_model!r} is not loaded; "
-                                    f"loaded: {self._names(models)}")
+                                    f"loaded: {self._names(models)}; add {self.default_model}.onnx to the models "
+                                    "directory, or change the sidecar's default_model (--default-model)")
             return model
         if "apache-access" in models:
             return models["apache-access"]

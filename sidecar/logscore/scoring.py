@@ -95,7 +95,8 @@ def not_ready_reason(service) -> Optional[str]:
     if not service.accepting:
         return "shutting down: the calls already received are being answered; send new ones elsewhere"
     if not service.registry.snapshot.models:
-        return ("no model loaded: put a model file (.onnx, from `logscore export`) in the models directory "
+        return ("no model loaded: put a model file (.onnx, from `logscore train --out DIR/NAME.onnx`) in the "
+                "models directory "
                 "(--models-dir; the log names it); files there that did not load are under rejected_files")
     if service.processes is not None:
         return service.processes.not_answering_reason()

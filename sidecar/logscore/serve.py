@@ -300,9 +300,16 @@ class Sidecar:
             if str(error) != self._no_default_warned and not models:  # a default would not help: say what does
                 log.warning("no model loaded: every scoring call is refused (NOT_FOUND; shippers pass records "
                             "on unscored) and the sidecar is not ready; put a model file (.onnx, from `logscore "
-                            "export`) in the models directory, or fix the files rejected there", extra={
+                            "train --out DIR/NAME.onnx`) in the models directory, or fix the files rejected "
+                            "there", extra={
                                 "models_dir": str(self.settings.models_dir),
                                 "rejected_files": sorted(self.registry.snapshot.errors)})
+            elif str(error) != self._no_default_warned and self.registry.default_model:
+                # NOTE: it said "set default_model" when default_model was set, its model gone
+                log.warning("default model not loaded: requests naming no model and matching no tag route are "
+                            "refused (NOT_FOUND; shippers pass them unscored); add its file to the models "
+                            "directory, or change default_model",
+                            extra={"models": sorted(models), "detail": str(error)})
             elif str(error) != self._no_default_warned:
                 log.warning("no default model: requests naming no model and matching no tag route are refused "
                             "(NOT_FOUND; shippers pass them unscored); set default_model, or tag_routes for "
