@@ -144,3 +144,20 @@ def test_a_queued_call_leaving_at_its_deadline_is_found_without_comparing_record
         return compared
 
     assert asyncio.run(scenario()) == 0
+
+
+def test_a_call_handed_to_a_batcher_after_it_closed_is_still_scored():
+    """A request routed to several models takes each model's batcher before it waits: had prune closed
+    one in between (its model unloaded by a reload), its job sat in a queue no worker read, until its
+    deadline, or for ever without one."""
+    held = HeldBatcher()
+
+    async def scenario():
+        held.scorer.release.set()
+        await asyncio.wait_for(held.score([1, 2, 3]), GUARD_S)  # the batcher's worker ran
+        await held.batcher.close()  # prune: its model was unloaded
+        late = await asyncio.wait_for(held.score([4, 5]), 2)
+        await held.close()
+        return late
+
+    assert asyncio.run(scenario()).scores.tolist() == [4, 5]

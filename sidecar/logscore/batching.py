@@ -84,7 +84,11 @@ class Batcher:
         job = Job(records, explain, deadline, loop.create_future(), explain_flagged)
         self._queue.append(job)
         self._queued_records += len(records)
-        if self._worker is None:
+        # NOTE: also when its worker ended (closed by prune): a call that took this batcher before prune
+        # closed it, resumed after, would wait for ever (or its deadline). asyncio's order of ready tasks
+        # prevents that in ScoringService.score today (probe-registry found no such case); this does not
+        # rely on it. A closed batcher's new worker scores what is queued, then ends.
+        if self._worker is None or self._worker.done():
             self._worker = asyncio.create_task(self._run(), name=f"batcher:{self.model.name}")
         self._wakeup.set()
         # NOTE: checked only when the job reached the head of the queue or a chunk, the deadline was
