@@ -1033,6 +1033,33 @@ UNDECODABLE_REASONS = {"an array as a map key": "could not be decoded (TypeError
                                                       "holds more than 1,000,000 values"}
 
 
+# Message-mode records msgpack cannot decode: [time, record] bytes, the record's first key an array
+MESSAGE_MODE_UNDECODABLE = {
+    "small": msgpack.packb(1_700_000_000) + b"\x82\x91\x01\xa1x\xa1m\xa1y",
+    "over a decoding step": msgpack.packb(1_700_000_000) + b"\x82\x91\x01\xa1x" + msgpack.packb("m") + msgpack.packb(
+        "y" * 20_000),
+}
+
+
+@pytest.mark.parametrize("bad", list(MESSAGE_MODE_UNDECODABLE))
+def test_a_message_mode_record_msgpack_cannot_decode_is_skipped_and_the_records_after_it_arrive(chain, bad):
+    """Message mode refused such a record by closing the connection: every record written after it
+    was lost (1 of 102 arrived) and the bad one's chunk was resent for ever. Skipped by its bytes
+    now, as in the other modes, its chunk acknowledged."""
+    sidecar, port, receiver = chain
+
+    def message(n: int) -> bytes:
+        return msgpack.packb(["web", 1_700_000_000 + n, {"message": f"GET /{n}"}, {"chunk": f"c{n}"}])
+
+    broken = b"\x94" + msgpack.packb("web") + MESSAGE_MODE_UNDECODABLE[bad] + msgpack.packb({"chunk": "bad"})
+    frames = message(0) + broken + b"".join(message(n) for n in range(1, 21))
+    acks = send(port, frames, acks=22)
+    assert sorted(answer["ack"] for answer in acks) == sorted(["bad"] + [f"c{n}" for n in range(21)])
+    assert sorted(r["message"] for _, r in receiver.wait_for(21)) == sorted(f"GET /{n}" for n in range(21))
+    assert counter(sidecar, "forward_invalid_entry") == 1 and counter(sidecar, "forward_protocol") == 0
+    assert "could not be decoded (TypeError" in sidecar.log()
+
+
 def test_skipped_entries_logged_since_count_the_messages_of_a_pipelining_sender(chain):
     """messages_since_last_logged counted one per group of messages read at once: a pipelining
     sender's many messages counted as a few (review, session 27)."""

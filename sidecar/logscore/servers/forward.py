@@ -272,7 +272,7 @@ def _is_log(option: dict) -> bool:
 
 
 async def read_message(data: memoryview, max_message_bytes: int, budget: "ValueBudget",
-                       small: msgpack.Unpacker) -> Message:
+                       small: "SmallDecoder") -> Message:
     """A complete message's bytes as a Message. Forward mode's entries are left in the bytes and
     decoded as they are consumed (``forward_entries``); any other message is decoded whole, in steps.
 
@@ -292,10 +292,54 @@ async def read_message(data: memoryview, max_message_bytes: int, budget: "ValueB
             slice_budget = ValueBudget(MAX_DECODED_VALUES, "a slice of Forward entries")
             entries_read = forward_entries(data, entries[1], entries[0], max_message_bytes, slice_budget)
             return Message(tag, entries_read, _chunk(option), budget=slice_budget, size=_size(option))
-    if len(data) <= DECODE_STEP:
-        return decode_message(decode_small(data, small), max_message_bytes)
-    raw = await SteppedDecoder(data, 0, max_message_bytes, budget).next()
+    charged = budget.count
+    try:
+        if len(data) <= DECODE_STEP:
+            raw = small.decode(data)
+        else:
+            raw = await SteppedDecoder(data, 0, max_message_bytes, budget).next()
+    except UndecodableValue as error:
+        budget.release(budget.count - charged)  # what the failed decoding built is let go
+        return await message_mode_entry_skipped(data, items, tag_at, max_message_bytes, budget, error)
     return decode_message(raw, max_message_bytes)
+
+
+async def message_mode_entry_skipped(data: memoryview, items: int, tag_at: int, max_message_bytes: int,
+                                     budget: "ValueBudget", error: UndecodableValue) -> Message:
+    """A Message-mode message (``[tag, time, record(, option)]``) whose time or record msgpack cannot
+    decode, as a Message whose one entry is skipped by its bytes (its chunk is acknowledged); any other
+    message that cannot be decoded raises ``error`` (the connection is closed).
+
+    NOTE: refused whole, such a record closed the connection: every record sent after it on the
+    connection was lost (a sender taking no acks: 1 of 102 arrived), and a sender taking acks resent
+    it for ever. Forward and PackedForward skip such entries; so does Message mode now."""
+    time_at = _str_end(data, tag_at) if items in (3, 4) else None
+    if time_at is None or not await _may_be_message_mode_time(data, time_at, items):
+        raise error
+    option: object = {}
+    if items == 4:
+        option_at = await _skipped(data, await _skipped(data, time_at))
+        option = await SteppedDecoder(data, option_at, max_message_bytes, budget).next()  # undecodable: refused
+    option = option if isinstance(option, dict) else {}
+    if not _is_log(option):  # passed on as it came, which cannot be done without decoding it
+        raise error
+    tag = str(data[tag_at + _str_header_size(data[tag_at]):time_at], "utf-8", EXACT)
+    return Message(tag, [undecoded_entry(error)], _chunk(option), size=_size(option))
+
+
+async def _may_be_message_mode_time(data: memoryview, at: int, items: int) -> bool:
+    """Whether the value at ``at`` (a message's second item) may be a Message-mode time: not a
+    PackedForward payload (str, bin) and, in a message of three items, not Forward mode's array of
+    entries (an array is a time there only as Fluent Bit's ``[time, metadata]``)."""
+    if at >= len(data) or _str_end(data, at) is not None or data[at] in (0xC4, 0xC5, 0xC6):
+        return False
+    entries = _array_header(data, at)
+    if items == 4 or entries is None:
+        return True
+    if entries[0] != 2:
+        return False
+    metadata_at = await _skipped(data, entries[1])
+    return metadata_at < len(data) and (0x80 <= data[metadata_at] <= 0x8F or data[metadata_at] in (0xDE, 0xDF))
 
 
 def _str_header_size(kind: int) -> int:
@@ -466,19 +510,28 @@ def forward_unpacker(max_buffer_size: int, budget: Optional[ValueBudget] = None,
                             **limits)
 
 
-def small_unpacker(budget: ValueBudget) -> msgpack.Unpacker:
-    """One per connection, for messages of at most DECODE_STEP bytes: decoded in one call each."""
-    return forward_unpacker(DECODE_STEP, budget, max_array_len=MAX_DECODED_VALUES, max_map_len=MAX_DECODED_VALUES)
+class SmallDecoder:
+    """One per connection, for whole messages of at most DECODE_STEP bytes, decoded in one call each
+    (Fluent Bit's Message mode sends one per record: a fresh decoder each cost 10 µs, five times the
+    decoding)."""
 
+    def __init__(self, budget: ValueBudget):
+        self._budget = budget
+        self._unpacker = self._new_unpacker()
 
-def decode_small(data: memoryview, unpacker: msgpack.Unpacker) -> object:
-    """A whole message of at most DECODE_STEP bytes (Fluent Bit's Message mode sends one per
-    record: a fresh decoder each cost 10 µs, five times the decoding)."""
-    unpacker.feed(data)
-    try:
-        return unpacker.unpack()
-    except (TypeError, ValueError, msgpack.UnpackException) as error:  # the budget's too
-        raise undecodable(error) from None
+    def _new_unpacker(self) -> msgpack.Unpacker:
+        return forward_unpacker(DECODE_STEP, self._budget, max_array_len=MAX_DECODED_VALUES,
+                                max_map_len=MAX_DECODED_VALUES)
+
+    def decode(self, data: memoryview) -> object:
+        self._unpacker.feed(data)
+        try:
+            return self._unpacker.unpack()
+        except (TypeError, ValueError, msgpack.UnpackException) as error:  # the budget's too
+            # NOTE: msgpack keeps the rest of the failed message's bytes and would read them as the
+            # next message's: a new decoder starts clean (the connection now goes on after such a message)
+            self._unpacker = self._new_unpacker()
+            raise undecodable(error) from None
 
 
 def _is_array(value) -> bool:
@@ -1272,7 +1325,7 @@ class ForwardServer(StreamServer):
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         budget = ValueBudget(MAX_DECODED_VALUES, "a forward message")
         framer = MessageFramer(self.max_message_bytes)
-        small = small_unpacker(budget)
+        small = SmallDecoder(budget)
         peer = address_text(writer.get_extra_info("peername"))
         try:
             data = await self._first_bytes(reader, peer)
@@ -1352,7 +1405,7 @@ class ForwardServer(StreamServer):
         return framed
 
     async def _take_messages(self, reader, writer, framer: MessageFramer, budget: ValueBudget,
-                             small: msgpack.Unpacker, framed: list[memoryview]) -> None:
+                             small: SmallDecoder, framed: list[memoryview]) -> None:
         """Relay the complete messages framed so far; read on while UNADMITTED_BYTES or more of one
         are here (less is read on unadmitted: _whole_messages_unadmitted).
 
