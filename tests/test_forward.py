@@ -1026,18 +1026,23 @@ UNDECODABLE_ENTRIES = {
     "an array as a map key": b"\x92" + msgpack.packb(1_700_000_000) + b"\x81\x92\x01\x02\xa1x",
     "a reserved ext type": b"\x92\xd4\xfb\x00\x81\xa1m\xa1x",  # [ext type -5, {"m": "x"}]
     "more values than the budget": msgpack.packb([1_700_000_000, {"message": "big", "items": [0] * 2_000_000}]),
+    "nested past msgpack's limit": b"\x92" + msgpack.packb(1_700_000_000) + b"\x81\xa1m" + b"\x91" * 1_100 + b"\x01",
 }
 UNDECODABLE_REASONS = {"an array as a map key": "could not be decoded (TypeError",
                        "a reserved ext type": "could not be decoded (ValueError",
                        "more values than the budget": "could not be decoded (a slice of PackedForward entries "
-                                                      "holds more than 1,000,000 values"}
+                                                      "holds more than 1,000,000 values",
+                       "nested past msgpack's limit": "could not be decoded (nested more than 1,024 arrays and maps "
+                                                      "deep (msgpack's limit): send flatter records)"}
 
 
-# Message-mode records msgpack cannot decode: [time, record] bytes, the record's first key an array
+# Message-mode records msgpack cannot decode, as [time, record] bytes, and what the log says of them
 MESSAGE_MODE_UNDECODABLE = {
-    "small": msgpack.packb(1_700_000_000) + b"\x82\x91\x01\xa1x\xa1m\xa1y",
-    "over a decoding step": msgpack.packb(1_700_000_000) + b"\x82\x91\x01\xa1x" + msgpack.packb("m") + msgpack.packb(
-        "y" * 20_000),
+    "small": (msgpack.packb(1_700_000_000) + b"\x82\x91\x01\xa1x\xa1m\xa1y", "(TypeError"),  # an array as a key
+    "over a decoding step": (msgpack.packb(1_700_000_000) + b"\x82\x91\x01\xa1x" + msgpack.packb("m")
+                             + msgpack.packb("y" * 20_000), "(TypeError"),
+    "nested past msgpack's limit": (msgpack.packb(1_700_000_000) + b"\x81\xa1m" + b"\x91" * 1_100 + b"\x01",
+                                    "(nested more than 1,024 arrays and maps deep (msgpack's limit): send flatter"),
 }
 
 
@@ -1051,13 +1056,43 @@ def test_a_message_mode_record_msgpack_cannot_decode_is_skipped_and_the_records_
     def message(n: int) -> bytes:
         return msgpack.packb(["web", 1_700_000_000 + n, {"message": f"GET /{n}"}, {"chunk": f"c{n}"}])
 
-    broken = b"\x94" + msgpack.packb("web") + MESSAGE_MODE_UNDECODABLE[bad] + msgpack.packb({"chunk": "bad"})
+    entry, said = MESSAGE_MODE_UNDECODABLE[bad]
+    broken = b"\x94" + msgpack.packb("web") + entry + msgpack.packb({"chunk": "bad"})
     frames = message(0) + broken + b"".join(message(n) for n in range(1, 21))
     acks = send(port, frames, acks=22)
     assert sorted(answer["ack"] for answer in acks) == sorted(["bad"] + [f"c{n}" for n in range(21)])
     assert sorted(r["message"] for _, r in receiver.wait_for(21)) == sorted(f"GET /{n}" for n in range(21))
     assert counter(sidecar, "forward_invalid_entry") == 1 and counter(sidecar, "forward_protocol") == 0
-    assert "could not be decoded (TypeError" in sidecar.log()
+    assert "could not be decoded " + said in sidecar.log()
+
+
+def test_a_forward_mode_entry_nested_past_msgpack_s_limit_is_skipped_and_the_messages_after_it_arrive(chain):
+    """msgpack refuses to skip a value nested more than 1,024 deep: the framer closed the connection
+    at such a record (a sender taking no acks: 1 of 102 records arrived; an acking one resent it for ever)."""
+    sidecar, port, receiver = chain
+    deep = b"\x92" + msgpack.packb(1_700_000_001) + b"\x81\xa1m" + b"\x91" * 1_100 + b"\x01"
+    first = (b"\x93" + msgpack.packb("web") + b"\x93" + msgpack.packb([1_700_000_000, {"message": "GET /0"}]) + deep
+             + msgpack.packb([1_700_000_002, {"message": "GET /1"}]) + msgpack.packb({"chunk": "deep"}))
+    after = b"".join(msgpack.packb(["web", [[1_700_000_000, {"message": f"GET /{n}"}]], {"chunk": f"c{n}"}])
+                     for n in range(2, 12))
+    acks = send(port, first + after, acks=11)
+    assert [answer["ack"] for answer in acks] == ["deep"] + [f"c{n}" for n in range(2, 12)]
+    assert [r["message"] for _, r in receiver.wait_for(12)] == [f"GET /{n}" for n in range(12)]
+    assert counter(sidecar, "forward_invalid_entry") == 1 and counter(sidecar, "forward_protocol") == 0
+    assert "nested more than 1,024 arrays and maps deep (msgpack's limit): send flatter records" in sidecar.log()
+
+
+def test_a_value_nested_past_msgpack_s_limit_is_measured_by_its_bytes_and_a_bottomless_one_refused():
+    from logscore.servers.forward import ForwardProtocolError, deep_value_length, steps_of
+
+    deep = b"\x93" + b"\x91" * 1_500 + b"\xa1x" + msgpack.packb({"k": [1, 2, "y" * 40_000]}) + b"\xdc\x00\x02" + (
+        b"\x91" * 2_000 + b"\x01") * 2
+    data = memoryview(deep + msgpack.packb("next"))
+    assert deep_value_length(steps_of(data), 0) == len(deep)
+    assert deep_value_length(steps_of(data[:len(deep) - 1]), 0) is None  # its bytes end first
+    assert deep_value_length(steps_of(memoryview(b"\x00" + deep)), 1) == len(deep)  # from where it starts
+    with pytest.raises(ForwardProtocolError, match="nested more than 11,024 arrays and maps deep: not log records"):
+        deep_value_length(steps_of(memoryview(b"\x91" * 12_000 + b"\x01")), 0)
 
 
 def test_skipped_entries_logged_since_count_the_messages_of_a_pipelining_sender(chain):

@@ -44,7 +44,7 @@ goes on exactly as it came (integer, float, EventTime, Fluent Bit's
 - Entries that are not ``[time, record]`` are skipped with a warning (as Fluentd's
   in_forward does), and so are entries whose time no receiver reads or whose record nests
   past ``MAX_RECORD_DEPTH`` (a Fluent Bit next hop drops a whole chunk holding one), and
-  entries msgpack cannot decode, by their bytes, in every mode;
+  entries msgpack cannot decode (nested past its 1,024 levels too), by their bytes, in every mode;
   bytes that are not the forward protocol close the connection.
   Shared-key handshakes are not supported (keep the port on loopback; docs/operations.md).
 """
@@ -63,7 +63,7 @@ import time
 import uuid
 import zlib
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Iterable, Iterator, Optional, Union
+from typing import AsyncIterator, Callable, Iterable, Iterator, Optional, Union
 
 import msgpack
 
@@ -362,29 +362,117 @@ def _str_end(data: memoryview, at: int) -> Optional[int]:
 SKIP_STEP = 16 * DECODE_STEP  # msgpack skips this much in about 1 ms (it builds nothing)
 
 
+StepsFrom = Callable[[int, int], Iterable[memoryview]]  # (where, step size): the bytes from there, in steps
+
+
+def steps_of(data: memoryview) -> StepsFrom:
+    """Bytes in memory, read in steps from any position."""
+    return lambda at, size: (data[start:start + size] for start in range(at, len(data), size))
+
+
 async def _skipped(data: memoryview, at: int) -> int:
     """Where the value starting at ``at`` ends."""
-    length = await _value_length(data[start:start + SKIP_STEP] for start in range(at, len(data), SKIP_STEP))
+    length = await _value_length(steps_of(data), at)
     if length is None:
         raise ForwardProtocolError("a message ends in the middle of a value")
     return at + length
 
 
-async def _value_length(steps: Iterable[memoryview], max_buffer_size: int = 0) -> Optional[int]:
-    """How many bytes the value at the start of ``steps`` takes (None if they end first): msgpack
-    skips it step by step, building nothing, and the event loop runs between steps (let_loop_run).
-    Any length of array or map is skipped (nothing is built); a value msgpack cannot even skip (a
-    byte no type starts with, a string past ``max_buffer_size``) raises as msgpack does."""
-    skipper = msgpack.Unpacker(max_buffer_size=max_buffer_size, max_array_len=2**31 - 1, max_map_len=2**31 - 1)
+async def _value_length(steps_from: StepsFrom, at: int, max_buffer_size: int = 0) -> Optional[int]:
+    """How many bytes the value at ``at`` takes (None if the bytes end first): msgpack skips it step
+    by step, building nothing, and the event loop runs between steps (let_loop_run). Any length of
+    array or map is skipped (nothing is built), nested however deep (``deep_value_length``); a value
+    msgpack cannot even skip (a byte no type starts with, a string past ``max_buffer_size``) raises
+    as msgpack does."""
+    skipper = _skipper(max_buffer_size, SKIP_STEP)
     held_since = time.perf_counter()
-    for step in steps:
+    for step in steps_from(at, SKIP_STEP):
         skipper.feed(step)
         try:
             skipper.skip()
             return skipper.tell()
         except msgpack.OutOfData:
             held_since = await let_loop_run(held_since)
+        except msgpack.StackError:
+            return deep_value_length(steps_from, at, max_buffer_size)
     return None
+
+
+def _skipper(max_buffer_size: int, step: int) -> msgpack.Unpacker:
+    read_size = min(step, max_buffer_size) if max_buffer_size else step
+    return msgpack.Unpacker(max_buffer_size=max_buffer_size, max_array_len=2**31 - 1, max_map_len=2**31 - 1,
+                            read_size=read_size)
+
+
+MSGPACK_MAX_DEPTH = 1024  # msgpack decodes, and skips, arrays and maps nested this deep at most (StackError)
+# Containers too deep for msgpack that deep_value_length enters itself, per value: a chain of 11,000
+# levels costs about 0.1 s of the event loop; deeper is no log record but bytes built to stall a reader.
+MAX_ENTERED_CONTAINERS = 10_000
+TOO_DEEP = (f"nested more than {MSGPACK_MAX_DEPTH:,} arrays and maps deep (msgpack's limit): send flatter "
+            "records")
+
+
+def deep_value_length(steps_from: StepsFrom, at: int, max_buffer_size: int = 0) -> Optional[int]:
+    """How many bytes the value at ``at`` takes when it nests deeper than msgpack reads (None if the
+    bytes end first): msgpack skips what it can, and a container it cannot skip is entered here, by
+    its header, and msgpack goes on from its first item (no recursion here either).
+
+    NOTE: msgpack refuses even to skip such a value (StackError): a record nested 1,100 deep made
+    the framer close the connection (every later record lost) and a PackedForward chunk holding one
+    refused whole, its first slices relayed again on every resend (4,096 records delivered 3 times,
+    904 never). Skipped by its bytes, the entry is counted like any that cannot be decoded."""
+    open_items = [1]  # values still to skip at each level entered, innermost last
+    start, entered = at, 0
+    while True:
+        skipper = _skipper(max_buffer_size, DECODE_STEP)
+        value_start = 0  # where the value being skipped starts, in the skipper's bytes
+        for step in steps_from(start, DECODE_STEP):
+            skipper.feed(step)
+            try:
+                while open_items:
+                    if open_items[-1] == 0:
+                        open_items.pop()
+                        continue
+                    skipper.skip()
+                    open_items[-1] -= 1
+                    value_start = skipper.tell()
+                return start + skipper.tell() - at
+            except msgpack.OutOfData:
+                continue
+            except msgpack.StackError:
+                break
+        else:
+            return None
+        entered += 1
+        if entered > MAX_ENTERED_CONTAINERS:
+            raise ForwardProtocolError(f"a value nested more than {MSGPACK_MAX_DEPTH + MAX_ENTERED_CONTAINERS:,} "
+                                       "arrays and maps deep: not log records")
+        start += value_start
+        items, header_bytes = _container_header(_head(steps_from(start, DECODE_STEP), 5))
+        open_items[-1] -= 1
+        open_items.append(items)
+        start += header_bytes
+
+
+def _head(steps: Iterable[memoryview], size: int) -> bytes:
+    """The first ``size`` bytes of steps (fewer if they end first)."""
+    head = b""
+    for step in steps:
+        head += bytes(step[:size - len(head)])
+        if len(head) >= size:
+            break
+    return head
+
+
+def _container_header(head: bytes) -> tuple[int, int]:
+    """(values inside, bytes of the header) of the array or map whose header starts ``head``."""
+    kind = head[0]
+    if 0x90 <= kind <= 0x9F:
+        return kind & 0x0F, 1
+    if 0x80 <= kind <= 0x8F:
+        return 2 * (kind & 0x0F), 1
+    size, values_per_item = {0xDC: (2, 1), 0xDD: (4, 1), 0xDE: (2, 2), 0xDF: (4, 2)}[kind]
+    return values_per_item * int.from_bytes(head[1:1 + size], "big"), 1 + size
 
 
 async def forward_entries(data: memoryview, at: int, count: int, max_message_bytes: int,
@@ -409,6 +497,8 @@ def undecodable(error: Exception) -> UndecodableValue:
     type and message. TypeError: a list as a map key; ValueError: a reserved ext type."""
     if isinstance(error, ForwardProtocolError):  # the budget's
         return UndecodableValue(str(error))
+    if isinstance(error, msgpack.StackError):  # (it says nothing itself)
+        return UndecodableValue(TOO_DEEP)
     return UndecodableValue(f"{type(error).__name__} {error}".rstrip())
 
 
@@ -610,7 +700,7 @@ async def _entry_end(payload: "PackedPayload", start: int, buffer_size: int, err
     if not payload.holds(start):
         raise ForwardProtocolError(f"a PackedForward entry of more than {payload.keep_bytes} bytes inflated "
                                    f"could not be decoded ({error}); send smaller records")
-    length = await _value_length(payload.steps(start, SKIP_STEP), buffer_size)
+    length = await _value_length(payload.steps_held, start, buffer_size)
     if length is None:
         raise ForwardProtocolError(f"PackedForward entries end in the middle of an entry (one that "
                                    f"could not be decoded: {error})")
@@ -633,6 +723,13 @@ class PackedPayload:
 
     def holds(self, at: int) -> bool:
         return at >= self._kept_at
+
+    def steps_held(self, at: int, size: int) -> Iterator[memoryview]:
+        """``steps`` from a position still held (ForwardProtocolError if it is not)."""
+        if not self.holds(at):
+            raise ForwardProtocolError(f"a PackedForward entry of more than {self.keep_bytes} bytes inflated "
+                                       "could not be decoded; send smaller records")
+        return self.steps(at, size)
 
     def steps(self, at: int, size: int) -> Iterator[memoryview]:
         """The payload from ``at`` (held, or not pulled yet) on, at most ``size`` bytes a step."""
@@ -1102,6 +1199,7 @@ class MessageFramer:
         self._start = 0  # where _pending starts in the bytes fed to the skipper
         self.began = 0.0  # when the message under way began to arrive (time.monotonic())
         self._broken: Optional[ForwardProtocolError] = None  # bad bytes met after messages handed out
+        self._too_deep = False  # the message under way nests deeper than msgpack skips: its end is walked to
 
     def raise_if_broken(self) -> None:
         """Raise the error of bad bytes found after the messages the last feed returned (which
@@ -1138,11 +1236,12 @@ class MessageFramer:
             self.began = time.monotonic()
         self._pending += data
         self.fed += len(data)
-        self._skipper.feed(data)
+        if not self._too_deep:  # (its skipper is out of step: a new one takes the bytes after that message)
+            self._skipper.feed(data)
         begin = 0
         held = memoryview(self._pending)
         try:
-            while (end := self._skip_message()) is not None:
+            while (end := self._skip_message(held, begin)) is not None:
                 messages.append(held[begin:end])
                 begin = end
         finally:
@@ -1167,15 +1266,33 @@ class MessageFramer:
         """Bytes of the message under way (and any after it) held so far."""
         return len(self._pending)
 
-    def _skip_message(self) -> Optional[int]:
-        """Where the message under way ends in _pending, once all of it is here."""
+    def _skip_message(self, held: memoryview, begin: int) -> Optional[int]:
+        """Where the message under way (from ``begin`` in _pending) ends, once all of it is here."""
+        if self._too_deep:
+            return self._deep_message_end(held, begin)
         try:
             self._skipper.skip()
         except msgpack.OutOfData:
             return None
+        except msgpack.StackError:  # a record nested deeper than msgpack skips: skipped by its bytes later
+            self._too_deep = True
+            return self._deep_message_end(held, begin)
         except (ValueError, msgpack.UnpackException) as error:
             raise undecodable(error) from None
         return self._skipper.tell() - self._start
+
+    def _deep_message_end(self, held: memoryview, begin: int) -> Optional[int]:
+        """Where a message nesting deeper than msgpack skips ends (walked to again as its bytes come);
+        once found, a new skipper goes on from there."""
+        length = deep_value_length(steps_of(held), begin)
+        if length is None:
+            return None
+        end = begin + length
+        self._skipper = new_skipper()
+        self._skipper.feed(held[end:])
+        self._start = -end  # _pending[end] is the new skipper's first byte
+        self._too_deep = False
+        return end
 
 
 async def read_more(reader: asyncio.StreamReader, framer: MessageFramer, limit: int = READ_BYTES) -> bytes:
