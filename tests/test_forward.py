@@ -1305,35 +1305,56 @@ def test_a_decoding_bomb_is_decoded_in_small_steps_between_turns_of_the_event_lo
     assert most <= 16 * 1024 + 2  # a step of 16 KiB (and the arrays it completes)
 
 
-def test_a_gzip_entry_that_cannot_be_decoded_is_skipped_only_while_its_bytes_are_held():
+def test_a_gzip_entry_that_cannot_be_decoded_is_skipped_by_its_bytes_while_they_are_held():
     """A gzip payload is inflated block by block, once: to skip an entry, the blocks since it began
-    are kept, forward_max_message_bytes + 1 MiB of them (as much as msgpack may buffer) past the
-    block it began in. One longer than that closes the connection as before, rather than hold an
-    unbounded share of the inflated payload."""
+    are kept, forward_max_message_bytes + 3 MiB of them; one longer than that closes the connection,
+    rather than hold an unbounded share of the inflated payload. A single string bigger than msgpack
+    buffers (forward_max_message_bytes + 1 MiB) stopped the decoding with BufferFull and closed the
+    connection, after slices of its chunk were relayed (each resend relayed them again): such an
+    entry is walked by its headers now, its strings passed over unheld, and skipped."""
     import asyncio
 
     from logscore.servers import forward
 
-    def decoded(entries: bytes) -> list:
+    def decoded(entries: bytes, max_message_bytes: int = 64 * 1024) -> list:
         async def run():
             budget = forward.ValueBudget(forward.MAX_DECODED_VALUES, "a slice of PackedForward entries")
-            return [e async for e in forward.packed_entries(gzip.compress(entries), True, 64 * 1024, budget)]
+            return [e async for e in forward.packed_entries(gzip.compress(entries), True, max_message_bytes, budget)]
         return asyncio.run(run())
 
-    good = msgpack.packb([1_700_000_000, {"message": "after"}])
-    text = "x" * 250_000
-    for strings, held in ((3, True), (12, False)):  # 0.75 or 3 MB before the bad value; 1 MiB + 64 KiB are held
-        record = bytes([0x80 | (strings + 1)]) + b"".join(msgpack.packb(f"k{i}") + msgpack.packb(text)
+    def entry(strings: int, size: int) -> bytes:  # a record of that many strings, then a key of ext type -5
+        record = bytes([0x80 | (strings + 1)]) + b"".join(msgpack.packb(f"k{i}") + msgpack.packb("x" * size)
                                                            for i in range(strings))
-        bad = b"\x92" + msgpack.packb(1_700_000_000) + record + b"\xd4\xfb\x00" + b"\x00"  # last key: ext type -5
-        if held:
-            entries = decoded(bad + good)
-            assert [type(e).__name__ for e in entries] == ["InvalidEntry", "list"]
-            assert entries[1][1]["message"] == "after"
-        else:
-            with pytest.raises(forward.ForwardProtocolError, match="entry of more than 1114112 bytes inflated could "
-                                                                   "not be decoded \\(ValueError"):
-                decoded(bad + good)
+        return b"\x92" + msgpack.packb(1_700_000_000) + record + b"\xd4\xfb\x00" + b"\x00"
+
+    good = msgpack.packb([1_700_000_000, {"message": "after"}])
+    for bad, said in ((entry(12, 250_000), "(ValueError"),  # 3 MB, held
+                      (entry(1, 1_500_000), "(an entry inflates to more than 1,114,112 bytes")):  # one string
+        entries = decoded(bad + good + UNDECODABLE_ENTRIES["a reserved ext type"])  # and on after it
+        assert [type(e).__name__ for e in entries] == ["InvalidEntry", "list", "InvalidEntry"]
+        assert entries[1][1]["message"] == "after" and said in str(entries[0])
+    with pytest.raises(forward.ForwardProtocolError, match="entry of more than 3276800 bytes inflated could "
+                                                           "not be decoded \\(ValueError"):
+        decoded(entry(14, 360_000) + good, 128 * 1024)  # 5 MB, not held (inflating past 4 MiB needs a higher limit)
+    with pytest.raises(forward.ForwardProtocolError, match="end in the middle of an entry"):
+        decoded(good + msgpack.packb([1_700_000_000, {"message": "x" * 2_000_000}])[:-1])
+
+
+def test_a_gzip_entry_too_big_to_buffer_is_skipped_and_its_chunk_acked_on_the_first_send(chain):
+    """Fluent Bit compresses; one record of 20 MiB inflated (past forward_max_message_bytes + 1 MiB)
+    closed the connection with "not valid msgpack/gzip: BufferFull": never acked, and the 4,096
+    records relayed before it relayed again on every resend."""
+    sidecar, port, receiver = chain
+    good = [msgpack.packb([1_700_000_000 + i, {"message": f"GET /{i}"}]) for i in range(5_000)]
+    big = msgpack.packb([1_700_000_000, {"message": "A" * (20 << 20)}])
+    payload = gzip.compress(b"".join(good[:4_500]) + big + b"".join(good[4_500:]))
+    chunk = uuid.uuid4().hex
+    assert send_chunk(port, ["web", payload, {"compressed": "gzip", "size": 5_001, "chunk": chunk}],
+                      timeout=30) == {"ack": chunk}
+    assert [r["message"] for _, r in receiver.records] == [f"GET /{i}" for i in range(5_000)]  # each once
+    assert counter(sidecar, "forward_invalid_entry") == 1 and counter(sidecar, "forward_protocol") == 0
+    assert "an entry inflates to more than 17,825,792 bytes (forward_max_message_bytes + 1 MiB): send smaller " \
+           "records, or raise forward_max_message_bytes" in sidecar.log()
 
 
 def test_anomaly_events_raised_just_before_a_stop_still_reach_the_next_hop():

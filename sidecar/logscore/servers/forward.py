@@ -653,8 +653,10 @@ async def packed_entries(data: bytes, compressed: bool, max_message_bytes: int,
     comes as an InvalidEntry, as in Forward mode (``forward_entries``); decoding starts again
     after it."""
     buffer_size = max(max_message_bytes, 1024) + INFLATE_STEP
+    # (kept: 2 inflated blocks more than the decoder holds, so an entry too big for it is still held
+    # from its start when that shows, and is skipped by its bytes: oversized_entry_length)
     payload = PackedPayload(_inflate(data, INFLATION * max_message_bytes) if compressed else iter((data,)),
-                            buffer_size)
+                            buffer_size + 2 * INFLATE_STEP)
     held_since = time.perf_counter()
     at = 0  # where decoding (re)starts in the payload
     try:
@@ -663,8 +665,16 @@ async def packed_entries(data: bytes, compressed: bool, max_message_bytes: int,
             unpacker = forward_unpacker(buffer_size, budget)
             fed = consumed = 0  # bytes from ``at``. NOTE: tell() counts the bytes of a partly decoded entry too
             charged, error = budget.count, None
+            oversized = False
             for step in payload.steps(at, DECODE_STEP):
-                unpacker.feed(step)
+                try:
+                    unpacker.feed(step)
+                except msgpack.BufferFull:  # the entry under way holds more than buffer_size bytes
+                    error, oversized = UndecodableValue(
+                        f"an entry inflates to more than {buffer_size:,} bytes (forward_max_message_bytes + "
+                        f"{INFLATE_STEP // 1024 // 1024} MiB): send smaller records, or raise "
+                        "forward_max_message_bytes"), True
+                    break
                 fed += len(step)
                 try:
                     for entry in unpacker:
@@ -685,7 +695,10 @@ async def packed_entries(data: bytes, compressed: bool, max_message_bytes: int,
             # slices of it were relayed made every resend relay them again (and its sender drop
             # every record of it at its retry limit).
             budget.release(budget.count - charged)
-            at = await _entry_end(payload, at + consumed, buffer_size, error)
+            if oversized:
+                at = await oversized_entry_end(payload, at + consumed, error)
+            else:
+                at = await _entry_end(payload, at + consumed, buffer_size, error)
             yield undecoded_entry(error)
     except ForwardProtocolError:
         raise
@@ -705,6 +718,119 @@ async def _entry_end(payload: "PackedPayload", start: int, buffer_size: int, err
         raise ForwardProtocolError(f"PackedForward entries end in the middle of an entry (one that "
                                    f"could not be decoded: {error})")
     return start + length
+
+
+async def oversized_entry_end(payload: "PackedPayload", start: int, error: UndecodableValue) -> int:
+    """Where an entry too big for the decoder's buffer ends in the payload (ForwardProtocolError if
+    the payload ends first, or it holds more than MAX_DECODED_VALUES values).
+
+    NOTE: such an entry (a gzip chunk's record past forward_max_message_bytes + 1 MiB inflated)
+    refused its chunk once slices of it were relayed: each resend relayed them again (4,096 records
+    delivered 3 times), and the chunk was never acknowledged. msgpack would hold it whole to skip
+    it: here its headers are read and the bytes of its strings passed over as they are inflated."""
+    walker = ValueWalker(payload.steps_held(start, DECODE_STEP))
+    held_since = time.perf_counter()
+    while not walker.done:
+        if not walker.walk(DECODE_STEP):
+            raise ForwardProtocolError(f"PackedForward entries end in the middle of an entry (one that "
+                                       f"could not be decoded: {error})")
+        if walker.values > MAX_DECODED_VALUES:
+            raise ForwardProtocolError(f"a PackedForward entry holds more than {MAX_DECODED_VALUES:,} values and "
+                                       f"cannot be decoded ({error})")
+        held_since = await let_loop_run(held_since)
+    return start + walker.position
+
+
+# bytes after the first that a msgpack value's header takes, by its first byte, and how its length reads
+_FIXED_BYTES = {0xC0: 0, 0xC2: 0, 0xC3: 0, 0xCA: 4, 0xCB: 8, 0xCC: 1, 0xCD: 2, 0xCE: 4, 0xCF: 8, 0xD0: 1,
+                0xD1: 2, 0xD2: 4, 0xD3: 8, 0xD4: 2, 0xD5: 3, 0xD6: 5, 0xD7: 9, 0xD8: 17}
+_SIZED_BYTES = {0xC4: (1, 0), 0xC5: (2, 0), 0xC6: (4, 0), 0xC7: (1, 1), 0xC8: (2, 1), 0xC9: (4, 1),
+                0xD9: (1, 0), 0xDA: (2, 0), 0xDB: (4, 0)}  # (length bytes, type bytes) before the body
+_CONTAINER_BYTES = {0xDC: (2, 1), 0xDD: (4, 1), 0xDE: (2, 2), 0xDF: (4, 2)}  # (count bytes, values per item)
+
+
+class ValueWalker:
+    """Walks one msgpack value by its headers, passing over the bodies of strings, binaries and ext
+    values without holding them: for a value too big to buffer. Python, a value at a time (about 1 µs)."""
+
+    def __init__(self, steps: Iterator[memoryview]):
+        self._steps = steps
+        self._step = memoryview(b"")
+        self._at = 0  # in the current step
+        self.position = 0  # bytes walked
+        self.values = 0
+        self._open = [1]  # values still to walk at each level entered
+        self.done = False
+
+    def walk(self, values: int) -> bool:
+        """Walk up to ``values`` more values; False if the bytes end first."""
+        for _ in range(values):
+            while self._open and self._open[-1] == 0:
+                self._open.pop()
+            if not self._open:
+                self.done = True
+                return True
+            head = self._read(1)
+            if head is None:
+                return False
+            self._open[-1] -= 1
+            self.values += 1
+            if not self._walk_one(head[0]):
+                return False
+        return True
+
+    def _walk_one(self, kind: int) -> bool:
+        if kind <= 0x7F or kind >= 0xE0:
+            return True
+        if kind <= 0x8F:
+            self._open.append(2 * (kind & 0x0F))
+            return True
+        if kind <= 0x9F:
+            self._open.append(kind & 0x0F)
+            return True
+        if kind <= 0xBF:
+            return self._pass(kind & 0x1F)
+        if kind in _FIXED_BYTES:
+            return self._pass(_FIXED_BYTES[kind])
+        if kind in _SIZED_BYTES:
+            length_bytes, type_bytes = _SIZED_BYTES[kind]
+            length = self._read(length_bytes)
+            return length is not None and self._pass(int.from_bytes(length, "big") + type_bytes)
+        if kind in _CONTAINER_BYTES:
+            count_bytes, per_item = _CONTAINER_BYTES[kind]
+            count = self._read(count_bytes)
+            if count is None:
+                return False
+            self._open.append(per_item * int.from_bytes(count, "big"))
+            return True
+        raise ForwardProtocolError(f"PackedForward entries hold byte 0x{kind:02x}, which starts no msgpack value")
+
+    def _read(self, size: int) -> Optional[bytes]:
+        """The next ``size`` bytes (None if the steps end first)."""
+        taken = b""
+        while len(taken) < size:
+            if self._at >= len(self._step):
+                self._step, self._at = next(self._steps, None), 0
+                if self._step is None:
+                    return None
+            piece = bytes(self._step[self._at:self._at + size - len(taken)])
+            self._at += len(piece)
+            taken += piece
+        self.position += size
+        return taken
+
+    def _pass(self, size: int) -> bool:
+        """Pass over ``size`` bytes without keeping them; False if the steps end first."""
+        while size:
+            if self._at >= len(self._step):
+                self._step, self._at = next(self._steps, None), 0
+                if self._step is None:
+                    return False
+            passed = min(size, len(self._step) - self._at)
+            self._at += passed
+            self.position += passed
+            size -= passed
+        return True
 
 
 class PackedPayload:
