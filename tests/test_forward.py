@@ -509,6 +509,47 @@ def test_relays_failing_together_double_the_backoff_once():
     assert down_for <= NextHop.MIN_BACKOFF_S
 
 
+def test_a_next_hop_closing_an_idle_connection_is_not_down_and_the_next_send_reconnects():
+    """A next hop (or a proxy before it) closing an idle connection was counted as down: senders
+    were refused for the backoff ("is down (closed the connection)") though nothing was waiting."""
+    import asyncio
+
+    from logscore.servers.forward import Frame, NextHop
+
+    async def closed_when_idle_then_sent_again() -> tuple[float, list]:
+        connections = []
+
+        async def ack_then_close(reader, writer):
+            connections.append(writer)
+            chunk = msgpack.unpackb(await reader.read(65536))[-1]["chunk"]
+            writer.write(msgpack.packb({"ack": chunk}))
+            await writer.drain()
+            writer.close()  # idle now: closed, as a hop with a short idle timeout does
+
+        server = await asyncio.start_server(ack_then_close, "127.0.0.1", 0)
+        hop = NextHop(f"127.0.0.1:{server.sockets[0].getsockname()[1]}", ack_timeout_s=5)
+
+        def frame() -> Frame:
+            chunk = uuid.uuid4().hex
+            return Frame(chunk, msgpack.packb(["web", b"", {"chunk": chunk}]))
+
+        try:
+            await hop.acknowledged(await hop.send([frame()]))
+            for _ in range(100):  # until the close is read (a few ms on loopback)
+                if hop._writer is None:
+                    break
+                await asyncio.sleep(0.01)
+            down_for = hop.down_until - time.monotonic()
+            await hop.acknowledged(await hop.send([frame()]))  # raised "is down" before
+            return down_for, connections
+        finally:
+            await hop.close()
+            server.close()
+
+    down_for, connections = asyncio.run(closed_when_idle_then_sent_again())
+    assert down_for <= 0 and len(connections) == 2
+
+
 def test_a_next_hop_s_helo_names_its_connection_not_a_refusal_by_the_hop_that_replaced_it():
     """A HELO (a next hop asking for secure forward) was remembered until a connection succeeded:
     once that hop was gone, every refused connection was still said to ask for secure forward."""

@@ -1064,6 +1064,9 @@ SECURE_FORWARD_HOP = ("it asks for secure forward (its HELO: a shared_key on its
                       "sidecar does not speak: remove the shared_key there and keep that port on a private network")
 
 
+HOP_CLOSED = "closed the connection"
+
+
 def _is_helo(answer) -> bool:
     return isinstance(answer, (list, tuple)) and len(answer) > 0 and answer[0] == "HELO"
 
@@ -1076,7 +1079,9 @@ class NextHop:
     down (a fixed wait over a whole window failed one reading 16 KB/s for good, every resend
     delivering nothing, and one reading 64 KB/s duplicated 41 % of its records). After a failure
     the next hop counts as down for a backoff (0.5 s doubling to 30 s, once per attempt): senders
-    are refused at once instead of each waiting ``ack_timeout_s``.
+    are refused at once instead of each waiting ``ack_timeout_s``. A clean close while no frame
+    waits for an ack is no failure (hops and proxies close idle connections): the next send
+    reconnects.
 
     Progress is also judged per relay (the frames one ``acknowledged`` call waits for): a relay
     whose frames get no ack and whose bytes are all read for ``ack_timeout_s`` fails on its own,
@@ -1263,7 +1268,7 @@ class NextHop:
                     if acked is not None and not acked.done():
                         acked.set_result(None)
                         self._progress_at = self._acked_at = time.monotonic()
-            reason = "closed the connection"
+            reason = HOP_CLOSED
         except (OSError, ValueError, msgpack.UnpackException) as error:
             reason = f"connection failed: {type(error).__name__} {error}".rstrip()
         except Exception as error:
@@ -1271,8 +1276,15 @@ class NextHop:
             # waited forward_ack_timeout_s and were told "no progress", its later acks unread
             log.exception("reading the next hop's acks failed", extra={"next_hop": self.address})
             reason = f"reading its acks failed: {type(error).__name__} {error}".rstrip()
-        if writer is self._writer:  # not a connection already replaced
-            self.failed(reason)
+        if writer is not self._writer:  # a connection already replaced
+            return
+        if reason == HOP_CLOSED and not self._pending and not self._greeted:
+            # NOTE: a next hop (or a proxy or load balancer before it) closes idle connections: counted
+            # as down, it turned senders away for the backoff though nothing was lost (a hop closing
+            # connections idle for 1 s refused 4 of 8 chunks sent every 1.2 s). The next send reconnects.
+            self._close(NextHopError(f"next hop {self.address}: {HOP_CLOSED}"))
+            return
+        self.failed(reason)
 
     def _acked_frame(self, answer) -> Optional[Ack]:
         """The frame waiting for the ack this answer holds; None if it holds none (an ack whose
