@@ -926,6 +926,63 @@ def test_a_message_has_its_ten_seconds_from_its_first_byte_and_waits_unadmitted_
     assert waiting.held_bytes == forward.UNADMITTED_BYTES
 
 
+def test_a_big_message_waiting_for_a_place_has_its_time_to_arrive_from_its_admission(monkeypatch):
+    """The time a message may take to arrive counted from its first byte, the wait for one of the
+    places read at once too: a correct sender's 2.1 MB chunk sent while the places were held by
+    relays waiting 12 s for the next hop's acks was cut off as "incomplete for 10 s" once admitted.
+    In process, with a 0.5 s limit, one place, and a next hop acking the first chunk 0.8 s late."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from logscore.errors import LogscoreError
+    from logscore.metrics import Metrics
+    from logscore.servers import forward
+
+    monkeypatch.setattr(forward, "PARTIAL_MESSAGE_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(forward, "ACTIVE_CONNECTIONS", 1)
+
+    class UnscoringService:  # (records go on unscored: scoring is not what is tested)
+        settings = SimpleNamespace(max_batch_records=4096)
+        metrics = Metrics()
+        behaviour = None
+
+        async def score(self, call):
+            raise LogscoreError("no scoring here")
+
+    async def late_acks(reader, writer):  # the first frame (the small chunk's) acked 0.8 s late
+        unpacker = msgpack.Unpacker(raw=False, max_buffer_size=2**26)
+        delay = 0.8
+        while data := await reader.read(1 << 20):
+            unpacker.feed(data)
+            for message in unpacker:
+                await asyncio.sleep(delay)
+                delay = 0
+                writer.write(msgpack.packb({"ack": message[-1]["chunk"]}))
+
+    async def sent(port: int, message: list, delay: float) -> list:
+        await asyncio.sleep(delay)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(msgpack.packb(message))
+        answer = await asyncio.wait_for(reader.read(100), 5)
+        writer.close()
+        return msgpack.unpackb(answer) if answer else None
+
+    async def small_then_big() -> list:
+        hop = await asyncio.start_server(late_acks, "127.0.0.1", 0)
+        server = forward.ForwardServer(UnscoringService(), forward.NextHop(
+            f"127.0.0.1:{hop.sockets[0].getsockname()[1]}", ack_timeout_s=5), 16 << 20)
+        await server.start("127.0.0.1", 0)
+        try:
+            big = [[1_700_000_000 + i, {"message": f"GET /{i} " + "p" * 300}] for i in range(6_000)]  # 2.1 MB
+            return await asyncio.gather(sent(server.port, ["web", [[1_700_000_000, {"m": "a"}]], {"chunk": "a"}], 0),
+                                        sent(server.port, ["web", big, {"chunk": "big"}], 0.1))
+        finally:
+            await server.stop(0.1)
+            hop.close()
+
+    assert asyncio.run(small_then_big()) == [{"ack": "a"}, {"ack": "big"}]
+
+
 @pytest.mark.parametrize("message, said", [
     ({"tag": "web"}, "got a map"), (["web"], "got an array of 1 item"),
     ([1, 2, 3], "got an array whose first item is an integer, not a tag string")])

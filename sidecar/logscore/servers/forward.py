@@ -1399,6 +1399,17 @@ class MessageFramer:
             raise ForwardProtocolError(f"a forward message exceeds {self.max_message_bytes} bytes "
                                        "(forward_max_message_bytes); send smaller chunks")
 
+    def restart_clock(self) -> None:
+        """The message under way gets its PARTIAL_MESSAGE_TIMEOUT_S again from now: the sidecar read
+        none of it meanwhile (it waited for admission, or relayed the messages before it).
+
+        NOTE: counted from its first byte, a correct sender's 2.1 MB chunk sent while two others'
+        relays waited 12 s for their next hop's acks was cut off as "incomplete for 10 s" the moment
+        it was admitted. A trickling sender stays bounded: 10 s from its first byte while unadmitted,
+        10 s from admission (or from the end of a relay) once it holds a place."""
+        if self.partial:
+            self.began = time.monotonic()
+
     @property
     def held_bytes(self) -> int:
         """Bytes of the message under way (and any after it) held so far."""
@@ -1435,7 +1446,8 @@ class MessageFramer:
 
 async def read_more(reader: asyncio.StreamReader, framer: MessageFramer, limit: int = READ_BYTES) -> bytes:
     """Up to ``limit`` more bytes of the message under way, which must be whole within
-    PARTIAL_MESSAGE_TIMEOUT_S of its first byte (whatever was read, admitted or not, in between)."""
+    PARTIAL_MESSAGE_TIMEOUT_S of its first byte, or of its admission or the end of the last relay
+    on its connection if later (``MessageFramer.restart_clock``), however many reads in between."""
     try:
         async with asyncio.timeout(framer.began + PARTIAL_MESSAGE_TIMEOUT_S - time.monotonic()):
             data = await reader.read(limit)
@@ -1603,6 +1615,7 @@ class ForwardServer(StreamServer):
                                     "terminator in front of the forward port, or use the gRPC surface with TLS")
                 framed = await self._whole_messages_unadmitted(reader, framer, data)
                 async with self._admission:
+                    framer.restart_clock()  # the wait for a place is not the sender's time
                     task = asyncio.current_task()
                     self.busy.add(task)
                     try:
@@ -1664,8 +1677,9 @@ class ForwardServer(StreamServer):
         """Relay the complete messages framed so far; read on while UNADMITTED_BYTES or more of one
         are here (less is read on unadmitted: _whole_messages_unadmitted).
 
-        NOTE: the time a message may take to arrive counts from its first bytes, not per read: a
-        sender trickling a byte every few seconds would otherwise hold its admission for good."""
+        NOTE: the time a message may take to arrive counts from its admission (or the end of the last
+        relay), not per read: a sender trickling a byte every few seconds would otherwise hold its
+        admission for good."""
         while True:
             messages, refused = [], None
             for one in framed:
@@ -1679,6 +1693,7 @@ class ForwardServer(StreamServer):
             if messages:
                 await self._relay(messages, writer)
                 budget.release(budget.count)  # relayed: let go
+                framer.restart_clock()  # nor is the relay's (waiting for the next hop's acks)
             if refused is not None:
                 raise refused
             framer.raise_if_broken()  # bad bytes after them: refused now that they went on
