@@ -1,6 +1,7 @@
 """The graph's rarity part run by the compiled SurpriseTable (graph_shortcut.py) gives the whole
 graph's results to the bit, and graphs of any other shape run whole."""
 
+import dataclasses
 import random
 
 import numpy as np
@@ -117,6 +118,24 @@ def key_past_32_bits(proto):
     set_attribute(encoder, "keys_int64s", [ABSENT_KEY + 5] + list(keys)[1:])
 
 
+def surprise_from_elsewhere(proto):
+    encoder, weigh = node(proto, "LabelEncoder"), node(proto, "Mul")
+    encoder.output[0] = "encoded"
+    weigh.input[list(weigh.input).index("key_surprise")] = "encoded"
+    proto.graph.node.append(helper.make_node("Identity", ["dense"], ["key_surprise"]))
+
+
+def weighed_surprise_as_an_output(proto):
+    proto.graph.output.append(helper.make_tensor_value_info(node(proto, "Mul").output[0], onnx.TensorProto.FLOAT,
+                                                            ["nnz"]))
+
+
+def a_subgraph_reading_rows(proto):
+    body = helper.make_graph([helper.make_node("Identity", ["rows"], ["seen"])], "body", [],
+                             [helper.make_tensor_value_info("seen", onnx.TensorProto.INT64, ["nnz"])])
+    proto.graph.node.append(helper.make_node("SequenceMap", ["dense"], ["mapped"], body=body))
+
+
 OTHER_SHAPES = {
     "a default surprise other than 1": lambda p: set_attribute(node(p, "LabelEncoder"), "default_float", 0.5),
     "keys read by another node": read_keys_elsewhere,
@@ -127,6 +146,9 @@ OTHER_SHAPES = {
                                                                           "reduction", "max"),
     "a key past 32 bits": key_past_32_bits,
     "a Mul by something else": lambda p: node(p, "Mul").input.__setitem__(1, "key_surprise"),
+    "key_surprise not the encoder's output": surprise_from_elsewhere,
+    "the weighed surprise a graph output": weighed_surprise_as_an_output,
+    "a subgraph that may read rows": a_subgraph_reading_rows,
 }
 
 
@@ -136,6 +158,38 @@ def test_graphs_of_other_shapes_run_whole(change):
     proto = shipped_graph()
     OTHER_SHAPES[change](proto)
     assert rarity_shortcut(proto.SerializeToString()) is None
+
+
+def test_a_file_holding_two_graphs_runs_whole():
+    # onnxruntime merges a message field given twice: the second graph's node reads rows as well.
+    extra = helper.make_graph([helper.make_node("Identity", ["rows"], ["rows_again"])], "more", [], [])
+    data = extra.SerializeToString()
+    assert rarity_shortcut(shipped_graph().SerializeToString() + bytes([7 << 3 | 2]) + encode_varint(len(data)) +
+                           data) is None
+
+
+def test_arrays_that_are_not_contiguous_give_the_whole_graphs_results():
+    model = Model.load(SHIPPED)
+    batch = model.featurizer.transform(scoring_lines()[:40], dense=model.needs_dense)
+    strided = dataclasses.replace(batch, **{name: np.repeat(getattr(batch, name), 2)[::2]
+                                            for name in ("keys", "weights", "rows")})
+    assert not strided.keys.flags.c_contiguous
+    for mine, theirs in zip(model.shortcut.run(model.session, strided), run_graph(model.session, batch)):
+        assert mine.tobytes() == theirs.tobytes()
+
+
+def test_odd_weights_and_rows_sum_as_onnxruntime_sums_them():
+    model = Model.load(SHIPPED)
+    batch = model.featurizer.transform(scoring_lines()[:40], dense=model.needs_dense)
+    weights = batch.weights.copy()
+    weights[:8] = [np.nan, np.inf, -np.inf, -0.0, -2.5, 3e38, 3e38, np.float32(np.nan) * -1]
+    rows = batch.rows.copy()
+    rows[20:30] = 3  # a row met again after others
+    odd = dataclasses.replace(batch, weights=weights, rows=rows)
+    empty = dataclasses.replace(batch, keys=batch.keys[:0], weights=weights[:0], rows=rows[:0])
+    for each in (odd, empty):
+        for mine, theirs in zip(model.shortcut.run(model.session, each), run_graph(model.session, each)):
+            assert mine.tobytes() == theirs.tobytes()
 
 
 def test_a_table_reads_back_as_onnx_wrote_it_packed_or_not():
@@ -246,3 +300,5 @@ def test_the_compiled_table_refuses_what_it_cannot_hold():
         table.sum_rows(np.arange(3, dtype=np.int64), np.ones(3, np.float32), np.array([0, 1, 2]), 2)
     with pytest.raises(ValueError, match="one each a key"):
         table.sum_rows(np.arange(3, dtype=np.int64), np.ones(2, np.float32), np.array([0, 1, 1]), 2)
+    with pytest.raises(ValueError, match="size < 2"):  # (its sums' bytes would overflow)
+        table.sum_rows(np.arange(3, dtype=np.int64), np.ones(3, np.float32), np.array([0, 1, 1]), 1 << 62)

@@ -10,8 +10,11 @@ record's sum: 1 × sum and 0 + sum give the sum back to the bit, and the rest of
 trained on the same values. So the scores, raw scores and surprise are the very ones the whole
 graph gives (tests/test_graph_shortcut.py holds them equal).
 
-A graph whose keys, weights, rows or surprise feed anything else (a detector this version does not
-know) runs whole, as does every graph when the compiled featurizer is not in use.
+Only a graph of exactly this shape takes the shortcut: keys, weights and rows read by nothing else,
+none of them nor the weighed surprise a graph output, the surprise output named key_surprise, no
+node holding a subgraph (one may read any tensor around it). Any other graph runs whole (a detector
+this version does not know), as does every graph when the compiled featurizer is not in use, and
+every batch under MIN_RECORDS records.
 """
 
 from __future__ import annotations
@@ -32,7 +35,6 @@ MIN_RECORDS = 16
 
 _INTS_TAG = 8 << 3 | 0  # AttributeProto.ints, one field a value (ONNX's proto2 does not pack them)
 _FLOATS_TAG = 7 << 3 | 5  # AttributeProto.floats, likewise
-SUBGRAPH_OPS = {"If", "Loop", "Scan"}
 KNOWN_DOMAINS = {"", "ai.onnx.ml"}
 
 
@@ -42,7 +44,11 @@ class Node:
     domain: str
     inputs: list[str]
     outputs: list[str]
-    attributes: dict[str, bytes]  # name -> the AttributeProto's bytes
+    attributes: dict[str, dict]  # name -> the attribute's values (read_attribute)
+
+    @property
+    def holds_graph(self) -> bool:
+        return any(attribute["graph"] for attribute in self.attributes.values())
 
 
 @dataclass
@@ -51,7 +57,9 @@ class RarityShortcut:
 
     def run(self, session, batch) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(score [N], raw_scores [N, M], key_surprise [nnz]), as model.run_graph gives them."""
-        surprise, sums = self.table.sum_rows(batch.keys, batch.weights, batch.rows, batch.size)
+        # (contiguous copies only of arrays that are not: onnxruntime took any)
+        surprise, sums = self.table.sum_rows(np.ascontiguousarray(batch.keys), np.ascontiguousarray(batch.weights),
+                                             np.ascontiguousarray(batch.rows), batch.size)
         feeds = {"keys": np.full(batch.size, ABSENT_KEY, np.int64), "key_weights": np.frombuffer(sums, np.float32),
                  "rows": np.arange(batch.size, dtype=np.int64), "dense": batch.dense}
         score, raw = session.run(["score", "raw_scores"], feeds)
@@ -74,10 +82,13 @@ def rarity_shortcut(model_bytes: bytes) -> Optional[RarityShortcut]:
 def rarity_table(model_bytes: bytes) -> Optional[tuple[np.ndarray, np.ndarray]]:
     """(keys int64, surprise float32) of the graph's LabelEncoder when the graph is of the shape
     the shortcut reproduces exactly, else None."""
-    graph = next((value for number, wire_type, value in wire_fields(model_bytes)
-                  if number == GRAPH_FIELD and wire_type == 2), b"")
-    nodes = [read_node(value) for number, wire_type, value in wire_fields(graph) if number == 1 and wire_type == 2]
-    if any(node.op_type in SUBGRAPH_OPS or node.domain not in KNOWN_DOMAINS for node in nodes):
+    graphs = [value for number, wire_type, value in wire_fields(model_bytes) if number == GRAPH_FIELD]
+    if len(graphs) != 1:  # (protobuf merges a repeated message field: onnxruntime would read both)
+        return None
+    fields = list(wire_fields(graphs[0]))
+    nodes = [read_node(value) for number, wire_type, value in fields if number == 1 and wire_type == 2]
+    outputs = {value_name(value) for number, wire_type, value in fields if number == 12 and wire_type == 2}
+    if any(node.holds_graph or node.domain not in KNOWN_DOMAINS for node in nodes):
         return None  # (a subgraph may read any tensor of the graph around it)
     readers: dict[str, list[Node]] = {}
     for node in nodes:
@@ -90,21 +101,21 @@ def rarity_table(model_bytes: bytes) -> Optional[tuple[np.ndarray, np.ndarray]]:
         return found[0] if len(found) == 1 else None
 
     encoder, weigh, add = only_reader("keys"), None, None
-    if encoder and (encoder.op_type, encoder.domain, encoder.inputs) == ("LabelEncoder", "ai.onnx.ml", ["keys"]):
-        weigh = only_reader(encoder.outputs[0])
+    if encoder and (encoder.op_type, encoder.domain, encoder.inputs, encoder.outputs) == \
+            ("LabelEncoder", "ai.onnx.ml", ["keys"], ["key_surprise"]):
+        weigh = only_reader("key_surprise")
     if weigh and (weigh.op_type, weigh.domain) == ("Mul", "") and \
             sorted(weigh.inputs) == sorted([encoder.outputs[0], "key_weights"]) and only_reader("key_weights"):
         add = only_reader(weigh.outputs[0])
     if not (add and (add.op_type, add.domain) == ("ScatterElements", "") and len(add.inputs) == 3 and
             add.inputs[1:] == ["rows", weigh.outputs[0]] and only_reader("rows") and
             attribute_int(add, "axis", 0) == 0 and attribute_bytes(add, "reduction", b"none") == b"add" and
-            zeros(made_by.get(add.inputs[0]))):
+            zeros(made_by.get(add.inputs[0])) and not outputs & {"keys", "key_weights", "rows", weigh.outputs[0]}):
         return None
     if set(encoder.attributes) != {"keys_int64s", "values_floats", "default_float"} or \
-            attribute_float(encoder, "default_float") != 1.0:
+            encoder.attributes["default_float"].get("f") != 1.0:
         return None
-    keys = read_attribute(encoder.attributes["keys_int64s"])["ints"]
-    values = read_attribute(encoder.attributes["values_floats"])["floats"]
+    keys, values = encoder.attributes["keys_int64s"]["ints"], encoder.attributes["values_floats"]["floats"]
     ordered = np.sort(keys)
     if len(keys) != len(values) or (len(keys) and int(ordered[-1]) >= ABSENT_KEY) or \
             bool((ordered[1:] == ordered[:-1]).any()):  # (a key given twice: which value the graph takes is its own)
@@ -118,7 +129,7 @@ def zeros(node: Optional[Node]) -> bool:
         return False
     if "value" not in node.attributes:
         return True  # (its default: float32 0)
-    tensor = read_attribute(node.attributes["value"]).get("t")
+    tensor = node.attributes["value"].get("t")
     if tensor is None:
         return False
     fields = {number: value for number, _, value in wire_fields(tensor)}
@@ -140,24 +151,24 @@ def read_node(data: bytes) -> Node:
         elif number == 7:
             node.domain = value.decode("utf-8", "replace")
         elif number == 5:
-            node.attributes[attribute_name(value)] = value
+            attribute = read_attribute(value)
+            node.attributes[attribute.get("name", "")] = attribute
     if node.domain == "ai.onnx":
         node.domain = ""
     return node
 
 
-def attribute_name(data: bytes) -> str:
-    """An AttributeProto's name (its first field as written), without reading its values."""
-    number, wire_type, value, _ = wire_field(data, 0) if data else (0, 0, b"", 0)
-    if number == 1 and wire_type == 2:
-        return value.decode("utf-8", "replace")
-    return next((v.decode("utf-8", "replace") for n, w, v in wire_fields(data) if n == 1 and w == 2), "")
+def value_name(data: bytes) -> str:
+    """A ValueInfoProto's name."""
+    names = [value for number, wire_type, value in wire_fields(data) if number == 1 and wire_type == 2]
+    return names[-1].decode("utf-8", "replace") if names else ""
 
 
 def read_attribute(data: bytes) -> dict:
-    """An AttributeProto's values: f, i, s, t, and floats (float32) and ints (uint64), packed or not.
+    """An AttributeProto's name and values: f, i, s, t, floats (float32) and ints (uint64), packed or
+    not, and whether it holds a graph. A field given twice counts as protobuf counts it (the last).
     A run of unpacked values is read in one step: a big model's table holds a million keys."""
-    found: dict = {"floats": [], "ints": []}
+    found: dict = {"floats": [], "ints": [], "graph": False}
     pos = 0
     while pos < len(data):
         if data[pos] == _INTS_TAG:
@@ -175,7 +186,11 @@ def read_attribute(data: bytes) -> dict:
             pos += count * 5
             continue
         number, wire_type, value, pos = wire_field(data, pos)
-        if number == 2 and wire_type == 5:
+        if number == 1 and wire_type == 2:
+            found["name"] = value.decode("utf-8", "replace")
+        elif number in (6, 11):  # g, graphs: a subgraph
+            found["graph"] = True
+        elif number == 2 and wire_type == 5:
             found["f"] = float(np.frombuffer(value, "<f4")[0])
         elif number == 3 and wire_type == 0:
             found["i"] = value - (1 << 64) if value >= 1 << 63 else value
@@ -220,12 +235,8 @@ def tagged_varints(data: bytes, pos: int) -> tuple[np.ndarray, int]:
 
 
 def attribute_int(node: Node, name: str, default: int) -> int:
-    return read_attribute(node.attributes[name]).get("i", default) if name in node.attributes else default
+    return node.attributes[name].get("i", default) if name in node.attributes else default
 
 
 def attribute_bytes(node: Node, name: str, default: bytes) -> bytes:
-    return read_attribute(node.attributes[name]).get("s", default) if name in node.attributes else default
-
-
-def attribute_float(node: Node, name: str) -> Optional[float]:
-    return read_attribute(node.attributes[name]).get("f") if name in node.attributes else None
+    return node.attributes[name].get("s", default) if name in node.attributes else default

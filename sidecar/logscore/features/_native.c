@@ -3164,6 +3164,31 @@ done:
     return result;
 }
 
+/* Each key's surprise into surprise_out, each row's sum into sums_out (zeroed): the index of the
+ * first key whose row is not in [0, size), or -1. Touches no Python object: runs without the GIL.
+ * One running sum while the row stays the same (a CSR batch's rows run in order); a row met again
+ * later goes on from what it held, so every row adds in the keys' order, as the graph. */
+static Py_ssize_t surprise_sums(const SurpriseTableObject *t, const void *keys, const void *weights, const void *rows,
+                                Py_ssize_t nnz, Py_ssize_t size, float *surprise_out, float *sums_out) {
+    memset(sums_out, 0, size * 4);
+    int64_t row = -1;
+    float sum = 0.0f;
+    for (Py_ssize_t i = 0; i < nnz; i++) {
+        int64_t at = load_i64(rows, i);
+        if (at < 0 || at >= size) return i;
+        float value = surprise_of(t, load_i64(keys, i));
+        surprise_out[i] = value;
+        if (at != row) {
+            if (row >= 0) sums_out[row] = sum;
+            row = at, sum = sums_out[at];
+        }
+        float product = value * load_f32(weights, i);
+        sum += product;
+    }
+    if (row >= 0) sums_out[row] = sum;
+    return -1;
+}
+
 /* sum_rows(keys, weights, rows, size) -> (surprise [nnz], sums [size]): float32 bytearrays. */
 static PyObject *surprise_table_sum_rows(SurpriseTableObject *t, PyObject *args) {
     Py_buffer keys = {0}, weights = {0}, rows = {0};
@@ -3175,35 +3200,23 @@ static PyObject *surprise_table_sum_rows(SurpriseTableObject *t, PyObject *args)
     if (!PyArg_ParseTuple(args, "y*y*y*n", &keys, &weights, &rows, &size)) return NULL;
     PyObject *surprise = NULL, *sums = NULL, *result = NULL;
     Py_ssize_t nnz = keys.len / 8;
-    if (keys.len % 8 || weights.len != nnz * 4 || rows.len != nnz * 8 || size < 0) {
-        PyErr_SetString(PyExc_ValueError, "keys and rows: int64, weights: float32, one each a key; size >= 0");
+    if (keys.len % 8 || weights.len != nnz * 4 || rows.len != nnz * 8 || size < 0 || size > PY_SSIZE_T_MAX / 4) {
+        PyErr_SetString(PyExc_ValueError, "keys and rows: int64, weights: float32, one each a key; 0 <= size < 2^61");
         goto done;
     }
     surprise = new_bytearray(nnz * 4);
     sums = new_bytearray(size * 4);
     if (!surprise || !sums) goto done;
     float *surprise_out = (float *)PyByteArray_AS_STRING(surprise), *sums_out = (float *)PyByteArray_AS_STRING(sums);
-    memset(sums_out, 0, size * 4);
-    /* One running sum while the row stays the same (a CSR batch's rows run in order); a row met
-     * again later goes on from what it held, so every row adds in the keys' order, as the graph. */
-    int64_t row = -1;
-    float sum = 0.0f;
-    for (Py_ssize_t i = 0; i < nnz; i++) {
-        int64_t at = load_i64(rows.buf, i);
-        if (at < 0 || at >= size) {
-            PyErr_Format(PyExc_ValueError, "rows: %lld is not a record of a batch of %zd", (long long)at, size);
-            goto done;
-        }
-        float value = surprise_of(t, load_i64(keys.buf, i));
-        surprise_out[i] = value;
-        if (at != row) {
-            if (row >= 0) sums_out[row] = sum;
-            row = at, sum = sums_out[at];
-        }
-        float product = value * load_f32(weights.buf, i);
-        sum += product;
+    Py_ssize_t outside;
+    Py_BEGIN_ALLOW_THREADS  /* (the buffers are held, the bytearrays not yet shared, the table read-only) */
+    outside = surprise_sums(t, keys.buf, weights.buf, rows.buf, nnz, size, surprise_out, sums_out);
+    Py_END_ALLOW_THREADS
+    if (outside >= 0) {
+        PyErr_Format(PyExc_ValueError, "rows: %lld is not a record of a batch of %zd",
+                     (long long)load_i64(rows.buf, outside), size);
+        goto done;
     }
-    if (row >= 0) sums_out[row] = sum;
     result = PyTuple_Pack(2, surprise, sums);
 done:
     Py_XDECREF(surprise);
