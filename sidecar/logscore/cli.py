@@ -496,7 +496,7 @@ def setting_metavar(name: str) -> str:
     by_suffix = (("_dir", "DIR"), ("_file", "FILE"), ("_cert", "FILE"), ("_key", "FILE"), ("_ca", "FILE"),
                  ("_ms", "MS"), ("_s", "SECONDS"), ("_bytes", "BYTES"), ("_records", "N"), ("_request", "N"),
                  ("_mode", "MODE"), ("_level", "LEVEL"), ("_model", "NAME"), ("_field", "FIELD"),
-                 ("_routes", "GLOB=MODEL,..."))
+                 ("_routes", "GLOB=MODEL,..."), ("_entries", "N"))
     for suffix, metavar in by_suffix:
         if name.endswith(suffix):
             return metavar
