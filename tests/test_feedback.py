@@ -1402,3 +1402,27 @@ def test_a_keep_of_an_attack_on_a_page_marked_normal_leaves_the_pages_ordinary_l
     keeping = Entry(8, KEEP, {"keys": [own[0]], "kind": ["elsewhere"]}, "sec")
     flags, notes = feedback_notes(model, RuleSet([partial, keeping]), page[:1])
     assert flags == [True] and notes == [["kept by feedback #8"]]
+
+
+def test_a_keep_of_a_probe_under_a_section_marked_normal_leaves_the_sections_pages_suppressed(shop_model_path):
+    """A keep made from a probe of a section marked normal (``/blog/x/.git/HEAD``, which the page invites
+    to keep as "not suppressed ... attack-like") is of the section's kind (``path /blog/…``): it kept
+    every ordinary page of the section flagged ("kept by feedback #20"). A keep never outranks a normal
+    entry naming the same kind for records not alike the kept one by their own keys."""
+    from logscore.feedback import KEEP, NORMAL, Entry, RuleSet, pattern_from_records
+    from logscore.model import Model
+
+    model = Model.load(shop_model_path)
+    rng = random.Random(28)
+    normal = Entry(19, NORMAL, pattern_from_records(model, blog_section_lines(rng, 10)), "ops")
+    keep = Entry(20, KEEP, pattern_from_records(model, [access_line(rng, "GET", "/blog/x/.git/HEAD")]), "sec")
+    assert keep.pattern["kind"] == normal.pattern["kind"] == ["path /blog/…"]
+    rules = RuleSet([normal, keep])
+    pages = blog_section_lines(rng, 8)
+    flags, notes = feedback_notes(model, rules, pages)
+    assert not any(flags) and all(n == ["suppressed by feedback #19"] for n in notes), notes
+    probes = [access_line(rng, "GET", url) for url in ("/blog/x/.git/HEAD", "/blog/y/.git/HEAD", "/blog/x/.git/config")]
+    flags, notes = feedback_notes(model, rules, probes)
+    assert all(flags) and all(n == ["kept by feedback #20"] for n in notes), notes  # alike the kept one
+    flags, notes = feedback_notes(model, rules, [access_line(rng, "GET", "/blog//etc/passwd")])
+    assert flags == [True] and notes[0][0].startswith("not suppressed by feedback #19: attack-like"), notes

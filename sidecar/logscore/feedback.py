@@ -1055,7 +1055,13 @@ class FeedbackStep:
         for rules in model_rules:
             if not (rules.keep_by_key or rules.keep_kinds or rules.by_field):
                 continue
-            kept.update(e.id for e in rules.keep_kinds.alike(kind) if in_scope(e, route, entity))
+            alike = [e for e in rules.keep_kinds.alike(kind) if in_scope(e, route, entity)]
+            if alike and self._kind_marked_normal(kind, model_rules, route, entity):
+                # A keep never outranks a normal entry naming the same kind: a keep of a probe of a
+                # section marked normal is of the section's kind (``path /blog/…``), and kept all its
+                # ordinary pages flagged. Of that kind, it keeps only records alike the kept ones by keys.
+                alike = [e for e in alike if alike_by_keys(found, row, e)]
+            kept.update(e.id for e in alike)
             if rules.keep_by_key:
                 keys = set(found.batch.keys[start:stop].tolist()) if keys is None else keys
                 protected.update(k for k in rules.keep_by_key.present(keys)
@@ -1072,6 +1078,21 @@ class FeedbackStep:
             everywhere |= among(keys, rules.normal_by_key.unscoped_keys)
         return {k for k in keys[~everywhere].tolist() if not any(rules.normal_by_key.groups(k, route, entity)
                                                                  for rules in model_rules)}, kept
+
+
+    @staticmethod
+    def _kind_marked_normal(kind: frozenset, model_rules, route, entity) -> bool:
+        """Whether in-scope normal entries name every token of ``kind``."""
+        return bool(kind) and all(any(rules.normal_by_kind.groups(token, route, entity) for rules in model_rules)
+                                  for token in kind)
+
+
+def alike_by_keys(found: Inspection, row: int, entry: Entry) -> bool:
+    """Whether the record's unusual features and the ``entry``'s keys share SIMILARITY of their union."""
+    mine = set(found.batch.keys[found.unusual(row)].tolist())
+    theirs = set(entry.pattern["keys"])
+    shared = len(mine & theirs)
+    return similar_counts(shared, len(mine) + len(theirs) - shared)
 
 
 class Naming:
