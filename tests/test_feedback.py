@@ -697,6 +697,58 @@ def test_entries_in_force_are_capped_with_a_warning_near_the_cap_and_a_clear_ref
         Settings(feedback_max_entries=0).validate()
 
 
+def marks_at_once(open_store, cap: int = 10, writers: int = 6) -> tuple[int, set[int]]:
+    """Fill a store to one below ``cap``; then ``writers`` threads, each with its own store object (as
+    sidecars sharing it have), add a new entry each at once, then one same entry at once. Returns (entries
+    in force after, the ids the same mark was answered with)."""
+    import threading
+
+    from logscore.errors import FeedbackFull
+    from logscore.feedback import Entry
+
+    def agent(n: int) -> Entry:
+        return Entry(0, "normal", {"field": "user_agent", "value": f"probe/{n}"}, "ana", model="shop")
+
+    store = open_store()
+    store.migrate()
+    for n in range(cap - 1):
+        store.add(agent(n), cap)
+    same_ids: set[int] = set()
+
+    def at_once(add) -> None:
+        barrier = threading.Barrier(writers)
+        stores = [open_store() for _ in range(writers)]
+
+        def write(n: int) -> None:
+            barrier.wait()
+            add(stores[n], n)
+        threads = [threading.Thread(target=write, args=(n,)) for n in range(writers)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+
+    def new_entry(writer, n: int) -> None:
+        try:
+            writer.add(agent(1000 + n), cap)
+        except FeedbackFull:
+            pass
+    at_once(new_entry)
+    in_force = len(store.entries())
+    store.remove(1, "ana")  # room for one: the same mark, made by every writer at once, takes it once
+    at_once(lambda writer, n: same_ids.add(writer.add(agent(2000), cap).id))
+    return in_force, same_ids
+
+
+def test_the_cap_and_the_same_mark_hold_with_writers_at_once_on_sqlite(tmp_path):
+    """The cap is counted in the write's transaction; writers at once must queue on it (SQLite:
+    BEGIN IMMEDIATE), so that neither the cap is passed nor one mark stored twice."""
+    from logscore.feedback_store import SqliteStore
+
+    in_force, same_ids = marks_at_once(lambda: SqliteStore(str(tmp_path / "feedback.sqlite3")))
+    assert in_force == 10 and len(same_ids) == 1
+
+
 def test_a_mark_the_command_line_stopped_waiting_for_says_it_may_be_saved_and_how_to_check(sidecar, tmp_path,
                                                                                          capsys):
     """`feedback add` past its --timeout said only "DEADLINE_EXCEEDED: Deadline Exceeded", though the

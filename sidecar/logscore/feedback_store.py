@@ -597,6 +597,9 @@ class SqliteStore(FeedbackStore):
         cursor.execute("BEGIN IMMEDIATE" if exclusive else "BEGIN")
 
 
+WRITE_LOCK = 7462033  # PostgreSQL advisory lock key of writes and migrations (any constant of our own)
+
+
 class PostgresStore(FeedbackStore):
     placeholder = "%s"
     schema_query = "SELECT to_regclass('schema_migrations')"
@@ -650,7 +653,14 @@ class PostgresStore(FeedbackStore):
         cursor.execute(f"NOTIFY {CHANNEL}")
 
     def _lock_for_migration(self, cursor) -> None:
-        cursor.execute("SELECT pg_advisory_xact_lock(7462033)")  # any constant of our own
+        cursor.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK,))
+
+    def _begin(self, cursor, exclusive: bool) -> None:
+        # NOTE: writes queue here, before the cap's count and the same-mark check: at READ COMMITTED
+        # each writer at once counted 9 entries under a cap of 10 (11 to 13 stored) and two made one
+        # mark twice. (The driver opens the transaction; statement_timeout bounds the wait.)
+        if exclusive:
+            cursor.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK,))
 
     def _read_consistently(self, cursor) -> None:
         # (READ COMMITTED, the default, gives each statement a state of its own: a write between two
