@@ -1413,15 +1413,33 @@ def test_a_normal_mark_of_a_section_leaves_probes_under_it_flagged_naming_what_i
         assert said == [f"not suppressed by feedback #19: attack-like, which it does not name: {feature}"], url
 
 
-def test_what_is_attack_like_in_a_url_is_the_injection_rule_and_evasions_not_a_plain_path():
-    from logscore.feedback import attack_like_url
+# Ordinary URLs the session-28 review saw called attack-like (a slug's "--" or "...", .well-known, a login's
+# redirect encoded twice), and attacks of the probe that are: one rule (injection.attack_like) reads them.
+ORDINARY_URLS = ("/blog/2026/c--intro-12?page=2", "/blog/2026/v1.2...v1.3-notes", "/.well-known/security.txt",
+                 "/.well-known/acme-challenge/3f9aQx7Lr2", "/login?next=%252Faccount%252Forders", "/login?next=/cart",
+                 "/org/repo/compare/main..feature-x", "/files/report..pdf", "/search?q=wait...", "/x?v=1.2.3")
+ATTACK_URLS = ("/blog/../../etc/passwd", "/blog/x/.env", "/blog//etc/passwd", "/blog/2026/x?q=%3Cscript%3E",
+               "/blog/%252e%252e/etc/passwd", "/blog/..;/admin", "/x?file=../../etc/passwd",
+               "/x?file=%252e%252e%252fetc%252fpasswd", "/x?id=1%27%20OR%201=1--", "/blog/x/.git/HEAD",
+               "/fonts/body-7.ttf?file=%2F%25uff0e%25uff0e%2Fetc")
 
+
+def test_attack_like_is_one_rule_reading_path_segment_shape_and_character_features():
+    from logscore.features.converters import UrlConverter
+    from logscore.injection import attack_like
+
+    converter = UrlConverter("url")
+    for url in ORDINARY_URLS:
+        assert not [t for t in converter.features(url) if attack_like(t)], url
+    for url in ATTACK_URLS:
+        assert any(attack_like(t) for t in converter.features(url)), url
     for text in ("path /blog//etc/passwd", "path /a/./b", "segment .git", "path /x/.env", "path encoded more than once",
-                 "value encoded more than once: q", "path /a/../b", "shape q=<a>'", "segment ..", "character q=<"):
-        assert attack_like_url(text), text
-    for text in ("path /", "path /blog/", "path /blog/{id}/spring-sale-3", "segment ", "segment blog",
-                 "segment v1.2", "parameters /blog/{id}/x?page", "shape page=9", "character id=9"):
-        assert not attack_like_url(text), text
+                 "path /a/../b", "shape q=<a>'", "segment ..", "segment ..;", "character q=<", "shape file=./a/a"):
+        assert attack_like(text), text
+    for text in ("path /", "path /blog/", "path /blog/{id}/spring-sale-3", "segment ", "segment blog", "segment v1.2",
+                 "parameters /blog/{id}/x?page", "shape page=9", "character id=9", "value encoded more than once: next",
+                 "length path=9", "segment .well-known", "segment c--intro", "shape q=9%"):
+        assert not attack_like(text), text
 
 
 def test_a_keep_of_an_attack_on_a_page_marked_normal_leaves_the_pages_ordinary_lines_suppressed(shop_model_path):
@@ -1478,3 +1496,18 @@ def test_a_keep_of_a_probe_under_a_section_marked_normal_leaves_the_sections_pag
     assert all(flags) and all(n == ["kept by feedback #20"] for n in notes), notes  # alike the kept one
     flags, notes = feedback_notes(model, rules, [access_line(rng, "GET", "/blog//etc/passwd")])
     assert flags == [True] and notes[0][0].startswith("not suppressed by feedback #19: attack-like"), notes
+
+
+def test_a_mark_of_a_section_suppresses_its_ordinary_slugs_holding_two_dashes_or_dots(shop_model_path):
+    """Under a mark of the blog's pages, /blog/2026/c--intro-12?page=2 and /blog/2026/v1.2...v1.3-notes stayed
+    flagged as attack-like ("--" and ".." anywhere in a name); a traversal is a whole segment."""
+    from logscore.feedback import NORMAL, Entry, RuleSet, pattern_from_records
+    from logscore.model import Model
+
+    model = Model.load(shop_model_path)
+    rng = random.Random(28)
+    rules = RuleSet([Entry(19, NORMAL, pattern_from_records(model, blog_section_lines(rng, 10)), "ops")])
+    slugs = [access_line(rng, "GET", url) for url in ("/blog/2026/c--intro-12?page=2", "/blog/2026/v1.2...v1.3-notes")]
+    assert all(feedback_notes(model, RuleSet(), slugs)[0])
+    flags, notes = feedback_notes(model, rules, slugs)
+    assert not any(flags) and all(n == ["suppressed by feedback #19"] for n in notes), notes

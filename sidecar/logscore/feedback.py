@@ -8,7 +8,7 @@
          structural features, a URL's new path as one path-kind token) is scored again as if its
          unusual features had been seen in training; under the threshold it is not flagged, keeps the
          lowered score and says `suppressed by feedback #id`; unless it holds an attack-like url
-         feature they do not name (``attack_like_url``: ``//etc/passwd``, ``.git`` under a section marked
+         feature they do not name (``injection.attack_like``: ``//etc/passwd``, ``.git`` under a section marked
          normal): then, as for a record of another kind, only what they name goes
       ─► a record of another kind loses only the unusual features entries name: an attack on a page
          marked normal keeps its payload's, and stays flagged
@@ -37,8 +37,8 @@ import numpy as np
 from .errors import InvalidRequest
 from .features import FeatureBatch
 from .features.batch import text_key
-from .features.converters import PATH_ENCODED_TWICE, VALUE_ENCODED_TWICE, ValueCache, value_shape
-from .injection import injection_like
+from .features.converters import ValueCache, value_shape
+from .injection import attack_like
 from .model import SCORE_CHUNK, Model
 from .records import cut_nesting, event_seconds, field_map_json, to_text
 from .shown import named_first
@@ -228,7 +228,7 @@ class Inspection:
 
     def attack_like(self, row: int, among_keys: np.ndarray) -> list[str]:
         """The texts of the record's url features at ``among_keys`` (bool over its keys) that are
-        attack-like (``attack_like_url``): what a mark of its section does not vouch for."""
+        attack-like (``injection.attack_like``): what a mark of its section does not vouch for."""
         start = int(self.bounds[row])
         keys = self.batch.keys[start + np.flatnonzero(among_keys)].tolist()
         found = []
@@ -325,7 +325,7 @@ class AttackTexts(dict):
 
 
 def attack_like_texts(converter, value: str) -> AttackTexts:
-    """The url converter's attack-like features of a URL (``attack_like_url``) by key; cached as
+    """The url converter's attack-like features of a URL (``injection.attack_like``) by key; cached as
     ``url_features`` is."""
     cache = converter.__dict__.get("_feedback_attacks")
     if cache is None:
@@ -334,7 +334,7 @@ def attack_like_texts(converter, value: str) -> AttackTexts:
     if found is None:
         found = AttackTexts()
         for text in converter.features(value):
-            if attack_like_url(text):
+            if attack_like(text):
                 found.setdefault(text_key(converter.seed, text), text)
         cache.put(value, found)
     return found
@@ -390,28 +390,6 @@ def path_family(token: object) -> object:
         return token
     head, ellipsis, extension = token.partition("/…")
     return head + ellipsis if ellipsis and extension.isalnum() else token
-
-
-ENCODED_TWICE = (PATH_ENCODED_TWICE, VALUE_ENCODED_TWICE)
-
-
-def attack_like_url(text: str) -> bool:
-    """Whether a url converter's feature text is attack-like, whatever page it is on: an injection mark
-    (injection.py: quotes, markup, ``..``: the injection prior's and the review page's rule), a value
-    or path encoded more than once (an evasion), an empty segment (``//``: ``%2F`` decoded, or a
-    path glued to another, as in ``/blog//etc/passwd``) or one starting with a dot (``.git``,
-    ``.env``, ``.``: hidden files and dot segments). A mark of a section (its path kind) names none of
-    these, and a probe of that section holding one was suppressed with its ordinary pages."""
-    if injection_like(text) or text.startswith(ENCODED_TWICE):
-        return True
-    if text.startswith("path "):
-        segments = text[len("path "):].split("/")
-        inner = segments[1:-1]  # (the empty text before the leading "/", and after a trailing one, are no segments)
-    elif text.startswith("segment "):  # (an empty one is every path's first: "/x" is "", "x")
-        segments, inner = [text[len("segment "):]], []
-    else:
-        return False
-    return "" in inner or any(segment.startswith(".") for segment in segments)
 
 
 TEMPLATE_FEATURES = ("path ", "segment ", "parameters ")  # the url converter's features of a template
@@ -922,7 +900,7 @@ class FeedbackStep:
 
         A record of kinds marked normal (every token of its kind named by in-scope normal entries)
         loses all its unusual features: it is scored as if they had been seen in training, unless it
-        holds an attack-like url feature the entries do not name (``attack_like_url``: a mark of a
+        holds an attack-like url feature the entries do not name (``injection.attack_like``: a mark of a
         section vouches for its pages, not for ``//etc/passwd`` or ``.git`` under it). Otherwise
         only the unusual features the entries name go (an attack on a page marked normal keeps its
         payload's). A keep entry's own features (those no normal entry in the record's scope names) never

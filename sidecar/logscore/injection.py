@@ -1,6 +1,8 @@
 """What injections need, read from a feature's text: used by the injection prior of training
-(training/prior.py) and by the review page, which promotes no injection-like group for marking
-(review.py ``reached``). A serving module: the sidecar does not import the training package.
+(training/prior.py); and what is attack-like (``attack_like``, the one rule of the feedback step, which
+suppresses no attack-like record under a mark of its section, and of the review page, which promotes no
+attack-like group for marking: review.py ``reached``). A serving module: the sidecar does not import the
+training package.
 
 Marks are read in context (``injection_like``): an apostrophe after a letter is language, and
 a parameter's per-page features are as rare as the page. ``;`` is not a mark: Apache's
@@ -12,6 +14,8 @@ from __future__ import annotations
 
 import re
 from typing import Optional
+
+from .features.converters import PATH_ENCODED_TWICE, VALUE_ENCODED_TWICE
 
 # Substrings of a feature's text (an n-gram, a parameter's value shape, a path template) that
 # injections need: SQL quoting and comments, markup, shell metacharacters, traversal, NUL, ${...}.
@@ -38,3 +42,49 @@ def injection_like(text: Optional[str]) -> bool:
     if text.startswith("character "):  # UrlConverter: one character of a parameter's values
         text = text.rpartition("=")[2]
     return ANY_MARK.search(LANGUAGE_APOSTROPHE.sub("", text)) is not None
+
+
+# UrlConverter's feature texts: those attack_like reads (the rest, "parameters", "parameter", "length",
+# "value", name a template, a slot or a class, nothing an attack alone sets)
+URL_READ = ("path ", "segment ", "shape ", "character ")
+URL_UNREAD = ("parameters ", "parameter ", "length ", "value ")
+# In a path, ".." and "--" inside a name are ordinary ("v1.2...v1.3-notes", "c--intro"): a traversal
+# is a whole segment, read below.
+PATH_MARKS = re.compile("|".join(re.escape(mark) for mark in INJECTION_MARKS if mark not in ("..", "--")))
+ALLOWED_DOT_SEGMENTS = (".well-known",)  # RFC 8615: ACME challenges, security.txt
+LEFT_ESCAPE = re.compile(r"%[a9]")  # a value's shape with an escape left after decoding (%u, or thrice encoded)
+
+
+def attack_like(text: Optional[str]) -> bool:
+    """Whether a feature's text names what an attack may be. For a URL (UrlConverter) only its path,
+    segment, shape and character features are read: a path encoded more than once; a path or segment
+    holding an injection mark other than ``..`` and ``--``, an empty segment (``/blog//etc/passwd``) or
+    one starting with a dot (``..``, ``..;``, ``.git``, ``.env``; not ``.well-known``); a parameter's shape
+    or character holding an injection mark (``injection_like``), a traversal (a ``.`` part: the shape of
+    ``../..``) or an escape left after decoding. A value encoded more than once alone is not (a login's
+    ``next=%252Faccount``). Another converter's feature: an injection mark."""
+    if text is None:
+        return False
+    if text.startswith(PATH_ENCODED_TWICE):
+        return True
+    if text.startswith(("path ", "segment ")):
+        return odd_path(text)
+    if text.startswith(("shape ", "character ")):
+        value = text.partition("=")[2]
+        return injection_like(text) or (text.startswith("shape ") and (
+            "." in value.split("/") or LEFT_ESCAPE.search(value) is not None))
+    if text.startswith(URL_UNREAD + (VALUE_ENCODED_TWICE,)):
+        return False
+    return injection_like(text)
+
+
+def odd_path(text: str) -> bool:
+    """A path or segment feature naming a mark, an empty segment or one starting with a dot."""
+    if text.startswith("path "):
+        segments = text[len("path "):].split("/")
+        inner = segments[1:-1]  # (the empty text before the leading "/", and after a trailing one, are no segments)
+    else:  # (an empty segment feature is every path's first: "/x" is "", "x")
+        segments, inner = [text[len("segment "):]], []
+    if PATH_MARKS.search(LANGUAGE_APOSTROPHE.sub("", text)) is not None:
+        return True
+    return "" in inner or any(s.startswith(".") and s not in ALLOWED_DOT_SEGMENTS for s in segments)

@@ -43,9 +43,8 @@ from .errors import GroupOutOfDate
 from .feedback import (EXAMPLE_CHARS, MAX_KIND_TOKENS, NO_KEYS, NORMAL, SESSIONS_REFUSAL, FeedbackStep, Flagged,
                        RuleSet, base_name, path_family, record_from_text, record_text, rule_list, similar_counts,
                        strip_rarity)
-from .features.converters import PATH_ENCODED_TWICE, VALUE_ENCODED_TWICE
 from .flood import flood_advice_on_page
-from .injection import injection_like
+from .injection import attack_like
 from .shown import html_text
 from .svg import bars, timeline
 
@@ -56,8 +55,6 @@ NAME_CHARS = 240
 GROUP_KEYS = 512  # unusual features a group gathers for its pattern (bounded: 500 groups live at once)
 # What a parameter value of a plain variant (a version, a name, a number) holds, by its shape's symbols
 # (letters are "a", digits "9"): a group adding a parameter holding any other reaches no other group.
-PLAIN_VALUE_SYMBOLS = frozenset("a9.-_")
-ENCODED_TWICE = (VALUE_ENCODED_TWICE, PATH_ENCODED_TWICE)  # an evasion: not plain
 TIMELINE_BUCKETS = 180  # per group: counts per bucket, the most recent kept
 TOP_ENTITIES = 5
 FEEDBACK_ROWS = 200  # entries the page lists, the most recent
@@ -433,22 +430,11 @@ class ReviewRing:
 
 def kind_reading(kind_features: list[tuple[str, str]]) -> tuple[bool, frozenset]:
     """(whether a record's kind names what an attack may be, the fields it names features of), from
-    its structural features' (converter label, text) (``Inspection.kind_features``).
-    An attack may be: an injection-like feature in any field (a quote after a digit, an angle
-    bracket, a traversal: injection.py), or a parameter value that is no plain name or version
-    (fuzzdb's encoded traversals and quotes read "character file=/", "character id='", "value
-    encoded more than once: q", which the injection rule lets through: an apostrophe's context is
-    unknown, ``%2e%2e`` decodes to no ``..`` in a shape)."""
-    return (any(injection_like(text) or not plain_parameter(text) for _, text in kind_features),
+    its structural features' (converter label, text) (``Inspection.kind_features``). Attack-like is
+    the feedback step's rule (``injection.attack_like``): a group it would not suppress under a mark
+    of its section is none the page offers as a saving."""
+    return (any(attack_like(text) for _, text in kind_features),
             frozenset(label for label, _ in kind_features))
-
-
-def plain_parameter(text: str) -> bool:
-    """Whether a feature's text (UrlConverter's) says nothing of a parameter beyond a plain value:
-    no character of a value other than PLAIN_VALUE_SYMBOLS, nothing encoded twice."""
-    if text.startswith(ENCODED_TWICE):
-        return False
-    return not text.startswith("character ") or text.partition("=")[2] in PLAIN_VALUE_SYMBOLS
 
 
 def reached(groups: list[Group]) -> dict[str, list[Group]]:
