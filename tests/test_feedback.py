@@ -1511,3 +1511,42 @@ def test_a_mark_of_a_section_suppresses_its_ordinary_slugs_holding_two_dashes_or
     assert all(feedback_notes(model, RuleSet(), slugs)[0])
     flags, notes = feedback_notes(model, rules, slugs)
     assert not any(flags) and all(n == ["suppressed by feedback #19"] for n in notes), notes
+
+
+def test_a_mark_or_undo_from_a_later_page_of_groups_returns_to_that_page(sidecar):
+    """Marking from /ui/?from=50 went back to /ui/ (the first 50 groups): the forms carry the page's
+    place and every answer (done, not done) returns to it; a place that is no count is left out."""
+    import http.client
+    import re
+    import urllib.parse
+
+    import types
+
+    from logscore.review import render_marks
+
+    def location(path: str, fields: dict) -> str:
+        connection = http.client.HTTPConnection("localhost", sidecar.http_port, timeout=10)
+        try:
+            connection.request("POST", path, urllib.parse.urlencode(fields),
+                               {"Content-Type": "application/x-www-form-urlencoded"})
+            response = connection.getresponse()
+            response.read()
+            assert response.status == 303, response.status
+            return response.getheader("Location")
+        finally:
+            connection.close()
+
+    assert re.fullmatch(r"/ui/\?note=[\w-]+&from=50", location("/ui/feedback", {"group": "g1-00", "from": "50"}))
+    assert re.fullmatch(r"/ui/\?note=[\w-]+&from=50", location("/ui/feedback/remove", {"id": "x", "from": "50"}))
+    for bad in ("0", "-1", "5x", "²", "1" * 12):
+        assert re.fullmatch(r"/ui/\?note=[\w-]+", location("/ui/feedback", {"group": "g1-00", "from": bad})), bad
+    assert score(sidecar, compare_lines(1, seed=77))[0]["is_anomaly"]
+    group = re.search(r'name=group value="(g\d+-[0-9a-f]+)"', sidecar.http_get("/ui/")[1].decode()).group(1)
+    done = location("/ui/feedback", {"group": group, "verdict": "keep", "from": "50"})
+    assert done.endswith("&from=50")
+    said = re.search(r"marked keep: feedback #(\d+)", sidecar.http_get(done)[1].decode())
+    assert said, "the note of the mark"
+    assert location("/ui/feedback/remove", {"id": said.group(1), "from": "50"}).endswith("&from=50")
+    group_form = render_marks(types.SimpleNamespace(id="g1-00", sessions=False), 50)
+    assert 'name=from value="50"' in group_form
+    assert "name=from" not in render_marks(types.SimpleNamespace(id="g1-00", sessions=False), 0)

@@ -555,7 +555,7 @@ def render_page(ring: ReviewRing, entries: list, total_entries: int, histograms:
     if len(shown) < len(groups):
         parts.append(render_groups_shown(len(shown), len(groups), first, max_groups))
     for group in shown:
-        parts.append(render_group(group, now, ring.bucket_s))
+        parts.append(render_group(group, now, ring.bucket_s, first))
     parts.append("<h2>Score histogram</h2>")
     labels = [f"≤{edge:g}" for edge in SCORE_BUCKETS]  # bucket i: (edge i-1, edge i]
     for model, counts in sorted(histograms.items()):
@@ -566,7 +566,7 @@ def render_page(ring: ReviewRing, entries: list, total_entries: int, histograms:
         parts.append(bars(labels, [int(c) for c in counts[:len(labels)]], highlight_from=first_alert,
                           title=f"scores of {model}"))
     parts.append("<h2 id=feedback-list>Feedback</h2>")
-    parts.append(render_feedback(entries, total_entries) if entries or status.get("reachable")
+    parts.append(render_feedback(entries, total_entries, first) if entries or status.get("reachable")
                  else render_feedback_unread(status))
     parts.append("</body></html>")
     return "".join(parts)
@@ -585,7 +585,7 @@ def render_groups_shown(shown: int, total: int, first: int, per_page: int) -> st
             f"those awaiting a verdict first; the order moves as records arrive). {' · '.join(links)}</p>")
 
 
-def render_group(group: Group, now: float, bucket_s: float) -> str:
+def render_group(group: Group, now: float, bucket_s: float, first: int = 0) -> str:
     marks = "".join(f' <span class="badge {html_text(v)}">marked {html_text(v)} #{i}</span>'
                     for i, v in group.feedback)
     if group.covered_by and not group.feedback:
@@ -613,19 +613,25 @@ def render_group(group: Group, now: float, bucket_s: float) -> str:
             f'<b>{html_text(group.model)}</b>{" · route " + html_text(group.route) if group.route else ""}'
             f' · <span class=muted>{share}; first {utc_text(group.first_seen)}, last {utc_text(group.last_seen)} UTC'
             f'</span>{marks}</span>'
-            f'{recent}{render_marks(group)}</div>'
+            f'{recent}{render_marks(group, first)}</div>'
             f'<ul class=features>{names}</ul>{render_group_examples(group)}</div>')
 
 
-def render_marks(group: Group) -> str:
-    """The group's normal/keep buttons; none for a session model's, whose marks are refused."""
+def render_marks(group: Group, first: int = 0) -> str:
+    """The group's normal/keep buttons; none for a session model's, whose marks are refused. ``first``:
+    the groups the page passed over, posted back so that the page returns to the same place."""
     if group.sessions:
         return f'<span class="muted no-marks">{html_text(SESSIONS_REFUSAL)}</span>'
     return (f'<form class=inline method=post action="/ui/feedback">'
-            f'<input type=hidden name=group value="{group.id}">'
+            f'<input type=hidden name=group value="{group.id}">{place_field(first)}'
             f'<input type=text name=reason placeholder="why (optional)" aria-label="reason"> '
             f'<button class=normal name=verdict value=normal>normal</button> '
             f'<button class=keep name=verdict value=keep>keep</button></form>')
+
+
+def place_field(first: int) -> str:
+    """A form's hidden ``from`` (the groups the page passed over), so that its answer returns there."""
+    return f'<input type=hidden name=from value="{int(first)}">' if first > 0 else ""
 
 
 def utc_text(seconds: float) -> str:
@@ -657,7 +663,7 @@ def render_feedback_unread(status: dict) -> str:
             f"{html_text(str(status.get('error')))}{kept}.</p>")
 
 
-def render_feedback(entries: list, total_entries: int) -> str:
+def render_feedback(entries: list, total_entries: int, first: int = 0) -> str:
     """The feedback table: ``entries``, the most recent first (``FeedbackService.latest``: at most
     FEEDBACK_ROWS, as a fleet's months of marks made a 5 MB page, 10,000 rows, built on the event
     loop), of ``total_entries`` in the store, removed ones included."""
@@ -671,7 +677,7 @@ def render_feedback(entries: list, total_entries: int) -> str:
         undo = ("<span class=muted>removed by " + html_text(str(entry.removed_by)) + "</span>"
                 if entry.removed_at is not None else
                 f'<form class=inline method=post action="/ui/feedback/remove"><input type=hidden name=id '
-                f'value="{entry.id}"><button name=undo value="{entry.id}">undo</button></form>')
+                f'value="{entry.id}">{place_field(first)}<button name=undo value="{entry.id}">undo</button></form>')
         verdict = html_text(entry.verdict)
         rows.append(f'<tr id="feedback-{entry.id}"><td>{entry.id}</td><td><span class="badge {verdict}">'
                     f'{verdict}</span></td><td>{html_text(entry.describe())}</td><td>{scope}</td>'

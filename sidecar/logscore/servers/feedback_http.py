@@ -91,7 +91,7 @@ class FeedbackHttp:
         if token is not None and presented is not None:
             if not hmac.compare_digest(presented.encode(), token.encode()):
                 return self._token_form("That token is not the sidecar's.", 401)
-            response = redirect("/ui/")
+            response = redirect("/ui/" + place_query(request.query.get("from", ""), "?"))
             response.headers["Set-Cookie"] = f"{COOKIE}={quote(token)}; HttpOnly; SameSite=Strict; Path=/"
             return response
         if not self.page_allowed(request):
@@ -131,29 +131,31 @@ class FeedbackHttp:
             count_mark(self.service.metrics, entry)
             if entry.existing:
                 return self._back(f"Group {mark.group} was already marked {entry.verdict}: feedback #{entry.id} "
-                                  f"by {entry.author}")
-            return self._back(f"Group {mark.group} marked {entry.verdict}: feedback #{entry.id}")
-        return await self._answer(work, page=True)
+                                  f"by {entry.author}", request)
+            return self._back(f"Group {mark.group} marked {entry.verdict}: feedback #{entry.id}", request)
+        return await self._answer(work, page=request)
 
     async def page_remove(self, request: Request) -> Response:
         async def work():
             form = self._page_form(request)
             entry = await off_loop(self._feedback().remove, entry_number(form.get("id", "")), PAGE_AUTHOR)
             self.service.metrics.feedback_writes.labels("removed", entry.verdict).inc()
-            return self._back(f"Feedback #{entry.id} undone")
-        return await self._answer(work, page=True)
+            return self._back(f"Feedback #{entry.id} undone", request)
+        return await self._answer(work, page=request)
 
     # --- helpers ------------------------------------------------------------------------------
-    def _back(self, message: str) -> Response:
-        """Back to the page, which shows what was done."""
-        return redirect(f"/ui/?note={self.notes.add(message)}")
+    def _back(self, message: str, request: Request) -> Response:
+        """Back to the page, which shows what was done, at the place the form was posted from (its
+        hidden ``from``: a mark from the second page of groups went back to the first)."""
+        fields = parse_qs(request.body.decode("utf-8", "replace"))
+        return redirect(f"/ui/?note={self.notes.add(message)}" + place_query((fields.get("from") or [""])[-1], "&"))
 
     def _feedback(self):
         if self.service.feedback is None:
             raise InvalidRequest("feedback is off in this sidecar")
         return self.service.feedback
 
-    async def _answer(self, work, page: bool = False) -> Response:
+    async def _answer(self, work, page: Optional[Request] = None) -> Response:
         metrics = self.service.metrics
         try:
             return await work()
@@ -164,10 +166,10 @@ class FeedbackHttp:
             said = http_words(str(error))
             metrics.refused(type(error).__name__, "http", said)
             status = FEEDBACK_STATUS_CODES.get(type(error), 400)
-            if page and isinstance(error, GroupOutOfDate):  # back to the page would show it anew: say so, link
+            if page is not None and isinstance(error, GroupOutOfDate):  # back to the page would show it anew: say so, link
                 return self._out_of_date(said)
-            if page and status != 401:
-                return self._back(f"Not done: {said}")
+            if page is not None and status != 401:
+                return self._back(f"Not done: {said}", page)
             return Response.error(status, said)
 
     def page_allowed(self, request: Request) -> bool:
@@ -244,6 +246,17 @@ def check_json_from_here(request: Request) -> None:
     if content_type != "application/json":
         raise InvalidRequest(f"Content-Type {content_type or '(none)'!r}: send the feedback as application/json")
     check_utf8(declared)
+
+
+MAX_PLACE_DIGITS = 9  # of a page's ``from`` carried back (groups passed over; more than the ring holds)
+
+
+def place_query(value: str, separator: str) -> str:
+    """``from=N`` for the redirect back to the page (after ``separator``), or "" if ``value`` is no
+    positive count (it is sent back into a URL: only digits pass)."""
+    if value.isascii() and value.isdigit() and len(value) <= MAX_PLACE_DIGITS and int(value) > 0:
+        return f"{separator}from={int(value)}"
+    return ""
 
 
 def redirect(location: str) -> Response:
