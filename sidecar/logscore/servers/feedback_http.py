@@ -166,7 +166,8 @@ class FeedbackHttp:
             said = http_words(str(error))
             metrics.refused(type(error).__name__, "http", said)
             status = FEEDBACK_STATUS_CODES.get(type(error), 400)
-            if page is not None and isinstance(error, GroupOutOfDate):  # back to the page would show it anew: say so, link
+            # (out of date: back to the page would show it anew; say so, with a link)
+            if page is not None and isinstance(error, GroupOutOfDate):
                 return self._out_of_date(said)
             if page is not None and status != 401:
                 return self._back(f"Not done: {said}", page)
