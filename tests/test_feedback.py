@@ -144,6 +144,8 @@ BAD_FEEDBACK = [
     # an integer past a float's range: float() raised OverflowError, a 500 with a traceback
     ({"verdict": "normal", "author": "a", "records": ["x"], "expires_at": 10**400}, 400,
      "expires_at 100000000000…(401 digits) is no time before 9999-12-31"),
+    # ...and one far in the past is in the past (it was said to be "no time before 9999-12-31")
+    ({"verdict": "normal", "author": "a", "records": ["x"], "expires_at": -10**400}, 400, "expires_at is in the past"),
     ({"verdict": "normal", "author": "a" * 201, "records": ["x"]}, 400, "author holds 201 characters; at most 200"),
     ({"verdict": "normal", "author": "a", "reason": "r" * 2001, "records": ["x"]}, 400, "at most 2000"),
     # kept with the entry and listed everywhere, as author and reason: a 2 MB body made a 3.5 MB page
@@ -1550,3 +1552,30 @@ def test_a_mark_or_undo_from_a_later_page_of_groups_returns_to_that_page(sidecar
     group_form = render_marks(types.SimpleNamespace(id="g1-00", sessions=False), 50)
     assert 'name=from value="50"' in group_form
     assert "name=from" not in render_marks(types.SimpleNamespace(id="g1-00", sessions=False), 0)
+
+
+def test_a_failed_feedback_call_advises_only_what_holds_for_its_failure():
+    """A listing refused by a sidecar shutting down was told that the sidecar "applies the entries it last
+    loaded" (that is for a store down); a mark not confirmed in time was told a mark made again makes no
+    second entry, which a --expires duration run again later does."""
+    import grpc
+
+    from logscore.feedback_cli import failure
+
+    class Refused(grpc.RpcError):
+        def __init__(self, code, details):
+            self._code, self._details = code, details
+
+        def code(self):
+            return self._code
+
+        def details(self):
+            return self._details
+
+    unavailable = grpc.StatusCode.UNAVAILABLE
+    store_down = failure("h:1", "ListFeedback", Refused(unavailable, "feedback store x.sqlite3: the file is gone"), 5)
+    assert "applies the entries it last loaded" in store_down
+    shutting = failure("h:1", "ListFeedback", Refused(unavailable, "the sidecar is shutting down; retry later"), 5)
+    assert "last loaded" not in shutting and "shutting down" in shutting
+    late = failure("h:1", "Feedback", Refused(grpc.StatusCode.DEADLINE_EXCEEDED, ""), 30)
+    assert "feedback list` before running the same command again" in late and "--expires a duration" in late

@@ -66,11 +66,16 @@ def add_feedback_command(commands) -> None:
 WRITE_TIMEOUT_S = 30.0
 # What a write the caller stopped waiting for may have done, by RPC
 UNCONFIRMED = {
-    "Feedback": "the mark may have been saved all the same: see whether it was with `logscore feedback list`, "
-                "or run the same command again (a mark made again makes no second entry)",
+    "Feedback": "the mark may have been saved all the same: see whether it was with `logscore feedback list` "
+                "before running the same command again (a mark made again with the same expiry makes no second "
+                "entry, but with --expires a duration such as 7d, run a minute later it asks another expiry: a "
+                "second entry)",
     "DeleteFeedback": "the entry may have been removed all the same: see whether it was with `logscore feedback "
                       "list --all`, or run the same command again (one already removed says so)",
 }
+
+
+STORE_DOWN = "feedback store "  # how the sidecar's StoreUnavailable answers begin (feedback_store.py)
 
 
 def entry_id(text: str) -> int:
@@ -134,8 +139,9 @@ def failure(target: str, method: str, error, timeout: float) -> str:
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED and MESSAGE_TOO_LARGE in details and method == "Feedback":
         return (f"{said}: the mark is larger than the sidecar takes in one message; mark fewer or shorter lines "
                 "(split the file: a review group, --group, covers more), or raise the sidecar's max_message_bytes")
-    if code == grpc.StatusCode.UNAVAILABLE and "failed to connect" not in details and method == "ListFeedback":
-        # (the sidecar answered: its store is down; the list is read from the store, never from memory)
+    if code == grpc.StatusCode.UNAVAILABLE and details.startswith(STORE_DOWN) and method == "ListFeedback":
+        # (the sidecar answered: its store is down; the list is read from the store, never from memory.
+        # Not another UNAVAILABLE: a sidecar shutting down, or none reached)
         return (f"{said}; meanwhile the sidecar applies the entries it last loaded (its /readyz `feedback` "
                 "says how many)")
     return said

@@ -160,7 +160,7 @@ def check_entry(entry: Entry) -> None:
         raise InvalidRequest(f"the value marked holds {len(entry.pattern['value'])} characters; at most "
                              f"{MAX_VALUE_CHARS}")
     if entry.expires_at is not None:
-        if not math.isfinite(entry.expires_at) or entry.expires_at > LATEST_TIME:
+        if math.isnan(entry.expires_at) or entry.expires_at > LATEST_TIME:  # (-inf: in the past, below)
             raise InvalidRequest(f"expires_at {entry.expires_at!r} is no time before 9999-12-31; give a time "
                                  "such as 2026-12-31T00:00:00Z, or none to keep the entry")
         if entry.expires_at <= time.time():
@@ -209,7 +209,8 @@ LIST_FEEDBACK = "list them with ListFeedback"
 # commit unanswered may have been made (and a mark made again makes no second entry: Store.add).
 NOT_SAVED = "; the change was not saved: retry once the store is back"
 MAYBE_SAVED = ("; the store did not confirm the change, which may have been saved: once the store is back, "
-               f"see whether it was ({LIST_FEEDBACK}) or retry (a mark made again makes no second entry)")
+               f"see whether it was ({LIST_FEEDBACK}) before retrying (a mark made again with the same expiry makes "
+               "no second entry; one whose expiry is a duration, made later, does)")
 
 
 def entry_number(text: str) -> int:

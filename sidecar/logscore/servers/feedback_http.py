@@ -283,10 +283,12 @@ def parse_expiry(value) -> Optional[float]:
     if value in (None, "", 0):
         return None
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        if isinstance(value, int) and abs(value) > LATEST_TIME:  # float() of 10**400 raised OverflowError: a 500
+        if isinstance(value, int) and value < -LATEST_TIME:  # (float() of -10**400 raised OverflowError too)
+            raise InvalidRequest("expires_at is in the past; give a future time, or none to keep the entry")
+        if isinstance(value, int) and value > LATEST_TIME:  # float() of 10**400 raised OverflowError: a 500
             digits = str(abs(value))
             shown = digits if len(digits) <= 20 else f"{digits[:12]}…({len(digits):,} digits)"
-            raise InvalidRequest(f"expires_at {'-' if value < 0 else ''}{shown} is no time before 9999-12-31; give "
+            raise InvalidRequest(f"expires_at {shown} is no time before 9999-12-31; give "
                                  "Unix seconds or a UTC time such as 2026-12-31T00:00:00Z, or none to keep the entry")
         return float(value)
     if isinstance(value, str):
