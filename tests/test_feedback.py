@@ -666,7 +666,9 @@ def test_entries_in_force_are_capped_with_a_warning_near_the_cap_and_a_clear_ref
     from logscore.errors import ConfigError, FeedbackFull
     from logscore.feedback import Entry
     from logscore.feedback_store import FeedbackService, SqliteStore
+    from logscore.servers.feedback_grpc import FeedbackServicer
     from logscore.servers.feedback_http import FEEDBACK_STATUS_CODES
+    from logscore.servers.grpc import STATUS_CODES
     from logscore.settings import Settings
 
     store = SqliteStore(str(tmp_path / "feedback.sqlite3"))
@@ -686,15 +688,16 @@ def test_entries_in_force_are_capped_with_a_warning_near_the_cap_and_a_clear_ref
         assert "near their cap" not in caplog.text
         service.add(agent(8))  # 9 of 10 in force: past 90 %
         assert "feedback entries in force near their cap" in caplog.text
-    time.sleep(0.05)
-    service.add(agent(9))
+    tenth = service.add(agent(9))
     assert service.add(agent(9)).existing, "the same mark again is answered, never refused"
     with pytest.raises(FeedbackFull, match=r"holds 10 entries in force, its cap \(feedback_max_entries 10\): .*"
                                            r"undo entries no longer needed .*or raise feedback_max_entries"):
         service.add(agent(10))
-    service.remove(1 + 1, "ana")  # one undone: room again
-    assert service.add(agent(10)).id == 12 and service.status()["max_entries"] == 10
-    assert FEEDBACK_STATUS_CODES[FeedbackFull] == 409  # (gRPC: FAILED_PRECONDITION, not a retry)
+    service.remove(tenth.id, "ana")  # one undone: room again
+    assert service.add(agent(10)).id == tenth.id + 1 and service.status()["max_entries"] == 10
+    # refused, not a retry: HTTP 409, gRPC FAILED_PRECONDITION (writers at once: marks_at_once below)
+    assert FEEDBACK_STATUS_CODES[FeedbackFull] == 409
+    assert FeedbackServicer(None, STATUS_CODES).status_codes[FeedbackFull] == grpc.StatusCode.FAILED_PRECONDITION
     with pytest.raises(ConfigError, match="feedback_max_entries must be at least 1"):
         Settings(feedback_max_entries=0).validate()
 
@@ -1579,3 +1582,16 @@ def test_a_failed_feedback_call_advises_only_what_holds_for_its_failure():
     assert "last loaded" not in shutting and "shutting down" in shutting
     late = failure("h:1", "Feedback", Refused(grpc.StatusCode.DEADLINE_EXCEEDED, ""), 30)
     assert "feedback list` before running the same command again" in late and "--expires a duration" in late
+
+
+def test_the_feedback_listing_documents_every_field_of_the_stores_state(tmp_path):
+    """GET /v1/feedback's ``store`` (FeedbackService.status) held max_entries, which docs/openapi.json did not list."""
+    from pathlib import Path
+
+    from logscore.feedback_store import FeedbackService, SqliteStore
+
+    spec = json.loads((Path(__file__).parent.parent / "docs" / "openapi.json").read_text())
+    schema = spec["paths"]["/v1/feedback"]["get"]["responses"]["200"]["content"]["application/json"]["schema"]
+    store = SqliteStore(str(tmp_path / "feedback.sqlite3"))
+    store.migrate()
+    assert set(schema["properties"]["store"]["properties"]) == set(FeedbackService(store, poll_s=1.0).status())

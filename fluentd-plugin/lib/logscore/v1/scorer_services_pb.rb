@@ -16,7 +16,9 @@
 #                       ones), or the feedback entry or review group is unknown
 #   FAILED_PRECONDITION (Feedback) the review group id is from another sidecar
 #                       process (a restart, or another sidecar of the fleet):
-#                       the page is out of date, reload /ui/; nothing is marked
+#                       the page is out of date, reload /ui/; or the store
+#                       holds feedback_max_entries entries in force (undo some,
+#                       give marks an expiry, or raise the cap); nothing is marked
 #   UNAUTHENTICATED     a bearer token is configured and the call lacks it
 #   RESOURCE_EXHAUSTED  the sidecar's queue is full; retry later
 #   DEADLINE_EXCEEDED   the caller's deadline passed before scoring finished
@@ -67,6 +69,8 @@ module Logscore
         # NOT_FOUND: the model, or the review group (groups live in the sidecar's
         # memory: its /ui/ page); FAILED_PRECONDITION: a group id from another
         # sidecar process (a restart, or another sidecar of the fleet): reload /ui/;
+        # or a new entry past feedback_max_entries in force (the message says what
+        # to do; a mark the store already holds is answered, never refused);
         # UNAVAILABLE: the feedback store cannot be reached.
         rpc :Feedback, ::Logscore::V1::FeedbackRequest, ::Logscore::V1::FeedbackEntry
         # The feedback entries (removed ones too when asked) and the store's state.

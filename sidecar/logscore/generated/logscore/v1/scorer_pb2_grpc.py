@@ -118,6 +118,8 @@ class ScorerServicer:
         NOT_FOUND: the model, or the review group (groups live in the sidecar's
         memory: its /ui/ page); FAILED_PRECONDITION: a group id from another
         sidecar process (a restart, or another sidecar of the fleet): reload /ui/;
+        or a new entry past feedback_max_entries in force (the message says what
+        to do; a mark the store already holds is answered, never refused);
         UNAVAILABLE: the feedback store cannot be reached.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
