@@ -70,7 +70,8 @@ def test_marking_records_normal_unflags_later_records_of_their_kind_at_once_and_
     assert entry["author"] == "ana" and entry["reason"] == "new compare page" and entry["created_at"]
     assert any("with=9" in feature for feature in entry["pattern"]["features"])
     # The same mark again (a retried request, a second operator): the entry already made, not a second.
-    status, again = feedback(sidecar, "POST", {"verdict": "normal", "author": "ben", "records": compare_lines(2, seed=1)})
+    status, again = feedback(sidecar, "POST",
+                             {"verdict": "normal", "author": "ben", "records": compare_lines(2, seed=1)})
     assert status == 200 and again["existing"] and again["feedback"]["id"] == 1 and again["feedback"]["author"] == "ana"
     assert not body["existing"]
 
@@ -334,7 +335,8 @@ def test_grpc_and_the_command_line(sidecar):
         assert failure.value.code() == code and message in failure.value.details()
 
     removed = logscore("feedback", "remove", "1", "--author", "ben", *connection)
-    assert removed.returncode == 0 and removed.stdout.startswith("removed #1 normal") and "removed by ben" in removed.stdout
+    assert removed.returncode == 0 and removed.stdout.startswith("removed #1 normal")
+    assert "removed by ben" in removed.stdout
     response = stub.Score(pb.ScoreRequest(lines=pb.RawLines(lines=[x.encode() for x in later])), timeout=10)
     assert all(response.is_anomaly)
     with pytest.raises(grpc.RpcError) as failure:

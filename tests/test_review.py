@@ -527,3 +527,20 @@ def test_a_flood_of_flagged_records_is_weighed_from_an_even_sample_close_to_the_
     for candidates in (np.arange(20_000), np.arange(1, 20_000, 3)):
         exact = inspect_cost([records[i] for i in candidates])
         assert abs(flagged_cost(records, candidates) - exact) <= 0.05 * exact
+
+
+def test_the_page_says_why_a_probe_under_a_section_marked_normal_was_not_suppressed(shop_model_path):
+    """A probe of a section marked normal stays flagged and its score note says why ("not suppressed by
+    feedback #19: attack-like, ..."); its group's example said nothing (kept_by is empty for it), so the
+    page gave no reason next to the record an operator decides on."""
+    from .test_feedback import blog_section_lines
+
+    model = Model.load(shop_model_path)
+    rng = random.Random(28)
+    rules = RuleSet([Entry(19, NORMAL, pattern_from_records(model, blog_section_lines(rng, 10)), "ops")])
+    ring = ReviewRing()
+    observe(model, ring, [access_line(rng, "GET", "/blog/x/.git/HEAD")] + shop_lines(100, seed=29), rules)
+    probe = next(g for g in ring.snapshot() if any(".git/HEAD" in e.text for e in g.examples))
+    said = [e.note for e in probe.examples if ".git/HEAD" in e.text]
+    assert said == ["not suppressed by feedback #19: attack-like, which it does not name: path /blog/x/.git/HEAD"]
+    assert "attack-like, which it does not name" in render_group(probe, 0.0, 60.0)

@@ -777,6 +777,9 @@ class Flagged:
     suppressed_by: list[int] = field(default_factory=list)
     kept_by: list[int] = field(default_factory=list)
     held: str = ""  # why flagged whatever the feedback: decide's HELD_UNPARSED or HELD_CUT ("": not held)
+    # what the feedback said of a record it left flagged ("not suppressed by feedback #19: attack-like, ..."):
+    # the review page shows it on the group's example, as it shows "kept by" and "suppressed by"
+    left_flagged: str = ""
 
 
 
@@ -885,6 +888,7 @@ class FeedbackStep:
                 notes.append((i, "record", f"suppressed by feedback {rule_list(item.suppressed_by)}"))
             elif withheld[row]:
                 note, item.kept_by = withheld[row]
+                item.left_flagged = note
                 notes.append((i, "record", note))
             flagged.append(item)
         if self.observe is not None:

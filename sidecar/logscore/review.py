@@ -333,6 +333,8 @@ class ReviewRing:
                 elif item.kept_by:
                     group.kept += 1
                     note = f"kept by feedback {rule_list(item.kept_by)}"
+                elif item.left_flagged:  # (a probe under a section marked normal: why it was not suppressed)
+                    note = item.left_flagged
                 group.examples.append(Example(moment, record_text(records[item.index]), item.score, note,
                                               held=item.held))
                 self.recent.append((now, group.id))
