@@ -1449,6 +1449,19 @@ def test_attack_like_is_one_rule_reading_path_segment_shape_and_character_featur
         assert not attack_like(text), text
 
 
+def test_the_review_page_keeps_from_offering_wider_than_suppression_keeps_flagged():
+    # What only loses a saving on the page (a value no plain name or version) keeps a page flagged if
+    # suppression read it: may_be_attack is attack_like and those, attack_like alone is not.
+    from logscore.injection import attack_like, may_be_attack
+
+    for text in ("character file=/", "character url=:", "value encoded more than once: q", "character id=%"):
+        assert may_be_attack(text) and not attack_like(text), text
+    for text in ("character id=9", "character v=.", "character v=-", "shape page=9", "path /blog/", "segment v1.2"):
+        assert not may_be_attack(text), text
+    for text in ("path /blog//etc/passwd", "segment .git", "shape q=<a>'", "path encoded more than once"):
+        assert may_be_attack(text) and attack_like(text), text
+
+
 def test_a_keep_of_an_attack_on_a_page_marked_normal_leaves_the_pages_ordinary_lines_suppressed(shop_model_path):
     """A keep takes every unusual feature of its records, the page's as well as the payload's: kept, an
     attack on the compare page (marked normal) protected the page's features, and the page's ordinary

@@ -44,7 +44,7 @@ from .feedback import (EXAMPLE_CHARS, MAX_KIND_TOKENS, NO_KEYS, NORMAL, SESSIONS
                        RuleSet, base_name, path_family, record_from_text, record_text, rule_list, similar_counts,
                        strip_rarity)
 from .flood import flood_advice_on_page
-from .injection import attack_like
+from .injection import may_be_attack
 from .shown import html_text
 from .svg import bars, timeline
 
@@ -432,10 +432,10 @@ class ReviewRing:
 
 def kind_reading(kind_features: list[tuple[str, str]]) -> tuple[bool, frozenset]:
     """(whether a record's kind names what an attack may be, the fields it names features of), from
-    its structural features' (converter label, text) (``Inspection.kind_features``). Attack-like is
-    the feedback step's rule (``injection.attack_like``): a group it would not suppress under a mark
-    of its section is none the page offers as a saving."""
-    return (any(attack_like(text) for _, text in kind_features),
+    its structural features' (converter label, text) (``Inspection.kind_features``): any feature that
+    ``injection.may_be_attack`` (the feedback step's attack-like rule, and a parameter value no plain
+    name or version: here a false alarm only loses a saving)."""
+    return (any(may_be_attack(text) for _, text in kind_features),
             frozenset(label for label, _ in kind_features))
 
 
