@@ -171,6 +171,48 @@ def test_a_worker_reads_a_file_of_another_version_once_per_state_of_the_file(sho
     assert cache.loads == 2
 
 
+def test_a_worker_reads_a_model_file_again_after_a_read_that_failed_unexpectedly(shop_model_path, tmp_path,
+                                                                               monkeypatch):
+    """A read that failed with an error that is no LogscoreError (MemoryError under the worker's memory
+    limit) was recorded as done: every later chunk of that file went to the sidecar's own process
+    ("stale") until the file changed (review, session 28)."""
+    from logscore import scoring_processes
+
+    path = tmp_path / "m.onnx"
+    shutil.copy(shop_model_path, path)
+    version = Model.load(path).version
+    real_load, reads = Model.load, []
+
+    def fails_once(*args, **kwargs):
+        reads.append(args[0])
+        if len(reads) == 1:
+            raise MemoryError("cannot allocate")
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(scoring_processes.Model, "load", fails_once)
+    cache = scoring_processes.ModelCache(65_536, None)
+    request = [str(path), version, 0, 0, shop_lines(5, seed=57)]
+    assert "MemoryError" in scoring_processes.answer(cache, request)["error"]
+    assert "scored" in scoring_processes.answer(cache, request)  # read again, and scored
+    assert "scored" in scoring_processes.answer(cache, request) and len(reads) == 2
+
+
+def test_a_reload_has_workers_read_again_the_files_that_did_not_load(shop_model_path, tmp_path):
+    """A fix outside the file (a parent directory's permissions) leaves it unchanged: SIGHUP retries it
+    in the sidecar, and its keep_only has the workers forget that the file did not load."""
+    from logscore.scoring_processes import ModelCache
+
+    path = tmp_path / "m.onnx"
+    shutil.copy(shop_model_path, path)
+    version = Model.load(path).version
+    cache = ModelCache(65_536, None, max_model_bytes=1)  # refused, as an unreadable file is
+    assert cache.get(str(path), version) is None and cache.get(str(path), version) is None
+    assert cache.loads == 1
+    cache.max_model_bytes = path.stat().st_size  # the fix, outside the file
+    cache.keep_only([str(path)])
+    assert cache.get(str(path), version).version == version and cache.loads == 2
+
+
 def test_chunks_left_to_the_sidecar_are_counted_and_said_once(shop_model_path, tmp_path, caplog):
     path = tmp_path / "m.onnx"
     shutil.copy(shop_model_path, path)

@@ -447,7 +447,8 @@ class ModelCache:
         wanted = set(paths)
         for path in [p for p in self.models if p not in wanted]:
             del self.models[path]
-        self.read_in = {p: state for p, state in self.read_in.items() if p in wanted}
+        # (files that did not load are forgotten too: a reload, SIGHUP's among them, has them read again)
+        self.read_in = {p: state for p, state in self.read_in.items() if p in self.models}
         gc.collect()  # (a model's objects may hold cycles: freed now, before the trim)
         give_memory_back()
         return sorted(self.models)
@@ -461,14 +462,19 @@ class ModelCache:
             return None
         if self.read_in.get(path) == state:
             return self.models.get(path)  # read in this state already: not read again for every chunk
-        self.read_in[path] = state
         self.loads += 1
         try:
-            return Model.load(path, max_line_chars=self.max_line_chars, client_key=self.client_key,
-                              max_bytes=self.max_model_bytes)
+            model = Model.load(path, max_line_chars=self.max_line_chars, client_key=self.client_key,
+                               max_bytes=self.max_model_bytes)
         except LogscoreError:  # the sidecar says what is wrong with it, where it rejects it
+            self.read_in[path] = state
             self.models.pop(path, None)  # (an older version held: the file no longer holds it)
             return None
+        # NOTE: recorded only now: a read that failed otherwise (a MemoryError under the worker's memory
+        # limit) was recorded too, and every later chunk of that file went to the sidecar's own process
+        # until the file changed (review, session 28). Such a failure is the chunk's error; the next reads again.
+        self.read_in[path] = state
+        return model
 
 
 def give_memory_back() -> None:
