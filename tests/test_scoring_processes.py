@@ -267,6 +267,52 @@ def test_after_a_reload_workers_drop_the_models_no_longer_served_and_trim_memory
     assert cache.keep_only([]) == [] and trims == [1]
 
 
+def test_dropping_removed_models_holds_no_worker_while_another_is_busy(processes, shop_model_path, monkeypatch):
+    """keep_only took every worker and held them until the last came idle: one busy or hung worker stopped
+    all scoring (3 chunks failed in 14 s with one of 2 hung; review, session 28)."""
+    from logscore import scoring_processes
+
+    monkeypatch.setattr(scoring_processes, "CHUNK_TIMEOUT_S", 2.0)  # (the old code failed after it)
+    model = Model.load(shop_model_path)
+    lines = shop_lines(10, seed=62)
+    busy = processes._idle.get()  # a worker scoring a chunk, as far as keep_only can tell
+    held = []
+    telling = threading.Thread(target=lambda: held.append(processes.keep_only(set())))
+    telling.start()
+    try:
+        assert_same(processes.score(model, lines, 0), model.score(lines, 0))  # the idle one scores meanwhile
+        assert telling.is_alive()  # still waiting for the busy one
+    finally:
+        processes._idle.put(busy)
+        telling.join()
+    assert held == [[[], []]]
+
+
+def test_dropping_removed_models_replaces_a_worker_that_fails_the_call_and_counts_no_failure(shop_model_path,
+                                                                                            monkeypatch):
+    """A worker that failed the call was left to the next chunk; with a worker short (a replacement that
+    could not start) every reload waited 5 s, counted a readiness failure and told no worker."""
+    from logscore import scoring_processes
+
+    monkeypatch.setattr(scoring_processes, "CHUNK_TIMEOUT_S", 0.5)  # (the old code's wait for the one missing)
+    restarts = []
+    pool = ScoringProcesses(1, max_line_chars=65_536, on_restart=restarts.append)
+    try:
+        dead = pool.pids[0]
+        os.kill(dead, signal.SIGKILL)
+        wait_dead(dead)
+        assert pool.keep_only(set()) == [[]]  # the replacement, told in its place
+        assert len(restarts) == 1 and pool.pids != [dead]
+        model = Model.load(shop_model_path)
+        lines = shop_lines(10, seed=63)
+        assert_same(pool.score(model, lines, 0), model.score(lines, 0))
+        pool.count = 2  # two wanted, one runs: the other could not be started again
+        assert pool.keep_only({str(shop_model_path)}) == [[str(shop_model_path)]]
+        assert pool.status()["failed_in_row"] == 0 and pool.not_answering_reason() is None
+    finally:
+        pool.close()
+
+
 def test_a_worker_that_dies_costs_at_most_its_chunk_and_is_replaced(shop_model_path):
     restarts = []
     pool = ScoringProcesses(1, max_line_chars=65_536, on_restart=restarts.append)

@@ -66,6 +66,8 @@ CHUNK_TIMEOUT_S = 5.0
 # featurizer) made a sidecar of --scoring-processes 1 not ready for 10 s while its replacement, not
 # yet tried, sat idle (review, session 27).
 NOT_ANSWERING_HOLD_S = 2 * CHUNK_TIMEOUT_S
+# keep_only, having told the only idle worker(s), waits this long before looking for busy ones again.
+KEEP_RETAKE_PAUSE_S = 0.005
 ARRAYS = ("scores", "is_anomaly", "raw_scores", "truncated", "unparsed", "novelty")
 
 
@@ -318,27 +320,50 @@ class ScoringProcesses:
 
     def keep_only(self, paths: set[str]) -> list[list[str]]:
         """Have every worker drop the models of files not in ``paths`` (the sidecar's, after a reload) and
-        give their memory back; returns the paths each worker holds then. NOTE: removed models were
+        give their memory back; returns the paths each worker visited holds then. NOTE: removed models were
         dropped only when a worker next missed its cache, and glibc kept what they freed: 30 models added,
-        scored and removed left each worker at 212 MiB instead of 87 (probe-registry). Waits for busy
-        workers to finish their chunk, as warm() does; a failed one is left to the next chunk to replace."""
-        workers: list[Worker] = []
-        held = []
-        try:
-            while len(workers) < self.count:
-                workers.append(self._take_idle())
-            for worker in workers:
-                try:
-                    held.append(checked(worker.call(pack_keep(paths))).get("held", []))
-                except (WorkerFailed, RuntimeError) as error:
-                    log.warning("a scoring process did not drop removed models; it is replaced at its next chunk",
-                                extra={"pid": worker.process.pid, "reason": str(error)})
-        except ScorerUnavailable:  # none runs: nothing held
-            pass
-        finally:
-            for worker in workers:
+        scored and removed left each worker at 212 MiB instead of 87 (probe-registry).
+
+        Workers are visited one at a time as they come idle, each put back at once: holding every worker
+        until the last came idle stopped scoring while one was busy or hung (review, session 28). One that
+        fails the call is replaced; one that does not come idle within CHUNK_TIMEOUT_S is left as it is
+        (its own chunk tells if it hangs): no chunk failed, so readiness counts nothing."""
+        held: list[list[str]] = []
+        visited: set[int] = set()  # ids of the workers told
+        deadline = time.monotonic() + CHUNK_TIMEOUT_S
+        while self._unvisited(visited) and time.monotonic() < deadline:
+            try:
+                worker = self._idle.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            if id(worker) in visited:  # told already; the others are busy: give it back, let them finish
                 self._idle.put(worker)
+                time.sleep(KEEP_RETAKE_PAUSE_S)
+                continue
+            visited.add(id(worker))
+            self._tell_keep(worker, paths, held)
         return held
+
+    def _unvisited(self, visited: set[int]) -> bool:
+        with self._lock:
+            return any(id(w) not in visited for w in self._workers)
+
+    def _tell_keep(self, worker: Worker, paths: set[str], held: list[list[str]]) -> None:
+        """Send one idle worker the keep message and put it back; replace it if the call fails."""
+        if not worker.idle_and_alive():  # dead, or a late reply waits in its socket: it would answer for this call
+            self._replace(worker, worker.idle_failure())
+            return
+        try:
+            reply = worker.call(pack_keep(paths))
+        except WorkerFailed as error:
+            self._replace(worker, f"while dropping removed models: {error}")
+            return
+        self._idle.put(worker)
+        if "error" in reply:
+            log.warning("a scoring process did not drop removed models; it keeps them until it next misses "
+                        "its cache", extra={"pid": worker.process.pid, "reason": reply["error"]})
+        else:
+            held.append(reply.get("held", []))
 
     def _stale(self, model: Model) -> None:
         """Count a chunk left to the sidecar's process because its model file holds another version (or
