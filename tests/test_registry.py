@@ -16,6 +16,7 @@ import pytest
 
 from logscore import registry as registry_module
 from logscore.artifact import DEFAULT_MAX_MODEL_BYTES
+from logscore.errors import ModelNotFound
 from logscore.metrics import Metrics
 from logscore.registry import ModelRegistry
 from logscore.serve import Sidecar
@@ -508,6 +509,27 @@ def test_a_model_removed_alone_stays_the_default_through_its_grace(tmp_path):
     os.remove(directory / "m.onnx")  # `rm m.onnx; cp new.onnx m.onnx`: no gap in between
     assert registry.reload() and registry.snapshot.leaving == {str(directory / "m.onnx")}
     assert registry.resolve().name == "m"
+
+
+def test_a_model_removed_beside_another_makes_no_default_of_it_through_its_grace(tmp_path):
+    """With `a` and `b` and no default_model, requests naming none were refused; during `rm a.onnx;
+    cp new a.onnx` `b` scored them for the grace (forward mode: every unrouted tag, by the wrong model)."""
+    directory = tmp_path / "models"
+    directory.mkdir()
+    for name in ("a", "b"):
+        shutil.copy(DEFAULT_MODEL, directory / f"{name}.onnx")
+    registry = ModelRegistry(str(directory), unload_grace_s=60.0)
+    registry.reload()
+    with pytest.raises(ModelNotFound, match="no default model"):
+        registry.resolve()
+    os.remove(directory / "a.onnx")
+    assert registry.reload() and registry.snapshot.leaving == {str(directory / "a.onnx")}
+    with pytest.raises(ModelNotFound, match="no default model"):
+        registry.resolve()
+    shutil.copy(DEFAULT_MODEL, directory / "a.onnx")
+    registry.reload()
+    with pytest.raises(ModelNotFound, match="no default model"):
+        registry.resolve()
 
 
 def test_a_file_of_countless_tiny_fields_is_refused_without_scanning_it_whole(models, monkeypatch):

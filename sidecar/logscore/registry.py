@@ -86,6 +86,9 @@ class Snapshot:
     errors: dict[str, str] = field(default_factory=dict)  # path -> why it was rejected
     # Paths of loaded models whose files are gone, serving out the unload grace.
     leaving: frozenset[str] = frozenset()
+    # The path of the default model before those files went ("" when there was none): only when it is
+    # among them do they give way to the one model staying (see ModelRegistry.default).
+    leaving_default: str = ""
 
 
 # How a caller names a model: the gRPC field and HTTP parameter `model` (the Fluentd filter's `model`
@@ -178,8 +181,20 @@ class ModelRegistry:
                 errors.pop(path, None)
                 models[name] = model
                 self._on_change("loaded", name, f"{path} version {model.version}")
-            self.snapshot = Snapshot(models, current, errors, frozenset(serving_on))  # the atomic swap
+            self.snapshot = Snapshot(models, current, errors, frozenset(serving_on),
+                                     self._default_before(old, serving_on))  # the atomic swap
             return True
+
+    def _default_before(self, old: Snapshot, serving_on: set[str]) -> str:
+        """The path of the default model before the files of the models serving out their grace went."""
+        if not serving_on:
+            return ""
+        if old.leaving:  # some went before: the default from before the first went
+            return old.leaving_default
+        try:
+            return self.default(old.models, frozenset(), "").artifact.path
+        except ModelNotFound:
+            return ""
 
     @staticmethod
     def _gone_before_read(path: str, old: "Snapshot", current: dict[str, FileState], errors: dict[str, str]) -> None:
@@ -276,16 +291,18 @@ class ModelRegistry:
                                             f"loaded: {self._names(models)}; add {target}.onnx to the models "
                                             "directory, or change the sidecar's tag_routes (--tag-routes)")
                     return model
-        return self.default(models, snapshot.leaving)
+        return self.default(models, snapshot.leaving, snapshot.leaving_default)
 
     def unloaded_routes(self) -> dict[str, str]:
         """Tag routes (glob: model) naming a model that is not loaded: their records are refused NOT_FOUND."""
         models = self.snapshot.models
         return {pattern: name for pattern, name in self.tag_routes if name not in models}
 
-    def default(self, models: dict[str, Model], leaving: Optional[frozenset[str]] = None) -> Model:
+    def default(self, models: dict[str, Model], leaving: Optional[frozenset[str]] = None,
+                leaving_default: Optional[str] = None) -> Model:
         """The model of requests naming none and matching no tag route. ``leaving``: paths of models
-        serving out the unload grace (the snapshot's when None)."""
+        serving out the unload grace, ``leaving_default``: the default's path before they went (the
+        snapshot's when None)."""
         if self.default_model:
             model = models.get(self.default_model)
             if model is None:
@@ -296,11 +313,14 @@ class ModelRegistry:
         if "apache-access" in models:
             return models["apache-access"]
         global_models = [m for n, m in models.items() if "@" not in n]
-        # NOTE: a model serving out its grace is not counted beside others: `mv m.onnx renamed.onnx`, the
-        # only model, loaded `renamed` while `m` served on, and no default for 5 s (5,992 calls NOT_FOUND).
+        # NOTE: the default serving out its grace gives way to the one model staying: `mv m.onnx
+        # renamed.onnx`, the only model, loaded `renamed` while `m` served on, and no default for 5 s
+        # (5,992 calls NOT_FOUND). Only the default does: with `a` and `b` and no default, `rm a.onnx;
+        # cp new a.onnx` made `b` the default for the grace (review, session 28).
         leaving = self.snapshot.leaving if leaving is None else leaving
+        leaving_default = self.snapshot.leaving_default if leaving_default is None else leaving_default
         staying = [m for m in global_models if m.artifact.path not in leaving]
-        if len(staying) == 1:
+        if leaving_default in leaving and len(staying) == 1:
             return staying[0]
         if len(global_models) == 1:  # (its file gone: `rm m.onnx; cp new.onnx m.onnx` leaves no gap)
             return global_models[0]
