@@ -230,6 +230,38 @@ def test_chunks_left_to_the_sidecar_are_counted_and_said_once(shop_model_path, t
     assert sum("holds another version" in r.getMessage() for r in caplog.records) == 1
 
 
+def test_chunks_of_a_hot_swapped_version_draining_are_neither_counted_nor_warned_of(shop_model_path, tmp_path,
+                                                                                    caplog):
+    """At every hot swap under load, the old version's batcher drained while the workers had the new one:
+    its chunks were counted stale and logged "holds another version … fix or restore it" (review, session 28)."""
+    from logscore.metrics import Metrics
+    from logscore.registry import ModelRegistry
+    from logscore.scoring import ScoringService
+    from logscore.settings import Settings
+
+    models = tmp_path / "models"
+    models.mkdir()
+    shutil.copy(shop_model_path, models / "m.onnx")
+    registry = ModelRegistry(str(models))
+    registry.reload()
+    old = registry.snapshot.models["m"]
+    settings = Settings.load(flags={"models_dir": str(models), "scoring_processes": 1}, environ={})
+    service = ScoringService(registry, settings, Metrics())
+    service.start_processes()
+    try:
+        shutil.copy(DEFAULT_MODEL, models / ".new")
+        os.replace(models / ".new", models / "m.onnx")
+        registry.reload()  # the new version serves; the old one's chunks still come
+        new, lines = registry.snapshot.models["m"], shop_lines(10, seed=64)
+        for model in (new, old, new, old):
+            assert_same(service.processes.score(model, lines, 0), model.score(lines, 0))
+        assert service.processes.stale_chunks == 0
+        assert not any("holds another version" in r.getMessage() for r in caplog.records)
+        assert service._serves(new) and not service._serves(old)  # (the served model's chunks count: above)
+    finally:
+        service.close_processes()
+
+
 def test_after_a_reload_workers_drop_the_models_no_longer_served_and_trim_memory(shop_model_path, tmp_path,
                                                                                    monkeypatch):
     """Removed models stayed in every worker until it next missed its cache, and glibc kept what they

@@ -134,8 +134,12 @@ class ScoringService:
                                           lambda reason: self.metrics.scoring_process_restarts.inc(),
                                           self.settings.max_model_bytes,
                                           lambda model: self.metrics.scoring_process_stale_chunks.labels(
-                                              model=model.name).inc())
+                                              model=model.name).inc(), self._serves)
         self.processes.warm(list(self.registry.snapshot.models.values()))
+
+    def _serves(self, model: Model) -> bool:
+        """Whether the registry serves this very model (not an older version of its file, still draining)."""
+        return any(served is model for served in self.registry.snapshot.models.values())
 
     async def score(self, call: ScoreCall) -> ScoreOutcome:
         if self._closed:
