@@ -213,6 +213,16 @@ def test_a_reload_has_workers_read_again_the_files_that_did_not_load(shop_model_
     assert cache.get(str(path), version).version == version and cache.loads == 2
 
 
+def test_a_worker_that_fails_to_drop_models_says_why_and_serves_on(shop_model_path):
+    """An error handling the keep message ended the worker with a traceback (it was outside answer's try)."""
+    from logscore.scoring_processes import ModelCache, answer
+
+    cache = ModelCache(65_536, None)
+    assert "TypeError" in answer(cache, {"keep": 3})["error"]  # (not a list of paths: what older code may send)
+    version = Model.load(shop_model_path).version
+    assert "scored" in answer(cache, [str(shop_model_path), version, 0, 0, ["GET / HTTP/1.1"]])
+
+
 def test_chunks_left_to_the_sidecar_are_counted_and_said_once(shop_model_path, tmp_path, caplog):
     path = tmp_path / "m.onnx"
     shutil.copy(shop_model_path, path)

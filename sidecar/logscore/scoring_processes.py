@@ -518,12 +518,14 @@ def give_memory_back() -> None:
 def answer(cache: ModelCache, message, other_code: Optional[str] = None) -> dict:
     """The reply to one request; ``other_code``: this worker's code fingerprint when it is not the
     sidecar's (then it scores nothing)."""
-    if isinstance(message, dict):  # pack_keep
-        return {"held": cache.keep_only(message["keep"])}
-    if other_code is not None:
-        return {"other_code": other_code}
-    path, version, explain, explain_flagged, records = message
     try:
+        # (inside the try: an error here ended the worker with a traceback, and after an in-place rollback
+        # to older code, every reload killed the replacements; review, session 28)
+        if isinstance(message, dict):  # pack_keep
+            return {"held": cache.keep_only(message["keep"])}
+        if other_code is not None:
+            return {"other_code": other_code}
+        path, version, explain, explain_flagged, records = message
         model = cache.get(path, version)
         if model is None:
             return {"stale": True}
