@@ -156,7 +156,7 @@ def test_a_call_handed_to_a_batcher_after_it_closed_is_still_scored():
         held.scorer.release.set()
         await asyncio.wait_for(held.score([1, 2, 3]), GUARD_S)  # the batcher's worker ran
         await held.batcher.close()  # prune: its model was unloaded
-        late = await asyncio.wait_for(held.score([4, 5]), 2)
+        late = await asyncio.wait_for(held.score([4, 5]), GUARD_S)
         await held.close()
         return late
 
