@@ -233,6 +233,26 @@ def test_a_worker_that_fails_to_drop_models_says_why_and_serves_on(shop_model_pa
     assert "scored" in answer(cache, [str(shop_model_path), version, 0, 0, ["GET / HTTP/1.1"]])
 
 
+def test_chunks_left_to_the_sidecar_are_said_again_after_a_reload(shop_model_path, tmp_path, caplog):
+    """Said once per file and version served for the life of the process: a file that broke again, the
+    same version served, was never logged again (review, session 28)."""
+    path = tmp_path / "m.onnx"
+    shutil.copy(shop_model_path, path)
+    serving = Model.load(path)
+    path.write_bytes(os.urandom(4096))
+    pool = ScoringProcesses(1, max_line_chars=65_536)
+    try:
+        lines = shop_lines(5, seed=65)
+        for _ in range(2):
+            pool.score(serving, lines, 0)
+            pool.score(serving, lines, 0)
+            pool.keep_only({str(path)})  # a reload that changed the models (it rejected the file)
+    finally:
+        pool.close()
+    assert pool.stale_chunks == 4
+    assert sum("holds another version" in r.getMessage() for r in caplog.records) == 2
+
+
 def test_chunks_of_a_hot_swapped_version_draining_are_neither_counted_nor_warned_of(shop_model_path, tmp_path,
                                                                                     caplog):
     """At every hot swap under load, the old version's batcher drained while the workers had the new one:

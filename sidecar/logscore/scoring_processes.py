@@ -210,7 +210,10 @@ class ScoringProcesses:
         self._on_stale = on_stale or (lambda model: None)
         self._serves = serves or (lambda model: True)  # whether the sidecar still serves this model
         self.stale_chunks = 0  # chunks a worker left to the sidecar: the file holds another version, or none
-        self._stale_said: set[tuple[str, str]] = set()  # (path, version served) already logged
+        # (path, version served) already logged since the last reload that changed the models (keep_only).
+        # NOTE: kept for the life of the process, a file that broke again at the same version served was
+        # never logged again, and the set only grew (review, session 28).
+        self._stale_said: set[tuple[str, str]] = set()
         self._idle: queue.Queue[Worker] = queue.Queue()
         self._workers: list[Worker] = []
         self._lock = threading.Lock()
@@ -332,6 +335,8 @@ class ScoringProcesses:
         until the last came idle stopped scoring while one was busy or hung (review, session 28). One that
         fails the call is replaced; one that does not come idle within CHUNK_TIMEOUT_S is left as it is
         (its own chunk tells if it hangs): no chunk failed, so readiness counts nothing."""
+        with self._lock:  # (the reload also logged why a file was rejected: its stale chunks are said again)
+            self._stale_said = set()
         held: list[list[str]] = []
         visited: set[int] = set()  # ids of the workers told
         deadline = time.monotonic() + CHUNK_TIMEOUT_S
@@ -371,8 +376,9 @@ class ScoringProcesses:
 
     def _stale(self, model: Model) -> None:
         """Count a chunk left to the sidecar's process because its model file holds another version (or
-        none that loads); say so once per file and version served. NOTE: nothing told it before: a
-        file the sidecar rejected at its probe left every chunk to one core, unseen (probe-registry)."""
+        none that loads); say so once per file and version served, and again after a reload. NOTE: nothing
+        told it before: a file the sidecar rejected at its probe left every chunk to one core, unseen
+        (probe-registry)."""
         with self._lock:
             self.stale_chunks += 1
             key = (str(model.artifact.path), model.version)
