@@ -374,6 +374,15 @@ def test_dropping_removed_models_replaces_a_worker_that_fails_the_call_and_count
         pool.close()
 
 
+def test_dropping_removed_models_during_shutdown_tells_no_closed_worker(caplog):
+    """A prune during shutdown called the workers whose connections close() had shut, and logged that
+    they failed (review, session 28)."""
+    pool = ScoringProcesses(1, max_line_chars=65_536)
+    pool.close()
+    assert pool.keep_only(set()) == []
+    assert not [r for r in caplog.records if r.name == "logscore.scoring_processes"]
+
+
 def test_a_worker_that_dies_costs_at_most_its_chunk_and_is_replaced(shop_model_path):
     restarts = []
     pool = ScoringProcesses(1, max_line_chars=65_536, on_restart=restarts.append)

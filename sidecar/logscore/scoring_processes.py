@@ -337,6 +337,8 @@ class ScoringProcesses:
         (its own chunk tells if it hangs): no chunk failed, so readiness counts nothing."""
         with self._lock:  # (the reload also logged why a file was rejected: its stale chunks are said again)
             self._stale_said = set()
+            if self._closed:  # a prune during shutdown: the workers' connections are closed, nothing to tell
+                return []
         held: list[list[str]] = []
         visited: set[int] = set()  # ids of the workers told
         deadline = time.monotonic() + CHUNK_TIMEOUT_S
@@ -355,7 +357,7 @@ class ScoringProcesses:
 
     def _unvisited(self, visited: set[int]) -> bool:
         with self._lock:
-            return any(id(w) not in visited for w in self._workers)
+            return not self._closed and any(id(w) not in visited for w in self._workers)
 
     def _tell_keep(self, worker: Worker, paths: set[str], held: list[list[str]]) -> None:
         """Send one idle worker the keep message and put it back; replace it if the call fails."""
