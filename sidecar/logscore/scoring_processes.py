@@ -340,24 +340,24 @@ class ScoringProcesses:
             if self._closed:  # a prune during shutdown: the workers' connections are closed, nothing to tell
                 return []
         held: list[list[str]] = []
-        visited: set[int] = set()  # ids of the workers told
+        visited: set[Worker] = set()  # the workers told (by identity: a replacement is another)
         deadline = time.monotonic() + CHUNK_TIMEOUT_S
         while self._unvisited(visited) and time.monotonic() < deadline:
             try:
                 worker = self._idle.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
                 break
-            if id(worker) in visited:  # told already; the others are busy: give it back, let them finish
+            if worker in visited:  # told already; the others are busy: give it back, let them finish
                 self._idle.put(worker)
                 time.sleep(KEEP_RETAKE_PAUSE_S)
                 continue
-            visited.add(id(worker))
+            visited.add(worker)
             self._tell_keep(worker, paths, held)
         return held
 
-    def _unvisited(self, visited: set[int]) -> bool:
+    def _unvisited(self, visited: set[Worker]) -> bool:
         with self._lock:
-            return not self._closed and any(id(w) not in visited for w in self._workers)
+            return not self._closed and any(w not in visited for w in self._workers)
 
     def _tell_keep(self, worker: Worker, paths: set[str], held: list[list[str]]) -> None:
         """Send one idle worker the keep message and put it back; replace it if the call fails."""
