@@ -374,6 +374,31 @@ def test_dropping_removed_models_replaces_a_worker_that_fails_the_call_and_count
         pool.close()
 
 
+def test_a_lone_worker_hung_as_it_drops_models_is_replaced_in_time_for_the_chunk_waiting(shop_model_path,
+                                                                                        monkeypatch):
+    """The keep call waited as long as a chunk waits for an idle worker: with --scoring-processes 1, a worker
+    hung (SIGSTOP) as a reload told it failed the chunk waiting for it ("no scoring process is running")."""
+    from logscore import scoring_processes
+
+    monkeypatch.setattr(scoring_processes, "CHUNK_TIMEOUT_S", 2.0)
+    monkeypatch.setattr(scoring_processes, "KEEP_TIMEOUT_S", 0.3, raising=False)
+    pool = ScoringProcesses(1, max_line_chars=65_536)
+    try:
+        model = Model.load(shop_model_path)
+        lines = shop_lines(10, seed=66)
+        hung = pool.pids[0]
+        os.kill(hung, signal.SIGSTOP)
+        telling = threading.Thread(target=pool.keep_only, args=(set(),))
+        telling.start()
+        while pool._idle.qsize() and telling.is_alive():  # until keep_only holds it
+            time.sleep(0.001)
+        assert_same(pool.score(model, lines, 0), model.score(lines, 0))  # by its replacement
+        telling.join()
+        assert hung not in pool.pids and pool.status()["failed_in_row"] == 0
+    finally:
+        pool.close()
+
+
 def test_dropping_removed_models_during_shutdown_tells_no_closed_worker(caplog):
     """A prune during shutdown called the workers whose connections close() had shut, and logged that
     they failed (review, session 28)."""

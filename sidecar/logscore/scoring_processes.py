@@ -68,6 +68,10 @@ CHUNK_TIMEOUT_S = 5.0
 NOT_ANSWERING_HOLD_S = 2 * CHUNK_TIMEOUT_S
 # keep_only, having told the only idle worker(s), waits this long before looking for busy ones again.
 KEEP_RETAKE_PAUSE_S = 0.005
+# How long a worker may take to drop models and trim (10-30 ms measured for 10 models): shorter than a chunk's
+# wait for an idle worker, so that a worker hung as it was told is replaced in time for the chunk waiting for
+# it (with the chunk's timeout, the lone worker of --scoring-processes 1 failed that chunk; review, session 28).
+KEEP_TIMEOUT_S = CHUNK_TIMEOUT_S / 2
 ARRAYS = ("scores", "is_anomaly", "raw_scores", "truncated", "unparsed", "novelty")
 
 
@@ -158,12 +162,14 @@ class Worker:
         except OSError:
             return False
 
-    def call(self, packed: bytes) -> dict:
-        """Send one packed request, wait for its reply (WorkerFailed: the worker is gone or stuck)."""
+    def call(self, packed: bytes, timeout: Optional[float] = None) -> dict:
+        """Send one packed request, wait for its reply (WorkerFailed: the worker is gone or stuck) at most
+        ``timeout`` seconds (CHUNK_TIMEOUT_S when None)."""
+        timeout = CHUNK_TIMEOUT_S if timeout is None else timeout
         try:
             self.connection.send_bytes(packed)
-            if not self.connection.poll(CHUNK_TIMEOUT_S):
-                raise WorkerFailed(f"no answer in {CHUNK_TIMEOUT_S:.0f} s")
+            if not self.connection.poll(timeout):
+                raise WorkerFailed(f"no answer in {timeout:g} s")
             return unpack(self.connection.recv_bytes())
         except (OSError, EOFError) as error:
             raise WorkerFailed(self.exit_description(error)) from None
@@ -333,8 +339,9 @@ class ScoringProcesses:
 
         Workers are visited one at a time as they come idle, each put back at once: holding every worker
         until the last came idle stopped scoring while one was busy or hung (review, session 28). One that
-        fails the call is replaced; one that does not come idle within CHUNK_TIMEOUT_S is left as it is
-        (its own chunk tells if it hangs): no chunk failed, so readiness counts nothing."""
+        fails the call (or takes more than KEEP_TIMEOUT_S) is replaced; one that does not come idle within
+        CHUNK_TIMEOUT_S is left as it is (its own chunk tells if it hangs): no chunk failed, so readiness
+        counts nothing."""
         with self._lock:  # (the reload also logged why a file was rejected: its stale chunks are said again)
             self._stale_said = set()
             if self._closed:  # a prune during shutdown: the workers' connections are closed, nothing to tell
@@ -365,7 +372,7 @@ class ScoringProcesses:
             self._replace(worker, worker.idle_failure())
             return
         try:
-            reply = worker.call(pack_keep(paths))
+            reply = worker.call(pack_keep(paths), KEEP_TIMEOUT_S)
         except WorkerFailed as error:
             self._replace(worker, f"while dropping removed models: {error}")
             return
