@@ -150,7 +150,20 @@ class InvalidEntry(ValueError):
 
 class UndecodableValue(ForwardProtocolError):
     """A value msgpack could not decode (a reserved ext type, an array as a map key) or that holds
-    more than MAX_DECODED_VALUES values."""
+    more than MAX_DECODED_VALUES values (``over_budget``: with what the budget held before it)."""
+
+    def __init__(self, text: str, over_budget: bool = False):
+        super().__init__(text)
+        self.over_budget = over_budget
+
+
+class OverBudget(ForwardProtocolError):
+    """A ValueBudget's limit was passed."""
+
+
+class DecodeAfterRelay(Exception):
+    """A message went over the connection's value budget that messages read before it still hold:
+    those go on first and let their values go, then it is decoded again."""
 
 
 class NextHopError(ConnectionError):
@@ -273,6 +286,23 @@ def _is_log(option: dict) -> bool:
 
 async def read_message(data: memoryview, max_message_bytes: int, budget: "ValueBudget",
                        small: "SmallDecoder") -> Message:
+    """A complete message's bytes as a Message; DecodeAfterRelay if it went over the budget only with
+    what messages read before it hold (decoded alone, it may fit).
+
+    NOTE: skipped as undecodable then, a valid record was acknowledged and never relayed (one record
+    of 999,980 values and 100 small ones in one write: two small ones lost)."""
+    charged = budget.count
+    try:
+        return await _read_message(data, max_message_bytes, budget, small)
+    except UndecodableValue as error:
+        if error.over_budget and charged:
+            budget.release(budget.count - charged)
+            raise DecodeAfterRelay() from None
+        raise
+
+
+async def _read_message(data: memoryview, max_message_bytes: int, budget: "ValueBudget",
+                        small: "SmallDecoder") -> Message:
     """A complete message's bytes as a Message. Forward mode's entries are left in the bytes and
     decoded as they are consumed (``forward_entries``); any other message is decoded whole, in steps.
 
@@ -300,6 +330,8 @@ async def read_message(data: memoryview, max_message_bytes: int, budget: "ValueB
             raw = await SteppedDecoder(data, 0, max_message_bytes, budget).next()
     except UndecodableValue as error:
         budget.release(budget.count - charged)  # what the failed decoding built is let go
+        if error.over_budget and charged:
+            raise
         return await message_mode_entry_skipped(data, items, tag_at, max_message_bytes, budget, error)
     return decode_message(raw, max_message_bytes)
 
@@ -319,7 +351,9 @@ async def message_mode_entry_skipped(data: memoryview, items: int, tag_at: int, 
     option: object = {}
     if items == 4:
         option_at = await _skipped(data, await _skipped(data, time_at))
+        charged = budget.count
         option = await SteppedDecoder(data, option_at, max_message_bytes, budget).next()  # undecodable: refused
+        budget.release(budget.count - charged)  # read once, not held with the records
     option = option if isinstance(option, dict) else {}
     if not _is_log(option):  # passed on as it came, which cannot be done without decoding it
         raise error
@@ -480,22 +514,37 @@ async def forward_entries(data: memoryview, at: int, count: int, max_message_byt
     """The ``count`` entries of a Forward-mode array starting at ``at``, decoded one at a time."""
     decoder = SteppedDecoder(data, at, max_message_bytes, budget)
     for _ in range(count):
-        start, charged = decoder.position, budget.count
-        try:
-            entry = await decoder.next()
-        except UndecodableValue as error:
-            # NOTE: skipped by its bytes and counted, like an entry that is not [time, record]:
-            # refusing the chunk once slices of it were relayed made every resend relay them again.
-            budget.release(budget.count - charged)
-            decoder = SteppedDecoder(data, await _skipped(data, start), max_message_bytes, budget)
-            entry = undecoded_entry(error)
+        while True:
+            start, charged = decoder.position, budget.count
+            try:
+                entry = await decoder.next()
+                break
+            except UndecodableValue as error:
+                budget.release(budget.count - charged)
+                if error.over_budget and charged:  # it may fit alone: decoded again once the slice went on
+                    yield END_SLICE
+                    decoder = SteppedDecoder(data, start, max_message_bytes, budget)
+                    continue
+                # NOTE: skipped by its bytes and counted, like an entry that is not [time, record]:
+                # refusing the chunk once slices of it were relayed made every resend relay them again.
+                decoder = SteppedDecoder(data, await _skipped(data, start), max_message_bytes, budget)
+                entry = undecoded_entry(error)
+                break
         yield entry
+
+
+# Yielded by lazily decoded entries before an entry that went over the value budget only with the
+# slice under way: the consumer sends the slice on and lets its values go, then the entry is decoded
+# again. NOTE: skipped as undecodable, a valid entry was acknowledged and never relayed.
+END_SLICE = object()
 
 
 def undecodable(error: Exception) -> UndecodableValue:
     """What msgpack could not decode, named: the value budget's refusal as it is, else the error's
     type and message. TypeError: a list as a map key; ValueError: a reserved ext type."""
-    if isinstance(error, ForwardProtocolError):  # the budget's
+    if isinstance(error, OverBudget):
+        return UndecodableValue(str(error), over_budget=True)
+    if isinstance(error, ForwardProtocolError):
         return UndecodableValue(str(error))
     if isinstance(error, msgpack.StackError):  # (it says nothing itself)
         return UndecodableValue(TOO_DEEP)
@@ -584,7 +633,7 @@ class ValueBudget:
     def charge(self, values: int) -> None:
         self.count += values
         if self.count > self.limit:
-            raise ForwardProtocolError(f"{self.holder} holds more than {self.limit:,} values (arrays, maps and "
+            raise OverBudget(f"{self.holder} holds more than {self.limit:,} values (arrays, maps and "
                                        "their items; decoded, that many take up to 200 MiB): log records "
                                        "hold far fewer per byte; send smaller chunks")
 
@@ -695,6 +744,10 @@ async def packed_entries(data: bytes, compressed: bool, max_message_bytes: int,
             # slices of it were relayed made every resend relay them again (and its sender drop
             # every record of it at its retry limit).
             budget.release(budget.count - charged)
+            if error.over_budget and charged:  # it may fit alone (END_SLICE)
+                yield END_SLICE
+                at += consumed
+                continue
             if oversized:
                 at = await oversized_entry_end(payload, at + consumed, error)
             else:
@@ -1681,25 +1734,35 @@ class ForwardServer(StreamServer):
         relay), not per read: a sender trickling a byte every few seconds would otherwise hold its
         admission for good."""
         while True:
-            messages, refused = [], None
-            for one in framed:
-                try:
-                    message = await read_message(one, self.max_message_bytes, budget, small)
-                    await message.check_size(self.max_message_bytes)
-                except (ForwardProtocolError, ValueError, TypeError, msgpack.UnpackException) as error:
-                    refused = error  # raised once the messages before it went on (they were lost with it)
-                    break
-                messages.append(message)
-            if messages:
-                await self._relay(messages, writer)
-                budget.release(budget.count)  # relayed: let go
-                framer.restart_clock()  # nor is the relay's (waiting for the next hop's acks)
-            if refused is not None:
-                raise refused
+            while framed:
+                messages, refused, framed = await self._read_messages(framed, budget, small)
+                if messages:
+                    await self._relay(messages, writer)
+                    framer.restart_clock()  # nor is the relay's (waiting for the next hop's acks)
+                budget.release(budget.count)  # relayed (or none read): let go
+                if refused is not None:
+                    raise refused
             framer.raise_if_broken()  # bad bytes after them: refused now that they went on
             if framer.held_bytes < UNADMITTED_BYTES:
                 return
             framed = framer.feed(await read_more(reader, framer))
+
+    async def _read_messages(self, framed: list[memoryview], budget: ValueBudget,
+                             small: SmallDecoder) -> tuple[list[Message], Optional[Exception], list[memoryview]]:
+        """The messages to relay together, the error that refused the one after them (raised once they
+        went on: they were lost with it), and the framed messages left to read after this relay (from one
+        that did not fit the budget with them)."""
+        messages: list[Message] = []
+        for index, one in enumerate(framed):
+            try:
+                message = await read_message(one, self.max_message_bytes, budget, small)
+                await message.check_size(self.max_message_bytes)
+            except DecodeAfterRelay:
+                return messages, None, framed[index:]
+            except (ForwardProtocolError, ValueError, TypeError, msgpack.UnpackException) as error:
+                return messages, error, []
+            messages.append(message)
+        return messages, None, []
 
     async def _relay(self, messages: list[Message], writer: asyncio.StreamWriter) -> None:
         """Score and pass on a group of messages, then acknowledge the sender's chunks."""
@@ -1757,6 +1820,12 @@ class ForwardServer(StreamServer):
                         piece = []
                 continue
             async for entry in message.entries:
+                if entry is END_SLICE:
+                    if piece:
+                        yield piece
+                        piece = []
+                    message.budget.release(message.budget.count)  # sent: let go
+                    continue
                 if self._took(piece, message, entry, relay):
                     yield piece
                     piece = []
