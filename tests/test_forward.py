@@ -1207,17 +1207,105 @@ def test_a_forward_mode_entry_nested_past_msgpack_s_limit_is_skipped_and_the_mes
     assert "nested more than 1,024 arrays and maps deep (msgpack's limit): send flatter records" in sidecar.log()
 
 
-def test_a_value_nested_past_msgpack_s_limit_is_measured_by_its_bytes_and_a_bottomless_one_refused():
-    from logscore.servers.forward import ForwardProtocolError, deep_value_length, steps_of
+def walked(data: bytes, piece: int = 1 << 20):
+    """walked_length of data fed in pieces of ``piece`` bytes, and the values the walk paid for."""
+    import asyncio
 
-    deep = b"\x93" + b"\x91" * 1_500 + b"\xa1x" + msgpack.packb({"k": [1, 2, "y" * 40_000]}) + b"\xdc\x00\x02" + (
-        b"\x91" * 2_000 + b"\x01") * 2
-    data = memoryview(deep + msgpack.packb("next"))
-    assert deep_value_length(steps_of(data), 0) == len(deep)
-    assert deep_value_length(steps_of(data[:len(deep) - 1]), 0) is None  # its bytes end first
-    assert deep_value_length(steps_of(memoryview(b"\x00" + deep)), 1) == len(deep)  # from where it starts
+    from logscore.servers.forward import WalkAllowance, walked_length
+
+    allowance = WalkAllowance()
+    pieces = (memoryview(data)[at:at + piece] for at in range(0, len(data), piece))
+    return asyncio.run(walked_length(pieces, allowance)), 1_000_000 - allowance.values
+
+
+DEEP_VALUE = b"\x93" + b"\x91" * 1_500 + b"\xa1x" + msgpack.packb({"k": [1, 2, "y" * 40_000]}) + b"\xdc\x00\x02" + (
+    b"\x91" * 2_000 + b"\x01") * 2
+
+
+@pytest.mark.parametrize("piece", [1, 3, 16_384])
+def test_a_value_nested_past_msgpack_s_limit_is_walked_once_by_its_headers_in_any_pieces(piece):
+    """Its length whatever the pieces its bytes come in (a header cut between them too), each value
+    paid for once: 5,511 values. Walked again from its first byte on every read, an 11-byte read
+    after a deep prefix cost 60-110 ms (review, session 28)."""
+    assert walked(DEEP_VALUE + msgpack.packb("next"), piece) == (len(DEEP_VALUE), 5_511)
+    assert walked(DEEP_VALUE[:-1], piece) == (None, 5_510)  # its bytes end first
+
+
+def test_depth_is_bounded_by_the_arrays_and_maps_open_not_by_those_walked_in_all():
+    """130 values nested 1,100 deep are 143,000 containers, and no deeper than 1,100: the bound
+    counted containers entered across a message and refused it as "nested more than 11,024 deep"."""
+    from logscore.servers.forward import ForwardProtocolError
+
+    many = b"\xdc\x00\x82" + (b"\x91" * 1_100 + b"\x01") * 130
+    assert walked(many) == (len(many), 1 + 130 * 1_101)
     with pytest.raises(ForwardProtocolError, match="nested more than 11,024 arrays and maps deep: not log records"):
-        deep_value_length(steps_of(memoryview(b"\x91" * 12_000 + b"\x01")), 0)
+        walked(b"\x91" * 12_000 + b"\x01")
+    with pytest.raises(ForwardProtocolError, match="holds more than 1,000,000 values: not log records"):
+        walked(b"\x91" * 1_100 + b"\xdd\x00\x10\x00\x00" + b"\x01" * 0x100000)
+
+
+def test_a_framer_walks_a_deep_message_trickling_in_once_not_again_on_every_read(monkeypatch):
+    """A sender trickling after a deeply nested prefix had the framer walk the whole message again on
+    every read, on the event loop (2 senders: 6.1 s of CPU in 6 s). Each header is read once now
+    (a header cut between reads twice)."""
+    from logscore.servers import forward
+
+    headers_read = 0
+    value_header = forward.value_header
+
+    def counted(data, at):
+        nonlocal headers_read
+        headers_read += 1
+        return value_header(data, at)
+
+    monkeypatch.setattr(forward, "value_header", counted)
+    deep = b"\x93" + msgpack.packb("web") + msgpack.packb(1_700_000_000) + b"\x81\xa1m" + b"\x91" * 3_000 + b"\x01"
+    framer = forward.MessageFramer(1 << 20)
+    framed = [framer.feed(deep[at:at + 11]) for at in range(0, len(deep), 11)]
+    assert [bytes(m) for m in sum(framed, [])] == [deep] and headers_read < 2 * 3_010
+    assert [bytes(m) for m in framer.feed(msgpack.packb(["web", 1, {}]))] == [msgpack.packb(["web", 1, {}])]
+
+
+def test_many_entries_nested_past_msgpack_s_limit_are_skipped_not_the_connection_closed(chain):
+    """130 entries nested 1,100 deep closed the connection as "nested more than 11,024 deep" (false):
+    the good entries of the chunk were lost or resent."""
+    sidecar, port, receiver = chain
+    deep_entry = b"\x92" + msgpack.packb(1_700_000_000) + b"\x81\xa1m" + b"\x91" * 1_100 + b"\x01"
+    good = [msgpack.packb([1_700_000_000, {"message": f"GET /{n}"}]) for n in range(2)]
+    message = (b"\x93" + msgpack.packb("web") + b"\xdc\x00\x84" + good[0] + deep_entry * 130 + good[1]
+               + msgpack.packb({"chunk": "deep"}))
+    assert send(port, message) == [{"ack": "deep"}]
+    assert [r["message"] for _, r in receiver.wait_for(2)] == ["GET /0", "GET /1"]
+    assert counter(sidecar, "forward_invalid_entry") == 130 and counter(sidecar, "forward_protocol") == 0
+
+
+def test_gzip_entries_nested_past_msgpack_s_limit_are_walked_once_each(monkeypatch):
+    """Each container past msgpack's limit cost a new skipper and another parse of up to 1,024 levels:
+    20 gzip entries nested 10,000 deep (293 bytes sent) cost 1.3 s of CPU. Walked by their headers now,
+    each header once."""
+    import asyncio
+
+    from logscore.servers import forward
+
+    headers_read = 0
+    value_header = forward.value_header
+
+    def counted(data, at):
+        nonlocal headers_read
+        headers_read += 1
+        return value_header(data, at)
+
+    monkeypatch.setattr(forward, "value_header", counted)
+    deep_entry = b"\x92" + msgpack.packb(1_700_000_000) + b"\x81\xa1m" + b"\x91" * 10_000 + b"\x01"
+    payload = gzip.compress(deep_entry * 20 + msgpack.packb([1_700_000_001, {"message": "GET /"}]))
+
+    async def entries():
+        budget = forward.ValueBudget(1_000_000, "test")
+        return [entry async for entry in forward.packed_entries(payload, True, 1 << 20, budget)]
+
+    read = asyncio.run(entries())
+    assert [type(entry).__name__ for entry in read] == ["InvalidEntry"] * 20 + ["list"]
+    assert headers_read < 20 * 10_010
 
 
 def test_skipped_entries_logged_since_count_the_messages_of_a_pipelining_sender(chain):

@@ -318,7 +318,7 @@ async def _read_message(data: memoryview, max_message_bytes: int, budget: "Value
             option = await SteppedDecoder(data, option_at, max_message_bytes, budget).next()
             option = option if isinstance(option, dict) else {}
         if _is_log(option):
-            tag = str(data[tag_at + _str_header_size(data[tag_at]):payload_at], "utf-8", EXACT)
+            tag = str(data[tag_at + value_header(data, tag_at)[0]:payload_at], "utf-8", EXACT)
             slice_budget = ValueBudget(MAX_DECODED_VALUES, "a slice of Forward entries")
             entries_read = forward_entries(data, entries[1], entries[0], max_message_bytes, slice_budget)
             return Message(tag, entries_read, _chunk(option), budget=slice_budget, size=_size(option))
@@ -357,7 +357,7 @@ async def message_mode_entry_skipped(data: memoryview, items: int, tag_at: int, 
     option = option if isinstance(option, dict) else {}
     if not _is_log(option):  # passed on as it came, which cannot be done without decoding it
         raise error
-    tag = str(data[tag_at + _str_header_size(data[tag_at]):time_at], "utf-8", EXACT)
+    tag = str(data[tag_at + value_header(data, tag_at)[0]:time_at], "utf-8", EXACT)
     return Message(tag, [undecoded_entry(error)], _chunk(option), size=_size(option))
 
 
@@ -376,21 +376,15 @@ async def _may_be_message_mode_time(data: memoryview, at: int, items: int) -> bo
     return metadata_at < len(data) and (0x80 <= data[metadata_at] <= 0x8F or data[metadata_at] in (0xDE, 0xDF))
 
 
-def _str_header_size(kind: int) -> int:
-    return {0xD9: 2, 0xDA: 3, 0xDB: 5}.get(kind, 1)
+_STR_KINDS = (0xD9, 0xDA, 0xDB)  # str 8, 16, 32 (and fixstr: 0xA0-0xBF)
 
 
 def _str_end(data: memoryview, at: int) -> Optional[int]:
     """Where the msgpack str starting at ``at`` ends, or None if none starts there."""
-    if at >= len(data):
+    if at >= len(data) or not (0xA0 <= data[at] <= 0xBF or data[at] in _STR_KINDS):
         return None
-    kind = data[at]
-    if 0xA0 <= kind <= 0xBF:
-        return at + 1 + (kind & 0x1F)
-    size = _str_header_size(kind) - 1
-    if kind in (0xD9, 0xDA, 0xDB) and at + size < len(data):
-        return at + 1 + size + int.from_bytes(data[at + 1:at + 1 + size], "big")
-    return None
+    header = value_header(data, at)
+    return None if header is None else at + header[0] + header[1]
 
 
 SKIP_STEP = 16 * DECODE_STEP  # msgpack skips this much in about 1 ms (it builds nothing)
@@ -404,20 +398,22 @@ def steps_of(data: memoryview) -> StepsFrom:
     return lambda at, size: (data[start:start + size] for start in range(at, len(data), size))
 
 
-async def _skipped(data: memoryview, at: int) -> int:
-    """Where the value starting at ``at`` ends."""
-    length = await _value_length(steps_of(data), at)
+async def _skipped(data: memoryview, at: int, allowance: Optional[WalkAllowance] = None) -> int:
+    """Where the value starting at ``at`` ends (a walk by headers paid from ``allowance``, the
+    message's, or from one of its own)."""
+    length = await _value_length(steps_of(data), at, allowance or WalkAllowance())
     if length is None:
         raise ForwardProtocolError("a message ends in the middle of a value")
     return at + length
 
 
-async def _value_length(steps_from: StepsFrom, at: int, max_buffer_size: int = 0) -> Optional[int]:
+async def _value_length(steps_from: StepsFrom, at: int, allowance: WalkAllowance,
+                        max_buffer_size: int = 0) -> Optional[int]:
     """How many bytes the value at ``at`` takes (None if the bytes end first): msgpack skips it step
     by step, building nothing, and the event loop runs between steps (let_loop_run). Any length of
-    array or map is skipped (nothing is built), nested however deep (``deep_value_length``); a value
-    msgpack cannot even skip (a byte no type starts with, a string past ``max_buffer_size``) raises
-    as msgpack does."""
+    array or map is skipped (nothing is built); one nested deeper than msgpack reads is walked by its
+    headers (``walked_length``, paid from ``allowance``); a value msgpack cannot even skip (a byte no
+    type starts with, a string past ``max_buffer_size``) raises as msgpack does."""
     skipper = _skipper(max_buffer_size, SKIP_STEP)
     held_since = time.perf_counter()
     for step in steps_from(at, SKIP_STEP):
@@ -427,8 +423,8 @@ async def _value_length(steps_from: StepsFrom, at: int, max_buffer_size: int = 0
             return skipper.tell()
         except msgpack.OutOfData:
             held_since = await let_loop_run(held_since)
-        except msgpack.StackError:
-            return deep_value_length(steps_from, at, max_buffer_size)
+        except msgpack.StackError:  # too deep for msgpack: its headers are walked, each byte once
+            return await walked_length(steps_from(at, DECODE_STEP), allowance)
     return None
 
 
@@ -439,80 +435,43 @@ def _skipper(max_buffer_size: int, step: int) -> msgpack.Unpacker:
 
 
 MSGPACK_MAX_DEPTH = 1024  # msgpack decodes, and skips, arrays and maps nested this deep at most (StackError)
-# Containers too deep for msgpack that deep_value_length enters itself, per value: a chain of 11,000
-# levels costs about 0.1 s of the event loop; deeper is no log record but bytes built to stall a reader.
-MAX_ENTERED_CONTAINERS = 10_000
+# Arrays and maps open at once that a walk by headers (ValueWalker) follows: deeper is no log record
+# but bytes built to stall a reader.
+MAX_WALK_DEPTH = MSGPACK_MAX_DEPTH + 10_000
 TOO_DEEP = (f"nested more than {MSGPACK_MAX_DEPTH:,} arrays and maps deep (msgpack's limit): send flatter "
             "records")
 
 
-def deep_value_length(steps_from: StepsFrom, at: int, max_buffer_size: int = 0) -> Optional[int]:
-    """How many bytes the value at ``at`` takes when it nests deeper than msgpack reads (None if the
-    bytes end first): msgpack skips what it can, and a container it cannot skip is entered here, by
-    its header, and msgpack goes on from its first item (no recursion here either).
+class WalkAllowance:
+    """The values one message's walks by headers (ValueWalker, about 0.3 µs of Python each) may take
+    in all; past it the message is refused.
 
-    NOTE: msgpack refuses even to skip such a value (StackError): a record nested 1,100 deep made
-    the framer close the connection (every later record lost) and a PackedForward chunk holding one
-    refused whole, its first slices relayed again on every resend (4,096 records delivered 3 times,
-    904 never). Skipped by its bytes, the entry is counted like any that cannot be decoded."""
-    open_items = [1]  # values still to skip at each level entered, innermost last
-    start, entered = at, 0
-    while True:
-        skipper = _skipper(max_buffer_size, DECODE_STEP)
-        value_start = 0  # where the value being skipped starts, in the skipper's bytes
-        for step in steps_from(start, DECODE_STEP):
-            skipper.feed(step)
-            try:
-                while open_items:
-                    if open_items[-1] == 0:
-                        open_items.pop()
-                        continue
-                    skipper.skip()
-                    open_items[-1] -= 1
-                    value_start = skipper.tell()
-                return start + skipper.tell() - at
-            except msgpack.OutOfData:
-                continue
-            except msgpack.StackError:
-                break
-        else:
-            return None
-        entered += 1
-        if entered > MAX_ENTERED_CONTAINERS:
-            raise ForwardProtocolError(f"a value nested more than {MSGPACK_MAX_DEPTH + MAX_ENTERED_CONTAINERS:,} "
-                                       "arrays and maps deep: not log records")
-        start += value_start
-        items, header_bytes = _container_header(_head(steps_from(start, DECODE_STEP), 5))
-        open_items[-1] -= 1
-        open_items.append(items)
-        start += header_bytes
+    NOTE: walked again from the first byte on every read, one 11-byte read after a 122 KB deep prefix
+    cost 60-110 ms of the event loop; entered one container at a time with a new msgpack skipper for
+    each, 20 gzip entries nested 10,000 deep (293 bytes sent) cost 1.3 s. A walk now reads each byte
+    once, and a message pays for at most this many values of it."""
+
+    def __init__(self, values: int = MAX_DECODED_VALUES):
+        self.values = values
 
 
-def _head(steps: Iterable[memoryview], size: int) -> bytes:
-    """The first ``size`` bytes of steps (fewer if they end first)."""
-    head = b""
+async def walked_length(steps: Iterable[memoryview], allowance: WalkAllowance) -> Optional[int]:
+    """How many bytes the value the steps start with takes, walked by its headers (None if the steps
+    end first); the event loop runs between steps."""
+    walker = ValueWalker(allowance)
+    held_since = time.perf_counter()
     for step in steps:
-        head += bytes(step[:size - len(head)])
-        if len(head) >= size:
-            break
-    return head
-
-
-def _container_header(head: bytes) -> tuple[int, int]:
-    """(values inside, bytes of the header) of the array or map whose header starts ``head``."""
-    kind = head[0]
-    if 0x90 <= kind <= 0x9F:
-        return kind & 0x0F, 1
-    if 0x80 <= kind <= 0x8F:
-        return 2 * (kind & 0x0F), 1
-    size, values_per_item = {0xDC: (2, 1), 0xDD: (4, 1), 0xDE: (2, 2), 0xDF: (4, 2)}[kind]
-    return values_per_item * int.from_bytes(head[1:1 + size], "big"), 1 + size
+        if walker.feed(step):
+            return walker.position
+        held_since = await let_loop_run(held_since)
+    return None
 
 
 async def forward_entries(data: memoryview, at: int, count: int, max_message_bytes: int,
                           budget: "ValueBudget") -> AsyncIterator:
     """The ``count`` entries of a Forward-mode array starting at ``at``, decoded one at a time."""
     decoder = SteppedDecoder(data, at, max_message_bytes, budget)
+    allowance = WalkAllowance()
     for _ in range(count):
         while True:
             start, charged = decoder.position, budget.count
@@ -527,7 +486,7 @@ async def forward_entries(data: memoryview, at: int, count: int, max_message_byt
                     continue
                 # NOTE: skipped by its bytes and counted, like an entry that is not [time, record]:
                 # refusing the chunk once slices of it were relayed made every resend relay them again.
-                decoder = SteppedDecoder(data, await _skipped(data, start), max_message_bytes, budget)
+                decoder = SteppedDecoder(data, await _skipped(data, start, allowance), max_message_bytes, budget)
                 entry = undecoded_entry(error)
                 break
         yield entry
@@ -558,14 +517,10 @@ def undecoded_entry(error: UndecodableValue) -> InvalidEntry:
 
 def _array_header(data: memoryview, at: int) -> Optional[tuple[int, int]]:
     """(items, where the first item starts) if a msgpack array starts at ``at``, else None."""
-    if at >= len(data):
+    if at >= len(data) or not (0x90 <= data[at] <= 0x9F or data[at] in (0xDC, 0xDD)):
         return None
-    kind = data[at]
-    if 0x90 <= kind <= 0x9F:
-        return kind & 0x0F, at + 1
-    if kind in (0xDC, 0xDD) and at + (size := 2 if kind == 0xDC else 4) < len(data):
-        return int.from_bytes(data[at + 1:at + 1 + size], "big"), at + 1 + size
-    return None
+    header = value_header(data, at)
+    return None if header is None else (header[2], at + header[0])
 
 
 async def let_loop_run(held_since: float) -> float:
@@ -707,6 +662,7 @@ async def packed_entries(data: bytes, compressed: bool, max_message_bytes: int,
     payload = PackedPayload(_inflate(data, INFLATION * max_message_bytes) if compressed else iter((data,)),
                             buffer_size + 2 * INFLATE_STEP)
     held_since = time.perf_counter()
+    allowance = WalkAllowance()
     at = 0  # where decoding (re)starts in the payload
     try:
         while True:
@@ -749,9 +705,9 @@ async def packed_entries(data: bytes, compressed: bool, max_message_bytes: int,
                 at += consumed
                 continue
             if oversized:
-                at = await oversized_entry_end(payload, at + consumed, error)
+                at = await oversized_entry_end(payload, at + consumed, error, allowance)
             else:
-                at = await _entry_end(payload, at + consumed, buffer_size, error)
+                at = await _entry_end(payload, at + consumed, buffer_size, error, allowance)
             yield undecoded_entry(error)
     except ForwardProtocolError:
         raise
@@ -760,38 +716,34 @@ async def packed_entries(data: bytes, compressed: bool, max_message_bytes: int,
                                    f"{type(error).__name__} {error}".rstrip()) from None
 
 
-async def _entry_end(payload: "PackedPayload", start: int, buffer_size: int, error: UndecodableValue) -> int:
+async def _entry_end(payload: "PackedPayload", start: int, buffer_size: int, error: UndecodableValue,
+                     allowance: WalkAllowance) -> int:
     """Where the entry starting at ``start``, which could not be decoded, ends in the payload; a
     ForwardProtocolError if its bytes are no longer held or end before it does."""
     if not payload.holds(start):
         raise ForwardProtocolError(f"a PackedForward entry of more than {payload.keep_bytes} bytes inflated "
                                    f"could not be decoded ({error}); send smaller records")
-    length = await _value_length(payload.steps_held, start, buffer_size)
+    length = await _value_length(payload.steps_held, start, allowance, buffer_size)
     if length is None:
         raise ForwardProtocolError(f"PackedForward entries end in the middle of an entry (one that "
                                    f"could not be decoded: {error})")
     return start + length
 
 
-async def oversized_entry_end(payload: "PackedPayload", start: int, error: UndecodableValue) -> int:
+async def oversized_entry_end(payload: "PackedPayload", start: int, error: UndecodableValue,
+                              allowance: WalkAllowance) -> int:
     """Where an entry too big for the decoder's buffer ends in the payload (ForwardProtocolError if
-    the payload ends first, or it holds more than MAX_DECODED_VALUES values).
+    the payload ends first, or the message's walks by headers went past their allowance).
 
     NOTE: such an entry (a gzip chunk's record past forward_max_message_bytes + 1 MiB inflated)
     refused its chunk once slices of it were relayed: each resend relayed them again (4,096 records
     delivered 3 times), and the chunk was never acknowledged. msgpack would hold it whole to skip
     it: here its headers are read and the bytes of its strings passed over as they are inflated."""
-    walker = ValueWalker(payload.steps_held(start, DECODE_STEP))
-    held_since = time.perf_counter()
-    while not walker.done:
-        if not walker.walk(DECODE_STEP):
-            raise ForwardProtocolError(f"PackedForward entries end in the middle of an entry (one that "
-                                       f"could not be decoded: {error})")
-        if walker.values > MAX_DECODED_VALUES:
-            raise ForwardProtocolError(f"a PackedForward entry holds more than {MAX_DECODED_VALUES:,} values and "
-                                       f"cannot be decoded ({error})")
-        held_since = await let_loop_run(held_since)
-    return start + walker.position
+    length = await walked_length(payload.steps_held(start, DECODE_STEP), allowance)
+    if length is None:
+        raise ForwardProtocolError(f"PackedForward entries end in the middle of an entry (one that "
+                                   f"could not be decoded: {error})")
+    return start + length
 
 
 # bytes after the first that a msgpack value's header takes, by its first byte, and how its length reads
@@ -802,88 +754,94 @@ _SIZED_BYTES = {0xC4: (1, 0), 0xC5: (2, 0), 0xC6: (4, 0), 0xC7: (1, 1), 0xC8: (2
 _CONTAINER_BYTES = {0xDC: (2, 1), 0xDD: (4, 1), 0xDE: (2, 2), 0xDF: (4, 2)}  # (count bytes, values per item)
 
 
-class ValueWalker:
-    """Walks one msgpack value by its headers, passing over the bodies of strings, binaries and ext
-    values without holding them: for a value too big to buffer. Python, a value at a time (about 1 µs)."""
+def value_header(data: memoryview, at: int) -> Optional[tuple[int, int, int]]:
+    """(header bytes, body bytes, values inside) of the msgpack value starting at ``at``; None if its
+    header ends past the data. The one reader of msgpack headers here."""
+    kind = data[at]
+    if kind <= 0x7F or kind >= 0xE0:
+        return 1, 0, 0
+    if kind <= 0x8F:
+        return 1, 0, 2 * (kind & 0x0F)
+    if kind <= 0x9F:
+        return 1, 0, kind & 0x0F
+    if kind <= 0xBF:
+        return 1, kind & 0x1F, 0
+    if kind in _FIXED_BYTES:
+        return 1, _FIXED_BYTES[kind], 0
+    sized = kind in _SIZED_BYTES
+    length_bytes, per_item = _SIZED_BYTES[kind] if sized else _CONTAINER_BYTES.get(kind, (None, 0))
+    if length_bytes is None:
+        raise ForwardProtocolError(f"forward bytes hold byte 0x{kind:02x}, which starts no msgpack value")
+    if at + 1 + length_bytes > len(data):
+        return None
+    length = int.from_bytes(data[at + 1:at + 1 + length_bytes], "big")
+    return (1 + length_bytes, length + per_item, 0) if sized else (1 + length_bytes, 0, per_item * length)
 
-    def __init__(self, steps: Iterator[memoryview]):
-        self._steps = steps
-        self._step = memoryview(b"")
-        self._at = 0  # in the current step
-        self.position = 0  # bytes walked
-        self.values = 0
-        self._open = [1]  # values still to walk at each level entered
+
+class ValueWalker:
+    """Walks one msgpack value by its headers as its bytes are fed, in any pieces, passing over the
+    bodies of strings, binaries and ext values without holding them: for a value too big to buffer or
+    nested deeper than msgpack reads. Each byte is read once (Python, about 0.3 µs a value); the
+    values walked are paid from a WalkAllowance, and the depth is bounded by MAX_WALK_DEPTH."""
+
+    def __init__(self, allowance: WalkAllowance):
+        self._allowance = allowance
+        self._open = [1]  # values still to walk in each array or map open, innermost last
+        self._carry = b""  # the start of a header cut by the end of the last piece
+        self._body_left = 0  # bytes of the last body still to come
+        self.fed = 0  # bytes fed so far
+        self.position = 0  # once done: the value's length in bytes
         self.done = False
 
-    def walk(self, values: int) -> bool:
-        """Walk up to ``values`` more values; False if the bytes end first."""
-        for _ in range(values):
-            while self._open and self._open[-1] == 0:
-                self._open.pop()
-            if not self._open:
-                self.done = True
-                return True
-            head = self._read(1)
-            if head is None:
-                return False
-            self._open[-1] -= 1
-            self.values += 1
-            if not self._walk_one(head[0]):
-                return False
+    def feed(self, piece: memoryview) -> bool:
+        """Walk on through the next bytes; True once the value ended (``position``)."""
+        if self.done:
+            return True
+        start = self.fed - len(self._carry)  # where data starts in the value's bytes
+        data = memoryview(self._carry + bytes(piece)) if self._carry else piece
+        self.fed += len(piece)
+        self._carry = b""
+        at = min(self._body_left, len(data))
+        self._body_left -= at
+        if self._body_left:
+            return False
+        at = self._walk(data, at)
+        if at is None:
+            return False
+        self.position, self.done = start + at, True
         return True
 
-    def _walk_one(self, kind: int) -> bool:
-        if kind <= 0x7F or kind >= 0xE0:
-            return True
-        if kind <= 0x8F:
-            self._open.append(2 * (kind & 0x0F))
-            return True
-        if kind <= 0x9F:
-            self._open.append(kind & 0x0F)
-            return True
-        if kind <= 0xBF:
-            return self._pass(kind & 0x1F)
-        if kind in _FIXED_BYTES:
-            return self._pass(_FIXED_BYTES[kind])
-        if kind in _SIZED_BYTES:
-            length_bytes, type_bytes = _SIZED_BYTES[kind]
-            length = self._read(length_bytes)
-            return length is not None and self._pass(int.from_bytes(length, "big") + type_bytes)
-        if kind in _CONTAINER_BYTES:
-            count_bytes, per_item = _CONTAINER_BYTES[kind]
-            count = self._read(count_bytes)
-            if count is None:
-                return False
-            self._open.append(per_item * int.from_bytes(count, "big"))
-            return True
-        raise ForwardProtocolError(f"PackedForward entries hold byte 0x{kind:02x}, which starts no msgpack value")
-
-    def _read(self, size: int) -> Optional[bytes]:
-        """The next ``size`` bytes (None if the steps end first)."""
-        taken = b""
-        while len(taken) < size:
-            if self._at >= len(self._step):
-                self._step, self._at = next(self._steps, None), 0
-                if self._step is None:
-                    return None
-            piece = bytes(self._step[self._at:self._at + size - len(taken)])
-            self._at += len(piece)
-            taken += piece
-        self.position += size
-        return taken
-
-    def _pass(self, size: int) -> bool:
-        """Pass over ``size`` bytes without keeping them; False if the steps end first."""
-        while size:
-            if self._at >= len(self._step):
-                self._step, self._at = next(self._steps, None), 0
-                if self._step is None:
-                    return False
-            passed = min(size, len(self._step) - self._at)
-            self._at += passed
-            self.position += passed
-            size -= passed
-        return True
+    def _walk(self, data: memoryview, at: int) -> Optional[int]:
+        """Where the value ends in data, or None if data ends first (what is left noted)."""
+        open_items, allowance = self._open, self._allowance
+        while True:
+            while open_items and not open_items[-1]:
+                open_items.pop()
+            if not open_items:
+                return at
+            if at >= len(data):
+                return None
+            header = value_header(data, at)
+            if header is None:
+                self._carry = bytes(data[at:])
+                return None
+            header_bytes, body_bytes, inside = header
+            open_items[-1] -= 1
+            allowance.values -= 1
+            if allowance.values < 0:
+                raise ForwardProtocolError(f"a message walked by its headers (nested past msgpack's "
+                                           f"{MSGPACK_MAX_DEPTH:,} levels, or an entry too big to buffer) holds "
+                                           f"more than {MAX_DECODED_VALUES:,} values: not log records; send "
+                                           "smaller, flatter records")
+            if inside:
+                open_items.append(inside)
+                if len(open_items) > MAX_WALK_DEPTH:
+                    raise ForwardProtocolError(f"a value nested more than {MAX_WALK_DEPTH:,} arrays and maps "
+                                               "deep: not log records; send flatter records")
+            at += header_bytes + body_bytes
+            if at > len(data):
+                self._body_left = at - len(data)
+                return None
 
 
 class PackedPayload:
@@ -1390,7 +1348,7 @@ class MessageFramer:
         self._start = 0  # where _pending starts in the bytes fed to the skipper
         self.began = 0.0  # when the message under way began to arrive (time.monotonic())
         self._broken: Optional[ForwardProtocolError] = None  # bad bytes met after messages handed out
-        self._too_deep = False  # the message under way nests deeper than msgpack skips: its end is walked to
+        self._walker: Optional[ValueWalker] = None  # the message under way nests deeper than msgpack skips
 
     def raise_if_broken(self) -> None:
         """Raise the error of bad bytes found after the messages the last feed returned (which
@@ -1427,7 +1385,7 @@ class MessageFramer:
             self.began = time.monotonic()
         self._pending += data
         self.fed += len(data)
-        if not self._too_deep:  # (its skipper is out of step: a new one takes the bytes after that message)
+        if self._walker is None:  # (its skipper is out of step: a new one takes the bytes after that message)
             self._skipper.feed(data)
         begin = 0
         held = memoryview(self._pending)
@@ -1470,30 +1428,30 @@ class MessageFramer:
 
     def _skip_message(self, held: memoryview, begin: int) -> Optional[int]:
         """Where the message under way (from ``begin`` in _pending) ends, once all of it is here."""
-        if self._too_deep:
-            return self._deep_message_end(held, begin)
+        if self._walker is not None:
+            return self._walked_message_end(held, begin)
         try:
             self._skipper.skip()
         except msgpack.OutOfData:
             return None
         except msgpack.StackError:  # a record nested deeper than msgpack skips: skipped by its bytes later
-            self._too_deep = True
-            return self._deep_message_end(held, begin)
+            self._walker = ValueWalker(WalkAllowance())
+            return self._walked_message_end(held, begin)
         except (ValueError, msgpack.UnpackException) as error:
             raise undecodable(error) from None
         return self._skipper.tell() - self._start
 
-    def _deep_message_end(self, held: memoryview, begin: int) -> Optional[int]:
-        """Where a message nesting deeper than msgpack skips ends (walked to again as its bytes come);
-        once found, a new skipper goes on from there."""
-        length = deep_value_length(steps_of(held), begin)
-        if length is None:
+    def _walked_message_end(self, held: memoryview, begin: int) -> Optional[int]:
+        """Where a message nesting deeper than msgpack skips ends, walked by its headers as its bytes
+        come (each read's bytes once: the walk goes on where the last read's ended); once found, a new
+        skipper goes on from there."""
+        if not self._walker.feed(held[begin + self._walker.fed:]):
             return None
-        end = begin + length
+        end = begin + self._walker.position
+        self._walker = None
         self._skipper = new_skipper()
         self._skipper.feed(held[end:])
         self._start = -end  # _pending[end] is the new skipper's first byte
-        self._too_deep = False
         return end
 
 
