@@ -1570,6 +1570,28 @@ def test_a_gzip_entry_too_big_to_buffer_is_skipped_and_its_chunk_acked_on_the_fi
            "records, or raise forward_max_message_bytes" in sidecar.log()
 
 
+def test_a_gzip_entry_failing_early_then_too_big_to_buffer_is_skipped_too():
+    """An entry whose time is a reserved ext type, then a string past the decoder's buffer, still closed
+    the connection with "BufferFull" (its chunk's slices relayed again on every resend); the one whose
+    string comes first was skipped (review, session 28)."""
+    import asyncio
+
+    from logscore.servers import forward
+
+    good = msgpack.packb([1_700_000_000, {"message": "ok"}])
+    bad = b"\x92\xd4\xfb\x00" + msgpack.packb({"m": "A" * (3 << 20)})  # buffer: 1 MiB + 1 MiB
+
+    async def entries():
+        budget = forward.ValueBudget(forward.MAX_DECODED_VALUES, "test")
+        return [entry async for entry in forward.packed_entries(gzip.compress(good + bad + good), True, 1 << 20,
+                                                                budget)]
+
+    read = asyncio.run(entries())
+    assert [entry[1]["message"] if isinstance(entry, list) else type(entry).__name__ for entry in read] == [
+        "ok", "InvalidEntry", "ok"]
+    assert "an entry could not be decoded (ValueError" in str(read[1])
+
+
 def test_anomaly_events_raised_just_before_a_stop_still_reach_the_next_hop():
     """Cancelled at once on stop, the injector lost the events raised as the last chunks came (a
     burst's, at a shutdown): what its watcher holds now goes on within the grace period."""

@@ -411,19 +411,22 @@ async def _value_length(steps_from: StepsFrom, at: int, allowance: WalkAllowance
                         max_buffer_size: int = 0) -> Optional[int]:
     """How many bytes the value at ``at`` takes (None if the bytes end first): msgpack skips it step
     by step, building nothing, and the event loop runs between steps (let_loop_run). Any length of
-    array or map is skipped (nothing is built); one nested deeper than msgpack reads is walked by its
-    headers (``walked_length``, paid from ``allowance``); a value msgpack cannot even skip (a byte no
-    type starts with, a string past ``max_buffer_size``) raises as msgpack does."""
+    array or map is skipped (nothing is built); one nested deeper than msgpack reads, or holding a
+    string past ``max_buffer_size``, is walked by its headers (``walked_length``, paid from
+    ``allowance``); a byte no type starts with raises as msgpack does."""
     skipper = _skipper(max_buffer_size, SKIP_STEP)
     held_since = time.perf_counter()
     for step in steps_from(at, SKIP_STEP):
-        skipper.feed(step)
         try:
+            skipper.feed(step)
             skipper.skip()
             return skipper.tell()
         except msgpack.OutOfData:
             held_since = await let_loop_run(held_since)
-        except msgpack.StackError:  # too deep for msgpack: its headers are walked, each byte once
+        except (msgpack.StackError, msgpack.BufferFull):
+            # too deep for msgpack, or a string past its buffer: walked by its headers, each byte once.
+            # NOTE: BufferFull closed the connection ("not valid msgpack/gzip") after slices of its
+            # chunk were relayed, and each resend relayed them again
             return await walked_length(steps_from(at, DECODE_STEP), allowance)
     return None
 
