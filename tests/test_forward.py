@@ -1546,7 +1546,7 @@ def test_a_gzip_entry_that_cannot_be_decoded_is_skipped_by_its_bytes_while_they_
         entries = decoded(bad + good + UNDECODABLE_ENTRIES["a reserved ext type"])  # and on after it
         assert [type(e).__name__ for e in entries] == ["InvalidEntry", "list", "InvalidEntry"]
         assert entries[1][1]["message"] == "after" and said in str(entries[0])
-    with pytest.raises(forward.ForwardProtocolError, match="entry of more than 3276800 bytes inflated could "
+    with pytest.raises(forward.ForwardProtocolError, match="entry of more than 3,276,800 bytes inflated could "
                                                            "not be decoded \\(ValueError"):
         decoded(entry(14, 360_000) + good, 128 * 1024)  # 5 MB, not held (inflating past 4 MiB needs a higher limit)
     with pytest.raises(forward.ForwardProtocolError, match="end in the middle of an entry"):

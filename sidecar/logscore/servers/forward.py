@@ -661,7 +661,7 @@ async def packed_entries(data: bytes, compressed: bool, max_message_bytes: int,
     after it."""
     buffer_size = max(max_message_bytes, 1024) + INFLATE_STEP
     # (kept: 2 inflated blocks more than the decoder holds, so an entry too big for it is still held
-    # from its start when that shows, and is skipped by its bytes: oversized_entry_length)
+    # from its start when that shows, and is skipped by its bytes: undecoded_entry_end)
     payload = PackedPayload(_inflate(data, INFLATION * max_message_bytes) if compressed else iter((data,)),
                             buffer_size + 2 * INFLATE_STEP)
     held_since = time.perf_counter()
@@ -707,10 +707,8 @@ async def packed_entries(data: bytes, compressed: bool, max_message_bytes: int,
                 yield END_SLICE
                 at += consumed
                 continue
-            if oversized:
-                at = await oversized_entry_end(payload, at + consumed, error, allowance)
-            else:
-                at = await _entry_end(payload, at + consumed, buffer_size, error, allowance)
+            at = await undecoded_entry_end(payload, at + consumed, error, allowance,
+                                           None if oversized else buffer_size)
             yield undecoded_entry(error)
     except ForwardProtocolError:
         raise
@@ -719,30 +717,23 @@ async def packed_entries(data: bytes, compressed: bool, max_message_bytes: int,
                                    f"{type(error).__name__} {error}".rstrip()) from None
 
 
-async def _entry_end(payload: "PackedPayload", start: int, buffer_size: int, error: UndecodableValue,
-                     allowance: WalkAllowance) -> int:
-    """Where the entry starting at ``start``, which could not be decoded, ends in the payload; a
-    ForwardProtocolError if its bytes are no longer held or end before it does."""
-    if not payload.holds(start):
-        raise ForwardProtocolError(f"a PackedForward entry of more than {payload.keep_bytes} bytes inflated "
-                                   f"could not be decoded ({error}); send smaller records")
-    length = await _value_length(payload.steps_held, start, allowance, buffer_size)
-    if length is None:
-        raise ForwardProtocolError(f"PackedForward entries end in the middle of an entry (one that "
-                                   f"could not be decoded: {error})")
-    return start + length
+async def undecoded_entry_end(payload: "PackedPayload", start: int, error: UndecodableValue,
+                              allowance: WalkAllowance, buffer_size: Optional[int]) -> int:
+    """Where the entry starting at ``start``, which could not be decoded, ends in the payload: msgpack
+    skips it, or (``buffer_size`` None: too big for msgpack's buffer) its headers are walked at once.
+    A ForwardProtocolError if its bytes are no longer held or end before it does, or the message's
+    walks by headers went past their allowance.
 
+    NOTE: such an entry (one msgpack cannot decode; a gzip chunk's record past forward_max_message_bytes
+    + 1 MiB inflated) refused its chunk once slices of it were relayed: each resend relayed them again
+    (4,096 records delivered 3 times), and the chunk was never acknowledged."""
+    def steps_from(at: int, size: int) -> Iterator[memoryview]:
+        return payload.steps_held(at, size, error)
 
-async def oversized_entry_end(payload: "PackedPayload", start: int, error: UndecodableValue,
-                              allowance: WalkAllowance) -> int:
-    """Where an entry too big for the decoder's buffer ends in the payload (ForwardProtocolError if
-    the payload ends first, or the message's walks by headers went past their allowance).
-
-    NOTE: such an entry (a gzip chunk's record past forward_max_message_bytes + 1 MiB inflated)
-    refused its chunk once slices of it were relayed: each resend relayed them again (4,096 records
-    delivered 3 times), and the chunk was never acknowledged. msgpack would hold it whole to skip
-    it: here its headers are read and the bytes of its strings passed over as they are inflated."""
-    length = await walked_length(payload.steps_held(start, DECODE_STEP), allowance)
+    if buffer_size is None:
+        length = await walked_length(steps_from(start, DECODE_STEP), allowance)
+    else:
+        length = await _value_length(steps_from, start, allowance, buffer_size)
     if length is None:
         raise ForwardProtocolError(f"PackedForward entries end in the middle of an entry (one that "
                                    f"could not be decoded: {error})")
@@ -864,11 +855,12 @@ class PackedPayload:
     def holds(self, at: int) -> bool:
         return at >= self._kept_at
 
-    def steps_held(self, at: int, size: int) -> Iterator[memoryview]:
-        """``steps`` from a position still held (ForwardProtocolError if it is not)."""
+    def steps_held(self, at: int, size: int, cause: Exception) -> Iterator[memoryview]:
+        """``steps`` from a position still held, to skip an entry that could not be decoded for
+        ``cause`` (a ForwardProtocolError naming both if it is not held)."""
         if not self.holds(at):
-            raise ForwardProtocolError(f"a PackedForward entry of more than {self.keep_bytes} bytes inflated "
-                                       "could not be decoded; send smaller records")
+            raise ForwardProtocolError(f"a PackedForward entry of more than {self.keep_bytes:,} bytes inflated "
+                                       f"could not be decoded ({cause}); send smaller records")
         return self.steps(at, size)
 
     def steps(self, at: int, size: int) -> Iterator[memoryview]:
