@@ -1266,6 +1266,29 @@ def test_a_framer_walks_a_deep_message_trickling_in_once_not_again_on_every_read
     assert [bytes(m) for m in framer.feed(msgpack.packb(["web", 1, {}]))] == [msgpack.packb(["web", 1, {}])]
 
 
+def test_a_message_walked_by_its_headers_is_read_in_small_pieces():
+    """The framer walks such a message as it is fed, holding the event loop (63 ms for a read of 256 KiB
+    of one-byte values): its reads are 32 KiB, and other messages' stay 256 KiB."""
+    import asyncio
+
+    from logscore.servers import forward
+
+    class Reader:
+        asked: list[int] = []
+
+        async def read(self, size: int) -> bytes:
+            self.asked.append(size)
+            return b"\x01" * size
+
+    framer = forward.MessageFramer(1 << 20)
+    framer.feed(b"\x92\xa3web\xdd\x00\x10\x00\x00")  # a flat message under way
+    framer.feed(asyncio.run(forward.read_more(Reader(), framer)))
+    deep = forward.MessageFramer(1 << 20)
+    deep.feed(b"\x92\xa3web" + b"\x91" * 1_100 + b"\xdd\x00\x10\x00\x00")
+    deep.feed(asyncio.run(forward.read_more(Reader(), deep)))
+    assert Reader.asked == [256 * 1024, 32 * 1024] and deep.walking and not framer.walking
+
+
 def test_many_entries_nested_past_msgpack_s_limit_are_skipped_not_the_connection_closed(chain):
     """130 entries nested 1,100 deep closed the connection as "nested more than 11,024 deep" (false):
     the good entries of the chunk were lost or resent."""

@@ -829,7 +829,7 @@ class ValueWalker:
                                            "smaller, flatter records")
             if inside:
                 open_items.append(inside)
-                if len(open_items) > MAX_WALK_DEPTH:
+                if len(open_items) > MAX_WALK_DEPTH + 1:  # (the first holds the value itself)
                     raise ForwardProtocolError(f"a value nested more than {MAX_WALK_DEPTH:,} arrays and maps "
                                                "deep: not log records; send flatter records")
             at += header_bytes + body_bytes
@@ -1421,6 +1421,11 @@ class MessageFramer:
         """Bytes of the message under way (and any after it) held so far."""
         return len(self._pending)
 
+    @property
+    def walking(self) -> bool:
+        """The message under way nests past msgpack's limit: it is walked by its headers as it comes."""
+        return self._walker is not None
+
     def _skip_message(self, held: memoryview, begin: int) -> Optional[int]:
         """Where the message under way (from ``begin`` in _pending) ends, once all of it is here."""
         if self._walker is not None:
@@ -1450,13 +1455,19 @@ class MessageFramer:
         return end
 
 
+# NOTE: the framer walks a message nested past msgpack's limit by its headers as it is fed, holding the
+# event loop: 63 ms for a read of READ_BYTES one-byte values; this much is walked in about 8 ms.
+WALKED_READ_BYTES = 2 * DECODE_STEP
+
+
 async def read_more(reader: asyncio.StreamReader, framer: MessageFramer, limit: int = READ_BYTES) -> bytes:
-    """Up to ``limit`` more bytes of the message under way, which must be whole within
-    PARTIAL_MESSAGE_TIMEOUT_S of its first byte, or of its admission or the end of the last relay
-    on its connection if later (``MessageFramer.restart_clock``), however many reads in between."""
+    """Up to ``limit`` more bytes of the message under way (WALKED_READ_BYTES while the framer walks it
+    by its headers), which must be whole within PARTIAL_MESSAGE_TIMEOUT_S of its first byte, or of its
+    admission or the end of the last relay on its connection if later (``MessageFramer.restart_clock``),
+    however many reads in between."""
     try:
         async with asyncio.timeout(framer.began + PARTIAL_MESSAGE_TIMEOUT_S - time.monotonic()):
-            data = await reader.read(limit)
+            data = await reader.read(min(limit, WALKED_READ_BYTES) if framer.walking else limit)
     except asyncio.TimeoutError:
         raise ForwardProtocolError(f"a message stayed incomplete for {PARTIAL_MESSAGE_TIMEOUT_S:g} s") from None
     if not data:
