@@ -437,6 +437,10 @@ def _skipper(max_buffer_size: int, step: int) -> msgpack.Unpacker:
                             read_size=read_size)
 
 
+# NOTE: the framer walks a message nested past msgpack's limit by its headers, holding the event loop:
+# 63 ms for a read of READ_BYTES one-byte values, 270-310 ms (/healthz) for the 1.4 MB held when a
+# 60,000-record chunk's deep record showed. It walks this much (about 8 ms) between turns of the loop.
+WALKED_READ_BYTES = 2 * DECODE_STEP
 MSGPACK_MAX_DEPTH = 1024  # msgpack decodes, and skips, arrays and maps nested this deep at most (StackError)
 # Arrays and maps open at once that a walk by headers (ValueWalker) follows: deeper is no log record
 # but bytes built to stall a reader.
@@ -1373,6 +1377,19 @@ class MessageFramer:
             self._broken = error
         return messages
 
+    def walk_on(self, handed: bool) -> list[memoryview]:
+        """The messages the next piece of a walk by headers completes (``walk_behind``); bad bytes met
+        raise only once the messages before them (``handed``: those of earlier calls too) went on, as
+        in feed."""
+        messages: list[memoryview] = []
+        try:
+            self._frame(b"", messages)
+        except ForwardProtocolError as error:
+            if not messages and not handed:
+                raise
+            self._broken = error
+        return messages
+
     def _frame(self, data: bytes, messages: list[memoryview]) -> None:
         """Append the messages these bytes complete to ``messages`` (as they are found, so they
         are kept whatever is raised after them)."""
@@ -1441,11 +1458,17 @@ class MessageFramer:
             raise undecodable(error) from None
         return self._skipper.tell() - self._start
 
+    @property
+    def walk_behind(self) -> bool:
+        """Bytes held of a message walked by its headers are not walked yet (``framed``: fed again)."""
+        return self._walker is not None and self._broken is None and self._walker.fed < len(self._pending)
+
     def _walked_message_end(self, held: memoryview, begin: int) -> Optional[int]:
         """Where a message nesting deeper than msgpack skips ends, walked by its headers as its bytes
-        come (each read's bytes once: the walk goes on where the last read's ended); once found, a new
-        skipper goes on from there."""
-        if not self._walker.feed(held[begin + self._walker.fed:]):
+        come, at most WALKED_READ_BYTES a call (each byte once: the walk goes on where it stopped);
+        once found, a new skipper goes on from there."""
+        walked = begin + self._walker.fed
+        if not self._walker.feed(held[walked:walked + WALKED_READ_BYTES]):
             return None
         end = begin + self._walker.position
         self._walker = None
@@ -1455,9 +1478,14 @@ class MessageFramer:
         return end
 
 
-# NOTE: the framer walks a message nested past msgpack's limit by its headers as it is fed, holding the
-# event loop: 63 ms for a read of READ_BYTES one-byte values; this much is walked in about 8 ms.
-WALKED_READ_BYTES = 2 * DECODE_STEP
+async def framed_by(framer: MessageFramer, data: bytes) -> list[memoryview]:
+    """The messages ``data`` completes (``MessageFramer.feed``), the event loop let run between the
+    pieces of a walk by headers."""
+    messages = framer.feed(data)
+    while framer.walk_behind:
+        await asyncio.sleep(0)
+        messages += framer.walk_on(handed=bool(messages))
+    return messages
 
 
 async def read_more(reader: asyncio.StreamReader, framer: MessageFramer, limit: int = READ_BYTES) -> bytes:
@@ -1684,10 +1712,10 @@ class ForwardServer(StreamServer):
         NOTE: admitted with a message's first bytes, a sender trickling the rest held one of the
         ACTIVE_CONNECTIONS places for PARTIAL_MESSAGE_TIMEOUT_S: twenty such connections, a byte
         every 2 s each, held a valid sender's ack back 99 s. Unadmitted, they hold no place."""
-        framed = framer.feed(data)
-        while not framed and framer.partial and framer.held_bytes < UNADMITTED_BYTES:
-            framed = framer.feed(await read_more(reader, framer, UNADMITTED_BYTES - framer.held_bytes))
-        return framed
+        messages = await framed_by(framer, data)
+        while not messages and framer.partial and framer.held_bytes < UNADMITTED_BYTES:
+            messages = await framed_by(framer, await read_more(reader, framer, UNADMITTED_BYTES - framer.held_bytes))
+        return messages
 
     async def _take_messages(self, reader, writer, framer: MessageFramer, budget: ValueBudget,
                              small: SmallDecoder, framed: list[memoryview]) -> None:
@@ -1709,7 +1737,7 @@ class ForwardServer(StreamServer):
             framer.raise_if_broken()  # bad bytes after them: refused now that they went on
             if framer.held_bytes < UNADMITTED_BYTES:
                 return
-            framed = framer.feed(await read_more(reader, framer))
+            framed = await framed_by(framer, await read_more(reader, framer))
 
     async def _read_messages(self, framed: list[memoryview], budget: ValueBudget,
                              small: SmallDecoder) -> tuple[list[Message], Optional[Exception], list[memoryview]]:
