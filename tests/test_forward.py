@@ -1306,6 +1306,28 @@ def test_a_framer_walks_what_it_holds_in_pieces_between_turns_of_the_event_loop(
         broken.raise_if_broken()
 
 
+def test_a_valid_forward_chunk_of_over_a_million_values_with_one_deep_record_is_framed_and_read():
+    """The framer walked such a chunk by its headers against 1,000,000 values, as did the search for its
+    option: 90,000 records and one deep (1.17M values, 5.1 MB, under the size limit) were refused as
+    "not log records" and resent for ever. A walk of a whole message is bounded by its bytes now."""
+    import asyncio
+
+    from logscore.servers import forward
+
+    deep = b"\x92\x01\x81\xa1m" + b"\x91" * 1_100 + b"\x01"
+    entries = 215_000  # 5 values each: 1,075,000
+    message = (b"\x93\xa3web\xdd" + (entries + 1).to_bytes(4, "big") + b"\x92\x01\x81\xa1a\x01" * entries + deep
+               + msgpack.packb({"chunk": "big"}))
+
+    async def framed_and_read() -> list:
+        framer = forward.MessageFramer(2 << 20)
+        framed = await forward.framed_by(framer, message)
+        budget = forward.ValueBudget(forward.MAX_DECODED_VALUES, "test")
+        return [bytes(m) for m in framed] + [(await forward.read_message(framed[0], 2 << 20, budget, None)).chunk]
+
+    assert asyncio.run(framed_and_read()) == [message, "big"]
+
+
 def test_a_message_walked_by_its_headers_is_read_in_small_pieces():
     """The framer walks such a message as it is fed, holding the event loop (63 ms for a read of 256 KiB
     of one-byte values): its reads are 32 KiB, and other messages' stay 256 KiB."""
