@@ -1595,6 +1595,23 @@ def test_a_decoding_bomb_is_decoded_in_small_steps_between_turns_of_the_event_lo
     assert most <= 16 * 1024 + 2  # a step of 16 KiB (and the arrays it completes)
 
 
+@pytest.mark.parametrize("compressed", [False, True], ids=["PackedForward", "CompressedPackedForward"])
+def test_a_payload_whose_deep_entries_pass_the_walk_allowance_is_refused_before_any_slice_goes_on(chain, compressed):
+    """5,000 records, 101 entries nested 10,000 deep (1.01M values walked), 5 records: the allowance ran
+    out while the entries were decoded, after the first slice (4,096 records) was relayed, and each
+    resend relayed it again. Checked before the first slice now: refused, nothing relayed."""
+    sidecar, port, receiver = chain
+    good = b"".join(msgpack.packb([1_700_000_000 + n, {"message": f"GET /{n}"}]) for n in range(5_000))
+    deep = b"\x92" + msgpack.packb(1_700_000_000) + b"\x81\xa1m" + b"\x91" * 10_000 + b"\x01"
+    payload = good + deep * 101 + good[:50]
+    option = {"chunk": "deep", "size": 5_106} | ({"compressed": "gzip"} if compressed else {})
+    assert send_chunk(port, ["web", gzip.compress(payload) if compressed else payload, option]) is None
+    assert send_chunk(port, ["web", [[1_700_000_000, {"message": "after"}]], {"chunk": "after"}]) == {"ack": "after"}
+    assert [r["message"] for _, r in receiver.wait_for(1)] == ["after"]  # (relayed in order: none before it)
+    assert counter(sidecar, "forward_protocol") == 1
+    assert "holds more than 1,000,000 values: not log records" in sidecar.log()
+
+
 def test_a_gzip_entry_that_cannot_be_decoded_is_skipped_by_its_bytes_while_they_are_held():
     """A gzip payload is inflated block by block, once: to skip an entry, the blocks since it began
     are kept, forward_max_message_bytes + 3 MiB of them; one longer than that closes the connection,

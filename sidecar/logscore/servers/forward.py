@@ -187,7 +187,8 @@ class Message:
     chunk: object  # the sender's chunk id, any msgpack value (None: no ack wanted)
     raw: object = None  # the message as received, kept for those passed on untouched
     is_log: bool = True  # Fluent Bit also forwards metrics and traces (option fluent_signal)
-    compressed: Optional[bytes] = None  # a gzip payload, to be checked before it is decoded
+    packed: Optional[bytes] = None  # a PackedForward payload, to be checked before it is decoded
+    gzipped: bool = False
     budget: Optional["ValueBudget"] = None  # what lazily decoded entries may hold (Forward, PackedForward)
     size: Optional[int] = None  # the entries its sender says the chunk holds (option size), if it says
     entries_read: int = 0  # entries taken from it so far, skipped ones too
@@ -204,11 +205,12 @@ class Message:
         half of such merged messages are caught so; the rest look valid (operations.md, the limit)."""
         return self.entries_skipped > 0 and self.size is not None and self.size != self.entries_read
 
-    async def check_size(self, max_message_bytes: int) -> None:
-        """Refuse a compressed payload that inflates past INFLATION x max_message_bytes (counted
-        off the event loop)."""
-        if self.compressed is not None:
-            await asyncio.to_thread(inflated_size, self.compressed, INFLATION * max_message_bytes)
+    async def check_payload(self, max_message_bytes: int) -> None:
+        """Refuse, before any of its entries go on, a PackedForward payload that inflates past
+        INFLATION x max_message_bytes or whose entries walked by their headers pass the message's
+        WalkAllowance (``check_packed``, off the event loop)."""
+        if self.packed is not None:
+            await asyncio.to_thread(check_packed, self.packed, self.gzipped, max_message_bytes)
 
 
 # Secure forward's answers to a HELO: PING (6 items), PONG (5); no log message has more than 4. NOTE:
@@ -235,13 +237,12 @@ def decode_message(message, max_message_bytes: int) -> Message:
         raise ForwardProtocolError(f"a secure-forward {tag} (the sender has a shared_key), which the sidecar does not "
                                    "speak (it sends no HELO): remove the shared_key towards the sidecar")
     option = message[-1] if len(message) >= 3 and isinstance(message[-1], dict) else {}
-    compressed, budget = None, None
+    data, gzipped, budget = None, False, None
     if isinstance(payload, (bytes, str)):  # PackedForward (str when the sender packed it as str)
         data = payload.encode("utf-8", EXACT) if isinstance(payload, str) else payload
         budget = ValueBudget(MAX_DECODED_VALUES, "a slice of PackedForward entries")
-        compressed = data if _compression(option) == "gzip" else None
-        entries: Union[list, AsyncIterator] = packed_entries(data, compressed is not None, max_message_bytes,
-                                                             budget)
+        gzipped = _compression(option) == "gzip"
+        entries: Union[list, AsyncIterator] = packed_entries(data, gzipped, max_message_bytes, budget)
     elif _is_array(payload) and not _is_time(payload) and len(message) <= 3:
         entries = payload  # Forward (entries that are not [time, record] are skipped and counted)
     elif len(message) in (3, 4):  # Message: [tag, time, record(, option)], its entry checked like any
@@ -249,7 +250,7 @@ def decode_message(message, max_message_bytes: int) -> Message:
         entries = [[payload, message[2]]]
     else:
         raise ForwardProtocolError("not a Message, Forward or PackedForward message")
-    return Message(tag, entries, _chunk(option), message, _is_log(option), compressed, budget, _size(option))
+    return Message(tag, entries, _chunk(option), message, _is_log(option), data, gzipped, budget, _size(option))
 
 
 # What option.compressed may say: Fluentd's out_forward sends "text" or "gzip" (and "zstd" since 1.19:
@@ -672,11 +673,8 @@ async def packed_entries(data: bytes, compressed: bool, max_message_bytes: int,
     releases them slice by slice). An entry msgpack cannot decode is skipped by its bytes and
     comes as an InvalidEntry, as in Forward mode (``forward_entries``); decoding starts again
     after it."""
-    buffer_size = max(max_message_bytes, 1024) + INFLATE_STEP
-    # (kept: 2 inflated blocks more than the decoder holds, so an entry too big for it is still held
-    # from its start when that shows, and is skipped by its bytes: undecoded_entry_end)
-    payload = PackedPayload(_inflate(data, INFLATION * max_message_bytes) if compressed else iter((data,)),
-                            buffer_size + 2 * INFLATE_STEP)
+    buffer_size = packed_buffer_size(max_message_bytes)
+    payload = packed_payload(iter_payload(data, compressed, max_message_bytes), buffer_size)
     held_since = time.perf_counter()
     allowance = WalkAllowance()
     at = 0  # where decoding (re)starts in the payload
@@ -911,12 +909,71 @@ class PackedPayload:
             self._kept_bytes -= first
 
 
-def inflated_size(data: bytes, max_bytes: int) -> int:
-    """How many bytes gzip data inflates to; ForwardProtocolError past max_bytes or if it is broken."""
+def packed_buffer_size(max_message_bytes: int) -> int:
+    """The bytes msgpack may buffer for one PackedForward entry."""
+    return max(max_message_bytes, 1024) + INFLATE_STEP
+
+
+def iter_payload(data: bytes, compressed: bool, max_message_bytes: int) -> Iterator[bytes]:
+    """A PackedForward payload's blocks: inflated in steps (at most INFLATION x max_message_bytes), or as it is."""
+    return _inflate(data, INFLATION * max_message_bytes) if compressed else iter((data,))
+
+
+def packed_payload(blocks: Iterator[bytes], buffer_size: int) -> PackedPayload:
+    # (kept: 2 inflated blocks more than the decoder holds, so an entry too big for it is still held
+    # from its start when that shows, and is skipped by its bytes: undecoded_entry_end)
+    return PackedPayload(blocks, buffer_size + 2 * INFLATE_STEP)
+
+
+def check_packed(data: bytes, compressed: bool, max_message_bytes: int) -> None:
+    """ForwardProtocolError if a PackedForward payload inflates past INFLATION x max_message_bytes, is
+    not valid gzip, or its entries nested past msgpack's limit or too big for its buffer (those
+    packed_entries walks by their headers) pass one WalkAllowance; msgpack skips the others. Anything
+    else wrong is left to packed_entries, which names it.
+
+    NOTE: the allowance ran out while the entries were decoded, after slices of the chunk were relayed:
+    the connection closed, and each resend relayed the same 4,096 records again (5,000 records, then
+    101 entries nested 10,000 deep). Refused here, none of it has gone on yet."""
+    blocks = iter_payload(data, compressed, max_message_bytes)
     try:
-        return sum(len(block) for block in _inflate(data, max_bytes))
+        _walk_entries(packed_payload(blocks, packed_buffer_size(max_message_bytes)),
+                      packed_buffer_size(max_message_bytes))
+        for _ in blocks:  # (the rest inflated: its size checked)
+            pass
     except zlib.error as error:
         raise ForwardProtocolError(f"compressed chunk is not valid gzip: {error}") from None
+
+
+def _walk_entries(payload: PackedPayload, buffer_size: int) -> None:
+    """Skip a payload's entries as packed_entries decodes them, walking by its headers each that msgpack
+    cannot skip, paid from one WalkAllowance; stop quietly at anything else wrong."""
+    allowance, at = WalkAllowance(), 0
+    while (start := _skipped_to_walk(payload, at, buffer_size)) is not None and payload.holds(start):
+        walker = ValueWalker(allowance)
+        if not any(walker.feed(step) for step in payload.steps(start, DECODE_STEP)):
+            return  # it ends in the middle of an entry
+        at = start + walker.position
+
+
+def _skipped_to_walk(payload: PackedPayload, at: int, buffer_size: int) -> Optional[int]:
+    """Where, from ``at``, the first entry that msgpack cannot skip starts (nested past its limit, or
+    too big for ``buffer_size``); None if there is none (or the bytes are not msgpack)."""
+    payload.keep_from = at
+    skipper, skipped = _skipper(buffer_size, DECODE_STEP), 0
+    for step in payload.steps(at, DECODE_STEP):
+        try:
+            skipper.feed(step)
+            while True:
+                skipper.skip()
+                skipped = skipper.tell()
+                payload.keep_from = at + skipped
+        except msgpack.OutOfData:
+            continue
+        except (msgpack.StackError, msgpack.BufferFull):
+            return at + skipped
+        except (ValueError, msgpack.UnpackException):
+            return None
+    return None
 
 
 def _inflate(data: bytes, max_bytes: int) -> Iterator[bytes]:
@@ -1757,7 +1814,7 @@ class ForwardServer(StreamServer):
         for index, one in enumerate(framed):
             try:
                 message = await read_message(one, self.max_message_bytes, budget, small)
-                await message.check_size(self.max_message_bytes)
+                await message.check_payload(self.max_message_bytes)
             except DecodeAfterRelay:
                 return messages, None, framed[index:]
             except (ForwardProtocolError, ValueError, TypeError, msgpack.UnpackException) as error:
