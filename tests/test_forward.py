@@ -1612,6 +1612,20 @@ def test_a_payload_whose_deep_entries_pass_the_walk_allowance_is_refused_before_
     assert "holds more than 1,000,000 values: not log records" in sidecar.log()
 
 
+def test_forward_mode_entries_nested_past_msgpack_s_limit_are_skipped_however_many_values_they_hold(chain):
+    """The same entries in a Forward-mode chunk (held whole, walked by the framer already): their walks
+    ran out of the 1,000,000-value allowance after the first slice was relayed, and each resend relayed
+    it again. Bounded by the message's bytes, they are skipped and the chunk acked."""
+    sidecar, port, receiver = chain
+    good = [msgpack.packb([1_700_000_000 + n, {"message": f"GET /{n}"}]) for n in range(5_005)]
+    deep = b"\x92" + msgpack.packb(1_700_000_000) + b"\x81\xa1m" + b"\x91" * 10_000 + b"\x01"
+    message = (b"\x93\xa3web\xdd" + (5_106).to_bytes(4, "big") + b"".join(good[:5_000]) + deep * 101
+               + b"".join(good[5_000:]) + msgpack.packb({"chunk": "deep", "size": 5_106}))
+    assert send(port, message, 1, 20) == [{"ack": "deep"}]
+    assert [r["message"] for _, r in receiver.wait_for(5_005)] == [f"GET /{n}" for n in range(5_005)]
+    assert counter(sidecar, "forward_invalid_entry") == 101 and counter(sidecar, "forward_protocol") == 0
+
+
 def test_a_gzip_entry_that_cannot_be_decoded_is_skipped_by_its_bytes_while_they_are_held():
     """A gzip payload is inflated block by block, once: to skip an entry, the blocks since it began
     are kept, forward_max_message_bytes + 3 MiB of them; one longer than that closes the connection,

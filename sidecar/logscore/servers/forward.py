@@ -452,7 +452,8 @@ TOO_DEEP = (f"nested more than {MSGPACK_MAX_DEPTH:,} arrays and maps deep (msgpa
 
 class WalkAllowance:
     """The values one message's walks by headers (ValueWalker, about 0.3 µs of Python each) may take
-    in all; past it the message is refused.
+    in all; past it the message is refused. A PackedForward payload's walks pay MAX_DECODED_VALUES (it
+    may inflate to INFLATION times the message size), all others its bytes (``bytes_bound``).
 
     NOTE: walked again from the first byte on every read, one 11-byte read after a 122 KB deep prefix
     cost 60-110 ms of the event loop; entered one container at a time with a new msgpack skipper for
@@ -488,7 +489,9 @@ async def forward_entries(data: memoryview, at: int, count: int, max_message_byt
                           budget: "ValueBudget") -> AsyncIterator:
     """The ``count`` entries of a Forward-mode array starting at ``at``, decoded one at a time."""
     decoder = SteppedDecoder(data, at, max_message_bytes, budget)
-    allowance = WalkAllowance()
+    # NOTE: bounded by the message's bytes, as the framer's walk of it: 1,000,000 values ran out after
+    # slices were relayed (101 entries nested 10,000 deep), and each resend relayed them again
+    allowance = bytes_bound(len(data))
     for _ in range(count):
         while True:
             start, charged = decoder.position, budget.count
