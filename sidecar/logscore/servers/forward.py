@@ -1417,6 +1417,7 @@ class MessageFramer:
         self.began = 0.0  # when the message under way began to arrive (time.monotonic())
         self._broken: Optional[ForwardProtocolError] = None  # bad bytes met after messages handed out
         self._walker: Optional[ValueWalker] = None  # the message under way nests deeper than msgpack skips
+        self._walk_left = WALKED_READ_BYTES  # bytes the framing call under way may still walk by headers
 
     def raise_if_broken(self) -> None:
         """Raise the error of bad bytes found after the messages the last feed returned (which
@@ -1464,6 +1465,7 @@ class MessageFramer:
         are kept whatever is raised after them)."""
         if not self._pending:
             self.began = time.monotonic()
+        self._walk_left = WALKED_READ_BYTES  # across the messages of this call (many small deep ones too)
         self._pending += data
         self.fed += len(data)
         if self._walker is None:  # (its skipper is out of step: a new one takes the bytes after that message)
@@ -1534,10 +1536,15 @@ class MessageFramer:
 
     def _walked_message_end(self, held: memoryview, begin: int) -> Optional[int]:
         """Where a message nesting deeper than msgpack skips ends, walked by its headers as its bytes
-        come, at most WALKED_READ_BYTES a call (each byte once: the walk goes on where it stopped);
-        once found, a new skipper goes on from there."""
+        come, at most WALKED_READ_BYTES a call across the messages it frames (each byte once: the walk
+        goes on where it stopped); once found, a new skipper goes on from there.
+
+        NOTE: bounded per message, a read of 256 KiB of 1.1 KB Message-mode records nested 1,100 deep
+        was walked in one call: 110 ms of the event loop (2 senders: /healthz p50 1.4 s)."""
         walked = begin + self._walker.fed
-        if not self._walker.feed(held[walked:walked + WALKED_READ_BYTES]):
+        piece = held[walked:walked + self._walk_left]
+        self._walk_left -= len(piece)
+        if not piece or not self._walker.feed(piece):
             return None
         end = begin + self._walker.position
         self._walker = None
@@ -1814,7 +1821,11 @@ class ForwardServer(StreamServer):
         went on: they were lost with it), and the framed messages left to read after this relay (from one
         that did not fit the budget with them)."""
         messages: list[Message] = []
+        held_since = time.perf_counter()
         for index, one in enumerate(framed):
+            # NOTE: the loop runs between messages too: 230 small ones each walked by its headers (nested
+            # past msgpack's limit) held it about 70 ms, each walk short of YIELD_AFTER_S alone
+            held_since = await let_loop_run(held_since)
             try:
                 message = await read_message(one, self.max_message_bytes, budget, small)
                 await message.check_payload(self.max_message_bytes)
