@@ -1393,6 +1393,26 @@ def test_many_small_deep_messages_are_read_with_the_event_loop_running_between_t
     assert all(isinstance(m.entries[0], forward.InvalidEntry) for m in messages)
 
 
+def test_the_option_of_a_forward_chunk_holding_one_deep_record_is_found_walking_that_record_only(monkeypatch):
+    """Its entries were skipped as one array: msgpack could not, so all of them were walked by their
+    headers (60,000 records: 421,111 headers), after the framer had walked them so. Each is skipped
+    alone now, the deep one walked."""
+    import asyncio
+
+    from logscore.servers import forward
+
+    headers_read = count_headers_read(monkeypatch)
+    flat = b"".join(msgpack.packb([1_700_000_000, {"message": f"GET /{n}"}]) for n in range(10_000))
+    deep = b"\x92\x01\x81\xa1m" + b"\x91" * 1_100 + b"\x01"
+    message = b"\x93\xa3web\xdd" + (10_001).to_bytes(4, "big") + flat + deep + msgpack.packb({"chunk": "c"})
+
+    async def chunk():
+        budget = forward.ValueBudget(forward.MAX_DECODED_VALUES, "test")
+        return (await forward.read_message(memoryview(message), 1 << 20, budget, None)).chunk
+
+    assert asyncio.run(chunk()) == "c" and headers_read[0] < 2 * 1_110
+
+
 def test_a_message_walked_by_its_headers_is_read_in_small_pieces():
     """The framer walks such a message as it is fed, holding the event loop (63 ms for a read of 256 KiB
     of one-byte values): its reads are 32 KiB, and other messages' stay 256 KiB."""

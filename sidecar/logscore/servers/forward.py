@@ -315,7 +315,7 @@ async def _read_message(data: memoryview, max_message_bytes: int, budget: "Value
     if entries is not None and entries[0] and _array_header(data, entries[1]) is not None:
         option = {}
         if items == 3:
-            option_at = await _skipped(data, payload_at)
+            option_at = await _values_end(data, entries[1], entries[0])
             option = await SteppedDecoder(data, option_at, max_message_bytes, budget).next()
             option = option if isinstance(option, dict) else {}
         if _is_log(option):
@@ -430,6 +430,39 @@ async def _value_length(steps_from: StepsFrom, at: int, allowance: WalkAllowance
             # chunk were relayed, and each resend relayed them again
             return await walked_length(steps_from(at, DECODE_STEP), allowance)
     return None
+
+
+async def _values_end(data: memoryview, at: int, count: int) -> int:
+    """Where the ``count`` values from ``at`` end: msgpack skips them, one nested past its limit is
+    walked by its headers (``_skipped``).
+
+    NOTE: skipped as one array, a Forward chunk holding one deep record was walked by its headers
+    whole, its 60,000 other records too (421,111 headers), after the framer had walked it so."""
+    while count:
+        skipped, count = await _skipped_values(data, at, count)
+        at += skipped
+        if count:  # the value at ``at`` nests past msgpack's limit
+            at, count = await _skipped(data, at), count - 1
+    return at
+
+
+async def _skipped_values(data: memoryview, at: int, count: int) -> tuple[int, int]:
+    """(bytes, values left): msgpack skips up to ``count`` values from ``at``, stopping at one nested
+    past its limit; the event loop runs between steps."""
+    skipper, skipped = _skipper(0, SKIP_STEP), 0
+    held_since = time.perf_counter()
+    for step in steps_of(data)(at, SKIP_STEP):
+        skipper.feed(step)
+        try:
+            while count:
+                skipper.skip()
+                count, skipped = count - 1, skipper.tell()
+            return skipped, 0
+        except msgpack.OutOfData:
+            held_since = await let_loop_run(held_since)
+        except msgpack.StackError:
+            return skipped, count
+    raise ForwardProtocolError("a message ends in the middle of a value")
 
 
 def _skipper(max_buffer_size: int, step: int) -> msgpack.Unpacker:
