@@ -1300,8 +1300,8 @@ def test_a_framer_walks_what_it_holds_in_pieces_between_turns_of_the_event_loop(
     assert [bytes(m) for m in asyncio.run(frame())] == [message, after] and turns >= len(message) // (32 << 10) - 2
     broken = forward.MessageFramer(1 << 20)
     bad = b"\x93\xa3web\xdd" + (10_002).to_bytes(4, "big") + deep + flat + b"\xc1"  # no value starts with 0xc1
-    walked = asyncio.run(forward.framed_by(broken, after + bad))
-    assert [bytes(m) for m in walked] == [after]
+    framed_first = asyncio.run(forward.framed_by(broken, after + bad))
+    assert [bytes(m) for m in framed_first] == [after]
     with pytest.raises(forward.ForwardProtocolError, match="byte 0xc1"):
         broken.raise_if_broken()
 
@@ -1709,6 +1709,33 @@ def test_forward_mode_entries_nested_past_msgpack_s_limit_are_skipped_however_ma
     assert send(port, message, 1, 20) == [{"ack": "deep"}]
     assert [r["message"] for _, r in receiver.wait_for(5_005)] == [f"GET /{n}" for n in range(5_005)]
     assert counter(sidecar, "forward_invalid_entry") == 101 and counter(sidecar, "forward_protocol") == 0
+
+
+@pytest.mark.parametrize("mode", ["Forward", "PackedForward"])
+def test_a_consumer_letting_no_values_go_gets_end_slice_once_an_entry_not_for_ever(mode):
+    """END_SLICE asks the consumer to send the slice on and let its values go; one that did not got it
+    again and again for the same entry. Once now: over the budget again, the entry is skipped."""
+    import asyncio
+
+    from logscore.servers import forward
+
+    entry = msgpack.packb([1_700_000_000, {"m": [0] * 600}])  # 605 values: two go past a budget of 1,000
+
+    async def first_five() -> list:
+        budget = forward.ValueBudget(1_000, "test")
+        if mode == "Forward":
+            data = memoryview(b"\x93" + entry * 3)
+            entries = forward.forward_entries(data, 1, 3, 1 << 20, budget)
+        else:
+            entries = forward.packed_entries(entry * 3, False, 1 << 20, budget)
+        read = []
+        async for one in entries:
+            read.append("END_SLICE" if one is forward.END_SLICE else type(one).__name__)
+            if len(read) == 5:
+                break
+        return read
+
+    assert asyncio.run(first_five()) == ["list", "END_SLICE", "InvalidEntry", "END_SLICE", "InvalidEntry"]
 
 
 def test_a_gzip_entry_that_cannot_be_decoded_is_skipped_by_its_bytes_while_they_are_held():

@@ -526,6 +526,7 @@ async def forward_entries(data: memoryview, at: int, count: int, max_message_byt
     # slices were relayed (101 entries nested 10,000 deep), and each resend relayed them again
     allowance = bytes_bound(len(data))
     for _ in range(count):
+        slice_ended = False  # END_SLICE comes once an entry: a consumer that lets nothing go gets it skipped
         while True:
             start, charged = decoder.position, budget.count
             try:
@@ -533,8 +534,9 @@ async def forward_entries(data: memoryview, at: int, count: int, max_message_byt
                 break
             except UndecodableValue as error:
                 budget.release(budget.count - charged)
-                if error.over_budget and charged:  # it may fit alone: decoded again once the slice went on
+                if error.over_budget and charged and not slice_ended:  # it may fit alone: decoded again
                     yield END_SLICE
+                    slice_ended = True
                     decoder = SteppedDecoder(data, start, max_message_bytes, budget)
                     continue
                 # NOTE: skipped by its bytes and counted, like an entry that is not [time, record]:
@@ -547,7 +549,8 @@ async def forward_entries(data: memoryview, at: int, count: int, max_message_byt
 
 # Yielded by lazily decoded entries before an entry that went over the value budget only with the
 # slice under way: the consumer sends the slice on and lets its values go, then the entry is decoded
-# again. NOTE: skipped as undecodable, a valid entry was acknowledged and never relayed.
+# again. NOTE: skipped as undecodable, a valid entry was acknowledged and never relayed. Once an entry:
+# a consumer that let nothing go got it again for ever; over the budget again, the entry is skipped.
 END_SLICE = object()
 
 
@@ -714,6 +717,7 @@ async def packed_entries(data: bytes, compressed: bool, max_message_bytes: int,
     held_since = time.perf_counter()
     allowance = WalkAllowance()
     at = 0  # where decoding (re)starts in the payload
+    slice_ended_at = -1  # where the last END_SLICE came: once an entry (a consumer may let nothing go)
     try:
         while True:
             payload.keep_from = at
@@ -750,9 +754,9 @@ async def packed_entries(data: bytes, compressed: bool, max_message_bytes: int,
             # slices of it were relayed made every resend relay them again (and its sender drop
             # every record of it at its retry limit).
             budget.release(budget.count - charged)
-            if error.over_budget and charged:  # it may fit alone (END_SLICE)
+            if error.over_budget and charged and at + consumed != slice_ended_at:  # it may fit alone
                 yield END_SLICE
-                at += consumed
+                at = slice_ended_at = at + consumed
                 continue
             at = await undecoded_entry_end(payload, at + consumed, error, allowance,
                                            None if oversized else buffer_size)
