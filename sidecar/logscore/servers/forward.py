@@ -134,6 +134,7 @@ SLICE_VALUES = 300_000
 # 16,000 values (about 10 ms at worst), then the loop runs others.
 DECODE_STEP = 16 * 1024
 YIELD_AFTER_S = 0.005  # decoding lets the loop run once it has held it this long
+INLINE_CHECK_BYTES = 64 * 1024  # a plain PackedForward payload checked on the event loop: under ~3 ms skipped
 
 
 class ForwardProtocolError(ValueError):
@@ -206,11 +207,21 @@ class Message:
         return self.entries_skipped > 0 and self.size is not None and self.size != self.entries_read
 
     async def check_payload(self, max_message_bytes: int) -> None:
-        """Refuse, before any of its entries go on, a PackedForward payload that inflates past
+        """Refuse, before any of its entries go on, a PackedForward log payload that inflates past
         INFLATION x max_message_bytes or whose entries walked by their headers pass the message's
-        WalkAllowance (``check_packed``, off the event loop)."""
-        if self.packed is not None:
-            await asyncio.to_thread(check_packed, self.packed, self.gzipped, max_message_bytes)
+        WalkAllowance (``check_packed``). A plain payload of at most INLINE_CHECK_BYTES is
+        skipped through on the event loop; a thread is taken only for a gzip or bigger one, or once an
+        entry needs walking by its headers.
+
+        NOTE: every PackedForward chunk went to a thread, about 50 µs a hop: a one-record chunk was read
+        and decoded in 71-77 µs of CPU instead of 10 (now 14)."""
+        if self.packed is None or not self.is_log:  # (one that is not logs is passed on as it came)
+            return
+        if not self.gzipped and len(self.packed) <= INLINE_CHECK_BYTES:
+            payload = PackedPayload(iter((self.packed,)), len(self.packed))
+            if _skipped_to_walk(payload, 0, packed_buffer_size(max_message_bytes)) is None:
+                return
+        await asyncio.to_thread(check_packed, self.packed, self.gzipped, max_message_bytes)
 
 
 # Secure forward's answers to a HELO: PING (6 items), PONG (5); no log message has more than 4. NOTE:
@@ -1006,8 +1017,8 @@ def _skipped_to_walk(payload: PackedPayload, at: int, buffer_size: int) -> Optio
             while True:
                 skipper.skip()
                 skipped = skipper.tell()
-                payload.keep_from = at + skipped
         except msgpack.OutOfData:
+            payload.keep_from = at + skipped  # (before the next block is pulled: once a step, not an entry)
             continue
         except (msgpack.StackError, msgpack.BufferFull):
             return at + skipped
