@@ -2076,7 +2076,6 @@ def test_a_small_plain_packed_forward_payload_is_checked_without_a_thread_hop(mo
     assert hops == ["check_packed"] * 3
 
 
-
 @pytest.mark.parametrize("compressed", [False, True], ids=["PackedForward", "CompressedPackedForward"])
 def test_the_check_refuses_a_payload_at_max_invalid_entries_as_decoding_would_not_after_all_of_it(compressed):
     """Decoding refuses a chunk at its 1,000th entry that is not [time, record]; the check skipped every
@@ -2093,3 +2092,36 @@ def test_the_check_refuses_a_payload_at_max_invalid_entries_as_decoding_would_no
                        r"entry starting with byte 0x00, not an array of two items\): not forward-protocol data"):
         checked(good + b"\x00" * (2_000_000 if compressed else 60_000))
 
+
+BROKEN_AFTER_RECORDS = {  # what decoding refuses after 5,000 good records, once a slice of them went on
+    "a byte no value starts with": (b"\x92\x01\x81\xa1m\xc1", "forward bytes hold byte 0xc1"),
+    "cut mid-entry": (msgpack.packb([1_700_000_000, {"message": "GET /cut"}])[:-3],
+                      "PackedForward entries end in the middle of an entry"),
+    "an array header of 2^31-1 items": (b"\x92\x01\xdd\x7f\xff\xff\xff\x01\x02",
+                                        "PackedForward entries end in the middle of an entry"),
+}
+
+
+@pytest.mark.parametrize("compressed", [False, True], ids=["PackedForward", "CompressedPackedForward"])
+@pytest.mark.parametrize("broken", list(BROKEN_AFTER_RECORDS))
+def test_the_check_refuses_what_decoding_would_refuse_later_in_the_payload(broken, compressed):
+    from logscore.servers import forward
+
+    tail, refusal = BROKEN_AFTER_RECORDS[broken]
+    payload = b"".join(msgpack.packb([1_700_000_000 + n, {"message": f"GET /{n}"}]) for n in range(5_000)) + tail
+    with pytest.raises(forward.ForwardProtocolError, match=refusal):
+        _packed_check(gzip.compress(payload) if compressed else payload, {"compressed": "gzip"} if compressed else {})
+
+
+@pytest.mark.parametrize("compressed", [False, True], ids=["PackedForward", "CompressedPackedForward"])
+def test_a_payload_with_bad_bytes_after_its_first_slice_is_refused_before_any_slice_goes_on(chain, compressed):
+    """5,000 records, then a byte no msgpack value starts with inside an entry: refused once the first
+    slice (4,096 records) was relayed, and each resend relayed it again. Refused before it now."""
+    sidecar, port, receiver = chain
+    good = b"".join(msgpack.packb([1_700_000_000 + n, {"message": f"GET /{n}"}]) for n in range(5_000))
+    payload = good + BROKEN_AFTER_RECORDS["a byte no value starts with"][0]
+    option = {"chunk": "bad", "size": 5_001} | ({"compressed": "gzip"} if compressed else {})
+    assert send_chunk(port, ["web", gzip.compress(payload) if compressed else payload, option]) is None
+    assert send_chunk(port, ["web", [[1_700_000_000, {"message": "after"}]], {"chunk": "after"}]) == {"ack": "after"}
+    assert [r["message"] for _, r in receiver.wait_for(1)] == ["after"]  # (relayed in order: none before it)
+    assert counter(sidecar, "forward_protocol") == 1

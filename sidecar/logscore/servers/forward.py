@@ -976,17 +976,15 @@ def packed_payload(blocks: Iterator[bytes], buffer_size: int) -> PackedPayload:
 
 
 def check_packed(data: bytes, compressed: bool, max_message_bytes: int) -> None:
-    """ForwardProtocolError if a PackedForward payload inflates past INFLATION x max_message_bytes, is
-    not valid gzip, holds MAX_INVALID_ENTRIES entries that are not [time, record] (as decoding refuses
-    it), or its entries nested past msgpack's limit or too big for its buffer (those packed_entries walks
-    by their headers) pass one WalkAllowance; msgpack skips the others. Anything else wrong is left to
-    packed_entries, which names it.
+    """ForwardProtocolError, as packed_entries would raise it once slices of the chunk went on, if a
+    PackedForward payload inflates past INFLATION x max_message_bytes or is not valid gzip, holds
+    bytes msgpack cannot read or ends in the middle of an entry, holds MAX_INVALID_ENTRIES entries
+    that are not [time, record], or its entries nested past msgpack's limit or too big for its buffer
+    (those packed_entries walks by their headers) pass one WalkAllowance. msgpack skips the others.
 
-    NOTE: the allowance ran out while the entries were decoded, after slices of the chunk were relayed:
-    the connection closed, and each resend relayed the same 4,096 records again (5,000 records, then
-    101 entries nested 10,000 deep). Refused here, none of it has gone on yet. It skipped every entry
-    of the payload, where decoding stops at MAX_INVALID_ENTRIES: a 65 KB gzip chunk of zeros (64 MiB
-    inflated) cost 5.2 s of CPU here."""
+    NOTE: found while decoding, after slices of the chunk were relayed, these closed the connection
+    and each resend relayed the same 4,096 records again; refused here, none of it has gone on yet.
+    Stopping at MAX_INVALID_ENTRIES as decoding does: a 65 KB gzip chunk of zeros cost 5.2 s here."""
     blocks = iter_payload(data, compressed, max_message_bytes)
     try:
         _walk_entries(packed_payload(blocks, packed_buffer_size(max_message_bytes)),
@@ -1020,23 +1018,25 @@ _PAIR_STARTS = frozenset((0x92, 0xDC, 0xDD))
 
 def _walk_entries(payload: PackedPayload, buffer_size: int) -> None:
     """Skip a payload's entries as packed_entries decodes them, walking by its headers each that msgpack
-    cannot skip, paid from one WalkAllowance, counting those that are not [time, record]; stop quietly at
-    anything else wrong."""
+    cannot skip, paid from one WalkAllowance; raise what packed_entries would (``check_packed``)."""
     allowance, invalid, at = WalkAllowance(), InvalidEntries(), 0
     while (start := _skipped_to_walk(payload, at, buffer_size, invalid)) is not None and payload.holds(start):
         walker = ValueWalker(allowance)
         if not any(walker.feed(step) for step in payload.steps(start, DECODE_STEP)):
-            return  # it ends in the middle of an entry
+            raise ForwardProtocolError("PackedForward entries end in the middle of an entry (one that "
+                                       "could not be decoded)")
         invalid.add("an entry msgpack could not decode", start)
         at = start + walker.position
 
 
 def _skipped_to_walk(payload: PackedPayload, at: int, buffer_size: int, invalid: InvalidEntries) -> Optional[int]:
-    """Where, from ``at``, the first entry that msgpack cannot skip starts (nested past its limit, or
-    too big for ``buffer_size``); None if there is none (or the bytes are not msgpack). Entries that do
-    not start as a two-item array are counted in ``invalid``."""
+    """Where, from ``at``, the first entry that msgpack cannot skip starts (nested past its limit, too
+    big for ``buffer_size`` or past the decoder's lengths, or holding a byte no value starts with: its
+    walk raises); None if there is none. Entries that do not start as a two-item array are counted in
+    ``invalid``; a ForwardProtocolError if the bytes end in the middle of an entry."""
     payload.keep_from = at
-    skipper, skipped, fed = _skipper(buffer_size, DECODE_STEP), 0, 0
+    skipper = msgpack.Unpacker(max_buffer_size=buffer_size, read_size=min(DECODE_STEP, buffer_size))  # decoder's
+    skipped = fed = 0  # (lengths: msgpack's defaults, as packed_entries' decoder)
     judged = -1  # where the last entry whose first byte was looked at starts
     for step in payload.steps(at, DECODE_STEP):
         step_at, fed = fed, fed + len(step)
@@ -1055,10 +1055,11 @@ def _skipped_to_walk(payload: PackedPayload, at: int, buffer_size: int, invalid:
             continue
         except ForwardProtocolError:  # (too many invalid entries)
             raise
-        except (msgpack.StackError, msgpack.BufferFull):
+        except (msgpack.StackError, msgpack.BufferFull, ValueError, msgpack.UnpackException):
             return at + skipped
-        except (ValueError, msgpack.UnpackException):
-            return None
+    if skipped != fed:
+        raise ForwardProtocolError(f"PackedForward entries end in the middle of an entry "
+                                   f"({fed - skipped} bytes left over)")
     return None
 
 
