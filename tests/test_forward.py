@@ -2125,3 +2125,27 @@ def test_a_payload_with_bad_bytes_after_its_first_slice_is_refused_before_any_sl
     assert send_chunk(port, ["web", [[1_700_000_000, {"message": "after"}]], {"chunk": "after"}]) == {"ack": "after"}
     assert [r["message"] for _, r in receiver.wait_for(1)] == ["after"]  # (relayed in order: none before it)
     assert counter(sidecar, "forward_protocol") == 1
+
+
+def test_a_forward_chunk_s_deep_entries_walked_to_find_its_option_are_not_walked_again_as_read(monkeypatch):
+    """Each deep entry was walked by its headers by the search for the chunk's option, then again as the
+    entries were read (4 MiB of 3,792 entries nested 1,100 deep: 1.7 + 2.3 s of CPU). Read once now."""
+    import asyncio
+
+    from logscore.servers import forward
+
+    flat = b"".join(msgpack.packb([1_700_000_000, {"message": f"GET /{n}"}]) for n in range(1_000))
+    deep = b"\x92\x01\x81\xa1m" + b"\x91" * 1_100 + b"\x01"
+    message = b"\x93\xa3web\xdd" + (1_003).to_bytes(4, "big") + deep + flat + deep * 2 + msgpack.packb({"chunk": "c"})
+    headers_read = count_headers_read(monkeypatch)
+
+    async def entries():
+        budget = forward.ValueBudget(forward.MAX_DECODED_VALUES, "test")
+        read = await forward.read_message(memoryview(message), 1 << 20, budget, None)
+        return read.chunk, [entry async for entry in read.entries]
+
+    chunk, read = asyncio.run(entries())
+    assert chunk == "c" and len(read) == 1_003
+    assert [type(entry).__name__ for entry in read if not isinstance(entry, list)] == ["InvalidEntry"] * 3
+    assert [entry[1]["message"] for entry in read if isinstance(entry, list)] == [f"GET /{n}" for n in range(1_000)]
+    assert 3 * 1_100 < headers_read[0] < 2 * 3 * 1_100  # each deep entry walked once (1,105 headers)
