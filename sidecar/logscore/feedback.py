@@ -204,7 +204,7 @@ class Inspection:
         for converter in self.model.featurizer.converters:
             value = self.value_of(converter, row) if converter.kind == "url" else None
             if value is not None:
-                _, template_level, lengths = url_features(converter, value)
+                _, template_level, lengths, _ = url_features(converter, value)
                 found |= template_level | lengths
         return found
 
@@ -234,7 +234,7 @@ class Inspection:
         found = []
         for converter in self.model.featurizer.converters:
             value = self.value_of(converter, row) if converter.kind == "url" and keys else None
-            texts = attack_like_texts(converter, value) if value is not None else None
+            texts = url_features(converter, value)[3] if value is not None else None
             if texts:
                 found += [texts[key] for key in keys if key in texts]
         return found
@@ -287,17 +287,18 @@ class FeatureNames:
 
 
 class UrlFeatures(tuple):
-    """(template, keys of its template-level features, keys of its length classes) of a URL."""
+    """(template, keys of its template-level features, keys of its length classes, key -> text of its
+    attack-like features (``injection.attack_like``; mostly none)) of a URL."""
 
     @property
     def nbytes(self) -> int:
         """Memory held, estimated (for the cache's bound)."""
-        return 200 + len(self[0]) + 40 * (len(self[1]) + len(self[2]))
+        return 200 + len(self[0]) + 40 * (len(self[1]) + len(self[2])) + sum(60 + len(t) for t in self[3].values())
 
 
-def url_features(converter, value: str) -> tuple[str, frozenset, frozenset]:
-    """(template, keys of its template-level features, keys of its length classes) of a URL; cached,
-    as flagged URLs repeat (a page marked normal, a scanner's probes)."""
+def url_features(converter, value: str) -> UrlFeatures:
+    """(template, keys of its template-level features, keys of its length classes, attack-like texts by
+    key) of a URL; cached, as flagged URLs repeat (a page marked normal, a scanner's probes)."""
     # NOTE: the cache lives on the converter: it goes with its model when that is unloaded.
     cache = converter.__dict__.get("_feedback_urls")
     if cache is None:
@@ -310,32 +311,11 @@ def url_features(converter, value: str) -> tuple[str, frozenset, frozenset]:
         template_level = frozenset(text_key(converter.seed, t) for t in texts if t.startswith(TEMPLATE_FEATURES) or
                                    (t.startswith(SLOT_FEATURES) and t.split(" ", 1)[1].startswith(slot)))
         lengths = frozenset(text_key(converter.seed, t) for t in texts if t.startswith("length "))
-        found = UrlFeatures((template, template_level, lengths))
-        cache.put(value, found)
-    return found
-
-
-class AttackTexts(dict):
-    """Key -> text of a URL's attack-like features (mostly none)."""
-
-    @property
-    def nbytes(self) -> int:
-        """Memory held, estimated (for the cache's bound)."""
-        return 100 + sum(60 + len(text) for text in self.values())
-
-
-def attack_like_texts(converter, value: str) -> AttackTexts:
-    """The url converter's attack-like features of a URL (``injection.attack_like``) by key; cached as
-    ``url_features`` is."""
-    cache = converter.__dict__.get("_feedback_attacks")
-    if cache is None:
-        cache = converter.__dict__.setdefault("_feedback_attacks", ValueCache(URL_CACHE_SIZE))
-    found = cache.get(value)
-    if found is None:
-        found = AttackTexts()
-        for text in converter.features(value):
+        attacks: dict[int, str] = {}
+        for text in texts:
             if attack_like(text):
-                found.setdefault(text_key(converter.seed, text), text)
+                attacks.setdefault(text_key(converter.seed, text), text)
+        found = UrlFeatures((template, template_level, lengths, attacks))
         cache.put(value, found)
     return found
 
@@ -346,7 +326,7 @@ URL_CACHE_SIZE = 4096  # URLs of flagged records per converter (they repeat: a p
 def url_kind(converter, value: str, tokens: set) -> set:
     """The kind tokens of a record with its URL's template-level features (of ``tokens``, the unusual
     structural ones) replaced by its path kind, and its length classes (details) left out."""
-    template, template_level, lengths = url_features(converter, value)
+    template, template_level, lengths, _ = url_features(converter, value)
     seed = converter.seed
     found = tokens & template_level
     kept = tokens - template_level - lengths

@@ -310,7 +310,7 @@ def where_and_kind(found, row: int) -> frozenset:
     for converter in found.model.featurizer.converters:
         value = found.value_of(converter, row) if converter.kind == "url" else None
         if value is not None:
-            template, template_level, _ = url_features(converter, value)
+            template, template_level, _, _ = url_features(converter, value)
             if unusual & template_level:
                 return kind | {f"page {template}"}
     return kind
