@@ -44,9 +44,8 @@ def injection_like(text: Optional[str]) -> bool:
     return ANY_MARK.search(LANGUAGE_APOSTROPHE.sub("", text)) is not None
 
 
-# UrlConverter's feature texts: those attack_like reads (the rest, "parameters", "parameter", "length",
-# "value", name a template, a slot or a class, nothing an attack alone sets)
-URL_READ = ("path ", "segment ", "shape ", "character ")
+# UrlConverter's feature texts attack_like does not read (it reads path, segment, shape and character
+# ones): they name a template, a slot or a class, nothing an attack alone sets
 URL_UNREAD = ("parameters ", "parameter ", "length ", "value ")
 # In a path, ".." and "--" inside a name are ordinary ("v1.2...v1.3-notes", "c--intro"): a traversal
 # is a whole segment, read below.
