@@ -448,6 +448,11 @@ class EventStream(NamedTuple):
 GZIP_MAGIC = b"\x1f\x8b"
 
 
+MSGPACK_MAX_DEPTH = 1024  # msgpack decodes, and skips, arrays and maps nested this deep at most (StackError)
+MSGPACK_TOO_DEEP = (f"nested more than {MSGPACK_MAX_DEPTH:,} arrays and maps deep (msgpack's limit): send flatter "
+                    "records")
+
+
 def msgpack_problem(error: Exception, data: bytes, offset: int) -> str:
     """What msgpack's ``error`` decoding ``data`` means and what to do; ``offset``: where decoding
     stopped (the unpacker's tell(): the offending byte for a FormatError). msgpack's own errors
@@ -455,7 +460,7 @@ def msgpack_problem(error: Exception, data: bytes, offset: int) -> str:
     import msgpack
 
     if isinstance(error, msgpack.StackError):
-        return "nested more than 1,024 arrays and maps deep (msgpack's limit): send flatter records"
+        return MSGPACK_TOO_DEEP
     if isinstance(error, msgpack.FormatError) and offset < len(data):
         return (f"byte 0x{data[offset]:02x} at offset {offset:,} starts no msgpack value: check the shipper's "
                 "msgpack encoder")

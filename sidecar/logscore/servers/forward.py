@@ -70,7 +70,8 @@ import msgpack
 from ..decide import notes_by_record
 from ..errors import LogscoreError, ModelNotFound, Overloaded, TagTooLong
 from ..metrics import OncePerInterval
-from ..records import MAX_RECORD_DEPTH, cut_text, describe_entry, nested_deeper_than, type_name, value_counting_hooks
+from ..records import (MAX_RECORD_DEPTH, MSGPACK_MAX_DEPTH, MSGPACK_TOO_DEEP, cut_text, describe_entry,
+                       nested_deeper_than, type_name, value_counting_hooks)
 from ..scoring import ScoreCall, ScoringService
 from .streams import StreamServer
 
@@ -426,7 +427,7 @@ async def _value_length(steps_from: StepsFrom, at: int, allowance: WalkAllowance
     array or map is skipped (nothing is built); one nested deeper than msgpack reads, or holding a
     string past ``max_buffer_size``, is walked by its headers (``walked_length``, paid from
     ``allowance``); a byte no type starts with raises as msgpack does."""
-    skipper = _skipper(max_buffer_size, SKIP_STEP)
+    skipper = _skipper(max_buffer_size)
     held_since = time.perf_counter()
     for step in steps_from(at, SKIP_STEP):
         try:
@@ -443,7 +444,7 @@ async def _value_length(steps_from: StepsFrom, at: int, allowance: WalkAllowance
     return None
 
 
-async def _values_end(data: memoryview, at: int, count: int, walked_ends: Optional[dict] = None) -> int:
+async def _values_end(data: memoryview, at: int, count: int, walked_ends: dict) -> int:
     """Where the ``count`` values from ``at`` end: msgpack skips them, one nested past its limit is
     walked by its headers (``_skipped``; where it ends noted in ``walked_ends`` by where it starts).
 
@@ -454,15 +455,14 @@ async def _values_end(data: memoryview, at: int, count: int, walked_ends: Option
         at += skipped
         if count:  # the value at ``at`` nests past msgpack's limit
             start, at, count = at, await _skipped(data, at), count - 1
-            if walked_ends is not None:
-                walked_ends[start] = at
+            walked_ends[start] = at
     return at
 
 
 async def _skipped_values(data: memoryview, at: int, count: int) -> tuple[int, int]:
     """(bytes, values left): msgpack skips up to ``count`` values from ``at``, stopping at one nested
     past its limit; the event loop runs between steps."""
-    skipper, skipped = _skipper(0, SKIP_STEP), 0
+    skipper, skipped = _skipper(0), 0
     held_since = time.perf_counter()
     for step in steps_of(data)(at, SKIP_STEP):
         skipper.feed(step)
@@ -478,8 +478,8 @@ async def _skipped_values(data: memoryview, at: int, count: int) -> tuple[int, i
     raise ForwardProtocolError("a message ends in the middle of a value")
 
 
-def _skipper(max_buffer_size: int, step: int) -> msgpack.Unpacker:
-    read_size = min(step, max_buffer_size) if max_buffer_size else step
+def _skipper(max_buffer_size: int) -> msgpack.Unpacker:
+    read_size = min(SKIP_STEP, max_buffer_size) if max_buffer_size else SKIP_STEP
     return msgpack.Unpacker(max_buffer_size=max_buffer_size, max_array_len=2**31 - 1, max_map_len=2**31 - 1,
                             read_size=read_size)
 
@@ -488,12 +488,9 @@ def _skipper(max_buffer_size: int, step: int) -> msgpack.Unpacker:
 # 63 ms for a read of READ_BYTES one-byte values, 270-310 ms (/healthz) for the 1.4 MB held when a
 # 60,000-record chunk's deep record showed. It walks this much (about 8 ms) between turns of the loop.
 WALKED_READ_BYTES = 2 * DECODE_STEP
-MSGPACK_MAX_DEPTH = 1024  # msgpack decodes, and skips, arrays and maps nested this deep at most (StackError)
 # Arrays and maps open at once that a walk by headers (ValueWalker) follows: deeper is no log record
 # but bytes built to stall a reader.
 MAX_WALK_DEPTH = MSGPACK_MAX_DEPTH + 10_000
-TOO_DEEP = (f"nested more than {MSGPACK_MAX_DEPTH:,} arrays and maps deep (msgpack's limit): send flatter "
-            "records")
 
 
 class WalkAllowance:
@@ -581,7 +578,7 @@ def undecodable(error: Exception) -> UndecodableValue:
     if isinstance(error, ForwardProtocolError):
         return UndecodableValue(str(error))
     if isinstance(error, msgpack.StackError):  # (it says nothing itself)
-        return UndecodableValue(TOO_DEEP)
+        return UndecodableValue(MSGPACK_TOO_DEEP)
     return UndecodableValue(f"{type(error).__name__} {error}".rstrip())
 
 
@@ -855,12 +852,9 @@ class ValueWalker:
         self._body_left = 0  # bytes of the last body still to come
         self.fed = 0  # bytes fed so far
         self.position = 0  # once done: the value's length in bytes
-        self.done = False
 
     def feed(self, piece: memoryview) -> bool:
-        """Walk on through the next bytes; True once the value ended (``position``)."""
-        if self.done:
-            return True
+        """Walk on through the next bytes; True once the value ended (``position``; fed no more then)."""
         start = self.fed - len(self._carry)  # where data starts in the value's bytes
         data = memoryview(self._carry + bytes(piece)) if self._carry else piece
         self.fed += len(piece)
@@ -872,7 +866,7 @@ class ValueWalker:
         at = self._walk(data, at)
         if at is None:
             return False
-        self.position, self.done = start + at, True
+        self.position = start + at
         return True
 
     def _walk(self, data: memoryview, at: int) -> Optional[int]:
@@ -996,8 +990,8 @@ def check_packed(data: bytes, compressed: bool, max_message_bytes: int) -> None:
     Stopping at MAX_INVALID_ENTRIES as decoding does: a 65 KB gzip chunk of zeros cost 5.2 s here."""
     blocks = iter_payload(data, compressed, max_message_bytes)
     try:
-        _walk_entries(packed_payload(blocks, packed_buffer_size(max_message_bytes)),
-                      packed_buffer_size(max_message_bytes))
+        buffer_size = packed_buffer_size(max_message_bytes)
+        _walk_entries(packed_payload(blocks, buffer_size), buffer_size)
         for _ in blocks:  # (the rest inflated: its size checked)
             pass
     except zlib.error as error:
@@ -1006,7 +1000,7 @@ def check_packed(data: bytes, compressed: bool, max_message_bytes: int) -> None:
 
 class InvalidEntries:
     """Counts a payload's entries that decoding will skip as not [time, record]; at MAX_INVALID_ENTRIES
-    the refusal the relay gives (``Server._took``)."""
+    the refusal the relay gives (``ForwardServer._took``)."""
 
     def __init__(self):
         self.count = 0
@@ -1507,7 +1501,8 @@ class MessageFramer:
         self._skipper = new_skipper()
         self._pending = bytearray()  # the bytes of the message under way (and any after it)
         self._start = 0  # where _pending starts in the bytes fed to the skipper
-        self.began = 0.0  # when the message under way began to arrive (time.monotonic())
+        self.began = 0.0  # when the time for the message under way to arrive started (its first byte, admission
+        # or last relay: restart_clock; time.monotonic())
         self._broken: Optional[ForwardProtocolError] = None  # bad bytes met after messages handed out
         self._walker: Optional[ValueWalker] = None  # the message under way nests deeper than msgpack skips
         self._walk_left = WALKED_READ_BYTES  # bytes the framing call under way may still walk by headers
@@ -1523,30 +1518,19 @@ class MessageFramer:
         """Bytes of a message not complete yet are held."""
         return bool(self._pending)
 
-    def feed(self, data: bytes) -> list[memoryview]:
-        """The messages these bytes complete, in order; ForwardProtocolError if they are not msgpack
-        or one grows past max_message_bytes.
+    def feed(self, data: bytes, handed: bool = False) -> list[memoryview]:
+        """The messages these bytes complete, in order (no bytes: the next piece of a walk by headers,
+        ``walk_behind``); ForwardProtocolError if they are not msgpack or one grows past
+        max_message_bytes.
 
         NOTE: bad bytes after complete messages of the same read raise only once those messages are
         handed out (raise_if_broken, or the next feed): raised at once, they were lost with them (a
-        sender taking no acks lost 30,000 records sent just before one bad byte)."""
+        sender taking no acks lost 30,000 records sent just before one bad byte). ``handed``: messages
+        of earlier calls of the same read are still to go on, so bad bytes wait for them too."""
         self.raise_if_broken()
         messages: list[memoryview] = []
         try:
             self._frame(data, messages)
-        except ForwardProtocolError as error:
-            if not messages:
-                raise
-            self._broken = error
-        return messages
-
-    def walk_on(self, handed: bool) -> list[memoryview]:
-        """The messages the next piece of a walk by headers completes (``walk_behind``); bad bytes met
-        raise only once the messages before them (``handed``: those of earlier calls too) went on, as
-        in feed."""
-        messages: list[memoryview] = []
-        try:
-            self._frame(b"", messages)
         except ForwardProtocolError as error:
             if not messages and not handed:
                 raise
@@ -1624,7 +1608,7 @@ class MessageFramer:
 
     @property
     def walk_behind(self) -> bool:
-        """Bytes held of a message walked by its headers are not walked yet (``framed``: fed again)."""
+        """Bytes held of a message walked by its headers are not walked yet (``framed_by`` feeds on)."""
         return self._walker is not None and self._broken is None and self._walker.fed < len(self._pending)
 
     def _walked_message_end(self, held: memoryview, begin: int) -> Optional[int]:
@@ -1653,7 +1637,7 @@ async def framed_by(framer: MessageFramer, data: bytes) -> list[memoryview]:
     messages = framer.feed(data)
     while framer.walk_behind:
         await asyncio.sleep(0)
-        messages += framer.walk_on(handed=bool(messages))
+        messages += framer.feed(b"", handed=bool(messages))
     return messages
 
 
@@ -2140,7 +2124,7 @@ class ForwardServer(StreamServer):
                     record[ENTITY_KEY] = round(value, 6)
         return None
 
-    def _unscored(self, records: list[dict], tag: str, error: LogscoreError, peer: str = "") -> None:
+    def _unscored(self, records: list[dict], tag: str, error: LogscoreError, peer: str) -> None:
         reason = str(error)
         self._count("internal" if type(error) is LogscoreError else type(error).__name__)
         self._say_unscored(tag, error, len(records), peer)
