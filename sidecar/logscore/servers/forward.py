@@ -763,8 +763,7 @@ async def packed_entries(data: bytes, compressed: bool, max_message_bytes: int,
                 held_since = await let_loop_run(held_since)
             if error is None:
                 if consumed != fed:
-                    raise ForwardProtocolError(f"PackedForward entries end in the middle of an entry "
-                                               f"({fed - consumed} bytes left over)")
+                    raise cut_mid_entry(f"{fed - consumed} bytes left over")
                 return
             # NOTE: skipped by its bytes and counted, as in Forward mode: refusing the chunk once
             # slices of it were relayed made every resend relay them again (and its sender drop
@@ -802,8 +801,7 @@ async def undecoded_entry_end(payload: "PackedPayload", start: int, error: Undec
     else:
         length = await _value_length(steps_from, start, allowance, buffer_size)
     if length is None:
-        raise ForwardProtocolError(f"PackedForward entries end in the middle of an entry (one that "
-                                   f"could not be decoded: {error})")
+        raise cut_mid_entry(f"one that could not be decoded: {error}")
     return start + length
 
 
@@ -1011,8 +1009,16 @@ class InvalidEntries:
             return
         self.count, self.last_at = self.count + 1, at
         if self.count >= MAX_INVALID_ENTRIES:
-            raise ForwardProtocolError(f"{self.count} entries are not [time, record] (the last: {why}): "
-                                       "not forward-protocol data")
+            raise too_many_invalid(self.count, why)
+
+
+def too_many_invalid(count: int, why) -> ForwardProtocolError:
+    """The refusal of a chunk past MAX_INVALID_ENTRIES (the check before relaying says what the relay would)."""
+    return ForwardProtocolError(f"{count} entries are not [time, record] (the last: {why}): not forward-protocol data")
+
+
+def cut_mid_entry(detail: str) -> ForwardProtocolError:
+    return ForwardProtocolError(f"PackedForward entries end in the middle of an entry ({detail})")
 
 
 # first bytes of a msgpack array that may hold two items (fixarray of 2, array 16, array 32)
@@ -1026,8 +1032,7 @@ def _walk_entries(payload: PackedPayload, buffer_size: int) -> None:
     while (start := _skipped_to_walk(payload, at, buffer_size, invalid)) is not None and payload.holds(start):
         walker = ValueWalker(allowance)
         if not any(walker.feed(step) for step in payload.steps(start, DECODE_STEP)):
-            raise ForwardProtocolError("PackedForward entries end in the middle of an entry (one that "
-                                       "could not be decoded)")
+            raise cut_mid_entry("one that could not be decoded")
         invalid.add("an entry msgpack could not decode", start)
         at = start + walker.position
 
@@ -1061,8 +1066,7 @@ def _skipped_to_walk(payload: PackedPayload, at: int, buffer_size: int, invalid:
         except (msgpack.StackError, msgpack.BufferFull, ValueError, msgpack.UnpackException):
             return at + skipped
     if skipped != fed:
-        raise ForwardProtocolError(f"PackedForward entries end in the middle of an entry "
-                                   f"({fed - skipped} bytes left over)")
+        raise cut_mid_entry(f"{fed - skipped} bytes left over")
     return None
 
 
@@ -1994,8 +1998,7 @@ class ForwardServer(StreamServer):
             relay.skipped_why = str(error)
             relay.skipped_tag = message.tag
             if relay.skipped >= MAX_INVALID_ENTRIES:
-                raise ForwardProtocolError(f"{relay.skipped} entries are not [time, record] "
-                                           f"(the last: {error}): not forward-protocol data") from None
+                raise too_many_invalid(relay.skipped, error) from None
             return False
         return len(piece) >= self.slice_records or (message.budget is not None
                                                      and message.budget.count >= SLICE_VALUES)
