@@ -1821,7 +1821,7 @@ class ForwardServer(StreamServer):
                     task = asyncio.current_task()
                     self.busy.add(task)
                     try:
-                        await self._take_messages(reader, writer, framer, budget, small, framed)
+                        await self._take_messages(reader, writer, peer, framer, budget, small, framed)
                     finally:
                         self.busy.discard(task)
                 data = None
@@ -1874,7 +1874,7 @@ class ForwardServer(StreamServer):
             messages = await framed_by(framer, await read_more(reader, framer, UNADMITTED_BYTES - framer.held_bytes))
         return messages
 
-    async def _take_messages(self, reader, writer, framer: MessageFramer, budget: ValueBudget,
+    async def _take_messages(self, reader, writer, peer: str, framer: MessageFramer, budget: ValueBudget,
                              small: SmallDecoder, framed: list[memoryview]) -> None:
         """Relay the complete messages framed so far; read on while UNADMITTED_BYTES or more of one
         are here (less is read on unadmitted: _whole_messages_unadmitted).
@@ -1886,7 +1886,7 @@ class ForwardServer(StreamServer):
             while framed:
                 messages, refused, framed = await self._read_messages(framed, budget, small)
                 if messages:
-                    await self._relay(messages, writer)
+                    await self._relay(messages, writer, peer)
                     framer.restart_clock()  # nor is the relay's (waiting for the next hop's acks)
                 budget.release(budget.count)  # relayed (or none read): let go
                 if refused is not None:
@@ -1917,10 +1917,9 @@ class ForwardServer(StreamServer):
             messages.append(message)
         return messages, None, []
 
-    async def _relay(self, messages: list[Message], writer: asyncio.StreamWriter) -> None:
+    async def _relay(self, messages: list[Message], writer: asyncio.StreamWriter, peer: str) -> None:
         """Score and pass on a group of messages, then acknowledge the sender's chunks."""
         relay = Relay(wants_acks=all(m.chunk is not None for m in messages))
-        peer = address_text(writer.get_extra_info("peername"))
         async for piece in self._pieces(messages, relay):
             if isinstance(piece, Message):
                 await self._send(relay, [raw_frame(piece.raw)])
