@@ -14,6 +14,14 @@ if [ -d "$vendor" ]; then
   export FLUENT_BIT=${FLUENT_BIT:-$vendor/fluent-bit/bin/fluent-bit}
 fi
 LOGSCORE_WITH_SHIPPERS=$([ -n "${FLUENTD_SOURCE:-}${FLUENT_BIT:-}" ] && echo 1 || echo 0) bash scripts/setup.sh
+# The Python tests too mostly wait on the processes they start (load 0.8 over 662 s in one
+# process): two pytest processes, a test file each at a time (its module fixtures made once),
+# took 380 s. LOGSCORE_TEST_WORKERS=0 runs them in this one (for pdb). (Unset once read: a
+# sidecar the tests start warns of a LOGSCORE_ variable that names no setting.)
+workers=${LOGSCORE_TEST_WORKERS:-2}
+unset LOGSCORE_TEST_WORKERS
+parallel=()
+[ "$workers" != 0 ] && parallel=(-n "$workers" --dist loadfile)
 # The Ruby tests mostly wait on Fluentd and sidecar processes (about 60 s of CPU in 190 s), so
 # they run beside pytest; their output follows pytest's, and a failure in either fails the run.
 ruby_log="$(mktemp)"
@@ -28,12 +36,6 @@ set -m
 (cd fluentd-plugin && LOGSCORE_PYTHON="$PWD/../.venv/bin/python" rake test) >"$ruby_log" 2>&1 &
 ruby_tests=$!
 set +m
-# The Python tests too mostly wait on the processes they start (load 0.8 over 662 s in one
-# process): two pytest processes, a test file each at a time (its module fixtures made once),
-# took 380 s. LOGSCORE_TEST_WORKERS=0 runs them in this one (for pdb).
-workers=${LOGSCORE_TEST_WORKERS:-2}
-parallel=()
-[ "$workers" != 0 ] && parallel=(-n "$workers" --dist loadfile)
 python_status=0
 .venv/bin/python -m pytest "${parallel[@]}" "$@" || python_status=$?
 ruby_status=0

@@ -28,15 +28,23 @@ _HANDED_OUT: set[int] = set()
 
 
 def free_port() -> int:
-    """A port free now, below the kernel's ephemeral range, and not handed out before in this run.
+    """A port free now, below the kernel's ephemeral range, and not handed out before in this run
+    by this process or by another pytest process of it.
 
     A port from bind(0) lies in the ephemeral range, where any outgoing connection (the test's,
     a sidecar's, Fluentd's) may take it before the process meant to listen there binds it: CI
     once failed on exactly that ("address already in use").
     """
     first_ephemeral = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    # The lower half of the room below that range: the Ruby tests, run beside these, take the upper half.
-    candidates = range(10000, (10000 + first_ephemeral) // 2) if first_ephemeral > 12000 else range(0)
+    # The lower half of the room below that range: the Ruby tests, run beside these, take the upper
+    # half. NOTE: scripts/test.sh runs two pytest processes (pytest-xdist), each with its own record
+    # of ports handed out: each takes its own share of the lower half, or a port one had chosen and
+    # not yet bound was free to the other (two processes of 150 picks each shared 1-3 ports).
+    low, high = 10000, (10000 + first_ephemeral) // 2
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 1)
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+    share = (high - low) // workers
+    candidates = range(low + worker * share, low + (worker + 1) * share) if first_ephemeral > 12000 else range(0)
     for port in random.sample(candidates, min(len(candidates), 200)):
         if port not in _HANDED_OUT and _bindable(port):
             _HANDED_OUT.add(port)

@@ -1738,16 +1738,17 @@ def test_a_consumer_letting_no_values_go_gets_end_slice_once_an_entry_not_for_ev
     assert asyncio.run(first_five()) == ["list", "END_SLICE", "InvalidEntry", "END_SLICE", "InvalidEntry"]
 
 
-def test_a_chunk_of_1000_entries_decodes_without_a_run_of_the_garbage_collector_in_the_serving_process():
-    """A record decoded from msgpack is a list, a dict and an EventTime: Python collected its youngest
-    generation every 700 such objects, four times a 1,000-entry chunk, moving the live records on to
-    generations walked whole (7-19 % of the sidecar's CPU behind Fluent Bit). The sidecar's process
-    collects less often; a chunk's records go by their reference counts."""
+def test_a_chunk_of_1000_entries_decodes_without_a_run_of_the_garbage_collector_in_the_serving_process(monkeypatch):
+    """A record decoded from msgpack is a list, a dict and an EventTime: at Python's threshold the
+    collector ran four times a 1,000-entry chunk, moving the live records on to generations it
+    walks whole. `logscore serve` sets the collector so that a chunk's records go by their
+    reference counts alone."""
     import asyncio
     import gc
 
     from logscore import serve
     from logscore.servers import forward
+    from logscore.settings import Settings
 
     event_time = msgpack.ExtType(0, (1_700_000_000).to_bytes(4, "big") + (5).to_bytes(4, "big"))
     data = memoryview(b"\x93" + b"".join(msgpack.packb([event_time, {"log": f"GET /item/{n} HTTP/1.1"}])
@@ -1757,25 +1758,33 @@ def test_a_chunk_of_1000_entries_decodes_without_a_run_of_the_garbage_collector_
         return [entry async for entry in forward.forward_entries(data, 1, 1_000, 1 << 20,
                                                                  forward.ValueBudget(10**6, "test"))]
 
-    def youngest_collections() -> int:
+    def collections_while_decoding() -> int:
+        """Runs of the collector (any generation's starts with the youngest) while the chunk is decoded."""
         runs = []
-        track = lambda phase, info: runs.append(info["generation"]) if phase == "start" else None  # noqa: E731
+        count = lambda phase, info: runs.append(phase) if phase == "start" else None  # noqa: E731
         gc.collect()
-        gc.callbacks.append(track)
+        gc.callbacks.append(count)
         try:
             entries = asyncio.run(decoded())
         finally:
-            gc.callbacks.remove(track)
+            gc.callbacks.remove(count)
         assert len(entries) == 1_000 and entries[999][1] == {"log": "GET /item/999 HTTP/1.1"}
         return len(runs)
 
-    python_default = gc.get_threshold()
+    async def serving(settings) -> int:  # what `logscore serve` runs once set up: here, only a look
+        return 0
+
+    monkeypatch.setattr(serve, "configure_logging", lambda level: None)  # (pytest's own log handlers stay)
+    monkeypatch.setattr(serve, "tune_allocator", lambda: None)  # (nor is this process's malloc changed)
+    monkeypatch.setattr(serve, "run", serving)
+    before = gc.get_threshold()
     try:
-        assert youngest_collections() >= 3  # Python's default: the youngest generation every 700
-        serve.tune_collector()
-        assert youngest_collections() == 0
+        gc.set_threshold(700, *before[1:])  # Python's
+        assert collections_while_decoding() >= 3
+        assert serve.main(Settings()) == 0  # sets up the process as `logscore serve` does
+        assert collections_while_decoding() == 0
     finally:
-        gc.set_threshold(*python_default)
+        gc.set_threshold(*before)
 
 
 def test_a_gzip_entry_that_cannot_be_decoded_is_skipped_by_its_bytes_while_they_are_held():
