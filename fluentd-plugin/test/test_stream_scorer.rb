@@ -618,7 +618,7 @@ class MisbehavingSidecarTest < Test::Unit::TestCase
     end
 
     def score(request, _call)
-      sleep 0.5 if @behaviour == :slow
+      sleep 3 if @behaviour == :slow # far past the deadlines the tests give (so a bound on them is loose)
       if @behaviour == :picky && request.lines.lines.any? { |line| line.include?('refuse me') }
         raise GRPC::InvalidArgument, 'a line the fake refuses'
       end
@@ -689,7 +689,8 @@ class MisbehavingSidecarTest < Test::Unit::TestCase
     with_fake(:slow) do |endpoint|
       started = Process.clock_gettime(Process::CLOCK_MONOTONIC)
       out, client = score_with(endpoint, 0.1)
-      assert_operator Process.clock_gettime(Process::CLOCK_MONOTONIC) - started, :<, 0.45
+      # the deadline's bound, loose (a machine running the other suites beside this one): the answer comes at 3 s
+      assert_operator Process.clock_gettime(Process::CLOCK_MONOTONIC) - started, :<, 1.5
       assert(out.all? { |_, r| r['anomaly_unscored'] })
       assert_equal 1, client.stats[:failures]
     end
