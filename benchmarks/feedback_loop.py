@@ -110,6 +110,11 @@ def fit_model(records: list[str], path: Path, target_fpr: float, seed: int, feed
     return Model.load(path)
 
 
+# The loop's last step's models, as main names them (--retrain): see the module's docstring.
+RETRAINS = ("plain", "with_feedback", "with_feedback_and_previous_model", "kinds_not_in_log_plain",
+            "kinds_not_in_log_with_feedback")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
@@ -121,9 +126,13 @@ def main() -> int:
     parser.add_argument("--groups", type=int, default=5, help="false-positive groups marked normal (as offered)")
     parser.add_argument("--target-fpr", type=float, default=0.002, help="as the default model (0.002)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--retrain", nargs="*", help="retrained models to make (default: all)")
+    parser.add_argument("--retrain", nargs="*", help="retrained models to make, by name (plain, with_feedback, "
+                        "...; default and with no names: all); none: no retraining")
     parser.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "feedback_loop.json"))
     args = parser.parse_args()
+    unknown = set(args.retrain or ()) - set(RETRAINS) - {"none"}
+    if unknown:  # (a misspelt name skipped every retrain without a word)
+        parser.error(f"--retrain {' '.join(sorted(unknown))}: not one of {', '.join(RETRAINS)}, or none")
 
     data = Path(args.data)
     lines = list(read_lines([str(data / "elastic_apache_access_logs" / "apache_logs")]))
