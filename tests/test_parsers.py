@@ -3,6 +3,8 @@ import json
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from logscore.errors import ConfigError
 from logscore.parsers import get_parser, parse_access, parse_jsonl, parse_syslog, request_fields
@@ -129,6 +131,34 @@ def test_an_event_stream_charges_every_array_and_map_it_decodes():
     assert shared.in_flight_bytes == 0
     with pytest.raises(InvalidRequest, match="entry 2: a map key is an array or a map"):
         decode_event_stream(stream + b"\x92\x01\x81\x91\x01\x02")  # [1, {[1]: 2}]
+
+
+def json_structure(value) -> int:
+    """Commas, brackets and braces a JSON value is written with, outside its strings (from the value)."""
+    if isinstance(value, list):
+        return 1 + max(len(value) - 1, 0) + sum(json_structure(item) for item in value)
+    if isinstance(value, dict):
+        return 1 + max(len(value) - 1, 0) + sum(json_structure(item) for item in value.values())
+    return 0
+
+
+JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers() | st.text(alphabet=',"\\[]{} aé\x00\n'),
+                           lambda inner: st.lists(inner, max_size=4)
+                           | st.dictionaries(st.text(alphabet=',"\\[]{}:a'), inner, max_size=4), max_leaves=20)
+
+
+@settings(max_examples=300, derandomize=True, database=None, deadline=None)
+@given(value=JSON_VALUES, ascii_only=st.booleans(), indent=st.sampled_from([None, 1]))
+def test_a_json_body_s_values_are_counted_outside_its_strings_when_the_raw_count_would_not_fit(value, ascii_only,
+                                                                                                indent):
+    from logscore.admission import Admission
+    from logscore.servers.http import json_values_at_most
+
+    body = json.dumps(value, ensure_ascii=ascii_only, indent=indent).encode()
+    rough = body.count(b",") + body.count(b"[") + body.count(b"{")
+    assert json_values_at_most(body) == rough  # it fits (no budget here): the raw count, as before
+    with Admission(limit_bytes=0).admit(0) as ticket:  # it does not fit: counted outside the strings
+        assert json_values_at_most(body, ticket) == json_structure(value) <= rough
 
 
 GOOD_ENTRY = b"\x92\x01\x81\xa1a\x01"  # [1, {"a": 1}]

@@ -427,6 +427,27 @@ def post_score(process, records: list, query: str) -> tuple[int, bytes]:
     return http_request(process.http_port, "POST", f"/v1/score?{query}", body, {"Content-Type": "application/json"})
 
 
+def test_commas_inside_an_event_s_text_are_not_charged_as_values(models_dir, tmp_path):
+    """The HTTP surface charges the values a JSON body may build before decoding it, one per comma:
+    a 500 KB log line of commas (a hostile URL) was charged 41 MB as one event and refused "send
+    smaller batches", passing unscored. Commas inside strings are text: the event is scored (cut,
+    flagged), and a body that really holds that many values is still refused before decoding."""
+    process = SidecarProcess(models_dir, tmp_path).start()
+    try:
+        line = next(line for line in shop_lines(50, seed=63) if '"GET /' in line)
+        line = line.replace('"GET /', '"GET /search?q=' + "," * 500_000 + "&p=", 1)
+        status, raw = post_score(process, [{"message": line}], "model=shop")
+        assert status == 200, raw[:300]
+        answer = json.loads(raw)["results"][0]
+        assert answer["is_anomaly"] is True and any(note.startswith("truncated") for note in answer["notes"])
+        values = json.dumps([{"message": "x"}] + [0] * 500_000).encode()  # 500,001 values: 40 MB decoded
+        status, raw = http_request(process.http_port, "POST", "/v1/score?model=shop", values,
+                                   {"Content-Type": "application/json"})
+        assert status == 400 and b"more than max_inflight_bytes" in raw, raw[:300]
+    finally:
+        assert process.stop() == 0
+
+
 def test_an_http_answer_over_the_size_limit_keeps_every_score_and_notes_the_explanations_left_out(models_dir,
                                                                                                     tmp_path):
     """HTTP answers had no cap: 1,000 lines of CJK URLs with explain=20 made a 4.6 MB answer from a

@@ -62,6 +62,11 @@ class Ticket:
         admission.in_flight_bytes += nbytes
         self.bytes += nbytes
 
+    def fits(self, nbytes: int) -> bool:
+        """Whether charging ``nbytes`` more would be admitted now."""
+        admission = self.admission
+        return admission is None or admission.in_flight_bytes + nbytes <= admission.limit_bytes
+
     def charge_wire(self, nbytes: int) -> None:
         """For bytes that arrive after admission (a chunked HTTP body)."""
         self.charge(WIRE_COPIES * nbytes)
