@@ -579,6 +579,31 @@ def test_the_sidecar_with_scoring_processes_scores_as_without_and_survives_a_dea
     assert not any(Path(f"/proc/{pid}").exists() for pid in workers)  # no scoring process outlives the sidecar
 
 
+def test_a_scoring_process_that_dies_idle_is_replaced_while_requests_are_scored_inline(tmp_path, shop_model_path):
+    """Single events (Logstash's http filter) are scored in the sidecar's own process: a worker killed
+    while idle was seen dead only when a chunk came, and /readyz said running 0 meanwhile (25 s, until a
+    batch). It is replaced within about a second of readiness checks, with no chunk sent."""
+    models = tmp_path / "models"
+    models.mkdir()
+    shutil.copy(shop_model_path, models / "shop.onnx")
+    sidecar = SidecarProcess(models, tmp_path, scoring_processes=1).start()
+    try:
+        (victim,) = sidecar_workers(sidecar)
+        os.kill(victim, signal.SIGKILL)
+        one = pb.ScoreRequest(lines=pb.RawLines(lines=[b"GET / HTTP/1.1"]))
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and (victim in sidecar_workers(sidecar) or not sidecar_workers(sidecar)):
+            assert len(sidecar.stub().Score(one, timeout=10).scores) == 1  # scored inline all along
+            time.sleep(0.1)
+        (replacement,) = sidecar_workers(sidecar)
+        assert replacement != victim
+        processes = json.loads(sidecar.http_get("/readyz")[1])["scoring_processes"]
+        assert {key: processes[key] for key in ("running", "replaced")} == {"running": 1, "replaced": 1}
+        assert "exited while idle (killed by signal 9" in sidecar.log()
+    finally:
+        assert sidecar.stop() == 0
+
+
 def test_the_worst_input_through_a_scoring_process_leaves_it_serving(tmp_path):
     sidecar = SidecarProcess(ROOT / "models", tmp_path, scoring_processes=1).start()
     try:

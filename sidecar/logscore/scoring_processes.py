@@ -407,6 +407,25 @@ class ScoringProcesses:
                       "scoring processes would run other code, so the sidecar scores in its own process; restart "
                       "the sidecar to use them again", extra={"sidecar_code": self._code, "worker_code": theirs})
 
+    def replace_dead_idle(self) -> None:
+        """Replace the idle workers that died (killed, the OOM killer) now.
+
+        NOTE: a death was seen only when the next chunk was due: while requests are small enough to be
+        scored in the sidecar's own process (Batcher.inline_max_records: single events from Logstash),
+        no chunk came, and /readyz said `running: 0` for as long (25 s in a probe, until a batch)."""
+        idle = []
+        while True:
+            try:
+                idle.append(self._idle.get_nowait())
+            except queue.Empty:
+                break
+        dead = [worker for worker in idle if not worker.idle_and_alive()]
+        for worker in idle:
+            if worker not in dead:
+                self._idle.put(worker)
+        for worker in dead:
+            self._replace(worker, worker.idle_failure())
+
     def _take_idle(self) -> Worker:
         try:
             return self._idle.get(timeout=CHUNK_TIMEOUT_S)

@@ -284,10 +284,14 @@ class Sidecar:
     async def follow_readiness(self) -> None:
         """gRPC health says what /readyz says, checked every READINESS_CHECK_S: SERVING for "" and
         logscore.v1.Scorer while ready, NOT_SERVING while not (no model loaded, no scoring process
-        answering). NOTE: it was set SERVING once at start: with no model loaded, or every scoring
-        process hung, health probes and shippers kept sending while /readyz said 503 (probe-observe)."""
+        answering); scoring processes that died while idle are replaced first. NOTE: it was set
+        SERVING once at start: with no model loaded, or every scoring process hung, health probes and
+        shippers kept sending while /readyz said 503 (probe-observe)."""
         serving = True
+        processes = self.service.processes
         while not self.stopping.is_set():
+            if processes is not None:  # (in a thread: a replacement is a process started)
+                await asyncio.to_thread(processes.replace_dead_idle)
             reason = not_ready_reason(self.service)
             if (reason is None) != serving and not self.stopping.is_set():
                 serving = reason is None
