@@ -55,6 +55,7 @@ import asyncio
 import collections
 import fcntl
 import hashlib
+import itertools
 import logging
 import re
 import struct
@@ -81,6 +82,8 @@ SCORE_KEY, FLAG_KEY, MODEL_KEY, UNSCORED_KEY = "anomaly_score", "is_anomaly", "a
 ENTITY_KEY = "entity_score"
 EXPLANATION_KEY = "anomaly_explanation"  # what made a flagged record unusual, as the Fluentd filter's explanation_key
 NOTES_KEY = "anomaly_notes"  # the sidecar's notes on a record, as the Fluentd filter's notes_key; why one is unscored
+# what a record may carry of an earlier hop's scoring that this hop's replaces or takes out
+ONE_HOP_KEYS = frozenset((UNSCORED_KEY, ENTITY_KEY, NOTES_KEY, EXPLANATION_KEY))
 # NOTE: Fluent Bit 2+ frames a group of records (OpenTelemetry's resource and scope) by two
 # entries of its own whose time's seconds are -1 (start) and -2 (end); they hold the group's
 # attributes, not a log record.
@@ -544,7 +547,11 @@ async def forward_entries(data: memoryview, at: int, count: int, max_message_byt
         while True:
             start, charged = decoder.position, budget.count
             try:
-                entry = await decoder.next()
+                # NOTE: an awaited call per entry cost about 0.1 µs of the 4.3 an entry takes here (a
+                # coroutine built and run): most entries' bytes are fed already, and are taken at once
+                entry = decoder.fed_value()
+                if entry is NOT_FED:
+                    entry = await decoder.next()
                 break
             except UndecodableValue as error:
                 budget.release(budget.count - charged)
@@ -604,6 +611,9 @@ async def let_loop_run(held_since: float) -> float:
     return time.perf_counter()
 
 
+NOT_FED = object()  # SteppedDecoder.fed_value: the next value's bytes are not all fed yet
+
+
 class SteppedDecoder:
     """Values decoded from bytes in memory, fed to msgpack DECODE_STEP bytes at a time; once
     decoding has held the event loop YIELD_AFTER_S (across calls: a slice is many of them), it
@@ -619,6 +629,16 @@ class SteppedDecoder:
     def position(self) -> int:
         """Where the next value starts in the data (between calls of next)."""
         return self._origin + self._unpacker.tell()
+
+    def fed_value(self) -> object:
+        """The next value if its bytes were all fed already, else NOT_FED (``next`` feeds on); raises as
+        ``next`` does."""
+        try:
+            return self._unpacker.unpack()
+        except msgpack.OutOfData:
+            return NOT_FED
+        except (TypeError, ValueError, msgpack.UnpackException) as error:  # the budget's too
+            raise undecodable(error) from None
 
     async def next(self) -> object:
         while True:
@@ -1121,7 +1141,23 @@ def _indexes_by_tag(tags: list[str]) -> list[list[int]]:
 
 
 def checked_entry(entry) -> list:
-    """``[time, record]`` as received (the time is never rewritten), or InvalidEntry."""
+    """``[time, record]`` as received (the time is never rewritten), or InvalidEntry.
+
+    NOTE: the usual entry (a list, an EventTime or an integer time, a map) is told apart by classes
+    first, as time_problem would accept it: the checks below cost about 0.15 µs an entry more."""
+    if entry.__class__ is list and len(entry) == 2:
+        moment, record = entry
+        kind = moment.__class__
+        if record.__class__ is dict and (
+                (kind is msgpack.ExtType and moment.code == 0 and len(moment.data) == 8
+                 and moment.data[4:] < MAX_NANOSECONDS_BYTES) or (kind is int and 0 <= moment < 2**32)):
+            if nested_deeper_than(record, MAX_RECORD_DEPTH):
+                raise InvalidEntry(f"a record nests maps and arrays more than {MAX_RECORD_DEPTH} deep")
+            return entry
+    return _checked_unusual_entry(entry)
+
+
+def _checked_unusual_entry(entry) -> list:
     if isinstance(entry, InvalidEntry):  # one that could not be decoded (forward_entries)
         raise entry
     if not (isinstance(entry, (list, tuple)) and len(entry) == 2 and isinstance(entry[1], dict)):
@@ -1660,6 +1696,13 @@ async def read_more(reader: asyncio.StreamReader, framer: MessageFramer, limit: 
     return data
 
 
+class Slice(list):
+    """(tag, entry) pairs scored and passed on together; ``markers``: how many of them are Fluent Bit
+    group markers (NOTE: most slices hold none, and a pass looking for them cost about 0.1 µs an entry)."""
+
+    markers = 0
+
+
 @dataclass
 class Relay:
     """What one group of messages became: frames for the next hop and, once sent, their acks."""
@@ -1924,7 +1967,8 @@ class ForwardServer(StreamServer):
             if isinstance(piece, Message):
                 await self._send(relay, [raw_frame(piece.raw)])
                 continue
-            records = [(tag, entry) for tag, entry in piece if not is_group_marker(entry[0])]
+            records = piece if not piece.markers else [
+                (tag, entry) for tag, entry in piece if not is_group_marker(entry[0])]
             if records:
                 await self._score([entry[1] for _, entry in records], [tag for tag, _ in records],
                                   [entry[0] for _, entry in records], peer)
@@ -1957,40 +2001,44 @@ class ForwardServer(StreamServer):
     async def _pieces(self, messages: list[Message], relay: Relay) -> AsyncIterator:
         """In order: slices of (tag, entry) pairs to score, and non-log messages to pass on as they are.
         A slice ends at slice_records records, or once its entries hold SLICE_VALUES values."""
-        piece: list = []
+        piece = Slice()
         for message in messages:
             if not message.is_log:
                 if piece:
                     yield piece
-                    piece = []
+                    piece = Slice()
                 yield message
                 continue
             if isinstance(message.entries, list):  # decoded whole: a list (no generator per record)
                 for entry in message.entries:
                     if self._took(piece, message, entry, relay):
                         yield piece
-                        piece = []
+                        piece = Slice()
                 continue
             async for entry in message.entries:
                 if entry is END_SLICE:
                     if piece:
                         yield piece
-                        piece = []
+                        piece = Slice()
                     message.budget.release(message.budget.count)  # sent: let go
                     continue
                 if self._took(piece, message, entry, relay):
                     yield piece
-                    piece = []
+                    piece = Slice()
                     message.budget.release(message.budget.count)  # scored and sent: let go
         if piece:
             yield piece
 
-    def _took(self, piece: list, message: Message, entry, relay: Relay) -> bool:
+    def _took(self, piece: Slice, message: Message, entry, relay: Relay) -> bool:
         """Add an entry to the slice (one that is not [time, record] is skipped and counted); True
         once the slice is full."""
         message.entries_read += 1
         try:
-            piece.append((message.tag, checked_entry(entry)))
+            entry = checked_entry(entry)
+            piece.append((message.tag, entry))
+            moment = entry[0]
+            if (moment.__class__ is list or moment.__class__ is tuple) and is_group_marker(moment):
+                piece.markers += 1
         except InvalidEntry as error:
             message.entries_skipped += 1
             relay.skipped += 1
@@ -2105,21 +2153,27 @@ class ForwardServer(StreamServer):
         scores, flags, index = outcome.scores.tolist(), outcome.is_anomaly.tolist(), outcome.model_index.tolist()
         notes = notes_by_record([(i, text) for i, _, text in outcome.notes], len(records)) if outcome.notes else None
         explanations = outcome.explanations
-        for i, record in enumerate(records):
-            record[SCORE_KEY] = round(scores[i], 6)
-            record[FLAG_KEY] = flags[i]
-            record[MODEL_KEY] = names[index[i]]
-            record.pop(UNSCORED_KEY, None)  # marks left by an earlier hop no longer hold
-            record.pop(ENTITY_KEY, None)  # this hop's, set below when its model watches the record's client
-            if notes is not None and notes[i]:
-                record[NOTES_KEY] = notes[i]
-            else:
-                record.pop(NOTES_KEY, None)
+        nothing = itertools.repeat(None)
+        for record, score, flag, model_at, note, explanation in zip(
+                records, scores, flags, index, nothing if notes is None else notes,
+                nothing if explanations is None else explanations):
+            record[SCORE_KEY] = round(score, 6)
+            record[FLAG_KEY] = flag
+            record[MODEL_KEY] = names[model_at]
+            if note:
+                record[NOTES_KEY] = note
             # Flagged records only: the model named features of records the feedback then unflagged too.
-            if flags[i] and explanations is not None and explanations[i]:
-                record[EXPLANATION_KEY] = explanations[i]
-            else:
-                record.pop(EXPLANATION_KEY, None)
+            if flag and explanation:
+                record[EXPLANATION_KEY] = explanation
+            # NOTE: a key is either set above or taken out here, never both (so each keeps its place);
+            # most records hold none of these: looked for at once, 0.1 µs a record less than four pops
+            if not ONE_HOP_KEYS.isdisjoint(record):
+                record.pop(UNSCORED_KEY, None)  # marks left by an earlier hop no longer hold
+                record.pop(ENTITY_KEY, None)  # this hop's, set below when its model watches the record's client
+                if not note:
+                    record.pop(NOTES_KEY, None)
+                if not (flag and explanation):
+                    record.pop(EXPLANATION_KEY, None)
         if outcome.entity_scores is not None:
             for record, value in zip(records, outcome.entity_scores.tolist()):
                 if value == value:  # not NaN: the record names a client
