@@ -64,7 +64,7 @@ def test_bad_arguments_are_named():
 
 ext_values = st.builds(lambda code, data: msgpack.ExtType(code, data), st.sampled_from([0, 0, 0, 1, 5, 127]),
                        st.binary(max_size=12))
-documents = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=5) | ext_values,
+documents = st.recursive(st.none() | st.booleans() | st.integers(-2**63, 2**64 - 1) | st.text(max_size=5) | ext_values,
                          lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=3), inner,
                                                                                      max_size=4), max_leaves=20)
 
