@@ -1787,6 +1787,39 @@ def test_a_chunk_of_1000_entries_decodes_without_a_run_of_the_garbage_collector_
         gc.set_threshold(*before)
 
 
+def test_the_usual_entry_taken_by_its_classes_is_what_the_full_checks_take():
+    """checked_entry accepts the usual entry ([EventTime or integer time, map]) by its classes first (0.15 µs
+    an entry less): for every entry it must give what the full checks give, the same entry or the same refusal."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from logscore.servers import forward
+
+    def outcome(check, entry):
+        try:
+            return "taken", check(entry) is entry
+        except forward.InvalidEntry as error:
+            return "refused", str(error)
+
+    nanoseconds = st.integers(0, 2**32 - 1).map(lambda n: n.to_bytes(4, "big"))
+    event_time = st.builds(lambda s, n, code, extra: msgpack.ExtType(code, s.to_bytes(4, "big") + n + extra),
+                           st.integers(0, 2**32 - 1), nanoseconds, st.sampled_from([0, 0, 0, 1, 5]),
+                           st.sampled_from([b"", b"", b"", b"x"]))
+    times = (event_time | st.integers(-2**33, 2**33) | st.booleans() | st.floats(allow_nan=True) | st.none()
+             | st.text(max_size=3) | st.tuples(event_time, st.dictionaries(st.text(max_size=2), st.integers())))
+    records = st.dictionaries(st.text(max_size=3), st.integers() | st.text(max_size=3)) | st.lists(st.integers())
+    entries = (st.tuples(times, records).map(list) | st.tuples(times, records) | st.lists(times, max_size=3)
+               | times | st.builds(lambda record: [0, {"a": record}], st.recursive(
+                   st.integers(), lambda inner: st.lists(inner, max_size=1), max_leaves=200)))
+
+    @settings(max_examples=500, derandomize=True, database=None, deadline=None)
+    @given(entries)
+    def same(entry):
+        assert outcome(forward.checked_entry, entry) == outcome(forward._checked_unusual_entry, entry)
+
+    same()
+
+
 def test_a_gzip_entry_that_cannot_be_decoded_is_skipped_by_its_bytes_while_they_are_held():
     """A gzip payload is inflated block by block, once: to skip an entry, the blocks since it began
     are kept, forward_max_message_bytes + 3 MiB of them; one longer than that closes the connection,

@@ -152,13 +152,19 @@ JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers() | st.text(a
 def test_a_json_body_s_values_are_counted_outside_its_strings_when_the_raw_count_would_not_fit(value, ascii_only,
                                                                                                 indent):
     from logscore.admission import Admission
-    from logscore.servers.http import json_values_at_most
+    from logscore.servers import http
 
     body = json.dumps(value, ensure_ascii=ascii_only, indent=indent).encode()
     rough = body.count(b",") + body.count(b"[") + body.count(b"{")
-    assert json_values_at_most(body) == rough  # it fits (no budget here): the raw count, as before
-    with Admission(limit_bytes=0).admit(0) as ticket:  # it does not fit: counted outside the strings
-        assert json_values_at_most(body, ticket) == json_structure(value) <= rough
+    assert http.json_values_at_most(body) == rough  # it fits (no budget here): the raw count, as before
+    shipped = http.OUTSIDE_STRINGS_WINDOW
+    try:
+        for window in (shipped, 1, 2, 5):  # a body is counted a window at a time: cut anywhere
+            http.OUTSIDE_STRINGS_WINDOW = window
+            with Admission(limit_bytes=0).admit(0) as ticket:  # it does not fit: counted outside the strings
+                assert http.json_values_at_most(body, ticket) == json_structure(value) <= rough
+    finally:
+        http.OUTSIDE_STRINGS_WINDOW = shipped
 
 
 GOOD_ENTRY = b"\x92\x01\x81\xa1a\x01"  # [1, {"a": 1}]

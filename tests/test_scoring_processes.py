@@ -374,6 +374,29 @@ def test_dropping_removed_models_replaces_a_worker_that_fails_the_call_and_count
         pool.close()
 
 
+def test_a_worker_that_cannot_start_is_not_restarted_every_readiness_check_and_makes_the_sidecar_unready():
+    """A worker found dead while idle is replaced at the next readiness check; one that cannot start (a
+    broken install) was restarted at every check, each logged, with /readyz ready all along (review).
+    Its death, before it ever answered, counts as a failure once; it is left to the next chunk."""
+    restarts = []
+    pool = ScoringProcesses(1, max_line_chars=65_536, on_restart=restarts.append)
+    try:
+        killed = pool.pids[0]
+        pool._arguments = ["--no-such-option"]  # from now on, a worker exits at once (argparse)
+        os.kill(killed, signal.SIGKILL)
+        wait_dead(killed)
+        pool.replace_dead_idle()  # the killed one: replaced
+        assert len(restarts) == 1 and pool.status()["failed_in_row"] == 0
+        broken = pool.pids[0]
+        wait_dead(broken)
+        for _ in range(3):  # three readiness checks
+            pool.replace_dead_idle()
+        assert len(restarts) == 1 and pool.pids == [broken]
+        assert pool.status()["failed_in_row"] == 1 and "no scoring process answers" in pool.not_answering_reason()
+    finally:
+        pool.close()
+
+
 def test_a_lone_worker_hung_as_it_drops_models_is_replaced_in_time_for_the_chunk_waiting(shop_model_path,
                                                                                         monkeypatch):
     """The keep call waited as long as a chunk waits for an idle worker: with --scoring-processes 1, a worker

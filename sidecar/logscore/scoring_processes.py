@@ -13,7 +13,9 @@ score another version) or no longer loads (broken, or being written, when a work
 records msgpack cannot carry, and every chunk of a worker that runs other code than the sidecar
 (logscore upgraded in place while it ran: a worker started since imports what is on disk).
 
-A worker found dead before a chunk is sent to it is replaced first. One that exits or hangs
+A worker found dead before a chunk is sent to it is replaced first, and so is one found dead
+while idle by the sidecar's readiness check (every second: small requests, scored in the
+sidecar's own process, send no chunk). One that exits or hangs
 while scoring costs only that chunk: its callers get ``ScorerUnavailable`` (gRPC UNAVAILABLE,
 HTTP 503; shipper stages pass the records on marked unscored) and the worker is replaced.
 Records that crash a worker never reach the sidecar's own process.
@@ -152,6 +154,7 @@ class Worker:
         # Started after a chunk failed with none answered since: its failure tells that replacing does not help.
         self.replaces_a_failure = False
         self.answers_before = 0  # chunks answered by the pool when it started
+        self.death_counted = False  # found dead while idle, counted as a failure (replace_dead_idle)
 
     def idle_and_alive(self) -> bool:
         """Whether an idle worker can take a chunk. An idle worker never writes, so anything readable is its end
@@ -223,6 +226,7 @@ class ScoringProcesses:
         self._idle: queue.Queue[Worker] = queue.Queue()
         self._workers: list[Worker] = []
         self._lock = threading.Lock()
+        self._maintenance = threading.Lock()  # replace_dead_idle against close()
         self._closed = False
         self.replaced = 0
         self._failed_in_row = 0  # chunks failed (as counted, see NOT_ANSWERING_HOLD_S) since one was last answered
@@ -408,23 +412,37 @@ class ScoringProcesses:
                       "the sidecar to use them again", extra={"sidecar_code": self._code, "worker_code": theirs})
 
     def replace_dead_idle(self) -> None:
-        """Replace the idle workers that died (killed, the OOM killer) now.
+        """Replace the idle workers that died (killed, the OOM killer) now, unless a worker died before
+        it ever answered, started after a failure: that one waits for the next chunk, as before.
 
         NOTE: a death was seen only when the next chunk was due: while requests are small enough to be
         scored in the sidecar's own process (Batcher.inline_max_records: single events from Logstash),
-        no chunk came, and /readyz said `running: 0` for as long (25 s in a probe, until a batch)."""
-        idle = []
-        while True:
-            try:
-                idle.append(self._idle.get_nowait())
-            except queue.Empty:
-                break
-        dead = [worker for worker in idle if not worker.idle_and_alive()]
-        for worker in idle:
-            if worker not in dead:
-                self._idle.put(worker)
-        for worker in dead:
-            self._replace(worker, worker.idle_failure())
+        no chunk came, and /readyz said `running: 0` for as long (25 s in a probe, until a batch). A
+        worker that cannot start (a broken install) was restarted every second here (review): its
+        death is counted once as a failure (/readyz then says why) and it is left to the next chunk."""
+        with self._maintenance:  # close() waits: nothing is started, or taken for dead, while it closes
+            if self._closed:
+                return
+            idle = []
+            while True:
+                try:
+                    idle.append(self._idle.get_nowait())
+                except queue.Empty:
+                    break
+            dead = [worker for worker in idle if not worker.idle_and_alive()]
+            for worker in idle:
+                if worker not in dead:
+                    self._idle.put(worker)
+            for worker in dead:
+                with self._lock:
+                    never_answered = worker.replaces_a_failure and worker.answers_before == self._answers
+                if never_answered:
+                    if not worker.death_counted:
+                        worker.death_counted = True
+                        self._count_failure()
+                    self._idle.put(worker)
+                else:
+                    self._replace(worker, worker.idle_failure(), after_failure=True)
 
     def _take_idle(self) -> Worker:
         try:
@@ -439,7 +457,9 @@ class ScoringProcesses:
             self._failed_in_row += 1
             self._last_failure = self.clock()
 
-    def _replace(self, worker: Worker, reason: str) -> None:
+    def _replace(self, worker: Worker, reason: str, after_failure: bool = False) -> None:
+        """A new worker for ``worker``, which is killed. ``after_failure``: the replacement starts after a
+        failure even with no chunk failed (a death while idle)."""
         log.error("scoring process failed; starting another", extra={"pid": worker.process.pid, "reason": reason})
         worker.process.kill()
         worker.close(timeout=1.0)
@@ -452,13 +472,14 @@ class ScoringProcesses:
         try:
             replacement = Worker(self._arguments)
             with self._lock:
-                replacement.replaces_a_failure, replacement.answers_before = self._unanswered > 0, self._answers
+                replacement.replaces_a_failure = after_failure or self._unanswered > 0
+                replacement.answers_before = self._answers
             self._add(replacement)
         except OSError as error:
             log.error("cannot start a scoring process", extra={"error": str(error)})
 
     def close(self) -> None:
-        with self._lock:
+        with self._maintenance, self._lock:
             self._closed = True
             workers = list(self._workers)
         self.executor.shutdown(wait=True)
