@@ -110,7 +110,7 @@ def fit_model(records: list[str], path: Path, target_fpr: float, seed: int, feed
     return Model.load(path)
 
 
-# The loop's last step's models, as main names them (--retrain): see the module's docstring.
+# The loop's last step's models (--retrain): see the module's docstring; main makes them in this order.
 RETRAINS = ("plain", "with_feedback", "with_feedback_and_previous_model", "kinds_not_in_log_plain",
             "kinds_not_in_log_with_feedback")
 
@@ -186,12 +186,10 @@ def main() -> int:
         without_kinds = lines[:first] + [line for line, of_kind in zip(review, kinds_reviewed) if not of_kind]
         retrained = {"marked_kind_lines": len(kind_lines)}
         feedback = load_feedback(store, MODEL_NAME)
-        for label, training, taught, previous in (
-                ("plain", lines[:first] + review, None, None),
-                ("with_feedback", lines[:first] + review, feedback, None),
-                ("with_feedback_and_previous_model", lines[:first] + review, feedback, model),
-                ("kinds_not_in_log_plain", without_kinds, None, None),
-                ("kinds_not_in_log_with_feedback", without_kinds, feedback, None)):
+        for label, (training, taught, previous) in zip(RETRAINS, (  # (in RETRAINS' order)
+                (lines[:first] + review, None, None), (lines[:first] + review, feedback, None),
+                (lines[:first] + review, feedback, model), (without_kinds, None, None),
+                (without_kinds, feedback, None)), strict=True):
             if args.retrain and label not in args.retrain:
                 continue
             again = fit_model(training, Path(work) / f"{label}.onnx", args.target_fpr, args.seed, taught, previous)

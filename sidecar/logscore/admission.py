@@ -49,7 +49,7 @@ class Ticket:
         admission = self.admission
         if admission is None:
             return
-        if admission.in_flight_bytes + nbytes > admission.limit_bytes:
+        if not self.fits(nbytes):
             needed, others = self.bytes + nbytes, admission.in_flight_bytes - self.bytes
             self.release()
             if needed > admission.limit_bytes:  # never fits, however long the caller waits: retrying cannot help

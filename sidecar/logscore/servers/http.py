@@ -636,7 +636,7 @@ def json_values_at_most(body: bytes, ticket: Ticket = UNLIMITED) -> int:
     NOTE: a 500 KB log line of 500,000 commas (a hostile URL, a CSV payload) was charged 41 MB as
     one event and refused "send smaller batches", passing unscored; 60 KB lines of 20,000 commas
     among other traffic were refused 429 where the same lines of letters were not."""
-    rough = body.count(b",") + body.count(b"[") + body.count(b"{")
+    rough = _value_separators(body)
     if ticket.fits(rough * VALUE_BYTES):
         return rough
     count, in_string, start = 0, False, 0
@@ -648,11 +648,14 @@ def json_values_at_most(body: bytes, ticket: Ticket = UNLIMITED) -> int:
         # JSON's escapes pair left to right: with escaped backslashes, then escaped quotes taken out,
         # every quote left opens or closes a string, so every other piece between quotes is outside one.
         pieces = body[start:end].replace(b"\\\\", b"").replace(b'\\"', b"").split(b'"')
-        outside = b"".join(pieces[1 if in_string else 0::2])
-        count += outside.count(b",") + outside.count(b"[") + outside.count(b"{")
+        count += _value_separators(b"".join(pieces[1 if in_string else 0::2]))
         in_string ^= len(pieces) % 2 == 0  # an odd number of quotes
         start = end
     return count
+
+
+def _value_separators(json_bytes: bytes) -> int:
+    return json_bytes.count(b",") + json_bytes.count(b"[") + json_bytes.count(b"{")
 
 
 def decode_events(body: bytes, content_type: str, ticket: Ticket = UNLIMITED) -> tuple[list, bool, Optional[int]]:
