@@ -399,6 +399,36 @@ def test_expect_100_continue_is_answered_before_the_body(sidecar):
     assert any(r["kind"] == "http_413" and "send smaller batches" in r["reason"] for r in refusals), refusals
 
 
+@pytest.mark.parametrize("method, path, extra, status, said", [
+    ("POST", "/v1/score", "Content-Encoding: gzip", 415, "send the body uncompressed"),
+    ("POST", "/v1/score?model=apache-access", "Content-Type: text/plain", 415, "send application/json"),
+    ("POST", "/v1/score", "Content-Type: application/json; charset=latin-1", 415, "send the body in UTF-8"),
+    ("POST", "/v1/scores", "", 404, "no such path /v1/scores"),
+    ("PUT", "/v1/score", "", 405, "use POST"),
+])
+def test_expect_100_continue_gets_the_refusal_its_headers_decide_before_any_body(sidecar, method, path, extra,
+                                                                                status, said):
+    """curl asks before sending a body past 1 MB. The sidecar said 100 Continue first, then refused
+    the uploaded body for what its request line and headers had said: the client sent it for nothing."""
+    length = 2 * 1024 * 1024 - 1
+    headers = [extra] if extra else []
+    if "Content-Type" not in extra:
+        headers.append("Content-Type: application/json")
+    head = (f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {length}\r\n"
+            + "".join(f"{header}\r\n" for header in headers)
+            + "Expect: 100-continue\r\n\r\n")
+    with socket.create_connection(("127.0.0.1", sidecar.http_port), timeout=10) as connection:
+        connection.sendall(head.encode())
+        answered, answer_headers, raw = read_response(connection)  # no body sent: a 100 would be read here
+        assert (answered, answer_headers["connection"]) == (status, "close"), (answered, answer_headers)
+        assert said in json.loads(raw)["error"], raw
+        if status == 405:
+            assert answer_headers["allow"] == "POST"
+        connection.shutdown(socket.SHUT_WR)
+        assert connection.recv(1024) == b""  # closed: whether a body would follow is the client's to decide
+    assert post(sidecar, b'{"message": "ok"}')[0] == 200
+
+
 def sighup_ignored(pid: int) -> bool:
     for line in open(f"/proc/{pid}/status"):
         if line.startswith("SigIgn:"):

@@ -231,7 +231,7 @@ class Sidecar:
             surface = SidecarHttp(self.service, s.token(), host)
             self.http_server = HttpServer(surface.routes(), s.max_message_bytes, self.service.admission,
                                           self.service.metrics, s.max_connections, surface.gate,
-                                          scoring_paths=SCORING_PATHS)
+                                          scoring_paths=SCORING_PATHS, content_checks=surface.content_checks())
             await listening(self.http_server.start(host, port, ssl=self._http_ssl()), "--http", s.http)
             self.bound["http"] = f"{host}:{self.http_server.port}"
         if s.forward:

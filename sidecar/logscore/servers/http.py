@@ -123,13 +123,20 @@ Handler = Callable[[Request], Awaitable[Response]]
 
 
 class HttpError(Exception):
-    def __init__(self, status: int, message: str, close: bool = False, kind: str = ""):
+    def __init__(self, status: int, message: str, close: bool = False, kind: str = "",
+                 headers: Optional[dict[str, str]] = None):
         super().__init__(message)
         self.status, self.close = status, close
         self.kind = kind or f"http_{status}"  # in logscore_errors_total and the log (logged once a kind per interval)
+        self.headers = headers or {}  # of the answer (Allow beside a 405)
+
+    def response(self) -> "Response":
+        return Response(self.status, Response.error(self.status, str(self)).body, headers=self.headers)
 
 
 Gate = Callable[[str, dict[str, str]], None]  # (path, headers): raises HttpError for a caller not let in
+ContentCheck = Callable[[str], None]  # (Content-Type): raises HttpError for a body the route cannot read
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
 class HttpServer(StreamServer):
@@ -138,7 +145,8 @@ class HttpServer(StreamServer):
 
     def __init__(self, routes: dict[tuple[str, str], Handler], max_body_bytes: int,
                  admission: Optional[Admission] = None, metrics: Optional[Metrics] = None,
-                 max_connections: int = 512, gate: Optional[Gate] = None, scoring_paths: frozenset = frozenset()):
+                 max_connections: int = 512, gate: Optional[Gate] = None, scoring_paths: frozenset = frozenset(),
+                 content_checks: Optional[dict[str, ContentCheck]] = None):
         super().__init__(max_connections, metrics)  # metrics: requests refused before they reach a route
         self.scoring_paths = frozenset(path.encode() for path in scoring_paths)
         self.scoring_calls = 0  # requests to scoring_paths under way: the in-flight gauge
@@ -147,6 +155,7 @@ class HttpServer(StreamServer):
         self.streams: set[asyncio.Task] = set()  # connections writing a stream (server-sent events)
         self.max_streams = max(1, max_connections // 4)
         self.routes = routes
+        self.content_checks = content_checks or {}  # path: what its handler refuses of a Content-Type
         self.max_body_bytes = max_body_bytes
         self.admission = admission
         self.gate = gate  # checked on a request carrying a body, before any of it is read
@@ -223,7 +232,7 @@ class HttpServer(StreamServer):
     async def _refuse(self, reader, writer, error: HttpError) -> bool:
         if self.metrics is not None:
             self.metrics.refused(error.kind, "http", str(error))
-        await self._write(writer, Response.error(error.status, str(error)), keep_alive=False)
+        await self._write(writer, error.response(), keep_alive=False)
         await linger(reader, writer)
         return False
 
@@ -269,9 +278,11 @@ class HttpServer(StreamServer):
             raise HttpError(400, f"malformed request target: {error}", close=True) from None
         if self.gate is not None and (length or "transfer-encoding" in headers):
             self.gate(url.path, headers)  # before the body: a caller without the token reads and holds nothing
+        if headers.get("expect", "").lower() == "100-continue":
+            self._ask_for_body(method, url.path, headers, writer)
         ticket = Ticket(self.admission)
         try:
-            body = await self._read_body(reader, writer, headers, length, ticket)
+            body = await self._read_body(reader, headers, length, ticket)
         except BaseException:
             ticket.release()
             raise
@@ -319,10 +330,20 @@ class HttpServer(StreamServer):
         except Overloaded as error:
             raise HttpError(429, str(error), close=True) from None
 
-    async def _read_body(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                         headers: dict[str, str], length: int, ticket: Ticket) -> bytes:
-        if headers.get("expect", "").lower() == "100-continue":
-            writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # the client waits for this before sending
+    def _ask_for_body(self, method: str, path: str, headers: dict[str, str], writer: asyncio.StreamWriter) -> None:
+        """Answer a client that waits before sending its body (Expect: 100-continue, curl's way past
+        1 MB): 100 Continue, or the refusal its headers already decide (raised, the connection then
+        closed: the body may come or not). Before, 100 came first and a body sent compressed, as
+        text, or to a wrong path was uploaded whole to be refused."""
+        refusal = (self._encoding_refusal(headers) or self._route_refusal(method, path)
+                   or self._content_refusal(path, headers))
+        if refusal is not None:
+            refusal.close = True
+            raise refusal
+        writer.write(CONTINUE)
+
+    async def _read_body(self, reader: asyncio.StreamReader, headers: dict[str, str], length: int,
+                         ticket: Ticket) -> bytes:
         if "transfer-encoding" not in headers:
             return await self._read_exactly(reader, length, ticket)
         return await self._read_chunked(reader, ticket)
@@ -407,35 +428,54 @@ class HttpServer(StreamServer):
         return length
 
     async def _dispatch(self, request: Request) -> Response:
-        encoding = request.headers.get("content-encoding", "identity").lower()
-        if encoding not in ("", "identity"):
+        refusal = self._encoding_refusal(request.headers)
+        if refusal is not None:
             # NOTE: answered once the body is read (the client reads the answer, not a reset), as a
             # response: raised while reading, it closed the connection, and a request pipelined after
             # it was never answered
-            return self._refusal(415, f"Content-Encoding {encoding!r} is not supported; send the body "
-                                 "uncompressed (the sidecar runs beside its caller)")
-        handler = self.routes.get((request.method, request.path))
-        if handler is None:
-            allowed = sorted(m for m, p in self.routes if p == request.path)
-            if allowed:
-                case = " (methods are case-sensitive)" if request.method.upper() in allowed else ""
-                response = Response.error(405, f"{request.method} not allowed on {request.path}; use "
-                                          f"{', '.join(allowed)}{case}")
-                response.headers["Allow"] = ", ".join(allowed)
-                return response
-            known = ", ".join(sorted({p for _, p in self.routes}))
-            return Response.error(404, f"no such path {request.path}; known: {known}")
+            return self._refusal(refusal)
+        refusal = self._route_refusal(request.method, request.path)
+        if refusal is not None:
+            return refusal.response()  # neither counted nor logged: every browser asks for /favicon.ico
         try:
-            return await handler(request)
+            return await self.routes[(request.method, request.path)](request)
         except Exception as error:
             self.internal_error(error, request.path)
             return Response.error(500, "internal error in the sidecar (logged)")
 
-    def _refusal(self, status: int, message: str) -> Response:
-        """An error answer for the caller's fault, counted and logged; the connection goes on."""
+    @staticmethod
+    def _encoding_refusal(headers: dict[str, str]) -> Optional[HttpError]:
+        encoding = headers.get("content-encoding", "identity").lower()
+        if encoding in ("", "identity"):
+            return None
+        return HttpError(415, f"Content-Encoding {encoding!r} is not supported; send the body uncompressed (the "
+                         "sidecar runs beside its caller)")
+
+    def _route_refusal(self, method: str, path: str) -> Optional[HttpError]:
+        if (method, path) in self.routes:
+            return None
+        allowed = sorted(m for m, p in self.routes if p == path)
+        if allowed:
+            case = " (methods are case-sensitive)" if method.upper() in allowed else ""
+            return HttpError(405, f"{method} not allowed on {path}; use {', '.join(allowed)}{case}",
+                             headers={"Allow": ", ".join(allowed)})
+        known = ", ".join(sorted({p for _, p in self.routes}))
+        return HttpError(404, f"no such path {path}; known: {known}")
+
+    def _content_refusal(self, path: str, headers: dict[str, str]) -> Optional[HttpError]:
+        check = self.content_checks.get(path)
+        try:
+            if check is not None:
+                check(headers.get("content-type", ""))
+        except HttpError as error:
+            return error
+        return None
+
+    def _refusal(self, error: HttpError) -> Response:
+        """The answer to a request refused for the caller's fault, counted and logged; the connection goes on."""
         if self.metrics is not None:
-            self.metrics.refused(f"http_{status}", "http", message)
-        return Response.error(status, message)
+            self.metrics.refused(error.kind, "http", str(error))
+        return error.response()
 
     async def _write(self, writer: asyncio.StreamWriter, response: Response, keep_alive: bool) -> bool:
         """Write the answer; False if the client went or did not read it in time (the connection
@@ -658,12 +698,17 @@ def _value_separators(json_bytes: bytes) -> int:
     return json_bytes.count(b",") + json_bytes.count(b"[") + json_bytes.count(b"{")
 
 
-def decode_events(body: bytes, content_type: str, ticket: Ticket = UNLIMITED) -> tuple[list, bool, Optional[int]]:
-    """(records, single, where the body's first invalid UTF-8 lies or None): one JSON object, an array
-    of them, or {"records": [...]}."""
+def check_events_content_type(content_type: str) -> None:
+    """Refuse (415) a body of events declared as other than JSON, or as JSON in another charset than UTF-8."""
     if content_type and "json" not in content_type.split(";")[0]:
         raise HttpError(415, f"Content-Type {content_type!r} is not JSON; send application/json")
     check_utf8(content_type)
+
+
+def decode_events(body: bytes, content_type: str, ticket: Ticket = UNLIMITED) -> tuple[list, bool, Optional[int]]:
+    """(records, single, where the body's first invalid UTF-8 lies or None): one JSON object, an array
+    of them, or {"records": [...]}."""
+    check_events_content_type(content_type)
     ticket.charge_values(json_values_at_most(body, ticket))
     try:
         text, invalid_at = json_text(body) if body else ("", None)
@@ -882,6 +927,11 @@ class SidecarHttp:
                   ("GET", "/v1/anomalies"): self.anomalies, **self.feedback.routes()}
         return {key: handler if key[1] in PUBLIC_PATHS else self._by_loopback_name(handler)
                 for key, handler in routes.items()}
+
+    @staticmethod
+    def content_checks() -> dict[str, ContentCheck]:
+        """What each path refuses of a Content-Type, told before its body comes (Expect: 100-continue)."""
+        return {"/v1/score": check_events_content_type}
 
     def _by_loopback_name(self, handler: Handler) -> Handler:
         async def checked(request: Request) -> Response:
