@@ -574,3 +574,46 @@ def test_a_missing_default_or_route_model_is_refused_saying_what_to_do(models, c
     registry.reload()
     reason = not_ready_reason(SimpleNamespace(accepting=True, registry=registry, processes=None))
     assert "`logscore train --out DIR/NAME.onnx`" in reason and "export" not in reason
+
+
+def configmap_volume(directory, stamp: str, files: dict) -> None:
+    """Write ``files`` into ``directory`` as the kubelet updates a ConfigMap volume (its atomic writer):
+    a new timestamped directory, the ``..data`` link swapped to it by one rename, a top-level link per
+    key into ``..data``, the previous directory removed."""
+    new = directory / f"..{stamp}"
+    new.mkdir()
+    for name, source in files.items():
+        shutil.copy(source, new / name)
+    old = os.readlink(directory / "..data") if (directory / "..data").is_symlink() else None
+    (directory / "..data_tmp").symlink_to(new.name)
+    os.replace(directory / "..data_tmp", directory / "..data")
+    for name in files:
+        if not (directory / name).is_symlink():
+            (directory / name).symlink_to(f"..data/{name}")
+    for entry in directory.iterdir():
+        if entry.is_symlink() and not entry.name.startswith("..") and entry.name not in files:
+            entry.unlink()  # a key taken out of the ConfigMap
+    if old is not None:
+        shutil.rmtree(directory / old)
+
+
+def test_models_from_a_kubernetes_configmap_volume_reload_when_it_is_updated(tmp_path):
+    """docs/deploy/kubernetes-sidecar.yaml mounts the models from a ConfigMap and says replacing a file
+    hot-reloads it: the kubelet changes no model's own path, only where ``..data`` points."""
+    models, builds = tmp_path / "models", tmp_path / "builds"
+    models.mkdir()
+    builds.mkdir()
+    resaved_with_another_threshold(DEFAULT_MODEL, builds / "retrained.onnx")
+    configmap_volume(models, "2026_12_06_10_00_00.000000001", {"apache-access.onnx": DEFAULT_MODEL})
+    events = Events()
+    registry = ModelRegistry(str(models), on_change=events)
+    registry.reload()
+    first = registry.snapshot.models["apache-access"].version
+    configmap_volume(models, "2026_12_06_10_01_00.000000001", {"apache-access.onnx": builds / "retrained.onnx"})
+    assert registry.reload() and registry.snapshot.models["apache-access"].version != first
+    configmap_volume(models, "2026_12_06_10_02_00.000000001", {"apache-access.onnx": builds / "retrained.onnx",
+                                                               "shop.onnx": DEFAULT_MODEL})
+    assert registry.reload() and set(registry.snapshot.models) == {"apache-access", "shop"}
+    configmap_volume(models, "2026_12_06_10_03_00.000000001", {"shop.onnx": DEFAULT_MODEL})
+    assert registry.reload() and set(registry.snapshot.models) == {"shop"}
+    assert not events.of("rejected") and [n for n, _ in events.of("loaded")] == ["apache-access"] * 2 + ["shop"]
