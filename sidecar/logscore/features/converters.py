@@ -186,7 +186,12 @@ class Converter:
         return (term_weights(counts, self.weighting) * np.float32(self.weight)).astype(np.float32)
 
     def _new_cache(self):
-        return self._native.Cache(CACHE_SIZE, CACHE_BYTES) if self._native is not None else ValueCache()
+        # NOTE: the compiled caches store a computed value the second time it is computed in a while
+        # (their doorkeeper, _native.c): on novel traffic storing every value cost more than caching saved.
+        # The Python path is the reference; its caches store every value.
+        if self._native is None:
+            return ValueCache()
+        return self._native.Cache(CACHE_SIZE, CACHE_BYTES, doorkeeper=True)
 
     def _new_caches(self) -> None:
         self._cache = self._new_cache()
