@@ -467,10 +467,10 @@ typedef struct {
  * keeps megabytes of entries that are never asked for again (a generation turned over every two
  * batches of 1,000 URLs): each new entry went to memory out of the core's caches and was freed
  * from there batches later. Featurizing novel traffic with the n-gram converter's cache taken
- * away cost 8-15 % less. The doorkeeper stores a value the second time it is computed in a
- * while: one bit tested per new value (16 KiB for 16,384 entries), and the entries of a batch
- * that are not stored are freed with it, in memory still warm. A value seen twice is cached as
- * before, one computation later; the features are the same either way. */
+ * away cost 8-15 % less. Once the cache has turned over (it evicts), the doorkeeper stores a value
+ * the second time it is computed in a while: one bit tested per new value (16 KiB for 16,384
+ * entries), and the entries of a batch that are not stored are freed with it, in memory still
+ * warm. A value seen twice is cached one computation later; the features are the same either way. */
 #define SEEN_BITS_PER_ENTRY 8  /* bits per entry the cache holds; cleared at an eighth of them set */
 
 #define CACHE_TABLE_MIN 8
@@ -546,12 +546,13 @@ static void seen_clear(CacheObject *self) {
     self->seen_marked = 0;
 }
 
-/* Whether a computed key with this hash is stored: always without a doorkeeper; with one, when its
- * bit was set by an earlier offer (else the bit is set now). The bit is picked by all the hash's bits
+/* Whether a computed key with this hash is stored: always without a doorkeeper, or before the cache
+ * first turned over (it evicts nothing yet: a log of few values is cached at once, as before); else
+ * when its bit was set by an earlier offer (else the bit is set now). The bit is picked by all the hash's bits
  * (Fibonacci hashing): keys crafted to share low bits do not share a bit for that. Clearing at an
  * eighth set keeps a key's chance of being stored at its first offer under one in eight. */
 static int seen_before(CacheObject *self, Py_hash_t hash) {
-    if (!self->seen) return 1;
+    if (!self->seen || !self->older.used) return 1;
     size_t bit = (size_t)(((uint64_t)hash * 0x9E3779B97F4A7C15ull) >> (64 - self->seen_shift));
     uint64_t mask = (uint64_t)1 << (bit & 63), *word = &self->seen[bit >> 6];
     if (*word & mask) return 1;
