@@ -548,9 +548,10 @@ static void seen_clear(CacheObject *self) {
 
 /* Whether a computed key with this hash is stored: always without a doorkeeper, or before the cache
  * first turned over (it evicts nothing yet: a log of few values is cached at once, as before); else
- * when its bit was set by an earlier offer (else the bit is set now). The bit is picked by all the hash's bits
- * (Fibonacci hashing): keys crafted to share low bits do not share a bit for that. Clearing at an
- * eighth set keeps a key's chance of being stored at its first offer under one in eight. */
+ * when its bit was set by an earlier offer (else the bit is set now). The bit is picked by all the
+ * hash's bits (Fibonacci hashing): keys crafted to share low bits do not share a bit for that.
+ * Clearing at an eighth set keeps a key's chance of being stored at its first offer under one in
+ * eight. */
 static int seen_before(CacheObject *self, Py_hash_t hash) {
     if (!self->seen || !self->older.used) return 1;
     size_t bit = (size_t)(((uint64_t)hash * 0x9E3779B97F4A7C15ull) >> (64 - self->seen_shift));
@@ -623,8 +624,9 @@ static int cache_init(CacheObject *self, PyObject *args, PyObject *kwargs) {
     PyMem_Free(self->seen);
     self->seen = NULL;
     if (doorkeeper) {
-        Py_ssize_t shift = 9;  /* 512 bits at least: 64 keys before a clear */
-        while (shift < 40 && ((Py_ssize_t)1 << shift) < self->half_entries * 2 * SEEN_BITS_PER_ENTRY) shift++;
+        /* 512 bits at least (64 keys before a clear), 2 MiB at most (no product that overflows) */
+        Py_ssize_t shift = 9;
+        while (shift < 24 && ((Py_ssize_t)1 << shift) / (2 * SEEN_BITS_PER_ENTRY) < self->half_entries) shift++;
         self->seen_shift = shift;
         self->seen = PyMem_Calloc(((size_t)1 << shift) / 8, 1);
         if (!self->seen) { PyErr_NoMemory(); return -1; }
