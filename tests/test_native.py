@@ -499,6 +499,15 @@ def test_the_compiled_cache_survives_a_compute_that_changes_its_lists_or_walks_t
         cache.clear()
 
 
+def test_an_extension_built_before_the_doorkeeper_still_featurizes(monkeypatch):
+    """A checkout updated without its extension rebuilt: Cache takes no doorkeeper (TypeError), and
+    every model failed to load; its caches now store every value, the features are the same."""
+    built = native._native.Cache
+    monkeypatch.setattr(native._native, "Cache", lambda entries, max_bytes: built(entries, max_bytes))
+    lines = real_lines("access", 300, seed=12)
+    assert_same_features(DEFAULT_SPECS["access"], lines, fit=lines[:100])
+
+
 def test_the_python_path_can_be_forced_and_says_why():
     script = ("from logscore.features import Featurizer, DEFAULT_SPECS, native;"
               "print(Featurizer(DEFAULT_SPECS['access']).native is None, native.status())")

@@ -191,7 +191,10 @@ class Converter:
         # The Python path is the reference; its caches store every value.
         if self._native is None:
             return ValueCache()
-        return self._native.Cache(CACHE_SIZE, CACHE_BYTES, doorkeeper=True)
+        try:
+            return self._native.Cache(CACHE_SIZE, CACHE_BYTES, doorkeeper=True)
+        except TypeError:  # an extension built before the doorkeeper, not rebuilt since: it stores every value
+            return self._native.Cache(CACHE_SIZE, CACHE_BYTES)
 
     def _new_caches(self) -> None:
         self._cache = self._new_cache()
