@@ -9,10 +9,12 @@ import pytest
 
 from logscore.artifact import FORMAT_VERSION, HASH_KEY, METADATA_KEY, _scan_model, content_hash, read_artifact
 from logscore.errors import ConfigError, ModelLoadError
-from logscore.model import Model
+from logscore import model as model_module
+from logscore.features import DEFAULT_SPECS, Featurizer
+from logscore.model import Model, record_slices
 from logscore.windows import LEVELS_READ
 
-from .generate import attack_lines, blog_lines, shop_lines
+from .generate import attack_lines, blog_lines, shop_lines, syslog_lines
 
 
 @pytest.fixture(scope="module")
@@ -253,13 +255,14 @@ def test_explanations_name_each_records_most_contributing_features_in_order():
     rng = np.random.default_rng(0)
     for _ in range(300):
         size, count = int(rng.integers(1, 6)), int(rng.integers(0, 40))
-        rows = rng.integers(0, size, count)
+        rows = np.sort(rng.integers(0, size, count))  # record by record, as every featurizer lays keys out
         weights = rng.choice([-1.0, 0.0, 0.5, 1.0, 2.0], count).astype(np.float32)
         surprise = rng.choice([0.0, 0.3, 1.0, np.nan], count).astype(np.float32)
         top = int(rng.integers(1, 5))
         batch = SimpleNamespace(rows=rows, weights=weights, size=size,
                                 names=lambda chosen: [f"k{i}" for i in chosen.tolist()])
         model = SimpleNamespace(describe_rarity=lambda s: f"{s:.1f}")
+        model._explain_slice = lambda *args: Model._explain_slice(model, *args)
         contribution = weights * surprise
         expected = []
         for row in range(size):
@@ -280,3 +283,65 @@ def test_feature_names_remembered_for_explanations_are_the_names_worked_out(shop
     assert model.score(lines, 5).explanations == fresh
     assert model.score(lines, 5).explanations == fresh  # now mostly from what was remembered
     assert all(len(c._names) <= 50 for c in model.featurizer.converters)
+
+
+def long_novel_lines(count: int, seed: int) -> list[str]:
+    """Shop lines whose URLs are long runs of CJK never seen in training (thousands of keys a record)."""
+    rng = np.random.default_rng(seed)
+    return [line.replace("GET /", "GET /" + "".join(chr(c) for c in rng.integers(0x4E00, 0x5600, 300)) + "/", 1)
+            for line in shop_lines(count, seed=seed)]
+
+
+def test_explaining_a_step_at_a_time_names_what_one_step_names(shop_model, monkeypatch):
+    """Explanations are worked out some records at a time (EXPLAIN_SLICE_KEYS keys: sorting and
+    naming every key of 512 records of long URLs at once took 130 MB): the same names, in the same
+    order, whatever the step, records with no key and records longer than a step included."""
+    lines = long_novel_lines(30, seed=3) + shop_lines(40, seed=4) + ["", "x"] + long_novel_lines(5, seed=5)
+    whole = shop_model.score(lines, explain=7).explanations
+    for step in (1, 50, 4_000):
+        monkeypatch.setattr(model_module, "EXPLAIN_SLICE_KEYS", step)
+        assert shop_model.score(lines, explain=7).explanations == whole
+        flagged = shop_model.score(lines, explain_flagged=7)
+        assert [list(e) for e in flagged.explanations] == [e if f else [] for e, f in zip(whole, flagged.is_anomaly)]
+    long = [named for named, line in zip(whole, lines) if len(line) > 300]
+    assert len(long) > 20 and all(long)  # (the long records named: else this compared empty lists)
+
+
+@pytest.mark.parametrize("rows", [[], [0], [0, 0, 0], [0, 0, 1, 1, 1, 1, 1, 2, 3, 3], [2, 2, 5, 5, 5, 9] * 1,
+                                  sorted(np.random.default_rng(1).integers(0, 40, 300).tolist())])
+@pytest.mark.parametrize("most", [1, 2, 3, 7, 1000])
+def test_record_slices_cover_the_keys_in_whole_records_of_at_most_the_step(rows, most):
+    rows = np.array(rows, dtype=np.int64)
+    slices = list(record_slices(rows, most))
+    assert [start for start, _ in slices] == [0, *(stop for _, stop in slices)][:len(slices)]
+    assert (slices[-1][1] if slices else 0) == rows.size
+    for start, stop in slices:
+        assert stop > start
+        assert start == 0 or rows[start] != rows[start - 1]  # whole records
+        assert stop == rows.size or rows[stop] != rows[stop - 1]
+        assert stop - start <= most or len(set(rows[start:stop].tolist())) == 1  # or one record alone
+
+
+@pytest.mark.parametrize("log_format", ["access", "syslog"])
+def test_keys_named_before_the_batch_resolves_are_traced_to_the_values_it_traces_them_to(log_format):
+    """The compiled featurizer traces only the keys named to their values (resolving every key of
+    the batch took 61 MB for 512 records of long URLs): the same values and names as resolving all."""
+    if log_format == "access":
+        lines = shop_lines(150, seed=6) + [line for _, line in attack_lines(shop_lines(50, seed=7), 50)]
+        records = lines + long_novel_lines(10, seed=8) + ["", "not an access line"]
+        records += [{"message": line, "host": "web-1"} for line in lines[:30]] + [{"host": "no message"}]
+    else:
+        records = syslog_lines(300) + [""]
+    featurizer = Featurizer(DEFAULT_SPECS[log_format], native=True)
+    if featurizer.native is None:
+        pytest.skip("the compiled featurizer is not built")
+    featurizer.fit(records[:100])
+    indices = np.random.default_rng(9).permutation(featurizer.transform(records).keys.size)[:3000]
+    traced = featurizer.transform(records).origins
+    names = traced.names(indices)
+    assert traced._origins is None  # (nothing resolved: else this compares the batch with itself)
+    resolved = featurizer.transform(records).origins.resolve()
+    assert names == resolved.names(indices)
+    entry_of_key, position = featurizer.transform(records).origins._sink.key_layout().origins_of(indices)
+    assert entry_of_key.tolist() == resolved.entry_of_key[indices].tolist()
+    assert position.tolist() == resolved.position[indices].tolist()

@@ -39,12 +39,18 @@ def worst_payloads(max_message_bytes: int, distinct: bool = False) -> dict[str, 
     fields = {f"k{i}": "" for i in range(budget // 1000 // 10)}
     for _ in range(1000):
         many_fields.structured.records.add(fields=fields)
+    # Explanations of long URLs of never-seen CJK (thousands of keys a record) named 20 a record: the
+    # most a request may ask (scoring.MAX_EXPLANATIONS). Naming them held 130 MB a step of 512 records.
+    cjk = "".join(chr(0x4E00 + (i * 7919) % 20_000) for i in range(700))
+    explained = [line(i, 0).replace("GET /", f"GET /{cjk}/{i}/", 1).encode() for i in range(1000)]
     empty_arrays = b"".join(msgpack.packb([0, {"v": [[]] * 65_000}]) for _ in range(budget // 65_010))
     tiny_values = [{"v": [1] * 2000} for _ in range(budget // 4010)]
     return {
         "grpc_long_lines": ("grpc", pb.ScoreRequest(lines=pb.RawLines(lines=long_lines)).SerializeToString()),
         "grpc_short_lines": ("grpc", pb.ScoreRequest(lines=pb.RawLines(lines=short_lines)).SerializeToString()),
         "grpc_many_fields": ("grpc", many_fields.SerializeToString()),
+        "grpc_explained_cjk_lines": ("grpc", pb.ScoreRequest(explain=20, lines=pb.RawLines(
+            lines=explained[: budget // (len(explained[0]) + 8)])).SerializeToString()),
         "grpc_empty_arrays": ("grpc", pb.ScoreRequest(event_stream=empty_arrays).SerializeToString()),
         "http_tiny_values": ("http", json.dumps({"records": tiny_values}, separators=(",", ":")).encode()),
         "http_long_lines": ("http", json.dumps({"records": [x.decode() for x in long_lines]}).encode()),

@@ -329,6 +329,8 @@ static Py_ssize_t features_nbytes_of(FeaturesObject *f) {
     return (Py_ssize_t)(FeaturesType.tp_basicsize + Py_SIZE(f) * FeaturesType.tp_itemsize);
 }
 
+static PyObject *features_size(FeaturesObject *f, void *closure) { return PyLong_FromSsize_t(Py_SIZE(f)); }
+
 static PyObject *features_nbytes(FeaturesObject *f, void *closure) {
     return PyLong_FromSsize_t(features_nbytes_of(f));
 }
@@ -362,6 +364,7 @@ static PyGetSetDef features_getset[] = {
     {"converter", (getter)features_converter, NULL, "names a key of the value", NULL},
     {"value", (getter)features_value, NULL, "the value (the first one holding these features)", NULL},
     {"nbytes", (getter)features_nbytes, NULL, "memory held, in bytes", NULL},
+    {"size", (getter)features_size, NULL, "how many keys (len(keys), without the copy)", NULL},
     {NULL}};
 
 static PyMethodDef features_methods[] = {

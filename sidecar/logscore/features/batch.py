@@ -79,18 +79,48 @@ class KeyOrigins:
         return self
 
 
+@dataclass
+class KeyLayout:
+    """A batch's keys traced to their values from the records' values alone (FeatureSink.key_layout)."""
+
+    held: np.ndarray  # int64 [N, C]: each record's entry of each converter
+    ends: np.ndarray  # int64 [N, C]: within its record, where each converter's keys end
+    starts: np.ndarray  # int64 [N]: where each record's keys start in the batch
+
+    def origins_of(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(entry_of_key, position) of the keys at ``indices``."""
+        indices = np.asarray(indices, dtype=np.int64)
+        # (a record without keys starts where the next one does: the last record starting at or before a key holds it)
+        record = np.searchsorted(self.starts, indices, side="right") - 1
+        within = indices - self.starts[record]
+        ends = self.ends[record]
+        converter = (ends <= within[:, None]).sum(axis=1)  # converters whose keys end at or before it
+        before = np.where(converter > 0, ends[np.arange(len(record)), np.maximum(converter - 1, 0)], 0)
+        return self.held[record, converter], within - before
+
+
 class LazyOrigins:
     """KeyOrigins of a batch the compiled featurizer built, worked out when a key is first named."""
 
     def __init__(self, sink: "FeatureSink"):
         self._sink = sink
         self._origins: Optional[KeyOrigins] = None
+        self._layout: Optional[KeyLayout] = None
 
     def name(self, index: int) -> str:
-        return self.resolve().name(index)
+        return self.names(np.array([index], dtype=np.int64))[0]
 
     def names(self, indices: np.ndarray) -> list[str]:
-        return self.resolve().names(indices)
+        """Only the keys named are traced to their values (NOTE: resolving every key of 512 records of
+        2 KB CJK URLs, 1.7 million, took 61 MB to name 20 keys a record)."""
+        if self._origins is not None:
+            return self._origins.names(indices)
+        sink = self._sink
+        if self._layout is None:  # (worked out once: a batch is named a step of records at a time)
+            self._layout = sink.key_layout()
+        entry_of_key, position = self._layout.origins_of(indices)
+        origins = KeyOrigins(sink._entries, entry_of_key, position, sink._converters)
+        return origins.names(np.arange(len(indices)))
 
     def resolve(self) -> KeyOrigins:
         if self._origins is None:
@@ -126,7 +156,7 @@ class SingleRecordOrigins:
 
 @dataclass
 class FeatureBatch:
-    rows: np.ndarray  # int64 [nnz]: record index of each key
+    rows: np.ndarray  # int64 [nnz]: record index of each key, in record order (Model._explain steps by records)
     keys: np.ndarray  # int64 [nnz]: hashed feature key, unique within a record and converter
     weights: np.ndarray  # float32 [nnz]: converter weight x term weighting
     dense: np.ndarray  # float32 [N, dense_dims + numeric columns]
@@ -226,6 +256,19 @@ class FeatureSink:
         index = offsets[entry_of_key] + position
         keys, weights = all_keys[index], all_weights[index]
         return self._batch(rows, keys, weights, dense, KeyOrigins(entries, entry_of_key, position))
+
+    def key_layout(self) -> "KeyLayout":
+        """Where each record's keys lie, as build lays them out: record by record, each converter's value in turn."""
+        entries = self._entries
+        try:
+            lengths = np.fromiter((e.size for e in entries), dtype=np.int64, count=len(entries))
+        except AttributeError:  # an extension built before Features.size, not rebuilt since (keys: a copy each)
+            lengths = np.fromiter((len(e.keys) for e in entries), dtype=np.int64, count=len(entries))
+        held = np.column_stack([ids + offset for ids, offset in zip(self._entry_ids, self._offsets)])  # [N, C]
+        ends = np.cumsum(lengths[held], axis=1)  # within its record, where each converter's keys end
+        starts = np.zeros(self.size, dtype=np.int64)  # where each record's keys start in the batch
+        np.cumsum(ends[:-1, -1], out=starts[1:])
+        return KeyLayout(held, ends, starts)
 
     def _assemble(self, with_origins: bool) -> list[np.ndarray]:
         """The compiled expansion: rows, keys, weights (and entry_of_key, position)."""
