@@ -1181,6 +1181,27 @@ def test_the_shipped_memory_limit_holds_under_the_worst_input(tmp_path):
         assert process.stop() == 0
 
 
+def test_the_shipped_memory_limit_holds_under_explanations_of_long_never_seen_values(tmp_path):
+    """Explanations were worked out for a whole step of 512 records at once: requests of long CJK
+    URLs with explain=20 took a sidecar to 420-451 MiB. Alone, as all at once the others' calls may
+    take the budget before any of these is scored."""
+    from logscore.settings import Settings
+
+    from .worst_inputs import flood, worst_payloads
+
+    payload = worst_payloads(Settings().max_message_bytes)["grpc_explained_cjk_lines"]
+    process = SidecarProcess(ROOT / "models", tmp_path).start()  # the shipped defaults
+    try:
+        explained = flood(process, {"explained": payload})["explained"]
+        peak = process.peak_rss_bytes()
+        print(f"peak RSS {peak / 2**20:.0f} MiB with explanations of long never-seen URLs")
+        assert "OK" in explained and set(explained) <= {"OK", "RESOURCE_EXHAUSTED"}, explained
+        assert peak < shipped_memory_limit()
+        assert '"level": "error"' not in process.log()
+    finally:
+        assert process.stop() == 0
+
+
 # --- gRPC: calls without the token, and the cap on calls ---------------------------------------------
 
 def stalled_score_call(port: int) -> socket.socket:
