@@ -236,9 +236,9 @@ class Model:
         """Explanations of the flagged records, none for the others.
 
         A few flagged records are featurized again on their own (their values are in the
-        featurizer's caches): naming a key of a batch works out where each of its keys came from.
-        Explaining the flagged records within their batches cost 1.4 µs a record more of the real
-        access log (0.23 % flagged), this 0.25 (1.9 to score; docs/performance.md). When most of
+        featurizer's caches). Explaining the flagged records within their batches cost 1.4 µs a
+        record more of the real access log (0.23 % flagged), this 0.25 (1.9 to score), and still
+        0.16 more once only the keys named were traced (docs/performance.md). When most of
         the batch is flagged (a flood) that work is needed for nearly every record anyway, and the
         batch scored is named as it is: featurizing and running the graph again cost more."""
         # NOTE: one empty tuple shared by the records not flagged: a list each made the garbage
