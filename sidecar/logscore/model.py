@@ -268,15 +268,15 @@ class Model:
     def _explain_slice(self, batch: FeatureBatch, surprise: np.ndarray, top: int, only: Optional[np.ndarray],
                        keys: slice, explanations: list[list[str]]) -> None:
         """_explain of the records whose keys are ``keys``."""
-        contribution = batch.weights[keys] * surprise[keys]
+        contribution, records = batch.weights[keys] * surprise[keys], batch.rows[keys]
         # Only what contributed is sorted (a NaN too: it is shown, not hidden); in a flood that is
         # under half of the flagged records' features, and sorting was most of this step.
         contributed = ~(contribution <= 0)
-        named = np.flatnonzero(contributed if only is None else contributed & only[batch.rows[keys]])
-        order = named[np.lexsort((-contribution[named], batch.rows[keys][named]))]  # by record, most unusual first
+        named = np.flatnonzero(contributed if only is None else contributed & only[records])
+        order = named[np.lexsort((-contribution[named], records[named]))]  # by record, most unusual first
         # Each record's first ``top`` features, without a Python step per feature: a feature's rank
         # is its place after the first of its record's.
-        rows = batch.rows[keys][order]
+        rows = records[order]
         place = np.arange(rows.size)
         first = np.maximum.accumulate(np.where(np.r_[True, rows[1:] != rows[:-1]], place, 0))
         chosen = order[place - first < top] + keys.start

@@ -131,7 +131,9 @@ class HttpError(Exception):
         self.headers = headers or {}  # of the answer (Allow beside a 405)
 
     def response(self) -> "Response":
-        return Response(self.status, Response.error(self.status, str(self)).body, headers=self.headers)
+        response = Response.error(self.status, str(self))
+        response.headers.update(self.headers)
+        return response
 
 
 Gate = Callable[[str, dict[str, str]], None]  # (path, headers): raises HttpError for a caller not let in
