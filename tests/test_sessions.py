@@ -266,3 +266,18 @@ def test_an_empty_match_of_the_key_is_no_session_id():
     events = [fields["events"] for fields in tracked]
     assert [event.count("\n") for event in events] == [0, 0, 0, 0, 1], events
     assert (tracker.counts.keyed, tracker.counts.unkeyed, len(tracker)) == (2, 3, 1)
+
+
+def test_a_long_session_id_is_held_by_a_digest_and_its_session_goes_on():
+    """An id is whatever the key's pattern matches: lines whose blk_ id ran to 60,000 digits held
+    58 KiB a session beside the events the bound counts (probe, session 30). Held by a digest, the
+    session still goes on, and ids alike up to their last character are still two sessions."""
+    from logscore.sessions import MAX_HELD_ID_CHARS
+
+    tracker = SessionTracker(SessionSpec(key=r"blk_\d+"))
+    long_id, other = "blk_" + "7" * 60_000, "blk_" + "7" * 59_999 + "8"
+    tracked = tracker.track([f"open {long_id}", f"open {other}", f"write {long_id}", "close blk_1", "ack blk_1"])
+    assert [fields["events"] for fields in tracked] == ["open <session>", "open <session>",
+                                                        "open <session>\nwrite <session>", "close <session>",
+                                                        "close <session>\nack <session>"]
+    assert len(tracker) == 3 and all(len(held) <= MAX_HELD_ID_CHARS for held in tracker._sessions)

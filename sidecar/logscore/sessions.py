@@ -13,6 +13,7 @@ same message for another block are the same event.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import re
@@ -36,6 +37,10 @@ EVICTIONS_LOG_INTERVAL_S = 60.0
 # shared: at most ≈ 10,000 × 512 characters, however many distinct events a log has.
 MAX_SHARED_EVENTS = 10_000
 MAX_SHARED_EVENT_CHARS = 512
+# An open session is held by its id, one longer than this by a 16-byte digest of it: an id is whatever
+# the key's pattern matches, and lines whose blk_ id ran to 60,000 digits held 58 KiB a session beside
+# the events the bound counts (a sidecar went from 96 to 388 MiB with 5,000 of them: probe, session 30).
+MAX_HELD_ID_CHARS = 128
 # Notes (decide.NOTE_KINDS turns their first words into flags: truncated, session_restarted, no_text)
 LINE_CUT_NOTE = "truncated: a line was cut to {line} characters before it joined its session"
 EVENT_CUT_NOTE = "truncated: its event was cut to the {chars} characters a session keeps"
@@ -80,6 +85,13 @@ class SessionSpec:
     def as_dict(self) -> dict:
         return {"key": self.key, "field": self.field, "max_sessions": self.max_sessions,
                 "max_events": self.max_events}
+
+
+def held_id(session: str) -> str | bytes:
+    """What the tracker holds a session by: its id, or a digest of an id over MAX_HELD_ID_CHARS."""
+    if len(session) <= MAX_HELD_ID_CHARS:
+        return session
+    return hashlib.blake2b(session.encode("utf-8", "surrogatepass"), digest_size=16).digest()
 
 
 def session_id(key: re.Pattern, text: str) -> Optional[str]:
@@ -145,8 +157,9 @@ class SessionTracker:
     Bounded in bytes, not only in counts: a record's text is cut to ``max_line_chars`` (the
     sidecar's max_record_bytes) before it is masked, and a session keeps its last events that fit
     in ``max_chars`` (the featurizer's max_field_chars). So the sidecar holds at most
-    max_sessions × max_chars characters of events, plus a pointer a kept event (before: 142 records
-    of 1.9 MB in one session took it from 156 to 377 MiB; docs/operations.md has the sizing)."""
+    max_sessions × max_chars characters of events, plus a pointer a kept event and an id of at most
+    MAX_HELD_ID_CHARS characters a session (before: 142 records of 1.9 MB in one session took it from
+    156 to 377 MiB; docs/operations.md has the sizing)."""
 
     def __init__(self, spec: SessionSpec, max_chars: int = DEFAULT_SESSION_CHARS,
                  max_line_chars: int = DEFAULT_MAX_LINE_CHARS):
@@ -154,7 +167,7 @@ class SessionTracker:
         self.keys = SessionKeys(spec)
         self.max_chars = max_chars
         self.max_line_chars = max_line_chars
-        self._sessions: OrderedDict[str, Session] = OrderedDict()
+        self._sessions: OrderedDict[str | bytes, Session] = OrderedDict()  # by held_id
         # Hashes of the sessions evicted last (as many as max_sessions): a record of one of them is
         # noted, its session starting afresh (a flood of new ids turned every open session into alerts).
         self._evicted: OrderedDict[int, None] = OrderedDict()
@@ -209,6 +222,7 @@ class SessionTracker:
             self.counts.keyed += 1
         if key is None:  # no session: the record is a session of one event
             return {EVENTS_FIELD: event[: self.max_chars]}, notes
+        key = held_id(key)
         session = self._sessions.pop(key, None)
         if session is None:
             session = Session()
@@ -238,7 +252,7 @@ class SessionTracker:
             self._evicted.popitem(last=False)
         self.counts.evicted += 1
 
-    def _restarted(self, key: str) -> tuple[str, ...]:
+    def _restarted(self, key: str | bytes) -> tuple[str, ...]:
         evicted = hash(key)
         if evicted not in self._evicted:
             return ()
