@@ -285,6 +285,20 @@ def test_feature_names_remembered_for_explanations_are_the_names_worked_out(shop
     assert all(len(c._names) <= 50 for c in model.featurizer.converters)
 
 
+def test_feature_names_remembered_for_explanations_stay_within_their_bytes(shop_model, monkeypatch):
+    """Counted in names only, names of CJK or emoji values took 7 MiB a converter where 2 were meant."""
+    from logscore.features import converters
+
+    budget = 64 * 1024
+    monkeypatch.setattr(converters, "MAX_NAMES_BYTES", budget)
+    fresh = Model.load(shop_model.artifact.path)
+    named = [names for names in fresh.score(long_novel_lines(60, seed=14), explain=20).explanations]
+    assert sum(len(n) for names in named for n in names) * 4 > budget  # (more than the budget was named)
+    for converter in fresh.featurizer.converters:
+        held = sum(converters.key_bytes(n) + converters.NAME_ENTRY_BYTES for n in converter._names.values())
+        assert held == converter._names_bytes <= budget
+
+
 def long_novel_lines(count: int, seed: int) -> list[str]:
     """Shop lines whose URLs are long runs of CJK never seen in training (thousands of keys a record)."""
     rng = np.random.default_rng(seed)

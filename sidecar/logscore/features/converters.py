@@ -33,7 +33,12 @@ CACHE_SIZE = 16_384  # distinct values remembered per cache, at most
 # Bytes each cache may hold (keys and features, estimated): a long URL's n-grams take ≈ 3 KB,
 # so entries alone would not bound memory. A converter has one to two caches.
 CACHE_BYTES = 4 << 20
-MAX_NAMES = 16_384  # feature names remembered per converter for explanations (≈ 2 MiB at most)
+# Feature names remembered per converter for explanations: at most this many, of at most this many
+# bytes in all (key_bytes of each name, plus its key and its slot). NOTE: counted in names only, names
+# of CJK or emoji values (4 bytes a character as Python holds them) took 7 MiB a converter (probe).
+MAX_NAMES = 16_384
+MAX_NAMES_BYTES = 2 * 1024 * 1024
+NAME_ENTRY_BYTES = 100  # a remembered name's key (an int) and its slot in the dict
 # A name is cut to this many characters: a 5,000-character path segment, named whole, made each of
 # its record's explanations 5 KB (and the names remembered above 80 MiB).
 MAX_NAME_CHARS = 120
@@ -171,6 +176,7 @@ class Converter:
         self._native = None
         self._weigher = None
         self._names: dict[int, str] = {}  # key -> readable name, for explanations (describe)
+        self._names_bytes = 0  # what _names holds, estimated (MAX_NAMES_BYTES)
         self._new_caches()
 
     def accelerate(self, native) -> None:
@@ -264,9 +270,12 @@ class Converter:
         name = self._names.get(key)
         if name is None:
             name = cut_name(self._describe(value, key))
-            if len(self._names) >= MAX_NAMES:
+            size = key_bytes(name) + NAME_ENTRY_BYTES
+            if len(self._names) >= MAX_NAMES or self._names_bytes + size > MAX_NAMES_BYTES:
                 self._names.clear()
+                self._names_bytes = 0
             self._names[key] = name
+            self._names_bytes += size
         return name
 
     def _describe(self, value: Optional[str], key: int) -> str:
