@@ -311,8 +311,10 @@ def test_explaining_a_step_at_a_time_names_what_one_step_names(shop_model, monke
     naming every key of 512 records of long URLs at once took 130 MB): the same names, in the same
     order, whatever the step, records with no key and records longer than a step included."""
     lines = long_novel_lines(30, seed=3) + shop_lines(40, seed=4) + ["", "x"] + long_novel_lines(5, seed=5)
+    shipped = model_module.EXPLAIN_SLICE_KEYS
+    monkeypatch.setattr(model_module, "EXPLAIN_SLICE_KEYS", 10**12)  # one step (the batch holds more than shipped)
     whole = shop_model.score(lines, explain=7).explanations
-    for step in (1, 50, 4_000):
+    for step in (1, 50, 4_000, shipped):
         monkeypatch.setattr(model_module, "EXPLAIN_SLICE_KEYS", step)
         assert shop_model.score(lines, explain=7).explanations == whole
         flagged = shop_model.score(lines, explain_flagged=7)

@@ -30,6 +30,9 @@ SCORE_CHUNK = 512  # records featurized and run at once (bounds the working memo
 # records of 2 KB CJK URLs hold 1.7 million keys; naming them at once took 130 MB of arrays beside the
 # batch, and a sidecar on the shipped defaults went past its 350 MiB under such calls with explain=20.
 EXPLAIN_SLICE_KEYS = 65_536
+# From this share of a batch flagged, its flagged records are named within it rather than featurized
+# again on their own (measured break-even 3-4 %, batches of 1,000 of the real log with novel lines mixed in).
+FLAGGED_NAMED_IN_BATCH = 1 / 32
 
 
 def make_session(model_bytes: bytes, threads: int = 1) -> ort.InferenceSession:
@@ -235,17 +238,17 @@ class Model:
                          surprise: np.ndarray) -> list[Sequence[str]]:
         """Explanations of the flagged records, none for the others.
 
-        A few flagged records are featurized again on their own (their values are in the
-        featurizer's caches). Explaining the flagged records within their batches cost 1.4 µs a
-        record more of the real access log (0.23 % flagged), this 0.25 (1.9 to score), and still
-        0.16 more once only the keys named were traced (docs/performance.md). When most of
-        the batch is flagged (a flood) that work is needed for nearly every record anyway, and the
-        batch scored is named as it is: featurizing and running the graph again cost more."""
+        A few flagged records are featurized again on their own (their values mostly in the
+        featurizer's caches). Explaining them within their batch cost 1.4 µs a record more of the
+        real access log (0.23 % flagged), this 0.25 (1.9 to score), and still 0.1 more once only the
+        keys named were traced. From about 3 % flagged (FLAGGED_NAMED_IN_BATCH) the batch scored is
+        named as it is: featurizing and running the graph again cost more, the more so as a cache
+        that turned over keeps no value computed once (its doorkeeper): docs/performance.md."""
         # NOTE: one empty tuple shared by the records not flagged: a list each made the garbage
         # collector run more often, 0.2 µs a record (about all this cost when nothing was flagged).
         explanations: list[Sequence[str]] = [()] * len(records)
         flagged = np.flatnonzero(flags).tolist()
-        if len(flagged) * 2 >= len(records):  # (none flagged of none: nothing to name)
+        if len(flagged) >= FLAGGED_NAMED_IN_BATCH * len(records):  # (none flagged of none: nothing to name)
             for i, named in enumerate(self._explain(batch, surprise, top, only=flags)):
                 if flags[i]:
                     explanations[i] = named

@@ -37,7 +37,7 @@ CACHE_BYTES = 4 << 20
 # bytes in all (key_bytes of each name, plus its key and its slot). NOTE: counted in names only, names
 # of CJK or emoji values (4 bytes a character as Python holds them) took 7 MiB a converter (probe).
 MAX_NAMES = 16_384
-MAX_NAMES_BYTES = 2 * 1024 * 1024
+MAX_NAMES_BYTES = 4 * 1024 * 1024  # 16,384 names of about 100 ASCII characters (the cut: MAX_NAME_CHARS)
 NAME_ENTRY_BYTES = 100  # a remembered name's key (an int) and its slot in the dict
 # A name is cut to this many characters: a 5,000-character path segment, named whole, made each of
 # its record's explanations 5 KB (and the names remembered above 80 MiB).

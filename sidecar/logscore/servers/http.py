@@ -278,9 +278,11 @@ class HttpServer(StreamServer):
             url = urlsplit(target)
         except ValueError as error:  # an unbalanced "[" ("Invalid IPv6 URL")
             raise HttpError(400, f"malformed request target: {error}", close=True) from None
-        if self.gate is not None and (length or "transfer-encoding" in headers):
+        with_body = bool(length) or "transfer-encoding" in headers
+        if self.gate is not None and with_body:
             self.gate(url.path, headers)  # before the body: a caller without the token reads and holds nothing
-        if headers.get("expect", "").lower() == "100-continue":
+        # (HTTP/1.0 has no 100 Continue: RFC 9110 has the expectation ignored there)
+        if with_body and version != "HTTP/1.0" and headers.get("expect", "").lower() == "100-continue":
             self._ask_for_body(method, url.path, headers, writer)
         ticket = Ticket(self.admission)
         try:
