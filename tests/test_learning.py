@@ -828,3 +828,98 @@ def test_a_second_sidecar_refuses_to_learn_into_a_models_directory_another_learn
     (models / ".learning").write_text("not a directory")
     with pytest.raises(ConfigError, match=r"--learn: cannot take the learning lock .*serve without --learn"):
         make_learner(settings, registry, lambda: None, Metrics())
+
+
+def big_records(shape: str, count: int, start: int = 0) -> list:
+    """The shapes a probe grew a learning sidecar with (session 30): maps of 740 numbers (14.8k JSON
+    characters, ~85 KiB in memory), 16,384-character emoji lines (4 bytes a character) and ASCII lines."""
+    from logscore.learning import MAX_RECORD_CHARS
+
+    emoji = "".join(map(chr, range(0x1F600, 0x1F650))) * (MAX_RECORD_CHARS // 80 + 1)
+    make = {"numbers": lambda i: json.loads(json.dumps({f"k{i}_{j}": j + 0.5 for j in range(740)})),
+            "emoji": lambda i: (f"{i} " + emoji)[:MAX_RECORD_CHARS],
+            "ascii": lambda i: (f"{i} " + "x" * MAX_RECORD_CHARS)[:MAX_RECORD_CHARS]}[shape]
+    return [make(i) for i in range(start, start + count)]
+
+
+def test_a_window_stays_within_its_bytes_whatever_its_records_hold_and_keeps_the_most_recent(tmp_path):
+    """Bounded by record count and characters only, 9,900 maps of 740 numbers grew a sidecar from 98 to
+    1,022 MiB for one route (probe, session 30)."""
+    import tracemalloc
+
+    from logscore.learning import record_bytes
+
+    budget = 2 * 1024 * 1024
+    settings = Settings(models_dir=str(tmp_path), learn="true", learn_records=100, learn_window=1000,
+                        learn_window_bytes=budget)
+    learner = Learner(settings, registry=None, request_reload=lambda: None)
+    for name in ("numbers", "emoji", "ascii"):
+        tracemalloc.start()
+        for start in range(0, 300, 50):
+            learner.observe([name] * 50, big_records(name, 50, start))
+        held, _ = tracemalloc.get_traced_memory()  # what the windows' records take for real
+        tracemalloc.stop()
+        route = learner.routes_by_name[name]
+        assert 0 < route.window_bytes <= budget and route.seen == 300
+        assert route.window_bytes == sum(record_bytes(r) for r in route.window)
+        assert held <= budget * 1.05, (name, held)  # the estimate does not undercount what is held
+        assert route.window_bytes + max(record_bytes(r) for r in route.window) > budget  # filled, not emptied
+        newest = big_records(name, 1, 299)[0]
+        assert route.window[-1] == newest  # the oldest records went
+
+
+def no_models():
+    """A registry serving no model (status() asks it which routes have learned)."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(snapshot=SimpleNamespace(models={}), entity_field=None)
+
+
+def test_ordinary_access_lines_and_field_maps_fill_a_default_window_as_before(tmp_path):
+    from logscore.learning import record_bytes
+
+    settings = Settings(models_dir=str(tmp_path), learn="true")  # 10,000 records, 32 MiB
+    learner = Learner(settings, registry=no_models(), request_reload=lambda: None)
+    lines = shop_lines(settings.learn_window + 500, seed=7)
+    maps = [json.loads(json.dumps(access_map(f"host{i}", f"/shop/item/{i}?ref=mail"))) for i in range(len(lines))]
+    for start in range(0, len(lines), 500):
+        learner.observe(["lines"] * 500, lines[start:start + 500])
+        learner.observe(["maps"] * 500, maps[start:start + 500])
+    for name, records in (("lines", lines), ("maps", maps)):
+        status = learner.status()[name]
+        assert status["window"] == settings.learn_window and not status["window_short_of_bytes"]
+        assert list(learner.routes_by_name[name].window) == records[-settings.learn_window:]
+    assert max(map(record_bytes, lines)) < 600 and max(map(record_bytes, maps)) < 2000  # what the docs say
+
+
+def test_a_route_whose_records_are_too_big_to_learn_says_so_once_and_releases_its_flags(tmp_path, caplog):
+    """A window of fewer than learn_records records never trains: said, not silently held for good."""
+    from types import SimpleNamespace
+
+    settings = Settings(models_dir=str(tmp_path), learn="true", learn_records=100, learn_window=1000,
+                        learn_window_bytes=1024 * 1024)
+    learner = Learner(settings, registry=no_models(), request_reload=lambda: None)
+    model = SimpleNamespace(metadata={})  # a model that did not learn the route
+    big = big_records("numbers", 200)
+    learner.observe(["shop"] * 10, big[:10])
+    assert learner.holds(model, ["shop"]) is not None  # held while its window fills
+    with caplog.at_level("WARNING", logger="logscore.learning"):
+        for start in range(10, 200, 10):
+            learner.observe(["shop"] * 10, big[start:start + 10])
+    said = [r for r in caplog.records if "too big for its window" in r.getMessage()]
+    assert len(said) == 1 and said[0].route == "shop" and said[0].window_records < 100
+    status = learner.status()["shop"]
+    assert status["window_short_of_bytes"] and not status["holding_flags"]
+    assert learner.holds(model, ["shop"]) is None and learner._due() is None  # flagged by its fallback model
+
+    learner.observe(["shop"] * 150, shop_lines(150, seed=8))  # smaller records since: it can learn again
+    assert not learner.status()["shop"]["window_short_of_bytes"] and learner.holds(model, ["shop"]) is not None
+
+
+def test_a_window_budget_below_a_mebibyte_is_refused_saying_what_to_give(tmp_path):
+    import pytest
+
+    from logscore.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"learn_window_bytes must be at least 1048576 \(1 MiB"):
+        Settings.load(None, {"models_dir": str(tmp_path), "learn": "true", "learn_window_bytes": "100000"}, {})

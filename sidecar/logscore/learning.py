@@ -37,7 +37,7 @@ import shutil
 import sys
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -112,6 +112,9 @@ class Route:
     name: str
     window: deque
     seen: int = 0
+    sizes: deque = field(default_factory=deque)  # each window record's estimated memory (record_bytes)
+    window_bytes: int = 0  # their sum, kept within learn_window_bytes
+    short_of_bytes: bool = False  # the window's bytes hold fewer than learn_records records (cannot learn)
     trained_at: int = 0  # records seen when the last training started
     training: bool = False
     last: Optional[dict] = None  # the last training's outcome, for status and logs
@@ -128,7 +131,7 @@ class Route:
 
     def releases_flags(self) -> bool:
         """Whether the route's flags are no longer held although it has no model of its own."""
-        return self.failures >= MAX_HELD_FAILURES or self.first_kept_aside
+        return self.failures >= MAX_HELD_FAILURES or self.first_kept_aside or self.short_of_bytes
 
 
 class Learner:
@@ -149,6 +152,7 @@ class Learner:
         # _entity_records then: they may take a slot again once patience has passed since.
         self._gave_up: dict[str, int] = {}
         self._gave_up_said = OncePerInterval(NOT_LEARNED_LOG_INTERVAL_S)
+        self._said_short: set[str] = set()  # routes said to be too big to learn (once each)
         self._child: Optional[asyncio.subprocess.Process] = None
         self._stopping = asyncio.Event()
         self._lock: Optional[int] = None  # the lock file's descriptor, held for the process's life
@@ -330,8 +334,42 @@ class Learner:
             return
         route = self._route(name)
         route.seen += len(records)
-        # Copies: forward mode adds its scores to the records it passes on, after this.
-        route.window.extend(dict(r) if isinstance(r, dict) else r for r in records if keepable(r))
+        budget, window, sizes = self.settings.learn_window_bytes, route.window, route.sizes
+        for record in records:
+            size = record_bytes(record)
+            if size is None:
+                continue
+            if len(window) == window.maxlen:
+                window.popleft()
+                route.window_bytes -= sizes.popleft()
+            # A copy: forward mode adds its scores to the records it passes on, after this.
+            window.append(dict(record) if isinstance(record, dict) else record)
+            sizes.append(size)
+            route.window_bytes += size
+            while route.window_bytes > budget:
+                window.popleft()
+                route.window_bytes -= sizes.popleft()
+                self._short_of_bytes(route)
+        if route.short_of_bytes and len(window) >= self.settings.learn_records:
+            route.short_of_bytes = False  # smaller records since: it can learn again
+
+    def _short_of_bytes(self, route: Route) -> None:
+        """Records left the window for its bytes: if fewer than learn_records remain, the route cannot
+        learn (its window never holds enough): say so once, and release its flags meanwhile (held, they
+        would stay held for good). NOTE: windows were bounded by records only, and 9,900 maps of 740
+        numbers grew a sidecar from 98 to 1,022 MiB for one route (probe, session 30)."""
+        s = self.settings
+        if route.short_of_bytes or len(route.window) >= s.learn_records:
+            return
+        route.short_of_bytes = True
+        if route.name not in self._said_short:
+            self._said_short.add(route.name)
+            log.warning("learning: a route's records are too big for its window to hold learn_records of them; "
+                        "it cannot learn, and its flags are not held (the model it falls back to flags them): "
+                        "raise learn_window_bytes, lower learn_records, or send smaller records",
+                        extra={"route": route.name, "window_records": len(route.window),
+                               "learn_records": s.learn_records, "learn_window_bytes": s.learn_window_bytes,
+                               "average_record_bytes": route.window_bytes // max(len(route.window), 1)})
 
     def _route(self, name: str) -> Route:
         route = self.routes_by_name.get(name)
@@ -602,7 +640,8 @@ class Learner:
         """Per route: learning, training or learned, with counts and the last outcome (for /readyz)."""
         return {name: {"state": "training" if r.training else "learned" if self._serving_learned(name)
                        else "learning",
-                       "records_seen": r.seen, "window": len(r.window), "flags_held": r.held,
+                       "records_seen": r.seen, "window": len(r.window), "window_bytes": r.window_bytes,
+                       "window_short_of_bytes": r.short_of_bytes, "flags_held": r.held,
                        "holding_flags": not (self._serving_learned(name) or r.releases_flags()),
                        "last": r.last}
                 for name, r in sorted(self.routes_by_name.items())}
@@ -626,16 +665,24 @@ def learned_for(model: Model, route: Optional[str]) -> bool:
     return model.metadata.get("training", {}).get("learned_route") == route
 
 
-def keepable(record: object) -> bool:
-    """Whether a record may join a window: a line without line breaks, or a field map, of at most
-    MAX_RECORD_CHARS as the training file holds it (field_map_json).
+def record_bytes(record: object) -> Optional[int]:
+    """The memory a record takes in a window, estimated, or None if it may not join one: a line without
+    line breaks, or a field map, of at most MAX_RECORD_CHARS as the training file holds it (field_map_json).
     NOTE: only top-level texts were counted: maps nested in a field (a 90 KB blob under "meta") were
-    kept whole, and a probe grew a sidecar from 113 to 454 MiB with 4,000 of a window's 10,000."""
+    kept whole, and a probe grew a sidecar from 113 to 454 MiB with 4,000 of a window's 10,000.
+    Characters are not bytes either: a map of 740 numbers written in 14.8k characters takes 93 KiB,
+    hence the bytes counted here and the window's learn_window_bytes (probe, session 30)."""
     if isinstance(record, str):
-        return len(record) <= MAX_RECORD_CHARS and "\n" not in record and "\r" not in record
+        if len(record) > MAX_RECORD_CHARS or "\n" in record or "\r" in record:
+            return None
+        return record.__sizeof__()
     if isinstance(record, dict):
-        return flat_map_surely_fits(record) or serialized_fits(record)
-    return False
+        size = flat_map_bytes(record)
+        if size is not None:
+            return size
+        if serialized_fits(record):
+            return nested_bytes(record)
+    return None
 
 
 JSON_CHARS_PER_CHAR = 6  # the most a character grows in field_map_json ("\u0001"; ensure_ascii=False)
@@ -643,17 +690,37 @@ JSON_CHARS_PER_ITEM = 40  # quotes, ": ", ", " and a number (a 64-bit integer or
 FLAT_VALUES = (str, bytes, int, float, bool, type(None))
 
 
-def flat_map_surely_fits(record: dict) -> bool:
-    """A cheap proof that a flat map of texts and numbers fits (about 1 µs a record, where serializing
-    a Fluentd access record takes about 10 µs on the scoring path): each character grows six-fold at
-    most. False means "measure it", not "too long"."""
+def flat_map_bytes(record: dict) -> Optional[int]:
+    """A flat map's memory (the map, its keys and values, each as __sizeof__ gives it: exact, and a
+    call costs a third of sys.getsizeof's), if a cheap proof shows it fits (about 2 µs a record, where
+    serializing a Fluentd access record takes about 10 µs on the scoring path): each character grows
+    six-fold at most. None means "measure it", not "too long"."""
+    if len(record) * JSON_CHARS_PER_ITEM > MAX_RECORD_CHARS:
+        return None  # (the proof cannot hold: no need to walk the map)
     chars = 0
+    size = record.__sizeof__() + GC_HEADER_BYTES
     for key, value in record.items():
         if not isinstance(value, FLAT_VALUES) or (isinstance(value, int) and value.bit_length() > 64):
-            return False
+            return None
         chars += (len(key) if isinstance(key, (str, bytes)) else JSON_CHARS_PER_ITEM) + \
             (len(value) if isinstance(value, (str, bytes)) else 0)
-    return chars * JSON_CHARS_PER_CHAR + len(record) * JSON_CHARS_PER_ITEM <= MAX_RECORD_CHARS
+        size += key.__sizeof__() + value.__sizeof__()
+    if chars * JSON_CHARS_PER_CHAR + len(record) * JSON_CHARS_PER_ITEM > MAX_RECORD_CHARS:
+        return None
+    return size
+
+
+CONTAINERS = (dict, list, tuple)
+GC_HEADER_BYTES = 16  # what a container takes besides its __sizeof__ (sys.getsizeof counts it)
+
+
+def nested_bytes(value: object) -> int:
+    """The memory of a value and all it holds (its JSON already checked short: the walk is short too)."""
+    if isinstance(value, dict):
+        return value.__sizeof__() + GC_HEADER_BYTES + sum(nested_bytes(k) + nested_bytes(v) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return value.__sizeof__() + GC_HEADER_BYTES + sum(nested_bytes(item) for item in value)
+    return value.__sizeof__()
 
 
 def serialized_fits(record: dict) -> bool:

@@ -576,6 +576,7 @@ def make_learner(settings: Settings, registry: ModelRegistry, request_reload, me
     learner = Learner(settings, registry, request_reload, metrics)
     learner.claim_models_dir()
     log.info("learning is on", extra={"learn_records": settings.learn_records, "learn_window": settings.learn_window,
+                                      "learn_window_bytes": settings.learn_window_bytes,
                                       "learn_retrain_records": settings.learn_retrain_records})
     return learner
 

@@ -48,6 +48,7 @@ def unknown_settings(unknown: list[str], known: list[str], file: Optional[str]) 
 
 
 MIN_MESSAGE_BYTES = 16 * 1024
+MIN_LEARN_WINDOW_BYTES = 1024 * 1024
 
 
 @dataclass
@@ -129,8 +130,13 @@ class Settings:
                           "a writable --models-dir of yours); until it is ready, records are scored but not flagged "
                           "(note `learning`)")
     learn_records: int = setting(5000, "records a route collects before its first learned model is trained")
-    learn_window: int = setting(10_000, "recent records kept per route for learning and retraining (memory: about "
-                                "0.3 KB per access line, 1 KB per field map)")
+    learn_window: int = setting(10_000, "recent records kept per route for learning and retraining, within "
+                                "learn_window_bytes")
+    learn_window_bytes: int = setting(32 * 1024 * 1024, "memory each route's window may take, as estimated "
+                                      "(an access line about 0.4 KB, a map of 8 short fields about 1.3 KB, of 740 "
+                                      "numbers about 93 KB); past it the oldest records go. A route whose window "
+                                      "holds fewer than learn_records within it cannot learn: it says so once, "
+                                      "/readyz shows it, and its flags are no longer held")
     learn_retrain_records: int = setting(100_000, "retrain a learned route on its recent window after this many "
                                          "new records (drift), and once its window holds 1.5 times what its "
                                          "model learned from; 0: never")
@@ -326,6 +332,9 @@ class Settings:
         if self.learn_window < self.learn_records:
             raise ConfigError(f"learn_window ({self.learn_window}) must hold at least learn_records "
                               f"({self.learn_records})")
+        if self.learn_window_bytes < MIN_LEARN_WINDOW_BYTES:
+            raise ConfigError(f"learn_window_bytes must be at least {MIN_LEARN_WINDOW_BYTES} (1 MiB; a window's "
+                              f"records take up to about 250 KB each), not {self.learn_window_bytes}")
         if not 0.0 < self.learn_max_first_flagged <= 1.0:
             raise ConfigError(f"learn_max_first_flagged is a share of records, above 0 and at most 1 (1: never "
                               f"kept aside), not {self.learn_max_first_flagged}")
