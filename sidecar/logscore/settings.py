@@ -133,8 +133,8 @@ class Settings:
     learn_window: int = setting(10_000, "recent records kept per route for learning and retraining, within "
                                 "learn_window_bytes")
     learn_window_bytes: int = setting(32 * 1024 * 1024, "memory each route's window may take, as estimated "
-                                      "(an access line about 0.4 KB, a map of 8 short fields about 1.3 KB, of 740 "
-                                      "numbers about 93 KB); past it the oldest records go. A route whose window "
+                                      "(an access line about 0.3 KB, a map of 8 short fields about 1.1 KB, of 740 "
+                                      "numbers about 85 KB); past it the oldest records go. A route whose window "
                                       "holds fewer than learn_records within it cannot learn: it says so once, "
                                       "/readyz shows it, and its flags are no longer held")
     learn_retrain_records: int = setting(100_000, "retrain a learned route on its recent window after this many "
