@@ -670,7 +670,7 @@ def record_bytes(record: object) -> Optional[int]:
     line breaks, or a field map, of at most MAX_RECORD_CHARS as the training file holds it (field_map_json).
     NOTE: only top-level texts were counted: maps nested in a field (a 90 KB blob under "meta") were
     kept whole, and a probe grew a sidecar from 113 to 454 MiB with 4,000 of a window's 10,000.
-    Characters are not bytes either: a map of 740 numbers written in 14.8k characters takes 93 KiB,
+    Characters are not bytes either: a map of 740 numbers written in 14.8k characters takes 85-93 KiB,
     hence the bytes counted here and the window's learn_window_bytes (probe, session 30)."""
     if isinstance(record, str):
         if len(record) > MAX_RECORD_CHARS or "\n" in record or "\r" in record:
