@@ -1672,22 +1672,106 @@ def test_window_keys_stay_bounded_and_new_keys_need_two_records_in_the_window(be
     assert START + 10_000 - 61 <= counter.start <= START + 10_000
 
 
+def key_namer(dimensions, native: bool):
+    from logscore.features import native as compiled
+    from logscore.windows import KeyNamer
+
+    if native and not compiled.built():
+        pytest.skip("the compiled featurizer is not built")
+    return KeyNamer(dimensions, native=native)
+
+
 @pytest.mark.parametrize("native", [False, True])
 def test_window_value_cache_keeps_no_long_value(native):
     """The soak's memory check: 65,536 never-seen messages of 8,000 characters (message_template)
     held 500 MiB in the key namer's cache; a long value is named each time, not kept."""
-    from logscore.features import native as compiled
-    from logscore.windows import CACHED_VALUE_CHARS, KeyNamer
+    from logscore.windows import CACHED_ENTRY_BYTES
 
-    if native and not compiled.built():
-        pytest.skip("the compiled featurizer is not built")
-    namer = KeyNamer(["message_template", "host"], native=native)
-    long_messages = [f"job {i} failed: " + "x" * CACHED_VALUE_CHARS for i in range(50)]
+    namer = key_namer(["message_template", "host"], native)
+    long_messages = [f"job {i} failed: " + "x" * CACHED_ENTRY_BYTES for i in range(50)]
     counts = namer.key_counts("message_template", long_messages + ["disk full on sda1"] * 2)
     assert sum(counts.values()) == 52 and counts["message_template=disk full on sda<num>"] == 2
     assert list(namer._cache["message_template"]) == ["disk full on sda1"]  # the short one only
-    assert namer.name("host", "h" * (CACHED_VALUE_CHARS + 1)) == "host=" + "h" * 160
+    assert namer.name("host", "h" * (CACHED_ENTRY_BYTES + 1)) == "host=" + "h" * 160
     assert namer._cache["host"] == {}
+
+
+@pytest.mark.parametrize("native", [False, True])
+@pytest.mark.parametrize("letter,letter_bytes", [("h", 1), ("é", 4), ("中", 4), ("😀", 4)])
+def test_window_value_cache_keeps_what_fits_its_bytes(native, letter, letter_bytes):
+    """The cache was bounded in characters: 65,536 values of 256 emoji held 117 MiB, 256 ASCII
+    characters 34.5. A value is kept when it and its key count at most CACHED_ENTRY_BYTES (a
+    character of a text not all ASCII counted as 4 bytes, C and Python alike)."""
+    from logscore.windows import CACHED_ENTRY_BYTES, MAX_TEMPLATE_CHARS
+
+    namer = key_namer(["host"], native)
+    lengths = range(1, 600)
+    counts = namer.key_counts("host", [letter * n for n in lengths])
+    assert sum(counts.values()) == len(lengths)  # each named, kept or not
+
+    def fits(n):  # the value's text and its key's, "host=" and the value's first characters
+        return (n + len("host=") + min(n, MAX_TEMPLATE_CHARS)) * letter_bytes <= CACHED_ENTRY_BYTES
+    assert sorted(map(len, namer._cache["host"])) == [n for n in lengths if fits(n)]
+
+
+def value_of_emoji(number: int, length: int) -> str:
+    """A distinct text of ``length`` emoji (``number`` in emoji digits, then 😀s)."""
+    digits = "".join(chr(0x1F600 + int(digit, 16)) for digit in f"{number:x}")
+    return digits + "😀" * (length - len(digits))
+
+
+@pytest.mark.parametrize("native", [False, True])
+@pytest.mark.parametrize("lengths", [(61,), range(55, 257)], ids=["at the limit", "up to 256 emoji"])
+def test_window_value_cache_stays_within_its_bytes(native, lengths):
+    """A real sidecar fed 64,000 records of 250 emoji a field went from 97 to 407 MiB (its limit 350):
+    the key cache held 117 MiB a dimension. Filled with VALUE_CACHE never-seen values (each dropped
+    after its batch, as a sidecar's), it keeps at most CACHE_BYTES_BOUND (traced)."""
+    import tracemalloc
+
+    from logscore.windows import CACHE_BYTES_BOUND, VALUE_CACHE
+
+    namer = key_namer(["host"], native)
+    tracemalloc.start()
+    try:
+        start = tracemalloc.get_traced_memory()[0]
+        for first in range(0, VALUE_CACHE, 1000):
+            batch = [value_of_emoji(i, lengths[i % len(lengths)]) for i in range(first, min(first + 1000, VALUE_CACHE))]
+            namer.key_counts("host", batch)
+            del batch
+        kept = tracemalloc.get_traced_memory()[0] - start
+    finally:
+        tracemalloc.stop()
+    assert len(namer._cache["host"]) > 0 and kept <= CACHE_BYTES_BOUND, (len(namer._cache["host"]), kept)
+
+
+def test_an_extension_built_before_the_byte_bound_still_counts_keys(monkeypatch):
+    """An extension not rebuilt since key_counts took max_bytes refuses it (at most 7 arguments):
+    the dimensions it would cache by characters are named in Python, the rest still in C."""
+    from logscore import windows
+    from logscore.features import native as compiled
+
+    if not compiled.built():
+        pytest.skip("the compiled featurizer is not built")
+    codes, built = [], compiled.module(True)
+
+    class ExtensionOfBefore:
+        @staticmethod
+        def key_counts(*args):
+            if len(args) > 7:
+                raise TypeError(f"key_counts() takes at most 7 arguments ({len(args)} given)")
+            codes.append(args[1])
+            return built.key_counts(*args)
+
+    def module(requested=None):  # (the reference asks for none)
+        return None if requested is False else ExtensionOfBefore
+
+    monkeypatch.setattr(windows.compiled, "module", module)
+    dimensions = ["host", "url_template"]
+    namer, reference = windows.KeyNamer(dimensions), windows.KeyNamer(dimensions, native=False)
+    columns = {"host": ["😀" * 250, "a", "😀" * 250], "hostname": [None] * 3, "url": ["/u/1", "/u/2", None]}
+    assert list(namer.count(columns, 3, "r", None).items()) == list(reference.count(columns, 3, "r", None).items())
+    assert codes == [windows.NATIVE_NAMING["url_template"]]
+    assert namer._cache["host"] == {"a": "host=a"}
 
 
 def test_a_new_flood_gets_a_row_of_its_own_in_a_table_filled_by_keys_long_gone(behaviour_model):

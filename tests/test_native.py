@@ -622,6 +622,9 @@ def test_real_lines_and_shippers_maps_give_the_columns_of_the_python_path(log_fo
 URL_EDGES = ["/a/123\n", "/a/123\n/b", "/a/123\n\n", "/\n", "\n", "/٣٣/x", "٣/x", "http://h/1/2", "abcdefghi://x/1",
              "abcdefghij://x/1", "https://host", "/" + "1" * 300, "/" + "a" * 156 + "/12345", "/" + "é" * 158 + "/1",
              "/0a1b2c3d-0000-4000-8000-00aabbccddee\n", "//12//", "/12?/34", "?", "/%31/x", "/😀/123"]
+# Values about the window key cache's byte limit (windows.CACHED_ENTRY_BYTES): kept as a message
+# template up to 55 emoji, as a host up to 61
+CACHE_EDGES = ["😀" * 55, "😀" * 56, "😀" * 61, "😀" * 62, "é" * 61, "é" * 62, "h" * 340, "h" * 400, "中" * 56]
 
 
 def both_namers(dimensions) -> tuple:
@@ -631,7 +634,7 @@ def both_namers(dimensions) -> tuple:
 
 
 @SETTINGS
-@given(rows=st.lists(st.tuples(values | st.sampled_from(URL_EDGES + EDGE_VALUES), values,
+@given(rows=st.lists(st.tuples(values | st.sampled_from(URL_EDGES + EDGE_VALUES), values | st.sampled_from(CACHE_EDGES),
                                st.sampled_from([None, "200", "503", "2000", "٢٠٠", "5²³", "099", "-"]),
                                st.sampled_from([None, "ERROR", " Warn ", "", "info"]),
                                st.sampled_from([None, "3", "x", "13"])),
@@ -648,6 +651,9 @@ def test_window_keys_are_counted_the_same_in_c_and_python(rows, cache):
             tags = ["web"] * len(rows)
             assert list(compiled.count(columns, len(rows), "r", tags).items()) == \
                 list(reference.count(columns, len(rows), "r", tags).items())
+            # and the same values kept (their bytes counted alike) where C names by call
+            named_by_call = [d for d in windows.DIMENSIONS if d in compiled._cache and d not in windows.NATIVE_NAMING]
+            assert {d: compiled._cache[d] for d in named_by_call} == {d: reference._cache[d] for d in named_by_call}
 
 
 def test_window_keys_of_edge_urls_are_the_same_in_c_and_python():

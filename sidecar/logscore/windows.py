@@ -79,10 +79,18 @@ EPISODE_RESUME_WINDOWS = 2
 NEAR_SILENCE = 0.1  # a route's window of at most this share of its least expected count is silent (silence_score)
 MAX_SAVED_SUBJECTS = 64  # subjects of episodes under way kept per model over a restart
 VALUE_CACHE = 65_536  # distinct field values remembered per dimension (their key names)
-# A longer value is named each time, not remembered: the cache holds each value's text, and 65,536
-# never-seen log messages of 8,000 characters (a message_template dimension) held 500 MiB; of at
-# most 256 characters, about 25 MiB. Long values rarely repeat, and naming one costs its length anyway.
-CACHED_VALUE_CHARS = 256
+# A value is remembered with its key when the two texts take at most this many bytes (text_bytes);
+# a longer one is named each time: long values rarely repeat, and naming one costs its length anyway.
+# Bytes, not characters: a str of emoji takes 4 bytes a character, and 65,536 never-seen values of
+# 256 emoji held 117 MiB where 256 ASCII characters held 34.5 MiB (before that, 65,536 never-seen
+# 8,000-character messages held 500 MiB). So a dimension's cache holds at most VALUE_CACHE ×
+# (CACHED_ENTRY_BYTES + CACHE_ENTRY_OVERHEAD) bytes = CACHE_BYTES_BOUND, 48 MiB.
+CACHED_ENTRY_BYTES = 512
+# What Python 3.11 adds to an entry's texts: two str headers (at most 72 bytes and a terminating
+# character each), the allocator's rounding of each (at most 23 bytes), and a dict slot (a 4-byte
+# index and 24 bytes of entry, the table at least 2/3 full after it grows): 238 bytes at most.
+CACHE_ENTRY_OVERHEAD = 256
+CACHE_BYTES_BOUND = VALUE_CACHE * (CACHED_ENTRY_BYTES + CACHE_ENTRY_OVERHEAD)
 TAG_WARM_UP_S = 3600.0  # see tag_warm_up
 # An hour of day the training log never covered is forecast at the level of the hours it did, and
 # learns 0.3 of its own each day: a model trained on 15:00-03:00 raised 6 drops at 03:00 the first
@@ -99,6 +107,12 @@ def tag_warm_up(window_s: float) -> int:
     Training files carry no tags, so every tag a shipper sends is new to its model; a new tag is a
     source the operator set up, and its traffic's volume is watched as the route's meanwhile."""
     return max(1, math.ceil(TAG_WARM_UP_S / window_s))
+
+
+def text_bytes(text: str) -> int:
+    """The bytes a cached text is counted as: its length, 4 a character unless it is ASCII (its
+    widest storage; the compiled key_counts counts the same, so both keep the same values)."""
+    return len(text) if text.isascii() else 4 * len(text)
 
 
 def status_class(value: object) -> Optional[str]:
@@ -146,6 +160,17 @@ def url_template(url: str) -> str:
     return _ID_SEGMENTS.sub("{id}", path)
 
 
+def counts_bytes(native) -> bool:
+    """Whether the compiled key_counts bounds its cache in bytes (its max_bytes). An extension built
+    before it and not rebuilt since takes no max_bytes and keeps values by characters (emoji ones
+    held 4 times the bytes): KeyNamer then names the dimensions it caches in Python."""
+    try:
+        native.key_counts([], 0, "", {}, 1, None, -1, -1)
+    except TypeError:  # "takes at most 7 arguments"
+        return False
+    return True
+
+
 class KeyNamer:
     """Each record's value of each dimension (``url_template=/users/{id}``), cached per distinct value.
 
@@ -154,7 +179,8 @@ class KeyNamer:
     worked out once per distinct value: in C when the compiled featurizer is built
     (``key_counts`` in features/_native.c: status classes and URL templates; other dimensions
     call ``_name``), else in Python (``_key_counts``, the reference). Both give the same
-    counts, keys in the same order (tests/test_native.py).
+    counts, keys in the same order, and keep the same values (tests/test_native.py); an extension
+    built before the cache's byte bound leaves the dimensions it names by call to Python.
     """
 
     def __init__(self, dimensions: Sequence[str], native: Optional[bool] = None, levels_read: int = LEVELS_READ):
@@ -166,6 +192,7 @@ class KeyNamer:
         self.macs_in_templates = levels_read >= 4
         self._cache: dict[str, dict] = {d: {} for d in self.dimensions}
         self._native = compiled.module(native)
+        self._native_counts_bytes = self._native is not None and counts_bytes(self._native)
         self._namers = {d: partial(self._name, d) for d in self.dimensions}
 
     @staticmethod
@@ -182,14 +209,17 @@ class KeyNamer:
         """The key of one value, or None when the value says nothing."""
         if value is None:
             return None
-        if len(value) > CACHED_VALUE_CHARS:
+        value_bytes = text_bytes(value)
+        if value_bytes > CACHED_ENTRY_BYTES:  # (its entry could not fit)
             return self._name(dimension, value) or None
         cache = self._cache[dimension]
         key = cache.get(value)
         if key is None:
-            if len(cache) >= VALUE_CACHE:
-                cache.clear()
-            key = cache[value] = self._name(dimension, value)
+            key = self._name(dimension, value)
+            if value_bytes + text_bytes(key) <= CACHED_ENTRY_BYTES:
+                if len(cache) >= VALUE_CACHE:
+                    cache.clear()
+                cache[value] = key
         return key or None
 
     def _name(self, dimension: str, value: str) -> str:
@@ -205,11 +235,12 @@ class KeyNamer:
 
     def key_counts(self, dimension: str, values: list) -> dict[str, int]:
         """Records per key of one dimension, keys in the order their first value appears."""
-        if self._native is not None:
-            return self._native.key_counts(values, NATIVE_NAMING.get(dimension, 0), f"{dimension}=",
-                                           self._cache[dimension], VALUE_CACHE, self._namers[dimension],
-                                           CACHED_VALUE_CHARS)
-        return self._key_counts(dimension, values)
+        code = NATIVE_NAMING.get(dimension, 0)
+        if self._native is None or (code == 0 and not self._native_counts_bytes):
+            return self._key_counts(dimension, values)
+        limits = (-1, CACHED_ENTRY_BYTES) if self._native_counts_bytes else ()  # (max_chars: none)
+        return self._native.key_counts(values, code, f"{dimension}=", self._cache[dimension], VALUE_CACHE,
+                                       self._namers[dimension], *limits)
 
     def _key_counts(self, dimension: str, values: list) -> dict[str, int]:
         counts: dict[str, int] = {}

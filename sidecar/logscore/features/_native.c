@@ -2634,21 +2634,32 @@ static PyObject *window_key(PyObject *value, int code, PyObject *prefix, PyObjec
     return key;
 }
 
-/* key_counts(column, code, prefix, cache, max_cache, name[, max_chars]): windows.KeyNamer.key_counts.
- * Each distinct value of the column is named once: from cache (value -> key, "" for none; cleared
- * when a miss finds it holding max_cache; a value longer than max_chars is named and not kept:
- * the cache holds its keys' text) else by name(value) (code 0), or here without a
- * cache (code 1 status class, 2 URL template: working one out costs less than a lookup in a
- * big cache when every URL is new). Returns {key: records}, keys in the order their first
- * value appears; None values are skipped. */
+/* The bytes a cached text is counted as (windows.text_bytes): its length, 4 a character unless
+ * it is ASCII. NOTE: its widest storage, not PyUnicode_KIND: the Python reference cannot read a
+ * str's kind cheaply, and both must keep the same values. */
+static Py_ssize_t counted_bytes(PyObject *text) {
+    Py_ssize_t length = PyUnicode_GET_LENGTH(text);
+    if (PyUnicode_IS_ASCII(text)) return length;
+    return length > PY_SSIZE_T_MAX / 4 ? PY_SSIZE_T_MAX : 4 * length;
+}
+
+/* key_counts(column, code, prefix, cache, max_cache, name[, max_chars[, max_bytes]]):
+ * windows.KeyNamer.key_counts. Each distinct value of the column is named once: from cache
+ * (value -> key, "" for none) else by name(value) (code 0), or here without a cache (code 1
+ * status class, 2 URL template: working one out costs less than a lookup in a big cache when
+ * every URL is new). A value named by call is kept with its key when it has at most max_chars
+ * characters and the two texts count at most max_bytes bytes (counted_bytes; -1: no limit), the
+ * cache cleared first when it holds max_cache: so it holds at most max_cache × max_bytes bytes
+ * of text. Returns {key: records}, keys in the order their first value appears; None values are
+ * skipped. */
 typedef struct { Py_hash_t hash; PyObject *value; Py_ssize_t at; } ValueSlot;  /* value: borrowed */
 
 static PyObject *key_counts(PyObject *module, PyObject *args) {
     PyObject *column, *prefix, *cache, *name;
     int code;
-    Py_ssize_t max_cache, max_chars = -1;  /* -1: a value of any length is kept */
-    if (!PyArg_ParseTuple(args, "O!iUO!nO|n", &PyList_Type, &column, &code, &prefix, &PyDict_Type, &cache,
-                          &max_cache, &name, &max_chars))
+    Py_ssize_t max_cache, max_chars = -1, max_bytes = -1;  /* -1: a value of any length is kept */
+    if (!PyArg_ParseTuple(args, "O!iUO!nO|nn", &PyList_Type, &column, &code, &prefix, &PyDict_Type, &cache,
+                          &max_cache, &name, &max_chars, &max_bytes))
         return NULL;
     column = own_items(column);  /* name() may change the caller's */
     if (!column) return NULL;
@@ -2680,16 +2691,23 @@ static PyObject *key_counts(PyObject *module, PyObject *args) {
                 at = slot->at;
             } else {
                 PyObject *key;
-                int kept = max_chars < 0 || !PyUnicode_Check(value) || PyUnicode_GET_LENGTH(value) <= max_chars;
+                int is_text = PyUnicode_Check(value);
+                Py_ssize_t value_bytes = is_text && max_bytes >= 0 ? counted_bytes(value) : 0;
+                int kept = !is_text || ((max_chars < 0 || PyUnicode_GET_LENGTH(value) <= max_chars) &&
+                                        (max_bytes < 0 || value_bytes <= max_bytes));
                 if (code == NAME_BY_CALL && kept) {
                     key = PyDict_GetItemWithError(cache, value);
                     if (key) {
                         Py_INCREF(key);
                     } else {
                         if (PyErr_Occurred()) goto fail;
-                        if (PyDict_GET_SIZE(cache) >= max_cache) PyDict_Clear(cache);
                         key = window_key(value, code, prefix, name);
-                        if (key && PyUnicode_Check(key) && PyDict_SetItem(cache, value, key) < 0) Py_CLEAR(key);
+                        /* (the entry's bytes: value_bytes <= max_bytes here, so no overflow) */
+                        if (key && PyUnicode_Check(key) &&
+                            (max_bytes < 0 || counted_bytes(key) <= max_bytes - value_bytes)) {
+                            if (PyDict_GET_SIZE(cache) >= max_cache) PyDict_Clear(cache);
+                            if (PyDict_SetItem(cache, value, key) < 0) Py_CLEAR(key);
+                        }
                     }
                 } else {
                     key = window_key(value, code, prefix, name);
@@ -3454,7 +3472,7 @@ static PyMethodDef module_methods[] = {
     {"access_columns", access_columns, METH_VARARGS,
      "access_columns(records, wanted, fast, limit, max_line, normalize_one, to_text[, cut])"},
     {"assemble", assemble, METH_VARARGS, "assemble(held, entries, size, with_origins)"},
-    {"key_counts", key_counts, METH_VARARGS, "key_counts(column, code, prefix, cache, max_cache, name[, max_chars])"},
+    {"key_counts", key_counts, METH_VARARGS, "key_counts(column, code, prefix, cache, max_cache, name[, max_chars[, max_bytes]])"},
     {"line_head", line_head, METH_VARARGS, "line_head(line, time_within, level_within) -> (time_start, time_end, "
      "level_start, level_end)"},
     {NULL}};
