@@ -710,7 +710,6 @@ def flat_map_bytes(record: dict) -> Optional[int]:
     return size
 
 
-CONTAINERS = (dict, list, tuple)
 GC_HEADER_BYTES = 16  # what a container takes besides its __sizeof__ (sys.getsizeof counts it)
 
 
