@@ -158,3 +158,13 @@ def test_masking_skips_only_positions_where_no_rule_can_start(parts, hosts, macs
     everywhere = re.compile(masking.rules(hosts, macs))
     expected = everywhere.sub(lambda m: f"<{masking._TOKEN_OF.get(m.lastgroup, m.lastgroup)}>", text)
     assert masking._masked(text, hosts, macs) == expected
+
+
+def test_masked_texts_are_remembered_by_the_bytes_they_hold():
+    """Counted in characters, 4,096 remembered texts of 1,024 emoji and their masks took 33 MiB."""
+    from logscore import masking
+
+    masking._remembered.cache_clear()
+    ascii_text, emoji_text = "a" * 300 + " 12", "😀" * 300 + " 12"
+    assert mask_variables(ascii_text) == "a" * 300 + " <num>" and mask_variables(emoji_text) == "😀" * 300 + " <num>"
+    assert masking._remembered.cache_info().currsize == 1  # the ASCII one (300 bytes), not 300 emoji (1,200)
