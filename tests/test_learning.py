@@ -923,3 +923,20 @@ def test_a_window_budget_below_a_mebibyte_is_refused_saying_what_to_give(tmp_pat
 
     with pytest.raises(ConfigError, match=r"learn_window_bytes must be at least 1048576 \(1 MiB"):
         Settings.load(None, {"models_dir": str(tmp_path), "learn": "true", "learn_window_bytes": "100000"}, {})
+
+
+def test_a_deeply_nested_record_is_measured_and_kept_as_before(tmp_path):
+    """Measured by recursion, a record nested 495 levels deep (JSON writes 990) raised RecursionError
+    out of observe: with --learn its scoring call answered 500, after the records before it had joined
+    the window (a shipper's retry joined them again)."""
+    from logscore.learning import record_bytes
+
+    deep: dict = {"message": "x"}
+    for _ in range(900):
+        deep = {"a": deep}
+    settings = Settings(models_dir=str(tmp_path), learn="true", learn_records=100, learn_window=1000)
+    learner = Learner(settings, registry=no_models(), request_reload=lambda: None)
+    learner.observe(["r"] * 3, ["ok", deep, "after"])
+    route = learner.routes_by_name["r"]
+    assert list(route.window) == ["ok", deep, "after"] and route.seen == 3
+    assert route.window_bytes == sum(record_bytes(r) for r in route.window) and record_bytes(deep) > 900 * 64

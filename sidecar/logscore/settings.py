@@ -334,7 +334,7 @@ class Settings:
                               f"({self.learn_records})")
         if self.learn_window_bytes < MIN_LEARN_WINDOW_BYTES:
             raise ConfigError(f"learn_window_bytes must be at least {MIN_LEARN_WINDOW_BYTES} (1 MiB; a window's "
-                              f"records take up to about 250 KB each), not {self.learn_window_bytes}")
+                              f"records take up to a few hundred KB each), not {self.learn_window_bytes}")
         if not 0.0 < self.learn_max_first_flagged <= 1.0:
             raise ConfigError(f"learn_max_first_flagged is a share of records, above 0 and at most 1 (1: never "
                               f"kept aside), not {self.learn_max_first_flagged}")
