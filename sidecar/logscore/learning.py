@@ -129,6 +129,10 @@ class Route:
     # back to flags them, until a later first candidate passes. (Held, they stayed held for good.)
     first_kept_aside: bool = False
 
+    def drop_oldest(self) -> None:
+        self.window.popleft()
+        self.window_bytes -= self.sizes.popleft()
+
     def releases_flags(self) -> bool:
         """Whether the route's flags are no longer held although it has no model of its own."""
         return self.failures >= MAX_HELD_FAILURES or self.first_kept_aside or self.short_of_bytes
@@ -340,15 +344,13 @@ class Learner:
             if size is None:
                 continue
             if len(window) == window.maxlen:
-                window.popleft()
-                route.window_bytes -= sizes.popleft()
+                route.drop_oldest()
             # A copy: forward mode adds its scores to the records it passes on, after this.
             window.append(dict(record) if isinstance(record, dict) else record)
             sizes.append(size)
             route.window_bytes += size
             while route.window_bytes > budget:
-                window.popleft()
-                route.window_bytes -= sizes.popleft()
+                route.drop_oldest()
                 self._short_of_bytes(route)
         if route.short_of_bytes and len(window) >= self.settings.learn_records:
             route.short_of_bytes = False  # smaller records since: it can learn again

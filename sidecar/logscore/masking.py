@@ -10,6 +10,8 @@ start (not inside a word), so a number rule never eats the start of a uuid
 import functools
 import re
 
+from .sizes import text_bytes
+
 # Where a token starts and ends: not next to a letter or digit. ("_" and "-" are
 # separators here: ``blk_-123``, ``instance_7f3a…``, ``req-74d5…``.)
 _START = r"(?<![0-9A-Za-z])"
@@ -78,8 +80,7 @@ def mask_variables(text: str, hosts: bool = False, macs: bool = False) -> str:
     ``open /var/log/x.log`` → ``open <path>``; ``[req-74d58b45-…]`` → ``[req-<uuid>]``; with
     ``hosts``, ``from host8.topspot.net`` → ``from <host>`` too (a reverse-DNS name is a value);
     with ``macs``, ``to 00:1a:2b:3c:4d:5e`` → ``to <mac>``."""
-    held = len(text) if text.isascii() else 4 * len(text)
-    return _masked(text, hosts, macs) if held > MASK_CACHE_BYTES else _remembered(text, hosts, macs)
+    return _masked(text, hosts, macs) if text_bytes(text) > MASK_CACHE_BYTES else _remembered(text, hosts, macs)
 
 
 # NOTE: a message's tokens and alarms converters both mask it, one right after the other for a

@@ -42,6 +42,7 @@ from .features import native as compiled
 from .features.converters import ID_SEGMENT
 from .forecast import COUNT_MIN_SCALE, ForecastState, count_inverse, count_transform, slots
 from .masking import mask_variables
+from .sizes import text_bytes
 
 log = logging.getLogger("logscore.windows")
 
@@ -109,12 +110,6 @@ def tag_warm_up(window_s: float) -> int:
     Training files carry no tags, so every tag a shipper sends is new to its model; a new tag is a
     source the operator set up, and its traffic's volume is watched as the route's meanwhile."""
     return max(1, math.ceil(TAG_WARM_UP_S / window_s))
-
-
-def text_bytes(text: str) -> int:
-    """The bytes a cached text is counted as: its length, 4 a character unless it is ASCII (its
-    widest storage; the compiled key_counts counts the same, so both keep the same values)."""
-    return len(text) if text.isascii() else 4 * len(text)
 
 
 def status_class(value: object) -> Optional[str]:

@@ -2634,7 +2634,7 @@ static PyObject *window_key(PyObject *value, int code, PyObject *prefix, PyObjec
     return key;
 }
 
-/* The bytes a cached text is counted as (windows.text_bytes): its length, 4 a character unless
+/* The bytes a cached text is counted as (sizes.text_bytes): its length, 4 a character unless
  * it is ASCII. NOTE: its widest storage, not PyUnicode_KIND: the Python reference cannot read a
  * str's kind cheaply, and both must keep the same values. */
 static Py_ssize_t counted_bytes(PyObject *text) {

@@ -25,6 +25,7 @@ import numpy as np
 
 from ..errors import ConfigError
 from ..masking import mask_variables
+from ..sizes import text_bytes
 from .batch import WEIGHTINGS, FeatureSink, ValueFeatures, term_weights, text_key, text_seed
 
 Values = Sequence[Optional[str]]
@@ -49,7 +50,7 @@ PATH_ENCODED_TWICE, VALUE_ENCODED_TWICE = "path encoded more than once", "value 
 def key_bytes(key) -> int:
     """Memory a cache key takes, estimated (the compiled Cache uses the same formula for str and bytes)."""
     if isinstance(key, str):
-        return 49 + len(key) * (1 if key.isascii() else 4)
+        return 49 + text_bytes(key)
     if isinstance(key, bytes):
         return 33 + len(key)
     if isinstance(key, tuple):
